@@ -1,0 +1,162 @@
+"""Reading a checkpoint's headers: tensor names, shapes, dtypes, files, config.json.
+
+No tensor data is read here. A checkpoint is a folder with one ``model.safetensors`` or
+HF-sharded ``model-0000i-of-0000n.safetensors`` files plus ``model.safetensors.index.json``
+(a single ``.safetensors`` file is accepted too). Every problem found is reported with the
+file it concerns.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from .errors import MoekitError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+LAYOUT_METADATA_KEY = "moekit.layout"
+FAMILY_METADATA_KEY = "moekit.family"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what its header says."""
+
+    key: str
+    file: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class Checkpoint:
+    """The headers of a safetensors checkpoint, its config.json and its other files."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    config: dict | None
+    metadata: dict[str, str] = field(default_factory=dict)
+    """The safetensors ``__metadata__`` of the first shard (moekit records its layout there)."""
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Checkpoint":
+        """Read every header of the checkpoint at ``path``; raise MoekitError on bad input."""
+        path = Path(path)
+        if not path.exists():
+            raise MoekitError(f"no checkpoint at {path}: the path does not exist")
+        folder, files = _weight_files(path)
+        tensors: dict[str, TensorInfo] = {}
+        metadata: dict[str, str] = {}
+        for i, name in enumerate(files):
+            file_meta = _read_header(folder / name, tensors)
+            if i == 0:
+                metadata = file_meta
+        _check_index(folder, path, tensors)
+        return cls(path=folder, tensors=tensors, config=_read_config(folder), metadata=metadata)
+
+    @property
+    def files(self) -> list[str]:
+        """The weight files, in order."""
+        return list(dict.fromkeys(t.file for t in self.tensors.values()))
+
+    @property
+    def model_type(self) -> str | None:
+        return (self.config or {}).get("model_type")
+
+    def file_of(self, key: str) -> str:
+        return self.tensors[key].file
+
+    def total_bytes(self) -> int:
+        from .plan import nbytes
+
+        return sum(nbytes(t.shape, t.dtype) for t in self.tensors.values())
+
+    def extra_files(self) -> list[Path]:
+        """The files that are not weights (config, tokenizer, generation config, ...)."""
+        weights = set(self.files) | {INDEX_NAME}
+        return sorted(p for p in self.path.iterdir() if p.is_file() and p.name not in weights
+                      and not p.name.endswith(".safetensors"))
+
+
+def _weight_files(path: Path) -> tuple[Path, list[str]]:
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise MoekitError(f"{path} is not a .safetensors file nor a checkpoint folder")
+        return path.parent, [path.name]
+    index = path / INDEX_NAME
+    if index.exists():
+        weight_map = _read_index(index)
+        files = list(dict.fromkeys(weight_map.values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise MoekitError(
+                f"{index} names {len(missing)} file(s) that do not exist: {', '.join(missing)}; "
+                "the checkpoint is incomplete (re-download or re-save it)")
+        return path, files
+    if (path / SINGLE_NAME).is_file():
+        return path, [SINGLE_NAME]
+    found = sorted(p.name for p in path.glob("*.safetensors"))
+    if not found:
+        raise MoekitError(f"{path} holds no .safetensors files (looked for {INDEX_NAME} and "
+                          f"{SINGLE_NAME})")
+    if len(found) > 1:
+        raise MoekitError(f"{path} holds {len(found)} .safetensors files but no {INDEX_NAME} "
+                          "saying which tensors each holds")
+    return path, found
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        data = json.loads(index.read_text())
+        weight_map = data["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise MoekitError(f"{index} is not a valid safetensors index ({err})") from err
+    if not isinstance(weight_map, dict):
+        raise MoekitError(f"{index}: 'weight_map' is not a mapping of tensor names to files")
+    return weight_map
+
+
+def _read_header(file: Path, tensors: dict[str, TensorInfo]) -> dict[str, str]:
+    """Add the tensors of one file's header to ``tensors``; return its metadata."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if key in tensors:
+                    raise MoekitError(f"tensor {key} is stored twice: in {tensors[key].file} "
+                                      f"and in {file.name}")
+                view = handle.get_slice(key)
+                tensors[key] = TensorInfo(key, file.name, tuple(view.get_shape()),
+                                          view.get_dtype())
+            return dict(handle.metadata() or {})
+    except SafetensorError as err:
+        raise MoekitError(f"cannot read {file}: {err} (the file is truncated or corrupt)") from err
+
+
+def _check_index(folder: Path, path: Path, tensors: dict[str, TensorInfo]) -> None:
+    index = folder / INDEX_NAME
+    if path.is_file() or not index.exists():
+        return
+    weight_map = _read_index(index)
+    wrong = [k for k, f in weight_map.items() if k not in tensors or tensors[k].file != f]
+    if wrong:
+        shown = ", ".join(f"{k} (index says {weight_map[k]})" for k in wrong[:5])
+        raise MoekitError(f"{index} disagrees with the files' headers for {len(wrong)} tensor(s): "
+                          f"{shown}; the index or a shard is stale or corrupt")
+    unlisted = [k for k in tensors if k not in weight_map]
+    if unlisted:
+        raise MoekitError(f"{index} does not list {len(unlisted)} tensor(s) found in the shards, "
+                          f"e.g. {unlisted[0]} in {tensors[unlisted[0]].file}")
+
+
+def _read_config(folder: Path) -> dict | None:
+    config = folder / "config.json"
+    if not config.exists():
+        return None
+    try:
+        return json.loads(config.read_text())
+    except json.JSONDecodeError as err:
+        raise MoekitError(f"{config} is not valid JSON ({err})") from err

@@ -1,0 +1,84 @@
+"""Conversions between layouts: file to file (streaming) and state dict to state dict."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint
+from .dtypes import to_safetensors
+from .executors.evaluate import materialize
+from .executors.streaming import write_plan
+from .layouts import layout_named
+from .output import atomic_output, check_destination
+from .plan import Plan
+from .planner import Analysis, analyse, build_plan
+from .sizes import parse_size
+from .sources import DictSource, FileSource
+
+
+def analyse_checkpoint(path: str | Path, from_: str | None = None) -> tuple[Checkpoint, Analysis]:
+    """Read a checkpoint's headers, detect its family and layout and validate its experts."""
+    checkpoint = Checkpoint.open(path)
+    analysis = analyse(checkpoint.tensors, checkpoint.config, checkpoint.metadata,
+                       str(checkpoint.path), from_=from_, where=checkpoint.file_of)
+    return checkpoint, analysis
+
+
+def convert(src: str | Path, dst: str | Path, to: str, from_: str | None = None,
+            max_shard_size: int | str = "5GB", dry_run: bool = False, overwrite: bool = False,
+            show_progress: bool | None = None) -> Plan:
+    """Convert the checkpoint at ``src`` into layout ``to`` at ``dst``; return the plan.
+
+    The whole plan is built and validated from headers before anything is written; the
+    output is written to a temporary folder beside ``dst`` and renamed into place when
+    complete. ``dry_run`` validates and returns the plan, writing nothing.
+    """
+    checkpoint, analysis = analyse_checkpoint(src, from_)
+    plan = build_plan(analysis, layout_named(to))
+    max_bytes = parse_size(max_shard_size)
+    if dry_run:
+        check_destination(Path(dst), checkpoint.path, overwrite)
+        return plan
+    metadata = {"format": "pt", LAYOUT_METADATA_KEY: plan.dst_layout,
+                FAMILY_METADATA_KEY: plan.family}
+    with atomic_output(Path(dst), checkpoint.path, overwrite) as tmp:
+        with FileSource(checkpoint) as source:
+            write_plan(plan, source, tmp, max_bytes, metadata, show_progress)
+        for extra in checkpoint.extra_files():
+            shutil.copy2(extra, tmp / extra.name)
+    return plan
+
+
+@dataclass(frozen=True)
+class _Meta:
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def state_dict_meta(state_dict: Mapping[str, torch.Tensor]) -> dict[str, _Meta]:
+    """Shapes and dtypes of a state dict, in the form the planner reads headers."""
+    return {k: _Meta(tuple(v.shape), to_safetensors(v.dtype)) for k, v in state_dict.items()}
+
+
+def convert_state_dict(state_dict: Mapping[str, torch.Tensor], src_layout: str | None,
+                       dst_layout: str, family: str | None = None, n_experts: int | None = None,
+                       config: dict | None = None) -> dict[str, torch.Tensor]:
+    """Convert an in-memory state dict between layouts.
+
+    Non-expert tensors are passed through (the same tensor objects); expert tensors are
+    built on the device of the source tensors. ``src_layout=None`` detects the layout;
+    ``family`` (a moekit family name) or ``config`` (a config.json dict) name the model
+    family when the keys alone are ambiguous.
+    """
+    analysis = analyse(state_dict_meta(state_dict), config, {}, "state dict", from_=src_layout,
+                       family=family, n_experts=n_experts)
+    plan = build_plan(analysis, layout_named(dst_layout))
+    source = DictSource(state_dict)
+    device = next((t.device for t in state_dict.values()), None)
+    return {t.name: state_dict[t.recipe.key] if t.is_copy else
+            materialize(t.recipe, source, device) for t in plan.tensors}

@@ -1,0 +1,55 @@
+"""Detecting a checkpoint's model family and expert layout from its keys, config.json and
+the layout moekit recorded in the safetensors metadata."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY
+from .errors import MoekitError
+from .layouts import HF, LAYOUTS, Family, Layout, family_named, family_of_model_type, layout_named
+from .layouts.base import TensorMeta
+from .layouts.families import GENERIC_FAMILIES
+
+
+def detect_family(tensors: Mapping[str, TensorMeta], config: dict | None,
+                  metadata: Mapping[str, str]) -> Family:
+    """The family named by moekit's metadata or config.json's model_type; else the
+    generic family whose expert naming the keys use (qwen style when there is none)."""
+    recorded = family_named(metadata.get(FAMILY_METADATA_KEY, ""))
+    if recorded:
+        return recorded
+    known = family_of_model_type((config or {}).get("model_type"))
+    if known:
+        return known
+    for family in GENERIC_FAMILIES:
+        if any(layout.expert_region(family).match(k) for layout in LAYOUTS.values()
+               for k in tensors):
+            return family
+    return GENERIC_FAMILIES[0]
+
+
+def detect_layout(tensors: Mapping[str, TensorMeta], family: Family,
+                  metadata: Mapping[str, str], label: str) -> Layout:
+    """The layout recorded in the metadata, else the one that recognises the most expert
+    tensors among the keys. A dense checkpoint (no expert tensors) is in the HF layout."""
+    recorded = metadata.get(LAYOUT_METADATA_KEY)
+    if recorded:
+        return layout_named(recorded)
+    scores = {name: _recognised(layout, tensors, family) for name, layout in LAYOUTS.items()}
+    best = max(scores, key=lambda name: scores[name])
+    if scores[best] > 0:
+        return LAYOUTS[best]
+    in_experts = [k for k in tensors
+                  if any(layout.expert_region(family).match(k) for layout in LAYOUTS.values())]
+    if in_experts:
+        raise MoekitError(
+            f"cannot detect the expert layout of {label}: tensors such as {in_experts[0]} belong "
+            f"to no known layout ({', '.join(LAYOUTS)}); name it with --from")
+    return HF
+
+
+def _recognised(layout: Layout, tensors: Mapping[str, TensorMeta], family: Family) -> int:
+    """How many expert tensors ``layout`` reads cleanly (malformed ones count against it)."""
+    parsed = layout.parse(dict(tensors), family)
+    return len(parsed.claimed) - len(parsed.problems)

@@ -1,0 +1,28 @@
+"""Layouts (how expert tensors are named and shaped) and model families, as data."""
+
+from __future__ import annotations
+
+from ..errors import MoekitError
+from .base import ExpertBlock, Layout, ParsedExperts
+from .families import FAMILIES, PROJECTIONS, Family, family_named, family_of_model_type
+from .grouped import NEMO, TRANSFORMERS, VLLM, GroupedLayout, GroupedTensor
+from .hf import PerExpertLayout
+
+HF = PerExpertLayout()
+
+LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (HF, NEMO, TRANSFORMERS, VLLM)}
+
+
+def layout_named(name: str) -> Layout:
+    """The layout called ``name``; a MoekitError lists the known ones otherwise."""
+    try:
+        return LAYOUTS[name]
+    except KeyError:
+        raise MoekitError(f"unknown layout {name!r}; known layouts: {', '.join(LAYOUTS)}") from None
+
+
+__all__ = [
+    "FAMILIES", "HF", "LAYOUTS", "NEMO", "PROJECTIONS", "TRANSFORMERS", "VLLM", "ExpertBlock",
+    "Family", "GroupedLayout", "GroupedTensor", "Layout", "ParsedExperts", "PerExpertLayout",
+    "family_named", "family_of_model_type", "layout_named",
+]

@@ -1,0 +1,87 @@
+"""Model families: how a family's Hugging Face checkpoints name their MoE blocks.
+
+A family is data. Adding one is adding an entry to ``FAMILIES``; the planner, the
+executors and the CLI need no change. Per-expert keys in HF naming are
+``{block}.experts.{expert}.{projection name}.weight`` with ``block`` from ``block`` below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PROJECTIONS = ("gate", "up", "down")
+"""Canonical projection names: gate (w1, activated), up (w3, multiplied), down (w2)."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one model family lays out its MoE blocks in Hugging Face checkpoints."""
+
+    name: str
+    model_types: tuple[str, ...]
+    """``config.json`` ``model_type`` values of this family."""
+    block: str
+    """Key prefix of a layer's MoE block, with a ``{layer}`` field."""
+    projections: dict[str, str]
+    """Canonical projection -> on-disk module name, e.g. ``{"gate": "w1", ...}``."""
+    expert_count_key: str
+    """The ``config.json`` entry holding the number of routed experts."""
+    router: str = "gate.weight"
+    """The router weight, relative to the block."""
+    shared_expert: str | None = None
+    """Module name of the shared expert(s) inside the block, if the family has one."""
+    renames: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    """Per layout: substring renames applied to every key (first match wins), e.g.
+    transformers v5 names Mixtral's ``block_sparse_moe`` ``mlp``."""
+
+    def expert_key(self, layer: int, expert: int, projection: str) -> str:
+        """The HF key of one expert's projection weight."""
+        return (f"{self.block.format(layer=layer)}.experts.{expert}."
+                f"{self.projections[projection]}.weight")
+
+
+_QWEN_PROJECTIONS = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+_MIXTRAL_PROJECTIONS = {"gate": "w1", "up": "w3", "down": "w2"}
+_QWEN_BLOCK = "model.layers.{layer}.mlp"
+_MIXTRAL_BLOCK = "model.layers.{layer}.block_sparse_moe"
+
+FAMILIES: tuple[Family, ...] = (
+    Family("qwen2_moe", ("qwen2_moe",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_experts",
+           shared_expert="shared_expert"),
+    Family("qwen3_moe", ("qwen3_moe",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_experts"),
+    Family("olmoe", ("olmoe",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_experts"),
+    Family("deepseek_v3", ("deepseek_v3",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "n_routed_experts",
+           shared_expert="shared_experts"),
+    Family("mixtral", ("mixtral",), _MIXTRAL_BLOCK, _MIXTRAL_PROJECTIONS, "num_local_experts",
+           renames={"transformers": ((".block_sparse_moe.", ".mlp."),)}),
+    Family("phimoe", ("phimoe",), _MIXTRAL_BLOCK, _MIXTRAL_PROJECTIONS, "num_local_experts",
+           renames={"transformers": ((".block_sparse_moe.gate.weight", ".mlp.router.weight"),
+                                     (".block_sparse_moe.", ".mlp."))}),
+)
+
+GENERIC_FAMILIES: tuple[Family, ...] = (
+    Family("qwen_style", (), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_experts"),
+    Family("mixtral_style", (), _MIXTRAL_BLOCK, _MIXTRAL_PROJECTIONS, "num_local_experts"),
+)
+"""Used when config.json is absent or names a family moekit does not know: the naming
+is recognised from the keys and the expert count from the tensors."""
+
+
+def family_named(name: str) -> Family | None:
+    """The family with this name, or None."""
+    return next((f for f in FAMILIES + GENERIC_FAMILIES if f.name == name), None)
+
+
+def family_of_model_type(model_type: str | None) -> Family | None:
+    """The family whose checkpoints carry this ``config.json`` model_type, or None."""
+    return next((f for f in FAMILIES if model_type in f.model_types), None)
+
+
+def rename(key: str, rules: tuple[tuple[str, str], ...], reverse: bool = False) -> str:
+    """Apply the first matching substring rename (``reverse`` undoes it)."""
+    for old, new in rules:
+        if reverse:
+            old, new = new, old
+        if old in key:
+            return key.replace(old, new, 1)
+    return key

@@ -1,0 +1,137 @@
+"""Grouped layouts: all experts of a layer in one tensor per projection group.
+
+Each grouped layout is a list of ``GroupedTensor`` entries, pure data: which canonical
+projections the tensor holds, whether it stores them ``[E, out, in]`` (as ``nn.Linear``)
+or transposed ``[E, in, out]``, and whether several projections are concatenated one
+after the other or interleaved element by element along the output dimension.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..plan import Concat, Expr, Read, Stack, TensorPlan, Transpose
+from .base import ExpertBlock, Layout, ParsedExperts, TensorMeta
+from .families import Family
+
+
+@dataclass(frozen=True)
+class GroupedTensor:
+    """One grouped tensor of a layout, e.g. NeMo's ``gate_and_up_projs`` [E, H, 2I]."""
+
+    name: str
+    projections: tuple[str, ...]
+    transposed: bool
+    """True: ``[E, in, out]``; False: ``[E, out, in]`` like a stack of ``nn.Linear`` weights."""
+    interleaved: bool = False
+    """True: projection k fills output positions ``k::n``; False: concatenated in order."""
+
+    @property
+    def out_dim(self) -> int:
+        """The dimension of the grouped tensor that runs over the output features."""
+        return 2 if self.transposed else 1
+
+
+class GroupedLayout(Layout):
+    """A layout that keeps all experts of a layer in a few grouped tensors."""
+
+    def __init__(self, name: str, description: str, tensors: tuple[GroupedTensor, ...]) -> None:
+        self.name = name
+        self.description = description
+        self.tensors = tensors
+
+    def parse(self, tensors: dict[str, TensorMeta], family: Family) -> ParsedExperts:
+        parsed = ParsedExperts()
+        region = self.expert_region(family)
+        by_name = {t.name: t for t in self.tensors}
+        for key, meta in tensors.items():
+            inside = region.match(key)
+            if not inside:
+                continue
+            parsed.claimed.add(key)
+            layer = int(inside["layer"])
+            spec = by_name.get(key[inside.end():])
+            if spec is None:
+                parsed.problems.append((layer, f"{key} is not a grouped expert tensor of the "
+                                               f"{self.name} layout (is the source layout right?)"))
+                continue
+            problem = self._add_pieces(parsed.block(layer, family), key, meta, spec)
+            if problem:
+                parsed.problems.append((layer, problem))
+        self._check_agreement(parsed, family)
+        return parsed
+
+    def emit(self, block: ExpertBlock, n_experts: int, family: Family) -> list[TensorPlan]:
+        out = []
+        for spec in self.tensors:
+            projections = [p for p in spec.projections if (p, 0) in block.pieces]
+            if not projections:
+                continue
+            per_expert = [self._combine(spec, [block.pieces[(p, e)] for p in projections])
+                          for e in range(n_experts)]
+            name = self.from_hf_key(f"{block.block}.experts.{spec.name}", family)
+            out.append(TensorPlan(name, Stack(tuple(per_expert))))
+        return out
+
+    @staticmethod
+    def _combine(spec: GroupedTensor, pieces: list[Expr]) -> Expr:
+        oriented = [Transpose(p) if spec.transposed else p for p in pieces]
+        if len(oriented) == 1:
+            return oriented[0]
+        return Concat(tuple(oriented), dim=spec.out_dim - 1, interleave=spec.interleaved)
+
+    @staticmethod
+    def _add_pieces(block: ExpertBlock, key: str, meta: TensorMeta,
+                    spec: GroupedTensor) -> str | None:
+        shape = tuple(meta.shape)
+        if len(shape) != 3:
+            return f"{key} has shape {list(shape)}; a grouped expert tensor has 3 dimensions"
+        n = len(spec.projections)
+        out_size = shape[spec.out_dim]
+        if out_size % n:
+            return (f"{key} has {out_size} output features, not divisible among "
+                    f"{'/'.join(spec.projections)}")
+        size = out_size // n
+        for k, proj in enumerate(spec.projections):
+            part = slice(k, None, n) if spec.interleaved else slice(k * size, (k + 1) * size)
+            for e in range(shape[0]):
+                if spec.transposed:
+                    read: Expr = Transpose(Read(key, (e, slice(None), part),
+                                                (shape[1], size), meta.dtype))
+                else:
+                    read = Read(key, (e, part), (size, shape[2]), meta.dtype)
+                block.pieces[(proj, e)] = read
+                block.names[(proj, e)] = f"{key}[{e}]"
+        return None
+
+    def _check_agreement(self, parsed: ParsedExperts, family: Family) -> None:
+        """Every grouped tensor of a block must be present and hold the same experts."""
+        for layer, block in parsed.blocks.items():
+            counts = {}
+            for spec in self.tensors:
+                experts = {e for (p, e) in block.pieces if p == spec.projections[0]}
+                name = self.from_hf_key(f"{block.block}.experts.{spec.name}", family)
+                if not experts:
+                    parsed.problems.append((layer, f"{name} is missing"))
+                else:
+                    counts[spec.name] = len(experts)
+            if len(set(counts.values())) > 1:
+                shown = ", ".join(f"{k} holds {v}" for k, v in counts.items())
+                parsed.problems.append((layer, f"grouped tensors disagree on the expert count: {shown}"))
+
+
+NEMO = GroupedLayout(
+    "nemo", "NeMo AutoModel GroupedExperts: gate_and_up_projs [E,H,2I], down_projs [E,I,H]",
+    (GroupedTensor("gate_and_up_projs", ("gate", "up"), transposed=True),
+     GroupedTensor("down_projs", ("down",), transposed=True)))
+
+TRANSFORMERS = GroupedLayout(
+    "transformers", "transformers v5 fused experts (model.state_dict()): gate_up_proj [E,2I,H], "
+    "down_proj [E,H,I]",
+    (GroupedTensor("gate_up_proj", ("gate", "up"), transposed=False),
+     GroupedTensor("down_proj", ("down",), transposed=False)))
+
+VLLM = GroupedLayout(
+    "vllm", "vLLM FusedMoE: w13_weight [E,2I,H], w2_weight [E,H,I]",
+    (GroupedTensor("w13_weight", ("gate", "up"), transposed=False),
+     GroupedTensor("w2_weight", ("down",), transposed=False)))

@@ -1,0 +1,197 @@
+"""Plans: pure data describing how every destination tensor is made from source tensors.
+
+A plan is built from safetensors headers alone. Each destination tensor has a recipe, a
+small expression tree whose leaves are reads of source tensor regions and whose inner
+nodes are exact data movements (stack, concatenate, interleave, transpose). Shapes and
+dtypes are known for every node, so a whole plan can be validated and shown before any
+tensor byte is read. Executors (``moekit.executors``) turn recipes into tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Union
+
+from .dtypes import itemsize
+
+Index = Union[int, slice]
+
+
+@dataclass(frozen=True)
+class Read:
+    """A region of one source tensor: ``source[key][region]``.
+
+    ``region`` indexes the leading dimensions (ints drop a dimension, slices keep it);
+    dimensions it does not mention are read whole.
+    """
+
+    key: str
+    region: tuple[Index, ...]
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def is_whole(self) -> bool:
+        """True when the read covers the full source tensor."""
+        return not self.region
+
+
+@dataclass(frozen=True)
+class Transpose:
+    """Swap the last two dimensions (``[out, in] <-> [in, out]``)."""
+
+    part: "Expr"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        s = self.part.shape
+        return (*s[:-2], s[-1], s[-2])
+
+    @property
+    def dtype(self) -> str:
+        return self.part.dtype
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Stack equally shaped parts along a new leading dimension."""
+
+    parts: tuple["Expr", ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.parts), *self.parts[0].shape)
+
+    @property
+    def dtype(self) -> str:
+        return self.parts[0].dtype
+
+
+@dataclass(frozen=True)
+class Concat:
+    """Concatenate parts along ``dim`` (``interleave=False``: one after another), or
+    interleave them element by element along ``dim`` (``interleave=True``: part k fills
+    positions ``k::len(parts)``, as GPT-OSS stores gate and up)."""
+
+    parts: tuple["Expr", ...]
+    dim: int
+    interleave: bool = False
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        first = list(self.parts[0].shape)
+        first[self.dim] = sum(p.shape[self.dim] for p in self.parts)
+        return tuple(first)
+
+    @property
+    def dtype(self) -> str:
+        return self.parts[0].dtype
+
+
+Expr = Union[Read, Transpose, Stack, Concat]
+
+
+def reads(expr: Expr) -> list[Read]:
+    """Every source read a recipe makes, in evaluation order."""
+    if isinstance(expr, Read):
+        return [expr]
+    if isinstance(expr, Transpose):
+        return reads(expr.part)
+    return [r for part in expr.parts for r in reads(part)]
+
+
+def nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    """Bytes of a tensor of this shape and dtype."""
+    return math.prod(shape) * itemsize(dtype)
+
+
+def describe(expr: Expr) -> str:
+    """A one-line human description of a recipe, for ``--dry-run``."""
+    if isinstance(expr, Read):
+        return expr.key if expr.is_whole else f"{expr.key}[{_region(expr.region)}]"
+    if isinstance(expr, Transpose):
+        return f"T({describe(expr.part)})"
+    inner = _summarise_parts([describe(p) for p in expr.parts])
+    if isinstance(expr, Stack):
+        return f"stack({inner})"
+    verb = "interleave" if expr.interleave else "cat"
+    return f"{verb}({inner}, dim={expr.dim})"
+
+
+def _summarise_parts(parts: list[str]) -> str:
+    if len(parts) <= 3:
+        return ", ".join(parts)
+    return f"{parts[0]}, ... {len(parts) - 2} more ..., {parts[-1]}"
+
+
+def _region(region: tuple[Index, ...]) -> str:
+    def one(i: Index) -> str:
+        if isinstance(i, int):
+            return str(i)
+        start = "" if i.start is None else str(i.start)
+        stop = "" if i.stop is None else str(i.stop)
+        step = "" if i.step in (None, 1) else f":{i.step}"
+        return f"{start}:{stop}{step}"
+
+    return ", ".join(one(i) for i in region)
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One destination tensor and the recipe that makes it."""
+
+    name: str
+    recipe: Expr
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.recipe.shape)
+
+    @property
+    def dtype(self) -> str:
+        return self.recipe.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.shape, self.dtype)
+
+    @property
+    def is_copy(self) -> bool:
+        """True when the destination is a source tensor copied unchanged."""
+        return isinstance(self.recipe, Read) and self.recipe.is_whole
+
+
+@dataclass
+class Plan:
+    """Everything a conversion will write, in order, plus what it was built from."""
+
+    family: str
+    src_layout: str
+    dst_layout: str
+    tensors: list[TensorPlan]
+    moe_layers: dict[int, int] = field(default_factory=dict)
+    """MoE layer index -> number of routed experts."""
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def largest_tensor_bytes(self) -> int:
+        return max((t.nbytes for t in self.tensors), default=0)
+
+    def summary(self) -> str:
+        """A short human summary of the plan (what ``--dry-run`` prints first)."""
+        built = [t for t in self.tensors if not t.is_copy]
+        lines = [
+            f"family {self.family}: {self.src_layout} -> {self.dst_layout}",
+            f"{len(self.moe_layers)} MoE layers, {len(self.tensors)} tensors "
+            f"({len(built)} built from expert tensors, {len(self.tensors) - len(built)} copied)",
+            f"{_gib(self.total_bytes)} in total, largest tensor {_gib(self.largest_tensor_bytes)}",
+        ]
+        return "\n".join(lines)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3f} GiB" if n >= 2**24 else f"{n / 2**10:.1f} KiB"

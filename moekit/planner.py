@@ -1,0 +1,179 @@
+"""Building and validating conversion plans from headers alone.
+
+``analyse`` understands a source (family, layout, MoE blocks as canonical pieces) and
+validates all of it, raising one PlanError that lists every problem grouped by layer.
+``build_plan`` then emits the destination layout's tensors from those pieces.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from .detect import detect_family, detect_layout
+from .errors import MoekitError, PlanError, compress_ranges, plural
+from .layouts import FAMILIES, PROJECTIONS, ExpertBlock, Family, Layout, family_named, layout_named
+from .layouts.base import ParsedExperts, TensorMeta
+from .plan import Plan, Read, TensorPlan
+
+
+@dataclass
+class Analysis:
+    """A source understood: its family, layout, MoE blocks and pass-through tensors."""
+
+    family: Family
+    layout: Layout
+    blocks: dict[int, ExpertBlock]
+    n_experts: int
+    passthrough: list[str]
+    """Source keys that are not routed-expert weights, in source order."""
+    tensors: Mapping[str, TensorMeta]
+    order: list[str]
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.blocks)
+
+
+def analyse(tensors: Mapping[str, TensorMeta], config: dict | None,
+            metadata: Mapping[str, str], label: str, from_: str | None = None,
+            where: Callable[[str], str | None] = lambda key: None,
+            family: str | None = None, n_experts: int | None = None) -> Analysis:
+    """Detect family and layout, parse the experts and validate them all.
+
+    ``from_``, ``family`` and ``n_experts`` override what detection and config.json say.
+    ``where(key)`` names the file a key is stored in, for messages. Raises PlanError
+    listing every problem, grouped by layer.
+    """
+    fam = _family(family) if family else detect_family(tensors, config, metadata)
+    layout = layout_named(from_) if from_ else detect_layout(tensors, fam, metadata, label)
+    parsed = layout.parse(dict(tensors), fam)
+    n_experts = n_experts or _expert_count(parsed, fam, config)
+    family = fam
+    problems = _problems(parsed, family, layout, n_experts, where)
+    if problems:
+        raise PlanError(f"{label} ({family.name}, layout {layout.name}) is not a valid "
+                        f"checkpoint:", problems)
+    passthrough = [k for k in tensors if k not in parsed.claimed]
+    return Analysis(family, layout, parsed.blocks, n_experts, passthrough, tensors, list(tensors))
+
+
+def build_plan(analysis: Analysis, dst: Layout) -> Plan:
+    """The plan that writes ``analysis``'s checkpoint in layout ``dst``."""
+    if not analysis.is_moe and dst.name != "hf":
+        raise MoekitError(
+            f"the source holds no expert tensors (a dense model, family "
+            f"{analysis.family.name}): the {dst.name} layout applies only to MoE checkpoints; "
+            "use `moekit upcycle` to turn a dense model into an MoE")
+    src = analysis.layout
+    by_layer: dict[int, list[TensorPlan]] = {
+        layer: dst.emit(block, analysis.n_experts, analysis.family)
+        for layer, block in sorted(analysis.blocks.items())}
+    layer_of_key = {key: layer for layer, block in analysis.blocks.items()
+                    for key in _source_keys(block)}
+    passthrough = set(analysis.passthrough)
+    tensors: list[TensorPlan] = []
+    for key in analysis.order:
+        if key in layer_of_key:
+            tensors.extend(by_layer.pop(layer_of_key[key], []))
+        elif key in passthrough:
+            meta = analysis.tensors[key]
+            name = dst.from_hf_key(src.to_hf_key(key, analysis.family), analysis.family)
+            tensors.append(TensorPlan(name, Read(key, (), tuple(meta.shape), meta.dtype)))
+    _check_unique(tensors)
+    return Plan(analysis.family.name, src.name, dst.name, tensors,
+                {layer: analysis.n_experts for layer in sorted(analysis.blocks)})
+
+
+def _source_keys(block: ExpertBlock) -> set[str]:
+    return {name.split("[", 1)[0] for name in block.names.values()}
+
+
+def _check_unique(tensors: list[TensorPlan]) -> None:
+    seen = Counter(t.name for t in tensors)
+    clashes = [name for name, n in seen.items() if n > 1]
+    if clashes:
+        raise MoekitError(f"the conversion would write {len(clashes)} tensor name(s) twice, "
+                          f"e.g. {clashes[0]}: the source holds both an expert tensor and a "
+                          "tensor already named like its converted form")
+
+
+def _family(name: str) -> Family:
+    found = family_named(name)
+    if found is None:
+        known = ", ".join(f.name for f in FAMILIES)
+        raise MoekitError(f"unknown model family {name!r}; known families: {known}")
+    return found
+
+
+def _expert_count(parsed: ParsedExperts, family: Family, config: dict | None) -> int:
+    declared = (config or {}).get(family.expert_count_key)
+    if isinstance(declared, int) and declared > 0:
+        return declared
+    return max((max(b.experts) + 1 for b in parsed.blocks.values() if b.experts), default=0)
+
+
+def _problems(parsed: ParsedExperts, family: Family, layout: Layout, n_experts: int,
+              where: Callable[[str], str | None]) -> list[str]:
+    by_layer: dict[int, list[str]] = defaultdict(list)
+    for layer, problem in parsed.problems:
+        by_layer[layer].append(problem)
+    for layer, block in parsed.blocks.items():
+        by_layer[layer].extend(_block_problems(block, family, layout, n_experts, where))
+    return [f"layer {layer}: {p}" for layer in sorted(by_layer) for p in by_layer[layer]]
+
+
+def _block_problems(block: ExpertBlock, family: Family, layout: Layout, n_experts: int,
+                    where: Callable[[str], str | None]) -> list[str]:
+    def name(proj: str) -> str:
+        return family.projections[proj] if layout.name == "hf" else proj
+
+    files = sorted({f for f in (where(n.split("[", 1)[0]) for n in block.names.values()) if f})
+    stored = f" (layer stored in {', '.join(files)})" if files else ""
+    problems = []
+    missing: dict[tuple[int, ...], list[str]] = defaultdict(list)
+    for proj in PROJECTIONS:
+        absent = tuple(e for e in range(n_experts) if (proj, e) not in block.pieces)
+        if absent:
+            missing[absent].append(name(proj))
+    for absent, projs in missing.items():
+        problems.append(f"{plural(len(absent), 'expert')} {compress_ranges(absent)} "
+                        f"{'lacks' if len(absent) == 1 else 'lack'} {', '.join(projs)}{stored}")
+    extra = [e for e in block.experts if e >= n_experts]
+    if extra:
+        problems.append(f"{plural(len(extra), 'expert')} {compress_ranges(extra)} beyond the "
+                        f"{n_experts} experts config.json declares ({family.expert_count_key})")
+    problems.extend(_shape_problems(block, name, where))
+    return problems
+
+
+def _shape_problems(block: ExpertBlock, name: Callable[[str], str],
+                    where: Callable[[str], str | None]) -> list[str]:
+    """Experts whose shape or dtype differs from the other experts' (the majority)."""
+    problems = []
+    expected: dict[str, tuple] = {}
+    for proj in PROJECTIONS:
+        found = {e: (tuple(x.shape), x.dtype) for (p, e), x in block.pieces.items() if p == proj}
+        if not found:
+            continue
+        common, _ = Counter(found.values()).most_common(1)[0]
+        expected[proj] = common
+        odd = defaultdict(list)
+        for e, got in found.items():
+            if got != common:
+                odd[got].append(e)
+        for (shape, dtype), experts in odd.items():
+            key = block.names[(proj, experts[0])].split("[", 1)[0]
+            file = where(key)
+            problems.append(
+                f"{plural(len(experts), 'expert')} {compress_ranges(experts)} {name(proj)} "
+                f"{'is' if len(experts) == 1 else 'are'} {list(shape)} {dtype}, the other "
+                f"experts {list(common[0])} {common[1]}" + (f" (in {file})" if file else ""))
+    gate, up, down = (expected.get(p) for p in PROJECTIONS)
+    if gate and up and gate[0] != up[0]:
+        problems.append(f"{name('gate')} {list(gate[0])} and {name('up')} {list(up[0])} differ in shape")
+    if up and down and tuple(reversed(up[0])) != down[0]:
+        problems.append(f"{name('down')} is {list(down[0])}, expected {list(reversed(up[0]))} "
+                        f"(the transpose of {name('up')})")
+    return problems

@@ -1,0 +1,72 @@
+"""Writing a safetensors file header first, then one tensor at a time.
+
+``safetensors.torch.save_file`` needs every tensor of a file in memory at once; a 5 GB
+shard would then cost 5 GB of RAM. The format is a little-endian u64 header length, a
+JSON header (dtype, shape and byte offsets per tensor, plus ``__metadata__``), and the raw
+bytes, so once the plan fixes every shape the header can be written before any tensor
+exists and each tensor streamed into place as it is built. Files written here are read
+back with the safetensors library in the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from .dtypes import to_safetensors
+from .plan import nbytes
+
+_ALIGN = 8
+
+
+class ShardWriter:
+    """One safetensors file whose tensors are written in the order the header lists them."""
+
+    def __init__(self, path: Path, entries: Sequence[tuple[str, str, tuple[int, ...]]],
+                 metadata: Mapping[str, str]) -> None:
+        """``entries`` are (name, safetensors dtype, shape), in the order they will be written."""
+        self.path = path
+        self._expected = list(entries)
+        self._next = 0
+        header: dict[str, object] = {"__metadata__": dict(metadata)}
+        offset = 0
+        for name, dtype, shape in entries:
+            size = nbytes(shape, dtype)
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % _ALIGN)
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(encoded)))
+        self._file.write(encoded)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor; it must be the one the header lists next."""
+        want_name, want_dtype, want_shape = self._expected[self._next]
+        got = (name, to_safetensors(tensor.dtype), tuple(tensor.shape))
+        if got != (want_name, want_dtype, tuple(want_shape)):
+            raise RuntimeError(f"{self.path.name}: expected {want_name} {want_dtype} "
+                               f"{list(want_shape)} next, got {got[0]} {got[1]} {list(got[2])}")
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        self._file.write(memoryview(data.numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        """Finish the file; every tensor of the header must have been written."""
+        self._file.close()
+        if self._next != len(self._expected):
+            missing = self._expected[self._next][0]
+            raise RuntimeError(f"{self.path.name} closed before {missing} was written")
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._file.close()

@@ -1,0 +1,20 @@
+"""Parsing human sizes such as ``5GB`` (decimal, as transformers does) or ``512MiB``."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import MoekitError
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size``: an int, or a number with a unit (``5GB``, ``200MiB``, ``64KB``)."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", size)
+    if not match or match[2].upper() not in _UNITS:
+        raise MoekitError(f"cannot read the size {size!r}; write e.g. 5GB, 500MB or 2GiB")
+    return int(float(match[1]) * _UNITS[match[2].upper()])
