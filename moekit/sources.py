@@ -24,17 +24,21 @@ class TensorSource(Protocol):
 class FileSource:
     """Reads tensor regions from a checkpoint's files; only the requested bytes are read.
 
-    Files are opened lazily and kept open until ``release()``; the streaming executor
-    releases after each destination tensor so that the mapped pages of finished work do
-    not accumulate in the process's resident memory.
+    Files are opened lazily and re-opened after every ``RELEASE_EVERY_BYTES`` read, so
+    that the mapped pages of finished work do not pile up in the process's resident memory.
     """
+
+    RELEASE_EVERY_BYTES = 256 * 2**20
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         self.checkpoint = checkpoint
         self._handles: dict[str, object] = {}
         self.bytes_read = 0
+        self._since_release = 0
 
     def read(self, region: Read) -> torch.Tensor:
+        if self._since_release >= self.RELEASE_EVERY_BYTES:
+            self.release()
         file = self.checkpoint.file_of(region.key)
         try:
             handle = self._handle(file)
@@ -45,7 +49,9 @@ class FileSource:
         except SafetensorError as err:
             raise MoekitError(f"cannot read {region.key} from {Path(self.checkpoint.path, file)}: "
                               f"{err}") from err
-        self.bytes_read += tensor.numel() * tensor.element_size()
+        size = tensor.numel() * tensor.element_size()
+        self.bytes_read += size
+        self._since_release += size
         return tensor
 
     def _handle(self, file: str):
@@ -56,6 +62,7 @@ class FileSource:
     def release(self) -> None:
         """Close every open file."""
         self._handles.clear()
+        self._since_release = 0
 
     def __enter__(self) -> "FileSource":
         return self

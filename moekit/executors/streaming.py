@@ -14,10 +14,6 @@ from ..safetensors_writer import ShardWriter
 from ..sources import FileSource
 from .evaluate import materialize
 
-RELEASE_EVERY_BYTES = 256 * 2**20
-"""Source files are re-opened after this many bytes so their mapped pages leave RSS."""
-
-
 def shard_tensors(tensors: list[TensorPlan], max_shard_bytes: int) -> list[list[TensorPlan]]:
     """Split tensors, in order, into shards of at most ``max_shard_bytes`` (a tensor larger
     than that gets a shard of its own), as ``save_pretrained`` does."""
@@ -45,7 +41,6 @@ def write_plan(plan: Plan, source: FileSource, folder: Path, max_shard_bytes: in
     shards = shard_tensors(plan.tensors, max_shard_bytes)
     names = shard_file_names(len(shards))
     weight_map: dict[str, str] = {}
-    since_release = 0
     with progress(plan.total_bytes, f"{plan.src_layout} -> {plan.dst_layout}", show_progress) as bar:
         for name, shard in zip(names, shards):
             entries = [(t.name, t.dtype, t.shape) for t in shard]
@@ -54,10 +49,6 @@ def write_plan(plan: Plan, source: FileSource, folder: Path, max_shard_bytes: in
                     writer.write(tensor.name, materialize(tensor.recipe, source))
                     weight_map[tensor.name] = name
                     bar.update(tensor.nbytes)
-                    since_release += tensor.nbytes
-                    if since_release >= RELEASE_EVERY_BYTES:
-                        source.release()
-                        since_release = 0
     if len(shards) > 1:
         _write_index(folder, plan, weight_map)
 

@@ -1,0 +1,106 @@
+"""What is inside a checkpoint: family, layout, MoE and dense layers, sizes, dtypes."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .convert import analyse_checkpoint
+from .errors import compress_ranges
+from .plan import nbytes
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass
+class CheckpointInfo:
+    """A checkpoint's description, as ``moekit inspect`` prints it."""
+
+    path: str
+    family: str
+    layout: str
+    model_type: str | None
+    n_experts: int
+    moe_layers: list[int]
+    dense_layers: list[int]
+    hidden_size: int | None
+    expert_intermediate_size: int | None
+    shared_expert_intermediate_size: int | None
+    dtypes: dict[str, int] = field(default_factory=dict)
+    """dtype -> bytes."""
+    total_bytes: int = 0
+    layer_bytes: dict[int, int] = field(default_factory=dict)
+    n_tensors: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def render(self) -> str:
+        """Human-readable summary."""
+        lines = [
+            f"{self.path}",
+            f"  family            {self.family} (model_type {self.model_type})",
+            f"  layout            {self.layout}",
+            f"  tensors           {self.n_tensors}, {_size(self.total_bytes)}",
+            f"  dtypes            " + ", ".join(f"{d} {_size(b)}" for d, b in self.dtypes.items()),
+        ]
+        if self.moe_layers:
+            lines += [
+                f"  MoE layers        {compress_ranges(self.moe_layers)} ({len(self.moe_layers)})",
+                f"  routed experts    E={self.n_experts}, I={self.expert_intermediate_size}, "
+                f"H={self.hidden_size}",
+            ]
+            if self.shared_expert_intermediate_size:
+                lines.append(f"  shared expert     I={self.shared_expert_intermediate_size}")
+        lines.append(f"  dense layers      {compress_ranges(self.dense_layers) or 'none'}")
+        if self.layer_bytes:
+            per_layer = sorted(set(self.layer_bytes.values()))
+            shown = (_size(per_layer[0]) if len(per_layer) == 1 else
+                     f"{_size(per_layer[0])} to {_size(per_layer[-1])}")
+            lines.append(f"  bytes per layer   {shown}")
+        return "\n".join(lines)
+
+
+def inspect(path: str | Path, from_: str | None = None) -> CheckpointInfo:
+    """Describe the checkpoint at ``path`` from its headers and config.json."""
+    checkpoint, analysis = analyse_checkpoint(path, from_)
+    layer_bytes: dict[int, int] = defaultdict(int)
+    dtypes: dict[str, int] = defaultdict(int)
+    for key, info in checkpoint.tensors.items():
+        size = nbytes(info.shape, info.dtype)
+        dtypes[info.dtype] += size
+        match = _LAYER.search(key)
+        if match:
+            layer_bytes[int(match[1])] += size
+    moe = sorted(analysis.blocks)
+    first = analysis.blocks[moe[0]] if moe else None
+    gate = first.pieces.get(("gate", 0)) if first else None
+    return CheckpointInfo(
+        path=str(checkpoint.path),
+        family=analysis.family.name if moe else f"dense ({checkpoint.model_type or 'unknown'})",
+        layout=analysis.layout.name,
+        model_type=checkpoint.model_type, n_experts=analysis.n_experts if moe else 0,
+        moe_layers=moe, dense_layers=[l for l in sorted(layer_bytes) if l not in analysis.blocks],
+        hidden_size=gate.shape[1] if gate else None,
+        expert_intermediate_size=gate.shape[0] if gate else None,
+        shared_expert_intermediate_size=_shared_size(checkpoint.tensors, analysis),
+        dtypes=dict(dtypes), total_bytes=sum(dtypes.values()), layer_bytes=dict(layer_bytes),
+        n_tensors=len(checkpoint.tensors))
+
+
+def _shared_size(tensors: dict, analysis) -> int | None:
+    name = analysis.family.shared_expert
+    if not name or not analysis.blocks:
+        return None
+    block = analysis.blocks[min(analysis.blocks)].block
+    info = tensors.get(f"{block}.{name}.{analysis.family.projections['up']}.weight")
+    return info.shape[0] if info else None
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
