@@ -132,12 +132,12 @@ def _block_problems(block: ExpertBlock, family: Family, layout: Layout, n_expert
     files = sorted({f for f in (where(n.split("[", 1)[0]) for n in block.names.values()) if f})
     stored = f" (layer stored in {', '.join(files)})" if files else ""
     problems = []
-    missing: dict[tuple[int, ...], list[str]] = defaultdict(list)
-    for proj in PROJECTIONS:
-        absent = tuple(e for e in range(n_experts) if (proj, e) not in block.pieces)
-        if absent:
-            missing[absent].append(name(proj))
-    for absent, projs in missing.items():
+    missing: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    for e in range(n_experts):
+        lacking = tuple(name(p) for p in PROJECTIONS if (p, e) not in block.pieces)
+        if lacking:
+            missing[lacking].append(e)
+    for projs, absent in missing.items():
         problems.append(f"{plural(len(absent), 'expert')} {compress_ranges(absent)} "
                         f"{'lacks' if len(absent) == 1 else 'lack'} {', '.join(projs)}{stored}")
     extra = [e for e in block.experts if e >= n_experts]

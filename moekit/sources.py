@@ -28,7 +28,7 @@ class FileSource:
     that the mapped pages of finished work do not pile up in the process's resident memory.
     """
 
-    RELEASE_EVERY_BYTES = 256 * 2**20
+    RELEASE_EVERY_BYTES = 32 * 2**20
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         self.checkpoint = checkpoint

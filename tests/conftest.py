@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny transformers checkpoints of every supported family, saved in
+several shards, built once per test session."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moekit import samples
+
+
+@pytest.fixture(scope="session")
+def family_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """family -> folder of a ``save_pretrained`` checkpoint in several shards."""
+    root = tmp_path_factory.mktemp("families")
+    return {family: samples.save_model(samples.build_model(family), root / family)
+            for family in samples.MOE_FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def family_models() -> dict[str, torch.nn.Module]:
+    """family -> the transformers model its checkpoint was saved from (same seed)."""
+    return {family: samples.build_model(family) for family in samples.MOE_FAMILIES}
+
+
+@pytest.fixture
+def qwen3(family_checkpoints, tmp_path) -> Path:
+    """A private copy of the Qwen3-MoE sample that a test may damage."""
+    import shutil
+
+    return Path(shutil.copytree(family_checkpoints["qwen3_moe"], tmp_path / "qwen3"))
+
+
+def load_all(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, read with the safetensors library."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bytes."""
+    return (a.dtype == b.dtype and a.shape == b.shape and
+            torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)))
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """sha256 of every file under ``path`` (to show an input was left untouched)."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(path).rglob("*")) if p.is_file()}

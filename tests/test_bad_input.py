@@ -1,0 +1,173 @@
+"""Bad input: a clear message naming file/layer/expert, exit != 0, no output, no temporary
+folder, and the input left byte-identical."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from moekit import samples
+from moekit.checkpoint import INDEX_NAME
+from moekit.cli import main
+
+from .conftest import tree_digest
+
+
+def edit_checkpoint(path: Path, edit) -> None:
+    """Rewrite every shard through ``edit(tensors) -> tensors`` and fix up the index."""
+    index_file = path / INDEX_NAME
+    index = json.loads(index_file.read_text())
+    weight_map = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors = edit(load_file(file))
+        save_file(tensors, file, metadata={"format": "pt"})
+        weight_map.update({k: file.name for k in tensors})
+    index["weight_map"] = weight_map
+    index_file.write_text(json.dumps(index))
+
+
+def run_failing(capsys, args: list[str], workdir: Path, src: Path) -> str:
+    """Run the CLI expecting failure; check nothing was written and src is untouched."""
+    before_src = tree_digest(src) if src.exists() else None
+    before = sorted(p.name for p in workdir.iterdir())
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "Traceback" not in err
+    assert sorted(p.name for p in workdir.iterdir()) == before, "output or temp folder left behind"
+    if before_src is not None:
+        assert tree_digest(src) == before_src
+    return err
+
+
+def test_missing_experts_are_listed_by_layer_with_ranges(qwen3, tmp_path, capsys):
+    def drop(tensors):
+        return {k: v for k, v in tensors.items()
+                if not any(f"layers.1.mlp.experts.{e}.down_proj" in k for e in (3, 4, 5))
+                and "layers.2.mlp.experts.0." not in k}
+
+    edit_checkpoint(qwen3, drop)
+    err = run_failing(capsys, ["convert", str(qwen3), str(tmp_path / "out"), "--to", "nemo"],
+                      tmp_path, qwen3)
+    assert "layer 1: experts 3-5 lack down_proj" in err
+    assert "layer 2: expert 0 lacks gate_proj, up_proj, down_proj" in err
+    assert "model-0000" in err  # the file the layer is stored in
+
+
+def test_wrong_shaped_expert_is_named_with_its_file(qwen3, tmp_path, capsys):
+    key = "model.layers.2.mlp.experts.4.up_proj.weight"
+
+    def reshape(tensors):
+        if key in tensors:
+            tensors[key] = tensors[key][:8].clone()
+        return tensors
+
+    edit_checkpoint(qwen3, reshape)
+    err = run_failing(capsys, ["convert", str(qwen3), str(tmp_path / "out"), "--to", "vllm"],
+                      tmp_path, qwen3)
+    file = json.loads((qwen3 / INDEX_NAME).read_text())["weight_map"][key]
+    assert "layer 2: expert 4 up_proj is [8, 32] F32, the other experts [16, 32] F32" in err
+    assert file in err
+
+
+def test_truncated_shard(qwen3, tmp_path, capsys):
+    shard = sorted(qwen3.glob("*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    err = run_failing(capsys, ["convert", str(qwen3), str(tmp_path / "out"), "--to", "nemo"],
+                      tmp_path, qwen3)
+    assert shard.name in err and "truncated or corrupt" in err
+
+
+def test_corrupt_header(qwen3, tmp_path, capsys):
+    shard = sorted(qwen3.glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[8:20] = b"not json!!!!"
+    shard.write_bytes(bytes(data))
+    err = run_failing(capsys, ["inspect", str(qwen3)], tmp_path, qwen3)
+    assert shard.name in err
+
+
+def test_index_naming_a_missing_file(qwen3, tmp_path, capsys):
+    shard = sorted(qwen3.glob("*.safetensors"))[-1]
+    shard.unlink()
+    err = run_failing(capsys, ["convert", str(qwen3), str(tmp_path / "out"), "--to", "nemo"],
+                      tmp_path, qwen3)
+    assert shard.name in err and INDEX_NAME in err
+
+
+def test_missing_path(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    err = run_failing(capsys, ["convert", str(missing), str(tmp_path / "out"), "--to", "nemo"],
+                      tmp_path, missing)
+    assert str(missing) in err and "does not exist" in err
+
+
+def test_dense_model_asked_for_a_grouped_layout(tmp_path, capsys):
+    dense = samples.save_model(samples.build_model("llama"), tmp_path / "llama")
+    err = run_failing(capsys, ["convert", str(dense), str(tmp_path / "out"), "--to", "nemo"],
+                      tmp_path, dense)
+    assert "dense" in err and "upcycle" in err
+
+
+def test_existing_destination_is_refused_unless_overwrite(qwen3, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    err = run_failing(capsys, ["convert", str(qwen3), str(out), "--to", "nemo"], tmp_path, qwen3)
+    assert "already exists" in err and "--overwrite" in err
+    assert (out / "keep.txt").read_text() == "precious"
+    assert main(["convert", str(qwen3), str(out), "--to", "nemo", "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "qwen3"]
+
+
+@pytest.mark.parametrize("inside", ["sub", "."])
+def test_destination_inside_the_source(qwen3, tmp_path, capsys, inside):
+    dst = qwen3 / inside
+    err = run_failing(capsys, ["convert", str(qwen3), str(dst), "--to", "nemo", "--overwrite"],
+                      qwen3, qwen3)
+    assert "inside the source" in err
+
+
+def test_destination_holding_the_source_is_refused(qwen3, tmp_path, capsys):
+    err = run_failing(capsys, ["convert", str(qwen3), str(tmp_path), "--to", "nemo",
+                               "--overwrite"], tmp_path, qwen3)
+    assert "contains the source" in err
+
+
+def test_failure_while_writing_leaves_nothing(qwen3, tmp_path, monkeypatch):
+    from moekit.executors import streaming
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(streaming, "materialize", explode)
+    before = tree_digest(qwen3)
+    with pytest.raises(OSError):
+        from moekit import convert
+
+        convert(qwen3, tmp_path / "out", to="nemo")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qwen3"]
+    assert tree_digest(qwen3) == before
+
+
+def test_undetectable_layout_names_the_tensor(qwen3, tmp_path, capsys):
+    def rename(tensors):
+        return {k.replace("experts.1.up_proj", "experts.1.upper_proj"): v
+                for k, v in tensors.items()}
+
+    edit_checkpoint(qwen3, rename)
+    err = run_failing(capsys, ["inspect", str(qwen3)], tmp_path, qwen3)
+    assert "model.layers.0.mlp.experts.1.upper_proj.weight" in err
+
+
+def test_unknown_expert_count_mismatch_with_config(qwen3, tmp_path, capsys):
+    config = json.loads((qwen3 / "config.json").read_text())
+    config["num_experts"] = 8
+    (qwen3 / "config.json").write_text(json.dumps(config))
+    err = run_failing(capsys, ["convert", str(qwen3), str(tmp_path / "o"), "--to", "nemo"],
+                      tmp_path, qwen3)
+    assert "layer 0: experts 6-7 lack gate_proj, up_proj, down_proj" in err

@@ -1,0 +1,109 @@
+"""HF -> every grouped layout -> HF is byte-identical for every family, and the results
+load in transformers with identical logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from moekit import convert, samples, verify
+from moekit.checkpoint import INDEX_NAME
+
+from .conftest import load_all, same_bytes
+
+FAMILIES = list(samples.MOE_FAMILIES)
+GROUPED = ["nemo", "transformers", "vllm"]
+
+
+@pytest.mark.parametrize("layout", GROUPED)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_is_byte_identical_and_loads(family, layout, family_checkpoints, tmp_path):
+    src = family_checkpoints[family]
+    assert len(list(src.glob("*.safetensors"))) > 1, "the sample must span several shards"
+    grouped, back = tmp_path / layout, tmp_path / "back"
+    convert(src, grouped, to=layout, max_shard_size="40KB")
+    convert(grouped, back, to="hf", max_shard_size="40KB")
+
+    original, restored = load_all(src), load_all(back)
+    assert original.keys() == restored.keys()
+    assert all(same_bytes(original[k], restored[k]) for k in original)
+    ids = samples.sample_input(96)
+    assert torch.equal(samples.logits(back, ids), samples.logits(src, ids))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_layout_equals_the_models_state_dict(family, family_checkpoints,
+                                                          family_models, tmp_path):
+    """The oracle: what transformers itself builds in memory from the source."""
+    out = tmp_path / "fused"
+    convert(family_checkpoints[family], out, to="transformers")
+    written = load_all(out)
+    expected = family_models[family].state_dict()
+    assert written.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert same_bytes(written[key], tensor), key
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_transformers_loads_grouped_transformers_layout(family, family_checkpoints, tmp_path):
+    out = tmp_path / "fused"
+    convert(family_checkpoints[family], out, to="transformers")
+    ids = samples.sample_input(96)
+    assert torch.equal(samples.logits(out, ids), samples.logits(family_checkpoints[family], ids))
+
+
+def test_grouped_layouts_convert_into_each_other(family_checkpoints, tmp_path):
+    src = family_checkpoints["deepseek_v3"]
+    previous = src
+    for layout in ["nemo", "vllm", "transformers", "nemo", "hf"]:
+        out = tmp_path / f"step-{layout}-{len(list(tmp_path.iterdir()))}"
+        convert(previous, out, to=layout)
+        previous = out
+    assert verify(src, previous).equal
+
+
+def test_nemo_tensors_match_the_documented_layout(family_checkpoints, tmp_path):
+    src = family_checkpoints["qwen3_moe"]
+    out = tmp_path / "nemo"
+    convert(src, out, to="nemo")
+    hf, nemo = load_all(src), load_all(out)
+    block = "model.layers.1.mlp.experts"
+    for e in range(6):
+        gate, up, down = (hf[f"{block}.{e}.{p}_proj.weight"] for p in ("gate", "up", "down"))
+        assert torch.equal(nemo[f"{block}.gate_and_up_projs"][e], torch.cat([gate.T, up.T], -1))
+        assert torch.equal(nemo[f"{block}.down_projs"][e], down.T)
+    assert nemo[f"{block}.gate_and_up_projs"].shape == (6, 32, 32)
+
+
+def test_output_is_sharded_with_a_correct_index_and_records_its_layout(family_checkpoints,
+                                                                         tmp_path):
+    out = tmp_path / "vllm"
+    convert(family_checkpoints["mixtral"], out, to="vllm", max_shard_size="30KB")
+    index = json.loads((out / INDEX_NAME).read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and files == sorted(p.name for p in out.glob("*.safetensors"))
+    total = 0
+    for file in files:
+        with safe_open(out / file, "pt") as f:
+            assert f.metadata()["moekit.layout"] == "vllm"
+            assert f.metadata()["moekit.family"] == "mixtral"
+            for key in f.keys():
+                assert index["weight_map"][key] == file
+                total += f.get_tensor(key).nbytes
+    assert index["metadata"]["total_size"] == total
+    assert (out / "config.json").read_text() == (family_checkpoints["mixtral"] /
+                                                 "config.json").read_text()
+    assert "model.layers.0.block_sparse_moe.experts.w13_weight" in index["weight_map"]
+
+
+def test_bf16_round_trip(tmp_path):
+    model = samples.build_model("qwen3_moe").to(torch.bfloat16)
+    src = samples.save_model(model, tmp_path / "bf16")
+    convert(src, tmp_path / "nemo", to="nemo")
+    convert(tmp_path / "nemo", tmp_path / "back", to="hf")
+    original, restored = load_all(src), load_all(tmp_path / "back")
+    assert all(t.dtype == torch.bfloat16 for t in restored.values())
+    assert all(same_bytes(original[k], restored[k]) for k in original)
