@@ -11,9 +11,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 from .convert import convert_state_dict, state_dict_meta
-from .planner import analyse
+from .executors.memory import run_plan
+from .expert_parallel.load import rank_plan
+from .expert_parallel.local import local_hf_plan
+from .expert_parallel.ranges import shard_experts
+from .planner import analyse, understand
+from .sources import DictSource
 
 
 class ExpertAdapter:
@@ -32,13 +39,33 @@ class ExpertAdapter:
         self.n_experts = n_experts
         self.config = config
 
-    def from_hf(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """HF per-expert keys -> this adapter's grouped layout."""
-        return self._convert(state_dict, "hf", self.layout)
+    def from_hf(self, state_dict: Mapping[str, torch.Tensor],
+                device_mesh: DeviceMesh | None = None) -> dict[str, torch.Tensor]:
+        """HF per-expert keys -> this adapter's grouped layout.
+
+        With a ``device_mesh``, only this rank's experts are used (the others may be
+        absent from ``state_dict``) and the grouped tensors are DTensors sharded over the
+        mesh's "ep" dimension, as ``moekit.load_experts`` returns them.
+        """
+        if device_mesh is None:
+            return self._convert(state_dict, "hf", self.layout)
+        analysis = understand(state_dict_meta(state_dict), self.config, {}, "state dict",
+                              from_="hf", family=self.family, n_experts=self.n_experts)
+        plan = rank_plan(analysis, device_mesh, self.layout)
+        return run_plan(plan, DictSource(state_dict), wrap_experts=lambda local: shard_experts(
+            local, device_mesh, analysis.n_experts))
 
     def to_hf(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This adapter's grouped layout -> HF per-expert keys."""
-        return self._convert(state_dict, self.layout, "hf")
+        """This adapter's grouped layout -> HF per-expert keys.
+
+        Grouped DTensors give this rank's experts under their global indices; the
+        non-expert tensors are returned on every rank.
+        """
+        mesh = next((t.device_mesh for t in state_dict.values() if isinstance(t, DTensor)), None)
+        if mesh is None:
+            return self._convert(state_dict, self.layout, "hf")
+        local, _, plan = local_hf_plan(state_dict, mesh, self.layout, self.family, self.config)
+        return run_plan(plan, DictSource(local))
 
     def validate(self, state_dict: Mapping[str, torch.Tensor], layout: str = "hf") -> None:
         """Raise PlanError naming every missing or malformed expert of ``state_dict``."""

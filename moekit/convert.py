@@ -78,7 +78,6 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], src_layout: str |
     analysis = analyse(state_dict_meta(state_dict), config, {}, "state dict", from_=src_layout,
                        family=family, n_experts=n_experts)
     plan = build_plan(analysis, layout_named(dst_layout))
-    source = DictSource(state_dict)
     device = next((t.device for t in state_dict.values()), None)
     return {t.name: state_dict[t.recipe.key] if t.is_copy else
-            materialize(t.recipe, source, device) for t in plan.tensors}
+            materialize(t.recipe, DictSource(state_dict), device) for t in plan.tensors}

@@ -33,17 +33,23 @@ def atomic_output(dst: Path, src: Path | None = None, overwrite: bool = False) -
     failure (or interrupt) it is removed and ``dst`` is left as it was."""
     dst = Path(dst)
     check_destination(dst, src, overwrite)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.moekit-", dir=dst.parent))
+    tmp = temporary_folder(dst)
     try:
         yield tmp
-        _replace(tmp, dst)
+        replace_folder(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _replace(tmp: Path, dst: Path) -> None:
+def temporary_folder(dst: Path) -> Path:
+    """A new empty folder beside ``dst`` (same file system, so the final rename is atomic)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dst.name}.moekit-", dir=dst.parent))
+
+
+def replace_folder(tmp: Path, dst: Path) -> None:
+    """Move the finished folder ``tmp`` to ``dst``, replacing what was there."""
     if not dst.exists():
         os.rename(tmp, dst)
         return

@@ -171,7 +171,9 @@ class Plan:
     dst_layout: str
     tensors: list[TensorPlan]
     moe_layers: dict[int, int] = field(default_factory=dict)
-    """MoE layer index -> number of routed experts."""
+    """MoE layer index -> number of routed experts the plan writes."""
+    expert_tensors: set[str] = field(default_factory=set)
+    """Names of the destination tensors that hold routed-expert weights."""
 
     @property
     def total_bytes(self) -> int:

@@ -22,59 +22,92 @@ from .plan import Plan, Read, TensorPlan
 class Analysis:
     """A source understood: its family, layout, MoE blocks and pass-through tensors."""
 
+    label: str
     family: Family
     layout: Layout
-    blocks: dict[int, ExpertBlock]
+    parsed: ParsedExperts
     n_experts: int
-    passthrough: list[str]
-    """Source keys that are not routed-expert weights, in source order."""
     tensors: Mapping[str, TensorMeta]
-    order: list[str]
+
+    @property
+    def blocks(self) -> dict[int, ExpertBlock]:
+        return self.parsed.blocks
+
+    @property
+    def passthrough(self) -> list[str]:
+        """Source keys that are not routed-expert weights, in source order."""
+        return [k for k in self.tensors if k not in self.parsed.claimed]
 
     @property
     def is_moe(self) -> bool:
         return bool(self.blocks)
 
 
-def analyse(tensors: Mapping[str, TensorMeta], config: dict | None,
-            metadata: Mapping[str, str], label: str, from_: str | None = None,
-            where: Callable[[str], str | None] = lambda key: None,
-            family: str | None = None, n_experts: int | None = None) -> Analysis:
-    """Detect family and layout, parse the experts and validate them all.
+def understand(tensors: Mapping[str, TensorMeta], config: dict | None,
+               metadata: Mapping[str, str], label: str, from_: str | None = None,
+               family: str | None = None, n_experts: int | None = None) -> Analysis:
+    """Detect family and layout and parse the experts, without judging them.
 
     ``from_``, ``family`` and ``n_experts`` override what detection and config.json say.
-    ``where(key)`` names the file a key is stored in, for messages. Raises PlanError
-    listing every problem, grouped by layer.
     """
     fam = _family(family) if family else detect_family(tensors, config, metadata)
     layout = layout_named(from_) if from_ else detect_layout(tensors, fam, metadata, label)
     parsed = layout.parse(dict(tensors), fam)
-    n_experts = n_experts or _expert_count(parsed, fam, config)
-    family = fam
-    problems = _problems(parsed, family, layout, n_experts, where)
+    return Analysis(label, fam, layout, parsed, n_experts or _expert_count(parsed, fam, config),
+                    tensors)
+
+
+def validate(analysis: Analysis, required: range | None = None,
+             where: Callable[[str], str | None] = lambda key: None) -> None:
+    """Raise one PlanError listing every problem of the experts, grouped by layer.
+
+    ``required`` limits the completeness checks to the experts the caller will read (an
+    expert-parallel rank needs only its own); ``where(key)`` names the file a key is
+    stored in, for messages.
+    """
+    n = analysis.n_experts
+    problems = _problems(analysis.parsed, analysis.family, analysis.layout, n, where,
+                         range(n) if required is None else required)
     if problems:
-        raise PlanError(f"{label} ({family.name}, layout {layout.name}) is not a valid "
-                        f"checkpoint:", problems)
-    passthrough = [k for k in tensors if k not in parsed.claimed]
-    return Analysis(family, layout, parsed.blocks, n_experts, passthrough, tensors, list(tensors))
+        raise PlanError(f"{analysis.label} ({analysis.family.name}, layout "
+                        f"{analysis.layout.name}) is not a valid checkpoint:", problems)
 
 
-def build_plan(analysis: Analysis, dst: Layout) -> Plan:
-    """The plan that writes ``analysis``'s checkpoint in layout ``dst``."""
+def analyse(tensors: Mapping[str, TensorMeta], config: dict | None,
+            metadata: Mapping[str, str], label: str, from_: str | None = None,
+            where: Callable[[str], str | None] = lambda key: None,
+            family: str | None = None, n_experts: int | None = None) -> Analysis:
+    """``understand`` then ``validate`` every expert."""
+    analysis = understand(tensors, config, metadata, label, from_, family, n_experts)
+    validate(analysis, where=where)
+    return analysis
+
+
+def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
+               offset: int = 0) -> Plan:
+    """The plan that writes ``analysis``'s checkpoint in layout ``dst``.
+
+    ``experts`` keeps only those experts of every MoE block, renumbered from ``offset``
+    (an expert-parallel rank loads ``experts=its range``, and saves its local experts
+    with ``offset=the range's start``).
+    """
     if not analysis.is_moe and dst.name != "hf":
         raise MoekitError(
             f"the source holds no expert tensors (a dense model, family "
             f"{analysis.family.name}): the {dst.name} layout applies only to MoE checkpoints; "
             "use `moekit upcycle` to turn a dense model into an MoE")
     src = analysis.layout
+    chosen = range(analysis.n_experts) if experts is None else experts
     by_layer: dict[int, list[TensorPlan]] = {
-        layer: dst.emit(block, analysis.n_experts, analysis.family)
+        layer: dst.emit(select_experts(block, chosen, offset), offset + len(chosen),
+                        analysis.family)
         for layer, block in sorted(analysis.blocks.items())}
+    expert_tensors = list(by_layer.values())
     layer_of_key = {key: layer for layer, block in analysis.blocks.items()
                     for key in _source_keys(block)}
     passthrough = set(analysis.passthrough)
     tensors: list[TensorPlan] = []
-    for key in analysis.order:
+    for key in analysis.tensors:
         if key in layer_of_key:
             tensors.extend(by_layer.pop(layer_of_key[key], []))
         elif key in passthrough:
@@ -82,8 +115,22 @@ def build_plan(analysis: Analysis, dst: Layout) -> Plan:
             name = dst.from_hf_key(src.to_hf_key(key, analysis.family), analysis.family)
             tensors.append(TensorPlan(name, Read(key, (), tuple(meta.shape), meta.dtype)))
     _check_unique(tensors)
+    expert_names = {t.name for emitted in expert_tensors for t in emitted}
     return Plan(analysis.family.name, src.name, dst.name, tensors,
-                {layer: analysis.n_experts for layer in sorted(analysis.blocks)})
+                {layer: len(chosen) for layer in sorted(analysis.blocks)}, expert_names)
+
+
+def select_experts(block: ExpertBlock, experts: range, offset: int = 0) -> ExpertBlock:
+    """The block with only ``experts``, renumbered so that ``experts[0]`` becomes ``offset``."""
+    def keep(item: tuple[tuple[str, int], object]) -> bool:
+        return item[0][1] in experts
+
+    def moved(key: tuple[str, int]) -> tuple[str, int]:
+        return key[0], key[1] - experts.start + offset
+
+    return ExpertBlock(block.layer, block.block,
+                       {moved(k): v for k, v in filter(keep, block.pieces.items())},
+                       {moved(k): v for k, v in filter(keep, block.names.items())})
 
 
 def _source_keys(block: ExpertBlock) -> set[str]:
@@ -115,17 +162,17 @@ def _expert_count(parsed: ParsedExperts, family: Family, config: dict | None) ->
 
 
 def _problems(parsed: ParsedExperts, family: Family, layout: Layout, n_experts: int,
-              where: Callable[[str], str | None]) -> list[str]:
+              where: Callable[[str], str | None], required: range) -> list[str]:
     by_layer: dict[int, list[str]] = defaultdict(list)
     for layer, problem in parsed.problems:
         by_layer[layer].append(problem)
     for layer, block in parsed.blocks.items():
-        by_layer[layer].extend(_block_problems(block, family, layout, n_experts, where))
+        by_layer[layer].extend(_block_problems(block, family, layout, n_experts, where, required))
     return [f"layer {layer}: {p}" for layer in sorted(by_layer) for p in by_layer[layer]]
 
 
 def _block_problems(block: ExpertBlock, family: Family, layout: Layout, n_experts: int,
-                    where: Callable[[str], str | None]) -> list[str]:
+                    where: Callable[[str], str | None], required: range) -> list[str]:
     def name(proj: str) -> str:
         return family.projections[proj] if layout.name == "hf" else proj
 
@@ -133,7 +180,7 @@ def _block_problems(block: ExpertBlock, family: Family, layout: Layout, n_expert
     stored = f" (layer stored in {', '.join(files)})" if files else ""
     problems = []
     missing: dict[tuple[str, ...], list[int]] = defaultdict(list)
-    for e in range(n_experts):
+    for e in required:
         lacking = tuple(name(p) for p in PROJECTIONS if (p, e) not in block.pieces)
         if lacking:
             missing[lacking].append(e)
@@ -144,13 +191,13 @@ def _block_problems(block: ExpertBlock, family: Family, layout: Layout, n_expert
     if extra:
         problems.append(f"{plural(len(extra), 'expert')} {compress_ranges(extra)} beyond the "
                         f"{n_experts} experts config.json declares ({family.expert_count_key})")
-    problems.extend(_shape_problems(block, name, where))
+    problems.extend(_shape_problems(block, name, where, required))
     return problems
 
 
 def _shape_problems(block: ExpertBlock, name: Callable[[str], str],
-                    where: Callable[[str], str | None]) -> list[str]:
-    """Experts whose shape or dtype differs from the other experts' (the majority)."""
+                    where: Callable[[str], str | None], required: range) -> list[str]:
+    """Required experts whose shape or dtype differs from the other experts' (the majority)."""
     problems = []
     expected: dict[str, tuple] = {}
     for proj in PROJECTIONS:
@@ -161,7 +208,7 @@ def _shape_problems(block: ExpertBlock, name: Callable[[str], str],
         expected[proj] = common
         odd = defaultdict(list)
         for e, got in found.items():
-            if got != common:
+            if got != common and e in required:
                 odd[got].append(e)
         for (shape, dtype), experts in odd.items():
             key = block.names[(proj, experts[0])].split("[", 1)[0]

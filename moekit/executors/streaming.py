@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from math import prod
 from pathlib import Path
 
@@ -11,7 +11,7 @@ from ..checkpoint import INDEX_NAME, SINGLE_NAME
 from ..plan import Plan, TensorPlan
 from ..progress import progress
 from ..safetensors_writer import ShardWriter
-from ..sources import FileSource
+from ..sources import FileSource, TensorSource
 from .evaluate import materialize
 
 def shard_tensors(tensors: list[TensorPlan], max_shard_bytes: int) -> list[list[TensorPlan]]:
@@ -43,20 +43,29 @@ def write_plan(plan: Plan, source: FileSource, folder: Path, max_shard_bytes: in
     weight_map: dict[str, str] = {}
     with progress(plan.total_bytes, f"{plan.src_layout} -> {plan.dst_layout}", show_progress) as bar:
         for name, shard in zip(names, shards):
-            entries = [(t.name, t.dtype, t.shape) for t in shard]
-            with ShardWriter(folder / name, entries, metadata) as writer:
-                for tensor in shard:
-                    writer.write(tensor.name, materialize(tensor.recipe, source))
-                    weight_map[tensor.name] = name
-                    bar.update(tensor.nbytes)
+            write_shard(folder / name, shard, source, metadata, bar.update)
+            weight_map.update({t.name: name for t in shard})
     if len(shards) > 1:
-        _write_index(folder, plan, weight_map)
+        write_index(folder, plan.tensors, weight_map)
 
 
-def _write_index(folder: Path, plan: Plan, weight_map: dict[str, str]) -> None:
+def write_shard(path: Path, tensors: list[TensorPlan], source: TensorSource,
+                metadata: Mapping[str, str], done: Callable[[int], object] = lambda n: None
+                ) -> None:
+    """Write one safetensors file holding ``tensors``, built one at a time from ``source``;
+    ``done(nbytes)`` is called after each tensor."""
+    entries = [(t.name, t.dtype, t.shape) for t in tensors]
+    with ShardWriter(path, entries, metadata) as writer:
+        for tensor in tensors:
+            writer.write(tensor.name, materialize(tensor.recipe, source))
+            done(tensor.nbytes)
+
+
+def write_index(folder: Path, tensors: list[TensorPlan], weight_map: dict[str, str]) -> None:
+    """Write ``model.safetensors.index.json`` for ``tensors`` stored as ``weight_map`` says."""
     index = {
-        "metadata": {"total_size": plan.total_bytes,
-                     "total_parameters": sum(prod(t.shape) for t in plan.tensors)},
+        "metadata": {"total_size": sum(t.nbytes for t in tensors),
+                     "total_parameters": sum(prod(t.shape) for t in tensors)},
         "weight_map": dict(sorted(weight_map.items())),
     }
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

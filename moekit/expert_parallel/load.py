@@ -1,0 +1,54 @@
+"""Loading on an expert-parallel rank: only this rank's experts are read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+
+from ..checkpoint import Checkpoint
+from ..errors import PlanError
+from ..executors.memory import run_plan
+from ..layouts import layout_named
+from ..planner import Analysis, build_plan, understand, validate
+from ..plan import Plan
+from ..sources import FileSource
+from .ranges import ep_coordinates, expert_range, shard_experts
+
+
+def load_experts(path: str | Path, device_mesh: DeviceMesh, layout: str = "nemo",
+                 device: torch.device | str | None = None, from_: str | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """This rank's state dict: grouped expert tensors of ``layout`` as DTensors
+    (``Shard(0)`` on the mesh's "ep" dimension, replicated on the others, global shape
+    exact also for uneven splits), every other tensor as a plain tensor.
+
+    The rank checks, before reading anything, that every expert of its range is present
+    and well-shaped (the error names the rank, layers, experts and projections), then
+    reads only its own experts' bytes plus the non-expert tensors. No collective is
+    called, so a rank that fails does not leave the others waiting.
+    """
+    checkpoint = Checkpoint.open(path)
+    analysis = understand(checkpoint.tensors, checkpoint.config, checkpoint.metadata,
+                          str(checkpoint.path), from_=from_)
+    plan = rank_plan(analysis, device_mesh, layout, checkpoint.file_of)
+    with FileSource(checkpoint) as source:
+        return run_plan(plan, source, device,
+                        lambda local: shard_experts(local, device_mesh, analysis.n_experts))
+
+
+def rank_plan(analysis: Analysis, mesh: DeviceMesh, layout: str, where=lambda key: None) -> Plan:
+    """Validate the experts this rank needs and plan its local tensors."""
+    size, rank = ep_coordinates(mesh)
+    mine = expert_range(analysis.n_experts, size, rank)
+    try:
+        validate(analysis, required=mine, where=where)
+    except PlanError as err:
+        raise PlanError(f"EP rank {rank} of {size} (experts {_span(mine)}): {err.headline}",
+                        err.problems) from None
+    return build_plan(analysis, layout_named(layout), experts=mine)
+
+
+def _span(experts: range) -> str:
+    return f"{experts.start}-{experts.stop - 1}" if experts else "none"

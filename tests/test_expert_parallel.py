@@ -1,0 +1,88 @@
+"""Expert parallelism on CPU with gloo: world sizes 1-4 over 10 experts, a 2x2 mesh."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from moekit import MoekitError, expert_range, samples
+
+from . import ep_workers
+from .conftest import load_all, same_bytes
+
+
+@pytest.fixture(scope="module")
+def qwen3_10(tmp_path_factory):
+    """A tiny Qwen3-MoE with 10 experts, in several shards."""
+    model = samples.build_model("qwen3_moe", num_experts=10)
+    return samples.save_model(model, tmp_path_factory.mktemp("ep") / "qwen3-10")
+
+
+def spawn(fn, world: int, tmp_path, *args) -> None:
+    mp.spawn(fn, args=(world, str(tmp_path / "store"), *args), nprocs=world, join=True)
+
+
+@pytest.mark.parametrize("n_experts,size", [(10, 1), (10, 3), (10, 4), (5, 4), (7, 7), (128, 6)])
+def test_expert_range_covers_every_expert_once_like_torch_chunk(n_experts, size):
+    ranges = [expert_range(n_experts, size, r) for r in range(size)]
+    assert [e for r in ranges for e in r] == list(range(n_experts))
+    chunks = torch.arange(n_experts).chunk(size)
+    assert [list(r) for r in ranges if r] == [c.tolist() for c in chunks]
+
+
+def test_expert_range_refuses_more_ranks_than_experts():
+    with pytest.raises(MoekitError):
+        expert_range(4, 5, 0)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_load_and_save_on_an_ep_group(world, qwen3_10, tmp_path):
+    out = tmp_path / "saved"
+    spawn(ep_workers.load_check_save, world, tmp_path, str(qwen3_10), str(out), (world,),
+          ("ep",), "nemo")
+    original, saved = load_all(qwen3_10), load_all(out)
+    assert original.keys() == saved.keys()
+    assert all(same_bytes(original[k], saved[k]) for k in original)
+    ids = samples.sample_input(96)
+    assert torch.equal(samples.logits(out, ids), samples.logits(qwen3_10, ids))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved", "store"]
+
+
+def test_dp_by_ep_mesh(qwen3_10, tmp_path):
+    out = tmp_path / "saved"
+    spawn(ep_workers.load_check_save, 4, tmp_path, str(qwen3_10), str(out), (2, 2),
+          ("dp", "ep"), "transformers")
+    original, saved = load_all(qwen3_10), load_all(out)
+    assert all(same_bytes(original[k], saved[k]) for k in original)
+
+
+@pytest.mark.parametrize("layout", ["hf", "vllm"])
+def test_a_rank_reads_only_its_own_experts(layout, qwen3_10, tmp_path):
+    src = qwen3_10
+    if layout != "hf":
+        from moekit import convert
+
+        src = tmp_path / layout
+        convert(qwen3_10, src, to=layout)
+    spawn(ep_workers.load_recording_reads, 3, tmp_path, str(src), str(tmp_path))
+    for rank in range(3):
+        asked = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert asked == list(expert_range(10, 3, rank))
+
+
+def test_a_missing_expert_fails_its_rank_clearly_and_no_other(qwen3_10, tmp_path):
+    import shutil
+
+    from .test_bad_input import edit_checkpoint
+
+    src = shutil.copytree(qwen3_10, tmp_path / "broken")
+    edit_checkpoint(src, lambda t: {k: v for k, v in t.items()
+                                    if "layers.2.mlp.experts.9.down_proj" not in k})
+    spawn(ep_workers.load_expecting_error, 4, tmp_path, str(src), str(tmp_path))
+    outcomes = [(tmp_path / f"{r}.txt").read_text() for r in range(4)]
+    assert outcomes[:3] == ["ok"] * 3
+    assert "EP rank 3 of 4 (experts 9-9)" in outcomes[3]
+    assert "layer 2: expert 9 lacks down_proj" in outcomes[3]
