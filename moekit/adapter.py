@@ -18,7 +18,7 @@ from .convert import convert_state_dict, state_dict_meta
 from .executors.memory import run_plan
 from .expert_parallel.load import rank_plan
 from .expert_parallel.local import local_hf_plan
-from .expert_parallel.ranges import shard_experts
+from .expert_parallel.ranges import ep_coordinates, shard_experts
 from .planner import analyse, understand
 from .sources import DictSource
 
@@ -51,7 +51,7 @@ class ExpertAdapter:
             return self._convert(state_dict, "hf", self.layout)
         analysis = understand(state_dict_meta(state_dict), self.config, {}, "state dict",
                               from_="hf", family=self.family, n_experts=self.n_experts)
-        plan = rank_plan(analysis, device_mesh, self.layout)
+        plan = rank_plan(analysis, *ep_coordinates(device_mesh), self.layout)
         return run_plan(plan, DictSource(state_dict), wrap_experts=lambda local: shard_experts(
             local, device_mesh, analysis.n_experts))
 

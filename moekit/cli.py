@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="moekit", description="Convert, shard and upcycle Mixture-of-Experts checkpoints.")
     parser.add_argument("--version", action="version", version=f"moekit {__version__}")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
-    for add in (_add_inspect, _add_convert, _add_verify, _add_demo):
+    for add in (_add_inspect, _add_convert, _add_verify, _add_plan, _add_demo):
         add(commands)
     return parser
 
@@ -115,6 +115,24 @@ def _run_verify(args: argparse.Namespace) -> int:
     report = verify(args.a, args.b)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.render())
     return 0 if report.equal else 1
+
+
+def _add_plan(commands) -> None:
+    sub = _command(commands, "plan", "Show what each expert-parallel rank owns, reads and holds, "
+                   "from headers or from a config.json alone.", _run_plan)
+    sub.add_argument("path", help="checkpoint folder, or a config.json (no weights needed)")
+    sub.add_argument("--ep", type=int, required=True, help="expert-parallel group size")
+    sub.add_argument("--layout", default="nemo", choices=[l for l in LAYOUTS if l != "hf"],
+                     help="grouped layout the ranks load (default nemo)")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from .expert_parallel.report import ep_report, render, to_json
+
+    loads = ep_report(args.path, args.ep, args.layout)
+    print(json.dumps(to_json(loads), indent=2) if args.json else render(loads))
+    return 0
 
 
 def _add_demo(commands) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,15 +33,15 @@ def load_experts(path: str | Path, device_mesh: DeviceMesh, layout: str = "nemo"
     checkpoint = Checkpoint.open(path)
     analysis = understand(checkpoint.tensors, checkpoint.config, checkpoint.metadata,
                           str(checkpoint.path), from_=from_)
-    plan = rank_plan(analysis, device_mesh, layout, checkpoint.file_of)
+    plan = rank_plan(analysis, *ep_coordinates(device_mesh), layout, checkpoint.file_of)
     with FileSource(checkpoint) as source:
         return run_plan(plan, source, device,
                         lambda local: shard_experts(local, device_mesh, analysis.n_experts))
 
 
-def rank_plan(analysis: Analysis, mesh: DeviceMesh, layout: str, where=lambda key: None) -> Plan:
-    """Validate the experts this rank needs and plan its local tensors."""
-    size, rank = ep_coordinates(mesh)
+def rank_plan(analysis: Analysis, size: int, rank: int, layout: str,
+              where: Callable[[str], str | None] = lambda key: None) -> Plan:
+    """Validate the experts EP rank ``rank`` of ``size`` needs and plan its local tensors."""
     mine = expert_range(analysis.n_experts, size, rank)
     try:
         validate(analysis, required=mine, where=where)

@@ -1,0 +1,93 @@
+"""What each EP rank will read and hold, computed from headers or from config.json alone."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..checkpoint import Checkpoint
+from ..convert import state_dict_meta
+from ..errors import MoekitError
+from ..planner import Analysis, understand
+from .load import rank_plan
+from .ranges import expert_range
+
+
+@dataclass
+class RankLoad:
+    """One EP rank's share of a checkpoint."""
+
+    rank: int
+    experts: list[int]
+    """First and last expert owned (empty when the rank owns none)."""
+    expert_bytes: int
+    other_bytes: int
+    peak_bytes: int
+    """Everything the rank holds after loading, plus the largest tensor it builds."""
+
+    @property
+    def read_bytes(self) -> int:
+        return self.expert_bytes + self.other_bytes
+
+
+def ep_report(path: str | Path, ep_size: int, layout: str = "nemo") -> list[RankLoad]:
+    """Per-rank experts, bytes read and peak memory for loading ``path`` on ``ep_size``
+    ranks. ``path`` is a checkpoint, or a config.json (or a folder holding only one):
+    then shapes come from the model transformers builds on the meta device, no weights."""
+    analysis = _analysis(Path(path))
+    out = []
+    for rank in range(ep_size):
+        plan = rank_plan(analysis, ep_size, rank, layout)
+        expert = sum(t.nbytes for t in plan.tensors if t.name in plan.expert_tensors)
+        other = sum(t.nbytes for t in plan.tensors if t.name not in plan.expert_tensors)
+        mine = expert_range(analysis.n_experts, ep_size, rank)
+        owned = [mine.start, mine.stop - 1] if mine else []
+        out.append(RankLoad(rank, owned, expert, other,
+                            expert + other + plan.largest_tensor_bytes))
+    return out
+
+
+def render(loads: list[RankLoad]) -> str:
+    """A table, one row per rank."""
+    rows = [f"{'rank':>5} {'experts':>10} {'expert GiB':>11} {'other GiB':>10} "
+            f"{'read GiB':>9} {'peak GiB':>9}"]
+    for r in loads:
+        owned = f"{r.experts[0]}-{r.experts[1]}" if r.experts else "none"
+        rows.append(f"{r.rank:>5} {owned:>10} {r.expert_bytes / 2**30:11.2f} "
+                    f"{r.other_bytes / 2**30:10.2f} {r.read_bytes / 2**30:9.2f} "
+                    f"{r.peak_bytes / 2**30:9.2f}")
+    return "\n".join(rows)
+
+
+def to_json(loads: list[RankLoad]) -> list[dict]:
+    return [{**asdict(r), "read_bytes": r.read_bytes} for r in loads]
+
+
+def _analysis(path: Path) -> Analysis:
+    config_file = path if path.is_file() and path.suffix == ".json" else path / "config.json"
+    has_weights = path.is_dir() and any(path.glob("*.safetensors"))
+    if has_weights or path.suffix == ".safetensors":
+        checkpoint = Checkpoint.open(path)
+        return understand(checkpoint.tensors, checkpoint.config, checkpoint.metadata,
+                          str(checkpoint.path))
+    if not config_file.is_file():
+        raise MoekitError(f"{path} is neither a checkpoint nor a config.json")
+    config = json.loads(config_file.read_text())
+    return understand(state_dict_meta(_meta_state_dict(config)), config, {}, str(config_file),
+                      from_="transformers")
+
+
+def _meta_state_dict(config: dict) -> dict:
+    """The state dict transformers builds for ``config``, on the meta device (no memory)."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError as err:
+        raise MoekitError("planning from a config.json alone needs transformers") from err
+    settings = {k: v for k, v in config.items() if k != "quantization_config"}
+    model_config = AutoConfig.for_model(**settings)
+    dtype = getattr(model_config, "dtype", None) or torch.bfloat16
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+    return model.state_dict()

@@ -1,0 +1,33 @@
+"""``moekit plan --ep N``: per-rank experts, bytes and peak memory from headers or config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moekit.cli import main
+
+DEEPSEEK_V3 = Path(__file__).parent / "data" / "deepseek_v3_671b_config.json"
+
+
+def test_deepseek_v3_671b_on_ep64_from_its_config_alone(capsys):
+    assert main(["plan", str(DEEPSEEK_V3), "--ep", "64", "--json"]) == 0
+    ranks = json.loads(capsys.readouterr().out)
+    assert len(ranks) == 64
+    per_expert = 3 * 7168 * 2048 * 2  # gate, up, down in bf16
+    moe_layers = 61 - 3
+    assert all(r["experts"] == [4 * r["rank"], 4 * r["rank"] + 3] for r in ranks)
+    assert all(r["expert_bytes"] == 4 * moe_layers * per_expert for r in ranks)
+    total_params = (sum(r["expert_bytes"] for r in ranks) + ranks[0]["other_bytes"]) / 2
+    assert abs(total_params / 671e9 - 1) < 0.01
+
+
+def test_plan_of_a_checkpoint_counts_the_experts_each_rank_reads(family_checkpoints, capsys):
+    assert main(["plan", str(family_checkpoints["qwen3_moe"]), "--ep", "4", "--json"]) == 0
+    ranks = json.loads(capsys.readouterr().out)
+    per_expert = 3 * 16 * 32 * 4  # I=16, H=32, fp32
+    assert [r["experts"] for r in ranks] == [[0, 1], [2, 3], [4, 5], []]
+    assert [r["expert_bytes"] for r in ranks] == [2 * 3 * per_expert] * 3 + [0]
+    assert len({r["other_bytes"] for r in ranks}) == 1
+    assert main(["plan", str(family_checkpoints["qwen3_moe"]), "--ep", "2"]) == 0
+    assert "0-2" in capsys.readouterr().out
