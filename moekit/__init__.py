@@ -13,13 +13,13 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "CheckpointInfo": "inspect", "inspect": "inspect",
+    "CheckpointInfo": "inspection", "inspect": "inspection",
     "ExpertAdapter": "adapter",
-    "convert": "convert", "convert_state_dict": "convert",
+    "convert": "conversion", "convert_state_dict": "conversion",
     "MoekitError": "errors", "PlanError": "errors",
     "expert_range": "expert_parallel", "load_experts": "expert_parallel",
     "save_experts": "expert_parallel",
-    "Report": "verify", "verify": "verify",
+    "Report": "verification", "verify": "verification",
 }
 
 __all__ = sorted(_EXPORTS)

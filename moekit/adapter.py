@@ -14,7 +14,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from .convert import convert_state_dict, state_dict_meta
+from .conversion import convert_state_dict, state_dict_meta
 from .executors.memory import run_plan
 from .expert_parallel.load import rank_plan
 from .expert_parallel.local import local_hf_plan

@@ -54,7 +54,7 @@ def _add_inspect(commands) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from .inspect import inspect
+    from .inspection import inspect
 
     info = inspect(args.path, args.from_)
     print(json.dumps(info.to_json(), indent=2) if args.json else info.render())
@@ -77,7 +77,7 @@ def _add_convert(commands) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from .conversion import convert
     from .plan import describe
 
     plan = convert(args.src, args.dst, args.to, from_=args.from_,
@@ -110,7 +110,7 @@ def _add_verify(commands) -> None:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from .verify import verify
+    from .verification import verify
 
     report = verify(args.a, args.b)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.render())

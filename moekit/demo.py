@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .convert import convert
+from .conversion import convert
 from .errors import MoekitError
-from .inspect import inspect
-from .verify import verify
+from .inspection import inspect
+from .verification import verify
 
 GROUPED_LAYOUTS = ("nemo", "transformers", "vllm")
 

@@ -8,7 +8,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from ..convert import state_dict_meta
+from ..conversion import state_dict_meta
 from ..errors import MoekitError
 from ..layouts import HF
 from ..plan import Plan

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..checkpoint import Checkpoint
-from ..convert import state_dict_meta
+from ..conversion import state_dict_meta
 from ..errors import MoekitError
 from ..planner import Analysis, understand
 from .load import rank_plan

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .convert import analyse_checkpoint
+from .conversion import analyse_checkpoint
 from .executors.evaluate import materialize
 from .layouts import HF
 from .planner import build_plan

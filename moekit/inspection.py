@@ -7,7 +7,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .convert import analyse_checkpoint
+from .conversion import analyse_checkpoint
 from .errors import compress_ranges
 from .plan import nbytes
 
