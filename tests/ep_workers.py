@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from moekit import MoekitError, convert_state_dict, expert_range, load_experts, save_experts
+from moekit import ExpertAdapter, MoekitError, convert_state_dict, expert_range, load_experts, save_experts
 from moekit.sources import FileSource
 
 from .conftest import load_all
@@ -40,7 +40,46 @@ def load_check_save(rank: int, world: int, store: str, src: str, out: str,
             assert torch.equal(value.full_tensor(), reference[key])
         else:
             assert torch.equal(value, reference[key])
+    _check_adapter(state, Path(src), mesh, layout, mine)
     save_experts(state, out, mesh, layout=layout, config_from=src)
+    dist.destroy_process_group()
+
+
+def _check_adapter(state: dict, src: Path, mesh, layout: str, mine: range) -> None:
+    """The in-memory adapter with a mesh gives what load_experts gives, and back."""
+    hf = load_all(src)
+    adapter = ExpertAdapter(layout, family="qwen3_moe", n_experts=10)
+    from_memory = adapter.from_hf(hf, device_mesh=mesh)
+    assert from_memory.keys() == state.keys()
+    for key, value in state.items():
+        other = from_memory[key]
+        assert type(other) is type(value)
+        if isinstance(value, DTensor):
+            assert other.placements == value.placements and other.shape == value.shape
+            assert torch.equal(other.to_local(), value.to_local())
+    back = adapter.to_hf(from_memory)
+    expert_keys = [k for k in back if ".experts." in k]
+    assert sorted({int(k.split(".experts.")[1].split(".")[0]) for k in expert_keys}) == list(mine)
+    assert all(torch.equal(back[k], hf[k]) for k in back)
+
+
+def save_failing_on_rank_1(rank: int, world: int, store: str, src: str, out: str) -> None:
+    """save_experts where rank 1's write fails: every rank must raise, nothing is left."""
+    import moekit.expert_parallel.save as save_module
+
+    _init(rank, world, store)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    state = load_experts(src, mesh)
+    if rank == 1:
+        def broken(*args, **kwargs):
+            raise OSError("disk full")
+
+        save_module.write_shard = broken
+    try:
+        save_experts(state, out, mesh, config_from=src)
+        raise AssertionError("save_experts should have failed")
+    except MoekitError as err:
+        assert "rank 1: disk full" in str(err)
     dist.destroy_process_group()
 
 

@@ -21,6 +21,11 @@ def qwen3_10(tmp_path_factory):
     return samples.save_model(model, tmp_path_factory.mktemp("ep") / "qwen3-10")
 
 
+def left_in(folder) -> list[str]:
+    """What a run left in ``folder``, besides the rendezvous file of torch.distributed."""
+    return sorted(p.name for p in folder.iterdir() if p.name != "store")
+
+
 def spawn(fn, world: int, tmp_path, *args) -> None:
     mp.spawn(fn, args=(world, str(tmp_path / "store"), *args), nprocs=world, join=True)
 
@@ -48,7 +53,7 @@ def test_load_and_save_on_an_ep_group(world, qwen3_10, tmp_path):
     assert all(same_bytes(original[k], saved[k]) for k in original)
     ids = samples.sample_input(96)
     assert torch.equal(samples.logits(out, ids), samples.logits(qwen3_10, ids))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved", "store"]
+    assert left_in(tmp_path) == ["saved"]
 
 
 def test_dp_by_ep_mesh(qwen3_10, tmp_path):
@@ -86,3 +91,9 @@ def test_a_missing_expert_fails_its_rank_clearly_and_no_other(qwen3_10, tmp_path
     assert outcomes[:3] == ["ok"] * 3
     assert "EP rank 3 of 4 (experts 9-9)" in outcomes[3]
     assert "layer 2: expert 9 lacks down_proj" in outcomes[3]
+
+
+def test_a_failed_save_leaves_nothing_on_any_rank(qwen3_10, tmp_path):
+    out = tmp_path / "saved"
+    spawn(ep_workers.save_failing_on_rank_1, 3, tmp_path, str(qwen3_10), str(out))
+    assert left_in(tmp_path) == []
