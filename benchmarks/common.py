@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -35,6 +36,29 @@ def qwen3_moe_tensors(layers: int, experts: int, hidden: int, inter: int, vocab:
                     (f"{p}.mlp.experts.{e}.up_proj.weight", (inter, hidden)),
                     (f"{p}.mlp.experts.{e}.down_proj.weight", (hidden, inter))]
     return out + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser, size_gib: float, experts: int) -> None:
+    """The options that shape the synthetic Qwen3-MoE checkpoint of a benchmark."""
+    parser.add_argument("--size-gib", type=float, default=size_gib)
+    parser.add_argument("--experts", type=int, default=experts)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--inter", type=int, default=256)
+
+
+def expert_bytes_per_layer(args: argparse.Namespace) -> int:
+    """Bytes of one layer's routed experts (gate, up, down in bf16)."""
+    return 2 * 3 * args.experts * args.hidden * args.inter
+
+
+def build_checkpoint(path: Path, args: argparse.Namespace) -> tuple[int, int]:
+    """Write the synthetic checkpoint ``args`` describe; return (bytes, layers)."""
+    layers = max(1, round(args.size_gib * 2**30 / expert_bytes_per_layer(args)))
+    config = {"model_type": "qwen3_moe", "num_experts": args.experts,
+              "hidden_size": args.hidden, "moe_intermediate_size": args.inter,
+              "num_hidden_layers": layers}
+    tensors = qwen3_moe_tensors(layers, args.experts, args.hidden, args.inter)
+    return write_synthetic(path, tensors, config), layers
 
 
 def write_synthetic(path: Path, tensors: list[tuple[str, tuple[int, ...]]], config: dict,

@@ -15,29 +15,22 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import drop_written, qwen3_moe_tensors, run_measured, write_synthetic
+from common import (add_shape_arguments, build_checkpoint, drop_written,
+                    expert_bytes_per_layer, run_measured)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-gib", type=float, default=2.0)
-    parser.add_argument("--experts", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--inter", type=int, default=256)
+    add_shape_arguments(parser, size_gib=2.0, experts=128)
     parser.add_argument("--to", default="nemo")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--workdir", help="where to build the checkpoint (default: a temp dir)")
     args = parser.parse_args()
 
-    layer_bytes = 2 * 3 * args.experts * args.hidden * args.inter
-    layers = max(1, round(args.size_gib * 2**30 / layer_bytes))
+    layer_bytes = expert_bytes_per_layer(args)
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="moekit-bench-") as tmp:
         src, dst = Path(tmp) / "src", Path(tmp) / "dst"
-        config = {"model_type": "qwen3_moe", "num_experts": args.experts,
-                  "hidden_size": args.hidden, "moe_intermediate_size": args.inter,
-                  "num_hidden_layers": layers}
-        size = write_synthetic(src, qwen3_moe_tensors(layers, args.experts, args.hidden,
-                                                      args.inter), config)
+        size, layers = build_checkpoint(src, args)
         print(f"checkpoint: {size / 2**30:.2f} GiB, {layers} layers x {args.experts} experts "
               f"(H={args.hidden}, I={args.inter}), bf16, "
               f"{len(list(src.glob('*.safetensors')))} shards")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from common import qwen3_moe_tensors, write_synthetic
+from common import add_shape_arguments, build_checkpoint
 from torch.distributed.device_mesh import init_device_mesh
 
 
@@ -51,19 +51,12 @@ def worker(rank: int, world: int, store: str, src: str, results: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-gib", type=float, default=1.0)
-    parser.add_argument("--experts", type=int, default=64)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--inter", type=int, default=256)
+    add_shape_arguments(parser, size_gib=1.0, experts=64)
     parser.add_argument("--ep", default="1,2,4")
     args = parser.parse_args()
-    layer_bytes = 2 * 3 * args.experts * args.hidden * args.inter
-    layers = max(1, round(args.size_gib * 2**30 / layer_bytes))
     with tempfile.TemporaryDirectory(prefix="moekit-ep-bench-") as tmp:
         src = Path(tmp) / "src"
-        size = write_synthetic(src, qwen3_moe_tensors(layers, args.experts, args.hidden,
-                                                      args.inter),
-                               {"model_type": "qwen3_moe", "num_experts": args.experts})
+        size, layers = build_checkpoint(src, args)
         print(f"checkpoint: {size / 2**30:.2f} GiB, {layers} layers x {args.experts} experts, bf16")
         print(f"{'EP':>3} {'rank':>5} {'expert MiB':>11} {'1/EP share':>11} {'other MiB':>10} "
               f"{'peak RSS MiB':>13} {'load s':>7}")

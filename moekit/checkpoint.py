@@ -56,7 +56,7 @@ class Checkpoint:
             if i == 0:
                 metadata = file_meta
         _check_index(folder, path, tensors)
-        return cls(path=folder, tensors=tensors, config=_read_config(folder), metadata=metadata)
+        return cls(path=folder, tensors=tensors, config=read_config(folder), metadata=metadata)
 
     @property
     def files(self) -> list[str]:
@@ -152,8 +152,9 @@ def _check_index(folder: Path, path: Path, tensors: dict[str, TensorInfo]) -> No
                           f"e.g. {unlisted[0]} in {tensors[unlisted[0]].file}")
 
 
-def _read_config(folder: Path) -> dict | None:
-    config = folder / "config.json"
+def read_config(folder: Path, name: str = "config.json") -> dict | None:
+    """The ``config.json`` (or ``name``) of a checkpoint folder, or None when absent."""
+    config = folder / name
     if not config.exists():
         return None
     try:

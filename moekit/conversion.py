@@ -11,7 +11,7 @@ import torch
 
 from .checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint
 from .dtypes import to_safetensors
-from .executors.evaluate import materialize
+from .executors.memory import run_plan
 from .executors.streaming import write_plan
 from .layouts import layout_named
 from .output import atomic_output, check_destination
@@ -79,5 +79,4 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], src_layout: str |
                        family=family, n_experts=n_experts)
     plan = build_plan(analysis, layout_named(dst_layout))
     device = next((t.device for t in state_dict.values()), None)
-    return {t.name: state_dict[t.recipe.key] if t.is_copy else
-            materialize(t.recipe, DictSource(state_dict), device) for t in plan.tensors}
+    return run_plan(plan, DictSource(state_dict), device)

@@ -23,8 +23,7 @@ def detect_family(tensors: Mapping[str, TensorMeta], config: dict | None,
     if known:
         return known
     for family in GENERIC_FAMILIES:
-        if any(layout.expert_region(family).match(k) for layout in LAYOUTS.values()
-               for k in tensors):
+        if _in_experts(tensors, family):
             return family
     return GENERIC_FAMILIES[0]
 
@@ -40,13 +39,18 @@ def detect_layout(tensors: Mapping[str, TensorMeta], family: Family,
     best = max(scores, key=lambda name: scores[name])
     if scores[best] > 0:
         return LAYOUTS[best]
-    in_experts = [k for k in tensors
-                  if any(layout.expert_region(family).match(k) for layout in LAYOUTS.values())]
+    in_experts = _in_experts(tensors, family)
     if in_experts:
         raise MoekitError(
             f"cannot detect the expert layout of {label}: tensors such as {in_experts[0]} belong "
             f"to no known layout ({', '.join(LAYOUTS)}); name it with --from")
     return HF
+
+
+def _in_experts(tensors: Mapping[str, TensorMeta], family: Family) -> list[str]:
+    """Keys inside an experts module of ``family`` in any layout's naming."""
+    regions = [layout.expert_region(family) for layout in LAYOUTS.values()]
+    return [k for k in tensors if any(region.match(k) for region in regions)]
 
 
 def _recognised(layout: Layout, tensors: Mapping[str, TensorMeta], family: Family) -> int:

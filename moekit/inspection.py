@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .checkpoint import TensorInfo
 from .conversion import analyse_checkpoint
 from .errors import compress_ranges
 from .plan import nbytes
+from .planner import Analysis
+from .sizes import format_size
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -43,8 +47,8 @@ class CheckpointInfo:
             f"{self.path}",
             f"  family            {self.family} (model_type {self.model_type})",
             f"  layout            {self.layout}",
-            f"  tensors           {self.n_tensors}, {_size(self.total_bytes)}",
-            f"  dtypes            " + ", ".join(f"{d} {_size(b)}" for d, b in self.dtypes.items()),
+            f"  tensors           {self.n_tensors}, {format_size(self.total_bytes)}",
+            f"  dtypes            " + ", ".join(f"{d} {format_size(b)}" for d, b in self.dtypes.items()),
         ]
         if self.moe_layers:
             lines += [
@@ -57,8 +61,8 @@ class CheckpointInfo:
         lines.append(f"  dense layers      {compress_ranges(self.dense_layers) or 'none'}")
         if self.layer_bytes:
             per_layer = sorted(set(self.layer_bytes.values()))
-            shown = (_size(per_layer[0]) if len(per_layer) == 1 else
-                     f"{_size(per_layer[0])} to {_size(per_layer[-1])}")
+            shown = (format_size(per_layer[0]) if len(per_layer) == 1 else
+                     f"{format_size(per_layer[0])} to {format_size(per_layer[-1])}")
             lines.append(f"  bytes per layer   {shown}")
         return "\n".join(lines)
 
@@ -90,7 +94,8 @@ def inspect(path: str | Path, from_: str | None = None) -> CheckpointInfo:
         n_tensors=len(checkpoint.tensors))
 
 
-def _shared_size(tensors: dict, analysis) -> int | None:
+def _shared_size(tensors: Mapping[str, TensorInfo], analysis: Analysis) -> int | None:
+    """Intermediate size of the shared expert of the first MoE layer, if the family has one."""
     name = analysis.family.shared_expert
     if not name or not analysis.blocks:
         return None
@@ -98,9 +103,3 @@ def _shared_size(tensors: dict, analysis) -> int | None:
     info = tensors.get(f"{block}.{name}.{analysis.family.projections['up']}.weight")
     return info.shape[0] if info else None
 
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from .dtypes import itemsize
+from .sizes import format_size
 
 Index = Union[int, slice]
 
@@ -190,10 +191,8 @@ class Plan:
             f"family {self.family}: {self.src_layout} -> {self.dst_layout}",
             f"{len(self.moe_layers)} MoE layers, {len(self.tensors)} tensors "
             f"({len(built)} built from expert tensors, {len(self.tensors) - len(built)} copied)",
-            f"{_gib(self.total_bytes)} in total, largest tensor {_gib(self.largest_tensor_bytes)}",
+            f"{format_size(self.total_bytes)} in total, largest tensor "
+            f"{format_size(self.largest_tensor_bytes)}",
         ]
         return "\n".join(lines)
 
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.3f} GiB" if n >= 2**24 else f"{n / 2**10:.1f} KiB"

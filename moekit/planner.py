@@ -34,11 +34,6 @@ class Analysis:
         return self.parsed.blocks
 
     @property
-    def passthrough(self) -> list[str]:
-        """Source keys that are not routed-expert weights, in source order."""
-        return [k for k in self.tensors if k not in self.parsed.claimed]
-
-    @property
     def is_moe(self) -> bool:
         return bool(self.blocks)
 
@@ -102,20 +97,18 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
         layer: dst.emit(select_experts(block, chosen, offset), offset + len(chosen),
                         analysis.family)
         for layer, block in sorted(analysis.blocks.items())}
-    expert_tensors = list(by_layer.values())
+    expert_names = {t.name for emitted in by_layer.values() for t in emitted}
     layer_of_key = {key: layer for layer, block in analysis.blocks.items()
                     for key in _source_keys(block)}
-    passthrough = set(analysis.passthrough)
     tensors: list[TensorPlan] = []
     for key in analysis.tensors:
         if key in layer_of_key:
             tensors.extend(by_layer.pop(layer_of_key[key], []))
-        elif key in passthrough:
+        elif key not in analysis.parsed.claimed:
             meta = analysis.tensors[key]
             name = dst.from_hf_key(src.to_hf_key(key, analysis.family), analysis.family)
             tensors.append(TensorPlan(name, Read(key, (), tuple(meta.shape), meta.dtype)))
     _check_unique(tensors)
-    expert_names = {t.name for emitted in expert_tensors for t in emitted}
     return Plan(analysis.family.name, src.name, dst.name, tensors,
                 {layer: len(chosen) for layer in sorted(analysis.blocks)}, expert_names)
 

@@ -1,4 +1,4 @@
-"""Parsing human sizes such as ``5GB`` (decimal, as transformers does) or ``512MiB``."""
+"""Human sizes: parsing ``5GB`` (decimal, as transformers does) or ``512MiB``, and printing."""
 
 from __future__ import annotations
 
@@ -8,6 +8,14 @@ from .errors import MoekitError
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def format_size(n: int) -> str:
+    """``1536 -> "1.50 KiB"``: bytes in the largest binary unit that keeps a number >= 1."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
 
 
 def parse_size(size: int | str) -> int:

@@ -17,9 +17,11 @@ from ..sources import TensorSource
 
 def materialize(expr: Expr, source: TensorSource, device: torch.device | str | None = None
                 ) -> torch.Tensor:
-    """The tensor a recipe describes. A whole-tensor read is returned as the source gives it."""
-    if isinstance(expr, Read) and expr.is_whole and device is None:
-        return source.read(expr)
+    """The tensor a recipe describes. A whole-tensor read is returned as the source gives it
+    (moved to ``device`` if it lies elsewhere)."""
+    if isinstance(expr, Read) and expr.is_whole:
+        tensor = source.read(expr)
+        return tensor if device is None else tensor.to(device)
     out = torch.empty(expr.shape, dtype=to_torch(expr.dtype), device=device)
     fill(expr, out, source)
     return out

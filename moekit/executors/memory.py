@@ -16,7 +16,7 @@ def run_plan(plan: Plan, source: TensorSource, device: torch.device | str | None
              ) -> dict[str, torch.Tensor]:
     """Every tensor of ``plan``; ``wrap_experts`` is applied to the routed-expert ones
     (e.g. to make them DTensors). Unchanged tensors are returned as the source gives them
-    when no device is asked for."""
+    when they already lie on ``device``."""
     out: dict[str, torch.Tensor] = {}
     for tensor in plan.tensors:
         value = materialize(tensor.recipe, source, device)

@@ -42,9 +42,9 @@ def _local_tensors(state_dict: Mapping[str, torch.Tensor], mesh: DeviceMesh
     local: dict[str, torch.Tensor] = {}
     counts = set()
     for key, value in state_dict.items():
-        if is_expert_shard(value, mesh):
-            counts.add((value.shape[0], value.to_local().shape[0]))
         local[key] = value.to_local() if isinstance(value, DTensor) else value
+        if is_expert_shard(value, mesh):
+            counts.add((value.shape[0], local[key].shape[0]))
     if len(counts) != 1:
         raise MoekitError("expected grouped expert DTensors sharded Shard(0) over the EP mesh "
                           f"dimension, all with one expert count; found {sorted(counts) or 'none'}")

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, read_config
 from ..conversion import state_dict_meta
 from ..errors import MoekitError
 from ..planner import Analysis, understand
@@ -65,17 +64,18 @@ def to_json(loads: list[RankLoad]) -> list[dict]:
 
 
 def _analysis(path: Path) -> Analysis:
-    config_file = path if path.is_file() and path.suffix == ".json" else path / "config.json"
-    has_weights = path.is_dir() and any(path.glob("*.safetensors"))
-    if has_weights or path.suffix == ".safetensors":
+    """Headers of a checkpoint, or the meta-device model of a bare config.json."""
+    config_only = path.suffix == ".json" or (path.is_dir() and not any(path.glob("*.safetensors")))
+    if not config_only:
         checkpoint = Checkpoint.open(path)
         return understand(checkpoint.tensors, checkpoint.config, checkpoint.metadata,
                           str(checkpoint.path))
-    if not config_file.is_file():
+    folder, name = (path.parent, path.name) if path.suffix == ".json" else (path, "config.json")
+    config = read_config(folder, name)
+    if config is None:
         raise MoekitError(f"{path} is neither a checkpoint nor a config.json")
-    config = json.loads(config_file.read_text())
-    return understand(state_dict_meta(_meta_state_dict(config)), config, {}, str(config_file),
-                      from_="transformers")
+    return understand(state_dict_meta(_meta_state_dict(config)), config, {},
+                      str(folder / name), from_="transformers")
 
 
 def _meta_state_dict(config: dict) -> dict:

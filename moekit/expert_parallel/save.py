@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint
+from ..checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint, read_config
 from ..errors import MoekitError
 from ..executors.streaming import write_index, write_shard
 from ..output import check_destination, replace_folder, temporary_folder
@@ -38,7 +38,7 @@ def save_experts(state_dict: Mapping[str, torch.Tensor], path: str | Path,
     ...) are copied beside the weights; its config also names the model family.
     """
     size, rank = ep_coordinates(device_mesh)
-    config = Checkpoint.open(config_from).config if config_from else None
+    config = read_config(Path(config_from)) if config_from else None
     local, n_experts, plan = local_hf_plan(state_dict, device_mesh, layout, family, config)
     writes = [t for t in plan.tensors if rank == 0 or t.name in plan.expert_tensors]
     writer = all(device_mesh.get_local_rank(d) == 0 for d in range(device_mesh.ndim)
@@ -53,7 +53,7 @@ def _coordinated_write(path: Path, overwrite: bool, writes_file: bool, rank: int
                        tensors: list[TensorPlan], source: DictSource,
                        metadata: dict[str, str], config_from: str | Path | None) -> None:
     """Rank 0 makes the temporary folder; writers fill it; rank 0 puts it in place."""
-    folder = _agree_on_folder(path, overwrite, rank)
+    folder = _agree_on_folder(path, overwrite)
     name = f"model-{rank + 1:05d}-of-{files:05d}.safetensors"
     error = None
     try:
@@ -75,7 +75,8 @@ def _coordinated_write(path: Path, overwrite: bool, writes_file: bool, rank: int
         raise MoekitError("save_experts failed, nothing was written: " + "; ".join(errors))
 
 
-def _agree_on_folder(path: Path, overwrite: bool, rank: int) -> Path:
+def _agree_on_folder(path: Path, overwrite: bool) -> Path:
+    """Rank 0 checks the destination and makes the temporary folder; all ranks learn it."""
     message: list = [None]
     if dist.get_rank() == 0:
         try:
