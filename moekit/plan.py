@@ -2,7 +2,8 @@
 
 A plan is built from safetensors headers alone. Each destination tensor has a recipe, a
 small expression tree whose leaves are reads of source tensor regions and whose inner
-nodes are exact data movements (stack, concatenate, interleave, transpose). Shapes and
+nodes are exact data movements (stack, concatenate, interleave, transpose) or, for
+upcycling, the few value changes it needs (scale, seeded random draws). Shapes and
 dtypes are known for every node, so a whole plan can be validated and shown before any
 tensor byte is read. Executors (``moekit.executors``) turn recipes into tensors.
 """
@@ -90,14 +91,77 @@ class Concat:
         return self.parts[0].dtype
 
 
-Expr = Union[Read, Transpose, Stack, Concat]
+@dataclass(frozen=True)
+class Scale:
+    """Multiply a part by a constant (computed in float32, rounded once to the dtype)."""
+
+    part: "Expr"
+    factor: float
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.part.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.part.dtype
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A tensor filled with one value (e.g. a zero router)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    value: float = 0.0
+
+
+@dataclass(frozen=True)
+class Random:
+    """Draws from N(0, std²), reproducible from ``seed`` alone (a fresh generator each
+    time, so the same node always gives the same tensor)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    std: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class Redraw:
+    """Drop-Upcycling: a part whose slices ``ratio`` of the way along ``dim`` (a random
+    subset chosen by ``select_seed``) are redrawn from N(mean, std²) of the tensor
+    ``stats`` reads, with noise from ``noise_seed``. Projections that share a
+    ``select_seed`` redraw the same neurons."""
+
+    part: "Expr"
+    dim: int
+    ratio: float
+    select_seed: int
+    noise_seed: int
+    stats: Read
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.part.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.part.dtype
+
+
+Expr = Union[Read, Transpose, Stack, Concat, Scale, Constant, Random, Redraw]
 
 
 def reads(expr: Expr) -> list[Read]:
     """Every source read a recipe makes, in evaluation order."""
     if isinstance(expr, Read):
         return [expr]
-    if isinstance(expr, Transpose):
+    if isinstance(expr, (Constant, Random)):
+        return []
+    if isinstance(expr, Redraw):
+        return [*reads(expr.part), expr.stats]
+    if isinstance(expr, (Transpose, Scale)):
         return reads(expr.part)
     return [r for part in expr.parts for r in reads(part)]
 
@@ -113,6 +177,15 @@ def describe(expr: Expr) -> str:
         return expr.key if expr.is_whole else f"{expr.key}[{_region(expr.region)}]"
     if isinstance(expr, Transpose):
         return f"T({describe(expr.part)})"
+    if isinstance(expr, Scale):
+        return f"{expr.factor:g}*{describe(expr.part)}"
+    if isinstance(expr, Constant):
+        return f"full({list(expr.shape)}, {expr.value:g})"
+    if isinstance(expr, Random):
+        return f"normal({list(expr.shape)}, std={expr.std:g}, seed={expr.seed})"
+    if isinstance(expr, Redraw):
+        return (f"redraw({describe(expr.part)}, {expr.ratio:.0%} of dim {expr.dim}, "
+                f"seed={expr.select_seed})")
     inner = _summarise_parts([describe(p) for p in expr.parts])
     if isinstance(expr, Stack):
         return f"stack({inner})"

@@ -4,14 +4,20 @@ Recipes are evaluated into a preallocated destination ("destination passing"): a
 fills ``out[i]``, a Concat fills narrowed views, a Transpose fills the transposed view, and
 each Read is copied straight into its place. Peak memory is the destination tensor plus
 one source region, whatever the number of experts.
+
+Random draws are made on the CPU from generators seeded by the recipe, so a plan gives
+the same tensors on every run, device and expert-parallel rank.
 """
 
 from __future__ import annotations
 
+from weakref import WeakKeyDictionary
+
 import torch
 
 from ..dtypes import to_torch
-from ..plan import Concat, Expr, Read, Stack, Transpose
+
+from ..plan import Concat, Constant, Expr, Random, Read, Redraw, Scale, Stack, Transpose
 from ..sources import TensorSource
 
 
@@ -38,6 +44,15 @@ def fill(expr: Expr, out: torch.Tensor, source: TensorSource) -> None:
             fill(part, out[i], source)
     elif isinstance(expr, Concat):
         _fill_concat(expr, out, source)
+    elif isinstance(expr, Scale):
+        fill(expr.part, out, source)
+        out.mul_(expr.factor)
+    elif isinstance(expr, Constant):
+        out.fill_(expr.value)
+    elif isinstance(expr, Random):
+        out.copy_(normal(expr.shape, expr.seed) * expr.std)
+    elif isinstance(expr, Redraw):
+        _fill_redraw(expr, out, source)
     else:
         raise TypeError(f"not a recipe node: {expr!r}")
 
@@ -54,3 +69,38 @@ def _fill_concat(expr: Concat, out: torch.Tensor, source: TensorSource) -> None:
             size = part.shape[dim]
             fill(part, out.narrow(dim, offset, size), source)
             offset += size
+
+
+def normal(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Standard normal float32 draws on the CPU, determined by ``seed`` alone."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def redrawn_indices(size: int, ratio: float, seed: int) -> torch.Tensor:
+    """The sorted indices, ``round(ratio * size)`` of ``range(size)``, that ``seed`` picks."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(size, generator=generator)[:round(ratio * size)].sort().values
+
+
+def _fill_redraw(expr: Redraw, out: torch.Tensor, source: TensorSource) -> None:
+    fill(expr.part, out, source)
+    dim = expr.dim % out.dim()
+    index = redrawn_indices(expr.shape[dim], expr.ratio, expr.select_seed)
+    mean, std = _statistics(source, expr.stats)
+    shape = list(expr.shape)
+    shape[dim] = len(index)
+    noise = normal(tuple(shape), expr.noise_seed) * std + mean
+    out.index_copy_(dim, index.to(out.device), noise.to(out.device, out.dtype))
+
+
+_STATISTICS: WeakKeyDictionary = WeakKeyDictionary()
+
+
+def _statistics(source: TensorSource, stats: Read) -> tuple[float, float]:
+    """Mean and standard deviation of a source region, in float32 (cached per source:
+    every expert of a layer redraws from the same dense weight's statistics)."""
+    known = _STATISTICS.setdefault(source, {})
+    if stats not in known:
+        std, mean = torch.std_mean(source.read(stats).float())
+        known[stats] = (mean.item(), std.item())
+    return known[stats]

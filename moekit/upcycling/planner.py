@@ -1,0 +1,190 @@
+"""Upcycling plans: dense HF headers + an UpcycleSpec -> the MoE checkpoint's tensors.
+
+Like conversion plans, built from headers alone and validated whole (every layer's MLP
+present, shapes consistent, the intermediate size divisible by G) before anything is
+written. Non-MLP tensors are copied unchanged under their own names.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import MoekitError, PlanError, compress_ranges, plural
+from ..layouts.base import TensorMeta
+from ..plan import Expr, Plan, Read, TensorPlan
+from . import recipes
+from .recipes import DenseMLP
+from .spec import UpcycleSpec
+from .targets import DENSE_PROJECTIONS, Target, moe_config, resolve_target
+
+_MLP_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.(.+)$")
+_ATTENTION_BIAS = re.compile(r"\.self_attn\.\w+\.bias$")
+
+
+@dataclass
+class UpcyclePlan:
+    """What ``upcycle`` writes: the tensors, the target's config.json and the spec used."""
+
+    plan: Plan
+    config: dict[str, Any]
+    spec: UpcycleSpec
+    target: Target
+
+    def summary(self) -> str:
+        """A short human summary (what ``--dry-run`` prints)."""
+        preserved, why = self.spec.preserves_function()
+        spec = self.spec
+        lines = [
+            f"upcycle: dense -> {self.target.family}, {spec.experts} experts, top-{spec.top_k}, "
+            f"method {spec.method}"
+            + (f" (G={spec.granularity}, {spec.groups} virtual groups)" if spec.granularity > 1
+               else "")
+            + (f" (drop ratio {spec.drop_ratio:g})" if spec.method == "drop" else "")
+            + (", shared expert" if spec.shared_expert else ""),
+            f"router {spec.router_init}, scaling {spec.scaling}, seed {spec.seed}",
+            f"dense function preserved: {'yes' if preserved else 'no'} ({why})",
+            self.plan.summary().split("\n", 1)[1],
+        ]
+        return "\n".join(lines)
+
+
+def build_upcycle_plan(tensors: Mapping[str, TensorMeta], config: dict | None,
+                       spec: UpcycleSpec, label: str,
+                       where: Callable[[str], str | None] = lambda key: None) -> UpcyclePlan:
+    """Validate a dense model's headers against ``spec`` and plan its MoE checkpoint."""
+    config = dict(config or {})
+    model_type = config.get("model_type") or _guess_model_type(tensors)
+    spec, target = resolve_target(spec, model_type)
+    mlps = dense_mlps(tensors, spec, label, where)
+    first = next(iter(mlps.values()))
+    attention_bias = any(_ATTENTION_BIAS.search(k) for k in tensors)
+    if attention_bias and target.attention_bias_key is None:
+        example = next(k for k in tensors if _ATTENTION_BIAS.search(k))
+        raise MoekitError(f"{label} has attention biases ({example}) but {target.family} "
+                          "attention has none; choose another --target")
+    std = spec.router_std or float(config.get("initializer_range", 0.02))
+    planned: list[TensorPlan] = []
+    experts: set[str] = set()
+    emitted: set[int] = set()
+    for key, meta in tensors.items():
+        layer = _mlp_layer(key)
+        if layer is None:
+            planned.append(TensorPlan(key, Read(key, (), tuple(meta.shape), meta.dtype)))
+        elif layer not in emitted:
+            emitted.add(layer)
+            block = _moe_block(mlps[layer], spec, target, layer, std)
+            planned.extend(block)
+            experts.update(t.name for t in block if ".experts." in t.name)
+    plan = Plan(family=target.family, src_layout="dense", dst_layout="hf", tensors=planned,
+                moe_layers={layer: spec.experts for layer in mlps}, expert_tensors=experts)
+    return UpcyclePlan(plan, moe_config(config, spec, target, first.intermediate, attention_bias),
+                       spec, target)
+
+
+def dense_mlps(tensors: Mapping[str, TensorMeta], spec: UpcycleSpec, label: str,
+               where: Callable[[str], str | None] = lambda key: None) -> dict[int, DenseMLP]:
+    """Every layer's dense MLP; one PlanError lists all that is missing or misshapen."""
+    by_layer: dict[int, dict[str, str]] = {}
+    for key in tensors:
+        match = _MLP_KEY.match(key)
+        if match:
+            by_layer.setdefault(int(match[1]), {})[match[2]] = key
+    if not by_layer:
+        experts = next((k for k in tensors if ".experts." in k), None)
+        why = (f"it already has experts ({experts})" if experts else
+               "no model.layers.N.mlp.* tensors were found")
+        raise MoekitError(f"{label} is not a dense model moekit can upcycle: {why}")
+    problems: list[str] = []
+    mlps: dict[int, DenseMLP] = {}
+    for layer, found in sorted(by_layer.items()):
+        mlp = _layer_mlp(layer, found, tensors, spec, problems, where)
+        if mlp is not None:
+            mlps[layer] = mlp
+    _check_agreement(mlps, problems)
+    if problems:
+        raise PlanError(f"cannot upcycle {label}: {len(problems)} "
+                        f"{plural(len(problems), 'problem')}", problems)
+    return mlps
+
+
+def _layer_mlp(layer: int, found: dict[str, str], tensors: Mapping[str, TensorMeta],
+               spec: UpcycleSpec, problems: list[str], where: Callable[[str], str | None]
+               ) -> DenseMLP | None:
+    names = {f"{DENSE_PROJECTIONS[p]}.weight": p for p in ("gate", "up", "down")}
+    extra = sorted(set(found) - set(names))
+    if extra:
+        problems.append(f"layer {layer}: the MLP has {', '.join(extra)}, which the MoE experts "
+                        "cannot hold (biases or unknown parts)")
+    missing = [n for n in names if n not in found]
+    if missing:
+        problems.append(f"layer {layer}: the MLP lacks {', '.join(missing)}")
+        return None
+    reads = {p: _read(found[n], tensors) for n, p in names.items()}
+    gate, up, down = reads["gate"], reads["up"], reads["down"]
+    if (len(gate.shape) != 2 or up.shape != gate.shape or down.shape != gate.shape[::-1]
+            or len({gate.dtype, up.dtype, down.dtype}) > 1):
+        file = where(found["gate_proj.weight"])
+        problems.append(f"layer {layer}: MLP shapes gate {list(gate.shape)}, up {list(up.shape)}, "
+                        f"down {list(down.shape)} ({gate.dtype}/{up.dtype}/{down.dtype}) are not "
+                        f"a gated MLP [I, H], [I, H], [H, I] of one dtype"
+                        + (f" (in {file})" if file else ""))
+        return None
+    if gate.shape[0] % spec.granularity:
+        problems.append(f"layer {layer}: intermediate size {gate.shape[0]} is not divisible by "
+                        f"the granularity {spec.granularity}")
+        return None
+    return DenseMLP(gate, up, down)
+
+
+def _check_agreement(mlps: dict[int, DenseMLP], problems: list[str]) -> None:
+    shapes: dict[tuple, list[int]] = {}
+    for layer, mlp in mlps.items():
+        shapes.setdefault((mlp.gate.shape, mlp.dtype), []).append(layer)
+    if len(shapes) > 1:
+        listed = "; ".join(f"layers {compress_ranges(layers)}: gate {list(shape)} {dtype}"
+                           for (shape, dtype), layers in shapes.items())
+        problems.append(f"the layers' MLPs differ in shape or dtype ({listed})")
+
+
+def _read(key: str, tensors: Mapping[str, TensorMeta]) -> Read:
+    meta = tensors[key]
+    return Read(key, (), tuple(meta.shape), meta.dtype)
+
+
+def _mlp_layer(key: str) -> int | None:
+    match = _MLP_KEY.match(key)
+    return int(match[1]) if match else None
+
+
+def _moe_block(mlp: DenseMLP, spec: UpcycleSpec, target: Target, layer: int, std: float
+               ) -> list[TensorPlan]:
+    family = target.moe_family
+    block = family.block.format(layer=layer)
+    out = [TensorPlan(f"{block}.{family.router}",
+                      recipes.router(spec, layer, mlp.hidden, mlp.dtype, std))]
+    for expert in range(spec.experts):
+        for name, recipe in recipes.expert_projections(mlp, spec, layer, expert).items():
+            out.append(TensorPlan(family.expert_key(layer, expert, name), recipe))
+    if spec.shared_expert and target.shared is not None:
+        shared = target.shared
+        parts: dict[str, Expr] = recipes.shared_expert(mlp, gated=shared.gate is not None)
+        for name, recipe in parts.items():
+            out.append(TensorPlan(f"{block}.{shared.module}.{DENSE_PROJECTIONS[name]}.weight",
+                                  recipe))
+        if shared.gate is not None:
+            out.append(TensorPlan(f"{block}.{shared.gate}", recipes.shared_expert_gate(mlp)))
+    return out
+
+
+def _guess_model_type(tensors: Mapping[str, TensorMeta]) -> str:
+    """The dense family the keys suggest, for a checkpoint or state dict without a config:
+    Qwen3 has q/k norms, Qwen2 has q/k/v biases, otherwise the Llama naming."""
+    if any(k.endswith("self_attn.q_norm.weight") for k in tensors):
+        return "qwen3"
+    if any(k.endswith("self_attn.q_proj.bias") for k in tensors):
+        return "qwen2"
+    return "llama"
+

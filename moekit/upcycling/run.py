@@ -1,0 +1,64 @@
+"""Running upcycling plans: dense checkpoint folder -> MoE folder, and state dict -> state dict."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint
+from ..conversion import state_dict_meta
+from ..executors.memory import run_plan
+from ..executors.streaming import write_plan
+from ..output import atomic_output, check_destination
+from ..sizes import parse_size
+from ..sources import DictSource, FileSource
+from .planner import UpcyclePlan, build_upcycle_plan
+from .spec import UpcycleSpec
+
+
+def plan_upcycle(dense_path: str | Path, spec: UpcycleSpec) -> tuple[Checkpoint, UpcyclePlan]:
+    """Read a dense checkpoint's headers and plan its upcycling (nothing is read or written)."""
+    checkpoint = Checkpoint.open(dense_path)
+    plan = build_upcycle_plan(checkpoint.tensors, checkpoint.config, spec, str(checkpoint.path),
+                              where=checkpoint.file_of)
+    return checkpoint, plan
+
+
+def upcycle(dense_path: str | Path, dst_path: str | Path, spec: UpcycleSpec,
+            max_shard_size: int | str = "5GB", dry_run: bool = False, overwrite: bool = False,
+            show_progress: bool | None = None) -> UpcyclePlan:
+    """Write the MoE checkpoint ``spec`` describes from the dense checkpoint at
+    ``dense_path``: HF safetensors shards, index and config.json, plus the dense folder's
+    other files (tokenizer, generation config). Streams one tensor at a time, validates
+    everything first, and writes atomically as ``convert`` does."""
+    checkpoint, plan = plan_upcycle(dense_path, spec)
+    if dry_run:
+        check_destination(Path(dst_path), checkpoint.path, overwrite)
+        return plan
+    metadata = {"format": "pt", LAYOUT_METADATA_KEY: "hf", FAMILY_METADATA_KEY: plan.target.family}
+    with atomic_output(Path(dst_path), checkpoint.path, overwrite) as tmp:
+        with FileSource(checkpoint) as source:
+            write_plan(plan.plan, source, tmp, parse_size(max_shard_size), metadata,
+                       show_progress)
+        for extra in checkpoint.extra_files():
+            if extra.name != "config.json":
+                shutil.copy2(extra, tmp / extra.name)
+        (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+    return plan
+
+
+def upcycle_state_dict(dense_sd: Mapping[str, torch.Tensor], spec: UpcycleSpec,
+                       config: dict | None = None) -> dict[str, torch.Tensor]:
+    """The MoE state dict (HF naming of the target family) of a dense HF state dict.
+
+    Non-MLP tensors are passed through (the same objects); new tensors are made on the
+    dense tensors' device. ``config`` (the dense config.json) picks the target for
+    ``target="auto"``; without it the dense family is recognised from the keys.
+    """
+    plan = build_upcycle_plan(state_dict_meta(dense_sd), config, spec, "state dict")
+    device = next((t.device for t in dense_sd.values()), None)
+    return run_plan(plan.plan, DictSource(dense_sd), device)
