@@ -1,4 +1,4 @@
-"""The ``moekit`` command line: inspect, convert, verify, demo."""
+"""The ``moekit`` command line: inspect, convert, verify, plan, upcycle, demo."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MoekitError as err:
         print(f"moekit: error: {err}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("moekit: interrupted; nothing was left in place", file=sys.stderr)
         return 130
@@ -33,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="moekit", description="Convert, shard and upcycle Mixture-of-Experts checkpoints.")
     parser.add_argument("--version", action="version", version=f"moekit {__version__}")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
-    for add in (_add_inspect, _add_convert, _add_verify, _add_plan, _add_demo):
+    for add in (_add_inspect, _add_convert, _add_verify, _add_plan, _add_upcycle, _add_demo):
         add(commands)
     return parser
 
@@ -78,26 +81,32 @@ def _add_convert(commands) -> None:
 
 def _run_convert(args: argparse.Namespace) -> int:
     from .conversion import convert
-    from .plan import describe
 
     plan = convert(args.src, args.dst, args.to, from_=args.from_,
                    max_shard_size=args.max_shard_size, dry_run=args.dry_run,
                    overwrite=args.overwrite)
+    _report_plan(plan, plan.summary(), args)
+    return 0
+
+
+def _report_plan(plan, summary: str, args: argparse.Namespace, **extra: object) -> None:
+    """Print what a convert/upcycle did, or with --dry-run what it would do."""
+    from .plan import describe
+
     if args.dry_run and args.json:
         print(json.dumps({"family": plan.family, "from": plan.src_layout, "to": plan.dst_layout,
-                          "total_bytes": plan.total_bytes, "tensors": [
+                          **extra, "total_bytes": plan.total_bytes, "tensors": [
                               {"name": t.name, "shape": list(t.shape), "dtype": t.dtype,
                                "recipe": describe(t.recipe)} for t in plan.tensors]}, indent=2))
-    elif args.dry_run:
-        print(plan.summary())
+        return
+    print(summary)
+    if args.dry_run:
         for t in plan.tensors:
             if not t.is_copy:
                 print(f"  {t.name} {list(t.shape)} {t.dtype} = {describe(t.recipe)}")
         print("dry run: nothing written")
     else:
-        print(plan.summary())
         print(f"wrote {args.dst}")
-    return 0
 
 
 def _add_verify(commands) -> None:
@@ -132,6 +141,56 @@ def _run_plan(args: argparse.Namespace) -> int:
 
     loads = ep_report(args.path, args.ep, args.layout)
     print(json.dumps(to_json(loads), indent=2) if args.json else render(loads))
+    return 0
+
+
+def _add_upcycle(commands) -> None:
+    from .upcycling.spec import METHODS, ROUTERS, SCALINGS
+    from .upcycling.targets import TARGETS
+
+    sub = _command(commands, "upcycle", "Turn a dense HF checkpoint (Llama, Mistral, Qwen2, "
+                   "Qwen3) into an MoE checkpoint that transformers loads.", _run_upcycle)
+    sub.add_argument("dense", help="dense checkpoint folder")
+    sub.add_argument("dst", help="destination folder (must not exist, unless --overwrite)")
+    sub.add_argument("--experts", type=int, required=True, help="routed experts per layer")
+    sub.add_argument("--top-k", type=int, required=True, help="experts per token")
+    sub.add_argument("--method", default="copy", choices=METHODS,
+                     help="copy: every expert the dense MLP; granular: G slices of it; drop: "
+                     "copies with part of the neurons re-initialised (default copy)")
+    sub.add_argument("--granularity", type=int, default=1,
+                     help="G, slices of the dense MLP (granular; experts and top-k multiples of G)")
+    sub.add_argument("--shared-expert", action="store_true",
+                     help="also make a shared expert from the dense MLP")
+    sub.add_argument("--drop-ratio", type=float, default=0.5,
+                     help="fraction of neurons re-initialised per expert (drop; default 0.5)")
+    sub.add_argument("--router", choices=ROUTERS,
+                     help="router initialisation (default virtual-group for granular, else random)")
+    sub.add_argument("--router-std", type=float,
+                     help="std of random router rows (default: config initializer_range)")
+    sub.add_argument("--scaling", default="exact", choices=SCALINGS,
+                     help="exact: preserve the dense function; megatron: Megatron-Core's "
+                     "cube-root scaling (default exact)")
+    sub.add_argument("--target", default="auto", choices=["auto", *TARGETS],
+                     help="MoE family to write (default: the dense family's sibling)")
+    sub.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    sub.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    sub.add_argument("--dry-run", action="store_true",
+                     help="validate and print the plan; write nothing")
+    sub.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    sub.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+
+
+def _run_upcycle(args: argparse.Namespace) -> int:
+    from .upcycling import UpcycleSpec, upcycle
+
+    spec = UpcycleSpec(experts=args.experts, top_k=args.top_k, method=args.method,
+                       granularity=args.granularity, shared_expert=args.shared_expert,
+                       drop_ratio=args.drop_ratio, router=args.router,
+                       router_std=args.router_std, target=args.target, seed=args.seed,
+                       scaling=args.scaling)
+    result = upcycle(args.dense, args.dst, spec, max_shard_size=args.max_shard_size,
+                     dry_run=args.dry_run, overwrite=args.overwrite)
+    _report_plan(result.plan, result.summary(), args, config=result.config)
     return 0
 
 

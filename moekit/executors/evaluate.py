@@ -100,7 +100,8 @@ def _statistics(source: TensorSource, stats: Read) -> tuple[float, float]:
     """Mean and standard deviation of a source region, in float32 (cached per source:
     every expert of a layer redraws from the same dense weight's statistics)."""
     known = _STATISTICS.setdefault(source, {})
-    if stats not in known:
+    name = (stats.key, repr(stats.region))
+    if name not in known:
         std, mean = torch.std_mean(source.read(stats).float())
-        known[stats] = (mean.item(), std.item())
-    return known[stats]
+        known[name] = (mean.item(), std.item())
+    return known[name]

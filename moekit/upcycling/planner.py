@@ -21,7 +21,7 @@ from .spec import UpcycleSpec
 from .targets import DENSE_PROJECTIONS, Target, moe_config, resolve_target
 
 _MLP_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.(.+)$")
-_ATTENTION_BIAS = re.compile(r"\.self_attn\.\w+\.bias$")
+_ATTENTION_BIAS = re.compile(r"\.self_attn\.(\w+)\.bias$")
 
 
 @dataclass
@@ -60,11 +60,7 @@ def build_upcycle_plan(tensors: Mapping[str, TensorMeta], config: dict | None,
     spec, target = resolve_target(spec, model_type)
     mlps = dense_mlps(tensors, spec, label, where)
     first = next(iter(mlps.values()))
-    attention_bias = any(_ATTENTION_BIAS.search(k) for k in tensors)
-    if attention_bias and target.attention_bias_key is None:
-        example = next(k for k in tensors if _ATTENTION_BIAS.search(k))
-        raise MoekitError(f"{label} has attention biases ({example}) but {target.family} "
-                          "attention has none; choose another --target")
+    attention_bias = _check_attention_biases(tensors, target, label)
     std = spec.router_std or float(config.get("initializer_range", 0.02))
     planned: list[TensorPlan] = []
     experts: set[str] = set()
@@ -147,6 +143,17 @@ def _check_agreement(mlps: dict[int, DenseMLP], problems: list[str]) -> None:
         listed = "; ".join(f"layers {compress_ranges(layers)}: gate {list(shape)} {dtype}"
                            for (shape, dtype), layers in shapes.items())
         problems.append(f"the layers' MLPs differ in shape or dtype ({listed})")
+
+
+def _check_attention_biases(tensors: Mapping[str, TensorMeta], target: Target, label: str
+                            ) -> bool:
+    """True when the dense attention has biases; refuse those the target cannot hold."""
+    found = {m[1]: key for key in tensors if (m := _ATTENTION_BIAS.search(key))}
+    refused = sorted(set(found) - set(target.attention_biases))
+    if refused:
+        raise MoekitError(f"{label} has attention biases ({found[refused[0]]}) that "
+                          f"{target.family} attention cannot hold; choose another --target")
+    return bool(found)
 
 
 def _read(key: str, tensors: Mapping[str, TensorMeta]) -> Read:

@@ -17,11 +17,16 @@ NEURON_DIM = {"gate": 0, "up": 0, "down": 1}
 
 @dataclass(frozen=True)
 class DenseMLP:
-    """The source regions of one dense gated MLP: gate and up [I, H], down [H, I]."""
+    """The source regions of one dense MLP: gate and up [I, H], down [H, I]. A non-gated
+    MLP (``act(fc1 x)``, e.g. ReLU² or GeLU) has no up projection; its fc1 is ``gate``."""
 
     gate: Read
-    up: Read
+    up: Read | None
     down: Read
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        return ("gate", "down") if self.up is None else ("gate", "up", "down")
 
     @property
     def intermediate(self) -> int:
@@ -36,7 +41,9 @@ class DenseMLP:
         return self.gate.dtype
 
     def projection(self, name: str) -> Read:
-        return {"gate": self.gate, "up": self.up, "down": self.down}[name]
+        found = {"gate": self.gate, "up": self.up, "down": self.down}[name]
+        assert found is not None, name
+        return found
 
 
 def narrow(read: Read, dim: int, start: int, length: int) -> Read:
@@ -52,18 +59,24 @@ def narrow(read: Read, dim: int, start: int, length: int) -> Read:
     return Read(read.key, tuple(region), tuple(shape), read.dtype)
 
 
-def expert_projections(mlp: DenseMLP, spec: UpcycleSpec, layer: int, expert: int
-                       ) -> dict[str, Expr]:
-    """Gate, up and down of one routed expert (global index ``expert``)."""
-    size = mlp.intermediate // spec.granularity
-    start = (expert % spec.granularity) * size
-    scales = spec.projection_scales()
+def neuron_slice(read: Read, dim: int, spec: UpcycleSpec, expert: int) -> Read:
+    """The neurons of ``read`` along ``dim`` that expert ``expert`` holds: slice
+    ``expert % G`` of G, or all of them when G is 1."""
+    if spec.granularity == 1:
+        return read
+    size = read.shape[dim] // spec.granularity
+    return narrow(read, dim, (expert % spec.granularity) * size, size)
+
+
+def expert_projections(mlp: DenseMLP, spec: UpcycleSpec, layer: int | str, expert: int,
+                       scales: dict[str, float] | None = None) -> dict[str, Expr]:
+    """Gate, up and down of one routed expert (global index ``expert``), each multiplied
+    by ``scales`` (default: the spec's for a gated MLP)."""
+    scales = scales or spec.projection_scales()
     out: dict[str, Expr] = {}
-    for name in ("gate", "up", "down"):
+    for name in mlp.projections:
         dense = mlp.projection(name)
-        part: Expr = dense
-        if spec.granularity > 1:
-            part = narrow(dense, NEURON_DIM[name], start, size)
+        part: Expr = neuron_slice(dense, NEURON_DIM[name], spec, expert)
         if spec.method == "drop" and spec.drop_ratio > 0:
             part = Redraw(part, NEURON_DIM[name], spec.drop_ratio,
                           select_seed=derive_seed(spec.seed, layer, expert, "neurons"),

@@ -102,12 +102,17 @@ class UpcycleSpec:
         """R: virtual groups of G experts each (the expansion rate)."""
         return self.experts // self.granularity
 
-    def projection_scales(self) -> dict[str, float]:
-        """Factor for each routed expert projection (gate, up, down); see the module doc."""
+    def projection_scales(self, megatron_root: int = 3,
+                          megatron_activation_scale: float | None = None) -> dict[str, float]:
+        """Factor for each routed expert projection (gate, up, down); see the module doc.
+
+        Megatron-Core multiplies every projection by the ``megatron_root``-th root (3 for
+        gated or squared-ReLU MLPs, 2 otherwise) of its activation scale, G for
+        renormalised top-k (``megatron_activation_scale`` overrides it)."""
         g = self.granularity
         if self.scaling == "megatron":
-            cube_root = float(g) ** (1 / 3)
-            return {"gate": cube_root, "up": cube_root, "down": cube_root}
+            root = float(megatron_activation_scale or g) ** (1 / megatron_root)
+            return {"gate": root, "up": root, "down": root}
         routed_share = 0.5 if self.shared_expert else 1.0
         return {"gate": 1.0, "up": 1.0, "down": g * routed_share}
 

@@ -36,10 +36,14 @@ class Target:
 
     family: str
     architecture: str
+    dense_types: tuple[str, ...]
+    """Dense model_types whose attention, norms and embeddings this family holds as they are."""
     intermediate_key: str
     """config.json entry of the routed experts' intermediate size."""
     attention_bias_key: str | None
     """config.json switch for attention biases; None when the family has none."""
+    attention_biases: tuple[str, ...] = ()
+    """The attention projections that may carry a bias."""
     shared: SharedExpert | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     """Fixed config.json entries: every layer an MoE layer, renormalised top-k."""
@@ -52,15 +56,18 @@ class Target:
 
 
 _QWEN_MOE_EXTRA = {"decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True}
+_QKV = ("q_proj", "k_proj", "v_proj")
 
 TARGETS: dict[str, Target] = {
-    "mixtral": Target("mixtral", "MixtralForCausalLM", "intermediate_size", None),
-    "qwen2_moe": Target("qwen2_moe", "Qwen2MoeForCausalLM", "moe_intermediate_size", "qkv_bias",
+    "mixtral": Target("mixtral", "MixtralForCausalLM", ("llama", "mistral"), "intermediate_size",
+                      None),
+    "qwen2_moe": Target("qwen2_moe", "Qwen2MoeForCausalLM", ("qwen2", "llama", "mistral"),
+                        "moe_intermediate_size", "qkv_bias", _QKV,
                         SharedExpert("shared_expert", "shared_expert_intermediate_size",
                                      gate="shared_expert_gate.weight", required=True),
                         _QWEN_MOE_EXTRA),
-    "qwen3_moe": Target("qwen3_moe", "Qwen3MoeForCausalLM", "moe_intermediate_size",
-                        "attention_bias", extra=_QWEN_MOE_EXTRA),
+    "qwen3_moe": Target("qwen3_moe", "Qwen3MoeForCausalLM", ("qwen3",), "moe_intermediate_size",
+                        "attention_bias", (*_QKV, "o_proj"), extra=_QWEN_MOE_EXTRA),
 }
 
 DENSE_SIBLINGS: dict[str, str] = {
@@ -87,6 +94,10 @@ def resolve_target(spec: UpcycleSpec, model_type: str | None) -> tuple[UpcycleSp
         raise MoekitError(f"unknown upcycling target {name!r}; choose from "
                           f"{', '.join(TARGETS)}")
     target = TARGETS[name]
+    if model_type not in target.dense_types:
+        raise MoekitError(f"{name} cannot hold a dense {model_type!r} model unchanged (its "
+                          f"attention and norms differ); {name} is made from "
+                          f"{', '.join(target.dense_types)}")
     if spec.shared_expert and target.shared is None:
         with_shared = [n for n, t in TARGETS.items() if t.shared is not None]
         raise MoekitError(f"{name} has no shared expert; --shared-expert needs a target that "
