@@ -107,3 +107,8 @@ def run_measured(cmd: list[str]) -> tuple[float, int]:
 def drop_written(path: Path) -> None:
     """Remove an output folder between repetitions."""
     subprocess.run(["rm", "-rf", str(path)], check=True)
+
+
+def folder_bytes(path: Path) -> int:
+    """Total size of the files in a folder."""
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())

@@ -20,6 +20,7 @@ _EXPORTS = {
     "expert_range": "expert_parallel", "load_experts": "expert_parallel",
     "save_experts": "expert_parallel",
     "Report": "verification", "verify": "verification",
+    "UpcycleSpec": "upcycling", "upcycle": "upcycling", "upcycle_state_dict": "upcycling",
 }
 
 __all__ = sorted(_EXPORTS)

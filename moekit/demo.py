@@ -11,13 +11,15 @@ import torch
 from .conversion import convert
 from .errors import MoekitError
 from .inspection import inspect
+from .upcycling import UpcycleSpec, upcycle
 from .verification import verify
 
 GROUPED_LAYOUTS = ("nemo", "transformers", "vllm")
 
 
 def run_demo(out: str | None = None) -> int:
-    """Build samples, convert them across every layout and back, verify; print a report."""
+    """Build samples, convert them across every layout and back, verify, upcycle a dense
+    sample; print a report."""
     try:
         from . import samples
     except ImportError as err:
@@ -54,12 +56,34 @@ def _demo(root: Path, samples) -> int:
     fused = _matches_state_dict(root / "qwen3_moe-transformers", model)
     failures += not fused
     print(f"  --to transformers equals transformers' own state_dict(): {_mark(fused)}")
-    dense = samples.save_model(samples.build_model("llama"), root / "llama-dense")
-    info = inspect(dense)
-    print(f"\n  dense sample {dense.name}: {info.family}, {len(info.dense_layers)} dense layers")
+    failures += _demo_upcycle(root, samples)
     print(f"\n{'all checks passed' if not failures else f'{failures} check(s) FAILED'} "
           f"in {time.perf_counter() - start:.1f}s")
     return 0 if not failures else 1
+
+
+def _demo_upcycle(root: Path, samples) -> int:
+    """Upcycle the dense Llama sample three ways; return the number of failed checks."""
+    model = samples.build_model("llama")
+    dense = samples.save_model(model, root / "llama-dense")
+    ids = samples.sample_input(model.config.vocab_size)
+    reference = samples.logits(dense, ids)
+    print(f"\n  upcycling the dense sample {dense.name} (logits vs. the dense model):")
+    failures = 0
+    for name, spec in (
+            ("copy, 4 experts, top-2", UpcycleSpec(experts=4, top_k=2)),
+            ("granular G=2, 8 experts, top-4", UpcycleSpec(experts=8, top_k=4, method="granular",
+                                                           granularity=2)),
+            ("shared expert + 4 experts, top-2", UpcycleSpec(experts=4, top_k=2,
+                                                            shared_expert=True,
+                                                            target="qwen2_moe"))):
+        out = root / f"llama-upcycled-{name.split(',')[0].replace(' ', '-')}"
+        result = upcycle(dense, out, spec, max_shard_size="40KB", overwrite=True)
+        error = (samples.logits(out, ids) - reference).abs().max().item()
+        ok = error < 1e-5
+        failures += not ok
+        print(f"  {name:<34} -> {result.target.family:<10} {_mark(ok)} max |diff| {error:.1e}")
+    return failures
 
 
 def _matches_state_dict(path: Path, model) -> bool:

@@ -55,6 +55,9 @@ def build_upcycle_plan(tensors: Mapping[str, TensorMeta], config: dict | None,
                        spec: UpcycleSpec, label: str,
                        where: Callable[[str], str | None] = lambda key: None) -> UpcyclePlan:
     """Validate a dense model's headers against ``spec`` and plan its MoE checkpoint."""
+    experts = next((k for k in tensors if ".experts." in k), None)
+    if experts:
+        raise MoekitError(f"{label} is not a dense model: it already has experts ({experts})")
     config = dict(config or {})
     model_type = config.get("model_type") or _guess_model_type(tensors)
     spec, target = resolve_target(spec, model_type)
@@ -89,10 +92,8 @@ def dense_mlps(tensors: Mapping[str, TensorMeta], spec: UpcycleSpec, label: str,
         if match:
             by_layer.setdefault(int(match[1]), {})[match[2]] = key
     if not by_layer:
-        experts = next((k for k in tensors if ".experts." in k), None)
-        why = (f"it already has experts ({experts})" if experts else
-               "no model.layers.N.mlp.* tensors were found")
-        raise MoekitError(f"{label} is not a dense model moekit can upcycle: {why}")
+        raise MoekitError(f"{label} is not a dense model moekit can upcycle: no "
+                          "model.layers.N.mlp.* tensors were found")
     problems: list[str] = []
     mlps: dict[int, DenseMLP] = {}
     for layer, found in sorted(by_layer.items()):

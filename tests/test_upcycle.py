@@ -1,0 +1,208 @@
+"""Upcycling dense transformers checkpoints into MoE checkpoints that transformers loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from moekit import MoekitError, PlanError, UpcycleSpec, samples, upcycle, upcycle_state_dict
+from moekit.cli import main
+
+from .conftest import load_all, tree_digest
+
+SIBLING = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
+
+
+@pytest.fixture(scope="session")
+def dense_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """dense family -> a ``save_pretrained`` checkpoint in several shards."""
+    root = tmp_path_factory.mktemp("dense")
+    return {family: samples.save_model(samples.build_model(family, seed=3), root / family)
+            for family in samples.DENSE_FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def dense_logits(dense_checkpoints) -> dict[str, torch.Tensor]:
+    ids = samples.sample_input(96)
+    return {family: samples.logits(path, ids) for family, path in dense_checkpoints.items()}
+
+
+PRESERVING = {
+    "copy-4-top2": UpcycleSpec(experts=4, top_k=2),
+    "copy-3-top1": UpcycleSpec(experts=3, top_k=1, router="zero"),
+    "granular-8-top4-G2": UpcycleSpec(experts=8, top_k=4, method="granular", granularity=2),
+    "granular-8-top4-G4": UpcycleSpec(experts=8, top_k=4, method="granular", granularity=4),
+    "granular-6-top2-G2-shared": UpcycleSpec(experts=6, top_k=2, method="granular",
+                                             granularity=2, shared_expert=True,
+                                             target="qwen2_moe"),
+}
+
+
+# Qwen3 attention (q/k norms) has no MoE sibling with a shared expert in transformers.
+CASES = [(family, name) for family in samples.DENSE_FAMILIES for name in PRESERVING
+         if not (family == "qwen3" and PRESERVING[name].target == "qwen2_moe")]
+
+
+@pytest.mark.parametrize("family,name", CASES)
+def test_upcycled_model_computes_the_dense_function(family, name, dense_checkpoints,
+                                                    dense_logits, tmp_path):
+    spec = PRESERVING[name]
+    result = upcycle(dense_checkpoints[family], tmp_path / "moe", spec, max_shard_size="40KB")
+    assert result.spec.preserves_function()[0]
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    expected_family = SIBLING[family] if spec.target == "auto" else spec.target
+    assert config["model_type"] == expected_family
+    logits = samples.logits(tmp_path / "moe", samples.sample_input(96))
+    torch.testing.assert_close(logits, dense_logits[family], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(samples.DENSE_FAMILIES))
+def test_keys_and_config_are_what_transformers_saves(family, dense_checkpoints, tmp_path):
+    """The checkpoint has exactly the keys (in the Hub convention) that ``save_pretrained``
+    of the target model writes, every non-MLP setting is carried over, and the non-MLP
+    tensors are the dense model's, byte for byte."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = UpcycleSpec(experts=4, top_k=2, method="granular", granularity=2)
+    upcycle(dense_checkpoints[family], tmp_path / "moe", spec)
+    config = AutoConfig.from_pretrained(tmp_path / "moe")
+    reference = samples.save_model(AutoModelForCausalLM.from_config(config), tmp_path / "ref")
+    moe, dense = load_all(tmp_path / "moe"), load_all(dense_checkpoints[family])
+    assert moe.keys() == load_all(reference).keys()
+    for key in dense.keys() & moe.keys():
+        assert torch.equal(moe[key], dense[key])
+    dense_config = json.loads((dense_checkpoints[family] / "config.json").read_text())
+    written = json.loads((tmp_path / "moe" / "config.json").read_text())
+    for key in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                "rms_norm_eps", "rope_parameters", "tie_word_embeddings", "max_position_embeddings"):
+        assert written[key] == dense_config[key], key
+    assert written["num_experts_per_tok"] == 2
+
+
+def _fractions_redrawn(moe: dict, dense: dict, layer: int, n_experts: int) -> list[torch.Tensor]:
+    """Per expert, which intermediate neurons differ from the dense MLP (gate rows)."""
+    gate = dense[f"model.layers.{layer}.mlp.gate_proj.weight"]
+    return [(moe[f"model.layers.{layer}.block_sparse_moe.experts.{e}.w1.weight"] != gate).any(1)
+            for e in range(n_experts)]
+
+
+def test_drop_upcycling_redraws_a_different_fraction_of_neurons_per_expert(dense_checkpoints,
+                                                                           tmp_path):
+    spec = UpcycleSpec(experts=6, top_k=2, method="drop", drop_ratio=0.25, seed=7)
+    upcycle(dense_checkpoints["llama"], tmp_path / "a", spec)
+    upcycle(dense_checkpoints["llama"], tmp_path / "b", spec)
+    upcycle(dense_checkpoints["llama"], tmp_path / "c",
+            UpcycleSpec(experts=6, top_k=2, method="drop", drop_ratio=0.25, seed=8))
+    dense, a = load_all(dense_checkpoints["llama"]), load_all(tmp_path / "a")
+    intermediate = dense["model.layers.0.mlp.gate_proj.weight"].shape[0]
+    for layer in range(3):
+        changed = _fractions_redrawn(a, dense, layer, 6)
+        assert all(c.sum().item() == round(0.25 * intermediate) for c in changed)
+        assert len({tuple(c.nonzero().flatten().tolist()) for c in changed}) == 6
+        up = dense[f"model.layers.{layer}.mlp.up_proj.weight"]
+        down = dense[f"model.layers.{layer}.mlp.down_proj.weight"]
+        for e, neurons in enumerate(changed):
+            w3 = a[f"model.layers.{layer}.block_sparse_moe.experts.{e}.w3.weight"]
+            w2 = a[f"model.layers.{layer}.block_sparse_moe.experts.{e}.w2.weight"]
+            assert torch.equal((w3 != up).any(1), neurons)
+            assert torch.equal((w2 != down).any(0), neurons)
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+    assert load_all(tmp_path / "a").keys() == load_all(tmp_path / "c").keys()
+    assert any(not torch.equal(v, load_all(tmp_path / "c")[k]) for k, v in a.items())
+
+
+def test_drop_redraws_from_the_dense_weights_statistics(dense_checkpoints, tmp_path):
+    spec = UpcycleSpec(experts=2, top_k=1, method="drop", drop_ratio=1.0)
+    moe = upcycle_state_dict(load_all(dense_checkpoints["llama"]), spec)
+    dense = load_all(dense_checkpoints["llama"])["model.layers.1.mlp.down_proj.weight"]
+    drawn = moe["model.layers.1.block_sparse_moe.experts.0.w2.weight"]
+    assert abs(drawn.mean() - dense.mean()) < 0.05 and abs(drawn.std() / dense.std() - 1) < 0.1
+
+
+def test_state_dict_upcycling_equals_the_file_output(dense_checkpoints, tmp_path):
+    spec = UpcycleSpec(experts=8, top_k=4, method="granular", granularity=2, seed=5)
+    upcycle(dense_checkpoints["qwen3"], tmp_path / "moe", spec)
+    config = json.loads((dense_checkpoints["qwen3"] / "config.json").read_text())
+    in_memory = upcycle_state_dict(load_all(dense_checkpoints["qwen3"]), spec, config)
+    on_disk = load_all(tmp_path / "moe")
+    assert in_memory.keys() == on_disk.keys()
+    assert all(torch.equal(in_memory[k], on_disk[k]) for k in on_disk)
+
+
+def test_granular_router_repeats_rows_within_virtual_groups(dense_checkpoints):
+    spec = UpcycleSpec(experts=8, top_k=4, method="granular", granularity=4)
+    router = upcycle_state_dict(load_all(dense_checkpoints["llama"]), spec)[
+        "model.layers.0.block_sparse_moe.gate.weight"]
+    groups = router.view(2, 4, -1)
+    assert torch.equal(groups, groups[:, :1].expand_as(groups))
+    assert not torch.equal(groups[0, 0], groups[1, 0])
+
+
+def test_megatron_scaling_is_offered_but_does_not_preserve_the_function(dense_checkpoints,
+                                                                        dense_logits, tmp_path):
+    spec = UpcycleSpec(experts=4, top_k=2, method="granular", granularity=2, scaling="megatron")
+    result = upcycle(dense_checkpoints["llama"], tmp_path / "moe", spec)
+    assert not result.spec.preserves_function()[0]
+    logits = samples.logits(tmp_path / "moe", samples.sample_input(96))
+    assert (logits - dense_logits["llama"]).abs().max() > 1e-4
+    moe, dense = load_all(tmp_path / "moe"), load_all(dense_checkpoints["llama"])
+    torch.testing.assert_close(moe["model.layers.0.block_sparse_moe.experts.1.w1.weight"],
+                               dense["model.layers.0.mlp.gate_proj.weight"][32:] * 2 ** (1 / 3))
+
+
+@pytest.mark.parametrize("spec,message", [
+    (dict(experts=8, top_k=3, method="granular", granularity=2), "multiples of the granularity"),
+    (dict(experts=4, top_k=2, granularity=2), "needs --method granular"),
+    (dict(experts=4, top_k=5), "top-k"),
+    (dict(experts=4, top_k=2, drop_ratio=1.5, method="drop"), "drop ratio"),
+])
+def test_inconsistent_settings_are_refused(spec, message):
+    with pytest.raises(MoekitError, match=message):
+        UpcycleSpec(**spec)
+
+
+def test_bad_inputs_are_refused_and_nothing_is_written(dense_checkpoints, family_checkpoints,
+                                                       tmp_path):
+    spec = UpcycleSpec(experts=4, top_k=2)
+    with pytest.raises(MoekitError, match="already has experts"):
+        upcycle(family_checkpoints["mixtral"], tmp_path / "a", spec)
+    with pytest.raises(MoekitError, match="mixtral cannot hold a dense 'qwen3'"):
+        upcycle(dense_checkpoints["qwen3"], tmp_path / "a", UpcycleSpec(4, 2, target="mixtral"))
+    with pytest.raises(MoekitError, match="has no shared expert"):
+        upcycle(dense_checkpoints["qwen3"], tmp_path / "a", UpcycleSpec(4, 2, shared_expert=True))
+    with pytest.raises(PlanError, match="not divisible by the granularity 3"):
+        upcycle(dense_checkpoints["llama"], tmp_path / "a",
+                UpcycleSpec(6, 3, method="granular", granularity=3))
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(MoekitError, match="already exists"):
+        upcycle(dense_checkpoints["llama"], tmp_path / "exists", spec)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
+
+
+def test_a_missing_mlp_tensor_is_named_with_its_layer(dense_checkpoints, tmp_path):
+    dense = Path(shutil.copytree(dense_checkpoints["llama"], tmp_path / "dense"))
+    index = json.loads((dense / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.2.mlp.up_proj.weight"]
+    (dense / "model.safetensors.index.json").write_text(json.dumps(index))
+    before = tree_digest(dense)
+    with pytest.raises(MoekitError) as err:
+        upcycle(dense, tmp_path / "moe", UpcycleSpec(4, 2))
+    assert "model.layers.2.mlp.up_proj.weight" in str(err.value)
+    assert tree_digest(dense) == before and not (tmp_path / "moe").exists()
+
+
+def test_cli_upcycle_dry_run_and_run(dense_checkpoints, tmp_path, capsys):
+    args = ["upcycle", str(dense_checkpoints["qwen2"]), str(tmp_path / "moe"), "--experts", "4",
+            "--top-k", "2", "--method", "granular", "--granularity", "2"]
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dense -> qwen2_moe" in out and "dense function preserved: yes" in out
+    assert "shared expert" in out and not (tmp_path / "moe").exists()
+    assert main(args) == 0
+    assert (tmp_path / "moe" / "config.json").exists()
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err
