@@ -5,6 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from moekit.upcycling import megatron
 
 pytest.importorskip("megatron.core")
 
@@ -48,3 +52,55 @@ def test_each_expert_parallel_rank_gets_its_own_experts(tmp_path):
         for expert, tensor in r["drop_fc1"].items():
             assert torch.equal(tensor, one["drop_fc1"][expert])
     assert not torch.equal(one["drop_fc1"][0], one["drop_fc1"][1])
+
+
+class _Config:
+    """The MoE settings moekit reads from a Megatron-Core MoE layer's ``config``."""
+
+    num_moe_experts, moe_router_topk, moe_ffn_hidden_size = 4, 2, 32
+    gated_linear_unit, moe_router_pre_softmax, activation_func = True, False, F.silu
+
+
+def _moe_layer(grouped: bool) -> nn.Module:
+    """A module named like a Megatron-Core MoE layer whose experts are stored as
+    TEGroupedMLP stores them (``linear_fc1.weight{i}``, from Transformer Engine's
+    GroupedLinear) or as SequentialMLP does (``local_experts.{i}.linear_fc1.weight``).
+    TEGroupedMLP itself needs Transformer Engine and a GPU, so its naming is checked here
+    against its source's convention rather than a built model."""
+    layer = nn.Module()
+    layer.config, layer.local_expert_indices = _Config(), [2, 3]
+    layer.router = nn.Linear(32, 4, bias=False)
+    layer.experts = nn.Module()
+    if grouped:
+        for fc, shape in (("linear_fc1", (64, 32)), ("linear_fc2", (32, 32))):
+            linear = nn.Module()
+            for i in range(2):
+                linear.register_parameter(f"weight{i}", nn.Parameter(torch.zeros(shape)))
+            setattr(layer.experts, fc, linear)
+    else:
+        layer.experts.local_experts = nn.ModuleList(
+            nn.ModuleDict({"linear_fc1": nn.Linear(32, 64, bias=False),
+                           "linear_fc2": nn.Linear(32, 32, bias=False)}) for _ in range(2))
+    model = nn.Module()
+    model.mlp = layer
+    return model
+
+
+def test_te_grouped_naming_holds_the_same_experts_as_sequential_naming():
+    torch.manual_seed(0)
+    dense = nn.Module()
+    dense.mlp = nn.ModuleDict({"linear_fc1": nn.Linear(32, 128, bias=False),
+                               "linear_fc2": nn.Linear(64, 32, bias=False)})
+    grouped, sequential = _moe_layer(True), _moe_layer(False)
+    sequential.load_state_dict(grouped.state_dict(), strict=False)
+    sequential.mlp.router.load_state_dict(grouped.mlp.router.state_dict())
+    te = megatron.upcycle_state_dict(grouped, dense)["model"]
+    seq = megatron.upcycle_state_dict(sequential, dense)["model"]
+    grouped.load_state_dict(te, strict=True)
+    for local in range(2):
+        for fc in ("linear_fc1", "linear_fc2"):
+            assert torch.equal(te[f"mlp.experts.{fc}.weight{local}"],
+                               seq[f"mlp.experts.local_experts.{local}.{fc}.weight"])
+    # Local experts 0 and 1 are global experts 2 and 3: slices 0 and 1 of the dense MLP.
+    fc2 = dense.mlp["linear_fc2"].weight
+    assert torch.equal(te["mlp.experts.linear_fc2.weight1"], fc2[:, 32:] * 2)
