@@ -17,17 +17,22 @@ from moekit.executors.streaming import shard_file_names
 from moekit.safetensors_writer import ShardWriter
 
 
+HEADS, KV_HEADS, VOCAB = 8, 2, 4096
+
+
 def qwen3_moe_tensors(layers: int, experts: int, hidden: int, inter: int, vocab: int = 4096
                       ) -> list[tuple[str, tuple[int, ...]]]:
     """Names and shapes of a Qwen3-MoE-shaped checkpoint (HF per-expert keys)."""
-    heads, head_dim = 8, hidden // 8
+    heads, head_dim = HEADS, hidden // HEADS
     out = [("model.embed_tokens.weight", (vocab, hidden))]
     for layer in range(layers):
         p = f"model.layers.{layer}"
         out += [(f"{p}.input_layernorm.weight", (hidden,)),
                 (f"{p}.self_attn.q_proj.weight", (heads * head_dim, hidden)),
-                (f"{p}.self_attn.k_proj.weight", (2 * head_dim, hidden)),
-                (f"{p}.self_attn.v_proj.weight", (2 * head_dim, hidden)),
+                (f"{p}.self_attn.q_norm.weight", (head_dim,)),
+                (f"{p}.self_attn.k_norm.weight", (head_dim,)),
+                (f"{p}.self_attn.k_proj.weight", (KV_HEADS * head_dim, hidden)),
+                (f"{p}.self_attn.v_proj.weight", (KV_HEADS * head_dim, hidden)),
                 (f"{p}.self_attn.o_proj.weight", (hidden, heads * head_dim)),
                 (f"{p}.post_attention_layernorm.weight", (hidden,)),
                 (f"{p}.mlp.gate.weight", (experts, hidden))]
@@ -51,12 +56,20 @@ def expert_bytes_per_layer(args: argparse.Namespace) -> int:
     return 2 * 3 * args.experts * args.hidden * args.inter
 
 
-def build_checkpoint(path: Path, args: argparse.Namespace) -> tuple[int, int]:
-    """Write the synthetic checkpoint ``args`` describe; return (bytes, layers)."""
+def build_checkpoint(path: Path, args: argparse.Namespace, full_config: bool = False
+                     ) -> tuple[int, int]:
+    """Write the synthetic checkpoint ``args`` describe; return (bytes, layers).
+    ``full_config`` writes a config.json that transformers can build the model from."""
     layers = max(1, round(args.size_gib * 2**30 / expert_bytes_per_layer(args)))
     config = {"model_type": "qwen3_moe", "num_experts": args.experts,
               "hidden_size": args.hidden, "moe_intermediate_size": args.inter,
               "num_hidden_layers": layers}
+    if full_config:
+        config.update(architectures=["Qwen3MoeForCausalLM"], vocab_size=VOCAB,
+                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                      head_dim=args.hidden // HEADS, intermediate_size=4 * args.inter,
+                      num_experts_per_tok=8, tie_word_embeddings=False,
+                      max_position_embeddings=4096)
     tensors = qwen3_moe_tensors(layers, args.experts, args.hidden, args.inter)
     return write_synthetic(path, tensors, config), layers
 
@@ -79,11 +92,12 @@ def write_synthetic(path: Path, tensors: list[tuple[str, tuple[int, ...]]], conf
     names = shard_file_names(len(shards))
     weight_map, total = {}, 0
     generator = torch.Generator().manual_seed(0)
-    for file, shard in zip(names, shards):
+    pool = torch.randn(2**24 + 4099, generator=generator).to(dtype)
+    for i, (file, shard) in enumerate(zip(names, shards)):
         entries = [(n, to_safetensors(dtype), s) for n, s in shard]
         with ShardWriter(path / file, entries, {"format": "pt"}) as writer:
-            for name, shape in shard:
-                writer.write(name, torch.randn(shape, generator=generator).to(dtype))
+            for j, (name, shape) in enumerate(shard):
+                writer.write(name, _random_like(pool, shape, 7919 * i + 104729 * j))
                 weight_map[name] = file
                 total += size * torch.Size(shape).numel()
     if len(names) > 1:
@@ -91,6 +105,16 @@ def write_synthetic(path: Path, tensors: list[tuple[str, tuple[int, ...]]], conf
             {"metadata": {"total_size": total}, "weight_map": weight_map}))
     (path / "config.json").write_text(json.dumps(config))
     return total
+
+
+def _random_like(pool: torch.Tensor, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Pseudo-random values of ``shape``: a slice of ``pool`` at a seed-dependent offset,
+    tiled (writing gigabytes of fresh normal draws would dominate a benchmark's set-up)."""
+    n = torch.Size(shape).numel()
+    start = seed % 4096
+    reps = -(-(n + start) // pool.numel())
+    return pool.repeat(reps)[start:start + n].view(shape) if reps > 1 else \
+        pool[start:start + n].view(shape).clone()
 
 
 def run_measured(cmd: list[str]) -> tuple[float, int]:

@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "CheckpointInfo": "inspection", "inspect": "inspection",
     "ExpertAdapter": "adapter",
-    "convert": "conversion", "convert_state_dict": "conversion",
+    "convert": "conversion", "convert_state_dict": "conversion", "load": "conversion",
     "MoekitError": "errors", "PlanError": "errors",
     "expert_range": "expert_parallel", "load_experts": "expert_parallel",
     "save_experts": "expert_parallel",

@@ -161,3 +161,15 @@ def read_config(folder: Path, name: str = "config.json") -> dict | None:
         return json.loads(config.read_text())
     except json.JSONDecodeError as err:
         raise MoekitError(f"{config} is not valid JSON ({err})") from err
+
+
+def data_offsets(file: Path) -> tuple[int, dict[str, tuple[int, int]]]:
+    """Where each tensor's bytes lie in a safetensors file: the start of the data section
+    and, per key, ``(begin, end)`` relative to it. The safetensors library reads these
+    offsets but does not expose them; the format defines the header as an 8-byte
+    little-endian length followed by that many bytes of JSON."""
+    with open(file, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    return 8 + length, {k: tuple(v["data_offsets"]) for k, v in header.items()
+                        if k != "__metadata__"}

@@ -11,6 +11,7 @@ import torch
 
 from .checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint
 from .dtypes import to_safetensors
+from .executors.device import read_plan
 from .executors.memory import run_plan
 from .executors.streaming import write_plan
 from .layouts import layout_named
@@ -52,6 +53,17 @@ def convert(src: str | Path, dst: str | Path, to: str, from_: str | None = None,
         for extra in checkpoint.extra_files():
             shutil.copy2(extra, tmp / extra.name)
     return plan
+
+
+def load(path: str | Path, layout: str = "nemo", device: torch.device | str | None = None,
+         from_: str | None = None) -> dict[str, torch.Tensor]:
+    """The whole checkpoint at ``path`` as a state dict in ``layout``, on ``device``.
+
+    Validated from headers first, like ``convert``. On an accelerator the bytes go through
+    a small pool of pinned host buffers and the grouped tensors are built on the device.
+    """
+    checkpoint, analysis = analyse_checkpoint(path, from_)
+    return read_plan(build_plan(analysis, layout_named(layout)), checkpoint, device)
 
 
 @dataclass(frozen=True)

@@ -115,3 +115,19 @@ def load_expecting_error(rank: int, world: int, store: str, src: str, log_dir: s
         outcome = str(err)
     Path(log_dir, f"{rank}.txt").write_text(outcome)
     dist.destroy_process_group()
+
+
+def cuda_load(rank: int, world: int, store: str, src: str, result: str) -> None:
+    """Load this rank's experts onto its GPU (NCCL) and save their checksums."""
+    import hashlib
+
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.cuda.set_device(rank)
+    mesh = init_device_mesh("cuda", (world,), mesh_dim_names=("ep",))
+    state = load_experts(src, mesh, layout="nemo", device="cuda")
+    sums = {k: hashlib.sha256((v.to_local() if isinstance(v, DTensor) else v).cpu().contiguous()
+                              .view(torch.uint8).numpy().tobytes()).hexdigest()
+            for k, v in state.items()}
+    devices = {(v.to_local() if isinstance(v, DTensor) else v).device.type for v in state.values()}
+    torch.save({"sums": sums, "devices": devices}, f"{result}.{rank}")
+    dist.destroy_process_group()

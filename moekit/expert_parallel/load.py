@@ -10,11 +10,10 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from ..checkpoint import Checkpoint
 from ..errors import PlanError
-from ..executors.memory import run_plan
+from ..executors.device import read_plan
 from ..layouts import layout_named
 from ..planner import Analysis, build_plan, understand, validate
 from ..plan import Plan
-from ..sources import FileSource
 from .ranges import ep_coordinates, expert_range, shard_experts
 
 
@@ -28,15 +27,16 @@ def load_experts(path: str | Path, device_mesh: DeviceMesh, layout: str = "nemo"
     The rank checks, before reading anything, that every expert of its range is present
     and well-shaped (the error names the rank, layers, experts and projections), then
     reads only its own experts' bytes plus the non-expert tensors. No collective is
-    called, so a rank that fails does not leave the others waiting.
+    called, so a rank that fails does not leave the others waiting. With an accelerator
+    ``device`` (e.g. "cuda"), bytes go through a small pool of pinned buffers straight to
+    the device, where the grouped tensors are built.
     """
     checkpoint = Checkpoint.open(path)
     analysis = understand(checkpoint.tensors, checkpoint.config, checkpoint.metadata,
                           str(checkpoint.path), from_=from_)
     plan = rank_plan(analysis, *ep_coordinates(device_mesh), layout, checkpoint.file_of)
-    with FileSource(checkpoint) as source:
-        return run_plan(plan, source, device,
-                        lambda local: shard_experts(local, device_mesh, analysis.n_experts))
+    return read_plan(plan, checkpoint, device,
+                     lambda local: shard_experts(local, device_mesh, analysis.n_experts))
 
 
 def rank_plan(analysis: Analysis, size: int, rank: int, layout: str,

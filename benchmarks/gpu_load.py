@@ -1,0 +1,130 @@
+"""Benchmark loading grouped experts onto a GPU, against the pinned host->device copy limit.
+
+Builds a synthetic Qwen3-MoE-shaped bf16 checkpoint (default 8 GiB, 128 experts), reads
+it once so that every run starts from the page cache, then times, in one run:
+
+  (a) pinned host -> device copies of the same number of bytes (the limit),
+  (b) ``moekit.load(..., "nemo", device="cuda")``: grouped nemo tensors on the GPU,
+  (c) transformers ``from_pretrained(..., device_map="cuda")``,
+  (d) safetensors ``load_file(device="cuda")`` of every shard + a naive stack into nemo,
+
+and prints each as GB/s and as a ratio to (a). Then checks that every grouped tensor of
+(b) equals (d)'s on the GPU and has the same checksum as moekit's CPU path.
+
+    python benchmarks/gpu_load.py [--size-gib 8] [--experts 128] [--skip-transformers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from common import add_shape_arguments, build_checkpoint
+
+import moekit
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    """Seconds ``fn`` takes, the GPU's work included, and its result."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def pinned_copy(nbytes: int, chunk: int = 2**30) -> None:
+    """Copy ``nbytes`` from pinned host memory to the GPU, ``chunk`` at a time."""
+    host = torch.empty(chunk, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty(chunk, dtype=torch.uint8, device="cuda")
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for done in range(0, nbytes, chunk):
+        n = min(chunk, nbytes - done)
+        device[:n].copy_(host[:n], non_blocking=True)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def naive_nemo(path: Path, layers: int, experts: int) -> dict[str, torch.Tensor]:
+    """What a user writes without moekit: load every shard to the GPU, stack the experts."""
+    from safetensors.torch import load_file
+
+    loaded: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        loaded.update(load_file(file, device="cuda"))
+    for layer in range(layers):
+        p = f"model.layers.{layer}.mlp"
+        gate = [loaded.pop(f"{p}.experts.{e}.gate_proj.weight") for e in range(experts)]
+        up = [loaded.pop(f"{p}.experts.{e}.up_proj.weight") for e in range(experts)]
+        down = [loaded.pop(f"{p}.experts.{e}.down_proj.weight") for e in range(experts)]
+        loaded[f"{p}.experts.gate_and_up_projs"] = torch.stack(
+            [torch.cat([g.T, u.T], dim=1) for g, u in zip(gate, up)])
+        loaded[f"{p}.experts.down_projs"] = torch.stack([d.T for d in down])
+        del gate, up, down
+    return loaded
+
+
+def transformers_load(path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    model = AutoModelForCausalLM.from_pretrained(path, device_map="cuda", dtype=torch.bfloat16)
+    del model
+
+
+def checksum(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()
+                          .tobytes()).hexdigest()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_shape_arguments(parser, size_gib=8.0, experts=128)
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--workdir", help="where to build the checkpoint (default: a temp dir)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(dir=args.workdir, prefix="moekit-gpu-") as tmp:
+        path = Path(tmp) / "ckpt"
+        size, layers = build_checkpoint(path, args, full_config=True)
+        for file in path.iterdir():
+            file.read_bytes()
+        print(f"checkpoint: {size / 2**30:.2f} GiB, {layers} layers x {args.experts} experts "
+              f"(H={args.hidden}, I={args.inter}), bf16; GPU {torch.cuda.get_device_name()}")
+        rows = [("(a) pinned host->device copy", pinned_copy(size))]
+        moekit.load(path, "nemo", device="cuda")  # warm-up: CUDA context, threads, caches
+        seconds, ours = timed(lambda: moekit.load(path, "nemo", device="cuda"))
+        rows.append(("(b) moekit.load nemo cuda", seconds))
+        if not args.skip_transformers:
+            rows.append(("(c) transformers cuda", timed(lambda: transformers_load(path))[0]))
+        gc.collect()
+        seconds, naive = timed(lambda: naive_nemo(path, layers, args.experts))
+        rows.append(("(d) safetensors + stack", seconds))
+
+        limit = rows[0][1]
+        print(f"{'':32}{'seconds':>9}{'GB/s':>8}{'of (a)':>8}")
+        for name, s in rows:
+            print(f"{name:32}{s:9.2f}{size / s / 1e9:8.1f}{limit / s:8.1%}")
+        grouped = [k for k in ours if "experts." in k]
+        assert all(torch.equal(ours[k], naive[k]) for k in ours), "moekit != naive stack"
+        del naive
+        cpu = moekit.load(path, "nemo")
+        same = all(checksum(ours[k]) == checksum(cpu[k]) for k in grouped)
+        print(f"{len(grouped)} grouped tensors: equal to the naive GPU stack; "
+              f"sha256 {'identical' if same else 'DIFFERENT'} to moekit's CPU path")
+        print(json.dumps({"gib": round(size / 2**30, 2),
+                          **{name: round(size / s / 1e9, 2) for name, s in rows}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""The device executor: plan -> tensors on an accelerator, straight from the files.
+
+For each destination tensor, the byte ranges of its source regions are read from the
+safetensors files by a pool of reader threads into small pinned host buffers (two per
+thread, so a thread reads its next chunk while the previous one is being copied), copied
+asynchronously into a device staging buffer, and the recipe (stack, concatenate,
+transpose, ...) is evaluated there. Tensors are staged in batches of about BATCH_BYTES,
+whose regions adjacent in a file are read as one range (a layer's experts usually are);
+reads for batch b+1 overlap the copies and the evaluation of batch b (two staging slots). Host memory is the pinned pool, whatever
+the model size; no tensor is ever assembled on the host.
+
+With a CPU device the same path runs with plain host buffers (and no copies), which is how
+CI, without a GPU, tests it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..checkpoint import Checkpoint, data_offsets
+from ..dtypes import itemsize, to_torch
+from ..errors import MoekitError
+from ..plan import Expr, Plan, Read, TensorPlan, nbytes, reads
+from ..sources import FileSource
+from .evaluate import fill
+from .memory import run_plan
+
+CHUNK_BYTES = 16 * 2**20
+"""Bytes one reader moves per step; pinned host memory is 2 x CHUNK_BYTES per reader."""
+READERS = min(16, os.cpu_count() or 1)
+BATCH_BYTES = 256 * 2**20
+"""Destination bytes staged together (two batches are in flight: device memory)."""
+ALIGN = 256
+
+
+@dataclass(frozen=True)
+class _Leaf:
+    """One source region of a recipe: the rows of its source tensor that cover it (the
+    bytes ``[start, start + size)`` of ``file``), staged at ``offset``, and the index that
+    remains to apply to those rows."""
+
+    file: str
+    start: int
+    size: int
+    offset: int
+    shape: tuple[int, ...]
+    dtype: str
+    rest: tuple
+
+
+def read_plan(plan: Plan, checkpoint: Checkpoint, device: torch.device | str | None = None,
+              wrap_experts: Callable[[torch.Tensor], torch.Tensor] | None = None
+              ) -> dict[str, torch.Tensor]:
+    """Every tensor of ``plan`` from ``checkpoint``'s files: through pinned buffers onto an
+    accelerator ``device``, or straight from the mapped files on the CPU."""
+    if device is not None and torch.device(device).type != "cpu":
+        return load_to_device(plan, checkpoint, device, wrap_experts)
+    with FileSource(checkpoint) as source:
+        return run_plan(plan, source, device, wrap_experts)
+
+
+def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | str,
+                   wrap_experts: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   readers: int = READERS, chunk_bytes: int = CHUNK_BYTES,
+                   batch_bytes: int = BATCH_BYTES
+                   ) -> dict[str, torch.Tensor]:
+    """Every tensor of ``plan`` on ``device``, read from ``checkpoint``'s files.
+    ``wrap_experts`` is applied to the routed-expert tensors (e.g. to make DTensors)."""
+    device = torch.device(device)
+    with _Reader(checkpoint, device, readers, chunk_bytes, batch_bytes) as reader:
+        out = reader.run(plan)
+    if wrap_experts is not None:
+        out = {k: wrap_experts(v) if k in plan.expert_tensors else v for k, v in out.items()}
+    return out
+
+
+class _Reader:
+    """Reader threads, their buffers and streams, and the two staging slots."""
+
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, readers: int,
+                 chunk_bytes: int, batch_bytes: int = BATCH_BYTES) -> None:
+        self.checkpoint = checkpoint
+        self.batch_bytes = batch_bytes
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.chunk_bytes = chunk_bytes
+        self.pool = ThreadPoolExecutor(readers, thread_name_prefix="moekit-read")
+        self.local = threading.local()
+        self.fds: dict[str, int] = {}
+        self.offsets: dict[str, tuple[int, dict[str, tuple[int, int]]]] = {}
+        self.slots: list[torch.Tensor | None] = [None, None]
+        self.slot_free: list[torch.cuda.Event | None] = [None, None]
+        self.compute = torch.cuda.Stream(device) if self.cuda else None
+
+    def __enter__(self) -> "_Reader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True)
+        for fd in self.fds.values():
+            os.close(fd)
+
+    def run(self, plan: Plan) -> dict[str, torch.Tensor]:
+        batches = _batches(plan.tensors, self.batch_bytes)
+        out: dict[str, torch.Tensor] = {}
+        pending = self._submit(batches[0], 0) if batches else None
+        for i, batch in enumerate(batches):
+            assert pending is not None
+            leaves, futures = pending
+            if i + 1 < len(batches):
+                pending = self._submit(batches[i + 1], (i + 1) % 2)
+            events = [f.result() for f in futures]
+            out.update(self._evaluate(batch, leaves, events, i % 2))
+        if self.compute is not None:
+            self.compute.synchronize()
+        return out
+
+    def _submit(self, batch: list[TensorPlan], slot: int
+                ) -> tuple[dict[tuple, _Leaf], list[Future]]:
+        """Lay out the batch's source regions in staging slot ``slot`` (regions adjacent in
+        a file stay adjacent, so that they are read as one range) and start reading."""
+        leaves: dict[tuple, _Leaf] = {}
+        for tensor in batch:
+            for read in reads(tensor.recipe):
+                leaves.setdefault(_name(read), self._leaf(read))
+        runs = _runs(list(leaves.values()))
+        offset, placed = 0, {}
+        for run in runs:
+            for leaf in run.leaves:
+                placed[id(leaf)] = replace(leaf, offset=offset + leaf.start - run.start)
+            offset += -(-(run.end - run.start) // ALIGN) * ALIGN
+        staging = self._slot(slot, offset)
+        futures = [self.pool.submit(self._copy, run.file, run.start + done, staging,
+                                    placed[id(run.leaves[0])].offset + done,
+                                    min(self.chunk_bytes, run.end - run.start - done))
+                   for run in runs for done in range(0, run.end - run.start, self.chunk_bytes)]
+        return {name: placed[id(leaf)] for name, leaf in leaves.items()}, futures
+
+    def _leaf(self, read: Read) -> _Leaf:
+        info = self.checkpoint.tensors[read.key]
+        data_start, ranges = self._offsets(info.file)
+        begin, _ = ranges[read.key]
+        row_bytes = nbytes(info.shape[1:], info.dtype) if info.shape else itemsize(info.dtype)
+        first, rows, rest = _rows(read.region, info.shape[0] if info.shape else 1)
+        shape = (rows, *info.shape[1:]) if info.shape else ()
+        return _Leaf(info.file, data_start + begin + first * row_bytes, rows * row_bytes,
+                     0, shape, info.dtype, rest)
+
+    def _slot(self, slot: int, size: int) -> torch.Tensor:
+        """Staging slot ``slot``, at least ``size`` bytes, once its last use is finished."""
+        free = self.slot_free[slot]
+        if free is not None:
+            free.synchronize()
+        current = self.slots[slot]
+        if current is None or current.numel() < size:
+            current = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+            self.slots[slot] = current
+        return current
+
+    def _copy(self, file: str, start: int, staging: torch.Tensor, offset: int, size: int):
+        """Read ``size`` bytes at ``start`` of ``file`` into ``staging[offset:]`` (through a
+        pinned buffer and this thread's stream on CUDA); return the copy's event."""
+        fd = self._fd(file)
+        if not self.cuda:
+            _read_into(fd, start, staging[offset:offset + size], file)
+            return None
+        local = self.local
+        if not hasattr(local, "buffers"):
+            local.buffers = [torch.empty(self.chunk_bytes, dtype=torch.uint8, pin_memory=True)
+                             for _ in range(2)]
+            local.events = [None, None]
+            local.turn = 0
+            local.stream = torch.cuda.Stream(self.device)
+        turn = local.turn = 1 - local.turn
+        if local.events[turn] is not None:
+            local.events[turn].synchronize()
+        buffer = local.buffers[turn][:size]
+        _read_into(fd, start, buffer, file)
+        with torch.cuda.stream(local.stream):
+            staging[offset:offset + size].copy_(buffer, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(local.stream)
+        local.events[turn] = event
+        return event
+
+    def _evaluate(self, batch: list[TensorPlan], leaves: dict[tuple, _Leaf], events: list,
+                  slot: int) -> dict[str, torch.Tensor]:
+        staging = self.slots[slot]
+        assert staging is not None
+        source = _StagedSource(staging, leaves)
+        if self.compute is None:
+            return {t.name: self._build(t.recipe, source) for t in batch}
+        for event in events:
+            self.compute.wait_event(event)
+        with torch.cuda.stream(self.compute):
+            out = {t.name: self._build(t.recipe, source) for t in batch}
+            done = torch.cuda.Event()
+            done.record(self.compute)
+        self.slot_free[slot] = done
+        return out
+
+    def _build(self, recipe: Expr, source: "_StagedSource") -> torch.Tensor:
+        out = torch.empty(recipe.shape, dtype=to_torch(recipe.dtype), device=self.device)
+        fill(recipe, out, source)
+        return out
+
+    def _fd(self, file: str) -> int:
+        if file not in self.fds:
+            self.fds[file] = os.open(self.checkpoint.path / file, os.O_RDONLY)
+        return self.fds[file]
+
+    def _offsets(self, file: str) -> tuple[int, dict[str, tuple[int, int]]]:
+        if file not in self.offsets:
+            self.offsets[file] = data_offsets(self.checkpoint.path / file)
+        return self.offsets[file]
+
+
+@dataclass
+class _Run:
+    """Source regions that lie next to each other in one file: read as one byte range."""
+
+    file: str
+    start: int
+    end: int
+    leaves: list[_Leaf]
+
+
+def _runs(leaves: list[_Leaf]) -> list[_Run]:
+    """Group leaves into maximal runs of touching or overlapping byte ranges."""
+    runs: list[_Run] = []
+    for leaf in sorted(leaves, key=lambda x: (x.file, x.start)):
+        last = runs[-1] if runs else None
+        if last is not None and last.file == leaf.file and leaf.start <= last.end:
+            last.end = max(last.end, leaf.start + leaf.size)
+            last.leaves.append(leaf)
+        else:
+            runs.append(_Run(leaf.file, leaf.start, leaf.start + leaf.size, [leaf]))
+    return runs
+
+
+def _batches(tensors: list[TensorPlan], batch_bytes: int) -> list[list[TensorPlan]]:
+    """Consecutive tensors in groups of about ``batch_bytes``, staged and read together."""
+    batches: list[list[TensorPlan]] = []
+    size = batch_bytes
+    for tensor in tensors:
+        if size >= batch_bytes:
+            batches.append([])
+            size = 0
+        batches[-1].append(tensor)
+        size += tensor.nbytes
+    return batches
+
+
+class _StagedSource:
+    """Serves a recipe's reads as views of the staging buffer."""
+
+    def __init__(self, staging: torch.Tensor, leaves: dict[tuple, _Leaf]) -> None:
+        self.staging = staging
+        self.leaves = leaves
+
+    def read(self, region: Read) -> torch.Tensor:
+        leaf = self.leaves[_name(region)]
+        raw = self.staging[leaf.offset:leaf.offset + leaf.size]
+        if leaf.offset % itemsize(leaf.dtype):
+            raw = raw.clone()
+        tensor = raw.view(to_torch(leaf.dtype)).view(leaf.shape)
+        return tensor[leaf.rest] if leaf.rest else tensor
+
+
+def _name(read: Read) -> tuple:
+    return read.key, repr(read.region)
+
+
+def _rows(region: tuple, length: int) -> tuple[int, int, tuple]:
+    """The rows of dimension 0 a region covers (first, count) and the region that remains
+    to apply to those rows (an int index on dimension 0 becomes 0 there)."""
+    if not region:
+        return 0, length, ()
+    head, rest = region[0], tuple(region[1:])
+    if isinstance(head, int):
+        return head, 1, (0, *rest)
+    start, stop, step = head.indices(length)
+    if step != 1:
+        return 0, length, region
+    return start, max(stop - start, 0), (slice(None), *rest) if rest else ()
+
+
+def _read_into(fd: int, start: int, out: torch.Tensor, file: str) -> None:
+    """Fill the uint8 tensor ``out`` (host memory) with the file's bytes from ``start``."""
+    view = memoryview(out.numpy()).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], start + done)
+        if n <= 0:
+            raise MoekitError(f"{file} ends before byte {start + len(view)}: the file is "
+                              "truncated")
+        done += n

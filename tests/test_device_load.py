@@ -1,0 +1,118 @@
+"""The device executor (reader threads -> staging buffer -> recipes on the device).
+
+On CI (no GPU) it runs with the CPU device, which exercises the same byte ranges,
+chunking, staging slots and recipe evaluation; the CUDA tests run where a GPU is present
+and check that the GPU path gives bit-identical tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+import moekit
+from moekit import MoekitError
+from moekit.conversion import analyse_checkpoint
+from moekit.executors.device import load_to_device
+from moekit.executors.memory import run_plan
+from moekit.layouts import layout_named
+from moekit.planner import build_plan
+from moekit.sources import FileSource
+
+from .conftest import load_all
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _plan(path, layout, experts=None):
+    checkpoint, analysis = analyse_checkpoint(path)
+    return checkpoint, build_plan(analysis, layout_named(layout), experts=experts)
+
+
+def _reference(checkpoint, plan):
+    with FileSource(checkpoint) as source:
+        return run_plan(plan, source)
+
+
+def _assert_same(found: dict, expected: dict) -> None:
+    assert found.keys() == expected.keys()
+    for key, value in expected.items():
+        assert found[key].dtype == value.dtype and torch.equal(found[key].cpu(), value), key
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "deepseek_v3", "phimoe"])
+@pytest.mark.parametrize("layout", ["nemo", "transformers", "vllm", "hf"])
+def test_staged_loading_equals_the_file_executor(family, layout, family_checkpoints):
+    checkpoint, plan = _plan(family_checkpoints[family], layout)
+    # Tiny chunks, batches and three readers: tensors are split across threads, chunks
+    # and batches, and both staging slots are reused.
+    staged = load_to_device(plan, checkpoint, "cpu", readers=3, chunk_bytes=1000,
+                            batch_bytes=5000)
+    _assert_same(staged, _reference(checkpoint, plan))
+
+
+def test_staged_loading_reads_grouped_sources_and_expert_ranges(family_checkpoints, tmp_path):
+    grouped = tmp_path / "nemo"
+    moekit.convert(family_checkpoints["qwen3_moe"], grouped, "nemo", max_shard_size="40KB")
+    for layout, experts in (("hf", None), ("vllm", range(2, 5)), ("nemo", range(5, 6))):
+        checkpoint, plan = _plan(grouped, layout, experts)
+        staged = load_to_device(plan, checkpoint, "cpu", readers=2, chunk_bytes=777,
+                                batch_bytes=3000)
+        _assert_same(staged, _reference(checkpoint, plan))
+
+
+def test_load_gives_the_grouped_state_dict(family_checkpoints):
+    path = family_checkpoints["olmoe"]
+    expected = moekit.convert_state_dict(load_all(path), "hf", "transformers", family="olmoe")
+    _assert_same(moekit.load(path, "transformers"), expected)
+
+
+def test_a_truncated_shard_is_named(qwen3):
+    shard = sorted(qwen3.glob("*.safetensors"))[-1]
+    checkpoint, plan = _plan(qwen3, "nemo")
+    shard.write_bytes(shard.read_bytes()[:-64])
+    with pytest.raises(MoekitError, match=shard.name):
+        load_to_device(plan, checkpoint, "cpu", readers=2, chunk_bytes=4096)
+
+
+def checksums(state: dict) -> dict[str, str]:
+    """sha256 of every tensor's bytes (computed on the host)."""
+    return {k: hashlib.sha256(v.detach().cpu().contiguous().view(torch.uint8).numpy()
+                              .tobytes()).hexdigest() for k, v in state.items()}
+
+
+@cuda
+@pytest.mark.parametrize("layout", ["nemo", "transformers", "vllm"])
+def test_cuda_loading_is_bit_identical_to_the_cpu(layout, family_checkpoints):
+    for family in ("qwen3_moe", "deepseek_v3", "mixtral"):
+        path = family_checkpoints[family]
+        on_gpu = moekit.load(path, layout, device="cuda")
+        assert all(t.device.type == "cuda" for t in on_gpu.values())
+        assert checksums(on_gpu) == checksums(moekit.load(path, layout))
+
+
+@cuda
+def test_cuda_state_dict_conversion_is_built_on_the_gpu(family_checkpoints):
+    hf = load_all(family_checkpoints["qwen3_moe"])
+    on_gpu = moekit.convert_state_dict({k: v.cuda() for k, v in hf.items()}, "hf", "nemo")
+    assert all(t.device.type == "cuda" for t in on_gpu.values())
+    assert checksums(on_gpu) == checksums(moekit.convert_state_dict(hf, "hf", "nemo"))
+    back = moekit.ExpertAdapter("nemo").to_hf(on_gpu)
+    assert checksums(back) == checksums(hf)
+
+
+@cuda
+def test_load_experts_onto_the_gpu_equals_the_cpu_rows(family_checkpoints, tmp_path):
+    import torch.multiprocessing as mp
+
+    from . import ep_workers
+
+    src = family_checkpoints["qwen3_moe"]
+    result = str(tmp_path / "result")
+    mp.spawn(ep_workers.cuda_load, args=(1, str(tmp_path / "store"), str(src), result),
+             nprocs=1, join=True)
+    found = torch.load(f"{result}.0")
+    assert found["devices"] == {"cuda"}
+    assert found["sums"] == checksums(moekit.load(src, "nemo"))
