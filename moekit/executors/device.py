@@ -16,6 +16,7 @@ CI, without a GPU, tests it.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -245,16 +246,24 @@ def _runs(leaves: list[_Leaf]) -> list[_Run]:
 
 
 def _batches(tensors: list[TensorPlan], batch_bytes: int) -> list[list[TensorPlan]]:
-    """Consecutive tensors in groups of about ``batch_bytes``, staged and read together."""
+    """Consecutive tensors in groups of at least ``batch_bytes`` (or what is left), staged
+    and read together. A layer is never split: its experts usually lie next to each other
+    in a file, and one batch reads them as one range."""
     batches: list[list[TensorPlan]] = []
-    size = batch_bytes
+    size, layer = batch_bytes, None
     for tensor in tensors:
-        if size >= batch_bytes:
+        match = _LAYER.search(tensor.name)
+        current = match[0] if match else tensor.name
+        if size >= batch_bytes and current != layer:
             batches.append([])
             size = 0
         batches[-1].append(tensor)
         size += tensor.nbytes
+        layer = current
     return batches
+
+
+_LAYER = re.compile(r"(^|\.)layers\.\d+\.")
 
 
 class _StagedSource:

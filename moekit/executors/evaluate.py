@@ -40,8 +40,7 @@ def fill(expr: Expr, out: torch.Tensor, source: TensorSource) -> None:
     elif isinstance(expr, Transpose):
         fill(expr.part, out.transpose(-2, -1), source)
     elif isinstance(expr, Stack):
-        for i, part in enumerate(expr.parts):
-            fill(part, out[i], source)
+        _fill_stack(expr, out, source)
     elif isinstance(expr, Concat):
         _fill_concat(expr, out, source)
     elif isinstance(expr, Scale):
@@ -55,6 +54,60 @@ def fill(expr: Expr, out: torch.Tensor, source: TensorSource) -> None:
         _fill_redraw(expr, out, source)
     else:
         raise TypeError(f"not a recipe node: {expr!r}")
+
+
+def _fill_stack(expr: Stack, out: torch.Tensor, source: TensorSource) -> None:
+    """Stack the parts into ``out``. A stack of equally built concatenations is filled one
+    concatenated piece at a time (``out[:, ..., piece k]``), and a stack of (transposed)
+    regions that share one buffer (the device executor's staging) is gathered in one
+    kernel rather than one copy per expert."""
+    parts = expr.parts
+    first = parts[0]
+    if isinstance(first, Concat) and all(_same_concat(first, p) for p in parts):
+        dim = first.dim % len(first.shape)
+        offset = 0
+        for k, piece in enumerate(first.parts):
+            size = piece.shape[dim]
+            index = slice(k, None, len(first.parts)) if first.interleave else \
+                slice(offset, offset + size)
+            fill(Stack(tuple(p.parts[k] for p in parts)), out[(slice(None),) * (dim + 1) + (index,)],
+                 source)
+            offset += size
+        return
+    transposed = isinstance(first, Transpose)
+    leaves = [p.part if isinstance(p, Transpose) else p for p in parts]
+    if not all(isinstance(p, Transpose) == transposed and isinstance(leaf, Read)
+               for p, leaf in zip(parts, leaves)):
+        for i, part in enumerate(parts):
+            fill(part, out[i], source)
+        return
+    tensors = [source.read(leaf) for leaf in leaves]
+    gathered = _gather(tensors)
+    if gathered is not None:
+        out.copy_(gathered.transpose(-2, -1) if transposed else gathered)
+        return
+    for i, tensor in enumerate(tensors):
+        out[i].copy_(tensor.transpose(-2, -1) if transposed else tensor)
+
+
+def _same_concat(a: Concat, b: Expr) -> bool:
+    return (isinstance(b, Concat) and b.dim == a.dim and b.interleave == a.interleave
+            and [p.shape for p in b.parts] == [p.shape for p in a.parts])
+
+
+def _gather(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensors stacked, gathered by one ``index_select`` over a sliding-window view of
+    the buffer they all lie in, or None unless they are equally shaped contiguous views of
+    one storage."""
+    first = tensors[0]
+    storage = first.untyped_storage()
+    if not all(t.is_contiguous() and t.shape == first.shape and t.dtype == first.dtype
+               and t.untyped_storage().data_ptr() == storage.data_ptr() for t in tensors):
+        return None
+    length = storage.nbytes() // first.element_size()
+    windows = first.as_strided((length - first.numel() + 1, first.numel()), (1, 1), 0)
+    starts = torch.tensor([t.storage_offset() for t in tensors], device=first.device)
+    return windows.index_select(0, starts).view(len(tensors), *first.shape)
 
 
 def _fill_concat(expr: Concat, out: torch.Tensor, source: TensorSource) -> None:
