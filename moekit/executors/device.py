@@ -1,13 +1,16 @@
 """The device executor: plan -> tensors on an accelerator, straight from the files.
 
-For each destination tensor, the byte ranges of its source regions are read from the
-safetensors files by a pool of reader threads into small pinned host buffers (two per
-thread, so a thread reads its next chunk while the previous one is being copied), copied
-asynchronously into a device staging buffer, and the recipe (stack, concatenate,
-transpose, ...) is evaluated there. Tensors are staged in batches of about BATCH_BYTES,
-whose regions adjacent in a file are read as one range (a layer's experts usually are);
-reads for batch b+1 overlap the copies and the evaluation of batch b (two staging slots). Host memory is the pinned pool, whatever
-the model size; no tensor is ever assembled on the host.
+For each destination tensor, the byte ranges of its source regions are copied by a pool of
+reader threads into a device staging buffer, and the recipe (stack, concatenate,
+transpose, ...) is evaluated there. A reader reads a chunk into one of its two small pinned
+buffers and copies it to the device asynchronously, reading the next chunk meanwhile.
+(Registering the page cache's mapped pages with CUDA instead, to skip the host copy, was
+measured slower: registration does not scale across threads.) Tensors are staged in batches
+of about BATCH_BYTES, whose regions adjacent in a file are read as one range (a layer's
+experts usually are);
+reads for batch b+1 overlap the copies and the evaluation of batch b (two staging slots).
+Pinned host memory is at most two chunks per reader, whatever the model size; no tensor
+is ever assembled on the host.
 
 With a CPU device the same path runs with plain host buffers (and no copies), which is how
 CI, without a GPU, tests it.
@@ -20,7 +23,7 @@ import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -34,13 +37,13 @@ from .memory import run_plan
 
 CHUNK_BYTES = 16 * 2**20
 """Bytes one reader moves per step; pinned host memory is 2 x CHUNK_BYTES per reader."""
-READERS = min(16, os.cpu_count() or 1)
+READERS = min(8, os.cpu_count() or 1)
 BATCH_BYTES = 256 * 2**20
 """Destination bytes staged together (two batches are in flight: device memory)."""
 ALIGN = 256
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Leaf:
     """One source region of a recipe: the rows of its source tensor that cover it (the
     bytes ``[start, start + size)`` of ``file``), staged at ``offset``, and the index that
@@ -69,8 +72,7 @@ def read_plan(plan: Plan, checkpoint: Checkpoint, device: torch.device | str | N
 def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | str,
                    wrap_experts: Callable[[torch.Tensor], torch.Tensor] | None = None,
                    readers: int = READERS, chunk_bytes: int = CHUNK_BYTES,
-                   batch_bytes: int = BATCH_BYTES
-                   ) -> dict[str, torch.Tensor]:
+                   batch_bytes: int = BATCH_BYTES) -> dict[str, torch.Tensor]:
     """Every tensor of ``plan`` on ``device``, read from ``checkpoint``'s files.
     ``wrap_experts`` is applied to the routed-expert tensors (e.g. to make DTensors)."""
     device = torch.device(device)
@@ -94,10 +96,12 @@ class _Reader:
         self.pool = ThreadPoolExecutor(readers, thread_name_prefix="moekit-read")
         self.local = threading.local()
         self.fds: dict[str, int] = {}
+        self.lock = threading.RLock()
         self.offsets: dict[str, tuple[int, dict[str, tuple[int, int]]]] = {}
         self.slots: list[torch.Tensor | None] = [None, None]
         self.slot_free: list[torch.cuda.Event | None] = [None, None]
         self.compute = torch.cuda.Stream(device) if self.cuda else None
+
 
     def __enter__(self) -> "_Reader":
         return self
@@ -131,17 +135,17 @@ class _Reader:
             for read in reads(tensor.recipe):
                 leaves.setdefault(_name(read), self._leaf(read))
         runs = _runs(list(leaves.values()))
-        offset, placed = 0, {}
+        offset, jobs = 0, []
         for run in runs:
             for leaf in run.leaves:
-                placed[id(leaf)] = replace(leaf, offset=offset + leaf.start - run.start)
+                leaf.offset = offset + leaf.start - run.start
+            jobs += [(run.file, start, offset + start - run.start, end - start)
+                     for start, end in _chunks(run.start, run.end, self.chunk_bytes)]
             offset += -(-(run.end - run.start) // ALIGN) * ALIGN
         staging = self._slot(slot, offset)
-        futures = [self.pool.submit(self._copy, run.file, run.start + done, staging,
-                                    placed[id(run.leaves[0])].offset + done,
-                                    min(self.chunk_bytes, run.end - run.start - done))
-                   for run in runs for done in range(0, run.end - run.start, self.chunk_bytes)]
-        return {name: placed[id(leaf)] for name, leaf in leaves.items()}, futures
+        futures = [self.pool.submit(self._copy, file, start, staging, at, size)
+                   for file, start, at, size in jobs]
+        return leaves, futures
 
     def _leaf(self, read: Read) -> _Leaf:
         info = self.checkpoint.tensors[read.key]
@@ -165,19 +169,27 @@ class _Reader:
         return current
 
     def _copy(self, file: str, start: int, staging: torch.Tensor, offset: int, size: int):
-        """Read ``size`` bytes at ``start`` of ``file`` into ``staging[offset:]`` (through a
-        pinned buffer and this thread's stream on CUDA); return the copy's event."""
+        """Copy ``size`` bytes at ``start`` of ``file`` into ``staging[offset:]``; on CUDA
+        return the copy's event (recorded on this thread's stream)."""
         fd = self._fd(file)
         if not self.cuda:
             _read_into(fd, start, staging[offset:offset + size], file)
             return None
+        local = self.local
+        if not hasattr(local, "stream"):
+            local.stream = torch.cuda.Stream(self.device)
+        return self._copy_pinned(fd, file, start, staging, offset, size)
+
+    def _copy_pinned(self, fd: int, file: str, start: int, staging: torch.Tensor, offset: int,
+                     size: int):
+        """Read into one of this thread's two pinned buffers (waiting for that buffer's
+        previous copy), then copy it to the device asynchronously."""
         local = self.local
         if not hasattr(local, "buffers"):
             local.buffers = [torch.empty(self.chunk_bytes, dtype=torch.uint8, pin_memory=True)
                              for _ in range(2)]
             local.events = [None, None]
             local.turn = 0
-            local.stream = torch.cuda.Stream(self.device)
         turn = local.turn = 1 - local.turn
         if local.events[turn] is not None:
             local.events[turn].synchronize()
@@ -212,9 +224,10 @@ class _Reader:
         return out
 
     def _fd(self, file: str) -> int:
-        if file not in self.fds:
-            self.fds[file] = os.open(self.checkpoint.path / file, os.O_RDONLY)
-        return self.fds[file]
+        with self.lock:
+            if file not in self.fds:
+                self.fds[file] = os.open(self.checkpoint.path / file, os.O_RDONLY)
+            return self.fds[file]
 
     def _offsets(self, file: str) -> tuple[int, dict[str, tuple[int, int]]]:
         if file not in self.offsets:
@@ -230,6 +243,12 @@ class _Run:
     start: int
     end: int
     leaves: list[_Leaf]
+
+
+def _chunks(start: int, end: int, size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` cut at the file offsets that are multiples of ``size``."""
+    cuts = [start, *range((start // size + 1) * size, end, size), end]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
 def _runs(leaves: list[_Leaf]) -> list[_Run]:
@@ -272,6 +291,18 @@ class _StagedSource:
     def __init__(self, staging: torch.Tensor, leaves: dict[tuple, _Leaf]) -> None:
         self.staging = staging
         self.leaves = leaves
+        self.typed: dict[str, torch.Tensor] = {}
+
+    def locate(self, region: Read) -> tuple[torch.Tensor, int, tuple[int, ...]] | None:
+        """Where a whole-rows region lies: (the staging buffer as its dtype, element
+        offset, shape), so that a stack of them is gathered without a view per part."""
+        leaf = self.leaves[_name(region)]
+        size = itemsize(leaf.dtype)
+        if leaf.rest or leaf.offset % size:
+            return None
+        if leaf.dtype not in self.typed:
+            self.typed[leaf.dtype] = self.staging.view(to_torch(leaf.dtype))
+        return self.typed[leaf.dtype], leaf.offset // size, leaf.shape
 
     def read(self, region: Read) -> torch.Tensor:
         leaf = self.leaves[_name(region)]

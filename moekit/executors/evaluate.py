@@ -11,6 +11,7 @@ the same tensors on every run, device and expert-parallel rank.
 
 from __future__ import annotations
 
+import math
 from weakref import WeakKeyDictionary
 
 import torch
@@ -59,8 +60,8 @@ def fill(expr: Expr, out: torch.Tensor, source: TensorSource) -> None:
 def _fill_stack(expr: Stack, out: torch.Tensor, source: TensorSource) -> None:
     """Stack the parts into ``out``. A stack of equally built concatenations is filled one
     concatenated piece at a time (``out[:, ..., piece k]``), and a stack of (transposed)
-    regions that share one buffer (the device executor's staging) is gathered in one
-    kernel rather than one copy per expert."""
+    regions of one staging buffer is gathered in one kernel rather than one copy per
+    expert."""
     parts = expr.parts
     first = parts[0]
     if isinstance(first, Concat) and all(_same_concat(first, p) for p in parts):
@@ -74,20 +75,12 @@ def _fill_stack(expr: Stack, out: torch.Tensor, source: TensorSource) -> None:
                  source)
             offset += size
         return
-    transposed = isinstance(first, Transpose)
-    leaves = [p.part if isinstance(p, Transpose) else p for p in parts]
-    if not all(isinstance(p, Transpose) == transposed and isinstance(leaf, Read)
-               for p, leaf in zip(parts, leaves)):
-        for i, part in enumerate(parts):
-            fill(part, out[i], source)
-        return
-    tensors = [source.read(leaf) for leaf in leaves]
-    gathered = _gather(tensors)
+    gathered = _gather(parts, source)
     if gathered is not None:
-        out.copy_(gathered.transpose(-2, -1) if transposed else gathered)
+        out.copy_(gathered)
         return
-    for i, tensor in enumerate(tensors):
-        out[i].copy_(tensor.transpose(-2, -1) if transposed else tensor)
+    for i, part in enumerate(parts):
+        fill(part, out[i], source)
 
 
 def _same_concat(a: Concat, b: Expr) -> bool:
@@ -95,19 +88,28 @@ def _same_concat(a: Concat, b: Expr) -> bool:
             and [p.shape for p in b.parts] == [p.shape for p in a.parts])
 
 
-def _gather(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """The tensors stacked, gathered by one ``index_select`` over a sliding-window view of
-    the buffer they all lie in, or None unless they are equally shaped contiguous views of
-    one storage."""
-    first = tensors[0]
-    storage = first.untyped_storage()
-    if not all(t.is_contiguous() and t.shape == first.shape and t.dtype == first.dtype
-               and t.untyped_storage().data_ptr() == storage.data_ptr() for t in tensors):
+def _gather(parts: tuple[Expr, ...], source: TensorSource) -> torch.Tensor | None:
+    """Stacked parts that are all reads (or all transposed reads) of equally shaped
+    regions of one buffer, gathered by one ``index_select`` over a sliding-window view of
+    it, when the source can say where they lie (``locate``: the device executor's staging
+    buffer); else None."""
+    locate = getattr(source, "locate", None)
+    transposed = isinstance(parts[0], Transpose)
+    leaves = [p.part if isinstance(p, Transpose) else p for p in parts]
+    if locate is None or not all(isinstance(p, Transpose) == transposed and isinstance(leaf, Read)
+                                 for p, leaf in zip(parts, leaves)):
         return None
-    length = storage.nbytes() // first.element_size()
-    windows = first.as_strided((length - first.numel() + 1, first.numel()), (1, 1), 0)
-    starts = torch.tensor([t.storage_offset() for t in tensors], device=first.device)
-    return windows.index_select(0, starts).view(len(tensors), *first.shape)
+    spots = [locate(leaf) for leaf in leaves]
+    if any(spot is None for spot in spots):
+        return None
+    base, _, shape = spots[0]
+    if any(spot[0] is not base or spot[2] != shape for spot in spots):
+        return None
+    numel = math.prod(shape)
+    windows = base.as_strided((base.numel() - numel + 1, numel), (1, 1), 0)
+    starts = torch.tensor([spot[1] for spot in spots], device=base.device)
+    stacked = windows.index_select(0, starts).view(len(spots), *shape)
+    return stacked.transpose(-2, -1) if transposed else stacked
 
 
 def _fill_concat(expr: Concat, out: torch.Tensor, source: TensorSource) -> None:
