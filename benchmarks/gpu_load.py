@@ -8,7 +8,8 @@ it once so that every run starts from the page cache, then times, in one run:
   (c) transformers ``from_pretrained(..., device_map="cuda")``,
   (d) safetensors ``load_file(device="cuda")`` of every shard + a naive stack into nemo,
 
-and prints each as GB/s and as a ratio to (a). Then checks that every grouped tensor of
+and prints each (the best of --repeat runs; transformers once) as GB/s and as a ratio to
+(a). Then checks that every grouped tensor of
 (b) equals (d)'s on the GPU and has the same checksum as moekit's CPU path.
 
     python benchmarks/gpu_load.py [--size-gib 8] [--experts 128] [--skip-transformers]
@@ -32,13 +33,19 @@ from common import add_shape_arguments, build_checkpoint
 import moekit
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
-    """Seconds ``fn`` takes, the GPU's work included, and its result."""
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start, result
+def timed(fn: Callable[[], object], repeat: int = 1) -> tuple[float, object]:
+    """The best of ``repeat`` runs of ``fn`` in seconds, the GPU's work included, and the
+    last run's result."""
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        result = None
+        gc.collect()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best, result
 
 
 def pinned_copy(nbytes: int, chunk: int = 2**30) -> None:
@@ -91,6 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shape_arguments(parser, size_gib=8.0, experts=128)
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workdir", help="where to build the checkpoint (default: a temp dir)")
     args = parser.parse_args()
 
@@ -101,14 +109,12 @@ def main() -> None:
             file.read_bytes()
         print(f"checkpoint: {size / 2**30:.2f} GiB, {layers} layers x {args.experts} experts "
               f"(H={args.hidden}, I={args.inter}), bf16; GPU {torch.cuda.get_device_name()}")
-        rows = [("(a) pinned host->device copy", pinned_copy(size))]
-        moekit.load(path, "nemo", device="cuda")  # warm-up: CUDA context, threads, caches
-        seconds, ours = timed(lambda: moekit.load(path, "nemo", device="cuda"))
+        rows = [("(a) pinned host->device copy", min(pinned_copy(size) for _ in range(args.repeat)))]
+        seconds, ours = timed(lambda: moekit.load(path, "nemo", device="cuda"), args.repeat)
         rows.append(("(b) moekit.load nemo cuda", seconds))
         if not args.skip_transformers:
             rows.append(("(c) transformers cuda", timed(lambda: transformers_load(path))[0]))
-        gc.collect()
-        seconds, naive = timed(lambda: naive_nemo(path, layers, args.experts))
+        seconds, naive = timed(lambda: naive_nemo(path, layers, args.experts), args.repeat)
         rows.append(("(d) safetensors + stack", seconds))
 
         limit = rows[0][1]
