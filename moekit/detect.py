@@ -35,11 +35,12 @@ def detect_layout(tensors: Mapping[str, TensorMeta], family: Family,
     recorded = metadata.get(LAYOUT_METADATA_KEY)
     if recorded:
         return layout_named(recorded)
-    scores = {name: _recognised(layout, tensors, family) for name, layout in LAYOUTS.items()}
+    in_experts = _in_experts(tensors, family)
+    sample = {key: tensors[key] for key in in_experts}
+    scores = {name: _recognised(layout, sample, family) for name, layout in LAYOUTS.items()}
     best = max(scores, key=lambda name: scores[name])
     if scores[best] > 0:
         return LAYOUTS[best]
-    in_experts = _in_experts(tensors, family)
     if in_experts:
         raise MoekitError(
             f"cannot detect the expert layout of {label}: tensors such as {in_experts[0]} belong "
@@ -47,10 +48,22 @@ def detect_layout(tensors: Mapping[str, TensorMeta], family: Family,
     return HF
 
 
-def _in_experts(tensors: Mapping[str, TensorMeta], family: Family) -> list[str]:
-    """Keys inside an experts module of ``family`` in any layout's naming."""
+SAMPLE = 1024
+"""Expert keys a layout is judged on: a checkpoint is in one layout, and the chosen
+layout's full parse then validates every key (and reports any that do not fit)."""
+
+
+def _in_experts(tensors: Mapping[str, TensorMeta], family: Family, limit: int = SAMPLE
+                ) -> list[str]:
+    """Up to ``limit`` keys inside an experts module of ``family`` in any layout's naming."""
     regions = [layout.expert_region(family) for layout in LAYOUTS.values()]
-    return [k for k in tensors if any(region.match(k) for region in regions)]
+    found: list[str] = []
+    for key in tensors:
+        if any(region.match(key) for region in regions):
+            found.append(key)
+            if len(found) == limit:
+                break
+    return found
 
 
 def _recognised(layout: Layout, tensors: Mapping[str, TensorMeta], family: Family) -> int:
