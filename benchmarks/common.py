@@ -118,7 +118,12 @@ def _random_like(pool: torch.Tensor, shape: tuple[int, ...], seed: int) -> torch
 
 
 def run_measured(cmd: list[str]) -> tuple[float, int]:
-    """Run ``cmd``; return (wall seconds, peak RSS in bytes of that process)."""
+    """Run ``cmd``; return (wall seconds, peak RSS in bytes of that process).
+
+    Dirty pages are flushed first, so that every command starts from the same state: the
+    kernel throttles a writer once enough dirty pages pile up, and whichever command ran
+    second would otherwise pay for the first one's writes."""
+    os.sync()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
