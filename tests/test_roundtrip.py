@@ -1,4 +1,5 @@
-"""HF -> every grouped layout -> HF is byte-identical for every family, and the results
+"""Hub checkpoint -> every layout -> its own layout again is byte-identical for every
+family (HF per-expert for most; Llama 4 keeps its experts grouped on disk), and the results
 load in transformers with identical logits."""
 
 from __future__ import annotations
@@ -9,23 +10,28 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from moekit import convert, samples, verify
+from moekit import convert, inspect, samples, verify
 from moekit.checkpoint import INDEX_NAME
 
 from .conftest import load_all, same_bytes
 
 FAMILIES = list(samples.MOE_FAMILIES)
-GROUPED = ["nemo", "transformers", "vllm"]
+LAYOUTS = ["hf", "nemo", "transformers", "vllm"]
+OWN_LAYOUT = {"llama4_text": "transformers"}
+"""The layout a family's Hub checkpoints are in, where it is not HF per-expert."""
+CASES = [(family, layout) for family in FAMILIES for layout in LAYOUTS
+         if layout != OWN_LAYOUT.get(family, "hf")]
 
 
-@pytest.mark.parametrize("layout", GROUPED)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family,layout", CASES)
 def test_round_trip_is_byte_identical_and_loads(family, layout, family_checkpoints, tmp_path):
     src = family_checkpoints[family]
     assert len(list(src.glob("*.safetensors"))) > 1, "the sample must span several shards"
-    grouped, back = tmp_path / layout, tmp_path / "back"
-    convert(src, grouped, to=layout, max_shard_size="40KB")
-    convert(grouped, back, to="hf", max_shard_size="40KB")
+    own = inspect(src).layout
+    assert own == OWN_LAYOUT.get(family, "hf")
+    converted, back = tmp_path / layout, tmp_path / "back"
+    convert(src, converted, to=layout, max_shard_size="40KB")
+    convert(converted, back, to=own, max_shard_size="40KB")
 
     original, restored = load_all(src), load_all(back)
     assert original.keys() == restored.keys()
@@ -63,6 +69,19 @@ def test_grouped_layouts_convert_into_each_other(family_checkpoints, tmp_path):
         convert(previous, out, to=layout)
         previous = out
     assert verify(src, previous).equal
+
+
+def test_llama4_grouped_experts_match_the_documented_layout(family_checkpoints, tmp_path):
+    """Llama 4's own gate_up_proj is [E, H, 2I] = cat(gate.T, up.T), down_proj [E, I, H]."""
+    src = family_checkpoints["llama4_text"]
+    convert(src, tmp_path / "hf", to="hf")
+    grouped, hf = load_all(src), load_all(tmp_path / "hf")
+    block = "model.layers.1.feed_forward.experts"
+    assert grouped[f"{block}.gate_up_proj"].shape == (6, 32, 48)
+    for e in range(6):
+        gate, up, down = (hf[f"{block}.{e}.{p}_proj.weight"] for p in ("gate", "up", "down"))
+        assert torch.equal(grouped[f"{block}.gate_up_proj"][e], torch.cat([gate.T, up.T], -1))
+        assert torch.equal(grouped[f"{block}.down_proj"][e], down.T)
 
 
 def test_nemo_tensors_match_the_documented_layout(family_checkpoints, tmp_path):

@@ -33,6 +33,9 @@ class Family:
     renames: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     """Per layout: substring renames applied to every key (first match wins), e.g.
     transformers v5 names Mixtral's ``block_sparse_moe`` ``mlp``."""
+    transposed: dict[str, bool] = field(default_factory=dict)
+    """Per grouped layout: the orientation this family stores it in, where it differs from
+    the layout's own (Llama 4's fused experts are ``[E, in, out]``)."""
 
     def expert_key(self, layer: int, expert: int, projection: str) -> str:
         """The HF key of one expert's projection weight."""
@@ -57,6 +60,13 @@ FAMILIES: tuple[Family, ...] = (
     Family("phimoe", ("phimoe",), _MIXTRAL_BLOCK, _MIXTRAL_PROJECTIONS, "num_local_experts",
            renames={"transformers": ((".block_sparse_moe.gate.weight", ".mlp.router.weight"),
                                      (".block_sparse_moe.", ".mlp."))}),
+    # Llama 4 (text) keeps its experts grouped on disk, as its model does in memory:
+    # feed_forward.experts.gate_up_proj [E,H,2I] (gate then up) and down_proj [E,I,H], i.e.
+    # the transformers layout in the [E, in, out] orientation. Its per-expert HF view is
+    # moekit's canonical form (feed_forward.experts.{e}.gate_proj.weight, ...).
+    Family("llama4", ("llama4_text",), "model.layers.{layer}.feed_forward", _QWEN_PROJECTIONS,
+           "num_local_experts", router="router.weight", shared_expert="shared_expert",
+           transposed={"transformers": True}),
 )
 
 GENERIC_FAMILIES: tuple[Family, ...] = (

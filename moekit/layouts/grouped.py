@@ -8,7 +8,7 @@ after the other or interleaved element by element along the output dimension.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..plan import Concat, Expr, Read, Stack, TensorPlan, Transpose
 from .base import ExpertBlock, Layout, ParsedExperts, TensorMeta
@@ -40,10 +40,18 @@ class GroupedLayout(Layout):
         self.description = description
         self.tensors = tensors
 
+    def specs(self, family: Family) -> tuple[GroupedTensor, ...]:
+        """This layout's grouped tensors for ``family``, whose checkpoints may store them in
+        the other orientation (Llama 4's own fused experts are ``[E, in, out]``)."""
+        transposed = family.transposed.get(self.name)
+        if transposed is None:
+            return self.tensors
+        return tuple(replace(t, transposed=transposed) for t in self.tensors)
+
     def parse(self, tensors: dict[str, TensorMeta], family: Family) -> ParsedExperts:
         parsed = ParsedExperts()
         region = self.expert_region(family)
-        by_name = {t.name: t for t in self.tensors}
+        by_name = {t.name: t for t in self.specs(family)}
         for key, meta in tensors.items():
             inside = region.match(key)
             if not inside:
@@ -63,7 +71,7 @@ class GroupedLayout(Layout):
 
     def emit(self, block: ExpertBlock, n_experts: int, family: Family) -> list[TensorPlan]:
         out = []
-        for spec in self.tensors:
+        for spec in self.specs(family):
             projections = [p for p in spec.projections if (p, 0) in block.pieces]
             if not projections:
                 continue
@@ -108,7 +116,7 @@ class GroupedLayout(Layout):
         """Every grouped tensor of a block must be present and hold the same experts."""
         for layer, block in parsed.blocks.items():
             counts = {}
-            for spec in self.tensors:
+            for spec in self.specs(family):
                 experts = {e for (p, e) in block.pieces if p == spec.projections[0]}
                 name = self.from_hf_key(f"{block.block}.experts.{spec.name}", family)
                 if not experts:
