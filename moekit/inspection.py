@@ -80,7 +80,7 @@ def inspect(path: str | Path, from_: str | None = None) -> CheckpointInfo:
             layer_bytes[int(match[1])] += size
     moe = sorted(analysis.blocks)
     first = analysis.blocks[moe[0]] if moe else None
-    gate = first.pieces.get(("gate", 0)) if first else None
+    gate = first.pieces.get(("gate", 0), first.pieces.get(("up", 0))) if first else None
     return CheckpointInfo(
         path=str(checkpoint.path),
         family=analysis.family.name if moe else f"dense ({checkpoint.model_type or 'unknown'})",

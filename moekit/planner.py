@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .detect import detect_family, detect_layout
 from .errors import MoekitError, PlanError, compress_ranges, plural
-from .layouts import FAMILIES, PROJECTIONS, ExpertBlock, Family, Layout, family_named, layout_named
+from .layouts import FAMILIES, ExpertBlock, Family, Layout, family_named, layout_named
 from .layouts.base import ParsedExperts, TensorMeta
 from .plan import Plan, Read, TensorPlan
 
@@ -174,7 +174,7 @@ def _block_problems(block: ExpertBlock, family: Family, layout: Layout, n_expert
     problems = []
     missing: dict[tuple[str, ...], list[int]] = defaultdict(list)
     for e in required:
-        lacking = tuple(name(p) for p in PROJECTIONS if (p, e) not in block.pieces)
+        lacking = tuple(name(p) for p in family.projections if (p, e) not in block.pieces)
         if lacking:
             missing[lacking].append(e)
     for projs, absent in missing.items():
@@ -184,16 +184,16 @@ def _block_problems(block: ExpertBlock, family: Family, layout: Layout, n_expert
     if extra:
         problems.append(f"{plural(len(extra), 'expert')} {compress_ranges(extra)} beyond the "
                         f"{n_experts} experts config.json declares ({family.expert_count_key})")
-    problems.extend(_shape_problems(block, name, where, required))
+    problems.extend(_shape_problems(block, family, name, where, required))
     return problems
 
 
-def _shape_problems(block: ExpertBlock, name: Callable[[str], str],
+def _shape_problems(block: ExpertBlock, family: Family, name: Callable[[str], str],
                     where: Callable[[str], str | None], required: range) -> list[str]:
     """Required experts whose shape or dtype differs from the other experts' (the majority)."""
     problems = []
     expected: dict[str, tuple] = {}
-    for proj in PROJECTIONS:
+    for proj in family.projections:
         found = {e: (tuple(x.shape), x.dtype) for (p, e), x in block.pieces.items() if p == proj}
         if not found:
             continue
@@ -210,7 +210,7 @@ def _shape_problems(block: ExpertBlock, name: Callable[[str], str],
                 f"{plural(len(experts), 'expert')} {compress_ranges(experts)} {name(proj)} "
                 f"{'is' if len(experts) == 1 else 'are'} {list(shape)} {dtype}, the other "
                 f"experts {list(common[0])} {common[1]}" + (f" (in {file})" if file else ""))
-    gate, up, down = (expected.get(p) for p in PROJECTIONS)
+    gate, up, down = (expected.get(p) for p in ("gate", "up", "down"))
     if gate and up and gate[0] != up[0]:
         problems.append(f"{name('gate')} {list(gate[0])} and {name('up')} {list(up[0])} differ in shape")
     if up and down and tuple(reversed(up[0])) != down[0]:

@@ -84,6 +84,22 @@ def test_llama4_grouped_experts_match_the_documented_layout(family_checkpoints, 
         assert torch.equal(grouped[f"{block}.down_proj"][e], down.T)
 
 
+def test_non_gated_experts_match_the_documented_layouts(family_checkpoints, tmp_path):
+    """Nemotron-H's ReLU² experts have no gate: nemo holds up alone, [E, H, I] = up.T, and
+    transformers names it up_proj [E, I, H] under model.* (= the model's state_dict)."""
+    src = family_checkpoints["nemotron_h"]
+    convert(src, tmp_path / "nemo", to="nemo")
+    convert(src, tmp_path / "fused", to="transformers")
+    hf, nemo, fused = load_all(src), load_all(tmp_path / "nemo"), load_all(tmp_path / "fused")
+    block = "layers.2.mixer.experts"
+    for e in range(6):
+        up, down = (hf[f"backbone.{block}.{e}.{p}_proj.weight"] for p in ("up", "down"))
+        assert torch.equal(nemo[f"backbone.{block}.gate_and_up_projs"][e], up.T)
+        assert torch.equal(nemo[f"backbone.{block}.down_projs"][e], down.T)
+        assert torch.equal(fused[f"model.{block}.up_proj"][e], up)
+    assert nemo[f"backbone.{block}.gate_and_up_projs"].shape == (6, 32, 16)
+
+
 def test_nemo_tensors_match_the_documented_layout(family_checkpoints, tmp_path):
     src = family_checkpoints["qwen3_moe"]
     out = tmp_path / "nemo"

@@ -23,7 +23,8 @@ class Family:
     block: str
     """Key prefix of a layer's MoE block, with a ``{layer}`` field."""
     projections: dict[str, str]
-    """Canonical projection -> on-disk module name, e.g. ``{"gate": "w1", ...}``."""
+    """Canonical projection -> on-disk module name, e.g. ``{"gate": "w1", ...}``; a
+    non-gated family has no ``gate``."""
     expert_count_key: str
     """The ``config.json`` entry holding the number of routed experts."""
     router: str = "gate.weight"
@@ -64,6 +65,11 @@ FAMILIES: tuple[Family, ...] = (
     # feed_forward.experts.gate_up_proj [E,H,2I] (gate then up) and down_proj [E,I,H], i.e.
     # the transformers layout in the [E, in, out] orientation. Its per-expert HF view is
     # moekit's canonical form (feed_forward.experts.{e}.gate_proj.weight, ...).
+    # Nemotron-H: non-gated ReLU² experts (up, down) in hybrid Mamba/attention/MoE stacks,
+    # under backbone.layers.N.mixer on disk and model.layers.N.mixer in memory.
+    Family("nemotron_h", ("nemotron_h",), "backbone.layers.{layer}.mixer",
+           {"up": "up_proj", "down": "down_proj"}, "n_routed_experts",
+           shared_expert="shared_experts", renames={"transformers": (("backbone.", "model."),)}),
     Family("llama4", ("llama4_text",), "model.layers.{layer}.feed_forward", _QWEN_PROJECTIONS,
            "num_local_experts", router="router.weight", shared_expert="shared_expert",
            transposed={"transformers": True}),

@@ -1,5 +1,9 @@
 """Grouped layouts: all experts of a layer in one tensor per projection group.
 
+For a non-gated family (experts with ``up`` and ``down`` only, e.g. ReLU² in Nemotron-H)
+the gate+up tensor holds ``up`` alone: nemo ``gate_and_up_projs`` [E,H,I], vllm
+``w13_weight`` [E,I,H], transformers ``up_proj`` [E,I,H] (Nemotron-H's own name).
+
 Each grouped layout is a list of ``GroupedTensor`` entries, pure data: which canonical
 projections the tensor holds, whether it stores them ``[E, out, in]`` (as ``nn.Linear``)
 or transposed ``[E, in, out]``, and whether several projections are concatenated one
@@ -25,6 +29,9 @@ class GroupedTensor:
     """True: ``[E, in, out]``; False: ``[E, out, in]`` like a stack of ``nn.Linear`` weights."""
     interleaved: bool = False
     """True: projection k fills output positions ``k::n``; False: concatenated in order."""
+    ungated_name: str | None = None
+    """The name this tensor takes for a family without a gate projection (ReLU² experts),
+    where it holds ``up`` alone; None keeps ``name``."""
 
     @property
     def out_dim(self) -> int:
@@ -41,12 +48,19 @@ class GroupedLayout(Layout):
         self.tensors = tensors
 
     def specs(self, family: Family) -> tuple[GroupedTensor, ...]:
-        """This layout's grouped tensors for ``family``, whose checkpoints may store them in
-        the other orientation (Llama 4's own fused experts are ``[E, in, out]``)."""
+        """This layout's grouped tensors for ``family``: holding only the projections the
+        family has (a non-gated family has no gate), in the family's orientation where it
+        differs (Llama 4's own fused experts are ``[E, in, out]``)."""
         transposed = family.transposed.get(self.name)
-        if transposed is None:
-            return self.tensors
-        return tuple(replace(t, transposed=transposed) for t in self.tensors)
+        specs = []
+        for spec in self.tensors:
+            held = tuple(p for p in spec.projections if p in family.projections)
+            if held != spec.projections:
+                spec = replace(spec, projections=held, name=spec.ungated_name or spec.name)
+            if transposed is not None:
+                spec = replace(spec, transposed=transposed)
+            specs.append(spec)
+        return tuple(specs)
 
     def parse(self, tensors: dict[str, TensorMeta], family: Family) -> ParsedExperts:
         parsed = ParsedExperts()
@@ -136,7 +150,7 @@ NEMO = GroupedLayout(
 TRANSFORMERS = GroupedLayout(
     "transformers", "transformers v5 fused experts (model.state_dict()): gate_up_proj [E,2I,H], "
     "down_proj [E,H,I]",
-    (GroupedTensor("gate_up_proj", ("gate", "up"), transposed=False),
+    (GroupedTensor("gate_up_proj", ("gate", "up"), transposed=False, ungated_name="up_proj"),
      GroupedTensor("down_proj", ("down",), transposed=False)))
 
 VLLM = GroupedLayout(
