@@ -32,6 +32,8 @@ class CheckpointInfo:
     hidden_size: int | None
     expert_intermediate_size: int | None
     shared_expert_intermediate_size: int | None
+    expert_pieces: list[str] = field(default_factory=list)
+    """What each routed expert holds: gate, up, down (no gate: non-gated), and *_bias."""
     dtypes: dict[str, int] = field(default_factory=dict)
     """dtype -> bytes."""
     total_bytes: int = 0
@@ -55,6 +57,10 @@ class CheckpointInfo:
                 f"  MoE layers        {compress_ranges(self.moe_layers)} ({len(self.moe_layers)})",
                 f"  routed experts    E={self.n_experts}, I={self.expert_intermediate_size}, "
                 f"H={self.hidden_size}",
+                f"  expert pieces     {', '.join(self.expert_pieces)}"
+                + ("" if "gate" in self.expert_pieces else " (non-gated)")
+                + (" (with biases)" if any(p.endswith("_bias") for p in self.expert_pieces)
+                   else ""),
             ]
             if self.shared_expert_intermediate_size:
                 lines.append(f"  shared expert     I={self.shared_expert_intermediate_size}")
@@ -90,6 +96,8 @@ def inspect(path: str | Path, from_: str | None = None) -> CheckpointInfo:
         hidden_size=gate.shape[1] if gate else None,
         expert_intermediate_size=gate.shape[0] if gate else None,
         shared_expert_intermediate_size=_shared_size(checkpoint.tensors, analysis),
+        expert_pieces=[p for p in analysis.family.pieces
+                       if first and any(q == p for q, _ in first.pieces)],
         dtypes=dict(dtypes), total_bytes=sum(dtypes.values()), layer_bytes=dict(layer_bytes),
         n_tensors=len(checkpoint.tensors))
 

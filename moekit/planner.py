@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .detect import detect_family, detect_layout
 from .errors import MoekitError, PlanError, compress_ranges, plural
-from .layouts import FAMILIES, ExpertBlock, Family, Layout, family_named, layout_named
+from .layouts import FAMILIES, LAYOUTS, ExpertBlock, Family, Layout, family_named, layout_named
 from .layouts.base import ParsedExperts, TensorMeta
 from .plan import Plan, Read, TensorPlan
 
@@ -91,6 +91,7 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
             f"the source holds no expert tensors (a dense model, family "
             f"{analysis.family.name}): the {dst.name} layout applies only to MoE checkpoints; "
             "use `moekit upcycle` to turn a dense model into an MoE")
+    _check_held(analysis, dst)
     src = analysis.layout
     chosen = range(analysis.n_experts) if experts is None else experts
     by_layer: dict[int, list[TensorPlan]] = {
@@ -111,6 +112,19 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
     _check_unique(tensors)
     return Plan(analysis.family.name, src.name, dst.name, tensors,
                 {layer: len(chosen) for layer in sorted(analysis.blocks)}, expert_names)
+
+
+def _check_held(analysis: Analysis, dst: Layout) -> None:
+    """Refuse a destination layout with no place for some of the experts' pieces (expert
+    biases in nemo), rather than drop them."""
+    present = {piece for block in analysis.blocks.values() for piece, _ in block.pieces}
+    lost = sorted(p for p in present if not dst.holds(p, analysis.family))
+    if lost:
+        can = [name for name, layout in LAYOUTS.items()
+               if all(layout.holds(p, analysis.family) for p in lost)]
+        raise MoekitError(f"the {dst.name} layout cannot hold the {analysis.family.name} "
+                          f"experts' {', '.join(lost)}; moekit refuses to drop them. Layouts "
+                          f"that hold them: {', '.join(can)}")
 
 
 def select_experts(block: ExpertBlock, experts: range, offset: int = 0) -> ExpertBlock:
@@ -166,15 +180,15 @@ def _problems(parsed: ParsedExperts, family: Family, layout: Layout, n_experts: 
 
 def _block_problems(block: ExpertBlock, family: Family, layout: Layout, n_experts: int,
                     where: Callable[[str], str | None], required: range) -> list[str]:
-    def name(proj: str) -> str:
-        return family.projections[proj] if layout.name == "hf" else proj
+    def name(piece: str) -> str:
+        return family.piece_key(piece).removesuffix(".weight") if layout.name == "hf" else piece
 
     files = sorted({f for f in (where(n.split("[", 1)[0]) for n in block.names.values()) if f})
     stored = f" (layer stored in {', '.join(files)})" if files else ""
     problems = []
     missing: dict[tuple[str, ...], list[int]] = defaultdict(list)
     for e in required:
-        lacking = tuple(name(p) for p in family.projections if (p, e) not in block.pieces)
+        lacking = tuple(name(p) for p in family.pieces if (p, e) not in block.pieces)
         if lacking:
             missing[lacking].append(e)
     for projs, absent in missing.items():
@@ -193,7 +207,7 @@ def _shape_problems(block: ExpertBlock, family: Family, name: Callable[[str], st
     """Required experts whose shape or dtype differs from the other experts' (the majority)."""
     problems = []
     expected: dict[str, tuple] = {}
-    for proj in family.projections:
+    for proj in family.pieces:
         found = {e: (tuple(x.shape), x.dtype) for (p, e), x in block.pieces.items() if p == proj}
         if not found:
             continue

@@ -30,6 +30,8 @@ MOE_FAMILIES: dict[str, dict[str, Any]] = {
     "nemotron_h": dict(layers_block_type=["moe", "attention", "moe"], head_dim=8,
                        n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=16,
                        moe_shared_expert_intermediate_size=24, n_shared_experts=1),
+    "gpt_oss": dict(intermediate_size=24, num_local_experts=6, num_experts_per_tok=2,
+                    head_dim=8, sliding_window=8),
     "llama4_text": dict(intermediate_size=24, intermediate_size_mlp=64, num_local_experts=6,
                         num_experts_per_tok=2, interleave_moe_layer_step=2, head_dim=8),
 }

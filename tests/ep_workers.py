@@ -21,6 +21,13 @@ def _init(rank: int, world: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 
 
+def finish() -> None:
+    """Wait for every rank, then tear the group down (a rank that leaves while another
+    still talks to it can abort the process in gloo's teardown)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def load_check_save(rank: int, world: int, store: str, src: str, out: str,
                     mesh_shape: tuple[int, ...], names: tuple[str, ...], layout: str) -> None:
     """Load this rank's experts, check rows and full_tensor(), save back to ``out``."""
@@ -42,7 +49,7 @@ def load_check_save(rank: int, world: int, store: str, src: str, out: str,
             assert torch.equal(value, reference[key])
     _check_adapter(state, Path(src), mesh, layout, mine)
     save_experts(state, out, mesh, layout=layout, config_from=src)
-    dist.destroy_process_group()
+    finish()
 
 
 def _check_adapter(state: dict, src: Path, mesh, layout: str, mine: range) -> None:
@@ -80,7 +87,7 @@ def save_failing_on_rank_1(rank: int, world: int, store: str, src: str, out: str
         raise AssertionError("save_experts should have failed")
     except MoekitError as err:
         assert "rank 1: disk full" in str(err)
-    dist.destroy_process_group()
+    finish()
 
 
 def load_recording_reads(rank: int, world: int, store: str, src: str, log_dir: str) -> None:
@@ -101,7 +108,7 @@ def load_recording_reads(rank: int, world: int, store: str, src: str, log_dir: s
     FileSource.read = read
     load_experts(src, mesh, layout="vllm")
     Path(log_dir, f"{rank}.json").write_text(json.dumps(sorted(set(asked))))
-    dist.destroy_process_group()
+    finish()
 
 
 def load_expecting_error(rank: int, world: int, store: str, src: str, log_dir: str) -> None:
@@ -114,7 +121,7 @@ def load_expecting_error(rank: int, world: int, store: str, src: str, log_dir: s
     except MoekitError as err:
         outcome = str(err)
     Path(log_dir, f"{rank}.txt").write_text(outcome)
-    dist.destroy_process_group()
+    finish()
 
 
 def cuda_load(rank: int, world: int, store: str, src: str, result: str) -> None:
@@ -130,4 +137,4 @@ def cuda_load(rank: int, world: int, store: str, src: str, result: str) -> None:
             for k, v in state.items()}
     devices = {(v.to_local() if isinstance(v, DTensor) else v).device.type for v in state.values()}
     torch.save({"sums": sums, "devices": devices}, f"{result}.{rank}")
-    dist.destroy_process_group()
+    finish()

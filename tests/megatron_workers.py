@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from moekit.upcycling import UpcycleSpec
 from moekit.upcycling import megatron as moekit_megatron
 
+from .ep_workers import finish
+
 HIDDEN, DENSE_FFN, VOCAB, SEQ = 32, 64, 100, 8
 
 
@@ -120,7 +122,7 @@ def exact_and_megatron_parity(rank: int, world: int, store: str, bias: bool, res
                 "grouped": grouped, "keys_match": theirs.keys() == ours_megatron.keys(),
                 "exact_error": (exact_logits - dense_logits).abs().max().item(),
                 "megatron_error": (megatron_logits - dense_logits).abs().max().item()}, result)
-    dist.destroy_process_group()
+    finish()
 
 
 def virtual_pipeline(rank: int, world: int, store: str, result: str) -> None:
@@ -133,7 +135,7 @@ def virtual_pipeline(rank: int, world: int, store: str, result: str) -> None:
     returned = moekit_megatron.load_and_upcycle_model(lambda: (7, 0.0), moe, dense, strict=True)
     error = (forward(moe, _ids()) - forward(dense, _ids())).abs().max().item()
     torch.save({"returned": returned, "error": error}, result)
-    dist.destroy_process_group()
+    finish()
 
 
 def expert_parallel(rank: int, world: int, store: str, result: str) -> None:
@@ -160,4 +162,4 @@ def expert_parallel(rank: int, world: int, store: str, result: str) -> None:
            for j, e in enumerate(local)}
     torch.save({"megatron_equal": all(torch.equal(theirs[k], ours[k]) for k in experts),
                 "n_expert_tensors": len(experts), "drop_fc1": fc1}, f"{result}.{rank}")
-    dist.destroy_process_group()
+    finish()

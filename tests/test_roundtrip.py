@@ -17,10 +17,12 @@ from .conftest import load_all, same_bytes
 
 FAMILIES = list(samples.MOE_FAMILIES)
 LAYOUTS = ["hf", "nemo", "transformers", "vllm"]
-OWN_LAYOUT = {"llama4_text": "transformers"}
+OWN_LAYOUT = {"llama4_text": "transformers", "gpt_oss": "transformers"}
 """The layout a family's Hub checkpoints are in, where it is not HF per-expert."""
+NO_PLACE = {("gpt_oss", "nemo")}
+"""(family, layout) pairs where the layout cannot hold the experts (biases): refused."""
 CASES = [(family, layout) for family in FAMILIES for layout in LAYOUTS
-         if layout != OWN_LAYOUT.get(family, "hf")]
+         if layout != OWN_LAYOUT.get(family, "hf") and (family, layout) not in NO_PLACE]
 
 
 @pytest.mark.parametrize("family,layout", CASES)
@@ -84,6 +86,40 @@ def test_llama4_grouped_experts_match_the_documented_layout(family_checkpoints, 
         assert torch.equal(grouped[f"{block}.down_proj"][e], down.T)
 
 
+def test_gpt_oss_interleaved_experts_and_biases_match_the_documented_layout(
+        family_checkpoints, tmp_path):
+    """GPT-OSS: gate_up_proj [E,H,2I] with gate at [..., 0::2] and up at [..., 1::2], the
+    biases interleaved the same way; vllm concatenates them (w13_weight, w13_bias)."""
+    src = family_checkpoints["gpt_oss"]
+    convert(src, tmp_path / "hf", to="hf")
+    convert(src, tmp_path / "vllm", to="vllm")
+    grouped, hf, vllm = load_all(src), load_all(tmp_path / "hf"), load_all(tmp_path / "vllm")
+    block = "model.layers.1.mlp.experts"
+    for e in range(6):
+        def piece(name):
+            return hf[f"{block}.{e}.{name}"]
+        assert torch.equal(grouped[f"{block}.gate_up_proj"][e][:, 0::2], piece("gate_proj.weight").T)
+        assert torch.equal(grouped[f"{block}.gate_up_proj"][e][:, 1::2], piece("up_proj.weight").T)
+        assert torch.equal(grouped[f"{block}.gate_up_proj_bias"][e][0::2], piece("gate_proj.bias"))
+        assert torch.equal(grouped[f"{block}.down_proj_bias"][e], piece("down_proj.bias"))
+        assert torch.equal(vllm[f"{block}.w13_bias"][e],
+                           torch.cat([piece("gate_proj.bias"), piece("up_proj.bias")]))
+        assert torch.equal(vllm[f"{block}.w2_weight"][e], piece("down_proj.weight"))
+    assert inspect(src).expert_pieces == ["gate", "up", "down", "gate_bias", "up_bias",
+                                          "down_bias"]
+
+
+def test_a_layout_without_a_place_for_expert_biases_is_refused(family_checkpoints, tmp_path,
+                                                               capsys):
+    from moekit.cli import main
+
+    src = family_checkpoints["gpt_oss"]
+    assert main(["convert", str(src), str(tmp_path / "nemo"), "--to", "nemo"]) == 2
+    err = capsys.readouterr().err
+    assert "nemo layout cannot hold the gpt_oss experts' down_bias, gate_bias, up_bias" in err
+    assert "refuses to drop them" in err and not (tmp_path / "nemo").exists()
+
+
 def test_non_gated_experts_match_the_documented_layouts(family_checkpoints, tmp_path):
     """Nemotron-H's ReLU² experts have no gate: nemo holds up alone, [E, H, I] = up.T, and
     transformers names it up_proj [E, I, H] under model.* (= the model's state_dict)."""
@@ -98,6 +134,7 @@ def test_non_gated_experts_match_the_documented_layouts(family_checkpoints, tmp_
         assert torch.equal(nemo[f"backbone.{block}.down_projs"][e], down.T)
         assert torch.equal(fused[f"model.{block}.up_proj"][e], up)
     assert nemo[f"backbone.{block}.gate_and_up_projs"].shape == (6, 32, 16)
+    assert inspect(src).expert_pieces == ["up", "down"]
 
 
 def test_nemo_tensors_match_the_documented_layout(family_checkpoints, tmp_path):

@@ -72,6 +72,10 @@ class Layout(ABC):
         """Find this layout's expert tensors among ``tensors`` (keys in this layout's
         naming) and express each expert's projections as canonical pieces."""
 
+    def holds(self, piece: str, family: Family) -> bool:
+        """True when this layout has a place for ``piece`` (a projection or its bias)."""
+        return True
+
     @abstractmethod
     def emit(self, block: ExpertBlock, n_experts: int, family: Family) -> list[TensorPlan]:
         """The destination tensors of one MoE block in this layout."""

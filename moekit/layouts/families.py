@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 PROJECTIONS = ("gate", "up", "down")
 """Canonical projection names: gate (w1, activated), up (w3, multiplied), down (w2)."""
+BIAS = "_bias"
+"""Suffix of a projection's bias piece (``gate_bias`` [I], ``up_bias`` [I], ``down_bias`` [H])."""
 
 
 @dataclass(frozen=True)
@@ -37,11 +39,27 @@ class Family:
     transposed: dict[str, bool] = field(default_factory=dict)
     """Per grouped layout: the orientation this family stores it in, where it differs from
     the layout's own (Llama 4's fused experts are ``[E, in, out]``)."""
+    interleaved: dict[str, bool] = field(default_factory=dict)
+    """Per grouped layout: gate and up interleaved rather than concatenated (GPT-OSS)."""
+    biases: bool = False
+    """True when every expert projection has a bias (GPT-OSS)."""
 
-    def expert_key(self, layer: int, expert: int, projection: str) -> str:
-        """The HF key of one expert's projection weight."""
-        return (f"{self.block.format(layer=layer)}.experts.{expert}."
-                f"{self.projections[projection]}.weight")
+    @property
+    def pieces(self) -> tuple[str, ...]:
+        """Every canonical piece an expert of this family has: its projections, then their
+        biases when it has them."""
+        biases = tuple(p + BIAS for p in self.projections) if self.biases else ()
+        return (*self.projections, *biases)
+
+    def piece_key(self, piece: str) -> str:
+        """A piece's name in HF per-expert keys: ``gate_proj.weight``, ``gate_proj.bias``."""
+        if piece.endswith(BIAS):
+            return f"{self.projections[piece[:-len(BIAS)]]}.bias"
+        return f"{self.projections[piece]}.weight"
+
+    def expert_key(self, layer: int, expert: int, piece: str) -> str:
+        """The HF key of one expert's projection weight (or bias, for a ``*_bias`` piece)."""
+        return f"{self.block.format(layer=layer)}.experts.{expert}.{self.piece_key(piece)}"
 
 
 _QWEN_PROJECTIONS = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -70,6 +88,13 @@ FAMILIES: tuple[Family, ...] = (
     Family("nemotron_h", ("nemotron_h",), "backbone.layers.{layer}.mixer",
            {"up": "up_proj", "down": "down_proj"}, "n_routed_experts",
            shared_expert="shared_experts", renames={"transformers": (("backbone.", "model."),)}),
+    # GPT-OSS keeps its experts grouped on disk as its model does in memory: gate_up_proj
+    # [E,H,2I] with gate and up interleaved, biases gate_up_proj_bias [E,2I] (same
+    # interleave) and down_proj_bias [E,H]: the transformers layout, transposed and
+    # interleaved. Its per-expert HF view adds experts.{e}.{gate,up,down}_proj.bias.
+    Family("gpt_oss", ("gpt_oss",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_local_experts",
+           router="router.weight", transposed={"transformers": True},
+           interleaved={"transformers": True}, biases=True),
     Family("llama4", ("llama4_text",), "model.layers.{layer}.feed_forward", _QWEN_PROJECTIONS,
            "num_local_experts", router="router.weight", shared_expert="shared_expert",
            transposed={"transformers": True}),

@@ -32,11 +32,13 @@ class GroupedTensor:
     ungated_name: str | None = None
     """The name this tensor takes for a family without a gate projection (ReLU² experts),
     where it holds ``up`` alone; None keeps ``name``."""
+    vector: bool = False
+    """True for biases: ``[E, out]``, one vector per expert (``transposed`` is moot)."""
 
     @property
     def out_dim(self) -> int:
         """The dimension of the grouped tensor that runs over the output features."""
-        return 2 if self.transposed else 1
+        return 2 if self.transposed and not self.vector else 1
 
 
 class GroupedLayout(Layout):
@@ -52,15 +54,23 @@ class GroupedLayout(Layout):
         family has (a non-gated family has no gate), in the family's orientation where it
         differs (Llama 4's own fused experts are ``[E, in, out]``)."""
         transposed = family.transposed.get(self.name)
+        interleaved = family.interleaved.get(self.name)
         specs = []
         for spec in self.tensors:
-            held = tuple(p for p in spec.projections if p in family.projections)
+            held = tuple(p for p in spec.projections if p in family.pieces)
+            if not held:
+                continue
             if held != spec.projections:
                 spec = replace(spec, projections=held, name=spec.ungated_name or spec.name)
             if transposed is not None:
                 spec = replace(spec, transposed=transposed)
+            if interleaved is not None:
+                spec = replace(spec, interleaved=interleaved)
             specs.append(spec)
         return tuple(specs)
+
+    def holds(self, piece: str, family: Family) -> bool:
+        return any(piece in spec.projections for spec in self.specs(family))
 
     def parse(self, tensors: dict[str, TensorMeta], family: Family) -> ParsedExperts:
         parsed = ParsedExperts()
@@ -97,7 +107,7 @@ class GroupedLayout(Layout):
 
     @staticmethod
     def _combine(spec: GroupedTensor, pieces: list[Expr]) -> Expr:
-        oriented = [Transpose(p) if spec.transposed else p for p in pieces]
+        oriented = [Transpose(p) if spec.transposed and not spec.vector else p for p in pieces]
         if len(oriented) == 1:
             return oriented[0]
         return Concat(tuple(oriented), dim=spec.out_dim - 1, interleave=spec.interleaved)
@@ -106,8 +116,9 @@ class GroupedLayout(Layout):
     def _add_pieces(block: ExpertBlock, key: str, meta: TensorMeta,
                     spec: GroupedTensor) -> str | None:
         shape = tuple(meta.shape)
-        if len(shape) != 3:
-            return f"{key} has shape {list(shape)}; a grouped expert tensor has 3 dimensions"
+        dims = 2 if spec.vector else 3
+        if len(shape) != dims:
+            return f"{key} has shape {list(shape)}; this grouped expert tensor has {dims} dimensions"
         n = len(spec.projections)
         out_size = shape[spec.out_dim]
         if out_size % n:
@@ -117,8 +128,10 @@ class GroupedLayout(Layout):
         for k, proj in enumerate(spec.projections):
             part = slice(k, None, n) if spec.interleaved else slice(k * size, (k + 1) * size)
             for e in range(shape[0]):
-                if spec.transposed:
-                    read: Expr = Transpose(Read(key, (e, slice(None), part),
+                if spec.vector:
+                    read: Expr = Read(key, (e, part), (size,), meta.dtype)
+                elif spec.transposed:
+                    read = Transpose(Read(key, (e, slice(None), part),
                                                 (shape[1], size), meta.dtype))
                 else:
                     read = Read(key, (e, part), (size, shape[2]), meta.dtype)
@@ -143,17 +156,23 @@ class GroupedLayout(Layout):
 
 
 NEMO = GroupedLayout(
-    "nemo", "NeMo AutoModel GroupedExperts: gate_and_up_projs [E,H,2I], down_projs [E,I,H]",
+    "nemo", "NeMo AutoModel GroupedExperts: gate_and_up_projs [E,H,2I], down_projs [E,I,H] "
+    "(no expert biases)",
     (GroupedTensor("gate_and_up_projs", ("gate", "up"), transposed=True),
      GroupedTensor("down_projs", ("down",), transposed=True)))
 
 TRANSFORMERS = GroupedLayout(
     "transformers", "transformers v5 fused experts (model.state_dict()): gate_up_proj [E,2I,H], "
-    "down_proj [E,H,I]",
+    "down_proj [E,H,I] (biases gate_up_proj_bias [E,2I], down_proj_bias [E,H])",
     (GroupedTensor("gate_up_proj", ("gate", "up"), transposed=False, ungated_name="up_proj"),
-     GroupedTensor("down_proj", ("down",), transposed=False)))
+     GroupedTensor("down_proj", ("down",), transposed=False),
+     GroupedTensor("gate_up_proj_bias", ("gate_bias", "up_bias"), False, vector=True),
+     GroupedTensor("down_proj_bias", ("down_bias",), False, vector=True)))
 
 VLLM = GroupedLayout(
-    "vllm", "vLLM FusedMoE: w13_weight [E,2I,H], w2_weight [E,H,I]",
+    "vllm", "vLLM FusedMoE: w13_weight [E,2I,H], w2_weight [E,H,I] (biases w13_bias [E,2I], "
+    "w2_bias [E,H])",
     (GroupedTensor("w13_weight", ("gate", "up"), transposed=False),
-     GroupedTensor("w2_weight", ("down",), transposed=False)))
+     GroupedTensor("w2_weight", ("down",), transposed=False),
+     GroupedTensor("w13_bias", ("gate_bias", "up_bias"), False, vector=True),
+     GroupedTensor("w2_bias", ("down_bias",), False, vector=True)))

@@ -10,7 +10,8 @@ from .families import Family
 
 
 class PerExpertLayout(Layout):
-    """``{block}.experts.{e}.{gate_proj|up_proj|down_proj}.weight`` (names per family)."""
+    """``{block}.experts.{e}.{gate_proj|up_proj|down_proj}.weight`` (names per family),
+    and ``.bias`` beside each for families whose experts have biases."""
 
     name = "hf"
     description = "Hugging Face: one tensor per expert and projection (what the Hub holds)"
@@ -18,7 +19,7 @@ class PerExpertLayout(Layout):
     def parse(self, tensors: dict[str, TensorMeta], family: Family) -> ParsedExperts:
         parsed = ParsedExperts()
         pattern = self._key_pattern(family)
-        by_name = {v: k for k, v in family.projections.items()}
+        by_name = {family.piece_key(piece): piece for piece in family.pieces}
         region = self.expert_region(family)
         for key, meta in tensors.items():
             inside = region.match(key)
@@ -32,18 +33,18 @@ class PerExpertLayout(Layout):
                                                f"HF layout (is the source layout right?)"))
                 continue
             block = parsed.block(layer, family)
-            piece = (by_name[match["proj"]], int(match["expert"]))
+            piece = (by_name[match["piece"]], int(match["expert"]))
             block.pieces[piece] = Read(key, (), tuple(meta.shape), meta.dtype)
             block.names[piece] = key
         return parsed
 
     def emit(self, block: ExpertBlock, n_experts: int, family: Family) -> list[TensorPlan]:
-        return [TensorPlan(family.expert_key(block.layer, e, proj), block.pieces[(proj, e)])
-                for e in range(n_experts) for proj in family.projections
-                if (proj, e) in block.pieces]
+        return [TensorPlan(family.expert_key(block.layer, e, piece), block.pieces[(piece, e)])
+                for e in range(n_experts) for piece in family.pieces
+                if (piece, e) in block.pieces]
 
     @staticmethod
     def _key_pattern(family: Family) -> re.Pattern[str]:
         block = re.escape(family.block).replace(r"\{layer\}", r"(?P<layer>\d+)")
-        names = "|".join(re.escape(n) for n in family.projections.values())
-        return re.compile(f"^{block}\\.experts\\.(?P<expert>\\d+)\\.(?P<proj>{names})\\.weight$")
+        names = "|".join(re.escape(family.piece_key(piece)) for piece in family.pieces)
+        return re.compile(f"^{block}\\.experts\\.(?P<expert>\\d+)\\.(?P<piece>{names})$")
