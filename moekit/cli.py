@@ -73,6 +73,8 @@ def _add_convert(commands) -> None:
     sub.add_argument("--from", dest="from_", choices=list(LAYOUTS),
                      help="source layout (default: detected)")
     sub.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    sub.add_argument("--dequantize", action="store_true",
+                     help="write FP8 block-scaled weights as bf16 (their scales dropped)")
     sub.add_argument("--dry-run", action="store_true",
                      help="validate and print the plan; write nothing")
     sub.add_argument("--overwrite", action="store_true", help="replace an existing destination")
@@ -84,7 +86,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 
     plan = convert(args.src, args.dst, args.to, from_=args.from_,
                    max_shard_size=args.max_shard_size, dry_run=args.dry_run,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, dequantize=args.dequantize)
     _report_plan(plan, plan.summary(), args)
     return 0
 

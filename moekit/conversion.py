@@ -32,15 +32,16 @@ def analyse_checkpoint(path: str | Path, from_: str | None = None) -> tuple[Chec
 
 def convert(src: str | Path, dst: str | Path, to: str, from_: str | None = None,
             max_shard_size: int | str = "5GB", dry_run: bool = False, overwrite: bool = False,
-            show_progress: bool | None = None) -> Plan:
+            show_progress: bool | None = None, dequantize: bool = False) -> Plan:
     """Convert the checkpoint at ``src`` into layout ``to`` at ``dst``; return the plan.
 
     The whole plan is built and validated from headers before anything is written; the
     output is written to a temporary folder beside ``dst`` and renamed into place when
-    complete. ``dry_run`` validates and returns the plan, writing nothing.
+    complete. ``dry_run`` validates and returns the plan, writing nothing. ``dequantize``
+    writes FP8 block-scaled weights as bf16 (their scales dropped).
     """
     checkpoint, analysis = analyse_checkpoint(src, from_)
-    plan = build_plan(analysis, layout_named(to))
+    plan = build_plan(analysis, layout_named(to), dequantize=dequantize)
     max_bytes = parse_size(max_shard_size)
     if dry_run:
         check_destination(Path(dst), checkpoint.path, overwrite)

@@ -33,7 +33,10 @@ class CheckpointInfo:
     expert_intermediate_size: int | None
     shared_expert_intermediate_size: int | None
     expert_pieces: list[str] = field(default_factory=list)
-    """What each routed expert holds: gate, up, down (no gate: non-gated), and *_bias."""
+    """What each routed expert holds: gate, up, down (no gate: non-gated), *_bias, and
+    *_scale (FP8 block scales)."""
+    quantization: str | None = None
+    """e.g. "fp8 e4m3, 128x128 block scales"; None for plain floating-point weights."""
     dtypes: dict[str, int] = field(default_factory=dict)
     """dtype -> bytes."""
     total_bytes: int = 0
@@ -65,6 +68,8 @@ class CheckpointInfo:
             if self.shared_expert_intermediate_size:
                 lines.append(f"  shared expert     I={self.shared_expert_intermediate_size}")
         lines.append(f"  dense layers      {compress_ranges(self.dense_layers) or 'none'}")
+        if self.quantization:
+            lines.append(f"  quantization      {self.quantization}")
         if self.layer_bytes:
             per_layer = sorted(set(self.layer_bytes.values()))
             shown = (format_size(per_layer[0]) if len(per_layer) == 1 else
@@ -96,10 +101,26 @@ def inspect(path: str | Path, from_: str | None = None) -> CheckpointInfo:
         hidden_size=gate.shape[1] if gate else None,
         expert_intermediate_size=gate.shape[0] if gate else None,
         shared_expert_intermediate_size=_shared_size(checkpoint.tensors, analysis),
-        expert_pieces=[p for p in analysis.family.pieces
+        expert_pieces=[p for p in analysis.family.all_pieces
                        if first and any(q == p for q, _ in first.pieces)],
+        quantization=_quantization(checkpoint.tensors),
         dtypes=dict(dtypes), total_bytes=sum(dtypes.values()), layer_bytes=dict(layer_bytes),
         n_tensors=len(checkpoint.tensors))
+
+
+def _quantization(tensors: Mapping[str, TensorInfo]) -> str | None:
+    """FP8 weights with ``weight_scale_inv`` block scales: the block size is what makes
+    the scale shape ``ceil(out/block)`` x ``ceil(in/block)``."""
+    for key, info in tensors.items():
+        scale = tensors.get(key + "_scale_inv")
+        if scale is None or len(info.shape) != 2 or not info.dtype.startswith("F8"):
+            continue
+        fp8 = {"F8_E4M3": "e4m3", "F8_E5M2": "e5m2"}.get(info.dtype, info.dtype)
+        for block in (128, 64, 32, 256):
+            if tuple(scale.shape) == tuple(-(-n // block) for n in info.shape):
+                return f"fp8 {fp8}, {block}x{block} block scales"
+        return f"fp8 {fp8}, scales {list(scale.shape)} for {list(info.shape)}"
+    return None
 
 
 def _shared_size(tensors: Mapping[str, TensorInfo], analysis: Analysis) -> int | None:

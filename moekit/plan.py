@@ -150,7 +150,24 @@ class Redraw:
         return self.part.dtype
 
 
-Expr = Union[Read, Transpose, Stack, Concat, Scale, Constant, Random, Redraw]
+@dataclass(frozen=True)
+class Dequantize:
+    """FP8 block dequantisation (DeepSeek-V3 ``weight_scale_inv``): ``weight * scale``
+    where ``scale[i, j]`` covers rows ``i*block ...`` and columns ``j*block ...`` of the
+    [out, in] weight (the last blocks may be partial); computed in float32 and rounded
+    once to ``dtype``."""
+
+    weight: "Expr"
+    scale: "Expr"
+    dtype: str = "BF16"
+    block: int = 128
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.weight.shape
+
+
+Expr = Union[Read, Transpose, Stack, Concat, Scale, Constant, Random, Redraw, Dequantize]
 
 
 def reads(expr: Expr) -> list[Read]:
@@ -161,6 +178,8 @@ def reads(expr: Expr) -> list[Read]:
         return []
     if isinstance(expr, Redraw):
         return [*reads(expr.part), expr.stats]
+    if isinstance(expr, Dequantize):
+        return [*reads(expr.weight), *reads(expr.scale)]
     if isinstance(expr, (Transpose, Scale)):
         return reads(expr.part)
     return [r for part in expr.parts for r in reads(part)]
@@ -183,6 +202,8 @@ def describe(expr: Expr) -> str:
         return f"full({list(expr.shape)}, {expr.value:g})"
     if isinstance(expr, Random):
         return f"normal({list(expr.shape)}, std={expr.std:g}, seed={expr.seed})"
+    if isinstance(expr, Dequantize):
+        return f"dequant({describe(expr.weight)}, {describe(expr.scale)}) -> {expr.dtype}"
     if isinstance(expr, Redraw):
         return (f"redraw({describe(expr.part)}, {expr.ratio:.0%} of dim {expr.dim}, "
                 f"seed={expr.select_seed})")

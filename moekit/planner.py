@@ -15,7 +15,8 @@ from .detect import detect_family, detect_layout
 from .errors import MoekitError, PlanError, compress_ranges, plural
 from .layouts import FAMILIES, LAYOUTS, ExpertBlock, Family, Layout, family_named, layout_named
 from .layouts.base import ParsedExperts, TensorMeta
-from .plan import Plan, Read, TensorPlan
+from .layouts.families import SCALE
+from .plan import Dequantize, Expr, Plan, Read, TensorPlan
 
 
 @dataclass
@@ -79,25 +80,28 @@ def analyse(tensors: Mapping[str, TensorMeta], config: dict | None,
 
 
 def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
-               offset: int = 0) -> Plan:
+               offset: int = 0, dequantize: bool = False) -> Plan:
     """The plan that writes ``analysis``'s checkpoint in layout ``dst``.
 
     ``experts`` keeps only those experts of every MoE block, renumbered from ``offset``
     (an expert-parallel rank loads ``experts=its range``, and saves its local experts
-    with ``offset=the range's start``).
+    with ``offset=the range's start``). ``dequantize`` writes every FP8 weight that has
+    block scales (experts and others) as bf16, without its scales.
     """
     if not analysis.is_moe and dst.name != "hf":
         raise MoekitError(
             f"the source holds no expert tensors (a dense model, family "
             f"{analysis.family.name}): the {dst.name} layout applies only to MoE checkpoints; "
             "use `moekit upcycle` to turn a dense model into an MoE")
-    _check_held(analysis, dst)
+    blocks = {layer: _dequantized(block) if dequantize else block
+              for layer, block in analysis.blocks.items()}
+    _check_held(blocks, analysis.family, dst)
     src = analysis.layout
     chosen = range(analysis.n_experts) if experts is None else experts
     by_layer: dict[int, list[TensorPlan]] = {
         layer: dst.emit(select_experts(block, chosen, offset), offset + len(chosen),
                         analysis.family)
-        for layer, block in sorted(analysis.blocks.items())}
+        for layer, block in sorted(blocks.items())}
     expert_names = {t.name for emitted in by_layer.values() for t in emitted}
     layer_of_key = {key: layer for layer, block in analysis.blocks.items()
                     for key in _source_keys(block)}
@@ -106,25 +110,57 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
         if key in layer_of_key:
             tensors.extend(by_layer.pop(layer_of_key[key], []))
         elif key not in analysis.parsed.claimed:
-            meta = analysis.tensors[key]
-            name = dst.from_hf_key(src.to_hf_key(key, analysis.family), analysis.family)
-            tensors.append(TensorPlan(name, Read(key, (), tuple(meta.shape), meta.dtype)))
+            recipe = _passed_through(key, analysis.tensors, dequantize)
+            if recipe is not None:
+                name = dst.from_hf_key(src.to_hf_key(key, analysis.family), analysis.family)
+                tensors.append(TensorPlan(name, recipe))
     _check_unique(tensors)
     return Plan(analysis.family.name, src.name, dst.name, tensors,
                 {layer: len(chosen) for layer in sorted(analysis.blocks)}, expert_names)
 
 
-def _check_held(analysis: Analysis, dst: Layout) -> None:
+def _check_held(blocks: Mapping[int, ExpertBlock], family: Family, dst: Layout) -> None:
     """Refuse a destination layout with no place for some of the experts' pieces (expert
     biases in nemo), rather than drop them."""
-    present = {piece for block in analysis.blocks.values() for piece, _ in block.pieces}
-    lost = sorted(p for p in present if not dst.holds(p, analysis.family))
+    present = {piece for block in blocks.values() for piece, _ in block.pieces}
+    lost = sorted(p for p in present if not dst.holds(p, family))
     if lost:
         can = [name for name, layout in LAYOUTS.items()
-               if all(layout.holds(p, analysis.family) for p in lost)]
-        raise MoekitError(f"the {dst.name} layout cannot hold the {analysis.family.name} "
-                          f"experts' {', '.join(lost)}; moekit refuses to drop them. Layouts "
-                          f"that hold them: {', '.join(can)}")
+               if all(layout.holds(p, family) for p in lost)]
+        raise MoekitError(f"the {dst.name} layout cannot hold the {family.name} experts' "
+                          f"{', '.join(lost)}; moekit refuses to drop them. Layouts that hold "
+                          f"them: {', '.join(can)}")
+
+
+FP8_SCALE_SUFFIX = "_scale_inv"
+
+
+def _dequantized(block: ExpertBlock) -> ExpertBlock:
+    """The block with every scaled FP8 piece dequantised to bf16 and its scale dropped."""
+    pieces = dict(block.pieces)
+    for (piece, e), scale in block.pieces.items():
+        if piece.endswith(SCALE):
+            weight = piece[:-len(SCALE)]
+            pieces[(weight, e)] = Dequantize(pieces[(weight, e)], scale)
+            del pieces[(piece, e)]
+    names = {k: v for k, v in block.names.items() if k in pieces}
+    return ExpertBlock(block.layer, block.block, pieces, names)
+
+
+def _passed_through(key: str, tensors: Mapping[str, TensorMeta], dequantize: bool
+                    ) -> Expr | None:
+    """The recipe of a non-expert tensor: itself, or with ``dequantize`` an FP8 weight
+    dequantised with its ``*_scale_inv`` (and None for that scale, which is dropped)."""
+    meta = tensors[key]
+    read = Read(key, (), tuple(meta.shape), meta.dtype)
+    if not dequantize:
+        return read
+    if key.endswith(FP8_SCALE_SUFFIX) and key[:-len(FP8_SCALE_SUFFIX)] in tensors:
+        return None
+    scale = tensors.get(key + FP8_SCALE_SUFFIX)
+    if scale is None:
+        return read
+    return Dequantize(read, Read(key + FP8_SCALE_SUFFIX, (), tuple(scale.shape), scale.dtype))
 
 
 def select_experts(block: ExpertBlock, experts: range, offset: int = 0) -> ExpertBlock:
@@ -187,8 +223,10 @@ def _block_problems(block: ExpertBlock, family: Family, layout: Layout, n_expert
     stored = f" (layer stored in {', '.join(files)})" if files else ""
     problems = []
     missing: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    scaled = any(p.endswith(SCALE) for p, _ in block.pieces)
+    needed = family.all_pieces if scaled else family.pieces
     for e in required:
-        lacking = tuple(name(p) for p in family.pieces if (p, e) not in block.pieces)
+        lacking = tuple(name(p) for p in needed if (p, e) not in block.pieces)
         if lacking:
             missing[lacking].append(e)
     for projs, absent in missing.items():
@@ -207,7 +245,7 @@ def _shape_problems(block: ExpertBlock, family: Family, name: Callable[[str], st
     """Required experts whose shape or dtype differs from the other experts' (the majority)."""
     problems = []
     expected: dict[str, tuple] = {}
-    for proj in family.pieces:
+    for proj in family.all_pieces:
         found = {e: (tuple(x.shape), x.dtype) for (p, e), x in block.pieces.items() if p == proj}
         if not found:
             continue

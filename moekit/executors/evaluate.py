@@ -18,7 +18,8 @@ import torch
 
 from ..dtypes import to_torch
 
-from ..plan import Concat, Constant, Expr, Random, Read, Redraw, Scale, Stack, Transpose
+from ..plan import (Concat, Constant, Dequantize, Expr, Random, Read, Redraw, Scale, Stack,
+                    Transpose)
 from ..sources import TensorSource
 
 
@@ -53,6 +54,8 @@ def fill(expr: Expr, out: torch.Tensor, source: TensorSource) -> None:
         out.copy_(normal(expr.shape, expr.seed) * expr.std)
     elif isinstance(expr, Redraw):
         _fill_redraw(expr, out, source)
+    elif isinstance(expr, Dequantize):
+        _fill_dequantize(expr, out, source)
     else:
         raise TypeError(f"not a recipe node: {expr!r}")
 
@@ -124,6 +127,15 @@ def _fill_concat(expr: Concat, out: torch.Tensor, source: TensorSource) -> None:
             size = part.shape[dim]
             fill(part, out.narrow(dim, offset, size), source)
             offset += size
+
+
+def _fill_dequantize(expr: Dequantize, out: torch.Tensor, source: TensorSource) -> None:
+    weight = materialize(expr.weight, source, out.device).float()
+    scale = materialize(expr.scale, source, out.device).float()
+    rows, cols = weight.shape[-2:]
+    full = scale.repeat_interleave(expr.block, -2)[..., :rows, :]
+    full = full.repeat_interleave(expr.block, -1)[..., :cols]
+    out.copy_(weight * full)
 
 
 def normal(shape: tuple[int, ...], seed: int) -> torch.Tensor:

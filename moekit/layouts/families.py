@@ -13,6 +13,9 @@ PROJECTIONS = ("gate", "up", "down")
 """Canonical projection names: gate (w1, activated), up (w3, multiplied), down (w2)."""
 BIAS = "_bias"
 """Suffix of a projection's bias piece (``gate_bias`` [I], ``up_bias`` [I], ``down_bias`` [H])."""
+SCALE = "_scale"
+"""Suffix of a projection's FP8 block-scale piece (DeepSeek-V3 style ``weight_scale_inv``,
+[ceil(out/128), ceil(in/128)] float32), present only in FP8 checkpoints."""
 
 
 @dataclass(frozen=True)
@@ -51,10 +54,18 @@ class Family:
         biases = tuple(p + BIAS for p in self.projections) if self.biases else ()
         return (*self.projections, *biases)
 
+    @property
+    def all_pieces(self) -> tuple[str, ...]:
+        """``pieces`` and the optional FP8 scale of each projection."""
+        return (*self.pieces, *(p + SCALE for p in self.projections))
+
     def piece_key(self, piece: str) -> str:
-        """A piece's name in HF per-expert keys: ``gate_proj.weight``, ``gate_proj.bias``."""
+        """A piece's name in HF per-expert keys: ``gate_proj.weight``, ``gate_proj.bias``,
+        ``gate_proj.weight_scale_inv``."""
         if piece.endswith(BIAS):
             return f"{self.projections[piece[:-len(BIAS)]]}.bias"
+        if piece.endswith(SCALE):
+            return f"{self.projections[piece[:-len(SCALE)]]}.weight_scale_inv"
         return f"{self.projections[piece]}.weight"
 
     def expert_key(self, layer: int, expert: int, piece: str) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 from ..plan import Concat, Expr, Read, Stack, TensorPlan, Transpose
 from .base import ExpertBlock, Layout, ParsedExperts, TensorMeta
-from .families import Family
+from .families import SCALE, Family
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class GroupedLayout(Layout):
         interleaved = family.interleaved.get(self.name)
         specs = []
         for spec in self.tensors:
-            held = tuple(p for p in spec.projections if p in family.pieces)
+            held = tuple(p for p in spec.projections if p in family.all_pieces)
             if not held:
                 continue
             if held != spec.projections:
@@ -140,10 +140,14 @@ class GroupedLayout(Layout):
         return None
 
     def _check_agreement(self, parsed: ParsedExperts, family: Family) -> None:
-        """Every grouped tensor of a block must be present and hold the same experts."""
+        """Every grouped tensor of a block must be present (FP8 scales only in an FP8
+        checkpoint) and hold the same experts."""
         for layer, block in parsed.blocks.items():
             counts = {}
+            scaled = any(p.endswith(SCALE) for p, _ in block.pieces)
             for spec in self.specs(family):
+                if spec.projections[0].endswith(SCALE) and not scaled:
+                    continue
                 experts = {e for (p, e) in block.pieces if p == spec.projections[0]}
                 name = self.from_hf_key(f"{block.block}.experts.{spec.name}", family)
                 if not experts:
@@ -155,24 +159,36 @@ class GroupedLayout(Layout):
                 parsed.problems.append((layer, f"grouped tensors disagree on the expert count: {shown}"))
 
 
+def _with_scales(tensors: tuple[GroupedTensor, ...]) -> tuple[GroupedTensor, ...]:
+    """A layout's tensors plus, for each weight tensor, its FP8 block scales stacked,
+    concatenated and oriented the same way (``{name}_scale_inv``)."""
+    scales = tuple(replace(t, name=f"{t.name}_scale_inv",
+                           ungated_name=t.ungated_name and f"{t.ungated_name}_scale_inv",
+                           projections=tuple(p + SCALE for p in t.projections))
+                   for t in tensors if not t.vector)
+    return tensors + scales
+
+
 NEMO = GroupedLayout(
     "nemo", "NeMo AutoModel GroupedExperts: gate_and_up_projs [E,H,2I], down_projs [E,I,H] "
     "(no expert biases)",
-    (GroupedTensor("gate_and_up_projs", ("gate", "up"), transposed=True),
-     GroupedTensor("down_projs", ("down",), transposed=True)))
+    _with_scales((GroupedTensor("gate_and_up_projs", ("gate", "up"), transposed=True),
+                  GroupedTensor("down_projs", ("down",), transposed=True))))
 
 TRANSFORMERS = GroupedLayout(
     "transformers", "transformers v5 fused experts (model.state_dict()): gate_up_proj [E,2I,H], "
     "down_proj [E,H,I] (biases gate_up_proj_bias [E,2I], down_proj_bias [E,H])",
-    (GroupedTensor("gate_up_proj", ("gate", "up"), transposed=False, ungated_name="up_proj"),
-     GroupedTensor("down_proj", ("down",), transposed=False),
-     GroupedTensor("gate_up_proj_bias", ("gate_bias", "up_bias"), False, vector=True),
-     GroupedTensor("down_proj_bias", ("down_bias",), False, vector=True)))
+    _with_scales((
+        GroupedTensor("gate_up_proj", ("gate", "up"), transposed=False, ungated_name="up_proj"),
+        GroupedTensor("down_proj", ("down",), transposed=False),
+        GroupedTensor("gate_up_proj_bias", ("gate_bias", "up_bias"), False, vector=True),
+        GroupedTensor("down_proj_bias", ("down_bias",), False, vector=True))))
 
 VLLM = GroupedLayout(
     "vllm", "vLLM FusedMoE: w13_weight [E,2I,H], w2_weight [E,H,I] (biases w13_bias [E,2I], "
     "w2_bias [E,H])",
-    (GroupedTensor("w13_weight", ("gate", "up"), transposed=False),
-     GroupedTensor("w2_weight", ("down",), transposed=False),
-     GroupedTensor("w13_bias", ("gate_bias", "up_bias"), False, vector=True),
-     GroupedTensor("w2_bias", ("down_bias",), False, vector=True)))
+    _with_scales((
+        GroupedTensor("w13_weight", ("gate", "up"), transposed=False),
+        GroupedTensor("w2_weight", ("down",), transposed=False),
+        GroupedTensor("w13_bias", ("gate_bias", "up_bias"), False, vector=True),
+        GroupedTensor("w2_bias", ("down_bias",), False, vector=True))))

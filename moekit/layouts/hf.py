@@ -11,7 +11,8 @@ from .families import Family
 
 class PerExpertLayout(Layout):
     """``{block}.experts.{e}.{gate_proj|up_proj|down_proj}.weight`` (names per family),
-    and ``.bias`` beside each for families whose experts have biases."""
+    and ``.bias`` beside each for families whose experts have biases, and
+    ``.weight_scale_inv`` beside each in FP8 checkpoints."""
 
     name = "hf"
     description = "Hugging Face: one tensor per expert and projection (what the Hub holds)"
@@ -19,7 +20,7 @@ class PerExpertLayout(Layout):
     def parse(self, tensors: dict[str, TensorMeta], family: Family) -> ParsedExperts:
         parsed = ParsedExperts()
         pattern = self._key_pattern(family)
-        by_name = {family.piece_key(piece): piece for piece in family.pieces}
+        by_name = {family.piece_key(piece): piece for piece in family.all_pieces}
         region = self.expert_region(family)
         for key, meta in tensors.items():
             inside = region.match(key)
@@ -40,11 +41,11 @@ class PerExpertLayout(Layout):
 
     def emit(self, block: ExpertBlock, n_experts: int, family: Family) -> list[TensorPlan]:
         return [TensorPlan(family.expert_key(block.layer, e, piece), block.pieces[(piece, e)])
-                for e in range(n_experts) for piece in family.pieces
+                for e in range(n_experts) for piece in family.all_pieces
                 if (piece, e) in block.pieces]
 
     @staticmethod
     def _key_pattern(family: Family) -> re.Pattern[str]:
         block = re.escape(family.block).replace(r"\{layer\}", r"(?P<layer>\d+)")
-        names = "|".join(re.escape(family.piece_key(piece)) for piece in family.pieces)
+        names = "|".join(re.escape(family.piece_key(piece)) for piece in family.all_pieces)
         return re.compile(f"^{block}\\.experts\\.(?P<expert>\\d+)\\.(?P<piece>{names})$")

@@ -1,0 +1,128 @@
+"""FP8 block-scaled checkpoints (DeepSeek-V3/R1 style): scales travel with their experts,
+and ``--dequantize`` matches a reference dequantisation written from the format.
+
+The checkpoint is synthetic (transformers cannot run FP8 block-scaled models on a CPU):
+Qwen3-MoE naming, every expert weight and one attention weight stored as float8_e4m3fn
+[out, in] with ``{weight}_scale_inv`` float32 [ceil(out/128), ceil(in/128)]; the shapes
+(I=200, H=160) are not multiples of 128, so the last blocks are partial.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from moekit import convert, inspect, verify
+from moekit.cli import main
+
+from .conftest import load_all, same_bytes
+
+H, I, E, LAYERS, BLOCK = 160, 200, 4, 2, 128
+
+
+def _quantised(shape: tuple[int, int], generator: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = torch.randn(shape, generator=generator).to(torch.float8_e4m3fn)
+    blocks = (math.ceil(shape[0] / BLOCK), math.ceil(shape[1] / BLOCK))
+    scale = torch.rand(blocks, generator=generator) + 0.5
+    return weight, scale
+
+
+def reference_dequantize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The format's definition, element by element over the blocks: W[i, j] times the
+    scale of block (i // 128, j // 128), in float32, rounded once to bf16."""
+    out = torch.empty(weight.shape, dtype=torch.float32)
+    for bi in range(scale.shape[0]):
+        for bj in range(scale.shape[1]):
+            rows = slice(bi * BLOCK, (bi + 1) * BLOCK)
+            cols = slice(bj * BLOCK, (bj + 1) * BLOCK)
+            out[rows, cols] = weight[rows, cols].float() * scale[bi, bj]
+    return out.to(torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def fp8(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("fp8")
+    generator = torch.Generator().manual_seed(0)
+    tensors: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": torch.randn(64, H, generator=generator).bfloat16()}
+    for layer in range(LAYERS):
+        p = f"model.layers.{layer}"
+        q, q_scale = _quantised((H, H), generator)
+        tensors[f"{p}.self_attn.q_proj.weight"] = q
+        tensors[f"{p}.self_attn.q_proj.weight_scale_inv"] = q_scale
+        tensors[f"{p}.mlp.gate.weight"] = torch.randn(E, H, generator=generator).bfloat16()
+        for e in range(E):
+            for proj, shape in (("gate", (I, H)), ("up", (I, H)), ("down", (H, I))):
+                w, s = _quantised(shape, generator)
+                tensors[f"{p}.mlp.experts.{e}.{proj}_proj.weight"] = w
+                tensors[f"{p}.mlp.experts.{e}.{proj}_proj.weight_scale_inv"] = s
+    names = sorted(tensors)
+    half = len(names) // 2
+    index = {}
+    for i, part in enumerate((names[:half], names[half:])):
+        file = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: tensors[k] for k in part}, folder / file)
+        index.update({k: file for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    (folder / "config.json").write_text(json.dumps(
+        {"model_type": "qwen3_moe", "num_experts": E, "hidden_size": H,
+         "moe_intermediate_size": I, "num_hidden_layers": LAYERS}))
+    return folder
+
+
+@pytest.mark.parametrize("layout", ["nemo", "transformers", "vllm"])
+def test_fp8_experts_and_scales_round_trip_byte_identically(fp8, layout, tmp_path):
+    convert(fp8, tmp_path / layout, to=layout, max_shard_size="200KB")
+    convert(tmp_path / layout, tmp_path / "back", to="hf", max_shard_size="200KB")
+    original, restored = load_all(fp8), load_all(tmp_path / "back")
+    assert original.keys() == restored.keys()
+    assert all(same_bytes(original[k], restored[k]) for k in original)
+    assert verify(fp8, tmp_path / layout).equal
+
+
+def test_grouped_scales_are_stacked_and_oriented_like_their_weights(fp8, tmp_path):
+    convert(fp8, tmp_path / "nemo", to="nemo")
+    hf, nemo = load_all(fp8), load_all(tmp_path / "nemo")
+    block = "model.layers.1.mlp.experts"
+    grouped = nemo[f"{block}.gate_and_up_projs_scale_inv"]
+    assert grouped.dtype == torch.float32 and grouped.shape == (E, 2, 4)
+    assert nemo[f"{block}.gate_and_up_projs"].dtype == torch.float8_e4m3fn
+    for e in range(E):
+        gate, up = (hf[f"{block}.{e}.{p}_proj.weight_scale_inv"] for p in ("gate", "up"))
+        assert torch.equal(grouped[e], torch.cat([gate.T, up.T], -1))
+        assert torch.equal(nemo[f"{block}.down_projs_scale_inv"][e],
+                           hf[f"{block}.{e}.down_proj.weight_scale_inv"].T)
+
+
+@pytest.mark.parametrize("layout", ["hf", "nemo"])
+def test_dequantize_matches_the_reference_to_the_bit(fp8, layout, tmp_path):
+    assert main(["convert", str(fp8), str(tmp_path / "bf16"), "--to", layout,
+                 "--dequantize"]) == 0
+    hf, out = load_all(fp8), load_all(tmp_path / "bf16")
+    assert not any(k.endswith("_scale_inv") for k in out)
+    block = "model.layers.0.mlp.experts"
+    for e in range(E):
+        gate, up, down = (reference_dequantize(hf[f"{block}.{e}.{p}_proj.weight"],
+                                               hf[f"{block}.{e}.{p}_proj.weight_scale_inv"])
+                          for p in ("gate", "up", "down"))
+        if layout == "hf":
+            assert same_bytes(out[f"{block}.{e}.gate_proj.weight"], gate)
+            assert same_bytes(out[f"{block}.{e}.down_proj.weight"], down)
+        else:
+            assert same_bytes(out[f"{block}.gate_and_up_projs"][e],
+                              torch.cat([gate.T, up.T], -1))
+            assert same_bytes(out[f"{block}.down_projs"][e], down.T)
+    q = "model.layers.1.self_attn.q_proj.weight"
+    assert same_bytes(out[q], reference_dequantize(hf[q], hf[q + "_scale_inv"]))
+
+
+def test_inspect_reports_fp8_block_scales(fp8):
+    info = inspect(fp8)
+    assert info.quantization == "fp8 e4m3, 128x128 block scales"
+    assert "gate_scale" in info.expert_pieces
