@@ -53,7 +53,7 @@ class CheckpointInfo:
             f"  family            {self.family} (model_type {self.model_type})",
             f"  layout            {self.layout}",
             f"  tensors           {self.n_tensors}, {format_size(self.total_bytes)}",
-            f"  dtypes            " + ", ".join(f"{d} {format_size(b)}" for d, b in self.dtypes.items()),
+            "  dtypes            " + ", ".join(f"{d} {format_size(b)}" for d, b in self.dtypes.items()),
         ]
         if self.moe_layers:
             lines += [
