@@ -109,9 +109,12 @@ def inspect(path: str | Path, from_: str | None = None) -> CheckpointInfo:
 
 
 def _quantization(tensors: Mapping[str, TensorInfo]) -> str | None:
-    """FP8 weights with ``weight_scale_inv`` block scales: the block size is what makes
-    the scale shape ``ceil(out/block)`` x ``ceil(in/block)``."""
+    """FP8 weights with ``weight_scale_inv`` block scales (the block size is what makes
+    the scale shape ``ceil(out/block)`` x ``ceil(in/block)``), or MXFP4 ``*_blocks`` with
+    ``*_scales``."""
     for key, info in tensors.items():
+        if key.endswith("_blocks") and key[:-len("_blocks")] + "_scales" in tensors:
+            return "mxfp4 (FP4 E2M1 in groups of 32, E8M0 scales)"
         scale = tensors.get(key + "_scale_inv")
         if scale is None or len(info.shape) != 2 or not info.dtype.startswith("F8"):
             continue

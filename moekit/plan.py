@@ -167,7 +167,29 @@ class Dequantize:
         return self.weight.shape
 
 
-Expr = Union[Read, Transpose, Stack, Concat, Scale, Constant, Random, Redraw, Dequantize]
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+              -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+"""The 16 values of an FP4 (E2M1) code."""
+
+
+@dataclass(frozen=True)
+class DequantizeMXFP4:
+    """MXFP4 (OCP microscaling, GPT-OSS Hub files) to ``dtype``: ``blocks`` [out, G, 16]
+    uint8 hold two FP4 codes a byte (low nibble first) for 32 inputs per group, ``scales``
+    [out, G] uint8 an E8M0 exponent per group: value = FP4 x 2^(scale - 127)."""
+
+    blocks: "Expr"
+    scales: "Expr"
+    dtype: str = "BF16"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        out, groups, pairs = self.blocks.shape
+        return (out, groups * pairs * 2)
+
+
+Expr = Union[Read, Transpose, Stack, Concat, Scale, Constant, Random, Redraw, Dequantize,
+             DequantizeMXFP4]
 
 
 def reads(expr: Expr) -> list[Read]:
@@ -180,6 +202,8 @@ def reads(expr: Expr) -> list[Read]:
         return [*reads(expr.part), expr.stats]
     if isinstance(expr, Dequantize):
         return [*reads(expr.weight), *reads(expr.scale)]
+    if isinstance(expr, DequantizeMXFP4):
+        return [*reads(expr.blocks), *reads(expr.scales)]
     if isinstance(expr, (Transpose, Scale)):
         return reads(expr.part)
     return [r for part in expr.parts for r in reads(part)]
@@ -202,6 +226,8 @@ def describe(expr: Expr) -> str:
         return f"full({list(expr.shape)}, {expr.value:g})"
     if isinstance(expr, Random):
         return f"normal({list(expr.shape)}, std={expr.std:g}, seed={expr.seed})"
+    if isinstance(expr, DequantizeMXFP4):
+        return f"mxfp4({describe(expr.blocks)}, {describe(expr.scales)}) -> {expr.dtype}"
     if isinstance(expr, Dequantize):
         return f"dequant({describe(expr.weight)}, {describe(expr.scale)}) -> {expr.dtype}"
     if isinstance(expr, Redraw):

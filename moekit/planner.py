@@ -15,8 +15,8 @@ from .detect import detect_family, detect_layout
 from .errors import MoekitError, PlanError, compress_ranges, plural
 from .layouts import FAMILIES, LAYOUTS, ExpertBlock, Family, Layout, family_named, layout_named
 from .layouts.base import ParsedExperts, TensorMeta
-from .layouts.families import SCALE
-from .plan import Dequantize, Expr, Plan, Read, TensorPlan
+from .layouts.families import MX_BLOCKS, MX_SCALES, SCALE
+from .plan import Dequantize, DequantizeMXFP4, Expr, Plan, Read, TensorPlan
 
 
 @dataclass
@@ -127,21 +127,28 @@ def _check_held(blocks: Mapping[int, ExpertBlock], family: Family, dst: Layout) 
     if lost:
         can = [name for name, layout in LAYOUTS.items()
                if all(layout.holds(p, family) for p in lost)]
+        quantized = any(p.endswith((SCALE, MX_BLOCKS, MX_SCALES)) for p in lost)
         raise MoekitError(f"the {dst.name} layout cannot hold the {family.name} experts' "
                           f"{', '.join(lost)}; moekit refuses to drop them. Layouts that hold "
-                          f"them: {', '.join(can)}")
+                          f"them: {', '.join(can)}"
+                          + ("; or pass --dequantize to write bf16 weights" if quantized else ""))
 
 
 FP8_SCALE_SUFFIX = "_scale_inv"
 
 
 def _dequantized(block: ExpertBlock) -> ExpertBlock:
-    """The block with every scaled FP8 piece dequantised to bf16 and its scale dropped."""
+    """The block with every FP8 weight (and its scale) and every MXFP4 weight (its blocks
+    and scales) replaced by the bf16 weight."""
     pieces = dict(block.pieces)
-    for (piece, e), scale in block.pieces.items():
+    for (piece, e), part in block.pieces.items():
         if piece.endswith(SCALE):
             weight = piece[:-len(SCALE)]
-            pieces[(weight, e)] = Dequantize(pieces[(weight, e)], scale)
+            pieces[(weight, e)] = Dequantize(pieces[(weight, e)], part)
+            del pieces[(piece, e)]
+        elif piece.endswith(MX_BLOCKS):
+            weight = piece[:-len(MX_BLOCKS)]
+            pieces[(weight, e)] = DequantizeMXFP4(part, pieces.pop((weight + MX_SCALES, e)))
             del pieces[(piece, e)]
     names = {k: v for k, v in block.names.items() if k in pieces}
     return ExpertBlock(block.layer, block.block, pieces, names)
@@ -223,8 +230,7 @@ def _block_problems(block: ExpertBlock, family: Family, layout: Layout, n_expert
     stored = f" (layer stored in {', '.join(files)})" if files else ""
     problems = []
     missing: dict[tuple[str, ...], list[int]] = defaultdict(list)
-    scaled = any(p.endswith(SCALE) for p, _ in block.pieces)
-    needed = family.all_pieces if scaled else family.pieces
+    needed = family.required_pieces({p for p, _ in block.pieces})
     for e in required:
         lacking = tuple(name(p) for p in needed if (p, e) not in block.pieces)
         if lacking:

@@ -18,8 +18,8 @@ import torch
 
 from ..dtypes import to_torch
 
-from ..plan import (Concat, Constant, Dequantize, Expr, Random, Read, Redraw, Scale, Stack,
-                    Transpose)
+from ..plan import (FP4_VALUES, Concat, Constant, Dequantize, DequantizeMXFP4, Expr, Random,
+                    Read, Redraw, Scale, Stack, Transpose)
 from ..sources import TensorSource
 
 
@@ -56,6 +56,8 @@ def fill(expr: Expr, out: torch.Tensor, source: TensorSource) -> None:
         _fill_redraw(expr, out, source)
     elif isinstance(expr, Dequantize):
         _fill_dequantize(expr, out, source)
+    elif isinstance(expr, DequantizeMXFP4):
+        _fill_mxfp4(expr, out, source)
     else:
         raise TypeError(f"not a recipe node: {expr!r}")
 
@@ -136,6 +138,20 @@ def _fill_dequantize(expr: Dequantize, out: torch.Tensor, source: TensorSource) 
     full = scale.repeat_interleave(expr.block, -2)[..., :rows, :]
     full = full.repeat_interleave(expr.block, -1)[..., :cols]
     out.copy_(weight * full)
+
+
+def _fill_mxfp4(expr: DequantizeMXFP4, out: torch.Tensor, source: TensorSource) -> None:
+    """Look the FP4 codes up in ``out``'s dtype, then scale by 2^(e - 127) with ``ldexp``
+    (exact for powers of two), as transformers' reference does."""
+    blocks = materialize(expr.blocks, source, out.device)
+    exponents = materialize(expr.scales, source, out.device).to(torch.int32) - 127
+    table = torch.tensor(FP4_VALUES, dtype=out.dtype, device=out.device)
+    values = torch.empty((*blocks.shape, 2), dtype=out.dtype, device=out.device)
+    values[..., 0] = table[(blocks & 0x0F).int()]
+    values[..., 1] = table[(blocks >> 4).int()]
+    values = values.view(*blocks.shape[:-1], -1)
+    torch.ldexp(values, exponents.unsqueeze(-1), out=values)
+    out.copy_(values.view(out.shape))
 
 
 def normal(shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -13,6 +13,9 @@ PROJECTIONS = ("gate", "up", "down")
 """Canonical projection names: gate (w1, activated), up (w3, multiplied), down (w2)."""
 BIAS = "_bias"
 """Suffix of a projection's bias piece (``gate_bias`` [I], ``up_bias`` [I], ``down_bias`` [H])."""
+MX_BLOCKS, MX_SCALES = "_mxblocks", "_mxscales"
+"""Suffixes of a projection's MXFP4 pieces (GPT-OSS Hub files): packed FP4 blocks
+[out, in/32, 16] uint8 and their E8M0 scales [out, in/32] uint8, in place of the weight."""
 SCALE = "_scale"
 """Suffix of a projection's FP8 block-scale piece (DeepSeek-V3 style ``weight_scale_inv``,
 [ceil(out/128), ceil(in/128)] float32), present only in FP8 checkpoints."""
@@ -56,16 +59,32 @@ class Family:
 
     @property
     def all_pieces(self) -> tuple[str, ...]:
-        """``pieces`` and the optional FP8 scale of each projection."""
-        return (*self.pieces, *(p + SCALE for p in self.projections))
+        """``pieces``, the optional FP8 scale of each projection and, for MXFP4 files, the
+        blocks and scales that stand in for each projection's weight."""
+        return (*self.pieces, *(p + suffix for suffix in (SCALE, MX_BLOCKS, MX_SCALES)
+                                for p in self.projections))
+
+    def required_pieces(self, present: set[str]) -> tuple[str, ...]:
+        """What every expert must hold, given the pieces found in its layer: the weights
+        (or, in an MXFP4 file, their blocks and scales), biases if the family has them,
+        and FP8 scales if the file has them."""
+        packed = any(p.endswith(MX_BLOCKS) for p in present)
+        weights = tuple(p + suffix for suffix in (MX_BLOCKS, MX_SCALES)
+                        for p in self.projections) if packed else tuple(self.projections)
+        biases = tuple(p + BIAS for p in self.projections) if self.biases else ()
+        scales = (tuple(p + SCALE for p in self.projections)
+                  if any(p.endswith(SCALE) for p in present) else ())
+        return (*weights, *biases, *scales)
 
     def piece_key(self, piece: str) -> str:
         """A piece's name in HF per-expert keys: ``gate_proj.weight``, ``gate_proj.bias``,
         ``gate_proj.weight_scale_inv``."""
         if piece.endswith(BIAS):
             return f"{self.projections[piece[:-len(BIAS)]]}.bias"
-        if piece.endswith(SCALE):
-            return f"{self.projections[piece[:-len(SCALE)]]}.weight_scale_inv"
+        for suffix, key in ((SCALE, "weight_scale_inv"), (MX_BLOCKS, "weight_blocks"),
+                            (MX_SCALES, "weight_scales")):
+            if piece.endswith(suffix):
+                return f"{self.projections[piece[:-len(suffix)]]}.{key}"
         return f"{self.projections[piece]}.weight"
 
     def expert_key(self, layer: int, expert: int, piece: str) -> str:

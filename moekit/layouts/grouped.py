@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 from ..plan import Concat, Expr, Read, Stack, TensorPlan, Transpose
 from .base import ExpertBlock, Layout, ParsedExperts, TensorMeta
-from .families import SCALE, Family
+from .families import MX_BLOCKS, MX_SCALES, SCALE, Family
 
 
 @dataclass(frozen=True)
@@ -32,13 +32,26 @@ class GroupedTensor:
     ungated_name: str | None = None
     """The name this tensor takes for a family without a gate projection (ReLU² experts),
     where it holds ``up`` alone; None keeps ``name``."""
-    vector: bool = False
-    """True for biases: ``[E, out]``, one vector per expert (``transposed`` is moot)."""
+    piece_dims: int = 2
+    """Dimensions of one expert's piece: 2 for weights [out, in], 1 for biases [out], 3 for
+    MXFP4 blocks [out, in/32, 16] (MXFP4 scales are [out, in/32])."""
+    orientable: bool = True
+    """False for pieces stored [E, out, ...] whatever the layout's orientation (biases,
+    MXFP4 blocks and scales, packed along the input dimension)."""
+
+    @property
+    def vector(self) -> bool:
+        return self.piece_dims == 1
+
+    @property
+    def turned(self) -> bool:
+        """True when stored ``[E, in, out]``."""
+        return self.transposed and self.orientable
 
     @property
     def out_dim(self) -> int:
         """The dimension of the grouped tensor that runs over the output features."""
-        return 2 if self.transposed and not self.vector else 1
+        return 2 if self.turned else 1
 
 
 class GroupedLayout(Layout):
@@ -107,7 +120,7 @@ class GroupedLayout(Layout):
 
     @staticmethod
     def _combine(spec: GroupedTensor, pieces: list[Expr]) -> Expr:
-        oriented = [Transpose(p) if spec.transposed and not spec.vector else p for p in pieces]
+        oriented = [Transpose(p) if spec.turned else p for p in pieces]
         if len(oriented) == 1:
             return oriented[0]
         return Concat(tuple(oriented), dim=spec.out_dim - 1, interleave=spec.interleaved)
@@ -116,7 +129,7 @@ class GroupedLayout(Layout):
     def _add_pieces(block: ExpertBlock, key: str, meta: TensorMeta,
                     spec: GroupedTensor) -> str | None:
         shape = tuple(meta.shape)
-        dims = 2 if spec.vector else 3
+        dims = spec.piece_dims + 1
         if len(shape) != dims:
             return f"{key} has shape {list(shape)}; this grouped expert tensor has {dims} dimensions"
         n = len(spec.projections)
@@ -128,25 +141,27 @@ class GroupedLayout(Layout):
         for k, proj in enumerate(spec.projections):
             part = slice(k, None, n) if spec.interleaved else slice(k * size, (k + 1) * size)
             for e in range(shape[0]):
-                if spec.vector:
-                    read: Expr = Read(key, (e, part), (size,), meta.dtype)
-                elif spec.transposed:
-                    read = Transpose(Read(key, (e, slice(None), part),
-                                                (shape[1], size), meta.dtype))
+                if not spec.turned:
+                    read: Expr = Read(key, (e, part), (size, *shape[2:]), meta.dtype)
                 else:
-                    read = Read(key, (e, part), (size, shape[2]), meta.dtype)
+                    read = Transpose(Read(key, (e, slice(None), part), (shape[1], size),
+                                          meta.dtype))
                 block.pieces[(proj, e)] = read
                 block.names[(proj, e)] = f"{key}[{e}]"
         return None
 
     def _check_agreement(self, parsed: ParsedExperts, family: Family) -> None:
         """Every grouped tensor of a block must be present (FP8 scales only in an FP8
-        checkpoint) and hold the same experts."""
+        checkpoint; MXFP4 blocks and scales instead of the weights in an MXFP4 one) and
+        hold the same experts."""
         for layer, block in parsed.blocks.items():
             counts = {}
             scaled = any(p.endswith(SCALE) for p, _ in block.pieces)
+            packed = any(_mx(p) for p, _ in block.pieces)
             for spec in self.specs(family):
-                if spec.projections[0].endswith(SCALE) and not scaled:
+                first = spec.projections[0]
+                if ((first.endswith(SCALE) and not scaled) or (_mx(first) and not packed)
+                        or (first in family.projections and packed)):
                     continue
                 experts = {e for (p, e) in block.pieces if p == spec.projections[0]}
                 name = self.from_hf_key(f"{block.block}.experts.{spec.name}", family)
@@ -159,14 +174,28 @@ class GroupedLayout(Layout):
                 parsed.problems.append((layer, f"grouped tensors disagree on the expert count: {shown}"))
 
 
+def _mx(piece: str) -> bool:
+    return piece.endswith((MX_BLOCKS, MX_SCALES))
+
+
 def _with_scales(tensors: tuple[GroupedTensor, ...]) -> tuple[GroupedTensor, ...]:
     """A layout's tensors plus, for each weight tensor, its FP8 block scales stacked,
     concatenated and oriented the same way (``{name}_scale_inv``)."""
     scales = tuple(replace(t, name=f"{t.name}_scale_inv",
                            ungated_name=t.ungated_name and f"{t.ungated_name}_scale_inv",
                            projections=tuple(p + SCALE for p in t.projections))
-                   for t in tensors if not t.vector)
+                   for t in tensors if t.piece_dims == 2)
     return tensors + scales
+
+
+def _mxfp4(weights: tuple[GroupedTensor, ...]) -> tuple[GroupedTensor, ...]:
+    """GPT-OSS's MXFP4 tensors beside each weight tensor: ``{name}_blocks`` [E, out, in/32,
+    16] uint8 (two FP4 values a byte) and ``{name}_scales`` [E, out, in/32] uint8 (E8M0
+    exponents), both out-major whatever the weights' orientation."""
+    return tuple(replace(t, name=f"{t.name}_{kind}", ungated_name=None, orientable=False,
+                         piece_dims=dims, projections=tuple(p + suffix for p in t.projections))
+                 for t in weights
+                 for kind, suffix, dims in (("blocks", MX_BLOCKS, 3), ("scales", MX_SCALES, 2)))
 
 
 NEMO = GroupedLayout(
@@ -181,8 +210,11 @@ TRANSFORMERS = GroupedLayout(
     _with_scales((
         GroupedTensor("gate_up_proj", ("gate", "up"), transposed=False, ungated_name="up_proj"),
         GroupedTensor("down_proj", ("down",), transposed=False),
-        GroupedTensor("gate_up_proj_bias", ("gate_bias", "up_bias"), False, vector=True),
-        GroupedTensor("down_proj_bias", ("down_bias",), False, vector=True))))
+        GroupedTensor("gate_up_proj_bias", ("gate_bias", "up_bias"), False, piece_dims=1,
+                      orientable=False),
+        GroupedTensor("down_proj_bias", ("down_bias",), False, piece_dims=1, orientable=False),
+    )) + _mxfp4((GroupedTensor("gate_up_proj", ("gate", "up"), transposed=False),
+                 GroupedTensor("down_proj", ("down",), transposed=False))))
 
 VLLM = GroupedLayout(
     "vllm", "vLLM FusedMoE: w13_weight [E,2I,H], w2_weight [E,H,I] (biases w13_bias [E,2I], "
@@ -190,5 +222,6 @@ VLLM = GroupedLayout(
     _with_scales((
         GroupedTensor("w13_weight", ("gate", "up"), transposed=False),
         GroupedTensor("w2_weight", ("down",), transposed=False),
-        GroupedTensor("w13_bias", ("gate_bias", "up_bias"), False, vector=True),
-        GroupedTensor("w2_bias", ("down_bias",), False, vector=True))))
+        GroupedTensor("w13_bias", ("gate_bias", "up_bias"), False, piece_dims=1,
+                      orientable=False),
+        GroupedTensor("w2_bias", ("down_bias",), False, piece_dims=1, orientable=False))))
