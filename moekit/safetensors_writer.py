@@ -11,6 +11,7 @@ back with the safetensors library in the tests.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -53,6 +54,27 @@ class ShardWriter:
                                f"{list(want_shape)} next, got {got[0]} {got[1]} {list(got[2])}")
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
         self._file.write(memoryview(data.numpy()))
+        self._next += 1
+
+    def copy_ranges(self, name: str, ranges: Sequence[tuple[int, int, int]]) -> None:
+        """Append the next tensor as the bytes ``(fd, offset, size)`` of other files, in
+        order, copied by the kernel (``copy_file_range``: no trip through user memory)."""
+        want_name, want_dtype, want_shape = self._expected[self._next]
+        if name != want_name or sum(r[2] for r in ranges) != nbytes(want_shape, want_dtype):
+            raise RuntimeError(f"{self.path.name}: expected {want_name} next "
+                               f"({nbytes(want_shape, want_dtype)} bytes), got {name}")
+        self._file.flush()
+        out = self._file.fileno()
+        position = self._file.tell()
+        for fd, offset, size in ranges:
+            done = 0
+            while done < size:
+                n = os.copy_file_range(fd, out, size - done, offset + done, position + done)
+                if n <= 0:
+                    raise OSError(f"copying {size} bytes into {self.path} stopped short")
+                done += n
+            position += size
+        self._file.seek(position)
         self._next += 1
 
     def close(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
@@ -9,7 +11,8 @@ from typing import Protocol
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, data_offsets
+from .dtypes import itemsize
 from .errors import MoekitError
 from .plan import Read
 
@@ -33,6 +36,8 @@ class FileSource:
     def __init__(self, checkpoint: Checkpoint) -> None:
         self.checkpoint = checkpoint
         self._handles: dict[str, object] = {}
+        self._fds: dict[str, int] = {}
+        self._offsets: dict[str, tuple[int, dict[str, tuple[int, int]]]] = {}
         self.bytes_read = 0
         self._since_release = 0
 
@@ -54,6 +59,22 @@ class FileSource:
         self._since_release += size
         return tensor
 
+    def byte_range(self, region: Read) -> tuple[int, int, int] | None:
+        """``(fd, offset, size)`` of the bytes a region covers, when they are contiguous in
+        its file (a whole tensor, or leading indices then one slice), else None."""
+        info = self.checkpoint.tensors[region.key]
+        span = contiguous_span(region.region, info.shape)
+        if span is None:
+            return None
+        first, count = span
+        item = itemsize(info.dtype)
+        if info.file not in self._offsets:
+            self._offsets[info.file] = data_offsets(self.checkpoint.path / info.file)
+        data_start, ranges = self._offsets[info.file]
+        if info.file not in self._fds:
+            self._fds[info.file] = os.open(self.checkpoint.path / info.file, os.O_RDONLY)
+        return self._fds[info.file], data_start + ranges[region.key][0] + first * item, count * item
+
     def _handle(self, file: str):
         if file not in self._handles:
             self._handles[file] = safe_open(str(self.checkpoint.path / file), framework="pt")
@@ -62,6 +83,9 @@ class FileSource:
     def release(self) -> None:
         """Close every open file."""
         self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         self._since_release = 0
 
     def __enter__(self) -> "FileSource":
@@ -69,6 +93,27 @@ class FileSource:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def contiguous_span(region: tuple, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """(first element, element count) of a region of a row-major tensor when the region is
+    one contiguous run: integer indices, then at most one step-1 slice followed only by
+    whole dimensions; else None."""
+    first, index = 0, 0
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    for dim, item in enumerate(region):
+        if isinstance(item, int):
+            first += item * strides[dim]
+            index = dim + 1
+            continue
+        start, stop, step = item.indices(shape[dim])
+        rest = region[dim + 1:]
+        whole_rest = all(isinstance(r, slice) and r.indices(shape[dim + 1 + k]) ==
+                         (0, shape[dim + 1 + k], 1) for k, r in enumerate(rest))
+        if step != 1 or not whole_rest:
+            return None
+        return first + start * strides[dim], (stop - start) * strides[dim]
+    return first, (strides[index - 1] if index else math.prod(shape))
 
 
 class DictSource:

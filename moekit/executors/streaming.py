@@ -8,7 +8,7 @@ from math import prod
 from pathlib import Path
 
 from ..checkpoint import INDEX_NAME, SINGLE_NAME
-from ..plan import Plan, TensorPlan
+from ..plan import Concat, Expr, Plan, Read, Stack, TensorPlan
 from ..progress import progress
 from ..safetensors_writer import ShardWriter
 from ..sources import FileSource, TensorSource
@@ -57,8 +57,35 @@ def write_shard(path: Path, tensors: list[TensorPlan], source: TensorSource,
     entries = [(t.name, t.dtype, t.shape) for t in tensors]
     with ShardWriter(path, entries, metadata) as writer:
         for tensor in tensors:
-            writer.write(tensor.name, materialize(tensor.recipe, source))
+            ranges = _byte_ranges(tensor.recipe, source)
+            if ranges is not None:
+                writer.copy_ranges(tensor.name, ranges)
+            else:
+                writer.write(tensor.name, materialize(tensor.recipe, source))
             done(tensor.nbytes)
+
+
+def _byte_ranges(expr: Expr, source: TensorSource) -> list[tuple[int, int, int]] | None:
+    """The file byte ranges whose concatenation is the tensor ``expr`` describes, when it
+    is one (pass-through tensors; stacks and outer concatenations of contiguous regions,
+    as HF <-> vllm/transformers conversions are), so that the kernel copies them; else
+    None."""
+    locate = getattr(source, "byte_range", None)
+    if locate is None:
+        return None
+    if isinstance(expr, Read):
+        found = locate(expr)
+        return None if found is None else [found]
+    if isinstance(expr, Stack) or (isinstance(expr, Concat) and not expr.interleave
+                                   and all(n == 1 for n in expr.shape[:expr.dim % len(expr.shape)])):
+        ranges: list[tuple[int, int, int]] = []
+        for part in expr.parts:
+            inner = _byte_ranges(part, source)
+            if inner is None:
+                return None
+            ranges += inner
+        return ranges
+    return None
 
 
 def write_index(folder: Path, tensors: list[TensorPlan], weight_map: dict[str, str]) -> None:
