@@ -1,0 +1,115 @@
+"""Expert-parallel load onto GPUs over NCCL: per-rank GB/s and bytes read, checked and saved.
+
+Run with torchrun, one process per GPU:
+
+    torchrun --nproc-per-node 8 benchmarks/ep_gpu_load.py --size-gib 16 --experts 100 \\
+        --workdir /tmp
+
+Rank 0 builds a synthetic Qwen3-MoE-shaped bf16 checkpoint (100 experts, so that 8 ranks
+split them unevenly: 13, 13, ..., 9), and every rank then loads its experts onto its GPU
+with ``load_experts(..., device="cuda")`` from the page cache (timed after one warm-up
+load, as a training job's first load also pays CUDA and thread start-up). Rank 0 checks the sha256 of
+every grouped tensor's ``full_tensor()`` against moekit's CPU path, all ranks save back
+with ``save_experts``, and rank 0 verifies the saved checkpoint equals the source.
+NVLink multicast stays off (NCCL_NVLS_ENABLE=0 and the others the device README names).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import time
+from pathlib import Path
+
+for name, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                    ("NVSHMEM_DISABLE_NVLS", "1")):
+    os.environ[name] = value
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from common import add_shape_arguments, build_checkpoint  # noqa: E402
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+from moekit import load_experts, save_experts, verify  # noqa: E402
+from moekit.conversion import analyse_checkpoint  # noqa: E402
+from moekit.executors.evaluate import materialize  # noqa: E402
+from moekit.expert_parallel.load import rank_plan  # noqa: E402
+from moekit.layouts import layout_named  # noqa: E402
+from moekit.plan import nbytes, reads  # noqa: E402
+from moekit.planner import build_plan  # noqa: E402
+from moekit.sources import FileSource  # noqa: E402
+
+
+def digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()
+                          .tobytes()).hexdigest()
+
+
+def cpu_digests(path: Path) -> dict[str, str]:
+    """sha256 of every grouped nemo tensor built on the CPU, one tensor at a time."""
+    checkpoint, analysis = analyse_checkpoint(path)
+    plan = build_plan(analysis, layout_named("nemo"))
+    with FileSource(checkpoint) as source:
+        return {t.name: digest(materialize(t.recipe, source)) for t in plan.tensors
+                if t.name in plan.expert_tensors}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_shape_arguments(parser, size_gib=16.0, experts=100)
+    parser.add_argument("--workdir", default="/tmp")
+    args = parser.parse_args()
+
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", device_id=device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    src, out = Path(args.workdir) / "moekit-ep-gpu-src", Path(args.workdir) / "moekit-ep-gpu-out"
+    if rank == 0 and not src.exists():
+        size, layers = build_checkpoint(src, args)
+        for file in src.iterdir():
+            file.read_bytes()
+        print(f"checkpoint: {size / 2**30:.2f} GiB, {layers} layers x {args.experts} experts, "
+              f"{world} ranks, GPU {torch.cuda.get_device_name()}", flush=True)
+    dist.barrier()
+
+    mesh = init_device_mesh("cuda", (world,), mesh_dim_names=("ep",))
+    checkpoint, analysis = analyse_checkpoint(src)
+    plan = rank_plan(analysis, world, rank, "nemo")
+    read = sum(nbytes(r.shape, r.dtype) for t in plan.tensors for r in reads(t.recipe))
+    load_experts(src, mesh, layout="nemo", device="cuda")  # warm-up: threads, pinned pool
+    torch.cuda.synchronize()
+    dist.barrier()
+    start = time.perf_counter()
+    state = load_experts(src, mesh, layout="nemo", device="cuda")
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    mine = next(v for v in state.values() if isinstance(v, DTensor)).to_local().shape[0]
+    rows = [None] * world
+    dist.all_gather_object(rows, (rank, mine, read, seconds))
+
+    full = {k: digest(v.full_tensor()) for k, v in state.items() if isinstance(v, DTensor)}
+    if rank == 0:
+        print(f"{'rank':>4}{'experts':>9}{'GiB read':>10}{'seconds':>9}{'GB/s':>8}")
+        for r, experts, nbytes_read, s in rows:
+            print(f"{r:>4}{experts:>9}{nbytes_read / 2**30:>10.2f}{s:>9.2f}"
+                  f"{nbytes_read / s / 1e9:>8.1f}")
+        total = sum(row[2] for row in rows) / max(row[3] for row in rows)
+        print(f"all ranks together: {total / 1e9:.1f} GB/s")
+        same = full == cpu_digests(src)
+        print(f"{len(full)} grouped tensors: full_tensor() sha256 "
+              f"{'identical to' if same else 'DIFFERENT from'} moekit's CPU path", flush=True)
+    dist.barrier()
+    start = time.perf_counter()
+    save_experts(state, out, mesh, layout="nemo", config_from=src, overwrite=True)
+    if rank == 0:
+        print(f"save_experts: {time.perf_counter() - start:.2f} s; saved checkpoint equals the "
+              f"source: {verify(src, out).equal}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
