@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -141,3 +142,17 @@ def drop_written(path: Path) -> None:
 def folder_bytes(path: Path) -> int:
     """Total size of the files in a folder."""
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
+def digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (computed on the host)."""
+    return hashlib.sha256(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()
+                          .tobytes()).hexdigest()
+
+
+def warm_page_cache(path: Path) -> None:
+    """Read every file of a folder once, so that timed runs start from the page cache."""
+    for file in path.iterdir():
+        with open(file, "rb") as handle:
+            while handle.read(64 * 2**20):
+                pass

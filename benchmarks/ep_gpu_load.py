@@ -17,7 +17,6 @@ NVLink multicast stays off (NCCL_NVLS_ENABLE=0 and the others the device README 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ for name, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAS
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from common import add_shape_arguments, build_checkpoint  # noqa: E402
+from common import add_shape_arguments, build_checkpoint, digest, warm_page_cache  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
@@ -40,11 +39,6 @@ from moekit.layouts import layout_named  # noqa: E402
 from moekit.plan import nbytes, reads  # noqa: E402
 from moekit.planner import build_plan  # noqa: E402
 from moekit.sources import FileSource  # noqa: E402
-
-
-def digest(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()
-                          .tobytes()).hexdigest()
 
 
 def cpu_digests(path: Path) -> dict[str, str]:
@@ -69,8 +63,7 @@ def main() -> None:
     src, out = Path(args.workdir) / "moekit-ep-gpu-src", Path(args.workdir) / "moekit-ep-gpu-out"
     if rank == 0 and not src.exists():
         size, layers = build_checkpoint(src, args)
-        for file in src.iterdir():
-            file.read_bytes()
+        warm_page_cache(src)
         print(f"checkpoint: {size / 2**30:.2f} GiB, {layers} layers x {args.experts} experts, "
               f"{world} ranks, GPU {torch.cuda.get_device_name()}", flush=True)
     dist.barrier()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import json
 import os
 import tempfile
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from common import add_shape_arguments, build_checkpoint
+from common import add_shape_arguments, build_checkpoint, digest, warm_page_cache
 
 import moekit
 
@@ -118,11 +117,6 @@ def transformers_load(path: Path) -> None:
     del model
 
 
-def checksum(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()
-                          .tobytes()).hexdigest()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shape_arguments(parser, size_gib=8.0, experts=128)
@@ -134,8 +128,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="moekit-gpu-") as tmp:
         path = Path(tmp) / "ckpt"
         size, layers = build_checkpoint(path, args, full_config=True)
-        for file in path.iterdir():
-            file.read_bytes()
+        warm_page_cache(path)
         print(f"checkpoint: {size / 2**30:.2f} GiB, {layers} layers x {args.experts} experts "
               f"(H={args.hidden}, I={args.inter}), bf16; GPU {torch.cuda.get_device_name()}")
         rows = [("(a) pinned host->device copy", min(pinned_copy(size) for _ in range(args.repeat))),
@@ -156,7 +149,7 @@ def main() -> None:
         assert all(torch.equal(ours[k], naive[k]) for k in ours), "moekit != naive stack"
         del naive
         cpu = moekit.load(path, "nemo")
-        same = all(checksum(ours[k]) == checksum(cpu[k]) for k in grouped)
+        same = all(digest(ours[k]) == digest(cpu[k]) for k in grouped)
         print(f"{len(grouped)} grouped tensors: equal to the naive GPU stack; "
               f"sha256 {'identical' if same else 'DIFFERENT'} to moekit's CPU path")
         print(json.dumps({"gib": round(size / 2**30, 2),

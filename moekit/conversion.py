@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,15 +46,27 @@ def convert(src: str | Path, dst: str | Path, to: str, from_: str | None = None,
     max_bytes = parse_size(max_shard_size)
     if dry_run:
         check_destination(Path(dst), checkpoint.path, overwrite)
-        return plan
+    else:
+        write_checkpoint(plan, checkpoint, Path(dst), max_bytes, overwrite, show_progress)
+    return plan
+
+
+def write_checkpoint(plan: Plan, checkpoint: Checkpoint, dst: Path, max_shard_size: int | str,
+                     overwrite: bool, show_progress: bool | None = None,
+                     config: dict | None = None) -> None:
+    """Write ``plan``'s tensors, read from ``checkpoint``'s files, as a checkpoint at
+    ``dst`` (atomically; the layout and family recorded in the safetensors metadata), with
+    the source folder's other files; ``config`` replaces its config.json."""
     metadata = {"format": "pt", LAYOUT_METADATA_KEY: plan.dst_layout,
                 FAMILY_METADATA_KEY: plan.family}
-    with atomic_output(Path(dst), checkpoint.path, overwrite) as tmp:
+    with atomic_output(dst, checkpoint.path, overwrite) as tmp:
         with FileSource(checkpoint) as source:
-            write_plan(plan, source, tmp, max_bytes, metadata, show_progress)
+            write_plan(plan, source, tmp, parse_size(max_shard_size), metadata, show_progress)
         for extra in checkpoint.extra_files():
-            shutil.copy2(extra, tmp / extra.name)
-    return plan
+            if config is None or extra.name != "config.json":
+                shutil.copy2(extra, tmp / extra.name)
+        if config is not None:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load(path: str | Path, layout: str = "nemo", device: torch.device | str | None = None,

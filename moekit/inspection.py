@@ -11,6 +11,7 @@ from pathlib import Path
 from .checkpoint import TensorInfo
 from .conversion import analyse_checkpoint
 from .errors import compress_ranges
+from .layouts.families import FP8_SCALE_KEY, MXFP4_BLOCKS_KEY, MXFP4_SCALES_KEY
 from .plan import nbytes
 from .planner import Analysis
 from .sizes import format_size
@@ -113,9 +114,10 @@ def _quantization(tensors: Mapping[str, TensorInfo]) -> str | None:
     the scale shape ``ceil(out/block)`` x ``ceil(in/block)``), or MXFP4 ``*_blocks`` with
     ``*_scales``."""
     for key, info in tensors.items():
-        if key.endswith("_blocks") and key[:-len("_blocks")] + "_scales" in tensors:
+        if (key.endswith(MXFP4_BLOCKS_KEY)
+                and key[:-len(MXFP4_BLOCKS_KEY)] + MXFP4_SCALES_KEY in tensors):
             return "mxfp4 (FP4 E2M1 in groups of 32, E8M0 scales)"
-        scale = tensors.get(key + "_scale_inv")
+        scale = tensors.get(key + FP8_SCALE_KEY)
         if scale is None or len(info.shape) != 2 or not info.dtype.startswith("F8"):
             continue
         fp8 = {"F8_E4M3": "e4m3", "F8_E5M2": "e5m2"}.get(info.dtype, info.dtype)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .conversion import state_dict_meta
+from .dtypes import to_safetensors
 from .errors import MoekitError
 from .executors.memory import run_plan
 from .plan import Concat, Expr, Plan, Read, Stack, TensorPlan, Transpose
@@ -107,14 +108,13 @@ def _run(adapter: Mapping[str, torch.Tensor], layers: dict[str, tuple[_Layer, se
     meta = state_dict_meta(adapter)
     used = {key for _, keys in layers.values() for key in keys}
     tensors = [t for layer, _ in layers.values() for t in emit(layer)]
-    tensors += [TensorPlan(k, Read(k, (), tuple(m.shape), m.dtype)) for k, m in meta.items()
-                if k not in used]
+    tensors += [TensorPlan(k, Read.whole(k, m)) for k, m in meta.items() if k not in used]
     return run_plan(Plan("lora", "", "", tensors), DictSource(adapter))
 
 
 def _read(adapter: Mapping[str, torch.Tensor], key: str, region: tuple = ()) -> Read:
     view = adapter[key][region] if region else adapter[key]
-    return Read(key, region, tuple(view.shape), state_dict_meta({key: view})[key].dtype)
+    return Read(key, region, tuple(view.shape), to_safetensors(view.dtype))
 
 
 def _from_peft(adapter: Mapping[str, torch.Tensor], n: int) -> dict[str, tuple[_Layer, set[str]]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Protocol, Union
 
 from .dtypes import itemsize
 from .sizes import format_size
@@ -33,10 +33,27 @@ class Read:
     shape: tuple[int, ...]
     dtype: str
 
+    @classmethod
+    def whole(cls, key: str, meta: "TensorMeta") -> "Read":
+        """The whole tensor ``key``, whose header (or tensor) is ``meta``."""
+        return cls(key, (), tuple(meta.shape), meta.dtype)
+
     @property
     def is_whole(self) -> bool:
         """True when the read covers the full source tensor."""
         return not self.region
+
+    @property
+    def ident(self) -> tuple[str, str]:
+        """A hashable identity (slices are not hashable before Python 3.12)."""
+        return self.key, repr(self.region)
+
+
+class TensorMeta(Protocol):
+    """What a plan needs to know of a source tensor: a header entry or a tensor."""
+
+    shape: tuple[int, ...]
+    dtype: str
 
 
 @dataclass(frozen=True)
@@ -91,12 +108,10 @@ class Concat:
         return self.parts[0].dtype
 
 
-@dataclass(frozen=True)
-class Scale:
-    """Multiply a part by a constant (computed in float32, rounded once to the dtype)."""
+class _ShapedLikePart:
+    """A node whose shape and dtype are its ``part``'s (it changes values only)."""
 
     part: "Expr"
-    factor: float
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -105,6 +120,14 @@ class Scale:
     @property
     def dtype(self) -> str:
         return self.part.dtype
+
+
+@dataclass(frozen=True)
+class Scale(_ShapedLikePart):
+    """Multiply a part by a constant (computed in float32, rounded once to the dtype)."""
+
+    part: "Expr"
+    factor: float
 
 
 @dataclass(frozen=True)
@@ -128,7 +151,7 @@ class Random:
 
 
 @dataclass(frozen=True)
-class Redraw:
+class Redraw(_ShapedLikePart):
     """Drop-Upcycling: a part whose slices ``ratio`` of the way along ``dim`` (a random
     subset chosen by ``select_seed``) are redrawn from N(mean, std²) of the tensor
     ``stats`` reads, with noise from ``noise_seed``. Projections that share a
@@ -140,14 +163,6 @@ class Redraw:
     select_seed: int
     noise_seed: int
     stats: Read
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.part.shape
-
-    @property
-    def dtype(self) -> str:
-        return self.part.dtype
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from .detect import detect_family, detect_layout
 from .errors import MoekitError, PlanError, compress_ranges, plural
 from .layouts import FAMILIES, LAYOUTS, ExpertBlock, Family, Layout, family_named, layout_named
 from .layouts.base import ParsedExperts, TensorMeta
-from .layouts.families import MX_BLOCKS, MX_SCALES, SCALE
+from .layouts.families import FP8_SCALE_KEY, MX_BLOCKS, MX_SCALES, SCALE
 from .plan import Dequantize, DequantizeMXFP4, Expr, Plan, Read, TensorPlan
 
 
@@ -134,9 +134,6 @@ def _check_held(blocks: Mapping[int, ExpertBlock], family: Family, dst: Layout) 
                           + ("; or pass --dequantize to write bf16 weights" if quantized else ""))
 
 
-FP8_SCALE_SUFFIX = "_scale_inv"
-
-
 def _dequantized(block: ExpertBlock) -> ExpertBlock:
     """The block with every FP8 weight (and its scale) and every MXFP4 weight (its blocks
     and scales) replaced by the bf16 weight."""
@@ -159,15 +156,15 @@ def _passed_through(key: str, tensors: Mapping[str, TensorMeta], dequantize: boo
     """The recipe of a non-expert tensor: itself, or with ``dequantize`` an FP8 weight
     dequantised with its ``*_scale_inv`` (and None for that scale, which is dropped)."""
     meta = tensors[key]
-    read = Read(key, (), tuple(meta.shape), meta.dtype)
+    read = Read.whole(key, meta)
     if not dequantize:
         return read
-    if key.endswith(FP8_SCALE_SUFFIX) and key[:-len(FP8_SCALE_SUFFIX)] in tensors:
+    if key.endswith(FP8_SCALE_KEY) and key[:-len(FP8_SCALE_KEY)] in tensors:
         return None
-    scale = tensors.get(key + FP8_SCALE_SUFFIX)
+    scale = tensors.get(key + FP8_SCALE_KEY)
     if scale is None:
         return read
-    return Dequantize(read, Read(key + FP8_SCALE_SUFFIX, (), tuple(scale.shape), scale.dtype))
+    return Dequantize(read, Read.whole(key + FP8_SCALE_KEY, scale))
 
 
 def select_experts(block: ExpertBlock, experts: range, offset: int = 0) -> ExpertBlock:

@@ -59,6 +59,17 @@ class FileSource:
         self._since_release += size
         return tensor
 
+    def location(self, key: str) -> tuple[int, int]:
+        """(file descriptor, byte offset) of tensor ``key``'s data, for reading it with
+        ``pread`` or copying it in the kernel; each file is opened and its header's
+        offsets read once."""
+        file = self.checkpoint.file_of(key)
+        if file not in self._fds:
+            self._offsets[file] = data_offsets(self.checkpoint.path / file)
+            self._fds[file] = os.open(self.checkpoint.path / file, os.O_RDONLY)
+        data_start, ranges = self._offsets[file]
+        return self._fds[file], data_start + ranges[key][0]
+
     def byte_range(self, region: Read) -> tuple[int, int, int] | None:
         """``(fd, offset, size)`` of the bytes a region covers, when they are contiguous in
         its file (a whole tensor, or leading indices then one slice), else None."""
@@ -66,14 +77,10 @@ class FileSource:
         span = contiguous_span(region.region, info.shape)
         if span is None:
             return None
+        fd, start = self.location(region.key)
         first, count = span
         item = itemsize(info.dtype)
-        if info.file not in self._offsets:
-            self._offsets[info.file] = data_offsets(self.checkpoint.path / info.file)
-        data_start, ranges = self._offsets[info.file]
-        if info.file not in self._fds:
-            self._fds[info.file] = os.open(self.checkpoint.path / info.file, os.O_RDONLY)
-        return self._fds[info.file], data_start + ranges[region.key][0] + first * item, count * item
+        return fd, start + first * item, count * item
 
     def _handle(self, file: str):
         if file not in self._handles:
@@ -81,18 +88,23 @@ class FileSource:
         return self._handles[file]
 
     def release(self) -> None:
-        """Close every open file."""
+        """Drop the safetensors handles (and with them their mapped pages). Plain file
+        descriptors map nothing and stay open until ``close``."""
         self._handles.clear()
+        self._since_release = 0
+
+    def close(self) -> None:
+        """Close every open file."""
+        self.release()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        self._since_release = 0
 
     def __enter__(self) -> "FileSource":
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.release()
+        self.close()
 
 
 def contiguous_span(region: tuple, shape: tuple[int, ...]) -> tuple[int, int] | None:

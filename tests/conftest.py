@@ -53,3 +53,9 @@ def tree_digest(path: Path) -> dict[str, str]:
     """sha256 of every file under ``path`` (to show an input was left untouched)."""
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(Path(path).rglob("*")) if p.is_file()}
+
+
+def digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (computed on the host)."""
+    return hashlib.sha256(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()
+                          .tobytes()).hexdigest()

@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor
 from moekit import ExpertAdapter, MoekitError, convert_state_dict, expert_range, load_experts, save_experts
 from moekit.sources import FileSource
 
-from .conftest import load_all
+from .conftest import digest, load_all
 
 
 def _init(rank: int, world: int, store: str) -> None:
@@ -126,15 +126,11 @@ def load_expecting_error(rank: int, world: int, store: str, src: str, log_dir: s
 
 def cuda_load(rank: int, world: int, store: str, src: str, result: str) -> None:
     """Load this rank's experts onto its GPU (NCCL) and save their checksums."""
-    import hashlib
-
     dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.cuda.set_device(rank)
     mesh = init_device_mesh("cuda", (world,), mesh_dim_names=("ep",))
     state = load_experts(src, mesh, layout="nemo", device="cuda")
-    sums = {k: hashlib.sha256((v.to_local() if isinstance(v, DTensor) else v).cpu().contiguous()
-                              .view(torch.uint8).numpy().tobytes()).hexdigest()
-            for k, v in state.items()}
+    sums = {k: digest(v.to_local() if isinstance(v, DTensor) else v) for k, v in state.items()}
     devices = {(v.to_local() if isinstance(v, DTensor) else v).device.type for v in state.values()}
     torch.save({"sums": sums, "devices": devices}, f"{result}.{rank}")
     finish()

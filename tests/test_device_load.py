@@ -7,8 +7,6 @@ and check that the GPU path gives bit-identical tensors.
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
 
@@ -21,7 +19,7 @@ from moekit.layouts import layout_named
 from moekit.planner import build_plan
 from moekit.sources import FileSource
 
-from .conftest import load_all
+from .conftest import digest, load_all
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -79,8 +77,7 @@ def test_a_truncated_shard_is_named(qwen3):
 
 def checksums(state: dict) -> dict[str, str]:
     """sha256 of every tensor's bytes (computed on the host)."""
-    return {k: hashlib.sha256(v.detach().cpu().contiguous().view(torch.uint8).numpy()
-                              .tobytes()).hexdigest() for k, v in state.items()}
+    return {k: digest(v) for k, v in state.items()}
 
 
 @cuda

@@ -7,8 +7,8 @@ buffers and copies it to the device asynchronously, reading the next chunk meanw
 (Registering the page cache's mapped pages with CUDA instead, to skip the host copy, was
 measured slower: registration does not scale across threads.) Tensors are staged in batches
 of about BATCH_BYTES, whose regions adjacent in a file are read as one range (a layer's
-experts usually are);
-reads for batch b+1 overlap the copies and the evaluation of batch b (two staging slots).
+experts usually are); reads for batch b+1 overlap the copies and the evaluation of batch b
+(two staging slots).
 Pinned host memory is at most two chunks per reader, whatever the model size; no tensor
 is ever assembled on the host.
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint import Checkpoint, data_offsets
+from ..checkpoint import Checkpoint
 from ..dtypes import itemsize, to_torch
 from ..errors import MoekitError
 from ..plan import Expr, Plan, Read, TensorPlan, nbytes, reads
@@ -50,6 +50,7 @@ class _Leaf:
     remains to apply to those rows."""
 
     file: str
+    fd: int
     start: int
     size: int
     offset: int
@@ -84,32 +85,29 @@ def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | st
 
 
 class _Reader:
-    """Reader threads, their buffers and streams, and the two staging slots."""
+    """Reader threads, their buffers and streams, and the two staging slots. Files are
+    located (opened, header offsets read) by the main thread; readers only ``pread``."""
 
     def __init__(self, checkpoint: Checkpoint, device: torch.device, readers: int,
                  chunk_bytes: int, batch_bytes: int = BATCH_BYTES) -> None:
         self.checkpoint = checkpoint
+        self.files = FileSource(checkpoint)
         self.batch_bytes = batch_bytes
         self.device = device
         self.cuda = device.type == "cuda"
         self.chunk_bytes = chunk_bytes
         self.pool = ThreadPoolExecutor(readers, thread_name_prefix="moekit-read")
         self.local = threading.local()
-        self.fds: dict[str, int] = {}
-        self.lock = threading.RLock()
-        self.offsets: dict[str, tuple[int, dict[str, tuple[int, int]]]] = {}
         self.slots: list[torch.Tensor | None] = [None, None]
         self.slot_free: list[torch.cuda.Event | None] = [None, None]
         self.compute = torch.cuda.Stream(device) if self.cuda else None
-
 
     def __enter__(self) -> "_Reader":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.pool.shutdown(wait=True)
-        for fd in self.fds.values():
-            os.close(fd)
+        self.files.close()
 
     def run(self, plan: Plan) -> dict[str, torch.Tensor]:
         batches = _batches(plan.tensors, self.batch_bytes)
@@ -133,29 +131,29 @@ class _Reader:
         leaves: dict[tuple, _Leaf] = {}
         for tensor in batch:
             for read in reads(tensor.recipe):
-                leaves.setdefault(_name(read), self._leaf(read))
+                if read.ident not in leaves:
+                    leaves[read.ident] = self._leaf(read)
         runs = _runs(list(leaves.values()))
         offset, jobs = 0, []
         for run in runs:
             for leaf in run.leaves:
                 leaf.offset = offset + leaf.start - run.start
-            jobs += [(run.file, start, offset + start - run.start, end - start)
+            jobs += [(run.leaves[0], start, offset + start - run.start, end - start)
                      for start, end in _chunks(run.start, run.end, self.chunk_bytes)]
             offset += -(-(run.end - run.start) // ALIGN) * ALIGN
         staging = self._slot(slot, offset)
-        futures = [self.pool.submit(self._copy, file, start, staging, at, size)
-                   for file, start, at, size in jobs]
+        futures = [self.pool.submit(self._copy, leaf.fd, leaf.file, start, staging, at, size)
+                   for leaf, start, at, size in jobs]
         return leaves, futures
 
     def _leaf(self, read: Read) -> _Leaf:
         info = self.checkpoint.tensors[read.key]
-        data_start, ranges = self._offsets(info.file)
-        begin, _ = ranges[read.key]
+        fd, begin = self.files.location(read.key)
         row_bytes = nbytes(info.shape[1:], info.dtype) if info.shape else itemsize(info.dtype)
         first, rows, rest = _rows(read.region, info.shape[0] if info.shape else 1)
         shape = (rows, *info.shape[1:]) if info.shape else ()
-        return _Leaf(info.file, data_start + begin + first * row_bytes, rows * row_bytes,
-                     0, shape, info.dtype, rest)
+        return _Leaf(info.file, fd, begin + first * row_bytes, rows * row_bytes, 0, shape,
+                     info.dtype, rest)
 
     def _slot(self, slot: int, size: int) -> torch.Tensor:
         """Staging slot ``slot``, at least ``size`` bytes, once its last use is finished."""
@@ -168,28 +166,22 @@ class _Reader:
             self.slots[slot] = current
         return current
 
-    def _copy(self, file: str, start: int, staging: torch.Tensor, offset: int, size: int):
-        """Copy ``size`` bytes at ``start`` of ``file`` into ``staging[offset:]``; on CUDA
-        return the copy's event (recorded on this thread's stream)."""
-        fd = self._fd(file)
+    def _copy(self, fd: int, file: str, start: int, staging: torch.Tensor, offset: int,
+              size: int):
+        """Copy ``size`` bytes at ``start`` of ``file`` into ``staging[offset:]``. On CUDA,
+        read into one of this thread's two pinned buffers (waiting for that buffer's
+        previous copy), copy it to the device asynchronously on this thread's stream and
+        return the copy's event."""
         if not self.cuda:
             _read_into(fd, start, staging[offset:offset + size], file)
             return None
-        local = self.local
-        if not hasattr(local, "stream"):
-            local.stream = torch.cuda.Stream(self.device)
-        return self._copy_pinned(fd, file, start, staging, offset, size)
-
-    def _copy_pinned(self, fd: int, file: str, start: int, staging: torch.Tensor, offset: int,
-                     size: int):
-        """Read into one of this thread's two pinned buffers (waiting for that buffer's
-        previous copy), then copy it to the device asynchronously."""
         local = self.local
         if not hasattr(local, "buffers"):
             local.buffers = [torch.empty(self.chunk_bytes, dtype=torch.uint8, pin_memory=True)
                              for _ in range(2)]
             local.events = [None, None]
             local.turn = 0
+            local.stream = torch.cuda.Stream(self.device)
         turn = local.turn = 1 - local.turn
         if local.events[turn] is not None:
             local.events[turn].synchronize()
@@ -222,17 +214,6 @@ class _Reader:
         out = torch.empty(recipe.shape, dtype=to_torch(recipe.dtype), device=self.device)
         fill(recipe, out, source)
         return out
-
-    def _fd(self, file: str) -> int:
-        with self.lock:
-            if file not in self.fds:
-                self.fds[file] = os.open(self.checkpoint.path / file, os.O_RDONLY)
-            return self.fds[file]
-
-    def _offsets(self, file: str) -> tuple[int, dict[str, tuple[int, int]]]:
-        if file not in self.offsets:
-            self.offsets[file] = data_offsets(self.checkpoint.path / file)
-        return self.offsets[file]
 
 
 @dataclass
@@ -296,7 +277,7 @@ class _StagedSource:
     def locate(self, region: Read) -> tuple[torch.Tensor, int, tuple[int, ...]] | None:
         """Where a whole-rows region lies: (the staging buffer as its dtype, element
         offset, shape), so that a stack of them is gathered without a view per part."""
-        leaf = self.leaves[_name(region)]
+        leaf = self.leaves[region.ident]
         size = itemsize(leaf.dtype)
         if leaf.rest or leaf.offset % size:
             return None
@@ -305,16 +286,12 @@ class _StagedSource:
         return self.typed[leaf.dtype], leaf.offset // size, leaf.shape
 
     def read(self, region: Read) -> torch.Tensor:
-        leaf = self.leaves[_name(region)]
+        leaf = self.leaves[region.ident]
         raw = self.staging[leaf.offset:leaf.offset + leaf.size]
         if leaf.offset % itemsize(leaf.dtype):
             raw = raw.clone()
         tensor = raw.view(to_torch(leaf.dtype)).view(leaf.shape)
         return tensor[leaf.rest] if leaf.rest else tensor
-
-
-def _name(read: Read) -> tuple:
-    return read.key, repr(read.region)
 
 
 def _rows(region: tuple, length: int) -> tuple[int, int, tuple]:

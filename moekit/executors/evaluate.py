@@ -17,7 +17,6 @@ from weakref import WeakKeyDictionary
 import torch
 
 from ..dtypes import to_torch
-
 from ..plan import (FP4_VALUES, Concat, Constant, Dequantize, DequantizeMXFP4, Expr, Random,
                     Read, Redraw, Scale, Stack, Transpose)
 from ..sources import TensorSource
@@ -183,8 +182,7 @@ def _statistics(source: TensorSource, stats: Read) -> tuple[float, float]:
     """Mean and standard deviation of a source region, in float32 (cached per source:
     every expert of a layer redraws from the same dense weight's statistics)."""
     known = _STATISTICS.setdefault(source, {})
-    name = (stats.key, repr(stats.region))
-    if name not in known:
+    if stats.ident not in known:
         std, mean = torch.std_mean(source.read(stats).float())
-        known[name] = (mean.item(), std.item())
-    return known[name]
+        known[stats.ident] = (mean.item(), std.item())
+    return known[stats.ident]

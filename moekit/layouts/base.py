@@ -11,17 +11,9 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from ..plan import Expr, TensorPlan
+from ..plan import Expr, TensorMeta, TensorPlan
 from .families import Family, rename
-
-
-class TensorMeta(Protocol):
-    """What a layout needs to know of a source tensor (a header entry or a tensor)."""
-
-    shape: tuple[int, ...]
-    dtype: str
 
 
 @dataclass

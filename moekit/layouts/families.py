@@ -19,6 +19,11 @@ MX_BLOCKS, MX_SCALES = "_mxblocks", "_mxscales"
 SCALE = "_scale"
 """Suffix of a projection's FP8 block-scale piece (DeepSeek-V3 style ``weight_scale_inv``,
 [ceil(out/128), ceil(in/128)] float32), present only in FP8 checkpoints."""
+FP8_SCALE_KEY, MXFP4_BLOCKS_KEY, MXFP4_SCALES_KEY = "_scale_inv", "_blocks", "_scales"
+"""What a weight's key (``x.weight`` -> ``x.weight_scale_inv``) or a grouped tensor's name
+(``gate_up_proj`` -> ``gate_up_proj_blocks``) takes for its FP8 scales or MXFP4 tensors."""
+QUANTIZED_KEYS = {SCALE: FP8_SCALE_KEY, MX_BLOCKS: MXFP4_BLOCKS_KEY, MX_SCALES: MXFP4_SCALES_KEY}
+"""Quantisation piece suffix -> the key suffix its tensors carry."""
 
 
 @dataclass(frozen=True)
@@ -81,10 +86,9 @@ class Family:
         ``gate_proj.weight_scale_inv``."""
         if piece.endswith(BIAS):
             return f"{self.projections[piece[:-len(BIAS)]]}.bias"
-        for suffix, key in ((SCALE, "weight_scale_inv"), (MX_BLOCKS, "weight_blocks"),
-                            (MX_SCALES, "weight_scales")):
+        for suffix, key in QUANTIZED_KEYS.items():
             if piece.endswith(suffix):
-                return f"{self.projections[piece[:-len(suffix)]]}.{key}"
+                return f"{self.projections[piece[:-len(suffix)]]}.weight{key}"
         return f"{self.projections[piece]}.weight"
 
     def expert_key(self, layer: int, expert: int, piece: str) -> str:

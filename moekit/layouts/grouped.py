@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 from ..plan import Concat, Expr, Read, Stack, TensorPlan, Transpose
 from .base import ExpertBlock, Layout, ParsedExperts, TensorMeta
-from .families import MX_BLOCKS, MX_SCALES, SCALE, Family
+from .families import FP8_SCALE_KEY, MX_BLOCKS, MX_SCALES, QUANTIZED_KEYS, SCALE, Family
 
 
 @dataclass(frozen=True)
@@ -156,12 +156,9 @@ class GroupedLayout(Layout):
         hold the same experts."""
         for layer, block in parsed.blocks.items():
             counts = {}
-            scaled = any(p.endswith(SCALE) for p, _ in block.pieces)
-            packed = any(_mx(p) for p, _ in block.pieces)
+            needed = set(family.required_pieces({p for p, _ in block.pieces}))
             for spec in self.specs(family):
-                first = spec.projections[0]
-                if ((first.endswith(SCALE) and not scaled) or (_mx(first) and not packed)
-                        or (first in family.projections and packed)):
+                if spec.projections[0] not in needed:
                     continue
                 experts = {e for (p, e) in block.pieces if p == spec.projections[0]}
                 name = self.from_hf_key(f"{block.block}.experts.{spec.name}", family)
@@ -174,15 +171,11 @@ class GroupedLayout(Layout):
                 parsed.problems.append((layer, f"grouped tensors disagree on the expert count: {shown}"))
 
 
-def _mx(piece: str) -> bool:
-    return piece.endswith((MX_BLOCKS, MX_SCALES))
-
-
 def _with_scales(tensors: tuple[GroupedTensor, ...]) -> tuple[GroupedTensor, ...]:
     """A layout's tensors plus, for each weight tensor, its FP8 block scales stacked,
     concatenated and oriented the same way (``{name}_scale_inv``)."""
-    scales = tuple(replace(t, name=f"{t.name}_scale_inv",
-                           ungated_name=t.ungated_name and f"{t.ungated_name}_scale_inv",
+    scales = tuple(replace(t, name=t.name + FP8_SCALE_KEY,
+                           ungated_name=t.ungated_name and t.ungated_name + FP8_SCALE_KEY,
                            projections=tuple(p + SCALE for p in t.projections))
                    for t in tensors if t.piece_dims == 2)
     return tensors + scales
@@ -192,10 +185,10 @@ def _mxfp4(weights: tuple[GroupedTensor, ...]) -> tuple[GroupedTensor, ...]:
     """GPT-OSS's MXFP4 tensors beside each weight tensor: ``{name}_blocks`` [E, out, in/32,
     16] uint8 (two FP4 values a byte) and ``{name}_scales`` [E, out, in/32] uint8 (E8M0
     exponents), both out-major whatever the weights' orientation."""
-    return tuple(replace(t, name=f"{t.name}_{kind}", ungated_name=None, orientable=False,
-                         piece_dims=dims, projections=tuple(p + suffix for p in t.projections))
-                 for t in weights
-                 for kind, suffix, dims in (("blocks", MX_BLOCKS, 3), ("scales", MX_SCALES, 2)))
+    return tuple(replace(t, name=t.name + QUANTIZED_KEYS[suffix], ungated_name=None,
+                         orientable=False, piece_dims=dims,
+                         projections=tuple(p + suffix for p in t.projections))
+                 for t in weights for suffix, dims in ((MX_BLOCKS, 3), (MX_SCALES, 2)))
 
 
 NEMO = GroupedLayout(

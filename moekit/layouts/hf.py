@@ -35,7 +35,7 @@ class PerExpertLayout(Layout):
                 continue
             block = parsed.block(layer, family)
             piece = (by_name[match["piece"]], int(match["expert"]))
-            block.pieces[piece] = Read(key, (), tuple(meta.shape), meta.dtype)
+            block.pieces[piece] = Read.whole(key, meta)
             block.names[piece] = key
         return parsed
 

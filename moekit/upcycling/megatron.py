@@ -240,7 +240,7 @@ def _router(own: Read, spec: UpcycleSpec) -> Expr:
 
 
 def _read(meta: Mapping[str, Any], key: str) -> Read:
-    return Read(key, (), tuple(meta[key].shape), meta[key].dtype)
+    return Read.whole(key, meta[key])
 
 
 def _optional_read(meta: Mapping[str, Any], key: str) -> Read | None:

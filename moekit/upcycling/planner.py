@@ -71,7 +71,7 @@ def build_upcycle_plan(tensors: Mapping[str, TensorMeta], config: dict | None,
     for key, meta in tensors.items():
         layer = _mlp_layer(key)
         if layer is None:
-            planned.append(TensorPlan(key, Read(key, (), tuple(meta.shape), meta.dtype)))
+            planned.append(TensorPlan(key, Read.whole(key, meta)))
         elif layer not in emitted:
             emitted.add(layer)
             block = _moe_block(mlps[layer], spec, target, layer, std)
@@ -119,7 +119,7 @@ def _layer_mlp(layer: int, found: dict[str, str], tensors: Mapping[str, TensorMe
     if missing:
         problems.append(f"layer {layer}: the MLP lacks {', '.join(missing)}")
         return None
-    reads = {p: _read(found[n], tensors) for n, p in names.items()}
+    reads = {p: Read.whole(found[n], tensors[found[n]]) for n, p in names.items()}
     gate, up, down = reads["gate"], reads["up"], reads["down"]
     if (len(gate.shape) != 2 or up.shape != gate.shape or down.shape != gate.shape[::-1]
             or len({gate.dtype, up.dtype, down.dtype}) > 1):
@@ -155,11 +155,6 @@ def _check_attention_biases(tensors: Mapping[str, TensorMeta], target: Target, l
         raise MoekitError(f"{label} has attention biases ({found[refused[0]]}) that "
                           f"{target.family} attention cannot hold; choose another --target")
     return bool(found)
-
-
-def _read(key: str, tensors: Mapping[str, TensorMeta]) -> Read:
-    meta = tensors[key]
-    return Read(key, (), tuple(meta.shape), meta.dtype)
 
 
 def _mlp_layer(key: str) -> int | None:

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint
-from ..conversion import state_dict_meta
+from ..checkpoint import Checkpoint
+from ..conversion import state_dict_meta, write_checkpoint
 from ..executors.memory import run_plan
-from ..executors.streaming import write_plan
-from ..output import atomic_output, check_destination
-from ..sizes import parse_size
-from ..sources import DictSource, FileSource
+from ..output import check_destination
+from ..sources import DictSource
 from .planner import UpcyclePlan, build_upcycle_plan
 from .spec import UpcycleSpec
 
@@ -38,16 +34,9 @@ def upcycle(dense_path: str | Path, dst_path: str | Path, spec: UpcycleSpec,
     checkpoint, plan = plan_upcycle(dense_path, spec)
     if dry_run:
         check_destination(Path(dst_path), checkpoint.path, overwrite)
-        return plan
-    metadata = {"format": "pt", LAYOUT_METADATA_KEY: "hf", FAMILY_METADATA_KEY: plan.target.family}
-    with atomic_output(Path(dst_path), checkpoint.path, overwrite) as tmp:
-        with FileSource(checkpoint) as source:
-            write_plan(plan.plan, source, tmp, parse_size(max_shard_size), metadata,
-                       show_progress)
-        for extra in checkpoint.extra_files():
-            if extra.name != "config.json":
-                shutil.copy2(extra, tmp / extra.name)
-        (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+    else:
+        write_checkpoint(plan.plan, checkpoint, Path(dst_path), max_shard_size, overwrite,
+                         show_progress, config=plan.config)
     return plan
 
 
