@@ -30,6 +30,8 @@ class TensorInfo:
     file: str
     shape: tuple[int, ...]
     dtype: str
+    offset: int
+    """Where the tensor's bytes start in ``file`` (for ``pread`` and kernel copies)."""
 
 
 @dataclass
@@ -121,19 +123,33 @@ def _read_index(index: Path) -> dict[str, str]:
 
 
 def _read_header(file: Path, tensors: dict[str, TensorInfo]) -> dict[str, str]:
-    """Add the tensors of one file's header to ``tensors``; return its metadata."""
+    """Add the tensors of one file's header to ``tensors``; return its metadata.
+
+    safetensors validates the file (header, offsets, size); the header is then read once
+    more for each tensor's byte offset, which the library checks but does not expose (the
+    format defines the header as an 8-byte little-endian length, then that much JSON)."""
     try:
         with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                if key in tensors:
-                    raise MoekitError(f"tensor {key} is stored twice: in {tensors[key].file} "
-                                      f"and in {file.name}")
-                view = handle.get_slice(key)
-                tensors[key] = TensorInfo(key, file.name, tuple(view.get_shape()),
-                                          view.get_dtype())
-            return dict(handle.metadata() or {})
+            metadata = dict(handle.metadata() or {})
     except SafetensorError as err:
         raise MoekitError(f"cannot read {file}: {err} (the file is truncated or corrupt)") from err
+    data_start, header = _header(file)
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if key in tensors:
+            raise MoekitError(f"tensor {key} is stored twice: in {tensors[key].file} "
+                              f"and in {file.name}")
+        tensors[key] = TensorInfo(key, file.name, tuple(entry["shape"]), entry["dtype"],
+                                  data_start + entry["data_offsets"][0])
+    return metadata
+
+
+def _header(file: Path) -> tuple[int, dict]:
+    """The start of a safetensors file's data section and its parsed JSON header."""
+    with open(file, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        return 8 + length, json.loads(handle.read(length))
 
 
 def _check_index(folder: Path, path: Path, tensors: dict[str, TensorInfo]) -> None:
@@ -161,15 +177,3 @@ def read_config(folder: Path, name: str = "config.json") -> dict | None:
         return json.loads(config.read_text())
     except json.JSONDecodeError as err:
         raise MoekitError(f"{config} is not valid JSON ({err})") from err
-
-
-def data_offsets(file: Path) -> tuple[int, dict[str, tuple[int, int]]]:
-    """Where each tensor's bytes lie in a safetensors file: the start of the data section
-    and, per key, ``(begin, end)`` relative to it. The safetensors library reads these
-    offsets but does not expose them; the format defines the header as an 8-byte
-    little-endian length followed by that many bytes of JSON."""
-    with open(file, "rb") as handle:
-        length = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(length))
-    return 8 + length, {k: tuple(v["data_offsets"]) for k, v in header.items()
-                        if k != "__metadata__"}

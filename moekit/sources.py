@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint import Checkpoint, data_offsets
+from .checkpoint import Checkpoint
 from .dtypes import itemsize
 from .errors import MoekitError
 from .plan import Read
@@ -37,7 +37,6 @@ class FileSource:
         self.checkpoint = checkpoint
         self._handles: dict[str, object] = {}
         self._fds: dict[str, int] = {}
-        self._offsets: dict[str, tuple[int, dict[str, tuple[int, int]]]] = {}
         self.bytes_read = 0
         self._since_release = 0
 
@@ -61,14 +60,12 @@ class FileSource:
 
     def location(self, key: str) -> tuple[int, int]:
         """(file descriptor, byte offset) of tensor ``key``'s data, for reading it with
-        ``pread`` or copying it in the kernel; each file is opened and its header's
-        offsets read once."""
-        file = self.checkpoint.file_of(key)
-        if file not in self._fds:
-            self._offsets[file] = data_offsets(self.checkpoint.path / file)
-            self._fds[file] = os.open(self.checkpoint.path / file, os.O_RDONLY)
-        data_start, ranges = self._offsets[file]
-        return self._fds[file], data_start + ranges[key][0]
+        ``pread`` or copying it in the kernel; each file is opened once."""
+        info = self.checkpoint.tensors[key]
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(self.checkpoint.path / info.file, os.O_RDONLY)
+        return fd, info.offset
 
     def byte_range(self, region: Read) -> tuple[int, int, int] | None:
         """``(fd, offset, size)`` of the bytes a region covers, when they are contiguous in
