@@ -44,12 +44,13 @@ def qwen3_moe_tensors(layers: int, experts: int, hidden: int, inter: int, vocab:
     return out + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
 
 
-def add_shape_arguments(parser: argparse.ArgumentParser, size_gib: float, experts: int) -> None:
+def add_shape_arguments(parser: argparse.ArgumentParser, size_gib: float, experts: int,
+                        hidden: int = 1024, inter: int = 256) -> None:
     """The options that shape the synthetic Qwen3-MoE checkpoint of a benchmark."""
     parser.add_argument("--size-gib", type=float, default=size_gib)
     parser.add_argument("--experts", type=int, default=experts)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--inter", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=hidden)
+    parser.add_argument("--inter", type=int, default=inter)
 
 
 def expert_bytes_per_layer(args: argparse.Namespace) -> int:

@@ -1,20 +1,23 @@
 """Benchmark loading grouped experts onto a GPU, against the pinned host->device copy limit.
 
-Builds a synthetic Qwen3-MoE-shaped bf16 checkpoint (default 8 GiB, 128 experts), reads
-it once so that every run starts from the page cache, then times, in one run:
+Builds a synthetic Qwen3-MoE-shaped bf16 checkpoint (default 8 GiB, 128 experts of
+Qwen3-30B-A3B's shape: hidden 2048, expert intermediate 768), reads it once so that every
+run starts from the page cache, then times, in one run:
 
   (a) pinned host -> device copies of the same number of bytes (the limit),
   (b) ``moekit.load(..., "nemo", device="cuda")``: grouped nemo tensors on the GPU,
   (c) transformers ``from_pretrained(..., device_map="cuda")``,
   (d) safetensors ``load_file(device="cuda")`` of every shard + a naive stack into nemo,
-  (r) for reference, 8 threads reading the files into pinned buffers (no device copy),
-      the host-side ceiling of any loader that reads through the page cache,
+  (r) for reference, moekit's number of reader threads reading the files into pinned
+      buffers, without (r) and with (r+) an asynchronous copy of each buffer to the GPU:
+      the ceilings of any loader that reads through the page cache with that many threads,
 
 and prints each (the best of --repeat runs; transformers once) as GB/s and as a ratio to
 (a). Then checks that every grouped tensor of
 (b) equals (d)'s on the GPU and has the same checksum as moekit's CPU path.
 
-    python benchmarks/gpu_load.py [--size-gib 8] [--experts 128] [--skip-transformers]
+    python benchmarks/gpu_load.py [--size-gib 8] [--experts 128] [--hidden 2048] [--inter 768]
+                                  [--skip-transformers]
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import torch
 from common import add_shape_arguments, build_checkpoint, digest, warm_page_cache
 
 import moekit
+from moekit.executors.device import CHUNK_BYTES, READERS
 
 
 def timed(fn: Callable[[], object], repeat: int = 1) -> tuple[float, object]:
@@ -65,24 +69,42 @@ def pinned_copy(nbytes: int, chunk: int = 2**30) -> None:
     return time.perf_counter() - start
 
 
-def parallel_read(path: Path, threads: int = 8, chunk: int = 16 * 2**20) -> float:
-    """Seconds to read every shard into pinned host buffers with ``threads`` threads, no
-    device copy: the host-side ceiling of any loader that reads through the page cache."""
+def parallel_read(path: Path, to_device: bool, threads: int = READERS,
+                  chunk: int = CHUNK_BYTES) -> float:
+    """Seconds to read every shard into pinned host buffers with ``threads`` threads, each
+    buffer then copied to the GPU asynchronously when ``to_device`` (two buffers a thread,
+    as moekit's readers have): the ceiling of any loader that reads through the page cache."""
     jobs = [(file, start, min(chunk, file.stat().st_size - start))
             for file in sorted(path.glob("*.safetensors"))
             for start in range(0, file.stat().st_size, chunk)]
     local = threading.local()
     fds = {file: os.open(file, os.O_RDONLY) for file, _, _ in jobs}
+    target = torch.empty(chunk, dtype=torch.uint8, device="cuda") if to_device else None
 
     def read(job: tuple[Path, int, int]) -> None:
-        if not hasattr(local, "buffer"):
-            local.buffer = torch.empty(chunk, dtype=torch.uint8, pin_memory=True)
+        if not hasattr(local, "buffers"):
+            local.buffers = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True)
+                             for _ in range(2)]
+            local.copied = [None, None]
+            local.stream = torch.cuda.Stream()
+        buffer, copied = local.buffers[0], local.copied[0]
+        if copied is not None:
+            copied.synchronize()
         file, start, size = job
-        os.preadv(fds[file], [memoryview(local.buffer.numpy())[:size]], start)
+        os.preadv(fds[file], [memoryview(buffer.numpy())[:size]], start)
+        if target is not None:
+            with torch.cuda.stream(local.stream):
+                target[:size].copy_(buffer[:size], non_blocking=True)
+                local.copied[0] = torch.cuda.Event()
+                local.copied[0].record(local.stream)
+        local.buffers.reverse()
+        local.copied.reverse()
 
+    torch.cuda.synchronize()
     start = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(read, jobs))
+    torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     for fd in fds.values():
         os.close(fd)
@@ -119,7 +141,7 @@ def transformers_load(path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_shape_arguments(parser, size_gib=8.0, experts=128)
+    add_shape_arguments(parser, size_gib=8.0, experts=128, hidden=2048, inter=768)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workdir", help="where to build the checkpoint (default: a temp dir)")
@@ -132,8 +154,10 @@ def main() -> None:
         print(f"checkpoint: {size / 2**30:.2f} GiB, {layers} layers x {args.experts} experts "
               f"(H={args.hidden}, I={args.inter}), bf16; GPU {torch.cuda.get_device_name()}")
         rows = [("(a) pinned host->device copy", min(pinned_copy(size) for _ in range(args.repeat))),
-                ("(r) page cache -> pinned, 8 threads", min(parallel_read(path)
-                                                           for _ in range(args.repeat)))]
+                (f"(r) page cache -> pinned, {READERS} thr", min(parallel_read(path, False)
+                                                               for _ in range(args.repeat))),
+                (f"(r+) ... -> GPU, {READERS} thr", min(parallel_read(path, True)
+                                                      for _ in range(args.repeat)))]
         seconds, ours = timed(lambda: moekit.load(path, "nemo", device="cuda"), args.repeat)
         rows.append(("(b) moekit.load nemo cuda", seconds))
         if not args.skip_transformers:

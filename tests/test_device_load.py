@@ -7,6 +7,8 @@ and check that the GPU path gives bit-identical tensors.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ import moekit
 from moekit import MoekitError
 from moekit.conversion import analyse_checkpoint
 from moekit.executors.device import load_to_device
+from moekit.executors.evaluate import stacked_regions
 from moekit.executors.memory import run_plan
 from moekit.layouts import layout_named
 from moekit.planner import build_plan
@@ -59,6 +62,14 @@ def test_staged_loading_reads_grouped_sources_and_expert_ranges(family_checkpoin
         staged = load_to_device(plan, checkpoint, "cpu", readers=2, chunk_bytes=777,
                                 batch_bytes=3000)
         _assert_same(staged, _reference(checkpoint, plan))
+
+
+@pytest.mark.parametrize("starts", [[3, 15, 27, 39], [3, 15, 40, 27], [5]],
+                         ids=["even steps: a view", "uneven: gathered", "one region"])
+def test_regions_of_a_staging_buffer_stack_as_the_regions_do(starts):
+    base = torch.arange(64, dtype=torch.int32)
+    expected = torch.stack([base[s:s + 12].view(3, 4) for s in starts])
+    assert torch.equal(stacked_regions(base, starts, (3, 4)), expected)
 
 
 def test_load_gives_the_grouped_state_dict(family_checkpoints):
@@ -113,3 +124,10 @@ def test_load_experts_onto_the_gpu_equals_the_cpu_rows(family_checkpoints, tmp_p
     found = torch.load(f"{result}.0")
     assert found["devices"] == {"cuda"}
     assert found["sums"] == checksums(moekit.load(src, "nemo"))
+
+
+def test_gil_switch_interval_is_restored_after_a_load(family_checkpoints):
+    checkpoint, plan = _plan(family_checkpoints["qwen2_moe"], "nemo")
+    before = sys.getswitchinterval()
+    load_to_device(plan, checkpoint, "cpu", readers=2)
+    assert sys.getswitchinterval() == before

@@ -94,9 +94,10 @@ def _same_concat(a: Concat, b: Expr) -> bool:
 
 def _gather(parts: tuple[Expr, ...], source: TensorSource) -> torch.Tensor | None:
     """Stacked parts that are all reads (or all transposed reads) of equally shaped
-    regions of one buffer, gathered by one ``index_select`` over a sliding-window view of
-    it, when the source can say where they lie (``locate``: the device executor's staging
-    buffer); else None."""
+    regions of one buffer, as one view of it when they lie at a constant stride (a layer's
+    experts usually do) or else gathered by one ``index_select`` over a sliding-window
+    view, when the source can say where they lie (``locate``: the device executor's
+    staging buffer); else None."""
     locate = getattr(source, "locate", None)
     transposed = isinstance(parts[0], Transpose)
     leaves = [p.part if isinstance(p, Transpose) else p for p in parts]
@@ -109,11 +110,22 @@ def _gather(parts: tuple[Expr, ...], source: TensorSource) -> torch.Tensor | Non
     base, _, shape = spots[0]
     if any(spot[0] is not base or spot[2] != shape for spot in spots):
         return None
-    numel = math.prod(shape)
-    windows = base.as_strided((base.numel() - numel + 1, numel), (1, 1), 0)
-    starts = torch.tensor([spot[1] for spot in spots], device=base.device)
-    stacked = windows.index_select(0, starts).view(len(spots), *shape)
+    stacked = stacked_regions(base, [spot[1] for spot in spots], shape)
     return stacked.transpose(-2, -1) if transposed else stacked
+
+
+def stacked_regions(base: torch.Tensor, starts: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """The regions of ``shape`` at element offsets ``starts`` of the flat ``base``,
+    stacked: a view when the offsets step evenly, else one ``index_select``."""
+    numel = math.prod(shape)
+    steps = {b - a for a, b in zip(starts, starts[1:])}
+    strides = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    if len(steps) <= 1 and min(steps, default=numel) >= numel:
+        return base.as_strided((len(starts), *shape), (steps.pop() if steps else numel, *strides),
+                               starts[0])
+    windows = base.as_strided((base.numel() - numel + 1, numel), (1, 1), 0)
+    index = torch.tensor(starts, device=base.device)
+    return windows.index_select(0, index).view(len(starts), *shape)
 
 
 def _fill_concat(expr: Concat, out: torch.Tensor, source: TensorSource) -> None:
