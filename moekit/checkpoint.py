@@ -9,11 +9,13 @@ file it concerns.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
+from .dtypes import TORCH_DTYPES, itemsize
 from .errors import MoekitError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -125,31 +127,35 @@ def _read_index(index: Path) -> dict[str, str]:
 def _read_header(file: Path, tensors: dict[str, TensorInfo]) -> dict[str, str]:
     """Add the tensors of one file's header to ``tensors``; return its metadata.
 
-    safetensors validates the file (header, offsets, size); the header is then read once
-    more for each tensor's byte offset, which the library checks but does not expose (the
-    format defines the header as an 8-byte little-endian length, then that much JSON)."""
+    safetensors validates the file and lists its tensors in the order of their bytes; the
+    format requires those bytes to fill the data section, which ends the file, without
+    gaps, so each tensor's byte offset follows from the sizes (the library checks but does
+    not expose the offsets)."""
     try:
         with safe_open(str(file), framework="pt") as handle:
+            found = []
+            for key in handle.offset_keys():
+                if key in tensors:
+                    raise MoekitError(f"tensor {key} is stored twice: in {tensors[key].file} "
+                                      f"and in {file.name}")
+                view = handle.get_slice(key)
+                found.append((key, tuple(view.get_shape()), view.get_dtype()))
             metadata = dict(handle.metadata() or {})
     except SafetensorError as err:
         raise MoekitError(f"cannot read {file}: {err} (the file is truncated or corrupt)") from err
-    data_start, header = _header(file)
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        if key in tensors:
-            raise MoekitError(f"tensor {key} is stored twice: in {tensors[key].file} "
-                              f"and in {file.name}")
-        tensors[key] = TensorInfo(key, file.name, tuple(entry["shape"]), entry["dtype"],
-                                  data_start + entry["data_offsets"][0])
+    sizes = [_nbytes(file, key, shape, dtype) for key, shape, dtype in found]
+    offset = file.stat().st_size - sum(sizes)
+    for (key, shape, dtype), size in zip(found, sizes):
+        tensors[key] = TensorInfo(key, file.name, shape, dtype, offset)
+        offset += size
     return metadata
 
 
-def _header(file: Path) -> tuple[int, dict]:
-    """The start of a safetensors file's data section and its parsed JSON header."""
-    with open(file, "rb") as handle:
-        length = int.from_bytes(handle.read(8), "little")
-        return 8 + length, json.loads(handle.read(length))
+def _nbytes(file: Path, key: str, shape: tuple[int, ...], dtype: str) -> int:
+    if dtype not in TORCH_DTYPES:
+        raise MoekitError(f"{file}: tensor {key} has dtype {dtype}, which moekit does not "
+                          f"handle ({', '.join(TORCH_DTYPES)})")
+    return math.prod(shape) * itemsize(dtype)
 
 
 def _check_index(folder: Path, path: Path, tensors: dict[str, TensorInfo]) -> None:

@@ -248,8 +248,11 @@ def _shape_problems(block: ExpertBlock, family: Family, name: Callable[[str], st
     """Required experts whose shape or dtype differs from the other experts' (the majority)."""
     problems = []
     expected: dict[str, tuple] = {}
+    by_piece: dict[str, dict[int, tuple]] = defaultdict(dict)
+    for (piece, e), x in block.pieces.items():
+        by_piece[piece][e] = (tuple(x.shape), x.dtype)
     for proj in family.all_pieces:
-        found = {e: (tuple(x.shape), x.dtype) for (p, e), x in block.pieces.items() if p == proj}
+        found = by_piece.get(proj)
         if not found:
             continue
         common, _ = Counter(found.values()).most_common(1)[0]

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from moekit import samples
@@ -88,6 +89,13 @@ def test_corrupt_header(qwen3, tmp_path, capsys):
     shard.write_bytes(bytes(data))
     err = run_failing(capsys, ["inspect", str(qwen3)], tmp_path, qwen3)
     assert shard.name in err
+
+
+def test_a_dtype_moekit_does_not_handle_is_named(qwen3, tmp_path, capsys):
+    edit_checkpoint(qwen3, lambda t: {**t, "model.extra_scales": torch.zeros(
+        4, dtype=torch.float8_e8m0fnu)} if "model.embed_tokens.weight" in t else t)
+    err = run_failing(capsys, ["inspect", str(qwen3)], tmp_path, qwen3)
+    assert "model.extra_scales" in err and "F8_E8M0" in err
 
 
 def test_index_naming_a_missing_file(qwen3, tmp_path, capsys):

@@ -7,8 +7,8 @@ buffers and copies it to the device asynchronously, reading the next chunk meanw
 (Registering the page cache's mapped pages with CUDA instead, to skip the host copy, was
 measured slower: registration does not scale across threads.) Tensors are staged in batches
 of about BATCH_BYTES, whose regions adjacent in a file are read as one range (a layer's
-experts usually are); reads for batch b+1 overlap the copies and the evaluation of batch b
-(two staging slots).
+experts usually are); every read is queued at once, and reads for batch b+1 overlap the
+copies and the evaluation of batch b (two staging slots).
 Pinned host memory is at most two chunks per reader, whatever the model size; no tensor
 is ever assembled on the host.
 
@@ -23,7 +23,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -37,7 +37,7 @@ from ..sources import FileSource
 from .evaluate import fill
 from .memory import run_plan
 
-CHUNK_BYTES = 16 * 2**20
+CHUNK_BYTES = 32 * 2**20
 """Bytes one reader moves per step; pinned host memory is 2 x CHUNK_BYTES per reader."""
 READERS = min(16, os.cpu_count() or 1)
 """Reader threads: ``pread`` from the page cache is a memory copy, so more cores read faster."""
@@ -103,9 +103,27 @@ def _prompt_handoffs() -> Iterator[None]:
         sys.setswitchinterval(previous)
 
 
+@dataclass
+class _Batch:
+    """Tensors staged together: their source regions (by read identity), where each lies
+    in the staging slot, and the reads that fill it (leaf, file offset, slot offset, size)."""
+
+    tensors: list[TensorPlan]
+    leaves: dict[tuple, _Leaf]
+    jobs: list[tuple[_Leaf, int, int, int]]
+    size: int
+
+
 class _Reader:
-    """Reader threads, their buffers and streams, and the two staging slots. Files are
-    located (opened, header offsets read) by the main thread; readers only ``pread``."""
+    """Reader threads, their buffers and streams, and the staging slots. Files are located
+    (opened, header offsets read) by the main thread; readers only ``pread``.
+
+    Every batch is laid out and every read queued before the first one starts, so that the
+    readers never wait for the main thread: a read for batch b waits only until batch
+    b - SLOTS, which used the same staging slot, has been evaluated (on the GPU, its copy
+    is ordered after that evaluation; nothing blocks)."""
+
+    SLOTS = 2
 
     def __init__(self, checkpoint: Checkpoint, device: torch.device, readers: int,
                  chunk_bytes: int, batch_bytes: int = BATCH_BYTES) -> None:
@@ -117,53 +135,56 @@ class _Reader:
         self.chunk_bytes = chunk_bytes
         self.pool = ThreadPoolExecutor(readers, thread_name_prefix="moekit-read")
         self.local = threading.local()
-        self.slots: list[torch.Tensor | None] = [None, None]
-        self.slot_free: list[torch.cuda.Event | None] = [None, None]
+        self.slots: list[torch.Tensor] = []
+        self.evaluated: list[threading.Event] = []
+        self.slot_free: list[torch.cuda.Event | None] = []
+        self.aborted = False
         self.compute = torch.cuda.Stream(device) if self.cuda else None
 
     def __enter__(self) -> "_Reader":
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.pool.shutdown(wait=True)
+        self.aborted = True
+        for event in self.evaluated:
+            event.set()
+        self.pool.shutdown(wait=True, cancel_futures=True)
         self.files.close()
 
     def run(self, plan: Plan) -> dict[str, torch.Tensor]:
-        batches = _batches(plan.tensors, self.batch_bytes)
+        batches = [self._stage(b) for b in _batches(plan.tensors, self.batch_bytes)]
+        size = max((b.size for b in batches), default=1)
+        self.slots = [torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+                      for _ in range(min(self.SLOTS, len(batches)))]
+        self.evaluated = [threading.Event() for _ in batches]
+        self.slot_free = [None] * len(batches)
+        futures = [[self.pool.submit(self._copy, i, *job) for job in batch.jobs]
+                   for i, batch in enumerate(batches)]
         out: dict[str, torch.Tensor] = {}
-        pending = self._submit(batches[0], 0) if batches else None
         for i, batch in enumerate(batches):
-            assert pending is not None
-            leaves, futures = pending
-            if i + 1 < len(batches):
-                pending = self._submit(batches[i + 1], (i + 1) % 2)
-            events = [f.result() for f in futures]
-            out.update(self._evaluate(batch, leaves, events, i % 2))
+            copies = [f.result() for f in futures[i]]
+            out.update(self._evaluate(batch, copies, i))
+            self.evaluated[i].set()
         if self.compute is not None:
             self.compute.synchronize()
         return out
 
-    def _submit(self, batch: list[TensorPlan], slot: int
-                ) -> tuple[dict[tuple, _Leaf], list[Future]]:
-        """Lay out the batch's source regions in staging slot ``slot`` (regions adjacent in
-        a file stay adjacent, so that they are read as one range) and start reading."""
+    def _stage(self, batch: list[TensorPlan]) -> _Batch:
+        """Lay out the batch's source regions in a staging slot (regions adjacent in a file
+        stay adjacent, so that they are read as one range) and list the reads."""
         leaves: dict[tuple, _Leaf] = {}
         for tensor in batch:
             for read in reads(tensor.recipe):
                 if read.ident not in leaves:
                     leaves[read.ident] = self._leaf(read)
-        runs = _runs(list(leaves.values()))
         offset, jobs = 0, []
-        for run in runs:
+        for run in _runs(list(leaves.values())):
             for leaf in run.leaves:
                 leaf.offset = offset + leaf.start - run.start
             jobs += [(run.leaves[0], start, offset + start - run.start, end - start)
                      for start, end in _chunks(run.start, run.end, self.chunk_bytes)]
             offset += -(-(run.end - run.start) // ALIGN) * ALIGN
-        staging = self._slot(slot, offset)
-        futures = [self.pool.submit(self._copy, leaf.fd, leaf.file, start, staging, at, size)
-                   for leaf, start, at, size in jobs]
-        return leaves, futures
+        return _Batch(batch, leaves, jobs, offset)
 
     def _leaf(self, read: Read) -> _Leaf:
         info = self.checkpoint.tensors[read.key]
@@ -174,59 +195,62 @@ class _Reader:
         return _Leaf(info.file, fd, begin + first * row_bytes, rows * row_bytes, 0, shape,
                      info.dtype, rest)
 
-    def _slot(self, slot: int, size: int) -> torch.Tensor:
-        """Staging slot ``slot``, at least ``size`` bytes, once its last use is finished."""
-        free = self.slot_free[slot]
-        if free is not None:
-            free.synchronize()
-        current = self.slots[slot]
-        if current is None or current.numel() < size:
-            current = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
-            self.slots[slot] = current
-        return current
-
-    def _copy(self, fd: int, file: str, start: int, staging: torch.Tensor, offset: int,
-              size: int):
-        """Copy ``size`` bytes at ``start`` of ``file`` into ``staging[offset:]``. On CUDA,
+    def _copy(self, batch: int, leaf: _Leaf, start: int, offset: int, size: int):
+        """Copy ``size`` bytes at ``start`` of the leaf's file into ``batch``'s staging slot
+        at ``offset``, once the batch that used the slot before has been evaluated. On CUDA,
         read into one of this thread's two pinned buffers (waiting for that buffer's
         previous copy), copy it to the device asynchronously on this thread's stream and
-        return the copy's event."""
-        if not self.cuda:
-            _read_into(fd, start, staging[offset:offset + size], file)
+        return (this thread's stream, the copy's event)."""
+        previous = batch - self.SLOTS
+        if previous >= 0:
+            self.evaluated[previous].wait()
+        if self.aborted:
             return None
+        staging = self.slots[batch % self.SLOTS][offset:offset + size]
+        if not self.cuda:
+            _read_into(leaf.fd, start, staging, leaf.file)
+            return None
+        local = self._local()
+        turn = local.turn = 1 - local.turn
+        if local.events[turn] is not None:
+            local.events[turn].synchronize()
+        buffer = local.buffers[turn][:size]
+        _read_into(leaf.fd, start, buffer, leaf.file)
+        with torch.cuda.stream(local.stream):
+            if previous >= 0 and local.waited < previous:
+                local.stream.wait_event(self.slot_free[previous])
+                local.waited = previous
+            staging.copy_(buffer, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(local.stream)
+        local.events[turn] = event
+        return local.stream, event
+
+    def _local(self) -> threading.local:
+        """This reader thread's two pinned buffers, their copies' events and its stream."""
         local = self.local
         if not hasattr(local, "buffers"):
             local.buffers = [torch.empty(self.chunk_bytes, dtype=torch.uint8, pin_memory=True)
                              for _ in range(2)]
             local.events = [None, None]
             local.turn = 0
+            local.waited = -1
             local.stream = torch.cuda.Stream(self.device)
-        turn = local.turn = 1 - local.turn
-        if local.events[turn] is not None:
-            local.events[turn].synchronize()
-        buffer = local.buffers[turn][:size]
-        _read_into(fd, start, buffer, file)
-        with torch.cuda.stream(local.stream):
-            staging[offset:offset + size].copy_(buffer, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(local.stream)
-        local.events[turn] = event
-        return event
+        return local
 
-    def _evaluate(self, batch: list[TensorPlan], leaves: dict[tuple, _Leaf], events: list,
-                  slot: int) -> dict[str, torch.Tensor]:
-        staging = self.slots[slot]
-        assert staging is not None
-        source = _StagedSource(staging, leaves)
+    def _evaluate(self, batch: _Batch, copies: list, index: int) -> dict[str, torch.Tensor]:
+        """Build the batch's tensors from its staging slot: on CUDA on the compute stream,
+        after the last copy of each reader stream (a stream's copies complete in order)."""
+        source = _StagedSource(self.slots[index % self.SLOTS], batch.leaves)
         if self.compute is None:
-            return {t.name: self._build(t.recipe, source) for t in batch}
-        for event in events:
+            return {t.name: self._build(t.recipe, source) for t in batch.tensors}
+        for event in {stream: event for stream, event in copies}.values():
             self.compute.wait_event(event)
         with torch.cuda.stream(self.compute):
-            out = {t.name: self._build(t.recipe, source) for t in batch}
+            out = {t.name: self._build(t.recipe, source) for t in batch.tensors}
             done = torch.cuda.Event()
             done.record(self.compute)
-        self.slot_free[slot] = done
+        self.slot_free[index] = done
         return out
 
     def _build(self, recipe: Expr, source: "_StagedSource") -> torch.Tensor:
