@@ -11,7 +11,6 @@ back with the safetensors library in the tests.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .dtypes import to_safetensors
+from .output_files import open_output
 from .plan import nbytes
 
 _ALIGN = 8
@@ -28,8 +28,10 @@ class ShardWriter:
     """One safetensors file whose tensors are written in the order the header lists them."""
 
     def __init__(self, path: Path, entries: Sequence[tuple[str, str, tuple[int, ...]]],
-                 metadata: Mapping[str, str]) -> None:
-        """``entries`` are (name, safetensors dtype, shape), in the order they will be written."""
+                 metadata: Mapping[str, str], direct: bool = False) -> None:
+        """``entries`` are (name, safetensors dtype, shape), in the order they will be
+        written; ``direct`` writes around the page cache where the file system allows
+        (see ``output_files``)."""
         self.path = path
         self._expected = list(entries)
         self._next = 0
@@ -41,9 +43,8 @@ class ShardWriter:
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % _ALIGN)
-        self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(encoded)))
-        self._file.write(encoded)
+        self._file = open_output(path, direct)
+        self._file.write(memoryview(struct.pack("<Q", len(encoded)) + encoded))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor; it must be the one the header lists next."""
@@ -58,23 +59,13 @@ class ShardWriter:
 
     def copy_ranges(self, name: str, ranges: Sequence[tuple[int, int, int]]) -> None:
         """Append the next tensor as the bytes ``(fd, offset, size)`` of other files, in
-        order, copied by the kernel (``copy_file_range``: no trip through user memory)."""
+        order (copied by the kernel where the file is written through the page cache)."""
         want_name, want_dtype, want_shape = self._expected[self._next]
         if name != want_name or sum(r[2] for r in ranges) != nbytes(want_shape, want_dtype):
             raise RuntimeError(f"{self.path.name}: expected {want_name} next "
                                f"({nbytes(want_shape, want_dtype)} bytes), got {name}")
-        self._file.flush()
-        out = self._file.fileno()
-        position = self._file.tell()
         for fd, offset, size in ranges:
-            done = 0
-            while done < size:
-                n = os.copy_file_range(fd, out, size - done, offset + done, position + done)
-                if n <= 0:
-                    raise OSError(f"copying {size} bytes into {self.path} stopped short")
-                done += n
-            position += size
-        self._file.seek(position)
+            self._file.write_from(fd, offset, size)
         self._next += 1
 
     def close(self) -> None:

@@ -53,13 +53,18 @@ def write_shard(path: Path, tensors: list[TensorPlan], source: TensorSource,
                 metadata: Mapping[str, str], done: Callable[[int], object] = lambda n: None
                 ) -> None:
     """Write one safetensors file holding ``tensors``, built one at a time from ``source``;
-    ``done(nbytes)`` is called after each tensor."""
+    ``done(nbytes)`` is called after each tensor.
+
+    A shard whose every tensor is a concatenation of source byte ranges is copied by the
+    kernel; one with tensors to build is written around the page cache (direct I/O, where
+    the file system allows), its writes overlapping the building of the next tensors."""
     entries = [(t.name, t.dtype, t.shape) for t in tensors]
-    with ShardWriter(path, entries, metadata) as writer:
-        for tensor in tensors:
-            ranges = _byte_ranges(tensor.recipe, source)
-            if ranges is not None:
-                writer.copy_ranges(tensor.name, ranges)
+    ranges = [_byte_ranges(t.recipe, source) for t in tensors]
+    direct = any(r is None for r in ranges)
+    with ShardWriter(path, entries, metadata, direct) as writer:
+        for tensor, tensor_ranges in zip(tensors, ranges):
+            if tensor_ranges is not None:
+                writer.copy_ranges(tensor.name, tensor_ranges)
             else:
                 writer.write(tensor.name, materialize(tensor.recipe, source))
             done(tensor.nbytes)
