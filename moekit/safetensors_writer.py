@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .dtypes import to_safetensors
-from .output_files import open_output
+from .direct_io import open_output
 from .plan import nbytes
 
 _ALIGN = 8
@@ -31,7 +31,7 @@ class ShardWriter:
                  metadata: Mapping[str, str], direct: bool = False) -> None:
         """``entries`` are (name, safetensors dtype, shape), in the order they will be
         written; ``direct`` writes around the page cache where the file system allows
-        (see ``output_files``)."""
+        (see ``direct_io``)."""
         self.path = path
         self._expected = list(entries)
         self._next = 0

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from moekit.output_files import BLOCK, BufferedFile, DirectFile, open_output
+from moekit.direct_io import BLOCK, BufferedFile, DirectFile, open_output
 
 
 def _write_pieces(out, source_fd: int) -> None:
