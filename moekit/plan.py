@@ -46,7 +46,7 @@ class Read:
     @property
     def ident(self) -> tuple[str, str]:
         """A hashable identity (slices are not hashable before Python 3.12)."""
-        return self.key, repr(self.region)
+        return self.key, repr(self.region) if self.region else ""
 
 
 class TensorMeta(Protocol):

@@ -175,8 +175,9 @@ class _Reader:
         leaves: dict[tuple, _Leaf] = {}
         for tensor in batch:
             for read in reads(tensor.recipe):
-                if read.ident not in leaves:
-                    leaves[read.ident] = self._leaf(read)
+                ident = read.ident
+                if ident not in leaves:
+                    leaves[ident] = self._leaf(read)
         offset, jobs = 0, []
         for run in _runs(list(leaves.values())):
             for leaf in run.leaves:
