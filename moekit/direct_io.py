@@ -13,6 +13,7 @@ while the other fills, so the disk and the building of the next tensors overlap.
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,8 +21,10 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 BLOCK = 4096
-"""Alignment of direct I/O offsets, sizes and memory (a page; every block size divides it)."""
+"""Alignment of direct I/O offsets, sizes and memory: a page (mmap's alignment), which
+every common logical block size divides."""
 DIRECT_BUFFER_BYTES = 32 * 2**20
+"""Bytes of each of a ``DirectFile``'s two buffers (a multiple of BLOCK)."""
 
 
 class OutputFile(Protocol):
@@ -77,10 +80,12 @@ class BufferedFile:
 
 class DirectFile:
     """Writes around the page cache (O_DIRECT) from two page-aligned buffers, one written
-    by a background thread while the other fills. The last, partial block is written
-    padded with zeros and the file then truncated to its true length."""
+    by a background thread while the other fills. What is left at the end, less than a
+    buffer and of any length, is written through the page cache (O_DIRECT cleared)."""
 
     def __init__(self, path: Path, buffer_bytes: int = DIRECT_BUFFER_BYTES) -> None:
+        if buffer_bytes % BLOCK:
+            raise ValueError(f"direct I/O buffers must be a multiple of {BLOCK} bytes")
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
         self._buffers = [mmap.mmap(-1, buffer_bytes) for _ in range(2)]
@@ -113,10 +118,9 @@ class DirectFile:
         try:
             self._wait()
             if self._filled:
-                padded = -(-self._filled // BLOCK) * BLOCK
-                self._views[self._current][self._filled:padded] = bytes(padded - self._filled)
-                self._pwrite(self._views[self._current][:padded], self._written)
-                os.ftruncate(self._fd, self._written + self._filled)
+                flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+                self._pwrite(self._views[self._current][:self._filled], self._written)
         finally:
             self._writer.shutdown(wait=True)
             os.close(self._fd)
@@ -138,9 +142,10 @@ class DirectFile:
         self._filled = 0
 
     def _wait(self) -> None:
-        if self._pending is not None:
-            self._pending.result()
-            self._pending = None
+        """Let the background write finish (raising its error, once)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
         done = 0

@@ -1,6 +1,6 @@
-"""Output files: direct I/O (aligned buffers, background writes, padded then truncated
-tail) writes exactly the bytes the page-cache path writes, and is given up where the file
-system refuses it."""
+"""Output files: direct I/O (aligned buffers, background writes, an unaligned tail written
+through the page cache) writes exactly the bytes the page-cache path writes, and is given
+up where the file system refuses it."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def test_direct_writes_the_bytes_buffered_writes(tmp_path, source):
     _write_pieces(direct, source)
     direct.close()
     expected = (tmp_path / "buffered").read_bytes()
-    assert len(expected) % BLOCK, "the tail must be a partial block to test the truncation"
+    assert len(expected) % BLOCK, "the tail must be a partial block to test its write"
     assert (tmp_path / "direct").read_bytes() == expected
 
 
