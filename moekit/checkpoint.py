@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from .dtypes import TORCH_DTYPES, itemsize
+from .dtypes import ITEMSIZES, itemsize
 from .errors import MoekitError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -132,7 +132,7 @@ def _read_header(file: Path, tensors: dict[str, TensorInfo]) -> dict[str, str]:
     gaps, so each tensor's byte offset follows from the sizes (the library checks but does
     not expose the offsets)."""
     try:
-        with safe_open(str(file), framework="pt") as handle:
+        with safe_open(str(file), framework="numpy") as handle:
             found = []
             for key in handle.offset_keys():
                 if key in tensors:
@@ -152,9 +152,9 @@ def _read_header(file: Path, tensors: dict[str, TensorInfo]) -> dict[str, str]:
 
 
 def _nbytes(file: Path, key: str, shape: tuple[int, ...], dtype: str) -> int:
-    if dtype not in TORCH_DTYPES:
+    if dtype not in ITEMSIZES:
         raise MoekitError(f"{file}: tensor {key} has dtype {dtype}, which moekit does not "
-                          f"handle ({', '.join(TORCH_DTYPES)})")
+                          f"handle ({', '.join(ITEMSIZES)})")
     return math.prod(shape) * itemsize(dtype)
 
 

@@ -18,17 +18,9 @@ from .executors.streaming import write_plan
 from .layouts import layout_named
 from .output import atomic_output, check_destination
 from .plan import Plan
-from .planner import Analysis, analyse, build_plan
+from .planner import analyse, analyse_checkpoint, build_plan
 from .sizes import parse_size
 from .sources import DictSource, FileSource
-
-
-def analyse_checkpoint(path: str | Path, from_: str | None = None) -> tuple[Checkpoint, Analysis]:
-    """Read a checkpoint's headers, detect its family and layout and validate its experts."""
-    checkpoint = Checkpoint.open(path)
-    analysis = analyse(checkpoint.tensors, checkpoint.config, checkpoint.metadata,
-                       str(checkpoint.path), from_=from_, where=checkpoint.file_of)
-    return checkpoint, analysis
 
 
 def convert(src: str | Path, dst: str | Path, to: str, from_: str | None = None,

@@ -9,11 +9,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .checkpoint import TensorInfo
-from .conversion import analyse_checkpoint
 from .errors import compress_ranges
 from .layouts.families import FP8_SCALE_KEY, MXFP4_BLOCKS_KEY, MXFP4_SCALES_KEY
 from .plan import nbytes
-from .planner import Analysis
+from .planner import Analysis, analyse_checkpoint
 from .sizes import format_size
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")

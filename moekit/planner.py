@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
+from .checkpoint import Checkpoint
 from .detect import detect_family, detect_layout
 from .errors import MoekitError, PlanError, compress_ranges, plural
 from .layouts import FAMILIES, LAYOUTS, ExpertBlock, Family, Layout, family_named, layout_named
@@ -77,6 +79,14 @@ def analyse(tensors: Mapping[str, TensorMeta], config: dict | None,
     analysis = understand(tensors, config, metadata, label, from_, family, n_experts)
     validate(analysis, where=where)
     return analysis
+
+
+def analyse_checkpoint(path: str | Path, from_: str | None = None) -> tuple[Checkpoint, Analysis]:
+    """Read a checkpoint's headers, detect its family and layout and validate its experts."""
+    checkpoint = Checkpoint.open(path)
+    analysis = analyse(checkpoint.tensors, checkpoint.config, checkpoint.metadata,
+                       str(checkpoint.path), from_=from_, where=checkpoint.file_of)
+    return checkpoint, analysis
 
 
 def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .conversion import analyse_checkpoint
 from .executors.evaluate import materialize
 from .layouts import HF
-from .planner import build_plan
+from .planner import analyse_checkpoint, build_plan
 from .progress import progress
 from .sources import FileSource
 

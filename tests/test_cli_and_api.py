@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -75,6 +77,15 @@ def test_dry_run_validates_and_writes_nothing(family_checkpoints, tmp_path, caps
     assert "model.layers.0.mlp.experts.gate_and_up_projs [6, 32, 48] F32" in out
     assert "stack(cat(T(model.layers.0.mlp.experts.0.gate_proj.weight)" in out
     assert list(tmp_path.iterdir()) == [] and tree_digest(src) == before
+
+
+def test_inspect_imports_no_torch(family_checkpoints):
+    """Reading headers needs no torch: ``moekit inspect`` starts in a fraction of a second."""
+    script = ("import sys; from moekit.cli import main; "
+              f"assert main(['inspect', {str(family_checkpoints['qwen3_moe'])!r}]) == 0; "
+              "assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_help_everywhere(capsys):

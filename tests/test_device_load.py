@@ -14,7 +14,7 @@ import torch
 
 import moekit
 from moekit import MoekitError
-from moekit.conversion import analyse_checkpoint
+from moekit.planner import analyse_checkpoint
 from moekit.executors.device import load_to_device
 from moekit.executors.evaluate import stacked_regions
 from moekit.executors.memory import run_plan

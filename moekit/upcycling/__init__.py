@@ -1,9 +1,17 @@
-"""Upcycling: dense checkpoints into MoE checkpoints that start where the dense model was."""
+"""Upcycling: dense checkpoints into MoE checkpoints that start where the dense model was.
 
-from .planner import UpcyclePlan, build_upcycle_plan
-from .run import plan_upcycle, upcycle, upcycle_state_dict
-from .spec import UpcycleSpec
-from .targets import TARGETS
+Names are imported on first use: the command line reads the choices of ``spec`` and
+``targets`` without importing torch."""
 
-__all__ = ["TARGETS", "UpcyclePlan", "UpcycleSpec", "build_upcycle_plan", "plan_upcycle",
-           "upcycle", "upcycle_state_dict"]
+from __future__ import annotations
+
+from ..lazy_exports import lazy_exports
+
+_EXPORTS = {
+    "TARGETS": "targets", "UpcyclePlan": "planner", "UpcycleSpec": "spec",
+    "build_upcycle_plan": "planner", "plan_upcycle": "run", "upcycle": "run",
+    "upcycle_state_dict": "run",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
