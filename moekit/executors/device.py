@@ -149,6 +149,8 @@ class _Reader:
         for event in self.evaluated:
             event.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)  # no copy may outlive the staging slots
         self.files.close()
 
     def run(self, plan: Plan) -> dict[str, torch.Tensor]:
