@@ -118,8 +118,7 @@ class DirectFile:
         try:
             self._wait()
             if self._filled:
-                flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
-                fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+                self._stop_direct_io()
                 self._pwrite(self._views[self._current][:self._filled], self._written)
         finally:
             self._writer.shutdown(wait=True)
@@ -148,6 +147,20 @@ class DirectFile:
             pending.result()
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
+        """Write ``view`` at ``offset``. A file system that accepted O_DIRECT at open but
+        refuses a direct write (stricter alignment) gets this and later writes buffered."""
         done = 0
         while done < len(view):
-            done += os.pwrite(self._fd, view[done:], offset + done)
+            try:
+                done += os.pwrite(self._fd, view[done:], offset + done)
+            except OSError as err:
+                if err.errno != errno.EINVAL or not self._stop_direct_io():
+                    raise
+
+    def _stop_direct_io(self) -> bool:
+        """Clear O_DIRECT on the file; False when it was clear already."""
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        if not flags & os.O_DIRECT:
+            return False
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        return True

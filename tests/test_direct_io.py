@@ -5,6 +5,7 @@ up where the file system refuses it."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 
 import pytest
@@ -31,18 +32,43 @@ def source(tmp_path):
     os.close(fd)
 
 
-def test_direct_writes_the_bytes_buffered_writes(tmp_path, source):
+@pytest.fixture
+def expected(tmp_path, source) -> bytes:
+    """What the page-cache path writes."""
     buffered = BufferedFile(tmp_path / "buffered")
     _write_pieces(buffered, source)
     buffered.close()
+    return (tmp_path / "buffered").read_bytes()
+
+
+@pytest.fixture
+def direct(tmp_path) -> DirectFile:
+    """A direct-I/O file with small buffers, so that the pieces cross several of them."""
     try:
-        direct = DirectFile(tmp_path / "direct", buffer_bytes=2 * BLOCK)
+        return DirectFile(tmp_path / "direct", buffer_bytes=2 * BLOCK)
     except OSError as err:
         pytest.skip(f"this file system refuses direct I/O ({err})")
+
+
+def test_direct_writes_the_bytes_buffered_writes(tmp_path, source, expected, direct):
     _write_pieces(direct, source)
     direct.close()
-    expected = (tmp_path / "buffered").read_bytes()
     assert len(expected) % BLOCK, "the tail must be a partial block to test its write"
+    assert (tmp_path / "direct").read_bytes() == expected
+
+
+def test_direct_writes_refused_after_open_fall_back_to_buffered(tmp_path, source, expected,
+                                                               direct, monkeypatch):
+    real_pwrite = os.pwrite
+
+    def refuse_direct(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", refuse_direct)
+    _write_pieces(direct, source)
+    direct.close()
     assert (tmp_path / "direct").read_bytes() == expected
 
 
