@@ -4,8 +4,8 @@ A converted checkpoint is written once and not read back by the converter, so it
 need not pass through the page cache: on many machines writing new page-cache pages is the
 slowest part of a conversion (a virtual machine may fault in every fresh page from its
 host), while direct I/O hands page-aligned buffers straight to the disk. ``DirectFile``
-gathers bytes in two page-aligned buffers and writes a full one from a background thread
-while the other fills, so the disk and the building of the next tensors overlap.
+gathers bytes in a ring of page-aligned buffers; full ones are written by a background
+thread while the others fill, so the disk keeps writing while the next tensor is built.
 ``BufferedFile`` is the plain path; it copies byte ranges of other files in the kernel
 (``copy_file_range``), which is the fastest way to write bytes that exist already.
 """
@@ -23,8 +23,10 @@ from typing import BinaryIO, Protocol
 BLOCK = 4096
 """Alignment of direct I/O offsets, sizes and memory: a page (mmap's alignment), which
 every common logical block size divides."""
-DIRECT_BUFFER_BYTES = 32 * 2**20
-"""Bytes of each of a ``DirectFile``'s two buffers (a multiple of BLOCK)."""
+DIRECT_BUFFER_BYTES = 16 * 2**20
+"""Bytes of each of a ``DirectFile``'s buffers (a multiple of BLOCK)."""
+DIRECT_BUFFERS = 4
+"""Buffers in a ``DirectFile``'s ring: what the disk can drain while a tensor is built."""
 
 
 class OutputFile(Protocol):
@@ -79,22 +81,24 @@ class BufferedFile:
 
 
 class DirectFile:
-    """Writes around the page cache (O_DIRECT) from two page-aligned buffers, one written
-    by a background thread while the other fills. What is left at the end, less than a
-    buffer and of any length, is written through the page cache (O_DIRECT cleared)."""
+    """Writes around the page cache (O_DIRECT) from a ring of page-aligned buffers, the
+    full ones written in order by a background thread while the next fills. What is left
+    at the end, less than a buffer and of any length, is written through the page cache
+    (O_DIRECT cleared)."""
 
-    def __init__(self, path: Path, buffer_bytes: int = DIRECT_BUFFER_BYTES) -> None:
+    def __init__(self, path: Path, buffer_bytes: int = DIRECT_BUFFER_BYTES,
+                 buffers: int = DIRECT_BUFFERS) -> None:
         if buffer_bytes % BLOCK:
             raise ValueError(f"direct I/O buffers must be a multiple of {BLOCK} bytes")
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
-        self._buffers = [mmap.mmap(-1, buffer_bytes) for _ in range(2)]
+        self._buffers = [mmap.mmap(-1, buffer_bytes) for _ in range(buffers)]
         self._views = [memoryview(b) for b in self._buffers]
         self._current = 0
         self._filled = 0
         self._written = 0
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="moekit-write")
-        self._pending: Future | None = None
+        self._pending: list[Future | None] = [None] * buffers
 
     def write(self, data: memoryview) -> None:
         data = data.cast("B")
@@ -116,7 +120,8 @@ class DirectFile:
 
     def close(self) -> None:
         try:
-            self._wait()
+            for i in range(len(self._pending)):
+                self._wait(i)
             if self._filled:
                 self._stop_direct_io()
                 self._pwrite(self._views[self._current][:self._filled], self._written)
@@ -133,16 +138,18 @@ class DirectFile:
         self._filled += n
         if self._filled < len(self._views[0]):
             return
-        self._wait()
-        self._pending = self._writer.submit(self._pwrite, self._views[self._current],
-                                            self._written)
+        self._pending[self._current] = self._writer.submit(
+            self._pwrite, self._views[self._current], self._written)
         self._written += self._filled
-        self._current = 1 - self._current
+        self._current = (self._current + 1) % len(self._views)
         self._filled = 0
+        self._wait(self._current)
 
-    def _wait(self) -> None:
-        """Let the background write finish (raising its error, once)."""
-        pending, self._pending = self._pending, None
+    def _wait(self, index: int) -> None:
+        """Let the background write of buffer ``index`` (of the ring) finish, raising its
+        error once."""
+        index %= len(self._pending)
+        pending, self._pending[index] = self._pending[index], None
         if pending is not None:
             pending.result()
 
