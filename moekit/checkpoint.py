@@ -9,14 +9,14 @@ file it concerns.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from .dtypes import ITEMSIZES, itemsize
+from .dtypes import ITEMSIZES
 from .errors import MoekitError
+from .plan import nbytes
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -75,8 +75,6 @@ class Checkpoint:
         return self.tensors[key].file
 
     def total_bytes(self) -> int:
-        from .plan import nbytes
-
         return sum(nbytes(t.shape, t.dtype) for t in self.tensors.values())
 
     def extra_files(self) -> list[Path]:
@@ -155,7 +153,7 @@ def _nbytes(file: Path, key: str, shape: tuple[int, ...], dtype: str) -> int:
     if dtype not in ITEMSIZES:
         raise MoekitError(f"{file}: tensor {key} has dtype {dtype}, which moekit does not "
                           f"handle ({', '.join(ITEMSIZES)})")
-    return math.prod(shape) * itemsize(dtype)
+    return nbytes(shape, dtype)
 
 
 def _check_index(folder: Path, path: Path, tensors: dict[str, TensorInfo]) -> None:

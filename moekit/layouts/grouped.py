@@ -12,7 +12,6 @@ after the other or interleaved element by element along the output dimension.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ..plan import Concat, Expr, Read, Stack, TensorPlan, Transpose
@@ -113,25 +112,18 @@ class GroupedLayout(Layout):
             projections = [p for p in spec.projections if (p, 0) in block.pieces]
             if not projections:
                 continue
-            combine = self._combiner(spec)
-            per_expert = [combine([block.pieces[(p, e)] for p in projections])
+            per_expert = [self._combine(spec, [block.pieces[(p, e)] for p in projections])
                           for e in range(n_experts)]
             name = self.from_hf_key(f"{block.block}.experts.{spec.name}", family)
             out.append(TensorPlan(name, Stack(tuple(per_expert))))
         return out
 
     @staticmethod
-    def _combiner(spec: GroupedTensor) -> Callable[[list[Expr]], Expr]:
-        """How one expert's pieces make its slice of the grouped tensor ``spec``."""
-        turned, dim, interleave = spec.turned, spec.out_dim - 1, spec.interleaved
-
-        def combine(pieces: list[Expr]) -> Expr:
-            oriented = tuple(Transpose(p) for p in pieces) if turned else tuple(pieces)
-            if len(oriented) == 1:
-                return oriented[0]
-            return Concat(oriented, dim=dim, interleave=interleave)
-
-        return combine
+    def _combine(spec: GroupedTensor, pieces: list[Expr]) -> Expr:
+        oriented = [Transpose(p) if spec.turned else p for p in pieces]
+        if len(oriented) == 1:
+            return oriented[0]
+        return Concat(tuple(oriented), dim=spec.out_dim - 1, interleave=spec.interleaved)
 
     @staticmethod
     def _add_pieces(block: ExpertBlock, key: str, meta: TensorMeta,
