@@ -15,6 +15,7 @@ import torch
 import moekit
 from moekit import MoekitError
 from moekit.planner import analyse_checkpoint
+from moekit.executors import device
 from moekit.executors.device import load_to_device
 from moekit.executors.evaluate import stacked_regions
 from moekit.executors.memory import run_plan
@@ -48,7 +49,7 @@ def _assert_same(found: dict, expected: dict) -> None:
 def test_staged_loading_equals_the_file_executor(family, layout, family_checkpoints):
     checkpoint, plan = _plan(family_checkpoints[family], layout)
     # Tiny chunks, batches and three readers: tensors are split across threads, chunks
-    # and batches, and both staging slots are reused.
+    # and batches, and staging buffers are released and allocated again.
     staged = load_to_device(plan, checkpoint, "cpu", readers=3, chunk_bytes=1000,
                             batch_bytes=5000)
     _assert_same(staged, _reference(checkpoint, plan))
@@ -78,6 +79,31 @@ def test_load_gives_the_grouped_state_dict(family_checkpoints):
     _assert_same(moekit.load(path, "transformers"), expected)
 
 
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_staging_memory_is_bounded_by_the_slots(slots, family_checkpoints, monkeypatch):
+    checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
+    live, most = [], []
+    submit, finish = device._Reader._submit, device._Reader._finish
+
+    def counted_submit(self, batch):
+        live.append(batch.index)
+        most.append(len(live))
+        return submit(self, batch)
+
+    def counted_finish(self, batch):
+        out = finish(self, batch)
+        assert batch.staging is None
+        live.remove(batch.index)
+        return out
+
+    monkeypatch.setattr(device._Reader, "_submit", counted_submit)
+    monkeypatch.setattr(device._Reader, "_finish", counted_finish)
+    staged = load_to_device(plan, checkpoint, "cpu", readers=2, chunk_bytes=2000,
+                            batch_bytes=1, slots=slots)
+    assert len(most) > slots and max(most) == slots and not live
+    _assert_same(staged, _reference(checkpoint, plan))
+
+
 def test_a_truncated_shard_is_named(qwen3):
     shard = sorted(qwen3.glob("*.safetensors"))[-1]
     checkpoint, plan = _plan(qwen3, "nemo")
@@ -99,6 +125,18 @@ def test_cuda_loading_is_bit_identical_to_the_cpu(layout, family_checkpoints):
         on_gpu = moekit.load(path, layout, device="cuda")
         assert all(t.device.type == "cuda" for t in on_gpu.values())
         assert checksums(on_gpu) == checksums(moekit.load(path, layout))
+
+
+@cuda
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_cuda_staging_in_many_small_batches_is_bit_identical(slots, family_checkpoints):
+    # Tiny chunks and batches: each reader stream copies into several staging buffers in
+    # turn and re-records its events many times, and buffers are reused on the GPU.
+    for family in ("qwen3_moe", "mixtral"):
+        checkpoint, plan = _plan(family_checkpoints[family], "nemo")
+        staged = load_to_device(plan, checkpoint, "cuda", readers=3, chunk_bytes=1000,
+                                batch_bytes=5000, slots=slots)
+        assert checksums(staged) == checksums(_reference(checkpoint, plan))
 
 
 @cuda

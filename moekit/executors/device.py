@@ -7,8 +7,8 @@ buffers and copies it to the device asynchronously, reading the next chunk meanw
 (Registering the page cache's mapped pages with CUDA instead, to skip the host copy, was
 measured slower: registration does not scale across threads.) Tensors are staged in batches
 of about BATCH_BYTES, whose regions adjacent in a file are read as one range (a layer's
-experts usually are); every read is queued at once, and reads for batch b+1 overlap the
-copies and the evaluation of batch b (two staging slots).
+experts usually are); the reads of SLOTS batches are queued at a time, so that the reads
+of the next batches overlap the copies and the evaluation of one.
 Pinned host memory is at most two chunks per reader, whatever the model size; no tensor
 is ever assembled on the host.
 
@@ -22,10 +22,11 @@ import os
 import re
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager as ContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,7 +38,7 @@ from ..sources import FileSource
 from .evaluate import fill
 from .memory import run_plan
 
-CHUNK_BYTES = 32 * 2**20
+CHUNK_BYTES = 64 * 2**20
 """Bytes one reader moves per step; pinned host memory is 2 x CHUNK_BYTES per reader."""
 READERS = min(16, os.cpu_count() or 1)
 """Reader threads: ``pread`` from the page cache is a memory copy, so more cores read faster."""
@@ -46,7 +47,10 @@ SWITCH_INTERVAL = 2e-4
 reader whose ``pread`` returned needs the GIL only to queue its device copy; with Python's
 default (5 ms) it can wait that long behind the main thread's recipe work."""
 BATCH_BYTES = 256 * 2**20
-"""Destination bytes staged together (two batches are in flight: device memory)."""
+"""Destination bytes staged together (or one layer's, if more: a layer is not split), so
+device staging memory is about SLOTS x max(BATCH_BYTES, one layer's source bytes)."""
+SLOTS = 3
+"""Batches staged on the device at once: the reads of two overlap the evaluation of one."""
 ALIGN = 256
 
 
@@ -80,12 +84,13 @@ def read_plan(plan: Plan, checkpoint: Checkpoint, device: torch.device | str | N
 def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | str,
                    wrap_experts: Callable[[torch.Tensor], torch.Tensor] | None = None,
                    readers: int = READERS, chunk_bytes: int = CHUNK_BYTES,
-                   batch_bytes: int = BATCH_BYTES) -> dict[str, torch.Tensor]:
+                   batch_bytes: int = BATCH_BYTES, slots: int = SLOTS
+                   ) -> dict[str, torch.Tensor]:
     """Every tensor of ``plan`` on ``device``, read from ``checkpoint``'s files.
     ``wrap_experts`` is applied to the routed-expert tensors (e.g. to make DTensors)."""
     device = torch.device(device)
     with _prompt_handoffs(), _Reader(checkpoint, device, readers, chunk_bytes,
-                                     batch_bytes) as reader:
+                                     batch_bytes, slots) as reader:
         out = reader.run(plan)
     if wrap_experts is not None:
         out = {k: wrap_experts(v) if k in plan.expert_tensors else v for k, v in out.items()}
@@ -106,38 +111,42 @@ def _prompt_handoffs() -> Iterator[None]:
 @dataclass
 class _Batch:
     """Tensors staged together: their source regions (by read identity), where each lies
-    in the staging slot, and the reads that fill it (leaf, file offset, slot offset, size)."""
+    in the staging buffer, and the reads that fill it (leaf, file offset, buffer offset,
+    size). Once submitted: the staging buffer, on CUDA the event after which it may be
+    written, and the reads' futures."""
 
+    index: int
     tensors: list[TensorPlan]
     leaves: dict[tuple, _Leaf]
     jobs: list[tuple[_Leaf, int, int, int]]
     size: int
+    staging: torch.Tensor | None = None
+    writable: torch.cuda.Event | None = None
+    futures: list[Future] = field(default_factory=list)
 
 
 class _Reader:
-    """Reader threads, their buffers and streams, and the staging slots. Files are located
-    (opened, header offsets read) by the main thread; readers only ``pread``.
+    """Reader threads, their buffers and streams, and the batches in flight. Files are
+    located (opened, header offsets read) by the main thread; readers only ``pread``.
 
-    Every batch is laid out and every read queued before the first one starts, so that the
-    readers never wait for the main thread: a read for batch b waits only until batch
-    b - SLOTS, which used the same staging slot, has been evaluated (on the GPU, its copy
-    is ordered after that evaluation; nothing blocks)."""
-
-    SLOTS = 2
+    The main thread lays out a batch, gives it a staging buffer and queues its reads, up
+    to ``slots`` batches ahead of the one it evaluates; a batch's buffer is released once
+    its evaluation is queued, and the next batch's buffer is allocated after it, on the
+    same stream, so that device memory stays at ``slots`` batches. Readers never wait for
+    the main thread: their copies into a new buffer are ordered on the GPU after the event
+    recorded at its allocation."""
 
     def __init__(self, checkpoint: Checkpoint, device: torch.device, readers: int,
-                 chunk_bytes: int, batch_bytes: int = BATCH_BYTES) -> None:
+                 chunk_bytes: int, batch_bytes: int = BATCH_BYTES, slots: int = SLOTS) -> None:
         self.checkpoint = checkpoint
         self.files = FileSource(checkpoint)
         self.batch_bytes = batch_bytes
+        self.slots = slots
         self.device = device
         self.cuda = device.type == "cuda"
         self.chunk_bytes = chunk_bytes
         self.pool = ThreadPoolExecutor(readers, thread_name_prefix="moekit-read")
         self.local = threading.local()
-        self.slots: list[torch.Tensor] = []
-        self.evaluated: list[threading.Event] = []
-        self.slot_free: list[torch.cuda.Event | None] = []
         self.aborted = False
         self.compute = torch.cuda.Stream(device) if self.cuda else None
 
@@ -146,36 +155,29 @@ class _Reader:
 
     def __exit__(self, *exc: object) -> None:
         self.aborted = True
-        for event in self.evaluated:
-            event.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
         if self.cuda:
-            torch.cuda.synchronize(self.device)  # no copy may outlive the staging slots
+            torch.cuda.synchronize(self.device)  # no copy may outlive its staging buffer
         self.files.close()
 
     def run(self, plan: Plan) -> dict[str, torch.Tensor]:
-        batches = [self._stage(b) for b in _batches(plan.tensors, self.batch_bytes)]
-        size = max((b.size for b in batches), default=1)
-        self.slots = [torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
-                      for _ in range(min(self.SLOTS, len(batches)))]
-        self.evaluated = [threading.Event() for _ in batches]
-        self.slot_free = [None] * len(batches)
-        futures = [[self.pool.submit(self._copy, i, *job) for job in batch.jobs]
-                   for i, batch in enumerate(batches)]
         out: dict[str, torch.Tensor] = {}
-        for i, batch in enumerate(batches):
-            copies = [f.result() for f in futures[i]]
-            out.update(self._evaluate(batch, copies, i))
-            self.evaluated[i].set()
+        in_flight: deque[_Batch] = deque()
+        for index, tensors in enumerate(_batches(plan.tensors, self.batch_bytes)):
+            if len(in_flight) == self.slots:
+                out.update(self._finish(in_flight.popleft()))
+            in_flight.append(self._submit(self._stage(index, tensors)))
+        while in_flight:
+            out.update(self._finish(in_flight.popleft()))
         if self.compute is not None:
             self.compute.synchronize()
         return out
 
-    def _stage(self, batch: list[TensorPlan]) -> _Batch:
-        """Lay out the batch's source regions in a staging slot (regions adjacent in a file
-        stay adjacent, so that they are read as one range) and list the reads."""
+    def _stage(self, index: int, tensors: list[TensorPlan]) -> _Batch:
+        """Lay out the batch's source regions in a staging buffer (regions adjacent in a
+        file stay adjacent, so that they are read as one range) and list the reads."""
         leaves: dict[tuple, _Leaf] = {}
-        for tensor in batch:
+        for tensor in tensors:
             for read in reads(tensor.recipe):
                 ident = read.ident
                 if ident not in leaves:
@@ -187,7 +189,27 @@ class _Reader:
             jobs += [(run.leaves[0], start, offset + start - run.start, end - start)
                      for start, end in _chunks(run.start, run.end, self.chunk_bytes)]
             offset += -(-(run.end - run.start) // ALIGN) * ALIGN
-        return _Batch(batch, leaves, jobs, offset)
+        return _Batch(index, tensors, leaves, jobs, offset)
+
+    def _submit(self, batch: _Batch) -> _Batch:
+        """Allocate the batch's staging buffer (on the compute stream, after the
+        evaluations queued so far) and queue its reads."""
+        with self._on_compute():
+            batch.staging = torch.empty(max(batch.size, 1), dtype=torch.uint8,
+                                        device=self.device)
+            if self.compute is not None:
+                batch.writable = torch.cuda.Event()
+                batch.writable.record(self.compute)
+        batch.futures = [self.pool.submit(self._copy, batch, *job) for job in batch.jobs]
+        return batch
+
+    def _finish(self, batch: _Batch) -> dict[str, torch.Tensor]:
+        """The batch's tensors, once its reads are done; its staging buffer is released."""
+        copies = [future.result() for future in batch.futures]
+        out = self._evaluate(batch, copies)
+        batch.staging = batch.writable = None
+        batch.futures.clear()
+        return out
 
     def _leaf(self, read: Read) -> _Leaf:
         info = self.checkpoint.tensors[read.key]
@@ -198,63 +220,65 @@ class _Reader:
         return _Leaf(info.file, fd, begin + first * row_bytes, rows * row_bytes, 0, shape,
                      info.dtype, rest)
 
-    def _copy(self, batch: int, leaf: _Leaf, start: int, offset: int, size: int):
-        """Copy ``size`` bytes at ``start`` of the leaf's file into ``batch``'s staging slot
-        at ``offset``, once the batch that used the slot before has been evaluated. On CUDA,
-        read into one of this thread's two pinned buffers (waiting for that buffer's
-        previous copy), copy it to the device asynchronously on this thread's stream and
-        return (this thread's stream, the copy's event)."""
-        previous = batch - self.SLOTS
-        if previous >= 0:
-            self.evaluated[previous].wait()
+    def _copy(self, batch: _Batch, leaf: _Leaf, start: int, offset: int, size: int):
+        """Copy ``size`` bytes at ``start`` of the leaf's file into the batch's staging
+        buffer at ``offset``. On CUDA, read into one of this thread's two pinned buffers
+        (once that buffer's previous copy is done), copy it to the device asynchronously on
+        this thread's stream, after the staging buffer is writable, and return (this
+        thread's stream, the copy's event).
+
+        A reader holds the GIL only between its reads, but 16 of them contend for it
+        with the main thread, so this does as few Python-level torch calls as it can: the
+        thread's stream is made current once, and its two events are recorded again and
+        again (a wait on an event waits for its latest record, which is at or after the
+        copy that returned it)."""
         if self.aborted:
             return None
-        staging = self.slots[batch % self.SLOTS][offset:offset + size]
+        staging = batch.staging[offset:offset + size]
         if not self.cuda:
-            _read_into(leaf.fd, start, staging, leaf.file)
+            _read_into(leaf.fd, start, memoryview(staging.numpy()), leaf.file)
             return None
         local = self._local()
         turn = local.turn = 1 - local.turn
-        if local.events[turn] is not None:
-            local.events[turn].synchronize()
-        buffer = local.buffers[turn][:size]
-        _read_into(leaf.fd, start, buffer, leaf.file)
-        with torch.cuda.stream(local.stream):
-            if previous >= 0 and local.waited < previous:
-                local.stream.wait_event(self.slot_free[previous])
-                local.waited = previous
-            staging.copy_(buffer, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(local.stream)
-        local.events[turn] = event
+        event = local.events[turn]
+        event.synchronize()
+        _read_into(leaf.fd, start, local.views[turn][:size], leaf.file)
+        if local.batch < batch.index:
+            local.stream.wait_event(batch.writable)
+            local.batch = batch.index
+        staging.copy_(local.buffers[turn][:size], non_blocking=True)
+        event.record()
         return local.stream, event
 
     def _local(self) -> threading.local:
-        """This reader thread's two pinned buffers, their copies' events and its stream."""
+        """This reader thread's two pinned buffers (and memoryviews of them), their copies'
+        events and its stream, which is made the thread's current stream."""
         local = self.local
         if not hasattr(local, "buffers"):
             local.buffers = [torch.empty(self.chunk_bytes, dtype=torch.uint8, pin_memory=True)
                              for _ in range(2)]
-            local.events = [None, None]
+            local.views = [memoryview(buffer.numpy()) for buffer in local.buffers]
+            local.events = [torch.cuda.Event(), torch.cuda.Event()]
             local.turn = 0
-            local.waited = -1
+            local.batch = -1
             local.stream = torch.cuda.Stream(self.device)
+            torch.cuda.set_stream(local.stream)
         return local
 
-    def _evaluate(self, batch: _Batch, copies: list, index: int) -> dict[str, torch.Tensor]:
-        """Build the batch's tensors from its staging slot: on CUDA on the compute stream,
-        after the last copy of each reader stream (a stream's copies complete in order)."""
-        source = _StagedSource(self.slots[index % self.SLOTS], batch.leaves)
-        if self.compute is None:
+    def _evaluate(self, batch: _Batch, copies: list) -> dict[str, torch.Tensor]:
+        """Build the batch's tensors from its staging buffer: on CUDA on the compute
+        stream, after the last copy of each reader stream (a stream's copies complete in
+        order)."""
+        source = _StagedSource(batch.staging, batch.leaves)
+        if self.compute is not None:
+            for event in {stream: event for stream, event in copies}.values():
+                self.compute.wait_event(event)
+        with self._on_compute():
             return {t.name: self._build(t.recipe, source) for t in batch.tensors}
-        for event in {stream: event for stream, event in copies}.values():
-            self.compute.wait_event(event)
-        with torch.cuda.stream(self.compute):
-            out = {t.name: self._build(t.recipe, source) for t in batch.tensors}
-            done = torch.cuda.Event()
-            done.record(self.compute)
-        self.slot_free[index] = done
-        return out
+
+    def _on_compute(self) -> ContextManager:
+        """Make the compute stream current (on CUDA)."""
+        return torch.cuda.stream(self.compute) if self.compute is not None else nullcontext()
 
     def _build(self, recipe: Expr, source: "_StagedSource") -> torch.Tensor:
         out = torch.empty(recipe.shape, dtype=to_torch(recipe.dtype), device=self.device)
@@ -354,9 +378,8 @@ def _rows(region: tuple, length: int) -> tuple[int, int, tuple]:
     return start, max(stop - start, 0), (slice(None), *rest) if rest else ()
 
 
-def _read_into(fd: int, start: int, out: torch.Tensor, file: str) -> None:
-    """Fill the uint8 tensor ``out`` (host memory) with the file's bytes from ``start``."""
-    view = memoryview(out.numpy()).cast("B")
+def _read_into(fd: int, start: int, view: memoryview, file: str) -> None:
+    """Fill ``view`` (bytes of host memory) with the file's bytes from ``start``."""
     done = 0
     while done < len(view):
         n = os.preadv(fd, [view[done:]], start + done)
