@@ -130,12 +130,13 @@ def test_cuda_loading_is_bit_identical_to_the_cpu(layout, family_checkpoints):
 @cuda
 @pytest.mark.parametrize("slots", [1, 2, 3])
 def test_cuda_staging_in_many_small_batches_is_bit_identical(slots, family_checkpoints):
-    # Tiny chunks and batches: each reader stream copies into several staging buffers in
-    # turn and re-records its events many times, and buffers are reused on the GPU.
+    # Tiny chunks, pinned buffers and batches: each chunk goes through both pinned buffers,
+    # each reader stream copies into several staging buffers in turn and re-records its
+    # events many times, and staging memory is reused on the GPU.
     for family in ("qwen3_moe", "mixtral"):
         checkpoint, plan = _plan(family_checkpoints[family], "nemo")
         staged = load_to_device(plan, checkpoint, "cuda", readers=3, chunk_bytes=1000,
-                                batch_bytes=5000, slots=slots)
+                                batch_bytes=5000, slots=slots, buffer_bytes=300)
         assert checksums(staged) == checksums(_reference(checkpoint, plan))
 
 

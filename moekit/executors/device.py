@@ -2,15 +2,15 @@
 
 For each destination tensor, the byte ranges of its source regions are copied by a pool of
 reader threads into a device staging buffer, and the recipe (stack, concatenate,
-transpose, ...) is evaluated there. A reader reads a chunk into one of its two small pinned
-buffers and copies it to the device asynchronously, reading the next chunk meanwhile.
+transpose, ...) is evaluated there. A reader moves each chunk it is given through its two
+small pinned buffers in turn, reading into one while the other is copied to the device.
 (Registering the page cache's mapped pages with CUDA instead, to skip the host copy, was
 measured slower: registration does not scale across threads.) Tensors are staged in batches
 of about BATCH_BYTES, whose regions adjacent in a file are read as one range (a layer's
 experts usually are); the reads of SLOTS batches are queued at a time, so that the reads
 of the next batches overlap the copies and the evaluation of one.
-Pinned host memory is at most two chunks per reader, whatever the model size; no tensor
-is ever assembled on the host.
+Pinned host memory is two BUFFER_BYTES buffers per reader, whatever the model size; no
+tensor is ever assembled on the host.
 
 With a CPU device the same path runs with plain host buffers (and no copies), which is how
 CI, without a GPU, tests it.
@@ -39,7 +39,11 @@ from .evaluate import fill
 from .memory import run_plan
 
 CHUNK_BYTES = 64 * 2**20
-"""Bytes one reader moves per step; pinned host memory is 2 x CHUNK_BYTES per reader."""
+"""Bytes of one read job: large, so that queueing jobs costs little Python."""
+BUFFER_BYTES = 16 * 2**20
+"""Bytes of each of a reader's two pinned buffers, through which it moves its jobs: pinned
+host memory is 2 x BUFFER_BYTES per reader. Small, because pinning is slow (about 0.5 s a
+GiB measured on an H100 host), and the first load in a process pays for it."""
 READERS = min(16, os.cpu_count() or 1)
 """Reader threads: ``pread`` from the page cache is a memory copy, so more cores read faster."""
 SWITCH_INTERVAL = 2e-4
@@ -84,13 +88,13 @@ def read_plan(plan: Plan, checkpoint: Checkpoint, device: torch.device | str | N
 def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | str,
                    wrap_experts: Callable[[torch.Tensor], torch.Tensor] | None = None,
                    readers: int = READERS, chunk_bytes: int = CHUNK_BYTES,
-                   batch_bytes: int = BATCH_BYTES, slots: int = SLOTS
-                   ) -> dict[str, torch.Tensor]:
+                   batch_bytes: int = BATCH_BYTES, slots: int = SLOTS,
+                   buffer_bytes: int = BUFFER_BYTES) -> dict[str, torch.Tensor]:
     """Every tensor of ``plan`` on ``device``, read from ``checkpoint``'s files.
     ``wrap_experts`` is applied to the routed-expert tensors (e.g. to make DTensors)."""
     device = torch.device(device)
     with _prompt_handoffs(), _Reader(checkpoint, device, readers, chunk_bytes,
-                                     batch_bytes, slots) as reader:
+                                     batch_bytes, slots, buffer_bytes) as reader:
         out = reader.run(plan)
     if wrap_experts is not None:
         out = {k: wrap_experts(v) if k in plan.expert_tensors else v for k, v in out.items()}
@@ -137,7 +141,8 @@ class _Reader:
     recorded at its allocation."""
 
     def __init__(self, checkpoint: Checkpoint, device: torch.device, readers: int,
-                 chunk_bytes: int, batch_bytes: int = BATCH_BYTES, slots: int = SLOTS) -> None:
+                 chunk_bytes: int, batch_bytes: int = BATCH_BYTES, slots: int = SLOTS,
+                 buffer_bytes: int = BUFFER_BYTES) -> None:
         self.checkpoint = checkpoint
         self.files = FileSource(checkpoint)
         self.batch_bytes = batch_bytes
@@ -145,6 +150,7 @@ class _Reader:
         self.device = device
         self.cuda = device.type == "cuda"
         self.chunk_bytes = chunk_bytes
+        self.buffer_bytes = buffer_bytes
         self.pool = ThreadPoolExecutor(readers, thread_name_prefix="moekit-read")
         self.local = threading.local()
         self.aborted = False
@@ -222,10 +228,10 @@ class _Reader:
 
     def _copy(self, batch: _Batch, leaf: _Leaf, start: int, offset: int, size: int):
         """Copy ``size`` bytes at ``start`` of the leaf's file into the batch's staging
-        buffer at ``offset``. On CUDA, read into one of this thread's two pinned buffers
-        (once that buffer's previous copy is done), copy it to the device asynchronously on
-        this thread's stream, after the staging buffer is writable, and return (this
-        thread's stream, the copy's event).
+        buffer at ``offset``. On CUDA, the bytes go through this thread's two pinned
+        buffers in turn: read into one (once its previous copy is done) while the other
+        is copied to the device, asynchronously on this thread's stream, after the staging
+        buffer is writable; return (this thread's stream, the last copy's event).
 
         A reader holds the GIL only between its reads, but 16 of them contend for it
         with the main thread, so this does as few Python-level torch calls as it can: the
@@ -239,15 +245,17 @@ class _Reader:
             _read_into(leaf.fd, start, memoryview(staging.numpy()), leaf.file)
             return None
         local = self._local()
-        turn = local.turn = 1 - local.turn
-        event = local.events[turn]
-        event.synchronize()
-        _read_into(leaf.fd, start, local.views[turn][:size], leaf.file)
         if local.batch < batch.index:
             local.stream.wait_event(batch.writable)
             local.batch = batch.index
-        staging.copy_(local.buffers[turn][:size], non_blocking=True)
-        event.record()
+        for done in range(0, size, self.buffer_bytes):
+            n = min(self.buffer_bytes, size - done)
+            turn = local.turn = 1 - local.turn
+            event = local.events[turn]
+            event.synchronize()
+            _read_into(leaf.fd, start + done, local.views[turn][:n], leaf.file)
+            staging[done:done + n].copy_(local.buffers[turn][:n], non_blocking=True)
+            event.record()
         return local.stream, event
 
     def _local(self) -> threading.local:
@@ -255,7 +263,7 @@ class _Reader:
         events and its stream, which is made the thread's current stream."""
         local = self.local
         if not hasattr(local, "buffers"):
-            local.buffers = [torch.empty(self.chunk_bytes, dtype=torch.uint8, pin_memory=True)
+            local.buffers = [torch.empty(self.buffer_bytes, dtype=torch.uint8, pin_memory=True)
                              for _ in range(2)]
             local.views = [memoryview(buffer.numpy()) for buffer in local.buffers]
             local.events = [torch.cuda.Event(), torch.cuda.Event()]
