@@ -15,6 +15,7 @@ from .dtypes import to_safetensors
 from .executors.device import read_plan
 from .executors.memory import run_plan
 from .executors.streaming import write_plan
+from .gc_pauses import without_gc_pauses
 from .layouts import layout_named
 from .output import atomic_output, check_destination
 from .plan import Plan
@@ -61,6 +62,7 @@ def write_checkpoint(plan: Plan, checkpoint: Checkpoint, dst: Path, max_shard_si
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+@without_gc_pauses
 def load(path: str | Path, layout: str = "nemo", device: torch.device | str | None = None,
          from_: str | None = None) -> dict[str, torch.Tensor]:
     """The whole checkpoint at ``path`` as a state dict in ``layout``, on ``device``.

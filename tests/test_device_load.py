@@ -7,13 +7,14 @@ and check that the GPU path gives bit-identical tensors.
 
 from __future__ import annotations
 
+import gc
 import sys
 
 import pytest
 import torch
 
 import moekit
-from moekit import MoekitError
+from moekit import MoekitError, conversion
 from moekit.planner import analyse_checkpoint
 from moekit.executors import device
 from moekit.executors.device import load_to_device
@@ -163,6 +164,23 @@ def test_load_experts_onto_the_gpu_equals_the_cpu_rows(family_checkpoints, tmp_p
     found = torch.load(f"{result}.0")
     assert found["devices"] == {"cuda"}
     assert found["sums"] == checksums(moekit.load(src, "nemo"))
+
+
+def test_loads_run_without_gc_pauses_and_restore_the_collector(family_checkpoints,
+                                                                monkeypatch):
+    during = []
+    read_plan = conversion.read_plan
+    monkeypatch.setattr(conversion, "read_plan",
+                        lambda *args: during.append(gc.isenabled()) or read_plan(*args))
+    assert gc.isenabled()
+    moekit.load(family_checkpoints["qwen2_moe"], "nemo")
+    assert during == [False] and gc.isenabled()
+    gc.disable()
+    try:
+        moekit.load(family_checkpoints["qwen2_moe"], "nemo")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_gil_switch_interval_is_restored_after_a_load(family_checkpoints):

@@ -11,12 +11,14 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..checkpoint import Checkpoint
 from ..errors import PlanError
 from ..executors.device import read_plan
+from ..gc_pauses import without_gc_pauses
 from ..layouts import layout_named
 from ..planner import Analysis, build_plan, understand, validate
 from ..plan import Plan
 from .ranges import ep_coordinates, expert_range, shard_experts
 
 
+@without_gc_pauses
 def load_experts(path: str | Path, device_mesh: DeviceMesh, layout: str = "nemo",
                  device: torch.device | str | None = None, from_: str | None = None
                  ) -> dict[str, torch.Tensor]:
