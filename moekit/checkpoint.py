@@ -52,14 +52,15 @@ class Checkpoint:
         path = Path(path)
         if not path.exists():
             raise MoekitError(f"no checkpoint at {path}: the path does not exist")
-        folder, files = _weight_files(path)
+        folder, files, weight_map = _weight_files(path)
         tensors: dict[str, TensorInfo] = {}
         metadata: dict[str, str] = {}
         for i, name in enumerate(files):
             file_meta = _read_header(folder / name, tensors)
             if i == 0:
                 metadata = file_meta
-        _check_index(folder, path, tensors)
+        if weight_map is not None:
+            _check_index(folder / INDEX_NAME, weight_map, tensors)
         return cls(path=folder, tensors=tensors, config=read_config(folder), metadata=metadata)
 
     @property
@@ -84,11 +85,13 @@ class Checkpoint:
                       and not p.name.endswith(".safetensors"))
 
 
-def _weight_files(path: Path) -> tuple[Path, list[str]]:
+def _weight_files(path: Path) -> tuple[Path, list[str], dict[str, str] | None]:
+    """The folder, its weight files in order, and the index's weight map (None when the
+    checkpoint has no index)."""
     if path.is_file():
         if path.suffix != ".safetensors":
             raise MoekitError(f"{path} is not a .safetensors file nor a checkpoint folder")
-        return path.parent, [path.name]
+        return path.parent, [path.name], None
     index = path / INDEX_NAME
     if index.exists():
         weight_map = _read_index(index)
@@ -98,9 +101,9 @@ def _weight_files(path: Path) -> tuple[Path, list[str]]:
             raise MoekitError(
                 f"{index} names {len(missing)} file(s) that do not exist: {', '.join(missing)}; "
                 "the checkpoint is incomplete (re-download or re-save it)")
-        return path, files
+        return path, files, weight_map
     if (path / SINGLE_NAME).is_file():
-        return path, [SINGLE_NAME]
+        return path, [SINGLE_NAME], None
     found = sorted(p.name for p in path.glob("*.safetensors"))
     if not found:
         raise MoekitError(f"{path} holds no .safetensors files (looked for {INDEX_NAME} and "
@@ -108,7 +111,7 @@ def _weight_files(path: Path) -> tuple[Path, list[str]]:
     if len(found) > 1:
         raise MoekitError(f"{path} holds {len(found)} .safetensors files but no {INDEX_NAME} "
                           "saying which tensors each holds")
-    return path, found
+    return path, found, None
 
 
 def _read_index(index: Path) -> dict[str, str]:
@@ -143,8 +146,9 @@ def _read_header(file: Path, tensors: dict[str, TensorInfo]) -> dict[str, str]:
         raise MoekitError(f"cannot read {file}: {err} (the file is truncated or corrupt)") from err
     sizes = [_nbytes(file, key, shape, dtype) for key, shape, dtype in found]
     offset = file.stat().st_size - sum(sizes)
+    name = file.name
     for (key, shape, dtype), size in zip(found, sizes):
-        tensors[key] = TensorInfo(key, file.name, shape, dtype, offset)
+        tensors[key] = TensorInfo(key, name, shape, dtype, offset)
         offset += size
     return metadata
 
@@ -156,11 +160,9 @@ def _nbytes(file: Path, key: str, shape: tuple[int, ...], dtype: str) -> int:
     return nbytes(shape, dtype)
 
 
-def _check_index(folder: Path, path: Path, tensors: dict[str, TensorInfo]) -> None:
-    index = folder / INDEX_NAME
-    if path.is_file() or not index.exists():
-        return
-    weight_map = _read_index(index)
+def _check_index(index: Path, weight_map: dict[str, str], tensors: dict[str, TensorInfo]
+                 ) -> None:
+    """Raise when the index and the files' headers disagree on where a tensor is."""
     wrong = [k for k, f in weight_map.items() if k not in tensors or tensors[k].file != f]
     if wrong:
         shown = ", ".join(f"{k} (index says {weight_map[k]})" for k in wrong[:5])

@@ -15,6 +15,7 @@ from pathlib import Path
 from .checkpoint import Checkpoint
 from .detect import detect_family, detect_layout
 from .errors import MoekitError, PlanError, compress_ranges, plural
+from .gc_pauses import without_gc_pauses
 from .layouts import FAMILIES, LAYOUTS, ExpertBlock, Family, Layout, family_named, layout_named
 from .layouts.base import ParsedExperts, TensorMeta
 from .layouts.families import FP8_SCALE_KEY, MX_BLOCKS, MX_SCALES, SCALE
@@ -81,6 +82,7 @@ def analyse(tensors: Mapping[str, TensorMeta], config: dict | None,
     return analysis
 
 
+@without_gc_pauses
 def analyse_checkpoint(path: str | Path, from_: str | None = None) -> tuple[Checkpoint, Analysis]:
     """Read a checkpoint's headers, detect its family and layout and validate its experts."""
     checkpoint = Checkpoint.open(path)
@@ -89,6 +91,7 @@ def analyse_checkpoint(path: str | Path, from_: str | None = None) -> tuple[Chec
     return checkpoint, analysis
 
 
+@without_gc_pauses
 def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
                offset: int = 0, dequantize: bool = False) -> Plan:
     """The plan that writes ``analysis``'s checkpoint in layout ``dst``.
@@ -178,7 +181,11 @@ def _passed_through(key: str, tensors: Mapping[str, TensorMeta], dequantize: boo
 
 
 def select_experts(block: ExpertBlock, experts: range, offset: int = 0) -> ExpertBlock:
-    """The block with only ``experts``, renumbered so that ``experts[0]`` becomes ``offset``."""
+    """The block with only ``experts``, renumbered so that ``experts[0]`` becomes ``offset``
+    (the block itself when that changes nothing, as in a whole-checkpoint conversion)."""
+    if experts.start == offset and all(e in experts for _, e in block.pieces):
+        return block
+
     def keep(item: tuple[tuple[str, int], object]) -> bool:
         return item[0][1] in experts
 
@@ -233,8 +240,6 @@ def _block_problems(block: ExpertBlock, family: Family, layout: Layout, n_expert
     def name(piece: str) -> str:
         return family.piece_key(piece).removesuffix(".weight") if layout.name == "hf" else piece
 
-    files = sorted({f for f in (where(n.split("[", 1)[0]) for n in block.names.values()) if f})
-    stored = f" (layer stored in {', '.join(files)})" if files else ""
     problems = []
     missing: dict[tuple[str, ...], list[int]] = defaultdict(list)
     needed = family.required_pieces({p for p, _ in block.pieces})
@@ -242,6 +247,7 @@ def _block_problems(block: ExpertBlock, family: Family, layout: Layout, n_expert
         lacking = tuple(name(p) for p in needed if (p, e) not in block.pieces)
         if lacking:
             missing[lacking].append(e)
+    stored = _stored_in(block, where) if missing else ""
     for projs, absent in missing.items():
         problems.append(f"{plural(len(absent), 'expert')} {compress_ranges(absent)} "
                         f"{'lacks' if len(absent) == 1 else 'lack'} {', '.join(projs)}{stored}")
@@ -251,6 +257,12 @@ def _block_problems(block: ExpertBlock, family: Family, layout: Layout, n_expert
                         f"{n_experts} experts config.json declares ({family.expert_count_key})")
     problems.extend(_shape_problems(block, family, name, where, required))
     return problems
+
+
+def _stored_in(block: ExpertBlock, where: Callable[[str], str | None]) -> str:
+    """The ``" (layer stored in FILES)"`` of a message, or "" when ``where`` knows none."""
+    files = sorted({f for f in (where(n.split("[", 1)[0]) for n in block.names.values()) if f})
+    return f" (layer stored in {', '.join(files)})" if files else ""
 
 
 def _shape_problems(block: ExpertBlock, family: Family, name: Callable[[str], str],

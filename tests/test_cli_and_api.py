@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -10,9 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moekit import ExpertAdapter, PlanError, convert_state_dict, samples
+from moekit import ExpertAdapter, PlanError, convert_state_dict, planner, samples
 from moekit.cli import main
 from moekit.errors import compress_ranges
+from moekit.gc_pauses import without_gc_pauses
+from moekit.layouts import layout_named
 
 from .conftest import load_all, same_bytes, tree_digest
 
@@ -86,6 +89,27 @@ def test_inspect_imports_no_torch(family_checkpoints):
               "assert 'torch' not in sys.modules, 'torch was imported'")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_planning_runs_without_gc_pauses(family_checkpoints, monkeypatch):
+    seen = []
+    for name in ("analyse", "select_experts"):
+        real = getattr(planner, name)
+        monkeypatch.setattr(planner, name, lambda *a, real=real, **k: seen.append(
+            (real.__name__, gc.isenabled())) or real(*a, **k))
+    checkpoint, analysis = planner.analyse_checkpoint(family_checkpoints["qwen3_moe"])
+    planner.build_plan(analysis, layout_named("nemo"))
+    assert set(seen) == {("analyse", False), ("select_experts", False)} and gc.isenabled()
+
+
+def test_the_collector_is_back_on_after_an_error():
+    @without_gc_pauses
+    def fail() -> None:
+        raise ValueError
+
+    with pytest.raises(ValueError):
+        fail()
+    assert gc.isenabled()
 
 
 def test_help_everywhere(capsys):

@@ -23,16 +23,17 @@ class PerExpertLayout(Layout):
         by_name = {family.piece_key(piece): piece for piece in family.all_pieces}
         region = self.expert_region(family)
         for key, meta in tensors.items():
-            inside = region.match(key)
-            if not inside:
+            match = pattern.match(key)
+            if not match:
+                inside = region.match(key)
+                if inside:
+                    parsed.claimed.add(key)
+                    parsed.problems.append((int(inside["layer"]), (
+                        f"{key} is not an expert weight of the {family.name} HF layout (is "
+                        "the source layout right?)")))
                 continue
             parsed.claimed.add(key)
-            match = pattern.match(key)
-            layer = int(inside["layer"])
-            if not match:
-                parsed.problems.append((layer, f"{key} is not an expert weight of the {family.name} "
-                                               f"HF layout (is the source layout right?)"))
-                continue
+            layer = int(match["layer"])
             block = parsed.block(layer, family)
             piece = (by_name[match["piece"]], int(match["expert"]))
             block.pieces[piece] = Read.whole(key, meta)
