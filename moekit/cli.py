@@ -82,11 +82,18 @@ def _add_convert(commands) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .conversion import convert
+    if args.dry_run:
+        from .planner import plan_conversion  # no torch: a dry run answers at once
 
-    plan = convert(args.src, args.dst, args.to, from_=args.from_,
-                   max_shard_size=args.max_shard_size, dry_run=args.dry_run,
-                   overwrite=args.overwrite, dequantize=args.dequantize)
+        _, plan = plan_conversion(args.src, args.dst, args.to, from_=args.from_,
+                                  max_shard_size=args.max_shard_size,
+                                  overwrite=args.overwrite, dequantize=args.dequantize)
+    else:
+        from .conversion import convert
+
+        plan = convert(args.src, args.dst, args.to, from_=args.from_,
+                       max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                       dequantize=args.dequantize)
     _report_plan(plan, plan.summary(), args)
     return 0
 

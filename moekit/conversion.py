@@ -17,9 +17,9 @@ from .executors.memory import run_plan
 from .executors.streaming import write_plan
 from .gc_pauses import without_gc_pauses
 from .layouts import layout_named
-from .output import atomic_output, check_destination
+from .output import atomic_output
 from .plan import Plan
-from .planner import analyse, analyse_checkpoint, build_plan
+from .planner import analyse, analyse_checkpoint, build_plan, plan_conversion
 from .sizes import parse_size
 from .sources import DictSource, FileSource
 
@@ -34,13 +34,9 @@ def convert(src: str | Path, dst: str | Path, to: str, from_: str | None = None,
     complete. ``dry_run`` validates and returns the plan, writing nothing. ``dequantize``
     writes FP8 block-scaled weights as bf16 (their scales dropped).
     """
-    checkpoint, analysis = analyse_checkpoint(src, from_)
-    plan = build_plan(analysis, layout_named(to), dequantize=dequantize)
-    max_bytes = parse_size(max_shard_size)
-    if dry_run:
-        check_destination(Path(dst), checkpoint.path, overwrite)
-    else:
-        write_checkpoint(plan, checkpoint, Path(dst), max_bytes, overwrite, show_progress)
+    checkpoint, plan = plan_conversion(src, dst, to, from_, max_shard_size, overwrite, dequantize)
+    if not dry_run:
+        write_checkpoint(plan, checkpoint, Path(dst), max_shard_size, overwrite, show_progress)
     return plan
 
 

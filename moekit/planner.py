@@ -16,6 +16,8 @@ from .checkpoint import Checkpoint
 from .detect import detect_family, detect_layout
 from .errors import MoekitError, PlanError, compress_ranges, plural
 from .gc_pauses import without_gc_pauses
+from .output import check_destination
+from .sizes import parse_size
 from .layouts import FAMILIES, LAYOUTS, ExpertBlock, Family, Layout, family_named, layout_named
 from .layouts.base import ParsedExperts, TensorMeta
 from .layouts.families import FP8_SCALE_KEY, MX_BLOCKS, MX_SCALES, SCALE
@@ -89,6 +91,19 @@ def analyse_checkpoint(path: str | Path, from_: str | None = None) -> tuple[Chec
     analysis = analyse(checkpoint.tensors, checkpoint.config, checkpoint.metadata,
                        str(checkpoint.path), from_=from_, where=checkpoint.file_of)
     return checkpoint, analysis
+
+
+def plan_conversion(src: str | Path, dst: str | Path, to: str, from_: str | None = None,
+                    max_shard_size: int | str = "5GB", overwrite: bool = False,
+                    dequantize: bool = False) -> tuple[Checkpoint, Plan]:
+    """Everything a conversion checks before it writes, from headers alone: the source's
+    experts, the plan into layout ``to``, the shard size and the destination. Imports no
+    torch, so that a dry run answers at once."""
+    checkpoint, analysis = analyse_checkpoint(src, from_)
+    plan = build_plan(analysis, layout_named(to), dequantize=dequantize)
+    parse_size(max_shard_size)
+    check_destination(Path(dst), checkpoint.path, overwrite)
+    return checkpoint, plan
 
 
 @without_gc_pauses

@@ -82,10 +82,15 @@ def test_dry_run_validates_and_writes_nothing(family_checkpoints, tmp_path, caps
     assert list(tmp_path.iterdir()) == [] and tree_digest(src) == before
 
 
-def test_inspect_imports_no_torch(family_checkpoints):
-    """Reading headers needs no torch: ``moekit inspect`` starts in a fraction of a second."""
+@pytest.mark.parametrize("command", [["inspect"], ["convert", "DST", "--to", "nemo", "--dry-run"]],
+                         ids=["inspect", "convert --dry-run"])
+def test_header_only_commands_import_no_torch(command, family_checkpoints, tmp_path):
+    """Reading headers and planning need no torch: these commands answer in a fraction of
+    a second."""
+    argv = [command[0], str(family_checkpoints["qwen3_moe"]),
+            *[str(tmp_path / "out") if a == "DST" else a for a in command[1:]]]
     script = ("import sys; from moekit.cli import main; "
-              f"assert main(['inspect', {str(family_checkpoints['qwen3_moe'])!r}]) == 0; "
+              f"assert main({argv!r}) == 0; "
               "assert 'torch' not in sys.modules, 'torch was imported'")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
