@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 from moekit import load_experts, save_experts, verify  # noqa: E402
 from moekit.planner import analyse_checkpoint  # noqa: E402
 from moekit.executors.evaluate import materialize  # noqa: E402
-from moekit.expert_parallel.load import rank_plan  # noqa: E402
+from moekit.expert_parallel.ranges import rank_plan  # noqa: E402
 from moekit.layouts import layout_named  # noqa: E402
 from moekit.plan import nbytes, reads  # noqa: E402
 from moekit.planner import build_plan  # noqa: E402

@@ -16,9 +16,9 @@ from torch.distributed.tensor import DTensor
 
 from .conversion import convert_state_dict, state_dict_meta
 from .executors.memory import run_plan
-from .expert_parallel.load import rank_plan
 from .expert_parallel.local import local_hf_plan
-from .expert_parallel.ranges import ep_coordinates, shard_experts
+from .expert_parallel.dtensors import ep_coordinates, shard_experts
+from .expert_parallel.ranges import rank_plan
 from .planner import analyse, understand
 from .sources import DictSource
 

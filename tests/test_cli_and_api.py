@@ -82,8 +82,9 @@ def test_dry_run_validates_and_writes_nothing(family_checkpoints, tmp_path, caps
     assert list(tmp_path.iterdir()) == [] and tree_digest(src) == before
 
 
-@pytest.mark.parametrize("command", [["inspect"], ["convert", "DST", "--to", "nemo", "--dry-run"]],
-                         ids=["inspect", "convert --dry-run"])
+@pytest.mark.parametrize("command", [["inspect"], ["convert", "DST", "--to", "nemo", "--dry-run"],
+                                     ["plan", "--ep", "3"]],
+                         ids=["inspect", "convert --dry-run", "plan"])
 def test_header_only_commands_import_no_torch(command, family_checkpoints, tmp_path):
     """Reading headers and planning need no torch: these commands answer in a fraction of
     a second."""

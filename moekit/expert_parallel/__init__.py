@@ -1,7 +1,13 @@
-"""Expert parallelism: each rank loads and saves only its own experts, as DTensors."""
+"""Expert parallelism: each rank loads and saves only its own experts, as DTensors.
 
-from .load import load_experts
-from .ranges import expert_range
-from .save import save_experts
+Names are imported on first use: ``moekit plan`` reads headers and plans every rank
+without importing torch."""
 
-__all__ = ["expert_range", "load_experts", "save_experts"]
+from __future__ import annotations
+
+from ..lazy_exports import lazy_exports
+
+_EXPORTS = {"expert_range": "ranges", "load_experts": "load", "save_experts": "save"}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

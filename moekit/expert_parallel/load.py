@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..checkpoint import Checkpoint
-from ..errors import PlanError
 from ..executors.device import read_plan
 from ..gc_pauses import without_gc_pauses
-from ..layouts import layout_named
-from ..planner import Analysis, build_plan, understand, validate
-from ..plan import Plan
-from .ranges import ep_coordinates, expert_range, shard_experts
+from ..planner import understand
+from .dtensors import ep_coordinates, shard_experts
+from .ranges import rank_plan
 
 
 @without_gc_pauses
@@ -39,19 +36,3 @@ def load_experts(path: str | Path, device_mesh: DeviceMesh, layout: str = "nemo"
     plan = rank_plan(analysis, *ep_coordinates(device_mesh), layout, checkpoint.file_of)
     return read_plan(plan, checkpoint, device,
                      lambda local: shard_experts(local, device_mesh, analysis.n_experts))
-
-
-def rank_plan(analysis: Analysis, size: int, rank: int, layout: str,
-              where: Callable[[str], str | None] = lambda key: None) -> Plan:
-    """Validate the experts EP rank ``rank`` of ``size`` needs and plan its local tensors."""
-    mine = expert_range(analysis.n_experts, size, rank)
-    try:
-        validate(analysis, required=mine, where=where)
-    except PlanError as err:
-        raise PlanError(f"EP rank {rank} of {size} (experts {_span(mine)}): {err.headline}",
-                        err.problems) from None
-    return build_plan(analysis, layout_named(layout), experts=mine)
-
-
-def _span(experts: range) -> str:
-    return f"{experts.start}-{experts.stop - 1}" if experts else "none"

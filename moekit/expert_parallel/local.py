@@ -13,7 +13,8 @@ from ..errors import MoekitError
 from ..layouts import HF
 from ..plan import Plan
 from ..planner import build_plan, understand, validate
-from .ranges import ep_coordinates, expert_range, is_expert_shard
+from .dtensors import ep_coordinates, is_expert_shard
+from .ranges import expert_range
 
 
 def local_hf_plan(state_dict: Mapping[str, torch.Tensor], mesh: DeviceMesh, layout: str,

@@ -1,4 +1,5 @@
-"""Which experts a rank owns, and how its local rows become DTensors.
+"""Which experts a rank owns, and the plan of what it loads (torch-free: ``moekit plan``
+answers from headers without importing torch).
 
 The rule is the one of ``torch.chunk`` and of DTensor's ``Shard(0)``: every rank but the
 last ones gets ``ceil(E / n)`` consecutive experts, the rest go to the next rank, and the
@@ -11,14 +12,12 @@ its uneven DTensors fail. Loading, saving and DTensor metadata all use this one 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
-import torch
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
-
-from ..errors import MoekitError
-
-EP_DIM_NAME = "ep"
+from ..errors import MoekitError, PlanError
+from ..layouts import layout_named
+from ..plan import Plan
+from ..planner import Analysis, build_plan, validate
 
 
 def expert_range(n_experts: int, ep_size: int, ep_rank: int) -> range:
@@ -32,36 +31,17 @@ def expert_range(n_experts: int, ep_size: int, ep_rank: int) -> range:
     return range(min(ep_rank * per_rank, n_experts), min((ep_rank + 1) * per_rank, n_experts))
 
 
-def ep_dim(mesh: DeviceMesh) -> int:
-    """The mesh dimension experts are sharded over: the one named "ep", or the only one."""
-    names = mesh.mesh_dim_names or ()
-    if EP_DIM_NAME in names:
-        return names.index(EP_DIM_NAME)
-    if mesh.ndim == 1:
-        return 0
-    raise MoekitError(f"the device mesh has dimensions {names or mesh.ndim}; name the "
-                      f"expert-parallel one {EP_DIM_NAME!r}")
+def rank_plan(analysis: Analysis, size: int, rank: int, layout: str,
+              where: Callable[[str], str | None] = lambda key: None) -> Plan:
+    """Validate the experts EP rank ``rank`` of ``size`` needs and plan its local tensors."""
+    mine = expert_range(analysis.n_experts, size, rank)
+    try:
+        validate(analysis, required=mine, where=where)
+    except PlanError as err:
+        raise PlanError(f"EP rank {rank} of {size} (experts {_span(mine)}): {err.headline}",
+                        err.problems) from None
+    return build_plan(analysis, layout_named(layout), experts=mine)
 
 
-def ep_coordinates(mesh: DeviceMesh) -> tuple[int, int]:
-    """(EP group size, this process's rank in it)."""
-    dim = ep_dim(mesh)
-    return mesh.size(dim), mesh.get_local_rank(dim)
-
-
-def shard_experts(local: torch.Tensor, mesh: DeviceMesh, n_experts: int) -> DTensor:
-    """Wrap this rank's rows of a grouped expert tensor as a DTensor sharded ``Shard(0)``
-    over the EP dimension and replicated over the others, with the global shape given
-    explicitly (so that uneven splits are described correctly)."""
-    dim = ep_dim(mesh)
-    placements = [Shard(0) if i == dim else Replicate() for i in range(mesh.ndim)]
-    shape = torch.Size((n_experts, *local.shape[1:]))
-    stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape, stride=stride)
-
-
-def is_expert_shard(tensor: object, mesh: DeviceMesh) -> bool:
-    """True for a DTensor sharded ``Shard(0)`` over the mesh's EP dimension."""
-    if not isinstance(tensor, DTensor):
-        return False
-    return tensor.placements[ep_dim(mesh)] == Shard(0)
+def _span(experts: range) -> str:
+    return f"{experts.start}-{experts.stop - 1}" if experts else "none"

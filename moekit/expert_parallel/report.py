@@ -6,11 +6,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..checkpoint import Checkpoint, read_config
-from ..conversion import state_dict_meta
 from ..errors import MoekitError
 from ..planner import Analysis, understand
-from .load import rank_plan
-from .ranges import expert_range
+from .ranges import expert_range, rank_plan
 
 
 @dataclass
@@ -74,15 +72,18 @@ def _analysis(path: Path) -> Analysis:
     config = read_config(folder, name)
     if config is None:
         raise MoekitError(f"{path} is neither a checkpoint nor a config.json")
-    return understand(state_dict_meta(_meta_state_dict(config)), config, {},
-                      str(folder / name), from_="transformers")
+    return understand(_meta_headers(config), config, {}, str(folder / name),
+                      from_="transformers")
 
 
-def _meta_state_dict(config: dict) -> dict:
-    """The state dict transformers builds for ``config``, on the meta device (no memory)."""
+def _meta_headers(config: dict) -> dict:
+    """Shapes and dtypes of the state dict transformers builds for ``config``, on the meta
+    device (no memory). Only this path imports torch and transformers."""
     try:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
+
+        from ..conversion import state_dict_meta
     except ImportError as err:
         raise MoekitError("planning from a config.json alone needs transformers") from err
     settings = {k: v for k, v in config.items() if k != "quantization_config"}
@@ -90,4 +91,4 @@ def _meta_state_dict(config: dict) -> dict:
     dtype = getattr(model_config, "dtype", None) or torch.bfloat16
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
-    return model.state_dict()
+    return state_dict_meta(model.state_dict())

@@ -25,7 +25,8 @@ from ..output import check_destination, replace_folder, temporary_folder
 from ..plan import TensorPlan
 from ..sources import DictSource
 from .local import local_hf_plan
-from .ranges import ep_coordinates, ep_dim, expert_range
+from .dtensors import ep_coordinates, ep_dim
+from .ranges import expert_range
 
 
 def save_experts(state_dict: Mapping[str, torch.Tensor], path: str | Path,
