@@ -33,7 +33,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..dtypes import itemsize, to_torch
 from ..errors import MoekitError
-from ..plan import Expr, Plan, Read, TensorPlan, nbytes, reads
+from ..plan import Plan, Read, TensorPlan, nbytes, reads
 from ..sources import FileSource
 from .evaluate import fill
 from .memory import run_plan
@@ -167,6 +167,12 @@ class _Reader:
         self.files.close()
 
     def run(self, plan: Plan) -> dict[str, torch.Tensor]:
+        if self.compute is not None:
+            # The tensors are allocated on the caller's stream (so that, once freed, their
+            # memory serves the caller's next allocations) and written on the compute
+            # stream: which must first wait for whatever the caller's stream still does
+            # with memory it freed.
+            self.compute.wait_stream(torch.cuda.current_stream(self.device))
         out: dict[str, torch.Tensor] = {}
         in_flight: deque[_Batch] = deque()
         for index, tensors in enumerate(_batches(plan.tensors, self.batch_bytes)):
@@ -274,24 +280,23 @@ class _Reader:
         return local
 
     def _evaluate(self, batch: _Batch, copies: list) -> dict[str, torch.Tensor]:
-        """Build the batch's tensors from its staging buffer: on CUDA on the compute
-        stream, after the last copy of each reader stream (a stream's copies complete in
-        order)."""
+        """Build the batch's tensors from its staging buffer: allocated on the caller's
+        stream, filled (on CUDA) on the compute stream after the last copy of each reader
+        stream (a stream's copies complete in order)."""
         source = _StagedSource(batch.staging, batch.leaves)
+        out = {t.name: torch.empty(t.recipe.shape, dtype=to_torch(t.recipe.dtype),
+                                   device=self.device) for t in batch.tensors}
         if self.compute is not None:
             for event in {stream: event for stream, event in copies}.values():
                 self.compute.wait_event(event)
         with self._on_compute():
-            return {t.name: self._build(t.recipe, source) for t in batch.tensors}
+            for tensor in batch.tensors:
+                fill(tensor.recipe, out[tensor.name], source)
+        return out
 
     def _on_compute(self) -> ContextManager:
         """Make the compute stream current (on CUDA)."""
         return torch.cuda.stream(self.compute) if self.compute is not None else nullcontext()
-
-    def _build(self, recipe: Expr, source: "_StagedSource") -> torch.Tensor:
-        out = torch.empty(recipe.shape, dtype=to_torch(recipe.dtype), device=self.device)
-        fill(recipe, out, source)
-        return out
 
 
 @dataclass
