@@ -168,10 +168,12 @@ class _Reader:
 
     def run(self, plan: Plan) -> dict[str, torch.Tensor]:
         if self.compute is not None:
-            # The tensors are allocated on the caller's stream (so that, once freed, their
-            # memory serves the caller's next allocations) and written on the compute
-            # stream: which must first wait for whatever the caller's stream still does
-            # with memory it freed.
+            # The tensors are allocated on the caller's stream, as any torch op's are: once
+            # the caller frees them, the caching allocator reuses their memory in order
+            # with the caller's work on them. (Allocated on the compute stream, a later
+            # load could write into them while the caller's copies from them still ran.)
+            # They are written on the compute stream, which first waits for the caller's
+            # stream, where memory it freed may still be in use.
             self.compute.wait_stream(torch.cuda.current_stream(self.device))
         out: dict[str, torch.Tensor] = {}
         in_flight: deque[_Batch] = deque()
