@@ -49,9 +49,9 @@ READERS = min(16, os.cpu_count() or 1)
 SWITCH_INTERVAL = 2e-4
 """Seconds a Python thread may hold the GIL while others wait for it, during a load. A
 reader whose ``pread`` returned needs the GIL only to queue its device copy; with Python's
-default (5 ms) it can wait that long behind the main thread's recipe work. (With today's
-readers, which need the GIL less, 0.05 to 5 ms measured within noise on an H100 host,
-except for the 5 ms default's worst median with small tensors.)"""
+default (5 ms) it can wait that long behind the main thread's recipe work. (Once readers
+made fewer torch calls, 0.05 to 5 ms measured within noise of each other on an H100 host,
+2026-11-27, but for the 5 ms default's worst median with small tensors.)"""
 BATCH_BYTES = 256 * 2**20
 """Destination bytes staged together (or one layer's, if more: a layer is not split), so
 device staging memory is about SLOTS x max(BATCH_BYTES, one layer's source bytes)."""
