@@ -93,7 +93,8 @@ def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | st
                    batch_bytes: int = BATCH_BYTES, slots: int = SLOTS,
                    buffer_bytes: int = BUFFER_BYTES) -> dict[str, torch.Tensor]:
     """Every tensor of ``plan`` on ``device``, read from ``checkpoint``'s files.
-    ``wrap_experts`` is applied to the routed-expert tensors (e.g. to make DTensors)."""
+    ``wrap_experts`` is applied to the routed-expert tensors (e.g. to make DTensors); the
+    other arguments tune the readers and staging (see READERS, CHUNK_BYTES, ...)."""
     device = torch.device(device)
     with _prompt_handoffs(), _Reader(checkpoint, device, readers, chunk_bytes,
                                      batch_bytes, slots, buffer_bytes) as reader:
