@@ -105,6 +105,25 @@ def test_staging_memory_is_bounded_by_the_slots(slots, family_checkpoints, monke
     _assert_same(staged, _reference(checkpoint, plan))
 
 
+def test_a_load_that_cannot_fit_on_the_gpu_is_refused_before_reading(family_checkpoints,
+                                                                       monkeypatch):
+    checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
+    # Free memory is what the driver reports plus what PyTorch caches unused (1000 bytes).
+    room = {"free": plan.total_bytes}  # the tensors fit, the staging does not
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (room["free"] - 1000, 0))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3000)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2000)
+    monkeypatch.setattr(device, "_Reader", None)  # nothing may be read
+    with pytest.raises(MoekitError, match=r"loading onto cuda needs about .* of staging\) but "
+                                          r".* is free there.*load_experts"):
+        load_to_device(plan, checkpoint, "cuda")
+    room["free"] = 2 * plan.total_bytes + 1000  # the sample is one batch: staged once
+    device._check_room(plan, torch.device("cuda"), device.BATCH_BYTES, device.SLOTS)
+    room["free"] -= 2000
+    with pytest.raises(MoekitError):
+        device._check_room(plan, torch.device("cuda"), device.BATCH_BYTES, device.SLOTS)
+
+
 def test_a_truncated_shard_is_named(qwen3):
     shard = sorted(qwen3.glob("*.safetensors"))[-1]
     checkpoint, plan = _plan(qwen3, "nemo")

@@ -34,6 +34,7 @@ from ..checkpoint import Checkpoint
 from ..dtypes import itemsize, to_torch
 from ..errors import MoekitError
 from ..plan import Plan, Read, TensorPlan, nbytes, reads
+from ..sizes import format_size
 from ..sources import FileSource
 from .evaluate import fill
 from .memory import run_plan
@@ -96,12 +97,37 @@ def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | st
     ``wrap_experts`` is applied to the routed-expert tensors (e.g. to make DTensors); the
     other arguments tune the readers and staging (see READERS, CHUNK_BYTES, ...)."""
     device = torch.device(device)
+    if device.type == "cuda":
+        _check_room(plan, device, batch_bytes, slots)
     with _prompt_handoffs(), _Reader(checkpoint, device, readers, chunk_bytes,
                                      batch_bytes, slots, buffer_bytes) as reader:
         out = reader.run(plan)
     if wrap_experts is not None:
         out = {k: wrap_experts(v) if k in plan.expert_tensors else v for k, v in out.items()}
     return out
+
+
+def _check_room(plan: Plan, device: torch.device, batch_bytes: int, slots: int) -> None:
+    """Refuse, before reading anything, a load that cannot fit on the device: its tensors
+    plus the ``slots`` largest staging batches (the bytes of their source regions) against
+    the memory free there, counting what PyTorch holds cached but unused."""
+    sizes = sorted((_source_bytes(batch) for batch in _batches(plan.tensors, batch_bytes)),
+                   reverse=True)
+    staging = sum(sizes[:slots])
+    free = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+            - torch.cuda.memory_allocated(device))
+    if plan.total_bytes + staging > free:
+        raise MoekitError(
+            f"loading onto {device} needs about {format_size(plan.total_bytes + staging)} "
+            f"({format_size(plan.total_bytes)} of tensors and {format_size(staging)} of "
+            f"staging) but {format_size(free)} is free there: free memory first, or load a "
+            "share of the experts per GPU (moekit.load_experts with expert parallelism)")
+
+
+def _source_bytes(tensors: list[TensorPlan]) -> int:
+    """Bytes of the distinct source regions the tensors' recipes read."""
+    regions = {read.ident: read for tensor in tensors for read in reads(tensor.recipe)}
+    return sum(nbytes(read.shape, read.dtype) for read in regions.values())
 
 
 @contextmanager
