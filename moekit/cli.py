@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from . import __version__
 from .errors import MoekitError
@@ -82,18 +83,15 @@ def _add_convert(commands) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    if args.dry_run:
-        from .planner import plan_conversion  # no torch: a dry run answers at once
+    from .planner import plan_conversion  # no torch: a dry run answers at once
 
-        _, plan = plan_conversion(args.src, args.dst, args.to, from_=args.from_,
-                                  max_shard_size=args.max_shard_size,
-                                  overwrite=args.overwrite, dequantize=args.dequantize)
-    else:
-        from .conversion import convert
+    checkpoint, plan = plan_conversion(args.src, args.dst, args.to, from_=args.from_,
+                                       max_shard_size=args.max_shard_size,
+                                       overwrite=args.overwrite, dequantize=args.dequantize)
+    if not args.dry_run:
+        from .conversion import write_checkpoint
 
-        plan = convert(args.src, args.dst, args.to, from_=args.from_,
-                       max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                       dequantize=args.dequantize)
+        write_checkpoint(plan, checkpoint, Path(args.dst), args.max_shard_size, args.overwrite)
     _report_plan(plan, plan.summary(), args)
     return 0
 

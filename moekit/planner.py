@@ -16,12 +16,12 @@ from .checkpoint import Checkpoint
 from .detect import detect_family, detect_layout
 from .errors import MoekitError, PlanError, compress_ranges, plural
 from .gc_pauses import without_gc_pauses
-from .output import check_destination
-from .sizes import parse_size
 from .layouts import FAMILIES, LAYOUTS, ExpertBlock, Family, Layout, family_named, layout_named
 from .layouts.base import ParsedExperts, TensorMeta
 from .layouts.families import FP8_SCALE_KEY, MX_BLOCKS, MX_SCALES, SCALE
+from .output import check_destination
 from .plan import Dequantize, DequantizeMXFP4, Expr, Plan, Read, TensorPlan
+from .sizes import parse_size
 
 
 @dataclass

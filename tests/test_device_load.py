@@ -118,10 +118,11 @@ def test_a_load_that_cannot_fit_on_the_gpu_is_refused_before_reading(family_chec
                                           r".* is free there.*load_experts"):
         load_to_device(plan, checkpoint, "cuda")
     room["free"] = 2 * plan.total_bytes + 1000  # the sample is one batch: staged once
-    device._check_room(plan, torch.device("cuda"), device.BATCH_BYTES, device.SLOTS)
+    batches = device._batches(plan.tensors, device.BATCH_BYTES)
+    device._check_room(plan, torch.device("cuda"), batches, device.SLOTS)
     room["free"] -= 2000
     with pytest.raises(MoekitError):
-        device._check_room(plan, torch.device("cuda"), device.BATCH_BYTES, device.SLOTS)
+        device._check_room(plan, torch.device("cuda"), batches, device.SLOTS)
 
 
 def test_a_truncated_shard_is_named(qwen3):

@@ -97,22 +97,23 @@ def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | st
     ``wrap_experts`` is applied to the routed-expert tensors (e.g. to make DTensors); the
     other arguments tune the readers and staging (see READERS, CHUNK_BYTES, ...)."""
     device = torch.device(device)
+    batches = _batches(plan.tensors, batch_bytes)
     if device.type == "cuda":
-        _check_room(plan, device, batch_bytes, slots)
+        _check_room(plan, device, batches, slots)
     with _prompt_handoffs(), _Reader(checkpoint, device, readers, chunk_bytes,
-                                     batch_bytes, slots, buffer_bytes) as reader:
-        out = reader.run(plan)
+                                     slots, buffer_bytes) as reader:
+        out = reader.run(batches)
     if wrap_experts is not None:
         out = {k: wrap_experts(v) if k in plan.expert_tensors else v for k, v in out.items()}
     return out
 
 
-def _check_room(plan: Plan, device: torch.device, batch_bytes: int, slots: int) -> None:
+def _check_room(plan: Plan, device: torch.device, batches: list[list[TensorPlan]],
+                slots: int) -> None:
     """Refuse, before reading anything, a load that cannot fit on the device: its tensors
-    plus the ``slots`` largest staging batches (the bytes of their source regions) against
-    the memory free there, counting what PyTorch holds cached but unused."""
-    sizes = sorted((_source_bytes(batch) for batch in _batches(plan.tensors, batch_bytes)),
-                   reverse=True)
+    plus the ``slots`` largest of its staging ``batches`` (the bytes of their source
+    regions) against the memory free there, counting what PyTorch holds cached but unused."""
+    sizes = sorted((_source_bytes(batch) for batch in batches), reverse=True)
     staging = sum(sizes[:slots])
     free = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
             - torch.cuda.memory_allocated(device))
@@ -170,11 +171,9 @@ class _Reader:
     recorded at its allocation."""
 
     def __init__(self, checkpoint: Checkpoint, device: torch.device, readers: int,
-                 chunk_bytes: int, batch_bytes: int = BATCH_BYTES, slots: int = SLOTS,
-                 buffer_bytes: int = BUFFER_BYTES) -> None:
+                 chunk_bytes: int, slots: int = SLOTS, buffer_bytes: int = BUFFER_BYTES) -> None:
         self.checkpoint = checkpoint
         self.files = FileSource(checkpoint)
-        self.batch_bytes = batch_bytes
         self.slots = slots
         self.device = device
         self.cuda = device.type == "cuda"
@@ -195,7 +194,8 @@ class _Reader:
             torch.cuda.synchronize(self.device)  # no copy may outlive its staging buffer
         self.files.close()
 
-    def run(self, plan: Plan) -> dict[str, torch.Tensor]:
+    def run(self, batches: list[list[TensorPlan]]) -> dict[str, torch.Tensor]:
+        """The tensors of ``batches`` (consecutive groups of a plan's tensors)."""
         if self.compute is not None:
             # The tensors are allocated on the caller's stream, as any torch op's are: once
             # the caller frees them, the caching allocator reuses their memory in order
@@ -206,7 +206,7 @@ class _Reader:
             self.compute.wait_stream(torch.cuda.current_stream(self.device))
         out: dict[str, torch.Tensor] = {}
         in_flight: deque[_Batch] = deque()
-        for index, tensors in enumerate(_batches(plan.tensors, self.batch_bytes)):
+        for index, tensors in enumerate(batches):
             if len(in_flight) == self.slots:
                 out.update(self._finish(in_flight.popleft()))
             in_flight.append(self._submit(self._stage(index, tensors)))
