@@ -4,24 +4,67 @@ No tensor data is read here. A checkpoint is a folder with one ``model.safetenso
 HF-sharded ``model-0000i-of-0000n.safetensors`` files plus ``model.safetensors.index.json``
 (a single ``.safetensors`` file is accepted too). Every problem found is reported with the
 file it concerns.
+
+Only what belongs to the checkpoint is read or copied: the weight files, the index, and
+the sidecar files named in ``SIDECARS``. A symbolic link is followed only where it stays
+inside the checkpoint folder or the Hugging Face cache repository the folder is a snapshot
+of (``models--org--name/snapshots/REV/x -> ../../blobs/HASH``).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass, field
-from pathlib import Path
+from fnmatch import fnmatchcase
+from pathlib import Path, PurePosixPath
 
 from safetensors import SafetensorError, safe_open
 
 from .dtypes import ITEMSIZES
-from .errors import MoekitError
+from .errors import MoekitError, printable
 from .plan import nbytes
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
 LAYOUT_METADATA_KEY = "moekit.layout"
 FAMILY_METADATA_KEY = "moekit.family"
+
+SIDECARS: dict[str, str] = {
+    CONFIG_NAME: "model configuration",
+    "generation_config.json": "generation defaults",
+    "tokenizer.json": "tokenizer",
+    "tokenizer_config.json": "tokenizer",
+    "tokenizer.model": "tokenizer (SentencePiece)",
+    "special_tokens_map.json": "tokenizer",
+    "added_tokens.json": "tokenizer",
+    "vocab.json": "tokenizer",
+    "vocab.txt": "tokenizer",
+    "merges.txt": "tokenizer",
+    "spiece.model": "tokenizer (SentencePiece)",
+    "sentencepiece.bpe.model": "tokenizer (SentencePiece)",
+    "*.tiktoken": "tokenizer (tiktoken)",
+    "chat_template.jinja": "chat template",
+    "chat_template.json": "chat template",
+    "preprocessor_config.json": "processor",
+    "processor_config.json": "processor",
+    "configuration_*.py": "remote code (trust_remote_code)",
+    "modeling_*.py": "remote code (trust_remote_code)",
+    "tokenization_*.py": "remote code (trust_remote_code)",
+    "README.md": "model card",
+    "LICENSE*": "licence",
+    "NOTICE*": "licence notice",
+    "USE_POLICY.md": "use policy",
+}
+"""Name patterns (case-sensitive globs) of the files of a checkpoint folder that are not
+weights and travel with them to a converted checkpoint; what each is. Other files in the
+folder (notes, other models, archives) are not the checkpoint's and are never copied."""
+
+MAX_JSON_BYTES = 256 * 2**20
+"""Largest index or config.json read (the index of a 1,000,000-tensor checkpoint is
+about 100 MB)."""
 
 
 @dataclass(frozen=True)
@@ -38,30 +81,44 @@ class TensorInfo:
 
 @dataclass
 class Checkpoint:
-    """The headers of a safetensors checkpoint, its config.json and its other files."""
+    """The headers of a safetensors checkpoint, its config.json and its sidecar files."""
 
     path: Path
     tensors: dict[str, TensorInfo]
     config: dict | None
     metadata: dict[str, str] = field(default_factory=dict)
     """The safetensors ``__metadata__`` of the first shard (moekit records its layout there)."""
+    sidecars: list[Path] = field(default_factory=list)
+    """The folder's files listed in ``SIDECARS`` (none for a single named file)."""
+    read: list[Path] = field(default_factory=list)
+    """Every file the headers were read from: weights, index, config.json."""
 
     @classmethod
     def open(cls, path: str | Path) -> "Checkpoint":
-        """Read every header of the checkpoint at ``path``; raise MoekitError on bad input."""
-        path = Path(path)
-        if not path.exists():
-            raise MoekitError(f"no checkpoint at {path}: the path does not exist")
-        folder, files, weight_map = _weight_files(path)
+        """Read every header of the checkpoint at ``path``; raise MoekitError on bad input.
+
+        A folder is read with its index, config.json and sidecar files. A single
+        ``.safetensors`` file named directly is that file alone: its folder's config.json
+        is read for detection, but none of its neighbours is copied with it.
+        """
+        source = _locate(Path(path))
         tensors: dict[str, TensorInfo] = {}
         metadata: dict[str, str] = {}
-        for i, name in enumerate(files):
-            file_meta = _read_header(folder / name, tensors)
+        for i, name in enumerate(source.files):
+            file_meta = _read_header(source.folder, name, tensors)
             if i == 0:
                 metadata = file_meta
-        if weight_map is not None:
-            _check_index(folder / INDEX_NAME, weight_map, tensors)
-        return cls(path=folder, tensors=tensors, config=read_config(folder), metadata=metadata)
+        if source.weight_map is not None:
+            _check_index(source.folder / INDEX_NAME, source.weight_map, tensors)
+        config = read_config(source.folder)
+        read = [source.folder / f for f in source.files]
+        if source.weight_map is not None:
+            read.append(source.folder / INDEX_NAME)
+        if config is not None:
+            read.append(source.folder / CONFIG_NAME)
+        sidecars = [] if source.named_file else _sidecars(source.folder, set(source.files))
+        return cls(path=source.folder, tensors=tensors, config=config, metadata=metadata,
+                   sidecars=sidecars, read=read)
 
     @property
     def files(self) -> list[str]:
@@ -79,74 +136,173 @@ class Checkpoint:
         return sum(nbytes(t.shape, t.dtype) for t in self.tensors.values())
 
     def extra_files(self) -> list[Path]:
-        """The files that are not weights (config, tokenizer, generation config, ...)."""
-        weights = set(self.files) | {INDEX_NAME}
-        return sorted(p for p in self.path.iterdir() if p.is_file() and p.name not in weights
-                      and not p.name.endswith(".safetensors"))
+        """The files to copy beside converted weights: the sidecars (config, tokenizer,
+        generation config, ...), each checked when the checkpoint was opened."""
+        return list(self.sidecars)
+
+    def source_files(self) -> list[Path]:
+        """The real path (symbolic links resolved) of every file of the checkpoint: what
+        a destination must never replace."""
+        return [p.resolve() for p in (*self.read, *self.sidecars)]
 
 
-def _weight_files(path: Path) -> tuple[Path, list[str], dict[str, str] | None]:
-    """The folder, its weight files in order, and the index's weight map (None when the
-    checkpoint has no index)."""
-    if path.is_file():
+@dataclass(frozen=True)
+class _Source:
+    folder: Path
+    files: list[str]
+    weight_map: dict[str, str] | None
+    """The index's tensor -> file map; None when the checkpoint has no index."""
+    named_file: bool
+    """True when the user named one ``.safetensors`` file rather than a folder."""
+
+
+def _locate(path: Path) -> _Source:
+    """The folder, weight files and index of the checkpoint at ``path``."""
+    kind = _kind(path)
+    if kind == "missing":
+        raise MoekitError(f"no checkpoint at {_shown(path)}: the path does not exist")
+    if kind == "file":
         if path.suffix != ".safetensors":
-            raise MoekitError(f"{path} is not a .safetensors file nor a checkpoint folder")
-        return path.parent, [path.name], None
-    index = path / INDEX_NAME
-    if index.exists():
+            raise MoekitError(f"{_shown(path)} is not a .safetensors file nor a checkpoint folder")
+        return _Source(path.parent, [path.name], None, named_file=True)
+    if kind != "folder":
+        raise MoekitError(f"{_shown(path)} is {kind}, not a checkpoint folder or a "
+                          ".safetensors file")
+    if os.path.lexists(path / INDEX_NAME):
+        index = _member(path, INDEX_NAME)
         weight_map = _read_index(index)
-        files = list(dict.fromkeys(weight_map.values()))
-        missing = [f for f in files if not (path / f).is_file()]
-        if missing:
-            raise MoekitError(
-                f"{index} names {len(missing)} file(s) that do not exist: {', '.join(missing)}; "
-                "the checkpoint is incomplete (re-download or re-save it)")
-        return path, files, weight_map
-    if (path / SINGLE_NAME).is_file():
-        return path, [SINGLE_NAME], None
+        files = _index_files(index, weight_map)
+        for name in files:
+            _member(path, name, f"named by {INDEX_NAME}")
+        return _Source(path, files, weight_map, named_file=False)
+    if os.path.lexists(path / SINGLE_NAME):
+        return _Source(path, [_member(path, SINGLE_NAME).name], None, named_file=False)
     found = sorted(p.name for p in path.glob("*.safetensors"))
     if not found:
-        raise MoekitError(f"{path} holds no .safetensors files (looked for {INDEX_NAME} and "
-                          f"{SINGLE_NAME})")
+        raise MoekitError(f"{_shown(path)} holds no .safetensors files (looked for {INDEX_NAME} "
+                          f"and {SINGLE_NAME})")
     if len(found) > 1:
-        raise MoekitError(f"{path} holds {len(found)} .safetensors files but no {INDEX_NAME} "
-                          "saying which tensors each holds")
-    return path, found, None
+        raise MoekitError(f"{_shown(path)} holds {len(found)} .safetensors files but no "
+                          f"{INDEX_NAME} saying which tensors each holds")
+    return _Source(path, [_member(path, found[0]).name], None, named_file=False)
+
+
+def _kind(path: Path) -> str:
+    """"file", "folder", "missing", or what else ``path`` is (symbolic links followed)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError) as err:
+        raise MoekitError(f"cannot read {_shown(path)}: {err}") from err
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a plain file"
+
+
+def _member(folder: Path, name: str, why: str = "") -> Path:
+    """``folder / name`` once it is known to be a plain file of the checkpoint: its real
+    path (links followed) inside the folder or the folder's Hugging Face cache repository."""
+    file = folder / name
+    shown = _shown(file) + (f" ({why})" if why else "")
+    try:
+        real = file.resolve(strict=True)
+    except FileNotFoundError:
+        if file.is_symlink():
+            raise MoekitError(f"{shown} is a symbolic link to {_shown(Path(os.readlink(file)))}, "
+                              "which does not exist; the checkpoint is incomplete "
+                              "(re-download or re-save it)") from None
+        raise MoekitError(f"{shown} does not exist; the checkpoint is incomplete (re-download "
+                          "or re-save it)") from None
+    except (OSError, RuntimeError) as err:
+        raise MoekitError(f"cannot resolve {shown}: {err}") from err
+    roots = _roots(folder)
+    if not any(real.is_relative_to(root) for root in roots):
+        link = (f"is a symbolic link to {_shown(Path(os.readlink(file)))}"
+                if file.is_symlink() else "lies under a symbolic link")
+        where = " or its Hugging Face cache repository" if len(roots) > 1 else ""
+        raise MoekitError(
+            f"{shown} {link}, which leads to {_shown(real)}, outside the checkpoint folder "
+            f"{_shown(roots[0])}{where}; moekit reads only files inside the checkpoint (copy "
+            "the file into the folder if it belongs to the checkpoint)")
+    kind = _kind(real)
+    if kind != "file":
+        raise MoekitError(f"{shown} is {'a folder' if kind == 'folder' else kind}, not a file")
+    return file
+
+
+def _roots(folder: Path) -> list[Path]:
+    """Where a checkpoint's files may really live: its folder and, for a Hugging Face cache
+    snapshot (``models--org--name/snapshots/REV``), that cache repository."""
+    real = folder.resolve()
+    roots = [real]
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        roots.append(real.parent.parent)
+    return roots
 
 
 def _read_index(index: Path) -> dict[str, str]:
-    try:
-        data = json.loads(index.read_text())
-        weight_map = data["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise MoekitError(f"{index} is not a valid safetensors index ({err})") from err
+    data = _read_json(index)
+    if "weight_map" not in data:
+        raise MoekitError(f"{_shown(index)} is not a safetensors index: it has no 'weight_map'")
+    weight_map = data["weight_map"]
     if not isinstance(weight_map, dict):
-        raise MoekitError(f"{index}: 'weight_map' is not a mapping of tensor names to files")
+        raise MoekitError(f"{_shown(index)}: 'weight_map' is a {_json_type(weight_map)}, not a "
+                          "mapping of tensor names to files")
+    if not weight_map:
+        raise MoekitError(f"{_shown(index)}: 'weight_map' lists no tensors")
     return weight_map
 
 
-def _read_header(file: Path, tensors: dict[str, TensorInfo]) -> dict[str, str]:
+def _index_files(index: Path, weight_map: dict) -> list[str]:
+    """The files the index names, in order; every one a relative path inside the folder."""
+    for key, value in weight_map.items():
+        if not isinstance(value, str):
+            raise MoekitError(f"{_shown(index)}: the weight_map entry of {printable(key)} is a "
+                              f"{_json_type(value)}, not a file name")
+    files = list(dict.fromkeys(weight_map.values()))
+    for name in files:
+        parts = PurePosixPath(name).parts
+        if not name or "\0" in name or name.startswith("/") or ".." in parts:
+            raise MoekitError(
+                f"{_shown(index)} names the file {printable(repr(name))}, which is not a file "
+                "inside the checkpoint folder (an index names its shards by relative paths "
+                "without '..'); moekit reads nothing outside the checkpoint")
+    return files
+
+
+def _read_header(folder: Path, name: str, tensors: dict[str, TensorInfo]) -> dict[str, str]:
     """Add the tensors of one file's header to ``tensors``; return its metadata.
 
     safetensors validates the file and lists its tensors in the order of their bytes; the
     format requires those bytes to fill the data section, which ends the file, without
     gaps, so each tensor's byte offset follows from the sizes (the library checks but does
     not expose the offsets)."""
+    file = folder / name
     try:
         with safe_open(str(file), framework="numpy") as handle:
             found = []
             for key in handle.offset_keys():
                 if key in tensors:
-                    raise MoekitError(f"tensor {key} is stored twice: in {tensors[key].file} "
-                                      f"and in {file.name}")
+                    raise MoekitError(f"tensor {printable(key)} is stored twice: in "
+                                      f"{printable(tensors[key].file)} and in {printable(name)}")
                 view = handle.get_slice(key)
                 found.append((key, tuple(view.get_shape()), view.get_dtype()))
             metadata = dict(handle.metadata() or {})
+        size = file.stat().st_size
     except SafetensorError as err:
-        raise MoekitError(f"cannot read {file}: {err} (the file is truncated or corrupt)") from err
+        raise MoekitError(f"cannot read {_shown(file)}: {err} (the file is truncated or "
+                          "corrupt)") from err
+    except OSError as err:
+        raise MoekitError(f"cannot read {_shown(file)}: {err.strerror or err}") from err
     sizes = [_nbytes(file, key, shape, dtype) for key, shape, dtype in found]
-    offset = file.stat().st_size - sum(sizes)
-    name = file.name
+    offset = size - sum(sizes)
     for (key, shape, dtype), size in zip(found, sizes):
         tensors[key] = TensorInfo(key, name, shape, dtype, offset)
         offset += size
@@ -155,8 +311,8 @@ def _read_header(file: Path, tensors: dict[str, TensorInfo]) -> dict[str, str]:
 
 def _nbytes(file: Path, key: str, shape: tuple[int, ...], dtype: str) -> int:
     if dtype not in ITEMSIZES:
-        raise MoekitError(f"{file}: tensor {key} has dtype {dtype}, which moekit does not "
-                          f"handle ({', '.join(ITEMSIZES)})")
+        raise MoekitError(f"{_shown(file)}: tensor {printable(key)} has dtype {dtype}, which "
+                          f"moekit does not handle ({', '.join(ITEMSIZES)})")
     return nbytes(shape, dtype)
 
 
@@ -165,21 +321,82 @@ def _check_index(index: Path, weight_map: dict[str, str], tensors: dict[str, Ten
     """Raise when the index and the files' headers disagree on where a tensor is."""
     wrong = [k for k, f in weight_map.items() if k not in tensors or tensors[k].file != f]
     if wrong:
-        shown = ", ".join(f"{k} (index says {weight_map[k]})" for k in wrong[:5])
-        raise MoekitError(f"{index} disagrees with the files' headers for {len(wrong)} tensor(s): "
-                          f"{shown}; the index or a shard is stale or corrupt")
+        shown = ", ".join(f"{printable(k)} (index says {printable(weight_map[k])})"
+                          for k in wrong[:5])
+        raise MoekitError(f"{_shown(index)} disagrees with the files' headers for {len(wrong)} "
+                          f"tensor(s): {shown}; the index or a shard is stale or corrupt")
     unlisted = [k for k in tensors if k not in weight_map]
     if unlisted:
-        raise MoekitError(f"{index} does not list {len(unlisted)} tensor(s) found in the shards, "
-                          f"e.g. {unlisted[0]} in {tensors[unlisted[0]].file}")
+        raise MoekitError(f"{_shown(index)} does not list {len(unlisted)} tensor(s) found in "
+                          f"the shards, e.g. {printable(unlisted[0])} in "
+                          f"{printable(tensors[unlisted[0]].file)}")
 
 
-def read_config(folder: Path, name: str = "config.json") -> dict | None:
-    """The ``config.json`` (or ``name``) of a checkpoint folder, or None when absent."""
-    config = folder / name
-    if not config.exists():
-        return None
+def _sidecars(folder: Path, weights: set[str]) -> list[Path]:
+    """The folder's files named in ``SIDECARS``, each checked to be a plain file of the
+    checkpoint (a link leaving it is refused, not followed)."""
     try:
-        return json.loads(config.read_text())
+        names = sorted(entry.name for entry in os.scandir(folder))
+    except OSError as err:
+        raise MoekitError(f"cannot list {_shown(folder)}: {err.strerror or err}") from err
+    return [_member(folder, name) for name in names
+            if name not in weights and any(fnmatchcase(name, p) for p in SIDECARS)]
+
+
+def read_config(folder: Path, name: str = CONFIG_NAME) -> dict | None:
+    """The ``config.json`` (or ``name``) of a checkpoint folder, or None when absent.
+
+    It must be a JSON object, a plain file inside the checkpoint, and its ``model_type``
+    (when present) a string."""
+    if not os.path.lexists(folder / name):
+        return None
+    config = _member(folder, name)
+    data = _read_json(config)
+    model_type = data.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise MoekitError(f"{_shown(config)}: model_type is a {_json_type(model_type)}, not a "
+                          "string")
+    return data
+
+
+def _read_json(file: Path) -> dict:
+    """The JSON object in ``file``; a MoekitError naming the file for anything else."""
+    try:
+        size = file.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise MoekitError(f"{_shown(file)} is {size:,} bytes; moekit reads JSON files of "
+                              f"at most {MAX_JSON_BYTES:,} bytes")
+        raw = file.read_bytes()
+    except OSError as err:
+        raise MoekitError(f"cannot read {_shown(file)}: {err.strerror or err}") from err
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise MoekitError(f"{_shown(file)} is not UTF-8 text (byte {err.start} is "
+                          f"{raw[err.start]:#04x}); JSON files are UTF-8") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise MoekitError(f"{config} is not valid JSON ({err})") from err
+        raise MoekitError(f"{_shown(file)} is not valid JSON ({err.msg} at line {err.lineno}, "
+                          f"column {err.colno})") from None
+    except RecursionError:
+        raise MoekitError(f"{_shown(file)} nests its JSON values too deeply to be read; it is "
+                          "not a checkpoint file") from None
+    except ValueError as err:
+        raise MoekitError(f"{_shown(file)} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise MoekitError(f"{_shown(file)} holds a JSON {_json_type(data)}; expected an object "
+                          "({...})")
+    return data
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+             float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _shown(path: Path) -> str:
+    """A path as messages print it (escaped where its name holds control characters)."""
+    return printable(str(path))

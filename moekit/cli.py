@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import MoekitError
+from .errors import MoekitError, printable
 from .layouts import LAYOUTS
 
 EXIT_ERROR = 2
@@ -110,7 +110,7 @@ def _report_plan(plan, summary: str, args: argparse.Namespace, **extra: object) 
     if args.dry_run:
         for t in plan.tensors:
             if not t.is_copy:
-                print(f"  {t.name} {list(t.shape)} {t.dtype} = {describe(t.recipe)}")
+                print(printable(f"  {t.name} {list(t.shape)} {t.dtype} = {describe(t.recipe)}"))
         print("dry run: nothing written")
     else:
         print(f"wrote {args.dst}")

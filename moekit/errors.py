@@ -9,17 +9,43 @@ class MoekitError(Exception):
     """Bad input or a refused operation.
 
     The message is written for a person: what was expected, what was found and where.
-    The CLI prints it as one message, without a traceback.
+    The CLI prints it as one message, without a traceback. Its text is ``printable``
+    (newlines kept): names taken from a file cannot drive the terminal it is shown on.
     """
+
+    def __str__(self) -> str:
+        return printable(super().__str__(), newlines=True)
 
 
 class PlanError(MoekitError):
-    """Validation found problems; all of them are listed, grouped by layer."""
+    """Validation found problems; all of them are listed, grouped by layer, one a line."""
 
     def __init__(self, headline: str, problems: list[str]) -> None:
         self.headline = headline
         self.problems = problems
-        super().__init__(headline + "\n" + "\n".join(f"  - {p}" for p in problems))
+        super().__init__(headline + "\n" + "\n".join(f"  - {printable(p)}" for p in problems))
+
+
+def printable(text: str, newlines: bool = False) -> str:
+    """``text`` with every character that is not printable (terminal controls such as ESC,
+    CR, the C1 control CSI ``\\x9b``, bidirectional overrides, ...) written as a Python
+    escape, so that a tensor or file name read from a checkpoint prints as one harmless
+    line; ``newlines=True`` keeps ``\\n`` (for messages of several lines).
+
+    >>> printable("model.\\x1b[2Jlayers")
+    'model.\\\\x1b[2Jlayers'
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or (newlines and c == "\n") else _escape(c)
+                   for c in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def compress_ranges(numbers: Iterable[int]) -> str:

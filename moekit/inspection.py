@@ -9,13 +9,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .checkpoint import TensorInfo
-from .errors import compress_ranges
+from .errors import compress_ranges, printable
 from .layouts.families import FP8_SCALE_KEY, MXFP4_BLOCKS_KEY, MXFP4_SCALES_KEY
 from .plan import nbytes
 from .planner import Analysis, analyse_checkpoint
 from .sizes import format_size
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_LAYER = re.compile(r"(?:^|\.)layers\.(0|[1-9][0-9]{0,8})\.", re.ASCII)
+"""A key's layer number, read only where written canonically (as the layouts read it)."""
 
 
 @dataclass
@@ -47,7 +48,7 @@ class CheckpointInfo:
         return asdict(self)
 
     def render(self) -> str:
-        """Human-readable summary."""
+        """Human-readable summary (every line ``printable``)."""
         lines = [
             f"{self.path}",
             f"  family            {self.family} (model_type {self.model_type})",
@@ -75,7 +76,7 @@ class CheckpointInfo:
             shown = (format_size(per_layer[0]) if len(per_layer) == 1 else
                      f"{format_size(per_layer[0])} to {format_size(per_layer[-1])}")
             lines.append(f"  bytes per layer   {shown}")
-        return "\n".join(lines)
+        return "\n".join(printable(line) for line in lines)
 
 
 def inspect(path: str | Path, from_: str | None = None) -> CheckpointInfo:

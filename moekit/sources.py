@@ -50,7 +50,7 @@ class FileSource:
                 tensor = handle.get_tensor(region.key)
             else:
                 tensor = handle.get_slice(region.key)[region.region]
-        except SafetensorError as err:
+        except (SafetensorError, OSError) as err:
             raise MoekitError(f"cannot read {region.key} from {Path(self.checkpoint.path, file)}: "
                               f"{err}") from err
         size = tensor.numel() * tensor.element_size()
@@ -64,7 +64,11 @@ class FileSource:
         info = self.checkpoint.tensors[key]
         fd = self._fds.get(info.file)
         if fd is None:
-            fd = self._fds[info.file] = os.open(self.checkpoint.path / info.file, os.O_RDONLY)
+            path = self.checkpoint.path / info.file
+            try:
+                fd = self._fds[info.file] = os.open(path, os.O_RDONLY)
+            except OSError as err:
+                raise MoekitError(f"cannot open {path}: {err.strerror or err}") from err
         return fd, info.offset
 
     def byte_range(self, region: Read) -> tuple[int, int, int] | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import printable
 from .executors.evaluate import materialize
 from .layouts import HF
 from .planner import analyse_checkpoint, build_plan
@@ -37,12 +38,14 @@ class Report:
                 "compared": self.compared, "differences": self.differences}
 
     def render(self) -> str:
-        head = (f"{self.a} ({self.layouts[0]}) vs {self.b} ({self.layouts[1]}): "
-                f"{self.compared} tensors compared, ")
+        """The outcome for a person: a head line, then one line per difference (names
+        ``printable``)."""
+        head = printable(f"{self.a} ({self.layouts[0]}) vs {self.b} ({self.layouts[1]}): "
+                         f"{self.compared} tensors compared, ")
         if self.equal:
             return head + "bit-identical"
         return head + f"{len(self.differences)} differ:\n" + "\n".join(
-            f"  {d}" for d in self.differences)
+            f"  {printable(d)}" for d in self.differences)
 
 
 def verify(a: str | Path, b: str | Path, show_progress: bool | None = None) -> Report:

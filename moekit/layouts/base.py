@@ -12,8 +12,16 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+from ..errors import printable
 from ..plan import Expr, TensorMeta, TensorPlan
 from .families import Family, rename
+
+NUMBER = r"\d+"
+"""What a ``{layer}`` or ``{expert}`` field of a key pattern captures: any run of digits,
+non-ASCII ones included, so that a number written other than canonically is found and
+reported (``ParsedExperts.numbers``) rather than read as another key's number."""
+MAX_DIGITS = 9
+_CANONICAL = re.compile(r"0|[1-9][0-9]{0,%d}" % (MAX_DIGITS - 1), re.ASCII)
 
 
 @dataclass
@@ -52,6 +60,34 @@ class ParsedExperts:
             self.blocks[layer] = ExpertBlock(layer, family.block.format(layer=layer))
         return self.blocks[layer]
 
+    def numbers(self, key: str, match: re.Match[str]) -> dict[str, int] | None:
+        """The ``layer`` (and ``expert``) numbers of an expert key, claimed; or None, with
+        a problem recorded, when one is not canonical.
+
+        Canonical is ASCII ``0`` or ``[1-9][0-9]*`` of at most ``MAX_DIGITS`` digits:
+        ``int()`` reads ``01`` and the non-ASCII digit one (fullwidth, Arabic-Indic, ...)
+        as 1, and such a key beside ``experts.1`` would silently replace it or be
+        replaced by it.
+        """
+        self.claimed.add(key)
+        fields = {name: text for name, text in match.groupdict().items()
+                  if name in ("layer", "expert") and text is not None}
+        bad = [(name, text) for name, text in fields.items() if not _CANONICAL.fullmatch(text)]
+        if not bad:
+            return {name: int(text) for name, text in fields.items()}
+        shown = ", ".join(f"{name} number {ascii(text)}" for name, text in bad)
+        self.problems.append((listed_layer(fields["layer"]), (
+            f"{printable(key)}: {shown} not canonical (ASCII digits, no leading zero, at most "
+            f"{MAX_DIGITS} digits), so the key could name the same tensor as another; rename "
+            "it")))
+        return None
+
+
+def listed_layer(text: str) -> int:
+    """The layer a problem about a key whose layer field is ``text`` is listed under: its
+    value, or that of its first ``MAX_DIGITS`` digits (``int`` refuses very long ones)."""
+    return int(text[:MAX_DIGITS])
+
 
 class Layout(ABC):
     """A way of naming and shaping routed-expert tensors."""
@@ -83,4 +119,5 @@ class Layout(ABC):
     def expert_region(self, family: Family) -> re.Pattern[str]:
         """Keys that lie inside an experts module of ``family`` (in this layout's naming)."""
         block = re.escape(self.from_hf_key(family.block + ".", family)[:-1])
-        return re.compile("^" + block.replace(r"\{layer\}", r"(?P<layer>\d+)") + r"\.experts\.")
+        return re.compile("^" + block.replace(r"\{layer\}", f"(?P<layer>{NUMBER})")
+                          + r"\.experts\.")

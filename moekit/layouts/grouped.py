@@ -93,8 +93,10 @@ class GroupedLayout(Layout):
             inside = region.match(key)
             if not inside:
                 continue
-            parsed.claimed.add(key)
-            layer = int(inside["layer"])
+            numbers = parsed.numbers(key, inside)
+            if numbers is None:
+                continue
+            layer = numbers["layer"]
             spec = by_name.get(key[inside.end():])
             if spec is None:
                 parsed.problems.append((layer, f"{key} is not a grouped expert tensor of the "

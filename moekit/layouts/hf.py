@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from ..plan import Read, TensorPlan
-from .base import ExpertBlock, Layout, ParsedExperts, TensorMeta
+from .base import NUMBER, ExpertBlock, Layout, ParsedExperts, TensorMeta
 from .families import Family
 
 
@@ -23,19 +23,19 @@ class PerExpertLayout(Layout):
         by_name = {family.piece_key(piece): piece for piece in family.all_pieces}
         region = self.expert_region(family)
         for key, meta in tensors.items():
-            match = pattern.match(key)
+            match = pattern.match(key) or region.match(key)
             if not match:
-                inside = region.match(key)
-                if inside:
-                    parsed.claimed.add(key)
-                    parsed.problems.append((int(inside["layer"]), (
-                        f"{key} is not an expert weight of the {family.name} HF layout (is "
-                        "the source layout right?)")))
                 continue
-            parsed.claimed.add(key)
-            layer = int(match["layer"])
-            block = parsed.block(layer, family)
-            piece = (by_name[match["piece"]], int(match["expert"]))
+            numbers = parsed.numbers(key, match)
+            if numbers is None:
+                continue
+            if match.re is not pattern:
+                parsed.problems.append((numbers["layer"], (
+                    f"{key} is not an expert weight of the {family.name} HF layout (is "
+                    "the source layout right?)")))
+                continue
+            block = parsed.block(numbers["layer"], family)
+            piece = (by_name[match["piece"]], numbers["expert"])
             block.pieces[piece] = Read.whole(key, meta)
             block.names[piece] = key
         return parsed
@@ -47,6 +47,6 @@ class PerExpertLayout(Layout):
 
     @staticmethod
     def _key_pattern(family: Family) -> re.Pattern[str]:
-        block = re.escape(family.block).replace(r"\{layer\}", r"(?P<layer>\d+)")
+        block = re.escape(family.block).replace(r"\{layer\}", f"(?P<layer>{NUMBER})")
         names = "|".join(re.escape(family.piece_key(piece)) for piece in family.all_pieces)
-        return re.compile(f"^{block}\\.experts\\.(?P<expert>\\d+)\\.(?P<piece>{names})$")
+        return re.compile(f"^{block}\\.experts\\.(?P<expert>{NUMBER})\\.(?P<piece>{names})$")
