@@ -8,6 +8,12 @@ gathers bytes in a ring of page-aligned buffers; full ones are written by a back
 thread while the others fill, so the disk keeps writing while the next tensor is built.
 ``BufferedFile`` is the plain path; it copies byte ranges of other files in the kernel
 (``copy_file_range``), which is the fastest way to write bytes that exist already.
+
+Every file system works: where the kernel will not copy between two files (different file
+systems: EXDEV; a file system without support: EINVAL, ENOSYS, EOPNOTSUPP) the bytes are
+read and written; where a file system refuses O_DIRECT, at the open or at a write, the
+file is written through the page cache. Errors that a plain write would meet as well
+(EPERM, ETXTBSY, ENOSPC, EIO, ...) are raised.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from .errors import MoekitError
+
 BLOCK = 4096
 """Alignment of direct I/O offsets, sizes and memory: a page (mmap's alignment), which
 every common logical block size divides."""
@@ -27,6 +35,13 @@ DIRECT_BUFFER_BYTES = 16 * 2**20
 """Bytes of each of a ``DirectFile``'s buffers (a multiple of BLOCK)."""
 DIRECT_BUFFERS = 4
 """Buffers in a ``DirectFile``'s ring: what the disk can drain while a tensor is built."""
+COPY_BUFFER_BYTES = 8 * 2**20
+"""Bytes read at a time where the kernel does not copy between the files."""
+NO_KERNEL_COPY = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+"""What ``copy_file_range`` answers where it cannot copy between two files that plain
+reads and writes can."""
+NO_DIRECT_IO = (errno.EINVAL, errno.EOPNOTSUPP)
+"""What a file system answers to O_DIRECT (at open or at a write) that it does not allow."""
 
 
 class OutputFile(Protocol):
@@ -49,35 +64,63 @@ def open_output(path: Path, direct: bool) -> OutputFile:
         try:
             return DirectFile(path)
         except OSError as err:
-            if err.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            if err.errno not in NO_DIRECT_IO:
                 raise
     return BufferedFile(path)
 
 
 class BufferedFile:
-    """Writes through the page cache; byte ranges of other files are copied by the kernel."""
+    """Writes through the page cache; byte ranges of other files are copied by the kernel
+    where it can, else read and written."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file: BinaryIO = open(path, "wb")
+        self._kernel_copy = True
 
     def write(self, data: memoryview) -> None:
         self._file.write(data)
 
     def write_from(self, fd: int, offset: int, size: int) -> None:
         self._file.flush()
-        out = self._file.fileno()
         position = self._file.tell()
-        done = 0
-        while done < size:
-            n = os.copy_file_range(fd, out, size - done, offset + done, position + done)
-            if n <= 0:
-                raise OSError(f"copying {size} bytes into {self.path} stopped short")
-            done += n
+        done = self._copy_in_kernel(fd, offset, size, position) if self._kernel_copy else 0
+        if done < size:
+            self._file.seek(position + done)
+            self._copy_by_reading(fd, offset + done, size - done)
         self._file.seek(position + size)
 
     def close(self) -> None:
         self._file.close()
+
+    def _copy_in_kernel(self, fd: int, offset: int, size: int, position: int) -> int:
+        """Copy with ``copy_file_range``; return how many bytes were copied before it
+        stopped (it is not used again for this file once it refuses)."""
+        out = self._file.fileno()
+        done = 0
+        while done < size:
+            try:
+                n = os.copy_file_range(fd, out, size - done, offset + done, position + done)
+            except OSError as err:
+                if err.errno not in NO_KERNEL_COPY:
+                    raise
+                n = 0
+            if n <= 0:
+                self._kernel_copy = False
+                break
+            done += n
+        return done
+
+    def _copy_by_reading(self, fd: int, offset: int, size: int) -> None:
+        """Append ``size`` bytes of ``fd`` from ``offset``, read into a buffer."""
+        buffer = bytearray(min(size, COPY_BUFFER_BYTES))
+        done = 0
+        while done < size:
+            n = os.preadv(fd, [memoryview(buffer)[:size - done]], offset + done)
+            if n <= 0:
+                raise _source_ended(self.path, size - done)
+            self._file.write(memoryview(buffer)[:n])
+            done += n
 
 
 class DirectFile:
@@ -91,7 +134,7 @@ class DirectFile:
         if buffer_bytes % BLOCK:
             raise ValueError(f"direct I/O buffers must be a multiple of {BLOCK} bytes")
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o666)
         self._buffers = [mmap.mmap(-1, buffer_bytes) for _ in range(buffers)]
         self._views = [memoryview(b) for b in self._buffers]
         self._current = 0
@@ -114,7 +157,7 @@ class DirectFile:
             room = self._views[self._current][self._filled:]
             n = os.preadv(fd, [room[:size - done]], offset + done)
             if n <= 0:
-                raise OSError(f"reading {size} bytes for {self.path} stopped short")
+                raise _source_ended(self.path, size - done)
             self._advance(n)
             done += n
 
@@ -161,7 +204,7 @@ class DirectFile:
             try:
                 done += os.pwrite(self._fd, view[done:], offset + done)
             except OSError as err:
-                if err.errno != errno.EINVAL or not self._stop_direct_io():
+                if err.errno not in NO_DIRECT_IO or not self._stop_direct_io():
                     raise
 
     def _stop_direct_io(self) -> bool:
@@ -171,3 +214,8 @@ class DirectFile:
             return False
         fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
         return True
+
+
+def _source_ended(path: Path, missing: int) -> MoekitError:
+    return MoekitError(f"a source file ended {missing} bytes before the data {path.name} "
+                       "copies from it: was it truncated or replaced while moekit ran?")

@@ -1,63 +1,491 @@
-"""Atomic output folders: written beside the destination, moved into place when complete."""
+"""Output folders that never replace what the user did not name.
+
+A checkpoint is written into a temporary folder beside its destination
+(``.NAME.moekit-XXXXXXXX``, on the same file system) and moved into place only when
+complete, with the guarantees ``cp``, ``rsync`` and ``torch.distributed.checkpoint`` give:
+
+- The final move is an atomic no-replace rename (``renameat2(RENAME_NOREPLACE)``; where the
+  file system lacks it, an exclusive ``mkdir`` of the destination and the files moved in).
+  A destination that appears while moekit writes is kept, and this run fails.
+- ``overwrite`` replaces only a folder holding a checkpoint (``CHECKPOINT_FILES``) and no
+  byte of the source, checked again at the moment of the move. The old folder is swapped
+  out (``RENAME_EXCHANGE``, or renamed aside) and deleted only once the new one is in place.
+  A destination that is a symlink to such a folder keeps its link: the folder it points to
+  is replaced, as ``rsync`` writes through a symlinked destination.
+- Every file is fsynced, then the folder before the move, and its parent after.
+- The folder gets the mode the umask allows, as ``mkdir`` gives.
+- The temporary folder holds a marker naming its process until the move, so that a folder
+  left by a killed run is removed by a later run once that process is provably gone, and
+  reported otherwise.
+- Errors of the destination's file system (full, read-only, quota, ...) become one
+  ``MoekitError`` naming the destination and what to do.
+
+Linux only: renameat2, copy_file_range and O_DIRECT are Linux calls.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
+import json
+import logging
 import os
+import platform
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator
+import socket
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from .errors import MoekitError
 
+log = logging.getLogger("moekit")
 
-def check_destination(dst: Path, src: Path | None, overwrite: bool) -> None:
-    """Refuse a destination that would lose data: the source itself, inside the source,
-    holding the source, or already existing (unless ``overwrite``)."""
-    dst = dst.resolve()
+CHECKPOINT_FILES = (
+    "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+    "pytorch_model.bin.index.json", "config.json", "generation_config.json",
+    "tokenizer*.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.*", "vocab.json", "vocab.txt", "merges.txt", "preprocessor_config.json",
+    "processor_config.json", "adapter_config.json", "configuration_*.py", "modeling_*.py",
+    "tokenization_*.py", "README.md", "LICENSE*", "USE_POLICY.md", ".gitattributes",
+)
+"""Names of the files a checkpoint folder holds (weights, the index, and the sidecar files
+the Hugging Face Hub keeps beside them, remote code included): ``overwrite`` replaces a
+folder holding nothing else."""
+
+TEMP_INFIX = ".moekit-"
+"""Temporary folders are named ``.{destination name}.moekit-{random}``."""
+MARKER = ".moekit-partial"
+"""The file in a temporary folder naming the process that writes it; removed just before
+the folder is moved into place, so that it never reaches an output."""
+
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276, "riscv64": 276}
+_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS)
+"""What renameat2 answers where the kernel or the file system lacks a flag."""
+
+_ADVICE = {
+    errno.ENOSPC: "the file system is full: free space there or choose a destination on "
+                  "another disk",
+    errno.EDQUOT: "your disk quota there is used up: free space within it or choose "
+                  "another destination",
+    errno.EFBIG: "a file is larger than this file system allows: pass a smaller "
+                 "--max-shard-size (max_shard_size=) or choose another file system",
+    errno.EROFS: "the file system is read-only: choose a writable destination",
+    errno.EACCES: "permission denied: choose a destination you may write to",
+    errno.EPERM: "the operation is not permitted there: choose a destination you may write to",
+    errno.EBUSY: "the path is busy (a mount point, or in use): unmount it or choose another "
+                 "destination",
+    errno.EIO: "the disk reported an I/O error: check it, then run again",
+}
+"""Errors of the destination's file system that a user fixes by acting on the destination."""
+
+
+def require_linux() -> None:
+    """Raise MoekitError on a platform other than Linux (writes use Linux-only calls)."""
+    if sys.platform != "linux":
+        raise MoekitError(f"moekit writes checkpoints with Linux system calls (renameat2, "
+                          f"copy_file_range, O_DIRECT) and runs on Linux only; this is "
+                          f"{sys.platform}")
+
+
+def check_destination(dst: Path, src: Path | None, overwrite: bool) -> Path:
+    """Refuse a destination that would lose data; return the folder the output will take.
+
+    Refused: the source itself, inside it or holding it; a folder holding any byte of a
+    file of the source (its symlinks resolved, hard links compared by inode: a Hugging Face
+    snapshot links into ``../../blobs/``); an existing destination unless ``overwrite``;
+    and with ``overwrite`` anything but a folder holding only a checkpoint. A symlink to a
+    folder is replaced at its target (the link is kept)."""
+    dst = Path(dst)
+    target = _target(dst, overwrite)
     if src is not None:
-        src = src.resolve()
-        if dst == src or src in dst.parents:
-            raise MoekitError(f"destination {dst} is inside the source {src}; choose a folder "
-                              "outside it (moekit never writes into its input)")
-        if dst in src.parents:
-            raise MoekitError(f"destination {dst} contains the source {src}; choose another folder")
-    if dst.exists() and not overwrite:
-        raise MoekitError(f"destination {dst} already exists; pass --overwrite to replace it")
+        _check_source(target, Path(src))
+    if os.path.lexists(dst):
+        if not overwrite:
+            raise MoekitError(f"destination {dst} already exists; pass --overwrite to replace "
+                              "it (only a folder holding a checkpoint is replaced)")
+        _check_replaceable(target, dst)
+    return target
+
+
+def _target(dst: Path, overwrite: bool) -> Path:
+    """The path the output will take: ``dst`` with its symlinks resolved; a symlink
+    (with ``overwrite``) must point to a folder, which is what is replaced."""
+    if dst.is_symlink():
+        link = os.readlink(dst)
+        if overwrite and not dst.is_dir():
+            raise MoekitError(f"destination {dst} is a symlink to {link}, which is not a folder; "
+                              "remove the link or choose another destination")
+    return dst.resolve()
+
+
+def _check_source(target: Path, src: Path) -> None:
+    """Refuse a target inside the source, holding it, or holding any of its files' bytes."""
+    src = src.resolve()
+    if target == src or src in target.parents:
+        raise MoekitError(f"destination {target} is inside the source {src}; choose a folder "
+                          "outside it (moekit never writes into its input)")
+    if target in src.parents:
+        raise MoekitError(f"destination {target} contains the source {src}; choose another folder")
+    if not target.is_dir():
+        return
+    identities = {}
+    for file in _source_files(src):
+        real = file.resolve()
+        if target in real.parents:
+            raise MoekitError(f"destination {target} holds {real}, the data of the source's "
+                              f"{file.name} ({file} links there); choose another folder")
+        stat = real.stat()
+        identities[(stat.st_dev, stat.st_ino)] = file
+    for entry in os.scandir(target):
+        try:
+            stat = os.stat(entry.path)
+        except OSError:
+            continue
+        same = identities.get((stat.st_dev, stat.st_ino))
+        if same is not None:
+            raise MoekitError(f"destination {target} holds {entry.name}, the same file as the "
+                              f"source's {same} (a link); choose another folder")
+
+
+def _source_files(src: Path) -> list[Path]:
+    """The existing files of the source folder (a file source: that file), links followed."""
+    entries = list(src.iterdir()) if src.is_dir() else [src]
+    return [p for p in entries if p.is_file()]
+
+
+def _check_replaceable(target: Path, dst: Path) -> None:
+    """Raise unless ``target`` is a folder holding only checkpoint files."""
+    if not target.is_dir():
+        raise MoekitError(f"destination {dst} is a file, not a checkpoint folder; --overwrite "
+                          "replaces only a folder holding a checkpoint")
+    foreign = _foreign_entries(target)
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        raise MoekitError(
+            f"--overwrite replaces only a folder holding a checkpoint (safetensors, their index "
+            f"and sidecar files such as config.json and tokenizer files); {dst} also holds "
+            f"{shown}: move those away or choose another destination")
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """Entries of ``folder`` that are not checkpoint files (folders shown with a ``/``)."""
+    foreign = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.is_dir(follow_symlinks=False):
+            foreign.append(entry.name + "/")
+        elif not (entry.is_file(follow_symlinks=False) or entry.is_symlink()) or not any(
+                fnmatchcase(entry.name, pattern) for pattern in CHECKPOINT_FILES):
+            foreign.append(entry.name)
+    return foreign
+
+
+class OutputFolder:
+    """A checkpoint being written: ``folder``, beside the destination, takes its place on
+    ``commit``; ``discard`` removes it."""
+
+    def __init__(self, dst: Path, src: Path | None = None, overwrite: bool = False) -> None:
+        """Check the destination, report leftovers of earlier runs, make the folder."""
+        require_linux()
+        self.dst = Path(dst)
+        self.src = src
+        self.overwrite = overwrite
+        self.target = check_destination(self.dst, src, overwrite)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(self.target)
+        self.folder = _make_folder(self.target)
+
+    def commit(self) -> None:
+        """Make the finished folder durable and move it into place, never replacing a
+        destination that was not checked."""
+        (self.folder / MARKER).unlink()
+        _sync_folder(self.folder)
+        if self.overwrite and os.path.lexists(self.target):
+            if check_destination(self.dst, self.src, self.overwrite) != self.target:
+                raise MoekitError(f"destination {self.dst} now points elsewhere than when moekit "
+                                  "started writing; nothing was replaced: run again")
+            self._swap()
+        else:
+            self._move_in()
+        _fsync_dir(self.target.parent)
+
+    def discard(self) -> None:
+        """Remove the temporary folder (after a failure or an interrupt)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _move_in(self) -> None:
+        """Move the folder to the target, which must not exist."""
+        try:
+            _renameat2(self.folder, self.target, _RENAME_NOREPLACE)
+        except FileExistsError as err:
+            raise self._appeared() from err
+        except OSError as err:
+            if err.errno not in _UNSUPPORTED:
+                raise
+            _move_files_into_new_folder(self.folder, self.target, self._appeared)
+
+    def _appeared(self) -> MoekitError:
+        return MoekitError(f"destination {self.dst} appeared while moekit was writing (another "
+                           "run, or a folder made meanwhile); it was kept and this run's output "
+                           "removed: choose another destination, or pass --overwrite to replace it")
+
+    def _swap(self) -> None:
+        """Exchange the folder with the old one at the target, then delete the old one."""
+        try:
+            _renameat2(self.folder, self.target, _RENAME_EXCHANGE)
+        except OSError as err:
+            if err.errno == errno.ENOENT:
+                self._move_in()
+                return
+            if err.errno not in _UNSUPPORTED:
+                raise
+            self._swap_aside()
+            return
+        _fsync_dir(self.target.parent)
+        _remove_replaced(self.folder)
+
+    def _swap_aside(self) -> None:
+        """Without RENAME_EXCHANGE: the old folder renamed aside, the new one moved in (the
+        old one put back if that fails), then the old one deleted."""
+        old = _unused_name(self.target, "old-")
+        os.rename(self.target, old)
+        try:
+            self._move_in()
+        except BaseException:
+            _put_back(old, self.target)
+            raise
+        _fsync_dir(self.target.parent)
+        _remove_replaced(old)
 
 
 @contextmanager
 def atomic_output(dst: Path, src: Path | None = None, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``dst``; on success it replaces ``dst``, on any
-    failure (or interrupt) it is removed and ``dst`` is left as it was."""
+    """Yield a temporary folder beside ``dst``; on success it takes ``dst``'s place (see the
+    module's docstring), on any failure or interrupt it is removed and ``dst`` is left as it
+    was. File-system errors of the destination are raised as MoekitError."""
     dst = Path(dst)
-    check_destination(dst, src, overwrite)
-    tmp = temporary_folder(dst)
+    output = None
     try:
-        yield tmp
-        replace_folder(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        output = OutputFolder(dst, src, overwrite)
+        yield output.folder
+        output.commit()
+    except BaseException as err:
+        if output is not None:
+            output.discard()
+        if isinstance(err, OSError):
+            mapped = output_error(err, dst)
+            if mapped is not None:
+                raise mapped from err
         raise
 
 
-def temporary_folder(dst: Path) -> Path:
-    """A new empty folder beside ``dst`` (same file system, so the final rename is atomic)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dst.name}.moekit-", dir=dst.parent))
+def output_error(err: OSError, dst: Path) -> MoekitError | None:
+    """The MoekitError for a file-system error met writing ``dst`` (or its temporary
+    folder), or None when ``err`` is not one a user fixes at the destination, or names
+    only paths that are not the destination's (a source file)."""
+    advice = _ADVICE.get(err.errno)
+    named = [p for p in (err.filename, err.filename2) if p is not None]
+    if advice is None or (named and not any(_is_output_path(Path(os.fsdecode(p)), Path(dst))
+                                            for p in named)):
+        return None
+    return MoekitError(f"cannot write {dst}: {err.strerror}; {advice}. Nothing was left in "
+                       "place.")
 
 
-def replace_folder(tmp: Path, dst: Path) -> None:
-    """Move the finished folder ``tmp`` to ``dst``, replacing what was there."""
-    if not dst.exists():
-        os.rename(tmp, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.moekit-old-", dir=dst.parent))
-    os.rmdir(old)
-    os.rename(dst, old)
-    os.rename(tmp, dst)
-    if old.is_dir():
+def _is_output_path(path: Path, dst: Path) -> bool:
+    """Whether ``path`` is ``dst``, one of its parents, under it, or a temporary folder
+    (or a file in one) of ``dst``."""
+    path = Path(os.path.abspath(path))
+    for root in {Path(os.path.abspath(dst)), dst.resolve()}:
+        if path == root or root in path.parents or path in root.parents:
+            return True
+        temporary = f".{root.name}{TEMP_INFIX}"
+        if any(p.parent == root.parent and p.name.startswith(temporary)
+               for p in (path, *path.parents)):
+            return True
+    return False
+
+
+def clean_leftovers(target: Path) -> None:
+    """Report the temporary folders earlier runs left beside ``target``; remove those whose
+    marker names a process of this machine that is no longer running."""
+    prefix = f".{target.name}{TEMP_INFIX}"
+    for entry in os.scandir(target.parent):
+        if not entry.name.startswith(prefix) or not entry.is_dir(follow_symlinks=False):
+            continue
+        reason = _kept_because(Path(entry.path))
+        if reason is None:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            log.warning("moekit: removed %s, left by an earlier moekit run that was "
+                        "interrupted", entry.path)
+        else:
+            log.warning("moekit: found %s, a temporary folder of another moekit run; kept, "
+                        "since %s. Remove it once no moekit run writes to %s.",
+                        entry.path, reason, target)
+
+
+def _kept_because(folder: Path) -> str | None:
+    """Why a leftover folder may not be removed, or None when it provably is moekit's own
+    and its writer is gone."""
+    try:
+        owner = json.loads((folder / MARKER).read_text())
+        pid, host, boot, pids = owner["pid"], owner["host"], owner["boot"], owner["pid_namespace"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "it holds no moekit marker (it may hold a checkpoint an interrupted --overwrite replaced)"
+    here = _owner()
+    if host != here["host"] or pids != here["pid_namespace"]:
+        return f"it was made on {host}, not by a process this machine can see"
+    if boot == here["boot"] and _alive(pid):
+        return f"the process that made it (pid {pid}) is still running"
+    return None
+
+
+def _owner() -> dict[str, object]:
+    """What identifies this process across runs: pid, host, boot and pid namespace."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "boot": _read("/proc/sys/kernel/random/boot_id"),
+            "pid_namespace": _pid_namespace()}
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _make_folder(target: Path) -> Path:
+    """A new empty folder beside ``target`` (same file system, so that the final rename is
+    atomic), with the umask's mode and a marker naming this process."""
+    while True:
+        folder = _unused_name(target, "")
+        try:
+            os.mkdir(folder, 0o777)
+            break
+        except FileExistsError:
+            continue
+    (folder / MARKER).write_text(json.dumps(_owner()))
+    return folder
+
+
+def _unused_name(target: Path, kind: str) -> Path:
+    """A name beside ``target`` that nothing holds now."""
+    while True:
+        name = target.parent / f".{target.name}{TEMP_INFIX}{kind}{secrets.token_hex(4)}"
+        if not os.path.lexists(name):
+            return name
+
+
+def _move_files_into_new_folder(folder: Path, target: Path,
+                                appeared: Callable[[], MoekitError]) -> None:
+    """Where renameat2 has no no-replace flag: create ``target`` exclusively, move the
+    files in, remove ``folder``. An existing target raises ``appeared()``."""
+    try:
+        os.mkdir(target, 0o777)
+    except FileExistsError as err:
+        raise appeared() from err
+    try:
+        for entry in os.scandir(folder):
+            os.rename(entry.path, target / entry.name)
+        _fsync_dir(target)
+        os.rmdir(folder)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+
+
+def _put_back(old: Path, target: Path) -> None:
+    """Return a checkpoint renamed aside to its place; say where it is if that fails."""
+    try:
+        try:
+            _renameat2(old, target, _RENAME_NOREPLACE)
+        except OSError as err:
+            if err.errno not in _UNSUPPORTED or os.path.lexists(target):
+                raise
+            os.rename(old, target)
+    except OSError as err:
+        log.warning("moekit: the checkpoint that was at %s is kept at %s (%s)", target, old,
+                    err.strerror)
+
+
+def _remove_replaced(old: Path) -> None:
+    """Delete the replaced checkpoint; the new one is in place, so a failure is reported."""
+    try:
         shutil.rmtree(old)
-    else:
-        old.unlink()
+    except OSError as err:
+        log.warning("moekit: could not remove the replaced checkpoint, now at %s (%s); "
+                    "remove it by hand", old, err.strerror)
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync every file of ``folder``, then the folder itself."""
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False):
+            fd = os.open(entry.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """fsync a folder, so that the names it holds are durable (where the file system
+    supports directory fsync)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _renameat2_call() -> Callable[..., int] | None:
+    """libc's renameat2, else the raw system call where its number is known, else None."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    function = getattr(libc, "renameat2", None)
+    if function is not None:
+        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                             ctypes.c_uint]
+        return function
+    number = _SYS_RENAMEAT2.get(platform.machine())
+    if number is None:
+        return None
+    return lambda *args: libc.syscall(ctypes.c_long(number), *(
+        ctypes.c_long(a) if isinstance(a, int) else a for a in args))
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> None:
+    """``renameat2(src, dst, flags)``; raise OSError (ENOSYS where there is none)."""
+    call = _renameat2_call()
+    if call is None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS), str(src), None, str(dst))
+    if call(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(src), None, str(dst))

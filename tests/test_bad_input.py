@@ -123,12 +123,12 @@ def test_dense_model_asked_for_a_grouped_layout(tmp_path, capsys):
 def test_existing_destination_is_refused_unless_overwrite(qwen3, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("precious")
+    (out / "tokenizer.json").write_text("precious")
     err = run_failing(capsys, ["convert", str(qwen3), str(out), "--to", "nemo"], tmp_path, qwen3)
     assert "already exists" in err and "--overwrite" in err
-    assert (out / "keep.txt").read_text() == "precious"
+    assert (out / "tokenizer.json").read_text() == "precious"
     assert main(["convert", str(qwen3), str(out), "--to", "nemo", "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert not (out / "tokenizer.json").exists() and (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "qwen3"]
 
 

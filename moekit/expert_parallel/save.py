@@ -4,8 +4,8 @@ Each rank that holds a distinct set of experts (EP coordinate r, coordinate 0 on
 other mesh dimension) writes its experts to ``model-{r+1}-of-{n}.safetensors`` under their
 global HF keys; EP rank 0 also writes every non-expert tensor, the index and the
 non-weight files. torch.distributed is used only to agree on the temporary folder and on
-success: on any rank's failure the temporary folder is removed everywhere and nothing is
-put in place.
+success: on any rank's failure the temporary folder is removed and nothing is put in
+place. The folder is checked, made durable and moved into place as ``convert``'s is.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint, read_config
 from ..errors import MoekitError
 from ..executors.streaming import write_index, write_shard
-from ..output import check_destination, replace_folder, temporary_folder
+from ..output import OutputFolder, output_error
 from ..plan import TensorPlan
 from ..sources import DictSource
 from .local import local_hf_plan
@@ -53,45 +53,67 @@ def save_experts(state_dict: Mapping[str, torch.Tensor], path: str | Path,
 def _coordinated_write(path: Path, overwrite: bool, writes_file: bool, rank: int, files: int,
                        tensors: list[TensorPlan], source: DictSource,
                        metadata: dict[str, str], config_from: str | Path | None) -> None:
-    """Rank 0 makes the temporary folder; writers fill it; rank 0 puts it in place."""
-    folder = _agree_on_folder(path, overwrite)
+    """Rank 0 makes the temporary folder; writers fill it; rank 0 puts it in place (with
+    the guarantees of ``moekit.output``) and tells every rank how it went."""
+    output, folder = _agree_on_folder(path, overwrite, config_from)
     name = f"model-{rank + 1:05d}-of-{files:05d}.safetensors"
     error = None
     try:
         if writes_file:
             write_shard(folder / name, tensors, source, metadata)
     except Exception as err:  # reported to every rank below
-        error = f"rank {dist.get_rank()}: {err}"
+        error = f"rank {dist.get_rank()}: {_describe(err, path)}"
     outcomes: list = [None] * dist.get_world_size()
     mapping = {t.name: name for t in tensors} if writes_file else {}
     dist.all_gather_object(outcomes, (error, mapping, tensors if writes_file else []))
-    errors = [e for e, _, _ in outcomes if e]
-    if rank == 0 and dist.get_rank() == 0:
-        if errors:
-            shutil.rmtree(folder, ignore_errors=True)
-        else:
-            _finish(folder, path, outcomes, config_from)
-    dist.barrier()
-    if errors:
-        raise MoekitError("save_experts failed, nothing was written: " + "; ".join(errors))
+    verdict: list = [None]
+    if output is not None:
+        verdict[0] = _finish(output, [e for e, _, _ in outcomes if e], outcomes, config_from)
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0]:
+        raise MoekitError(verdict[0])
 
 
-def _agree_on_folder(path: Path, overwrite: bool) -> Path:
-    """Rank 0 checks the destination and makes the temporary folder; all ranks learn it."""
+def _agree_on_folder(path: Path, overwrite: bool, config_from: str | Path | None
+                     ) -> tuple[OutputFolder | None, Path]:
+    """Rank 0 checks the destination (against ``config_from``, whose files it copies) and
+    makes the temporary folder; all ranks learn it. Rank 0 also gets the OutputFolder."""
     message: list = [None]
+    output = None
     if dist.get_rank() == 0:
         try:
-            check_destination(path, None, overwrite)
-            message[0] = str(temporary_folder(path))
+            output = OutputFolder(path, Path(config_from) if config_from else None, overwrite)
+            message[0] = str(output.folder)
         except MoekitError as err:
             message[0] = err
+        except OSError as err:
+            message[0] = MoekitError(_describe(err, path))
     dist.broadcast_object_list(message, src=0)
     if isinstance(message[0], MoekitError):
         raise message[0]
-    return Path(message[0])
+    return output, Path(message[0])
 
 
-def _finish(folder: Path, path: Path, outcomes: list, config_from: str | Path | None) -> None:
+def _finish(output: OutputFolder, errors: list[str], outcomes: list,
+            config_from: str | Path | None) -> str | None:
+    """On rank 0: complete the folder (index, sidecar files) and move it into place, or
+    remove it after any rank's failure; the failure's message, else None."""
+    try:
+        if not errors:
+            _complete(output.folder, outcomes, config_from)
+            output.commit()
+            return None
+    except (MoekitError, OSError) as err:
+        errors = [f"rank 0: {_describe(err, output.dst)}"]
+    except BaseException:
+        output.discard()
+        raise
+    output.discard()
+    return "save_experts failed, nothing was written: " + "; ".join(errors)
+
+
+def _complete(folder: Path, outcomes: list, config_from: str | Path | None) -> None:
+    """Write the index of every rank's tensors and copy the sidecar files."""
     weight_map: dict[str, str] = {}
     tensors: dict[str, TensorPlan] = {}
     for _, mapping, planned in outcomes:
@@ -101,4 +123,9 @@ def _finish(folder: Path, path: Path, outcomes: list, config_from: str | Path | 
     if config_from:
         for extra in Checkpoint.open(config_from).extra_files():
             shutil.copy2(extra, folder / extra.name)
-    replace_folder(folder, path)
+
+
+def _describe(err: Exception, path: Path) -> str:
+    """A failure's message: a file-system error of the destination says what to do."""
+    mapped = output_error(err, path) if isinstance(err, OSError) else None
+    return str(mapped or err)
