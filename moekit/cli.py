@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
@@ -16,20 +20,67 @@ EXIT_ERROR = 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; return the exit code (0 ok, 1 verify found differences, 2 bad input)."""
+    """Run the CLI; return the exit code (0 ok, 1 verify found differences, 2 bad input or
+    a file-system error, 128+N after signal N: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)."""
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        with _signals_as_interrupts():
+            return args.run(args)
     except MoekitError as err:
         print(f"moekit: error: {err}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:
         sys.stderr.close()
         return 0
+    except Interrupted as err:
+        print(f"moekit: interrupted by {signal.Signals(err.signum).name}; temporary files were "
+              "removed and nothing was put in place", file=sys.stderr)
+        return 128 + err.signum
     except KeyboardInterrupt:
-        print("moekit: interrupted; nothing was left in place", file=sys.stderr)
-        return 130
+        print("moekit: interrupted; temporary files were removed and nothing was put in place",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
+    except OSError as err:
+        where = f": {os.fsdecode(err.filename)}" if err.filename is not None else ""
+        print(printable(f"moekit: error: {err.strerror or err}{where}"), file=sys.stderr)
+        return EXIT_ERROR
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (what ``timeout``, Slurm, ``docker stop`` and a closed terminal
+    send), raised where the program is, so that it cleans up exactly as on Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _signals_as_interrupts(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP)
+                           ) -> Iterator[None]:
+    """Turn ``signums`` into ``Interrupted`` while the block runs (in the main thread, the
+    only one Python lets handle signals), then restore the previous handlers. A signal the
+    caller ignores (``nohup``) stays ignored; after the first signal the others are
+    ignored, so that a second one cannot cut the clean-up short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in signums}
+    handled = [s for s, handler in previous.items() if handler is not signal.SIG_IGN]
+
+    def interrupt(signum: int, frame: object) -> None:
+        for s in handled:
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    for s in handled:
+        signal.signal(s, interrupt)
+    try:
+        yield
+    finally:
+        for s in handled:
+            signal.signal(s, signal.SIG_DFL if previous[s] is None else previous[s])
 
 
 def _parser() -> argparse.ArgumentParser:
