@@ -1,20 +1,23 @@
 """Expert LoRA adapters: PEFT's grouped form <-> per-expert keys <-> NeMo's grouped names.
 
 With transformers v5 the experts of a layer are one parameter each (``gate_up_proj``
-[E, 2I, H], ``down_proj`` [E, H, I]), and PEFT adapts them with ``target_parameters``.
-Its adapter stores, per parameter, ``lora_A`` [E*r, in] (expert-major rows: expert e owns
-rows ``e*r ... e*r + r``) and ``lora_B`` [out, E*r] (rank-major columns: expert e owns
-columns ``e::E``), under ``…experts.lora_A.weight``, the first targeted parameter nested
-one ``.base_layer`` deeper. The per-expert form (what NeMo's ``_convert_lora_expert_to_hf``
-writes) is ``…experts.{e}.{gate,up,down}_proj.lora_{A,B}.weight`` with A [r, in] and
-B [out, r]; gate and up share the fused A. NeMo's grouped form is ``lora_gate_and_up_A``
-[E, H, r], ``lora_gate_and_up_B`` [E, r, 2I], ``lora_down_A`` [E, I, r] and ``lora_down_B``
-[E, r, H] (its experts compute ``x @ W``). Every conversion is a plan of exact data
-movements, so round trips are byte-identical.
+[E, 2I, H], ``down_proj`` [E, H, I]; gate and up concatenated, not interleaved as GPT-OSS
+stores them), and PEFT adapts them with ``target_parameters``. Its adapter stores, per
+parameter, ``lora_A`` [E*r, x] (expert-major rows: expert e owns rows ``e*r ... e*r + r``)
+and ``lora_B`` [y, E*r] (rank-major columns: expert e owns columns ``e::E``), under
+``…experts.lora_A.weight``, the first targeted parameter nested one ``.base_layer`` deeper.
+Whether x is the expert's input or its output depends on the PEFT release and the model
+(``PeftLayout``, ``peft_layout``). The per-expert form (what NeMo's
+``_convert_lora_expert_to_hf`` writes) is ``…experts.{e}.{gate,up,down}_proj.lora_{A,B}.weight``
+with A [r, in] and B [out, r]; gate and up share the fused A. NeMo's grouped form is
+``lora_gate_and_up_A`` [E, H, r], ``lora_gate_and_up_B`` [E, r, 2I], ``lora_down_A``
+[E, I, r] and ``lora_down_B`` [E, r, H] (its experts compute ``x @ W``). Every conversion is
+a plan of exact data movements, so round trips are byte-identical.
 """
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,9 +36,34 @@ _PER_EXPERT = re.compile(
     r"^(?P<experts>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.lora_(?P<ab>[AB])\.weight$")
 _NEMO = re.compile(r"^(?P<experts>.*\.experts)\.lora_(?P<group>gate_and_up|down)_(?P<ab>[AB])$")
 PARAMETERS = ("gate_up_proj", "down_proj")
-"""The order PEFT wrapped the experts' parameters in (the first is nested deeper). PEFT's
-adapter_config.json lists ``target_parameters`` sorted, so the order is read from the
-adapter's keys (``parameter_order``)."""
+"""The order PEFT wrapped the experts' parameters in (the first is nested deeper).
+adapter_config.json's ``target_parameters`` does not keep it (PEFT 0.19.1 and later sort
+the list), so the order is read from the adapter's keys (``parameter_order``)."""
+
+# Which side of a 3-D parameter [E, d1, d2] PEFT's fused lora_A spans (``ParamWrapper``
+# in peft/tuners/lora/layer.py: lora_A [E*r, x], lora_B [y, E*r], {x, y} = {d1, d2}):
+#   peft 0.17.0 - 0.18.1   x = d1, always.
+#   peft 0.19.0            x = d2 where the experts module sets ``is_transposed`` (GPT-OSS),
+#                          otherwise d1.
+#   peft 0.19.1 - 0.21.2   x = d1 where the experts module sets ``is_transposed``, otherwise d2.
+# transformers v5 stores most families' experts [E, out, in] without ``is_transposed``
+# (Qwen3-MoE, Mixtral, DeepSeek-V3, OLMoE, ...): their adapters are A_OUT up to 0.19.0 and
+# A_IN from 0.19.1. Llama 4 stores [E, in, out] without setting ``is_transposed``: A_IN up to
+# 0.19.0, A_OUT from 0.19.1. PEFT records its release in adapter_config.json
+# (``peft_version``, from 0.18.0 on) but not the model's storage, so the release does not
+# name the layout; the shapes do: with both gate_up_proj and down_proj adapted, exactly one
+# of the two layouts fits them, even where a parameter is square (``_fit``). PEFT itself
+# converts neither way: an adapter saved on one side of 0.19.1 fails to load on the other
+# with a size mismatch (down_proj), while its square gate_up_proj alone would load transposed.
+
+
+class PeftLayout(enum.Enum):
+    """How PEFT laid out one adapter's fused expert LoRA (the release table above)."""
+
+    A_IN = "lora_A [E*r, in], lora_B [out, E*r]"
+    """lora_A reads the expert's input (peft >= 0.19.1 on [E, out, in] experts)."""
+    A_OUT = "lora_A [E*r, out], lora_B [in, E*r]"
+    """lora_A spans the expert's output (peft <= 0.19.0 on [E, out, in] experts)."""
 
 
 @dataclass(frozen=True)
@@ -47,58 +75,126 @@ class _Layer:
     pieces: dict[tuple[str, int], Expr]
 
 
+@dataclass(frozen=True)
+class _PeftPair:
+    """The lora_A and lora_B keys PEFT saved for one expert parameter, and how deeply they
+    are nested (``.base_layer`` repeated)."""
+
+    nest: str
+    a: str
+    b: str
+
+
+@dataclass(frozen=True)
+class _PeftLayer:
+    """One layer's PEFT expert LoRA: its layout and its two parameters' keys."""
+
+    layout: PeftLayout
+    gate_up: _PeftPair
+    down: _PeftPair
+
+
 def peft_to_hf(adapter: Mapping[str, torch.Tensor], n_experts: int) -> dict[str, torch.Tensor]:
-    """PEFT's grouped expert LoRA -> per-expert keys (other adapter tensors unchanged)."""
+    """PEFT's grouped expert LoRA, either layout -> per-expert keys (other adapter tensors
+    unchanged)."""
     return _run(adapter, _from_peft(adapter, n_experts), _emit_hf)
 
 
 def peft_to_nemo(adapter: Mapping[str, torch.Tensor], n_experts: int) -> dict[str, torch.Tensor]:
-    """PEFT's grouped expert LoRA -> NeMo's ``lora_gate_and_up_A/B``, ``lora_down_A/B``."""
+    """PEFT's grouped expert LoRA, either layout -> NeMo's ``lora_gate_and_up_A/B``,
+    ``lora_down_A/B``."""
     return _run(adapter, _from_peft(adapter, n_experts), _emit_nemo)
 
 
 def hf_to_peft(adapter: Mapping[str, torch.Tensor], n_experts: int,
-               parameters: Sequence[str] = PARAMETERS) -> dict[str, torch.Tensor]:
-    """Per-expert LoRA keys -> PEFT's grouped form (``parameters``: the adapter's
-    ``target_parameters`` order)."""
-    return _run(adapter, _from_hf(adapter, n_experts), lambda l: _emit_peft(l, n_experts,
-                                                                            parameters))
+               parameters: Sequence[str] = PARAMETERS,
+               layout: PeftLayout = PeftLayout.A_IN) -> dict[str, torch.Tensor]:
+    """Per-expert LoRA keys -> PEFT's grouped form (``parameters``: the adapter's wrapping
+    order; ``layout``: what the PEFT release that loads it expects, see ``PeftLayout``)."""
+    return _run(adapter, _from_hf(adapter, n_experts),
+                lambda layer: _emit_peft(layer, n_experts, parameters, layout))
 
 
 def nemo_to_peft(adapter: Mapping[str, torch.Tensor], n_experts: int,
-                 parameters: Sequence[str] = PARAMETERS) -> dict[str, torch.Tensor]:
-    """NeMo's grouped LoRA names -> PEFT's grouped form."""
-    return _run(adapter, _from_nemo(adapter), lambda l: _emit_peft(l, n_experts, parameters))
+                 parameters: Sequence[str] = PARAMETERS,
+                 layout: PeftLayout = PeftLayout.A_IN) -> dict[str, torch.Tensor]:
+    """NeMo's grouped LoRA names -> PEFT's grouped form (arguments as ``hf_to_peft``)."""
+    return _run(adapter, _from_nemo(adapter),
+                lambda layer: _emit_peft(layer, n_experts, parameters, layout))
 
 
 def parameter_order(adapter: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
     """The order in which PEFT wrapped gate_up_proj and down_proj in this adapter (the
     more deeply nested first), for converting back to it."""
+    layers = _peft_layers(adapter)
+    if not layers:
+        return PARAMETERS
+    first = next(iter(layers.values()))
+    pairs = {"gate_up_proj": first.gate_up, "down_proj": first.down}
+    return tuple(sorted(pairs, key=lambda name: -len(pairs[name].nest)))
+
+
+def peft_layout(adapter: Mapping[str, torch.Tensor]) -> PeftLayout:
+    """The layout of this PEFT adapter's fused expert LoRA, read from its shapes (for
+    converting back to it). Raises ``MoekitError`` if the adapter has no expert LoRA or
+    its layers disagree."""
+    layers = _peft_layers(adapter)
+    layouts = {layer.layout for layer in layers.values()}
+    if len(layouts) != 1:
+        found = ", ".join(f"{experts}: {layer.layout.name}" for experts, layer in layers.items())
+        raise MoekitError("expected one PEFT expert LoRA layout in the adapter, found "
+                          f"{found or 'no fused expert LoRA (…experts.lora_A.weight)'}")
+    return layouts.pop()
+
+
+def _peft_layers(adapter: Mapping[str, torch.Tensor]) -> dict[str, _PeftLayer]:
+    """Every layer's PEFT expert LoRA, by experts prefix, in key order."""
+    found: dict[str, dict[str, dict[str, str]]] = {}
     for key in adapter:
         match = _PEFT.match(key)
         if match:
-            pairs = _peft_pairs(adapter, match["experts"])
-            depth = {name: len(nest) for name, (nest, _) in pairs.items()}
-            return tuple(sorted(depth, key=lambda name: -depth[name]))
-    return PARAMETERS
+            found.setdefault(match["experts"], {}).setdefault(match["nest"], {})[match["ab"]] = key
+    return {experts: _peft_layer(adapter, experts, by_nest) for experts, by_nest in found.items()}
 
 
-def _peft_pairs(adapter: Mapping[str, torch.Tensor], experts: str
-                ) -> dict[str, tuple[str, dict[str, str]]]:
-    """gate_up_proj and down_proj of one layer: (nesting, {"A": key, "B": key}) each. The
-    fused gate_up has twice as many outputs as down has inputs."""
-    by_nest: dict[str, dict[str, str]] = {}
-    for key in adapter:
-        match = _PEFT.match(key)
-        if match and match["experts"] == experts:
-            by_nest.setdefault(match["nest"], {})[match["ab"]] = key
+def _peft_layer(adapter: Mapping[str, torch.Tensor], experts: str,
+                by_nest: dict[str, dict[str, str]]) -> _PeftLayer:
+    """Which nesting holds gate_up_proj and which down_proj, and in which layout: the one
+    assignment whose shapes fit (``_fit``)."""
     if len(by_nest) != 2 or any(set(ab) != {"A", "B"} for ab in by_nest.values()):
         raise MoekitError(f"{experts}: expected LoRA A and B for gate_up_proj and down_proj, "
                           f"found {sorted(k for ab in by_nest.values() for k in ab.values())}")
-    (nest1, first), (nest2, second) = by_nest.items()
-    if adapter[first["B"]].shape[0] == 2 * adapter[second["A"]].shape[1]:
-        return {"gate_up_proj": (nest1, first), "down_proj": (nest2, second)}
-    return {"gate_up_proj": (nest2, second), "down_proj": (nest1, first)}
+    first, second = (_PeftPair(nest, ab["A"], ab["B"]) for nest, ab in by_nest.items())
+    fits = [_PeftLayer(layout, gate_up, down)
+            for gate_up, down in ((first, second), (second, first))
+            if (layout := _fit(adapter, gate_up, down)) is not None]
+    if len(fits) != 1:
+        shapes = ", ".join(f"{key.removeprefix(experts + '.')} {list(adapter[key].shape)}"
+                           for pair in (first, second) for key in (pair.a, pair.b))
+        raise MoekitError(
+            f"{experts}: LoRA shapes {shapes} fit neither PEFT layout of fused experts "
+            f"gate_up_proj [E, 2I, H] and down_proj [E, H, I] ({PeftLayout.A_IN.value}; or "
+            f"{PeftLayout.A_OUT.value}); is this an adapter of a model with such experts?")
+    return fits[0]
+
+
+def _fit(adapter: Mapping[str, torch.Tensor], gate_up: _PeftPair, down: _PeftPair
+         ) -> PeftLayout | None:
+    """The layout in which ``gate_up`` and ``down`` are gate_up_proj and down_proj, if any.
+
+    With x the columns of lora_A and y the rows of lora_B: A_IN has gate_up (H, 2I) and
+    down (I, H); A_OUT has gate_up (2I, H) and down (H, I). Of the two assignments of two
+    saved pairs and the two layouts, only one can fit, since 2I != I.
+    """
+    if any(adapter[key].dim() != 2 for key in (gate_up.a, gate_up.b, down.a, down.b)):
+        return None
+    gu_x, gu_y = adapter[gate_up.a].shape[1], adapter[gate_up.b].shape[0]
+    down_x, down_y = adapter[down.a].shape[1], adapter[down.b].shape[0]
+    if gu_y == 2 * down_x and gu_x == down_y:
+        return PeftLayout.A_IN
+    if gu_x == 2 * down_y and gu_y == down_x:
+        return PeftLayout.A_OUT
+    return None
 
 
 def _run(adapter: Mapping[str, torch.Tensor], layers: dict[str, tuple[_Layer, set[str]]],
@@ -117,23 +213,58 @@ def _read(adapter: Mapping[str, torch.Tensor], key: str, region: tuple = ()) -> 
     return Read(key, region, tuple(view.shape), to_safetensors(view.dtype))
 
 
+@dataclass(frozen=True)
+class _PeftFactors:
+    """One saved parameter's fused LoRA, read per expert as the factors of the expert's
+    linear map, whatever the layout: ``a(e)`` [r, in] and ``b(e, out)`` [out rows, r]."""
+
+    adapter: Mapping[str, torch.Tensor]
+    pair: _PeftPair
+    layout: PeftLayout
+    n: int
+    rank: int
+
+    def a(self, e: int) -> Expr:
+        if self.layout is PeftLayout.A_IN:
+            return _read(self.adapter, self.pair.a, (self._rows(e),))
+        return Transpose(_read(self.adapter, self.pair.b, (slice(None), self._columns(e))))
+
+    def b(self, e: int, out: slice = slice(None)) -> Expr:
+        if self.layout is PeftLayout.A_IN:
+            return _read(self.adapter, self.pair.b, (out, self._columns(e)))
+        return Transpose(_read(self.adapter, self.pair.a, (self._rows(e), out)))
+
+    def _rows(self, e: int) -> slice:
+        return slice(e * self.rank, (e + 1) * self.rank)
+
+    def _columns(self, e: int) -> slice:
+        return slice(e, None, self.n)
+
+
+def _factors(adapter: Mapping[str, torch.Tensor], pair: _PeftPair, layout: PeftLayout,
+             n: int) -> _PeftFactors:
+    """``pair``'s factors; lora_A must have E*r rows and lora_B E*r columns."""
+    rows, columns = adapter[pair.a].shape[0], adapter[pair.b].shape[1]
+    if not isinstance(n, int) or n < 1 or rows != columns or rows % n:
+        raise MoekitError(f"{pair.a} has {rows} rows and {pair.b} {columns} columns; expected "
+                          f"both to be n_experts ({n}) times the LoRA rank: is n_experts right?")
+    return _PeftFactors(adapter, pair, layout, n, rows // n)
+
+
 def _from_peft(adapter: Mapping[str, torch.Tensor], n: int) -> dict[str, tuple[_Layer, set[str]]]:
     layers = {}
-    for experts in dict.fromkeys(m["experts"] for m in map(_PEFT.match, adapter) if m):
-        pairs = _peft_pairs(adapter, experts)
-        gate_up, down = pairs["gate_up_proj"][1], pairs["down_proj"][1]
-        size = adapter[down["A"]].shape[1]
-        rank = adapter[down["A"]].shape[0] // n
+    for experts, found in _peft_layers(adapter).items():
+        gate_up = _factors(adapter, found.gate_up, found.layout, n)
+        down = _factors(adapter, found.down, found.layout, n)
+        size = down.a(0).shape[1]
         pieces: dict[tuple[str, int], Expr] = {}
         for e in range(n):
-            rows = (slice(e * rank, (e + 1) * rank),)
-            columns = slice(e, None, n)
-            pieces[("gate_A", e)] = pieces[("up_A", e)] = _read(adapter, gate_up["A"], rows)
-            pieces[("gate_B", e)] = _read(adapter, gate_up["B"], (slice(0, size), columns))
-            pieces[("up_B", e)] = _read(adapter, gate_up["B"], (slice(size, 2 * size), columns))
-            pieces[("down_A", e)] = _read(adapter, down["A"], rows)
-            pieces[("down_B", e)] = _read(adapter, down["B"], (slice(None), columns))
-        keys = {k for p in (gate_up, down) for k in p.values()}
+            pieces[("gate_A", e)] = pieces[("up_A", e)] = gate_up.a(e)
+            pieces[("gate_B", e)] = gate_up.b(e, slice(0, size))
+            pieces[("up_B", e)] = gate_up.b(e, slice(size, 2 * size))
+            pieces[("down_A", e)] = down.a(e)
+            pieces[("down_B", e)] = down.b(e)
+        keys = {found.gate_up.a, found.gate_up.b, found.down.a, found.down.b}
         layers[experts] = (_Layer(experts, pieces), keys)
     return layers
 
@@ -210,20 +341,29 @@ def _emit_nemo(layer: _Layer) -> list[TensorPlan]:
     ]
 
 
-def _emit_peft(layer: _Layer, n: int, parameters: Sequence[str]) -> list[TensorPlan]:
+def _emit_peft(layer: _Layer, n: int, parameters: Sequence[str], layout: PeftLayout
+               ) -> list[TensorPlan]:
     p = layer.pieces
     experts = range(n)
-    fused = {
-        "gate_up_proj": (Concat(tuple(p[("gate_A", e)] for e in experts), 0),
-                         Concat(tuple(Concat((p[("gate_B", e)], p[("up_B", e)]), 0)
-                                      for e in experts), 1, interleave=True)),
-        "down_proj": (Concat(tuple(p[("down_A", e)] for e in experts), 0),
-                      Concat(tuple(p[("down_B", e)] for e in experts), 1, interleave=True)),
+    factors = {
+        "gate_up_proj": [(p[("gate_A", e)], Concat((p[("gate_B", e)], p[("up_B", e)]), 0))
+                         for e in experts],
+        "down_proj": [(p[("down_A", e)], p[("down_B", e)]) for e in experts],
     }
     out = []
     for depth, name in enumerate(parameters):
         nest = ".base_layer" * (len(parameters) - 1 - depth)
-        a, b = fused[name]
+        a, b = _fuse(factors[name], layout)
         out += [TensorPlan(f"{layer.experts}{nest}.lora_A.weight", a),
                 TensorPlan(f"{layer.experts}{nest}.lora_B.weight", b)]
     return out
+
+
+def _fuse(factors: list[tuple[Expr, Expr]], layout: PeftLayout) -> tuple[Expr, Expr]:
+    """PEFT's lora_A and lora_B of one parameter from each expert's (A [r, in], B [out, r]):
+    A_IN stacks the A rows expert-major and interleaves the B columns; A_OUT does the same
+    with B transposed as lora_A and A transposed as lora_B."""
+    if layout is PeftLayout.A_OUT:
+        factors = [(Transpose(b), Transpose(a)) for a, b in factors]
+    return (Concat(tuple(a for a, _ in factors), 0),
+            Concat(tuple(b for _, b in factors), 1, interleave=True))

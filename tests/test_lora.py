@@ -1,25 +1,42 @@
 """Expert LoRA adapters saved by PEFT for a tiny transformers MoE model: per-expert and
-NeMo grouped forms, byte-identical round trips, and PEFT's own delta weights as oracle."""
+NeMo grouped forms, byte-identical round trips, and PEFT's own delta weights as oracle.
+
+PEFT laid out fused-expert LoRA one way up to 0.19.0 and the other way from 0.19.1
+(``moekit.lora.PeftLayout``). Adapters and delta weights saved by releases on both sides
+of the change are kept under tests/data/peft_expert_lora/ (``make_fixture.py`` there
+regenerates them), so both are checked without installing old releases; the installed
+PEFT is checked live.
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from moekit import samples
-from moekit.lora import hf_to_peft, nemo_to_peft, parameter_order, peft_to_hf, peft_to_nemo
+from moekit import MoekitError, samples
+from moekit.lora import (PeftLayout, hf_to_peft, nemo_to_peft, parameter_order, peft_layout,
+                         peft_to_hf, peft_to_nemo)
 
 from .conftest import load_all, same_bytes
 
-peft = pytest.importorskip("peft")
-
 E, R = 6, 4
+FIXTURES = Path(__file__).parent / "data" / "peft_expert_lora"
+RELEASES = {"0.18.1": PeftLayout.A_OUT, "0.19.0": PeftLayout.A_OUT, "0.19.1": PeftLayout.A_IN}
+"""PEFT releases with a saved fixture, and the layout each writes for Qwen3-MoE experts."""
+FIXTURE_EXPERTS = 3
+PREFIX = "base_model.model.model.layers.{}.mlp.experts"
 
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
-    """A PEFT adapter on the experts (and q_proj) of the Qwen3-MoE sample, saved by peft,
-    with every LoRA weight drawn at random (PEFT initialises B to zero)."""
+    """A PEFT adapter on the experts (and q_proj) of the Qwen3-MoE sample, saved by the
+    installed peft, with every LoRA weight drawn at random (PEFT initialises B to zero)."""
+    peft = pytest.importorskip("peft")
     model = samples.build_model("qwen3_moe")
     config = peft.LoraConfig(r=R, lora_alpha=8, target_modules=["q_proj"],
                              target_parameters=["mlp.experts.gate_up_proj",
@@ -34,6 +51,51 @@ def adapter(tmp_path_factory):
     return folder, wrapped
 
 
+def _fixture(release: str) -> tuple[dict[str, torch.Tensor], dict, dict[str, torch.Tensor]]:
+    """The adapter tensors, adapter_config.json and PEFT's delta weights saved by ``release``."""
+    folder = FIXTURES / f"peft-{release}"
+    config = json.loads((folder / "adapter_config.json").read_text())
+    return (load_file(folder / "adapter_model.safetensors"), config,
+            load_file(folder / "delta_weights.safetensors"))
+
+
+def _delta_weights(wrapped) -> dict[str, torch.Tensor]:
+    """PEFT's ``get_delta_weight`` of every wrapped expert parameter of a PEFT model, keyed
+    as in the fixtures' delta_weights.safetensors."""
+    deltas = {}
+    for i, layer in enumerate(wrapped.base_model.model.model.layers):
+        wrapper = layer.mlp.experts
+        while hasattr(wrapper, "parameter_name"):
+            deltas[f"model.layers.{i}.mlp.experts.{wrapper.parameter_name}"] = (
+                wrapper.get_delta_weight("default").detach())
+            wrapper = wrapper.base_layer
+    return deltas
+
+
+def _assert_per_expert_deltas(hf: dict[str, torch.Tensor], nemo: dict[str, torch.Tensor],
+                              deltas: dict[str, torch.Tensor], scaling: float) -> None:
+    """Per expert, B @ A of the per-expert form and A @ B of NeMo's equal PEFT's delta
+    weights of gate_up_proj [E, 2I, H] and down_proj [E, H, I]."""
+    layers = sorted({key.split(".")[2] for key in deltas}, key=int)
+    for layer in layers:
+        prefix = PREFIX.format(layer)
+        gate_up = deltas[f"model.layers.{layer}.mlp.experts.gate_up_proj"]
+        down = deltas[f"model.layers.{layer}.mlp.experts.down_proj"]
+        inter = down.shape[2]
+        for e in range(gate_up.shape[0]):
+            def delta(proj):
+                return (hf[f"{prefix}.{e}.{proj}_proj.lora_B.weight"]
+                        @ hf[f"{prefix}.{e}.{proj}_proj.lora_A.weight"]) * scaling
+            torch.testing.assert_close(delta("gate"), gate_up[e][:inter])
+            torch.testing.assert_close(delta("up"), gate_up[e][inter:])
+            torch.testing.assert_close(delta("down"), down[e])
+            grouped = (nemo[f"{prefix}.lora_gate_and_up_A"][e]
+                       @ nemo[f"{prefix}.lora_gate_and_up_B"][e]) * scaling
+            torch.testing.assert_close(grouped, gate_up[e].T)
+            grouped = (nemo[f"{prefix}.lora_down_A"][e] @ nemo[f"{prefix}.lora_down_B"][e]) * scaling
+            torch.testing.assert_close(grouped, down[e].T)
+
+
 def test_round_trips_through_per_expert_and_nemo_forms_are_byte_identical(adapter):
     folder, _ = adapter
     saved = load_all(folder)
@@ -45,42 +107,105 @@ def test_round_trips_through_per_expert_and_nemo_forms_are_byte_identical(adapte
         assert all(same_bytes(back[k], saved[k]) for k in saved)
 
 
+def test_installed_peft_writes_the_layout_of_its_release(adapter):
+    from packaging.version import Version
+
+    peft = pytest.importorskip("peft")
+    folder, _ = adapter
+    expected = (PeftLayout.A_IN if Version(peft.__version__) >= Version("0.19.1")
+                else PeftLayout.A_OUT)
+    assert peft_layout(load_all(folder)) is expected
+
+
 def test_per_expert_deltas_equal_peft_own_delta_weights(adapter):
     folder, wrapped = adapter
     hf = peft_to_hf(load_all(folder), E)
     nemo = peft_to_nemo(load_all(folder), E)
     experts = wrapped.base_model.model.model.layers[1].mlp.experts
-    layers = {}
-    module = experts
-    while hasattr(module, "base_layer"):
-        layers[module.parameter_name] = module
-        module = module.base_layer
-    prefix = "base_model.model.model.layers.1.mlp.experts"
-    gate_up = layers["gate_up_proj"].get_delta_weight("default")
-    down = layers["down_proj"].get_delta_weight("default")
-    scaling = layers["down_proj"].scaling["default"]
-    inter = down.shape[2]
-    for e in range(E):
-        def delta(proj):
-            return (hf[f"{prefix}.{e}.{proj}_proj.lora_B.weight"]
-                    @ hf[f"{prefix}.{e}.{proj}_proj.lora_A.weight"]) * scaling
-        torch.testing.assert_close(delta("gate"), gate_up[e][:inter])
-        torch.testing.assert_close(delta("up"), gate_up[e][inter:])
-        torch.testing.assert_close(delta("down"), down[e])
-        grouped = (nemo[f"{prefix}.lora_gate_and_up_A"][e]
-                   @ nemo[f"{prefix}.lora_gate_and_up_B"][e]) * scaling
-        torch.testing.assert_close(grouped, gate_up[e].T)
+    _assert_per_expert_deltas(hf, nemo, _delta_weights(wrapped), experts.scaling["default"])
+    prefix = PREFIX.format(1)
     assert nemo[f"{prefix}.lora_gate_and_up_A"].shape == (E, 32, R)
     assert nemo[f"{prefix}.lora_down_B"].shape == (E, R, 32)
     assert "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight" in nemo
 
 
-def test_per_expert_lora_with_different_gate_and_up_a_is_refused(adapter):
-    from moekit import MoekitError
+@pytest.mark.parametrize("release", RELEASES)
+def test_each_peft_release_layout_is_read_from_the_shapes(release):
+    saved, config, _ = _fixture(release)
+    assert config["peft_version"] == release
+    assert peft_layout(saved) is RELEASES[release]
 
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_per_expert_deltas_equal_the_delta_weights_of_the_peft_release_that_saved_them(release):
+    saved, config, deltas = _fixture(release)
+    _assert_per_expert_deltas(peft_to_hf(saved, FIXTURE_EXPERTS),
+                              peft_to_nemo(saved, FIXTURE_EXPERTS), deltas,
+                              config["lora_alpha"] / config["r"])
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_round_trips_keep_each_release_layout_byte_for_byte(release):
+    saved, _, _ = _fixture(release)
+    n, parameters, layout = FIXTURE_EXPERTS, parameter_order(saved), peft_layout(saved)
+    for back in (hf_to_peft(peft_to_hf(saved, n), n, parameters, layout),
+                 nemo_to_peft(peft_to_nemo(saved, n), n, parameters, layout)):
+        assert back.keys() == saved.keys()
+        assert all(same_bytes(back[k], saved[k]) for k in saved)
+
+
+def test_an_old_layout_adapter_converted_to_the_new_loads_in_the_installed_peft_unchanged(tmp_path):
+    """peft 0.18.1's adapter rewritten as PeftLayout.A_IN and loaded by the installed
+    PEFT (0.19.1 or later) has the delta weights 0.18.1 computed."""
+    peft = pytest.importorskip("peft")
+    from packaging.version import Version
+
+    if Version(peft.__version__) < Version("0.19.1"):
+        pytest.skip(f"installed peft {peft.__version__} reads the old layout itself")
+    saved, config, deltas = _fixture("0.18.1")
+    converted = hf_to_peft(peft_to_hf(saved, FIXTURE_EXPERTS), FIXTURE_EXPERTS,
+                           parameter_order(saved), PeftLayout.A_IN)
+    assert not all(same_bytes(converted[k], saved[k]) for k in saved)
+    save_file(converted, tmp_path / "adapter_model.safetensors")
+    shutil.copy(FIXTURES / "peft-0.18.1" / "adapter_config.json", tmp_path)
+    model = samples.build_model("qwen3_moe", hidden_size=8, moe_intermediate_size=4,
+                                num_experts=FIXTURE_EXPERTS, num_hidden_layers=2, vocab_size=16)
+    loaded = _delta_weights(peft.PeftModel.from_pretrained(model, tmp_path))
+    assert loaded.keys() == deltas.keys()
+    for key, delta in deltas.items():
+        torch.testing.assert_close(loaded[key], delta)
+
+
+def test_per_expert_lora_with_different_gate_and_up_a_is_refused(adapter):
     folder, _ = adapter
     hf = peft_to_hf(load_all(folder), E)
     key = "base_model.model.model.layers.2.mlp.experts.3.up_proj.lora_A.weight"
     hf[key] = hf[key] + 1
     with pytest.raises(MoekitError, match=r"experts \[3\] have different gate and up lora_A"):
         hf_to_peft(hf, E)
+
+
+def test_expert_lora_shapes_that_fit_no_peft_layout_are_refused_by_layer():
+    saved, _, _ = _fixture("0.19.1")
+    key = PREFIX.format(1) + ".lora_A.weight"
+    saved[key] = torch.zeros(6, 5)
+    with pytest.raises(MoekitError, match=r"layers\.1\.mlp\.experts: LoRA shapes .*"
+                                          r"lora_A\.weight \[6, 5\].* fit neither PEFT layout"):
+        peft_to_hf(saved, FIXTURE_EXPERTS)
+
+
+@pytest.mark.parametrize("n_experts", [4, 0, 3.0])
+def test_an_expert_count_that_does_not_divide_the_lora_rows_is_refused(n_experts):
+    saved, _, _ = _fixture("0.18.1")
+    with pytest.raises(MoekitError, match=rf"has 6 rows .* n_experts \({n_experts}\) times"):
+        peft_to_nemo(saved, n_experts)
+
+
+def test_an_adapter_whose_layers_disagree_on_the_layout_has_no_single_layout():
+    old, _, _ = _fixture("0.18.1")
+    new, _, _ = _fixture("0.19.1")
+    mixed = {**{k: v for k, v in old.items() if ".layers.0." in k},
+             **{k: v for k, v in new.items() if ".layers.1." in k}}
+    with pytest.raises(MoekitError, match=r"layers\.0\.mlp\.experts: A_OUT, .*"
+                                          r"layers\.1\.mlp\.experts: A_IN"):
+        peft_layout(mixed)
