@@ -224,11 +224,14 @@ def _member(folder: Path, name: str, why: str = "") -> Path:
         raise MoekitError(f"cannot resolve {shown}: {err}") from err
     roots = _roots(folder)
     if not any(real.is_relative_to(root) for root in roots):
-        link = (f"is a symbolic link to {_shown(Path(os.readlink(file)))}"
-                if file.is_symlink() else "lies under a symbolic link")
+        target = Path(os.readlink(file)) if file.is_symlink() else None
+        link = (f"is a symbolic link to {_shown(target)}" if target is not None
+                else "lies under a symbolic link")
+        if target != real:
+            link += f", which leads to {_shown(real)}"
         where = " or its Hugging Face cache repository" if len(roots) > 1 else ""
         raise MoekitError(
-            f"{shown} {link}, which leads to {_shown(real)}, outside the checkpoint folder "
+            f"{shown} {link}, outside the checkpoint folder "
             f"{_shown(roots[0])}{where}; moekit reads only files inside the checkpoint (copy "
             "the file into the folder if it belongs to the checkpoint)")
     kind = _kind(real)
@@ -253,7 +256,7 @@ def _read_index(index: Path) -> dict[str, str]:
         raise MoekitError(f"{_shown(index)} is not a safetensors index: it has no 'weight_map'")
     weight_map = data["weight_map"]
     if not isinstance(weight_map, dict):
-        raise MoekitError(f"{_shown(index)}: 'weight_map' is a {_json_type(weight_map)}, not a "
+        raise MoekitError(f"{_shown(index)}: 'weight_map' is {_json_type(weight_map)}, not a "
                           "mapping of tensor names to files")
     if not weight_map:
         raise MoekitError(f"{_shown(index)}: 'weight_map' lists no tensors")
@@ -264,7 +267,7 @@ def _index_files(index: Path, weight_map: dict) -> list[str]:
     """The files the index names, in order; every one a relative path inside the folder."""
     for key, value in weight_map.items():
         if not isinstance(value, str):
-            raise MoekitError(f"{_shown(index)}: the weight_map entry of {printable(key)} is a "
+            raise MoekitError(f"{_shown(index)}: the weight_map entry of {printable(key)} is "
                               f"{_json_type(value)}, not a file name")
     files = list(dict.fromkeys(weight_map.values()))
     for name in files:
@@ -354,7 +357,7 @@ def read_config(folder: Path, name: str = CONFIG_NAME) -> dict | None:
     data = _read_json(config)
     model_type = data.get("model_type")
     if model_type is not None and not isinstance(model_type, str):
-        raise MoekitError(f"{_shown(config)}: model_type is a {_json_type(model_type)}, not a "
+        raise MoekitError(f"{_shown(config)}: model_type is {_json_type(model_type)}, not a "
                           "string")
     return data
 
@@ -385,15 +388,15 @@ def _read_json(file: Path) -> dict:
     except ValueError as err:
         raise MoekitError(f"{_shown(file)} is not valid JSON ({err})") from None
     if not isinstance(data, dict):
-        raise MoekitError(f"{_shown(file)} holds a JSON {_json_type(data)}; expected an object "
+        raise MoekitError(f"{_shown(file)} holds {_json_type(data)}; expected a JSON object "
                           "({...})")
     return data
 
 
 def _json_type(value: object) -> str:
-    """The JSON name of a parsed value's type."""
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
-             float: "number", type(None): "null"}
+    """The JSON name of a parsed value's type, with its article ("an array")."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
     return names.get(type(value), type(value).__name__)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY
-from .errors import MoekitError
+from .errors import MoekitError, printable
 from .layouts import HF, LAYOUTS, Family, Layout, family_named, family_of_model_type, layout_named
 from .layouts.base import TensorMeta
 from .layouts.families import GENERIC_FAMILIES
@@ -43,7 +43,8 @@ def detect_layout(tensors: Mapping[str, TensorMeta], family: Family,
         return LAYOUTS[best]
     if in_experts:
         raise MoekitError(
-            f"cannot detect the expert layout of {label}: tensors such as {in_experts[0]} belong "
+            f"cannot detect the expert layout of {label}: tensors such as "
+            f"{printable(in_experts[0])} belong "
             f"to no known layout ({', '.join(LAYOUTS)}); name it with --from")
     return HF
 

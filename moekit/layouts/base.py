@@ -54,6 +54,10 @@ class ParsedExperts:
     """Source keys that hold routed-expert weights (everything else passes through)."""
     problems: list[tuple[int, str]] = field(default_factory=list)
     """(layer, message) for every malformed expert tensor."""
+    _odd: dict[int, tuple[int, str, int]] = field(default_factory=dict, repr=False)
+    """layer -> (index in ``problems``, first message, count) of the keys whose numbers
+    are not canonical: one problem a layer, however many keys (a zero-padded checkpoint
+    has thousands)."""
 
     def block(self, layer: int, family: Family) -> ExpertBlock:
         if layer not in self.blocks:
@@ -76,14 +80,25 @@ class ParsedExperts:
         if not bad:
             return {name: int(text) for name, text in fields.items()}
         shown = ", ".join(f"{name} number {ascii(text)}" for name, text in bad)
-        self.problems.append((listed_layer(fields["layer"]), (
-            f"{printable(key)}: {shown} not canonical (ASCII digits, no leading zero, at most "
-            f"{MAX_DIGITS} digits), so the key could name the same tensor as another; rename "
-            "it")))
+        self._add_odd(_listed_layer(fields["layer"]), f"{printable(key)} ({shown})")
         return None
 
+    def _add_odd(self, layer: int, example: str) -> None:
+        index, first, count = self._odd.get(layer, (len(self.problems), example, 0))
+        count += 1
+        more = f" and {count - 1} more {'key' if count == 2 else 'keys'}" if count > 1 else ""
+        problem = (layer, f"{first}{more}: layer and expert numbers are written as ASCII "
+                          f"digits without a leading zero (at most {MAX_DIGITS}); such a key "
+                          "could name the same tensor as another, so moekit reads none of "
+                          "them: rename the tensors")
+        if index == len(self.problems):
+            self.problems.append(problem)
+        else:
+            self.problems[index] = problem
+        self._odd[layer] = (index, first, count)
 
-def listed_layer(text: str) -> int:
+
+def _listed_layer(text: str) -> int:
     """The layer a problem about a key whose layer field is ``text`` is listed under: its
     value, or that of its first ``MAX_DIGITS`` digits (``int`` refuses very long ones)."""
     return int(text[:MAX_DIGITS])

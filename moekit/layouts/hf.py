@@ -49,4 +49,4 @@ class PerExpertLayout(Layout):
     def _key_pattern(family: Family) -> re.Pattern[str]:
         block = re.escape(family.block).replace(r"\{layer\}", f"(?P<layer>{NUMBER})")
         names = "|".join(re.escape(family.piece_key(piece)) for piece in family.all_pieces)
-        return re.compile(f"^{block}\\.experts\\.(?P<expert>{NUMBER})\\.(?P<piece>{names})$")
+        return re.compile(f"^{block}\\.experts\\.(?P<expert>{NUMBER})\\.(?P<piece>{names})\\Z")
