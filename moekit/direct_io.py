@@ -154,8 +154,8 @@ class DirectFile:
     def write_from(self, fd: int, offset: int, size: int) -> None:
         done = 0
         while done < size:
-            room = self._views[self._current][self._filled:]
-            n = os.preadv(fd, [room[:size - done]], offset + done)
+            with self._views[self._current][self._filled:size - done + self._filled] as room:
+                n = os.preadv(fd, [room], offset + done)
             if n <= 0:
                 raise _source_ended(self.path, size - done)
             self._advance(n)
@@ -167,7 +167,8 @@ class DirectFile:
                 self._wait(i)
             if self._filled:
                 self._stop_direct_io()
-                self._pwrite(self._views[self._current][:self._filled], self._written)
+                with self._views[self._current][:self._filled] as tail:
+                    self._pwrite(tail, self._written)
         finally:
             self._writer.shutdown(wait=True)
             os.close(self._fd)
@@ -202,7 +203,8 @@ class DirectFile:
         done = 0
         while done < len(view):
             try:
-                done += os.pwrite(self._fd, view[done:], offset + done)
+                with view[done:] as rest:
+                    done += os.pwrite(self._fd, rest, offset + done)
             except OSError as err:
                 if err.errno not in NO_DIRECT_IO or not self._stop_direct_io():
                     raise

@@ -1,6 +1,7 @@
 """Output files: direct I/O (aligned buffers, background writes, an unaligned tail written
 through the page cache) writes exactly the bytes the page-cache path writes, and is given
-up where the file system refuses it."""
+up where the file system refuses it; kernel copies are replaced by reads and writes where
+the kernel refuses them (a real other file system: test_output_safety)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import pytest
 
 from moekit.direct_io import BLOCK, BufferedFile, DirectFile, open_output
+from moekit.errors import MoekitError
 
 
 def _write_pieces(out, source_fd: int) -> None:
@@ -85,3 +87,45 @@ def test_a_file_system_without_direct_io_gets_buffered_writes(tmp_path, monkeypa
     out.write(memoryview(b"abc"))
     out.close()
     assert isinstance(out, BufferedFile) and (tmp_path / "out").read_bytes() == b"abc"
+
+
+@pytest.mark.parametrize("code", [errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP])
+def test_ranges_the_kernel_will_not_copy_are_read_and_written(tmp_path, source, expected,
+                                                              monkeypatch, code):
+    """EXDEV: another file system; the others: a file system without copy_file_range. The
+    first refusal comes after part of a range was copied, and is not asked again."""
+    real_copy = os.copy_file_range
+    calls = []
+
+    def copy_once_then_refuse(src, dst, count, offset_src, offset_dst):
+        calls.append(count)
+        if len(calls) == 1:
+            return real_copy(src, dst, min(count, 100), offset_src, offset_dst)
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "copy_file_range", copy_once_then_refuse)
+    out = BufferedFile(tmp_path / "out")
+    _write_pieces(out, source)
+    out.close()
+    assert (tmp_path / "out").read_bytes() == expected and len(calls) == 2
+
+
+def test_a_kernel_copy_error_a_plain_write_would_meet_too_is_raised(tmp_path, source,
+                                                                   monkeypatch):
+    def refuse(*args):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    out = BufferedFile(tmp_path / "out")
+    with pytest.raises(PermissionError):
+        out.write_from(source, 0, BLOCK)
+    out.close()
+
+
+@pytest.mark.parametrize("kind", ["buffered", "direct"])
+def test_a_source_shorter_than_its_header_says_is_an_error(tmp_path, source, kind):
+    out = (BufferedFile(tmp_path / "out") if kind == "buffered"
+           else DirectFile(tmp_path / "out", buffer_bytes=2 * BLOCK))
+    with pytest.raises(MoekitError, match="ended 4096 bytes before"):
+        out.write_from(source, 4 * BLOCK, 2 * BLOCK)
+    out.close()

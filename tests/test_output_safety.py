@@ -1,0 +1,481 @@
+"""Output safety: the final move never replaces what was not checked, --overwrite replaces
+only a checkpoint holding no byte of the source, outputs are durable and get the umask's
+mode, signals clean up as Ctrl-C does, leftovers of killed runs are handled, and every file
+system works (another file system, full, read-only, busy, too large) with one message and
+nothing left behind. convert, upcycle and save_experts share these guarantees."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import resource
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from moekit import MoekitError, conversion, convert, output, samples, verify
+from moekit.cli import main
+
+from .conftest import tree_digest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def run_cli(capsys, *args: object) -> tuple[int, str]:
+    """The CLI's exit code and stderr; never a traceback."""
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(name, options)``: a fresh tmpfs mounted at ``tmp_path / name`` for the test."""
+    mounted: list[Path] = []
+
+    def mount(name: str = "tmpfs", options: str = "size=64m") -> Path:
+        point = tmp_path / name
+        point.mkdir(exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", str(point)], check=True)
+
+
+@pytest.fixture(params=["renameat2", "without renameat2 flags"])
+def move(request, monkeypatch) -> str:
+    """Each test runs with renameat2's flags, and as on a file system without them (NFS),
+    where an exclusive mkdir and a rename aside take their place."""
+    if request.param != "renameat2":
+        def unsupported(src, dst, flags):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), str(src), None, str(dst))
+
+        monkeypatch.setattr(output, "_renameat2", unsupported)
+    return request.param
+
+
+# -- the final move -------------------------------------------------------------------------
+
+def test_a_destination_that_appears_while_writing_is_kept(qwen3, tmp_path, capsys, monkeypatch,
+                                                          move):
+    out = tmp_path / "out"
+    write_plan = conversion.write_plan
+
+    def then_someone_makes_it(*args, **kwargs):
+        write_plan(*args, **kwargs)
+        out.mkdir()
+        (out / "theirs.txt").write_text("theirs")
+
+    monkeypatch.setattr(conversion, "write_plan", then_someone_makes_it)
+    code, err = run_cli(capsys, "convert", qwen3, out, "--to", "nemo")
+    assert code == 2 and "appeared" in err and str(out) in err
+    assert names(out) == ["theirs.txt"] and names(tmp_path) == ["out", "qwen3"]
+
+
+def test_two_runs_to_one_destination_exactly_one_succeeds(qwen3, tmp_path, monkeypatch, move):
+    out = tmp_path / "out"
+    both_written = threading.Barrier(2, timeout=60)
+    write_plan = conversion.write_plan
+
+    def write_then_wait(*args, **kwargs):
+        write_plan(*args, **kwargs)
+        both_written.wait()
+
+    def run(results: list[str]) -> None:
+        try:
+            convert(qwen3, out, to="nemo")
+            results.append("ok")
+        except MoekitError as err:
+            results.append(str(err))
+
+    monkeypatch.setattr(conversion, "write_plan", write_then_wait)
+    results: list[str] = []
+    threads = [threading.Thread(target=run, args=(results,)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results)[0].startswith("destination") and "appeared" in sorted(results)[0]
+    assert sorted(results)[1] == "ok"
+    assert verify(qwen3, out).equal and names(tmp_path) == ["out", "qwen3"]
+
+
+# -- --overwrite ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra", ["notes.txt", "thesis.pdf", "other-model/"])
+def test_overwrite_refuses_a_folder_holding_more_than_a_checkpoint(qwen3, tmp_path, capsys,
+                                                                  extra):
+    out = Path(shutil.copytree(qwen3, tmp_path / "out"))
+    if extra.endswith("/"):
+        shutil.copytree(qwen3, out / extra)
+    else:
+        (out / extra).write_text("precious")
+    before = tree_digest(out)
+    code, err = run_cli(capsys, "convert", qwen3, out, "--to", "nemo", "--overwrite")
+    assert code == 2 and extra in err and "only a folder holding a checkpoint" in err
+    assert tree_digest(out) == before and names(tmp_path) == ["out", "qwen3"]
+
+
+def test_overwrite_replaces_a_checkpoint_and_its_sidecar_files(qwen3, tmp_path, capsys, move):
+    out = Path(shutil.copytree(qwen3, tmp_path / "out"))
+    for sidecar in ("tokenizer.json", "README.md", "chat_template.jinja", "merges.txt"):
+        (out / sidecar).write_text("old")
+    code, _ = run_cli(capsys, "convert", qwen3, out, "--to", "nemo", "--overwrite")
+    assert code == 0 and verify(qwen3, out).equal
+    assert not (out / "tokenizer.json").exists() and names(tmp_path) == ["out", "qwen3"]
+
+
+def test_an_overwrite_that_fails_at_the_move_keeps_the_old_checkpoint(qwen3, tmp_path, capsys,
+                                                                     monkeypatch):
+    out = Path(shutil.copytree(qwen3, tmp_path / "out"))
+    before = tree_digest(out)
+
+    def unsupported(src, dst, flags):
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+    def fail(folder, target, appeared):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(target))
+
+    monkeypatch.setattr(output, "_renameat2", unsupported)
+    monkeypatch.setattr(output, "_move_files_into_new_folder", fail)
+    code, err = run_cli(capsys, "convert", qwen3, out, "--to", "nemo", "--overwrite")
+    assert code == 2 and "I/O error" in err
+    assert tree_digest(out) == before and names(tmp_path) == ["out", "qwen3"]
+
+
+def hf_cache(src: Path, root: Path) -> Path:
+    """``src`` laid out as the Hugging Face cache keeps a model: its files in ``blobs/``
+    under their hashes, a snapshot folder of symlinks to them; return the snapshot."""
+    repo = root / "models--org--qwen3"
+    snapshot = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for file in src.iterdir():
+        blob = hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copyfile(file, repo / "blobs" / blob)
+        (snapshot / file.name).symlink_to(f"../../blobs/{blob}")
+    return snapshot
+
+
+@pytest.mark.parametrize("dst,found", [
+    ("models--org--qwen3/blobs", "holds"), ("models--org--qwen3/snapshots/0123abcd", "inside"),
+    ("models--org--qwen3/snapshots", "contains"), ("models--org--qwen3", "contains")])
+def test_overwrite_never_replaces_a_folder_holding_bytes_of_the_source(qwen3, tmp_path, capsys,
+                                                                      dst, found):
+    snapshot = hf_cache(qwen3, tmp_path / "hub")
+    before = tree_digest(tmp_path / "hub")
+    code, err = run_cli(capsys, "convert", snapshot, tmp_path / "hub" / dst, "--to", "nemo",
+                        "--overwrite")
+    assert code == 2 and found in err and "source" in err
+    assert tree_digest(tmp_path / "hub") == before and names(tmp_path) == ["hub", "qwen3"]
+
+
+def test_overwrite_never_replaces_a_folder_holding_a_hard_link_of_the_source(qwen3, tmp_path,
+                                                                            capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    for file in qwen3.iterdir():
+        os.link(file, out / file.name)
+    code, err = run_cli(capsys, "convert", qwen3, out, "--to", "nemo", "--overwrite")
+    assert code == 2 and "same file as the source" in err
+    assert tree_digest(out) == tree_digest(qwen3)
+
+
+def test_a_checkpoint_in_the_hf_cache_converts(qwen3, tmp_path):
+    snapshot = hf_cache(qwen3, tmp_path / "hub")
+    convert(snapshot, tmp_path / "out", to="nemo")
+    assert verify(qwen3, tmp_path / "out").equal
+
+
+def test_a_symlinked_destination_keeps_its_link_and_its_folder_is_replaced(qwen3, tmp_path,
+                                                                          capsys, move):
+    folder = Path(shutil.copytree(qwen3, tmp_path / "disk" / "old"))
+    link = tmp_path / "link"
+    link.symlink_to(folder)
+    code, err = run_cli(capsys, "convert", qwen3, link, "--to", "nemo")
+    assert code == 2 and "already exists" in err
+    code, _ = run_cli(capsys, "convert", qwen3, link, "--to", "nemo", "--overwrite")
+    assert code == 0 and link.is_symlink() and link.resolve() == folder
+    assert verify(qwen3, folder).equal and names(folder) == names(qwen3_as_nemo(qwen3, tmp_path))
+    assert names(tmp_path) == ["disk", "link", "qwen3", "reference"]
+    assert names(tmp_path / "disk") == ["old"]
+
+
+def qwen3_as_nemo(qwen3: Path, tmp_path: Path) -> Path:
+    """What ``convert --to nemo`` writes for the sample (to compare file names with)."""
+    reference = tmp_path / "reference"
+    convert(qwen3, reference, to="nemo")
+    return reference
+
+
+def test_a_dangling_symlink_destination_is_refused(qwen3, tmp_path, capsys):
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    code, err = run_cli(capsys, "convert", qwen3, link, "--to", "nemo", "--overwrite")
+    assert code == 2 and "not a folder" in err
+    assert link.is_symlink() and names(tmp_path) == ["link", "qwen3"]
+
+
+# -- durability and modes -------------------------------------------------------------------
+
+def test_files_and_folder_are_synced_before_the_move_and_the_parent_after(qwen3, tmp_path,
+                                                                         monkeypatch):
+    events: list[tuple[str, str]] = []
+    fsync, rename = os.fsync, output._renameat2
+
+    def record_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def record_move(src, dst, flags) -> None:
+        events.append(("move", str(dst)))
+        rename(src, dst, flags)
+
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    monkeypatch.setattr(output, "_renameat2", record_move)
+    out = tmp_path.resolve() / "out"
+    convert(qwen3, out, to="nemo")
+    moved = events.index(("move", str(out)))
+    before = [Path(p) for kind, p in events[:moved] if kind == "fsync"]
+    temporary = [p for p in before if p.name.startswith(".out.moekit-")]
+    assert len(temporary) == 1, "the folder itself is synced before the move"
+    assert {p.name for p in before if p.parent == temporary[0]} == set(names(out))
+    assert ("fsync", str(out.parent)) in events[moved + 1:]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_get_the_mode_the_umask_allows(qwen3, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        convert(qwen3, tmp_path / "nemo", to="nemo")  # written with direct I/O
+        convert(tmp_path / "nemo", tmp_path / "hf", to="hf")  # copied by the kernel
+    finally:
+        os.umask(previous)
+    for folder in (tmp_path / "nemo", tmp_path / "hf"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+        for shard in folder.glob("*.safetensors"):
+            assert stat.S_IMODE(shard.stat().st_mode) == 0o666 & ~umask
+
+
+# -- signals and leftovers ------------------------------------------------------------------
+
+SLOW_CONVERT = """
+import signal, sys, time
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
+from moekit.cli import main
+from moekit.executors import streaming
+
+write_shard = streaming.write_shard
+
+def write_then_wait(*args, **kwargs):
+    write_shard(*args, **kwargs)
+    print("writing", flush=True)
+    time.sleep(120)
+
+streaming.write_shard = write_then_wait
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start_slow_converts(src: Path, outs: list[Path]) -> list[subprocess.Popen]:
+    """CLI converts (started together) that stop after their first shard; returned once
+    each is writing."""
+    children = [subprocess.Popen(
+        [sys.executable, "-c", SLOW_CONVERT, "convert", str(src), str(out), "--to", "nemo",
+         "--max-shard-size", "20KB"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)}) for out in outs]
+    for child, out in zip(children, outs):
+        assert child.stdout.readline() == "writing\n", child.communicate()[1]
+        assert any(p.name.startswith(f".{out.name}.moekit-") for p in out.parent.iterdir())
+    return children
+
+
+def test_sigterm_and_sighup_clean_up_as_ctrl_c_does(qwen3, tmp_path):
+    signals = [signal.SIGTERM, signal.SIGHUP]
+    children = start_slow_converts(qwen3, [tmp_path / s.name for s in signals])
+    for child, signum in zip(children, signals):
+        child.send_signal(signum)
+        _, err = child.communicate(timeout=60)
+        assert child.returncode == 128 + signum
+        assert f"interrupted by {signum.name}" in err and "Traceback" not in err
+    assert names(tmp_path) == ["qwen3"]
+
+
+def test_a_folder_left_by_a_killed_run_is_removed_by_the_next_run(qwen3, tmp_path, caplog):
+    [child] = start_slow_converts(qwen3, [tmp_path / "out"])
+    child.kill()
+    child.communicate(timeout=60)
+    [left] = [p for p in tmp_path.iterdir() if p.name.startswith(".out.moekit-")]
+    with caplog.at_level(logging.WARNING, logger="moekit"):
+        convert(qwen3, tmp_path / "out", to="nemo")
+    assert f"removed {left}" in caplog.text
+    assert names(tmp_path) == ["out", "qwen3"]
+
+
+def test_a_leftover_not_provably_abandoned_is_kept_and_reported(qwen3, tmp_path, caplog):
+    unmarked = tmp_path / ".out.moekit-old-0123abcd"
+    shutil.copytree(qwen3, unmarked)
+    running = output.OutputFolder(tmp_path / "out")  # a run of this (live) process
+    with caplog.at_level(logging.WARNING, logger="moekit"):
+        convert(qwen3, tmp_path / "out", to="nemo")
+    assert f"found {unmarked}" in caplog.text and "no moekit marker" in caplog.text
+    assert f"found {running.folder}" in caplog.text and "still running" in caplog.text
+    assert unmarked.is_dir() and running.folder.is_dir()
+    running.discard()
+
+
+# -- file systems ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["nemo", "hf"])
+def test_a_destination_on_another_file_system(qwen3, tmp_path, tmpfs, layout):
+    """hf is copied byte range by byte range (copy_file_range refuses EXDEV across file
+    systems), nemo is built and written with direct I/O where tmpfs allows it."""
+    other = tmpfs()
+    assert other.stat().st_dev != tmp_path.stat().st_dev
+    convert(qwen3, tmp_path / "disk", to=layout)
+    convert(qwen3, other / "out", to=layout)
+    assert tree_digest(other / "out") == tree_digest(tmp_path / "disk")
+    assert names(other) == ["out"]
+
+
+def test_an_upcycle_onto_another_file_system(tmp_path, tmpfs, capsys):
+    dense = samples.save_model(samples.build_model("llama"), tmp_path / "llama")
+    other = tmpfs()
+    for out in (tmp_path / "disk", other / "out"):
+        code, _ = run_cli(capsys, "upcycle", dense, out, "--experts", "4", "--top-k", "2")
+        assert code == 0
+    assert tree_digest(other / "out") == tree_digest(tmp_path / "disk")
+
+
+def test_a_full_disk(qwen3, tmp_path, tmpfs, capsys):
+    small = tmpfs("small", "size=64k")
+    code, err = run_cli(capsys, "convert", qwen3, small / "out", "--to", "nemo")
+    assert code == 2 and str(small / "out") in err and "full" in err
+    assert names(small) == []
+
+
+def test_a_read_only_destination(qwen3, tmp_path, tmpfs, capsys):
+    read_only = tmpfs("ro", "ro,size=1m")
+    code, err = run_cli(capsys, "convert", qwen3, read_only / "out", "--to", "nemo")
+    assert code == 2 and str(read_only / "out") in err and "read-only" in err
+
+
+def test_a_busy_destination(qwen3, tmp_path, tmpfs, capsys):
+    mount_point = tmpfs("out")
+    (mount_point / "config.json").write_text("{}")
+    code, err = run_cli(capsys, "convert", qwen3, mount_point, "--to", "nemo", "--overwrite")
+    assert code == 2 and str(mount_point) in err and "busy" in err
+    assert names(mount_point) == ["config.json"] and names(tmp_path) == ["out", "qwen3"]
+
+
+def test_a_file_larger_than_the_file_system_allows(qwen3, tmp_path, capsys):
+    """RLIMIT_FSIZE makes writes past its limit fail with EFBIG, as a FAT32 disk would."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        code, err = run_cli(capsys, "convert", qwen3, tmp_path / "out", "--to", "nemo")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, xfsz)
+    assert code == 2 and "--max-shard-size" in err and names(tmp_path) == ["qwen3"]
+
+
+@pytest.mark.parametrize("code,advice", [(errno.EDQUOT, "quota"), (errno.EACCES, "permission"),
+                                         (errno.ENOSPC, "full"), (errno.EIO, "I/O error")])
+def test_each_destination_error_is_one_message(qwen3, tmp_path, capsys, monkeypatch, code,
+                                               advice):
+    def fail(plan, source, folder, *args, **kwargs):
+        raise OSError(code, os.strerror(code), str(folder / "model.safetensors"))
+
+    monkeypatch.setattr(conversion, "write_plan", fail)
+    exit_code, err = run_cli(capsys, "convert", qwen3, tmp_path / "out", "--to", "nemo")
+    assert exit_code == 2 and f"cannot write {tmp_path / 'out'}" in err and advice in err
+    assert names(tmp_path) == ["qwen3"]
+
+
+def test_an_error_reading_the_source_is_not_blamed_on_the_destination(qwen3, tmp_path, capsys,
+                                                                     monkeypatch):
+    def fail(plan, source, folder, *args, **kwargs):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(qwen3 / "model.safetensors"))
+
+    monkeypatch.setattr(conversion, "write_plan", fail)
+    with pytest.raises(PermissionError):
+        convert(qwen3, tmp_path / "out", to="nemo")
+    code, err = run_cli(capsys, "convert", qwen3, tmp_path / "out", "--to", "nemo")
+    assert code == 2 and "cannot write" not in err and str(qwen3) in err
+    assert names(tmp_path) == ["qwen3"]
+
+
+def test_other_platforms_are_refused_before_writing(qwen3, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    code, err = run_cli(capsys, "convert", qwen3, tmp_path / "out", "--to", "nemo")
+    assert code == 2 and "Linux" in err and names(tmp_path) == ["qwen3"]
+
+
+def test_the_package_declares_linux():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert "Operating System :: POSIX :: Linux" in project["classifiers"]
+
+
+# -- save_experts ---------------------------------------------------------------------------
+
+def test_save_experts_has_the_same_guarantees(qwen3, tmp_path, tmpfs, monkeypatch):
+    """On a group of one rank (the hand-over between ranks is tested in
+    test_expert_parallel): onto another file system; refusing a folder that is not a
+    checkpoint and the source's folder; keeping a destination that appears meanwhile."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import moekit.expert_parallel.save as save_module
+    from moekit import load_experts, save_experts
+
+    other = tmpfs()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("precious")
+    before = tree_digest(qwen3)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("ep",))
+        state = load_experts(qwen3, mesh)
+        save_experts(state, other / "saved", mesh, config_from=qwen3)
+        with pytest.raises(MoekitError, match="notes.txt"):
+            save_experts(state, notes, mesh, config_from=qwen3, overwrite=True)
+        with pytest.raises(MoekitError, match="inside the source"):
+            save_experts(state, qwen3, mesh, config_from=qwen3, overwrite=True)
+        write_shard = save_module.write_shard
+
+        def write_then_someone_makes_it(path, *args, **kwargs):
+            write_shard(path, *args, **kwargs)
+            (other / "appearing").mkdir()
+
+        monkeypatch.setattr(save_module, "write_shard", write_then_someone_makes_it)
+        with pytest.raises(MoekitError, match="appeared"):
+            save_experts(state, other / "appearing", mesh, config_from=qwen3)
+    finally:
+        dist.destroy_process_group()
+    assert verify(qwen3, other / "saved").equal
+    assert names(other) == ["appearing", "saved"] and names(other / "appearing") == []
+    assert names(notes) == ["notes.txt"] and tree_digest(qwen3) == before
