@@ -36,25 +36,21 @@ import secrets
 import shutil
 import socket
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+from .checkpoint import SIDECARS
 from .errors import MoekitError
 
 log = logging.getLogger("moekit")
 
-CHECKPOINT_FILES = (
-    "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
-    "pytorch_model.bin.index.json", "config.json", "generation_config.json",
-    "tokenizer*.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
-    "chat_template.*", "vocab.json", "vocab.txt", "merges.txt", "preprocessor_config.json",
-    "processor_config.json", "adapter_config.json", "configuration_*.py", "modeling_*.py",
-    "tokenization_*.py", "README.md", "LICENSE*", "USE_POLICY.md", ".gitattributes",
-)
-"""Names of the files a checkpoint folder holds (weights, the index, and the sidecar files
-the Hugging Face Hub keeps beside them, remote code included): ``overwrite`` replaces a
+CHECKPOINT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+                    "pytorch_model.bin.index.json", "adapter_config.json", ".gitattributes",
+                    *SIDECARS)
+"""Names of the files a checkpoint folder holds (weights, indexes, the sidecar files moekit
+copies, and what else the Hugging Face Hub keeps beside them): ``overwrite`` replaces a
 folder holding nothing else."""
 
 TEMP_INFIX = ".moekit-"
@@ -95,18 +91,20 @@ def require_linux() -> None:
                           f"{sys.platform}")
 
 
-def check_destination(dst: Path, src: Path | None, overwrite: bool) -> Path:
+def check_destination(dst: Path, src: Path | None, overwrite: bool,
+                      source_files: Iterable[Path] = ()) -> Path:
     """Refuse a destination that would lose data; return the folder the output will take.
 
-    Refused: the source itself, inside it or holding it; a folder holding any byte of a
-    file of the source (its symlinks resolved, hard links compared by inode: a Hugging Face
-    snapshot links into ``../../blobs/``); an existing destination unless ``overwrite``;
-    and with ``overwrite`` anything but a folder holding only a checkpoint. A symlink to a
-    folder is replaced at its target (the link is kept)."""
+    Refused: the source folder ``src`` itself, inside it or holding it; a folder holding
+    any byte of a file of the source (``source_files`` and the files at the top of ``src``,
+    their symlinks resolved, hard links compared by inode: a Hugging Face snapshot links
+    into ``../../blobs/``); an existing destination unless ``overwrite``; and with
+    ``overwrite`` anything but a folder holding only a checkpoint. A symlink to a folder is
+    replaced at its target (the link is kept)."""
     dst = Path(dst)
     target = _target(dst, overwrite)
     if src is not None:
-        _check_source(target, Path(src))
+        _check_source(target, Path(src), [*_files_at_top(Path(src)), *source_files])
     if os.path.lexists(dst):
         if not overwrite:
             raise MoekitError(f"destination {dst} already exists; pass --overwrite to replace "
@@ -126,7 +124,7 @@ def _target(dst: Path, overwrite: bool) -> Path:
     return dst.resolve()
 
 
-def _check_source(target: Path, src: Path) -> None:
+def _check_source(target: Path, src: Path, files: list[Path]) -> None:
     """Refuse a target inside the source, holding it, or holding any of its files' bytes."""
     src = src.resolve()
     if target == src or src in target.parents:
@@ -137,26 +135,25 @@ def _check_source(target: Path, src: Path) -> None:
     if not target.is_dir():
         return
     identities = {}
-    for file in _source_files(src):
+    for file in files:
         real = file.resolve()
         if target in real.parents:
             raise MoekitError(f"destination {target} holds {real}, the data of the source's "
                               f"{file.name} ({file} links there); choose another folder")
-        stat = real.stat()
-        identities[(stat.st_dev, stat.st_ino)] = file
+        with suppress(OSError):
+            stat = real.stat()
+            identities[(stat.st_dev, stat.st_ino)] = file
     for entry in os.scandir(target):
-        try:
+        with suppress(OSError):
             stat = os.stat(entry.path)
-        except OSError:
-            continue
-        same = identities.get((stat.st_dev, stat.st_ino))
-        if same is not None:
-            raise MoekitError(f"destination {target} holds {entry.name}, the same file as the "
-                              f"source's {same} (a link); choose another folder")
+            same = identities.get((stat.st_dev, stat.st_ino))
+            if same is not None:
+                raise MoekitError(f"destination {target} holds {entry.name}, the same file as "
+                                  f"the source's {same} (a link); choose another folder")
 
 
-def _source_files(src: Path) -> list[Path]:
-    """The existing files of the source folder (a file source: that file), links followed."""
+def _files_at_top(src: Path) -> list[Path]:
+    """The files at the top of the source folder (a file source: that file)."""
     entries = list(src.iterdir()) if src.is_dir() else [src]
     return [p for p in entries if p.is_file()]
 
@@ -191,13 +188,16 @@ class OutputFolder:
     """A checkpoint being written: ``folder``, beside the destination, takes its place on
     ``commit``; ``discard`` removes it."""
 
-    def __init__(self, dst: Path, src: Path | None = None, overwrite: bool = False) -> None:
-        """Check the destination, report leftovers of earlier runs, make the folder."""
+    def __init__(self, dst: Path, src: Path | None = None, overwrite: bool = False,
+                 source_files: Iterable[Path] = ()) -> None:
+        """Check the destination (see ``check_destination``), report leftovers of earlier
+        runs, make the folder."""
         require_linux()
         self.dst = Path(dst)
         self.src = src
         self.overwrite = overwrite
-        self.target = check_destination(self.dst, src, overwrite)
+        self.source_files = list(source_files)
+        self.target = check_destination(self.dst, src, overwrite, self.source_files)
         self.target.parent.mkdir(parents=True, exist_ok=True)
         clean_leftovers(self.target)
         self.folder = _make_folder(self.target)
@@ -208,7 +208,7 @@ class OutputFolder:
         (self.folder / MARKER).unlink()
         _sync_folder(self.folder)
         if self.overwrite and os.path.lexists(self.target):
-            if check_destination(self.dst, self.src, self.overwrite) != self.target:
+            if check_destination(self.dst, self.src, True, self.source_files) != self.target:
                 raise MoekitError(f"destination {self.dst} now points elsewhere than when moekit "
                                   "started writing; nothing was replaced: run again")
             self._swap()
@@ -266,14 +266,15 @@ class OutputFolder:
 
 
 @contextmanager
-def atomic_output(dst: Path, src: Path | None = None, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output(dst: Path, src: Path | None = None, overwrite: bool = False,
+                  source_files: Iterable[Path] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside ``dst``; on success it takes ``dst``'s place (see the
     module's docstring), on any failure or interrupt it is removed and ``dst`` is left as it
     was. File-system errors of the destination are raised as MoekitError."""
     dst = Path(dst)
     output = None
     try:
-        output = OutputFolder(dst, src, overwrite)
+        output = OutputFolder(dst, src, overwrite, source_files)
         yield output.folder
         output.commit()
     except BaseException as err:
