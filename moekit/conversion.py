@@ -44,11 +44,12 @@ def write_checkpoint(plan: Plan, checkpoint: Checkpoint, dst: Path, max_shard_si
                      overwrite: bool, show_progress: bool | None = None,
                      config: dict | None = None) -> None:
     """Write ``plan``'s tensors, read from ``checkpoint``'s files, as a checkpoint at
-    ``dst`` (atomically; the layout and family recorded in the safetensors metadata), with
-    the source folder's other files; ``config`` replaces its config.json."""
+    ``dst`` (with the guarantees of ``moekit.output``; the layout and family recorded in
+    the safetensors metadata), with the checkpoint's sidecar files; ``config`` replaces its
+    config.json."""
     metadata = {"format": "pt", LAYOUT_METADATA_KEY: plan.dst_layout,
                 FAMILY_METADATA_KEY: plan.family}
-    with atomic_output(dst, checkpoint.path, overwrite) as tmp:
+    with atomic_output(dst, checkpoint.path, overwrite, checkpoint.source_files()) as tmp:
         with FileSource(checkpoint) as source:
             write_plan(plan, source, tmp, parse_size(max_shard_size), metadata, show_progress)
         for extra in checkpoint.extra_files():
