@@ -98,8 +98,9 @@ class Checkpoint:
         """Read every header of the checkpoint at ``path``; raise MoekitError on bad input.
 
         A folder is read with its index, config.json and sidecar files. A single
-        ``.safetensors`` file named directly is that file alone: its folder's config.json
-        is read for detection, but none of its neighbours is copied with it.
+        ``.safetensors`` file named directly is that file alone (followed wherever it
+        links, since the user named it): its folder's config.json is read for detection,
+        but none of its neighbours is copied with it.
         """
         source = _locate(Path(path))
         tensors: dict[str, TensorInfo] = {}
