@@ -15,12 +15,13 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from .conversion import convert_state_dict, state_dict_meta
-from .executors.memory import run_plan
+from .errors import MoekitError
+from .executors.memory import checked_state_dict, run_on_state_dict
 from .expert_parallel.local import local_hf_plan
 from .expert_parallel.dtensors import ep_coordinates, shard_experts
 from .expert_parallel.ranges import rank_plan
-from .planner import analyse, understand
-from .sources import DictSource
+from .layouts import layout_named
+from .planner import analyse, checked_expert_count, family_called, understand
 
 
 class ExpertAdapter:
@@ -29,11 +30,20 @@ class ExpertAdapter:
     ``family`` is a moekit family name (``qwen3_moe``, ``mixtral``, ...) or None to
     recognise the naming from the keys; ``n_experts`` (or ``config``, a config.json dict)
     says how many experts every MoE layer must hold, so that a missing one is an error
-    rather than a smaller tensor.
+    rather than a smaller tensor. Each argument is checked here, so that a wrong one is
+    named before the first state dict arrives.
     """
 
     def __init__(self, layout: str = "nemo", family: str | None = None,
                  n_experts: int | None = None, config: dict | None = None) -> None:
+        layout_named(layout)
+        if family is not None:
+            family_called(family)
+        if n_experts is not None:
+            checked_expert_count(n_experts)
+        if config is not None and not isinstance(config, Mapping):
+            raise MoekitError(f"config is a {type(config).__name__}; expected a dict of "
+                              "config.json settings")
         self.layout = layout
         self.family = family
         self.n_experts = n_experts
@@ -49,10 +59,13 @@ class ExpertAdapter:
         """
         if device_mesh is None:
             return self._convert(state_dict, "hf", self.layout)
+        if not isinstance(device_mesh, DeviceMesh):
+            raise MoekitError(f"device_mesh is a {type(device_mesh).__name__}; expected a "
+                              "torch.distributed DeviceMesh (or None)")
         analysis = understand(state_dict_meta(state_dict), self.config, {}, "state dict",
                               from_="hf", family=self.family, n_experts=self.n_experts)
         plan = rank_plan(analysis, *ep_coordinates(device_mesh), self.layout)
-        return run_plan(plan, DictSource(state_dict), wrap_experts=lambda local: shard_experts(
+        return run_on_state_dict(plan, state_dict, lambda local: shard_experts(
             local, device_mesh, analysis.n_experts))
 
     def to_hf(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -61,11 +74,12 @@ class ExpertAdapter:
         Grouped DTensors give this rank's experts under their global indices; the
         non-expert tensors are returned on every rank.
         """
+        checked_state_dict(state_dict)
         mesh = next((t.device_mesh for t in state_dict.values() if isinstance(t, DTensor)), None)
         if mesh is None:
             return self._convert(state_dict, self.layout, "hf")
         local, _, plan = local_hf_plan(state_dict, mesh, self.layout, self.family, self.config)
-        return run_plan(plan, DictSource(local))
+        return run_on_state_dict(plan, local)
 
     def validate(self, state_dict: Mapping[str, torch.Tensor], layout: str = "hf") -> None:
         """Raise PlanError naming every missing or malformed expert of ``state_dict``."""

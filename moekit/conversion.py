@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 
 from .checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint
-from .dtypes import to_safetensors
+from .dtypes import ITEMSIZES, to_safetensors
+from .errors import MoekitError
 from .executors.device import read_plan
-from .executors.memory import run_plan
+from .executors.memory import checked_device, checked_state_dict, run_on_state_dict
 from .executors.streaming import write_plan
 from .gc_pauses import without_gc_pauses
 from .layouts import layout_named
@@ -21,7 +22,7 @@ from .output import atomic_output
 from .plan import Plan
 from .planner import analyse, analyse_checkpoint, build_plan, plan_conversion
 from .sizes import parse_size
-from .sources import DictSource, FileSource
+from .sources import FileSource
 
 
 def convert(src: str | Path, dst: str | Path, to: str, from_: str | None = None,
@@ -67,6 +68,7 @@ def load(path: str | Path, layout: str = "nemo", device: torch.device | str | No
     Validated from headers first, like ``convert``. On an accelerator the bytes go through
     a small pool of pinned host buffers and the grouped tensors are built on the device.
     """
+    checked_device(device)
     checkpoint, analysis = analyse_checkpoint(path, from_)
     return read_plan(build_plan(analysis, layout_named(layout)), checkpoint, device)
 
@@ -77,9 +79,20 @@ class _Meta:
     dtype: str
 
 
-def state_dict_meta(state_dict: Mapping[str, torch.Tensor]) -> dict[str, _Meta]:
-    """Shapes and dtypes of a state dict, in the form the planner reads headers."""
-    return {k: _Meta(tuple(v.shape), to_safetensors(v.dtype)) for k, v in state_dict.items()}
+def state_dict_meta(state_dict: Mapping[str, torch.Tensor], label: str = "state dict",
+                    allow_meta: bool = False) -> dict[str, _Meta]:
+    """Shapes and dtypes of a state dict, in the form the planner reads headers. A value
+    that is not a tensor, a dtype moekit does not handle and (unless ``allow_meta``) a
+    tensor without data are refused, naming the key."""
+    meta = {}
+    for key, value in checked_state_dict(state_dict, label, allow_meta).items():
+        try:
+            dtype = to_safetensors(value.dtype)
+        except KeyError:
+            raise MoekitError(f"{label} tensor {key} has dtype {value.dtype}, which moekit does "
+                              f"not handle (it handles {', '.join(ITEMSIZES)})") from None
+        meta[key] = _Meta(tuple(value.shape), dtype)
+    return meta
 
 
 def convert_state_dict(state_dict: Mapping[str, torch.Tensor], src_layout: str | None,
@@ -88,12 +101,10 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], src_layout: str |
     """Convert an in-memory state dict between layouts.
 
     Non-expert tensors are passed through (the same tensor objects); expert tensors are
-    built on the device of the source tensors. ``src_layout=None`` detects the layout;
-    ``family`` (a moekit family name) or ``config`` (a config.json dict) name the model
-    family when the keys alone are ambiguous.
+    built on the device of their source tensors (which must share one). ``src_layout=None``
+    detects the layout; ``family`` (a moekit family name) or ``config`` (a config.json
+    dict) name the model family when the keys alone are ambiguous.
     """
     analysis = analyse(state_dict_meta(state_dict), config, {}, "state dict", from_=src_layout,
                        family=family, n_experts=n_experts)
-    plan = build_plan(analysis, layout_named(dst_layout))
-    device = next((t.device for t in state_dict.values()), None)
-    return run_plan(plan, DictSource(state_dict), device)
+    return run_on_state_dict(build_plan(analysis, layout_named(dst_layout)), state_dict)

@@ -18,12 +18,19 @@ class MoekitError(Exception):
 
 
 class PlanError(MoekitError):
-    """Validation found problems; all of them are listed, grouped by layer, one a line."""
+    """Validation found problems, grouped by layer, one a line; the message shows the
+    first ``LISTED`` and counts the rest (``problems`` keeps them all)."""
+
+    LISTED = 20
 
     def __init__(self, headline: str, problems: list[str]) -> None:
         self.headline = headline
         self.problems = problems
-        super().__init__(headline + "\n" + "\n".join(f"  - {printable(p)}" for p in problems))
+        more = len(problems) - self.LISTED
+        lines = [f"  - {printable(p)}" for p in problems[:self.LISTED]]
+        if more > 0:
+            lines.append(f"  ... and {more} more {'problem' if more == 1 else 'problems'}")
+        super().__init__(headline + "\n" + "\n".join(lines))
 
 
 def printable(text: str, newlines: bool = False) -> str:

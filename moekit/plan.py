@@ -168,14 +168,14 @@ class Redraw(_ShapedLikePart):
 @dataclass(frozen=True)
 class Dequantize:
     """FP8 block dequantisation (DeepSeek-V3 ``weight_scale_inv``): ``weight * scale``
-    where ``scale[i, j]`` covers rows ``i*block ...`` and columns ``j*block ...`` of the
-    [out, in] weight (the last blocks may be partial); computed in float32 and rounded
+    where ``scale[i, j]`` covers rows ``i*block[0] ...`` and columns ``j*block[1] ...`` of
+    the [out, in] weight (the last blocks may be partial); computed in float32 and rounded
     once to ``dtype``."""
 
     weight: "Expr"
     scale: "Expr"
     dtype: str = "BF16"
-    block: int = 128
+    block: tuple[int, int] = (128, 128)
 
     @property
     def shape(self) -> tuple[int, ...]:

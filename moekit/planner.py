@@ -1,27 +1,53 @@
 """Building and validating conversion plans from headers alone.
 
 ``analyse`` understands a source (family, layout, MoE blocks as canonical pieces) and
-validates all of it, raising one PlanError that lists every problem grouped by layer.
-``build_plan`` then emits the destination layout's tensors from those pieces.
+validates all of it against itself and its config.json, raising one PlanError that lists
+every problem grouped by layer. ``build_plan`` then emits the destination layout's tensors
+from those pieces. No check iterates over a count a header or config declares: the work is
+bounded by the tensors present.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
-from .checkpoint import Checkpoint
+from .checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint
 from .detect import detect_family, detect_layout
 from .errors import MoekitError, PlanError, compress_ranges, plural
 from .gc_pauses import without_gc_pauses
 from .layouts import FAMILIES, LAYOUTS, ExpertBlock, Family, Layout, family_named, layout_named
 from .layouts.base import ParsedExperts, TensorMeta
-from .layouts.families import FP8_SCALE_KEY, MX_BLOCKS, MX_SCALES, SCALE
+from .layouts.families import (FP8_SCALE_KEY, GENERIC_FAMILIES, MAX_EXPERTS, MX_BLOCKS,
+                               MX_SCALES, SCALE, family_of_model_type)
+from .model_config import DEFAULT_FP8_BLOCK, ConfigValues, MoeLayers, expert_count, fp8_block
 from .output import check_destination
-from .plan import Dequantize, DequantizeMXFP4, Expr, Plan, Read, TensorPlan
+from .plan import Concat, Dequantize, DequantizeMXFP4, Expr, Plan, Read, Stack, TensorPlan, Transpose
 from .sizes import parse_size
+
+SAMPLE = 1024
+"""Keys a naming disagreement is judged on (a checkpoint is named one way throughout)."""
+SHOWN_LAYERS = 64
+"""Missing MoE layers named in a message; the rest are counted."""
+FOUND = "found"
+"""``Analysis.count_source`` of a count read off the expert numbers present."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a config says that the weights are checked against."""
+
+    source: str
+    """How messages name the config (a config.json path, or "the config given")."""
+    declared: tuple[int, str] | None
+    """(routed experts, the config key saying so), when the config says."""
+    moe_layers: MoeLayers | None
+    """The layers the config makes MoE layers, when the family's rule and config say."""
+    fp8_block: tuple[int, int]
 
 
 @dataclass
@@ -34,6 +60,15 @@ class Analysis:
     parsed: ParsedExperts
     n_experts: int
     tensors: Mapping[str, TensorMeta]
+    count_source: str = FOUND
+    """Where ``n_experts`` comes from, as messages say it (``FOUND``, "given
+    (n_experts=8)", "/x/config.json declares (num_experts)")."""
+    settings: Settings | None = None
+    whole_model: bool = False
+    """True for a checkpoint: every MoE layer its config names must be present (a state
+    dict may be one pipeline stage's part of a model)."""
+    family_source: str = "detected"
+    layout_source: str = "detected"
 
     @property
     def blocks(self) -> dict[int, ExpertBlock]:
@@ -43,45 +78,78 @@ class Analysis:
     def is_moe(self) -> bool:
         return bool(self.blocks)
 
+    @property
+    def fp8_block(self) -> tuple[int, int]:
+        return self.settings.fp8_block if self.settings else DEFAULT_FP8_BLOCK
+
 
 def understand(tensors: Mapping[str, TensorMeta], config: dict | None,
                metadata: Mapping[str, str], label: str, from_: str | None = None,
-               family: str | None = None, n_experts: int | None = None) -> Analysis:
+               family: str | None = None, n_experts: int | None = None,
+               config_file: str | None = None) -> Analysis:
     """Detect family and layout and parse the experts, without judging them.
 
     ``from_``, ``family`` and ``n_experts`` override what detection and config.json say.
+    ``config_file`` names the file ``config`` was read from: the source is then a whole
+    checkpoint, whose every MoE layer must be present; without it ``config`` is a dict
+    given by a caller, and the source may be part of a model.
     """
-    fam = _family(family) if family else detect_family(tensors, config, metadata)
-    layout = layout_named(from_) if from_ else detect_layout(tensors, fam, metadata, label)
+    fam, family_source = _choose_family(tensors, config, metadata, family)
+    settings = config_settings(config, fam, config_file or "the config given")
+    if from_:
+        layout, layout_source = layout_named(from_), "given as the source layout"
+    else:
+        layout = _detected_layout(tensors, fam, family_source, metadata, label)
+        layout_source = ("recorded in the safetensors metadata"
+                         if metadata.get(LAYOUT_METADATA_KEY) else "detected")
     parsed = layout.parse(dict(tensors), fam)
-    return Analysis(label, fam, layout, parsed, n_experts or _expert_count(parsed, fam, config),
-                    tensors)
+    count, count_source = _expert_count(parsed, settings, n_experts)
+    return Analysis(label, fam, layout, parsed, count, tensors, count_source, settings,
+                    config_file is not None, family_source, layout_source)
 
 
 def validate(analysis: Analysis, required: range | None = None,
-             where: Callable[[str], str | None] = lambda key: None) -> None:
-    """Raise one PlanError listing every problem of the experts, grouped by layer.
+             where: Callable[[str], str | None] = lambda key: None,
+             total_experts: int | None = None) -> None:
+    """Raise one MoekitError when the source's naming disagrees with its family or layout
+    as a whole, else one PlanError listing every problem of the experts, grouped by layer.
 
     ``required`` limits the completeness checks to the experts the caller will read (an
     expert-parallel rank needs only its own); ``where(key)`` names the file a key is
-    stored in, for messages.
+    stored in, for messages; ``total_experts`` is the number of router rows when the source
+    holds only some experts (an EP rank's state dict), else ``analysis.n_experts``.
     """
+    disagreement = _naming_disagreement(analysis)
+    if disagreement:
+        raise MoekitError(disagreement)
     n = analysis.n_experts
-    problems = _problems(analysis.parsed, analysis.family, analysis.layout, n, where,
-                         range(n) if required is None else required)
+    problems = _problems(analysis, where, range(n) if required is None else required,
+                         n if total_experts is None else total_experts)
     if problems:
         raise PlanError(f"{analysis.label} ({analysis.family.name}, layout "
-                        f"{analysis.layout.name}) is not a valid checkpoint:", problems)
+                        f"{analysis.layout.name}) is not a valid checkpoint:", _listed(problems))
 
 
 def analyse(tensors: Mapping[str, TensorMeta], config: dict | None,
             metadata: Mapping[str, str], label: str, from_: str | None = None,
             where: Callable[[str], str | None] = lambda key: None,
-            family: str | None = None, n_experts: int | None = None) -> Analysis:
+            family: str | None = None, n_experts: int | None = None,
+            config_file: str | None = None) -> Analysis:
     """``understand`` then ``validate`` every expert."""
-    analysis = understand(tensors, config, metadata, label, from_, family, n_experts)
+    analysis = understand(tensors, config, metadata, label, from_, family, n_experts,
+                          config_file)
     validate(analysis, where=where)
     return analysis
+
+
+def understand_checkpoint(checkpoint: Checkpoint, from_: str | None = None) -> Analysis:
+    """``understand`` a checkpoint's headers, as a whole model with its config.json."""
+    return understand(checkpoint.tensors, checkpoint.config, checkpoint.metadata,
+                      str(checkpoint.path), from_=from_, config_file=_config_file(checkpoint))
+
+
+def _config_file(checkpoint: Checkpoint) -> str:
+    return str(Path(checkpoint.path, "config.json"))
 
 
 @without_gc_pauses
@@ -89,7 +157,8 @@ def analyse_checkpoint(path: str | Path, from_: str | None = None) -> tuple[Chec
     """Read a checkpoint's headers, detect its family and layout and validate its experts."""
     checkpoint = Checkpoint.open(path)
     analysis = analyse(checkpoint.tensors, checkpoint.config, checkpoint.metadata,
-                       str(checkpoint.path), from_=from_, where=checkpoint.file_of)
+                       str(checkpoint.path), from_=from_, where=checkpoint.file_of,
+                       config_file=_config_file(checkpoint))
     return checkpoint, analysis
 
 
@@ -114,14 +183,16 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
     ``experts`` keeps only those experts of every MoE block, renumbered from ``offset``
     (an expert-parallel rank loads ``experts=its range``, and saves its local experts
     with ``offset=the range's start``). ``dequantize`` writes every FP8 weight that has
-    block scales (experts and others) as bf16, without its scales.
+    block scales (experts and others) as bf16, without its scales. Pieces that the
+    destination would join into one tensor must share a dtype: nothing is rounded.
     """
     if not analysis.is_moe and dst.name != "hf":
         raise MoekitError(
             f"the source holds no expert tensors (a dense model, family "
             f"{analysis.family.name}): the {dst.name} layout applies only to MoE checkpoints; "
             "use `moekit upcycle` to turn a dense model into an MoE")
-    blocks = {layer: _dequantized(block) if dequantize else block
+    block_size = analysis.fp8_block
+    blocks = {layer: _dequantized(block, block_size) if dequantize else block
               for layer, block in analysis.blocks.items()}
     _check_held(blocks, analysis.family, dst)
     src = analysis.layout
@@ -130,6 +201,7 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
         layer: dst.emit(select_experts(block, chosen, offset), offset + len(chosen),
                         analysis.family)
         for layer, block in sorted(blocks.items())}
+    _check_joined_dtypes(analysis, blocks, by_layer, dst)
     expert_names = {t.name for emitted in by_layer.values() for t in emitted}
     layer_of_key = {key: layer for layer, block in analysis.blocks.items()
                     for key in _source_keys(block)}
@@ -138,7 +210,7 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
         if key in layer_of_key:
             tensors.extend(by_layer.pop(layer_of_key[key], []))
         elif key not in analysis.parsed.claimed:
-            recipe = _passed_through(key, analysis.tensors, dequantize)
+            recipe = _passed_through(key, analysis.tensors, dequantize, block_size)
             if recipe is not None:
                 name = dst.from_hf_key(src.to_hf_key(key, analysis.family), analysis.family)
                 tensors.append(TensorPlan(name, recipe))
@@ -162,14 +234,58 @@ def _check_held(blocks: Mapping[int, ExpertBlock], family: Family, dst: Layout) 
                           + ("; or pass --dequantize to write bf16 weights" if quantized else ""))
 
 
-def _dequantized(block: ExpertBlock) -> ExpertBlock:
+def _check_joined_dtypes(analysis: Analysis, blocks: Mapping[int, ExpertBlock],
+                         by_layer: Mapping[int, list[TensorPlan]], dst: Layout) -> None:
+    """Refuse a destination tensor that would join pieces of different dtypes (gate BF16
+    and up F32 in one gate+up tensor): writing it would round one of them."""
+    problems = []
+    for layer, emitted in by_layer.items():
+        for tensor in emitted:
+            mixed = _mixed_dtypes(tensor.recipe)
+            if mixed:
+                held = _piece_dtypes(blocks[layer], analysis)
+                problems.append(_Problem(
+                    f"the {dst.name} layout keeps pieces of different dtypes ({held}) in one "
+                    f"tensor, {tensor.name.rsplit('.', 1)[-1]}; moekit does not round one into "
+                    "the other: convert to a layout that keeps them apart (hf), or give them "
+                    "one dtype first", layer))
+                break
+    if problems:
+        raise PlanError(f"cannot write {analysis.label} in the {dst.name} layout:",
+                        _listed(problems))
+
+
+def _mixed_dtypes(expr: Expr) -> bool:
+    """True when a stack or concatenation inside ``expr`` joins parts of different dtypes."""
+    pending = [expr]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (Stack, Concat)):
+            if len({part.dtype for part in node.parts}) > 1:
+                return True
+            pending.extend(node.parts)
+        elif isinstance(node, Transpose):
+            pending.append(node.part)
+    return False
+
+
+def _piece_dtypes(block: ExpertBlock, analysis: Analysis) -> str:
+    """Each projection's dtype in a block, e.g. ``gate_proj BF16, up_proj F32, down_proj F32``."""
+    seen: dict[str, str] = {}
+    for (piece, _), part in block.pieces.items():
+        seen.setdefault(piece, part.dtype)
+    name = _namer(analysis)
+    return ", ".join(f"{name(p)} {seen[p]}" for p in analysis.family.all_pieces if p in seen)
+
+
+def _dequantized(block: ExpertBlock, block_size: tuple[int, int]) -> ExpertBlock:
     """The block with every FP8 weight (and its scale) and every MXFP4 weight (its blocks
     and scales) replaced by the bf16 weight."""
     pieces = dict(block.pieces)
     for (piece, e), part in block.pieces.items():
         if piece.endswith(SCALE):
             weight = piece[:-len(SCALE)]
-            pieces[(weight, e)] = Dequantize(pieces[(weight, e)], part)
+            pieces[(weight, e)] = Dequantize(pieces[(weight, e)], part, block=block_size)
             del pieces[(piece, e)]
         elif piece.endswith(MX_BLOCKS):
             weight = piece[:-len(MX_BLOCKS)]
@@ -179,8 +295,8 @@ def _dequantized(block: ExpertBlock) -> ExpertBlock:
     return ExpertBlock(block.layer, block.block, pieces, names)
 
 
-def _passed_through(key: str, tensors: Mapping[str, TensorMeta], dequantize: bool
-                    ) -> Expr | None:
+def _passed_through(key: str, tensors: Mapping[str, TensorMeta], dequantize: bool,
+                    block_size: tuple[int, int]) -> Expr | None:
     """The recipe of a non-expert tensor: itself, or with ``dequantize`` an FP8 weight
     dequantised with its ``*_scale_inv`` (and None for that scale, which is dropped)."""
     meta = tensors[key]
@@ -192,7 +308,7 @@ def _passed_through(key: str, tensors: Mapping[str, TensorMeta], dequantize: boo
     scale = tensors.get(key + FP8_SCALE_KEY)
     if scale is None:
         return read
-    return Dequantize(read, Read.whole(key + FP8_SCALE_KEY, scale))
+    return Dequantize(read, Read.whole(key + FP8_SCALE_KEY, scale), block=block_size)
 
 
 def select_experts(block: ExpertBlock, experts: range, offset: int = 0) -> ExpertBlock:
@@ -225,64 +341,307 @@ def _check_unique(tensors: list[TensorPlan]) -> None:
                           "tensor already named like its converted form")
 
 
-def _family(name: str) -> Family:
-    found = family_named(name)
+# -- family, layout and config --------------------------------------------------------------
+
+def family_called(name: str) -> Family:
+    """The family named ``name``; a MoekitError lists the known ones otherwise."""
+    found = family_named(name) if isinstance(name, str) else None
     if found is None:
         known = ", ".join(f.name for f in FAMILIES)
         raise MoekitError(f"unknown model family {name!r}; known families: {known}")
     return found
 
 
-def _expert_count(parsed: ParsedExperts, family: Family, config: dict | None) -> int:
-    declared = (config or {}).get(family.expert_count_key)
-    if isinstance(declared, int) and declared > 0:
-        return declared
-    return max((max(b.experts) + 1 for b in parsed.blocks.values() if b.experts), default=0)
+def checked_expert_count(value: object) -> int:
+    """An expert count given by a caller (``n_experts``), once it is a whole number from
+    0 to ``MAX_EXPERTS``."""
+    if type(value) is not int or not 0 <= value <= MAX_EXPERTS:
+        raise MoekitError(f"n_experts is {value!r}; expected a whole number from 0 to "
+                          f"{MAX_EXPERTS}")
+    return value
 
 
-def _problems(parsed: ParsedExperts, family: Family, layout: Layout, n_experts: int,
-              where: Callable[[str], str | None], required: range) -> list[str]:
-    by_layer: dict[int, list[str]] = defaultdict(list)
-    for layer, problem in parsed.problems:
-        by_layer[layer].append(problem)
-    for layer, block in parsed.blocks.items():
-        by_layer[layer].extend(_block_problems(block, family, layout, n_experts, where, required))
-    return [f"layer {layer}: {p}" for layer in sorted(by_layer) for p in by_layer[layer]]
+def _choose_family(tensors: Mapping[str, TensorMeta], config: dict | None,
+                   metadata: Mapping[str, str], given: str | None) -> tuple[Family, str]:
+    """The family and how it was chosen, for messages. A config whose model_type is
+    another known family's contradicts the choice and is refused."""
+    model_type = (config or {}).get("model_type")
+    if given:
+        family, source = family_called(given), "given"
+    else:
+        family = detect_family(tensors, config, metadata)
+        if family_named(metadata.get(FAMILY_METADATA_KEY, "")) is family:
+            source = "recorded in the safetensors metadata"
+        elif isinstance(model_type, str) and model_type in family.model_types:
+            source = f"config.json model_type {model_type}"
+        else:
+            source = "recognised from the key names"
+    other = family_of_model_type(model_type) if isinstance(model_type, str) else None
+    if other is not None and other is not family:
+        raise MoekitError(f"the model family is {family.name} ({source}), but the config's "
+                          f"model_type {model_type} is family {other.name}'s: the config and "
+                          "the weights disagree; pass the family the weights are, or the "
+                          "config that belongs to them")
+    return family, source
 
 
-def _block_problems(block: ExpertBlock, family: Family, layout: Layout, n_experts: int,
-                    where: Callable[[str], str | None], required: range) -> list[str]:
-    def name(piece: str) -> str:
-        return family.piece_key(piece).removesuffix(".weight") if layout.name == "hf" else piece
+def _detected_layout(tensors: Mapping[str, TensorMeta], family: Family, family_source: str,
+                     metadata: Mapping[str, str], label: str) -> Layout:
+    """``detect_layout``; when no layout reads the expert tensors, the family disagreement
+    that explains it (keys named as another family's), if there is one."""
+    try:
+        return detect_layout(tensors, family, metadata, label)
+    except MoekitError as err:
+        other = _other_family(label, family, family_source, tensors, _expert_keys(tensors))
+        raise MoekitError(other or str(err)) from None
 
-    problems = []
-    missing: dict[tuple[str, ...], list[int]] = defaultdict(list)
-    needed = family.required_pieces({p for p, _ in block.pieces})
-    for e in required:
-        lacking = tuple(name(p) for p in needed if (p, e) not in block.pieces)
-        if lacking:
-            missing[lacking].append(e)
-    stored = _stored_in(block, where) if missing else ""
-    for projs, absent in missing.items():
-        problems.append(f"{plural(len(absent), 'expert')} {compress_ranges(absent)} "
-                        f"{'lacks' if len(absent) == 1 else 'lack'} {', '.join(projs)}{stored}")
-    extra = [e for e in block.experts if e >= n_experts]
-    if extra:
-        problems.append(f"{plural(len(extra), 'expert')} {compress_ranges(extra)} beyond the "
-                        f"{n_experts} experts config.json declares ({family.expert_count_key})")
-    problems.extend(_shape_problems(block, family, name, where, required))
+
+def config_settings(config: dict | None, family: Family, source: str) -> Settings | None:
+    """What ``config`` says of the experts, read through ``family``'s rules (the layer
+    rule only when the config is the family's own: its model_type, or none given), every
+    value checked; ``source`` names the config in messages."""
+    if config is None:
+        return None
+    if not isinstance(config, Mapping):
+        raise MoekitError(f"{source} is a {type(config).__name__}; expected a JSON object "
+                          "(a dict of settings)")
+    values = ConfigValues(config, source)
+    own = bool(family.model_types) and config.get("model_type") in (*family.model_types, None)
+    layers = family.moe_layers(values) if own and family.moe_layers else None
+    declared = expert_count(values, family.expert_count_keys)
+    if declared and declared[0] > MAX_EXPERTS:
+        raise MoekitError(f"{source}: {declared[1]} is {declared[0]}, more routed experts than "
+                          f"moekit plans for in a layer ({MAX_EXPERTS})")
+    return Settings(source, declared, layers, fp8_block(values))
+
+
+def _expert_count(parsed: ParsedExperts, settings: Settings | None, given: int | None
+                  ) -> tuple[int, str]:
+    """(experts per MoE layer, where that comes from): ``given``, else the config's, else
+    one more than the highest expert number found (below ``MAX_EXPERTS``)."""
+    if given is not None:
+        return checked_expert_count(given), f"given (n_experts={given})"
+    if settings is not None and settings.declared is not None:
+        count, key = settings.declared
+        return count, f"{settings.source} declares ({key})"
+    return _highest_expert(parsed), FOUND
+
+
+def _highest_expert(parsed: ParsedExperts) -> int:
+    """One more than the highest expert number below ``MAX_EXPERTS`` (higher ones are
+    reported as beyond the count)."""
+    return max((e + 1 for block in parsed.blocks.values() for _, e in block.pieces
+                if e < MAX_EXPERTS), default=0)
+
+
+# -- naming disagreements: one message, not one line per tensor ----------------------------
+
+def _naming_disagreement(analysis: Analysis) -> str | None:
+    """One message when most tensors of the experts' modules are named otherwise than the
+    family and layout read (a wrong source layout, or a config of another family), naming
+    the layout or family they fit; None when the naming agrees, or when no other reads
+    them better (their problems are then listed one by one)."""
+    parsed = analysis.parsed
+    if not parsed.claimed:
+        return _other_family(analysis.label, analysis.family, analysis.family_source,
+                             analysis.tensors, _expert_keys(analysis.tensors))
+    read = _read_keys(parsed)
+    unread = [key for key in parsed.claimed if key not in read]
+    if len(unread) * 2 <= len(parsed.claimed):
+        return None
+    sample = {key: analysis.tensors[key] for key in islice(unread, SAMPLE)}
+    scores = {name: len(_read_keys(layout.parse(dict(sample), analysis.family)))
+              for name, layout in LAYOUTS.items() if layout is not analysis.layout}
+    best = max(scores, key=lambda name: scores[name], default=None)
+    if best is None or scores[best] * 2 <= len(sample):
+        return _other_family(analysis.label, analysis.family, analysis.family_source,
+                             analysis.tensors, list(sample))
+    how = analysis.layout_source
+    advice = (f"pass --from {best} (from_='{best}'), or leave it out to detect the layout"
+              if how.startswith("given") else f"pass --from {best} (from_='{best}')")
+    return (f"{analysis.label}: the {analysis.layout.name} layout ({how}) reads "
+            f"{'none' if len(read) == 0 else f'only {len(read)}'} of the "
+            f"{len(parsed.claimed)} tensors in the {analysis.family.name} expert modules "
+            f"(e.g. {unread[0]}); the keys look like layout {best}: {advice}")
+
+
+def _other_family(label: str, ours: Family, family_source: str,
+                  tensors: Mapping[str, TensorMeta], keys: list[str]) -> str | None:
+    """The message when ``keys`` (expert-module keys family ``ours`` does not read) read as
+    other families' expert tensors; None when none reads them."""
+    if not keys:
+        return None
+    sample = {key: tensors[key] for key in keys[:SAMPLE]}
+    scores: dict[tuple[str, str], int] = {}
+    for family in (*FAMILIES, *GENERIC_FAMILIES):
+        if family is ours:
+            continue
+        for layout in LAYOUTS.values():
+            scores[(family.name, layout.name)] = len(_read_keys(layout.parse(dict(sample),
+                                                                             family)))
+    best = max(scores.values(), default=0)
+    if best * 2 <= len(sample):
+        return None
+    fits = [pair for pair, score in scores.items() if score == best]
+    families = ", ".join(dict.fromkeys(name for name, _ in fits))
+    layouts = ", ".join(dict.fromkeys(layout for _, layout in fits))
+    return (f"{label}: the model family is {ours.name} ({family_source}), whose experts are "
+            f"named {ours.block}.experts.{{expert}}.{{{','.join(ours.projections.values())}}}, "
+            f"but the expert tensors are named as in {families} ({layouts} layout), e.g. "
+            f"{keys[0]}: the family and the weights disagree; name the family the weights are "
+            "(family=), or fix config.json's model_type")
+
+
+def _expert_keys(tensors: Mapping[str, TensorMeta]) -> list[str]:
+    """Up to ``SAMPLE`` keys inside some experts module (``.experts.``)."""
+    return list(islice((key for key in tensors if ".experts." in key), SAMPLE))
+
+
+def _read_keys(parsed: ParsedExperts) -> set[str]:
+    """The source keys a parse read expert pieces from."""
+    return {key for block in parsed.blocks.values() for key in _source_keys(block)}
+
+
+# -- validation ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Problem:
+    """One problem: its text, the layer it concerns, the files that hold it."""
+
+    text: str
+    layer: int | None = None
+    files: tuple[str, ...] = ()
+    stored: bool = False
+    """True when ``files`` are where the layer is stored (not the named tensor's file)."""
+
+    def line(self, layers: list[int] | None = None, files: tuple[str, ...] | None = None) -> str:
+        """The problem's line, or the line of the same problem in ``layers``."""
+        layers = [self.layer] if layers is None and self.layer is not None else layers or []
+        files = self.files if files is None else files
+        head = (f"{plural(len(layers), 'layer')} {compress_ranges(layers)}: " if layers else "")
+        if not files:
+            return head + self.text
+        where = ("layers stored in " if len(layers) > 1 else "layer stored in ") \
+            if self.stored else "in "
+        shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more files"
+                                         if len(files) > 3 else "")
+        return f"{head}{self.text} ({where}{shown})"
+
+
+def _listed(problems: list[_Problem]) -> list[str]:
+    """One line per problem, in layer order; when there are more than PlanError shows, the
+    same problem in several layers is one line (``layers 0-47: experts 6-7 lack ...``)."""
+    ordered = sorted(problems, key=lambda p: -1 if p.layer is None else p.layer)
+    if len(ordered) <= PlanError.LISTED:
+        return [p.line() for p in ordered]
+    groups: dict[tuple[str, bool], list[_Problem]] = {}
+    for problem in ordered:
+        groups.setdefault((problem.text, problem.stored), []).append(problem)
+    lines = []
+    for same in groups.values():
+        layers = sorted({p.layer for p in same if p.layer is not None})
+        files = tuple(sorted({f for p in same for f in p.files}))
+        lines.append(same[0].line(layers or None, files))
+    return lines
+
+
+def _problems(analysis: Analysis, where: Callable[[str], str | None], required: range,
+              router_rows: int) -> list[_Problem]:
+    problems = _layer_problems(analysis)
+    problems += [_Problem(text, layer) for layer, text in analysis.parsed.problems]
+    for block in analysis.blocks.values():
+        problems += _block_problems(block, analysis, where, required, router_rows)
+    problems += _loose_scale_problems(analysis, where)
     return problems
 
 
-def _stored_in(block: ExpertBlock, where: Callable[[str], str | None]) -> str:
-    """The ``" (layer stored in FILES)"`` of a message, or "" when ``where`` knows none."""
-    files = sorted({f for f in (where(n.split("[", 1)[0]) for n in block.names.values()) if f})
-    return f" (layer stored in {', '.join(files)})" if files else ""
+def _namer(analysis: Analysis) -> Callable[[str], str]:
+    """How messages name a piece: by its HF key part for an HF source, else canonically."""
+    family = analysis.family
+    if analysis.layout.name == "hf":
+        return lambda piece: family.piece_key(piece).removesuffix(".weight")
+    return lambda piece: piece
+
+
+def _block_problems(block: ExpertBlock, analysis: Analysis, where: Callable[[str], str | None],
+                    required: range, router_rows: int) -> list[_Problem]:
+    name = _namer(analysis)
+    problems = _missing_pieces(block, analysis.family, name, where, required)
+    n_experts = analysis.n_experts
+    extra = sorted({e for _, e in block.pieces if e >= n_experts})
+    if extra:
+        limit = (f"{MAX_EXPERTS} experts moekit plans for in a layer"
+                 if analysis.count_source == FOUND else
+                 f"{n_experts} experts {analysis.count_source}")
+        problems.append(_Problem(f"{plural(len(extra), 'expert')} {compress_ranges(extra)} "
+                                 f"beyond the {limit}", block.layer))
+    problems += _shape_problems(block, analysis.family, name, where, required)
+    problems += _scale_problems(block, name, analysis.fp8_block, required)
+    problems += _router_problems(block, analysis, router_rows)
+    return problems
+
+
+def _missing_pieces(block: ExpertBlock, family: Family, name: Callable[[str], str],
+                    where: Callable[[str], str | None], required: range) -> list[_Problem]:
+    """Required experts that lack pieces, grouped by what they lack. Experts wholly absent
+    are found as the gaps between present ones, so a count of a billion costs nothing."""
+    held: dict[int, set[str]] = defaultdict(set)
+    for piece, e in block.pieces:
+        held[e].add(piece)
+    needed = family.required_pieces({p for p, _ in block.pieces})
+    present = sorted(e for e in held if e in required)
+    lacking: dict[tuple[str, ...], list[tuple[int, int]]] = defaultdict(list)
+    for e in present:
+        absent = tuple(name(p) for p in needed if p not in held[e])
+        if absent:
+            lacking[absent].append((e, e))
+    gaps = _gaps(required, present)
+    if gaps:
+        lacking[tuple(name(p) for p in needed)].extend(gaps)
+    if not lacking:
+        return []
+    files = _stored_in(block, where)
+    problems = []
+    for projs, runs in sorted(lacking.items(), key=lambda item: min(item[1])):
+        count = sum(stop - start + 1 for start, stop in runs)
+        problems.append(_Problem(f"{plural(count, 'expert')} {_runs(runs)} "
+                                 f"{'lacks' if count == 1 else 'lack'} {', '.join(projs)}",
+                                 block.layer, files, stored=True))
+    return problems
+
+
+def _gaps(required: range, present: list[int]) -> list[tuple[int, int]]:
+    """The runs (first, last) of ``required`` (a step-1 range) not in sorted ``present``."""
+    runs, start = [], required.start
+    for e in present:
+        if e > start:
+            runs.append((start, e - 1))
+        start = e + 1
+    if start < required.stop:
+        runs.append((start, required.stop - 1))
+    return runs
+
+
+def _runs(runs: list[tuple[int, int]]) -> str:
+    """``[(0, 2), (5, 5), (3, 3)] -> "0-3, 5"``."""
+    merged: list[list[int]] = []
+    for start, stop in sorted(runs):
+        if merged and start <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([start, stop])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in merged)
+
+
+def _stored_in(block: ExpertBlock, where: Callable[[str], str | None]) -> tuple[str, ...]:
+    """The files a block's tensors are stored in (none when ``where`` knows none)."""
+    return tuple(sorted({f for f in map(where, _source_keys(block)) if f}))
 
 
 def _shape_problems(block: ExpertBlock, family: Family, name: Callable[[str], str],
-                    where: Callable[[str], str | None], required: range) -> list[str]:
-    """Required experts whose shape or dtype differs from the other experts' (the majority)."""
+                    where: Callable[[str], str | None], required: range) -> list[_Problem]:
+    """Required experts whose shape or dtype differs from the other experts' (the majority),
+    pieces that hold no elements, and gate, up and down that do not fit together."""
     problems = []
     expected: dict[str, tuple] = {}
     by_piece: dict[str, dict[int, tuple]] = defaultdict(dict)
@@ -294,6 +653,9 @@ def _shape_problems(block: ExpertBlock, family: Family, name: Callable[[str], st
             continue
         common, _ = Counter(found.values()).most_common(1)[0]
         expected[proj] = common
+        if 0 in common[0]:
+            problems.append(_Problem(f"{name(proj)} is {list(common[0])} {common[1]}: the "
+                                     "experts' weights hold no elements", block.layer))
         odd = defaultdict(list)
         for e, got in found.items():
             if got != common and e in required:
@@ -301,14 +663,136 @@ def _shape_problems(block: ExpertBlock, family: Family, name: Callable[[str], st
         for (shape, dtype), experts in odd.items():
             key = block.names[(proj, experts[0])].split("[", 1)[0]
             file = where(key)
-            problems.append(
+            problems.append(_Problem(
                 f"{plural(len(experts), 'expert')} {compress_ranges(experts)} {name(proj)} "
                 f"{'is' if len(experts) == 1 else 'are'} {list(shape)} {dtype}, the other "
-                f"experts {list(common[0])} {common[1]}" + (f" (in {file})" if file else ""))
+                f"experts {list(common[0])} {common[1]}", block.layer, (file,) if file else ()))
     gate, up, down = (expected.get(p) for p in ("gate", "up", "down"))
     if gate and up and gate[0] != up[0]:
-        problems.append(f"{name('gate')} {list(gate[0])} and {name('up')} {list(up[0])} differ in shape")
+        problems.append(_Problem(f"{name('gate')} {list(gate[0])} and {name('up')} "
+                                 f"{list(up[0])} differ in shape", block.layer))
     if up and down and tuple(reversed(up[0])) != down[0]:
-        problems.append(f"{name('down')} is {list(down[0])}, expected {list(reversed(up[0]))} "
-                        f"(the transpose of {name('up')})")
+        problems.append(_Problem(f"{name('down')} is {list(down[0])}, expected "
+                                 f"{list(reversed(up[0]))} (the transpose of {name('up')})",
+                                 block.layer))
     return problems
+
+
+def _fp8_scale_shape(weight: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:
+    """The shape of the block scales of an [out, in] FP8 weight."""
+    return math.ceil(weight[0] / block[0]), math.ceil(weight[1] / block[1])
+
+
+def _scale_problems(block: ExpertBlock, name: Callable[[str], str], block_size: tuple[int, int],
+                    required: range) -> list[_Problem]:
+    """Expert FP8 scales whose shape is not [ceil(out/rows), ceil(in/columns)] of their
+    weight (a scale that does not cover its weight dequantises to wrong values)."""
+    wrong: dict[tuple, list[int]] = defaultdict(list)
+    for (piece, e), scale in block.pieces.items():
+        if not piece.endswith(SCALE) or e not in required:
+            continue
+        weight = block.pieces.get((piece[:-len(SCALE)], e))
+        if weight is None or len(weight.shape) != 2:
+            continue
+        expected = _fp8_scale_shape(tuple(weight.shape), block_size)
+        if tuple(scale.shape) != expected:
+            wrong[(piece, tuple(scale.shape), tuple(weight.shape), expected)].append(e)
+    return [_Problem(f"{plural(len(experts), 'expert')} {compress_ranges(experts)} "
+                     f"{name(piece)} {'is' if len(experts) == 1 else 'are'} {list(got)}; the "
+                     f"block scales of a {list(weight)} weight are {list(expected)} "
+                     f"({_block_rule(block_size)})", block.layer)
+            for (piece, got, weight, expected), experts in wrong.items()]
+
+
+def _block_rule(block_size: tuple[int, int]) -> str:
+    return f"ceil(out/{block_size[0]}) x ceil(in/{block_size[1]})"
+
+
+def _loose_scale_problems(analysis: Analysis, where: Callable[[str], str | None]
+                          ) -> list[_Problem]:
+    """The same check for FP8 scales outside the experts (attention, dense MLP, ...)."""
+    problems = []
+    for key, scale in analysis.tensors.items():
+        if not key.endswith(FP8_SCALE_KEY) or key in analysis.parsed.claimed:
+            continue
+        weight = analysis.tensors.get(key[:-len(FP8_SCALE_KEY)])
+        if weight is None or len(weight.shape) != 2 or not weight.dtype.startswith("F8"):
+            continue
+        expected = _fp8_scale_shape(tuple(weight.shape), analysis.fp8_block)
+        if tuple(scale.shape) != expected:
+            file = where(key)
+            problems.append(_Problem(
+                f"{key} is {list(scale.shape)}; the block scales of a {list(weight.shape)} "
+                f"weight are {list(expected)} ({_block_rule(analysis.fp8_block)})",
+                files=(file,) if file else ()))
+    return problems
+
+
+def _router_problems(block: ExpertBlock, analysis: Analysis, rows: int) -> list[_Problem]:
+    """The router must have a row per expert (and a column per hidden feature); its bias
+    and score-correction bias an entry per expert."""
+    family, layout = analysis.family, analysis.layout
+    router = f"{block.block}.{family.router}"
+    base = router.removesuffix("weight")
+    hidden = next((part.shape[1] for (piece, _), part in block.pieces.items()
+                   if piece in ("gate", "up") and len(part.shape) == 2), None)
+    checks = [(router, (rows, hidden) if hidden else None)]
+    checks += [(base + suffix, (rows,)) for suffix in ("bias", "e_score_correction_bias")]
+    problems = []
+    for hf_key, expected in checks:
+        key = layout.from_hf_key(hf_key, family)
+        meta = analysis.tensors.get(key)
+        if meta is None:
+            continue
+        shape = tuple(meta.shape)
+        if expected is None:
+            bad = len(shape) != 2 or shape[0] != rows
+            expected_text = f"[{rows}, H]"
+        else:
+            bad = shape != expected
+            expected_text = str(list(expected))
+        if bad:
+            problems.append(_Problem(f"router {key} is {list(shape)}, expected {expected_text} "
+                                     f"for the {rows} experts {analysis.count_source}",
+                                     block.layer))
+    return problems
+
+
+def _layer_problems(analysis: Analysis) -> list[_Problem]:
+    """MoE layers against the config: none beyond its decoder layers and, in a whole
+    checkpoint, experts in exactly the layers its family's rule makes MoE layers."""
+    settings = analysis.settings
+    rule = settings.moe_layers if settings else None
+    if rule is None:
+        return []
+    found = sorted(analysis.blocks)
+    problems = []
+    beyond = [layer for layer in found if layer >= rule.count and layer not in rule.extra]
+    if beyond:
+        problems.append(_Problem(
+            f"{_layers(beyond)} {'holds' if len(beyond) == 1 else 'hold'} experts, but "
+            f"{settings.source} gives the model {rule.count} decoder layers ({rule.rule})"))
+    if not analysis.whole_model:
+        return problems
+    dense = [layer for layer in found if layer < rule.count and not rule.is_moe(layer)]
+    if dense:
+        problems.append(_Problem(
+            f"{_layers(dense)} {'holds' if len(dense) == 1 else 'hold'} experts, but "
+            f"{settings.source} makes {'it a dense layer' if len(dense) == 1 else 'them dense'}"
+            f" ({rule.rule})"))
+    if analysis.n_experts:
+        present = set(found)
+        total = rule.size - sum(1 for layer in present if layer < rule.count and rule.is_moe(layer))
+        missing = list(islice((layer for layer in rule.expected() if layer not in present),
+                              SHOWN_LAYERS))
+        if missing:
+            more = f" and {total - len(missing)} more" if total > len(missing) else ""
+            problems.append(_Problem(
+                f"{_layers(missing)}{more} {'holds' if total == 1 else 'hold'} no expert "
+                f"tensors, but {settings.source} makes "
+                f"{'it an MoE layer' if total == 1 else 'them MoE layers'} ({rule.rule})"))
+    return problems
+
+
+def _layers(layers: list[int]) -> str:
+    return f"{plural(len(layers), 'layer')} {compress_ranges(layers)}"

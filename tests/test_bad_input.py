@@ -174,7 +174,7 @@ def test_undetectable_layout_names_the_tensor(qwen3, tmp_path, capsys):
 
 def test_unknown_expert_count_mismatch_with_config(qwen3, tmp_path, capsys):
     config = json.loads((qwen3 / "config.json").read_text())
-    config["num_experts"] = 8
+    config["num_experts"] = config["num_local_experts"] = 8  # both names transformers reads
     (qwen3 / "config.json").write_text(json.dumps(config))
     err = run_failing(capsys, ["convert", str(qwen3), str(tmp_path / "o"), "--to", "nemo"],
                       tmp_path, qwen3)

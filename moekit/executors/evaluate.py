@@ -17,6 +17,7 @@ from weakref import WeakKeyDictionary
 import torch
 
 from ..dtypes import to_torch
+from ..errors import MoekitError
 from ..plan import (FP4_VALUES, Concat, Constant, Dequantize, DequantizeMXFP4, Expr, Random,
                     Read, Redraw, Scale, Stack, Transpose)
 from ..sources import TensorSource
@@ -37,7 +38,7 @@ def materialize(expr: Expr, source: TensorSource, device: torch.device | str | N
 def fill(expr: Expr, out: torch.Tensor, source: TensorSource) -> None:
     """Write the value of ``expr`` into ``out`` (a tensor or view of ``expr``'s shape)."""
     if isinstance(expr, Read):
-        out.copy_(source.read(expr))
+        out.copy_(_checked(source.read(expr), expr, out))
     elif isinstance(expr, Transpose):
         fill(expr.part, out.transpose(-2, -1), source)
     elif isinstance(expr, Stack):
@@ -59,6 +60,17 @@ def fill(expr: Expr, out: torch.Tensor, source: TensorSource) -> None:
         _fill_mxfp4(expr, out, source)
     else:
         raise TypeError(f"not a recipe node: {expr!r}")
+
+
+def _checked(value: torch.Tensor, read: Read, out: torch.Tensor) -> torch.Tensor:
+    """``value`` once it has the shape and dtype of its place: ``copy_`` would broadcast a
+    smaller tensor or round another dtype without a word (a source changed after its plan
+    was made)."""
+    if value.shape != out.shape or value.dtype != out.dtype:
+        raise MoekitError(f"{read.key} gave {list(value.shape)} {value.dtype} where the plan "
+                          f"expects {list(out.shape)} {out.dtype}; was the tensor changed after "
+                          "the plan was made?")
+    return value
 
 
 def _fill_stack(expr: Stack, out: torch.Tensor, source: TensorSource) -> None:
@@ -146,8 +158,8 @@ def _fill_dequantize(expr: Dequantize, out: torch.Tensor, source: TensorSource) 
     weight = materialize(expr.weight, source, out.device).float()
     scale = materialize(expr.scale, source, out.device).float()
     rows, cols = weight.shape[-2:]
-    full = scale.repeat_interleave(expr.block, -2)[..., :rows, :]
-    full = full.repeat_interleave(expr.block, -1)[..., :cols]
+    full = scale.repeat_interleave(expr.block[0], -2)[..., :rows, :]
+    full = full.repeat_interleave(expr.block[1], -1)[..., :cols]
     out.copy_(weight * full)
 
 

@@ -8,9 +8,11 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..checkpoint import Checkpoint
+from ..errors import MoekitError
 from ..executors.device import read_plan
+from ..executors.memory import checked_device
 from ..gc_pauses import without_gc_pauses
-from ..planner import understand
+from ..planner import understand_checkpoint
 from .dtensors import ep_coordinates, shard_experts
 from .ranges import rank_plan
 
@@ -30,9 +32,12 @@ def load_experts(path: str | Path, device_mesh: DeviceMesh, layout: str = "nemo"
     ``device`` (e.g. "cuda"), bytes go through a small pool of pinned buffers straight to
     the device, where the grouped tensors are built.
     """
+    checked_device(device)
+    if not isinstance(device_mesh, DeviceMesh):
+        raise MoekitError(f"device_mesh is a {type(device_mesh).__name__}; expected a "
+                          "torch.distributed DeviceMesh")
     checkpoint = Checkpoint.open(path)
-    analysis = understand(checkpoint.tensors, checkpoint.config, checkpoint.metadata,
-                          str(checkpoint.path), from_=from_)
+    analysis = understand_checkpoint(checkpoint, from_)
     plan = rank_plan(analysis, *ep_coordinates(device_mesh), layout, checkpoint.file_of)
     return read_plan(plan, checkpoint, device,
                      lambda local: shard_experts(local, device_mesh, analysis.n_experts))

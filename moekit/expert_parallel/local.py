@@ -10,6 +10,7 @@ from torch.distributed.tensor import DTensor
 
 from ..conversion import state_dict_meta
 from ..errors import MoekitError
+from ..executors.memory import checked_state_dict
 from ..layouts import HF
 from ..plan import Plan
 from ..planner import build_plan, understand, validate
@@ -25,15 +26,18 @@ def local_hf_plan(state_dict: Mapping[str, torch.Tensor], mesh: DeviceMesh, layo
     The plan names this rank's experts by their global index; non-expert tensors are in
     it too (the caller decides which rank writes them).
     """
+    if not isinstance(mesh, DeviceMesh):
+        raise MoekitError(f"device_mesh is a {type(mesh).__name__}; expected a "
+                          "torch.distributed DeviceMesh")
     size, rank = ep_coordinates(mesh)
-    local, n_experts, n_local = _local_tensors(state_dict, mesh)
+    local, n_experts, n_local = _local_tensors(checked_state_dict(state_dict), mesh)
     mine = expert_range(n_experts, size, rank)
     if n_local != len(mine):
         raise MoekitError(f"EP rank {rank} holds {n_local} experts; the rule gives it "
                           f"{len(mine)} of {n_experts}")
     analysis = understand(state_dict_meta(local), config, {}, f"EP rank {rank} state dict",
                           from_=layout, family=family, n_experts=n_local)
-    validate(analysis)
+    validate(analysis, total_experts=n_experts)
     return local, n_experts, build_plan(analysis, HF, offset=mine.start)
 
 

@@ -22,6 +22,9 @@ from ..planner import Analysis, build_plan, validate
 
 def expert_range(n_experts: int, ep_size: int, ep_rank: int) -> range:
     """The contiguous experts rank ``ep_rank`` of ``ep_size`` owns (``torch.chunk`` rule)."""
+    for name, value in (("n_experts", n_experts), ("ep_size", ep_size), ("ep_rank", ep_rank)):
+        if type(value) is not int:
+            raise MoekitError(f"{name} is {value!r}; expected a whole number")
     if not 0 < ep_size <= n_experts:
         raise MoekitError(f"cannot split {n_experts} experts over {ep_size} ranks "
                           "(need 1 <= ep_size <= n_experts)")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..checkpoint import Checkpoint, read_config
 from ..errors import MoekitError
-from ..planner import Analysis, understand
+from ..layouts import family_of_model_type
+from ..planner import Analysis, config_settings, understand, understand_checkpoint
 from .ranges import expert_range, rank_plan
 
 
@@ -32,6 +33,9 @@ def ep_report(path: str | Path, ep_size: int, layout: str = "nemo") -> list[Rank
     """Per-rank experts, bytes read and peak memory for loading ``path`` on ``ep_size``
     ranks. ``path`` is a checkpoint, or a config.json (or a folder holding only one):
     then shapes come from the model transformers builds on the meta device, no weights."""
+    if type(ep_size) is not int or ep_size < 1:
+        raise MoekitError(f"the expert-parallel group size is {ep_size!r}; expected a whole "
+                          "number of ranks, at least 1")
     analysis = _analysis(Path(path))
     out = []
     for rank in range(ep_size):
@@ -65,18 +69,22 @@ def _analysis(path: Path) -> Analysis:
     """Headers of a checkpoint, or the meta-device model of a bare config.json."""
     config_only = path.suffix == ".json" or (path.is_dir() and not any(path.glob("*.safetensors")))
     if not config_only:
-        checkpoint = Checkpoint.open(path)
-        return understand(checkpoint.tensors, checkpoint.config, checkpoint.metadata,
-                          str(checkpoint.path))
+        return understand_checkpoint(Checkpoint.open(path))
     folder, name = (path.parent, path.name) if path.suffix == ".json" else (path, "config.json")
     config = read_config(folder, name)
     if config is None:
         raise MoekitError(f"{path} is neither a checkpoint nor a config.json")
-    return understand(_meta_headers(config), config, {}, str(folder / name),
-                      from_="transformers")
+    source = str(folder / name)
+    if not isinstance(config, dict):
+        raise MoekitError(f"{source} holds a JSON {type(config).__name__}, not an object")
+    family = family_of_model_type(config.get("model_type"))
+    if family is not None:
+        config_settings(config, family, source)  # its counts, checked before a model is built
+    return understand(_meta_headers(config, source), config, {}, source,
+                      from_="transformers", config_file=source)
 
 
-def _meta_headers(config: dict) -> dict:
+def _meta_headers(config: dict, source: str) -> dict:
     """Shapes and dtypes of the state dict transformers builds for ``config``, on the meta
     device (no memory). Only this path imports torch and transformers."""
     try:
@@ -87,8 +95,12 @@ def _meta_headers(config: dict) -> dict:
     except ImportError as err:
         raise MoekitError("planning from a config.json alone needs transformers") from err
     settings = {k: v for k, v in config.items() if k != "quantization_config"}
-    model_config = AutoConfig.for_model(**settings)
-    dtype = getattr(model_config, "dtype", None) or torch.bfloat16
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
-    return state_dict_meta(model.state_dict())
+    try:
+        model_config = AutoConfig.for_model(**settings)
+        dtype = getattr(model_config, "dtype", None) or torch.bfloat16
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+    except Exception as err:  # transformers' own errors on a config it cannot build
+        raise MoekitError(f"transformers cannot build the model {source} describes: "
+                          f"{type(err).__name__}: {err}") from None
+    return state_dict_meta(model.state_dict(), allow_meta=True)

@@ -15,10 +15,9 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (HF, NEMO, TRANS
 
 def layout_named(name: str) -> Layout:
     """The layout called ``name``; a MoekitError lists the known ones otherwise."""
-    try:
-        return LAYOUTS[name]
-    except KeyError:
-        raise MoekitError(f"unknown layout {name!r}; known layouts: {', '.join(LAYOUTS)}") from None
+    if not isinstance(name, str) or name not in LAYOUTS:
+        raise MoekitError(f"unknown layout {name!r}; known layouts: {', '.join(LAYOUTS)}")
+    return LAYOUTS[name]
 
 
 __all__ = [

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..model_config import (LayerRule, after_dense_prefix, block_types, every_layer,
+                            listed_or_interleaved, sparse_step)
+
 PROJECTIONS = ("gate", "up", "down")
 """Canonical projection names: gate (w1, activated), up (w3, multiplied), down (w2)."""
 BIAS = "_bias"
@@ -24,6 +27,13 @@ FP8_SCALE_KEY, MXFP4_BLOCKS_KEY, MXFP4_SCALES_KEY = "_scale_inv", "_blocks", "_s
 (``gate_up_proj`` -> ``gate_up_proj_blocks``) takes for its FP8 scales or MXFP4 tensors."""
 QUANTIZED_KEYS = {SCALE: FP8_SCALE_KEY, MX_BLOCKS: MXFP4_BLOCKS_KEY, MX_SCALES: MXFP4_SCALES_KEY}
 """Quantisation piece suffix -> the key suffix its tensors carry."""
+MAX_EXPERTS = 1 << 16
+"""The most routed experts per layer moekit plans for (about a hundred times the largest
+released MoE's), so that a header or config declaring millions of tiny experts is refused
+at once instead of planned one expert at a time."""
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+"""The config.json names of the routed-expert count across transformers' MoE models; a
+config of a model type moekit does not know is read through all of them."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +49,8 @@ class Family:
     """Canonical projection -> on-disk module name, e.g. ``{"gate": "w1", ...}``; a
     non-gated family has no ``gate``."""
     expert_count_key: str
-    """The ``config.json`` entry holding the number of routed experts."""
+    """The ``config.json`` entry holding the number of routed experts (what transformers'
+    config class declares)."""
     router: str = "gate.weight"
     """The router weight, relative to the block."""
     shared_expert: str | None = None
@@ -54,6 +65,17 @@ class Family:
     """Per grouped layout: gate and up interleaved rather than concatenated (GPT-OSS)."""
     biases: bool = False
     """True when every expert projection has a bias (GPT-OSS)."""
+    count_aliases: tuple[str, ...] = ()
+    """Other config.json names of the expert count: transformers' ``attribute_map``
+    aliases of ``expert_count_key``, which checkpoints on the Hub also carry."""
+    moe_layers: LayerRule | None = None
+    """Which decoder layers config.json makes MoE layers (``first_k_dense_replace``,
+    ``decoder_sparse_step``, ...); None when the config's layers are not known."""
+
+    @property
+    def expert_count_keys(self) -> tuple[str, ...]:
+        """Every config.json name of the routed-expert count, the declared one first."""
+        return (self.expert_count_key, *self.count_aliases)
 
     @property
     def pieces(self) -> tuple[str, ...]:
@@ -103,16 +125,20 @@ _MIXTRAL_BLOCK = "model.layers.{layer}.block_sparse_moe"
 
 FAMILIES: tuple[Family, ...] = (
     Family("qwen2_moe", ("qwen2_moe",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_experts",
-           shared_expert="shared_expert"),
-    Family("qwen3_moe", ("qwen3_moe",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_experts"),
-    Family("olmoe", ("olmoe",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_experts"),
+           shared_expert="shared_expert", moe_layers=sparse_step),
+    Family("qwen3_moe", ("qwen3_moe",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_experts",
+           count_aliases=("num_local_experts",), moe_layers=sparse_step),
+    Family("olmoe", ("olmoe",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_experts",
+           count_aliases=("num_local_experts",), moe_layers=every_layer),
     Family("deepseek_v3", ("deepseek_v3",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "n_routed_experts",
-           shared_expert="shared_experts"),
+           shared_expert="shared_experts", count_aliases=("num_local_experts",),
+           moe_layers=after_dense_prefix),
     Family("mixtral", ("mixtral",), _MIXTRAL_BLOCK, _MIXTRAL_PROJECTIONS, "num_local_experts",
-           renames={"transformers": ((".block_sparse_moe.", ".mlp."),)}),
+           renames={"transformers": ((".block_sparse_moe.", ".mlp."),)},
+           count_aliases=("num_experts",), moe_layers=every_layer),
     Family("phimoe", ("phimoe",), _MIXTRAL_BLOCK, _MIXTRAL_PROJECTIONS, "num_local_experts",
            renames={"transformers": ((".block_sparse_moe.gate.weight", ".mlp.router.weight"),
-                                     (".block_sparse_moe.", ".mlp."))}),
+                                     (".block_sparse_moe.", ".mlp."))}, moe_layers=every_layer),
     # Llama 4 (text) keeps its experts grouped on disk, as its model does in memory:
     # feed_forward.experts.gate_up_proj [E,H,2I] (gate then up) and down_proj [E,I,H], i.e.
     # the transformers layout in the [E, in, out] orientation. Its per-expert HF view is
@@ -121,22 +147,26 @@ FAMILIES: tuple[Family, ...] = (
     # under backbone.layers.N.mixer on disk and model.layers.N.mixer in memory.
     Family("nemotron_h", ("nemotron_h",), "backbone.layers.{layer}.mixer",
            {"up": "up_proj", "down": "down_proj"}, "n_routed_experts",
-           shared_expert="shared_experts", renames={"transformers": (("backbone.", "model."),)}),
+           shared_expert="shared_experts", renames={"transformers": (("backbone.", "model."),)},
+           count_aliases=("num_local_experts",), moe_layers=block_types),
     # GPT-OSS keeps its experts grouped on disk as its model does in memory: gate_up_proj
     # [E,H,2I] with gate and up interleaved, biases gate_up_proj_bias [E,2I] (same
     # interleave) and down_proj_bias [E,H]: the transformers layout, transposed and
     # interleaved. Its per-expert HF view adds experts.{e}.{gate,up,down}_proj.bias.
     Family("gpt_oss", ("gpt_oss",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_local_experts",
            router="router.weight", transposed={"transformers": True},
-           interleaved={"transformers": True}, biases=True),
+           interleaved={"transformers": True}, biases=True, count_aliases=("num_experts",),
+           moe_layers=every_layer),
     Family("llama4", ("llama4_text",), "model.layers.{layer}.feed_forward", _QWEN_PROJECTIONS,
            "num_local_experts", router="router.weight", shared_expert="shared_expert",
-           transposed={"transformers": True}),
+           transposed={"transformers": True}, moe_layers=listed_or_interleaved),
 )
 
 GENERIC_FAMILIES: tuple[Family, ...] = (
-    Family("qwen_style", (), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_experts"),
-    Family("mixtral_style", (), _MIXTRAL_BLOCK, _MIXTRAL_PROJECTIONS, "num_local_experts"),
+    Family("qwen_style", (), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_experts",
+           count_aliases=EXPERT_COUNT_KEYS[1:]),
+    Family("mixtral_style", (), _MIXTRAL_BLOCK, _MIXTRAL_PROJECTIONS, "num_local_experts",
+           count_aliases=tuple(k for k in EXPERT_COUNT_KEYS if k != "num_local_experts")),
 )
 """Used when config.json is absent or names a family moekit does not know: the naming
 is recognised from the keys and the expert count from the tensors."""

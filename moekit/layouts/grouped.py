@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 
 from ..plan import Concat, Expr, Read, Stack, TensorPlan, Transpose
 from .base import ExpertBlock, Layout, ParsedExperts, TensorMeta
-from .families import FP8_SCALE_KEY, MX_BLOCKS, MX_SCALES, QUANTIZED_KEYS, SCALE, Family
+from .families import (FP8_SCALE_KEY, MAX_EXPERTS, MX_BLOCKS, MX_SCALES, QUANTIZED_KEYS,
+                       SCALE, Family)
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,11 @@ class GroupedLayout(Layout):
         dims = spec.piece_dims + 1
         if len(shape) != dims:
             return f"{key} has shape {list(shape)}; this grouped expert tensor has {dims} dimensions"
+        if shape[0] > MAX_EXPERTS:
+            return (f"{key} has shape {list(shape)}: {shape[0]} experts, more than the "
+                    f"{MAX_EXPERTS} moekit plans for in a layer")
+        if 0 in shape[1:]:
+            return f"{key} has shape {list(shape)}: its experts hold no elements"
         n = len(spec.projections)
         out_size = shape[spec.out_dim]
         if out_size % n:
