@@ -34,12 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except Interrupted as err:
-        print(f"moekit: interrupted by {signal.Signals(err.signum).name}; temporary files were "
-              "removed and nothing was put in place", file=sys.stderr)
+        print(f"moekit: interrupted by {signal.Signals(err.signum).name}; nothing was left in "
+              "place", file=sys.stderr)
         return 128 + err.signum
     except KeyboardInterrupt:
-        print("moekit: interrupted; temporary files were removed and nothing was put in place",
-              file=sys.stderr)
+        print("moekit: interrupted; nothing was left in place", file=sys.stderr)
         return 128 + signal.SIGINT
     except OSError as err:
         where = f": {os.fsdecode(err.filename)}" if err.filename is not None else ""
@@ -197,9 +196,6 @@ def _add_plan(commands) -> None:
 def _run_plan(args: argparse.Namespace) -> int:
     from .expert_parallel.report import ep_report, render, to_json
 
-    if args.ep < 1:
-        raise MoekitError(f"--ep {args.ep}: the expert-parallel group size is a number of "
-                          "ranks, at least 1")
     loads = ep_report(args.path, args.ep, args.layout)
     print(json.dumps(to_json(loads), indent=2) if args.json else render(loads))
     return 0
