@@ -214,16 +214,19 @@ def _add_upcycle(commands) -> None:
     sub.add_argument("--method", default="copy", choices=METHODS,
                      help="copy: every expert the dense MLP; granular: G slices of it; drop: "
                      "copies with part of the neurons re-initialised (default copy)")
-    sub.add_argument("--granularity", type=int, default=1,
-                     help="G, slices of the dense MLP (granular; experts and top-k multiples of G)")
+    sub.add_argument("--granularity", type=int,
+                     help="G >= 2, slices of the dense MLP (granular only; experts and top-k "
+                     "multiples of G)")
     sub.add_argument("--shared-expert", action="store_true",
                      help="also make a shared expert from the dense MLP")
-    sub.add_argument("--drop-ratio", type=float, default=0.5,
-                     help="fraction of neurons re-initialised per expert (drop; default 0.5)")
+    sub.add_argument("--drop-ratio", type=float,
+                     help="fraction of neurons re-initialised per expert, in (0, 1] (drop only; "
+                     "default 0.5)")
     sub.add_argument("--router", choices=ROUTERS,
                      help="router initialisation (default virtual-group for granular, else random)")
     sub.add_argument("--router-std", type=float,
-                     help="std of random router rows (default: config initializer_range)")
+                     help="std of random router rows, > 0 (not with --router zero; default: "
+                     "config initializer_range)")
     sub.add_argument("--scaling", default="exact", choices=SCALINGS,
                      help="exact: preserve the dense function; megatron: Megatron-Core's "
                      "cube-root scaling (default exact)")
@@ -241,10 +244,10 @@ def _run_upcycle(args: argparse.Namespace) -> int:
     from .upcycling import UpcycleSpec, upcycle
 
     spec = UpcycleSpec(experts=args.experts, top_k=args.top_k, method=args.method,
-                       granularity=args.granularity, shared_expert=args.shared_expert,
-                       drop_ratio=args.drop_ratio, router=args.router,
-                       router_std=args.router_std, target=args.target, seed=args.seed,
-                       scaling=args.scaling)
+                       granularity=1 if args.granularity is None else args.granularity,
+                       shared_expert=args.shared_expert, drop_ratio=args.drop_ratio,
+                       router=args.router, router_std=args.router_std, target=args.target,
+                       seed=args.seed, scaling=args.scaling)
     result = upcycle(args.dense, args.dst, spec, max_shard_size=args.max_shard_size,
                      dry_run=args.dry_run, overwrite=args.overwrite)
     _report_plan(result.plan, result.summary(), args, config=result.config)

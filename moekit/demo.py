@@ -20,15 +20,24 @@ GROUPED_LAYOUTS = ("nemo", "transformers", "vllm")
 def run_demo(out: str | None = None) -> int:
     """Build samples, convert them across every layout and back, verify, upcycle a dense
     sample; print a report."""
-    try:
-        from . import samples
-    except ImportError as err:
-        raise MoekitError("the demo builds its samples with transformers: "
-                          "pip install 'moekit[demo]'") from err
+    _require_transformers()
+    from . import samples
+
     if out:
         return _demo(Path(out), samples)
     with tempfile.TemporaryDirectory(prefix="moekit-demo-") as tmp:
         return _demo(Path(tmp), samples)
+
+
+def _require_transformers() -> None:
+    """Refuse, in one message, to run without a working transformers (an optional
+    dependency, the ``demo`` extra)."""
+    try:
+        import transformers  # noqa: F401
+    except Exception as err:  # a missing package, or one broken in any way on import
+        raise MoekitError(f"moekit demo builds its samples with transformers, which cannot be "
+                          f"imported ({type(err).__name__}: {err}); install it: "
+                          "pip install 'moekit[demo]'") from err
 
 
 def _demo(root: Path, samples) -> int:

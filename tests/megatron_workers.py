@@ -44,29 +44,31 @@ def init(rank: int, world: int, store: str, ep: int = 1) -> None:
     parallel_state.initialize_model_parallel(expert_model_parallel_size=ep)
 
 
-def _config(bias: bool, ep: int, **moe):
+def _config(bias: bool, ep: int, activation=F.silu, **moe):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     return TransformerConfig(num_layers=2, hidden_size=HIDDEN, num_attention_heads=4,
                              ffn_hidden_size=DENSE_FFN, use_cpu_initialization=True,
-                             gated_linear_unit=True, activation_func=F.silu,
+                             gated_linear_unit=True, activation_func=activation,
                              add_bias_linear=bias, bias_activation_fusion=False,
                              normalization="RMSNorm", hidden_dropout=0.0, attention_dropout=0.0,
                              expert_model_parallel_size=ep, **moe)
 
 
 def build(seed: int, bias: bool = False, ep: int = 1, experts: int = 0, top_k: int = 2,
-          granularity: int = 1, pre_process: bool = True, post_process: bool = True):
-    """A GPTModel (dense when ``experts`` is 0) with every parameter drawn from N(0, 0.2)."""
+          granularity: int = 1, pre_process: bool = True, post_process: bool = True,
+          activation=F.silu, **routing):
+    """A GPTModel (dense when ``experts`` is 0) with every parameter drawn from N(0, 0.2);
+    ``routing`` are further MoE settings of its config (score function, scaling factor)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     moe = dict(num_moe_experts=experts, moe_router_topk=top_k,
                moe_ffn_hidden_size=DENSE_FFN // granularity,
-               moe_token_dispatcher_type="allgather") if experts else {}
+               moe_token_dispatcher_type="allgather", **routing) if experts else {}
     spec = get_gpt_layer_local_spec(num_experts=experts or None, moe_grouped_gemm=False)
     torch.manual_seed(seed)
-    model = GPTModel(config=_config(bias, ep, **moe), transformer_layer_spec=spec,
+    model = GPTModel(config=_config(bias, ep, activation, **moe), transformer_layer_spec=spec,
                      vocab_size=VOCAB, max_sequence_length=SEQ,
                      position_embedding_type="learned_absolute", pre_process=pre_process,
                      post_process=post_process)
@@ -94,34 +96,51 @@ def _ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
 
 
-def exact_and_megatron_parity(rank: int, world: int, store: str, bias: bool, result: str) -> None:
-    """One chunk, G=2: moekit's exact upcycling keeps the dense logits; its Megatron
-    scaling reproduces megatron-core's own state dict tensor for tensor."""
+VARIANTS = {
+    "softmax": dict(experts=4, top_k=2, granularity=2),
+    "softmax_bias": dict(bias=True, experts=4, top_k=2, granularity=2),
+    "sigmoid": dict(experts=4, top_k=2, granularity=2, moe_router_score_function="sigmoid"),
+    "scaling_factor": dict(bias=True, experts=4, top_k=2, granularity=2,
+                           moe_router_topk_scaling_factor=2.5),
+    "pre_softmax_every_expert": dict(experts=2, top_k=2, moe_router_pre_softmax=True),
+    "gated_gelu": dict(experts=4, top_k=2, granularity=2, activation=F.gelu),
+}
+"""MoE models to upcycle (two layers each): their settings beside the defaults (SiLU
+gated MLP, softmax after the top-k); the dense model shares their bias and activation."""
+
+
+def upcycling_variants(rank: int, world: int, store: str, result: str) -> None:
+    """For each of ``VARIANTS``: the dense logits against those of moekit's exact upcycling
+    and of its Megatron scaling; which tensors of the latter differ from megatron-core's own
+    upcycling; and whether the router biases it wrote are grouped like the weights."""
     init(rank, world, store)
     from megatron.core.transformer.moe.upcycling_utils import upcycle_state_dict
 
-    dense = build(0, bias)
-    moe = build(1, bias, experts=4, top_k=2, granularity=2)
-    theirs = upcycle_state_dict([moe], [dense])["model"]
-    ours_megatron = moekit_megatron.upcycle_state_dict(
-        [moe], [dense], UpcycleSpec(4, 2, "granular", 2, scaling="megatron"))["model"]
-    # megatron-core leaves the router bias (present with add_bias_linear) ungrouped;
-    # moekit groups it like the weight, so it is compared apart.
-    tensors = sorted(k for k, v in theirs.items() if isinstance(v, torch.Tensor)
-                     and not k.endswith("router.bias"))
-    same = [k for k in tensors if torch.equal(theirs[k], ours_megatron[k])]
-    biases = [ours_megatron[k] for k in ours_megatron if k.endswith("router.bias")]
-    grouped = all(torch.equal(b[0::2], b[1::2]) for b in biases)
-    moe.load_state_dict(ours_megatron, strict=True)
-    megatron_logits = forward([moe], _ids())
-    fresh = build(1, bias, experts=4, top_k=2, granularity=2)
-    moekit_megatron.load_and_upcycle_model(lambda: (7, 0.0), [fresh], [dense], strict=True)
-    exact_logits = forward([fresh], _ids())
-    dense_logits = forward([dense], _ids())
-    torch.save({"same": same, "tensors": tensors, "router_biases": len(biases),
-                "grouped": grouped, "keys_match": theirs.keys() == ours_megatron.keys(),
-                "exact_error": (exact_logits - dense_logits).abs().max().item(),
-                "megatron_error": (megatron_logits - dense_logits).abs().max().item()}, result)
+    found = {}
+    for name, settings in VARIANTS.items():
+        dense = build(0, **{k: settings[k] for k in ("bias", "activation") if k in settings})
+        moe = build(1, **settings)
+        g = settings.get("granularity", 1)
+        theirs = upcycle_state_dict([moe], [dense])["model"]
+        megatron_scaling = moekit_megatron.upcycle_state_dict(
+            [moe], [dense], UpcycleSpec(settings["experts"], settings["top_k"],
+                                        "granular" if g > 1 else "copy", g,
+                                        scaling="megatron"))["model"]
+        exact = moekit_megatron.upcycle_state_dict([moe], [dense])["model"]
+        dense_logits = forward([dense], _ids())
+        errors = {}
+        for scaling, state in (("megatron", megatron_scaling), ("exact", exact)):
+            moe.load_state_dict(state, strict=True)
+            errors[scaling] = (forward([moe], _ids()) - dense_logits).abs().max().item()
+        biases = [v for k, v in megatron_scaling.items() if k.endswith("router.bias")]
+        found[name] = {
+            "exact_error": errors["exact"], "megatron_error": errors["megatron"],
+            "keys_match": theirs.keys() == megatron_scaling.keys(),
+            "megatron_differ": sorted(k for k, v in theirs.items() if isinstance(v, torch.Tensor)
+                                      and not torch.equal(v, megatron_scaling[k])),
+            "router_biases_grouped": [torch.equal(b[0::g], b[i::g]) for b in biases
+                                      for i in range(g)]}
+    torch.save(found, result)
     finish()
 
 

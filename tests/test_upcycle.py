@@ -156,13 +156,87 @@ def test_megatron_scaling_is_offered_but_does_not_preserve_the_function(dense_ch
 
 @pytest.mark.parametrize("spec,message", [
     (dict(experts=8, top_k=3, method="granular", granularity=2), "multiples of the granularity"),
-    (dict(experts=4, top_k=2, granularity=2), "needs --method granular"),
-    (dict(experts=4, top_k=5), "top-k"),
-    (dict(experts=4, top_k=2, drop_ratio=1.5, method="drop"), "drop ratio"),
+    (dict(experts=4, top_k=2, granularity=2), "--granularity 2 needs --method granular"),
+    (dict(experts=4, top_k=2, method="granular"), "granular needs --granularity 2 or more"),
+    (dict(experts=4, top_k=2, method="granular", granularity=0), "--granularity must be at"),
+    (dict(experts=4, top_k=5), r"--top-k must lie in 1\.\.4"),
+    (dict(experts=4, top_k=0), r"--top-k must lie in 1\.\.4"),
+    (dict(experts=0, top_k=1), "--experts must be at least 1"),
+    (dict(experts="4", top_k=2), "--experts must be an integer, not '4'"),
+    (dict(experts=4, top_k=True), "--top-k must be an integer, not True"),
+    (dict(experts=4, top_k=2, seed=1.5), "--seed must be an integer"),
+    (dict(experts=4, top_k=2, drop_ratio=1.5, method="drop"), r"--drop-ratio must lie in \(0, 1\]"),
+    (dict(experts=4, top_k=2, drop_ratio=0.0, method="drop"), r"--drop-ratio must lie in \(0, 1\]"),
+    (dict(experts=4, top_k=2, drop_ratio="0.5", method="drop"), "--drop-ratio must be a number"),
+    (dict(experts=4, top_k=2, drop_ratio=0.3), "--drop-ratio applies to --method drop only"),
+    (dict(experts=4, top_k=2, router_std=float("nan")), "--router-std must be a finite number"),
+    (dict(experts=4, top_k=2, router_std=float("inf")), "--router-std must be a finite number"),
+    (dict(experts=4, top_k=2, router_std=0.0), "--router-std must be a finite number above 0"),
+    (dict(experts=4, top_k=2, router_std=-0.02), "--router-std must be a finite number above 0"),
+    (dict(experts=4, top_k=2, router="zero", router_std=0.02), "no effect with --router zero"),
+    (dict(experts=4, top_k=2, method="copying"), "--method 'copying' is not one of"),
 ])
 def test_inconsistent_settings_are_refused(spec, message):
     with pytest.raises(MoekitError, match=message):
         UpcycleSpec(**spec)
+
+
+def test_the_drop_ratio_defaults_for_drop_only():
+    assert UpcycleSpec(4, 2, method="drop").drop_ratio == 0.5
+    assert UpcycleSpec(4, 2).drop_ratio is None
+
+
+@pytest.mark.parametrize("options,option", [
+    (["--drop-ratio", "0.3"], "--drop-ratio"),
+    (["--granularity", "2"], "--granularity"),
+    (["--method", "granular"], "--granularity"),
+    (["--router", "zero", "--router-std", "0.1"], "--router-std"),
+    (["--router-std", "nan"], "--router-std"),
+    (["--top-k", "5"], "--top-k"),
+])
+def test_cli_refuses_options_the_method_would_ignore_or_cannot_use(options, option,
+                                                                    dense_checkpoints, tmp_path,
+                                                                    capsys):
+    args = ["upcycle", str(dense_checkpoints["llama"]), str(tmp_path / "moe"), "--experts", "4",
+            "--top-k", "2", *options]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moekit: error: ") and option in err and err.count("\n") == 1
+    assert not (tmp_path / "moe").exists()
+
+
+def test_a_router_std_from_config_must_be_usable(dense_checkpoints, tmp_path):
+    dense = Path(shutil.copytree(dense_checkpoints["llama"], tmp_path / "dense"))
+    config = json.loads((dense / "config.json").read_text())
+    for bad in (0.0, -0.02, "0.02", None):
+        (dense / "config.json").write_text(json.dumps({**config, "initializer_range": bad}))
+        with pytest.raises(MoekitError, match="initializer_range is .*give one with --router-std"):
+            upcycle(dense, tmp_path / "moe", UpcycleSpec(4, 2), dry_run=True)
+    given = upcycle(dense, tmp_path / "moe", UpcycleSpec(4, 2, router_std=0.5), dry_run=True)
+    assert "router random (std 0.5)" in given.summary()
+    zero = upcycle(dense, tmp_path / "moe", UpcycleSpec(4, 2, router="zero"), dry_run=True)
+    assert "router zero, scaling" in zero.summary()
+    assert not (tmp_path / "moe").exists()
+
+
+SUMMARISED = {
+    "copy": (UpcycleSpec(4, 2), True),
+    "granular virtual groups": (UpcycleSpec(8, 4, "granular", 2), True),
+    "granular random router": (UpcycleSpec(8, 4, "granular", 2, router="random"), False),
+    "granular megatron scaling": (UpcycleSpec(8, 4, "granular", 2, scaling="megatron"), False),
+    "drop": (UpcycleSpec(4, 2, "drop", drop_ratio=0.25), False),
+}
+
+
+@pytest.mark.parametrize("name", list(SUMMARISED))
+def test_the_summary_says_preserved_exactly_when_the_written_model_computes_the_dense_function(
+        name, dense_checkpoints, dense_logits, tmp_path):
+    spec, expected = SUMMARISED[name]
+    summary = upcycle(dense_checkpoints["llama"], tmp_path / "moe", spec).summary()
+    claimed = "dense function preserved: yes" in summary
+    logits = samples.logits(tmp_path / "moe", samples.sample_input(96))
+    same = torch.allclose(logits, dense_logits["llama"], rtol=0, atol=1e-5)
+    assert claimed == same == expected
 
 
 def test_bad_inputs_are_refused_and_nothing_is_written(dense_checkpoints, family_checkpoints,

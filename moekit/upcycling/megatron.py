@@ -4,20 +4,36 @@ Drop-in equivalents of ``megatron.core.transformer.moe.upcycling_utils``'s
 ``upcycle_state_dict(moe_model, dense_model)`` and ``load_and_upcycle_model``, built on
 moekit's recipes:
 
-- exact function preservation by default (only ``linear_fc2`` is scaled), with
-  ``UpcycleSpec(scaling="megatron")`` reproducing Megatron-Core's numbers;
+- exact function preservation by default: only ``linear_fc2`` (and its bias) is scaled,
+  by G over what a token's selected routing weights sum to. That sum is a constant where
+  Megatron-Core renormalises the top-k weights (softmax after the top-k; sigmoid with
+  top-k > 1), times ``moe_router_topk_scaling_factor``; or 1 where every expert is
+  selected. Exact scaling is refused where no constant exists (sigmoid top-1, softmax
+  before a top-k below all experts, Sinkhorn), for shared experts (which the dense MLP
+  does not fill), for routing weights applied to the experts' input and for group-limited
+  routing whose groups split the virtual groups. Token dropping
+  (``moe_expert_capacity_factor``) still drops tokens, by design;
+- ``UpcycleSpec(scaling="megatron")`` reproducing Megatron-Core's state dict tensor for
+  tensor, except where Megatron-Core 0.16 is wrong: with ``add_bias_linear`` and G > 1
+  moekit groups the router bias like the weight (Megatron-Core leaves it ungrouped, which
+  breaks the virtual groups), and with a gated MLP whose activation is not SiLU and G > 1
+  moekit slices the gate and up halves of ``linear_fc1`` apart (Megatron-Core slices across
+  them);
 - the experts of the local expert-parallel rank only (``MoELayer.local_expert_indices``);
 - SequentialMLP (``experts.local_experts.{i}.linear_fc1.weight``) and TEGroupedMLP
   (``experts.linear_fc1.weight{i}``) naming, with fc1/fc2 biases;
 - several model chunks (virtual pipeline): chunk i of the MoE model from chunk i of the
   dense model. (Megatron-Core 0.16 passes its arguments in the wrong order there.)
 
-Models are read through ``state_dict()`` and module attributes; megatron-core itself is
-not imported, so moekit does not depend on it.
+The router rows come from the MoE model's own router, so ``UpcycleSpec.router_std``,
+``shared_expert`` and ``target`` do not apply here and are refused. Models are read through
+``state_dict()`` and module attributes; megatron-core itself is not imported, so moekit does
+not depend on it.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -164,25 +180,98 @@ def _layer_spec(layer: MoELayerInfo, meta: Mapping[str, Any], spec: UpcycleSpec 
             f"G={spec.granularity}, but the MoE model has {config.num_moe_experts} experts, "
             f"top-{config.moe_router_topk} and G={granularity} (dense ffn {dense_ffn} / MoE "
             f"ffn {config.moe_ffn_hidden_size})")
-    if spec.scaling == "exact" and not _renormalised(config):
-        raise MoekitError(f"{layer.prefix}: exact upcycling needs softmax routing renormalised "
-                          "over the top-k (moe_router_pre_softmax=False); use "
-                          "UpcycleSpec(scaling='megatron') for Megatron-Core's approximation")
+    ignored = _ignored_settings(spec)
+    if ignored:
+        raise MoekitError(f"{layer.prefix}: {'; '.join(ignored)}")
+    if spec.scaling == "exact":
+        problem = _exact_problem(config, spec)
+        if problem:
+            raise MoekitError(f"{layer.prefix}: exact upcycling cannot keep the dense function: "
+                              f"{problem}; use UpcycleSpec(scaling='megatron') for "
+                              "Megatron-Core's approximation")
     return spec
 
 
-def _renormalised(config: Any) -> bool:
-    return (not config.moe_router_pre_softmax
-            and getattr(config, "moe_router_score_function", "softmax") == "softmax")
+def _ignored_settings(spec: UpcycleSpec) -> list[str]:
+    """Settings of ``spec`` that this path would drop: it takes the router rows from the
+    MoE model and writes the MoE model's own modules."""
+    found = []
+    if spec.router_std is not None:
+        found.append("router_std does not apply: the router rows are the MoE model's own")
+    if spec.shared_expert:
+        found.append("shared_expert does not apply: the MoE model's shared experts, if any, "
+                     "are its own")
+    if spec.target != "auto":
+        found.append(f"target {spec.target!r} does not apply: the MoE model is the target")
+    return found
+
+
+def _exact_problem(config: Any, spec: UpcycleSpec) -> str | None:
+    """Why exact scaling cannot keep the dense function under ``config``, or None."""
+    if getattr(config, "moe_shared_expert_intermediate_size", None):
+        return ("the MoE layer has shared experts, whose output the dense MLP does not "
+                "account for")
+    if getattr(config, "moe_apply_probs_on_input", False):
+        return ("moe_apply_probs_on_input multiplies the experts' input by the routing weight, "
+                "before the activation")
+    why_not = _weight_sum_problem(config)
+    if why_not:
+        return why_not
+    groups = getattr(config, "moe_router_num_groups", None)
+    if (getattr(config, "moe_router_group_topk", None) and groups
+            and (config.num_moe_experts // groups) % spec.granularity):
+        return (f"group-limited routing over {groups} groups of "
+                f"{config.num_moe_experts // groups} experts splits the virtual groups of "
+                f"G={spec.granularity} experts")
+    return None
+
+
+def _weight_sum_problem(config: Any) -> str | None:
+    """Why a token's selected routing weights do not sum to a constant, or None.
+
+    Megatron-Core renormalises softmax scores taken after the top-k, and sigmoid scores when
+    top-k > 1; a softmax over all experts (``moe_router_pre_softmax``, Sinkhorn with
+    top-k > 1) sums to 1 over the top-k only when the top-k is every expert; a single sigmoid
+    score is not renormalised."""
+    k, n = config.moe_router_topk, config.num_moe_experts
+    sinkhorn = _sinkhorn(config)
+    sigmoid = getattr(config, "moe_router_score_function", "softmax") == "sigmoid"
+    if (sinkhorn or sigmoid) and k == 1:
+        return "a top-1 sigmoid routing weight is sigmoid(logit), not a constant"
+    if (sinkhorn or (config.moe_router_pre_softmax and not sigmoid)) and k < n:
+        return (f"the routing weights are a softmax over all {n} experts, which sums to 1 over "
+                f"the top-{k} only when top-k selects every expert")
+    factor = getattr(config, "moe_router_topk_scaling_factor", None)
+    if factor and not math.isfinite(factor):
+        return f"moe_router_topk_scaling_factor is {factor}"
+    return None
+
+
+def _weight_sum(config: Any) -> float:
+    """What a token's selected routing weights sum to where they sum to a constant: 1 times
+    ``moe_router_topk_scaling_factor`` (which Megatron-Core applies when it is set and not
+    0, and which Sinkhorn routing does not apply)."""
+    if _sinkhorn(config):
+        return 1.0
+    return float(getattr(config, "moe_router_topk_scaling_factor", None) or 1.0)
+
+
+def _sinkhorn(config: Any) -> bool:
+    """Whether the router balances with Sinkhorn, which has its own routing weights."""
+    balancing = getattr(config, "moe_router_load_balancing_type", "aux_loss")
+    return "sinkhorn" in (balancing if isinstance(balancing, list) else [balancing])
 
 
 def _scales(spec: UpcycleSpec, config: Any) -> dict[str, float]:
     """Megatron-Core's roots: cube for gated or squared-ReLU MLPs, square otherwise; its
-    activation scale R·G²/k when the softmax comes before the top-k, else G."""
+    activation scale R·G²/k with ``moe_router_pre_softmax``, else G (whatever the score
+    function). Exact scaling divides down by the routing weights' sum."""
+    if spec.scaling == "exact":
+        return spec.projection_scales(weight_sum=_weight_sum(config))
     activation = getattr(config.activation_func, "__name__", "")
     root = 3 if config.gated_linear_unit or activation == "squared_relu" else 2
     g = spec.granularity
-    activation_scale = g if _renormalised(config) else spec.groups * g * g / spec.top_k
+    activation_scale = spec.groups * g * g / spec.top_k if config.moe_router_pre_softmax else g
     return spec.projection_scales(root, activation_scale)
 
 
@@ -194,6 +283,7 @@ def _layer_tensors(layer: MoELayerInfo, spec: UpcycleSpec, meta: Mapping[str, An
     fc1_bias = _optional_read(meta, f"{layer.prefix}.linear_fc1.bias")
     fc2_bias = _optional_read(meta, f"{layer.prefix}.linear_fc2.bias")
     scales = _scales(spec, layer.config)
+    fc2_bias_scale = 1 / _weight_sum(layer.config) if spec.scaling == "exact" else 1.0
     out = [TensorPlan(f"{layer.prefix}.router.{kind}",
                       _router(_read(meta, f"{_OWN_ROUTER}{layer.prefix}.router.{kind}"), spec))
            for kind in ("weight", "bias") if f"{_OWN_ROUTER}{layer.prefix}.router.{kind}" in meta]
@@ -209,7 +299,8 @@ def _layer_tensors(layer: MoELayerInfo, spec: UpcycleSpec, meta: Mapping[str, An
                       for name in halves.projections if name != "down"}
             out.append(TensorPlan(layer.expert_key(local, "linear_fc1", "bias"), _fc1(biases, gated)))
         if fc2_bias is not None:
-            out.append(TensorPlan(layer.expert_key(local, "linear_fc2", "bias"), fc2_bias))
+            out.append(TensorPlan(layer.expert_key(local, "linear_fc2", "bias"),
+                                  recipes.scaled(fc2_bias, fc2_bias_scale)))
     return out
 
 

@@ -7,6 +7,7 @@ written. Non-MLP tensors are copied unchanged under their own names.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,17 +27,21 @@ _ATTENTION_BIAS = re.compile(r"\.self_attn\.(\w+)\.bias$")
 
 @dataclass
 class UpcyclePlan:
-    """What ``upcycle`` writes: the tensors, the target's config.json and the spec used."""
+    """What ``upcycle`` writes: the tensors, the target's config.json, the spec used (made
+    concrete for the target) and the std the router rows are drawn with (None for a zero
+    router)."""
 
     plan: Plan
     config: dict[str, Any]
     spec: UpcycleSpec
     target: Target
+    router_std: float | None = None
 
     def summary(self) -> str:
         """A short human summary (what ``--dry-run`` prints)."""
         preserved, why = self.spec.preserves_function()
         spec = self.spec
+        std = f" (std {self.router_std:g})" if self.router_std is not None else ""
         lines = [
             f"upcycle: dense -> {self.target.family}, {spec.experts} experts, top-{spec.top_k}, "
             f"method {spec.method}"
@@ -44,7 +49,7 @@ class UpcyclePlan:
                else "")
             + (f" (drop ratio {spec.drop_ratio:g})" if spec.method == "drop" else "")
             + (", shared expert" if spec.shared_expert else ""),
-            f"router {spec.router_init}, scaling {spec.scaling}, seed {spec.seed}",
+            f"router {spec.router_init}{std}, scaling {spec.scaling}, seed {spec.seed}",
             f"dense function preserved: {'yes' if preserved else 'no'} ({why})",
             self.plan.summary().split("\n", 1)[1],
         ]
@@ -64,7 +69,7 @@ def build_upcycle_plan(tensors: Mapping[str, TensorMeta], config: dict | None,
     mlps = dense_mlps(tensors, spec, label, where)
     first = next(iter(mlps.values()))
     attention_bias = _check_attention_biases(tensors, target, label)
-    std = spec.router_std or float(config.get("initializer_range", 0.02))
+    std = _router_std(spec, config, label)
     planned: list[TensorPlan] = []
     experts: set[str] = set()
     emitted: set[int] = set()
@@ -80,7 +85,29 @@ def build_upcycle_plan(tensors: Mapping[str, TensorMeta], config: dict | None,
     plan = Plan(family=target.family, src_layout="dense", dst_layout="hf", tensors=planned,
                 moe_layers={layer: spec.experts for layer in mlps}, expert_tensors=experts)
     return UpcyclePlan(plan, moe_config(config, spec, target, first.intermediate, attention_bias),
-                       spec, target)
+                       spec, target, std)
+
+
+DEFAULT_ROUTER_STD = 0.02
+"""Std of random router rows when neither --router-std nor ``initializer_range`` gives one."""
+
+
+def _router_std(spec: UpcycleSpec, config: Mapping[str, Any], label: str) -> float | None:
+    """The std the router rows are drawn with: ``--router-std``, else the dense config's
+    ``initializer_range``, else 0.02; None for a zero router, which draws nothing. A
+    config value that is not a finite number above 0 is refused: rows drawn with it
+    would be NaN, infinite or all equal, and top-k would no longer pick whole groups."""
+    if spec.router_init == "zero":
+        return None
+    if spec.router_std is not None:
+        return float(spec.router_std)
+    value = config.get("initializer_range", DEFAULT_ROUTER_STD)
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not (math.isfinite(value) and value > 0)):
+        raise MoekitError(f"{label}: config.json initializer_range is {value!r}, which cannot "
+                          "be the std of the router rows (a finite number above 0 is needed); "
+                          "give one with --router-std")
+    return float(value)
 
 
 def dense_mlps(tensors: Mapping[str, TensorMeta], spec: UpcycleSpec, label: str,
@@ -162,8 +189,8 @@ def _mlp_layer(key: str) -> int | None:
     return int(match[1]) if match else None
 
 
-def _moe_block(mlp: DenseMLP, spec: UpcycleSpec, target: Target, layer: int, std: float
-               ) -> list[TensorPlan]:
+def _moe_block(mlp: DenseMLP, spec: UpcycleSpec, target: Target, layer: int,
+               std: float | None) -> list[TensorPlan]:
     family = target.moe_family
     block = family.block.format(layer=layer)
     out = [TensorPlan(f"{block}.{family.router}",

@@ -77,8 +77,8 @@ def expert_projections(mlp: DenseMLP, spec: UpcycleSpec, layer: int | str, exper
     for name in mlp.projections:
         dense = mlp.projection(name)
         part: Expr = neuron_slice(dense, NEURON_DIM[name], spec, expert)
-        if spec.method == "drop" and spec.drop_ratio > 0:
-            part = Redraw(part, NEURON_DIM[name], spec.drop_ratio,
+        if spec.method == "drop":
+            part = Redraw(part, NEURON_DIM[name], float(spec.drop_ratio),
                           select_seed=derive_seed(spec.seed, layer, expert, "neurons"),
                           noise_seed=derive_seed(spec.seed, layer, expert, name), stats=dense)
         out[name] = scaled(part, scales[name])
@@ -90,9 +90,10 @@ def scaled(part: Expr, factor: float) -> Expr:
     return part if factor == 1.0 else Scale(part, factor)
 
 
-def router(spec: UpcycleSpec, layer: int, hidden: int, dtype: str, std: float) -> Expr:
+def router(spec: UpcycleSpec, layer: int, hidden: int, dtype: str, std: float | None) -> Expr:
     """The [N, H] router weight: zero, random rows, or random rows shared by the G
-    experts of each virtual group (so that they always get equal logits)."""
+    experts of each virtual group (so that they always get equal logits). ``std`` is
+    the rows' std, None for a zero router."""
     init = spec.router_init
     if init == "zero":
         return Constant((spec.experts, hidden), dtype)
