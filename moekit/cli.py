@@ -128,7 +128,9 @@ def _add_convert(commands) -> None:
                      help="write FP8 block-scaled weights as bf16 (their scales dropped)")
     sub.add_argument("--dry-run", action="store_true",
                      help="validate and print the plan; write nothing")
-    sub.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    sub.add_argument("--overwrite", action="store_true",
+                     help="replace an existing destination that holds a checkpoint (a folder "
+                     "with anything else, or with the source's files, is refused)")
     sub.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
 
 
@@ -236,7 +238,9 @@ def _add_upcycle(commands) -> None:
     sub.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     sub.add_argument("--dry-run", action="store_true",
                      help="validate and print the plan; write nothing")
-    sub.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    sub.add_argument("--overwrite", action="store_true",
+                     help="replace an existing destination that holds a checkpoint (a folder "
+                     "with anything else, or with the source's files, is refused)")
     sub.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
 
 
