@@ -198,9 +198,13 @@ class OutputFolder:
         self.overwrite = overwrite
         self.source_files = list(source_files)
         self.target = check_destination(self.dst, src, overwrite, self.source_files)
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        clean_leftovers(self.target)
-        self.folder = _make_folder(self.target)
+        self._parents = _make_parents(self.target.parent)
+        try:
+            clean_leftovers(self.target)
+            self.folder = _make_folder(self.target)
+        except BaseException:
+            _remove_empty(self._parents)
+            raise
 
     def commit(self) -> None:
         """Make the finished folder durable and move it into place, never replacing a
@@ -217,8 +221,10 @@ class OutputFolder:
         _fsync_dir(self.target.parent)
 
     def discard(self) -> None:
-        """Remove the temporary folder (after a failure or an interrupt)."""
+        """Remove the temporary folder (after a failure or an interrupt), and the parent
+        folders made for it if they are empty."""
         shutil.rmtree(self.folder, ignore_errors=True)
+        _remove_empty(self._parents)
 
     def _move_in(self) -> None:
         """Move the folder to the target, which must not exist."""
@@ -376,6 +382,33 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Make ``folder`` and its missing parents (as ``mkdir -p``); return those made, the
+    outermost first."""
+    missing = []
+    while not os.path.lexists(folder):
+        missing.append(folder)
+        folder = folder.parent
+    made = []
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o777)
+        except FileExistsError:
+            continue
+        made.append(path)
+    return made
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (outermost first) from the innermost out, stopping at one that
+    is not empty."""
+    for folder in reversed(folders):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
 
 
 def _make_folder(target: Path) -> Path:

@@ -368,8 +368,9 @@ def test_an_upcycle_onto_another_file_system(tmp_path, tmpfs, capsys):
 
 def test_a_full_disk(qwen3, tmp_path, tmpfs, capsys):
     small = tmpfs("small", "size=64k")
-    code, err = run_cli(capsys, "convert", qwen3, small / "out", "--to", "nemo")
-    assert code == 2 and str(small / "out") in err and "full" in err
+    out = small / "new" / "out"  # its parent is made, and removed again
+    code, err = run_cli(capsys, "convert", qwen3, out, "--to", "nemo")
+    assert code == 2 and str(out) in err and "full" in err
     assert names(small) == []
 
 
