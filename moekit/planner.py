@@ -94,8 +94,10 @@ def understand(tensors: Mapping[str, TensorMeta], config: dict | None,
     checkpoint, whose every MoE layer must be present; without it ``config`` is a dict
     given by a caller, and the source may be part of a model.
     """
+    source = config_file or "the config given"
+    _check_object(config, source)
     fam, family_source = _choose_family(tensors, config, metadata, family)
-    settings = config_settings(config, fam, config_file or "the config given")
+    settings = config_settings(config, fam, source)
     if from_:
         layout, layout_source = layout_named(from_), "given as the source layout"
     else:
@@ -256,14 +258,17 @@ def _check_joined_dtypes(analysis: Analysis, blocks: Mapping[int, ExpertBlock],
 
 
 def _mixed_dtypes(expr: Expr) -> bool:
-    """True when a stack or concatenation inside ``expr`` joins parts of different dtypes."""
+    """True when a stack or concatenation inside ``expr`` joins parts of different dtypes.
+    Below a stack only its first part is looked into: validation gave every expert's piece
+    one dtype, so the experts' parts are built alike (and the evaluator refuses a read of
+    another dtype all the same)."""
     pending = [expr]
     while pending:
         node = pending.pop()
         if isinstance(node, (Stack, Concat)):
             if len({part.dtype for part in node.parts}) > 1:
                 return True
-            pending.extend(node.parts)
+            pending.extend(node.parts[:1] if isinstance(node, Stack) else node.parts)
         elif isinstance(node, Transpose):
             pending.append(node.part)
     return False
@@ -402,9 +407,7 @@ def config_settings(config: dict | None, family: Family, source: str) -> Setting
     value checked; ``source`` names the config in messages."""
     if config is None:
         return None
-    if not isinstance(config, Mapping):
-        raise MoekitError(f"{source} is a {type(config).__name__}; expected a JSON object "
-                          "(a dict of settings)")
+    _check_object(config, source)
     values = ConfigValues(config, source)
     own = bool(family.model_types) and config.get("model_type") in (*family.model_types, None)
     layers = family.moe_layers(values) if own and family.moe_layers else None
@@ -413,6 +416,12 @@ def config_settings(config: dict | None, family: Family, source: str) -> Setting
         raise MoekitError(f"{source}: {declared[1]} is {declared[0]}, more routed experts than "
                           f"moekit plans for in a layer ({MAX_EXPERTS})")
     return Settings(source, declared, layers, fp8_block(values))
+
+
+def _check_object(config: object, source: str) -> None:
+    if config is not None and not isinstance(config, Mapping):
+        raise MoekitError(f"{source} is a {type(config).__name__}; expected a JSON object "
+                          "(a dict of settings)")
 
 
 def _expert_count(parsed: ParsedExperts, settings: Settings | None, given: int | None

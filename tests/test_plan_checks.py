@@ -180,10 +180,14 @@ def test_the_count_is_read_from_every_name_transformers_gives_it(model_type, key
     assert "experts 4-5 lack gate_proj, up_proj, down_proj" in message
 
 
+def mixtral_named(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` under Mixtral's names (block_sparse_moe, w1/w3/w2)."""
+    return {k.replace(".mlp.", ".block_sparse_moe.").replace("gate_proj", "w1")
+            .replace("up_proj", "w3").replace("down_proj", "w2"): v for k, v in tensors.items()}
+
+
 def test_mixtral_reads_num_experts_as_transformers_aliases_it():
-    tensors = {k.replace(".mlp.", ".block_sparse_moe.").replace("gate_proj", "w1")
-               .replace("up_proj", "w3").replace("down_proj", "w2"): v
-               for k, v in experts(n=4).items()}
+    tensors = mixtral_named(experts(n=4))
     config = {"model_type": "mixtral", "num_experts": 3, "num_hidden_layers": 2}
     message = quickly(convert_state_dict, tensors, "hf", "nemo", config=config)
     assert "expert 3 beyond the 3 experts the config given declares (num_experts)" in message
@@ -509,6 +513,12 @@ def test_a_family_given_against_the_config():
     message = quickly(convert_state_dict, experts(), "hf", "nemo", family="mixtral",
                       config=qwen3_config())
     assert "the model family is mixtral (given), but the config's model_type qwen3_moe" in message
+
+
+def test_a_family_given_against_the_key_naming():
+    message = quickly(ExpertAdapter("nemo", family="qwen3_moe").from_hf, mixtral_named(experts()))
+    assert "the model family is qwen3_moe (given)" in message
+    assert "named as in mixtral, phimoe, mixtral_style (hf layout)" in message
 
 
 def test_the_same_problem_in_many_layers_is_one_line(tmp_path, capsys):

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from ..checkpoint import Checkpoint, read_config
 from ..errors import MoekitError
-from ..layouts import family_of_model_type
-from ..planner import Analysis, config_settings, understand, understand_checkpoint
-from .ranges import expert_range, rank_plan
+from ..layouts import family_of_model_type, layout_named
+from ..planner import (Analysis, build_plan, config_settings, understand, understand_checkpoint,
+                       validate)
+from .ranges import expert_range
 
 
 @dataclass
@@ -32,20 +33,26 @@ class RankLoad:
 def ep_report(path: str | Path, ep_size: int, layout: str = "nemo") -> list[RankLoad]:
     """Per-rank experts, bytes read and peak memory for loading ``path`` on ``ep_size``
     ranks. ``path`` is a checkpoint, or a config.json (or a folder holding only one):
-    then shapes come from the model transformers builds on the meta device, no weights."""
+    then shapes come from the model transformers builds on the meta device, no weights.
+
+    The whole checkpoint is validated and planned once; a rank's grouped tensors hold its
+    share of every expert row, so its figures follow from its expert count."""
     if type(ep_size) is not int or ep_size < 1:
         raise MoekitError(f"the expert-parallel group size is {ep_size!r}; expected a whole "
                           "number of ranks, at least 1")
     analysis = _analysis(Path(path))
+    validate(analysis)
+    plan = build_plan(analysis, layout_named(layout))
+    n_experts = analysis.n_experts
+    per_expert = [t.nbytes // n_experts for t in plan.tensors if t.name in plan.expert_tensors]
+    others = [t.nbytes for t in plan.tensors if t.name not in plan.expert_tensors]
     out = []
     for rank in range(ep_size):
-        plan = rank_plan(analysis, ep_size, rank, layout)
-        expert = sum(t.nbytes for t in plan.tensors if t.name in plan.expert_tensors)
-        other = sum(t.nbytes for t in plan.tensors if t.name not in plan.expert_tensors)
-        mine = expert_range(analysis.n_experts, ep_size, rank)
+        mine = expert_range(n_experts, ep_size, rank)
+        expert = len(mine) * sum(per_expert)
+        largest = max(max(others, default=0), len(mine) * max(per_expert, default=0))
         owned = [mine.start, mine.stop - 1] if mine else []
-        out.append(RankLoad(rank, owned, expert, other,
-                            expert + other + plan.largest_tensor_bytes))
+        out.append(RankLoad(rank, owned, expert, sum(others), expert + sum(others) + largest))
     return out
 
 
