@@ -165,7 +165,8 @@ def _check_replaceable(target: Path, dst: Path) -> None:
                           "replaces only a folder holding a checkpoint")
     foreign = _foreign_entries(target)
     if foreign:
-        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        more = f" and {len(foreign) - 8} more" if len(foreign) > 8 else ""
+        shown = ", ".join(foreign[:8]) + more
         raise MoekitError(
             f"--overwrite replaces only a folder holding a checkpoint (safetensors, their index "
             f"and sidecar files such as config.json and tokenizer files); {dst} also holds "
@@ -302,8 +303,8 @@ def output_error(err: OSError, dst: Path) -> MoekitError | None:
     if advice is None or (named and not any(_is_output_path(Path(os.fsdecode(p)), Path(dst))
                                             for p in named)):
         return None
-    return MoekitError(f"cannot write {dst}: {err.strerror}; {advice}. Nothing was left in "
-                       "place.")
+    return MoekitError(f"cannot write {dst}: {err.strerror}; {advice} (nothing was left "
+                       "behind)")
 
 
 def _is_output_path(path: Path, dst: Path) -> bool:
@@ -343,21 +344,27 @@ def _kept_because(folder: Path) -> str | None:
     and its writer is gone."""
     try:
         owner = json.loads((folder / MARKER).read_text())
-        pid, host, boot, pids = owner["pid"], owner["host"], owner["boot"], owner["pid_namespace"]
+        pid, host = owner["pid"], owner["host"]
+        boot, pid_namespace = owner["boot"], owner["pid_namespace"]
+        if not isinstance(pid, int) or pid <= 0:
+            raise ValueError(pid)
     except (OSError, ValueError, KeyError, TypeError):
-        return "it holds no moekit marker (it may hold a checkpoint an interrupted --overwrite replaced)"
+        return ("it holds no moekit marker (it may hold a checkpoint that an interrupted "
+                "--overwrite replaced)")
     here = _owner()
-    if host != here["host"] or pids != here["pid_namespace"]:
-        return f"it was made on {host}, not by a process this machine can see"
+    if host != here["host"]:
+        return f"it was made on {host}"
+    if pid_namespace != here["pid_namespace"]:
+        return "it was made in another container (PID namespace) of this machine"
     if boot == here["boot"] and _alive(pid):
         return f"the process that made it (pid {pid}) is still running"
     return None
 
 
 def _owner() -> dict[str, object]:
-    """What identifies this process across runs: pid, host, boot and pid namespace."""
-    return {"pid": os.getpid(), "host": socket.gethostname(), "boot": _read("/proc/sys/kernel/random/boot_id"),
-            "pid_namespace": _pid_namespace()}
+    """What identifies this process across runs: pid, host, boot and PID namespace."""
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "boot": _read("/proc/sys/kernel/random/boot_id"), "pid_namespace": _pid_namespace()}
 
 
 def _read(path: str) -> str:

@@ -54,22 +54,28 @@ def _coordinated_write(path: Path, overwrite: bool, writes_file: bool, rank: int
                        tensors: list[TensorPlan], source: DictSource,
                        metadata: dict[str, str], config_from: str | Path | None) -> None:
     """Rank 0 makes the temporary folder; writers fill it; rank 0 puts it in place (with
-    the guarantees of ``moekit.output``) and tells every rank how it went."""
+    the guarantees of ``moekit.output``) and tells every rank how it went. An interrupt or
+    a lost rank leaves nothing in place either."""
     output, folder = _agree_on_folder(path, overwrite, config_from)
     name = f"model-{rank + 1:05d}-of-{files:05d}.safetensors"
     error = None
     try:
-        if writes_file:
-            write_shard(folder / name, tensors, source, metadata)
-    except Exception as err:  # reported to every rank below
-        error = f"rank {dist.get_rank()}: {_describe(err, path)}"
-    outcomes: list = [None] * dist.get_world_size()
-    mapping = {t.name: name for t in tensors} if writes_file else {}
-    dist.all_gather_object(outcomes, (error, mapping, tensors if writes_file else []))
-    verdict: list = [None]
-    if output is not None:
-        verdict[0] = _finish(output, [e for e, _, _ in outcomes if e], outcomes, config_from)
-    dist.broadcast_object_list(verdict, src=0)
+        try:
+            if writes_file:
+                write_shard(folder / name, tensors, source, metadata)
+        except Exception as err:  # reported to every rank below
+            error = f"rank {dist.get_rank()}: {_describe(err, path)}"
+        outcomes: list = [None] * dist.get_world_size()
+        mapping = {t.name: name for t in tensors} if writes_file else {}
+        dist.all_gather_object(outcomes, (error, mapping, tensors if writes_file else []))
+        verdict: list = [None]
+        if output is not None:
+            verdict[0] = _finish(output, [e for e, _, _ in outcomes if e], outcomes, config_from)
+        dist.broadcast_object_list(verdict, src=0)
+    except BaseException:
+        if output is not None:
+            output.discard()
+        raise
     if verdict[0]:
         raise MoekitError(verdict[0])
 
@@ -105,9 +111,6 @@ def _finish(output: OutputFolder, errors: list[str], outcomes: list,
             return None
     except (MoekitError, OSError) as err:
         errors = [f"rank 0: {_describe(err, output.dst)}"]
-    except BaseException:
-        output.discard()
-        raise
     output.discard()
     return "save_experts failed, nothing was written: " + "; ".join(errors)
 
