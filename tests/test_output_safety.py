@@ -47,6 +47,8 @@ def tmpfs(tmp_path):
     mounted: list[Path] = []
 
     def mount(name: str = "tmpfs", options: str = "size=64m") -> Path:
+        if shutil.which("mount") is None:
+            pytest.skip("no mount command here")
         point = tmp_path / name
         point.mkdir(exist_ok=True)
         done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
@@ -318,6 +320,33 @@ def test_sigterm_and_sighup_clean_up_as_ctrl_c_does(qwen3, tmp_path):
         assert child.returncode == 128 + signum
         assert f"interrupted by {signum.name}" in err and "Traceback" not in err
     assert names(tmp_path) == ["qwen3"]
+
+
+def test_the_cli_keeps_ignored_signals_ignored_and_restores_handlers(qwen3, tmp_path, capsys,
+                                                                    monkeypatch):
+    """``nohup moekit ...`` stays immune to SIGHUP; a caller's handlers come back after."""
+    during = {}
+    write_plan = conversion.write_plan
+
+    def record_handlers(*args, **kwargs):
+        during.update({s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)})
+        write_plan(*args, **kwargs)
+
+    def callers_handler(signum, frame):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(conversion, "write_plan", record_handlers)
+    term = signal.signal(signal.SIGTERM, callers_handler)
+    hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        code, _ = run_cli(capsys, "convert", qwen3, tmp_path / "out", "--to", "nemo")
+        after = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    finally:
+        signal.signal(signal.SIGTERM, term)
+        signal.signal(signal.SIGHUP, hup)
+    assert code == 0 and during[signal.SIGHUP] is signal.SIG_IGN
+    assert during[signal.SIGTERM] not in (callers_handler, signal.SIG_DFL)
+    assert after == {signal.SIGTERM: callers_handler, signal.SIGHUP: signal.SIG_IGN}
 
 
 def test_a_folder_left_by_a_killed_run_is_removed_by_the_next_run(qwen3, tmp_path, caplog):
