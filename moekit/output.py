@@ -2,7 +2,7 @@
 
 A checkpoint is written into a temporary folder beside its destination
 (``.NAME.moekit-XXXXXXXX``, on the same file system) and moved into place only when
-complete, with the guarantees ``cp``, ``rsync`` and ``torch.distributed.checkpoint`` give:
+complete:
 
 - The final move is an atomic no-replace rename (``renameat2(RENAME_NOREPLACE)``; where the
   file system lacks it, an exclusive ``mkdir`` of the destination and the files moved in).
@@ -12,7 +12,8 @@ complete, with the guarantees ``cp``, ``rsync`` and ``torch.distributed.checkpoi
   out (``RENAME_EXCHANGE``, or renamed aside) and deleted only once the new one is in place.
   A destination that is a symlink to such a folder keeps its link: the folder it points to
   is replaced, as ``rsync`` writes through a symlinked destination.
-- Every file is fsynced, then the folder before the move, and its parent after.
+- Every file is fsynced, then the folder before the move, and its parent after (as
+  ``torch.distributed.checkpoint`` does).
 - The folder gets the mode the umask allows, as ``mkdir`` gives.
 - The temporary folder holds a marker naming its process until the move, so that a folder
   left by a killed run is removed by a later run once that process is provably gone, and
