@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import MoekitError
 
@@ -111,7 +111,7 @@ class MoeLayers:
     """The config values that decide it, for messages."""
     excluded: frozenset[int] = frozenset()
     """Layers the config keeps dense although ``layers`` holds them (``mlp_only_layers``)."""
-    extra: range = field(default_factory=lambda: range(0))
+    extra: range = range(0)
     """Layers after the decoder stack that may hold experts too (DeepSeek-V3's
     multi-token-prediction layers, optional in a checkpoint)."""
 

@@ -455,7 +455,7 @@ def _naming_disagreement(analysis: Analysis) -> str | None:
         return _other_family(analysis.label, analysis.family, analysis.family_source,
                              analysis.tensors, _expert_keys(analysis.tensors))
     read = _read_keys(parsed)
-    unread = [key for key in parsed.claimed if key not in read]
+    unread = [key for key in analysis.tensors if key in parsed.claimed and key not in read]
     if len(unread) * 2 <= len(parsed.claimed):
         return None
     sample = {key: analysis.tensors[key] for key in islice(unread, SAMPLE)}
