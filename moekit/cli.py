@@ -198,6 +198,9 @@ def _add_plan(commands) -> None:
 def _run_plan(args: argparse.Namespace) -> int:
     from .expert_parallel.report import ep_report, render, to_json
 
+    if args.ep < 1:
+        raise MoekitError(f"--ep {args.ep}: the expert-parallel group size is a number of "
+                          "ranks, at least 1")
     loads = ep_report(args.path, args.ep, args.layout)
     print(json.dumps(to_json(loads), indent=2) if args.json else render(loads))
     return 0
