@@ -58,7 +58,9 @@ def main() -> None:
               f"I={args.inter}), bf16")
         upcycle = [sys.executable, "-m", "moekit.cli", "upcycle", str(dense), str(moe),
                    "--experts", str(args.experts), "--top-k", str(args.top_k),
-                   "--method", args.method, "--granularity", str(args.granularity)]
+                   "--method", args.method]
+        if args.method == "granular":
+            upcycle += ["--granularity", str(args.granularity)]
         seconds, peak = run_measured(upcycle)
         written = folder_bytes(moe)
         cp_seconds, _ = run_measured(["cp", "-r", str(moe), str(copy)])

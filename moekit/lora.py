@@ -26,15 +26,16 @@ import torch
 
 from .conversion import state_dict_meta
 from .dtypes import to_safetensors
-from .errors import MoekitError
+from .errors import MoekitError, printable
 from .executors.memory import run_plan
+from .layouts.base import is_canonical
 from .plan import Concat, Expr, Plan, Read, Stack, TensorPlan, Transpose
 from .sources import DictSource
 
-_PEFT = re.compile(r"^(?P<experts>.*\.experts)(?P<nest>(?:\.base_layer)*)\.lora_(?P<ab>[AB])\.weight$")
+_PEFT = re.compile(r"^(?P<experts>.*\.experts)(?P<nest>(?:\.base_layer)*)\.lora_(?P<ab>[AB])\.weight\Z")
 _PER_EXPERT = re.compile(
-    r"^(?P<experts>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.lora_(?P<ab>[AB])\.weight$")
-_NEMO = re.compile(r"^(?P<experts>.*\.experts)\.lora_(?P<group>gate_and_up|down)_(?P<ab>[AB])$")
+    r"^(?P<experts>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.lora_(?P<ab>[AB])\.weight\Z")
+_NEMO = re.compile(r"^(?P<experts>.*\.experts)\.lora_(?P<group>gate_and_up|down)_(?P<ab>[AB])\Z")
 PARAMETERS = ("gate_up_proj", "down_proj")
 """The order PEFT wrapped the experts' parameters in (the first is nested deeper).
 adapter_config.json's ``target_parameters`` does not keep it (PEFT 0.19.1 and later sort
@@ -274,6 +275,9 @@ def _from_hf(adapter: Mapping[str, torch.Tensor], n: int) -> dict[str, tuple[_La
     for key in adapter:
         match = _PER_EXPERT.match(key)
         if match:
+            if not is_canonical(match["e"]) or int(match["e"]) >= n:
+                raise MoekitError(f"{printable(key)}: the expert number is not one of 0-{n - 1} "
+                                  "written canonically (ASCII digits, no leading zero)")
             layer, keys = layers.setdefault(match["experts"], (_Layer(match["experts"], {}), set()))
             layer.pieces[(f"{match['proj']}_{match['ab']}", int(match["e"]))] = _read(adapter, key)
             keys.add(key)

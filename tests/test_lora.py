@@ -209,3 +209,13 @@ def test_an_adapter_whose_layers_disagree_on_the_layout_has_no_single_layout():
     with pytest.raises(MoekitError, match=r"layers\.0\.mlp\.experts: A_OUT, .*"
                                           r"layers\.1\.mlp\.experts: A_IN"):
         peft_layout(mixed)
+
+
+@pytest.mark.parametrize("expert", ["03", "\N{ARABIC-INDIC DIGIT THREE}", str(E)])
+def test_a_per_expert_lora_key_numbered_other_than_0_to_e_minus_1_is_refused(adapter, expert):
+    folder, _ = adapter
+    hf = peft_to_hf(load_all(folder), E)
+    hf[f"base_model.model.model.layers.2.mlp.experts.{expert}.up_proj.lora_A.weight"] = (
+        torch.zeros(1))
+    with pytest.raises(MoekitError, match="expert number is not one of"):
+        hf_to_peft(hf, E)

@@ -11,6 +11,8 @@ import torch
 
 from moekit import MoekitError, PlanError, UpcycleSpec, samples, upcycle, upcycle_state_dict
 from moekit.cli import main
+from moekit.checkpoint import TensorInfo
+from moekit.upcycling.planner import dense_mlps
 
 from .conftest import load_all, tree_digest
 
@@ -280,3 +282,12 @@ def test_cli_upcycle_dry_run_and_run(dense_checkpoints, tmp_path, capsys):
     assert (tmp_path / "moe" / "config.json").exists()
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+
+@pytest.mark.parametrize("layer", ["02", "\N{FULLWIDTH DIGIT TWO}"])
+def test_a_layer_number_written_other_than_canonically_is_refused(layer):
+    tensors = {f"model.layers.{n}.mlp.{p}_proj.weight": TensorInfo("", "", (8, 4), "F32", 0)
+               for n in ("2", layer) for p in ("gate", "up", "down")}
+    with pytest.raises(MoekitError, match="layer number other than as ASCII digits"):
+        dense_mlps(tensors, UpcycleSpec(4, 2), "dense")

@@ -24,6 +24,14 @@ MAX_DIGITS = 9
 _CANONICAL = re.compile(r"0|[1-9][0-9]{0,%d}" % (MAX_DIGITS - 1), re.ASCII)
 
 
+def is_canonical(number: str) -> bool:
+    """Whether a layer or expert number is written canonically: ASCII ``0`` or
+    ``[1-9][0-9]*`` of at most ``MAX_DIGITS`` digits. ``int()`` reads ``01`` and non-ASCII
+    digits (fullwidth, Arabic-Indic, ...) as 1, so such a key beside ``experts.1`` would
+    silently replace it or be replaced by it."""
+    return _CANONICAL.fullmatch(number) is not None
+
+
 @dataclass
 class ExpertBlock:
     """The routed experts of one MoE layer, as canonical per-expert pieces."""
@@ -68,15 +76,12 @@ class ParsedExperts:
         """The ``layer`` (and ``expert``) numbers of an expert key, claimed; or None, with
         a problem recorded, when one is not canonical.
 
-        Canonical is ASCII ``0`` or ``[1-9][0-9]*`` of at most ``MAX_DIGITS`` digits:
-        ``int()`` reads ``01`` and the non-ASCII digit one (fullwidth, Arabic-Indic, ...)
-        as 1, and such a key beside ``experts.1`` would silently replace it or be
-        replaced by it.
+        See ``is_canonical``.
         """
         self.claimed.add(key)
         fields = {name: text for name, text in match.groupdict().items()
                   if name in ("layer", "expert") and text is not None}
-        bad = [(name, text) for name, text in fields.items() if not _CANONICAL.fullmatch(text)]
+        bad = [(name, text) for name, text in fields.items() if not is_canonical(text)]
         if not bad:
             return {name: int(text) for name, text in fields.items()}
         shown = ", ".join(f"{name} number {ascii(text)}" for name, text in bad)

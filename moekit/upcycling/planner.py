@@ -13,15 +13,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import MoekitError, PlanError, compress_ranges, plural
-from ..layouts.base import TensorMeta
+from ..errors import MoekitError, PlanError, compress_ranges, plural, printable
+from ..layouts.base import TensorMeta, is_canonical
 from ..plan import Expr, Plan, Read, TensorPlan
 from . import recipes
 from .recipes import DenseMLP
 from .spec import UpcycleSpec
 from .targets import DENSE_PROJECTIONS, Target, moe_config, resolve_target
 
-_MLP_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.(.+)$")
+_MLP_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.(.+)\Z", re.DOTALL)
 _ATTENTION_BIAS = re.compile(r"\.self_attn\.(\w+)\.bias$")
 
 
@@ -116,6 +116,9 @@ def dense_mlps(tensors: Mapping[str, TensorMeta], spec: UpcycleSpec, label: str,
     by_layer: dict[int, dict[str, str]] = {}
     for key in tensors:
         match = _MLP_KEY.match(key)
+        if match and not is_canonical(match[1]):
+            raise MoekitError(f"{label}: {printable(key)} writes its layer number other than as "
+                              "ASCII digits without a leading zero; rename the tensor")
         if match:
             by_layer.setdefault(int(match[1]), {})[match[2]] = key
     if not by_layer:
