@@ -29,6 +29,7 @@ from .dtypes import to_safetensors
 from .errors import MoekitError, printable
 from .executors.memory import run_plan
 from .layouts.base import is_canonical
+from .layouts.families import MAX_EXPERTS
 from .plan import Concat, Expr, Plan, Read, Stack, TensorPlan, Transpose
 from .sources import DictSource
 
@@ -112,6 +113,7 @@ def hf_to_peft(adapter: Mapping[str, torch.Tensor], n_experts: int,
                layout: PeftLayout = PeftLayout.A_IN) -> dict[str, torch.Tensor]:
     """Per-expert LoRA keys -> PEFT's grouped form (``parameters``: the adapter's wrapping
     order; ``layout``: what the PEFT release that loads it expects, see ``PeftLayout``)."""
+    _check_expert_count(n_experts)
     return _run(adapter, _from_hf(adapter, n_experts),
                 lambda layer: _emit_peft(layer, n_experts, parameters, layout))
 
@@ -120,8 +122,16 @@ def nemo_to_peft(adapter: Mapping[str, torch.Tensor], n_experts: int,
                  parameters: Sequence[str] = PARAMETERS,
                  layout: PeftLayout = PeftLayout.A_IN) -> dict[str, torch.Tensor]:
     """NeMo's grouped LoRA names -> PEFT's grouped form (arguments as ``hf_to_peft``)."""
+    _check_expert_count(n_experts)
     return _run(adapter, _from_nemo(adapter),
                 lambda layer: _emit_peft(layer, n_experts, parameters, layout))
+
+
+def _check_expert_count(n: object) -> None:
+    """Refuse an ``n_experts`` that is not an integer from 1 to ``MAX_EXPERTS`` (the
+    per-expert pieces are listed by expert)."""
+    if type(n) is not int or not 1 <= n <= MAX_EXPERTS:
+        raise MoekitError(f"n_experts must be an integer from 1 to {MAX_EXPERTS}, not {n!r}")
 
 
 def parameter_order(adapter: Mapping[str, torch.Tensor]) -> tuple[str, ...]:

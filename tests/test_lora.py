@@ -219,3 +219,13 @@ def test_a_per_expert_lora_key_numbered_other_than_0_to_e_minus_1_is_refused(ada
         torch.zeros(1))
     with pytest.raises(MoekitError, match="expert number is not one of"):
         hf_to_peft(hf, E)
+
+
+@pytest.mark.parametrize("n_experts", [0, 10**9, 4.0])
+def test_converting_to_peft_refuses_an_expert_count_out_of_range(adapter, n_experts):
+    folder, _ = adapter
+    hf = peft_to_hf(load_all(folder), E)
+    with pytest.raises(MoekitError, match="n_experts must be an integer from 1 to"):
+        hf_to_peft(hf, n_experts)
+    with pytest.raises(MoekitError, match="n_experts must be an integer from 1 to"):
+        nemo_to_peft(peft_to_nemo(load_all(folder), E), n_experts)

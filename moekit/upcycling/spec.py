@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import MoekitError
+from ..layouts.families import MAX_EXPERTS
 
 Method = Literal["copy", "granular", "drop"]
 RouterInit = Literal["zero", "random", "virtual-group"]
@@ -94,8 +95,8 @@ class UpcycleSpec:
             found.append(f"--router {self.router!r} is not one of {', '.join(ROUTERS)}")
         if self.scaling not in SCALINGS:
             found.append(f"--scaling {self.scaling!r} is not one of {', '.join(SCALINGS)}")
-        if self.experts < 1:
-            found.append(f"--experts must be at least 1, not {self.experts}")
+        if not 1 <= self.experts <= MAX_EXPERTS:
+            found.append(f"--experts must lie in 1..{MAX_EXPERTS}, not {self.experts}")
         elif not 1 <= self.top_k <= self.experts:
             found.append(f"--top-k must lie in 1..{self.experts} (the number of --experts), "
                          f"not {self.top_k}")
