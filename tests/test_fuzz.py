@@ -35,7 +35,7 @@ from moekit.cli import main
 from .fuzz_mutations import (CONFIG, INDEX, ITEMSIZE, Base, Inapplicable, Mutation, mutations,
                              read_header)
 
-EXAMPLES = int(os.environ.get("MOEKIT_FUZZ_EXAMPLES", "80"))
+EXAMPLES = int(os.environ.get("MOEKIT_FUZZ_EXAMPLES", "100"))
 SHARD_SIZE = "60KB"
 """Splits the sample (about 100 KB of weights) into two shards and an index."""
 SECONDS_PER_COMMAND = 5
@@ -289,7 +289,7 @@ def run_example(base: Base, damage: list[Mutation], target: str, root: Path) -> 
         if (root / "out").exists():
             example.found.append(Violation("convert", "output after failure", dst))
         return example.found
-    refusal = must_refuse(example.src, base, damage)
+    refusal = must_refuse(example.src)
     if refusal:
         example.found.append(Violation("convert", "not refused", f"exit 0, but {refusal}"))
     example.found += _same_elements(example.src, root / "out")
@@ -302,20 +302,74 @@ def run_example(base: Base, damage: list[Mutation], target: str, root: Path) -> 
     return example.found
 
 
-def must_refuse(src: Path, base: Base, damage: list[Mutation]) -> str | None:
-    """Why the damaged checkpoint must be refused even though safetensors reads it, or None."""
-    for mutation in damage:
-        if mutation.must_fail:
-            return mutation.reason
-    return config_contradiction(src, base)
+def must_refuse(src: Path) -> str | None:
+    """Why the damaged checkpoint must be refused although safetensors reads its files, or
+    None: a file reached outside the folder, an expert key spelled non-canonically, a
+    header giving one key two entries, a config.json that the shards contradict."""
+    return (_reaches_outside(src) or _header_problem(src) or config_contradiction(src))
+
+
+def _reaches_outside(src: Path) -> str | None:
+    """A link, or an index entry, leading to an existing file outside the folder."""
+    folder = src.resolve()
+    for path in src.iterdir():
+        if path.is_symlink() and path.exists() and not path.resolve().is_relative_to(folder):
+            return f"{path.name} links to {os.readlink(path)}, outside the checkpoint folder"
+    with contextlib.suppress(OSError, ValueError, RecursionError, AttributeError):
+        for name in json.loads((src / INDEX).read_text())["weight_map"].values():
+            target = src / str(name)
+            if target.is_file() and not target.resolve().is_relative_to(folder):
+                return f"the index names {name}, outside the checkpoint folder"
+    return None
+
+
+_NUMBER = re.compile(r"\.(?:layers|experts)\.([^.]+)\.")
+
+
+def _header_problem(src: Path) -> str | None:
+    """An expert key whose layer or expert number int() reads but that is not written as
+    moekit writes numbers (``01``, ``+1``, non-ASCII digits): taken for the canonical
+    number it could silently replace another tensor. Or a key that a header gives twice
+    with different entries, which readers take differently."""
+    for path in sorted(src.glob("*.safetensors")):
+        conflicts: list[str] = []
+        with contextlib.suppress(OSError, ValueError, RecursionError):
+            raw = path.read_bytes()
+            json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")],
+                       object_pairs_hook=lambda items: _conflicts(items, conflicts))
+        if conflicts:
+            return f"{path.name} gives {conflicts[0]} two different entries"
+        with contextlib.suppress(Inapplicable, OSError):
+            for key in read_header(path)[0]:
+                if ".experts." in key and any(_non_canonical(n) for n in _NUMBER.findall(key)):
+                    return f"{path.name} holds {key!r}, not a canonical expert key"
+    return None
+
+
+def _conflicts(items: list[tuple[str, object]], found: list[str]) -> dict:
+    """A JSON object from its pairs; the keys given twice with different values go to
+    ``found``."""
+    seen: dict[str, object] = {}
+    for key, value in items:
+        if key in seen and seen[key] != value:
+            found.append(key)
+        seen[key] = value
+    return seen
+
+
+def _non_canonical(text: str) -> bool:
+    try:
+        return str(int(text)) != text
+    except ValueError:
+        return False
 
 
 _COUNT_KEYS = ("num_experts", "num_local_experts")
 """The keys transformers reads the expert count of qwen3_moe from."""
 
 
-def config_contradiction(src: Path, base: Base) -> str | None:
-    """What a qwen3_moe config.json says that the unchanged expert tensors contradict, or
+def config_contradiction(src: Path) -> str | None:
+    """What a qwen3_moe config.json says that the shards' expert tensors contradict, or
     that is no valid value: the expert count, the layer count, which layers are MoE."""
     try:
         config = json.loads((src / CONFIG).read_text())
@@ -323,26 +377,60 @@ def config_contradiction(src: Path, base: Base) -> str | None:
         return None
     if not isinstance(config, dict) or config.get("model_type") != "qwen3_moe":
         return None
-    for name, expected in [*((k, base.config["num_local_experts"]) for k in _COUNT_KEYS),
-                           ("num_hidden_layers", base.config["num_hidden_layers"])]:
+    for name in (*_COUNT_KEYS, "num_hidden_layers"):
         value = config.get(name)
-        if value is not None and not (type(value) is int and value == expected):
-            return f"config.json {name} is {value!r}; the tensors hold {expected}"
-    return _moe_layers_contradiction(config, base.config["num_hidden_layers"])
+        if value is not None and (type(value) is not int or value < 1):
+            return f"config.json {name} is {value!r}"
+    held = _experts_held(src)
+    counts = {config[k] for k in _COUNT_KEYS if config.get(k) is not None}
+    wrong = sorted(layer for layer, sizes in held.items() if counts and sizes != counts)
+    if wrong:
+        return f"config.json has {counts} experts, layers {wrong} hold {held[wrong[0]]}"
+    return _moe_layers_contradiction(config, held)
 
 
-def _moe_layers_contradiction(config: dict, layers: int) -> str | None:
-    """qwen3_moe's rule: layer i is MoE unless listed in mlp_only_layers (null: none), and
-    only when (i + 1) is a multiple of decoder_sparse_step; every layer of the sample is MoE."""
+def _moe_layers_contradiction(config: dict, held: dict[int, set[int]]) -> str | None:
+    """qwen3_moe's rule: layer i < num_hidden_layers is MoE unless listed in
+    mlp_only_layers (null: none), and only when (i + 1) is a multiple of
+    decoder_sparse_step."""
     dense = config.get("mlp_only_layers") or []
     step = config.get("decoder_sparse_step", 1)
     if not (isinstance(dense, list) and all(type(i) is int for i in dense)
             and type(step) is int and step > 0):
         return f"config.json mlp_only_layers {dense!r} / decoder_sparse_step {step!r} are invalid"
+    layers = config.get("num_hidden_layers")
+    if layers is None:
+        return None
+    if layers > 10_000:
+        return f"config.json has {layers} layers; the shards have experts in {sorted(held)}"
     moe = [i for i in range(layers) if i not in dense and (i + 1) % step == 0]
-    if moe != list(range(layers)):
-        return f"config.json makes layers {moe} MoE; the tensors have experts in every layer"
+    if moe != sorted(held):
+        return f"config.json makes layers {moe} MoE; the shards have experts in {sorted(held)}"
     return None
+
+
+_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(?:(\d+)\.)?")
+
+
+def _experts_held(src: Path) -> dict[int, set[int]]:
+    """layer -> the expert counts its expert tensors imply (highest expert number + 1 of
+    per-expert keys, first dimension of grouped tensors), from every readable shard."""
+    held: dict[int, set[int]] = {}
+    numbers: dict[int, int] = {}
+    for path in sorted(src.glob("*.safetensors")):
+        with contextlib.suppress(Inapplicable, OSError):
+            for key, entry in read_header(path)[0].items():
+                match = _EXPERT_KEY.match(key)
+                if not match or not isinstance(entry, dict):
+                    continue
+                layer = int(match.group(1))
+                if match.group(2) is not None:
+                    numbers[layer] = max(numbers.get(layer, 0), int(match.group(2)) + 1)
+                elif isinstance(entry.get("shape"), list) and entry["shape"]:
+                    held.setdefault(layer, set()).add(entry["shape"][0])
+    for layer, count in numbers.items():
+        held.setdefault(layer, set()).add(count)
+    return held
 
 
 def _expect_zero(example: Example, outcome: Outcome) -> None:
