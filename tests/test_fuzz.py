@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import traceback
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
@@ -32,8 +33,9 @@ import moekit
 from moekit import samples
 from moekit.cli import main
 
-from .fuzz_mutations import (CONFIG, INDEX, ITEMSIZE, Base, Inapplicable, Mutation, mutations,
-                             read_header)
+from .fuzz_mutations import (CONFIG, INDEX, ITEMSIZE, AddCopy, Base, CopyLayer, DropLayerExperts,
+                             EditJson, HeaderBytes, Inapplicable, MoveOutside, Mutation, Retype,
+                             mutations, read_header)
 
 EXAMPLES = int(os.environ.get("MOEKIT_FUZZ_EXAMPLES", "100"))
 SHARD_SIZE = "60KB"
@@ -63,15 +65,77 @@ def test_pristine_samples_convert_and_come_back_identical(bases, tmp_path):
             assert run_example(base, [], target, root) == []
 
 
+def test_the_judge_reports_every_broken_promise(bases, tmp_path, monkeypatch):
+    """A CLI that breaks each promise once is caught each time (the fuzz can fail)."""
+    def broken_main(args: list[str]) -> int:
+        src = Path(args[1])
+        if args[0] == "inspect":
+            with open(src / CONFIG, "a") as f:
+                f.write(" ")
+            print("\x1b[2J")
+            return 0
+        if args[0] == "plan":
+            raise KeyError("weight_map")
+        (src.parent / ".out.moekit-1").mkdir()
+        Path(args[2]).mkdir()
+        print("moekit: error: one\nmoekit: error: two", file=sys.stderr)
+        return 2
+
+    monkeypatch.setattr(sys.modules[__name__], "main", broken_main)
+    found = run_example(bases[0], [], "nemo", tmp_path)
+    assert {(v.command, v.kind) for v in found} == {
+        ("inspect", "changed input"), ("inspect", "control character"),
+        ("plan", "traceback"), ("convert", "leftover"), ("convert", "messages"),
+        ("convert", "output after failure")}
+
+
+SHARD_1, SHARD_2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+_DOWN_1 = "model.layers.0.mlp.experts.1.down_proj.weight"
+SEEDS = [
+    # an expert numbered 999,999,999 / written 01 / in a layer written +0, beside the real ones
+    *(("hf", [AddCopy(SHARD_1, _DOWN_1, SHARD_1, _DOWN_1.replace(old, new), True)], "nemo")
+      for old, new in ((".1.", ".999999999."), (".1.", ".01."), (".0.", ".+0."))),
+    # config.json: an expert count the shards contradict, one that is no integer, an absurd
+    # layer count; a layer without experts; a layer beyond num_hidden_layers
+    ("hf", [EditJson(CONFIG, "num_local_experts", 3)], "nemo"),
+    ("hf", [EditJson(CONFIG, "num_local_experts", 4.0)], "nemo"),
+    ("hf", [EditJson(CONFIG, "num_hidden_layers", 2**64)], "nemo"),
+    ("hf", [DropLayerExperts(1, router=False)], "nemo"),
+    ("hf", [CopyLayer(1, to=2)], "nemo"),
+    # gate in BF16, up in F32
+    ("hf", [Retype(SHARD_1, "model.layers.0.mlp.experts.1.gate_proj.weight", "BF16", (16, 32))],
+     "nemo"),
+    # 100,000,000 zero-size experts; a zero-size tensor whose other dims overflow int64
+    ("nemo", [Retype(SHARD_1, "model.layers.0.mlp.experts.down_projs", "F32",
+                     (100_000_000, 0, 32))], "hf"),
+    ("nemo", [Retype(SHARD_1, "lm_head.weight", "F32", (0, 7, 2**62))], "hf"),
+    # BOOL experts whose bytes are not all 0 or 1
+    ("nemo", [Retype(SHARD_1, "model.layers.0.mlp.experts.gate_and_up_projs", "BOOL",
+                     (4, 32, 32))], "hf"),
+    # a header giving one tensor two shapes
+    ("hf", [HeaderBytes(SHARD_1, "duplicate_key_differs")], "nemo"),
+    # a shard reached through ../ in the index, config.json through a link out of the folder
+    ("hf", [MoveOutside(SHARD_2, "relative")], "nemo"),
+    ("hf", [MoveOutside(CONFIG, "symlink")], "nemo"),
+]
+"""(base layout, damage, target) of classes the fuzz has found: run before the drawn ones."""
+
+
+@st.composite
+def cases(draw, bases: list[Base]) -> tuple[str, list[Mutation], str]:
+    """A base layout, the damage done to it, the layout to convert it to."""
+    layout = draw(st.sampled_from([b.layout for b in bases]))
+    base = next(b for b in bases if b.layout == layout)
+    return layout, draw(mutations(base)), draw(st.sampled_from(base.targets))
+
+
 def test_damaged_checkpoints_convert_exactly_or_fail_with_one_message(bases, tmp_path):
     @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(data=st.data())
-    def check(data):
-        layout = data.draw(st.sampled_from([b.layout for b in bases]), label="base layout")
+    @given(case=cases(bases))
+    def check(case):
+        layout, damage, target = case
         base = next(b for b in bases if b.layout == layout)
-        damage = data.draw(mutations(base), label="damage")
-        target = data.draw(st.sampled_from(base.targets), label="target")
         root = Path(tempfile.mkdtemp(dir=tmp_path))
         try:
             found = run_example(base, damage, target, root)
@@ -79,6 +143,8 @@ def test_damaged_checkpoints_convert_exactly_or_fail_with_one_message(bases, tmp
             shutil.rmtree(root)
         assert not found, "\n".join(map(str, found))
 
+    for seed in reversed(SEEDS):
+        check = example(seed)(check)
     check()
 
 
