@@ -173,7 +173,7 @@ def plan_conversion(src: str | Path, dst: str | Path, to: str, from_: str | None
     checkpoint, analysis = analyse_checkpoint(src, from_)
     plan = build_plan(analysis, layout_named(to), dequantize=dequantize)
     parse_size(max_shard_size)
-    check_destination(Path(dst), checkpoint.path, overwrite, checkpoint.source_files())
+    check_destination(Path(dst), checkpoint.named, overwrite, checkpoint.source_files())
     return checkpoint, plan
 
 
@@ -194,6 +194,8 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
             f"{analysis.family.name}): the {dst.name} layout applies only to MoE checkpoints; "
             "use `moekit upcycle` to turn a dense model into an MoE")
     block_size = analysis.fp8_block
+    if dequantize:
+        _check_dequantizable(analysis)
     blocks = {layer: _dequantized(block, block_size) if dequantize else block
               for layer, block in analysis.blocks.items()}
     _check_held(blocks, analysis.family, dst)
@@ -281,6 +283,30 @@ def _piece_dtypes(block: ExpertBlock, analysis: Analysis) -> str:
         seen.setdefault(piece, part.dtype)
     name = _namer(analysis)
     return ", ".join(f"{name(p)} {seen[p]}" for p in analysis.family.all_pieces if p in seen)
+
+
+def _check_dequantizable(analysis: Analysis) -> None:
+    """Refuse to dequantise a weight with block scales that is not float8: multiplying a
+    weight already in BF16 (say) by its leftover scales would write wrong values."""
+    problems = []
+    for layer, block in analysis.blocks.items():
+        odd = {(piece[:-len(SCALE)], block.pieces[(piece[:-len(SCALE)], e)].dtype)
+               for piece, e in block.pieces if piece.endswith(SCALE)
+               and (piece[:-len(SCALE)], e) in block.pieces
+               and not block.pieces[(piece[:-len(SCALE)], e)].dtype.startswith("F8")}
+        name = _namer(analysis)
+        problems += [_Problem(f"{name(piece)} is {dtype} beside block scales", layer)
+                     for piece, dtype in sorted(odd)]
+    for key, meta in analysis.tensors.items():
+        weight = analysis.tensors.get(key.removesuffix(FP8_SCALE_KEY))
+        if (key.endswith(FP8_SCALE_KEY) and key not in analysis.parsed.claimed
+                and weight is not None and not weight.dtype.startswith("F8")):
+            problems.append(_Problem(f"{key.removesuffix(FP8_SCALE_KEY)} is {weight.dtype} "
+                                     "beside block scales"))
+    if problems:
+        raise PlanError(f"cannot dequantize {analysis.label}: moekit dequantizes float8 "
+                        "weights (F8_E4M3, F8_E5M2) by their block scales; these weights are "
+                        "not float8, so their scales do not apply to them:", _listed(problems))
 
 
 def _dequantized(block: ExpertBlock, block_size: tuple[int, int]) -> ExpertBlock:
@@ -692,25 +718,68 @@ def _fp8_scale_shape(weight: tuple[int, ...], block: tuple[int, int]) -> tuple[i
     return math.ceil(weight[0] / block[0]), math.ceil(weight[1] / block[1])
 
 
+FP8_SCALE_DTYPES = ("F32", "BF16", "F16", "F64")
+"""Dtypes an FP8 block scale may have (DeepSeek-V3 writes F32, some releases BF16): a scale
+in a float8 or integer dtype is a damaged or mislabelled tensor, not a format."""
+MXFP4_DTYPE = "U8"
+"""MXFP4 blocks (two FP4 codes a byte) and scales (E8M0 exponents) are bytes."""
+MXFP4_PAIRS = 16
+"""Bytes per MXFP4 block of 32 inputs: blocks are [out, in/32, 16]."""
+
+
 def _scale_problems(block: ExpertBlock, name: Callable[[str], str], block_size: tuple[int, int],
                     required: range) -> list[_Problem]:
-    """Expert FP8 scales whose shape is not [ceil(out/rows), ceil(in/columns)] of their
-    weight (a scale that does not cover its weight dequantises to wrong values)."""
-    wrong: dict[tuple, list[int]] = defaultdict(list)
-    for (piece, e), scale in block.pieces.items():
-        if not piece.endswith(SCALE) or e not in required:
+    """Expert quantisation pieces that do not fit their weight: FP8 scales whose shape is
+    not [ceil(out/rows), ceil(in/columns)] or whose dtype is not a float of 16 bits or more
+    (a scale that does not cover its weight dequantises to wrong values), and MXFP4 blocks
+    and scales that are not bytes shaped [out, G, 16] and [out, G]."""
+    wrong: dict[str, list[int]] = defaultdict(list)
+    for (piece, e), part in block.pieces.items():
+        if e not in required:
             continue
-        weight = block.pieces.get((piece[:-len(SCALE)], e))
-        if weight is None or len(weight.shape) != 2:
+        if piece.endswith(SCALE):
+            weight = block.pieces.get((piece[:-len(SCALE)], e))
+            text = _fp8_scale_problem(tuple(part.shape), part.dtype, weight, block_size)
+        elif piece.endswith(MX_BLOCKS):
+            scales = block.pieces.get((piece[:-len(MX_BLOCKS)] + MX_SCALES, e))
+            text = _mxfp4_problem(part, scales, name(piece[:-len(MX_BLOCKS)] + MX_SCALES))
+        else:
             continue
-        expected = _fp8_scale_shape(tuple(weight.shape), block_size)
-        if tuple(scale.shape) != expected:
-            wrong[(piece, tuple(scale.shape), tuple(weight.shape), expected)].append(e)
+        if text:
+            wrong[f"{name(piece)} {{verb}} {text}"].append(e)
     return [_Problem(f"{plural(len(experts), 'expert')} {compress_ranges(experts)} "
-                     f"{name(piece)} {'is' if len(experts) == 1 else 'are'} {list(got)}; the "
-                     f"block scales of a {list(weight)} weight are {list(expected)} "
-                     f"({_block_rule(block_size)})", block.layer)
-            for (piece, got, weight, expected), experts in wrong.items()]
+                     + text.format(verb="is" if len(experts) == 1 else "are"), block.layer)
+            for text, experts in wrong.items()]
+
+
+def _fp8_scale_problem(shape: tuple[int, ...], dtype: str, weight: Expr | None,
+                       block_size: tuple[int, int]) -> str | None:
+    """What is wrong with an FP8 block scale of this shape and dtype beside ``weight``."""
+    if dtype not in FP8_SCALE_DTYPES:
+        return (f"{dtype}; FP8 block scales are floats of 16 bits or more "
+                f"({', '.join(FP8_SCALE_DTYPES)})")
+    if weight is None or len(weight.shape) != 2:
+        return None
+    expected = _fp8_scale_shape(tuple(weight.shape), block_size)
+    if shape != expected:
+        return (f"{list(shape)}; the block scales of a {list(weight.shape)} weight are "
+                f"{list(expected)} ({_block_rule(block_size)})")
+    return None
+
+
+def _mxfp4_problem(blocks: Expr, scales: Expr | None, scales_name: str) -> str | None:
+    """What is wrong with MXFP4 ``blocks`` [out, G, 16] and their ``scales`` [out, G]."""
+    dtypes = {blocks.dtype} | ({scales.dtype} if scales is not None else set())
+    if dtypes != {MXFP4_DTYPE}:
+        shown = f"{blocks.dtype}" + (f" with {scales_name} {scales.dtype}" if scales else "")
+        return f"{shown}; MXFP4 blocks and scales are bytes ({MXFP4_DTYPE})"
+    shape = tuple(blocks.shape)
+    if len(shape) != 3 or shape[2] != MXFP4_PAIRS:
+        return f"{list(shape)}; MXFP4 blocks are [out, in/32, {MXFP4_PAIRS}]"
+    if scales is not None and tuple(scales.shape) != shape[:2]:
+        return (f"{list(shape)} with {scales_name} {list(scales.shape)}; the scales of these "
+                f"blocks are {list(shape[:2])}")
+    return None
 
 
 def _block_rule(block_size: tuple[int, int]) -> str:
@@ -725,15 +794,12 @@ def _loose_scale_problems(analysis: Analysis, where: Callable[[str], str | None]
         if not key.endswith(FP8_SCALE_KEY) or key in analysis.parsed.claimed:
             continue
         weight = analysis.tensors.get(key[:-len(FP8_SCALE_KEY)])
-        if weight is None or len(weight.shape) != 2 or not weight.dtype.startswith("F8"):
+        if weight is None or not weight.dtype.startswith("F8"):
             continue
-        expected = _fp8_scale_shape(tuple(weight.shape), analysis.fp8_block)
-        if tuple(scale.shape) != expected:
+        text = _fp8_scale_problem(tuple(scale.shape), scale.dtype, weight, analysis.fp8_block)
+        if text:
             file = where(key)
-            problems.append(_Problem(
-                f"{key} is {list(scale.shape)}; the block scales of a {list(weight.shape)} "
-                f"weight are {list(expected)} ({_block_rule(analysis.fp8_block)})",
-                files=(file,) if file else ()))
+            problems.append(_Problem(f"{key} is {text}", files=(file,) if file else ()))
     return problems
 
 

@@ -184,3 +184,82 @@ def test_mxfp4_passes_through_and_dequantizes_like_transformers(mxfp4, tmp_path)
     vllm = load_all(tmp_path / "vllm-bf16")
     key = "model.layers.1.mlp.experts"
     assert torch.equal(vllm[f"{key}.w13_weight"][:, :32], out[f"{key}.gate_up_proj"][:, :, 0::2].mT)
+
+
+def _damaged(fp8: Path, folder: Path, change) -> Path:
+    """A copy of the FP8 checkpoint with ``change(tensors)`` applied to its tensors."""
+    tensors = load_all(fp8)
+    change(tensors)
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors")
+    (folder / "config.json").write_text((fp8 / "config.json").read_text())
+    return folder
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int32, torch.uint8])
+def test_block_scales_that_are_not_floats_are_refused(fp8, tmp_path, capsys, dtype):
+    def cast(tensors):
+        for key in [k for k in tensors if k.endswith("_scale_inv")]:
+            tensors[key] = tensors[key].to(dtype)
+
+    src = _damaged(fp8, tmp_path / "src", cast)
+    for extra in ([], ["--dequantize"]):
+        assert main(["convert", str(src), str(tmp_path / "out"), "--to", "nemo", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "FP8 block scales are floats of 16 bits or more" in err
+        assert "self_attn.q_proj.weight_scale_inv" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bf16_block_scales_are_read(fp8, tmp_path):
+    def cast(tensors):
+        for key in [k for k in tensors if k.endswith("_scale_inv")]:
+            tensors[key] = tensors[key].bfloat16()
+
+    src = _damaged(fp8, tmp_path / "src", cast)
+    convert(src, tmp_path / "bf16", to="vllm", dequantize=True)
+    hf, out = load_all(src), load_all(tmp_path / "bf16")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert same_bytes(out[q], reference_dequantize(hf[q], hf[q + "_scale_inv"].float()))
+
+
+def test_dequantize_refuses_scales_beside_weights_that_are_not_float8(fp8, tmp_path, capsys):
+    """Weights already in BF16 with their scales left beside them: dequantising would
+    multiply them again."""
+    def widen(tensors):
+        for key in [k for k in tensors if k + "_scale_inv" in tensors]:
+            tensors[key] = tensors[key].bfloat16()
+
+    src = _damaged(fp8, tmp_path / "src", widen)
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "nemo",
+                 "--dequantize"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot dequantize" in err and "layer 0: gate_proj is BF16 beside block scales" in err
+    assert "model.layers.0.self_attn.q_proj.weight is BF16" in err
+    assert not (tmp_path / "out").exists()
+    convert(src, tmp_path / "kept", to="nemo")           # without --dequantize: bytes moved
+    assert verify(src, tmp_path / "kept").equal
+
+
+@pytest.mark.parametrize("damage", ["blocks_float", "scales_signed", "blocks_shape"])
+def test_mxfp4_tensors_must_be_bytes_of_the_format_shape(mxfp4, tmp_path, capsys, damage):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    for file in mxfp4.glob("*"):
+        tensors = load_all_file(file) if file.suffix == ".safetensors" else None
+        if tensors is None:
+            (folder / file.name).write_bytes(file.read_bytes())
+            continue
+        for key in list(tensors):
+            if damage == "blocks_float" and key.endswith("_blocks"):
+                tensors[key] = tensors[key].float()
+            elif damage == "scales_signed" and key.endswith("proj_scales"):
+                tensors[key] = tensors[key].view(torch.int8)
+            elif damage == "blocks_shape" and key.endswith("_blocks"):
+                tensors[key] = tensors[key].reshape(*tensors[key].shape[:2], -1, 8)
+        save_file(tensors, folder / file.name)
+    for extra in ([], ["--dequantize"]):
+        assert main(["convert", str(folder), str(tmp_path / "out"), "--to", "transformers",
+                     *extra]) == 2
+        err = capsys.readouterr().err
+        assert "MXFP4 blocks" in err and "Traceback" not in err
