@@ -92,6 +92,15 @@ class Checkpoint:
     """The folder's files listed in ``SIDECARS`` (none for a single named file)."""
     read: list[Path] = field(default_factory=list)
     """Every file the headers were read from: weights, index, config.json."""
+    named: Path | None = None
+    """What the user named: the checkpoint folder, or its one ``.safetensors`` file (by
+    default ``path``)."""
+    identities: dict[str, "FileIdentity"] = field(default_factory=dict)
+    """Weight file name -> what it was when its header was read (see ``open_unchanged``)."""
+
+    def __post_init__(self) -> None:
+        if self.named is None:
+            self.named = self.path
 
     @classmethod
     def open(cls, path: str | Path) -> "Checkpoint":
@@ -105,8 +114,9 @@ class Checkpoint:
         source = _locate(Path(path))
         tensors: dict[str, TensorInfo] = {}
         metadata: dict[str, str] = {}
+        identities: dict[str, FileIdentity] = {}
         for i, name in enumerate(source.files):
-            file_meta = _read_header(source.folder, name, tensors)
+            file_meta, identities[name] = _read_header(source.folder, name, tensors)
             if i == 0:
                 metadata = file_meta
         if source.weight_map is not None:
@@ -119,7 +129,9 @@ class Checkpoint:
             read.append(source.folder / CONFIG_NAME)
         sidecars = [] if source.named_file else _sidecars(source.folder, set(source.files))
         return cls(path=source.folder, tensors=tensors, config=config, metadata=metadata,
-                   sidecars=sidecars, read=read)
+                   sidecars=sidecars, read=read,
+                   named=Path(path) if source.named_file else source.folder,
+                   identities=identities)
 
     @property
     def files(self) -> list[str]:
@@ -145,6 +157,75 @@ class Checkpoint:
         """The real path (symbolic links resolved) of every file of the checkpoint: what
         a destination must never replace."""
         return [p.resolve() for p in (*self.read, *self.sidecars)]
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What a file was when moekit read it: which file (device, inode) and its size and
+    modification time. Tensor offsets come from the header read then, so a file that
+    differs later (rewritten, truncated, replaced by a re-download) must not be read."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, info: os.stat_result) -> "FileIdentity":
+        return cls(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+    def differences(self, now: "FileIdentity") -> list[str]:
+        """How ``now`` differs from this identity, in words (empty when it does not)."""
+        found = []
+        if (now.device, now.inode) != (self.device, self.inode):
+            found.append("it was replaced by another file")
+        if now.size != self.size:
+            found.append(f"its size went from {self.size:,} to {now.size:,} bytes")
+        if now.mtime_ns != self.mtime_ns:
+            found.append("it was modified")
+        return found
+
+
+def open_regular(path: Path) -> int:
+    """A read-only descriptor of the plain file at ``path`` (links followed), opened
+    without blocking, so that a named pipe or device put in a file's place is refused
+    rather than waited on; MoekitError naming the file otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        raise MoekitError(f"cannot open {_shown(path)}: {err.strerror or err}") from err
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise MoekitError(f"{_shown(path)} is no longer a plain file (it is "
+                              f"{'a folder' if stat.S_ISDIR(mode) else 'a pipe or device'} "
+                              "now); was the checkpoint changed while moekit ran?")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_unchanged(path: Path, identity: FileIdentity) -> int:
+    """``open_regular(path)``, refused when the file is not the one ``identity``
+    describes (its header, and so every offset moekit planned with, may be stale)."""
+    fd = open_regular(path)
+    try:
+        check_unchanged(fd, path, identity)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_unchanged(fd: int, path: Path, identity: FileIdentity) -> None:
+    """Raise MoekitError when the open file ``fd`` no longer is what ``identity`` says."""
+    differences = identity.differences(FileIdentity.of(os.fstat(fd)))
+    if differences:
+        raise MoekitError(f"{_shown(path)} changed since moekit read its header "
+                          f"({'; '.join(differences)}); was it being written or downloaded "
+                          "while moekit ran? Run again once the checkpoint is complete")
 
 
 @dataclass(frozen=True)
@@ -281,8 +362,10 @@ def _index_files(index: Path, weight_map: dict) -> list[str]:
     return files
 
 
-def _read_header(folder: Path, name: str, tensors: dict[str, TensorInfo]) -> dict[str, str]:
-    """Add the tensors of one file's header to ``tensors``; return its metadata.
+def _read_header(folder: Path, name: str, tensors: dict[str, TensorInfo]
+                 ) -> tuple[dict[str, str], "FileIdentity"]:
+    """Add the tensors of one file's header to ``tensors``; return its metadata and what
+    the file was when read.
 
     safetensors validates the file and lists its tensors in the order of their bytes; the
     format requires those bytes to fill the data section, which ends the file, without
@@ -299,18 +382,18 @@ def _read_header(folder: Path, name: str, tensors: dict[str, TensorInfo]) -> dic
                 view = handle.get_slice(key)
                 found.append((key, tuple(view.get_shape()), view.get_dtype()))
             metadata = dict(handle.metadata() or {})
-        size = file.stat().st_size
+        identity = FileIdentity.of(file.stat())
     except SafetensorError as err:
         raise MoekitError(f"cannot read {_shown(file)}: {err} (the file is truncated or "
                           "corrupt)") from err
     except OSError as err:
         raise MoekitError(f"cannot read {_shown(file)}: {err.strerror or err}") from err
     sizes = [_nbytes(file, key, shape, dtype) for key, shape, dtype in found]
-    offset = size - sum(sizes)
+    offset = identity.size - sum(sizes)
     for (key, shape, dtype), size in zip(found, sizes):
         tensors[key] = TensorInfo(key, name, shape, dtype, offset)
         offset += size
-    return metadata
+    return metadata, identity
 
 
 def _nbytes(file: Path, key: str, shape: tuple[int, ...], dtype: str) -> int:

@@ -33,17 +33,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         sys.stderr.close()
         return 0
-    except Interrupted as err:
-        print(f"moekit: interrupted by {signal.Signals(err.signum).name}; nothing was left in "
-              "place", file=sys.stderr)
-        return 128 + err.signum
-    except KeyboardInterrupt:
-        print("moekit: interrupted; nothing was left in place", file=sys.stderr)
-        return 128 + signal.SIGINT
+    except KeyboardInterrupt as err:
+        signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+        print(_interrupted(err, signum), file=sys.stderr)
+        return 128 + signum
     except OSError as err:
         where = f": {os.fsdecode(err.filename)}" if err.filename is not None else ""
         print(printable(f"moekit: error: {err.strerror or err}{where}"), file=sys.stderr)
         return EXIT_ERROR
+
+
+def _interrupted(err: KeyboardInterrupt, signum: int) -> str:
+    """What an interrupt left: nothing, or an output completed just before it came."""
+    from .output import in_place
+
+    by = f" by {signal.Signals(signum).name}" if signum != signal.SIGINT else ""
+    written = in_place(err)
+    if written is not None:
+        return printable(f"moekit: interrupted{by} after {written} was written in full and "
+                         "put in place")
+    return f"moekit: interrupted{by}; nothing was left in place"
 
 
 class Interrupted(KeyboardInterrupt):
@@ -165,7 +174,7 @@ def _report_plan(plan, summary: str, args: argparse.Namespace, **extra: object) 
                 print(printable(f"  {t.name} {list(t.shape)} {t.dtype} = {describe(t.recipe)}"))
         print("dry run: nothing written")
     else:
-        print(f"wrote {args.dst}")
+        print(printable(f"wrote {args.dst}"))
 
 
 def _add_verify(commands) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,14 +49,16 @@ def write_checkpoint(plan: Plan, checkpoint: Checkpoint, dst: Path, max_shard_si
     config.json."""
     metadata = {"format": "pt", LAYOUT_METADATA_KEY: plan.dst_layout,
                 FAMILY_METADATA_KEY: plan.family}
-    with atomic_output(dst, checkpoint.path, overwrite, checkpoint.source_files()) as tmp:
+    with atomic_output(dst, checkpoint.named, overwrite, checkpoint.source_files()) as output:
         with FileSource(checkpoint) as source:
-            write_plan(plan, source, tmp, parse_size(max_shard_size), metadata, show_progress)
-        for extra in checkpoint.extra_files():
-            if config is None or extra.name != "config.json":
-                shutil.copy2(extra, tmp / extra.name)
+            write_plan(plan, source, output.folder, parse_size(max_shard_size), metadata,
+                       show_progress)
+            source.check_unchanged()
+        output.copy_in(extra for extra in checkpoint.extra_files()
+                       if config is None or extra.name != "config.json")
         if config is not None:
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            (output.folder / "config.json").write_text(
+                json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 @without_gc_pauses

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -40,8 +41,32 @@ def _require_transformers() -> None:
                           "pip install 'moekit[demo]'") from err
 
 
+DEMO_MARKER = ".moekit-demo"
+"""The file that marks a folder as one ``moekit demo --out`` wrote (a rerun may reuse it)."""
+
+
+def _prepare(root: Path) -> None:
+    """Make ``root`` the demo's folder: it must be new, empty, or one an earlier demo
+    wrote, since the demo writes and replaces its sample checkpoints there."""
+    if root.is_dir():
+        entries = sorted(p.name for p in root.iterdir())
+        if entries and DEMO_MARKER not in entries:
+            shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
+            raise MoekitError(f"--out {root} already holds files ({shown}); the demo writes and "
+                              "replaces sample checkpoints there: choose a new or empty folder")
+    elif os.path.lexists(root):
+        raise MoekitError(f"--out {root} exists and is not a folder; choose a new folder for "
+                          "the samples")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / DEMO_MARKER).write_text("sample checkpoints written by moekit demo\n")
+    except OSError as err:
+        raise MoekitError(f"cannot make --out {root}: {err.strerror or err}"
+                          + (f" ({err.filename})" if err.filename else "")) from err
+
+
 def _demo(root: Path, samples) -> int:
-    root.mkdir(parents=True, exist_ok=True)
+    _prepare(root)
     start = time.perf_counter()
     failures = 0
     print(f"moekit demo: samples in {root}\n")

@@ -29,20 +29,24 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import hashlib
 import json
 import logging
 import os
 import platform
 import secrets
 import shutil
+import signal
 import socket
+import stat
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from .checkpoint import SIDECARS
+from .checkpoint import SIDECARS, open_regular
 from .errors import MoekitError
 
 log = logging.getLogger("moekit")
@@ -55,7 +59,14 @@ copies, and what else the Hugging Face Hub keeps beside them): ``overwrite`` rep
 folder holding nothing else."""
 
 TEMP_INFIX = ".moekit-"
-"""Temporary folders are named ``.{destination name}.moekit-{random}``."""
+"""Temporary folders are named ``.{destination name}.moekit-{random}`` (a destination name
+too long for that is shortened, and a digest of it added)."""
+NAME_MAX = 255
+"""Longest file name, in bytes, of the file systems moekit writes to (ext4, XFS, btrfs,
+tmpfs, NFS)."""
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Signals held while an output is put in place or a failed one removed, and delivered
+once that is done, so that neither is cut short."""
 MARKER = ".moekit-partial"
 """The file in a temporary folder naming the process that writes it; removed just before
 the folder is moved into place, so that it never reaches an output."""
@@ -66,6 +77,8 @@ _AT_FDCWD = -100
 _SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276, "riscv64": 276}
 _UNSUPPORTED = (errno.EINVAL, errno.ENOSYS)
 """What renameat2 answers where the kernel or the file system lacks a flag."""
+COPY_CHUNK = 8 * 2**20
+"""Bytes read at a time when a sidecar file is copied."""
 
 _ADVICE = {
     errno.ENOSPC: "the file system is full: free space there or choose a destination on "
@@ -80,6 +93,11 @@ _ADVICE = {
     errno.EBUSY: "the path is busy (a mount point, or in use): unmount it or choose another "
                  "destination",
     errno.EIO: "the disk reported an I/O error: check it, then run again",
+    errno.ENAMETOOLONG: "a name in the path is longer than this file system allows: choose "
+                        "a shorter destination",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another destination",
+    errno.ELOOP: "the path has a loop of symbolic links: fix the links or choose another "
+                 "destination",
 }
 """Errors of the destination's file system that a user fixes by acting on the destination."""
 
@@ -94,45 +112,96 @@ def require_linux() -> None:
 
 def check_destination(dst: Path, src: Path | None, overwrite: bool,
                       source_files: Iterable[Path] = ()) -> Path:
-    """Refuse a destination that would lose data; return the folder the output will take.
+    """Refuse a destination that would lose data or that cannot be written; return the
+    folder the output will take.
 
-    Refused: the source folder ``src`` itself, inside it or holding it; a folder holding
-    any byte of a file of the source (``source_files`` and the files at the top of ``src``,
-    their symlinks resolved, hard links compared by inode: a Hugging Face snapshot links
-    into ``../../blobs/``); an existing destination unless ``overwrite``; and with
-    ``overwrite`` anything but a folder holding only a checkpoint. A symlink to a folder is
-    replaced at its target (the link is kept)."""
+    Refused: the source ``src`` (the checkpoint folder, or the one file the user named)
+    itself, inside it or holding it; a folder holding any byte of a file of the source
+    (``source_files`` and the files at the top of ``src``, their symlinks resolved, hard
+    links compared by inode: a Hugging Face snapshot links into ``../../blobs/``); an
+    existing destination unless ``overwrite``; and with ``overwrite`` anything but a folder
+    holding only a checkpoint, and a mount point. A symlink to a folder is replaced at its
+    target (the link is kept); a dangling one is refused. A path that cannot be made (a
+    file where a folder should be, a name too long, a loop of links) is refused too, all as
+    MoekitError."""
     dst = Path(dst)
-    target = _target(dst, overwrite)
-    if src is not None:
-        _check_source(target, Path(src), [*_files_at_top(Path(src)), *source_files])
-    if os.path.lexists(dst):
-        if not overwrite:
-            raise MoekitError(f"destination {dst} already exists; pass --overwrite to replace "
-                              "it (only a folder holding a checkpoint is replaced)")
-        _check_replaceable(target, dst)
+    try:
+        _check_path(dst)
+        target = _target(dst, overwrite)
+        if src is not None:
+            _check_source(target, Path(src), [*_files_at_top(Path(src)), *source_files])
+        if os.path.lexists(dst):
+            if not overwrite:
+                raise MoekitError(f"destination {dst} already exists; pass --overwrite "
+                                  "to replace it (only a folder holding a checkpoint is "
+                                  "replaced)")
+            _check_replaceable(target, dst)
+    except OSError as err:
+        raise output_error(err, dst, left=False) or MoekitError(
+            f"cannot check the destination {dst}: {err.strerror or err}") from err
     return target
 
 
+def _check_path(dst: Path) -> None:
+    """Refuse a destination name too long for the file system, and one below a file."""
+    length = len(os.fsencode(dst.name))
+    if length > NAME_MAX:
+        raise MoekitError(f"destination name {dst.name[:40]}... is {length} "
+                          f"bytes long; file names are at most {NAME_MAX} bytes: choose a "
+                          "shorter name")
+    try:
+        os.stat(dst)
+    except FileNotFoundError:
+        ancestor = _nearest_existing(dst.parent)
+        if not ancestor.is_dir():
+            raise MoekitError(f"cannot make {dst}: {ancestor} is a file, not "
+                              "a folder; choose another destination") from None
+    except NotADirectoryError:
+        raise MoekitError(f"cannot make {dst}: {_nearest_existing(dst)} is a "
+                          "file, not a folder; choose another destination") from None
+    except OSError as err:
+        if err.errno != errno.ELOOP:
+            raise
+        raise MoekitError(f"destination {dst} goes through a loop of symbolic links; "
+                          "fix the links or choose another destination") from None
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest parent that exists (links followed)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def _target(dst: Path, overwrite: bool) -> Path:
-    """The path the output will take: ``dst`` with its symlinks resolved; a symlink
-    (with ``overwrite``) must point to a folder, which is what is replaced."""
+    """The path the output will take: ``dst`` with its symlinks resolved. A symlink must
+    lead to something (a dangling one is refused: writing through it would make a folder
+    elsewhere), with ``overwrite`` to a folder, which is what is replaced."""
     if dst.is_symlink():
         link = os.readlink(dst)
+        if not dst.exists():
+            raise MoekitError(f"destination {dst} is a symbolic link to {link}, which "
+                              "does not exist (it is not a folder); remove the link or choose "
+                              "another destination")
         if overwrite and not dst.is_dir():
-            raise MoekitError(f"destination {dst} is a symlink to {link}, which is not a folder; "
-                              "remove the link or choose another destination")
+            raise MoekitError(f"destination {dst} is a symbolic link to {link}, which "
+                              "is not a folder; remove the link or choose another destination")
     return dst.resolve()
 
 
 def _check_source(target: Path, src: Path, files: list[Path]) -> None:
     """Refuse a target inside the source, holding it, or holding any of its files' bytes."""
     src = src.resolve()
-    if target == src or src in target.parents:
-        raise MoekitError(f"destination {target} is inside the source {src}; choose a folder "
-                          "outside it (moekit never writes into its input)")
+    if target == src:
+        raise MoekitError(f"destination {target} is the source itself; choose another "
+                          "folder (moekit never writes into its input)")
+    if src in target.parents:
+        raise MoekitError(f"destination {target} is inside the source {src}; "
+                          "choose a folder outside it (moekit never writes into its input)")
     if target in src.parents:
-        raise MoekitError(f"destination {target} contains the source {src}; choose another folder")
+        raise MoekitError(f"destination {target} contains the source {src}; "
+                          "choose another folder")
     if not target.is_dir():
         return
     identities = {}
@@ -160,10 +229,15 @@ def _files_at_top(src: Path) -> list[Path]:
 
 
 def _check_replaceable(target: Path, dst: Path) -> None:
-    """Raise unless ``target`` is a folder holding only checkpoint files."""
+    """Raise unless ``target`` is a folder holding only checkpoint files, and not a mount
+    point (which cannot be renamed)."""
     if not target.is_dir():
-        raise MoekitError(f"destination {dst} is a file, not a checkpoint folder; --overwrite "
-                          "replaces only a folder holding a checkpoint")
+        raise MoekitError(f"destination {dst} is a file, not a checkpoint folder; "
+                          "--overwrite replaces only a folder holding a checkpoint")
+    if os.path.ismount(target):
+        raise MoekitError(f"destination {dst} is a mount point, which moekit cannot "
+                          "replace (it puts a new folder in place by renaming); write to a "
+                          "new folder inside it")
     foreign = _foreign_entries(target)
     if foreign:
         more = f" and {len(foreign) - 8} more" if len(foreign) > 8 else ""
@@ -199,6 +273,9 @@ class OutputFolder:
         self.src = src
         self.overwrite = overwrite
         self.source_files = list(source_files)
+        self.in_place = False
+        """True once the new folder has taken the destination's place (from then on a
+        failure or an interrupt leaves it there: it is complete)."""
         self.target = check_destination(self.dst, src, overwrite, self.source_files)
         self._parents = _make_parents(self.target.parent)
         try:
@@ -208,25 +285,39 @@ class OutputFolder:
             _remove_empty(self._parents)
             raise
 
+    def copy_in(self, files: Iterable[Path]) -> None:
+        """Copy files of the source (sidecar files) into the folder, under their names."""
+        for file in files:
+            copy_file(file, self.folder / file.name)
+
     def commit(self) -> None:
         """Make the finished folder durable and move it into place, never replacing a
-        destination that was not checked."""
-        (self.folder / MARKER).unlink()
-        _sync_folder(self.folder)
-        if self.overwrite and os.path.lexists(self.target):
-            if check_destination(self.dst, self.src, True, self.source_files) != self.target:
-                raise MoekitError(f"destination {self.dst} now points elsewhere than when moekit "
-                                  "started writing; nothing was replaced: run again")
-            self._swap()
-        else:
-            self._move_in()
-        _fsync_dir(self.target.parent)
+        destination that was not checked. Interrupts are held until this is done."""
+        with deferred_signals():
+            (self.folder / MARKER).unlink()
+            _sync_folder(self.folder)
+            if self.overwrite and os.path.lexists(self.target):
+                if check_destination(self.dst, self.src, True, self.source_files) != self.target:
+                    raise MoekitError(f"destination {self.dst} now points elsewhere than when "
+                                      "moekit started writing; nothing was replaced: run again")
+                self._swap()
+            else:
+                self._move_in()
+            try:
+                _fsync_dir(self.target.parent)
+            except OSError as err:
+                raise MoekitError(f"wrote {self.dst}, but its parent folder could not be "
+                                  f"synced ({err.strerror}): the checkpoint may not survive a "
+                                  "power loss; check the disk") from err
 
     def discard(self) -> None:
         """Remove the temporary folder (after a failure or an interrupt), and the parent
-        folders made for it if they are empty."""
-        shutil.rmtree(self.folder, ignore_errors=True)
-        _remove_empty(self._parents)
+        folders made for it if they are empty; once the output is in place, only what it
+        replaced. Interrupts are held until this is done."""
+        with deferred_signals():
+            shutil.rmtree(self.folder, ignore_errors=True)
+            if not self.in_place:
+                _remove_empty(self._parents)
 
     def _move_in(self) -> None:
         """Move the folder to the target, which must not exist."""
@@ -238,6 +329,7 @@ class OutputFolder:
             if err.errno not in _UNSUPPORTED:
                 raise
             _move_files_into_new_folder(self.folder, self.target, self._appeared)
+        self.in_place = True
 
     def _appeared(self) -> MoekitError:
         return MoekitError(f"destination {self.dst} appeared while moekit was writing (another "
@@ -256,6 +348,7 @@ class OutputFolder:
                 raise
             self._swap_aside()
             return
+        self.in_place = True
         _fsync_dir(self.target.parent)
         _remove_replaced(self.folder)
 
@@ -275,57 +368,130 @@ class OutputFolder:
 
 @contextmanager
 def atomic_output(dst: Path, src: Path | None = None, overwrite: bool = False,
-                  source_files: Iterable[Path] = ()) -> Iterator[Path]:
-    """Yield a temporary folder beside ``dst``; on success it takes ``dst``'s place (see the
-    module's docstring), on any failure or interrupt it is removed and ``dst`` is left as it
-    was. File-system errors of the destination are raised as MoekitError."""
+                  source_files: Iterable[Path] = ()) -> Iterator[OutputFolder]:
+    """Yield an ``OutputFolder`` beside ``dst`` to write into (its ``folder``); on success
+    it takes ``dst``'s place (see the module's docstring), on any failure or interrupt it
+    is removed and ``dst`` is left as it was. File-system errors of the destination are
+    raised as MoekitError. An interrupt that comes once the output is in place is raised
+    with ``in_place(err)`` naming it."""
     dst = Path(dst)
     output = None
     try:
         output = OutputFolder(dst, src, overwrite, source_files)
-        yield output.folder
+        yield output
         output.commit()
     except BaseException as err:
         if output is not None:
             output.discard()
+            if output.in_place:
+                err.moekit_in_place = dst
         if isinstance(err, OSError):
-            mapped = output_error(err, dst)
+            mapped = output_error(err, dst, left=output is not None and output.in_place)
             if mapped is not None:
                 raise mapped from err
         raise
 
 
-def output_error(err: OSError, dst: Path) -> MoekitError | None:
+def in_place(err: BaseException) -> Path | None:
+    """The output that was complete and in place when ``err`` (an interrupt, or an error
+    after the final move) was raised, else None."""
+    return getattr(err, "moekit_in_place", None)
+
+
+@contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold ``DEFERRED_SIGNALS`` while the block runs, then deliver the first that came
+    (to the handler it would have met). Signals are handled in the main thread only, so
+    elsewhere the block just runs; signals the caller ignores stay ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = {s: h for s in DEFERRED_SIGNALS
+            if (h := signal.getsignal(s)) not in (signal.SIG_IGN, None)}
+    for signum in held:
+        signal.signal(signum, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
+        if caught:
+            signal.raise_signal(caught[0])
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy the plain file ``src`` (links followed) to a new file ``dst``, which gets the
+    mode the umask allows (as ``cp`` without ``-p``). A source that cannot be read, or is
+    no longer a plain file, is a MoekitError naming it; errors writing ``dst`` are raised."""
+    fd = open_regular(src)
+    try:
+        with open(dst, "wb") as out:
+            while True:
+                try:
+                    chunk = os.read(fd, COPY_CHUNK)
+                except OSError as err:
+                    raise MoekitError(f"cannot read {src}: {err.strerror or err}") from err
+                if not chunk:
+                    break
+                out.write(chunk)
+    finally:
+        os.close(fd)
+
+
+def output_error(err: OSError, dst: Path, left: bool = False) -> MoekitError | None:
     """The MoekitError for a file-system error met writing ``dst`` (or its temporary
     folder), or None when ``err`` is not one a user fixes at the destination, or names
-    only paths that are not the destination's (a source file)."""
+    only paths that are not the destination's (a source file). ``left``: the output is in
+    place nonetheless."""
     advice = _ADVICE.get(err.errno)
     named = [p for p in (err.filename, err.filename2) if p is not None]
     if advice is None or (named and not any(_is_output_path(Path(os.fsdecode(p)), Path(dst))
                                             for p in named)):
         return None
-    return MoekitError(f"cannot write {dst}: {err.strerror}; {advice} (nothing was left "
-                       "behind)")
+    outcome = (f"{dst} was written in full before the error" if left else
+               "nothing was left behind")
+    return MoekitError(f"cannot write {dst}: {err.strerror}; {advice} ({outcome})")
 
 
 def _is_output_path(path: Path, dst: Path) -> bool:
     """Whether ``path`` is ``dst``, one of its parents, under it, or a temporary folder
     (or a file in one) of ``dst``."""
     path = Path(os.path.abspath(path))
-    for root in {Path(os.path.abspath(dst)), dst.resolve()}:
+    for root in {Path(os.path.abspath(dst)), _resolved(dst)}:
         if path == root or root in path.parents or path in root.parents:
             return True
-        temporary = f".{root.name}{TEMP_INFIX}"
+        temporary = _temp_prefix(root)
         if any(p.parent == root.parent and p.name.startswith(temporary)
                for p in (path, *path.parents)):
             return True
     return False
 
 
+def _resolved(path: Path) -> Path:
+    """``path`` with its links resolved, as far as they resolve (a loop is left as is)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return Path(os.path.abspath(path))
+
+
+def _temp_prefix(target: Path) -> str:
+    """``.{target name}.moekit-``, the start of the name of every temporary folder of
+    ``target``; a name too long to leave room for the rest is cut, with a digest of it."""
+    name = target.name
+    room = NAME_MAX - len(TEMP_INFIX) - len(".old-") - 8
+    encoded = os.fsencode(name)
+    if len(encoded) > room:
+        digest = hashlib.sha256(encoded).hexdigest()[:8]
+        name = os.fsdecode(encoded[:room - len(digest) - 1]) + "~" + digest
+    return f".{name}{TEMP_INFIX}"
+
+
 def clean_leftovers(target: Path) -> None:
     """Report the temporary folders earlier runs left beside ``target``; remove those whose
     marker names a process of this machine that is no longer running."""
-    prefix = f".{target.name}{TEMP_INFIX}"
+    prefix = _temp_prefix(target)
     for entry in os.scandir(target.parent):
         if not entry.name.startswith(prefix) or not entry.is_dir(follow_symlinks=False):
             continue
@@ -429,14 +595,18 @@ def _make_folder(target: Path) -> Path:
             break
         except FileExistsError:
             continue
-    (folder / MARKER).write_text(json.dumps(_owner()))
+    try:
+        (folder / MARKER).write_text(json.dumps(_owner()))
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return folder
 
 
 def _unused_name(target: Path, kind: str) -> Path:
     """A name beside ``target`` that nothing holds now."""
     while True:
-        name = target.parent / f".{target.name}{TEMP_INFIX}{kind}{secrets.token_hex(4)}"
+        name = target.parent / f"{_temp_prefix(target)}{kind}{secrets.token_hex(4)}"
         if not os.path.lexists(name):
             return name
 

@@ -1,4 +1,4 @@
-"""Where recipes read from: checkpoint files (through safetensors) or an in-memory dict."""
+"""Where recipes read from: checkpoint files (read with ``pread``) or an in-memory dict."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from .checkpoint import Checkpoint
-from .dtypes import itemsize
-from .errors import MoekitError
+from .checkpoint import Checkpoint, check_unchanged, open_regular, open_unchanged
+from .dtypes import itemsize, to_torch
+from .errors import MoekitError, printable
 from .plan import Read
 
 
@@ -27,48 +26,38 @@ class TensorSource(Protocol):
 class FileSource:
     """Reads tensor regions from a checkpoint's files; only the requested bytes are read.
 
-    Files are opened lazily and re-opened after every ``RELEASE_EVERY_BYTES`` read, so
-    that the mapped pages of finished work do not pile up in the process's resident memory.
+    Bytes are read with ``pread`` into memory of their own, never through a memory map:
+    a source file truncated while moekit runs then gives a short read, reported as an
+    error, where a mapped page past the new end would kill the process (SIGBUS). Each file
+    is opened once and checked to be the file whose header was read (same inode, size and
+    modification time); ``check_unchanged`` checks again once everything is read.
     """
-
-    RELEASE_EVERY_BYTES = 32 * 2**20
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         self.checkpoint = checkpoint
-        self._handles: dict[str, object] = {}
         self._fds: dict[str, int] = {}
         self.bytes_read = 0
-        self._since_release = 0
 
     def read(self, region: Read) -> torch.Tensor:
-        if self._since_release >= self.RELEASE_EVERY_BYTES:
-            self.release()
-        file = self.checkpoint.file_of(region.key)
-        try:
-            handle = self._handle(file)
-            if region.is_whole:
-                tensor = handle.get_tensor(region.key)
-            else:
-                tensor = handle.get_slice(region.key)[region.region]
-        except (SafetensorError, OSError) as err:
-            raise MoekitError(f"cannot read {region.key} from {Path(self.checkpoint.path, file)}: "
-                              f"{err}") from err
-        size = tensor.numel() * tensor.element_size()
-        self.bytes_read += size
-        self._since_release += size
-        return tensor
+        info = self.checkpoint.tensors[region.key]
+        fd, start = self.location(region.key)
+        first, count, shape, within = bounding_block(region.region, info.shape)
+        item = itemsize(info.dtype)
+        data = torch.empty(count * item, dtype=torch.uint8)
+        _read_exactly(fd, memoryview(data.numpy()), start + first * item,
+                      self.checkpoint.path / info.file, region.key)
+        self.bytes_read += count * item
+        block = data.view(to_torch(info.dtype)).reshape(shape)
+        return block[within] if within else block
 
     def location(self, key: str) -> tuple[int, int]:
         """(file descriptor, byte offset) of tensor ``key``'s data, for reading it with
-        ``pread`` or copying it in the kernel; each file is opened once."""
+        ``pread`` or copying it in the kernel; each file is opened once, and refused when
+        it is no longer the file whose header was read."""
         info = self.checkpoint.tensors[key]
         fd = self._fds.get(info.file)
         if fd is None:
-            path = self.checkpoint.path / info.file
-            try:
-                fd = self._fds[info.file] = os.open(path, os.O_RDONLY)
-            except OSError as err:
-                raise MoekitError(f"cannot open {path}: {err.strerror or err}") from err
+            fd = self._fds[info.file] = self._open(info.file)
         return fd, info.offset
 
     def byte_range(self, region: Read) -> tuple[int, int, int] | None:
@@ -83,20 +72,19 @@ class FileSource:
         item = itemsize(info.dtype)
         return fd, start + first * item, count * item
 
-    def _handle(self, file: str):
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(self.checkpoint.path / file), framework="pt")
-        return self._handles[file]
+    def check_unchanged(self) -> None:
+        """Raise MoekitError when a file read so far changed while it was read (written to
+        in place, truncated): what was read from it may be a mix of old and new bytes."""
+        for file, fd in self._fds.items():
+            check_unchanged(fd, self.checkpoint.path / file, self.checkpoint.identities[file])
 
-    def release(self) -> None:
-        """Drop the safetensors handles (and with them their mapped pages). Plain file
-        descriptors map nothing and stay open until ``close``."""
-        self._handles.clear()
-        self._since_release = 0
+    def _open(self, file: str) -> int:
+        path = self.checkpoint.path / file
+        identity = self.checkpoint.identities.get(file)
+        return open_regular(path) if identity is None else open_unchanged(path, identity)
 
     def close(self) -> None:
         """Close every open file."""
-        self.release()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -106,6 +94,49 @@ class FileSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _read_exactly(fd: int, view: memoryview, offset: int, path: Path, key: str) -> None:
+    """Fill ``view`` with the file's bytes from ``offset``; MoekitError when the file ends
+    first or cannot be read."""
+    done = 0
+    while done < len(view):
+        try:
+            n = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as err:
+            raise MoekitError(f"cannot read {key} from {printable(str(path))}: "
+                              f"{err.strerror or err}") from err
+        if n <= 0:
+            raise MoekitError(f"{printable(str(path))} ends before the bytes of {key} (byte "
+                              f"{offset + len(view):,}): was it truncated or replaced while "
+                              "moekit ran?")
+        done += n
+
+
+def bounding_block(region: tuple, shape: tuple[int, ...]
+                   ) -> tuple[int, int, tuple[int, ...], tuple]:
+    """The one run of elements of a row-major tensor that holds ``region``: (first element,
+    element count, the run's shape, the region within the run).
+
+    The run spans the region's leading integer indices and, along its first slice, the
+    rows from the first selected to the last; later dimensions are read whole. moekit's
+    regions select one expert, then at most a part of its rows or columns, so the run is
+    at most one expert's tensor (one source tensor for upcycling's slices)."""
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    first = 0
+    for dim, item in enumerate(region):
+        if isinstance(item, int):
+            first += item * strides[dim]
+            continue
+        picked = range(*item.indices(shape[dim]))
+        if not picked:
+            return first, 0, (0, *shape[dim + 1:]), (slice(None), *region[dim + 1:])
+        low, high = picked[0], picked[-1] + 1  # steps are positive, as torch's are
+        within = slice(0, high - low, picked.step)
+        return (first + low * strides[dim], (high - low) * strides[dim],
+                (high - low, *shape[dim + 1:]), (within, *region[dim + 1:]))
+    rest = shape[len(region):]
+    return first, math.prod(rest), rest, ()
 
 
 def contiguous_span(region: tuple, shape: tuple[int, ...]) -> tuple[int, int] | None:

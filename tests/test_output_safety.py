@@ -179,7 +179,7 @@ def hf_cache(src: Path, root: Path) -> Path:
 
 
 @pytest.mark.parametrize("dst,found", [
-    ("models--org--qwen3/blobs", "holds"), ("models--org--qwen3/snapshots/0123abcd", "inside"),
+    ("models--org--qwen3/blobs", "holds"), ("models--org--qwen3/snapshots/0123abcd", "is the source"),
     ("models--org--qwen3/snapshots", "contains"), ("models--org--qwen3", "contains")])
 def test_overwrite_never_replaces_a_folder_holding_bytes_of_the_source(qwen3, tmp_path, capsys,
                                                                       dst, found):
@@ -493,7 +493,7 @@ def test_save_experts_has_the_same_guarantees(qwen3, tmp_path, tmpfs, monkeypatc
         save_experts(state, other / "saved", mesh, config_from=qwen3)
         with pytest.raises(MoekitError, match="notes.txt"):
             save_experts(state, notes, mesh, config_from=qwen3, overwrite=True)
-        with pytest.raises(MoekitError, match="inside the source"):
+        with pytest.raises(MoekitError, match="is the source itself"):
             save_experts(state, qwen3, mesh, config_from=qwen3, overwrite=True)
         write_shard = save_module.write_shard
 

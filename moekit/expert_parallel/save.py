@@ -10,7 +10,6 @@ place. The folder is checked, made durable and moved into place as ``convert``'s
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -39,8 +38,13 @@ def save_experts(state_dict: Mapping[str, torch.Tensor], path: str | Path,
     ...) are copied beside the weights; its config also names the model family.
     """
     size, rank = ep_coordinates(device_mesh)
-    config = read_config(Path(config_from)) if config_from else None
-    local, n_experts, plan = local_hf_plan(state_dict, device_mesh, layout, family, config)
+    try:
+        config = read_config(Path(config_from)) if config_from else None
+        local, n_experts, plan = local_hf_plan(state_dict, device_mesh, layout, family, config)
+    except MoekitError as err:
+        _agree_on_planning(err)
+        raise
+    _agree_on_planning(None)
     writes = [t for t in plan.tensors if rank == 0 or t.name in plan.expert_tensors]
     writer = all(device_mesh.get_local_rank(d) == 0 for d in range(device_mesh.ndim)
                  if d != ep_dim(device_mesh))
@@ -48,6 +52,17 @@ def save_experts(state_dict: Mapping[str, torch.Tensor], path: str | Path,
     metadata = {"format": "pt", LAYOUT_METADATA_KEY: "hf", FAMILY_METADATA_KEY: plan.family}
     _coordinated_write(Path(path), overwrite, writer and bool(writes), rank, files,
                        writes, DictSource(local), metadata, config_from)
+
+
+def _agree_on_planning(error: MoekitError | None) -> None:
+    """Tell every rank whether each planned its part; raise on every rank when one did not
+    (with that rank's message), so that no rank waits in a later collective for one that
+    has already given up."""
+    outcomes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, None if error is None else str(error))
+    failed = [f"rank {r}: {message}" for r, message in enumerate(outcomes) if message]
+    if failed and error is None:
+        raise MoekitError("save_experts failed, nothing was written: " + "; ".join(failed))
 
 
 def _coordinated_write(path: Path, overwrite: bool, writes_file: bool, rank: int, files: int,
@@ -106,7 +121,7 @@ def _finish(output: OutputFolder, errors: list[str], outcomes: list,
     remove it after any rank's failure; the failure's message, else None."""
     try:
         if not errors:
-            _complete(output.folder, outcomes, config_from)
+            _complete(output, outcomes, config_from)
             output.commit()
             return None
     except (MoekitError, OSError) as err:
@@ -115,17 +130,16 @@ def _finish(output: OutputFolder, errors: list[str], outcomes: list,
     return "save_experts failed, nothing was written: " + "; ".join(errors)
 
 
-def _complete(folder: Path, outcomes: list, config_from: str | Path | None) -> None:
+def _complete(output: OutputFolder, outcomes: list, config_from: str | Path | None) -> None:
     """Write the index of every rank's tensors and copy the sidecar files."""
     weight_map: dict[str, str] = {}
     tensors: dict[str, TensorPlan] = {}
     for _, mapping, planned in outcomes:
         weight_map.update(mapping)
         tensors.update({t.name: t for t in planned})
-    write_index(folder, list(tensors.values()), weight_map)
+    write_index(output.folder, list(tensors.values()), weight_map)
     if config_from:
-        for extra in Checkpoint.open(config_from).extra_files():
-            shutil.copy2(extra, folder / extra.name)
+        output.copy_in(Checkpoint.open(config_from).extra_files())
 
 
 def _describe(err: Exception, path: Path) -> str:
