@@ -48,9 +48,10 @@ class Tensor:
 
 @dataclass(frozen=True)
 class Base:
-    """A pristine qwen3_moe checkpoint: its folder, layout, the layouts it is converted to,
-    its tensors, shard sizes and config."""
+    """A pristine checkpoint: its name (its folder's), folder, layout, the layouts it is
+    converted to, its tensors, shard sizes and config."""
 
+    name: str
     folder: Path
     layout: str
     targets: tuple[str, ...]
@@ -64,7 +65,8 @@ class Base:
         tensors = tuple(Tensor(p.name, key, entry["dtype"], tuple(entry["shape"]))
                         for p in shards for key, entry in sorted(read_header(p)[0].items())
                         if key != "__metadata__")
-        return cls(folder, layout, targets, tensors, {p.name: p.stat().st_size for p in shards},
+        return cls(folder.name, folder, layout, targets, tensors,
+                   {p.name: p.stat().st_size for p in shards},
                    json.loads((folder / CONFIG).read_text()))
 
     @property
