@@ -202,8 +202,7 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
     src = analysis.layout
     chosen = range(analysis.n_experts) if experts is None else experts
     by_layer: dict[int, list[TensorPlan]] = {
-        layer: dst.emit(select_experts(block, chosen, offset), offset + len(chosen),
-                        analysis.family)
+        layer: _emitted(dst, block, chosen, offset, analysis.family)
         for layer, block in sorted(blocks.items())}
     _check_joined_dtypes(analysis, blocks, by_layer, dst)
     expert_names = {t.name for emitted in by_layer.values() for t in emitted}
@@ -221,6 +220,16 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
     _check_unique(tensors)
     return Plan(analysis.family.name, src.name, dst.name, tensors,
                 {layer: len(chosen) for layer in sorted(analysis.blocks)}, expert_names)
+
+
+def _emitted(dst: Layout, block: ExpertBlock, chosen: range, offset: int, family: Family
+             ) -> list[TensorPlan]:
+    """The destination tensors of ``block``'s experts ``chosen`` (renumbered from
+    ``offset``); for none chosen, what the layout holds for no expert (zero-row grouped
+    tensors)."""
+    if not chosen:
+        return dst.emit_none(block, family)
+    return dst.emit(select_experts(block, chosen, offset), offset + len(chosen), family)
 
 
 def _check_held(blocks: Mapping[int, ExpertBlock], family: Family, dst: Layout) -> None:
@@ -601,7 +610,8 @@ def _namer(analysis: Analysis) -> Callable[[str], str]:
 def _block_problems(block: ExpertBlock, analysis: Analysis, where: Callable[[str], str | None],
                     required: range, router_rows: int) -> list[_Problem]:
     name = _namer(analysis)
-    problems = _missing_pieces(block, analysis.family, name, where, required)
+    problems = _missing_pieces(block, analysis.family, name, where, required,
+                               analysis.parsed.unreadable.get(block.layer, set()))
     n_experts = analysis.n_experts
     extra = sorted({e for _, e in block.pieces if e >= n_experts})
     if extra:
@@ -617,13 +627,17 @@ def _block_problems(block: ExpertBlock, analysis: Analysis, where: Callable[[str
 
 
 def _missing_pieces(block: ExpertBlock, family: Family, name: Callable[[str], str],
-                    where: Callable[[str], str | None], required: range) -> list[_Problem]:
-    """Required experts that lack pieces, grouped by what they lack. Experts wholly absent
-    are found as the gaps between present ones, so a count of a billion costs nothing."""
+                    where: Callable[[str], str | None], required: range,
+                    unreadable: set[str] = frozenset()) -> list[_Problem]:
+    """Required experts that lack pieces, grouped by what they lack (not the
+    ``unreadable`` pieces, whose malformed tensors are reported already). Experts wholly
+    absent are found as the gaps between present ones, so a count of a billion costs
+    nothing."""
     held: dict[int, set[str]] = defaultdict(set)
     for piece, e in block.pieces:
         held[e].add(piece)
-    needed = family.required_pieces({p for p, _ in block.pieces})
+    needed = tuple(p for p in family.required_pieces({p for p, _ in block.pieces})
+                   if p not in unreadable)
     present = sorted(e for e in held if e in required)
     lacking: dict[tuple[str, ...], list[tuple[int, int]]] = defaultdict(list)
     for e in present:

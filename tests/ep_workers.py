@@ -37,7 +37,8 @@ def load_check_save(rank: int, world: int, store: str, src: str, out: str,
     state = load_experts(src, mesh, layout=layout)
     reference = convert_state_dict(load_all(Path(src)), "hf", layout)
     assert state.keys() == reference.keys()
-    mine = expert_range(10, mesh.size(ep), mesh.get_local_rank(ep))
+    n_experts = next(v.shape[0] for v in state.values() if isinstance(v, DTensor))
+    mine = expert_range(n_experts, mesh.size(ep), mesh.get_local_rank(ep))
     grouped = [k for k, v in state.items() if isinstance(v, DTensor)]
     assert len(grouped) == 2 * 3
     for key, value in state.items():
@@ -47,15 +48,16 @@ def load_check_save(rank: int, world: int, store: str, src: str, out: str,
             assert torch.equal(value.full_tensor(), reference[key])
         else:
             assert torch.equal(value, reference[key])
-    _check_adapter(state, Path(src), mesh, layout, mine)
+    _check_adapter(state, Path(src), mesh, layout, mine, n_experts)
     save_experts(state, out, mesh, layout=layout, config_from=src)
     finish()
 
 
-def _check_adapter(state: dict, src: Path, mesh, layout: str, mine: range) -> None:
+def _check_adapter(state: dict, src: Path, mesh, layout: str, mine: range,
+                   n_experts: int) -> None:
     """The in-memory adapter with a mesh gives what load_experts gives, and back."""
     hf = load_all(src)
-    adapter = ExpertAdapter(layout, family="qwen3_moe", n_experts=10)
+    adapter = ExpertAdapter(layout, family="qwen3_moe", n_experts=n_experts)
     from_memory = adapter.from_hf(hf, device_mesh=mesh)
     assert from_memory.keys() == state.keys()
     for key, value in state.items():
@@ -87,6 +89,25 @@ def save_failing_on_rank_1(rank: int, world: int, store: str, src: str, out: str
         raise AssertionError("save_experts should have failed")
     except MoekitError as err:
         assert "rank 1: disk full" in str(err)
+    finish()
+
+
+def save_with_a_state_dict_broken_on_rank_1(rank: int, world: int, store: str, src: str,
+                                            out: str, log_dir: str) -> None:
+    """save_experts where rank 1's state dict lacks a grouped tensor: its planning fails
+    before any write, and every rank must raise (none waits for it); each writes its
+    message to ``log_dir/rank.txt``."""
+    _init(rank, world, store)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    state = load_experts(src, mesh)
+    if rank == 1:
+        del state["model.layers.0.mlp.experts.down_projs"]
+    try:
+        save_experts(state, out, mesh, config_from=src)
+        outcome = "ok"
+    except MoekitError as err:
+        outcome = str(err)
+    Path(log_dir, f"{rank}.txt").write_text(outcome)
     finish()
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from moekit import MoekitError, expert_range, samples
+from moekit import MoekitError, expert_range, samples, save_experts
 
 from . import ep_workers
 from .conftest import load_all, same_bytes
@@ -39,8 +39,20 @@ def test_expert_range_covers_every_expert_once_like_torch_chunk(n_experts, size)
 
 
 def test_expert_range_refuses_more_ranks_than_experts():
-    with pytest.raises(MoekitError):
+    with pytest.raises(MoekitError, match="at most one rank per expert"):
         expert_range(4, 5, 0)
+
+
+@pytest.mark.parametrize("layout", ["nemo", "transformers"])
+def test_a_rank_that_owns_no_expert_holds_zero_row_shards(layout, tmp_path):
+    """5 experts on 4 ranks: 2, 2, 1, 0. The last rank's grouped tensors are [0, ...]
+    local shards of the full DTensors, and saving from it works like from any other."""
+    src = samples.save_model(samples.build_model("qwen3_moe", num_experts=5), tmp_path / "q5")
+    out = tmp_path / "saved"
+    spawn(ep_workers.load_check_save, 4, tmp_path, str(src), str(out), (4,), ("ep",), layout)
+    original, saved = load_all(src), load_all(out)
+    assert original.keys() == saved.keys()
+    assert all(same_bytes(original[k], saved[k]) for k in original)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -91,6 +103,24 @@ def test_a_missing_expert_fails_its_rank_clearly_and_no_other(qwen3_10, tmp_path
     assert outcomes[:3] == ["ok"] * 3
     assert "EP rank 3 of 4 (experts 9-9)" in outcomes[3]
     assert "layer 2: expert 9 lacks down_proj" in outcomes[3]
+
+
+def test_a_rank_that_cannot_plan_its_save_fails_every_rank(qwen3_10, tmp_path):
+    """A bad state dict on one rank is found before any collective of the write: every
+    rank raises (naming that rank), none waits forever, nothing is written."""
+    out = tmp_path / "saved"
+    spawn(ep_workers.save_with_a_state_dict_broken_on_rank_1, 3, tmp_path, str(qwen3_10),
+          str(out), str(tmp_path))
+    outcomes = [(tmp_path / f"{r}.txt").read_text() for r in range(3)]
+    assert all("rank 1: " in text for text in outcomes[::2]), outcomes
+    assert "down_projs is missing" in outcomes[1]
+    assert not out.exists()
+
+
+def test_save_experts_refuses_what_is_not_a_device_mesh(tmp_path):
+    with pytest.raises(MoekitError, match="device_mesh is a NoneType"):
+        save_experts({}, tmp_path / "out", None)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_failed_save_leaves_nothing_on_any_rank(qwen3_10, tmp_path):

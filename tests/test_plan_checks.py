@@ -114,6 +114,16 @@ def test_grouped_tensors_of_empty_experts(tmp_path, capsys):
     assert "its experts hold no elements" in fails(capsys, ["inspect", str(src)])
 
 
+def test_a_malformed_grouped_tensor_is_not_also_called_missing(tmp_path, capsys):
+    block = "model.layers.0.mlp.experts"
+    tensors = {f"{block}.gate_and_up_projs": torch.empty(4, 8, 3),
+               f"{block}.down_projs": torch.empty(4, 4, 0)}
+    src = write(tmp_path / "src", tensors, metadata={"moekit.layout": "nemo"})
+    err = fails(capsys, ["inspect", str(src)])
+    assert "not divisible among gate/up" in err and "hold no elements" in err
+    assert "is missing" not in err
+
+
 def test_per_expert_weights_that_hold_nothing(tmp_path, capsys):
     tensors = {k: (v[:0] if "gate_proj" in k else v) for k, v in experts().items()}
     src = write(tmp_path / "src", tensors)
@@ -376,7 +386,7 @@ def test_ep_must_be_at_least_one(ep, family_checkpoints, capsys):
 
 def test_ep_sizes_in_the_library(family_checkpoints):
     assert "at least 1" in quickly(ep_report, family_checkpoints["qwen3_moe"], 0)
-    assert "cannot split 6 experts over 7 ranks" in quickly(
+    assert "cannot split 6 experts over 7 expert-parallel ranks" in quickly(
         ep_report, family_checkpoints["qwen3_moe"], 7)
     assert "ep_size is 2.0" in quickly(expert_range, 10, 2.0, 0)
     assert "ep_rank is True" in quickly(expert_range, 10, 2, True)
@@ -389,7 +399,8 @@ def test_ep_sizes_in_the_library(family_checkpoints):
     (torch.zeros(2, 4, dtype=torch.complex64), "has dtype torch.complex64, which moekit does not "
      "handle"),
     (torch.zeros(2, 4, device="meta"), "is on the meta device"),
-], ids=["None", "numpy", "int", "complex", "meta"])
+    (torch.zeros(2, 4).to_sparse(), "is a torch.sparse_coo tensor"),
+], ids=["None", "numpy", "int", "complex", "meta", "sparse"])
 def test_state_dict_values_that_are_not_tensors_of_data(value, found):
     key = "model.layers.1.mlp.experts.2.up_proj.weight"
     tensors = {**experts(), key: value}
@@ -398,6 +409,31 @@ def test_state_dict_values_that_are_not_tensors_of_data(value, found):
                  lambda: ExpertAdapter("nemo").validate(tensors)):
         message = quickly(call)
         assert key in message and found in message
+
+
+def test_strided_views_convert_bit_exactly_both_ways():
+    """Transposed, sliced and expanded views of the source: the bytes read are the
+    elements, not the storage."""
+    tensors = experts()
+    views = {k: v.t().contiguous().t() if v.dim() == 2 else v for k, v in tensors.items()}
+    key = "model.layers.1.mlp.experts.2.up_proj.weight"
+    views[key] = torch.cat([tensors[key], tensors[key]], 1)[:, ::2].clone()[:, :H]
+    views[key] = torch.stack([tensors[key], tensors[key]])[1]
+    assert not views["model.layers.0.mlp.experts.0.gate_proj.weight"].is_contiguous()
+    reference = convert_state_dict(tensors, "hf", "nemo")
+    grouped = convert_state_dict(views, "hf", "nemo")
+    assert all(same_bytes(grouped[k], reference[k]) for k in reference)
+    turned = {k: v.mT.contiguous().mT if v.dim() == 3 else v for k, v in grouped.items()}
+    back = convert_state_dict(turned, "nemo", "hf")
+    assert all(same_bytes(back[k], tensors[k]) for k in tensors)
+
+
+def test_built_tensors_do_not_join_the_sources_autograd_graph():
+    tensors = {k: v.requires_grad_() for k, v in experts().items()}
+    grouped = convert_state_dict(tensors, "hf", "vllm")
+    built = grouped["model.layers.0.mlp.experts.w13_weight"]
+    assert built.grad_fn is None and not built.requires_grad
+    assert grouped["model.embed_tokens.weight"] is tensors["model.embed_tokens.weight"]
 
 
 def test_a_meta_tensor_outside_the_experts_is_refused_too():

@@ -19,14 +19,17 @@ def run_plan(plan: Plan, source: TensorSource, device: torch.device | str | None
              ) -> dict[str, torch.Tensor]:
     """Every tensor of ``plan``, the built ones made on ``device``; ``wrap_experts`` is
     applied to the routed-expert ones (e.g. to make them DTensors). Unchanged tensors are
-    returned as the source gives them (the same objects, wherever they lie)."""
+    returned as the source gives them (the same objects, wherever they lie). Built tensors
+    are new data outside autograd: a source that requires grad does not tie them into its
+    graph."""
     device = checked_device(device)
     out: dict[str, torch.Tensor] = {}
-    for tensor in plan.tensors:
-        value = materialize(tensor.recipe, source, None if tensor.is_copy else device)
-        if wrap_experts is not None and tensor.name in plan.expert_tensors:
-            value = wrap_experts(value)
-        out[tensor.name] = value
+    with torch.no_grad():
+        for tensor in plan.tensors:
+            value = materialize(tensor.recipe, source, None if tensor.is_copy else device)
+            if wrap_experts is not None and tensor.name in plan.expert_tensors:
+                value = wrap_experts(value)
+            out[tensor.name] = value
     return out
 
 
@@ -84,14 +87,18 @@ def checked_state_dict(state_dict: object, label: str = "state dict",
         if value.is_meta and not allow_meta:
             raise MoekitError(f"{label} tensor {key} is on the meta device: it holds no data to "
                               "convert (load or materialise the weights first)")
+        if value.layout is not torch.strided:
+            raise MoekitError(f"{label} tensor {key} is a {value.layout} tensor; moekit moves "
+                              "the bytes of dense tensors (call .to_dense() first)")
     return state_dict
 
 
 def build_device(plan: Plan, state_dict: Mapping[str, torch.Tensor],
                  label: str = "state dict") -> torch.device | None:
-    """The device the tensors a plan builds are read from (and so made on); None when it
-    builds none. Sources on several devices are refused, naming a key on each: which one
-    the result belongs on is the caller's to say."""
+    """The device the tensors a plan builds are read from (and so made on); when they read
+    nothing (an expert-parallel rank's empty expert tensors), the state dict's device.
+    Sources on several devices are refused, naming a key on each: which one the result
+    belongs on is the caller's to say."""
     seen: dict[torch.device, str] = {}
     for tensor in plan.tensors:
         if tensor.is_copy:
@@ -102,4 +109,4 @@ def build_device(plan: Plan, state_dict: Mapping[str, torch.Tensor],
         listed = "; ".join(f"{key} on {device}" for device, key in seen.items())
         raise MoekitError(f"the {label}'s expert tensors lie on {len(seen)} devices ({listed}); "
                           "put them on one device first")
-    return next(iter(seen), None)
+    return next(iter(seen), None) or next((t.device for t in state_dict.values()), None)

@@ -14,6 +14,9 @@ EP_DIM_NAME = "ep"
 
 def ep_dim(mesh: DeviceMesh) -> int:
     """The mesh dimension experts are sharded over: the one named "ep", or the only one."""
+    if not isinstance(mesh, DeviceMesh):
+        raise MoekitError(f"device_mesh is a {type(mesh).__name__}; expected a "
+                          "torch.distributed DeviceMesh")
     names = mesh.mesh_dim_names or ()
     if EP_DIM_NAME in names:
         return names.index(EP_DIM_NAME)

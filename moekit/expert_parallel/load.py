@@ -8,7 +8,6 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..checkpoint import Checkpoint
-from ..errors import MoekitError
 from ..executors.device import read_plan
 from ..executors.memory import checked_device
 from ..gc_pauses import without_gc_pauses
@@ -33,11 +32,9 @@ def load_experts(path: str | Path, device_mesh: DeviceMesh, layout: str = "nemo"
     the device, where the grouped tensors are built.
     """
     checked_device(device)
-    if not isinstance(device_mesh, DeviceMesh):
-        raise MoekitError(f"device_mesh is a {type(device_mesh).__name__}; expected a "
-                          "torch.distributed DeviceMesh")
+    size, rank = ep_coordinates(device_mesh)
     checkpoint = Checkpoint.open(path)
     analysis = understand_checkpoint(checkpoint, from_)
-    plan = rank_plan(analysis, *ep_coordinates(device_mesh), layout, checkpoint.file_of)
+    plan = rank_plan(analysis, size, rank, layout, checkpoint.file_of)
     return read_plan(plan, checkpoint, device,
                      lambda local: shard_experts(local, device_mesh, analysis.n_experts))

@@ -26,9 +26,6 @@ def local_hf_plan(state_dict: Mapping[str, torch.Tensor], mesh: DeviceMesh, layo
     The plan names this rank's experts by their global index; non-expert tensors are in
     it too (the caller decides which rank writes them).
     """
-    if not isinstance(mesh, DeviceMesh):
-        raise MoekitError(f"device_mesh is a {type(mesh).__name__}; expected a "
-                          "torch.distributed DeviceMesh")
     size, rank = ep_coordinates(mesh)
     local, n_experts, n_local = _local_tensors(checked_state_dict(state_dict), mesh)
     mine = expert_range(n_experts, size, rank)

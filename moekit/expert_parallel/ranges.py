@@ -26,8 +26,9 @@ def expert_range(n_experts: int, ep_size: int, ep_rank: int) -> range:
         if type(value) is not int:
             raise MoekitError(f"{name} is {value!r}; expected a whole number")
     if not 0 < ep_size <= n_experts:
-        raise MoekitError(f"cannot split {n_experts} experts over {ep_size} ranks "
-                          "(need 1 <= ep_size <= n_experts)")
+        raise MoekitError(f"cannot split {n_experts} experts over {ep_size} expert-parallel "
+                          "ranks: an EP group has at least one rank and at most one rank per "
+                          "expert (1 <= ep_size <= n_experts)")
     if not 0 <= ep_rank < ep_size:
         raise MoekitError(f"rank {ep_rank} is not in an EP group of {ep_size}")
     per_rank = math.ceil(n_experts / ep_size)

@@ -62,6 +62,9 @@ class ParsedExperts:
     """Source keys that hold routed-expert weights (everything else passes through)."""
     problems: list[tuple[int, str]] = field(default_factory=list)
     """(layer, message) for every malformed expert tensor."""
+    unreadable: dict[int, set[str]] = field(default_factory=dict)
+    """layer -> the pieces whose tensor is present but malformed (reported in ``problems``;
+    so not reported again as lacking)."""
     _odd: dict[int, tuple[int, str, int]] = field(default_factory=dict, repr=False)
     """layer -> (index in ``problems``, first message, count) of the keys whose numbers
     are not canonical: one problem a layer, however many keys (a zero-padded checkpoint
@@ -127,6 +130,11 @@ class Layout(ABC):
     @abstractmethod
     def emit(self, block: ExpertBlock, n_experts: int, family: Family) -> list[TensorPlan]:
         """The destination tensors of one MoE block in this layout."""
+
+    def emit_none(self, block: ExpertBlock, family: Family) -> list[TensorPlan]:
+        """The destination tensors of one MoE block when none of its experts is kept (an
+        expert-parallel rank that owns none): none, where tensors are per expert."""
+        return []
 
     def to_hf_key(self, key: str, family: Family) -> str:
         """This layout's name of a non-expert tensor -> the HF name."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..plan import Concat, Expr, Read, Stack, TensorPlan, Transpose
+from ..plan import Concat, Constant, Expr, Read, Stack, TensorPlan, Transpose
 from .base import ExpertBlock, Layout, ParsedExperts, TensorMeta
 from .families import (FP8_SCALE_KEY, MAX_EXPERTS, MX_BLOCKS, MX_SCALES, QUANTIZED_KEYS,
                        SCALE, Family)
@@ -90,6 +90,7 @@ class GroupedLayout(Layout):
         parsed = ParsedExperts()
         region = self.expert_region(family)
         by_name = {t.name: t for t in self.specs(family)}
+        rows: dict[int, dict[str, int]] = {}
         for key, meta in tensors.items():
             inside = region.match(key)
             if not inside:
@@ -106,7 +107,10 @@ class GroupedLayout(Layout):
             problem = self._add_pieces(parsed.block(layer, family), key, meta, spec)
             if problem:
                 parsed.problems.append((layer, problem))
-        self._check_agreement(parsed, family)
+                parsed.unreadable.setdefault(layer, set()).update(spec.projections)
+            else:
+                rows.setdefault(layer, {})[spec.name] = tuple(meta.shape)[0]
+        self._check_agreement(parsed, family, rows)
         return parsed
 
     def emit(self, block: ExpertBlock, n_experts: int, family: Family) -> list[TensorPlan]:
@@ -120,6 +124,18 @@ class GroupedLayout(Layout):
             name = self.from_hf_key(f"{block.block}.experts.{spec.name}", family)
             out.append(TensorPlan(name, Stack(tuple(per_expert))))
         return out
+
+    def emit_none(self, block: ExpertBlock, family: Family) -> list[TensorPlan]:
+        """Every grouped tensor with zero rows (``[0, ...]``, the other dimensions those of
+        ``block``'s experts): a rank that owns no expert still holds each grouped tensor,
+        as its empty local shard of a DTensor ``Shard(0)``."""
+        first = min((e for _, e in block.pieces), default=None)
+        if first is None:
+            return []
+        one = ExpertBlock(block.layer, block.block,
+                          {(p, 0): x for (p, e), x in block.pieces.items() if e == first})
+        return [TensorPlan(t.name, Constant((0, *t.shape[1:]), t.dtype))
+                for t in self.emit(one, 1, family)]
 
     @staticmethod
     def _combine(spec: GroupedTensor, pieces: list[Expr]) -> Expr:
@@ -158,22 +174,27 @@ class GroupedLayout(Layout):
                 block.names[(proj, e)] = f"{key}[{e}]"
         return None
 
-    def _check_agreement(self, parsed: ParsedExperts, family: Family) -> None:
+    def _check_agreement(self, parsed: ParsedExperts, family: Family,
+                         rows: dict[int, dict[str, int]]) -> None:
         """Every grouped tensor of a block must be present (FP8 scales only in an FP8
         checkpoint; MXFP4 blocks and scales instead of the weights in an MXFP4 one) and
-        hold the same experts."""
+        hold the same number of experts (``rows``: the experts of each well-formed
+        tensor, by layer; zero for an expert-parallel rank that owns none). A tensor
+        present but malformed is reported as such, not as missing."""
+        specs = {spec.name: spec for spec in self.specs(family)}
         for layer, block in parsed.blocks.items():
+            found = rows.get(layer, {})
+            needed = set(family.required_pieces(
+                {p for name in found for p in specs[name].projections}))
             counts = {}
-            needed = set(family.required_pieces({p for p, _ in block.pieces}))
-            for spec in self.specs(family):
+            for spec in specs.values():
                 if spec.projections[0] not in needed:
                     continue
-                experts = {e for (p, e) in block.pieces if p == spec.projections[0]}
                 name = self.from_hf_key(f"{block.block}.experts.{spec.name}", family)
-                if not experts:
+                if spec.name in found:
+                    counts[spec.name] = found[spec.name]
+                elif name not in parsed.claimed:
                     parsed.problems.append((layer, f"{name} is missing"))
-                else:
-                    counts[spec.name] = len(experts)
             if len(set(counts.values())) > 1:
                 shown = ", ".join(f"{k} holds {v}" for k, v in counts.items())
                 parsed.problems.append((layer, f"grouped tensors disagree on the expert count: {shown}"))
