@@ -21,6 +21,12 @@ DEFAULT_FP8_BLOCK = (128, 128)
 ``quantization_config.weight_block_size`` does not say (DeepSeek-V3's format)."""
 
 
+MAX_BUILT_LAYERS = 1024
+"""The most decoder layers ``moekit plan`` builds a model for from a config.json alone
+(several times the deepest released model's): transformers makes every layer's modules,
+even on the meta device, so a config declaring a million layers would take minutes."""
+
+
 @dataclass(frozen=True)
 class ConfigValues:
     """Typed reads of one config.json (or a config dict given to the library)."""

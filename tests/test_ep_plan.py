@@ -31,3 +31,21 @@ def test_plan_of_a_checkpoint_counts_the_experts_each_rank_reads(family_checkpoi
     assert len({r["other_bytes"] for r in ranks}) == 1
     assert main(["plan", str(family_checkpoints["qwen3_moe"]), "--ep", "2"]) == 0
     assert "0-2" in capsys.readouterr().out
+
+
+def test_a_config_alone_declaring_a_million_layers_is_refused_at_once(tmp_path, capsys):
+    """Building the model to learn its shapes takes time per layer, even on the meta
+    device: a config.json alone may declare at most MAX_BUILT_LAYERS, of any model type."""
+    import time
+
+    from moekit.model_config import MAX_BUILT_LAYERS
+
+    for config in ({**json.loads(DEEPSEEK_V3.read_text()), "num_hidden_layers": 10**6},
+                   {"model_type": "llama", "num_hidden_layers": 10**6},
+                   {"model_type": "nemotron_h", "hybrid_override_pattern": "E" * 5000}):
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        start = time.perf_counter()
+        assert main(["plan", str(tmp_path / "config.json"), "--ep", "8"]) == 2
+        assert time.perf_counter() - start < 1.0
+        err = capsys.readouterr().err
+        assert "decoder layers" in err and f"at most {MAX_BUILT_LAYERS}" in err

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..checkpoint import Checkpoint, read_config
 from ..errors import MoekitError
 from ..layouts import family_of_model_type, layout_named
+from ..model_config import MAX_BUILT_LAYERS, ConfigValues
 from ..planner import (Analysis, build_plan, config_settings, understand, understand_checkpoint,
                        validate)
 from .ranges import expert_range
@@ -84,11 +85,24 @@ def _analysis(path: Path) -> Analysis:
     source = str(folder / name)
     if not isinstance(config, dict):
         raise MoekitError(f"{source} holds a JSON {type(config).__name__}, not an object")
-    family = family_of_model_type(config.get("model_type"))
-    if family is not None:
-        config_settings(config, family, source)  # its counts, checked before a model is built
+    _check_buildable(config, source)
     return understand(_meta_headers(config, source), config, {}, source,
                       from_="transformers", config_file=source)
+
+
+def _check_buildable(config: dict, source: str) -> None:
+    """Check what a config says of its experts and layers before transformers builds the
+    model it describes: the counts typed and bounded, and at most ``MAX_BUILT_LAYERS``
+    decoder layers (building takes time per layer, even on the meta device)."""
+    family = family_of_model_type(config.get("model_type"))
+    settings = config_settings(config, family, source) if family is not None else None
+    rule = settings.moe_layers if settings is not None else None
+    layers = rule.count if rule is not None else ConfigValues(config, source).integer(
+        "num_hidden_layers")
+    if layers is not None and layers > MAX_BUILT_LAYERS:
+        raise MoekitError(f"{source} declares {layers} decoder layers; moekit plans from a "
+                          f"config.json alone for at most {MAX_BUILT_LAYERS} (it builds each "
+                          "layer to learn its shapes): plan from the checkpoint's files instead")
 
 
 def _meta_headers(config: dict, source: str) -> dict:
