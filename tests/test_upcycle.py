@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from moekit import MoekitError, PlanError, UpcycleSpec, samples, upcycle, upcycle_state_dict
+from moekit import inspect as moekit_inspect
 from moekit.cli import main
 from moekit.checkpoint import TensorInfo
 from moekit.upcycling.planner import dense_mlps
@@ -220,6 +222,75 @@ def test_a_router_std_from_config_must_be_usable(dense_checkpoints, tmp_path):
     zero = upcycle(dense, tmp_path / "moe", UpcycleSpec(4, 2, router="zero"), dry_run=True)
     assert "router zero, scaling" in zero.summary()
     assert not (tmp_path / "moe").exists()
+
+
+@pytest.mark.parametrize("std,fault", [(1e300, "infinite"), (1e38, "infinite"),
+                                       (1e-300, "rounded to zero")])
+def test_a_router_std_whose_rows_its_dtype_cannot_hold_is_refused(std, fault, dense_checkpoints,
+                                                                   tmp_path):
+    """Rows drawn with it would be infinite (NaN logits) or all zero (ties decide top-k):
+    the summary's claims would not hold for what was written."""
+    dense = Path(shutil.copytree(dense_checkpoints["llama"], tmp_path / "dense"))
+    with pytest.raises(MoekitError, match=re.escape(f"--router-std {std:g} would draw router "
+                                                    f"rows that are {fault} in F32")):
+        upcycle(dense, tmp_path / "moe", UpcycleSpec(4, 2, router_std=std))
+    config = json.loads((dense / "config.json").read_text())
+    (dense / "config.json").write_text(json.dumps({**config, "initializer_range": std}))
+    with pytest.raises(MoekitError, match=re.escape(f"initializer_range {std:g} would draw router "
+                                                    f"rows that are {fault}")):
+        upcycle(dense, tmp_path / "moe", UpcycleSpec(8, 4, "granular", 2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
+
+
+def test_a_float16_model_bounds_the_router_std_by_float16(dense_checkpoints):
+    dense = {k: v.half() for k, v in load_all(dense_checkpoints["llama"]).items()}
+    with pytest.raises(MoekitError, match="infinite in F16"):
+        upcycle_state_dict(dense, UpcycleSpec(4, 2, router_std=1e4))
+    with pytest.raises(MoekitError, match="rounded to zero in F16"):
+        upcycle_state_dict(dense, UpcycleSpec(4, 2, router_std=1e-6))
+    router = upcycle_state_dict(dense, UpcycleSpec(4, 2, router_std=1e3))[
+        "model.layers.0.block_sparse_moe.gate.weight"]
+    assert router.dtype == torch.float16 and torch.isfinite(router).all()
+
+
+def test_integer_mlp_weights_are_refused(dense_checkpoints):
+    dense = load_all(dense_checkpoints["llama"])
+    dense = {k: v.to(torch.int8) if ".mlp." in k else v for k, v in dense.items()}
+    with pytest.raises(PlanError, match="the MLP weights are I8; moekit upcycles floating-point"):
+        upcycle_state_dict(dense, UpcycleSpec(4, 2))
+
+
+def test_a_dense_config_naming_an_expert_count_cannot_contradict_the_target(dense_checkpoints,
+                                                                           tmp_path):
+    """Mixtral reads num_experts as an alias of num_local_experts: a dense config that
+    carries one must not leave it beside the count moekit writes."""
+    dense = Path(shutil.copytree(dense_checkpoints["llama"], tmp_path / "dense"))
+    config = json.loads((dense / "config.json").read_text())
+    (dense / "config.json").write_text(json.dumps({**config, "num_experts": 3,
+                                                   "num_local_experts": 3}))
+    upcycle(dense, tmp_path / "moe", UpcycleSpec(4, 2))
+    written = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert written["num_local_experts"] == 4 and "num_experts" not in written
+    assert moekit_inspect(tmp_path / "moe").n_experts == 4
+
+
+def test_the_summary_notes_a_down_projection_multiple_its_dtype_rounds(dense_checkpoints):
+    """Qwen2-MoE's shared expert halves the routed experts' share: G=2 gives down x 1
+    (exact), G=3 down x 1.5, which BF16 rounds."""
+    from moekit.conversion import state_dict_meta
+    from moekit.upcycling.planner import build_upcycle_plan
+
+    dense = {k: v[:48] if k.endswith(("gate_proj.weight", "up_proj.weight"))
+             else v[:, :48] if k.endswith("down_proj.weight") else v
+             for k, v in load_all(dense_checkpoints["qwen2"]).items()}
+    meta = state_dict_meta({k: v.bfloat16() for k, v in dense.items()})
+    config = {"model_type": "qwen2"}
+    even = build_upcycle_plan(meta, config, UpcycleSpec(8, 4, "granular", 2), "dense")
+    odd = build_upcycle_plan(meta, config, UpcycleSpec(6, 3, "granular", 3), "dense")
+    assert even.preserved()[0] and "rounded" not in even.preserved()[1]
+    assert odd.preserved() == (True, odd.spec.preserves_function()[1] + "; the routed "
+                               "down_proj is 1.5 x the dense one, rounded once to BF16")
+    assert "rounded once to BF16" in odd.summary()
 
 
 SUMMARISED = {

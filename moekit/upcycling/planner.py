@@ -36,10 +36,24 @@ class UpcyclePlan:
     spec: UpcycleSpec
     target: Target
     router_std: float | None = None
+    dtype: str = "F32"
+    """The dtype the expert weights are written in (the dense MLP's)."""
+
+    def preserved(self) -> tuple[bool, str]:
+        """Whether the written MoE computes the dense function, and why: the spec's
+        reasoning, over router rows that are finite and not zero in their dtype (a std that
+        would not give such rows is refused when planning), and noting where the routed
+        experts' ``down_proj`` is a multiple of the dense one that its dtype rounds."""
+        preserved, why = self.spec.preserves_function()
+        factor = self.spec.projection_scales()["down"]
+        if preserved and math.frexp(factor)[0] != 0.5:
+            why += (f"; the routed down_proj is {factor:g} x the dense one, rounded once to "
+                    f"{self.dtype}")
+        return preserved, why
 
     def summary(self) -> str:
         """A short human summary (what ``--dry-run`` prints)."""
-        preserved, why = self.spec.preserves_function()
+        preserved, why = self.preserved()
         spec = self.spec
         std = f" (std {self.router_std:g})" if self.router_std is not None else ""
         lines = [
@@ -69,7 +83,7 @@ def build_upcycle_plan(tensors: Mapping[str, TensorMeta], config: dict | None,
     mlps = dense_mlps(tensors, spec, label, where)
     first = next(iter(mlps.values()))
     attention_bias = _check_attention_biases(tensors, target, label)
-    std = _router_std(spec, config, label)
+    std = _router_std(spec, config, label, first.dtype)
     planned: list[TensorPlan] = []
     experts: set[str] = set()
     emitted: set[int] = set()
@@ -85,29 +99,53 @@ def build_upcycle_plan(tensors: Mapping[str, TensorMeta], config: dict | None,
     plan = Plan(family=target.family, src_layout="dense", dst_layout="hf", tensors=planned,
                 moe_layers={layer: spec.experts for layer in mlps}, expert_tensors=experts)
     return UpcyclePlan(plan, moe_config(config, spec, target, first.intermediate, attention_bias),
-                       spec, target, std)
+                       spec, target, std, first.dtype)
 
 
 DEFAULT_ROUTER_STD = 0.02
 """Std of random router rows when neither --router-std nor ``initializer_range`` gives one."""
 
+FLOAT_RANGES = {"F16": (6.103515625e-05, 65504.0),
+                "BF16": (1.1754943508222875e-38, 3.3895313892515355e+38),
+                "F32": (1.1754943508222875e-38, 3.4028234663852886e+38),
+                "F64": (2.2250738585072014e-308, 1.7976931348623157e+308)}
+"""Smallest normal and largest finite value of each floating dtype moekit upcycles."""
+LARGEST_DRAW = 10.0
+"""A bound on |N(0, 1)| draws (float32 Box-Muller draws stay below 6)."""
 
-def _router_std(spec: UpcycleSpec, config: Mapping[str, Any], label: str) -> float | None:
+
+def _router_std(spec: UpcycleSpec, config: Mapping[str, Any], label: str, dtype: str
+                ) -> float | None:
     """The std the router rows are drawn with: ``--router-std``, else the dense config's
-    ``initializer_range``, else 0.02; None for a zero router, which draws nothing. A
-    config value that is not a finite number above 0 is refused: rows drawn with it
-    would be NaN, infinite or all equal, and top-k would no longer pick whole groups."""
+    ``initializer_range``, else 0.02; None for a zero router, which draws nothing. A std
+    whose rows would be NaN, infinite or flushed to zero in float32 (where they are drawn)
+    or in ``dtype`` (where they are stored) is refused: with such rows the router would
+    not pick whole groups, or would give NaN, and the summary's claims would not hold."""
     if spec.router_init == "zero":
         return None
     if spec.router_std is not None:
-        return float(spec.router_std)
+        return _drawable(float(spec.router_std), dtype, f"--router-std {spec.router_std:g}",
+                         "choose a std in that range")
     value = config.get("initializer_range", DEFAULT_ROUTER_STD)
     if (isinstance(value, bool) or not isinstance(value, (int, float))
             or not (math.isfinite(value) and value > 0)):
         raise MoekitError(f"{label}: config.json initializer_range is {value!r}, which cannot "
                           "be the std of the router rows (a finite number above 0 is needed); "
                           "give one with --router-std")
-    return float(value)
+    return _drawable(float(value), dtype,
+                     f"{label}: config.json initializer_range {value:g}", "give one with --router-std")
+
+
+def _drawable(std: float, dtype: str, what: str, advice: str) -> float:
+    """``std`` when N(0, std²) rows are finite and not flushed to zero in float32 and in
+    ``dtype``."""
+    tiny = max(FLOAT_RANGES["F32"][0], FLOAT_RANGES[dtype][0])
+    top = min(FLOAT_RANGES["F32"][1], FLOAT_RANGES[dtype][1]) / LARGEST_DRAW
+    if not tiny <= std <= top:
+        fault = "infinite" if std > top else "rounded to zero"
+        raise MoekitError(f"{what} would draw router rows that are {fault} in {dtype}; the std "
+                          f"of the router rows must lie in [{tiny:.3g}, {top:.3g}]: {advice}")
+    return std
 
 
 def dense_mlps(tensors: Mapping[str, TensorMeta], spec: UpcycleSpec, label: str,
@@ -158,6 +196,10 @@ def _layer_mlp(layer: int, found: dict[str, str], tensors: Mapping[str, TensorMe
                         f"down {list(down.shape)} ({gate.dtype}/{up.dtype}/{down.dtype}) are not "
                         f"a gated MLP [I, H], [I, H], [H, I] of one dtype"
                         + (f" (in {file})" if file else ""))
+        return None
+    if gate.dtype not in FLOAT_RANGES:
+        problems.append(f"layer {layer}: the MLP weights are {gate.dtype}; moekit upcycles "
+                        f"floating-point weights ({', '.join(FLOAT_RANGES)})")
         return None
     if gate.shape[0] % spec.granularity:
         problems.append(f"layer {layer}: intermediate size {gate.shape[0]} is not divisible by "

@@ -111,13 +111,18 @@ def resolve_target(spec: UpcycleSpec, model_type: str | None) -> tuple[UpcycleSp
 
 def moe_config(dense: dict[str, Any], spec: UpcycleSpec, target: Target, intermediate: int,
                attention_bias: bool) -> dict[str, Any]:
-    """The target's config.json: every dense setting carried over, MoE entries added."""
-    config = {k: v for k, v in dense.items() if k not in _DENSE_ONLY_KEYS}
+    """The target's config.json: every dense setting carried over, MoE entries added. The
+    target's expert-count names are all dropped before its own is set, so that a dense
+    config carrying one (``num_experts`` beside Mixtral's ``num_local_experts``) cannot
+    contradict it."""
+    family = target.moe_family
+    dropped = {*_DENSE_ONLY_KEYS, *family.expert_count_keys}
+    config = {k: v for k, v in dense.items() if k not in dropped}
     config.update(target.extra)
     config.update({
         "model_type": target.family,
         "architectures": [target.architecture],
-        target.moe_family.expert_count_key: spec.experts,
+        family.expert_count_key: spec.experts,
         "num_experts_per_tok": spec.top_k,
         target.intermediate_key: intermediate // spec.granularity,
     })
