@@ -195,7 +195,7 @@ def _check_source(target: Path, src: Path, files: list[Path]) -> None:
     src = src.resolve()
     if target == src:
         raise MoekitError(f"destination {target} is the source itself; choose another "
-                          "folder (moekit never writes into its input)")
+                          "folder (moekit never writes inside the source)")
     if src in target.parents:
         raise MoekitError(f"destination {target} is inside the source {src}; "
                           "choose a folder outside it (moekit never writes into its input)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import struct
 from collections.abc import Callable, Iterator
@@ -470,6 +471,174 @@ def test_a_shard_gone_after_planning_is_a_moekit_error(tmp_path):
     (src / "model.safetensors").unlink()
     with FileSource(ckpt) as source, pytest.raises(MoekitError, match="model.safetensors"):
         source.location("model.embed_tokens.weight")
+
+
+# ---------------------------------------------------------------- sources that change
+
+TRUNCATE_THEN_READ = """
+import os, sys
+from pathlib import Path
+from moekit.checkpoint import Checkpoint
+from moekit.errors import MoekitError
+from moekit.plan import Read
+from moekit.sources import FileSource
+
+src = Path(sys.argv[1])
+checkpoint = Checkpoint.open(src)
+info = checkpoint.tensors["model.layers.0.mlp.experts.1.down_proj.weight"]
+with FileSource(checkpoint) as source:
+    source.read(Read("model.embed_tokens.weight", (), (8, 2), "F32"))
+    os.truncate(src / "model.safetensors", info.offset)
+    try:
+        source.read(Read(info.key, (), info.shape, info.dtype))
+    except MoekitError as err:
+        print(err)
+"""
+
+
+def test_a_source_truncated_while_it_is_read_is_an_error_not_a_crash(tmp_path):
+    """Read through a memory map, the bytes past the new end would kill the process with
+    SIGBUS; read with pread, they are a short read, reported."""
+    import subprocess
+    import sys
+
+    src = checkpoint(tmp_path / "model")
+    done = subprocess.run([sys.executable, "-c", TRUNCATE_THEN_READ, str(src)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "model.safetensors ends before the bytes of" in done.stdout
+    assert "truncated or replaced" in done.stdout
+
+
+def rewrite_in_place(file: Path) -> None:
+    """Change bytes of ``file`` without changing its size (as a download resuming would)."""
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0xFF
+    with open(file, "r+b") as handle:
+        handle.write(data)
+    os.utime(file, ns=(0, file.stat().st_mtime_ns + 1_000_000))
+
+
+def replace_by_a_copy(file: Path) -> None:
+    """Put a new file (another inode) with the same bytes in ``file``'s place."""
+    copy = file.with_suffix(".new")
+    copy.write_bytes(file.read_bytes())
+    os.replace(copy, file)
+
+
+def swap_for_a_pipe(file: Path) -> None:
+    file.unlink()
+    os.mkfifo(file)
+
+
+SOURCE_CHANGES = [
+    ("after planning", rewrite_in_place, "it was modified"),
+    ("after planning", replace_by_a_copy, "replaced by another file"),
+    ("after planning", swap_for_a_pipe, "no longer a plain file"),
+    ("after planning", lambda file: os.truncate(file, 100), "size went from"),
+    ("while writing", rewrite_in_place, "it was modified"),
+    ("while writing", lambda file: os.truncate(file, 100), "size went from"),
+]
+"""A file replaced (or swapped for a pipe) once open is still read whole from the file that
+was open: the output is then the checkpoint as planned, and correct."""
+
+
+@pytest.mark.parametrize("when,change,expected", SOURCE_CHANGES)
+@pytest.mark.parametrize("layout", ["nemo", "hf"])  # built from reads; kernel byte copies
+def test_a_source_that_changes_during_a_conversion_is_refused(tmp_path, monkeypatch, when,
+                                                              change, expected, layout):
+    """The header (and so every offset) was read at planning: a shard that is not the
+    same file by the end of the run gives an error, never an output of mixed bytes."""
+    from moekit import conversion
+
+    src = checkpoint(tmp_path / "model")
+    write_plan = conversion.write_plan
+
+    def changed_then_written(plan, source, *args, **kwargs):
+        if when == "after planning":
+            change(src / "model.safetensors")
+        write_plan(plan, source, *args, **kwargs)
+        if when == "while writing":
+            change(src / "model.safetensors")
+
+    monkeypatch.setattr(conversion, "write_plan", changed_then_written)
+    with pytest.raises(MoekitError, match=expected):
+        conversion.convert(src, tmp_path / "out", to=layout)
+    assert output_names(tmp_path) == {"model"}
+
+
+def test_a_sidecar_swapped_for_a_pipe_is_refused_not_waited_on(tmp_path, monkeypatch):
+    from moekit import conversion
+
+    src = checkpoint(tmp_path / "model")
+    (src / "tokenizer.json").write_text("{}")
+    write_plan = conversion.write_plan
+
+    def written_then_swapped(*args, **kwargs):
+        write_plan(*args, **kwargs)
+        swap_for_a_pipe(src / "tokenizer.json")
+
+    monkeypatch.setattr(conversion, "write_plan", written_then_swapped)
+    with pytest.raises(MoekitError, match="tokenizer.json is no longer a plain file"):
+        conversion.convert(src, tmp_path / "out", to="nemo")
+    assert output_names(tmp_path) == {"model"}
+
+
+def test_copied_sidecar_files_get_the_mode_the_umask_allows(tmp_path):
+    """As ``cp`` without ``-p``: a read-only or private sidecar is not copied as such."""
+    from moekit import convert
+
+    src = checkpoint(tmp_path / "model")
+    (src / "tokenizer.json").write_text("{}")
+    os.chmod(src / "tokenizer.json", 0o400)
+    os.chmod(src / "config.json", 0o600)
+    previous = os.umask(0o022)
+    try:
+        convert(src, tmp_path / "out", to="nemo")
+    finally:
+        os.umask(previous)
+    for name in ("tokenizer.json", "config.json"):
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644
+
+
+def test_a_named_file_may_be_converted_beside_itself_but_its_folder_is_kept(tmp_path, capsys):
+    """The source is that one file: a new folder beside it is fine; replacing the folder
+    holding it, or the file itself, is not."""
+    src = checkpoint(tmp_path / "downloads")
+    (src / "notes.txt").write_text("mine")
+    file = src / "model.safetensors"
+    assert main(["convert", str(file), str(src / "nemo"), "--to", "nemo"]) == 0
+    assert output_names(src) == {"model.safetensors", "config.json", "notes.txt", "nemo"}
+    capsys.readouterr()
+    (src / "notes.txt").unlink()
+    shutil.rmtree(src / "nemo")
+    for dst, expected in ((src, "contains the source"), (file, "is the source itself")):
+        message = refused(capsys, tmp_path, ["convert", str(file), str(dst), "--to", "nemo",
+                                             "--overwrite"])
+        assert expected in message
+
+
+@pytest.mark.parametrize("shape,region", [
+    ((3, 4, 5), ()), ((3, 4, 5), (1,)), ((3, 4, 5), (1, slice(1, 3))),
+    ((3, 4, 5), (2, slice(None), slice(1, None, 2))), ((3, 4, 5), (slice(None), 2)),
+    ((3, 4, 5), (slice(1, 3), slice(0, 4, 3), 4)), ((3, 0, 5), (1,)), ((3, 4, 5), (1, 2, 3)),
+    ((6,), (slice(5, 2),)), ((4, 6), (slice(None), slice(1, 5, 2)))])
+def test_regions_read_with_pread_equal_safetensors_slices(tmp_path, shape, region):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from moekit.plan import Read
+
+    full = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape)
+    save_file({"model.embed_tokens.weight": full}, tmp_path / "model.safetensors")
+    ckpt = Checkpoint.open(tmp_path / "model.safetensors")
+    with FileSource(ckpt) as source:
+        got = source.read(Read("model.embed_tokens.weight", region, (), "F32"))
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as handle:
+        want = handle.get_slice("model.embed_tokens.weight")[region] if region else \
+            handle.get_tensor("model.embed_tokens.weight")
+    assert got.shape == want.shape and torch.equal(got, want)
 
 
 # ---------------------------------------------------------------- section 4: printed names

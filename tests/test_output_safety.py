@@ -237,6 +237,96 @@ def test_a_dangling_symlink_destination_is_refused(qwen3, tmp_path, capsys):
     assert link.is_symlink() and names(tmp_path) == ["link", "qwen3"]
 
 
+def one_error(err: str) -> str:
+    """The one ``moekit: error:`` line of ``err``."""
+    assert err.count("moekit: error:") == 1 and err.endswith("\n") and err.count("\n") == 1, err
+    return err
+
+
+def make_loop(tmp_path: Path) -> Path:
+    (tmp_path / "loop").symlink_to("loop")
+    return tmp_path / "loop"
+
+
+def make_loop_above(tmp_path: Path) -> Path:
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    return tmp_path / "a" / "out"
+
+
+def make_dangling(tmp_path: Path) -> Path:
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    return tmp_path / "link"
+
+
+def make_below_a_file(tmp_path: Path) -> Path:
+    (tmp_path / "file").write_text("a file")
+    return tmp_path / "file" / "sub" / "out"
+
+
+@pytest.mark.parametrize("make,expected", [
+    (make_loop, "loop of symbolic links"), (make_loop_above, "loop of symbolic links"),
+    (make_dangling, "which does not exist"), (make_below_a_file, "file is a file, not a folder"),
+    (lambda tmp_path: tmp_path / ("n" * 256), "at most 255 bytes")])
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_destination_that_cannot_be_made_is_one_message(qwen3, tmp_path, capsys, make,
+                                                          expected, overwrite):
+    dst = make(tmp_path)
+    before = names(tmp_path)
+    code, err = run_cli(capsys, "convert", qwen3, dst, "--to", "nemo", *overwrite)
+    assert code == 2 and expected in one_error(err)
+    with pytest.raises(MoekitError, match=expected):
+        convert(qwen3, dst, to="nemo", overwrite=bool(overwrite))
+    assert names(tmp_path) == before
+
+
+@pytest.mark.parametrize("name", ["x" * 255, "é" * 127, "model \u202e\x1b[2J"])
+def test_a_long_or_odd_destination_name_converts_and_leaves_nothing_beside(qwen3, tmp_path,
+                                                                         capsys, name):
+    """A temporary folder's name adds ``.`` and ``.moekit-XXXXXXXX`` to the destination's;
+    where that would pass 255 bytes it is shortened (with a digest of the name)."""
+    code, _ = run_cli(capsys, "convert", qwen3, tmp_path / name, "--to", "nemo")
+    assert code == 0 and verify(qwen3, tmp_path / name).equal
+    assert names(tmp_path) == sorted([name, "qwen3"])
+    prefix = output._temp_prefix(tmp_path / name)
+    assert len(os.fsencode(prefix)) + len("old-") + 8 <= 255
+
+
+def test_a_leftover_beside_a_long_destination_name_is_found(qwen3, tmp_path, caplog):
+    out = tmp_path / ("x" * 250)
+    running = output.OutputFolder(out)  # a run of this (live) process
+    with caplog.at_level(logging.WARNING, logger="moekit"):
+        convert(qwen3, out, to="nemo")
+    assert f"found {running.folder}" in caplog.text and "still running" in caplog.text
+    running.discard()
+    assert names(tmp_path) == sorted([out.name, "qwen3"])
+
+
+@pytest.mark.parametrize("dst", [".", "..", "/"])
+def test_dot_dotdot_and_root_are_refused_as_holding_the_source(qwen3, capsys, monkeypatch, dst):
+    monkeypatch.chdir(qwen3)
+    code, err = run_cli(capsys, "convert", ".", dst, "--to", "nemo", "--overwrite")
+    assert code == 2 and ("is the source itself" in err or "contains the source" in err)
+
+
+def test_relative_paths_and_trailing_slashes(qwen3, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _ = run_cli(capsys, "convert", "qwen3/", "out/", "--to", "nemo")
+    assert code == 0 and verify(qwen3, tmp_path / "out").equal
+    code, _ = run_cli(capsys, "convert", "./qwen3", "./out/", "--to", "hf", "--overwrite")
+    assert code == 0 and names(tmp_path) == ["out", "qwen3"]
+
+
+def test_a_failure_writing_the_marker_leaves_no_folder(qwen3, tmp_path, capsys, monkeypatch):
+    """A file system with room for a folder but not for a file in it (ENOSPC, EDQUOT)."""
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(output, "_owner", full)
+    code, err = run_cli(capsys, "convert", qwen3, tmp_path / "new" / "out", "--to", "nemo")
+    assert code == 2 and "full" in one_error(err) and names(tmp_path) == ["qwen3"]
+
+
 # -- durability and modes -------------------------------------------------------------------
 
 def test_files_and_folder_are_synced_before_the_move_and_the_parent_after(qwen3, tmp_path,
@@ -319,6 +409,73 @@ def test_sigterm_and_sighup_clean_up_as_ctrl_c_does(qwen3, tmp_path):
         _, err = child.communicate(timeout=60)
         assert child.returncode == 128 + signum
         assert f"interrupted by {signum.name}" in err and "Traceback" not in err
+    assert names(tmp_path) == ["qwen3"]
+
+
+SIGNAL_AT_THE_MOVE = """
+import os, signal, sys
+from moekit import output
+from moekit.cli import main
+
+rename = output._renameat2
+
+def rename_then_signal(src, dst, flags):
+    os.kill(os.getpid(), signal.SIGNUM)  # held until the move is complete
+    rename(src, dst, flags)
+
+output._renameat2 = rename_then_signal
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_at_the_final_move_waits_for_it_and_says_so(qwen3, tmp_path, signum):
+    out = tmp_path / "out"
+    child = subprocess.run(
+        [sys.executable, "-c", SIGNAL_AT_THE_MOVE.replace("SIGNUM", signum.name), "convert",
+         str(qwen3), str(out), "--to", "nemo"], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert child.returncode == 128 + signum, child.stderr
+    assert f"after {out} was written in full and put in place" in child.stderr
+    assert "Traceback" not in child.stderr
+    assert verify(qwen3, out).equal and names(tmp_path) == ["out", "qwen3"]
+
+
+def test_ctrl_c_during_an_overwrite_keeps_one_whole_checkpoint(qwen3, tmp_path, monkeypatch):
+    """Interrupted at the exchange: the new checkpoint is in place, the old one removed, and
+    the caller learns of the interrupt (``in_place`` names the output)."""
+    out = Path(shutil.copytree(qwen3, tmp_path / "out"))
+    reference = qwen3_as_nemo(qwen3, tmp_path)
+    rename = output._renameat2
+
+    def rename_then_interrupt(src, dst, flags):
+        os.kill(os.getpid(), signal.SIGINT)
+        rename(src, dst, flags)
+
+    monkeypatch.setattr(output, "_renameat2", rename_then_interrupt)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        convert(qwen3, out, to="nemo", overwrite=True)
+    assert output.in_place(caught.value) == out
+    assert verify(qwen3, out).equal and names(out) == names(reference)
+    assert names(tmp_path) == ["out", "qwen3", "reference"]
+
+
+def test_ctrl_c_during_the_clean_up_does_not_cut_it_short(qwen3, tmp_path, monkeypatch):
+    rmtree = shutil.rmtree
+
+    def fail(*args, **kwargs):
+        raise MoekitError("bad input found while writing")
+
+    def interrupted_rmtree(path, *args, **kwargs):
+        if Path(path).name.startswith(".out.moekit-"):
+            os.kill(os.getpid(), signal.SIGINT)
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(conversion, "write_plan", fail)
+    monkeypatch.setattr(output.shutil, "rmtree", interrupted_rmtree)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        convert(qwen3, tmp_path / "new" / "out", to="nemo")
+    assert output.in_place(caught.value) is None
     assert names(tmp_path) == ["qwen3"]
 
 
@@ -409,12 +566,26 @@ def test_a_read_only_destination(qwen3, tmp_path, tmpfs, capsys):
     assert code == 2 and str(read_only / "out") in err and "read-only" in err
 
 
-def test_a_busy_destination(qwen3, tmp_path, tmpfs, capsys):
+def test_a_mount_point_is_refused_before_anything_is_written(qwen3, tmp_path, tmpfs, capsys,
+                                                             monkeypatch):
     mount_point = tmpfs("out")
     (mount_point / "config.json").write_text("{}")
+    monkeypatch.setattr(conversion, "write_plan", None)  # never reached
     code, err = run_cli(capsys, "convert", qwen3, mount_point, "--to", "nemo", "--overwrite")
-    assert code == 2 and str(mount_point) in err and "busy" in err
+    assert code == 2 and f"{mount_point} is a mount point" in err
     assert names(mount_point) == ["config.json"] and names(tmp_path) == ["out", "qwen3"]
+
+
+def test_a_busy_destination(qwen3, tmp_path, capsys, monkeypatch):
+    """EBUSY at the final move (a folder in use on some network file systems)."""
+    def busy(src, dst, flags):
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(src), None, str(dst))
+
+    monkeypatch.setattr(output, "_renameat2", busy)
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "convert", qwen3, out, "--to", "nemo")
+    assert code == 2 and f"cannot write {out}: Device or resource busy" in err
+    assert names(tmp_path) == ["qwen3"]
 
 
 def test_a_file_larger_than_the_file_system_allows(qwen3, tmp_path, capsys):
@@ -509,3 +680,22 @@ def test_save_experts_has_the_same_guarantees(qwen3, tmp_path, tmpfs, monkeypatc
     assert verify(qwen3, other / "saved").equal
     assert names(other) == ["appearing", "saved"] and names(other / "appearing") == []
     assert names(notes) == ["notes.txt"] and tree_digest(qwen3) == before
+
+
+# -- moekit demo --out ----------------------------------------------------------------------
+
+def test_demo_writes_only_into_a_new_empty_or_earlier_demo_folder(qwen3, tmp_path, capsys):
+    """The demo writes and replaces sample checkpoints in --out: a folder holding anything
+    else (a user's models, the source checkpoint) or a file there is refused."""
+    from moekit import demo
+
+    before = tree_digest(qwen3)
+    (tmp_path / "file").write_text("a file")
+    for out, expected in ((qwen3, "already holds files"), (tmp_path / "file", "not a folder"),
+                          (tmp_path / "file" / "sub", "Not a directory")):
+        code, err = run_cli(capsys, "demo", "--out", out)
+        assert code == 2 and expected in one_error(err)
+    assert tree_digest(qwen3) == before and names(tmp_path) == ["file", "qwen3"]
+    demo._prepare(tmp_path / "new" / "samples")
+    demo._prepare(tmp_path / "new" / "samples")  # a rerun reuses it
+    assert names(tmp_path / "new" / "samples") == [demo.DEMO_MARKER]
