@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -96,16 +97,22 @@ class _PeftLayer:
     down: _PeftPair
 
 
-def peft_to_hf(adapter: Mapping[str, torch.Tensor], n_experts: int) -> dict[str, torch.Tensor]:
+def peft_to_hf(adapter: Mapping[str, torch.Tensor], n_experts: int,
+               rank: int | None = None) -> dict[str, torch.Tensor]:
     """PEFT's grouped expert LoRA, either layout -> per-expert keys (other adapter tensors
-    unchanged)."""
-    return _run(adapter, _from_peft(adapter, n_experts), _emit_hf)
+    unchanged). ``rank`` (adapter_config.json's ``r``), when given, checks ``n_experts``:
+    lora_A's rows are n_experts x rank, and an n_experts that divides them but is wrong
+    (3 for 6 experts of rank 2, say) would otherwise split the experts' rows wrongly."""
+    _check_adapter(adapter, n_experts)
+    return _run(adapter, _from_peft(adapter, n_experts, _checked_rank(rank)), _emit_hf)
 
 
-def peft_to_nemo(adapter: Mapping[str, torch.Tensor], n_experts: int) -> dict[str, torch.Tensor]:
+def peft_to_nemo(adapter: Mapping[str, torch.Tensor], n_experts: int,
+                 rank: int | None = None) -> dict[str, torch.Tensor]:
     """PEFT's grouped expert LoRA, either layout -> NeMo's ``lora_gate_and_up_A/B``,
-    ``lora_down_A/B``."""
-    return _run(adapter, _from_peft(adapter, n_experts), _emit_nemo)
+    ``lora_down_A/B`` (``rank`` as for ``peft_to_hf``)."""
+    _check_adapter(adapter, n_experts)
+    return _run(adapter, _from_peft(adapter, n_experts, _checked_rank(rank)), _emit_nemo)
 
 
 def hf_to_peft(adapter: Mapping[str, torch.Tensor], n_experts: int,
@@ -113,7 +120,8 @@ def hf_to_peft(adapter: Mapping[str, torch.Tensor], n_experts: int,
                layout: PeftLayout = PeftLayout.A_IN) -> dict[str, torch.Tensor]:
     """Per-expert LoRA keys -> PEFT's grouped form (``parameters``: the adapter's wrapping
     order; ``layout``: what the PEFT release that loads it expects, see ``PeftLayout``)."""
-    _check_expert_count(n_experts)
+    _check_adapter(adapter, n_experts)
+    _check_peft_form(parameters, layout)
     return _run(adapter, _from_hf(adapter, n_experts),
                 lambda layer: _emit_peft(layer, n_experts, parameters, layout))
 
@@ -122,16 +130,37 @@ def nemo_to_peft(adapter: Mapping[str, torch.Tensor], n_experts: int,
                  parameters: Sequence[str] = PARAMETERS,
                  layout: PeftLayout = PeftLayout.A_IN) -> dict[str, torch.Tensor]:
     """NeMo's grouped LoRA names -> PEFT's grouped form (arguments as ``hf_to_peft``)."""
-    _check_expert_count(n_experts)
-    return _run(adapter, _from_nemo(adapter),
+    _check_adapter(adapter, n_experts)
+    _check_peft_form(parameters, layout)
+    return _run(adapter, _from_nemo(adapter, n_experts),
                 lambda layer: _emit_peft(layer, n_experts, parameters, layout))
 
 
-def _check_expert_count(n: object) -> None:
-    """Refuse an ``n_experts`` that is not an integer from 1 to ``MAX_EXPERTS`` (the
-    per-expert pieces are listed by expert)."""
+def _check_adapter(adapter: object, n: object) -> None:
+    """Refuse an adapter that is not a mapping of names to tensors of data, and an
+    ``n_experts`` that is not an integer from 1 to ``MAX_EXPERTS`` (the per-expert
+    pieces are listed by expert)."""
+    state_dict_meta(adapter, "adapter")
     if type(n) is not int or not 1 <= n <= MAX_EXPERTS:
         raise MoekitError(f"n_experts must be an integer from 1 to {MAX_EXPERTS}, not {n!r}")
+
+
+def _checked_rank(rank: object) -> int | None:
+    if rank is not None and (type(rank) is not int or rank < 1):
+        raise MoekitError(f"rank must be the LoRA rank (adapter_config.json's r, an integer of "
+                          f"at least 1) or None, not {rank!r}")
+    return rank
+
+
+def _check_peft_form(parameters: object, layout: object) -> None:
+    """``parameters`` must order both fused expert parameters; ``layout`` be a PeftLayout."""
+    if (isinstance(parameters, str) or not isinstance(parameters, Sequence)
+            or sorted(parameters) != sorted(PARAMETERS)):
+        raise MoekitError(f"parameters must order {' and '.join(PARAMETERS)} (as "
+                          f"parameter_order gives them), not {parameters!r}")
+    if not isinstance(layout, PeftLayout):
+        raise MoekitError(f"layout must be a PeftLayout ({', '.join(PeftLayout.__members__)}, "
+                          f"as peft_layout gives it), not {layout!r}")
 
 
 def parameter_order(adapter: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
@@ -160,6 +189,7 @@ def peft_layout(adapter: Mapping[str, torch.Tensor]) -> PeftLayout:
 
 def _peft_layers(adapter: Mapping[str, torch.Tensor]) -> dict[str, _PeftLayer]:
     """Every layer's PEFT expert LoRA, by experts prefix, in key order."""
+    state_dict_meta(adapter, "adapter")
     found: dict[str, dict[str, dict[str, str]]] = {}
     for key in adapter:
         match = _PEFT.match(key)
@@ -253,20 +283,24 @@ class _PeftFactors:
 
 
 def _factors(adapter: Mapping[str, torch.Tensor], pair: _PeftPair, layout: PeftLayout,
-             n: int) -> _PeftFactors:
+             n: int, rank: int | None) -> _PeftFactors:
     """``pair``'s factors; lora_A must have E*r rows and lora_B E*r columns."""
     rows, columns = adapter[pair.a].shape[0], adapter[pair.b].shape[1]
-    if not isinstance(n, int) or n < 1 or rows != columns or rows % n:
+    if rows != columns or rows % n:
         raise MoekitError(f"{pair.a} has {rows} rows and {pair.b} {columns} columns; expected "
                           f"both to be n_experts ({n}) times the LoRA rank: is n_experts right?")
+    if rank is not None and rows != n * rank:
+        raise MoekitError(f"{pair.a} has {rows} rows; expected n_experts x rank = {n} x {rank} "
+                          f"= {n * rank}: is n_experts, or the rank, right?")
     return _PeftFactors(adapter, pair, layout, n, rows // n)
 
 
-def _from_peft(adapter: Mapping[str, torch.Tensor], n: int) -> dict[str, tuple[_Layer, set[str]]]:
+def _from_peft(adapter: Mapping[str, torch.Tensor], n: int, rank: int | None
+               ) -> dict[str, tuple[_Layer, set[str]]]:
     layers = {}
     for experts, found in _peft_layers(adapter).items():
-        gate_up = _factors(adapter, found.gate_up, found.layout, n)
-        down = _factors(adapter, found.down, found.layout, n)
+        gate_up = _factors(adapter, found.gate_up, found.layout, n, rank)
+        down = _factors(adapter, found.down, found.layout, n, rank)
         size = down.a(0).shape[1]
         pieces: dict[tuple[str, int], Expr] = {}
         for e in range(n):
@@ -276,7 +310,7 @@ def _from_peft(adapter: Mapping[str, torch.Tensor], n: int) -> dict[str, tuple[_
             pieces[("down_A", e)] = down.a(e)
             pieces[("down_B", e)] = down.b(e)
         keys = {found.gate_up.a, found.gate_up.b, found.down.a, found.down.b}
-        layers[experts] = (_Layer(experts, pieces), keys)
+        layers[experts] = (_checked_layer(_Layer(experts, pieces), n), keys)
     return layers
 
 
@@ -292,11 +326,7 @@ def _from_hf(adapter: Mapping[str, torch.Tensor], n: int) -> dict[str, tuple[_La
             layer.pieces[(f"{match['proj']}_{match['ab']}", int(match["e"]))] = _read(adapter, key)
             keys.add(key)
     for experts, (layer, _) in layers.items():
-        missing = [f"{name}[{e}]" for e in range(n) for name in
-                   ("gate_A", "gate_B", "up_A", "up_B", "down_A", "down_B")
-                   if (name, e) not in layer.pieces]
-        if missing:
-            raise MoekitError(f"{experts}: LoRA pieces missing: {', '.join(missing[:8])}")
+        _checked_layer(layer, n)
         unequal = [e for e in range(n) if not torch.equal(adapter[layer.pieces[("gate_A", e)].key],
                                                           adapter[layer.pieces[("up_A", e)].key])]
         if unequal:
@@ -305,7 +335,12 @@ def _from_hf(adapter: Mapping[str, torch.Tensor], n: int) -> dict[str, tuple[_La
     return layers
 
 
-def _from_nemo(adapter: Mapping[str, torch.Tensor]) -> dict[str, tuple[_Layer, set[str]]]:
+NEMO_TENSORS = ("gate_and_up_A", "gate_and_up_B", "down_A", "down_B")
+"""NeMo's grouped LoRA tensors of one layer (``…experts.lora_{name}``)."""
+
+
+def _from_nemo(adapter: Mapping[str, torch.Tensor], n: int
+               ) -> dict[str, tuple[_Layer, set[str]]]:
     found: dict[str, dict[str, str]] = {}
     for key in adapter:
         match = _NEMO.match(key)
@@ -313,10 +348,11 @@ def _from_nemo(adapter: Mapping[str, torch.Tensor]) -> dict[str, tuple[_Layer, s
             found.setdefault(match["experts"], {})[f"{match['group']}_{match['ab']}"] = key
     layers = {}
     for experts, keys in found.items():
+        _check_nemo_layer(adapter, experts, keys, n)
         gate_up_b = keys["gate_and_up_B"]
         size = adapter[gate_up_b].shape[2] // 2
         pieces: dict[tuple[str, int], Expr] = {}
-        for e in range(adapter[gate_up_b].shape[0]):
+        for e in range(n):
             pieces[("gate_A", e)] = pieces[("up_A", e)] = Transpose(
                 _read(adapter, keys["gate_and_up_A"], (e,)))
             pieces[("gate_B", e)] = Transpose(_read(adapter, gate_up_b, (e, slice(None),
@@ -325,8 +361,77 @@ def _from_nemo(adapter: Mapping[str, torch.Tensor]) -> dict[str, tuple[_Layer, s
                                                                         slice(size, 2 * size))))
             pieces[("down_A", e)] = Transpose(_read(adapter, keys["down_A"], (e,)))
             pieces[("down_B", e)] = Transpose(_read(adapter, keys["down_B"], (e,)))
-        layers[experts] = (_Layer(experts, pieces), set(keys.values()))
+        layers[experts] = (_checked_layer(_Layer(experts, pieces), n), set(keys.values()))
     return layers
+
+
+def _check_nemo_layer(adapter: Mapping[str, torch.Tensor], experts: str,
+                      keys: dict[str, str], n: int) -> None:
+    """A layer's four NeMo LoRA tensors present, each [n_experts, ., .], and the gate and
+    up halves of ``lora_gate_and_up_B`` equal in size."""
+    missing = [f"{experts}.lora_{name}" for name in NEMO_TENSORS if name not in keys]
+    if missing:
+        raise MoekitError(f"{experts}: NeMo expert LoRA lacks {', '.join(missing)}")
+    shapes = {name: tuple(adapter[keys[name]].shape) for name in NEMO_TENSORS}
+    odd = {name: list(shape) for name, shape in shapes.items()
+           if len(shape) != 3 or shape[0] != n}
+    if odd:
+        listed = ", ".join(f"lora_{name} {shape}" for name, shape in odd.items())
+        raise MoekitError(f"{experts}: {listed}; expected [n_experts ({n}), ., .] each")
+    if shapes["gate_and_up_B"][2] % 2:
+        raise MoekitError(f"{experts}.lora_gate_and_up_B is {list(shapes['gate_and_up_B'])}; "
+                          "its last dimension holds gate then up, of equal size")
+
+
+_PIECES = ("gate_A", "up_A", "gate_B", "up_B", "down_A", "down_B")
+_SIZES = {"gate_A": ("r_gate_up", "H"), "up_A": ("r_gate_up", "H"),
+          "gate_B": ("I", "r_gate_up"), "up_B": ("I", "r_gate_up"),
+          "down_A": ("r_down", "I"), "down_B": ("H", "r_down")}
+"""Each canonical piece's [rows, columns] by name: A [r, in] and B [out, r], gate and up
+[I, H], down [H, I], gate and up sharing a rank (their A is fused)."""
+
+
+def _checked_layer(layer: _Layer, n: int) -> _Layer:
+    """``layer`` once every piece is present for experts 0 to n - 1 (its readers take no
+    other experts) and the pieces fit together (``_shape_problems``)."""
+    missing = [f"{name}[{e}]" for e in range(n) for name in _PIECES
+               if (name, e) not in layer.pieces]
+    if missing:
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        problems = [f"LoRA pieces missing: {', '.join(missing[:8])}{more}"]
+    else:
+        problems = _shape_problems(layer, n)
+    if problems:
+        raise MoekitError(f"{layer.experts}: " + "; ".join(problems))
+    return layer
+
+
+def _shape_problems(layer: _Layer, n: int) -> list[str]:
+    """What keeps a layer's pieces from being stacked and joined: a piece whose shape or
+    dtype differs across experts, a piece that is not 2-D, sizes that disagree
+    (``_SIZES``), gate and up lora_B of two dtypes (they are concatenated)."""
+    kinds = {name: {(tuple(layer.pieces[(name, e)].shape), layer.pieces[(name, e)].dtype)
+                    for e in range(n)} for name in _PIECES}
+    varying = [f"{name} differs across experts "
+               f"({', '.join(f'{list(shape)} {dtype}' for shape, dtype in sorted(found))})"
+               for name, found in kinds.items() if len(found) > 1]
+    if varying:
+        return varying
+    shapes = {name: next(iter(found))[0] for name, found in kinds.items()}
+    flat = [f"{name} {list(shape)}" for name, shape in shapes.items() if len(shape) != 2]
+    if flat:
+        return [f"pieces that are not 2-D: {', '.join(flat)}"]
+    sizes: dict[str, set[int]] = defaultdict(set)
+    for name, shape in shapes.items():
+        for size_name, size in zip(_SIZES[name], shape):
+            sizes[size_name].add(size)
+    problems = [f"{size_name} is not one size: " + ", ".join(
+                    f"{name} {list(shapes[name])}" for name in _PIECES if size_name in _SIZES[name])
+                for size_name, found in sizes.items() if len(found) > 1]
+    dtypes = sorted({next(iter(kinds[name]))[1] for name in ("gate_B", "up_B")})
+    if len(dtypes) > 1:
+        problems.append(f"gate and up lora_B differ in dtype ({', '.join(dtypes)})")
+    return problems
 
 
 def _experts(layer: _Layer) -> range:

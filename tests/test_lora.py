@@ -194,11 +194,27 @@ def test_expert_lora_shapes_that_fit_no_peft_layout_are_refused_by_layer():
         peft_to_hf(saved, FIXTURE_EXPERTS)
 
 
-@pytest.mark.parametrize("n_experts", [4, 0, 3.0])
-def test_an_expert_count_that_does_not_divide_the_lora_rows_is_refused(n_experts):
+def test_an_expert_count_that_does_not_divide_the_lora_rows_is_refused():
     saved, _, _ = _fixture("0.18.1")
-    with pytest.raises(MoekitError, match=rf"has 6 rows .* n_experts \({n_experts}\) times"):
-        peft_to_nemo(saved, n_experts)
+    with pytest.raises(MoekitError, match=r"has 6 rows .* n_experts \(4\) times"):
+        peft_to_nemo(saved, 4)
+
+
+@pytest.mark.parametrize("release", RELEASES)
+@pytest.mark.parametrize("n_experts", [1, 2, 6])
+def test_an_expert_count_that_divides_the_rows_but_is_wrong_is_caught_by_the_rank(release,
+                                                                                 n_experts):
+    """3 experts of rank 2 have 6 rows; 1, 2 or 6 experts divide them too, with the
+    experts' rows split wrongly. The adapter's rank (adapter_config.json's r) tells."""
+    saved, config, _ = _fixture(release)
+    for convert in (peft_to_hf, peft_to_nemo):
+        with pytest.raises(MoekitError, match=rf"expected n_experts x rank = {n_experts} x "
+                                              rf"{config['r']} = {n_experts * config['r']}"):
+            convert(saved, n_experts, rank=config["r"])
+    assert peft_to_nemo(saved, FIXTURE_EXPERTS, rank=config["r"]).keys() == \
+        peft_to_nemo(saved, FIXTURE_EXPERTS).keys()
+    with pytest.raises(MoekitError, match="rank must be the LoRA rank"):
+        peft_to_hf(saved, FIXTURE_EXPERTS, rank=2.0)
 
 
 def test_an_adapter_whose_layers_disagree_on_the_layout_has_no_single_layout():
@@ -221,11 +237,79 @@ def test_a_per_expert_lora_key_numbered_other_than_0_to_e_minus_1_is_refused(ada
         hf_to_peft(hf, E)
 
 
-@pytest.mark.parametrize("n_experts", [0, 10**9, 4.0])
-def test_converting_to_peft_refuses_an_expert_count_out_of_range(adapter, n_experts):
+@pytest.mark.parametrize("n_experts", [0, -3, 10**9, 4.0, True, None])
+def test_every_conversion_refuses_an_expert_count_out_of_range(adapter, n_experts):
     folder, _ = adapter
-    hf = peft_to_hf(load_all(folder), E)
-    with pytest.raises(MoekitError, match="n_experts must be an integer from 1 to"):
-        hf_to_peft(hf, n_experts)
-    with pytest.raises(MoekitError, match="n_experts must be an integer from 1 to"):
-        nemo_to_peft(peft_to_nemo(load_all(folder), E), n_experts)
+    saved = load_all(folder)
+    hf, nemo = peft_to_hf(saved, E), peft_to_nemo(saved, E)
+    for convert, source in ((hf_to_peft, hf), (nemo_to_peft, nemo), (peft_to_hf, saved),
+                            (peft_to_nemo, saved)):
+        with pytest.raises(MoekitError, match="n_experts must be an integer from 1 to"):
+            convert(source, n_experts)
+
+
+def _nemo_fixture() -> dict[str, torch.Tensor]:
+    saved, _, _ = _fixture("0.19.1")
+    return peft_to_nemo(saved, FIXTURE_EXPERTS)
+
+
+NEMO_DOWN_A = PREFIX.format(0) + ".lora_down_A"
+
+
+@pytest.mark.parametrize("damage,found", [
+    (lambda t: t.pop(PREFIX.format(0) + ".lora_down_B"),
+     "NeMo expert LoRA lacks base_model.model.model.layers.0.mlp.experts.lora_down_B"),
+    (lambda t: t.update({NEMO_DOWN_A: t[NEMO_DOWN_A][:2]}),
+     r"lora_down_A \[2, 4, 2\]; expected \[n_experts \(3\), ., .\] each"),
+    (lambda t: t.update({NEMO_DOWN_A: t[NEMO_DOWN_A][..., :1]}),
+     r"r_down is not one size: down_A \[1, 4\], down_B \[8, 2\]"),
+    (lambda t: t.update({PREFIX.format(0) + ".lora_gate_and_up_B":
+                         t[PREFIX.format(0) + ".lora_gate_and_up_B"][..., :7]}),
+     "holds gate then up, of equal size"),
+    (lambda t: t.update({NEMO_DOWN_A: None}), "lora_down_A is a NoneType, not a torch.Tensor"),
+], ids=["missing tensor", "fewer experts", "another rank", "odd gate+up", "not a tensor"])
+def test_nemo_lora_that_does_not_fit_together_is_refused_by_layer(damage, found):
+    nemo = _nemo_fixture()
+    damage(nemo)
+    with pytest.raises(MoekitError, match=found):
+        nemo_to_peft(nemo, FIXTURE_EXPERTS)
+
+
+def test_nemo_lora_of_more_experts_than_n_experts_is_refused_not_cut():
+    with pytest.raises(MoekitError, match=r"expected \[n_experts \(2\), ., .\] each"):
+        nemo_to_peft(_nemo_fixture(), 2)
+
+
+@pytest.mark.parametrize("change,found", [
+    (lambda v: v[:1], r"down_A differs across experts \(\[1, 4\] F32, \[2, 4\] F32\)"),
+    (lambda v: v.double(), r"down_A differs across experts \(\[2, 4\] F32, \[2, 4\] F64\)"),
+], ids=["rank", "dtype"])
+def test_per_expert_lora_pieces_that_differ_across_experts_are_refused(change, found):
+    saved, _, _ = _fixture("0.19.1")
+    hf = peft_to_hf(saved, FIXTURE_EXPERTS)
+    key = PREFIX.format(1) + ".0.down_proj.lora_A.weight"
+    hf[key] = change(hf[key])
+    with pytest.raises(MoekitError, match=found):
+        hf_to_peft(hf, FIXTURE_EXPERTS)
+
+
+@pytest.mark.parametrize("kwargs,found", [
+    ({"parameters": ("down_proj",)}, "parameters must order gate_up_proj and down_proj"),
+    ({"parameters": "gate_up_proj"}, "parameters must order"),
+    ({"layout": "A_OUT"}, "layout must be a PeftLayout"),
+])
+def test_the_peft_form_asked_for_is_checked(kwargs, found):
+    saved, _, _ = _fixture("0.19.1")
+    hf = peft_to_hf(saved, FIXTURE_EXPERTS)
+    with pytest.raises(MoekitError, match=found):
+        hf_to_peft(hf, FIXTURE_EXPERTS, **kwargs)
+    with pytest.raises(MoekitError, match=found):
+        nemo_to_peft(_nemo_fixture(), FIXTURE_EXPERTS, **kwargs)
+
+
+def test_an_adapter_that_is_not_tensors_is_refused():
+    with pytest.raises(MoekitError, match="the adapter is a NoneType"):
+        peft_layout(None)
+    saved, _, _ = _fixture("0.19.1")
+    with pytest.raises(MoekitError, match="is a int, not a torch.Tensor"):
+        parameter_order({**saved, PREFIX.format(0) + ".lora_A.weight": 3})
