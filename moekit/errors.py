@@ -13,8 +13,12 @@ class MoekitError(Exception):
     (newlines kept): names taken from a file cannot drive the terminal it is shown on.
     """
 
+    LINE_LIMIT = 1000
+    """Characters shown of any one line: a name read from a file may be megabytes long."""
+
     def __str__(self) -> str:
-        return printable(super().__str__(), newlines=True)
+        return "\n".join(shortened(line, self.LINE_LIMIT) for line in
+                         printable(super().__str__(), newlines=True).split("\n"))
 
 
 class PlanError(MoekitError):
@@ -46,6 +50,15 @@ def printable(text: str, newlines: bool = False) -> str:
         return text
     return "".join(c if c.isprintable() or (newlines and c == "\n") else _escape(c)
                    for c in text)
+
+
+def shortened(text: str, limit: int) -> str:
+    """``text``, or its start and end around a count of what was left out when it is
+    longer than ``limit`` characters."""
+    if len(text) <= limit:
+        return text
+    keep = limit // 2
+    return f"{text[:keep]}...[{len(text) - 2 * keep} characters]...{text[-keep:]}"
 
 
 def _escape(char: str) -> str:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .checkpoint import TensorInfo
-from .errors import compress_ranges, printable
+from .errors import MoekitError, compress_ranges, printable, shortened
 from .layouts.families import FP8_SCALE_KEY, MXFP4_BLOCKS_KEY, MXFP4_SCALES_KEY
 from .plan import nbytes
 from .planner import Analysis, analyse_checkpoint
@@ -48,7 +48,8 @@ class CheckpointInfo:
         return asdict(self)
 
     def render(self) -> str:
-        """Human-readable summary (every line ``printable``)."""
+        """Human-readable summary (every line ``printable`` and of bounded length: a
+        model_type or path read from a file may be megabytes long)."""
         lines = [
             f"{self.path}",
             f"  family            {self.family} (model_type {self.model_type})",
@@ -76,7 +77,7 @@ class CheckpointInfo:
             shown = (format_size(per_layer[0]) if len(per_layer) == 1 else
                      f"{format_size(per_layer[0])} to {format_size(per_layer[-1])}")
             lines.append(f"  bytes per layer   {shown}")
-        return "\n".join(printable(line) for line in lines)
+        return "\n".join(shortened(printable(line), MoekitError.LINE_LIMIT) for line in lines)
 
 
 def inspect(path: str | Path, from_: str | None = None) -> CheckpointInfo:

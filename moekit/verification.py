@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import printable
+from .errors import MoekitError, printable, shortened
 from .executors.evaluate import materialize
 from .layouts import HF
 from .planner import analyse_checkpoint, build_plan
@@ -37,15 +37,22 @@ class Report:
         return {"a": self.a, "b": self.b, "layouts": list(self.layouts), "equal": self.equal,
                 "compared": self.compared, "differences": self.differences}
 
+    SHOWN = 100
+    """Differences ``render`` lists; ``to_json`` (``moekit verify --json``) has them all."""
+
     def render(self) -> str:
-        """The outcome for a person: a head line, then one line per difference (names
-        ``printable``)."""
+        """The outcome for a person: a head line, then one line per difference, up to
+        ``SHOWN`` of them (names ``printable``, every line of bounded length)."""
         head = printable(f"{self.a} ({self.layouts[0]}) vs {self.b} ({self.layouts[1]}): "
                          f"{self.compared} tensors compared, ")
         if self.equal:
-            return head + "bit-identical"
-        return head + f"{len(self.differences)} differ:\n" + "\n".join(
-            f"  {printable(d)}" for d in self.differences)
+            return shortened(head + "bit-identical", MoekitError.LINE_LIMIT)
+        lines = [f"  {printable(d)}" for d in self.differences[:self.SHOWN]]
+        more = len(self.differences) - self.SHOWN
+        if more > 0:
+            lines.append(f"  ... and {more} more (--json lists every difference)")
+        return "\n".join(shortened(line, MoekitError.LINE_LIMIT) for line in
+                         [head + f"{len(self.differences)} differ:", *lines])
 
 
 def verify(a: str | Path, b: str | Path, show_progress: bool | None = None) -> Report:

@@ -407,7 +407,7 @@ def test_thousands_of_odd_keys_give_one_line_a_layer(tmp_path, capsys, good):
 def test_a_very_long_layer_number_is_reported(tmp_path, capsys, good):
     tensors = {**moe_tensors(), **moe_tensors(layers=("7" * 5000,))}
     src = checkpoint(tmp_path / "model", tensors)
-    refused_everywhere(capsys, tmp_path, src, good, "7" * 5000)
+    refused_everywhere(capsys, tmp_path, src, good, "7" * 400)
 
 
 def test_an_expert_key_with_a_trailing_newline_is_not_an_expert(tmp_path, capsys, good):

@@ -572,3 +572,32 @@ def test_long_problem_lists_are_capped(tmp_path, capsys):
     err = fails(capsys, ["inspect", str(src)])
     assert err.count("\n  - ") == PlanError.LISTED
     assert err.rstrip().endswith("... and 12 more problems")
+
+
+def test_names_megabytes_long_give_lines_of_bounded_length(tmp_path, capsys):
+    """A header may name its tensors with any number of characters: every line moekit
+    prints of them is cut to MoekitError.LINE_LIMIT, its start and end kept."""
+    long = "x" * 200_000
+    tensors = {**experts(), **{f"model.layers.{layer}.mlp.experts.{e}.{long}{layer}{e}.weight":
+                               torch.zeros(1) for layer in range(2) for e in range(30)}}
+    src = write(tmp_path / "src", tensors, qwen3_config(model_type=long))
+    err = fails(capsys, ["inspect", str(src)])
+    lines = err.splitlines()
+    assert len(lines) == 2 + PlanError.LISTED
+    assert max(map(len, lines)) <= MoekitError.LINE_LIMIT + 40
+    assert "characters]..." in lines[1] and lines[1].endswith("is the source layout right?)")
+    src = write(tmp_path / "named", experts(), qwen3_config(model_type=long))
+    assert main(["inspect", str(src)]) == 0
+    assert max(map(len, capsys.readouterr().out.splitlines())) <= MoekitError.LINE_LIMIT + 40
+
+
+def test_verify_lists_a_hundred_differences_and_counts_the_rest(tmp_path, capsys):
+    tensors = experts(layers=10, n=8)
+    a = write(tmp_path / "a", tensors, qwen3_config(layers=10, n=8))
+    b = write(tmp_path / "b", {k: v + 1 for k, v in tensors.items()}, qwen3_config(layers=10, n=8))
+    assert main(["verify", str(a), str(b)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith(f"{len(tensors)} differ:") and len(out) == 102
+    assert out[-1] == f"  ... and {len(tensors) - 100} more (--json lists every difference)"
+    assert main(["verify", str(a), str(b), "--json"]) == 1
+    assert len(json.loads(capsys.readouterr().out)["differences"]) == len(tensors)
