@@ -383,17 +383,45 @@ def _read_header(folder: Path, name: str, tensors: dict[str, TensorInfo]
                 found.append((key, tuple(view.get_shape()), view.get_dtype()))
             metadata = dict(handle.metadata() or {})
         identity = FileIdentity.of(file.stat())
+        twice = _given_twice(file)
     except SafetensorError as err:
         raise MoekitError(f"cannot read {_shown(file)}: {err} (the file is truncated or "
                           "corrupt)") from err
     except OSError as err:
         raise MoekitError(f"cannot read {_shown(file)}: {err.strerror or err}") from err
+    if twice is not None:
+        raise MoekitError(f"{_shown(file)}: its header gives {printable(twice)} twice, with "
+                          "different entries (readers disagree on which one counts); the file "
+                          "is corrupt: re-download or re-save it")
     sizes = [_nbytes(file, key, shape, dtype) for key, shape, dtype in found]
     offset = identity.size - sum(sizes)
     for (key, shape, dtype), size in zip(found, sizes):
         tensors[key] = TensorInfo(key, name, shape, dtype, offset)
         offset += size
     return metadata, identity
+
+
+def _given_twice(file: Path) -> str | None:
+    """A name that the JSON header of the safetensors file ``file`` (already validated by
+    safetensors) gives twice with different values, else None."""
+    with open(file, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = handle.read(length)
+    twice: list[str] = []
+
+    def pairs(items: list[tuple[str, object]]) -> dict:
+        seen: dict[str, object] = {}
+        for key, value in items:
+            if key in seen and seen[key] != value:
+                twice.append(key)
+            seen[key] = value
+        return seen
+
+    try:
+        json.loads(header, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return None
+    return twice[0] if twice else None
 
 
 def _nbytes(file: Path, key: str, shape: tuple[int, ...], dtype: str) -> int:

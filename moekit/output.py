@@ -5,7 +5,8 @@ A checkpoint is written into a temporary folder beside its destination
 complete:
 
 - The final move is an atomic no-replace rename (``renameat2(RENAME_NOREPLACE)``; where the
-  file system lacks it, an exclusive ``mkdir`` of the destination and the files moved in).
+  file system lacks it, an exclusive ``mkdir`` claims the destination and the folder is
+  renamed onto that empty folder).
   A destination that appears while moekit writes is kept, and this run fails.
 - ``overwrite`` replaces only a folder holding a checkpoint (``CHECKPOINT_FILES``) and no
   byte of the source, checked again at the moment of the move. The old folder is swapped
@@ -328,7 +329,7 @@ class OutputFolder:
         except OSError as err:
             if err.errno not in _UNSUPPORTED:
                 raise
-            _move_files_into_new_folder(self.folder, self.target, self._appeared)
+            _move_into_claimed_folder(self.folder, self.target, self._appeared)
         self.in_place = True
 
     def _appeared(self) -> MoekitError:
@@ -611,21 +612,23 @@ def _unused_name(target: Path, kind: str) -> Path:
             return name
 
 
-def _move_files_into_new_folder(folder: Path, target: Path,
-                                appeared: Callable[[], MoekitError]) -> None:
-    """Where renameat2 has no no-replace flag: create ``target`` exclusively, move the
-    files in, remove ``folder``. An existing target raises ``appeared()``."""
+def _move_into_claimed_folder(folder: Path, target: Path,
+                              appeared: Callable[[], MoekitError]) -> None:
+    """Where renameat2 has no no-replace flag: claim ``target`` with an exclusive
+    ``mkdir``, then rename ``folder`` onto that empty folder, which ``rename`` replaces
+    atomically, so that the checkpoint appears whole or not at all. A target that exists,
+    or that is no longer empty at the rename, raises ``appeared()`` and is kept."""
     try:
         os.mkdir(target, 0o777)
     except FileExistsError as err:
         raise appeared() from err
     try:
-        for entry in os.scandir(folder):
-            os.rename(entry.path, target / entry.name)
-        _fsync_dir(target)
-        os.rmdir(folder)
-    except BaseException:
-        shutil.rmtree(target, ignore_errors=True)
+        os.rename(folder, target)
+    except OSError as err:
+        with suppress(OSError):
+            os.rmdir(target)  # the claim, while it is still empty
+        if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise appeared() from err
         raise
 
 

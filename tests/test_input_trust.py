@@ -424,6 +424,19 @@ def corrupt_header(header: dict | list) -> Callable[[Path], None]:
     return lambda file: write_safetensors(file, {}, header=json.dumps(header).encode())
 
 
+def write_raw_header(file: Path, header: bytes, data_bytes: int) -> None:
+    """A safetensors file of ``header`` as given, then ``data_bytes`` zero bytes."""
+    header += b" " * (-len(header) % 8)
+    file.write_bytes(struct.pack("<Q", len(header)) + header + bytes(data_bytes))
+
+
+def test_a_key_given_twice_with_the_same_entry_is_read(tmp_path, capsys):
+    src = checkpoint(tmp_path / "model")
+    entry = b'"model.x":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}'
+    write_raw_header(src / "model.safetensors", b"{" + entry + b"," + entry + b"}", 16)
+    assert main(["inspect", str(src)]) == 0
+
+
 def set_length(length: int) -> Callable[[Path], None]:
     def edit(file: Path) -> None:
         data = bytearray(file.read_bytes())
@@ -447,6 +460,11 @@ BAD_HEADERS = {
     "huge header length": (set_length(2**63), "header too large"),
     "header past the end": (set_length(10_000), "invalid header length"),
     "too short": (lambda f: f.write_bytes(b"\x01\x02"), "header too small"),
+    "a key given twice": (lambda f: write_raw_header(f, b'{"model.x":{"dtype":"F32","shape":[4],'
+                                                     b'"data_offsets":[0,16]},"model.x":{"dtype"'
+                                                     b':"F32","shape":[2,2],"data_offsets":'
+                                                     b'[0,16]}}', 16),
+                          "gives model.x twice, with different entries"),
 }
 
 

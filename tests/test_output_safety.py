@@ -121,6 +121,28 @@ def test_two_runs_to_one_destination_exactly_one_succeeds(qwen3, tmp_path, monke
     assert verify(qwen3, out).equal and names(tmp_path) == ["out", "qwen3"]
 
 
+def test_without_renameat2_the_claimed_destination_is_kept_if_filled_meanwhile(
+        qwen3, tmp_path, capsys, monkeypatch):
+    """The fallback claims the destination with mkdir and renames onto the empty claim:
+    a file put there in between makes the rename fail, and the folder is kept."""
+    out = tmp_path / "out"
+    mkdir = os.mkdir
+
+    def unsupported(src, dst, flags):
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), str(src), None, str(dst))
+
+    def claimed_then_filled(path, *args, **kwargs):
+        mkdir(path, *args, **kwargs)
+        if Path(path) == out:
+            (out / "theirs.txt").write_text("theirs")
+
+    monkeypatch.setattr(output, "_renameat2", unsupported)
+    monkeypatch.setattr(output.os, "mkdir", claimed_then_filled)
+    code, err = run_cli(capsys, "convert", qwen3, out, "--to", "nemo")
+    assert code == 2 and "appeared" in one_error(err)
+    assert names(out) == ["theirs.txt"] and names(tmp_path) == ["out", "qwen3"]
+
+
 # -- --overwrite ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra", ["notes.txt", "thesis.pdf", "other-model/"])
@@ -142,7 +164,7 @@ def test_overwrite_replaces_a_checkpoint_and_its_sidecar_files(qwen3, tmp_path, 
     for sidecar in ("tokenizer.json", "README.md", "chat_template.jinja", "merges.txt"):
         (out / sidecar).write_text("old")
     code, _ = run_cli(capsys, "convert", qwen3, out, "--to", "nemo", "--overwrite")
-    assert code == 0 and verify(qwen3, out).equal
+    assert code == 0 and verify(qwen3, out).equal and output.MARKER not in names(out)
     assert not (out / "tokenizer.json").exists() and names(tmp_path) == ["out", "qwen3"]
 
 
@@ -158,7 +180,7 @@ def test_an_overwrite_that_fails_at_the_move_keeps_the_old_checkpoint(qwen3, tmp
         raise OSError(errno.EIO, os.strerror(errno.EIO), str(target))
 
     monkeypatch.setattr(output, "_renameat2", unsupported)
-    monkeypatch.setattr(output, "_move_files_into_new_folder", fail)
+    monkeypatch.setattr(output, "_move_into_claimed_folder", fail)
     code, err = run_cli(capsys, "convert", qwen3, out, "--to", "nemo", "--overwrite")
     assert code == 2 and "I/O error" in err
     assert tree_digest(out) == before and names(tmp_path) == ["out", "qwen3"]
@@ -288,6 +310,7 @@ def test_a_long_or_odd_destination_name_converts_and_leaves_nothing_beside(qwen3
     code, _ = run_cli(capsys, "convert", qwen3, tmp_path / name, "--to", "nemo")
     assert code == 0 and verify(qwen3, tmp_path / name).equal
     assert names(tmp_path) == sorted([name, "qwen3"])
+    assert output.MARKER not in names(tmp_path / name)
     prefix = output._temp_prefix(tmp_path / name)
     assert len(os.fsencode(prefix)) + len("old-") + 8 <= 255
 
@@ -315,6 +338,9 @@ def test_relative_paths_and_trailing_slashes(qwen3, tmp_path, capsys, monkeypatc
     assert code == 0 and verify(qwen3, tmp_path / "out").equal
     code, _ = run_cli(capsys, "convert", "./qwen3", "./out/", "--to", "hf", "--overwrite")
     assert code == 0 and names(tmp_path) == ["out", "qwen3"]
+    shutil.copytree(qwen3, "my model")
+    code, _ = run_cli(capsys, "convert", "my model", "a folder/my model nemo", "--to", "nemo")
+    assert code == 0 and verify(qwen3, tmp_path / "a folder" / "my model nemo").equal
 
 
 def test_a_failure_writing_the_marker_leaves_no_folder(qwen3, tmp_path, capsys, monkeypatch):
