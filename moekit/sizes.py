@@ -19,10 +19,16 @@ def format_size(n: int) -> str:
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes in ``size``: an int, or a number with a unit (``5GB``, ``200MiB``, ``64KB``)."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", size)
-    if not match or match[2].upper() not in _UNITS:
-        raise MoekitError(f"cannot read the size {size!r}; write e.g. 5GB, 500MB or 2GiB")
-    return int(float(match[1]) * _UNITS[match[2].upper()])
+    """Bytes in ``size``, at least one: an int, or a number with a unit (``5GB``,
+    ``200MiB``, ``64KB``)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = (re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", size)
+                 if isinstance(size, str) else None)
+        if not match or match[2].upper() not in _UNITS:
+            raise MoekitError(f"cannot read the size {size!r}; write e.g. 5GB, 500MB or 2GiB")
+        value = int(float(match[1]) * _UNITS[match[2].upper()])
+    if value < 1:
+        raise MoekitError(f"the size {size!r} is less than one byte; write e.g. 5GB, 500MB or 2GiB")
+    return value

@@ -601,3 +601,13 @@ def test_verify_lists_a_hundred_differences_and_counts_the_rest(tmp_path, capsys
     assert out[-1] == f"  ... and {len(tensors) - 100} more (--json lists every difference)"
     assert main(["verify", str(a), str(b), "--json"]) == 1
     assert len(json.loads(capsys.readouterr().out)["differences"]) == len(tensors)
+
+
+@pytest.mark.parametrize("size,found", [(0, "less than one byte"), (-1, "less than one byte"),
+                                        ("0GB", "less than one byte"), (1.5, "cannot read"),
+                                        (True, "cannot read"), (None, "cannot read")])
+def test_a_shard_size_that_is_not_a_positive_size_is_refused(size, found, tmp_path):
+    src = write(tmp_path / "src", experts(), qwen3_config())
+    message = quickly(convert, src, tmp_path / "out", to="nemo", max_shard_size=size,
+                      dry_run=True)
+    assert found in message

@@ -363,3 +363,20 @@ def test_a_layer_number_written_other_than_canonically_is_refused(layer):
                for n in ("2", layer) for p in ("gate", "up", "down")}
     with pytest.raises(MoekitError, match="layer number other than as ASCII digits"):
         dense_mlps(tensors, UpcycleSpec(4, 2), "dense")
+
+
+@pytest.mark.parametrize("spec,config,found", [
+    (None, None, "the upcycling spec is a NoneType; expected a moekit.UpcycleSpec"),
+    ({"experts": 4, "top_k": 2}, None, "the upcycling spec is a dict"),
+    (UpcycleSpec(4, 2), [("model_type", "llama")], "the dense config is a list"),
+    (UpcycleSpec(4, 2), "llama", "the dense config is a str"),
+])
+def test_upcycling_arguments_of_the_wrong_type_are_named(spec, config, found, dense_checkpoints):
+    dense = load_all(dense_checkpoints["llama"])
+    with pytest.raises(MoekitError, match=found):
+        upcycle_state_dict(dense, spec, config)
+    if isinstance(spec, dict):
+        from moekit.upcycling.megatron import upcycle_state_dict as megatron_upcycle
+
+        with pytest.raises(MoekitError, match="the upcycling spec is a"):
+            megatron_upcycle(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), spec)

@@ -82,6 +82,9 @@ def upcycle_state_dict(moe_model: nn.Module | Sequence[nn.Module],
     implies: its expert count and top-k, G = dense ffn size / MoE ffn size, a
     virtual-group router made from the MoE model's own router rows, exact scaling.
     """
+    if spec is not None and not isinstance(spec, UpcycleSpec):
+        raise MoekitError(f"the upcycling spec is a {type(spec).__name__}; expected a "
+                          "moekit.UpcycleSpec or None")
     moe_chunks = _chunks(moe_model)
     dense_chunks = _chunks(dense_model)
     if len(moe_chunks) != len(dense_chunks):

@@ -74,6 +74,12 @@ def build_upcycle_plan(tensors: Mapping[str, TensorMeta], config: dict | None,
                        spec: UpcycleSpec, label: str,
                        where: Callable[[str], str | None] = lambda key: None) -> UpcyclePlan:
     """Validate a dense model's headers against ``spec`` and plan its MoE checkpoint."""
+    if not isinstance(spec, UpcycleSpec):
+        raise MoekitError(f"the upcycling spec is a {type(spec).__name__}; expected a "
+                          "moekit.UpcycleSpec")
+    if config is not None and not isinstance(config, Mapping):
+        raise MoekitError(f"the dense config is a {type(config).__name__}; expected a dict of "
+                          "config.json settings")
     experts = next((k for k in tensors if ".experts." in k), None)
     if experts:
         raise MoekitError(f"{label} is not a dense model: it already has experts ({experts})")
