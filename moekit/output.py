@@ -278,12 +278,18 @@ class OutputFolder:
         """True once the new folder has taken the destination's place (from then on a
         failure or an interrupt leaves it there: it is complete)."""
         self.target = check_destination(self.dst, src, overwrite, self.source_files)
-        self._parents = _make_parents(self.target.parent)
+        self._parents = []
         try:
+            self._parents = _make_parents(self.target.parent)
             clean_leftovers(self.target)
             self.folder = _make_folder(self.target)
-        except BaseException:
+        except BaseException as err:
             _remove_empty(self._parents)
+            if isinstance(err, OSError):  # every path here is the destination's
+                where = f" ({os.fsdecode(err.filename)})" if err.filename else ""
+                raise output_error(err, self.dst) or MoekitError(
+                    f"cannot make a folder for {self.dst}: {err.strerror or err}{where}; "
+                    "choose another destination") from err
             raise
 
     def copy_in(self, files: Iterable[Path]) -> None:
@@ -566,13 +572,17 @@ def _make_parents(folder: Path) -> list[Path]:
     while not os.path.lexists(folder):
         missing.append(folder)
         folder = folder.parent
-    made = []
-    for path in reversed(missing):
-        try:
-            os.mkdir(path, 0o777)
-        except FileExistsError:
-            continue
-        made.append(path)
+    made: list[Path] = []
+    try:
+        for path in reversed(missing):
+            try:
+                os.mkdir(path, 0o777)
+            except FileExistsError:
+                continue
+            made.append(path)
+    except BaseException:
+        _remove_empty(made)
+        raise
     return made
 
 

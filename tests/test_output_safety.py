@@ -640,6 +640,44 @@ def test_each_destination_error_is_one_message(qwen3, tmp_path, capsys, monkeypa
     assert names(tmp_path) == ["qwen3"]
 
 
+@pytest.mark.parametrize("phase", ["shard", "index", "sidecar", "folder sync"])
+def test_a_full_disk_in_each_phase_is_one_message(qwen3, tmp_path, capsys, monkeypatch, phase):
+    """ENOSPC as a write reports it (no file name): writing a shard, the index, a sidecar
+    file, or syncing the folder before the move."""
+    from moekit.executors import streaming
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    module, name = {"shard": (streaming, "write_shard"), "index": (streaming, "write_index"),
+                    "sidecar": (output, "copy_file"), "folder sync": (output, "_sync_folder")
+                    }[phase]
+    monkeypatch.setattr(module, name, full)
+    out = tmp_path / "new" / "out"
+    code, err = run_cli(capsys, "convert", qwen3, out, "--to", "nemo", "--max-shard-size",
+                        "20KB")
+    assert code == 2 and f"cannot write {out}" in one_error(err) and "full" in err
+    assert "nothing was left behind" in err and names(tmp_path) == ["qwen3"]
+
+
+def test_a_folder_that_cannot_be_made_is_a_moekit_error_and_parents_are_removed(
+        qwen3, tmp_path, monkeypatch):
+    """Any error making the destination's parents or its temporary folder (here EMLINK, a
+    folder with too many subfolders) is the destination's: one MoekitError, and the
+    parents made so far are removed again."""
+    mkdir = os.mkdir
+
+    def too_many_links(path, *args, **kwargs):
+        if Path(path).name == "c":
+            raise OSError(errno.EMLINK, os.strerror(errno.EMLINK), str(path))
+        mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(output.os, "mkdir", too_many_links)
+    with pytest.raises(MoekitError, match="cannot make a folder for .*Too many links"):
+        convert(qwen3, tmp_path / "a" / "b" / "c" / "out", to="nemo")
+    assert names(tmp_path) == ["qwen3"]
+
+
 def test_an_error_reading_the_source_is_not_blamed_on_the_destination(qwen3, tmp_path, capsys,
                                                                      monkeypatch):
     def fail(plan, source, folder, *args, **kwargs):
