@@ -15,7 +15,11 @@ complete:
   is replaced, as ``rsync`` writes through a symlinked destination.
 - Every file is fsynced, then the folder before the move, and its parent after (as
   ``torch.distributed.checkpoint`` does).
-- The folder gets the mode the umask allows, as ``mkdir`` gives.
+- The folder and every file in it get the mode the umask allows, as ``mkdir`` and ``cp``
+  (without ``-p``) give; sidecar files are copied without their source's mode.
+- SIGINT, SIGTERM and SIGHUP are held while the folder is moved into place and while a
+  failed one is removed, then delivered: neither is cut short, and an interrupt that comes
+  once the output is in place says so (``in_place``).
 - The temporary folder holds a marker naming its process until the move, so that a folder
   left by a killed run is removed by a later run once that process is provably gone, and
   reported otherwise.
