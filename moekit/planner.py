@@ -188,7 +188,7 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
     block scales (experts and others) as bf16, without its scales. Pieces that the
     destination would join into one tensor must share a dtype: nothing is rounded.
     """
-    if not analysis.is_moe and dst.name != "hf":
+    if not analysis.is_moe and dst.grouped:
         raise MoekitError(
             f"the source holds no expert tensors (a dense model, family "
             f"{analysis.family.name}): the {dst.name} layout applies only to MoE checkpoints; "
@@ -602,7 +602,7 @@ def _problems(analysis: Analysis, where: Callable[[str], str | None], required: 
 def _namer(analysis: Analysis) -> Callable[[str], str]:
     """How messages name a piece: by its HF key part for an HF source, else canonically."""
     family = analysis.family
-    if analysis.layout.name == "hf":
+    if not analysis.layout.grouped:
         return lambda piece: family.piece_key(piece).removesuffix(".weight")
     return lambda piece: piece
 

@@ -611,3 +611,19 @@ def test_a_shard_size_that_is_not_a_positive_size_is_refused(size, found, tmp_pa
     message = quickly(convert, src, tmp_path / "out", to="nemo", max_shard_size=size,
                       dry_run=True)
     assert found in message
+
+
+def test_expert_parallelism_refuses_a_per_expert_layout(family_checkpoints):
+    """A rank's share of a per-expert layout would be whole tensors renamed from expert 0,
+    wrapped as rows of a grouped tensor that does not exist."""
+    from moekit.expert_parallel.ranges import rank_plan
+    from moekit.planner import understand_checkpoint
+    from moekit.checkpoint import Checkpoint
+
+    src = family_checkpoints["qwen3_moe"]
+    analysis = understand_checkpoint(Checkpoint.open(src))
+    for call in (lambda: rank_plan(analysis, 2, 1, "hf"), lambda: ep_report(src, 2, "hf")):
+        message = quickly(call)
+        assert "the hf layout keeps one tensor per expert: choose nemo, transformers, vllm" \
+            in message
+    assert rank_plan(analysis, 2, 1, "nemo").moe_layers == {0: 3, 1: 3, 2: 3}

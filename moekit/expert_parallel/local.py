@@ -15,7 +15,7 @@ from ..layouts import HF
 from ..plan import Plan
 from ..planner import build_plan, understand, validate
 from .dtensors import ep_coordinates, is_expert_shard
-from .ranges import expert_range
+from .ranges import expert_range, grouped_layout
 
 
 def local_hf_plan(state_dict: Mapping[str, torch.Tensor], mesh: DeviceMesh, layout: str,
@@ -26,6 +26,7 @@ def local_hf_plan(state_dict: Mapping[str, torch.Tensor], mesh: DeviceMesh, layo
     The plan names this rank's experts by their global index; non-expert tensors are in
     it too (the caller decides which rank writes them).
     """
+    grouped_layout(layout)
     size, rank = ep_coordinates(mesh)
     local, n_experts, n_local = _local_tensors(checked_state_dict(state_dict), mesh)
     mine = expert_range(n_experts, size, rank)

@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable
 
 from ..errors import MoekitError, PlanError
-from ..layouts import layout_named
+from ..layouts import LAYOUTS, Layout, layout_named
 from ..plan import Plan
 from ..planner import Analysis, build_plan, validate
 
@@ -38,13 +38,25 @@ def expert_range(n_experts: int, ep_size: int, ep_rank: int) -> range:
 def rank_plan(analysis: Analysis, size: int, rank: int, layout: str,
               where: Callable[[str], str | None] = lambda key: None) -> Plan:
     """Validate the experts EP rank ``rank`` of ``size`` needs and plan its local tensors."""
+    dst = grouped_layout(layout)
     mine = expert_range(analysis.n_experts, size, rank)
     try:
         validate(analysis, required=mine, where=where)
     except PlanError as err:
         raise PlanError(f"EP rank {rank} of {size} (experts {_span(mine)}): {err.headline}",
                         err.problems) from None
-    return build_plan(analysis, layout_named(layout), experts=mine)
+    return build_plan(analysis, dst, experts=mine)
+
+
+def grouped_layout(name: str) -> Layout:
+    """The layout called ``name``, once it is grouped: expert parallelism shares the rows of
+    grouped tensors out among the ranks, and a per-expert layout has none."""
+    layout = layout_named(name)
+    if not layout.grouped:
+        grouped = ", ".join(known for known, found in LAYOUTS.items() if found.grouped)
+        raise MoekitError(f"expert parallelism shards grouped expert tensors by rows; the "
+                          f"{layout.name} layout keeps one tensor per expert: choose {grouped}")
+    return layout
 
 
 def _span(experts: range) -> str:

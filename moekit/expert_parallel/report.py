@@ -7,11 +7,11 @@ from pathlib import Path
 
 from ..checkpoint import Checkpoint, read_config
 from ..errors import MoekitError
-from ..layouts import family_of_model_type, layout_named
+from ..layouts import family_of_model_type
 from ..model_config import MAX_BUILT_LAYERS, ConfigValues
 from ..planner import (Analysis, build_plan, config_settings, understand, understand_checkpoint,
                        validate)
-from .ranges import expert_range
+from .ranges import expert_range, grouped_layout
 
 
 @dataclass
@@ -41,9 +41,10 @@ def ep_report(path: str | Path, ep_size: int, layout: str = "nemo") -> list[Rank
     if type(ep_size) is not int or ep_size < 1:
         raise MoekitError(f"the expert-parallel group size is {ep_size!r}; expected a whole "
                           "number of ranks, at least 1")
+    dst = grouped_layout(layout)
     analysis = _analysis(Path(path))
     validate(analysis)
-    plan = build_plan(analysis, layout_named(layout))
+    plan = build_plan(analysis, dst)
     n_experts = analysis.n_experts
     per_expert = [t.nbytes // n_experts for t in plan.tensors if t.name in plan.expert_tensors]
     others = [t.nbytes for t in plan.tensors if t.name not in plan.expert_tensors]

@@ -117,6 +117,9 @@ class Layout(ABC):
 
     name: str
     description: str
+    grouped: bool = False
+    """True when all experts of a layer share a tensor ([E, ...]): what expert parallelism
+    shards by rows."""
 
     @abstractmethod
     def parse(self, tensors: dict[str, TensorMeta], family: Family) -> ParsedExperts:

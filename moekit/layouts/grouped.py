@@ -58,6 +58,8 @@ class GroupedTensor:
 class GroupedLayout(Layout):
     """A layout that keeps all experts of a layer in a few grouped tensors."""
 
+    grouped = True
+
     def __init__(self, name: str, description: str, tensors: tuple[GroupedTensor, ...]) -> None:
         self.name = name
         self.description = description
