@@ -111,6 +111,22 @@ def save_with_a_state_dict_broken_on_rank_1(rank: int, world: int, store: str, s
     finish()
 
 
+def convert_dtensors_expecting_error(rank: int, world: int, store: str, src: str,
+                                     log_dir: str) -> None:
+    """convert_state_dict of load_experts' DTensors (a rank's shares): the error message to
+    ``log_dir/rank.txt``."""
+    _init(rank, world, store)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    state = load_experts(src, mesh)
+    try:
+        convert_state_dict(state, "nemo", "hf")
+        outcome = "ok"
+    except MoekitError as err:
+        outcome = str(err)
+    Path(log_dir, f"{rank}.txt").write_text(outcome)
+    finish()
+
+
 def load_recording_reads(rank: int, world: int, store: str, src: str, log_dir: str) -> None:
     """Load while recording which experts the reader is asked for."""
     _init(rank, world, store)

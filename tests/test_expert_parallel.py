@@ -117,6 +117,14 @@ def test_a_rank_that_cannot_plan_its_save_fails_every_rank(qwen3_10, tmp_path):
     assert not out.exists()
 
 
+def test_converting_a_ranks_dtensors_as_whole_tensors_is_refused(qwen3_10, tmp_path):
+    spawn(ep_workers.convert_dtensors_expecting_error, 2, tmp_path, str(qwen3_10),
+          str(tmp_path))
+    for rank in range(2):
+        message = (tmp_path / f"{rank}.txt").read_text()
+        assert "is a DTensor (this rank's share" in message and "to_hf" in message
+
+
 def test_save_experts_refuses_what_is_not_a_device_mesh(tmp_path):
     with pytest.raises(MoekitError, match="device_mesh is a NoneType"):
         save_experts({}, tmp_path / "out", None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from ..errors import MoekitError
 from ..plan import Plan, reads
@@ -38,8 +39,24 @@ def run_on_state_dict(plan: Plan, state_dict: Mapping[str, torch.Tensor],
                       label: str = "state dict") -> dict[str, torch.Tensor]:
     """``run_plan`` over an in-memory state dict: built tensors are made on the device
     their sources lie on (``build_device``), the others returned as they are."""
+    _check_whole(plan, state_dict, label)
     return run_plan(plan, DictSource(state_dict), build_device(plan, state_dict, label),
                     wrap_experts)
+
+
+def _check_whole(plan: Plan, state_dict: Mapping[str, torch.Tensor], label: str) -> None:
+    """Refuse a DTensor among the tensors a plan reads regions of: its shape is the global
+    one, its data only this rank's share."""
+    for tensor in plan.tensors:
+        if tensor.is_copy:
+            continue
+        for read in reads(tensor.recipe):
+            if isinstance(state_dict[read.key], DTensor):
+                raise MoekitError(
+                    f"{label} tensor {read.key} is a DTensor (this rank's share of a tensor "
+                    "sharded over a device mesh); a conversion reads whole tensors: use "
+                    "ExpertAdapter(...).to_hf, which reads a rank's expert shards, or pass "
+                    ".full_tensor()")
 
 
 def checked_device(device: torch.device | str | None) -> torch.device | None:
