@@ -263,3 +263,21 @@ def test_mxfp4_tensors_must_be_bytes_of_the_format_shape(mxfp4, tmp_path, capsys
                      *extra]) == 2
         err = capsys.readouterr().err
         assert "MXFP4 blocks" in err and "Traceback" not in err
+
+
+def test_a_block_size_larger_than_the_weights_dequantizes_as_one_block(fp8, tmp_path):
+    """weight_block_size [10**12, 10**12]: every weight is one block with a [1, 1] scale;
+    the work is bounded by the weight, not by the block size the config declares."""
+    def one_scale(tensors):
+        for key in [k for k in tensors if k.endswith("_scale_inv")]:
+            tensors[key] = tensors[key][:1, :1].clone()
+
+    src = _damaged(fp8, tmp_path / "src", one_scale)
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"weight_block_size": [10**12, 10**12]}
+    (src / "config.json").write_text(json.dumps(config))
+    convert(src, tmp_path / "out", to="hf", dequantize=True)
+    hf, out = load_all(src), load_all(tmp_path / "out")
+    key = "model.layers.1.mlp.experts.2.down_proj.weight"
+    expected = (hf[key].float() * hf[key + "_scale_inv"][0, 0]).to(torch.bfloat16)
+    assert same_bytes(out[key], expected)

@@ -158,9 +158,15 @@ def _fill_dequantize(expr: Dequantize, out: torch.Tensor, source: TensorSource) 
     weight = materialize(expr.weight, source, out.device).float()
     scale = materialize(expr.scale, source, out.device).float()
     rows, cols = weight.shape[-2:]
-    full = scale.repeat_interleave(expr.block[0], -2)[..., :rows, :]
-    full = full.repeat_interleave(expr.block[1], -1)[..., :cols]
+    full = scale.index_select(-2, _block_index(rows, expr.block[0], out.device))
+    full = full.index_select(-1, _block_index(cols, expr.block[1], out.device))
     out.copy_(weight * full)
+
+
+def _block_index(size: int, block: int, device: torch.device) -> torch.Tensor:
+    """For each of ``size`` positions, the block of ``block`` positions it lies in (work
+    bounded by the weight, whatever block size a config declares)."""
+    return torch.div(torch.arange(size, device=device), block, rounding_mode="floor")
 
 
 def _fill_mxfp4(expr: DequantizeMXFP4, out: torch.Tensor, source: TensorSource) -> None:
