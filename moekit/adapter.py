@@ -21,7 +21,7 @@ from .expert_parallel.local import local_hf_plan
 from .expert_parallel.dtensors import ep_coordinates, shard_experts
 from .expert_parallel.ranges import rank_plan
 from .layouts import layout_named
-from .planner import analyse, checked_expert_count, family_called, understand
+from .planner import FOUND, analyse, checked_expert_count, family_called, understand
 
 
 class ExpertAdapter:
@@ -54,7 +54,8 @@ class ExpertAdapter:
         """HF per-expert keys -> this adapter's grouped layout.
 
         With a ``device_mesh``, only this rank's experts are used (the others may be
-        absent from ``state_dict``) and the grouped tensors are DTensors sharded over the
+        absent from ``state_dict``, so the adapter must know the expert count from
+        ``n_experts`` or ``config``) and the grouped tensors are DTensors sharded over the
         mesh's "ep" dimension, as ``moekit.load_experts`` returns them.
         """
         if device_mesh is None:
@@ -64,6 +65,11 @@ class ExpertAdapter:
                               "torch.distributed DeviceMesh (or None)")
         analysis = understand(state_dict_meta(state_dict), self.config, {}, "state dict",
                               from_="hf", family=self.family, n_experts=self.n_experts)
+        if analysis.count_source == FOUND:
+            raise MoekitError("from_hf with a device_mesh needs the number of experts "
+                              "(ExpertAdapter(n_experts=...) or config=): a rank's state dict "
+                              "may hold only its own experts, so their count cannot be read "
+                              "from its keys")
         plan = rank_plan(analysis, *ep_coordinates(device_mesh), self.layout)
         return run_on_state_dict(plan, state_dict, lambda local: shard_experts(
             local, device_mesh, analysis.n_experts))

@@ -113,8 +113,9 @@ def save_with_a_state_dict_broken_on_rank_1(rank: int, world: int, store: str, s
 
 def convert_dtensors_expecting_error(rank: int, world: int, store: str, src: str,
                                      log_dir: str) -> None:
-    """convert_state_dict of load_experts' DTensors (a rank's shares): the error message to
-    ``log_dir/rank.txt``."""
+    """convert_state_dict of load_experts' DTensors (a rank's shares), and from_hf with the
+    mesh but no expert count of a state dict lacking the last expert: the error messages
+    to ``log_dir/rank.txt`` and ``log_dir/rank.from_hf.txt``."""
     _init(rank, world, store)
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     state = load_experts(src, mesh)
@@ -124,6 +125,13 @@ def convert_dtensors_expecting_error(rank: int, world: int, store: str, src: str
     except MoekitError as err:
         outcome = str(err)
     Path(log_dir, f"{rank}.txt").write_text(outcome)
+    mine = {k: v for k, v in load_all(Path(src)).items() if ".experts.9." not in k}
+    try:
+        ExpertAdapter("nemo").from_hf(mine, device_mesh=mesh)
+        outcome = "ok"
+    except MoekitError as err:
+        outcome = str(err)
+    Path(log_dir, f"{rank}.from_hf.txt").write_text(outcome)
     finish()
 
 

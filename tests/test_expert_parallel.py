@@ -123,6 +123,8 @@ def test_converting_a_ranks_dtensors_as_whole_tensors_is_refused(qwen3_10, tmp_p
     for rank in range(2):
         message = (tmp_path / f"{rank}.txt").read_text()
         assert "is a DTensor (this rank's share" in message and "to_hf" in message
+        message = (tmp_path / f"{rank}.from_hf.txt").read_text()
+        assert "from_hf with a device_mesh needs the number of experts" in message
 
 
 def test_save_experts_refuses_what_is_not_a_device_mesh(tmp_path):
