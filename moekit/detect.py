@@ -39,7 +39,7 @@ def detect_layout(tensors: Mapping[str, TensorMeta], family: Family,
     sample = {key: tensors[key] for key in in_experts}
     scores = {name: _recognised(layout, sample, family) for name, layout in LAYOUTS.items()}
     best = max(scores, key=lambda name: scores[name])
-    if scores[best] > 0:
+    if max(scores[best]) > 0:
         return LAYOUTS[best]
     if in_experts:
         raise MoekitError(
@@ -67,7 +67,11 @@ def _in_experts(tensors: Mapping[str, TensorMeta], family: Family, limit: int = 
     return found
 
 
-def _recognised(layout: Layout, tensors: Mapping[str, TensorMeta], family: Family) -> int:
-    """How many expert tensors ``layout`` reads cleanly (malformed ones count against it)."""
+def _recognised(layout: Layout, tensors: Mapping[str, TensorMeta], family: Family
+                ) -> tuple[int, int]:
+    """How many expert tensors ``layout`` reads cleanly (malformed ones count against it),
+    then how many it names but finds misshapen: a checkpoint whose expert tensors are all
+    misshapen is read in the layout that names them, and its shapes are reported."""
     parsed = layout.parse(dict(tensors), family)
-    return len(parsed.claimed) - len(parsed.problems)
+    return (len(parsed.claimed) - len(parsed.problems),
+            sum(len(pieces) for pieces in parsed.unreadable.values()))

@@ -627,3 +627,12 @@ def test_expert_parallelism_refuses_a_per_expert_layout(family_checkpoints):
         assert "the hf layout keeps one tensor per expert: choose nemo, transformers, vllm" \
             in message
     assert rank_plan(analysis, 2, 1, "nemo").moe_layers == {0: 3, 1: 3, 2: 3}
+
+
+def test_expert_tensors_all_misshapen_are_read_in_the_layout_that_names_them(tmp_path, capsys):
+    block = "model.layers.0.mlp.experts"
+    tensors = {f"{block}.gate_up_proj": torch.empty(4, 0, 8),
+               f"{block}.down_proj": torch.empty(4, 8, 0)}
+    err = fails(capsys, ["inspect", str(write(tmp_path / "src", tensors))])
+    assert "layout transformers) is not a valid checkpoint" in err
+    assert f"{block}.gate_up_proj has shape [4, 0, 8]: its experts hold no elements" in err
