@@ -297,25 +297,28 @@ def _piece_dtypes(block: ExpertBlock, analysis: Analysis) -> str:
 def _check_dequantizable(analysis: Analysis) -> None:
     """Refuse to dequantise a weight with block scales that is not float8: multiplying a
     weight already in BF16 (say) by its leftover scales would write wrong values."""
+    name = _namer(analysis)
     problems = []
     for layer, block in analysis.blocks.items():
-        odd = {(piece[:-len(SCALE)], block.pieces[(piece[:-len(SCALE)], e)].dtype)
-               for piece, e in block.pieces if piece.endswith(SCALE)
-               and (piece[:-len(SCALE)], e) in block.pieces
-               and not block.pieces[(piece[:-len(SCALE)], e)].dtype.startswith("F8")}
-        name = _namer(analysis)
+        scaled = {(piece[:-len(SCALE)], e) for piece, e in block.pieces if piece.endswith(SCALE)}
+        odd = sorted({(piece, block.pieces[(piece, e)].dtype) for piece, e in scaled
+                      if (piece, e) in block.pieces and not _is_fp8(block.pieces[(piece, e)])})
         problems += [_Problem(f"{name(piece)} is {dtype} beside block scales", layer)
-                     for piece, dtype in sorted(odd)]
-    for key, meta in analysis.tensors.items():
+                     for piece, dtype in odd]
+    for key in analysis.tensors:
         weight = analysis.tensors.get(key.removesuffix(FP8_SCALE_KEY))
         if (key.endswith(FP8_SCALE_KEY) and key not in analysis.parsed.claimed
-                and weight is not None and not weight.dtype.startswith("F8")):
+                and weight is not None and not _is_fp8(weight)):
             problems.append(_Problem(f"{key.removesuffix(FP8_SCALE_KEY)} is {weight.dtype} "
                                      "beside block scales"))
     if problems:
         raise PlanError(f"cannot dequantize {analysis.label}: moekit dequantizes float8 "
                         "weights (F8_E4M3, F8_E5M2) by their block scales; these weights are "
                         "not float8, so their scales do not apply to them:", _listed(problems))
+
+
+def _is_fp8(tensor: TensorMeta) -> bool:
+    return tensor.dtype.startswith("F8")
 
 
 def _dequantized(block: ExpertBlock, block_size: tuple[int, int]) -> ExpertBlock:
