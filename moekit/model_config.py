@@ -136,8 +136,15 @@ class MoeLayers:
     def size(self) -> int:
         """How many layers ``expected`` yields, counted without iterating over a range."""
         if isinstance(self.layers, range):
-            return len(self.layers) - sum(1 for layer in self.excluded if layer in self.layers)
+            return (_range_length(self.layers)
+                    - sum(1 for layer in self.excluded if layer in self.layers))
         return sum(1 for layer in self.layers if self.is_moe(layer) and layer < self.count)
+
+
+def _range_length(layers: range) -> int:
+    """``len(layers)`` for a range with a positive step, also beyond what ``len`` can
+    return (a config may declare 2**64 layers)."""
+    return max(0, -(-(layers.stop - layers.start) // layers.step))
 
 
 LayerRule = Callable[[ConfigValues], "MoeLayers | None"]

@@ -158,6 +158,16 @@ def test_a_config_declaring_a_billion_layers(tmp_path, capsys):
     assert "layers 2-65 and 999999934 more hold no expert tensors" in err
 
 
+@pytest.mark.parametrize("step", [1, 3])
+def test_a_config_declaring_more_layers_than_a_machine_word_counts(step, tmp_path, capsys):
+    src = write(tmp_path / "src", experts(layers=3, first_layer=0),
+                qwen3_config(num_hidden_layers=2**64, decoder_sparse_step=step))
+    err = fails(capsys, ["inspect", str(src)])
+    moe_layers = -(-(2**64 - (step - 1)) // step)
+    present = 3 if step == 1 else 1
+    assert f" and {moe_layers - present - 64} more hold no expert tensors" in err
+
+
 def test_ep_plan_of_a_config_declaring_100_million_experts(tmp_path, capsys):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({**qwen3_config(), "num_experts": 100_000_000}))
