@@ -615,6 +615,9 @@ def _block_problems(block: ExpertBlock, analysis: Analysis, where: Callable[[str
     name = _namer(analysis)
     problems = _missing_pieces(block, analysis.family, name, where, required,
                                analysis.parsed.unreadable.get(block.layer, set()))
+    if router_rows == 0 and not block.pieces and block.layer not in analysis.parsed.unreadable:
+        problems.append(_Problem("the expert tensors hold no experts (0 rows); an MoE layer "
+                                 "has at least one", block.layer, _stored_in(block, where)))
     n_experts = analysis.n_experts
     extra = sorted({e for _, e in block.pieces if e >= n_experts})
     if extra:

@@ -646,3 +646,17 @@ def test_expert_tensors_all_misshapen_are_read_in_the_layout_that_names_them(tmp
     err = fails(capsys, ["inspect", str(write(tmp_path / "src", tensors))])
     assert "layout transformers) is not a valid checkpoint" in err
     assert f"{block}.gate_up_proj has shape [4, 0, 8]: its experts hold no elements" in err
+
+
+def test_grouped_tensors_of_no_experts_are_refused(tmp_path, capsys):
+    """Zero rows are an EP rank's share when it owns no expert; a checkpoint or state dict
+    whose every grouped tensor holds none has nothing to convert and is refused, not
+    converted into one without its expert tensors."""
+    block = "model.layers.0.mlp.experts"
+    tensors = {f"{block}.gate_and_up_projs": torch.empty(0, H, 2 * I),
+               f"{block}.down_projs": torch.empty(0, I, H),
+               "model.embed_tokens.weight": torch.zeros(8, H)}
+    src = write(tmp_path / "src", tensors, metadata={"moekit.layout": "nemo"})
+    err = fails(capsys, ["convert", str(src), str(tmp_path / "out"), "--to", "hf"])
+    assert "layer 0: the expert tensors hold no experts (0 rows)" in err
+    assert "hold no experts (0 rows)" in quickly(convert_state_dict, tensors, "nemo", "vllm")
