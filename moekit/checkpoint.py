@@ -14,6 +14,7 @@ of (``models--org--name/snapshots/REV/x -> ../../blobs/HASH``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 from dataclasses import dataclass, field
@@ -424,10 +425,17 @@ def _given_twice(file: Path) -> str | None:
     return twice[0] if twice else None
 
 
+MAX_INT64 = 2**63 - 1
+
+
 def _nbytes(file: Path, key: str, shape: tuple[int, ...], dtype: str) -> int:
     if dtype not in ITEMSIZES:
         raise MoekitError(f"{_shown(file)}: tensor {printable(key)} has dtype {dtype}, which "
                           f"moekit does not handle ({', '.join(ITEMSIZES)})")
+    if math.prod(max(n, 1) for n in shape) * ITEMSIZES[dtype] > MAX_INT64:
+        raise MoekitError(f"{_shown(file)}: tensor {printable(key)} has shape {list(shape)}, "
+                          "whose strides overflow 64-bit byte counts: no reader can lay it "
+                          "out; the file is corrupt")
     return nbytes(shape, dtype)
 
 

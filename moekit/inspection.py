@@ -136,5 +136,5 @@ def _shared_size(tensors: Mapping[str, TensorInfo], analysis: Analysis) -> int |
         return None
     block = analysis.blocks[min(analysis.blocks)].block
     info = tensors.get(f"{block}.{name}.{analysis.family.projections['up']}.weight")
-    return info.shape[0] if info else None
+    return info.shape[0] if info and info.shape else None
 

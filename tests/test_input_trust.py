@@ -367,7 +367,7 @@ def test_json_files_beyond_the_size_limit_are_refused_unread(tmp_path, capsys, g
 
 # ---------------------------------------------------------------- section 5: canonical keys
 
-@pytest.mark.parametrize("odd", ["01", "00", "\u0661", "\uff11", "1" * 10])
+@pytest.mark.parametrize("odd", ["01", "00", "\u0661", "\uff11", "1" * 10, "+1", " 1", "1_0", "x"])
 def test_a_non_canonical_expert_number_is_an_error(odd, tmp_path, capsys, good):
     tensors = moe_tensors(experts=("0", "1", odd))
     src = checkpoint(tmp_path / "model", tensors)
@@ -376,7 +376,7 @@ def test_a_non_canonical_expert_number_is_an_error(odd, tmp_path, capsys, good):
                        "and 2 more keys")
 
 
-@pytest.mark.parametrize("odd", ["01", "\u0660", "\uff10"])
+@pytest.mark.parametrize("odd", ["01", "\u0660", "\uff10", "+0", "0_0", "x"])
 def test_a_non_canonical_layer_number_is_an_error(odd, tmp_path, capsys, good):
     tensors = {**moe_tensors(), **moe_tensors(layers=(odd,))}
     src = checkpoint(tmp_path / "model", tensors)
@@ -455,6 +455,9 @@ BAD_HEADERS = {
         {"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}), "expected usize"),
     "overflowing shape": (corrupt_header(
         {"x": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 0]}}), "overflow"),
+    "empty, with overflowing strides": (corrupt_header(
+        {"x": {"dtype": "F32", "shape": [0, 7, 2**62], "data_offsets": [0, 0]}}),
+        "shape [0, 7, 4611686018427387904], whose strides overflow"),
     "offsets leave a gap": (corrupt_header(
         {"x": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}), "invalid offset"),
     "huge header length": (set_length(2**63), "header too large"),

@@ -35,8 +35,28 @@ def materialize(expr: Expr, source: TensorSource, device: torch.device | str | N
     return out
 
 
+MOVED_AS = {torch.bool: torch.uint8}
+"""Dtypes whose elements are moved as another dtype of the same width: torch normalises a
+bool element when it copies it (a byte 2 becomes 1), so bool bytes move as uint8."""
+
+
+class _Viewed:
+    """A source whose reads are viewed as another dtype of the same width."""
+
+    def __init__(self, source: TensorSource, dtype: torch.dtype) -> None:
+        self.source = source
+        self.dtype = dtype
+
+    def read(self, region: Read) -> torch.Tensor:
+        return self.source.read(region).view(self.dtype)
+
+
 def fill(expr: Expr, out: torch.Tensor, source: TensorSource) -> None:
-    """Write the value of ``expr`` into ``out`` (a tensor or view of ``expr``'s shape)."""
+    """Write the value of ``expr`` into ``out`` (a tensor or view of ``expr``'s shape),
+    byte for byte (see ``MOVED_AS``)."""
+    moved = MOVED_AS.get(out.dtype)
+    if moved is not None:
+        out, source = out.view(moved), _Viewed(source, moved)
     if isinstance(expr, Read):
         out.copy_(_checked(source.read(expr), expr, out))
     elif isinstance(expr, Transpose):

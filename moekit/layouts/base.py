@@ -16,10 +16,12 @@ from ..errors import printable
 from ..plan import Expr, TensorMeta, TensorPlan
 from .families import Family, rename
 
-NUMBER = r"\d+"
-"""What a ``{layer}`` or ``{expert}`` field of a key pattern captures: any run of digits,
-non-ASCII ones included, so that a number written other than canonically is found and
-reported (``ParsedExperts.numbers``) rather than read as another key's number."""
+NUMBER = r"[^.]+"
+"""What a ``{layer}`` or ``{expert}`` field of a key pattern captures: anything between
+two dots, so that a number written other than canonically (``01``, ``+1``, ``1_0``,
+non-ASCII digits) or not a number at all is found and reported
+(``ParsedExperts.numbers``) rather than read as another key's number or passed through
+as if it were no expert tensor."""
 MAX_DIGITS = 9
 _CANONICAL = re.compile(r"0|[1-9][0-9]{0,%d}" % (MAX_DIGITS - 1), re.ASCII)
 
@@ -107,9 +109,10 @@ class ParsedExperts:
 
 
 def _listed_layer(text: str) -> int:
-    """The layer a problem about a key whose layer field is ``text`` is listed under: its
-    value, or that of its first ``MAX_DIGITS`` digits (``int`` refuses very long ones)."""
-    return int(text[:MAX_DIGITS])
+    """The layer a problem about a key whose layer field is ``text`` is listed under: the
+    value of its first ``MAX_DIGITS`` ASCII digits, or 0 when it has none."""
+    digits = re.sub(r"[^0-9]", "", text)[:MAX_DIGITS]
+    return int(digits) if digits else 0
 
 
 class Layout(ABC):
