@@ -47,7 +47,7 @@ def main() -> None:
         print(f"checkpoint: {size / 2**30:.2f} GiB, {layers} layers x {args.experts} experts "
               f"(H={args.hidden}, I={args.inter}), bf16, "
               f"{len(list(src.glob('*.safetensors')))} shards")
-        baseline = ["sh", "-c", f'cp -r "$0" "$1" && sync', str(src), str(dst)]
+        baseline = ["sh", "-c", 'cp -r "$0" "$1" && sync', str(src), str(dst)]
         rows = {"cp -r": best_of(["cp", "-r", str(src), str(dst)], dst, args.repeat),
                 "cp -r && sync": best_of(baseline, dst, args.repeat)}
         for layout in args.to:

@@ -112,7 +112,7 @@ class Checkpoint:
         links, since the user named it): its folder's config.json is read for detection,
         but none of its neighbours is copied with it.
         """
-        source = _locate(Path(path))
+        source = _locate(as_path(path, "checkpoint"))
         tensors: dict[str, TensorInfo] = {}
         metadata: dict[str, str] = {}
         identities: dict[str, FileIdentity] = {}
@@ -185,6 +185,15 @@ class FileIdentity:
         if now.mtime_ns != self.mtime_ns:
             found.append("it was modified")
         return found
+
+
+def as_path(value: object, role: str) -> Path:
+    """``value`` as a Path when it is a str or an ``os.PathLike``; MoekitError naming the
+    ``role`` of the argument (and the type given) otherwise."""
+    if isinstance(value, (str, os.PathLike)) and not isinstance(value, bytes):
+        return Path(value)
+    raise MoekitError(f"the {role} path must be a str or a pathlib.Path, not "
+                      f"{type(value).__name__} ({printable(repr(value))})")
 
 
 def open_regular(path: Path) -> int:

@@ -43,7 +43,6 @@ import secrets
 import shutil
 import signal
 import socket
-import stat
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -51,7 +50,7 @@ from contextlib import contextmanager, suppress
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from .checkpoint import SIDECARS, open_regular
+from .checkpoint import SIDECARS, as_path, open_regular
 from .errors import MoekitError
 
 log = logging.getLogger("moekit")
@@ -129,7 +128,7 @@ def check_destination(dst: Path, src: Path | None, overwrite: bool,
     target (the link is kept); a dangling one is refused. A path that cannot be made (a
     file where a folder should be, a name too long, a loop of links) is refused too, all as
     MoekitError."""
-    dst = Path(dst)
+    dst = as_path(dst, "destination")
     try:
         _check_path(dst)
         target = _target(dst, overwrite)
@@ -274,7 +273,7 @@ class OutputFolder:
         """Check the destination (see ``check_destination``), report leftovers of earlier
         runs, make the folder."""
         require_linux()
-        self.dst = Path(dst)
+        self.dst = as_path(dst, "destination")
         self.src = src
         self.overwrite = overwrite
         self.source_files = list(source_files)

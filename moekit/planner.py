@@ -173,7 +173,7 @@ def plan_conversion(src: str | Path, dst: str | Path, to: str, from_: str | None
     checkpoint, analysis = analyse_checkpoint(src, from_)
     plan = build_plan(analysis, layout_named(to), dequantize=dequantize)
     parse_size(max_shard_size)
-    check_destination(Path(dst), checkpoint.named, overwrite, checkpoint.source_files())
+    check_destination(dst, checkpoint.named, overwrite, checkpoint.source_files())
     return checkpoint, plan
 
 

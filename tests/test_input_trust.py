@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import moekit
 from moekit.checkpoint import INDEX_NAME, Checkpoint
 from moekit.cli import main
 from moekit.errors import MoekitError, printable
@@ -705,3 +706,13 @@ def test_verify_and_inspect_print_escaped_names_and_valid_json(tmp_path, capsys,
     assert main(["convert", str(src), str(tmp_path / "out"), "--to", "nemo", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert all(c.isprintable() or c == "\n" for c in out)
+
+
+@pytest.mark.parametrize("path", [None, 3, b"model", ["model"]])
+def test_a_path_of_another_type_is_named(path, tmp_path, good):
+    with pytest.raises(MoekitError, match=f"the checkpoint path must be a str or a pathlib.Path, "
+                                          f"not {type(path).__name__}"):
+        moekit.inspect(path)
+    with pytest.raises(MoekitError, match=f"the destination path must be a str or a "
+                                          f"pathlib.Path, not {type(path).__name__}"):
+        moekit.convert(good, path, to="nemo")

@@ -33,7 +33,7 @@ def upcycle(dense_path: str | Path, dst_path: str | Path, spec: UpcycleSpec,
     everything first, and writes atomically as ``convert`` does."""
     checkpoint, plan = plan_upcycle(dense_path, spec)
     if dry_run:
-        check_destination(Path(dst_path), checkpoint.named, overwrite,
+        check_destination(dst_path, checkpoint.named, overwrite,
                           checkpoint.source_files())
     else:
         write_checkpoint(plan.plan, checkpoint, Path(dst_path), max_shard_size, overwrite,
