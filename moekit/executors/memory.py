@@ -4,10 +4,10 @@ than a torch error or a tensor without data."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from ..errors import MoekitError
 from ..plan import Plan, reads
@@ -46,12 +46,16 @@ def run_on_state_dict(plan: Plan, state_dict: Mapping[str, torch.Tensor],
 
 def _check_whole(plan: Plan, state_dict: Mapping[str, torch.Tensor], label: str) -> None:
     """Refuse a DTensor among the tensors a plan reads regions of: its shape is the global
-    one, its data only this rank's share."""
+    one, its data only this rank's share. (Until ``torch.distributed.tensor`` is imported
+    no DTensor exists, so a plain conversion does not pay for importing it.)"""
+    dtensors = sys.modules.get("torch.distributed.tensor")
+    if dtensors is None:
+        return
     for tensor in plan.tensors:
         if tensor.is_copy:
             continue
         for read in reads(tensor.recipe):
-            if isinstance(state_dict[read.key], DTensor):
+            if isinstance(state_dict[read.key], dtensors.DTensor):
                 raise MoekitError(
                     f"{label} tensor {read.key} is a DTensor (this rank's share of a tensor "
                     "sharded over a device mesh); a conversion reads whole tensors: use "
