@@ -375,7 +375,8 @@ def _index_files(index: Path, weight_map: dict) -> list[str]:
 def _read_header(folder: Path, name: str, tensors: dict[str, TensorInfo]
                  ) -> tuple[dict[str, str], "FileIdentity"]:
     """Add the tensors of one file's header to ``tensors``; return its metadata and what
-    the file was when read.
+    the file was just before its header was read (a file changed while it is read then
+    differs from that identity when its bytes are read).
 
     safetensors validates the file and lists its tensors in the order of their bytes; the
     format requires those bytes to fill the data section, which ends the file, without
@@ -383,6 +384,7 @@ def _read_header(folder: Path, name: str, tensors: dict[str, TensorInfo]
     not expose the offsets)."""
     file = folder / name
     try:
+        identity = FileIdentity.of(file.stat())  # taken first, so a change while read shows
         with safe_open(str(file), framework="numpy") as handle:
             found = []
             for key in handle.offset_keys():
@@ -392,7 +394,6 @@ def _read_header(folder: Path, name: str, tensors: dict[str, TensorInfo]
                 view = handle.get_slice(key)
                 found.append((key, tuple(view.get_shape()), view.get_dtype()))
             metadata = dict(handle.metadata() or {})
-        identity = FileIdentity.of(file.stat())
         twice = _given_twice(file)
     except SafetensorError as err:
         raise MoekitError(f"cannot read {_shown(file)}: {err} (the file is truncated or "
