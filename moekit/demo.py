@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 import time
@@ -34,7 +35,7 @@ def _require_transformers() -> None:
     """Refuse, in one message, to run without a working transformers (an optional
     dependency, the ``demo`` extra)."""
     try:
-        import transformers  # noqa: F401
+        importlib.import_module("transformers")
     except Exception as err:  # a missing package, or one broken in any way on import
         raise MoekitError(f"moekit demo builds its samples with transformers, which cannot be "
                           f"imported ({type(err).__name__}: {err}); install it: "
