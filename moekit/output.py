@@ -217,13 +217,14 @@ def _check_source(target: Path, src: Path, files: list[Path]) -> None:
         with suppress(OSError):
             stat = real.stat()
             identities[(stat.st_dev, stat.st_ino)] = file
-    for entry in os.scandir(target):
-        with suppress(OSError):
-            stat = os.stat(entry.path)
-            same = identities.get((stat.st_dev, stat.st_ino))
-            if same is not None:
-                raise MoekitError(f"destination {target} holds {entry.name}, the same file as "
-                                  f"the source's {same} (a link); choose another folder")
+    with os.scandir(target) as entries:
+        for entry in entries:
+            with suppress(OSError):
+                stat = os.stat(entry.path)
+                same = identities.get((stat.st_dev, stat.st_ino))
+                if same is not None:
+                    raise MoekitError(f"destination {target} holds {entry.name}, the same file "
+                                      f"as the source's {same} (a link); choose another folder")
 
 
 def _files_at_top(src: Path) -> list[Path]:
@@ -502,9 +503,10 @@ def clean_leftovers(target: Path) -> None:
     """Report the temporary folders earlier runs left beside ``target``; remove those whose
     marker names a process of this machine that is no longer running."""
     prefix = _temp_prefix(target)
-    for entry in os.scandir(target.parent):
-        if not entry.name.startswith(prefix) or not entry.is_dir(follow_symlinks=False):
-            continue
+    with os.scandir(target.parent) as entries:
+        leftovers = [entry for entry in entries
+                     if entry.name.startswith(prefix) and entry.is_dir(follow_symlinks=False)]
+    for entry in leftovers:
         reason = _kept_because(Path(entry.path))
         if reason is None:
             shutil.rmtree(entry.path, ignore_errors=True)
@@ -670,13 +672,14 @@ def _remove_replaced(old: Path) -> None:
 
 def _sync_folder(folder: Path) -> None:
     """fsync every file of ``folder``, then the folder itself."""
-    for entry in os.scandir(folder):
-        if entry.is_file(follow_symlinks=False):
-            fd = os.open(entry.path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    with os.scandir(folder) as entries:
+        files = [entry.path for entry in entries if entry.is_file(follow_symlinks=False)]
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     _fsync_dir(folder)
 
 
