@@ -136,3 +136,22 @@ def test_a_failed_save_leaves_nothing_on_any_rank(qwen3_10, tmp_path):
     out = tmp_path / "saved"
     spawn(ep_workers.save_failing_on_rank_1, 3, tmp_path, str(qwen3_10), str(out))
     assert left_in(tmp_path) == []
+
+
+def test_a_failure_after_the_final_move_does_not_say_nothing_was_written(tmp_path, monkeypatch):
+    from moekit import output as output_module
+    from moekit.expert_parallel.save import _finish
+
+    dst = tmp_path / "out"
+    folder = output_module.OutputFolder(dst)
+    synced = output_module._fsync_dir
+
+    def parent_fails(path):
+        if path == tmp_path:
+            raise OSError(5, "Input/output error", str(path))
+        synced(path)
+
+    monkeypatch.setattr(output_module, "_fsync_dir", parent_fails)
+    message = _finish(folder, [], [], None)
+    assert dst.is_dir() and "nothing was written" not in message
+    assert f"wrote {dst}" in message

@@ -125,6 +125,8 @@ def _finish(output: OutputFolder, errors: list[str], outcomes: list,
             output.commit()
             return None
     except (MoekitError, OSError) as err:
+        if output.in_place:  # complete and in place: the failure came after the final move
+            return f"save_experts: rank 0: {_describe(err, output.dst, left=True)}"
         errors = [f"rank 0: {_describe(err, output.dst)}"]
     output.discard()
     return "save_experts failed, nothing was written: " + "; ".join(errors)
@@ -142,7 +144,8 @@ def _complete(output: OutputFolder, outcomes: list, config_from: str | Path | No
         output.copy_in(Checkpoint.open(config_from).extra_files())
 
 
-def _describe(err: Exception, path: Path) -> str:
-    """A failure's message: a file-system error of the destination says what to do."""
-    mapped = output_error(err, path) if isinstance(err, OSError) else None
+def _describe(err: Exception, path: Path, left: bool = False) -> str:
+    """A failure's message: a file-system error of the destination says what to do (and,
+    with ``left``, that the output was put in place before it)."""
+    mapped = output_error(err, path, left) if isinstance(err, OSError) else None
     return str(mapped or err)
