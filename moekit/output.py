@@ -385,7 +385,7 @@ def atomic_output(dst: Path, src: Path | None = None, overwrite: bool = False,
     is removed and ``dst`` is left as it was. File-system errors of the destination are
     raised as MoekitError. An interrupt that comes once the output is in place is raised
     with ``in_place(err)`` naming it."""
-    dst = Path(dst)
+    dst = as_path(dst, "destination")
     output = None
     try:
         output = OutputFolder(dst, src, overwrite, source_files)
