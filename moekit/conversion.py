@@ -52,7 +52,7 @@ def write_checkpoint(plan: Plan, checkpoint: Checkpoint, dst: Path, max_shard_si
     with atomic_output(dst, checkpoint.named, overwrite, checkpoint.source_files()) as output:
         with FileSource(checkpoint) as source:
             write_plan(plan, source, output.folder, parse_size(max_shard_size), metadata,
-                       show_progress)
+                       show_progress, output.sync_soon)
             source.check_unchanged()
         output.copy_in(extra for extra in checkpoint.extra_files()
                        if config is None or extra.name != "config.json")

@@ -14,7 +14,8 @@ complete:
   A destination that is a symlink to such a folder keeps its link: the folder it points to
   is replaced, as ``rsync`` writes through a symlinked destination.
 - Every file is fsynced, then the folder before the move, and its parent after (as
-  ``torch.distributed.checkpoint`` does).
+  ``torch.distributed.checkpoint`` does). A file handed to ``sync_soon`` once written is
+  fsynced by a background thread while the next is written; the move waits for those.
 - The folder and every file in it get the mode the umask allows, as ``mkdir`` and ``cp``
   (without ``-p``) give; sidecar files are copied without their source's mode.
 - SIGINT, SIGTERM and SIGHUP are held while the folder is moved into place and while a
@@ -45,7 +46,8 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -282,6 +284,7 @@ class OutputFolder:
         """True once the new folder has taken the destination's place (from then on a
         failure or an interrupt leaves it there: it is complete)."""
         self.target = check_destination(self.dst, src, overwrite, self.source_files)
+        self._syncer = _BackgroundSync()
         self._parents = []
         try:
             self._parents = _make_parents(self.target.parent)
@@ -300,13 +303,22 @@ class OutputFolder:
         """Copy files of the source (sidecar files) into the folder, under their names."""
         for file in files:
             copy_file(file, self.folder / file.name)
+            self.sync_soon(self.folder / file.name)
+
+    def sync_soon(self, path: Path) -> None:
+        """Start fsyncing ``path``, a file of the folder that is written in full and will
+        not change, in the background, so that the disk writes it out while the next file
+        is written. ``commit`` waits for it; the error of an earlier one is raised here."""
+        self._syncer.submit(path)
 
     def commit(self) -> None:
         """Make the finished folder durable and move it into place, never replacing a
-        destination that was not checked. Interrupts are held until this is done."""
+        destination that was not checked. Once the background fsyncs are done,
+        interrupts are held until the folder is in place."""
+        synced = self._syncer.wait()
         with deferred_signals():
             (self.folder / MARKER).unlink()
-            _sync_folder(self.folder)
+            _sync_folder(self.folder, synced)
             if self.overwrite and os.path.lexists(self.target):
                 if check_destination(self.dst, self.src, True, self.source_files) != self.target:
                     raise MoekitError(f"destination {self.dst} now points elsewhere than when "
@@ -326,6 +338,7 @@ class OutputFolder:
         folders made for it if they are empty; once the output is in place, only what it
         replaced. Interrupts are held until this is done."""
         with deferred_signals():
+            self._syncer.stop()
             shutil.rmtree(self.folder, ignore_errors=True)
             if not self.in_place:
                 _remove_empty(self._parents)
@@ -670,16 +683,55 @@ def _remove_replaced(old: Path) -> None:
                     "remove it by hand", old, err.strerror)
 
 
-def _sync_folder(folder: Path) -> None:
-    """fsync every file of ``folder``, then the folder itself."""
+class _BackgroundSync:
+    """fsyncs files, one at a time and in the order given, in a background thread (made
+    at the first file), so that the disk writes out one file while the next is written."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Path, Future]] = []
+        self._thread: ThreadPoolExecutor | None = None
+
+    def submit(self, path: Path) -> None:
+        """Queue ``path`` for an fsync, after raising the error of a finished one."""
+        for _, future in self._pending:
+            if future.done():
+                future.result()
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="moekit-fsync")
+        self._pending.append((Path(path), self._thread.submit(_fsync_file, path)))
+
+    def wait(self) -> set[Path]:
+        """Wait for every queued fsync and end the thread; raise the error of the first
+        that failed, else return the paths synced."""
+        for _, future in self._pending:
+            future.result()
+        self.stop()
+        return {path for path, _ in self._pending}
+
+    def stop(self) -> None:
+        """Drop the queued fsyncs and wait for the one under way (its file descriptor is
+        closed before this returns); errors are dropped too."""
+        if self._thread is not None:
+            self._thread.shutdown(wait=True, cancel_futures=True)
+
+
+def _fsync_file(path: str | Path) -> None:
+    """fsync the file at ``path``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_folder(folder: Path, synced: Collection[Path] = ()) -> None:
+    """fsync every file of ``folder`` but those in ``synced`` (already fsynced, unchanged
+    since), then the folder itself."""
     with os.scandir(folder) as entries:
         files = [entry.path for entry in entries if entry.is_file(follow_symlinks=False)]
     for file in files:
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if Path(file) not in synced:
+            _fsync_file(file)
     _fsync_dir(folder)
 
 

@@ -45,6 +45,9 @@ class ShardWriter:
         encoded += b" " * (-len(encoded) % _ALIGN)
         self._file = open_output(path, direct)
         self._file.write(memoryview(struct.pack("<Q", len(encoded)) + encoded))
+        self._run: tuple[int, int, int] | None = None
+        """Byte range ``(fd, offset, size)`` of ``copy_ranges`` not copied yet: ranges
+        that continue one another in the same file are copied as one."""
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor; it must be the one the header lists next."""
@@ -54,26 +57,43 @@ class ShardWriter:
             raise RuntimeError(f"{self.path.name}: expected {want_name} {want_dtype} "
                                f"{list(want_shape)} next, got {got[0]} {got[1]} {list(got[2])}")
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        self._copy_run()
         self._file.write(memoryview(data.numpy()))
         self._next += 1
 
     def copy_ranges(self, name: str, ranges: Sequence[tuple[int, int, int]]) -> None:
         """Append the next tensor as the bytes ``(fd, offset, size)`` of other files, in
-        order (copied by the kernel where the file is written through the page cache)."""
+        order (copied by the kernel where the file is written through the page cache).
+        A range that continues the previous one in the same file is copied with it, in
+        one call, when the next tensor is written or the file closed."""
         want_name, want_dtype, want_shape = self._expected[self._next]
         if name != want_name or sum(r[2] for r in ranges) != nbytes(want_shape, want_dtype):
             raise RuntimeError(f"{self.path.name}: expected {want_name} next "
                                f"({nbytes(want_shape, want_dtype)} bytes), got {name}")
         for fd, offset, size in ranges:
-            self._file.write_from(fd, offset, size)
+            run = self._run
+            if run is not None and run[0] == fd and run[1] + run[2] == offset:
+                self._run = (fd, run[1], run[2] + size)
+            else:
+                self._copy_run()
+                self._run = (fd, offset, size)
         self._next += 1
 
     def close(self) -> None:
         """Finish the file; every tensor of the header must have been written."""
-        self._file.close()
+        try:
+            self._copy_run()
+        finally:
+            self._file.close()
         if self._next != len(self._expected):
             missing = self._expected[self._next][0]
             raise RuntimeError(f"{self.path.name} closed before {missing} was written")
+
+    def _copy_run(self) -> None:
+        """Copy the pending byte range, if any."""
+        if self._run is not None:
+            run, self._run = self._run, None
+            self._file.write_from(*run)
 
     def __enter__(self) -> "ShardWriter":
         return self

@@ -129,3 +129,42 @@ def test_a_source_shorter_than_its_header_says_is_an_error(tmp_path, source, kin
     with pytest.raises(MoekitError, match="ended 4096 bytes before"):
         out.write_from(source, 4 * BLOCK, 2 * BLOCK)
     out.close()
+
+
+def test_shard_writer_copies_ranges_that_continue_one_another_in_one_call(tmp_path, source,
+                                                                          monkeypatch):
+    """Tensors whose bytes follow one another in a source file are copied by one
+    ``write_from``; a gap, another file or a built tensor starts a new copy. The bytes are
+    those of copying each range alone."""
+    import torch
+    from safetensors import safe_open
+
+    from moekit.safetensors_writer import ShardWriter
+
+    calls: list[tuple[int, int, int]] = []
+    write_from = BufferedFile.write_from
+
+    def record(self, fd, offset, size):
+        calls.append((fd, offset, size))
+        write_from(self, fd, offset, size)
+
+    monkeypatch.setattr(BufferedFile, "write_from", record)
+    other = os.open(tmp_path / "other.bin", os.O_RDWR | os.O_CREAT)
+    os.write(other, os.urandom(BLOCK))
+    entries = [(name, "U8", (size,)) for name, size in
+               [("a", 100), ("b", 28), ("c", 72), ("d", 50), ("e", 10), ("f", 6)]]
+    with ShardWriter(tmp_path / "out.safetensors", entries, {}) as writer:
+        writer.copy_ranges("a", [(source, 0, 100)])
+        writer.copy_ranges("b", [(source, 100, 20), (source, 120, 8)])
+        writer.copy_ranges("c", [(source, 128, 72)])
+        writer.copy_ranges("d", [(source, 300, 50)])  # a gap
+        writer.copy_ranges("e", [(other, 350, 10)])  # another file at the next offset
+        writer.write("f", torch.arange(6, dtype=torch.uint8))
+    os.close(other)
+    assert calls == [(source, 0, 200), (source, 300, 50), (other, 350, 10)]
+    data = os.pread(source, 5 * BLOCK, 0)
+    expected = {"a": data[:100], "b": data[100:128], "c": data[128:200],
+                "d": data[300:350], "e": (tmp_path / "other.bin").read_bytes()[350:360],
+                "f": bytes(range(6))}
+    with safe_open(tmp_path / "out.safetensors", "pt") as written:
+        assert {k: written.get_tensor(k).numpy().tobytes() for k in expected} == expected

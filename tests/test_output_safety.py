@@ -380,6 +380,90 @@ def test_files_and_folder_are_synced_before_the_move_and_the_parent_after(qwen3,
     assert ("fsync", str(out.parent)) in events[moved + 1:]
 
 
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def fsync_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("moekit-fsync")]
+
+
+def test_a_finished_shard_is_synced_while_the_next_is_written(qwen3, tmp_path, monkeypatch):
+    """The first shard's fsync runs in the background: the last shard's write can wait for
+    it to begin (were the files synced after the last is written, it would wait in vain)."""
+    from moekit.executors import streaming
+
+    first_syncing, overlapped = threading.Event(), []
+    fsync, write_shard = os.fsync, streaming.write_shard
+
+    def note_the_first(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("model-00001-of-00004.safetensors"):
+            first_syncing.set()
+        fsync(fd)
+
+    def wait_for_it(path, *args, **kwargs):
+        if path.name.startswith("model-00004-"):
+            overlapped.append(first_syncing.wait(timeout=5))
+        write_shard(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", note_the_first)
+    monkeypatch.setattr(streaming, "write_shard", wait_for_it)
+    convert(qwen3, tmp_path / "out", to="vllm", max_shard_size="60KB")
+    assert overlapped == [True] and verify(qwen3, tmp_path / "out").equal
+
+
+@pytest.mark.parametrize("code,advice", [(errno.ENOSPC, "full"), (errno.EIO, "I/O error")])
+@pytest.mark.parametrize("which", ["00001", "00004"])
+def test_a_background_fsync_error_is_one_message_and_leaves_nothing(
+        qwen3, tmp_path, capsys, monkeypatch, code, advice, which):
+    """A shard whose fsync fails (the first: met while later shards are written; the last:
+    met at the commit) fails the run with one message; no file or thread is left open."""
+    fsync = os.fsync
+
+    def fail(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(f"model-{which}-of-00004.safetensors"):
+            raise OSError(code, os.strerror(code))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fail)
+    fds = open_fds()
+    out = tmp_path / "out"
+    exit_code, err = run_cli(capsys, "convert", qwen3, out, "--to", "vllm",
+                             "--max-shard-size", "60KB")
+    assert exit_code == 2 and f"cannot write {out}" in one_error(err) and advice in err
+    assert "nothing was left behind" in err and names(tmp_path) == ["qwen3"]
+    assert open_fds() == fds and not fsync_threads()
+
+
+def test_an_interrupt_during_a_background_fsync_cleans_up(qwen3, tmp_path, monkeypatch):
+    """Ctrl-C while the first shard is being synced: the fsync under way ends (its file
+    closed) before the folder is removed, and nothing is left."""
+    from moekit.executors import streaming
+
+    fsync, write_shard = os.fsync, streaming.write_shard
+    syncing, synced = threading.Event(), threading.Event()
+
+    def slow(fd: int) -> None:
+        syncing.set()
+        fsync(fd)
+        threading.Event().wait(0.3)
+        synced.set()
+
+    def interrupt_the_second(path, *args, **kwargs):
+        if path.name.startswith("model-00002-"):
+            syncing.wait(timeout=5)
+            raise KeyboardInterrupt
+        write_shard(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", slow)
+    monkeypatch.setattr(streaming, "write_shard", interrupt_the_second)
+    fds = open_fds()
+    with pytest.raises(KeyboardInterrupt):
+        convert(qwen3, tmp_path / "out", to="vllm", max_shard_size="60KB")
+    assert synced.is_set() and names(tmp_path) == ["qwen3"]
+    assert open_fds() == fds and not fsync_threads()
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_outputs_get_the_mode_the_umask_allows(qwen3, tmp_path, umask):
     previous = os.umask(umask)

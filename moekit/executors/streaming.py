@@ -36,17 +36,22 @@ def shard_file_names(n: int) -> list[str]:
 
 
 def write_plan(plan: Plan, source: FileSource, folder: Path, max_shard_bytes: int,
-               metadata: Mapping[str, str], show_progress: bool | None = None) -> None:
-    """Write every tensor of ``plan`` into ``folder`` as HF-sharded safetensors + index."""
+               metadata: Mapping[str, str], show_progress: bool | None = None,
+               finished: Callable[[Path], object] = lambda path: None) -> None:
+    """Write every tensor of ``plan`` into ``folder`` as HF-sharded safetensors + index;
+    ``finished(path)`` is called with each file once it is written and closed (so that it
+    can be synced while the next is written: ``OutputFolder.sync_soon``)."""
     shards = shard_tensors(plan.tensors, max_shard_bytes)
     names = shard_file_names(len(shards))
     weight_map: dict[str, str] = {}
     with progress(plan.total_bytes, f"{plan.src_layout} -> {plan.dst_layout}", show_progress) as bar:
         for name, shard in zip(names, shards):
             write_shard(folder / name, shard, source, metadata, bar.update)
+            finished(folder / name)
             weight_map.update({t.name: name for t in shard})
     if len(shards) > 1:
         write_index(folder, plan.tensors, weight_map)
+        finished(folder / INDEX_NAME)
 
 
 def write_shard(path: Path, tensors: list[TensorPlan], source: TensorSource,
