@@ -11,7 +11,8 @@ with ``load_experts(..., device="cuda")`` from the page cache (timed after one w
 load, as a training job's first load also pays CUDA and thread start-up). Rank 0 checks the sha256 of
 every grouped tensor's ``full_tensor()`` against moekit's CPU path, all ranks save back
 with ``save_experts``, and rank 0 verifies the saved checkpoint equals the source.
-NVLink multicast stays off (NCCL_NVLS_ENABLE=0 and the others the device README names).
+NVLink multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
+NVSHMEM_DISABLE_NVLS=1): using it can take a shared host's GPUs out of service.
 """
 
 from __future__ import annotations
