@@ -101,6 +101,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_output_options(sub: argparse.ArgumentParser) -> None:
+    """The options of every command that writes a checkpoint (convert, upcycle)."""
+    sub.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    sub.add_argument("--dry-run", action="store_true",
+                     help="validate and print the plan; write nothing")
+    sub.add_argument("--overwrite", action="store_true",
+                     help="replace an existing destination that holds a checkpoint (a folder "
+                     "with anything else, or with the source's files, is refused)")
+    sub.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+
+
 def _command(commands, name: str, help: str, run: Callable[[argparse.Namespace], int]
              ) -> argparse.ArgumentParser:
     sub = commands.add_parser(name, help=help, description=help)
@@ -132,15 +143,9 @@ def _add_convert(commands) -> None:
     sub.add_argument("--to", required=True, choices=list(LAYOUTS), help="destination layout")
     sub.add_argument("--from", dest="from_", choices=list(LAYOUTS),
                      help="source layout (default: detected)")
-    sub.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     sub.add_argument("--dequantize", action="store_true",
                      help="write FP8 block-scaled weights as bf16 (their scales dropped)")
-    sub.add_argument("--dry-run", action="store_true",
-                     help="validate and print the plan; write nothing")
-    sub.add_argument("--overwrite", action="store_true",
-                     help="replace an existing destination that holds a checkpoint (a folder "
-                     "with anything else, or with the source's files, is refused)")
-    sub.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    _add_output_options(sub)
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -247,13 +252,7 @@ def _add_upcycle(commands) -> None:
     sub.add_argument("--target", default="auto", choices=["auto", *TARGETS],
                      help="MoE family to write (default: the dense family's sibling)")
     sub.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
-    sub.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
-    sub.add_argument("--dry-run", action="store_true",
-                     help="validate and print the plan; write nothing")
-    sub.add_argument("--overwrite", action="store_true",
-                     help="replace an existing destination that holds a checkpoint (a folder "
-                     "with anything else, or with the source's files, is refused)")
-    sub.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    _add_output_options(sub)
 
 
 def _run_upcycle(args: argparse.Namespace) -> int:
