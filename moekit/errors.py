@@ -70,23 +70,20 @@ def _escape(char: str) -> str:
 
 def compress_ranges(numbers: Iterable[int]) -> str:
     """Write integers as compact ranges: ``[0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8"``."""
-    ordered = sorted(set(numbers))
-    runs: list[str] = []
-    start = prev = None
-    for n in ordered:
-        if prev is not None and n == prev + 1:
-            prev = n
-            continue
-        if start is not None:
-            runs.append(_run(start, prev))
-        start = prev = n
-    if start is not None:
-        runs.append(_run(start, prev))
-    return ", ".join(runs)
+    return compress_runs((n, n) for n in numbers)
 
 
-def _run(start: int, end: int | None) -> str:
-    return str(start) if start == end else f"{start}-{end}"
+def compress_runs(runs: Iterable[tuple[int, int]]) -> str:
+    """Write runs (first, last) of integers as compact ranges, merging those that touch or
+    overlap: ``[(0, 2), (5, 5), (3, 3)] -> "0-3, 5"`` (without listing their members, so
+    that a run of a million costs nothing)."""
+    merged: list[list[int]] = []
+    for start, stop in sorted(runs):
+        if merged and start <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([start, stop])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in merged)
 
 
 def plural(n: int, word: str) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint
 from .detect import detect_family, detect_layout
-from .errors import MoekitError, PlanError, compress_ranges, plural
+from .errors import MoekitError, PlanError, compress_ranges, compress_runs, plural
 from .gc_pauses import without_gc_pauses
 from .layouts import FAMILIES, LAYOUTS, ExpertBlock, Family, Layout, family_named, layout_named
 from .layouts.base import ParsedExperts, TensorMeta
@@ -659,7 +659,7 @@ def _missing_pieces(block: ExpertBlock, family: Family, name: Callable[[str], st
     problems = []
     for projs, runs in sorted(lacking.items(), key=lambda item: min(item[1])):
         count = sum(stop - start + 1 for start, stop in runs)
-        problems.append(_Problem(f"{plural(count, 'expert')} {_runs(runs)} "
+        problems.append(_Problem(f"{plural(count, 'expert')} {compress_runs(runs)} "
                                  f"{'lacks' if count == 1 else 'lack'} {', '.join(projs)}",
                                  block.layer, files, stored=True))
     return problems
@@ -675,17 +675,6 @@ def _gaps(required: range, present: list[int]) -> list[tuple[int, int]]:
     if start < required.stop:
         runs.append((start, required.stop - 1))
     return runs
-
-
-def _runs(runs: list[tuple[int, int]]) -> str:
-    """``[(0, 2), (5, 5), (3, 3)] -> "0-3, 5"``."""
-    merged: list[list[int]] = []
-    for start, stop in sorted(runs):
-        if merged and start <= merged[-1][1] + 1:
-            merged[-1][1] = max(merged[-1][1], stop)
-        else:
-            merged.append([start, stop])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in merged)
 
 
 def _stored_in(block: ExpertBlock, where: Callable[[str], str | None]) -> tuple[str, ...]:
