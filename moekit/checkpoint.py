@@ -378,23 +378,16 @@ def _read_header(folder: Path, name: str, tensors: dict[str, TensorInfo]
     the file was just before its header was read (a file changed while it is read then
     differs from that identity when its bytes are read).
 
-    safetensors validates the file and lists its tensors in the order of their bytes; the
-    format requires those bytes to fill the data section, which ends the file, without
-    gaps, so each tensor's byte offset follows from the sizes (the library checks but does
-    not expose the offsets)."""
+    safetensors validates the file (offsets contiguous and filling the data section,
+    which ends the file; shapes matching sizes); the names, shapes, dtypes and offsets
+    are then read from the JSON header in one parse, tensors listed in the order of
+    their bytes."""
     file = folder / name
     try:
         identity = FileIdentity.of(file.stat())  # taken first, so a change while read shows
         with safe_open(str(file), framework="numpy") as handle:
-            found = []
-            for key in handle.offset_keys():
-                if key in tensors:
-                    raise MoekitError(f"tensor {printable(key)} is stored twice: in "
-                                      f"{printable(tensors[key].file)} and in {printable(name)}")
-                view = handle.get_slice(key)
-                found.append((key, tuple(view.get_shape()), view.get_dtype()))
             metadata = dict(handle.metadata() or {})
-        twice = _given_twice(file)
+        start, entries, twice = _header_entries(file)
     except SafetensorError as err:
         raise MoekitError(f"cannot read {_shown(file)}: {err} (the file is truncated or "
                           "corrupt)") from err
@@ -404,20 +397,43 @@ def _read_header(folder: Path, name: str, tensors: dict[str, TensorInfo]
         raise MoekitError(f"{_shown(file)}: its header gives {printable(twice)} twice, with "
                           "different entries (readers disagree on which one counts); the file "
                           "is corrupt: re-download or re-save it")
-    sizes = [_nbytes(file, key, shape, dtype) for key, shape, dtype in found]
-    offset = identity.size - sum(sizes)
-    for (key, shape, dtype), size in zip(found, sizes):
-        tensors[key] = TensorInfo(key, name, shape, dtype, offset)
-        offset += size
+    for key, entry in sorted(entries.items(), key=lambda item: item[1]["data_offsets"][0]):
+        if key in tensors:
+            raise MoekitError(f"tensor {printable(key)} is stored twice: in "
+                              f"{printable(tensors[key].file)} and in {printable(name)}")
+        shape, dtype = tuple(entry["shape"]), entry["dtype"]
+        _check_entry(file, key, shape, dtype)
+        tensors[key] = TensorInfo(key, name, shape, dtype, start + entry["data_offsets"][0])
     return metadata, identity
 
 
-def _given_twice(file: Path) -> str | None:
-    """A name that the JSON header of the safetensors file ``file`` (already validated by
-    safetensors) gives twice with different values, else None."""
+def _header_entries(file: Path) -> tuple[int, dict[str, dict], str | None]:
+    """The byte where the data section of the safetensors file ``file`` (validated by
+    safetensors) starts, its tensor entries by name, and a name its header gives twice
+    with different entries (else None).
+
+    JSON objects are parsed into tuples of pairs (the hook is a C type, so the parse runs
+    at the decoder's speed): a name given twice is then still there to be seen."""
     with open(file, "rb") as handle:
         length = int.from_bytes(handle.read(8), "little")
-        header = handle.read(length)
+        raw = handle.read(length)
+    try:
+        pairs = json.loads(raw, object_pairs_hook=tuple)
+    except (ValueError, RecursionError):
+        raise MoekitError(f"{_shown(file)} changed while its header was read; was it being "
+                          "written or downloaded? Run again once the checkpoint is "
+                          "complete") from None
+    names = dict(pairs)
+    objects = {key: dict(value) for key, value in names.items()}
+    repeated = len(names) != len(pairs) or any(
+        len(objects[key]) != len(value) for key, value in names.items())
+    objects.pop("__metadata__", None)
+    return 8 + length, objects, _given_twice(raw) if repeated else None
+
+
+def _given_twice(header: bytes) -> str | None:
+    """A name that the JSON ``header`` of a safetensors file gives twice with different
+    values, else None."""
     twice: list[str] = []
 
     def pairs(items: list[tuple[str, object]]) -> dict:
@@ -428,25 +444,23 @@ def _given_twice(file: Path) -> str | None:
             seen[key] = value
         return seen
 
-    try:
-        json.loads(header, object_pairs_hook=pairs)
-    except (ValueError, RecursionError):
-        return None
+    json.loads(header, object_pairs_hook=pairs)
     return twice[0] if twice else None
 
 
 MAX_INT64 = 2**63 - 1
 
 
-def _nbytes(file: Path, key: str, shape: tuple[int, ...], dtype: str) -> int:
+def _check_entry(file: Path, key: str, shape: tuple[int, ...], dtype: str) -> None:
+    """Refuse a dtype moekit cannot handle and an empty shape whose strides overflow 64
+    bits (safetensors checks the byte size of the others against their offsets)."""
     if dtype not in ITEMSIZES:
         raise MoekitError(f"{_shown(file)}: tensor {printable(key)} has dtype {dtype}, which "
                           f"moekit does not handle ({', '.join(ITEMSIZES)})")
-    if math.prod(max(n, 1) for n in shape) * ITEMSIZES[dtype] > MAX_INT64:
+    if 0 in shape and math.prod(max(n, 1) for n in shape) * ITEMSIZES[dtype] > MAX_INT64:
         raise MoekitError(f"{_shown(file)}: tensor {printable(key)} has shape {list(shape)}, "
                           "whose strides overflow 64-bit byte counts: no reader can lay it "
                           "out; the file is corrupt")
-    return nbytes(shape, dtype)
 
 
 def _check_index(index: Path, weight_map: dict[str, str], tensors: dict[str, TensorInfo]

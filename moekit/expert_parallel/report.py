@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..checkpoint import Checkpoint, read_config
 from ..errors import MoekitError
+from ..gc_pauses import without_gc_pauses
 from ..layouts import family_of_model_type
 from ..model_config import MAX_BUILT_LAYERS, ConfigValues
 from ..planner import (Analysis, build_plan, config_settings, understand, understand_checkpoint,
@@ -31,6 +32,7 @@ class RankLoad:
         return self.expert_bytes + self.other_bytes
 
 
+@without_gc_pauses
 def ep_report(path: str | Path, ep_size: int, layout: str = "nemo") -> list[RankLoad]:
     """Per-rank experts, bytes read and peak memory for loading ``path`` on ``ep_size``
     ranks. ``path`` is a checkpoint, or a config.json (or a folder holding only one):
