@@ -37,6 +37,28 @@ config of a model type moekit does not know is read through all of them."""
 
 
 @dataclass(frozen=True)
+class Rename:
+    """One rename rule: the first ``old`` in a key becomes ``new`` (only a key that starts
+    with ``old`` when ``at_start``). ``undo`` turns ``new`` back into ``old``."""
+
+    old: str
+    new: str
+    at_start: bool = False
+
+    def apply(self, key: str) -> str:
+        return _replaced(key, self.old, self.new, self.at_start)
+
+    def undo(self, key: str) -> str:
+        return _replaced(key, self.new, self.old, self.at_start)
+
+
+def _replaced(key: str, old: str, new: str, at_start: bool) -> str:
+    if at_start:
+        return new + key[len(old):] if key.startswith(old) else key
+    return key.replace(old, new, 1)
+
+
+@dataclass(frozen=True)
 class Family:
     """How one model family lays out its MoE blocks in Hugging Face checkpoints."""
 
@@ -55,9 +77,10 @@ class Family:
     """The router weight, relative to the block."""
     shared_expert: str | None = None
     """Module name of the shared expert(s) inside the block, if the family has one."""
-    renames: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
-    """Per layout: substring renames applied to every key (first match wins), e.g.
-    transformers v5 names Mixtral's ``block_sparse_moe`` ``mlp``."""
+    renames: dict[str, tuple[Rename, ...]] = field(default_factory=dict)
+    """Per layout: the rules that turn an HF key into this layout's, applied in turn to
+    every key (as transformers applies its ``WeightRenaming`` list), e.g. transformers v5
+    names Mixtral's ``block_sparse_moe`` ``mlp``."""
     transposed: dict[str, bool] = field(default_factory=dict)
     """Per grouped layout: the orientation this family stores it in, where it differs from
     the layout's own (Llama 4's fused experts are ``[E, in, out]``)."""
@@ -122,6 +145,8 @@ _QWEN_PROJECTIONS = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 _MIXTRAL_PROJECTIONS = {"gate": "w1", "up": "w3", "down": "w2"}
 _QWEN_BLOCK = "model.layers.{layer}.mlp"
 _MIXTRAL_BLOCK = "model.layers.{layer}.block_sparse_moe"
+_MIXTRAL_TO_MLP = (Rename(".block_sparse_moe.", ".mlp."),)
+"""transformers v5 (``conversion_mapping.py``, "mixtral") names the block ``mlp`` in memory."""
 
 FAMILIES: tuple[Family, ...] = (
     Family("qwen2_moe", ("qwen2_moe",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_experts",
@@ -134,11 +159,12 @@ FAMILIES: tuple[Family, ...] = (
            shared_expert="shared_experts", count_aliases=("num_local_experts",),
            moe_layers=after_dense_prefix),
     Family("mixtral", ("mixtral",), _MIXTRAL_BLOCK, _MIXTRAL_PROJECTIONS, "num_local_experts",
-           renames={"transformers": ((".block_sparse_moe.", ".mlp."),)},
+           renames={"transformers": _MIXTRAL_TO_MLP},
            count_aliases=("num_experts",), moe_layers=every_layer),
     Family("phimoe", ("phimoe",), _MIXTRAL_BLOCK, _MIXTRAL_PROJECTIONS, "num_local_experts",
-           renames={"transformers": ((".block_sparse_moe.gate.weight", ".mlp.router.weight"),
-                                     (".block_sparse_moe.", ".mlp."))}, moe_layers=every_layer),
+           renames={"transformers": (*_MIXTRAL_TO_MLP, Rename(".mlp.gate.weight",
+                                                                ".mlp.router.weight"))},
+           moe_layers=every_layer),
     # Llama 4 (text) keeps its experts grouped on disk, as its model does in memory:
     # feed_forward.experts.gate_up_proj [E,H,2I] (gate then up) and down_proj [E,I,H], i.e.
     # the transformers layout in the [E, in, out] orientation. Its per-expert HF view is
@@ -147,7 +173,8 @@ FAMILIES: tuple[Family, ...] = (
     # under backbone.layers.N.mixer on disk and model.layers.N.mixer in memory.
     Family("nemotron_h", ("nemotron_h",), "backbone.layers.{layer}.mixer",
            {"up": "up_proj", "down": "down_proj"}, "n_routed_experts",
-           shared_expert="shared_experts", renames={"transformers": (("backbone.", "model."),)},
+           shared_expert="shared_experts",
+           renames={"transformers": (Rename("backbone.", "model.", at_start=True),)},
            count_aliases=("num_local_experts",), moe_layers=block_types),
     # GPT-OSS keeps its experts grouped on disk as its model does in memory: gate_up_proj
     # [E,H,2I] with gate and up interleaved, biases gate_up_proj_bias [E,2I] (same
@@ -182,11 +209,8 @@ def family_of_model_type(model_type: str | None) -> Family | None:
     return next((f for f in FAMILIES if model_type in f.model_types), None)
 
 
-def rename(key: str, rules: tuple[tuple[str, str], ...], reverse: bool = False) -> str:
-    """Apply the first matching substring rename (``reverse`` undoes it)."""
-    for old, new in rules:
-        if reverse:
-            old, new = new, old
-        if old in key:
-            return key.replace(old, new, 1)
+def rename(key: str, rules: tuple[Rename, ...], reverse: bool = False) -> str:
+    """Apply ``rules`` in turn; ``reverse`` undoes them, the last rule first."""
+    for rule in reversed(rules) if reverse else rules:
+        key = rule.undo(key) if reverse else rule.apply(key)
     return key
