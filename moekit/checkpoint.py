@@ -110,9 +110,13 @@ class Checkpoint:
         A folder is read with its index, config.json and sidecar files. A single
         ``.safetensors`` file named directly is that file alone (followed wherever it
         links, since the user named it): its folder's config.json is read for detection,
-        but none of its neighbours is copied with it.
+        but none of its neighbours is copied with it. A ``str`` that names no local path
+        and reads as a Hugging Face repo id (``ORG/NAME[@REVISION]``) is that repository's
+        snapshot in the local Hub cache (see ``moekit.hub``).
         """
-        source = _locate(as_path(path, "checkpoint"))
+        from .hub import local_path  # not at the top: moekit.hub imports this module
+
+        source = _locate(local_path(path))
         tensors: dict[str, TensorInfo] = {}
         metadata: dict[str, str] = {}
         identities: dict[str, FileIdentity] = {}
@@ -353,6 +357,12 @@ def _read_index(index: Path) -> dict[str, str]:
     if not weight_map:
         raise MoekitError(f"{_shown(index)}: 'weight_map' lists no tensors")
     return weight_map
+
+
+def index_files(folder: Path) -> list[str]:
+    """The weight files the safetensors index of ``folder`` names, in order."""
+    index = _member(folder, INDEX_NAME)
+    return _index_files(index, _read_index(index))
 
 
 def _index_files(index: Path, weight_map: dict) -> list[str]:

@@ -26,6 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         with _signals_as_interrupts():
+            _download(args)
             return args.run(args)
     except MoekitError as err:
         print(f"moekit: error: {err}", file=sys.stderr)
@@ -112,6 +113,29 @@ def _add_output_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
 
 
+HUB_ID = ("or a Hugging Face repo id ORG/NAME[@REVISION], read from the local Hub cache "
+          "(see --download)")
+
+
+def _add_download_option(sub: argparse.ArgumentParser, *checkpoints: str) -> None:
+    """``--download`` for a command whose arguments ``checkpoints`` may be Hub repo ids."""
+    sub.add_argument("--download", action="store_true",
+                     help="fetch a Hugging Face repo id missing from the local Hub cache (its "
+                     "weight, index, config and sidecar files only) before reading it; without "
+                     "it nothing is downloaded, and HF_HUB_OFFLINE=1 forbids it")
+    sub.set_defaults(checkpoints=checkpoints)
+
+
+def _download(args: argparse.Namespace) -> None:
+    """With ``--download``, fetch the command's Hub repo ids into the Hub cache, where
+    the command then finds them."""
+    if getattr(args, "download", False):
+        from .hub import download
+
+        for name in args.checkpoints:
+            download(getattr(args, name))
+
+
 def _command(commands, name: str, help: str, run: Callable[[argparse.Namespace], int]
              ) -> argparse.ArgumentParser:
     sub = commands.add_parser(name, help=help, description=help)
@@ -122,9 +146,10 @@ def _command(commands, name: str, help: str, run: Callable[[argparse.Namespace],
 def _add_inspect(commands) -> None:
     sub = _command(commands, "inspect", "Show a checkpoint's family, layout, experts and sizes.",
                    _run_inspect)
-    sub.add_argument("path", help="checkpoint folder or .safetensors file")
+    sub.add_argument("path", help=f"checkpoint folder or .safetensors file, {HUB_ID}")
     sub.add_argument("--from", dest="from_", choices=list(LAYOUTS), help="override layout detection")
     sub.add_argument("--json", action="store_true", help="print JSON")
+    _add_download_option(sub, "path")
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
@@ -138,7 +163,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
 def _add_convert(commands) -> None:
     sub = _command(commands, "convert", "Convert a checkpoint's experts to another layout.",
                    _run_convert)
-    sub.add_argument("src", help="source checkpoint folder")
+    sub.add_argument("src", help=f"source checkpoint folder, {HUB_ID}")
     sub.add_argument("dst", help="destination folder (must not exist, unless --overwrite)")
     sub.add_argument("--to", required=True, choices=list(LAYOUTS), help="destination layout")
     sub.add_argument("--from", dest="from_", choices=list(LAYOUTS),
@@ -146,6 +171,7 @@ def _add_convert(commands) -> None:
     sub.add_argument("--dequantize", action="store_true",
                      help="write FP8 block-scaled weights as bf16 (their scales dropped)")
     _add_output_options(sub)
+    _add_download_option(sub, "src")
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -186,9 +212,10 @@ def _add_verify(commands) -> None:
     sub = _command(commands, "verify",
                    "Check that two checkpoints hold bit-identical weights, whatever their layouts "
                    "(exit 0 if so, 1 otherwise).", _run_verify)
-    sub.add_argument("a")
-    sub.add_argument("b")
+    sub.add_argument("a", help=f"checkpoint folder, {HUB_ID}")
+    sub.add_argument("b", help="the other checkpoint, likewise")
     sub.add_argument("--json", action="store_true", help="print JSON")
+    _add_download_option(sub, "a", "b")
 
 
 def _run_verify(args: argparse.Namespace) -> int:
@@ -202,11 +229,13 @@ def _run_verify(args: argparse.Namespace) -> int:
 def _add_plan(commands) -> None:
     sub = _command(commands, "plan", "Show what each expert-parallel rank owns, reads and holds, "
                    "from headers or from a config.json alone.", _run_plan)
-    sub.add_argument("path", help="checkpoint folder, or a config.json (no weights needed)")
+    sub.add_argument("path", help="checkpoint folder, a config.json (no weights needed), "
+                     f"{HUB_ID}")
     sub.add_argument("--ep", type=int, required=True, help="expert-parallel group size")
     sub.add_argument("--layout", default="nemo", choices=[l for l in LAYOUTS if l != "hf"],
                      help="grouped layout the ranks load (default nemo)")
     sub.add_argument("--json", action="store_true", help="print JSON")
+    _add_download_option(sub, "path")
 
 
 def _run_plan(args: argparse.Namespace) -> int:
@@ -226,7 +255,7 @@ def _add_upcycle(commands) -> None:
 
     sub = _command(commands, "upcycle", "Turn a dense HF checkpoint (Llama, Mistral, Qwen2, "
                    "Qwen3) into an MoE checkpoint that transformers loads.", _run_upcycle)
-    sub.add_argument("dense", help="dense checkpoint folder")
+    sub.add_argument("dense", help=f"dense checkpoint folder, {HUB_ID}")
     sub.add_argument("dst", help="destination folder (must not exist, unless --overwrite)")
     sub.add_argument("--experts", type=int, required=True, help="routed experts per layer")
     sub.add_argument("--top-k", type=int, required=True, help="experts per token")
@@ -253,6 +282,7 @@ def _add_upcycle(commands) -> None:
                      help="MoE family to write (default: the dense family's sibling)")
     sub.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     _add_output_options(sub)
+    _add_download_option(sub, "dense")
 
 
 def _run_upcycle(args: argparse.Namespace) -> int:

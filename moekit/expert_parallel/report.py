@@ -8,6 +8,7 @@ from pathlib import Path
 from ..checkpoint import Checkpoint, read_config
 from ..errors import MoekitError
 from ..gc_pauses import without_gc_pauses
+from ..hub import local_path
 from ..layouts import family_of_model_type
 from ..model_config import MAX_BUILT_LAYERS, ConfigValues
 from ..planner import (Analysis, build_plan, config_settings, understand, understand_checkpoint,
@@ -44,7 +45,7 @@ def ep_report(path: str | Path, ep_size: int, layout: str = "nemo") -> list[Rank
         raise MoekitError(f"the expert-parallel group size is {ep_size!r}; expected a whole "
                           "number of ranks, at least 1")
     dst = grouped_layout(layout)
-    analysis = _analysis(Path(path))
+    analysis = _analysis(local_path(path))
     validate(analysis)
     plan = build_plan(analysis, dst)
     n_experts = analysis.n_experts

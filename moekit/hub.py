@@ -1,0 +1,120 @@
+"""Hugging Face Hub repository ids as checkpoint paths, found in the local Hub cache.
+
+``moekit inspect Qwen/Qwen3-30B-A3B`` reads the snapshot that ``hf download`` (or
+transformers) left in the cache (``HF_HUB_CACHE``, else ``HF_HOME/hub``, else
+``~/.cache/huggingface/hub``). Nothing is downloaded unless the caller asks
+(``download``; ``moekit ... --download``), and ``HF_HUB_OFFLINE=1`` forbids that too.
+A path that exists always wins over a repo id of the same spelling, and only a ``str``
+is read as a repo id (a ``pathlib.Path`` is a path). ``ORG/NAME@REVISION`` names a
+branch, tag or commit (default ``main``).
+
+huggingface_hub is imported only when a name is not a local path, so reading local
+checkpoints starts no faster or slower for it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import CONFIG_NAME, INDEX_NAME, SIDECARS, as_path, index_files
+from .errors import MoekitError, printable
+
+_REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}", re.ASCII)
+"""What may be a repo id (``huggingface_hub.utils.validate_repo_id`` has the last word):
+``NAME`` or ``ORG/NAME`` of letters, digits, ``-``, ``_`` and ``.``."""
+
+
+
+@dataclass(frozen=True)
+class RepoId:
+    """A Hub model repository and the revision asked for."""
+
+    repo: str
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return self.repo if self.revision is None else f"{self.repo}@{self.revision}"
+
+    def how_to_download(self) -> str:
+        """What a user runs to put this revision into the cache."""
+        revision = "" if self.revision is None else f" --revision {self.revision}"
+        return printable(f"pass --download (moekit.hub.download in Python) or run `hf "
+                         f"download {self.repo}{revision}`")
+
+
+def repo_id(value: object) -> RepoId | None:
+    """``value`` as a repo id when it is a ``str`` naming nothing on the local file system
+    and spelled as one (``ORG/NAME`` or ``NAME``, optionally ``@REVISION``); else None."""
+    if not isinstance(value, str) or os.path.lexists(value):
+        return None
+    repo, at, revision = value.partition("@")
+    if not _REPO_ID.fullmatch(repo) or (at and not revision):
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        return None
+    return RepoId(repo, revision or None)
+
+
+def local_path(value: object, role: str = "checkpoint") -> Path:
+    """The local path ``value`` names: itself, or for a repo id the folder of its cached
+    snapshot (offline; MoekitError saying how to download it when it is not cached)."""
+    repo = repo_id(value)
+    if repo is None:
+        return as_path(value, role)
+    return _snapshot(repo, local_files_only=True, patterns=[INDEX_NAME, CONFIG_NAME])
+
+
+def download(value: str) -> Path:
+    """The local folder of the Hub repo id ``value`` after fetching what moekit reads of
+    it (the weight files, index, config.json and sidecar files; nothing else of the
+    repository) into the Hub cache; a local path is returned as it is."""
+    repo = repo_id(value)
+    if repo is None:
+        return as_path(value, "checkpoint")
+    listed = [INDEX_NAME, *SIDECARS]
+    folder = _snapshot(repo, local_files_only=False, patterns=listed)
+    files = index_files(folder) if (folder / INDEX_NAME).exists() else ["*.safetensors"]
+    return _snapshot(repo, local_files_only=False, patterns=[*listed, *files])
+
+
+def _snapshot(repo: RepoId, local_files_only: bool, patterns: list[str]) -> Path:
+    """``huggingface_hub.snapshot_download`` of ``repo`` limited to ``patterns``, its
+    errors as one MoekitError naming the repo id."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (HFValidationError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled)
+
+    if not local_files_only and constants.HF_HUB_OFFLINE:
+        local_files_only = True
+    try:
+        return Path(snapshot_download(repo.repo, revision=repo.revision,
+                                      local_files_only=local_files_only,
+                                      allow_patterns=patterns))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
+        raise MoekitError(_not_cached(repo, local_files_only, constants)) from err
+    except HFValidationError as err:
+        raise MoekitError(f"{printable(str(repo))} is no local path, nor a Hugging Face repo "
+                          f"id with a revision the Hub accepts: {err}") from None
+    except OSError as err:  # the Hub's HTTP errors (repository or revision not found, ...)
+        raise MoekitError(f"cannot fetch the Hugging Face repository {printable(str(repo))}: "
+                          f"{printable(str(err).splitlines()[0])}") from err
+
+
+def _not_cached(repo: RepoId, local_files_only: bool, constants) -> str:
+    """Why a repo id could not be read, and what to do."""
+    shown = printable(str(repo))
+    where = (f"{shown} is not a local path, and the Hugging Face repository {shown} is not "
+             f"(or not completely) in the local cache {printable(constants.HF_HUB_CACHE)}")
+    if constants.HF_HUB_OFFLINE:
+        return (f"{where}; HF_HUB_OFFLINE is set, so nothing is downloaded: unset it and "
+                f"{repo.how_to_download()}")
+    if local_files_only:
+        return f"{where}; moekit downloads nothing unless told: {repo.how_to_download()}"
+    return f"{where}, and it could not be downloaded"

@@ -1,0 +1,144 @@
+"""Hugging Face repo ids as checkpoint paths, read from a Hub cache built by hand (nothing
+is downloaded): snapshots link into ``../../blobs`` as huggingface_hub lays them out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+from huggingface_hub import constants
+
+import moekit
+from moekit.cli import main
+
+REPO = "tiny-org/tiny-moe"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_cache(root: Path, checkpoint: Path, repo: str = REPO, commit: str = COMMIT,
+              refs: tuple[str, ...] = ("main",)) -> Path:
+    """Put ``checkpoint``'s files into the Hub cache ``root`` as ``repo`` at ``commit``,
+    with each of ``refs`` naming that commit: ``models--ORG--NAME/refs/REF`` holds the
+    commit, ``snapshots/COMMIT/FILE`` links to ``../../blobs/SHA256``."""
+    repo_dir = root / f"models--{repo.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo_dir / "blobs").mkdir(exist_ok=True)
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo_dir / "refs" / ref).write_text(commit)
+    for file in sorted(checkpoint.iterdir()):
+        blob = hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copyfile(file, repo_dir / "blobs" / blob)
+        (snapshot / file.name).symlink_to(Path("../../blobs") / blob)
+    return snapshot
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hub cache that huggingface_hub (already imported by transformers) and any
+    child process use."""
+    root = tmp_path / "hub"
+    root.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return root
+
+
+def test_the_hand_built_cache_is_what_huggingface_hub_reads(cache, family_checkpoints):
+    snapshot = hub_cache(cache, family_checkpoints["qwen3_moe"])
+    found = huggingface_hub.try_to_load_from_cache(REPO, "config.json")
+    assert found == str(snapshot / "config.json")
+
+
+def test_every_command_reads_a_cached_repo_id(cache, family_checkpoints, tmp_path, capsys):
+    local = family_checkpoints["qwen3_moe"]
+    hub_cache(cache, local)
+    for command in (["inspect", "--json"], ["plan", "--ep", "2", "--json"]):
+        assert main([command[0], str(local), *command[1:]]) == 0
+        expected = json.loads(capsys.readouterr().out)
+        assert main([command[0], REPO, *command[1:]]) == 0
+        got = json.loads(capsys.readouterr().out)
+        if command[0] == "inspect":
+            assert got.pop("path") != expected.pop("path")
+        assert got == expected
+    assert main(["verify", REPO, str(local)]) == 0
+    assert main(["convert", REPO, str(tmp_path / "nemo"), "--to", "nemo"]) == 0
+    assert main(["verify", str(tmp_path / "nemo"), str(local)]) == 0
+    assert (tmp_path / "nemo" / "config.json").read_bytes() == (local / "config.json").read_bytes()
+    assert moekit.inspect(REPO).n_experts == moekit.inspect(local).n_experts
+
+
+def test_a_revision_is_a_branch_tag_or_commit(cache, family_checkpoints, capsys):
+    hub_cache(cache, family_checkpoints["qwen3_moe"], refs=("main", "v1"))
+    hub_cache(cache, family_checkpoints["olmoe"], commit="f" * 40, refs=("v2",))
+    for name, family in ((REPO, "qwen3_moe"), (f"{REPO}@v1", "qwen3_moe"),
+                         (f"{REPO}@{COMMIT}", "qwen3_moe"), (f"{REPO}@v2", "olmoe"),
+                         (f"{REPO}@{'f' * 40}", "olmoe")):
+        assert main(["inspect", name, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["family"] == family, name
+    assert main(["inspect", f"{REPO}@v3"]) == 2
+    assert "not (or not completely) in the local cache" in capsys.readouterr().err
+
+
+def test_a_local_path_wins_over_a_repo_id(cache, family_checkpoints, tmp_path, monkeypatch,
+                                          capsys):
+    hub_cache(cache, family_checkpoints["qwen3_moe"])
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(family_checkpoints["olmoe"], tmp_path / REPO)
+    assert main(["inspect", REPO, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["family"] == "olmoe"
+    assert moekit.inspect(Path("tiny-org") / "tiny-moe").family == "olmoe"
+
+
+def test_a_repo_id_not_cached_is_one_message_saying_how_to_download_it(cache, capsys):
+    for command in (["inspect", REPO], ["verify", REPO, REPO], ["plan", REPO, "--ep", "2"],
+                    ["convert", f"{REPO}@v1", "out", "--to", "nemo", "--dry-run"],
+                    ["upcycle", REPO, "out", "--experts", "4", "--top-k", "2", "--dry-run"]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert f"Hugging Face repository {command[1]} is not (or not completely) in the " \
+               f"local cache {cache}" in err
+        assert "pass --download" in err and f"hf download {REPO}" in err
+    assert main(["convert", f"{REPO}@v1", "out", "--to", "nemo"]) == 2
+    assert "hf download tiny-org/tiny-moe --revision v1" in capsys.readouterr().err
+    assert not os.path.exists("out")
+
+
+def test_hf_hub_offline_forbids_download(cache, family_checkpoints, monkeypatch, capsys):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main(["inspect", REPO, "--download"]) == 2
+    assert "HF_HUB_OFFLINE is set, so nothing is downloaded" in capsys.readouterr().err
+    hub_cache(cache, family_checkpoints["qwen3_moe"])
+    assert main(["inspect", REPO, "--download"]) == 0
+
+
+def test_what_is_neither_a_path_nor_a_repo_id_is_a_missing_path(cache, capsys):
+    for name in ("no/such/folder", "./tiny-moe", "a--b/c", "/abs/x"):
+        assert main(["inspect", name]) == 2
+        assert "the path does not exist" in capsys.readouterr().err, name
+
+
+def test_the_command_line_honours_hf_hub_cache_and_imports_no_hub_for_a_path(
+        cache, family_checkpoints, tmp_path):
+    hub_cache(cache, family_checkpoints["qwen3_moe"])
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    moekit_cli = Path(sys.executable).with_name("moekit")
+    out = subprocess.run([moekit_cli, "inspect", REPO, "--json"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["family"] == "qwen3_moe"
+    probe = ("import sys; from moekit.cli import main; main(['inspect', sys.argv[1]]); "
+             "print('huggingface_hub' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe, str(family_checkpoints["olmoe"])],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.splitlines()[-1] == "False"
