@@ -73,6 +73,19 @@ class Transpose:
 
 
 @dataclass(frozen=True)
+class Reshape:
+    """The same elements in row-major order under another shape (vLLM holds MXFP4 blocks
+    [out, in/32, 16] as [out, in/2]): a view, no value changes."""
+
+    part: "Expr"
+    shape: tuple[int, ...]
+
+    @property
+    def dtype(self) -> str:
+        return self.part.dtype
+
+
+@dataclass(frozen=True)
 class Stack:
     """Stack equally shaped parts along a new leading dimension."""
 
@@ -203,8 +216,8 @@ class DequantizeMXFP4:
         return (out, groups * pairs * 2)
 
 
-Expr = Union[Read, Transpose, Stack, Concat, Scale, Constant, Random, Redraw, Dequantize,
-             DequantizeMXFP4]
+Expr = Union[Read, Transpose, Reshape, Stack, Concat, Scale, Constant, Random, Redraw,
+             Dequantize, DequantizeMXFP4]
 
 
 def reads(expr: Expr) -> list[Read]:
@@ -219,7 +232,7 @@ def reads(expr: Expr) -> list[Read]:
         return [*reads(expr.weight), *reads(expr.scale)]
     if isinstance(expr, DequantizeMXFP4):
         return [*reads(expr.blocks), *reads(expr.scales)]
-    if isinstance(expr, (Transpose, Scale)):
+    if isinstance(expr, (Transpose, Reshape, Scale)):
         return reads(expr.part)
     return [r for part in expr.parts for r in reads(part)]
 
@@ -235,6 +248,8 @@ def describe(expr: Expr) -> str:
         return expr.key if expr.is_whole else f"{expr.key}[{_region(expr.region)}]"
     if isinstance(expr, Transpose):
         return f"T({describe(expr.part)})"
+    if isinstance(expr, Reshape):
+        return f"view({describe(expr.part)}, {list(expr.shape)})"
     if isinstance(expr, Scale):
         return f"{expr.factor:g}*{describe(expr.part)}"
     if isinstance(expr, Constant):

@@ -22,11 +22,13 @@ from .errors import MoekitError, PlanError, compress_ranges, compress_runs, plur
 from .gc_pauses import without_gc_pauses
 from .layouts import FAMILIES, LAYOUTS, ExpertBlock, Family, Layout, family_named, layout_named
 from .layouts.base import ParsedExperts, TensorMeta
+from .layouts.grouped import MXFP4_DTYPE, MXFP4_PAIRS
 from .layouts.families import (FP8_SCALE_KEY, GENERIC_FAMILIES, MAX_EXPERTS, MX_BLOCKS,
                                MX_SCALES, SCALE, family_of_model_type)
 from .model_config import DEFAULT_FP8_BLOCK, ConfigValues, MoeLayers, expert_count, fp8_block
 from .output import check_destination
-from .plan import Concat, Dequantize, DequantizeMXFP4, Expr, Plan, Read, Stack, TensorPlan, Transpose
+from .plan import (Concat, Dequantize, DequantizeMXFP4, Expr, Plan, Read, Reshape, Stack,
+                   TensorPlan, Transpose)
 from .sizes import parse_size
 
 SAMPLE = 1024
@@ -199,6 +201,7 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
     blocks = {layer: _dequantized(block, block_size) if dequantize else block
               for layer, block in analysis.blocks.items()}
     _check_held(blocks, analysis.family, dst)
+    _check_scale_grids(analysis, blocks, dst, block_size)
     src = analysis.layout
     chosen = range(analysis.n_experts) if experts is None else experts
     by_layer: dict[int, list[TensorPlan]] = {
@@ -241,10 +244,40 @@ def _check_held(blocks: Mapping[int, ExpertBlock], family: Family, dst: Layout) 
         can = [name for name, layout in LAYOUTS.items()
                if all(layout.holds(p, family) for p in lost)]
         quantized = any(p.endswith((SCALE, MX_BLOCKS, MX_SCALES)) for p in lost)
+        note = dst.quantized_note if quantized else ""
         raise MoekitError(f"the {dst.name} layout cannot hold the {family.name} experts' "
-                          f"{', '.join(lost)}; moekit refuses to drop them. Layouts that hold "
-                          f"them: {', '.join(can)}"
+                          f"{', '.join(lost)}" + (f" ({note})" if note else "")
+                          + f"; moekit refuses to drop them. Layouts that hold them: "
+                          f"{', '.join(can)}"
                           + ("; or pass --dequantize to write bf16 weights" if quantized else ""))
+
+
+def _check_scale_grids(analysis: Analysis, blocks: Mapping[int, ExpertBlock], dst: Layout,
+                       block_size: tuple[int, int]) -> None:
+    """Refuse FP8 gate and up scales read from, or written to, one grid over the joined
+    gate+up rows (transformers' fused FP8 experts: max(ceil(2I/rows), 2) rows) when I is
+    not a whole number of blocks: a block of that grid then spans gate and up rows that
+    the per-projection grids scale apart (or, for I below half a block, the grid's second
+    row scales nothing), so no byte copy is exact."""
+    family = analysis.family
+    for layout, held, verb in ((analysis.layout, analysis.blocks, "reads"),
+                               (dst, blocks, "writes")):
+        if not layout.joins_scale_blocks(family):
+            continue
+        sizes = sorted({part.shape[0] for block in held.values()
+                        for (piece, e), part in block.pieces.items()
+                        if piece == "gate" and ("gate" + SCALE, e) in block.pieces})
+        odd = [size for size in sizes if size % block_size[0]]
+        if odd:
+            raise MoekitError(
+                f"the {layout.name} layout {verb} the FP8 block scales of gate and up as one "
+                f"grid over their joined {2 * odd[0]} rows (transformers' fused FP8 experts), "
+                f"in blocks of {block_size[0]} rows; with an expert intermediate size of "
+                f"{odd[0]}, not a multiple of {block_size[0]}, a block spans gate and up rows "
+                "that their own scales cover separately, so moekit cannot move the scales "
+                "exactly: " + ("pass --dequantize to write bf16 weights, or write the hf or "
+                               "vllm layout" if verb == "writes" else
+                               "no moekit conversion reads these scales exactly"))
 
 
 def _check_joined_dtypes(analysis: Analysis, blocks: Mapping[int, ExpertBlock],
@@ -280,7 +313,7 @@ def _mixed_dtypes(expr: Expr) -> bool:
             if len({part.dtype for part in node.parts}) > 1:
                 return True
             pending.extend(node.parts[:1] if isinstance(node, Stack) else node.parts)
-        elif isinstance(node, Transpose):
+        elif isinstance(node, (Transpose, Reshape)):
             pending.append(node.part)
     return False
 
@@ -730,10 +763,6 @@ def _fp8_scale_shape(weight: tuple[int, ...], block: tuple[int, int]) -> tuple[i
 FP8_SCALE_DTYPES = ("F32", "BF16", "F16", "F64")
 """Dtypes an FP8 block scale may have (DeepSeek-V3 writes F32, some releases BF16): a scale
 in a float8 or integer dtype is a damaged or mislabelled tensor, not a format."""
-MXFP4_DTYPE = "U8"
-"""MXFP4 blocks (two FP4 codes a byte) and scales (E8M0 exponents) are bytes."""
-MXFP4_PAIRS = 16
-"""Bytes per MXFP4 block of 32 inputs: blocks are [out, in/32, 16]."""
 
 
 def _scale_problems(block: ExpertBlock, name: Callable[[str], str], block_size: tuple[int, int],

@@ -45,9 +45,9 @@ def reference_dequantize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Ten
     return out.to(torch.bfloat16)
 
 
-@pytest.fixture(scope="module")
-def fp8(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("fp8")
+def fp8_checkpoint(folder: Path, intermediate: int = I) -> Path:
+    """A two-shard FP8 Qwen3-MoE checkpoint whose experts have ``intermediate`` rows."""
+    folder.mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)
     tensors: dict[str, torch.Tensor] = {
         "model.embed_tokens.weight": torch.randn(64, H, generator=generator).bfloat16()}
@@ -58,7 +58,8 @@ def fp8(tmp_path_factory) -> Path:
         tensors[f"{p}.self_attn.q_proj.weight_scale_inv"] = q_scale
         tensors[f"{p}.mlp.gate.weight"] = torch.randn(E, H, generator=generator).bfloat16()
         for e in range(E):
-            for proj, shape in (("gate", (I, H)), ("up", (I, H)), ("down", (H, I))):
+            for proj, shape in (("gate", (intermediate, H)), ("up", (intermediate, H)),
+                                ("down", (H, intermediate))):
                 w, s = _quantised(shape, generator)
                 tensors[f"{p}.mlp.experts.{e}.{proj}_proj.weight"] = w
                 tensors[f"{p}.mlp.experts.{e}.{proj}_proj.weight_scale_inv"] = s
@@ -72,32 +73,113 @@ def fp8(tmp_path_factory) -> Path:
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
     (folder / "config.json").write_text(json.dumps(
         {"model_type": "qwen3_moe", "num_experts": E, "hidden_size": H,
-         "moe_intermediate_size": I, "num_hidden_layers": LAYERS}))
+         "moe_intermediate_size": intermediate, "num_hidden_layers": LAYERS}))
     return folder
 
 
-@pytest.mark.parametrize("layout", ["nemo", "transformers", "vllm"])
-def test_fp8_experts_and_scales_round_trip_byte_identically(fp8, layout, tmp_path):
-    convert(fp8, tmp_path / layout, to=layout, max_shard_size="200KB")
+@pytest.fixture(scope="module")
+def fp8(tmp_path_factory) -> Path:
+    return fp8_checkpoint(tmp_path_factory.mktemp("fp8") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def fp8_whole_blocks(tmp_path_factory) -> Path:
+    """Experts whose intermediate size (256) is a whole number of 128-row blocks."""
+    return fp8_checkpoint(tmp_path_factory.mktemp("fp8") / "ckpt", intermediate=256)
+
+
+@pytest.mark.parametrize("layout, checkpoint", [("transformers", "fp8_whole_blocks"),
+                                                ("vllm", "fp8"), ("vllm", "fp8_whole_blocks")])
+def test_fp8_experts_and_scales_round_trip_byte_identically(layout, checkpoint, request,
+                                                             tmp_path):
+    source = request.getfixturevalue(checkpoint)
+    convert(source, tmp_path / layout, to=layout, max_shard_size="200KB")
     convert(tmp_path / layout, tmp_path / "back", to="hf", max_shard_size="200KB")
-    original, restored = load_all(fp8), load_all(tmp_path / "back")
+    original, restored = load_all(source), load_all(tmp_path / "back")
     assert original.keys() == restored.keys()
     assert all(same_bytes(original[k], restored[k]) for k in original)
-    assert verify(fp8, tmp_path / layout).equal
+    assert verify(source, tmp_path / layout).equal
 
 
 def test_grouped_scales_are_stacked_and_oriented_like_their_weights(fp8, tmp_path):
-    convert(fp8, tmp_path / "nemo", to="nemo")
-    hf, nemo = load_all(fp8), load_all(tmp_path / "nemo")
+    """vLLM's block-quantised FusedMoE (Fp8MoEMethod.create_weights, vLLM 0.33) holds
+    w13_weight_scale_inv [E, 2*ceil(I/128), ceil(H/128)]: the gate and up grids one after
+    the other."""
+    convert(fp8, tmp_path / "vllm", to="vllm")
+    hf, vllm = load_all(fp8), load_all(tmp_path / "vllm")
     block = "model.layers.1.mlp.experts"
-    grouped = nemo[f"{block}.gate_and_up_projs_scale_inv"]
-    assert grouped.dtype == torch.float32 and grouped.shape == (E, 2, 4)
-    assert nemo[f"{block}.gate_and_up_projs"].dtype == torch.float8_e4m3fn
+    grouped = vllm[f"{block}.routed_experts.w13_weight_scale_inv"]
+    assert grouped.dtype == torch.float32 and grouped.shape == (E, 4, 2)
+    assert vllm[f"{block}.routed_experts.w13_weight"].dtype == torch.float8_e4m3fn
     for e in range(E):
         gate, up = (hf[f"{block}.{e}.{p}_proj.weight_scale_inv"] for p in ("gate", "up"))
-        assert torch.equal(grouped[e], torch.cat([gate.T, up.T], -1))
-        assert torch.equal(nemo[f"{block}.down_projs_scale_inv"][e],
-                           hf[f"{block}.{e}.down_proj.weight_scale_inv"].T)
+        assert torch.equal(grouped[e], torch.cat([gate, up]))
+        assert torch.equal(vllm[f"{block}.routed_experts.w2_weight_scale_inv"][e],
+                           hf[f"{block}.{e}.down_proj.weight_scale_inv"])
+
+
+def _fp8_experts_shapes(intermediate: int) -> dict[str, tuple[int, ...]]:
+    """The parameter shapes of transformers' own fused FP8 experts module (5.24,
+    ``integrations.finegrained_fp8.FP8Experts``) for this checkpoint's experts."""
+    from transformers import Qwen3MoeConfig
+    from transformers.integrations.finegrained_fp8 import FP8Experts
+
+    config = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=intermediate, num_experts=E)
+    with torch.device("meta"):
+        module = FP8Experts(config, block_size=(BLOCK, BLOCK))
+    return {name: tuple(p.shape) for name, p in module.named_parameters()}
+
+
+def test_transformers_fp8_experts_are_shaped_as_transformers_builds_them(fp8_whole_blocks,
+                                                                         tmp_path):
+    convert(fp8_whole_blocks, tmp_path / "tf", to="transformers")
+    out = load_all(tmp_path / "tf")
+    block = "model.layers.0.mlp.experts."
+    ours = {k[len(block):]: tuple(v.shape) for k, v in out.items() if k.startswith(block)}
+    assert ours == _fp8_experts_shapes(256)
+
+
+def test_an_fp8_gate_up_grid_that_spans_gate_and_up_is_refused(tmp_path, capsys):
+    """I = 192: transformers' fused grid has max(ceil(2I/128), 2) = 3 rows, its middle
+    block spanning gate rows 128-191 and up rows 0-63, which the per-expert grids (2 + 2
+    rows) scale separately: refused without --dequantize, exact with it."""
+    assert _fp8_experts_shapes(192)["gate_up_proj_scale_inv"] == (E, 3, 2)
+    source = fp8_checkpoint(tmp_path / "fp8", intermediate=192)
+    assert main(["convert", str(source), str(tmp_path / "out"), "--to", "transformers"]) == 2
+    err = capsys.readouterr().err
+    assert "intermediate size of 192, not a multiple of 128" in err and "--dequantize" in err
+    assert not (tmp_path / "out").exists()
+    assert main(["convert", str(source), str(tmp_path / "out"), "--to", "transformers",
+                 "--dequantize"]) == 0
+    hf, out = load_all(source), load_all(tmp_path / "out")
+    block = "model.layers.0.mlp.experts"
+    gate, up = (reference_dequantize(hf[f"{block}.1.{p}_proj.weight"],
+                                     hf[f"{block}.1.{p}_proj.weight_scale_inv"])
+                for p in ("gate", "up"))
+    assert same_bytes(out[f"{block}.gate_up_proj"][1], torch.cat([gate, up]))
+    assert "gate_up_proj_scale_inv" not in "".join(out)
+
+
+def test_a_transformers_fp8_grid_over_joined_rows_is_not_split_into_halves(tmp_path, capsys):
+    """I = 32: transformers' fused grid has 2 rows, the first scaling all 64 gate+up rows
+    and the second none; split in halves it would give up the second row's value."""
+    folder = tmp_path / "tf"
+    folder.mkdir()
+    tensors = {"model.layers.0.mlp.gate.weight": torch.zeros(E, H, dtype=torch.bfloat16),
+               "model.layers.0.mlp.experts.gate_up_proj":
+                   torch.zeros(E, 64, H).to(torch.float8_e4m3fn),
+               "model.layers.0.mlp.experts.gate_up_proj_scale_inv": torch.ones(E, 2, 2),
+               "model.layers.0.mlp.experts.down_proj":
+                   torch.zeros(E, H, 32).to(torch.float8_e4m3fn),
+               "model.layers.0.mlp.experts.down_proj_scale_inv": torch.ones(E, 2, 1)}
+    assert {k.rsplit(".", 1)[1]: tuple(v.shape) for k, v in tensors.items()
+            if ".experts." in k} == _fp8_experts_shapes(32)
+    save_file(tensors, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(
+        {"model_type": "qwen3_moe", "num_experts": E, "hidden_size": H,
+         "moe_intermediate_size": 32, "num_hidden_layers": 1}))
+    assert main(["convert", str(folder), str(tmp_path / "out"), "--to", "hf"]) == 2
+    assert "intermediate size of 32, not a multiple of 128" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("layout", ["hf", "nemo"])
@@ -169,8 +251,8 @@ def test_mxfp4_passes_through_and_dequantizes_like_transformers(mxfp4, tmp_path)
     assert original.keys() == back.keys()
     assert all(same_bytes(original[k], back[k]) for k in original)
 
-    # vllm (like nemo) has no place for packed MXFP4 experts: refused unless dequantised.
-    assert main(["convert", str(mxfp4), str(tmp_path / "vllm"), "--to", "vllm"]) == 2
+    # nemo has no place for packed MXFP4 experts (NeMo dequantizes them on load).
+    assert main(["convert", str(mxfp4), str(tmp_path / "nemo"), "--to", "nemo"]) == 2
     assert main(["convert", str(mxfp4), str(tmp_path / "bf16"), "--to", "transformers",
                  "--dequantize"]) == 0
     out = load_all(tmp_path / "bf16")
@@ -183,7 +265,7 @@ def test_mxfp4_passes_through_and_dequantizes_like_transformers(mxfp4, tmp_path)
     convert(mxfp4, tmp_path / "vllm-bf16", to="vllm", dequantize=True)
     vllm = load_all(tmp_path / "vllm-bf16")
     key = "model.layers.1.mlp.experts"
-    assert torch.equal(vllm[f"{key}.w13_weight"][:, :32], out[f"{key}.gate_up_proj"][:, :, 0::2].mT)
+    assert torch.equal(vllm[f"{key}.routed_experts.w13_weight"], out[f"{key}.gate_up_proj"].mT)
 
 
 def _damaged(fp8: Path, folder: Path, change) -> Path:
@@ -237,7 +319,7 @@ def test_dequantize_refuses_scales_beside_weights_that_are_not_float8(fp8, tmp_p
     assert "cannot dequantize" in err and "layer 0: gate_proj is BF16 beside block scales" in err
     assert "model.layers.0.self_attn.q_proj.weight is BF16" in err
     assert not (tmp_path / "out").exists()
-    convert(src, tmp_path / "kept", to="nemo")           # without --dequantize: bytes moved
+    convert(src, tmp_path / "kept", to="vllm")           # without --dequantize: bytes moved
     assert verify(src, tmp_path / "kept").equal
 
 

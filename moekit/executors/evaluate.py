@@ -19,7 +19,7 @@ import torch
 from ..dtypes import to_torch
 from ..errors import MoekitError
 from ..plan import (FP4_VALUES, Concat, Constant, Dequantize, DequantizeMXFP4, Expr, Random,
-                    Read, Redraw, Scale, Stack, Transpose)
+                    Read, Redraw, Reshape, Scale, Stack, Transpose)
 from ..sources import TensorSource
 
 
@@ -61,6 +61,8 @@ def fill(expr: Expr, out: torch.Tensor, source: TensorSource) -> None:
         out.copy_(_checked(source.read(expr), expr, out))
     elif isinstance(expr, Transpose):
         fill(expr.part, out.transpose(-2, -1), source)
+    elif isinstance(expr, Reshape):
+        _fill_reshape(expr, out, source)
     elif isinstance(expr, Stack):
         _fill_stack(expr, out, source)
     elif isinstance(expr, Concat):
@@ -91,6 +93,17 @@ def _checked(value: torch.Tensor, read: Read, out: torch.Tensor) -> torch.Tensor
                           f"expects {list(out.shape)} {out.dtype}; was the tensor changed after "
                           "the plan was made?")
     return value
+
+
+def _fill_reshape(expr: Reshape, out: torch.Tensor, source: TensorSource) -> None:
+    """Fill ``out`` through a view of the part's shape, or through a copy where ``out``'s
+    strides allow no such view."""
+    try:
+        view = out.view(expr.part.shape)
+    except RuntimeError:
+        out.copy_(materialize(expr.part, source, out.device).reshape(out.shape))
+    else:
+        fill(expr.part, view, source)
 
 
 def _fill_stack(expr: Stack, out: torch.Tensor, source: TensorSource) -> None:

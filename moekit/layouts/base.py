@@ -123,6 +123,14 @@ class Layout(ABC):
     grouped: bool = False
     """True when all experts of a layer share a tensor ([E, ...]): what expert parallelism
     shards by rows."""
+    quantized_note: str = ""
+    """Why this layout holds no quantisation tensors (FP8 scales, MXFP4 blocks), for the
+    message refusing them; empty where it holds them."""
+
+    def joins_scale_blocks(self, family: Family) -> bool:
+        """True when this layout lays the FP8 scales of gate and up as one grid over their
+        joined rows (transformers' fused FP8 experts)."""
+        return False
 
     @abstractmethod
     def parse(self, tensors: dict[str, TensorMeta], family: Family) -> ParsedExperts:

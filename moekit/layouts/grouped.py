@@ -12,12 +12,19 @@ after the other or interleaved element by element along the output dimension.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from ..plan import Concat, Constant, Expr, Read, Stack, TensorPlan, Transpose
-from .base import ExpertBlock, Layout, ParsedExperts, TensorMeta
+from ..plan import Concat, Constant, Expr, Read, Reshape, Stack, TensorPlan, Transpose
+from .base import NUMBER, ExpertBlock, Layout, ParsedExperts, TensorMeta
 from .families import (FP8_SCALE_KEY, MAX_EXPERTS, MX_BLOCKS, MX_SCALES, QUANTIZED_KEYS,
                        SCALE, Family)
+
+MXFP4_DTYPE = "U8"
+"""MXFP4 blocks (two FP4 codes a byte) and scales (E8M0 exponents) are bytes."""
+MXFP4_PAIRS = 16
+"""Bytes per MXFP4 block of 32 inputs: blocks are [out, in/32, 16]."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,18 @@ class GroupedTensor:
     orientable: bool = True
     """False for pieces stored [E, out, ...] whatever the layout's orientation (biases,
     MXFP4 blocks and scales, packed along the input dimension)."""
+    flat_blocks: bool = False
+    """True for MXFP4 blocks stored [E, out, in/2] (vLLM): each expert's canonical blocks
+    [out, in/32, 16] with their last two dimensions merged, the same bytes."""
+    dtype: str | None = None
+    """The only dtype a tensor read as this entry has (vLLM names its MXFP4 blocks
+    ``w13_weight`` like the weights, in U8); None: any."""
+    aliases: tuple[str, ...] = ()
+    """Other names read as this tensor (a consumer's names of earlier releases)."""
+    joined_scale_grid: bool = False
+    """True for FP8 block scales laid as one grid over the joined output rows (transformers'
+    fused FP8 experts): the projections' own grids stacked only when each projection's
+    rows are a whole number of blocks."""
 
     @property
     def vector(self) -> bool:
@@ -60,10 +79,12 @@ class GroupedLayout(Layout):
 
     grouped = True
 
-    def __init__(self, name: str, description: str, tensors: tuple[GroupedTensor, ...]) -> None:
+    def __init__(self, name: str, description: str, tensors: tuple[GroupedTensor, ...],
+                 quantized_note: str = "") -> None:
         self.name = name
         self.description = description
         self.tensors = tensors
+        self.quantized_note = quantized_note
 
     def specs(self, family: Family) -> tuple[GroupedTensor, ...]:
         """This layout's grouped tensors for ``family``: holding only the projections the
@@ -77,7 +98,8 @@ class GroupedLayout(Layout):
             if not held:
                 continue
             if held != spec.projections:
-                spec = replace(spec, projections=held, name=spec.ungated_name or spec.name)
+                spec = replace(spec, projections=held, name=spec.ungated_name or spec.name,
+                               aliases=())
             if transposed is not None:
                 spec = replace(spec, transposed=transposed)
             if interleaved is not None:
@@ -91,29 +113,81 @@ class GroupedLayout(Layout):
     def parse(self, tensors: dict[str, TensorMeta], family: Family) -> ParsedExperts:
         parsed = ParsedExperts()
         region = self.expert_region(family)
-        by_name = {t.name: t for t in self.specs(family)}
-        rows: dict[int, dict[str, int]] = {}
+        by_name: dict[str, list[GroupedTensor]] = {}
+        for spec in self.specs(family):
+            for name in (spec.name, *spec.aliases):
+                by_name.setdefault(name, []).append(spec)
+        renamed = self._renamed_keys(family, by_name)
+        rows: dict[int, dict[GroupedTensor, int]] = {}
         for key, meta in tensors.items():
-            inside = region.match(key)
+            inside, name = self._located(key, region, renamed)
             if not inside:
                 continue
             numbers = parsed.numbers(key, inside)
             if numbers is None:
                 continue
             layer = numbers["layer"]
-            spec = by_name.get(key[inside.end():])
+            spec = self._entry(by_name.get(name, []), meta.dtype)
             if spec is None:
-                parsed.problems.append((layer, f"{key} is not a grouped expert tensor of the "
-                                               f"{self.name} layout (is the source layout right?)"))
+                parsed.problems.append((layer, self._unknown(key)))
                 continue
             problem = self._add_pieces(parsed.block(layer, family), key, meta, spec)
             if problem:
                 parsed.problems.append((layer, problem))
                 parsed.unreadable.setdefault(layer, set()).update(spec.projections)
             else:
-                rows.setdefault(layer, {})[spec.name] = tuple(meta.shape)[0]
+                rows.setdefault(layer, {})[spec] = tuple(meta.shape)[0]
         self._check_agreement(parsed, family, rows)
         return parsed
+
+    @staticmethod
+    def _located(key: str, region: re.Pattern[str], renamed: list[tuple[re.Pattern[str], str]]
+                 ) -> tuple[re.Match[str] | None, str]:
+        """The match that places ``key`` in a layer and the grouped tensor name it holds:
+        inside the experts module (``region``), or at a renamed place."""
+        for pattern, name in renamed:
+            match = pattern.match(key)
+            if match:
+                return match, name
+        inside = region.match(key)
+        return (inside, key[inside.end():]) if inside else (None, "")
+
+    def _renamed_keys(self, family: Family, names: Iterable[str]
+                      ) -> list[tuple[re.Pattern[str], str]]:
+        """(pattern, name) of the tensors that ``family``'s renames name otherwise than
+        ``{block}.experts.{name}`` (GraniteMoE's on-disk ``block_sparse_moe.input_linear.weight``,
+        Aria's ``experts.fc1.weight``): each pattern captures the layer; ``name`` is the
+        tensor's name in this layout."""
+        inside = f"{family.block}.experts."
+        region = self.from_hf_key(inside, family)
+        patterns = []
+        for name in names:
+            key = self.from_hf_key(inside + name, family)
+            if key != region + name:
+                pattern = re.escape(key).replace(r"\{layer\}", f"(?P<layer>{NUMBER})")
+                patterns.append((re.compile(f"^{pattern}\\Z"), name))
+        return patterns
+
+    def joins_scale_blocks(self, family: Family) -> bool:
+        """True when this layout lays the FP8 scales of several projections as one grid
+        over their joined rows (see ``GroupedTensor.joined_scale_grid``)."""
+        return any(spec.joined_scale_grid and len(spec.projections) > 1
+                   for spec in self.specs(family))
+
+    @staticmethod
+    def _entry(candidates: list[GroupedTensor], dtype: str) -> GroupedTensor | None:
+        """The entry a tensor of this name and dtype is read as."""
+        return next((c for c in candidates if c.dtype == dtype), None) or next(
+            (c for c in candidates if c.dtype is None), None)
+
+    def _unknown(self, key: str) -> str:
+        """The problem of a key inside an experts module that names no tensor of this
+        layout."""
+        if key.endswith(FP8_SCALE_KEY) and self.quantized_note:
+            return (f"{key} holds FP8 block scales, which the {self.name} layout does not "
+                    f"have: {self.quantized_note}; convert the FP8 source with --dequantize")
+        return (f"{key} is not a grouped expert tensor of the {self.name} layout (is the "
+                "source layout right?)")
 
     def emit(self, block: ExpertBlock, n_experts: int, family: Family) -> list[TensorPlan]:
         out = []
@@ -121,8 +195,8 @@ class GroupedLayout(Layout):
             projections = [p for p in spec.projections if (p, 0) in block.pieces]
             if not projections:
                 continue
-            per_expert = [self._combine(spec, [block.pieces[(p, e)] for p in projections])
-                          for e in range(n_experts)]
+            per_expert = [self._flattened(spec, self._combine(
+                spec, [block.pieces[(p, e)] for p in projections])) for e in range(n_experts)]
             name = self.from_hf_key(f"{block.block}.experts.{spec.name}", family)
             out.append(TensorPlan(name, Stack(tuple(per_expert))))
         return out
@@ -138,6 +212,14 @@ class GroupedLayout(Layout):
                           {(p, 0): x for (p, e), x in block.pieces.items() if e == first})
         return [TensorPlan(t.name, Constant((0, *t.shape[1:]), t.dtype))
                 for t in self.emit(one, 1, family)]
+
+    @staticmethod
+    def _flattened(spec: GroupedTensor, piece: Expr) -> Expr:
+        """An expert's MXFP4 blocks [out, in/32, 16] as ``spec`` stores them."""
+        if not spec.flat_blocks:
+            return piece
+        out, groups, pairs = piece.shape
+        return Reshape(piece, (out, groups * pairs))
 
     @staticmethod
     def _combine(spec: GroupedTensor, pieces: list[Expr]) -> Expr:
@@ -163,6 +245,9 @@ class GroupedLayout(Layout):
         if out_size % n:
             return (f"{key} has {out_size} output features, not divisible among "
                     f"{'/'.join(spec.projections)}")
+        if spec.flat_blocks and shape[2] % MXFP4_PAIRS:
+            return (f"{key} has shape {list(shape)}; MXFP4 blocks held [E, out, in/2] have "
+                    f"a multiple of {MXFP4_PAIRS} bytes per row")
         size = out_size // n
         for k, proj in enumerate(spec.projections):
             part = slice(k, None, n) if spec.interleaved else slice(k * size, (k + 1) * size)
@@ -172,31 +257,33 @@ class GroupedLayout(Layout):
                 else:
                     read = Transpose(Read(key, (e, slice(None), part), (shape[1], size),
                                           meta.dtype))
+                if spec.flat_blocks:
+                    read = Reshape(read, (size, shape[2] // MXFP4_PAIRS, MXFP4_PAIRS))
                 block.pieces[(proj, e)] = read
                 block.names[(proj, e)] = f"{key}[{e}]"
         return None
 
     def _check_agreement(self, parsed: ParsedExperts, family: Family,
-                         rows: dict[int, dict[str, int]]) -> None:
+                         rows: dict[int, dict[GroupedTensor, int]]) -> None:
         """Every grouped tensor of a block must be present (FP8 scales only in an FP8
         checkpoint; MXFP4 blocks and scales instead of the weights in an MXFP4 one) and
         hold the same number of experts (``rows``: the experts of each well-formed
         tensor, by layer; zero for an expert-parallel rank that owns none). A tensor
         present but malformed is reported as such, not as missing."""
-        specs = {spec.name: spec for spec in self.specs(family)}
+        specs = self.specs(family)
         for layer, block in parsed.blocks.items():
             found = rows.get(layer, {})
-            needed = set(family.required_pieces(
-                {p for name in found for p in specs[name].projections}))
+            needed = set(family.required_pieces({p for spec in found for p in spec.projections}))
             counts = {}
-            for spec in specs.values():
+            for spec in specs:
                 if spec.projections[0] not in needed:
                     continue
-                name = self.from_hf_key(f"{block.block}.experts.{spec.name}", family)
-                if spec.name in found:
-                    counts[spec.name] = found[spec.name]
-                elif name not in parsed.claimed:
-                    parsed.problems.append((layer, f"{name} is missing"))
+                names = [self.from_hf_key(f"{block.block}.experts.{name}", family)
+                         for name in (spec.name, *spec.aliases)]
+                if spec in found:
+                    counts[spec.name] = found[spec]
+                elif not parsed.claimed.intersection(names):
+                    parsed.problems.append((layer, f"{names[0]} is missing"))
             if len(set(counts.values())) > 1:
                 shown = ", ".join(f"{k} holds {v}" for k, v in counts.items())
                 parsed.problems.append((layer, f"grouped tensors disagree on the expert count: {shown}"))
@@ -207,6 +294,7 @@ def _with_scales(tensors: tuple[GroupedTensor, ...]) -> tuple[GroupedTensor, ...
     concatenated and oriented the same way (``{name}_scale_inv``)."""
     scales = tuple(replace(t, name=t.name + FP8_SCALE_KEY,
                            ungated_name=t.ungated_name and t.ungated_name + FP8_SCALE_KEY,
+                           aliases=tuple(a + FP8_SCALE_KEY for a in t.aliases),
                            projections=tuple(p + SCALE for p in t.projections))
                    for t in tensors if t.piece_dims == 2)
     return tensors + scales
@@ -222,30 +310,61 @@ def _mxfp4(weights: tuple[GroupedTensor, ...]) -> tuple[GroupedTensor, ...]:
                  for t in weights for suffix, dims in ((MX_BLOCKS, 3), (MX_SCALES, 2)))
 
 
-NEMO = GroupedLayout(
-    "nemo", "NeMo AutoModel GroupedExperts: gate_and_up_projs [E,H,2I], down_projs [E,I,H] "
-    "(no expert biases)",
-    _with_scales((GroupedTensor("gate_and_up_projs", ("gate", "up"), transposed=True),
-                  GroupedTensor("down_projs", ("down",), transposed=True))))
+def _vllm_mxfp4(weights: tuple[GroupedTensor, ...]) -> tuple[GroupedTensor, ...]:
+    """MXFP4 experts as vLLM's Mxfp4MoEMethod creates them (``create_weights``, vLLM 0.33):
+    the blocks under the weight's own name, U8 [E, out, in/2], and the scales as
+    ``{name}_scale`` U8 [E, out, in/32]; the same bytes as GPT-OSS's ``*_blocks`` and
+    ``*_scales``."""
+    return tuple(
+        replace(t, ungated_name=None, orientable=False, piece_dims=2, dtype=MXFP4_DTYPE,
+                flat_blocks=True, projections=tuple(p + MX_BLOCKS for p in t.projections))
+        for t in weights) + tuple(
+        replace(t, name=t.name + "_scale", ungated_name=None, orientable=False, piece_dims=2,
+                aliases=tuple(a + "_scale" for a in t.aliases),
+                projections=tuple(p + MX_SCALES for p in t.projections))
+        for t in weights)
 
+
+NEMO = GroupedLayout(
+    "nemo", "NeMo AutoModel's GroupedExperts (0.7), what its state-dict adapters' from_hf "
+    "gives: gate_and_up_projs [E,H,2I], down_projs [E,I,H], biases gate_up_proj_bias [E,2I] "
+    "and down_proj_bias [E,H]; no FP8 scales (NeMo dequantizes on load)",
+    (GroupedTensor("gate_and_up_projs", ("gate", "up"), transposed=True),
+     GroupedTensor("down_projs", ("down",), transposed=True),
+     GroupedTensor("gate_up_proj_bias", ("gate_bias", "up_bias"), False, piece_dims=1,
+                   orientable=False),
+     GroupedTensor("down_proj_bias", ("down_bias",), False, piece_dims=1, orientable=False)),
+    quantized_note="NeMo AutoModel dequantizes FP8 and MXFP4 checkpoints when it loads them "
+                   "and holds no scale tensors")
+
+_TRANSFORMERS_WEIGHTS = (
+    GroupedTensor("gate_up_proj", ("gate", "up"), transposed=False, ungated_name="up_proj"),
+    GroupedTensor("down_proj", ("down",), transposed=False))
 TRANSFORMERS = GroupedLayout(
-    "transformers", "transformers v5 fused experts (model.state_dict()): gate_up_proj [E,2I,H], "
-    "down_proj [E,H,I] (biases gate_up_proj_bias [E,2I], down_proj_bias [E,H])",
-    _with_scales((
-        GroupedTensor("gate_up_proj", ("gate", "up"), transposed=False, ungated_name="up_proj"),
-        GroupedTensor("down_proj", ("down",), transposed=False),
+    "transformers", "transformers v5 fused experts (5.24, = model.state_dict()): gate_up_proj "
+    "[E,2I,H], down_proj [E,H,I] (biases gate_up_proj_bias [E,2I], down_proj_bias [E,H])",
+    tuple(replace(t, joined_scale_grid=t.name.endswith(FP8_SCALE_KEY)) for t in _with_scales((
+        *_TRANSFORMERS_WEIGHTS,
         GroupedTensor("gate_up_proj_bias", ("gate_bias", "up_bias"), False, piece_dims=1,
                       orientable=False),
         GroupedTensor("down_proj_bias", ("down_bias",), False, piece_dims=1, orientable=False),
-    )) + _mxfp4((GroupedTensor("gate_up_proj", ("gate", "up"), transposed=False),
-                 GroupedTensor("down_proj", ("down",), transposed=False))))
+    ))) + _mxfp4(_TRANSFORMERS_WEIGHTS))
 
-VLLM = GroupedLayout(
-    "vllm", "vLLM FusedMoE: w13_weight [E,2I,H], w2_weight [E,H,I] (biases w13_bias [E,2I], "
-    "w2_bias [E,H])",
-    _with_scales((
+VLLM_EXPERTS = "routed_experts."
+"""Where vLLM 0.33's FusedMoE holds its expert parameters (``experts.routed_experts.w13_weight``);
+earlier releases held them on the FusedMoE module itself (``experts.w13_weight``), names
+still read."""
+_VLLM_WEIGHTS = tuple(
+    replace(t, name=VLLM_EXPERTS + t.name, aliases=(t.name,)) for t in (
         GroupedTensor("w13_weight", ("gate", "up"), transposed=False),
-        GroupedTensor("w2_weight", ("down",), transposed=False),
-        GroupedTensor("w13_bias", ("gate_bias", "up_bias"), False, piece_dims=1,
-                      orientable=False),
-        GroupedTensor("w2_bias", ("down_bias",), False, piece_dims=1, orientable=False))))
+        GroupedTensor("w2_weight", ("down",), transposed=False)))
+VLLM = GroupedLayout(
+    "vllm", "vLLM FusedMoE parameters (0.33), to copy into a running engine (RL weight sync): "
+    "experts.routed_experts.w13_weight [E,2I,H], w2_weight [E,H,I] (biases w13_bias [E,2I], "
+    "w2_bias [E,H]; MXFP4 as vLLM holds it)",
+    _with_scales((
+        *_VLLM_WEIGHTS,
+        GroupedTensor(VLLM_EXPERTS + "w13_bias", ("gate_bias", "up_bias"), False, piece_dims=1,
+                      orientable=False, aliases=("w13_bias",)),
+        GroupedTensor(VLLM_EXPERTS + "w2_bias", ("down_bias",), False, piece_dims=1,
+                      orientable=False, aliases=("w2_bias",)))) + _vllm_mxfp4(_VLLM_WEIGHTS))
