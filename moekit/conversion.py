@@ -6,14 +6,11 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint
 from .dtypes import ITEMSIZES, to_safetensors
 from .errors import MoekitError
-from .executors.device import read_plan
-from .executors.memory import checked_device, checked_state_dict, run_on_state_dict
 from .executors.streaming import write_plan
 from .gc_pauses import without_gc_pauses
 from .layouts import layout_named
@@ -22,6 +19,9 @@ from .plan import Plan
 from .planner import analyse, analyse_checkpoint, build_plan, plan_conversion
 from .sizes import parse_size
 from .sources import FileSource
+
+if TYPE_CHECKING:
+    import torch
 
 
 def convert(src: str | Path, dst: str | Path, to: str, from_: str | None = None,
@@ -62,13 +62,16 @@ def write_checkpoint(plan: Plan, checkpoint: Checkpoint, dst: Path, max_shard_si
 
 
 @without_gc_pauses
-def load(path: str | Path, layout: str = "nemo", device: torch.device | str | None = None,
-         from_: str | None = None) -> dict[str, torch.Tensor]:
+def load(path: str | Path, layout: str = "nemo", device: "torch.device | str | None" = None,
+         from_: str | None = None) -> "dict[str, torch.Tensor]":
     """The whole checkpoint at ``path`` as a state dict in ``layout``, on ``device``.
 
     Validated from headers first, like ``convert``. On an accelerator the bytes go through
     a small pool of pinned host buffers and the grouped tensors are built on the device.
     """
+    from .executors.device import read_plan
+    from .executors.memory import checked_device
+
     checked_device(device)
     checkpoint, analysis = analyse_checkpoint(path, from_)
     return read_plan(build_plan(analysis, layout_named(layout)), checkpoint, device)
@@ -80,11 +83,13 @@ class _Meta:
     dtype: str
 
 
-def state_dict_meta(state_dict: Mapping[str, torch.Tensor], label: str = "state dict",
+def state_dict_meta(state_dict: "Mapping[str, torch.Tensor]", label: str = "state dict",
                     allow_meta: bool = False) -> dict[str, _Meta]:
     """Shapes and dtypes of a state dict, in the form the planner reads headers. A value
     that is not a tensor, a dtype moekit does not handle and (unless ``allow_meta``) a
     tensor without data are refused, naming the key."""
+    from .executors.memory import checked_state_dict
+
     meta = {}
     for key, value in checked_state_dict(state_dict, label, allow_meta).items():
         try:
@@ -96,9 +101,9 @@ def state_dict_meta(state_dict: Mapping[str, torch.Tensor], label: str = "state 
     return meta
 
 
-def convert_state_dict(state_dict: Mapping[str, torch.Tensor], src_layout: str | None,
+def convert_state_dict(state_dict: "Mapping[str, torch.Tensor]", src_layout: str | None,
                        dst_layout: str, family: str | None = None, n_experts: int | None = None,
-                       config: dict | None = None) -> dict[str, torch.Tensor]:
+                       config: dict | None = None) -> "dict[str, torch.Tensor]":
     """Convert an in-memory state dict between layouts.
 
     Non-expert tensors are passed through (the same tensor objects); expert tensors are
@@ -108,4 +113,6 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], src_layout: str |
     """
     analysis = analyse(state_dict_meta(state_dict), config, {}, "state dict", from_=src_layout,
                        family=family, n_experts=n_experts)
+    from .executors.memory import run_on_state_dict
+
     return run_on_state_dict(build_plan(analysis, layout_named(dst_layout)), state_dict)

@@ -3,11 +3,10 @@
 A converted checkpoint is written once and not read back by the converter, so its bytes
 need not pass through the page cache: on many machines writing new page-cache pages is the
 slowest part of a conversion (a virtual machine may fault in every fresh page from its
-host), while direct I/O hands page-aligned buffers straight to the disk. ``DirectFile``
-gathers bytes in a ring of page-aligned buffers; full ones are written by a background
-thread while the others fill, so the disk keeps writing while the next tensor is built.
-``BufferedFile`` is the plain path; it copies byte ranges of other files in the kernel
-(``copy_file_range``), which is the fastest way to write bytes that exist already.
+host), while direct I/O hands page-aligned buffers straight to the disk. ``StagedFile``
+writes the page-aligned buffers its caller fills (the streaming executor builds several at
+once); ``BufferedFile`` is the plain path, which copies byte ranges of other files in the
+kernel (``copy_file_range``), the fastest way to write bytes that exist already.
 
 Every file system works: where the kernel will not copy between two files (different file
 systems: EXDEV; a file system without support: EINVAL, ENOSYS, EOPNOTSUPP) the bytes are
@@ -20,21 +19,15 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import mmap
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 from .errors import MoekitError
 
 BLOCK = 4096
 """Alignment of direct I/O offsets, sizes and memory: a page (mmap's alignment), which
 every common logical block size divides."""
-DIRECT_BUFFER_BYTES = 16 * 2**20
-"""Bytes of each of a ``DirectFile``'s buffers (a multiple of BLOCK)."""
-DIRECT_BUFFERS = 4
-"""Buffers in a ``DirectFile``'s ring: what the disk can drain while a tensor is built."""
 COPY_BUFFER_BYTES = 8 * 2**20
 """Bytes read at a time where the kernel does not copy between the files."""
 NO_KERNEL_COPY = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
@@ -42,31 +35,6 @@ NO_KERNEL_COPY = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 reads and writes can."""
 NO_DIRECT_IO = (errno.EINVAL, errno.EOPNOTSUPP)
 """What a file system answers to O_DIRECT (at open or at a write) that it does not allow."""
-
-
-class OutputFile(Protocol):
-    """A new file written sequentially."""
-
-    def write(self, data: memoryview) -> None:
-        """Append ``data``."""
-
-    def write_from(self, fd: int, offset: int, size: int) -> None:
-        """Append ``size`` bytes of the open file ``fd`` from ``offset``."""
-
-    def close(self) -> None:
-        """Finish the file."""
-
-
-def open_output(path: Path, direct: bool) -> OutputFile:
-    """A new (truncated) file at ``path``: a ``DirectFile`` when ``direct`` and the file
-    system allows direct I/O, else a ``BufferedFile``."""
-    if direct and hasattr(os, "O_DIRECT"):
-        try:
-            return DirectFile(path)
-        except OSError as err:
-            if err.errno not in NO_DIRECT_IO:
-                raise
-    return BufferedFile(path)
 
 
 class BufferedFile:
@@ -123,79 +91,69 @@ class BufferedFile:
             done += n
 
 
-class DirectFile:
-    """Writes around the page cache (O_DIRECT) from a ring of page-aligned buffers, the
-    full ones written in order by a background thread while the next fills. What is left
-    at the end, less than a buffer and of any length, is written through the page cache
-    (O_DIRECT cleared)."""
+class StagedFile:
+    """A new file written front to back from page-aligned staging buffers, around the page
+    cache (O_DIRECT) where the file system allows, else through it.
 
-    def __init__(self, path: Path, buffer_bytes: int = DIRECT_BUFFER_BYTES,
-                 buffers: int = DIRECT_BUFFERS) -> None:
-        if buffer_bytes % BLOCK:
-            raise ValueError(f"direct I/O buffers must be a multiple of {BLOCK} bytes")
+    Each ``write`` hands over the bytes ``[start, start + size)`` of the file, which the
+    caller placed in its buffer after ``lead(start)`` bytes of room; writes come in file
+    order, each starting where the last ended. The room is filled with the previous
+    write's last partial block, so that every direct write starts and ends on a block
+    boundary, and no byte is copied twice but those. What is left at the end, less than
+    a block, is written through the page cache (O_DIRECT cleared). Callers build the next
+    buffers while a ``write`` waits for the disk (``os.pwrite`` releases the GIL).
+    """
+
+    def __init__(self, path: Path, direct: bool = True) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o666)
-        self._buffers = [mmap.mmap(-1, buffer_bytes) for _ in range(buffers)]
-        self._views = [memoryview(b) for b in self._buffers]
-        self._current = 0
-        self._filled = 0
-        self._written = 0
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="moekit-write")
-        self._pending: list[Future | None] = [None] * buffers
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self._fd = -1
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self._fd = os.open(path, flags | os.O_DIRECT, 0o666)
+            except OSError as err:
+                if err.errno not in NO_DIRECT_IO:
+                    raise
+        if self._fd < 0:
+            self._fd = os.open(path, flags, 0o666)
+        self._carry = b""
+        self._end = 0
+        """File offset up to which bytes were handed over (the carry included)."""
 
-    def write(self, data: memoryview) -> None:
-        data = data.cast("B")
-        while len(data):
-            n = min(len(data), len(self._views[0]) - self._filled)
-            self._views[self._current][self._filled:self._filled + n] = data[:n]
-            self._advance(n)
-            data = data[n:]
+    @staticmethod
+    def lead(start: int) -> int:
+        """Bytes of room a buffer for bytes from file offset ``start`` keeps before them."""
+        return start % BLOCK
 
-    def write_from(self, fd: int, offset: int, size: int) -> None:
-        done = 0
-        while done < size:
-            with self._views[self._current][self._filled:size - done + self._filled] as room:
-                n = os.preadv(fd, [room], offset + done)
-            if n <= 0:
-                raise _source_ended(self.path, size - done)
-            self._advance(n)
-            done += n
+    def write(self, buffer: memoryview, start: int, size: int) -> None:
+        """Write the ``size`` bytes at ``buffer[lead(start):]`` at file offset ``start``
+        (``buffer`` page-aligned; ``start`` where the previous write ended). The buffer's
+        first ``lead(start)`` bytes are overwritten."""
+        if start != self._end:
+            raise ValueError(f"{self.path.name}: bytes from {start} handed over where "
+                             f"{self._end} comes next")
+        lead = self.lead(start)
+        buffer[:lead] = self._carry
+        full = (lead + size) // BLOCK * BLOCK
+        with buffer[:full] as blocks:
+            self._pwrite(blocks, start - lead)
+        self._carry = bytes(buffer[full:lead + size])
+        self._end = start + size
 
     def close(self) -> None:
+        """Write what is left (less than a block) and close the file."""
         try:
-            for i in range(len(self._pending)):
-                self._wait(i)
-            if self._filled:
+            if self._carry:
                 self._stop_direct_io()
-                with self._views[self._current][:self._filled] as tail:
-                    self._pwrite(tail, self._written)
+                self._pwrite(memoryview(self._carry), self._end - len(self._carry))
         finally:
-            self._writer.shutdown(wait=True)
+            self.discard()
+
+    def discard(self) -> None:
+        """Close the file without writing what is left (after an error)."""
+        if self._fd >= 0:
             os.close(self._fd)
-            for view in self._views:
-                view.release()
-            for buffer in self._buffers:
-                buffer.close()
-
-    def _advance(self, n: int) -> None:
-        """``n`` more bytes are in the current buffer; hand it to the writer when full."""
-        self._filled += n
-        if self._filled < len(self._views[0]):
-            return
-        self._pending[self._current] = self._writer.submit(
-            self._pwrite, self._views[self._current], self._written)
-        self._written += self._filled
-        self._current = (self._current + 1) % len(self._views)
-        self._filled = 0
-        self._wait(self._current)
-
-    def _wait(self, index: int) -> None:
-        """Let the background write of buffer ``index`` (of the ring) finish, raising its
-        error once."""
-        index %= len(self._pending)
-        pending, self._pending[index] = self._pending[index], None
-        if pending is not None:
-            pending.result()
+            self._fd = -1
 
     def _pwrite(self, view: memoryview, offset: int) -> None:
         """Write ``view`` at ``offset``. A file system that accepted O_DIRECT at open but
@@ -212,7 +170,7 @@ class DirectFile:
     def _stop_direct_io(self) -> bool:
         """Clear O_DIRECT on the file; False when it was clear already."""
         flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
-        if not flags & os.O_DIRECT:
+        if not flags & getattr(os, "O_DIRECT", 0):
             return False
         fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
         return True

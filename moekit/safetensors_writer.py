@@ -14,43 +14,57 @@ import json
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from .direct_io import BufferedFile
 from .dtypes import to_safetensors
-from .direct_io import open_output
 from .plan import nbytes
 
+if TYPE_CHECKING:
+    import torch
+
 _ALIGN = 8
+
+Entry = tuple[str, str, tuple[int, ...]]
+"""A tensor of a file's header: (name, safetensors dtype, shape)."""
+
+
+def header_bytes(entries: Sequence[Entry], metadata: Mapping[str, str]) -> bytes:
+    """The bytes a safetensors file starts with (length, then the JSON header, padded to
+    8 bytes) when it holds ``entries``, in order, one after another."""
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, dtype, shape in entries:
+        size = nbytes(shape, dtype)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % _ALIGN)
+    return struct.pack("<Q", len(encoded)) + encoded
 
 
 class ShardWriter:
     """One safetensors file whose tensors are written in the order the header lists them."""
 
-    def __init__(self, path: Path, entries: Sequence[tuple[str, str, tuple[int, ...]]],
-                 metadata: Mapping[str, str], direct: bool = False) -> None:
+    def __init__(self, path: Path, entries: Sequence[Entry], metadata: Mapping[str, str]
+                 ) -> None:
         """``entries`` are (name, safetensors dtype, shape), in the order they will be
-        written; ``direct`` writes around the page cache where the file system allows
-        (see ``direct_io``)."""
+        written. The file is written through the page cache, so that byte ranges of other
+        files are copied by the kernel (the streaming executor writes the files whose
+        tensors it builds around the page cache itself)."""
         self.path = path
         self._expected = list(entries)
         self._next = 0
-        header: dict[str, object] = {"__metadata__": dict(metadata)}
-        offset = 0
-        for name, dtype, shape in entries:
-            size = nbytes(shape, dtype)
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
-            offset += size
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % _ALIGN)
-        self._file = open_output(path, direct)
-        self._file.write(memoryview(struct.pack("<Q", len(encoded)) + encoded))
+        self._file = BufferedFile(path)
+        self._file.write(memoryview(header_bytes(entries, metadata)))
         self._run: tuple[int, int, int] | None = None
         """Byte range ``(fd, offset, size)`` of ``copy_ranges`` not copied yet: ranges
         that continue one another in the same file are copied as one."""
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: "torch.Tensor") -> None:
         """Append the next tensor; it must be the one the header lists next."""
+        import torch
+
         want_name, want_dtype, want_shape = self._expected[self._next]
         got = (name, to_safetensors(tensor.dtype), tuple(tensor.shape))
         if got != (want_name, want_dtype, tuple(want_shape)):

@@ -6,20 +6,21 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
-
-import torch
+from typing import TYPE_CHECKING, Protocol
 
 from .checkpoint import Checkpoint, check_unchanged, open_regular, open_unchanged
 from .dtypes import itemsize, to_torch
 from .errors import MoekitError, printable
 from .plan import Read
 
+if TYPE_CHECKING:
+    import torch
+
 
 class TensorSource(Protocol):
     """Something a recipe's reads can be served from."""
 
-    def read(self, region: Read) -> torch.Tensor:
+    def read(self, region: Read) -> "torch.Tensor":
         """The tensor region ``region`` names (it may share memory with the source)."""
 
 
@@ -38,17 +39,33 @@ class FileSource:
         self._fds: dict[str, int] = {}
         self.bytes_read = 0
 
-    def read(self, region: Read) -> torch.Tensor:
+    def read(self, region: Read) -> "torch.Tensor":
+        import torch
+
+        info = self.checkpoint.tensors[region.key]
+        data = torch.empty(self.block_bytes(region), dtype=torch.uint8)
+        shape, within = self.read_block(region, memoryview(data.numpy()))
+        block = data.view(to_torch(info.dtype)).reshape(shape)
+        return block[within] if within else block
+
+    def block_bytes(self, region: Read) -> int:
+        """Bytes of the run of elements that holds ``region`` (see ``bounding_block``)."""
+        info = self.checkpoint.tensors[region.key]
+        return bounding_block(region.region, info.shape)[1] * itemsize(info.dtype)
+
+    def read_block(self, region: Read, buffer: memoryview) -> tuple[tuple[int, ...], tuple]:
+        """Read the run of elements that holds ``region`` into the first ``block_bytes``
+        bytes of ``buffer``; return the run's shape and the region within the run. Torch
+        is not needed: the file-to-file path moves these bytes with numpy."""
         info = self.checkpoint.tensors[region.key]
         fd, start = self.location(region.key)
         first, count, shape, within = bounding_block(region.region, info.shape)
         item = itemsize(info.dtype)
-        data = torch.empty(count * item, dtype=torch.uint8)
-        _read_exactly(fd, memoryview(data.numpy()), start + first * item,
-                      self.checkpoint.path / info.file, region.key)
+        with buffer[:count * item] as view:
+            _read_exactly(fd, view, start + first * item, self.checkpoint.path / info.file,
+                          region.key)
         self.bytes_read += count * item
-        block = data.view(to_torch(info.dtype)).reshape(shape)
-        return block[within] if within else block
+        return shape, within
 
     def location(self, key: str) -> tuple[int, int]:
         """(file descriptor, byte offset) of tensor ``key``'s data, for reading it with
@@ -163,9 +180,9 @@ def contiguous_span(region: tuple, shape: tuple[int, ...]) -> tuple[int, int] | 
 class DictSource:
     """Reads tensor regions from an in-memory state dict (views, no copies)."""
 
-    def __init__(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, state_dict: Mapping[str, "torch.Tensor"]) -> None:
         self.state_dict = state_dict
 
-    def read(self, region: Read) -> torch.Tensor:
+    def read(self, region: Read) -> "torch.Tensor":
         tensor = self.state_dict[region.key]
         return tensor[region.region] if region.region else tensor

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import moekit
-from moekit import MoekitError, conversion
+from moekit import MoekitError
 from moekit.planner import analyse_checkpoint
 from moekit.executors import device
 from moekit.executors.device import load_to_device
@@ -189,8 +189,8 @@ def test_load_experts_onto_the_gpu_equals_the_cpu_rows(family_checkpoints, tmp_p
 def test_loads_run_without_gc_pauses_and_restore_the_collector(family_checkpoints,
                                                                 monkeypatch):
     during = []
-    read_plan = conversion.read_plan
-    monkeypatch.setattr(conversion, "read_plan",
+    read_plan = device.read_plan
+    monkeypatch.setattr(device, "read_plan",
                         lambda *args: during.append(gc.isenabled()) or read_plan(*args))
     assert gc.isenabled()
     moekit.load(family_checkpoints["qwen2_moe"], "nemo")

@@ -1,17 +1,19 @@
-"""Output files: direct I/O (aligned buffers, background writes, an unaligned tail written
-through the page cache) writes exactly the bytes the page-cache path writes, and is given
-up where the file system refuses it; kernel copies are replaced by reads and writes where
-the kernel refuses them (a real other file system: test_output_safety)."""
+"""Output files: direct I/O (page-aligned staging buffers, the partial blocks between them
+carried over, an unaligned tail written through the page cache) writes exactly the bytes
+the page-cache path writes, and is given up where the file system refuses it; kernel
+copies are replaced by reads and writes where the kernel refuses them (a real other file
+system: test_output_safety)."""
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 
 import pytest
 
-from moekit.direct_io import BLOCK, BufferedFile, DirectFile, open_output
+from moekit.direct_io import BLOCK, BufferedFile, StagedFile
 from moekit.errors import MoekitError
 
 
@@ -43,24 +45,39 @@ def expected(tmp_path, source) -> bytes:
     return (tmp_path / "buffered").read_bytes()
 
 
+CUTS = (13, 200, 1, 2 * BLOCK, 3 * BLOCK + 11, 0, 5)
+"""Sizes of the staged writes (the rest is one more): starts and ends off and on blocks."""
+
+
+def _write_staged(out: StagedFile, data: bytes) -> None:
+    """``data`` handed to ``out`` in pieces of CUTS, each in a fresh page-aligned buffer."""
+    start = 0
+    for size in (*CUTS, len(data) - sum(CUTS)):
+        lead = StagedFile.lead(start)
+        buffer = mmap.mmap(-1, lead + size + BLOCK)
+        buffer[lead:lead + size] = data[start:start + size]
+        out.write(memoryview(buffer), start, size)
+        start += size
+    out.close()
+
+
 @pytest.fixture
-def direct(tmp_path) -> DirectFile:
-    """A direct-I/O file with small buffers, so that the pieces cross several of them."""
-    try:
-        return DirectFile(tmp_path / "direct", buffer_bytes=2 * BLOCK)
-    except OSError as err:
-        pytest.skip(f"this file system refuses direct I/O ({err})")
+def direct(tmp_path) -> StagedFile:
+    out = StagedFile(tmp_path / "direct")
+    if not fcntl.fcntl(out._fd, fcntl.F_GETFL) & os.O_DIRECT:
+        out.discard()
+        pytest.skip("this file system refuses direct I/O")
+    return out
 
 
-def test_direct_writes_the_bytes_buffered_writes(tmp_path, source, expected, direct):
-    _write_pieces(direct, source)
-    direct.close()
+def test_direct_writes_the_bytes_buffered_writes(tmp_path, expected, direct):
     assert len(expected) % BLOCK, "the tail must be a partial block to test its write"
+    _write_staged(direct, expected)
     assert (tmp_path / "direct").read_bytes() == expected
 
 
-def test_direct_writes_refused_after_open_fall_back_to_buffered(tmp_path, source, expected,
-                                                               direct, monkeypatch):
+def test_direct_writes_refused_after_open_fall_back_to_buffered(tmp_path, expected, direct,
+                                                               monkeypatch):
     real_pwrite = os.pwrite
 
     def refuse_direct(fd, data, offset):
@@ -69,12 +86,11 @@ def test_direct_writes_refused_after_open_fall_back_to_buffered(tmp_path, source
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", refuse_direct)
-    _write_pieces(direct, source)
-    direct.close()
+    _write_staged(direct, expected)
     assert (tmp_path / "direct").read_bytes() == expected
 
 
-def test_a_file_system_without_direct_io_gets_buffered_writes(tmp_path, monkeypatch):
+def test_a_file_system_without_direct_io_gets_buffered_writes(tmp_path, expected, monkeypatch):
     real_open = os.open
 
     def refuse_direct(path, flags, *args):
@@ -83,10 +99,17 @@ def test_a_file_system_without_direct_io_gets_buffered_writes(tmp_path, monkeypa
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(os, "open", refuse_direct)
-    out = open_output(tmp_path / "out", direct=True)
-    out.write(memoryview(b"abc"))
-    out.close()
-    assert isinstance(out, BufferedFile) and (tmp_path / "out").read_bytes() == b"abc"
+    _write_staged(StagedFile(tmp_path / "out"), expected)
+    assert (tmp_path / "out").read_bytes() == expected
+
+
+def test_staged_writes_out_of_order_are_refused(tmp_path):
+    out = StagedFile(tmp_path / "out")
+    buffer = mmap.mmap(-1, 2 * BLOCK)
+    out.write(memoryview(buffer), 0, 10)
+    with pytest.raises(ValueError, match="bytes from 20 handed over where 10 comes next"):
+        out.write(memoryview(buffer), 20, 10)
+    out.discard()
 
 
 @pytest.mark.parametrize("code", [errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP])
@@ -122,10 +145,8 @@ def test_a_kernel_copy_error_a_plain_write_would_meet_too_is_raised(tmp_path, so
     out.close()
 
 
-@pytest.mark.parametrize("kind", ["buffered", "direct"])
-def test_a_source_shorter_than_its_header_says_is_an_error(tmp_path, source, kind):
-    out = (BufferedFile(tmp_path / "out") if kind == "buffered"
-           else DirectFile(tmp_path / "out", buffer_bytes=2 * BLOCK))
+def test_a_source_shorter_than_its_header_says_is_an_error(tmp_path, source):
+    out = BufferedFile(tmp_path / "out")
     with pytest.raises(MoekitError, match="ended 4096 bytes before"):
         out.write_from(source, 4 * BLOCK, 2 * BLOCK)
     out.close()
