@@ -1,5 +1,5 @@
-"""Building recipes that only move bytes (read, stack, concatenate, interleave, transpose)
-from checkpoint files into host memory with numpy, without torch.
+"""Building recipes that only move bytes (read, stack, concatenate, interleave, transpose,
+reshape) from checkpoint files into host memory with numpy, without torch.
 
 A file-to-file conversion that moves bytes has no arithmetic to do, so it need not pay
 for importing torch (seconds on a small machine); numpy copies release the GIL, so the
@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from ..dtypes import itemsize
-from ..plan import Concat, Expr, Read, Stack, Transpose
+from ..plan import Concat, Expr, Read, Reshape, Stack, Transpose
 
 TRANSPOSE_BLOCK_BYTES = 32
 """Bytes of each destination row one step of a transposed copy writes: numpy copies a
@@ -45,7 +45,7 @@ def movable(expr: Expr) -> bool:
     """True when every node of the recipe only moves bytes (so ``fill`` can build it)."""
     if isinstance(expr, Read):
         return True
-    if isinstance(expr, Transpose):
+    if isinstance(expr, (Transpose, Reshape)):
         return movable(expr.part)
     if isinstance(expr, (Stack, Concat)):
         return all(movable(part) for part in expr.parts)
@@ -95,6 +95,19 @@ def _fill_transpose(expr: Transpose, out: np.ndarray, source: BlockSource) -> No
     fill(expr.part, out.swapaxes(-1, -2), source)
 
 
+def _fill_reshape(expr: Reshape, out: np.ndarray, source: BlockSource) -> None:
+    """Fill ``out`` through a view of the part's shape, or through a scratch array where
+    ``out``'s strides allow no such view."""
+    try:
+        view = np.reshape(out, expr.part.shape, copy=False)
+    except ValueError:
+        scratch = np.empty(expr.part.shape, dtype=out.dtype)
+        fill(expr.part, scratch, source)
+        copy_into(out, scratch.reshape(out.shape))
+    else:
+        fill(expr.part, view, source)
+
+
 def _fill_stack(expr: Stack, out: np.ndarray, source: BlockSource) -> None:
     for i, part in enumerate(expr.parts):
         fill(part, out[i], source)
@@ -115,6 +128,7 @@ def _fill_concat(expr: Concat, out: np.ndarray, source: BlockSource) -> None:
 
 
 _FILLERS: dict[type, Callable[[Expr, np.ndarray, BlockSource], None]] = {
-    Read: _fill_read, Transpose: _fill_transpose, Stack: _fill_stack, Concat: _fill_concat,
+    Read: _fill_read, Transpose: _fill_transpose, Reshape: _fill_reshape, Stack: _fill_stack,
+    Concat: _fill_concat,
 }
 """One filler per node that only moves bytes; ``movable`` accepts exactly these."""
