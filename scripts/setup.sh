@@ -8,3 +8,8 @@ PYTHON="${PYTHON:-python3}"
 # The exact torch of these machines (a CPU build); the package itself declares a range.
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+# NeMo AutoModel's state-dict adapters are the reference of the nemo layout tests. The
+# package pins transformers 5.18 and GPU libraries its adapters never import, so it is
+# installed without its dependencies: the adapters need torch, transformers and pydantic
+# (which transformers brings).
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "nemo_automodel==0.7.0"

@@ -1,12 +1,17 @@
 """Which experts a rank owns, and the plan of what it loads (torch-free: ``moekit plan``
 answers from headers without importing torch).
 
-The rule is the one of ``torch.chunk`` and of DTensor's ``Shard(0)``: every rank but the
-last ones gets ``ceil(E / n)`` consecutive experts, the rest go to the next rank, and the
-last ranks may get fewer (E=10 on 4 ranks: 3, 3, 3, 1; E=5 on 4 ranks: 2, 2, 1, 0). Using
-DTensor's own rule is what makes ``full_tensor()``, redistribution and DCP agree with the
-rows every rank holds; NeMo AutoModel's balanced rule (3, 3, 2, 2) does not, which is why
-its uneven DTensors fail. Loading, saving and DTensor metadata all use this one rule.
+Two placements of E experts on n ranks, both contiguous:
+
+- ``chunk`` (the default) is the rule of ``torch.chunk`` and of DTensor's ``Shard(0)``:
+  every rank but the last ones gets ``ceil(E / n)`` experts, the last ranks may get fewer
+  (E=10 on 4 ranks: 3, 3, 3, 1; E=5 on 4 ranks: 2, 2, 1, 0). Using DTensor's own rule is
+  what makes ``full_tensor()``, redistribution and DCP agree with the rows every rank
+  holds, so loading, saving and DTensor metadata all use it.
+- ``vllm`` is vLLM's default expert placement (``determine_expert_map``, "linear", vLLM
+  0.33), which NeMo AutoModel shares: the first ``E mod n`` ranks get one expert more than
+  the others (3, 3, 2, 2). A rank's plan in this placement gives the tensors that rank of
+  a running vLLM engine holds, e.g. to copy weights into it.
 """
 
 from __future__ import annotations
@@ -20,26 +25,41 @@ from ..plan import Plan
 from ..planner import Analysis, build_plan, validate
 
 
-def expert_range(n_experts: int, ep_size: int, ep_rank: int) -> range:
-    """The contiguous experts rank ``ep_rank`` of ``ep_size`` owns (``torch.chunk`` rule)."""
+PLACEMENTS = ("chunk", "vllm")
+"""How experts are placed on expert-parallel ranks (see the module docstring)."""
+
+
+def expert_range(n_experts: int, ep_size: int, ep_rank: int, placement: str = "chunk") -> range:
+    """The contiguous experts rank ``ep_rank`` of ``ep_size`` owns in ``placement``:
+    ``chunk`` (``torch.chunk``, DTensor ``Shard(0)``) or ``vllm`` (the first ``E mod n``
+    ranks get one expert more)."""
     for name, value in (("n_experts", n_experts), ("ep_size", ep_size), ("ep_rank", ep_rank)):
         if type(value) is not int:
             raise MoekitError(f"{name} is {value!r}; expected a whole number")
+    if placement not in PLACEMENTS:
+        raise MoekitError(f"unknown expert placement {placement!r}; known placements: "
+                          f"{', '.join(PLACEMENTS)}")
     if not 0 < ep_size <= n_experts:
         raise MoekitError(f"cannot split {n_experts} experts over {ep_size} expert-parallel "
                           "ranks: an EP group has at least one rank and at most one rank per "
                           "expert (1 <= ep_size <= n_experts)")
     if not 0 <= ep_rank < ep_size:
         raise MoekitError(f"rank {ep_rank} is not in an EP group of {ep_size}")
+    if placement == "vllm":
+        base, extra = divmod(n_experts, ep_size)
+        start = ep_rank * base + min(ep_rank, extra)
+        return range(start, start + base + (ep_rank < extra))
     per_rank = math.ceil(n_experts / ep_size)
     return range(min(ep_rank * per_rank, n_experts), min((ep_rank + 1) * per_rank, n_experts))
 
 
 def rank_plan(analysis: Analysis, size: int, rank: int, layout: str,
-              where: Callable[[str], str | None] = lambda key: None) -> Plan:
-    """Validate the experts EP rank ``rank`` of ``size`` needs and plan its local tensors."""
+              where: Callable[[str], str | None] = lambda key: None,
+              placement: str = "chunk") -> Plan:
+    """Validate the experts EP rank ``rank`` of ``size`` needs in ``placement`` and plan
+    its local tensors."""
     dst = grouped_layout(layout)
-    mine = expert_range(analysis.n_experts, size, rank)
+    mine = expert_range(analysis.n_experts, size, rank, placement)
     try:
         validate(analysis, required=mine, where=where)
     except PlanError as err:

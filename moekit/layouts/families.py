@@ -148,6 +148,12 @@ _MIXTRAL_BLOCK = "model.layers.{layer}.block_sparse_moe"
 _MIXTRAL_TO_MLP = (Rename(".block_sparse_moe.", ".mlp."),)
 """transformers v5 (``conversion_mapping.py``, "mixtral") names the block ``mlp`` in memory."""
 
+_NEMOTRON_H_NEMO = (Rename("backbone.", "model.", at_start=True),
+                    Rename("model.embeddings.", "model.embed_tokens.", at_start=True),
+                    Rename("model.norm_f.", "model.norm.", at_start=True))
+"""NeMo AutoModel 0.7 (NemotronV3StateDictAdapter) holds Nemotron-H under ``model.``, its
+embeddings as ``embed_tokens`` and its final norm as ``norm``."""
+
 FAMILIES: tuple[Family, ...] = (
     Family("qwen2_moe", ("qwen2_moe",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_experts",
            shared_expert="shared_expert", moe_layers=sparse_step),
@@ -174,16 +180,22 @@ FAMILIES: tuple[Family, ...] = (
     Family("nemotron_h", ("nemotron_h",), "backbone.layers.{layer}.mixer",
            {"up": "up_proj", "down": "down_proj"}, "n_routed_experts",
            shared_expert="shared_experts",
-           renames={"transformers": (Rename("backbone.", "model.", at_start=True),)},
+           renames={"transformers": (Rename("backbone.", "model.", at_start=True),),
+                    "nemo": _NEMOTRON_H_NEMO},
            count_aliases=("num_local_experts",), moe_layers=block_types),
     # GPT-OSS keeps its experts grouped on disk as its model does in memory: gate_up_proj
     # [E,H,2I] with gate and up interleaved, biases gate_up_proj_bias [E,2I] (same
     # interleave) and down_proj_bias [E,H]: the transformers layout, transposed and
     # interleaved. Its per-expert HF view adds experts.{e}.{gate,up,down}_proj.bias.
+    # NeMo AutoModel 0.7 (GPTOSSStateDictAdapter) keeps gate_up_proj as it is (interleaved,
+    # read by its quick-GeGLU activation) as gate_and_up_projs and names the router
+    # mlp.gate; vLLM 0.33 keeps w13_weight and w13_bias interleaved (its swigluoai
+    # activation reads the gate from the even rows).
     Family("gpt_oss", ("gpt_oss",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_local_experts",
            router="router.weight", transposed={"transformers": True},
-           interleaved={"transformers": True}, biases=True, count_aliases=("num_experts",),
-           moe_layers=every_layer),
+           interleaved={"transformers": True, "nemo": True, "vllm": True}, biases=True,
+           renames={"nemo": (Rename(".mlp.router.", ".mlp.gate."),)},
+           count_aliases=("num_experts",), moe_layers=every_layer),
     Family("llama4", ("llama4_text",), "model.layers.{layer}.feed_forward", _QWEN_PROJECTIONS,
            "num_local_experts", router="router.weight", shared_expert="shared_expert",
            transposed={"transformers": True}, moe_layers=listed_or_interleaved),

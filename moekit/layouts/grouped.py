@@ -326,9 +326,10 @@ def _vllm_mxfp4(weights: tuple[GroupedTensor, ...]) -> tuple[GroupedTensor, ...]
 
 
 NEMO = GroupedLayout(
-    "nemo", "NeMo AutoModel's GroupedExperts (0.7), what its state-dict adapters' from_hf "
-    "gives: gate_and_up_projs [E,H,2I], down_projs [E,I,H], biases gate_up_proj_bias [E,2I] "
-    "and down_proj_bias [E,H]; no FP8 scales (NeMo dequantizes on load)",
+    "nemo", "NeMo AutoModel's own format (0.7), what its state-dict adapters' from_hf gives, "
+    "for training in NeMo AutoModel: gate_and_up_projs [E,H,2I], down_projs [E,I,H] (biases "
+    "gate_up_proj_bias [E,2I], down_proj_bias [E,H]); no FP8 scales (NeMo dequantizes on "
+    "load)",
     (GroupedTensor("gate_and_up_projs", ("gate", "up"), transposed=True),
      GroupedTensor("down_projs", ("down",), transposed=True),
      GroupedTensor("gate_up_proj_bias", ("gate_bias", "up_bias"), False, piece_dims=1,
@@ -341,8 +342,10 @@ _TRANSFORMERS_WEIGHTS = (
     GroupedTensor("gate_up_proj", ("gate", "up"), transposed=False, ungated_name="up_proj"),
     GroupedTensor("down_proj", ("down",), transposed=False))
 TRANSFORMERS = GroupedLayout(
-    "transformers", "transformers v5 fused experts (5.24, = model.state_dict()): gate_up_proj "
-    "[E,2I,H], down_proj [E,H,I] (biases gate_up_proj_bias [E,2I], down_proj_bias [E,H])",
+    "transformers", "transformers v5 in memory (5.24): the names and shapes of "
+    "model.state_dict(), which transformers and vLLM's loader also read from disk: "
+    "gate_up_proj [E,2I,H], down_proj [E,H,I] (biases gate_up_proj_bias [E,2I], "
+    "down_proj_bias [E,H])",
     tuple(replace(t, joined_scale_grid=t.name.endswith(FP8_SCALE_KEY)) for t in _with_scales((
         *_TRANSFORMERS_WEIGHTS,
         GroupedTensor("gate_up_proj_bias", ("gate_bias", "up_bias"), False, piece_dims=1,
@@ -359,7 +362,8 @@ _VLLM_WEIGHTS = tuple(
         GroupedTensor("w13_weight", ("gate", "up"), transposed=False),
         GroupedTensor("w2_weight", ("down",), transposed=False)))
 VLLM = GroupedLayout(
-    "vllm", "vLLM FusedMoE parameters (0.33), to copy into a running engine (RL weight sync): "
+    "vllm", "vLLM's FusedMoE parameters (0.33), to copy into a running engine's parameters "
+    "(RL weight sync), not for vLLM's loader, which reads hf or transformers from disk: "
     "experts.routed_experts.w13_weight [E,2I,H], w2_weight [E,H,I] (biases w13_bias [E,2I], "
     "w2_bias [E,H]; MXFP4 as vLLM holds it)",
     _with_scales((

@@ -1,0 +1,128 @@
+"""The nemo layout is what NeMo AutoModel holds: checked by NeMo AutoModel's own state-dict
+adapters (nemo_automodel 0.7.0, which scripts/setup.sh installs without its dependencies;
+the adapters import without them and run on the CPU).
+
+For every family NeMo AutoModel has an adapter for and transformers can build as a tiny
+model: moekit's nemo tensors equal the adapter's ``from_hf`` of the same HF checkpoint,
+name for name and byte for byte, and the adapter's ``to_hf`` of moekit's nemo output
+gives back the HF checkpoint. (NeMo AutoModel has no adapter for Qwen2-MoE, OLMoE,
+Mixtral, Phi-MoE or Llama 4, whose models it builds through transformers.)
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from moekit import convert
+from moekit.cli import main
+
+from .conftest import load_all, same_bytes
+
+from nemo_automodel.components.models.common import BackendConfig
+from nemo_automodel.components.moe.config import MoEConfig
+
+ADAPTERS: dict[str, tuple[str, dict[str, Any]]] = {
+    # sample family -> (NeMo AutoModel adapter, how its model's MoEConfig differs from a
+    # plain SwiGLU one: the values each model.py of nemo_automodel 0.7 sets)
+    "qwen3_moe": ("qwen3_moe.state_dict_adapter.Qwen3MoeStateDictAdapter", {}),
+    "deepseek_v3": ("deepseek_v3.state_dict_adapter.DeepSeekV3StateDictAdapter", {}),
+    "gpt_oss": ("gpt_oss.state_dict_adapter.GPTOSSStateDictAdapter",
+                dict(expert_bias=True, router_bias=True, expert_activation="quick_geglu")),
+    "nemotron_h": ("nemotron_v3.state_dict_adapter.NemotronV3StateDictAdapter",
+                   dict(expert_activation="relu2")),
+}
+
+
+def _adapter(family: str, model) -> Any:
+    """NeMo AutoModel's adapter for ``family``, set up as its model sets it up."""
+    path, overrides = ADAPTERS[family]
+    module, name = path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(f"nemo_automodel.components.models.{module}"), name)
+    config = model.config
+    experts = next(getattr(config, k) for k in ("num_experts", "num_local_experts",
+                                                  "n_routed_experts") if hasattr(config, k))
+    inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    moe = MoEConfig(dim=config.hidden_size, inter_dim=config.intermediate_size,
+                    moe_inter_dim=inter, n_routed_experts=experts, n_shared_experts=0,
+                    n_activated_experts=config.num_experts_per_tok, n_expert_groups=0,
+                    n_limited_groups=0, train_gate=True, gate_bias_update_factor=0.0,
+                    aux_loss_coeff=0.0, score_func="softmax", route_scale=1.0,
+                    norm_topk_prob=False, dtype=torch.float32, **overrides)
+    # attn="sdpa": with TransformerEngine attention the GPT-OSS adapter also renames the
+    # attention sinks to TE's softmax_offset, a module name, not an expert layout.
+    return cls(config, moe, BackendConfig(attn="sdpa", linear="torch", rms_norm="torch"),
+               dtype=torch.float32)
+
+
+@pytest.mark.parametrize("family", list(ADAPTERS))
+def test_nemo_layout_is_what_nemo_automodels_adapter_gives(family, family_checkpoints,
+                                                          family_models, tmp_path):
+    source = family_checkpoints[family]
+    convert(source, tmp_path / "nemo", to="nemo")
+    hf, ours = load_all(source), load_all(tmp_path / "nemo")
+    adapter = _adapter(family, family_models[family])
+
+    theirs = adapter.from_hf(dict(hf))
+    assert sorted(ours) == sorted(theirs)
+    different = [k for k in ours if not same_bytes(ours[k], theirs[k])]
+    assert not different, different[:5]
+
+    back = adapter.to_hf(dict(ours))
+    assert sorted(back) == sorted(hf)
+    different = [k for k in hf if not same_bytes(hf[k], back[k])]
+    assert not different, different[:5]
+
+
+def test_gpt_oss_in_nemo_keeps_gate_and_up_interleaved_with_their_biases(family_checkpoints,
+                                                                        tmp_path):
+    source = family_checkpoints["gpt_oss"]
+    convert(source, tmp_path / "nemo", to="nemo")
+    hf, nemo = load_all(source), load_all(tmp_path / "nemo")
+    block = "model.layers.1.mlp"
+    assert same_bytes(nemo[f"{block}.experts.gate_and_up_projs"],
+                      hf[f"{block}.experts.gate_up_proj"])
+    assert same_bytes(nemo[f"{block}.experts.gate_up_proj_bias"],
+                      hf[f"{block}.experts.gate_up_proj_bias"])
+    assert same_bytes(nemo[f"{block}.gate.bias"], hf[f"{block}.router.bias"])
+    convert(tmp_path / "nemo", tmp_path / "back", to="transformers")
+    back = load_all(tmp_path / "back")
+    assert all(same_bytes(hf[k], back[k]) for k in hf) and back.keys() == hf.keys()
+
+
+def test_an_fp8_checkpoint_goes_to_nemo_only_dequantized(tmp_path, capsys):
+    from .test_fp8 import fp8_checkpoint
+
+    source = fp8_checkpoint(tmp_path / "fp8", intermediate=200)
+    assert main(["convert", str(source), str(tmp_path / "out"), "--to", "nemo"]) == 2
+    err = capsys.readouterr().err
+    assert "NeMo AutoModel dequantizes FP8" in err and "--dequantize" in err
+    assert not Path(tmp_path / "out").exists()
+    assert main(["convert", str(source), str(tmp_path / "out"), "--to", "nemo",
+                 "--dequantize"]) == 0
+    assert not any(k.endswith("scale_inv") for k in load_all(tmp_path / "out"))
+
+
+def test_a_nemo_file_with_fp8_scale_tensors_is_refused_by_name(family_checkpoints, tmp_path,
+                                                              capsys):
+    """Grouped ``*_scale_inv`` tensors are no part of NeMo AutoModel's format: a file
+    holding them is refused, naming the tensor and why."""
+    from safetensors.torch import save_file
+
+    convert(family_checkpoints["qwen3_moe"], tmp_path / "nemo", to="nemo")
+    tensors = load_all(tmp_path / "nemo")
+    key = "model.layers.0.mlp.experts.gate_and_up_projs"
+    tensors[key + "_scale_inv"] = torch.ones(tensors[key].shape[0], 1, 1)
+    folder = tmp_path / "old"
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors")
+    (folder / "config.json").write_text((tmp_path / "nemo" / "config.json").read_text())
+    assert main(["convert", str(folder), str(tmp_path / "out"), "--to", "hf",
+                 "--from", "nemo"]) == 2
+    err = capsys.readouterr().err
+    assert key + "_scale_inv" in err and "NeMo AutoModel dequantizes FP8" in err
+    assert "Traceback" not in err
