@@ -89,7 +89,7 @@ def test_llama4_grouped_experts_match_the_documented_layout(family_checkpoints, 
 def test_gpt_oss_interleaved_experts_and_biases_match_the_documented_layout(
         family_checkpoints, tmp_path):
     """GPT-OSS: gate_up_proj [E,H,2I] with gate at [..., 0::2] and up at [..., 1::2], the
-    biases interleaved the same way; vllm concatenates them (w13_weight, w13_bias)."""
+    biases interleaved the same way; vllm keeps them interleaved (w13_weight, w13_bias)."""
     src = family_checkpoints["gpt_oss"]
     convert(src, tmp_path / "hf", to="hf")
     convert(src, tmp_path / "vllm", to="vllm")
@@ -102,22 +102,13 @@ def test_gpt_oss_interleaved_experts_and_biases_match_the_documented_layout(
         assert torch.equal(grouped[f"{block}.gate_up_proj"][e][:, 1::2], piece("up_proj.weight").T)
         assert torch.equal(grouped[f"{block}.gate_up_proj_bias"][e][0::2], piece("gate_proj.bias"))
         assert torch.equal(grouped[f"{block}.down_proj_bias"][e], piece("down_proj.bias"))
-        assert torch.equal(vllm[f"{block}.w13_bias"][e],
-                           torch.cat([piece("gate_proj.bias"), piece("up_proj.bias")]))
-        assert torch.equal(vllm[f"{block}.w2_weight"][e], piece("down_proj.weight"))
+        assert torch.equal(vllm[f"{block}.routed_experts.w13_bias"][e][0::2],
+                           piece("gate_proj.bias"))
+        assert torch.equal(vllm[f"{block}.routed_experts.w13_weight"][e][1::2],
+                           piece("up_proj.weight"))
+        assert torch.equal(vllm[f"{block}.routed_experts.w2_weight"][e], piece("down_proj.weight"))
     assert inspect(src).expert_pieces == ["gate", "up", "down", "gate_bias", "up_bias",
                                           "down_bias"]
-
-
-def test_a_layout_without_a_place_for_expert_biases_is_refused(family_checkpoints, tmp_path,
-                                                               capsys):
-    from moekit.cli import main
-
-    src = family_checkpoints["gpt_oss"]
-    assert main(["convert", str(src), str(tmp_path / "nemo"), "--to", "nemo"]) == 2
-    err = capsys.readouterr().err
-    assert "nemo layout cannot hold the gpt_oss experts' down_bias, gate_bias, up_bias" in err
-    assert "refuses to drop them" in err and not (tmp_path / "nemo").exists()
 
 
 def test_non_gated_experts_match_the_documented_layouts(family_checkpoints, tmp_path):
