@@ -235,8 +235,14 @@ def _add_plan(commands) -> None:
     sub.add_argument("path", help="checkpoint folder, a config.json (no weights needed), "
                      f"{HUB_ID}")
     sub.add_argument("--ep", type=int, required=True, help="expert-parallel group size")
-    sub.add_argument("--layout", default="nemo", choices=[l for l in LAYOUTS if l != "hf"],
-                     help="grouped layout the ranks load (default nemo)")
+    sub.add_argument("--layout", choices=[l for l in LAYOUTS if l != "hf"],
+                     help="grouped layout the ranks load (default nemo; transformers for "
+                     "experts with FP8 scales or in MXFP4, which NeMo dequantises)")
+    sub.add_argument("--dp", type=int, default=1,
+                     help="data-parallel (FSDP) size of a (dp, ep) mesh of dp x ep ranks: "
+                     "experts Shard(0) over ep, every other tensor Shard(0) over dp as FSDP2 "
+                     "lays out its parameters (ceil(rows/dp) rows a rank). No loader reads "
+                     "this mesh yet: the figures are the planned read (default 1)")
     sub.add_argument("--placement", default="chunk", choices=("chunk", "vllm"),
                      help="which experts each rank owns: chunk (default; torch.chunk and "
                      "DTensor Shard(0), ceil(E/n) a rank, what load_experts loads) or vllm "
@@ -251,7 +257,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     if args.ep < 1:
         raise MoekitError(f"--ep {args.ep}: the expert-parallel group size is a number of "
                           "ranks, at least 1")
-    loads = ep_report(args.path, args.ep, args.layout, args.placement)
+    loads = ep_report(args.path, args.ep, args.layout, args.placement, args.dp)
     print(json.dumps(to_json(loads), indent=2) if args.json else render(loads))
     return 0
 

@@ -6,10 +6,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..checkpoint import Checkpoint, read_config
-from ..errors import MoekitError
+from ..config_headers import DECODERS, config_headers
+from ..errors import MoekitError, printable
 from ..gc_pauses import without_gc_pauses
 from ..hub import local_path
 from ..layouts import family_of_model_type
+from ..layouts.families import MX_BLOCKS, SCALE
 from ..model_config import MAX_BUILT_LAYERS, ConfigValues
 from ..planner import (Analysis, build_plan, config_settings, understand, understand_checkpoint,
                        validate)
@@ -18,15 +20,18 @@ from .ranges import expert_range, grouped_layout
 
 @dataclass
 class RankLoad:
-    """One EP rank's share of a checkpoint."""
+    """One rank's share of a checkpoint."""
 
     rank: int
+    """``dp_rank * ep_size + ep_rank`` on a (dp, ep) mesh; the EP rank when dp is 1."""
     experts: list[int]
     """First and last expert owned (empty when the rank owns none)."""
     expert_bytes: int
     other_bytes: int
     peak_bytes: int
     """Everything the rank holds after loading, plus the largest tensor it builds."""
+    ep_rank: int = 0
+    dp_rank: int = 0
 
     @property
     def read_bytes(self) -> int:
@@ -34,42 +39,76 @@ class RankLoad:
 
 
 @without_gc_pauses
-def ep_report(path: str | Path, ep_size: int, layout: str = "nemo",
-              placement: str = "chunk") -> list[RankLoad]:
+def ep_report(path: str | Path, ep_size: int, layout: str | None = None,
+              placement: str = "chunk", dp_size: int = 1) -> list[RankLoad]:
     """Per-rank experts, bytes read and peak memory for loading ``path`` on ``ep_size``
     ranks with the experts placed as ``placement`` says (``chunk`` or ``vllm``, see
-    ``expert_range``). ``path`` is a checkpoint, or a config.json (or a folder holding only
-    one): then shapes come from the model transformers builds on the meta device, no weights.
+    ``expert_range``). ``path`` is a checkpoint (or a Hub repo id), or a config.json (or a
+    folder holding only one): then the tensors are those its Hub checkpoint holds
+    (``config_headers``: FP8 scales and multi-token-prediction layers included), or for
+    a model type that does not describe, those of the model transformers builds on the
+    meta device. ``layout`` defaults to ``default_layout``'s choice.
+
+    With ``dp_size`` > 1 the ranks form a (dp, ep) mesh of ``dp_size * ep_size`` ranks:
+    experts ``Shard(0)`` over ep (replicated over dp), every other tensor ``Shard(0)`` over
+    dp as FSDP2's ``fully_shard`` lays out its parameters (``ceil(rows / dp)`` rows a rank,
+    the last ranks fewer or none; a scalar whole on every rank), replicated over ep. No
+    loader reads that layout yet: these figures are the planned read of each rank.
 
     The whole checkpoint is validated and planned once; a rank's grouped tensors hold its
     share of every expert row, so its figures follow from its expert count."""
-    if type(ep_size) is not int or ep_size < 1:
-        raise MoekitError(f"the expert-parallel group size is {ep_size!r}; expected a whole "
-                          "number of ranks, at least 1")
-    dst = grouped_layout(layout)
+    for name, size in (("expert-parallel", ep_size), ("data-parallel", dp_size)):
+        if type(size) is not int or size < 1:
+            raise MoekitError(f"the {name} group size is {size!r}; expected a whole "
+                              "number of ranks, at least 1")
     analysis = _analysis(local_path(path))
-    validate(analysis)
-    plan = build_plan(analysis, dst)
+    plan = build_plan(analysis, grouped_layout(layout or default_layout(analysis)))
     n_experts = analysis.n_experts
     per_expert = [t.nbytes // n_experts for t in plan.tensors if t.name in plan.expert_tensors]
-    others = [t.nbytes for t in plan.tensors if t.name not in plan.expert_tensors]
+    others = [t for t in plan.tensors if t.name not in plan.expert_tensors]
     out = []
-    for rank in range(ep_size):
-        mine = expert_range(n_experts, ep_size, rank, placement)
-        expert = len(mine) * sum(per_expert)
-        largest = max(max(others, default=0), len(mine) * max(per_expert, default=0))
-        owned = [mine.start, mine.stop - 1] if mine else []
-        out.append(RankLoad(rank, owned, expert, sum(others), expert + sum(others) + largest))
+    for dp_rank in range(dp_size):
+        shares = [_row_share(t.shape, t.nbytes, dp_size, dp_rank) for t in others]
+        for rank in range(ep_size):
+            mine = expert_range(n_experts, ep_size, rank, placement)
+            expert = len(mine) * sum(per_expert)
+            largest = max(max(shares, default=0), len(mine) * max(per_expert, default=0))
+            owned = [mine.start, mine.stop - 1] if mine else []
+            out.append(RankLoad(dp_rank * ep_size + rank, owned, expert, sum(shares),
+                                expert + sum(shares) + largest, rank, dp_rank))
     return out
 
 
+def default_layout(analysis: Analysis) -> str:
+    """The layout ranks load by default: nemo, or for experts stored with FP8 scales or as
+    MXFP4 transformers, which holds them (NeMo AutoModel dequantises such checkpoints and
+    holds no scale tensors)."""
+    first = next(iter(analysis.blocks.values()), None)
+    pieces = first.projections if first is not None else []
+    return "transformers" if any(p.endswith((SCALE, MX_BLOCKS)) for p in pieces) else "nemo"
+
+
+def _row_share(shape: tuple[int, ...], nbytes: int, size: int, rank: int) -> int:
+    """Bytes of rank ``rank``'s rows of a tensor split ``Shard(0)`` over ``size`` ranks by
+    FSDP2's rule (``torch.chunk``: ``ceil(rows / size)`` rows a rank, the last ranks fewer
+    or none); a scalar is held whole."""
+    if not shape:
+        return nbytes
+    rows = shape[0]
+    per_rank = -(-rows // size)
+    mine = max(0, min((rank + 1) * per_rank, rows) - rank * per_rank)
+    return nbytes // rows * mine if rows else 0
+
+
 def render(loads: list[RankLoad]) -> str:
-    """A table, one row per rank."""
-    rows = [f"{'rank':>5} {'experts':>10} {'expert GiB':>11} {'other GiB':>10} "
-            f"{'read GiB':>9} {'peak GiB':>9}"]
+    """A table, one row per rank (with its dp and ep coordinates on a 2-D mesh)."""
+    mesh = any(r.dp_rank for r in loads)
+    rows = [f"{'rank':>5} {'dp ep' if mesh else '':>9} {'experts':>10} {'expert GiB':>11} "
+            f"{'other GiB':>10} {'read GiB':>9} {'peak GiB':>9}"]
     for r in loads:
         owned = f"{r.experts[0]}-{r.experts[1]}" if r.experts else "none"
-        rows.append(f"{r.rank:>5} {owned:>10} {r.expert_bytes / 2**30:11.2f} "
+        where = f"{r.dp_rank:>4} {r.ep_rank:>4}" if mesh else ""
+        rows.append(f"{r.rank:>5} {where:>9} {owned:>10} {r.expert_bytes / 2**30:11.2f} "
                     f"{r.other_bytes / 2**30:10.2f} {r.read_bytes / 2**30:9.2f} "
                     f"{r.peak_bytes / 2**30:9.2f}")
     return "\n".join(rows)
@@ -80,10 +119,14 @@ def to_json(loads: list[RankLoad]) -> list[dict]:
 
 
 def _analysis(path: Path) -> Analysis:
-    """Headers of a checkpoint, or the meta-device model of a bare config.json."""
+    """A checkpoint's headers, validated; or for a bare config.json the tensors its Hub
+    checkpoint holds (``config_headers``: valid by construction), else those of the model
+    transformers builds on the meta device (validated)."""
     config_only = path.suffix == ".json" or (path.is_dir() and not any(path.glob("*.safetensors")))
     if not config_only:
-        return understand_checkpoint(Checkpoint.open(path))
+        analysis = understand_checkpoint(Checkpoint.open(path))
+        validate(analysis)
+        return analysis
     folder, name = (path.parent, path.name) if path.suffix == ".json" else (path, "config.json")
     config = read_config(folder, name)
     if config is None:
@@ -92,8 +135,18 @@ def _analysis(path: Path) -> Analysis:
     if not isinstance(config, dict):
         raise MoekitError(f"{source} holds a JSON {type(config).__name__}, not an object")
     _check_buildable(config, source)
-    return understand(_meta_headers(config, source), config, {}, source,
-                      from_="transformers", config_file=source)
+    headers = config_headers(config, source)
+    if headers is not None:
+        return understand(headers, config, {}, source, from_="hf", config_file=source)
+    if config.get("quantization_config") is not None:
+        raise MoekitError(f"{source}: moekit describes the quantised tensors of "
+                          f"{', '.join(DECODERS)} checkpoints from a config.json alone, not "
+                          f"those of model_type {printable(repr(config.get('model_type')))}: "
+                          "plan from the checkpoint's files instead")
+    analysis = understand(_meta_headers(config, source), config, {}, source,
+                          from_="transformers", config_file=source)
+    validate(analysis)
+    return analysis
 
 
 def _check_buildable(config: dict, source: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from ..errors import printable
 from ..plan import Expr, TensorMeta, TensorPlan
@@ -84,11 +85,13 @@ class ParsedExperts:
         See ``is_canonical``.
         """
         self.claimed.add(key)
-        fields = {name: text for name, text in match.groupdict().items()
-                  if name in ("layer", "expert") and text is not None}
-        bad = [(name, text) for name, text in fields.items() if not is_canonical(text)]
-        if not bad:
-            return {name: int(text) for name, text in fields.items()}
+        found = match.groupdict()
+        fields = {name: found[name] for name in _NUMBERED if found.get(name) is not None}
+        values = [_number(text) for text in fields.values()]
+        if None not in values:
+            return dict(zip(fields, values))
+        bad = [(name, text) for (name, text), value in zip(fields.items(), values)
+               if value is None]
         shown = ", ".join(f"{name} number {ascii(text)}" for name, text in bad)
         self._add_odd(_listed_layer(fields["layer"]), f"{printable(key)} ({shown})")
         return None
@@ -106,6 +109,16 @@ class ParsedExperts:
         else:
             self.problems[index] = problem
         self._odd[layer] = (index, first, count)
+
+
+_NUMBERED = ("layer", "expert")
+
+
+@lru_cache(maxsize=1 << 12)
+def _number(text: str) -> int | None:
+    """``int(text)`` when ``text`` is canonical (``is_canonical``), else None. Cached: a
+    checkpoint's tens of thousands of expert keys repeat a few hundred numbers."""
+    return int(text) if is_canonical(text) else None
 
 
 def _listed_layer(text: str) -> int:

@@ -1,0 +1,178 @@
+"""Planning at scale from config.json alone: the tensors a Hub checkpoint holds (FP8 block
+scales, multi-token-prediction layers, dense leading layers, shared experts) and each
+rank's bytes on an (ep, dp) mesh, against what transformers saves and what the loader
+reads."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from moekit.checkpoint import Checkpoint
+from moekit.cli import main
+from moekit.config_headers import DECODERS, config_headers
+from moekit.executors.memory import run_plan
+from moekit.expert_parallel.ranges import rank_plan
+from moekit.expert_parallel.report import ep_report
+from moekit.planner import understand_checkpoint
+from moekit.sources import FileSource
+from tests.conftest import load_all
+
+DEEPSEEK_V3 = Path(__file__).parent / "data" / "deepseek_v3_671b_config.json"
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _layer(key: str) -> int | None:
+    match = _LAYER.match(key)
+    return int(match[1]) if match else None
+
+
+@pytest.mark.parametrize("family", sorted(DECODERS))
+def test_a_config_describes_what_save_pretrained_writes(family, family_checkpoints):
+    """Names, shapes and dtypes equal the files transformers saved (which hold no
+    multi-token-prediction layer: transformers does not build it)."""
+    folder = family_checkpoints[family]
+    config = json.loads((folder / "config.json").read_text())
+    described = config_headers(config, "config.json")
+    saved = Checkpoint.open(folder).tensors
+    stack = config["num_hidden_layers"]
+    described = {k: (v.shape, v.dtype) for k, v in described.items()
+                 if (_layer(k) or 0) < stack}
+    assert described == {k: (v.shape, v.dtype) for k, v in saved.items()}
+
+
+def test_deepseek_v3_671b_config_describes_its_hub_checkpoint():
+    """deepseek-ai/DeepSeek-V3 on the Hub: 91,991 tensors, 688.6 GB; FP8 e4m3 linear
+    weights with 128 x 128 F32 block scales; router BF16, score-correction bias F32; the
+    MTP layer 61 a full MoE layer plus its own embedding, norms, eh_proj and head."""
+    tensors = config_headers(json.loads(DEEPSEEK_V3.read_text()), str(DEEPSEEK_V3))
+    assert len(tensors) == 91_991
+    total = sum(math.prod(t.shape) * {"F8_E4M3": 1, "BF16": 2, "F32": 4}[t.dtype]
+                for t in tensors.values())
+    assert round(total / 1e9, 1) == 688.6
+    expert = "model.layers.61.mlp.experts.255.down_proj.weight"
+    assert (tensors[expert].shape, tensors[expert].dtype) == ((7168, 2048), "F8_E4M3")
+    assert tensors[expert + "_scale_inv"].shape == (56, 16)
+    assert tensors["model.layers.3.mlp.gate.weight"].dtype == "BF16"
+    assert tensors["model.layers.3.mlp.gate.e_score_correction_bias"].dtype == "F32"
+    assert "model.layers.2.mlp.experts.0.up_proj.weight" not in tensors
+    assert tensors["model.layers.2.mlp.up_proj.weight"].shape == (18432, 7168)
+    assert tensors["model.layers.61.eh_proj.weight"].shape == (7168, 2 * 7168)
+    assert tensors["model.layers.61.shared_head.head.weight"].dtype == "BF16"
+    assert max(_layer(k) or 0 for k in tensors) == 61
+
+
+def test_deepseek_v3_671b_on_ep64_dp4_from_its_config_alone(capsys):
+    assert main(["plan", str(DEEPSEEK_V3), "--ep", "64", "--dp", "4", "--json"]) == 0
+    ranks = json.loads(capsys.readouterr().out)
+    assert len(ranks) == 256
+    per_expert = 3 * (2048 * 7168 + 16 * 56 * 4)  # e4m3 gate, up, down and their scales
+    moe_layers = 61 - 3 + 1  # and the MTP layer
+    assert all(r["experts"] == [4 * r["ep_rank"], 4 * r["ep_rank"] + 3] for r in ranks)
+    assert all(r["rank"] == r["dp_rank"] * 64 + r["ep_rank"] for r in ranks)
+    assert {r["expert_bytes"] for r in ranks} == {4 * moe_layers * per_expert}
+    others = {r["dp_rank"]: r["other_bytes"] for r in ranks}
+    checkpoint = (sum(r["expert_bytes"] for r in ranks if r["dp_rank"] == 0)
+                  + sum(others.values()))
+    assert round(checkpoint / 1e9, 1) == 688.6
+    assert others[0] >= others[3] and max(others.values()) - min(others.values()) < 2**30
+
+
+def _fp8_with_mtp(family_models, family_checkpoints, root: Path) -> Path:
+    """The tiny DeepSeek-V3 checkpoint as the Hub holds DeepSeek-V3: every nn.Linear of
+    the decoder layers (experts included) in float8 e4m3 with F32 block scales (8 x 8
+    blocks: transformers' fused scale grid needs whole blocks of the tiny I=16), and an MTP layer after the stack (a copy of the last layer plus its own
+    embedding, norms, eh_proj and head)."""
+    folder = family_checkpoints["deepseek_v3"]
+    model = family_models["deepseek_v3"]
+    linear = {f"{name}.weight" for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and name.startswith("model.layers.")}
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
+                                     "activation_scheme": "dynamic",
+                                     "weight_block_size": [8, 8]}
+    stack, h, vocab = config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]
+    out = {}
+    for key, value in load_all(folder).items():
+        if key in linear or ".experts." in key:
+            out[key] = value.to(torch.float8_e4m3fn)
+            out[key + "_scale_inv"] = torch.rand(-(-value.shape[0] // 8),
+                                                 -(-value.shape[1] // 8))
+        else:
+            out[key] = value
+    last = f"model.layers.{stack - 1}."
+    out.update({f"model.layers.{stack}." + k[len(last):]: v.clone()
+                for k, v in out.items() if k.startswith(last)})
+    mtp = f"model.layers.{stack}."
+    for name, shape in (("embed_tokens.weight", (vocab, h)), ("enorm.weight", (h,)),
+                        ("hnorm.weight", (h,)), ("eh_proj.weight", (h, 2 * h)),
+                        ("shared_head.norm.weight", (h,)),
+                        ("shared_head.head.weight", (vocab, h))):
+        out[mtp + name] = torch.randn(shape)
+    target = root / "deepseek-v3-fp8"
+    target.mkdir()
+    save_file(out, target / "model.safetensors", metadata={"format": "pt"})
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_plan_from_a_config_is_what_the_loader_reads(family_models, family_checkpoints,
+                                                     tmp_path):
+    """On a checkpoint of DeepSeek-V3's structure (FP8 with scales, an MTP layer, a dense
+    leading layer, shared experts): the figures planned from its config.json alone equal
+    those planned from its headers and the bytes each rank's load reads; on a (dp, ep)
+    mesh each non-expert tensor's share is the rows ``torch.chunk`` (FSDP2's split) gives
+    that dp rank."""
+    checkpoint_dir = _fp8_with_mtp(family_models, family_checkpoints, tmp_path)
+    checkpoint = Checkpoint.open(checkpoint_dir)
+    analysis = understand_checkpoint(checkpoint)
+    assert max(analysis.blocks) == json.loads(
+        (checkpoint_dir / "config.json").read_text())["num_hidden_layers"]
+    for ep, dp in ((1, 1), (4, 1), (4, 3), (2, 4)):
+        planned = ep_report(checkpoint_dir / "config.json", ep, dp_size=dp)
+        assert planned == ep_report(checkpoint_dir, ep, dp_size=dp)
+        for load in planned:
+            plan = rank_plan(analysis, ep, load.ep_rank, "transformers")
+            with FileSource(checkpoint) as source:
+                loaded = run_plan(plan, source)
+                if dp == 1:
+                    assert source.bytes_read == load.read_bytes
+            experts = sum(t.nbytes for k, t in loaded.items() if k in plan.expert_tensors)
+            rows = [torch.chunk(t, dp)[load.dp_rank:load.dp_rank + 1]
+                    for k, t in loaded.items() if k not in plan.expert_tensors]
+            assert experts == load.expert_bytes
+            assert sum(c[0].nbytes for c in rows if c) == load.other_bytes
+
+
+def test_the_mesh_is_shown_and_checked(capsys):
+    assert main(["plan", str(DEEPSEEK_V3), "--ep", "8", "--dp", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "dp ep" in lines[0] and len(lines) == 17
+    assert lines[-1].split()[:3] == ["15", "1", "7"]
+    assert main(["plan", str(DEEPSEEK_V3), "--ep", "8", "--dp", "0"]) == 2
+    assert "data-parallel group size is 0" in capsys.readouterr().err
+
+
+def test_a_quantisation_moekit_cannot_describe_is_refused(tmp_path, capsys):
+    config = {**json.loads(DEEPSEEK_V3.read_text()),
+              "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["plan", str(tmp_path / "config.json"), "--ep", "8"]) == 2
+    assert "FP8 block quantisation (quant_method fp8" in capsys.readouterr().err
+
+
+def test_planning_from_a_config_imports_no_torch():
+    probe = ("import sys; from moekit.cli import main; "
+             "main(['plan', sys.argv[1], '--ep', '64', '--json']); "
+             "print('torch' in sys.modules, 'transformers' in sys.modules, file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", probe, str(DEEPSEEK_V3)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stderr.split() == ["False", "False"], out.stderr
