@@ -184,10 +184,13 @@ DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 FP8_FORMATS = {"e4m3": "F8_E4M3", "e5m2": "F8_E5M2"}
 
 
-def config_headers(config: dict, source: str) -> dict[str, Header] | None:
+def config_headers(config: dict, source: str, routed: int | None = None
+                   ) -> dict[str, Header] | None:
     """Every tensor a Hugging Face checkpoint of ``config`` holds (names as on the Hub),
     or None when ``DECODERS`` does not describe its model type or the config leaves a size
-    to transformers' defaults."""
+    to transformers' defaults. ``routed`` lists only the first ``routed`` routed experts
+    of each layer (all their siblings have their shapes): what planning needs to size
+    every expert, without describing tens of thousands of them."""
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or model_type not in DECODERS:
         return None
@@ -200,13 +203,14 @@ def config_headers(config: dict, source: str) -> dict[str, Header] | None:
     if layers is None:
         return None
     try:
-        return _headers(_Sizes(values), family, decoder, layers, _weight_dtypes(values))
+        return _headers(_Sizes(values), family, decoder, layers, _weight_dtypes(values),
+                        routed)
     except _Unstated:
         return None
 
 
 def _headers(c: _Sizes, family: Family, decoder: Decoder, layers: MoeLayers,
-             dtypes: "_Dtypes") -> dict[str, Header]:
+             dtypes: "_Dtypes", routed: int | None) -> dict[str, Header]:
     h, vocab = c("hidden_size"), c("vocab_size")
     counted = expert_count(c.values, family.expert_count_keys)
     if counted is None:
@@ -219,7 +223,7 @@ def _headers(c: _Sizes, family: Family, decoder: Decoder, layers: MoeLayers,
                           f"most {MAX_EXPERT_SLOTS:,} layers x experts: plan from the "
                           "checkpoint's files instead")
     moe = decoder.attention(c) + _norm("input_layernorm", h) + _norm(
-        "post_attention_layernorm", h) + _moe_block(c, family, decoder, experts)
+        "post_attention_layernorm", h) + _moe_block(c, family, decoder, experts, routed)
     dense = decoder.attention(c) + _norm("input_layernorm", h) + _norm(
         "post_attention_layernorm", h) + _mlp(decoder.dense_mlp, c("intermediate_size"), h)
     out = {"model.embed_tokens.weight": Header((vocab, h), dtypes.model)}
@@ -236,16 +240,17 @@ def _headers(c: _Sizes, family: Family, decoder: Decoder, layers: MoeLayers,
     return out
 
 
-def _moe_block(c: _Sizes, family: Family, decoder: Decoder, experts: int) -> list[Entry]:
+def _moe_block(c: _Sizes, family: Family, decoder: Decoder, experts: int,
+               routed: int | None) -> list[Entry]:
     """The MoE block of a layer, relative to the layer: router, routed experts (keys from
-    the family), shared experts."""
+    the family; the first ``routed`` of them when given), shared experts."""
     h, inter = c("hidden_size"), c(_expert_size_key(c))
     block = family.block[len(LAYER_PREFIX):]  # "mlp", "block_sparse_moe"
     out: list[Entry] = [(f"{block}.{family.router}", (experts, h), False)]
     if decoder.score_bias:
         out.append((f"{block}.gate.e_score_correction_bias", (experts,), False))
     shapes = {"gate": (inter, h), "up": (inter, h), "down": (h, inter)}
-    for e in range(experts):
+    for e in range(experts if routed is None else min(routed, experts)):
         out += [(f"{block}.experts.{e}.{family.piece_key(p)}", shapes[p], True)
                 for p in family.projections]
     return out + [(f"{block}.{key}", shape, linear) for key, shape, linear in decoder.shared(c)]

@@ -55,16 +55,18 @@ def ep_report(path: str | Path, ep_size: int, layout: str | None = None,
     the last ranks fewer or none; a scalar whole on every rank), replicated over ep. No
     loader reads that layout yet: these figures are the planned read of each rank.
 
-    The whole checkpoint is validated and planned once; a rank's grouped tensors hold its
-    share of every expert row, so its figures follow from its expert count."""
+    The whole checkpoint is validated, and planned for one expert a layer: a rank's
+    grouped tensors hold its share of every expert row, each expert's rows as large as
+    the first one's, so its figures follow from its expert count."""
     for name, size in (("expert-parallel", ep_size), ("data-parallel", dp_size)):
         if type(size) is not int or size < 1:
             raise MoekitError(f"the {name} group size is {size!r}; expected a whole "
                               "number of ranks, at least 1")
     analysis = _analysis(local_path(path))
-    plan = build_plan(analysis, grouped_layout(layout or default_layout(analysis)))
+    plan = build_plan(analysis, grouped_layout(layout or default_layout(analysis)),
+                      experts=range(1))
     n_experts = analysis.n_experts
-    per_expert = [t.nbytes // n_experts for t in plan.tensors if t.name in plan.expert_tensors]
+    per_expert = [t.nbytes for t in plan.tensors if t.name in plan.expert_tensors]
     others = [t for t in plan.tensors if t.name not in plan.expert_tensors]
     out = []
     for dp_rank in range(dp_size):
@@ -135,7 +137,7 @@ def _analysis(path: Path) -> Analysis:
     if not isinstance(config, dict):
         raise MoekitError(f"{source} holds a JSON {type(config).__name__}, not an object")
     _check_buildable(config, source)
-    headers = config_headers(config, source)
+    headers = config_headers(config, source, routed=1)
     if headers is not None:
         return understand(headers, config, {}, source, from_="hf", config_file=source)
     if config.get("quantization_config") is not None:
