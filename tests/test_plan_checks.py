@@ -441,7 +441,7 @@ def test_strided_views_convert_bit_exactly_both_ways():
 def test_built_tensors_do_not_join_the_sources_autograd_graph():
     tensors = {k: v.requires_grad_() for k, v in experts().items()}
     grouped = convert_state_dict(tensors, "hf", "vllm")
-    built = grouped["model.layers.0.mlp.experts.w13_weight"]
+    built = grouped["model.layers.0.mlp.experts.routed_experts.w13_weight"]
     assert built.grad_fn is None and not built.requires_grad
     assert grouped["model.embed_tokens.weight"] is tensors["model.embed_tokens.weight"]
 

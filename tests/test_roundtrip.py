@@ -112,8 +112,9 @@ def test_gpt_oss_interleaved_experts_and_biases_match_the_documented_layout(
 
 
 def test_non_gated_experts_match_the_documented_layouts(family_checkpoints, tmp_path):
-    """Nemotron-H's ReLU² experts have no gate: nemo holds up alone, [E, H, I] = up.T, and
-    transformers names it up_proj [E, I, H] under model.* (= the model's state_dict)."""
+    """Nemotron-H's ReLU² experts have no gate: nemo holds up alone, [E, H, I] = up.T,
+    under model.* as NeMo AutoModel does, and transformers names it up_proj [E, I, H] under
+    model.* (= the model's state_dict)."""
     src = family_checkpoints["nemotron_h"]
     convert(src, tmp_path / "nemo", to="nemo")
     convert(src, tmp_path / "fused", to="transformers")
@@ -121,10 +122,10 @@ def test_non_gated_experts_match_the_documented_layouts(family_checkpoints, tmp_
     block = "layers.2.mixer.experts"
     for e in range(6):
         up, down = (hf[f"backbone.{block}.{e}.{p}_proj.weight"] for p in ("up", "down"))
-        assert torch.equal(nemo[f"backbone.{block}.gate_and_up_projs"][e], up.T)
-        assert torch.equal(nemo[f"backbone.{block}.down_projs"][e], down.T)
+        assert torch.equal(nemo[f"model.{block}.gate_and_up_projs"][e], up.T)
+        assert torch.equal(nemo[f"model.{block}.down_projs"][e], down.T)
         assert torch.equal(fused[f"model.{block}.up_proj"][e], up)
-    assert nemo[f"backbone.{block}.gate_and_up_projs"].shape == (6, 32, 16)
+    assert nemo[f"model.{block}.gate_and_up_projs"].shape == (6, 32, 16)
     assert inspect(src).expert_pieces == ["up", "down"]
 
 
@@ -159,7 +160,7 @@ def test_output_is_sharded_with_a_correct_index_and_records_its_layout(family_ch
     assert index["metadata"]["total_size"] == total
     assert (out / "config.json").read_text() == (family_checkpoints["mixtral"] /
                                                  "config.json").read_text()
-    assert "model.layers.0.block_sparse_moe.experts.w13_weight" in index["weight_map"]
+    assert "model.layers.0.block_sparse_moe.experts.routed_experts.w13_weight" in index["weight_map"]
 
 
 def test_bf16_round_trip(tmp_path):
