@@ -160,7 +160,8 @@ def test_output_is_sharded_with_a_correct_index_and_records_its_layout(family_ch
     assert index["metadata"]["total_size"] == total
     assert (out / "config.json").read_text() == (family_checkpoints["mixtral"] /
                                                  "config.json").read_text()
-    assert "model.layers.0.block_sparse_moe.experts.routed_experts.w13_weight" in index["weight_map"]
+    assert ("model.layers.0.block_sparse_moe.experts.routed_experts.w13_weight"
+            in index["weight_map"])
 
 
 def test_bf16_round_trip(tmp_path):
