@@ -98,14 +98,14 @@ def test_mxfp4_experts_are_held_as_vllm_holds_them(mxfp4, tmp_path):  # noqa: F8
     hub, vllm = load_all(mxfp4), load_all(tmp_path / "vllm")
     block = "model.layers.1.mlp.experts"
     blocks = hub[f"{block}.gate_up_proj_blocks"]
-    experts, rows, groups, _ = blocks.shape
+    experts, rows = blocks.shape[:2]
     down = hub[f"{block}.down_proj_blocks"]
     hidden, inter = down.shape[1], rows // 2
-    expected = {
-        "w13_weight": (experts, 2 * inter, hidden // 2), "w13_weight_scale": (experts, 2 * inter,
-                                                                              hidden // 32),
-        "w2_weight": (experts, hidden, inter // 2), "w2_weight_scale": (experts, hidden, inter // 32),
-        "w13_bias": (experts, 2 * inter), "w2_bias": (experts, hidden)}
+    expected = {"w13_weight": (experts, 2 * inter, hidden // 2),
+                "w13_weight_scale": (experts, 2 * inter, hidden // 32),
+                "w2_weight": (experts, hidden, inter // 2),
+                "w2_weight_scale": (experts, hidden, inter // 32),
+                "w13_bias": (experts, 2 * inter), "w2_bias": (experts, hidden)}
     ours = {k.rsplit(".", 1)[1]: tuple(v.shape) for k, v in vllm.items()
             if k.startswith(f"{block}.routed_experts.")}
     assert ours == expected
