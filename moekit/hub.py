@@ -27,7 +27,6 @@ _REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}", r
 ``NAME`` or ``ORG/NAME`` of letters, digits, ``-``, ``_`` and ``.``."""
 
 
-
 @dataclass(frozen=True)
 class RepoId:
     """A Hub model repository and the revision asked for."""
@@ -51,7 +50,7 @@ def repo_id(value: object) -> RepoId | None:
     if not isinstance(value, str) or os.path.lexists(value):
         return None
     repo, at, revision = value.partition("@")
-    if not _REPO_ID.fullmatch(repo) or (at and not revision):
+    if not _REPO_ID.fullmatch(repo) or (at and not _is_revision(revision)):
         return None
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -60,6 +59,12 @@ def repo_id(value: object) -> RepoId | None:
     except HFValidationError:
         return None
     return RepoId(repo, revision or None)
+
+
+def _is_revision(revision: str) -> bool:
+    """A branch, tag or commit name: not empty, relative, without ``..`` (huggingface_hub
+    joins it to the cache folder to find the ref)."""
+    return bool(revision) and not revision.startswith("/") and ".." not in revision.split("/")
 
 
 def local_path(value: object, role: str = "checkpoint") -> Path:

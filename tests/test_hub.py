@@ -123,7 +123,8 @@ def test_hf_hub_offline_forbids_download(cache, family_checkpoints, monkeypatch,
 
 
 def test_what_is_neither_a_path_nor_a_repo_id_is_a_missing_path(cache, capsys):
-    for name in ("no/such/folder", "./tiny-moe", "a--b/c", "/abs/x"):
+    for name in ("no/such/folder", "./tiny-moe", "a--b/c", "/abs/x", f"{REPO}@../../x",
+                 f"{REPO}@"):
         assert main(["inspect", name]) == 2
         assert "the path does not exist" in capsys.readouterr().err, name
 
