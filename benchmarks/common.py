@@ -1,12 +1,16 @@
-"""Helpers shared by the benchmarks: synthetic checkpoints, timing, peak RSS of a child."""
+"""Helpers shared by the benchmarks: synthetic checkpoints, timing, peak RSS of a child,
+and the JSON every benchmark writes."""
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import json
 import os
+import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -119,6 +123,21 @@ def _random_like(pool: torch.Tensor, shape: tuple[int, ...], seed: int) -> torch
         pool[start:start + n].view(shape).clone()
 
 
+MEASURE = """
+import os, sys, time
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+"""
+"""Runs a command and prints its wall seconds, peak RSS (KiB) and exit code. A child's
+peak RSS counts the memory of the process it was forked from, so the command is forked
+from this small interpreter, not from the benchmark (which holds torch and test data)."""
+
+
 def run_measured(cmd: list[str]) -> tuple[float, int]:
     """Run ``cmd``; return (wall seconds, peak RSS in bytes of that process).
 
@@ -126,13 +145,12 @@ def run_measured(cmd: list[str]) -> tuple[float, int]:
     kernel throttles a writer once enough dirty pages pile up, and whichever command ran
     second would otherwise pay for the first one's writes."""
     os.sync()
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed")
-    return elapsed, usage.ru_maxrss * 1024
+    done = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True,
+                          text=True, check=True)
+    seconds, peak_kib, code = done.stdout.split()
+    if int(code) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr}")
+    return float(seconds), int(peak_kib) * 1024
 
 
 def drop_written(path: Path) -> None:
@@ -157,3 +175,23 @@ def warm_page_cache(path: Path) -> None:
         with open(file, "rb") as handle:
             while handle.read(64 * 2**20):
                 pass
+
+
+def commit() -> str:
+    """The commit the benchmarked code is at (``MOEKIT_COMMIT`` where there is no git)."""
+    found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                           text=True, cwd=Path(__file__).parent)
+    return found.stdout.strip() or os.environ.get("MOEKIT_COMMIT", "unknown")
+
+
+def write_figures(path: str | None, machine: str, rows: dict[str, dict[str, float]],
+                  **details: object) -> None:
+    """Write a benchmark's figures as JSON to ``path`` (when given): the machine, commit,
+    date, each row's figures (seconds, throughput, ratio to the baseline) and details."""
+    if not path:
+        return
+    figures = {"machine": machine, "cpus": os.cpu_count(), "python": platform.python_version(),
+               "commit": commit(),
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               **details, "rows": rows}
+    Path(path).write_text(json.dumps(figures, indent=2) + "\n")

@@ -13,21 +13,24 @@ run starts from the page cache, then times, in one run:
   (r) for reference, moekit's number of reader threads reading the files into pinned
       buffers, without (r) and with (r+) an asynchronous copy of each buffer to the GPU:
       the ceilings of any loader that reads through the page cache with that many threads,
+  (e) cold: ``moekit.load`` once the files' pages are dropped from the page cache
+      (``posix_fadvise(DONTNEED)``), against (e0) ``cat`` of the files, dropped likewise:
+      what the disk gives,
 
-and prints each (the best of --repeat runs; transformers once) as GB/s and as a ratio to
-(a). Then checks that every grouped tensor of
-(b) equals (d)'s on the GPU and has the same checksum as moekit's CPU path.
+and prints each (the best of --repeat runs; transformers and cold reads once) as GB/s and
+as a ratio to (a); ``--json FILE`` writes them as JSON too. Then checks that every grouped
+tensor of (b) equals (d)'s on the GPU and has the same checksum as moekit's CPU path.
 
     python benchmarks/gpu_load.py [--size-gib 8] [--experts 128] [--hidden 2048] [--inter 768]
-                                  [--skip-transformers]
+                                  [--skip-transformers] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
+import subprocess
 import tempfile
 import threading
 import time
@@ -37,10 +40,14 @@ from pathlib import Path
 
 import torch
 
-from common import add_shape_arguments, build_checkpoint, digest, warm_page_cache
+from common import (add_shape_arguments, build_checkpoint, digest, warm_page_cache,
+                    write_figures)
 
 import moekit
-from moekit.executors.device import CHUNK_BYTES, READERS
+from moekit.executors.device import reader_threads
+
+CHUNK_BYTES = 64 * 2**20
+"""Bytes each thread of the (r) rows reads at a time."""
 
 
 def timed(fn: Callable[[], object], repeat: int = 1) -> tuple[float, object]:
@@ -71,7 +78,7 @@ def pinned_copy(nbytes: int, chunk: int = 2**30) -> None:
     return time.perf_counter() - start
 
 
-def parallel_read(path: Path, to_device: bool, threads: int = READERS,
+def parallel_read(path: Path, to_device: bool, threads: int = reader_threads(),
                   chunk: int = CHUNK_BYTES) -> float:
     """Seconds to read every shard into pinned host buffers with ``threads`` threads, each
     buffer then copied to the GPU asynchronously when ``to_device`` (two buffers a thread,
@@ -132,6 +139,31 @@ def naive_nemo(path: Path, layers: int, experts: int) -> dict[str, torch.Tensor]
     return loaded
 
 
+def drop_cached(path: Path) -> None:
+    """Drop the page-cache pages of every file of ``path`` (written back first)."""
+    os.sync()
+    for file in path.iterdir():
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cold(path: Path, fn: Callable[[], object]) -> float:
+    """Seconds of ``fn`` once ``path``'s files are out of the page cache."""
+    drop_cached(path)
+    seconds = timed(fn)[0]
+    warm_page_cache(path)
+    return seconds
+
+
+def cat(path: Path) -> None:
+    """Read every shard with ``cat`` (the disk's sequential speed when cold)."""
+    subprocess.run(["sh", "-c", 'cat "$@" >/dev/null', "cat",
+                    *map(str, sorted(path.glob("*.safetensors")))], check=True)
+
+
 def transformers_load(path: Path) -> None:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
@@ -147,6 +179,7 @@ def main() -> None:
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workdir", help="where to build the checkpoint (default: a temp dir)")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="moekit-gpu-") as tmp:
@@ -158,30 +191,38 @@ def main() -> None:
         print(f"checkpoint: {size / 2**30:.2f} GiB, {layers} layers x {args.experts} experts "
               f"(H={args.hidden}, I={args.inter}), bf16; GPU {torch.cuda.get_device_name()}")
         rows = [("(a) pinned host->device copy", min(pinned_copy(size) for _ in range(args.repeat))),
-                (f"(r) page cache -> pinned, {READERS} thr", min(parallel_read(path, False)
-                                                               for _ in range(args.repeat))),
-                (f"(r+) ... -> GPU, {READERS} thr", min(parallel_read(path, True)
-                                                      for _ in range(args.repeat)))]
+                (f"(r) page cache -> pinned, {reader_threads()} thr",
+                 min(parallel_read(path, False) for _ in range(args.repeat))),
+                (f"(r+) ... -> GPU, {reader_threads()} thr",
+                 min(parallel_read(path, True) for _ in range(args.repeat)))]
         seconds, ours = timed(lambda: moekit.load(path, "nemo", device="cuda"), args.repeat)
         rows += [("(b) moekit.load nemo cuda", seconds), ("(b1) ... first call", first)]
         if not args.skip_transformers:
             rows.append(("(c) transformers cuda", timed(lambda: transformers_load(path))[0]))
         seconds, naive = timed(lambda: naive_nemo(path, layers, args.experts), args.repeat)
         rows.append(("(d) safetensors + stack", seconds))
+        rows += [("(e) moekit.load, cold page cache",
+                  cold(path, lambda: moekit.load(path, "nemo", device="cuda"))),
+                 ("(e0) cat, cold page cache", cold(path, lambda: cat(path)))]
 
         limit = rows[0][1]
         print(f"{'':32}{'seconds':>9}{'GB/s':>8}{'of (a)':>8}")
         for name, s in rows:
             print(f"{name:32}{s:9.2f}{size / s / 1e9:8.1f}{limit / s:8.1%}")
         grouped = [k for k in ours if "experts." in k]
-        assert all(torch.equal(ours[k], naive[k]) for k in ours), "moekit != naive stack"
+        if not all(torch.equal(ours[k], naive[k]) for k in ours):
+            raise SystemExit("moekit's tensors differ from the naive GPU stack's")
         del naive
         cpu = moekit.load(path, "nemo")
         same = all(digest(ours[k]) == digest(cpu[k]) for k in grouped)
         print(f"{len(grouped)} grouped tensors: equal to the naive GPU stack; "
               f"sha256 {'identical' if same else 'DIFFERENT'} to moekit's CPU path")
-        print(json.dumps({"gib": round(size / 2**30, 2),
-                          **{name: round(size / s / 1e9, 2) for name, s in rows}}))
+        write_figures(args.json, torch.cuda.get_device_name(),
+                      {name: {"seconds": s, "gb_per_s": size / s / 1e9, "of_limit": limit / s}
+                       for name, s in rows},
+                      checkpoint_bytes=size, expert_tensor_bytes=2 * args.hidden * args.inter,
+                      baseline="(a) pinned host->device copy", repeat=args.repeat,
+                      equal_to_naive=True, same_as_cpu=same)
 
 
 if __name__ == "__main__":

@@ -69,12 +69,17 @@ def load(path: str | Path, layout: str = "nemo", device: "torch.device | str | N
     Validated from headers first, like ``convert``. On an accelerator the bytes go through
     a small pool of pinned host buffers and the grouped tensors are built on the device.
     """
-    from .executors.device import read_plan
+    from .executors.device import pin_ahead, read_plan
     from .executors.memory import checked_device
 
     checked_device(device)
-    checkpoint, analysis = analyse_checkpoint(path, from_)
-    return read_plan(build_plan(analysis, layout_named(layout)), checkpoint, device)
+    pinned = pin_ahead(device) if device is not None else lambda: None
+    try:
+        checkpoint, analysis = analyse_checkpoint(path, from_)
+        plan = build_plan(analysis, layout_named(layout))
+    finally:
+        pinned()
+    return read_plan(plan, checkpoint, device)
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,13 @@ from .memory import run_plan
 
 CHUNK_BYTES = 64 * 2**20
 """Bytes of one read job: large, so that queueing jobs costs little Python."""
-BUFFER_BYTES = 16 * 2**20
+BUFFER_BYTES = 8 * 2**20
 """Bytes of each of a reader's two pinned buffers, through which it moves its jobs: pinned
-host memory is 2 x BUFFER_BYTES per reader. Small, because pinning is slow (about 0.5 s a
-GiB measured on an H100 host), and the first load in a process pays for it."""
+host memory is 2 x BUFFER_BYTES per reader. Small, because pinning is slow (0.13 s for
+256 MiB measured on an H200 host, mostly faulting in fresh pages) and the first load in a
+process pays for it; not smaller, because each buffer's copy costs the reader the GIL
+(with 16 readers, 4 MiB buffers loaded a quarter slower than 8 MiB ones, 8 to 32 MiB
+within 6 % of each other once pinned)."""
 READERS = min(16, os.cpu_count() or 1)
 """Reader threads: ``pread`` from the page cache is a memory copy, so more cores read faster."""
 SWITCH_INTERVAL = 2e-4
@@ -59,6 +62,30 @@ device staging memory is about SLOTS x max(BATCH_BYTES, one layer's source bytes
 SLOTS = 3
 """Batches staged on the device at once: the reads of two overlap the evaluation of one."""
 ALIGN = 256
+
+
+def reader_threads() -> int:
+    """How many threads read the files of a load (what the benchmarks compare against)."""
+    return READERS
+
+
+def pin_ahead(device: torch.device | str, readers: int = READERS,
+              buffer_bytes: int = BUFFER_BYTES) -> Callable[[], None]:
+    """Start pinning the host buffers a load onto ``device`` will use, in a background
+    thread; return the function that waits for it. The buffers are freed into PyTorch's
+    pinned-memory cache, where the readers' allocations of the same size find them: the
+    first load in a process pins them while its plan is built, not after."""
+    if torch.device(device).type != "cuda":
+        return lambda: None
+
+    def pin() -> None:
+        buffers = [torch.empty(buffer_bytes, dtype=torch.uint8, pin_memory=True)
+                   for _ in range(2 * readers)]
+        del buffers
+
+    thread = threading.Thread(target=pin, name="moekit-pin")
+    thread.start()
+    return thread.join
 
 
 @dataclass
