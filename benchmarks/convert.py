@@ -1,26 +1,27 @@
 """Benchmark ``moekit convert`` against copying the same bytes with ``cp -r`` and ``sync``.
 
-Builds a synthetic Qwen3-MoE-shaped bf16 checkpoint (default about 2 GiB, 128 experts),
-then times, best of --repeat runs each, page cache warm for all: ``cp -r`` alone,
+Builds a synthetic Qwen3-MoE-shaped bf16 checkpoint (default 2.3 GiB: hidden 1024, expert
+intermediate 512, 128 experts, 6 layers), then times, best of --repeat runs each, page
+cache warm for all: ``cp -r`` alone,
 ``cp -r && sync`` (the baseline: moekit fsyncs every file it writes before it calls the
 output written, so the fair copy is one whose bytes are on the disk too) and
 ``moekit convert`` into each ``--to`` layout, and reports moekit's peak RSS. Figures are
 ratios to the baseline measured in the same run, because the machines are shared and
 noisy; ``--json FILE`` writes them as JSON too.
 
-    .venv/bin/python benchmarks/convert.py [--size-gib 2] [--experts 128] [--to nemo vllm]
+    .venv/bin/python benchmarks/convert.py [--size-gib 2.3] [--to nemo transformers] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import platform
 import sys
 import tempfile
 from pathlib import Path
 
-from common import (add_shape_arguments, build_checkpoint, drop_written,
-                    expert_bytes_per_layer, run_measured)
+from common import add_shape_arguments, build_checkpoint, drop_written, run_measured, write_figures
 
 
 def best_of(cmd: list[str], dst: Path, repeat: int) -> tuple[float, int]:
@@ -34,8 +35,8 @@ def best_of(cmd: list[str], dst: Path, repeat: int) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_shape_arguments(parser, size_gib=2.0, experts=128)
-    parser.add_argument("--to", nargs="+", default=["nemo", "vllm"])
+    add_shape_arguments(parser, size_gib=2.3, experts=128, inter=512)
+    parser.add_argument("--to", nargs="+", default=["nemo", "transformers"])
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--workdir", help="where to build the checkpoint (default: a temp dir)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
@@ -55,16 +56,15 @@ def main() -> None:
                 [sys.executable, "-m", "moekit.cli", "convert", str(src), str(dst), "--to", layout],
                 dst, args.repeat)
     base = rows["cp -r && sync"][0]
-    print(f"{'':28}{'seconds':>10}{'GB/s':>8}{'ratio':>8}{'peak RSS MiB':>14}")
+    print(f"{'':34}{'seconds':>10}{'GB/s':>8}{'ratio':>8}{'peak RSS MiB':>14}")
     for name, (seconds, peak) in rows.items():
-        print(f"{name:28}{seconds:10.2f}{size / seconds / 1e9:8.2f}{seconds / base:8.2f}"
+        print(f"{name:34}{seconds:10.2f}{size / seconds / 1e9:8.2f}{seconds / base:8.2f}"
               f"{peak / 2**20:14.0f}")
-    print(f"largest built tensor: {expert_bytes_per_layer(args) * 2 / 3 / 2**20:.0f} MiB")
-    if args.json:
-        Path(args.json).write_text(json.dumps({
-            "checkpoint_bytes": size, "baseline": "cp -r && sync", "repeat": args.repeat,
-            "rows": {name: {"seconds": s, "ratio": s / base, "peak_rss_bytes": rss}
-                     for name, (s, rss) in rows.items()}}, indent=2) + "\n")
+    write_figures(args.json, f"{platform.machine()} {os.cpu_count()} cores",
+                  {name: {"seconds": s, "gb_per_s": size / s / 1e9, "ratio": s / base,
+                          "peak_rss_bytes": rss, "peak_rss_of_checkpoint": rss / size}
+                   for name, (s, rss) in rows.items()},
+                  checkpoint_bytes=size, baseline="cp -r && sync", repeat=args.repeat)
 
 
 if __name__ == "__main__":

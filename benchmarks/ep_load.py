@@ -5,13 +5,15 @@ processes (gloo, CPU); each calls ``moekit.load_experts`` and reports the bytes 
 was asked for (experts and the rest) and its peak RSS. Target: expert bytes per rank about
 1/EP of the total, peak RSS falling with EP.
 
-    .venv/bin/python benchmarks/ep_load.py [--size-gib 1] [--experts 64]
+    .venv/bin/python benchmarks/ep_load.py [--size-gib 1] [--experts 64] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import re
 import resource
 import tempfile
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from common import add_shape_arguments, build_checkpoint
+from common import add_shape_arguments, build_checkpoint, write_figures
 from torch.distributed.device_mesh import init_device_mesh
 
 
@@ -53,7 +55,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shape_arguments(parser, size_gib=1.0, experts=64)
     parser.add_argument("--ep", default="1,2,4")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
+    figures: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="moekit-ep-bench-") as tmp:
         src = Path(tmp) / "src"
         size, layers = build_checkpoint(src, args)
@@ -69,6 +73,12 @@ def main() -> None:
                 print(f"{world:>3} {rank:>5} {r['experts'] / 2**20:11.1f} "
                       f"{r['experts'] / total_experts:11.3f} {r['other'] / 2**20:10.1f} "
                       f"{r['peak'] / 2**20:13.0f} {r['seconds']:7.2f}")
+                figures[f"EP {world} rank {rank}"] = {
+                    "expert_bytes": r["experts"], "share": r["experts"] / total_experts,
+                    "other_bytes": r["other"], "peak_rss_bytes": r["peak"],
+                    "seconds": r["seconds"]}
+    write_figures(args.json, f"{platform.machine()} {os.cpu_count()} cores", figures,
+                  checkpoint_bytes=size, baseline="1/EP of the expert bytes")
 
 
 if __name__ == "__main__":

@@ -5,17 +5,19 @@ Builds a synthetic Llama-shaped bf16 checkpoint (default about 2 GiB), upcycles 
 largest tensor, and its time as a ratio to ``cp -r`` of the output it wrote (the same
 bytes), measured in the same run because the machines are shared and noisy.
 
-    .venv/bin/python benchmarks/upcycle.py [--size-gib 2] [--experts 8] [--method copy]
+    .venv/bin/python benchmarks/upcycle.py [--size-gib 2] [--experts 8] [--method copy] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import sys
 import tempfile
 from pathlib import Path
 
-from common import drop_written, folder_bytes, run_measured, write_synthetic
+from common import drop_written, folder_bytes, run_measured, write_figures, write_synthetic
 
 
 def llama_tensors(layers: int, hidden: int, inter: int, vocab: int = 4096
@@ -43,6 +45,7 @@ def main() -> None:
     parser.add_argument("--method", default="copy", choices=["copy", "granular", "drop"])
     parser.add_argument("--granularity", type=int, default=1)
     parser.add_argument("--workdir", help="where to build the checkpoints (default: a temp dir)")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     layer_bytes = 2 * (4 * args.hidden ** 2 + 3 * args.hidden * args.inter)
@@ -75,6 +78,12 @@ def main() -> None:
         print(f"moekit peak RSS: {peak / 2**20:.0f} MiB = {100 * peak / written:.1f} % of the "
               f"output, {100 * peak / size:.1f} % of the dense input (largest tensor "
               f"{largest / 2**20:.0f} MiB)")
+        write_figures(args.json, f"{platform.machine()} {os.cpu_count()} cores",
+                      {"cp -r of the output": {"seconds": cp_seconds, "ratio": 1.0},
+                       "moekit upcycle": {"seconds": seconds, "ratio": seconds / cp_seconds,
+                                          "peak_rss_bytes": peak}},
+                      dense_bytes=size, output_bytes=written, baseline="cp -r of the output",
+                      method=args.method, experts=args.experts)
 
 
 if __name__ == "__main__":
