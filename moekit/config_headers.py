@@ -62,17 +62,21 @@ class _Sizes:
         return self("hidden_size") // self("num_attention_heads")
 
 
-Entry = tuple[str, tuple[int, ...], bool]
-"""(key relative to a layer, shape, whether it is a linear weight that FP8 quantises)."""
+LINEAR, PLAIN, FLOAT32 = "linear", "plain", "float32"
+"""How a tensor is stored: a linear weight (FP8 in a quantised checkpoint), in the model's
+dtype, or always in float32 (DeepSeek-V3's score-correction bias, as transformers keeps
+it and the Hub files hold it)."""
+Entry = tuple[str, tuple[int, ...], str]
+"""(key relative to a layer, shape, LINEAR, PLAIN or FLOAT32)."""
 
 
 def _linear(name: str, out: int, inn: int, bias: bool = False) -> list[Entry]:
-    return [(f"{name}.weight", (out, inn), True)] + ([(f"{name}.bias", (out,), False)]
+    return [(f"{name}.weight", (out, inn), LINEAR)] + ([(f"{name}.bias", (out,), PLAIN)]
                                                       if bias else [])
 
 
 def _norm(name: str, size: int) -> list[Entry]:
-    return [(f"{name}.weight", (size,), False)]
+    return [(f"{name}.weight", (size,), PLAIN)]
 
 
 def _attention(bias_key: str = "attention_bias", bias_default: bool = False,
@@ -131,7 +135,7 @@ def _no_shared(c: _Sizes) -> list[Entry]:
 def _qwen2_shared(c: _Sizes) -> list[Entry]:
     """Qwen2-MoE's shared expert and its sigmoid gate (a [1, H] router, kept unquantised)."""
     return (_mlp("shared_expert", c("shared_expert_intermediate_size"), c("hidden_size"))
-            + [("shared_expert_gate.weight", (1, c("hidden_size")), False)])
+            + [("shared_expert_gate.weight", (1, c("hidden_size")), PLAIN)])
 
 
 def _deepseek_shared(c: _Sizes) -> list[Entry]:
@@ -145,10 +149,10 @@ def _deepseek_mtp(c: _Sizes) -> list[Entry]:
     (deepseek-ai/DeepSeek-V3, layer 61): its own embedding and output head, two input
     norms and the projection joining them, all unquantised."""
     h, vocab = c("hidden_size"), c("vocab_size")
-    return [("embed_tokens.weight", (vocab, h), False), ("enorm.weight", (h,), False),
-            ("hnorm.weight", (h,), False), ("eh_proj.weight", (h, 2 * h), False),
-            ("shared_head.norm.weight", (h,), False),
-            ("shared_head.head.weight", (vocab, h), False)]
+    return [("embed_tokens.weight", (vocab, h), PLAIN), ("enorm.weight", (h,), PLAIN),
+            ("hnorm.weight", (h,), PLAIN), ("eh_proj.weight", (h, 2 * h), PLAIN),
+            ("shared_head.norm.weight", (h,), PLAIN),
+            ("shared_head.head.weight", (vocab, h), PLAIN)]
 
 
 @dataclass(frozen=True)
@@ -229,11 +233,11 @@ def _headers(c: _Sizes, family: Family, decoder: Decoder, layers: MoeLayers,
     out = {"model.embed_tokens.weight": Header((vocab, h), dtypes.model)}
     for layer in (*range(layers.count), *mtp):
         prefix = f"model.layers.{layer}."
-        for key, shape, linear in moe if layers.is_moe(layer) else dense:
-            dtypes.add(out, prefix + key, shape, linear)
+        for key, shape, kind in moe if layers.is_moe(layer) else dense:
+            dtypes.add(out, prefix + key, shape, kind)
         if layer in mtp:
-            for key, shape, _ in decoder.mtp(c):
-                out[prefix + key] = Header(shape, dtypes.model)
+            for key, shape, kind in decoder.mtp(c):
+                dtypes.add(out, prefix + key, shape, kind)
     out["model.norm.weight"] = Header((h,), dtypes.model)
     if not c.flag("tie_word_embeddings", False):
         out["lm_head.weight"] = Header((vocab, h), dtypes.model)
@@ -246,14 +250,14 @@ def _moe_block(c: _Sizes, family: Family, decoder: Decoder, experts: int,
     the family; the first ``routed`` of them when given), shared experts."""
     h, inter = c("hidden_size"), c(_expert_size_key(c))
     block = family.block[len(LAYER_PREFIX):]  # "mlp", "block_sparse_moe"
-    out: list[Entry] = [(f"{block}.{family.router}", (experts, h), False)]
+    out: list[Entry] = [(f"{block}.{family.router}", (experts, h), PLAIN)]
     if decoder.score_bias:
-        out.append((f"{block}.gate.e_score_correction_bias", (experts,), False))
+        out.append((f"{block}.gate.e_score_correction_bias", (experts,), FLOAT32))
     shapes = {"gate": (inter, h), "up": (inter, h), "down": (h, inter)}
     for e in range(experts if routed is None else min(routed, experts)):
-        out += [(f"{block}.experts.{e}.{family.piece_key(p)}", shapes[p], True)
+        out += [(f"{block}.experts.{e}.{family.piece_key(p)}", shapes[p], LINEAR)
                 for p in family.projections]
-    return out + [(f"{block}.{key}", shape, linear) for key, shape, linear in decoder.shared(c)]
+    return out + [(f"{block}.{key}", shape, kind) for key, shape, kind in decoder.shared(c)]
 
 
 def _expert_size_key(c: _Sizes) -> str:
@@ -273,12 +277,11 @@ class _Dtypes:
     skipped: tuple[str, ...]
     """``modules_to_not_convert``: modules whose weights stay unquantised."""
 
-    def add(self, out: dict[str, Header], key: str, shape: tuple[int, ...], linear: bool
+    def add(self, out: dict[str, Header], key: str, shape: tuple[int, ...], kind: str
             ) -> None:
         """Put tensor ``key`` into ``out``; a quantised weight with its scales."""
-        score_bias = key.endswith("e_score_correction_bias")
-        if not linear or self.fp8 is None or any(m in key for m in self.skipped):
-            out[key] = Header(shape, "F32" if score_bias else self.model)
+        if kind != LINEAR or self.fp8 is None or any(m in key for m in self.skipped):
+            out[key] = Header(shape, "F32" if kind == FLOAT32 else self.model)
             return
         out[key] = Header(shape, self.fp8)
         out[key + FP8_SCALE_KEY] = Header((math.ceil(shape[0] / self.block[0]),
@@ -290,7 +293,7 @@ def _weight_dtypes(values: ConfigValues) -> _Dtypes:
     quantisation from ``quantization_config``; another quantisation is refused (its
     tensors are not described here)."""
     name = values.config.get("dtype") or values.config.get("torch_dtype") or "bfloat16"
-    if name not in DTYPES:
+    if not isinstance(name, str) or name not in DTYPES:
         raise MoekitError(f"{values.source}: dtype {shown(name)} is not one of "
                           f"{', '.join(DTYPES)}")
     quantization = values.config.get("quantization_config")
