@@ -120,6 +120,28 @@ def test_mxfp4_experts_are_held_as_vllm_holds_them(mxfp4, tmp_path):  # noqa: F8
     assert back.keys() == hub.keys() and all(same_bytes(hub[k], back[k]) for k in hub)
 
 
+def test_mxfp4_state_dicts_move_between_transformers_and_vllm_in_memory():
+    """The in-memory executor's path (convert_state_dict), as RL weight sync uses it."""
+    from moekit import convert_state_dict, samples
+
+    model = samples.build_model("gpt_oss", intermediate_size=32)
+    config = model.config.to_dict()
+    state = dict(model.state_dict())
+    generator = torch.Generator().manual_seed(1)
+    for key in [k for k in state if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, inputs, outputs = state.pop(key).shape
+        state[key + "_blocks"] = torch.randint(0, 256, (experts, outputs, inputs // 32, 16),
+                                               generator=generator, dtype=torch.uint8)
+        state[key + "_scales"] = torch.randint(122, 132, (experts, outputs, inputs // 32),
+                                               generator=generator, dtype=torch.uint8)
+    vllm = convert_state_dict(state, "transformers", "vllm", config=config)
+    blocks = state["model.layers.2.mlp.experts.gate_up_proj_blocks"]
+    assert same_bytes(vllm[f"model.layers.2.{EXPERTS}.w13_weight"],
+                      blocks.view(*blocks.shape[:2], -1))
+    back = convert_state_dict(vllm, "vllm", "transformers", config=config)
+    assert back.keys() == state.keys() and all(same_bytes(state[k], back[k]) for k in state)
+
+
 def test_mxfp4_in_vllm_dequantizes_like_transformers(mxfp4, tmp_path):  # noqa: F811
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
