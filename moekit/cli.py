@@ -117,13 +117,18 @@ HUB_ID = ("or a Hugging Face repo id ORG/NAME[@REVISION], read from the local Hu
           "(see --download)")
 
 
-def _add_download_option(sub: argparse.ArgumentParser, *checkpoints: str) -> None:
-    """``--download`` for a command whose arguments ``checkpoints`` may be Hub repo ids."""
+def _add_download_option(sub: argparse.ArgumentParser, *checkpoints: str,
+                         weights: bool = True) -> None:
+    """``--download`` for a command whose arguments ``checkpoints`` may be Hub repo ids;
+    without ``weights`` it fetches only their config.json."""
+    fetched = ("its weight, index, config and sidecar files only" if weights else
+               "its config.json only: the plan needs no weights, and a snapshot cached with "
+               "its weights is planned from their headers")
     sub.add_argument("--download", action="store_true",
-                     help="fetch a Hugging Face repo id missing from the local Hub cache (its "
-                     "weight, index, config and sidecar files only) before reading it; without "
-                     "it nothing is downloaded, and HF_HUB_OFFLINE=1 forbids it")
-    sub.set_defaults(checkpoints=checkpoints)
+                     help=f"fetch a Hugging Face repo id missing from the local Hub cache "
+                     f"({fetched}) before reading it; without it nothing is downloaded, and "
+                     "HF_HUB_OFFLINE=1 forbids it")
+    sub.set_defaults(checkpoints=checkpoints, download_weights=weights)
 
 
 def _download(args: argparse.Namespace) -> None:
@@ -133,7 +138,7 @@ def _download(args: argparse.Namespace) -> None:
         from .hub import download
 
         for name in args.checkpoints:
-            download(getattr(args, name))
+            download(getattr(args, name), args.download_weights)
 
 
 def _command(commands, name: str, help: str, run: Callable[[argparse.Namespace], int]
@@ -248,7 +253,7 @@ def _add_plan(commands) -> None:
                      "DTensor Shard(0), ceil(E/n) a rank, what load_experts loads) or vllm "
                      "(vLLM's default expert placement: the first E mod n ranks get one more)")
     sub.add_argument("--json", action="store_true", help="print JSON")
-    _add_download_option(sub, "path")
+    _add_download_option(sub, "path", weights=False)
 
 
 def _run_plan(args: argparse.Namespace) -> int:

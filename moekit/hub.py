@@ -76,13 +76,16 @@ def local_path(value: object, role: str = "checkpoint") -> Path:
     return _snapshot(repo, local_files_only=True, patterns=[INDEX_NAME, CONFIG_NAME])
 
 
-def download(value: str) -> Path:
+def download(value: str, weights: bool = True) -> Path:
     """The local folder of the Hub repo id ``value`` after fetching what moekit reads of
     it (the weight files, index, config.json and sidecar files; nothing else of the
-    repository) into the Hub cache; a local path is returned as it is."""
+    repository; only its config.json without ``weights``, which is all ``moekit plan``
+    needs) into the Hub cache; a local path is returned as it is."""
     repo = repo_id(value)
     if repo is None:
         return as_path(value, "checkpoint")
+    if not weights:
+        return _snapshot(repo, local_files_only=False, patterns=[CONFIG_NAME])
     listed = [INDEX_NAME, *SIDECARS]
     folder = _snapshot(repo, local_files_only=False, patterns=listed)
     files = index_files(folder) if (folder / INDEX_NAME).exists() else ["*.safetensors"]

@@ -89,6 +89,19 @@ def test_a_revision_is_a_branch_tag_or_commit(cache, family_checkpoints, capsys)
     assert "not (or not completely) in the local cache" in capsys.readouterr().err
 
 
+def test_a_cached_config_alone_is_planned(cache, family_checkpoints, tmp_path, capsys):
+    """``hf download ORG/NAME config.json`` is enough for ``moekit plan ORG/NAME``."""
+    (tmp_path / "config-only").mkdir()
+    config = family_checkpoints["qwen3_moe"] / "config.json"
+    (tmp_path / "config-only" / "config.json").write_bytes(config.read_bytes())
+    hub_cache(cache, tmp_path / "config-only")
+    planned = []
+    for name in (str(config), REPO):
+        assert main(["plan", name, "--ep", "2", "--json"]) == 0
+        planned.append(json.loads(capsys.readouterr().out))
+    assert planned[0] == planned[1]
+
+
 def test_a_local_path_wins_over_a_repo_id(cache, family_checkpoints, tmp_path, monkeypatch,
                                           capsys):
     hub_cache(cache, family_checkpoints["qwen3_moe"])
