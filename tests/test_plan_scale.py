@@ -155,7 +155,7 @@ def test_plan_from_a_config_is_what_the_loader_reads(family_models, family_check
 def test_the_mesh_is_shown_and_checked(capsys):
     assert main(["plan", str(DEEPSEEK_V3), "--ep", "8", "--dp", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert "dp ep" in lines[0] and len(lines) == 17
+    assert lines[0].split()[:4] == ["rank", "dp", "ep", "experts"] and len(lines) == 17
     assert lines[-1].split()[:3] == ["15", "1", "7"]
     assert main(["plan", str(DEEPSEEK_V3), "--ep", "8", "--dp", "0"]) == 2
     assert "data-parallel group size is 0" in capsys.readouterr().err

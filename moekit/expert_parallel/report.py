@@ -105,12 +105,12 @@ def _row_share(shape: tuple[int, ...], nbytes: int, size: int, rank: int) -> int
 def render(loads: list[RankLoad]) -> str:
     """A table, one row per rank (with its dp and ep coordinates on a 2-D mesh)."""
     mesh = any(r.dp_rank for r in loads)
-    rows = [f"{'rank':>5} {'dp ep' if mesh else '':>9} {'experts':>10} {'expert GiB':>11} "
+    rows = [f"{'rank':>5}{'   dp   ep' if mesh else ''} {'experts':>10} {'expert GiB':>11} "
             f"{'other GiB':>10} {'read GiB':>9} {'peak GiB':>9}"]
     for r in loads:
         owned = f"{r.experts[0]}-{r.experts[1]}" if r.experts else "none"
-        where = f"{r.dp_rank:>4} {r.ep_rank:>4}" if mesh else ""
-        rows.append(f"{r.rank:>5} {where:>9} {owned:>10} {r.expert_bytes / 2**30:11.2f} "
+        where = f" {r.dp_rank:>4} {r.ep_rank:>4}" if mesh else ""
+        rows.append(f"{r.rank:>5}{where} {owned:>10} {r.expert_bytes / 2**30:11.2f} "
                     f"{r.other_bytes / 2**30:10.2f} {r.read_bytes / 2**30:9.2f} "
                     f"{r.peak_bytes / 2**30:9.2f}")
     return "\n".join(rows)
