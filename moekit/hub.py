@@ -52,7 +52,8 @@ def repo_id(value: object) -> RepoId | None:
     repo, at, revision = value.partition("@")
     if not _REPO_ID.fullmatch(repo) or (at and not _is_revision(revision)):
         return None
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
     try:
         validate_repo_id(repo)
