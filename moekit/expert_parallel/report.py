@@ -152,9 +152,10 @@ def _analysis(path: Path) -> Analysis:
 
 
 def _check_buildable(config: dict, source: str) -> None:
-    """Check what a config says of its experts and layers before transformers builds the
-    model it describes: the counts typed and bounded, and at most ``MAX_BUILT_LAYERS``
-    decoder layers (building takes time per layer, even on the meta device)."""
+    """Check what a config says of its experts and layers before its tensors are described
+    or transformers builds the model: the counts typed and bounded, and at most
+    ``MAX_BUILT_LAYERS`` decoder layers (either takes time per layer, building even on the
+    meta device)."""
     family = family_of_model_type(config.get("model_type"))
     settings = config_settings(config, family, source) if family is not None else None
     rule = settings.moe_layers if settings is not None else None
@@ -162,8 +163,8 @@ def _check_buildable(config: dict, source: str) -> None:
         "num_hidden_layers")
     if layers is not None and layers > MAX_BUILT_LAYERS:
         raise MoekitError(f"{source} declares {layers} decoder layers; moekit plans from a "
-                          f"config.json alone for at most {MAX_BUILT_LAYERS} (it builds each "
-                          "layer to learn its shapes): plan from the checkpoint's files instead")
+                          f"config.json alone for at most {MAX_BUILT_LAYERS} (it describes or "
+                          "builds each layer): plan from the checkpoint's files instead")
 
 
 def _meta_headers(config: dict, source: str) -> dict:
