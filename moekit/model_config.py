@@ -200,6 +200,18 @@ def listed_or_interleaved(values: ConfigValues) -> MoeLayers | None:
                      f"num_hidden_layers {count}, interleave_moe_layer_step {step}")
 
 
+def expert_period(values: ConfigValues) -> MoeLayers | None:
+    """Jamba: every ``expert_layer_period``-th layer from ``expert_layer_offset`` on
+    (transformers' defaults 2 and 1)."""
+    count = values.integer("num_hidden_layers")
+    if count is None:
+        return None
+    period = values.integer("expert_layer_period", 2, minimum=1)
+    offset = values.integer("expert_layer_offset", 1)
+    return MoeLayers(count, range(offset, count, period), f"num_hidden_layers {count}, "
+                     f"expert_layer_period {period}, expert_layer_offset {offset}")
+
+
 _BLOCK_PATTERN = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
 
 

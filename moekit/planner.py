@@ -553,12 +553,15 @@ def _other_family(label: str, ours: Family, family_source: str,
         return None
     sample = {key: tensors[key] for key in keys[:SAMPLE]}
     scores: dict[tuple[str, str], int] = {}
+    read: dict[tuple, int] = {}
     for family in (*FAMILIES, *GENERIC_FAMILIES):
         if family is ours:
             continue
         for layout in LAYOUTS.values():
-            scores[(family.name, layout.name)] = len(_read_keys(layout.parse(dict(sample),
-                                                                             family)))
+            alike = (family.expert_naming, layout.name)
+            if alike not in read:
+                read[alike] = len(_read_keys(layout.parse(dict(sample), family)))
+            scores[(family.name, layout.name)] = read[alike]
     best = max(scores.values(), default=0)
     if best * 2 <= len(sample):
         return None

@@ -8,9 +8,10 @@ executors and the CLI need no change. Per-expert keys in HF naming are
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..model_config import (LayerRule, after_dense_prefix, block_types, every_layer,
-                            listed_or_interleaved, sparse_step)
+                            expert_period, listed_or_interleaved, sparse_step)
 
 PROJECTIONS = ("gate", "up", "down")
 """Canonical projection names: gate (w1, activated), up (w3, multiplied), down (w2)."""
@@ -91,6 +92,13 @@ class Family:
     count_aliases: tuple[str, ...] = ()
     """Other config.json names of the expert count: transformers' ``attribute_map``
     aliases of ``expert_count_key``, which checkpoints on the Hub also carry."""
+    in_experts: tuple[str, ...] = ()
+    """Names of tensors inside the experts module that are no expert's weights (Laguna's
+    ``experts.e_score_correction_bias``): passed through like the router."""
+    grouped_on_disk: bool = False
+    """True when ``save_pretrained`` writes the experts grouped (GraniteMoE's
+    ``input_linear``/``output_linear``): the ``hf`` layout is then transformers' fused
+    tensors under the ``hf`` renames, read and written in that native form."""
     moe_layers: LayerRule | None = None
     """Which decoder layers config.json makes MoE layers (``first_k_dense_replace``,
     ``decoder_sparse_step``, ...); None when the config's layers are not known."""
@@ -126,6 +134,20 @@ class Family:
                   if any(p.endswith(SCALE) for p in present) else ())
         return (*weights, *biases, *scales)
 
+    @property
+    def expert_naming(self) -> tuple:
+        """What decides which keys each layout reads as this family's experts, and how:
+        families equal in it read the same keys alike (whatever their routers and other
+        tensors are named)."""
+        block = f"{self.block}.experts."
+        samples = (*(f"{block}0.{name}.weight" for name in self.projections.values()),
+                   *(f"{block}{name}" for name in ("gate_up_proj", "down_proj")))
+        renamed = tuple(sorted((layout, tuple(rename(s, rules) for s in samples))
+                               for layout, rules in self.renames.items()))
+        return (self.block, tuple(sorted(self.projections.items())), self.biases,
+                self.grouped_on_disk, self.in_experts, tuple(sorted(self.transposed.items())),
+                tuple(sorted(self.interleaved.items())), renamed)
+
     def piece_key(self, piece: str) -> str:
         """A piece's name in HF per-expert keys: ``gate_proj.weight``, ``gate_proj.bias``,
         ``gate_proj.weight_scale_inv``."""
@@ -148,11 +170,29 @@ _MIXTRAL_BLOCK = "model.layers.{layer}.block_sparse_moe"
 _MIXTRAL_TO_MLP = (Rename(".block_sparse_moe.", ".mlp."),)
 """transformers v5 (``conversion_mapping.py``, "mixtral") names the block ``mlp`` in memory."""
 
+
+def _linear_on_disk(block: str) -> tuple[Rename, ...]:
+    """GraniteMoE's and JetMoE's names of the grouped experts in their files, for the
+    experts of ``block`` only (GraniteMoE-Hybrid's shared_mlp and JetMoE's attention
+    experts have input_linear and output_linear too)."""
+    return (Rename(f".{block}.experts.gate_up_proj", f".{block}.input_linear.weight"),
+            Rename(f".{block}.experts.down_proj", f".{block}.output_linear.weight"))
+
+
 _NEMOTRON_H_NEMO = (Rename("backbone.", "model.", at_start=True),
                     Rename("model.embeddings.", "model.embed_tokens.", at_start=True),
                     Rename("model.norm_f.", "model.norm.", at_start=True))
 """NeMo AutoModel 0.7 (NemotronV3StateDictAdapter) holds Nemotron-H under ``model.``, its
 embeddings as ``embed_tokens`` and its final norm as ``norm``."""
+
+def _qwen_style(model_type: str, count_key: str, renames: tuple[Rename, ...] = (),
+                **settings: Any) -> Family:
+    """A family of one model type named as Qwen2-MoE on disk (``mlp.experts.{e}.gate_proj``)
+    whose transformers names differ by ``renames``."""
+    aliases = tuple(k for k in EXPERT_COUNT_KEYS if k != count_key)
+    return Family(model_type, (model_type,), _QWEN_BLOCK, _QWEN_PROJECTIONS, count_key,
+                  renames={"transformers": renames}, count_aliases=aliases, **settings)
+
 
 FAMILIES: tuple[Family, ...] = (
     Family("qwen2_moe", ("qwen2_moe",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_experts",
@@ -199,6 +239,77 @@ FAMILIES: tuple[Family, ...] = (
     Family("llama4", ("llama4_text",), "model.layers.{layer}.feed_forward", _QWEN_PROJECTIONS,
            "num_local_experts", router="router.weight", shared_expert="shared_expert",
            transposed={"transformers": True}, moe_layers=listed_or_interleaved),
+    Family("jamba", ("jamba",), "model.layers.{layer}.feed_forward", _QWEN_PROJECTIONS,
+           "num_experts", router="router.weight", count_aliases=("num_local_experts",),
+           moe_layers=expert_period),
+    # MiniMax, MiniMax-M2 and Kimi-Linear are named as Mixtral on disk; transformers 5.24
+    # names the block mlp in memory (their conversion_mapping.py entries).
+    Family("minimax", ("minimax", "minimax_m2"), _MIXTRAL_BLOCK, _MIXTRAL_PROJECTIONS,
+           "num_local_experts", renames={"transformers": _MIXTRAL_TO_MLP},
+           count_aliases=("num_experts",), moe_layers=every_layer),
+    Family("kimi_linear", ("kimi_linear",), _MIXTRAL_BLOCK, _MIXTRAL_PROJECTIONS, "num_experts",
+           shared_expert="shared_experts", renames={"transformers": _MIXTRAL_TO_MLP},
+           count_aliases=("num_local_experts",)),
+    # Grouped on disk (transformers 5.24's conversion_mapping.py "granitemoe", "aria_text";
+    # GraniteMoE-SWA and JetMoE have no entry: their models hold the on-disk tensors):
+    # gate_up [E, 2I, H] with gate first (Aria [E, H, 2I]) and down [E, H, I] (Aria [E, I, H]).
+    Family("granitemoe", ("granitemoe", "granitemoeshared", "granitemoehybrid"),
+           _MIXTRAL_BLOCK, _QWEN_PROJECTIONS, "num_local_experts", router="router.layer.weight",
+           renames={"hf": _linear_on_disk("block_sparse_moe"), "transformers": (
+               Rename(".block_sparse_moe.router.layer.weight", ".block_sparse_moe.router.weight"),)},
+           grouped_on_disk=True),
+    Family("granitemoe_swa", ("granitemoe_swa",), _MIXTRAL_BLOCK, _QWEN_PROJECTIONS,
+           "num_local_experts", router="router.weight", grouped_on_disk=True,
+           moe_layers=every_layer),
+    Family("jetmoe", ("jetmoe",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_local_experts",
+           router="router.layer.weight",
+           renames={"hf": _linear_on_disk("mlp"), "transformers": _linear_on_disk("mlp")},
+           grouped_on_disk=True, moe_layers=every_layer),
+    Family("aria", ("aria_text",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "moe_num_experts",
+           router="router.weight", shared_expert="shared_experts",
+           renames={"hf": (Rename(".experts.gate_up_proj", ".experts.fc1.weight"),
+                           Rename(".experts.down_proj", ".experts.fc2.weight"))},
+           transposed={"hf": True, "transformers": True}, grouped_on_disk=True,
+           moe_layers=every_layer),
+    # Qwen-style experts whose router biases, shared experts, norms or attention sinks
+    # transformers 5.24 renames on load (each model type's conversion_mapping.py entry; its
+    # conversions that split or join tensors outside the experts are not moekit's).
+    _qwen_style("exaone_moe", "num_experts", shared_expert="shared_experts", renames=(
+        Rename(".mlp.e_score_correction_bias", ".mlp.gate.e_score_correction_bias"),)),
+    _qwen_style("ernie4_5_moe", "moe_num_experts", shared_expert="shared_experts", renames=(
+        Rename(".mlp.moe_statics.", ".mlp.gate.moe_statics."),)),
+    _qwen_style("bailing_hybrid", "num_local_experts", shared_expert="shared_experts",
+                renames=(Rename(".mlp.gate.expert_bias", ".mlp.gate.e_score_correction_bias"),)),
+    _qwen_style("sarvam_moe", "n_routed_experts", shared_expert="shared_experts", renames=(
+        Rename(".mlp.gate.expert_bias", ".mlp.gate.e_score_correction_bias"),)),
+    _qwen_style("axk1", "n_routed_experts", shared_expert="shared_experts", renames=(
+        Rename(".post_mlp_layernorm.", ".mlp.post_mlp_layernorm."),)),
+    _qwen_style("hy_v3", "num_experts", router="router.gate.weight", shared_expert="shared_mlp",
+                renames=(Rename(".mlp.expert_bias", ".mlp.e_score_correction_bias"),
+                         Rename(".mlp.router.gate.", ".mlp.gate."),
+                         Rename(".mlp.shared_mlp.", ".mlp.shared_experts."))),
+    _qwen_style("hy_v4", "n_routed_experts", shared_expert="shared_experts",
+                grouped_on_disk=True, renames=(Rename(".linear_gate", ".gate_proj"),)),
+    _qwen_style("kolibri1", "num_experts", shared_expert="shared_experts", renames=(
+        Rename(".moe.router.expert_bias", ".mlp.gate.e_score_correction_bias"),
+        Rename(".post_attn_norm.", ".post_self_attn_layernorm."),
+        Rename(".post_ffn_norm.", ".post_mlp_layernorm."))),
+    _qwen_style("flint", "num_experts", renames=(
+        Rename(".self_attn.softmax_offset", ".self_attn.sinks"),)),
+    _qwen_style("mimo_v2_flash", "n_routed_experts", renames=(
+        Rename(".self_attn.attention_sink_bias", ".self_attn.sinks"),)),
+    _qwen_style("laguna", "num_experts", shared_expert="shared_expert",
+                in_experts=("e_score_correction_bias",),
+                renames=(Rename(".mlp.experts.e_score_correction_bias",
+                                ".mlp.gate.e_score_correction_bias"),
+                         Rename(".mlp.shared_expert.", ".mlp.shared_experts."))),
+    Family("deepseek_v4", ("deepseek_v4",), "model.layers.{layer}.ffn", _MIXTRAL_PROJECTIONS,
+           "n_routed_experts", shared_expert="shared_experts",
+           count_aliases=("num_local_experts",), renames={"transformers": (
+               Rename(".ffn.", ".mlp."),
+               Rename(".mlp.gate.bias", ".mlp.gate.e_score_correction_bias"),
+               *(Rename(f".mlp.shared_experts.{old}.", f".mlp.shared_experts.{new}.")
+                 for old, new in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))))}),
 )
 
 GENERIC_FAMILIES: tuple[Family, ...] = (

@@ -121,7 +121,7 @@ class GroupedLayout(Layout):
         rows: dict[int, dict[GroupedTensor, int]] = {}
         for key, meta in tensors.items():
             inside, name = self._located(key, region, renamed)
-            if not inside:
+            if not inside or name in family.in_experts:
                 continue
             numbers = parsed.numbers(key, inside)
             if numbers is None:

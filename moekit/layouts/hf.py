@@ -1,4 +1,6 @@
-"""The Hugging Face per-expert layout: one ``[out, in]`` tensor per expert and projection."""
+"""The Hugging Face layout: what ``save_pretrained`` writes. For most families one ``[out,
+in]`` tensor per expert and projection; for families whose Hub files keep the experts
+grouped (``Family.grouped_on_disk``: GraniteMoE, JetMoE, Aria), those grouped tensors."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import re
 from ..plan import Read, TensorPlan
 from .base import NUMBER, ExpertBlock, Layout, ParsedExperts, TensorMeta
 from .families import Family
+from .grouped import TRANSFORMERS, GroupedLayout
 
 
 class PerExpertLayout(Layout):
@@ -15,16 +18,30 @@ class PerExpertLayout(Layout):
     ``.weight_scale_inv`` beside each in FP8 checkpoints."""
 
     name = "hf"
-    description = "Hugging Face: one tensor per expert and projection (what the Hub holds)"
+    description = ("Hugging Face: what save_pretrained writes and the Hub holds (one tensor "
+                   "per expert and projection; grouped where the family's files group them)")
+
+    def __init__(self) -> None:
+        self.on_disk = GroupedLayout(self.name, self.description, TRANSFORMERS.tensors)
+        """The grouped tensors of a ``grouped_on_disk`` family: transformers' fused ones
+        under the family's ``hf`` renames (and orientation)."""
+
+    def holds(self, piece: str, family: Family) -> bool:
+        return self.on_disk.holds(piece, family) if family.grouped_on_disk else True
+
+    def emit_none(self, block: ExpertBlock, family: Family) -> list[TensorPlan]:
+        return self.on_disk.emit_none(block, family) if family.grouped_on_disk else []
 
     def parse(self, tensors: dict[str, TensorMeta], family: Family) -> ParsedExperts:
+        if family.grouped_on_disk:
+            return self.on_disk.parse(tensors, family)
         parsed = ParsedExperts()
         pattern = self._key_pattern(family)
         by_name = {family.piece_key(piece): piece for piece in family.all_pieces}
         region = self.expert_region(family)
         for key, meta in tensors.items():
             match = pattern.match(key) or region.match(key)
-            if not match:
+            if not match or key[match.end():] in family.in_experts:
                 continue
             numbers = parsed.numbers(key, match)
             if numbers is None:
@@ -41,6 +58,8 @@ class PerExpertLayout(Layout):
         return parsed
 
     def emit(self, block: ExpertBlock, n_experts: int, family: Family) -> list[TensorPlan]:
+        if family.grouped_on_disk:
+            return self.on_disk.emit(block, n_experts, family)
         return [TensorPlan(family.expert_key(block.layer, e, piece), block.pieces[(piece, e)])
                 for e in range(n_experts) for piece in family.all_pieces
                 if (piece, e) in block.pieces]

@@ -1,0 +1,209 @@
+"""Every MoE model type of the installed transformers, built tiny from its config: moekit
+reads what ``save_pretrained`` wrote, converts it into every layout and back byte for byte,
+writes the transformers layout as the model's own ``state_dict()``, and transformers loads
+the round trip with the same logits.
+
+The model types come from transformers' auto mappings (``tiny_families``), so a new
+release's MoE families show up here as failures, not silence. The oracle of every check
+is transformers: the files its ``save_pretrained`` writes, its ``state_dict()``, its
+logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit import convert, inspect, samples
+from moekit.layouts import TRANSFORMERS, family_named
+
+from .conftest import load_all, same_bytes
+from .tiny_families import build, moe_causal_lm_types
+
+LAYOUTS = ("hf", "nemo", "transformers", "vllm")
+TYPES = moe_causal_lm_types()
+
+NOT_MOE_HERE = {
+    "doge": "Doge's experts are single neurons (rows of mlp.up_embed/down_embed, chosen "
+            "by product keys), not gate/up/down matrices: no grouped layout has a place for "
+            "them, and moekit passes the checkpoint through as a dense one",
+}
+"""Model types whose config declares experts but whose experts are not MLP experts."""
+GAPS = {
+    "inkling_text": "Inkling's router has a row for each routed expert and each shared-expert "
+                    "sink (n_routed_experts + n_shared_experts rows); moekit expects one per "
+                    "routed expert",
+    "longcat_flash": "transformers 5.24 sizes LongCat-Flash's gate_up_proj for the routed and "
+                     "the zero-computation experts (n_routed_experts + zero_expert_num rows) "
+                     "but down_proj for the routed ones only, so save_pretrained writes gate "
+                     "and up without down for the zero experts; moekit reads experts as whole",
+}
+"""Model types moekit does not convert yet, and why (every test of the type xfails
+strictly, so that support flips it)."""
+REFUSED: dict[tuple[str, str], str] = {}
+"""(model type, layout) -> what the refusal says: the layout has no place for something."""
+OTHER_SECTIONS: dict[tuple[str, str], str] = {}
+"""(model type, layout) cases another part of issue 14 makes convert."""
+NON_MOE_CONVERSIONS = {
+    "axk2": "transformers moves input_layernorm.W_down/W_up to input_layernorm.mlp.fc1/fc2 "
+            "and renames attention projections",
+    "bailing_hybrid": "transformers renames and splits the attention (attention.* -> "
+                      "self_attn.*, query_key_value)",
+    "deepseek_v4": "transformers renames the attention (attn.* -> self_attn.*), the "
+                   "hyper-connection tensors (hc_*) and the norms",
+    "hy_v4": "transformers renames the hyper-connection tensors (hc_pre.hc_head.* -> "
+             "hc_head.*) and the attention sinks",
+    "kimi_linear": "transformers joins the attention's q/k/v conv1d weights into one",
+    "lara_mini": "transformers splits the linear attention's in_proj into in_proj_qkv/a/b",
+    "sarvam_moe": "transformers splits attention.query_key_value into q/k/v_proj",
+}
+"""Model types whose transformers conversion also splits, joins or renames tensors
+outside the MoE blocks in ways no key rename expresses: moekit's transformers layout holds
+their MoE blocks as ``state_dict()`` does (checked below), the other tensors as on disk."""
+
+
+class Tiny:
+    """One model type's tiny model, its ``save_pretrained`` folder and what moekit sees."""
+
+    def __init__(self, model_type: str, root) -> None:
+        try:
+            self.model = build(model_type)
+        except Exception as err:  # any failure of transformers to build it tiny
+            pytest.skip(f"{model_type} cannot be built tiny: {type(err).__name__}: {err}")
+        self.path = root / model_type
+        try:
+            self.model.save_pretrained(self.path, max_shard_size="200KB")
+        except Exception as err:
+            pytest.skip(f"transformers cannot save a tiny {model_type}: "
+                        f"{type(err).__name__}: {err}")
+        self.info = inspect(self.path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """model type -> its ``Tiny``, built on first use and kept for the module."""
+    root = tmp_path_factory.mktemp("every-family")
+    built: dict[str, Tiny | str] = {}
+
+    def get(model_type: str) -> Tiny:
+        if model_type not in built:
+            try:
+                built[model_type] = Tiny(model_type, root)
+            except pytest.skip.Exception as skip:
+                built[model_type] = skip.msg
+        found = built[model_type]
+        if isinstance(found, str):
+            pytest.skip(found)
+        return found
+
+    return get
+
+
+def test_the_enumeration_finds_the_known_families():
+    """The walk over transformers' mappings finds the families moekit names by hand."""
+    assert {"qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "llama4_text",
+            "granitemoe", "jamba", "jetmoe", "kimi_linear", "minimax_m2"} <= set(TYPES)
+
+
+def _cases():
+    for model_type in TYPES:
+        for layout in LAYOUTS:
+            marks = []
+            reason = GAPS.get(model_type) or OTHER_SECTIONS.get((model_type, layout))
+            if reason:
+                marks.append(pytest.mark.xfail(reason=reason, strict=True))
+            yield pytest.param(model_type, layout, marks=marks, id=f"{model_type}-{layout}")
+
+
+def _gap_marks(model_type: str) -> list:
+    reason = GAPS.get(model_type)
+    return [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
+
+
+def _types(extra: dict[str, str] | None = None):
+    for model_type in TYPES:
+        marks = _gap_marks(model_type)
+        if extra and model_type in extra and not marks:
+            marks = [pytest.mark.xfail(reason=extra[model_type], strict=True)]
+        yield pytest.param(model_type, marks=marks, id=model_type)
+
+
+@pytest.mark.parametrize("model_type,layout", list(_cases()))
+def test_round_trip_is_byte_identical(model_type, layout, tiny, tmp_path):
+    """save_pretrained's files -> layout -> the files' own layout: the same bytes under the
+    same names (or a refusal that says what the layout cannot hold)."""
+    _skip_not_moe(model_type)
+    model = tiny(model_type)
+    assert model.info.moe_layers, f"moekit finds no experts in {model_type}"
+    converted, back = tmp_path / layout, tmp_path / "back"
+    if (model_type, layout) in REFUSED:
+        with pytest.raises(Exception, match=REFUSED[(model_type, layout)]):
+            convert(model.path, converted, to=layout)
+        return
+    convert(model.path, converted, to=layout, max_shard_size="100KB")
+    convert(converted, back, to=model.info.layout)
+    original, restored = load_all(model.path), load_all(back)
+    assert original.keys() == restored.keys()
+    assert [k for k in original if not same_bytes(original[k], restored[k])] == []
+
+
+@pytest.mark.parametrize("model_type", list(_types(NON_MOE_CONVERSIONS)))
+def test_transformers_layout_is_the_state_dict(model_type, tiny, tmp_path):
+    """``--to transformers`` holds ``model.state_dict()``: name for name, byte for byte."""
+    _skip_not_moe(model_type)
+    model = tiny(model_type)
+    convert(model.path, tmp_path / "fused", to="transformers")
+    written, expected = load_all(tmp_path / "fused"), model.model.state_dict()
+    assert sorted(written.keys() - expected.keys()) == []
+    assert sorted(expected.keys() - written.keys()) == []
+    assert [k for k in expected if not same_bytes(written[k], expected[k])] == []
+
+
+@pytest.mark.parametrize("model_type", list(_types()))
+def test_moe_blocks_of_the_transformers_layout_are_the_state_dicts(model_type, tiny, tmp_path):
+    """Every tensor under an MoE block of ``--to transformers`` is the state dict's, and
+    the state dict has no other tensor there: also for families whose transformers
+    conversion changes tensors outside the MoE blocks."""
+    _skip_not_moe(model_type)
+    model = tiny(model_type)
+    family = family_named(model.info.family)
+    convert(model.path, tmp_path / "fused", to="transformers")
+    written, expected = load_all(tmp_path / "fused"), model.model.state_dict()
+    blocks = tuple(TRANSFORMERS.from_hf_key(family.block.format(layer=layer) + ".", family)
+                   for layer in model.info.moe_layers)
+    inside = {k for k in expected if k.startswith(blocks)}
+    assert inside, f"no state-dict tensor under {blocks[0]}"
+    assert {k for k in written if k.startswith(blocks)} == inside
+    assert [k for k in inside if not same_bytes(written[k], expected[k])] == []
+
+
+@pytest.mark.parametrize("model_type", list(_types()))
+def test_transformers_loads_the_round_trip_with_the_same_logits(model_type, tiny, tmp_path):
+    """save_pretrained -> transformers layout -> back: from_pretrained gives the logits it
+    gives for the files save_pretrained wrote."""
+    _skip_not_moe(model_type)
+    model = tiny(model_type)
+    convert(model.path, tmp_path / "fused", to="transformers")
+    convert(tmp_path / "fused", tmp_path / "back", to=model.info.layout)
+    ids = samples.sample_input(model.model.config.get_text_config().vocab_size)
+    assert torch.equal(_logits(tmp_path / "back", ids), _logits(model.path, ids))
+
+
+def _logits(path, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the model from_pretrained loads from ``path`` (no cache: the hybrid
+    models' caches need an attention layer, which a three-layer model may lack). Every
+    tensor is copied out of the memory-mapped file first: CPU kernels may round
+    differently for data at another alignment, which depends on where a file's header
+    ends, not on the weights."""
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for tensor in (*loaded.parameters(), *loaded.buffers()):
+            tensor.data = tensor.data.clone()
+        return loaded(ids, use_cache=False).logits
+
+
+def _skip_not_moe(model_type: str) -> None:
+    if model_type in NOT_MOE_HERE:
+        pytest.skip(NOT_MOE_HERE[model_type])

@@ -1,0 +1,93 @@
+"""Tiny seeded models of every MoE model type the installed transformers knows, found by
+walking its auto mappings (not a hand list), for the per-family tests."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+EXPERT_COUNT_NAMES = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+"""Config attributes (or ``attribute_map`` aliases) that declare routed experts."""
+
+SMALL: dict[str, Any] = dict(
+    vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+    moe_intermediate_size=16, expert_ffn_hidden_size=16, shared_expert_intermediate_size=24,
+    moe_shared_expert_intermediate_size=24, num_experts_per_tok=2, moe_topk=2, top_k=2,
+    n_group=1, topk_group=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
+    qk_nope_head_dim=4, v_head_dim=8, index_head_dim=8, index_n_heads=2,
+    first_k_dense_replace=1, zero_expert_num=2, n_shared_experts=1, num_dense_layers=1,
+    tie_word_embeddings=False, **{name: 6 for name in EXPERT_COUNT_NAMES})
+"""Sizes every tiny model takes where its config has the attribute: three layers, the
+first dense where the config has a dense prefix, six experts of two chosen. A config with
+multi-head latent attention (``kv_lora_rank``) takes ``head_dim`` = ``qk_rope_head_dim``
+and as many key-value heads as query heads, as DeepSeek's configs derive them."""
+TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+"""Special token ids, moved into the tiny vocabulary where they lie beyond it."""
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "doge": dict(is_moe=True, num_experts=16),
+    "longcat_flash": dict(num_layers=2),
+    "zaya": dict(num_experts_per_tok=1),
+    "granitemoehybrid": dict(mamba_n_heads=8, mamba_d_head=8),
+}
+"""What a model type needs beyond ``SMALL`` to be built tiny with experts: Doge's experts
+form a square grid of product keys and exist only with ``is_moe``; LongCat-Flash counts
+its layers in ``num_layers``; ZAYA routes to one expert; GraniteMoE-Hybrid's Mamba heads
+divide its expanded hidden size."""
+
+
+def _declares(config_class: type, name: str) -> bool:
+    params = inspect.signature(config_class.__init__).parameters
+    annotated = {a for c in config_class.__mro__ for a in getattr(c, "__annotations__", {})}
+    return name in params or name in annotated or name in getattr(config_class, "attribute_map", {})
+
+
+def moe_causal_lm_types() -> list[str]:
+    """Model types with a causal-LM class whose config declares routed experts."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if t in CONFIG_MAPPING
+                  and any(_declares(CONFIG_MAPPING[t], n) for n in EXPERT_COUNT_NAMES))
+
+
+def _mlp_layer_types(default: list[str], count: int) -> list[str]:
+    """A per-layer MLP kind list of ``count`` layers: the default's first kind, then a
+    sparse kind from the default list (its last), so that the model has MoE layers."""
+    return [default[0]] + [default[-1]] * (count - 1)
+
+
+def tiny_config(model_type: str, **overrides: Any):
+    from transformers import AutoConfig
+
+    default = AutoConfig.for_model(model_type)
+    settings = {k: v for k, v in SMALL.items() if hasattr(default, k)}
+    settings.update({name: token for token, name in enumerate(TOKEN_IDS)
+                     if isinstance(getattr(default, name, None), int)
+                     and getattr(default, name) >= SMALL["vocab_size"]})
+    if hasattr(default, "kv_lora_rank"):
+        settings.update(head_dim=SMALL["qk_rope_head_dim"],
+                        num_key_value_heads=SMALL["num_attention_heads"])
+    if isinstance(getattr(default, "mlp_layer_types", None), list):
+        settings["mlp_layer_types"] = _mlp_layer_types(default.mlp_layer_types,
+                                                       SMALL["num_hidden_layers"])
+    return AutoConfig.for_model(model_type, **{**settings, **OVERRIDES.get(model_type, {}),
+                                               **overrides})
+
+
+def build(model_type: str, seed: int = 0, **overrides: Any):
+    """A tiny causal LM of ``model_type``, float32, every parameter drawn from N(0, 0.2)
+    so that a misplaced tensor changes the logits."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    config = tiny_config(model_type, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model.eval()
