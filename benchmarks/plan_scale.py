@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import run_measured
+from common import run_measured, write_figures
 
 from moekit.checkpoint import INDEX_NAME
 from moekit.config_headers import config_headers
@@ -32,6 +32,7 @@ from moekit.dtypes import ITEMSIZES
 
 CONFIG = Path(__file__).parent.parent / "tests" / "data" / "deepseek_v3_671b_config.json"
 SHARDS = 163
+BASELINE_ROW = "safetensors: every header (baseline)"
 BASELINE = """
 import sys
 from pathlib import Path
@@ -75,7 +76,7 @@ def commands(replica: Path, out: Path) -> dict[str, list[str]]:
     """Row name -> the command timed."""
     moekit = [sys.executable, "-m", "moekit.cli"]
     return {
-        "safetensors: every header (baseline)": [sys.executable, "-c", BASELINE, str(replica)],
+        BASELINE_ROW: [sys.executable, "-c", BASELINE, str(replica)],
         "moekit inspect": [*moekit, "inspect", str(replica)],
         "moekit convert --to transformers --dry-run": [
             *moekit, "convert", str(replica), str(out), "--to", "transformers", "--dry-run"],
@@ -92,8 +93,8 @@ def measure(replica: Path, repeat: int) -> dict[str, dict[str, float]]:
     for name, cmd in commands(replica, replica.parent / "converted").items():
         runs = [run_measured(cmd) for _ in range(repeat)]
         rows[name] = {"seconds": min(s for s, _ in runs),
-                      "peak_rss_mib": max(r for _, r in runs) / 2**20}
-    base = next(iter(rows.values()))["seconds"]
+                      "peak_rss_bytes": max(r for _, r in runs)}
+    base = rows[BASELINE_ROW]["seconds"]
     for row in rows.values():
         row["ratio"] = row["seconds"] / base
     return rows
@@ -118,13 +119,11 @@ def main() -> None:
     print(f"{'':44} {'seconds':>8} {'ratio':>6} {'peak RSS MiB':>13}")
     for name, row in rows.items():
         print(f"{name:44} {row['seconds']:8.2f} {row['ratio']:6.2f} "
-              f"{row['peak_rss_mib']:13.0f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({
-            "machine": platform.node(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "repeat": args.repeat,
-            "tensors": len(index["weight_map"]),
-            "logical_bytes": index["metadata"]["total_size"], "rows": rows}, indent=2) + "\n")
+              f"{row['peak_rss_bytes'] / 2**20:13.0f}")
+    write_figures(args.json, f"{platform.machine()} {os.cpu_count()} cores", rows,
+                  tensors=len(index["weight_map"]),
+                  logical_bytes=index["metadata"]["total_size"], baseline=BASELINE_ROW,
+                  repeat=args.repeat)
 
 
 if __name__ == "__main__":
