@@ -33,6 +33,9 @@ class CheckpointInfo:
     hidden_size: int | None
     expert_intermediate_size: int | None
     shared_expert_intermediate_size: int | None
+    mtp_layers: list[int] = field(default_factory=list)
+    """MoE layers after the decoder stack: multi-token-prediction layers (DeepSeek-V3's
+    and GLM-4.5's ``num_nextn_predict_layers``), also in ``moe_layers``."""
     expert_pieces: list[str] = field(default_factory=list)
     """What each routed expert holds: gate, up, down (no gate: non-gated), *_bias, and
     *_scale (FP8 block scales)."""
@@ -59,7 +62,9 @@ class CheckpointInfo:
         ]
         if self.moe_layers:
             lines += [
-                f"  MoE layers        {compress_ranges(self.moe_layers)} ({len(self.moe_layers)})",
+                f"  MoE layers        {compress_ranges(self.moe_layers)} ({len(self.moe_layers)})"
+                + (f", multi-token prediction {compress_ranges(self.mtp_layers)}"
+                   if self.mtp_layers else ""),
                 f"  routed experts    E={self.n_experts}, I={self.expert_intermediate_size}, "
                 f"H={self.hidden_size}",
                 f"  expert pieces     {', '.join(self.expert_pieces)}"
@@ -99,7 +104,8 @@ def inspect(path: str | Path, from_: str | None = None) -> CheckpointInfo:
         family=analysis.family.name if moe else f"dense ({checkpoint.model_type or 'unknown'})",
         layout=analysis.layout.name,
         model_type=checkpoint.model_type, n_experts=analysis.n_experts if moe else 0,
-        moe_layers=moe, dense_layers=[l for l in sorted(layer_bytes) if l not in analysis.blocks],
+        moe_layers=moe, mtp_layers=_mtp_layers(moe, analysis),
+        dense_layers=[l for l in sorted(layer_bytes) if l not in analysis.blocks],
         hidden_size=gate.shape[1] if gate else None,
         expert_intermediate_size=gate.shape[0] if gate else None,
         shared_expert_intermediate_size=_shared_size(checkpoint.tensors, analysis),
@@ -108,6 +114,12 @@ def inspect(path: str | Path, from_: str | None = None) -> CheckpointInfo:
         quantization=_quantization(checkpoint.tensors),
         dtypes=dict(dtypes), total_bytes=sum(dtypes.values()), layer_bytes=dict(layer_bytes),
         n_tensors=len(checkpoint.tensors))
+
+
+def _mtp_layers(moe: list[int], analysis: Analysis) -> list[int]:
+    """The MoE layers the config places after its decoder layers (its MTP layers)."""
+    rule = analysis.settings.moe_layers if analysis.settings else None
+    return [layer for layer in moe if rule is not None and layer in rule.extra]
 
 
 def _quantization(tensors: Mapping[str, TensorInfo]) -> str | None:

@@ -158,17 +158,23 @@ def every_layer(values: ConfigValues) -> MoeLayers | None:
     return None if count is None else MoeLayers(count, range(count), f"num_hidden_layers {count}")
 
 
-def after_dense_prefix(values: ConfigValues) -> MoeLayers | None:
-    """DeepSeek-V3: layers from ``first_k_dense_replace`` on (transformers' default 3),
-    plus its ``num_nextn_predict_layers`` multi-token-prediction layers after the stack."""
-    count = values.integer("num_hidden_layers")
-    if count is None:
-        return None
-    dense = values.integer("first_k_dense_replace", 3)
-    mtp = values.integer("num_nextn_predict_layers", 0)
-    return MoeLayers(count, range(dense, count),
-                     f"num_hidden_layers {count}, first_k_dense_replace {dense}",
-                     extra=range(count, count + mtp))
+def dense_prefix_of(default: int) -> LayerRule:
+    """DeepSeek-V3, GLM-4.5: layers from ``first_k_dense_replace`` on (``default`` when the
+    config does not say: transformers' 3 for DeepSeek-V3, 1 for GLM-4.5), plus their
+    ``num_nextn_predict_layers`` multi-token-prediction layers after the stack."""
+    def rule(values: ConfigValues) -> MoeLayers | None:
+        count = values.integer("num_hidden_layers")
+        if count is None:
+            return None
+        dense = values.integer("first_k_dense_replace", default)
+        mtp = values.integer("num_nextn_predict_layers", 0)
+        return MoeLayers(count, range(dense, count),
+                         f"num_hidden_layers {count}, first_k_dense_replace {dense}",
+                         extra=range(count, count + mtp))
+    return rule
+
+
+after_dense_prefix = dense_prefix_of(3)
 
 
 def sparse_step(values: ConfigValues) -> MoeLayers | None:

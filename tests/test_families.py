@@ -207,3 +207,61 @@ def _logits(path, ids: torch.Tensor) -> torch.Tensor:
 def _skip_not_moe(model_type: str) -> None:
     if model_type in NOT_MOE_HERE:
         pytest.skip(NOT_MOE_HERE[model_type])
+
+
+MTP_FAMILIES = ["deepseek_v3", "glm4_moe"]
+
+
+def _with_mtp_layer(model_type: str, path) -> int:
+    """Add one multi-token-prediction layer to a saved tiny checkpoint, named as
+    DeepSeek-V3's Hub files name it (transformers builds none): a decoder layer at index
+    ``num_hidden_layers`` (the last layer's tensors, shifted) plus ``enorm``, ``hnorm``,
+    ``eh_proj`` and ``shared_head``, in a shard of its own listed in the index. Returns
+    the MTP layer's index."""
+    import json
+
+    from safetensors.torch import save_file
+
+    config = json.loads((path / "config.json").read_text())
+    mtp, last = config["num_hidden_layers"], f"model.layers.{config['num_hidden_layers'] - 1}."
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    tensors = {f"model.layers.{mtp}." + k[len(last):]: v + 1.0
+               for k, v in load_all(path).items() if k.startswith(last)}
+    generator = torch.Generator().manual_seed(1)
+    for name, shape in {"enorm.weight": (hidden,), "hnorm.weight": (hidden,),
+                        "eh_proj.weight": (hidden, 2 * hidden),
+                        "shared_head.norm.weight": (hidden,),
+                        "shared_head.head.weight": (vocab, hidden)}.items():
+        tensors[f"model.layers.{mtp}.{name}"] = torch.randn(shape, generator=generator)
+    save_file(tensors, path / "mtp.safetensors", metadata={"format": "pt"})
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    index["weight_map"].update({key: "mtp.safetensors" for key in tensors})
+    index_file.write_text(json.dumps(index))
+    config["num_nextn_predict_layers"] = 1
+    (path / "config.json").write_text(json.dumps(config))
+    return mtp
+
+
+@pytest.mark.parametrize("model_type", MTP_FAMILIES)
+def test_mtp_layers_are_listed_and_converted(model_type, tmp_path):
+    """The experts of a multi-token-prediction layer (index num_hidden_layers) are
+    converted like any MoE layer's, and transformers, which builds no MTP layer, loads the
+    round trip with the logits of the original files."""
+    src = tmp_path / "src"
+    build(model_type).save_pretrained(src, max_shard_size="40KB")
+    mtp = _with_mtp_layer(model_type, src)
+    info = inspect(src)
+    assert info.mtp_layers == [mtp] and info.moe_layers[-1] == mtp
+    assert f"multi-token prediction {mtp}" in info.render()
+    original = load_all(src)
+    for layout in ("nemo", "transformers", "vllm"):
+        convert(src, tmp_path / layout, to=layout)
+        grouped = load_all(tmp_path / layout)
+        assert not any(k.startswith(f"model.layers.{mtp}.mlp.experts.0.") for k in grouped)
+        convert(tmp_path / layout, tmp_path / f"{layout}-back", to="hf")
+        back = load_all(tmp_path / f"{layout}-back")
+        assert back.keys() == original.keys()
+        assert [k for k in original if not same_bytes(original[k], back[k])] == []
+    ids = samples.sample_input(96)
+    assert torch.equal(_logits(tmp_path / "transformers-back", ids), _logits(src, ids))

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..model_config import (LayerRule, after_dense_prefix, block_types, every_layer,
-                            expert_period, listed_or_interleaved, sparse_step)
+from ..model_config import (LayerRule, after_dense_prefix, block_types, dense_prefix_of,
+                            every_layer, expert_period, listed_or_interleaved, sparse_step)
 
 PROJECTIONS = ("gate", "up", "down")
 """Canonical projection names: gate (w1, activated), up (w3, multiplied), down (w2)."""
@@ -271,6 +271,8 @@ FAMILIES: tuple[Family, ...] = (
                            Rename(".experts.down_proj", ".experts.fc2.weight"))},
            transposed={"hf": True, "transformers": True}, grouped_on_disk=True,
            moe_layers=every_layer),
+    _qwen_style("glm4_moe", "n_routed_experts", shared_expert="shared_experts",
+                moe_layers=dense_prefix_of(1)),
     # Qwen-style experts whose router biases, shared experts, norms or attention sinks
     # transformers 5.24 renames on load (each model type's conversion_mapping.py entry; its
     # conversions that split or join tensors outside the experts are not moekit's).
