@@ -7,7 +7,8 @@ run starts from the page cache, then times, in one run:
   (a) pinned host -> device copies of the same number of bytes (the limit),
   (b) ``moekit.load(..., "nemo", device="cuda")``: grouped nemo tensors on the GPU, and
       (b1) its first call in the process, which also pins its host buffers and grows
-      PyTorch's device memory pool (what a training job that loads once sees),
+      PyTorch's device memory pool (what a training job that loads once sees; the modules
+      ``from moekit import load`` imports at the program's start are imported first),
   (c) transformers ``from_pretrained(..., device_map="cuda")``,
   (d) safetensors ``load_file(device="cuda")`` of every shard + a naive stack into nemo,
   (r) for reference, moekit's number of reader threads reading the files into pinned
@@ -43,7 +44,7 @@ import torch
 from common import (add_shape_arguments, build_checkpoint, digest, warm_page_cache,
                     write_figures)
 
-import moekit
+from moekit import load
 from moekit.executors.device import reader_threads
 
 CHUNK_BYTES = 64 * 2**20
@@ -187,7 +188,7 @@ def main() -> None:
         size, layers = build_checkpoint(path, args, full_config=True)
         warm_page_cache(path)
         torch.empty(1, device="cuda")  # a training job has its CUDA context before it loads
-        first = timed(lambda: moekit.load(path, "nemo", device="cuda"))[0]
+        first = timed(lambda: load(path, "nemo", device="cuda"))[0]
         print(f"checkpoint: {size / 2**30:.2f} GiB, {layers} layers x {args.experts} experts "
               f"(H={args.hidden}, I={args.inter}), bf16; GPU {torch.cuda.get_device_name()}")
         rows = [("(a) pinned host->device copy", min(pinned_copy(size) for _ in range(args.repeat))),
@@ -195,14 +196,14 @@ def main() -> None:
                  min(parallel_read(path, False) for _ in range(args.repeat))),
                 (f"(r+) ... -> GPU, {reader_threads()} thr",
                  min(parallel_read(path, True) for _ in range(args.repeat)))]
-        seconds, ours = timed(lambda: moekit.load(path, "nemo", device="cuda"), args.repeat)
+        seconds, ours = timed(lambda: load(path, "nemo", device="cuda"), args.repeat)
         rows += [("(b) moekit.load nemo cuda", seconds), ("(b1) ... first call", first)]
         if not args.skip_transformers:
             rows.append(("(c) transformers cuda", timed(lambda: transformers_load(path))[0]))
         seconds, naive = timed(lambda: naive_nemo(path, layers, args.experts), args.repeat)
         rows.append(("(d) safetensors + stack", seconds))
         rows += [("(e) moekit.load, cold page cache",
-                  cold(path, lambda: moekit.load(path, "nemo", device="cuda"))),
+                  cold(path, lambda: load(path, "nemo", device="cuda"))),
                  ("(e0) cat, cold page cache", cold(path, lambda: cat(path)))]
 
         limit = rows[0][1]
@@ -213,7 +214,7 @@ def main() -> None:
         if not all(torch.equal(ours[k], naive[k]) for k in ours):
             raise SystemExit("moekit's tensors differ from the naive GPU stack's")
         del naive
-        cpu = moekit.load(path, "nemo")
+        cpu = load(path, "nemo")
         same = all(digest(ours[k]) == digest(cpu[k]) for k in grouped)
         print(f"{len(grouped)} grouped tensors: equal to the naive GPU stack; "
               f"sha256 {'identical' if same else 'DIFFERENT'} to moekit's CPU path")

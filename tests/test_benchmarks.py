@@ -22,6 +22,9 @@ TINY = ["--size-gib", "0.002", "--experts", "4", "--hidden", "64", "--inter", "3
                     "--top-k", "1"],
      {"cp -r of the output", "moekit upcycle"}),
     ("ep_load.py", [*TINY, "--ep", "2"], {"EP 2 rank 0", "EP 2 rank 1"}),
+    ("startup.py", [*TINY, "--repeat", "1"],
+     {"python -c pass", "moekit convert --help", "moekit convert --to nemo",
+      "moekit convert --to transformers"}),
 ])
 def test_a_benchmark_runs_and_writes_its_figures(tmp_path, script, args, rows):
     figures_file = tmp_path / "figures.json"
