@@ -73,13 +73,14 @@ def load(path: str | Path, layout: str = "nemo", device: "torch.device | str | N
     from .executors.memory import checked_device
 
     checked_device(device)
-    pinned = pin_ahead(device) if device is not None else lambda: None
+    pinned = pin_ahead(device)
     try:
         checkpoint, analysis = analyse_checkpoint(path, from_)
-        plan = build_plan(analysis, layout_named(layout))
+        return read_plan(build_plan(analysis, layout_named(layout)), checkpoint, device,
+                         pinned=pinned)
     finally:
-        pinned()
-    return read_plan(plan, checkpoint, device)
+        if pinned is not None:
+            pinned.join()
 
 
 @dataclass(frozen=True)

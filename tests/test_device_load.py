@@ -162,6 +162,28 @@ def test_cuda_staging_in_many_small_batches_is_bit_identical(slots, family_check
 
 
 @cuda
+def test_cuda_readers_given_buffers_pinned_ahead_load_the_same_bytes(family_checkpoints):
+    checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
+    pinned = device.PinnedBuffers(pairs=3, buffer_bytes=300)
+    staged = load_to_device(plan, checkpoint, "cuda", readers=3, chunk_bytes=1000,
+                            buffer_bytes=300, pinned=pinned)
+    pinned.join()
+    assert checksums(staged) == checksums(_reference(checkpoint, plan))
+
+
+def test_a_pinning_error_reaches_every_reader_that_waits_for_a_buffer(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cannot pin memory")
+
+    monkeypatch.setattr(torch, "empty", refuse)
+    pinned = device.PinnedBuffers(pairs=2, buffer_bytes=64)
+    pinned.join()
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="cannot pin memory"):
+            pinned.take()
+
+
+@cuda
 def test_cuda_state_dict_conversion_is_built_on_the_gpu(family_checkpoints):
     hf = load_all(family_checkpoints["qwen3_moe"])
     on_gpu = moekit.convert_state_dict({k: v.cuda() for k, v in hf.items()}, "hf", "nemo")
@@ -190,8 +212,8 @@ def test_loads_run_without_gc_pauses_and_restore_the_collector(family_checkpoint
                                                                 monkeypatch):
     during = []
     read_plan = device.read_plan
-    monkeypatch.setattr(device, "read_plan",
-                        lambda *args: during.append(gc.isenabled()) or read_plan(*args))
+    monkeypatch.setattr(device, "read_plan", lambda *args, **kwargs: during.append(
+        gc.isenabled()) or read_plan(*args, **kwargs))
     assert gc.isenabled()
     moekit.load(family_checkpoints["qwen2_moe"], "nemo")
     assert during == [False] and gc.isenabled()
