@@ -479,14 +479,26 @@ def config_settings(config: dict | None, family: Family, source: str) -> Setting
     if config is None:
         return None
     _check_object(config, source)
-    values = ConfigValues(config, source)
+    values = _text_model_values(config, family, source)
     own = bool(family.model_types) and config.get("model_type") in (*family.model_types, None)
     layers = family.moe_layers(values) if own and family.moe_layers else None
     declared = expert_count(values, family.expert_count_keys)
     if declared and declared[0] > MAX_EXPERTS:
-        raise MoekitError(f"{source}: {declared[1]} is {declared[0]}, more routed experts than "
-                          f"moekit plans for in a layer ({MAX_EXPERTS})")
-    return Settings(source, declared, layers, fp8_block(values))
+        raise MoekitError(f"{values.source}: {declared[1]} is {declared[0]}, more routed "
+                          f"experts than moekit plans for in a layer ({MAX_EXPERTS})")
+    return Settings(values.source, declared, layers, fp8_block(ConfigValues(config, source)))
+
+
+def _text_model_values(config: Mapping, family: Family, source: str) -> ConfigValues:
+    """The config of the model holding the experts: ``family.text_config``'s section of a
+    multimodal config (``text_config``) where the config has it, else the config itself."""
+    section, path = config, []
+    for key in family.text_config:
+        inner = section.get(key)
+        if not isinstance(inner, Mapping):
+            break
+        section, path = inner, [*path, key]
+    return ConfigValues(section, f"{source} {'.'.join(path)}" if path else source)
 
 
 def _check_object(config: object, source: str) -> None:

@@ -18,7 +18,7 @@ from moekit import convert, inspect, samples
 from moekit.layouts import TRANSFORMERS, family_named
 
 from .conftest import load_all, same_bytes
-from .tiny_families import build, moe_causal_lm_types
+from .tiny_families import MULTIMODAL, build, build_multimodal, moe_causal_lm_types
 
 LAYOUTS = ("hf", "nemo", "transformers", "vllm")
 TYPES = moe_causal_lm_types()
@@ -265,3 +265,49 @@ def test_mtp_layers_are_listed_and_converted(model_type, tmp_path):
         assert [k for k in original if not same_bytes(original[k], back[k])] == []
     ids = samples.sample_input(96)
     assert torch.equal(_logits(tmp_path / "transformers-back", ids), _logits(src, ids))
+
+
+@pytest.mark.parametrize("model_type", MULTIMODAL)
+def test_multimodal_text_experts_convert_and_the_rest_passes_through(model_type, tmp_path):
+    """A multimodal checkpoint as save_pretrained writes it: its text model's experts (under
+    language_model.) convert into every layout and back byte for byte, every other tensor
+    (vision tower, projector) passes through under its name, ``--to transformers`` is the
+    model's state dict, and transformers loads the round trip into that state dict."""
+    try:
+        model = build_multimodal(model_type)
+        model.save_pretrained(tmp_path / "src", max_shard_size="200KB")
+    except Exception as err:  # any failure of transformers to build or save it tiny
+        pytest.skip(f"{model_type} cannot be built tiny: {type(err).__name__}: {err}")
+    src = tmp_path / "src"
+    info = inspect(src)
+    assert info.moe_layers and info.family != "qwen_style"
+    original = load_all(src)
+    for layout in LAYOUTS:
+        convert(src, tmp_path / layout, to=layout)
+        converted = load_all(tmp_path / layout)
+        vision = {k for k in original if "language_model" not in k}
+        assert vision and vision <= converted.keys()
+        assert [k for k in vision if not same_bytes(original[k], converted[k])] == []
+        convert(tmp_path / layout, tmp_path / f"{layout}-back", to=info.layout)
+        back = load_all(tmp_path / f"{layout}-back")
+        assert back.keys() == original.keys()
+        assert [k for k in original if not same_bytes(original[k], back[k])] == []
+    fused, expected = load_all(tmp_path / "transformers"), model.state_dict()
+    assert fused.keys() == expected.keys()
+    assert [k for k in expected if not same_bytes(fused[k], expected[k])] == []
+    reloaded = _multimodal_state_dict(tmp_path / "transformers-back")
+    assert reloaded.keys() == expected.keys()
+    assert [k for k in expected if not same_bytes(reloaded[k], expected[k])] == []
+
+
+def _multimodal_state_dict(path) -> dict[str, torch.Tensor]:
+    """The state dict of the image-text-to-text model transformers loads from ``path``,
+    which must load every tensor it builds (text-only forwards of tiny multimodal models
+    fail in transformers itself: Llama 4 lacks image_outputs, GLM-4.5V's rope sections
+    assume its head size)."""
+    from transformers import AutoModelForImageTextToText
+
+    loaded, info = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32,
+                                                               output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    return loaded.state_dict()

@@ -63,7 +63,8 @@ def tiny_config(model_type: str, **overrides: Any):
     from transformers import AutoConfig
 
     default = AutoConfig.for_model(model_type)
-    settings = {k: v for k, v in SMALL.items() if hasattr(default, k)}
+    settings = {k: v for k, v in SMALL.items()
+                if hasattr(default, k) and not isinstance(getattr(default, k), list)}
     settings.update({name: token for token, name in enumerate(TOKEN_IDS)
                      if isinstance(getattr(default, name, None), int)
                      and getattr(default, name) >= SMALL["vocab_size"]})
@@ -87,6 +88,36 @@ def build(model_type: str, seed: int = 0, **overrides: Any):
     config = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+MULTIMODAL = ("llama4", "qwen3_vl_moe", "glm4v_moe", "ernie4_5_vl_moe", "qwen3_omni_moe")
+"""Multimodal model types whose text model has routed experts."""
+SMALL_VISION: dict[str, Any] = dict(
+    hidden_size=32, num_hidden_layers=1, depth=1, num_attention_heads=2, num_heads=2,
+    intermediate_size=64, out_hidden_size=32, projector_input_dim=32, projector_output_dim=32,
+    vision_output_dim=32, patch_size=4, image_size=16, deepstack_visual_indexes=[])
+"""Sizes of a tiny vision tower, where its config has the attribute."""
+
+
+def build_multimodal(model_type: str, seed: int = 0):
+    """A tiny image-text-to-text model of ``model_type``: its text model as ``build``
+    makes it, its vision tower one small layer; every parameter drawn from N(0, 0.2)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    default = AutoConfig.for_model(model_type)
+    vision = default.vision_config
+    config = AutoConfig.for_model(
+        model_type, text_config=tiny_config(default.text_config.model_type).to_dict(),
+        vision_config={**vision.to_dict(),
+                       **{k: v for k, v in SMALL_VISION.items() if hasattr(vision, k)}})
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.2)

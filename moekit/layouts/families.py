@@ -92,6 +92,9 @@ class Family:
     count_aliases: tuple[str, ...] = ()
     """Other config.json names of the expert count: transformers' ``attribute_map``
     aliases of ``expert_count_key``, which checkpoints on the Hub also carry."""
+    text_config: tuple[str, ...] = ()
+    """Where a multimodal config.json keeps the settings of the model holding the experts
+    (``("text_config",)``); empty when they are at the top."""
     in_experts: tuple[str, ...] = ()
     """Names of tensors inside the experts module that are no expert's weights (Laguna's
     ``experts.e_score_correction_bias``): passed through like the router."""
@@ -239,6 +242,21 @@ FAMILIES: tuple[Family, ...] = (
     Family("llama4", ("llama4_text",), "model.layers.{layer}.feed_forward", _QWEN_PROJECTIONS,
            "num_local_experts", router="router.weight", shared_expert="shared_expert",
            transposed={"transformers": True}, moe_layers=listed_or_interleaved),
+    # Multimodal checkpoints keep the text model's experts under a prefix, as transformers
+    # 5.24's save_pretrained writes them: Llama 4 (model_type llama4) under
+    # language_model.model., grouped as Llama 4 text; Qwen3-VL-MoE grouped and GLM-4.5V per
+    # expert under model.language_model.
+    Family("llama4_multimodal", ("llama4",), "language_model.model.layers.{layer}.feed_forward",
+           _QWEN_PROJECTIONS, "num_local_experts", router="router.weight",
+           shared_expert="shared_expert", transposed={"transformers": True},
+           text_config=("text_config",), moe_layers=listed_or_interleaved),
+    Family("qwen3_vl_moe", ("qwen3_vl_moe",), "model.language_model.layers.{layer}.mlp",
+           _QWEN_PROJECTIONS, "num_experts", grouped_on_disk=True,
+           text_config=("text_config",), moe_layers=sparse_step),
+    Family("glm4v_moe", ("glm4v_moe",), "model.language_model.layers.{layer}.mlp",
+           _QWEN_PROJECTIONS, "n_routed_experts", shared_expert="shared_experts",
+           count_aliases=("num_local_experts",), text_config=("text_config",),
+           moe_layers=dense_prefix_of(1)),
     Family("jamba", ("jamba",), "model.layers.{layer}.feed_forward", _QWEN_PROJECTIONS,
            "num_experts", router="router.weight", count_aliases=("num_local_experts",),
            moe_layers=expert_period),
