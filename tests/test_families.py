@@ -311,3 +311,81 @@ def _multimodal_state_dict(path) -> dict[str, torch.Tensor]:
                                                                output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     return loaded.state_dict()
+
+
+def _transformers_renamer(model_type: str):
+    """transformers' own load-time renaming of a checkpoint key for ``model_type`` (its
+    conversion_mapping.py table, applied by core_model_loading.rename_source_key): key ->
+    (new name, position of the key among the sources its converter joins, or None)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import (WeightConverter, WeightRenaming,
+                                                 rename_source_key)
+
+    table = get_checkpoint_conversion_mapping(model_type) or []
+    renamings = [t for t in table if isinstance(t, WeightRenaming)]
+    converters = [t for t in table if isinstance(t, WeightConverter)]
+
+    def renamed(key: str) -> tuple[str, int | None]:
+        name, pattern = rename_source_key(key, renamings, converters)
+        sources = next((c.source_patterns for c in converters if pattern in c.source_patterns),
+                       [])
+        return name, sources.index(pattern) if len(sources) > 1 else None
+
+    return renamed
+
+
+OWN_LAYOUT_TRANSFORMERS = {"gpt_oss", "llama4_text", "llama4"}
+"""Model types whose files hold the experts as their model does (transformers converts
+nothing); moekit's hf layout for them is a per-expert view of its own."""
+
+
+def _key_renamed_by(rule) -> str:
+    """A layer-1 key that ``rule`` renames (``.post_ffn_norm.`` ->
+    ``model.layers.1.post_ffn_norm.weight``)."""
+    if rule.at_start:
+        return f"{rule.old}layers.1.mlp.gate.weight"
+    return f"model.layers.1{rule.old}" + ("weight" if rule.old.endswith(".") else "")
+
+
+def _family_cases():
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from moekit.layouts import FAMILIES
+
+    return [pytest.param(family, model_type, id=f"{family.name}-{model_type}")
+            for family in FAMILIES for model_type in family.model_types
+            if model_type in CONFIG_MAPPING]
+
+
+@pytest.mark.parametrize("family,model_type", _family_cases())
+def test_family_table_agrees_with_transformers_conversion_mapping(family, model_type):
+    """Names only, no model: every MoE-block key of a family's Hugging Face files gets the
+    name transformers' own conversion table gives it on load (routers and shared experts
+    by the family's renames; expert weights the grouped tensor moekit emits them into,
+    gate before up). Covers the families transformers cannot build tiny too."""
+    from moekit.layouts import HF
+
+    renamed = _transformers_renamer(model_type)
+    block = family.block.format(layer=1)
+    fused = tuple(f".experts.{spec.name}" for spec in TRANSFORMERS.specs(family))
+    keys = [f"{block}.{family.router}",
+            *(_key_renamed_by(rule) for rule in family.renames.get("transformers", ())
+              if not rule.old.endswith(fused))]
+    if family.shared_expert:
+        keys.append(f"{block}.{family.shared_expert}.{family.projections['up']}.weight")
+    for key in keys:
+        assert renamed(key)[0] == TRANSFORMERS.from_hf_key(key, family), key
+    if model_type in OWN_LAYOUT_TRANSFORMERS:
+        return
+    for spec in TRANSFORMERS.specs(family):
+        if spec.piece_dims != 2 or not set(spec.projections) <= set(family.projections):
+            continue
+        grouped = f"{block}.experts.{spec.name}"
+        if family.grouped_on_disk:
+            assert renamed(HF.from_hf_key(grouped, family))[0] == \
+                TRANSFORMERS.from_hf_key(grouped, family)
+            continue
+        for position, projection in enumerate(spec.projections):
+            name, joined_as = renamed(family.expert_key(1, 0, projection))
+            assert name == TRANSFORMERS.from_hf_key(grouped, family), projection
+            assert joined_as in (None, position), f"{projection} joined at {joined_as}"

@@ -297,7 +297,8 @@ FAMILIES: tuple[Family, ...] = (
     _qwen_style("exaone_moe", "num_experts", shared_expert="shared_experts", renames=(
         Rename(".mlp.e_score_correction_bias", ".mlp.gate.e_score_correction_bias"),)),
     _qwen_style("ernie4_5_moe", "moe_num_experts", shared_expert="shared_experts", renames=(
-        Rename(".mlp.moe_statics.", ".mlp.gate.moe_statics."),)),
+        Rename(".mlp.moe_statics.e_score_correction_bias",
+               ".mlp.gate.moe_statics.e_score_correction_bias"),)),
     _qwen_style("bailing_hybrid", "num_local_experts", shared_expert="shared_experts",
                 renames=(Rename(".mlp.gate.expert_bias", ".mlp.gate.e_score_correction_bias"),)),
     _qwen_style("sarvam_moe", "n_routed_experts", shared_expert="shared_experts", renames=(
