@@ -31,11 +31,12 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "longcat_flash": dict(num_layers=2),
     "zaya": dict(num_experts_per_tok=1),
     "granitemoehybrid": dict(mamba_n_heads=8, mamba_d_head=8),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv"]),
 }
 """What a model type needs beyond ``SMALL`` to be built tiny with experts: Doge's experts
 form a square grid of product keys and exist only with ``is_moe``; LongCat-Flash counts
 its layers in ``num_layers``; ZAYA routes to one expert; GraniteMoE-Hybrid's Mamba heads
-divide its expanded hidden size."""
+divide its expanded hidden size; LFM2-MoE has no default list of layer types."""
 
 
 def _declares(config_class: type, name: str) -> bool:

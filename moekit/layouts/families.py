@@ -257,6 +257,8 @@ FAMILIES: tuple[Family, ...] = (
            _QWEN_PROJECTIONS, "n_routed_experts", shared_expert="shared_experts",
            count_aliases=("num_local_experts",), text_config=("text_config",),
            moe_layers=dense_prefix_of(1)),
+    Family("lfm2_moe", ("lfm2_moe",), "model.layers.{layer}.feed_forward", _MIXTRAL_PROJECTIONS,
+           "num_experts", count_aliases=("num_local_experts",)),
     Family("jamba", ("jamba",), "model.layers.{layer}.feed_forward", _QWEN_PROJECTIONS,
            "num_experts", router="router.weight", count_aliases=("num_local_experts",),
            moe_layers=expert_period),
