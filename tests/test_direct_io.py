@@ -189,3 +189,23 @@ def test_shard_writer_copies_ranges_that_continue_one_another_in_one_call(tmp_pa
                 "f": bytes(range(6))}
     with safe_open(tmp_path / "out.safetensors", "pt") as written:
         assert {k: written.get_tensor(k).numpy().tobytes() for k in expected} == expected
+
+
+def test_kernel_copies_start_the_disk_writes_as_they_go(tmp_path, source, expected,
+                                                        monkeypatch):
+    """Every WRITEBACK_BYTES copied, writeback of the bytes since the last start is asked
+    for (the ranges follow one another from the file's start); the bytes are unchanged."""
+    import moekit.direct_io as direct_io
+
+    started: list[tuple[int, int]] = []
+    monkeypatch.setattr(direct_io, "WRITEBACK_BYTES", BLOCK)
+    monkeypatch.setattr(direct_io, "_sync_file_range",
+                        lambda: lambda fd, offset, size, flags: started.append(
+                            (offset.value, size.value)))
+    out = BufferedFile(tmp_path / "out")
+    _write_pieces(out, source)
+    out.close()
+    assert (tmp_path / "out").read_bytes() == expected
+    assert started and started[0][0] == 0
+    assert all(a + n == b for (a, n), (b, _) in zip(started, started[1:]))
+    assert all(n >= BLOCK for _, n in started)
