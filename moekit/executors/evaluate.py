@@ -12,6 +12,7 @@ the same tensors on every run, device and expert-parallel rank.
 from __future__ import annotations
 
 import math
+from typing import Protocol, runtime_checkable
 from weakref import WeakKeyDictionary
 
 import torch
@@ -57,31 +58,33 @@ def fill(expr: Expr, out: torch.Tensor, source: TensorSource) -> None:
     moved = MOVED_AS.get(out.dtype)
     if moved is not None:
         out, source = out.view(moved), _Viewed(source, moved)
-    if isinstance(expr, Read):
-        out.copy_(_checked(source.read(expr), expr, out))
-    elif isinstance(expr, Transpose):
-        fill(expr.part, out.transpose(-2, -1), source)
-    elif isinstance(expr, Reshape):
-        _fill_reshape(expr, out, source)
-    elif isinstance(expr, Stack):
-        _fill_stack(expr, out, source)
-    elif isinstance(expr, Concat):
-        _fill_concat(expr, out, source)
-    elif isinstance(expr, Scale):
-        fill(expr.part, out, source)
-        out.mul_(expr.factor)
-    elif isinstance(expr, Constant):
-        out.fill_(expr.value)
-    elif isinstance(expr, Random):
-        out.copy_(normal(expr.shape, expr.seed) * expr.std)
-    elif isinstance(expr, Redraw):
-        _fill_redraw(expr, out, source)
-    elif isinstance(expr, Dequantize):
-        _fill_dequantize(expr, out, source)
-    elif isinstance(expr, DequantizeMXFP4):
-        _fill_mxfp4(expr, out, source)
-    else:
-        raise TypeError(f"not a recipe node: {expr!r}")
+    try:
+        fill_node = _FILLERS[type(expr)]
+    except KeyError:
+        raise TypeError(f"{type(expr).__name__} is not a recipe node this executor "
+                        f"evaluates: {expr!r}") from None
+    fill_node(expr, out, source)
+
+
+def _fill_read(expr: Read, out: torch.Tensor, source: TensorSource) -> None:
+    out.copy_(_checked(source.read(expr), expr, out))
+
+
+def _fill_transpose(expr: Transpose, out: torch.Tensor, source: TensorSource) -> None:
+    fill(expr.part, out.transpose(-2, -1), source)
+
+
+def _fill_scale(expr: Scale, out: torch.Tensor, source: TensorSource) -> None:
+    fill(expr.part, out, source)
+    out.mul_(expr.factor)
+
+
+def _fill_constant(expr: Constant, out: torch.Tensor, source: TensorSource) -> None:
+    out.fill_(expr.value)
+
+
+def _fill_random(expr: Random, out: torch.Tensor, source: TensorSource) -> None:
+    out.copy_(normal(expr.shape, expr.seed) * expr.std)
 
 
 def _checked(value: torch.Tensor, read: Read, out: torch.Tensor) -> torch.Tensor:
@@ -133,19 +136,31 @@ def _same_concat(a: Concat, b: Expr) -> bool:
             and [p.shape for p in b.parts] == [p.shape for p in a.parts])
 
 
+@runtime_checkable
+class LocatingSource(Protocol):
+    """A source whose regions lie in one buffer it can point into (the device executor's
+    staging buffer), so that a stack of them is gathered without a copy per part."""
+
+    def read(self, region: Read) -> torch.Tensor:
+        """The region, as a view of the buffer."""
+
+    def locate(self, region: Read) -> tuple[torch.Tensor, int, tuple[int, ...]] | None:
+        """(the buffer as the region's dtype, element offset, shape) of a region of whole
+        rows; None for another region."""
+
+
 def _gather(parts: tuple[Expr, ...], source: TensorSource) -> torch.Tensor | None:
     """Stacked parts that are all reads (or all transposed reads) of equally shaped
     regions of one buffer, as one view of it when they lie at a constant stride (a layer's
     experts usually do) or else gathered by one ``index_select`` over a sliding-window
-    view, when the source can say where they lie (``locate``: the device executor's
-    staging buffer); else None."""
-    locate = getattr(source, "locate", None)
+    view, when the source can say where they lie (a ``LocatingSource``); else None."""
     transposed = isinstance(parts[0], Transpose)
     leaves = [p.part if isinstance(p, Transpose) else p for p in parts]
-    if locate is None or not all(isinstance(p, Transpose) == transposed and isinstance(leaf, Read)
-                                 for p, leaf in zip(parts, leaves)):
+    if not isinstance(source, LocatingSource) or not all(
+            isinstance(p, Transpose) == transposed and isinstance(leaf, Read)
+            for p, leaf in zip(parts, leaves)):
         return None
-    spots = [locate(leaf) for leaf in leaves]
+    spots = [source.locate(leaf) for leaf in leaves]
     if any(spot is None for spot in spots):
         return None
     base, _, shape = spots[0]
@@ -245,3 +260,11 @@ def _statistics(source: TensorSource, stats: Read) -> tuple[float, float]:
         std, mean = torch.std_mean(source.read(stats).float())
         known[stats.ident] = (mean.item(), std.item())
     return known[stats.ident]
+
+
+_FILLERS = {
+    Read: _fill_read, Transpose: _fill_transpose, Reshape: _fill_reshape, Stack: _fill_stack,
+    Concat: _fill_concat, Scale: _fill_scale, Constant: _fill_constant, Random: _fill_random,
+    Redraw: _fill_redraw, Dequantize: _fill_dequantize, DequantizeMXFP4: _fill_mxfp4,
+}
+"""One filler per recipe node: the one place this executor dispatches on a node's type."""

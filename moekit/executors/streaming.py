@@ -102,7 +102,8 @@ def write_shard(path: Path, tensors: list[TensorPlan], source: TensorSource,
     called as their bytes are written. Copied by the kernel when every tensor is a
     concatenation of source byte ranges, else built on every core (see the module)."""
     entries = [(t.name, t.dtype, t.shape) for t in tensors]
-    ranges = [_byte_ranges(t.recipe, source) for t in tensors]
+    ranges = [_byte_ranges(t.recipe, source) if isinstance(source, RangeSource) else None
+              for t in tensors]
     if all(r is not None for r in ranges):
         with ShardWriter(path, entries, metadata) as writer:
             for tensor, tensor_ranges in zip(tensors, ranges):
@@ -110,17 +111,16 @@ def write_shard(path: Path, tensors: list[TensorPlan], source: TensorSource,
                 done(tensor.nbytes)
         return
     pieces: list[_Piece] = [_Header(header_bytes(entries, metadata))]
+    on_host = isinstance(source, BlockSource)
     for tensor, tensor_ranges in zip(tensors, ranges):
-        pieces += _pieces(tensor, tensor_ranges, source)
+        pieces += _pieces(tensor, tensor_ranges, on_host)
     _Build(path, source, done).run(_batches(pieces))
 
 
-def _byte_ranges(expr: Expr, source: TensorSource) -> list[Span] | None:
+def _byte_ranges(expr: Expr, source: RangeSource) -> list[Span] | None:
     """The file byte ranges whose concatenation is the tensor ``expr`` describes, when it
     is one (pass-through tensors; stacks and outer concatenations of contiguous regions,
     as HF <-> vllm/transformers conversions are), so that they are copied; else None."""
-    if not isinstance(source, RangeSource):
-        return None
     if isinstance(expr, Read):
         found = source.byte_range(expr)
         return None if found is None else [found]
@@ -218,14 +218,15 @@ def _built_with_torch(recipe: Expr, source: TensorSource) -> np.ndarray:
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-def _pieces(tensor: TensorPlan, ranges: list[Span] | None, source: TensorSource
+def _pieces(tensor: TensorPlan, ranges: list[Span] | None, file_source: bool
             ) -> list[_Piece]:
     """A tensor's bytes as pieces: its source ranges, else its stacked parts (a layer's
-    experts, one at a time), else the whole tensor."""
+    experts, one at a time), else the whole tensor; built with numpy from a
+    ``file_source`` when the recipe only moves bytes."""
     if ranges is not None:
         return [_Span(*span) for span in ranges]
     recipe = tensor.recipe
-    on_host = isinstance(source, BlockSource) and movable(recipe)
+    on_host = file_source and movable(recipe)
     parts = recipe.parts if isinstance(recipe, Stack) else (recipe,)
     return [_Built(part, on_host) for part in parts]
 
