@@ -188,6 +188,7 @@ _NEMOTRON_H_NEMO = (Rename("backbone.", "model.", at_start=True),
 """NeMo AutoModel 0.7 (NemotronV3StateDictAdapter) holds Nemotron-H under ``model.``, its
 embeddings as ``embed_tokens`` and its final norm as ``norm``."""
 
+
 def _qwen_style(model_type: str, count_key: str, renames: tuple[Rename, ...] = (),
                 **settings: Any) -> Family:
     """A family of one model type named as Qwen2-MoE on disk (``mlp.experts.{e}.gate_proj``)
@@ -275,8 +276,9 @@ FAMILIES: tuple[Family, ...] = (
     # gate_up [E, 2I, H] with gate first (Aria [E, H, 2I]) and down [E, H, I] (Aria [E, I, H]).
     Family("granitemoe", ("granitemoe", "granitemoeshared", "granitemoehybrid"),
            _MIXTRAL_BLOCK, _QWEN_PROJECTIONS, "num_local_experts", router="router.layer.weight",
-           renames={"hf": _linear_on_disk("block_sparse_moe"), "transformers": (
-               Rename(".block_sparse_moe.router.layer.weight", ".block_sparse_moe.router.weight"),)},
+           renames={"hf": _linear_on_disk("block_sparse_moe"),
+                    "transformers": (Rename(".block_sparse_moe.router.layer.weight",
+                                            ".block_sparse_moe.router.weight"),)},
            grouped_on_disk=True),
     Family("granitemoe_swa", ("granitemoe_swa",), _MIXTRAL_BLOCK, _QWEN_PROJECTIONS,
            "num_local_experts", router="router.weight", grouped_on_disk=True,
