@@ -178,10 +178,13 @@ def warm_page_cache(path: Path) -> None:
 
 
 def commit() -> str:
-    """The commit the benchmarked code is at (``MOEKIT_COMMIT`` where there is no git)."""
+    """The commit the benchmarked code is at: ``MOEKIT_COMMIT`` when set (a copy of the
+    working tree on another machine, whose git folder may be stale), else git's HEAD."""
+    if os.environ.get("MOEKIT_COMMIT"):
+        return os.environ["MOEKIT_COMMIT"]
     found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                            text=True, cwd=Path(__file__).parent)
-    return found.stdout.strip() or os.environ.get("MOEKIT_COMMIT", "unknown")
+    return found.stdout.strip() or "unknown"
 
 
 def write_figures(path: str | None, machine: str, rows: dict[str, dict[str, float]],
