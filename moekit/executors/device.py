@@ -330,9 +330,10 @@ class _Reader:
 
         A reader holds the GIL only between its reads, but 16 of them contend for it
         with the main thread, so this does as few Python-level torch calls as it can: the
-        thread's stream is made current once, and its two events are recorded again and
-        again (a wait on an event waits for its latest record, which is at or after the
-        copy that returned it)."""
+        thread's stream is made current once and given to each record (which would
+        otherwise look the current stream up in Python), and its two events are recorded
+        again and again (a wait on an event waits for its latest record, which is at or
+        after the copy that returned it)."""
         if self.aborted:
             return None
         staging = batch.staging[offset:offset + size]
@@ -350,7 +351,7 @@ class _Reader:
             event.synchronize()
             _read_into(leaf.fd, start + done, local.views[turn][:n], leaf.file)
             staging[done:done + n].copy_(local.buffers[turn][:n], non_blocking=True)
-            event.record()
+            event.record(local.stream)
         return local.stream, event
 
     def _local(self) -> threading.local:

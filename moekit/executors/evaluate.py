@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from typing import Protocol, runtime_checkable
-from weakref import WeakKeyDictionary
 
 import torch
 
@@ -249,18 +248,42 @@ def _fill_redraw(expr: Redraw, out: torch.Tensor, source: TensorSource) -> None:
     out.index_copy_(dim, index.to(out.device), noise.to(out.device, out.dtype))
 
 
-_STATISTICS: WeakKeyDictionary = WeakKeyDictionary()
+@runtime_checkable
+class StatisticsSource(Protocol):
+    """A source that keeps the statistics of the regions redraws read, for the job it
+    serves (every expert of a layer redraws from the same dense weight's statistics)."""
+
+    def read(self, region: Read) -> torch.Tensor:
+        """The region."""
+
+    def statistics(self, region: Read) -> tuple[float, float]:
+        """Mean and standard deviation of the region, in float32."""
+
+
+class KeepingStatistics:
+    """``source``, keeping the statistics of what redraws read (``StatisticsSource``) for
+    as long as this object lives: one job."""
+
+    def __init__(self, source: TensorSource) -> None:
+        self.source = source
+        self._known: dict[tuple[str, str], tuple[float, float]] = {}
+
+    def read(self, region: Read) -> torch.Tensor:
+        return self.source.read(region)
+
+    def statistics(self, region: Read) -> tuple[float, float]:
+        if region.ident not in self._known:
+            self._known[region.ident] = _statistics(self.source, region)
+        return self._known[region.ident]
 
 
 def _statistics(source: TensorSource, stats: Read) -> tuple[float, float]:
-    """Mean and standard deviation of a source region, in float32 (cached per source:
-    every expert of a layer redraws from the same dense weight's statistics)."""
-    known = _STATISTICS.setdefault(source, {})
-    if stats.ident not in known:
-        std, mean = torch.std_mean(source.read(stats).float())
-        known[stats.ident] = (mean.item(), std.item())
-    return known[stats.ident]
-
+    """Mean and standard deviation of a source region, in float32 (kept by a
+    ``StatisticsSource``, computed again by any other)."""
+    if isinstance(source, StatisticsSource):
+        return source.statistics(stats)
+    std, mean = torch.std_mean(source.read(stats).float())
+    return mean.item(), std.item()
 
 _FILLERS = {
     Read: _fill_read, Transpose: _fill_transpose, Reshape: _fill_reshape, Stack: _fill_stack,

@@ -12,7 +12,7 @@ import torch
 from ..errors import MoekitError
 from ..plan import Plan, reads
 from ..sources import DictSource, TensorSource
-from .evaluate import materialize
+from .evaluate import KeepingStatistics, materialize
 
 
 def run_plan(plan: Plan, source: TensorSource, device: torch.device | str | None = None,
@@ -24,6 +24,7 @@ def run_plan(plan: Plan, source: TensorSource, device: torch.device | str | None
     are new data outside autograd: a source that requires grad does not tie them into its
     graph."""
     device = checked_device(device)
+    source = KeepingStatistics(source)
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for tensor in plan.tensors:

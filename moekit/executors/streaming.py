@@ -114,7 +114,8 @@ def write_shard(path: Path, tensors: list[TensorPlan], source: TensorSource,
     on_host = isinstance(source, BlockSource)
     for tensor, tensor_ranges in zip(tensors, ranges):
         pieces += _pieces(tensor, tensor_ranges, on_host)
-    _Build(path, source, done).run(_batches(pieces))
+    with_torch = any(isinstance(p, _Built) and not p.on_host for p in pieces)
+    _Build(path, source, done, with_torch).run(_batches(pieces))
 
 
 def _byte_ranges(expr: Expr, source: RangeSource) -> list[Span] | None:
@@ -280,11 +281,18 @@ def _merged_spans(pieces: list[_Piece]) -> list[_Piece]:
 
 class _Build:
     """Builder threads fill batches into page-aligned buffers, up to BUFFERS ahead of the
-    one the calling thread writes."""
+    one the calling thread writes. Pieces built ``with_torch`` read through a source that
+    keeps the statistics redraws read, for the shard."""
 
-    def __init__(self, path: Path, source: TensorSource, done: Callable[[int], object]) -> None:
+    def __init__(self, path: Path, source: TensorSource, done: Callable[[int], object],
+                 with_torch: bool = False) -> None:
         self.path = path
         self.source = source
+        self.torch_source = source
+        if with_torch:
+            from .evaluate import KeepingStatistics
+
+            self.torch_source = KeepingStatistics(source)
         self.done = done
         self.stopped = False
 
@@ -316,7 +324,8 @@ class _Build:
         for piece in batch.pieces:
             if self.stopped:
                 return
-            piece.fill(view[at:at + piece.size], self.source)
+            by_torch = isinstance(piece, _Built) and not piece.on_host
+            piece.fill(view[at:at + piece.size], self.torch_source if by_torch else self.source)
             at += piece.size
 
     def _write(self, file: StagedFile, batch: _Batch, buffer: mmap.mmap, filled: Future
