@@ -50,6 +50,9 @@ class Settings:
     moe_layers: MoeLayers | None
     """The layers the config makes MoE layers, when the family's rule and config say."""
     fp8_block: tuple[int, int]
+    router_extra: tuple[int, str] | None = None
+    """(router rows after the routed experts', the config key saying so), for families
+    whose router scores experts that hold no weights (``Family.router_extra_rows``)."""
 
 
 @dataclass
@@ -486,7 +489,10 @@ def config_settings(config: dict | None, family: Family, source: str) -> Setting
     if declared and declared[0] > MAX_EXPERTS:
         raise MoekitError(f"{values.source}: {declared[1]} is {declared[0]}, more routed "
                           f"experts than moekit plans for in a layer ({MAX_EXPERTS})")
-    return Settings(values.source, declared, layers, fp8_block(ConfigValues(config, source)))
+    extra = family.router_extra_rows
+    router_extra = (values.integer(extra), extra) if extra and extra in values else None
+    return Settings(values.source, declared, layers, fp8_block(ConfigValues(config, source)),
+                    router_extra)
 
 
 def _text_model_values(config: Mapping, family: Family, source: str) -> ConfigValues:
@@ -673,7 +679,8 @@ def _block_problems(block: ExpertBlock, analysis: Analysis, where: Callable[[str
                  if analysis.count_source == FOUND else
                  f"{n_experts} experts {analysis.count_source}")
         problems.append(_Problem(f"{plural(len(extra), 'expert')} {compress_ranges(extra)} "
-                                 f"beyond the {limit}", block.layer))
+                                 f"beyond the {limit}{_weightless(analysis, extra)}",
+                                 block.layer))
     problems += _shape_problems(block, analysis.family, name, where, required)
     problems += _scale_problems(block, name, analysis.fp8_block, required)
     problems += _router_problems(block, analysis, router_rows)
@@ -856,15 +863,33 @@ def _loose_scale_problems(analysis: Analysis, where: Callable[[str], str | None]
     return problems
 
 
+def _weightless(analysis: Analysis, extra: list[int]) -> str:
+    """What to say of experts beyond the count that the router scores but that hold no
+    weights (LongCat-Flash's zero-computation experts): why their tensors are refused."""
+    settings = analysis.settings
+    if settings is None or settings.router_extra is None or not settings.router_extra[0]:
+        return ""
+    count, key = settings.router_extra
+    if extra[-1] >= analysis.n_experts + count:
+        return ""
+    return (f"; the router's {count} rows after the routed experts' ({key} {count}) are "
+            f"for experts without weights, which the {analysis.family.name} model never reads "
+            "(transformers 5.24 saves unused gate and up rows for LongCat-Flash's): remove "
+            "those tensors")
+
+
 def _router_problems(block: ExpertBlock, analysis: Analysis, rows: int) -> list[_Problem]:
-    """The router must have a row per expert (and a column per hidden feature); its bias
-    and score-correction bias an entry per expert."""
+    """The router must have a row per expert (and a column per hidden feature), and more
+    where the family's router scores weightless experts too (``Settings.router_extra``);
+    its bias and score-correction bias an entry per expert."""
     family, layout = analysis.family, analysis.layout
     router = f"{block.block}.{family.router}"
     base = router.removesuffix("weight")
     hidden = next((part.shape[1] for (piece, _), part in block.pieces.items()
                    if piece in ("gate", "up") and len(part.shape) == 2), None)
-    checks = [(router, (rows, hidden) if hidden else None)]
+    extra = analysis.settings.router_extra if analysis.settings else None
+    weight_rows = rows + (extra[0] if extra else 0)
+    checks = [(router, (weight_rows, hidden) if hidden else None)]
     checks += [(base + suffix, (rows,)) for suffix in ("bias", "e_score_correction_bias")]
     problems = []
     for hf_key, expected in checks:
@@ -874,14 +899,15 @@ def _router_problems(block: ExpertBlock, analysis: Analysis, rows: int) -> list[
             continue
         shape = tuple(meta.shape)
         if expected is None:
-            bad = len(shape) != 2 or shape[0] != rows
-            expected_text = f"[{rows}, H]"
+            bad = len(shape) != 2 or shape[0] != weight_rows
+            expected_text = f"[{weight_rows}, H]"
         else:
             bad = shape != expected
             expected_text = str(list(expected))
         if bad:
+            more = f" and {extra[1]} {extra[0]}" if extra and hf_key == router else ""
             problems.append(_Problem(f"router {key} is {list(shape)}, expected {expected_text} "
-                                     f"for the {rows} experts {analysis.count_source}",
+                                     f"for the {rows} experts {analysis.count_source}{more}",
                                      block.layer))
     return problems
 

@@ -29,17 +29,16 @@ NOT_MOE_HERE = {
             "them, and moekit passes the checkpoint through as a dense one",
 }
 """Model types whose config declares experts but whose experts are not MLP experts."""
-GAPS = {
-    "inkling_text": "Inkling's router has a row for each routed expert and each shared-expert "
-                    "sink (n_routed_experts + n_shared_experts rows); moekit expects one per "
-                    "routed expert",
-    "longcat_flash": "transformers 5.24 sizes LongCat-Flash's gate_up_proj for the routed and "
-                     "the zero-computation experts (n_routed_experts + zero_expert_num rows) "
-                     "but down_proj for the routed ones only, so save_pretrained writes gate "
-                     "and up without down for the zero experts; moekit reads experts as whole",
-}
+GAPS: dict[str, str] = {}
 """Model types moekit does not convert yet, and why (every test of the type xfails
 strictly, so that support flips it)."""
+OWN_TEST = {
+    "longcat_flash": "transformers 5.24 saves gate and up rows for LongCat-Flash's "
+                     "zero-computation experts, which hold no weights: moekit refuses them, "
+                     "and converts the files without them "
+                     "(test_longcat_flash_zero_computation_experts)",
+}
+"""Model types whose save_pretrained files moekit refuses by design, tested apart."""
 REFUSED: dict[tuple[str, str], str] = {}
 """(model type, layout) -> what the refusal says: the layout has no place for something."""
 OTHER_SECTIONS: dict[tuple[str, str], str] = {}
@@ -205,8 +204,9 @@ def _logits(path, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _skip_not_moe(model_type: str) -> None:
-    if model_type in NOT_MOE_HERE:
-        pytest.skip(NOT_MOE_HERE[model_type])
+    reason = NOT_MOE_HERE.get(model_type) or OWN_TEST.get(model_type)
+    if reason:
+        pytest.skip(reason)
 
 
 MTP_FAMILIES = ["deepseek_v3", "glm4_moe"]
@@ -389,3 +389,38 @@ def test_family_table_agrees_with_transformers_conversion_mapping(family, model_
             name, joined_as = renamed(family.expert_key(1, 0, projection))
             assert name == TRANSFORMERS.from_hf_key(grouped, family), projection
             assert joined_as in (None, position), f"{projection} joined at {joined_as}"
+
+
+def test_longcat_flash_zero_computation_experts(tmp_path):
+    """LongCat-Flash's router scores n_routed_experts + zero_expert_num experts, the last
+    ones computing nothing. transformers 5.24 saves gate and up rows for them (never read):
+    moekit refuses those tensors, naming why. Without them (as the Hub's files are), the
+    experts convert into every layout and back byte for byte, and the transformers layout
+    holds the state dict's tensors (its gate_up_proj's routed rows)."""
+    from safetensors.torch import save_file
+
+    from moekit.errors import MoekitError
+
+    model = build("longcat_flash")
+    routed, zero = model.config.n_routed_experts, model.config.zero_expert_num
+    model.save_pretrained(tmp_path / "saved")
+    with pytest.raises(MoekitError, match=f"zero_expert_num {zero}.*experts without weights"):
+        convert(tmp_path / "saved", tmp_path / "refused", to="nemo")
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "config.json").write_text((tmp_path / "saved" / "config.json").read_text())
+    weightless = tuple(f".mlp.experts.{e}." for e in range(routed, routed + zero))
+    original = {k: v for k, v in load_all(tmp_path / "saved").items()
+                if not any(w in k for w in weightless)}
+    save_file(original, hub / "model.safetensors", metadata={"format": "pt"})
+    assert inspect(hub).n_experts == routed
+    for layout in LAYOUTS:
+        convert(hub, tmp_path / layout, to=layout)
+        convert(tmp_path / layout, tmp_path / f"{layout}-back", to="hf")
+        back = load_all(tmp_path / f"{layout}-back")
+        assert back.keys() == original.keys()
+        assert [k for k in original if not same_bytes(original[k], back[k])] == []
+    fused, expected = load_all(tmp_path / "transformers"), model.state_dict()
+    assert fused.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert same_bytes(fused[key], tensor[:routed] if key.endswith("gate_up_proj") else tensor)

@@ -92,6 +92,10 @@ class Family:
     count_aliases: tuple[str, ...] = ()
     """Other config.json names of the expert count: transformers' ``attribute_map``
     aliases of ``expert_count_key``, which checkpoints on the Hub also carry."""
+    router_extra_rows: str | None = None
+    """The config.json entry counting router rows after the routed experts' that score
+    experts holding no weights (LongCat-Flash's ``zero_expert_num`` zero-computation
+    experts, Inkling's ``n_shared_experts`` shared-expert sinks)."""
     text_config: tuple[str, ...] = ()
     """Where a multimodal config.json keeps the settings of the model holding the experts
     (``("text_config",)``); empty when they are at the top."""
@@ -293,6 +297,13 @@ FAMILIES: tuple[Family, ...] = (
                            Rename(".experts.down_proj", ".experts.fc2.weight"))},
            transposed={"hf": True, "transformers": True}, grouped_on_disk=True,
            moe_layers=every_layer),
+    # transformers 5.24: LongCat-Flash's router (router.classifier) has n_routed_experts +
+    # zero_expert_num rows, Inkling's (gate) n_routed_experts + n_shared_experts; Inkling's
+    # files hold its experts grouped, as its model does.
+    _qwen_style("longcat_flash", "n_routed_experts", router="router.classifier.weight",
+                router_extra_rows="zero_expert_num"),
+    _qwen_style("inkling_text", "n_routed_experts", shared_expert="shared_experts",
+                grouped_on_disk=True, router_extra_rows="n_shared_experts"),
     _qwen_style("glm4_moe", "n_routed_experts", shared_expert="shared_experts",
                 moe_layers=dense_prefix_of(1)),
     # Qwen-style experts whose router biases, shared experts, norms or attention sinks
