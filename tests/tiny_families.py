@@ -104,22 +104,46 @@ SMALL_VISION: dict[str, Any] = dict(
 """Sizes of a tiny vision tower, where its config has the attribute."""
 
 
+SMALL_AUDIO: dict[str, Any] = dict(
+    d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, output_dim=32,
+    num_hidden_layers=1, downsample_hidden_size=8)
+"""Sizes of a tiny audio tower (Qwen3-Omni's thinker)."""
+
+
 def build_multimodal(model_type: str, seed: int = 0):
-    """A tiny image-text-to-text model of ``model_type``: its text model as ``build``
-    makes it, its vision tower one small layer; every parameter drawn from N(0, 0.2)."""
+    """A tiny multimodal model of ``model_type``: its text model as ``build`` makes it,
+    its vision (and audio) towers one small layer; every parameter drawn from N(0, 0.2).
+    Qwen3-Omni's towers and text model sit in its ``thinker_config``; it is built without
+    its talker (``enable_audio_output`` false)."""
+    import transformers
     from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     default = AutoConfig.for_model(model_type)
-    vision = default.vision_config
-    config = AutoConfig.for_model(
-        model_type, text_config=tiny_config(default.text_config.model_type).to_dict(),
-        vision_config={**vision.to_dict(),
-                       **{k: v for k, v in SMALL_VISION.items() if hasattr(vision, k)}})
+    omni = hasattr(default, "thinker_config")
+    inner = _tiny_towers(default.thinker_config if omni else default)
+    if omni:
+        config = AutoConfig.for_model(model_type, enable_audio_output=False,
+                                      thinker_config={**default.thinker_config.to_dict(), **inner})
+        make = transformers.Qwen3OmniMoeForConditionalGeneration._from_config
+    else:
+        config = AutoConfig.for_model(model_type, **inner)
+        make = AutoModelForImageTextToText.from_config
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model = make(config, dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.2)
     return model.eval()
+
+
+def _tiny_towers(config) -> dict[str, dict]:
+    """Tiny ``text_config``, ``vision_config`` and ``audio_config`` for a multimodal config."""
+    towers = {"text_config": tiny_config(config.text_config.model_type).to_dict()}
+    for name, small in (("vision_config", SMALL_VISION), ("audio_config", SMALL_AUDIO)):
+        tower = getattr(config, name, None)
+        if tower is not None:
+            towers[name] = {**tower.to_dict(),
+                            **{k: v for k, v in small.items() if hasattr(tower, k)}}
+    return towers

@@ -264,6 +264,18 @@ FAMILIES: tuple[Family, ...] = (
            moe_layers=dense_prefix_of(1)),
     Family("lfm2_moe", ("lfm2_moe",), "model.layers.{layer}.feed_forward", _MIXTRAL_PROJECTIONS,
            "num_experts", count_aliases=("num_local_experts",)),
+    # Qwen3-Omni: the thinker's text experts per expert under thinker.model.layers on disk;
+    # transformers 5.24 holds them under thinker.model.language_model, its towers under
+    # thinker.model.
+    Family("qwen3_omni_moe", ("qwen3_omni_moe",), "thinker.model.layers.{layer}.mlp",
+           _QWEN_PROJECTIONS, "num_experts", text_config=("thinker_config", "text_config"),
+           renames={"transformers": tuple(Rename(f"thinker.{old}", f"thinker.model.{new}",
+                                                 at_start=True) for old, new in (
+               ("audio_tower.", "audio_tower."), ("visual.", "visual."),
+               ("model.embed_tokens.", "language_model.embed_tokens."),
+               ("model.layers.", "language_model.layers."),
+               ("model.norm.", "language_model.norm.")))},
+           moe_layers=sparse_step),
     Family("jamba", ("jamba",), "model.layers.{layer}.feed_forward", _QWEN_PROJECTIONS,
            "num_experts", router="router.weight", count_aliases=("num_local_experts",),
            moe_layers=expert_period),
@@ -322,7 +334,7 @@ FAMILIES: tuple[Family, ...] = (
         Rename(".post_mlp_layernorm.", ".mlp.post_mlp_layernorm."),)),
     _qwen_style("hy_v3", "num_experts", router="router.gate.weight", shared_expert="shared_mlp",
                 renames=(Rename(".mlp.expert_bias", ".mlp.e_score_correction_bias"),
-                         Rename(".mlp.router.gate.", ".mlp.gate."),
+                         Rename(".mlp.router.gate.weight", ".mlp.gate.weight"),
                          Rename(".mlp.shared_mlp.", ".mlp.shared_experts."))),
     _qwen_style("hy_v4", "n_routed_experts", shared_expert="shared_experts",
                 grouped_on_disk=True, renames=(Rename(".linear_gate", ".gate_proj"),)),
