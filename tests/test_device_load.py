@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import sys
+import threading
 
 import pytest
 import torch
@@ -230,3 +231,34 @@ def test_gil_switch_interval_is_restored_after_a_load(family_checkpoints):
     before = sys.getswitchinterval()
     load_to_device(plan, checkpoint, "cpu", readers=2)
     assert sys.getswitchinterval() == before
+
+
+def test_overlapping_loads_restore_the_switch_interval_and_collector_when_the_last_ends():
+    """Two loads in two threads, the first ending while the second still runs: the
+    second keeps the changed settings, and the originals come back when it ends."""
+    from moekit.gc_pauses import COLLECTOR_OFF
+
+    before = sys.getswitchinterval()
+    first_in, second_in, first_out = (threading.Event() for _ in range(3))
+    seen = []
+
+    def first() -> None:
+        with COLLECTOR_OFF.scope(), device.PROMPT_HANDOFFS.scope():
+            first_in.set()
+            second_in.wait(5)
+        first_out.set()
+
+    def second() -> None:
+        first_in.wait(5)
+        with COLLECTOR_OFF.scope(), device.PROMPT_HANDOFFS.scope():
+            second_in.set()
+            first_out.wait(5)
+            seen.append((gc.isenabled(), sys.getswitchinterval()))
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == [(False, pytest.approx(min(before, device.SWITCH_INTERVAL)))]
+    assert gc.isenabled() and sys.getswitchinterval() == before

@@ -24,9 +24,9 @@ import re
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager as ContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager as ContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +34,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..dtypes import itemsize, to_torch
 from ..errors import MoekitError
+from ..gc_pauses import ScopedSetting
 from ..plan import Plan, Read, TensorPlan, nbytes, reads
 from ..sizes import format_size
 from ..sources import FileSource
@@ -156,7 +157,7 @@ def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | st
         _check_room(plan, device, batches, slots)
     if pinned is not None and (pinned.pairs, pinned.buffer_bytes) != (readers, buffer_bytes):
         pinned = None  # pinned for other readers: each reader pins its own
-    with _prompt_handoffs(), _Reader(checkpoint, device, readers, chunk_bytes,
+    with PROMPT_HANDOFFS.scope(), _Reader(checkpoint, device, readers, chunk_bytes,
                                      slots, buffer_bytes, pinned) as reader:
         out = reader.run(batches)
     if wrap_experts is not None:
@@ -187,15 +188,9 @@ def _source_bytes(tensors: list[TensorPlan]) -> int:
     return sum(nbytes(read.shape, read.dtype) for read in regions.values())
 
 
-@contextmanager
-def _prompt_handoffs() -> Iterator[None]:
-    """Shorten the GIL switch interval to ``SWITCH_INTERVAL`` for the duration."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(min(previous, SWITCH_INTERVAL))
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(previous)
+PROMPT_HANDOFFS = ScopedSetting(sys.getswitchinterval, sys.setswitchinterval,
+                                lambda saved: min(saved, SWITCH_INTERVAL))
+"""The GIL switch interval, at most SWITCH_INTERVAL while loads run."""
 
 
 @dataclass
