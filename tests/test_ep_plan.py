@@ -37,3 +37,31 @@ def test_a_config_alone_declaring_a_million_layers_is_refused_at_once(tmp_path, 
         assert time.perf_counter() - start < 1.0
         err = capsys.readouterr().err
         assert "decoder layers" in err and f"at most {MAX_BUILT_LAYERS}" in err
+
+
+def test_a_mesh_of_more_ranks_than_moekit_reports_is_refused_at_once(capsys):
+    """A mistyped --dp (or --ep on a model with very many experts) is refused before any
+    rank is tabulated, instead of building a row per rank for minutes."""
+    import time
+
+    from moekit.expert_parallel.report import MAX_RANKS
+
+    for ep, dp in ((4, 10**8), (256, MAX_RANKS // 128)):
+        start = time.perf_counter()
+        assert main(["plan", str(DEEPSEEK_V3), "--ep", str(ep), "--dp", str(dp)]) == 2
+        assert time.perf_counter() - start < 1.0
+        err = capsys.readouterr().err
+        assert f"{dp} x {ep} = {dp * ep:,} ranks" in err and f"at most {MAX_RANKS:,}" in err
+
+
+def test_the_largest_mesh_reported_is_tabulated_in_seconds(capsys):
+    import time
+
+    from moekit.expert_parallel.report import MAX_RANKS
+
+    start = time.perf_counter()
+    assert main(["plan", str(DEEPSEEK_V3), "--ep", "256", "--dp", str(MAX_RANKS // 256),
+                 "--json"]) == 0
+    assert time.perf_counter() - start < 15
+    ranks = json.loads(capsys.readouterr().out)
+    assert len(ranks) == MAX_RANKS and ranks[-1]["rank"] == MAX_RANKS - 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,6 +17,11 @@ from ..model_config import MAX_BUILT_LAYERS, ConfigValues
 from ..planner import (Analysis, build_plan, config_settings, understand, understand_checkpoint,
                        validate)
 from .ranges import expert_range, grouped_layout
+
+MAX_RANKS = 1 << 16
+"""The most ranks (dp x ep) ``ep_report`` tabulates: more than any training cluster
+runs, few enough that a mistyped group size is refused at once rather than tabulated
+rank by rank for minutes."""
 
 
 @dataclass
@@ -62,22 +68,29 @@ def ep_report(path: str | Path, ep_size: int, layout: str | None = None,
         if type(size) is not int or size < 1:
             raise MoekitError(f"the {name} group size is {size!r}; expected a whole "
                               "number of ranks, at least 1")
+    if dp_size * ep_size > MAX_RANKS:
+        raise MoekitError(f"a mesh of {dp_size} x {ep_size} = {dp_size * ep_size:,} ranks; "
+                          f"moekit plans for at most {MAX_RANKS:,} ranks")
     analysis = _analysis(local_path(path))
     plan = build_plan(analysis, grouped_layout(layout or default_layout(analysis)),
                       experts=range(1))
     n_experts = analysis.n_experts
     per_expert = [t.nbytes for t in plan.tensors if t.name in plan.expert_tensors]
-    others = [t for t in plan.tensors if t.name not in plan.expert_tensors]
+    others = Counter((t.shape[0] if t.shape else None, t.nbytes) for t in plan.tensors
+                     if t.name not in plan.expert_tensors)
     out = []
     for dp_rank in range(dp_size):
-        shares = [_row_share(t.shape, t.nbytes, dp_size, dp_rank) for t in others]
+        shares = {(rows, nbytes): _row_share(rows, nbytes, dp_size, dp_rank)
+                  for rows, nbytes in others}
+        held = sum(share * others[kind] for kind, share in shares.items())
         for rank in range(ep_size):
             mine = expert_range(n_experts, ep_size, rank, placement)
             expert = len(mine) * sum(per_expert)
-            largest = max(max(shares, default=0), len(mine) * max(per_expert, default=0))
+            largest = max(max(shares.values(), default=0),
+                          len(mine) * max(per_expert, default=0))
             owned = [mine.start, mine.stop - 1] if mine else []
-            out.append(RankLoad(dp_rank * ep_size + rank, owned, expert, sum(shares),
-                                expert + sum(shares) + largest, rank, dp_rank))
+            out.append(RankLoad(dp_rank * ep_size + rank, owned, expert, held,
+                                expert + held + largest, rank, dp_rank))
     return out
 
 
@@ -90,13 +103,13 @@ def default_layout(analysis: Analysis) -> str:
     return "transformers" if any(p.endswith((SCALE, MX_BLOCKS)) for p in pieces) else "nemo"
 
 
-def _row_share(shape: tuple[int, ...], nbytes: int, size: int, rank: int) -> int:
-    """Bytes of rank ``rank``'s rows of a tensor split ``Shard(0)`` over ``size`` ranks by
-    FSDP2's rule (``torch.chunk``: ``ceil(rows / size)`` rows a rank, the last ranks fewer
-    or none); a scalar is held whole."""
-    if not shape:
+def _row_share(rows: int | None, nbytes: int, size: int, rank: int) -> int:
+    """Bytes of rank ``rank``'s rows of a tensor of ``rows`` rows and ``nbytes`` bytes
+    split ``Shard(0)`` over ``size`` ranks by FSDP2's rule (``torch.chunk``:
+    ``ceil(rows / size)`` rows a rank, the last ranks fewer or none); a scalar (``rows``
+    None) is held whole."""
+    if rows is None:
         return nbytes
-    rows = shape[0]
     per_rank = -(-rows // size)
     mine = max(0, min((rank + 1) * per_rank, rows) - rank * per_rank)
     return nbytes // rows * mine if rows else 0
