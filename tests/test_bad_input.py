@@ -152,7 +152,7 @@ def test_failure_while_writing_leaves_nothing(qwen3, tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(streaming, "materialize", explode)
+    monkeypatch.setattr(streaming, "fill", explode)
     before = tree_digest(qwen3)
     with pytest.raises(OSError):
         from moekit import convert
