@@ -23,26 +23,16 @@ from .tiny_families import MULTIMODAL, build, build_multimodal, moe_causal_lm_ty
 LAYOUTS = ("hf", "nemo", "transformers", "vllm")
 TYPES = moe_causal_lm_types()
 
-NOT_MOE_HERE = {
+SKIPPED = {
     "doge": "Doge's experts are single neurons (rows of mlp.up_embed/down_embed, chosen "
             "by product keys), not gate/up/down matrices: no grouped layout has a place for "
-            "them, and moekit passes the checkpoint through as a dense one",
-}
-"""Model types whose config declares experts but whose experts are not MLP experts."""
-GAPS: dict[str, str] = {}
-"""Model types moekit does not convert yet, and why (every test of the type xfails
-strictly, so that support flips it)."""
-OWN_TEST = {
+            "them, and moekit reads the checkpoint as a dense one",
     "longcat_flash": "transformers 5.24 saves gate and up rows for LongCat-Flash's "
                      "zero-computation experts, which hold no weights: moekit refuses them, "
                      "and converts the files without them "
                      "(test_longcat_flash_zero_computation_experts)",
 }
-"""Model types whose save_pretrained files moekit refuses by design, tested apart."""
-REFUSED: dict[tuple[str, str], str] = {}
-"""(model type, layout) -> what the refusal says: the layout has no place for something."""
-OTHER_SECTIONS: dict[tuple[str, str], str] = {}
-"""(model type, layout) cases another part of issue 14 makes convert."""
+"""Model types the tests for every family skip, and why."""
 NON_MOE_CONVERSIONS = {
     "axk2": "transformers moves input_layernorm.W_down/W_up to input_layernorm.mlp.fc1/fc2 "
             "and renames attention projections",
@@ -104,41 +94,22 @@ def test_the_enumeration_finds_the_known_families():
             "granitemoe", "jamba", "jetmoe", "kimi_linear", "minimax_m2"} <= set(TYPES)
 
 
-def _cases():
-    for model_type in TYPES:
-        for layout in LAYOUTS:
-            marks = []
-            reason = GAPS.get(model_type) or OTHER_SECTIONS.get((model_type, layout))
-            if reason:
-                marks.append(pytest.mark.xfail(reason=reason, strict=True))
-            yield pytest.param(model_type, layout, marks=marks, id=f"{model_type}-{layout}")
+def _types(xfails: dict[str, str]) -> list:
+    """Every model type, those in ``xfails`` marked to fail strictly for the reason given
+    (so that support flips them)."""
+    return [pytest.param(t, id=t, marks=[pytest.mark.xfail(reason=xfails[t], strict=True)]
+                         if t in xfails else []) for t in TYPES]
 
 
-def _gap_marks(model_type: str) -> list:
-    reason = GAPS.get(model_type)
-    return [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
-
-
-def _types(extra: dict[str, str] | None = None):
-    for model_type in TYPES:
-        marks = _gap_marks(model_type)
-        if extra and model_type in extra and not marks:
-            marks = [pytest.mark.xfail(reason=extra[model_type], strict=True)]
-        yield pytest.param(model_type, marks=marks, id=model_type)
-
-
-@pytest.mark.parametrize("model_type,layout", list(_cases()))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("model_type", TYPES)
 def test_round_trip_is_byte_identical(model_type, layout, tiny, tmp_path):
     """save_pretrained's files -> layout -> the files' own layout: the same bytes under the
-    same names (or a refusal that says what the layout cannot hold)."""
-    _skip_not_moe(model_type)
+    same names."""
+    _skip_listed(model_type)
     model = tiny(model_type)
     assert model.info.moe_layers, f"moekit finds no experts in {model_type}"
     converted, back = tmp_path / layout, tmp_path / "back"
-    if (model_type, layout) in REFUSED:
-        with pytest.raises(Exception, match=REFUSED[(model_type, layout)]):
-            convert(model.path, converted, to=layout)
-        return
     convert(model.path, converted, to=layout, max_shard_size="100KB")
     convert(converted, back, to=model.info.layout)
     original, restored = load_all(model.path), load_all(back)
@@ -146,10 +117,10 @@ def test_round_trip_is_byte_identical(model_type, layout, tiny, tmp_path):
     assert [k for k in original if not same_bytes(original[k], restored[k])] == []
 
 
-@pytest.mark.parametrize("model_type", list(_types(NON_MOE_CONVERSIONS)))
+@pytest.mark.parametrize("model_type", _types(NON_MOE_CONVERSIONS))
 def test_transformers_layout_is_the_state_dict(model_type, tiny, tmp_path):
     """``--to transformers`` holds ``model.state_dict()``: name for name, byte for byte."""
-    _skip_not_moe(model_type)
+    _skip_listed(model_type)
     model = tiny(model_type)
     convert(model.path, tmp_path / "fused", to="transformers")
     written, expected = load_all(tmp_path / "fused"), model.model.state_dict()
@@ -158,12 +129,12 @@ def test_transformers_layout_is_the_state_dict(model_type, tiny, tmp_path):
     assert [k for k in expected if not same_bytes(written[k], expected[k])] == []
 
 
-@pytest.mark.parametrize("model_type", list(_types()))
+@pytest.mark.parametrize("model_type", TYPES)
 def test_moe_blocks_of_the_transformers_layout_are_the_state_dicts(model_type, tiny, tmp_path):
     """Every tensor under an MoE block of ``--to transformers`` is the state dict's, and
     the state dict has no other tensor there: also for families whose transformers
     conversion changes tensors outside the MoE blocks."""
-    _skip_not_moe(model_type)
+    _skip_listed(model_type)
     model = tiny(model_type)
     family = family_named(model.info.family)
     convert(model.path, tmp_path / "fused", to="transformers")
@@ -176,11 +147,11 @@ def test_moe_blocks_of_the_transformers_layout_are_the_state_dicts(model_type, t
     assert [k for k in inside if not same_bytes(written[k], expected[k])] == []
 
 
-@pytest.mark.parametrize("model_type", list(_types()))
+@pytest.mark.parametrize("model_type", TYPES)
 def test_transformers_loads_the_round_trip_with_the_same_logits(model_type, tiny, tmp_path):
     """save_pretrained -> transformers layout -> back: from_pretrained gives the logits it
     gives for the files save_pretrained wrote."""
-    _skip_not_moe(model_type)
+    _skip_listed(model_type)
     model = tiny(model_type)
     convert(model.path, tmp_path / "fused", to="transformers")
     convert(tmp_path / "fused", tmp_path / "back", to=model.info.layout)
@@ -203,10 +174,9 @@ def _logits(path, ids: torch.Tensor) -> torch.Tensor:
         return loaded(ids, use_cache=False).logits
 
 
-def _skip_not_moe(model_type: str) -> None:
-    reason = NOT_MOE_HERE.get(model_type) or OWN_TEST.get(model_type)
-    if reason:
-        pytest.skip(reason)
+def _skip_listed(model_type: str) -> None:
+    if model_type in SKIPPED:
+        pytest.skip(SKIPPED[model_type])
 
 
 MTP_FAMILIES = ["deepseek_v3", "glm4_moe"]
