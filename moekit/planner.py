@@ -197,7 +197,9 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
         raise MoekitError(
             f"the source holds no expert tensors (a dense model, family "
             f"{analysis.family.name}): the {dst.name} layout applies only to MoE checkpoints; "
-            "use `moekit upcycle` to turn a dense model into an MoE")
+            + (_unread_experts(analysis.settings) if analysis.settings
+               and analysis.settings.declared else
+               "use `moekit upcycle` to turn a dense model into an MoE"))
     block_size = analysis.fp8_block
     if dequantize:
         _check_dequantizable(analysis)
@@ -226,6 +228,16 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
     _check_unique(tensors)
     return Plan(analysis.family.name, src.name, dst.name, tensors,
                 {layer: len(chosen) for layer in sorted(analysis.blocks)}, expert_names)
+
+
+def _unread_experts(settings: Settings) -> str:
+    """What to say when a config declares routed experts but no tensor reads as one: a
+    family whose experts moekit does not know (or Doge's single-neuron experts, which no
+    grouped layout holds)."""
+    count, key = settings.declared
+    return (f"{settings.source} declares {count} routed experts ({key}), but no tensor is "
+            "named as the experts of a family moekit knows; these experts stay as they are "
+            "(--to hf copies the checkpoint)")
 
 
 def _emitted(dst: Layout, block: ExpertBlock, chosen: range, offset: int, family: Family

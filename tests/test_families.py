@@ -26,7 +26,8 @@ TYPES = moe_causal_lm_types()
 SKIPPED = {
     "doge": "Doge's experts are single neurons (rows of mlp.up_embed/down_embed, chosen "
             "by product keys), not gate/up/down matrices: no grouped layout has a place for "
-            "them, and moekit reads the checkpoint as a dense one",
+            "them, and moekit reads the checkpoint as a dense one "
+            "(test_doge_experts_no_layout_holds_are_named_and_copied)",
     "longcat_flash": "transformers 5.24 saves gate and up rows for LongCat-Flash's "
                      "zero-computation experts, which hold no weights: moekit refuses them, "
                      "and converts the files without them "
@@ -407,3 +408,20 @@ def test_longcat_flash_zero_computation_experts(tmp_path):
     assert fused.keys() == expected.keys()
     for key, tensor in expected.items():
         assert same_bytes(fused[key], tensor[:routed] if key.endswith("gate_up_proj") else tensor)
+
+
+def test_doge_experts_no_layout_holds_are_named_and_copied(tmp_path):
+    """Doge's experts are rows of up_embed/down_embed: a grouped layout is refused with
+    the experts its config declares named, and --to hf copies the checkpoint byte for
+    byte."""
+    from moekit.errors import MoekitError
+
+    model = build("doge")
+    model.save_pretrained(tmp_path / "src")
+    count = model.config.num_experts
+    with pytest.raises(MoekitError, match=f"declares {count} routed experts \\(num_experts\\)"):
+        convert(tmp_path / "src", tmp_path / "nemo", to="nemo")
+    convert(tmp_path / "src", tmp_path / "hf", to="hf")
+    original, copied = load_all(tmp_path / "src"), load_all(tmp_path / "hf")
+    assert original.keys() == copied.keys()
+    assert [k for k in original if not same_bytes(original[k], copied[k])] == []
