@@ -168,6 +168,25 @@ def test_the_names_of_vllm_before_routed_experts_are_read(family_checkpoints, tm
     assert back.keys() == hf.keys() and all(same_bytes(hf[k], back[k]) for k in hf)
 
 
+def test_a_layer_holding_both_the_older_and_the_newer_vllm_name_is_refused(
+        family_checkpoints, tmp_path, capsys):
+    """Which of two tensors for one parameter is meant is not moekit's to guess: reading
+    either would give wrong bytes half the time."""
+    source = family_checkpoints["qwen3_moe"]
+    convert(source, tmp_path / "vllm", to="vllm")
+    newer = load_all(tmp_path / "vllm")
+    key = "model.layers.0.mlp.experts.routed_experts.w13_weight"
+    both = {**newer, key.replace(".routed_experts.", "."): torch.zeros_like(newer[key])}
+    folder = tmp_path / "both"
+    folder.mkdir()
+    save_file(both, folder / "model.safetensors")
+    (folder / "config.json").write_text((source / "config.json").read_text())
+    assert main(["convert", str(folder), str(tmp_path / "back"), "--to", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert f"{key} and {key.replace('.routed_experts.', '.')} both name" in err
+    assert "Traceback" not in err and not (tmp_path / "back").exists()
+
+
 def _vllm_expert_map(n_experts: int, ep_size: int, ep_rank: int) -> range:
     """vLLM's determine_expert_map, "linear", as quoted above."""
     base_experts = n_experts // ep_size

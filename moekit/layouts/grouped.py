@@ -119,6 +119,7 @@ class GroupedLayout(Layout):
                 by_name.setdefault(name, []).append(spec)
         renamed = self._renamed_keys(family, by_name)
         rows: dict[int, dict[GroupedTensor, int]] = {}
+        keys: dict[tuple[int, GroupedTensor], str] = {}
         for key, meta in tensors.items():
             inside, name = self._located(key, region, renamed)
             if not inside or name in family.in_experts:
@@ -130,6 +131,10 @@ class GroupedLayout(Layout):
             spec = self._entry(by_name.get(name, []), meta.dtype)
             if spec is None:
                 parsed.problems.append((layer, self._unknown(key)))
+                continue
+            earlier = keys.setdefault((layer, spec), key)
+            if earlier != key:
+                parsed.problems.append((layer, self._twice(spec, earlier, key)))
                 continue
             problem = self._add_pieces(parsed.block(layer, family), key, meta, spec)
             if problem:
@@ -179,6 +184,13 @@ class GroupedLayout(Layout):
         """The entry a tensor of this name and dtype is read as."""
         return next((c for c in candidates if c.dtype == dtype), None) or next(
             (c for c in candidates if c.dtype is None), None)
+
+    def _twice(self, spec: GroupedTensor, *keys: str) -> str:
+        """The problem of two keys read as the same tensor of one layer (vLLM's name and
+        its older alias): which holds the weights is ambiguous."""
+        first, second = sorted(keys)
+        return (f"{first} and {second} both name the layer's {spec.name} in the {self.name} "
+                "layout (one is an older name of the other): keep one of them")
 
     def _unknown(self, key: str) -> str:
         """The problem of a key inside an experts module that names no tensor of this
