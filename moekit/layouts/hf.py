@@ -1,6 +1,7 @@
 """The Hugging Face layout: what ``save_pretrained`` writes. For most families one ``[out,
 in]`` tensor per expert and projection; for families whose Hub files keep the experts
-grouped (``Family.grouped_on_disk``: GraniteMoE, JetMoE, Aria), those grouped tensors."""
+grouped (``Family.grouped_on_disk``: GraniteMoE, JetMoE, Aria, Qwen3-VL-MoE, ...), those
+grouped tensors."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from .grouped import TRANSFORMERS, GroupedLayout
 class PerExpertLayout(Layout):
     """``{block}.experts.{e}.{gate_proj|up_proj|down_proj}.weight`` (names per family),
     and ``.bias`` beside each for families whose experts have biases, and
-    ``.weight_scale_inv`` beside each in FP8 checkpoints."""
+    ``.weight_scale_inv`` beside each in FP8 checkpoints; for a ``grouped_on_disk`` family,
+    the grouped tensors its files hold (``on_disk``)."""
 
     name = "hf"
     description = ("Hugging Face: what save_pretrained writes and the Hub holds (one tensor "
