@@ -183,7 +183,7 @@ def _skip_listed(model_type: str) -> None:
 MTP_FAMILIES = ["deepseek_v3", "glm4_moe"]
 
 
-def _with_mtp_layer(model_type: str, path) -> int:
+def _with_mtp_layer(path) -> int:
     """Add one multi-token-prediction layer to a saved tiny checkpoint, named as
     DeepSeek-V3's Hub files name it (transformers builds none): a decoder layer at index
     ``num_hidden_layers`` (the last layer's tensors, shifted) plus ``enorm``, ``hnorm``,
@@ -221,7 +221,7 @@ def test_mtp_layers_are_listed_and_converted(model_type, tmp_path):
     round trip with the logits of the original files."""
     src = tmp_path / "src"
     build(model_type).save_pretrained(src, max_shard_size="40KB")
-    mtp = _with_mtp_layer(model_type, src)
+    mtp = _with_mtp_layer(src)
     info = inspect(src)
     assert info.mtp_layers == [mtp] and info.moe_layers[-1] == mtp
     assert f"multi-token prediction {mtp}" in info.render()
