@@ -14,6 +14,7 @@ what transformers does not build, the files of deepseek-ai/DeepSeek-V3 on the Hu
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -280,12 +281,24 @@ class _Dtypes:
     def add(self, out: dict[str, Header], key: str, shape: tuple[int, ...], kind: str
             ) -> None:
         """Put tensor ``key`` into ``out``; a quantised weight with its scales."""
-        if kind != LINEAR or self.fp8 is None or any(m in key for m in self.skipped):
+        if kind != LINEAR or self.fp8 is None or _kept(key.rsplit(".", 1)[0], self.skipped):
             out[key] = Header(shape, "F32" if kind == FLOAT32 else self.model)
             return
         out[key] = Header(shape, self.fp8)
         out[key + FP8_SCALE_KEY] = Header((math.ceil(shape[0] / self.block[0]),
                                            math.ceil(shape[1] / self.block[1])), "F32")
+
+
+_MODULE_BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
+
+
+def _kept(module: str, patterns: tuple[str, ...]) -> bool:
+    """True when ``modules_to_not_convert`` keeps ``module`` unquantised, by the rule of
+    transformers 5.24 (``should_convert_module``): a pattern matches from the start of
+    the module name up to a module boundary, as a regex (``layers.*.mlp``), or as a suffix
+    (``lm_head``), so ``model.layers.1`` is not ``model.layers.10``."""
+    return any(re.match(f"(?:{p}){_MODULE_BOUNDARY}", module) or module.endswith(p)
+               for p in patterns)
 
 
 def _weight_dtypes(values: ConfigValues) -> _Dtypes:
@@ -306,8 +319,33 @@ def _weight_dtypes(values: ConfigValues) -> _Dtypes:
                           "plans from a config.json alone for FP8 block quantisation "
                           "(quant_method fp8, fmt e4m3 or e5m2) only; plan from the "
                           "checkpoint's files instead")
+    _check_fp8_tensors(quantization, values.source)
     skipped = quantization.get("modules_to_not_convert") or []
     if not isinstance(skipped, list) or not all(isinstance(m, str) for m in skipped):
         raise MoekitError(f"{values.source}: quantization_config.modules_to_not_convert is "
                           f"{shown(skipped)}; expected a list of module names")
+    for pattern in skipped:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise MoekitError(f"{values.source}: quantization_config.modules_to_not_convert "
+                              f"holds {shown(pattern)}, which transformers reads as a regular "
+                              f"expression and is not one ({err})") from None
     return _Dtypes(DTYPES[name], FP8_FORMATS[fmt], fp8_block(values), tuple(skipped))
+
+
+def _check_fp8_tensors(quantization: dict, source: str) -> None:
+    """Refuse the FP8 settings under which transformers 5.24's ``FP8Linear`` holds tensors
+    besides a weight and its block scales (``activation_scale`` for static activation
+    scales, a scalar ``weight_scale_inv`` for ``weight_block_size`` null): the tensors
+    described here would leave them out."""
+    if quantization.get("activation_scheme", "dynamic") != "dynamic":
+        raise MoekitError(f"{source}: quantization_config.activation_scheme is "
+                          f"{shown(quantization['activation_scheme'])}; moekit plans from a "
+                          "config.json alone for dynamic activation scales only (static ones "
+                          "add an activation_scale beside each weight): plan from the "
+                          "checkpoint's files instead")
+    if "weight_block_size" in quantization and quantization["weight_block_size"] is None:
+        raise MoekitError(f"{source}: quantization_config.weight_block_size is null (one scale "
+                          "per weight); moekit plans from a config.json alone for block scales "
+                          "only: plan from the checkpoint's files instead")

@@ -169,6 +169,41 @@ def test_a_quantisation_moekit_cannot_describe_is_refused(tmp_path, capsys):
     assert "FP8 block quantisation (quant_method fp8" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("patterns", [["model.layers.1"], ["mlp.gate"], ["down_proj"],
+                                      ["lm_head", "model.layers.*.self_attn.kv_b_proj"],
+                                      ["model.layers.6.mlp.experts"]])
+def test_modules_to_not_convert_keep_what_transformers_keeps_unquantised(patterns):
+    """transformers' own rule (``should_convert_module``) decides which linear weights of
+    an FP8 checkpoint stay in the model dtype: a pattern matches from the start of the
+    module name up to a module boundary, as a regex, or as a suffix."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    config = json.loads(DEEPSEEK_V3.read_text())
+    every = config_headers(config, "config.json", routed=1)
+    linear = {k for k in every if k + "_scale_inv" in every}
+    config["quantization_config"]["modules_to_not_convert"] = patterns
+    tensors = config_headers(config, "config.json", routed=1)
+    kept = {k for k in linear if tensors[k].dtype == "BF16"}
+    assert kept == {k for k in linear
+                    if not should_convert_module(k.removesuffix(".weight"), patterns)}
+    assert all(k + "_scale_inv" not in tensors for k in kept)
+
+
+def test_fp8_a_config_alone_cannot_describe_is_refused(tmp_path, capsys):
+    """Static activation scales and per-tensor weight scales add tensors beside each
+    linear weight (transformers' ``FP8Linear``): refused rather than left out."""
+    base = json.loads(DEEPSEEK_V3.read_text())
+    for change, named in (({"activation_scheme": "static"}, "activation_scheme"),
+                          ({"weight_block_size": None}, "weight_block_size"),
+                          ({"modules_to_not_convert": ["layers.(1"]}, "layers.(1")):
+        config = {**base, "quantization_config": {**base["quantization_config"], **change}}
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        assert main(["plan", str(tmp_path / "config.json"), "--ep", "8"]) == 2
+        err = capsys.readouterr().err
+        assert named in err and err.count("\n") == 1 and "Traceback" not in err
+
+
 def test_planning_from_a_config_imports_no_torch():
     probe = ("import sys; from moekit.cli import main; "
              "main(['plan', sys.argv[1], '--ep', '64', '--json']); "
