@@ -62,10 +62,20 @@ def repo_id(value: object) -> RepoId | None:
     return RepoId(repo, revision or None)
 
 
+_REVISION = re.compile(r"(?!.*\.\.)(?!.*@\{)[^\x00-\x20\x7f~^:?*\[\\]+")
+"""Characters and sequences git allows in a ref name (``git check-ref-format``), as the
+Hub's branches and tags follow it: no control character, space, ``~^:?*[\\``, ``..`` or
+``@{``."""
+
+
 def _is_revision(revision: str) -> bool:
-    """A branch, tag or commit name: not empty, relative, without ``..`` (huggingface_hub
-    joins it to the cache folder to find the ref)."""
-    return bool(revision) and not revision.startswith("/") and ".." not in revision.split("/")
+    """A branch, tag or commit name by git's rules: allowed characters, and every
+    ``/``-separated part non-empty, not starting with ``.`` nor ending with ``.`` or
+    ``.lock``. huggingface_hub joins the revision to the cache folder to find the ref,
+    so ``.``, ``..`` and empty parts would name other files."""
+    return bool(_REVISION.fullmatch(revision)) and all(
+        part and not part.startswith(".") and not part.endswith((".", ".lock"))
+        for part in revision.split("/"))
 
 
 def local_path(value: object, role: str = "checkpoint") -> Path:

@@ -137,7 +137,8 @@ def test_hf_hub_offline_forbids_download(cache, family_checkpoints, monkeypatch,
 
 def test_what_is_neither_a_path_nor_a_repo_id_is_a_missing_path(cache, capsys):
     for name in ("no/such/folder", "./tiny-moe", "a--b/c", "/abs/x", f"{REPO}@../../x",
-                 f"{REPO}@"):
+                 f"{REPO}@", f"{REPO}@.", f"{REPO}@./main", f"{REPO}@main/", f"{REPO}@a//b",
+                 f"{REPO}@.hidden", f"{REPO}@ma in", f"{REPO}@v1\n", f"{REPO}@a:b"):
         assert main(["inspect", name]) == 2
         assert "the path does not exist" in capsys.readouterr().err, name
 
