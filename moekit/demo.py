@@ -66,21 +66,42 @@ def _prepare(root: Path) -> None:
                           + (f" ({err.filename})" if err.filename else "")) from err
 
 
+ROUND_TRIPS = (
+    ("qwen3_moe", "per-expert tensors on disk"),
+    ("llama4_text", "experts grouped on disk, [E, in, out]"),
+)
+"""The sample families the demo converts across every layout and back: one whose Hub files
+hold a tensor per expert, one whose files already hold them grouped."""
+
+
 def _demo(root: Path, samples) -> int:
     _prepare(root)
     start = time.perf_counter()
-    failures = 0
     print(f"moekit demo: samples in {root}\n")
-    model = samples.build_model("qwen3_moe")
-    src = samples.save_model(model, root / "qwen3_moe-hf")
+    failures = sum(_demo_round_trips(root, samples, family, note)
+                   for family, note in ROUND_TRIPS)
+    failures += _demo_upcycle(root, samples)
+    print(f"\n{'all checks passed' if not failures else f'{failures} check(s) FAILED'} "
+          f"in {time.perf_counter() - start:.1f}s")
+    return 0 if not failures else 1
+
+
+def _demo_round_trips(root: Path, samples, family: str, note: str) -> int:
+    """Save a tiny ``family`` model as transformers does, convert it into every grouped
+    layout and back to ``hf``, and check the bytes, the logits and ``--to transformers``
+    against the model's own ``state_dict()``; return the number of failed checks."""
+    model = samples.build_model(family)
+    src = samples.save_model(model, root / f"{family}-hf")
+    print(f"  {family} ({note}):")
     print(inspect(src).render(), "\n")
     ids = samples.sample_input(model.config.vocab_size)
     reference = samples.logits(src, ids)
+    failures = 0
     for layout in GROUPED_LAYOUTS:
         t0 = time.perf_counter()
-        grouped = root / f"qwen3_moe-{layout}"
+        grouped = root / f"{family}-{layout}"
         convert(src, grouped, layout, max_shard_size="40KB", overwrite=True)
-        back = root / f"qwen3_moe-{layout}-hf"
+        back = root / f"{family}-{layout}-hf"
         convert(grouped, back, "hf", max_shard_size="40KB", overwrite=True)
         report = verify(src, back)
         same_logits = torch.equal(samples.logits(back, ids), reference)
@@ -88,13 +109,10 @@ def _demo(root: Path, samples) -> int:
         failures += not ok
         print(f"  hf -> {layout:<12} -> hf  {_mark(report.equal)} bytes identical  "
               f"{_mark(same_logits)} logits identical  ({time.perf_counter() - t0:.2f}s)")
-    fused = _matches_state_dict(root / "qwen3_moe-transformers", model)
+    fused = _matches_state_dict(root / f"{family}-transformers", model)
     failures += not fused
-    print(f"  --to transformers equals transformers' own state_dict(): {_mark(fused)}")
-    failures += _demo_upcycle(root, samples)
-    print(f"\n{'all checks passed' if not failures else f'{failures} check(s) FAILED'} "
-          f"in {time.perf_counter() - start:.1f}s")
-    return 0 if not failures else 1
+    print(f"  --to transformers equals transformers' own state_dict(): {_mark(fused)}\n")
+    return failures
 
 
 def _demo_upcycle(root: Path, samples) -> int:
@@ -103,7 +121,7 @@ def _demo_upcycle(root: Path, samples) -> int:
     dense = samples.save_model(model, root / "llama-dense")
     ids = samples.sample_input(model.config.vocab_size)
     reference = samples.logits(dense, ids)
-    print(f"\n  upcycling the dense sample {dense.name} (logits vs. the dense model):")
+    print(f"  upcycling the dense sample {dense.name} (logits vs. the dense model):")
     failures = 0
     for name, spec in (
             ("copy, 4 experts, top-2", UpcycleSpec(experts=4, top_k=2)),

@@ -1,4 +1,5 @@
-"""``moekit demo`` where its optional dependency, transformers, is missing."""
+"""``moekit demo``: the README's first command, end to end, and where its optional
+dependency, transformers, is missing."""
 
 from __future__ import annotations
 
@@ -23,3 +24,16 @@ def test_demo_without_transformers_says_what_to_install(tmp_path):
                                   "transformers")
     assert "pip install 'moekit[demo]'" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_passes_every_check_on_both_sample_families(tmp_path):
+    """The demo converts a per-expert and a grouped-on-disk family across every layout and
+    back, and upcycles; every check it prints passes and it exits 0."""
+    done = subprocess.run([sys.executable, "-m", "moekit.cli", "demo", "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.rstrip().splitlines()[-1].startswith("all checks passed")
+    assert "FAIL" not in done.stdout
+    for family in ("qwen3_moe (per-expert", "llama4_text (experts grouped on disk"):
+        assert family in done.stdout
+    assert done.stdout.count("bytes identical") == 6
