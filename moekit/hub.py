@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import CONFIG_NAME, INDEX_NAME, SIDECARS, as_path, index_files
+from .checkpoint import CONFIG_NAME, INDEX_NAME, SIDECARS, SINGLE_NAME, as_path, index_files
 from .errors import MoekitError, printable
 
 _REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}", re.ASCII)
@@ -78,13 +78,26 @@ def _is_revision(revision: str) -> bool:
         for part in revision.split("/"))
 
 
-def local_path(value: object, role: str = "checkpoint") -> Path:
+def local_path(value: object, role: str = "checkpoint", weights: bool = True) -> Path:
     """The local path ``value`` names: itself, or for a repo id the folder of its cached
-    snapshot (offline; MoekitError saying how to download it when it is not cached)."""
+    snapshot (offline; MoekitError saying how to download it when it is not cached, or
+    with ``weights`` when the snapshot lacks a weight file: a config.json alone is all
+    ``moekit plan`` needs, and ``hf download`` leaves a file out until it is complete)."""
     repo = repo_id(value)
     if repo is None:
         return as_path(value, role)
-    return _snapshot(repo, local_files_only=True, patterns=[INDEX_NAME, CONFIG_NAME])
+    folder = _snapshot(repo, local_files_only=True, patterns=[INDEX_NAME, CONFIG_NAME])
+    lacking = _lacking_weights(folder) if weights else None
+    if lacking is not None:
+        raise MoekitError(_not_cached(repo, True, lacking))
+    return folder
+
+
+def _lacking_weights(folder: Path) -> str | None:
+    """The first weight file a cached snapshot lacks (its index's files, else
+    ``model.safetensors``; a link to a blob that is gone counts as lacking), or None."""
+    names = index_files(folder) if (folder / INDEX_NAME).exists() else [SINGLE_NAME]
+    return next((name for name in names if not (folder / name).exists()), None)
 
 
 def download(value: str, weights: bool = True) -> Path:
@@ -117,7 +130,7 @@ def _snapshot(repo: RepoId, local_files_only: bool, patterns: list[str]) -> Path
                                       local_files_only=local_files_only,
                                       allow_patterns=patterns))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
-        raise MoekitError(_not_cached(repo, local_files_only, constants)) from err
+        raise MoekitError(_not_cached(repo, local_files_only)) from err
     except HFValidationError as err:
         raise MoekitError(f"{printable(str(repo))} is no local path, nor a Hugging Face repo "
                           f"id with a revision the Hub accepts: {err}") from None
@@ -126,11 +139,15 @@ def _snapshot(repo: RepoId, local_files_only: bool, patterns: list[str]) -> Path
                           f"{printable(str(err).splitlines()[0])}") from err
 
 
-def _not_cached(repo: RepoId, local_files_only: bool, constants) -> str:
-    """Why a repo id could not be read, and what to do."""
+def _not_cached(repo: RepoId, local_files_only: bool, lacking: str | None = None) -> str:
+    """Why a repo id could not be read (its snapshot ``lacking`` a file), and what to do."""
+    from huggingface_hub import constants
+
     shown = printable(str(repo))
     where = (f"{shown} is not a local path, and the Hugging Face repository {shown} is not "
              f"(or not completely) in the local cache {printable(constants.HF_HUB_CACHE)}")
+    if lacking is not None:
+        where += f": its snapshot lacks {printable(lacking)}"
     if constants.HF_HUB_OFFLINE:
         return (f"{where}; HF_HUB_OFFLINE is set, so nothing is downloaded: unset it and "
                 f"{repo.how_to_download()}")

@@ -127,6 +127,35 @@ def test_a_repo_id_not_cached_is_one_message_saying_how_to_download_it(cache, ca
     assert not os.path.exists("out")
 
 
+
+def test_a_repo_id_cached_in_part_says_how_to_download_the_rest(cache, family_checkpoints,
+                                                               tmp_path, capsys):
+    """A snapshot holding config.json alone (``plan --download``), or an index whose shard
+    is missing or links to a blob that is gone, is the repository not yet cached, not a
+    broken checkpoint to re-save."""
+    snapshot = hub_cache(cache, family_checkpoints["qwen3_moe"])
+    shard = snapshot / "model-00002-of-00005.safetensors"
+    blob = shard.resolve()
+    for damage, lacking in ((lambda: blob.rename(blob.with_suffix(".incomplete")),
+                             "model-00002-of-00005.safetensors"),
+                            (shard.unlink, "model-00002-of-00005.safetensors")):
+        damage()
+        for command in (["inspect", REPO], ["convert", REPO, str(tmp_path / "out"), "--to",
+                                            "nemo"], ["verify", REPO, REPO]):
+            assert main(command) == 2, command
+            err = capsys.readouterr().err
+            assert f"repository {REPO} is not (or not completely) in the local cache" in err
+            assert f"its snapshot lacks {lacking}" in err and "pass --download" in err
+            assert err.count("\n") == 1
+    (tmp_path / "config-only").mkdir()
+    config = family_checkpoints["olmoe"] / "config.json"
+    (tmp_path / "config-only" / "config.json").write_bytes(config.read_bytes())
+    hub_cache(cache, tmp_path / "config-only", repo="tiny-org/config-only")
+    assert main(["inspect", "tiny-org/config-only"]) == 2
+    assert "its snapshot lacks model.safetensors" in capsys.readouterr().err
+    assert main(["plan", "tiny-org/config-only", "--ep", "2"]) == 0
+
+
 def test_hf_hub_offline_forbids_download(cache, family_checkpoints, monkeypatch, capsys):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert main(["inspect", REPO, "--download"]) == 2

@@ -71,7 +71,7 @@ def ep_report(path: str | Path, ep_size: int, layout: str | None = None,
     if dp_size * ep_size > MAX_RANKS:
         raise MoekitError(f"a mesh of {dp_size} x {ep_size} = {dp_size * ep_size:,} ranks; "
                           f"moekit plans for at most {MAX_RANKS:,} ranks")
-    analysis = _analysis(local_path(path))
+    analysis = _analysis(local_path(path, weights=False))
     plan = build_plan(analysis, grouped_layout(layout or default_layout(analysis)),
                       experts=range(1))
     n_experts = analysis.n_experts
