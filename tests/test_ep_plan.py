@@ -65,3 +65,12 @@ def test_the_largest_mesh_reported_is_tabulated_in_seconds(capsys):
     assert time.perf_counter() - start < 15
     ranks = json.loads(capsys.readouterr().out)
     assert len(ranks) == MAX_RANKS and ranks[-1]["rank"] == MAX_RANKS - 1
+
+
+def test_a_json_file_that_is_no_model_config_is_named_as_such(family_checkpoints, capsys):
+    """The safetensors index (or any JSON without a model_type) is no config.json: said so,
+    rather than handed to transformers to fail on."""
+    index = family_checkpoints["qwen3_moe"] / "model.safetensors.index.json"
+    assert main(["plan", str(index), "--ep", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{index} has no model_type" in err and "transformers" not in err

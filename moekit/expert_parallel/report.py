@@ -149,6 +149,9 @@ def _analysis(path: Path) -> Analysis:
     source = str(folder / name)
     if not isinstance(config, dict):
         raise MoekitError(f"{source} holds a JSON {type(config).__name__}, not an object")
+    if not isinstance(config.get("model_type"), str):
+        raise MoekitError(f"{source} has no model_type: moekit plans from a model's "
+                          "config.json or from its checkpoint")
     _check_buildable(config, source)
     headers = config_headers(config, source, routed=1)
     if headers is not None:
