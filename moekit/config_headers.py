@@ -129,20 +129,20 @@ def _mlp(name: str, intermediate: int, hidden: int) -> list[Entry]:
             + _linear(f"{name}.down_proj", hidden, intermediate))
 
 
-def _no_shared(c: _Sizes) -> list[Entry]:
+def _no_shared(c: _Sizes, name: str) -> list[Entry]:
     return []
 
 
-def _qwen2_shared(c: _Sizes) -> list[Entry]:
-    """Qwen2-MoE's shared expert and its sigmoid gate (a [1, H] router, kept unquantised)."""
-    return (_mlp("shared_expert", c("shared_expert_intermediate_size"), c("hidden_size"))
-            + [("shared_expert_gate.weight", (1, c("hidden_size")), PLAIN)])
+def _qwen2_shared(c: _Sizes, name: str) -> list[Entry]:
+    """Qwen2-MoE's shared expert ``name`` and its sigmoid gate ``{name}_gate`` (a [1, H]
+    router, kept unquantised)."""
+    return (_mlp(name, c("shared_expert_intermediate_size"), c("hidden_size"))
+            + [(f"{name}_gate.weight", (1, c("hidden_size")), PLAIN)])
 
 
-def _deepseek_shared(c: _Sizes) -> list[Entry]:
-    """DeepSeek-V3's ``n_shared_experts`` shared experts, fused into one MLP."""
-    return _mlp("shared_experts", c("moe_intermediate_size") * c("n_shared_experts"),
-                c("hidden_size"))
+def _deepseek_shared(c: _Sizes, name: str) -> list[Entry]:
+    """DeepSeek-V3's ``n_shared_experts`` shared experts, fused into one MLP ``name``."""
+    return _mlp(name, c("moe_intermediate_size") * c("n_shared_experts"), c("hidden_size"))
 
 
 def _deepseek_mtp(c: _Sizes) -> list[Entry]:
@@ -161,11 +161,12 @@ class Decoder:
     """The non-expert tensors of one family's decoder layers."""
 
     attention: Callable[[_Sizes], list[Entry]]
-    shared: Callable[[_Sizes], list[Entry]] = _no_shared
+    shared: Callable[[_Sizes, str], list[Entry]] = _no_shared
+    """The shared experts, given the module name the family table states for them."""
     dense_mlp: str = "mlp"
     """Module name of a dense layer's MLP."""
     score_bias: bool = False
-    """The router has an F32 ``e_score_correction_bias`` [E] (DeepSeek-V3)."""
+    """The router module has an F32 ``e_score_correction_bias`` [E] (DeepSeek-V3)."""
     mtp: Callable[[_Sizes], list[Entry]] | None = None
     """The extra tensors of a multi-token-prediction layer (``num_nextn_predict_layers``
     of them after the decoder stack), for a family that has them."""
@@ -201,7 +202,8 @@ def config_headers(config: dict, source: str, routed: int | None = None
         return None
     family, decoder = family_of_model_type(model_type), DECODERS[model_type]
     if (family is None or family.moe_layers is None
-            or not family.block.startswith(LAYER_PREFIX)):
+            or not family.block.startswith(LAYER_PREFIX)
+            or (decoder.shared is not _no_shared and family.shared_expert is None)):
         return None
     values = ConfigValues(config, source)
     layers = family.moe_layers(values)
@@ -253,12 +255,14 @@ def _moe_block(c: _Sizes, family: Family, decoder: Decoder, experts: int,
     block = family.block[len(LAYER_PREFIX):]  # "mlp", "block_sparse_moe"
     out: list[Entry] = [(f"{block}.{family.router}", (experts, h), PLAIN)]
     if decoder.score_bias:
-        out.append((f"{block}.gate.e_score_correction_bias", (experts,), FLOAT32))
+        router = family.router.rsplit(".", 1)[0]  # "gate.weight" -> "gate"
+        out.append((f"{block}.{router}.e_score_correction_bias", (experts,), FLOAT32))
     shapes = {"gate": (inter, h), "up": (inter, h), "down": (h, inter)}
     for e in range(experts if routed is None else min(routed, experts)):
         out += [(f"{block}.experts.{e}.{family.piece_key(p)}", shapes[p], LINEAR)
                 for p in family.projections]
-    return out + [(f"{block}.{key}", shape, kind) for key, shape, kind in decoder.shared(c)]
+    shared = decoder.shared(c, family.shared_expert or "")
+    return out + [(f"{block}.{key}", shape, kind) for key, shape, kind in shared]
 
 
 def _expert_size_key(c: _Sizes) -> str:
