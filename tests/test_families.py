@@ -316,9 +316,9 @@ def _transformers_renamer(model_type: str):
     return renamed
 
 
-OWN_LAYOUT_TRANSFORMERS = {"gpt_oss", "llama4_text", "llama4"}
-"""Model types whose files hold the experts as their model does (transformers converts
-nothing); moekit's hf layout for them is a per-expert view of its own."""
+OWN_LAYOUT_TRANSFORMERS = {"gpt_oss"}
+"""Model types whose files hold the experts as their model does, read as the transformers
+layout, with a per-expert hf view of moekit's own (GPT-OSS's MXFP4 blocks and biases)."""
 
 
 def _key_renamed_by(rule) -> str:

@@ -1,6 +1,7 @@
 """Hub checkpoint -> every layout -> its own layout again is byte-identical for every
-family (HF per-expert for most; Llama 4 keeps its experts grouped on disk), and the results
-load in transformers with identical logits."""
+family (HF as save_pretrained writes it: per expert for most, grouped for Llama 4; GPT-OSS
+read as the transformers layout), and the results load in transformers with identical
+logits."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from .conftest import load_all, same_bytes
 
 FAMILIES = list(samples.MOE_FAMILIES)
 LAYOUTS = ["hf", "nemo", "transformers", "vllm"]
-OWN_LAYOUT = {"llama4_text": "transformers", "gpt_oss": "transformers"}
+OWN_LAYOUT = {"gpt_oss": "transformers"}
 """The layout a family's Hub checkpoints are in, where it is not HF per-expert."""
 NO_PLACE = {("gpt_oss", "nemo")}
 """(family, layout) pairs where the layout cannot hold the experts (biases): refused."""
@@ -74,16 +75,19 @@ def test_grouped_layouts_convert_into_each_other(family_checkpoints, tmp_path):
 
 
 def test_llama4_grouped_experts_match_the_documented_layout(family_checkpoints, tmp_path):
-    """Llama 4's own gate_up_proj is [E, H, 2I] = cat(gate.T, up.T), down_proj [E, I, H]."""
+    """Llama 4's own gate_up_proj is [E, H, 2I] = cat(gate.T, up.T), down_proj [E, I, H]:
+    the transposes of vLLM's w13_weight [E, 2I, H] = cat(w1, w3) and w2_weight [E, H, I]."""
     src = family_checkpoints["llama4_text"]
-    convert(src, tmp_path / "hf", to="hf")
-    grouped, hf = load_all(src), load_all(tmp_path / "hf")
+    assert inspect(src).layout == "hf"
+    convert(src, tmp_path / "vllm", to="vllm")
+    grouped, vllm = load_all(src), load_all(tmp_path / "vllm")
     block = "model.layers.1.feed_forward.experts"
     assert grouped[f"{block}.gate_up_proj"].shape == (6, 32, 48)
     for e in range(6):
-        gate, up, down = (hf[f"{block}.{e}.{p}_proj.weight"] for p in ("gate", "up", "down"))
-        assert torch.equal(grouped[f"{block}.gate_up_proj"][e], torch.cat([gate.T, up.T], -1))
-        assert torch.equal(grouped[f"{block}.down_proj"][e], down.T)
+        w13, w2 = (vllm[f"{block}.routed_experts.{name}"][e]
+                   for name in ("w13_weight", "w2_weight"))
+        assert torch.equal(grouped[f"{block}.gate_up_proj"][e], w13.T)
+        assert torch.equal(grouped[f"{block}.down_proj"][e], w2.T)
 
 
 def test_gpt_oss_interleaved_experts_and_biases_match_the_documented_layout(

@@ -221,8 +221,8 @@ FAMILIES: tuple[Family, ...] = (
            moe_layers=every_layer),
     # Llama 4 (text) keeps its experts grouped on disk, as its model does in memory:
     # feed_forward.experts.gate_up_proj [E,H,2I] (gate then up) and down_proj [E,I,H], i.e.
-    # the transformers layout in the [E, in, out] orientation. Its per-expert HF view is
-    # moekit's canonical form (feed_forward.experts.{e}.gate_proj.weight, ...).
+    # the transformers layout in the [E, in, out] orientation, which is its hf layout too
+    # (transformers 5.24 has no conversion that would load per-expert Llama 4 files).
     # Nemotron-H: non-gated ReLU² experts (up, down) in hybrid Mamba/attention/MoE stacks,
     # under backbone.layers.N.mixer on disk and model.layers.N.mixer in memory.
     Family("nemotron_h", ("nemotron_h",), "backbone.layers.{layer}.mixer",
@@ -246,15 +246,16 @@ FAMILIES: tuple[Family, ...] = (
            count_aliases=("num_experts",), moe_layers=every_layer),
     Family("llama4", ("llama4_text",), "model.layers.{layer}.feed_forward", _QWEN_PROJECTIONS,
            "num_local_experts", router="router.weight", shared_expert="shared_expert",
-           transposed={"transformers": True}, moe_layers=listed_or_interleaved),
+           transposed={"hf": True, "transformers": True}, grouped_on_disk=True,
+           moe_layers=listed_or_interleaved),
     # Multimodal checkpoints keep the text model's experts under a prefix, as transformers
     # 5.24's save_pretrained writes them: Llama 4 (model_type llama4) under
     # language_model.model., grouped as Llama 4 text; Qwen3-VL-MoE grouped and GLM-4.5V per
     # expert under model.language_model.
     Family("llama4_multimodal", ("llama4",), "language_model.model.layers.{layer}.feed_forward",
            _QWEN_PROJECTIONS, "num_local_experts", router="router.weight",
-           shared_expert="shared_expert", transposed={"transformers": True},
-           text_config=("text_config",), moe_layers=listed_or_interleaved),
+           shared_expert="shared_expert", transposed={"hf": True, "transformers": True},
+           grouped_on_disk=True, text_config=("text_config",), moe_layers=listed_or_interleaved),
     Family("qwen3_vl_moe", ("qwen3_vl_moe",), "model.language_model.layers.{layer}.mlp",
            _QWEN_PROJECTIONS, "num_experts", grouped_on_disk=True,
            text_config=("text_config",), moe_layers=sparse_step),
