@@ -102,9 +102,10 @@ def _lacking_weights(folder: Path) -> str | None:
 
 def download(value: str, weights: bool = True) -> Path:
     """The local folder of the Hub repo id ``value`` after fetching what moekit reads of
-    it (the weight files, index, config.json and sidecar files; nothing else of the
-    repository; only its config.json without ``weights``, which is all ``moekit plan``
-    needs) into the Hub cache; a local path is returned as it is."""
+    it into the Hub cache: the files its index names (without an index
+    ``model.safetensors``), the index, config.json and sidecar files, nothing else of
+    the repository; without ``weights`` only its config.json, which is all ``moekit
+    plan`` needs. A local path is returned as it is."""
     repo = repo_id(value)
     if repo is None:
         return as_path(value, "checkpoint")
@@ -112,7 +113,7 @@ def download(value: str, weights: bool = True) -> Path:
         return _snapshot(repo, local_files_only=False, patterns=[CONFIG_NAME])
     listed = [INDEX_NAME, *SIDECARS]
     folder = _snapshot(repo, local_files_only=False, patterns=listed)
-    files = index_files(folder) if (folder / INDEX_NAME).exists() else ["*.safetensors"]
+    files = index_files(folder) if (folder / INDEX_NAME).exists() else [SINGLE_NAME]
     return _snapshot(repo, local_files_only=False, patterns=[*listed, *files])
 
 

@@ -156,6 +156,40 @@ def test_a_repo_id_cached_in_part_says_how_to_download_the_rest(cache, family_ch
     assert main(["plan", "tiny-org/config-only", "--ep", "2"]) == 0
 
 
+
+@pytest.mark.parametrize("sharded", [True, False])
+def test_download_fetches_only_the_weight_files_moekit_reads(cache, family_checkpoints,
+                                                             tmp_path, monkeypatch, sharded):
+    """What --download asks the Hub for: the index's files, or without an index the one
+    file moekit reads then (``model.safetensors``), never every ``*.safetensors`` of the
+    repository (consolidated copies, subfolders)."""
+    import fnmatch
+
+    from moekit import hub
+
+    local = family_checkpoints["qwen3_moe"]
+    repo_files = ["config.json", "consolidated.safetensors", "original/model.safetensors",
+                  "model.safetensors" if not sharded else "model.safetensors.index.json",
+                  *(p.name for p in local.glob("*.safetensors") if sharded)]
+    fetched: list[str] = []
+
+    def snapshot_download(repo, revision, local_files_only, allow_patterns):
+        wanted = [f for f in repo_files if any(fnmatch.fnmatch(f, p) for p in allow_patterns)]
+        fetched.extend(f for f in wanted if f not in fetched)
+        folder = tmp_path / "snapshot"
+        folder.mkdir(exist_ok=True)
+        for name in wanted:
+            if (local / name).exists():
+                shutil.copyfile(local / name, folder / name)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    hub.download(REPO)
+    assert "consolidated.safetensors" not in fetched
+    assert "original/model.safetensors" not in fetched
+    assert ("model.safetensors" in fetched) is not sharded
+
+
 def test_hf_hub_offline_forbids_download(cache, family_checkpoints, monkeypatch, capsys):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert main(["inspect", REPO, "--download"]) == 2
