@@ -19,7 +19,6 @@ import json
 import math
 import os
 import platform
-import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +27,8 @@ from common import run_measured, write_figures
 
 from moekit.checkpoint import INDEX_NAME
 from moekit.config_headers import config_headers
-from moekit.dtypes import ITEMSIZES
+from moekit.plan import nbytes
+from moekit.safetensors_writer import header_bytes
 
 CONFIG = Path(__file__).parent.parent / "tests" / "data" / "deepseek_v3_671b_config.json"
 SHARDS = 163
@@ -53,19 +53,15 @@ def write_replica(folder: Path, config_file: Path = CONFIG, shards: int = SHARDS
     weight_map, total = {}, 0
     for s in range(shards):
         name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for key, meta in tensors[s * per_shard:(s + 1) * per_shard]:
-            size = math.prod(meta.shape) * ITEMSIZES[meta.dtype]
-            header[key] = {"dtype": meta.dtype, "shape": list(meta.shape),
-                           "data_offsets": [offset, offset + size]}
-            weight_map[key] = name
-            offset += size
-        encoded = json.dumps(header).encode()
-        encoded += b" " * (-len(encoded) % 8)
+        entries = [(key, meta.dtype, meta.shape)
+                   for key, meta in tensors[s * per_shard:(s + 1) * per_shard]]
+        header = header_bytes(entries, {"format": "pt"})
+        size = sum(nbytes(shape, dtype) for _, dtype, shape in entries)
         with open(folder / name, "wb") as handle:
-            handle.write(struct.pack("<Q", len(encoded)) + encoded)
-            handle.truncate(8 + len(encoded) + offset)
-        total += offset
+            handle.write(header)
+            handle.truncate(len(header) + size)
+        weight_map.update(dict.fromkeys((key for key, _, _ in entries), name))
+        total += size
     (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
                                                  "weight_map": weight_map}))
     (folder / "config.json").write_text(json.dumps(config))
