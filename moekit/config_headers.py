@@ -170,13 +170,16 @@ class Decoder:
     mtp: Callable[[_Sizes], list[Entry]] | None = None
     """The extra tensors of a multi-token-prediction layer (``num_nextn_predict_layers``
     of them after the decoder stack), for a family that has them."""
+    expert_size: str = "moe_intermediate_size"
+    """The config key of a routed expert's intermediate size (``intermediate_size`` where
+    the family has no dense MLP of another size: Mixtral, OLMoE)."""
 
 
 DECODERS: dict[str, Decoder] = {
     "qwen2_moe": Decoder(_attention("qkv_bias", True, o_bias=False), _qwen2_shared),
     "qwen3_moe": Decoder(_attention(qk_norm="head")),
-    "olmoe": Decoder(_attention(qk_norm="all")),
-    "mixtral": Decoder(_attention(bias_key="")),
+    "olmoe": Decoder(_attention(qk_norm="all"), expert_size="intermediate_size"),
+    "mixtral": Decoder(_attention(bias_key=""), expert_size="intermediate_size"),
     "deepseek_v3": Decoder(_mla, _deepseek_shared, score_bias=True, mtp=_deepseek_mtp),
 }
 """model_type -> its decoder layers (transformers 5.24's modules)."""
@@ -194,7 +197,8 @@ def config_headers(config: dict, source: str, routed: int | None = None
                    ) -> dict[str, Header] | None:
     """Every tensor a Hugging Face checkpoint of ``config`` holds (names as on the Hub),
     or None when ``DECODERS`` does not describe its model type or the config leaves a size
-    to transformers' defaults. ``routed`` lists only the first ``routed`` routed experts
+    to transformers' defaults (MoekitError naming it for an FP8 config, which transformers'
+    defaults cannot describe). ``routed`` lists only the first ``routed`` routed experts
     of each layer (all their siblings have their shapes): what planning needs to size
     every expert, without describing tens of thousands of them."""
     model_type = config.get("model_type")
@@ -209,11 +213,16 @@ def config_headers(config: dict, source: str, routed: int | None = None
     layers = family.moe_layers(values)
     if layers is None:
         return None
+    dtypes = _weight_dtypes(values)
     try:
-        return _headers(_Sizes(values), family, decoder, layers, _weight_dtypes(values),
-                        routed)
-    except _Unstated:
-        return None
+        return _headers(_Sizes(values), family, decoder, layers, dtypes, routed)
+    except _Unstated as unstated:
+        if dtypes.fp8 is None:
+            return None
+        raise MoekitError(f"{source}: {unstated} is not stated; moekit describes an FP8 "
+                          "checkpoint from a config.json alone only from the sizes it states "
+                          "(transformers' defaults know nothing of its quantised tensors): "
+                          "plan from the checkpoint's files instead") from None
 
 
 def _headers(c: _Sizes, family: Family, decoder: Decoder, layers: MoeLayers,
@@ -251,7 +260,7 @@ def _moe_block(c: _Sizes, family: Family, decoder: Decoder, experts: int,
                routed: int | None) -> list[Entry]:
     """The MoE block of a layer, relative to the layer: router, routed experts (keys from
     the family; the first ``routed`` of them when given), shared experts."""
-    h, inter = c("hidden_size"), c(_expert_size_key(c))
+    h, inter = c("hidden_size"), c(decoder.expert_size)
     block = family.block[len(LAYER_PREFIX):]  # "mlp", "block_sparse_moe"
     out: list[Entry] = [(f"{block}.{family.router}", (experts, h), PLAIN)]
     if decoder.score_bias:
@@ -263,12 +272,6 @@ def _moe_block(c: _Sizes, family: Family, decoder: Decoder, experts: int,
                 for p in family.projections]
     shared = decoder.shared(c, family.shared_expert or "")
     return out + [(f"{block}.{key}", shape, kind) for key, shape, kind in shared]
-
-
-def _expert_size_key(c: _Sizes) -> str:
-    """The config key of the routed experts' intermediate size: ``moe_intermediate_size``
-    where the family has one, else ``intermediate_size`` (Mixtral, OLMoE)."""
-    return "moe_intermediate_size" if "moe_intermediate_size" in c.values else "intermediate_size"
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,28 @@ def test_fp8_a_config_alone_cannot_describe_is_refused(tmp_path, capsys):
         assert named in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+
+def test_an_fp8_config_leaving_a_size_unstated_names_it(tmp_path, capsys):
+    """transformers' defaults cannot stand in for an FP8 checkpoint's sizes (it does not
+    describe the quantised tensors): the missing key is named, not the model type."""
+    config = json.loads(DEEPSEEK_V3.read_text())
+    del config["moe_intermediate_size"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["plan", str(tmp_path / "config.json"), "--ep", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "moe_intermediate_size is not stated" in err and "not those of" not in err
+
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "deepseek_v3"])
+def test_experts_are_never_sized_by_the_dense_intermediate_size(family, family_checkpoints):
+    """A config without ``moe_intermediate_size`` leaves the experts' size to
+    transformers' default, which is not ``intermediate_size`` (the dense MLPs')."""
+    config = json.loads((family_checkpoints[family] / "config.json").read_text())
+    del config["moe_intermediate_size"]
+    assert config_headers(config, "config.json") is None
+
+
 def test_planning_from_a_config_imports_no_torch():
     probe = ("import sys; from moekit.cli import main; "
              "main(['plan', sys.argv[1], '--ep', '64', '--json']); "
