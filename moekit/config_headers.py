@@ -42,8 +42,8 @@ class _Sizes:
 
     values: ConfigValues
 
-    def __call__(self, key: str) -> int:
-        size = self.values.integer(key)
+    def __call__(self, key: str, minimum: int = 0) -> int:
+        size = self.values.integer(key, minimum=minimum)
         if size is None:
             raise _Unstated(key)
         return size
@@ -60,7 +60,7 @@ class _Sizes:
         """``head_dim``, or hidden size / heads where it is absent or null (transformers)."""
         if self.values.config.get("head_dim") is not None:
             return self("head_dim")
-        return self("hidden_size") // self("num_attention_heads")
+        return self("hidden_size") // self("num_attention_heads", minimum=1)
 
 
 LINEAR, PLAIN, FLOAT32 = "linear", "plain", "float32"
@@ -88,7 +88,7 @@ def _attention(bias_key: str = "attention_bias", bias_default: bool = False,
     (``qk_norm="head"``, Qwen3) or over all heads (``"all"``, OLMoE)."""
 
     def entries(c: _Sizes) -> list[Entry]:
-        h, heads, kv, d = (c("hidden_size"), c("num_attention_heads"),
+        h, heads, kv, d = (c("hidden_size"), c("num_attention_heads", minimum=1),
                            c("num_key_value_heads"), c.head_dim)
         bias = c.flag(bias_key, bias_default) if bias_key else False
         out = (_linear("self_attn.q_proj", heads * d, h, bias)

@@ -226,6 +226,18 @@ def test_experts_are_never_sized_by_the_dense_intermediate_size(family, family_c
     assert config_headers(config, "config.json") is None
 
 
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
+def test_a_config_with_no_attention_heads_is_refused(family, family_checkpoints, tmp_path,
+                                                    capsys):
+    config = json.loads((family_checkpoints[family] / "config.json").read_text())
+    config["num_attention_heads"] = 0
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["plan", str(tmp_path / "config.json"), "--ep", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "num_attention_heads is 0; expected a whole number of at least 1" in err
+
+
 def test_planning_from_a_config_imports_no_torch():
     probe = ("import sys; from moekit.cli import main; "
              "main(['plan', sys.argv[1], '--ep', '64', '--json']); "
