@@ -25,8 +25,22 @@ from ..plan import Plan
 from ..planner import Analysis, build_plan, validate
 
 
-PLACEMENTS = ("chunk", "vllm")
-"""How experts are placed on expert-parallel ranks (see the module docstring)."""
+def _chunk(n_experts: int, ep_size: int, ep_rank: int) -> range:
+    """``torch.chunk``'s rule: ``ceil(E / n)`` experts a rank, the last ranks fewer or none."""
+    per_rank = math.ceil(n_experts / ep_size)
+    return range(min(ep_rank * per_rank, n_experts), min((ep_rank + 1) * per_rank, n_experts))
+
+
+def _vllm(n_experts: int, ep_size: int, ep_rank: int) -> range:
+    """vLLM's linear expert map: the first ``E mod n`` ranks get one expert more."""
+    base, extra = divmod(n_experts, ep_size)
+    start = ep_rank * base + min(ep_rank, extra)
+    return range(start, start + base + (ep_rank < extra))
+
+
+PLACEMENTS: dict[str, Callable[[int, int, int], range]] = {"chunk": _chunk, "vllm": _vllm}
+"""How experts are placed on expert-parallel ranks (see the module docstring): name ->
+the experts of (E, n, rank)."""
 
 
 def expert_range(n_experts: int, ep_size: int, ep_rank: int, placement: str = "chunk") -> range:
@@ -36,7 +50,7 @@ def expert_range(n_experts: int, ep_size: int, ep_rank: int, placement: str = "c
     for name, value in (("n_experts", n_experts), ("ep_size", ep_size), ("ep_rank", ep_rank)):
         if type(value) is not int:
             raise MoekitError(f"{name} is {value!r}; expected a whole number")
-    if placement not in PLACEMENTS:
+    if not isinstance(placement, str) or placement not in PLACEMENTS:
         raise MoekitError(f"unknown expert placement {placement!r}; known placements: "
                           f"{', '.join(PLACEMENTS)}")
     if not 0 < ep_size <= n_experts:
@@ -45,12 +59,7 @@ def expert_range(n_experts: int, ep_size: int, ep_rank: int, placement: str = "c
                           "expert (1 <= ep_size <= n_experts)")
     if not 0 <= ep_rank < ep_size:
         raise MoekitError(f"rank {ep_rank} is not in an EP group of {ep_size}")
-    if placement == "vllm":
-        base, extra = divmod(n_experts, ep_size)
-        start = ep_rank * base + min(ep_rank, extra)
-        return range(start, start + base + (ep_rank < extra))
-    per_rank = math.ceil(n_experts / ep_size)
-    return range(min(ep_rank * per_rank, n_experts), min((ep_rank + 1) * per_rank, n_experts))
+    return PLACEMENTS[placement](n_experts, ep_size, ep_rank)
 
 
 def rank_plan(analysis: Analysis, size: int, rank: int, layout: str,
