@@ -74,3 +74,12 @@ def test_a_json_file_that_is_no_model_config_is_named_as_such(family_checkpoints
     assert main(["plan", str(index), "--ep", "2"]) == 2
     err = capsys.readouterr().err
     assert f"{index} has no model_type" in err and "transformers" not in err
+
+
+def test_a_layout_that_cannot_hold_the_experts_names_the_plan_options_that_can(capsys):
+    """plan has no --dequantize: a refusal of nemo for FP8 experts names the layouts plan
+    takes that hold them, not convert's options."""
+    assert main(["plan", str(DEEPSEEK_V3), "--ep", "8", "--layout", "nemo"]) == 2
+    err = capsys.readouterr().err
+    assert "--dequantize" not in err and "gate_scale" in err
+    assert "plan --layout transformers or --layout vllm" in err

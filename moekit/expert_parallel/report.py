@@ -11,8 +11,8 @@ from ..config_headers import DECODERS, config_headers
 from ..errors import MoekitError, printable
 from ..gc_pauses import without_gc_pauses
 from ..hub import local_path
-from ..layouts import family_of_model_type
-from ..layouts.families import MX_BLOCKS, SCALE
+from ..layouts import LAYOUTS, Layout, family_of_model_type
+from ..layouts.families import MX_BLOCKS, MX_SCALES, SCALE
 from ..model_config import MAX_BUILT_LAYERS, ConfigValues
 from ..planner import (Analysis, build_plan, config_settings, understand, understand_checkpoint,
                        validate)
@@ -72,8 +72,7 @@ def ep_report(path: str | Path, ep_size: int, layout: str | None = None,
         raise MoekitError(f"a mesh of {dp_size} x {ep_size} = {dp_size * ep_size:,} ranks; "
                           f"moekit plans for at most {MAX_RANKS:,} ranks")
     analysis = _analysis(local_path(path, weights=False))
-    plan = build_plan(analysis, grouped_layout(layout or default_layout(analysis)),
-                      experts=range(1))
+    plan = build_plan(analysis, _destination(analysis, layout), experts=range(1))
     n_experts = analysis.n_experts
     per_expert = [t.nbytes for t in plan.tensors if t.name in plan.expert_tensors]
     others = Counter((t.shape[0] if t.shape else None, t.nbytes) for t in plan.tensors
@@ -101,6 +100,26 @@ def default_layout(analysis: Analysis) -> str:
     first = next(iter(analysis.blocks.values()), None)
     pieces = first.projections if first is not None else []
     return "transformers" if any(p.endswith((SCALE, MX_BLOCKS)) for p in pieces) else "nemo"
+
+
+def _destination(analysis: Analysis, layout: str | None) -> Layout:
+    """The grouped layout the ranks load (``layout``, else ``default_layout``'s), refused
+    when it has no place for some of the experts' pieces (FP8 scales in nemo) with the
+    layouts plan takes that do: plan has no ``--dequantize`` to offer, as convert has."""
+    dst = grouped_layout(layout or default_layout(analysis))
+    family = analysis.family
+    present = {piece for block in analysis.blocks.values() for piece, _ in block.pieces}
+    lost = sorted(p for p in present if not dst.holds(p, family))
+    if not lost:
+        return dst
+    can = [name for name, found in LAYOUTS.items()
+           if found.grouped and all(found.holds(p, family) for p in lost)]
+    quantized = any(p.endswith((SCALE, MX_BLOCKS, MX_SCALES)) for p in lost)
+    why = f" ({dst.quantized_note})" if quantized and dst.quantized_note else ""
+    then = (f"plan {' or '.join(f'--layout {name}' for name in can)}" if can
+            else "no grouped layout holds them")
+    raise MoekitError(f"the {dst.name} layout cannot hold the {family.name} experts' "
+                      f"{', '.join(lost)}{why}: {then}")
 
 
 def _row_share(rows: int | None, nbytes: int, size: int, rank: int) -> int:
