@@ -240,7 +240,8 @@ def _add_plan(commands) -> None:
     sub.add_argument("path", help="checkpoint folder, a config.json (no weights needed), "
                      f"{HUB_ID}")
     sub.add_argument("--ep", type=int, required=True, help="expert-parallel group size")
-    sub.add_argument("--layout", choices=[l for l in LAYOUTS if l != "hf"],
+    sub.add_argument("--layout", choices=[name for name, layout in LAYOUTS.items()
+                                          if layout.grouped],
                      help="grouped layout the ranks load (default nemo; transformers for "
                      "experts with FP8 scales or in MXFP4, which NeMo dequantises)")
     sub.add_argument("--dp", type=int, default=1,
