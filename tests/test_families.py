@@ -316,11 +316,6 @@ def _transformers_renamer(model_type: str):
     return renamed
 
 
-OWN_LAYOUT_TRANSFORMERS = {"gpt_oss"}
-"""Model types whose files hold the experts as their model does, read as the transformers
-layout, with a per-expert hf view of moekit's own (GPT-OSS's MXFP4 blocks and biases)."""
-
-
 def _key_renamed_by(rule) -> str:
     """A layer-1 key that ``rule`` renames (``.post_ffn_norm.`` ->
     ``model.layers.1.post_ffn_norm.weight``)."""
@@ -359,8 +354,6 @@ def test_family_table_agrees_with_transformers_conversion_mapping(family, model_
         keys.append(f"{block}.{family.shared_expert}.{family.projections['up']}.weight")
     for key in keys:
         assert renamed(key)[0] == TRANSFORMERS.from_hf_key(key, family), key
-    if model_type in OWN_LAYOUT_TRANSFORMERS:
-        return
     for spec in TRANSFORMERS.specs(family):
         if spec.piece_dims != 2 or not set(spec.projections) <= set(family.projections):
             continue

@@ -1,7 +1,6 @@
 """Hub checkpoint -> every layout -> its own layout again is byte-identical for every
-family (HF as save_pretrained writes it: per expert for most, grouped for Llama 4; GPT-OSS
-read as the transformers layout), and the results load in transformers with identical
-logits."""
+family (HF as save_pretrained writes it: per expert for most, grouped for Llama 4 and
+GPT-OSS), and the results load in transformers with identical logits."""
 
 from __future__ import annotations
 
@@ -18,12 +17,7 @@ from .conftest import load_all, same_bytes
 
 FAMILIES = list(samples.MOE_FAMILIES)
 LAYOUTS = ["hf", "nemo", "transformers", "vllm"]
-OWN_LAYOUT = {"gpt_oss": "transformers"}
-"""The layout a family's Hub checkpoints are in, where it is not HF per-expert."""
-NO_PLACE = {("gpt_oss", "nemo")}
-"""(family, layout) pairs where the layout cannot hold the experts (biases): refused."""
-CASES = [(family, layout) for family in FAMILIES for layout in LAYOUTS
-         if layout != OWN_LAYOUT.get(family, "hf") and (family, layout) not in NO_PLACE]
+CASES = [(family, layout) for family in FAMILIES for layout in LAYOUTS if layout != "hf"]
 
 
 @pytest.mark.parametrize("family,layout", CASES)
@@ -31,7 +25,7 @@ def test_round_trip_is_byte_identical_and_loads(family, layout, family_checkpoin
     src = family_checkpoints[family]
     assert len(list(src.glob("*.safetensors"))) > 1, "the sample must span several shards"
     own = inspect(src).layout
-    assert own == OWN_LAYOUT.get(family, "hf")
+    assert own == "hf"
     converted, back = tmp_path / layout, tmp_path / "back"
     convert(src, converted, to=layout, max_shard_size="40KB")
     convert(converted, back, to=own, max_shard_size="40KB")
@@ -92,25 +86,25 @@ def test_llama4_grouped_experts_match_the_documented_layout(family_checkpoints, 
 
 def test_gpt_oss_interleaved_experts_and_biases_match_the_documented_layout(
         family_checkpoints, tmp_path):
-    """GPT-OSS: gate_up_proj [E,H,2I] with gate at [..., 0::2] and up at [..., 1::2], the
-    biases interleaved the same way; vllm keeps them interleaved (w13_weight, w13_bias)."""
+    """GPT-OSS's files hold gate_up_proj [E,H,2I] (gate at [..., 0::2], up at [..., 1::2]),
+    gate_up_proj_bias [E,2I] interleaved the same way, down_proj [E,I,H] and down_proj_bias
+    [E,H]: moekit reads them as its hf layout, and vllm keeps gate and up interleaved
+    (w13_weight [E,2I,H] is gate_up_proj transposed, w13_bias is gate_up_proj_bias)."""
     src = family_checkpoints["gpt_oss"]
-    convert(src, tmp_path / "hf", to="hf")
+    assert inspect(src).layout == "hf"
     convert(src, tmp_path / "vllm", to="vllm")
-    grouped, hf, vllm = load_all(src), load_all(tmp_path / "hf"), load_all(tmp_path / "vllm")
+    grouped, vllm = load_all(src), load_all(tmp_path / "vllm")
     block = "model.layers.1.mlp.experts"
+    assert grouped[f"{block}.gate_up_proj"].shape == (6, 32, 48)
     for e in range(6):
-        def piece(name):
-            return hf[f"{block}.{e}.{name}"]
-        assert torch.equal(grouped[f"{block}.gate_up_proj"][e][:, 0::2], piece("gate_proj.weight").T)
-        assert torch.equal(grouped[f"{block}.gate_up_proj"][e][:, 1::2], piece("up_proj.weight").T)
-        assert torch.equal(grouped[f"{block}.gate_up_proj_bias"][e][0::2], piece("gate_proj.bias"))
-        assert torch.equal(grouped[f"{block}.down_proj_bias"][e], piece("down_proj.bias"))
-        assert torch.equal(vllm[f"{block}.routed_experts.w13_bias"][e][0::2],
-                           piece("gate_proj.bias"))
-        assert torch.equal(vllm[f"{block}.routed_experts.w13_weight"][e][1::2],
-                           piece("up_proj.weight"))
-        assert torch.equal(vllm[f"{block}.routed_experts.w2_weight"][e], piece("down_proj.weight"))
+        assert torch.equal(vllm[f"{block}.routed_experts.w13_weight"][e],
+                           grouped[f"{block}.gate_up_proj"][e].T)
+        assert torch.equal(vllm[f"{block}.routed_experts.w13_bias"][e],
+                           grouped[f"{block}.gate_up_proj_bias"][e])
+        assert torch.equal(vllm[f"{block}.routed_experts.w2_weight"][e],
+                           grouped[f"{block}.down_proj"][e].T)
+        assert torch.equal(vllm[f"{block}.routed_experts.w2_bias"][e],
+                           grouped[f"{block}.down_proj_bias"][e])
     assert inspect(src).expert_pieces == ["gate", "up", "down", "gate_bias", "up_bias",
                                           "down_bias"]
 

@@ -231,17 +231,20 @@ FAMILIES: tuple[Family, ...] = (
            renames={"transformers": (Rename("backbone.", "model.", at_start=True),),
                     "nemo": _NEMOTRON_H_NEMO},
            count_aliases=("num_local_experts",), moe_layers=block_types),
-    # GPT-OSS keeps its experts grouped on disk as its model does in memory: gate_up_proj
+    # GPT-OSS keeps its experts grouped on disk as its model does in memory (transformers
+    # 5.24 has no conversion that would load per-expert GPT-OSS files): gate_up_proj
     # [E,H,2I] with gate and up interleaved, biases gate_up_proj_bias [E,2I] (same
-    # interleave) and down_proj_bias [E,H]: the transformers layout, transposed and
-    # interleaved. Its per-expert HF view adds experts.{e}.{gate,up,down}_proj.bias.
+    # interleave) and down_proj_bias [E,H], down_proj [E,I,H]; the Hub's MXFP4 files hold
+    # gate_up_proj_blocks [E,2I,H/32,16] and gate_up_proj_scales [E,2I,H/32] instead. Its
+    # hf layout is the transformers layout, transposed and interleaved.
     # NeMo AutoModel 0.7 (GPTOSSStateDictAdapter) keeps gate_up_proj as it is (interleaved,
     # read by its quick-GeGLU activation) as gate_and_up_projs and names the router
     # mlp.gate; vLLM 0.33 keeps w13_weight and w13_bias interleaved (its swigluoai
     # activation reads the gate from the even rows).
     Family("gpt_oss", ("gpt_oss",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_local_experts",
-           router="router.weight", transposed={"transformers": True},
-           interleaved={"transformers": True, "nemo": True, "vllm": True}, biases=True,
+           router="router.weight", transposed={"hf": True, "transformers": True},
+           interleaved={"hf": True, "transformers": True, "nemo": True, "vllm": True},
+           biases=True, grouped_on_disk=True,
            renames={"nemo": (Rename(".mlp.router.", ".mlp.gate."),)},
            count_aliases=("num_experts",), moe_layers=every_layer),
     Family("llama4", ("llama4_text",), "model.layers.{layer}.feed_forward", _QWEN_PROJECTIONS,

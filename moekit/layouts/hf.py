@@ -1,7 +1,7 @@
 """The Hugging Face layout: what ``save_pretrained`` writes. For most families one ``[out,
 in]`` tensor per expert and projection; for families whose Hub files keep the experts
-grouped (``Family.grouped_on_disk``: GraniteMoE, JetMoE, Aria, Qwen3-VL-MoE, ...), those
-grouped tensors."""
+grouped (``Family.grouped_on_disk``: GraniteMoE, JetMoE, Aria, Llama 4, GPT-OSS,
+Qwen3-VL-MoE, ...), those grouped tensors."""
 
 from __future__ import annotations
 
