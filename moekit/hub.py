@@ -94,9 +94,14 @@ def local_path(value: object, role: str = "checkpoint", weights: bool = True) ->
 
 
 def _lacking_weights(folder: Path) -> str | None:
-    """The first weight file a cached snapshot lacks (its index's files, else
-    ``model.safetensors``; a link to a blob that is gone counts as lacking), or None."""
-    names = index_files(folder) if (folder / INDEX_NAME).exists() else [SINGLE_NAME]
+    """The first weight file a cached snapshot lacks (its index, then the index's files;
+    without an index ``model.safetensors``; a link to a blob that is gone counts as
+    lacking), or None."""
+    index = folder / INDEX_NAME
+    if not os.path.lexists(index):
+        names = [SINGLE_NAME]
+    else:
+        names = [INDEX_NAME, *(index_files(folder) if index.exists() else [])]
     return next((name for name in names if not (folder / name).exists()), None)
 
 

@@ -154,6 +154,9 @@ def test_a_repo_id_cached_in_part_says_how_to_download_the_rest(cache, family_ch
     assert main(["inspect", "tiny-org/config-only"]) == 2
     assert "its snapshot lacks model.safetensors" in capsys.readouterr().err
     assert main(["plan", "tiny-org/config-only", "--ep", "2"]) == 0
+    (snapshot / "model.safetensors.index.json").resolve().unlink()
+    assert main(["inspect", REPO]) == 2
+    assert "its snapshot lacks model.safetensors.index.json" in capsys.readouterr().err
 
 
 
