@@ -206,6 +206,7 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
     blocks = {layer: _dequantized(block, block_size) if dequantize else block
               for layer, block in analysis.blocks.items()}
     _check_held(blocks, analysis.family, dst)
+    _check_converted(analysis.family, dst)
     _check_scale_grids(analysis, blocks, dst, block_size)
     src = analysis.layout
     chosen = range(analysis.n_experts) if experts is None else experts
@@ -265,6 +266,19 @@ def _check_held(blocks: Mapping[int, ExpertBlock], family: Family, dst: Layout) 
                           + f"; moekit refuses to drop them. Layouts that hold them: "
                           f"{', '.join(can)}"
                           + ("; or pass --dequantize to write bf16 weights" if quantized else ""))
+
+
+def _check_converted(family: Family, dst: Layout) -> None:
+    """Refuse a destination layout whose consumer converts tensors of ``family`` outside
+    the experts that moekit does not (``Family.unconverted``): the result would not be
+    what the layout promises."""
+    reason = family.unconverted.get(dst.name)
+    if reason:
+        others = [name for name in LAYOUTS if name not in family.unconverted]
+        raise MoekitError(f"the {dst.name} layout of {family.name} is refused: {reason} on "
+                          "load, which moekit does not, so the result would not be what the "
+                          f"layout promises; convert to {', '.join(others)} instead (the hf "
+                          "layout is what from_pretrained reads)")
 
 
 def _check_scale_grids(analysis: Analysis, blocks: Mapping[int, ExpertBlock], dst: Layout,

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from moekit import convert, inspect, samples
-from moekit.layouts import TRANSFORMERS, family_named
+from moekit.errors import MoekitError
+from moekit.layouts import TRANSFORMERS, family_of_model_type
 
 from .conftest import load_all, same_bytes
 from .tiny_families import MULTIMODAL, build, build_multimodal, moe_causal_lm_types
@@ -34,22 +35,11 @@ SKIPPED = {
                      "(test_longcat_flash_zero_computation_experts)",
 }
 """Model types the tests for every family skip, and why."""
-NON_MOE_CONVERSIONS = {
-    "axk2": "transformers moves input_layernorm.W_down/W_up to input_layernorm.mlp.fc1/fc2 "
-            "and renames attention projections",
-    "bailing_hybrid": "transformers renames and splits the attention (attention.* -> "
-                      "self_attn.*, query_key_value)",
-    "deepseek_v4": "transformers renames the attention (attn.* -> self_attn.*), the "
-                   "hyper-connection tensors (hc_*) and the norms",
-    "hy_v4": "transformers renames the hyper-connection tensors (hc_pre.hc_head.* -> "
-             "hc_head.*) and the attention sinks",
-    "kimi_linear": "transformers joins the attention's q/k/v conv1d weights into one",
-    "lara_mini": "transformers splits the linear attention's in_proj into in_proj_qkv/a/b",
-    "sarvam_moe": "transformers splits attention.query_key_value into q/k/v_proj",
-}
-"""Model types whose transformers conversion also splits, joins or renames tensors
-outside the MoE blocks in ways no key rename expresses: moekit's transformers layout holds
-their MoE blocks as ``state_dict()`` does (checked below), the other tensors as on disk."""
+REFUSED = [t for t in TYPES if "transformers" in getattr(family_of_model_type(t),
+                                                          "unconverted", {})]
+"""Model types whose transformers conversion also splits, joins or renames tensors outside
+the MoE blocks in ways moekit's renames do not hold: ``--to transformers`` is refused."""
+CONVERTED = [t for t in TYPES if t not in REFUSED]
 
 
 class Tiny:
@@ -95,15 +85,11 @@ def test_the_enumeration_finds_the_known_families():
             "granitemoe", "jamba", "jetmoe", "kimi_linear", "minimax_m2"} <= set(TYPES)
 
 
-def _types(xfails: dict[str, str]) -> list:
-    """Every model type, those in ``xfails`` marked to fail strictly for the reason given
-    (so that support flips them)."""
-    return [pytest.param(t, id=t, marks=[pytest.mark.xfail(reason=xfails[t], strict=True)]
-                         if t in xfails else []) for t in TYPES]
+ROUND_TRIPS = [pytest.param(t, layout, id=f"{layout}-{t}") for t in TYPES for layout in LAYOUTS
+               if not (layout == "transformers" and t in REFUSED)]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("model_type", TYPES)
+@pytest.mark.parametrize("model_type,layout", ROUND_TRIPS)
 def test_round_trip_is_byte_identical(model_type, layout, tiny, tmp_path):
     """save_pretrained's files -> layout -> the files' own layout: the same bytes under the
     same names."""
@@ -118,7 +104,7 @@ def test_round_trip_is_byte_identical(model_type, layout, tiny, tmp_path):
     assert [k for k in original if not same_bytes(original[k], restored[k])] == []
 
 
-@pytest.mark.parametrize("model_type", _types(NON_MOE_CONVERSIONS))
+@pytest.mark.parametrize("model_type", CONVERTED)
 def test_transformers_layout_is_the_state_dict(model_type, tiny, tmp_path):
     """``--to transformers`` holds ``model.state_dict()``: name for name, byte for byte."""
     _skip_listed(model_type)
@@ -130,31 +116,42 @@ def test_transformers_layout_is_the_state_dict(model_type, tiny, tmp_path):
     assert [k for k in expected if not same_bytes(written[k], expected[k])] == []
 
 
-@pytest.mark.parametrize("model_type", TYPES)
-def test_moe_blocks_of_the_transformers_layout_are_the_state_dicts(model_type, tiny, tmp_path):
-    """Every tensor under an MoE block of ``--to transformers`` is the state dict's, and
-    the state dict has no other tensor there: also for families whose transformers
-    conversion changes tensors outside the MoE blocks."""
-    _skip_listed(model_type)
+@pytest.mark.parametrize("model_type", REFUSED)
+def test_transformers_layout_is_refused_where_transformers_converts_more(model_type, tiny,
+                                                                         tmp_path, capsys):
+    """Where transformers' state dict holds tensors outside the experts under names that
+    no file key takes under moekit's renames (split, joined or otherwise renamed attention),
+    ``--to transformers`` is refused with one message naming what transformers converts
+    and the layouts that work."""
+    from moekit.cli import main
+
     model = tiny(model_type)
-    family = family_named(model.info.family)
-    convert(model.path, tmp_path / "fused", to="transformers")
-    written, expected = load_all(tmp_path / "fused"), model.model.state_dict()
-    blocks = tuple(TRANSFORMERS.from_hf_key(family.block.format(layer=layer) + ".", family)
-                   for layer in model.info.moe_layers)
-    inside = {k for k in expected if k.startswith(blocks)}
-    assert inside, f"no state-dict tensor under {blocks[0]}"
-    assert {k for k in written if k.startswith(blocks)} == inside
-    assert [k for k in inside if not same_bytes(written[k], expected[k])] == []
+    family = family_of_model_type(model_type)
+    renamed = {TRANSFORMERS.from_hf_key(k, family) for k in load_all(model.path)}
+    beyond = [k for k in model.model.state_dict() if ".experts." not in k and k not in renamed]
+    assert beyond, "transformers holds every non-expert tensor under a name moekit gives"
+    with pytest.raises(MoekitError, match=f"the transformers layout of {family.name} is "
+                                          "refused: transformers 5.24 .* convert to hf, nemo, "
+                                          "vllm instead"):
+        convert(model.path, tmp_path / "fused", to="transformers")
+    assert main(["convert", str(model.path), str(tmp_path / "cli"), "--to", "transformers"]) == 2
+    assert family.unconverted["transformers"] in capsys.readouterr().err
+    assert not (tmp_path / "fused").exists() and not (tmp_path / "cli").exists()
 
 
-@pytest.mark.parametrize("model_type", TYPES)
-def test_transformers_loads_the_round_trip_with_the_same_logits(model_type, tiny, tmp_path):
-    """save_pretrained -> transformers layout -> back: from_pretrained gives the logits it
+LOGITS_VIA = [pytest.param(t, "nemo" if t in REFUSED else "transformers", id=t) for t in TYPES]
+"""Each model type and the grouped layout its logits round trip goes through: transformers
+where moekit writes it."""
+
+
+@pytest.mark.parametrize("model_type,via", LOGITS_VIA)
+def test_transformers_loads_the_round_trip_with_the_same_logits(model_type, via, tiny,
+                                                                tmp_path):
+    """save_pretrained -> a grouped layout -> back: from_pretrained gives the logits it
     gives for the files save_pretrained wrote."""
     _skip_listed(model_type)
     model = tiny(model_type)
-    convert(model.path, tmp_path / "fused", to="transformers")
+    convert(model.path, tmp_path / "fused", to=via)
     convert(tmp_path / "fused", tmp_path / "back", to=model.info.layout)
     ids = samples.sample_input(model.model.config.get_text_config().vocab_size)
     assert torch.equal(_logits(tmp_path / "back", ids), _logits(model.path, ids))

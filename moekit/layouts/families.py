@@ -102,6 +102,11 @@ class Family:
     in_experts: tuple[str, ...] = ()
     """Names of tensors inside the experts module that are no expert's weights (Laguna's
     ``experts.e_score_correction_bias``): passed through like the router."""
+    unconverted: dict[str, str] = field(default_factory=dict)
+    """Per layout: what that layout's consumer does on load to tensors outside the experts
+    that no rename here expresses (transformers splitting Sarvam's ``query_key_value``):
+    moekit refuses to write the layout for the family, naming it, rather than write
+    tensors the consumer does not hold."""
     grouped_on_disk: bool = False
     """True when ``save_pretrained`` writes the experts grouped (GraniteMoE's
     ``input_linear``/``output_linear``): the ``hf`` layout is then transformers' fused
@@ -191,6 +196,12 @@ _NEMOTRON_H_NEMO = (Rename("backbone.", "model.", at_start=True),
                     Rename("model.norm_f.", "model.norm.", at_start=True))
 """NeMo AutoModel 0.7 (NemotronV3StateDictAdapter) holds Nemotron-H under ``model.``, its
 embeddings as ``embed_tokens`` and its final norm as ``norm``."""
+
+
+def _transformers_converts(what: str) -> dict[str, str]:
+    """``Family.unconverted`` of a family whose transformers 5.24 conversion_mapping.py
+    entry does ``what`` on load, outside the experts."""
+    return {"transformers": f"transformers 5.24 {what}"}
 
 
 def _qwen_style(model_type: str, count_key: str, renames: tuple[Rename, ...] = (),
@@ -290,6 +301,8 @@ FAMILIES: tuple[Family, ...] = (
            count_aliases=("num_experts",), moe_layers=every_layer),
     Family("kimi_linear", ("kimi_linear",), _MIXTRAL_BLOCK, _MIXTRAL_PROJECTIONS, "num_experts",
            shared_expert="shared_experts", renames={"transformers": _MIXTRAL_TO_MLP},
+           unconverted=_transformers_converts("joins the attention's q_conv1d, k_conv1d "
+                                              "and v_conv1d weights into one conv1d"),
            count_aliases=("num_local_experts",)),
     # Grouped on disk (transformers 5.24's conversion_mapping.py "granitemoe", "aria_text";
     # GraniteMoE-SWA and JetMoE have no entry: their models hold the on-disk tensors):
@@ -323,25 +336,44 @@ FAMILIES: tuple[Family, ...] = (
     _qwen_style("glm4_moe", "n_routed_experts", shared_expert="shared_experts",
                 moe_layers=dense_prefix_of(1)),
     # Qwen-style experts whose router biases, shared experts, norms or attention sinks
-    # transformers 5.24 renames on load (each model type's conversion_mapping.py entry; its
-    # conversions that split or join tensors outside the experts are not moekit's).
+    # transformers 5.24 renames on load (each model type's conversion_mapping.py entry).
+    # Where that entry also splits, joins or renames tensors outside the experts in ways
+    # these renames do not hold, the transformers layout is refused (``unconverted``).
     _qwen_style("exaone_moe", "num_experts", shared_expert="shared_experts", renames=(
         Rename(".mlp.e_score_correction_bias", ".mlp.gate.e_score_correction_bias"),)),
     _qwen_style("ernie4_5_moe", "moe_num_experts", shared_expert="shared_experts", renames=(
         Rename(".mlp.moe_statics.e_score_correction_bias",
                ".mlp.gate.moe_statics.e_score_correction_bias"),)),
     _qwen_style("bailing_hybrid", "num_local_experts", shared_expert="shared_experts",
-                renames=(Rename(".mlp.gate.expert_bias", ".mlp.gate.e_score_correction_bias"),)),
+                renames=(Rename(".mlp.gate.expert_bias", ".mlp.gate.e_score_correction_bias"),),
+                unconverted=_transformers_converts(
+                    "joins the attention's q_conv1d, k_conv1d and v_conv1d weights into one "
+                    "conv1d (and renames attention.* to self_attn.*)")),
     _qwen_style("sarvam_moe", "n_routed_experts", shared_expert="shared_experts", renames=(
-        Rename(".mlp.gate.expert_bias", ".mlp.gate.e_score_correction_bias"),)),
+        Rename(".mlp.gate.expert_bias", ".mlp.gate.e_score_correction_bias"),),
+                unconverted=_transformers_converts(
+                    "splits the attention's query_key_value into q_proj, k_proj and v_proj "
+                    "(and renames attention.* to self_attn.*)")),
+    # Lara-mini's files hold its experts grouped, as its model does.
+    _qwen_style("lara_mini", "num_experts", shared_expert="shared_expert", grouped_on_disk=True,
+                unconverted=_transformers_converts(
+                    "splits the linear attention's in_proj into in_proj_qkv, in_proj_z, "
+                    "in_proj_b and in_proj_a")),
     _qwen_style("axk1", "n_routed_experts", shared_expert="shared_experts", renames=(
         Rename(".post_mlp_layernorm.", ".mlp.post_mlp_layernorm."),)),
+    _qwen_style("axk2", "n_routed_experts", shared_expert="shared_experts", renames=(
+        Rename(".W_down.", ".mlp.fc1."), Rename(".W_up.", ".mlp.fc2."),
+        Rename(".self_attn.q_b_proj.", ".self_attn.q_gate_proj."))),
     _qwen_style("hy_v3", "num_experts", router="router.gate.weight", shared_expert="shared_mlp",
                 renames=(Rename(".mlp.expert_bias", ".mlp.e_score_correction_bias"),
                          Rename(".mlp.router.gate.weight", ".mlp.gate.weight"),
                          Rename(".mlp.shared_mlp.", ".mlp.shared_experts."))),
     _qwen_style("hy_v4", "n_routed_experts", shared_expert="shared_experts",
-                grouped_on_disk=True, renames=(Rename(".linear_gate", ".gate_proj"),)),
+                grouped_on_disk=True, renames=(Rename(".linear_gate", ".gate_proj"),),
+                unconverted=_transformers_converts(
+                    "renames the hyper-connection tensors (hc_pre.hc_*, hc_attn_layer.*, "
+                    "hc_mlp_layer.*, hc_head_*) and the attention sinks "
+                    "(learnable_sink_param)")),
     _qwen_style("kolibri1", "num_experts", shared_expert="shared_experts", renames=(
         Rename(".moe.router.expert_bias", ".mlp.gate.e_score_correction_bias"),
         Rename(".post_attn_norm.", ".post_self_attn_layernorm."),
@@ -361,7 +393,11 @@ FAMILIES: tuple[Family, ...] = (
                Rename(".ffn.", ".mlp."),
                Rename(".mlp.gate.bias", ".mlp.gate.e_score_correction_bias"),
                *(Rename(f".mlp.shared_experts.{old}.", f".mlp.shared_experts.{new}.")
-                 for old, new in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))))}),
+                 for old, new in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))))},
+           unconverted=_transformers_converts(
+               "renames the attention (attn.* to self_attn.*, wq_a, wkv, wo_a, ...), its "
+               "indexer and compressor, the hyper-connection tensors (hc_*), the norms, the "
+               "embeddings and the head")),
 )
 
 GENERIC_FAMILIES: tuple[Family, ...] = (
