@@ -215,7 +215,7 @@ def _meta_headers(config: dict, source: str) -> dict:
     settings = {k: v for k, v in config.items() if k != "quantization_config"}
     try:
         model_config = AutoConfig.for_model(**settings)
-        dtype = getattr(model_config, "dtype", None) or torch.bfloat16
+        dtype = model_config.dtype or torch.bfloat16
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
     except Exception as err:  # transformers' own errors on a config it cannot build
