@@ -179,4 +179,5 @@ def test_a_nemo_file_with_fp8_scale_tensors_is_refused_by_name(family_checkpoint
                  "--from", "nemo"]) == 2
     err = capsys.readouterr().err
     assert key + "_scale_inv" in err and "NeMo AutoModel dequantizes FP8" in err
+    assert "convert the FP8 checkpoint it was made from again" in err
     assert "Traceback" not in err

@@ -197,7 +197,9 @@ class GroupedLayout(Layout):
         layout."""
         if key.endswith(FP8_SCALE_KEY) and self.quantized_note:
             return (f"{key} holds FP8 block scales, which the {self.name} layout does not "
-                    f"have: {self.quantized_note}; convert the FP8 source with --dequantize")
+                    f"have: {self.quantized_note}. moekit reads no such file; convert the "
+                    f"FP8 checkpoint it was made from again, with --dequantize for "
+                    f"{self.name}, or into a layout that holds FP8 scales")
         return (f"{key} is not a grouped expert tensor of the {self.name} layout (is the "
                 "source layout right?)")
 
