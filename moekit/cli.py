@@ -96,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moekit", description="Convert, shard and upcycle Mixture-of-Experts checkpoints.")
     parser.add_argument("--version", action="version", version=f"moekit {__version__}")
+    parser.set_defaults(download=False)
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     for add in (_add_inspect, _add_convert, _add_verify, _add_plan, _add_upcycle, _add_demo):
         add(commands)
@@ -134,7 +135,7 @@ def _add_download_option(sub: argparse.ArgumentParser, *checkpoints: str,
 def _download(args: argparse.Namespace) -> None:
     """With ``--download``, fetch the command's Hub repo ids into the Hub cache, where
     the command then finds them."""
-    if getattr(args, "download", False):
+    if args.download:
         from .hub import download
 
         for name in args.checkpoints:
