@@ -10,7 +10,6 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 from . import __version__
 from .errors import MoekitError, printable
@@ -184,15 +183,11 @@ def _add_convert(commands) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .planner import plan_conversion  # no torch: a dry run answers at once
+    from .conversion import convert  # no torch: a dry run answers at once
 
-    checkpoint, plan = plan_conversion(args.src, args.dst, args.to, from_=args.from_,
-                                       max_shard_size=args.max_shard_size,
-                                       overwrite=args.overwrite, dequantize=args.dequantize)
-    if not args.dry_run:
-        from .conversion import write_checkpoint
-
-        write_checkpoint(plan, checkpoint, Path(args.dst), args.max_shard_size, args.overwrite)
+    plan = convert(args.src, args.dst, args.to, from_=args.from_,
+                   max_shard_size=args.max_shard_size, dry_run=args.dry_run,
+                   overwrite=args.overwrite, dequantize=args.dequantize)
     _report_plan(plan, plan.summary(), args)
     return 0
 

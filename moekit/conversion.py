@@ -1,27 +1,90 @@
-"""Conversions between layouts: file to file (streaming) and state dict to state dict."""
+"""Conversions between layouts: file to file (streaming) and state dict to state dict, and
+the one job pipeline that every command writing a checkpoint runs.
+
+A job (convert, upcycle) is planned from headers, then validated (the sink's options,
+the destination), then either reported (a dry run) or written through a **sink**: the
+object that turns the plan's tensors into files inside the output folder, which
+``moekit.output`` makes atomic and durable.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from .checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint
+from .checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint, as_path
 from .dtypes import ITEMSIZES, to_safetensors
 from .errors import MoekitError
 from .executors.streaming import write_plan
 from .gc_pauses import without_gc_pauses
 from .layouts import layout_named
-from .output import atomic_output
+from .output import atomic_output, check_destination
 from .plan import Plan
-from .planner import analyse, analyse_checkpoint, build_plan, plan_conversion
+from .planner import analyse, analyse_checkpoint, build_plan
 from .sizes import parse_size
-from .sources import FileSource
+from .sources import FileSource, TensorSource
 
 if TYPE_CHECKING:
     import torch
+
+
+class Sink(Protocol):
+    """Writes a plan's tensors as files of one checkpoint format into a folder."""
+
+    def write(self, plan: Plan, source: TensorSource, folder: Path,
+              show_progress: bool | None, finished: Callable[[Path], object]) -> None:
+        """Write every tensor of ``plan``, read from ``source``, into ``folder``; call
+        ``finished(path)`` with each file once it is complete (so that it is synced while
+        the next is written)."""
+
+
+@dataclass(frozen=True)
+class SafetensorsShards:
+    """HF-sharded safetensors files and their index, each file's metadata naming the
+    layout and family (what ``save_pretrained`` writes, plus moekit's two keys)."""
+
+    max_shard_bytes: int
+
+    def write(self, plan: Plan, source: TensorSource, folder: Path,
+              show_progress: bool | None, finished: Callable[[Path], object]) -> None:
+        metadata = {"format": "pt", LAYOUT_METADATA_KEY: plan.dst_layout,
+                    FAMILY_METADATA_KEY: plan.family}
+        write_plan(plan, source, folder, self.max_shard_bytes, metadata, show_progress,
+                   finished)
+
+
+def sink_for(max_shard_size: int | str) -> Sink:
+    """The sink a job writes through; its options are checked here, before anything is
+    read or written (a bad ``max_shard_size`` is refused naming it)."""
+    return SafetensorsShards(parse_size(max_shard_size))
+
+
+def run_job(plan: Plan, checkpoint: Checkpoint, dst: str | Path, max_shard_size: int | str,
+            overwrite: bool, dry_run: bool, show_progress: bool | None = None,
+            config: dict | None = None) -> None:
+    """The pipeline of every job that writes a checkpoint, after planning: validate the
+    sink's options and the destination, then (unless ``dry_run``) write ``plan``'s
+    tensors, read from ``checkpoint``'s files, through the sink into a temporary folder
+    that is put in place at ``dst`` when complete (``moekit.output``), with the
+    checkpoint's sidecar files; ``config`` replaces its config.json."""
+    sink = sink_for(max_shard_size)
+    dst = as_path(dst, "destination")
+    check_destination(dst, checkpoint.named, overwrite, checkpoint.source_files())
+    if dry_run:
+        return
+    with atomic_output(dst, checkpoint.named, overwrite,
+                       checkpoint.source_files()) as output:
+        with FileSource(checkpoint) as source:
+            sink.write(plan, source, output.folder, show_progress, output.sync_soon)
+            source.check_unchanged()
+        output.copy_in(extra for extra in checkpoint.extra_files()
+                       if config is None or extra.name != "config.json")
+        if config is not None:
+            (output.folder / "config.json").write_text(
+                json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def convert(src: str | Path, dst: str | Path, to: str, from_: str | None = None,
@@ -32,33 +95,13 @@ def convert(src: str | Path, dst: str | Path, to: str, from_: str | None = None,
     The whole plan is built and validated from headers before anything is written; the
     output is written to a temporary folder beside ``dst`` and renamed into place when
     complete. ``dry_run`` validates and returns the plan, writing nothing. ``dequantize``
-    writes FP8 block-scaled weights as bf16 (their scales dropped).
+    writes FP8 block-scaled weights as bf16 (their scales dropped). Imports no torch
+    unless a recipe computes, so that a dry run answers at once.
     """
-    checkpoint, plan = plan_conversion(src, dst, to, from_, max_shard_size, overwrite, dequantize)
-    if not dry_run:
-        write_checkpoint(plan, checkpoint, Path(dst), max_shard_size, overwrite, show_progress)
+    checkpoint, analysis = analyse_checkpoint(src, from_)
+    plan = build_plan(analysis, layout_named(to), dequantize=dequantize)
+    run_job(plan, checkpoint, dst, max_shard_size, overwrite, dry_run, show_progress)
     return plan
-
-
-def write_checkpoint(plan: Plan, checkpoint: Checkpoint, dst: Path, max_shard_size: int | str,
-                     overwrite: bool, show_progress: bool | None = None,
-                     config: dict | None = None) -> None:
-    """Write ``plan``'s tensors, read from ``checkpoint``'s files, as a checkpoint at
-    ``dst`` (with the guarantees of ``moekit.output``; the layout and family recorded in
-    the safetensors metadata), with the checkpoint's sidecar files; ``config`` replaces its
-    config.json."""
-    metadata = {"format": "pt", LAYOUT_METADATA_KEY: plan.dst_layout,
-                FAMILY_METADATA_KEY: plan.family}
-    with atomic_output(dst, checkpoint.named, overwrite, checkpoint.source_files()) as output:
-        with FileSource(checkpoint) as source:
-            write_plan(plan, source, output.folder, parse_size(max_shard_size), metadata,
-                       show_progress, output.sync_soon)
-            source.check_unchanged()
-        output.copy_in(extra for extra in checkpoint.extra_files()
-                       if config is None or extra.name != "config.json")
-        if config is not None:
-            (output.folder / "config.json").write_text(
-                json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 @without_gc_pauses

@@ -26,10 +26,8 @@ from .layouts.grouped import MXFP4_DTYPE, MXFP4_PAIRS
 from .layouts.families import (FP8_SCALE_KEY, GENERIC_FAMILIES, MAX_EXPERTS, MX_BLOCKS,
                                MX_SCALES, SCALE, family_of_model_type)
 from .model_config import DEFAULT_FP8_BLOCK, ConfigValues, MoeLayers, expert_count, fp8_block
-from .output import check_destination
 from .plan import (Concat, Dequantize, DequantizeMXFP4, Expr, Plan, Read, Reshape, Stack,
                    TensorPlan, Transpose)
-from .sizes import parse_size
 
 SAMPLE = 1024
 """Keys a naming disagreement is judged on (a checkpoint is named one way throughout)."""
@@ -167,19 +165,6 @@ def analyse_checkpoint(path: str | Path, from_: str | None = None) -> tuple[Chec
                        str(checkpoint.path), from_=from_, where=checkpoint.file_of,
                        config_file=_config_file(checkpoint))
     return checkpoint, analysis
-
-
-def plan_conversion(src: str | Path, dst: str | Path, to: str, from_: str | None = None,
-                    max_shard_size: int | str = "5GB", overwrite: bool = False,
-                    dequantize: bool = False) -> tuple[Checkpoint, Plan]:
-    """Everything a conversion checks before it writes, from headers alone: the source's
-    experts, the plan into layout ``to``, the shard size and the destination. Imports no
-    torch, so that a dry run answers at once."""
-    checkpoint, analysis = analyse_checkpoint(src, from_)
-    plan = build_plan(analysis, layout_named(to), dequantize=dequantize)
-    parse_size(max_shard_size)
-    check_destination(dst, checkpoint.named, overwrite, checkpoint.source_files())
-    return checkpoint, plan
 
 
 @without_gc_pauses

@@ -179,3 +179,20 @@ def test_unknown_expert_count_mismatch_with_config(qwen3, tmp_path, capsys):
     err = run_failing(capsys, ["convert", str(qwen3), str(tmp_path / "o"), "--to", "nemo"],
                       tmp_path, qwen3)
     assert "layer 0: experts 6-7 lack gate_proj, up_proj, down_proj" in err
+
+
+@pytest.mark.parametrize("command", ["convert", "upcycle"])
+def test_a_bad_shard_size_is_refused_by_a_dry_run_too(qwen3, tmp_path, capsys, command):
+    """convert and upcycle validate their output options in one pipeline, so that a dry run
+    refuses what the write would."""
+    if command == "convert":
+        src, args = qwen3, ["--to", "nemo"]
+    else:
+        src = samples.save_model(samples.build_model("llama"), tmp_path / "llama")
+        args = ["--experts", "4", "--top-k", "2"]
+    for dry_run in ([], ["--dry-run"]):
+        code = main([command, str(src), str(tmp_path / "out"), *args,
+                     "--max-shard-size", "banana", *dry_run])
+        err = capsys.readouterr().err
+        assert code == 2 and "banana" in err and "Traceback" not in err
+        assert not (tmp_path / "out").exists()

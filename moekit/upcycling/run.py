@@ -8,9 +8,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Checkpoint
-from ..conversion import state_dict_meta, write_checkpoint
+from ..conversion import run_job, state_dict_meta
 from ..executors.memory import run_plan
-from ..output import check_destination
 from ..sources import DictSource
 from .planner import UpcyclePlan, build_upcycle_plan
 from .spec import UpcycleSpec
@@ -32,12 +31,8 @@ def upcycle(dense_path: str | Path, dst_path: str | Path, spec: UpcycleSpec,
     other files (tokenizer, generation config). Streams one tensor at a time, validates
     everything first, and writes atomically as ``convert`` does."""
     checkpoint, plan = plan_upcycle(dense_path, spec)
-    if dry_run:
-        check_destination(dst_path, checkpoint.named, overwrite,
-                          checkpoint.source_files())
-    else:
-        write_checkpoint(plan.plan, checkpoint, Path(dst_path), max_shard_size, overwrite,
-                         show_progress, config=plan.config)
+    run_job(plan.plan, checkpoint, dst_path, max_shard_size, overwrite, dry_run, show_progress,
+            config=plan.config)
     return plan
 
 
