@@ -668,9 +668,10 @@ def _problems(analysis: Analysis, where: Callable[[str], str | None], required: 
 
 
 def _namer(analysis: Analysis) -> Callable[[str], str]:
-    """How messages name a piece: by its HF key part for an HF source, else canonically."""
+    """How messages name a piece: by its key part for a per-expert source, else
+    canonically."""
     family = analysis.family
-    if not analysis.layout.grouped:
+    if not analysis.layout.grouped_for(family):
         return lambda piece: family.piece_key(piece).removesuffix(".weight")
     return lambda piece: piece
 

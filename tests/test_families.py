@@ -16,7 +16,7 @@ import torch
 
 from moekit import convert, inspect, samples
 from moekit.errors import MoekitError
-from moekit.layouts import TRANSFORMERS, family_of_model_type
+from moekit.layouts import HF, TRANSFORMERS, family_named, family_of_model_type
 
 from .conftest import load_all, same_bytes
 from .tiny_families import MULTIMODAL, build, build_multimodal, moe_causal_lm_types
@@ -87,6 +87,17 @@ def test_the_enumeration_finds_the_known_families():
 
 ROUND_TRIPS = [pytest.param(t, layout, id=f"{layout}-{t}") for t in TYPES for layout in LAYOUTS
                if not (layout == "transformers" and t in REFUSED)]
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_save_pretrained_files_are_the_hf_layout(model_type, tiny):
+    """What save_pretrained writes is detected as the hf layout, which holds the experts
+    grouped (``grouped_for``) exactly where the files hold no tensor of one expert."""
+    _skip_listed(model_type)
+    model = tiny(model_type)
+    assert model.info.layout == "hf"
+    per_expert = any(".experts.0." in key for key in load_all(model.path))
+    assert HF.grouped_for(family_named(model.info.family)) is not per_expert
 
 
 @pytest.mark.parametrize("model_type,layout", ROUND_TRIPS)

@@ -71,11 +71,14 @@ ADAPTERS: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None, str | None
               dict(head_dim=8, moe_intermediate_size=16, num_experts_per_tok=2, num_experts=6,
                    mlp_layer_types=["dense", "sparse", "sparse"]),
               "NeMo renames the router (router.gate -> gate) and its expert_bias"),
+    "laguna": ("laguna.LagunaStateDictAdapter", {},
+               dict(head_dim=8, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                    num_experts_per_tok=2, num_experts=6,
+                    mlp_layer_types=["dense", "sparse", "sparse"]), None),
 }
 """Every model type NeMo AutoModel 0.7 has a state-dict adapter for and transformers 5.24
 builds as a tiny causal LM. (Kimi-Linear and DeepSeek-V4 adapters expect other names for
-the whole model; Laguna keeps its score-correction bias under ``experts.``, which moekit
-reads only once it knows the family; Step-3.5, Mistral 4, Gemma 4, Qwen3.5-MoE and
+the whole model; Step-3.5, Mistral 4, Gemma 4, Qwen3.5-MoE and
 Qwen3-VL-MoE build no tiny causal LM from their configs.)"""
 
 

@@ -140,6 +140,11 @@ class Layout(ABC):
     """Why this layout holds no quantisation tensors (FP8 scales, MXFP4 blocks), for the
     message refusing them; empty where it holds them."""
 
+    def grouped_for(self, family: Family) -> bool:
+        """True when this layout holds ``family``'s experts in grouped tensors: ``grouped``,
+        or for the hf layout, whether the family's files group them."""
+        return self.grouped
+
     def joins_scale_blocks(self, family: Family) -> bool:
         """True when this layout lays the FP8 scales of gate and up as one grid over their
         joined rows (transformers' fused FP8 experts)."""

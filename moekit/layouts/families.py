@@ -198,6 +198,13 @@ _NEMOTRON_H_NEMO = (Rename("backbone.", "model.", at_start=True),
 embeddings as ``embed_tokens`` and its final norm as ``norm``."""
 
 
+_LAGUNA_RENAMES = (Rename(".mlp.experts.e_score_correction_bias",
+                          ".mlp.gate.e_score_correction_bias"),
+                   Rename(".mlp.shared_expert.", ".mlp.shared_experts."))
+"""Laguna's score-correction bias and shared expert as transformers 5.24 names them in
+memory and NeMo AutoModel 0.7 (LagunaStateDictAdapter) in its own format."""
+
+
 def _transformers_converts(what: str) -> dict[str, str]:
     """``Family.unconverted`` of a family whose transformers 5.24 conversion_mapping.py
     entry does ``what`` on load, outside the experts."""
@@ -354,6 +361,11 @@ FAMILIES: tuple[Family, ...] = (
                 unconverted=_transformers_converts(
                     "splits the attention's query_key_value into q_proj, k_proj and v_proj "
                     "(and renames attention.* to self_attn.*)")),
+    # MiniMax-M3-VL's text model and Zaya hold their experts grouped in their files, as
+    # their models do (transformers 5.24 has no conversion_mapping.py entry for them).
+    _qwen_style("minimax_m3_vl_text", "num_local_experts", shared_expert="shared_experts",
+                grouped_on_disk=True),
+    _qwen_style("zaya", "num_experts", grouped_on_disk=True),
     # Lara-mini's files hold its experts grouped, as its model does.
     _qwen_style("lara_mini", "num_experts", shared_expert="shared_expert", grouped_on_disk=True,
                 unconverted=_transformers_converts(
@@ -382,11 +394,10 @@ FAMILIES: tuple[Family, ...] = (
         Rename(".self_attn.softmax_offset", ".self_attn.sinks"),)),
     _qwen_style("mimo_v2_flash", "n_routed_experts", renames=(
         Rename(".self_attn.attention_sink_bias", ".self_attn.sinks"),)),
-    _qwen_style("laguna", "num_experts", shared_expert="shared_expert",
-                in_experts=("e_score_correction_bias",),
-                renames=(Rename(".mlp.experts.e_score_correction_bias",
-                                ".mlp.gate.e_score_correction_bias"),
-                         Rename(".mlp.shared_expert.", ".mlp.shared_experts."))),
+    Family("laguna", ("laguna",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_experts",
+           shared_expert="shared_expert", in_experts=("e_score_correction_bias",),
+           renames={layout: _LAGUNA_RENAMES for layout in ("transformers", "nemo")},
+           count_aliases=tuple(k for k in EXPERT_COUNT_KEYS if k != "num_experts")),
     Family("deepseek_v4", ("deepseek_v4",), "model.layers.{layer}.ffn", _MIXTRAL_PROJECTIONS,
            "n_routed_experts", shared_expert="shared_experts",
            count_aliases=("num_local_experts",), renames={"transformers": (

@@ -28,6 +28,9 @@ class PerExpertLayout(Layout):
         """The grouped tensors of a ``grouped_on_disk`` family: transformers' fused ones
         under the family's ``hf`` renames (and orientation)."""
 
+    def grouped_for(self, family: Family) -> bool:
+        return family.grouped_on_disk
+
     def holds(self, piece: str, family: Family) -> bool:
         return self.on_disk.holds(piece, family) if family.grouped_on_disk else True
 
