@@ -20,12 +20,14 @@ from .executors.memory import checked_state_dict, run_on_state_dict
 from .expert_parallel.local import local_hf_plan
 from .expert_parallel.dtensors import ep_coordinates, shard_experts
 from .expert_parallel.ranges import rank_plan
-from .layouts import layout_named
+from .layouts import HF, layout_named
 from .planner import FOUND, analyse, checked_expert_count, family_called, understand
 
 
 class ExpertAdapter:
-    """Converts state dicts between the HF per-expert layout and one grouped layout.
+    """Converts state dicts between the HF layout (what ``save_pretrained`` writes: per
+    expert for most families, grouped for those whose files group them) and one grouped
+    layout.
 
     ``family`` is a moekit family name (``qwen3_moe``, ``mixtral``, ...) or None to
     recognise the naming from the keys; ``n_experts`` (or ``config``, a config.json dict)
@@ -51,7 +53,7 @@ class ExpertAdapter:
 
     def from_hf(self, state_dict: Mapping[str, torch.Tensor],
                 device_mesh: DeviceMesh | None = None) -> dict[str, torch.Tensor]:
-        """HF per-expert keys -> this adapter's grouped layout.
+        """HF keys -> this adapter's grouped layout.
 
         With a ``device_mesh``, only this rank's experts are used (the others may be
         absent from ``state_dict``, so the adapter must know the expert count from
@@ -59,12 +61,12 @@ class ExpertAdapter:
         mesh's "ep" dimension, as ``moekit.load_experts`` returns them.
         """
         if device_mesh is None:
-            return self._convert(state_dict, "hf", self.layout)
+            return self._convert(state_dict, HF.name, self.layout)
         if not isinstance(device_mesh, DeviceMesh):
             raise MoekitError(f"device_mesh is a {type(device_mesh).__name__}; expected a "
                               "torch.distributed DeviceMesh (or None)")
         analysis = understand(state_dict_meta(state_dict), self.config, {}, "state dict",
-                              from_="hf", family=self.family, n_experts=self.n_experts)
+                              from_=HF.name, family=self.family, n_experts=self.n_experts)
         if analysis.count_source == FOUND:
             raise MoekitError("from_hf with a device_mesh needs the number of experts "
                               "(ExpertAdapter(n_experts=...) or config=): a rank's state dict "
@@ -75,7 +77,7 @@ class ExpertAdapter:
             local, device_mesh, analysis.n_experts))
 
     def to_hf(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This adapter's grouped layout -> HF per-expert keys.
+        """This adapter's grouped layout -> HF keys.
 
         Grouped DTensors give this rank's experts under their global indices; the
         non-expert tensors are returned on every rank.
@@ -83,11 +85,11 @@ class ExpertAdapter:
         checked_state_dict(state_dict)
         mesh = next((t.device_mesh for t in state_dict.values() if isinstance(t, DTensor)), None)
         if mesh is None:
-            return self._convert(state_dict, self.layout, "hf")
+            return self._convert(state_dict, self.layout, HF.name)
         local, _, plan = local_hf_plan(state_dict, mesh, self.layout, self.family, self.config)
         return run_on_state_dict(plan, local)
 
-    def validate(self, state_dict: Mapping[str, torch.Tensor], layout: str = "hf") -> None:
+    def validate(self, state_dict: Mapping[str, torch.Tensor], layout: str = HF.name) -> None:
         """Raise PlanError naming every missing or malformed expert of ``state_dict``."""
         analyse(state_dict_meta(state_dict), self.config, {}, "state dict", from_=layout,
                 family=self.family, n_experts=self.n_experts)
