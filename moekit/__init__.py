@@ -1,4 +1,4 @@
-"""moekit: convert, shard and upcycle Mixture-of-Experts checkpoints, bit-exact.
+"""moekit: convert, shard, upcycle and merge Mixture-of-Experts checkpoints, bit-exact.
 
 Everything flows one way: read headers -> build a plan -> execute the plan.
 The public names below are imported on first use, so that ``moekit convert`` does not
@@ -20,6 +20,7 @@ _EXPORTS = {
     "save_experts": "expert_parallel",
     "Report": "verification", "verify": "verification",
     "UpcycleSpec": "upcycling", "upcycle": "upcycling", "upcycle_state_dict": "upcycling",
+    "MergeConfig": "merging", "merge": "merging",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,4 +1,4 @@
-"""The ``moekit`` command line: inspect, convert, verify, plan, upcycle, demo."""
+"""The ``moekit`` command line: inspect, convert, verify, plan, upcycle, merge, demo."""
 
 from __future__ import annotations
 
@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"moekit {__version__}")
     parser.set_defaults(download=False)
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
-    for add in (_add_inspect, _add_convert, _add_verify, _add_plan, _add_upcycle, _add_demo):
+    for add in (_add_inspect, _add_convert, _add_verify, _add_plan, _add_upcycle, _add_merge,
+                _add_demo):
         add(commands)
     return parser
 
@@ -111,6 +112,14 @@ def _add_output_options(sub: argparse.ArgumentParser) -> None:
                      help="replace an existing destination that holds a checkpoint (a folder "
                      "with anything else, or with the source's files, is refused)")
     sub.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+
+
+def _add_format_option(sub: argparse.ArgumentParser) -> None:
+    """``--format`` of the commands that write through the job pipeline's sinks
+    (``moekit.conversion.run_job``: convert, upcycle)."""
+    sub.add_argument("--format", default="safetensors", choices=("safetensors", "dcp"),
+                     help="output files: HF-sharded safetensors (default), or one "
+                     "torch.distributed.checkpoint folder (.metadata and .distcp files)")
 
 
 HUB_ID = ("or a Hugging Face repo id ORG/NAME[@REVISION], read from the local Hub cache "
@@ -179,6 +188,7 @@ def _add_convert(commands) -> None:
                      help="write FP8 block-scaled and MXFP4 weights as bf16 (their scales "
                      "dropped); needed for --to nemo, which holds no scales")
     _add_output_options(sub)
+    _add_format_option(sub)
     _add_download_option(sub, "src")
 
 
@@ -187,7 +197,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 
     plan = convert(args.src, args.dst, args.to, from_=args.from_,
                    max_shard_size=args.max_shard_size, dry_run=args.dry_run,
-                   overwrite=args.overwrite, dequantize=args.dequantize)
+                   overwrite=args.overwrite, dequantize=args.dequantize, format=args.format)
     _report_plan(plan, plan.summary(), args)
     return 0
 
@@ -297,6 +307,7 @@ def _add_upcycle(commands) -> None:
                      help="MoE family to write (default: the dense family's sibling)")
     sub.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     _add_output_options(sub)
+    _add_format_option(sub)
     _add_download_option(sub, "dense")
 
 
@@ -309,7 +320,31 @@ def _run_upcycle(args: argparse.Namespace) -> int:
                        router=args.router, router_std=args.router_std, target=args.target,
                        seed=args.seed, scaling=args.scaling)
     result = upcycle(args.dense, args.dst, spec, max_shard_size=args.max_shard_size,
-                     dry_run=args.dry_run, overwrite=args.overwrite)
+                     dry_run=args.dry_run, overwrite=args.overwrite, format=args.format)
+    _report_plan(result.plan, result.summary(), args, config=result.config)
+    return 0
+
+
+def _add_merge(commands) -> None:
+    sub = _command(commands, "merge", "Merge dense fine-tunes of one base model into an MoE "
+                   "checkpoint, from a mergekit-moe YAML configuration.", _run_merge)
+    sub.add_argument("config", help="mergekit-moe YAML: base_model, experts (source_model, "
+                     "positive_prompts, negative_prompts, residual_scale), gate_mode, "
+                     "architecture, dtype, experts_per_token, shared_experts")
+    sub.add_argument("dst", help="destination folder (must not exist, unless --overwrite)")
+    sub.add_argument("--seed", type=int, default=0,
+                     help="seed of gate_mode random/uniform_random, as mergekit-moe's "
+                     "--random-seed (default 0)")
+    sub.add_argument("--device", default="cpu",
+                     help="where gate_mode hidden runs the base model (default cpu)")
+    _add_output_options(sub)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from .merging import merge
+
+    result = merge(args.config, args.dst, seed=args.seed, max_shard_size=args.max_shard_size,
+                   dry_run=args.dry_run, overwrite=args.overwrite, device=args.device)
     _report_plan(result.plan, result.summary(), args, config=result.config)
     return 0
 

@@ -56,21 +56,33 @@ class SafetensorsShards:
                    finished)
 
 
-def sink_for(max_shard_size: int | str) -> Sink:
-    """The sink a job writes through; its options are checked here, before anything is
-    read or written (a bad ``max_shard_size`` is refused naming it)."""
-    return SafetensorsShards(parse_size(max_shard_size))
+FORMATS = ("safetensors", "dcp")
+"""Output formats, each written by one sink: HF-sharded safetensors files, or one
+``torch.distributed.checkpoint`` folder (``moekit.dcp``)."""
+
+
+def sink_for(format: str, max_shard_size: int | str) -> Sink:
+    """The sink writing ``format``; its options are checked here, before anything is read
+    or written (a bad ``max_shard_size`` or format is refused naming it)."""
+    max_shard_bytes = parse_size(max_shard_size)
+    if format == "safetensors":
+        return SafetensorsShards(max_shard_bytes)
+    if format == "dcp":
+        from .dcp import DcpFolder  # imports torch.distributed.checkpoint
+
+        return DcpFolder(max_shard_bytes)
+    raise MoekitError(f"unknown output format {format!r}: moekit writes {', '.join(FORMATS)}")
 
 
 def run_job(plan: Plan, checkpoint: Checkpoint, dst: str | Path, max_shard_size: int | str,
             overwrite: bool, dry_run: bool, show_progress: bool | None = None,
-            config: dict | None = None) -> None:
+            config: dict | None = None, format: str = "safetensors") -> None:
     """The pipeline of every job that writes a checkpoint, after planning: validate the
     sink's options and the destination, then (unless ``dry_run``) write ``plan``'s
-    tensors, read from ``checkpoint``'s files, through the sink into a temporary folder
-    that is put in place at ``dst`` when complete (``moekit.output``), with the
-    checkpoint's sidecar files; ``config`` replaces its config.json."""
-    sink = sink_for(max_shard_size)
+    tensors, read from ``checkpoint``'s files, through the sink of ``format`` into a
+    temporary folder that is put in place at ``dst`` when complete (``moekit.output``),
+    with the checkpoint's sidecar files; ``config`` replaces its config.json."""
+    sink = sink_for(format, max_shard_size)
     dst = as_path(dst, "destination")
     check_destination(dst, checkpoint.named, overwrite, checkpoint.source_files())
     if dry_run:
@@ -89,8 +101,10 @@ def run_job(plan: Plan, checkpoint: Checkpoint, dst: str | Path, max_shard_size:
 
 def convert(src: str | Path, dst: str | Path, to: str, from_: str | None = None,
             max_shard_size: int | str = "5GB", dry_run: bool = False, overwrite: bool = False,
-            show_progress: bool | None = None, dequantize: bool = False) -> Plan:
-    """Convert the checkpoint at ``src`` into layout ``to`` at ``dst``; return the plan.
+            show_progress: bool | None = None, dequantize: bool = False,
+            format: str = "safetensors") -> Plan:
+    """Convert the checkpoint at ``src`` into layout ``to`` at ``dst``, written in
+    ``format`` (one of ``FORMATS``); return the plan.
 
     The whole plan is built and validated from headers before anything is written; the
     output is written to a temporary folder beside ``dst`` and renamed into place when
@@ -100,7 +114,8 @@ def convert(src: str | Path, dst: str | Path, to: str, from_: str | None = None,
     """
     checkpoint, analysis = analyse_checkpoint(src, from_)
     plan = build_plan(analysis, layout_named(to), dequantize=dequantize)
-    run_job(plan, checkpoint, dst, max_shard_size, overwrite, dry_run, show_progress)
+    run_job(plan, checkpoint, dst, max_shard_size, overwrite, dry_run, show_progress,
+            format=format)
     return plan
 
 

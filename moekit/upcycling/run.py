@@ -25,14 +25,15 @@ def plan_upcycle(dense_path: str | Path, spec: UpcycleSpec) -> tuple[Checkpoint,
 
 def upcycle(dense_path: str | Path, dst_path: str | Path, spec: UpcycleSpec,
             max_shard_size: int | str = "5GB", dry_run: bool = False, overwrite: bool = False,
-            show_progress: bool | None = None) -> UpcyclePlan:
+            show_progress: bool | None = None, format: str = "safetensors") -> UpcyclePlan:
     """Write the MoE checkpoint ``spec`` describes from the dense checkpoint at
-    ``dense_path``: HF safetensors shards, index and config.json, plus the dense folder's
-    other files (tokenizer, generation config). Streams one tensor at a time, validates
+    ``dense_path``: HF safetensors shards and index (or, with ``format="dcp"``, one
+    torch.distributed.checkpoint folder) and config.json, plus the dense folder's other
+    files (tokenizer, generation config). Streams one tensor at a time, validates
     everything first, and writes atomically as ``convert`` does."""
     checkpoint, plan = plan_upcycle(dense_path, spec)
     run_job(plan.plan, checkpoint, dst_path, max_shard_size, overwrite, dry_run, show_progress,
-            config=plan.config)
+            config=plan.config, format=format)
     return plan
 
 

@@ -1,0 +1,198 @@
+"""Merge plans: the base model's upcycling plan, with each expert read from its source.
+
+Built from headers alone. The base model's headers give the upcycling plan of the
+target family (``moekit.upcycling``, method ``copy``); then every routed expert's
+projections are read from its own source checkpoint, the shared expert's from its
+source, and the router rows (computed from prompts, or drawn) from a small checkpoint
+written before the merge. A read's key names its checkpoint: ``TAG/key``, the tag being
+``base``, ``expertN``, ``sharedN`` or ``router``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..errors import MoekitError, PlanError, plural, printable
+from ..layouts.base import TensorMeta
+from ..plan import Expr, Plan, Read, TensorPlan
+from ..upcycling.planner import build_upcycle_plan
+from ..upcycling.recipes import scaled
+from ..upcycling.spec import UpcycleSpec
+from ..upcycling.targets import DENSE_PROJECTIONS, TARGETS, Target
+from .config import ExpertSource, MergeConfig
+
+ROUTER_TAG = "router"
+BASE_TAG = "base"
+
+DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+"""mergekit's floating dtype names (``mergekit.common.dtype_from_name``, which also takes
+them after ``torch.``) as safetensors dtypes."""
+
+
+def tagged(tag: str, key: str) -> str:
+    """The plan key of tensor ``key`` of the checkpoint ``tag``."""
+    return f"{tag}/{key}"
+
+
+def split_tag(key: str) -> tuple[str, str]:
+    """(tag, key) of a plan key."""
+    tag, _, inner = key.partition("/")
+    return tag, inner
+
+
+@dataclass
+class MergePlan:
+    """What ``merge`` writes: the tensors, the target's config.json, the target, the
+    router tensors it computes first and the settings."""
+
+    plan: Plan
+    config: dict[str, Any]
+    target: Target
+    routers: dict[str, tuple[int, bool]]
+    """Router tensor name -> (the MoE layer's position among the MoE layers, True for a
+    shared-expert gate)."""
+    merge: MergeConfig
+
+    def summary(self) -> str:
+        """A short human summary (what ``--dry-run`` prints)."""
+        m = self.merge
+        shared = f", {len(m.shared_experts)} shared" if m.shared_experts else ""
+        lines = [f"merge: {len(m.experts)} experts{shared} -> {self.target.family}, "
+                 f"top-{m.experts_per_token}, gate_mode {m.gate_mode}"]
+        for tag, source in m.sources.items():
+            scale = (f" (down_proj x {source.residual_scale:g})"
+                     if source.residual_scale is not None else "")
+            lines.append(printable(f"  {tag}: {source.source_model}{scale}"))
+        lines.append(self.plan.summary().split("\n", 1)[1])
+        return "\n".join(lines)
+
+
+def choose_target(merge: MergeConfig, model_type: str | None) -> Target:
+    """The target family mergekit-moe picks: ``architecture`` as a prefix of its output
+    names, among the outputs that hold the models (Mixtral: Llama or Mistral, no shared
+    expert; Qwen MoE: Qwen2, Llama or Mistral with exactly one shared expert; Qwen3 MoE:
+    Qwen3, no shared expert), Mixtral first (mergekit 0.1.5, ``scripts/moe.py``)."""
+    shared = len(merge.shared_experts)
+    fits = {"mixtral": not shared and model_type in ("llama", "mistral"),
+            "qwen2_moe": shared == 1 and model_type in ("qwen2", "llama", "mistral"),
+            "qwen3_moe": not shared and model_type == "qwen3"}
+    names = {"mixtral": "mixtral", "qwen": "qwen2_moe qwen3_moe", "qwen3": "qwen3_moe"}
+    wanted = (names[merge.architecture.lower()].split() if merge.architecture
+              else list(fits))
+    for name in wanted:
+        if fits[name]:
+            return TARGETS[name]
+    raise MoekitError(
+        f"no merge target holds {shared} shared {plural(shared, 'expert')} of a "
+        f"{model_type!r} base model"
+        + (f" as architecture {merge.architecture}" if merge.architecture else "")
+        + ": mixtral takes Llama/Mistral without shared experts, qwen (Qwen2-MoE) "
+        "Qwen2/Llama/Mistral with one shared expert, qwen3 Qwen3 without shared experts")
+
+
+def check_sources(base: Mapping[str, TensorMeta], base_type: str | None,
+                  sources: Mapping[str, tuple[str, Mapping[str, TensorMeta], str | None]]
+                  ) -> None:
+    """Refuse, listing every mismatch per source and tensor, sources whose model_type or
+    tensors (names, shapes, dtypes) differ from the base model's. ``sources`` maps each
+    tag to (label, headers, model_type)."""
+    problems: list[str] = []
+    for tag, (label, tensors, model_type) in sources.items():
+        where = f"{tag} ({label})"
+        if model_type != base_type:
+            problems.append(f"{where}: model_type {model_type!r}, the base model's is "
+                            f"{base_type!r}")
+        for key, meta in base.items():
+            other = tensors.get(key)
+            if other is None:
+                problems.append(f"{where}: lacks {key}")
+            elif tuple(other.shape) != tuple(meta.shape) or other.dtype != meta.dtype:
+                problems.append(f"{where}: {key} is {list(other.shape)} {other.dtype}, the base "
+                                f"model's is {list(meta.shape)} {meta.dtype}")
+        problems.extend(f"{where}: has {key}, which the base model lacks"
+                        for key in tensors if key not in base)
+    if problems:
+        raise PlanError(f"the expert models do not share the base model's architecture: "
+                        f"{len(problems)} {plural(len(problems), 'problem')}", problems)
+
+
+def build_merge_plan(base: Mapping[str, TensorMeta], config: dict | None, merge: MergeConfig,
+                     label: str) -> MergePlan:
+    """Plan the merged MoE from the base model's headers (the sources already checked to
+    match them)."""
+    config = dict(config or {})
+    target = choose_target(merge, config.get("model_type"))
+    spec = UpcycleSpec(experts=len(merge.experts), top_k=merge.experts_per_token,
+                       router="zero", target=target.family,
+                       shared_expert=bool(merge.shared_experts))
+    upcycled = build_upcycle_plan(base, config, spec, label)
+    _check_dtype(merge, upcycled.dtype)
+    recipes, routers = _merge_recipes(upcycled.plan, merge, target)
+    tensors = [TensorPlan(t.name, recipes.get(t.name) or _from_base(t.recipe))
+               for t in upcycled.plan.tensors]
+    plan = replace(upcycled.plan, src_layout="merge", tensors=tensors)
+    moe_config = dict(upcycled.config)
+    moe_config["dtype"] = next(k for k, v in DTYPE_NAMES.items() if v == upcycled.dtype)
+    return MergePlan(plan, moe_config, target, routers, merge)
+
+
+def _check_dtype(merge: MergeConfig, dtype: str) -> None:
+    """moekit writes the sources' dtype; a ``dtype`` asking for another is refused."""
+    if merge.dtype is None:
+        return
+    wanted = DTYPE_NAMES.get(merge.dtype.removeprefix("torch."))
+    if wanted is None:
+        raise MoekitError(f"dtype {merge.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+    if wanted != dtype:
+        raise MoekitError(f"dtype {merge.dtype} asks for {wanted}, but the models' MLPs are "
+                          f"{dtype}; moekit merges without changing the dtype: remove dtype or "
+                          "convert the models first")
+
+
+def _from_base(recipe: Expr) -> Expr:
+    """A tensor the upcycling plan passes through, read from the base model."""
+    if not isinstance(recipe, Read):
+        raise AssertionError(f"a merged tensor other than a pass-through: {recipe}")
+    return replace(recipe, key=tagged(BASE_TAG, recipe.key))
+
+
+def _merge_recipes(plan: Plan, merge: MergeConfig, target: Target
+                   ) -> tuple[dict[str, Expr], dict[str, tuple[int, bool]]]:
+    """Recipes of the expert, shared-expert and router tensors of every MoE layer, and
+    the router tensors to compute (see ``MergePlan.routers``)."""
+    family = target.moe_family
+    metas = {t.name: t for t in plan.tensors}
+    recipes: dict[str, Expr] = {}
+    routers: dict[str, tuple[int, bool]] = {}
+    for index, layer in enumerate(sorted(plan.moe_layers)):
+        block = family.block.format(layer=layer)
+        routers[f"{block}.{family.router}"] = (index, False)
+        for expert, source in enumerate(merge.experts):
+            for name in ("gate", "up", "down"):
+                key = family.expert_key(layer, expert, name)
+                recipes[key] = _projection(f"expert{expert}", source, layer, name, metas[key])
+        if merge.shared_experts and target.shared is not None:
+            shared = target.shared
+            for name, module in DENSE_PROJECTIONS.items():
+                key = f"{block}.{shared.module}.{module}.weight"
+                recipes[key] = _projection("shared0", merge.shared_experts[0], layer, name,
+                                           metas[key])
+            if shared.gate is not None:
+                routers[f"{block}.{shared.gate}"] = (index, True)
+    for name in routers:
+        recipes[name] = Read(tagged(ROUTER_TAG, name), (), metas[name].shape, metas[name].dtype)
+    return recipes, routers
+
+
+def _projection(tag: str, source: ExpertSource, layer: int, name: str, meta: TensorPlan
+                ) -> Expr:
+    """One projection of the dense MLP of ``source`` at ``layer``; its ``down_proj``
+    times ``residual_scale`` (computed in float32, rounded once, as mergekit's
+    ``tensor * residual_scale`` on the CPU is)."""
+    key = f"model.layers.{layer}.mlp.{DENSE_PROJECTIONS[name]}.weight"
+    read = Read(tagged(tag, key), (), meta.shape, meta.dtype)
+    if name == "down" and source.residual_scale is not None:
+        return scaled(read, source.residual_scale)
+    return read

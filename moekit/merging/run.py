@@ -1,0 +1,139 @@
+"""Running merges: mergekit-moe YAML -> MoE checkpoint folder."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from ..checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint
+from ..errors import MoekitError
+from ..output import atomic_output, check_destination
+from ..sizes import parse_size
+from ..sources import FileSource
+from .config import MergeConfig, load_merge_config
+from .planner import (BASE_TAG, ROUTER_TAG, MergePlan, build_merge_plan, check_sources,
+                      split_tag)
+
+def plan_merge(config: MergeConfig | str | Path
+               ) -> tuple[dict[str, Checkpoint], MergePlan]:
+    """Read the headers of the base model and of every expert source, check that they
+    share the base architecture, and plan the merge (nothing is read or written). Returns
+    the checkpoints by tag (``base``, ``expertN``, ``sharedN``) and the plan."""
+    merge = config if isinstance(config, MergeConfig) else load_merge_config(config)
+    opened: dict[str, Checkpoint] = {}
+    base = opened[BASE_TAG] = Checkpoint.open(merge.base_model)
+    for tag, source in merge.sources.items():
+        same = next((c for c in opened.values() if str(c.named) == source.source_model), None)
+        opened[tag] = same or Checkpoint.open(source.source_model)
+    check_sources(base.tensors, base.model_type,
+                  {tag: (str(c.named), c.tensors, c.model_type)
+                   for tag, c in opened.items() if tag != BASE_TAG})
+    return opened, build_merge_plan(base.tensors, base.config, merge, str(base.named))
+
+
+def merge(config: MergeConfig | str | Path, dst_path: str | Path, seed: int = 0,
+          max_shard_size: int | str = "5GB", dry_run: bool = False, overwrite: bool = False,
+          device: str = "cpu", show_progress: bool | None = None) -> MergePlan:
+    """Write the MoE checkpoint a mergekit-moe configuration (a MergeConfig or its YAML
+    file) describes: HF safetensors shards, index and config.json of the target family,
+    and the base model's other files (tokenizer, generation config). Router rows are
+    computed first (``moekit.merging.gates``; ``seed`` seeds the random modes, ``device``
+    runs the base model for ``hidden``); then tensors stream one at a time from their
+    source checkpoints, validated first and written atomically as ``convert`` does."""
+    checkpoints, plan = plan_merge(config)
+    base = checkpoints[BASE_TAG]
+    files = [f for c in checkpoints.values() for f in c.source_files()]
+    if dry_run:
+        check_destination(Path(dst_path), base.named, overwrite, files)
+        return plan
+    with atomic_output(Path(dst_path), base.named, overwrite, files) as output, \
+            tempfile.TemporaryDirectory(prefix="moekit-routers-") as scratch:
+        checkpoints[ROUTER_TAG] = _write_routers(plan, checkpoints, Path(scratch), seed, device,
+                                                 show_progress)
+        source = TaggedSource({tag: FileSource(c) for tag, c in checkpoints.items()})
+        with source:
+            from ..executors.streaming import write_plan
+
+            metadata = {"format": "pt", LAYOUT_METADATA_KEY: plan.plan.dst_layout,
+                        FAMILY_METADATA_KEY: plan.plan.family}
+            write_plan(plan.plan, source, output.folder, parse_size(max_shard_size), metadata,
+                       show_progress, output.sync_soon)
+            source.check_unchanged()
+        output.copy_in(f for f in base.extra_files() if f.name != "config.json")
+        (output.folder / "config.json").write_text(
+            json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+    return plan
+
+
+def _write_routers(plan: MergePlan, checkpoints: dict[str, Checkpoint], folder: Path,
+                   seed: int, device: str, show_progress: bool | None) -> Checkpoint:
+    """Compute every router (and shared-expert gate) row into a checkpoint in
+    ``folder``, in the dtype of the tensors it is read as."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ..dtypes import to_torch
+    from ..plan import Read
+    from .gates import EMBEDDINGS, gate_rows
+
+    base = checkpoints[BASE_TAG]
+    merge = plan.merge
+    metas = {t.name: t for t in plan.plan.tensors}
+
+    def embeddings() -> torch.Tensor:
+        if EMBEDDINGS not in base.tensors:
+            raise MoekitError(f"{base.named} has no {EMBEDDINGS}, which gate_mode cheap_embed "
+                              "reads")
+        with FileSource(base) as source:
+            return source.read(Read.whole(EMBEDDINGS, base.tensors[EMBEDDINGS]))
+
+    hidden = metas[next(iter(plan.routers))].shape[1]
+    rows = gate_rows(merge.gate_mode, [*merge.experts, *merge.shared_experts], base.path,
+                     len(plan.plan.moe_layers), hidden, seed, embeddings, device, show_progress)
+    experts = len(merge.experts)
+    tensors = {}
+    for name, (index, shared) in plan.routers.items():
+        part = rows[index, experts:] if shared else rows[index, :experts]
+        tensors[name] = part.to(to_torch(metas[name].dtype)).contiguous()
+    save_file(tensors, str(folder / "model.safetensors"))
+    return Checkpoint.open(folder)
+
+
+class TaggedSource:
+    """Serves a plan's reads (``TAG/key``) from the file source of each tag."""
+
+    def __init__(self, sources: dict[str, FileSource]) -> None:
+        self.sources = sources
+
+    def _route(self, region):
+        tag, key = split_tag(region.key)
+        return self.sources[tag], replace(region, key=key)
+
+    def read(self, region):
+        source, inner = self._route(region)
+        return source.read(inner)
+
+    def block_bytes(self, region) -> int:
+        source, inner = self._route(region)
+        return source.block_bytes(inner)
+
+    def read_block(self, region, buffer):
+        source, inner = self._route(region)
+        return source.read_block(inner, buffer)
+
+    def byte_range(self, region):
+        source, inner = self._route(region)
+        return source.byte_range(inner)
+
+    def check_unchanged(self) -> None:
+        for source in self.sources.values():
+            source.check_unchanged()
+
+    def __enter__(self) -> "TaggedSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for source in self.sources.values():
+            source.close()

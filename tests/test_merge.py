@@ -1,0 +1,147 @@
+"""moekit merge against mergekit-moe itself (mergekit 0.1.5, CPU, offline): the same YAML
+through both gives the same tensors, as transformers loads them; refusals come before
+anything is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from moekit import MoekitError, PlanError
+from moekit.cli import main
+from moekit.merging import merge
+
+from .merge_fixtures import run_mergekit, save_models, write_yaml
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> tuple[Path, list[Path]]:
+    return save_models(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory) -> tuple[Path, list[Path]]:
+    return save_models(tmp_path_factory.mktemp("qwen2"), "qwen2", finetunes=2,
+                       dtype=torch.bfloat16)
+
+
+def _state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder)).state_dict()
+
+
+def _assert_same_model(a: Path, b: Path) -> None:
+    sa, sb = _state_dict(a), _state_dict(b)
+    assert sa.keys() == sb.keys()
+    different = [k for k in sa if sa[k].dtype != sb[k].dtype or not torch.equal(sa[k], sb[k])]
+    assert not different
+
+
+@pytest.mark.parametrize("mode", ["random", "uniform_random", "cheap_embed", "hidden"])
+def test_mixtral_merge_is_mergekits_tensor_for_tensor(llama, tmp_path, mode):
+    # Router rows too are equal bit for bit: moekit computes them with mergekit's
+    # operations in its order (the hidden states in bfloat16, as mergekit loads the model),
+    # in the same process.
+    base, finetunes = llama
+    config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode=mode,
+                        experts_per_token=2)
+    run_mergekit(config, tmp_path / "mergekit", seed=7)
+    plan = merge(config, tmp_path / "moekit", seed=7)
+    assert plan.target.family == "mixtral"
+    _assert_same_model(tmp_path / "mergekit", tmp_path / "moekit")
+    assert (tmp_path / "moekit" / "tokenizer.json").read_bytes() == \
+        (base / "tokenizer.json").read_bytes()
+
+
+def test_qwen2_moe_with_shared_expert_and_residual_scale_is_mergekits(qwen2, tmp_path):
+    base, finetunes = qwen2
+    config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode="random",
+                        architecture="qwen", dtype="bfloat16", experts_per_token=1)
+    data = yaml.safe_load(config.read_text())
+    data["experts"][1]["residual_scale"] = 0.3
+    data["shared_experts"] = [{"source_model": str(base), "residual_scale": 0.7}]
+    config.write_text(yaml.safe_dump(data))
+    run_mergekit(config, tmp_path / "mergekit", seed=1)
+    plan = merge(config, tmp_path / "moekit", seed=1)
+    assert plan.target.family == "qwen2_moe"
+    _assert_same_model(tmp_path / "mergekit", tmp_path / "moekit")
+
+
+def test_experts_all_the_base_model_preserve_the_dense_function(llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base, _ = llama
+    config = write_yaml(tmp_path / "moe.yml", base, [base, base, base], gate_mode="random")
+    merge(config, tmp_path / "moe")
+    ids = torch.tensor([[1, 3, 4, 5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        dense = AutoModelForCausalLM.from_pretrained(str(base))(ids).logits
+        moe = AutoModelForCausalLM.from_pretrained(str(tmp_path / "moe"))(ids).logits
+    torch.testing.assert_close(moe, dense, rtol=0, atol=1e-5)
+
+
+def test_every_mismatching_source_tensor_is_reported_before_writing(llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from .merge_fixtures import dense_config
+
+    base, finetunes = llama
+    config = dense_config()
+    config.intermediate_size = 40
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "other"))
+    yml = write_yaml(tmp_path / "moe.yml", base, [finetunes[0], tmp_path / "other"],
+                     gate_mode="random")
+    with pytest.raises(PlanError) as err:
+        merge(yml, tmp_path / "out")
+    assert len(err.value.problems) == 3 * 2  # gate, up, down of both layers
+    assert all(p.startswith("expert1 (") for p in err.value.problems)
+    assert "model.layers.1.mlp.down_proj.weight is [32, 40] F32" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"dtype": "float16"}, "moekit merges without changing the dtype"),
+    ({"gate_mode": "hidden_avg"}, "gate_mode 'hidden_avg' is not one of"),
+    ({"architecture": "deepseek"}, "no DeepSeek merge target"),
+    ({"experts_per_token": 4}, "more than the 3 experts"),
+    ({"architecture": "mixtral", "shared_experts": [{"source_model": "BASE"}]},
+     "no merge target holds 1 shared expert of a 'llama' base model as architecture mixtral"),
+    ({"experts": [{"source_model": "x", "noise_scale": 0.1}]}, "noise_scale"),
+    ({"bogus": 1}, "unknown field bogus"),
+])
+def test_settings_moekit_cannot_honour_are_refused_by_name(llama, tmp_path, capsys, change,
+                                                             message):
+    base, finetunes = llama
+    config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode="random")
+    data = {**yaml.safe_load(config.read_text()), **change}
+    config.write_text(yaml.safe_dump(data).replace("BASE", str(base)))
+    assert main(["merge", str(config), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_prompt_modes_need_distinct_prompts_for_every_expert(llama, tmp_path):
+    base, finetunes = llama
+    config = tmp_path / "moe.yml"
+    config.write_text(yaml.safe_dump({"base_model": str(base), "gate_mode": "hidden",
+                                      "experts": [{"source_model": str(f)} for f in finetunes]}))
+    with pytest.raises(MoekitError, match="expert 0 .* has no positive_prompts"):
+        merge(config, tmp_path / "out")
+
+
+def test_dry_run_json_lists_where_each_expert_is_read_from(llama, tmp_path, capsys):
+    base, finetunes = llama
+    config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode="hidden")
+    assert main(["merge", str(config), str(tmp_path / "out"), "--dry-run", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    recipes = {t["name"]: t["recipe"] for t in out["tensors"]}
+    assert "expert2/model.layers.1.mlp.down_proj.weight" in \
+        recipes["model.layers.1.block_sparse_moe.experts.2.w2.weight"]
+    assert out["config"]["num_local_experts"] == 3
+    assert not (tmp_path / "out").exists()
