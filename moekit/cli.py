@@ -338,13 +338,15 @@ def _add_merge(commands) -> None:
     sub.add_argument("--device", default="cpu",
                      help="where gate_mode hidden runs the base model (default cpu)")
     _add_output_options(sub)
+    _add_format_option(sub)
 
 
 def _run_merge(args: argparse.Namespace) -> int:
     from .merging import merge
 
     result = merge(args.config, args.dst, seed=args.seed, max_shard_size=args.max_shard_size,
-                   dry_run=args.dry_run, overwrite=args.overwrite, device=args.device)
+                   dry_run=args.dry_run, overwrite=args.overwrite, device=args.device,
+                   format=args.format)
     _report_plan(result.plan, result.summary(), args, config=result.config)
     return 0
 

@@ -145,3 +145,20 @@ def test_dry_run_json_lists_where_each_expert_is_read_from(llama, tmp_path, caps
         recipes["model.layers.1.block_sparse_moe.experts.2.w2.weight"]
     assert out["config"]["num_local_experts"] == 3
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_dcp_output_holds_the_merged_tensors(llama, tmp_path):
+    # The safetensors merge is mergekit's model (the tests above); DCP's own reader reads
+    # the same tensors from the --format dcp folder.
+    from safetensors.torch import load_file
+
+    from .test_dcp import dcp_state_dict
+
+    base, finetunes = llama
+    config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode="cheap_embed")
+    merge(config, tmp_path / "safetensors")
+    assert main(["merge", str(config), str(tmp_path / "dcp"), "--format", "dcp"]) == 0
+    expected = load_file(str(tmp_path / "safetensors" / "model.safetensors"))
+    loaded = dcp_state_dict(tmp_path / "dcp", expected)
+    assert [k for k, v in expected.items() if not torch.equal(loaded[k], v)] == []

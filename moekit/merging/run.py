@@ -7,10 +7,10 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from ..checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint
+from ..checkpoint import Checkpoint, as_path
+from ..conversion import sink_for
 from ..errors import MoekitError
 from ..output import atomic_output, check_destination
-from ..sizes import parse_size
 from ..sources import FileSource
 from .config import MergeConfig, load_merge_config
 from .planner import (BASE_TAG, ROUTER_TAG, MergePlan, build_merge_plan, check_sources,
@@ -35,31 +35,30 @@ def plan_merge(config: MergeConfig | str | Path
 
 def merge(config: MergeConfig | str | Path, dst_path: str | Path, seed: int = 0,
           max_shard_size: int | str = "5GB", dry_run: bool = False, overwrite: bool = False,
-          device: str = "cpu", show_progress: bool | None = None) -> MergePlan:
+          device: str = "cpu", show_progress: bool | None = None,
+          format: str = "safetensors") -> MergePlan:
     """Write the MoE checkpoint a mergekit-moe configuration (a MergeConfig or its YAML
-    file) describes: HF safetensors shards, index and config.json of the target family,
-    and the base model's other files (tokenizer, generation config). Router rows are
-    computed first (``moekit.merging.gates``; ``seed`` seeds the random modes, ``device``
-    runs the base model for ``hidden``); then tensors stream one at a time from their
-    source checkpoints, validated first and written atomically as ``convert`` does."""
+    file) describes: HF safetensors shards and index (or, with ``format="dcp"``, one
+    torch.distributed.checkpoint folder), config.json of the target family, and the base
+    model's other files (tokenizer, generation config). Router rows are computed first
+    (``moekit.merging.gates``; ``seed`` seeds the random modes, ``device`` runs the base
+    model for ``hidden``); then tensors stream one at a time from their source
+    checkpoints through the sink ``convert`` writes with, validated first and written
+    atomically."""
     checkpoints, plan = plan_merge(config)
+    sink = sink_for(format, max_shard_size)
     base = checkpoints[BASE_TAG]
     files = [f for c in checkpoints.values() for f in c.source_files()]
+    dst = as_path(dst_path, "destination")
+    check_destination(dst, base.named, overwrite, files)
     if dry_run:
-        check_destination(Path(dst_path), base.named, overwrite, files)
         return plan
-    with atomic_output(Path(dst_path), base.named, overwrite, files) as output, \
+    with atomic_output(dst, base.named, overwrite, files) as output, \
             tempfile.TemporaryDirectory(prefix="moekit-routers-") as scratch:
         checkpoints[ROUTER_TAG] = _write_routers(plan, checkpoints, Path(scratch), seed, device,
                                                  show_progress)
-        source = TaggedSource({tag: FileSource(c) for tag, c in checkpoints.items()})
-        with source:
-            from ..executors.streaming import write_plan
-
-            metadata = {"format": "pt", LAYOUT_METADATA_KEY: plan.plan.dst_layout,
-                        FAMILY_METADATA_KEY: plan.plan.family}
-            write_plan(plan.plan, source, output.folder, parse_size(max_shard_size), metadata,
-                       show_progress, output.sync_soon)
+        with TaggedSource({tag: FileSource(c) for tag, c in checkpoints.items()}) as source:
+            sink.write(plan.plan, source, output.folder, show_progress, output.sync_soon)
             source.check_unchanged()
         output.copy_in(f for f in base.extra_files() if f.name != "config.json")
         (output.folder / "config.json").write_text(
