@@ -42,7 +42,8 @@ def _assert_same_model(a: Path, b: Path) -> None:
     assert not different
 
 
-@pytest.mark.parametrize("mode", ["random", "uniform_random", "cheap_embed", "hidden"])
+@pytest.mark.parametrize("mode", ["random", "uniform_random", "cheap_embed", "hidden",
+                                  "hidden_avg"])
 def test_mixtral_merge_is_mergekits_tensor_for_tensor(llama, tmp_path, mode):
     # Router rows too are equal bit for bit: moekit computes them with mergekit's
     # operations in its order (the hidden states in bfloat16, as mergekit loads the model),
@@ -106,7 +107,7 @@ def test_every_mismatching_source_tensor_is_reported_before_writing(llama, tmp_p
 
 @pytest.mark.parametrize("change, message", [
     ({"dtype": "float16"}, "moekit merges without changing the dtype"),
-    ({"gate_mode": "hidden_avg"}, "gate_mode 'hidden_avg' is not one of"),
+    ({"gate_mode": "hidden_first"}, "gate_mode 'hidden_first' is not one of"),
     ({"architecture": "deepseek"}, "no DeepSeek merge target"),
     ({"experts_per_token": 4}, "more than the 3 experts"),
     ({"architecture": "mixtral", "shared_experts": [{"source_model": "BASE"}]},

@@ -18,7 +18,8 @@ from typing import Any
 
 from ..errors import MoekitError, printable
 
-GATE_MODES: tuple[str, ...] = ("hidden", "cheap_embed", "random", "uniform_random")
+GATE_MODES: tuple[str, ...] = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random",
+                                "uniform_random")
 """mergekit-moe's gate modes that moekit computes as it does (see ``moekit.merging.gates``)."""
 ARCHITECTURES: tuple[str, ...] = ("mixtral", "qwen", "qwen3")
 """``architecture`` values: mergekit matches them as prefixes of its output names

@@ -11,10 +11,12 @@ Rows come as one float32 tensor [layers, experts + shared experts, hidden]:
   prompts summed over tokens (padding masked) and prompts, divided by its norm; minus
   the same of its negative prompts; divided by the norm again. The same row in every
   layer.
-- ``hidden``: the base model (transformers, in bfloat16) runs each expert's prompts as one
-  left-padded batch; the row of layer l is the hidden state entering layer l at the last
-  token, averaged over the prompts; negative prompts are subtracted, then the row is
-  divided by its norm.
+- ``hidden`` (or ``hidden_last``): the base model (transformers, in bfloat16) runs each
+  expert's prompts as one left-padded batch; the row of layer l is the hidden state
+  entering layer l at the last token, averaged over the prompts; negative prompts are
+  subtracted, then the row is divided by its norm.
+- ``hidden_avg``: the same with the hidden states averaged over every position of the
+  padded batch (padding included, as mergekit-moe averages them) instead of the last.
 
 Prompts are tokenized as mergekit-moe does: the BOS token written before each prompt, no
 other special tokens, padded on the left with the BOS token (or EOS when there is none).
@@ -23,13 +25,14 @@ other special tokens, padded on the left with the BOS token (or EOS when there i
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from ..errors import MoekitError, printable
-from ..progress import progress
 from .config import ExpertSource
 
 EMBEDDINGS = "model.embed_tokens.weight"
@@ -57,9 +60,11 @@ def gate_rows(mode: str, sources: Sequence[ExpertSource], base: Path, layers: in
         model = _model(base, device)
 
         def rows(batch) -> torch.Tensor:
-            return _hidden_states(model, batch)
+            return _hidden_states(model, batch, average=mode == "hidden_avg")
     out = []
-    with progress(len(sources), "router rows from prompts", show_progress) as bar:
+    shown = sys.stderr.isatty() if show_progress is None else show_progress
+    with tqdm(total=len(sources), desc="router rows from prompts", unit="expert",
+              disable=not shown, leave=False, file=sys.stderr) as bar:
         for source in sources:
             vec = rows(_tokenize(source.positive_prompts, tokenizer))
             if source.negative_prompts:
@@ -117,10 +122,14 @@ def _model(base: Path, device: str):
                           f"transformers for gate_mode hidden: {err}") from None
 
 
-def _hidden_states(model, batch) -> torch.Tensor:
-    """[layers, hidden]: the hidden state entering each layer at the last token, averaged
-    over the batch (in the model's dtype, bfloat16)."""
+def _hidden_states(model, batch, average: bool) -> torch.Tensor:
+    """[layers, hidden]: the hidden state entering each layer at the last token (or
+    averaged over the positions), averaged over the batch (in the model's dtype)."""
     with torch.no_grad():
         output = model(**batch.to(model.device), output_hidden_states=True, return_dict=True)
-    states = torch.stack(output.hidden_states[:-1])[:, :, -1, :]
+    states = torch.stack(output.hidden_states[:-1])
+    if average:
+        states = states.sum(dim=2) / states.shape[2]
+    else:
+        states = states[:, :, -1, :]
     return (states.sum(dim=1) / states.shape[1]).cpu()

@@ -22,11 +22,16 @@ def plan_merge(config: MergeConfig | str | Path
     share the base architecture, and plan the merge (nothing is read or written). Returns
     the checkpoints by tag (``base``, ``expertN``, ``sharedN``) and the plan."""
     merge = config if isinstance(config, MergeConfig) else load_merge_config(config)
-    opened: dict[str, Checkpoint] = {}
-    base = opened[BASE_TAG] = Checkpoint.open(merge.base_model)
-    for tag, source in merge.sources.items():
-        same = next((c for c in opened.values() if str(c.named) == source.source_model), None)
-        opened[tag] = same or Checkpoint.open(source.source_model)
+    by_name: dict[str, Checkpoint] = {}
+
+    def checkpoint(name: str) -> Checkpoint:
+        if name not in by_name:
+            by_name[name] = Checkpoint.open(name)
+        return by_name[name]
+
+    opened = {BASE_TAG: checkpoint(merge.base_model)}
+    opened.update({tag: checkpoint(s.source_model) for tag, s in merge.sources.items()})
+    base = opened[BASE_TAG]
     check_sources(base.tensors, base.model_type,
                   {tag: (str(c.named), c.tensors, c.model_type)
                    for tag, c in opened.items() if tag != BASE_TAG})
