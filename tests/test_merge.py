@@ -59,17 +59,29 @@ def test_mixtral_merge_is_mergekits_tensor_for_tensor(llama, tmp_path, mode):
         (base / "tokenizer.json").read_bytes()
 
 
-def test_qwen2_moe_with_shared_expert_and_residual_scale_is_mergekits(qwen2, tmp_path):
+@pytest.mark.parametrize("mode", ["random", "cheap_embed"])
+def test_qwen2_moe_with_shared_expert_and_residual_scale_is_mergekits(qwen2, tmp_path, mode):
     base, finetunes = qwen2
-    config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode="random",
+    config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode=mode,
                         architecture="qwen", dtype="bfloat16", experts_per_token=1)
     data = yaml.safe_load(config.read_text())
     data["experts"][1]["residual_scale"] = 0.3
-    data["shared_experts"] = [{"source_model": str(base), "residual_scale": 0.7}]
+    data["shared_experts"] = [{"source_model": str(base), "residual_scale": 0.7,
+                               "positive_prompts": ["story"]}]
     config.write_text(yaml.safe_dump(data))
     run_mergekit(config, tmp_path / "mergekit", seed=1)
     plan = merge(config, tmp_path / "moekit", seed=1)
     assert plan.target.family == "qwen2_moe"
+    _assert_same_model(tmp_path / "mergekit", tmp_path / "moekit")
+
+
+def test_qwen3_moe_from_prompts_is_mergekits(tmp_path):
+    base, finetunes = save_models(tmp_path / "models", "qwen3", finetunes=2)
+    config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode="hidden",
+                        architecture="qwen3", experts_per_token=1)
+    run_mergekit(config, tmp_path / "mergekit")
+    plan = merge(config, tmp_path / "moekit")
+    assert plan.target.family == "qwen3_moe"
     _assert_same_model(tmp_path / "mergekit", tmp_path / "moekit")
 
 
