@@ -109,8 +109,9 @@ class Family:
     tensors the consumer does not hold."""
     grouped_on_disk: bool = False
     """True when ``save_pretrained`` writes the experts grouped (GraniteMoE's
-    ``input_linear``/``output_linear``): the ``hf`` layout is then transformers' fused
-    tensors under the ``hf`` renames, read and written in that native form."""
+    ``input_linear``/``output_linear``, GPT-OSS's interleaved ``gate_up_proj``): the ``hf``
+    layout is then transformers' fused tensors under the ``hf`` renames, transposition and
+    interleave, read and written in that native form."""
     moe_layers: LayerRule | None = None
     """Which decoder layers config.json makes MoE layers (``first_k_dense_replace``,
     ``decoder_sparse_step``, ...); None when the config's layers are not known."""
