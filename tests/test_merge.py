@@ -126,6 +126,8 @@ def test_every_mismatching_source_tensor_is_reported_before_writing(llama, tmp_p
      "no merge target holds 1 shared expert of a 'llama' base model as architecture mixtral"),
     ({"experts": [{"source_model": "x", "noise_scale": 0.1}]}, "noise_scale"),
     ({"bogus": 1}, "unknown field bogus"),
+    ({"experts": [{"source_model": "/nonexistent/x"}], "experts_per_token": 1},
+     "expert0 (source_model): no checkpoint at /nonexistent/x"),
 ])
 def test_settings_moekit_cannot_honour_are_refused_by_name(llama, tmp_path, capsys, change,
                                                              message):

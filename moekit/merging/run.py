@@ -24,13 +24,17 @@ def plan_merge(config: MergeConfig | str | Path
     merge = config if isinstance(config, MergeConfig) else load_merge_config(config)
     by_name: dict[str, Checkpoint] = {}
 
-    def checkpoint(name: str) -> Checkpoint:
+    def checkpoint(name: str, role: str) -> Checkpoint:
         if name not in by_name:
-            by_name[name] = Checkpoint.open(name)
+            try:
+                by_name[name] = Checkpoint.open(name)
+            except MoekitError as err:
+                raise MoekitError(f"{role}: {err}") from None
         return by_name[name]
 
-    opened = {BASE_TAG: checkpoint(merge.base_model)}
-    opened.update({tag: checkpoint(s.source_model) for tag, s in merge.sources.items()})
+    opened = {BASE_TAG: checkpoint(merge.base_model, "base_model")}
+    opened.update({tag: checkpoint(s.source_model, f"{tag} (source_model)")
+                   for tag, s in merge.sources.items()})
     base = opened[BASE_TAG]
     check_sources(base.tensors, base.model_type,
                   {tag: (str(c.named), c.tensors, c.model_type)
