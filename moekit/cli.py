@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_output_options(sub: argparse.ArgumentParser) -> None:
-    """The options of every command that writes a checkpoint (convert, upcycle)."""
+    """The options of every command that writes a checkpoint (convert, upcycle, merge)."""
     sub.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     sub.add_argument("--dry-run", action="store_true",
                      help="validate and print the plan; write nothing")
@@ -116,7 +116,7 @@ def _add_output_options(sub: argparse.ArgumentParser) -> None:
 
 def _add_format_option(sub: argparse.ArgumentParser) -> None:
     """``--format`` of the commands that write through the job pipeline's sinks
-    (``moekit.conversion.run_job``: convert, upcycle)."""
+    (``moekit.conversion.sink_for``: convert, upcycle, merge)."""
     sub.add_argument("--format", default="safetensors", choices=("safetensors", "dcp"),
                      help="output files: HF-sharded safetensors (default), or one "
                      "torch.distributed.checkpoint folder (.metadata and .distcp files)")
