@@ -177,3 +177,16 @@ def test_dcp_output_holds_the_merged_tensors(llama, tmp_path):
     expected = load_file(str(tmp_path / "safetensors" / "model.safetensors"))
     loaded = dcp_state_dict(tmp_path / "dcp", expected)
     assert [k for k, v in expected.items() if not torch.equal(loaded[k], v)] == []
+
+
+def test_an_existing_destination_is_replaced_only_with_overwrite(llama, tmp_path, capsys):
+    base, finetunes = llama
+    config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode="random")
+    out = tmp_path / "out"
+    assert main(["merge", str(config), str(out), "--seed", "1"]) == 0
+    first = (out / "model.safetensors").read_bytes()
+    assert main(["merge", str(config), str(out), "--seed", "2"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == first
+    assert main(["merge", str(config), str(out), "--seed", "2", "--overwrite"]) == 0
+    assert (out / "model.safetensors").read_bytes() != first
