@@ -30,6 +30,8 @@ from .plan import nbytes
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+DCP_METADATA_NAME = ".metadata"
+"""The file describing a torch.distributed.checkpoint folder (``moekit.dcp`` reads it)."""
 LAYOUT_METADATA_KEY = "moekit.layout"
 FAMILY_METADATA_KEY = "moekit.family"
 
@@ -82,7 +84,8 @@ class TensorInfo:
 
 @dataclass
 class Checkpoint:
-    """The headers of a safetensors checkpoint, its config.json and its sidecar files."""
+    """The headers of a safetensors (or torch.distributed.checkpoint) checkpoint, its
+    config.json and its sidecar files."""
 
     path: Path
     tensors: dict[str, TensorInfo]
@@ -112,11 +115,15 @@ class Checkpoint:
         links, since the user named it): its folder's config.json is read for detection,
         but none of its neighbours is copied with it. A ``str`` that names no local path
         and reads as a Hugging Face repo id (``ORG/NAME[@REVISION]``) is that repository's
-        snapshot in the local Hub cache (see ``moekit.hub``).
+        snapshot in the local Hub cache (see ``moekit.hub``). A folder holding a DCP
+        ``.metadata`` and no safetensors files is a torch.distributed.checkpoint.
         """
         from .hub import local_path  # not at the top: moekit.hub imports this module
 
-        source = _locate(local_path(path))
+        local = local_path(path)
+        if _is_dcp(local):
+            return cls._open_dcp(local)
+        source = _locate(local)
         tensors: dict[str, TensorInfo] = {}
         metadata: dict[str, str] = {}
         identities: dict[str, FileIdentity] = {}
@@ -137,6 +144,29 @@ class Checkpoint:
                    sidecars=sidecars, read=read,
                    named=Path(path) if source.named_file else source.folder,
                    identities=identities)
+
+    @classmethod
+    def _open_dcp(cls, folder: Path) -> "Checkpoint":
+        """The headers of a torch.distributed.checkpoint folder (``moekit.dcp``): each
+        tensor is a run of bytes of a ``.distcp`` file, read like a safetensors tensor."""
+        from .dcp import read_tensors  # imports torch, which DCP's metadata refers to
+
+        data_files = {name: FileIdentity.of(_member(folder, name).stat())
+                      for name in sorted(p.name for p in folder.glob("*.distcp"))}
+        tensors = {key: TensorInfo(key, *entry)
+                   for key, entry in read_tensors(folder).items()}
+        used = list(dict.fromkeys(t.file for t in tensors.values()))
+        missing = [name for name in used if name not in data_files]
+        if missing:
+            raise MoekitError(f"{_shown(folder / DCP_METADATA_NAME)} names "
+                              f"{printable(missing[0])}, which the folder lacks")
+        config = read_config(folder)
+        read = [folder / DCP_METADATA_NAME, *(folder / name for name in used)]
+        if config is not None:
+            read.append(folder / CONFIG_NAME)
+        return cls(path=folder, tensors=tensors, config=config,
+                   sidecars=_sidecars(folder, {DCP_METADATA_NAME, *data_files}), read=read,
+                   identities={name: data_files[name] for name in used})
 
     @property
     def files(self) -> list[str]:
@@ -250,6 +280,13 @@ class _Source:
     """The index's tensor -> file map; None when the checkpoint has no index."""
     named_file: bool
     """True when the user named one ``.safetensors`` file rather than a folder."""
+
+
+def _is_dcp(path: Path) -> bool:
+    """Whether ``path`` is a torch.distributed.checkpoint folder: a ``.metadata`` and no
+    safetensors files."""
+    return (_kind(path) == "folder" and os.path.lexists(path / DCP_METADATA_NAME)
+            and not any(path.glob("*.safetensors")))
 
 
 def _locate(path: Path) -> _Source:

@@ -1,5 +1,6 @@
 """torch.distributed.checkpoint folders: a sink that writes a plan as one DCP checkpoint
-(``.metadata`` and several ``.distcp`` files), streaming.
+(``.metadata`` and several ``.distcp`` files), streaming; and the headers of such a
+folder, read so that its tensors are read as byte ranges, as safetensors files are.
 
 DCP plans a save from the state dict's shapes and dtypes alone and asks its planner for
 a tensor's data only when it writes that tensor: torch 2.13's ``FileSystemWriter``
@@ -15,23 +16,32 @@ writes, without a process group (``no_dist``).
 
 from __future__ import annotations
 
+import io
+import math
+import os
+import pickle
 import queue
+import struct
 import warnings
+import zipfile
 from collections.abc import Callable
 from concurrent.futures import Future
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
+from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem
 from torch.distributed.checkpoint.storage import WriteResult
 
-from .dtypes import to_torch
+from .checkpoint import DCP_METADATA_NAME
+from .dtypes import to_safetensors, to_torch
+from .errors import MoekitError, printable
 from .executors.evaluate import KeepingStatistics, materialize
 from .executors.streaming import shard_tensors
-from .plan import Plan
+from .plan import Plan, nbytes
 from .progress import progress
 from .sources import TensorSource
 
@@ -101,3 +111,229 @@ class _ShardedWriter(FileSystemWriter):
         # torch 2.13's FileSystemWriter.write_data fills this queue (path, file name,
         # items) with its own split and hands it to _write_data, which writes each file.
         return self._write_data(planner, files)
+
+MAX_METADATA_BYTES = 256 * 2**20
+"""Largest ``.metadata`` read (a 1,000,000-tensor checkpoint's is about 200 MB)."""
+
+_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
+"""What torch 2.13's ``.metadata`` pickle refers to, beside dtypes: its own dataclasses.
+Nothing else is unpickled (``FileSystemReader.read_metadata`` would run any pickle)."""
+
+_STORAGE_DTYPES = {
+    "FloatStorage": "F32", "DoubleStorage": "F64", "HalfStorage": "F16",
+    "BFloat16Storage": "BF16", "LongStorage": "I64", "IntStorage": "I32",
+    "ShortStorage": "I16", "CharStorage": "I8", "ByteStorage": "U8", "BoolStorage": "BOOL",
+    "UInt16Storage": "U16", "UInt32Storage": "U32", "UInt64Storage": "U64",
+    "Float8_e4m3fnStorage": "F8_E4M3", "Float8_e5m2Storage": "F8_E5M2",
+}
+"""``torch.save``'s typed storage classes, by the safetensors dtype they hold."""
+
+_TORCH_DTYPES = {
+    "float32": "F32", "float64": "F64", "float16": "F16", "bfloat16": "BF16",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
+    "bool": "BOOL", "uint16": "U16", "uint32": "U32", "uint64": "U64",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+}
+"""torch dtypes by name, as ``torch.save`` refers to them beside an untyped storage
+(``_rebuild_tensor_v3``: float8 and the unsigned types)."""
+
+
+def read_tensors(folder: Path) -> dict[str, tuple[str, tuple[int, ...], str, int]]:
+    """Every tensor of the DCP checkpoint in ``folder``: key -> (data file, shape,
+    safetensors dtype, byte offset of its elements in that file), in saved order.
+
+    DCP's ``FileSystemWriter`` stores each tensor as a ``torch.save`` archive inside a
+    ``.distcp`` file; the archive keeps the tensor's one storage uncompressed, so a
+    tensor saved whole, row-major, is a run of raw bytes in that file, read and copied as
+    a safetensors tensor is. A tensor saved as several chunks (sharded), strided, with
+    an offset into a larger storage, or compressed, and any entry that is not a tensor,
+    is refused naming it.
+    """
+    metadata = _read_metadata(folder / DCP_METADATA_NAME)
+    tensors = {}
+    for key, entry in metadata.state_dict_metadata.items():
+        tensors[key] = _tensor(folder, key, entry, metadata.storage_data)
+    return tensors
+
+
+def _read_metadata(path: Path):
+    """The checkpoint's ``Metadata``, unpickled allowing only DCP's own classes."""
+    shown = printable(str(path))
+    try:
+        size = path.stat().st_size
+        if size > MAX_METADATA_BYTES:
+            raise MoekitError(f"{shown} is {size:,} bytes, more than a DCP .metadata moekit "
+                              f"reads ({MAX_METADATA_BYTES:,})")
+        with open(path, "rb") as file:
+            return _Unpickler(file, shown).load()
+    except OSError as err:
+        raise MoekitError(f"cannot read {shown}: {err.strerror or err}") from err
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError,
+            IndexError, KeyError) as err:
+        raise MoekitError(f"{shown} is not a torch.distributed.checkpoint .metadata moekit "
+                          f"reads: {printable(str(err))}") from err
+
+
+class _Unpickler(pickle.Unpickler):
+    """Unpickles DCP metadata: its dataclasses and torch dtypes, nothing else."""
+
+    def __init__(self, file, shown: str) -> None:
+        super().__init__(file)
+        self.shown = shown
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_CLASSES or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which is not part of a "
+                                     "DCP checkpoint's metadata")
+
+    def persistent_load(self, pid: object):
+        raise pickle.UnpicklingError("it refers to external storage")
+
+
+def _tensor(folder: Path, key: str, entry, storage_data
+            ) -> tuple[str, tuple[int, ...], str, int]:
+    """(data file, shape, dtype, byte offset) of one tensor entry of ``.metadata``."""
+    where = f"{printable(str(folder / DCP_METADATA_NAME))}: {printable(key)}"
+    if not isinstance(entry, TensorStorageMetadata):
+        raise MoekitError(f"{where} is not a tensor ({type(entry).__name__}): moekit reads "
+                          "checkpoints of model weights only")
+    shape = tuple(entry.size)
+    chunks = entry.chunks
+    if len(chunks) != 1 or any(chunks[0].offsets) or tuple(chunks[0].sizes) != shape:
+        raise MoekitError(f"{where} is saved in {len(chunks)} chunks (a sharded save); "
+                          "moekit reads tensors saved whole, by one process")
+    try:
+        dtype = to_safetensors(entry.properties.dtype)
+    except KeyError:
+        raise MoekitError(f"{where} has dtype {entry.properties.dtype}, which moekit does "
+                          "not handle") from None
+    info = storage_data.get(MetadataIndex(key, chunks[0].offsets))
+    if info is None:
+        raise MoekitError(f"{where} has no storage entry saying which file holds it")
+    if info.transform_descriptors:
+        raise MoekitError(f"{where} is stored transformed ({', '.join(info.transform_descriptors)}); "
+                          "moekit reads tensors stored as saved")
+    file = PurePosixPath(info.relative_path)
+    if file.is_absolute() or len(file.parts) != 1 or not file.name.endswith(DISTCP_SUFFIX):
+        raise MoekitError(f"{where} is stored in {printable(info.relative_path)}, not a "
+                          f"{DISTCP_SUFFIX} file of the folder")
+    offset = _data_offset(folder / file.name, info.offset, info.length, shape, dtype, where)
+    return file.name, shape, dtype, offset
+
+
+def _data_offset(path: Path, start: int, length: int, shape: tuple[int, ...], dtype: str,
+                 where: str) -> int:
+    """Where, in ``path``, the elements of the ``torch.save`` archive at ``start`` begin,
+    once the archive is known to hold exactly that tensor, row-major, uncompressed."""
+    shown = f"{where} ({printable(path.name)})"
+    try:
+        with open(path, "rb") as file:
+            archive = zipfile.ZipFile(_Slice(file, start, length))
+            members = {info.filename.split("/", 1)[-1]: info for info in archive.infolist()}
+            storages = [name for name in members if name.startswith("data/")]
+            if storages != ["data/0"] or "data.pkl" not in members:
+                raise MoekitError(f"{shown} is not one tensor saved by torch.save")
+            if "byteorder" in members and archive.read(members["byteorder"]) != b"little":
+                raise MoekitError(f"{shown} is saved big-endian")
+            rebuilt = _Rebuild(io.BytesIO(archive.read(members["data.pkl"]))).load()
+            data = members["data/0"]
+            file.seek(start + data.header_offset)
+            local = file.read(30)
+    except OSError as err:
+        raise MoekitError(f"cannot read {shown}: {err.strerror or err}") from err
+    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError,
+            IndexError, KeyError, struct.error) as err:
+        raise MoekitError(f"{shown} is not a tensor saved by torch.save: "
+                          f"{printable(str(err))}") from err
+    storage_dtype, storage_offset, size, stride = rebuilt
+    row_major = tuple(math.prod(shape[d + 1:]) for d in range(len(shape)))
+    if (storage_dtype, storage_offset, tuple(size)) != (dtype, 0, shape) or \
+            any(n > 1 and s != r for n, s, r in zip(shape, stride, row_major)):
+        raise MoekitError(f"{shown} is saved as {storage_dtype} {list(size)} with strides "
+                          f"{list(stride)} from element {storage_offset}, where .metadata "
+                          f"says {dtype} {list(shape)} whole and row-major")
+    if data.compress_type != zipfile.ZIP_STORED or data.file_size != nbytes(shape, dtype):
+        raise MoekitError(f"{shown} holds {data.file_size:,} bytes (compression "
+                          f"{data.compress_type}) where {dtype} {list(shape)} is "
+                          f"{nbytes(shape, dtype):,} bytes, uncompressed")
+    signature, name_length, extra_length = struct.unpack("<I22xHH", local)
+    if signature != 0x04034B50:
+        raise MoekitError(f"{shown} is not a tensor saved by torch.save: no local header")
+    return start + data.header_offset + 30 + name_length + extra_length
+
+
+class _Rebuild(pickle.Unpickler):
+    """Reads the ``data.pkl`` of a ``torch.save`` archive of one tensor as (dtype, storage
+    offset, size, stride), without building it; anything else is refused."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuilt
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v3"):
+            return _rebuilt_v3
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict
+        if (module, name) == ("torch.storage", "UntypedStorage"):
+            return None
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if module == "torch" and name in _TORCH_DTYPES:
+            return _TORCH_DTYPES[name]
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}")
+
+    def persistent_load(self, pid: object):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and pid[2] == "0"):
+            raise pickle.UnpicklingError("its storage is not the archive's data/0")
+        return pid[1]
+
+
+def _rebuilt(storage: str, storage_offset: int, size: tuple, stride: tuple, *rest: object
+             ) -> tuple[str, int, tuple, tuple]:
+    """What ``torch._utils._rebuild_tensor_v2`` would build, in words: the dtype of its
+    typed storage, storage offset, size and stride."""
+    return storage, storage_offset, tuple(size), tuple(stride)
+
+
+def _rebuilt_v3(storage: None, storage_offset: int, size: tuple, stride: tuple,
+                requires_grad: bool, hooks: object, dtype: str, *rest: object
+                ) -> tuple[str, int, tuple, tuple]:
+    """What ``torch._utils._rebuild_tensor_v3`` would build (an untyped storage and its
+    dtype), in words."""
+    return dtype, storage_offset, tuple(size), tuple(stride)
+
+
+class _Slice(io.RawIOBase):
+    """Bytes ``[start, start + length)`` of an open file, as a seekable file of its own
+    (``zipfile`` reads an archive inside a ``.distcp`` file through it)."""
+
+    def __init__(self, file, start: int, length: int) -> None:
+        self.file, self.start, self.length, self.at = file, start, length, 0
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.at
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.at, io.SEEK_END: self.length}[whence]
+        self.at = max(0, min(self.length, base + offset))
+        return self.at
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), self.length - self.at))
+        data = os.pread(self.file.fileno(), n, self.start + self.at)
+        buffer[:len(data)] = data
+        self.at += len(data)
+        return len(data)

@@ -3,6 +3,7 @@ reader (``FileSystemReader``, ``dcp.load``) into the state dict transformers' mo
 
 from __future__ import annotations
 
+import pickle
 import weakref
 from pathlib import Path
 
@@ -13,8 +14,11 @@ import torch.distributed.checkpoint as dcp
 import moekit
 from moekit import dcp as moekit_dcp
 from moekit import samples
+from moekit.checkpoint import Checkpoint
 from moekit.cli import main
 from moekit.errors import MoekitError
+from moekit.plan import Read
+from moekit.sources import FileSource
 from moekit.upcycling import UpcycleSpec, upcycle
 
 from .conftest import load_all, same_bytes
@@ -92,3 +96,69 @@ def test_an_unknown_format_is_refused_before_anything_is_written(qwen3, tmp_path
     with pytest.raises(MoekitError, match="unknown output format 'zarr'"):
         moekit.convert(qwen3, tmp_path / "out", to="nemo", format="zarr")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layout", ["hf", "transformers", "nemo", "vllm"])
+def test_hf_to_dcp_and_back_is_byte_identical(family_checkpoints, tmp_path, capsys, layout):
+    """The DCP folder is recognised without --from (inspect, verify, convert) and read
+    back as the bytes transformers saved."""
+    src = family_checkpoints["qwen3_moe"]
+    out, back = tmp_path / "dcp", tmp_path / "back"
+    assert main(["convert", str(src), str(out), "--to", layout, "--format", "dcp",
+                 "--max-shard-size", str(SHARD)]) == 0
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert f'"layout": "{layout}"' in capsys.readouterr().out
+    assert main(["verify", str(src), str(out)]) == 0
+    assert main(["convert", str(out), str(back), "--to", "hf"]) == 0
+    original, restored = load_all(src), load_all(back)
+    assert original.keys() == restored.keys()
+    assert all(same_bytes(original[k], restored[k]) for k in original)
+
+
+def test_a_dcp_folder_saved_by_torch_is_read_as_saved(tmp_path):
+    """Tensors that ``dcp.save`` wrote (several dtypes, one process) are read, as byte
+    ranges of the .distcp files, as they were saved."""
+    saved = {"a.weight": torch.randn(5, 3).to(torch.bfloat16),
+             "b.bias": torch.arange(7, dtype=torch.int64),
+             "c.mask": torch.tensor([True, False, True]),
+             "d.scale": torch.randn(4, 2).to(torch.float8_e4m3fn)}
+    dcp.save(saved, checkpoint_id=tmp_path / "ckpt", no_dist=True)
+    checkpoint = Checkpoint.open(tmp_path / "ckpt")
+    assert list(checkpoint.tensors) == list(saved)
+    with FileSource(checkpoint) as source:
+        for key, tensor in saved.items():
+            assert same_bytes(source.read(Read.whole(key, checkpoint.tensors[key])), tensor)
+
+
+@pytest.mark.parametrize("saved,refusal", [
+    ({"w": torch.randn(4, 6).t()}, "strides"),
+    ({"w": torch.randn(4, 6), "step": 3}, "step is not a tensor"),
+])
+def test_what_moekit_cannot_read_as_saved_is_refused(tmp_path, capsys, saved, refusal):
+    dcp.save(saved, checkpoint_id=tmp_path / "ckpt", no_dist=True)
+    code = main(["inspect", str(tmp_path / "ckpt")])
+    err = capsys.readouterr().err
+    assert code == 2 and refusal in err and "Traceback" not in err
+
+
+def test_a_metadata_pickle_is_never_run(tmp_path, capsys):
+    """``.metadata`` is a pickle: one that refers to anything but DCP's own classes is
+    refused before it can run code."""
+    folder = tmp_path / "ckpt"
+    dcp.save({"w": torch.randn(2, 2)}, checkpoint_id=folder, no_dist=True)
+    witness = tmp_path / "ran"
+    (folder / ".metadata").write_bytes(pickle.dumps(_Payload(str(witness))))
+    code = main(["inspect", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and ".metadata" in err
+    assert not witness.exists()
+
+
+class _Payload:
+    """Unpickling this touches a file (what a malicious .metadata could do instead)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.path),)
