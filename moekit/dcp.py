@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
@@ -68,11 +69,22 @@ class DcpFolder:
             # torch 2.13 warns that it assumes one process whenever no process group is
             # initialised, no_dist or not: that is the intent here.
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-            dcp.save(shapes, storage_writer=_ShardedWriter(folder, plan, self.max_shard_bytes),
-                     no_dist=True,
-                     planner=_RecipePlanner(plan, source, bar.update))
+            try:
+                dcp.save(shapes, no_dist=True,
+                         storage_writer=_ShardedWriter(folder, plan, self.max_shard_bytes),
+                         planner=_RecipePlanner(plan, source, bar.update))
+            except CheckpointException as err:
+                raise _original(err) from None
         for path in sorted(folder.iterdir()):
             finished(path)
+
+
+def _original(err: CheckpointException) -> BaseException:
+    """The exception a DCP step raised, which DCP wraps (with its traceback as text) in a
+    CheckpointException, a BaseException: re-raised as itself, a MoekitError or an
+    OSError of the destination is reported as moekit reports it elsewhere."""
+    failure, _ = next(iter(err.failures.values()))
+    return failure
 
 
 class _RecipePlanner(DefaultSavePlanner):

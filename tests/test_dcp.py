@@ -162,3 +162,18 @@ class _Payload:
 
     def __reduce__(self):
         return Path.touch, (Path(self.path),)
+
+
+def test_a_failure_while_writing_is_one_message_and_leaves_nothing(qwen3, tmp_path, capsys,
+                                                                   monkeypatch):
+    """DCP wraps a step's failure in a CheckpointException (a BaseException); moekit
+    reports the failure itself, exit code 2, and removes the temporary folder."""
+    def fail(recipe, source):
+        raise MoekitError("qwen3 shard changed")
+
+    monkeypatch.setattr(moekit_dcp, "materialize", fail)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = main(["convert", str(qwen3), str(tmp_path / "out"), "--to", "nemo", "--format", "dcp"])
+    err = capsys.readouterr().err
+    assert code == 2 and "qwen3 shard changed" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
