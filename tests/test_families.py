@@ -348,8 +348,6 @@ def test_family_table_agrees_with_transformers_conversion_mapping(family, model_
     name transformers' own conversion table gives it on load (routers and shared experts
     by the family's renames; expert weights the grouped tensor moekit emits them into,
     gate before up). Covers the families transformers cannot build tiny too."""
-    from moekit.layouts import HF
-
     renamed = _transformers_renamer(model_type)
     block = family.block.format(layer=1)
     fused = tuple(f".experts.{spec.name}" for spec in TRANSFORMERS.specs(family))
