@@ -177,3 +177,30 @@ def test_a_failure_while_writing_is_one_message_and_leaves_nothing(qwen3, tmp_pa
     err = capsys.readouterr().err
     assert code == 2 and "qwen3 shard changed" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_load_of_a_dcp_folder_is_the_models_state_dict(family_checkpoints, family_models,
+                                                       tmp_path):
+    out = tmp_path / "dcp"
+    moekit.convert(family_checkpoints["qwen3_moe"], out, to="nemo", format="dcp",
+                   max_shard_size=SHARD)
+    loaded = moekit.load(out, layout="transformers")
+    expected = family_models["qwen3_moe"].state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(same_bytes(loaded[key], expected[key]) for key in expected)
+
+
+@pytest.mark.parametrize("damage,named", [
+    (lambda folder: (folder / "__0_1.distcp").write_bytes(b""), "__0_1.distcp"),
+    (lambda folder: (folder / ".metadata").write_bytes(b"\x80\x04garbage"), ".metadata"),
+    (lambda folder: (folder / "__0_0.distcp").unlink(), "__0_0.distcp"),
+])
+def test_a_damaged_dcp_folder_is_named(family_checkpoints, tmp_path, capsys, damage, named):
+    out = tmp_path / "dcp"
+    moekit.convert(family_checkpoints["qwen3_moe"], out, to="nemo", format="dcp",
+                   max_shard_size=SHARD)
+    damage(out)
+    code = main(["convert", str(out), str(tmp_path / "back"), "--to", "hf"])
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and "Traceback" not in err
+    assert not (tmp_path / "back").exists()
