@@ -55,6 +55,9 @@ class DcpFolder:
     files hold at most ``max_shard_bytes`` each."""
 
     def __init__(self, max_shard_bytes: int) -> None:
+        if not hasattr(FileSystemWriter, "_write_data"):  # see _ShardedWriter.write_data
+            raise MoekitError(f"--format dcp writes through torch 2.13's DCP file-system "
+                              f"writer, which torch {torch.__version__} does not have")
         self.max_shard_bytes = max_shard_bytes
 
     def write(self, plan: Plan, source: TensorSource, folder: Path,

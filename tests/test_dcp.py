@@ -204,3 +204,13 @@ def test_a_damaged_dcp_folder_is_named(family_checkpoints, tmp_path, capsys, dam
     err = capsys.readouterr().err
     assert code == 2 and named in err and "Traceback" not in err
     assert not (tmp_path / "back").exists()
+
+
+def test_a_torch_without_the_writer_moekit_extends_is_refused_before_writing(
+        qwen3, tmp_path, monkeypatch):
+    from torch.distributed.checkpoint.filesystem import _FileSystemWriter
+
+    monkeypatch.delattr(_FileSystemWriter, "_write_data")
+    with pytest.raises(MoekitError, match="torch 2.13's DCP file-system writer"):
+        moekit.convert(qwen3, tmp_path / "out", to="nemo", format="dcp", dry_run=True)
+    assert not (tmp_path / "out").exists()
