@@ -8,10 +8,11 @@ resolves the items of a file one at a time (``_SerialCpuLoader``, one writer thr
 with an accelerator present, ``_OverlappingCpuLoader`` resolves at most 10 MB ahead).
 So the state dict handed to ``dcp.save`` holds tensors on the meta device (shape and
 dtype, no data), and the planner builds each tensor from its recipe when DCP asks for
-it: one tensor in memory at a time, whatever the model's size. The writer puts the
-tensors, in the plan's order, into ``.distcp`` files of at most the shard size (a
-larger tensor gets a file alone), all described by one ``.metadata``. One process
-writes, without a process group (``no_dist``).
+it. The writer puts the tensors, in the plan's order, into ``.distcp`` files of at most
+the shard size (a larger tensor gets a file alone), all described by one ``.metadata``;
+DCP keeps a file's tensors until the file is written, so memory holds at most one
+file's tensors, whatever the model's size. One process writes, without a process group
+(``no_dist``).
 """
 
 from __future__ import annotations
