@@ -140,10 +140,12 @@ def analyse(tensors: Mapping[str, TensorMeta], config: dict | None,
             where: Callable[[str], str | None] = lambda key: None,
             family: str | None = None, n_experts: int | None = None,
             config_file: str | None = None) -> Analysis:
-    """``understand`` then ``validate`` every expert."""
+    """``understand`` then ``validate`` every expert; refuse a source in a layout whose
+    consumer converted tensors outside the experts that moekit cannot convert back."""
     analysis = understand(tensors, config, metadata, label, from_, family, n_experts,
                           config_file)
     validate(analysis, where=where)
+    _check_converted(analysis.family, analysis.layout, "source")
     return analysis
 
 
@@ -253,17 +255,19 @@ def _check_held(blocks: Mapping[int, ExpertBlock], family: Family, dst: Layout) 
                           + ("; or pass --dequantize to write bf16 weights" if quantized else ""))
 
 
-def _check_converted(family: Family, dst: Layout) -> None:
-    """Refuse a destination layout whose consumer converts tensors of ``family`` outside
-    the experts that moekit does not (``Family.unconverted``): the result would not be
-    what the layout promises."""
-    reason = family.unconverted.get(dst.name)
+def _check_converted(family: Family, layout: Layout, role: str = "destination") -> None:
+    """Refuse ``layout`` as the source or destination of ``family`` where its consumer
+    converts tensors outside the experts that moekit does not (``Family.unconverted``):
+    written, the result would not be what the layout promises; read, those tensors would
+    pass through under names and shapes that no other layout has."""
+    reason = family.unconverted.get(layout.name)
     if reason:
         others = [name for name in LAYOUTS if name not in family.unconverted]
-        raise MoekitError(f"the {dst.name} layout of {family.name} is refused: {reason} on "
-                          "load, which moekit does not, so the result would not be what the "
-                          f"layout promises; convert to {', '.join(others)} instead (the hf "
-                          "layout is what from_pretrained reads)")
+        raise MoekitError(f"the {layout.name} layout of {family.name} is refused as a "
+                          f"{role}: {reason} on load, which moekit does not (nor undoes), so "
+                          f"the result would not be what the layout promises; use "
+                          f"{', '.join(others)} instead (the hf layout is what "
+                          "from_pretrained reads)")
 
 
 def _check_scale_grids(analysis: Analysis, blocks: Mapping[int, ExpertBlock], dst: Layout,

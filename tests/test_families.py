@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moekit import convert, inspect, samples
+from moekit import convert, convert_state_dict, inspect, samples
 from moekit.errors import MoekitError
 from moekit.layouts import HF, TRANSFORMERS, family_named, family_of_model_type
 
@@ -142,12 +142,16 @@ def test_transformers_layout_is_refused_where_transformers_converts_more(model_t
     beyond = [k for k in model.model.state_dict() if ".experts." not in k and k not in renamed]
     assert beyond, "transformers holds every non-expert tensor under a name moekit gives"
     with pytest.raises(MoekitError, match=f"the transformers layout of {family.name} is "
-                                          "refused: transformers 5.24 .* convert to hf, nemo, "
-                                          "vllm instead"):
+                                          "refused as a destination: transformers 5.24 .* use "
+                                          "hf, nemo, vllm instead"):
         convert(model.path, tmp_path / "fused", to="transformers")
     assert main(["convert", str(model.path), str(tmp_path / "cli"), "--to", "transformers"]) == 2
     assert family.unconverted["transformers"] in capsys.readouterr().err
     assert not (tmp_path / "fused").exists() and not (tmp_path / "cli").exists()
+    with pytest.raises(MoekitError, match=f"the transformers layout of {family.name} is "
+                                          "refused as a source"):
+        convert_state_dict(model.model.state_dict(), "transformers", "hf",
+                           config=model.model.config.to_dict())
 
 
 LOGITS_VIA = [pytest.param(t, "nemo" if t in REFUSED else "transformers", id=t) for t in TYPES]
