@@ -190,3 +190,28 @@ def test_an_existing_destination_is_replaced_only_with_overwrite(llama, tmp_path
     assert (out / "model.safetensors").read_bytes() == first
     assert main(["merge", str(config), str(out), "--seed", "2", "--overwrite"]) == 0
     assert (out / "model.safetensors").read_bytes() != first
+
+
+def test_qwen2_moe_from_llama_computes_mergekits_model_without_its_zero_biases(llama, tmp_path):
+    # mergekit-moe writes zero q/k/v biases for a Llama base (Qwen2-MoE attention may hold
+    # them); moekit writes qkv_bias false instead, which transformers reads as no bias.
+    from transformers import AutoModelForCausalLM
+
+    base, finetunes = llama
+    config = write_yaml(tmp_path / "moe.yml", base, finetunes[:2], gate_mode="random",
+                        architecture="qwen")
+    data = yaml.safe_load(config.read_text())
+    data["shared_experts"] = [{"source_model": str(base)}]
+    config.write_text(yaml.safe_dump(data))
+    run_mergekit(config, tmp_path / "mergekit")
+    merge(config, tmp_path / "moekit")
+    theirs, ours = _state_dict(tmp_path / "mergekit"), _state_dict(tmp_path / "moekit")
+    extra = {k: v for k, v in theirs.items() if k not in ours}
+    assert extra and all(k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))
+                         and not v.any() for k, v in extra.items())
+    assert all(torch.equal(theirs[k], v) for k, v in ours.items())
+    ids = torch.tensor([[1, 3, 4, 5, 6]])
+    with torch.no_grad():
+        logits = [AutoModelForCausalLM.from_pretrained(str(tmp_path / name))(ids).logits
+                  for name in ("mergekit", "moekit")]
+    assert torch.equal(*logits)
