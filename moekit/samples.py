@@ -7,7 +7,7 @@ only when a sample is built.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -55,14 +55,21 @@ def build_model(model_type: str, seed: int = 0, **overrides: Any):
     Every parameter is drawn from N(0, 0.2) so that routers, norms and biases are all
     non-trivial and a misplaced tensor changes the logits.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    _quiet_transformers()
     settings = {**_COMMON, **MOE_FAMILIES.get(model_type, DENSE_FAMILIES.get(model_type, {})),
                 **overrides}
-    config = AutoConfig.for_model(model_type, **settings)
+    return from_config(AutoConfig.for_model(model_type, **settings), seed)
+
+
+def from_config(config, seed: int = 0, make: Callable[..., Any] | None = None):
+    """The model ``make`` builds from ``config`` (transformers' causal LM by default),
+    float32, eval, every parameter drawn from N(0, 0.2) with ``seed``."""
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = (make or AutoModelForCausalLM.from_config)(config, dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-import torch
+from moekit import samples
 
 EXPERT_COUNT_NAMES = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 """Config attributes (or ``attribute_map`` aliases) that declare routed experts."""
@@ -82,17 +82,7 @@ def tiny_config(model_type: str, **overrides: Any):
 def build(model_type: str, seed: int = 0, **overrides: Any):
     """A tiny causal LM of ``model_type``, float32, every parameter drawn from N(0, 0.2)
     so that a misplaced tensor changes the logits."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    config = tiny_config(model_type, **overrides)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    return model.eval()
+    return samples.from_config(tiny_config(model_type, **overrides), seed)
 
 
 MULTIMODAL = ("llama4", "qwen3_vl_moe", "glm4v_moe", "ernie4_5_vl_moe", "qwen3_omni_moe")
@@ -117,9 +107,6 @@ def build_multimodal(model_type: str, seed: int = 0):
     its talker (``enable_audio_output`` false)."""
     import transformers
     from transformers import AutoConfig, AutoModelForImageTextToText
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
     default = AutoConfig.for_model(model_type)
     omni = hasattr(default, "thinker_config")
     inner = _tiny_towers(default.thinker_config if omni else default)
@@ -130,12 +117,7 @@ def build_multimodal(model_type: str, seed: int = 0):
     else:
         config = AutoConfig.for_model(model_type, **inner)
         make = AutoModelForImageTextToText.from_config
-    torch.manual_seed(seed)
-    model = make(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    return model.eval()
+    return samples.from_config(config, seed, make)
 
 
 def _tiny_towers(config) -> dict[str, dict]:
