@@ -16,6 +16,7 @@ from .config import MergeConfig, load_merge_config
 from .planner import (BASE_TAG, ROUTER_TAG, MergePlan, build_merge_plan, check_sources,
                       split_tag)
 
+
 def plan_merge(config: MergeConfig | str | Path
                ) -> tuple[dict[str, Checkpoint], MergePlan]:
     """Read the headers of the base model and of every expert source, check that they
