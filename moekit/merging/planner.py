@@ -4,21 +4,22 @@ Built from headers alone. The base model's headers give the upcycling plan of th
 target family (``moekit.upcycling``, method ``copy``); then every routed expert's
 projections are read from its own source checkpoint, the shared expert's from its
 source, and the router rows (computed from prompts, or drawn) from a small checkpoint
-written before the merge. A read's key names its checkpoint: ``TAG/key``, the tag being
-``base``, ``expertN``, ``sharedN`` or ``router``.
+written before the merge. Each read is named ``TAG/key`` (what ``--dry-run`` shows), the
+tag being ``base``, ``expertN``, ``sharedN`` or ``router``; ``MergePlan.origins`` maps
+that name to the checkpoint tag and tensor key it reads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import MoekitError, PlanError, plural, printable
 from ..layouts.base import TensorMeta
 from ..plan import Expr, Plan, Read, TensorPlan
-from ..upcycling.planner import build_upcycle_plan
-from ..upcycling.recipes import scaled
+from ..upcycling.planner import build_upcycle_plan, dense_mlps
+from ..upcycling.recipes import DenseMLP, scaled
 from ..upcycling.spec import UpcycleSpec
 from ..upcycling.targets import DENSE_PROJECTIONS, TARGETS, Target
 from .config import ExpertSource, MergeConfig
@@ -31,15 +32,17 @@ DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64"
 them after ``torch.``) as safetensors dtypes."""
 
 
-def tagged(tag: str, key: str) -> str:
-    """The plan key of tensor ``key`` of the checkpoint ``tag``."""
-    return f"{tag}/{key}"
+@dataclass
+class Origins:
+    """Where the reads of a merge plan come from: read name -> (checkpoint tag, key)."""
 
+    table: dict[str, tuple[str, str]] = field(default_factory=dict)
 
-def split_tag(key: str) -> tuple[str, str]:
-    """(tag, key) of a plan key."""
-    tag, _, inner = key.partition("/")
-    return tag, inner
+    def read(self, tag: str, source: Read) -> Read:
+        """``source`` (a read of a tensor of checkpoint ``tag``) under its plan name."""
+        name = f"{tag}/{source.key}"
+        self.table[name] = (tag, source.key)
+        return replace(source, key=name)
 
 
 @dataclass
@@ -54,6 +57,7 @@ class MergePlan:
     """Router tensor name -> (the MoE layer's position among the MoE layers, True for a
     shared-expert gate)."""
     merge: MergeConfig
+    origins: Origins
 
     def summary(self) -> str:
         """A short human summary (what ``--dry-run`` prints)."""
@@ -129,13 +133,15 @@ def build_merge_plan(base: Mapping[str, TensorMeta], config: dict | None, merge:
                        shared_expert=bool(merge.shared_experts))
     upcycled = build_upcycle_plan(base, config, spec, label)
     _check_dtype(merge, upcycled.dtype)
-    recipes, routers = _merge_recipes(upcycled.plan, merge, target)
-    tensors = [TensorPlan(t.name, recipes.get(t.name) or _from_base(t.recipe))
+    origins = Origins()
+    recipes, routers = _merge_recipes(upcycled.plan, dense_mlps(base, spec, label), merge,
+                                      target, origins)
+    tensors = [TensorPlan(t.name, recipes.get(t.name) or _from_base(t.recipe, origins))
                for t in upcycled.plan.tensors]
     plan = replace(upcycled.plan, src_layout="merge", tensors=tensors)
     moe_config = dict(upcycled.config)
     moe_config["dtype"] = next(k for k, v in DTYPE_NAMES.items() if v == upcycled.dtype)
-    return MergePlan(plan, moe_config, target, routers, merge)
+    return MergePlan(plan, moe_config, target, routers, merge, origins)
 
 
 def _check_dtype(merge: MergeConfig, dtype: str) -> None:
@@ -151,16 +157,17 @@ def _check_dtype(merge: MergeConfig, dtype: str) -> None:
                           "convert the models first")
 
 
-def _from_base(recipe: Expr) -> Expr:
+def _from_base(recipe: Expr, origins: Origins) -> Expr:
     """A tensor the upcycling plan passes through, read from the base model."""
     if not isinstance(recipe, Read):
         raise AssertionError(f"a merged tensor other than a pass-through: {recipe}")
-    return replace(recipe, key=tagged(BASE_TAG, recipe.key))
+    return origins.read(BASE_TAG, recipe)
 
 
-def _merge_recipes(plan: Plan, merge: MergeConfig, target: Target
-                   ) -> tuple[dict[str, Expr], dict[str, tuple[int, bool]]]:
-    """Recipes of the expert, shared-expert and router tensors of every MoE layer, and
+def _merge_recipes(plan: Plan, mlps: dict[int, DenseMLP], merge: MergeConfig, target: Target,
+                   origins: Origins) -> tuple[dict[str, Expr], dict[str, tuple[int, bool]]]:
+    """Recipes of the expert, shared-expert and router tensors of every MoE layer (the
+    projections read where the base model's dense MLP ``mlps`` lies, in each source), and
     the router tensors to compute (see ``MergePlan.routers``)."""
     family = target.moe_family
     metas = {t.name: t for t in plan.tensors}
@@ -172,27 +179,27 @@ def _merge_recipes(plan: Plan, merge: MergeConfig, target: Target
         for expert, source in enumerate(merge.experts):
             for name in ("gate", "up", "down"):
                 key = family.expert_key(layer, expert, name)
-                recipes[key] = _projection(f"expert{expert}", source, layer, name, metas[key])
+                recipes[key] = _projection(origins.read(f"expert{expert}",
+                                                        mlps[layer].projection(name)),
+                                           source, name)
         if merge.shared_experts and target.shared is not None:
             shared = target.shared
             for name, module in DENSE_PROJECTIONS.items():
                 key = f"{block}.{shared.module}.{module}.weight"
-                recipes[key] = _projection("shared0", merge.shared_experts[0], layer, name,
-                                           metas[key])
+                recipes[key] = _projection(origins.read("shared0", mlps[layer].projection(name)),
+                                           merge.shared_experts[0], name)
             if shared.gate is not None:
                 routers[f"{block}.{shared.gate}"] = (index, True)
     for name in routers:
-        recipes[name] = Read(tagged(ROUTER_TAG, name), (), metas[name].shape, metas[name].dtype)
+        computed = Read(name, (), metas[name].shape, metas[name].dtype)
+        recipes[name] = origins.read(ROUTER_TAG, computed)
     return recipes, routers
 
 
-def _projection(tag: str, source: ExpertSource, layer: int, name: str, meta: TensorPlan
-                ) -> Expr:
-    """One projection of the dense MLP of ``source`` at ``layer``; its ``down_proj``
-    times ``residual_scale`` (computed in float32, rounded once, as mergekit's
+def _projection(read: Read, source: ExpertSource, name: str) -> Expr:
+    """Projection ``name`` of a dense MLP of ``source``; its ``down_proj`` times
+    ``residual_scale`` (computed in float32, rounded once, as mergekit's
     ``tensor * residual_scale`` on the CPU is)."""
-    key = f"model.layers.{layer}.mlp.{DENSE_PROJECTIONS[name]}.weight"
-    read = Read(tagged(tag, key), (), meta.shape, meta.dtype)
     if name == "down" and source.residual_scale is not None:
         return scaled(read, source.residual_scale)
     return read

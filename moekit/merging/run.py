@@ -6,15 +6,19 @@ import json
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..checkpoint import Checkpoint, as_path
 from ..conversion import sink_for
 from ..errors import MoekitError
 from ..output import atomic_output, check_destination
+from ..plan import Read
 from ..sources import FileSource
 from .config import MergeConfig, load_merge_config
-from .planner import (BASE_TAG, ROUTER_TAG, MergePlan, build_merge_plan, check_sources,
-                      split_tag)
+from .planner import BASE_TAG, ROUTER_TAG, MergePlan, Origins, build_merge_plan, check_sources
+
+if TYPE_CHECKING:
+    import torch
 
 
 def plan_merge(config: MergeConfig | str | Path
@@ -67,7 +71,8 @@ def merge(config: MergeConfig | str | Path, dst_path: str | Path, seed: int = 0,
             tempfile.TemporaryDirectory(prefix="moekit-routers-") as scratch:
         checkpoints[ROUTER_TAG] = _write_routers(plan, checkpoints, Path(scratch), seed, device,
                                                  show_progress)
-        with TaggedSource({tag: FileSource(c) for tag, c in checkpoints.items()}) as source:
+        files_by_tag = {tag: FileSource(c) for tag, c in checkpoints.items()}
+        with TaggedSource(files_by_tag, plan.origins) as source:
             sink.write(plan.plan, source, output.folder, show_progress, output.sync_soon)
             source.check_unchanged()
         output.copy_in(f for f in base.extra_files() if f.name != "config.json")
@@ -84,7 +89,6 @@ def _write_routers(plan: MergePlan, checkpoints: dict[str, Checkpoint], folder: 
     from safetensors.torch import save_file
 
     from ..dtypes import to_torch
-    from ..plan import Read
     from .gates import EMBEDDINGS, gate_rows
 
     base = checkpoints[BASE_TAG]
@@ -111,28 +115,29 @@ def _write_routers(plan: MergePlan, checkpoints: dict[str, Checkpoint], folder: 
 
 
 class TaggedSource:
-    """Serves a plan's reads (``TAG/key``) from the file source of each tag."""
+    """Serves a merge plan's reads from the file source of the checkpoint each reads."""
 
-    def __init__(self, sources: dict[str, FileSource]) -> None:
+    def __init__(self, sources: dict[str, FileSource], origins: Origins) -> None:
         self.sources = sources
+        self.origins = origins
 
-    def _route(self, region):
-        tag, key = split_tag(region.key)
+    def _route(self, region: Read) -> tuple[FileSource, Read]:
+        tag, key = self.origins.table[region.key]
         return self.sources[tag], replace(region, key=key)
 
-    def read(self, region):
+    def read(self, region: Read) -> "torch.Tensor":
         source, inner = self._route(region)
         return source.read(inner)
 
-    def block_bytes(self, region) -> int:
+    def block_bytes(self, region: Read) -> int:
         source, inner = self._route(region)
         return source.block_bytes(inner)
 
-    def read_block(self, region, buffer):
+    def read_block(self, region: Read, buffer: memoryview) -> tuple[tuple[int, ...], tuple]:
         source, inner = self._route(region)
         return source.read_block(inner, buffer)
 
-    def byte_range(self, region):
+    def byte_range(self, region: Read) -> tuple[int, int, int] | None:
         source, inner = self._route(region)
         return source.byte_range(inner)
 
