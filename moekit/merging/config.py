@@ -21,9 +21,11 @@ from ..errors import MoekitError, printable
 GATE_MODES: tuple[str, ...] = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random",
                                 "uniform_random")
 """mergekit-moe's gate modes that moekit computes as it does (see ``moekit.merging.gates``)."""
-ARCHITECTURES: tuple[str, ...] = ("mixtral", "qwen", "qwen3")
-"""``architecture`` values: mergekit matches them as prefixes of its output names
-(Mixtral, Qwen MoE, Qwen3 MoE)."""
+ARCHITECTURES: dict[str, tuple[str, ...]] = {
+    "mixtral": ("mixtral",), "qwen": ("qwen2_moe", "qwen3_moe"), "qwen3": ("qwen3_moe",)}
+"""``architecture`` values -> the target families they may pick: mergekit matches them as
+prefixes of its output names (Mixtral, Qwen MoE, Qwen3 MoE), so ``qwen`` names both Qwen
+targets."""
 
 _EXPERT_FIELDS = {"source_model", "positive_prompts", "negative_prompts", "residual_scale",
                   "noise_scale"}

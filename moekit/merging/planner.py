@@ -22,7 +22,7 @@ from ..upcycling.planner import build_upcycle_plan, dense_mlps
 from ..upcycling.recipes import DenseMLP, scaled
 from ..upcycling.spec import UpcycleSpec
 from ..upcycling.targets import DENSE_PROJECTIONS, TARGETS, Target
-from .config import ExpertSource, MergeConfig
+from .config import ARCHITECTURES, ExpertSource, MergeConfig
 
 ROUTER_TAG = "router"
 BASE_TAG = "base"
@@ -82,9 +82,7 @@ def choose_target(merge: MergeConfig, model_type: str | None) -> Target:
     fits = {"mixtral": not shared and model_type in ("llama", "mistral"),
             "qwen2_moe": shared == 1 and model_type in ("qwen2", "llama", "mistral"),
             "qwen3_moe": not shared and model_type == "qwen3"}
-    names = {"mixtral": "mixtral", "qwen": "qwen2_moe qwen3_moe", "qwen3": "qwen3_moe"}
-    wanted = (names[merge.architecture.lower()].split() if merge.architecture
-              else list(fits))
+    wanted = ARCHITECTURES[merge.architecture.lower()] if merge.architecture else fits
     for name in wanted:
         if fits[name]:
             return TARGETS[name]
