@@ -25,6 +25,8 @@ TINY = ["--size-gib", "0.002", "--experts", "4", "--hidden", "64", "--inter", "3
     ("startup.py", [*TINY, "--repeat", "1"],
      {"python -c pass", "moekit convert --help", "moekit convert --to nemo",
       "moekit convert --to transformers"}),
+    ("merge.py", ["--size-gib", "0.002", "--hidden", "64", "--inter", "128", "--experts", "2"],
+     {"mergekit-moe", "moekit merge"}),
 ])
 def test_a_benchmark_runs_and_writes_its_figures(tmp_path, script, args, rows):
     figures_file = tmp_path / "figures.json"
