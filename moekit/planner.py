@@ -423,7 +423,7 @@ def select_experts(block: ExpertBlock, experts: range, offset: int = 0) -> Exper
 
 
 def _source_keys(block: ExpertBlock) -> set[str]:
-    return {name.split("[", 1)[0] for name in block.names.values()}
+    return set(block.names.values())
 
 
 def _check_unique(tensors: list[TensorPlan]) -> None:
@@ -776,7 +776,7 @@ def _shape_problems(block: ExpertBlock, family: Family, name: Callable[[str], st
             if got != common and e in required:
                 odd[got].append(e)
         for (shape, dtype), experts in odd.items():
-            key = block.names[(proj, experts[0])].split("[", 1)[0]
+            key = block.names[(proj, experts[0])]
             file = where(key)
             problems.append(_Problem(
                 f"{plural(len(experts), 'expert')} {compress_ranges(experts)} {name(proj)} "

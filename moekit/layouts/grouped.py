@@ -274,7 +274,7 @@ class GroupedLayout(Layout):
                 if spec.flat_blocks:
                     read = Reshape(read, (size, shape[2] // MXFP4_PAIRS, MXFP4_PAIRS))
                 block.pieces[(proj, e)] = read
-                block.names[(proj, e)] = f"{key}[{e}]"
+                block.names[(proj, e)] = key
         return None
 
     def _check_agreement(self, parsed: ParsedExperts, family: Family,
