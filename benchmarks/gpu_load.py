@@ -45,7 +45,7 @@ from common import (add_shape_arguments, build_checkpoint, digest, warm_page_cac
                     write_figures)
 
 from moekit import load
-from moekit.executors.device import reader_threads
+from moekit.executors.device import READERS
 
 CHUNK_BYTES = 64 * 2**20
 """Bytes each thread of the (r) rows reads at a time."""
@@ -79,7 +79,7 @@ def pinned_copy(nbytes: int, chunk: int = 2**30) -> None:
     return time.perf_counter() - start
 
 
-def parallel_read(path: Path, to_device: bool, threads: int = reader_threads(),
+def parallel_read(path: Path, to_device: bool, threads: int = READERS,
                   chunk: int = CHUNK_BYTES) -> float:
     """Seconds to read every shard into pinned host buffers with ``threads`` threads, each
     buffer then copied to the GPU asynchronously when ``to_device`` (two buffers a thread,
@@ -192,9 +192,9 @@ def main() -> None:
         print(f"checkpoint: {size / 2**30:.2f} GiB, {layers} layers x {args.experts} experts "
               f"(H={args.hidden}, I={args.inter}), bf16; GPU {torch.cuda.get_device_name()}")
         rows = [("(a) pinned host->device copy", min(pinned_copy(size) for _ in range(args.repeat))),
-                (f"(r) page cache -> pinned, {reader_threads()} thr",
+                (f"(r) page cache -> pinned, {READERS} thr",
                  min(parallel_read(path, False) for _ in range(args.repeat))),
-                (f"(r+) ... -> GPU, {reader_threads()} thr",
+                (f"(r+) ... -> GPU, {READERS} thr",
                  min(parallel_read(path, True) for _ in range(args.repeat)))]
         seconds, ours = timed(lambda: load(path, "nemo", device="cuda"), args.repeat)
         rows += [("(b) moekit.load nemo cuda", seconds), ("(b1) ... first call", first)]

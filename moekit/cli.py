@@ -127,9 +127,12 @@ HUB_ID = ("or a Hugging Face repo id ORG/NAME[@REVISION], read from the local Hu
 
 
 def _add_download_option(sub: argparse.ArgumentParser, *checkpoints: str,
-                         weights: bool = True) -> None:
-    """``--download`` for a command whose arguments ``checkpoints`` may be Hub repo ids;
-    without ``weights`` it fetches only their config.json."""
+                         weights: bool = True,
+                         hub_ids: Callable[[argparse.Namespace], list[str]] | None = None
+                         ) -> None:
+    """``--download`` for a command whose arguments ``checkpoints`` may be Hub repo ids
+    (or, given ``hub_ids``, whose checkpoints ``hub_ids(args)`` names); without
+    ``weights`` it fetches only their config.json."""
     fetched = ("its weight, index, config and sidecar files only" if weights else
                "its config.json only: the plan needs no weights, and a snapshot cached with "
                "its weights is planned from their headers")
@@ -137,7 +140,11 @@ def _add_download_option(sub: argparse.ArgumentParser, *checkpoints: str,
                      help=f"fetch a Hugging Face repo id missing from the local Hub cache "
                      f"({fetched}) before reading it; without it nothing is downloaded, and "
                      "HF_HUB_OFFLINE=1 forbids it")
-    sub.set_defaults(checkpoints=checkpoints, download_weights=weights)
+    if hub_ids is None:
+        def hub_ids(args: argparse.Namespace) -> list[str]:
+            return [getattr(args, name) for name in checkpoints]
+
+    sub.set_defaults(hub_ids=hub_ids, download_weights=weights)
 
 
 def _download(args: argparse.Namespace) -> None:
@@ -146,8 +153,8 @@ def _download(args: argparse.Namespace) -> None:
     if args.download:
         from .hub import download
 
-        for name in args.checkpoints:
-            download(getattr(args, name), args.download_weights)
+        for value in args.hub_ids(args):
+            download(value, args.download_weights)
 
 
 def _command(commands, name: str, help: str, run: Callable[[argparse.Namespace], int]
@@ -253,8 +260,8 @@ def _add_plan(commands) -> None:
     sub.add_argument("--dp", type=int, default=1,
                      help="data-parallel (FSDP) size of a (dp, ep) mesh of dp x ep ranks: "
                      "experts Shard(0) over ep, every other tensor Shard(0) over dp as FSDP2 "
-                     "lays out its parameters (ceil(rows/dp) rows a rank). No loader reads "
-                     "this mesh yet: the figures are the planned read (default 1)")
+                     "lays out its parameters (ceil(rows/dp) rows a rank). The figures are the "
+                     "planned read: moekit's loaders shard over ep only (default 1)")
     sub.add_argument("--placement", default="chunk", choices=("chunk", "vllm"),
                      help="which experts each rank owns: chunk (default; torch.chunk and "
                      "DTensor Shard(0), ceil(E/n) a rank, what load_experts loads) or vllm "
@@ -328,9 +335,10 @@ def _run_upcycle(args: argparse.Namespace) -> int:
 def _add_merge(commands) -> None:
     sub = _command(commands, "merge", "Merge dense fine-tunes of one base model into an MoE "
                    "checkpoint, from a mergekit-moe YAML configuration.", _run_merge)
-    sub.add_argument("config", help="mergekit-moe YAML: base_model, experts (source_model, "
-                     "positive_prompts, negative_prompts, residual_scale), gate_mode, "
-                     "architecture, dtype, experts_per_token, shared_experts")
+    from .merging.config import EXPERT_FIELDS, FIELDS
+
+    sub.add_argument("config", help=f"mergekit-moe YAML: {', '.join(FIELDS)}; each expert "
+                     f"and shared expert: {', '.join(EXPERT_FIELDS)}")
     sub.add_argument("dst", help="destination folder (must not exist, unless --overwrite)")
     sub.add_argument("--seed", type=int, default=0,
                      help="seed of gate_mode random/uniform_random, as mergekit-moe's "
@@ -339,6 +347,16 @@ def _add_merge(commands) -> None:
                      help="where gate_mode hidden runs the base model (default cpu)")
     _add_output_options(sub)
     _add_format_option(sub)
+    _add_download_option(sub, hub_ids=_merge_models)
+
+
+def _merge_models(args: argparse.Namespace) -> list[str]:
+    """The base model and the expert models a merge configuration names, each once."""
+    from .merging import load_merge_config
+
+    merge = load_merge_config(args.config)
+    return list(dict.fromkeys([merge.base_model,
+                               *(s.source_model for s in merge.sources.values())]))
 
 
 def _run_merge(args: argparse.Namespace) -> int:

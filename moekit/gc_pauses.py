@@ -61,8 +61,8 @@ COLLECTOR_OFF = ScopedSetting(gc.isenabled, _set_collector, lambda saved: False)
 
 Planning a load makes tens of thousands of small objects (header entries, reads,
 recipes), and that many allocations set off full collections, each of which walks every
-object the process holds: on a GPU host with torch imported, pauses of about 0.1 s were
-measured in the middle of 0.3 s loads. What a load makes holds no cycles that need
+object the process holds: with torch imported, such a pause takes about 0.1 s, in the
+middle of a load of 0.3 s. What a load makes holds no cycles that need
 collecting meanwhile, and reference counting frees it as usual."""
 
 

@@ -4,8 +4,8 @@ For each destination tensor, the byte ranges of its source regions are copied by
 reader threads into a device staging buffer, and the recipe (stack, concatenate,
 transpose, ...) is evaluated there. A reader moves each chunk it is given through its two
 small pinned buffers in turn, reading into one while the other is copied to the device.
-(Registering the page cache's mapped pages with CUDA instead, to skip the host copy, was
-measured slower: registration does not scale across threads.) Tensors are staged in batches
+(Registering the page cache's mapped pages with CUDA instead, to skip the host copy, is
+slower: registration does not scale across threads.) Tensors are staged in batches
 of about BATCH_BYTES, whose regions adjacent in a file are read as one range (a layer's
 experts usually are); the reads of SLOTS batches are queued at a time, so that the reads
 of the next batches overlap the copies and the evaluation of one.
@@ -45,30 +45,24 @@ CHUNK_BYTES = 64 * 2**20
 """Bytes of one read job: large, so that queueing jobs costs little Python."""
 BUFFER_BYTES = 8 * 2**20
 """Bytes of each of a reader's two pinned buffers, through which it moves its jobs: pinned
-host memory is 2 x BUFFER_BYTES per reader. Small, because pinning is slow (0.13 s for
-256 MiB measured on an H200 host, mostly faulting in fresh pages) and the first load in a
-process pays for it; not smaller, because each buffer's copy costs the reader the GIL
-(with 16 readers, 4 MiB buffers loaded a quarter slower than 8 MiB ones, 8 to 32 MiB
-within 6 % of each other once pinned)."""
+host memory is 2 x BUFFER_BYTES per reader. Small, because pinning is slow (about 0.13 s for
+256 MiB, mostly faulting in fresh pages) and the first load in a process pays for it; not
+smaller, because each buffer's copy costs the reader the GIL (with 16 readers, 4 MiB
+buffers load a quarter slower than 8 MiB ones; 8 to 32 MiB load within 6 % of each other
+once pinned)."""
 READERS = min(16, os.cpu_count() or 1)
 """Reader threads: ``pread`` from the page cache is a memory copy, so more cores read faster."""
 SWITCH_INTERVAL = 2e-4
 """Seconds a Python thread may hold the GIL while others wait for it, during a load. A
 reader whose ``pread`` returned needs the GIL only to queue its device copy; with Python's
-default (5 ms) it can wait that long behind the main thread's recipe work. (Once readers
-made fewer torch calls, 0.05 to 5 ms measured within noise of each other on an H100 host,
-2026-11-27, but for the 5 ms default's worst median with small tensors.)"""
+default (5 ms) it can wait that long behind the main thread's recipe work, which shows
+with small tensors; between 0.05 and 5 ms larger tensors load alike."""
 BATCH_BYTES = 256 * 2**20
 """Destination bytes staged together (or one layer's, if more: a layer is not split), so
 device staging memory is about SLOTS x max(BATCH_BYTES, one layer's source bytes)."""
 SLOTS = 3
 """Batches staged on the device at once: the reads of two overlap the evaluation of one."""
 ALIGN = 256
-
-
-def reader_threads() -> int:
-    """How many threads read the files of a load (what the benchmarks compare against)."""
-    return READERS
 
 
 class PinnedBuffers:

@@ -2,7 +2,7 @@
 reshape) from checkpoint files into host memory with numpy, without torch.
 
 A file-to-file conversion that moves bytes has no arithmetic to do, so it need not pay
-for importing torch (seconds on a small machine); numpy copies release the GIL, so the
+for importing torch (which takes seconds); numpy copies release the GIL, so the
 streaming executor runs this on every core at once. Elements are moved as unsigned
 integers of their width, which copies every bit pattern exactly (bf16, fp8, bool and NaN
 payloads included). Recipes with arithmetic (scales, draws, dequantisation) are built by

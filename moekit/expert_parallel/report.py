@@ -58,8 +58,8 @@ def ep_report(path: str | Path, ep_size: int, layout: str | None = None,
     With ``dp_size`` > 1 the ranks form a (dp, ep) mesh of ``dp_size * ep_size`` ranks:
     experts ``Shard(0)`` over ep (replicated over dp), every other tensor ``Shard(0)`` over
     dp as FSDP2's ``fully_shard`` lays out its parameters (``ceil(rows / dp)`` rows a rank,
-    the last ranks fewer or none; a scalar whole on every rank), replicated over ep. No
-    loader reads that layout yet: these figures are the planned read of each rank.
+    the last ranks fewer or none; a scalar whole on every rank), replicated over ep. These
+    figures are the planned read of each rank: moekit's loaders shard over ep only.
 
     The whole checkpoint is validated, and planned for one expert a layer: a rank's
     grouped tensors hold its share of every expert row, each expert's rows as large as
