@@ -1,7 +1,7 @@
 """Conversions between layouts: file to file (streaming) and state dict to state dict, and
 the one job pipeline that every command writing a checkpoint runs.
 
-A job (convert, upcycle) is planned from headers, then validated (the sink's options,
+A job (convert, upcycle, merge) is planned from headers, then validated (the sink's options,
 the destination), then either reported (a dry run) or written through a **sink**: the
 object that turns the plan's tensors into files inside the output folder, which
 ``moekit.output`` makes atomic and durable.
@@ -10,7 +10,7 @@ object that turns the plan's tensors into files inside the output folder, which
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -74,29 +74,54 @@ def sink_for(format: str, max_shard_size: int | str) -> Sink:
     raise MoekitError(f"unknown output format {format!r}: moekit writes {', '.join(FORMATS)}")
 
 
-def run_job(plan: Plan, checkpoint: Checkpoint, dst: str | Path, max_shard_size: int | str,
-            overwrite: bool, dry_run: bool, show_progress: bool | None = None,
+class JobSource(TensorSource, Protocol):
+    """The source a job's tensors are read from: a context manager that checks, once
+    everything is read, that no file it read changed meanwhile."""
+
+    def check_unchanged(self) -> None:
+        """Raise a MoekitError naming a source file that changed since it was opened."""
+
+    def __enter__(self) -> "JobSource": ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+def run_job(plan: Plan, source_name: Path | None, source_files: Sequence[Path],
+            open_source: Callable[[], JobSource], dst: str | Path,
+            max_shard_size: int | str, overwrite: bool, dry_run: bool,
+            show_progress: bool | None = None, extra_files: Iterable[Path] = (),
             config: dict | None = None, format: str = "safetensors") -> None:
     """The pipeline of every job that writes a checkpoint, after planning: validate the
     sink's options and the destination, then (unless ``dry_run``) write ``plan``'s
-    tensors, read from ``checkpoint``'s files, through the sink of ``format`` into a
-    temporary folder that is put in place at ``dst`` when complete (``moekit.output``),
-    with the checkpoint's sidecar files; ``config`` replaces its config.json."""
+    tensors, read from ``open_source()``, through the sink of ``format`` into a temporary
+    folder that is put in place at ``dst`` when complete (``moekit.output``), with
+    ``extra_files`` (sidecars: tokenizer, generation config); ``config`` replaces their
+    config.json. ``source_name`` is the source messages name, and ``source_files`` the
+    files the destination must never replace."""
     sink = sink_for(format, max_shard_size)
     dst = as_path(dst, "destination")
-    check_destination(dst, checkpoint.named, overwrite, checkpoint.source_files())
+    check_destination(dst, source_name, overwrite, source_files)
     if dry_run:
         return
-    with atomic_output(dst, checkpoint.named, overwrite,
-                       checkpoint.source_files()) as output:
-        with FileSource(checkpoint) as source:
+    with atomic_output(dst, source_name, overwrite, source_files) as output:
+        with open_source() as source:
             sink.write(plan, source, output.folder, show_progress, output.sync_soon)
             source.check_unchanged()
-        output.copy_in(extra for extra in checkpoint.extra_files()
+        output.copy_in(extra for extra in extra_files
                        if config is None or extra.name != "config.json")
         if config is not None:
             (output.folder / "config.json").write_text(
                 json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def run_checkpoint_job(plan: Plan, checkpoint: Checkpoint, dst: str | Path,
+                       max_shard_size: int | str, overwrite: bool, dry_run: bool,
+                       show_progress: bool | None = None, config: dict | None = None,
+                       format: str = "safetensors") -> None:
+    """``run_job`` of a plan that reads one checkpoint's files, copying its sidecars."""
+    run_job(plan, checkpoint.named, checkpoint.source_files(), lambda: FileSource(checkpoint),
+            dst, max_shard_size, overwrite, dry_run, show_progress,
+            extra_files=checkpoint.extra_files(), config=config, format=format)
 
 
 def convert(src: str | Path, dst: str | Path, to: str, from_: str | None = None,
@@ -114,8 +139,8 @@ def convert(src: str | Path, dst: str | Path, to: str, from_: str | None = None,
     """
     checkpoint, analysis = analyse_checkpoint(src, from_)
     plan = build_plan(analysis, layout_named(to), dequantize=dequantize)
-    run_job(plan, checkpoint, dst, max_shard_size, overwrite, dry_run, show_progress,
-            format=format)
+    run_checkpoint_job(plan, checkpoint, dst, max_shard_size, overwrite, dry_run,
+                       show_progress, format=format)
     return plan
 
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..checkpoint import Checkpoint, as_path
-from ..conversion import sink_for
+from ..checkpoint import Checkpoint
+from ..conversion import run_job
 from ..errors import MoekitError
-from ..output import atomic_output, check_destination
 from ..plan import Read
 from ..sources import FileSource
 from .config import MergeConfig, load_merge_config
@@ -59,25 +57,29 @@ def merge(config: MergeConfig | str | Path, dst_path: str | Path, seed: int = 0,
     model for ``hidden``); then tensors stream one at a time from their source
     checkpoints through the sink ``convert`` writes with, validated first and written
     atomically."""
+    from ..executors.memory import checked_device
+
+    checked_device(device)
     checkpoints, plan = plan_merge(config)
-    sink = sink_for(format, max_shard_size)
     base = checkpoints[BASE_TAG]
     files = [f for c in checkpoints.values() for f in c.source_files()]
-    dst = as_path(dst_path, "destination")
-    check_destination(dst, base.named, overwrite, files)
+
+    def open_sources() -> TaggedSource:
+        return TaggedSource({tag: FileSource(c) for tag, c in checkpoints.items()},
+                            plan.origins)
+
+    def job(dry_run: bool) -> None:
+        run_job(plan.plan, base.named, files, open_sources, dst_path, max_shard_size,
+                overwrite, dry_run, show_progress, extra_files=base.extra_files(),
+                config=plan.config, format=format)
+
+    job(dry_run=True)  # the sink's options and the destination, before routers are computed
     if dry_run:
         return plan
-    with atomic_output(dst, base.named, overwrite, files) as output, \
-            tempfile.TemporaryDirectory(prefix="moekit-routers-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="moekit-routers-") as scratch:
         checkpoints[ROUTER_TAG] = _write_routers(plan, checkpoints, Path(scratch), seed, device,
                                                  show_progress)
-        files_by_tag = {tag: FileSource(c) for tag, c in checkpoints.items()}
-        with TaggedSource(files_by_tag, plan.origins) as source:
-            sink.write(plan.plan, source, output.folder, show_progress, output.sync_soon)
-            source.check_unchanged()
-        output.copy_in(f for f in base.extra_files() if f.name != "config.json")
-        (output.folder / "config.json").write_text(
-            json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+        job(dry_run=False)
     return plan
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Checkpoint
-from ..conversion import run_job, state_dict_meta
+from ..conversion import run_checkpoint_job, state_dict_meta
 from ..executors.memory import run_plan
 from ..sources import DictSource
 from .planner import UpcyclePlan, build_upcycle_plan
@@ -32,8 +32,8 @@ def upcycle(dense_path: str | Path, dst_path: str | Path, spec: UpcycleSpec,
     files (tokenizer, generation config). Streams one tensor at a time, validates
     everything first, and writes atomically as ``convert`` does."""
     checkpoint, plan = plan_upcycle(dense_path, spec)
-    run_job(plan.plan, checkpoint, dst_path, max_shard_size, overwrite, dry_run, show_progress,
-            config=plan.config, format=format)
+    run_checkpoint_job(plan.plan, checkpoint, dst_path, max_shard_size, overwrite, dry_run,
+                       show_progress, config=plan.config, format=format)
     return plan
 
 
