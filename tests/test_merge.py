@@ -13,7 +13,7 @@ import yaml
 
 from moekit import MoekitError, PlanError
 from moekit.cli import main
-from moekit.merging import merge
+from moekit.merging import ExpertSource, MergeConfig, merge
 
 from .merge_fixtures import run_mergekit, save_models, write_yaml
 
@@ -215,3 +215,83 @@ def test_qwen2_moe_from_llama_computes_mergekits_model_without_its_zero_biases(l
         logits = [AutoModelForCausalLM.from_pretrained(str(tmp_path / name))(ids).logits
                   for name in ("mergekit", "moekit")]
     assert torch.equal(*logits)
+
+
+def test_the_yaml_fields_are_mergekits():
+    # Every field of mergekit-moe's own configuration models is read, or refused by name.
+    from mergekit.moe.config import Expert, MoEMergeConfig
+
+    from moekit.merging.config import EXPERT_FIELDS, FIELDS, REFUSED_EXPERT_FIELDS
+
+    assert set(FIELDS) == set(MoEMergeConfig.model_fields)
+    assert {*EXPERT_FIELDS, *REFUSED_EXPERT_FIELDS} == set(Expert.model_fields)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: ExpertSource("x", "code"), "positive_prompts must be a list of strings"),
+    (lambda: ExpertSource("x", negative_prompts=[1]), "negative_prompts must be a list of"),
+    (lambda: ExpertSource("x", residual_scale="2"), "residual_scale must be a number"),
+    (lambda: ExpertSource(""), "source_model must be a non-empty string"),
+    (lambda: MergeConfig(Path("b"), (ExpertSource("x"),)), "base_model must be a non-empty"),
+    (lambda: MergeConfig("b", ("x",)), "experts must be a list of ExpertSource"),
+    (lambda: MergeConfig("b", ()), "experts lists no expert"),
+    (lambda: MergeConfig("b", (ExpertSource("x"),), gate_mode=None), "gate_mode must be a"),
+    (lambda: MergeConfig("b", (ExpertSource("x"),), dtype=16), "dtype must be a non-empty"),
+    (lambda: MergeConfig("b", (ExpertSource("x"),), architecture=["mixtral"]),
+     "architecture must be a non-empty string"),
+    (lambda: MergeConfig("b", (ExpertSource("x"),), gate_mode="random",
+                         experts_per_token=1, shared_experts=({"source_model": "y"},)),
+     "shared_experts must be a list of ExpertSource"),
+    (lambda: MergeConfig("b", (ExpertSource("x"),), gate_mode="random",
+                         experts_per_token="1"), "experts_per_token must be an integer"),
+])
+def test_a_config_built_in_python_is_checked_as_the_yaml_is(build, message):
+    with pytest.raises(MoekitError, match=message):
+        build()
+
+
+def test_a_config_built_in_python_takes_lists():
+    prompts = ExpertSource("x", ["code", "python"])
+    config = MergeConfig("b", [prompts, ExpertSource("y", ["math"])])
+    assert prompts.positive_prompts == ("code", "python")
+    assert config.experts == (prompts, ExpertSource("y", ("math",)))
+    assert hash(config) == hash(MergeConfig("b", (prompts, ExpertSource("y", ("math",)))))
+
+
+def test_an_unknown_device_is_refused_before_anything_is_written(llama, tmp_path, capsys):
+    base, finetunes = llama
+    config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode="random")
+    assert main(["merge", str(config), str(tmp_path / "out"), "--device", "foo"]) == 2
+    err = capsys.readouterr().err
+    assert "device 'foo' is not a device torch knows" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [config]
+
+
+def test_download_fetches_the_hub_ids_the_yaml_names(llama, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from .test_hub import REPO, hub_cache
+
+    base, finetunes = llama
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    offline = huggingface_hub.snapshot_download
+    fetched = []
+
+    def snapshot_download(repo, revision, local_files_only, allow_patterns):
+        if not local_files_only and not fetched:
+            fetched.append(repo)
+            hub_cache(cache, base, repo)
+        return offline(repo, revision=revision, local_files_only=True,
+                       allow_patterns=allow_patterns)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    config = write_yaml(tmp_path / "moe.yml", REPO, finetunes, gate_mode="random")
+    assert main(["merge", str(config), str(tmp_path / "out")]) == 2
+    assert "pass --download" in capsys.readouterr().err
+    assert main(["merge", str(config), str(tmp_path / "out"), "--download"]) == 0
+    assert fetched == [REPO]
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == \
+        (base / "tokenizer.json").read_bytes()

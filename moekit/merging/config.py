@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,26 +27,33 @@ ARCHITECTURES: dict[str, tuple[str, ...]] = {
 prefixes of its output names (Mixtral, Qwen MoE, Qwen3 MoE), so ``qwen`` names both Qwen
 targets."""
 
-_EXPERT_FIELDS = {"source_model", "positive_prompts", "negative_prompts", "residual_scale",
-                  "noise_scale"}
-_FIELDS = {"base_model", "experts", "gate_mode", "dtype", "experts_per_token",
-           "shared_experts", "architecture"}
-
 
 @dataclass(frozen=True)
 class ExpertSource:
     """One expert (or shared expert): the dense model whose MLPs it takes, the prompts its
-    router row is computed from, and the factor its ``down_proj`` is multiplied by."""
+    router row is computed from, and the factor its ``down_proj`` is multiplied by. Every
+    field is checked as the YAML's is (a list of prompts is kept as a tuple)."""
 
     source_model: str
     positive_prompts: tuple[str, ...] = ()
     negative_prompts: tuple[str, ...] = ()
     residual_scale: float | None = None
 
+    def __post_init__(self) -> None:
+        _text(self.source_model, "source_model")
+        for name in ("positive_prompts", "negative_prompts"):
+            object.__setattr__(self, name, _prompts(getattr(self, name), name))
+        scale = self.residual_scale
+        if scale is not None:
+            if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+                raise MoekitError(f"residual_scale must be a number, not {scale!r}")
+            object.__setattr__(self, "residual_scale", float(scale))
+
 
 @dataclass(frozen=True)
 class MergeConfig:
-    """A mergekit-moe configuration (see the module)."""
+    """A mergekit-moe configuration (see the module). Every field is checked as the YAML's
+    is, one MoekitError naming the field (a list of experts is kept as a tuple)."""
 
     base_model: str
     experts: tuple[ExpertSource, ...]
@@ -57,6 +64,15 @@ class MergeConfig:
     architecture: str | None = None
 
     def __post_init__(self) -> None:
+        _text(self.base_model, "base_model")
+        for name in ("experts", "shared_experts"):
+            object.__setattr__(self, name, _sources(getattr(self, name), name))
+        if not self.experts:
+            raise MoekitError("experts lists no expert")
+        for name in ("gate_mode", "dtype", "architecture"):
+            value = getattr(self, name)
+            if value is not None or name == "gate_mode":
+                _text(value, name)
         problems = self.problems()
         if problems:
             raise MoekitError("invalid merge configuration: " + "; ".join(problems))
@@ -123,29 +139,32 @@ def load_merge_config(path: str | Path) -> MergeConfig:
         raise MoekitError(f"{printable(str(path))}: {err}") from None
 
 
+FIELDS: tuple[str, ...] = tuple(f.name for f in fields(MergeConfig))
+"""The YAML's fields, in the order mergekit-moe documents them."""
+EXPERT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ExpertSource))
+"""The fields of each expert and shared expert."""
+REFUSED_EXPERT_FIELDS = ("noise_scale",)
+"""Expert fields of mergekit-moe that moekit refuses by name (see the module)."""
+
+
 def merge_config_from(data: Any) -> MergeConfig:
-    """A MergeConfig from the mapping mergekit-moe's YAML holds."""
+    """A MergeConfig from the mapping mergekit-moe's YAML holds; a field left out or null
+    takes the dataclass default."""
     if not isinstance(data, Mapping):
         raise MoekitError("a merge configuration is a mapping of base_model, experts, ...")
-    unknown = sorted(set(map(str, data)) - _FIELDS)
+    unknown = sorted(set(map(str, data)) - set(FIELDS))
     if unknown:
         raise MoekitError(f"unknown field {', '.join(unknown)} (known: "
-                          f"{', '.join(sorted(_FIELDS))})")
-    for name in ("base_model", "experts"):
-        if name not in data:
-            raise MoekitError(f"the field {name} is missing")
-    experts = _experts(data["experts"], "experts")
-    if not experts:
-        raise MoekitError("experts lists no expert")
-    return MergeConfig(
-        base_model=_text(data["base_model"], "base_model"),
-        experts=experts,
-        gate_mode=_text(data.get("gate_mode", "hidden"), "gate_mode"),
-        dtype=None if data.get("dtype") is None else _text(data["dtype"], "dtype"),
-        experts_per_token=data.get("experts_per_token", 2),
-        shared_experts=_experts(data.get("shared_experts") or [], "shared_experts"),
-        architecture=(None if data.get("architecture") is None
-                      else _text(data["architecture"], "architecture")))
+                          f"{', '.join(sorted(FIELDS))})")
+    missing = [f.name for f in fields(MergeConfig)
+               if f.default is MISSING and data.get(f.name) is None]
+    if missing:
+        raise MoekitError(f"the field {missing[0]} is missing")
+    given = {name: value for name, value in data.items() if value is not None}
+    for name in ("experts", "shared_experts"):
+        if name in given:
+            given[name] = _experts(given[name], name)
+    return MergeConfig(**given)
 
 
 def _experts(items: Any, field: str) -> tuple[ExpertSource, ...]:
@@ -157,27 +176,29 @@ def _experts(items: Any, field: str) -> tuple[ExpertSource, ...]:
 def _expert(item: Any, where: str) -> ExpertSource:
     if not isinstance(item, Mapping) or "source_model" not in item:
         raise MoekitError(f"{where} must be a mapping with a source_model")
-    unknown = sorted(set(map(str, item)) - _EXPERT_FIELDS)
+    unknown = sorted(set(map(str, item)) - {*EXPERT_FIELDS, *REFUSED_EXPERT_FIELDS})
     if unknown:
         raise MoekitError(f"{where} has unknown field {', '.join(unknown)}")
     if item.get("noise_scale") is not None:
         raise MoekitError(f"{where}.noise_scale: mergekit-moe draws this noise from its global "
                           "random generator in an order moekit cannot reproduce; remove it")
-    scale = item.get("residual_scale")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
-        raise MoekitError(f"{where}.residual_scale must be a number, not {scale!r}")
-    return ExpertSource(
-        source_model=_text(item["source_model"], f"{where}.source_model"),
-        positive_prompts=_prompts(item.get("positive_prompts"), f"{where}.positive_prompts"),
-        negative_prompts=_prompts(item.get("negative_prompts"), f"{where}.negative_prompts"),
-        residual_scale=None if scale is None else float(scale))
+    try:
+        return ExpertSource(**{name: value for name, value in item.items()
+                               if name in EXPERT_FIELDS and value is not None})
+    except MoekitError as err:
+        raise MoekitError(f"{where}.{err}") from None
+
+
+def _sources(items: Any, where: str) -> tuple[ExpertSource, ...]:
+    if not isinstance(items, (list, tuple)) or not all(isinstance(e, ExpertSource)
+                                                       for e in items):
+        raise MoekitError(f"{where} must be a list of ExpertSource, not {items!r}")
+    return tuple(items)
 
 
 def _prompts(value: Any, where: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
-        raise MoekitError(f"{where} must be a list of strings")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+        raise MoekitError(f"{where} must be a list of strings, not {value!r}")
     return tuple(value)
 
 
