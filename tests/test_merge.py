@@ -295,3 +295,38 @@ def test_download_fetches_the_hub_ids_the_yaml_names(llama, tmp_path, monkeypatc
     assert fetched == [REPO]
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == \
         (base / "tokenizer.json").read_bytes()
+
+
+def test_the_dtype_names_are_mergekits():
+    from mergekit.common import dtype_from_name
+
+    from moekit.dtypes import to_torch
+    from moekit.merging.planner import DTYPE_NAMES
+
+    for name, dtype in DTYPE_NAMES.items():
+        assert dtype_from_name(name) == dtype_from_name(f"torch.{name}") == to_torch(dtype)
+
+
+@pytest.mark.parametrize("architecture", [None, "Mixtral", "qwen", "Qwen MoE", "qwen3"])
+def test_architecture_picks_the_target_mergekit_picks(qwen2, tmp_path, architecture):
+    # A Qwen2 base with one shared expert: of mergekit's outputs only Qwen MoE holds it.
+    from mergekit.merge import MergeOptions
+    from mergekit.moe.config import MoEMergeConfig
+    from mergekit.scripts.moe import select_output_arch
+
+    from moekit.merging.config import MERGE_TARGETS
+
+    base, finetunes = qwen2
+    config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode="random",
+                        architecture=architecture, experts_per_token=1,
+                        shared_experts=[{"source_model": str(base)}])
+    mergekit_config = MoEMergeConfig.model_validate(yaml.safe_load(config.read_text()))
+    try:
+        expected = select_output_arch(mergekit_config, MergeOptions()).name()
+    except SystemExit:  # mergekit's "no output architecture ... compatible"
+        expected = None
+    try:
+        picked = MERGE_TARGETS[merge(config, tmp_path / "out", dry_run=True).target.family].name
+    except MoekitError:
+        picked = None
+    assert picked == expected

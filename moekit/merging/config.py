@@ -21,11 +21,35 @@ from ..errors import MoekitError, printable
 GATE_MODES: tuple[str, ...] = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random",
                                 "uniform_random")
 """mergekit-moe's gate modes that moekit computes as it does (see ``moekit.merging.gates``)."""
-ARCHITECTURES: dict[str, tuple[str, ...]] = {
-    "mixtral": ("mixtral",), "qwen": ("qwen2_moe", "qwen3_moe"), "qwen3": ("qwen3_moe",)}
-"""``architecture`` values -> the target families they may pick: mergekit matches them as
-prefixes of its output names (Mixtral, Qwen MoE, Qwen3 MoE), so ``qwen`` names both Qwen
-targets."""
+
+
+@dataclass(frozen=True)
+class MergeTarget:
+    """An output architecture of mergekit-moe: its name (which ``architecture`` values
+    prefix), the model_types of the models it takes and how many shared experts it
+    holds (mergekit 0.1.5, ``mergekit/moe/{mixtral,qwen,qwen3}.py``)."""
+
+    name: str
+    bases: tuple[str, ...]
+    shared_experts: int
+
+
+MERGE_TARGETS: dict[str, MergeTarget] = {
+    "mixtral": MergeTarget("Mixtral", ("llama", "mistral"), 0),
+    "qwen2_moe": MergeTarget("Qwen MoE", ("qwen2", "llama", "mistral"), 1),
+    "qwen3_moe": MergeTarget("Qwen3 MoE", ("qwen3",), 0),
+}
+"""moekit target family -> the mergekit-moe output architecture it writes, in the order
+mergekit picks among those that hold the models (Mixtral first; moekit has no DeepSeek
+target)."""
+
+
+def architecture_targets(architecture: str) -> list[str]:
+    """The target families an ``architecture`` value names: those whose mergekit name it
+    prefixes, ignoring case, as mergekit matches it (so ``qwen`` names both Qwen
+    targets)."""
+    return [family for family, target in MERGE_TARGETS.items()
+            if target.name.lower().startswith(architecture.lower())]
 
 
 @dataclass(frozen=True)
@@ -83,9 +107,10 @@ class MergeConfig:
         found = []
         if self.gate_mode not in GATE_MODES:
             found.append(f"gate_mode {self.gate_mode!r} is not one of {', '.join(GATE_MODES)}")
-        if self.architecture is not None and self.architecture.lower() not in ARCHITECTURES:
-            found.append(f"architecture {self.architecture!r} is not one of "
-                         f"{', '.join(ARCHITECTURES)} (moekit has no DeepSeek merge target)")
+        if self.architecture is not None and not architecture_targets(self.architecture):
+            names = ", ".join(t.name for t in MERGE_TARGETS.values())
+            found.append(f"architecture {self.architecture!r} names none of {names} (moekit "
+                         "has no DeepSeek merge target)")
         if not _is_integer(self.experts_per_token) or self.experts_per_token < 1:
             found.append(f"experts_per_token must be an integer of at least 1, not "
                          f"{self.experts_per_token!r}")

@@ -18,18 +18,25 @@ from typing import Any
 from ..errors import MoekitError, PlanError, plural, printable
 from ..layouts.base import TensorMeta
 from ..plan import Expr, Plan, Read, TensorPlan
-from ..upcycling.planner import build_upcycle_plan, dense_mlps
+from ..upcycling.planner import FLOAT_RANGES, build_upcycle_plan, dense_mlps
 from ..upcycling.recipes import DenseMLP, scaled
 from ..upcycling.spec import UpcycleSpec
 from ..upcycling.targets import DENSE_PROJECTIONS, TARGETS, Target
-from .config import ARCHITECTURES, ExpertSource, MergeConfig
+from .config import MERGE_TARGETS, ExpertSource, MergeConfig, architecture_targets
 
 ROUTER_TAG = "router"
 BASE_TAG = "base"
 
-DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
-"""mergekit's floating dtype names (``mergekit.common.dtype_from_name``, which also takes
-them after ``torch.``) as safetensors dtypes."""
+
+def _torch_name(dtype: str) -> str:
+    """torch's name of a safetensors floating dtype (``F32`` -> ``float32``, ``BF16`` ->
+    ``bfloat16``): what config.json's ``dtype`` and mergekit's ``dtype`` hold."""
+    return dtype.lower().replace("f", "float", 1)
+
+
+DTYPE_NAMES = {_torch_name(dtype): dtype for dtype in FLOAT_RANGES}
+"""The floating dtypes a merge writes (those upcycling writes) by the names mergekit's
+``dtype`` takes them (``mergekit.common.dtype_from_name``, also after ``torch.``)."""
 
 
 @dataclass
@@ -74,24 +81,22 @@ class MergePlan:
 
 
 def choose_target(merge: MergeConfig, model_type: str | None) -> Target:
-    """The target family mergekit-moe picks: ``architecture`` as a prefix of its output
-    names, among the outputs that hold the models (Mixtral: Llama or Mistral, no shared
-    expert; Qwen MoE: Qwen2, Llama or Mistral with exactly one shared expert; Qwen3 MoE:
-    Qwen3, no shared expert), Mixtral first (mergekit 0.1.5, ``scripts/moe.py``)."""
+    """The target family mergekit-moe picks: the first of ``MERGE_TARGETS`` (those
+    ``architecture`` names, if given) that takes a ``model_type`` base model with the
+    configuration's number of shared experts."""
     shared = len(merge.shared_experts)
-    fits = {"mixtral": not shared and model_type in ("llama", "mistral"),
-            "qwen2_moe": shared == 1 and model_type in ("qwen2", "llama", "mistral"),
-            "qwen3_moe": not shared and model_type == "qwen3"}
-    wanted = ARCHITECTURES[merge.architecture.lower()] if merge.architecture else fits
-    for name in wanted:
-        if fits[name]:
-            return TARGETS[name]
+    wanted = architecture_targets(merge.architecture) if merge.architecture else MERGE_TARGETS
+    for family in wanted:
+        if MERGE_TARGETS[family].shared_experts == shared and \
+                model_type in MERGE_TARGETS[family].bases:
+            return TARGETS[family]
+    takes = "; ".join(f"{t.name} takes {'/'.join(t.bases)} with {t.shared_experts} shared "
+                      f"{plural(t.shared_experts, 'expert')}" for t in MERGE_TARGETS.values())
     raise MoekitError(
         f"no merge target holds {shared} shared {plural(shared, 'expert')} of a "
         f"{model_type!r} base model"
         + (f" as architecture {merge.architecture}" if merge.architecture else "")
-        + ": mixtral takes Llama/Mistral without shared experts, qwen (Qwen2-MoE) "
-        "Qwen2/Llama/Mistral with one shared expert, qwen3 Qwen3 without shared experts")
+        + f": {takes}")
 
 
 def check_sources(base: Mapping[str, TensorMeta], base_type: str | None,
@@ -138,7 +143,7 @@ def build_merge_plan(base: Mapping[str, TensorMeta], config: dict | None, merge:
                for t in upcycled.plan.tensors]
     plan = replace(upcycled.plan, src_layout="merge", tensors=tensors)
     moe_config = dict(upcycled.config)
-    moe_config["dtype"] = next(k for k, v in DTYPE_NAMES.items() if v == upcycled.dtype)
+    moe_config["dtype"] = _torch_name(upcycled.dtype)
     return MergePlan(plan, moe_config, target, routers, merge, origins)
 
 
