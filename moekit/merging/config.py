@@ -1,11 +1,9 @@
 """mergekit-moe's YAML, read as it is (mergekit 0.1.5, ``mergekit/moe/config.py``).
 
-Fields: ``base_model``; ``experts``, each a ``source_model`` with ``positive_prompts``,
-``negative_prompts`` and ``residual_scale``; ``gate_mode`` (default ``hidden``);
-``dtype``; ``experts_per_token`` (default 2); ``shared_experts`` (same fields as an
-expert); ``architecture``. Settings moekit cannot reproduce byte for byte are refused by
-name rather than ignored: ``noise_scale`` (mergekit draws it from the global generator
-between reads, in an order its loaders decide).
+The fields are those of ``MergeConfig`` and, for each expert and shared expert,
+``ExpertSource`` (``FIELDS``, ``EXPERT_FIELDS``). Settings moekit cannot reproduce byte for
+byte are refused by name rather than ignored: ``noise_scale`` (mergekit draws it from the
+global generator between reads, in an order its loaders decide).
 """
 
 from __future__ import annotations
@@ -93,10 +91,10 @@ class MergeConfig:
             object.__setattr__(self, name, _sources(getattr(self, name), name))
         if not self.experts:
             raise MoekitError("experts lists no expert")
-        for name in ("gate_mode", "dtype", "architecture"):
-            value = getattr(self, name)
-            if value is not None or name == "gate_mode":
-                _text(value, name)
+        _text(self.gate_mode, "gate_mode")
+        for name in ("dtype", "architecture"):
+            if getattr(self, name) is not None:
+                _text(getattr(self, name), name)
         problems = self.problems()
         if problems:
             raise MoekitError("invalid merge configuration: " + "; ".join(problems))
