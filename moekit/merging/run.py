@@ -52,11 +52,11 @@ def merge(config: MergeConfig | str | Path, dst_path: str | Path, seed: int = 0,
     """Write the MoE checkpoint a mergekit-moe configuration (a MergeConfig or its YAML
     file) describes: HF safetensors shards and index (or, with ``format="dcp"``, one
     torch.distributed.checkpoint folder), config.json of the target family, and the base
-    model's other files (tokenizer, generation config). Router rows are computed first
+    model's other files (tokenizer, generation config). ``device``, the sources, the sink's
+    options and the destination are checked first; then the router rows are computed
     (``moekit.merging.gates``; ``seed`` seeds the random modes, ``device`` runs the base
-    model for ``hidden``); then tensors stream one at a time from their source
-    checkpoints through the sink ``convert`` writes with, validated first and written
-    atomically."""
+    model for ``hidden``) and the tensors stream one at a time from their source
+    checkpoints through ``conversion.run_job``, written atomically."""
     from ..executors.memory import checked_device
 
     checked_device(device)
