@@ -126,6 +126,7 @@ def test_every_mismatching_source_tensor_is_reported_before_writing(llama, tmp_p
      "no merge target holds 1 shared expert of a 'llama' base model as architecture mixtral"),
     ({"experts": [{"source_model": "x", "noise_scale": 0.1}]}, "noise_scale"),
     ({"bogus": 1}, "unknown field bogus"),
+    ({"gate_mode": None}, "gate_mode must be a non-empty string, not None"),
     ({"experts": [{"source_model": "/nonexistent/x"}], "experts_per_token": 1},
      "expert0 (source_model): no checkpoint at /nonexistent/x"),
 ])
@@ -330,3 +331,16 @@ def test_architecture_picks_the_target_mergekit_picks(qwen2, tmp_path, architect
     except MoekitError:
         picked = None
     assert picked == expected
+
+
+def test_null_stands_for_the_fields_mergekit_declares_optional(llama, tmp_path):
+    from mergekit.moe.config import MoEMergeConfig
+
+    base, finetunes = llama
+    config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode="random",
+                        dtype=None, architecture=None, shared_experts=None)
+    data = yaml.safe_load(config.read_text())
+    data["experts"][0].update(positive_prompts=None, residual_scale=None)
+    config.write_text(yaml.safe_dump(data))
+    MoEMergeConfig.model_validate(data)
+    assert merge(config, tmp_path / "out", dry_run=True).target.family == "mixtral"

@@ -171,19 +171,17 @@ REFUSED_EXPERT_FIELDS = ("noise_scale",)
 
 
 def merge_config_from(data: Any) -> MergeConfig:
-    """A MergeConfig from the mapping mergekit-moe's YAML holds; a field left out or null
-    takes the dataclass default."""
+    """A MergeConfig from the mapping mergekit-moe's YAML holds."""
     if not isinstance(data, Mapping):
         raise MoekitError("a merge configuration is a mapping of base_model, experts, ...")
     unknown = sorted(set(map(str, data)) - set(FIELDS))
     if unknown:
         raise MoekitError(f"unknown field {', '.join(unknown)} (known: "
                           f"{', '.join(sorted(FIELDS))})")
-    missing = [f.name for f in fields(MergeConfig)
-               if f.default is MISSING and data.get(f.name) is None]
+    missing = [f.name for f in fields(MergeConfig) if f.default is MISSING and f.name not in data]
     if missing:
         raise MoekitError(f"the field {missing[0]} is missing")
-    given = {name: value for name, value in data.items() if value is not None}
+    given = _given(MergeConfig, data)
     for name in ("experts", "shared_experts"):
         if name in given:
             given[name] = _experts(given[name], name)
@@ -206,10 +204,17 @@ def _expert(item: Any, where: str) -> ExpertSource:
         raise MoekitError(f"{where}.noise_scale: mergekit-moe draws this noise from its global "
                           "random generator in an order moekit cannot reproduce; remove it")
     try:
-        return ExpertSource(**{name: value for name, value in item.items()
-                               if name in EXPERT_FIELDS and value is not None})
+        return ExpertSource(**_given(ExpertSource, item))
     except MoekitError as err:
         raise MoekitError(f"{where}.{err}") from None
+
+
+def _given(cls: type, data: Mapping) -> dict[str, Any]:
+    """The values ``data`` gives the fields of dataclass ``cls``, a null standing for a
+    default of None or nothing: the fields mergekit-moe declares Optional."""
+    optional = {f.name for f in fields(cls) if f.default is None or f.default == ()}
+    return {f.name: data[f.name] for f in fields(cls)
+            if f.name in data and not (data[f.name] is None and f.name in optional)}
 
 
 def _sources(items: Any, where: str) -> tuple[ExpertSource, ...]:
