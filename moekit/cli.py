@@ -114,12 +114,18 @@ def _add_output_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
 
 
-def _add_format_option(sub: argparse.ArgumentParser) -> None:
+def _add_format_option(sub: argparse.ArgumentParser, by_layout: bool = False) -> None:
     """``--format`` of the commands that write through the job pipeline's sinks
-    (``moekit.conversion.sink_for``: convert, upcycle, merge)."""
-    sub.add_argument("--format", default="safetensors", choices=("safetensors", "dcp"),
-                     help="output files: HF-sharded safetensors (default), or one "
-                     "torch.distributed.checkpoint folder (.metadata and .distcp files)")
+    (``moekit.conversion.sink_for``: convert, upcycle, merge); ``by_layout``: the default
+    is the destination layout's (``Layout.default_format``)."""
+    default = ("the --to layout's: dcp for " + ", ".join(
+        name for name, layout in LAYOUTS.items() if layout.default_format == "dcp")
+        + ", else safetensors") if by_layout else "safetensors"
+    sub.add_argument("--format", default=None if by_layout else "safetensors",
+                     choices=("safetensors", "dcp"),
+                     help="output files: HF-sharded safetensors, or one "
+                     "torch.distributed.checkpoint folder (.metadata and .distcp files); "
+                     f"default: {default}")
 
 
 HUB_ID = ("or a Hugging Face repo id ORG/NAME[@REVISION], read from the local Hub cache "
@@ -195,7 +201,7 @@ def _add_convert(commands) -> None:
                      help="write FP8 block-scaled and MXFP4 weights as bf16 (their scales "
                      "dropped); needed for --to nemo, which holds no scales")
     _add_output_options(sub)
-    _add_format_option(sub)
+    _add_format_option(sub, by_layout=True)
     _add_download_option(sub, "src")
 
 

@@ -127,9 +127,9 @@ def run_checkpoint_job(plan: Plan, checkpoint: Checkpoint, dst: str | Path,
 def convert(src: str | Path, dst: str | Path, to: str, from_: str | None = None,
             max_shard_size: int | str = "5GB", dry_run: bool = False, overwrite: bool = False,
             show_progress: bool | None = None, dequantize: bool = False,
-            format: str = "safetensors") -> Plan:
+            format: str | None = None) -> Plan:
     """Convert the checkpoint at ``src`` into layout ``to`` at ``dst``, written in
-    ``format`` (one of ``FORMATS``); return the plan.
+    ``format`` (one of ``FORMATS``; None: the layout's ``default_format``); return the plan.
 
     The whole plan is built and validated from headers before anything is written; the
     output is written to a temporary folder beside ``dst`` and renamed into place when
@@ -138,9 +138,10 @@ def convert(src: str | Path, dst: str | Path, to: str, from_: str | None = None,
     unless a recipe computes, so that a dry run answers at once.
     """
     checkpoint, analysis = analyse_checkpoint(src, from_)
-    plan = build_plan(analysis, layout_named(to), dequantize=dequantize)
+    layout = layout_named(to)
+    plan = build_plan(analysis, layout, dequantize=dequantize)
     run_checkpoint_job(plan, checkpoint, dst, max_shard_size, overwrite, dry_run,
-                       show_progress, format=format)
+                       show_progress, format=format or layout.default_format)
     return plan
 
 

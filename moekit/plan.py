@@ -195,6 +195,19 @@ class Dequantize:
         return self.weight.shape
 
 
+@dataclass(frozen=True)
+class RequireZeros(_ShapedLikePart):
+    """``part``, once the source tensor ``checked`` is read and found to hold only zeros:
+    how a tensor that the destination has no place for (torchtitan's ``expert_bias_E``
+    on the way to HF) is dropped only when dropping it loses nothing. Evaluating it
+    raises a MoekitError naming ``checked`` otherwise."""
+
+    part: "Expr"
+    checked: Read
+    reason: str
+    """Why the destination has no place for ``checked`` (for the error)."""
+
+
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
               -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 """The 16 values of an FP4 (E2M1) code."""
@@ -217,7 +230,7 @@ class DequantizeMXFP4:
 
 
 Expr = Union[Read, Transpose, Reshape, Stack, Concat, Scale, Constant, Random, Redraw,
-             Dequantize, DequantizeMXFP4]
+             Dequantize, DequantizeMXFP4, RequireZeros]
 
 
 def reads(expr: Expr) -> list[Read]:
@@ -228,6 +241,8 @@ def reads(expr: Expr) -> list[Read]:
         return []
     if isinstance(expr, Redraw):
         return [*reads(expr.part), expr.stats]
+    if isinstance(expr, RequireZeros):
+        return [*reads(expr.part), expr.checked]
     if isinstance(expr, Dequantize):
         return [*reads(expr.weight), *reads(expr.scale)]
     if isinstance(expr, DequantizeMXFP4):
@@ -260,6 +275,8 @@ def describe(expr: Expr) -> str:
         return f"mxfp4({describe(expr.blocks)}, {describe(expr.scales)}) -> {expr.dtype}"
     if isinstance(expr, Dequantize):
         return f"dequant({describe(expr.weight)}, {describe(expr.scale)}) -> {expr.dtype}"
+    if isinstance(expr, RequireZeros):
+        return f"{describe(expr.part)} if {expr.checked.key} == 0"
     if isinstance(expr, Redraw):
         return (f"redraw({describe(expr.part)}, {expr.ratio:.0%} of dim {expr.dim}, "
                 f"seed={expr.select_seed})")

@@ -262,7 +262,8 @@ def _check_converted(family: Family, layout: Layout, role: str = "destination") 
     pass through under names and shapes that no other layout has."""
     reason = family.unconverted.get(layout.name)
     if reason:
-        others = [name for name in LAYOUTS if name not in family.unconverted]
+        others = [name for name, other in LAYOUTS.items()
+                  if name not in family.unconverted and other.names_family(family)]
         raise MoekitError(f"the {layout.name} layout of {family.name} is refused as a "
                           f"{role}: {reason} on load, which moekit does not (nor undoes), so "
                           f"the result would not be what the layout promises; use "

@@ -13,3 +13,10 @@ PYTHON="${PYTHON:-python3}"
 # installed without its dependencies: the adapters need torch, transformers and pydantic
 # (which transformers brings).
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "nemo_automodel==0.7.0"
+# torchtitan 0.3's own Qwen3 MoE model is the reference of the torchtitan layout tests.
+# Its declared dependencies serve its trainer (datasets, tokenizers, tensorboard, ...), so
+# it is installed without them; its model modules import tyro (the test extra),
+# spmd_types, and triton (its expert-parallel kernels module, imported by models/common/moe.py
+# even on the CPU), which have no dependencies of their own.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "torchtitan==0.3.0" \
+    "spmd_types==0.3.1" "triton==3.9.0"

@@ -19,7 +19,7 @@ import torch
 from ..dtypes import to_torch
 from ..errors import MoekitError
 from ..plan import (FP4_VALUES, Concat, Constant, Dequantize, DequantizeMXFP4, Expr, Random,
-                    Read, Redraw, Reshape, Scale, Stack, Transpose)
+                    Read, Redraw, RequireZeros, Reshape, Scale, Stack, Transpose)
 from ..sources import TensorSource
 
 
@@ -80,6 +80,14 @@ def _fill_scale(expr: Scale, out: torch.Tensor, source: TensorSource) -> None:
 
 def _fill_constant(expr: Constant, out: torch.Tensor, source: TensorSource) -> None:
     out.fill_(expr.value)
+
+
+def _fill_require_zeros(expr: RequireZeros, out: torch.Tensor, source: TensorSource) -> None:
+    checked = source.read(expr.checked)
+    if torch.count_nonzero(checked).item():
+        raise MoekitError(f"{expr.checked.key} holds non-zero values: {expr.reason}, so "
+                          "moekit refuses to drop it")
+    fill(expr.part, out, source)
 
 
 def _fill_random(expr: Random, out: torch.Tensor, source: TensorSource) -> None:
@@ -289,5 +297,6 @@ _FILLERS = {
     Read: _fill_read, Transpose: _fill_transpose, Reshape: _fill_reshape, Stack: _fill_stack,
     Concat: _fill_concat, Scale: _fill_scale, Constant: _fill_constant, Random: _fill_random,
     Redraw: _fill_redraw, Dequantize: _fill_dequantize, DequantizeMXFP4: _fill_mxfp4,
+    RequireZeros: _fill_require_zeros,
 }
 """One filler per recipe node: the one place this executor dispatches on a node's type."""

@@ -136,6 +136,9 @@ class Layout(ABC):
     grouped: bool = False
     """True when all experts of a layer share a tensor ([E, ...]): what expert parallelism
     shards by rows."""
+    default_format: str = "safetensors"
+    """The output format (``conversion.FORMATS``) this layout is written in unless
+    ``--format`` names another: the one its consumer loads."""
     quantized_note: str = ""
     """Why this layout holds no quantisation tensors (FP8 scales, MXFP4 blocks), for the
     message refusing them; empty where it holds them."""
@@ -154,6 +157,11 @@ class Layout(ABC):
     def parse(self, tensors: dict[str, TensorMeta], family: Family) -> ParsedExperts:
         """Find this layout's expert tensors among ``tensors`` (keys in this layout's
         naming) and express each expert's projections as canonical pieces."""
+
+    def names_family(self, family: Family) -> bool:
+        """True when this layout has names for ``family``'s tensors (a whole-model layout
+        such as torchtitan's names each family's tensors by its own rules)."""
+        return True
 
     def holds(self, piece: str, family: Family) -> bool:
         """True when this layout has a place for ``piece`` (a projection or its bias)."""
@@ -178,6 +186,5 @@ class Layout(ABC):
 
     def expert_region(self, family: Family) -> re.Pattern[str]:
         """Keys that lie inside an experts module of ``family`` (in this layout's naming)."""
-        block = re.escape(self.from_hf_key(family.block + ".", family)[:-1])
-        return re.compile("^" + block.replace(r"\{layer\}", f"(?P<layer>{NUMBER})")
-                          + r"\.experts\.")
+        region = re.escape(self.from_hf_key(family.block + ".experts.", family))
+        return re.compile("^" + region.replace(r"\{layer\}", f"(?P<layer>{NUMBER})"))

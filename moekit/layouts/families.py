@@ -206,6 +206,28 @@ _LAGUNA_RENAMES = (Rename(".mlp.experts.e_score_correction_bias",
 memory and NeMo AutoModel 0.7 (LagunaStateDictAdapter) in its own format."""
 
 
+_QWEN3_TORCHTITAN = (
+    *(Rename(f".self_attn.{hf}_proj.", f".self_attn.qkv_linear.w{hf}.") for hf in "qkv"),
+    Rename(".self_attn.o_proj.", ".self_attn.wo."),
+    Rename(".self_attn.", ".attention."),
+    Rename(".input_layernorm.", ".attention_norm."),
+    Rename(".post_attention_layernorm.", ".ffn_norm."),
+    *(Rename(f".mlp.{hf}_proj.", f".feed_forward.{tt}.")
+      for hf, tt in (("gate", "w1"), ("up", "w3"), ("down", "w2"))),
+    Rename(".mlp.", ".moe."),
+    Rename(".moe.gate.", ".moe.router.gate."),
+    Rename(".moe.experts.", ".moe.routed_experts.inner_experts."),
+    Rename("model.embed_tokens.", "tok_embeddings.", at_start=True),
+    Rename("model.layers.", "layers.", at_start=True),
+    Rename("model.norm.", "norm.", at_start=True))
+"""torchtitan 0.3's names of Qwen3's tensors (``Qwen3StateDictAdapter.from_hf_map``,
+``models/qwen3/state_dict_adapter.py``): the attention under ``attention`` with q, k and
+v in ``qkv_linear``, the norms ``attention_norm`` and ``ffn_norm``, a dense layer's MLP
+``feed_forward.w1/w3/w2``, an MoE block ``moe`` (router ``moe.router.gate``, experts
+``moe.routed_experts.inner_experts``, the load-balancing buffer ``moe.expert_bias_E``),
+no ``model.`` prefix."""
+
+
 def _transformers_converts(what: str) -> dict[str, str]:
     """``Family.unconverted`` of a family whose transformers 5.24 conversion_mapping.py
     entry does ``what`` on load, outside the experts."""
@@ -225,7 +247,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen2_moe", ("qwen2_moe",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_experts",
            shared_expert="shared_expert", moe_layers=sparse_step),
     Family("qwen3_moe", ("qwen3_moe",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_experts",
-           count_aliases=("num_local_experts",), moe_layers=sparse_step),
+           count_aliases=("num_local_experts",), moe_layers=sparse_step,
+           renames={"torchtitan": _QWEN3_TORCHTITAN}),
     Family("olmoe", ("olmoe",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_experts",
            count_aliases=("num_local_experts",), moe_layers=every_layer),
     Family("deepseek_v3", ("deepseek_v3",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "n_routed_experts",

@@ -1,0 +1,101 @@
+"""torchtitan's layout: a whole model under torchtitan's state-dict names, written as the
+``torch.distributed.checkpoint`` folder torchtitan loads.
+
+The experts are a grouped layout (``GroupedExperts`` in torchtitan 0.3's
+``models/common/moe.py``: ``w1_EFD`` and ``w3_EFD`` [E, I, H], ``w2_EDF`` [E, H, I]);
+every other tensor is renamed by the family's ``torchtitan`` rules (``Family.renames``),
+so a family is written in this layout only where those rules exist. Each MoE block also
+holds ``expert_bias_E``, the fp32 [E] load-balancing buffer torchtitan adds to the router
+scores when choosing experts (``MoE.__init__`` registers it, persistent, whenever
+``load_balance_coeff`` is set, as it is by default): zeros where the source has none,
+and read back only when it is all zeros, since no other layout has a place for it.
+"""
+
+from __future__ import annotations
+
+from ..errors import MoekitError
+from ..plan import Constant, Read, RequireZeros, TensorPlan
+from .base import ExpertBlock, ParsedExperts, TensorMeta
+from .families import FAMILIES, Family
+from .grouped import GroupedLayout, GroupedTensor
+
+EXPERT_BIAS = "expert_bias_E"
+"""torchtitan's load-balancing bias, beside the router in the MoE block."""
+EXPERT_BIAS_DTYPE = "F32"
+
+
+def named_families() -> list[str]:
+    """The families with torchtitan names (``torchtitan`` rename rules)."""
+    return [family.name for family in FAMILIES if family.renames.get("torchtitan")]
+
+
+class TorchtitanLayout(GroupedLayout):
+    """The grouped experts of torchtitan, plus its ``expert_bias_E`` buffer."""
+
+    default_format = "dcp"
+
+    def parse(self, tensors: dict[str, TensorMeta], family: Family) -> ParsedExperts:
+        """The grouped experts, and each block's ``expert_bias_E`` claimed: every expert's
+        first piece requires it to be all zeros (``RequireZeros``), so that converting
+        to a layout without the buffer refuses a trained bias rather than drop it."""
+        if not self.names_family(family):
+            return ParsedExperts()
+        parsed = super().parse(tensors, family)
+        for layer, block in parsed.blocks.items():
+            key = self._bias_key(block.block, family)
+            meta = tensors.get(key)
+            if meta is None:
+                continue
+            parsed.claimed.add(key)
+            problem = self._bias_problem(key, meta, len(block.experts))
+            if problem:
+                parsed.problems.append((layer, problem))
+                continue
+            first = family.pieces[0]
+            checked = Read.whole(key, meta)
+            for (piece, expert), part in list(block.pieces.items()):
+                if piece == first:
+                    block.pieces[(piece, expert)] = RequireZeros(part, checked, self._reason())
+        return parsed
+
+    def emit(self, block: ExpertBlock, n_experts: int, family: Family) -> list[TensorPlan]:
+        """The grouped experts, then a zero ``expert_bias_E`` (a ``RequireZeros`` piece
+        read from torchtitan carries the check that it was zero)."""
+        if not self.names_family(family):
+            raise MoekitError(
+                f"the {self.name} layout has no names for the {family.name} family: "
+                f"moekit writes torchtitan 0.3's names for {', '.join(named_families())}")
+        bias = TensorPlan(self._bias_key(block.block, family),
+                          Constant((n_experts,), EXPERT_BIAS_DTYPE))
+        return [*super().emit(block, n_experts, family), bias]
+
+    def names_family(self, family: Family) -> bool:
+        """True when ``family`` has torchtitan names (its ``torchtitan`` rename rules)."""
+        return bool(family.renames.get(self.name))
+
+    def _bias_key(self, block: str, family: Family) -> str:
+        return self.from_hf_key(f"{block}.{EXPERT_BIAS}", family)
+
+    def _reason(self) -> str:
+        return (f"torchtitan's {EXPERT_BIAS} (its load-balancing bias, added to the router "
+                "scores) has no place in the destination layout")
+
+    @staticmethod
+    def _bias_problem(key: str, meta: TensorMeta, experts: int) -> str | None:
+        shape, dtype = tuple(meta.shape), meta.dtype
+        if shape != (experts,) or dtype != EXPERT_BIAS_DTYPE:
+            return (f"{key} is {list(shape)} {dtype}; torchtitan's {EXPERT_BIAS} is "
+                    f"[{experts}] {EXPERT_BIAS_DTYPE}, one value per expert")
+        return None
+
+
+TORCHTITAN = TorchtitanLayout(
+    "torchtitan", "torchtitan 0.3's model state dict, the whole model under torchtitan's "
+    "names, written as a torch.distributed.checkpoint folder by default: "
+    "moe.routed_experts.inner_experts.w1_EFD/w3_EFD [E,I,H] (gate, up), w2_EDF [E,H,I], "
+    "router moe.router.gate.weight, moe.expert_bias_E fp32 [E] (zeros; read back only when "
+    f"all zeros); families: {', '.join(named_families())}",
+    (GroupedTensor("w1_EFD", ("gate",), transposed=False),
+     GroupedTensor("w3_EFD", ("up",), transposed=False),
+     GroupedTensor("w2_EDF", ("down",), transposed=False)),
+    quantized_note="torchtitan 0.3 loads bf16 or fp32 weights and holds no scale tensors")

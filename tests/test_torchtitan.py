@@ -1,0 +1,141 @@
+"""The torchtitan layout, checked by torchtitan 0.3 itself (which scripts/setup.sh installs
+without its dependencies, beside the few its model modules import): the DCP folder moekit writes
+loads strictly into torchtitan's own Qwen3 MoE model, which then gives transformers'
+logits; and the folder converts back to the HF checkpoint it came from, byte for byte."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torchtitan.models import qwen3 as tt
+from torchtitan.models.common import CosSinRoPE, Embedding, Linear
+
+from moekit import samples
+from moekit.cli import main
+from moekit.conversion import convert
+
+from .conftest import load_all, same_bytes
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:torch.distributed is disabled:UserWarning",  # dcp.load on one process says so
+    "ignore:In CPU autocast:UserWarning")  # torchtitan's router asks CPU autocast for fp32
+
+SHARD = 60 * 1024
+"""The --max-shard-size of these tests: several .distcp files for the tiny model."""
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    """A tiny transformers Qwen3-MoE (renormalised top-k, as torchtitan 0.3's Qwen3 MoE
+    routes) and its ``save_pretrained`` folder."""
+    model = samples.build_model("qwen3_moe", norm_topk_prob=True)
+    return model, samples.save_model(model, tmp_path_factory.mktemp("qwen3") / "hf")
+
+
+@pytest.fixture(scope="module")
+def titan_folder(qwen3_moe, tmp_path_factory) -> Path:
+    """``moekit convert SRC DST --to torchtitan``, the format left to the layout."""
+    out = tmp_path_factory.mktemp("titan") / "dcp"
+    assert main(["convert", str(qwen3_moe[1]), str(out), "--to", "torchtitan",
+                 "--max-shard-size", str(SHARD)]) == 0
+    return out
+
+
+def test_torchtitan_is_written_as_dcp_with_config(titan_folder):
+    assert len(list(titan_folder.glob("*.distcp"))) > 1
+    assert (titan_folder / ".metadata").is_file()
+    assert json.loads((titan_folder / "config.json").read_text())["model_type"] == "qwen3_moe"
+
+
+def test_hf_to_torchtitan_to_hf_is_byte_identical(qwen3_moe, titan_folder, tmp_path, capsys):
+    assert main(["inspect", str(titan_folder)]) == 0
+    assert "torchtitan" in capsys.readouterr().out
+    back = tmp_path / "back"
+    assert main(["convert", str(titan_folder), str(back), "--to", "hf"]) == 0
+    original, returned = load_all(qwen3_moe[1]), load_all(back)
+    assert original.keys() == returned.keys()
+    assert all(same_bytes(original[key], returned[key]) for key in original)
+
+
+def test_format_overrides_the_layouts_default(qwen3_moe, titan_folder, tmp_path):
+    out = tmp_path / "st"
+    convert(qwen3_moe[1], out, "torchtitan", format="safetensors")
+    written = load_all(out)
+    metadata = dcp.FileSystemReader(titan_folder).read_metadata().state_dict_metadata
+    assert written.keys() == metadata.keys()
+
+
+def test_a_trained_expert_bias_is_refused_not_dropped(titan_folder, tmp_path, capsys):
+    """torchtitan updates ``expert_bias_E`` while training; HF Qwen3 has no place for it."""
+    metadata = dcp.FileSystemReader(titan_folder).read_metadata().state_dict_metadata
+    state = {key: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+             for key, entry in metadata.items()}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(titan_folder), no_dist=True)
+    key = "layers.1.moe.expert_bias_E"
+    state[key][2] = 0.25
+    trained = tmp_path / "trained"
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(trained), no_dist=True)
+    shutil.copy(titan_folder / "config.json", trained)
+    assert main(["convert", str(trained), str(tmp_path / "back"), "--to", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert key in err and "non-zero" in err and "Traceback" not in err
+    assert not (tmp_path / "back").exists()
+
+
+def titan_model(config) -> torch.nn.Module:
+    """torchtitan 0.3's Qwen3 MoE for a transformers Qwen3-MoE config, built with the
+    helpers its own model registry uses (``_30b_a3b`` in ``models/qwen3/__init__.py``)."""
+    dim, vocab = config.hidden_size, config.vocab_size
+    model_config = tt.Qwen3Model.Config(
+        vocab_size=vocab, dim=dim, norm=tt._qwen3_norm(dim),
+        tok_embeddings=Embedding.Config(num_embeddings=vocab, embedding_dim=dim,
+                                        param_init=tt._EMBEDDING_INIT),
+        lm_head=Linear.Config(in_features=dim, out_features=vocab, param_init=tt._LINEAR_INIT),
+        layers=tt._build_qwen3_moe_layers(
+            n_layers=config.num_hidden_layers, dim=dim, n_heads=config.num_attention_heads,
+            n_kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
+            moe_hidden_dim=config.moe_intermediate_size, num_experts=config.num_experts,
+            top_k=config.num_experts_per_tok, attn_backend="flex", moe_comm_backend="standard",
+            rope=CosSinRoPE.Config(dim=config.head_dim,
+                                   max_seq_len=config.max_position_embeddings,
+                                   theta=config.rope_parameters["rope_theta"])))
+    return model_config.build().eval()
+
+
+def titan_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+    with torch.no_grad():
+        return model(ids, positions, model.get_attention_masks(positions))
+
+
+def test_torchtitan_loads_the_folder_strictly_and_gives_transformers_logits(qwen3_moe,
+                                                                            titan_folder):
+    """torchtitan 0.3's GroupedExperts multiplies in bf16 whatever the weights' dtype
+    (``GroupedExperts.forward`` casts inputs and weights with ``.bfloat16()``), so its
+    logits match transformers' fp32 ones to bf16 rounding (2^-8 relative), not exactly:
+    within 0.5% of the largest logit. Swapping two experts' gate weights in one layer
+    moves them more than five times as far."""
+    hf, _ = qwen3_moe
+    model = titan_model(hf.config)
+    state = model.state_dict()
+    metadata = dcp.FileSystemReader(titan_folder).read_metadata().state_dict_metadata
+    assert metadata.keys() == state.keys()
+    for key, value in state.items():
+        assert (tuple(metadata[key].size), metadata[key].properties.dtype) == \
+            (tuple(value.shape), value.dtype), key
+    dcp.load(state, storage_reader=dcp.FileSystemReader(titan_folder), no_dist=True)
+    model.load_state_dict(state, strict=True)
+    ids = samples.sample_input(hf.config.vocab_size)
+    with torch.no_grad():
+        want = hf(ids).logits
+    tolerance = 0.005 * want.abs().max().item()
+    assert (titan_logits(model, ids) - want).abs().max().item() <= tolerance
+    w1 = state["layers.0.moe.routed_experts.inner_experts.w1_EFD"]
+    state["layers.0.moe.routed_experts.inner_experts.w1_EFD"] = w1[[1, 0, *range(2, len(w1))]]
+    model.load_state_dict(state, strict=True)
+    assert (titan_logits(model, ids) - want).abs().max().item() > 5 * tolerance
