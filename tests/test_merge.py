@@ -243,6 +243,9 @@ def test_the_yaml_fields_are_mergekits():
     (lambda: MergeConfig("b", (ExpertSource("x"),), gate_mode="random",
                          experts_per_token=1, shared_experts=({"source_model": "y"},)),
      "shared_experts must be a list of ExpertSource"),
+    (lambda: MergeConfig("b", (ExpertSource("x"),), gate_mode="random", experts_per_token=1,
+                         shared_experts=(ExpertSource("y"), ExpertSource("z"))),
+     "2 shared_experts: the targets hold at most 1"),
     (lambda: MergeConfig("b", (ExpertSource("x"),), gate_mode="random",
                          experts_per_token="1"), "experts_per_token must be an integer"),
 ])

@@ -115,8 +115,10 @@ class MergeConfig:
         elif len(self.experts) < self.experts_per_token:
             found.append(f"experts_per_token {self.experts_per_token} is more than the "
                          f"{len(self.experts)} experts")
-        if len(self.shared_experts) > 1:
-            found.append(f"{len(self.shared_experts)} shared_experts: the targets hold one")
+        most = max(target.shared_experts for target in MERGE_TARGETS.values())
+        if len(self.shared_experts) > most:
+            found.append(f"{len(self.shared_experts)} shared_experts: the targets hold at most "
+                         f"{most}")
         if self.gate_mode != "random" and self.gate_mode != "uniform_random":
             found.extend(self._prompt_problems())
         return found
