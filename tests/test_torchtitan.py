@@ -55,6 +55,7 @@ def test_torchtitan_is_written_as_dcp_with_config(titan_folder):
 def test_hf_to_torchtitan_to_hf_is_byte_identical(qwen3_moe, titan_folder, tmp_path, capsys):
     assert main(["inspect", str(titan_folder)]) == 0
     assert "torchtitan" in capsys.readouterr().out
+    assert main(["verify", str(qwen3_moe[1]), str(titan_folder)]) == 0
     back = tmp_path / "back"
     assert main(["convert", str(titan_folder), str(back), "--to", "hf"]) == 0
     original, returned = load_all(qwen3_moe[1]), load_all(back)
@@ -70,7 +71,8 @@ def test_format_overrides_the_layouts_default(qwen3_moe, titan_folder, tmp_path)
     assert written.keys() == metadata.keys()
 
 
-def test_a_trained_expert_bias_is_refused_not_dropped(titan_folder, tmp_path, capsys):
+def test_a_trained_expert_bias_is_refused_not_dropped(qwen3_moe, titan_folder, tmp_path,
+                                                      capsys):
     """torchtitan updates ``expert_bias_E`` while training; HF Qwen3 has no place for it."""
     metadata = dcp.FileSystemReader(titan_folder).read_metadata().state_dict_metadata
     state = {key: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
@@ -81,9 +83,11 @@ def test_a_trained_expert_bias_is_refused_not_dropped(titan_folder, tmp_path, ca
     trained = tmp_path / "trained"
     dcp.save(state, storage_writer=dcp.FileSystemWriter(trained), no_dist=True)
     shutil.copy(titan_folder / "config.json", trained)
-    assert main(["convert", str(trained), str(tmp_path / "back"), "--to", "hf"]) == 2
-    err = capsys.readouterr().err
-    assert key in err and "non-zero" in err and "Traceback" not in err
+    for command in (["convert", str(trained), str(tmp_path / "back"), "--to", "hf"],
+                    ["verify", str(qwen3_moe[1]), str(trained)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert key in err and "non-zero" in err and "Traceback" not in err
     assert not (tmp_path / "back").exists()
 
 

@@ -78,7 +78,8 @@ class TorchtitanLayout(GroupedLayout):
 
     def _reason(self) -> str:
         return (f"torchtitan's {EXPERT_BIAS} (its load-balancing bias, added to the router "
-                "scores) has no place in the destination layout")
+                "scores) has no place in Hugging Face's naming, which moekit converts and "
+                "compares checkpoints through")
 
     @staticmethod
     def _bias_problem(key: str, meta: TensorMeta, experts: int) -> str | None:
