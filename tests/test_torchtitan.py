@@ -17,7 +17,7 @@ from torchtitan.models.common import CosSinRoPE, Embedding, Linear
 
 from moekit import samples
 from moekit.cli import main
-from moekit.conversion import convert
+from moekit.conversion import convert, convert_state_dict
 
 from .conftest import load_all, same_bytes
 
@@ -119,7 +119,11 @@ def titan_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def test_torchtitan_loads_the_folder_strictly_and_gives_transformers_logits(qwen3_moe,
                                                                             titan_folder):
-    """torchtitan 0.3's GroupedExperts multiplies in bf16 whatever the weights' dtype
+    """torchtitan's model holds exactly the folder's names, shapes and dtypes and loads
+    it strictly; its own state dict once loaded (q, k and v split by its state-dict hooks)
+    converts, in memory, to transformers' state dict byte for byte.
+
+    torchtitan 0.3's GroupedExperts multiplies in bf16 whatever the weights' dtype
     (``GroupedExperts.forward`` casts inputs and weights with ``.bfloat16()``), so its
     logits match transformers' fp32 ones to bf16 rounding (2^-8 relative), not exactly:
     within 0.5% of the largest logit. Swapping two experts' gate weights in one layer
@@ -134,6 +138,11 @@ def test_torchtitan_loads_the_folder_strictly_and_gives_transformers_logits(qwen
             (tuple(value.shape), value.dtype), key
     dcp.load(state, storage_reader=dcp.FileSystemReader(titan_folder), no_dist=True)
     model.load_state_dict(state, strict=True)
+    back = convert_state_dict(model.state_dict(), None, "transformers",
+                              config=hf.config.to_dict())
+    expected = hf.state_dict()
+    assert back.keys() == expected.keys()
+    assert all(same_bytes(back[key], expected[key]) for key in expected)
     ids = samples.sample_input(hf.config.vocab_size)
     with torch.no_grad():
         want = hf(ids).logits
