@@ -87,6 +87,8 @@ def _original(err: CheckpointException) -> BaseException:
     """The exception a DCP step raised, which DCP wraps (with its traceback as text) in a
     CheckpointException, a BaseException: re-raised as itself, a MoekitError or an
     OSError of the destination is reported as moekit reports it elsewhere."""
+    if not err.failures:
+        return MoekitError(f"torch.distributed.checkpoint failed: {err}")
     failure, _ = next(iter(err.failures.values()))
     return failure
 
@@ -186,7 +188,7 @@ def _read_metadata(path: Path):
             raise MoekitError(f"{shown} is {size:,} bytes, more than a DCP .metadata moekit "
                               f"reads ({MAX_METADATA_BYTES:,})")
         with open(path, "rb") as file:
-            return _Unpickler(file, shown).load()
+            return _Unpickler(file).load()
     except OSError as err:
         raise MoekitError(f"cannot read {shown}: {err.strerror or err}") from err
     except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError,
@@ -197,10 +199,6 @@ def _read_metadata(path: Path):
 
 class _Unpickler(pickle.Unpickler):
     """Unpickles DCP metadata: its dataclasses and torch dtypes, nothing else."""
-
-    def __init__(self, file, shown: str) -> None:
-        super().__init__(file)
-        self.shown = shown
 
     def find_class(self, module: str, name: str):
         if (module, name) in _METADATA_CLASSES or (
