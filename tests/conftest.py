@@ -59,3 +59,16 @@ def digest(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's bytes (computed on the host)."""
     return hashlib.sha256(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()
                           .tobytes()).hexdigest()
+
+
+def pack_mxfp4(tensors: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    """Replace, in place, GPT-OSS's grouped expert weights (``experts.gate_up_proj`` [E, in,
+    out], ``experts.down_proj``) by random MXFP4 tensors as its Hub files hold them:
+    ``*_blocks`` [E, out, in/32, 16] and ``*_scales`` [E, out, in/32] uint8 (exponents
+    near 127, so the values stay finite and small)."""
+    for key in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, inputs, outputs = tensors.pop(key).shape
+        tensors[key + "_blocks"] = torch.randint(0, 256, (experts, outputs, inputs // 32, 16),
+                                                 generator=generator, dtype=torch.uint8)
+        tensors[key + "_scales"] = torch.randint(122, 132, (experts, outputs, inputs // 32),
+                                                 generator=generator, dtype=torch.uint8)

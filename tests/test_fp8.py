@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from moekit import convert, inspect, verify
 from moekit.cli import main
 
-from .conftest import load_all, same_bytes
+from .conftest import load_all, pack_mxfp4, same_bytes
 
 H, I, E, LAYERS, BLOCK = 160, 200, 4, 2, 128
 
@@ -222,12 +222,7 @@ def mxfp4(tmp_path_factory) -> Path:
     generator = torch.Generator().manual_seed(1)
     for file in folder.glob("*.safetensors"):
         tensors = load_all_file(file)
-        for key in [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
-            experts, inputs, outputs = tensors.pop(key).shape
-            tensors[key + "_blocks"] = torch.randint(0, 256, (experts, outputs, inputs // 32, 16),
-                                                     generator=generator, dtype=torch.uint8)
-            tensors[key + "_scales"] = torch.randint(122, 132, (experts, outputs, inputs // 32),
-                                                     generator=generator, dtype=torch.uint8)
+        pack_mxfp4(tensors, generator)
         save_file(tensors, file)
     index = folder / "model.safetensors.index.json"
     weight_map = {k: f.name for f in folder.glob("*.safetensors") for k in load_all_file(f)}

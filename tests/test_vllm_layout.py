@@ -42,7 +42,7 @@ from moekit.executors.device import read_plan
 from moekit.expert_parallel.ranges import rank_plan
 from moekit.planner import understand_checkpoint
 
-from .conftest import load_all, same_bytes
+from .conftest import load_all, pack_mxfp4, same_bytes
 from .test_fp8 import mxfp4  # noqa: F401  (the MXFP4 GPT-OSS checkpoint fixture)
 
 EXPERTS = "mlp.experts.routed_experts"
@@ -128,12 +128,7 @@ def test_mxfp4_state_dicts_move_between_transformers_and_vllm_in_memory():
     config = model.config.to_dict()
     state = dict(model.state_dict())
     generator = torch.Generator().manual_seed(1)
-    for key in [k for k in state if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
-        experts, inputs, outputs = state.pop(key).shape
-        state[key + "_blocks"] = torch.randint(0, 256, (experts, outputs, inputs // 32, 16),
-                                               generator=generator, dtype=torch.uint8)
-        state[key + "_scales"] = torch.randint(122, 132, (experts, outputs, inputs // 32),
-                                               generator=generator, dtype=torch.uint8)
+    pack_mxfp4(state, generator)
     vllm = convert_state_dict(state, "transformers", "vllm", config=config)
     blocks = state["model.layers.2.mlp.experts.gate_up_proj_blocks"]
     assert same_bytes(vllm[f"model.layers.2.{EXPERTS}.w13_weight"],
