@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 from . import __version__
 from .errors import MoekitError, printable
+from .expert_parallel.ranges import PLACEMENTS
 from .layouts import LAYOUTS
 
 EXIT_ERROR = 2
@@ -268,7 +269,7 @@ def _add_plan(commands) -> None:
                      "experts Shard(0) over ep, every other tensor Shard(0) over dp as FSDP2 "
                      "lays out its parameters (ceil(rows/dp) rows a rank). The figures are the "
                      "planned read: moekit's loaders shard over ep only (default 1)")
-    sub.add_argument("--placement", default="chunk", choices=("chunk", "vllm"),
+    sub.add_argument("--placement", default="chunk", choices=list(PLACEMENTS),
                      help="which experts each rank owns: chunk (default; torch.chunk and "
                      "DTensor Shard(0), ceil(E/n) a rank, what load_experts loads) or vllm "
                      "(vLLM's default expert placement: the first E mod n ranks get one more)")
