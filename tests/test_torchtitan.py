@@ -6,6 +6,7 @@ logits; and the folder converts back to the HF checkpoint it came from, byte for
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -91,11 +92,11 @@ def test_a_trained_expert_bias_is_refused_not_dropped(qwen3_moe, titan_folder, t
     assert not (tmp_path / "back").exists()
 
 
-def titan_model(config) -> torch.nn.Module:
-    """torchtitan 0.3's Qwen3 MoE for a transformers Qwen3-MoE config, built with the
-    helpers its own model registry uses (``_30b_a3b`` in ``models/qwen3/__init__.py``)."""
+def titan_config(config) -> tt.Qwen3Model.Config:
+    """torchtitan 0.3's Qwen3 MoE config for a transformers Qwen3-MoE config, built with
+    the helpers its own model registry uses (``_30b_a3b`` in ``models/qwen3/__init__.py``)."""
     dim, vocab = config.hidden_size, config.vocab_size
-    model_config = tt.Qwen3Model.Config(
+    return tt.Qwen3Model.Config(
         vocab_size=vocab, dim=dim, norm=tt._qwen3_norm(dim),
         tok_embeddings=Embedding.Config(num_embeddings=vocab, embedding_dim=dim,
                                         param_init=tt._EMBEDDING_INIT),
@@ -108,7 +109,33 @@ def titan_model(config) -> torch.nn.Module:
             rope=CosSinRoPE.Config(dim=config.head_dim,
                                    max_seq_len=config.max_position_embeddings,
                                    theta=config.rope_parameters["rope_theta"])))
-    return model_config.build().eval()
+
+
+def titan_model(config) -> torch.nn.Module:
+    return titan_config(config).build().eval()
+
+
+def test_every_name_is_the_one_torchtitans_adapter_gives(tmp_path):
+    """A dense layer among MoE ones (``mlp_only_layers``) too: each HF key outside the
+    experts is named as torchtitan's own ``Qwen3StateDictAdapter.from_hf_map`` maps it,
+    and the folder converts back to the HF files byte for byte."""
+    hf = samples.build_model("qwen3_moe", mlp_only_layers=[1])
+    src = samples.save_model(hf, tmp_path / "hf")
+    assert main(["convert", str(src), str(tmp_path / "dcp"), "--to", "torchtitan"]) == 0
+    names = dcp.FileSystemReader(tmp_path / "dcp").read_metadata().state_dict_metadata
+    adapter = tt.Qwen3StateDictAdapter(titan_config(hf.config), None)
+    original = load_all(src)
+    expected = set()
+    for key in (key for key in original if ".experts." not in key):
+        layer = re.findall(r"\.(\d+)\.", key)[:1]
+        template = re.sub(r"\.\d+\.", ".{}.", key, count=1)
+        expected.add(adapter.from_hf_map[template].format(*layer))
+    assert expected == {key for key in names
+                        if "inner_experts" not in key and not key.endswith("expert_bias_E")}
+    assert main(["convert", str(tmp_path / "dcp"), str(tmp_path / "back"), "--to", "hf"]) == 0
+    returned = load_all(tmp_path / "back")
+    assert original.keys() == returned.keys()
+    assert all(same_bytes(original[key], returned[key]) for key in original)
 
 
 def titan_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
