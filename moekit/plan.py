@@ -11,8 +11,9 @@ tensor byte is read. Executors (``moekit.executors``) turn recipes into tensors.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, Union
+from typing import Protocol, TypeVar, Union
 
 from .dtypes import itemsize
 from .sizes import format_size
@@ -231,6 +232,19 @@ class DequantizeMXFP4:
 
 Expr = Union[Read, Transpose, Reshape, Stack, Concat, Scale, Constant, Random, Redraw,
              Dequantize, DequantizeMXFP4, RequireZeros]
+
+
+T = TypeVar("T")
+
+
+def handler(table: Mapping[type, T], expr: Expr, interpreter: str) -> T:
+    """The entry of ``table`` (an interpreter's dispatch table, node type -> function) for
+    ``expr``'s node type; a TypeError naming the node and ``interpreter`` otherwise."""
+    try:
+        return table[type(expr)]
+    except KeyError:
+        raise TypeError(f"{type(expr).__name__} is not a recipe node {interpreter} evaluates: "
+                        f"{expr!r}") from None
 
 
 def reads(expr: Expr) -> list[Read]:

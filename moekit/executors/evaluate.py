@@ -19,7 +19,7 @@ import torch
 from ..dtypes import to_torch
 from ..errors import MoekitError
 from ..plan import (FP4_VALUES, Concat, Constant, Dequantize, DequantizeMXFP4, Expr, Random,
-                    Read, Redraw, RequireZeros, Reshape, Scale, Stack, Transpose)
+                    Read, Redraw, RequireZeros, Reshape, Scale, Stack, Transpose, handler)
 from ..sources import TensorSource
 
 
@@ -57,12 +57,7 @@ def fill(expr: Expr, out: torch.Tensor, source: TensorSource) -> None:
     moved = MOVED_AS.get(out.dtype)
     if moved is not None:
         out, source = out.view(moved), _Viewed(source, moved)
-    try:
-        fill_node = _FILLERS[type(expr)]
-    except KeyError:
-        raise TypeError(f"{type(expr).__name__} is not a recipe node this executor "
-                        f"evaluates: {expr!r}") from None
-    fill_node(expr, out, source)
+    handler(_FILLERS, expr, "the torch executor")(expr, out, source)
 
 
 def _fill_read(expr: Read, out: torch.Tensor, source: TensorSource) -> None:

@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from ..dtypes import itemsize
-from ..plan import Concat, Expr, Read, Reshape, Stack, Transpose
+from ..plan import Concat, Expr, Read, Reshape, Stack, Transpose, handler
 
 TRANSPOSE_BLOCK_BYTES = 32
 """Bytes of each destination row one step of a transposed copy writes: numpy copies a
@@ -55,12 +55,7 @@ def movable(expr: Expr) -> bool:
 def fill(expr: Expr, out: np.ndarray, source: BlockSource) -> None:
     """Write the value of ``expr`` (a ``movable`` recipe) into ``out``, an array or view of
     its shape whose elements are those of ``element_dtype``."""
-    try:
-        fill_node = _FILLERS[type(expr)]
-    except KeyError:
-        raise TypeError(f"{type(expr).__name__} is not a recipe node that only moves bytes: "
-                        f"{expr!r}") from None
-    fill_node(expr, out, source)
+    handler(_FILLERS, expr, "the byte-moving executor")(expr, out, source)
 
 
 def _fill_read(expr: Read, out: np.ndarray, source: BlockSource) -> None:
