@@ -162,6 +162,21 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
 
+def leave_process_group() -> None:
+    """End a spawned rank: barrier, destroy the group, exit without finalizing Python.
+
+    gloo's worker thread may still release a tensor of an earlier collective after the
+    barrier returns; during interpreter finalization that aborts the process (torch 2.13,
+    pytorch PR 179291), so the rank leaves with ``os._exit(0)`` once its output is flushed."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def digest(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's bytes (computed on the host)."""
     return hashlib.sha256(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from common import add_shape_arguments, build_checkpoint, write_figures
+from common import add_shape_arguments, build_checkpoint, leave_process_group, write_figures
 from torch.distributed.device_mesh import init_device_mesh
 
 
@@ -48,7 +48,7 @@ def worker(rank: int, world: int, store: str, src: str, results: str) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     Path(results, f"{world}-{rank}.json").write_text(json.dumps(
         {**counts, "seconds": seconds, "peak": peak, "tensors": len(state)}))
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def main() -> None:

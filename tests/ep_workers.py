@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -22,10 +24,19 @@ def _init(rank: int, world: int, store: str) -> None:
 
 
 def finish() -> None:
-    """Wait for every rank, then tear the group down (a rank that leaves while another
-    still talks to it can abort the process in gloo's teardown)."""
+    """Wait for every rank, tear the group down, and leave without finalizing Python.
+
+    A rank that leaves while another still talks to it can abort the process in gloo's
+    teardown, hence the barrier. After the barrier returns, gloo's worker thread may still
+    be releasing the last reference to a tensor of an earlier collective; if that happens
+    while the interpreter finalizes, Python ends the thread inside C++ and the process
+    aborts with "terminate called without an active exception" (torch 2.13; pytorch PR
+    179291 describes it). ``os._exit`` skips finalization, so the worker ends with 0."""
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def load_check_save(rank: int, world: int, store: str, src: str, out: str,

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from moekit.upcycling import UpcycleSpec
 from moekit.upcycling import megatron as moekit_megatron
 
-from .ep_workers import finish
 
 HIDDEN, DENSE_FFN, VOCAB, SEQ = 32, 64, 100, 8
 
@@ -34,6 +33,14 @@ def _cpu_shims() -> None:
     torch.cuda.current_device = lambda: "cpu"
     tensor_parallel.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
     moe_utils.te_general_gemm = None
+
+
+def finish() -> None:
+    """Wait for every rank, then tear the group down. The rank finalizes Python as usual:
+    leaving with ``os._exit`` (what ``ep_workers.finish`` does) keeps megatron-core's
+    groups from being torn down and the next run's gloo connections are refused."""
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def init(rank: int, world: int, store: str, ep: int = 1) -> None:
