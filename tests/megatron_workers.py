@@ -37,8 +37,8 @@ def _cpu_shims() -> None:
 
 def finish() -> None:
     """Wait for every rank, then tear the group down. The rank finalizes Python as usual:
-    leaving with ``os._exit`` (what ``ep_workers.finish`` does) keeps megatron-core's
-    groups from being torn down and the next run's gloo connections are refused."""
+    after a megatron-core run that left with ``os._exit`` (what ``ep_workers.finish``
+    does), the next spawned run's gloo rendezvous fails with refused connections."""
     dist.barrier()
     dist.destroy_process_group()
 
