@@ -320,8 +320,11 @@ def _add_upcycle(commands) -> None:
     sub.add_argument("--target", default="auto", choices=["auto", *TARGETS],
                      help="MoE family to write (default: the dense family's sibling)")
     sub.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    sub.add_argument("--to", default="hf", choices=list(LAYOUTS),
+                     help="layout to write the MoE in (default hf; torchtitan: the whole model "
+                     "under torchtitan's names, as a torch.distributed.checkpoint folder)")
     _add_output_options(sub)
-    _add_format_option(sub)
+    _add_format_option(sub, by_layout=True)
     _add_download_option(sub, "dense")
 
 
@@ -334,7 +337,8 @@ def _run_upcycle(args: argparse.Namespace) -> int:
                        router=args.router, router_std=args.router_std, target=args.target,
                        seed=args.seed, scaling=args.scaling)
     result = upcycle(args.dense, args.dst, spec, max_shard_size=args.max_shard_size,
-                     dry_run=args.dry_run, overwrite=args.overwrite, format=args.format)
+                     dry_run=args.dry_run, overwrite=args.overwrite, format=args.format,
+                     to=args.to)
     _report_plan(result.plan, result.summary(), args, config=result.config)
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -10,30 +11,40 @@ import torch
 from ..checkpoint import Checkpoint
 from ..conversion import run_checkpoint_job, state_dict_meta
 from ..executors.memory import run_plan
+from ..layouts import layout_named
 from ..sources import DictSource
 from .planner import UpcyclePlan, build_upcycle_plan
+from .relayout import in_layout
 from .spec import UpcycleSpec
 
 
-def plan_upcycle(dense_path: str | Path, spec: UpcycleSpec) -> tuple[Checkpoint, UpcyclePlan]:
-    """Read a dense checkpoint's headers and plan its upcycling (nothing is read or written)."""
+def plan_upcycle(dense_path: str | Path, spec: UpcycleSpec, to: str = "hf"
+                 ) -> tuple[Checkpoint, UpcyclePlan]:
+    """Read a dense checkpoint's headers and plan its upcycling into layout ``to``
+    (nothing is read or written)."""
     checkpoint = Checkpoint.open(dense_path)
-    plan = build_upcycle_plan(checkpoint.tensors, checkpoint.config, spec, str(checkpoint.path),
+    label = str(checkpoint.path)
+    plan = build_upcycle_plan(checkpoint.tensors, checkpoint.config, spec, label,
                               where=checkpoint.file_of)
-    return checkpoint, plan
+    layout = layout_named(to)
+    return checkpoint, replace(plan, plan=in_layout(plan.plan, plan.config, layout, label))
 
 
 def upcycle(dense_path: str | Path, dst_path: str | Path, spec: UpcycleSpec,
             max_shard_size: int | str = "5GB", dry_run: bool = False, overwrite: bool = False,
-            show_progress: bool | None = None, format: str = "safetensors") -> UpcyclePlan:
+            show_progress: bool | None = None, format: str | None = None, to: str = "hf"
+            ) -> UpcyclePlan:
     """Write the MoE checkpoint ``spec`` describes from the dense checkpoint at
-    ``dense_path``: HF safetensors shards and index (or, with ``format="dcp"``, one
-    torch.distributed.checkpoint folder) and config.json, plus the dense folder's other
-    files (tokenizer, generation config). Streams one tensor at a time, validates
-    everything first, and writes atomically as ``convert`` does."""
-    checkpoint, plan = plan_upcycle(dense_path, spec)
+    ``dense_path``, in layout ``to`` (HF naming by default; ``torchtitan``: the whole model
+    under torchtitan's names), in ``format`` (None: the layout's ``default_format``: HF
+    safetensors shards and index, or one torch.distributed.checkpoint folder), with
+    config.json and the dense folder's other files (tokenizer, generation config).
+    Streams one tensor at a time, validates everything first, and writes atomically as
+    ``convert`` does."""
+    checkpoint, plan = plan_upcycle(dense_path, spec, to)
     run_checkpoint_job(plan.plan, checkpoint, dst_path, max_shard_size, overwrite, dry_run,
-                       show_progress, config=plan.config, format=format)
+                       show_progress, config=plan.config,
+                       format=format or layout_named(to).default_format)
     return plan
 
 

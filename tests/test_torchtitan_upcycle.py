@@ -1,0 +1,107 @@
+"""``moekit upcycle DENSE DST --to torchtitan``, checked by torchtitan 0.3 itself: its Qwen3
+MoE model, built from the upcycled model's config.json, loads the DCP folder strictly and
+gives the logits of the dense model (for a function-preserving method) and of the same
+upcycle written in HF naming and loaded by transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from moekit import samples
+from moekit.cli import main
+from moekit.conversion import convert_state_dict
+
+from .conftest import same_bytes
+from .test_torchtitan import SHARD, titan_logits, titan_model
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:torch.distributed is disabled:UserWarning",  # dcp.load on one process says so
+    "ignore:In CPU autocast:UserWarning")  # torchtitan's router asks CPU autocast for fp32
+
+METHODS = {
+    "copy": ["--experts", "4", "--top-k", "2"],
+    "granular": ["--experts", "8", "--top-k", "4", "--method", "granular", "--granularity", "2"],
+    "drop": ["--experts", "4", "--top-k", "2", "--method", "drop", "--drop-ratio", "0.5"],
+}
+"""The methods upcycle offers a dense Qwen3 (whose target, Qwen3-MoE, has no shared
+expert); drop does not preserve the dense function."""
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory) -> Path:
+    """A tiny dense transformers Qwen3, saved in several shards."""
+    model = samples.build_model("qwen3", seed=3)
+    return samples.save_model(model, tmp_path_factory.mktemp("dense") / "qwen3")
+
+
+def loaded_titan(folder: Path) -> torch.nn.Module:
+    """torchtitan's Qwen3 MoE model, built from the folder's config.json, after a strict
+    load of the folder: the folder holds exactly its state dict's names, shapes and dtypes."""
+    model = titan_model(AutoConfig.from_pretrained(folder))
+    state = model.state_dict()
+    metadata = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    assert {key: (tuple(entry.size), entry.properties.dtype) for key, entry in metadata.items()} \
+        == {key: (tuple(value.shape), value.dtype) for key, value in state.items()}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_torchtitan_loads_the_upcycled_folder_and_gives_the_upcycled_logits(method, dense,
+                                                                            tmp_path):
+    """torchtitan 0.3's GroupedExperts multiplies in bf16 whatever the weights' dtype
+    (``GroupedExperts.forward`` casts with ``.bfloat16()``), so its logits match fp32
+    transformers to bf16 rounding (2^-8 relative), not exactly: within 0.5% of the largest
+    logit. The weights themselves are compared exactly: torchtitan's loaded state dict,
+    converted to transformers' naming, is byte for byte the state dict transformers loads
+    from the same upcycle written in HF naming."""
+    options = [*METHODS[method], "--seed", "5"]
+    titan, hf = tmp_path / "titan", tmp_path / "hf"
+    assert main(["upcycle", str(dense), str(titan), "--to", "torchtitan",
+                 "--max-shard-size", str(SHARD), *options]) == 0
+    assert len(list(titan.glob("*.distcp"))) > 1
+    assert main(["upcycle", str(dense), str(hf), *options]) == 0
+    model = loaded_titan(titan)
+    transformers_moe = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    expected = transformers_moe.state_dict()
+    back = convert_state_dict(model.state_dict(), None, "transformers",
+                              config=transformers_moe.config.to_dict())
+    assert back.keys() == expected.keys()
+    assert all(same_bytes(back[key], expected[key]) for key in expected)
+
+    ids = samples.sample_input(transformers_moe.config.vocab_size)
+    with torch.no_grad():
+        upcycled = transformers_moe(ids).logits
+    dense_logits = samples.logits(dense, ids)
+    tolerance = 0.005 * dense_logits.abs().max().item()
+    got = titan_logits(model, ids)
+    assert (got - upcycled).abs().max().item() <= tolerance
+    distance = (got - dense_logits).abs().max().item()
+    if method == "drop":
+        assert distance > 5 * tolerance
+    else:
+        assert distance <= tolerance
+
+
+@pytest.mark.parametrize("family,options", [
+    ("llama", []), ("qwen2", []), ("qwen2", ["--target", "qwen2_moe", "--shared-expert"])])
+def test_a_target_torchtitan_has_no_names_for_is_refused(family, options, tmp_path, capsys):
+    """torchtitan 0.3 names Qwen3-MoE among the families upcycle writes: Mixtral (from
+    Llama) and Qwen2-MoE (from Qwen2, whose shared expert has a sigmoid gate torchtitan's
+    MoE lacks) are refused naming the family, before anything is read, dry run or not."""
+    src = samples.save_model(samples.build_model(family, seed=3), tmp_path / family)
+    target = {"llama": "mixtral", "qwen2": "qwen2_moe"}[family]
+    for dry_run in (["--dry-run"], []):
+        code = main(["upcycle", str(src), str(tmp_path / "out"), "--experts", "4", "--top-k",
+                     "2", "--to", "torchtitan", *options, *dry_run])
+        err = capsys.readouterr().err
+        assert code == 2
+        assert f"torchtitan layout has no names for the {target} family" in err
+        assert "qwen3_moe" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
