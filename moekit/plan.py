@@ -209,6 +209,20 @@ class RequireZeros(_ShapedLikePart):
     """Why the destination has no place for ``checked`` (for the error)."""
 
 
+@dataclass(frozen=True)
+class Cast:
+    """``part`` converted to ``dtype`` as ``Tensor.to`` converts it (round to nearest
+    even): what a merge's ``dtype`` asks of every tensor, applied after any ``Scale`` of
+    the part, in that order as mergekit-moe applies them."""
+
+    part: "Expr"
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.part.shape
+
+
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
               -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 """The 16 values of an FP4 (E2M1) code."""
@@ -231,7 +245,7 @@ class DequantizeMXFP4:
 
 
 Expr = Union[Read, Transpose, Reshape, Stack, Concat, Scale, Constant, Random, Redraw,
-             Dequantize, DequantizeMXFP4, RequireZeros]
+             Dequantize, DequantizeMXFP4, RequireZeros, Cast]
 
 
 T = TypeVar("T")
@@ -261,7 +275,7 @@ def reads(expr: Expr) -> list[Read]:
         return [*reads(expr.weight), *reads(expr.scale)]
     if isinstance(expr, DequantizeMXFP4):
         return [*reads(expr.blocks), *reads(expr.scales)]
-    if isinstance(expr, (Transpose, Reshape, Scale)):
+    if isinstance(expr, (Transpose, Reshape, Scale, Cast)):
         return reads(expr.part)
     return [r for part in expr.parts for r in reads(part)]
 
@@ -289,6 +303,8 @@ def describe(expr: Expr) -> str:
         return f"mxfp4({describe(expr.blocks)}, {describe(expr.scales)}) -> {expr.dtype}"
     if isinstance(expr, Dequantize):
         return f"dequant({describe(expr.weight)}, {describe(expr.scale)}) -> {expr.dtype}"
+    if isinstance(expr, Cast):
+        return f"{describe(expr.part)} -> {expr.dtype}"
     if isinstance(expr, RequireZeros):
         return f"{describe(expr.part)} if {expr.checked.key} == 0"
     if isinstance(expr, Redraw):

@@ -75,6 +75,33 @@ def test_qwen2_moe_with_shared_expert_and_residual_scale_is_mergekits(qwen2, tmp
     _assert_same_model(tmp_path / "mergekit", tmp_path / "moekit")
 
 
+@pytest.mark.parametrize("models, dtype, mode", [
+    ("llama", "bfloat16", "random"), ("llama", "torch.float16", "hidden"),
+    ("qwen2", "float32", "uniform_random")])
+def test_dtype_casts_every_tensor_as_mergekit_does(request, tmp_path, models, dtype, mode):
+    # A residual_scale is applied in the sources' dtype before the cast, as mergekit does,
+    # so the bytes differ from a cast first; routers are rounded once from float32.
+    base, finetunes = request.getfixturevalue(models)
+    config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode=mode, dtype=dtype,
+                        experts_per_token=1)
+    data = yaml.safe_load(config.read_text())
+    data["experts"][1]["residual_scale"] = 0.3
+    if models == "qwen2":  # of mergekit's outputs, only Qwen MoE takes Qwen2 models
+        data["shared_experts"] = [{"source_model": str(base), "residual_scale": 0.7,
+                                   "positive_prompts": ["story"]}]
+    config.write_text(yaml.safe_dump(data))
+    run_mergekit(config, tmp_path / "mergekit", seed=3)
+    merge(config, tmp_path / "moekit", seed=3)
+    _assert_same_model(tmp_path / "mergekit", tmp_path / "moekit")
+    written = json.loads((tmp_path / "moekit" / "config.json").read_text())["dtype"]
+    assert written == dtype.removeprefix("torch.")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "moekit" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == \
+            {{"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[written]}
+
+
 def test_qwen3_moe_from_prompts_is_mergekits(tmp_path):
     base, finetunes = save_models(tmp_path / "models", "qwen3", finetunes=2)
     config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode="hidden",
@@ -118,7 +145,7 @@ def test_every_mismatching_source_tensor_is_reported_before_writing(llama, tmp_p
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"dtype": "float16"}, "moekit merges without changing the dtype"),
+    ({"dtype": "int8"}, "dtype 'int8' is not one of float16, bfloat16, float32, float64"),
     ({"gate_mode": "hidden_first"}, "gate_mode 'hidden_first' is not one of"),
     ({"architecture": "deepseek"}, "no DeepSeek merge target"),
     ({"experts_per_token": 4}, "more than the 3 experts"),

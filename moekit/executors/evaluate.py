@@ -18,8 +18,8 @@ import torch
 
 from ..dtypes import to_torch
 from ..errors import MoekitError
-from ..plan import (FP4_VALUES, Concat, Constant, Dequantize, DequantizeMXFP4, Expr, Random,
-                    Read, Redraw, RequireZeros, Reshape, Scale, Stack, Transpose, handler)
+from ..plan import (FP4_VALUES, Cast, Concat, Constant, Dequantize, DequantizeMXFP4, Expr,
+                    Random, Read, Redraw, RequireZeros, Reshape, Scale, Stack, Transpose, handler)
 from ..sources import TensorSource
 
 
@@ -71,6 +71,10 @@ def _fill_transpose(expr: Transpose, out: torch.Tensor, source: TensorSource) ->
 def _fill_scale(expr: Scale, out: torch.Tensor, source: TensorSource) -> None:
     fill(expr.part, out, source)
     out.mul_(expr.factor)
+
+
+def _fill_cast(expr: Cast, out: torch.Tensor, source: TensorSource) -> None:
+    out.copy_(materialize(expr.part, source, out.device))
 
 
 def _fill_constant(expr: Constant, out: torch.Tensor, source: TensorSource) -> None:
@@ -292,6 +296,6 @@ _FILLERS = {
     Read: _fill_read, Transpose: _fill_transpose, Reshape: _fill_reshape, Stack: _fill_stack,
     Concat: _fill_concat, Scale: _fill_scale, Constant: _fill_constant, Random: _fill_random,
     Redraw: _fill_redraw, Dequantize: _fill_dequantize, DequantizeMXFP4: _fill_mxfp4,
-    RequireZeros: _fill_require_zeros,
+    RequireZeros: _fill_require_zeros, Cast: _fill_cast,
 }
 """One filler per recipe node: the one place this executor dispatches on a node's type."""

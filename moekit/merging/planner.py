@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import MoekitError, PlanError, plural, printable
 from ..layouts.base import TensorMeta
-from ..plan import Expr, Plan, Read, TensorPlan
+from ..plan import Cast, Expr, Plan, Read, TensorPlan
 from ..upcycling.planner import FLOAT_RANGES, build_upcycle_plan, dense_mlps
 from ..upcycling.recipes import DenseMLP, scaled
 from ..upcycling.spec import UpcycleSpec
@@ -135,29 +135,37 @@ def build_merge_plan(base: Mapping[str, TensorMeta], config: dict | None, merge:
                        router="zero", target=target.family,
                        shared_expert=bool(merge.shared_experts))
     upcycled = build_upcycle_plan(base, config, spec, label)
-    _check_dtype(merge, upcycled.dtype)
+    dtype = output_dtype(merge, config, upcycled.dtype)
     origins = Origins()
     recipes, routers = _merge_recipes(upcycled.plan, dense_mlps(base, spec, label), merge,
-                                      target, origins)
-    tensors = [TensorPlan(t.name, recipes.get(t.name) or _from_base(t.recipe, origins))
+                                      target, origins, dtype)
+    tensors = [TensorPlan(t.name, _cast(recipes.get(t.name) or _from_base(t.recipe, origins),
+                                        dtype))
                for t in upcycled.plan.tensors]
     plan = replace(upcycled.plan, src_layout="merge", tensors=tensors)
     moe_config = dict(upcycled.config)
-    moe_config["dtype"] = _torch_name(upcycled.dtype)
+    moe_config["dtype"] = _torch_name(dtype)
     return MergePlan(plan, moe_config, target, routers, merge, origins)
 
 
-def _check_dtype(merge: MergeConfig, dtype: str) -> None:
-    """moekit writes the sources' dtype; a ``dtype`` asking for another is refused."""
-    if merge.dtype is None:
-        return
-    wanted = DTYPE_NAMES.get(merge.dtype.removeprefix("torch."))
-    if wanted is None:
-        raise MoekitError(f"dtype {merge.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
-    if wanted != dtype:
-        raise MoekitError(f"dtype {merge.dtype} asks for {wanted}, but the models' MLPs are "
-                          f"{dtype}; moekit merges without changing the dtype: remove dtype or "
-                          "convert the models first")
+def output_dtype(merge: MergeConfig, config: Mapping[str, Any], dtype: str) -> str:
+    """The dtype every tensor is written in, as mergekit-moe picks it
+    (``mergekit/moe/common.py`` ``select_dtype``): ``dtype`` if given, else the base
+    model's config.json ``dtype`` (``torch_dtype``) when it names a floating dtype, else
+    ``dtype``, that of the base model's MLPs."""
+    if merge.dtype is not None:
+        wanted = DTYPE_NAMES.get(merge.dtype.removeprefix("torch."))
+        if wanted is None:
+            raise MoekitError(f"dtype {merge.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+        return wanted
+    declared = config.get("dtype", config.get("torch_dtype"))
+    return DTYPE_NAMES.get(str(declared).removeprefix("torch."), dtype)
+
+
+def _cast(recipe: Expr, dtype: str) -> Expr:
+    """``recipe`` converted to ``dtype`` (as mergekit's ``tensor.to(out_dtype)``, after
+    its ``residual_scale``), or as it is when it already is."""
+    return recipe if recipe.dtype == dtype else Cast(recipe, dtype)
 
 
 def _from_base(recipe: Expr, origins: Origins) -> Expr:
@@ -168,10 +176,12 @@ def _from_base(recipe: Expr, origins: Origins) -> Expr:
 
 
 def _merge_recipes(plan: Plan, mlps: dict[int, DenseMLP], merge: MergeConfig, target: Target,
-                   origins: Origins) -> tuple[dict[str, Expr], dict[str, tuple[int, bool]]]:
+                   origins: Origins, dtype: str
+                   ) -> tuple[dict[str, Expr], dict[str, tuple[int, bool]]]:
     """Recipes of the expert, shared-expert and router tensors of every MoE layer (the
     projections read where the base model's dense MLP ``mlps`` lies, in each source), and
-    the router tensors to compute (see ``MergePlan.routers``)."""
+    the router tensors to compute (see ``MergePlan.routers``), which are computed in
+    float32 and written straight in ``dtype``, as mergekit-moe rounds them once."""
     family = target.moe_family
     metas = {t.name: t for t in plan.tensors}
     recipes: dict[str, Expr] = {}
@@ -194,7 +204,7 @@ def _merge_recipes(plan: Plan, mlps: dict[int, DenseMLP], merge: MergeConfig, ta
             if shared.gate is not None:
                 routers[f"{block}.{shared.gate}"] = (index, True)
     for name in routers:
-        computed = Read(name, (), metas[name].shape, metas[name].dtype)
+        computed = Read(name, (), metas[name].shape, dtype)
         recipes[name] = origins.read(ROUTER_TAG, computed)
     return recipes, routers
 
