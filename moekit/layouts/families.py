@@ -228,6 +228,36 @@ v in ``qkv_linear``, the norms ``attention_norm`` and ``ffn_norm``, a dense laye
 no ``model.`` prefix."""
 
 
+_DEEPSEEK_V3_TORCHTITAN = (
+    *(Rename(f".self_attn.{hf}.", f".self_attn.{tt}.") for hf, tt in (
+        ("q_proj", "wq"), ("q_a_proj", "wq_a"), ("q_a_layernorm", "q_norm"),
+        ("q_b_proj", "wq_b"), ("kv_a_proj_with_mqa", "wkv_a"), ("kv_a_layernorm", "kv_norm"),
+        ("kv_b_proj", "wkv_b"), ("o_proj", "wo"))),
+    Rename(".self_attn.", ".attention."),
+    Rename(".input_layernorm.", ".attention_norm."),
+    Rename(".post_attention_layernorm.", ".ffn_norm."),
+    *(Rename(f".mlp.{hf}_proj.", f".feed_forward.{tt}.")
+      for hf, tt in (("gate", "w1"), ("up", "w3"), ("down", "w2"))),
+    Rename(".mlp.", ".moe."),
+    *(Rename(f".moe.shared_experts.{hf}_proj.", f".moe.shared_experts.{tt}.")
+      for hf, tt in (("gate", "w1"), ("up", "w3"), ("down", "w2"))),
+    Rename(".moe.gate.e_score_correction_bias", ".moe.expert_bias_E"),
+    Rename(".moe.gate.", ".moe.router.gate."),
+    Rename(".moe.experts.", ".moe.routed_experts.inner_experts."),
+    Rename("model.embed_tokens.", "tok_embeddings.", at_start=True),
+    Rename("model.layers.", "layers.", at_start=True),
+    Rename("model.norm.", "norm.", at_start=True))
+"""torchtitan 0.3's names of DeepSeek-V3's tensors (``DeepSeekV3StateDictAdapter.from_hf_map``,
+``models/deepseek_v3/state_dict_adapter.py``, checked against ``DeepSeekV3Model``): the MLA
+attention under ``attention`` (``wq``, or ``wq_a``/``q_norm``/``wq_b`` with a q LoRA rank;
+``wkv_a``, ``kv_norm``, ``wkv_b``, ``wo``), a dense leading layer's MLP
+``feed_forward.w1/w3/w2``, an MoE block ``moe`` with shared experts ``moe.shared_experts.w1/w3/w2``
+and the router's score-correction bias as ``moe.expert_bias_E`` (fp32 [E] in both: its
+router adds it to the sigmoid scores to choose experts, as transformers' does), no
+``model.`` prefix. Multi-token-prediction layers (index >= ``num_hidden_layers``) are
+``mtp_layers.{L - num_hidden_layers}`` there, a renumbering these rules do not express."""
+
+
 def _transformers_converts(what: str) -> dict[str, str]:
     """``Family.unconverted`` of a family whose transformers 5.24 conversion_mapping.py
     entry does ``what`` on load, outside the experts."""
@@ -253,7 +283,7 @@ FAMILIES: tuple[Family, ...] = (
            count_aliases=("num_local_experts",), moe_layers=every_layer),
     Family("deepseek_v3", ("deepseek_v3",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "n_routed_experts",
            shared_expert="shared_experts", count_aliases=("num_local_experts",),
-           moe_layers=after_dense_prefix),
+           moe_layers=after_dense_prefix, renames={"torchtitan": _DEEPSEEK_V3_TORCHTITAN}),
     Family("mixtral", ("mixtral",), _MIXTRAL_BLOCK, _MIXTRAL_PROJECTIONS, "num_local_experts",
            renames={"transformers": _MIXTRAL_TO_MLP},
            count_aliases=("num_experts",), moe_layers=every_layer),

@@ -7,8 +7,11 @@ every other tensor is renamed by the family's ``torchtitan`` rules (``Family.ren
 so a family is written in this layout only where those rules exist. Each MoE block also
 holds ``expert_bias_E``, the fp32 [E] load-balancing buffer torchtitan adds to the router
 scores when choosing experts (``MoE.__init__`` registers it, persistent, whenever
-``load_balance_coeff`` is set, as it is by default): zeros where the source has none,
-and read back only when it is all zeros, since no other layout has a place for it.
+``load_balance_coeff`` is set, as it is by default). Where the family's rules name an HF
+tensor ``expert_bias_E`` (DeepSeek-V3's router ``e_score_correction_bias``, which
+transformers adds to the scores the same way), it is that tensor, renamed both ways;
+otherwise it is written as zeros and read back only when it is all zeros, since no other
+layout has a place for it.
 """
 
 from __future__ import annotations
@@ -35,12 +38,15 @@ class TorchtitanLayout(GroupedLayout):
     default_format = "dcp"
 
     def parse(self, tensors: dict[str, TensorMeta], family: Family) -> ParsedExperts:
-        """The grouped experts, and each block's ``expert_bias_E`` claimed: every expert's
-        first piece requires it to be all zeros (``RequireZeros``), so that converting
-        to a layout without the buffer refuses a trained bias rather than drop it."""
+        """The grouped experts, and each block's ``expert_bias_E`` claimed (unless the
+        family renames it, see ``renames_bias``): every expert's first piece requires it
+        to be all zeros (``RequireZeros``), so that converting to a layout without the
+        buffer refuses a trained bias rather than drop it."""
         if not self.names_family(family):
             return ParsedExperts()
         parsed = super().parse(tensors, family)
+        if self.renames_bias(family):
+            return parsed
         for layer, block in parsed.blocks.items():
             key = self._bias_key(block.block, family)
             meta = tensors.get(key)
@@ -59,19 +65,29 @@ class TorchtitanLayout(GroupedLayout):
         return parsed
 
     def emit(self, block: ExpertBlock, n_experts: int, family: Family) -> list[TensorPlan]:
-        """The grouped experts, then a zero ``expert_bias_E`` (a ``RequireZeros`` piece
-        read from torchtitan carries the check that it was zero)."""
+        """The grouped experts, then a zero ``expert_bias_E`` unless the family renames
+        its own (a ``RequireZeros`` piece read from torchtitan carries the check that it
+        was zero)."""
         if not self.names_family(family):
             raise MoekitError(
                 f"the {self.name} layout has no names for the {family.name} family: "
                 f"moekit writes torchtitan 0.3's names for {', '.join(named_families())}")
+        experts = super().emit(block, n_experts, family)
+        if self.renames_bias(family):
+            return experts
         bias = TensorPlan(self._bias_key(block.block, family),
                           Constant((n_experts,), EXPERT_BIAS_DTYPE))
-        return [*super().emit(block, n_experts, family), bias]
+        return [*experts, bias]
 
     def names_family(self, family: Family) -> bool:
         """True when ``family`` has torchtitan names (its ``torchtitan`` rename rules)."""
         return bool(family.renames.get(self.name))
+
+    def renames_bias(self, family: Family) -> bool:
+        """True when ``family``'s rules name an HF tensor ``expert_bias_E`` (a router
+        score-correction bias): it then passes through like the router, renamed."""
+        block = family.block.format(layer=0)
+        return self.to_hf_key(self._bias_key(block, family), family) != f"{block}.{EXPERT_BIAS}"
 
     def _bias_key(self, block: str, family: Family) -> str:
         return self.from_hf_key(f"{block}.{EXPERT_BIAS}", family)
