@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from ..lazy_exports import lazy_exports
 
-_EXPORTS = {"expert_range": "ranges", "load_experts": "load", "save_experts": "save"}
+_EXPORTS = {"expert_range": "ranges", "load_experts": "load", "load_sharded": "sharded",
+            "save_experts": "save"}
 
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -1,0 +1,191 @@
+"""Loading a whole checkpoint onto a 2-D (fsdp, ep) device mesh, each byte read once.
+
+Every tensor a rank holds is one of three kinds:
+
+- a grouped expert tensor: ``Shard(0)`` over the "ep" dimension, replicated over the FSDP
+  one (as ``load_experts`` gives it; a model runs its experts with expert parallelism,
+  not FSDP);
+- any other tensor: ``Shard(0)`` over the FSDP dimension, a DTensor on that 1-D submesh
+  exactly as FSDP2's ``fully_shard`` exposes its parameters in ``model.state_dict()``
+  (torch 2.13, ``_fsdp_param.py``: rows chunked by ``torch.chunk``'s rule, the last ranks
+  holding fewer rows or none, the local tensor unpadded), so ``set_model_state_dict``
+  on a ``fully_shard``-ed model takes it;
+- a tensor the caller names in ``replicate`` (and every 0-d tensor, which FSDP2 cannot
+  shard): a plain tensor, read whole on every rank.
+
+Rows of a safetensors tensor are contiguous bytes, so a rank reads only the rows it is
+given. Ranks that would hold the same rows split the reading: each rank of an EP group
+reads its share of the FSDP rows its group needs, each rank of an FSDP group its share of
+its EP rank's experts, and the group gathers the pieces. Summed over all ranks, the bytes
+read are the checkpoint's (headers aside, and replicated tensors once per rank). Each rank
+opens the files itself: every node needs the checkpoint on a shared file system or a copy
+of its own, and no rank reads for another.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from ..checkpoint import Checkpoint
+from ..errors import MoekitError
+from ..executors.evaluate import materialize
+from ..gc_pauses import without_gc_pauses
+from ..plan import Plan, Read, TensorPlan
+from ..planner import build_plan, understand_checkpoint
+from ..sources import FileSource
+from .ranges import expert_range, grouped_layout, rank_plan
+
+
+@without_gc_pauses
+def load_sharded(path: str | Path, device_mesh: DeviceMesh, layout: str = "transformers", *,
+                 ep_dim: str = "ep", fsdp_dim: str = "dp", replicate: Collection[str] = (),
+                 from_: str | None = None) -> dict[str, torch.Tensor]:
+    """This rank's share of the whole checkpoint at ``path`` on a 2-D ``device_mesh``
+    whose dimensions are named ``fsdp_dim`` and ``ep_dim`` (see the module docstring for
+    what each tensor becomes). Call it on every rank of the mesh.
+
+    ``layout`` names the grouped layout of the expert tensors; ``replicate`` holds names
+    or glob patterns (``"lm_head.weight"``, ``"*.norm.weight"``) of destination tensors
+    kept whole on every rank, e.g. those of modules left out of ``fully_shard``. Every
+    rank checks its part before reading; if one cannot, every rank raises a MoekitError
+    naming it (none waits for another). Tensors lie on the CPU, or on the current CUDA
+    device for a CUDA mesh.
+    """
+    mesh = _Mesh(device_mesh, ep_dim, fsdp_dim)
+    checkpoint = Checkpoint.open(path)
+    try:
+        analysis = understand_checkpoint(checkpoint, from_)
+        rank_plan(analysis, mesh.ep_size, mesh.ep_rank, layout, checkpoint.file_of)
+        plan = build_plan(analysis, grouped_layout(layout), experts=mesh.experts_to_read(
+            analysis.n_experts))
+    except MoekitError as err:
+        _agree(str(err))
+        raise
+    _agree(None)
+    patterns = tuple(replicate)
+    with FileSource(checkpoint) as source:
+        out = {tensor.name: _load(tensor, plan, source, mesh, analysis.n_experts, patterns)
+               for tensor in plan.tensors}
+        source.check_unchanged()
+    return out
+
+
+class _Mesh:
+    """The two named dimensions of the device mesh, and this rank's coordinates on them."""
+
+    def __init__(self, mesh: DeviceMesh, ep_dim: str, fsdp_dim: str) -> None:
+        if not isinstance(mesh, DeviceMesh):
+            raise MoekitError(f"device_mesh is a {type(mesh).__name__}; expected a "
+                              "torch.distributed DeviceMesh")
+        names = mesh.mesh_dim_names or ()
+        if ep_dim == fsdp_dim or sorted(names) != sorted((ep_dim, fsdp_dim)):
+            raise MoekitError(f"load_sharded needs a 2-D device mesh with the dimensions "
+                              f"{fsdp_dim!r} (FSDP) and {ep_dim!r} (experts); this one has "
+                              f"{names or mesh.ndim} (a dimension may have size 1)")
+        self.mesh = mesh
+        self.ep_index = names.index(ep_dim)
+        self.fsdp_mesh = mesh[fsdp_dim]
+        self.ep_size, self.ep_rank = mesh.size(self.ep_index), mesh.get_local_rank(ep_dim)
+        self.fsdp_size, self.fsdp_rank = mesh.size(names.index(fsdp_dim)), \
+            mesh.get_local_rank(fsdp_dim)
+        self.ep_group, self.fsdp_group = mesh.get_group(ep_dim), mesh.get_group(fsdp_dim)
+        self.device = (torch.device("cuda", torch.cuda.current_device())
+                       if mesh.device_type == "cuda" else torch.device("cpu"))
+
+    def experts_to_read(self, n_experts: int) -> range:
+        """The experts of this rank's EP range that it reads: its FSDP rank's chunk."""
+        mine = expert_range(n_experts, self.ep_size, self.ep_rank)
+        return mine[_chunk(len(mine), self.fsdp_size, self.fsdp_rank)]
+
+    def expert_dtensor(self, local: torch.Tensor, n_experts: int) -> DTensor:
+        """A rank's experts as ``Shard(0)`` over EP, replicated over FSDP."""
+        placements = [Shard(0) if i == self.ep_index else Replicate() for i in range(2)]
+        return _from_local(local, self.mesh, placements, n_experts)
+
+    def fsdp_dtensor(self, local: torch.Tensor, rows: int) -> DTensor:
+        """A rank's rows as FSDP2 exposes a parameter: ``Shard(0)`` over the FSDP submesh."""
+        return _from_local(local, self.fsdp_mesh, [Shard(0)], rows)
+
+
+def _chunk(length: int, parts: int, index: int) -> slice:
+    """``torch.chunk``'s rule (DTensor's and FSDP2's): ``ceil(length / parts)`` rows a part,
+    the last parts fewer or none."""
+    per_part = math.ceil(length / parts) if length else 0
+    return slice(min(index * per_part, length), min((index + 1) * per_part, length))
+
+
+def _from_local(local: torch.Tensor, mesh: DeviceMesh, placements: list, rows: int) -> DTensor:
+    """A DTensor of global shape ``(rows, *local.shape[1:])``, given explicitly so that
+    uneven splits are described correctly."""
+    shape = torch.Size((rows, *local.shape[1:]))
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape,
+                              stride=stride)
+
+
+def _load(tensor: TensorPlan, plan: Plan, source: FileSource, mesh: _Mesh, n_experts: int,
+          replicate: tuple[str, ...]) -> torch.Tensor:
+    """One destination tensor, as this rank holds it."""
+    if tensor.name in plan.expert_tensors:
+        mine = expert_range(n_experts, mesh.ep_size, mesh.ep_rank)
+        local = _gather(_materialize(tensor.recipe, source, mesh), len(mine),
+                        mesh.fsdp_size, mesh.fsdp_group)
+        return mesh.expert_dtensor(local, n_experts)
+    if not tensor.shape or any(fnmatchcase(tensor.name, p) for p in replicate):
+        return _materialize(tensor.recipe, source, mesh)
+    rows = tensor.shape[0]
+    ours = _chunk(rows, mesh.fsdp_size, mesh.fsdp_rank)
+    count = ours.stop - ours.start
+    part = _chunk(count, mesh.ep_size, mesh.ep_rank)
+    piece = _rows(tensor, source, mesh, slice(ours.start + part.start, ours.start + part.stop))
+    return mesh.fsdp_dtensor(_gather(piece, count, mesh.ep_size, mesh.ep_group), rows)
+
+
+def _rows(tensor: TensorPlan, source: FileSource, mesh: _Mesh, rows: slice) -> torch.Tensor:
+    """Rows ``rows`` of a non-expert tensor: only their bytes when it is a source tensor
+    copied unchanged (every non-expert tensor of moekit's layouts), else the rows of the
+    tensor its recipe builds."""
+    recipe = tensor.recipe
+    if tensor.is_copy:
+        recipe = Read(recipe.key, (rows,), (rows.stop - rows.start, *recipe.shape[1:]),
+                      recipe.dtype)
+        return _materialize(recipe, source, mesh)
+    return _materialize(recipe, source, mesh)[rows].clone()
+
+
+def _materialize(recipe, source: FileSource, mesh: _Mesh) -> torch.Tensor:
+    with torch.no_grad():
+        return materialize(recipe, source, None).contiguous().to(mesh.device)
+
+
+def _gather(piece: torch.Tensor, rows: int, size: int, group: dist.ProcessGroup
+            ) -> torch.Tensor:
+    """The ``rows`` rows a group of ``size`` ranks holds in ``torch.chunk`` pieces, this
+    rank's being ``piece``: every rank's piece, padded to the largest, gathered and joined."""
+    if size == 1 or rows == 0:
+        return piece
+    counts = [_chunk(rows, size, r) for r in range(size)]
+    longest = max(s.stop - s.start for s in counts)
+    padded = piece.new_zeros((longest, *piece.shape[1:]))
+    padded[:piece.shape[0]] = piece
+    pieces = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(pieces, padded, group=group)
+    return torch.cat([p[:s.stop - s.start] for p, s in zip(pieces, counts)])
+
+
+def _agree(error: str | None) -> None:
+    """Tell every rank whether each planned its part; raise on every rank when one did not
+    (with that rank's message), so that no rank waits in a gather for one that gave up."""
+    outcomes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, error)
+    failed = [f"rank {r}: {message}" for r, message in enumerate(outcomes) if message]
+    if failed and error is None:
+        raise MoekitError("load_sharded failed on another rank: " + "; ".join(failed))
