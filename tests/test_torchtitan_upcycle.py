@@ -14,9 +14,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from moekit import samples
 from moekit.cli import main
-from moekit.conversion import convert_state_dict
+from moekit.conversion import convert, convert_state_dict
+from moekit.layouts import LAYOUTS
 
-from .conftest import same_bytes
+from .conftest import load_all, same_bytes
 from .test_torchtitan import SHARD, titan_logits, titan_model
 
 pytestmark = pytest.mark.filterwarnings(
@@ -105,3 +106,32 @@ def test_a_target_torchtitan_has_no_names_for_is_refused(family, options, tmp_pa
         assert f"torchtitan layout has no names for the {target} family" in err
         assert "qwen3_moe" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def upcycled(dense: Path, dst: Path, *options: str) -> dict[str, torch.Tensor]:
+    """``moekit upcycle`` of the granular method into safetensors at ``dst``, read back."""
+    assert main(["upcycle", str(dense), str(dst), *METHODS["granular"], *options]) == 0
+    return load_all(dst)
+
+
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "hf"])
+def test_upcycling_into_a_layout_writes_what_converting_the_hf_upcycle_writes(layout, dense,
+                                                                              tmp_path):
+    """``--to`` composes the upcycling plan with the conversion ``convert --to`` runs (whose
+    output each layout's own tests hold to its consumer): the two write the same tensors,
+    byte for byte."""
+    direct = upcycled(dense, tmp_path / "direct", "--to", layout, "--format", "safetensors")
+    upcycled(dense, tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "converted", layout, format="safetensors")
+    converted = load_all(tmp_path / "converted")
+    assert direct.keys() == converted.keys()
+    assert all(same_bytes(direct[key], converted[key]) for key in direct)
+
+
+def test_upcycling_into_transformers_writes_the_state_dict_transformers_loads(dense, tmp_path):
+    direct = upcycled(dense, tmp_path / "direct", "--to", "transformers")
+    upcycled(dense, tmp_path / "hf")
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "hf",
+                                                    dtype=torch.float32).state_dict()
+    assert direct.keys() == expected.keys()
+    assert all(same_bytes(direct[key], expected[key]) for key in expected)
