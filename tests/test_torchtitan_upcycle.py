@@ -93,9 +93,10 @@ def test_torchtitan_loads_the_upcycled_folder_and_gives_the_upcycled_logits(meth
 @pytest.mark.parametrize("family,options", [
     ("llama", []), ("qwen2", []), ("qwen2", ["--target", "qwen2_moe", "--shared-expert"])])
 def test_a_target_torchtitan_has_no_names_for_is_refused(family, options, tmp_path, capsys):
-    """torchtitan 0.3 names Qwen3-MoE among the families upcycle writes: Mixtral (from
-    Llama) and Qwen2-MoE (from Qwen2, whose shared expert has a sigmoid gate torchtitan's
-    MoE lacks) are refused naming the family, before anything is read, dry run or not."""
+    """Of the families upcycle writes, torchtitan 0.3 has a model for Qwen3-MoE only (its
+    ``models/`` hold no Mixtral or Qwen2-MoE; its MoE adds shared experts ungated, where
+    Qwen2-MoE gates its shared expert by a sigmoid): the others are refused naming the
+    family, before anything is read, dry run or not."""
     src = samples.save_model(samples.build_model(family, seed=3), tmp_path / family)
     target = {"llama": "mixtral", "qwen2": "qwen2_moe"}[family]
     for dry_run in (["--dry-run"], []):
