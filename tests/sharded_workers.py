@@ -85,12 +85,14 @@ def load_into_fsdp(rank: int, world: int, store: str, src: str, log_dir: str,
 
 def load_expecting_error(rank: int, world: int, store: str, src: str, log_dir: str,
                          shape: tuple[int, int]) -> None:
-    """load_sharded; write "ok" or the error message to ``log_dir/rank.txt``."""
+    """load_sharded, then load_sharded naming an expert dimension the mesh lacks; write "ok"
+    or the error messages to ``log_dir/rank.txt`` and ``log_dir/rank.mesh.txt``."""
     mesh = _init(rank, world, store, shape)
-    try:
-        load_sharded(src, mesh)
-        outcome = "ok"
-    except MoekitError as err:
-        outcome = str(err)
-    Path(log_dir, f"{rank}.txt").write_text(outcome)
+    for suffix, options in (("", {}), (".mesh", {"ep_dim": "tp"})):
+        try:
+            load_sharded(src, mesh, **options)
+            outcome = "ok"
+        except MoekitError as err:
+            outcome = str(err)
+        Path(log_dir, f"{rank}{suffix}.txt").write_text(outcome)
     finish()

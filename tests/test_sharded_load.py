@@ -72,3 +72,29 @@ def test_fully_sharded_model_loads_strictly_and_gives_the_same_logits(dp, ep, qw
     headers = sum(8 + int.from_bytes(f.read_bytes()[:8], "little")
                   for f in qwen3_10.glob("*.safetensors"))
     assert sum(r["bytes"] for r in results) == total - headers
+
+
+def test_a_missing_expert_or_a_mesh_without_the_named_dimensions_fails_every_rank(qwen3_10, tmp_path):
+    import shutil
+
+    from .test_bad_input import edit_checkpoint
+
+    src = shutil.copytree(qwen3_10, tmp_path / "broken")
+    edit_checkpoint(src, lambda t: {k: v for k, v in t.items()
+                                    if "layers.2.mlp.experts.9.down_proj" not in k})
+    spawn(sharded_workers.load_expecting_error, 4, tmp_path / "store", str(src),
+          str(tmp_path), (2, 2))
+    outcomes = [(tmp_path / f"{r}.txt").read_text() for r in range(4)]
+    assert all("rank 1: EP rank 1 of 2 (experts 5-9)" in text for text in outcomes[::2])
+    assert all("layer 2: expert 9 lacks down_proj" in text for text in outcomes)
+    for rank in range(4):
+        message = (tmp_path / f"{rank}.mesh.txt").read_text()
+        assert "dimensions 'dp' (FSDP) and 'tp' (experts); this one has ('dp', 'ep')" in message
+
+
+
+def test_what_is_not_a_mesh_is_refused():
+    from moekit import MoekitError, load_sharded
+
+    with pytest.raises(MoekitError, match="device_mesh is a NoneType"):
+        load_sharded("unused", None)
