@@ -16,6 +16,7 @@ from dataclasses import replace
 
 from ..layouts.base import Layout
 from ..plan import Concat, Constant, Expr, Plan, Read, Reshape, Stack, Transpose, handler
+from ..planner import analyse, build_plan
 
 
 def in_layout(plan: Plan, config: dict, layout: Layout, label: str) -> Plan:
@@ -23,8 +24,6 @@ def in_layout(plan: Plan, config: dict, layout: Layout, label: str) -> Plan:
     written in ``layout`` instead; ``plan`` itself where that is its layout already."""
     if layout.name == plan.dst_layout:
         return plan
-    from ..planner import analyse, build_plan
-
     made = {t.name: t.recipe for t in plan.tensors}
     analysis = analyse({t.name: t for t in plan.tensors}, config, {}, label,
                        from_=plan.dst_layout, family=plan.family)
