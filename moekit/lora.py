@@ -1,8 +1,9 @@
 """Expert LoRA adapters: PEFT's grouped form <-> per-expert keys <-> NeMo's grouped names.
 
 With transformers v5 the experts of a layer are one parameter each (``gate_up_proj``
-[E, 2I, H], ``down_proj`` [E, H, I]; gate and up concatenated, not interleaved as GPT-OSS
-stores them), and PEFT adapts them with ``target_parameters``. Its adapter stores, per
+[E, 2I, H], ``down_proj`` [E, H, I]; gate and up concatenated, except in the families whose
+table entry interleaves them, GPT-OSS: gate at even positions, up at odd, ``[E, H, 2I]``),
+and PEFT adapts them with ``target_parameters``. Its adapter stores, per
 parameter, ``lora_A`` [E*r, x] (expert-major rows: expert e owns rows ``e*r ... e*r + r``)
 and ``lora_B`` [y, E*r] (rank-major columns: expert e owns columns ``e::E``), under
 ``…experts.lora_A.weight``, the first targeted parameter nested one ``.base_layer`` deeper.
@@ -11,8 +12,11 @@ Whether x is the expert's input or its output depends on the PEFT release and th
 ``_convert_lora_expert_to_hf`` writes) is ``…experts.{e}.{gate,up,down}_proj.lora_{A,B}.weight``
 with A [r, in] and B [out, r]; gate and up share the fused A. NeMo's grouped form is
 ``lora_gate_and_up_A`` [E, H, r], ``lora_gate_and_up_B`` [E, r, 2I], ``lora_down_A``
-[E, I, r] and ``lora_down_B`` [E, r, H] (its experts compute ``x @ W``). Every conversion is
-a plan of exact data movements, so round trips are byte-identical.
+[E, I, r] and ``lora_down_B`` [E, r, H] (its experts compute ``x @ W``), gate and up of
+``lora_gate_and_up_B`` joined as the family's NeMo layout joins them. Which way a fused
+gate_up LoRA joins gate and up cannot be read from the adapter, so every conversion takes
+the base model's ``model_type`` (its config.json's) and reads it from the family table.
+Every conversion is a plan of exact data movements, so round trips are byte-identical.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from .dtypes import to_safetensors
 from .errors import MoekitError, printable
 from .executors.memory import run_plan
 from .layouts.base import is_canonical
-from .layouts.families import MAX_EXPERTS
+from .layouts.families import MAX_EXPERTS, family_of_model_type
 from .plan import Concat, Expr, Plan, Read, Stack, TensorPlan, Transpose
 from .sources import DictSource
 
@@ -98,42 +102,53 @@ class _PeftLayer:
 
 
 def peft_to_hf(adapter: Mapping[str, torch.Tensor], n_experts: int,
-               rank: int | None = None) -> dict[str, torch.Tensor]:
+               rank: int | None = None, *, model_type: str) -> dict[str, torch.Tensor]:
     """PEFT's grouped expert LoRA, either layout -> per-expert keys (other adapter tensors
     unchanged). ``rank`` (adapter_config.json's ``r``), when given, checks ``n_experts``:
     lora_A's rows are n_experts x rank, and an n_experts that divides them but is wrong
-    (3 for 6 experts of rank 2, say) would otherwise split the experts' rows wrongly."""
+    (3 for 6 experts of rank 2, say) would otherwise split the experts' rows wrongly.
+    ``model_type`` (the base model's) says how gate_up_proj joins gate and up."""
     _check_adapter(adapter, n_experts)
-    return _run(adapter, _from_peft(adapter, n_experts, _checked_rank(rank)), _emit_hf)
+    return _run(adapter, _from_peft(adapter, n_experts, _checked_rank(rank),
+                                    _interleaved(model_type, "transformers")), _emit_hf)
 
 
 def peft_to_nemo(adapter: Mapping[str, torch.Tensor], n_experts: int,
-                 rank: int | None = None) -> dict[str, torch.Tensor]:
+                 rank: int | None = None, *, model_type: str) -> dict[str, torch.Tensor]:
     """PEFT's grouped expert LoRA, either layout -> NeMo's ``lora_gate_and_up_A/B``,
-    ``lora_down_A/B`` (``rank`` as for ``peft_to_hf``)."""
+    ``lora_down_A/B`` (``rank`` and ``model_type`` as for ``peft_to_hf``)."""
     _check_adapter(adapter, n_experts)
-    return _run(adapter, _from_peft(adapter, n_experts, _checked_rank(rank)), _emit_nemo)
+    layers = _from_peft(adapter, n_experts, _checked_rank(rank),
+                        _interleaved(model_type, "transformers"))
+    nemo = _interleaved(model_type, "nemo")
+    return _run(adapter, layers, lambda layer: _emit_nemo(layer, nemo))
 
 
 def hf_to_peft(adapter: Mapping[str, torch.Tensor], n_experts: int,
                parameters: Sequence[str] = PARAMETERS,
-               layout: PeftLayout = PeftLayout.A_IN) -> dict[str, torch.Tensor]:
+               layout: PeftLayout = PeftLayout.A_IN, *, model_type: str
+               ) -> dict[str, torch.Tensor]:
     """Per-expert LoRA keys -> PEFT's grouped form (``parameters``: the adapter's wrapping
-    order; ``layout``: what the PEFT release that loads it expects, see ``PeftLayout``)."""
+    order; ``layout``: what the PEFT release that loads it expects, see ``PeftLayout``;
+    ``model_type``: the base model's, which says how gate_up_proj joins gate and up)."""
     _check_adapter(adapter, n_experts)
     _check_peft_form(parameters, layout)
+    interleaved = _interleaved(model_type, "transformers")
     return _run(adapter, _from_hf(adapter, n_experts),
-                lambda layer: _emit_peft(layer, n_experts, parameters, layout))
+                lambda layer: _emit_peft(layer, n_experts, parameters, layout, interleaved))
 
 
 def nemo_to_peft(adapter: Mapping[str, torch.Tensor], n_experts: int,
                  parameters: Sequence[str] = PARAMETERS,
-                 layout: PeftLayout = PeftLayout.A_IN) -> dict[str, torch.Tensor]:
+                 layout: PeftLayout = PeftLayout.A_IN, *, model_type: str
+                 ) -> dict[str, torch.Tensor]:
     """NeMo's grouped LoRA names -> PEFT's grouped form (arguments as ``hf_to_peft``)."""
     _check_adapter(adapter, n_experts)
     _check_peft_form(parameters, layout)
-    return _run(adapter, _from_nemo(adapter, n_experts),
-                lambda layer: _emit_peft(layer, n_experts, parameters, layout))
+    interleaved = _interleaved(model_type, "transformers")
+    layers = _from_nemo(adapter, n_experts, _interleaved(model_type, "nemo"))
+    return _run(adapter, layers,
+                lambda layer: _emit_peft(layer, n_experts, parameters, layout, interleaved))
 
 
 def _check_adapter(adapter: object, n: object) -> None:
@@ -143,6 +158,26 @@ def _check_adapter(adapter: object, n: object) -> None:
     state_dict_meta(adapter, "adapter")
     if type(n) is not int or not 1 <= n <= MAX_EXPERTS:
         raise MoekitError(f"n_experts must be an integer from 1 to {MAX_EXPERTS}, not {n!r}")
+
+
+def _interleaved(model_type: object, layout: str) -> bool:
+    """Whether the family of ``model_type`` interleaves gate and up in ``layout``'s fused
+    gate_up tensor (GPT-OSS) rather than concatenating them; a model_type that names no
+    family is refused, since the adapter alone does not tell."""
+    family = family_of_model_type(model_type) if isinstance(model_type, str) else None
+    if family is None:
+        raise MoekitError(f"model_type must be the base model's config.json model_type, of a "
+                          f"family moekit knows (it says whether gate_up_proj interleaves gate "
+                          f"and up), not {printable(repr(model_type))}")
+    return family.interleaved.get(layout, False)
+
+
+def _gate_and_up(size: int, interleaved: bool) -> tuple[slice, slice]:
+    """Where gate and up lie along a fused gate_up dimension of ``2 * size``: at even and
+    odd positions when ``interleaved``, else gate then up."""
+    if interleaved:
+        return slice(0, None, 2), slice(1, None, 2)
+    return slice(0, size), slice(size, 2 * size)
 
 
 def _checked_rank(rank: object) -> int | None:
@@ -295,18 +330,18 @@ def _factors(adapter: Mapping[str, torch.Tensor], pair: _PeftPair, layout: PeftL
     return _PeftFactors(adapter, pair, layout, n, rows // n)
 
 
-def _from_peft(adapter: Mapping[str, torch.Tensor], n: int, rank: int | None
-               ) -> dict[str, tuple[_Layer, set[str]]]:
+def _from_peft(adapter: Mapping[str, torch.Tensor], n: int, rank: int | None,
+               interleaved: bool) -> dict[str, tuple[_Layer, set[str]]]:
     layers = {}
     for experts, found in _peft_layers(adapter).items():
         gate_up = _factors(adapter, found.gate_up, found.layout, n, rank)
         down = _factors(adapter, found.down, found.layout, n, rank)
-        size = down.a(0).shape[1]
+        gate, up = _gate_and_up(down.a(0).shape[1], interleaved)
         pieces: dict[tuple[str, int], Expr] = {}
         for e in range(n):
             pieces[("gate_A", e)] = pieces[("up_A", e)] = gate_up.a(e)
-            pieces[("gate_B", e)] = gate_up.b(e, slice(0, size))
-            pieces[("up_B", e)] = gate_up.b(e, slice(size, 2 * size))
+            pieces[("gate_B", e)] = gate_up.b(e, gate)
+            pieces[("up_B", e)] = gate_up.b(e, up)
             pieces[("down_A", e)] = down.a(e)
             pieces[("down_B", e)] = down.b(e)
         keys = {found.gate_up.a, found.gate_up.b, found.down.a, found.down.b}
@@ -339,7 +374,7 @@ NEMO_TENSORS = ("gate_and_up_A", "gate_and_up_B", "down_A", "down_B")
 """NeMo's grouped LoRA tensors of one layer (``…experts.lora_{name}``)."""
 
 
-def _from_nemo(adapter: Mapping[str, torch.Tensor], n: int
+def _from_nemo(adapter: Mapping[str, torch.Tensor], n: int, interleaved: bool
                ) -> dict[str, tuple[_Layer, set[str]]]:
     found: dict[str, dict[str, str]] = {}
     for key in adapter:
@@ -350,15 +385,13 @@ def _from_nemo(adapter: Mapping[str, torch.Tensor], n: int
     for experts, keys in found.items():
         _check_nemo_layer(adapter, experts, keys, n)
         gate_up_b = keys["gate_and_up_B"]
-        size = adapter[gate_up_b].shape[2] // 2
+        gate, up = _gate_and_up(adapter[gate_up_b].shape[2] // 2, interleaved)
         pieces: dict[tuple[str, int], Expr] = {}
         for e in range(n):
             pieces[("gate_A", e)] = pieces[("up_A", e)] = Transpose(
                 _read(adapter, keys["gate_and_up_A"], (e,)))
-            pieces[("gate_B", e)] = Transpose(_read(adapter, gate_up_b, (e, slice(None),
-                                                                          slice(0, size))))
-            pieces[("up_B", e)] = Transpose(_read(adapter, gate_up_b, (e, slice(None),
-                                                                        slice(size, 2 * size))))
+            pieces[("gate_B", e)] = Transpose(_read(adapter, gate_up_b, (e, slice(None), gate)))
+            pieces[("up_B", e)] = Transpose(_read(adapter, gate_up_b, (e, slice(None), up)))
             pieces[("down_A", e)] = Transpose(_read(adapter, keys["down_A"], (e,)))
             pieces[("down_B", e)] = Transpose(_read(adapter, keys["down_B"], (e,)))
         layers[experts] = (_checked_layer(_Layer(experts, pieces), n), set(keys.values()))
@@ -444,7 +477,12 @@ def _emit_hf(layer: _Layer) -> list[TensorPlan]:
             for e in _experts(layer) for proj in ("gate", "up", "down") for ab in "AB"]
 
 
-def _emit_nemo(layer: _Layer) -> list[TensorPlan]:
+def _joined(gate: Expr, up: Expr, interleaved: bool) -> Concat:
+    """A fused gate_up LoRA B [2I, r] from gate's and up's [I, r] (see ``_gate_and_up``)."""
+    return Concat((gate, up), 0, interleave=interleaved)
+
+
+def _emit_nemo(layer: _Layer, interleaved: bool) -> list[TensorPlan]:
     experts = _experts(layer)
 
     def stacked(make) -> Stack:
@@ -454,18 +492,19 @@ def _emit_nemo(layer: _Layer) -> list[TensorPlan]:
     return [
         TensorPlan(f"{layer.experts}.lora_gate_and_up_A", stacked(lambda e: Transpose(p[("gate_A", e)]))),
         TensorPlan(f"{layer.experts}.lora_gate_and_up_B", stacked(
-            lambda e: Transpose(Concat((p[("gate_B", e)], p[("up_B", e)]), 0)))),
+            lambda e: Transpose(_joined(p[("gate_B", e)], p[("up_B", e)], interleaved)))),
         TensorPlan(f"{layer.experts}.lora_down_A", stacked(lambda e: Transpose(p[("down_A", e)]))),
         TensorPlan(f"{layer.experts}.lora_down_B", stacked(lambda e: Transpose(p[("down_B", e)]))),
     ]
 
 
-def _emit_peft(layer: _Layer, n: int, parameters: Sequence[str], layout: PeftLayout
-               ) -> list[TensorPlan]:
+def _emit_peft(layer: _Layer, n: int, parameters: Sequence[str], layout: PeftLayout,
+               interleaved: bool) -> list[TensorPlan]:
     p = layer.pieces
     experts = range(n)
     factors = {
-        "gate_up_proj": [(p[("gate_A", e)], Concat((p[("gate_B", e)], p[("up_B", e)]), 0))
+        "gate_up_proj": [(p[("gate_A", e)], _joined(p[("gate_B", e)], p[("up_B", e)],
+                                                    interleaved))
                          for e in experts],
         "down_proj": [(p[("down_A", e)], p[("down_B", e)]) for e in experts],
     }
