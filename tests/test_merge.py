@@ -147,11 +147,14 @@ def test_every_mismatching_source_tensor_is_reported_before_writing(llama, tmp_p
 @pytest.mark.parametrize("change, message", [
     ({"dtype": "int8"}, "dtype 'int8' is not one of float16, bfloat16, float32, float64"),
     ({"gate_mode": "hidden_first"}, "gate_mode 'hidden_first' is not one of"),
-    ({"architecture": "deepseek"}, "no DeepSeek merge target"),
+    ({"architecture": "deepseek"}, "architecture 'deepseek': mergekit-moe's DeepSeek MoE output "
+                                   "is model_type 'deepseek'"),
+    ({"architecture": "deepseek_v3"}, "architecture 'deepseek_v3': names none of Mixtral"),
     ({"experts_per_token": 4}, "more than the 3 experts"),
     ({"architecture": "mixtral", "shared_experts": [{"source_model": "BASE"}]},
      "no merge target holds 1 shared expert of a 'llama' base model as architecture mixtral"),
-    ({"experts": [{"source_model": "x", "noise_scale": 0.1}]}, "noise_scale"),
+    ({"experts": [{"source_model": "x", "noise_scale": 0.1}]},
+     "experts[0].noise_scale: mergekit-moe adds torch.randn_like noise from torch's global"),
     ({"bogus": 1}, "unknown field bogus"),
     ({"gate_mode": None}, "gate_mode must be a non-empty string, not None"),
     ({"experts": [{"source_model": "/nonexistent/x"}], "experts_per_token": 1},
@@ -361,6 +364,20 @@ def test_architecture_picks_the_target_mergekit_picks(qwen2, tmp_path, architect
     except MoekitError:
         picked = None
     assert picked == expected
+
+
+def test_where_mergekit_would_write_deepseek_moe_the_merge_is_refused(llama, tmp_path):
+    from mergekit.merge import MergeOptions
+    from mergekit.moe.config import MoEMergeConfig
+    from mergekit.scripts.moe import select_output_arch
+
+    base, finetunes = llama
+    config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode="random",
+                        experts_per_token=1, shared_experts=[{"source_model": str(base)}])
+    mergekit_config = MoEMergeConfig.model_validate(yaml.safe_load(config.read_text()))
+    assert select_output_arch(mergekit_config, MergeOptions()).name() == "DeepSeek MoE"
+    with pytest.raises(MoekitError, match="mergekit-moe picks it for a llama base model"):
+        merge(config, tmp_path / "out", dry_run=True)
 
 
 def test_null_stands_for_the_fields_mergekit_declares_optional(llama, tmp_path):

@@ -2,8 +2,8 @@
 
 The fields are those of ``MergeConfig`` and, for each expert and shared expert,
 ``ExpertSource`` (``FIELDS``, ``EXPERT_FIELDS``). Settings moekit cannot reproduce byte for
-byte are refused by name rather than ignored: ``noise_scale`` (mergekit draws it from the
-global generator between reads, in an order its loaders decide).
+byte are refused by name rather than ignored: ``noise_scale`` (``NOISE_REFUSAL``) and the
+DeepSeek MoE output (``DEEPSEEK_REFUSAL``).
 """
 
 from __future__ import annotations
@@ -38,8 +38,26 @@ MERGE_TARGETS: dict[str, MergeTarget] = {
     "qwen3_moe": MergeTarget("Qwen3 MoE", ("qwen3",), 0),
 }
 """moekit target family -> the mergekit-moe output architecture it writes, in the order
-mergekit picks among those that hold the models (Mixtral first; moekit has no DeepSeek
-target)."""
+mergekit picks among those that hold the models (Mixtral first; DeepSeek MoE, which mergekit
+tries second, is refused: ``DEEPSEEK_REFUSAL``)."""
+
+DEEPSEEK_REFUSAL = (
+    "mergekit-moe's DeepSeek MoE output is model_type 'deepseek' (DeepSeek-MoE 16B), which "
+    "transformers loads only with that model's remote code from the Hub (transformers 5.24 "
+    "has deepseek_v2 and later, no 'deepseek'), so neither moekit nor its tests can check "
+    "what it writes; use mixtral, or qwen with a shared expert")
+"""Why moekit has no DeepSeek MoE merge target."""
+
+DEEPSEEK_BASES = ("llama", "mistral")
+"""The model_types mergekit-moe's DeepSeek MoE output takes (``mergekit/moe/deepseek.py``),
+with at most one shared expert, that one without prompts."""
+
+NOISE_REFUSAL = (
+    "mergekit-moe adds torch.randn_like noise from torch's global generator, seeded once, so "
+    "each tensor's noise depends on every draw before it in mergekit's own loop over the "
+    "output's tensors (and on gate_mode random's draw); moekit streams tensors in its own "
+    "order, so it cannot give mergekit's bytes: remove noise_scale")
+"""Why moekit refuses an expert's ``noise_scale``."""
 
 
 def architecture_targets(architecture: str) -> list[str]:
@@ -107,8 +125,9 @@ class MergeConfig:
             found.append(f"gate_mode {self.gate_mode!r} is not one of {', '.join(GATE_MODES)}")
         if self.architecture is not None and not architecture_targets(self.architecture):
             names = ", ".join(t.name for t in MERGE_TARGETS.values())
-            found.append(f"architecture {self.architecture!r} names none of {names} (moekit "
-                         "has no DeepSeek merge target)")
+            found.append(f"architecture {self.architecture!r}: "
+                         + (DEEPSEEK_REFUSAL if "deepseek moe".startswith(
+                             self.architecture.lower()) else f"names none of {names}"))
         if not _is_integer(self.experts_per_token) or self.experts_per_token < 1:
             found.append(f"experts_per_token must be an integer of at least 1, not "
                          f"{self.experts_per_token!r}")
@@ -203,8 +222,7 @@ def _expert(item: Any, where: str) -> ExpertSource:
     if unknown:
         raise MoekitError(f"{where} has unknown field {', '.join(unknown)}")
     if item.get("noise_scale") is not None:
-        raise MoekitError(f"{where}.noise_scale: mergekit-moe draws this noise from its global "
-                          "random generator in an order moekit cannot reproduce; remove it")
+        raise MoekitError(f"{where}.noise_scale: {NOISE_REFUSAL}")
     try:
         return ExpertSource(**_given(ExpertSource, item))
     except MoekitError as err:

@@ -22,7 +22,8 @@ from ..upcycling.planner import FLOAT_RANGES, build_upcycle_plan, dense_mlps
 from ..upcycling.recipes import DenseMLP, scaled
 from ..upcycling.spec import UpcycleSpec
 from ..upcycling.targets import DENSE_PROJECTIONS, TARGETS, Target
-from .config import MERGE_TARGETS, ExpertSource, MergeConfig, architecture_targets
+from .config import (DEEPSEEK_BASES, DEEPSEEK_REFUSAL, MERGE_TARGETS, ExpertSource, MergeConfig,
+                     architecture_targets)
 
 ROUTER_TAG = "router"
 BASE_TAG = "base"
@@ -83,8 +84,14 @@ class MergePlan:
 def choose_target(merge: MergeConfig, model_type: str | None) -> Target:
     """The target family mergekit-moe picks: the first of ``MERGE_TARGETS`` (those
     ``architecture`` names, if given) that takes a ``model_type`` base model with the
-    configuration's number of shared experts."""
+    configuration's number of shared experts. Where mergekit would pick its DeepSeek MoE
+    output instead (tried after Mixtral) the merge is refused (``DEEPSEEK_REFUSAL``)."""
     shared = len(merge.shared_experts)
+    if merge.architecture is None and _mergekit_picks_deepseek(merge, model_type):
+        raise MoekitError(f"{DEEPSEEK_REFUSAL}; mergekit-moe picks it for a {model_type} base "
+                          "model with one shared expert without prompts (architecture: qwen "
+                          "writes Qwen MoE, whose shared expert needs prompts unless gate_mode "
+                          "is random)")
     wanted = architecture_targets(merge.architecture) if merge.architecture else MERGE_TARGETS
     for family in wanted:
         if MERGE_TARGETS[family].shared_experts == shared and \
@@ -97,6 +104,15 @@ def choose_target(merge: MergeConfig, model_type: str | None) -> Target:
         f"{model_type!r} base model"
         + (f" as architecture {merge.architecture}" if merge.architecture else "")
         + f": {takes}")
+
+
+def _mergekit_picks_deepseek(merge: MergeConfig, model_type: str | None) -> bool:
+    """True where mergekit-moe, given no ``architecture``, writes DeepSeek MoE: Mixtral
+    takes no shared expert, and DeepSeek MoE takes a Llama or Mistral base model with one
+    shared expert without prompts."""
+    return (model_type in DEEPSEEK_BASES and len(merge.shared_experts) == 1
+            and not merge.shared_experts[0].positive_prompts
+            and not merge.shared_experts[0].negative_prompts)
 
 
 def check_sources(base: Mapping[str, TensorMeta], base_type: str | None,
