@@ -156,6 +156,7 @@ def test_every_mismatching_source_tensor_is_reported_before_writing(llama, tmp_p
     ({"experts": [{"source_model": "x", "noise_scale": 0.1}]},
      "experts[0].noise_scale: mergekit-moe adds torch.randn_like noise from torch's global"),
     ({"bogus": 1}, "unknown field bogus"),
+    ({"granularity": 2}, "unknown field granularity"),
     ({"gate_mode": None}, "gate_mode must be a non-empty string, not None"),
     ({"experts": [{"source_model": "/nonexistent/x"}], "experts_per_token": 1},
      "expert0 (source_model): no checkpoint at /nonexistent/x"),
