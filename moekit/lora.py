@@ -13,7 +13,9 @@ Whether x is the expert's input or its output depends on the PEFT release and th
 with A [r, in] and B [out, r]; gate and up share the fused A. NeMo's grouped form is
 ``lora_gate_and_up_A`` [E, H, r], ``lora_gate_and_up_B`` [E, r, 2I], ``lora_down_A``
 [E, I, r] and ``lora_down_B`` [E, r, H] (its experts compute ``x @ W``), gate and up of
-``lora_gate_and_up_B`` joined as the family's NeMo layout joins them. Which way a fused
+``lora_gate_and_up_B`` joined as the family's NeMo layout joins them (NeMo AutoModel 0.7's
+``GroupedExpertsLoRA`` adds ``x @ A @ B`` to the fused gate_and_up output before its
+activation splits it). Which way a fused
 gate_up LoRA joins gate and up cannot be read from the adapter, so every conversion takes
 the base model's ``model_type`` (its config.json's) and reads it from the family table.
 Every conversion is a plan of exact data movements, so round trips are byte-identical.
