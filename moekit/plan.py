@@ -3,7 +3,8 @@
 A plan is built from safetensors headers alone. Each destination tensor has a recipe, a
 small expression tree whose leaves are reads of source tensor regions and whose inner
 nodes are exact data movements (stack, concatenate, interleave, transpose) or, for
-upcycling, the few value changes it needs (scale, seeded random draws). Shapes and
+upcycling and merging, the few value changes they need (scale, seeded random draws, a
+dtype cast). Shapes and
 dtypes are known for every node, so a whole plan can be validated and shown before any
 tensor byte is read. Executors (``moekit.executors``) turn recipes into tensors.
 """
