@@ -80,6 +80,10 @@ class TensorInfo:
     dtype: str
     offset: int
     """Where the tensor's bytes start in ``file`` (for ``pread`` and kernel copies)."""
+    chunks: tuple["TensorInfo", ...] = ()
+    """For a tensor saved in row chunks (a DCP save of ``Shard(0)`` DTensors, one chunk a
+    rank), each chunk's rows in order, each a run of its own file; ``file`` and
+    ``offset`` are then the first non-empty chunk's. Empty for a tensor stored whole."""
 
 
 @dataclass
@@ -153,9 +157,9 @@ class Checkpoint:
 
         data_files = {name: FileIdentity.of(_member(folder, name).stat())
                       for name in sorted(p.name for p in folder.glob("*.distcp"))}
-        tensors = {key: TensorInfo(key, *entry)
-                   for key, entry in read_tensors(folder).items()}
-        used = list(dict.fromkeys(t.file for t in tensors.values()))
+        tensors = read_tensors(folder)
+        used = list(dict.fromkeys(run.file for t in tensors.values()
+                                  for run in t.chunks or (t,)))
         missing = [name for name in used if name not in data_files]
         if missing:
             raise MoekitError(f"{_shown(folder / DCP_METADATA_NAME)} names "
@@ -171,7 +175,8 @@ class Checkpoint:
     @property
     def files(self) -> list[str]:
         """The weight files, in order."""
-        return list(dict.fromkeys(t.file for t in self.tensors.values()))
+        return list(dict.fromkeys(run.file for t in self.tensors.values()
+                                  for run in t.chunks or (t,)))
 
     @property
     def model_type(self) -> str | None:

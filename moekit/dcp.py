@@ -12,7 +12,9 @@ it. The writer puts the tensors, in the plan's order, into ``.distcp`` files of 
 the shard size (a larger tensor gets a file alone), all described by one ``.metadata``;
 DCP keeps a file's tensors until the file is written, so memory holds at most one
 file's tensors, whatever the model's size. One process writes, without a process group
-(``no_dist``).
+(``no_dist``). ``save_distributed`` is the other writer: every rank of a process group
+saves its own shards (``save_experts(format="dcp")``), which a reader finds as tensors
+saved in row chunks.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMe
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem
 from torch.distributed.checkpoint.storage import WriteResult
 
-from .checkpoint import DCP_METADATA_NAME
+from .checkpoint import DCP_METADATA_NAME, TensorInfo
 from .dtypes import to_safetensors, to_torch
 from .errors import MoekitError, printable
 from .executors.evaluate import KeepingStatistics, materialize
@@ -81,6 +83,32 @@ class DcpFolder:
                 raise _original(err) from None
         for path in sorted(folder.iterdir()):
             finished(path)
+
+
+def save_distributed(state_dict: dict[str, torch.Tensor], folder: Path) -> str | None:
+    """Save this rank's ``state_dict`` (DTensors and plain tensors) into ``folder`` with
+    ``torch.distributed.checkpoint.save`` over the default process group, called on every
+    rank: DCP's own planner has each rank write its shards and each replicated tensor
+    written once, and its coordinator commits ``.metadata``. A step that fails on any
+    rank fails the save on every rank: each returns the same message naming the ranks,
+    or None when the checkpoint is complete. Files are left for the caller to sync."""
+    try:
+        dcp.save(state_dict, storage_writer=FileSystemWriter(folder, sync_files=False,
+                                                             overwrite=False))
+    except CheckpointException as err:
+        if not err.failures:
+            return f"torch.distributed.checkpoint failed: {err}"
+        return "; ".join(f"rank {rank}: {_message(failure)}"
+                         for rank, (failure, _) in sorted(err.failures.items()))
+    return None
+
+
+def _message(err: BaseException) -> str:
+    """A failure as moekit reports it: an OSError by its reason and file."""
+    if isinstance(err, OSError) and err.strerror:
+        where = f" ({printable(os.fsdecode(err.filename))})" if err.filename else ""
+        return f"{err.strerror}{where}"
+    return printable(str(err))
 
 
 def _original(err: CheckpointException) -> BaseException:
@@ -161,16 +189,17 @@ _TORCH_DTYPES = {
 (``_rebuild_tensor_v3``: float8 and the unsigned types)."""
 
 
-def read_tensors(folder: Path) -> dict[str, tuple[str, tuple[int, ...], str, int]]:
-    """Every tensor of the DCP checkpoint in ``folder``: key -> (data file, shape,
-    safetensors dtype, byte offset of its elements in that file), in saved order.
+def read_tensors(folder: Path) -> dict[str, TensorInfo]:
+    """Every tensor of the DCP checkpoint in ``folder``, in saved order.
 
     DCP's ``FileSystemWriter`` stores each tensor as a ``torch.save`` archive inside a
     ``.distcp`` file; the archive keeps the tensor's one storage uncompressed, so a
     tensor saved whole, row-major, is a run of raw bytes in that file, read and copied as
-    a safetensors tensor is. A tensor saved as several chunks (sharded), strided, with
-    an offset into a larger storage, or compressed, and any entry that is not a tensor,
-    is refused naming it.
+    a safetensors tensor is. A tensor that ranks saved in row chunks (``Shard(0)``
+    DTensors: expert rows split over expert-parallel ranks) is its chunks in row order,
+    each such a run (``TensorInfo.chunks``). A tensor saved in chunks split along other
+    dimensions, strided, with an offset into a larger storage, or compressed, and any
+    entry that is not a tensor, is refused naming it.
     """
     metadata = _read_metadata(folder / DCP_METADATA_NAME)
     tensors = {}
@@ -211,24 +240,52 @@ class _Unpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("it refers to external storage")
 
 
-def _tensor(folder: Path, key: str, entry, storage_data
-            ) -> tuple[str, tuple[int, ...], str, int]:
-    """(data file, shape, dtype, byte offset) of one tensor entry of ``.metadata``."""
+def _tensor(folder: Path, key: str, entry, storage_data) -> TensorInfo:
+    """Where the bytes of one tensor entry of ``.metadata`` lie: one run, or one run per
+    row chunk."""
     where = f"{printable(str(folder / DCP_METADATA_NAME))}: {printable(key)}"
     if not isinstance(entry, TensorStorageMetadata):
         raise MoekitError(f"{where} is not a tensor ({type(entry).__name__}): moekit reads "
                           "checkpoints of model weights only")
     shape = tuple(entry.size)
-    chunks = entry.chunks
-    if len(chunks) != 1 or any(chunks[0].offsets) or tuple(chunks[0].sizes) != shape:
-        raise MoekitError(f"{where} is saved in {len(chunks)} chunks (a sharded save); "
-                          "moekit reads tensors saved whole, by one process")
     try:
         dtype = to_safetensors(entry.properties.dtype)
     except KeyError:
         raise MoekitError(f"{where} has dtype {entry.properties.dtype}, which moekit does "
                           "not handle") from None
-    info = storage_data.get(MetadataIndex(key, chunks[0].offsets))
+    chunks = _row_chunks(entry.chunks, shape, where)
+    runs = tuple(TensorInfo(key, *_run(folder, key, chunk, dtype, storage_data, where))
+                 for chunk in chunks)
+    if len(runs) == 1:
+        return runs[0]
+    first = next((run for run in runs if run.shape[0]), runs[0])
+    return TensorInfo(key, first.file, shape, dtype, first.offset, chunks=runs)
+
+
+def _row_chunks(chunks: list, shape: tuple[int, ...], where: str) -> list:
+    """The chunks of a tensor in row order, once they are known to tile it by rows: each
+    whole in every dimension but the first, one after another from row 0 to the last."""
+    if len(chunks) == 1 and not any(chunks[0].offsets) and tuple(chunks[0].sizes) == shape:
+        return chunks
+    ordered = sorted(chunks, key=lambda chunk: tuple(chunk.offsets))
+    row = 0
+    for chunk in ordered:
+        if not shape or (tuple(chunk.offsets), tuple(chunk.sizes)[1:]) != (
+                (row, *[0] * (len(shape) - 1)), shape[1:]):
+            raise MoekitError(f"{where} is saved in {len(chunks)} chunks that do not split it "
+                              "by rows (dimension 0) alone; moekit reads tensors saved whole "
+                              "or as Shard(0) row chunks")
+        row += chunk.sizes[0]
+    if row != shape[0]:
+        raise MoekitError(f"{where}: its chunks hold {row} of its {shape[0]} rows")
+    return ordered
+
+
+def _run(folder: Path, key: str, chunk, dtype: str, storage_data, where: str
+         ) -> tuple[str, tuple[int, ...], str, int]:
+    """(data file, shape, dtype, byte offset) of one chunk of tensor ``key``."""
+    info = storage_data.get(MetadataIndex(key, chunk.offsets))
+    shape = tuple(chunk.sizes)
     if info is None:
         raise MoekitError(f"{where} has no storage entry saying which file holds it")
     if info.transform_descriptors:

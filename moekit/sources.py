@@ -8,7 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from .checkpoint import Checkpoint, check_unchanged, open_regular, open_unchanged
+from .checkpoint import (Checkpoint, TensorInfo, check_unchanged, open_regular,
+                         open_unchanged)
 from .dtypes import itemsize, to_torch
 from .errors import MoekitError, printable
 from .plan import Read
@@ -58,24 +59,26 @@ class FileSource:
         bytes of ``buffer``; return the run's shape and the region within the run. Torch
         is not needed: the file-to-file path moves these bytes with numpy."""
         info = self.checkpoint.tensors[region.key]
-        fd, start = self.location(region.key)
         first, count, shape, within = bounding_block(region.region, info.shape)
-        item = itemsize(info.dtype)
-        with buffer[:count * item] as view:
-            _read_exactly(fd, view, start + first * item, self.checkpoint.path / info.file,
-                          region.key)
-        self.bytes_read += count * item
+        done = 0
+        for fd, start, size, file in self._spans(info, first, count):
+            with buffer[done:done + size] as view:
+                _read_exactly(fd, view, start, self.checkpoint.path / file, region.key)
+            done += size
+        self.bytes_read += done
         return shape, within
 
     def location(self, key: str) -> tuple[int, int]:
         """(file descriptor, byte offset) of tensor ``key``'s data, for reading it with
         ``pread`` or copying it in the kernel; each file is opened once, and refused when
-        it is no longer the file whose header was read."""
+        it is no longer the file whose header was read. A tensor saved in row chunks has
+        no one location: it is refused naming it."""
         info = self.checkpoint.tensors[key]
-        fd = self._fds.get(info.file)
-        if fd is None:
-            fd = self._fds[info.file] = self._open(info.file)
-        return fd, info.offset
+        if info.chunks:
+            raise MoekitError(f"{printable(key)} is saved in {len(info.chunks)} row chunks (an "
+                              "expert-parallel DCP save), which moekit reads on the CPU only: "
+                              "load it on the CPU, or convert the folder first")
+        return self._fd(info.file), info.offset
 
     def byte_range(self, region: Read) -> tuple[int, int, int] | None:
         """``(fd, offset, size)`` of the bytes a region covers, when they are contiguous in
@@ -84,10 +87,30 @@ class FileSource:
         span = contiguous_span(region.region, info.shape)
         if span is None:
             return None
-        fd, start = self.location(region.key)
-        first, count = span
+        spans = self._spans(info, *span)
+        return spans[0][:3] if len(spans) == 1 else None
+
+    def _spans(self, info: TensorInfo, first: int, count: int
+               ) -> list[tuple[int, int, int, str]]:
+        """(fd, byte offset, bytes, file) of elements ``first`` to ``first + count`` of a
+        tensor, in order: one run, or one per row chunk they touch."""
         item = itemsize(info.dtype)
-        return fd, start + first * item, count * item
+        out, at = [], 0
+        for run in info.chunks or (info,):
+            n = math.prod(run.shape)
+            low, high = max(first, at), min(first + count, at + n)
+            if low < high:
+                out.append((self._fd(run.file), run.offset + (low - at) * item,
+                            (high - low) * item, run.file))
+            at += n
+        return out
+
+    def _fd(self, file: str) -> int:
+        """The open descriptor of ``file``, opened on first use."""
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = self._open(file)
+        return fd
 
     def check_unchanged(self) -> None:
         """Raise MoekitError when a file read so far changed while it was read (written to

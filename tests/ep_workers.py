@@ -190,3 +190,82 @@ def cuda_load(rank: int, world: int, store: str, src: str, result: str) -> None:
     devices = {(v.to_local() if isinstance(v, DTensor) else v).device.type for v in state.values()}
     torch.save({"sums": sums, "devices": devices}, f"{result}.{rank}")
     finish()
+
+
+
+def save_dcp_and_load(rank: int, world: int, store: str, src: str, out: str, layout: str,
+                      log_dir: str) -> None:
+    """Load this rank's experts, save them with ``save_experts(format="dcp")``, then load
+    from the saved folder (``_load_dcp_like_safetensors``)."""
+    _init(rank, world, store)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    state = load_experts(src, mesh, layout=layout)
+    save_experts(state, out, mesh, layout=layout, config_from=src, format="dcp")
+    asked = _load_dcp_like_safetensors(mesh, out, src, layout)
+    Path(log_dir, f"{rank}.json").write_text(json.dumps([asked]))
+    finish()
+
+
+def save_dcp_failing_on_rank_1(rank: int, world: int, store: str, src: str, out: str,
+                               log_dir: str) -> None:
+    """``save_experts(format="dcp")`` where DCP's write fails on rank 1; each rank writes
+    its outcome to ``log_dir/rank.txt``."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    _init(rank, world, store)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    state = load_experts(src, mesh)
+    if rank == 1:
+        def broken(*args, **kwargs):
+            raise OSError("disk full")
+
+        FileSystemWriter.write_data = broken
+    try:
+        save_experts(state, out, mesh, config_from=src, format="dcp")
+        outcome = "ok"
+    except MoekitError as err:
+        outcome = str(err)
+    Path(log_dir, f"{rank}.txt").write_text(outcome)
+    finish()
+
+
+def load_dcp_like_safetensors(rank: int, world: int, store: str, dcp_sources: list[str],
+                              st_src: str, layout: str, log_dir: str) -> None:
+    """``_load_dcp_like_safetensors`` of each DCP folder; the experts read from each go to
+    ``log_dir/rank.json``."""
+    _init(rank, world, store)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    asked = [_load_dcp_like_safetensors(mesh, src, st_src, layout) for src in dcp_sources]
+    Path(log_dir, f"{rank}.json").write_text(json.dumps(asked))
+    finish()
+
+
+def _load_dcp_like_safetensors(mesh, dcp_src: str, st_src: str, layout: str) -> list[int]:
+    """Check that ``load_experts`` of a DCP folder gives what it gives from the safetensors
+    checkpoint (same DTensors, same bytes); return the experts read from the folder."""
+    expected = load_experts(st_src, mesh, layout=layout)
+    asked: list[int] = []
+    original = FileSource.read
+
+    def read(self, region):
+        match = re.search(r"\.experts\.(\d+)\.", region.key)
+        if match:
+            asked.append(int(match[1]))
+        elif ".experts." in region.key:
+            asked.append(region.region[0])
+        return original(self, region)
+
+    FileSource.read = read
+    try:
+        state = load_experts(dcp_src, mesh, layout=layout)
+    finally:
+        FileSource.read = original
+    assert state.keys() == expected.keys()
+    for key, value in state.items():
+        other = expected[key]
+        assert type(value) is type(other), key
+        if isinstance(value, DTensor):
+            assert (value.placements, value.shape) == (other.placements, other.shape), key
+            value, other = value.to_local(), other.to_local()
+        assert value.dtype == other.dtype and torch.equal(value, other), key
+    return sorted(set(asked))

@@ -1,16 +1,24 @@
-"""Saving from expert-parallel ranks back to a Hugging Face per-expert checkpoint.
+"""Saving from expert-parallel ranks: to a Hugging Face per-expert checkpoint, or as the
+ranks' own state dict in one torch.distributed.checkpoint folder.
 
-Each rank that holds a distinct set of experts (EP coordinate r, coordinate 0 on every
-other mesh dimension) writes its experts to ``model-{r+1}-of-{n}.safetensors`` under their
-global HF keys; EP rank 0 also writes every non-expert tensor, the index and the
-non-weight files. torch.distributed is used only to agree on the temporary folder and on
-success: on any rank's failure the temporary folder is removed and nothing is put in
-place. The folder is checked, made durable and moved into place as ``convert``'s is.
+``format="safetensors"``: each rank that holds a distinct set of experts (EP coordinate
+r, coordinate 0 on every other mesh dimension) writes its experts to
+``model-{r+1}-of-{n}.safetensors`` under their global HF keys; EP rank 0 also writes
+every non-expert tensor, the index and the non-weight files. torch.distributed is used
+only to agree on the temporary folder and on success.
+
+``format="dcp"``: every rank hands its state dict (grouped experts as ``Shard(0)``
+DTensors) to ``torch.distributed.checkpoint.save``, which writes each rank's expert rows
+from that rank and each replicated tensor once, and commits the ``.metadata``; nothing
+is gathered. A step that fails on any rank fails DCP's save on every rank.
+
+Either way, on any rank's failure the temporary folder is removed and nothing is put in
+place; the folder is checked, made durable and moved into place as ``convert``'s is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -27,16 +35,28 @@ from .local import local_hf_plan
 from .dtensors import ep_coordinates, ep_dim
 from .ranges import expert_range
 
+FORMATS = ("safetensors", "dcp")
+"""What ``save_experts`` writes: an HF per-expert safetensors checkpoint, or the ranks'
+state dict as one DCP folder."""
+
 
 def save_experts(state_dict: Mapping[str, torch.Tensor], path: str | Path,
                  device_mesh: DeviceMesh, layout: str = "nemo", family: str | None = None,
-                 config_from: str | Path | None = None, overwrite: bool = False) -> None:
+                 config_from: str | Path | None = None, overwrite: bool = False,
+                 format: str = "safetensors") -> None:
     """Write the state dict that ``load_experts`` returned (same keys, grouped experts as
-    DTensors) back to an HF per-expert checkpoint at ``path``. Call it on every rank.
+    DTensors) to ``path``. Call it on every rank.
 
-    ``config_from`` is a checkpoint folder whose non-weight files (config.json, tokenizer,
-    ...) are copied beside the weights; its config also names the model family.
+    ``format="safetensors"`` writes an HF per-expert checkpoint; ``format="dcp"`` writes
+    the state dict as it is, in ``layout``, as one ``torch.distributed.checkpoint`` folder
+    that each rank writes its own expert rows into (``moekit convert PATH OUT --to hf``
+    reads it back; ``load_experts`` and DCP's own ``load`` read it). ``config_from`` is a
+    checkpoint folder whose non-weight files (config.json, tokenizer, ...) are copied
+    beside the weights; its config also names the model family.
     """
+    if format not in FORMATS:
+        raise MoekitError(f"unknown save_experts format {format!r}: it writes "
+                          f"{', '.join(FORMATS)}")
     size, rank = ep_coordinates(device_mesh)
     try:
         config = read_config(Path(config_from)) if config_from else None
@@ -45,6 +65,9 @@ def save_experts(state_dict: Mapping[str, torch.Tensor], path: str | Path,
         _agree_on_planning(err)
         raise
     _agree_on_planning(None)
+    if format == "dcp":
+        _dcp_write(state_dict, Path(path), overwrite, config_from)
+        return
     writes = [t for t in plan.tensors if rank == 0 or t.name in plan.expert_tensors]
     writer = all(device_mesh.get_local_rank(d) == 0 for d in range(device_mesh.ndim)
                  if d != ep_dim(device_mesh))
@@ -52,6 +75,28 @@ def save_experts(state_dict: Mapping[str, torch.Tensor], path: str | Path,
     metadata = {"format": "pt", LAYOUT_METADATA_KEY: "hf", FAMILY_METADATA_KEY: plan.family}
     _coordinated_write(Path(path), overwrite, writer and bool(writes), rank, files,
                        writes, DictSource(local), metadata, config_from)
+
+
+def _dcp_write(state_dict: Mapping[str, torch.Tensor], path: Path, overwrite: bool,
+               config_from: str | Path | None) -> None:
+    """Every rank saves its state dict with DCP into the folder rank 0 made; rank 0 then
+    copies the sidecar files, puts the folder in place and tells every rank how it went."""
+    from ..dcp import save_distributed  # imports torch.distributed.checkpoint
+
+    output, folder = _agree_on_folder(path, overwrite, config_from)
+    try:
+        error = save_distributed(dict(state_dict), folder)
+        verdict: list = [None]
+        if output is not None:
+            verdict[0] = _put_in_place(output, [error] if error else [],
+                                       lambda: _copy_sidecars(output, config_from))
+        dist.broadcast_object_list(verdict, src=0)
+    except BaseException:
+        if output is not None:
+            output.discard()
+        raise
+    if verdict[0]:
+        raise MoekitError(verdict[0])
 
 
 def _agree_on_planning(error: MoekitError | None) -> None:
@@ -119,9 +164,17 @@ def _finish(output: OutputFolder, errors: list[str], outcomes: list,
             config_from: str | Path | None) -> str | None:
     """On rank 0: complete the folder (index, sidecar files) and move it into place, or
     remove it after any rank's failure; the failure's message, else None."""
+    return _put_in_place(output, errors, lambda: _complete(output, outcomes, config_from))
+
+
+def _put_in_place(output: OutputFolder, errors: list[str], complete: Callable[[], object]
+                  ) -> str | None:
+    """On rank 0: ``complete`` the folder and move it into place, or remove it after any
+    rank's failure (``errors``) or a failure of either step; the failure's message, else
+    None."""
     try:
         if not errors:
-            _complete(output, outcomes, config_from)
+            complete()
             output.commit()
             return None
     except (MoekitError, OSError) as err:
@@ -140,6 +193,11 @@ def _complete(output: OutputFolder, outcomes: list, config_from: str | Path | No
         weight_map.update(mapping)
         tensors.update({t.name: t for t in planned})
     write_index(output.folder, list(tensors.values()), weight_map)
+    _copy_sidecars(output, config_from)
+
+
+def _copy_sidecars(output: OutputFolder, config_from: str | Path | None) -> None:
+    """Copy the non-weight files of ``config_from`` (config.json, tokenizer, ...)."""
     if config_from:
         output.copy_in(Checkpoint.open(config_from).extra_files())
 

@@ -1,0 +1,97 @@
+"""``save_experts(..., format="dcp")`` and ``load_experts`` of a DCP folder, on gloo
+ranks: each rank writes its own ``Shard(0)`` expert rows with DCP's own save, the folder
+converts back to the HF checkpoint byte for byte, and loading from it gives each rank
+what loading from the safetensors checkpoint gives."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+
+from moekit import convert, expert_range, samples
+from moekit.cli import main
+
+from . import ep_workers
+from .conftest import load_all, same_bytes
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:torch.distributed is disabled:UserWarning")  # DCP's reader on one process says so
+
+_stores = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def qwen3_10(tmp_path_factory):
+    """A tiny Qwen3-MoE with 10 experts."""
+    model = samples.build_model("qwen3_moe", num_experts=10)
+    return samples.save_model(model, tmp_path_factory.mktemp("ep-dcp") / "qwen3-10")
+
+
+def spawn(fn, world: int, tmp_path, *args) -> None:
+    """Run ``fn`` on ``world`` gloo ranks, rendezvousing through a store file of its own."""
+    store = tmp_path / f"store-{next(_stores)}"
+    mp.spawn(fn, args=(world, str(store), *args), nprocs=world, join=True)
+    store.unlink(missing_ok=True)
+
+
+def same_checkpoint(a, b) -> bool:
+    original, other = load_all(a), load_all(b)
+    return original.keys() == other.keys() and all(
+        same_bytes(original[k], other[k]) for k in original)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_each_rank_saves_its_rows_to_dcp_and_the_folder_reads_back(world, qwen3_10, tmp_path):
+    """10 experts on 1-4 ranks (3 and 4: uneven shares): one DCP folder whose expert
+    tensors are the ranks' row chunks; it converts back to the source byte for byte, and
+    each rank loads from it what it loads from the source, reading its own experts."""
+    out, back = tmp_path / "dcp", tmp_path / "back"
+    spawn(ep_workers.save_dcp_and_load, world, tmp_path, str(qwen3_10), str(out), "nemo",
+          str(tmp_path))
+    assert (out / "config.json").read_bytes() == (qwen3_10 / "config.json").read_bytes()
+    metadata = dcp.FileSystemReader(out).read_metadata().state_dict_metadata
+    owners = [r for r in range(world) if expert_range(10, world, r)]
+    chunks = [len(entry.chunks) for key, entry in metadata.items() if ".experts." in key]
+    assert chunks and set(chunks) == {len(owners)}
+    assert main(["convert", str(out), str(back), "--to", "hf"]) == 0
+    assert same_checkpoint(qwen3_10, back)
+    for rank in range(world):
+        asked = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert asked == [list(expert_range(10, world, rank))]
+
+
+def test_load_experts_of_converted_dcp_folders(qwen3_10, tmp_path):
+    """Folders ``convert --format dcp`` wrote (tensors whole, one process; per-expert and
+    grouped) load on 3 ranks as the safetensors checkpoint does, each rank reading its own
+    experts."""
+    folders = [tmp_path / layout for layout in ("hf", "transformers")]
+    for folder in folders:
+        convert(qwen3_10, folder, to=folder.name, format="dcp", max_shard_size=60 * 1024)
+    spawn(ep_workers.load_dcp_like_safetensors, 3, tmp_path, [str(f) for f in folders],
+          str(qwen3_10), "nemo", str(tmp_path))
+    for rank in range(3):
+        asked = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert asked == [list(expert_range(10, 3, rank))] * 2
+
+
+def test_a_dcp_save_failing_on_one_rank_fails_every_rank_and_leaves_nothing(qwen3_10,
+                                                                           tmp_path):
+    out = tmp_path / "dcp"
+    spawn(ep_workers.save_dcp_failing_on_rank_1, 3, tmp_path, str(qwen3_10), str(out),
+          str(tmp_path))
+    outcomes = [(tmp_path / f"{r}.txt").read_text() for r in range(3)]
+    assert all(text.startswith("save_experts failed, nothing was written: ")
+               and "rank 1: disk full" in text for text in outcomes), outcomes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.txt", "1.txt", "2.txt"]
+
+
+def test_an_unknown_save_format_is_refused(tmp_path):
+    from moekit import MoekitError, save_experts
+
+    with pytest.raises(MoekitError, match="unknown save_experts format 'zarr'"):
+        save_experts({}, tmp_path / "out", None, format="zarr")
+    assert list(tmp_path.iterdir()) == []
