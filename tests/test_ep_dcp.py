@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import pickle
 
 import pytest
+import torch
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
+from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from moekit import convert, expert_range, samples
 from moekit.cli import main
@@ -59,6 +62,10 @@ def test_each_rank_saves_its_rows_to_dcp_and_the_folder_reads_back(world, qwen3_
     assert chunks and set(chunks) == {len(owners)}
     assert main(["convert", str(out), str(back), "--to", "hf"]) == 0
     assert same_checkpoint(qwen3_10, back)
+    grouped, back_again = tmp_path / "grouped", tmp_path / "back-again"
+    assert main(["convert", str(out), str(grouped), "--to", "nemo"]) == 0  # whole tensors
+    assert main(["convert", str(grouped), str(back_again), "--to", "hf"]) == 0
+    assert same_checkpoint(qwen3_10, back_again)
     for rank in range(world):
         asked = json.loads((tmp_path / f"{rank}.json").read_text())
         assert asked == [list(expert_range(10, world, rank))]
@@ -95,3 +102,26 @@ def test_an_unknown_save_format_is_refused(tmp_path):
     with pytest.raises(MoekitError, match="unknown save_experts format 'zarr'"):
         save_experts({}, tmp_path / "out", None, format="zarr")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("chunks,refusal", [
+    ([((0, 0), (4, 3)), ((0, 3), (4, 3))], "do not split it by rows"),
+    ([((0, 0), (1, 6)), ((2, 0), (2, 6))], "do not split it by rows"),
+    ([((0, 0), (1, 6)), ((1, 0), (2, 6))], "its chunks hold 3 of its 4 rows"),
+])
+def test_chunks_that_are_not_row_shards_are_refused(tmp_path, capsys, chunks, refusal):
+    """A .metadata whose chunks of a tensor are not its rows one after another (split
+    along another dimension, a gap, rows missing) is refused naming the tensor."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    folder = tmp_path / "ckpt"
+    dcp.save({"w": torch.randn(4, 6)}, checkpoint_id=folder, no_dist=True)
+    metadata = dcp.FileSystemReader(folder).read_metadata()
+    (index, info), = metadata.storage_data.items()
+    metadata.state_dict_metadata["w"].chunks = [
+        ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)) for offsets, sizes in chunks]
+    metadata.storage_data = {MetadataIndex("w", offsets): info for offsets, _ in chunks}
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    code = main(["inspect", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and refusal in err and ".metadata: w" in err and "Traceback" not in err

@@ -22,7 +22,12 @@ def load_experts(path: str | Path, device_mesh: DeviceMesh, layout: str = "nemo"
                  ) -> dict[str, torch.Tensor]:
     """This rank's state dict: grouped expert tensors of ``layout`` as DTensors
     (``Shard(0)`` on the mesh's "ep" dimension, replicated on the others, global shape
-    exact also for uneven splits), every other tensor as a plain tensor.
+    exact also for uneven splits), every other tensor as a plain tensor. ``path`` is a
+    safetensors checkpoint or a torch.distributed.checkpoint folder in any layout, its
+    tensors saved whole (``convert --format dcp``) or as ranks' row chunks
+    (``save_experts(format="dcp")``); on the CPU, either way, only this rank's rows are
+    read, through moekit's reader, which converts between layouts and never unpickles
+    more of ``.metadata`` than DCP's own classes.
 
     The rank checks, before reading anything, that every expert of its range is present
     and well-shaped (the error names the rank, layers, experts and projections), then
