@@ -30,28 +30,39 @@ def spawn(fn, world: int, store, *args) -> None:
     mp.spawn(fn, args=(world, str(store), *args), nprocs=world, join=True)
 
 
-def expected_bytes(src, dp: int, ep: int) -> dict[tuple[int, int], int]:
-    """(dp rank, ep rank) -> bytes it should read, from the headers by torch.chunk: an
-    expert's rows go to the ep rank whose chunk of the experts holds it and, within that
-    chunk, to the dp rank whose chunk holds it; another tensor's rows to the dp rank
-    whose chunk holds them and, within that chunk, to the ep rank whose chunk holds them."""
-    share = {(d, e): 0 for d in range(dp) for e in range(ep)}
+def headers(src) -> dict[str, tuple[list[int], int]]:
+    """Tensor name -> (shape, bytes of a row), read with the safetensors library."""
+    found = {}
     for file in sorted(src.glob("*.safetensors")):
         with safe_open(file, "pt") as f:
             for key in f.keys():
                 tensor = f.get_slice(key)
                 shape = tensor.get_shape()
-                row = math.prod(shape[1:]) * ITEMSIZES[tensor.get_dtype()]
-                if ".experts." in key:
-                    expert = int(key.split(".experts.")[1].split(".")[0])
-                    e = _owner(torch.arange(N_EXPERTS).chunk(ep), expert)
-                    mine = torch.arange(N_EXPERTS).chunk(ep)[e]
-                    d = _owner(mine.chunk(dp), expert)
-                    share[d, e] += shape[0] * row
-                    continue
-                for d, rows in enumerate(torch.arange(shape[0]).chunk(dp)):
-                    for e, part in enumerate(rows.chunk(ep)):
-                        share[d, e] += len(part) * row
+                found[key] = shape, math.prod(shape[1:]) * ITEMSIZES[tensor.get_dtype()]
+    return found
+
+
+def expected_bytes(src, dp: int, ep: int, replicate: tuple[str, ...]
+                   ) -> dict[tuple[int, int], int]:
+    """(dp rank, ep rank) -> bytes it should read, from the headers by torch.chunk: an
+    expert's rows go to the ep rank whose chunk of the experts holds it and, within that
+    chunk, to the dp rank whose chunk holds it; another tensor's rows to the dp rank
+    whose chunk holds them and, within that chunk, to the ep rank whose chunk holds them;
+    a replicated tensor to every rank."""
+    share = {(d, e): 0 for d in range(dp) for e in range(ep)}
+    for key, (shape, row) in headers(src).items():
+        if key in replicate:
+            for rank in share:
+                share[rank] += shape[0] * row
+        elif ".experts." in key:
+            expert = int(key.split(".experts.")[1].split(".")[0])
+            e = _owner(torch.arange(N_EXPERTS).chunk(ep), expert)
+            d = _owner(torch.arange(N_EXPERTS).chunk(ep)[e].chunk(dp), expert)
+            share[d, e] += shape[0] * row
+        else:
+            for d, rows in enumerate(torch.arange(shape[0]).chunk(dp)):
+                for e, part in enumerate(rows.chunk(ep)):
+                    share[d, e] += len(part) * row
     return share
 
 
@@ -59,22 +70,25 @@ def _owner(chunks, value: int) -> int:
     return next(i for i, chunk in enumerate(chunks) if value in chunk.tolist())
 
 
-@pytest.mark.parametrize("dp,ep", [(1, 1), (1, 2), (3, 1), (2, 2), (4, 2)])
-def test_fully_sharded_model_loads_strictly_and_gives_the_same_logits(dp, ep, qwen3_10,
-                                                                      tmp_path):
+@pytest.mark.parametrize("dp,ep,replicate", [
+    (1, 1, ()), (3, 1, ("lm_head.weight",)), (2, 2, ()), (4, 2, ())],
+    ids=["1x1", "3x1-lm_head-replicated", "2x2", "4x2"])
+def test_fully_sharded_model_loads_strictly_and_gives_the_same_logits(dp, ep, replicate,
+                                                                      qwen3_10, tmp_path):
     spawn(sharded_workers.load_into_fsdp, dp * ep, tmp_path / "store", str(qwen3_10),
-          str(tmp_path), (dp, ep), N_EXPERTS)
+          str(tmp_path), (dp, ep), N_EXPERTS, replicate)
     results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(dp * ep)]
     assert all(r["logits_equal"] for r in results)
-    share = expected_bytes(qwen3_10, dp, ep)
+    share = expected_bytes(qwen3_10, dp, ep, replicate)
     assert [r["bytes"] for r in results] == [share[d, e] for d in range(dp) for e in range(ep)]
-    total = sum(f.stat().st_size for f in qwen3_10.glob("*.safetensors"))
-    headers = sum(8 + int.from_bytes(f.read_bytes()[:8], "little")
-                  for f in qwen3_10.glob("*.safetensors"))
-    assert sum(r["bytes"] for r in results) == total - headers
+    sizes = headers(qwen3_10)
+    once = sum(shape[0] * row for shape, row in sizes.values())
+    again = sum(sizes[key][0][0] * sizes[key][1] for key in replicate) * (dp * ep - 1)
+    assert sum(r["bytes"] for r in results) == once + again
 
 
-def test_a_missing_expert_or_a_mesh_without_the_named_dimensions_fails_every_rank(qwen3_10, tmp_path):
+def test_a_missing_expert_or_a_mesh_without_the_named_dimensions_fails_every_rank(qwen3_10,
+                                                                                  tmp_path):
     import shutil
 
     from .test_bad_input import edit_checkpoint
@@ -82,15 +96,16 @@ def test_a_missing_expert_or_a_mesh_without_the_named_dimensions_fails_every_ran
     src = shutil.copytree(qwen3_10, tmp_path / "broken")
     edit_checkpoint(src, lambda t: {k: v for k, v in t.items()
                                     if "layers.2.mlp.experts.9.down_proj" not in k})
-    spawn(sharded_workers.load_expecting_error, 4, tmp_path / "store", str(src),
-          str(tmp_path), (2, 2))
-    outcomes = [(tmp_path / f"{r}.txt").read_text() for r in range(4)]
-    assert all("rank 1: EP rank 1 of 2 (experts 5-9)" in text for text in outcomes[::2])
+    spawn(sharded_workers.load_expecting_error, 2, tmp_path / "store", str(src),
+          str(tmp_path), (1, 2))
+    outcomes = [(tmp_path / f"{r}.txt").read_text() for r in range(2)]
+    assert "load_sharded failed on another rank: rank 1: EP rank 1 of 2 (experts 5-9)" \
+        in outcomes[0]
+    assert outcomes[1].startswith("EP rank 1 of 2 (experts 5-9)")
     assert all("layer 2: expert 9 lacks down_proj" in text for text in outcomes)
-    for rank in range(4):
+    for rank in range(2):
         message = (tmp_path / f"{rank}.mesh.txt").read_text()
         assert "dimensions 'dp' (FSDP) and 'tp' (experts); this one has ('dp', 'ep')" in message
-
 
 
 def test_what_is_not_a_mesh_is_refused():

@@ -52,16 +52,16 @@ def load_sharded(path: str | Path, device_mesh: DeviceMesh, layout: str = "trans
     whose dimensions are named ``fsdp_dim`` and ``ep_dim`` (see the module docstring for
     what each tensor becomes). Call it on every rank of the mesh.
 
-    ``layout`` names the grouped layout of the expert tensors; ``replicate`` holds names
-    or glob patterns (``"lm_head.weight"``, ``"*.norm.weight"``) of destination tensors
+    ``layout`` names the grouped layout of the expert tensors; ``replicate`` holds a name
+    or glob pattern, or several, (``"lm_head.weight"``, ``"*.norm.weight"``) of destination tensors
     kept whole on every rank, e.g. those of modules left out of ``fully_shard``. Every
     rank checks its part before reading; if one cannot, every rank raises a MoekitError
-    naming it (none waits for another). Tensors lie on the CPU, or on the current CUDA
-    device for a CUDA mesh.
+    naming it (none waits for another). The mesh spans every rank of the process group.
+    Tensors lie on the CPU, or on the current CUDA device for a CUDA mesh.
     """
     mesh = _Mesh(device_mesh, ep_dim, fsdp_dim)
-    checkpoint = Checkpoint.open(path)
     try:
+        checkpoint = Checkpoint.open(path)
         analysis = understand_checkpoint(checkpoint, from_)
         rank_plan(analysis, mesh.ep_size, mesh.ep_rank, layout, checkpoint.file_of)
         plan = build_plan(analysis, grouped_layout(layout), experts=mesh.experts_to_read(
@@ -70,7 +70,7 @@ def load_sharded(path: str | Path, device_mesh: DeviceMesh, layout: str = "trans
         _agree(str(err))
         raise
     _agree(None)
-    patterns = tuple(replicate)
+    patterns = (replicate,) if isinstance(replicate, str) else tuple(replicate)
     with FileSource(checkpoint) as source:
         out = {tensor.name: _load(tensor, plan, source, mesh, analysis.n_experts, patterns)
                for tensor in plan.tensors}
@@ -90,6 +90,9 @@ class _Mesh:
             raise MoekitError(f"load_sharded needs a 2-D device mesh with the dimensions "
                               f"{fsdp_dim!r} (FSDP) and {ep_dim!r} (experts); this one has "
                               f"{names or mesh.ndim} (a dimension may have size 1)")
+        if mesh.size() != dist.get_world_size():
+            raise MoekitError(f"load_sharded needs a mesh of every rank of the process group "
+                              f"({dist.get_world_size()}); this one has {mesh.size()}")
         self.mesh = mesh
         self.ep_index = names.index(ep_dim)
         self.fsdp_mesh = mesh[fsdp_dim]
