@@ -38,7 +38,7 @@ from ..checkpoint import Checkpoint
 from ..errors import MoekitError
 from ..executors.evaluate import materialize
 from ..gc_pauses import without_gc_pauses
-from ..plan import Plan, Read, TensorPlan
+from ..plan import Expr, Plan, Read, TensorPlan
 from ..planner import build_plan, understand_checkpoint
 from ..sources import FileSource
 from .ranges import expert_range, grouped_layout, rank_plan
@@ -97,8 +97,8 @@ class _Mesh:
         self.ep_index = names.index(ep_dim)
         self.fsdp_mesh = mesh[fsdp_dim]
         self.ep_size, self.ep_rank = mesh.size(self.ep_index), mesh.get_local_rank(ep_dim)
-        self.fsdp_size, self.fsdp_rank = mesh.size(names.index(fsdp_dim)), \
-            mesh.get_local_rank(fsdp_dim)
+        self.fsdp_size = mesh.size(names.index(fsdp_dim))
+        self.fsdp_rank = mesh.get_local_rank(fsdp_dim)
         self.ep_group, self.fsdp_group = mesh.get_group(ep_dim), mesh.get_group(fsdp_dim)
         self.device = (torch.device("cuda", torch.cuda.current_device())
                        if mesh.device_type == "cuda" else torch.device("cpu"))
@@ -154,8 +154,7 @@ def _load(tensor: TensorPlan, plan: Plan, source: FileSource, mesh: _Mesh, n_exp
 
 def _rows(tensor: TensorPlan, source: FileSource, mesh: _Mesh, rows: slice) -> torch.Tensor:
     """Rows ``rows`` of a non-expert tensor: only their bytes when it is a source tensor
-    copied unchanged (every non-expert tensor of moekit's layouts), else the rows of the
-    tensor its recipe builds."""
+    copied unchanged, else the rows of the whole tensor its recipe builds."""
     recipe = tensor.recipe
     if tensor.is_copy:
         recipe = Read(recipe.key, (rows,), (rows.stop - rows.start, *recipe.shape[1:]),
@@ -164,7 +163,8 @@ def _rows(tensor: TensorPlan, source: FileSource, mesh: _Mesh, rows: slice) -> t
     return _materialize(recipe, source, mesh)[rows].clone()
 
 
-def _materialize(recipe, source: FileSource, mesh: _Mesh) -> torch.Tensor:
+def _materialize(recipe: Expr, source: FileSource, mesh: _Mesh) -> torch.Tensor:
+    """The tensor ``recipe`` makes, contiguous, on the mesh's device."""
     with torch.no_grad():
         return materialize(recipe, source, None).contiguous().to(mesh.device)
 
