@@ -10,8 +10,8 @@ to a table or a layout shows up as a reviewed change of that file.
 from __future__ import annotations
 
 import json
+import math
 import os
-import re
 from pathlib import Path
 
 import pytest
@@ -80,7 +80,7 @@ def values(headers: dict[str, Read]) -> dict[str, torch.Tensor]:
     """Each tensor a distinct run of integers (exact in float32)."""
     out, start = {}, 0
     for key, meta in headers.items():
-        count = int(torch.tensor(meta.shape).prod()) if meta.shape else 1
+        count = math.prod(meta.shape)
         out[key] = torch.arange(start, start + count, dtype=torch.float32).reshape(meta.shape)
         start += count
     return out
