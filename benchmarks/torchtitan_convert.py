@@ -1,18 +1,19 @@
 """Benchmark ``moekit convert --to torchtitan`` against torchtitan's own HF -> DCP
 conversion of Qwen3-MoE.
 
-Builds a synthetic Qwen3-MoE-shaped bf16 checkpoint (default 1 GiB: hidden 1024, expert
+Builds a synthetic Qwen3-MoE-shaped bf16 checkpoint (default 0.5 GiB: hidden 1024, expert
 intermediate 256, 64 experts) and writes it as torchtitan 0.3's Qwen3 MoE state dict in a
-``torch.distributed.checkpoint`` folder, twice: with ``moekit convert --to torchtitan``
-(streaming), and as torchtitan's conversion script (``scripts/checkpoint_conversion/
-convert_from_hf.py``) does, with torchtitan's own ``Qwen3StateDictAdapter.from_hf`` on the
-loaded HF state dict followed by ``dcp.save``. Each is timed and its peak RSS measured in
-a process of its own, page cache warm; the figures are ratios to torchtitan's, measured
-in the same run because the machines are shared and noisy. Both folders are then checked
-to hold the same bytes under every name torchtitan wrote. ``--json FILE`` writes the
+``torch.distributed.checkpoint`` folder: with ``moekit convert --to torchtitan``
+(streaming), once with ``--max-shard-size`` ``--shard`` and once with its default, and as
+torchtitan's conversion script (``scripts/checkpoint_conversion/convert_from_hf.py``)
+does, with torchtitan's own ``Qwen3StateDictAdapter.from_hf`` on the loaded HF state dict
+followed by ``dcp.save``. Each is timed and its peak RSS measured in a process of its
+own, page cache warm; the figures are ratios to torchtitan's, measured in the same run
+because the machines are shared and noisy. The folders are then checked to hold the same
+bytes under every name torchtitan wrote. ``--json FILE`` writes the
 figures as JSON too.
 
-    .venv/bin/python benchmarks/torchtitan_convert.py [--size-gib 1] [--experts 64] [--json F]
+    .venv/bin/python benchmarks/torchtitan_convert.py [--size-gib 0.5] [--shard 256MB] [--json F]
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from common import (add_shape_arguments, build_checkpoint, run_measured, warm_page_cache,
-                    write_figures)
+from common import (add_shape_arguments, build_checkpoint, drop_written, run_measured,
+                    warm_page_cache, write_figures)
 
 BASELINE = "torchtitan from_hf + dcp.save"
 MOEKIT = "moekit convert --to torchtitan"
@@ -98,7 +99,12 @@ def check_same(titan: Path, moekit: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_shape_arguments(parser, size_gib=1.0, experts=64)
+    add_shape_arguments(parser, size_gib=0.5, experts=64)
+    parser.add_argument("--shard", default="256MB",
+                        help="the --max-shard-size of moekit's second run: DCP keeps a "
+                             ".distcp file's tensors until the file is written, so this "
+                             "bounds moekit's memory (the default, 5GB, holds a smaller "
+                             "model whole)")
     parser.add_argument("--workdir", help="where to build the checkpoint (default: a temp dir)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--torchtitan", nargs=2, metavar=("SRC", "DST"),
@@ -115,15 +121,19 @@ def main() -> None:
         print(f"checkpoint: {size / 2**30:.2f} GiB, {layers} layers x {args.experts} experts "
               f"(H={args.hidden}, I={args.inter}), bf16")
         warm_page_cache(src)
+        moekit = [sys.executable, "-m", "moekit.cli", "convert", str(src), str(ours),
+                  "--to", "torchtitan"]
         rows = {BASELINE: run_measured([sys.executable, __file__, "--torchtitan", str(src),
-                                        str(titan)]),
-                MOEKIT: run_measured([sys.executable, "-m", "moekit.cli", "convert", str(src),
-                                      str(ours), "--to", "torchtitan"])}
+                                        str(titan)])}
+        rows[f"{MOEKIT} --max-shard-size {args.shard}"] = run_measured(
+            [*moekit, "--max-shard-size", args.shard])
+        drop_written(ours)
+        rows[MOEKIT] = run_measured(moekit)
         compared = check_same(titan, ours)
     base_seconds, base_rss = rows[BASELINE]
-    print(f"{'':34}{'seconds':>10}{'ratio':>8}{'peak RSS MiB':>14}{'ratio':>8}")
+    print(f"{'':54}{'seconds':>10}{'ratio':>8}{'peak RSS MiB':>14}{'ratio':>8}")
     for name, (seconds, peak) in rows.items():
-        print(f"{name:34}{seconds:10.2f}{seconds / base_seconds:8.2f}{peak / 2**20:14.0f}"
+        print(f"{name:54}{seconds:10.2f}{seconds / base_seconds:8.2f}{peak / 2**20:14.0f}"
               f"{peak / base_rss:8.2f}")
     print(f"same bytes under all {compared} names torchtitan wrote")
     write_figures(args.json, f"{platform.machine()} {os.cpu_count()} cores",
