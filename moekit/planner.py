@@ -194,6 +194,7 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
               for layer, block in analysis.blocks.items()}
     _check_held(blocks, analysis.family, dst)
     _check_converted(analysis.family, dst)
+    _check_mtp_layers(analysis, dst)
     _check_scale_grids(analysis, blocks, dst, block_size)
     src = analysis.layout
     chosen = range(analysis.n_experts) if experts is None else experts
@@ -269,6 +270,19 @@ def _check_converted(family: Family, layout: Layout, role: str = "destination") 
                           f"the result would not be what the layout promises; use "
                           f"{', '.join(others)} instead (the hf layout is what "
                           "from_pretrained reads)")
+
+
+def _check_mtp_layers(analysis: Analysis, dst: Layout) -> None:
+    """Refuse a source holding multi-token-prediction layers (the config's layers after
+    ``num_hidden_layers``) where ``dst`` has no names for them (``Layout.mtp_note``)."""
+    rule = analysis.settings.moe_layers if analysis.settings else None
+    present = sorted(layer for layer in analysis.blocks if rule is not None
+                     and layer in rule.extra)
+    if dst.mtp_note and present:
+        raise MoekitError(
+            f"the source holds multi-token-prediction layers (layer "
+            f"{', '.join(map(str, present))}, after num_hidden_layers {rule.count}): "
+            f"{dst.mtp_note}; use another layout, or a checkpoint without them")
 
 
 def _check_scale_grids(analysis: Analysis, blocks: Mapping[int, ExpertBlock], dst: Layout,

@@ -250,6 +250,20 @@ def test_mtp_layers_are_listed_and_converted(model_type, tmp_path):
     assert torch.equal(_logits(tmp_path / "transformers-back", ids), _logits(src, ids))
 
 
+def test_mtp_layers_are_refused_where_torchtitan_has_no_names_for_them(tmp_path, capsys):
+    """torchtitan 0.3 renumbers MTP layers and keeps no per-layer shared_head.head: a
+    DeepSeek-V3 source with one is refused with the layer named, and nothing is written."""
+    from moekit.cli import main
+
+    src = tmp_path / "src"
+    build("deepseek_v3").save_pretrained(src, max_shard_size="40KB")
+    mtp = _with_mtp_layer(src)
+    assert main(["convert", str(src), str(tmp_path / "titan"), "--to", "torchtitan"]) == 2
+    err = capsys.readouterr().err
+    assert f"multi-token-prediction layers (layer {mtp}, after num_hidden_layers {mtp})" in err
+    assert "Traceback" not in err and not (tmp_path / "titan").exists()
+
+
 @pytest.mark.parametrize("model_type", MULTIMODAL)
 def test_multimodal_text_experts_convert_and_the_rest_passes_through(model_type, tmp_path):
     """A multimodal checkpoint as save_pretrained writes it: its text model's experts (under

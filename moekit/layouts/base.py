@@ -142,6 +142,9 @@ class Layout(ABC):
     quantized_note: str = ""
     """Why this layout holds no quantisation tensors (FP8 scales, MXFP4 blocks), for the
     message refusing them; empty where it holds them."""
+    mtp_note: str = ""
+    """Why this layout holds no multi-token-prediction layers (``num_nextn_predict_layers``),
+    for the message refusing a source that has them; empty where it holds them."""
 
     def grouped_for(self, family: Family) -> bool:
         """True when this layout holds ``family``'s experts in grouped tensors: ``grouped``,

@@ -36,6 +36,9 @@ class TorchtitanLayout(GroupedLayout):
     """The grouped experts of torchtitan, plus its ``expert_bias_E`` buffer."""
 
     default_format = "dcp"
+    mtp_note = ("torchtitan 0.3 names them mtp_layers.N with one mtp_norm and keeps no "
+                "per-layer shared_head.head or embed_tokens, so they cannot be written there "
+                "byte for byte")
 
     def parse(self, tensors: dict[str, TensorMeta], family: Family) -> ParsedExperts:
         """The grouped experts, and each block's ``expert_bias_E`` claimed (unless the
