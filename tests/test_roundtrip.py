@@ -189,3 +189,26 @@ def test_byte_range_layouts_are_copied_by_the_kernel(layout, family_checkpoints,
     original, restored = load_all(src), load_all(tmp_path / "back")
     assert original.keys() == restored.keys()
     assert all(same_bytes(original[k], restored[k]) for k in original)
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (0, 8), (4, 0)])
+def test_an_empty_tensor_passes_through_both_ways(shape, family_checkpoints, tmp_path):
+    """A tensor with a zero in its shape has no bytes: it is written with its shape and
+    dtype, in either direction, beside converted experts."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(family_checkpoints["qwen3_moe"] / "config.json", src)
+    tensors = {**load_all(family_checkpoints["qwen3_moe"]),
+               "lm_head.weight": torch.empty(shape, dtype=torch.bfloat16)}
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    convert(src, tmp_path / "nemo", to="nemo")
+    convert(tmp_path / "nemo", tmp_path / "back", to="hf")
+    restored = load_all(tmp_path / "back")
+    assert restored["lm_head.weight"].shape == shape
+    assert restored["lm_head.weight"].dtype == torch.bfloat16
+    assert restored.keys() == tensors.keys()
+    assert all(same_bytes(tensors[k], restored[k]) for k in tensors)

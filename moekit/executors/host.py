@@ -54,8 +54,10 @@ def movable(expr: Expr) -> bool:
 
 def fill(expr: Expr, out: np.ndarray, source: BlockSource) -> None:
     """Write the value of ``expr`` (a ``movable`` recipe) into ``out``, an array or view of
-    its shape whose elements are those of ``element_dtype``."""
-    handler(_FILLERS, expr, "the byte-moving executor")(expr, out, source)
+    its shape whose elements are those of ``element_dtype``. An empty ``out`` (a zero in
+    its shape) has no bytes to write."""
+    if out.size:
+        handler(_FILLERS, expr, "the byte-moving executor")(expr, out, source)
 
 
 def _fill_read(expr: Read, out: np.ndarray, source: BlockSource) -> None:
