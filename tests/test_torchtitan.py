@@ -138,6 +138,26 @@ def test_every_name_is_the_one_torchtitans_adapter_gives(tmp_path):
     assert all(same_bytes(original[key], returned[key]) for key in original)
 
 
+def load_strictly_as_transformers_holds(model, folder, hf) -> dict:
+    """Load the DCP ``folder`` into torchtitan's ``model`` strictly, after checking that it
+    holds exactly the model's names, shapes and dtypes; the loaded state dict converts in
+    memory to transformers' ``hf.state_dict()`` byte for byte. Returns the loaded state."""
+    state = model.state_dict()
+    metadata = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    assert metadata.keys() == state.keys()
+    for key, value in state.items():
+        assert (tuple(metadata[key].size), metadata[key].properties.dtype) == \
+            (tuple(value.shape), value.dtype), key
+    dcp.load(state, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
+    model.load_state_dict(state, strict=True)
+    back = convert_state_dict(model.state_dict(), None, "transformers",
+                              config=hf.config.to_dict())
+    expected = hf.state_dict()
+    assert back.keys() == expected.keys()
+    assert all(same_bytes(back[key], expected[key]) for key in expected)
+    return state
+
+
 def titan_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
     with torch.no_grad():
@@ -157,19 +177,7 @@ def test_torchtitan_loads_the_folder_strictly_and_gives_transformers_logits(qwen
     moves them more than five times as far."""
     hf, _ = qwen3_moe
     model = titan_model(hf.config)
-    state = model.state_dict()
-    metadata = dcp.FileSystemReader(titan_folder).read_metadata().state_dict_metadata
-    assert metadata.keys() == state.keys()
-    for key, value in state.items():
-        assert (tuple(metadata[key].size), metadata[key].properties.dtype) == \
-            (tuple(value.shape), value.dtype), key
-    dcp.load(state, storage_reader=dcp.FileSystemReader(titan_folder), no_dist=True)
-    model.load_state_dict(state, strict=True)
-    back = convert_state_dict(model.state_dict(), None, "transformers",
-                              config=hf.config.to_dict())
-    expected = hf.state_dict()
-    assert back.keys() == expected.keys()
-    assert all(same_bytes(back[key], expected[key]) for key in expected)
+    state = load_strictly_as_transformers_holds(model, titan_folder, hf)
     ids = samples.sample_input(hf.config.vocab_size)
     with torch.no_grad():
         want = hf(ids).logits

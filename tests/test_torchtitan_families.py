@@ -18,10 +18,9 @@ from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
 
 from moekit import samples
 from moekit.cli import main
-from moekit.conversion import convert_state_dict
 
 from .conftest import load_all, same_bytes
-from .test_torchtitan import SHARD, titan_logits
+from .test_torchtitan import SHARD, load_strictly_as_transformers_holds, titan_logits
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:torch.distributed is disabled:UserWarning",  # dcp.load on one process says so
@@ -118,19 +117,7 @@ def test_torchtitan_loads_deepseek_strictly_and_gives_transformers_logits(deepse
     more than five times as far."""
     hf, _ = deepseek
     model = deepseek_config(hf.config).build().eval()
-    state = model.state_dict()
-    metadata = dcp.FileSystemReader(deepseek_titan).read_metadata().state_dict_metadata
-    assert metadata.keys() == state.keys()
-    for key, value in state.items():
-        assert (tuple(metadata[key].size), metadata[key].properties.dtype) == \
-            (tuple(value.shape), value.dtype), key
-    dcp.load(state, storage_reader=dcp.FileSystemReader(deepseek_titan), no_dist=True)
-    model.load_state_dict(state, strict=True)
-    back = convert_state_dict(model.state_dict(), None, "transformers",
-                              config=hf.config.to_dict())
-    expected = hf.state_dict()
-    assert back.keys() == expected.keys()
-    assert all(same_bytes(back[key], expected[key]) for key in expected)
+    state = load_strictly_as_transformers_holds(model, deepseek_titan, hf)
     ids = samples.sample_input(hf.config.vocab_size)
     with torch.no_grad():
         want = hf(ids).logits
