@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -146,10 +148,10 @@ def convert_dtensors_expecting_error(rank: int, world: int, store: str, src: str
     finish()
 
 
-def load_recording_reads(rank: int, world: int, store: str, src: str, log_dir: str) -> None:
-    """Load while recording which experts the reader is asked for."""
-    _init(rank, world, store)
-    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+@contextlib.contextmanager
+def experts_asked() -> Iterator[list[int]]:
+    """Record, in the list it yields, each expert the file reader is asked for: from a
+    per-expert key's index, or from a grouped tensor's first row."""
     asked: list[int] = []
     original = FileSource.read
 
@@ -162,7 +164,18 @@ def load_recording_reads(rank: int, world: int, store: str, src: str, log_dir: s
         return original(self, region)
 
     FileSource.read = read
-    load_experts(src, mesh, layout="vllm")
+    try:
+        yield asked
+    finally:
+        FileSource.read = original
+
+
+def load_recording_reads(rank: int, world: int, store: str, src: str, log_dir: str) -> None:
+    """Load while recording which experts the reader is asked for."""
+    _init(rank, world, store)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    with experts_asked() as asked:
+        load_experts(src, mesh, layout="vllm")
     Path(log_dir, f"{rank}.json").write_text(json.dumps(sorted(set(asked))))
     finish()
 
@@ -244,22 +257,8 @@ def _load_dcp_like_safetensors(mesh, dcp_src: str, st_src: str, layout: str) -> 
     """Check that ``load_experts`` of a DCP folder gives what it gives from the safetensors
     checkpoint (same DTensors, same bytes); return the experts read from the folder."""
     expected = load_experts(st_src, mesh, layout=layout)
-    asked: list[int] = []
-    original = FileSource.read
-
-    def read(self, region):
-        match = re.search(r"\.experts\.(\d+)\.", region.key)
-        if match:
-            asked.append(int(match[1]))
-        elif ".experts." in region.key:
-            asked.append(region.region[0])
-        return original(self, region)
-
-    FileSource.read = read
-    try:
+    with experts_asked() as asked:
         state = load_experts(dcp_src, mesh, layout=layout)
-    finally:
-        FileSource.read = original
     assert state.keys() == expected.keys()
     for key, value in state.items():
         other = expected[key]
