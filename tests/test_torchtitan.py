@@ -41,8 +41,12 @@ def qwen3_moe(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
 @pytest.fixture(scope="module")
 def titan_folder(qwen3_moe, tmp_path_factory) -> Path:
     """``moekit convert SRC DST --to torchtitan``, the format left to the layout."""
-    out = tmp_path_factory.mktemp("titan") / "dcp"
-    assert main(["convert", str(qwen3_moe[1]), str(out), "--to", "torchtitan",
+    return to_torchtitan(qwen3_moe[1], tmp_path_factory.mktemp("titan") / "dcp")
+
+
+def to_torchtitan(src: Path, out: Path) -> Path:
+    """``moekit convert SRC OUT --to torchtitan`` in several .distcp files; returns OUT."""
+    assert main(["convert", str(src), str(out), "--to", "torchtitan",
                  "--max-shard-size", str(SHARD)]) == 0
     return out
 

@@ -20,7 +20,7 @@ from moekit import samples
 from moekit.cli import main
 
 from .conftest import load_all, same_bytes
-from .test_torchtitan import SHARD, load_strictly_as_transformers_holds, titan_logits
+from .test_torchtitan import load_strictly_as_transformers_holds, titan_logits, to_torchtitan
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:torch.distributed is disabled:UserWarning",  # dcp.load on one process says so
@@ -44,10 +44,7 @@ def deepseek(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
 
 @pytest.fixture(scope="module")
 def deepseek_titan(deepseek, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("deepseek_titan") / "dcp"
-    assert main(["convert", str(deepseek[1]), str(out), "--to", "torchtitan",
-                 "--max-shard-size", str(SHARD)]) == 0
-    return out
+    return to_torchtitan(deepseek[1], tmp_path_factory.mktemp("deepseek_titan") / "dcp")
 
 
 def deepseek_config(config) -> ds.DeepSeekV3Model.Config:

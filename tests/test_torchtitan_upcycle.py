@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moekit import samples
 from moekit.cli import main
-from moekit.conversion import convert, convert_state_dict
+from moekit.conversion import convert
 from moekit.layouts import LAYOUTS
 
 from .conftest import load_all, same_bytes
-from .test_torchtitan import SHARD, titan_logits, titan_model
+from .test_torchtitan import (SHARD, load_strictly_as_transformers_holds, titan_logits,
+                              titan_model)
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:torch.distributed is disabled:UserWarning",  # dcp.load on one process says so
@@ -40,19 +40,6 @@ def dense(tmp_path_factory) -> Path:
     return samples.save_model(model, tmp_path_factory.mktemp("dense") / "qwen3")
 
 
-def loaded_titan(folder: Path) -> torch.nn.Module:
-    """torchtitan's Qwen3 MoE model, built from the folder's config.json, after a strict
-    load of the folder: the folder holds exactly its state dict's names, shapes and dtypes."""
-    model = titan_model(AutoConfig.from_pretrained(folder))
-    state = model.state_dict()
-    metadata = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
-    assert {key: (tuple(entry.size), entry.properties.dtype) for key, entry in metadata.items()} \
-        == {key: (tuple(value.shape), value.dtype) for key, value in state.items()}
-    dcp.load(state, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
-    model.load_state_dict(state, strict=True)
-    return model
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_torchtitan_loads_the_upcycled_folder_and_gives_the_upcycled_logits(method, dense,
                                                                             tmp_path):
@@ -68,13 +55,9 @@ def test_torchtitan_loads_the_upcycled_folder_and_gives_the_upcycled_logits(meth
                  "--max-shard-size", str(SHARD), *options]) == 0
     assert len(list(titan.glob("*.distcp"))) > 1
     assert main(["upcycle", str(dense), str(hf), *options]) == 0
-    model = loaded_titan(titan)
     transformers_moe = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
-    expected = transformers_moe.state_dict()
-    back = convert_state_dict(model.state_dict(), None, "transformers",
-                              config=transformers_moe.config.to_dict())
-    assert back.keys() == expected.keys()
-    assert all(same_bytes(back[key], expected[key]) for key in expected)
+    model = titan_model(AutoConfig.from_pretrained(titan))
+    load_strictly_as_transformers_holds(model, titan, transformers_moe)
 
     ids = samples.sample_input(transformers_moe.config.vocab_size)
     with torch.no_grad():
