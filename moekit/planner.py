@@ -194,6 +194,7 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
               for layer, block in analysis.blocks.items()}
     _check_held(blocks, analysis.family, dst)
     _check_converted(analysis.family, dst)
+    _check_placed(analysis, dst)
     _check_mtp_layers(analysis, dst)
     _check_scale_grids(analysis, blocks, dst, block_size)
     src = analysis.layout
@@ -270,6 +271,25 @@ def _check_converted(family: Family, layout: Layout, role: str = "destination") 
                           f"the result would not be what the layout promises; use "
                           f"{', '.join(others)} instead (the hf layout is what "
                           "from_pretrained reads)")
+
+
+def _check_placed(analysis: Analysis, dst: Layout) -> None:
+    """Refuse a source holding tensors outside the experts that ``dst``'s consumer has no
+    place for (``Family.unplaced``), naming the first of them and why, rather than write
+    a checkpoint its strict load refuses."""
+    family = analysis.family
+    unplaced = family.unplaced.get(dst.name)
+    if not unplaced:
+        return
+    found = [(key, why) for key in analysis.tensors if key not in analysis.parsed.claimed
+             for ending, why in unplaced.items()
+             if analysis.layout.to_hf_key(key, family).endswith(ending)]
+    if found:
+        (key, why), more = found[0], len(found) - 1
+        raise MoekitError(
+            f"the {dst.name} layout has no place for {key}"
+            + (f" (and {more} more {plural(more, 'tensor')} of the source)" if more else "")
+            + f": {why}; moekit refuses to drop them: write another layout (hf keeps them)")
 
 
 def _check_mtp_layers(analysis: Analysis, dst: Layout) -> None:

@@ -191,3 +191,19 @@ def test_torchtitan_loads_the_folder_strictly_and_gives_transformers_logits(qwen
     state["layers.0.moe.routed_experts.inner_experts.w1_EFD"] = w1[[1, 0, *range(2, len(w1))]]
     model.load_state_dict(state, strict=True)
     assert (titan_logits(model, ids) - want).abs().max().item() > 5 * tolerance
+
+
+def test_a_qwen3_with_attention_biases_is_refused_naming_them(tmp_path, capsys):
+    """torchtitan's own Qwen3 MoE model, built for a transformers Qwen3-MoE with
+    ``attention_bias``, holds no bias at all: moekit refuses the conversion at planning
+    (``--dry-run`` too), naming a bias and why, and leaves nothing behind."""
+    hf = samples.build_model("qwen3_moe", attention_bias=True)
+    assert not [key for key in titan_model(hf.config).state_dict() if key.endswith(".bias")]
+    src = samples.save_model(hf, tmp_path / "hf")
+    out = tmp_path / "dcp"
+    for dry_run in ([], ["--dry-run"]):
+        assert main(["convert", str(src), str(out), "--to", "torchtitan", *dry_run]) == 2
+        err = capsys.readouterr().err
+        assert "no place for model.layers.0.self_attn.k_proj.bias (and 11 more" in err
+        assert "attention has no biases" in err and "Traceback" not in err
+        assert not out.exists()

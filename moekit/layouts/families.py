@@ -107,6 +107,11 @@ class Family:
     that no rename here expresses (transformers splitting Sarvam's ``query_key_value``):
     moekit refuses to write the layout for the family, naming it, rather than write
     tensors the consumer does not hold."""
+    unplaced: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Per layout: tensors outside the experts that the layout's consumer has no place for,
+    as HF key endings, each with why (torchtitan 0.3's Qwen3 attention has no biases): a
+    source holding one is refused for that layout, naming it, rather than written where a
+    strict load fails."""
     grouped_on_disk: bool = False
     """True when ``save_pretrained`` writes the experts grouped (GraniteMoE's
     ``input_linear``/``output_linear``, GPT-OSS's interleaved ``gate_up_proj``): the ``hf``
@@ -228,6 +233,13 @@ v in ``qkv_linear``, the norms ``attention_norm`` and ``ffn_norm``, a dense laye
 no ``model.`` prefix."""
 
 
+_QWEN3_TORCHTITAN_UNPLACED = {
+    f".self_attn.{name}_proj.bias": "torchtitan 0.3's Qwen3 attention has no biases (its "
+    "make_gqa_config builds q, k, v and o without them), so a Qwen3 with attention_bias "
+    "cannot be written there" for name in "qkvo"}
+"""The tensors of a transformers Qwen3-MoE that torchtitan 0.3's Qwen3 model has no place for."""
+
+
 _DEEPSEEK_V3_TORCHTITAN = (
     *(Rename(f".self_attn.{hf}.", f".self_attn.{tt}.") for hf, tt in (
         ("q_proj", "wq"), ("q_a_proj", "wq_a"), ("q_a_layernorm", "q_norm"),
@@ -278,7 +290,8 @@ FAMILIES: tuple[Family, ...] = (
            shared_expert="shared_expert", moe_layers=sparse_step),
     Family("qwen3_moe", ("qwen3_moe",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_experts",
            count_aliases=("num_local_experts",), moe_layers=sparse_step,
-           renames={"torchtitan": _QWEN3_TORCHTITAN}),
+           renames={"torchtitan": _QWEN3_TORCHTITAN},
+           unplaced={"torchtitan": _QWEN3_TORCHTITAN_UNPLACED}),
     Family("olmoe", ("olmoe",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_experts",
            count_aliases=("num_local_experts",), moe_layers=every_layer),
     Family("deepseek_v3", ("deepseek_v3",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "n_routed_experts",
