@@ -195,6 +195,7 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
     _check_held(blocks, analysis.family, dst)
     _check_converted(analysis.family, dst)
     _check_placed(analysis, dst)
+    _check_needed(analysis, dst)
     _check_mtp_layers(analysis, dst)
     _check_scale_grids(analysis, blocks, dst, block_size)
     src = analysis.layout
@@ -290,6 +291,28 @@ def _check_placed(analysis: Analysis, dst: Layout) -> None:
             f"the {dst.name} layout has no place for {key}"
             + (f" (and {more} more {plural(more, 'tensor')} of the source)" if more else "")
             + f": {why}; moekit refuses to drop them: write another layout (hf keeps them)")
+
+
+def _check_needed(analysis: Analysis, dst: Layout) -> None:
+    """Refuse a source whose MoE block holds its router but lacks a tensor that ``dst``'s
+    consumer holds beside it (``Layout.needs``), naming the first missing one and why,
+    rather than write a checkpoint its strict load refuses. A block whose router is not in
+    the source (a state dict of the experts alone) is not checked."""
+    family, src = analysis.family, analysis.layout
+    missing = []
+    for block in analysis.blocks.values():
+        if src.from_hf_key(f"{block.block}.{family.router}", family) not in analysis.tensors:
+            continue
+        missing += [(key, why) for key, why in (
+            (src.from_hf_key(hf_key, family), why)
+            for hf_key, why in dst.needs(block.block, family).items())
+            if key not in analysis.tensors]
+    if missing:
+        (key, why), more = missing[0], len(missing) - 1
+        raise MoekitError(
+            f"the source has no {key}"
+            + (f" (nor {more} more {plural(more, 'tensor')} of its kind)" if more else "")
+            + f", which the {dst.name} layout holds: {why}")
 
 
 def _check_mtp_layers(analysis: Analysis, dst: Layout) -> None:

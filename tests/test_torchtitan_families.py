@@ -15,6 +15,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torchtitan.models import deepseek_v3 as ds
 from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+from transformers import AutoModelForCausalLM
 
 from moekit import samples
 from moekit.cli import main
@@ -153,3 +154,28 @@ def test_gpt_oss_is_refused_rather_than_its_expert_biases_dropped(tmp_path, caps
     assert "gpt_oss" in err and "down_bias, gate_bias, up_bias" in err
     assert "Traceback" not in err
     assert not out.exists()
+
+
+def test_a_deepseek_without_its_score_correction_bias_is_refused(deepseek, tmp_path, capsys):
+    """torchtitan's own DeepSeek-V3 holds ``expert_bias_E`` in every MoE layer, so a
+    folder without it fails its strict load; written as zeros it would come back as a
+    score-correction bias the source lacks (transformers' ``from_pretrained`` fills a
+    missing one with zeros, the same bytes a fresh model saves), so moekit refuses the
+    source, naming the tensor (``--dry-run`` too), and leaves nothing behind. The way out
+    the message gives, a load and save with transformers, converts."""
+    hf, _ = deepseek
+    held = deepseek_config(hf.config).build().state_dict()
+    assert {"layers.1.moe.expert_bias_E", "layers.2.moe.expert_bias_E"} <= held.keys()
+    src = tmp_path / "hf"
+    hf.save_pretrained(src, state_dict={key: value for key, value in hf.state_dict().items()
+                                        if not key.endswith("e_score_correction_bias")})
+    out = tmp_path / "dcp"
+    for dry_run in ([], ["--dry-run"]):
+        assert main(["convert", str(src), str(out), "--to", "torchtitan", *dry_run]) == 2
+        err = capsys.readouterr().err
+        assert "no model.layers.1.mlp.gate.e_score_correction_bias (nor 1 more" in err
+        assert "expert_bias_E" in err and "Traceback" not in err
+        assert not out.exists()
+    resaved = tmp_path / "resaved"
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(resaved)
+    assert main(["convert", str(resaved), str(out), "--to", "torchtitan"]) == 0

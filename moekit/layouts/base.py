@@ -166,6 +166,12 @@ class Layout(ABC):
         such as torchtitan's names each family's tensors by its own rules)."""
         return True
 
+    def needs(self, block: str, family: Family) -> dict[str, str]:
+        """The HF keys of tensors beside the experts of the MoE block ``block`` (its HF key
+        prefix) that this layout's consumer holds and moekit cannot make up, each with why:
+        a source whose block holds its router but not one of these is refused."""
+        return {}
+
     def holds(self, piece: str, family: Family) -> bool:
         """True when this layout has a place for ``piece`` (a projection or its bias)."""
         return True

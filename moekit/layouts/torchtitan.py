@@ -82,6 +82,20 @@ class TorchtitanLayout(GroupedLayout):
                           Constant((n_experts,), EXPERT_BIAS_DTYPE))
         return [*experts, bias]
 
+    def needs(self, block: str, family: Family) -> dict[str, str]:
+        """The router's score-correction bias, where the family's rules rename it
+        ``expert_bias_E`` (DeepSeek-V3): written as zeros when the source lacks it, it
+        would read back as a tensor the source did not have, and a source whose bias is
+        all zeros (as transformers initialises it) could not be told from one without."""
+        if not self.renames_bias(family):
+            return {}
+        hf_key = self.to_hf_key(self._bias_key(block, family), family)
+        return {hf_key: (
+            f"torchtitan 0.3's {family.name} model holds it as {EXPERT_BIAS}, and moekit does "
+            "not write it as zeros, which would come back from torchtitan as a tensor the "
+            "source lacks. Load and save the model with transformers first, which adds it "
+            "as zeros")}
+
     def names_family(self, family: Family) -> bool:
         """True when ``family`` has torchtitan names (its ``torchtitan`` rename rules)."""
         return bool(family.renames.get(self.name))
