@@ -172,16 +172,21 @@ def _materialize(recipe: Expr, source: FileSource, mesh: _Mesh) -> torch.Tensor:
 def _gather(piece: torch.Tensor, rows: int, size: int, group: dist.ProcessGroup
             ) -> torch.Tensor:
     """The ``rows`` rows a group of ``size`` ranks holds in ``torch.chunk`` pieces, this
-    rank's being ``piece``: every rank's piece, padded to the largest, gathered and joined."""
+    rank's being ``piece``: every rank's piece, padded to the largest, gathered and joined.
+    The bytes are gathered, not the values: gloo has no float8 types, and a byte is what
+    every backend moves."""
     if size == 1 or rows == 0:
         return piece
     counts = [_chunk(rows, size, r) for r in range(size)]
     longest = max(s.stop - s.start for s in counts)
-    padded = piece.new_zeros((longest, *piece.shape[1:]))
-    padded[:piece.shape[0]] = piece
+    row_bytes = math.prod(piece.shape[1:]) * piece.element_size()
+    padded = piece.new_zeros((longest, row_bytes), dtype=torch.uint8)
+    padded[:piece.shape[0]] = piece.contiguous().view(torch.uint8).reshape(piece.shape[0],
+                                                                         row_bytes)
     pieces = [torch.empty_like(padded) for _ in range(size)]
     dist.all_gather(pieces, padded, group=group)
-    return torch.cat([p[:s.stop - s.start] for p, s in zip(pieces, counts)])
+    joined = torch.cat([p[:s.stop - s.start] for p, s in zip(pieces, counts)])
+    return joined.view(piece.dtype).reshape(rows, *piece.shape[1:])
 
 
 def _agree(error: str | None) -> None:
