@@ -267,8 +267,9 @@ def _add_plan(commands) -> None:
     sub.add_argument("--dp", type=int, default=1,
                      help="data-parallel (FSDP) size of a (dp, ep) mesh of dp x ep ranks: "
                      "experts Shard(0) over ep, every other tensor Shard(0) over dp as FSDP2 "
-                     "lays out its parameters (ceil(rows/dp) rows a rank). The figures are the "
-                     "planned read: moekit's loaders shard over ep only (default 1)")
+                     "lays out its parameters (ceil(rows/dp) rows a rank), as load_sharded "
+                     "loads it; each rank's held bytes, and the bytes load_sharded reads on "
+                     "it (each byte once over the mesh) (default 1)")
     sub.add_argument("--placement", default="chunk", choices=list(PLACEMENTS),
                      help="which experts each rank owns: chunk (default; torch.chunk and "
                      "DTensor Shard(0), ceil(E/n) a rank, what load_experts loads) or vllm "
@@ -349,11 +350,17 @@ def _add_merge(commands) -> None:
     from .merging.config import EXPERT_FIELDS, FIELDS
 
     sub.add_argument("config", help=f"mergekit-moe YAML: {', '.join(FIELDS)}; each expert "
-                     f"and shared expert: {', '.join(EXPERT_FIELDS)}")
+                     f"and shared expert: {', '.join(EXPERT_FIELDS)}. moekit's own settings, "
+                     "under a 'moekit:' mapping (which mergekit-moe ignores): at the top "
+                     "level granularity G (split each expert's MLP into G routed experts, "
+                     "top-k times G, each source's router row repeated G times), in an expert "
+                     "drop_ratio R (Drop-Upcycling: re-initialise a fraction R of its neurons, "
+                     "as upcycle --method drop does; not with granularity)")
     sub.add_argument("dst", help="destination folder (must not exist, unless --overwrite)")
     sub.add_argument("--seed", type=int, default=0,
                      help="seed of gate_mode random/uniform_random, as mergekit-moe's "
-                     "--random-seed (default 0)")
+                     "--random-seed, and of drop_ratio's draws, as upcycle's --seed "
+                     "(default 0)")
     sub.add_argument("--device", default="cpu",
                      help="where gate_mode hidden runs the base model (default cpu)")
     _add_output_options(sub)
@@ -376,7 +383,8 @@ def _run_merge(args: argparse.Namespace) -> int:
     result = merge(args.config, args.dst, seed=args.seed, max_shard_size=args.max_shard_size,
                    dry_run=args.dry_run, overwrite=args.overwrite, device=args.device,
                    format=args.format)
-    _report_plan(result.plan, result.summary(), args, config=result.config)
+    _report_plan(result.plan, result.summary(), args, config=result.config,
+                 merge=result.to_json())
     return 0
 
 

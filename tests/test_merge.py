@@ -156,7 +156,24 @@ def test_every_mismatching_source_tensor_is_reported_before_writing(llama, tmp_p
     ({"experts": [{"source_model": "x", "noise_scale": 0.1}]},
      "experts[0].noise_scale: mergekit-moe adds torch.randn_like noise from torch's global"),
     ({"bogus": 1}, "unknown field bogus"),
-    ({"granularity": 2}, "unknown field granularity"),
+    ({"granularity": 2}, "unknown field granularity (known: "),
+    ({"granularity": 2}, "granularity is a setting of moekit's own: write it under moekit:"),
+    ({"moekit": {"granularity": 5}},
+     "intermediate size 48 is not divisible by the granularity 5"),
+    ({"moekit": {"granularity": 0}}, "granularity must be an integer of at least 1, not 0"),
+    ({"moekit": {"drop_ratio": 0.5}}, "moekit.drop_ratio is not a setting of moekit's own here "
+                                      "(known: granularity)"),
+    ({"moekit": [2]}, "moekit must be a mapping of granularity"),
+    ({"experts": [{"source_model": "BASE", "drop_ratio": 0.5}], "experts_per_token": 1},
+     "experts[0] has unknown field drop_ratio; drop_ratio is a setting of moekit's own"),
+    ({"experts": [{"source_model": "BASE", "moekit": {"drop_ratio": 0}}],
+      "experts_per_token": 1}, "experts[0].moekit.drop_ratio must lie in (0, 1], not 0"),
+    ({"experts": [{"source_model": "BASE", "moekit": {"drop_ratio": 0.5}}],
+      "experts_per_token": 1, "moekit": {"granularity": 2}},
+     "drop_ratio (experts[0]) does not combine with granularity 2"),
+    ({"architecture": "qwen", "experts_per_token": 1,
+      "shared_experts": [{"source_model": "BASE", "moekit": {"drop_ratio": 0.5}}]},
+     "shared_experts[0].drop_ratio: Drop-Upcycling re-initialises routed experts only"),
     ({"gate_mode": None}, "gate_mode must be a non-empty string, not None"),
     ({"experts": [{"source_model": "/nonexistent/x"}], "experts_per_token": 1},
      "expert0 (source_model): no checkpoint at /nonexistent/x"),
@@ -259,6 +276,24 @@ def test_the_yaml_fields_are_mergekits():
     assert {*EXPERT_FIELDS, *REFUSED_EXPERT_FIELDS} == set(Expert.model_fields)
 
 
+def test_mergekit_reads_moekits_own_settings_as_nothing(llama, tmp_path):
+    # What the README tells mergekit-moe users: its models ignore the moekit: mapping (and
+    # declare no field of that name), so the same YAML runs through mergekit without it.
+    from mergekit.moe.config import Expert, MoEMergeConfig
+
+    from moekit.merging.config import MOEKIT_KEY
+
+    base, finetunes = llama
+    config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode="random")
+    data = yaml.safe_load(_with_moekit(config, {"granularity": 2},
+                                       expert0={"drop_ratio": 0.5}).read_text())
+    plain = {**data, "experts": [{k: v for k, v in e.items() if k != MOEKIT_KEY}
+                                 for e in data["experts"]]}
+    del plain[MOEKIT_KEY]
+    assert MOEKIT_KEY not in {*MoEMergeConfig.model_fields, *Expert.model_fields}
+    assert MoEMergeConfig.model_validate(data) == MoEMergeConfig.model_validate(plain)
+
+
 @pytest.mark.parametrize("build, message", [
     (lambda: ExpertSource("x", "code"), "positive_prompts must be a list of strings"),
     (lambda: ExpertSource("x", negative_prompts=[1]), "negative_prompts must be a list of"),
@@ -279,6 +314,12 @@ def test_the_yaml_fields_are_mergekits():
      "2 shared_experts: the targets hold at most 1"),
     (lambda: MergeConfig("b", (ExpertSource("x"),), gate_mode="random",
                          experts_per_token="1"), "experts_per_token must be an integer"),
+    (lambda: ExpertSource("x", drop_ratio="0.5"), "drop_ratio must be a number"),
+    (lambda: ExpertSource("x", drop_ratio=1.5), r"drop_ratio must lie in \(0, 1\], not 1.5"),
+    (lambda: MergeConfig("b", (ExpertSource("x"),), gate_mode="random", experts_per_token=1,
+                         granularity=2.0), "granularity must be an integer"),
+    (lambda: MergeConfig("b", (ExpertSource("x"),) * 3, gate_mode="random",
+                         granularity=1 << 15), "3 experts split into 32768 make more than 65536"),
 ])
 def test_a_config_built_in_python_is_checked_as_the_yaml_is(build, message):
     with pytest.raises(MoekitError, match=message):
@@ -392,3 +433,149 @@ def test_null_stands_for_the_fields_mergekit_declares_optional(llama, tmp_path):
     config.write_text(yaml.safe_dump(data))
     MoEMergeConfig.model_validate(data)
     assert merge(config, tmp_path / "out", dry_run=True).target.family == "mixtral"
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder's safetensors files, as saved."""
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _with_moekit(config: Path, moekit: dict | None = None, **per_expert: dict) -> Path:
+    """``config`` with moekit's own settings added: ``moekit`` at the top level, and
+    ``expertN=...`` in expert N."""
+    data = yaml.safe_load(config.read_text())
+    if moekit is not None:
+        data["moekit"] = moekit
+    for tag, settings in per_expert.items():
+        data["experts"][int(tag.removeprefix("expert"))]["moekit"] = settings
+    config.write_text(yaml.safe_dump(data))
+    return config
+
+
+@pytest.mark.parametrize("models, mode", [("llama", "random"), ("llama", "hidden"),
+                                          ("qwen2", "cheap_embed")])
+def test_granular_experts_are_slices_of_mergekits_with_its_router_rows_repeated(
+        request, tmp_path, models, mode):
+    # mergekit-moe ignores the moekit: mapping, so it merges the same YAML without it: its
+    # expert e is the whole MLP that moekit's experts 2e and 2e+1 hold in halves (down_proj
+    # times 2, exact, also after a residual_scale), its router row e their two rows.
+    base, finetunes = request.getfixturevalue(models)
+    config = write_yaml(tmp_path / "moe.yml", base, finetunes[:2], gate_mode=mode,
+                        experts_per_token=1)
+    data = yaml.safe_load(config.read_text())
+    data["experts"][1]["residual_scale"] = 0.3
+    if models == "qwen2":
+        data["shared_experts"] = [{"source_model": str(base), "positive_prompts": ["story"]}]
+    config.write_text(yaml.safe_dump(data))
+    _with_moekit(config, {"granularity": 2})
+    run_mergekit(config, tmp_path / "mergekit", seed=2)
+    merge(config, tmp_path / "moekit", seed=2)
+    theirs, ours = _state_dict(tmp_path / "mergekit"), _state_dict(tmp_path / "moekit")
+    expected = dict(theirs)
+    for layer in range(2):
+        block = f"model.layers.{layer}.mlp"
+        gate, up = theirs[f"{block}.experts.gate_up_proj"].chunk(2, dim=1)
+        down = theirs[f"{block}.experts.down_proj"]
+        halves = (slice(0, 24), slice(24, 48))  # intermediate_size 48 in two slices
+        expected[f"{block}.experts.gate_up_proj"] = torch.stack([
+            torch.cat([gate[e // 2, halves[e % 2]], up[e // 2, halves[e % 2]]])
+            for e in range(4)])
+        expected[f"{block}.experts.down_proj"] = torch.stack([
+            down[e // 2][:, halves[e % 2]] * 2 for e in range(4)])
+        expected[f"{block}.gate.weight"] = theirs[f"{block}.gate.weight"].repeat_interleave(
+            2, dim=0)
+    assert ours.keys() == expected.keys()
+    assert [k for k, v in ours.items() if not torch.equal(v, expected[k])] == []
+    written = json.loads((tmp_path / "moekit" / "config.json").read_text())
+    assert written["num_experts_per_tok"] == 2
+    if models == "llama":  # float32: the two models compute the same function
+        from transformers import AutoModelForCausalLM
+
+        ids = torch.tensor([[1, 3, 4, 5, 6, 7, 8, 9]])
+        with torch.no_grad():
+            logits = [AutoModelForCausalLM.from_pretrained(str(tmp_path / name))(ids).logits
+                      for name in ("mergekit", "moekit")]
+        torch.testing.assert_close(*logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["random", "hidden"])
+def test_granular_experts_all_the_base_model_preserve_the_dense_function(llama, tmp_path, mode):
+    from transformers import AutoModelForCausalLM
+
+    base, _ = llama
+    config = write_yaml(tmp_path / "moe.yml", base, [base, base, base], gate_mode=mode)
+    merge(_with_moekit(config, {"granularity": 4}), tmp_path / "moe")
+    ids = torch.tensor([[1, 3, 4, 5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        dense = AutoModelForCausalLM.from_pretrained(str(base))(ids).logits
+        model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "moe"))
+        moe = model(ids).logits
+    assert (model.config.num_local_experts, model.config.num_experts_per_tok) == (12, 8)
+    torch.testing.assert_close(moe, dense, rtol=0, atol=1e-5)
+
+
+def test_drop_ratio_redraws_the_neurons_upcycle_drop_redraws(llama, tmp_path):
+    # Expert e of layer l re-initialises what upcycle --method drop --seed S makes expert e
+    # of layer l re-initialise: from the base model, the same bytes; from a fine-tune, the
+    # same neurons (drawn from the fine-tune's statistics), its other neurons as they are.
+    from moekit import UpcycleSpec, upcycle
+    from moekit.layouts.families import family_named
+
+    base, finetunes = llama
+    upcycle(base, tmp_path / "upcycled", UpcycleSpec(experts=3, top_k=2, method="drop",
+                                                     drop_ratio=0.25, seed=5))
+    config = write_yaml(tmp_path / "moe.yml", base, [base, finetunes[0], finetunes[1]],
+                        gate_mode="random")
+    _with_moekit(config, expert0={"drop_ratio": 0.25}, expert1={"drop_ratio": 0.25})
+    merge(config, tmp_path / "moekit", seed=5)
+    upcycled, ours = _tensors(tmp_path / "upcycled"), _tensors(tmp_path / "moekit")
+    sources = [_tensors(base), _tensors(finetunes[0]), _tensors(finetunes[1])]
+    mixtral = family_named("mixtral")
+    for layer in range(2):
+        for name, module, dim in (("gate", "gate_proj", 0), ("up", "up_proj", 0),
+                                  ("down", "down_proj", 1)):
+            key = mixtral.expert_key
+            dense = f"model.layers.{layer}.mlp.{module}.weight"
+            assert torch.equal(ours[key(layer, 0, name)], upcycled[key(layer, 0, name)])
+            redrawn = _changed(upcycled[key(layer, 1, name)], sources[0][dense], dim)
+            assert len(redrawn) == 12  # a quarter of 48 neurons
+            assert _changed(ours[key(layer, 1, name)], sources[1][dense], dim) == redrawn
+            assert torch.equal(ours[key(layer, 2, name)], sources[2][dense])
+
+
+def _changed(tensor: torch.Tensor, source: torch.Tensor, dim: int) -> list[int]:
+    """The indices along ``dim`` where ``tensor`` and ``source`` differ."""
+    other = 1 - dim
+    return (tensor != source).any(dim=other).nonzero().flatten().tolist()
+
+
+def test_dry_run_shows_granularity_and_drop_ratios(llama, tmp_path, capsys):
+    base, finetunes = llama
+    config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode="random")
+    _with_moekit(config, expert1={"drop_ratio": 0.5})
+    args = ["merge", str(config), str(tmp_path / "out"), "--dry-run", "--seed", "9"]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {k: out["merge"][k] for k in ("seed", "granularity", "routed_experts", "top_k")} == \
+        {"seed": 9, "granularity": 1, "routed_experts": 3, "top_k": 2}
+    assert [(s["tag"], s["drop_ratio"], s["experts"]) for s in out["merge"]["sources"]] == \
+        [("expert0", None, [0]), ("expert1", 0.5, [1]), ("expert2", None, [2])]
+    recipes = {t["name"]: t["recipe"] for t in out["tensors"]}
+    assert recipes["model.layers.0.block_sparse_moe.experts.1.w2.weight"].startswith(
+        "redraw(expert1/model.layers.0.mlp.down_proj.weight, 50% of dim 1")
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "seed 9" in printed and "expert1: " in printed and "(drop ratio 0.5)" in printed
+    _with_moekit(config, {"granularity": 2}, expert1={})
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [s["experts"] for s in out["merge"]["sources"]] == [[0, 1], [2, 3], [4, 5]]
+    recipes = {t["name"]: t["recipe"] for t in out["tensors"]}
+    assert recipes["model.layers.0.block_sparse_moe.experts.3.w2.weight"] == \
+        "2*expert1/model.layers.0.mlp.down_proj.weight[:, 24:48]"
+    assert main(args) == 0
+    assert "each split into 2 (6 routed experts, router rows repeated for each source's 2)" \
+        in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()

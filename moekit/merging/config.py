@@ -4,6 +4,13 @@ The fields are those of ``MergeConfig`` and, for each expert and shared expert,
 ``ExpertSource`` (``FIELDS``, ``EXPERT_FIELDS``). Settings moekit cannot reproduce byte for
 byte are refused by name rather than ignored: ``noise_scale`` (``NOISE_REFUSAL``) and the
 DeepSeek MoE output (``DEEPSEEK_REFUSAL``).
+
+moekit's own settings, which mergekit-moe has no field for, sit in a mapping under the key
+``moekit`` (``MOEKIT_KEY``), at the top level (``MOEKIT_FIELDS``: ``granularity``) and in
+each expert (``MOEKIT_EXPERT_FIELDS``: ``drop_ratio``). mergekit-moe's pydantic models
+ignore keys they do not declare, so it reads such a YAML too, merging without them; the
+key shows a reader which settings are moekit's, and a field mergekit adds later cannot
+collide with them.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MoekitError, printable
+from ..layouts.families import MAX_EXPERTS
 
 GATE_MODES: tuple[str, ...] = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random",
                                 "uniform_random")
@@ -78,16 +86,22 @@ class ExpertSource:
     positive_prompts: tuple[str, ...] = ()
     negative_prompts: tuple[str, ...] = ()
     residual_scale: float | None = None
+    drop_ratio: float | None = None
+    """moekit's own: the fraction of the expert's intermediate neurons re-initialised, in
+    (0, 1], as ``moekit upcycle --method drop`` re-initialises them (Drop-Upcycling)."""
 
     def __post_init__(self) -> None:
         _text(self.source_model, "source_model")
         for name in ("positive_prompts", "negative_prompts"):
             object.__setattr__(self, name, _prompts(getattr(self, name), name))
-        scale = self.residual_scale
-        if scale is not None:
-            if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-                raise MoekitError(f"residual_scale must be a number, not {scale!r}")
-            object.__setattr__(self, "residual_scale", float(scale))
+        for name in ("residual_scale", "drop_ratio"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                    raise MoekitError(f"{name} must be a number, not {value!r}")
+                object.__setattr__(self, name, float(value))
+        if self.drop_ratio is not None and not 0.0 < self.drop_ratio <= 1.0:
+            raise MoekitError(f"drop_ratio must lie in (0, 1], not {self.drop_ratio:g}")
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,9 @@ class MergeConfig:
     experts_per_token: int = 2
     shared_experts: tuple[ExpertSource, ...] = ()
     architecture: str | None = None
+    granularity: int = 1
+    """moekit's own: G, the routed experts each source's MLP is split into (slices of its
+    intermediate neurons, as ``moekit upcycle --method granular`` splits the dense MLP)."""
 
     def __post_init__(self) -> None:
         _text(self.base_model, "base_model")
@@ -134,12 +151,33 @@ class MergeConfig:
         elif len(self.experts) < self.experts_per_token:
             found.append(f"experts_per_token {self.experts_per_token} is more than the "
                          f"{len(self.experts)} experts")
+        found.extend(self._moekit_problems())
         most = max(target.shared_experts for target in MERGE_TARGETS.values())
         if len(self.shared_experts) > most:
             found.append(f"{len(self.shared_experts)} shared_experts: the targets hold at most "
                          f"{most}")
         if self.gate_mode != "random" and self.gate_mode != "uniform_random":
             found.extend(self._prompt_problems())
+        return found
+
+    def _moekit_problems(self) -> list[str]:
+        """What is wrong with moekit's own settings, alone or beside the others."""
+        g = self.granularity
+        if not _is_integer(g) or g < 1:
+            return [f"granularity must be an integer of at least 1, not {g!r}"]
+        found = []
+        if len(self.experts) * g > MAX_EXPERTS:
+            found.append(f"{len(self.experts)} experts split into {g} make more than "
+                         f"{MAX_EXPERTS} routed experts")
+        dropped = [f"experts[{i}]" for i, e in enumerate(self.experts)
+                   if e.drop_ratio is not None]
+        if g > 1 and dropped:
+            found.append(f"drop_ratio ({', '.join(dropped)}) does not combine with granularity "
+                         f"{g}: moekit re-initialises neurons of whole copies of an MLP, as "
+                         "upcycle --method drop does, not of its slices")
+        found.extend(f"shared_experts[{i}].drop_ratio: Drop-Upcycling re-initialises routed "
+                     "experts only (upcycle --method drop keeps its shared expert whole)"
+                     for i, e in enumerate(self.shared_experts) if e.drop_ratio is not None)
         return found
 
     def _prompt_problems(self) -> list[str]:
@@ -183,10 +221,18 @@ def load_merge_config(path: str | Path) -> MergeConfig:
         raise MoekitError(f"{printable(str(path))}: {err}") from None
 
 
-FIELDS: tuple[str, ...] = tuple(f.name for f in fields(MergeConfig))
-"""The YAML's fields, in the order mergekit-moe documents them."""
-EXPERT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ExpertSource))
-"""The fields of each expert and shared expert."""
+MOEKIT_KEY = "moekit"
+"""The key of the mapping that holds moekit's own settings (see the module)."""
+MOEKIT_FIELDS: tuple[str, ...] = ("granularity",)
+"""moekit's own settings of the whole merge, under ``moekit:`` at the top level."""
+MOEKIT_EXPERT_FIELDS: tuple[str, ...] = ("drop_ratio",)
+"""moekit's own settings of one expert, under ``moekit:`` in the expert."""
+FIELDS: tuple[str, ...] = tuple(f.name for f in fields(MergeConfig)
+                                if f.name not in MOEKIT_FIELDS)
+"""mergekit-moe's fields of the YAML, in the order it documents them."""
+EXPERT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ExpertSource)
+                                       if f.name not in MOEKIT_EXPERT_FIELDS)
+"""mergekit-moe's fields of each expert and shared expert."""
 REFUSED_EXPERT_FIELDS = ("noise_scale",)
 """Expert fields of mergekit-moe that moekit refuses by name (see the module)."""
 
@@ -195,14 +241,11 @@ def merge_config_from(data: Any) -> MergeConfig:
     """A MergeConfig from the mapping mergekit-moe's YAML holds."""
     if not isinstance(data, Mapping):
         raise MoekitError("a merge configuration is a mapping of base_model, experts, ...")
-    unknown = sorted(set(map(str, data)) - set(FIELDS))
-    if unknown:
-        raise MoekitError(f"unknown field {', '.join(unknown)} (known: "
-                          f"{', '.join(sorted(FIELDS))})")
+    _check_known(data, FIELDS, MOEKIT_FIELDS, "", f" (known: {', '.join(sorted(FIELDS))})")
     missing = [f.name for f in fields(MergeConfig) if f.default is MISSING and f.name not in data]
     if missing:
         raise MoekitError(f"the field {missing[0]} is missing")
-    given = _given(MergeConfig, data)
+    given = _given(MergeConfig, {**data, **_moekit_settings(data, MOEKIT_FIELDS, "")})
     for name in ("experts", "shared_experts"):
         if name in given:
             given[name] = _experts(given[name], name)
@@ -218,15 +261,43 @@ def _experts(items: Any, field: str) -> tuple[ExpertSource, ...]:
 def _expert(item: Any, where: str) -> ExpertSource:
     if not isinstance(item, Mapping) or "source_model" not in item:
         raise MoekitError(f"{where} must be a mapping with a source_model")
-    unknown = sorted(set(map(str, item)) - {*EXPERT_FIELDS, *REFUSED_EXPERT_FIELDS})
-    if unknown:
-        raise MoekitError(f"{where} has unknown field {', '.join(unknown)}")
+    _check_known(item, (*EXPERT_FIELDS, *REFUSED_EXPERT_FIELDS), MOEKIT_EXPERT_FIELDS,
+                 f"{where} has ", "")
     if item.get("noise_scale") is not None:
         raise MoekitError(f"{where}.noise_scale: {NOISE_REFUSAL}")
+    moekit = _moekit_settings(item, MOEKIT_EXPERT_FIELDS, f"{where}.")
     try:
-        return ExpertSource(**_given(ExpertSource, item))
+        return ExpertSource(**_given(ExpertSource, {**item, **moekit}))
     except MoekitError as err:
-        raise MoekitError(f"{where}.{err}") from None
+        prefix = f"{MOEKIT_KEY}." if str(err).startswith(MOEKIT_EXPERT_FIELDS) else ""
+        raise MoekitError(f"{where}.{prefix}{err}") from None
+
+
+def _check_known(data: Mapping, known: tuple[str, ...], moekit: tuple[str, ...], where: str,
+                 listed: str) -> None:
+    """Refuse keys of ``data`` that are neither mergekit-moe's ``known`` fields nor the
+    ``moekit`` key, pointing a setting of moekit's own (``moekit``) to that key."""
+    unknown = sorted(set(map(str, data)) - {*known, MOEKIT_KEY})
+    if not unknown:
+        return
+    misplaced = [name for name in unknown if name in moekit]
+    hint = (f"; {', '.join(misplaced)} is a setting of moekit's own: write it under "
+            f"{MOEKIT_KEY}:" if misplaced else "")
+    raise MoekitError(f"{where}unknown field {', '.join(unknown)}{listed}{hint}")
+
+
+def _moekit_settings(data: Mapping, known: tuple[str, ...], where: str) -> dict[str, Any]:
+    """The settings under ``data``'s ``moekit`` key (none when it is absent or null)."""
+    block = data.get(MOEKIT_KEY)
+    if block is None:
+        return {}
+    if not isinstance(block, Mapping):
+        raise MoekitError(f"{where}{MOEKIT_KEY} must be a mapping of {', '.join(known)}")
+    unknown = sorted(set(map(str, block)) - set(known))
+    if unknown:
+        raise MoekitError(f"{where}{MOEKIT_KEY}.{', '.join(unknown)} is not a setting of "
+                          f"moekit's own here (known: {', '.join(known)})")
+    return dict(block)
 
 
 def _given(cls: type, data: Mapping) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """Merge plans: the base model's upcycling plan, with each expert read from its source.
 
 Built from headers alone. The base model's headers give the upcycling plan of the
-target family (``moekit.upcycling``, method ``copy``); then every routed expert's
-projections are read from its own source checkpoint, the shared expert's from its
-source, and the router rows (computed from prompts, or drawn) from a small checkpoint
+target family (``moekit.upcycling``, method ``copy``, or ``granular`` with moekit's
+``granularity``); then every routed expert's projections are read from its own source
+checkpoint through the upcycling recipes (``expert_projections``: the G slices of a
+granular merge, the re-initialised neurons of a ``drop_ratio``), the shared expert's from
+its source, and the router rows (computed from prompts, or drawn) from a small checkpoint
 written before the merge. Each read is named ``TAG/key`` (what ``--dry-run`` shows), the
 tag being ``base``, ``expertN``, ``sharedN`` or ``router``; ``MergePlan.origins`` maps
 that name to the checkpoint tag and tensor key it reads.
@@ -19,7 +21,7 @@ from ..errors import MoekitError, PlanError, plural, printable
 from ..layouts.base import TensorMeta
 from ..plan import Cast, Expr, Plan, Read, TensorPlan
 from ..upcycling.planner import FLOAT_RANGES, build_upcycle_plan, dense_mlps
-from ..upcycling.recipes import DenseMLP, scaled
+from ..upcycling.recipes import DenseMLP, expert_projections, scaled
 from ..upcycling.spec import UpcycleSpec
 from ..upcycling.targets import DENSE_PROJECTIONS, TARGETS, Target
 from .config import (DEEPSEEK_BASES, DEEPSEEK_REFUSAL, MERGE_TARGETS, ExpertSource, MergeConfig,
@@ -66,19 +68,45 @@ class MergePlan:
     shared-expert gate)."""
     merge: MergeConfig
     origins: Origins
+    seed: int = 0
+    """The seed of the random gate modes and of every ``drop_ratio``'s draws."""
 
     def summary(self) -> str:
         """A short human summary (what ``--dry-run`` prints)."""
         m = self.merge
+        g = m.granularity
         shared = f", {len(m.shared_experts)} shared" if m.shared_experts else ""
-        lines = [f"merge: {len(m.experts)} experts{shared} -> {self.target.family}, "
-                 f"top-{m.experts_per_token}, gate_mode {m.gate_mode}"]
+        split = (f", each split into {g} ({len(m.experts) * g} routed experts, router rows "
+                 f"repeated for each source's {g})" if g > 1 else "")
+        lines = [f"merge: {len(m.experts)} experts{split}{shared} -> {self.target.family}, "
+                 f"top-{m.experts_per_token * g}, gate_mode {m.gate_mode}, seed {self.seed}"]
         for tag, source in m.sources.items():
-            scale = (f" (down_proj x {source.residual_scale:g})"
-                     if source.residual_scale is not None else "")
-            lines.append(printable(f"  {tag}: {source.source_model}{scale}"))
+            lines.append(printable(f"  {tag}: {source.source_model}{_settings(source)}"))
         lines.append(self.plan.summary().split("\n", 1)[1])
         return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        """The merge's settings, as ``--dry-run --json`` shows them beside the tensors:
+        each source with the routed experts it makes (none for a shared expert)."""
+        m = self.merge
+        g = m.granularity
+        experts = {f"expert{i}": list(range(i * g, (i + 1) * g)) for i in range(len(m.experts))}
+        return {"gate_mode": m.gate_mode, "seed": self.seed, "granularity": g,
+                "routed_experts": len(m.experts) * g, "top_k": m.experts_per_token * g,
+                "sources": [{"tag": tag, "source_model": source.source_model,
+                             "residual_scale": source.residual_scale,
+                             "drop_ratio": source.drop_ratio, "experts": experts.get(tag, [])}
+                            for tag, source in m.sources.items()]}
+
+
+def _settings(source: ExpertSource) -> str:
+    """What ``source``'s line of the summary says besides its model."""
+    said = []
+    if source.residual_scale is not None:
+        said.append(f"down_proj x {source.residual_scale:g}")
+    if source.drop_ratio is not None:
+        said.append(f"drop ratio {source.drop_ratio:g}")
+    return f" ({', '.join(said)})" if said else ""
 
 
 def choose_target(merge: MergeConfig, model_type: str | None) -> Target:
@@ -142,26 +170,28 @@ def check_sources(base: Mapping[str, TensorMeta], base_type: str | None,
 
 
 def build_merge_plan(base: Mapping[str, TensorMeta], config: dict | None, merge: MergeConfig,
-                     label: str) -> MergePlan:
+                     label: str, seed: int = 0) -> MergePlan:
     """Plan the merged MoE from the base model's headers (the sources already checked to
-    match them)."""
+    match them); ``seed`` seeds every ``drop_ratio``'s draws."""
     config = dict(config or {})
     target = choose_target(merge, config.get("model_type"))
-    spec = UpcycleSpec(experts=len(merge.experts), top_k=merge.experts_per_token,
+    g = merge.granularity
+    spec = UpcycleSpec(experts=len(merge.experts) * g, top_k=merge.experts_per_token * g,
+                       method="granular" if g > 1 else "copy", granularity=g,
                        router="zero", target=target.family,
-                       shared_expert=bool(merge.shared_experts))
+                       shared_expert=bool(merge.shared_experts), seed=seed)
     upcycled = build_upcycle_plan(base, config, spec, label)
     dtype = output_dtype(merge, config, upcycled.dtype)
     origins = Origins()
     recipes, routers = _merge_recipes(upcycled.plan, dense_mlps(base, spec, label), merge,
-                                      target, origins, dtype)
+                                      spec, target, origins, dtype)
     tensors = [TensorPlan(t.name, _cast(recipes.get(t.name) or _from_base(t.recipe, origins),
                                         dtype))
                for t in upcycled.plan.tensors]
     plan = replace(upcycled.plan, src_layout="merge", tensors=tensors)
     moe_config = dict(upcycled.config)
     moe_config["dtype"] = _torch_name(dtype)
-    return MergePlan(plan, moe_config, target, routers, merge, origins)
+    return MergePlan(plan, moe_config, target, routers, merge, origins, seed)
 
 
 def output_dtype(merge: MergeConfig, config: Mapping[str, Any], dtype: str) -> str:
@@ -191,32 +221,37 @@ def _from_base(recipe: Expr, origins: Origins) -> Expr:
     return origins.read(BASE_TAG, recipe)
 
 
-def _merge_recipes(plan: Plan, mlps: dict[int, DenseMLP], merge: MergeConfig, target: Target,
-                   origins: Origins, dtype: str
+def _merge_recipes(plan: Plan, mlps: dict[int, DenseMLP], merge: MergeConfig,
+                   spec: UpcycleSpec, target: Target, origins: Origins, dtype: str
                    ) -> tuple[dict[str, Expr], dict[str, tuple[int, bool]]]:
     """Recipes of the expert, shared-expert and router tensors of every MoE layer (the
-    projections read where the base model's dense MLP ``mlps`` lies, in each source), and
-    the router tensors to compute (see ``MergePlan.routers``), which are computed in
-    float32 and written straight in ``dtype``, as mergekit-moe rounds them once."""
+    projections read where the base model's dense MLP ``mlps`` lies, in each source;
+    source i making routed experts i*G to i*G + G - 1 by the upcycling recipes of
+    ``spec``), and the router tensors to compute (see ``MergePlan.routers``), which are
+    computed in float32 and written straight in ``dtype``, as mergekit-moe rounds them
+    once."""
     family = target.moe_family
     metas = {t.name: t for t in plan.tensors}
     recipes: dict[str, Expr] = {}
     routers: dict[str, tuple[int, bool]] = {}
+    g = merge.granularity
     for index, layer in enumerate(sorted(plan.moe_layers)):
         block = family.block.format(layer=layer)
         routers[f"{block}.{family.router}"] = (index, False)
-        for expert, source in enumerate(merge.experts):
-            for name in ("gate", "up", "down"):
-                key = family.expert_key(layer, expert, name)
-                recipes[key] = _projection(origins.read(f"expert{expert}",
-                                                        mlps[layer].projection(name)),
-                                           source, name)
+        for position, source in enumerate(merge.experts):
+            mlp = _source_mlp(mlps[layer], f"expert{position}", origins)
+            for expert in range(position * g, (position + 1) * g):
+                made = expert_projections(mlp, _source_spec(spec, source), layer, expert,
+                                          _scales(source, g))
+                recipes.update({family.expert_key(layer, expert, name): recipe
+                                for name, recipe in made.items()})
         if merge.shared_experts and target.shared is not None:
             shared = target.shared
+            mlp = _source_mlp(mlps[layer], "shared0", origins)
+            factors = _scales(merge.shared_experts[0], 1)
             for name, module in DENSE_PROJECTIONS.items():
-                key = f"{block}.{shared.module}.{module}.weight"
-                recipes[key] = _projection(origins.read("shared0", mlps[layer].projection(name)),
-                                           merge.shared_experts[0], name)
+                recipes[f"{block}.{shared.module}.{module}.weight"] = scaled(
+                    mlp.projection(name), factors[name])
             if shared.gate is not None:
                 routers[f"{block}.{shared.gate}"] = (index, True)
     for name in routers:
@@ -225,10 +260,27 @@ def _merge_recipes(plan: Plan, mlps: dict[int, DenseMLP], merge: MergeConfig, ta
     return recipes, routers
 
 
-def _projection(read: Read, source: ExpertSource, name: str) -> Expr:
-    """Projection ``name`` of a dense MLP of ``source``; its ``down_proj`` times
-    ``residual_scale`` (computed in float32, rounded once, as mergekit's
-    ``tensor * residual_scale`` on the CPU is)."""
-    if name == "down" and source.residual_scale is not None:
-        return scaled(read, source.residual_scale)
-    return read
+def _source_mlp(mlp: DenseMLP, tag: str, origins: Origins) -> DenseMLP:
+    """The dense MLP ``mlp`` (where the base model's lies) read from checkpoint ``tag``."""
+    return DenseMLP(*(None if read is None else origins.read(tag, read)
+                      for read in (mlp.gate, mlp.up, mlp.down)))
+
+
+def _source_spec(spec: UpcycleSpec, source: ExpertSource) -> UpcycleSpec:
+    """The upcycling settings of ``source``'s routed experts: ``spec``, or Drop-Upcycling
+    with the source's ``drop_ratio`` (and ``spec``'s seed, so that expert e of layer l
+    re-initialises the neurons ``upcycle --method drop --seed S`` does)."""
+    if source.drop_ratio is None:
+        return spec
+    return replace(spec, method="drop", drop_ratio=source.drop_ratio)
+
+
+def _scales(source: ExpertSource, granularity: int) -> dict[str, float]:
+    """The factors of the projections of ``source``'s experts, slices of G (1 for a
+    shared expert): ``down_proj`` times ``residual_scale`` (computed in float32, rounded
+    once, as mergekit's ``tensor * residual_scale`` on the CPU is) and times G (exact, as
+    ``upcycle --method granular``'s scaling), one factor. Routed experts are not halved
+    beside a shared expert as ``upcycle``'s are: mergekit-moe adds the shared expert,
+    through its own gate, to whole routed experts."""
+    factor = granularity * (1.0 if source.residual_scale is None else source.residual_scale)
+    return {"gate": 1.0, "up": 1.0, "down": factor}

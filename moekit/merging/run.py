@@ -19,11 +19,12 @@ if TYPE_CHECKING:
     import torch
 
 
-def plan_merge(config: MergeConfig | str | Path
+def plan_merge(config: MergeConfig | str | Path, seed: int = 0
                ) -> tuple[dict[str, Checkpoint], MergePlan]:
     """Read the headers of the base model and of every expert source, check that they
-    share the base architecture, and plan the merge (nothing is read or written). Returns
-    the checkpoints by tag (``base``, ``expertN``, ``sharedN``) and the plan."""
+    share the base architecture, and plan the merge with ``seed`` (nothing is read or
+    written). Returns the checkpoints by tag (``base``, ``expertN``, ``sharedN``) and the
+    plan."""
     merge = config if isinstance(config, MergeConfig) else load_merge_config(config)
     by_name: dict[str, Checkpoint] = {}
 
@@ -42,7 +43,7 @@ def plan_merge(config: MergeConfig | str | Path
     check_sources(base.tensors, base.model_type,
                   {tag: (str(c.named), c.tensors, c.model_type)
                    for tag, c in opened.items() if tag != BASE_TAG})
-    return opened, build_merge_plan(base.tensors, base.config, merge, str(base.named))
+    return opened, build_merge_plan(base.tensors, base.config, merge, str(base.named), seed)
 
 
 def merge(config: MergeConfig | str | Path, dst_path: str | Path, seed: int = 0,
@@ -54,13 +55,14 @@ def merge(config: MergeConfig | str | Path, dst_path: str | Path, seed: int = 0,
     torch.distributed.checkpoint folder), config.json of the target family, and the base
     model's other files (tokenizer, generation config). ``device``, the sources, the sink's
     options and the destination are checked first; then the router rows are computed
-    (``moekit.merging.gates``; ``seed`` seeds the random modes, ``device`` runs the base
-    model for ``hidden``) and the tensors stream one at a time from their source
-    checkpoints through ``conversion.run_job``, written atomically."""
+    (``moekit.merging.gates``; ``seed`` seeds the random modes and each ``drop_ratio``'s
+    draws, ``device`` runs the base model for ``hidden``) and the tensors stream one at a
+    time from their source checkpoints through ``conversion.run_job``, written
+    atomically."""
     from ..executors.memory import checked_device
 
     checked_device(device)
-    checkpoints, plan = plan_merge(config)
+    checkpoints, plan = plan_merge(config, seed)
     base = checkpoints[BASE_TAG]
     files = [f for c in checkpoints.values() for f in c.source_files()]
 
@@ -77,16 +79,18 @@ def merge(config: MergeConfig | str | Path, dst_path: str | Path, seed: int = 0,
     if dry_run:
         return plan
     with tempfile.TemporaryDirectory(prefix="moekit-routers-") as scratch:
-        checkpoints[ROUTER_TAG] = _write_routers(plan, checkpoints, Path(scratch), seed, device,
+        checkpoints[ROUTER_TAG] = _write_routers(plan, checkpoints, Path(scratch), device,
                                                  show_progress)
         job(dry_run=False)
     return plan
 
 
 def _write_routers(plan: MergePlan, checkpoints: dict[str, Checkpoint], folder: Path,
-                   seed: int, device: str, show_progress: bool | None) -> Checkpoint:
+                   device: str, show_progress: bool | None) -> Checkpoint:
     """Compute every router (and shared-expert gate) row into a checkpoint in
-    ``folder``, in the dtype of the tensors it is read as."""
+    ``folder``, in the dtype of the tensors it is read as. With granularity G each
+    source's row is repeated for its G routed experts, so that they get equal logits and
+    top-k (k times G) picks whole sources, as ``upcycle``'s virtual-group router does."""
     import torch
     from safetensors.torch import save_file
 
@@ -106,11 +110,13 @@ def _write_routers(plan: MergePlan, checkpoints: dict[str, Checkpoint], folder: 
 
     hidden = metas[next(iter(plan.routers))].shape[1]
     rows = gate_rows(merge.gate_mode, [*merge.experts, *merge.shared_experts], base.path,
-                     len(plan.plan.moe_layers), hidden, seed, embeddings, device, show_progress)
+                     len(plan.plan.moe_layers), hidden, plan.seed, embeddings, device,
+                     show_progress)
     experts = len(merge.experts)
     tensors = {}
     for name, (index, shared) in plan.routers.items():
-        part = rows[index, experts:] if shared else rows[index, :experts]
+        part = (rows[index, experts:] if shared
+                else rows[index, :experts].repeat_interleave(merge.granularity, dim=0))
         tensors[name] = part.to(to_torch(metas[name].dtype)).contiguous()
     save_file(tensors, str(folder / "model.safetensors"))
     return Checkpoint.open(folder)
