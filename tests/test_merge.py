@@ -532,11 +532,10 @@ def test_drop_ratio_redraws_the_neurons_upcycle_drop_redraws(llama, tmp_path):
     merge(config, tmp_path / "moekit", seed=5)
     upcycled, ours = _tensors(tmp_path / "upcycled"), _tensors(tmp_path / "moekit")
     sources = [_tensors(base), _tensors(finetunes[0]), _tensors(finetunes[1])]
-    mixtral = family_named("mixtral")
+    key = family_named("mixtral").expert_key
     for layer in range(2):
         for name, module, dim in (("gate", "gate_proj", 0), ("up", "up_proj", 0),
                                   ("down", "down_proj", 1)):
-            key = mixtral.expert_key
             dense = f"model.layers.{layer}.mlp.{module}.weight"
             assert torch.equal(ours[key(layer, 0, name)], upcycled[key(layer, 0, name)])
             redrawn = _changed(upcycled[key(layer, 1, name)], sources[0][dense], dim)
