@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -12,9 +14,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from moekit import MoekitError, load_sharded, samples
+from moekit import MoekitError, convert_state_dict, load_sharded, samples
 from moekit.sources import FileSource
 
+from .conftest import load_all
 from .ep_workers import finish
 
 NAMES = ("dp", "ep")
@@ -23,6 +26,28 @@ NAMES = ("dp", "ep")
 def _init(rank: int, world: int, store: str, shape: tuple[int, int]):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     return init_device_mesh("cpu", shape, mesh_dim_names=NAMES)
+
+
+@contextlib.contextmanager
+def counting_reads() -> Iterator[list[int]]:
+    """Count the bytes the file reader is asked for, in the one-element list it yields."""
+    counted = [0]
+    original = FileSource.read
+
+    def read(self, region):
+        counted[0] += self.block_bytes(region)
+        return original(self, region)
+
+    FileSource.read = read
+    try:
+        yield counted
+    finally:
+        FileSource.read = original
+
+
+def held_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Bytes of the tensors a rank holds: the local part of each DTensor, each plain tensor."""
+    return sum((v.to_local() if isinstance(v, DTensor) else v).nbytes for v in state.values())
 
 
 def _fully_shard(model: torch.nn.Module, dp_mesh, replicate: tuple[str, ...]
@@ -45,16 +70,8 @@ def load_into_fsdp(rank: int, world: int, store: str, src: str, log_dir: str,
     into a differently initialised fully_shard-ed model and compare its logits with the
     unsharded model's. Writes ``log_dir/rank.json``: bytes read and logits equality."""
     mesh = _init(rank, world, store, shape)
-    counted = [0]
-    original = FileSource.read
-
-    def read(self, region):
-        counted[0] += self.block_bytes(region)
-        return original(self, region)
-
-    FileSource.read = read
-    state = load_sharded(src, mesh, layout="transformers", replicate=replicate)
-    FileSource.read = original
+    with counting_reads() as counted:
+        state = load_sharded(src, mesh, layout="transformers", replicate=replicate)
 
     ids = samples.sample_input(96)
     reference = samples.build_model("qwen3_moe", num_experts=n_experts)
@@ -84,7 +101,8 @@ def load_into_fsdp(rank: int, world: int, store: str, src: str, log_dir: str,
     with torch.no_grad():
         got = model(ids).logits
     Path(log_dir, f"{rank}.json").write_text(json.dumps(
-        {"bytes": counted[0], "logits_equal": torch.equal(got, expected)}))
+        {"bytes": counted[0], "held": held_bytes(state),
+         "logits_equal": torch.equal(got, expected)}))
     finish()
 
 
@@ -101,3 +119,42 @@ def load_expecting_error(rank: int, world: int, store: str, src: str, log_dir: s
             outcome = str(err)
         Path(log_dir, f"{rank}{suffix}.txt").write_text(outcome)
     finish()
+
+
+def load_counting(rank: int, world: int, store: str, src: str, log_dir: str,
+                  shapes: list[tuple[int, int]]) -> None:
+    """load_sharded on a mesh of each (dp, ep) shape in turn, counting the bytes read;
+    check each tensor against the checkpoint in the transformers layout
+    (``convert_state_dict``): a DTensor's local rows are those ``torch.chunk`` gives its
+    rank, over ep for an expert tensor, over dp for another (no collective: gloo has no
+    float8). Writes
+    ``log_dir/rank.json``: per shape, the bytes read and held."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    config = json.loads(Path(src, "config.json").read_text())
+    reference = convert_state_dict(load_all(Path(src)), "hf", "transformers", config=config)
+    figures = []
+    for shape in shapes:
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=NAMES)
+        with counting_reads() as counted:
+            state = load_sharded(src, mesh, layout="transformers")
+        assert state.keys() == reference.keys()
+        for key, value in state.items():
+            whole = reference[key]
+            if not isinstance(value, DTensor):
+                _assert_same(value, whole, key)
+                continue
+            dim = "ep" if value.device_mesh == mesh else "dp"
+            assert value.placements[-1] == Shard(0) and value.shape == whole.shape, key
+            parts, index = whole.chunk(mesh.size(NAMES.index(dim))), mesh.get_local_rank(dim)
+            _assert_same(value.to_local(), parts[index] if index < len(parts) else whole[:0],
+                         key)
+        figures.append({"read": counted[0], "held": held_bytes(state)})
+    Path(log_dir, f"{rank}.json").write_text(json.dumps(figures))
+    finish()
+
+
+def _assert_same(ours: torch.Tensor, theirs: torch.Tensor, key: str) -> None:
+    """Same dtype, shape and bytes (float8 has no elementwise equality on the CPU)."""
+    assert (ours.dtype, ours.shape) == (theirs.dtype, theirs.shape), key
+    assert torch.equal(ours.reshape(-1).view(torch.uint8),
+                       theirs.reshape(-1).view(torch.uint8)), key

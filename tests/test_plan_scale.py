@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
 from moekit.checkpoint import Checkpoint
@@ -24,6 +25,7 @@ from moekit.expert_parallel.ranges import rank_plan
 from moekit.expert_parallel.report import ep_report
 from moekit.planner import understand_checkpoint
 from moekit.sources import FileSource
+from tests import sharded_workers
 from tests.conftest import load_all
 
 DEEPSEEK_V3 = Path(__file__).parent / "data" / "deepseek_v3_671b_config.json"
@@ -124,14 +126,18 @@ def _fp8_with_mtp(family_models, family_checkpoints, root: Path) -> Path:
     return target
 
 
-def test_plan_from_a_config_is_what_the_loader_reads(family_models, family_checkpoints,
-                                                     tmp_path):
+@pytest.fixture(scope="module")
+def ds3_fp8(family_models, family_checkpoints, tmp_path_factory) -> Path:
+    return _fp8_with_mtp(family_models, family_checkpoints, tmp_path_factory.mktemp("ds3"))
+
+
+def test_plan_from_a_config_is_what_the_loader_reads(ds3_fp8):
     """On a checkpoint of DeepSeek-V3's structure (FP8 with scales, an MTP layer, a dense
     leading layer, shared experts): the figures planned from its config.json alone equal
-    those planned from its headers and the bytes each rank's load reads; on a (dp, ep)
-    mesh each non-expert tensor's share is the rows ``torch.chunk`` (FSDP2's split) gives
-    that dp rank."""
-    checkpoint_dir = _fp8_with_mtp(family_models, family_checkpoints, tmp_path)
+    those planned from its headers; a rank holds what load_experts reads for its experts
+    (on an ep mesh); on a (dp, ep) mesh each non-expert tensor's share is the rows
+    ``torch.chunk`` (FSDP2's split) gives that dp rank."""
+    checkpoint_dir = ds3_fp8
     checkpoint = Checkpoint.open(checkpoint_dir)
     analysis = understand_checkpoint(checkpoint)
     assert max(analysis.blocks) == json.loads(
@@ -144,12 +150,32 @@ def test_plan_from_a_config_is_what_the_loader_reads(family_models, family_check
             with FileSource(checkpoint) as source:
                 loaded = run_plan(plan, source)
                 if dp == 1:
-                    assert source.bytes_read == load.read_bytes
+                    assert source.bytes_read == load.held_bytes
             experts = sum(t.nbytes for k, t in loaded.items() if k in plan.expert_tensors)
             rows = [torch.chunk(t, dp)[load.dp_rank:load.dp_rank + 1]
                     for k, t in loaded.items() if k not in plan.expert_tensors]
             assert experts == load.expert_bytes
             assert sum(c[0].nbytes for c in rows if c) == load.other_bytes
+
+
+@pytest.mark.parametrize("shapes", [[(1, 2), (2, 1)], [(3, 2), (2, 3), (1, 6), (6, 1)]],
+                         ids=["world2", "world6"])
+def test_plan_is_what_load_sharded_reads_and_holds_rank_by_rank(shapes, ds3_fp8, tmp_path):
+    """load_sharded of the DeepSeek-V3-structured checkpoint on gloo (no transformers in the
+    ranks), each (dp, ep) mesh in turn: each rank's tensors equal the checkpoint's, and
+    the bytes its reader is asked for and the bytes it holds are the plan's for that
+    rank, the plan made from the config.json alone."""
+    world = shapes[0][0] * shapes[0][1]
+    mp.spawn(sharded_workers.load_counting, nprocs=world, join=True,
+             args=(world, str(tmp_path / "store"), str(ds3_fp8), str(tmp_path), shapes))
+    figures = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(world)]
+    tensor_bytes = Checkpoint.open(ds3_fp8).total_bytes()
+    for at, (dp, ep) in enumerate(shapes):
+        planned = ep_report(ds3_fp8 / "config.json", ep, dp_size=dp)
+        assert [p.rank for p in planned] == list(range(world))
+        assert [f[at]["read"] for f in figures] == [p.read_bytes for p in planned]
+        assert [f[at]["held"] for f in figures] == [p.held_bytes for p in planned]
+        assert sum(p.read_bytes for p in planned) == tensor_bytes
 
 
 def test_the_mesh_is_shown_and_checked(capsys):

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from moekit import samples
 from moekit.dtypes import ITEMSIZES
+from moekit.expert_parallel.report import ep_report
 
 from . import sharded_workers
 
@@ -85,6 +86,10 @@ def test_fully_sharded_model_loads_strictly_and_gives_the_same_logits(dp, ep, re
     once = sum(shape[0] * row for shape, row in sizes.values())
     again = sum(sizes[key][0][0] * sizes[key][1] for key in replicate) * (dp * ep - 1)
     assert sum(r["bytes"] for r in results) == once + again
+    if not replicate:
+        planned = ep_report(qwen3_10, ep, "transformers", dp_size=dp)
+        assert [(p.read_bytes, p.held_bytes) for p in planned] == \
+            [(r["bytes"], r["held"]) for r in results]
 
 
 def test_a_missing_expert_or_a_mesh_without_the_named_dimensions_fails_every_rank(qwen3_10,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ..checkpoint import Checkpoint, read_config
 from ..config_headers import DECODERS, config_headers
@@ -14,6 +15,7 @@ from ..hub import local_path
 from ..layouts import LAYOUTS, Layout, family_of_model_type
 from ..layouts.families import MX_BLOCKS, MX_SCALES, SCALE
 from ..model_config import MAX_BUILT_LAYERS, ConfigValues
+from ..plan import TensorPlan, nbytes, reads
 from ..planner import (Analysis, build_plan, config_settings, understand, understand_checkpoint,
                        validate)
 from .ranges import expert_range, grouped_layout
@@ -26,22 +28,37 @@ rank by rank for minutes."""
 
 @dataclass
 class RankLoad:
-    """One rank's share of a checkpoint."""
+    """One rank's share of a checkpoint: what it holds once loaded, and what
+    ``load_sharded`` reads for it (``load_experts`` reads what a rank of a 1-D ep mesh
+    holds)."""
 
     rank: int
     """``dp_rank * ep_size + ep_rank`` on a (dp, ep) mesh; the EP rank when dp is 1."""
     experts: list[int]
     """First and last expert owned (empty when the rank owns none)."""
     expert_bytes: int
+    """Bytes of the experts the rank holds."""
     other_bytes: int
+    """Bytes of its rows of every other tensor."""
+    expert_read_bytes: int
+    """Bytes of the experts ``load_sharded`` reads on this rank: its dp rank's chunk of
+    its ep rank's experts (the ranks of a dp group gather the rest)."""
+    other_read_bytes: int
+    """Bytes of the other tensors' rows ``load_sharded`` reads on this rank: its ep rank's
+    chunk of its dp rank's rows, a scalar whole (the ranks of an ep group gather the
+    rest)."""
     peak_bytes: int
     """Everything the rank holds after loading, plus the largest tensor it builds."""
     ep_rank: int = 0
     dp_rank: int = 0
 
     @property
-    def read_bytes(self) -> int:
+    def held_bytes(self) -> int:
         return self.expert_bytes + self.other_bytes
+
+    @property
+    def read_bytes(self) -> int:
+        return self.expert_read_bytes + self.other_read_bytes
 
 
 @without_gc_pauses
@@ -55,11 +72,13 @@ def ep_report(path: str | Path, ep_size: int, layout: str | None = None,
     a model type that does not describe, those of the model transformers builds on the
     meta device. ``layout`` defaults to ``default_layout``'s choice.
 
-    With ``dp_size`` > 1 the ranks form a (dp, ep) mesh of ``dp_size * ep_size`` ranks:
-    experts ``Shard(0)`` over ep (replicated over dp), every other tensor ``Shard(0)`` over
-    dp as FSDP2's ``fully_shard`` lays out its parameters (``ceil(rows / dp)`` rows a rank,
-    the last ranks fewer or none; a scalar whole on every rank), replicated over ep. These
-    figures are the planned read of each rank: moekit's loaders shard over ep only.
+    The ranks form a (dp, ep) mesh of ``dp_size * ep_size`` ranks, as ``load_sharded``
+    lays a checkpoint out on it: experts ``Shard(0)`` over ep (replicated over dp), every
+    other tensor ``Shard(0)`` over dp as FSDP2's ``fully_shard`` lays out its parameters
+    (``ceil(rows / dp)`` rows a rank, the last ranks fewer or none; a scalar whole on
+    every rank), replicated over ep. Each rank holds those bytes and reads its share of
+    them (``RankLoad``): ``load_sharded`` reads each byte once over the mesh, scalars once
+    a rank. ``load_experts`` (a 1-D ep mesh, ``dp_size`` 1) reads what a rank holds.
 
     The whole checkpoint is validated, and planned for one expert a layer: a rank's
     grouped tensors hold its share of every expert row, each expert's rows as large as
@@ -75,22 +94,67 @@ def ep_report(path: str | Path, ep_size: int, layout: str | None = None,
     plan = build_plan(analysis, _destination(analysis, layout), experts=range(1))
     n_experts = analysis.n_experts
     per_expert = [t.nbytes for t in plan.tensors if t.name in plan.expert_tensors]
-    others = Counter((t.shape[0] if t.shape else None, t.nbytes) for t in plan.tensors
-                     if t.name not in plan.expert_tensors)
+    others = Counter(_Other.of(t) for t in plan.tensors if t.name not in plan.expert_tensors)
     out = []
     for dp_rank in range(dp_size):
-        shares = {(rows, nbytes): _row_share(rows, nbytes, dp_size, dp_rank)
-                  for rows, nbytes in others}
-        held = sum(share * others[kind] for kind, share in shares.items())
+        held = {kind: kind.held(dp_size, dp_rank) for kind in others}
+        held_bytes = sum(share * others[kind] for kind, share in held.items())
         for rank in range(ep_size):
             mine = expert_range(n_experts, ep_size, rank, placement)
-            expert = len(mine) * sum(per_expert)
-            largest = max(max(shares.values(), default=0),
+            read = _chunk_length(len(mine), dp_size, dp_rank)
+            other_read = sum(kind.read(dp_size, dp_rank, ep_size, rank) * count
+                             for kind, count in others.items())
+            largest = max(max(held.values(), default=0),
                           len(mine) * max(per_expert, default=0))
+            expert = len(mine) * sum(per_expert)
             owned = [mine.start, mine.stop - 1] if mine else []
-            out.append(RankLoad(dp_rank * ep_size + rank, owned, expert, held,
-                                expert + held + largest, rank, dp_rank))
+            out.append(RankLoad(dp_rank * ep_size + rank, owned, expert, held_bytes,
+                                read * sum(per_expert), other_read,
+                                expert + held_bytes + largest, rank, dp_rank))
     return out
+
+
+class _Other(NamedTuple):
+    """A kind of non-expert tensor, as far as its shares go (tensors of one kind share
+    them: counting kinds keeps a large mesh fast)."""
+
+    rows: int | None
+    """Its rows; None for a scalar, held whole."""
+    row_bytes: int
+    whole_read: int | None
+    """Bytes ``load_sharded`` reads on every rank: a scalar, or a tensor its recipe builds
+    from whole source tensors; None for a source tensor copied unchanged, of which each
+    rank reads its rows only."""
+
+    @classmethod
+    def of(cls, tensor: TensorPlan) -> "_Other":
+        rows = tensor.shape[0] if tensor.shape else None
+        row_bytes = tensor.nbytes // rows if rows else tensor.nbytes
+        whole = (None if rows is not None and tensor.is_copy
+                 else sum(nbytes(r.shape, r.dtype) for r in reads(tensor.recipe)))
+        return cls(rows, row_bytes, whole)
+
+    def held(self, dp_size: int, dp_rank: int) -> int:
+        """Bytes of dp rank ``dp_rank``'s rows (FSDP2's ``Shard(0)``); a scalar whole."""
+        if self.rows is None:
+            return self.row_bytes
+        return self.row_bytes * _chunk_length(self.rows, dp_size, dp_rank)
+
+    def read(self, dp_size: int, dp_rank: int, ep_size: int, ep_rank: int) -> int:
+        """Bytes ``load_sharded`` reads on the rank at (``dp_rank``, ``ep_rank``): its ep
+        rank's chunk of its dp rank's rows."""
+        if self.whole_read is not None:
+            return self.whole_read
+        held = _chunk_length(self.rows, dp_size, dp_rank)
+        return self.row_bytes * _chunk_length(held, ep_size, ep_rank)
+
+
+def _chunk_length(length: int, parts: int, index: int) -> int:
+    """How many of ``length`` rows part ``index`` of ``parts`` gets by ``torch.chunk``'s
+    rule (DTensor's ``Shard(0)`` and FSDP2's): ``ceil(length / parts)`` a part, the last
+    parts fewer or none."""
+    per_part = -(-length // parts)
+    return max(0, min((index + 1) * per_part, length) - index * per_part)
 
 
 def default_layout(analysis: Analysis) -> str:
@@ -122,34 +186,24 @@ def _destination(analysis: Analysis, layout: str | None) -> Layout:
                       f"{', '.join(lost)}{why}: {then}")
 
 
-def _row_share(rows: int | None, nbytes: int, size: int, rank: int) -> int:
-    """Bytes of rank ``rank``'s rows of a tensor of ``rows`` rows and ``nbytes`` bytes
-    split ``Shard(0)`` over ``size`` ranks by FSDP2's rule (``torch.chunk``:
-    ``ceil(rows / size)`` rows a rank, the last ranks fewer or none); a scalar (``rows``
-    None) is held whole."""
-    if rows is None:
-        return nbytes
-    per_rank = -(-rows // size)
-    mine = max(0, min((rank + 1) * per_rank, rows) - rank * per_rank)
-    return nbytes // rows * mine if rows else 0
-
-
 def render(loads: list[RankLoad]) -> str:
-    """A table, one row per rank (with its dp and ep coordinates on a 2-D mesh)."""
+    """A table, one row per rank (with its dp and ep coordinates on a 2-D mesh): bytes
+    held, by kind and in all, and bytes ``load_sharded`` reads."""
     mesh = any(r.dp_rank for r in loads)
     rows = [f"{'rank':>5}{'   dp   ep' if mesh else ''} {'experts':>10} {'expert GiB':>11} "
-            f"{'other GiB':>10} {'read GiB':>9} {'peak GiB':>9}"]
+            f"{'other GiB':>10} {'held GiB':>9} {'read GiB':>9} {'peak GiB':>9}"]
     for r in loads:
         owned = f"{r.experts[0]}-{r.experts[1]}" if r.experts else "none"
         where = f" {r.dp_rank:>4} {r.ep_rank:>4}" if mesh else ""
         rows.append(f"{r.rank:>5}{where} {owned:>10} {r.expert_bytes / 2**30:11.2f} "
-                    f"{r.other_bytes / 2**30:10.2f} {r.read_bytes / 2**30:9.2f} "
-                    f"{r.peak_bytes / 2**30:9.2f}")
+                    f"{r.other_bytes / 2**30:10.2f} {r.held_bytes / 2**30:9.2f} "
+                    f"{r.read_bytes / 2**30:9.2f} {r.peak_bytes / 2**30:9.2f}")
     return "\n".join(rows)
 
 
 def to_json(loads: list[RankLoad]) -> list[dict]:
-    return [{**asdict(r), "read_bytes": r.read_bytes} for r in loads]
+    return [{**asdict(r), "held_bytes": r.held_bytes, "read_bytes": r.read_bytes}
+            for r in loads]
 
 
 def _analysis(path: Path) -> Analysis:
