@@ -24,9 +24,14 @@ from moekit import convert, samples
 from moekit.cli import main
 
 from .conftest import load_all, same_bytes
+from .tiny_families import build
 
 from nemo_automodel.components.models.common import BackendConfig
 from nemo_automodel.components.moe.config import MoEConfig
+
+TINY: dict[str, Any] = {}
+"""The tiny config ``tests/tiny_families.py`` gives the model type (as its per-family tests
+build it)."""
 
 _DSA = dict(head_dim=4, num_key_value_heads=4, moe_intermediate_size=16,
             num_experts_per_tok=2, n_group=1, topk_group=1, q_lora_rank=16, kv_lora_rank=16,
@@ -38,7 +43,8 @@ _DSA = dict(head_dim=4, num_key_value_heads=4, moe_intermediate_size=16,
 ADAPTERS: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None, str | None]] = {
     # model type -> (NeMo AutoModel adapter; how its model's MoEConfig differs from a plain
     # SwiGLU one, the values each model.py of nemo_automodel 0.7 sets; the tiny config,
-    # None for moekit's own sample; why moekit's nemo naming still differs, if it does)
+    # None for moekit's own sample, TINY for tiny_families'; why moekit's nemo output still
+    # differs, if it does)
     "qwen3_moe": ("qwen3_moe.Qwen3MoeStateDictAdapter", {}, None, None),
     "deepseek_v3": ("deepseek_v3.DeepSeekV3StateDictAdapter", {}, None, None),
     "gpt_oss": ("gpt_oss.GPTOSSStateDictAdapter",
@@ -57,29 +63,31 @@ ADAPTERS: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None, str | None
                            mlp_layer_types=["dense", "sparse", "sparse"]), None),
     "minimax_m2": ("minimax_m2.MiniMaxM2StateDictAdapter", {},
                    dict(head_dim=8, num_experts_per_tok=2, num_local_experts=6,
-                        bos_token_id=1, eos_token_id=2),
-                   "NeMo names the block mlp (block_sparse_moe in the HF files)"),
+                        bos_token_id=1, eos_token_id=2), None),
     "ernie4_5_moe": ("ernie4_5.Ernie4_5_MoeStateDictAdapter", {},
                      dict(moe_intermediate_size=16, num_experts_per_tok=2, moe_num_experts=6),
-                     "NeMo moves moe_statics.e_score_correction_bias to gate."),
+                     "NeMo holds moe_statics.e_score_correction_bias [1, E] squeezed, as "
+                     "gate.e_score_correction_bias [E]: a shape change no family rename "
+                     "expresses"),
     "qwen3_next": ("qwen3_next.Qwen3NextStateDictAdapter", {},
                    dict(head_dim=8, moe_intermediate_size=16, shared_expert_intermediate_size=24,
-                        num_experts_per_tok=2, num_experts=6),
-                   "NeMo holds the linear attention's A_log and dt_bias under _fp32_params and "
-                   "names the shared expert otherwise"),
+                        num_experts_per_tok=2, num_experts=6), None),
     "hy_v3": ("hy_v3.HYV3StateDictAdapter", {},
               dict(head_dim=8, moe_intermediate_size=16, num_experts_per_tok=2, num_experts=6,
-                   mlp_layer_types=["dense", "sparse", "sparse"]),
-              "NeMo renames the router (router.gate -> gate) and its expert_bias"),
+                   mlp_layer_types=["dense", "sparse", "sparse"]), None),
+    "glm4_moe_lite": ("glm4_moe.Glm4MoeStateDictAdapter", {}, TINY, None),
+    "kimi_linear": ("kimi_linear.KimiLinear48BStateDictAdapter", {}, TINY, None),
     "laguna": ("laguna.LagunaStateDictAdapter", {},
                dict(head_dim=8, moe_intermediate_size=16, shared_expert_intermediate_size=24,
                     num_experts_per_tok=2, num_experts=6,
                     mlp_layer_types=["dense", "sparse", "sparse"]), None),
 }
 """Every model type NeMo AutoModel 0.7 has a state-dict adapter for and transformers 5.24
-builds as a tiny causal LM. (Kimi-Linear and DeepSeek-V4 adapters expect other names for
-the whole model; Step-3.5, Mistral 4, Gemma 4, Qwen3.5-MoE and
-Qwen3-VL-MoE build no tiny causal LM from their configs.)"""
+builds as a tiny causal LM (NeMo reads glm4_moe_lite with GLM-4.5's adapter). Not here:
+DeepSeek-V4, whose adapter reads the DeepSeek release's own names (``layers.N.ffn``,
+``embed``, ``head``), not those transformers saves; Step-3.5, Mistral 4 and Ling-2, which
+transformers 5.24 cannot build; Gemma 4, which no tiny config builds (its per-layer
+attributes)."""
 
 
 def _cases() -> list:
@@ -117,6 +125,9 @@ def test_nemo_layout_is_what_nemo_automodels_adapter_gives(family, family_checkp
     settings = ADAPTERS[family][2]
     if settings is None:
         source, model = family_checkpoints[family], family_models[family]
+    elif settings is TINY:
+        model = build(family)
+        source = samples.save_model(model, tmp_path / family)
     else:
         model = samples.build_model(family, **settings)
         source = samples.save_model(model, tmp_path / family)

@@ -211,6 +211,30 @@ _LAGUNA_RENAMES = (Rename(".mlp.experts.e_score_correction_bias",
 memory and NeMo AutoModel 0.7 (LagunaStateDictAdapter) in its own format."""
 
 
+_FP32_PARAMS_NEMO = tuple(Rename(f".{module}.{name}", f".{module}._fp32_params.{name}")
+                          for module in ("self_attn", "linear_attn")
+                          for name in ("A_log", "dt_bias"))
+"""NeMo AutoModel 0.7 keeps a linear attention's ``A_log`` and ``dt_bias`` in float32 under
+``_fp32_params`` (Kimi-Linear's ``self_attn``, Qwen3-Next's ``linear_attn``)."""
+_MINIMAX_M2_NEMO = (*_MIXTRAL_TO_MLP,
+                    Rename(".mlp.e_score_correction_bias", ".mlp.gate.e_score_correction_bias"))
+"""NeMo AutoModel 0.7 (MiniMaxM2StateDictAdapter) names MiniMax-M2's block ``mlp`` and
+holds its score-correction bias on the router."""
+_KIMI_LINEAR_NEMO = (*(Rename(f".block_sparse_moe.{child}.", f".mlp.{child}.")
+                       for child in ("gate", "shared_experts", "experts")), *_FP32_PARAMS_NEMO)
+"""NeMo AutoModel 0.7 (KimiLinear48BStateDictAdapter) moves Kimi-Linear's router, shared
+experts and experts under ``mlp`` (a dense layer's ``block_sparse_moe.*_proj`` stay)."""
+_HY_V3_NEMO = (Rename(".mlp.expert_bias", ".mlp.gate.e_score_correction_bias"),
+               Rename(".mlp.router.gate.weight", ".mlp.gate.weight"),
+               Rename(".mlp.shared_mlp.", ".mlp.shared_experts."))
+"""NeMo AutoModel 0.7 (HYV3StateDictAdapter) names Hy-V3's router ``gate``, holds its
+expert bias there as ``e_score_correction_bias`` and names the shared MLP
+``shared_experts``."""
+_QWEN3_NEXT_NEMO = (Rename(".mlp.shared_expert.", ".mlp.shared_experts."), *_FP32_PARAMS_NEMO)
+"""NeMo AutoModel 0.7 (Qwen3NextStateDictAdapter) names Qwen3-Next's shared expert
+``shared_experts``."""
+
+
 _QWEN3_TORCHTITAN = (
     *(Rename(f".self_attn.{hf}_proj.", f".self_attn.qkv_linear.w{hf}.") for hf in "qkv"),
     Rename(".self_attn.o_proj.", ".self_attn.wo."),
@@ -277,12 +301,13 @@ def _transformers_converts(what: str) -> dict[str, str]:
 
 
 def _qwen_style(model_type: str, count_key: str, renames: tuple[Rename, ...] = (),
-                **settings: Any) -> Family:
+                nemo: tuple[Rename, ...] = (), **settings: Any) -> Family:
     """A family of one model type named as Qwen2-MoE on disk (``mlp.experts.{e}.gate_proj``)
-    whose transformers names differ by ``renames``."""
+    whose transformers names differ by ``renames`` and NeMo AutoModel's by ``nemo``."""
     aliases = tuple(k for k in EXPERT_COUNT_KEYS if k != count_key)
     return Family(model_type, (model_type,), _QWEN_BLOCK, _QWEN_PROJECTIONS, count_key,
-                  renames={"transformers": renames}, count_aliases=aliases, **settings)
+                  renames={"transformers": renames, "nemo": nemo}, count_aliases=aliases,
+                  **settings)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -292,6 +317,9 @@ FAMILIES: tuple[Family, ...] = (
            count_aliases=("num_local_experts",), moe_layers=sparse_step,
            renames={"torchtitan": _QWEN3_TORCHTITAN},
            unplaced={"torchtitan": _QWEN3_TORCHTITAN_UNPLACED}),
+    Family("qwen3_next", ("qwen3_next",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_experts",
+           shared_expert="shared_expert", renames={"nemo": _QWEN3_NEXT_NEMO},
+           moe_layers=sparse_step),
     Family("olmoe", ("olmoe",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_experts",
            count_aliases=("num_local_experts",), moe_layers=every_layer),
     Family("deepseek_v3", ("deepseek_v3",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "n_routed_experts",
@@ -370,11 +398,16 @@ FAMILIES: tuple[Family, ...] = (
            moe_layers=expert_period),
     # MiniMax, MiniMax-M2 and Kimi-Linear are named as Mixtral on disk; transformers 5.24
     # names the block mlp in memory (their conversion_mapping.py entries).
-    Family("minimax", ("minimax", "minimax_m2"), _MIXTRAL_BLOCK, _MIXTRAL_PROJECTIONS,
+    Family("minimax", ("minimax",), _MIXTRAL_BLOCK, _MIXTRAL_PROJECTIONS,
            "num_local_experts", renames={"transformers": _MIXTRAL_TO_MLP},
            count_aliases=("num_experts",), moe_layers=every_layer),
+    Family("minimax_m2", ("minimax_m2",), _MIXTRAL_BLOCK, _MIXTRAL_PROJECTIONS,
+           "num_local_experts", renames={"transformers": _MIXTRAL_TO_MLP,
+                                         "nemo": _MINIMAX_M2_NEMO},
+           count_aliases=("num_experts",), moe_layers=every_layer),
     Family("kimi_linear", ("kimi_linear",), _MIXTRAL_BLOCK, _MIXTRAL_PROJECTIONS, "num_experts",
-           shared_expert="shared_experts", renames={"transformers": _MIXTRAL_TO_MLP},
+           shared_expert="shared_experts",
+           renames={"transformers": _MIXTRAL_TO_MLP, "nemo": _KIMI_LINEAR_NEMO},
            unconverted=_transformers_converts("joins the attention's q_conv1d, k_conv1d "
                                               "and v_conv1d weights into one conv1d"),
            count_aliases=("num_local_experts",)),
@@ -446,7 +479,7 @@ FAMILIES: tuple[Family, ...] = (
     _qwen_style("hy_v3", "num_experts", router="router.gate.weight", shared_expert="shared_mlp",
                 renames=(Rename(".mlp.expert_bias", ".mlp.e_score_correction_bias"),
                          Rename(".mlp.router.gate.weight", ".mlp.gate.weight"),
-                         Rename(".mlp.shared_mlp.", ".mlp.shared_experts."))),
+                         Rename(".mlp.shared_mlp.", ".mlp.shared_experts.")), nemo=_HY_V3_NEMO),
     _qwen_style("hy_v4", "n_routed_experts", shared_expert="shared_experts",
                 grouped_on_disk=True, renames=(Rename(".linear_gate", ".gate_proj"),),
                 unconverted=_transformers_converts(
