@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 
 from .dtypes import ITEMSIZES
 from .errors import MoekitError, printable
-from .plan import nbytes
+from .plan import Expr, nbytes, reads
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -105,6 +105,10 @@ class Checkpoint:
     default ``path``)."""
     identities: dict[str, "FileIdentity"] = field(default_factory=dict)
     """Weight file name -> what it was when its header was read (see ``open_unchanged``)."""
+    made: dict[str, "Expr"] = field(default_factory=dict)
+    """The model's tensors where the files store them in another form, each the recipe
+    reading it from ``tensors`` (a Megatron-Core checkpoint's, under HF names): what the
+    checkpoint is planned from. Empty where ``tensors`` are the model's."""
 
     def __post_init__(self) -> None:
         if self.named is None:
@@ -123,8 +127,11 @@ class Checkpoint:
         ``.metadata`` and no safetensors files is a torch.distributed.checkpoint.
         """
         from .hub import local_path  # not at the top: moekit.hub imports this module
+        from .megatron_io import is_megatron, open_megatron  # likewise, and imports torch
 
         local = local_path(path)
+        if is_megatron(local):
+            return open_megatron(local)
         if _is_dcp(local):
             return cls._open_dcp(local)
         source = _locate(local)
@@ -143,7 +150,7 @@ class Checkpoint:
             read.append(source.folder / INDEX_NAME)
         if config is not None:
             read.append(source.folder / CONFIG_NAME)
-        sidecars = [] if source.named_file else _sidecars(source.folder, set(source.files))
+        sidecars = [] if source.named_file else sidecars_of(source.folder, set(source.files))
         return cls(path=source.folder, tensors=tensors, config=config, metadata=metadata,
                    sidecars=sidecars, read=read,
                    named=Path(path) if source.named_file else source.folder,
@@ -169,7 +176,7 @@ class Checkpoint:
         if config is not None:
             read.append(folder / CONFIG_NAME)
         return cls(path=folder, tensors=tensors, config=config,
-                   sidecars=_sidecars(folder, {DCP_METADATA_NAME, *data_files}), read=read,
+                   sidecars=sidecars_of(folder, {DCP_METADATA_NAME, *data_files}), read=read,
                    identities={name: data_files[name] for name in used})
 
     @property
@@ -183,6 +190,8 @@ class Checkpoint:
         return (self.config or {}).get("model_type")
 
     def file_of(self, key: str) -> str:
+        if key in self.made:
+            return self.tensors[reads(self.made[key])[0].key].file
         return self.tensors[key].file
 
     def total_bytes(self) -> int:
@@ -531,7 +540,7 @@ def _check_index(index: Path, weight_map: dict[str, str], tensors: dict[str, Ten
                           f"{printable(tensors[unlisted[0]].file)}")
 
 
-def _sidecars(folder: Path, weights: set[str]) -> list[Path]:
+def sidecars_of(folder: Path, weights: set[str]) -> list[Path]:
     """The folder's files named in ``SIDECARS``, each checked to be a plain file of the
     checkpoint (a link leaving it is refused, not followed)."""
     try:

@@ -56,9 +56,10 @@ class SafetensorsShards:
                    finished)
 
 
-FORMATS = ("safetensors", "dcp")
-"""Output formats, each written by one sink: HF-sharded safetensors files, or one
-``torch.distributed.checkpoint`` folder (``moekit.dcp``)."""
+FORMATS = ("safetensors", "dcp", "megatron")
+"""Output formats, each written by one sink: HF-sharded safetensors files, one
+``torch.distributed.checkpoint`` folder (``moekit.dcp``), or a Megatron-Core
+``torch_dist`` checkpoint folder (``moekit.megatron_io``)."""
 
 
 def sink_for(format: str, max_shard_size: int | str) -> Sink:
@@ -71,6 +72,10 @@ def sink_for(format: str, max_shard_size: int | str) -> Sink:
         from .dcp import DcpFolder  # imports torch.distributed.checkpoint
 
         return DcpFolder(max_shard_bytes)
+    if format == "megatron":
+        from .megatron_io import MegatronFolder
+
+        return MegatronFolder(max_shard_bytes)
     raise MoekitError(f"unknown output format {format!r}: moekit writes {', '.join(FORMATS)}")
 
 

@@ -12,7 +12,11 @@ it. The writer puts the tensors, in the plan's order, into ``.distcp`` files of 
 the shard size (a larger tensor gets a file alone), all described by one ``.metadata``;
 DCP keeps a file's tensors until the file is written, so memory holds at most one
 file's tensors, whatever the model's size. One process writes, without a process group
-(``no_dist``). ``save_distributed`` is the other writer: every rank of a process group
+(``no_dist``). A tensor the plan places in a larger stored one (``TensorPlan.chunk``,
+Megatron-Core's layers and experts) is saved as that chunk of it, so that ``.metadata``
+lists the stored tensor with one chunk a plan tensor; ``objects`` (Megatron-Core's
+``_extra_state`` entries) are saved as DCP saves any non-tensor value, ``torch.save``d,
+in the last data file. ``save_distributed`` is the other writer: every rank of a process group
 saves its own shards (``save_experts(format="dcp")``), which a reader finds as tensors
 saved in row chunks.
 """
@@ -27,8 +31,9 @@ import queue
 import struct
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -36,8 +41,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
-from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex,
+                                                   TensorProperties, TensorStorageMetadata)
+from torch.distributed.checkpoint.planner import (SavePlan, SavePlanner, TensorWriteData,
+                                                  WriteItem, WriteItemType)
 from torch.distributed.checkpoint.storage import WriteResult
 
 from .checkpoint import DCP_METADATA_NAME, TensorInfo
@@ -45,7 +52,7 @@ from .dtypes import to_safetensors, to_torch
 from .errors import MoekitError, printable
 from .executors.evaluate import KeepingStatistics, materialize
 from .executors.streaming import shard_tensors
-from .plan import Plan, nbytes
+from .plan import Plan, TensorPlan, nbytes
 from .progress import progress
 from .sources import TensorSource
 
@@ -64,12 +71,12 @@ class DcpFolder:
         self.max_shard_bytes = max_shard_bytes
 
     def write(self, plan: Plan, source: TensorSource, folder: Path,
-              show_progress: bool | None, finished: Callable[[Path], object]) -> None:
-        """Write ``plan``'s tensors, built from ``source`` one at a time, as a DCP
-        checkpoint in ``folder``; ``finished`` is called with every file once the
-        checkpoint is complete (DCP writes ``.metadata`` last)."""
-        shapes = {t.name: torch.empty(t.shape, dtype=to_torch(t.dtype), device="meta")
-                  for t in plan.tensors}
+              show_progress: bool | None, finished: Callable[[Path], object],
+              objects: Mapping[str, object] = {}) -> None:
+        """Write ``plan``'s tensors, built from ``source`` one at a time, and ``objects``
+        as a DCP checkpoint in ``folder``; ``finished`` is called with every file once
+        the checkpoint is complete (DCP writes ``.metadata`` last)."""
+        shapes = {**_saved(plan.tensors), **objects}
         with progress(plan.total_bytes, f"{plan.src_layout} -> {plan.dst_layout}",
                       show_progress) as bar, warnings.catch_warnings():
             # torch 2.13 warns that it assumes one process whenever no process group is
@@ -77,12 +84,55 @@ class DcpFolder:
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
             try:
                 dcp.save(shapes, no_dist=True,
-                         storage_writer=_ShardedWriter(folder, plan, self.max_shard_bytes),
+                         storage_writer=_ShardedWriter(folder, plan, self.max_shard_bytes,
+                                                       len(objects)),
                          planner=_RecipePlanner(plan, source, bar.update))
             except CheckpointException as err:
                 raise _original(err) from None
         for path in sorted(folder.iterdir()):
             finished(path)
+
+
+def _saved(tensors: list[TensorPlan]) -> dict[str, object]:
+    """What ``dcp.save`` is handed for the plan's tensors: a tensor on the meta device for
+    each tensor stored whole, one ``_Chunks`` for each tensor stored in chunks."""
+    saved: dict[str, object] = {}
+    for t in tensors:
+        if t.chunk is None:
+            saved[t.name] = torch.empty(t.shape, dtype=to_torch(t.dtype), device="meta")
+        else:
+            saved.setdefault(t.chunk.key, _Chunks(t.chunk.whole, t.dtype)).add(t)
+    return saved
+
+
+def index_of(tensor: TensorPlan) -> MetadataIndex:
+    """The index DCP gives the write of a plan tensor: its name (or stored tensor's) and
+    the offset of its data there."""
+    if tensor.chunk is None:
+        return MetadataIndex(tensor.name, torch.Size([0] * len(tensor.shape)))
+    return MetadataIndex(tensor.chunk.key, torch.Size(tensor.chunk.offsets))
+
+
+class _Chunks:
+    """A tensor stored in chunks, each a plan tensor: DCP asks an object for its writes
+    (``__create_write_items__``, as it asks a DTensor for its shard's)."""
+
+    def __init__(self, whole: tuple[int, ...], dtype: str) -> None:
+        self.whole, self.dtype = whole, dtype
+        self.chunks: list[TensorPlan] = []
+
+    def add(self, tensor: TensorPlan) -> "_Chunks":
+        self.chunks.append(tensor)
+        return self
+
+    def __create_write_items__(self, fqn: str, obj: object) -> list[WriteItem]:
+        properties = TensorProperties(dtype=to_torch(self.dtype))
+        return [WriteItem(index=index_of(t), type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(
+                              chunk=ChunkStorageMetadata(torch.Size(t.chunk.offsets),
+                                                         torch.Size(t.shape)),
+                              properties=properties, size=torch.Size(self.whole)))
+                for t in self.chunks]
 
 
 def save_distributed(state_dict: dict[str, torch.Tensor], folder: Path) -> str | None:
@@ -128,12 +178,14 @@ class _RecipePlanner(DefaultSavePlanner):
     def __init__(self, plan: Plan, source: TensorSource, done: Callable[[int], object]
                  ) -> None:
         super().__init__()
-        self._tensors = {t.name: t for t in plan.tensors}
+        self._tensors = {index_of(t): t for t in plan.tensors}
         self._source = KeepingStatistics(source)
         self._done = done
 
-    def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
-        tensor = self._tensors[write_item.index.fqn]
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
+        if write_item.type == WriteItemType.BYTE_IO:
+            return super().resolve_data(write_item)
+        tensor = self._tensors[write_item.index]
         built = materialize(tensor.recipe, self._source)
         self._done(tensor.nbytes)
         return built
@@ -141,19 +193,24 @@ class _RecipePlanner(DefaultSavePlanner):
 
 class _ShardedWriter(FileSystemWriter):
     """DCP's file-system writer, with the plan's tensors in order in files of at most
-    ``max_shard_bytes`` (DCP's own writer puts a rank's tensors in one file per thread)."""
+    ``max_shard_bytes`` (DCP's own writer puts a rank's tensors in one file per thread),
+    and the non-tensor objects in the last file."""
 
-    def __init__(self, folder: Path, plan: Plan, max_shard_bytes: int) -> None:
+    def __init__(self, folder: Path, plan: Plan, max_shard_bytes: int, objects: int = 0
+                 ) -> None:
         super().__init__(folder, sync_files=False, overwrite=False)
-        self._shards = shard_tensors(plan.tensors, max_shard_bytes)
+        shards = shard_tensors(plan.tensors, max_shard_bytes)
+        self._shards = shards if shards or not objects else [[]]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        items = {item.index.fqn: item for item in plan.items}
+        items = {item.index: item for item in plan.items}
+        objects = [item for item in plan.items if item.type == WriteItemType.BYTE_IO]
         files: queue.Queue = queue.Queue()
         for number, shard in enumerate(self._shards):
             name = f"{plan.storage_data.prefix}{number}{DISTCP_SUFFIX}"
+            last = number == len(self._shards) - 1
             files.put((self.fs.concat_path(self.path, name), name,
-                       [items[t.name] for t in shard]))
+                       [items[index_of(t)] for t in shard] + (objects if last else [])))
         # torch 2.13's FileSystemWriter.write_data fills this queue (path, file name,
         # items) with its own split and hands it to _write_data, which writes each file.
         return self._write_data(planner, files)
@@ -206,6 +263,45 @@ def read_tensors(folder: Path) -> dict[str, TensorInfo]:
     for key, entry in metadata.state_dict_metadata.items():
         tensors[key] = _tensor(folder, key, entry, metadata.storage_data)
     return tensors
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor of a DCP checkpoint as it is stored: its shape and dtype, and each chunk
+    (however the saving ranks split it) as its offset and the run of bytes that holds it,
+    a ``TensorInfo`` named ``name(key, offset)``."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[tuple[tuple[int, ...], TensorInfo], ...]
+
+
+def read_stored(folder: Path, name: Callable[[str, tuple[int, ...], tuple[int, ...]], str]
+                ) -> tuple[dict[str, StoredTensor], list[str]]:
+    """Every tensor of the DCP checkpoint in ``folder`` chunk by chunk, each chunk named
+    ``name(key, offsets, shape)`` (a Megatron-Core checkpoint stacks layers and experts
+    in chunks that split more than rows); and the keys of its non-tensor entries."""
+    metadata = _read_metadata(folder / DCP_METADATA_NAME)
+    tensors, objects = {}, []
+    for key, entry in metadata.state_dict_metadata.items():
+        if not isinstance(entry, TensorStorageMetadata):
+            objects.append(key)
+            continue
+        where = f"{printable(str(folder / DCP_METADATA_NAME))}: {printable(key)}"
+        shape = tuple(entry.size)
+        try:
+            dtype = to_safetensors(entry.properties.dtype)
+        except KeyError:
+            raise MoekitError(f"{where} has dtype {entry.properties.dtype}, which moekit does "
+                              "not handle") from None
+        chunks = []
+        for chunk in entry.chunks:
+            offsets = tuple(chunk.offsets)
+            run = _run(folder, key, chunk, dtype, metadata.storage_data, where)
+            chunks.append((offsets, TensorInfo(name(key, offsets, shape), *run)))
+        tensors[key] = StoredTensor(key, shape, dtype, tuple(chunks))
+    return tensors, objects
 
 
 def _read_metadata(path: Path):

@@ -12,8 +12,8 @@ tensor byte is read. Executors (``moekit.executors``) turn recipes into tensors.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar, Union
 
 from .dtypes import itemsize
@@ -262,6 +262,41 @@ def handler(table: Mapping[type, T], expr: Expr, interpreter: str) -> T:
                         f"{expr!r}") from None
 
 
+def composed(expr: Expr, made: Mapping[str, Expr]) -> Expr:
+    """``expr`` with every read of a tensor named in ``made`` replaced by ``made[key]``,
+    the recipe that makes that tensor: how a conversion of an upcycled model reads the
+    dense one, and a conversion of a Megatron-Core checkpoint its stored chunks."""
+    return handler(_COMPOSE, expr, "composing a plan with the recipes of its reads")(expr, made)
+
+
+def _read(expr: Read, made: Mapping[str, Expr]) -> Expr:
+    """The recipe of the tensor read. A conversion from per-expert HF tensors (what every
+    upcycling target and Megatron-Core checkpoint holds) reads each of them whole."""
+    if not expr.is_whole:
+        raise TypeError(f"a conversion reads {expr.key} in part; no recipe node reads part "
+                        "of a recipe")
+    return made[expr.key]
+
+
+def _parts(expr: Stack | Concat, made: Mapping[str, Expr]) -> Expr:
+    return replace(expr, parts=tuple(composed(part, made) for part in expr.parts))
+
+
+def _part(expr: Transpose | Reshape, made: Mapping[str, Expr]) -> Expr:
+    return replace(expr, part=composed(expr.part, made))
+
+
+def _constant(expr: Constant, made: Mapping[str, Expr]) -> Expr:
+    return expr
+
+
+_COMPOSE: dict[type, Callable[..., Expr]] = {
+    Read: _read, Stack: _parts, Concat: _parts, Transpose: _part, Reshape: _part,
+    Constant: _constant,
+}
+"""The nodes a conversion plan reading HF per-expert tensors is made of."""
+
+
 def reads(expr: Expr) -> list[Read]:
     """Every source read a recipe makes, in evaluation order."""
     if isinstance(expr, Read):
@@ -337,11 +372,26 @@ def _region(region: tuple[Index, ...]) -> str:
 
 
 @dataclass(frozen=True)
+class Chunk:
+    """Where a destination tensor lies in a larger one that its checkpoint stores in chunks
+    (Megatron-Core stacks a layer's tensors over the layers, and its experts' over the
+    layers and experts, each layer's or expert's part one chunk): the stored tensor's name
+    and whole shape, and this chunk's offset in it."""
+
+    key: str
+    offsets: tuple[int, ...]
+    whole: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class TensorPlan:
     """One destination tensor and the recipe that makes it."""
 
     name: str
     recipe: Expr
+    chunk: Chunk | None = None
+    """Where the tensor lies in a tensor stored in chunks; None for a tensor stored whole
+    under ``name``."""
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from .layouts.families import (FP8_SCALE_KEY, GENERIC_FAMILIES, MAX_EXPERTS, MX_
                                MX_SCALES, SCALE, family_of_model_type)
 from .model_config import DEFAULT_FP8_BLOCK, ConfigValues, MoeLayers, expert_count, fp8_block
 from .plan import (Concat, Dequantize, DequantizeMXFP4, Expr, Plan, Read, Reshape, Stack,
-                   TensorPlan, Transpose)
+                   TensorPlan, Transpose, composed)
 
 SAMPLE = 1024
 """Keys a naming disagreement is judged on (a checkpoint is named one way throughout)."""
@@ -72,6 +72,12 @@ class Analysis:
     dict may be one pipeline stage's part of a model)."""
     family_source: str = "detected"
     layout_source: str = "detected"
+    config: Mapping | None = None
+    """The config.json (or config given), which a whole-model layout places tensors by."""
+    made: Mapping[str, Expr] = field(default_factory=dict)
+    """Source tensors that the checkpoint's files hold in another form, each the recipe
+    that makes it from them (a Megatron-Core checkpoint's tensors under HF names): a
+    plan's reads of them become these recipes."""
 
     @property
     def blocks(self) -> dict[int, ExpertBlock]:
@@ -110,7 +116,7 @@ def understand(tensors: Mapping[str, TensorMeta], config: dict | None,
     parsed = layout.parse(dict(tensors), fam)
     count, count_source = _expert_count(parsed, settings, n_experts)
     return Analysis(label, fam, layout, parsed, count, tensors, count_source, settings,
-                    config_file is not None, family_source, layout_source)
+                    config_file is not None, family_source, layout_source, config)
 
 
 def validate(analysis: Analysis, required: range | None = None,
@@ -151,8 +157,11 @@ def analyse(tensors: Mapping[str, TensorMeta], config: dict | None,
 
 def understand_checkpoint(checkpoint: Checkpoint, from_: str | None = None) -> Analysis:
     """``understand`` a checkpoint's headers, as a whole model with its config.json."""
-    return understand(checkpoint.tensors, checkpoint.config, checkpoint.metadata,
-                      str(checkpoint.path), from_=from_, config_file=_config_file(checkpoint))
+    analysis = understand(checkpoint.made or checkpoint.tensors, checkpoint.config,
+                          checkpoint.metadata, str(checkpoint.path), from_=from_,
+                          config_file=_config_file(checkpoint))
+    analysis.made = checkpoint.made
+    return analysis
 
 
 def _config_file(checkpoint: Checkpoint) -> str:
@@ -163,9 +172,10 @@ def _config_file(checkpoint: Checkpoint) -> str:
 def analyse_checkpoint(path: str | Path, from_: str | None = None) -> tuple[Checkpoint, Analysis]:
     """Read a checkpoint's headers, detect its family and layout and validate its experts."""
     checkpoint = Checkpoint.open(path)
-    analysis = analyse(checkpoint.tensors, checkpoint.config, checkpoint.metadata,
-                       str(checkpoint.path), from_=from_, where=checkpoint.file_of,
-                       config_file=_config_file(checkpoint))
+    analysis = analyse(checkpoint.made or checkpoint.tensors, checkpoint.config,
+                       checkpoint.metadata, str(checkpoint.path), from_=from_,
+                       where=checkpoint.file_of, config_file=_config_file(checkpoint))
+    analysis.made = checkpoint.made
     return checkpoint, analysis
 
 
@@ -217,10 +227,13 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
                 name = dst.from_hf_key(src.to_hf_key(key, analysis.family), analysis.family)
                 tensors.append(TensorPlan(name, recipe))
     _check_unique(tensors)
-    return Plan(analysis.family.name, src.name, dst.name, tensors,
+    if analysis.made:
+        tensors = [replace(t, recipe=composed(t.recipe, analysis.made)) for t in tensors]
+    plan = Plan(analysis.family.name, src.name, dst.name, tensors,
                 {layer: len(chosen) for layer in sorted(analysis.blocks)}, expert_names)
 
 
+    return dst.whole_model(plan, analysis.config, analysis.family, analysis.label)
 def _unread_experts(settings: Settings) -> str:
     """What to say when a config declares routed experts but no tensor reads as one: a
     family whose experts moekit does not know (or Doge's single-neuron experts, which no

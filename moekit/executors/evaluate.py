@@ -105,10 +105,16 @@ def _checked(value: torch.Tensor, read: Read, out: torch.Tensor) -> torch.Tensor
 
 
 def _fill_reshape(expr: Reshape, out: torch.Tensor, source: TensorSource) -> None:
-    """Fill ``out`` through a view of the part's shape. Plans reshape only the last
-    dimensions of an expert's MXFP4 blocks ([out, in/32, 16] <-> [out, in/2]), which are
-    contiguous in every place a stack or concatenation gives them, so the view exists."""
-    fill(expr.part, out.view(expr.part.shape), source)
+    """Fill ``out`` through a view of the part's shape where ``out`` is contiguous (an
+    expert's MXFP4 blocks, [out, in/32, 16] <-> [out, in/2]); else fill the part alone and
+    copy it in (Megatron-Core's QKV: each projection's rows by query group, [G, R, H],
+    concatenated along the rows of a group)."""
+    if out.is_contiguous():
+        fill(expr.part, out.view(expr.part.shape), source)
+        return
+    part = torch.empty(expr.part.shape, dtype=out.dtype, device=out.device)
+    fill(expr.part, part, source)
+    out.copy_(part.view(out.shape))
 
 
 def _fill_stack(expr: Stack, out: torch.Tensor, source: TensorSource) -> None:

@@ -7,11 +7,13 @@ from .base import ExpertBlock, Layout, ParsedExperts
 from .families import FAMILIES, PROJECTIONS, Family, family_named, family_of_model_type
 from .grouped import NEMO, TRANSFORMERS, VLLM, GroupedLayout, GroupedTensor
 from .hf import PerExpertLayout
+from .megatron import MEGATRON
 from .torchtitan import TORCHTITAN
 
 HF = PerExpertLayout()
 
-LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (HF, NEMO, TRANSFORMERS, VLLM, TORCHTITAN)}
+LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (HF, NEMO, TRANSFORMERS, VLLM, TORCHTITAN,
+                                                          MEGATRON)}
 
 
 def layout_named(name: str) -> Layout:
@@ -22,7 +24,7 @@ def layout_named(name: str) -> Layout:
 
 
 __all__ = [
-    "FAMILIES", "HF", "LAYOUTS", "NEMO", "PROJECTIONS", "TORCHTITAN", "TRANSFORMERS", "VLLM",
+    "FAMILIES", "HF", "LAYOUTS", "MEGATRON", "NEMO", "PROJECTIONS", "TORCHTITAN", "TRANSFORMERS", "VLLM",
     "ExpertBlock", "Family", "GroupedLayout", "GroupedTensor", "Layout", "ParsedExperts", "PerExpertLayout",
     "family_named", "family_of_model_type", "layout_named",
 ]

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 from ..errors import printable
-from ..plan import Expr, TensorMeta, TensorPlan
+from ..plan import Expr, Plan, TensorMeta, TensorPlan
 from .families import Family, rename
 
 NUMBER = r"[^.]+"
@@ -188,6 +189,14 @@ class Layout(ABC):
     def to_hf_key(self, key: str, family: Family) -> str:
         """This layout's name of a non-expert tensor -> the HF name."""
         return rename(key, family.renames.get(self.name, ()), reverse=True)
+
+    def whole_model(self, plan: Plan, config: Mapping | None, family: Family,
+                    source: str) -> Plan:
+        """``plan`` (its tensors under this layout's names) as this layout's files store
+        the model, whose config.json is ``config``: ``plan`` itself, except in a layout
+        that joins tensors across names (Megatron-Core stacks layers and joins the
+        attention projections)."""
+        return plan
 
     def from_hf_key(self, key: str, family: Family) -> str:
         """The HF name of a non-expert tensor -> this layout's name."""

@@ -11,11 +11,10 @@ pipeline and sinks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from ..layouts.base import Layout
-from ..plan import Concat, Constant, Expr, Plan, Read, Reshape, Stack, Transpose, handler
+from ..plan import Plan, composed
 from ..planner import analyse, build_plan
 
 
@@ -31,37 +30,3 @@ def in_layout(plan: Plan, config: dict, layout: Layout, label: str) -> Plan:
     return Plan(plan.family, plan.src_layout, converted.dst_layout,
                 [replace(t, recipe=composed(t.recipe, made)) for t in converted.tensors],
                 converted.moe_layers, converted.expert_tensors)
-
-
-def composed(expr: Expr, made: Mapping[str, Expr]) -> Expr:
-    """``expr`` with every read of a tensor replaced by ``made[key]``, the recipe that makes
-    that tensor."""
-    return handler(_COMPOSE, expr, "composing an upcycling plan with a conversion")(expr, made)
-
-
-def _read(expr: Read, made: Mapping[str, Expr]) -> Expr:
-    """The recipe of the tensor read. A conversion from per-expert HF tensors (what every
-    upcycling target holds) reads each of them whole."""
-    if not expr.is_whole:
-        raise TypeError(f"a conversion of an upcycled model reads {expr.key} in part; no "
-                        "recipe node reads part of a recipe")
-    return made[expr.key]
-
-
-def _parts(expr: Stack | Concat, made: Mapping[str, Expr]) -> Expr:
-    return replace(expr, parts=tuple(composed(part, made) for part in expr.parts))
-
-
-def _part(expr: Transpose | Reshape, made: Mapping[str, Expr]) -> Expr:
-    return replace(expr, part=composed(expr.part, made))
-
-
-def _constant(expr: Constant, made: Mapping[str, Expr]) -> Expr:
-    return expr
-
-
-_COMPOSE: dict[type, Callable[..., Expr]] = {
-    Read: _read, Stack: _parts, Concat: _parts, Transpose: _part, Reshape: _part,
-    Constant: _constant,
-}
-"""The nodes a conversion plan from HF per-expert tensors is made of."""

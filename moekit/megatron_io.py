@@ -1,0 +1,238 @@
+"""Megatron-Core ``torch_dist`` checkpoint folders: the sink writing a plan in the
+``megatron`` layout (``moekit.layouts.megatron``) as one, and the reader that opens one as
+a checkpoint whose tensors, under HF names, are recipes over its stored chunks.
+
+A folder is what Megatron-LM's training loop loads: ``latest_checkpointed_iteration.txt``
+naming the iteration, and ``iter_0000000/`` holding the DCP files (``.metadata`` and
+``.distcp``), ``common.pt`` and ``metadata.json`` as megatron-core 0.16.1's
+``dist_checkpointing.save`` writes them; moekit writes config.json and the other sidecars
+beside the tracker file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .checkpoint import (CONFIG_NAME, DCP_METADATA_NAME, LAYOUT_METADATA_KEY, Checkpoint,
+                         FileIdentity, read_config, sidecars_of)
+from .errors import MoekitError, printable
+from .layouts.families import GENERIC_FAMILIES, family_of_model_type
+from .layouts.megatron import BY_KEY, ENTRIES, MEGATRON, Dimensions, Entry, chunk_name
+from .plan import Concat, Expr, Plan, Read
+from .sources import TensorSource
+
+if TYPE_CHECKING:
+    from .dcp import StoredTensor
+
+TRACKER = "latest_checkpointed_iteration.txt"
+ITERATION = 0
+COMMON = "common.pt"
+METADATA = "metadata.json"
+BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+           "common_backend": "torch", "common_backend_version": 1}
+"""What megatron-core 0.16.1 writes to ``metadata.json`` for a ``torch_dist`` save."""
+LOCAL_EXTRA_STATE = [None]
+"""The ``_extra_state`` object of a local-spec linear layer: megatron-core saves the list
+of its ranks' ``get_extra_state()`` values, None for a local layer."""
+EXPERTS = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
+"""The stored tensor whose second axis counts the routed experts."""
+OPTIMIZER_PREFIX = "optimizer."
+"""Keys of a training checkpoint's optimizer state, which moekit does not read."""
+
+
+def iteration_dir(iteration: int) -> str:
+    """Megatron-LM's name of an iteration's folder."""
+    return f"iter_{iteration:07d}"
+
+
+class MegatronFolder:
+    """A sink writing a ``megatron`` plan as a Megatron-Core ``torch_dist`` folder whose
+    data files hold at most ``max_shard_bytes`` each."""
+
+    def __init__(self, max_shard_bytes: int) -> None:
+        from .dcp import DcpFolder  # imports torch.distributed.checkpoint
+
+        self.dcp = DcpFolder(max_shard_bytes)
+
+    def write(self, plan: Plan, source: TensorSource, folder: Path,
+              show_progress: bool | None, finished: Callable[[Path], object]) -> None:
+        if plan.dst_layout != MEGATRON.name:
+            raise MoekitError(f"--format megatron writes the megatron layout, not "
+                              f"{plan.dst_layout}")
+        iteration = folder / iteration_dir(ITERATION)
+        iteration.mkdir()
+        self.dcp.write(plan, source, iteration, show_progress, finished, extra_states(plan))
+        import torch  # loaded with torch.distributed.checkpoint above
+
+        torch.save({}, iteration / COMMON)
+        (iteration / METADATA).write_text(json.dumps(BACKEND))
+        (folder / TRACKER).write_text(str(ITERATION))
+        for path in (iteration / COMMON, iteration / METADATA, iteration, folder / TRACKER):
+            finished(path)
+
+
+def extra_states(plan: Plan) -> dict[str, object]:
+    """The ``_extra_state`` object of every linear layer (and layer, and expert) whose
+    weight the plan writes, as a local-spec model saves it."""
+    found = {}
+    for tensor in plan.tensors:
+        if tensor.chunk is not None:
+            name = BY_KEY[tensor.chunk.key].extra_state(tensor.chunk)
+            if name is not None:
+                found[name] = list(LOCAL_EXTRA_STATE)
+    return found
+
+
+def is_megatron(path: Path) -> bool:
+    """Whether ``path`` is a Megatron-Core checkpoint: a folder holding the tracker file,
+    or an iteration folder holding ``metadata.json`` beside a DCP ``.metadata``."""
+    return path.is_dir() and (os.path.lexists(path / TRACKER) or (
+        os.path.lexists(path / METADATA) and os.path.lexists(path / DCP_METADATA_NAME)))
+
+
+def open_megatron(path: Path) -> Checkpoint:
+    """The checkpoint at ``path`` (the folder or one iteration's): its stored chunks as
+    ``tensors``, and its model's tensors under HF names as ``made``, read by the config.json
+    of the iteration folder or the folder above."""
+    from .dcp import read_stored  # imports torch, which DCP's metadata refers to
+
+    iteration = _iteration(path)
+    top = iteration.parent if (iteration.parent / TRACKER).exists() else iteration
+    _check_backend(iteration)
+    config_folder = iteration if (iteration / CONFIG_NAME).exists() else top
+    config = read_config(config_folder)
+    stored, _ = read_stored(iteration, chunk_name)
+    made = hf_tensors(stored, config, str(iteration))
+    chunks = {info.key: info for tensor in stored.values() for _, info in tensor.chunks}
+    used = sorted({info.file for info in chunks.values()})
+    identities = {name: FileIdentity.of((iteration / name).stat()) for name in used}
+    read = [iteration / DCP_METADATA_NAME, *(iteration / name for name in used)]
+    if config is not None:
+        read.append(config_folder / CONFIG_NAME)
+    return Checkpoint(path=iteration, tensors=chunks, config=config,
+                      metadata={LAYOUT_METADATA_KEY: MEGATRON.name},
+                      sidecars=sidecars_of(top, {TRACKER, DCP_METADATA_NAME, *used}),
+                      read=read, named=path, identities=identities, made=made)
+
+
+def _iteration(path: Path) -> Path:
+    """The iteration folder the tracker file names, or ``path`` itself."""
+    tracker = path / TRACKER
+    if not tracker.exists():
+        return path
+    text = tracker.read_text(errors="replace").strip()
+    if not text.isascii() or not text.isdigit():
+        raise MoekitError(f"{printable(str(tracker))} holds {printable(text)!r}, not an "
+                          "iteration number")
+    folder = path / iteration_dir(int(text))
+    if not folder.is_dir():
+        raise MoekitError(f"{printable(str(tracker))} names iteration {int(text)}, but "
+                          f"{printable(str(folder))} is not a folder")
+    return folder
+
+
+def _check_backend(iteration: Path) -> None:
+    metadata = iteration / METADATA
+    try:
+        backend = json.loads(metadata.read_text())
+    except (OSError, ValueError) as err:
+        raise MoekitError(f"cannot read {printable(str(metadata))}: {err}") from err
+    if not isinstance(backend, dict) or backend.get("sharded_backend") != "torch_dist":
+        raise MoekitError(f"{printable(str(metadata))} names sharded backend "
+                          f"{printable(repr(backend.get('sharded_backend') if isinstance(backend, dict) else backend))}; "
+                          "moekit reads Megatron-Core's torch_dist checkpoints")
+
+
+def hf_tensors(stored: Mapping[str, "StoredTensor"], config: Mapping | None, source: str
+               ) -> dict[str, Expr]:
+    """Every HF tensor of a Megatron-Core checkpoint's model, each the recipe reading it
+    from the stored chunks; a stored tensor that no entry names is refused."""
+    dims = Dimensions.of(config, stored[EXPERTS].shape[1] if EXPERTS in stored else 0, source)
+    family = family_of_model_type(config.get("model_type")) or GENERIC_FAMILIES[0]
+    unknown = [key for key in stored if key not in BY_KEY and not key.startswith(OPTIMIZER_PREFIX)]
+    if unknown:
+        raise MoekitError(f"{source} holds {printable(unknown[0])}"
+                          + (f" and {len(unknown) - 1} more tensors" if len(unknown) > 1 else "")
+                          + ", which moekit has no HF name for (it reads the GPT models of "
+                            "Megatron-Core's layout: see `moekit convert --help`)")
+    made: dict[str, Expr] = {}
+    for entry in ENTRIES:
+        if entry.key not in stored:
+            if not entry.optional:
+                raise MoekitError(f"{source} has no {entry.key}, which every Megatron-Core "
+                                  "GPT model holds")
+            continue
+        tensor = stored[entry.key]
+        _check_stacked(tensor, entry, dims, source)
+        for index in dims.indices(entry):
+            for key, (rows, parts) in zip(entry.hf_keys(family, index),
+                                          _row_ranges(entry, tensor, dims, source)):
+                pieces = [_region(tensor, index, start, start + rows, source)
+                          for start in parts]
+                made[key] = pieces[0] if len(pieces) == 1 else Concat(tuple(pieces), dim=0)
+    return made
+
+
+def _check_stacked(tensor: "StoredTensor", entry: Entry, dims: Dimensions, source: str) -> None:
+    expected = dims.stacked_shape(entry)
+    if tensor.shape[:entry.stacked] != expected:
+        raise MoekitError(f"{source}: {entry.key} is {list(tensor.shape)}, stacked over "
+                          f"{list(tensor.shape[:entry.stacked])} where config.json gives "
+                          f"{list(expected)} (layers, experts)")
+
+
+def _row_ranges(entry: Entry, tensor: "StoredTensor", dims: Dimensions, source: str
+                ) -> list[tuple[int, list[int]]]:
+    """For each part of ``entry``: its rows per run and where each run starts along the
+    first axis after the stacked ones (one run; for q, k and v one per query group)."""
+    total = tensor.shape[entry.stacked]
+    if not entry.qkv:
+        rows = total // len(entry.parts)
+        if rows * len(entry.parts) != total:
+            raise MoekitError(f"{source}: {entry.key} has {total} rows, which do not split "
+                              f"into its {len(entry.parts)} parts")
+        return [(rows, [j * rows]) for j in range(len(entry.parts))]
+    per_group = dims.qkv_rows()
+    group = sum(per_group)
+    if total != dims.groups * group:
+        raise MoekitError(f"{source}: {entry.key} has {total} rows where config.json's heads "
+                          f"give {dims.groups} query groups of {group}")
+    before = [sum(per_group[:j]) for j in range(3)]
+    return [(rows, [g * group + before[j] for g in range(dims.groups)])
+            for j, rows in enumerate(per_group)]
+
+
+def _region(tensor: "StoredTensor", index: tuple[int, ...], start: int, stop: int,
+            source: str) -> Expr:
+    """Rows ``start:stop`` (along the axis after the stacked ones) of copy ``index`` of a
+    stored tensor, read from the chunks that hold them."""
+    axis = len(index)
+    rest = tensor.shape[axis + 1:]
+    parts, covered = [], start
+    for offsets, info in sorted(tensor.chunks, key=lambda chunk: chunk[0]):
+        if not all(o <= i < o + s for i, o, s in zip(index, offsets, info.shape)):
+            continue
+        first, count = offsets[axis], info.shape[axis]
+        low, high = max(start, first), min(stop, first + count)
+        if low >= high:
+            continue
+        if tuple(offsets[axis + 1:]) != (0,) * len(rest) or info.shape[axis + 1:] != rest:
+            raise MoekitError(f"{source}: {tensor.key} is saved in chunks split along its "
+                              "columns (tensor parallelism); moekit reads Megatron-Core "
+                              "checkpoints saved at any expert-parallel size with a tensor-"
+                              "parallel size of 1")
+        if low != covered:
+            break
+        local = tuple(i - o for i, o in zip(index, offsets))
+        parts.append(Read(info.key, (*local, slice(low - first, high - first)),
+                          (high - low, *rest), tensor.dtype))
+        covered = high
+    if covered != stop:
+        raise MoekitError(f"{source}: the chunks of {tensor.key} do not hold rows "
+                          f"{start}:{stop} of {list(index)}")
+    return parts[0] if len(parts) == 1 else Concat(tuple(parts), dim=0)
+

@@ -1,0 +1,117 @@
+"""Workers of the Megatron-Core checkpoint tests: megatron-core 0.16.1 GPT models built on
+the CPU (gloo) from a Hugging Face config.json, loading and saving ``torch_dist``
+checkpoints with megatron-core's own ``dist_checkpointing``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import megatron_workers
+
+
+def _init(rank: int, world: int, store: str, ep: int = 1) -> None:
+    megatron_workers.init(rank, world, store, ep)
+    # megatron-core's checkpoint writer waits for CUDA before writing (no GPU here).
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+
+
+def gpt_model(config: dict, ep: int = 1):
+    """megatron-core's GPTModel (local layer spec) holding the transformers model that
+    ``config`` (a config.json) describes: Llama-style attention, RMSNorm, RoPE, and routed
+    experts renormalised over the top k (``moe_router_pre_softmax=False``) when it has any."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    experts = config.get("num_experts") or config.get("num_local_experts") or 0
+    moe = dict(num_moe_experts=experts, moe_router_topk=config["num_experts_per_tok"],
+               moe_ffn_hidden_size=config.get("moe_intermediate_size",
+                                              config["intermediate_size"]),
+               moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
+               expert_model_parallel_size=ep) if experts else {}
+    heads = config["num_attention_heads"]
+    qk_norm = config["model_type"] in ("qwen3", "qwen3_moe")
+    transformer = TransformerConfig(
+        num_layers=config["num_hidden_layers"], hidden_size=config["hidden_size"],
+        num_attention_heads=heads, num_query_groups=config.get("num_key_value_heads", heads),
+        kv_channels=config.get("head_dim") or config["hidden_size"] // heads,
+        ffn_hidden_size=config["intermediate_size"], use_cpu_initialization=True,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        add_qkv_bias=bool(config.get("attention_bias")) or config["model_type"] == "qwen2",
+        bias_activation_fusion=False, normalization="RMSNorm",
+        layernorm_epsilon=config["rms_norm_eps"], qk_layernorm=qk_norm, hidden_dropout=0.0,
+        attention_dropout=0.0, apply_rope_fusion=False, **moe)
+    spec = get_gpt_layer_local_spec(num_experts=experts or None, moe_grouped_gemm=False,
+                                    qk_layernorm=qk_norm)
+    rope = config.get("rope_parameters") or {}
+    model = GPTModel(config=transformer, transformer_layer_spec=spec,
+                     vocab_size=config["vocab_size"],
+                     max_sequence_length=config["max_position_embeddings"],
+                     position_embedding_type="rope",
+                     rotary_base=int(rope.get("rope_theta", config.get("rope_theta", 10000))),
+                     share_embeddings_and_output_weights=config["tie_word_embeddings"])
+    return model.eval()
+
+
+def _config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def load_and_run(rank: int, world: int, store: str, folder: str, ids: torch.Tensor,
+                 result: str) -> None:
+    """Load ``folder`` (a torch_dist checkpoint with its config.json) strictly into
+    megatron-core's model; save its logits on ``ids`` and its state dict, and the model
+    with megatron-core's own ``dist_checkpointing.save`` into ``result``.saved."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    _init(rank, world, store)
+    folder = Path(folder)
+    model = gpt_model(_config(folder))
+    iteration = (folder / "latest_checkpointed_iteration.txt").read_text().strip()
+    loaded = dist_checkpointing.load(model.sharded_state_dict(),
+                                     str(folder / f"iter_{int(iteration):07d}"),
+                                     strict=StrictHandling.RAISE_ALL)
+    model.load_state_dict(loaded, strict=True)
+    logits = megatron_workers.forward([model], ids)
+    state = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    torch.save({"logits": logits, "state": state}, result)
+    Path(f"{result}.saved").mkdir()
+    dist_checkpointing.save(model.sharded_state_dict(), f"{result}.saved")
+    megatron_workers.finish()
+
+
+def save_expert_parallel(rank: int, world: int, store: str, config_folder: str, out: str,
+                         result: str) -> None:
+    """Build megatron-core's model at EP = ``world`` with seeded weights and save it with
+    megatron-core's ``dist_checkpointing.save``; each rank saves its experts' state."""
+    from megatron.core import dist_checkpointing
+
+    _init(rank, world, store, ep=world)
+    model = gpt_model(_config(Path(config_folder)), ep=world)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    for layer in model.decoder.layers:
+        torch.manual_seed(1 + layer.layer_number)
+        with torch.no_grad():
+            for local in layer.mlp.experts.local_experts:
+                for p in local.parameters():
+                    p.normal_(0.0, 0.2)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(model.sharded_state_dict(), out)
+    experts = {(layer.layer_number - 1, e): {name: p.clone() for name, p in
+                                             local.named_parameters()}
+               for layer in model.decoder.layers
+               for e, local in zip(layer.mlp.local_expert_indices,
+                                   layer.mlp.experts.local_experts)}
+    torch.save({"experts": experts,
+                "state": {k: v.clone() for k, v in model.state_dict().items()
+                          if isinstance(v, torch.Tensor) and ".local_experts." not in k}},
+               f"{result}.{rank}")
+    megatron_workers.finish()

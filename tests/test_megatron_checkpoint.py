@@ -1,0 +1,146 @@
+"""Megatron-Core ``torch_dist`` checkpoints written and read by moekit, against
+megatron-core 0.16.1 itself: its strict ``dist_checkpointing.load`` into its GPTModel
+(built on the CPU with gloo), its logits against transformers', and its own save of the
+loaded model against moekit's folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.distributed.checkpoint import FileSystemReader
+
+from moekit import samples
+from moekit.cli import main
+
+pytest.importorskip("megatron.core")
+
+from . import megatron_checkpoint_workers  # noqa: E402
+from .conftest import load_all  # noqa: E402
+
+LOGITS_TOLERANCE = 1e-5
+"""fp32 logits of megatron-core and transformers on the same weights and tokens differ by
+rounding only (about 1e-7 here)."""
+
+
+def _spawn(fn, world: int, folder: Path, *args) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    result = str(folder / "result")
+    mp.spawn(fn, args=(world, str(folder / "store"), *args, result), nprocs=world, join=True)
+    return result
+
+
+def to_megatron(src: Path, out: Path) -> Path:
+    assert main(["convert", str(src), str(out), "--to", "megatron"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe(tmp_path_factory) -> tuple[torch.nn.Module, Path, Path]:
+    """A tiny Qwen3-MoE (grouped query heads, per-head norms), its HF folder and the
+    Megatron-Core folder moekit converts it into."""
+    model = samples.build_model("qwen3_moe", norm_topk_prob=True)
+    root = tmp_path_factory.mktemp("qwen3")
+    hf = samples.save_model(model, root / "hf")
+    return model, hf, to_megatron(hf, root / "megatron")
+
+
+@pytest.fixture(scope="module")
+def loaded(qwen3_moe, tmp_path_factory) -> tuple[dict, Path]:
+    """megatron-core's strict load of moekit's folder: logits and state dict, and the
+    folder of megatron-core's own save of the loaded model."""
+    _, _, folder = qwen3_moe
+    result = _spawn(megatron_checkpoint_workers.load_and_run, 1,
+                    tmp_path_factory.mktemp("load"), str(folder), _ids())
+    return torch.load(result), Path(f"{result}.saved")
+
+
+def _ids() -> torch.Tensor:
+    return samples.sample_input(samples._COMMON["vocab_size"])
+
+
+def test_the_folder_is_what_megatron_lm_loads(qwen3_moe):
+    folder = qwen3_moe[2]
+    assert (folder / "latest_checkpointed_iteration.txt").read_text() == "0"
+    iteration = folder / "iter_0000000"
+    assert json.loads((iteration / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
+    assert torch.load(iteration / "common.pt") == {}
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "qwen3_moe"
+
+
+def test_megatron_core_loads_it_strictly_and_gives_transformers_logits(qwen3_moe, loaded):
+    model, _, _ = qwen3_moe
+    with torch.no_grad():
+        theirs = model(_ids()).logits
+    assert (loaded[0]["logits"] - theirs).abs().max() < LOGITS_TOLERANCE
+
+
+def test_megatron_cores_own_save_of_the_loaded_model_is_moekits_folder(qwen3_moe, loaded):
+    """Same keys (every ``_extra_state`` included), shapes, dtypes, chunks and bytes."""
+    ours = FileSystemReader(str(qwen3_moe[2] / "iter_0000000")).read_metadata()
+    theirs = FileSystemReader(str(loaded[1])).read_metadata()
+    assert ours.state_dict_metadata.keys() == theirs.state_dict_metadata.keys()
+    for key, entry in theirs.state_dict_metadata.items():
+        mine = ours.state_dict_metadata[key]
+        assert type(mine) is type(entry), key
+        if hasattr(entry, "chunks"):
+            assert (mine.size, mine.properties.dtype) == (entry.size, entry.properties.dtype)
+            assert sorted(map(_chunk, mine.chunks)) == sorted(map(_chunk, entry.chunks)), key
+    assert _stored(qwen3_moe[2] / "iter_0000000") == _stored(loaded[1])
+
+
+def _chunk(chunk) -> tuple:
+    return tuple(chunk.offsets), tuple(chunk.sizes)
+
+
+def _stored(folder: Path) -> dict[str, bytes]:
+    """Every tensor and object of a DCP folder, as bytes (read by DCP itself)."""
+    from torch.distributed.checkpoint import load
+
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    state = {key: torch.empty(entry.size, dtype=entry.properties.dtype)
+             for key, entry in metadata.state_dict_metadata.items() if hasattr(entry, "size")}
+    load(state, storage_reader=FileSystemReader(str(folder)), no_dist=True)
+    return {key: tensor.numpy().tobytes() for key, tensor in state.items()}
+
+
+def test_each_megatron_tensor_is_the_transformers_tensor_it_holds(qwen3_moe, loaded):
+    """Bit for bit, by Megatron-Core's layout written out with torch here: QKV by query
+    group, fc1 = cat(gate, up), layers and experts numbered as transformers numbers them."""
+    model, folder, _ = qwen3_moe
+    hf = load_all(folder)
+    state = loaded[0]["state"]
+    config = model.config
+    groups = config.num_key_value_heads
+    per_group = config.num_attention_heads // groups
+    for layer in range(config.num_hidden_layers):
+        at = f"model.layers.{layer}"
+        mine = f"decoder.layers.{layer}"
+        q, k, v = (hf[f"{at}.self_attn.{p}_proj.weight"] for p in "qkv")
+        qkv = torch.cat([q.view(groups, per_group * config.head_dim, -1),
+                         k.view(groups, config.head_dim, -1),
+                         v.view(groups, config.head_dim, -1)], dim=1).flatten(0, 1)
+        expected = {
+            "self_attention.linear_qkv.weight": qkv,
+            "self_attention.linear_proj.weight": hf[f"{at}.self_attn.o_proj.weight"],
+            "self_attention.q_layernorm.weight": hf[f"{at}.self_attn.q_norm.weight"],
+            "self_attention.k_layernorm.weight": hf[f"{at}.self_attn.k_norm.weight"],
+            "input_layernorm.weight": hf[f"{at}.input_layernorm.weight"],
+            "pre_mlp_layernorm.weight": hf[f"{at}.post_attention_layernorm.weight"],
+            "mlp.router.weight": hf[f"{at}.mlp.gate.weight"],
+        }
+        for e in range(config.num_experts):
+            expert = f"{at}.mlp.experts.{e}"
+            ours = f"mlp.experts.local_experts.{e}"
+            expected[f"{ours}.linear_fc1.weight"] = torch.cat(
+                [hf[f"{expert}.gate_proj.weight"], hf[f"{expert}.up_proj.weight"]])
+            expected[f"{ours}.linear_fc2.weight"] = hf[f"{expert}.down_proj.weight"]
+        for name, tensor in expected.items():
+            assert torch.equal(state[f"{mine}.{name}"], tensor), f"{mine}.{name}"
+    for name, theirs in (("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+                         ("decoder.final_layernorm.weight", "model.norm.weight"),
+                         ("output_layer.weight", "lm_head.weight")):
+        assert torch.equal(state[name], hf[theirs]), name
