@@ -17,7 +17,7 @@ _EXPORTS = {
     "convert": "conversion", "convert_state_dict": "conversion", "load": "conversion",
     "MoekitError": "errors", "PlanError": "errors",
     "expert_range": "expert_parallel", "load_experts": "expert_parallel",
-    "load_sharded": "expert_parallel",
+    "load_sharded": "expert_parallel", "save_sharded": "expert_parallel",
     "save_experts": "expert_parallel",
     "Report": "verification", "verify": "verification",
     "UpcycleSpec": "upcycling", "upcycle": "upcycling", "upcycle_state_dict": "upcycling",

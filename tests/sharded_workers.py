@@ -158,3 +158,91 @@ def _assert_same(ours: torch.Tensor, theirs: torch.Tensor, key: str) -> None:
     assert (ours.dtype, ours.shape) == (theirs.dtype, theirs.shape), key
     assert torch.equal(ours.reshape(-1).view(torch.uint8),
                        theirs.reshape(-1).view(torch.uint8)), key
+
+
+def load_save_reload(rank: int, world: int, store: str, src: str, out: str,
+                     shapes: list[tuple[int, int]]) -> None:
+    """For each (dp, ep) shape: load_sharded, save_sharded as safetensors and as DCP
+    (counting the bytes each rank writes), then read both back with load_sharded and the
+    DCP folder with DCP's own ``load`` too, each giving this rank's tensors of the first
+    load. Writes ``out/rank.json``: per shape, the bytes this rank wrote."""
+    import torch.distributed.checkpoint as dcp
+
+    import moekit.expert_parallel.sharded_save as sharded_save
+    from moekit import save_sharded
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    written = [0]
+    pwrite = sharded_save._pwrite_all
+
+    def counting(fd, tensor, offset):
+        written[0] += tensor.nbytes
+        pwrite(fd, tensor, offset)
+
+    sharded_save._pwrite_all = counting
+    figures = []
+    for dp, ep in shapes:
+        mesh = init_device_mesh("cpu", (dp, ep), mesh_dim_names=NAMES)
+        state = load_sharded(src, mesh)
+        folder = Path(out, f"{dp}x{ep}")
+        written[0] = 0
+        save_sharded(state, folder / "safetensors", mesh, config_from=src,
+                     max_shard_size="40KB")
+        figures.append(written[0])
+        save_sharded(state, folder / "dcp", mesh, format="dcp", config_from=src)
+        for saved in ("safetensors", "dcp"):
+            _assert_same_state(load_sharded(folder / saved, mesh), state)
+        target = {k: torch.zeros_like(v) for k, v in state.items()}
+        dcp.load(target, checkpoint_id=folder / "dcp")
+        _assert_same_state(target, state)
+    Path(out, f"{rank}.json").write_text(json.dumps(figures))
+    finish()
+
+
+def _assert_same_state(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    """Same keys; each tensor of the same kind, placement and global shape, this rank's
+    part byte for byte the same."""
+    assert ours.keys() == theirs.keys()
+    for key, value in ours.items():
+        other = theirs[key]
+        assert type(value) is type(other), key
+        if isinstance(value, DTensor):
+            assert (value.device_mesh, value.placements, value.shape) == \
+                (other.device_mesh, other.placements, other.shape), key
+            value, other = value.to_local(), other.to_local()
+        _assert_same(value, other, key)
+
+
+def save_expecting_errors(rank: int, world: int, store: str, src: str, out: str) -> None:
+    """save_sharded on a (1, world) mesh where rank 1's write fails, then where rank 1's
+    state dict holds an expert tensor replicated rather than sharded; the outcomes go to
+    ``out/rank.write.txt`` and ``out/rank.placement.txt``."""
+    import moekit.expert_parallel.sharded_save as sharded_save
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=NAMES)
+    state = load_sharded(src, mesh)
+    pwrite = sharded_save._pwrite_all
+    if rank == 1:
+        def broken(*args):
+            raise OSError("disk full")
+
+        sharded_save._pwrite_all = broken
+    _save_outcome(state, Path(out, "written"), mesh, Path(out, f"{rank}.write.txt"))
+    sharded_save._pwrite_all = pwrite
+    if rank == 1:
+        key = "model.layers.0.mlp.experts.down_proj"
+        state[key] = DTensor.from_local(state[key].to_local(), mesh, [Replicate(), Replicate()],
+                                        run_check=False)
+    _save_outcome(state, Path(out, "placed"), mesh, Path(out, f"{rank}.placement.txt"))
+    finish()
+
+
+def _save_outcome(state: dict, folder: Path, mesh, log: Path) -> None:
+    from moekit import save_sharded
+
+    try:
+        save_sharded(state, folder, mesh)
+        log.write_text("ok")
+    except MoekitError as err:
+        log.write_text(str(err))

@@ -91,8 +91,9 @@ def test_deepseek_v3_671b_on_ep64_dp4_from_its_config_alone(capsys):
 def _fp8_with_mtp(family_models, family_checkpoints, root: Path) -> Path:
     """The tiny DeepSeek-V3 checkpoint as the Hub holds DeepSeek-V3: every nn.Linear of
     the decoder layers (experts included) in float8 e4m3 with F32 block scales (8 x 8
-    blocks: transformers' fused scale grid needs whole blocks of the tiny I=16), and an MTP layer after the stack (a copy of the last layer plus its own
-    embedding, norms, eh_proj and head)."""
+    blocks: transformers' fused scale grid needs whole blocks of the tiny I=16), and an
+    MTP layer after the stack (a copy of the last layer plus its own embedding, norms,
+    eh_proj and head)."""
     folder = family_checkpoints["deepseek_v3"]
     model = family_models["deepseek_v3"]
     linear = {f"{name}.weight" for name, module in model.named_modules()

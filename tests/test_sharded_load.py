@@ -16,6 +16,7 @@ from moekit.dtypes import ITEMSIZES
 from moekit.expert_parallel.report import ep_report
 
 from . import sharded_workers
+from .conftest import load_all
 
 N_EXPERTS = 10
 
@@ -118,3 +119,45 @@ def test_what_is_not_a_mesh_is_refused():
 
     with pytest.raises(MoekitError, match="device_mesh is a NoneType"):
         load_sharded("unused", None)
+
+
+@pytest.mark.parametrize("shapes", [[(3, 1), (1, 3)], [(2, 2), (4, 1), (1, 4)]],
+                         ids=["world3", "world4"])
+def test_saved_back_from_the_mesh_each_byte_by_one_rank(shapes, qwen3_10, tmp_path):
+    """save_sharded of what load_sharded gave, at meshes of 3 and 4 ranks (10 experts:
+    uneven splits over ep and dp): the safetensors checkpoint holds every source tensor
+    byte for byte (read with the safetensors library), transformers loads it and gives the
+    source's logits, and the ranks wrote its tensor bytes once between them; both it and
+    the DCP folder read back with load_sharded (and DCP's own load) as first loaded."""
+    world = shapes[0][0] * shapes[0][1]
+    spawn(sharded_workers.load_save_reload, world, tmp_path / "store", str(qwen3_10),
+          str(tmp_path), shapes)
+    written = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(world)]
+    source = load_all(qwen3_10)
+    ids = samples.sample_input(96)
+    for at, (dp, ep) in enumerate(shapes):
+        saved = tmp_path / f"{dp}x{ep}" / "safetensors"
+        tensors = load_all(saved)
+        assert tensors.keys() == source.keys()
+        assert all(tensors[k].dtype == v.dtype and torch.equal(tensors[k], v)
+                   for k, v in source.items())
+        assert sum(w[at] for w in written) == sum(v.nbytes for v in source.values())
+        assert (saved / "model.safetensors.index.json").is_file()
+        assert (saved / "config.json").read_bytes() == (qwen3_10 / "config.json").read_bytes()
+    assert torch.equal(samples.logits(saved, ids), samples.logits(qwen3_10, ids))
+
+
+def test_a_rank_that_cannot_write_or_holds_a_misplaced_tensor_fails_every_rank(qwen3_10,
+                                                                              tmp_path):
+    spawn(sharded_workers.save_expecting_errors, 2, tmp_path / "store", str(qwen3_10),
+          str(tmp_path))
+    for rank in range(2):
+        write = (tmp_path / f"{rank}.write.txt").read_text()
+        assert write == "save_sharded failed, nothing was written: rank 1: disk full"
+        placement = (tmp_path / f"{rank}.placement.txt").read_text()
+        assert ("model.layers.0.mlp.experts.down_proj is a DTensor [Replicate(), Replicate()] "
+                "on the mesh ('dp', 'ep'); save_sharded takes") in placement
+        assert placement.startswith("save_sharded failed on another rank: rank 1: ") == \
+            (rank == 0)
+    assert not (tmp_path / "written").exists() and not (tmp_path / "placed").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".", "written", "placed"))]

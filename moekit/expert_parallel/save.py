@@ -78,9 +78,10 @@ def save_experts(state_dict: Mapping[str, torch.Tensor], path: str | Path,
 
 
 def _dcp_write(state_dict: Mapping[str, torch.Tensor], path: Path, overwrite: bool,
-               config_from: str | Path | None) -> None:
+               config_from: str | Path | None, caller: str = "save_experts") -> None:
     """Every rank saves its state dict with DCP into the folder rank 0 made; rank 0 then
-    copies the sidecar files, puts the folder in place and tells every rank how it went."""
+    copies the sidecar files, puts the folder in place and tells every rank how it went
+    (``caller`` names the function saving, in errors)."""
     from ..dcp import save_distributed  # imports torch.distributed.checkpoint
 
     output, folder = _agree_on_folder(path, overwrite, config_from)
@@ -89,7 +90,7 @@ def _dcp_write(state_dict: Mapping[str, torch.Tensor], path: Path, overwrite: bo
         verdict: list = [None]
         if output is not None:
             verdict[0] = _put_in_place(output, [error] if error else [],
-                                       lambda: _copy_sidecars(output, config_from))
+                                       lambda: _copy_sidecars(output, config_from), caller)
         dist.broadcast_object_list(verdict, src=0)
     except BaseException:
         if output is not None:
@@ -167,8 +168,8 @@ def _finish(output: OutputFolder, errors: list[str], outcomes: list,
     return _put_in_place(output, errors, lambda: _complete(output, outcomes, config_from))
 
 
-def _put_in_place(output: OutputFolder, errors: list[str], complete: Callable[[], object]
-                  ) -> str | None:
+def _put_in_place(output: OutputFolder, errors: list[str], complete: Callable[[], object],
+                  caller: str = "save_experts") -> str | None:
     """On rank 0: ``complete`` the folder and move it into place, or remove it after any
     rank's failure (``errors``) or a failure of either step; the failure's message, else
     None."""
@@ -179,10 +180,10 @@ def _put_in_place(output: OutputFolder, errors: list[str], complete: Callable[[]
             return None
     except (MoekitError, OSError) as err:
         if output.in_place:  # complete and in place: the failure came after the final move
-            return f"save_experts: rank 0: {_describe(err, output.dst, left=True)}"
+            return f"{caller}: rank 0: {_describe(err, output.dst, left=True)}"
         errors = [f"rank 0: {_describe(err, output.dst)}"]
     output.discard()
-    return "save_experts failed, nothing was written: " + "; ".join(errors)
+    return f"{caller} failed, nothing was written: " + "; ".join(errors)
 
 
 def _complete(output: OutputFolder, outcomes: list, config_from: str | Path | None) -> None:

@@ -59,7 +59,7 @@ def load_sharded(path: str | Path, device_mesh: DeviceMesh, layout: str = "trans
     naming it (none waits for another). The mesh spans every rank of the process group.
     Tensors lie on the CPU, or on the current CUDA device for a CUDA mesh.
     """
-    mesh = _Mesh(device_mesh, ep_dim, fsdp_dim)
+    mesh = ShardedMesh(device_mesh, ep_dim, fsdp_dim, "load_sharded")
     try:
         checkpoint = Checkpoint.open(path)
         analysis = understand_checkpoint(checkpoint, from_)
@@ -67,9 +67,9 @@ def load_sharded(path: str | Path, device_mesh: DeviceMesh, layout: str = "trans
         plan = build_plan(analysis, grouped_layout(layout), experts=mesh.experts_to_read(
             analysis.n_experts))
     except MoekitError as err:
-        _agree(str(err))
+        agree(str(err), "load_sharded")
         raise
-    _agree(None)
+    agree(None, "load_sharded")
     patterns = (replicate,) if isinstance(replicate, str) else tuple(replicate)
     with FileSource(checkpoint) as source:
         out = {tensor.name: _load(tensor, plan, source, mesh, analysis.n_experts, patterns)
@@ -78,20 +78,21 @@ def load_sharded(path: str | Path, device_mesh: DeviceMesh, layout: str = "trans
     return out
 
 
-class _Mesh:
-    """The two named dimensions of the device mesh, and this rank's coordinates on them."""
+class ShardedMesh:
+    """The two named dimensions of a (dp, ep) device mesh, and this rank's coordinates on
+    them; ``caller`` names the function that was given the mesh, in errors."""
 
-    def __init__(self, mesh: DeviceMesh, ep_dim: str, fsdp_dim: str) -> None:
+    def __init__(self, mesh: DeviceMesh, ep_dim: str, fsdp_dim: str, caller: str) -> None:
         if not isinstance(mesh, DeviceMesh):
             raise MoekitError(f"device_mesh is a {type(mesh).__name__}; expected a "
                               "torch.distributed DeviceMesh")
         names = mesh.mesh_dim_names or ()
         if ep_dim == fsdp_dim or sorted(names) != sorted((ep_dim, fsdp_dim)):
-            raise MoekitError(f"load_sharded needs a 2-D device mesh with the dimensions "
+            raise MoekitError(f"{caller} needs a 2-D device mesh with the dimensions "
                               f"{fsdp_dim!r} (FSDP) and {ep_dim!r} (experts); this one has "
                               f"{names or mesh.ndim} (a dimension may have size 1)")
         if mesh.size() != dist.get_world_size():
-            raise MoekitError(f"load_sharded needs a mesh of every rank of the process group "
+            raise MoekitError(f"{caller} needs a mesh of every rank of the process group "
                               f"({dist.get_world_size()}); this one has {mesh.size()}")
         self.mesh = mesh
         self.ep_index = names.index(ep_dim)
@@ -106,19 +107,23 @@ class _Mesh:
     def experts_to_read(self, n_experts: int) -> range:
         """The experts of this rank's EP range that it reads: its FSDP rank's chunk."""
         mine = expert_range(n_experts, self.ep_size, self.ep_rank)
-        return mine[_chunk(len(mine), self.fsdp_size, self.fsdp_rank)]
+        return mine[chunk(len(mine), self.fsdp_size, self.fsdp_rank)]
+
+    @property
+    def expert_placements(self) -> tuple:
+        """Where experts lie on the mesh: ``Shard(0)`` over EP, replicated over FSDP."""
+        return tuple(Shard(0) if i == self.ep_index else Replicate() for i in range(2))
 
     def expert_dtensor(self, local: torch.Tensor, n_experts: int) -> DTensor:
         """A rank's experts as ``Shard(0)`` over EP, replicated over FSDP."""
-        placements = [Shard(0) if i == self.ep_index else Replicate() for i in range(2)]
-        return _from_local(local, self.mesh, placements, n_experts)
+        return _from_local(local, self.mesh, list(self.expert_placements), n_experts)
 
     def fsdp_dtensor(self, local: torch.Tensor, rows: int) -> DTensor:
         """A rank's rows as FSDP2 exposes a parameter: ``Shard(0)`` over the FSDP submesh."""
         return _from_local(local, self.fsdp_mesh, [Shard(0)], rows)
 
 
-def _chunk(length: int, parts: int, index: int) -> slice:
+def chunk(length: int, parts: int, index: int) -> slice:
     """``torch.chunk``'s rule (DTensor's and FSDP2's): ``ceil(length / parts)`` rows a part,
     the last parts fewer or none."""
     per_part = math.ceil(length / parts) if length else 0
@@ -134,7 +139,7 @@ def _from_local(local: torch.Tensor, mesh: DeviceMesh, placements: list, rows: i
                               stride=stride)
 
 
-def _load(tensor: TensorPlan, plan: Plan, source: FileSource, mesh: _Mesh, n_experts: int,
+def _load(tensor: TensorPlan, plan: Plan, source: FileSource, mesh: ShardedMesh, n_experts: int,
           replicate: tuple[str, ...]) -> torch.Tensor:
     """One destination tensor, as this rank holds it."""
     if tensor.name in plan.expert_tensors:
@@ -145,14 +150,14 @@ def _load(tensor: TensorPlan, plan: Plan, source: FileSource, mesh: _Mesh, n_exp
     if not tensor.shape or any(fnmatchcase(tensor.name, p) for p in replicate):
         return _materialize(tensor.recipe, source, mesh)
     rows = tensor.shape[0]
-    ours = _chunk(rows, mesh.fsdp_size, mesh.fsdp_rank)
+    ours = chunk(rows, mesh.fsdp_size, mesh.fsdp_rank)
     count = ours.stop - ours.start
-    part = _chunk(count, mesh.ep_size, mesh.ep_rank)
+    part = chunk(count, mesh.ep_size, mesh.ep_rank)
     piece = _rows(tensor, source, mesh, slice(ours.start + part.start, ours.start + part.stop))
     return mesh.fsdp_dtensor(_gather(piece, count, mesh.ep_size, mesh.ep_group), rows)
 
 
-def _rows(tensor: TensorPlan, source: FileSource, mesh: _Mesh, rows: slice) -> torch.Tensor:
+def _rows(tensor: TensorPlan, source: FileSource, mesh: ShardedMesh, rows: slice) -> torch.Tensor:
     """Rows ``rows`` of a non-expert tensor: only their bytes when it is a source tensor
     copied unchanged, else the rows of the whole tensor its recipe builds."""
     recipe = tensor.recipe
@@ -163,7 +168,7 @@ def _rows(tensor: TensorPlan, source: FileSource, mesh: _Mesh, rows: slice) -> t
     return _materialize(recipe, source, mesh)[rows].clone()
 
 
-def _materialize(recipe: Expr, source: FileSource, mesh: _Mesh) -> torch.Tensor:
+def _materialize(recipe: Expr, source: FileSource, mesh: ShardedMesh) -> torch.Tensor:
     """The tensor ``recipe`` makes, contiguous, on the mesh's device."""
     with torch.no_grad():
         return materialize(recipe, source, None).contiguous().to(mesh.device)
@@ -177,7 +182,7 @@ def _gather(piece: torch.Tensor, rows: int, size: int, group: dist.ProcessGroup
     every backend moves."""
     if size == 1 or rows == 0:
         return piece
-    counts = [_chunk(rows, size, r) for r in range(size)]
+    counts = [chunk(rows, size, r) for r in range(size)]
     longest = max(s.stop - s.start for s in counts)
     row_bytes = math.prod(piece.shape[1:]) * piece.element_size()
     padded = piece.new_zeros((longest, row_bytes), dtype=torch.uint8)
@@ -189,11 +194,12 @@ def _gather(piece: torch.Tensor, rows: int, size: int, group: dist.ProcessGroup
     return joined.view(piece.dtype).reshape(rows, *piece.shape[1:])
 
 
-def _agree(error: str | None) -> None:
+def agree(error: str | None, caller: str) -> None:
     """Tell every rank whether each planned its part; raise on every rank when one did not
-    (with that rank's message), so that no rank waits in a gather for one that gave up."""
+    (with that rank's message), so that no rank waits in a collective for one that gave
+    up."""
     outcomes: list = [None] * dist.get_world_size()
     dist.all_gather_object(outcomes, error)
     failed = [f"rank {r}: {message}" for r, message in enumerate(outcomes) if message]
     if failed and error is None:
-        raise MoekitError("load_sharded failed on another rank: " + "; ".join(failed))
+        raise MoekitError(f"{caller} failed on another rank: " + "; ".join(failed))
