@@ -61,27 +61,31 @@ def _config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
 
 
-def load_and_run(rank: int, world: int, store: str, folder: str, ids: torch.Tensor,
+def load_and_run(rank: int, world: int, store: str, folders: list[str], ids: torch.Tensor,
                  result: str) -> None:
-    """Load ``folder`` (a torch_dist checkpoint with its config.json) strictly into
-    megatron-core's model; save its logits on ``ids`` and its state dict, and the model
-    with megatron-core's own ``dist_checkpointing.save`` into ``result``.saved."""
+    """Load each of ``folders`` (torch_dist checkpoints with their config.json) strictly
+    into megatron-core's model; save, by folder, its logits on ``ids`` and its state dict,
+    and the model with megatron-core's own ``dist_checkpointing.save`` into
+    ``result``.N.saved (N: the folder's place in ``folders``)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     _init(rank, world, store)
-    folder = Path(folder)
-    model = gpt_model(_config(folder))
-    iteration = (folder / "latest_checkpointed_iteration.txt").read_text().strip()
-    loaded = dist_checkpointing.load(model.sharded_state_dict(),
-                                     str(folder / f"iter_{int(iteration):07d}"),
-                                     strict=StrictHandling.RAISE_ALL)
-    model.load_state_dict(loaded, strict=True)
-    logits = megatron_workers.forward([model], ids)
-    state = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    torch.save({"logits": logits, "state": state}, result)
-    Path(f"{result}.saved").mkdir()
-    dist_checkpointing.save(model.sharded_state_dict(), f"{result}.saved")
+    found = {}
+    for number, folder in enumerate(map(Path, folders)):
+        model = gpt_model(_config(folder))
+        iteration = (folder / "latest_checkpointed_iteration.txt").read_text().strip()
+        loaded = dist_checkpointing.load(model.sharded_state_dict(),
+                                         str(folder / f"iter_{int(iteration):07d}"),
+                                         strict=StrictHandling.RAISE_ALL)
+        model.load_state_dict(loaded, strict=True)
+        found[str(folder)] = {
+            "logits": megatron_workers.forward([model], ids),
+            "state": {k: v.clone() for k, v in model.state_dict().items()
+                      if isinstance(v, torch.Tensor)}}
+        Path(f"{result}.{number}.saved").mkdir()
+        dist_checkpointing.save(model.sharded_state_dict(), f"{result}.{number}.saved")
+    torch.save(found, result)
     megatron_workers.finish()
 
 

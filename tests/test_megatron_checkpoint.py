@@ -33,33 +33,50 @@ def _spawn(fn, world: int, folder: Path, *args) -> str:
     return result
 
 
+def _ids() -> torch.Tensor:
+    return samples.sample_input(96)  # the sample models' vocabulary
+
+
 def to_megatron(src: Path, out: Path) -> Path:
     assert main(["convert", str(src), str(out), "--to", "megatron"]) == 0
     return out
 
 
-@pytest.fixture(scope="module")
-def qwen3_moe(tmp_path_factory) -> tuple[torch.nn.Module, Path, Path]:
-    """A tiny Qwen3-MoE (grouped query heads, per-head norms), its HF folder and the
-    Megatron-Core folder moekit converts it into."""
-    model = samples.build_model("qwen3_moe", norm_topk_prob=True)
-    root = tmp_path_factory.mktemp("qwen3")
-    hf = samples.save_model(model, root / "hf")
-    return model, hf, to_megatron(hf, root / "megatron")
+MODEL_TYPES = ("qwen3_moe", "mixtral", "llama", "mistral", "qwen2", "qwen3")
+"""Routed experts (Qwen3's per-head norms, Mixtral's w1/w2/w3), and the dense families
+upcycling reads (Qwen2's QKV biases)."""
 
 
 @pytest.fixture(scope="module")
-def loaded(qwen3_moe, tmp_path_factory) -> tuple[dict, Path]:
-    """megatron-core's strict load of moekit's folder: logits and state dict, and the
-    folder of megatron-core's own save of the loaded model."""
-    _, _, folder = qwen3_moe
+def models(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path, Path]]:
+    """By model type: a tiny transformers model (grouped query heads), its HF folder and
+    the Megatron-Core folder moekit converts it into."""
+    made = {}
+    for model_type in MODEL_TYPES:
+        model = samples.build_model(model_type, **(
+            {"norm_topk_prob": True} if model_type == "qwen3_moe" else {}))
+        root = tmp_path_factory.mktemp(model_type)
+        hf = samples.save_model(model, root / "hf")
+        made[model_type] = model, hf, to_megatron(hf, root / "megatron")
+    return made
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe(models) -> tuple[torch.nn.Module, Path, Path]:
+    return models["qwen3_moe"]
+
+
+@pytest.fixture(scope="module")
+def loaded(models, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
+    """By model type: megatron-core's strict load of moekit's folder (logits, state
+    dict), and the folder of megatron-core's own save of the loaded model; one process
+    for all (megatron-core imports slowly)."""
+    folders = [str(models[t][2]) for t in MODEL_TYPES]
     result = _spawn(megatron_checkpoint_workers.load_and_run, 1,
-                    tmp_path_factory.mktemp("load"), str(folder), _ids())
-    return torch.load(result), Path(f"{result}.saved")
-
-
-def _ids() -> torch.Tensor:
-    return samples.sample_input(samples._COMMON["vocab_size"])
+                    tmp_path_factory.mktemp("load"), folders, _ids())
+    found = torch.load(result)
+    return {t: (found[folder], Path(f"{result}.{n}.saved"))
+            for n, (t, folder) in enumerate(zip(MODEL_TYPES, folders))}
 
 
 def test_the_folder_is_what_megatron_lm_loads(qwen3_moe):
@@ -71,17 +88,22 @@ def test_the_folder_is_what_megatron_lm_loads(qwen3_moe):
     assert json.loads((folder / "config.json").read_text())["model_type"] == "qwen3_moe"
 
 
-def test_megatron_core_loads_it_strictly_and_gives_transformers_logits(qwen3_moe, loaded):
-    model, _, _ = qwen3_moe
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_megatron_core_loads_it_strictly_and_gives_transformers_logits(models, loaded,
+                                                                       model_type):
+    model = models[model_type][0]
     with torch.no_grad():
         theirs = model(_ids()).logits
-    assert (loaded[0]["logits"] - theirs).abs().max() < LOGITS_TOLERANCE
+    assert (loaded[model_type][0]["logits"] - theirs).abs().max() < LOGITS_TOLERANCE
 
 
-def test_megatron_cores_own_save_of_the_loaded_model_is_moekits_folder(qwen3_moe, loaded):
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_megatron_cores_own_save_of_the_loaded_model_is_moekits_folder(models, loaded,
+                                                                       model_type):
     """Same keys (every ``_extra_state`` included), shapes, dtypes, chunks and bytes."""
-    ours = FileSystemReader(str(qwen3_moe[2] / "iter_0000000")).read_metadata()
-    theirs = FileSystemReader(str(loaded[1])).read_metadata()
+    folder, saved = models[model_type][2] / "iter_0000000", loaded[model_type][1]
+    ours = FileSystemReader(str(folder)).read_metadata()
+    theirs = FileSystemReader(str(saved)).read_metadata()
     assert ours.state_dict_metadata.keys() == theirs.state_dict_metadata.keys()
     for key, entry in theirs.state_dict_metadata.items():
         mine = ours.state_dict_metadata[key]
@@ -89,7 +111,7 @@ def test_megatron_cores_own_save_of_the_loaded_model_is_moekits_folder(qwen3_moe
         if hasattr(entry, "chunks"):
             assert (mine.size, mine.properties.dtype) == (entry.size, entry.properties.dtype)
             assert sorted(map(_chunk, mine.chunks)) == sorted(map(_chunk, entry.chunks)), key
-    assert _stored(qwen3_moe[2] / "iter_0000000") == _stored(loaded[1])
+    assert _stored(folder) == _stored(saved)
 
 
 def _chunk(chunk) -> tuple:
@@ -112,7 +134,7 @@ def test_each_megatron_tensor_is_the_transformers_tensor_it_holds(qwen3_moe, loa
     group, fc1 = cat(gate, up), layers and experts numbered as transformers numbers them."""
     model, folder, _ = qwen3_moe
     hf = load_all(folder)
-    state = loaded[0]["state"]
+    state = loaded["qwen3_moe"][0]["state"]
     config = model.config
     groups = config.num_key_value_heads
     per_group = config.num_attention_heads // groups
@@ -144,3 +166,30 @@ def test_each_megatron_tensor_is_the_transformers_tensor_it_holds(qwen3_moe, loa
                          ("decoder.final_layernorm.weight", "model.norm.weight"),
                          ("output_layer.weight", "lm_head.weight")):
         assert torch.equal(state[name], hf[theirs]), name
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_megatron_to_hf_is_byte_identical_and_transformers_loads_it(models, model_type,
+                                                                     tmp_path):
+    """The folder is recognised without --from."""
+    model, hf, folder = models[model_type]
+    back = tmp_path / "back"
+    assert main(["convert", str(folder), str(back), "--to", "hf"]) == 0
+    original, returned = load_all(hf), load_all(back)
+    assert original.keys() == returned.keys()
+    for key, tensor in original.items():
+        assert returned[key].dtype == tensor.dtype and torch.equal(returned[key], tensor), key
+    with torch.no_grad():
+        assert torch.equal(samples.logits(back, _ids()), model(_ids()).logits)
+
+
+def test_inspect_verify_and_dry_run_recognise_the_folder(qwen3_moe, tmp_path, capsys):
+    _, hf, folder = qwen3_moe
+    assert main(["inspect", str(folder), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["family"], shown["layout"]) == ("qwen3_moe", "megatron")
+    assert main(["verify", str(hf), str(folder)]) == 0
+    assert "bit-identical" in capsys.readouterr().out
+    assert main(["convert", str(folder), str(tmp_path / "x"), "--to", "nemo", "--dry-run"]) == 0
+    assert "megatron -> nemo" in capsys.readouterr().out
+    assert not (tmp_path / "x").exists()
