@@ -222,10 +222,14 @@ _METADATA_CLASSES = {
     ("torch.distributed.checkpoint.metadata", name) for name in (
         "Metadata", "TensorStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
         "MetadataIndex", "StorageMeta", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.planner", name) for name in (
+    "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData")
 } | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
      ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
-"""What torch 2.13's ``.metadata`` pickle refers to, beside dtypes: its own dataclasses.
-Nothing else is unpickled (``FileSystemReader.read_metadata`` would run any pickle)."""
+"""What torch 2.13's ``.metadata`` pickle refers to, beside dtypes: its own dataclasses,
+and the save plans megatron-core 0.16.1 keeps there after a save over several ranks
+(``all_local_plans``). Nothing else is unpickled (``FileSystemReader.read_metadata``
+would run any pickle)."""
 
 _STORAGE_DTYPES = {
     "FloatStorage": "F32", "DoubleStorage": "F64", "HalfStorage": "F16",

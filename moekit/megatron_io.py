@@ -103,7 +103,7 @@ def open_megatron(path: Path) -> Checkpoint:
     iteration = _iteration(path)
     top = iteration.parent if (iteration.parent / TRACKER).exists() else iteration
     _check_backend(iteration)
-    config_folder = iteration if (iteration / CONFIG_NAME).exists() else top
+    config_folder = iteration if (iteration / CONFIG_NAME).exists() else iteration.parent
     config = read_config(config_folder)
     stored, _ = read_stored(iteration, chunk_name)
     made = hf_tensors(stored, config, str(iteration))
@@ -111,11 +111,13 @@ def open_megatron(path: Path) -> Checkpoint:
     used = sorted({info.file for info in chunks.values()})
     identities = {name: FileIdentity.of((iteration / name).stat()) for name in used}
     read = [iteration / DCP_METADATA_NAME, *(iteration / name for name in used)]
+    sidecars = sidecars_of(top, {TRACKER, DCP_METADATA_NAME, *used})
     if config is not None:
         read.append(config_folder / CONFIG_NAME)
+        if config_folder != top:
+            sidecars.append(config_folder / CONFIG_NAME)
     return Checkpoint(path=iteration, tensors=chunks, config=config,
-                      metadata={LAYOUT_METADATA_KEY: MEGATRON.name},
-                      sidecars=sidecars_of(top, {TRACKER, DCP_METADATA_NAME, *used}),
+                      metadata={LAYOUT_METADATA_KEY: MEGATRON.name}, sidecars=sidecars,
                       read=read, named=path, identities=identities, made=made)
 
 

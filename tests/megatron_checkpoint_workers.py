@@ -89,33 +89,28 @@ def load_and_run(rank: int, world: int, store: str, folders: list[str], ids: tor
     megatron_workers.finish()
 
 
-def save_expert_parallel(rank: int, world: int, store: str, config_folder: str, out: str,
-                         result: str) -> None:
-    """Build megatron-core's model at EP = ``world`` with seeded weights and save it with
-    megatron-core's ``dist_checkpointing.save``; each rank saves its experts' state."""
+def save_expert_parallel(rank: int, world: int, store: str, config_folder: str, ids: torch.Tensor,
+                         out: str, result: str) -> None:
+    """Build megatron-core's model at EP = ``world``, every weight drawn from N(0, 0.2)
+    (each expert from a seed of its layer and global index), run it on ``ids`` and save it
+    with megatron-core's ``dist_checkpointing.save`` into ``out``; each rank saves its
+    experts' weights and the logits into ``result``.RANK."""
     from megatron.core import dist_checkpointing
 
     _init(rank, world, store, ep=world)
     model = gpt_model(_config(Path(config_folder)), ep=world)
     torch.manual_seed(0)
+    experts = {}
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.2)
-    for layer in model.decoder.layers:
-        torch.manual_seed(1 + layer.layer_number)
-        with torch.no_grad():
-            for local in layer.mlp.experts.local_experts:
+        for layer, block in enumerate(model.decoder.layers):
+            for e, local in zip(block.mlp.local_expert_indices, block.mlp.experts.local_experts):
+                torch.manual_seed(1000 * layer + e)
                 for p in local.parameters():
                     p.normal_(0.0, 0.2)
-    Path(out).mkdir(parents=True, exist_ok=True)
+                experts[(layer, e)] = {name: p.clone() for name, p in local.named_parameters()}
+    logits = megatron_workers.forward([model], ids)
     dist_checkpointing.save(model.sharded_state_dict(), out)
-    experts = {(layer.layer_number - 1, e): {name: p.clone() for name, p in
-                                             local.named_parameters()}
-               for layer in model.decoder.layers
-               for e, local in zip(layer.mlp.local_expert_indices,
-                                   layer.mlp.experts.local_experts)}
-    torch.save({"experts": experts,
-                "state": {k: v.clone() for k, v in model.state_dict().items()
-                          if isinstance(v, torch.Tensor) and ".local_experts." not in k}},
-               f"{result}.{rank}")
+    torch.save({"experts": experts, "logits": logits}, f"{result}.{rank}")
     megatron_workers.finish()

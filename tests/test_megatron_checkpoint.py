@@ -193,3 +193,30 @@ def test_inspect_verify_and_dry_run_recognise_the_folder(qwen3_moe, tmp_path, ca
     assert main(["convert", str(folder), str(tmp_path / "x"), "--to", "nemo", "--dry-run"]) == 0
     assert "megatron -> nemo" in capsys.readouterr().out
     assert not (tmp_path / "x").exists()
+
+
+def test_a_checkpoint_megatron_core_saved_at_expert_parallel_size_2_reads_back_whole(
+        qwen3_moe, tmp_path):
+    """Each rank saved its own experts; moekit reads every expert, each where megatron-core
+    numbers it, and transformers gives megatron-core's logits."""
+    _, hf, _ = qwen3_moe
+    saved = tmp_path / "megatron" / "iter_0000000"
+    saved.mkdir(parents=True)
+    (saved.parent / "config.json").write_text((hf / "config.json").read_text())
+    result = _spawn(megatron_checkpoint_workers.save_expert_parallel, 2, tmp_path / "run",
+                    str(hf), _ids(), str(saved))
+    ranks = [torch.load(f"{result}.{rank}") for rank in range(2)]
+    back = tmp_path / "back"
+    assert main(["convert", str(saved), str(back), "--to", "hf"]) == 0
+    tensors = load_all(back)
+    experts = {key: value for rank in ranks for key, value in rank["experts"].items()}
+    assert sorted(experts) == [(layer, e) for layer in range(3) for e in range(6)]
+    for (layer, e), weights in experts.items():
+        at = f"model.layers.{layer}.mlp.experts.{e}"
+        assert torch.equal(torch.cat([tensors[f"{at}.gate_proj.weight"],
+                                      tensors[f"{at}.up_proj.weight"]]),
+                           weights["linear_fc1.weight"])
+        assert torch.equal(tensors[f"{at}.down_proj.weight"], weights["linear_fc2.weight"])
+    logits = samples.logits(back, _ids())
+    for rank in ranks:
+        assert (rank["logits"] - logits).abs().max() < LOGITS_TOLERANCE
