@@ -175,6 +175,10 @@ def test_every_mismatching_source_tensor_is_reported_before_writing(llama, tmp_p
       "shared_experts": [{"source_model": "BASE", "moekit": {"drop_ratio": 0.5}}]},
      "shared_experts[0].drop_ratio: Drop-Upcycling re-initialises routed experts only"),
     ({"gate_mode": None}, "gate_mode must be a non-empty string, not None"),
+    ({"experts": [{"source_model": "BASE", "residual_scale": float("nan")}],
+      "experts_per_token": 1}, "experts[0].residual_scale must be a finite number, not nan"),
+    ({"experts": [{"source_model": "BASE", "residual_scale": float("-inf")}],
+      "experts_per_token": 1}, "experts[0].residual_scale must be a finite number, not -inf"),
     ({"experts": [{"source_model": "/nonexistent/x"}], "experts_per_token": 1},
      "expert0 (source_model): no checkpoint at /nonexistent/x"),
 ])
@@ -188,6 +192,29 @@ def test_settings_moekit_cannot_honour_are_refused_by_name(llama, tmp_path, caps
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda text: text + "gate_mode: hidden\n", "gate_mode"),
+    (lambda text: text + "moekit: {granularity: 2, granularity: 4}\n", "granularity"),
+    (lambda text: text.replace("\n  source_model: ", "\n  source_model: other\n  source_model: ",
+                               1), "source_model"),
+])
+def test_a_key_written_twice_is_refused_where_mergekit_keeps_the_last(llama, tmp_path, capsys,
+                                                                       edit, key):
+    from mergekit.moe.config import MoEMergeConfig
+
+    base, finetunes = llama
+    config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode="random")
+    text = edit(config.read_text())
+    config.write_text(text)
+    MoEMergeConfig.model_validate(yaml.safe_load(text))  # mergekit-moe reads it, one lost
+    second = text.index(f"{key}:", text.index(f"{key}:") + 1)
+    line = text.count("\n", 0, second) + 1
+    assert main(["merge", str(config), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"line {line}: the key {key} appears twice in one mapping" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
 def test_prompt_modes_need_distinct_prompts_for_every_expert(llama, tmp_path):
@@ -298,6 +325,8 @@ def test_mergekit_reads_moekits_own_settings_as_nothing(llama, tmp_path):
     (lambda: ExpertSource("x", "code"), "positive_prompts must be a list of strings"),
     (lambda: ExpertSource("x", negative_prompts=[1]), "negative_prompts must be a list of"),
     (lambda: ExpertSource("x", residual_scale="2"), "residual_scale must be a number"),
+    (lambda: ExpertSource("x", residual_scale=float("inf")),
+     "residual_scale must be a finite number, not inf"),
     (lambda: ExpertSource(""), "source_model must be a non-empty string"),
     (lambda: MergeConfig(Path("b"), (ExpertSource("x"),)), "base_model must be a non-empty"),
     (lambda: MergeConfig("b", ("x",)), "experts must be a list of ExpertSource"),

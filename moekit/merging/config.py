@@ -15,6 +15,7 @@ collide with them.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
@@ -100,6 +101,10 @@ class ExpertSource:
                 if isinstance(value, bool) or not isinstance(value, numbers.Real):
                     raise MoekitError(f"{name} must be a number, not {value!r}")
                 object.__setattr__(self, name, float(value))
+        if self.residual_scale is not None and not math.isfinite(self.residual_scale):
+            raise MoekitError(f"residual_scale must be a finite number, not "
+                              f"{self.residual_scale:g}: every down_proj it scales would be "
+                              "NaN or infinite")
         if self.drop_ratio is not None and not 0.0 < self.drop_ratio <= 1.0:
             raise MoekitError(f"drop_ratio must lie in (0, 1], not {self.drop_ratio:g}")
 
@@ -212,13 +217,40 @@ def load_merge_config(path: str | Path) -> MergeConfig:
         raise MoekitError(f"cannot read the merge configuration {printable(str(path))}: "
                           f"{err}") from None
     try:
+        composed = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise MoekitError(f"{printable(str(path))} is not valid YAML: {err}") from None
     try:
+        _refuse_repeated_keys(composed, yaml)
         return merge_config_from(data)
     except MoekitError as err:
         raise MoekitError(f"{printable(str(path))}: {err}") from None
+
+
+def _refuse_repeated_keys(root: Any, yaml: Any) -> None:
+    """Refuse a mapping of the composed YAML ``root`` that holds a key twice: PyYAML (and
+    so mergekit-moe) keeps the last silently, so a setting written twice, a ``moekit:``
+    mapping among them, would be dropped. Keys merged in with ``<<`` may be overridden."""
+    visited: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            keys: set[tuple[str, str]] = set()
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if (key.tag, key.value) in keys:
+                        raise MoekitError(f"line {key.start_mark.line + 1}: the key "
+                                          f"{printable(key.value)} appears twice in one mapping "
+                                          "(YAML keeps only the last)")
+                    keys.add((key.tag, key.value))
+                stack.extend((key, value))
 
 
 MOEKIT_KEY = "moekit"
