@@ -217,6 +217,28 @@ def test_a_key_written_twice_is_refused_where_mergekit_keeps_the_last(llama, tmp
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("mode", ["hidden", "cheap_embed"])
+def test_a_base_tokenizer_without_bos_or_eos_is_refused_where_mergekit_fails(llama, tmp_path,
+                                                                              capsys, mode):
+    # mergekit-moe pads prompts with BOS, else EOS; with neither, transformers refuses to pad.
+    import shutil
+
+    base, finetunes = llama
+    shutil.copytree(base, tmp_path / "base")
+    settings = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+    for token in ("bos_token", "eos_token"):
+        settings.pop(token, None)
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(settings))
+    (tmp_path / "base" / "special_tokens_map.json").unlink(missing_ok=True)
+    config = write_yaml(tmp_path / "moe.yml", tmp_path / "base", finetunes, gate_mode=mode)
+    with pytest.raises(ValueError, match="does not have a padding token"):
+        run_mergekit(config, tmp_path / "mergekit")
+    assert main(["merge", str(config), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "has neither a BOS nor an EOS token" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_prompt_modes_need_distinct_prompts_for_every_expert(llama, tmp_path):
     base, finetunes = llama
     config = tmp_path / "moe.yml"

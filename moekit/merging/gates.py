@@ -95,6 +95,10 @@ def _tokenizer(base: Path):
     tokenizer.pad_token_id = tokenizer.bos_token_id
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token_id is None:
+        raise MoekitError(f"the tokenizer of the base model {printable(str(base))} has neither "
+                          "a BOS nor an EOS token, which prompt gate modes pad the prompts "
+                          "with (as mergekit-moe pads them)")
     return tokenizer
 
 
