@@ -168,6 +168,9 @@ def test_every_mismatching_source_tensor_is_reported_before_writing(llama, tmp_p
      "experts[0] has unknown field drop_ratio; drop_ratio is a setting of moekit's own"),
     ({"experts": [{"source_model": "BASE", "moekit": {"drop_ratio": 0}}],
       "experts_per_token": 1}, "experts[0].moekit.drop_ratio must lie in (0, 1], not 0"),
+    ({"experts": [{"source_model": "BASE", "moekit": {"drop_ratio": 0.01}}],
+      "experts_per_token": 1}, "experts[0].moekit.drop_ratio 0.01 re-initialises no neuron of "
+                               "an MLP of 48 intermediate neurons"),
     ({"experts": [{"source_model": "BASE", "moekit": {"drop_ratio": 0.5}}],
       "experts_per_token": 1, "moekit": {"granularity": 2}},
      "drop_ratio (experts[0]) does not combine with granularity 2"),

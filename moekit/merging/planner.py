@@ -183,8 +183,9 @@ def build_merge_plan(base: Mapping[str, TensorMeta], config: dict | None, merge:
     upcycled = build_upcycle_plan(base, config, spec, label)
     dtype = output_dtype(merge, config, upcycled.dtype)
     origins = Origins()
-    recipes, routers = _merge_recipes(upcycled.plan, dense_mlps(base, spec, label), merge,
-                                      spec, target, origins, dtype)
+    mlps = dense_mlps(base, spec, label)
+    _check_drop_ratios(merge, mlps)
+    recipes, routers = _merge_recipes(upcycled.plan, mlps, merge, spec, target, origins, dtype)
     tensors = [TensorPlan(t.name, _cast(recipes.get(t.name) or _from_base(t.recipe, origins),
                                         dtype))
                for t in upcycled.plan.tensors]
@@ -192,6 +193,21 @@ def build_merge_plan(base: Mapping[str, TensorMeta], config: dict | None, merge:
     moe_config = dict(upcycled.config)
     moe_config["dtype"] = _torch_name(dtype)
     return MergePlan(plan, moe_config, target, routers, merge, origins, seed)
+
+
+def _check_drop_ratios(merge: MergeConfig, mlps: Mapping[int, DenseMLP]) -> None:
+    """Refuse a ``drop_ratio`` that re-initialises no neuron: Drop-Upcycling redraws
+    ``round(ratio * I)`` of an MLP's I intermediate neurons (``redrawn_indices`` of
+    ``moekit.executors.evaluate``), so below half a neuron the expert would be a plain copy
+    of its source, not the Drop-Upcycling it asks for."""
+    smallest = min(mlp.intermediate for mlp in mlps.values())
+    for i, source in enumerate(merge.experts):
+        ratio = source.drop_ratio
+        if ratio is not None and round(ratio * smallest) == 0:
+            raise MoekitError(f"experts[{i}].moekit.drop_ratio {ratio:g} re-initialises no "
+                              f"neuron of an MLP of {smallest} intermediate neurons (it "
+                              f"redraws round({ratio:g} x {smallest}) = 0); 1/{smallest} = "
+                              f"{1 / smallest:.3g} redraws one")
 
 
 def output_dtype(merge: MergeConfig, config: Mapping[str, Any], dtype: str) -> str:
