@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
@@ -54,27 +55,35 @@ def _fully_shard(model: torch.nn.Module, dp_mesh, replicate: tuple[str, ...]
                  ) -> torch.nn.Module:
     """FSDP2 over ``dp_mesh`` on every decoder layer and the root, leaving out the experts
     (they run with expert parallelism, which transformers' MoE module does not take as
-    DTensors) and the parameters named in ``replicate``."""
-    experts = [set(layer.mlp.experts.parameters()) for layer in model.model.layers]
+    DTensors) and the parameters ``replicate``'s patterns match."""
+    experts = [set(layer.mlp.experts.parameters()) if hasattr(layer.mlp, "experts") else set()
+               for layer in model.model.layers]
     for layer, ignored in zip(model.model.layers, experts):
         fully_shard(layer, mesh=dp_mesh, ignored_params=ignored)
-    kept = {p for name, p in model.named_parameters() if name in replicate}
+    kept = {p for name, p in model.named_parameters() if _matches(name, replicate)}
     fully_shard(model, mesh=dp_mesh, ignored_params=kept.union(*experts))
     return model
 
 
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatchcase(name, pattern) for pattern in patterns)
+
+
 def load_into_fsdp(rank: int, world: int, store: str, src: str, log_dir: str,
-                   shape: tuple[int, int], n_experts: int, replicate: tuple[str, ...]) -> None:
+                   shape: tuple[int, int], model: tuple[str, dict],
+                   replicate: tuple[str, ...]) -> None:
     """Load with load_sharded while counting the bytes read; check every non-expert DTensor
-    against the one FSDP2 makes of the checkpoint's own model; load the state strictly
-    into a differently initialised fully_shard-ed model and compare its logits with the
-    unsharded model's. Writes ``log_dir/rank.json``: bytes read and logits equality."""
+    against the one FSDP2 makes of the checkpoint's own model (``samples.build_model`` of
+    ``model``'s family and config overrides); load the state strictly into a differently
+    initialised fully_shard-ed model and compare its logits with the unsharded model's.
+    Writes ``log_dir/rank.json``: bytes read and held, and logits equality."""
+    family, overrides = model
     mesh = _init(rank, world, store, shape)
     with counting_reads() as counted:
         state = load_sharded(src, mesh, layout="transformers", replicate=replicate)
 
     ids = samples.sample_input(96)
-    reference = samples.build_model("qwen3_moe", num_experts=n_experts)
+    reference = samples.build_model(family, **overrides)
     with torch.no_grad():
         expected = reference(ids).logits
     oracle = _fully_shard(reference, mesh["dp"], replicate).state_dict()
@@ -85,7 +94,7 @@ def load_into_fsdp(rank: int, world: int, store: str, src: str, log_dir: str,
             assert (ours.device_mesh, ours.placements) == (mesh, (Replicate(), Shard(0))), key
             assert torch.equal(ours.full_tensor(), theirs), key
             continue
-        if key in replicate:
+        if _matches(key, replicate):
             assert type(ours) is torch.Tensor and torch.equal(ours, theirs), key
             continue
         assert isinstance(theirs, DTensor) and isinstance(ours, DTensor), key
@@ -94,12 +103,12 @@ def load_into_fsdp(rank: int, world: int, store: str, src: str, log_dir: str,
         assert ours.to_local().shape == theirs.to_local().shape, key
         assert torch.equal(ours.to_local(), theirs.to_local()), key
 
-    model = _fully_shard(samples.build_model("qwen3_moe", seed=1, num_experts=n_experts),
-                         mesh["dp"], replicate)
+    loaded = _fully_shard(samples.build_model(family, seed=1, **overrides), mesh["dp"],
+                          replicate)
     whole = {k: v.full_tensor() if ".experts." in k else v for k, v in state.items()}
-    set_model_state_dict(model, whole, options=StateDictOptions(strict=True))
+    set_model_state_dict(loaded, whole, options=StateDictOptions(strict=True))
     with torch.no_grad():
-        got = model(ids).logits
+        got = loaded(ids).logits
     Path(log_dir, f"{rank}.json").write_text(json.dumps(
         {"bytes": counted[0], "held": held_bytes(state),
          "logits_equal": torch.equal(got, expected)}))

@@ -78,7 +78,7 @@ def _owner(chunks, value: int) -> int:
 def test_fully_sharded_model_loads_strictly_and_gives_the_same_logits(dp, ep, replicate,
                                                                       qwen3_10, tmp_path):
     spawn(sharded_workers.load_into_fsdp, dp * ep, tmp_path / "store", str(qwen3_10),
-          str(tmp_path), (dp, ep), N_EXPERTS, replicate)
+          str(tmp_path), (dp, ep), ("qwen3_moe", {"num_experts": N_EXPERTS}), replicate)
     results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(dp * ep)]
     assert all(r["logits_equal"] for r in results)
     share = expected_bytes(qwen3_10, dp, ep, replicate)
@@ -91,6 +91,22 @@ def test_fully_sharded_model_loads_strictly_and_gives_the_same_logits(dp, ep, re
         planned = ep_report(qwen3_10, ep, "transformers", dp_size=dp)
         assert [(p.read_bytes, p.held_bytes) for p in planned] == \
             [(r["bytes"], r["held"]) for r in results]
+
+
+def test_fully_sharded_deepseek_v3_loads_strictly_and_gives_the_same_logits(tmp_path):
+    """DeepSeek-V3 (a dense leading layer, shared experts, the router's score-correction
+    bias: a buffer, which FSDP2 leaves whole, hence replicated) on a 2 x 2 mesh."""
+    src = samples.save_model(samples.build_model("deepseek_v3"), tmp_path / "deepseek-v3")
+    replicate = ("*.e_score_correction_bias",)
+    spawn(sharded_workers.load_into_fsdp, 4, tmp_path / "store", str(src), str(tmp_path),
+          (2, 2), ("deepseek_v3", {}), replicate)
+    results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(4)]
+    assert all(r["logits_equal"] for r in results)
+    sizes = headers(src)
+    once = sum(shape[0] * row for shape, row in sizes.values())
+    again = sum(shape[0] * row for key, (shape, row) in sizes.items()
+                if key.endswith(".e_score_correction_bias")) * 3
+    assert sum(r["bytes"] for r in results) == once + again
 
 
 def test_a_missing_expert_or_a_mesh_without_the_named_dimensions_fails_every_rank(qwen3_10,
