@@ -119,13 +119,15 @@ def _add_format_option(sub: argparse.ArgumentParser, by_layout: bool = False) ->
     """``--format`` of the commands that write through the job pipeline's sinks
     (``moekit.conversion.sink_for``: convert, upcycle, merge); ``by_layout``: the default
     is the destination layout's (``Layout.default_format``)."""
-    default = ("the --to layout's: dcp for " + ", ".join(
-        name for name, layout in LAYOUTS.items() if layout.default_format == "dcp")
-        + ", else safetensors") if by_layout else "safetensors"
+    default = ("the --to layout's: " + ", ".join(
+        f"{layout.default_format} for {name}" for name, layout in LAYOUTS.items()
+        if layout.default_format != "safetensors") + ", else safetensors"
+        ) if by_layout else "safetensors"
     sub.add_argument("--format", default=None if by_layout else "safetensors",
-                     choices=("safetensors", "dcp"),
-                     help="output files: HF-sharded safetensors, or one "
-                     "torch.distributed.checkpoint folder (.metadata and .distcp files); "
+                     choices=("safetensors", "dcp", "megatron"),
+                     help="output files: HF-sharded safetensors, one "
+                     "torch.distributed.checkpoint folder (.metadata and .distcp files), or "
+                     "a Megatron-Core torch_dist checkpoint (the megatron layout's); "
                      f"default: {default}")
 
 

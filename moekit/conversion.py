@@ -50,6 +50,11 @@ class SafetensorsShards:
 
     def write(self, plan: Plan, source: TensorSource, folder: Path,
               show_progress: bool | None, finished: Callable[[Path], object]) -> None:
+        chunked = next((t for t in plan.tensors if t.chunk is not None), None)
+        if chunked is not None:
+            raise MoekitError(f"the {plan.dst_layout} layout stores {chunked.chunk.key} in "
+                              "chunks, which safetensors files cannot hold: write it with "
+                              "--format megatron")
         metadata = {"format": "pt", LAYOUT_METADATA_KEY: plan.dst_layout,
                     FAMILY_METADATA_KEY: plan.family}
         write_plan(plan, source, folder, self.max_shard_bytes, metadata, show_progress,

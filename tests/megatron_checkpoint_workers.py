@@ -68,17 +68,12 @@ def load_and_run(rank: int, world: int, store: str, folders: list[str], ids: tor
     and the model with megatron-core's own ``dist_checkpointing.save`` into
     ``result``.N.saved (N: the folder's place in ``folders``)."""
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     _init(rank, world, store)
     found = {}
     for number, folder in enumerate(map(Path, folders)):
         model = gpt_model(_config(folder))
-        iteration = (folder / "latest_checkpointed_iteration.txt").read_text().strip()
-        loaded = dist_checkpointing.load(model.sharded_state_dict(),
-                                         str(folder / f"iter_{int(iteration):07d}"),
-                                         strict=StrictHandling.RAISE_ALL)
-        model.load_state_dict(loaded, strict=True)
+        _load(folder, model)
         found[str(folder)] = {
             "logits": megatron_workers.forward([model], ids),
             "state": {k: v.clone() for k, v in model.state_dict().items()
@@ -113,4 +108,43 @@ def save_expert_parallel(rank: int, world: int, store: str, config_folder: str, 
     logits = megatron_workers.forward([model], ids)
     dist_checkpointing.save(model.sharded_state_dict(), out)
     torch.save({"experts": experts, "logits": logits}, f"{result}.{rank}")
+    megatron_workers.finish()
+
+
+def _load(folder: Path, model) -> None:
+    """Load the torch_dist checkpoint ``folder`` strictly into ``model``."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    iteration = (folder / "latest_checkpointed_iteration.txt").read_text().strip()
+    loaded = dist_checkpointing.load(model.sharded_state_dict(),
+                                     str(folder / f"iter_{int(iteration):07d}"),
+                                     strict=StrictHandling.RAISE_ALL)
+    model.load_state_dict(loaded, strict=True)
+
+
+def upcycled_in_memory(rank: int, world: int, store: str, dense: str, upcycled: list,
+                       ids: torch.Tensor, result: str) -> None:
+    """For each (folder, spec) of ``upcycled``: load the folder (moekit's upcycling of the
+    dense model written in Megatron-Core's layout) strictly into megatron-core's MoE
+    model, and list the tensors that differ from ``moekit.upcycling.megatron``'s in-memory
+    upcycling with ``spec`` of the dense megatron-core model loaded from ``dense``; with the
+    logits of both models on ``ids``."""
+    from moekit.upcycling import megatron as moekit_megatron
+
+    _init(rank, world, store)
+    dense_model = gpt_model(_config(Path(dense)))
+    _load(Path(dense), dense_model)
+    found = {"dense_logits": megatron_workers.forward([dense_model], ids)}
+    for folder, spec in map(tuple, upcycled):
+        moe = gpt_model(_config(Path(folder)))
+        expected = moekit_megatron.upcycle_state_dict([moe], [dense_model], spec)["model"]
+        _load(Path(folder), moe)
+        state = moe.state_dict()
+        found[folder] = {
+            "differ": sorted(k for k, v in expected.items() if isinstance(v, torch.Tensor)
+                             and not torch.equal(v, state[k])),
+            "compared": sum(isinstance(v, torch.Tensor) for v in expected.values()),
+            "logits": megatron_workers.forward([moe], ids)}
+    torch.save(found, result)
     megatron_workers.finish()

@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint import FileSystemReader
 
-from moekit import samples
+from moekit import UpcycleSpec, samples
 from moekit.cli import main
 
 pytest.importorskip("megatron.core")
@@ -220,3 +220,37 @@ def test_a_checkpoint_megatron_core_saved_at_expert_parallel_size_2_reads_back_w
     logits = samples.logits(back, _ids())
     for rank in ranks:
         assert (rank["logits"] - logits).abs().max() < LOGITS_TOLERANCE
+
+
+UPCYCLED = {
+    "copy": (["--method", "copy"], UpcycleSpec(4, 2, router="zero")),
+    "granular": (["--method", "granular", "--granularity", "2"],
+                 UpcycleSpec(4, 2, "granular", 2, router="zero")),
+}
+"""``moekit upcycle`` options, and the same upcycling as moekit's in-memory Megatron-Core
+one runs it (a zero router: the in-memory one otherwise starts from the MoE model's own
+random router rows)."""
+
+
+def test_upcycling_into_megatron_equals_the_in_memory_megatron_upcycling(models, tmp_path):
+    """The dense Llama in Megatron-Core's layout, upcycled in memory by
+    ``moekit.upcycling.megatron``, equals ``moekit upcycle --to megatron`` of its HF
+    checkpoint tensor for tensor, and keeps the dense logits."""
+    model, hf, dense = models["llama"]
+    upcycled = []
+    for name, (options, spec) in UPCYCLED.items():
+        out = tmp_path / name
+        assert main(["upcycle", str(hf), str(out), "--experts", "4", "--top-k", "2",
+                     "--router", "zero", "--to", "megatron", *options]) == 0
+        upcycled.append((str(out), spec))
+    found = torch.load(_spawn(megatron_checkpoint_workers.upcycled_in_memory, 1,
+                              tmp_path / "run", str(dense), upcycled, _ids()))
+    for folder, _ in upcycled:
+        assert found[folder]["differ"] == [], folder
+        # Embedding, final norm, output layer; per layer two norms, QKV, projection,
+        # router and each expert's fc1 and fc2.
+        assert found[folder]["compared"] == 3 + 3 * (5 + 4 * 2), folder
+    # A zero router keeps the dense function with whole copies only (granular experts
+    # need virtual groups).
+    copy = found[upcycled[0][0]]["logits"]
+    assert (copy - found["dense_logits"]).abs().max() < LOGITS_TOLERANCE
