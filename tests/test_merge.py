@@ -144,6 +144,39 @@ def test_every_mismatching_source_tensor_is_reported_before_writing(llama, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_each_source_is_checked_for_model_type_dtypes_and_names_before_writing(llama, tmp_path,
+                                                                               capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base, finetunes = llama
+    retyped, edited = tmp_path / "retyped", tmp_path / "edited"
+    shutil.copytree(finetunes[0], retyped)
+    shutil.copytree(finetunes[1], edited)
+    config = json.loads((retyped / "config.json").read_text())
+    (retyped / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    tensors = load_file(edited / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].bfloat16()
+    del tensors["lm_head.weight"]
+    tensors["model.layers.0.mlp.bias"] = torch.zeros(3)
+    save_file(tensors, edited / "model.safetensors", metadata={"format": "pt"})
+    yml = write_yaml(tmp_path / "moe.yml", base, [retyped, edited, finetunes[2]],
+                     gate_mode="random")
+    assert main(["merge", str(yml), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    for problem in ("4 problems",
+                    f"expert0 ({retyped}): model_type 'mistral', the base model's is 'llama'",
+                    f"expert1 ({edited}): model.norm.weight is [32] BF16, the base model's is "
+                    "[32] F32",
+                    f"expert1 ({edited}): lacks lm_head.weight",
+                    f"expert1 ({edited}): has model.layers.0.mlp.bias, which the base model "
+                    "lacks"):
+        assert problem in err
+    assert "expert2" not in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("change, message", [
     ({"dtype": "int8"}, "dtype 'int8' is not one of float16, bfloat16, float32, float64"),
     ({"gate_mode": "hidden_first"}, "gate_mode 'hidden_first' is not one of"),
