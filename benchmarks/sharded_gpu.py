@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import shutil
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -52,6 +53,7 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 import moekit  # noqa: E402
 from moekit.config_headers import config_headers  # noqa: E402
 from moekit.dtypes import to_torch  # noqa: E402
+from moekit.executors import device as device_reader  # noqa: E402
 from moekit.executors.evaluate import materialize  # noqa: E402
 from moekit.layouts import layout_named  # noqa: E402
 from moekit.plan import nbytes  # noqa: E402
@@ -151,15 +153,24 @@ def copy_limit_gbps(device: torch.device) -> float:
 
 
 def counting_reads() -> list[int]:
-    """Counts the bytes every FileSource of this process reads (a running total)."""
+    """Counts the bytes this process reads from checkpoint files (a running total): on the
+    CPU through ``FileSource``, onto a GPU through the device reader's threads."""
     counted = [0]
-    original = FileSource.read
+    lock = threading.Lock()
+    original_read, original_into = FileSource.read, device_reader._read_into
 
     def read(self, region):
-        counted[0] += self.block_bytes(region)
-        return original(self, region)
+        with lock:
+            counted[0] += self.block_bytes(region)
+        return original_read(self, region)
+
+    def read_into(fd, start, view, file):
+        with lock:
+            counted[0] += len(view)
+        return original_into(fd, start, view, file)
 
     FileSource.read = read
+    device_reader._read_into = read_into
     return counted
 
 
@@ -295,9 +306,12 @@ def run_saves(src: Path, workdir: Path, device: torch.device, figures: dict) -> 
         dist.barrier()
         seconds = time.perf_counter() - start
         if rank == 0:
-            equal = moekit.verify(src, out).equal
+            report = moekit.verify(src, out)
+            equal = report.equal
             print(f"save_experts(format={fmt!r}) on {world} ranks: {seconds:.2f} s; "
                   f"equal to the source: {equal}", flush=True)
+            if not equal:
+                print(report.render()[:3000], flush=True)
             figures[f"save_experts {fmt}"] = {"seconds": seconds, "equal_to_source": equal}
             shutil.rmtree(out)
     del state

@@ -716,3 +716,23 @@ def test_a_path_of_another_type_is_named(path, tmp_path, good):
     with pytest.raises(MoekitError, match=f"the destination path must be a str or a "
                                           f"pathlib.Path, not {type(path).__name__}"):
         moekit.convert(good, path, to="nemo")
+
+
+def test_a_source_modified_while_it_is_loaded_is_refused(tmp_path, monkeypatch):
+    """moekit.load (and load_experts, load_sharded, which read through the same reader)
+    checks every shard again once everything is read: a shard modified meanwhile gives an
+    error, never a state dict of mixed bytes."""
+    from moekit import load
+    from moekit.executors import device
+
+    src = checkpoint(tmp_path / "model")
+    run_plan = device.run_plan
+
+    def read_then_modified(*args, **kwargs):
+        out = run_plan(*args, **kwargs)
+        rewrite_in_place(src / "model.safetensors")
+        return out
+
+    monkeypatch.setattr(device, "run_plan", read_then_modified)
+    with pytest.raises(MoekitError, match="it was modified"):
+        load(src, "nemo")

@@ -132,7 +132,9 @@ def read_plan(plan: Plan, checkpoint: Checkpoint, device: torch.device | str | N
     if device is not None and torch.device(device).type != "cpu":
         return load_to_device(plan, checkpoint, device, wrap_experts, pinned=pinned)
     with FileSource(checkpoint) as source:
-        return run_plan(plan, source, device, wrap_experts)
+        out = run_plan(plan, source, device, wrap_experts)
+        source.check_unchanged()
+    return out
 
 
 def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | str,
@@ -261,6 +263,7 @@ class _Reader:
             out.update(self._finish(in_flight.popleft()))
         if self.compute is not None:
             self.compute.synchronize()
+        self.files.check_unchanged()
         return out
 
     def _stage(self, index: int, tensors: list[TensorPlan]) -> _Batch:

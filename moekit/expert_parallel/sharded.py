@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -36,11 +37,10 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..checkpoint import Checkpoint
 from ..errors import MoekitError
-from ..executors.evaluate import materialize
+from ..executors.device import read_plan
 from ..gc_pauses import without_gc_pauses
 from ..plan import Expr, Plan, Read, TensorPlan
 from ..planner import build_plan, understand_checkpoint
-from ..sources import FileSource
 from .ranges import expert_range, grouped_layout, rank_plan
 
 
@@ -71,11 +71,12 @@ def load_sharded(path: str | Path, device_mesh: DeviceMesh, layout: str = "trans
         raise
     agree(None, "load_sharded")
     patterns = (replicate,) if isinstance(replicate, str) else tuple(replicate)
-    with FileSource(checkpoint) as source:
-        out = {tensor.name: _load(tensor, plan, source, mesh, analysis.n_experts, patterns)
-               for tensor in plan.tensors}
-        source.check_unchanged()
-    return out
+    shares = {t.name: _Share.of(t, plan, mesh, patterns) for t in plan.tensors}
+    pieces = replace(plan, tensors=[TensorPlan(name, share.recipe)
+                                    for name, share in shares.items()])
+    read = read_plan(pieces, checkpoint, None if mesh.device.type == "cpu" else mesh.device)
+    return {name: share.place(read.pop(name), mesh, analysis.n_experts)
+            for name, share in shares.items()}
 
 
 class ShardedMesh:
@@ -139,39 +140,53 @@ def _from_local(local: torch.Tensor, mesh: DeviceMesh, placements: list, rows: i
                               stride=stride)
 
 
-def _load(tensor: TensorPlan, plan: Plan, source: FileSource, mesh: ShardedMesh, n_experts: int,
-          replicate: tuple[str, ...]) -> torch.Tensor:
-    """One destination tensor, as this rank holds it."""
-    if tensor.name in plan.expert_tensors:
-        mine = expert_range(n_experts, mesh.ep_size, mesh.ep_rank)
-        local = _gather(_materialize(tensor.recipe, source, mesh), len(mine),
-                        mesh.fsdp_size, mesh.fsdp_group)
-        return mesh.expert_dtensor(local, n_experts)
-    if not tensor.shape or any(fnmatchcase(tensor.name, p) for p in replicate):
-        return _materialize(tensor.recipe, source, mesh)
-    rows = tensor.shape[0]
-    ours = chunk(rows, mesh.fsdp_size, mesh.fsdp_rank)
-    count = ours.stop - ours.start
-    part = chunk(count, mesh.ep_size, mesh.ep_rank)
-    piece = _rows(tensor, source, mesh, slice(ours.start + part.start, ours.start + part.stop))
-    return mesh.fsdp_dtensor(_gather(piece, count, mesh.ep_size, mesh.ep_group), rows)
+@dataclass(frozen=True)
+class _Share:
+    """What this rank reads of one destination tensor (``recipe``), and how the piece
+    becomes what the rank holds: ``kind`` "expert" (gathered over FSDP, ``Shard(0)`` over
+    EP), "whole" (kept as read) or "rows" (its FSDP rows: ``piece`` of them read, taken
+    from the built tensor when ``built`` says the recipe makes all of it, then gathered
+    over EP)."""
 
+    recipe: Expr
+    kind: str
+    rows: int = 0
+    held: slice | None = None
+    piece: slice | None = None
+    built: bool = False
 
-def _rows(tensor: TensorPlan, source: FileSource, mesh: ShardedMesh, rows: slice) -> torch.Tensor:
-    """Rows ``rows`` of a non-expert tensor: only their bytes when it is a source tensor
-    copied unchanged, else the rows of the whole tensor its recipe builds."""
-    recipe = tensor.recipe
-    if tensor.is_copy:
-        recipe = Read(recipe.key, (rows,), (rows.stop - rows.start, *recipe.shape[1:]),
-                      recipe.dtype)
-        return _materialize(recipe, source, mesh)
-    return _materialize(recipe, source, mesh)[rows].clone()
+    @classmethod
+    def of(cls, tensor: TensorPlan, plan: Plan, mesh: ShardedMesh,
+           replicate: tuple[str, ...]) -> "_Share":
+        if tensor.name in plan.expert_tensors:
+            return cls(tensor.recipe, "expert")
+        if not tensor.shape or any(fnmatchcase(tensor.name, p) for p in replicate):
+            return cls(tensor.recipe, "whole")
+        rows = tensor.shape[0]
+        held = chunk(rows, mesh.fsdp_size, mesh.fsdp_rank)
+        part = chunk(held.stop - held.start, mesh.ep_size, mesh.ep_rank)
+        piece = slice(held.start + part.start, held.start + part.stop)
+        if not tensor.is_copy:
+            return cls(tensor.recipe, "rows", rows, held, piece, built=True)
+        recipe = Read(tensor.recipe.key, (piece,),
+                      (piece.stop - piece.start, *tensor.shape[1:]), tensor.recipe.dtype)
+        return cls(recipe, "rows", rows, held, piece)
 
-
-def _materialize(recipe: Expr, source: FileSource, mesh: ShardedMesh) -> torch.Tensor:
-    """The tensor ``recipe`` makes, contiguous, on the mesh's device."""
-    with torch.no_grad():
-        return materialize(recipe, source, None).contiguous().to(mesh.device)
+    def place(self, value: torch.Tensor, mesh: ShardedMesh, n_experts: int) -> torch.Tensor:
+        """The tensor the rank holds, from ``value``, what it read."""
+        if self.kind == "whole":
+            return value
+        if self.kind == "expert":
+            mine = expert_range(n_experts, mesh.ep_size, mesh.ep_rank)
+            return mesh.expert_dtensor(_gather(value.contiguous(), len(mine), mesh.fsdp_size,
+                                               mesh.fsdp_group), n_experts)
+        if self.kind == "rows":
+            if self.built:
+                value = value[self.piece].clone()
+            held = self.held.stop - self.held.start
+            return mesh.fsdp_dtensor(_gather(value.contiguous(), held, mesh.ep_size,
+                                             mesh.ep_group), self.rows)
+        raise MoekitError(f"load_sharded has no placement {self.kind!r}")
 
 
 def _gather(piece: torch.Tensor, rows: int, size: int, group: dist.ProcessGroup
