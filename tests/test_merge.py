@@ -284,6 +284,32 @@ def test_prompt_modes_need_distinct_prompts_for_every_expert(llama, tmp_path):
         merge(config, tmp_path / "out")
 
 
+def test_router_rows_run_each_prompt_list_as_one_batch_under_a_progress_bar(
+        llama, tmp_path, monkeypatch, capsys):
+    # One forward pass of the base model per prompt list, as mergekit-moe batches them;
+    # the bar counts experts.
+    from moekit.merging import gates
+
+    from .merge_fixtures import PROMPTS
+
+    base, finetunes = llama
+    batches = []
+    run = gates._hidden_states
+
+    def hidden_states(model, batch, average):
+        batches.append(tuple(batch["input_ids"].shape))
+        return run(model, batch, average)
+
+    monkeypatch.setattr(gates, "_hidden_states", hidden_states)
+    config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode="hidden")
+    merge(config, tmp_path / "out", show_progress=True)
+    lists = [prompts for positive, negative in PROMPTS for prompts in (positive, negative)
+             if prompts]
+    assert [rows for rows, _ in batches] == [len(prompts) for prompts in lists]
+    err = capsys.readouterr().err
+    assert "router rows from prompts" in err and "3/3" in err
+
+
 def test_dry_run_json_lists_where_each_expert_is_read_from(llama, tmp_path, capsys):
     base, finetunes = llama
     config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode="hidden")
