@@ -1,12 +1,15 @@
 """Benchmark whole-model sharded loading against load_experts: per-rank bytes read,
-seconds and peak RSS for world sizes 1, 2, 4, 8.
+seconds and peak RSS for world sizes 1, 2, 4, 8; and saving back with save_sharded.
 
 Builds a synthetic Qwen3-MoE-shaped bf16 checkpoint, then for each world size spawns that
 many processes (gloo, CPU) twice: once calling ``moekit.load_sharded`` on a (dp, ep) mesh
-(ep = min(--ep, world)), once calling ``moekit.load_experts`` on a 1-D "ep" mesh of the
+(ep = min(--ep, world)) and then ``moekit.save_sharded`` of what it loaded (an HF
+safetensors checkpoint), once calling ``moekit.load_experts`` on a 1-D "ep" mesh of the
 whole world, which reads every non-expert tensor whole on every rank. Each rank reports
-the bytes its reader was asked for, its load time and its peak RSS. Target: the bytes
-load_sharded reads, summed over the ranks, equal the checkpoint's tensor bytes.
+the bytes its reader was asked for, its load time and its peak RSS, and for the sharded
+run the tensor bytes it wrote and its save time. Targets: the bytes load_sharded reads,
+and the bytes save_sharded writes, summed over the ranks, equal the checkpoint's tensor
+bytes.
 
     .venv/bin/python benchmarks/sharded_load.py [--size-gib 1] [--worlds 1,2,4,8] [--json F]
 """
@@ -18,6 +21,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -54,9 +58,30 @@ def worker(rank: int, world: int, store: str, src: str, results: str, loader: st
         state = moekit.load_experts(src, mesh, layout="nemo")
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    Path(results, f"{loader}-{world}-{rank}.json").write_text(json.dumps(
-        {"bytes": read_bytes[0], "seconds": seconds, "peak": peak, "tensors": len(state)}))
+    row = {"bytes": read_bytes[0], "seconds": seconds, "peak": peak, "tensors": len(state)}
+    if loader == "load_sharded":
+        row.update(_save(state, mesh, src, Path(results, f"saved-{world}")))
+    Path(results, f"{loader}-{world}-{rank}.json").write_text(json.dumps(row))
     leave_process_group()
+
+
+def _save(state: dict, mesh, src: str, out: Path) -> dict[str, float]:
+    """save_sharded of ``state`` into ``out`` as safetensors: the tensor bytes this rank
+    wrote and its seconds."""
+    import moekit
+    import moekit.expert_parallel.sharded_save as sharded_save
+
+    written = [0]
+    pwrite = sharded_save._pwrite_all
+
+    def counting(fd: int, tensor, offset: int) -> None:
+        written[0] += tensor.nbytes
+        pwrite(fd, tensor, offset)
+
+    sharded_save._pwrite_all = counting
+    start = time.perf_counter()
+    moekit.save_sharded(state, out, mesh, layout="nemo", config_from=src)
+    return {"written": written[0], "save_seconds": time.perf_counter() - start}
 
 
 def main() -> None:
@@ -74,7 +99,7 @@ def main() -> None:
         print(f"checkpoint: {size / 2**30:.2f} GiB, {layers} layers x {args.experts} experts, "
               f"{tensor_bytes / 2**20:.1f} MiB of tensors, bf16")
         print(f"{'loader':>13} {'world':>5} {'rank':>5} {'read MiB':>9} {'peak RSS MiB':>13} "
-              f"{'load s':>7}")
+              f"{'load s':>7} {'written MiB':>12} {'save s':>7}")
         for world in (int(n) for n in args.worlds.split(",")):
             ep = min(args.ep, world)
             if world % ep:
@@ -85,13 +110,17 @@ def main() -> None:
                          nprocs=world, join=True)
                 rows = [json.loads(Path(tmp, f"{loader}-{world}-{r}.json").read_text())
                         for r in range(world)]
-                _check(loader, world, rows, tensor_bytes)
+                _check(loader, world, rows, tensor_bytes, Path(tmp, f"saved-{world}"))
                 for rank, r in enumerate(rows):
+                    saved = (f"{r['written'] / 2**20:12.1f} {r['save_seconds']:7.2f}"
+                             if "written" in r else "")
                     print(f"{loader:>13} {world:>5} {rank:>5} {r['bytes'] / 2**20:9.1f} "
-                          f"{r['peak'] / 2**20:13.0f} {r['seconds']:7.2f}")
+                          f"{r['peak'] / 2**20:13.0f} {r['seconds']:7.2f} {saved}")
                     figures[f"{loader} world {world} rank {rank}"] = {
                         "bytes_read": r["bytes"], "share": r["bytes"] / tensor_bytes,
-                        "peak_rss_bytes": r["peak"], "seconds": r["seconds"]}
+                        "peak_rss_bytes": r["peak"], "seconds": r["seconds"],
+                        **({"bytes_written": r["written"], "save_seconds": r["save_seconds"]}
+                           if "written" in r else {})}
     write_figures(args.json, f"{platform.machine()} {os.cpu_count()} cores", figures,
                   checkpoint_bytes=size, tensor_bytes=tensor_bytes,
                   baseline="load_experts on a 1-D ep mesh of the whole world")
@@ -104,12 +133,21 @@ def _tensor_bytes(file: Path) -> int:
     return file.stat().st_size - 8 - header
 
 
-def _check(loader: str, world: int, rows: list[dict], tensor_bytes: int) -> None:
-    """load_sharded's ranks read every tensor byte once between them."""
-    total = sum(r["bytes"] for r in rows)
-    if loader == "load_sharded" and total != tensor_bytes:
-        raise SystemExit(f"load_sharded on {world} ranks read {total:,} bytes; the "
+def _check(loader: str, world: int, rows: list[dict], tensor_bytes: int, saved: Path
+           ) -> None:
+    """load_sharded's ranks read every tensor byte once between them, and save_sharded's
+    wrote each once, into a checkpoint of the same tensor bytes (then removed)."""
+    if loader != "load_sharded":
+        return
+    read, written = sum(r["bytes"] for r in rows), sum(r["written"] for r in rows)
+    if read != tensor_bytes:
+        raise SystemExit(f"load_sharded on {world} ranks read {read:,} bytes; the "
                          f"checkpoint holds {tensor_bytes:,}")
+    on_disk = sum(_tensor_bytes(f) for f in saved.glob("*.safetensors"))
+    if written != tensor_bytes or on_disk != tensor_bytes:
+        raise SystemExit(f"save_sharded on {world} ranks wrote {written:,} bytes into "
+                         f"{on_disk:,} bytes of tensors; the checkpoint holds {tensor_bytes:,}")
+    shutil.rmtree(saved)
 
 
 if __name__ == "__main__":
