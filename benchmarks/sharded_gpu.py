@@ -18,13 +18,15 @@ routed experts. Then, for every (dp, ep) mesh of the ranks, each rank:
 - loads its share with ``moekit.load_sharded`` (timed after one warm-up load), counting
   the bytes its reader reads and the bytes it holds on its GPU;
 - takes part in ``full_tensor()`` of every tensor, which rank 0 compares byte for byte
-  with the tensor moekit's CPU path builds.
+  with the tensor moekit's CPU path builds;
+- saves that state with ``save_sharded`` (safetensors, then DCP; the meshes ``--save-on``
+  names), reads it back with ``load_sharded`` and compares it with the state it saved.
 
-Then every rank saves its experts with ``save_experts`` (DCP, then safetensors), each
-verified equal to the source; and a tiny Qwen3-MoE (``--forward``) runs FSDP2
-(``fully_shard`` over dp) with its experts split over ep (each rank computes its own
-experts' tokens, an all-reduce sums them) on the state ``load_sharded`` gives, against the
-whole model on one GPU. NVLink multicast stays off (NCCL_NVLS_ENABLE=0,
+Then every rank saves load_experts' state with ``save_experts`` (DCP, then safetensors),
+read back and compared likewise; and a tiny Qwen3-MoE runs FSDP2 (``fully_shard`` over
+dp) with its experts split over ep (each rank computes its own experts' tokens, an
+all-reduce sums them) on the state ``load_sharded`` gives, against the whole model on one
+device. NVLink multicast stays off (NCCL_NVLS_ENABLE=0,
 TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1): using it can take a shared
 host's GPUs out of service. ``--device cpu`` runs the same over gloo, as a smoke test.
 """
@@ -253,9 +255,17 @@ def run_loads(src: Path, args: argparse.Namespace, device: torch.device,
         rows = [None] * world
         dist.all_gather_object(rows, (rank, read, held, seconds, limit))
         compared, differing = same_as_cpu_path(state, src)
-        del state
+        label = f"dp {dp} x ep {ep}"
         if rank == 0:
-            _report(f"dp {dp} x ep {ep}", rows, compared, differing, tensor_bytes, figures)
+            _report(label, rows, compared, differing, tensor_bytes, figures)
+        if f"{dp}x{ep}" in args.save_on.split(","):
+            for fmt in ("safetensors", "dcp"):
+                save_and_check(
+                    f"save_sharded {fmt} on {label}", src, Path(args.workdir), state,
+                    lambda out: moekit.save_sharded(state, out, mesh, layout=LAYOUT,
+                                                    format=fmt, config_from=src),
+                    lambda out: moekit.load_sharded(out, mesh, layout=LAYOUT), figures)
+        del state
 
 
 def _tensor_bytes(src: Path) -> int:
@@ -291,30 +301,62 @@ def _report(label: str, rows: list, compared: int, differing: list[str], tensor_
 
 
 def run_saves(src: Path, workdir: Path, device: torch.device, figures: dict) -> None:
-    """save_experts of load_experts' state on a 1-D ep mesh, as DCP and as safetensors,
-    each verified equal to the source and then removed."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    """save_experts of load_experts' state on a 1-D ep mesh, as DCP and as safetensors."""
+    world = dist.get_world_size()
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("ep",))
-    state = moekit.load_experts(src, mesh, layout=LAYOUT,
-                                device=device.type if device.type == "cuda" else None)
+    on = device.type if device.type == "cuda" else None
+    state = moekit.load_experts(src, mesh, layout=LAYOUT, device=on)
     for fmt in ("dcp", "safetensors"):
-        out = workdir / f"moekit-sharded-gpu-{fmt}"
-        dist.barrier()
-        start = time.perf_counter()
-        moekit.save_experts(state, out, mesh, layout=LAYOUT, config_from=src,
-                            overwrite=True, format=fmt)
-        dist.barrier()
-        seconds = time.perf_counter() - start
-        if rank == 0:
-            report = moekit.verify(src, out)
-            equal = report.equal
-            print(f"save_experts(format={fmt!r}) on {world} ranks: {seconds:.2f} s; "
-                  f"equal to the source: {equal}", flush=True)
-            if not equal:
-                print(report.render()[:3000], flush=True)
-            figures[f"save_experts {fmt}"] = {"seconds": seconds, "equal_to_source": equal}
-            shutil.rmtree(out)
+        save_and_check(
+            f"save_experts {fmt} on ep {world}", src, workdir, state,
+            lambda out: moekit.save_experts(state, out, mesh, layout=LAYOUT, config_from=src,
+                                            overwrite=True, format=fmt),
+            lambda out: moekit.load_experts(out, mesh, layout=LAYOUT, device=on), figures)
     del state
+
+
+def save_and_check(label: str, src: Path, workdir: Path, state: dict[str, torch.Tensor],
+                   save, reload, figures: dict) -> None:
+    """Time ``save(out)`` on every rank; read the output back with ``reload(out)`` and
+    compare it with ``state`` rank by rank (``state`` equals moekit's CPU path of the
+    source, checked beforehand); moekit verify names the differences, if any. The output
+    is removed afterwards."""
+    rank = dist.get_rank()
+    out = workdir / "moekit-sharded-gpu-out"
+    dist.barrier()
+    start = time.perf_counter()
+    save(out)
+    dist.barrier()
+    seconds = time.perf_counter() - start
+    back = reload(out)
+    differing = sorted(k for k in state.keys() | back.keys()
+                       if k not in state or k not in back or not _same(state[k], back[k]))
+    del back
+    verdicts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(verdicts, differing)
+    differing = sorted({k for v in verdicts for k in v})
+    if rank == 0:
+        print(f"{label}: {seconds:.2f} s; read back "
+              f"{'equal to' if not differing else 'DIFFERENT from'} the loaded state",
+              flush=True)
+        if differing:
+            print(f"differing: {', '.join(differing[:8])}", flush=True)
+            print(moekit.verify(src, out).render()[:3000], flush=True)
+        figures[label] = {"seconds": seconds, "equal_to_source": not differing}
+        shutil.rmtree(out)
+    dist.barrier()
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same placement, shape and bytes on this rank."""
+    if isinstance(a, DTensor) != isinstance(b, DTensor):
+        return False
+    if isinstance(a, DTensor):
+        if (a.placements, a.shape) != (b.placements, b.shape):
+            return False
+        a, b = a.to_local(), b.to_local()
+    return (a.shape == b.shape and a.dtype == b.dtype
+            and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)))
 
 
 def run_forward(workdir: Path, device: torch.device, figures: dict) -> None:
@@ -353,6 +395,8 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--skip", default="", help="comma-separated: loads, saves, forward")
+    parser.add_argument("--save-on", default="all", help="the meshes to save_sharded from "
+                        "('2x1,1x2': dp x ep), or all")
     parser.add_argument("--json", help="also write the figures to this JSON file (rank 0)")
     args = parser.parse_args()
     defaults = {"qwen3": (127, 1024, 512, 4097), "deepseek_v3_fp8": (255, 7168, 2048, 129280)}
@@ -369,6 +413,8 @@ def main() -> None:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    if args.save_on == "all":
+        args.save_on = ",".join(f"{dp}x{ep}" for dp, ep in meshes(world))
     workdir = Path(args.workdir)
     src = workdir / f"moekit-sharded-gpu-{args.family}"
     if rank == 0 and not src.exists():
