@@ -71,14 +71,14 @@ def write_yaml(path: Path, base: Path, experts: list[Path], **fields) -> Path:
     return path
 
 
-def run_mergekit(config: Path, out: Path, seed: int = 0) -> None:
-    """mergekit-moe on ``config`` (its Python API, CPU, offline), as its CLI runs it with
-    ``--random-seed seed --i-understand-this-is-not-useful-without-training``."""
+def run_mergekit(config: Path, out: Path, seed: int = 0, device: str = "cpu") -> None:
+    """mergekit-moe on ``config`` (its Python API, offline), as its CLI runs it with
+    ``--random-seed seed --device device --i-understand-this-is-not-useful-without-training``."""
     from mergekit.merge import MergeOptions
     from mergekit.moe.config import MoEMergeConfig
     from mergekit.scripts.moe import build
 
-    options = MergeOptions(random_seed=seed, device="cpu")
+    options = MergeOptions(random_seed=seed, device=device)
     options.apply_global_options()
     build(MoEMergeConfig.model_validate(yaml.safe_load(config.read_text())), str(out),
-          merge_options=options, device="cpu", allow_all_same=True)
+          merge_options=options, device=device, allow_all_same=True)

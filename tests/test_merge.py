@@ -102,6 +102,29 @@ def test_dtype_casts_every_tensor_as_mergekit_does(request, tmp_path, models, dt
             {{"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[written]}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["hidden", "hidden_avg"])
+def test_router_rows_from_prompts_on_a_gpu_are_mergekits_on_that_gpu(llama, tmp_path,
+                                                                     monkeypatch, mode):
+    # --device cuda runs the base model there, as mergekit-moe's --device cuda does.
+    from moekit.merging import gates
+
+    base, finetunes = llama
+    devices = []
+    run = gates._hidden_states
+
+    def hidden_states(model, batch, average):
+        devices.append(model.device.type)
+        return run(model, batch, average)
+
+    monkeypatch.setattr(gates, "_hidden_states", hidden_states)
+    config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode=mode)
+    run_mergekit(config, tmp_path / "mergekit", device="cuda")
+    merge(config, tmp_path / "moekit", device="cuda")
+    assert devices and set(devices) == {"cuda"}
+    _assert_same_model(tmp_path / "mergekit", tmp_path / "moekit")
+
+
 def test_qwen3_moe_from_prompts_is_mergekits(tmp_path):
     base, finetunes = save_models(tmp_path / "models", "qwen3", finetunes=2)
     config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode="hidden",
