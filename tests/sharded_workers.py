@@ -171,10 +171,11 @@ def _assert_same(ours: torch.Tensor, theirs: torch.Tensor, key: str) -> None:
 
 def load_save_reload(rank: int, world: int, store: str, src: str, out: str,
                      shapes: list[tuple[int, int]]) -> None:
-    """For each (dp, ep) shape: load_sharded, save_sharded as safetensors and as DCP
-    (counting the bytes each rank writes), then read both back with load_sharded and the
-    DCP folder with DCP's own ``load`` too, each giving this rank's tensors of the first
-    load. Writes ``out/rank.json``: per shape, the bytes this rank wrote."""
+    """For each (dp, ep) shape: load_sharded (lm_head replicated: a plain tensor on every
+    rank), save_sharded as safetensors and as DCP (counting the bytes each rank writes),
+    then read both back with load_sharded and the DCP folder with DCP's own ``load`` too,
+    each giving this rank's tensors of the first load. Writes ``out/rank.json``: per
+    shape, the bytes this rank wrote."""
     import torch.distributed.checkpoint as dcp
 
     import moekit.expert_parallel.sharded_save as sharded_save
@@ -192,7 +193,7 @@ def load_save_reload(rank: int, world: int, store: str, src: str, out: str,
     figures = []
     for dp, ep in shapes:
         mesh = init_device_mesh("cpu", (dp, ep), mesh_dim_names=NAMES)
-        state = load_sharded(src, mesh)
+        state = load_sharded(src, mesh, replicate="lm_head.weight")
         folder = Path(out, f"{dp}x{ep}")
         written[0] = 0
         save_sharded(state, folder / "safetensors", mesh, config_from=src,
@@ -200,7 +201,8 @@ def load_save_reload(rank: int, world: int, store: str, src: str, out: str,
         figures.append(written[0])
         save_sharded(state, folder / "dcp", mesh, format="dcp", config_from=src)
         for saved in ("safetensors", "dcp"):
-            _assert_same_state(load_sharded(folder / saved, mesh), state)
+            _assert_same_state(load_sharded(folder / saved, mesh, replicate="lm_head.weight"),
+                               state)
         target = {k: torch.zeros_like(v) for k, v in state.items()}
         dcp.load(target, checkpoint_id=folder / "dcp")
         _assert_same_state(target, state)

@@ -141,10 +141,11 @@ def test_what_is_not_a_mesh_is_refused():
                          ids=["world3", "world4"])
 def test_saved_back_from_the_mesh_each_byte_by_one_rank(shapes, qwen3_10, tmp_path):
     """save_sharded of what load_sharded gave, at meshes of 3 and 4 ranks (10 experts:
-    uneven splits over ep and dp): the safetensors checkpoint holds every source tensor
-    byte for byte (read with the safetensors library), transformers loads it and gives the
-    source's logits, and the ranks wrote its tensor bytes once between them; both it and
-    the DCP folder read back with load_sharded (and DCP's own load) as first loaded."""
+    uneven splits over ep and dp; lm_head replicated on every rank): the safetensors
+    checkpoint holds every source tensor byte for byte (read with the safetensors
+    library), transformers loads it and gives the source's logits, and the ranks wrote its
+    tensor bytes once between them (lm_head too); both it and the DCP folder read back
+    with load_sharded (and DCP's own load) as first loaded."""
     world = shapes[0][0] * shapes[0][1]
     spawn(sharded_workers.load_save_reload, world, tmp_path / "store", str(qwen3_10),
           str(tmp_path), shapes)
