@@ -362,6 +362,29 @@ def test_dcp_output_holds_the_merged_tensors(llama, tmp_path):
     assert [k for k, v in expected.items() if not torch.equal(loaded[k], v)] == []
 
 
+def test_a_read_failing_while_writing_leaves_nothing(llama, tmp_path, monkeypatch, capsys):
+    # A source read fails after the routers are computed and the temporary folder beside
+    # the destination is made: neither folder remains.
+    from moekit.merging import run
+
+    base, finetunes = llama
+    byte_range = run.TaggedSource.byte_range
+    beside = []
+
+    def fail_at_layer_1(self, region):
+        if region.key.startswith("expert1/model.layers.1."):
+            beside.extend(p.name for p in tmp_path.iterdir() if p.name != "moe.yml")
+            raise MoekitError(f"cannot read {region.key}")
+        return byte_range(self, region)
+
+    monkeypatch.setattr(run.TaggedSource, "byte_range", fail_at_layer_1)
+    config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode="random")
+    assert main(["merge", str(config), str(tmp_path / "out")]) == 2
+    assert "cannot read expert1/model.layers.1." in capsys.readouterr().err
+    assert beside and "out" not in beside
+    assert list(tmp_path.iterdir()) == [config]
+
+
 def test_an_existing_destination_is_replaced_only_with_overwrite(llama, tmp_path, capsys):
     base, finetunes = llama
     config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode="random")
