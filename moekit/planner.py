@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint
 from .detect import detect_family, detect_layout
-from .errors import MoekitError, PlanError, compress_ranges, compress_runs, plural
+from .errors import MoekitError, PlanError, compress_ranges, compress_runs, plural, printable
 from .gc_pauses import without_gc_pauses
 from .layouts import FAMILIES, LAYOUTS, ExpertBlock, Family, Layout, family_named, layout_named
 from .layouts.base import ParsedExperts, TensorMeta
@@ -106,6 +106,9 @@ def understand(tensors: Mapping[str, TensorMeta], config: dict | None,
     source = config_file or "the config given"
     _check_object(config, source)
     fam, family_source = _choose_family(tensors, config, metadata, family)
+    if fam.unread:
+        raise MoekitError(f"{label} is a checkpoint of {fam.name}, whose experts moekit "
+                          f"does not read: {fam.unread}")
     settings = config_settings(config, fam, source)
     if from_:
         layout, layout_source = layout_named(from_), "given as the source layout"
@@ -226,6 +229,7 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
             if recipe is not None:
                 name = dst.from_hf_key(src.to_hf_key(key, analysis.family), analysis.family)
                 tensors.append(TensorPlan(name, recipe))
+                _check_renamed_back(key, name, src, dst, analysis.family)
     _check_unique(tensors)
     if analysis.made:
         tensors = [replace(t, recipe=composed(t.recipe, analysis.made)) for t in tensors]
@@ -495,6 +499,18 @@ def select_experts(block: ExpertBlock, experts: range, offset: int = 0) -> Exper
 
 def _source_keys(block: ExpertBlock) -> set[str]:
     return set(block.names.values())
+
+
+def _check_renamed_back(key: str, name: str, src: Layout, dst: Layout, family: Family) -> None:
+    """Refuse a tensor that the family's renames would not give back its name when read
+    back (a top-level ``lm_head.weight`` beside Qwen3-Omni's thinker, which NeMo holds
+    without ``thinker.``): its copy would pass for another tensor."""
+    back = src.from_hf_key(dst.to_hf_key(name, family), family)
+    if back != key:
+        raise MoekitError(f"{printable(key)} would be written as {printable(name)}, which the "
+                          f"{dst.name} layout of {family.name} reads back as "
+                          f"{printable(back)}: moekit refuses to write a tensor under a name "
+                          "that does not lead back to it")
 
 
 def _check_unique(tensors: list[TensorPlan]) -> None:

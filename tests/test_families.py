@@ -16,7 +16,7 @@ import torch
 
 from moekit import convert, convert_state_dict, inspect, samples
 from moekit.errors import MoekitError
-from moekit.layouts import HF, TRANSFORMERS, family_named, family_of_model_type
+from moekit.layouts import HF, TRANSFORMERS, family_named, family_of_model_type, layout_named
 
 from .conftest import load_all, same_bytes
 from .tiny_families import MULTIMODAL, build, build_multimodal, moe_causal_lm_types
@@ -264,13 +264,32 @@ def test_mtp_layers_are_refused_where_torchtitan_has_no_names_for_them(tmp_path,
     assert "Traceback" not in err and not (tmp_path / "titan").exists()
 
 
-@pytest.mark.parametrize("model_type", MULTIMODAL)
+HUB_TRANSPOSED = {"qwen3_vl_moe": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")}
+"""Grouped expert tensors that a model type's Hub files hold transposed from what
+transformers 5.24's save_pretrained writes: Qwen3-VL-MoE's release files hold gate_up_proj
+[E, H, 2I] and down_proj [E, I, H] (transformers transposes them on load)."""
+
+
+def on_the_hub(model_type: str, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """save_pretrained's tensors as the model type's Hub files hold them."""
+    turned = HUB_TRANSPOSED.get(model_type, ())
+    return {k: v.transpose(1, 2).contiguous() if k.endswith(turned) and turned else v
+            for k, v in saved.items()}
+
+
+UNREAD = [t for t in MULTIMODAL if getattr(family_of_model_type(t), "unread", "")]
+"""Multimodal model types whose experts moekit does not read (``Family.unread``)."""
+
+
+@pytest.mark.parametrize("model_type", [t for t in MULTIMODAL if t not in UNREAD])
 def test_multimodal_text_experts_convert_and_the_rest_passes_through(model_type, tmp_path):
     """A multimodal checkpoint as save_pretrained writes it: its text model's experts (under
-    language_model. or thinker.) convert into every layout and back byte for byte, every
-    other tensor (vision and audio towers, projector) passes through under its name,
-    ``--to transformers`` is the model's state dict, and transformers loads the round trip
-    into that state dict."""
+    language_model. or thinker.) convert into every layout and back byte for byte (back
+    in the Hub's form where that differs: Qwen3-VL-MoE), every other tensor (vision and
+    audio towers, projector) passes through under the layout's name for it (NeMo's
+    without Qwen3-Omni's ``thinker.``, as test_nemo_adapters checks), ``--to transformers``
+    is the model's state dict, and transformers loads the round trip into that state
+    dict."""
     try:
         model = build_multimodal(model_type)
         model.save_pretrained(tmp_path / "src", max_shard_size="200KB")
@@ -286,18 +305,71 @@ def test_multimodal_text_experts_convert_and_the_rest_passes_through(model_type,
         convert(src, tmp_path / layout, to=layout)
         converted = load_all(tmp_path / layout)
         if layout != "transformers":
-            others = {k for k in original if ".experts." not in k}
-            assert others <= converted.keys()
-            assert [k for k in others if not same_bytes(original[k], converted[k])] == []
+            named = layout_named(layout).from_hf_key
+            others = {k: named(k, family_named(info.family)) for k in original
+                      if ".experts." not in k}
+            assert set(others.values()) <= converted.keys()
+            assert [k for k, v in others.items() if not same_bytes(original[k], converted[v])] == []
         convert(tmp_path / layout, tmp_path / f"{layout}-back", to=info.layout)
-        back = load_all(tmp_path / f"{layout}-back")
-        assert back.keys() == original.keys()
-        assert [k for k in original if not same_bytes(original[k], back[k])] == []
+        back, hub = load_all(tmp_path / f"{layout}-back"), on_the_hub(model_type, original)
+        assert back.keys() == hub.keys()
+        assert [k for k in hub if not same_bytes(hub[k], back[k])] == []
     fused, expected = load_all(tmp_path / "transformers"), model.state_dict()
     assert fused.keys() == expected.keys()
     assert [k for k in expected if not same_bytes(fused[k], expected[k])] == []
     reloaded = _multimodal_state_dict(type(model), tmp_path / "transformers-back")
     assert reloaded.keys() == expected.keys()
+    assert [k for k in expected if not same_bytes(reloaded[k], expected[k])] == []
+
+
+@pytest.mark.parametrize("model_type", UNREAD)
+def test_a_multimodal_family_whose_experts_no_layout_holds_is_refused_with_why(model_type,
+                                                                            tmp_path, capsys):
+    """ERNIE-4.5-VL: transformers' own model holds each MoE layer's experts as two groups
+    of different sizes (text_moe, vision_moe); every command refuses the checkpoint with
+    that reason, and nothing is written."""
+    from moekit.cli import main
+
+    model = build_multimodal(model_type)
+    model.save_pretrained(tmp_path / "src")
+    sizes = {k.split(".mlp.")[1].split(".")[0]: tuple(v.shape)
+             for k, v in model.state_dict().items() if k.endswith("experts.down_proj")}
+    assert len(sizes) == 2 and len(set(sizes.values())) == 2, sizes
+    reason = family_of_model_type(model_type).unread
+    for command in (["inspect", str(tmp_path / "src")],
+                    ["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--to", "nemo"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert reason in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_qwen3_vl_moe_experts_are_read_in_either_orientation(tmp_path):
+    """Qwen3-VL-MoE with a square gate+up (2I == H): its Hub form [E, H, 2I] and
+    save_pretrained's [E, 2I, H] share a shape, told apart by down's. Both convert into
+    the model's state dict; ``--to hf`` writes save_pretrained's, which transformers
+    loads into that state dict (it would load the Hub form untransposed)."""
+    from safetensors.torch import save_file
+
+    model = build_multimodal("qwen3_vl_moe", moe_intermediate_size=16)
+    model.save_pretrained(tmp_path / "saved")
+    text = model.config.text_config
+    assert text.hidden_size == 2 * text.moe_intermediate_size
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "config.json").write_text((tmp_path / "saved" / "config.json").read_text())
+    save_file(on_the_hub("qwen3_vl_moe", load_all(tmp_path / "saved")), hub / "model.safetensors",
+              metadata={"format": "pt"})
+    expected = model.state_dict()
+    for source in (tmp_path / "saved", hub):
+        convert(source, tmp_path / f"{source.name}-tf", to="transformers")
+        fused = load_all(tmp_path / f"{source.name}-tf")
+        assert fused.keys() == expected.keys()
+        assert [k for k in expected if not same_bytes(fused[k], expected[k])] == []
+        convert(source, tmp_path / f"{source.name}-hf", to="hf")
+        written, saved = load_all(tmp_path / f"{source.name}-hf"), load_all(tmp_path / "saved")
+        assert [k for k in saved if not same_bytes(written[k], saved[k])] == []
+    reloaded = _multimodal_state_dict(type(model), tmp_path / "hub-hf")
     assert [k for k in expected if not same_bytes(reloaded[k], expected[k])] == []
 
 
@@ -357,7 +429,7 @@ def _family_cases():
 
     return [pytest.param(family, model_type, id=f"{family.name}-{model_type}")
             for family in FAMILIES for model_type in family.model_types
-            if model_type in CONFIG_MAPPING]
+            if model_type in CONFIG_MAPPING and not family.unread]
 
 
 @pytest.mark.parametrize("family,model_type", _family_cases())

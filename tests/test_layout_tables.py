@@ -32,6 +32,9 @@ EXPERTS, HIDDEN, INTER = 3, 8, 4
 EMBEDDINGS_AND_NORM = {"backbone.": ("embeddings", "norm_f")}
 """The embeddings' and final norm's module names of a model under ``backbone.``
 (Nemotron-H's files, transformers 5.24); ``embed_tokens`` and ``norm`` elsewhere."""
+HEADS = {"thinker.model.": "thinker.lm_head.weight"}
+"""The output head of a model whose layers are under the key's prefix, where it is not
+``lm_head.weight`` (Qwen3-Omni's thinker's)."""
 PAIRS = [(family, layout) for family in FAMILIES + GENERIC_FAMILIES
          for layout in LAYOUTS.values()]
 
@@ -56,7 +59,7 @@ def hf_headers(family: Family) -> dict[str, Read]:
     embeddings, norm = EMBEDDINGS_AND_NORM.get(prefix, ("embed_tokens", "norm"))
     others = {f"{block.block}.{family.router}": (EXPERTS, HIDDEN),
               f"{prefix}{embeddings}.weight": (16, HIDDEN), f"{prefix}{norm}.weight": (HIDDEN,),
-              "lm_head.weight": (16, HIDDEN)}
+              HEADS.get(prefix, "lm_head.weight"): (16, HIDDEN)}
     layer = f"{prefix}layers.1."
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         others[f"{layer}self_attn.{name}.weight"] = (HIDDEN, HIDDEN)

@@ -3,10 +3,11 @@ adapters (nemo_automodel 0.7.0, which scripts/setup.sh installs without its depe
 the adapters import without them and run on the CPU).
 
 For every model type NeMo AutoModel has an adapter for and transformers can build as a
-tiny model: moekit's nemo tensors equal the adapter's ``from_hf`` of the same HF
-checkpoint, name for name and byte for byte, and the adapter's ``to_hf`` of moekit's nemo
-output gives back the HF checkpoint. Where moekit's naming still differs the case is an
-expected failure that names the difference (strict: it fails once the naming agrees).
+tiny model (multimodal ones included): moekit's nemo tensors equal the adapter's
+``from_hf`` of the same HF checkpoint (in its Hub form), name for name and byte for byte,
+and the adapter's ``to_hf`` of moekit's nemo output gives back the HF checkpoint. Where
+moekit's output still differs the case is an expected failure that names the difference
+(strict: it fails once they agree).
 (NeMo AutoModel has no adapter for Qwen2-MoE, OLMoE, Mixtral, Phi-MoE or Llama 4, whose
 models it builds through transformers.)
 """
@@ -19,12 +20,14 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from moekit import convert, samples
 from moekit.cli import main
 
 from .conftest import load_all, same_bytes
-from .tiny_families import build
+from .test_families import on_the_hub
+from .tiny_families import build, build_multimodal
 
 from nemo_automodel.components.models.common import BackendConfig
 from nemo_automodel.components.moe.config import MoEConfig
@@ -84,10 +87,11 @@ ADAPTERS: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None, str | None
 }
 """Every model type NeMo AutoModel 0.7 has a state-dict adapter for and transformers 5.24
 builds as a tiny causal LM (NeMo reads glm4_moe_lite with GLM-4.5's adapter). Not here:
-DeepSeek-V4, whose adapter reads the DeepSeek release's own names (``layers.N.ffn``,
-``embed``, ``head``), not those transformers saves; Step-3.5, Mistral 4 and Ling-2, which
-transformers 5.24 cannot build; Gemma 4, which no tiny config builds (its per-layer
-attributes)."""
+the adapters that read a release's own names rather than those transformers saves
+(DeepSeek-V4's ``layers.N.ffn``, ``embed`` and ``head``; MiniMax-M3's per-expert
+``block_sparse_moe.experts.E.w1``; Inkling's ``w13_weight``; Qwen3.5-MoE's multimodal
+``model.language_model.``); Step-3.5, Mistral 4 and Ling-2, which transformers 5.24 cannot
+build; Gemma 4, which no tiny config builds (its per-layer attributes)."""
 
 
 def _cases() -> list:
@@ -96,13 +100,21 @@ def _cases() -> list:
             else t for t, (_, _, _, reason) in ADAPTERS.items()]
 
 
+MULTIMODAL_ADAPTERS = {"qwen3_vl_moe": "qwen3_vl_moe.Qwen3VLMoeStateDictAdapter",
+                       "qwen3_omni_moe": "qwen3_omni_moe.Qwen3OmniMoeStateDictAdapter"}
+"""The multimodal model types NeMo AutoModel 0.7 has an adapter for and transformers 5.24
+builds tiny (given their whole config)."""
+
+
 def _adapter(family: str, model) -> Any:
-    """NeMo AutoModel's adapter for ``family``, set up as its model sets it up."""
-    path, overrides, _, _ = ADAPTERS[family]
+    """NeMo AutoModel's adapter for ``family``, set up as its model sets it up (the sizes
+    from a multimodal model's text config)."""
+    path, overrides = (ADAPTERS[family][:2] if family in ADAPTERS
+                       else (MULTIMODAL_ADAPTERS[family], {}))
     module, name = path.rsplit(".", 1)
     cls = getattr(importlib.import_module(
         f"nemo_automodel.components.models.{module}.state_dict_adapter"), name)
-    config = model.config
+    config = model.config.get_text_config()
     experts = next(getattr(config, k) for k in ("num_experts", "num_local_experts",
                                                   "n_routed_experts", "moe_num_experts")
                    if hasattr(config, k))
@@ -115,7 +127,7 @@ def _adapter(family: str, model) -> Any:
                     norm_topk_prob=False, dtype=torch.float32, **overrides)
     # attn="sdpa": with TransformerEngine attention the GPT-OSS adapter also renames the
     # attention sinks to TE's softmax_offset, a module name, not an expert layout.
-    return cls(config, moe, BackendConfig(attn="sdpa", linear="torch", rms_norm="torch"),
+    return cls(model.config, moe, BackendConfig(attn="sdpa", linear="torch", rms_norm="torch"),
                dtype=torch.float32)
 
 
@@ -144,6 +156,30 @@ def test_nemo_layout_is_what_nemo_automodels_adapter_gives(family, family_checkp
     assert sorted(back) == sorted(hf)
     different = [k for k in hf if not same_bytes(hf[k], back[k])]
     assert not different, different[:5]
+
+
+@pytest.mark.parametrize("family", MULTIMODAL_ADAPTERS)
+def test_multimodal_nemo_layout_is_what_the_adapter_gives_for_the_hub_files(family, tmp_path):
+    """A multimodal checkpoint in its Hub form (Qwen3-VL-MoE's grouped experts transposed
+    from save_pretrained's: the form NeMo's adapter renames without moving a byte): moekit's
+    nemo, of the Hub files and of save_pretrained's alike, is the adapter's ``from_hf`` of
+    the Hub files, and its ``to_hf`` gives them back."""
+    model = build_multimodal(family)
+    model.save_pretrained(tmp_path / "saved")
+    hub = on_the_hub(family, load_all(tmp_path / "saved"))
+    (tmp_path / "hub").mkdir()
+    save_file(hub, tmp_path / "hub" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "hub" / "config.json").write_text((tmp_path / "saved" / "config.json").read_text())
+    adapter = _adapter(family, model)
+    theirs = adapter.from_hf(dict(hub))
+    for source in ("hub", "saved"):
+        convert(tmp_path / source, tmp_path / f"{source}-nemo", to="nemo")
+        ours = load_all(tmp_path / f"{source}-nemo")
+        assert sorted(ours) == sorted(theirs)
+        assert [k for k in ours if not same_bytes(ours[k], theirs[k])] == []
+    back = adapter.to_hf(dict(load_all(tmp_path / "hub-nemo")))
+    assert sorted(back) == sorted(hub)
+    assert [k for k in hub if not same_bytes(hub[k], back[k])] == []
 
 
 def test_gpt_oss_in_nemo_keeps_gate_and_up_interleaved_with_their_biases(family_checkpoints,
@@ -179,8 +215,6 @@ def test_a_nemo_file_with_fp8_scale_tensors_is_refused_by_name(family_checkpoint
                                                               capsys):
     """Grouped ``*_scale_inv`` tensors are no part of NeMo AutoModel's format: a file
     holding them is refused, naming the tensor and why."""
-    from safetensors.torch import save_file
-
     convert(family_checkpoints["qwen3_moe"], tmp_path / "nemo", to="nemo")
     tensors = load_all(tmp_path / "nemo")
     key = "model.layers.0.mlp.experts.gate_and_up_projs"

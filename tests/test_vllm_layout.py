@@ -215,6 +215,24 @@ def test_a_rank_plan_in_vllm_placement_holds_that_vllm_ranks_experts(family_chec
     assert same_bytes(local[key], whole[key][mine.start:mine.stop])
 
 
+def test_help_says_what_each_layout_is_for_and_the_release_it_follows(capsys):
+    """vLLM's loader reads per-expert HF keys or transformers' fused tensors from disk;
+    ``w13_weight`` names are its engine's parameters, which RL weight sync copies into:
+    ``--help`` says which layout serves which, and the release each follows."""
+    from moekit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for said in ("vllm: vLLM's FusedMoE parameters (0.33), to copy into a running engine's "
+                 "parameters (RL weight sync), not for vLLM's loader, which reads hf or "
+                 "transformers from disk",
+                 "nemo: NeMo AutoModel's own format (0.7)", "transformers v5 in memory (5.24)",
+                 "hf: Hugging Face: what save_pretrained writes and the Hub holds",
+                 "torchtitan: torchtitan 0.3's model state dict"):
+        assert said in text
+
+
 def test_moekit_plan_reports_the_vllm_placement(family_checkpoints, capsys):
     assert main(["plan", str(family_checkpoints["qwen3_moe"]), "--ep", "4", "--layout", "vllm",
                  "--placement", "vllm", "--json"]) == 0

@@ -87,6 +87,14 @@ def build(model_type: str, seed: int = 0, **overrides: Any):
 
 MULTIMODAL = ("llama4", "qwen3_vl_moe", "glm4v_moe", "ernie4_5_vl_moe", "qwen3_omni_moe")
 """Multimodal model types whose text model has routed experts."""
+TEXT_OVERRIDES: dict[str, dict[str, Any]] = {
+    "qwen3_vl_moe": dict(moe_intermediate_size=8),
+    "ernie4_5_vl_moe": dict(moe_intermediate_size=[16, 8], rope_parameters=dict(
+        rope_type="default", rope_theta=500000.0, mrope_section=[1, 1, 2]))}
+"""What a multimodal model type's text model takes beyond ``build``'s: Qwen3-VL-MoE's
+gate+up not square (2I != H), so that the Hub's orientation of it differs in shape from
+save_pretrained's (transformers reads a square one as its own); ERNIE-4.5-VL's text and
+vision expert sizes, and rotary sections that fit its four rotary frequencies."""
 SMALL_VISION: dict[str, Any] = dict(
     hidden_size=32, num_hidden_layers=1, depth=1, num_attention_heads=2, num_heads=2,
     intermediate_size=64, out_hidden_size=32, projector_input_dim=32, projector_output_dim=32,
@@ -100,16 +108,18 @@ SMALL_AUDIO: dict[str, Any] = dict(
 """Sizes of a tiny audio tower (Qwen3-Omni's thinker)."""
 
 
-def build_multimodal(model_type: str, seed: int = 0):
-    """A tiny multimodal model of ``model_type``: its text model as ``build`` makes it,
-    its vision (and audio) towers one small layer; every parameter drawn from N(0, 0.2).
+def build_multimodal(model_type: str, seed: int = 0, **text: Any):
+    """A tiny multimodal model of ``model_type``: its text model as ``build`` makes it (with
+    ``TEXT_OVERRIDES`` and ``text``), its vision (and audio) towers one small layer; every
+    parameter drawn from N(0, 0.2).
     Qwen3-Omni's towers and text model sit in its ``thinker_config``; it is built without
     its talker (``enable_audio_output`` false)."""
     import transformers
     from transformers import AutoConfig, AutoModelForImageTextToText
     default = AutoConfig.for_model(model_type)
     omni = hasattr(default, "thinker_config")
-    inner = _tiny_towers(default.thinker_config if omni else default)
+    inner = _tiny_towers(default.thinker_config if omni else default,
+                         {**TEXT_OVERRIDES.get(model_type, {}), **text})
     if omni:
         config = AutoConfig.for_model(model_type, enable_audio_output=False,
                                       thinker_config={**default.thinker_config.to_dict(), **inner})
@@ -120,9 +130,10 @@ def build_multimodal(model_type: str, seed: int = 0):
     return samples.from_config(config, seed, make)
 
 
-def _tiny_towers(config) -> dict[str, dict]:
-    """Tiny ``text_config``, ``vision_config`` and ``audio_config`` for a multimodal config."""
-    towers = {"text_config": tiny_config(config.text_config.model_type).to_dict()}
+def _tiny_towers(config, text: dict[str, Any]) -> dict[str, dict]:
+    """Tiny ``text_config`` (with ``text`` set), ``vision_config`` and ``audio_config`` for a
+    multimodal config."""
+    towers = {"text_config": tiny_config(config.text_config.model_type, **text).to_dict()}
     for name, small in (("vision_config", SMALL_VISION), ("audio_config", SMALL_AUDIO)):
         tower = getattr(config, name, None)
         if tower is not None:

@@ -87,6 +87,12 @@ class Family:
     the layout's own (Llama 4's fused experts are ``[E, in, out]``)."""
     interleaved: dict[str, bool] = field(default_factory=dict)
     """Per grouped layout: gate and up interleaved rather than concatenated (GPT-OSS)."""
+    either_orientation: tuple[str, ...] = ()
+    """Grouped layouts whose files hold this family's weights ``[E, out, in]`` or
+    ``[E, in, out]``, each layer read in the orientation its gate+up and down shapes fit
+    (the two never fit both) and written in the layout's own: Qwen3-VL-MoE, whose Hub
+    files are ``[E, in, out]`` and whose save_pretrained files (transformers 5.24) are
+    ``[E, out, in]``, transformers loading both."""
     biases: bool = False
     """True when every expert projection has a bias (GPT-OSS)."""
     count_aliases: tuple[str, ...] = ()
@@ -117,6 +123,9 @@ class Family:
     ``input_linear``/``output_linear``, GPT-OSS's interleaved ``gate_up_proj``): the ``hf``
     layout is then transformers' fused tensors under the ``hf`` renames, transposition and
     interleave, read and written in that native form."""
+    unread: str = ""
+    """Why moekit reads no checkpoint of this family (experts no layout has a place for),
+    said when any command is given one; empty where it reads them."""
     moe_layers: LayerRule | None = None
     """Which decoder layers config.json makes MoE layers (``first_k_dense_replace``,
     ``decoder_sparse_step``, ...); None when the config's layers are not known."""
@@ -164,7 +173,7 @@ class Family:
                                for layout, rules in self.renames.items()))
         return (self.block, tuple(sorted(self.projections.items())), self.biases,
                 self.grouped_on_disk, self.in_experts, tuple(sorted(self.transposed.items())),
-                tuple(sorted(self.interleaved.items())), renamed)
+                tuple(sorted(self.interleaved.items())), self.either_orientation, renamed)
 
     def piece_key(self, piece: str) -> str:
         """A piece's name in HF per-expert keys: ``gate_proj.weight``, ``gate_proj.bias``,
@@ -233,6 +242,17 @@ expert bias there as ``e_score_correction_bias`` and names the shared MLP
 _QWEN3_NEXT_NEMO = (Rename(".mlp.shared_expert.", ".mlp.shared_experts."), *_FP32_PARAMS_NEMO)
 """NeMo AutoModel 0.7 (Qwen3NextStateDictAdapter) names Qwen3-Next's shared expert
 ``shared_experts``."""
+_QWEN3_OMNI_TRANSFORMERS = tuple(
+    Rename(f"thinker.{old}", f"thinker.model.{new}", at_start=True) for old, new in (
+        ("audio_tower.", "audio_tower."), ("visual.", "visual."),
+        ("model.embed_tokens.", "language_model.embed_tokens."),
+        ("model.layers.", "language_model.layers."), ("model.norm.", "language_model.norm.")))
+"""transformers 5.24 holds Qwen3-Omni's text model under ``thinker.model.language_model``,
+its towers under ``thinker.model``."""
+_QWEN3_OMNI_NEMO = tuple(Rename(f"thinker.{module}.", f"{module}.", at_start=True)
+                         for module in ("model", "audio_tower", "visual", "lm_head"))
+"""NeMo AutoModel 0.7 (Qwen3OmniMoeStateDictAdapter) holds Qwen3-Omni's thinker alone,
+without the ``thinker.`` prefix (a talker's tensors keep their names)."""
 
 
 _QWEN3_TORCHTITAN = (
@@ -372,26 +392,34 @@ FAMILIES: tuple[Family, ...] = (
            _QWEN_PROJECTIONS, "num_local_experts", router="router.weight",
            shared_expert="shared_expert", transposed={"hf": True, "transformers": True},
            grouped_on_disk=True, text_config=("text_config",), moe_layers=listed_or_interleaved),
+    # Qwen3-VL-MoE's Hub files hold gate_up_proj [E,H,2I] and down_proj [E,I,H], which
+    # transformers 5.24 transposes on load (conversion_mapping.py "qwen3_vl_moe",
+    # Transpose(1, 2, check_dims=True): only where the shape is not the parameter's) and
+    # NeMo AutoModel 0.7 renames unchanged; its save_pretrained writes [E,2I,H] and [E,H,I].
     Family("qwen3_vl_moe", ("qwen3_vl_moe",), "model.language_model.layers.{layer}.mlp",
            _QWEN_PROJECTIONS, "num_experts", grouped_on_disk=True,
+           transposed={"hf": True}, either_orientation=("hf", "transformers"),
            text_config=("text_config",), moe_layers=sparse_step),
     Family("glm4v_moe", ("glm4v_moe",), "model.language_model.layers.{layer}.mlp",
            _QWEN_PROJECTIONS, "n_routed_experts", shared_expert="shared_experts",
            count_aliases=("num_local_experts",), text_config=("text_config",),
            moe_layers=dense_prefix_of(1)),
+    # ERNIE-4.5-VL: each MoE layer's experts.0 to n-1 are the text experts and n to 2n-1
+    # the vision experts, of another intermediate size (moe_intermediate_size is a pair),
+    # routed by gate.weight and gate.weight_1 (stored [H, E]); transformers 5.24
+    # (conversion_mapping.py "ernie4_5_vl_moe") splits them into text_moe and vision_moe.
+    Family("ernie4_5_vl_moe", ("ernie4_5_vl_moe",), "model.layers.{layer}.mlp",
+           _QWEN_PROJECTIONS, "moe_num_experts", text_config=("text_config",),
+           unread="each MoE layer holds two groups of experts of different sizes, the text "
+                  "experts (experts 0 to n-1) and the vision experts (n to 2n-1), each with "
+                  "its own router (gate.weight, gate.weight_1); no layout moekit writes has a "
+                  "place for two expert groups in one layer"),
     Family("lfm2_moe", ("lfm2_moe",), "model.layers.{layer}.feed_forward", _MIXTRAL_PROJECTIONS,
            "num_experts", count_aliases=("num_local_experts",)),
-    # Qwen3-Omni: the thinker's text experts per expert under thinker.model.layers on disk;
-    # transformers 5.24 holds them under thinker.model.language_model, its towers under
-    # thinker.model.
+    # Qwen3-Omni: the thinker's text experts per expert under thinker.model.layers on disk.
     Family("qwen3_omni_moe", ("qwen3_omni_moe",), "thinker.model.layers.{layer}.mlp",
            _QWEN_PROJECTIONS, "num_experts", text_config=("thinker_config", "text_config"),
-           renames={"transformers": tuple(Rename(f"thinker.{old}", f"thinker.model.{new}",
-                                                 at_start=True) for old, new in (
-               ("audio_tower.", "audio_tower."), ("visual.", "visual."),
-               ("model.embed_tokens.", "language_model.embed_tokens."),
-               ("model.layers.", "language_model.layers."),
-               ("model.norm.", "language_model.norm.")))},
+           renames={"transformers": _QWEN3_OMNI_TRANSFORMERS, "nemo": _QWEN3_OMNI_NEMO},
            moe_layers=sparse_step),
     Family("jamba", ("jamba",), "model.layers.{layer}.feed_forward", _QWEN_PROJECTIONS,
            "num_experts", router="router.weight", count_aliases=("num_local_experts",),

@@ -13,11 +13,11 @@ after the other or interleaved element by element along the output dimension.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from ..plan import Concat, Constant, Expr, Read, Reshape, Stack, TensorPlan, Transpose
-from .base import NUMBER, ExpertBlock, Layout, ParsedExperts, TensorMeta
+from .base import NUMBER, ExpertBlock, Layout, ParsedExperts, TensorMeta, is_canonical
 from .families import (FP8_SCALE_KEY, MAX_EXPERTS, MX_BLOCKS, MX_SCALES, QUANTIZED_KEYS,
                        SCALE, Family)
 
@@ -118,6 +118,7 @@ class GroupedLayout(Layout):
             for name in (spec.name, *spec.aliases):
                 by_name.setdefault(name, []).append(spec)
         renamed = self._renamed_keys(family, by_name)
+        flipped = self._flipped_layers(tensors, family, region, renamed)
         rows: dict[int, dict[GroupedTensor, int]] = {}
         keys: dict[tuple[int, GroupedTensor], str] = {}
         for key, meta in tensors.items():
@@ -136,7 +137,9 @@ class GroupedLayout(Layout):
             if earlier != key:
                 parsed.problems.append((layer, self._twice(spec, earlier, key)))
                 continue
-            problem = self._add_pieces(parsed.block(layer, family), key, meta, spec)
+            stored = (replace(spec, transposed=not spec.transposed)
+                      if layer in flipped and spec.orientable else spec)
+            problem = self._add_pieces(parsed.block(layer, family), key, meta, stored)
             if problem:
                 parsed.problems.append((layer, problem))
                 parsed.unreadable.setdefault(layer, set()).update(spec.projections)
@@ -144,6 +147,36 @@ class GroupedLayout(Layout):
                 rows.setdefault(layer, {})[spec] = tuple(meta.shape)[0]
         self._check_agreement(parsed, family, rows)
         return parsed
+
+    def _flipped_layers(self, tensors: Mapping[str, TensorMeta], family: Family,
+                        region: re.Pattern[str], renamed: list[tuple[re.Pattern[str], str]]
+                        ) -> set[int]:
+        """The layers whose weights are stored in the other orientation than this layout's,
+        for a family read in either (``Family.either_orientation``): those whose gate+up
+        [E, a, b] and down [E, c, d] fit only the other. ``[E, out, in]`` fits when b == c
+        and a == 2d, ``[E, in, out]`` when a == d and b == 2c; both at once would need
+        a == 0."""
+        if self.name not in family.either_orientation:
+            return set()
+        weights = [s for s in self.specs(family) if s.orientable and s.piece_dims == 2]
+        joined = next((s for s in weights if len(s.projections) == 2), None)
+        down = next((s for s in weights if s.projections == ("down",)), None)
+        if joined is None or down is None:
+            return set()
+        shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+        for key, meta in tensors.items():
+            inside, name = self._located(key, region, renamed)
+            if inside and name in (joined.name, down.name) and len(meta.shape) == 3:
+                shapes.setdefault(inside["layer"], {})[name] = tuple(meta.shape[1:])
+        flipped = set()
+        for layer, found in shapes.items():
+            if len(found) < 2 or not is_canonical(layer):
+                continue
+            (a, b), (c, d) = found[joined.name], found[down.name]
+            fits = {False: b == c and a == 2 * d, True: a == d and b == 2 * c}
+            if fits[not joined.turned] and not fits[joined.turned]:
+                flipped.add(int(layer))
+        return flipped
 
     @staticmethod
     def _located(key: str, region: re.Pattern[str], renamed: list[tuple[re.Pattern[str], str]]
@@ -205,7 +238,10 @@ class GroupedLayout(Layout):
 
     def emit(self, block: ExpertBlock, n_experts: int, family: Family) -> list[TensorPlan]:
         out = []
+        square = self._square_gate_up(block, family)
         for spec in self.specs(family):
+            if square and spec.turned:
+                spec = replace(spec, transposed=False)
             projections = [p for p in spec.projections if (p, 0) in block.pieces]
             if not projections:
                 continue
@@ -214,6 +250,16 @@ class GroupedLayout(Layout):
             name = self.from_hf_key(f"{block.block}.experts.{spec.name}", family)
             out.append(TensorPlan(name, Stack(tuple(per_expert))))
         return out
+
+    def _square_gate_up(self, block: ExpertBlock, family: Family) -> bool:
+        """True when ``family`` is read in either orientation here and its gate+up is square
+        (2I == H): transformers 5.24 would read an ``[E, in, out]`` one as its own ``[E, out,
+        in]`` (its Transpose(check_dims=True) sees the parameter's shape), so the weights
+        are written ``[E, out, in]``, which moekit reads back by the down tensor's shape."""
+        if self.name not in family.either_orientation:
+            return False
+        gate = next((x for (p, _), x in block.pieces.items() if p == "gate"), None)
+        return gate is not None and len(gate.shape) == 2 and 2 * gate.shape[0] == gate.shape[1]
 
     def emit_none(self, block: ExpertBlock, family: Family) -> list[TensorPlan]:
         """Every grouped tensor with zero rows (``[0, ...]``, the other dimensions those of
