@@ -226,8 +226,9 @@ def _assert_same_state(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Te
 
 def save_expecting_errors(rank: int, world: int, store: str, src: str, out: str) -> None:
     """save_sharded on a (1, world) mesh where rank 1's write fails, then where rank 1's
-    state dict holds an expert tensor replicated rather than sharded; the outcomes go to
-    ``out/rank.write.txt`` and ``out/rank.placement.txt``."""
+    state dict holds an expert tensor replicated rather than sharded, then where every
+    rank's holds one on the dp submesh; the outcomes go to ``out/rank.write.txt``,
+    ``out/rank.placement.txt`` and ``out/rank.dp.txt``."""
     import moekit.expert_parallel.sharded_save as sharded_save
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -241,11 +242,17 @@ def save_expecting_errors(rank: int, world: int, store: str, src: str, out: str)
         sharded_save._pwrite_all = broken
     _save_outcome(state, Path(out, "written"), mesh, Path(out, f"{rank}.write.txt"))
     sharded_save._pwrite_all = pwrite
+    key = "model.layers.0.mlp.experts.down_proj"
+    sharded = state[key]
     if rank == 1:
-        key = "model.layers.0.mlp.experts.down_proj"
-        state[key] = DTensor.from_local(state[key].to_local(), mesh, [Replicate(), Replicate()],
+        state[key] = DTensor.from_local(sharded.to_local(), mesh, [Replicate(), Replicate()],
                                         run_check=False)
     _save_outcome(state, Path(out, "placed"), mesh, Path(out, f"{rank}.placement.txt"))
+    state[key] = sharded
+    key = "model.layers.1.mlp.experts.gate_up_proj"
+    state[key] = DTensor.from_local(state[key].full_tensor(), mesh["dp"], [Shard(0)],
+                                    run_check=False)
+    _save_outcome(state, Path(out, "over-dp"), mesh, Path(out, f"{rank}.dp.txt"))
     finish()
 
 

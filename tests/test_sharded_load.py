@@ -166,6 +166,7 @@ def test_saved_back_from_the_mesh_each_byte_by_one_rank(shapes, qwen3_10, tmp_pa
 
 def test_a_rank_that_cannot_write_or_holds_a_misplaced_tensor_fails_every_rank(qwen3_10,
                                                                               tmp_path):
+    """Nothing is written, and every rank raises naming the rank and the cause."""
     spawn(sharded_workers.save_expecting_errors, 2, tmp_path / "store", str(qwen3_10),
           str(tmp_path))
     for rank in range(2):
@@ -176,5 +177,7 @@ def test_a_rank_that_cannot_write_or_holds_a_misplaced_tensor_fails_every_rank(q
                 "on the mesh ('dp', 'ep'); save_sharded takes") in placement
         assert placement.startswith("save_sharded failed on another rank: rank 1: ") == \
             (rank == 0)
-    assert not (tmp_path / "written").exists() and not (tmp_path / "placed").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".", "written", "placed"))]
+        assert (tmp_path / f"{rank}.dp.txt").read_text().startswith(
+            "model.layers.1.mlp.experts.gate_up_proj holds experts but is sharded over dp")
+    assert not [p for p in tmp_path.iterdir()
+                if p.name.startswith((".", "written", "placed", "over-dp"))]

@@ -131,6 +131,7 @@ def _plan(state_dict: Mapping[str, torch.Tensor], mesh: ShardedMesh, layout: str
         for tensor in tensors:
             place[tensor.name] = name, at
             at += tensor.nbytes
+    _check_experts_sharded_over_ep(plan, state_dict, starts)
     source = _RankSource(local, starts)
     mine = mesh.experts_to_read(analysis.n_experts)
     experts = build_plan(analysis, HF, experts=mine, offset=mine.start)
@@ -172,12 +173,30 @@ def _local_rows(state_dict: Mapping[str, torch.Tensor], mesh: ShardedMesh
     return starts, local
 
 
+def _check_experts_sharded_over_ep(plan: Plan, state_dict: Mapping[str, torch.Tensor],
+                                   starts: dict[str, int]) -> None:
+    """Refuse grouped expert tensors that are DTensors sharded over dp: a rank writes the
+    experts its ep rank holds, whole."""
+    for tensor in plan.tensors:
+        if tensor.name in plan.expert_tensors:
+            for read in reads(tensor.recipe):
+                if isinstance(state_dict[read.key], DTensor) and read.key not in starts:
+                    raise MoekitError(f"{read.key} holds experts but is sharded over dp; "
+                                      "save_sharded takes expert tensors Shard(0) over ep "
+                                      "(replicated over dp), as load_sharded gives them")
+
+
 def _other_write(tensor: TensorPlan, place: tuple[str, int],
                  state_dict: Mapping[str, torch.Tensor], source: "_RankSource",
                  mesh: ShardedMesh) -> list[_Write]:
     """This rank's write of a non-expert tensor: a copy of a DTensor sharded over dp, its
     ep rank's chunk of its dp rank's rows; a tensor of plain tensors, whole from rank 0."""
     keys = {read.key for read in reads(tensor.recipe)}
+    over_ep = sorted(k for k in keys if k in source.starts)
+    if over_ep:
+        raise MoekitError(f"{', '.join(over_ep)} holds no experts but is sharded over ep; "
+                          "save_sharded takes other tensors Shard(0) on the dp submesh, or "
+                          "whole, as load_sharded gives them")
     sharded = [k for k in keys if isinstance(state_dict[k], DTensor)]
     if not sharded:
         return [_Write(*place, _built(tensor, source))] if dist.get_rank() == 0 else []
