@@ -298,6 +298,22 @@ def test_a_base_tokenizer_without_bos_or_eos_is_refused_where_mergekit_fails(lla
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("seed, edge", [(-2**63 - 1, -2**63), (2**64, 2**64 - 1)])
+def test_a_seed_torchs_generator_cannot_take_is_refused_for_random_gates(llama, tmp_path, capsys,
+                                                                          seed, edge):
+    with pytest.raises(ValueError):
+        torch.Generator().manual_seed(seed)
+    torch.Generator().manual_seed(edge)
+    base, finetunes = llama
+    config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode="uniform_random")
+    assert main(["merge", str(config), str(tmp_path / "out"), "--seed", str(seed)]) == 2
+    err = capsys.readouterr().err
+    assert f"seed {seed} is outside [-2**63, 2**64)" in err and "Traceback" not in err
+    assert main(["merge", str(config), str(tmp_path / "out"), "--seed", str(edge),
+                 "--dry-run"]) == 0
+    assert list(tmp_path.iterdir()) == [config]
+
+
 def test_prompt_modes_need_distinct_prompts_for_every_expert(llama, tmp_path):
     base, finetunes = llama
     config = tmp_path / "moe.yml"

@@ -28,6 +28,9 @@ from ..layouts.families import MAX_EXPERTS
 GATE_MODES: tuple[str, ...] = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random",
                                 "uniform_random")
 """mergekit-moe's gate modes that moekit computes as it does (see ``moekit.merging.gates``)."""
+RANDOM_GATE_MODES: tuple[str, ...] = ("random", "uniform_random")
+"""The gate modes that draw router rows from a generator seeded with the merge's seed,
+without prompts."""
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ class MergeConfig:
         if len(self.shared_experts) > most:
             found.append(f"{len(self.shared_experts)} shared_experts: the targets hold at most "
                          f"{most}")
-        if self.gate_mode != "random" and self.gate_mode != "uniform_random":
+        if self.gate_mode not in RANDOM_GATE_MODES:
             found.extend(self._prompt_problems())
         return found
 

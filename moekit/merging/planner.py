@@ -24,11 +24,14 @@ from ..upcycling.planner import FLOAT_RANGES, build_upcycle_plan, dense_mlps
 from ..upcycling.recipes import DenseMLP, expert_projections, scaled
 from ..upcycling.spec import UpcycleSpec
 from ..upcycling.targets import DENSE_PROJECTIONS, TARGETS, Target
-from .config import (DEEPSEEK_BASES, DEEPSEEK_REFUSAL, MERGE_TARGETS, ExpertSource, MergeConfig,
-                     architecture_targets)
+from .config import (DEEPSEEK_BASES, DEEPSEEK_REFUSAL, MERGE_TARGETS, RANDOM_GATE_MODES,
+                     ExpertSource, MergeConfig, architecture_targets)
 
 ROUTER_TAG = "router"
 BASE_TAG = "base"
+TORCH_SEEDS = (-2**63, 2**64)
+"""The seeds torch's ``Generator.manual_seed`` takes, from the first up to the second:
+those the random gate modes can draw with."""
 
 
 def _torch_name(dtype: str) -> str:
@@ -180,6 +183,10 @@ def build_merge_plan(base: Mapping[str, TensorMeta], config: dict | None, merge:
                        method="granular" if g > 1 else "copy", granularity=g,
                        router="zero", target=target.family,
                        shared_expert=bool(merge.shared_experts), seed=seed)
+    low, high = TORCH_SEEDS
+    if merge.gate_mode in RANDOM_GATE_MODES and not low <= seed < high:
+        raise MoekitError(f"seed {seed} is outside [-2**63, 2**64), the seeds torch's generator "
+                          f"takes, with which gate_mode {merge.gate_mode} draws the router rows")
     upcycled = build_upcycle_plan(base, config, spec, label)
     dtype = output_dtype(merge, config, upcycled.dtype)
     origins = Origins()
