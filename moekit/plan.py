@@ -271,30 +271,79 @@ def composed(expr: Expr, made: Mapping[str, Expr]) -> Expr:
 
 def _read(expr: Read, made: Mapping[str, Expr]) -> Expr:
     """The recipe of the tensor read. A conversion from per-expert HF tensors (what every
-    upcycling target and Megatron-Core checkpoint holds) reads each of them whole."""
-    if not expr.is_whole:
-        raise TypeError(f"a conversion reads {expr.key} in part; no recipe node reads part "
-                        "of a recipe")
-    return made[expr.key]
+    upcycling target and Megatron-Core checkpoint holds) reads each of them whole;
+    upcycling reads slices of a dense MLP's projections, which a Megatron-Core checkpoint
+    holds as one read of a stored chunk each, so that the slice is a read of that chunk."""
+    recipe = made[expr.key]
+    if expr.is_whole:
+        return recipe
+    if not isinstance(recipe, Read):
+        raise TypeError(f"a plan reads {expr.key} in part; no recipe node reads part of a "
+                        f"recipe ({describe(recipe)})")
+    return Read(recipe.key, _within(recipe, expr.region), expr.shape, recipe.dtype)
+
+
+def _within(outer: Read, region: tuple[Index, ...]) -> tuple[Index, ...]:
+    """The region of ``outer``'s source tensor that ``region`` of the tensor ``outer``
+    reads covers: ``source[result][region] == source[outer.region][region]``."""
+    kept: list[tuple[int, int, int]] = []  # per dimension of outer's tensor: source dim, start, step
+    composed: list[Index] = []
+    for dim, item in enumerate(outer.region):
+        composed.append(item)
+        if isinstance(item, slice):
+            start, _, step = item.indices(1 << 62)
+            kept.append((dim, start, step))
+    first_whole = len(outer.region)
+    kept += [(first_whole + k, 0, 1) for k in range(len(outer.shape) - len(kept))]
+    for (dim, start, step), item, size in zip(kept, region, outer.shape):
+        if isinstance(item, int):
+            index = item % size if item < 0 else item
+            value: Index = start + index * step
+        else:
+            low, high, by = item.indices(size)
+            value = slice(start + low * step, start + high * step, by * step)
+        if dim < len(composed):
+            composed[dim] = value
+        else:
+            composed += [slice(None)] * (dim - len(composed)) + [value]
+    return tuple(composed)
 
 
 def _parts(expr: Stack | Concat, made: Mapping[str, Expr]) -> Expr:
     return replace(expr, parts=tuple(composed(part, made) for part in expr.parts))
 
 
-def _part(expr: Transpose | Reshape, made: Mapping[str, Expr]) -> Expr:
+def _part(expr: Transpose | Reshape | Scale | Cast, made: Mapping[str, Expr]) -> Expr:
     return replace(expr, part=composed(expr.part, made))
 
 
-def _constant(expr: Constant, made: Mapping[str, Expr]) -> Expr:
+def _checked(expr: RequireZeros | Redraw, made: Mapping[str, Expr]) -> Expr:
+    """A node with a part and a tensor read beside it (the zeros checked, the statistics
+    drawn from), which stays a read: of a stored tensor, or a part of one."""
+    other = composed(expr.stats if isinstance(expr, Redraw) else expr.checked, made)
+    if not isinstance(other, Read):
+        raise TypeError(f"{describe(expr)} reads a tensor made by {describe(other)}, not "
+                        "read from one")
+    field_name = "stats" if isinstance(expr, Redraw) else "checked"
+    return replace(expr, part=composed(expr.part, made), **{field_name: other})
+
+
+def _pair(expr: Dequantize | DequantizeMXFP4, made: Mapping[str, Expr]) -> Expr:
+    first, second = ("weight", "scale") if isinstance(expr, Dequantize) else ("blocks", "scales")
+    return replace(expr, **{name: composed(getattr(expr, name), made)
+                            for name in (first, second)})
+
+
+def _leaf(expr: Constant | Random, made: Mapping[str, Expr]) -> Expr:
     return expr
 
 
 _COMPOSE: dict[type, Callable[..., Expr]] = {
     Read: _read, Stack: _parts, Concat: _parts, Transpose: _part, Reshape: _part,
-    Constant: _constant,
+    Scale: _part, Cast: _part, Constant: _leaf, Random: _leaf, Redraw: _checked,
+    RequireZeros: _checked, Dequantize: _pair, DequantizeMXFP4: _pair,
 }
-"""The nodes a conversion plan reading HF per-expert tensors is made of."""
+"""Every recipe node, by how its reads are replaced."""
 
 
 def reads(expr: Expr) -> list[Read]:

@@ -254,3 +254,20 @@ def test_upcycling_into_megatron_equals_the_in_memory_megatron_upcycling(models,
     # need virtual groups).
     copy = found[upcycled[0][0]]["logits"]
     assert (copy - found["dense_logits"]).abs().max() < LOGITS_TOLERANCE
+
+
+@pytest.mark.parametrize("method", [["--method", "granular", "--granularity", "2"],
+                                    ["--method", "drop"]])
+def test_upcycling_a_dense_megatron_checkpoint_equals_upcycling_its_hf_one(models, tmp_path,
+                                                                           method):
+    """Granular slices and Drop-Upcycling's statistics read parts of the stored chunks."""
+    _, hf, dense = models["llama"]
+    written = []
+    for name, source in (("from_hf", hf), ("from_megatron", dense)):
+        out = tmp_path / name
+        assert main(["upcycle", str(source), str(out), "--experts", "4", "--top-k", "2",
+                     *method]) == 0
+        written.append(load_all(out))
+    assert written[0].keys() == written[1].keys()
+    for key, tensor in written[0].items():
+        assert torch.equal(written[1][key], tensor), key

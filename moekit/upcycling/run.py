@@ -12,6 +12,7 @@ from ..checkpoint import Checkpoint
 from ..conversion import run_checkpoint_job, state_dict_meta
 from ..executors.memory import run_plan
 from ..layouts import layout_named
+from ..plan import Expr, Plan, composed
 from ..sources import DictSource
 from .planner import UpcyclePlan, build_upcycle_plan
 from .relayout import in_layout
@@ -24,10 +25,19 @@ def plan_upcycle(dense_path: str | Path, spec: UpcycleSpec, to: str = "hf"
     (nothing is read or written)."""
     checkpoint = Checkpoint.open(dense_path)
     label = str(checkpoint.path)
-    plan = build_upcycle_plan(checkpoint.tensors, checkpoint.config, spec, label,
-                              where=checkpoint.file_of)
+    plan = build_upcycle_plan(checkpoint.made or checkpoint.tensors, checkpoint.config, spec,
+                              label, where=checkpoint.file_of)
+    if checkpoint.made:
+        plan = replace(plan, plan=read_stored(plan.plan, checkpoint.made))
     layout = layout_named(to)
     return checkpoint, replace(plan, plan=in_layout(plan.plan, plan.config, layout, label))
+
+
+def read_stored(plan: Plan, made: Mapping[str, Expr]) -> Plan:
+    """``plan`` reading the files of a checkpoint whose tensors are ``made`` from them (a
+    dense Megatron-Core checkpoint)."""
+    return replace(plan, tensors=[replace(t, recipe=composed(t.recipe, made))
+                                  for t in plan.tensors])
 
 
 def upcycle(dense_path: str | Path, dst_path: str | Path, spec: UpcycleSpec,
