@@ -64,13 +64,13 @@ class RankLoad:
 @without_gc_pauses
 def ep_report(path: str | Path, ep_size: int, layout: str | None = None,
               placement: str = "chunk", dp_size: int = 1) -> list[RankLoad]:
-    """Per-rank experts, bytes read and peak memory for loading ``path`` on ``ep_size``
-    ranks with the experts placed as ``placement`` says (``chunk`` or ``vllm``, see
-    ``expert_range``). ``path`` is a checkpoint (or a Hub repo id), or a config.json (or a
-    folder holding only one): then the tensors are those its Hub checkpoint holds
-    (``config_headers``: FP8 scales and multi-token-prediction layers included), or for
-    a model type that does not describe, those of the model transformers builds on the
-    meta device. ``layout`` defaults to ``default_layout``'s choice.
+    """Per-rank experts, bytes held and read, and peak memory for loading ``path`` on
+    ``ep_size`` ranks with the experts placed as ``placement`` says (``chunk`` or
+    ``vllm``, see ``expert_range``). ``path`` is a checkpoint (or a Hub repo id), or a
+    config.json (or a folder holding only one): then the tensors are those its Hub
+    checkpoint holds (``config_headers``: FP8 scales and multi-token-prediction layers
+    included), or for a model type that does not describe, those of the model
+    transformers builds on the meta device. ``layout`` defaults to ``default_layout``'s choice.
 
     The ranks form a (dp, ep) mesh of ``dp_size * ep_size`` ranks, as ``load_sharded``
     lays a checkpoint out on it: experts ``Shard(0)`` over ep (replicated over dp), every
@@ -101,7 +101,7 @@ def ep_report(path: str | Path, ep_size: int, layout: str | None = None,
         held_bytes = sum(share * others[kind] for kind, share in held.items())
         for rank in range(ep_size):
             mine = expert_range(n_experts, ep_size, rank, placement)
-            read = _chunk_length(len(mine), dp_size, dp_rank)
+            experts_read = _chunk_length(len(mine), dp_size, dp_rank)
             other_read = sum(kind.read(dp_size, dp_rank, ep_size, rank) * count
                              for kind, count in others.items())
             largest = max(max(held.values(), default=0),
@@ -109,7 +109,7 @@ def ep_report(path: str | Path, ep_size: int, layout: str | None = None,
             expert = len(mine) * sum(per_expert)
             owned = [mine.start, mine.stop - 1] if mine else []
             out.append(RankLoad(dp_rank * ep_size + rank, owned, expert, held_bytes,
-                                read * sum(per_expert), other_read,
+                                experts_read * sum(per_expert), other_read,
                                 expert + held_bytes + largest, rank, dp_rank))
     return out
 
@@ -122,9 +122,9 @@ class _Other(NamedTuple):
     """Its rows; None for a scalar, held whole."""
     row_bytes: int
     whole_read: int | None
-    """Bytes ``load_sharded`` reads on every rank: a scalar, or a tensor its recipe builds
-    from whole source tensors; None for a source tensor copied unchanged, of which each
-    rank reads its rows only."""
+    """Bytes ``load_sharded`` reads on every rank: a scalar whole, or for a tensor its
+    recipe builds, the source bytes the recipe reads; None for a source tensor copied
+    unchanged, of which each rank reads its rows only."""
 
     @classmethod
     def of(cls, tensor: TensorPlan) -> "_Other":
