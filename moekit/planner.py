@@ -200,6 +200,8 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
             + (_unread_experts(analysis.settings) if analysis.settings
                and analysis.settings.declared else
                "use `moekit upcycle` to turn a dense model into an MoE"))
+    if not dst.names_family(analysis.family):
+        raise MoekitError(dst.unnamed(analysis.family))
     block_size = analysis.fp8_block
     if dequantize:
         _check_dequantizable(analysis)
@@ -299,9 +301,10 @@ def _check_placed(analysis: Analysis, dst: Layout) -> None:
     unplaced = family.unplaced.get(dst.name)
     if not unplaced:
         return
-    found = [(key, why) for key in analysis.tensors if key not in analysis.parsed.claimed
-             for ending, why in unplaced.items()
-             if analysis.layout.to_hf_key(key, family).endswith(ending)]
+    passed = ((key, analysis.layout.to_hf_key(key, family)) for key in analysis.tensors
+              if key not in analysis.parsed.claimed)
+    found = [(key, why) for key, hf_key in passed for ending, why in unplaced.items()
+             if hf_key.endswith(ending)]
     if found:
         (key, why), more = found[0], len(found) - 1
         raise MoekitError(

@@ -173,6 +173,10 @@ class Layout(ABC):
         a source whose block holds its router but not one of these is refused."""
         return {}
 
+    def unnamed(self, family: Family) -> str:
+        """Why this layout has no names for ``family`` (where ``names_family`` is False)."""
+        return f"the {self.name} layout has no names for the {family.name} family"
+
     def holds(self, piece: str, family: Family) -> bool:
         """True when this layout has a place for ``piece`` (a projection or its bias)."""
         return True

@@ -255,20 +255,28 @@ _QWEN3_OMNI_NEMO = tuple(Rename(f"thinker.{module}.", f"{module}.", at_start=Tru
 without the ``thinker.`` prefix (a talker's tensors keep their names)."""
 
 
-_QWEN3_TORCHTITAN = (
+_TORCHTITAN_GQA = (
     *(Rename(f".self_attn.{hf}_proj.", f".self_attn.qkv_linear.w{hf}.") for hf in "qkv"),
     Rename(".self_attn.o_proj.", ".self_attn.wo."),
     Rename(".self_attn.", ".attention."),
     Rename(".input_layernorm.", ".attention_norm."),
-    Rename(".post_attention_layernorm.", ".ffn_norm."),
+    Rename(".post_attention_layernorm.", ".ffn_norm."))
+"""torchtitan 0.3's names of a grouped-query attention and a layer's norms (Qwen3, GPT-OSS):
+q, k and v in ``attention.qkv_linear``, ``attention.wo``, ``attention_norm``, ``ffn_norm``."""
+_TORCHTITAN_TOP = (Rename("model.embed_tokens.", "tok_embeddings.", at_start=True),
+                   Rename("model.layers.", "layers.", at_start=True),
+                   Rename("model.norm.", "norm.", at_start=True))
+"""torchtitan 0.3's names outside the layers: no ``model.`` prefix, ``tok_embeddings``."""
+
+
+_QWEN3_TORCHTITAN = (
+    *_TORCHTITAN_GQA,
     *(Rename(f".mlp.{hf}_proj.", f".feed_forward.{tt}.")
       for hf, tt in (("gate", "w1"), ("up", "w3"), ("down", "w2"))),
     Rename(".mlp.", ".moe."),
     Rename(".moe.gate.", ".moe.router.gate."),
     Rename(".moe.experts.", ".moe.routed_experts.inner_experts."),
-    Rename("model.embed_tokens.", "tok_embeddings.", at_start=True),
-    Rename("model.layers.", "layers.", at_start=True),
-    Rename("model.norm.", "norm.", at_start=True))
+    *_TORCHTITAN_TOP)
 """torchtitan 0.3's names of Qwen3's tensors (``Qwen3StateDictAdapter.from_hf_map``,
 ``models/qwen3/state_dict_adapter.py``): the attention under ``attention`` with q, k and
 v in ``qkv_linear``, the norms ``attention_norm`` and ``ffn_norm``, a dense layer's MLP
@@ -282,6 +290,19 @@ _QWEN3_TORCHTITAN_UNPLACED = {
     "make_gqa_config builds q, k, v and o without them), so a Qwen3 with attention_bias "
     "cannot be written there" for name in "qkvo"}
 """The tensors of a transformers Qwen3-MoE that torchtitan 0.3's Qwen3 model has no place for."""
+
+
+_GPT_OSS_TORCHTITAN = (
+    *_TORCHTITAN_GQA,
+    Rename(".mlp.", ".moe."),
+    Rename(".moe.router.", ".moe.router.gate."),
+    Rename(".moe.experts.", ".moe.routed_experts.inner_experts."),
+    *_TORCHTITAN_TOP)
+"""torchtitan 0.3's names of GPT-OSS's tensors (checked against ``GptOssModel``; its
+``GptOssStateDictAdapter`` maps the experts to the older ``mlp1_weight`` names): the
+attention and norms as Qwen3's, with biases and the sinks (``attention.sinks``), the MoE
+block ``moe`` (router weight and bias ``moe.router.gate``, experts
+``moe.routed_experts.inner_experts``, the load-balancing buffer ``moe.expert_bias_E``)."""
 
 
 _DEEPSEEK_V3_TORCHTITAN = (
@@ -378,7 +399,8 @@ FAMILIES: tuple[Family, ...] = (
            router="router.weight", transposed={"hf": True, "transformers": True},
            interleaved={"hf": True, "transformers": True, "nemo": True, "vllm": True},
            biases=True, grouped_on_disk=True,
-           renames={"nemo": (Rename(".mlp.router.", ".mlp.gate."),)},
+           renames={"nemo": (Rename(".mlp.router.", ".mlp.gate."),),
+                    "torchtitan": _GPT_OSS_TORCHTITAN},
            count_aliases=("num_experts",), moe_layers=every_layer),
     Family("llama4", ("llama4_text",), "model.layers.{layer}.feed_forward", _QWEN_PROJECTIONS,
            "num_local_experts", router="router.weight", shared_expert="shared_expert",

@@ -78,22 +78,29 @@ class GroupedLayout(Layout):
     """A layout that keeps all experts of a layer in a few grouped tensors."""
 
     grouped = True
+    by_family: dict[str, tuple[GroupedTensor, ...]]
+    """Family name -> the grouped tensors this layout holds for that family in place of
+    ``tensors``, where its consumer's model of the family has a set of its own
+    (torchtitan's GPT-OSS: ``mlp1_weight_EGD`` and ``mlp2_weight_EDF`` with biases)."""
 
     def __init__(self, name: str, description: str, tensors: tuple[GroupedTensor, ...],
-                 quantized_note: str = "") -> None:
+                 quantized_note: str = "",
+                 by_family: Mapping[str, tuple[GroupedTensor, ...]] | None = None) -> None:
         self.name = name
         self.description = description
         self.tensors = tensors
         self.quantized_note = quantized_note
+        self.by_family = dict(by_family or {})
 
     def specs(self, family: Family) -> tuple[GroupedTensor, ...]:
-        """This layout's grouped tensors for ``family``: holding only the projections the
-        family has (a non-gated family has no gate), in the family's orientation where it
-        differs (Llama 4's own fused experts are ``[E, in, out]``)."""
+        """This layout's grouped tensors for ``family`` (its own set in ``by_family``, else
+        ``tensors``): holding only the projections the family has (a non-gated family has
+        no gate), in the family's orientation where it differs (Llama 4's own fused
+        experts are ``[E, in, out]``)."""
         transposed = family.transposed.get(self.name)
         interleaved = family.interleaved.get(self.name)
         specs = []
-        for spec in self.tensors:
+        for spec in self.by_family.get(family.name, self.tensors):
             held = tuple(p for p in spec.projections if p in family.all_pieces)
             if not held:
                 continue

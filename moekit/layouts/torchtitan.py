@@ -2,7 +2,8 @@
 ``torch.distributed.checkpoint`` folder torchtitan loads.
 
 The experts are a grouped layout (``GroupedExperts`` in torchtitan 0.3's
-``models/common/moe.py``: ``w1_EFD`` and ``w3_EFD`` [E, I, H], ``w2_EDF`` [E, H, I]);
+``models/common/moe.py``: ``w1_EFD`` and ``w3_EFD`` [E, I, H], ``w2_EDF`` [E, H, I]; GPT-OSS's
+``GptOssGroupedExperts`` holds a set of its own, with biases, ``_GPT_OSS`` below);
 every other tensor is renamed by the family's ``torchtitan`` rules (``Family.renames``),
 so a family is written in this layout only where those rules exist. Each MoE block also
 holds ``expert_bias_E``, the fp32 [E] load-balancing buffer torchtitan adds to the router
@@ -25,6 +26,10 @@ from .grouped import GroupedLayout, GroupedTensor
 EXPERT_BIAS = "expert_bias_E"
 """torchtitan's load-balancing bias, beside the router in the MoE block."""
 EXPERT_BIAS_DTYPE = "F32"
+MODELS = ("deepseek_v3", "gpt_oss", "kimi_k2_7", "qwen3", "qwen3_5", "llama3", "flux",
+          "muse_glimmer")
+"""The models torchtitan 0.3 implements (``torchtitan/models``), for the message refusing
+a family it has none of (Mixtral, Llama 4, ...)."""
 
 
 def named_families() -> list[str]:
@@ -72,9 +77,7 @@ class TorchtitanLayout(GroupedLayout):
         its own (a ``RequireZeros`` piece read from torchtitan carries the check that it
         was zero)."""
         if not self.names_family(family):
-            raise MoekitError(
-                f"the {self.name} layout has no names for the {family.name} family: "
-                f"moekit writes torchtitan 0.3's names for {', '.join(named_families())}")
+            raise MoekitError(self.unnamed(family))
         experts = super().emit(block, n_experts, family)
         if self.renames_bias(family):
             return experts
@@ -95,6 +98,11 @@ class TorchtitanLayout(GroupedLayout):
             "not write it as zeros, which would come back from torchtitan as a tensor the "
             "source lacks. Load and save the model with transformers first, which adds it "
             "as zeros")}
+
+    def unnamed(self, family: Family) -> str:
+        return (f"the {self.name} layout has no names for the {family.name} family: "
+                f"torchtitan 0.3 has no model of it (its models are {', '.join(MODELS)}); "
+                f"moekit writes torchtitan's names for {', '.join(named_families())}")
 
     def names_family(self, family: Family) -> bool:
         """True when ``family`` has torchtitan names (its ``torchtitan`` rename rules)."""
@@ -123,13 +131,28 @@ class TorchtitanLayout(GroupedLayout):
         return None
 
 
+_GPT_OSS = (
+    GroupedTensor("mlp1_weight_EGD", ("gate", "up"), transposed=False, interleaved=True),
+    GroupedTensor("mlp1_bias_EG", ("gate_bias", "up_bias"), False, interleaved=True,
+                  piece_dims=1, orientable=False),
+    GroupedTensor("mlp2_weight_EDF", ("down",), transposed=False),
+    GroupedTensor("mlp2_bias_ED", ("down_bias",), False, piece_dims=1, orientable=False))
+"""torchtitan 0.3's GPT-OSS experts (``GptOssGroupedExperts`` in ``models/gpt_oss/moe.py``):
+``mlp1_weight_EGD`` [E,2I,H] with gate and up interleaved (its ``swiglu`` reads the gate
+from the even rows, as transformers' does), ``mlp1_bias_EG`` [E,2I] interleaved alike,
+``mlp2_weight_EDF`` [E,H,I], ``mlp2_bias_ED`` [E,H]."""
+
 TORCHTITAN = TorchtitanLayout(
     "torchtitan", "torchtitan 0.3's model state dict, the whole model under torchtitan's "
     "names, written as a torch.distributed.checkpoint folder by default: "
-    "moe.routed_experts.inner_experts.w1_EFD/w3_EFD [E,I,H] (gate, up), w2_EDF [E,H,I], "
-    "router moe.router.gate.weight, moe.expert_bias_E fp32 [E] (zeros; read back only when "
-    f"all zeros); families: {', '.join(named_families())}",
+    "moe.routed_experts.inner_experts.w1_EFD/w3_EFD [E,I,H] (gate, up), w2_EDF [E,H,I] "
+    "(GPT-OSS: mlp1_weight_EGD [E,2I,H] gate and up interleaved, mlp1_bias_EG, "
+    "mlp2_weight_EDF [E,H,I], mlp2_bias_ED), router moe.router.gate.weight, "
+    "moe.expert_bias_E fp32 [E] (zeros, or DeepSeek-V3's score-correction bias; zeros read "
+    f"back only when all zeros); families: {', '.join(named_families())}",
     (GroupedTensor("w1_EFD", ("gate",), transposed=False),
      GroupedTensor("w3_EFD", ("up",), transposed=False),
      GroupedTensor("w2_EDF", ("down",), transposed=False)),
-    quantized_note="torchtitan 0.3 loads bf16 or fp32 weights and holds no scale tensors")
+    quantized_note="torchtitan 0.3 loads bf16 or fp32 weights and holds no scale tensors "
+                   "(its GPT-OSS dequantizes MXFP4 only when it reads Hugging Face files)",
+    by_family={"gpt_oss": _GPT_OSS})
