@@ -119,9 +119,9 @@ def test_torchtitan_loads_gpt_oss_strictly_and_gives_transformers_logits(gpt_oss
     attention sinks need flex attention's log-sum-exp, which torch 2.13's inductor does not
     compile on CPU, so ``FlexAttention`` runs ``flex_attention`` uncompiled (the same
     function, eager); and ``GptOssGroupedExperts.forward`` returns bf16 (it lacks the
-    ``type_as(x)`` that ``GroupedExperts.forward`` ends with; torchtitan trains GPT-OSS
-    with bf16 activations), which its token dispatcher's ``scatter_add`` into the fp32
-    output refuses, so its output is cast back to the input's dtype.
+    ``type_as(x)`` that ``GroupedExperts.forward`` ends with, so it runs only on bf16
+    activations), which its token dispatcher's ``scatter_add`` into the fp32 output
+    refuses, so its output is cast back to the input's dtype.
 
     ``GptOssGroupedExperts.forward`` multiplies in bf16 whatever the weights' dtype (inputs
     and weights cast with ``.bfloat16()``, the biases added in bf16), so its logits match
@@ -168,9 +168,10 @@ def test_mxfp4_experts_are_refused_unless_dequantized_as_transformers_does(
     state = {key: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
              for key, entry in metadata.items()}
     dcp.load(state, storage_reader=dcp.FileSystemReader(out), no_dist=True)
-    for hf_name, titan_name in (("gate_up_proj", "mlp1_weight_EGD"),
-                                ("down_proj", "mlp2_weight_EDF")):
-        key = f"model.layers.0.mlp.experts.{hf_name}"
-        expected = convert_moe_packed_tensors(hub[key + "_blocks"], hub[key + "_scales"])
-        assert same_bytes(state[EXPERTS.format(0, titan_name)],
-                          expected.transpose(1, 2).contiguous())
+    for layer in range(3):
+        for hf_name, titan_name in (("gate_up_proj", "mlp1_weight_EGD"),
+                                    ("down_proj", "mlp2_weight_EDF")):
+            key = f"model.layers.{layer}.mlp.experts.{hf_name}"
+            expected = convert_moe_packed_tensors(hub[key + "_blocks"], hub[key + "_scales"])
+            assert same_bytes(state[EXPERTS.format(layer, titan_name)],
+                              expected.transpose(1, 2).contiguous())
