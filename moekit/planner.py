@@ -24,7 +24,7 @@ from .layouts import FAMILIES, LAYOUTS, ExpertBlock, Family, Layout, family_name
 from .layouts.base import ParsedExperts, TensorMeta
 from .layouts.grouped import MXFP4_DTYPE, MXFP4_PAIRS
 from .layouts.families import (FP8_SCALE_KEY, GENERIC_FAMILIES, MAX_EXPERTS, MX_BLOCKS,
-                               MX_SCALES, SCALE, family_of_model_type)
+                               MX_SCALES, SCALE, family_of_model_type, renamed_shape)
 from .model_config import DEFAULT_FP8_BLOCK, ConfigValues, MoeLayers, expert_count, fp8_block
 from .plan import (Concat, Dequantize, DequantizeMXFP4, Expr, Plan, Read, Reshape, Stack,
                    TensorPlan, Transpose, composed)
@@ -229,8 +229,10 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
         elif key not in analysis.parsed.claimed:
             recipe = _passed_through(key, analysis.tensors, dequantize, block_size)
             if recipe is not None:
-                name = dst.from_hf_key(src.to_hf_key(key, analysis.family), analysis.family)
-                tensors.append(TensorPlan(name, recipe))
+                hf_key = src.to_hf_key(key, analysis.family)
+                name = dst.from_hf_key(hf_key, analysis.family)
+                tensors.append(TensorPlan(name, _reshaped(recipe, key, hf_key, src, dst,
+                                                          analysis.family)))
                 _check_renamed_back(key, name, src, dst, analysis.family)
     _check_unique(tensors)
     if analysis.made:
@@ -502,6 +504,21 @@ def select_experts(block: ExpertBlock, experts: range, offset: int = 0) -> Exper
 
 def _source_keys(block: ExpertBlock) -> set[str]:
     return set(block.names.values())
+
+
+def _reshaped(recipe: Expr, key: str, hf_key: str, src: Layout, dst: Layout,
+              family: Family) -> Expr:
+    """``recipe`` in the shape the family's renames give the tensor in ``dst`` (a squeezing
+    rename: NeMo's ERNIE-4.5 score-correction bias [E] for the files' [1, E]); refused
+    where the dimension to drop is not 1."""
+    shape = renamed_shape(key, tuple(recipe.shape), family.renames.get(src.name, ()),
+                          reverse=True)
+    shape = renamed_shape(hf_key, shape, family.renames.get(dst.name, ()))
+    if shape is None:
+        raise MoekitError(f"{printable(key)} is {list(recipe.shape)}: the {dst.name} layout of "
+                          f"{family.name} holds it without its leading dimension, which is "
+                          "not 1 here")
+    return recipe if shape == tuple(recipe.shape) else Reshape(recipe, shape)
 
 
 def _check_renamed_back(key: str, name: str, src: Layout, dst: Layout, family: Family) -> None:

@@ -5,9 +5,7 @@ the adapters import without them and run on the CPU).
 For every model type NeMo AutoModel has an adapter for and transformers can build as a
 tiny model (multimodal ones included): moekit's nemo tensors equal the adapter's
 ``from_hf`` of the same HF checkpoint (in its Hub form), name for name and byte for byte,
-and the adapter's ``to_hf`` of moekit's nemo output gives back the HF checkpoint. Where
-moekit's output still differs the case is an expected failure that names the difference
-(strict: it fails once they agree).
+and the adapter's ``to_hf`` of moekit's nemo output gives back the HF checkpoint.
 (NeMo AutoModel has no adapter for Qwen2-MoE, OLMoE, Mixtral, Phi-MoE or Llama 4, whose
 models it builds through transformers.)
 """
@@ -43,47 +41,43 @@ _DSA = dict(head_dim=4, num_key_value_heads=4, moe_intermediate_size=16,
             mlp_layer_types=["dense", "sparse", "sparse"])
 """A tiny DeepSeek-V3.2-style config (MLA with an indexer, one dense layer first)."""
 
-ADAPTERS: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None, str | None]] = {
+ADAPTERS: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None]] = {
     # model type -> (NeMo AutoModel adapter; how its model's MoEConfig differs from a plain
     # SwiGLU one, the values each model.py of nemo_automodel 0.7 sets; the tiny config,
-    # None for moekit's own sample, TINY for tiny_families'; why moekit's nemo output still
-    # differs, if it does)
-    "qwen3_moe": ("qwen3_moe.Qwen3MoeStateDictAdapter", {}, None, None),
-    "deepseek_v3": ("deepseek_v3.DeepSeekV3StateDictAdapter", {}, None, None),
+    # None for moekit's own sample, TINY for tiny_families')
+    "qwen3_moe": ("qwen3_moe.Qwen3MoeStateDictAdapter", {}, None),
+    "deepseek_v3": ("deepseek_v3.DeepSeekV3StateDictAdapter", {}, None),
     "gpt_oss": ("gpt_oss.GPTOSSStateDictAdapter",
                 dict(expert_bias=True, router_bias=True, expert_activation="quick_geglu"),
-                None, None),
+                None),
     "nemotron_h": ("nemotron_v3.NemotronV3StateDictAdapter", dict(expert_activation="relu2"),
-                   None, None),
+                   None),
     "glm4_moe": ("glm4_moe.Glm4MoeStateDictAdapter", {},
                  dict(moe_intermediate_size=16, num_experts_per_tok=2, n_group=1, topk_group=1,
-                      first_k_dense_replace=1, n_routed_experts=6), None),
-    "deepseek_v32": ("deepseek_v32.DeepSeekV32StateDictAdapter", {}, _DSA, None),
-    "glm_moe_dsa": ("glm_moe_dsa.GlmMoeDsaStateDictAdapter", {}, _DSA, None),
+                      first_k_dense_replace=1, n_routed_experts=6)),
+    "deepseek_v32": ("deepseek_v32.DeepSeekV32StateDictAdapter", {}, _DSA),
+    "glm_moe_dsa": ("glm_moe_dsa.GlmMoeDsaStateDictAdapter", {}, _DSA),
     "mimo_v2_flash": ("mimo_v2_flash.MiMoV2FlashStateDictAdapter", {},
                       dict(head_dim=8, moe_intermediate_size=16, num_experts_per_tok=2,
                            n_group=1, topk_group=1, v_head_dim=8, n_routed_experts=6,
-                           mlp_layer_types=["dense", "sparse", "sparse"]), None),
+                           mlp_layer_types=["dense", "sparse", "sparse"])),
     "minimax_m2": ("minimax_m2.MiniMaxM2StateDictAdapter", {},
                    dict(head_dim=8, num_experts_per_tok=2, num_local_experts=6,
-                        bos_token_id=1, eos_token_id=2), None),
+                        bos_token_id=1, eos_token_id=2)),
     "ernie4_5_moe": ("ernie4_5.Ernie4_5_MoeStateDictAdapter", {},
-                     dict(moe_intermediate_size=16, num_experts_per_tok=2, moe_num_experts=6),
-                     "NeMo holds moe_statics.e_score_correction_bias [1, E] squeezed, as "
-                     "gate.e_score_correction_bias [E]: a shape change no family rename "
-                     "expresses"),
+                     dict(moe_intermediate_size=16, num_experts_per_tok=2, moe_num_experts=6)),
     "qwen3_next": ("qwen3_next.Qwen3NextStateDictAdapter", {},
                    dict(head_dim=8, moe_intermediate_size=16, shared_expert_intermediate_size=24,
-                        num_experts_per_tok=2, num_experts=6), None),
+                        num_experts_per_tok=2, num_experts=6)),
     "hy_v3": ("hy_v3.HYV3StateDictAdapter", {},
               dict(head_dim=8, moe_intermediate_size=16, num_experts_per_tok=2, num_experts=6,
-                   mlp_layer_types=["dense", "sparse", "sparse"]), None),
-    "glm4_moe_lite": ("glm4_moe.Glm4MoeStateDictAdapter", {}, TINY, None),
-    "kimi_linear": ("kimi_linear.KimiLinear48BStateDictAdapter", {}, TINY, None),
+                   mlp_layer_types=["dense", "sparse", "sparse"])),
+    "glm4_moe_lite": ("glm4_moe.Glm4MoeStateDictAdapter", {}, TINY),
+    "kimi_linear": ("kimi_linear.KimiLinear48BStateDictAdapter", {}, TINY),
     "laguna": ("laguna.LagunaStateDictAdapter", {},
                dict(head_dim=8, moe_intermediate_size=16, shared_expert_intermediate_size=24,
                     num_experts_per_tok=2, num_experts=6,
-                    mlp_layer_types=["dense", "sparse", "sparse"]), None),
+                    mlp_layer_types=["dense", "sparse", "sparse"])),
 }
 """Every model type NeMo AutoModel 0.7 has a state-dict adapter for and transformers 5.24
 builds as a tiny causal LM (NeMo reads glm4_moe_lite with GLM-4.5's adapter). Not here:
@@ -92,12 +86,6 @@ the adapters that read a release's own names rather than those transformers save
 ``block_sparse_moe.experts.E.w1``; Inkling's ``w13_weight``; Qwen3.5-MoE's multimodal
 ``model.language_model.``); Step-3.5, Mistral 4 and Ling-2, which transformers 5.24 cannot
 build; Gemma 4, which no tiny config builds (its per-layer attributes)."""
-
-
-def _cases() -> list:
-    return [pytest.param(t, marks=pytest.mark.xfail(strict=True, raises=AssertionError,
-                                                   reason=reason)) if reason
-            else t for t, (_, _, _, reason) in ADAPTERS.items()]
 
 
 MULTIMODAL_ADAPTERS = {"qwen3_vl_moe": "qwen3_vl_moe.Qwen3VLMoeStateDictAdapter",
@@ -131,7 +119,7 @@ def _adapter(family: str, model) -> Any:
                dtype=torch.float32)
 
 
-@pytest.mark.parametrize("family", _cases())
+@pytest.mark.parametrize("family", ADAPTERS)
 def test_nemo_layout_is_what_nemo_automodels_adapter_gives(family, family_checkpoints,
                                                           family_models, tmp_path):
     settings = ADAPTERS[family][2]
@@ -180,6 +168,26 @@ def test_multimodal_nemo_layout_is_what_the_adapter_gives_for_the_hub_files(fami
     back = adapter.to_hf(dict(load_all(tmp_path / "hub-nemo")))
     assert sorted(back) == sorted(hub)
     assert [k for k in hub if not same_bytes(hub[k], back[k])] == []
+
+
+def test_a_score_correction_bias_nemo_squeezes_must_have_one_row(tmp_path, capsys):
+    """NeMo holds ERNIE-4.5's moe_statics.e_score_correction_bias [1, E] as [E]: a file
+    whose bias has two rows (one per modality, as ERNIE-4.5-VL's) is refused by name, as
+    dropping a row would lose it."""
+    settings = ADAPTERS["ernie4_5_moe"][2]
+    source = samples.save_model(samples.build_model("ernie4_5_moe", **settings),
+                                tmp_path / "ernie")
+    tensors = load_all(source)
+    key = "model.layers.1.mlp.moe_statics.e_score_correction_bias"
+    tensors[key] = torch.cat([tensors[key], tensors[key]])
+    folder = tmp_path / "two-rows"
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text((source / "config.json").read_text())
+    assert main(["convert", str(folder), str(tmp_path / "out"), "--to", "nemo"]) == 2
+    err = capsys.readouterr().err
+    assert f"{key} is [2, 6]" in err and "without its leading dimension" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
 def test_gpt_oss_in_nemo_keeps_gate_and_up_interleaved_with_their_biases(family_checkpoints,

@@ -45,6 +45,10 @@ class Rename:
     old: str
     new: str
     at_start: bool = False
+    squeeze: bool = False
+    """True when a tensor this rule renames also drops its leading dimension of 1 (and
+    regains it when undone): NeMo AutoModel's ERNIE-4.5 score-correction bias [E], held
+    [1, E] in the HF files."""
 
     def apply(self, key: str) -> str:
         return _replaced(key, self.old, self.new, self.at_start)
@@ -239,6 +243,10 @@ _HY_V3_NEMO = (Rename(".mlp.expert_bias", ".mlp.gate.e_score_correction_bias"),
 """NeMo AutoModel 0.7 (HYV3StateDictAdapter) names Hy-V3's router ``gate``, holds its
 expert bias there as ``e_score_correction_bias`` and names the shared MLP
 ``shared_experts``."""
+_ERNIE_NEMO = (Rename(".mlp.moe_statics.e_score_correction_bias",
+                      ".mlp.gate.e_score_correction_bias", squeeze=True),)
+"""NeMo AutoModel 0.7 (Ernie4_5_MoeStateDictAdapter) holds ERNIE-4.5's score-correction
+bias on the router, as [E]."""
 _QWEN3_NEXT_NEMO = (Rename(".mlp.shared_expert.", ".mlp.shared_experts."), *_FP32_PARAMS_NEMO)
 """NeMo AutoModel 0.7 (Qwen3NextStateDictAdapter) names Qwen3-Next's shared expert
 ``shared_experts``."""
@@ -500,7 +508,7 @@ FAMILIES: tuple[Family, ...] = (
         Rename(".mlp.e_score_correction_bias", ".mlp.gate.e_score_correction_bias"),)),
     _qwen_style("ernie4_5_moe", "moe_num_experts", shared_expert="shared_experts", renames=(
         Rename(".mlp.moe_statics.e_score_correction_bias",
-               ".mlp.gate.moe_statics.e_score_correction_bias"),)),
+               ".mlp.gate.moe_statics.e_score_correction_bias"),), nemo=_ERNIE_NEMO),
     _qwen_style("bailing_hybrid", "num_local_experts", shared_expert="shared_experts",
                 renames=(Rename(".mlp.gate.expert_bias", ".mlp.gate.e_score_correction_bias"),),
                 unconverted=_transformers_converts(
@@ -579,6 +587,21 @@ def family_named(name: str) -> Family | None:
 def family_of_model_type(model_type: str | None) -> Family | None:
     """The family whose checkpoints carry this ``config.json`` model_type, or None."""
     return next((f for f in FAMILIES if model_type in f.model_types), None)
+
+
+def renamed_shape(key: str, shape: tuple[int, ...], rules: tuple[Rename, ...],
+                  reverse: bool = False) -> tuple[int, ...] | None:
+    """The shape of the tensor ``key`` once ``rename`` has renamed it: without the leading
+    dimension of 1 a squeezing rule drops (with it back, ``reverse``); None when that
+    dimension is not 1."""
+    for rule in reversed(rules) if reverse else rules:
+        new = rule.undo(key) if reverse else rule.apply(key)
+        if new != key and rule.squeeze:
+            if not reverse and shape[:1] != (1,):
+                return None
+            shape = (1, *shape) if reverse else shape[1:]
+        key = new
+    return shape
 
 
 def rename(key: str, rules: tuple[Rename, ...], reverse: bool = False) -> str:
