@@ -15,8 +15,11 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
-from moekit import convert, expert_range, samples
+from moekit import MoekitError, convert, expert_range, samples
 from moekit.cli import main
+from moekit.executors.device import load_to_device, read_plan
+from moekit.layouts import layout_named
+from moekit.planner import analyse_checkpoint, build_plan
 
 from . import ep_workers
 from .conftest import load_all, same_bytes
@@ -69,6 +72,21 @@ def test_each_rank_saves_its_rows_to_dcp_and_the_folder_reads_back(world, qwen3_
     for rank in range(world):
         asked = json.loads((tmp_path / f"{rank}.json").read_text())
         assert asked == [list(expert_range(10, world, rank))]
+    if len(owners) > 1:
+        read_on_the_cpu_for_an_accelerator(out)
+
+
+def read_on_the_cpu_for_an_accelerator(folder) -> None:
+    """The pinned readers of an accelerator load refuse a tensor saved in row chunks, so a
+    plan reading one is read on the CPU and copied to the device ("meta" stands in for an
+    accelerator here: any device but the CPU takes that path)."""
+    checkpoint, analysis = analyse_checkpoint(folder)
+    plan = build_plan(analysis, layout_named("nemo"))
+    with pytest.raises(MoekitError, match="row chunks"):
+        load_to_device(plan, checkpoint, "meta")
+    loaded = read_plan(plan, checkpoint, "meta")
+    assert {k: (tuple(v.shape), v.device.type) for k, v in loaded.items()} == {
+        t.name: (t.shape, "meta") for t in plan.tensors}
 
 
 def test_load_experts_of_converted_dcp_folders(qwen3_10, tmp_path):

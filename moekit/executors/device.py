@@ -128,13 +128,32 @@ def read_plan(plan: Plan, checkpoint: Checkpoint, device: torch.device | str | N
               pinned: PinnedBuffers | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of ``plan`` from ``checkpoint``'s files: through pinned buffers
     (``pinned``'s, when given) onto an accelerator ``device``, or straight from the files
-    on the CPU."""
-    if device is not None and torch.device(device).type != "cpu":
+    on the CPU. A plan reading a tensor saved in row chunks (a DCP folder that ranks saved
+    their rows into), which the pinned readers do not take, is read on the CPU and copied
+    to the accelerator tensor by tensor."""
+    accelerator = device is not None and torch.device(device).type != "cpu"
+    if accelerator and not _reads_chunks(plan, checkpoint):
         return load_to_device(plan, checkpoint, device, wrap_experts, pinned=pinned)
     with FileSource(checkpoint) as source:
-        out = run_plan(plan, source, device, wrap_experts)
+        if accelerator:
+            out = run_plan(plan, source, None)
+            out = {k: _to(v, device, wrap_experts if k in plan.expert_tensors else None)
+                   for k, v in out.items()}
+        else:
+            out = run_plan(plan, source, device, wrap_experts)
         source.check_unchanged()
     return out
+
+
+def _reads_chunks(plan: Plan, checkpoint: Checkpoint) -> bool:
+    """True when a recipe of ``plan`` reads a tensor saved in row chunks."""
+    return any(checkpoint.tensors[r.key].chunks for t in plan.tensors for r in reads(t.recipe))
+
+
+def _to(value: torch.Tensor, device: torch.device | str,
+        wrap: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    moved = value.to(device)
+    return wrap(moved) if wrap is not None else moved
 
 
 def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | str,
