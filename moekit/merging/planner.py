@@ -205,12 +205,14 @@ def build_merge_plan(base: Mapping[str, TensorMeta], config: dict | None, merge:
 def _check_drop_ratios(merge: MergeConfig, mlps: Mapping[int, DenseMLP]) -> None:
     """Refuse a ``drop_ratio`` that re-initialises no neuron: Drop-Upcycling redraws
     ``round(ratio * I)`` of an MLP's I intermediate neurons (``redrawn_indices`` of
-    ``moekit.executors.evaluate``), so below half a neuron the expert would be a plain copy
-    of its source, not the Drop-Upcycling it asks for."""
+    ``moekit.executors.evaluate``), so at half a neuron or less the expert would be a plain
+    copy of its source, not the Drop-Upcycling it asks for."""
+    dropped = [(i, e.drop_ratio) for i, e in enumerate(merge.experts) if e.drop_ratio is not None]
+    if not dropped:
+        return
     smallest = min(mlp.intermediate for mlp in mlps.values())
-    for i, source in enumerate(merge.experts):
-        ratio = source.drop_ratio
-        if ratio is not None and round(ratio * smallest) == 0:
+    for i, ratio in dropped:
+        if round(ratio * smallest) == 0:
             raise MoekitError(f"experts[{i}].moekit.drop_ratio {ratio:g} re-initialises no "
                               f"neuron of an MLP of {smallest} intermediate neurons (it "
                               f"redraws round({ratio:g} x {smallest}) = 0); 1/{smallest} = "
