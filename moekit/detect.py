@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from .checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY
 from .errors import MoekitError, printable
-from .layouts import HF, LAYOUTS, Family, Layout, family_named, family_of_model_type, layout_named
+from .layouts import BY_KEYS, HF, LAYOUTS, Family, Layout, family_named, family_of_model_type, layout_named
 from .layouts.base import TensorMeta
 from .layouts.families import GENERIC_FAMILIES
 
@@ -37,10 +37,10 @@ def detect_layout(tensors: Mapping[str, TensorMeta], family: Family,
         return layout_named(recorded)
     in_experts = _in_experts(tensors, family)
     sample = {key: tensors[key] for key in in_experts}
-    scores = {name: _recognised(layout, sample, family) for name, layout in LAYOUTS.items()}
+    scores = {name: _recognised(layout, sample, family) for name, layout in BY_KEYS.items()}
     best = max(scores, key=lambda name: scores[name])
     if max(scores[best]) > 0:
-        return LAYOUTS[best]
+        return BY_KEYS[best]
     if in_experts:
         raise MoekitError(
             f"cannot detect the expert layout of {label}: tensors such as "
@@ -57,7 +57,7 @@ layout's full parse then validates every key (and reports any that do not fit)."
 def _in_experts(tensors: Mapping[str, TensorMeta], family: Family, limit: int = SAMPLE
                 ) -> list[str]:
     """Up to ``limit`` keys inside an experts module of ``family`` in any layout's naming."""
-    regions = [layout.expert_region(family) for layout in LAYOUTS.values()]
+    regions = [layout.expert_region(family) for layout in BY_KEYS.values()]
     found: list[str] = []
     for key in tensors:
         if any(region.match(key) for region in regions):

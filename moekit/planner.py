@@ -20,7 +20,7 @@ from .checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint
 from .detect import detect_family, detect_layout
 from .errors import MoekitError, PlanError, compress_ranges, compress_runs, plural, printable
 from .gc_pauses import without_gc_pauses
-from .layouts import FAMILIES, LAYOUTS, ExpertBlock, Family, Layout, family_named, layout_named
+from .layouts import BY_KEYS, FAMILIES, LAYOUTS, ExpertBlock, Family, Layout, family_named, layout_named
 from .layouts.base import ParsedExperts, TensorMeta
 from .layouts.grouped import MXFP4_DTYPE, MXFP4_PAIRS
 from .layouts.families import (FP8_SCALE_KEY, GENERIC_FAMILIES, MAX_EXPERTS, MX_BLOCKS,
@@ -239,9 +239,9 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
         tensors = [replace(t, recipe=composed(t.recipe, analysis.made)) for t in tensors]
     plan = Plan(analysis.family.name, src.name, dst.name, tensors,
                 {layer: len(chosen) for layer in sorted(analysis.blocks)}, expert_names)
-
-
     return dst.whole_model(plan, analysis.config, analysis.family, analysis.label)
+
+
 def _unread_experts(settings: Settings) -> str:
     """What to say when a config declares routed experts but no tensor reads as one: a
     family whose experts moekit does not know (or Doge's single-neuron experts, which no
@@ -671,7 +671,7 @@ def _naming_disagreement(analysis: Analysis) -> str | None:
         return None
     sample = {key: analysis.tensors[key] for key in islice(unread, SAMPLE)}
     scores = {name: len(_read_keys(layout.parse(dict(sample), analysis.family)))
-              for name, layout in LAYOUTS.items() if layout is not analysis.layout}
+              for name, layout in BY_KEYS.items() if layout is not analysis.layout}
     best = max(scores, key=lambda name: scores[name], default=None)
     if best is None or scores[best] * 2 <= len(sample):
         return _other_family(analysis.label, analysis.family, analysis.family_source,
@@ -697,7 +697,7 @@ def _other_family(label: str, ours: Family, family_source: str,
     for family in (*FAMILIES, *GENERIC_FAMILIES):
         if family is ours:
             continue
-        for layout in LAYOUTS.values():
+        for layout in BY_KEYS.values():
             alike = (family.expert_naming, layout.name)
             if alike not in read:
                 read[alike] = len(_read_keys(layout.parse(dict(sample), family)))

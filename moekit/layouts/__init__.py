@@ -15,6 +15,10 @@ HF = PerExpertLayout()
 LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (HF, NEMO, TRANSFORMERS, VLLM, TORCHTITAN,
                                                           MEGATRON)}
 
+BY_KEYS: dict[str, Layout] = {name: layout for name, layout in LAYOUTS.items()
+                              if layout.found_by_keys}
+"""The layouts that key names tell apart (``Layout.found_by_keys``)."""
+
 
 def layout_named(name: str) -> Layout:
     """The layout called ``name``; a MoekitError lists the known ones otherwise."""
@@ -24,7 +28,7 @@ def layout_named(name: str) -> Layout:
 
 
 __all__ = [
-    "FAMILIES", "HF", "LAYOUTS", "MEGATRON", "NEMO", "PROJECTIONS", "TORCHTITAN", "TRANSFORMERS", "VLLM",
+    "BY_KEYS", "FAMILIES", "HF", "LAYOUTS", "MEGATRON", "NEMO", "PROJECTIONS", "TORCHTITAN", "TRANSFORMERS", "VLLM",
     "ExpertBlock", "Family", "GroupedLayout", "GroupedTensor", "Layout", "ParsedExperts", "PerExpertLayout",
     "family_named", "family_of_model_type", "layout_named",
 ]

@@ -137,6 +137,10 @@ class Layout(ABC):
     grouped: bool = False
     """True when all experts of a layer share a tensor ([E, ...]): what expert parallelism
     shards by rows."""
+    found_by_keys: bool = True
+    """False for a layout whose plan-level names are another's (Megatron-Core's are HF's,
+    its files found by their folder): detection and the naming checks judge keys by the
+    layouts found by keys (``layouts.BY_KEYS``)."""
     default_format: str = "safetensors"
     """The output format (``conversion.FORMATS``) this layout is written in unless
     ``--format`` names another: the one its consumer loads."""
@@ -190,10 +194,6 @@ class Layout(ABC):
         expert-parallel rank that owns none): none, where tensors are per expert."""
         return []
 
-    def to_hf_key(self, key: str, family: Family) -> str:
-        """This layout's name of a non-expert tensor -> the HF name."""
-        return rename(key, family.renames.get(self.name, ()), reverse=True)
-
     def whole_model(self, plan: Plan, config: Mapping | None, family: Family,
                     source: str) -> Plan:
         """``plan`` (its tensors under this layout's names) as this layout's files store
@@ -201,6 +201,10 @@ class Layout(ABC):
         that joins tensors across names (Megatron-Core stacks layers and joins the
         attention projections)."""
         return plan
+
+    def to_hf_key(self, key: str, family: Family) -> str:
+        """This layout's name of a non-expert tensor -> the HF name."""
+        return rename(key, family.renames.get(self.name, ()), reverse=True)
 
     def from_hf_key(self, key: str, family: Family) -> str:
         """The HF name of a non-expert tensor -> this layout's name."""

@@ -200,6 +200,7 @@ class MegatronLayout(PerExpertLayout):
         "(gate then up) and linear_fc2 [L,E,H,I], QKV interleaved by query group; "
         f"model types: {', '.join(FAMILIES)}")
     default_format = "megatron"
+    found_by_keys = False
     mtp_note = "moekit writes Megatron-Core's GPT decoder layers only"
     quantized_note = "moekit writes Megatron-Core checkpoints of bf16, fp16 or fp32 weights"
 
