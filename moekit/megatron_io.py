@@ -44,6 +44,11 @@ OPTIMIZER_PREFIX = "optimizer."
 """Keys of a training checkpoint's optimizer state, which moekit does not read."""
 
 
+RELEASE = "release"
+"""What the tracker file holds for a checkpoint saved outside training (Megatron-LM loads
+its ``release/`` folder)."""
+
+
 def iteration_dir(iteration: int) -> str:
     """Megatron-LM's name of an iteration's folder."""
     return f"iter_{iteration:07d}"
@@ -127,12 +132,12 @@ def _iteration(path: Path) -> Path:
     if not tracker.exists():
         return path
     text = tracker.read_text(errors="replace").strip()
-    if not text.isascii() or not text.isdigit():
-        raise MoekitError(f"{printable(str(tracker))} holds {printable(text)!r}, not an "
-                          "iteration number")
-    folder = path / iteration_dir(int(text))
+    if text != RELEASE and not (text.isascii() and text.isdigit()):
+        raise MoekitError(f"{printable(str(tracker))} holds {printable(text)!r}, neither an "
+                          f"iteration number nor {RELEASE!r}")
+    folder = path / (RELEASE if text == RELEASE else iteration_dir(int(text)))
     if not folder.is_dir():
-        raise MoekitError(f"{printable(str(tracker))} names iteration {int(text)}, but "
+        raise MoekitError(f"{printable(str(tracker))} names {printable(text)}, but "
                           f"{printable(str(folder))} is not a folder")
     return folder
 

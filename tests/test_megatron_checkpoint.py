@@ -6,6 +6,7 @@ loaded model against moekit's folder."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -271,3 +272,38 @@ def test_upcycling_a_dense_megatron_checkpoint_equals_upcycling_its_hf_one(model
     assert written[0].keys() == written[1].keys()
     for key, tensor in written[0].items():
         assert torch.equal(written[1][key], tensor), key
+
+
+@pytest.mark.parametrize("model_type,settings,named", [
+    ("deepseek_v3", {}, "multi-latent attention"),
+    ("qwen2_moe", {}, "shared expert"),
+    ("qwen3_moe", {"mlp_only_layers": [1]}, "all dense or all MoE"),
+])
+def test_a_model_megatron_cores_layout_does_not_hold_is_refused_naming_why(
+        tmp_path, capsys, model_type, settings, named):
+    hf = samples.save_model(samples.build_model(model_type, **settings), tmp_path / "hf")
+    out = tmp_path / "out"
+    assert main(["convert", str(hf), str(out), "--to", "megatron"]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_folder_without_config_or_with_a_bad_tracker_is_refused(qwen3_moe, tmp_path,
+                                                                   capsys):
+    folder = tmp_path / "megatron"
+    shutil.copytree(qwen3_moe[2], folder)
+    (folder / "config.json").unlink()
+    assert main(["inspect", str(folder)]) == 2
+    assert "needs the model's config.json" in capsys.readouterr().err
+    (folder / "latest_checkpointed_iteration.txt").write_text("latest")
+    assert main(["inspect", str(folder)]) == 2
+    assert "neither an iteration number nor 'release'" in capsys.readouterr().err
+
+
+def test_the_megatron_layout_is_not_written_as_safetensors(qwen3_moe, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["convert", str(qwen3_moe[1]), str(out), "--to", "megatron", "--format",
+                 "safetensors"]) == 2
+    assert "write it with --format megatron" in capsys.readouterr().err
+    assert not out.exists()

@@ -51,6 +51,14 @@ FAMILIES = ("qwen3_moe", "mixtral", "llama", "mistral", "qwen2", "qwen3")
 attention (grouped query heads, optional QKV biases and Qwen3's per-head norms), RMSNorm,
 a gated MLP or routed experts in every layer, no shared expert."""
 
+UNWRITTEN = {
+    "deepseek_v3": "its multi-latent attention and shared experts are megatron-core's "
+                   "MLASelfAttention and shared_experts modules, which moekit does not write",
+    "qwen2_moe": "its shared expert and shared-expert gate are megatron-core's "
+                 "shared_experts module, which moekit does not write",
+}
+"""Why some MoE model types are refused."""
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -149,8 +157,10 @@ class Dimensions:
                               f"group): {source} has none")
         model_type = config.get("model_type")
         if model_type not in FAMILIES:
+            why = UNWRITTEN.get(model_type, "")
             raise MoekitError(f"{source}: moekit writes and reads Megatron-Core checkpoints of "
-                              f"{', '.join(FAMILIES)}, not model_type {model_type!r}")
+                              f"{', '.join(FAMILIES)}, not model_type {model_type!r}"
+                              + (f" ({why})" if why else ""))
         heads = _positive(config, "num_attention_heads", source)
         groups = _positive(config, "num_key_value_heads", source, heads)
         hidden = _positive(config, "hidden_size", source)
@@ -250,8 +260,8 @@ def _chunks(entry: Entry, dims: Dimensions, made: dict[str, Expr], family: Famil
                           f"{entry.key} holds")
     if lacking:
         raise MoekitError(f"{source} has no {lacking[0]}, which Megatron-Core's {entry.key} "
-                          "holds for every layer (a model mixing dense and MoE layers has no "
-                          "place in Megatron-Core's stacked layers)")
+                          "holds for every layer: moekit writes Megatron-Core checkpoints "
+                          "whose layers are all dense or all MoE")
     joined = [(index, _joined(entry, parts, dims, source)) for index, parts in found]
     first = joined[0][1]
     whole = (*dims.stacked_shape(entry), sum(p.shape[0] for p in first), *first[0].shape[1:])
