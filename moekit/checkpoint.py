@@ -127,11 +127,11 @@ class Checkpoint:
         ``.metadata`` and no safetensors files is a torch.distributed.checkpoint.
         """
         from .hub import local_path  # not at the top: moekit.hub imports this module
-        from .megatron_io import is_megatron, open_megatron  # likewise, and imports torch
+        from .megatron_io import is_megatron  # likewise
 
         local = local_path(path)
         if is_megatron(local):
-            return open_megatron(local)
+            return cls._open_megatron(local)
         if _is_dcp(local):
             return cls._open_dcp(local)
         source = _locate(local)
@@ -150,7 +150,7 @@ class Checkpoint:
             read.append(source.folder / INDEX_NAME)
         if config is not None:
             read.append(source.folder / CONFIG_NAME)
-        sidecars = [] if source.named_file else sidecars_of(source.folder, set(source.files))
+        sidecars = [] if source.named_file else _sidecars(source.folder, set(source.files))
         return cls(path=source.folder, tensors=tensors, config=config, metadata=metadata,
                    sidecars=sidecars, read=read,
                    named=Path(path) if source.named_file else source.folder,
@@ -176,8 +176,30 @@ class Checkpoint:
         if config is not None:
             read.append(folder / CONFIG_NAME)
         return cls(path=folder, tensors=tensors, config=config,
-                   sidecars=sidecars_of(folder, {DCP_METADATA_NAME, *data_files}), read=read,
+                   sidecars=_sidecars(folder, {DCP_METADATA_NAME, *data_files}), read=read,
                    identities={name: data_files[name] for name in used})
+
+    @classmethod
+    def _open_megatron(cls, path: Path) -> "Checkpoint":
+        """A Megatron-Core ``torch_dist`` folder (``moekit.megatron_io``): its stored
+        chunks, each a run of a ``.distcp`` file as in a DCP folder, and the model's tensors
+        under HF names made from them (``made``)."""
+        from .layouts.megatron import MEGATRON
+        from .megatron_io import TRACKER, read_headers  # imports torch, like _open_dcp
+
+        found = read_headers(path)
+        used = list(dict.fromkeys(info.file for info in found.chunks.values()))
+        identities = {name: FileIdentity.of(_member(found.iteration, name).stat())
+                      for name in used}
+        read = [found.iteration / DCP_METADATA_NAME, *(found.iteration / name for name in used)]
+        sidecars = _sidecars(found.top, {TRACKER, DCP_METADATA_NAME, *used})
+        if found.config_file is not None:
+            read.append(found.config_file)
+            if found.config_file.parent != found.top:
+                sidecars.append(found.config_file)
+        return cls(path=found.iteration, tensors=found.chunks, config=found.config,
+                   metadata={LAYOUT_METADATA_KEY: MEGATRON.name}, sidecars=sidecars, read=read,
+                   named=path, identities=identities, made=found.made)
 
     @property
     def files(self) -> list[str]:
@@ -540,7 +562,7 @@ def _check_index(index: Path, weight_map: dict[str, str], tensors: dict[str, Ten
                           f"{printable(tensors[unlisted[0]].file)}")
 
 
-def sidecars_of(folder: Path, weights: set[str]) -> list[Path]:
+def _sidecars(folder: Path, weights: set[str]) -> list[Path]:
     """The folder's files named in ``SIDECARS``, each checked to be a plain file of the
     checkpoint (a link leaving it is refused, not followed)."""
     try:

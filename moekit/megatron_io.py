@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import (CONFIG_NAME, DCP_METADATA_NAME, LAYOUT_METADATA_KEY, Checkpoint,
-                         FileIdentity, read_config, sidecars_of)
+from .checkpoint import CONFIG_NAME, DCP_METADATA_NAME, TensorInfo, read_config
 from .errors import MoekitError, printable
 from .layouts.families import GENERIC_FAMILIES, family_of_model_type
 from .layouts.megatron import BY_KEY, ENTRIES, MEGATRON, Dimensions, Entry, chunk_name
@@ -42,8 +42,7 @@ EXPERTS = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
 """The stored tensor whose second axis counts the routed experts."""
 OPTIMIZER_PREFIX = "optimizer."
 """Keys of a training checkpoint's optimizer state, which moekit does not read."""
-
-
+MAX_METADATA_JSON_BYTES = 2**16
 RELEASE = "release"
 """What the tracker file holds for a checkpoint saved outside training (Megatron-LM loads
 its ``release/`` folder)."""
@@ -99,10 +98,23 @@ def is_megatron(path: Path) -> bool:
         os.path.lexists(path / METADATA) and os.path.lexists(path / DCP_METADATA_NAME)))
 
 
-def open_megatron(path: Path) -> Checkpoint:
-    """The checkpoint at ``path`` (the folder or one iteration's): its stored chunks as
-    ``tensors``, and its model's tensors under HF names as ``made``, read by the config.json
-    of the iteration folder or the folder above."""
+@dataclass(frozen=True)
+class Headers:
+    """What a Megatron-Core folder holds: its iteration folder, the folder of its sidecar
+    files, its config.json, its stored chunks (each a run of a ``.distcp`` file, named
+    ``chunk_name``) and the model's tensors under HF names made from them."""
+
+    iteration: Path
+    top: Path
+    config_file: Path | None
+    config: dict | None
+    chunks: dict[str, TensorInfo]
+    made: dict[str, Expr]
+
+
+def read_headers(path: Path) -> Headers:
+    """The headers of the checkpoint at ``path`` (the folder or one iteration's), read by
+    the config.json of the iteration folder or the folder above."""
     from .dcp import read_stored  # imports torch, which DCP's metadata refers to
 
     iteration = _iteration(path)
@@ -111,19 +123,9 @@ def open_megatron(path: Path) -> Checkpoint:
     config_folder = iteration if (iteration / CONFIG_NAME).exists() else iteration.parent
     config = read_config(config_folder)
     stored, _ = read_stored(iteration, chunk_name)
-    made = hf_tensors(stored, config, str(iteration))
     chunks = {info.key: info for tensor in stored.values() for _, info in tensor.chunks}
-    used = sorted({info.file for info in chunks.values()})
-    identities = {name: FileIdentity.of((iteration / name).stat()) for name in used}
-    read = [iteration / DCP_METADATA_NAME, *(iteration / name for name in used)]
-    sidecars = sidecars_of(top, {TRACKER, DCP_METADATA_NAME, *used})
-    if config is not None:
-        read.append(config_folder / CONFIG_NAME)
-        if config_folder != top:
-            sidecars.append(config_folder / CONFIG_NAME)
-    return Checkpoint(path=iteration, tensors=chunks, config=config,
-                      metadata={LAYOUT_METADATA_KEY: MEGATRON.name}, sidecars=sidecars,
-                      read=read, named=path, identities=identities, made=made)
+    return Headers(iteration, top, None if config is None else config_folder / CONFIG_NAME,
+                   config, chunks, hf_tensors(stored, config, str(iteration)))
 
 
 def _iteration(path: Path) -> Path:
@@ -143,15 +145,20 @@ def _iteration(path: Path) -> Path:
 
 
 def _check_backend(iteration: Path) -> None:
+    """Refuse an iteration folder whose ``metadata.json`` names another backend than
+    ``torch_dist`` (megatron-core's older ``zarr``), or cannot be read."""
     metadata = iteration / METADATA
+    shown = printable(str(metadata))
     try:
+        if metadata.stat().st_size > MAX_METADATA_JSON_BYTES:
+            raise MoekitError(f"{shown} is larger than a Megatron-Core metadata.json")
         backend = json.loads(metadata.read_text())
     except (OSError, ValueError) as err:
-        raise MoekitError(f"cannot read {printable(str(metadata))}: {err}") from err
-    if not isinstance(backend, dict) or backend.get("sharded_backend") != "torch_dist":
-        raise MoekitError(f"{printable(str(metadata))} names sharded backend "
-                          f"{printable(repr(backend.get('sharded_backend') if isinstance(backend, dict) else backend))}; "
-                          "moekit reads Megatron-Core's torch_dist checkpoints")
+        raise MoekitError(f"cannot read {shown}: {printable(str(err))}") from err
+    found = backend.get("sharded_backend") if isinstance(backend, dict) else None
+    if found != BACKEND["sharded_backend"]:
+        raise MoekitError(f"{shown} names sharded backend {printable(repr(found))}; moekit "
+                          "reads Megatron-Core's torch_dist checkpoints")
 
 
 def hf_tensors(stored: Mapping[str, "StoredTensor"], config: Mapping | None, source: str
