@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint import FileSystemReader
 
-from moekit import UpcycleSpec, samples
+from moekit import UpcycleSpec, load, samples
 from moekit.cli import main
 
 pytest.importorskip("megatron.core")
@@ -307,3 +307,10 @@ def test_the_megatron_layout_is_not_written_as_safetensors(qwen3_moe, tmp_path, 
                  "safetensors"]) == 2
     assert "write it with --format megatron" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_megatron_folder_loads_in_memory_in_any_layout(qwen3_moe):
+    _, hf, folder = qwen3_moe
+    ours, theirs = load(folder, layout="nemo"), load(hf, layout="nemo")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
