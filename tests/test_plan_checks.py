@@ -563,7 +563,8 @@ def test_a_family_given_against_the_config():
 def test_a_family_given_against_the_key_naming():
     message = quickly(ExpertAdapter("nemo", family="qwen3_moe").from_hf, mixtral_named(experts()))
     assert "the model family is qwen3_moe (given)" in message
-    assert "named as in mixtral, phimoe, minimax, kimi_linear, mixtral_style (hf layout)" in message
+    assert ("named as in mixtral, phimoe, minimax, minimax_m2, kimi_linear, mixtral_style "
+            "(hf layout)") in message
 
 
 def test_the_same_problem_in_many_layers_is_one_line(tmp_path, capsys):
