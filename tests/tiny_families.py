@@ -86,7 +86,27 @@ def build(model_type: str, seed: int = 0, **overrides: Any):
 
 
 MULTIMODAL = ("llama4", "qwen3_vl_moe", "glm4v_moe", "ernie4_5_vl_moe", "qwen3_omni_moe")
-"""Multimodal model types whose text model has routed experts."""
+"""Multimodal model types whose text model has routed experts that moekit has a family for."""
+
+
+def multimodal_moe_types() -> list[str]:
+    """Model types whose config nests a text model (``text_config``, or a ``thinker_config``
+    holding one) that declares routed experts."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    found = []
+    for model_type, config_class in CONFIG_MAPPING.items():
+        if not {"text_config", "thinker_config"} & set(getattr(config_class, "sub_configs", {})):
+            continue
+        try:
+            config = config_class()
+        except Exception:  # a config that needs arguments: not one save_pretrained writes alone
+            continue
+        thinker = getattr(config, "thinker_config", None)
+        text = getattr(thinker if thinker is not None else config, "text_config", None)
+        if text is not None and any(_declares(type(text), n) for n in EXPERT_COUNT_NAMES):
+            found.append(model_type)
+    return sorted(found)
 TEXT_OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen3_vl_moe": dict(moe_intermediate_size=8),
     "ernie4_5_vl_moe": dict(moe_intermediate_size=[16, 8], rope_parameters=dict(
@@ -95,6 +115,9 @@ TEXT_OVERRIDES: dict[str, dict[str, Any]] = {
 gate+up not square (2I != H), so that the Hub's orientation of it differs in shape from
 save_pretrained's (transformers reads a square one as its own); ERNIE-4.5-VL's text and
 vision expert sizes, and rotary sections that fit its four rotary frequencies."""
+MAX_PARAMETERS = 5_000_000
+"""The most parameters a tiny multimodal model is built with: one whose towers keep sizes
+the tiny settings do not reach (hundreds of millions of parameters) is not built."""
 SMALL_VISION: dict[str, Any] = dict(
     hidden_size=32, num_hidden_layers=1, depth=1, num_attention_heads=2, num_heads=2,
     intermediate_size=64, out_hidden_size=32, projector_input_dim=32, projector_output_dim=32,
@@ -114,8 +137,10 @@ def build_multimodal(model_type: str, seed: int = 0, **text: Any):
     parameter drawn from N(0, 0.2).
     Qwen3-Omni's towers and text model sit in its ``thinker_config``; it is built without
     its talker (``enable_audio_output`` false)."""
+    import torch
     import transformers
     from transformers import AutoConfig, AutoModelForImageTextToText
+
     default = AutoConfig.for_model(model_type)
     omni = hasattr(default, "thinker_config")
     inner = _tiny_towers(default.thinker_config if omni else default,
@@ -127,6 +152,11 @@ def build_multimodal(model_type: str, seed: int = 0, **text: Any):
     else:
         config = AutoConfig.for_model(model_type, **inner)
         make = AutoModelForImageTextToText.from_config
+    with torch.device("meta"):
+        count = sum(p.numel() for p in make(config).parameters())
+    if count > MAX_PARAMETERS:
+        raise ValueError(f"the tiny settings leave {model_type} {count} parameters (towers "
+                         f"they do not reach), more than the {MAX_PARAMETERS} built here")
     return samples.from_config(config, seed, make)
 
 

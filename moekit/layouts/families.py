@@ -571,12 +571,15 @@ FAMILIES: tuple[Family, ...] = (
 
 GENERIC_FAMILIES: tuple[Family, ...] = (
     Family("qwen_style", (), _QWEN_BLOCK, _QWEN_PROJECTIONS, "num_experts",
-           count_aliases=EXPERT_COUNT_KEYS[1:]),
+           count_aliases=EXPERT_COUNT_KEYS[1:], text_config=("text_config",)),
     Family("mixtral_style", (), _MIXTRAL_BLOCK, _MIXTRAL_PROJECTIONS, "num_local_experts",
-           count_aliases=tuple(k for k in EXPERT_COUNT_KEYS if k != "num_local_experts")),
+           count_aliases=tuple(k for k in EXPERT_COUNT_KEYS if k != "num_local_experts"),
+           text_config=("text_config",)),
 )
 """Used when config.json is absent or names a family moekit does not know: the naming
-is recognised from the keys and the expert count from the tensors."""
+is recognised from the keys and the expert count from the tensors (and the config's, its
+``text_config``'s where it has one: a multimodal model moekit does not know is then said to
+declare experts that no family reads, not taken for a dense model)."""
 
 
 def family_named(name: str) -> Family | None:
