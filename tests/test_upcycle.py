@@ -119,6 +119,20 @@ def test_drop_upcycling_redraws_a_different_fraction_of_neurons_per_expert(dense
     assert any(not torch.equal(v, load_all(tmp_path / "c")[k]) for k, v in a.items())
 
 
+def test_a_drop_ratio_that_redraws_no_neuron_is_refused(dense_checkpoints, tmp_path):
+    """Drop-Upcycling redraws round(ratio x I) neurons: below half a neuron the experts
+    would be silent copies of the dense MLP."""
+    intermediate = load_all(dense_checkpoints["llama"])[
+        "model.layers.0.mlp.up_proj.weight"].shape[0]
+    spec = UpcycleSpec(experts=2, top_k=1, method="drop", drop_ratio=0.49 / intermediate)
+    with pytest.raises(MoekitError, match=f"re-initialises no neuron of an MLP of "
+                                          f"{intermediate} intermediate neurons"):
+        upcycle(dense_checkpoints["llama"], tmp_path / "moe", spec)
+    assert not (tmp_path / "moe").exists()
+    upcycle(dense_checkpoints["llama"], tmp_path / "moe",
+            UpcycleSpec(experts=2, top_k=1, method="drop", drop_ratio=1 / intermediate))
+
+
 def test_drop_redraws_from_the_dense_weights_statistics(dense_checkpoints, tmp_path):
     spec = UpcycleSpec(experts=2, top_k=1, method="drop", drop_ratio=1.0)
     moe = upcycle_state_dict(load_all(dense_checkpoints["llama"]), spec)

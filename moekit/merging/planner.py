@@ -21,7 +21,7 @@ from ..errors import MoekitError, PlanError, plural, printable
 from ..layouts.base import TensorMeta
 from ..plan import Cast, Expr, Plan, Read, TensorPlan
 from ..upcycling.planner import FLOAT_RANGES, build_upcycle_plan, dense_mlps
-from ..upcycling.recipes import DenseMLP, expert_projections, scaled
+from ..upcycling.recipes import DenseMLP, check_drop_ratio, expert_projections, scaled
 from ..upcycling.spec import UpcycleSpec
 from ..upcycling.targets import DENSE_PROJECTIONS, TARGETS, Target
 from .config import (DEEPSEEK_BASES, DEEPSEEK_REFUSAL, MERGE_TARGETS, RANDOM_GATE_MODES,
@@ -203,20 +203,10 @@ def build_merge_plan(base: Mapping[str, TensorMeta], config: dict | None, merge:
 
 
 def _check_drop_ratios(merge: MergeConfig, mlps: Mapping[int, DenseMLP]) -> None:
-    """Refuse a ``drop_ratio`` that re-initialises no neuron: Drop-Upcycling redraws
-    ``round(ratio * I)`` of an MLP's I intermediate neurons (``redrawn_indices`` of
-    ``moekit.executors.evaluate``), so at half a neuron or less the expert would be a plain
-    copy of its source, not the Drop-Upcycling it asks for."""
-    dropped = [(i, e.drop_ratio) for i, e in enumerate(merge.experts) if e.drop_ratio is not None]
-    if not dropped:
-        return
-    smallest = min(mlp.intermediate for mlp in mlps.values())
-    for i, ratio in dropped:
-        if round(ratio * smallest) == 0:
-            raise MoekitError(f"experts[{i}].moekit.drop_ratio {ratio:g} re-initialises no "
-                              f"neuron of an MLP of {smallest} intermediate neurons (it "
-                              f"redraws round({ratio:g} x {smallest}) = 0); 1/{smallest} = "
-                              f"{1 / smallest:.3g} redraws one")
+    """Refuse an expert's ``drop_ratio`` that re-initialises no neuron."""
+    for i, source in enumerate(merge.experts):
+        if source.drop_ratio is not None:
+            check_drop_ratio(source.drop_ratio, mlps, f"experts[{i}].moekit.drop_ratio")
 
 
 def output_dtype(merge: MergeConfig, config: Mapping[str, Any], dtype: str) -> str:

@@ -17,7 +17,7 @@ from ..errors import MoekitError, PlanError, compress_ranges, plural, printable
 from ..layouts.base import TensorMeta, is_canonical
 from ..plan import Expr, Plan, Read, TensorPlan
 from . import recipes
-from .recipes import DenseMLP
+from .recipes import DenseMLP, check_drop_ratio
 from .spec import UpcycleSpec
 from .targets import DENSE_PROJECTIONS, Target, moe_config, resolve_target
 
@@ -87,6 +87,8 @@ def build_upcycle_plan(tensors: Mapping[str, TensorMeta], config: dict | None,
     model_type = config.get("model_type") or _guess_model_type(tensors)
     spec, target = resolve_target(spec, model_type)
     mlps = dense_mlps(tensors, spec, label, where)
+    if spec.drop_ratio is not None:
+        check_drop_ratio(spec.drop_ratio, mlps, "--drop-ratio")
     first = next(iter(mlps.values()))
     attention_bias = _check_attention_biases(tensors, target, label)
     std = _router_std(spec, config, label, first.dtype)

@@ -6,8 +6,10 @@ planner and the Megatron-Core adapter both name their tensors and call these.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..errors import MoekitError
 from ..plan import Concat, Constant, Expr, Random, Read, Redraw, Scale
 from .spec import UpcycleSpec, derive_seed
 
@@ -113,3 +115,16 @@ def shared_expert(mlp: DenseMLP, gated: bool) -> dict[str, Expr]:
 def shared_expert_gate(mlp: DenseMLP) -> Expr:
     """A zero [1, H] shared-expert gate: ``sigmoid(0) = 1/2`` for every token."""
     return Constant((1, mlp.hidden), mlp.dtype)
+
+
+def check_drop_ratio(ratio: float, mlps: Mapping[int, DenseMLP], name: str) -> None:
+    """Refuse a drop ratio that re-initialises no neuron: Drop-Upcycling redraws
+    ``round(ratio * I)`` of an MLP's I intermediate neurons (``redrawn_indices`` of
+    ``moekit.executors.evaluate``), so below half a neuron the expert would be a plain copy
+    of the dense MLP, not the Drop-Upcycling asked for. ``name`` is the setting, in the
+    message."""
+    smallest = min(mlp.intermediate for mlp in mlps.values())
+    if round(ratio * smallest) == 0:
+        raise MoekitError(f"{name} {ratio:g} re-initialises no neuron of an MLP of "
+                          f"{smallest} intermediate neurons (it redraws round({ratio:g} x "
+                          f"{smallest}) = 0); 1/{smallest} = {1 / smallest:.3g} redraws one")
