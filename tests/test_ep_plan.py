@@ -83,3 +83,15 @@ def test_a_layout_that_cannot_hold_the_experts_names_the_plan_options_that_can(c
     err = capsys.readouterr().err
     assert "--dequantize" not in err and "gate_scale" in err
     assert "plan --layout transformers or --layout vllm" in err
+
+
+def test_a_config_saved_by_transformers_with_an_infinite_float_is_planned(tmp_path, capsys):
+    """save_pretrained writes Nemotron-H's infinite time_step_limit as {"__float__":
+    "Infinity"}: planning from that config.json reads it as transformers does."""
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("nemotron_h").save_pretrained(tmp_path)
+    assert "__float__" in (tmp_path / "config.json").read_text()
+    assert main(["plan", str(tmp_path / "config.json"), "--ep", "4", "--json"]) == 0
+    ranks = json.loads(capsys.readouterr().out)
+    assert [r["experts"] for r in ranks] == [[0, 1], [2, 3], [4, 5], [6, 7]]

@@ -261,12 +261,17 @@ def _meta_headers(config: dict, source: str) -> dict:
     device (no memory). Only this path imports torch and transformers."""
     try:
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
         from ..conversion import state_dict_meta
     except ImportError as err:
         raise MoekitError("planning from a config.json alone needs transformers") from err
     settings = {k: v for k, v in config.items() if k != "quantization_config"}
+    # save_pretrained writes an infinite or NaN float as {"__float__": "Infinity"} (JSON has
+    # no such number; Nemotron-H's time_step_limit holds one): read as transformers does.
+    decode = getattr(PretrainedConfig, "_decode_special_floats", None)
+    if decode is not None:
+        settings = decode(settings)
     try:
         model_config = AutoConfig.for_model(**settings)
         dtype = model_config.dtype or torch.bfloat16
