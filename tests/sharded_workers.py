@@ -226,9 +226,9 @@ def _assert_same_state(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Te
 
 def save_expecting_errors(rank: int, world: int, store: str, src: str, out: str) -> None:
     """save_sharded on a (1, world) mesh where rank 1's write fails, then where rank 1's
-    state dict holds an expert tensor replicated rather than sharded, then where every
-    rank's holds one on the dp submesh; the outcomes go to ``out/rank.write.txt``,
-    ``out/rank.placement.txt`` and ``out/rank.dp.txt``."""
+    state dict holds fewer rows of an expert tensor than its placement gives it, then
+    where every rank's holds one on the dp submesh; the outcomes go to
+    ``out/rank.write.txt``, ``out/rank.placement.txt`` and ``out/rank.dp.txt``."""
     import moekit.expert_parallel.sharded_save as sharded_save
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -245,8 +245,9 @@ def save_expecting_errors(rank: int, world: int, store: str, src: str, out: str)
     key = "model.layers.0.mlp.experts.down_proj"
     sharded = state[key]
     if rank == 1:
-        state[key] = DTensor.from_local(sharded.to_local(), mesh, [Replicate(), Replicate()],
-                                        run_check=False)
+        state[key] = DTensor.from_local(sharded.to_local()[1:], mesh, sharded.placements,
+                                        run_check=False, shape=sharded.shape,
+                                        stride=sharded.stride())
     _save_outcome(state, Path(out, "placed"), mesh, Path(out, f"{rank}.placement.txt"))
     state[key] = sharded
     key = "model.layers.1.mlp.experts.gate_up_proj"
@@ -264,3 +265,35 @@ def _save_outcome(state: dict, folder: Path, mesh, log: Path) -> None:
         log.write_text("ok")
     except MoekitError as err:
         log.write_text(str(err))
+
+
+def disagreeing_ranks(rank: int, world: int, store: str, src: str, out: str) -> None:
+    """On a (1, world) mesh, each case where rank 1 differs from the others: save_sharded
+    of a state dict that lacks lm_head.weight on rank 1, then of one holding it whole on
+    rank 1 and sharded elsewhere. A collective left waiting times out (a minute) rather
+    than hanging the test. Writes ``out/rank.json``: case -> "ok" or the error message."""
+    import datetime
+
+    from moekit import save_sharded
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=NAMES)
+    state = load_sharded(src, mesh)
+    whole = state["lm_head.weight"].full_tensor()
+    cases = {"missing": {k: v for k, v in state.items() if rank != 1 or k != "lm_head.weight"},
+             "placement": {**state, **({"lm_head.weight": whole} if rank == 1 else {})}}
+    outcomes = {}
+    for case, held in cases.items():
+        outcomes[case] = _outcome(lambda: save_sharded(held, Path(out, case), mesh))
+    Path(out, f"{rank}.json").write_text(json.dumps(outcomes))
+    finish()
+
+
+def _outcome(step) -> str:
+    """"ok", or the message of the MoekitError ``step`` raised."""
+    try:
+        step()
+    except MoekitError as err:
+        return str(err)
+    return "ok"

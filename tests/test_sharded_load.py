@@ -173,11 +173,31 @@ def test_a_rank_that_cannot_write_or_holds_a_misplaced_tensor_fails_every_rank(q
         write = (tmp_path / f"{rank}.write.txt").read_text()
         assert write == "save_sharded failed, nothing was written: rank 1: disk full"
         placement = (tmp_path / f"{rank}.placement.txt").read_text()
-        assert ("model.layers.0.mlp.experts.down_proj is a DTensor [Replicate(), Replicate()] "
-                "on the mesh ('dp', 'ep'); save_sharded takes") in placement
+        assert placement.endswith("model.layers.0.mlp.experts.down_proj: this rank holds 4 "
+                                  "of its 10 rows; torch.chunk's rule gives it rows 5-9")
         assert placement.startswith("save_sharded failed on another rank: rank 1: ") == \
             (rank == 0)
         assert (tmp_path / f"{rank}.dp.txt").read_text().startswith(
             "model.layers.1.mlp.experts.gate_up_proj holds experts but is sharded over dp")
     assert not [p for p in tmp_path.iterdir()
                 if p.name.startswith((".", "written", "placed", "over-dp"))]
+
+
+def test_ranks_holding_different_state_dicts_are_refused_before_writing(qwen3_10, tmp_path):
+    """Every rank plans the files from its own state dict: ranks that differ in a key or in
+    how they hold a tensor would write at places the others did not plan. Each rank
+    raises naming the difference, and nothing is written."""
+    spawn(sharded_workers.disagreeing_ranks, 2, tmp_path / "store", str(qwen3_10),
+          str(tmp_path))
+    for rank in range(2):
+        outcomes = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert outcomes["missing"] == (
+            "save_sharded: the ranks hold different state dicts (every rank must hold the "
+            "keys load_sharded gives, each with the same dtype, global shape and placement): "
+            "rank 1 lacks lm_head.weight, which rank 0 holds")
+        assert outcomes["placement"] == (
+            "save_sharded: the ranks hold different state dicts (every rank must hold the "
+            "keys load_sharded gives, each with the same dtype, global shape and placement): "
+            "rank 1 holds lm_head.weight as float32 [96, 32] whole, rank 0 as float32 "
+            "[96, 32] [Shard(dim=0)] on ('dp',)")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".", "missing", "placement"))]

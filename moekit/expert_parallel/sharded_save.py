@@ -26,6 +26,7 @@ commits ``.metadata``, into the same kind of output folder (``save_experts``'s).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -74,12 +75,14 @@ def save_sharded(state_dict: Mapping[str, torch.Tensor], path: str | Path,
     open. ``config_from`` is a checkpoint folder whose non-weight files (config.json,
     tokenizer, ...) are copied beside the weights. Every rank checks its part first; when
     one cannot, every rank raises a MoekitError naming it and nothing is written. CUDA
-    tensors are staged through the CPU.
+    tensors are staged through the CPU. Ranks whose state dicts differ in a key, or in a
+    tensor's dtype, global shape or placement, are refused first, on every rank.
     """
     if format not in FORMATS:
         raise MoekitError(f"unknown save_sharded format {format!r}: it writes "
                           f"{', '.join(FORMATS)}")
     mesh = ShardedMesh(device_mesh, ep_dim, fsdp_dim, "save_sharded")
+    _agree_on_state(state_dict)
     try:
         config = read_config(Path(config_from)) if config_from else None
         job = _plan(state_dict, mesh, layout, family, config, parse_size(max_shard_size))
@@ -91,6 +94,45 @@ def save_sharded(state_dict: Mapping[str, torch.Tensor], path: str | Path,
         _dcp_write(state_dict, Path(path), overwrite, config_from, "save_sharded")
         return
     _write(job, Path(path), overwrite, config_from)
+
+
+def _agree_on_state(state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Raise on every rank, naming the first difference, when the ranks' state dicts
+    differ in a key or in a tensor's dtype, global shape or placement: each rank plans
+    the whole output from its own, and would write its bytes where the others did not
+    plan them. The ranks compare digests, and their descriptions only when those differ."""
+    held = {key: _held_as(value) for key, value in state_dict.items()}
+    digests: list = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, hashlib.sha256(repr(sorted(held.items())).encode()).digest())
+    if len(set(digests)) == 1:
+        return
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, held)
+    other = next(r for r, digest in enumerate(digests) if digest != digests[0])
+    raise MoekitError("save_sharded: the ranks hold different state dicts (every rank must "
+                      "hold the keys load_sharded gives, each with the same dtype, global "
+                      "shape and placement): " + _difference(everyone[other], everyone[0],
+                                                             other))
+
+
+def _held_as(value: object) -> str:
+    """How a rank holds a value: dtype, global shape and placement of a tensor."""
+    if not isinstance(value, torch.Tensor):
+        return f"a {type(value).__name__}"
+    where = (f"{list(value.placements)} on {value.device_mesh.mesh_dim_names}"
+             if isinstance(value, DTensor) else "whole")
+    return f"{str(value.dtype).removeprefix('torch.')} {list(value.shape)} {where}"
+
+
+def _difference(theirs: dict[str, str], ours: dict[str, str], rank: int) -> str:
+    """The first difference between rank ``rank``'s state dict and rank 0's."""
+    lacks, adds = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
+    if lacks:
+        return f"rank {rank} lacks {lacks[0]}, which rank 0 holds"
+    if adds:
+        return f"rank {rank} holds {adds[0]}, which rank 0 lacks"
+    key = next(k for k in sorted(ours) if ours[k] != theirs[k])
+    return f"rank {rank} holds {key} as {theirs[key]}, rank 0 as {ours[key]}"
 
 
 @dataclass
