@@ -297,3 +297,38 @@ def _outcome(step) -> str:
     except MoekitError as err:
         return str(err)
     return "ok"
+
+
+def load_failing_on_one_rank(rank: int, world: int, store: str, src: str, out: str) -> None:
+    """On a (1, world) mesh: load_sharded where every shard file changes (a later
+    modification time) once rank 0 has read its part and before rank 1 reads its own, so
+    that rank 1 alone fails reading; then a load of the same folder. A collective left
+    waiting times out (a minute) rather than hanging the test. Writes ``out/rank.json``:
+    case -> "ok" or the error message."""
+    import datetime
+    import os
+
+    import moekit.expert_parallel.sharded as sharded
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=NAMES)
+    read_plan = sharded.read_plan
+
+    def read_after_a_change(*args, **kwargs):
+        if rank != 1:
+            read = read_plan(*args, **kwargs)
+            dist.barrier()
+            return read
+        dist.barrier()
+        for file in Path(src).glob("*.safetensors"):
+            stat = file.stat()
+            os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        return read_plan(*args, **kwargs)
+
+    sharded.read_plan = read_after_a_change
+    outcomes = {"changed": _outcome(lambda: load_sharded(src, mesh))}
+    sharded.read_plan = read_plan
+    outcomes["again"] = _outcome(lambda: load_sharded(src, mesh))
+    Path(out, f"{rank}.json").write_text(json.dumps(outcomes))
+    finish()

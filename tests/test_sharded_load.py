@@ -201,3 +201,19 @@ def test_ranks_holding_different_state_dicts_are_refused_before_writing(qwen3_10
             "rank 1 holds lm_head.weight as float32 [96, 32] whole, rank 0 as float32 "
             "[96, 32] [Shard(dim=0)] on ('dp',)")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".", "missing", "placement"))]
+
+
+def test_a_shard_changed_while_one_rank_reads_fails_every_rank(qwen3_10, tmp_path):
+    """A rank that fails reading its part leaves no other waiting to gather pieces from
+    it: every rank raises naming the file and the rank, and the next load works."""
+    import shutil
+
+    src = shutil.copytree(qwen3_10, tmp_path / "changing")
+    spawn(sharded_workers.load_failing_on_one_rank, 2, tmp_path / "store", str(src),
+          str(tmp_path))
+    outcomes = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
+    assert outcomes[1]["changed"].startswith(f"{src}/model-")
+    assert "changed since moekit read its header" in outcomes[1]["changed"]
+    assert outcomes[0]["changed"] == "load_sharded failed on another rank: rank 1: " + \
+        outcomes[1]["changed"]
+    assert [o["again"] for o in outcomes] == ["ok", "ok"]

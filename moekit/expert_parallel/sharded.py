@@ -55,8 +55,9 @@ def load_sharded(path: str | Path, device_mesh: DeviceMesh, layout: str = "trans
     ``layout`` names the grouped layout of the expert tensors; ``replicate`` holds a name
     or glob pattern, or several, (``"lm_head.weight"``, ``"*.norm.weight"``) of destination tensors
     kept whole on every rank, e.g. those of modules left out of ``fully_shard``. Every
-    rank checks its part before reading; if one cannot, every rank raises a MoekitError
-    naming it (none waits for another). The mesh spans every rank of the process group.
+    rank checks its part before reading, and tells the others whether it read it; if one
+    cannot, every rank raises, the others a MoekitError naming it (none waits for
+    another). The mesh spans every rank of the process group.
     Tensors lie on the CPU, or on the current CUDA device for a CUDA mesh.
     """
     mesh = ShardedMesh(device_mesh, ep_dim, fsdp_dim, "load_sharded")
@@ -74,7 +75,12 @@ def load_sharded(path: str | Path, device_mesh: DeviceMesh, layout: str = "trans
     shares = {t.name: _Share.of(t, plan, mesh, patterns) for t in plan.tensors}
     pieces = replace(plan, tensors=[TensorPlan(name, share.recipe)
                                     for name, share in shares.items()])
-    read = read_plan(pieces, checkpoint, None if mesh.device.type == "cpu" else mesh.device)
+    try:
+        read = read_plan(pieces, checkpoint, None if mesh.device.type == "cpu" else mesh.device)
+    except Exception as err:  # told to every rank: the others would wait to gather from this one
+        agree(str(err) or type(err).__name__, "load_sharded")
+        raise
+    agree(None, "load_sharded")
     return {name: share.place(read.pop(name), mesh, analysis.n_experts)
             for name, share in shares.items()}
 
