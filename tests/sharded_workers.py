@@ -299,12 +299,13 @@ def _outcome(step) -> str:
     return "ok"
 
 
-def load_failing_on_one_rank(rank: int, world: int, store: str, src: str, out: str) -> None:
+def failing_loads(rank: int, world: int, store: str, src: str, out: str) -> None:
     """On a (1, world) mesh: load_sharded where every shard file changes (a later
     modification time) once rank 0 has read its part and before rank 1 reads its own, so
-    that rank 1 alone fails reading; then a load of the same folder. A collective left
-    waiting times out (a minute) rather than hanging the test. Writes ``out/rank.json``:
-    case -> "ok" or the error message."""
+    that rank 1 alone fails reading; then a load of the same folder; then one asked to
+    replicate tensors by a pattern that matches expert tensors. A collective left waiting
+    times out (a minute) rather than hanging the test. Writes ``out/rank.json``: case ->
+    "ok" or the error message."""
     import datetime
     import os
 
@@ -330,5 +331,7 @@ def load_failing_on_one_rank(rank: int, world: int, store: str, src: str, out: s
     outcomes = {"changed": _outcome(lambda: load_sharded(src, mesh))}
     sharded.read_plan = read_plan
     outcomes["again"] = _outcome(lambda: load_sharded(src, mesh))
+    outcomes["replicate"] = _outcome(lambda: load_sharded(
+        src, mesh, replicate=("lm_head.weight", "*.mlp.*")))
     Path(out, f"{rank}.json").write_text(json.dumps(outcomes))
     finish()

@@ -203,17 +203,25 @@ def test_ranks_holding_different_state_dicts_are_refused_before_writing(qwen3_10
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".", "missing", "placement"))]
 
 
-def test_a_shard_changed_while_one_rank_reads_fails_every_rank(qwen3_10, tmp_path):
+def test_a_shard_changed_while_one_rank_reads_or_experts_to_replicate_fail_every_rank(
+        qwen3_10, tmp_path):
     """A rank that fails reading its part leaves no other waiting to gather pieces from
-    it: every rank raises naming the file and the rank, and the next load works."""
+    it: every rank raises naming the file and the rank, and the next load works. A
+    ``replicate`` pattern that matches expert tensors (which are sharded over ep whatever
+    it says) is refused, naming the pattern and a tensor it matches."""
     import shutil
 
     src = shutil.copytree(qwen3_10, tmp_path / "changing")
-    spawn(sharded_workers.load_failing_on_one_rank, 2, tmp_path / "store", str(src),
-          str(tmp_path))
+    spawn(sharded_workers.failing_loads, 2, tmp_path / "store", str(src), str(tmp_path))
     outcomes = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
     assert outcomes[1]["changed"].startswith(f"{src}/model-")
     assert "changed since moekit read its header" in outcomes[1]["changed"]
     assert outcomes[0]["changed"] == "load_sharded failed on another rank: rank 1: " + \
         outcomes[1]["changed"]
     assert [o["again"] for o in outcomes] == ["ok", "ok"]
+    for outcome in outcomes:
+        assert outcome["replicate"] == (
+            "load_sharded: the replicate pattern '*.mlp.*' matches "
+            "model.layers.0.mlp.experts.down_proj, an expert tensor: expert tensors are "
+            "Shard(0) over the ep dimension (whole on every rank of a mesh whose ep "
+            "dimension has size 1); name only other tensors")

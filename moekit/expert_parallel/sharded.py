@@ -53,12 +53,13 @@ def load_sharded(path: str | Path, device_mesh: DeviceMesh, layout: str = "trans
     what each tensor becomes). Call it on every rank of the mesh.
 
     ``layout`` names the grouped layout of the expert tensors; ``replicate`` holds a name
-    or glob pattern, or several, (``"lm_head.weight"``, ``"*.norm.weight"``) of destination tensors
-    kept whole on every rank, e.g. those of modules left out of ``fully_shard``. Every
-    rank checks its part before reading, and tells the others whether it read it; if one
-    cannot, every rank raises, the others a MoekitError naming it (none waits for
-    another). The mesh spans every rank of the process group.
-    Tensors lie on the CPU, or on the current CUDA device for a CUDA mesh.
+    or glob pattern, or several, (``"lm_head.weight"``, ``"*.norm.weight"``) of
+    destination tensors kept whole on every rank, e.g. those of modules left out of
+    ``fully_shard`` (a pattern matching an expert tensor is refused). Every rank checks
+    its part before reading, and tells the others whether it read it; if one cannot,
+    every rank raises, the others a MoekitError naming it (none waits for another). The
+    mesh spans every rank of the process group. Tensors lie on the CPU, or on the current
+    CUDA device for a CUDA mesh.
     """
     mesh = ShardedMesh(device_mesh, ep_dim, fsdp_dim, "load_sharded")
     try:
@@ -67,11 +68,11 @@ def load_sharded(path: str | Path, device_mesh: DeviceMesh, layout: str = "trans
         rank_plan(analysis, mesh.ep_size, mesh.ep_rank, layout, checkpoint.file_of)
         plan = build_plan(analysis, grouped_layout(layout), experts=mesh.experts_to_read(
             analysis.n_experts))
+        patterns = _patterns(replicate, plan)
     except MoekitError as err:
         agree(str(err), "load_sharded")
         raise
     agree(None, "load_sharded")
-    patterns = (replicate,) if isinstance(replicate, str) else tuple(replicate)
     shares = {t.name: _Share.of(t, plan, mesh, patterns) for t in plan.tensors}
     pieces = replace(plan, tensors=[TensorPlan(name, share.recipe)
                                     for name, share in shares.items()])
@@ -83,6 +84,20 @@ def load_sharded(path: str | Path, device_mesh: DeviceMesh, layout: str = "trans
     agree(None, "load_sharded")
     return {name: share.place(read.pop(name), mesh, analysis.n_experts)
             for name, share in shares.items()}
+
+
+def _patterns(replicate: Collection[str], plan: Plan) -> tuple[str, ...]:
+    """``replicate``'s patterns; one that matches an expert tensor is refused: experts are
+    sharded over ep whatever it says, which a caller who named them does not expect."""
+    patterns = (replicate,) if isinstance(replicate, str) else tuple(replicate)
+    for pattern in patterns:
+        experts = sorted(name for name in plan.expert_tensors if fnmatchcase(name, pattern))
+        if experts:
+            raise MoekitError(f"load_sharded: the replicate pattern {pattern!r} matches "
+                              f"{experts[0]}, an expert tensor: expert tensors are Shard(0) "
+                              "over the ep dimension (whole on every rank of a mesh whose "
+                              "ep dimension has size 1); name only other tensors")
+    return patterns
 
 
 class ShardedMesh:
