@@ -278,6 +278,7 @@ def test_upcycling_a_dense_megatron_checkpoint_equals_upcycling_its_hf_one(model
     ("deepseek_v3", {}, "multi-latent attention"),
     ("qwen2_moe", {}, "shared expert"),
     ("qwen3_moe", {"mlp_only_layers": [1]}, "all dense or all MoE"),
+    ("qwen3", {"attention_bias": True}, "o_proj.bias and 2 more tensors have no place"),
 ])
 def test_a_model_megatron_cores_layout_does_not_hold_is_refused_naming_why(
         tmp_path, capsys, model_type, settings, named):

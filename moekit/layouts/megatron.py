@@ -32,8 +32,9 @@ At plan level the layout names tensors as Hugging Face does (it is the per-exper
 layout); ``whole_model`` then places every tensor in Megatron's stored tensors as
 chunks (``TensorPlan.chunk``), joining the QKV projections with plan nodes; reading
 inverts each entry of ``ENTRIES``. A model mixing dense and MoE layers, shared experts,
-and families not named in ``FAMILIES`` (DeepSeek-V3's MLA attention among them) are
-refused.
+an attention output bias (Qwen3's ``attention_bias``: megatron-core's ``add_bias_linear``
+gives every linear layer a bias, its ``add_qkv_bias`` only QKV one), and families not
+named in ``FAMILIES`` (DeepSeek-V3's MLA attention among them) are refused.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ class Entry:
     """One stored Megatron-Core tensor and the Hugging Face tensors it holds.
 
     ``parts`` are HF key templates: ``{layer}``, ``{expert}``, and the family's MoE
-    ``{block}`` and projection names ``{gate}``, ``{up}``, ``{down}`` (``gate_proj.weight``)."""
+    ``{block}``, ``{router}`` and projection names ``{gate}``, ``{up}``, ``{down}``
+    (``gate_proj.weight``)."""
 
     key: str
     parts: tuple[str, ...]
@@ -86,7 +88,8 @@ class Entry:
         fields = dict(zip(("layer", "expert"), index))
         block = family.block.format(layer=fields.get("layer", 0))
         names = {p: family.piece_key(p) for p in family.projections}
-        return [part.format(**fields, block=block, **names) for part in self.parts]
+        return [part.format(**fields, block=block, router=family.router, **names)
+                for part in self.parts]
 
     def extra_state(self, chunk: Chunk) -> str | None:
         """The ``_extra_state`` object saved with the chunk of a linear layer's weight."""
@@ -113,8 +116,6 @@ ENTRIES: tuple[Entry, ...] = (
           optional=True),
     Entry("decoder.layers.self_attention.linear_proj.weight", (f"{_ATTENTION}.o_proj.weight",),
           linear=True),
-    Entry("decoder.layers.self_attention.linear_proj.bias", (f"{_ATTENTION}.o_proj.bias",),
-          optional=True),
     Entry("decoder.layers.mlp.linear_fc1.layer_norm_weight",
           (f"{_LAYER}.post_attention_layernorm.weight",)),
     Entry("decoder.layers.mlp.linear_fc1.weight",
@@ -122,7 +123,7 @@ ENTRIES: tuple[Entry, ...] = (
           optional=True),
     Entry("decoder.layers.mlp.linear_fc2.weight", (f"{_LAYER}.mlp.down_proj.weight",),
           linear=True, optional=True),
-    Entry("decoder.layers.mlp.router.weight", ("{block}.gate.weight",), optional=True),
+    Entry("decoder.layers.mlp.router.weight", ("{block}.{router}",), optional=True),
     Entry("decoder.layers.mlp.experts.experts.linear_fc1.weight",
           ("{block}.experts.{expert}.{gate}", "{block}.experts.{expert}.{up}"), stacked=2,
           linear=True, optional=True),
