@@ -9,7 +9,7 @@ from .checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY
 from .errors import MoekitError, printable
 from .layouts import BY_KEYS, HF, LAYOUTS, Family, Layout, family_named, family_of_model_type, layout_named
 from .layouts.base import TensorMeta
-from .layouts.families import GENERIC_FAMILIES
+from .layouts.families import FAMILIES, GENERIC_FAMILIES
 
 
 def detect_family(tensors: Mapping[str, TensorMeta], config: dict | None,
@@ -46,7 +46,29 @@ def detect_layout(tensors: Mapping[str, TensorMeta], family: Family,
             f"cannot detect the expert layout of {label}: tensors such as "
             f"{printable(in_experts[0])} belong "
             f"to no known layout ({', '.join(LAYOUTS)}); name it with --from")
+    _refuse_unnamed_whole_model(tensors, family, label)
     return HF
+
+
+def _refuse_unnamed_whole_model(tensors: Mapping[str, TensorMeta], family: Family,
+                                label: str) -> None:
+    """Refuse keys that a whole-model layout (torchtitan's, Megatron-Core's) gives the
+    experts of the families it names, when ``family`` (found without a config.json naming
+    the model type) is none of them: those names are read back only through the family's
+    rules, so the checkpoint would otherwise pass as a dense one under foreign names."""
+    for layout in BY_KEYS.values():
+        named = [f for f in FAMILIES if layout.names_family(f)]
+        if len(named) == len(FAMILIES) or family in named:
+            continue
+        for other in named:
+            region = layout.expert_region(other)
+            key = next((k for k in tensors if region.match(k)), None)
+            if key is not None:
+                families = ", ".join(f.name for f in named)
+                raise MoekitError(
+                    f"{label} holds {layout.name}'s names ({printable(key)}), which moekit "
+                    f"reads once a config.json beside them names the model's family (one of "
+                    f"{families}); it has none that does: copy the model's config.json there")
 
 
 SAMPLE = 1024

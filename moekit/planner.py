@@ -202,6 +202,11 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
                "use `moekit upcycle` to turn a dense model into an MoE"))
     if not dst.names_family(analysis.family):
         raise MoekitError(dst.unnamed(analysis.family))
+    if not analysis.layout.names_family(analysis.family):
+        missing = ("" if (analysis.config or {}).get("model_type") else
+                   " (no config.json beside it names its model type: copy the model's there)")
+        raise MoekitError(f"cannot read {analysis.label}{missing}: "
+                          f"{analysis.layout.unnamed(analysis.family)}")
     block_size = analysis.fp8_block
     if dequantize:
         _check_dequantizable(analysis)

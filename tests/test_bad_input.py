@@ -196,3 +196,22 @@ def test_a_bad_shard_size_is_refused_by_a_dry_run_too(qwen3, tmp_path, capsys, c
         err = capsys.readouterr().err
         assert code == 2 and "banana" in err and "Traceback" not in err
         assert not (tmp_path / "out").exists()
+
+
+def test_a_whole_model_folder_without_its_config_is_refused_not_read_as_dense(
+        family_checkpoints, tmp_path, capsys):
+    """torchtitan's names are read back through the family's rules: without the config.json
+    that names the family, the folder is refused (detected or named with --from), instead
+    of passing as a dense model under torchtitan's names."""
+    folder = tmp_path / "torchtitan"
+    assert main(["convert", str(family_checkpoints["qwen3_moe"]), str(folder),
+                 "--to", "torchtitan"]) == 0
+    (folder / "config.json").unlink()
+    capsys.readouterr()
+    for extra, expected in (([], "holds torchtitan's names (layers.0.moe.routed_experts"),
+                            (["--from", "torchtitan"], "no config.json beside it names")):
+        assert main(["convert", str(folder), str(tmp_path / "back"), "--to", "hf",
+                     *extra]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err
+        assert not (tmp_path / "back").exists()
