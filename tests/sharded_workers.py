@@ -267,11 +267,14 @@ def _save_outcome(state: dict, folder: Path, mesh, log: Path) -> None:
         log.write_text(str(err))
 
 
-def disagreeing_ranks(rank: int, world: int, store: str, src: str, out: str) -> None:
+def disagreeing_ranks(rank: int, world: int, store: str, src: str, out: str,
+                      other_src: str) -> None:
     """On a (1, world) mesh, each case where rank 1 differs from the others: save_sharded
     of a state dict that lacks lm_head.weight on rank 1, then of one holding it whole on
-    rank 1 and sharded elsewhere. A collective left waiting times out (a minute) rather
-    than hanging the test. Writes ``out/rank.json``: case -> "ok" or the error message."""
+    rank 1 and sharded elsewhere; load_sharded told to replicate lm_head.weight on rank 1
+    only, then reading ``other_src`` on rank 1 (another node's copy of another model). A
+    collective left waiting times out (a minute) rather than hanging the test. Writes
+    ``out/rank.json``: case -> "ok" or the error message."""
     import datetime
 
     from moekit import save_sharded
@@ -286,6 +289,9 @@ def disagreeing_ranks(rank: int, world: int, store: str, src: str, out: str) -> 
     outcomes = {}
     for case, held in cases.items():
         outcomes[case] = _outcome(lambda: save_sharded(held, Path(out, case), mesh))
+    replicated = "lm_head.weight" if rank == 1 else ()
+    outcomes["load-replicate"] = _outcome(lambda: load_sharded(src, mesh, replicate=replicated))
+    outcomes["load-copy"] = _outcome(lambda: load_sharded(other_src if rank == 1 else src, mesh))
     Path(out, f"{rank}.json").write_text(json.dumps(outcomes))
     finish()
 

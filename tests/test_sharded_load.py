@@ -183,12 +183,15 @@ def test_a_rank_that_cannot_write_or_holds_a_misplaced_tensor_fails_every_rank(q
                 if p.name.startswith((".", "written", "placed", "over-dp"))]
 
 
-def test_ranks_holding_different_state_dicts_are_refused_before_writing(qwen3_10, tmp_path):
+def test_ranks_that_would_hold_different_state_dicts_are_refused(qwen3_10, tmp_path):
     """Every rank plans the files from its own state dict: ranks that differ in a key or in
-    how they hold a tensor would write at places the others did not plan. Each rank
-    raises naming the difference, and nothing is written."""
+    how they hold a tensor would write at places the others did not plan. Ranks that
+    would load different tensors or hold one differently would gather pieces of
+    different sizes. Each rank raises naming the difference, and nothing is written."""
+    other = samples.save_model(samples.build_model("qwen3_moe", num_experts=N_EXPERTS,
+                                                   vocab_size=80), tmp_path / "other")
     spawn(sharded_workers.disagreeing_ranks, 2, tmp_path / "store", str(qwen3_10),
-          str(tmp_path))
+          str(tmp_path), str(other))
     for rank in range(2):
         outcomes = json.loads((tmp_path / f"{rank}.json").read_text())
         assert outcomes["missing"] == (
@@ -200,6 +203,15 @@ def test_ranks_holding_different_state_dicts_are_refused_before_writing(qwen3_10
             "keys load_sharded gives, each with the same dtype, global shape and placement): "
             "rank 1 holds lm_head.weight as float32 [96, 32] whole, rank 0 as float32 "
             "[96, 32] [Shard(dim=0)] on ('dp',)")
+        loading = ("load_sharded: the ranks would hold different state dicts (every rank "
+                   "must read the same checkpoint, in the same layout, with the same "
+                   "replicate patterns): ")
+        assert outcomes["load-replicate"] == loading + (
+            "rank 1 holds lm_head.weight as float32 [96, 32] whole, rank 0 as float32 "
+            "[96, 32] Shard(0) over dp")
+        assert outcomes["load-copy"] == loading + (
+            "rank 1 holds lm_head.weight as float32 [80, 32] Shard(0) over dp, rank 0 as "
+            "float32 [96, 32] Shard(0) over dp")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".", "missing", "placement"))]
 
 

@@ -19,11 +19,14 @@ reads its share of the FSDP rows its group needs, each rank of an FSDP group its
 its EP rank's experts, and the group gathers the pieces. Summed over all ranks, the bytes
 read are the checkpoint's (headers aside, and replicated tensors once per rank). Each rank
 opens the files itself: every node needs the checkpoint on a shared file system or a copy
-of its own, and no rank reads for another.
+of its own, and no rank reads for another. The ranks compare what each would hold before
+reading, and refuse to go on when they differ (a node's copy of another checkpoint,
+other ``replicate`` patterns): their gathers would not match.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Collection
 from dataclasses import dataclass, replace
@@ -37,6 +40,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..checkpoint import Checkpoint
 from ..errors import MoekitError
+from ..dtypes import to_torch
 from ..executors.device import read_plan
 from ..gc_pauses import without_gc_pauses
 from ..plan import Expr, Plan, Read, TensorPlan
@@ -74,6 +78,11 @@ def load_sharded(path: str | Path, device_mesh: DeviceMesh, layout: str = "trans
         raise
     agree(None, "load_sharded")
     shares = {t.name: _Share.of(t, plan, mesh, patterns) for t in plan.tensors}
+    agree_on_holdings({t.name: shares[t.name].held_as(t, analysis.n_experts)
+                       for t in plan.tensors},
+                      "load_sharded: the ranks would hold different state dicts (every rank "
+                      "must read the same checkpoint, in the same layout, with the same "
+                      "replicate patterns)")
     pieces = replace(plan, tensors=[TensorPlan(name, share.recipe)
                                     for name, share in shares.items()])
     try:
@@ -193,6 +202,13 @@ class _Share:
                       (piece.stop - piece.start, *tensor.shape[1:]), tensor.recipe.dtype)
         return cls(recipe, "rows", rows, held, piece)
 
+    def held_as(self, tensor: TensorPlan, n_experts: int) -> str:
+        """How the rank holds ``tensor``: dtype, global shape and placement."""
+        rows, where = {"expert": (n_experts, "Shard(0) over ep"),
+                       "rows": (self.rows, "Shard(0) over dp")}.get(self.kind, (None, "whole"))
+        shape = list(tensor.shape) if rows is None else [rows, *tensor.shape[1:]]
+        return f"{str(to_torch(tensor.dtype)).removeprefix('torch.')} {shape} {where}"
+
     def place(self, value: torch.Tensor, mesh: ShardedMesh, n_experts: int) -> torch.Tensor:
         """The tensor the rank holds, from ``value``, what it read."""
         if self.kind == "whole":
@@ -228,6 +244,33 @@ def _gather(piece: torch.Tensor, rows: int, size: int, group: dist.ProcessGroup
     dist.all_gather(pieces, padded, group=group)
     joined = torch.cat([p[:s.stop - s.start] for p, s in zip(pieces, counts)])
     return joined.view(piece.dtype).reshape(rows, *piece.shape[1:])
+
+
+def agree_on_holdings(held: dict[str, str], problem: str) -> None:
+    """Raise on every rank ``problem`` and the first difference when the ranks' ``held``
+    (tensor name -> how the rank holds it) differ, since each rank's collectives and
+    writes follow its own. The ranks compare digests, and their descriptions only when
+    those differ."""
+    digest = hashlib.sha256(repr(sorted(held.items())).encode()).digest()
+    digests: list = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) == 1:
+        return
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, held)
+    other = next(r for r, theirs in enumerate(digests) if theirs != digests[0])
+    raise MoekitError(f"{problem}: {_difference(everyone[other], everyone[0], other)}")
+
+
+def _difference(theirs: dict[str, str], ours: dict[str, str], rank: int) -> str:
+    """The first difference between rank ``rank``'s holdings and rank 0's."""
+    lacks, adds = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
+    if lacks:
+        return f"rank {rank} lacks {lacks[0]}, which rank 0 holds"
+    if adds:
+        return f"rank {rank} holds {adds[0]}, which rank 0 lacks"
+    key = next(k for k in sorted(ours) if ours[k] != theirs[k])
+    return f"rank {rank} holds {key} as {theirs[key]}, rank 0 as {ours[key]}"
 
 
 def agree(error: str | None, caller: str) -> None:

@@ -26,7 +26,6 @@ commits ``.metadata``, into the same kind of output folder (``save_experts``'s).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from ..safetensors_writer import header_bytes
 from ..sizes import parse_size
 from .ranges import grouped_layout
 from .save import _agree_on_folder, _copy_sidecars, _dcp_write, _describe, _put_in_place
-from .sharded import ShardedMesh, agree, chunk
+from .sharded import ShardedMesh, agree, agree_on_holdings, chunk
 
 FORMATS = ("safetensors", "dcp")
 """What ``save_sharded`` writes: an HF per-expert safetensors checkpoint, or the state
@@ -100,19 +99,11 @@ def _agree_on_state(state_dict: Mapping[str, torch.Tensor]) -> None:
     """Raise on every rank, naming the first difference, when the ranks' state dicts
     differ in a key or in a tensor's dtype, global shape or placement: each rank plans
     the whole output from its own, and would write its bytes where the others did not
-    plan them. The ranks compare digests, and their descriptions only when those differ."""
-    held = {key: _held_as(value) for key, value in state_dict.items()}
-    digests: list = [None] * dist.get_world_size()
-    dist.all_gather_object(digests, hashlib.sha256(repr(sorted(held.items())).encode()).digest())
-    if len(set(digests)) == 1:
-        return
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, held)
-    other = next(r for r, digest in enumerate(digests) if digest != digests[0])
-    raise MoekitError("save_sharded: the ranks hold different state dicts (every rank must "
+    plan them."""
+    agree_on_holdings({key: _held_as(value) for key, value in state_dict.items()},
+                      "save_sharded: the ranks hold different state dicts (every rank must "
                       "hold the keys load_sharded gives, each with the same dtype, global "
-                      "shape and placement): " + _difference(everyone[other], everyone[0],
-                                                             other))
+                      "shape and placement)")
 
 
 def _held_as(value: object) -> str:
@@ -122,17 +113,6 @@ def _held_as(value: object) -> str:
     where = (f"{list(value.placements)} on {value.device_mesh.mesh_dim_names}"
              if isinstance(value, DTensor) else "whole")
     return f"{str(value.dtype).removeprefix('torch.')} {list(value.shape)} {where}"
-
-
-def _difference(theirs: dict[str, str], ours: dict[str, str], rank: int) -> str:
-    """The first difference between rank ``rank``'s state dict and rank 0's."""
-    lacks, adds = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
-    if lacks:
-        return f"rank {rank} lacks {lacks[0]}, which rank 0 holds"
-    if adds:
-        return f"rank {rank} holds {adds[0]}, which rank 0 lacks"
-    key = next(k for k in sorted(ours) if ours[k] != theirs[k])
-    return f"rank {rank} holds {key} as {theirs[key]}, rank 0 as {ours[key]}"
 
 
 @dataclass
