@@ -174,7 +174,8 @@ def load_save_reload(rank: int, world: int, store: str, src: str, out: str,
     """For each (dp, ep) shape: load_sharded (lm_head replicated: a plain tensor on every
     rank), save_sharded as safetensors and as DCP (counting the bytes each rank writes),
     then read both back with load_sharded and the DCP folder with DCP's own ``load`` too,
-    each giving this rank's tensors of the first load. Writes ``out/rank.json``: per
+    each giving this rank's tensors of the first load, as do the DCP folders saved at the
+    earlier shapes, read with load_sharded on this one. Writes ``out/rank.json``: per
     shape, the bytes this rank wrote."""
     import torch.distributed.checkpoint as dcp
 
@@ -206,6 +207,9 @@ def load_save_reload(rank: int, world: int, store: str, src: str, out: str,
         target = {k: torch.zeros_like(v) for k, v in state.items()}
         dcp.load(target, checkpoint_id=folder / "dcp")
         _assert_same_state(target, state)
+        for earlier in shapes[:shapes.index((dp, ep))]:
+            saved = Path(out, f"{earlier[0]}x{earlier[1]}", "dcp")
+            _assert_same_state(load_sharded(saved, mesh, replicate="lm_head.weight"), state)
     Path(out, f"{rank}.json").write_text(json.dumps(figures))
     finish()
 

@@ -145,7 +145,8 @@ def test_saved_back_from_the_mesh_each_byte_by_one_rank(shapes, qwen3_10, tmp_pa
     checkpoint holds every source tensor byte for byte (read with the safetensors
     library), transformers loads it and gives the source's logits, and the ranks wrote its
     tensor bytes once between them (lm_head too); both it and the DCP folder read back
-    with load_sharded (and DCP's own load) as first loaded."""
+    with load_sharded (and DCP's own load) as first loaded, the DCP folder on the meshes
+    of other shapes too."""
     world = shapes[0][0] * shapes[0][1]
     spawn(sharded_workers.load_save_reload, world, tmp_path / "store", str(qwen3_10),
           str(tmp_path), shapes)
