@@ -65,6 +65,9 @@ def hf_headers(family: Family) -> dict[str, Read]:
         others[f"{layer}self_attn.{name}.weight"] = (HIDDEN, HIDDEN)
     for name in ("input_layernorm", "post_attention_layernorm"):
         others[f"{layer}{name}.weight"] = (HIDDEN,)
+    for layout in LAYOUTS.values():  # tensors a layout needs beside the router: the
+        for key in layout.needs(block.block, family):  # router's score-correction bias [E]
+            others[key] = (EXPERTS,)
     if family.shared_expert:
         for name, shape in (("gate_proj", (INTER, HIDDEN)), ("up_proj", (INTER, HIDDEN)),
                             ("down_proj", (HIDDEN, INTER))):
