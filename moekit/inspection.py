@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .checkpoint import TensorInfo
 from .errors import MoekitError, compress_ranges, printable, shortened
+from .gc_pauses import without_gc_pauses
 from .layouts.families import FP8_SCALE_KEY, MXFP4_BLOCKS_KEY, MXFP4_SCALES_KEY
 from .plan import nbytes
 from .planner import Analysis, analyse_checkpoint
@@ -85,6 +86,7 @@ class CheckpointInfo:
         return "\n".join(shortened(printable(line), MoekitError.LINE_LIMIT) for line in lines)
 
 
+@without_gc_pauses
 def inspect(path: str | Path, from_: str | None = None) -> CheckpointInfo:
     """Describe the checkpoint at ``path`` from its headers and config.json."""
     checkpoint, analysis = analyse_checkpoint(path, from_)
