@@ -162,7 +162,7 @@ class Checkpoint:
         tensor is a run of bytes of a ``.distcp`` file, read like a safetensors tensor."""
         from .dcp import read_tensors  # imports torch, which DCP's metadata refers to
 
-        data_files = {name: FileIdentity.of(_member(folder, name).stat())
+        data_files = {name: FileIdentity.of(member_file(folder, name).stat())
                       for name in sorted(p.name for p in folder.glob("*.distcp"))}
         tensors = read_tensors(folder)
         used = list(dict.fromkeys(run.file for t in tensors.values()
@@ -189,7 +189,7 @@ class Checkpoint:
 
         found = read_headers(path)
         used = list(dict.fromkeys(info.file for info in found.chunks.values()))
-        identities = {name: FileIdentity.of(_member(found.iteration, name).stat())
+        identities = {name: FileIdentity.of(member_file(found.iteration, name).stat())
                       for name in used}
         read = [found.iteration / DCP_METADATA_NAME, *(found.iteration / name for name in used)]
         sidecars = _sidecars(found.top, {TRACKER, DCP_METADATA_NAME, *used})
@@ -338,14 +338,14 @@ def _locate(path: Path) -> _Source:
         raise MoekitError(f"{_shown(path)} is {kind}, not a checkpoint folder or a "
                           ".safetensors file")
     if os.path.lexists(path / INDEX_NAME):
-        index = _member(path, INDEX_NAME)
+        index = member_file(path, INDEX_NAME)
         weight_map = _read_index(index)
         files = _index_files(index, weight_map)
         for name in files:
-            _member(path, name, f"named by {INDEX_NAME}")
+            member_file(path, name, f"named by {INDEX_NAME}")
         return _Source(path, files, weight_map, named_file=False)
     if os.path.lexists(path / SINGLE_NAME):
-        return _Source(path, [_member(path, SINGLE_NAME).name], None, named_file=False)
+        return _Source(path, [member_file(path, SINGLE_NAME).name], None, named_file=False)
     found = sorted(p.name for p in path.glob("*.safetensors"))
     if not found:
         raise MoekitError(f"{_shown(path)} holds no .safetensors files (looked for {INDEX_NAME} "
@@ -353,7 +353,7 @@ def _locate(path: Path) -> _Source:
     if len(found) > 1:
         raise MoekitError(f"{_shown(path)} holds {len(found)} .safetensors files but no "
                           f"{INDEX_NAME} saying which tensors each holds")
-    return _Source(path, [_member(path, found[0]).name], None, named_file=False)
+    return _Source(path, [member_file(path, found[0]).name], None, named_file=False)
 
 
 def _kind(path: Path) -> str:
@@ -375,7 +375,7 @@ def _kind(path: Path) -> str:
     return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a plain file"
 
 
-def _member(folder: Path, name: str, why: str = "") -> Path:
+def member_file(folder: Path, name: str, why: str = "") -> Path:
     """``folder / name`` once it is known to be a plain file of the checkpoint: its real
     path (links followed) inside the folder or the folder's Hugging Face cache repository."""
     file = folder / name
@@ -434,7 +434,7 @@ def _read_index(index: Path) -> dict[str, str]:
 
 def index_files(folder: Path) -> list[str]:
     """The weight files the safetensors index of ``folder`` names, in order."""
-    index = _member(folder, INDEX_NAME)
+    index = member_file(folder, INDEX_NAME)
     return _index_files(index, _read_index(index))
 
 
@@ -569,7 +569,7 @@ def _sidecars(folder: Path, weights: set[str]) -> list[Path]:
         names = sorted(entry.name for entry in os.scandir(folder))
     except OSError as err:
         raise MoekitError(f"cannot list {_shown(folder)}: {err.strerror or err}") from err
-    return [_member(folder, name) for name in names
+    return [member_file(folder, name) for name in names
             if name not in weights and any(fnmatchcase(name, p) for p in SIDECARS)]
 
 
@@ -580,7 +580,7 @@ def read_config(folder: Path, name: str = CONFIG_NAME) -> dict | None:
     (when present) a string."""
     if not os.path.lexists(folder / name):
         return None
-    config = _member(folder, name)
+    config = member_file(folder, name)
     data = _read_json(config)
     model_type = data.get("model_type")
     if model_type is not None and not isinstance(model_type, str):
