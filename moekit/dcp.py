@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.planner import (SavePlan, SavePlanner, TensorW
                                                   WriteItem, WriteItemType)
 from torch.distributed.checkpoint.storage import WriteResult
 
-from .checkpoint import DCP_METADATA_NAME, TensorInfo
+from .checkpoint import DCP_METADATA_NAME, TensorInfo, member_file
 from .dtypes import to_safetensors, to_torch
 from .errors import MoekitError, printable
 from .executors.evaluate import KeepingStatistics, materialize
@@ -309,8 +309,9 @@ def read_stored(folder: Path, name: Callable[[str, tuple[int, ...], tuple[int, .
 
 
 def _read_metadata(path: Path):
-    """The checkpoint's ``Metadata``, unpickled allowing only DCP's own classes."""
-    shown = printable(str(path))
+    """The checkpoint's ``Metadata``, unpickled allowing only DCP's own classes, once it
+    is known to be a plain file inside its folder."""
+    shown = printable(str(member_file(path.parent, path.name)))
     try:
         size = path.stat().st_size
         if size > MAX_METADATA_BYTES:

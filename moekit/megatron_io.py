@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import CONFIG_NAME, DCP_METADATA_NAME, TensorInfo, read_config
+from .checkpoint import CONFIG_NAME, DCP_METADATA_NAME, TensorInfo, member_file, read_config
 from .errors import MoekitError, printable
 from .layouts.families import GENERIC_FAMILIES, family_of_model_type
 from .layouts.megatron import BY_KEY, ENTRIES, MEGATRON, Dimensions, Entry, chunk_name
@@ -43,6 +43,8 @@ EXPERTS = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
 OPTIMIZER_PREFIX = "optimizer."
 """Keys of a training checkpoint's optimizer state, which moekit does not read."""
 MAX_METADATA_JSON_BYTES = 2**16
+MAX_TRACKER_BYTES = 64
+"""Largest tracker file read: Megatron-LM writes an iteration number or ``release``."""
 RELEASE = "release"
 """What the tracker file holds for a checkpoint saved outside training (Megatron-LM loads
 its ``release/`` folder)."""
@@ -114,12 +116,15 @@ class Headers:
 
 def read_headers(path: Path) -> Headers:
     """The headers of the checkpoint at ``path`` (the folder or one iteration's), read by
-    the config.json of the iteration folder or the folder above."""
-    from .dcp import read_stored  # imports torch, which DCP's metadata refers to
+    the config.json of the iteration folder or the folder above; every file read is
+    first known to be a plain file inside the folder."""
+    from .dcp import DISTCP_SUFFIX, read_stored  # imports torch, which .metadata refers to
 
     iteration = _iteration(path)
     top = iteration.parent if (iteration.parent / TRACKER).exists() else iteration
     _check_backend(iteration)
+    for data in sorted(iteration.glob(f"*{DISTCP_SUFFIX}")):
+        member_file(iteration, data.name)  # before the chunks' archives are opened
     config_folder = iteration if (iteration / CONFIG_NAME).exists() else iteration.parent
     config = read_config(config_folder)
     stored, _ = read_stored(iteration, chunk_name)
@@ -129,11 +134,12 @@ def read_headers(path: Path) -> Headers:
 
 
 def _iteration(path: Path) -> Path:
-    """The iteration folder the tracker file names, or ``path`` itself."""
-    tracker = path / TRACKER
-    if not tracker.exists():
+    """The iteration folder the tracker file names, or ``path`` itself; the tracker is
+    a plain file and the iteration folder a folder, both inside ``path``."""
+    if not os.path.lexists(path / TRACKER):
         return path
-    text = tracker.read_text(errors="replace").strip()
+    tracker = member_file(path, TRACKER)
+    text = _read_bounded(tracker, MAX_TRACKER_BYTES).decode(errors="replace").strip()
     if text != RELEASE and not (text.isascii() and text.isdigit()):
         raise MoekitError(f"{printable(str(tracker))} holds {printable(text)!r}, neither an "
                           f"iteration number nor {RELEASE!r}")
@@ -141,19 +147,35 @@ def _iteration(path: Path) -> Path:
     if not folder.is_dir():
         raise MoekitError(f"{printable(str(tracker))} names {printable(text)}, but "
                           f"{printable(str(folder))} is not a folder")
+    if folder.resolve().parent != path.resolve():
+        raise MoekitError(f"{printable(str(folder))} leads to "
+                          f"{printable(str(folder.resolve()))}, outside the checkpoint folder; "
+                          "moekit reads only files inside the checkpoint")
     return folder
+
+
+def _read_bounded(file: Path, limit: int) -> bytes:
+    """The bytes of ``file``, refused naming it when it holds more than ``limit``."""
+    shown = printable(str(file))
+    try:
+        with open(file, "rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as err:
+        raise MoekitError(f"cannot read {shown}: {err.strerror or err}") from err
+    if len(data) > limit:
+        raise MoekitError(f"{shown} holds more than {limit:,} bytes, more than Megatron-Core "
+                          "writes there")
+    return data
 
 
 def _check_backend(iteration: Path) -> None:
     """Refuse an iteration folder whose ``metadata.json`` names another backend than
     ``torch_dist`` (megatron-core's older ``zarr``), or cannot be read."""
-    metadata = iteration / METADATA
+    metadata = member_file(iteration, METADATA)
     shown = printable(str(metadata))
     try:
-        if metadata.stat().st_size > MAX_METADATA_JSON_BYTES:
-            raise MoekitError(f"{shown} is larger than a Megatron-Core metadata.json")
-        backend = json.loads(metadata.read_text())
-    except (OSError, ValueError) as err:
+        backend = json.loads(_read_bounded(metadata, MAX_METADATA_JSON_BYTES))
+    except ValueError as err:
         raise MoekitError(f"cannot read {shown}: {printable(str(err))}") from err
     found = backend.get("sharded_backend") if isinstance(backend, dict) else None
     if found != BACKEND["sharded_backend"]:

@@ -6,6 +6,8 @@ loaded model against moekit's folder."""
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -300,6 +302,57 @@ def test_a_folder_without_config_or_with_a_bad_tracker_is_refused(qwen3_moe, tmp
     (folder / "latest_checkpointed_iteration.txt").write_text("latest")
     assert main(["inspect", str(folder)]) == 2
     assert "neither an iteration number nor 'release'" in capsys.readouterr().err
+
+
+TRACKER, ITERATION = "latest_checkpointed_iteration.txt", "iter_0000000"
+FC2 = "decoder.layers.mlp.experts.experts.linear_fc2.weight"
+
+
+def _link_outside(folder: Path, name: str) -> None:
+    """Move ``folder / name`` beside the folder and leave a symbolic link to it."""
+    moved = folder.parent / f"outside-{name}"
+    (folder / name).rename(moved)
+    (folder / name).symlink_to(moved)
+
+
+def _edit_metadata(folder: Path, edit) -> None:
+    """Rewrite the iteration's ``.metadata`` (read by DCP itself) after ``edit(entries)``."""
+    metadata = FileSystemReader(str(folder / ITERATION)).read_metadata()
+    edit(metadata.state_dict_metadata)
+    (folder / ITERATION / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+HOSTILE = {
+    "tracker of 5000 digits": (
+        lambda f: (f / TRACKER).write_text("9" * 5000), TRACKER),
+    "tracker a link to /dev/zero": (
+        lambda f: ((f / TRACKER).unlink(), (f / TRACKER).symlink_to("/dev/zero")), TRACKER),
+    "tracker a folder": (
+        lambda f: ((f / TRACKER).unlink(), (f / TRACKER).mkdir()), TRACKER),
+    "iteration folder outside": (lambda f: _link_outside(f, ITERATION), ITERATION),
+    "metadata.json a link to /dev/zero": (
+        lambda f: ((f / ITERATION / "metadata.json").unlink(),
+                   (f / ITERATION / "metadata.json").symlink_to("/dev/zero")), "metadata.json"),
+    "metadata.json outside": (
+        lambda f: _link_outside(f / ITERATION, "metadata.json"), "metadata.json"),
+    ".metadata outside": (lambda f: _link_outside(f / ITERATION, ".metadata"), ".metadata"),
+    "a data file a named pipe": (
+        lambda f: ((f / ITERATION / "__0_0.distcp").unlink(),
+                   os.mkfifo(f / ITERATION / "__0_0.distcp")), "__0_0.distcp is a named pipe"),
+}
+"""Defects of a Megatron-Core folder, and what the refusal names."""
+
+
+@pytest.mark.parametrize("defect", HOSTILE)
+def test_a_hostile_folder_is_refused_naming_the_file(qwen3_moe, tmp_path, capsys, defect):
+    folder = tmp_path / "megatron"
+    shutil.copytree(qwen3_moe[2], folder)
+    damage, named = HOSTILE[defect]
+    damage(folder)
+    assert main(["convert", str(folder), str(tmp_path / "out"), "--to", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moekit: error: ") and named in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_megatron_layout_is_not_written_as_safetensors(qwen3_moe, tmp_path, capsys):
