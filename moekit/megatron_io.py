@@ -214,6 +214,11 @@ def hf_tensors(stored: Mapping[str, "StoredTensor"], config: Mapping | None, sou
 
 
 def _check_stacked(tensor: "StoredTensor", entry: Entry, dims: Dimensions, source: str) -> None:
+    """Refuse a stored tensor without rows after its stacked axes, or stacked over other
+    layers and experts than config.json gives."""
+    if len(tensor.shape) <= entry.stacked:
+        raise MoekitError(f"{source}: {entry.key} is {list(tensor.shape)}, where Megatron-Core "
+                          f"stacks {entry.stacked} axes before the tensor's own")
     expected = dims.stacked_shape(entry)
     if tensor.shape[:entry.stacked] != expected:
         raise MoekitError(f"{source}: {entry.key} is {list(tensor.shape)}, stacked over "
@@ -261,7 +266,11 @@ def _region(tensor: "StoredTensor", index: tuple[int, ...], start: int, stop: in
                               "columns (tensor parallelism); moekit reads Megatron-Core "
                               "checkpoints saved at any expert-parallel size with a tensor-"
                               "parallel size of 1")
-        if low != covered:
+        if low < covered:
+            raise MoekitError(f"{source}: {tensor.key} is saved in chunks that overlap at rows "
+                              f"{low}:{min(high, covered)} of {list(index)}; moekit refuses to "
+                              "choose between them")
+        if low > covered:
             break
         local = tuple(i - o for i, o in zip(index, offsets))
         parts.append(Read(info.key, (*local, slice(low - first, high - first)),

@@ -339,6 +339,13 @@ HOSTILE = {
     "a data file a named pipe": (
         lambda f: ((f / ITERATION / "__0_0.distcp").unlink(),
                    os.mkfifo(f / ITERATION / "__0_0.distcp")), "__0_0.distcp is a named pipe"),
+    "a chunk saved twice": (
+        lambda f: _edit_metadata(f, lambda e: e[FC2].chunks.append(e[FC2].chunks[3])),
+        f"{FC2} is saved in chunks that overlap"),
+    "a stored tensor of too few dimensions": (
+        lambda f: _edit_metadata(f, lambda e: setattr(
+            e["decoder.final_layernorm.weight"], "size", torch.Size([]))),
+        "decoder.final_layernorm.weight is []"),
 }
 """Defects of a Megatron-Core folder, and what the refusal names."""
 
