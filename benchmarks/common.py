@@ -11,6 +11,9 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -199,6 +202,76 @@ def commit() -> str:
     found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                            text=True, cwd=Path(__file__).parent)
     return found.stdout.strip() or "unknown"
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser, to: str, baseline: str) -> None:
+    """The options of a benchmark of ``moekit convert --to TO`` against another tool's
+    conversion: the synthetic checkpoint's shape, moekit's second ``--max-shard-size``,
+    where to work, the JSON file, and ``--TO SRC DST``, which runs the baseline alone."""
+    add_shape_arguments(parser, size_gib=0.5, experts=64)
+    parser.add_argument("--shard", default="256MB",
+                        help="the --max-shard-size of moekit's second run: DCP keeps a "
+                             ".distcp file's tensors until the file is written, so this "
+                             "bounds moekit's memory (the default, 5GB, holds a smaller "
+                             "model whole)")
+    parser.add_argument("--workdir", help="where to build the checkpoint (default: a temp dir)")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument(f"--{to}", nargs=2, metavar=("SRC", "DST"),
+                        help=f"only run {baseline} of SRC into DST (the baseline this script "
+                             "measures in a process of its own)")
+
+
+def compare_convert(args: argparse.Namespace, script: str, baseline: str, to: str,
+                    check: Callable[[Path, Path], tuple[int, str]], written: str = "") -> None:
+    """Time and measure the peak RSS of the baseline (``script --TO SRC DST``) and of
+    ``moekit convert --to TO``, with ``--shard`` and with its default, on the synthetic
+    checkpoint, each in a process of its own, page cache warm; print them as ratios to the
+    baseline's (measured in the same run: the machines are shared and noisy) and write the
+    figures. ``check(theirs, ours)`` (``ours`` the folder under moekit's output named
+    ``written``) raises unless both hold the same tensors, and returns how many entries it
+    compared and a sentence saying so."""
+    with tempfile.TemporaryDirectory(dir=args.workdir, prefix="moekit-bench-") as tmp:
+        src, theirs, ours = Path(tmp) / "src", Path(tmp) / "baseline", Path(tmp) / "moekit"
+        size, layers = build_checkpoint(src, args, full_config=True)
+        print(f"checkpoint: {size / 2**30:.2f} GiB, {layers} layers x {args.experts} experts "
+              f"(H={args.hidden}, I={args.inter}), bf16")
+        warm_page_cache(src)
+        moekit = [sys.executable, "-m", "moekit.cli", "convert", str(src), str(ours),
+                  "--to", to]
+        label = f"moekit convert --to {to}"
+        rows = {baseline: run_measured([sys.executable, script, f"--{to}", str(src),
+                                        str(theirs)])}
+        rows[f"{label} --max-shard-size {args.shard}"] = run_measured(
+            [*moekit, "--max-shard-size", args.shard])
+        drop_written(ours)
+        rows[label] = run_measured(moekit)
+        compared, said = check(theirs, ours / written)
+    base_seconds, base_rss = rows[baseline]
+    width = max(map(len, rows)) + 4
+    print(f"{'':{width}}{'seconds':>10}{'ratio':>8}{'peak RSS MiB':>14}{'ratio':>8}")
+    for name, (seconds, peak) in rows.items():
+        print(f"{name:{width}}{seconds:10.2f}{seconds / base_seconds:8.2f}"
+              f"{peak / 2**20:14.0f}{peak / base_rss:8.2f}")
+    print(said)
+    write_figures(args.json, f"{platform.machine()} {os.cpu_count()} cores",
+                  {name: {"seconds": s, "ratio": s / base_seconds, "peak_rss_bytes": rss,
+                          "peak_rss_ratio": rss / base_rss,
+                          "peak_rss_of_checkpoint": rss / size}
+                   for name, (s, rss) in rows.items()},
+                  checkpoint_bytes=size, baseline=baseline, entries_compared=compared)
+
+
+def read_dcp(folder: Path, metadata: dict) -> dict[str, torch.Tensor]:
+    """The tensors ``metadata`` (a DCP ``.metadata``'s entries) lists, read from the DCP
+    folder ``folder`` by DCP itself."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {key: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+             for key, entry in metadata.items() if hasattr(entry, "size")}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
+    return state
 
 
 def write_figures(path: str | None, machine: str, rows: dict[str, dict[str, float]],

@@ -21,18 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import sys
-import tempfile
 import warnings
 from pathlib import Path
 
-from common import (add_shape_arguments, build_checkpoint, drop_written, run_measured,
-                    warm_page_cache, write_figures)
+from common import add_convert_arguments, compare_convert, read_dcp
 
 BASELINE = "megatron-core GPTModel + dist_checkpointing.save"
-MOEKIT = "moekit convert --to megatron"
 ITERATION = "iter_0000000"
 
 
@@ -119,9 +113,10 @@ def megatron_convert(src: Path, dst: Path) -> None:
     dist.destroy_process_group()
 
 
-def check_same(theirs: Path, ours: Path) -> int:
+def check_same(theirs: Path, ours: Path) -> tuple[int, str]:
     """Raise unless both folders hold the same keys, each tensor with the same chunks and
-    bytes (read by DCP itself); return how many entries were compared."""
+    bytes (read by DCP itself); return how many entries were compared, and a sentence
+    saying so."""
     import torch
     import torch.distributed.checkpoint as dcp
 
@@ -136,64 +131,23 @@ def check_same(theirs: Path, ours: Path) -> int:
                 (tuple(c.offsets), tuple(c.sizes)) for c in entry.chunks) != sorted(
                 (tuple(c.offsets), tuple(c.sizes)) for c in mine.chunks):
             raise RuntimeError(f"{key} is saved in other chunks")
-    loaded = []
-    for folder in (theirs, ours):
-        state = {k: torch.empty(tuple(e.size), dtype=e.properties.dtype)
-                 for k, e in metadata[0].items() if hasattr(e, "size")}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-            dcp.load(state, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
-        loaded.append(state)
-    for key, a in loaded[0].items():
-        if not torch.equal(a.view(torch.uint8), loaded[1][key].view(torch.uint8)):
+    megatron, moekit = (read_dcp(folder, metadata[0]) for folder in (theirs, ours))
+    for key, a in megatron.items():
+        if not torch.equal(a.view(torch.uint8), moekit[key].view(torch.uint8)):
             raise RuntimeError(f"{key} differs between megatron-core's and moekit's folders")
-    return len(metadata[0])
+    compared = len(metadata[0])
+    return compared, (f"same tensors, chunks and objects under all {compared} keys "
+                      "megatron-core wrote")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_shape_arguments(parser, size_gib=0.5, experts=64)
-    parser.add_argument("--shard", default="256MB",
-                        help="the --max-shard-size of moekit's second run: DCP keeps a "
-                             ".distcp file's tensors until the file is written, so this "
-                             "bounds moekit's memory")
-    parser.add_argument("--workdir", help="where to build the checkpoint (default: a temp dir)")
-    parser.add_argument("--json", help="also write the figures to this JSON file")
-    parser.add_argument("--megatron", nargs=2, metavar=("SRC", "DST"),
-                        help="only run megatron-core's save of SRC into DST (the baseline "
-                             "this script measures in a process of its own)")
+    add_convert_arguments(parser, "megatron", "megatron-core's save")
     args = parser.parse_args()
     if args.megatron:
         megatron_convert(*map(Path, args.megatron))
         return
-
-    with tempfile.TemporaryDirectory(dir=args.workdir, prefix="moekit-bench-") as tmp:
-        src, theirs, ours = Path(tmp) / "src", Path(tmp) / "megatron", Path(tmp) / "moekit"
-        size, layers = build_checkpoint(src, args, full_config=True)
-        print(f"checkpoint: {size / 2**30:.2f} GiB, {layers} layers x {args.experts} experts "
-              f"(H={args.hidden}, I={args.inter}), bf16")
-        warm_page_cache(src)
-        moekit = [sys.executable, "-m", "moekit.cli", "convert", str(src), str(ours),
-                  "--to", "megatron"]
-        rows = {BASELINE: run_measured([sys.executable, __file__, "--megatron", str(src),
-                                        str(theirs)])}
-        rows[f"{MOEKIT} --max-shard-size {args.shard}"] = run_measured(
-            [*moekit, "--max-shard-size", args.shard])
-        drop_written(ours)
-        rows[MOEKIT] = run_measured(moekit)
-        compared = check_same(theirs, ours / ITERATION)
-    base_seconds, base_rss = rows[BASELINE]
-    print(f"{'':58}{'seconds':>10}{'ratio':>8}{'peak RSS MiB':>14}{'ratio':>8}")
-    for name, (seconds, peak) in rows.items():
-        print(f"{name:58}{seconds:10.2f}{seconds / base_seconds:8.2f}{peak / 2**20:14.0f}"
-              f"{peak / base_rss:8.2f}")
-    print(f"same tensors, chunks and objects under all {compared} keys megatron-core wrote")
-    write_figures(args.json, f"{platform.machine()} {os.cpu_count()} cores",
-                  {name: {"seconds": s, "ratio": s / base_seconds, "peak_rss_bytes": rss,
-                          "peak_rss_ratio": rss / base_rss,
-                          "peak_rss_of_checkpoint": rss / size}
-                   for name, (s, rss) in rows.items()},
-                  checkpoint_bytes=size, baseline=BASELINE, entries_compared=compared)
+    compare_convert(args, __file__, BASELINE, "megatron", check_same, ITERATION)
 
 
 if __name__ == "__main__":

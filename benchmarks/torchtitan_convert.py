@@ -20,18 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import sys
-import tempfile
 import warnings
 from pathlib import Path
 
-from common import (add_shape_arguments, build_checkpoint, drop_written, run_measured,
-                    warm_page_cache, write_figures)
+from common import add_convert_arguments, compare_convert, read_dcp
 
 BASELINE = "torchtitan from_hf + dcp.save"
-MOEKIT = "moekit convert --to torchtitan"
 
 
 def torchtitan_convert(src: Path, dst: Path) -> None:
@@ -70,9 +64,9 @@ def torchtitan_convert(src: Path, dst: Path) -> None:
         dcp.save(state, checkpoint_id=dst, no_dist=True)
 
 
-def check_same(titan: Path, moekit: Path) -> int:
+def check_same(titan: Path, moekit: Path) -> tuple[int, str]:
     """Raise unless every tensor torchtitan wrote is in moekit's folder with the same
-    shape, dtype and bytes; return how many were compared."""
+    shape, dtype and bytes; return how many were compared, and a sentence saying so."""
     import torch
     import torch.distributed.checkpoint as dcp
 
@@ -81,67 +75,24 @@ def check_same(titan: Path, moekit: Path) -> int:
     missing = sorted(set(theirs) - set(ours))
     if missing:
         raise RuntimeError(f"moekit's folder lacks {missing[:3]}")
-    loaded = []
-    for folder, metadata in ((titan, theirs), (moekit, ours)):
-        state = {k: torch.empty(tuple(metadata[k].size), dtype=metadata[k].properties.dtype)
-                 for k in theirs}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-            dcp.load(state, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
-        loaded.append(state)
-    for key, a in loaded[0].items():
-        b = loaded[1][key]
+    torchtitan = read_dcp(titan, theirs)
+    mine = read_dcp(moekit, {key: ours[key] for key in theirs})
+    for key, a in torchtitan.items():
+        b = mine[key]
         if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(
                 a.view(torch.uint8), b.view(torch.uint8)):
             raise RuntimeError(f"{key} differs between torchtitan's and moekit's folders")
-    return len(theirs)
+    return len(theirs), f"same bytes under all {len(theirs)} names torchtitan wrote"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_shape_arguments(parser, size_gib=0.5, experts=64)
-    parser.add_argument("--shard", default="256MB",
-                        help="the --max-shard-size of moekit's second run: DCP keeps a "
-                             ".distcp file's tensors until the file is written, so this "
-                             "bounds moekit's memory (the default, 5GB, holds a smaller "
-                             "model whole)")
-    parser.add_argument("--workdir", help="where to build the checkpoint (default: a temp dir)")
-    parser.add_argument("--json", help="also write the figures to this JSON file")
-    parser.add_argument("--torchtitan", nargs=2, metavar=("SRC", "DST"),
-                        help="only run torchtitan's conversion of SRC into DST (the baseline "
-                             "this script measures in a process of its own)")
+    add_convert_arguments(parser, "torchtitan", "torchtitan's conversion")
     args = parser.parse_args()
     if args.torchtitan:
         torchtitan_convert(*map(Path, args.torchtitan))
         return
-
-    with tempfile.TemporaryDirectory(dir=args.workdir, prefix="moekit-bench-") as tmp:
-        src, titan, ours = Path(tmp) / "src", Path(tmp) / "titan", Path(tmp) / "moekit"
-        size, layers = build_checkpoint(src, args, full_config=True)
-        print(f"checkpoint: {size / 2**30:.2f} GiB, {layers} layers x {args.experts} experts "
-              f"(H={args.hidden}, I={args.inter}), bf16")
-        warm_page_cache(src)
-        moekit = [sys.executable, "-m", "moekit.cli", "convert", str(src), str(ours),
-                  "--to", "torchtitan"]
-        rows = {BASELINE: run_measured([sys.executable, __file__, "--torchtitan", str(src),
-                                        str(titan)])}
-        rows[f"{MOEKIT} --max-shard-size {args.shard}"] = run_measured(
-            [*moekit, "--max-shard-size", args.shard])
-        drop_written(ours)
-        rows[MOEKIT] = run_measured(moekit)
-        compared = check_same(titan, ours)
-    base_seconds, base_rss = rows[BASELINE]
-    print(f"{'':54}{'seconds':>10}{'ratio':>8}{'peak RSS MiB':>14}{'ratio':>8}")
-    for name, (seconds, peak) in rows.items():
-        print(f"{name:54}{seconds:10.2f}{seconds / base_seconds:8.2f}{peak / 2**20:14.0f}"
-              f"{peak / base_rss:8.2f}")
-    print(f"same bytes under all {compared} names torchtitan wrote")
-    write_figures(args.json, f"{platform.machine()} {os.cpu_count()} cores",
-                  {name: {"seconds": s, "ratio": s / base_seconds, "peak_rss_bytes": rss,
-                          "peak_rss_ratio": rss / base_rss,
-                          "peak_rss_of_checkpoint": rss / size}
-                   for name, (s, rss) in rows.items()},
-                  checkpoint_bytes=size, baseline=BASELINE, tensors_compared=compared)
+    compare_convert(args, __file__, BASELINE, "torchtitan", check_same)
 
 
 if __name__ == "__main__":
