@@ -294,11 +294,7 @@ def read_stored(folder: Path, name: Callable[[str, tuple[int, ...], tuple[int, .
             continue
         where = f"{printable(str(folder / DCP_METADATA_NAME))}: {printable(key)}"
         shape = tuple(entry.size)
-        try:
-            dtype = to_safetensors(entry.properties.dtype)
-        except KeyError:
-            raise MoekitError(f"{where} has dtype {entry.properties.dtype}, which moekit does "
-                              "not handle") from None
+        dtype = _dtype(entry, where)
         chunks = []
         for chunk in entry.chunks:
             offsets = tuple(chunk.offsets)
@@ -349,11 +345,7 @@ def _tensor(folder: Path, key: str, entry, storage_data) -> TensorInfo:
         raise MoekitError(f"{where} is not a tensor ({type(entry).__name__}): moekit reads "
                           "checkpoints of model weights only")
     shape = tuple(entry.size)
-    try:
-        dtype = to_safetensors(entry.properties.dtype)
-    except KeyError:
-        raise MoekitError(f"{where} has dtype {entry.properties.dtype}, which moekit does "
-                          "not handle") from None
+    dtype = _dtype(entry, where)
     chunks = _row_chunks(entry.chunks, shape, where)
     runs = tuple(TensorInfo(key, *_run(folder, key, chunk, dtype, storage_data, where))
                  for chunk in chunks)
@@ -361,6 +353,16 @@ def _tensor(folder: Path, key: str, entry, storage_data) -> TensorInfo:
         return runs[0]
     first = next((run for run in runs if run.shape[0]), runs[0])
     return TensorInfo(key, first.file, shape, dtype, first.offset, chunks=runs)
+
+
+def _dtype(entry: TensorStorageMetadata, where: str) -> str:
+    """The safetensors dtype of a tensor entry of ``.metadata``; a MoekitError naming the
+    entry (``where``) for a dtype moekit does not handle."""
+    try:
+        return to_safetensors(entry.properties.dtype)
+    except KeyError:
+        raise MoekitError(f"{where} has dtype {entry.properties.dtype}, which moekit does "
+                          "not handle") from None
 
 
 def _row_chunks(chunks: list, shape: tuple[int, ...], where: str) -> list:
