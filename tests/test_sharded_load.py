@@ -137,21 +137,25 @@ def test_what_is_not_a_mesh_is_refused():
         load_sharded("unused", None)
 
 
-@pytest.mark.parametrize("shapes", [[(3, 1), (1, 3)], [(2, 2), (4, 1), (1, 4)]],
-                         ids=["world3", "world4"])
-def test_saved_back_from_the_mesh_each_byte_by_one_rank(shapes, qwen3_10, tmp_path):
+@pytest.mark.parametrize("family,shapes", [
+    ("qwen3_moe", [(3, 1), (1, 3)]), ("qwen3_moe", [(2, 2), (4, 1), (1, 4)]),
+    ("gpt_oss", [(2, 1), (1, 2)])], ids=["world3", "world4", "gpt_oss-world2"])
+def test_saved_back_from_the_mesh_each_byte_by_one_rank(family, shapes, qwen3_10, tmp_path):
     """save_sharded of what load_sharded gave, at meshes of 3 and 4 ranks (10 experts:
-    uneven splits over ep and dp; lm_head replicated on every rank): the safetensors
-    checkpoint holds every source tensor byte for byte (read with the safetensors
-    library), transformers loads it and gives the source's logits, and the ranks wrote its
-    tensor bytes once between them (lm_head too); both it and the DCP folder read back
-    with load_sharded (and DCP's own load) as first loaded, the DCP folder on the meshes
-    of other shapes too."""
+    uneven splits over ep and dp; lm_head replicated on every rank), and of a GPT-OSS at
+    2 (whose HF checkpoint holds its experts grouped: each rank writes its rows of a
+    tensor): the safetensors checkpoint holds every source tensor byte for byte (read
+    with the safetensors library), transformers loads it and gives the source's logits,
+    and the ranks wrote its tensor bytes once between them (lm_head too); both it and the
+    DCP folder read back with load_sharded (and DCP's own load) as first loaded, the DCP
+    folder on the meshes of other shapes too."""
+    src = qwen3_10 if family == "qwen3_moe" else samples.save_model(
+        samples.build_model(family), tmp_path / family)
     world = shapes[0][0] * shapes[0][1]
-    spawn(sharded_workers.load_save_reload, world, tmp_path / "store", str(qwen3_10),
+    spawn(sharded_workers.load_save_reload, world, tmp_path / "store", str(src),
           str(tmp_path), shapes)
     written = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(world)]
-    source = load_all(qwen3_10)
+    source = load_all(src)
     ids = samples.sample_input(96)
     for at, (dp, ep) in enumerate(shapes):
         saved = tmp_path / f"{dp}x{ep}" / "safetensors"
@@ -161,8 +165,8 @@ def test_saved_back_from_the_mesh_each_byte_by_one_rank(shapes, qwen3_10, tmp_pa
                    for k, v in source.items())
         assert sum(w[at] for w in written) == sum(v.nbytes for v in source.values())
         assert (saved / "model.safetensors.index.json").is_file()
-        assert (saved / "config.json").read_bytes() == (qwen3_10 / "config.json").read_bytes()
-    assert torch.equal(samples.logits(saved, ids), samples.logits(qwen3_10, ids))
+        assert (saved / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    assert torch.equal(samples.logits(saved, ids), samples.logits(src, ids))
 
 
 def test_a_rank_that_cannot_write_or_holds_a_misplaced_tensor_fails_every_rank(qwen3_10,

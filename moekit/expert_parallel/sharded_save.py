@@ -156,9 +156,12 @@ def _plan(state_dict: Mapping[str, torch.Tensor], mesh: ShardedMesh, layout: str
     _check_experts_sharded_over_ep(plan, state_dict, starts)
     source = _RankSource(local, starts)
     mine = mesh.experts_to_read(analysis.n_experts)
-    experts = build_plan(analysis, HF, experts=mine, offset=mine.start)
-    writes = [_Write(*place[t.name], _built(t, source)) for t in experts.tensors
-              if t.name in experts.expert_tensors]
+    grouped = HF.grouped_for(analysis.family)
+    experts = build_plan(analysis, HF, experts=mine, offset=0 if grouped else mine.start)
+    whole = {t.name: t for t in plan.tensors}
+    writes = [_expert_write(t, whole[t.name], place[t.name], mine.start if grouped else 0,
+                            source)
+              for t in experts.tensors if t.name in experts.expert_tensors]
     for tensor in plan.tensors:
         if tensor.name not in plan.expert_tensors:
             writes += _other_write(tensor, place[tensor.name], state_dict, source, mesh)
@@ -206,6 +209,17 @@ def _check_experts_sharded_over_ep(plan: Plan, state_dict: Mapping[str, torch.Te
                     raise MoekitError(f"{read.key} holds experts but is sharded over dp; "
                                       "save_sharded takes expert tensors Shard(0) over ep "
                                       "(replicated over dp), as load_sharded gives them")
+
+
+def _expert_write(tensor: TensorPlan, whole: TensorPlan, place: tuple[str, int], first: int,
+                  source: "_RankSource") -> _Write:
+    """This rank's write of an expert tensor of the output (``whole``, at ``place``): a
+    per-expert tensor whole (``first`` 0); the rank's rows of a grouped one (GPT-OSS's and
+    Llama 4's HF checkpoints group their experts), from row ``first``, its first expert."""
+    file, offset = place
+    if first:
+        offset += first * whole.nbytes // whole.shape[0]
+    return _Write(file, offset, _built(tensor, source))
 
 
 def _other_write(tensor: TensorPlan, place: tuple[str, int],
