@@ -348,21 +348,22 @@ _COMPOSE: dict[type, Callable[..., Expr]] = {
 
 def reads(expr: Expr) -> list[Read]:
     """Every source read a recipe makes, in evaluation order."""
-    if isinstance(expr, Read):
-        return [expr]
-    if isinstance(expr, (Constant, Random)):
-        return []
-    if isinstance(expr, Redraw):
-        return [*reads(expr.part), expr.stats]
-    if isinstance(expr, RequireZeros):
-        return [*reads(expr.part), expr.checked]
-    if isinstance(expr, Dequantize):
-        return [*reads(expr.weight), *reads(expr.scale)]
-    if isinstance(expr, DequantizeMXFP4):
-        return [*reads(expr.blocks), *reads(expr.scales)]
-    if isinstance(expr, (Transpose, Reshape, Scale, Cast)):
-        return reads(expr.part)
-    return [r for part in expr.parts for r in reads(part)]
+    return handler(_READS, expr, "listing the reads of a recipe")(expr)
+
+
+_READS: dict[type, Callable[..., list[Read]]] = {
+    Read: lambda expr: [expr],
+    Constant: lambda expr: [],
+    Random: lambda expr: [],
+    Redraw: lambda expr: [*reads(expr.part), expr.stats],
+    RequireZeros: lambda expr: [*reads(expr.part), expr.checked],
+    Dequantize: lambda expr: [*reads(expr.weight), *reads(expr.scale)],
+    DequantizeMXFP4: lambda expr: [*reads(expr.blocks), *reads(expr.scales)],
+    **dict.fromkeys((Transpose, Reshape, Scale, Cast), lambda expr: reads(expr.part)),
+    **dict.fromkeys((Stack, Concat),
+                    lambda expr: [read for part in expr.parts for read in reads(part)]),
+}
+"""Every recipe node, by the reads it makes."""
 
 
 def nbytes(shape: tuple[int, ...], dtype: str) -> int:
@@ -372,34 +373,33 @@ def nbytes(shape: tuple[int, ...], dtype: str) -> int:
 
 def describe(expr: Expr) -> str:
     """A one-line human description of a recipe, for ``--dry-run``."""
-    if isinstance(expr, Read):
-        return expr.key if expr.is_whole else f"{expr.key}[{_region(expr.region)}]"
-    if isinstance(expr, Transpose):
-        return f"T({describe(expr.part)})"
-    if isinstance(expr, Reshape):
-        return f"view({describe(expr.part)}, {list(expr.shape)})"
-    if isinstance(expr, Scale):
-        return f"{expr.factor:g}*{describe(expr.part)}"
-    if isinstance(expr, Constant):
-        return f"full({list(expr.shape)}, {expr.value:g})"
-    if isinstance(expr, Random):
-        return f"normal({list(expr.shape)}, std={expr.std:g}, seed={expr.seed})"
-    if isinstance(expr, DequantizeMXFP4):
-        return f"mxfp4({describe(expr.blocks)}, {describe(expr.scales)}) -> {expr.dtype}"
-    if isinstance(expr, Dequantize):
-        return f"dequant({describe(expr.weight)}, {describe(expr.scale)}) -> {expr.dtype}"
-    if isinstance(expr, Cast):
-        return f"{describe(expr.part)} -> {expr.dtype}"
-    if isinstance(expr, RequireZeros):
-        return f"{describe(expr.part)} if {expr.checked.key} == 0"
-    if isinstance(expr, Redraw):
-        return (f"redraw({describe(expr.part)}, {expr.ratio:.0%} of dim {expr.dim}, "
-                f"seed={expr.select_seed})")
-    inner = _summarise_parts([describe(p) for p in expr.parts])
-    if isinstance(expr, Stack):
-        return f"stack({inner})"
-    verb = "interleave" if expr.interleave else "cat"
-    return f"{verb}({inner}, dim={expr.dim})"
+    return handler(_DESCRIBE, expr, "describing a recipe")(expr)
+
+
+_DESCRIBE: dict[type, Callable[..., str]] = {
+    Read: lambda expr: expr.key if expr.is_whole else f"{expr.key}[{_region(expr.region)}]",
+    Transpose: lambda expr: f"T({describe(expr.part)})",
+    Reshape: lambda expr: f"view({describe(expr.part)}, {list(expr.shape)})",
+    Scale: lambda expr: f"{expr.factor:g}*{describe(expr.part)}",
+    Constant: lambda expr: f"full({list(expr.shape)}, {expr.value:g})",
+    Random: lambda expr: f"normal({list(expr.shape)}, std={expr.std:g}, seed={expr.seed})",
+    DequantizeMXFP4: lambda expr: (f"mxfp4({describe(expr.blocks)}, {describe(expr.scales)}) "
+                                   f"-> {expr.dtype}"),
+    Dequantize: lambda expr: (f"dequant({describe(expr.weight)}, {describe(expr.scale)}) "
+                              f"-> {expr.dtype}"),
+    Cast: lambda expr: f"{describe(expr.part)} -> {expr.dtype}",
+    RequireZeros: lambda expr: f"{describe(expr.part)} if {expr.checked.key} == 0",
+    Redraw: lambda expr: (f"redraw({describe(expr.part)}, {expr.ratio:.0%} of dim {expr.dim}, "
+                          f"seed={expr.select_seed})"),
+    Stack: lambda expr: f"stack({_described_parts(expr)})",
+    Concat: lambda expr: (f"{'interleave' if expr.interleave else 'cat'}"
+                          f"({_described_parts(expr)}, dim={expr.dim})"),
+}
+"""Every recipe node, by how ``--dry-run`` shows it."""
+
+
+def _described_parts(expr: Stack | Concat) -> str:
+    return _summarise_parts([describe(part) for part in expr.parts])
 
 
 def _summarise_parts(parts: list[str]) -> str:
