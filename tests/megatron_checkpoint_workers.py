@@ -61,16 +61,18 @@ def _config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
 
 
-def load_and_run(rank: int, world: int, store: str, folders: list[str], ids: torch.Tensor,
-                 result: str) -> None:
+def load_and_run(rank: int, world: int, store: str, folders: list[str], dense: str,
+                 upcycled: list, ids: torch.Tensor, result: str) -> None:
     """Load each of ``folders`` (torch_dist checkpoints with their config.json) strictly
     into megatron-core's model; save, by folder, its logits on ``ids`` and its state dict,
     and the model with megatron-core's own ``dist_checkpointing.save`` into
-    ``result``.N.saved (N: the folder's place in ``folders``)."""
+    ``result``.N.saved (N: the folder's place in ``folders``); and, under "upcycled", what
+    ``_upcycled`` finds of the ``upcycled`` folders (one process: megatron-core imports
+    slowly)."""
     from megatron.core import dist_checkpointing
 
     _init(rank, world, store)
-    found = {}
+    found = {"upcycled": _upcycled(Path(dense), upcycled, ids)}
     for number, folder in enumerate(map(Path, folders)):
         model = gpt_model(_config(folder))
         _load(folder, model)
@@ -123,8 +125,7 @@ def _load(folder: Path, model) -> None:
     model.load_state_dict(loaded, strict=True)
 
 
-def upcycled_in_memory(rank: int, world: int, store: str, dense: str, upcycled: list,
-                       ids: torch.Tensor, result: str) -> None:
+def _upcycled(dense: Path, upcycled: list, ids: torch.Tensor) -> dict:
     """For each (folder, spec) of ``upcycled``: load the folder (moekit's upcycling of the
     dense model written in Megatron-Core's layout) strictly into megatron-core's MoE
     model, and list the tensors that differ from ``moekit.upcycling.megatron``'s in-memory
@@ -132,9 +133,8 @@ def upcycled_in_memory(rank: int, world: int, store: str, dense: str, upcycled: 
     logits of both models on ``ids``."""
     from moekit.upcycling import megatron as moekit_megatron
 
-    _init(rank, world, store)
-    dense_model = gpt_model(_config(Path(dense)))
-    _load(Path(dense), dense_model)
+    dense_model = gpt_model(_config(dense))
+    _load(dense, dense_model)
     found = {"dense_logits": megatron_workers.forward([dense_model], ids)}
     for folder, spec in map(tuple, upcycled):
         moe = gpt_model(_config(Path(folder)))
@@ -146,5 +146,4 @@ def upcycled_in_memory(rank: int, world: int, store: str, dense: str, upcycled: 
                              and not torch.equal(v, state[k])),
             "compared": sum(isinstance(v, torch.Tensor) for v in expected.values()),
             "logits": megatron_workers.forward([moe], ids)}
-    torch.save(found, result)
-    megatron_workers.finish()
+    return found

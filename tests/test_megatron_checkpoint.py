@@ -69,17 +69,44 @@ def qwen3_moe(models) -> tuple[torch.nn.Module, Path, Path]:
     return models["qwen3_moe"]
 
 
+UPCYCLED = {
+    "copy": (["--method", "copy"], UpcycleSpec(4, 2, router="zero")),
+    "granular": (["--method", "granular", "--granularity", "2"],
+                 UpcycleSpec(4, 2, "granular", 2, router="zero")),
+}
+"""``moekit upcycle`` options, and the same upcycling as moekit's in-memory Megatron-Core
+one runs it (a zero router: the in-memory one otherwise starts from the MoE model's own
+random router rows)."""
+
+
 @pytest.fixture(scope="module")
-def loaded(models, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
+def upcycled(models, tmp_path_factory) -> list[tuple[str, UpcycleSpec]]:
+    """The dense Llama's HF checkpoint upcycled by ``moekit upcycle --to megatron`` with
+    each of ``UPCYCLED``: the folder, and the spec of the same in-memory upcycling."""
+    root = tmp_path_factory.mktemp("upcycled")
+    made = []
+    for name, (options, spec) in UPCYCLED.items():
+        out = root / name
+        assert main(["upcycle", str(models["llama"][1]), str(out), "--experts", "4",
+                     "--top-k", "2", "--router", "zero", "--to", "megatron", *options]) == 0
+        made.append((str(out), spec))
+    return made
+
+
+@pytest.fixture(scope="module")
+def loaded(models, upcycled, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
     """By model type: megatron-core's strict load of moekit's folder (logits, state
-    dict), and the folder of megatron-core's own save of the loaded model; one process
-    for all (megatron-core imports slowly)."""
+    dict), and the folder of megatron-core's own save of the loaded model; under
+    "upcycled", what the worker finds of the ``upcycled`` folders against the in-memory
+    upcycling of the dense Llama. One process for all (megatron-core imports slowly)."""
     folders = [str(models[t][2]) for t in MODEL_TYPES]
     result = _spawn(megatron_checkpoint_workers.load_and_run, 1,
-                    tmp_path_factory.mktemp("load"), folders, _ids())
+                    tmp_path_factory.mktemp("load"), folders, str(models["llama"][2]),
+                    upcycled, _ids())
     found = torch.load(result)
-    return {t: (found[folder], Path(f"{result}.{n}.saved"))
-            for n, (t, folder) in enumerate(zip(MODEL_TYPES, folders))}
+    return {"upcycled": found["upcycled"],
+            **{t: (found[folder], Path(f"{result}.{n}.saved"))
+               for n, (t, folder) in enumerate(zip(MODEL_TYPES, folders))}}
 
 
 def test_the_folder_is_what_megatron_lm_loads(qwen3_moe):
@@ -225,29 +252,11 @@ def test_a_checkpoint_megatron_core_saved_at_expert_parallel_size_2_reads_back_w
         assert (rank["logits"] - logits).abs().max() < LOGITS_TOLERANCE
 
 
-UPCYCLED = {
-    "copy": (["--method", "copy"], UpcycleSpec(4, 2, router="zero")),
-    "granular": (["--method", "granular", "--granularity", "2"],
-                 UpcycleSpec(4, 2, "granular", 2, router="zero")),
-}
-"""``moekit upcycle`` options, and the same upcycling as moekit's in-memory Megatron-Core
-one runs it (a zero router: the in-memory one otherwise starts from the MoE model's own
-random router rows)."""
-
-
-def test_upcycling_into_megatron_equals_the_in_memory_megatron_upcycling(models, tmp_path):
+def test_upcycling_into_megatron_equals_the_in_memory_megatron_upcycling(upcycled, loaded):
     """The dense Llama in Megatron-Core's layout, upcycled in memory by
     ``moekit.upcycling.megatron``, equals ``moekit upcycle --to megatron`` of its HF
     checkpoint tensor for tensor, and keeps the dense logits."""
-    model, hf, dense = models["llama"]
-    upcycled = []
-    for name, (options, spec) in UPCYCLED.items():
-        out = tmp_path / name
-        assert main(["upcycle", str(hf), str(out), "--experts", "4", "--top-k", "2",
-                     "--router", "zero", "--to", "megatron", *options]) == 0
-        upcycled.append((str(out), spec))
-    found = torch.load(_spawn(megatron_checkpoint_workers.upcycled_in_memory, 1,
-                              tmp_path / "run", str(dense), upcycled, _ids()))
+    found = loaded["upcycled"]
     for folder, _ in upcycled:
         assert found[folder]["differ"] == [], folder
         # Embedding, final norm, output layer; per layer two norms, QKV, projection,
