@@ -183,6 +183,7 @@ class Dimensions:
                 yield (layer, expert)
 
     def stacked_shape(self, entry: Entry) -> tuple[int, ...]:
+        """The leading axes of ``entry``'s stored tensor: (), (layers,) or (layers, experts)."""
         return (self.layers, self.experts)[:entry.stacked]
 
     def qkv_rows(self) -> tuple[int, int, int]:
@@ -191,6 +192,8 @@ class Dimensions:
 
 
 def _positive(config: Mapping, key: str, source: str, default: int | None = None) -> int:
+    """``config[key]`` (``default`` where it is absent or null), refused naming the key
+    unless it is a positive integer."""
     value = config.get(key, default)
     if value is None and default is not None:
         value = default
