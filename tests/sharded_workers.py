@@ -231,8 +231,9 @@ def _assert_same_state(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Te
 def save_expecting_errors(rank: int, world: int, store: str, src: str, out: str) -> None:
     """save_sharded on a (1, world) mesh where rank 1's write fails, then where rank 1's
     state dict holds fewer rows of an expert tensor than its placement gives it, then
-    where every rank's holds one on the dp submesh; the outcomes go to
-    ``out/rank.write.txt``, ``out/rank.placement.txt`` and ``out/rank.dp.txt``."""
+    where rank 1 plans one write fewer, then where every rank's holds an expert tensor
+    on the dp submesh; the outcomes go to ``out/rank.write.txt``,
+    ``out/rank.placement.txt``, ``out/rank.gap.txt`` and ``out/rank.dp.txt``."""
     import moekit.expert_parallel.sharded_save as sharded_save
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -254,6 +255,16 @@ def save_expecting_errors(rank: int, world: int, store: str, src: str, out: str)
                                         stride=sharded.stride())
     _save_outcome(state, Path(out, "placed"), mesh, Path(out, f"{rank}.placement.txt"))
     state[key] = sharded
+    plan = sharded_save._plan
+    if rank == 1:
+        def losing_a_write(*args):
+            job = plan(*args)
+            job.writes.pop()
+            return job
+
+        sharded_save._plan = losing_a_write
+    _save_outcome(state, Path(out, "gap"), mesh, Path(out, f"{rank}.gap.txt"))
+    sharded_save._plan = plan
     key = "model.layers.1.mlp.experts.gate_up_proj"
     state[key] = DTensor.from_local(state[key].full_tensor(), mesh["dp"], [Shard(0)],
                                     run_check=False)

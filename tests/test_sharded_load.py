@@ -182,10 +182,13 @@ def test_a_rank_that_cannot_write_or_holds_a_misplaced_tensor_fails_every_rank(q
                                   "of its 10 rows; torch.chunk's rule gives it rows 5-9")
         assert placement.startswith("save_sharded failed on another rank: rank 1: ") == \
             (rank == 0)
+        gap = (tmp_path / f"{rank}.gap.txt").read_text()
+        assert gap.startswith("save_sharded: the ranks would write ") and gap.endswith(
+            ", where each must be written by exactly one rank; nothing was written"), gap
         assert (tmp_path / f"{rank}.dp.txt").read_text().startswith(
             "model.layers.1.mlp.experts.gate_up_proj holds experts but is sharded over dp")
     assert not [p for p in tmp_path.iterdir()
-                if p.name.startswith((".", "written", "placed", "over-dp"))]
+                if p.name.startswith((".", "written", "placed", "gap", "over-dp"))]
 
 
 def test_ranks_that_would_hold_different_state_dicts_are_refused(qwen3_10, tmp_path):

@@ -92,6 +92,7 @@ def save_sharded(state_dict: Mapping[str, torch.Tensor], path: str | Path,
     if format == "dcp":
         _dcp_write(state_dict, Path(path), overwrite, config_from, "save_sharded")
         return
+    _check_coverage(job)
     _write(job, Path(path), overwrite, config_from)
 
 
@@ -117,10 +118,11 @@ def _held_as(value: object) -> str:
 
 @dataclass
 class _Write:
-    """Bytes this rank writes: ``data()`` at ``offset`` of ``file``."""
+    """Bytes this rank writes: ``data()``, ``size`` bytes, at ``offset`` of ``file``."""
 
     file: str
     offset: int
+    size: int
     data: Callable[[], torch.Tensor]
 
 
@@ -166,6 +168,22 @@ def _plan(state_dict: Mapping[str, torch.Tensor], mesh: ShardedMesh, layout: str
         if tensor.name not in plan.expert_tensors:
             writes += _other_write(tensor, place[tensor.name], state_dict, source, mesh)
     return _Job(plan, files, writes)
+
+
+def _check_coverage(job: _Job) -> None:
+    """Raise on every rank unless, file by file, the ranks' writes add up to the file's
+    tensor bytes: a byte no rank writes would read back as zero."""
+    mine = dict.fromkeys(job.files, 0)
+    for write in job.writes:
+        mine[write.file] += write.size
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for name, (_, tensors) in job.files.items():
+        planned, written = sum(t.nbytes for t in tensors), sum(c[name] for c in everyone)
+        if written != planned:
+            raise MoekitError(f"save_sharded: the ranks would write {written} bytes of the "
+                              f"{planned} tensor bytes of {name}, where each must be written "
+                              "by exactly one rank; nothing was written")
 
 
 def _local_rows(state_dict: Mapping[str, torch.Tensor], mesh: ShardedMesh
@@ -219,7 +237,7 @@ def _expert_write(tensor: TensorPlan, whole: TensorPlan, place: tuple[str, int],
     file, offset = place
     if first:
         offset += first * whole.nbytes // whole.shape[0]
-    return _Write(file, offset, _built(tensor, source))
+    return _Write(file, offset, tensor.nbytes, _built(tensor, source))
 
 
 def _other_write(tensor: TensorPlan, place: tuple[str, int],
@@ -235,7 +253,8 @@ def _other_write(tensor: TensorPlan, place: tuple[str, int],
                           "whole, as load_sharded gives them")
     sharded = [k for k in keys if isinstance(state_dict[k], DTensor)]
     if not sharded:
-        return [_Write(*place, _built(tensor, source))] if dist.get_rank() == 0 else []
+        return ([_Write(*place, tensor.nbytes, _built(tensor, source))]
+                if dist.get_rank() == 0 else [])
     if not tensor.is_copy:
         raise MoekitError(f"{tensor.name} is built from {', '.join(sorted(sharded))}, "
                           "sharded over dp: save_sharded writes such tensors as they are")
@@ -246,7 +265,8 @@ def _other_write(tensor: TensorPlan, place: tuple[str, int],
     row_bytes = tensor.nbytes // tensor.shape[0]
     rows = source.local[tensor.recipe.key][part]
     file, offset = place
-    return [_Write(file, offset + (ours.start + part.start) * row_bytes, lambda: rows)]
+    return [_Write(file, offset + (ours.start + part.start) * row_bytes, rows.nbytes,
+                   lambda: rows)]
 
 
 def _built(tensor: TensorPlan, source: "_RankSource") -> Callable[[], torch.Tensor]:
