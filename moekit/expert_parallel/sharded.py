@@ -39,8 +39,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..checkpoint import Checkpoint
-from ..errors import MoekitError
 from ..dtypes import to_torch
+from ..errors import MoekitError
 from ..executors.device import read_plan
 from ..gc_pauses import without_gc_pauses
 from ..plan import Expr, Plan, Read, TensorPlan
@@ -274,9 +274,9 @@ def _difference(theirs: dict[str, str], ours: dict[str, str], rank: int) -> str:
 
 
 def agree(error: str | None, caller: str) -> None:
-    """Tell every rank whether each planned its part; raise on every rank when one did not
-    (with that rank's message), so that no rank waits in a collective for one that gave
-    up."""
+    """Tell every rank whether each did a step (planned or read its part); raise on every
+    rank when one did not (with that rank's message), so that no rank waits in a
+    collective for one that gave up."""
     outcomes: list = [None] * dist.get_world_size()
     dist.all_gather_object(outcomes, error)
     failed = [f"rank {r}: {message}" for r, message in enumerate(outcomes) if message]

@@ -3,10 +3,11 @@ each byte written by one rank.
 
 ``format="safetensors"`` writes a Hugging Face per-expert checkpoint: safetensors shards
 and their index. Every rank plans the whole output from the tensors' global shapes, so
-all agree on each file's header and on where each tensor lies in it. Rank 0 makes
-moekit's temporary output folder and creates each shard file at its full size, header
-written; then every rank writes (``pwrite``) the bytes it alone writes, at their place,
-and syncs them:
+all agree on each file's header and on where each tensor lies in it (they check first
+that they hold the same keys, dtypes, global shapes and placements, and then that their
+writes add up to each file's tensor bytes). Rank 0 makes moekit's temporary output
+folder and creates each shard file at its full size, header written; then every rank
+writes (``pwrite``) the bytes it alone writes, at their place, and syncs them:
 
 - an expert's tensors: the rank whose ep chunk holds the expert and, within that chunk,
   whose dp chunk holds it (``load_sharded``'s read split, run backwards);
