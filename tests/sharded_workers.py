@@ -192,7 +192,7 @@ def load_save_reload(rank: int, world: int, store: str, src: str, out: str,
 
     sharded_save._pwrite_all = counting
     figures = []
-    for dp, ep in shapes:
+    for at, (dp, ep) in enumerate(shapes):
         mesh = init_device_mesh("cpu", (dp, ep), mesh_dim_names=NAMES)
         state = load_sharded(src, mesh, replicate="lm_head.weight")
         folder = Path(out, f"{dp}x{ep}")
@@ -207,7 +207,7 @@ def load_save_reload(rank: int, world: int, store: str, src: str, out: str,
         target = {k: torch.zeros_like(v) for k, v in state.items()}
         dcp.load(target, checkpoint_id=folder / "dcp")
         _assert_same_state(target, state)
-        for earlier in shapes[:shapes.index((dp, ep))]:
+        for earlier in shapes[:at]:
             saved = Path(out, f"{earlier[0]}x{earlier[1]}", "dcp")
             _assert_same_state(load_sharded(saved, mesh, replicate="lm_head.weight"), state)
     Path(out, f"{rank}.json").write_text(json.dumps(figures))
