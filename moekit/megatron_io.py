@@ -42,7 +42,6 @@ EXPERTS = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
 """The stored tensor whose second axis counts the routed experts."""
 OPTIMIZER_PREFIX = "optimizer."
 """Keys of a training checkpoint's optimizer state, which moekit does not read."""
-MAX_METADATA_JSON_BYTES = 2**16
 MAX_TRACKER_BYTES = 64
 """Largest tracker file read: Megatron-LM writes an iteration number or ``release``."""
 RELEASE = "release"
@@ -169,15 +168,15 @@ def _read_bounded(file: Path, limit: int) -> bytes:
 
 
 def _check_backend(iteration: Path) -> None:
-    """Refuse an iteration folder whose ``metadata.json`` names another backend than
-    ``torch_dist`` (megatron-core's older ``zarr``), or cannot be read."""
-    metadata = member_file(iteration, METADATA)
-    shown = printable(str(metadata))
-    try:
-        backend = json.loads(_read_bounded(metadata, MAX_METADATA_JSON_BYTES))
-    except ValueError as err:
-        raise MoekitError(f"cannot read {shown}: {printable(str(err))}") from err
-    found = backend.get("sharded_backend") if isinstance(backend, dict) else None
+    """Refuse an iteration folder whose ``metadata.json`` (read as every JSON file of a
+    checkpoint is) names another backend than ``torch_dist`` (megatron-core's older
+    ``zarr``), or is missing."""
+    backend = read_config(iteration, METADATA)
+    shown = printable(str(iteration / METADATA))
+    if backend is None:
+        raise MoekitError(f"{shown} does not exist; a Megatron-Core checkpoint's iteration "
+                          "folder holds one")
+    found = backend.get("sharded_backend")
     if found != BACKEND["sharded_backend"]:
         raise MoekitError(f"{shown} names sharded backend {printable(repr(found))}; moekit "
                           "reads Megatron-Core's torch_dist checkpoints")

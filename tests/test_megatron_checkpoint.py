@@ -342,6 +342,9 @@ HOSTILE = {
     "metadata.json a link to /dev/zero": (
         lambda f: ((f / ITERATION / "metadata.json").unlink(),
                    (f / ITERATION / "metadata.json").symlink_to("/dev/zero")), "metadata.json"),
+    "metadata.json nested 60000 deep": (
+        lambda f: (f / ITERATION / "metadata.json").write_text("[" * 60000),
+        "metadata.json nests its JSON values too deeply"),
     "metadata.json outside": (
         lambda f: _link_outside(f / ITERATION, "metadata.json"), "metadata.json"),
     ".metadata outside": (lambda f: _link_outside(f / ITERATION, ".metadata"), ".metadata"),
