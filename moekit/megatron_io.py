@@ -42,6 +42,8 @@ EXPERTS = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
 """The stored tensor whose second axis counts the routed experts."""
 OPTIMIZER_PREFIX = "optimizer."
 """Keys of a training checkpoint's optimizer state, which moekit does not read."""
+MAX_METADATA_JSON_BYTES = 2**16
+"""Largest ``metadata.json`` read: megatron-core writes a few backend names there."""
 MAX_TRACKER_BYTES = 64
 """Largest tracker file read: Megatron-LM writes an iteration number or ``release``."""
 RELEASE = "release"
@@ -171,8 +173,12 @@ def _check_backend(iteration: Path) -> None:
     """Refuse an iteration folder whose ``metadata.json`` (read as every JSON file of a
     checkpoint is) names another backend than ``torch_dist`` (megatron-core's older
     ``zarr``), or is missing."""
-    backend = read_config(iteration, METADATA)
     shown = printable(str(iteration / METADATA))
+    if os.path.lexists(iteration / METADATA) and \
+            member_file(iteration, METADATA).stat().st_size > MAX_METADATA_JSON_BYTES:
+        raise MoekitError(f"{shown} holds more than {MAX_METADATA_JSON_BYTES:,} bytes, more "
+                          "than Megatron-Core writes there")
+    backend = read_config(iteration, METADATA)
     if backend is None:
         raise MoekitError(f"{shown} does not exist; a Megatron-Core checkpoint's iteration "
                           "folder holds one")

@@ -345,6 +345,9 @@ HOSTILE = {
     "metadata.json nested 60000 deep": (
         lambda f: (f / ITERATION / "metadata.json").write_text("[" * 60000),
         "metadata.json nests its JSON values too deeply"),
+    "metadata.json of 1 MB": (
+        lambda f: (f / ITERATION / "metadata.json").write_text(" " * 2**20 + "{}"),
+        "metadata.json holds more than 65,536 bytes"),
     "metadata.json outside": (
         lambda f: _link_outside(f / ITERATION, "metadata.json"), "metadata.json"),
     ".metadata outside": (lambda f: _link_outside(f / ITERATION, ".metadata"), ".metadata"),
