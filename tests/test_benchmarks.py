@@ -34,6 +34,10 @@ TINY = ["--size-gib", "0.002", "--experts", "4", "--hidden", "64", "--inter", "3
                                "--inter", "32", "--shard", "20KB"],
      {"torchtitan from_hf + dcp.save", "moekit convert --to torchtitan",
       "moekit convert --to torchtitan --max-shard-size 20KB"}),
+    ("megatron_convert.py", ["--size-gib", "0.0002", "--experts", "4", "--hidden", "64",
+                             "--inter", "32", "--shard", "20KB"],
+     {"megatron-core GPTModel + dist_checkpointing.save", "moekit convert --to megatron",
+      "moekit convert --to megatron --max-shard-size 20KB"}),
 ])
 def test_a_benchmark_runs_and_writes_its_figures(tmp_path, script, args, rows):
     figures_file = tmp_path / "figures.json"
