@@ -265,7 +265,7 @@ def run_loads(src: Path, args: argparse.Namespace, device: torch.device,
                     lambda out: moekit.save_sharded(state, out, mesh, layout=LAYOUT,
                                                     format=fmt, config_from=src),
                     lambda out: moekit.load_sharded(out, mesh, layout=LAYOUT), figures)
-        del state
+        state.clear()
 
 
 def _tensor_bytes(src: Path) -> int:
@@ -312,7 +312,7 @@ def run_saves(src: Path, workdir: Path, device: torch.device, figures: dict) -> 
             lambda out: moekit.save_experts(state, out, mesh, layout=LAYOUT, config_from=src,
                                             overwrite=True, format=fmt),
             lambda out: moekit.load_experts(out, mesh, layout=LAYOUT, device=on), figures)
-    del state
+    state.clear()
 
 
 def save_and_check(label: str, src: Path, workdir: Path, state: dict[str, torch.Tensor],

@@ -269,6 +269,12 @@ def composed(expr: Expr, made: Mapping[str, Expr]) -> Expr:
     return handler(_COMPOSE, expr, "composing a plan with the recipes of its reads")(expr, made)
 
 
+def composed_plan(plan: "Plan", made: Mapping[str, Expr]) -> "Plan":
+    """``plan`` with every recipe ``composed`` with ``made``."""
+    return replace(plan, tensors=[replace(t, recipe=composed(t.recipe, made))
+                                  for t in plan.tensors])
+
+
 def _read(expr: Read, made: Mapping[str, Expr]) -> Expr:
     """The recipe of the tensor read. A conversion from per-expert HF tensors (what every
     upcycling target and Megatron-Core checkpoint holds) reads each of them whole;

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from .layouts.families import (FP8_SCALE_KEY, GENERIC_FAMILIES, MAX_EXPERTS, MX_
                                MX_SCALES, SCALE, family_of_model_type, renamed_shape)
 from .model_config import DEFAULT_FP8_BLOCK, ConfigValues, MoeLayers, expert_count, fp8_block
 from .plan import (Concat, Dequantize, DequantizeMXFP4, Expr, Plan, Read, Reshape, Stack,
-                   TensorPlan, Transpose, composed)
+                   TensorPlan, Transpose, composed_plan)
 
 SAMPLE = 1024
 """Keys a naming disagreement is judged on (a checkpoint is named one way throughout)."""
@@ -240,10 +240,10 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
                                                           analysis.family)))
                 _check_renamed_back(key, name, src, dst, analysis.family)
     _check_unique(tensors)
-    if analysis.made:
-        tensors = [replace(t, recipe=composed(t.recipe, analysis.made)) for t in tensors]
     plan = Plan(analysis.family.name, src.name, dst.name, tensors,
                 {layer: len(chosen) for layer in sorted(analysis.blocks)}, expert_names)
+    if analysis.made:
+        plan = composed_plan(plan, analysis.made)
     return dst.whole_model(plan, analysis.config, analysis.family, analysis.label)
 
 

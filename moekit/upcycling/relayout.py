@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..layouts.base import Layout
-from ..plan import Plan, composed
+from ..plan import Plan, composed_plan
 from ..planner import analyse, build_plan
 
 
@@ -27,6 +27,4 @@ def in_layout(plan: Plan, config: dict, layout: Layout, label: str) -> Plan:
     analysis = analyse({t.name: t for t in plan.tensors}, config, {}, label,
                        from_=plan.dst_layout, family=plan.family)
     converted = build_plan(analysis, layout)
-    return Plan(plan.family, plan.src_layout, converted.dst_layout,
-                [replace(t, recipe=composed(t.recipe, made)) for t in converted.tensors],
-                converted.moe_layers, converted.expert_tensors)
+    return replace(composed_plan(converted, made), src_layout=plan.src_layout)

@@ -12,7 +12,7 @@ from ..checkpoint import Checkpoint
 from ..conversion import run_checkpoint_job, state_dict_meta
 from ..executors.memory import run_plan
 from ..layouts import layout_named
-from ..plan import Expr, Plan, composed
+from ..plan import Expr, Plan, composed_plan
 from ..sources import DictSource
 from .planner import UpcyclePlan, build_upcycle_plan
 from .relayout import in_layout
@@ -36,8 +36,7 @@ def plan_upcycle(dense_path: str | Path, spec: UpcycleSpec, to: str = "hf"
 def read_stored(plan: Plan, made: Mapping[str, Expr]) -> Plan:
     """``plan`` reading the files of a checkpoint whose tensors are ``made`` from them (a
     dense Megatron-Core checkpoint)."""
-    return replace(plan, tensors=[replace(t, recipe=composed(t.recipe, made))
-                                  for t in plan.tensors])
+    return composed_plan(plan, made)
 
 
 def upcycle(dense_path: str | Path, dst_path: str | Path, spec: UpcycleSpec,
