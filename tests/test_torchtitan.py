@@ -119,6 +119,17 @@ def titan_model(config) -> torch.nn.Module:
     return titan_config(config).build().eval()
 
 
+def adapter_names(adapter, hf_keys) -> set[str]:
+    """The names torchtitan's state-dict ``adapter`` gives each HF key outside the experts
+    (its ``from_hf_map`` holds templates with the layer index as ``{}``)."""
+    names = set()
+    for key in (key for key in hf_keys if ".experts." not in key):
+        layer = re.findall(r"\.(\d+)\.", key)[:1]
+        template = re.sub(r"\.\d+\.", ".{}.", key, count=1)
+        names.add(adapter.from_hf_map[template].format(*layer))
+    return names
+
+
 def test_every_name_is_the_one_torchtitans_adapter_gives(tmp_path):
     """A dense layer among MoE ones (``mlp_only_layers``) too: each HF key outside the
     experts is named as torchtitan's own ``Qwen3StateDictAdapter.from_hf_map`` maps it,
@@ -129,11 +140,7 @@ def test_every_name_is_the_one_torchtitans_adapter_gives(tmp_path):
     names = dcp.FileSystemReader(tmp_path / "dcp").read_metadata().state_dict_metadata
     adapter = tt.Qwen3StateDictAdapter(titan_config(hf.config), None)
     original = load_all(src)
-    expected = set()
-    for key in (key for key in original if ".experts." not in key):
-        layer = re.findall(r"\.(\d+)\.", key)[:1]
-        template = re.sub(r"\.\d+\.", ".{}.", key, count=1)
-        expected.add(adapter.from_hf_map[template].format(*layer))
+    expected = adapter_names(adapter, original)
     assert expected == {key for key in names
                         if "inner_experts" not in key and not key.endswith("expert_bias_E")}
     assert main(["convert", str(tmp_path / "dcp"), str(tmp_path / "back"), "--to", "hf"]) == 0

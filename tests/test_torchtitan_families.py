@@ -7,7 +7,6 @@ family moekit has no torchtitan names for is refused, naming the families it has
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,8 @@ from moekit import samples
 from moekit.cli import main
 
 from .conftest import load_all, same_bytes
-from .test_torchtitan import load_strictly_as_transformers_holds, titan_logits, to_torchtitan
+from .test_torchtitan import (adapter_names, load_strictly_as_transformers_holds,
+                              titan_logits, to_torchtitan)
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:torch.distributed is disabled:UserWarning",  # dcp.load on one process says so
@@ -89,11 +89,7 @@ def test_every_name_is_the_one_torchtitans_adapter_gives(deepseek, deepseek_tita
     names = dcp.FileSystemReader(deepseek_titan).read_metadata().state_dict_metadata
     adapter = ds.DeepSeekV3StateDictAdapter(deepseek_config(hf.config), None)
     original = load_all(src)
-    expected = set()
-    for key in (key for key in original if ".experts." not in key):
-        layer = re.findall(r"\.(\d+)\.", key)[:1]
-        template = re.sub(r"\.\d+\.", ".{}.", key, count=1)
-        expected.add(adapter.from_hf_map[template].format(*layer))
+    expected = adapter_names(adapter, original)
     assert expected == {key for key in names if "inner_experts" not in key}
     assert main(["inspect", str(deepseek_titan)]) == 0
     assert main(["verify", str(src), str(deepseek_titan)]) == 0

@@ -11,7 +11,6 @@ drops the experts. The model's own state dict is the oracle here."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,8 @@ from moekit.cli import main
 
 from .conftest import load_all, same_bytes
 from .test_fp8 import mxfp4  # noqa: F401  (the MXFP4 GPT-OSS checkpoint fixture)
-from .test_torchtitan import load_strictly_as_transformers_holds, titan_logits, to_torchtitan
+from .test_torchtitan import (adapter_names, load_strictly_as_transformers_holds,
+                              titan_logits, to_torchtitan)
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:torch.distributed is disabled:UserWarning",  # dcp.load on one process says so
@@ -93,11 +93,7 @@ def test_every_name_is_torchtitans_and_the_folder_converts_back(gpt_oss, gpt_oss
     names = dcp.FileSystemReader(gpt_oss_titan).read_metadata().state_dict_metadata
     adapter = go.GptOssStateDictAdapter(gpt_oss_config(hf.config), None)
     original = load_all(src)
-    expected = set()
-    for key in (key for key in original if ".experts." not in key):
-        layer = re.findall(r"\.(\d+)\.", key)[:1]
-        template = re.sub(r"\.\d+\.", ".{}.", key, count=1)
-        expected.add(adapter.from_hf_map[template].format(*layer))
+    expected = adapter_names(adapter, original)
     assert expected == {key for key in names if "inner_experts" not in key
                         and not key.endswith("expert_bias_E")}
     assert main(["inspect", str(gpt_oss_titan)]) == 0
