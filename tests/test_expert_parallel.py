@@ -140,7 +140,7 @@ def test_a_failed_save_leaves_nothing_on_any_rank(qwen3_10, tmp_path):
 
 def test_a_failure_after_the_final_move_does_not_say_nothing_was_written(tmp_path, monkeypatch):
     from moekit import output as output_module
-    from moekit.expert_parallel.save import _finish
+    from moekit.expert_parallel.save import _complete, _put_in_place
 
     dst = tmp_path / "out"
     folder = output_module.OutputFolder(dst)
@@ -152,6 +152,6 @@ def test_a_failure_after_the_final_move_does_not_say_nothing_was_written(tmp_pat
         synced(path)
 
     monkeypatch.setattr(output_module, "_fsync_dir", parent_fails)
-    message = _finish(folder, [], [], None)
+    message = _put_in_place(folder, [], lambda: _complete(folder, [], None))
     assert dst.is_dir() and "nothing was written" not in message
     assert f"wrote {dst}" in message

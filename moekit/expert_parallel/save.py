@@ -18,7 +18,8 @@ place; the folder is checked, made durable and moved into place as ``convert``'s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -85,19 +86,12 @@ def _dcp_write(state_dict: Mapping[str, torch.Tensor], path: Path, overwrite: bo
     from ..dcp import save_distributed  # imports torch.distributed.checkpoint
 
     output, folder = _agree_on_folder(path, overwrite, config_from)
-    try:
+    with discarded_if_interrupted(output):
         error = save_distributed(dict(state_dict), folder)
-        verdict: list = [None]
-        if output is not None:
-            verdict[0] = _put_in_place(output, [error] if error else [],
-                                       lambda: _copy_sidecars(output, config_from), caller)
-        dist.broadcast_object_list(verdict, src=0)
-    except BaseException:
-        if output is not None:
-            output.discard()
-        raise
-    if verdict[0]:
-        raise MoekitError(verdict[0])
+        verdict = agreed_outcome(output, [error] if error else [],
+                                 lambda: _copy_sidecars(output, config_from), caller)
+    if verdict:
+        raise MoekitError(verdict)
 
 
 def _agree_on_planning(error: MoekitError | None) -> None:
@@ -120,7 +114,7 @@ def _coordinated_write(path: Path, overwrite: bool, writes_file: bool, rank: int
     output, folder = _agree_on_folder(path, overwrite, config_from)
     name = f"model-{rank + 1:05d}-of-{files:05d}.safetensors"
     error = None
-    try:
+    with discarded_if_interrupted(output):
         try:
             if writes_file:
                 write_shard(folder / name, tensors, source, metadata)
@@ -129,16 +123,10 @@ def _coordinated_write(path: Path, overwrite: bool, writes_file: bool, rank: int
         outcomes: list = [None] * dist.get_world_size()
         mapping = {t.name: name for t in tensors} if writes_file else {}
         dist.all_gather_object(outcomes, (error, mapping, tensors if writes_file else []))
-        verdict: list = [None]
-        if output is not None:
-            verdict[0] = _finish(output, [e for e, _, _ in outcomes if e], outcomes, config_from)
-        dist.broadcast_object_list(verdict, src=0)
-    except BaseException:
-        if output is not None:
-            output.discard()
-        raise
-    if verdict[0]:
-        raise MoekitError(verdict[0])
+        verdict = agreed_outcome(output, [e for e, _, _ in outcomes if e],
+                                 lambda: _complete(output, outcomes, config_from))
+    if verdict:
+        raise MoekitError(verdict)
 
 
 def _agree_on_folder(path: Path, overwrite: bool, config_from: str | Path | None
@@ -161,11 +149,28 @@ def _agree_on_folder(path: Path, overwrite: bool, config_from: str | Path | None
     return output, Path(message[0])
 
 
-def _finish(output: OutputFolder, errors: list[str], outcomes: list,
-            config_from: str | Path | None) -> str | None:
-    """On rank 0: complete the folder (index, sidecar files) and move it into place, or
-    remove it after any rank's failure; the failure's message, else None."""
-    return _put_in_place(output, errors, lambda: _complete(output, outcomes, config_from))
+@contextmanager
+def discarded_if_interrupted(output: OutputFolder | None) -> Iterator[None]:
+    """Rank 0's temporary folder removed when this rank fails or is interrupted before the
+    ranks agree on the outcome (after ``agreed_outcome``, the folder is in place or gone)."""
+    try:
+        yield
+    except BaseException:
+        if output is not None:
+            output.discard()
+        raise
+
+
+def agreed_outcome(output: OutputFolder | None, errors: list[str],
+                   complete: Callable[[], object], caller: str = "save_experts") -> str | None:
+    """Rank 0 (which holds ``output``) completes the folder and moves it into place, or
+    removes it after any rank's failure (``_put_in_place``); every rank gets the failure's
+    message, else None."""
+    verdict: list = [None]
+    if output is not None:
+        verdict[0] = _put_in_place(output, errors, complete, caller)
+    dist.broadcast_object_list(verdict, src=0)
+    return verdict[0]
 
 
 def _put_in_place(output: OutputFolder, errors: list[str], complete: Callable[[], object],

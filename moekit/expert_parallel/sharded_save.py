@@ -49,7 +49,8 @@ from ..planner import build_plan, understand, validate
 from ..safetensors_writer import header_bytes
 from ..sizes import parse_size
 from .ranges import grouped_layout
-from .save import _agree_on_folder, _copy_sidecars, _dcp_write, _describe, _put_in_place
+from .save import (_agree_on_folder, _copy_sidecars, _dcp_write, _describe, agreed_outcome,
+                   discarded_if_interrupted)
 from .sharded import ShardedMesh, agree, agree_on_holdings, chunk
 
 FORMATS = ("safetensors", "dcp")
@@ -298,7 +299,7 @@ def _write(job: _Job, path: Path, overwrite: bool, config_from: str | Path | Non
     """Rank 0 makes the folder and sizes the files; every rank writes its bytes; rank 0
     completes the folder and puts it in place, and tells every rank how it went."""
     output, folder = _agree_on_folder(path, overwrite, config_from)
-    try:
+    with discarded_if_interrupted(output):
         created: list = [None]
         if output is not None:
             created[0] = _attempt(lambda: _create(folder, job.files), path)
@@ -309,19 +310,11 @@ def _write(job: _Job, path: Path, overwrite: bool, config_from: str | Path | Non
             error = created[0] if output is not None else None
         outcomes: list = [None] * dist.get_world_size()
         dist.all_gather_object(outcomes, error)
-        verdict: list = [None]
-        if output is not None:
-            errors = [f"rank {r}: {e}" for r, e in enumerate(outcomes) if e]
-            verdict[0] = _put_in_place(output, errors,
-                                       lambda: _complete(output, job, config_from),
-                                       "save_sharded")
-        dist.broadcast_object_list(verdict, src=0)
-    except BaseException:
-        if output is not None:
-            output.discard()
-        raise
-    if verdict[0]:
-        raise MoekitError(verdict[0])
+        errors = [f"rank {r}: {e}" for r, e in enumerate(outcomes) if e]
+        verdict = agreed_outcome(output, errors, lambda: _complete(output, job, config_from),
+                                 "save_sharded")
+    if verdict:
+        raise MoekitError(verdict)
 
 
 def _attempt(step: Callable[[], object], path: Path) -> str | None:
