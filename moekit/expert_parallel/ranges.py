@@ -25,10 +25,16 @@ from ..plan import Plan
 from ..planner import Analysis, build_plan, validate
 
 
+def chunk(length: int, parts: int, index: int) -> slice:
+    """``torch.chunk``'s rule (DTensor's ``Shard(0)`` and FSDP2's): ``ceil(length / parts)``
+    rows a part, the last parts fewer or none."""
+    per_part = math.ceil(length / parts) if length else 0
+    return slice(min(index * per_part, length), min((index + 1) * per_part, length))
+
+
 def _chunk(n_experts: int, ep_size: int, ep_rank: int) -> range:
     """``torch.chunk``'s rule: ``ceil(E / n)`` experts a rank, the last ranks fewer or none."""
-    per_rank = math.ceil(n_experts / ep_size)
-    return range(min(ep_rank * per_rank, n_experts), min((ep_rank + 1) * per_rank, n_experts))
+    return range(n_experts)[chunk(n_experts, ep_size, ep_rank)]
 
 
 def _vllm(n_experts: int, ep_size: int, ep_rank: int) -> range:

@@ -18,7 +18,7 @@ from ..model_config import MAX_BUILT_LAYERS, ConfigValues
 from ..plan import TensorPlan, nbytes, reads
 from ..planner import (Analysis, build_plan, config_settings, understand, understand_checkpoint,
                        validate)
-from .ranges import expert_range, grouped_layout
+from .ranges import chunk, expert_range, grouped_layout
 
 MAX_RANKS = 1 << 16
 """The most ranks (dp x ep) ``ep_report`` tabulates: more than any training cluster
@@ -150,11 +150,9 @@ class _Other(NamedTuple):
 
 
 def _chunk_length(length: int, parts: int, index: int) -> int:
-    """How many of ``length`` rows part ``index`` of ``parts`` gets by ``torch.chunk``'s
-    rule (DTensor's ``Shard(0)`` and FSDP2's): ``ceil(length / parts)`` a part, the last
-    parts fewer or none."""
-    per_part = -(-length // parts)
-    return max(0, min((index + 1) * per_part, length) - index * per_part)
+    """How many of ``length`` rows part ``index`` of ``parts`` gets (``chunk``)."""
+    part = chunk(length, parts, index)
+    return part.stop - part.start
 
 
 def default_layout(analysis: Analysis) -> str:

@@ -45,7 +45,7 @@ from ..executors.device import read_plan
 from ..gc_pauses import without_gc_pauses
 from ..plan import Expr, Plan, Read, TensorPlan
 from ..planner import build_plan, understand_checkpoint
-from .ranges import expert_range, grouped_layout, rank_plan
+from .ranges import chunk, expert_range, grouped_layout, rank_plan
 
 
 @without_gc_pauses
@@ -152,13 +152,6 @@ class ShardedMesh:
     def fsdp_dtensor(self, local: torch.Tensor, rows: int) -> DTensor:
         """A rank's rows as FSDP2 exposes a parameter: ``Shard(0)`` over the FSDP submesh."""
         return _from_local(local, self.fsdp_mesh, [Shard(0)], rows)
-
-
-def chunk(length: int, parts: int, index: int) -> slice:
-    """``torch.chunk``'s rule (DTensor's and FSDP2's): ``ceil(length / parts)`` rows a part,
-    the last parts fewer or none."""
-    per_part = math.ceil(length / parts) if length else 0
-    return slice(min(index * per_part, length), min((index + 1) * per_part, length))
 
 
 def _from_local(local: torch.Tensor, mesh: DeviceMesh, placements: list, rows: int) -> DTensor:

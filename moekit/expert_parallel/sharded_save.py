@@ -48,10 +48,10 @@ from ..plan import Plan, Read, TensorPlan, reads
 from ..planner import build_plan, understand, validate
 from ..safetensors_writer import header_bytes
 from ..sizes import parse_size
-from .ranges import grouped_layout
+from .ranges import chunk, grouped_layout
 from .save import (_agree_on_folder, _copy_sidecars, _dcp_write, _describe, agreed_outcome,
                    discarded_if_interrupted)
-from .sharded import ShardedMesh, agree, agree_on_holdings, chunk
+from .sharded import ShardedMesh, agree, agree_on_holdings
 
 FORMATS = ("safetensors", "dcp")
 """What ``save_sharded`` writes: an HF per-expert safetensors checkpoint, or the state
