@@ -210,13 +210,11 @@ class _Share:
             mine = expert_range(n_experts, mesh.ep_size, mesh.ep_rank)
             return mesh.expert_dtensor(_gather(value.contiguous(), len(mine), mesh.fsdp_size,
                                                mesh.fsdp_group), n_experts)
-        if self.kind == "rows":
-            if self.built:
-                value = value[self.piece].clone()
-            held = self.held.stop - self.held.start
-            return mesh.fsdp_dtensor(_gather(value.contiguous(), held, mesh.ep_size,
-                                             mesh.ep_group), self.rows)
-        raise MoekitError(f"load_sharded has no placement {self.kind!r}")
+        if self.built:
+            value = value[self.piece].clone()
+        held = self.held.stop - self.held.start
+        return mesh.fsdp_dtensor(_gather(value.contiguous(), held, mesh.ep_size,
+                                         mesh.ep_group), self.rows)
 
 
 def _gather(piece: torch.Tensor, rows: int, size: int, group: dist.ProcessGroup
