@@ -12,7 +12,7 @@ from ..checkpoint import Checkpoint
 from ..conversion import run_checkpoint_job, state_dict_meta
 from ..executors.memory import run_plan
 from ..layouts import layout_named
-from ..plan import Expr, Plan, composed_plan
+from ..plan import composed_plan
 from ..sources import DictSource
 from .planner import UpcyclePlan, build_upcycle_plan
 from .relayout import in_layout
@@ -28,15 +28,9 @@ def plan_upcycle(dense_path: str | Path, spec: UpcycleSpec, to: str = "hf"
     plan = build_upcycle_plan(checkpoint.made or checkpoint.tensors, checkpoint.config, spec,
                               label, where=checkpoint.file_of)
     if checkpoint.made:
-        plan = replace(plan, plan=read_stored(plan.plan, checkpoint.made))
+        plan = replace(plan, plan=composed_plan(plan.plan, checkpoint.made))
     layout = layout_named(to)
     return checkpoint, replace(plan, plan=in_layout(plan.plan, plan.config, layout, label))
-
-
-def read_stored(plan: Plan, made: Mapping[str, Expr]) -> Plan:
-    """``plan`` reading the files of a checkpoint whose tensors are ``made`` from them (a
-    dense Megatron-Core checkpoint)."""
-    return composed_plan(plan, made)
 
 
 def upcycle(dense_path: str | Path, dst_path: str | Path, spec: UpcycleSpec,
