@@ -105,7 +105,7 @@ def _saved(tensors: list[TensorPlan]) -> dict[str, object]:
     return saved
 
 
-def index_of(tensor: TensorPlan) -> MetadataIndex:
+def _index_of(tensor: TensorPlan) -> MetadataIndex:
     """The index DCP gives the write of a plan tensor: its name (or stored tensor's) and
     the offset of its data there."""
     if tensor.chunk is None:
@@ -127,7 +127,7 @@ class _Chunks:
 
     def __create_write_items__(self, fqn: str, obj: object) -> list[WriteItem]:
         properties = TensorProperties(dtype=to_torch(self.dtype))
-        return [WriteItem(index=index_of(t), type=WriteItemType.SHARD,
+        return [WriteItem(index=_index_of(t), type=WriteItemType.SHARD,
                           tensor_data=TensorWriteData(
                               chunk=ChunkStorageMetadata(torch.Size(t.chunk.offsets),
                                                          torch.Size(t.shape)),
@@ -178,7 +178,7 @@ class _RecipePlanner(DefaultSavePlanner):
     def __init__(self, plan: Plan, source: TensorSource, done: Callable[[int], object]
                  ) -> None:
         super().__init__()
-        self._tensors = {index_of(t): t for t in plan.tensors}
+        self._tensors = {_index_of(t): t for t in plan.tensors}
         self._source = KeepingStatistics(source)
         self._done = done
 
@@ -196,8 +196,7 @@ class _ShardedWriter(FileSystemWriter):
     ``max_shard_bytes`` (DCP's own writer puts a rank's tensors in one file per thread),
     and the non-tensor objects in the last file."""
 
-    def __init__(self, folder: Path, plan: Plan, max_shard_bytes: int, objects: int = 0
-                 ) -> None:
+    def __init__(self, folder: Path, plan: Plan, max_shard_bytes: int, objects: int) -> None:
         super().__init__(folder, sync_files=False, overwrite=False)
         shards = shard_tensors(plan.tensors, max_shard_bytes)
         self._shards = shards if shards or not objects else [[]]
@@ -210,7 +209,7 @@ class _ShardedWriter(FileSystemWriter):
             name = f"{plan.storage_data.prefix}{number}{DISTCP_SUFFIX}"
             last = number == len(self._shards) - 1
             files.put((self.fs.concat_path(self.path, name), name,
-                       [items[index_of(t)] for t in shard] + (objects if last else [])))
+                       [items[_index_of(t)] for t in shard] + (objects if last else [])))
         # torch 2.13's FileSystemWriter.write_data fills this queue (path, file name,
         # items) with its own split and hands it to _write_data, which writes each file.
         return self._write_data(planner, files)
