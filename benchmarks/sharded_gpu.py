@@ -48,7 +48,8 @@ for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTIC
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from common import qwen3_moe_tensors, warm_page_cache, write_figures, write_synthetic  # noqa: E402
+from common import (expert_bytes_per_layer, qwen3_moe_tensors, warm_page_cache,  # noqa: E402
+                    write_figures, write_synthetic)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
@@ -70,8 +71,7 @@ LAYOUT = "transformers"
 
 def qwen3_checkpoint(path: Path, args: argparse.Namespace) -> None:
     """A Qwen3-MoE-shaped bf16 checkpoint of about ``args.size_gib``."""
-    per_layer = 2 * 3 * args.experts * args.hidden * args.inter
-    layers = max(1, round(args.size_gib * 2**30 / per_layer))
+    layers = max(1, round(args.size_gib * 2**30 / expert_bytes_per_layer(args)))
     config = {"model_type": "qwen3_moe", "num_experts": args.experts,
               "hidden_size": args.hidden, "moe_intermediate_size": args.inter,
               "num_hidden_layers": layers}
