@@ -34,6 +34,17 @@ QWEN = "qwen3_moe"
 """The model_type of the sample and of the fixtures' model (gate and up concatenated)."""
 
 
+def saved_with_random_weights(wrapped, folder):
+    """A PEFT model with every LoRA weight drawn from N(0, 0.3) (PEFT initialises B to
+    zero, which would hide a misplaced factor), saved into ``folder``."""
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_" in name:
+                param.normal_(0.0, 0.3)
+    wrapped.save_pretrained(folder)
+    return wrapped
+
+
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
     """A PEFT adapter on the experts (and q_proj) of the Qwen3-MoE sample, saved by the
@@ -43,14 +54,8 @@ def adapter(tmp_path_factory):
     config = peft.LoraConfig(r=R, lora_alpha=8, target_modules=["q_proj"],
                              target_parameters=["mlp.experts.gate_up_proj",
                                                 "mlp.experts.down_proj"])
-    wrapped = peft.get_peft_model(model, config)
-    with torch.no_grad():
-        for name, param in wrapped.named_parameters():
-            if "lora_" in name:
-                param.normal_(0.0, 0.3)
     folder = tmp_path_factory.mktemp("lora")
-    wrapped.save_pretrained(folder)
-    return folder, wrapped
+    return folder, saved_with_random_weights(peft.get_peft_model(model, config), folder)
 
 
 def _fixture(release: str) -> tuple[dict[str, torch.Tensor], dict, dict[str, torch.Tensor]]:
@@ -329,13 +334,8 @@ def gpt_oss_adapter(tmp_path_factory):
     model = samples.build_model("gpt_oss")
     config = peft.LoraConfig(r=R, lora_alpha=8, target_parameters=["mlp.experts.gate_up_proj",
                                                                    "mlp.experts.down_proj"])
-    wrapped = peft.get_peft_model(model, config)
-    with torch.no_grad():
-        for name, param in wrapped.named_parameters():
-            if "lora_" in name:
-                param.normal_(0.0, 0.3)
     folder = tmp_path_factory.mktemp("gpt_oss_lora")
-    wrapped.save_pretrained(folder)
+    wrapped = saved_with_random_weights(peft.get_peft_model(model, config), folder)
     return load_all(folder), _delta_weights(wrapped), config.lora_alpha / config.r
 
 
