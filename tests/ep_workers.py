@@ -85,6 +85,11 @@ def _check_adapter(state: dict, src: Path, mesh, layout: str, mine: range,
     assert all(torch.equal(back[k], hf[k]) for k in back)
 
 
+def disk_full(*args, **kwargs):
+    """Stands in for a write that fails, as on a full disk."""
+    raise OSError("disk full")
+
+
 def save_failing_on_rank_1(rank: int, world: int, store: str, src: str, out: str) -> None:
     """save_experts where rank 1's write fails: every rank must raise, nothing is left."""
     import moekit.expert_parallel.save as save_module
@@ -93,10 +98,7 @@ def save_failing_on_rank_1(rank: int, world: int, store: str, src: str, out: str
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     state = load_experts(src, mesh)
     if rank == 1:
-        def broken(*args, **kwargs):
-            raise OSError("disk full")
-
-        save_module.write_shard = broken
+        save_module.write_shard = disk_full
     try:
         save_experts(state, out, mesh, config_from=src)
         raise AssertionError("save_experts should have failed")
@@ -229,10 +231,7 @@ def save_dcp_failing_on_rank_1(rank: int, world: int, store: str, src: str, out:
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     state = load_experts(src, mesh)
     if rank == 1:
-        def broken(*args, **kwargs):
-            raise OSError("disk full")
-
-        FileSystemWriter.write_data = broken
+        FileSystemWriter.write_data = disk_full
     try:
         save_experts(state, out, mesh, config_from=src, format="dcp")
         outcome = "ok"
