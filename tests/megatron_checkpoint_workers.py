@@ -22,13 +22,19 @@ def _init(rank: int, world: int, store: str, ep: int = 1) -> None:
 def gpt_model(config: dict, ep: int = 1):
     """megatron-core's GPTModel (local layer spec) holding the transformers model that
     ``config`` (a config.json) describes: Llama-style attention, RMSNorm, RoPE, and routed
-    experts renormalised over the top k (``moe_router_pre_softmax=False``) when it has any."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    experts renormalised over the top k (``moe_router_pre_softmax=False``) when it has any,
+    Qwen3-MoE's ``mlp_only_layers`` dense (``moe_layer_freq`` a list, each layer's spec from
+    ``get_gpt_decoder_block_spec``)."""
+    from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_decoder_block_spec,
+                                                          get_gpt_layer_local_spec)
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     experts = config.get("num_experts") or config.get("num_local_experts") or 0
-    moe = dict(num_moe_experts=experts, moe_router_topk=config["num_experts_per_tok"],
+    dense = set(config.get("mlp_only_layers") or ()) if experts else set()
+    moe = dict(moe_layer_freq=[int(layer not in dense)
+                               for layer in range(config["num_hidden_layers"])] if dense else 1,
+               num_moe_experts=experts, moe_router_topk=config["num_experts_per_tok"],
                moe_ffn_hidden_size=config.get("moe_intermediate_size",
                                               config["intermediate_size"]),
                moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
@@ -45,8 +51,9 @@ def gpt_model(config: dict, ep: int = 1):
         bias_activation_fusion=False, normalization="RMSNorm",
         layernorm_epsilon=config["rms_norm_eps"], qk_layernorm=qk_norm, hidden_dropout=0.0,
         attention_dropout=0.0, apply_rope_fusion=False, **moe)
-    spec = get_gpt_layer_local_spec(num_experts=experts or None, moe_grouped_gemm=False,
-                                    qk_layernorm=qk_norm)
+    spec = (get_gpt_decoder_block_spec(transformer, use_transformer_engine=False) if dense else
+            get_gpt_layer_local_spec(num_experts=experts or None, moe_grouped_gemm=False,
+                                     qk_layernorm=qk_norm))
     rope = config.get("rope_parameters") or {}
     model = GPTModel(config=transformer, transformer_layer_spec=spec,
                      vocab_size=config["vocab_size"],
@@ -97,32 +104,58 @@ def save_expert_parallel(rank: int, world: int, store: str, config_folder: str, 
     _init(rank, world, store, ep=world)
     model = gpt_model(_config(Path(config_folder)), ep=world)
     torch.manual_seed(0)
-    experts = {}
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.2)
-        for layer, block in enumerate(model.decoder.layers):
-            for e, local in zip(block.mlp.local_expert_indices, block.mlp.experts.local_experts):
-                torch.manual_seed(1000 * layer + e)
-                for p in local.parameters():
-                    p.normal_(0.0, 0.2)
-                experts[(layer, e)] = {name: p.clone() for name, p in local.named_parameters()}
+        for (layer, e), local in _local_experts(model).items():
+            torch.manual_seed(1000 * layer + e)
+            for p in local.parameters():
+                p.normal_(0.0, 0.2)
     logits = megatron_workers.forward([model], ids)
     dist_checkpointing.save(model.sharded_state_dict(), out)
-    torch.save({"experts": experts, "logits": logits}, f"{result}.{rank}")
+    torch.save({"experts": _expert_weights(model), "logits": logits}, f"{result}.{rank}")
     megatron_workers.finish()
 
 
+def load_expert_parallel(rank: int, world: int, store: str, folders: list[str],
+                         ids: torch.Tensor, result: str) -> None:
+    """Load each of ``folders`` (torch_dist checkpoints with their config.json) strictly
+    into megatron-core's model at EP = ``world``; each rank saves, by folder, its logits
+    on ``ids`` and the weights of the experts it holds into ``result``.RANK."""
+    _init(rank, world, store, ep=world)
+    found = {}
+    for folder in map(Path, folders):
+        model = gpt_model(_config(folder), ep=world)
+        _load(folder, model)
+        found[str(folder)] = {"logits": megatron_workers.forward([model], ids),
+                              "experts": _expert_weights(model)}
+    torch.save(found, f"{result}.{rank}")
+    megatron_workers.finish()
+
+
+def _local_experts(model) -> dict[tuple[int, int], torch.nn.Module]:
+    """The experts this expert-parallel rank holds, by (layer, global expert index)."""
+    return {(layer, e): local for layer, block in enumerate(model.decoder.layers)
+            for e, local in zip(block.mlp.local_expert_indices, block.mlp.experts.local_experts)}
+
+
+def _expert_weights(model) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+    """A copy of the weights of the experts this rank holds, by (layer, global expert)."""
+    return {index: {name: p.detach().clone() for name, p in local.named_parameters()}
+            for index, local in _local_experts(model).items()}
+
+
 def _load(folder: Path, model) -> None:
-    """Load the torch_dist checkpoint ``folder`` strictly into ``model``."""
+    """Load the torch_dist checkpoint ``folder`` strictly into ``model``, as Megatron-LM
+    does: the model's sharded state dict under "model", the common state beside it."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     iteration = (folder / "latest_checkpointed_iteration.txt").read_text().strip()
-    loaded = dist_checkpointing.load(model.sharded_state_dict(),
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()},
                                      str(folder / f"iter_{int(iteration):07d}"),
                                      strict=StrictHandling.RAISE_ALL)
-    model.load_state_dict(loaded, strict=True)
+    model.load_state_dict(loaded["model"], strict=True)
 
 
 def _upcycled(dense: Path, upcycled: list, ids: torch.Tensor) -> dict:

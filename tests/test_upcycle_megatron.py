@@ -156,6 +156,14 @@ def test_spec_settings_this_path_would_ignore_are_refused(setting, message):
         megatron.upcycle_state_dict(_moe_layer(False), _dense_layer(), spec)
 
 
+def test_drop_upcycling_of_a_layer_without_its_layer_number_is_refused():
+    """Its draws are seeded by the layer index, which megatron-core's TransformerLayer
+    gives the MoE layer (``layer_number``)."""
+    with pytest.raises(MoekitError, match="mlp: Drop-Upcycling .* has no layer_number"):
+        megatron.upcycle_state_dict(_moe_layer(False, _config(moe_ffn_hidden_size=64)),
+                                    _dense_layer(), UpcycleSpec(4, 2, "drop"))
+
+
 def test_te_grouped_naming_holds_the_same_experts_as_sequential_naming():
     torch.manual_seed(0)
     dense = _dense_layer()

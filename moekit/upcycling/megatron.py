@@ -20,6 +20,9 @@ moekit's recipes:
   moekit slices the gate and up halves of ``linear_fc1`` apart (Megatron-Core slices across
   them);
 - the experts of the local expert-parallel rank only (``MoELayer.local_expert_indices``);
+- Drop-Upcycling draws seeded by the global layer and expert indices, as ``moekit
+  upcycle``'s are: the same dense model and seed give the same experts on any
+  expert-parallel rank, and the same as ``moekit upcycle --to megatron`` writes;
 - SequentialMLP (``experts.local_experts.{i}.linear_fc1.weight``) and TEGroupedMLP
   (``experts.linear_fc1.weight{i}``) naming, with fc1/fc2 biases;
 - several model chunks (virtual pipeline): chunk i of the MoE model from chunk i of the
@@ -65,6 +68,17 @@ class MoELayerInfo:
     local_experts: tuple[int, ...]
     grouped_naming: bool
     """TEGroupedMLP (``weight{i}``) rather than SequentialMLP (``local_experts.{i}``)."""
+    layer: int | None
+    """The model's layer index, counted from 0 over every pipeline stage (megatron-core's
+    ``MoELayer.layer_number`` - 1); None for a layer built outside a ``TransformerLayer``."""
+
+    @property
+    def draw_label(self) -> int | str:
+        """What Drop-Upcycling's draws are seeded with besides the global expert index: the
+        layer index, as the Hugging Face planner seeds them, so that a dense model upcycled
+        here or by ``moekit upcycle`` gets the same experts (``_layer_spec`` refuses drop
+        without one)."""
+        return self.prefix if self.layer is None else self.layer
 
     def expert_key(self, local: int, fc: str, kind: str) -> str:
         if self.grouped_naming:
@@ -90,8 +104,7 @@ def upcycle_state_dict(moe_model: nn.Module | Sequence[nn.Module],
     if len(moe_chunks) != len(dense_chunks):
         raise MoekitError(f"the MoE model has {len(moe_chunks)} chunks and the dense model "
                           f"{len(dense_chunks)}; they must match one to one")
-    states = [_upcycle_chunk(m, d, spec, i)
-              for i, (m, d) in enumerate(zip(moe_chunks, dense_chunks))]
+    states = [_upcycle_chunk(m, d, spec) for m, d in zip(moe_chunks, dense_chunks)]
     if len(states) == 1:
         return {"model": states[0]}
     return {f"model{i}": state for i, state in enumerate(states)}
@@ -116,7 +129,7 @@ def _chunks(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
     return [model] if isinstance(model, nn.Module) else list(model)
 
 
-def _upcycle_chunk(moe: nn.Module, dense: nn.Module, spec: UpcycleSpec | None, chunk: int
+def _upcycle_chunk(moe: nn.Module, dense: nn.Module, spec: UpcycleSpec | None
                    ) -> dict[str, Any]:
     dense_sd = dense.state_dict()
     state = dict(moe.state_dict())
@@ -135,8 +148,7 @@ def _upcycle_chunk(moe: nn.Module, dense: nn.Module, spec: UpcycleSpec | None, c
                    if isinstance(state.get(key), torch.Tensor)})
     meta = state_dict_meta(source)
     tensors = [t for layer in layers
-               for t in _layer_tensors(layer, _layer_spec(layer, meta, spec), meta,
-                                       f"chunk{chunk}.{layer.prefix}")]
+               for t in _layer_tensors(layer, _layer_spec(layer, meta, spec), meta)]
     plan = Plan("megatron", "dense", "megatron", tensors)
     device = state[tensors[0].name].device
     state.update(run_plan(plan, DictSource(source), device))
@@ -158,8 +170,9 @@ def _moe_layers(moe: nn.Module, state: Mapping[str, Any]) -> list[MoELayerInfo]:
         if not (grouped or sequential):
             raise MoekitError(f"{name}: experts of type {type(module.experts).__name__} are not "
                               "supported; use SequentialMLP or TEGroupedMLP")
+        number = getattr(module, "layer_number", None)
         layers.append(MoELayerInfo(name, module.config, tuple(module.local_expert_indices),
-                                   grouped))
+                                   grouped, None if number is None else number - 1))
     return layers
 
 
@@ -183,6 +196,10 @@ def _layer_spec(layer: MoELayerInfo, meta: Mapping[str, Any], spec: UpcycleSpec 
             f"G={spec.granularity}, but the MoE model has {config.num_moe_experts} experts, "
             f"top-{config.moe_router_topk} and G={granularity} (dense ffn {dense_ffn} / MoE "
             f"ffn {config.moe_ffn_hidden_size})")
+    if spec.method == "drop" and layer.layer is None:
+        raise MoekitError(f"{layer.prefix}: Drop-Upcycling seeds each expert's draws with its "
+                          "layer index, and this MoE layer has no layer_number (megatron-core "
+                          "sets it when a TransformerLayer builds the layer)")
     ignored = _ignored_settings(spec)
     if ignored:
         raise MoekitError(f"{layer.prefix}: {'; '.join(ignored)}")
@@ -278,8 +295,8 @@ def _scales(spec: UpcycleSpec, config: Any) -> dict[str, float]:
     return spec.projection_scales(root, activation_scale)
 
 
-def _layer_tensors(layer: MoELayerInfo, spec: UpcycleSpec, meta: Mapping[str, Any],
-                   label: str) -> list[TensorPlan]:
+def _layer_tensors(layer: MoELayerInfo, spec: UpcycleSpec, meta: Mapping[str, Any]
+                   ) -> list[TensorPlan]:
     gated = bool(layer.config.gated_linear_unit)
     weights = _dense_mlp(_read(meta, f"{layer.prefix}.linear_fc1.weight"),
                          _read(meta, f"{layer.prefix}.linear_fc2.weight"), gated)
@@ -291,7 +308,7 @@ def _layer_tensors(layer: MoELayerInfo, spec: UpcycleSpec, meta: Mapping[str, An
                       _router(_read(meta, f"{_OWN_ROUTER}{layer.prefix}.router.{kind}"), spec))
            for kind in ("weight", "bias") if f"{_OWN_ROUTER}{layer.prefix}.router.{kind}" in meta]
     for local, expert in enumerate(layer.local_experts):
-        parts = recipes.expert_projections(weights, spec, label, expert, scales)
+        parts = recipes.expert_projections(weights, spec, layer.draw_label, expert, scales)
         out.append(TensorPlan(layer.expert_key(local, "linear_fc1", "weight"),
                               _fc1(parts, gated)))
         out.append(TensorPlan(layer.expert_key(local, "linear_fc2", "weight"), parts["down"]))
