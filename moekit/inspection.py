@@ -11,6 +11,7 @@ from pathlib import Path
 from .checkpoint import TensorInfo
 from .errors import MoekitError, compress_ranges, printable, shortened
 from .gc_pauses import without_gc_pauses
+from .layouts.base import ExpertBlock
 from .layouts.families import FP8_SCALE_KEY, MXFP4_BLOCKS_KEY, MXFP4_SCALES_KEY
 from .plan import nbytes
 from .planner import Analysis, analyse_checkpoint
@@ -42,6 +43,10 @@ class CheckpointInfo:
     *_scale (FP8 block scales)."""
     quantization: str | None = None
     """e.g. "fp8 e4m3, 128x128 block scales"; None for plain floating-point weights."""
+    expert_groups: list[dict[str, object]] = field(default_factory=list)
+    """Where each MoE layer holds several groups of routed experts (ERNIE-4.5-VL's text and
+    vision experts), each group's name, experts and intermediate size, in the order the HF
+    files number them; ``expert_intermediate_size`` is then None."""
     dtypes: dict[str, int] = field(default_factory=dict)
     """dtype -> bytes."""
     total_bytes: int = 0
@@ -66,8 +71,11 @@ class CheckpointInfo:
                 f"  MoE layers        {compress_ranges(self.moe_layers)} ({len(self.moe_layers)})"
                 + (f", multi-token prediction {compress_ranges(self.mtp_layers)}"
                    if self.mtp_layers else ""),
-                f"  routed experts    E={self.n_experts}, I={self.expert_intermediate_size}, "
-                f"H={self.hidden_size}",
+                f"  routed experts    E={self.n_experts}, "
+                + (f"in {len(self.expert_groups)} groups" if self.expert_groups else
+                   f"I={self.expert_intermediate_size}") + f", H={self.hidden_size}",
+                *(f"  expert group      {g['name']}: E={g['experts']}, "
+                  f"I={g['intermediate_size']}" for g in self.expert_groups),
                 f"  expert pieces     {', '.join(self.expert_pieces)}"
                 + ("" if "gate" in self.expert_pieces else " (non-gated)")
                 + (" (with biases)" if any(p.endswith("_bias") for p in self.expert_pieces)
@@ -109,13 +117,30 @@ def inspect(path: str | Path, from_: str | None = None) -> CheckpointInfo:
         moe_layers=moe, mtp_layers=_mtp_layers(moe, analysis),
         dense_layers=[l for l in sorted(layer_bytes) if l not in analysis.blocks],
         hidden_size=gate.shape[1] if gate else None,
-        expert_intermediate_size=gate.shape[0] if gate else None,
+        expert_intermediate_size=(gate.shape[0] if gate and not analysis.family.expert_groups
+                                  else None),
         shared_expert_intermediate_size=_shared_size(checkpoint.tensors, analysis),
         expert_pieces=[p for p in analysis.family.all_pieces
                        if first and any(q == p for q, _ in first.pieces)],
         quantization=_quantization(checkpoint.tensors),
+        expert_groups=_expert_groups(first, analysis),
         dtypes=dict(dtypes), total_bytes=sum(dtypes.values()), layer_bytes=dict(layer_bytes),
         n_tensors=len(checkpoint.tensors))
+
+
+def _expert_groups(first: ExpertBlock | None, analysis: Analysis) -> list[dict[str, object]]:
+    """Each expert group's name, experts and intermediate size (the rows of its first
+    expert's gate, or up where there is no gate, in the first MoE layer)."""
+    groups = analysis.family.expert_groups
+    if first is None or not groups:
+        return []
+    size = analysis.n_experts // len(groups)
+    found = []
+    for k, group in enumerate(groups):
+        piece = first.pieces.get(("gate", k * size), first.pieces.get(("up", k * size)))
+        found.append({"name": group.name, "experts": size,
+                      "intermediate_size": piece.shape[0] if piece else None})
+    return found
 
 
 def _mtp_layers(moe: list[int], analysis: Analysis) -> list[int]:

@@ -218,6 +218,21 @@ def expert_period(values: ConfigValues) -> MoeLayers | None:
                      f"expert_layer_period {period}, expert_layer_offset {offset}")
 
 
+def mlp_layer_types(values: ConfigValues) -> MoeLayers | None:
+    """ERNIE-4.5-VL: the layers ``mlp_layer_types`` marks "sparse" (transformers 5.24's
+    default without it: every layer but the first)."""
+    count = values.integer("num_hidden_layers")
+    if count is None:
+        return None
+    types = values.strings("mlp_layer_types")
+    if types is None:
+        return MoeLayers(count, range(1, count), f"num_hidden_layers {count}, every layer "
+                         "but the first (no mlp_layer_types)")
+    sparse = frozenset(i for i, kind in enumerate(types) if kind == "sparse")
+    return MoeLayers(count, sparse, f"num_hidden_layers {count}, mlp_layer_types "
+                     f"({len(types)} layers, sparse at {len(sparse)} of them)")
+
+
 _BLOCK_PATTERN = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
 
 

@@ -22,9 +22,10 @@ from .errors import MoekitError, PlanError, compress_ranges, compress_runs, plur
 from .gc_pauses import without_gc_pauses
 from .layouts import BY_KEYS, FAMILIES, LAYOUTS, ExpertBlock, Family, Layout, family_named, layout_named
 from .layouts.base import ParsedExperts, TensorMeta
-from .layouts.grouped import MXFP4_DTYPE, MXFP4_PAIRS
+from .layouts.grouped import MXFP4_DTYPE, MXFP4_PAIRS, GroupedLayout
 from .layouts.families import (FP8_SCALE_KEY, GENERIC_FAMILIES, MAX_EXPERTS, MX_BLOCKS,
-                               MX_SCALES, SCALE, family_of_model_type, renamed_shape)
+                               MX_SCALES, SCALE, GroupPart, family_of_model_type,
+                               renamed_shape)
 from .model_config import DEFAULT_FP8_BLOCK, ConfigValues, MoeLayers, expert_count, fp8_block
 from .plan import (Concat, Dequantize, DequantizeMXFP4, Expr, Plan, Read, Reshape, Stack,
                    TensorPlan, Transpose, composed_plan)
@@ -106,9 +107,6 @@ def understand(tensors: Mapping[str, TensorMeta], config: dict | None,
     source = config_file or "the config given"
     _check_object(config, source)
     fam, family_source = _choose_family(tensors, config, metadata, family)
-    if fam.unread:
-        raise MoekitError(f"{label} is a checkpoint of {fam.name}, whose experts moekit "
-                          f"does not read: {fam.unread}")
     settings = config_settings(config, fam, source)
     if from_:
         layout, layout_source = layout_named(from_), "given as the source layout"
@@ -207,6 +205,8 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
                    " (no config.json beside it names its model type: copy the model's there)")
         raise MoekitError(f"cannot read {analysis.label}{missing}: "
                           f"{analysis.layout.unnamed(analysis.family)}")
+    if analysis.family.expert_groups and (experts is not None or offset):
+        raise MoekitError(_split_groups(analysis.family))
     block_size = analysis.fp8_block
     if dequantize:
         _check_dequantizable(analysis)
@@ -227,10 +227,13 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
     expert_names = {t.name for emitted in by_layer.values() for t in emitted}
     layer_of_key = {key: layer for layer, block in analysis.blocks.items()
                     for key in _source_keys(block)}
+    parts = _group_parts(analysis, dst)
     tensors: list[TensorPlan] = []
     for key in analysis.tensors:
         if key in layer_of_key:
             tensors.extend(by_layer.pop(layer_of_key[key], []))
+        elif key in parts:
+            tensors.extend(parts[key])
         elif key not in analysis.parsed.claimed:
             recipe = _passed_through(key, analysis.tensors, dequantize, block_size)
             if recipe is not None:
@@ -245,6 +248,93 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
     if analysis.made:
         plan = composed_plan(plan, analysis.made)
     return dst.whole_model(plan, analysis.config, analysis.family, analysis.label)
+
+
+def _split_groups(family: Family) -> str:
+    """Why expert parallelism is refused for a family whose layers hold several groups of
+    experts."""
+    groups = ", ".join(group.name for group in family.expert_groups)
+    return (f"the {family.name} experts lie in {len(family.expert_groups)} groups in each "
+            f"MoE layer ({groups}), each with its own router, which moekit's expert "
+            "parallelism does not split (it splits one group of experts over the ranks); "
+            "convert the whole checkpoint instead")
+
+
+def _holds_groups_apart(layout: Layout, family: Family) -> bool:
+    """True when ``layout`` holds each of the family's expert groups in a module of its own
+    (transformers' ``text_moe``, ``vision_moe``), where the HF files number them in one
+    sequence."""
+    return isinstance(layout, GroupedLayout) and bool(layout.places(family)) and \
+        bool(family.expert_groups)
+
+
+def _group_parts(analysis: Analysis, dst: Layout) -> dict[str, list[TensorPlan]]:
+    """The expert groups' tensors outside the experts (``ExpertGroup.parts``: routers,
+    score-correction biases) when the source holds the groups otherwise than ``dst``
+    (``_holds_groups_apart``): each source key read -> the destination tensors written
+    where it stands (all at the first key of those a tensor joins). Empty when both hold
+    them alike, which the family's renames then cover."""
+    family, src = analysis.family, analysis.layout
+    apart = _holds_groups_apart(dst, family)
+    if not family.expert_groups or _holds_groups_apart(src, family) == apart:
+        return {}
+    module = (dst if apart else src).name
+    out: dict[str, list[TensorPlan]] = {}
+    for block in analysis.blocks.values():
+        joined: dict[str, list[tuple[int, GroupPart, str]]] = defaultdict(list)
+        for group, part in ((k, part) for k, group in enumerate(family.expert_groups)
+                            for part in group.parts):
+            named = f"{block.block}.{family.expert_groups[group].modules[module]}.{part.name}"
+            joined[f"{block.block}.{part.hf}"].append((group, part, named))
+        for hf_key, members in joined.items():
+            if apart:
+                _split_part(analysis, dst, hf_key, members, out)
+            else:
+                _join_part(analysis, dst, hf_key, members, out)
+    return out
+
+
+def _split_part(analysis: Analysis, dst: Layout, hf_key: str,
+                members: list[tuple[int, GroupPart, str]], out: dict[str, list[TensorPlan]]
+                ) -> None:
+    """The groups' tensors that one tensor of the HF files holds (a router stored [H, E],
+    or the score-correction biases of every group, a row each), as ``dst`` holds them."""
+    key = analysis.layout.from_hf_key(hf_key, analysis.family)
+    meta = analysis.tensors.get(key)
+    if meta is None:
+        return
+    made = out.setdefault(key, [])
+    for group, part, named in members:
+        recipe: Expr = Read.whole(key, meta)
+        if part.row:
+            recipe = Read(key, (slice(group, group + 1),), (1, *meta.shape[1:]), meta.dtype)
+        elif part.transposed:
+            recipe = Transpose(recipe)
+        made.append(TensorPlan(dst.from_hf_key(named, analysis.family), recipe))
+
+
+def _join_part(analysis: Analysis, dst: Layout, hf_key: str,
+               members: list[tuple[int, GroupPart, str]], out: dict[str, list[TensorPlan]]
+               ) -> None:
+    """One tensor of the HF files from the groups' tensors it holds (a router, transposed;
+    every group's score-correction bias, a row each), placed at the first of them."""
+    family, src = analysis.family, analysis.layout
+    keys = [src.from_hf_key(named, family) for _, _, named in members]
+    present = [key for key in keys if key in analysis.tensors]
+    if not present:
+        return
+    if len(present) < len(keys):
+        missing = next(key for key in keys if key not in analysis.tensors)
+        raise MoekitError(f"the source has {present[0]} but not {missing}, which the "
+                          f"{dst.name} layout joins with it into {hf_key}")
+    reads = [Read.whole(key, analysis.tensors[key]) for key in keys]
+    part = members[0][1]
+    if part.row:
+        recipe: Expr = Concat(tuple(reads), dim=0)
+    else:
+        recipe = Transpose(reads[0]) if part.transposed else reads[0]
+    out[present[0]] = [TensorPlan(dst.from_hf_key(hf_key, family), recipe)]
+    out.update({key: [] for key in present[1:]})
 
 
 def _unread_experts(settings: Settings) -> str:
@@ -613,6 +703,10 @@ def config_settings(config: dict | None, family: Family, source: str) -> Setting
     own = bool(family.model_types) and config.get("model_type") in (*family.model_types, None)
     layers = family.moe_layers(values) if own and family.moe_layers else None
     declared = expert_count(values, family.expert_count_keys)
+    if declared and family.expert_groups:
+        count, key = declared
+        declared = (count * family.n_groups, f"{key} {count} in each of the "
+                                             f"{family.n_groups} expert groups")
     if declared and declared[0] > MAX_EXPERTS:
         raise MoekitError(f"{values.source}: {declared[1]} is {declared[0]}, more routed "
                           f"experts than moekit plans for in a layer ({MAX_EXPERTS})")
@@ -809,10 +903,54 @@ def _block_problems(block: ExpertBlock, analysis: Analysis, where: Callable[[str
         problems.append(_Problem(f"{plural(len(extra), 'expert')} {compress_ranges(extra)} "
                                  f"beyond the {limit}{_weightless(analysis, extra)}",
                                  block.layer))
-    problems += _shape_problems(block, analysis.family, name, where, required)
+    for group in _expert_groups(block, analysis.family, n_experts):
+        problems += _shape_problems(group, analysis.family, name, where, required)
     problems += _scale_problems(block, name, analysis.fp8_block, required)
-    problems += _router_problems(block, analysis, router_rows)
+    if analysis.family.expert_groups:
+        problems += _group_part_problems(block, analysis, router_rows)
+    else:
+        problems += _router_problems(block, analysis, router_rows)
     return problems
+
+
+def _expert_groups(block: ExpertBlock, family: Family, n_experts: int) -> list[ExpertBlock]:
+    """``block`` as the family's groups of experts (``Family.expert_groups``), numbered one
+    group after another, each ``n_experts`` / groups: experts of one group share shapes,
+    those of two may not (ERNIE-4.5-VL's text and vision experts)."""
+    if not family.expert_groups:
+        return [block]
+    size = max(1, n_experts // family.n_groups)
+    return [ExpertBlock(block.layer, block.block,
+                        {k: v for k, v in block.pieces.items() if k[1] // size == group},
+                        {k: v for k, v in block.names.items() if k[1] // size == group})
+            for group in range(family.n_groups)]
+
+
+def _group_part_problems(block: ExpertBlock, analysis: Analysis, rows: int) -> list[_Problem]:
+    """Each expert group's router and score-correction bias (``ExpertGroup.parts``) must
+    fit the group's experts: a router [E, H] ([H, E] where the HF files hold it
+    transposed), a bias row [1, E] (every group's rows in one [groups, E] tensor in the HF
+    files), E each group's experts."""
+    family, layout = analysis.family, analysis.layout
+    size = rows // family.n_groups
+    hidden = next((part.shape[1] for (piece, _), part in block.pieces.items()
+                   if piece in ("gate", "up") and len(part.shape) == 2), None)
+    apart = _holds_groups_apart(layout, family)
+    problems: dict[str, _Problem] = {}
+    for group in family.expert_groups:
+        for part in group.parts:
+            rule = (1 if apart else family.n_groups, size) if part.row else (size, hidden)
+            if part.transposed and not apart:
+                rule = tuple(reversed(rule))
+            named = f"{group.modules[layout.name]}.{part.name}" if apart else part.hf
+            key = layout.from_hf_key(f"{block.block}.{named}", family)
+            meta = analysis.tensors.get(key)
+            if meta is None or None in rule or tuple(meta.shape) == rule:
+                continue
+            problems[key] = _Problem(f"{key} is {list(meta.shape)}, expected {list(rule)} "
+                                     f"for the {size} experts of each group "
+                                     f"{analysis.count_source}", block.layer)
+    return list(problems.values())
 
 
 def _missing_pieces(block: ExpertBlock, family: Family, name: Callable[[str], str],

@@ -278,11 +278,12 @@ def on_the_hub(model_type: str, saved: dict[str, torch.Tensor]) -> dict[str, tor
             for k, v in saved.items()}
 
 
-UNREAD = [t for t in MULTIMODAL if getattr(family_of_model_type(t), "unread", "")]
-"""Multimodal model types whose experts moekit does not read (``Family.unread``)."""
+GROUPED = [t for t in MULTIMODAL if family_of_model_type(t).expert_groups]
+"""Multimodal model types whose MoE layers hold several expert groups, which some layouts
+refuse (tests/test_two_expert_groups.py)."""
 
 
-@pytest.mark.parametrize("model_type", [t for t in MULTIMODAL if t not in UNREAD])
+@pytest.mark.parametrize("model_type", [t for t in MULTIMODAL if t not in GROUPED])
 def test_multimodal_text_experts_convert_and_the_rest_passes_through(model_type, tmp_path):
     """A multimodal checkpoint as save_pretrained writes it: its text model's experts (under
     language_model. or thinker.) convert into every layout and back byte for byte (back
@@ -321,28 +322,6 @@ def test_multimodal_text_experts_convert_and_the_rest_passes_through(model_type,
     reloaded = _multimodal_state_dict(type(model), tmp_path / "transformers-back")
     assert reloaded.keys() == expected.keys()
     assert [k for k in expected if not same_bytes(reloaded[k], expected[k])] == []
-
-
-@pytest.mark.parametrize("model_type", UNREAD)
-def test_a_multimodal_family_whose_experts_no_layout_holds_is_refused_with_why(model_type,
-                                                                            tmp_path, capsys):
-    """ERNIE-4.5-VL: transformers' own model holds each MoE layer's experts as two groups
-    of different sizes (text_moe, vision_moe); every command refuses the checkpoint with
-    that reason, and nothing is written."""
-    from moekit.cli import main
-
-    model = build_multimodal(model_type)
-    model.save_pretrained(tmp_path / "src")
-    sizes = {k.split(".mlp.")[1].split(".")[0]: tuple(v.shape)
-             for k, v in model.state_dict().items() if k.endswith("experts.down_proj")}
-    assert len(sizes) == 2 and len(set(sizes.values())) == 2, sizes
-    reason = family_of_model_type(model_type).unread
-    for command in (["inspect", str(tmp_path / "src")],
-                    ["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--to", "nemo"]):
-        assert main(command) == 2
-        err = capsys.readouterr().err
-        assert reason in err and "Traceback" not in err
-    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("model_type", [t for t in multimodal_moe_types() if t not in MULTIMODAL])
@@ -456,7 +435,7 @@ def _family_cases():
 
     return [pytest.param(family, model_type, id=f"{family.name}-{model_type}")
             for family in FAMILIES for model_type in family.model_types
-            if model_type in CONFIG_MAPPING and not family.unread]
+            if model_type in CONFIG_MAPPING and not family.expert_groups]
 
 
 @pytest.mark.parametrize("family,model_type", _family_cases())

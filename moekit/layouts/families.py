@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..model_config import (LayerRule, after_dense_prefix, block_types, dense_prefix_of,
-                            every_layer, expert_period, listed_or_interleaved, sparse_step)
+                            every_layer, expert_period, listed_or_interleaved, mlp_layer_types,
+                            sparse_step)
 
 PROJECTIONS = ("gate", "up", "down")
 """Canonical projection names: gate (w1, activated), up (w3, multiplied), down (w2)."""
@@ -61,6 +62,35 @@ def _replaced(key: str, old: str, new: str, at_start: bool) -> str:
     if at_start:
         return new + key[len(old):] if key.startswith(old) else key
     return key.replace(old, new, 1)
+
+
+@dataclass(frozen=True)
+class GroupPart:
+    """A tensor of one expert group outside its experts (its router, its score-correction
+    bias): where the HF files hold it, and where a layout that holds the groups apart
+    does."""
+
+    hf: str
+    """Its HF key, relative to the block (``gate.weight_1``)."""
+    name: str
+    """Its key relative to the group's module in a layout that holds the groups apart."""
+    transposed: bool = False
+    """True when the HF files hold it transposed (a router [H, E] for [E, H])."""
+    row: bool = False
+    """True when the HF files hold every group's in one tensor, the k-th group's as row k;
+    a layout holding the groups apart keeps that row as a tensor of one row."""
+
+
+@dataclass(frozen=True)
+class ExpertGroup:
+    """One of several groups of routed experts in each MoE layer, each with its own router
+    (ERNIE-4.5-VL's text and vision experts, of different intermediate sizes)."""
+
+    name: str
+    modules: dict[str, str]
+    """Per grouped layout that holds the groups apart: the group's module inside the block
+    (``text_moe``), whose ``experts`` module holds the group's grouped tensors."""
+    parts: tuple[GroupPart, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,12 +157,21 @@ class Family:
     ``input_linear``/``output_linear``, GPT-OSS's interleaved ``gate_up_proj``): the ``hf``
     layout is then transformers' fused tensors under the ``hf`` renames, transposition and
     interleave, read and written in that native form."""
-    unread: str = ""
-    """Why moekit reads no checkpoint of this family (experts no layout has a place for),
-    said when any command is given one; empty where it reads them."""
     moe_layers: LayerRule | None = None
     """Which decoder layers config.json makes MoE layers (``first_k_dense_replace``,
     ``decoder_sparse_step``, ...); None when the config's layers are not known."""
+    expert_groups: tuple[ExpertGroup, ...] = ()
+    """The groups of routed experts of each MoE layer where there are several, in the order
+    the HF files number their experts: one after another in one sequence, each group
+    ``expert_count_key`` experts. Empty: one group."""
+    groups_unheld: dict[str, str] = field(default_factory=dict)
+    """Per grouped layout without a module for each expert group (``ExpertGroup.modules``):
+    why; that layout is refused for the family."""
+
+    @property
+    def n_groups(self) -> int:
+        """How many groups of routed experts each MoE layer holds."""
+        return max(1, len(self.expert_groups))
 
     @property
     def expert_count_keys(self) -> tuple[str, ...]:
@@ -261,6 +300,48 @@ _QWEN3_OMNI_NEMO = tuple(Rename(f"thinker.{module}.", f"{module}.", at_start=Tru
                          for module in ("model", "audio_tower", "visual", "lm_head"))
 """NeMo AutoModel 0.7 (Qwen3OmniMoeStateDictAdapter) holds Qwen3-Omni's thinker alone,
 without the ``thinker.`` prefix (a talker's tensors keep their names)."""
+
+
+_ERNIE_VL_TRANSFORMERS = (
+    Rename("model.vision_model.", "model.vision_tower.", at_start=True),
+    *(Rename(f".{module}_linear.{index}.", f".{module}_linear.{name}.")
+      for module in ("spatial", "temporal") for index, name in (("0", "fc1"), ("2", "fc2"),
+                                                                 ("3", "ln"))),
+    *(Rename(f"model.{name}.", f"model.language_model.{name}.", at_start=True)
+      for name in ("embed_tokens", "layers", "norm")))
+"""transformers 5.24 holds ERNIE-4.5-VL's text model under ``model.language_model``, its
+vision tower as ``vision_tower`` and the resampler's sequential layers by name."""
+_ERNIE_VL_GROUPS = tuple(
+    ExpertGroup(name, {"transformers": f"{name}_moe"}, (
+        GroupPart(router, "gate.weight", transposed=True),
+        GroupPart("moe_statics.e_score_correction_bias",
+                  "gate.moe_statics.e_score_correction_bias", row=True)))
+    for name, router in (("text", "gate.weight"), ("vision", "gate.weight_1")))
+"""ERNIE-4.5-VL's expert groups as transformers 5.24 holds them: ``mlp.text_moe`` and
+``mlp.vision_moe``, each with its router [E, H] and its row of the score-correction
+biases [1, E]."""
+_ERNIE_VL_UNHELD = {
+    "nemo": "NeMo AutoModel 0.7 has no model of ERNIE-4.5-VL (its registry holds ERNIE-4.5's "
+            "text MoE alone), so it has no format of its own for the two groups",
+    "vllm": "vLLM's ERNIE-4.5-VL model holds the two groups in FusedMoE modules of its own "
+            "(mlp.text_experts, mlp.vision_experts, routed by text_experts_gate and "
+            "vision_experts_gate), which the vllm layout does not name; vLLM's loader reads "
+            "the Hub files (the hf layout)",
+}
+"""Why the grouped layouts other than transformers' hold no ERNIE-4.5-VL experts."""
+
+
+_MINIMAX_M3_VL_NEMO = (
+    Rename("language_model.lm_head.", "lm_head.", at_start=True),
+    Rename("language_model.model.", "model.", at_start=True),
+    *(Rename(f"{module}.", f"vision_tower.{module}.", at_start=True)
+      for module in ("multi_modal_projector", "patch_merge_mlp")),
+    Rename(".block_sparse_moe.shared_experts.", ".shared_experts."),
+    *(Rename(f".block_sparse_moe.{child}.", f".mlp.{child}.") for child in ("gate", "experts")),
+    Rename(".block_sparse_moe.e_score_correction_bias", ".mlp.gate.e_score_correction_bias"))
+"""NeMo AutoModel 0.7 (MiniMaxM3VLStateDictAdapter) holds MiniMax-M3-VL's text model under
+``model.``, its projector and patch merger under ``vision_tower``, its MoE block as ``mlp``
+(the score-correction bias on the router) and its shared experts beside it."""
 
 
 _TORCHTITAN_GQA = (
@@ -434,16 +515,16 @@ FAMILIES: tuple[Family, ...] = (
            _QWEN_PROJECTIONS, "n_routed_experts", shared_expert="shared_experts",
            count_aliases=("num_local_experts",), text_config=("text_config",),
            moe_layers=dense_prefix_of(1)),
-    # ERNIE-4.5-VL: each MoE layer's experts.0 to n-1 are the text experts and n to 2n-1
-    # the vision experts, of another intermediate size (moe_intermediate_size is a pair),
-    # routed by gate.weight and gate.weight_1 (stored [H, E]); transformers 5.24
-    # (conversion_mapping.py "ernie4_5_vl_moe") splits them into text_moe and vision_moe.
-    Family("ernie4_5_vl_moe", ("ernie4_5_vl_moe",), "model.layers.{layer}.mlp",
-           _QWEN_PROJECTIONS, "moe_num_experts", text_config=("text_config",),
-           unread="each MoE layer holds two groups of experts of different sizes, the text "
-                  "experts (experts 0 to n-1) and the vision experts (n to 2n-1), each with "
-                  "its own router (gate.weight, gate.weight_1); no layout moekit writes has a "
-                  "place for two expert groups in one layer"),
+    # ERNIE-4.5-VL: each MoE layer holds text experts and vision experts (intermediate
+    # sizes moe_intermediate_size[0] and [1]), moe_num_experts of each, numbered 0 to 2n-1
+    # in the files, text first; routers gate.weight and gate.weight_1 stored [H, E], the
+    # score-correction biases one [2, E] tensor. transformers 5.24 (conversion_mapping.py
+    # "ernie4_5_vl_moe") splits them into text_moe and vision_moe.
+    Family("ernie4_5_vl_moe", ("ernie4_5_vl_moe",), _QWEN_BLOCK, _QWEN_PROJECTIONS,
+           "moe_num_experts", shared_expert="shared_experts", count_aliases=("num_experts",),
+           text_config=("text_config",), renames={"transformers": _ERNIE_VL_TRANSFORMERS},
+           expert_groups=_ERNIE_VL_GROUPS, groups_unheld=_ERNIE_VL_UNHELD,
+           moe_layers=mlp_layer_types),
     Family("lfm2_moe", ("lfm2_moe",), "model.layers.{layer}.feed_forward", _MIXTRAL_PROJECTIONS,
            "num_experts", count_aliases=("num_local_experts",)),
     # Qwen3-Omni: the thinker's text experts per expert under thinker.model.layers on disk.

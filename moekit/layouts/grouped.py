@@ -15,6 +15,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from itertools import product
+
+from ..errors import MoekitError
 
 from ..plan import Concat, Constant, Expr, Read, Reshape, Stack, TensorPlan, Transpose
 from .base import NUMBER, ExpertBlock, Layout, ParsedExperts, TensorMeta, is_canonical
@@ -117,19 +120,35 @@ class GroupedLayout(Layout):
     def holds(self, piece: str, family: Family) -> bool:
         return any(piece in spec.projections for spec in self.specs(family))
 
+    def places(self, family: Family) -> tuple[str, ...]:
+        """Where each group of a layer's experts lies inside the block, in HF naming before
+        the family's renames: ``experts.`` for a family of one group; for one of several
+        (``Family.expert_groups``) each group's module's (``text_moe.experts.``), none
+        where this layout has no module for them."""
+        if not family.expert_groups:
+            return ("experts.",)
+        if any(self.name not in group.modules for group in family.expert_groups):
+            return ()
+        return tuple(f"{group.modules[self.name]}.experts." for group in family.expert_groups)
+
     def parse(self, tensors: dict[str, TensorMeta], family: Family) -> ParsedExperts:
+        """The experts of each group (``places``), numbered one group after another as the
+        HF files number them: group k's expert e is ``k * its rows + e``."""
         parsed = ParsedExperts()
-        region = self.expert_region(family)
         by_name: dict[str, list[GroupedTensor]] = {}
         for spec in self.specs(family):
             for name in (spec.name, *spec.aliases):
                 by_name.setdefault(name, []).append(spec)
-        renamed = self._renamed_keys(family, by_name)
-        flipped = self._flipped_layers(tensors, family, region, renamed)
-        rows: dict[int, dict[GroupedTensor, int]] = {}
-        keys: dict[tuple[int, GroupedTensor], str] = {}
+        groups = []
+        for place in self.places(family):
+            region = self._region(family, place)
+            renamed = self._renamed_keys(family, by_name, place)
+            groups.append((region, renamed, self._flipped_layers(tensors, family, region,
+                                                                 renamed)))
+        rows: dict[int, dict[tuple[int, GroupedTensor], int]] = {}
+        keys: dict[tuple[int, int, GroupedTensor], str] = {}
         for key, meta in tensors.items():
-            inside, name = self._located(key, region, renamed)
+            group, inside, name = self._grouped(key, groups)
             if not inside or name in family.in_experts:
                 continue
             numbers = parsed.numbers(key, inside)
@@ -140,20 +159,38 @@ class GroupedLayout(Layout):
             if spec is None:
                 parsed.problems.append((layer, self._unknown(key)))
                 continue
-            earlier = keys.setdefault((layer, spec), key)
+            earlier = keys.setdefault((layer, group, spec), key)
             if earlier != key:
                 parsed.problems.append((layer, self._twice(spec, earlier, key)))
                 continue
             stored = (replace(spec, transposed=not spec.transposed)
-                      if layer in flipped and spec.orientable else spec)
-            problem = self._add_pieces(parsed.block(layer, family), key, meta, stored)
+                      if layer in groups[group][2] and spec.orientable else spec)
+            problem = self._add_pieces(parsed.block(layer, family), key, meta, stored,
+                                       group * tuple(meta.shape)[0])
             if problem:
                 parsed.problems.append((layer, problem))
                 parsed.unreadable.setdefault(layer, set()).update(spec.projections)
             else:
-                rows.setdefault(layer, {})[spec] = tuple(meta.shape)[0]
+                rows.setdefault(layer, {})[(group, spec)] = tuple(meta.shape)[0]
         self._check_agreement(parsed, family, rows)
         return parsed
+
+    def expert_region(self, family: Family) -> re.Pattern[str]:
+        """Keys inside an experts module of ``family``: of any of its groups (``places``)."""
+        places = self.places(family)
+        if len(places) < 2:
+            return super().expert_region(family)
+        head, _ = self.from_hf_key(f"{family.block}.", family).split("{layer}")
+        tails = [self.from_hf_key(f"{family.block}.{place}", family).split("{layer}")[1]
+                 for place in places]
+        return re.compile(f"^{re.escape(head)}(?P<layer>{NUMBER})"
+                          f"(?:{'|'.join(map(re.escape, tails))})")
+
+    def _region(self, family: Family, place: str) -> re.Pattern[str]:
+        """Keys that lie inside the experts module at ``place`` of ``family``'s blocks (in
+        this layout's naming)."""
+        region = re.escape(self.from_hf_key(f"{family.block}.{place}", family))
+        return re.compile("^" + region.replace(r"\{layer\}", f"(?P<layer>{NUMBER})"))
 
     def _flipped_layers(self, tensors: Mapping[str, TensorMeta], family: Family,
                         region: re.Pattern[str], renamed: list[tuple[re.Pattern[str], str]]
@@ -185,6 +222,17 @@ class GroupedLayout(Layout):
                 flipped.add(int(layer))
         return flipped
 
+    @classmethod
+    def _grouped(cls, key: str, groups: list[tuple[re.Pattern[str], list, set[int]]]
+                 ) -> tuple[int, re.Match[str] | None, str]:
+        """``_located`` in the first of ``groups`` (region, renamed keys, flipped layers)
+        that places ``key``, and that group's index."""
+        for group, (region, renamed, _) in enumerate(groups):
+            inside, name = cls._located(key, region, renamed)
+            if inside:
+                return group, inside, name
+        return 0, None, ""
+
     @staticmethod
     def _located(key: str, region: re.Pattern[str], renamed: list[tuple[re.Pattern[str], str]]
                  ) -> tuple[re.Match[str] | None, str]:
@@ -197,13 +245,13 @@ class GroupedLayout(Layout):
         inside = region.match(key)
         return (inside, key[inside.end():]) if inside else (None, "")
 
-    def _renamed_keys(self, family: Family, names: Iterable[str]
+    def _renamed_keys(self, family: Family, names: Iterable[str], place: str
                       ) -> list[tuple[re.Pattern[str], str]]:
         """(pattern, name) of the tensors that ``family``'s renames name otherwise than
-        ``{block}.experts.{name}`` (GraniteMoE's on-disk ``block_sparse_moe.input_linear.weight``,
+        ``{block}.{place}{name}`` (GraniteMoE's on-disk ``block_sparse_moe.input_linear.weight``,
         Aria's ``experts.fc1.weight``): each pattern captures the layer; ``name`` is the
         tensor's name in this layout."""
-        inside = f"{family.block}.experts."
+        inside = f"{family.block}.{place}"
         region = self.from_hf_key(inside, family)
         patterns = []
         for name in names:
@@ -244,19 +292,36 @@ class GroupedLayout(Layout):
                 "source layout right?)")
 
     def emit(self, block: ExpertBlock, n_experts: int, family: Family) -> list[TensorPlan]:
+        """Each group's grouped tensors (``places``), group k holding experts ``k * n`` to
+        ``(k + 1) * n - 1`` of the ``n_experts``."""
+        places = self.places(family)
+        if not places:
+            raise MoekitError(self.unheld(family))
         out = []
         square = self._square_gate_up(block, family)
-        for spec in self.specs(family):
-            if square and spec.turned:
-                spec = replace(spec, transposed=False)
-            projections = [p for p in spec.projections if (p, 0) in block.pieces]
-            if not projections:
-                continue
-            per_expert = [self._flattened(spec, self._combine(
-                spec, [block.pieces[(p, e)] for p in projections])) for e in range(n_experts)]
-            name = self.from_hf_key(f"{block.block}.experts.{spec.name}", family)
-            out.append(TensorPlan(name, Stack(tuple(per_expert))))
+        size = n_experts // len(places)
+        for group, place in enumerate(places):
+            experts = range(group * size, (group + 1) * size)
+            for spec in self.specs(family):
+                if square and spec.turned:
+                    spec = replace(spec, transposed=False)
+                projections = [p for p in spec.projections if (p, experts.start) in block.pieces]
+                if not projections:
+                    continue
+                per_expert = [self._flattened(spec, self._combine(
+                    spec, [block.pieces[(p, e)] for p in projections])) for e in experts]
+                name = self.from_hf_key(f"{block.block}.{place}{spec.name}", family)
+                out.append(TensorPlan(name, Stack(tuple(per_expert))))
         return out
+
+    def unheld(self, family: Family) -> str:
+        """Why this layout holds no experts of ``family``, whose layers hold several groups
+        of them, where it has no module for each (``places``)."""
+        groups = ", ".join(group.name for group in family.expert_groups)
+        why = family.groups_unheld.get(self.name, "it has no module for each group")
+        return (f"the {self.name} layout cannot hold the {family.name} experts, which each "
+                f"MoE layer holds in {len(family.expert_groups)} groups ({groups}), each with "
+                f"its own router: {why}")
 
     def _square_gate_up(self, block: ExpertBlock, family: Family) -> bool:
         """True when ``family`` is read in either orientation here and its gate+up is square
@@ -297,7 +362,9 @@ class GroupedLayout(Layout):
 
     @staticmethod
     def _add_pieces(block: ExpertBlock, key: str, meta: TensorMeta,
-                    spec: GroupedTensor) -> str | None:
+                    spec: GroupedTensor, first: int = 0) -> str | None:
+        """Read ``key`` as ``spec``: its rows are experts ``first`` on of ``block``, or
+        the problem that keeps it from being read."""
         shape = tuple(meta.shape)
         dims = spec.piece_dims + 1
         if len(shape) != dims:
@@ -326,29 +393,30 @@ class GroupedLayout(Layout):
                                           meta.dtype))
                 if spec.flat_blocks:
                     read = Reshape(read, (size, shape[2] // MXFP4_PAIRS, MXFP4_PAIRS))
-                block.pieces[(proj, e)] = read
-                block.names[(proj, e)] = key
+                block.pieces[(proj, first + e)] = read
+                block.names[(proj, first + e)] = key
         return None
 
     def _check_agreement(self, parsed: ParsedExperts, family: Family,
-                         rows: dict[int, dict[GroupedTensor, int]]) -> None:
-        """Every grouped tensor of a block must be present (FP8 scales only in an FP8
-        checkpoint; MXFP4 blocks and scales instead of the weights in an MXFP4 one) and
-        hold the same number of experts (``rows``: the experts of each well-formed
-        tensor, by layer; zero for an expert-parallel rank that owns none). A tensor
-        present but malformed is reported as such, not as missing."""
+                         rows: dict[int, dict[tuple[int, GroupedTensor], int]]) -> None:
+        """Every grouped tensor of each group of a block must be present (FP8 scales only
+        in an FP8 checkpoint; MXFP4 blocks and scales instead of the weights in an MXFP4
+        one) and hold the same number of experts (``rows``: the experts of each
+        well-formed tensor by group, by layer; zero for an expert-parallel rank that owns
+        none). A tensor present but malformed is reported as such, not as missing."""
         specs = self.specs(family)
         for layer, block in parsed.blocks.items():
             found = rows.get(layer, {})
-            needed = set(family.required_pieces({p for spec in found for p in spec.projections}))
+            needed = set(family.required_pieces({p for _, spec in found
+                                                 for p in spec.projections}))
             counts = {}
-            for spec in specs:
+            for (group, place), spec in product(enumerate(self.places(family)), specs):
                 if spec.projections[0] not in needed:
                     continue
-                names = [self.from_hf_key(f"{block.block}.experts.{name}", family)
+                names = [self.from_hf_key(f"{block.block}.{place}{name}", family)
                          for name in (spec.name, *spec.aliases)]
-                if spec in found:
-                    counts[spec.name] = found[spec]
+                if (group, spec) in found:
+                    counts[place.removesuffix("experts.") + spec.name] = found[(group, spec)]
                 elif not parsed.claimed.intersection(names):
                     parsed.problems.append((layer, f"{names[0]} is missing"))
             if len(set(counts.values())) > 1:
