@@ -47,19 +47,24 @@ def _piece_shape(piece: str) -> tuple[int, ...]:
 
 def hf_headers(family: Family) -> dict[str, Read]:
     """A one-layer model of ``family`` in HF naming (the ``hf`` layout's emit of canonical
-    pieces), with its router, shared expert, attention, norms, embeddings and head."""
+    pieces), with its router, shared expert, attention, norms, embeddings and head; for a
+    family of several expert groups, ``EXPERTS`` in each and each group's router and
+    score-correction bias as its files hold them."""
     block = ExpertBlock(1, family.block.format(layer=1))
     for piece in family.pieces:
-        for expert in range(EXPERTS):
+        for expert in range(EXPERTS * family.n_groups):
             block.pieces[(piece, expert)] = Read(f"{piece}.{expert}", (), _piece_shape(piece),
                                                  "F32")
     headers = {t.name: Read(t.name, (), t.shape, t.dtype)
-               for t in HF.emit(block, EXPERTS, family)}
+               for t in HF.emit(block, EXPERTS * family.n_groups, family)}
     prefix = family.block.split("layers.")[0]
     embeddings, norm = EMBEDDINGS_AND_NORM.get(prefix, ("embed_tokens", "norm"))
-    others = {f"{block.block}.{family.router}": (EXPERTS, HIDDEN),
-              f"{prefix}{embeddings}.weight": (16, HIDDEN), f"{prefix}{norm}.weight": (HIDDEN,),
-              HEADS.get(prefix, "lm_head.weight"): (16, HIDDEN)}
+    routers = {f"{block.block}.{part.hf}": (family.n_groups, EXPERTS) if part.row else
+               (HIDDEN, EXPERTS) if part.transposed else (EXPERTS, HIDDEN)
+               for group in family.expert_groups for part in group.parts}
+    others = routers or {f"{block.block}.{family.router}": (EXPERTS, HIDDEN)}
+    others |= {f"{prefix}{embeddings}.weight": (16, HIDDEN), f"{prefix}{norm}.weight": (HIDDEN,),
+               HEADS.get(prefix, "lm_head.weight"): (16, HIDDEN)}
     layer = f"{prefix}layers.1."
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         others[f"{layer}self_attn.{name}.weight"] = (HIDDEN, HIDDEN)
@@ -130,7 +135,7 @@ def test_hf_to_layout_to_hf_is_the_identity_and_the_plan_is_the_recorded_one(fam
         there = plan_between(headers, family, "hf", layout)
     except MoekitError:
         return  # recorded above: the layout refuses the family, naming why
-    assert there.moe_layers == {1: EXPERTS}
+    assert there.moe_layers == {1: EXPERTS * family.n_groups}
     laid_out = {t.name: t for t in there.tensors}
     back = plan_between(laid_out, family, layout.name, HF)
     assert [(t.name, t.shape, t.dtype) for t in back.tensors] == \
