@@ -10,6 +10,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..conversion import run_checkpoint_job, state_dict_meta
+from ..errors import MoekitError
 from ..executors.memory import run_plan
 from ..layouts import layout_named
 from ..plan import composed_plan
@@ -29,8 +30,24 @@ def plan_upcycle(dense_path: str | Path, spec: UpcycleSpec, to: str = "hf"
                               label, where=checkpoint.file_of)
     if checkpoint.made:
         plan = replace(plan, plan=composed_plan(plan.plan, checkpoint.made))
-    layout = layout_named(to)
-    return checkpoint, replace(plan, plan=in_layout(plan.plan, plan.config, layout, label))
+    try:
+        relaid = in_layout(plan.plan, plan.config, layout_named(to), label)
+    except MoekitError as err:
+        raise MoekitError(f"--to {to} cannot hold the upcycled {_upcycled_model(spec, plan)}: "
+                          f"{err}") from None
+    return checkpoint, replace(plan, plan=relaid)
+
+
+def _upcycled_model(asked: UpcycleSpec, plan: UpcyclePlan) -> str:
+    """The upcycled model's family and shared expert, naming the options that chose them
+    (``asked``: the spec as given, before ``--target auto`` is resolved), for a message
+    refusing the model in a layout."""
+    family = plan.target.family
+    model = f"{family} (--target {asked.target})"
+    if not plan.spec.shared_expert:
+        return model
+    why = "--shared-expert" if asked.shared_expert else f"every {family} block has one"
+    return f"{model} with a shared expert ({why})"
 
 
 def upcycle(dense_path: str | Path, dst_path: str | Path, spec: UpcycleSpec,
