@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 from .checkpoint import CONFIG_NAME, DCP_METADATA_NAME, TensorInfo, member_file, read_config
 from .errors import MoekitError, printable
 from .layouts.families import GENERIC_FAMILIES, family_of_model_type
-from .layouts.megatron import BY_KEY, ENTRIES, MEGATRON, Dimensions, Entry, chunk_name
+from .layouts.megatron import (MEGATRON, Dimensions, Entry, chunk_name, entry_of,
+                               is_per_layer)
 from .plan import Concat, Expr, Plan, Read
 from .sources import TensorSource
 
@@ -35,11 +36,26 @@ METADATA = "metadata.json"
 BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
            "common_backend": "torch", "common_backend_version": 1}
 """What megatron-core 0.16.1 writes to ``metadata.json`` for a ``torch_dist`` save."""
+COMMON_STATE = {"checkpoint_version": 3.0, "iteration": ITERATION}
+"""The common state (``common.pt``) beside the model, what Megatron-LM's training loop
+reads to start fine-tuning from the folder (``load_checkpoint`` in
+megatron/training/checkpointing.py, release core_v0.16.1): ``checkpoint_version``
+(``state_dict.get('checkpoint_version', 0)``; 3.0 is what its ``save_checkpoint`` writes,
+and below 2.0 it reorders legacy ``query_key_value`` weights) and ``iteration`` (read unless
+``--finetune``, which starts at 0 whatever it holds). ``args`` is left out: Megatron-LM
+reads it only without ``--finetune`` (``'args' in state_dict and not args.finetune``, and
+``check_checkpoint_args`` would compare every model setting against it), and otherwise
+takes tensor- and pipeline-parallel sizes of 1 for a checkpoint without it. Neither
+optimizer nor RNG state is written, so Megatron-LM loads the folder with ``--finetune``
+(or ``--no-load-optim --no-load-rng``); megatron-core's own sharded state-dict keys hold
+the model."""
 LOCAL_EXTRA_STATE = [None]
 """The ``_extra_state`` object of a local-spec linear layer: megatron-core saves the list
 of its ranks' ``get_extra_state()`` values, None for a local layer."""
-EXPERTS = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
-"""The stored tensor whose second axis counts the routed experts."""
+EXPERTS_SUFFIX = "mlp.experts.experts.linear_fc1.weight"
+EXPERTS = f"decoder.layers.{EXPERTS_SUFFIX}"
+"""The stored tensor whose second axis counts the routed experts (the first in the copy of
+one layer, ``decoder.layers.{layer}.`` + ``EXPERTS_SUFFIX``)."""
 OPTIMIZER_PREFIX = "optimizer."
 """Keys of a training checkpoint's optimizer state, which moekit does not read."""
 MAX_METADATA_JSON_BYTES = 2**16
@@ -75,7 +91,7 @@ class MegatronFolder:
         self.dcp.write(plan, source, iteration, show_progress, finished, extra_states(plan))
         import torch  # loaded with torch.distributed.checkpoint above
 
-        torch.save({}, iteration / COMMON)
+        torch.save(COMMON_STATE, iteration / COMMON)
         (iteration / METADATA).write_text(json.dumps(BACKEND))
         (folder / TRACKER).write_text(str(ITERATION))
         for path in (iteration / COMMON, iteration / METADATA, iteration, folder / TRACKER):
@@ -88,7 +104,8 @@ def extra_states(plan: Plan) -> dict[str, object]:
     found = {}
     for tensor in plan.tensors:
         if tensor.chunk is not None:
-            name = BY_KEY[tensor.chunk.key].extra_state(tensor.chunk)
+            entry = entry_of(tensor.chunk.key)
+            name = entry.extra_state(tensor.chunk) if entry is not None else None
             if name is not None:
                 found[name] = list(LOCAL_EXTRA_STATE)
     return found
@@ -192,16 +209,18 @@ def hf_tensors(stored: Mapping[str, "StoredTensor"], config: Mapping | None, sou
                ) -> dict[str, Expr]:
     """Every HF tensor of a Megatron-Core checkpoint's model, each the recipe reading it
     from the stored chunks; a stored tensor that no entry names is refused."""
-    dims = Dimensions.of(config, stored[EXPERTS].shape[1] if EXPERTS in stored else 0, source)
+    dims = Dimensions.of(config, _experts(stored), source)
     family = family_of_model_type(config.get("model_type")) or GENERIC_FAMILIES[0]
-    unknown = [key for key in stored if key not in BY_KEY and not key.startswith(OPTIMIZER_PREFIX)]
+    entries = dims.entries(per_layer=any(map(is_per_layer, stored)))
+    named = {entry.key for entry in entries}
+    unknown = [key for key in stored if key not in named and not key.startswith(OPTIMIZER_PREFIX)]
     if unknown:
         raise MoekitError(f"{source} holds {printable(unknown[0])}"
                           + (f" and {len(unknown) - 1} more tensors" if len(unknown) > 1 else "")
                           + ", which moekit has no HF name for (it reads the GPT models of "
                             "Megatron-Core's layout: see `moekit convert --help`)")
     made: dict[str, Expr] = {}
-    for entry in ENTRIES:
+    for entry in entries:
         if entry.key not in stored:
             if not entry.optional:
                 raise MoekitError(f"{source} has no {entry.key}, which every Megatron-Core "
@@ -212,22 +231,31 @@ def hf_tensors(stored: Mapping[str, "StoredTensor"], config: Mapping | None, sou
         for index in dims.indices(entry):
             for key, (rows, parts) in zip(entry.hf_keys(family, index),
                                           _row_ranges(entry, tensor, dims, source)):
-                pieces = [_region(tensor, index, start, start + rows, source)
-                          for start in parts]
+                pieces = [_region(tensor, entry.stored_index(index), start, start + rows,
+                                  source) for start in parts]
                 made[key] = pieces[0] if len(pieces) == 1 else Concat(tuple(pieces), dim=0)
     return made
+
+
+def _experts(stored: Mapping[str, "StoredTensor"]) -> int:
+    """The routed experts of a layer: the axis of the experts' ``linear_fc1`` that counts
+    them (its second, or its first where each layer is stored under its own key); 0 for a
+    dense model."""
+    counts = [tensor.shape[int(key == EXPERTS)] for key, tensor in stored.items()
+              if key.endswith(EXPERTS_SUFFIX) and len(tensor.shape) > int(key == EXPERTS)]
+    return max(counts, default=0)
 
 
 def _check_stacked(tensor: "StoredTensor", entry: Entry, dims: Dimensions, source: str) -> None:
     """Refuse a stored tensor without rows after its stacked axes, or stacked over other
     layers and experts than config.json gives."""
-    if len(tensor.shape) <= entry.stacked:
+    if len(tensor.shape) <= entry.axes:
         raise MoekitError(f"{source}: {entry.key} is {list(tensor.shape)}, where Megatron-Core "
-                          f"stacks {entry.stacked} axes before the tensor's own")
+                          f"stacks {entry.axes} axes before the tensor's own")
     expected = dims.stacked_shape(entry)
-    if tensor.shape[:entry.stacked] != expected:
+    if tensor.shape[:entry.axes] != expected:
         raise MoekitError(f"{source}: {entry.key} is {list(tensor.shape)}, stacked over "
-                          f"{list(tensor.shape[:entry.stacked])} where config.json gives "
+                          f"{list(tensor.shape[:entry.axes])} where config.json gives "
                           f"{list(expected)} (layers, experts)")
 
 
@@ -235,7 +263,7 @@ def _row_ranges(entry: Entry, tensor: "StoredTensor", dims: Dimensions, source: 
                 ) -> list[tuple[int, list[int]]]:
     """For each part of ``entry``: its rows per run and where each run starts along the
     first axis after the stacked ones (one run; for q, k and v one per query group)."""
-    total = tensor.shape[entry.stacked]
+    total = tensor.shape[entry.axes]
     if not entry.qkv:
         rows = total // len(entry.parts)
         if rows * len(entry.parts) != total:

@@ -114,7 +114,7 @@ def test_the_folder_is_what_megatron_lm_loads(qwen3_moe):
     assert (folder / "latest_checkpointed_iteration.txt").read_text() == "0"
     iteration = folder / "iter_0000000"
     assert json.loads((iteration / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
-    assert torch.load(iteration / "common.pt") == {}
+    assert torch.load(iteration / "common.pt") == {"checkpoint_version": 3.0, "iteration": 0}
     assert json.loads((folder / "config.json").read_text())["model_type"] == "qwen3_moe"
 
 
@@ -286,9 +286,7 @@ def test_upcycling_a_dense_megatron_checkpoint_equals_upcycling_its_hf_one(model
 
 
 @pytest.mark.parametrize("model_type,settings,named", [
-    ("deepseek_v3", {}, "multi-latent attention"),
     ("qwen2_moe", {}, "shared expert"),
-    ("qwen3_moe", {"mlp_only_layers": [1]}, "all dense or all MoE"),
     ("qwen3", {"attention_bias": True}, "o_proj.bias and 2 more tensors have no place"),
 ])
 def test_a_model_megatron_cores_layout_does_not_hold_is_refused_naming_why(

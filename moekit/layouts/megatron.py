@@ -2,8 +2,9 @@
 ``GPTModel.sharded_state_dict()``, stored as a ``torch_dist`` checkpoint
 (``moekit.megatron_io`` writes and reads the folder).
 
-What megatron-core 0.16.1 saves (``dist_checkpointing.save``, local and Transformer
-Engine layer specs alike, checked on a saved model):
+What megatron-core 0.16.1 saves (``dist_checkpointing.save``, checked on a saved model;
+for Llama-style attention the local and Transformer Engine layer specs alike, for MLA the
+local spec):
 
 - The decoder's layers are stacked: ``decoder.layers.X`` has shape ``[L, ...]`` and one
   chunk a layer (``TransformerLayer`` prepends the layer axis to each module's sharded
@@ -11,6 +12,9 @@ Engine layer specs alike, checked on a saved model):
   ``decoder.layers.mlp.experts.experts.linear_fc{1,2}.weight`` ``[L, E, ...]`` with
   global expert indices, one chunk an expert (``SequentialMLP``; an expert-parallel rank
   saves its own experts' chunks, so the stored tensor is the same at any EP size).
+  Where some layers are dense and others MoE (``moe_layer_freq`` a list: DeepSeek-V3's
+  ``first_k_dense_replace``, Qwen3-MoE's ``mlp_only_layers``), each layer is saved under
+  its own key ``decoder.layers.{layer}.X`` without the layer axis (``Entry.at_layer``).
 - ``linear_fc1`` of a gated MLP (dense or expert) is ``cat(gate, up)`` along its rows,
   saved as two chunks, the gate half then the up half (``apply_swiglu_sharded_factory``).
 - ``linear_qkv`` holds, for each of the ``num_query_groups`` groups in turn, that
@@ -19,46 +23,55 @@ Engine layer specs alike, checked on a saved model):
 - The norms are stored under the layer-spec-independent keys
   ``self_attention.linear_qkv.layer_norm_weight`` (input norm) and
   ``mlp.linear_fc1.layer_norm_weight`` (pre-MLP norm); Qwen3's per-head norms are
-  ``self_attention.{q,k}_layernorm.weight``.
-- Every linear layer (``linear_qkv``, ``linear_proj``, ``linear_fc1``, ``linear_fc2``,
-  dense or expert; not the output layer nor the router) has an ``_extra_state`` object
-  per layer (and expert): ``{module}._extra_state/shard_{offsets}_{shape}`` over the
-  stacked axes, ``torch.save([None])`` for a local-spec layer, whose
-  ``get_extra_state`` returns None. A strict load requires each.
-- ``common.pt`` holds ``{}`` for a model's sharded state dict, ``metadata.json`` names
-  the ``torch_dist`` backend.
+  ``self_attention.{q,k}_layernorm.weight``. DeepSeek-V3's multi-latent attention keeps
+  HF's tensors as they are under the local MLA spec's module names (see ``ENTRIES``).
+- Every linear layer (``linear_qkv``, MLA's projections, ``linear_proj``, ``linear_fc1``,
+  ``linear_fc2``, dense, expert or shared expert; not the output layer nor the router)
+  has an ``_extra_state`` object per layer (and expert): ``{module}._extra_state/
+  shard_{offsets}_{shape}`` over the stacked axes (``shard_0_1`` where there are none),
+  ``torch.save([None])`` for a local-spec layer, whose ``get_extra_state`` returns None.
+  A strict load requires each.
+- ``common.pt`` holds what Megatron-LM's training loop reads (``megatron_io.COMMON_STATE``),
+  ``metadata.json`` names the ``torch_dist`` backend.
 
 At plan level the layout names tensors as Hugging Face does (it is the per-expert HF
 layout); ``whole_model`` then places every tensor in Megatron's stored tensors as
 chunks (``TensorPlan.chunk``), joining the QKV projections with plan nodes; reading
-inverts each entry of ``ENTRIES``. A model mixing dense and MoE layers, shared experts,
-an attention output bias (Qwen3's ``attention_bias``: megatron-core's ``add_bias_linear``
-gives every linear layer a bias, its ``add_qkv_bias`` only QKV one), and families not
-named in ``FAMILIES`` (DeepSeek-V3's MLA attention among them) are refused.
+inverts each entry of ``ENTRIES``. An attention output bias (Qwen3's ``attention_bias``:
+megatron-core's ``add_bias_linear`` gives every linear layer a bias, its ``add_qkv_bias``
+only QKV one), multi-token-prediction layers, and families not named in ``FAMILIES`` are
+refused.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import MoekitError
 from ..plan import Chunk, Concat, Expr, Plan, Reshape, TensorPlan
 from .families import PROJECTIONS, Family
 from .hf import PerExpertLayout
 
-FAMILIES = ("qwen3_moe", "mixtral", "llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("qwen3_moe", "mixtral", "deepseek_v3", "llama", "mistral", "qwen2", "qwen3")
 """The ``model_type`` values moekit writes in Megatron-Core's layout: Llama-style
-attention (grouped query heads, optional QKV biases and Qwen3's per-head norms), RMSNorm,
-a gated MLP or routed experts in every layer, no shared expert."""
+attention (grouped query heads, optional QKV biases and Qwen3's per-head norms) or
+DeepSeek-V3's multi-latent attention (``MLA_FAMILIES``), RMSNorm, a gated MLP or routed
+experts (with DeepSeek-V3's shared experts and score-correction bias) in each layer."""
+
+MLA_FAMILIES = ("deepseek_v3",)
+"""The model types whose attention is megatron-core's ``MLASelfAttention``."""
 
 UNWRITTEN = {
-    "deepseek_v3": "its multi-latent attention and shared experts are megatron-core's "
-                   "MLASelfAttention and shared_experts modules, which moekit does not write",
-    "qwen2_moe": "its shared expert and shared-expert gate are megatron-core's "
-                 "shared_experts module, which moekit does not write",
+    "qwen2_moe": "its shared expert's gate (shared_expert_gate) is megatron-core's "
+                 "moe_shared_expert_gate, which moekit does not write",
 }
 """Why some MoE model types are refused."""
+
+LAYERS = "decoder.layers."
+"""The prefix of the decoder layers' keys; a checkpoint whose layers are not all alike
+saves each layer under its own ``decoder.layers.{layer}.`` prefix (``Entry.at_layer``)."""
 
 
 @dataclass(frozen=True)
@@ -72,8 +85,8 @@ class Entry:
     key: str
     parts: tuple[str, ...]
     stacked: int = 1
-    """Leading axes stacking copies of the tensor: 0 (one for the model), 1 (layers),
-    2 (layers, then experts)."""
+    """Copies of the tensor: 0 (one for the model), 1 (one a layer), 2 (one a layer and
+    expert)."""
     qkv: bool = False
     """The parts are q, k and v, interleaved by query group; otherwise each part is its
     own chunk along the first axis after the stacked ones, in order."""
@@ -81,7 +94,24 @@ class Entry:
     """The module is a Megatron-Core linear layer, which saves an ``_extra_state``."""
     optional: bool = False
     """Written only where the source has it (biases, an untied output layer, Qwen3's
-    head norms, the MLP of a dense or an MoE model)."""
+    head norms, the MLP of a dense or an MoE layer, shared experts)."""
+    attention: str = ""
+    """``gqa`` or ``mla``: the tensor belongs to that attention only (``Dimensions.mla``)."""
+    layer: int | None = None
+    """The one layer whose copy this entry stores under its own key (``at_layer``)."""
+
+    @property
+    def axes(self) -> int:
+        """Leading axes of the stored tensor stacking its copies: layers, then experts;
+        no layer axis for an entry of one layer."""
+        return self.stacked - (self.layer is not None)
+
+    def at_layer(self, layer: int) -> "Entry":
+        """This layer-stacked entry as megatron-core 0.16.1 saves the copy of ``layer``
+        when the layers are not all alike (``moe_layer_freq`` a list):
+        ``TransformerBlock.sharded_state_dict`` then names each layer's tensors
+        ``decoder.layers.{layer}.…`` without a layer axis (``non_homogeneous_layers``)."""
+        return replace(self, key=self.key.replace(LAYERS, f"{LAYERS}{layer}.", 1), layer=layer)
 
     def hf_keys(self, family: Family, index: tuple[int, ...]) -> list[str]:
         """The HF keys of the parts at ``index`` (layer, expert)."""
@@ -91,62 +121,131 @@ class Entry:
         return [part.format(**fields, block=block, router=family.router, **names)
                 for part in self.parts]
 
+    def stored_index(self, index: tuple[int, ...]) -> tuple[int, ...]:
+        """The place of copy ``index`` (layer, expert) along the stored tensor's axes."""
+        return index[self.stacked - self.axes:]
+
     def extra_state(self, chunk: Chunk) -> str | None:
-        """The ``_extra_state`` object saved with the chunk of a linear layer's weight."""
+        """The ``_extra_state`` object saved with the chunk of a linear layer's weight:
+        sharded over the stacked axes, or one object of shape (1,) where there are none
+        (``make_sharded_object_for_checkpoint`` in megatron-core 0.16.1)."""
         if not (self.linear and self.key.endswith(".weight")):
             return None
-        axes = chunk.offsets[:self.stacked], chunk.whole[:self.stacked]
+        axes = (chunk.offsets[:self.axes], chunk.whole[:self.axes]) if self.axes else ((0,), (1,))
         module = self.key[:-len(".weight")]
         return f"{module}._extra_state/shard_{'_'.join('.'.join(map(str, a)) for a in axes)}"
 
 
 _LAYER = "model.layers.{layer}"
 _ATTENTION = f"{_LAYER}.self_attn"
+_SHARED = "{block}.shared_experts"
 ENTRIES: tuple[Entry, ...] = (
     Entry("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), stacked=0),
+    # Llama-style attention: the local spec's keys map (sharded_state_dict_keys_map) names
+    # its norms as the Transformer Engine spec's fused layer-norm linears do.
     Entry("decoder.layers.self_attention.linear_qkv.layer_norm_weight",
-          (f"{_LAYER}.input_layernorm.weight",)),
+          (f"{_LAYER}.input_layernorm.weight",), attention="gqa"),
     Entry("decoder.layers.self_attention.linear_qkv.weight",
-          tuple(f"{_ATTENTION}.{p}_proj.weight" for p in "qkv"), qkv=True, linear=True),
+          tuple(f"{_ATTENTION}.{p}_proj.weight" for p in "qkv"), qkv=True, linear=True,
+          attention="gqa"),
     Entry("decoder.layers.self_attention.linear_qkv.bias",
-          tuple(f"{_ATTENTION}.{p}_proj.bias" for p in "qkv"), qkv=True, optional=True),
+          tuple(f"{_ATTENTION}.{p}_proj.bias" for p in "qkv"), qkv=True, optional=True,
+          attention="gqa"),
     Entry("decoder.layers.self_attention.q_layernorm.weight", (f"{_ATTENTION}.q_norm.weight",),
-          optional=True),
+          optional=True, attention="gqa"),
     Entry("decoder.layers.self_attention.k_layernorm.weight", (f"{_ATTENTION}.k_norm.weight",),
-          optional=True),
+          optional=True, attention="gqa"),
+    # Multi-latent attention, as megatron-core 0.16.1's get_gpt_layer_local_spec(
+    # multi_latent_attention=True, qk_layernorm=True) builds it: separate input_layernorm,
+    # q_layernorm (over q_lora_rank) and kv_layernorm (over kv_lora_rank), and
+    # pre_mlp_layernorm modules, no keys map. Its rows are HF's as they are: q per head
+    # [nope, rope], kv_down [kv_lora_rank, rope], kv_up per head [nope, v];
+    # MLASelfAttention applies RoPE to the rope dims de-interleaved (even then odd, rope_utils
+    # _apply_rotary_pos_emb_bshd with multi_latent_attention), as transformers' DeepSeek-V3
+    # does with rope_interleave. (The Transformer Engine spec names the three norms
+    # linear_q_up_proj.layer_norm_weight, linear_kv_up_proj.layer_norm_weight and, in a
+    # dense layer, mlp.linear_fc1.layer_norm_weight instead: not written here.)
+    Entry("decoder.layers.input_layernorm.weight", (f"{_LAYER}.input_layernorm.weight",),
+          attention="mla"),
+    Entry("decoder.layers.self_attention.linear_q_proj.weight", (f"{_ATTENTION}.q_proj.weight",),
+          linear=True, optional=True, attention="mla"),
+    Entry("decoder.layers.self_attention.linear_q_down_proj.weight",
+          (f"{_ATTENTION}.q_a_proj.weight",), linear=True, optional=True, attention="mla"),
+    Entry("decoder.layers.self_attention.linear_q_up_proj.weight",
+          (f"{_ATTENTION}.q_b_proj.weight",), linear=True, optional=True, attention="mla"),
+    Entry("decoder.layers.self_attention.linear_kv_down_proj.weight",
+          (f"{_ATTENTION}.kv_a_proj_with_mqa.weight",), linear=True, attention="mla"),
+    Entry("decoder.layers.self_attention.linear_kv_up_proj.weight",
+          (f"{_ATTENTION}.kv_b_proj.weight",), linear=True, attention="mla"),
+    Entry("decoder.layers.self_attention.q_layernorm.weight",
+          (f"{_ATTENTION}.q_a_layernorm.weight",), optional=True, attention="mla"),
+    Entry("decoder.layers.self_attention.kv_layernorm.weight",
+          (f"{_ATTENTION}.kv_a_layernorm.weight",), attention="mla"),
     Entry("decoder.layers.self_attention.linear_proj.weight", (f"{_ATTENTION}.o_proj.weight",),
           linear=True),
     Entry("decoder.layers.mlp.linear_fc1.layer_norm_weight",
-          (f"{_LAYER}.post_attention_layernorm.weight",)),
+          (f"{_LAYER}.post_attention_layernorm.weight",), attention="gqa"),
+    Entry("decoder.layers.pre_mlp_layernorm.weight",
+          (f"{_LAYER}.post_attention_layernorm.weight",), attention="mla"),
     Entry("decoder.layers.mlp.linear_fc1.weight",
           (f"{_LAYER}.mlp.gate_proj.weight", f"{_LAYER}.mlp.up_proj.weight"), linear=True,
           optional=True),
     Entry("decoder.layers.mlp.linear_fc2.weight", (f"{_LAYER}.mlp.down_proj.weight",),
           linear=True, optional=True),
     Entry("decoder.layers.mlp.router.weight", ("{block}.{router}",), optional=True),
+    # The router's expert_bias buffer (moe_router_enable_expert_bias, fp32 [E]) is added
+    # to the sigmoid scores to choose the experts, as DeepSeek-V3's score-correction bias.
+    Entry("decoder.layers.mlp.router.expert_bias", ("{block}.gate.e_score_correction_bias",),
+          optional=True),
     Entry("decoder.layers.mlp.experts.experts.linear_fc1.weight",
           ("{block}.experts.{expert}.{gate}", "{block}.experts.{expert}.{up}"), stacked=2,
           linear=True, optional=True),
     Entry("decoder.layers.mlp.experts.experts.linear_fc2.weight",
           ("{block}.experts.{expert}.{down}",), stacked=2, linear=True, optional=True),
+    # DeepSeek-V3's shared experts are one gated MLP of n_shared_experts *
+    # moe_intermediate_size rows (megatron-core's moe_shared_expert_intermediate_size).
+    Entry("decoder.layers.mlp.shared_experts.linear_fc1.weight",
+          (f"{_SHARED}.gate_proj.weight", f"{_SHARED}.up_proj.weight"), linear=True,
+          optional=True),
+    Entry("decoder.layers.mlp.shared_experts.linear_fc2.weight", (f"{_SHARED}.down_proj.weight",),
+          linear=True, optional=True),
     Entry("decoder.final_layernorm.weight", ("model.norm.weight",), stacked=0),
     Entry("output_layer.weight", ("lm_head.weight",), stacked=0, optional=True),
 )
 """Every tensor of a Megatron-Core GPT model that moekit writes, in megatron-core's order."""
 
-BY_KEY: dict[str, Entry] = {entry.key: entry for entry in ENTRIES}
+_BY_KEY: dict[str, Entry] = {entry.key: entry for entry in ENTRIES}
+"""The entries by key (the two attentions' ``q_layernorm`` entries share one, and agree on
+all but their HF parts)."""
+_LAYER_KEY = re.compile(rf"{re.escape(LAYERS)}(\d+)\.(.*)", re.DOTALL)
+
+
+def entry_of(key: str) -> Entry | None:
+    """The entry of a stored key (``decoder.layers.{layer}.…`` that of one layer), or None."""
+    found = _LAYER_KEY.fullmatch(key)
+    if found is None:
+        return _BY_KEY.get(key)
+    entry = _BY_KEY.get(LAYERS + found.group(2))
+    return entry.at_layer(int(found.group(1))) if entry is not None and entry.stacked else None
+
+
+def is_per_layer(key: str) -> bool:
+    """Whether a stored key is one layer's (``decoder.layers.{layer}.…``)."""
+    return _LAYER_KEY.fullmatch(key) is not None
 
 
 @dataclass(frozen=True)
 class Dimensions:
     """The sizes that place tensors in Megatron-Core's: layers, routed experts (0 for a
-    dense model) and the attention heads (``linear_qkv``'s groups)."""
+    dense model), the attention heads (``linear_qkv``'s groups) and whether the attention
+    is multi-latent."""
 
     layers: int
     experts: int
     heads: int
     groups: int
     head_dim: int
+    mla: bool = False
 
     @classmethod
     def of(cls, config: Mapping | None, experts: int, source: str) -> "Dimensions":
@@ -162,6 +261,12 @@ class Dimensions:
             raise MoekitError(f"{source}: moekit writes and reads Megatron-Core checkpoints of "
                               f"{', '.join(FAMILIES)}, not model_type {model_type!r}"
                               + (f" ({why})" if why else ""))
+        mla = model_type in MLA_FAMILIES
+        if mla and config.get("rope_interleave", True) is not True:
+            raise MoekitError(f"{source}: config.json's rope_interleave is "
+                              f"{config.get('rope_interleave')!r}; megatron-core 0.16's "
+                              "multi-latent attention applies RoPE to interleaved rope "
+                              "dimensions only (transformers' rope_interleave true)")
         heads = _positive(config, "num_attention_heads", source)
         groups = _positive(config, "num_key_value_heads", source, heads)
         hidden = _positive(config, "hidden_size", source)
@@ -170,21 +275,34 @@ class Dimensions:
             raise MoekitError(f"{source}: num_attention_heads {heads} is not a multiple of "
                               f"num_key_value_heads {groups}")
         return cls(_positive(config, "num_hidden_layers", source), experts, heads, groups,
-                   head_dim)
+                   head_dim, mla)
+
+    def entries(self, per_layer: bool) -> list[Entry]:
+        """The entries of this model's attention, each layer's under its own key where
+        ``per_layer`` (``Entry.at_layer``)."""
+        kind = "mla" if self.mla else "gqa"
+        found = []
+        for entry in ENTRIES:
+            if entry.attention in ("", kind):
+                found += ([entry.at_layer(layer) for layer in range(self.layers)]
+                          if per_layer and entry.stacked else [entry])
+        return found
 
     def indices(self, entry: Entry) -> Iterator[tuple[int, ...]]:
         """(layer, expert) of every copy of ``entry``'s tensor, in stored order."""
         if entry.stacked == 0:
             yield ()
-        for layer in range(self.layers if entry.stacked else 0):
+            return
+        for layer in range(self.layers) if entry.layer is None else (entry.layer,):
             if entry.stacked == 1:
                 yield (layer,)
             for expert in range(self.experts if entry.stacked == 2 else 0):
                 yield (layer, expert)
 
     def stacked_shape(self, entry: Entry) -> tuple[int, ...]:
-        """The leading axes of ``entry``'s stored tensor: (), (layers,) or (layers, experts)."""
-        return (self.layers, self.experts)[:entry.stacked]
+        """The leading axes of ``entry``'s stored tensor: (), (layers,), (experts,) or
+        (layers, experts)."""
+        return (self.layers, self.experts)[:entry.stacked][entry.stacked - entry.axes:]
 
     def qkv_rows(self) -> tuple[int, int, int]:
         """Rows of one query group's q, k and v heads in ``linear_qkv``."""
@@ -211,11 +329,14 @@ class MegatronLayout(PerExpertLayout):
         "Megatron-Core 0.16's torch_dist checkpoint (iter_0000000/ and "
         "latest_checkpointed_iteration.txt), the whole model under GPTModel's sharded keys: "
         "layers stacked, experts decoder.layers.mlp.experts.experts.linear_fc1 [L,E,2I,H] "
-        "(gate then up) and linear_fc2 [L,E,H,I], QKV interleaved by query group; "
+        "(gate then up) and linear_fc2 [L,E,H,I], QKV interleaved by query group "
+        "(DeepSeek-V3: multi-latent attention; dense and MoE layers each under its own "
+        "decoder.layers.N key); "
         f"model types: {', '.join(FAMILIES)}")
     default_format = "megatron"
     found_by_keys = False
-    mtp_note = "moekit writes Megatron-Core's GPT decoder layers only"
+    mtp_note = ("moekit writes Megatron-Core's GPT decoder layers only, not megatron-core's "
+                "multi-token-prediction block (mtp.layers.N)")
     quantized_note = "moekit writes Megatron-Core checkpoints of bf16, fp16 or fp32 weights"
 
     def holds(self, piece: str, family: Family) -> bool:
@@ -224,20 +345,24 @@ class MegatronLayout(PerExpertLayout):
     def whole_model(self, plan: Plan, config: Mapping | None, family: Family,
                     source: str) -> Plan:
         """``plan`` (HF names) as Megatron-Core stores it: each tensor a chunk of one of
-        ``ENTRIES``, refused naming a tensor that no entry holds or an entry that some
-        layer lacks."""
+        ``ENTRIES`` (each layer's under its own key where some layers are dense and others
+        MoE), refused naming a tensor that no entry holds or an entry that some layer
+        lacks."""
         dims = Dimensions.of(config, max(plan.moe_layers.values(), default=0), source)
         made = {t.name: t.recipe for t in plan.tensors}
         tensors: list[TensorPlan] = []
-        for entry in ENTRIES:
-            tensors += _chunks(entry, dims, made, family, source)
+        experts: set[str] = set()
+        for entry in dims.entries(per_layer=0 < len(plan.moe_layers) < dims.layers):
+            chunks = _chunks(entry, dims, made, family, source)
+            tensors += chunks
+            if entry.stacked == 2:
+                experts.update(t.name for t in chunks)
         if made:
             left = sorted(made)
             raise MoekitError(f"{source}: {left[0]}" + (f" and {len(left) - 1} more tensors"
                               if len(left) > 1 else "")
                               + " have no place in Megatron-Core's GPT model; moekit refuses "
                                 "to drop them")
-        experts = {t.name for t in tensors if t.chunk and BY_KEY[t.chunk.key].stacked == 2}
         return Plan(plan.family, plan.src_layout, self.name, tensors, plan.moe_layers, experts)
 
 
@@ -264,8 +389,7 @@ def _chunks(entry: Entry, dims: Dimensions, made: dict[str, Expr], family: Famil
                           f"{entry.key} holds")
     if lacking:
         raise MoekitError(f"{source} has no {lacking[0]}, which Megatron-Core's {entry.key} "
-                          "holds for every layer: moekit writes Megatron-Core checkpoints "
-                          "whose layers are all dense or all MoE")
+                          "holds for every layer")
     joined = [(index, _joined(entry, parts, dims, source)) for index, parts in found]
     first = joined[0][1]
     whole = (*dims.stacked_shape(entry), sum(p.shape[0] for p in first), *first[0].shape[1:])
@@ -277,14 +401,15 @@ def _chunks(entry: Entry, dims: Dimensions, made: dict[str, Expr], family: Famil
                 raise MoekitError(f"{source}: layer {index[0]}'s part of {entry.key} is "
                                   f"{list(part.shape)} {part.dtype}, layer 0's "
                                   f"{list(first[0].shape)} {first[0].dtype}")
-            offsets = (*index, row, *[0] * (len(part.shape) - 1))
+            offsets = (*entry.stored_index(index), row, *[0] * (len(part.shape) - 1))
             row += part.shape[0]
             if not entry.stacked:
                 tensors.append(TensorPlan(entry.key, part))
                 continue
-            shape = (*[1] * entry.stacked, *part.shape)
+            shape = (*[1] * entry.axes, *part.shape)
             tensors.append(TensorPlan(chunk_name(entry.key, offsets, whole),
-                                      Reshape(part, shape), Chunk(entry.key, offsets, whole)))
+                                      Reshape(part, shape) if entry.axes else part,
+                                      Chunk(entry.key, offsets, whole)))
     return tensors
 
 

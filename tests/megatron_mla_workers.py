@@ -1,0 +1,119 @@
+"""Workers of the DeepSeek-V3 Megatron-Core checkpoint tests: megatron-core 0.16.1's GPT
+model with multi-latent attention, dense first layers, routed and shared experts, built on
+the CPU (gloo) from a Hugging Face config.json with the local (non-Transformer-Engine)
+layer specs that ``get_gpt_decoder_block_spec`` gives.
+
+megatron-core 0.16.1's local MLA does not build as it ships, for two reasons this module
+works around without touching a parameter or a key:
+
+- ``MultiLatentAttention.__init__`` tests ``isinstance(self.linear_proj, TELinear)`` when
+  ``megatron.core.extensions.transformer_engine`` imports, which it does without
+  Transformer Engine installed, leaving ``TELinear`` None (a TypeError): its module's
+  ``HAVE_TE`` is set False, the value it has where that import fails.
+- It builds the core attention with ``k_channels`` and ``v_channels``, which the local
+  ``DotProductAttention`` does not accept (only Transformer Engine's does):
+  ``_DotProductAttention`` takes and drops them (the base ``Attention`` first builds one
+  without them, which MLA replaces). It computes as megatron-core's own does:
+  with ``kv_channels`` = v_head_dim (MLATransformerConfig's default) its output has the
+  value's width, and the softmax scale comes from MLASelfAttention.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import megatron_checkpoint_workers, megatron_workers
+
+
+def _dot_product_attention():
+    """megatron-core's local DotProductAttention, taking MLA's channel arguments."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class _DotProductAttention(DotProductAttention):
+        def __init__(self, *args, k_channels=None, v_channels=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            assert v_channels in (None, self.config.kv_channels), v_channels
+
+    return _DotProductAttention
+
+
+def mla_model(config: dict):
+    """megatron-core's GPTModel holding the transformers DeepSeek-V3 that ``config``
+    describes: MLA (q LoRA or not, RMSNorm on the latents), sigmoid routing over
+    ``n_group`` groups with the score-correction bias (``expert_bias``), top-k weights
+    renormalised then scaled by ``routed_scaling_factor``, shared experts, and the first
+    ``first_k_dense_replace`` layers dense (``moe_layer_freq`` a list)."""
+    import megatron.core.transformer.multi_latent_attention as multi_latent_attention
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    multi_latent_attention.HAVE_TE = False
+    layers, dense = config["num_hidden_layers"], config["first_k_dense_replace"]
+    transformer = MLATransformerConfig(
+        num_layers=layers, hidden_size=config["hidden_size"],
+        num_attention_heads=config["num_attention_heads"],
+        ffn_hidden_size=config["intermediate_size"], q_lora_rank=config["q_lora_rank"],
+        kv_lora_rank=config["kv_lora_rank"], qk_head_dim=config["qk_nope_head_dim"],
+        qk_pos_emb_head_dim=config["qk_rope_head_dim"], v_head_dim=config["v_head_dim"],
+        rope_type="rope", rotary_base=config["rope_parameters"]["rope_theta"],
+        rotary_scaling_factor=1.0, use_cpu_initialization=True, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, bias_activation_fusion=False,
+        normalization="RMSNorm", layernorm_epsilon=config["rms_norm_eps"], qk_layernorm=True,
+        hidden_dropout=0.0, attention_dropout=0.0, apply_rope_fusion=False,
+        num_moe_experts=config["n_routed_experts"], moe_router_topk=config["num_experts_per_tok"],
+        moe_ffn_hidden_size=config["moe_intermediate_size"],
+        moe_shared_expert_intermediate_size=config["n_shared_experts"]
+        * config["moe_intermediate_size"],
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+        moe_router_topk_scaling_factor=config["routed_scaling_factor"],
+        moe_router_num_groups=config["n_group"], moe_router_group_topk=config["topk_group"],
+        moe_layer_freq=[0] * dense + [1] * (layers - dense),
+        moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none")
+    spec = get_gpt_decoder_block_spec(transformer, use_transformer_engine=False,
+                                      normalization="RMSNorm")
+    for layer in spec.layer_specs:
+        layer.submodules.self_attention.submodules.core_attention = _dot_product_attention()
+    model = GPTModel(config=transformer, transformer_layer_spec=spec,
+                     vocab_size=config["vocab_size"],
+                     max_sequence_length=config["max_position_embeddings"],
+                     position_embedding_type="rope",
+                     share_embeddings_and_output_weights=config["tie_word_embeddings"])
+    return model.eval()
+
+
+def load_and_run(rank: int, world: int, store: str, folders: list[str], ids: torch.Tensor,
+                 result: str) -> None:
+    """Load each of ``folders`` (moekit's torch_dist checkpoints with their config.json:
+    a DeepSeek-V3 into ``mla_model``, another into the Llama-style model of
+    ``megatron_checkpoint_workers``) strictly as Megatron-LM does (the model's sharded
+    state dict under "model", the common state beside it). Save into ``result``, by
+    folder, the model's logits on ``ids``, its state dict and the common state the load
+    returned; and the model with megatron-core's own ``dist_checkpointing.save`` into
+    ``result``.N.saved (N: the folder's place in ``folders``)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    megatron_checkpoint_workers._init(rank, world, store)
+    found = {}
+    for number, folder in enumerate(map(Path, folders)):
+        config = json.loads((folder / "config.json").read_text())
+        model = (mla_model if config["model_type"] == "deepseek_v3"
+                 else megatron_checkpoint_workers.gpt_model)(config)
+        iteration = (folder / "latest_checkpointed_iteration.txt").read_text().strip()
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()},
+                                         str(folder / f"iter_{int(iteration):07d}"),
+                                         strict=StrictHandling.RAISE_ALL)
+        model.load_state_dict(loaded.pop("model"), strict=True)
+        Path(f"{result}.{number}.saved").mkdir()
+        dist_checkpointing.save(model.sharded_state_dict(), f"{result}.{number}.saved")
+        found[str(folder)] = {
+            "logits": megatron_workers.forward([model], ids), "common": loaded,
+            "state": {k: v.clone() for k, v in model.state_dict().items()
+                      if isinstance(v, torch.Tensor)}}
+    torch.save(found, result)
+    megatron_workers.finish()

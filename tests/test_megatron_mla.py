@@ -1,0 +1,222 @@
+"""DeepSeek-V3 (multi-latent attention, a dense first layer, routed and shared experts,
+the router's score-correction bias) written by moekit as a Megatron-Core ``torch_dist``
+checkpoint, against megatron-core 0.16.1 itself: its strict ``dist_checkpointing.load``
+into its GPTModel with MLA (local specs, CPU, gloo; see ``megatron_mla_workers`` for the two
+places its local MLA needs help to build), its logits against transformers', its own save
+of the loaded model against moekit's folder; and the common state Megatron-LM reads."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.distributed.checkpoint import FileSystemReader
+
+from moekit import samples
+from moekit.cli import main
+
+pytest.importorskip("megatron.core")
+
+from . import megatron_mla_workers  # noqa: E402
+from .conftest import load_all  # noqa: E402
+from .test_families import _with_mtp_layer  # noqa: E402
+from .test_megatron_checkpoint import LOGITS_TOLERANCE, _chunk, _stored  # noqa: E402
+
+MEGATRON_LM_COMMON_STATE = {"checkpoint_version": 3.0, "iteration": 0}
+"""What Megatron-LM (release core_v0.16.1, megatron/training/checkpointing.py) reads from a
+torch_dist checkpoint's common state in ``load_checkpoint``: ``checkpoint_version``
+(``set_checkpoint_version(state_dict.get('checkpoint_version', 0))``; its
+``save_checkpoint`` writes 3.0) and ``iteration`` (``state_dict['iteration']`` unless
+``--finetune`` or a release folder; a checkpoint without it makes it exit). ``args`` is read
+only without ``--finetune``."""
+
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory):
+    """A tiny transformers DeepSeek-V3 (a non-zero score-correction bias, which its
+    initialisation leaves zero), its HF folder and moekit's Megatron-Core folder of it."""
+    model = samples.build_model("deepseek_v3")
+    with torch.no_grad():
+        for layer in model.model.layers[model.config.first_k_dense_replace:]:
+            layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.2)
+    root = tmp_path_factory.mktemp("deepseek_v3")
+    hf = samples.save_model(model, root / "hf")
+    folder = root / "megatron"
+    assert main(["convert", str(hf), str(folder), "--to", "megatron"]) == 0
+    return model, hf, folder
+
+
+def _ids() -> torch.Tensor:
+    return samples.sample_input(96)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """A tiny transformers Qwen3-MoE whose layer 1 is dense (``mlp_only_layers``), its HF
+    folder and moekit's Megatron-Core folder of it."""
+    model = samples.build_model("qwen3_moe", norm_topk_prob=True, mlp_only_layers=[1])
+    root = tmp_path_factory.mktemp("qwen3_moe_mixed")
+    hf = samples.save_model(model, root / "hf")
+    folder = root / "megatron"
+    assert main(["convert", str(hf), str(folder), "--to", "megatron"]) == 0
+    return model, hf, folder
+
+
+@pytest.fixture(scope="module")
+def loaded(deepseek, mixed, tmp_path_factory) -> dict[str, dict]:
+    """By model ("deepseek", "mixed"): megatron-core's strict load of moekit's folder
+    (logits, state dict, the common state) and the folder of its own save of the loaded
+    model (under "saved"). One process for both (megatron-core imports slowly)."""
+    run = tmp_path_factory.mktemp("load")
+    result = run / "result"
+    folders = [str(deepseek[2]), str(mixed[2])]
+    mp.spawn(megatron_mla_workers.load_and_run, nprocs=1, join=True,
+             args=(1, str(run / "store"), folders, _ids(), str(result)))
+    found = torch.load(result)
+    return {name: {**found[folder], "saved": Path(f"{result}.{number}.saved")}
+            for number, (name, folder) in enumerate(zip(("deepseek", "mixed"), folders))}
+
+
+@pytest.mark.parametrize("name", ["deepseek", "mixed"])
+def test_megatron_core_loads_it_strictly_and_gives_transformers_logits(deepseek, mixed, loaded,
+                                                                       name):
+    """fp32, the tolerance of the other Megatron-Core families. DeepSeek-V3: MLA, sigmoid
+    routing with the bias choosing experts, shared experts and the dense first layer all
+    take part; Qwen3-MoE: a dense layer between MoE layers."""
+    model = {"deepseek": deepseek, "mixed": mixed}[name][0]
+    with torch.no_grad():
+        theirs = model(_ids()).logits
+    assert (loaded[name]["logits"] - theirs).abs().max() < LOGITS_TOLERANCE
+
+
+def test_each_megatron_tensor_is_the_transformers_tensor_it_holds(deepseek, loaded):
+    """Bit for bit, by megatron-core's module names: layer 0 dense, layers 1 and 2 MoE."""
+    model, hf_folder, _ = deepseek
+    hf, state = load_all(hf_folder), loaded["deepseek"]["state"]
+    for layer in range(model.config.num_hidden_layers):
+        at, attention = f"model.layers.{layer}", f"model.layers.{layer}.self_attn"
+        expected = {
+            "input_layernorm.weight": hf[f"{at}.input_layernorm.weight"],
+            "self_attention.linear_q_down_proj.weight": hf[f"{attention}.q_a_proj.weight"],
+            "self_attention.q_layernorm.weight": hf[f"{attention}.q_a_layernorm.weight"],
+            "self_attention.linear_q_up_proj.weight": hf[f"{attention}.q_b_proj.weight"],
+            "self_attention.linear_kv_down_proj.weight":
+                hf[f"{attention}.kv_a_proj_with_mqa.weight"],
+            "self_attention.kv_layernorm.weight": hf[f"{attention}.kv_a_layernorm.weight"],
+            "self_attention.linear_kv_up_proj.weight": hf[f"{attention}.kv_b_proj.weight"],
+            "self_attention.linear_proj.weight": hf[f"{attention}.o_proj.weight"],
+            "pre_mlp_layernorm.weight": hf[f"{at}.post_attention_layernorm.weight"],
+        }
+        if layer < model.config.first_k_dense_replace:
+            expected["mlp.linear_fc1.weight"] = torch.cat(
+                [hf[f"{at}.mlp.gate_proj.weight"], hf[f"{at}.mlp.up_proj.weight"]])
+            expected["mlp.linear_fc2.weight"] = hf[f"{at}.mlp.down_proj.weight"]
+        else:
+            shared = f"{at}.mlp.shared_experts"
+            expected["mlp.router.weight"] = hf[f"{at}.mlp.gate.weight"]
+            expected["mlp.router.expert_bias"] = hf[f"{at}.mlp.gate.e_score_correction_bias"]
+            expected["mlp.shared_experts.linear_fc1.weight"] = torch.cat(
+                [hf[f"{shared}.gate_proj.weight"], hf[f"{shared}.up_proj.weight"]])
+            expected["mlp.shared_experts.linear_fc2.weight"] = hf[f"{shared}.down_proj.weight"]
+            for e in range(model.config.n_routed_experts):
+                expert, ours = f"{at}.mlp.experts.{e}", f"mlp.experts.local_experts.{e}"
+                expected[f"{ours}.linear_fc1.weight"] = torch.cat(
+                    [hf[f"{expert}.gate_proj.weight"], hf[f"{expert}.up_proj.weight"]])
+                expected[f"{ours}.linear_fc2.weight"] = hf[f"{expert}.down_proj.weight"]
+        for name, tensor in expected.items():
+            mine = state[f"decoder.layers.{layer}.{name}"]
+            assert mine.dtype == tensor.dtype and torch.equal(mine, tensor), (layer, name)
+    assert torch.any(state["decoder.layers.1.mlp.router.expert_bias"] != 0)
+
+
+@pytest.mark.parametrize("name", ["deepseek", "mixed"])
+def test_megatron_cores_own_save_of_the_loaded_model_is_moekits_folder(deepseek, mixed, loaded,
+                                                                       name):
+    """Same keys (each layer under its own, every ``_extra_state`` included), shapes,
+    dtypes, chunks and bytes."""
+    folder = {"deepseek": deepseek, "mixed": mixed}[name][2] / "iter_0000000"
+    saved = loaded[name]["saved"]
+    ours = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    theirs = FileSystemReader(str(saved)).read_metadata().state_dict_metadata
+    assert ours.keys() == theirs.keys()
+    dense = {"deepseek": 0, "mixed": 1}[name]
+    assert f"decoder.layers.{dense}.mlp.linear_fc1._extra_state/shard_0_1" in theirs
+    for key, entry in theirs.items():
+        assert type(ours[key]) is type(entry), key
+        if hasattr(entry, "chunks"):
+            assert (ours[key].size, ours[key].properties.dtype) == \
+                (entry.size, entry.properties.dtype), key
+            assert sorted(map(_chunk, ours[key].chunks)) == sorted(map(_chunk, entry.chunks)), key
+    assert _stored(folder) == _stored(saved)
+
+
+@pytest.mark.parametrize("name", ["deepseek", "mixed"])
+def test_megatron_to_hf_is_byte_identical_and_transformers_loads_it(deepseek, mixed, tmp_path,
+                                                                     name):
+    model, hf, folder = {"deepseek": deepseek, "mixed": mixed}[name]
+    back = tmp_path / "back"
+    assert main(["convert", str(folder), str(back), "--to", "hf"]) == 0
+    original, returned = load_all(hf), load_all(back)
+    assert original.keys() == returned.keys()
+    for key, tensor in original.items():
+        assert returned[key].dtype == tensor.dtype and torch.equal(returned[key], tensor), key
+    with torch.no_grad():
+        assert torch.equal(samples.logits(back, _ids()), model(_ids()).logits)
+
+
+def test_the_common_state_is_what_megatron_lm_reads(deepseek, loaded):
+    """As written, and as megatron-core's ``dist_checkpointing.load`` returns it beside the
+    model."""
+    common = torch.load(deepseek[2] / "iter_0000000" / "common.pt")
+    assert common == MEGATRON_LM_COMMON_STATE
+    assert "args" not in common
+    assert loaded["deepseek"]["common"] == MEGATRON_LM_COMMON_STATE
+
+
+def test_a_deepseek_without_interleaved_rope_is_refused_naming_why(tmp_path, capsys):
+    hf = samples.save_model(samples.build_model("deepseek_v3", rope_interleave=False),
+                            tmp_path / "hf")
+    _refused(hf, tmp_path / "out", capsys, "rope_interleave is False")
+
+
+def test_a_deepseek_with_a_multi_token_prediction_layer_is_refused(deepseek, tmp_path, capsys):
+    """Not dropped: moekit does not write megatron-core's multi-token-prediction block
+    (``mtp.layers``)."""
+    hf = tmp_path / "hf"
+    shutil.copytree(deepseek[1], hf)
+    layer = _with_mtp_layer(hf)
+    _refused(hf, tmp_path / "out", capsys, f"multi-token-prediction layers (layer {layer}")
+
+
+def _refused(hf, out, capsys, named: str) -> None:
+    assert main(["convert", str(hf), str(out), "--to", "megatron"]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_an_fp8_deepseek_is_refused_unless_dequantized(deepseek, tmp_path, capsys):
+    """DeepSeek-V3's Hub files hold float8 expert weights with block scales
+    (``weight_scale_inv``); Megatron-Core's layout holds neither, so moekit writes it only
+    with --dequantize (a scale of 1: the bf16 weights are the float8 values)."""
+    from safetensors.torch import save_file
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    shutil.copy(deepseek[1] / "config.json", hf / "config.json")
+    tensors = load_all(deepseek[1])
+    for key in [k for k in tensors if ".mlp.experts." in k]:
+        tensors[key] = tensors[key].to(torch.float8_e4m3fn)
+        tensors[key.replace(".weight", ".weight_scale_inv")] = torch.ones(1, 1)
+    save_file(tensors, hf / "model.safetensors", metadata={"format": "pt"})
+    _refused(hf, tmp_path / "refused", capsys, "--dequantize")
+    out, back = tmp_path / "out", tmp_path / "back"
+    assert main(["convert", str(hf), str(out), "--to", "megatron", "--dequantize"]) == 0
+    assert main(["convert", str(out), str(back), "--to", "hf"]) == 0
+    returned = load_all(back)
+    assert not [key for key in returned if key.endswith("_scale_inv")]
+    key = "model.layers.1.mlp.experts.0.gate_proj.weight"
+    assert torch.equal(returned[key], tensors[key].to(torch.bfloat16))
