@@ -73,6 +73,8 @@ UPCYCLED = {
     "copy": (["--method", "copy"], UpcycleSpec(4, 2, router="zero")),
     "granular": (["--method", "granular", "--granularity", "2"],
                  UpcycleSpec(4, 2, "granular", 2, router="zero")),
+    "drop": (["--method", "drop", "--drop-ratio", "0.25", "--seed", "3"],
+             UpcycleSpec(4, 2, "drop", drop_ratio=0.25, router="zero", seed=3)),
 }
 """``moekit upcycle`` options, and the same upcycling as moekit's in-memory Megatron-Core
 one runs it (a zero router: the in-memory one otherwise starts from the MoE model's own
@@ -252,10 +254,55 @@ def test_a_checkpoint_megatron_core_saved_at_expert_parallel_size_2_reads_back_w
         assert (rank["logits"] - logits).abs().max() < LOGITS_TOLERANCE
 
 
+EP_FAMILIES = ("qwen3_moe", "mixtral")
+
+
+@pytest.fixture(scope="module")
+def loaded_at_ep2(models, upcycled, tmp_path_factory) -> list[dict]:
+    """By rank: megatron-core's strict loads at expert-parallel size 2 of moekit's Qwen3-MoE
+    and Mixtral folders (6 experts, 3 a rank) and of the upcycled Llamas (4 experts)."""
+    folders = [str(models[t][2]) for t in EP_FAMILIES] + [folder for folder, _ in upcycled]
+    result = _spawn(megatron_checkpoint_workers.load_expert_parallel, 2,
+                    tmp_path_factory.mktemp("load_ep2"), folders, _ids())
+    return [torch.load(f"{result}.{rank}") for rank in range(2)]
+
+
+@pytest.mark.parametrize("model_type", EP_FAMILIES)
+def test_megatron_core_at_expert_parallel_size_2_loads_it_strictly_with_transformers_logits(
+        models, loaded_at_ep2, model_type):
+    """Each rank holds its 3 experts under their global indices, each transformers' own
+    expert (its grouped ``gate_up_proj`` = cat(gate, up) and ``down_proj``)."""
+    model, _, folder = models[model_type]
+    ranks = [rank[str(folder)] for rank in loaded_at_ep2]
+    assert [sorted({e for _, e in rank["experts"]}) for rank in ranks] == [[0, 1, 2], [3, 4, 5]]
+    state = model.state_dict()
+    for rank in ranks:
+        for (layer, e), weights in rank["experts"].items():
+            experts = f"model.layers.{layer}.mlp.experts"
+            assert torch.equal(weights["linear_fc1.weight"], state[f"{experts}.gate_up_proj"][e])
+            assert torch.equal(weights["linear_fc2.weight"], state[f"{experts}.down_proj"][e])
+    with torch.no_grad():
+        theirs = model(_ids()).logits
+    for rank in ranks:
+        assert (rank["logits"] - theirs).abs().max() < LOGITS_TOLERANCE
+
+
+def test_megatron_core_at_expert_parallel_size_2_loads_the_upcycled_folders(
+        upcycled, loaded, loaded_at_ep2):
+    """Two experts a rank, and the logits of the one-process load."""
+    for folder, _ in upcycled:
+        ranks = [rank[folder] for rank in loaded_at_ep2]
+        assert [sorted({e for _, e in rank["experts"]}) for rank in ranks] == [[0, 1], [2, 3]]
+        for rank in ranks:
+            assert (rank["logits"] - loaded["upcycled"][folder]["logits"]).abs().max() \
+                < LOGITS_TOLERANCE, folder
+
+
 def test_upcycling_into_megatron_equals_the_in_memory_megatron_upcycling(upcycled, loaded):
     """The dense Llama in Megatron-Core's layout, upcycled in memory by
     ``moekit.upcycling.megatron``, equals ``moekit upcycle --to megatron`` of its HF
-    checkpoint tensor for tensor, and keeps the dense logits."""
+    checkpoint tensor for tensor (Drop-Upcycling's draws included), and keeps the dense
+    logits."""
     found = loaded["upcycled"]
     for folder, _ in upcycled:
         assert found[folder]["differ"] == [], folder
@@ -268,21 +315,62 @@ def test_upcycling_into_megatron_equals_the_in_memory_megatron_upcycling(upcycle
     assert (copy - found["dense_logits"]).abs().max() < LOGITS_TOLERANCE
 
 
-@pytest.mark.parametrize("method", [["--method", "granular", "--granularity", "2"],
-                                    ["--method", "drop"]])
+@pytest.mark.parametrize("method", UPCYCLED)
+def test_megatron_cores_logits_of_the_upcycled_folder_are_transformers_logits(
+        models, upcycled, loaded, tmp_path, method):
+    """transformers runs ``moekit upcycle --to hf`` with the same options."""
+    hf = tmp_path / "hf"
+    assert main(["upcycle", str(models["llama"][1]), str(hf), "--experts", "4", "--top-k", "2",
+                 "--router", "zero", *UPCYCLED[method][0]]) == 0
+    folder, _ = dict(zip(UPCYCLED, upcycled))[method]
+    theirs = samples.logits(hf, _ids())
+    assert (loaded["upcycled"][folder]["logits"] - theirs).abs().max() < LOGITS_TOLERANCE
+
+
+GRANULAR = ["--method", "granular", "--granularity", "2"]
+DROP = ["--method", "drop", "--drop-ratio", "0.25"]
+SHARED = ["--shared-expert", "--target", "qwen2_moe"]
+
+
+@pytest.mark.parametrize("method,to", [(GRANULAR, "hf"), (DROP, "hf"), (SHARED, "hf"),
+                                       (GRANULAR, "megatron"), (DROP, "megatron")])
 def test_upcycling_a_dense_megatron_checkpoint_equals_upcycling_its_hf_one(models, tmp_path,
-                                                                           method):
-    """Granular slices and Drop-Upcycling's statistics read parts of the stored chunks."""
+                                                                           method, to):
+    """Granular slices and Drop-Upcycling's statistics read parts of the stored chunks; the
+    shared expert is the dense MLP's stored chunks whole. In Megatron-Core's layout the
+    two folders hold the same bytes under every key."""
     _, hf, dense = models["llama"]
     written = []
     for name, source in (("from_hf", hf), ("from_megatron", dense)):
         out = tmp_path / name
         assert main(["upcycle", str(source), str(out), "--experts", "4", "--top-k", "2",
-                     *method]) == 0
-        written.append(load_all(out))
+                     *method, "--to", to]) == 0
+        written.append(load_all(out) if to == "hf" else _stored(out / ITERATION))
     assert written[0].keys() == written[1].keys()
     for key, tensor in written[0].items():
-        assert torch.equal(written[1][key], tensor), key
+        assert (torch.equal(written[1][key], tensor) if to == "hf"
+                else written[1][key] == tensor), key
+
+
+@pytest.mark.parametrize("dense,options,named", [
+    ("llama", SHARED, "qwen2_moe (--target qwen2_moe) with a shared expert (--shared-expert)"),
+    ("qwen2", [], "qwen2_moe (--target auto) with a shared expert (every qwen2_moe block has "
+                  "one)"),
+])
+def test_an_upcycle_into_megatron_with_a_gated_shared_expert_is_refused_naming_the_option(
+        models, tmp_path, capsys, dense, options, named):
+    """Qwen2-MoE, the one target with a shared expert, gates it by a sigmoid, which
+    moekit's Megatron-Core layout does not hold: refused from the HF checkpoint and from
+    the Megatron-Core one, dry run or not, before anything is written."""
+    _, hf, megatron = models[dense]
+    for source in (hf, megatron):
+        for dry_run in (["--dry-run"], []):
+            out = tmp_path / "out"
+            assert main(["upcycle", str(source), str(out), "--experts", "4", "--top-k", "2",
+                         *options, "--to", "megatron", *dry_run]) == 2
+            err = capsys.readouterr().err
+            assert f"--to megatron cannot hold the upcycled {named}" in err, err
+            assert "Traceback" not in err and not out.exists()
 
 
 @pytest.mark.parametrize("model_type,settings,named", [
