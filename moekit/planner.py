@@ -282,10 +282,10 @@ def _group_parts(analysis: Analysis, dst: Layout) -> dict[str, list[TensorPlan]]
     out: dict[str, list[TensorPlan]] = {}
     for block in analysis.blocks.values():
         joined: dict[str, list[tuple[int, GroupPart, str]]] = defaultdict(list)
-        for group, part in ((k, part) for k, group in enumerate(family.expert_groups)
-                            for part in group.parts):
-            named = f"{block.block}.{family.expert_groups[group].modules[module]}.{part.name}"
-            joined[f"{block.block}.{part.hf}"].append((group, part, named))
+        for k, group in enumerate(family.expert_groups):
+            for part in group.parts:
+                named = f"{block.block}.{group.modules[module]}.{part.name}"
+                joined[f"{block.block}.{part.hf}"].append((k, part, named))
         for hf_key, members in joined.items():
             if apart:
                 _split_part(analysis, dst, hf_key, members, out)
