@@ -28,6 +28,32 @@ def family_models() -> dict[str, torch.nn.Module]:
 
 
 @pytest.fixture
+def dcp_built(monkeypatch) -> dict[str, int]:
+    """Bytes of the tensors ``moekit.dcp`` builds while DCP writes them, filled in as a
+    write runs: in all (``total``), the largest (``largest``) and the most alive at once
+    (``live_peak``; DCP keeps a data file's tensors until the file is closed)."""
+    import weakref
+
+    from moekit import dcp as moekit_dcp
+
+    built: list[tuple[weakref.ref, int]] = []
+    figures = {"total": 0, "largest": 0, "live_peak": 0}
+    materialize = moekit_dcp.materialize
+
+    def tracked(recipe, source):
+        tensor = materialize(recipe, source)
+        live = sum(size for ref, size in built if ref() is not None)
+        figures["live_peak"] = max(figures["live_peak"], live + tensor.nbytes)
+        figures["total"] += tensor.nbytes
+        figures["largest"] = max(figures["largest"], tensor.nbytes)
+        built.append((weakref.ref(tensor), tensor.nbytes))
+        return tensor
+
+    monkeypatch.setattr(moekit_dcp, "materialize", tracked)
+    return figures
+
+
+@pytest.fixture
 def qwen3(family_checkpoints, tmp_path) -> Path:
     """A private copy of the Qwen3-MoE sample that a test may damage."""
     import shutil

@@ -4,7 +4,6 @@ reader (``FileSystemReader``, ``dcp.load``) into the state dict transformers' mo
 from __future__ import annotations
 
 import pickle
-import weakref
 from pathlib import Path
 
 import pytest
@@ -56,28 +55,14 @@ def test_a_dcp_folder_holds_the_transformers_models_state_dict(family_checkpoint
     assert all(same_bytes(loaded[key], expected[key]) for key in expected)
 
 
-def test_tensors_are_built_as_dcp_writes_them(family_checkpoints, tmp_path, monkeypatch):
+def test_tensors_are_built_as_dcp_writes_them(family_checkpoints, tmp_path, dcp_built):
     """Memory holds the tensors of one .distcp file at a time (DCP keeps a file's tensors
     until the file is closed), never the whole model."""
-    built: list[tuple[weakref.ref, int]] = []
-    live_peak = [0]
-    materialize = moekit_dcp.materialize
-
-    def tracked(recipe, source):
-        tensor = materialize(recipe, source)
-        live = sum(size for ref, size in built if ref() is not None)
-        live_peak[0] = max(live_peak[0], live + tensor.nbytes)
-        built.append((weakref.ref(tensor), tensor.nbytes))
-        return tensor
-
-    monkeypatch.setattr(moekit_dcp, "materialize", tracked)
     shard = 20 * 1024
     assert main(["convert", str(family_checkpoints["qwen3_moe"]), str(tmp_path / "dcp"),
                  "--to", "nemo", "--format", "dcp", "--max-shard-size", str(shard)]) == 0
-    total = sum(size for _, size in built)
-    largest = max(size for _, size in built)
-    assert total > 4 * shard
-    assert live_peak[0] <= shard + largest
+    assert dcp_built["total"] > 4 * shard
+    assert dcp_built["live_peak"] <= shard + dcp_built["largest"]
 
 
 def test_an_upcycled_model_written_to_dcp_holds_the_shards_tensors(tmp_path):
