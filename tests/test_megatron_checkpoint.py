@@ -352,6 +352,20 @@ def test_upcycling_a_dense_megatron_checkpoint_equals_upcycling_its_hf_one(model
                 else written[1][key] == tensor), key
 
 
+@pytest.mark.parametrize("command", [["convert", "qwen3_moe"],
+                                     ["upcycle", "llama", "--experts", "4", "--top-k", "2",
+                                      *DROP]])
+def test_megatron_chunks_are_built_as_dcp_writes_them(models, tmp_path, dcp_built, command):
+    """convert and upcycle --to megatron hold the chunks of one .distcp file at a time
+    (DCP keeps a file's tensors until the file is closed), never the whole model."""
+    verb, model_type, *options = command
+    shard = 20 * 1024
+    assert main([verb, str(models[model_type][1]), str(tmp_path / "out"), *options, "--to",
+                 "megatron", "--max-shard-size", str(shard)]) == 0
+    assert dcp_built["total"] > 4 * shard
+    assert dcp_built["live_peak"] <= shard + dcp_built["largest"]
+
+
 @pytest.mark.parametrize("dense,options,named", [
     ("llama", SHARED, "qwen2_moe (--target qwen2_moe) with a shared expert (--shared-expert)"),
     ("qwen2", [], "qwen2_moe (--target auto) with a shared expert (every qwen2_moe block has "
