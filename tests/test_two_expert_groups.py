@@ -198,3 +198,20 @@ def test_a_router_that_does_not_fit_its_group_is_refused(ernie, tmp_path):
     changed = _with(src, tmp_path, cut)
     with pytest.raises(MoekitError, match=r"model\.layers\.1\.mlp\.gate\.weight_1 is"):
         convert(changed, tmp_path / "out", to="transformers")
+
+
+def test_the_config_decides_which_layers_hold_the_groups(ernie, tmp_path):
+    """``mlp_layer_types`` (transformers 5.24's rule for ERNIE-4.5-VL): a layer the config
+    makes dense but whose experts the files hold is refused, naming the layer."""
+    import json
+    import shutil
+
+    _, src = ernie
+    changed = tmp_path / "changed"
+    shutil.copytree(src, changed)
+    config = json.loads((changed / "config.json").read_text())
+    config["text_config"]["mlp_layer_types"] = ["dense", "sparse", "dense"]
+    (changed / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MoekitError, match=r"layer 2 holds experts, but .* makes it a dense "
+                                          r"layer \(num_hidden_layers 3, mlp_layer_types"):
+        inspect(changed)
