@@ -14,7 +14,7 @@ from .gc_pauses import without_gc_pauses
 from .layouts.base import ExpertBlock
 from .layouts.families import FP8_SCALE_KEY, MXFP4_BLOCKS_KEY, MXFP4_SCALES_KEY
 from .plan import nbytes
-from .planner import Analysis, analyse_checkpoint
+from .planner import Analysis, analyse_checkpoint, unread_experts
 from .sizes import format_size
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(0|[1-9][0-9]{0,8})\.", re.ASCII)
@@ -96,8 +96,13 @@ class CheckpointInfo:
 
 @without_gc_pauses
 def inspect(path: str | Path, from_: str | None = None) -> CheckpointInfo:
-    """Describe the checkpoint at ``path`` from its headers and config.json."""
+    """Describe the checkpoint at ``path`` from its headers and config.json. A checkpoint
+    whose config declares routed experts that no tensor reads as (a family moekit does not
+    know) is refused, saying so, rather than described as a dense model."""
     checkpoint, analysis = analyse_checkpoint(path, from_)
+    if not analysis.blocks and analysis.settings and analysis.settings.declared:
+        raise MoekitError(f"cannot describe {printable(str(checkpoint.path))}: "
+                          + unread_experts(analysis.settings))
     layer_bytes: dict[int, int] = defaultdict(int)
     dtypes: dict[str, int] = defaultdict(int)
     for key, info in checkpoint.tensors.items():

@@ -195,7 +195,7 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
         raise MoekitError(
             f"the source holds no expert tensors (a dense model, family "
             f"{analysis.family.name}): the {dst.name} layout applies only to MoE checkpoints; "
-            + (_unread_experts(analysis.settings) if analysis.settings
+            + (unread_experts(analysis.settings) if analysis.settings
                and analysis.settings.declared else
                "use `moekit upcycle` to turn a dense model into an MoE"))
     if not dst.names_family(analysis.family):
@@ -337,7 +337,7 @@ def _join_part(analysis: Analysis, dst: Layout, hf_key: str,
     out.update({key: [] for key in present[1:]})
 
 
-def _unread_experts(settings: Settings) -> str:
+def unread_experts(settings: Settings) -> str:
     """What to say when a config declares routed experts but no tensor reads as one: a
     family whose experts moekit does not know (or Doge's single-neuron experts, which no
     grouped layout holds)."""

@@ -11,6 +11,8 @@ logits.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -271,11 +273,39 @@ transformers 5.24's save_pretrained writes: Qwen3-VL-MoE's release files hold ga
 [E, H, 2I] and down_proj [E, I, H] (transformers transposes them on load)."""
 
 
+HUB_GROUPED = ("qwen3_5_moe",)
+"""Model types whose Hub files hold the experts grouped as transformers 5.24's model does
+(gate_up_proj [E, 2I, H], gate rows first, and down_proj [E, H, I]) where its
+save_pretrained writes one tensor per expert: Qwen3.5-MoE's release files (the form NeMo
+AutoModel 0.7's Qwen3_5MoeStateDictAdapter reads)."""
+_PER_EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(gate|up|down)_proj\.weight")
+
+
 def on_the_hub(model_type: str, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """save_pretrained's tensors as the model type's Hub files hold them."""
+    if model_type in HUB_GROUPED:
+        return _grouped(saved)
     turned = HUB_TRANSPOSED.get(model_type, ())
     return {k: v.transpose(1, 2).contiguous() if k.endswith(turned) and turned else v
             for k, v in saved.items()}
+
+
+def _grouped(saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert weights joined into each experts module's gate_up_proj and down_proj."""
+    grouped: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
+    for key, tensor in saved.items():
+        match = _PER_EXPERT.fullmatch(key)
+        if match:
+            experts.setdefault(match[1], {})[(int(match[2]), match[3])] = tensor
+        else:
+            grouped[key] = tensor
+    for module, pieces in experts.items():
+        count = len(pieces) // 3
+        grouped[f"{module}.gate_up_proj"] = torch.stack(
+            [torch.cat([pieces[(e, "gate")], pieces[(e, "up")]]) for e in range(count)])
+        grouped[f"{module}.down_proj"] = torch.stack([pieces[(e, "down")] for e in range(count)])
+    return grouped
 
 
 GROUPED = [t for t in MULTIMODAL if family_of_model_type(t).expert_groups]
@@ -290,8 +320,9 @@ def test_multimodal_text_experts_convert_and_the_rest_passes_through(model_type,
     in the Hub's form where that differs: Qwen3-VL-MoE), every other tensor (vision and
     audio towers, projector) passes through under the layout's name for it (NeMo's
     without Qwen3-Omni's ``thinker.``, as test_nemo_adapters checks), ``--to transformers``
-    is the model's state dict, and transformers loads the round trip into that state
-    dict."""
+    is the model's state dict (or is refused where transformers converts tensors outside
+    the experts that moekit does not: MiniMax-M3-VL, Mistral-Large-4), and transformers
+    loads the round trip into that state dict."""
     try:
         model = build_multimodal(model_type)
         model.save_pretrained(tmp_path / "src", max_shard_size="200KB")
@@ -303,7 +334,15 @@ def test_multimodal_text_experts_convert_and_the_rest_passes_through(model_type,
     original = load_all(src)
     towers = {k for k in original if "visual" in k or "vision" in k}
     assert towers
+    refused = "transformers" in family_named(info.family).unconverted
+    # moekit's hf layout is the Hub's form where the Hub groups experts transposed
+    # (Qwen3-VL-MoE) and save_pretrained's where the Hub groups them as the model does.
+    written_as = original if model_type in HUB_GROUPED else on_the_hub(model_type, original)
     for layout in LAYOUTS:
+        if layout == "transformers" and refused:
+            with pytest.raises(MoekitError, match="transformers layout of .* is refused"):
+                convert(src, tmp_path / layout, to=layout)
+            continue
         convert(src, tmp_path / layout, to=layout)
         converted = load_all(tmp_path / layout)
         if layout != "transformers":
@@ -313,13 +352,16 @@ def test_multimodal_text_experts_convert_and_the_rest_passes_through(model_type,
             assert set(others.values()) <= converted.keys()
             assert [k for k, v in others.items() if not same_bytes(original[k], converted[v])] == []
         convert(tmp_path / layout, tmp_path / f"{layout}-back", to=info.layout)
-        back, hub = load_all(tmp_path / f"{layout}-back"), on_the_hub(model_type, original)
-        assert back.keys() == hub.keys()
-        assert [k for k in hub if not same_bytes(hub[k], back[k])] == []
-    fused, expected = load_all(tmp_path / "transformers"), model.state_dict()
-    assert fused.keys() == expected.keys()
-    assert [k for k in expected if not same_bytes(fused[k], expected[k])] == []
-    reloaded = _multimodal_state_dict(type(model), tmp_path / "transformers-back")
+        back = load_all(tmp_path / f"{layout}-back")
+        assert back.keys() == written_as.keys()
+        assert [k for k in written_as if not same_bytes(written_as[k], back[k])] == []
+    expected = model.state_dict()
+    if not refused:
+        fused = load_all(tmp_path / "transformers")
+        assert fused.keys() == expected.keys()
+        assert [k for k in expected if not same_bytes(fused[k], expected[k])] == []
+    via = "nemo" if refused else "transformers"
+    reloaded = _multimodal_state_dict(type(model), tmp_path / f"{via}-back")
     assert reloaded.keys() == expected.keys()
     assert [k for k in expected if not same_bytes(reloaded[k], expected[k])] == []
 
@@ -331,7 +373,9 @@ def test_a_multimodal_moe_model_without_a_family_is_not_taken_for_a_dense_one(mo
     declares routed experts, which moekit has no family for: where its keys read as a
     known naming (Qwen3-Omni's thinker alone), it converts to nemo and back byte for
     byte; else nemo is refused, saying that the config declares experts no family reads
-    (or naming the family the keys look like), never as a dense model to upcycle."""
+    (or naming the family the keys look like), never as a dense model to upcycle; and
+    ``inspect`` names the family it reads or refuses the checkpoint (exit 2) saying why,
+    never calling it dense."""
     from moekit.cli import main
 
     src, out = tmp_path / "src", tmp_path / "out"
@@ -344,10 +388,17 @@ def test_a_multimodal_moe_model_without_a_family_is_not_taken_for_a_dense_one(mo
         original, back = load_all(src), load_all(tmp_path / "back")
         assert back.keys() == original.keys()
         assert [k for k in original if not same_bytes(original[k], back[k])] == []
+        assert main(["inspect", str(src)]) == 0
+        shown = capsys.readouterr().out
+        assert f"family            {inspect(src).family} " in shown and "dense (" not in shown
         return
     err = capsys.readouterr().err
     assert "routed experts" in err or "named as in" in err, err
     assert "upcycle" not in err and "Traceback" not in err
+    assert main(["inspect", str(src)]) == 2
+    captured = capsys.readouterr()
+    assert "routed experts" in captured.err and "Traceback" not in captured.err
+    assert "dense (" not in captured.out + captured.err
 
 
 def test_qwen3_vl_moe_experts_are_read_in_either_orientation(tmp_path):
@@ -376,6 +427,38 @@ def test_qwen3_vl_moe_experts_are_read_in_either_orientation(tmp_path):
         written, saved = load_all(tmp_path / f"{source.name}-hf"), load_all(tmp_path / "saved")
         assert [k for k in saved if not same_bytes(written[k], saved[k])] == []
     reloaded = _multimodal_state_dict(type(model), tmp_path / "hub-hf")
+    assert [k for k in expected if not same_bytes(reloaded[k], expected[k])] == []
+
+
+def test_qwen3_5_moe_hub_files_with_grouped_experts_are_read(tmp_path):
+    """Qwen3.5-MoE's Hub files hold the text experts grouped as transformers' model does
+    (``on_the_hub``, checked here against the model's state dict) where save_pretrained
+    writes them per expert. moekit reads the Hub form as the transformers layout: into
+    save_pretrained's files with ``--to hf``, into the nemo tensors it makes of those
+    files; and transformers loads the Hub form into that state dict."""
+    from safetensors.torch import save_file
+
+    model = build_multimodal("qwen3_5_moe")
+    model.save_pretrained(tmp_path / "saved")
+    saved, expected = load_all(tmp_path / "saved"), model.state_dict()
+    hub = on_the_hub("qwen3_5_moe", saved)
+    assert hub.keys() == expected.keys() != saved.keys()
+    assert [k for k in expected if not same_bytes(hub[k], expected[k])] == []
+    (tmp_path / "hub").mkdir()
+    save_file(hub, tmp_path / "hub" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "hub" / "config.json").write_text((tmp_path / "saved" / "config.json").read_text())
+    info = inspect(tmp_path / "hub")
+    assert (info.family, info.layout) == ("qwen3_5_moe", "transformers")
+    convert(tmp_path / "hub", tmp_path / "hf", to="hf")
+    written = load_all(tmp_path / "hf")
+    assert written.keys() == saved.keys()
+    assert [k for k in saved if not same_bytes(written[k], saved[k])] == []
+    for source in ("hub", "saved"):
+        convert(tmp_path / source, tmp_path / f"{source}-nemo", to="nemo")
+    from_hub, from_saved = load_all(tmp_path / "hub-nemo"), load_all(tmp_path / "saved-nemo")
+    assert from_hub.keys() == from_saved.keys()
+    assert [k for k in from_saved if not same_bytes(from_hub[k], from_saved[k])] == []
+    reloaded = _multimodal_state_dict(type(model), tmp_path / "hub")
     assert [k for k in expected if not same_bytes(reloaded[k], expected[k])] == []
 
 
@@ -429,13 +512,17 @@ def _key_renamed_by(rule) -> str:
 
 
 def _family_cases():
+    """Every family and model type whose transformers names moekit states: not those whose
+    transformers layout it refuses without renames of its own (MiniMax-M3-VL,
+    Mistral-Large-4), nor those with several expert groups (tests/test_two_expert_groups.py)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from moekit.layouts import FAMILIES
 
     return [pytest.param(family, model_type, id=f"{family.name}-{model_type}")
             for family in FAMILIES for model_type in family.model_types
-            if model_type in CONFIG_MAPPING and not family.expert_groups]
+            if model_type in CONFIG_MAPPING and not family.expert_groups
+            and ("transformers" not in family.unconverted or family.renames.get("transformers"))]
 
 
 @pytest.mark.parametrize("family,model_type", _family_cases())

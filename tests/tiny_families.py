@@ -85,7 +85,8 @@ def build(model_type: str, seed: int = 0, **overrides: Any):
     return samples.from_config(tiny_config(model_type, **overrides), seed)
 
 
-MULTIMODAL = ("llama4", "qwen3_vl_moe", "glm4v_moe", "ernie4_5_vl_moe", "qwen3_omni_moe")
+MULTIMODAL = ("llama4", "qwen3_vl_moe", "glm4v_moe", "ernie4_5_vl_moe", "qwen3_omni_moe",
+              "aria", "qwen3_5_moe", "qwen4_exp", "minimax_m3_vl", "mistral_large4")
 """Multimodal model types whose text model has routed experts that moekit has a family for."""
 
 

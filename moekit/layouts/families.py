@@ -331,6 +331,19 @@ _ERNIE_VL_UNHELD = {
 """Why the grouped layouts other than transformers' hold no ERNIE-4.5-VL experts."""
 
 
+_LLAVA_TRANSFORMERS = (Rename("language_model.lm_head.", "lm_head.", at_start=True),
+                       Rename("language_model.model.", "model.language_model.", at_start=True),
+                       Rename("vision_tower.", "model.vision_tower.", at_start=True),
+                       Rename("multi_modal_projector.", "model.multi_modal_projector.",
+                              at_start=True))
+"""transformers 5.24 (conversion_mapping.py "llava", which "aria" follows) holds a LLaVA-style
+model's text model under ``model.language_model``, its head as ``lm_head`` and its vision
+tower and projector under ``model.``."""
+_ARIA_ON_DISK = (Rename(".experts.gate_up_proj", ".experts.fc1.weight"),
+                 Rename(".experts.down_proj", ".experts.fc2.weight"))
+"""Aria's names of its grouped experts in its files (conversion_mapping.py "aria_text")."""
+
+
 _MINIMAX_M3_VL_NEMO = (
     Rename("language_model.lm_head.", "lm_head.", at_start=True),
     Rename("language_model.model.", "model.", at_start=True),
@@ -532,6 +545,39 @@ FAMILIES: tuple[Family, ...] = (
            _QWEN_PROJECTIONS, "num_experts", text_config=("thinker_config", "text_config"),
            renames={"transformers": _QWEN3_OMNI_TRANSFORMERS, "nemo": _QWEN3_OMNI_NEMO},
            moe_layers=sparse_step),
+    # Aria (model_type aria): Aria text's grouped experts under language_model.model.
+    Family("aria_multimodal", ("aria",), "language_model.model.layers.{layer}.mlp",
+           _QWEN_PROJECTIONS, "moe_num_experts", router="router.weight",
+           shared_expert="shared_experts",
+           renames={"hf": _ARIA_ON_DISK, "transformers": _LLAVA_TRANSFORMERS},
+           transposed={"hf": True, "transformers": True}, grouped_on_disk=True,
+           text_config=("text_config",), moe_layers=every_layer),
+    # Qwen3.5-MoE and Qwen4-Exp: transformers 5.24's save_pretrained writes the text experts
+    # one tensor per expert under model.language_model.; Qwen3.5-MoE's Hub files hold them
+    # grouped as the model does (gate_up_proj [E,2I,H], down_proj [E,H,I], the only form
+    # NeMo AutoModel 0.7's Qwen3_5MoeStateDictAdapter reads), which moekit reads as the
+    # transformers layout. NeMo names the shared expert shared_experts and keeps the linear
+    # attention's A_log and dt_bias under _fp32_params.
+    *(Family(model_type, (model_type,), "model.language_model.layers.{layer}.mlp",
+             _QWEN_PROJECTIONS, "num_experts", shared_expert="shared_expert",
+             renames={"nemo": _QWEN3_NEXT_NEMO}, text_config=("text_config",),
+             moe_layers=every_layer) for model_type in ("qwen3_5_moe", "qwen4_exp")),
+    # MiniMax-M3-VL: the text experts per expert, named as Mixtral's, under language_model.
+    Family("minimax_m3_vl", ("minimax_m3_vl",),
+           "language_model.model.layers.{layer}.block_sparse_moe", _MIXTRAL_PROJECTIONS,
+           "num_local_experts", shared_expert="shared_experts",
+           renames={"nemo": _MINIMAX_M3_VL_NEMO}, text_config=("text_config",),
+           unconverted=_transformers_converts(
+               "joins each shared expert's gate_proj and up_proj into one gate_up_proj (and "
+               "renames the vision tower, the projector and the attention's indexer)")),
+    # Mistral-Large-4: Mistral's own format, which save_pretrained writes too: the text
+    # experts per expert as layers.L.experts.e.w1/w3/w2, the router layers.L.gate.
+    Family("mistral_large4", ("mistral_large4",), "layers.{layer}", _MIXTRAL_PROJECTIONS,
+           "n_routed_experts", shared_expert="shared_experts",
+           count_aliases=("num_local_experts",),
+           text_config=("text_config",), unconverted=_transformers_converts(
+               "permutes the vision tower's wq and wk for its rotary embedding (and renames "
+               "Mistral's names: tok_embeddings, attention.*, feed_forward.*, output, ...)")),
     Family("jamba", ("jamba",), "model.layers.{layer}.feed_forward", _QWEN_PROJECTIONS,
            "num_experts", router="router.weight", count_aliases=("num_local_experts",),
            moe_layers=expert_period),
@@ -568,10 +614,8 @@ FAMILIES: tuple[Family, ...] = (
            grouped_on_disk=True, moe_layers=every_layer),
     Family("aria", ("aria_text",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "moe_num_experts",
            router="router.weight", shared_expert="shared_experts",
-           renames={"hf": (Rename(".experts.gate_up_proj", ".experts.fc1.weight"),
-                           Rename(".experts.down_proj", ".experts.fc2.weight"))},
-           transposed={"hf": True, "transformers": True}, grouped_on_disk=True,
-           moe_layers=every_layer),
+           renames={"hf": _ARIA_ON_DISK}, transposed={"hf": True, "transformers": True},
+           grouped_on_disk=True, moe_layers=every_layer),
     # transformers 5.24: LongCat-Flash's router (router.classifier) has n_routed_experts +
     # zero_expert_num rows, Inkling's (gate) n_routed_experts + n_shared_experts; Inkling's
     # files hold its experts grouped, as its model does.
