@@ -432,7 +432,7 @@ def write_raw_header(file: Path, header: bytes, data_bytes: int) -> None:
 
 
 def test_a_key_given_twice_with_the_same_entry_is_read(tmp_path, capsys):
-    src = checkpoint(tmp_path / "model")
+    src = checkpoint(tmp_path / "model", config=None)
     entry = b'"model.x":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}'
     write_raw_header(src / "model.safetensors", b"{" + entry + b"," + entry + b"}", 16)
     assert main(["inspect", str(src)]) == 0
