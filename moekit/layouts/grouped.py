@@ -165,8 +165,7 @@ class GroupedLayout(Layout):
                 continue
             stored = (replace(spec, transposed=not spec.transposed)
                       if layer in groups[group][2] and spec.orientable else spec)
-            problem = self._add_pieces(parsed.block(layer, family), key, meta, stored,
-                                       group * tuple(meta.shape)[0])
+            problem = self._add_pieces(parsed.block(layer, family), key, meta, stored, group)
             if problem:
                 parsed.problems.append((layer, problem))
                 parsed.unreadable.setdefault(layer, set()).update(spec.projections)
@@ -362,9 +361,10 @@ class GroupedLayout(Layout):
 
     @staticmethod
     def _add_pieces(block: ExpertBlock, key: str, meta: TensorMeta,
-                    spec: GroupedTensor, first: int = 0) -> str | None:
-        """Read ``key`` as ``spec``: its rows are experts ``first`` on of ``block``, or
-        the problem that keeps it from being read."""
+                    spec: GroupedTensor, group: int = 0) -> str | None:
+        """Read ``key`` as ``spec`` into ``block``, its rows the experts of the ``group``-th
+        expert group (numbered after the earlier groups', as many each); or the problem
+        that keeps it from being read."""
         shape = tuple(meta.shape)
         dims = spec.piece_dims + 1
         if len(shape) != dims:
@@ -382,7 +382,7 @@ class GroupedLayout(Layout):
         if spec.flat_blocks and shape[2] % MXFP4_PAIRS:
             return (f"{key} has shape {list(shape)}; MXFP4 blocks held [E, out, in/2] have "
                     f"a multiple of {MXFP4_PAIRS} bytes per row")
-        size = out_size // n
+        size, first = out_size // n, group * shape[0]
         for k, proj in enumerate(spec.projections):
             part = slice(k, None, n) if spec.interleaved else slice(k * size, (k + 1) * size)
             for e in range(shape[0]):
