@@ -41,12 +41,13 @@ def _dot_product_attention():
     return _DotProductAttention
 
 
-def mla_model(config: dict):
+def mla_model(config: dict, ep: int = 1):
     """megatron-core's GPTModel holding the transformers DeepSeek-V3 that ``config``
     describes: MLA (q LoRA or not, RMSNorm on the latents), sigmoid routing over
     ``n_group`` groups with the score-correction bias (``expert_bias``), top-k weights
     renormalised then scaled by ``routed_scaling_factor``, shared experts, and the first
-    ``first_k_dense_replace`` layers dense (``moe_layer_freq`` a list)."""
+    ``first_k_dense_replace`` layers dense (``moe_layer_freq`` a list); the experts over
+    ``ep`` expert-parallel ranks."""
     import megatron.core.transformer.multi_latent_attention as multi_latent_attention
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -73,7 +74,8 @@ def mla_model(config: dict):
         moe_router_topk_scaling_factor=config["routed_scaling_factor"],
         moe_router_num_groups=config["n_group"], moe_router_group_topk=config["topk_group"],
         moe_layer_freq=[0] * dense + [1] * (layers - dense),
-        moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none")
+        moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
+        expert_model_parallel_size=ep)
     spec = get_gpt_decoder_block_spec(transformer, use_transformer_engine=False,
                                       normalization="RMSNorm")
     for layer in spec.layer_specs:
@@ -116,4 +118,56 @@ def load_and_run(rank: int, world: int, store: str, folders: list[str], ids: tor
             "state": {k: v.clone() for k, v in model.state_dict().items()
                       if isinstance(v, torch.Tensor)}}
     torch.save(found, result)
+    megatron_workers.finish()
+
+
+def save_expert_parallel(rank: int, world: int, store: str, config_folder: str,
+                         ids: torch.Tensor, out: str, result: str) -> None:
+    """Build ``mla_model`` at EP = ``world``, every weight and the routers' expert bias
+    drawn from N(0, 0.2) (each expert from a seed of its layer and global index), run it
+    on ``ids`` and save it with megatron-core's ``dist_checkpointing.save`` into ``out``;
+    each rank saves its experts' weights and the logits into ``result``.RANK."""
+    from megatron.core import dist_checkpointing
+
+    megatron_checkpoint_workers._init(rank, world, store, ep=world)
+    model = mla_model(json.loads((Path(config_folder) / "config.json").read_text()), ep=world)
+    torch.manual_seed(0)
+    experts = {}
+    moe = {layer: block.mlp for layer, block in enumerate(model.decoder.layers)
+           if hasattr(block.mlp, "router")}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+        for mlp in moe.values():
+            mlp.router.expert_bias.normal_(0.0, 0.2)
+        for layer, mlp in moe.items():
+            for e, local in zip(mlp.local_expert_indices, mlp.experts.local_experts):
+                torch.manual_seed(1000 * layer + e)
+                for p in local.parameters():
+                    p.normal_(0.0, 0.2)
+                experts[(layer, e)] = {n: p.clone() for n, p in local.named_parameters()}
+    logits = megatron_workers.forward([model], ids)
+    dist_checkpointing.save(model.sharded_state_dict(), out)
+    torch.save({"experts": experts, "logits": logits}, f"{result}.{rank}")
+    megatron_workers.finish()
+
+
+def load_expert_parallel(rank: int, world: int, store: str, folder: str, ids: torch.Tensor,
+                         result: str) -> None:
+    """Load ``folder`` (moekit's torch_dist checkpoint of a DeepSeek-V3) strictly into
+    ``mla_model`` at EP = ``world``; each rank saves its logits on ``ids`` and the global
+    indices of the experts it holds, by layer, into ``result``.RANK."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    megatron_checkpoint_workers._init(rank, world, store, ep=world)
+    folder = Path(folder)
+    model = mla_model(json.loads((folder / "config.json").read_text()), ep=world)
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()},
+                                     str(folder / "iter_0000000"), strict=StrictHandling.RAISE_ALL)
+    model.load_state_dict(loaded["model"], strict=True)
+    held = {layer: list(block.mlp.local_expert_indices)
+            for layer, block in enumerate(model.decoder.layers) if hasattr(block.mlp, "router")}
+    torch.save({"logits": megatron_workers.forward([model], ids), "experts": held},
+               f"{result}.{rank}")
     megatron_workers.finish()

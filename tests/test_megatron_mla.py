@@ -176,6 +176,52 @@ def test_the_common_state_is_what_megatron_lm_reads(deepseek, loaded):
     assert loaded["deepseek"]["common"] == MEGATRON_LM_COMMON_STATE
 
 
+def test_megatron_core_at_expert_parallel_size_2_loads_it_strictly_with_transformers_logits(
+        deepseek, tmp_path):
+    """Three experts a rank, under their global indices."""
+    model, _, folder = deepseek
+    run = tmp_path / "run"
+    run.mkdir()
+    mp.spawn(megatron_mla_workers.load_expert_parallel, nprocs=2, join=True,
+             args=(2, str(run / "store"), str(folder), _ids(), str(run / "result")))
+    ranks = [torch.load(run / f"result.{rank}") for rank in range(2)]
+    assert [rank["experts"] for rank in ranks] == [{1: [0, 1, 2], 2: [0, 1, 2]},
+                                                   {1: [3, 4, 5], 2: [3, 4, 5]}]
+    with torch.no_grad():
+        theirs = model(_ids()).logits
+    for rank in ranks:
+        assert (rank["logits"] - theirs).abs().max() < LOGITS_TOLERANCE
+
+
+def test_a_deepseek_megatron_core_saved_at_expert_parallel_size_2_reads_back_whole(
+        deepseek, tmp_path):
+    """Each rank saved its own experts under per-layer keys; moekit reads every expert,
+    each where megatron-core numbers it, and transformers gives megatron-core's logits."""
+    saved = tmp_path / "megatron" / "iter_0000000"
+    saved.mkdir(parents=True)
+    shutil.copy(deepseek[1] / "config.json", saved.parent / "config.json")
+    run = tmp_path / "run"
+    run.mkdir()
+    mp.spawn(megatron_mla_workers.save_expert_parallel, nprocs=2, join=True,
+             args=(2, str(run / "store"), str(deepseek[1]), _ids(), str(saved),
+                   str(run / "result")))
+    ranks = [torch.load(run / f"result.{rank}") for rank in range(2)]
+    back = tmp_path / "back"
+    assert main(["convert", str(saved), str(back), "--to", "hf"]) == 0
+    tensors = load_all(back)
+    experts = {key: value for rank in ranks for key, value in rank["experts"].items()}
+    assert sorted(experts) == [(layer, e) for layer in (1, 2) for e in range(6)]
+    for (layer, e), weights in experts.items():
+        at = f"model.layers.{layer}.mlp.experts.{e}"
+        assert torch.equal(torch.cat([tensors[f"{at}.gate_proj.weight"],
+                                      tensors[f"{at}.up_proj.weight"]]),
+                           weights["linear_fc1.weight"])
+        assert torch.equal(tensors[f"{at}.down_proj.weight"], weights["linear_fc2.weight"])
+    logits = samples.logits(back, _ids())
+    for rank in ranks:
+        assert (rank["logits"] - logits).abs().max() < LOGITS_TOLERANCE
+
+
 def test_a_deepseek_without_interleaved_rope_is_refused_naming_why(tmp_path, capsys):
     hf = samples.save_model(samples.build_model("deepseek_v3", rope_interleave=False),
                             tmp_path / "hf")
@@ -183,8 +229,8 @@ def test_a_deepseek_without_interleaved_rope_is_refused_naming_why(tmp_path, cap
 
 
 def test_a_deepseek_with_a_multi_token_prediction_layer_is_refused(deepseek, tmp_path, capsys):
-    """Not dropped: moekit does not write megatron-core's multi-token-prediction block
-    (``mtp.layers``)."""
+    """Not dropped: megatron-core's multi-token-prediction block has no place for the
+    layer's own output head (``shared_head.head``)."""
     hf = tmp_path / "hf"
     shutil.copytree(deepseek[1], hf)
     layer = _with_mtp_layer(hf)

@@ -335,8 +335,10 @@ class MegatronLayout(PerExpertLayout):
         f"model types: {', '.join(FAMILIES)}")
     default_format = "megatron"
     found_by_keys = False
-    mtp_note = ("moekit writes Megatron-Core's GPT decoder layers only, not megatron-core's "
-                "multi-token-prediction block (mtp.layers.N)")
+    mtp_note = ("megatron-core 0.16.1's multi-token-prediction block (mtp.layers.N) uses the "
+                "main model's embedding and output layer, where DeepSeek-V3's files give each "
+                "such layer its own embed_tokens and shared_head.head; moekit does not drop "
+                "them on the unchecked promise that they are equal")
     quantized_note = "moekit writes Megatron-Core checkpoints of bf16, fp16 or fp32 weights"
 
     def holds(self, piece: str, family: Family) -> bool:
