@@ -83,15 +83,20 @@ ADAPTERS: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None]] = {
 builds as a tiny causal LM (NeMo reads glm4_moe_lite with GLM-4.5's adapter). Not here:
 the adapters that read a release's own names rather than those transformers saves
 (DeepSeek-V4's ``layers.N.ffn``, ``embed`` and ``head``; MiniMax-M3's per-expert
-``block_sparse_moe.experts.E.w1``; Inkling's ``w13_weight``; Qwen3.5-MoE's multimodal
-``model.language_model.``); Step-3.5, Mistral 4 and Ling-2, which transformers 5.24 cannot
+``block_sparse_moe.experts.E.w1``; Inkling's ``w13_weight``; Qwen3.5-MoE's, tested as
+multimodal below); Step-3.5, Mistral 4 and Ling-2, which transformers 5.24 cannot
 build; Gemma 4, which no tiny config builds (its per-layer attributes)."""
 
 
 MULTIMODAL_ADAPTERS = {"qwen3_vl_moe": "qwen3_vl_moe.Qwen3VLMoeStateDictAdapter",
-                       "qwen3_omni_moe": "qwen3_omni_moe.Qwen3OmniMoeStateDictAdapter"}
+                       "qwen3_omni_moe": "qwen3_omni_moe.Qwen3OmniMoeStateDictAdapter",
+                       "qwen3_5_moe": "qwen3_5_moe.Qwen3_5MoeStateDictAdapter",
+                       "minimax_m3_vl": "minimax_m3_vl.MiniMaxM3VLStateDictAdapter"}
 """The multimodal model types NeMo AutoModel 0.7 has an adapter for and transformers 5.24
-builds tiny (given their whole config)."""
+builds tiny (given their whole config), whose Hub form moekit reads as the adapter does
+(Qwen3.5-MoE's adapter reads only its Hub files' grouped experts). Not here: Kimi-K2.5
+and Mistral-Large-4, whose adapters read names other than save_pretrained's, and
+Step-3.7, which moekit has no family for."""
 
 
 def _adapter(family: str, model) -> Any:
@@ -107,7 +112,8 @@ def _adapter(family: str, model) -> Any:
                                                   "n_routed_experts", "moe_num_experts")
                    if hasattr(config, k))
     inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
-    moe = MoEConfig(dim=config.hidden_size, inter_dim=config.intermediate_size,
+    dense = getattr(config, "intermediate_size", inter)  # Qwen3.5-MoE's text model has none
+    moe = MoEConfig(dim=config.hidden_size, inter_dim=dense,
                     moe_inter_dim=inter, n_routed_experts=experts, n_shared_experts=0,
                     n_activated_experts=config.num_experts_per_tok, n_expert_groups=0,
                     n_limited_groups=0, train_gate=True, gate_bias_update_factor=0.0,
