@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -21,8 +22,20 @@ import torch.nn.functional as F
 from moekit.upcycling import UpcycleSpec
 from moekit.upcycling import megatron as moekit_megatron
 
+from . import ep_workers
+
 
 HIDDEN, DENSE_FFN, VOCAB, SEQ = 32, 64, 100, 8
+
+
+def spawn(fn, world: int, folder: Path, *args) -> str:
+    """Run ``fn(rank, world, store, *args, result)`` on ``world`` gloo ranks
+    (``ep_workers.spawn``: a store file of its own) and return ``result``, the path in
+    ``folder`` under which the ranks save what they found."""
+    folder.mkdir(parents=True, exist_ok=True)
+    result = str(folder / "result")
+    ep_workers.spawn(fn, world, folder, *args, result)
+    return result
 
 
 def _cpu_shims() -> None:

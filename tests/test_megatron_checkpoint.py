@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.distributed.checkpoint import FileSystemReader
 
 from moekit import UpcycleSpec, load, samples
@@ -21,19 +20,12 @@ from moekit.cli import main
 
 pytest.importorskip("megatron.core")
 
-from . import megatron_checkpoint_workers  # noqa: E402
+from . import megatron_checkpoint_workers, megatron_workers  # noqa: E402
 from .conftest import load_all  # noqa: E402
 
 LOGITS_TOLERANCE = 1e-5
 """fp32 logits of megatron-core and transformers on the same weights and tokens differ by
 rounding only (about 1e-7 here)."""
-
-
-def _spawn(fn, world: int, folder: Path, *args) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
-    result = str(folder / "result")
-    mp.spawn(fn, args=(world, str(folder / "store"), *args, result), nprocs=world, join=True)
-    return result
 
 
 def _ids() -> torch.Tensor:
@@ -102,9 +94,9 @@ def loaded(models, upcycled, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
     "upcycled", what the worker finds of the ``upcycled`` folders against the in-memory
     upcycling of the dense Llama. One process for all (megatron-core imports slowly)."""
     folders = [str(models[t][2]) for t in MODEL_TYPES]
-    result = _spawn(megatron_checkpoint_workers.load_and_run, 1,
-                    tmp_path_factory.mktemp("load"), folders, str(models["llama"][2]),
-                    upcycled, _ids())
+    result = megatron_workers.spawn(megatron_checkpoint_workers.load_and_run, 1,
+                                    tmp_path_factory.mktemp("load"), folders,
+                                    str(models["llama"][2]), upcycled, _ids())
     found = torch.load(result)
     return {"upcycled": found["upcycled"],
             **{t: (found[folder], Path(f"{result}.{n}.saved"))
@@ -235,8 +227,8 @@ def test_a_checkpoint_megatron_core_saved_at_expert_parallel_size_2_reads_back_w
     saved = tmp_path / "megatron" / "iter_0000000"
     saved.mkdir(parents=True)
     (saved.parent / "config.json").write_text((hf / "config.json").read_text())
-    result = _spawn(megatron_checkpoint_workers.save_expert_parallel, 2, tmp_path / "run",
-                    str(hf), _ids(), str(saved))
+    result = megatron_workers.spawn(megatron_checkpoint_workers.save_expert_parallel, 2,
+                                    tmp_path / "run", str(hf), _ids(), str(saved))
     ranks = [torch.load(f"{result}.{rank}") for rank in range(2)]
     back = tmp_path / "back"
     assert main(["convert", str(saved), str(back), "--to", "hf"]) == 0
@@ -262,8 +254,8 @@ def loaded_at_ep2(models, upcycled, tmp_path_factory) -> list[dict]:
     """By rank: megatron-core's strict loads at expert-parallel size 2 of moekit's Qwen3-MoE
     and Mixtral folders (6 experts, 3 a rank) and of the upcycled Llamas (4 experts)."""
     folders = [str(models[t][2]) for t in EP_FAMILIES] + [folder for folder, _ in upcycled]
-    result = _spawn(megatron_checkpoint_workers.load_expert_parallel, 2,
-                    tmp_path_factory.mktemp("load_ep2"), folders, _ids())
+    result = megatron_workers.spawn(megatron_checkpoint_workers.load_expert_parallel, 2,
+                                    tmp_path_factory.mktemp("load_ep2"), folders, _ids())
     return [torch.load(f"{result}.{rank}") for rank in range(2)]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -16,18 +15,11 @@ pytest.importorskip("megatron.core")
 from . import megatron_workers  # noqa: E402
 
 
-def _run(fn, world: int, tmp_path, *args):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    result = str(tmp_path / "result")
-    mp.spawn(fn, args=(world, str(tmp_path / "store"), *args, result), nprocs=world, join=True)
-    return result
-
-
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory) -> dict[str, dict]:
     """``megatron_workers.VARIANTS`` upcycled in one process (megatron-core imports slowly)."""
-    return torch.load(_run(megatron_workers.upcycling_variants, 1,
-                           tmp_path_factory.mktemp("variants")))
+    return torch.load(megatron_workers.spawn(megatron_workers.upcycling_variants, 1,
+                                             tmp_path_factory.mktemp("variants")))
 
 
 def test_exact_upcycling_keeps_the_dense_logits(variants):
@@ -65,15 +57,16 @@ def test_megatron_cores_scaling_does_not_keep_the_dense_function(variants):
 
 
 def test_virtual_pipeline_chunks_are_upcycled_chunk_by_chunk(tmp_path):
-    found = torch.load(_run(megatron_workers.virtual_pipeline, 1, tmp_path))
+    found = torch.load(megatron_workers.spawn(megatron_workers.virtual_pipeline, 1, tmp_path))
     assert found["returned"] == (7, 0.0)
     assert found["error"] < 1e-5
 
 
 def test_each_expert_parallel_rank_gets_its_own_experts(tmp_path):
-    one = torch.load(_run(megatron_workers.expert_parallel, 1, tmp_path / "one") + ".0")
-    two = [torch.load(_run(megatron_workers.expert_parallel, 2, tmp_path / "two") + f".{r}")
-           for r in range(2)]
+    one = torch.load(megatron_workers.spawn(megatron_workers.expert_parallel, 1,
+                                            tmp_path / "one") + ".0")
+    result = megatron_workers.spawn(megatron_workers.expert_parallel, 2, tmp_path / "two")
+    two = [torch.load(f"{result}.{r}") for r in range(2)]
     assert one["megatron_equal"] and all(r["megatron_equal"] for r in two)
     assert one["n_expert_tensors"] == 2 * 2 * 4 * 2 + 2
     assert [sorted(r["drop_fc1"]) for r in two] == [[0, 1], [2, 3]]
