@@ -67,6 +67,8 @@ UPCYCLED = {
                  UpcycleSpec(4, 2, "granular", 2, router="zero")),
     "drop": (["--method", "drop", "--drop-ratio", "0.25", "--seed", "3"],
              UpcycleSpec(4, 2, "drop", drop_ratio=0.25, router="zero", seed=3)),
+    "megatron_scaling": (["--method", "granular", "--granularity", "2", "--scaling", "megatron"],
+                         UpcycleSpec(4, 2, "granular", 2, router="zero", scaling="megatron")),
 }
 """``moekit upcycle`` options, and the same upcycling as moekit's in-memory Megatron-Core
 one runs it (a zero router: the in-memory one otherwise starts from the MoE model's own
@@ -293,8 +295,8 @@ def test_megatron_core_at_expert_parallel_size_2_loads_the_upcycled_folders(
 def test_upcycling_into_megatron_equals_the_in_memory_megatron_upcycling(upcycled, loaded):
     """The dense Llama in Megatron-Core's layout, upcycled in memory by
     ``moekit.upcycling.megatron``, equals ``moekit upcycle --to megatron`` of its HF
-    checkpoint tensor for tensor (Drop-Upcycling's draws included), and keeps the dense
-    logits."""
+    checkpoint tensor for tensor (Drop-Upcycling's draws and Megatron-Core's scaling
+    included), and keeps the dense logits."""
     found = loaded["upcycled"]
     for folder, _ in upcycled:
         assert found[folder]["differ"] == [], folder
