@@ -5,9 +5,10 @@ sharded model.
 transformers' MoE module holds every expert and takes no DTensors, so each rank keeps
 only its own rows of the grouped expert tensors (the ``Shard(0)`` local tensors of the
 load), computes the tokens routed to them, and an all-reduce over the EP group sums the
-ranks' outputs. Routing picks an expert by its global index; a rank maps the indices it
-does not hold to the experts module's "no expert" index (``num_experts``, which its eager
-forward skips).
+ranks' outputs. Routing picks an expert by its global index; a rank routes the choices of
+experts it does not hold to its first expert with a weight of zero, which adds exactly
+nothing to the output (transformers' eager experts of every release take that; an index
+past the local experts is skipped by some releases and out of bounds in others).
 """
 
 from __future__ import annotations
@@ -65,10 +66,10 @@ class LocalExperts(nn.Module):
 
     def forward(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
                 ) -> torch.Tensor:
-        held = self.inner.num_experts
         local = index - self.start
-        local = torch.where((local >= 0) & (local < held), local, torch.full_like(local, held))
-        out = self.inner(hidden, local, weights)
+        held = (local >= 0) & (local < self.inner.num_experts)
+        out = self.inner(hidden, torch.where(held, local, torch.zeros_like(local)),
+                         torch.where(held, weights, torch.zeros_like(weights)))
         dist.all_reduce(out, group=self.group)
         return out
 
