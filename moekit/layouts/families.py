@@ -214,9 +214,11 @@ class Family:
                    *(f"{block}{name}" for name in ("gate_up_proj", "down_proj")))
         renamed = tuple(sorted((layout, tuple(rename(s, rules) for s in samples))
                                for layout, rules in self.renames.items()))
+        groups = tuple(tuple(sorted(group.modules.items())) for group in self.expert_groups)
         return (self.block, tuple(sorted(self.projections.items())), self.biases,
                 self.grouped_on_disk, self.in_experts, tuple(sorted(self.transposed.items())),
-                tuple(sorted(self.interleaved.items())), self.either_orientation, renamed)
+                tuple(sorted(self.interleaved.items())), self.either_orientation, renamed,
+                groups)
 
     def piece_key(self, piece: str) -> str:
         """A piece's name in HF per-expert keys: ``gate_proj.weight``, ``gate_proj.bias``,
