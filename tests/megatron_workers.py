@@ -23,6 +23,9 @@ from moekit.upcycling import UpcycleSpec
 from moekit.upcycling import megatron as moekit_megatron
 
 from . import ep_workers
+# The ranks end as every spawned gloo rank does. ``os._exit`` leaves the rendezvous store
+# file behind, so each run gets a store file of its own (``spawn``).
+from .ep_workers import finish
 
 
 HIDDEN, DENSE_FFN, VOCAB, SEQ = 32, 64, 100, 8
@@ -46,14 +49,6 @@ def _cpu_shims() -> None:
     torch.cuda.current_device = lambda: "cpu"
     tensor_parallel.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
     moe_utils.te_general_gemm = None
-
-
-def finish() -> None:
-    """Wait for every rank, then tear the group down. The rank finalizes Python as usual:
-    after a megatron-core run that left with ``os._exit`` (what ``ep_workers.finish``
-    does), the next spawned run's gloo rendezvous fails with refused connections."""
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def init(rank: int, world: int, store: str, ep: int = 1) -> None:
