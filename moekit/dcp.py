@@ -31,8 +31,9 @@ import queue
 import struct
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -40,7 +41,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.filesystem import FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemWriter
 from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex,
                                                    TensorProperties, TensorStorageMetadata)
 from torch.distributed.checkpoint.planner import (SavePlan, SavePlanner, TensorWriteData,
@@ -52,6 +53,7 @@ from .dtypes import to_safetensors, to_torch
 from .errors import MoekitError, printable
 from .executors.evaluate import KeepingStatistics, materialize
 from .executors.streaming import shard_tensors
+from .output import interruptible, output_error
 from .plan import Plan, TensorPlan, nbytes
 from .progress import progress
 from .sources import TensorSource
@@ -135,27 +137,34 @@ class _Chunks:
                 for t in self.chunks]
 
 
-def save_distributed(state_dict: dict[str, torch.Tensor], folder: Path) -> str | None:
-    """Save this rank's ``state_dict`` (DTensors and plain tensors) into ``folder`` with
-    ``torch.distributed.checkpoint.save`` over the default process group, called on every
-    rank: DCP's own planner has each rank write its shards and each replicated tensor
-    written once, and its coordinator commits ``.metadata``. A step that fails on any
-    rank fails the save on every rank: each returns the same message naming the ranks,
-    or None when the checkpoint is complete. Files are left for the caller to sync."""
+def save_distributed(state_dict: dict[str, torch.Tensor], folder: Path, dst: Path,
+                     caught: list[int]) -> str | None:
+    """Save this rank's ``state_dict`` (DTensors and plain tensors) into ``folder``, the
+    temporary folder of ``dst``, with ``torch.distributed.checkpoint.save`` over the
+    default process group, called on every rank: DCP's own planner has each rank write
+    its shards and each replicated tensor written once, and its coordinator commits
+    ``.metadata``. A step that fails on any rank fails the save on every rank: each
+    returns the same message naming the ranks (a file-system error of the destination
+    as moekit words it), or None when the checkpoint is complete. A signal stops this
+    rank's writes (``moekit.output.interruptible`` over ``caught``), a failure like any
+    other. Files are left for the caller to sync."""
     try:
-        dcp.save(state_dict, storage_writer=FileSystemWriter(folder, sync_files=False,
-                                                             overwrite=False))
+        dcp.save(state_dict, storage_writer=_RankWriter(folder, caught))
     except CheckpointException as err:
         if not err.failures:
             return f"torch.distributed.checkpoint failed: {err}"
-        return "; ".join(f"rank {rank}: {_message(failure)}"
+        return "; ".join(f"rank {rank}: {_message(failure, dst)}"
                          for rank, (failure, _) in sorted(err.failures.items()))
     return None
 
 
-def _message(err: BaseException) -> str:
-    """A failure as moekit reports it: an OSError by its reason and file."""
+def _message(err: BaseException, dst: Path) -> str:
+    """A failure as moekit reports it: a file-system error of ``dst`` with what to do,
+    another OSError by its reason and file."""
     if isinstance(err, OSError) and err.strerror:
+        mapped = output_error(err, dst)
+        if mapped is not None:
+            return str(mapped)
         where = f" ({printable(os.fsdecode(err.filename))})" if err.filename else ""
         return f"{err.strerror}{where}"
     return printable(str(err))
@@ -191,6 +200,59 @@ class _RecipePlanner(DefaultSavePlanner):
         return built
 
 
+class _DestinationFiles(FileSystem):
+    """DCP's local file system, whose failure writing a file is raised as the OSError
+    that failed it, naming the file. torch 2.13's ``torch.save`` into an open file (how
+    DCP writes each tensor) raises its own RuntimeError ("unexpected pos") when a write
+    fails, with the file's OSError (a full disk's ENOSPC) only as its context."""
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[io.IOBase]:
+        try:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+        except Exception as err:
+            cause = _os_error(err)
+            if cause is None or (cause is err and err.filename is not None):
+                raise
+            raise OSError(cause.errno, cause.strerror, os.fspath(path)) from err
+
+
+def save_object(obj: object, path: Path) -> None:
+    """``torch.save`` ``obj`` into a new file at ``path``; a failed write is raised as its
+    OSError naming the file (torch.save to a path reports a full disk as "iostream
+    error", nothing more)."""
+    with _DestinationFiles().create_stream(path, "wb") as stream:
+        torch.save(obj, stream)
+
+
+def _os_error(err: BaseException | None) -> OSError | None:
+    """The first OSError with an error number in the chain of ``err`` (itself, then what
+    it was raised from or while handling), else None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno is not None:
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+class _RankWriter(FileSystemWriter):
+    """DCP's file-system writer for one rank of a process group, whose writes a signal
+    stops (``Stopped``, which DCP reports to every rank as this rank's failure) and whose
+    failed writes are raised as their OSError."""
+
+    def __init__(self, folder: Path, caught: list[int]) -> None:
+        super().__init__(folder, sync_files=False, overwrite=False)
+        self.fs = _DestinationFiles()
+        self._caught = caught
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        with interruptible(self._caught):
+            return super().write_data(plan, planner)
+
+
 class _ShardedWriter(FileSystemWriter):
     """DCP's file-system writer, with the plan's tensors in order in files of at most
     ``max_shard_bytes`` (DCP's own writer puts a rank's tensors in one file per thread),
@@ -198,6 +260,7 @@ class _ShardedWriter(FileSystemWriter):
 
     def __init__(self, folder: Path, plan: Plan, max_shard_bytes: int, objects: int) -> None:
         super().__init__(folder, sync_files=False, overwrite=False)
+        self.fs = _DestinationFiles()
         shards = shard_tensors(plan.tensors, max_shard_bytes)
         self._shards = shards if shards or not objects else [[]]
 

@@ -423,25 +423,67 @@ def in_place(err: BaseException) -> Path | None:
 
 
 @contextmanager
-def deferred_signals() -> Iterator[None]:
+def deferred_signals() -> Iterator[list[int]]:
     """Hold ``DEFERRED_SIGNALS`` while the block runs, then deliver the first that came
-    (to the handler it would have met). Signals are handled in the main thread only, so
-    elsewhere the block just runs; signals the caller ignores stay ignored."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    (to the handler it would have met); the block gets the list of those caught so far.
+    Signals are handled in the main thread only, so elsewhere the block just runs;
+    signals the caller ignores stay ignored."""
     caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
     held = {s: h for s in DEFERRED_SIGNALS
             if (h := signal.getsignal(s)) not in (signal.SIG_IGN, None)}
     for signum in held:
         signal.signal(signum, lambda signum, frame: caught.append(signum))
     try:
-        yield
+        yield caught
     finally:
         for signum, handler in held.items():
             signal.signal(signum, handler)
         if caught:
             signal.raise_signal(caught[0])
+
+
+class Stopped(BaseException):
+    """A signal that came during an ``interruptible`` block, raised where the block was
+    (a BaseException, as KeyboardInterrupt is, so that ``except Exception`` lets it by);
+    the signal itself is delivered when the ``deferred_signals`` block around it ends."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        return f"interrupted by {signal.Signals(self.signum).name}"
+
+
+@contextmanager
+def interruptible(caught: list[int]) -> Iterator[None]:
+    """Inside a ``deferred_signals`` block whose list is ``caught``: a step that a signal
+    stops at once, raising ``Stopped`` (one that came before the step stops it before it
+    begins). The signal is still delivered when the outer block ends; a second one
+    during the step is only held."""
+    if caught:
+        raise Stopped(caught[0])
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    outer = {s: h for s in DEFERRED_SIGNALS
+             if (h := signal.getsignal(s)) not in (signal.SIG_IGN, None)}
+
+    def stop(signum: int, frame: object) -> None:
+        caught.append(signum)
+        if len(caught) == 1:
+            raise Stopped(signum)
+
+    for signum in outer:
+        signal.signal(signum, stop)
+    try:
+        yield
+    finally:
+        for signum, handler in outer.items():
+            signal.signal(signum, handler)
 
 
 def copy_file(src: Path, dst: Path) -> None:
@@ -520,15 +562,24 @@ def clean_leftovers(target: Path) -> None:
         leftovers = [entry for entry in entries
                      if entry.name.startswith(prefix) and entry.is_dir(follow_symlinks=False)]
     for entry in leftovers:
-        reason = _kept_because(Path(entry.path))
+        reason = remove_if_abandoned(Path(entry.path))
         if reason is None:
-            shutil.rmtree(entry.path, ignore_errors=True)
             log.warning("moekit: removed %s, left by an earlier moekit run that was "
                         "interrupted", entry.path)
         else:
             log.warning("moekit: found %s, a temporary folder of another moekit run; kept, "
                         "since %s. Remove it once no moekit run writes to %s.",
                         entry.path, reason, target)
+
+
+def remove_if_abandoned(folder: Path) -> str | None:
+    """Remove the temporary folder ``folder`` when its marker names a process of this
+    machine that is no longer running (so that it can never be moved into place), and
+    return None; else keep it and return why."""
+    reason = _kept_because(folder)
+    if reason is None:
+        shutil.rmtree(folder, ignore_errors=True)
+    return reason
 
 
 def _kept_because(folder: Path) -> str | None:
@@ -548,7 +599,7 @@ def _kept_because(folder: Path) -> str | None:
         return f"it was made on {host}"
     if pid_namespace != here["pid_namespace"]:
         return "it was made in another container (PID namespace) of this machine"
-    if boot == here["boot"] and _alive(pid):
+    if boot == here["boot"] and process_alive(pid):
         return f"the process that made it (pid {pid}) is still running"
     return None
 
@@ -573,14 +624,17 @@ def _pid_namespace() -> int:
         return 0
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs: it exists and is not a zombie (a process that has
+    ended but that its parent has not yet waited for)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    stat = _read(f"/proc/{pid}/stat")
+    return stat.rpartition(")")[2].split()[:1] not in (["Z"], ["X"])
 
 
 def _make_parents(folder: Path) -> list[Path]:

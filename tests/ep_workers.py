@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
@@ -19,6 +22,24 @@ from moekit import ExpertAdapter, MoekitError, convert_state_dict, expert_range,
 from moekit.sources import FileSource
 
 from .conftest import digest, load_all
+
+
+def spawn(fn, world: int, folder: Path, *args, join: bool = True) -> list[int | None]:
+    """Run ``fn(rank, world, store, *args)`` on ``world`` gloo ranks, rendezvousing through
+    a store file of its own in ``folder``; with ``join=False`` a rank that fails does not
+    stop the others, and each rank's exit code is returned."""
+    store = folder / f"store-{next(_stores)}"
+    context = mp.spawn(fn, args=(world, str(store), *args), nprocs=world, join=join)
+    codes = []
+    if context is not None:
+        for process in context.processes:
+            process.join()
+            codes.append(process.exitcode)
+    store.unlink(missing_ok=True)
+    return codes
+
+
+_stores = itertools.count()
 
 
 def _init(rank: int, world: int, store: str) -> None:
@@ -36,6 +57,12 @@ def finish() -> None:
     179291 describes it). ``os._exit`` skips finalization, so the worker ends with 0."""
     dist.barrier()
     dist.destroy_process_group()
+    leave()
+
+
+def leave() -> None:
+    """End this rank at once, with exit code 0, without waiting for the others (some are
+    gone): see ``finish``."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -267,3 +294,68 @@ def _load_dcp_like_safetensors(mesh, dcp_src: str, st_src: str, layout: str) -> 
             value, other = value.to_local(), other.to_local()
         assert value.dtype == other.dtype and torch.equal(value, other), key
     return sorted(set(asked))
+
+
+def save_stopped(rank: int, world: int, store: str, src: str, out: str, log_dir: str,
+                 save: str, format: str, victim: int, signum: int, handled: bool) -> None:
+    """``save_experts`` (``save`` "experts", on an ep mesh) or ``save_sharded`` ("sharded",
+    on a (1, world) mesh) to ``out``, with ``overwrite``, where rank ``victim`` sends
+    itself ``signum`` once its first file is written; ``handled``: its handler raises
+    KeyboardInterrupt, as the CLI's does (else the signal's default action). Each rank
+    writes "ok", "interrupted" or the error's message to ``log_dir/rank.txt``."""
+    from moekit import load_sharded, save_sharded
+
+    _init(rank, world, store)
+    if save == "experts":
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+        state, run = load_experts(src, mesh), save_experts
+    else:
+        mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "ep"))
+        state, run = load_sharded(src, mesh), save_sharded
+    if rank == victim:
+        _signal_after_the_first_file(signum, save, format)
+        if handled:
+            signal.signal(signum, _raise_keyboard_interrupt)
+    try:
+        run(state, out, mesh, config_from=src, format=format, overwrite=True)
+        outcome = "ok"
+    except MoekitError as err:
+        outcome = str(err)
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+    Path(log_dir, f"{rank}.txt").write_text(outcome)
+    if signum == signal.SIGKILL or not handled:
+        leave()  # the victim is gone
+    finish()
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _signal_after_the_first_file(signum: int, save: str, format: str) -> None:
+    """Send this process ``signum`` once the save has written its first file (a shard of
+    ``save_experts``, the first bytes of ``save_sharded``, a DCP data file)."""
+    import moekit.dcp as dcp_module
+    import moekit.expert_parallel.save as save_module
+    import moekit.expert_parallel.sharded_save as sharded_save
+
+    if format == "dcp":
+        module, name = dcp_module._DestinationFiles, "create_stream"
+    elif save == "experts":
+        module, name = save_module, "write_shard"
+    else:
+        module, name = sharded_save, "_pwrite_all"
+    original = getattr(module, name)
+
+    @contextlib.contextmanager
+    def stream_then_signal(*args, **kwargs):
+        with original(*args, **kwargs) as stream:
+            yield stream
+        os.kill(os.getpid(), signum)
+
+    def write_then_signal(*args, **kwargs):
+        original(*args, **kwargs)
+        os.kill(os.getpid(), signum)
+
+    setattr(module, name, stream_then_signal if format == "dcp" else write_then_signal)

@@ -5,14 +5,12 @@ what loading from the safetensors checkpoint gives."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import pickle
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from moekit import MoekitError, convert, expert_range, samples
@@ -22,26 +20,17 @@ from moekit.layouts import layout_named
 from moekit.planner import analyse_checkpoint, build_plan
 
 from . import ep_workers
+from .ep_workers import spawn
 from .conftest import load_all, same_bytes
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:torch.distributed is disabled:UserWarning")  # DCP's reader on one process says so
-
-_stores = itertools.count()
-
 
 @pytest.fixture(scope="module")
 def qwen3_10(tmp_path_factory):
     """A tiny Qwen3-MoE with 10 experts."""
     model = samples.build_model("qwen3_moe", num_experts=10)
     return samples.save_model(model, tmp_path_factory.mktemp("ep-dcp") / "qwen3-10")
-
-
-def spawn(fn, world: int, tmp_path, *args) -> None:
-    """Run ``fn`` on ``world`` gloo ranks, rendezvousing through a store file of its own."""
-    store = tmp_path / f"store-{next(_stores)}"
-    mp.spawn(fn, args=(world, str(store), *args), nprocs=world, join=True)
-    store.unlink(missing_ok=True)
 
 
 def same_checkpoint(a, b) -> bool:

@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import threading
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ import pytest
 from moekit import MoekitError, conversion, convert, output, samples, verify
 from moekit.cli import main
 
+from . import ep_workers
 from .conftest import tree_digest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -670,6 +672,57 @@ def test_a_full_disk(qwen3, tmp_path, tmpfs, capsys):
     assert names(small) == []
 
 
+@pytest.mark.parametrize("options", [["--to", "torchtitan"], ["--to", "megatron"],
+                                     ["--to", "nemo", "--format", "dcp"]])
+def test_a_full_disk_under_a_dcp_output(qwen3, tmp_path, tmpfs, capsys, options):
+    """torch.save inside DCP's writer meets the full disk (and reports it as a RuntimeError
+    of its own); the CLI gives the message a safetensors output gives."""
+    small = tmpfs("small", "size=64k")
+    out = small / "new" / "out"
+    code, err = run_cli(capsys, "convert", qwen3, out, *options)
+    assert code == 2 and f"cannot write {out}: No space left on device" in one_error(err)
+    assert "the file system is full" in err and "nothing was left behind" in err
+    assert names(small) == []
+
+
+def test_a_disk_filled_before_megatron_writes_its_common_file(qwen3, tmp_path, tmpfs, capsys,
+                                                             monkeypatch):
+    """The DCP files fit; the disk fills (another program's file) just before the
+    Megatron-Core folder's common.pt is written."""
+    from moekit.dcp import DcpFolder
+
+    small = tmpfs("small", "size=1m")
+    write = DcpFolder.write
+
+    def write_then_fill_the_disk(self, plan, source, folder, *args, **kwargs):
+        write(self, plan, source, folder, *args, **kwargs)
+        theirs = os.open(small / "theirs", os.O_WRONLY | os.O_CREAT)
+        with suppress(OSError):
+            while True:
+                os.write(theirs, bytes(4096))
+        os.close(theirs)
+
+    monkeypatch.setattr(DcpFolder, "write", write_then_fill_the_disk)
+    out = small / "out"
+    code, err = run_cli(capsys, "convert", qwen3, out, "--to", "megatron")
+    assert code == 2 and f"cannot write {out}: No space left on device" in one_error(err)
+    assert names(small) == ["theirs"]
+
+
+def test_a_dcp_file_larger_than_the_file_system_allows(qwen3, tmp_path, capsys):
+    """As above where no tmpfs can be mounted: RLIMIT_FSIZE fails DCP's writes (EFBIG)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, hard))
+    try:
+        code, err = run_cli(capsys, "convert", qwen3, tmp_path / "out", "--to", "torchtitan")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, xfsz)
+    assert code == 2 and f"cannot write {tmp_path / 'out'}: File too large" in one_error(err)
+    assert "--max-shard-size" in err and names(tmp_path) == ["qwen3"]
+
+
 def test_a_read_only_destination(qwen3, tmp_path, tmpfs, capsys):
     read_only = tmpfs("ro", "ro,size=1m")
     code, err = run_cli(capsys, "convert", qwen3, read_only / "out", "--to", "nemo")
@@ -828,6 +881,55 @@ def test_save_experts_has_the_same_guarantees(qwen3, tmp_path, tmpfs, monkeypatc
     assert verify(qwen3, other / "saved").equal
     assert names(other) == ["appearing", "saved"] and names(other / "appearing") == []
     assert names(notes) == ["notes.txt"] and tree_digest(qwen3) == before
+
+
+STOPPED_SAVES = [  # save, format, the rank signalled, the signal, handled as the CLI does
+    ("experts", "safetensors", 0, signal.SIGTERM, True),
+    ("sharded", "safetensors", 1, signal.SIGINT, True),
+    ("experts", "dcp", 1, signal.SIGTERM, False),
+    ("sharded", "dcp", 0, signal.SIGHUP, True),
+]
+
+
+@pytest.mark.parametrize("save,format,victim,signum,handled", STOPPED_SAVES)
+def test_a_signal_to_one_rank_of_an_expert_parallel_save(qwen3, tmp_path, save, format, victim,
+                                                         signum, handled):
+    """The signalled rank stops writing and says so to the others; the temporary folder is
+    removed, the checkpoint that --overwrite would have replaced stays as it was, every
+    other rank raises a MoekitError naming the rank, and the signal then reaches the
+    signalled rank's handler (the default SIGTERM ends it)."""
+    out = Path(shutil.copytree(qwen3, tmp_path / "out"))
+    before = tree_digest(out)
+    codes = ep_workers.spawn(ep_workers.save_stopped, 2, tmp_path, str(qwen3), str(out),
+                             str(tmp_path), save, format, victim, signum, handled, join=False)
+    survivor = 1 - victim
+    assert (tmp_path / f"{survivor}.txt").read_text() == (
+        f"save_{save} failed, nothing was written: rank {victim}: interrupted by {signum.name}")
+    if handled:
+        assert (tmp_path / f"{victim}.txt").read_text() == "interrupted" and codes == [0, 0]
+    else:
+        assert codes[victim] == -signum and codes[survivor] == 0
+    assert tree_digest(out) == before
+    assert names(tmp_path) == sorted(["out", "qwen3", f"{survivor}.txt",
+                                      *([f"{victim}.txt"] if handled else [])])
+
+
+@pytest.mark.parametrize("save,format,victim", [("experts", "safetensors", 0),
+                                                ("sharded", "dcp", 1)])
+def test_a_rank_killed_during_an_expert_parallel_save(qwen3, tmp_path, save, format, victim):
+    """SIGKILL gives the rank no time to say anything: the other learns it from the broken
+    collective, names the rank that ended, and the temporary folder is removed (by rank 0,
+    or, when rank 0 is the one killed, by the rank of its machine that outlives it)."""
+    out = tmp_path / "out"
+    codes = ep_workers.spawn(ep_workers.save_stopped, 2, tmp_path, str(qwen3), str(out),
+                             str(tmp_path), save, format, victim, signal.SIGKILL, False,
+                             join=False)
+    survivor = 1 - victim
+    message = (tmp_path / f"{survivor}.txt").read_text()
+    assert codes[victim] == -signal.SIGKILL and codes[survivor] == 0
+    assert message.startswith(f"save_{save} failed, nothing was written: rank {victim} (pid ")
+    assert "ended during the save" in message
+    assert names(tmp_path) == [f"{survivor}.txt", "qwen3"]
 
 
 # -- moekit demo --out ----------------------------------------------------------------------

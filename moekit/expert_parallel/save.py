@@ -18,6 +18,10 @@ place; the folder is checked, made durable and moved into place as ``convert``'s
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +33,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint, read_config
 from ..errors import MoekitError
 from ..executors.streaming import write_index, write_shard
-from ..output import OutputFolder, output_error
+from ..output import (OutputFolder, Stopped, deferred_signals, interruptible, output_error,
+                      process_alive, remove_if_abandoned)
 from ..plan import TensorPlan
 from ..sources import DictSource
 from .local import local_hf_plan
@@ -85,13 +90,10 @@ def _dcp_write(state_dict: Mapping[str, torch.Tensor], path: Path, overwrite: bo
     (``caller`` names the function saving, in errors)."""
     from ..dcp import save_distributed  # imports torch.distributed.checkpoint
 
-    output, folder = _agree_on_folder(path, overwrite, config_from)
-    with discarded_if_interrupted(output):
-        error = save_distributed(dict(state_dict), folder)
-        verdict = agreed_outcome(output, [error] if error else [],
-                                 lambda: _copy_sidecars(output, config_from), caller)
-    if verdict:
-        raise MoekitError(verdict)
+    with coordinated(path, overwrite, config_from, caller) as session:
+        error = save_distributed(dict(state_dict), session.folder, path, session.caught)
+        session.agree([error] if error else [],
+                      lambda: _copy_sidecars(session.output, config_from))
 
 
 def _agree_on_planning(error: MoekitError | None) -> None:
@@ -109,68 +111,156 @@ def _coordinated_write(path: Path, overwrite: bool, writes_file: bool, rank: int
                        tensors: list[TensorPlan], source: DictSource,
                        metadata: dict[str, str], config_from: str | Path | None) -> None:
     """Rank 0 makes the temporary folder; writers fill it; rank 0 puts it in place (with
-    the guarantees of ``moekit.output``) and tells every rank how it went. An interrupt or
-    a lost rank leaves nothing in place either."""
-    output, folder = _agree_on_folder(path, overwrite, config_from)
+    the guarantees of ``moekit.output``) and tells every rank how it went."""
     name = f"model-{rank + 1:05d}-of-{files:05d}.safetensors"
-    error = None
-    with discarded_if_interrupted(output):
-        try:
-            if writes_file:
-                write_shard(folder / name, tensors, source, metadata)
-        except Exception as err:  # reported to every rank below
-            error = f"rank {dist.get_rank()}: {_describe(err, path)}"
+    with coordinated(path, overwrite, config_from, "save_experts") as session:
+        error = None
+        if writes_file:
+            error = session.attempt(
+                lambda: write_shard(session.folder / name, tensors, source, metadata))
         outcomes: list = [None] * dist.get_world_size()
         mapping = {t.name: name for t in tensors} if writes_file else {}
         dist.all_gather_object(outcomes, (error, mapping, tensors if writes_file else []))
-        verdict = agreed_outcome(output, [e for e, _, _ in outcomes if e],
-                                 lambda: _complete(output, outcomes, config_from))
-    if verdict:
-        raise MoekitError(verdict)
+        session.agree([f"rank {r}: {e}" for r, (e, _, _) in enumerate(outcomes) if e],
+                      lambda: _complete(session.output, outcomes, config_from))
+
+
+@contextmanager
+def coordinated(path: Path, overwrite: bool, config_from: str | Path | None,
+                caller: str) -> Iterator["Session"]:
+    """A save of every rank into one output: rank 0 checks the destination and makes the
+    temporary folder (``_agree_on_folder``), the block writes and ends with
+    ``Session.agree``, after which rank 0 has put the folder in place or removed it;
+    on any rank's failure every rank raises a MoekitError.
+
+    SIGINT, SIGTERM and SIGHUP are held for the whole block, so that no rank leaves the
+    others waiting in a collective; during the write steps (``Session.attempt`` and
+    DCP's writes) one stops the step at once, and the rank reports "interrupted" as its
+    failure. The signal is delivered once every rank knows the outcome (to the handler
+    it would have met: the default SIGTERM ends the process then). A rank that leaves
+    without a word (killed, crashed) fails the others' next collective: each raises a
+    MoekitError naming it where it ran on this machine, and the temporary folder is
+    removed by rank 0, or, when rank 0 is the one gone, by a rank of its machine."""
+    session = None
+    try:
+        with deferred_signals() as caught:
+            try:
+                output, folder, processes = _agree_on_folder(path, overwrite, config_from)
+                session = Session(path, output, folder, processes, caught, caller)
+                yield session
+            except BaseException as err:
+                if session is not None and session.output is not None:
+                    session.output.discard()
+                if isinstance(err, RuntimeError):  # a collective whose peer is gone
+                    raise MoekitError(_lost(session, err, caller)) from err
+                raise
+    except KeyboardInterrupt as err:  # a signal held until the ranks agreed
+        if session is not None and session.in_place:
+            err.moekit_in_place = path
+        raise
+    if session.verdict is not None:
+        raise MoekitError(session.verdict)
+
+
+class Session:
+    """One rank's part of a ``coordinated`` save: the temporary folder every rank writes
+    into, rank 0's OutputFolder (None elsewhere), each rank's (host, pid), the signals
+    held so far, and once the ranks agreed, the outcome (``verdict``: the failure's
+    message, else None, the output in place)."""
+
+    def __init__(self, path: Path, output: OutputFolder | None, folder: Path,
+                 processes: list[tuple[str, int]], caught: list[int], caller: str) -> None:
+        self.path, self.output, self.folder = path, output, folder
+        self.processes, self.caught, self.caller = processes, caught, caller
+        self.verdict: str | None = None
+        self.in_place = False
+
+    def attempt(self, step: Callable[[], object]) -> str | None:
+        """Run the write step ``step``, which a signal stops; its failure's message (a
+        destination's file-system error as moekit words it), else None."""
+        try:
+            with interruptible(self.caught):
+                step()
+        except Stopped as stop:
+            return str(stop)
+        except Exception as err:  # reported to every rank by the caller
+            return _describe(err, self.path)
+        return None
+
+    def agree(self, errors: list[str], complete: Callable[[], object]) -> None:
+        """Rank 0 completes the folder and moves it into place, or removes it after any
+        rank's failure (``errors``), a failure of either step, or a signal it holds;
+        every rank learns the outcome (``verdict``)."""
+        verdict: list = [None]
+        if self.output is not None:
+            if self.caught and not errors:
+                errors = [f"rank 0: interrupted by {signal.Signals(self.caught[0]).name}"]
+            verdict[0] = _put_in_place(self.output, errors, complete, self.caller)
+        dist.broadcast_object_list(verdict, src=0)
+        self.verdict = verdict[0]
+        self.in_place = verdict[0] is None
 
 
 def _agree_on_folder(path: Path, overwrite: bool, config_from: str | Path | None
-                     ) -> tuple[OutputFolder | None, Path]:
+                     ) -> tuple[OutputFolder | None, Path, list[tuple[str, int]]]:
     """Rank 0 checks the destination (against ``config_from``, whose files it copies) and
-    makes the temporary folder; all ranks learn it. Rank 0 also gets the OutputFolder."""
-    message: list = [None]
+    makes the temporary folder; all ranks learn it, and each rank's host and pid. Rank
+    0 also gets the OutputFolder."""
+    message = None
     output = None
     if dist.get_rank() == 0:
         try:
             output = OutputFolder(path, Path(config_from) if config_from else None, overwrite)
-            message[0] = str(output.folder)
+            message = str(output.folder)
         except MoekitError as err:
-            message[0] = err
+            message = err
         except OSError as err:
-            message[0] = MoekitError(_describe(err, path))
-    dist.broadcast_object_list(message, src=0)
-    if isinstance(message[0], MoekitError):
-        raise message[0]
-    return output, Path(message[0])
-
-
-@contextmanager
-def discarded_if_interrupted(output: OutputFolder | None) -> Iterator[None]:
-    """Rank 0's temporary folder removed when this rank fails or is interrupted before the
-    ranks agree on the outcome (after ``agreed_outcome``, the folder is in place or gone)."""
+            message = MoekitError(_describe(err, path))
+    gathered: list = [None] * dist.get_world_size()
     try:
-        yield
+        dist.all_gather_object(gathered, (message, socket.gethostname(), os.getpid()))
     except BaseException:
         if output is not None:
             output.discard()
         raise
+    folder = gathered[0][0]
+    if isinstance(folder, MoekitError):
+        raise folder
+    return output, Path(folder), [(host, pid) for _, host, pid in gathered]
 
 
-def agreed_outcome(output: OutputFolder | None, errors: list[str],
-                   complete: Callable[[], object], caller: str = "save_experts") -> str | None:
-    """Rank 0 (which holds ``output``) completes the folder and moves it into place, or
-    removes it after any rank's failure (``_put_in_place``); every rank gets the failure's
-    message, else None."""
-    verdict: list = [None]
-    if output is not None:
-        verdict[0] = _put_in_place(output, errors, complete, caller)
-    dist.broadcast_object_list(verdict, src=0)
-    return verdict[0]
+def _lost(session: Session | None, err: RuntimeError, caller: str) -> str:
+    """What a collective that failed (``err``, in gloo's or NCCL's words) means for the
+    user: which rank of this machine has ended, and whether the output was in place
+    first. Where rank 0 is the one gone, the temporary folder it left is removed here."""
+    gone = _gone(session.processes) if session is not None else []
+    who = (", ".join(f"rank {r} (pid {pid})" for r, pid in gone) + " ended during the save"
+           if gone else "a rank stopped answering (on another machine, or cut off)")
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if session is not None and session.output is not None and session.output.in_place:
+        return (f"{caller}: {session.path} was written in full and put in place, then {who} "
+                f"(torch.distributed: {reason})")
+    left = ""
+    if session is not None and any(r == 0 for r, _ in gone) and session.folder.exists():
+        kept = remove_if_abandoned(session.folder)
+        if kept is not None:
+            left = (f"; rank 0's temporary folder {session.folder} is kept, since {kept}: "
+                    "remove it once no rank writes there")
+    return f"{caller} failed, nothing was written: {who} (torch.distributed: {reason}){left}"
+
+
+def _gone(processes: list[tuple[str, int]], wait: float = 5.0) -> list[tuple[int, int]]:
+    """(rank, pid) of each rank of this machine whose process has ended, waiting up to
+    ``wait`` seconds for one to end: the connection of a rank that ends closes a moment
+    before its process does."""
+    here, me = socket.gethostname(), os.getpid()
+    deadline = time.monotonic() + wait
+    while True:
+        gone = [(r, pid) for r, (host, pid) in enumerate(processes)
+                if host == here and pid != me and not process_alive(pid)]
+        if gone or time.monotonic() > deadline:
+            return gone
+        time.sleep(0.05)
 
 
 def _put_in_place(output: OutputFolder, errors: list[str], complete: Callable[[], object],
@@ -183,7 +273,7 @@ def _put_in_place(output: OutputFolder, errors: list[str], complete: Callable[[]
             complete()
             output.commit()
             return None
-    except (MoekitError, OSError) as err:
+    except Exception as err:  # reported to every rank
         if output.in_place:  # complete and in place: the failure came after the final move
             return f"{caller}: rank 0: {_describe(err, output.dst, left=True)}"
         errors = [f"rank 0: {_describe(err, output.dst)}"]
@@ -208,7 +298,7 @@ def _copy_sidecars(output: OutputFolder, config_from: str | Path | None) -> None
         output.copy_in(Checkpoint.open(config_from).extra_files())
 
 
-def _describe(err: Exception, path: Path, left: bool = False) -> str:
+def _describe(err: BaseException, path: Path, left: bool = False) -> str:
     """A failure's message: a file-system error of the destination says what to do (and,
     with ``left``, that the output was put in place before it)."""
     mapped = output_error(err, path, left) if isinstance(err, OSError) else None

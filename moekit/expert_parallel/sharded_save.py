@@ -49,8 +49,7 @@ from ..planner import build_plan, understand, validate
 from ..safetensors_writer import header_bytes
 from ..sizes import parse_size
 from .ranges import chunk, grouped_layout
-from .save import (_agree_on_folder, _copy_sidecars, _dcp_write, _describe, agreed_outcome,
-                   discarded_if_interrupted)
+from .save import _copy_sidecars, _dcp_write, coordinated
 from .sharded import ShardedMesh, agree, agree_on_holdings
 
 FORMATS = ("safetensors", "dcp")
@@ -298,32 +297,19 @@ class _RankSource:
 def _write(job: _Job, path: Path, overwrite: bool, config_from: str | Path | None) -> None:
     """Rank 0 makes the folder and sizes the files; every rank writes its bytes; rank 0
     completes the folder and puts it in place, and tells every rank how it went."""
-    output, folder = _agree_on_folder(path, overwrite, config_from)
-    with discarded_if_interrupted(output):
+    with coordinated(path, overwrite, config_from, "save_sharded") as session:
         created: list = [None]
-        if output is not None:
-            created[0] = _attempt(lambda: _create(folder, job.files), path)
+        if session.output is not None:
+            created[0] = session.attempt(lambda: _create(session.folder, job.files))
         dist.broadcast_object_list(created, src=0)
         if created[0] is None:
-            error = _attempt(lambda: _write_mine(folder, job.writes), path)
+            error = session.attempt(lambda: _write_mine(session.folder, job.writes))
         else:  # no rank writes; rank 0 reports why
-            error = created[0] if output is not None else None
+            error = created[0] if session.output is not None else None
         outcomes: list = [None] * dist.get_world_size()
         dist.all_gather_object(outcomes, error)
-        errors = [f"rank {r}: {e}" for r, e in enumerate(outcomes) if e]
-        verdict = agreed_outcome(output, errors, lambda: _complete(output, job, config_from),
-                                 "save_sharded")
-    if verdict:
-        raise MoekitError(verdict)
-
-
-def _attempt(step: Callable[[], object], path: Path) -> str | None:
-    """Run ``step``; its failure's message, else None."""
-    try:
-        step()
-    except Exception as err:  # reported to every rank by the caller
-        return _describe(err, path)
-    return None
+        session.agree([f"rank {r}: {e}" for r, e in enumerate(outcomes) if e],
+                      lambda: _complete(session.output, job, config_from))
 
 
 def _create(folder: Path, files: dict[str, tuple[bytes, list[TensorPlan]]]) -> None:
