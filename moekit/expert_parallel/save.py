@@ -12,8 +12,9 @@ DTensors) to ``torch.distributed.checkpoint.save``, which writes each rank's exp
 from that rank and each replicated tensor once, and commits the ``.metadata``; nothing
 is gathered. A step that fails on any rank fails DCP's save on every rank.
 
-Either way, on any rank's failure the temporary folder is removed and nothing is put in
-place; the folder is checked, made durable and moved into place as ``convert``'s is.
+Either way, on any rank's failure, a signal to any rank or a rank killed, the temporary
+folder is removed and nothing is put in place (``coordinated``); the folder is checked,
+made durable and moved into place as ``convert``'s is.
 """
 
 from __future__ import annotations
