@@ -303,30 +303,45 @@ def save_stopped(rank: int, world: int, store: str, src: str, out: str, log_dir:
     itself ``signum`` once its first file is written; ``handled``: its handler raises
     KeyboardInterrupt, as the CLI's does (else the signal's default action). Each rank
     writes "ok", "interrupted" or the error's message to ``log_dir/rank.txt``."""
+    _init(rank, world, store)
+    if rank == victim:
+        _signal_after_the_first_file(signum, save, format)
+        if handled:
+            signal.signal(signum, _raise_keyboard_interrupt)
+    Path(log_dir, f"{rank}.txt").write_text(_save_outcome(world, src, out, save, format))
+    if signum == signal.SIGKILL or not handled:
+        leave()  # the victim is gone
+    finish()
+
+
+def save_to(rank: int, world: int, store: str, src: str, out: str, log_dir: str, save: str,
+            format: str) -> None:
+    """``save_experts`` or ``save_sharded`` as ``save_stopped`` runs it, no rank signalled;
+    each rank writes its outcome to ``log_dir/rank.txt``."""
+    _init(rank, world, store)
+    Path(log_dir, f"{rank}.txt").write_text(_save_outcome(world, src, out, save, format))
+    finish()
+
+
+def _save_outcome(world: int, src: str, out: str, save: str, format: str) -> str:
+    """Load ``src`` and save it to ``out`` with ``overwrite`` (``save`` "experts":
+    ``save_experts`` on an ep mesh; "sharded": ``save_sharded`` on a (1, world) mesh);
+    "ok", "interrupted" or the MoekitError's message."""
     from moekit import load_sharded, save_sharded
 
-    _init(rank, world, store)
     if save == "experts":
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
         state, run = load_experts(src, mesh), save_experts
     else:
         mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "ep"))
         state, run = load_sharded(src, mesh), save_sharded
-    if rank == victim:
-        _signal_after_the_first_file(signum, save, format)
-        if handled:
-            signal.signal(signum, _raise_keyboard_interrupt)
     try:
         run(state, out, mesh, config_from=src, format=format, overwrite=True)
-        outcome = "ok"
     except MoekitError as err:
-        outcome = str(err)
+        return str(err)
     except KeyboardInterrupt:
-        outcome = "interrupted"
-    Path(log_dir, f"{rank}.txt").write_text(outcome)
-    if signum == signal.SIGKILL or not handled:
-        leave()  # the victim is gone
-    finish()
+        return "interrupted"
+    return "ok"
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:

@@ -883,6 +883,20 @@ def test_save_experts_has_the_same_guarantees(qwen3, tmp_path, tmpfs, monkeypatc
     assert names(notes) == ["notes.txt"] and tree_digest(qwen3) == before
 
 
+@pytest.mark.parametrize("save", ["experts", "sharded"])
+def test_a_full_disk_under_an_expert_parallel_dcp_save(qwen3, tmp_path, tmpfs, save):
+    small = tmpfs("small", "size=64k")
+    out = small / "out"
+    ep_workers.spawn(ep_workers.save_to, 2, tmp_path, str(qwen3), str(out), str(tmp_path),
+                     save, "dcp")
+    for rank in range(2):
+        message = (tmp_path / f"{rank}.txt").read_text()
+        assert message.startswith(f"save_{save} failed, nothing was written: rank "), message
+        assert (f"cannot write {out}: No space left on device; the file system is full"
+                in message), message
+    assert names(small) == []
+
+
 STOPPED_SAVES = [  # save, format, the rank signalled, the signal, handled as the CLI does
     ("experts", "safetensors", 0, signal.SIGTERM, True),
     ("sharded", "safetensors", 1, signal.SIGINT, True),
