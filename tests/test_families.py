@@ -89,7 +89,10 @@ def test_the_enumeration_finds_the_known_families():
 
 
 ROUND_TRIPS = [pytest.param(t, layout, id=f"{layout}-{t}") for t in TYPES for layout in LAYOUTS
-               if not (layout == "transformers" and t in REFUSED)]
+               if layout not in getattr(family_of_model_type(t), "unconverted", {})]
+"""Every model type with every layout moekit writes for it (not where the layout's consumer
+converts more than moekit does: transformers for ``REFUSED``, NeMo AutoModel for Gemma 4,
+test_gemma4_nemo_layout_is_refused_as_nemo_scales_the_experts)."""
 
 
 @pytest.mark.parametrize("model_type", TYPES)
@@ -320,9 +323,9 @@ def test_multimodal_text_experts_convert_and_the_rest_passes_through(model_type,
     in the Hub's form where that differs: Qwen3-VL-MoE), every other tensor (vision and
     audio towers, projector) passes through under the layout's name for it (NeMo's
     without Qwen3-Omni's ``thinker.``, as test_nemo_adapters checks), ``--to transformers``
-    is the model's state dict (or is refused where transformers converts tensors outside
-    the experts that moekit does not: MiniMax-M3-VL, Mistral-Large-4), and transformers
-    loads the round trip into that state dict."""
+    is the model's state dict, and transformers loads the round trip into that state dict.
+    A layout whose consumer converts tensors that moekit does not is refused (transformers
+    for MiniMax-M3-VL and Mistral-Large-4, nemo for Gemma 4)."""
     try:
         model = build_multimodal(model_type)
         model.save_pretrained(tmp_path / "src", max_shard_size="200KB")
@@ -334,13 +337,14 @@ def test_multimodal_text_experts_convert_and_the_rest_passes_through(model_type,
     original = load_all(src)
     towers = {k for k in original if "visual" in k or "vision" in k}
     assert towers
-    refused = "transformers" in family_named(info.family).unconverted
+    unconverted = family_named(info.family).unconverted
+    refused = "transformers" in unconverted
     # moekit's hf layout is the Hub's form where the Hub groups experts transposed
     # (Qwen3-VL-MoE) and save_pretrained's where the Hub groups them as the model does.
     written_as = original if model_type in HUB_GROUPED else on_the_hub(model_type, original)
     for layout in LAYOUTS:
-        if layout == "transformers" and refused:
-            with pytest.raises(MoekitError, match="transformers layout of .* is refused"):
+        if layout in unconverted:
+            with pytest.raises(MoekitError, match=f"{layout} layout of .* is refused"):
                 convert(src, tmp_path / layout, to=layout)
             continue
         convert(src, tmp_path / layout, to=layout)
@@ -460,6 +464,39 @@ def test_qwen3_5_moe_hub_files_with_grouped_experts_are_read(tmp_path):
     assert [k for k in from_saved if not same_bytes(from_hub[k], from_saved[k])] == []
     reloaded = _multimodal_state_dict(type(model), tmp_path / "hub")
     assert [k for k in expected if not same_bytes(reloaded[k], expected[k])] == []
+
+
+def test_gemma4_nemo_layout_is_refused_as_nemo_scales_the_experts(tmp_path, capsys):
+    """NeMo AutoModel 0.7's Gemma 4 adapter multiplies each layer's router.per_expert_scale
+    into its experts' down_projs: what NeMo holds is not the files' bytes moved, so
+    ``--to nemo`` is refused, saying why, and nothing is written."""
+    from nemo_automodel.components.models.common import BackendConfig
+    from nemo_automodel.components.models.gemma4_moe.state_dict_adapter import (
+        Gemma4MoEStateDictAdapter)
+    from nemo_automodel.components.moe.config import MoEConfig
+
+    from moekit.cli import main
+
+    model = build("gemma4_text")
+    model.save_pretrained(tmp_path / "src")
+    config, hf = model.config, load_all(tmp_path / "src")
+    moe = MoEConfig(dim=config.hidden_size, inter_dim=config.intermediate_size,
+                    moe_inter_dim=config.moe_intermediate_size,
+                    n_routed_experts=config.num_experts, n_shared_experts=0,
+                    n_activated_experts=config.top_k_experts, n_expert_groups=0,
+                    n_limited_groups=0, train_gate=True, gate_bias_update_factor=0.0,
+                    aux_loss_coeff=0.0, score_func="softmax", route_scale=1.0,
+                    norm_topk_prob=False, dtype=torch.float32)
+    adapter = Gemma4MoEStateDictAdapter(config, moe, BackendConfig(attn="sdpa", linear="torch",
+                                                                    rms_norm="torch"))
+    held = next(v for k, v in adapter.from_hf(dict(hf)).items()
+                if k.endswith("layers.1.moe.experts.down_projs"))
+    moved = hf["model.layers.1.experts.down_proj"].transpose(1, 2).contiguous()
+    assert held.shape == moved.shape and not same_bytes(held, moved)
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--to", "nemo"]) == 2
+    err = capsys.readouterr().err
+    assert "nemo layout of gemma4_text is refused" in err and "per_expert_scale" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
 def _multimodal_state_dict(model_class: type, path) -> dict[str, torch.Tensor]:

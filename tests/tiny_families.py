@@ -32,11 +32,16 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "zaya": dict(num_experts_per_tok=1),
     "granitemoehybrid": dict(mamba_n_heads=8, mamba_d_head=8),
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv"]),
+    "gemma4_text": dict(enable_moe_block=True, top_k_experts=2, vocab_size_per_layer_input=96,
+                        hidden_size_per_layer_input=8),
+    "dots3_note_text": dict(head_dim=8),
 }
 """What a model type needs beyond ``SMALL`` to be built tiny with experts: Doge's experts
 form a square grid of product keys and exist only with ``is_moe``; LongCat-Flash counts
 its layers in ``num_layers``; ZAYA routes to one expert; GraniteMoE-Hybrid's Mamba heads
-divide its expanded hidden size; LFM2-MoE has no default list of layer types."""
+divide its expanded hidden size; LFM2-MoE has no default list of layer types; Gemma 4 has
+experts only with ``enable_moe_block`` and a per-layer input embedding of its own sizes;
+dots.3's sliding-window attention takes head_dim = qk_nope_head_dim + qk_rope_head_dim."""
 
 
 def _declares(config_class: type, name: str) -> bool:
@@ -61,11 +66,16 @@ def _mlp_layer_types(default: list[str], count: int) -> list[str]:
 
 
 def tiny_config(model_type: str, **overrides: Any):
+    """``model_type``'s config with the ``SMALL`` sizes it has. A config with per-layer
+    overrides (Gemma 4's head_dim, dots.3's attention sizes) is built without them, so
+    that the tiny sizes hold for every layer (and its global values can be read)."""
     from transformers import AutoConfig
 
     default = AutoConfig.for_model(model_type)
-    settings = {k: v for k, v in SMALL.items()
-                if hasattr(default, k) and not isinstance(getattr(default, k), list)}
+    uniform = {"per_layer_config": {}} if getattr(default, "per_layer_config", None) else {}
+    default.allow_global_per_layer_attribute_access = True
+    settings = {**uniform, **{k: v for k, v in SMALL.items()
+                if hasattr(default, k) and not isinstance(getattr(default, k), list)}}
     settings.update({name: token for token, name in enumerate(TOKEN_IDS)
                      if isinstance(getattr(default, name, None), int)
                      and getattr(default, name) >= SMALL["vocab_size"]})
@@ -86,7 +96,7 @@ def build(model_type: str, seed: int = 0, **overrides: Any):
 
 
 MULTIMODAL = ("llama4", "qwen3_vl_moe", "glm4v_moe", "ernie4_5_vl_moe", "qwen3_omni_moe",
-              "aria", "qwen3_5_moe", "qwen4_exp", "minimax_m3_vl", "mistral_large4")
+              "aria", "qwen3_5_moe", "qwen4_exp", "minimax_m3_vl", "mistral_large4", "gemma4")
 """Multimodal model types whose text model has routed experts that moekit has a family for."""
 
 
@@ -126,6 +136,15 @@ SMALL_VISION: dict[str, Any] = dict(
 """Sizes of a tiny vision tower, where its config has the attribute."""
 
 
+MULTIMODAL_OVERRIDES: dict[str, dict[str, Any]] = {
+    "gemma4": dict(tie_word_embeddings=False,
+                   vision_config=dict(model_type="gemma4_vision", num_key_value_heads=2,
+                                      head_dim=16, position_embedding_size=64))}
+"""What a multimodal model type's config takes beyond its towers' tiny sizes: Gemma 4's
+default has no vision tower (given here with the sizes ``SMALL_VISION`` does not set) and
+ties its head to the embeddings, a head save_pretrained leaves out of the files."""
+
+
 SMALL_AUDIO: dict[str, Any] = dict(
     d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, output_dim=32,
     num_hidden_layers=1, downsample_hidden_size=8)
@@ -134,15 +153,16 @@ SMALL_AUDIO: dict[str, Any] = dict(
 
 def build_multimodal(model_type: str, seed: int = 0, **text: Any):
     """A tiny multimodal model of ``model_type``: its text model as ``build`` makes it (with
-    ``TEXT_OVERRIDES`` and ``text``), its vision (and audio) towers one small layer; every
-    parameter drawn from N(0, 0.2).
+    ``TEXT_OVERRIDES`` and ``text``), its vision (and audio) towers one small layer, and
+    ``MULTIMODAL_OVERRIDES``; every parameter drawn from N(0, 0.2).
     Qwen3-Omni's towers and text model sit in its ``thinker_config``; it is built without
     its talker (``enable_audio_output`` false)."""
     import torch
     import transformers
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    default = AutoConfig.for_model(model_type)
+    overrides = MULTIMODAL_OVERRIDES.get(model_type, {})
+    default = AutoConfig.for_model(model_type, **overrides)
     omni = hasattr(default, "thinker_config")
     inner = _tiny_towers(default.thinker_config if omni else default,
                          {**TEXT_OVERRIDES.get(model_type, {}), **text})
@@ -151,7 +171,7 @@ def build_multimodal(model_type: str, seed: int = 0, **text: Any):
                                       thinker_config={**default.thinker_config.to_dict(), **inner})
         make = transformers.Qwen3OmniMoeForConditionalGeneration._from_config
     else:
-        config = AutoConfig.for_model(model_type, **inner)
+        config = AutoConfig.for_model(model_type, **{**overrides, **inner})
         make = AutoModelForImageTextToText.from_config
     with torch.device("meta"):
         count = sum(p.numel() for p in make(config).parameters())
@@ -168,6 +188,8 @@ def _tiny_towers(config, text: dict[str, Any]) -> dict[str, dict]:
     for name, small in (("vision_config", SMALL_VISION), ("audio_config", SMALL_AUDIO)):
         tower = getattr(config, name, None)
         if tower is not None:
-            towers[name] = {**tower.to_dict(),
+            uniform = {"per_layer_config": {}} if getattr(tower, "per_layer_config", None) else {}
+            tower.allow_global_per_layer_attribute_access = True
+            towers[name] = {**tower.to_dict(), **uniform,
                             **{k: v for k, v in small.items() if hasattr(tower, k)}}
     return towers

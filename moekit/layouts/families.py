@@ -143,10 +143,11 @@ class Family:
     """Names of tensors inside the experts module that are no expert's weights (Laguna's
     ``experts.e_score_correction_bias``): passed through like the router."""
     unconverted: dict[str, str] = field(default_factory=dict)
-    """Per layout: what that layout's consumer does on load to tensors outside the experts
-    that no rename here expresses (transformers splitting Sarvam's ``query_key_value``):
-    moekit refuses to write the layout for the family, naming it, rather than write
-    tensors the consumer does not hold."""
+    """Per layout: what that layout's consumer does on load that no rename here expresses,
+    to tensors outside the experts (transformers splitting Sarvam's ``query_key_value``)
+    or to the experts' values (NeMo AutoModel scaling Gemma 4's): moekit refuses to write
+    the layout for the family, naming it, rather than write tensors the consumer does not
+    hold."""
     unplaced: dict[str, dict[str, str]] = field(default_factory=dict)
     """Per layout: tensors outside the experts that the layout's consumer has no place for,
     as HF key endings, each with why (torchtitan 0.3's Qwen3 attention has no biases): a
@@ -445,6 +446,12 @@ def _transformers_converts(what: str) -> dict[str, str]:
     return {"transformers": f"transformers 5.24 {what}"}
 
 
+_GEMMA4_NEMO = {"nemo": "NeMo AutoModel 0.7 (Gemma4MoEStateDictAdapter) multiplies each "
+                        "layer's router.per_expert_scale into its experts' down_projs (and "
+                        "moves the experts and the router under moe)"}
+"""Gemma 4's experts in NeMo AutoModel's format are not its files' bytes."""
+
+
 def _qwen_style(model_type: str, count_key: str, renames: tuple[Rename, ...] = (),
                 nemo: tuple[Rename, ...] = (), **settings: Any) -> Family:
     """A family of one model type named as Qwen2-MoE on disk (``mlp.experts.{e}.gate_proj``)
@@ -651,6 +658,16 @@ FAMILIES: tuple[Family, ...] = (
     _qwen_style("minimax_m3_vl_text", "num_local_experts", shared_expert="shared_experts",
                 grouped_on_disk=True),
     _qwen_style("zaya", "num_experts", grouped_on_disk=True),
+    # Gemma 4 (enable_moe_block): each layer holds its experts beside its dense MLP, as
+    # experts.gate_up_proj [E,2I,H] and experts.down_proj [E,H,I] directly under the layer
+    # (router router.proj.weight), in its files as in its model; the multimodal model
+    # (gemma4) holds its text model under model.language_model.
+    *(Family(name, (model_type,), f"{prefix}.layers.{{layer}}", _QWEN_PROJECTIONS,
+             "num_experts", router="router.proj.weight", grouped_on_disk=True,
+             unconverted=_GEMMA4_NEMO, text_config=text_config, moe_layers=every_layer)
+      for name, model_type, prefix, text_config in (
+          ("gemma4_text", "gemma4_text", "model", ()),
+          ("gemma4", "gemma4", "model.language_model", ("text_config",)))),
     # Lara-mini's files hold its experts grouped, as its model does.
     _qwen_style("lara_mini", "num_experts", shared_expert="shared_expert", grouped_on_disk=True,
                 unconverted=_transformers_converts(
