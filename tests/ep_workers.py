@@ -314,6 +314,35 @@ def save_stopped(rank: int, world: int, store: str, src: str, out: str, log_dir:
     finish()
 
 
+def save_killed(rank: int, world: int, store: str, src: str, out: str, log_dir: str,
+                save: str, victim: int, step: str) -> None:
+    """``save_experts`` or ``save_sharded`` as ``save_stopped`` runs it, where rank
+    ``victim`` is killed (SIGKILL) while it plans its part (``step`` "planning") or once it
+    has put the output in place (``step`` "commit", rank 0); the others write their
+    outcome to ``log_dir/rank.txt``."""
+    import moekit.expert_parallel.save as save_module
+    import moekit.expert_parallel.sharded_save as sharded_save
+    from moekit.output import OutputFolder
+
+    _init(rank, world, store)
+    if rank == victim:
+        if step == "commit":
+            module, name = OutputFolder, "commit"
+        else:
+            module, name = ((save_module, "local_hf_plan") if save == "experts"
+                            else (sharded_save, "_plan"))
+        original = getattr(module, name)
+
+        def then_killed(*args, **kwargs):
+            if step == "commit":
+                original(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        setattr(module, name, then_killed)
+    Path(log_dir, f"{rank}.txt").write_text(_save_outcome(world, src, out, save, "safetensors"))
+    leave()  # the victim is gone
+
+
 def save_to(rank: int, world: int, store: str, src: str, out: str, log_dir: str, save: str,
             format: str) -> None:
     """``save_experts`` or ``save_sharded`` as ``save_stopped`` runs it, no rank signalled;

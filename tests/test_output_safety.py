@@ -946,6 +946,31 @@ def test_a_rank_killed_during_an_expert_parallel_save(qwen3, tmp_path, save, for
     assert names(tmp_path) == [f"{survivor}.txt", "qwen3"]
 
 
+@pytest.mark.parametrize("save", ["experts", "sharded"])
+def test_a_rank_killed_before_an_expert_parallel_save_writes(qwen3, tmp_path, save):
+    """Killed while the ranks plan: the others' collective fails, and each says so."""
+    codes = ep_workers.spawn(ep_workers.save_killed, 2, tmp_path, str(qwen3),
+                             str(tmp_path / "out"), str(tmp_path), save, 1, "planning",
+                             join=False)
+    message = (tmp_path / "0.txt").read_text()
+    assert codes == [0, -signal.SIGKILL]
+    assert message.startswith(f"save_{save} failed, nothing was written: a rank stopped "
+                              "answering before writing began (torch.distributed: "), message
+    assert names(tmp_path) == ["0.txt", "qwen3"]
+
+
+def test_rank_0_killed_once_the_output_is_in_place(qwen3, tmp_path):
+    """The others cannot learn the outcome from rank 0; they say where to look."""
+    out = tmp_path / "out"
+    codes = ep_workers.spawn(ep_workers.save_killed, 2, tmp_path, str(qwen3), str(out),
+                             str(tmp_path), "sharded", 0, "commit", join=False)
+    message = (tmp_path / "1.txt").read_text()
+    assert codes == [-signal.SIGKILL, 0]
+    assert message.startswith("save_sharded: rank 0 (pid ") and message.endswith(
+        f"after rank 0 had put {out} in place or removed its temporary folder: check {out}")
+    assert verify(qwen3, out).equal and names(tmp_path) == ["1.txt", "out", "qwen3"]
+
+
 # -- moekit demo --out ----------------------------------------------------------------------
 
 def test_demo_writes_only_into_a_new_empty_or_earlier_demo_folder(qwen3, tmp_path, capsys):

@@ -102,10 +102,29 @@ def _agree_on_planning(error: MoekitError | None) -> None:
     (with that rank's message), so that no rank waits in a later collective for one that
     has already given up."""
     outcomes: list = [None] * dist.get_world_size()
-    dist.all_gather_object(outcomes, None if error is None else str(error))
+    with answered("save_experts"):
+        dist.all_gather_object(outcomes, None if error is None else str(error))
     failed = [f"rank {r}: {message}" for r, message in enumerate(outcomes) if message]
     if failed and error is None:
         raise MoekitError("save_experts failed, nothing was written: " + "; ".join(failed))
+
+
+@contextmanager
+def answered(caller: str) -> Iterator[None]:
+    """A collective of a save before its folder is made: when it fails because a rank is
+    gone (the RuntimeError gloo or NCCL raise), every rank still there raises a
+    MoekitError saying so (there is nothing to remove yet)."""
+    try:
+        yield
+    except RuntimeError as err:
+        raise MoekitError(f"{caller} failed, nothing was written: a rank stopped answering "
+                          f"before writing began (torch.distributed: {_first_line(err)})"
+                          ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message (gloo's run on with advice), else its type."""
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def _coordinated_write(path: Path, overwrite: bool, writes_file: bool, rank: int, files: int,
@@ -237,12 +256,16 @@ def _lost(session: Session | None, err: RuntimeError, caller: str) -> str:
     gone = _gone(session.processes) if session is not None else []
     who = (", ".join(f"rank {r} (pid {pid})" for r, pid in gone) + " ended during the save"
            if gone else "a rank stopped answering (on another machine, or cut off)")
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    reason = _first_line(err)
     if session is not None and session.output is not None and session.output.in_place:
         return (f"{caller}: {session.path} was written in full and put in place, then {who} "
                 f"(torch.distributed: {reason})")
     left = ""
-    if session is not None and any(r == 0 for r, _ in gone) and session.folder.exists():
+    if session is not None and any(r == 0 for r, _ in gone):
+        if not session.folder.exists():  # rank 0 moved it into place, or removed it, first
+            return (f"{caller}: {who} (torch.distributed: {reason}), after rank 0 had put "
+                    f"{session.path} in place or removed its temporary folder: check "
+                    f"{session.path}")
         kept = remove_if_abandoned(session.folder)
         if kept is not None:
             left = (f"; rank 0's temporary folder {session.folder} is kept, since {kept}: "

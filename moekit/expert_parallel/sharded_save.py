@@ -49,7 +49,7 @@ from ..planner import build_plan, understand, validate
 from ..safetensors_writer import header_bytes
 from ..sizes import parse_size
 from .ranges import chunk, grouped_layout
-from .save import _copy_sidecars, _dcp_write, coordinated
+from .save import _copy_sidecars, _dcp_write, answered, coordinated
 from .sharded import ShardedMesh, agree, agree_on_holdings
 
 FORMATS = ("safetensors", "dcp")
@@ -82,18 +82,22 @@ def save_sharded(state_dict: Mapping[str, torch.Tensor], path: str | Path,
         raise MoekitError(f"unknown save_sharded format {format!r}: it writes "
                           f"{', '.join(FORMATS)}")
     mesh = ShardedMesh(device_mesh, ep_dim, fsdp_dim, "save_sharded")
-    _agree_on_state(state_dict)
+    with answered("save_sharded"):
+        _agree_on_state(state_dict)
     try:
         config = read_config(Path(config_from)) if config_from else None
         job = _plan(state_dict, mesh, layout, family, config, parse_size(max_shard_size))
     except MoekitError as err:
-        agree(str(err), "save_sharded")
+        with answered("save_sharded"):
+            agree(str(err), "save_sharded")
         raise
-    agree(None, "save_sharded")
+    with answered("save_sharded"):
+        agree(None, "save_sharded")
     if format == "dcp":
         _dcp_write(state_dict, Path(path), overwrite, config_from, "save_sharded")
         return
-    _check_coverage(job)
+    with answered("save_sharded"):
+        _check_coverage(job)
     _write(job, Path(path), overwrite, config_from)
 
 
