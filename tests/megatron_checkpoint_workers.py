@@ -134,8 +134,10 @@ def load_expert_parallel(rank: int, world: int, store: str, folders: list[str],
 
 
 def _local_experts(model) -> dict[tuple[int, int], torch.nn.Module]:
-    """The experts this expert-parallel rank holds, by (layer, global expert index)."""
+    """The experts this expert-parallel rank holds, by (layer, global expert index); a
+    dense layer (``mlp_only_layers``) holds none."""
     return {(layer, e): local for layer, block in enumerate(model.decoder.layers)
+            if hasattr(block.mlp, "local_expert_indices")
             for e, local in zip(block.mlp.local_expert_indices, block.mlp.experts.local_experts)}
 
 
