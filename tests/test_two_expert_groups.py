@@ -154,6 +154,18 @@ def test_expert_parallelism_is_refused(ernie):
         ep_report(src, ep_size=2, layout="transformers")
 
 
+def test_load_experts_is_refused_on_every_rank(ernie, tmp_path):
+    """``load_experts`` on two gloo ranks: each rank refuses, naming the groups, before
+    reading anything."""
+    from . import ep_workers
+
+    _, src = ernie
+    ep_workers.spawn(ep_workers.load_expecting_error, 2, tmp_path, str(src), str(tmp_path))
+    outcomes = [(tmp_path / f"{rank}.txt").read_text() for rank in range(2)]
+    assert all("2 groups in each MoE layer (text, vision)" in text for text in outcomes), \
+        outcomes
+
+
 def _with(path, tmp_path, change) -> str:
     """A copy of the checkpoint at ``path`` with ``change`` applied to its tensors."""
     import shutil
