@@ -52,10 +52,6 @@ the model."""
 LOCAL_EXTRA_STATE = [None]
 """The ``_extra_state`` object of a local-spec linear layer: megatron-core saves the list
 of its ranks' ``get_extra_state()`` values, None for a local layer."""
-EXPERTS_SUFFIX = "mlp.experts.experts.linear_fc1.weight"
-EXPERTS = f"decoder.layers.{EXPERTS_SUFFIX}"
-"""The stored tensor whose second axis counts the routed experts (the first in the copy of
-one layer, ``decoder.layers.{layer}.`` + ``EXPERTS_SUFFIX``)."""
 OPTIMIZER_PREFIX = "optimizer."
 """Keys of a training checkpoint's optimizer state, which moekit does not read."""
 MAX_METADATA_JSON_BYTES = 2**16
@@ -89,9 +85,9 @@ class MegatronFolder:
         iteration = folder / iteration_dir(ITERATION)
         iteration.mkdir()
         self.dcp.write(plan, source, iteration, show_progress, finished, extra_states(plan))
-        from .dcp import save_object  # a full disk raised as the OSError it is
+        import torch  # loaded with torch.distributed.checkpoint above
 
-        save_object(COMMON_STATE, iteration / COMMON)
+        torch.save(COMMON_STATE, iteration / COMMON)
         (iteration / METADATA).write_text(json.dumps(BACKEND))
         (folder / TRACKER).write_text(str(ITERATION))
         for path in (iteration / COMMON, iteration / METADATA, iteration, folder / TRACKER):
@@ -238,11 +234,11 @@ def hf_tensors(stored: Mapping[str, "StoredTensor"], config: Mapping | None, sou
 
 
 def _experts(stored: Mapping[str, "StoredTensor"]) -> int:
-    """The routed experts of a layer: the axis of the experts' ``linear_fc1`` that counts
-    them (its second, or its first where each layer is stored under its own key); 0 for a
-    dense model."""
-    counts = [tensor.shape[int(key == EXPERTS)] for key, tensor in stored.items()
-              if key.endswith(EXPERTS_SUFFIX) and len(tensor.shape) > int(key == EXPERTS)]
+    """The routed experts of a layer: the last stacked axis of the experts' stored tensors
+    (``_check_stacked`` then refuses a layer of another count); 0 for a dense model."""
+    counts = [tensor.shape[entry.axes - 1] for key, tensor in stored.items()
+              if (entry := entry_of(key)) is not None and entry.stacked == 2
+              and len(tensor.shape) >= entry.axes]
     return max(counts, default=0)
 
 
