@@ -3,7 +3,9 @@ the router's score-correction bias) written by moekit as a Megatron-Core ``torch
 checkpoint, against megatron-core 0.16.1 itself: its strict ``dist_checkpointing.load``
 into its GPTModel with MLA (local specs, CPU, gloo; see ``megatron_mla_workers`` for the two
 places its local MLA needs help to build), its logits against transformers', its own save
-of the loaded model against moekit's folder; and the common state Megatron-LM reads."""
+of the loaded model against moekit's folder, at expert-parallel sizes 1 and 2; a Qwen3-MoE
+with a dense layer between MoE layers (each layer under its own key, as for DeepSeek-V3's
+dense first layer) likewise; and the common state Megatron-LM reads."""
 
 from __future__ import annotations
 
