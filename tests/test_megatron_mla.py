@@ -36,19 +36,43 @@ torch_dist checkpoint's common state in ``load_checkpoint``: ``checkpoint_versio
 only without ``--finetune``."""
 
 
-@pytest.fixture(scope="module")
-def deepseek(tmp_path_factory):
-    """A tiny transformers DeepSeek-V3 (a non-zero score-correction bias, which its
-    initialisation leaves zero), its HF folder and moekit's Megatron-Core folder of it."""
-    model = samples.build_model("deepseek_v3")
+def _deepseek(**settings) -> torch.nn.Module:
+    """A tiny transformers DeepSeek-V3 whose score-correction bias is not zero (its
+    initialisation leaves it zero)."""
+    model = samples.build_model("deepseek_v3", **settings)
     with torch.no_grad():
         for layer in model.model.layers[model.config.first_k_dense_replace:]:
             layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.2)
-    root = tmp_path_factory.mktemp("deepseek_v3")
-    hf = samples.save_model(model, root / "hf")
-    folder = root / "megatron"
-    assert main(["convert", str(hf), str(folder), "--to", "megatron"]) == 0
-    return model, hf, folder
+    return model
+
+
+MODELS = {
+    "deepseek": lambda: _deepseek(),
+    "deepseek_without_q_lora": lambda: _deepseek(q_lora_rank=None),
+    "mixed": lambda: samples.build_model("qwen3_moe", norm_topk_prob=True, mlp_only_layers=[1]),
+}
+"""DeepSeek-V3 with and without a q LoRA rank (``linear_q_down_proj``/``linear_q_up_proj``
+or ``linear_q_proj``), and a Qwen3-MoE whose layer 1 is dense (``mlp_only_layers``)."""
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path, Path]]:
+    """By name of ``MODELS``: the transformers model, its HF folder and moekit's
+    Megatron-Core folder of it."""
+    made = {}
+    for name, build in MODELS.items():
+        model = build()
+        root = tmp_path_factory.mktemp(name)
+        hf = samples.save_model(model, root / "hf")
+        folder = root / "megatron"
+        assert main(["convert", str(hf), str(folder), "--to", "megatron"]) == 0
+        made[name] = model, hf, folder
+    return made
+
+
+@pytest.fixture(scope="module")
+def deepseek(models) -> tuple[torch.nn.Module, Path, Path]:
+    return models["deepseek"]
 
 
 def _ids() -> torch.Tensor:
@@ -56,39 +80,26 @@ def _ids() -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def mixed(tmp_path_factory):
-    """A tiny transformers Qwen3-MoE whose layer 1 is dense (``mlp_only_layers``), its HF
-    folder and moekit's Megatron-Core folder of it."""
-    model = samples.build_model("qwen3_moe", norm_topk_prob=True, mlp_only_layers=[1])
-    root = tmp_path_factory.mktemp("qwen3_moe_mixed")
-    hf = samples.save_model(model, root / "hf")
-    folder = root / "megatron"
-    assert main(["convert", str(hf), str(folder), "--to", "megatron"]) == 0
-    return model, hf, folder
-
-
-@pytest.fixture(scope="module")
-def loaded(deepseek, mixed, tmp_path_factory) -> dict[str, dict]:
-    """By model ("deepseek", "mixed"): megatron-core's strict load of moekit's folder
-    (logits, state dict, the common state) and the folder of its own save of the loaded
-    model (under "saved"). One process for both (megatron-core imports slowly)."""
+def loaded(models, tmp_path_factory) -> dict[str, dict]:
+    """By name of ``MODELS``: megatron-core's strict load of moekit's folder (logits,
+    state dict, the common state) and the folder of its own save of the loaded model
+    (under "saved"). One process for all (megatron-core imports slowly)."""
     run = tmp_path_factory.mktemp("load")
     result = run / "result"
-    folders = [str(deepseek[2]), str(mixed[2])]
+    folders = [str(models[name][2]) for name in MODELS]
     mp.spawn(megatron_mla_workers.load_and_run, nprocs=1, join=True,
              args=(1, str(run / "store"), folders, _ids(), str(result)))
     found = torch.load(result)
     return {name: {**found[folder], "saved": Path(f"{result}.{number}.saved")}
-            for number, (name, folder) in enumerate(zip(("deepseek", "mixed"), folders))}
+            for number, (name, folder) in enumerate(zip(MODELS, folders))}
 
 
-@pytest.mark.parametrize("name", ["deepseek", "mixed"])
-def test_megatron_core_loads_it_strictly_and_gives_transformers_logits(deepseek, mixed, loaded,
-                                                                       name):
+@pytest.mark.parametrize("name", MODELS)
+def test_megatron_core_loads_it_strictly_and_gives_transformers_logits(models, loaded, name):
     """fp32, the tolerance of the other Megatron-Core families. DeepSeek-V3: MLA, sigmoid
     routing with the bias choosing experts, shared experts and the dense first layer all
     take part; Qwen3-MoE: a dense layer between MoE layers."""
-    model = {"deepseek": deepseek, "mixed": mixed}[name][0]
+    model = models[name][0]
     with torch.no_grad():
         theirs = model(_ids()).logits
     assert (loaded[name]["logits"] - theirs).abs().max() < LOGITS_TOLERANCE
@@ -134,17 +145,16 @@ def test_each_megatron_tensor_is_the_transformers_tensor_it_holds(deepseek, load
     assert torch.any(state["decoder.layers.1.mlp.router.expert_bias"] != 0)
 
 
-@pytest.mark.parametrize("name", ["deepseek", "mixed"])
-def test_megatron_cores_own_save_of_the_loaded_model_is_moekits_folder(deepseek, mixed, loaded,
-                                                                       name):
+@pytest.mark.parametrize("name", MODELS)
+def test_megatron_cores_own_save_of_the_loaded_model_is_moekits_folder(models, loaded, name):
     """Same keys (each layer under its own, every ``_extra_state`` included), shapes,
     dtypes, chunks and bytes."""
-    folder = {"deepseek": deepseek, "mixed": mixed}[name][2] / "iter_0000000"
+    folder = models[name][2] / "iter_0000000"
     saved = loaded[name]["saved"]
     ours = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
     theirs = FileSystemReader(str(saved)).read_metadata().state_dict_metadata
     assert ours.keys() == theirs.keys()
-    dense = {"deepseek": 0, "mixed": 1}[name]
+    dense = 1 if name == "mixed" else 0
     assert f"decoder.layers.{dense}.mlp.linear_fc1._extra_state/shard_0_1" in theirs
     for key, entry in theirs.items():
         assert type(ours[key]) is type(entry), key
@@ -155,10 +165,9 @@ def test_megatron_cores_own_save_of_the_loaded_model_is_moekits_folder(deepseek,
     assert _stored(folder) == _stored(saved)
 
 
-@pytest.mark.parametrize("name", ["deepseek", "mixed"])
-def test_megatron_to_hf_is_byte_identical_and_transformers_loads_it(deepseek, mixed, tmp_path,
-                                                                     name):
-    model, hf, folder = {"deepseek": deepseek, "mixed": mixed}[name]
+@pytest.mark.parametrize("name", MODELS)
+def test_megatron_to_hf_is_byte_identical_and_transformers_loads_it(models, tmp_path, name):
+    model, hf, folder = models[name]
     back = tmp_path / "back"
     assert main(["convert", str(folder), str(back), "--to", "hf"]) == 0
     original, returned = load_all(hf), load_all(back)
