@@ -85,9 +85,9 @@ class MegatronFolder:
         iteration = folder / iteration_dir(ITERATION)
         iteration.mkdir()
         self.dcp.write(plan, source, iteration, show_progress, finished, extra_states(plan))
-        import torch  # loaded with torch.distributed.checkpoint above
+        from .dcp import save_object  # a full disk raised as the OSError it is
 
-        torch.save(COMMON_STATE, iteration / COMMON)
+        save_object(COMMON_STATE, iteration / COMMON)
         (iteration / METADATA).write_text(json.dumps(BACKEND))
         (folder / TRACKER).write_text(str(ITERATION))
         for path in (iteration / COMMON, iteration / METADATA, iteration, folder / TRACKER):
