@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.distributed.checkpoint import FileSystemReader
 
 from moekit import samples
@@ -22,7 +21,7 @@ from moekit.cli import main
 
 pytest.importorskip("megatron.core")
 
-from . import megatron_mla_workers  # noqa: E402
+from . import megatron_mla_workers, megatron_workers  # noqa: E402
 from .conftest import load_all  # noqa: E402
 from .test_families import _with_mtp_layer  # noqa: E402
 from .test_megatron_checkpoint import LOGITS_TOLERANCE, _chunk, _stored  # noqa: E402
@@ -84,11 +83,9 @@ def loaded(models, tmp_path_factory) -> dict[str, dict]:
     """By name of ``MODELS``: megatron-core's strict load of moekit's folder (logits,
     state dict, the common state) and the folder of its own save of the loaded model
     (under "saved"). One process for all (megatron-core imports slowly)."""
-    run = tmp_path_factory.mktemp("load")
-    result = run / "result"
     folders = [str(models[name][2]) for name in MODELS]
-    mp.spawn(megatron_mla_workers.load_and_run, nprocs=1, join=True,
-             args=(1, str(run / "store"), folders, _ids(), str(result)))
+    result = megatron_workers.spawn(megatron_mla_workers.load_and_run, 1,
+                                    tmp_path_factory.mktemp("load"), folders, _ids())
     found = torch.load(result)
     return {name: {**found[folder], "saved": Path(f"{result}.{number}.saved")}
             for number, (name, folder) in enumerate(zip(MODELS, folders))}
@@ -191,11 +188,9 @@ def test_megatron_core_at_expert_parallel_size_2_loads_it_strictly_with_transfor
         deepseek, tmp_path):
     """Three experts a rank, under their global indices."""
     model, _, folder = deepseek
-    run = tmp_path / "run"
-    run.mkdir()
-    mp.spawn(megatron_mla_workers.load_expert_parallel, nprocs=2, join=True,
-             args=(2, str(run / "store"), str(folder), _ids(), str(run / "result")))
-    ranks = [torch.load(run / f"result.{rank}") for rank in range(2)]
+    result = megatron_workers.spawn(megatron_mla_workers.load_expert_parallel, 2,
+                                    tmp_path / "run", str(folder), _ids())
+    ranks = [torch.load(f"{result}.{rank}") for rank in range(2)]
     assert [rank["experts"] for rank in ranks] == [{1: [0, 1, 2], 2: [0, 1, 2]},
                                                    {1: [3, 4, 5], 2: [3, 4, 5]}]
     with torch.no_grad():
@@ -211,12 +206,9 @@ def test_a_deepseek_megatron_core_saved_at_expert_parallel_size_2_reads_back_who
     saved = tmp_path / "megatron" / "iter_0000000"
     saved.mkdir(parents=True)
     shutil.copy(deepseek[1] / "config.json", saved.parent / "config.json")
-    run = tmp_path / "run"
-    run.mkdir()
-    mp.spawn(megatron_mla_workers.save_expert_parallel, nprocs=2, join=True,
-             args=(2, str(run / "store"), str(deepseek[1]), _ids(), str(saved),
-                   str(run / "result")))
-    ranks = [torch.load(run / f"result.{rank}") for rank in range(2)]
+    result = megatron_workers.spawn(megatron_mla_workers.save_expert_parallel, 2,
+                                    tmp_path / "run", str(deepseek[1]), _ids(), str(saved))
+    ranks = [torch.load(f"{result}.{rank}") for rank in range(2)]
     back = tmp_path / "back"
     assert main(["convert", str(saved), str(back), "--to", "hf"]) == 0
     tensors = load_all(back)
