@@ -19,7 +19,8 @@ SMALL: dict[str, Any] = dict(
     n_group=1, topk_group=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
     qk_nope_head_dim=4, v_head_dim=8, index_head_dim=8, index_n_heads=2,
     first_k_dense_replace=1, zero_expert_num=2, n_shared_experts=1, num_dense_layers=1,
-    tie_word_embeddings=False, **{name: 6 for name in EXPERT_COUNT_NAMES})
+    tie_word_embeddings=False, unpadded_vocab_size=96, linear_head_dim=8,
+    **{name: 6 for name in EXPERT_COUNT_NAMES})
 """Sizes every tiny model takes where its config has the attribute: three layers, the
 first dense where the config has a dense prefix, six experts of two chosen. A config with
 multi-head latent attention (``kv_lora_rank``) takes ``head_dim`` = ``qk_rope_head_dim``
@@ -65,6 +66,15 @@ def _mlp_layer_types(default: list[str], count: int) -> list[str]:
     return [default[0]] + [default[-1]] * (count - 1)
 
 
+def _uniform(config) -> dict[str, dict]:
+    """``{"per_layer_config": {}}`` for a config with per-layer overrides, whose global
+    values it then lets be read; else nothing."""
+    if not config.to_dict().get("per_layer_config"):
+        return {}
+    config.allow_global_per_layer_attribute_access = True
+    return {"per_layer_config": {}}
+
+
 def tiny_config(model_type: str, **overrides: Any):
     """``model_type``'s config with the ``SMALL`` sizes it has. A config with per-layer
     overrides (Gemma 4's head_dim, dots.3's attention sizes) is built without them, so
@@ -72,8 +82,7 @@ def tiny_config(model_type: str, **overrides: Any):
     from transformers import AutoConfig
 
     default = AutoConfig.for_model(model_type)
-    uniform = {"per_layer_config": {}} if getattr(default, "per_layer_config", None) else {}
-    default.allow_global_per_layer_attribute_access = True
+    uniform = _uniform(default)
     settings = {**uniform, **{k: v for k, v in SMALL.items()
                 if hasattr(default, k) and not isinstance(getattr(default, k), list)}}
     settings.update({name: token for token, name in enumerate(TOKEN_IDS)
@@ -96,7 +105,8 @@ def build(model_type: str, seed: int = 0, **overrides: Any):
 
 
 MULTIMODAL = ("llama4", "qwen3_vl_moe", "glm4v_moe", "ernie4_5_vl_moe", "qwen3_omni_moe",
-              "aria", "qwen3_5_moe", "qwen4_exp", "minimax_m3_vl", "mistral_large4", "gemma4")
+              "aria", "qwen3_5_moe", "qwen4_exp", "minimax_m3_vl", "mistral_large4", "gemma4",
+              "inkling2", "inkling2_loop", "hy_v4_vl")
 """Multimodal model types whose text model has routed experts that moekit has a family for."""
 
 
@@ -121,34 +131,47 @@ def multimodal_moe_types() -> list[str]:
 TEXT_OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen3_vl_moe": dict(moe_intermediate_size=8),
     "ernie4_5_vl_moe": dict(moe_intermediate_size=[16, 8], rope_parameters=dict(
-        rope_type="default", rope_theta=500000.0, mrope_section=[1, 1, 2]))}
+        rope_type="default", rope_theta=500000.0, mrope_section=[1, 1, 2])),
+    "hy_v4_vl": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                          mrope_section=[0, 1, 1])),
+    "glm5_next": dict(qk_rope_head_dim=0),
+    "muse_spark": dict(moe_hidden_size=32)}
 """What a multimodal model type's text model takes beyond ``build``'s: Qwen3-VL-MoE's
 gate+up not square (2I != H), so that the Hub's orientation of it differs in shape from
 save_pretrained's (transformers reads a square one as its own); ERNIE-4.5-VL's text and
-vision expert sizes, and rotary sections that fit its four rotary frequencies."""
+vision expert sizes, and rotary sections that fit its four rotary frequencies; HY-V4-VL's
+rotary sections that fit its two; GLM-5-Next's DSA layers without rotary dimensions; Muse
+Spark's experts at the tiny hidden size."""
 MAX_PARAMETERS = 5_000_000
 """The most parameters a tiny multimodal model is built with: one whose towers keep sizes
 the tiny settings do not reach (hundreds of millions of parameters) is not built."""
 SMALL_VISION: dict[str, Any] = dict(
     hidden_size=32, num_hidden_layers=1, depth=1, num_attention_heads=2, num_heads=2,
     intermediate_size=64, out_hidden_size=32, projector_input_dim=32, projector_output_dim=32,
-    vision_output_dim=32, patch_size=4, image_size=16, deepstack_visual_indexes=[])
-"""Sizes of a tiny vision tower, where its config has the attribute."""
+    vision_output_dim=32, patch_size=4, image_size=16, deepstack_visual_indexes=[],
+    text_hidden_size=32, adapter_in_dim=32, adapter_out_dim=32, max_image_size=16)
+"""Sizes of a tiny vision tower, where its config has the attribute (Inkling 2's and dots.3's
+checked against the text model's hidden size)."""
 
 
 MULTIMODAL_OVERRIDES: dict[str, dict[str, Any]] = {
+    "muse_spark": dict(out_hidden_size=32, projector_hidden_size=32),
     "gemma4": dict(tie_word_embeddings=False,
                    vision_config=dict(model_type="gemma4_vision", num_key_value_heads=2,
                                       head_dim=16, position_embedding_size=64))}
-"""What a multimodal model type's config takes beyond its towers' tiny sizes: Gemma 4's
-default has no vision tower (given here with the sizes ``SMALL_VISION`` does not set) and
-ties its head to the embeddings, a head save_pretrained leaves out of the files."""
+"""What a multimodal model type's config takes beyond its towers' tiny sizes: Muse Spark's
+projector at the tiny hidden size; Gemma 4's default has no vision tower (given here with
+the sizes ``SMALL_VISION`` does not set) and ties its head to the embeddings, a head
+save_pretrained leaves out of the files."""
 
 
 SMALL_AUDIO: dict[str, Any] = dict(
     d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, output_dim=32,
-    num_hidden_layers=1, downsample_hidden_size=8)
-"""Sizes of a tiny audio tower (Qwen3-Omni's thinker)."""
+    num_hidden_layers=1, downsample_hidden_size=8, adapter_out_dim=32, out_hidden_size=32,
+    hidden_size=32, intermediate_size=64, num_attention_heads=2, adapter_input_size=32,
+    conv_output_size=32)
+"""Sizes of a tiny audio tower (Qwen3-Omni's thinker), where its config has the attribute
+(dots.3's and Muse Spark's output width checked against the text model's hidden size)."""
 
 
 def build_multimodal(model_type: str, seed: int = 0, **text: Any):
@@ -188,8 +211,21 @@ def _tiny_towers(config, text: dict[str, Any]) -> dict[str, dict]:
     for name, small in (("vision_config", SMALL_VISION), ("audio_config", SMALL_AUDIO)):
         tower = getattr(config, name, None)
         if tower is not None:
-            uniform = {"per_layer_config": {}} if getattr(tower, "per_layer_config", None) else {}
-            tower.allow_global_per_layer_attribute_access = True
-            towers[name] = {**tower.to_dict(), **uniform,
-                            **{k: v for k, v in small.items() if hasattr(tower, k)}}
+            uniform = _uniform(tower)
+            sized = {k: v for k, v in small.items() if hasattr(tower, k)}
+            towers[name] = {**tower.to_dict(), **uniform, **sized,
+                            **_first_layers(tower, sized.get("num_hidden_layers"))}
     return towers
+
+
+PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "patch_sizes", "hidden_sizes", "depths")
+"""Tower config lists with one entry per layer (or stage: Muse Spark's audio tower)."""
+
+
+def _first_layers(tower, count: int | None) -> dict[str, list]:
+    """A tower's ``PER_LAYER_LISTS`` cut to its first ``count`` layers, which its
+    validators require to match its layer count."""
+    if count is None:
+        return {}
+    return {name: list(getattr(tower, name)[:count]) for name in PER_LAYER_LISTS
+            if isinstance(getattr(tower, name, None), (list, tuple))}

@@ -632,6 +632,25 @@ FAMILIES: tuple[Family, ...] = (
                 router_extra_rows="zero_expert_num"),
     _qwen_style("inkling_text", "n_routed_experts", shared_expert="shared_experts",
                 grouped_on_disk=True, router_extra_rows="n_shared_experts"),
+    # Inkling 2 (and its loop variant; text and multimodal files alike): grouped experts
+    # under model.llm., w13_weight [E,2I,H] with gate and up interleaved and w2_weight
+    # [E,H,I] (conversion_mapping.py "inkling2_text": Interleave(dim=1) into gate_up_proj);
+    # transformers names the text model model. (model.language_model. in the multimodal
+    # model).
+    *(Family(name, model_types, "model.llm.layers.{layer}.mlp", _QWEN_PROJECTIONS,
+             "n_routed_experts", grouped_on_disk=True, interleaved={"hf": True},
+             text_config=text_config, renames={
+                 "hf": (Rename(".mlp.experts.gate_up_proj", ".mlp.experts.w13_weight"),
+                        Rename(".mlp.experts.down_proj", ".mlp.experts.w2_weight")),
+                 "transformers": (Rename("model.llm.", text_model, at_start=True),)},
+             count_aliases=tuple(k for k in EXPERT_COUNT_KEYS if k != "n_routed_experts"),
+             unconverted=_transformers_converts(
+                 "renames Inkling 2's namespace (attn.wq_du to self_attn.q_proj.linear, ...), "
+                 "moves the attn_res queries into the layers and unpads the head's vocabulary"))
+      for name, model_types, text_model, text_config in (
+          ("inkling2_text", ("inkling2_text", "inkling2_loop_text"), "model.", ()),
+          ("inkling2", ("inkling2", "inkling2_loop"), "model.language_model.",
+           ("text_config",)))),
     _qwen_style("glm4_moe", "n_routed_experts", shared_expert="shared_experts",
                 moe_layers=dense_prefix_of(1)),
     # Qwen-style experts whose router biases, shared experts, norms or attention sinks
@@ -688,6 +707,15 @@ FAMILIES: tuple[Family, ...] = (
                     "renames the hyper-connection tensors (hc_pre.hc_*, hc_attn_layer.*, "
                     "hc_mlp_layer.*, hc_head_*) and the attention sinks "
                     "(learnable_sink_param)")),
+    # HY-V4-VL's files hold its text model as HY-V4's (model.layers., experts grouped) and
+    # its vision tower as vit.
+    Family("hy_v4_vl", ("hy_v4_vl",), _QWEN_BLOCK, _QWEN_PROJECTIONS, "n_routed_experts",
+           shared_expert="shared_experts", grouped_on_disk=True, text_config=("text_config",),
+           count_aliases=tuple(k for k in EXPERT_COUNT_KEYS if k != "n_routed_experts"),
+           unconverted=_transformers_converts(
+               "moves the text model under model.language_model and the vision tower (vit.*) "
+               "under model.vision_tower, renaming its MLPs, norms and projector, and renames "
+               "the hyper-connection tensors")),
     _qwen_style("kolibri1", "num_experts", shared_expert="shared_experts", renames=(
         Rename(".moe.router.expert_bias", ".mlp.gate.e_score_correction_bias"),
         Rename(".post_attn_norm.", ".post_self_attn_layernorm."),
