@@ -85,7 +85,8 @@ the adapters that read a release's own names rather than those transformers save
 (DeepSeek-V4's ``layers.N.ffn``, ``embed`` and ``head``; MiniMax-M3's per-expert
 ``block_sparse_moe.experts.E.w1``; Inkling's ``w13_weight``; Qwen3.5-MoE's, tested as
 multimodal below); Step-3.5, Mistral 4 and Ling-2, which transformers 5.24 cannot
-build; Gemma 4, which no tiny config builds (its per-layer attributes)."""
+build; Gemma 4, whose adapter multiplies router.per_expert_scale into the experts, so
+that moekit refuses nemo for it (test_families.py)."""
 
 
 MULTIMODAL_ADAPTERS = {"qwen3_vl_moe": "qwen3_vl_moe.Qwen3VLMoeStateDictAdapter",
