@@ -138,24 +138,23 @@ class _Chunks:
 
 
 def save_distributed(state_dict: dict[str, torch.Tensor], folder: Path, dst: Path,
-                     caught: list[int]) -> str | None:
+                     caught: list[int]) -> dict[int, str]:
     """Save this rank's ``state_dict`` (DTensors and plain tensors) into ``folder``, the
     temporary folder of ``dst``, with ``torch.distributed.checkpoint.save`` over the
     default process group, called on every rank: DCP's own planner has each rank write
     its shards and each replicated tensor written once, and its coordinator commits
     ``.metadata``. A step that fails on any rank fails the save on every rank: each
-    returns the same message naming the ranks (a file-system error of the destination
-    as moekit words it), or None when the checkpoint is complete. A signal stops this
+    returns the same failures, rank -> message (a file-system error of the destination
+    as moekit words it), none when the checkpoint is complete. A signal stops this
     rank's writes (``moekit.output.interruptible`` over ``caught``), a failure like any
     other. Files are left for the caller to sync."""
     try:
         dcp.save(state_dict, storage_writer=_RankWriter(folder, caught))
     except CheckpointException as err:
         if not err.failures:
-            return f"torch.distributed.checkpoint failed: {err}"
-        return "; ".join(f"rank {rank}: {_message(failure, dst)}"
-                         for rank, (failure, _) in sorted(err.failures.items()))
-    return None
+            return {torch.distributed.get_rank(): f"torch.distributed.checkpoint failed: {err}"}
+        return {rank: _message(failure, dst) for rank, (failure, _) in err.failures.items()}
+    return {}
 
 
 def _message(err: BaseException, dst: Path) -> str:

@@ -92,9 +92,8 @@ def _dcp_write(state_dict: Mapping[str, torch.Tensor], path: Path, overwrite: bo
     from ..dcp import save_distributed  # imports torch.distributed.checkpoint
 
     with coordinated(path, overwrite, config_from, caller) as session:
-        error = save_distributed(dict(state_dict), session.folder, path, session.caught)
-        session.agree([error] if error else [],
-                      lambda: _copy_sidecars(session.output, config_from))
+        failures = save_distributed(dict(state_dict), session.folder, path, session.caught)
+        session.agree(failures, lambda: _copy_sidecars(session.output, config_from))
 
 
 def _agree_on_planning(error: MoekitError | None) -> None:
@@ -104,9 +103,9 @@ def _agree_on_planning(error: MoekitError | None) -> None:
     outcomes: list = [None] * dist.get_world_size()
     with answered("save_experts"):
         dist.all_gather_object(outcomes, None if error is None else str(error))
-    failed = [f"rank {r}: {message}" for r, message in enumerate(outcomes) if message]
+    failed = {r: message for r, message in enumerate(outcomes) if message}
     if failed and error is None:
-        raise MoekitError("save_experts failed, nothing was written: " + "; ".join(failed))
+        raise MoekitError("save_experts failed, nothing was written: " + by_rank(failed))
 
 
 @contextmanager
@@ -141,7 +140,7 @@ def _coordinated_write(path: Path, overwrite: bool, writes_file: bool, rank: int
         outcomes: list = [None] * dist.get_world_size()
         mapping = {t.name: name for t in tensors} if writes_file else {}
         dist.all_gather_object(outcomes, (error, mapping, tensors if writes_file else []))
-        session.agree([f"rank {r}: {e}" for r, (e, _, _) in enumerate(outcomes) if e],
+        session.agree({r: e for r, (e, _, _) in enumerate(outcomes) if e},
                       lambda: _complete(session.output, outcomes, config_from))
 
 
@@ -207,15 +206,15 @@ class Session:
             return _describe(err, self.path)
         return None
 
-    def agree(self, errors: list[str], complete: Callable[[], object]) -> None:
+    def agree(self, failures: dict[int, str], complete: Callable[[], object]) -> None:
         """Rank 0 completes the folder and moves it into place, or removes it after any
-        rank's failure (``errors``), a failure of either step, or a signal it holds;
-        every rank learns the outcome (``verdict``)."""
+        rank's failure (``failures``: rank -> message), a failure of either step, or a
+        signal it holds; every rank learns the outcome (``verdict``)."""
         verdict: list = [None]
         if self.output is not None:
-            if self.caught and not errors:
-                errors = [f"rank 0: interrupted by {signal.Signals(self.caught[0]).name}"]
-            verdict[0] = _put_in_place(self.output, errors, complete, self.caller)
+            if self.caught and not failures:
+                failures = {0: f"interrupted by {signal.Signals(self.caught[0]).name}"}
+            verdict[0] = _put_in_place(self.output, failures, complete, self.caller)
         dist.broadcast_object_list(verdict, src=0)
         self.verdict = verdict[0]
         self.in_place = verdict[0] is None
@@ -287,22 +286,32 @@ def _gone(processes: list[tuple[str, int]], wait: float = 5.0) -> list[tuple[int
         time.sleep(0.05)
 
 
-def _put_in_place(output: OutputFolder, errors: list[str], complete: Callable[[], object],
-                  caller: str = "save_experts") -> str | None:
+def _put_in_place(output: OutputFolder, failures: dict[int, str],
+                  complete: Callable[[], object], caller: str = "save_experts") -> str | None:
     """On rank 0: ``complete`` the folder and move it into place, or remove it after any
-    rank's failure (``errors``) or a failure of either step; the failure's message, else
-    None."""
+    rank's failure (``failures``) or a failure of either step; the failure's message,
+    else None."""
     try:
-        if not errors:
+        if not failures:
             complete()
             output.commit()
             return None
     except Exception as err:  # reported to every rank
         if output.in_place:  # complete and in place: the failure came after the final move
             return f"{caller}: rank 0: {_describe(err, output.dst, left=True)}"
-        errors = [f"rank 0: {_describe(err, output.dst)}"]
+        failures = {0: _describe(err, output.dst)}
     output.discard()
-    return f"{caller} failed, nothing was written: " + "; ".join(errors)
+    return f"{caller} failed, nothing was written: " + by_rank(failures)
+
+
+def by_rank(failures: Mapping[int, str]) -> str:
+    """``failures`` (rank -> message) in words, ranks with the same message together
+    ("ranks 0, 1: ...; rank 3: ..."): a full disk fails every rank alike."""
+    ranks: dict[str, list[int]] = {}
+    for rank, message in sorted(failures.items()):
+        ranks.setdefault(message, []).append(rank)
+    return "; ".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {message}"
+                     for message, r in ranks.items())
 
 
 def _complete(output: OutputFolder, outcomes: list, config_from: str | Path | None) -> None:

@@ -312,7 +312,7 @@ def _write(job: _Job, path: Path, overwrite: bool, config_from: str | Path | Non
             error = created[0] if session.output is not None else None
         outcomes: list = [None] * dist.get_world_size()
         dist.all_gather_object(outcomes, error)
-        session.agree([f"rank {r}: {e}" for r, e in enumerate(outcomes) if e],
+        session.agree({r: e for r, e in enumerate(outcomes) if e},
                       lambda: _complete(session.output, job, config_from))
 
 
