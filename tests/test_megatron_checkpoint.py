@@ -89,20 +89,36 @@ def upcycled(models, tmp_path_factory) -> list[tuple[str, UpcycleSpec]]:
     return made
 
 
+QWEN3_UPCYCLE = ["--experts", "4", "--top-k", "2", "--method", "granular", "--granularity",
+                 "2", "--router", "zero"]
+
+
 @pytest.fixture(scope="module")
-def loaded(models, upcycled, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
-    """By model type: megatron-core's strict load of moekit's folder (logits, state
-    dict), and the folder of megatron-core's own save of the loaded model; under
-    "upcycled", what the worker finds of the ``upcycled`` folders against the in-memory
-    upcycling of the dense Llama. One process for all (megatron-core imports slowly)."""
-    folders = [str(models[t][2]) for t in MODEL_TYPES]
+def upcycled_qwen3(models, tmp_path_factory) -> Path:
+    """The dense Qwen3 (per-head q and k norms) upcycled by ``moekit upcycle --to
+    megatron`` with ``QWEN3_UPCYCLE``."""
+    out = tmp_path_factory.mktemp("upcycled_qwen3") / "megatron"
+    assert main(["upcycle", str(models["qwen3"][1]), str(out), *QWEN3_UPCYCLE,
+                 "--to", "megatron"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(models, upcycled, upcycled_qwen3, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
+    """By model type (and "upcycled_qwen3"): megatron-core's strict load of moekit's folder
+    (logits, state dict), and the folder of megatron-core's own save of the loaded model;
+    under "upcycled", what the worker finds of the ``upcycled`` folders against the
+    in-memory upcycling of the dense Llama. One process for all (megatron-core imports
+    slowly)."""
+    names = (*MODEL_TYPES, "upcycled_qwen3")
+    folders = [str(models[t][2]) for t in MODEL_TYPES] + [str(upcycled_qwen3)]
     result = megatron_workers.spawn(megatron_checkpoint_workers.load_and_run, 1,
                                     tmp_path_factory.mktemp("load"), folders,
                                     str(models["llama"][2]), upcycled, _ids())
     found = torch.load(result)
     return {"upcycled": found["upcycled"],
-            **{t: (found[folder], Path(f"{result}.{n}.saved"))
-               for n, (t, folder) in enumerate(zip(MODEL_TYPES, folders))}}
+            **{name: (found[folder], Path(f"{result}.{n}.saved"))
+               for n, (name, folder) in enumerate(zip(names, folders))}}
 
 
 def test_the_folder_is_what_megatron_lm_loads(qwen3_moe):
@@ -319,6 +335,16 @@ def test_megatron_cores_logits_of_the_upcycled_folder_are_transformers_logits(
     folder, _ = dict(zip(UPCYCLED, upcycled))[method]
     theirs = samples.logits(hf, _ids())
     assert (loaded["upcycled"][folder]["logits"] - theirs).abs().max() < LOGITS_TOLERANCE
+
+
+def test_megatron_cores_logits_of_an_upcycled_qwen3_are_transformers_logits(models, loaded,
+                                                                             tmp_path):
+    """Its attention keeps Qwen3's per-head norms; transformers runs ``moekit upcycle --to
+    hf`` with the same options."""
+    hf = tmp_path / "hf"
+    assert main(["upcycle", str(models["qwen3"][1]), str(hf), *QWEN3_UPCYCLE]) == 0
+    theirs = samples.logits(hf, _ids())
+    assert (loaded["upcycled_qwen3"][0]["logits"] - theirs).abs().max() < LOGITS_TOLERANCE
 
 
 GRANULAR = ["--method", "granular", "--granularity", "2"]
