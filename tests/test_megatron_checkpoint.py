@@ -143,17 +143,21 @@ def test_megatron_core_loads_it_strictly_and_gives_transformers_logits(models, l
 def test_megatron_cores_own_save_of_the_loaded_model_is_moekits_folder(models, loaded,
                                                                        model_type):
     """Same keys (every ``_extra_state`` included), shapes, dtypes, chunks and bytes."""
-    folder, saved = models[model_type][2] / "iter_0000000", loaded[model_type][1]
-    ours = FileSystemReader(str(folder)).read_metadata()
-    theirs = FileSystemReader(str(saved)).read_metadata()
-    assert ours.state_dict_metadata.keys() == theirs.state_dict_metadata.keys()
-    for key, entry in theirs.state_dict_metadata.items():
-        mine = ours.state_dict_metadata[key]
-        assert type(mine) is type(entry), key
+    assert_same_dcp_folders(models[model_type][2] / "iter_0000000", loaded[model_type][1])
+
+
+def assert_same_dcp_folders(ours: Path, theirs: Path) -> None:
+    """The DCP folders hold the same keys, types, shapes, dtypes, chunks and bytes."""
+    mine = FileSystemReader(str(ours)).read_metadata().state_dict_metadata
+    saved = FileSystemReader(str(theirs)).read_metadata().state_dict_metadata
+    assert mine.keys() == saved.keys()
+    for key, entry in saved.items():
+        assert type(mine[key]) is type(entry), key
         if hasattr(entry, "chunks"):
-            assert (mine.size, mine.properties.dtype) == (entry.size, entry.properties.dtype)
-            assert sorted(map(_chunk, mine.chunks)) == sorted(map(_chunk, entry.chunks)), key
-    assert _stored(folder) == _stored(saved)
+            assert (mine[key].size, mine[key].properties.dtype) == \
+                (entry.size, entry.properties.dtype), key
+            assert sorted(map(_chunk, mine[key].chunks)) == sorted(map(_chunk, entry.chunks)), key
+    assert _stored(ours) == _stored(theirs)
 
 
 def _chunk(chunk) -> tuple:
@@ -214,8 +218,12 @@ def test_each_megatron_tensor_is_the_transformers_tensor_it_holds(qwen3_moe, loa
 def test_megatron_to_hf_is_byte_identical_and_transformers_loads_it(models, model_type,
                                                                      tmp_path):
     """The folder is recognised without --from."""
-    model, hf, folder = models[model_type]
-    back = tmp_path / "back"
+    assert_back_to_hf(*models[model_type], tmp_path / "back")
+
+
+def assert_back_to_hf(model, hf: Path, folder: Path, back: Path) -> None:
+    """``convert FOLDER BACK --to hf`` gives ``hf``'s tensors byte for byte, and
+    transformers' logits of ``back`` are ``model``'s."""
     assert main(["convert", str(folder), str(back), "--to", "hf"]) == 0
     original, returned = load_all(hf), load_all(back)
     assert original.keys() == returned.keys()
@@ -241,18 +249,26 @@ def test_a_checkpoint_megatron_core_saved_at_expert_parallel_size_2_reads_back_w
         qwen3_moe, tmp_path):
     """Each rank saved its own experts; moekit reads every expert, each where megatron-core
     numbers it, and transformers gives megatron-core's logits."""
-    _, hf, _ = qwen3_moe
+    hf = qwen3_moe[1]
+    assert_expert_parallel_save_reads_back(megatron_checkpoint_workers.save_expert_parallel,
+                                           hf, range(3), tmp_path)
+
+
+def assert_expert_parallel_save_reads_back(worker, hf: Path, layers, tmp_path: Path) -> None:
+    """megatron-core saves the model of ``hf`` (6 experts in each of ``layers``) over two
+    expert-parallel ranks with ``worker``; ``convert --to hf`` of the folder holds each
+    rank's experts where megatron-core numbers them, and transformers' logits of it are
+    each rank's."""
     saved = tmp_path / "megatron" / "iter_0000000"
     saved.mkdir(parents=True)
-    (saved.parent / "config.json").write_text((hf / "config.json").read_text())
-    result = megatron_workers.spawn(megatron_checkpoint_workers.save_expert_parallel, 2,
-                                    tmp_path / "run", str(hf), _ids(), str(saved))
+    shutil.copy(hf / "config.json", saved.parent / "config.json")
+    result = megatron_workers.spawn(worker, 2, tmp_path / "run", str(hf), _ids(), str(saved))
     ranks = [torch.load(f"{result}.{rank}") for rank in range(2)]
     back = tmp_path / "back"
     assert main(["convert", str(saved), str(back), "--to", "hf"]) == 0
     tensors = load_all(back)
     experts = {key: value for rank in ranks for key, value in rank["experts"].items()}
-    assert sorted(experts) == [(layer, e) for layer in range(3) for e in range(6)]
+    assert sorted(experts) == [(layer, e) for layer in layers for e in range(6)]
     for (layer, e), weights in experts.items():
         at = f"model.layers.{layer}.mlp.experts.{e}"
         assert torch.equal(torch.cat([tensors[f"{at}.gate_proj.weight"],

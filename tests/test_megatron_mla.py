@@ -24,7 +24,9 @@ pytest.importorskip("megatron.core")
 from . import megatron_mla_workers, megatron_workers  # noqa: E402
 from .conftest import load_all  # noqa: E402
 from .test_families import _with_mtp_layer  # noqa: E402
-from .test_megatron_checkpoint import LOGITS_TOLERANCE, _chunk, _stored  # noqa: E402
+from .test_megatron_checkpoint import (LOGITS_TOLERANCE, assert_back_to_hf,  # noqa: E402
+                                       assert_expert_parallel_save_reads_back,
+                                       assert_same_dcp_folders)
 
 MEGATRON_LM_COMMON_STATE = {"checkpoint_version": 3.0, "iteration": 0}
 """What Megatron-LM (release core_v0.16.1, megatron/training/checkpointing.py) reads from a
@@ -146,33 +148,16 @@ def test_each_megatron_tensor_is_the_transformers_tensor_it_holds(deepseek, load
 def test_megatron_cores_own_save_of_the_loaded_model_is_moekits_folder(models, loaded, name):
     """Same keys (each layer under its own, every ``_extra_state`` included), shapes,
     dtypes, chunks and bytes."""
-    folder = models[name][2] / "iter_0000000"
     saved = loaded[name]["saved"]
-    ours = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
     theirs = FileSystemReader(str(saved)).read_metadata().state_dict_metadata
-    assert ours.keys() == theirs.keys()
     dense = 1 if name == "mixed" else 0
     assert f"decoder.layers.{dense}.mlp.linear_fc1._extra_state/shard_0_1" in theirs
-    for key, entry in theirs.items():
-        assert type(ours[key]) is type(entry), key
-        if hasattr(entry, "chunks"):
-            assert (ours[key].size, ours[key].properties.dtype) == \
-                (entry.size, entry.properties.dtype), key
-            assert sorted(map(_chunk, ours[key].chunks)) == sorted(map(_chunk, entry.chunks)), key
-    assert _stored(folder) == _stored(saved)
+    assert_same_dcp_folders(models[name][2] / "iter_0000000", saved)
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_megatron_to_hf_is_byte_identical_and_transformers_loads_it(models, tmp_path, name):
-    model, hf, folder = models[name]
-    back = tmp_path / "back"
-    assert main(["convert", str(folder), str(back), "--to", "hf"]) == 0
-    original, returned = load_all(hf), load_all(back)
-    assert original.keys() == returned.keys()
-    for key, tensor in original.items():
-        assert returned[key].dtype == tensor.dtype and torch.equal(returned[key], tensor), key
-    with torch.no_grad():
-        assert torch.equal(samples.logits(back, _ids()), model(_ids()).logits)
+    assert_back_to_hf(*models[name], tmp_path / "back")
 
 
 def test_the_common_state_is_what_megatron_lm_reads(deepseek, loaded):
@@ -203,26 +188,8 @@ def test_a_deepseek_megatron_core_saved_at_expert_parallel_size_2_reads_back_who
         deepseek, tmp_path):
     """Each rank saved its own experts under per-layer keys; moekit reads every expert,
     each where megatron-core numbers it, and transformers gives megatron-core's logits."""
-    saved = tmp_path / "megatron" / "iter_0000000"
-    saved.mkdir(parents=True)
-    shutil.copy(deepseek[1] / "config.json", saved.parent / "config.json")
-    result = megatron_workers.spawn(megatron_mla_workers.save_expert_parallel, 2,
-                                    tmp_path / "run", str(deepseek[1]), _ids(), str(saved))
-    ranks = [torch.load(f"{result}.{rank}") for rank in range(2)]
-    back = tmp_path / "back"
-    assert main(["convert", str(saved), str(back), "--to", "hf"]) == 0
-    tensors = load_all(back)
-    experts = {key: value for rank in ranks for key, value in rank["experts"].items()}
-    assert sorted(experts) == [(layer, e) for layer in (1, 2) for e in range(6)]
-    for (layer, e), weights in experts.items():
-        at = f"model.layers.{layer}.mlp.experts.{e}"
-        assert torch.equal(torch.cat([tensors[f"{at}.gate_proj.weight"],
-                                      tensors[f"{at}.up_proj.weight"]]),
-                           weights["linear_fc1.weight"])
-        assert torch.equal(tensors[f"{at}.down_proj.weight"], weights["linear_fc2.weight"])
-    logits = samples.logits(back, _ids())
-    for rank in ranks:
-        assert (rank["logits"] - logits).abs().max() < LOGITS_TOLERANCE
+    assert_expert_parallel_save_reads_back(megatron_mla_workers.save_expert_parallel,
+                                           deepseek[1], (1, 2), tmp_path)
 
 
 def test_a_deepseek_without_interleaved_rope_is_refused_naming_why(tmp_path, capsys):

@@ -17,7 +17,8 @@ import stat
 import subprocess
 import sys
 import threading
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -709,16 +710,24 @@ def test_a_disk_filled_before_megatron_writes_its_common_file(qwen3, tmp_path, t
     assert names(small) == ["theirs"]
 
 
-def test_a_dcp_file_larger_than_the_file_system_allows(qwen3, tmp_path, capsys):
-    """As above where no tmpfs can be mounted: RLIMIT_FSIZE fails DCP's writes (EFBIG)."""
+@contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """RLIMIT_FSIZE set to ``limit`` bytes (SIGXFSZ ignored): a write past it fails with
+    EFBIG, as a file system with a file-size limit makes it fail."""
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, hard))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
     try:
-        code, err = run_cli(capsys, "convert", qwen3, tmp_path / "out", "--to", "torchtitan")
+        yield
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, xfsz)
+
+
+def test_a_dcp_file_larger_than_the_file_system_allows(qwen3, tmp_path, capsys):
+    """As above where no tmpfs can be mounted: RLIMIT_FSIZE fails DCP's writes (EFBIG)."""
+    with file_size_limit(16 * 1024):
+        code, err = run_cli(capsys, "convert", qwen3, tmp_path / "out", "--to", "torchtitan")
     assert code == 2 and f"cannot write {tmp_path / 'out'}: File too large" in one_error(err)
     assert "--max-shard-size" in err and names(tmp_path) == ["qwen3"]
 
@@ -752,15 +761,9 @@ def test_a_busy_destination(qwen3, tmp_path, capsys, monkeypatch):
 
 
 def test_a_file_larger_than_the_file_system_allows(qwen3, tmp_path, capsys):
-    """RLIMIT_FSIZE makes writes past its limit fail with EFBIG, as a FAT32 disk would."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
-    try:
+    """Writes past the file-size limit fail with EFBIG, as on a FAT32 disk."""
+    with file_size_limit(64 * 1024):
         code, err = run_cli(capsys, "convert", qwen3, tmp_path / "out", "--to", "nemo")
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, xfsz)
     assert code == 2 and "--max-shard-size" in err and names(tmp_path) == ["qwen3"]
 
 
