@@ -21,9 +21,9 @@ def _init(rank: int, world: int, store: str, ep: int = 1) -> None:
 
 def gpt_model(config: dict, ep: int = 1):
     """megatron-core's GPTModel (local layer spec) holding the transformers model that
-    ``config`` (a config.json) describes: Llama-style attention, RMSNorm, RoPE, and routed
-    experts renormalised over the top k (``moe_router_pre_softmax=False``) when it has any,
-    Qwen3-MoE's ``mlp_only_layers`` dense (``moe_layer_freq`` a list, each layer's spec from
+    ``config`` (a config.json) describes: Llama-style attention, RMSNorm, RoPE, and, when it
+    has routed experts, their softmax router (``_routing``), Qwen2-MoE's gated shared expert
+    and the Qwen MoEs' dense layers (``moe_layer_freq`` a list, each layer's spec from
     ``get_gpt_decoder_block_spec``)."""
     from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_decoder_block_spec,
                                                           get_gpt_layer_local_spec)
@@ -31,14 +31,15 @@ def gpt_model(config: dict, ep: int = 1):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     experts = config.get("num_experts") or config.get("num_local_experts") or 0
-    dense = set(config.get("mlp_only_layers") or ()) if experts else set()
-    moe = dict(moe_layer_freq=[int(layer not in dense)
-                               for layer in range(config["num_hidden_layers"])] if dense else 1,
-               num_moe_experts=experts, moe_router_topk=config["num_experts_per_tok"],
+    layers = config["num_hidden_layers"]
+    dense = {layer for layer in range(layers) if layer in (config.get("mlp_only_layers") or ())
+             or (layer + 1) % config.get("decoder_sparse_step", 1)} if experts else set()
+    moe = dict(moe_layer_freq=[int(layer not in dense) for layer in range(layers)]
+               if dense else 1, num_moe_experts=experts,
                moe_ffn_hidden_size=config.get("moe_intermediate_size",
                                               config["intermediate_size"]),
                moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
-               expert_model_parallel_size=ep) if experts else {}
+               expert_model_parallel_size=ep, **_routing(config)) if experts else {}
     heads = config["num_attention_heads"]
     qk_norm = config["model_type"] in ("qwen3", "qwen3_moe")
     transformer = TransformerConfig(
@@ -47,7 +48,8 @@ def gpt_model(config: dict, ep: int = 1):
         kv_channels=config.get("head_dim") or config["hidden_size"] // heads,
         ffn_hidden_size=config["intermediate_size"], use_cpu_initialization=True,
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
-        add_qkv_bias=bool(config.get("attention_bias")) or config["model_type"] == "qwen2",
+        add_qkv_bias=bool(config.get("attention_bias") or config.get("qkv_bias"))
+        or config["model_type"] == "qwen2",
         bias_activation_fusion=False, normalization="RMSNorm",
         layernorm_epsilon=config["rms_norm_eps"], qk_layernorm=qk_norm, hidden_dropout=0.0,
         attention_dropout=0.0, apply_rope_fusion=False, **moe)
@@ -62,6 +64,21 @@ def gpt_model(config: dict, ep: int = 1):
                      rotary_base=int(rope.get("rope_theta", config.get("rope_theta", 10000))),
                      share_embeddings_and_output_weights=config["tie_word_embeddings"])
     return model.eval()
+
+
+def _routing(config: dict) -> dict:
+    """megatron-core's router and shared-expert settings of a transformers MoE config:
+    the top k of a softmax over the experts, renormalised over the k (Mixtral always,
+    ``moe_router_pre_softmax=False``) or not (``norm_topk_prob`` false: the softmax's own
+    probabilities, ``moe_router_pre_softmax=True``); Qwen2-MoE's shared expert of
+    ``shared_expert_intermediate_size`` rows, its output scaled by
+    sigmoid(``shared_expert_gate`` @ x) (``moe_shared_expert_gate``)."""
+    settings = dict(moe_router_topk=config["num_experts_per_tok"],
+                    moe_router_pre_softmax=not config.get("norm_topk_prob", True))
+    if config.get("shared_expert_intermediate_size"):
+        settings.update(moe_shared_expert_intermediate_size=config[
+            "shared_expert_intermediate_size"], moe_shared_expert_gate=True)
+    return settings
 
 
 def _config(folder: Path) -> dict:

@@ -159,6 +159,25 @@ def upcycling_variants(rank: int, world: int, store: str, result: str) -> None:
     finish()
 
 
+def shared_experts(rank: int, world: int, store: str, result: str) -> None:
+    """MoE models with shared experts of the dense MLP's size, gated
+    (``moe_shared_expert_gate``, as Qwen2-MoE's) or not (as DeepSeek-V3's), each upcycled
+    with ``shared_expert`` (G=2, virtual-group router): by gate, the largest difference of
+    its logits from the dense ones."""
+    init(rank, world, store)
+    dense = build(0)
+    found = {}
+    for gate in (True, False):
+        moe = build(1, experts=4, top_k=2, granularity=2,
+                    moe_shared_expert_intermediate_size=DENSE_FFN, moe_shared_expert_gate=gate)
+        state = moekit_megatron.upcycle_state_dict(
+            [moe], [dense], UpcycleSpec(4, 2, "granular", 2, shared_expert=True))["model"]
+        moe.load_state_dict(state, strict=True)
+        found[gate] = (forward([moe], _ids()) - forward([dense], _ids())).abs().max().item()
+    torch.save(found, result)
+    finish()
+
+
 def virtual_pipeline(rank: int, world: int, store: str, result: str) -> None:
     """Two model chunks: each MoE chunk from its dense chunk; the logits stay the dense ones."""
     init(rank, world, store)

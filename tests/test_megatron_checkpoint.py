@@ -37,9 +37,10 @@ def to_megatron(src: Path, out: Path) -> Path:
     return out
 
 
-MODEL_TYPES = ("qwen3_moe", "mixtral", "llama", "mistral", "qwen2", "qwen3")
-"""Routed experts (Qwen3's per-head norms, Mixtral's w1/w2/w3), and the dense families
-upcycling reads (Qwen2's QKV biases)."""
+MODEL_TYPES = ("qwen3_moe", "mixtral", "qwen2_moe", "llama", "mistral", "qwen2", "qwen3")
+"""Routed experts (Qwen3's per-head norms, Mixtral's w1/w2/w3, Qwen2-MoE's QKV biases,
+gated shared expert, top-k weights not renormalised and a dense layer), and the dense
+families upcycling reads (Qwen2's QKV biases)."""
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +70,13 @@ UPCYCLED = {
              UpcycleSpec(4, 2, "drop", drop_ratio=0.25, router="zero", seed=3)),
     "megatron_scaling": (["--method", "granular", "--granularity", "2", "--scaling", "megatron"],
                          UpcycleSpec(4, 2, "granular", 2, router="zero", scaling="megatron")),
+    "shared_expert": (["--method", "copy", "--shared-expert", "--target", "qwen2_moe"],
+                      UpcycleSpec(4, 2, router="zero", shared_expert=True)),
 }
 """``moekit upcycle`` options, and the same upcycling as moekit's in-memory Megatron-Core
 one runs it (a zero router: the in-memory one otherwise starts from the MoE model's own
-random router rows)."""
+random router rows). The shared expert's target is Qwen2-MoE: megatron-core's gated
+shared expert (``moe_shared_expert_gate``)."""
 
 
 @pytest.fixture(scope="module")
@@ -330,15 +334,16 @@ def test_upcycling_into_megatron_equals_the_in_memory_megatron_upcycling(upcycle
     checkpoint tensor for tensor (Drop-Upcycling's draws and Megatron-Core's scaling
     included), and keeps the dense logits."""
     found = loaded["upcycled"]
-    for folder, _ in upcycled:
+    for folder, spec in upcycled:
         assert found[folder]["differ"] == [], folder
         # Embedding, final norm, output layer; per layer two norms, QKV, projection,
-        # router and each expert's fc1 and fc2.
-        assert found[folder]["compared"] == 3 + 3 * (5 + 4 * 2), folder
+        # router, each expert's fc1 and fc2, and the shared expert's fc1, fc2 and gate.
+        assert found[folder]["compared"] == 3 + 3 * (5 + 4 * 2 + 3 * spec.shared_expert), folder
     # A zero router keeps the dense function with whole copies only (granular experts
-    # need virtual groups).
-    copy = found[upcycled[0][0]]["logits"]
-    assert (copy - found["dense_logits"]).abs().max() < LOGITS_TOLERANCE
+    # need virtual groups), a shared expert taking half of it.
+    for method in ("copy", "shared_expert"):
+        folder = dict(zip(UPCYCLED, upcycled))[method][0]
+        assert (found[folder]["logits"] - found["dense_logits"]).abs().max() < LOGITS_TOLERANCE
 
 
 @pytest.mark.parametrize("method", UPCYCLED)
@@ -369,7 +374,8 @@ SHARED = ["--shared-expert", "--target", "qwen2_moe"]
 
 
 @pytest.mark.parametrize("method,to", [(GRANULAR, "hf"), (DROP, "hf"), (SHARED, "hf"),
-                                       (GRANULAR, "megatron"), (DROP, "megatron")])
+                                       (GRANULAR, "megatron"), (DROP, "megatron"),
+                                       (SHARED, "megatron")])
 def test_upcycling_a_dense_megatron_checkpoint_equals_upcycling_its_hf_one(models, tmp_path,
                                                                            method, to):
     """Granular slices and Drop-Upcycling's statistics read parts of the stored chunks; the
@@ -402,38 +408,14 @@ def test_megatron_chunks_are_built_as_dcp_writes_them(models, tmp_path, dcp_buil
     assert dcp_built["live_peak"] <= shard + dcp_built["largest"]
 
 
-@pytest.mark.parametrize("dense,options,named", [
-    ("llama", SHARED, "qwen2_moe (--target qwen2_moe) with a shared expert (--shared-expert)"),
-    ("qwen2", [], "qwen2_moe (--target auto) with a shared expert (every qwen2_moe block has "
-                  "one)"),
-])
-def test_an_upcycle_into_megatron_with_a_gated_shared_expert_is_refused_naming_the_option(
-        models, tmp_path, capsys, dense, options, named):
-    """Qwen2-MoE, the one target with a shared expert, gates it by a sigmoid, which
-    moekit's Megatron-Core layout does not hold: refused from the HF checkpoint and from
-    the Megatron-Core one, dry run or not, before anything is written."""
-    _, hf, megatron = models[dense]
-    for source in (hf, megatron):
-        for dry_run in (["--dry-run"], []):
-            out = tmp_path / "out"
-            assert main(["upcycle", str(source), str(out), "--experts", "4", "--top-k", "2",
-                         *options, "--to", "megatron", *dry_run]) == 2
-            err = capsys.readouterr().err
-            assert f"--to megatron cannot hold the upcycled {named}" in err, err
-            assert "Traceback" not in err and not out.exists()
-
-
-@pytest.mark.parametrize("model_type,settings,named", [
-    ("qwen2_moe", {}, "shared expert"),
-    ("qwen3", {"attention_bias": True}, "o_proj.bias and 2 more tensors have no place"),
-])
-def test_a_model_megatron_cores_layout_does_not_hold_is_refused_naming_why(
-        tmp_path, capsys, model_type, settings, named):
-    hf = samples.save_model(samples.build_model(model_type, **settings), tmp_path / "hf")
+def test_a_model_megatron_cores_layout_does_not_hold_is_refused_naming_why(tmp_path, capsys):
+    """Qwen3's attention_bias gives o_proj a bias, which megatron-core's add_qkv_bias does
+    not."""
+    hf = samples.save_model(samples.build_model("qwen3", attention_bias=True), tmp_path / "hf")
     out = tmp_path / "out"
     assert main(["convert", str(hf), str(out), "--to", "megatron"]) == 2
     err = capsys.readouterr().err
-    assert named in err and "Traceback" not in err
+    assert "o_proj.bias and 2 more tensors have no place" in err and "Traceback" not in err
     assert not out.exists()
 
 

@@ -56,6 +56,13 @@ def test_megatron_cores_scaling_does_not_keep_the_dense_function(variants):
     assert variants["softmax"]["megatron_error"] > 1e-3
 
 
+def test_exact_upcycling_into_shared_experts_keeps_the_dense_logits(tmp_path):
+    """Gated by a sigmoid (megatron-core's moe_shared_expert_gate) or not."""
+    found = torch.load(megatron_workers.spawn(megatron_workers.shared_experts, 1, tmp_path))
+    assert found.keys() == {True, False}
+    assert all(error < 1e-5 for error in found.values()), found
+
+
 def test_virtual_pipeline_chunks_are_upcycled_chunk_by_chunk(tmp_path):
     found = torch.load(megatron_workers.spawn(megatron_workers.virtual_pipeline, 1, tmp_path))
     assert found["returned"] == (7, 0.0)
@@ -140,13 +147,22 @@ def test_exact_upcycling_is_refused_where_the_routing_weights_have_no_constant_s
 
 @pytest.mark.parametrize("setting,message", [
     (dict(router_std=0.1), "router_std does not apply"),
-    (dict(shared_expert=True), "shared_expert does not apply"),
     (dict(target="mixtral"), "target 'mixtral' does not apply"),
 ])
 def test_spec_settings_this_path_would_ignore_are_refused(setting, message):
     spec = UpcycleSpec(4, 2, "granular", 2, **setting)
     with pytest.raises(MoekitError, match=message):
         megatron.upcycle_state_dict(_moe_layer(False), _dense_layer(), spec)
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({}, "dense MLP of 64 rows; the MoE model has none"),
+    (dict(moe_shared_expert_intermediate_size=32), "dense MLP of 64 rows; the MoE model's have 32"),
+])
+def test_a_shared_expert_the_dense_mlp_does_not_fill_whole_is_refused(settings, message):
+    with pytest.raises(MoekitError, match=message):
+        megatron.upcycle_state_dict(_moe_layer(False, _config(**settings)), _dense_layer(),
+                                    UpcycleSpec(4, 2, "granular", 2, shared_expert=True))
 
 
 def test_drop_upcycling_of_a_layer_without_its_layer_number_is_refused():

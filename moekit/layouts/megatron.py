@@ -54,20 +54,16 @@ from ..plan import Chunk, Concat, Expr, Plan, Reshape, TensorPlan
 from .families import PROJECTIONS, Family
 from .hf import PerExpertLayout
 
-FAMILIES = ("qwen3_moe", "mixtral", "deepseek_v3", "llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "llama", "mistral", "qwen2",
+            "qwen3")
 """The ``model_type`` values moekit writes in Megatron-Core's layout: Llama-style
 attention (grouped query heads, optional QKV biases and Qwen3's per-head norms) or
 DeepSeek-V3's multi-latent attention (``MLA_FAMILIES``), RMSNorm, a gated MLP or routed
-experts (with DeepSeek-V3's shared experts and score-correction bias) in each layer."""
+experts (with DeepSeek-V3's shared experts and score-correction bias, or Qwen2-MoE's
+gated shared expert) in each layer."""
 
 MLA_FAMILIES = ("deepseek_v3",)
 """The model types whose attention is megatron-core's ``MLASelfAttention``."""
-
-UNWRITTEN = {
-    "qwen2_moe": "its shared expert's gate (shared_expert_gate) is megatron-core's "
-                 "moe_shared_expert_gate, which moekit does not write",
-}
-"""Why some MoE model types are refused."""
 
 LAYERS = "decoder.layers."
 """The prefix of the decoder layers' keys; a checkpoint whose layers are not all alike
@@ -79,8 +75,8 @@ class Entry:
     """One stored Megatron-Core tensor and the Hugging Face tensors it holds.
 
     ``parts`` are HF key templates: ``{layer}``, ``{expert}``, and the family's MoE
-    ``{block}``, ``{router}`` and projection names ``{gate}``, ``{up}``, ``{down}``
-    (``gate_proj.weight``)."""
+    ``{block}``, ``{router}``, ``{shared}`` (its shared expert's module) and projection
+    names ``{gate}``, ``{up}``, ``{down}`` (``gate_proj.weight``)."""
 
     key: str
     parts: tuple[str, ...]
@@ -118,7 +114,8 @@ class Entry:
         fields = dict(zip(("layer", "expert"), index))
         block = family.block.format(layer=fields.get("layer", 0))
         names = {p: family.piece_key(p) for p in family.projections}
-        return [part.format(**fields, block=block, router=family.router, **names)
+        shared = family.shared_expert or SHARED_EXPERTS
+        return [part.format(**fields, block=block, router=family.router, shared=shared, **names)
                 for part in self.parts]
 
     def stored_index(self, index: tuple[int, ...]) -> tuple[int, ...]:
@@ -138,7 +135,9 @@ class Entry:
 
 _LAYER = "model.layers.{layer}"
 _ATTENTION = f"{_LAYER}.self_attn"
-_SHARED = "{block}.shared_experts"
+_SHARED = "{block}.{shared}"
+SHARED_EXPERTS = "shared_experts"
+"""The shared experts' HF module name in a family that names none (megatron-core's)."""
 ENTRIES: tuple[Entry, ...] = (
     Entry("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), stacked=0),
     # Llama-style attention: the local spec's keys map (sharded_state_dict_keys_map) names
@@ -203,12 +202,19 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("decoder.layers.mlp.experts.experts.linear_fc2.weight",
           ("{block}.experts.{expert}.{down}",), stacked=2, linear=True, optional=True),
     # DeepSeek-V3's shared experts are one gated MLP of n_shared_experts *
-    # moe_intermediate_size rows (megatron-core's moe_shared_expert_intermediate_size).
+    # moe_intermediate_size rows (megatron-core's moe_shared_expert_intermediate_size);
+    # Qwen2-MoE's shared_expert one of shared_expert_intermediate_size rows.
     Entry("decoder.layers.mlp.shared_experts.linear_fc1.weight",
           (f"{_SHARED}.gate_proj.weight", f"{_SHARED}.up_proj.weight"), linear=True,
           optional=True),
     Entry("decoder.layers.mlp.shared_experts.linear_fc2.weight", (f"{_SHARED}.down_proj.weight",),
           linear=True, optional=True),
+    # Qwen2-MoE's shared_expert_gate ([1, H], no bias) scales the shared expert's output by
+    # sigmoid(gate @ x), as megatron-core 0.16.1's SharedExpertMLP with
+    # moe_shared_expert_gate does with its gate_weight parameter ([1, H], not a linear
+    # layer: no _extra_state).
+    Entry("decoder.layers.mlp.shared_experts.gate_weight", ("{block}.shared_expert_gate.weight",),
+          optional=True),
     Entry("decoder.final_layernorm.weight", ("model.norm.weight",), stacked=0),
     Entry("output_layer.weight", ("lm_head.weight",), stacked=0, optional=True),
 )
@@ -257,10 +263,8 @@ class Dimensions:
                               f"group): {source} has none")
         model_type = config.get("model_type")
         if model_type not in FAMILIES:
-            why = UNWRITTEN.get(model_type, "")
             raise MoekitError(f"{source}: moekit writes and reads Megatron-Core checkpoints of "
-                              f"{', '.join(FAMILIES)}, not model_type {model_type!r}"
-                              + (f" ({why})" if why else ""))
+                              f"{', '.join(FAMILIES)}, not model_type {model_type!r}")
         mla = model_type in MLA_FAMILIES
         if mla and config.get("rope_interleave", True) is not True:
             raise MoekitError(f"{source}: config.json's rope_interleave is "

@@ -9,9 +9,9 @@ moekit's recipes:
   Megatron-Core renormalises the top-k weights (softmax after the top-k; sigmoid with
   top-k > 1), times ``moe_router_topk_scaling_factor``; or 1 where every expert is
   selected. Exact scaling is refused where no constant exists (sigmoid top-1, softmax
-  before a top-k below all experts, Sinkhorn), for shared experts (which the dense MLP
-  does not fill), for routing weights applied to the experts' input and for group-limited
-  routing whose groups split the virtual groups. Token dropping
+  before a top-k below all experts, Sinkhorn), for shared experts unless
+  ``UpcycleSpec.shared_expert`` fills them, for routing weights applied to the experts'
+  input and for group-limited routing whose groups split the virtual groups. Token dropping
   (``moe_expert_capacity_factor``) still drops tokens, by design;
 - ``UpcycleSpec(scaling="megatron")`` reproducing Megatron-Core's state dict tensor for
   tensor, except where Megatron-Core 0.16 is wrong: with ``add_bias_linear`` and G > 1
@@ -19,6 +19,11 @@ moekit's recipes:
   breaks the virtual groups), and with a gated MLP whose activation is not SiLU and G > 1
   moekit slices the gate and up halves of ``linear_fc1`` apart (Megatron-Core slices across
   them);
+- shared experts (``UpcycleSpec(shared_expert=True)``) made as ``moekit upcycle
+  --shared-expert`` makes Qwen2-MoE's: the dense MLP whole, its output halved by a zero
+  ``gate_weight`` (sigmoid(0), megatron-core's ``moe_shared_expert_gate``) or, without a
+  gate, by halving its ``linear_fc2``; the routed experts' ``linear_fc2`` carries the
+  other half;
 - the experts of the local expert-parallel rank only (``MoELayer.local_expert_indices``);
 - Drop-Upcycling draws seeded by the global layer and expert indices, as ``moekit
   upcycle``'s are: the same dense model and seed give the same experts on any
@@ -28,8 +33,8 @@ moekit's recipes:
 - several model chunks (virtual pipeline): chunk i of the MoE model from chunk i of the
   dense model. (Megatron-Core 0.16 passes its arguments in the wrong order there.)
 
-The router rows come from the MoE model's own router, so ``UpcycleSpec.router_std``,
-``shared_expert`` and ``target`` do not apply here and are refused. Models are read through
+The router rows come from the MoE model's own router, so ``UpcycleSpec.router_std`` and
+``target`` do not apply here and are refused. Models are read through
 ``state_dict()`` and module attributes; megatron-core itself is not imported, so moekit does
 not depend on it.
 """
@@ -71,6 +76,12 @@ class MoELayerInfo:
     layer: int | None
     """The model's layer index, counted from 0 over every pipeline stage (megatron-core's
     ``MoELayer.layer_number`` - 1); None for a layer built outside a ``TransformerLayer``."""
+    shared: int
+    """Rows of the layer's shared experts (``moe_shared_expert_intermediate_size``); 0 for
+    none."""
+    shared_gate: bool
+    """The shared experts' output is scaled by sigmoid(``gate_weight`` @ x)
+    (``moe_shared_expert_gate``)."""
 
     @property
     def draw_label(self) -> int | str:
@@ -171,8 +182,10 @@ def _moe_layers(moe: nn.Module, state: Mapping[str, Any]) -> list[MoELayerInfo]:
             raise MoekitError(f"{name}: experts of type {type(module.experts).__name__} are not "
                               "supported; use SequentialMLP or TEGroupedMLP")
         number = getattr(module, "layer_number", None)
+        shared = getattr(module.config, "moe_shared_expert_intermediate_size", None) or 0
         layers.append(MoELayerInfo(name, module.config, tuple(module.local_expert_indices),
-                                   grouped, None if number is None else number - 1))
+                                   grouped, None if number is None else number - 1, shared,
+                                   f"{name}.shared_experts.gate_weight" in state))
     return layers
 
 
@@ -200,6 +213,11 @@ def _layer_spec(layer: MoELayerInfo, meta: Mapping[str, Any], spec: UpcycleSpec 
         raise MoekitError(f"{layer.prefix}: Drop-Upcycling seeds each expert's draws with its "
                           "layer index, and this MoE layer has no layer_number (megatron-core "
                           "sets it when a TransformerLayer builds the layer)")
+    if spec.shared_expert and layer.shared != dense_ffn:
+        has = (f"the MoE model's have {layer.shared} (moe_shared_expert_intermediate_size)"
+               if layer.shared else "the MoE model has none (moe_shared_expert_intermediate_size)")
+        raise MoekitError(f"{layer.prefix}: shared_expert fills the shared experts with the "
+                          f"dense MLP of {dense_ffn} rows; {has}")
     ignored = _ignored_settings(spec)
     if ignored:
         raise MoekitError(f"{layer.prefix}: {'; '.join(ignored)}")
@@ -218,9 +236,6 @@ def _ignored_settings(spec: UpcycleSpec) -> list[str]:
     found = []
     if spec.router_std is not None:
         found.append("router_std does not apply: the router rows are the MoE model's own")
-    if spec.shared_expert:
-        found.append("shared_expert does not apply: the MoE model's shared experts, if any, "
-                     "are its own")
     if spec.target != "auto":
         found.append(f"target {spec.target!r} does not apply: the MoE model is the target")
     return found
@@ -228,9 +243,9 @@ def _ignored_settings(spec: UpcycleSpec) -> list[str]:
 
 def _exact_problem(config: Any, spec: UpcycleSpec) -> str | None:
     """Why exact scaling cannot keep the dense function under ``config``, or None."""
-    if getattr(config, "moe_shared_expert_intermediate_size", None):
+    if getattr(config, "moe_shared_expert_intermediate_size", None) and not spec.shared_expert:
         return ("the MoE layer has shared experts, whose output the dense MLP does not "
-                "account for")
+                "account for unless UpcycleSpec(shared_expert=True) fills them")
     if getattr(config, "moe_apply_probs_on_input", False):
         return ("moe_apply_probs_on_input multiplies the experts' input by the routing weight, "
                 "before the activation")
@@ -321,6 +336,19 @@ def _layer_tensors(layer: MoELayerInfo, spec: UpcycleSpec, meta: Mapping[str, An
         if fc2_bias is not None:
             out.append(TensorPlan(layer.expert_key(local, "linear_fc2", "bias"),
                                   recipes.scaled(fc2_bias, fc2_bias_scale)))
+    return out + (_shared_experts(layer, weights, gated) if spec.shared_expert else [])
+
+
+def _shared_experts(layer: MoELayerInfo, weights: DenseMLP, gated: bool) -> list[TensorPlan]:
+    """The shared experts: the dense MLP, its output halved by a zero gate or, without one,
+    by its ``linear_fc2`` (``recipes.shared_expert``); megatron-core's shared experts have
+    no biases."""
+    shared = f"{layer.prefix}.shared_experts"
+    parts = recipes.shared_expert(weights, gated=layer.shared_gate)
+    out = [TensorPlan(f"{shared}.linear_fc1.weight", _fc1(parts, gated)),
+           TensorPlan(f"{shared}.linear_fc2.weight", parts["down"])]
+    if layer.shared_gate:
+        out.append(TensorPlan(f"{shared}.gate_weight", recipes.shared_expert_gate(weights)))
     return out
 
 
