@@ -249,13 +249,15 @@ def test_inspect_verify_and_dry_run_recognise_the_folder(qwen3_moe, tmp_path, ca
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("model_type,layers", [("qwen3_moe", (0, 1, 2)), ("qwen2_moe", (0, 2))])
 def test_a_checkpoint_megatron_core_saved_at_expert_parallel_size_2_reads_back_whole(
-        qwen3_moe, tmp_path):
+        models, tmp_path, model_type, layers):
     """Each rank saved its own experts; moekit reads every expert, each where megatron-core
-    numbers it, and transformers gives megatron-core's logits."""
-    hf = qwen3_moe[1]
+    numbers it, and transformers gives megatron-core's logits (Qwen2-MoE's: with its dense
+    layer 1, QKV biases and gated shared expert)."""
+    hf = models[model_type][1]
     assert_expert_parallel_save_reads_back(megatron_checkpoint_workers.save_expert_parallel,
-                                           hf, range(3), tmp_path)
+                                           hf, layers, tmp_path)
 
 
 def assert_expert_parallel_save_reads_back(worker, hf: Path, layers, tmp_path: Path) -> None:
@@ -284,13 +286,14 @@ def assert_expert_parallel_save_reads_back(worker, hf: Path, layers, tmp_path: P
         assert (rank["logits"] - logits).abs().max() < LOGITS_TOLERANCE
 
 
-EP_FAMILIES = ("qwen3_moe", "mixtral")
+EP_FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe")
 
 
 @pytest.fixture(scope="module")
 def loaded_at_ep2(models, upcycled, tmp_path_factory) -> list[dict]:
-    """By rank: megatron-core's strict loads at expert-parallel size 2 of moekit's Qwen3-MoE
-    and Mixtral folders (6 experts, 3 a rank) and of the upcycled Llamas (4 experts)."""
+    """By rank: megatron-core's strict loads at expert-parallel size 2 of moekit's Qwen3-MoE,
+    Mixtral and Qwen2-MoE folders (6 experts, 3 a rank) and of the upcycled Llamas (4
+    experts)."""
     folders = [str(models[t][2]) for t in EP_FAMILIES] + [folder for folder, _ in upcycled]
     result = megatron_workers.spawn(megatron_checkpoint_workers.load_expert_parallel, 2,
                                     tmp_path_factory.mktemp("load_ep2"), folders, _ids())
