@@ -411,6 +411,26 @@ def test_megatron_chunks_are_built_as_dcp_writes_them(models, tmp_path, dcp_buil
     assert dcp_built["live_peak"] <= shard + dcp_built["largest"]
 
 
+@pytest.mark.parametrize("dense,settings,to,named", [
+    ("qwen3", {"attention_bias": True}, "megatron", "qwen3_moe (--target auto): "),
+    ("qwen2", {}, "torchtitan", "qwen2_moe (--target auto) with a shared expert (every "
+                                "qwen2_moe block has one): "),
+])
+def test_an_upcycle_a_layout_does_not_hold_is_refused_naming_the_options(
+        tmp_path, capsys, dense, settings, to, named):
+    """A Qwen3 with attention_bias upcycles into a Qwen3-MoE whose o_proj bias Megatron-Core
+    has no place for; a Qwen2 into a Qwen2-MoE, which torchtitan has no model of. Refused,
+    dry run or not, before anything is written."""
+    hf = samples.save_model(samples.build_model(dense, **settings), tmp_path / "hf")
+    for dry_run in (["--dry-run"], []):
+        out = tmp_path / "out"
+        assert main(["upcycle", str(hf), str(out), "--experts", "4", "--top-k", "2", "--to",
+                     to, *dry_run]) == 2
+        err = capsys.readouterr().err
+        assert f"--to {to} cannot hold the upcycled {named}" in err, err
+        assert "Traceback" not in err and not out.exists()
+
+
 def test_a_model_megatron_cores_layout_does_not_hold_is_refused_naming_why(tmp_path, capsys):
     """Qwen3's attention_bias gives o_proj a bias, which megatron-core's add_qkv_bias does
     not."""
