@@ -442,6 +442,21 @@ def test_a_model_megatron_cores_layout_does_not_hold_is_refused_naming_why(tmp_p
     assert not out.exists()
 
 
+def test_a_folder_holding_what_its_model_types_transformers_model_lacks_is_refused(
+        models, tmp_path, capsys):
+    """Qwen2-MoE's folder under a Qwen3-MoE config.json: Qwen3-MoE has no shared expert,
+    which its transformers model would drop."""
+    folder = tmp_path / "megatron"
+    shutil.copytree(models["qwen2_moe"][2], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "qwen3_moe"}))
+    assert main(["convert", str(folder), str(tmp_path / "out"), "--to", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert "holds decoder.layers.0.mlp.shared_experts.linear_fc1.weight and 5 more tensors, " \
+           "which moekit has no HF name for" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_folder_without_config_or_with_a_bad_tracker_is_refused(qwen3_moe, tmp_path,
                                                                    capsys):
     folder = tmp_path / "megatron"

@@ -93,6 +93,9 @@ class Entry:
     head norms, the MLP of a dense or an MoE layer, shared experts)."""
     attention: str = ""
     """``gqa`` or ``mla``: the tensor belongs to that attention only (``Dimensions.mla``)."""
+    model_types: tuple[str, ...] = ()
+    """Where not empty, the only model types whose transformers models hold the tensor: a
+    checkpoint of another one holding it is refused, as its model would drop it."""
     layer: int | None = None
     """The one layer whose copy this entry stores under its own key (``at_layer``)."""
 
@@ -114,9 +117,8 @@ class Entry:
         fields = dict(zip(("layer", "expert"), index))
         block = family.block.format(layer=fields.get("layer", 0))
         names = {p: family.piece_key(p) for p in family.projections}
-        shared = family.shared_expert or SHARED_EXPERTS
-        return [part.format(**fields, block=block, router=family.router, shared=shared, **names)
-                for part in self.parts]
+        return [part.format(**fields, block=block, router=family.router,
+                            shared=family.shared_expert, **names) for part in self.parts]
 
     def stored_index(self, index: tuple[int, ...]) -> tuple[int, ...]:
         """The place of copy ``index`` (layer, expert) along the stored tensor's axes."""
@@ -136,8 +138,8 @@ class Entry:
 _LAYER = "model.layers.{layer}"
 _ATTENTION = f"{_LAYER}.self_attn"
 _SHARED = "{block}.{shared}"
-SHARED_EXPERTS = "shared_experts"
-"""The shared experts' HF module name in a family that names none (megatron-core's)."""
+_WITH_SHARED = ("deepseek_v3", "qwen2_moe")
+"""The model types of ``FAMILIES`` whose MoE blocks have shared experts."""
 ENTRIES: tuple[Entry, ...] = (
     Entry("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), stacked=0),
     # Llama-style attention: the local spec's keys map (sharded_state_dict_keys_map) names
@@ -195,7 +197,7 @@ ENTRIES: tuple[Entry, ...] = (
     # The router's expert_bias buffer (moe_router_enable_expert_bias, fp32 [E]) is added
     # to the sigmoid scores to choose the experts, as DeepSeek-V3's score-correction bias.
     Entry("decoder.layers.mlp.router.expert_bias", ("{block}.gate.e_score_correction_bias",),
-          optional=True),
+          optional=True, model_types=("deepseek_v3",)),
     Entry("decoder.layers.mlp.experts.experts.linear_fc1.weight",
           ("{block}.experts.{expert}.{gate}", "{block}.experts.{expert}.{up}"), stacked=2,
           linear=True, optional=True),
@@ -206,15 +208,15 @@ ENTRIES: tuple[Entry, ...] = (
     # Qwen2-MoE's shared_expert one of shared_expert_intermediate_size rows.
     Entry("decoder.layers.mlp.shared_experts.linear_fc1.weight",
           (f"{_SHARED}.gate_proj.weight", f"{_SHARED}.up_proj.weight"), linear=True,
-          optional=True),
+          optional=True, model_types=_WITH_SHARED),
     Entry("decoder.layers.mlp.shared_experts.linear_fc2.weight", (f"{_SHARED}.down_proj.weight",),
-          linear=True, optional=True),
+          linear=True, optional=True, model_types=_WITH_SHARED),
     # Qwen2-MoE's shared_expert_gate ([1, H], no bias) scales the shared expert's output by
     # sigmoid(gate @ x), as megatron-core 0.16.1's SharedExpertMLP with
     # moe_shared_expert_gate does with its gate_weight parameter ([1, H], not a linear
     # layer: no _extra_state).
     Entry("decoder.layers.mlp.shared_experts.gate_weight", ("{block}.shared_expert_gate.weight",),
-          optional=True),
+          optional=True, model_types=("qwen2_moe",)),
     Entry("decoder.final_layernorm.weight", ("model.norm.weight",), stacked=0),
     Entry("output_layer.weight", ("lm_head.weight",), stacked=0, optional=True),
 )
@@ -243,14 +245,15 @@ def is_per_layer(key: str) -> bool:
 @dataclass(frozen=True)
 class Dimensions:
     """The sizes that place tensors in Megatron-Core's: layers, routed experts (0 for a
-    dense model), the attention heads (``linear_qkv``'s groups) and whether the attention
-    is multi-latent."""
+    dense model), the attention heads (``linear_qkv``'s groups), whether the attention
+    is multi-latent, and the model type (``Entry.model_types``)."""
 
     layers: int
     experts: int
     heads: int
     groups: int
     head_dim: int
+    model_type: str
     mla: bool = False
 
     @classmethod
@@ -279,15 +282,16 @@ class Dimensions:
             raise MoekitError(f"{source}: num_attention_heads {heads} is not a multiple of "
                               f"num_key_value_heads {groups}")
         return cls(_positive(config, "num_hidden_layers", source), experts, heads, groups,
-                   head_dim, mla)
+                   head_dim, model_type, mla)
 
     def entries(self, per_layer: bool) -> list[Entry]:
-        """The entries of this model's attention, each layer's under its own key where
-        ``per_layer`` (``Entry.at_layer``)."""
+        """The entries of this model's attention and model type, each layer's under its own
+        key where ``per_layer`` (``Entry.at_layer``)."""
         kind = "mla" if self.mla else "gqa"
         found = []
         for entry in ENTRIES:
-            if entry.attention in ("", kind):
+            if entry.attention in ("", kind) and self.model_type in (entry.model_types
+                                                                     or (self.model_type,)):
                 found += ([entry.at_layer(layer) for layer in range(self.layers)]
                           if per_layer and entry.stacked else [entry])
         return found
