@@ -206,7 +206,7 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
         raise MoekitError(f"cannot read {analysis.label}{missing}: "
                           f"{analysis.layout.unnamed(analysis.family)}")
     if analysis.family.expert_groups and (experts is not None or offset):
-        raise MoekitError(_split_groups(analysis.family))
+        raise MoekitError(split_groups_refusal(analysis.family))
     block_size = analysis.fp8_block
     if dequantize:
         _check_dequantizable(analysis)
@@ -250,7 +250,7 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
     return dst.whole_model(plan, analysis.config, analysis.family, analysis.label)
 
 
-def _split_groups(family: Family) -> str:
+def split_groups_refusal(family: Family) -> str:
     """Why expert parallelism is refused for a family whose layers hold several groups of
     experts."""
     groups = ", ".join(group.name for group in family.expert_groups)

@@ -154,6 +154,17 @@ def test_expert_parallelism_is_refused(ernie):
         ep_report(src, ep_size=2, layout="transformers")
 
 
+def test_planning_from_the_config_alone_is_refused_naming_the_groups(ernie, capsys):
+    """``moekit plan config.json --ep 2``: refused for the groups before transformers is
+    asked to build the model."""
+    from moekit.cli import main
+
+    _, src = ernie
+    assert main(["plan", str(src / "config.json"), "--ep", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "2 groups in each MoE layer (text, vision)" in err and "Traceback" not in err
+
+
 def test_load_experts_is_refused_on_every_rank(ernie, tmp_path):
     """``load_experts`` on two gloo ranks: each rank refuses, naming the groups, before
     reading anything."""

@@ -16,8 +16,8 @@ from ..layouts import LAYOUTS, Layout, family_of_model_type
 from ..layouts.families import MX_BLOCKS, MX_SCALES, SCALE
 from ..model_config import MAX_BUILT_LAYERS, ConfigValues
 from ..plan import TensorPlan, nbytes, reads
-from ..planner import (Analysis, build_plan, config_settings, understand, understand_checkpoint,
-                       validate)
+from ..planner import (Analysis, build_plan, config_settings, split_groups_refusal, understand,
+                       understand_checkpoint, validate)
 from .ranges import chunk, expert_range, grouped_layout
 
 MAX_RANKS = 1 << 16
@@ -240,10 +240,13 @@ def _analysis(path: Path) -> Analysis:
 
 def _check_buildable(config: dict, source: str) -> None:
     """Check what a config says of its experts and layers before its tensors are described
-    or transformers builds the model: the counts typed and bounded, and at most
-    ``MAX_BUILT_LAYERS`` decoder layers (either takes time per layer, building even on the
-    meta device)."""
+    or transformers builds the model: a family whose layers hold several expert groups
+    refused (expert parallelism does not split them), the counts typed and bounded, and at
+    most ``MAX_BUILT_LAYERS`` decoder layers (either takes time per layer, building even on
+    the meta device)."""
     family = family_of_model_type(config.get("model_type"))
+    if family is not None and family.expert_groups:
+        raise MoekitError(split_groups_refusal(family))
     settings = config_settings(config, family, source) if family is not None else None
     rule = settings.moe_layers if settings is not None else None
     layers = rule.count if rule is not None else ConfigValues(config, source).integer(
