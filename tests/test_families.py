@@ -354,7 +354,7 @@ def test_multimodal_text_experts_convert_and_the_rest_passes_through(model_type,
     without Qwen3-Omni's ``thinker.``, as test_nemo_adapters checks), ``--to transformers``
     is the model's state dict, and transformers loads the round trip into that state dict.
     A layout whose consumer converts tensors that moekit does not is refused (transformers
-    for MiniMax-M3-VL and Mistral-Large-4, nemo for Gemma 4)."""
+    for MiniMax-M3-VL, Mistral-Large-4 and Step-3.7, nemo for Gemma 4)."""
     try:
         model = build_multimodal(model_type)
         model.save_pretrained(tmp_path / "src", max_shard_size="200KB")
@@ -380,8 +380,9 @@ def test_multimodal_text_experts_convert_and_the_rest_passes_through(model_type,
         converted = load_all(tmp_path / layout)
         if layout != "transformers":
             named = layout_named(layout).from_hf_key
-            others = {k: named(k, family_named(info.family)) for k in original
-                      if ".experts." not in k}
+            family = family_named(info.family)
+            others = {k: named(k, family) for k in original
+                      if ".experts." not in HF.to_hf_key(k, family)}
             assert set(others.values()) <= converted.keys()
             assert [k for k, v in others.items() if not same_bytes(original[k], converted[v])] == []
         convert(tmp_path / layout, tmp_path / f"{layout}-back", to=info.layout)

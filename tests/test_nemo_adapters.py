@@ -92,12 +92,12 @@ that moekit refuses nemo for it (test_families.py)."""
 MULTIMODAL_ADAPTERS = {"qwen3_vl_moe": "qwen3_vl_moe.Qwen3VLMoeStateDictAdapter",
                        "qwen3_omni_moe": "qwen3_omni_moe.Qwen3OmniMoeStateDictAdapter",
                        "qwen3_5_moe": "qwen3_5_moe.Qwen3_5MoeStateDictAdapter",
-                       "minimax_m3_vl": "minimax_m3_vl.MiniMaxM3VLStateDictAdapter"}
+                       "minimax_m3_vl": "minimax_m3_vl.MiniMaxM3VLStateDictAdapter",
+                       "step3p7": "step3p7.Step3p7StateDictAdapter"}
 """The multimodal model types NeMo AutoModel 0.7 has an adapter for and transformers 5.24
 builds tiny (given their whole config), whose Hub form moekit reads as the adapter does
 (Qwen3.5-MoE's adapter reads only its Hub files' grouped experts). Not here: Kimi-K2.5
-and Mistral-Large-4, whose adapters read names other than save_pretrained's, and
-Step-3.7, which moekit has no family for."""
+and Mistral-Large-4, whose adapters read names other than save_pretrained's."""
 
 
 def _adapter(family: str, model) -> Any:

@@ -106,7 +106,7 @@ def build(model_type: str, seed: int = 0, **overrides: Any):
 
 MULTIMODAL = ("llama4", "qwen3_vl_moe", "glm4v_moe", "ernie4_5_vl_moe", "qwen3_omni_moe",
               "aria", "qwen3_5_moe", "qwen4_exp", "minimax_m3_vl", "mistral_large4", "gemma4",
-              "inkling2", "inkling2_loop", "hy_v4_vl")
+              "inkling2", "inkling2_loop", "hy_v4_vl", "step3p7")
 """Multimodal model types whose text model has routed experts that moekit has a family for."""
 
 

@@ -347,6 +347,20 @@ _ARIA_ON_DISK = (Rename(".experts.gate_up_proj", ".experts.fc1.weight"),
 """Aria's names of its grouped experts in its files (conversion_mapping.py "aria_text")."""
 
 
+_STEP3P7_ON_DISK = tuple(Rename(f".moe.experts.{name}", f".moe.{name}.weight")
+                         for name in ("gate_proj", "up_proj", "down_proj"))
+"""Step-3.7's names of its grouped experts in its files: ``moe.gate_proj.weight``,
+``moe.up_proj.weight`` [E,I,H] and ``moe.down_proj.weight`` [E,H,I], directly under the
+block (``GroupedLayout.by_family`` of the hf layout gives it the three tensors)."""
+_STEP3P7_NEMO = (Rename("model.", "model.language_model.", at_start=True),
+                 Rename(".moe.router_bias", ".moe.gate.e_score_correction_bias"),
+                 *(Rename(f"{module}.", f"model.{module}.", at_start=True)
+                   for module in ("vision_model", "vit_large_projector")))
+"""NeMo AutoModel 0.7 (Step3p7StateDictAdapter, through Step3p5StateDictAdapter) holds
+Step-3.7's text model under ``model.language_model``, the router's ``router_bias`` as
+``moe.gate.e_score_correction_bias`` and the vision tower and projector under ``model.``."""
+
+
 _MINIMAX_M3_VL_NEMO = (
     Rename("language_model.lm_head.", "lm_head.", at_start=True),
     Rename("language_model.model.", "model.", at_start=True),
@@ -579,6 +593,21 @@ FAMILIES: tuple[Family, ...] = (
            unconverted=_transformers_converts(
                "joins each shared expert's gate_proj and up_proj into one gate_up_proj (and "
                "renames the vision tower, the projector and the attention's indexer)")),
+    # Step-3.7: the text experts grouped per projection under model.layers.L.moe (the
+    # layout of its Step-3.5 text model), the router moe.gate.weight and its bias
+    # moe.router_bias beside them, the shared expert share_expert beside the block.
+    # transformers 5.24 (conversion_mapping.py "step3p7", "step3p5_vision") joins gate and
+    # up into mlp.experts.gate_up_proj and also splits and permutes the vision tower's
+    # attention; its checkpoints' MTP layers (num_nextn_predict_layers) and legacy
+    # moe_layers_enum leave the MoE layers unchecked against the config here.
+    Family("step3p7", ("step3p7",), "model.layers.{layer}.moe", _QWEN_PROJECTIONS,
+           "n_routed_experts", count_aliases=("num_local_experts", "moe_num_experts"),
+           grouped_on_disk=True, text_config=("text_config",),
+           renames={"hf": _STEP3P7_ON_DISK, "nemo": _STEP3P7_NEMO},
+           unconverted=_transformers_converts(
+               "splits the vision tower's in_proj_weight and in_proj_bias into q_proj, k_proj "
+               "and v_proj and permutes q_proj and k_proj for its rotary embedding (and "
+               "renames the text model, the MoE block and the vision tower)")),
     # Mistral-Large-4: Mistral's own format, which save_pretrained writes too: the text
     # experts per expert as layers.L.experts.e.w1/w3/w2, the router layers.L.gate.
     Family("mistral_large4", ("mistral_large4",), "layers.{layer}", _MIXTRAL_PROJECTIONS,

@@ -10,7 +10,13 @@ import re
 from ..plan import Read, TensorPlan
 from .base import NUMBER, ExpertBlock, Layout, ParsedExperts, TensorMeta
 from .families import Family
-from .grouped import TRANSFORMERS, GroupedLayout
+from .grouped import TRANSFORMERS, GroupedLayout, GroupedTensor
+
+
+_STEP3P7 = tuple(GroupedTensor(f"{projection}_proj", (projection,), transposed=False)
+                 for projection in ("gate", "up", "down"))
+"""Step-3.7's grouped experts on disk (Step-3.5's ``MoELinear``, transformers 5.24's
+save_pretrained alike): gate, up and down each one [E, out, in] tensor, not joined."""
 
 
 class PerExpertLayout(Layout):
@@ -24,9 +30,11 @@ class PerExpertLayout(Layout):
                    "per expert and projection; grouped where the family's files group them)")
 
     def __init__(self) -> None:
-        self.on_disk = GroupedLayout(self.name, self.description, TRANSFORMERS.tensors)
+        self.on_disk = GroupedLayout(self.name, self.description, TRANSFORMERS.tensors,
+                                     by_family={"step3p7": _STEP3P7})
         """The grouped tensors of a ``grouped_on_disk`` family: transformers' fused ones
-        under the family's ``hf`` renames (and orientation)."""
+        (or the family's own set in ``by_family``) under the family's ``hf`` renames (and
+        orientation)."""
 
     def grouped_for(self, family: Family) -> bool:
         return family.grouped_on_disk
