@@ -189,6 +189,25 @@ def test_experts_are_transformers_bytes_where_its_layout_is_refused(model_type, 
     assert [k for k in theirs if not same_bytes(ours[k], theirs[k])] == []
 
 
+def test_step3p7_experts_are_transformers_bytes_where_its_layout_is_refused(tmp_path):
+    """Step-3.7's files hold gate, up and down as three grouped tensors, which transformers
+    5.24 joins on load (gate rows before up rows); its vision tower keeps ``--to
+    transformers`` refused, yet each MoE layer's vLLM w13_weight and w2_weight are the
+    model's gate_up_proj and down_proj, byte for byte."""
+    model = build_multimodal("step3p7")
+    model.save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "vllm", to="vllm")
+    ours, theirs = {}, {}
+    for found, tensors, names in ((ours, load_all(tmp_path / "vllm"), _VLLM_AS_TRANSFORMERS),
+                                  (theirs, model.state_dict(), {})):
+        for key, tensor in tensors.items():
+            match = _LAYER_EXPERTS.fullmatch(key)
+            if match:
+                found[(int(match[1]), names.get(match[2], match[2]))] = tensor
+    assert ours.keys() == theirs.keys() and theirs
+    assert [k for k in theirs if not same_bytes(ours[k], theirs[k])] == []
+
+
 LOGITS_VIA = [pytest.param(t, "nemo" if t in REFUSED else "transformers", id=t) for t in TYPES]
 """Each model type and the grouped layout its logits round trip goes through: transformers
 where moekit writes it."""
