@@ -208,6 +208,40 @@ def test_step3p7_experts_are_transformers_bytes_where_its_layout_is_refused(tmp_
     assert [k for k in theirs if not same_bytes(ours[k], theirs[k])] == []
 
 
+def test_step3p7_fp8_scales_travel_with_their_experts(tmp_path, capsys):
+    """Step-3.7 FP8 files hold each grouped projection's block scales beside it
+    (``moe.gate_proj.weight_scale_inv`` [E, ceil(I/128), ceil(H/128)]): read as the experts'
+    scales, they convert into vllm and back byte for byte, and nemo, which holds no
+    scales, is refused naming them rather than given the scales under other names."""
+    from safetensors.torch import save_file
+
+    from moekit.cli import main
+
+    build_multimodal("step3p7").save_pretrained(tmp_path / "saved")
+    tensors = load_all(tmp_path / "saved")
+    generator = torch.Generator().manual_seed(0)
+    for key in [k for k in tensors if re.search(r"\.moe\.(gate|up|down)_proj\.weight$", k)]:
+        experts, rows, columns = tensors[key].shape
+        tensors[key] = tensors[key].to(torch.float8_e4m3fn)
+        tensors[f"{key}_scale_inv"] = torch.rand(experts, -(-rows // 128), -(-columns // 128),
+                                                 generator=generator)
+    src = tmp_path / "fp8"
+    src.mkdir()
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    (src / "config.json").write_text((tmp_path / "saved" / "config.json").read_text())
+    convert(src, tmp_path / "vllm", to="vllm")
+    converted = load_all(tmp_path / "vllm")
+    assert any(k.endswith("routed_experts.w13_weight_scale_inv") for k in converted)
+    convert(tmp_path / "vllm", tmp_path / "back", to="hf")
+    back = load_all(tmp_path / "back")
+    assert back.keys() == tensors.keys()
+    assert [k for k in tensors if not same_bytes(tensors[k], back[k])] == []
+    assert main(["convert", str(src), str(tmp_path / "nemo"), "--to", "nemo"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot hold the step3p7 experts' down_scale, gate_scale, up_scale" in err
+    assert "Traceback" not in err and not (tmp_path / "nemo").exists()
+
+
 LOGITS_VIA = [pytest.param(t, "nemo" if t in REFUSED else "transformers", id=t) for t in TYPES]
 """Each model type and the grouped layout its logits round trip goes through: transformers
 where moekit writes it."""

@@ -424,7 +424,7 @@ class GroupedLayout(Layout):
                 parsed.problems.append((layer, f"grouped tensors disagree on the expert count: {shown}"))
 
 
-def _with_scales(tensors: tuple[GroupedTensor, ...]) -> tuple[GroupedTensor, ...]:
+def with_scales(tensors: tuple[GroupedTensor, ...]) -> tuple[GroupedTensor, ...]:
     """A layout's tensors plus, for each weight tensor, its FP8 block scales stacked,
     concatenated and oriented the same way (``{name}_scale_inv``)."""
     scales = tuple(replace(t, name=t.name + FP8_SCALE_KEY,
@@ -481,7 +481,7 @@ TRANSFORMERS = GroupedLayout(
     "model.state_dict(), which transformers and vLLM's loader also read from disk: "
     "gate_up_proj [E,2I,H], down_proj [E,H,I] (biases gate_up_proj_bias [E,2I], "
     "down_proj_bias [E,H])",
-    tuple(replace(t, joined_scale_grid=t.name.endswith(FP8_SCALE_KEY)) for t in _with_scales((
+    tuple(replace(t, joined_scale_grid=t.name.endswith(FP8_SCALE_KEY)) for t in with_scales((
         *_TRANSFORMERS_WEIGHTS,
         GroupedTensor("gate_up_proj_bias", ("gate_bias", "up_bias"), False, piece_dims=1,
                       orientable=False),
@@ -501,7 +501,7 @@ VLLM = GroupedLayout(
     "(RL weight sync), not for vLLM's loader, which reads hf or transformers from disk: "
     "experts.routed_experts.w13_weight [E,2I,H], w2_weight [E,H,I] (biases w13_bias [E,2I], "
     "w2_bias [E,H]; MXFP4 as vLLM holds it)",
-    _with_scales((
+    with_scales((
         *_VLLM_WEIGHTS,
         GroupedTensor(VLLM_EXPERTS + "w13_bias", ("gate_bias", "up_bias"), False, piece_dims=1,
                       orientable=False, aliases=("w13_bias",)),

@@ -10,13 +10,14 @@ import re
 from ..plan import Read, TensorPlan
 from .base import NUMBER, ExpertBlock, Layout, ParsedExperts, TensorMeta
 from .families import Family
-from .grouped import TRANSFORMERS, GroupedLayout, GroupedTensor
+from .grouped import TRANSFORMERS, GroupedLayout, GroupedTensor, with_scales
 
 
-_STEP3P7 = tuple(GroupedTensor(f"{projection}_proj", (projection,), transposed=False)
-                 for projection in ("gate", "up", "down"))
+_STEP3P7 = with_scales(tuple(GroupedTensor(f"{projection}_proj", (projection,), False)
+                             for projection in ("gate", "up", "down")))
 """Step-3.7's grouped experts on disk (Step-3.5's ``MoELinear``, transformers 5.24's
-save_pretrained alike): gate, up and down each one [E, out, in] tensor, not joined."""
+save_pretrained alike): gate, up and down each one [E, out, in] tensor, not joined; in
+FP8 files each with its block scales [E, ceil(out/128), ceil(in/128)] beside it."""
 
 
 class PerExpertLayout(Layout):
