@@ -598,8 +598,11 @@ FAMILIES: tuple[Family, ...] = (
     # moe.router_bias beside them, the shared expert share_expert beside the block.
     # transformers 5.24 (conversion_mapping.py "step3p7", "step3p5_vision") joins gate and
     # up into mlp.experts.gate_up_proj and also splits and permutes the vision tower's
-    # attention; its checkpoints' MTP layers (num_nextn_predict_layers) and legacy
-    # moe_layers_enum leave the MoE layers unchecked against the config here.
+    # attention. No moe_layers rule: the Hub's config.json lists the MoE layers as
+    # moe_layers_enum (transformers' legacy alias of mlp_layer_types) and its files hold
+    # num_nextn_predict_layers MTP layers after the stack (transformers skips them on load;
+    # NeMo AutoModel 0.7 renumbers them as mtp.layers.N, which no rename here expresses),
+    # so the MoE layers are the files' own.
     Family("step3p7", ("step3p7",), "model.layers.{layer}.moe", _QWEN_PROJECTIONS,
            "n_routed_experts", count_aliases=("num_local_experts", "moe_num_experts"),
            grouped_on_disk=True, text_config=("text_config",),
