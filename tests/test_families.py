@@ -208,6 +208,40 @@ def test_step3p7_experts_are_transformers_bytes_where_its_layout_is_refused(tmp_
     assert [k for k in theirs if not same_bytes(ours[k], theirs[k])] == []
 
 
+def test_step3p7_multi_token_prediction_layers_are_refused_where_nemo_renumbers_them(
+        tmp_path, capsys):
+    """Step-3.7's Hub files hold multi-token-prediction layers after the text model's
+    ``num_hidden_layers`` (transformers builds none): vllm takes them as further layers,
+    byte for byte both ways; nemo, where NeMo AutoModel renumbers them, is refused
+    naming them and why."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from moekit.cli import main
+
+    build_multimodal("step3p7").save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    count = config["text_config"]["num_hidden_layers"]
+    tensors = load_all(tmp_path / "saved")
+    last = re.compile(rf"(^|\.)layers\.{count - 1}\.")
+    tensors.update({last.sub(rf"\g<1>layers.{count}.", key): value + 1.0
+                    for key, value in list(tensors.items()) if last.search(key)})
+    src = tmp_path / "mtp"
+    src.mkdir()
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    (src / "config.json").write_text(json.dumps(config))
+    assert main(["convert", str(src), str(tmp_path / "nemo"), "--to", "nemo"]) == 2
+    err = capsys.readouterr().err
+    assert f"multi-token-prediction layers (layer {count}, after num_hidden_layers {count})" in err
+    assert "mtp.layers.N" in err and "Traceback" not in err and not (tmp_path / "nemo").exists()
+    convert(src, tmp_path / "vllm", to="vllm")
+    convert(tmp_path / "vllm", tmp_path / "back", to="hf")
+    back = load_all(tmp_path / "back")
+    assert back.keys() == tensors.keys()
+    assert [k for k in tensors if not same_bytes(tensors[k], back[k])] == []
+
+
 def test_step3p7_fp8_scales_travel_with_their_experts(tmp_path, capsys):
     """Step-3.7 FP8 files hold each grouped projection's block scales beside it
     (``moe.gate_proj.weight_scale_inv`` [E, ceil(I/128), ceil(H/128)]): read as the experts'

@@ -148,6 +148,10 @@ class Family:
     or to the experts' values (NeMo AutoModel scaling Gemma 4's): moekit refuses to write
     the layout for the family, naming it, rather than write tensors the consumer does not
     hold."""
+    mtp_unheld: dict[str, str] = field(default_factory=dict)
+    """Per layout: how that layout's consumer holds the family's multi-token-prediction
+    layers (the config's layers after ``num_hidden_layers``) otherwise than moekit writes
+    them; a source holding such layers is refused for that layout, naming it."""
     unplaced: dict[str, dict[str, str]] = field(default_factory=dict)
     """Per layout: tensors outside the experts that the layout's consumer has no place for,
     as HF key endings, each with why (torchtitan 0.3's Qwen3 attention has no biases): a
@@ -607,6 +611,8 @@ FAMILIES: tuple[Family, ...] = (
            "n_routed_experts", count_aliases=("num_local_experts", "moe_num_experts"),
            grouped_on_disk=True, text_config=("text_config",),
            renames={"hf": _STEP3P7_ON_DISK, "nemo": _STEP3P7_NEMO},
+           mtp_unheld={"nemo": "NeMo AutoModel 0.7 renumbers Step-3.7's multi-token-"
+                               "prediction layers as mtp.layers.N, which moekit does not write"},
            unconverted=_transformers_converts(
                "splits the vision tower's in_proj_weight and in_proj_bias into q_proj, k_proj "
                "and v_proj and permutes q_proj and k_proj for its rotary embedding (and "
