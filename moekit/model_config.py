@@ -117,9 +117,10 @@ class MoeLayers:
     """The config values that decide it, for messages."""
     excluded: frozenset[int] = frozenset()
     """Layers the config keeps dense although ``layers`` holds them (``mlp_only_layers``)."""
-    extra: range = range(0)
+    extra: range | frozenset[int] = range(0)
     """Layers after the decoder stack that may hold experts too (DeepSeek-V3's
-    multi-token-prediction layers, optional in a checkpoint)."""
+    multi-token-prediction layers, optional in a checkpoint; Step-3.7's that its config
+    marks sparse)."""
 
     def is_moe(self, layer: int) -> bool:
         """True when the config makes ``layer`` an MoE layer (or allows one there)."""
@@ -231,6 +232,76 @@ def mlp_layer_types(values: ConfigValues) -> MoeLayers | None:
     sparse = frozenset(i for i, kind in enumerate(types) if kind == "sparse")
     return MoeLayers(count, sparse, f"num_hidden_layers {count}, mlp_layer_types "
                      f"({len(types)} layers, sparse at {len(sparse)} of them)")
+
+
+def step3p7_layers(values: ConfigValues) -> MoeLayers | None:
+    """Step-3.7 (transformers 5.24's ``Step3p7TextConfig``): the layers ``mlp_layer_types``
+    marks "sparse", else those the Hub's legacy ``moe_layers_enum`` lists ("3,4,5" or a
+    list), else every layer from the fourth. Hub configs pad the per-layer list with the
+    ``num_nextn_predict_layers`` multi-token-prediction layers after the stack (and
+    ``moe_layers_enum`` may list them); save_pretrained writes theirs as
+    ``mtp_mlp_layer_types``. The MTP layers so marked "sparse" may hold experts."""
+    count = values.integer("num_hidden_layers")
+    if count is None:
+        return None
+    mtp = values.integer("num_nextn_predict_layers", values.integer("num_mtp_layers", 0))
+    types = values.strings("mlp_layer_types")
+    if types is not None:
+        stack, after, rule = _split_layer_types(values, types, count, mtp)
+    elif values.config.get("moe_layers_enum") is not None:
+        listed = _layer_enum(values, "moe_layers_enum")
+        stack = frozenset(layer for layer in listed if layer < count)
+        after = frozenset(layer for layer in listed if count <= layer < count + mtp)
+        shown_layers = sorted(listed)
+        rule = (f"moe_layers_enum {shown_layers[:8]}"
+                f"{'...' if len(shown_layers) > 8 else ''}")
+    else:
+        stack, after, rule = range(3, count), frozenset(), "every layer from the fourth"
+    return MoeLayers(count, stack, f"num_hidden_layers {count}, num_nextn_predict_layers "
+                     f"{mtp}, {rule}", extra=after)
+
+
+def _split_layer_types(values: ConfigValues, types: tuple[str, ...], count: int, mtp: int
+                       ) -> tuple[frozenset[int], frozenset[int], str]:
+    """Step-3.7's ``mlp_layer_types`` (``count`` entries, or ``count`` + ``mtp`` padded
+    with the MTP layers') and ``mtp_mlp_layer_types``: the sparse layers of the stack, the
+    sparse MTP layers, and how the config says so."""
+    if len(types) not in (count, count + mtp):
+        raise MoekitError(f"{values.source}: mlp_layer_types has {len(types)} entries; "
+                          f"expected num_hidden_layers {count}"
+                          + (f" (or {count + mtp} with the MTP layers)" if mtp else ""))
+    mtp_types = types[count:] or values.strings("mtp_mlp_layer_types") or ()
+    unknown = sorted(set(types + mtp_types) - {"sparse", "dense"})
+    if unknown:
+        raise MoekitError(f"{values.source}: mlp_layer_types holds {shown(unknown)}; expected "
+                          '"sparse" or "dense" for each layer')
+    stack = frozenset(i for i, kind in enumerate(types[:count]) if kind == "sparse")
+    after = frozenset(count + i for i, kind in enumerate(mtp_types[:mtp]) if kind == "sparse")
+    return stack, after, f"mlp_layer_types (sparse at {len(stack)} of {count} layers)"
+
+
+def _layer_enum(values: ConfigValues, key: str) -> frozenset[int]:
+    """``config[key]`` as layer numbers: a comma-separated string ("3,4,5") or a list of
+    numbers (or of numbers written as strings), as transformers reads Step's
+    ``moe_layers_enum``."""
+    value = values.config[key]
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise MoekitError(f"{values.source}: {key} is {shown(value)}; expected layer numbers "
+                          'as a list or a comma-separated string ("3,4,5")')
+    return frozenset(values.checked_integer(f"{key}[{i}]", _as_integer(item))
+                     for i, item in enumerate(items) if not isinstance(item, str) or item.strip())
+
+
+def _as_integer(item: object) -> object:
+    """A layer number written as a string ("3") as the number, as transformers' ``int()``
+    reads it; anything else as it is, for ``checked_integer`` to judge."""
+    if not isinstance(item, str):
+        return item
+    try:
+        return int(item)
+    except ValueError:
+        return item
 
 
 _BLOCK_PATTERN = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}

@@ -52,9 +52,6 @@ class Settings:
     router_extra: tuple[int, str] | None = None
     """(router rows after the routed experts', the config key saying so), for families
     whose router scores experts that hold no weights (``Family.router_extra_rows``)."""
-    layer_count: int | None = None
-    """The config's ``num_hidden_layers``, for a family without a layer rule whose
-    multi-token-prediction layers a layout refuses (``Family.mtp_unheld``)."""
 
 
 @dataclass
@@ -439,22 +436,15 @@ def _check_mtp_layers(analysis: Analysis, dst: Layout) -> None:
     """Refuse a source holding multi-token-prediction layers (the config's layers after
     ``num_hidden_layers``) where ``dst`` has no names for them (``Layout.mtp_note``) or
     holds the family's otherwise (``Family.mtp_unheld``)."""
-    settings = analysis.settings
     note = dst.mtp_note or analysis.family.mtp_unheld.get(dst.name, "")
-    if not note or settings is None:
+    rule = analysis.settings.moe_layers if analysis.settings else None
+    if not note or rule is None:
         return
-    rule = settings.moe_layers
-    if rule is not None:
-        count, present = rule.count, [layer for layer in analysis.blocks if layer in rule.extra]
-    elif settings.layer_count is not None:
-        count = settings.layer_count
-        present = [layer for layer in analysis.blocks if layer >= count]
-    else:
-        return
+    present = [layer for layer in analysis.blocks if layer in rule.extra]
     if present:
         raise MoekitError(
             f"the source holds multi-token-prediction layers (layer "
-            f"{', '.join(map(str, sorted(present)))}, after num_hidden_layers {count}): "
+            f"{', '.join(map(str, sorted(present)))}, after num_hidden_layers {rule.count}): "
             f"{note}; use another layout, or a checkpoint without them")
 
 
@@ -725,9 +715,8 @@ def config_settings(config: dict | None, family: Family, source: str) -> Setting
                           f"experts than moekit plans for in a layer ({MAX_EXPERTS})")
     extra = family.router_extra_rows
     router_extra = (values.integer(extra), extra) if extra and extra in values else None
-    count = values.integer("num_hidden_layers") if family.mtp_unheld else None
     return Settings(values.source, declared, layers, fp8_block(ConfigValues(config, source)),
-                    router_extra, count)
+                    router_extra)
 
 
 def _text_model_values(config: Mapping, family: Family, source: str) -> ConfigValues:

@@ -211,8 +211,9 @@ def test_step3p7_experts_are_transformers_bytes_where_its_layout_is_refused(tmp_
 def test_step3p7_multi_token_prediction_layers_are_refused_where_nemo_renumbers_them(
         tmp_path, capsys):
     """Step-3.7's Hub files hold multi-token-prediction layers after the text model's
-    ``num_hidden_layers`` (transformers builds none): vllm takes them as further layers,
-    byte for byte both ways; nemo, where NeMo AutoModel renumbers them, is refused
+    ``num_hidden_layers`` (transformers builds none): one its config marks sparse
+    (``mtp_mlp_layer_types``, as save_pretrained writes it) vllm takes as a further
+    layer, byte for byte both ways; nemo, where NeMo AutoModel renumbers them, is refused
     naming them and why."""
     import json
 
@@ -223,6 +224,7 @@ def test_step3p7_multi_token_prediction_layers_are_refused_where_nemo_renumbers_
     build_multimodal("step3p7").save_pretrained(tmp_path / "saved")
     config = json.loads((tmp_path / "saved" / "config.json").read_text())
     count = config["text_config"]["num_hidden_layers"]
+    config["text_config"].update(num_nextn_predict_layers=1, mtp_mlp_layer_types=["sparse"])
     tensors = load_all(tmp_path / "saved")
     last = re.compile(rf"(^|\.)layers\.{count - 1}\.")
     tensors.update({last.sub(rf"\g<1>layers.{count}.", key): value + 1.0

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..model_config import (LayerRule, after_dense_prefix, block_types, dense_prefix_of,
                             every_layer, expert_period, listed_or_interleaved, mlp_layer_types,
-                            sparse_step)
+                            sparse_step, step3p7_layers)
 
 PROJECTIONS = ("gate", "up", "down")
 """Canonical projection names: gate (w1, activated), up (w3, multiplied), down (w2)."""
@@ -602,14 +602,14 @@ FAMILIES: tuple[Family, ...] = (
     # moe.router_bias beside them, the shared expert share_expert beside the block.
     # transformers 5.24 (conversion_mapping.py "step3p7", "step3p5_vision") joins gate and
     # up into mlp.experts.gate_up_proj and also splits and permutes the vision tower's
-    # attention. No moe_layers rule: the Hub's config.json lists the MoE layers as
-    # moe_layers_enum (transformers' legacy alias of mlp_layer_types) and its files hold
-    # num_nextn_predict_layers MTP layers after the stack (transformers skips them on load;
-    # NeMo AutoModel 0.7 renumbers them as mtp.layers.N, which no rename here expresses),
-    # so the MoE layers are the files' own.
+    # attention. Its MoE layers are read as transformers reads them (step3p7_layers): the
+    # Hub's config.json lists them as moe_layers_enum (transformers' legacy alias of
+    # mlp_layer_types) and its files hold num_nextn_predict_layers MTP layers after the
+    # stack (transformers skips them on load; NeMo AutoModel 0.7 renumbers them as
+    # mtp.layers.N, which no rename here expresses).
     Family("step3p7", ("step3p7",), "model.layers.{layer}.moe", _QWEN_PROJECTIONS,
            "n_routed_experts", count_aliases=("num_local_experts", "moe_num_experts"),
-           grouped_on_disk=True, text_config=("text_config",),
+           grouped_on_disk=True, text_config=("text_config",), moe_layers=step3p7_layers,
            renames={"hf": _STEP3P7_ON_DISK, "nemo": _STEP3P7_NEMO},
            mtp_unheld={"nemo": "NeMo AutoModel 0.7 renumbers Step-3.7's multi-token-"
                                "prediction layers as mtp.layers.N, which moekit does not write"},
