@@ -173,15 +173,40 @@ def test_cuda_readers_given_buffers_pinned_ahead_load_the_same_bytes(family_chec
 
 
 def test_a_pinning_error_reaches_every_reader_that_waits_for_a_buffer(monkeypatch):
-    def refuse(*args, **kwargs):
+    def refuse(size):
         raise RuntimeError("cannot pin memory")
 
-    monkeypatch.setattr(torch, "empty", refuse)
+    monkeypatch.setattr(device, "_page_locked", refuse)
     pinned = device.PinnedBuffers(pairs=2, buffer_bytes=64)
     pinned.join()
     for _ in range(2):
         with pytest.raises(RuntimeError, match="cannot pin memory"):
             pinned.take()
+
+
+def test_page_locked_buffers_given_back_are_taken_again_by_size(monkeypatch):
+    made = []
+    monkeypatch.setattr(device, "_page_locked",
+                        lambda size: made.append(torch.empty(size, dtype=torch.uint8)) or made[-1])
+    pool = device.PageLockedPool()
+    first, other = pool.take(64), pool.take(128)
+    pool.give_back([first, other])
+    assert pool.take(64) is first and pool.take(128) is other
+    assert pool.take(64) is not first and len(made) == 3
+
+
+@cuda
+def test_cuda_later_loads_pin_nothing_and_their_buffers_are_page_locked(family_checkpoints,
+                                                                       monkeypatch):
+    path = family_checkpoints["qwen3_moe"]
+    first = moekit.load(path, "nemo", device="cuda")
+    pinned = []
+    monkeypatch.setattr(device, "_page_locked", lambda size: pinned.append(size))
+    again = moekit.load(path, "nemo", device="cuda")
+    assert pinned == [] and checksums(again) == checksums(first)
+    buffers = device.PAGE_LOCKED.take(device.BUFFER_BYTES)
+    assert buffers.is_pinned()
+    device.PAGE_LOCKED.give_back([buffers])
 
 
 @cuda

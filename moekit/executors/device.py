@@ -18,13 +18,14 @@ CI, without a GPU, tests it.
 
 from __future__ import annotations
 
+import mmap
 import os
 import queue
 import re
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager as ContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -45,11 +46,10 @@ CHUNK_BYTES = 64 * 2**20
 """Bytes of one read job: large, so that queueing jobs costs little Python."""
 BUFFER_BYTES = 8 * 2**20
 """Bytes of each of a reader's two pinned buffers, through which it moves its jobs: pinned
-host memory is 2 x BUFFER_BYTES per reader. Small, because pinning is slow (about 0.13 s for
-256 MiB, mostly faulting in fresh pages) and the first load in a process pays for it; not
-smaller, because each buffer's copy costs the reader the GIL (with 16 readers, 4 MiB
-buffers load a quarter slower than 8 MiB ones; 8 to 32 MiB load within 6 % of each other
-once pinned)."""
+host memory is 2 x BUFFER_BYTES per reader. Small, because pinning is slow (about 0.05 s for
+256 MiB, see ``PageLockedPool``) and the first load in a process pays for it; not smaller,
+because each buffer's copy costs the reader the GIL (with 16 readers, 4 MiB buffers load a
+quarter slower than 8 MiB ones; 8 to 32 MiB load within 6 % of each other once pinned)."""
 READERS = min(16, os.cpu_count() or 1)
 """Reader threads: ``pread`` from the page cache is a memory copy, so more cores read faster."""
 SWITCH_INTERVAL = 2e-4
@@ -65,12 +65,59 @@ SLOTS = 3
 ALIGN = 256
 
 
+class PageLockedPool:
+    """Host buffers page-locked for CUDA's asynchronous copies, kept for the process's later
+    loads: a load takes its readers' buffers from the pool and gives them back when its
+    copies are done, so only the first load in a process pays for pinning.
+
+    A buffer is anonymous memory mapped with its pages populated (zero-filled by the
+    kernel) and registered with ``cudaHostRegister``, as ``torch.distributed.checkpoint``'s
+    stager pins its buffers: on an H200 host that pins 256 MiB in about 0.05 s where
+    ``cudaHostAlloc`` (PyTorch's pinned allocator) takes 0.1 to 0.3 s, and the copies from
+    either run at the same speed. Where registering fails, the buffer comes from PyTorch's
+    pinned allocator instead."""
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> torch.Tensor:
+        """A page-locked buffer of ``size`` bytes: a free one, else a newly pinned one."""
+        with self._lock:
+            free = self._free.get(size)
+            if free:
+                return free.pop()
+        return _page_locked(size)
+
+    def give_back(self, buffers: Iterable[torch.Tensor]) -> None:
+        """Keep ``buffers`` (no copy may still read them) for later loads."""
+        with self._lock:
+            for buffer in buffers:
+                self._free.setdefault(buffer.numel(), []).append(buffer)
+
+
+def _page_locked(size: int) -> torch.Tensor:
+    """``size`` bytes of host memory, registered with CUDA (see ``PageLockedPool``)."""
+    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                       | getattr(mmap, "MAP_POPULATE", 0))
+    buffer = torch.frombuffer(memory, dtype=torch.uint8)
+    if int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), size, _PORTABLE)):
+        return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    return buffer
+
+
+_PORTABLE = 1
+"""``cudaHostRegisterPortable``: the buffer is page-locked for every device's copies."""
+PAGE_LOCKED = PageLockedPool()
+"""The process's page-locked buffers, shared by its loads."""
+
+
 class PinnedBuffers:
-    """The pairs of pinned host buffers a load's readers move their bytes through, pinned
-    one pair at a time by a background thread, each handed to a reader as soon as it is
-    pinned: the first load in a process pins them (about 0.13 s for 16 readers) while its
-    plan is built and its first bytes are read, not before. Later loads find the buffers
-    in PyTorch's pinned-memory cache (they are freed into it when the load ends).
+    """The pairs of pinned host buffers a load's readers move their bytes through, taken
+    from ``PAGE_LOCKED`` one pair at a time by a background thread, each handed to a reader
+    as soon as it is ready: the first load in a process pins them (about 0.05 s for 16
+    readers) while its plan is built and its first bytes are read, not before. Later loads
+    find them in the pool.
 
     While it pins, the GIL switch interval is short (``PROMPT_HANDOFFS``): the thread needs
     the GIL around each buffer, and with Python's default interval the main thread, busy
@@ -93,8 +140,15 @@ class PinnedBuffers:
         return pair
 
     def join(self) -> None:
-        """Wait until every pair is pinned (so that no thread outlives the load)."""
+        """Wait until every pair is pinned (so that no thread outlives the load), and give
+        the pairs no reader took back to the pool."""
         self._thread.join()
+        left: list = []
+        while not self._pinned.empty():
+            left.append(self._pinned.get())
+        PAGE_LOCKED.give_back(buffer for pair in left if isinstance(pair, list) for buffer in pair)
+        for error in (pair for pair in left if isinstance(pair, BaseException)):
+            self._pinned.put(error)
 
     def _pin(self, pairs: int) -> None:
         try:
@@ -105,8 +159,7 @@ class PinnedBuffers:
 
     def _pin_pairs(self, pairs: int) -> None:
         for _ in range(pairs):
-            self._pinned.put([torch.empty(self.buffer_bytes, dtype=torch.uint8,
-                                          pin_memory=True) for _ in range(2)])
+            self._pinned.put([PAGE_LOCKED.take(self.buffer_bytes) for _ in range(2)])
 
 
 def pin_ahead(device: torch.device | str | None) -> PinnedBuffers | None:
@@ -260,6 +313,7 @@ class _Reader:
         self.local = threading.local()
         self.aborted = False
         self.compute = torch.cuda.Stream(device) if self.cuda else None
+        self.handed: list[torch.Tensor] = []  # the readers' pinned buffers, for the pool
 
     def __enter__(self) -> "_Reader":
         return self
@@ -269,6 +323,7 @@ class _Reader:
         self.pool.shutdown(wait=True, cancel_futures=True)
         if self.cuda:
             torch.cuda.synchronize(self.device)  # no copy may outlive its staging buffer
+            PAGE_LOCKED.give_back(self.handed)
         self.files.close()
 
     def run(self, batches: list[list[TensorPlan]]) -> dict[str, torch.Tensor]:
@@ -380,8 +435,8 @@ class _Reader:
         local = self.local
         if not hasattr(local, "buffers"):
             local.buffers = self.pinned.take() if self.pinned is not None else [
-                torch.empty(self.buffer_bytes, dtype=torch.uint8, pin_memory=True)
-                for _ in range(2)]
+                PAGE_LOCKED.take(self.buffer_bytes) for _ in range(2)]
+            self.handed.extend(local.buffers)
             local.views = [memoryview(buffer.numpy()) for buffer in local.buffers]
             local.events = [torch.cuda.Event(), torch.cuda.Event()]
             local.turn = 0
