@@ -211,6 +211,22 @@ class RequireZeros(_ShapedLikePart):
 
 
 @dataclass(frozen=True)
+class RequireEqual(_ShapedLikePart):
+    """``part``, once ``copy`` is evaluated and found to hold the same bytes: how a source
+    tensor that the destination keeps only as the tensor ``part`` makes (DeepSeek-V3's
+    multi-token-prediction layer's own embedding and output head, which Megatron-Core's
+    MTP block takes from the main model) is dropped only when dropping it loses nothing.
+    Evaluating it raises a MoekitError naming both tensors otherwise."""
+
+    part: "Expr"
+    copy: "Expr"
+    names: tuple[str, str]
+    """The source names of the tensor kept and of its copy (for the error)."""
+    reason: str
+    """Why the destination holds the copy only as the kept tensor (for the error)."""
+
+
+@dataclass(frozen=True)
 class Cast:
     """``part`` converted to ``dtype`` as ``Tensor.to`` converts it (round to nearest
     even): what a merge's ``dtype`` asks of every tensor, applied after any ``Scale`` of
@@ -246,7 +262,7 @@ class DequantizeMXFP4:
 
 
 Expr = Union[Read, Transpose, Reshape, Stack, Concat, Scale, Constant, Random, Redraw,
-             Dequantize, DequantizeMXFP4, RequireZeros, Cast]
+             Dequantize, DequantizeMXFP4, RequireZeros, RequireEqual, Cast]
 
 
 T = TypeVar("T")
@@ -340,6 +356,10 @@ def _pair(expr: Dequantize | DequantizeMXFP4, made: Mapping[str, Expr]) -> Expr:
                             for name in (first, second)})
 
 
+def _both(expr: RequireEqual, made: Mapping[str, Expr]) -> Expr:
+    return replace(expr, part=composed(expr.part, made), copy=composed(expr.copy, made))
+
+
 def _leaf(expr: Constant | Random, made: Mapping[str, Expr]) -> Expr:
     return expr
 
@@ -347,7 +367,7 @@ def _leaf(expr: Constant | Random, made: Mapping[str, Expr]) -> Expr:
 _COMPOSE: dict[type, Callable[..., Expr]] = {
     Read: _read, Stack: _parts, Concat: _parts, Transpose: _part, Reshape: _part,
     Scale: _part, Cast: _part, Constant: _leaf, Random: _leaf, Redraw: _checked,
-    RequireZeros: _checked, Dequantize: _pair, DequantizeMXFP4: _pair,
+    RequireZeros: _checked, RequireEqual: _both, Dequantize: _pair, DequantizeMXFP4: _pair,
 }
 """Every recipe node, by how its reads are replaced."""
 
@@ -363,6 +383,7 @@ _READS: dict[type, Callable[..., list[Read]]] = {
     Random: lambda expr: [],
     Redraw: lambda expr: [*reads(expr.part), expr.stats],
     RequireZeros: lambda expr: [*reads(expr.part), expr.checked],
+    RequireEqual: lambda expr: [*reads(expr.part), *reads(expr.copy)],
     Dequantize: lambda expr: [*reads(expr.weight), *reads(expr.scale)],
     DequantizeMXFP4: lambda expr: [*reads(expr.blocks), *reads(expr.scales)],
     **dict.fromkeys((Transpose, Reshape, Scale, Cast), lambda expr: reads(expr.part)),
@@ -395,6 +416,7 @@ _DESCRIBE: dict[type, Callable[..., str]] = {
                               f"-> {expr.dtype}"),
     Cast: lambda expr: f"{describe(expr.part)} -> {expr.dtype}",
     RequireZeros: lambda expr: f"{describe(expr.part)} if {expr.checked.key} == 0",
+    RequireEqual: lambda expr: f"{describe(expr.part)} if == {describe(expr.copy)}",
     Redraw: lambda expr: (f"redraw({describe(expr.part)}, {expr.ratio:.0%} of dim {expr.dim}, "
                           f"seed={expr.select_seed})"),
     Stack: lambda expr: f"stack({_described_parts(expr)})",

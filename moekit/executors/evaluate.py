@@ -19,7 +19,8 @@ import torch
 from ..dtypes import to_torch
 from ..errors import MoekitError
 from ..plan import (FP4_VALUES, Cast, Concat, Constant, Dequantize, DequantizeMXFP4, Expr,
-                    Random, Read, Redraw, RequireZeros, Reshape, Scale, Stack, Transpose, handler)
+                    Random, Read, Redraw, RequireEqual, RequireZeros, Reshape, Scale, Stack,
+                    Transpose, handler)
 from ..sources import TensorSource
 
 
@@ -87,6 +88,26 @@ def _fill_require_zeros(expr: RequireZeros, out: torch.Tensor, source: TensorSou
         raise MoekitError(f"{expr.checked.key} holds non-zero values: {expr.reason}, so "
                           "moekit refuses to drop it")
     fill(expr.part, out, source)
+
+
+def _fill_require_equal(expr: RequireEqual, out: torch.Tensor, source: TensorSource) -> None:
+    """Fill ``out`` with the part, then compare the copy's bytes with it (elements as
+    integers of their width: NaN payloads and the sign of zero count)."""
+    fill(expr.part, out, source)
+    copy = materialize(expr.copy, source, out.device)
+    if copy.shape != out.shape or copy.dtype != out.dtype or not torch.equal(
+            _as_bits(copy), _as_bits(out)):
+        kept, dropped = expr.names
+        raise MoekitError(f"{dropped} differs from {kept}: {expr.reason}, so moekit refuses "
+                          f"to drop {dropped}")
+
+
+def _as_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The elements of ``tensor`` as signed integers of their width (bytes where there is
+    none of that width)."""
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(
+        tensor.element_size(), torch.uint8)
+    return tensor.contiguous().view(bits)
 
 
 def _fill_random(expr: Random, out: torch.Tensor, source: TensorSource) -> None:
@@ -302,6 +323,6 @@ _FILLERS = {
     Read: _fill_read, Transpose: _fill_transpose, Reshape: _fill_reshape, Stack: _fill_stack,
     Concat: _fill_concat, Scale: _fill_scale, Constant: _fill_constant, Random: _fill_random,
     Redraw: _fill_redraw, Dequantize: _fill_dequantize, DequantizeMXFP4: _fill_mxfp4,
-    RequireZeros: _fill_require_zeros, Cast: _fill_cast,
+    RequireZeros: _fill_require_zeros, RequireEqual: _fill_require_equal, Cast: _fill_cast,
 }
 """One filler per recipe node: the one place this executor dispatches on a node's type."""
