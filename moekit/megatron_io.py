@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 from .checkpoint import CONFIG_NAME, DCP_METADATA_NAME, TensorInfo, member_file, read_config
 from .errors import MoekitError, printable
 from .layouts.families import GENERIC_FAMILIES, family_of_model_type
-from .layouts.megatron import (MEGATRON, Dimensions, Entry, chunk_name, entry_of,
-                               is_per_layer)
+from .layouts.megatron import (MEGATRON, MTP_COPIES, Dimensions, Entry, chunk_name, entry_of,
+                               is_per_layer, mtp_depth)
 from .plan import Concat, Expr, Plan, Read
 from .sources import TensorSource
 
@@ -204,10 +204,15 @@ def _check_backend(iteration: Path) -> None:
 def hf_tensors(stored: Mapping[str, "StoredTensor"], config: Mapping | None, source: str
                ) -> dict[str, Expr]:
     """Every HF tensor of a Megatron-Core checkpoint's model, each the recipe reading it
-    from the stored chunks; a stored tensor that no entry names is refused."""
+    from the stored chunks; a stored tensor that no entry names is refused. A
+    multi-token-prediction layer's own embedding and output head (``MTP_COPIES``) are
+    the main model's, read from the same chunks."""
     dims = Dimensions.of(config, _experts(stored), source)
     family = family_of_model_type(config.get("model_type")) or GENERIC_FAMILIES[0]
-    entries = dims.entries(per_layer=any(map(is_per_layer, stored)))
+    held = {mtp_depth(key) for key in stored}
+    depths = [depth for depth in range(dims.mtp) if depth in held]
+    entries = [*dims.entries(per_layer=any(map(is_per_layer, stored))),
+               *(entry for depth in depths for entry in dims.mtp_entries(depth))]
     named = {entry.key for entry in entries}
     unknown = [key for key in stored if key not in named and not key.startswith(OPTIMIZER_PREFIX)]
     if unknown:
@@ -230,6 +235,10 @@ def hf_tensors(stored: Mapping[str, "StoredTensor"], config: Mapping | None, sou
                 pieces = [_region(tensor, entry.stored_index(index), start, start + rows,
                                   source) for start in parts]
                 made[key] = pieces[0] if len(pieces) == 1 else Concat(tuple(pieces), dim=0)
+    for depth in depths:
+        for copy, mains in MTP_COPIES:
+            main = next(key for key in mains if key in made)
+            made[f"model.layers.{dims.mtp_layer(depth)}.{copy}"] = made[main]
     return made
 
 

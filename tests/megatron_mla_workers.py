@@ -41,15 +41,19 @@ def _dot_product_attention():
     return _DotProductAttention
 
 
-def mla_model(config: dict, ep: int = 1):
+def mla_model(config: dict, ep: int = 1, mtp: int = 0):
     """megatron-core's GPTModel holding the transformers DeepSeek-V3 that ``config``
     describes: MLA (q LoRA or not, RMSNorm on the latents), sigmoid routing over
     ``n_group`` groups with the score-correction bias (``expert_bias``), top-k weights
     renormalised then scaled by ``routed_scaling_factor``, shared experts, and the first
-    ``first_k_dense_replace`` layers dense (``moe_layer_freq`` a list); the experts over
-    ``ep`` expert-parallel ranks."""
+    ``first_k_dense_replace`` layers dense (``moe_layer_freq`` a list), and ``mtp``
+    multi-token-prediction layers (``mtp_num_layers``, each with the last decoder layer's
+    spec as ``get_gpt_mtp_block_spec`` gives it); the experts over ``ep`` expert-parallel
+    ranks. (transformers' DeepSeek-V3 config declares ``num_nextn_predict_layers`` 1
+    whether or not the files hold the layer, so the checkpoint says: ``mtp_layers``.)"""
     import megatron.core.transformer.multi_latent_attention as multi_latent_attention
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_decoder_block_spec,
+                                                          get_gpt_mtp_block_spec)
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
@@ -75,17 +79,48 @@ def mla_model(config: dict, ep: int = 1):
         moe_router_num_groups=config["n_group"], moe_router_group_topk=config["topk_group"],
         moe_layer_freq=[0] * dense + [1] * (layers - dense),
         moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
-        expert_model_parallel_size=ep)
+        expert_model_parallel_size=ep, mtp_num_layers=mtp or None)
     spec = get_gpt_decoder_block_spec(transformer, use_transformer_engine=False,
                                       normalization="RMSNorm")
     for layer in spec.layer_specs:
         layer.submodules.self_attention.submodules.core_attention = _dot_product_attention()
-    model = GPTModel(config=transformer, transformer_layer_spec=spec,
+    mtp = (get_gpt_mtp_block_spec(transformer, spec, use_transformer_engine=False)
+           if transformer.mtp_num_layers else None)
+    model = GPTModel(config=transformer, transformer_layer_spec=spec, mtp_block_spec=mtp,
                      vocab_size=config["vocab_size"],
                      max_sequence_length=config["max_position_embeddings"],
                      position_embedding_type="rope",
                      share_embeddings_and_output_weights=config["tie_word_embeddings"])
     return model.eval()
+
+
+def mtp_layers(iteration: Path) -> int:
+    """The multi-token-prediction layers a torch_dist checkpoint holds (``mtp.layers.N.…``),
+    which Megatron-LM's ``--mtp-num-layers`` gives the model it loads into."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(iteration)).read_metadata().state_dict_metadata
+    return len({key.split(".")[2] for key in keys if key.startswith("mtp.layers.")})
+
+
+def forward(model, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The logits of ``model`` on ``ids`` and those of each of its multi-token-prediction
+    layers ([batch, sequence, vocabulary], as its output layer gives them). A model with MTP
+    layers computes their losses in its forward, which then needs labels (``ids`` here,
+    which change no logits), and returns no logits: they are taken from its output layer,
+    which scores the MTP layers' hidden states first and then the main model's (copied
+    there: the loss then turns them into probabilities in place)."""
+    if not model.mtp_process:
+        return megatron_workers.forward([model], ids), []
+    scored = []
+    hook = model.output_layer.register_forward_hook(
+        lambda module, inputs, output: scored.append(output[0].transpose(0, 1).clone()))
+    positions = torch.arange(ids.shape[1])[None]
+    mask = torch.triu(torch.ones(1, 1, ids.shape[1], ids.shape[1]), diagonal=1).bool()
+    with torch.no_grad():
+        model(ids, positions, attention_mask=mask, labels=ids)
+    hook.remove()
+    return scored[-1], scored[:-1]
 
 
 def load_and_run(rank: int, world: int, store: str, folders: list[str], ids: torch.Tensor,
@@ -104,17 +139,19 @@ def load_and_run(rank: int, world: int, store: str, folders: list[str], ids: tor
     found = {}
     for number, folder in enumerate(map(Path, folders)):
         config = json.loads((folder / "config.json").read_text())
-        model = (mla_model if config["model_type"] == "deepseek_v3"
-                 else megatron_checkpoint_workers.gpt_model)(config)
-        iteration = (folder / "latest_checkpointed_iteration.txt").read_text().strip()
-        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()},
-                                         str(folder / f"iter_{int(iteration):07d}"),
+        tracker = (folder / "latest_checkpointed_iteration.txt").read_text().strip()
+        iteration = folder / f"iter_{int(tracker):07d}"
+        model = (mla_model(config, mtp=mtp_layers(iteration))
+                 if config["model_type"] == "deepseek_v3"
+                 else megatron_checkpoint_workers.gpt_model(config))
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(iteration),
                                          strict=StrictHandling.RAISE_ALL)
         model.load_state_dict(loaded.pop("model"), strict=True)
         Path(f"{result}.{number}.saved").mkdir()
         dist_checkpointing.save(model.sharded_state_dict(), f"{result}.{number}.saved")
+        logits, mtp_logits = forward(model, ids)
         found[str(folder)] = {
-            "logits": megatron_workers.forward([model], ids), "common": loaded,
+            "logits": logits, "mtp_logits": mtp_logits, "common": loaded,
             "state": {k: v.clone() for k, v in model.state_dict().items()
                       if isinstance(v, torch.Tensor)}}
     torch.save(found, result)
@@ -155,19 +192,23 @@ def save_expert_parallel(rank: int, world: int, store: str, config_folder: str,
 def load_expert_parallel(rank: int, world: int, store: str, folder: str, ids: torch.Tensor,
                          result: str) -> None:
     """Load ``folder`` (moekit's torch_dist checkpoint of a DeepSeek-V3) strictly into
-    ``mla_model`` at EP = ``world``; each rank saves its logits on ``ids`` and the global
-    indices of the experts it holds, by layer, into ``result``.RANK."""
+    ``mla_model`` at EP = ``world``; each rank saves its logits and its MTP layers' on
+    ``ids`` (``forward``) and the global indices of the experts it holds, by HF layer
+    (an MTP layer's after the decoder's), into ``result``.RANK."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     megatron_checkpoint_workers._init(rank, world, store, ep=world)
     folder = Path(folder)
-    model = mla_model(json.loads((folder / "config.json").read_text()), ep=world)
+    model = mla_model(json.loads((folder / "config.json").read_text()), ep=world,
+                      mtp=mtp_layers(folder / "iter_0000000"))
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()},
                                      str(folder / "iter_0000000"), strict=StrictHandling.RAISE_ALL)
     model.load_state_dict(loaded["model"], strict=True)
+    blocks = [*model.decoder.layers,
+              *(mtp.transformer_layer for mtp in (model.mtp.layers if model.mtp_process else ()))]
     held = {layer: list(block.mlp.local_expert_indices)
-            for layer, block in enumerate(model.decoder.layers) if hasattr(block.mlp, "router")}
-    torch.save({"logits": megatron_workers.forward([model], ids), "experts": held},
-               f"{result}.{rank}")
+            for layer, block in enumerate(blocks) if hasattr(block.mlp, "router")}
+    logits, mtp_logits = forward(model, ids)
+    torch.save({"logits": logits, "mtp_logits": mtp_logits, "experts": held}, f"{result}.{rank}")
     megatron_workers.finish()

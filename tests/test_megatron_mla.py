@@ -3,12 +3,15 @@ the router's score-correction bias) written by moekit as a Megatron-Core ``torch
 checkpoint, against megatron-core 0.16.1 itself: its strict ``dist_checkpointing.load``
 into its GPTModel with MLA (local specs, CPU, gloo; see ``megatron_mla_workers`` for the two
 places its local MLA needs help to build), its logits against transformers', its own save
-of the loaded model against moekit's folder, at expert-parallel sizes 1 and 2; a Qwen3-MoE
-with a dense layer between MoE layers (each layer under its own key, as for DeepSeek-V3's
-dense first layer) likewise; and the common state Megatron-LM reads."""
+of the loaded model against moekit's folder, at expert-parallel sizes 1 and 2; a DeepSeek-V3
+with a multi-token-prediction layer (megatron-core's MTP block) likewise, its MTP logits
+against DeepSeek-V3's MTP computed with transformers' decoder layer; a Qwen3-MoE with a
+dense layer between MoE layers (each layer under its own key, as for DeepSeek-V3's dense
+first layer) likewise; and the common state Megatron-LM reads."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -23,7 +26,6 @@ pytest.importorskip("megatron.core")
 
 from . import megatron_mla_workers, megatron_workers  # noqa: E402
 from .conftest import load_all  # noqa: E402
-from .test_families import _with_mtp_layer  # noqa: E402
 from .test_megatron_checkpoint import (LOGITS_TOLERANCE, assert_back_to_hf,  # noqa: E402
                                        assert_expert_parallel_save_reads_back,
                                        assert_same_dcp_folders)
@@ -37,10 +39,10 @@ torch_dist checkpoint's common state in ``load_checkpoint``: ``checkpoint_versio
 only without ``--finetune``."""
 
 
-def _deepseek(**settings) -> torch.nn.Module:
+def _deepseek(seed: int = 0, **settings) -> torch.nn.Module:
     """A tiny transformers DeepSeek-V3 whose score-correction bias is not zero (its
     initialisation leaves it zero)."""
-    model = samples.build_model("deepseek_v3", **settings)
+    model = samples.build_model("deepseek_v3", seed, **settings)
     with torch.no_grad():
         for layer in model.model.layers[model.config.first_k_dense_replace:]:
             layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.2)
@@ -50,10 +52,49 @@ def _deepseek(**settings) -> torch.nn.Module:
 MODELS = {
     "deepseek": lambda: _deepseek(),
     "deepseek_without_q_lora": lambda: _deepseek(q_lora_rank=None),
+    "deepseek_mtp": lambda: _deepseek(),
     "mixed": lambda: samples.build_model("qwen3_moe", norm_topk_prob=True, mlp_only_layers=[1]),
 }
 """DeepSeek-V3 with and without a q LoRA rank (``linear_q_down_proj``/``linear_q_up_proj``
-or ``linear_q_proj``), and a Qwen3-MoE whose layer 1 is dense (``mlp_only_layers``)."""
+or ``linear_q_proj``), one whose files hold a multi-token-prediction layer
+(``_add_mtp_layer``), and a Qwen3-MoE whose layer 1 is dense (``mlp_only_layers``)."""
+WITH_MTP = ("deepseek_mtp",)
+
+MTP_OWN = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
+           "eh_proj.weight": "eh_proj.weight", "shared_head.norm.weight": "final_layernorm.weight"}
+"""DeepSeek-V3's MTP layer's own modules besides its decoder layer (as its Hub files name
+them under ``model.layers.{num_hidden_layers}.``) -> megatron-core 0.16.1's names under
+``mtp.layers.0.``."""
+
+
+def _add_mtp_layer(hf: Path, model: torch.nn.Module, tmp: Path) -> None:
+    """Add to the files at ``hf`` one multi-token-prediction layer as DeepSeek-V3's Hub
+    files hold it (layer ``num_hidden_layers``; transformers 5.24 builds none, so the
+    tensors are made here): the decoder layer that transformers saves as the last layer of
+    a DeepSeek-V3 one layer deeper (seeded, MoE, its score-correction bias not zero),
+    ``MTP_OWN`` drawn from a seeded N(0, 0.2) in their shapes by the config
+    ([H] norms, eh_proj [H, 2H]), and ``embed_tokens`` and ``shared_head.head`` copies of
+    the main model's embedding and output layer, as in DeepSeek's release; the config
+    then declares it (``num_nextn_predict_layers``)."""
+    from safetensors.torch import save_file
+
+    config = json.loads((hf / "config.json").read_text())
+    layer, hidden = config["num_hidden_layers"], config["hidden_size"]
+    deeper = samples.save_model(_deepseek(seed=1, num_hidden_layers=layer + 1), tmp)
+    prefix = f"model.layers.{layer}."
+    tensors = {key: tensor for key, tensor in load_all(deeper).items() if key.startswith(prefix)}
+    generator = torch.Generator().manual_seed(2)
+    for name in MTP_OWN:
+        shape = (hidden, 2 * hidden) if name == "eh_proj.weight" else (hidden,)
+        tensors[prefix + name] = torch.randn(shape, generator=generator) * 0.2
+    with torch.no_grad():
+        tensors[prefix + "embed_tokens.weight"] = model.model.embed_tokens.weight.clone()
+        tensors[prefix + "shared_head.head.weight"] = model.lm_head.weight.clone()
+    save_file(tensors, hf / "mtp.safetensors", metadata={"format": "pt"})
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    index["weight_map"].update(dict.fromkeys(tensors, "mtp.safetensors"))
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    (hf / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +106,8 @@ def models(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path, Path]]:
         model = build()
         root = tmp_path_factory.mktemp(name)
         hf = samples.save_model(model, root / "hf")
+        if name in WITH_MTP:
+            _add_mtp_layer(hf, model, root / "deeper")
         folder = root / "megatron"
         assert main(["convert", str(hf), str(folder), "--to", "megatron"]) == 0
         made[name] = model, hf, folder
@@ -104,44 +147,112 @@ def test_megatron_core_loads_it_strictly_and_gives_transformers_logits(models, l
     assert (loaded[name]["logits"] - theirs).abs().max() < LOGITS_TOLERANCE
 
 
+def _held(hf: dict[str, torch.Tensor], layer: int, config) -> dict[str, torch.Tensor]:
+    """The HF tensors of DeepSeek-V3's decoder layer ``layer`` by megatron-core's module
+    names within a layer (dense below ``first_k_dense_replace``, MoE after)."""
+    at, attention = f"model.layers.{layer}", f"model.layers.{layer}.self_attn"
+    expected = {
+        "input_layernorm.weight": hf[f"{at}.input_layernorm.weight"],
+        "self_attention.linear_q_down_proj.weight": hf[f"{attention}.q_a_proj.weight"],
+        "self_attention.q_layernorm.weight": hf[f"{attention}.q_a_layernorm.weight"],
+        "self_attention.linear_q_up_proj.weight": hf[f"{attention}.q_b_proj.weight"],
+        "self_attention.linear_kv_down_proj.weight": hf[f"{attention}.kv_a_proj_with_mqa.weight"],
+        "self_attention.kv_layernorm.weight": hf[f"{attention}.kv_a_layernorm.weight"],
+        "self_attention.linear_kv_up_proj.weight": hf[f"{attention}.kv_b_proj.weight"],
+        "self_attention.linear_proj.weight": hf[f"{attention}.o_proj.weight"],
+        "pre_mlp_layernorm.weight": hf[f"{at}.post_attention_layernorm.weight"],
+    }
+    if layer < config.first_k_dense_replace:
+        expected["mlp.linear_fc1.weight"] = torch.cat(
+            [hf[f"{at}.mlp.gate_proj.weight"], hf[f"{at}.mlp.up_proj.weight"]])
+        expected["mlp.linear_fc2.weight"] = hf[f"{at}.mlp.down_proj.weight"]
+        return expected
+    shared = f"{at}.mlp.shared_experts"
+    expected["mlp.router.weight"] = hf[f"{at}.mlp.gate.weight"]
+    expected["mlp.router.expert_bias"] = hf[f"{at}.mlp.gate.e_score_correction_bias"]
+    expected["mlp.shared_experts.linear_fc1.weight"] = torch.cat(
+        [hf[f"{shared}.gate_proj.weight"], hf[f"{shared}.up_proj.weight"]])
+    expected["mlp.shared_experts.linear_fc2.weight"] = hf[f"{shared}.down_proj.weight"]
+    for e in range(config.n_routed_experts):
+        expert, ours = f"{at}.mlp.experts.{e}", f"mlp.experts.local_experts.{e}"
+        expected[f"{ours}.linear_fc1.weight"] = torch.cat(
+            [hf[f"{expert}.gate_proj.weight"], hf[f"{expert}.up_proj.weight"]])
+        expected[f"{ours}.linear_fc2.weight"] = hf[f"{expert}.down_proj.weight"]
+    return expected
+
+
+def _assert_holds(state: dict[str, torch.Tensor], prefix: str,
+                  expected: dict[str, torch.Tensor]) -> None:
+    for name, tensor in expected.items():
+        mine = state[prefix + name]
+        assert mine.dtype == tensor.dtype and torch.equal(mine, tensor), prefix + name
+
+
 def test_each_megatron_tensor_is_the_transformers_tensor_it_holds(deepseek, loaded):
     """Bit for bit, by megatron-core's module names: layer 0 dense, layers 1 and 2 MoE."""
     model, hf_folder, _ = deepseek
     hf, state = load_all(hf_folder), loaded["deepseek"]["state"]
     for layer in range(model.config.num_hidden_layers):
-        at, attention = f"model.layers.{layer}", f"model.layers.{layer}.self_attn"
-        expected = {
-            "input_layernorm.weight": hf[f"{at}.input_layernorm.weight"],
-            "self_attention.linear_q_down_proj.weight": hf[f"{attention}.q_a_proj.weight"],
-            "self_attention.q_layernorm.weight": hf[f"{attention}.q_a_layernorm.weight"],
-            "self_attention.linear_q_up_proj.weight": hf[f"{attention}.q_b_proj.weight"],
-            "self_attention.linear_kv_down_proj.weight":
-                hf[f"{attention}.kv_a_proj_with_mqa.weight"],
-            "self_attention.kv_layernorm.weight": hf[f"{attention}.kv_a_layernorm.weight"],
-            "self_attention.linear_kv_up_proj.weight": hf[f"{attention}.kv_b_proj.weight"],
-            "self_attention.linear_proj.weight": hf[f"{attention}.o_proj.weight"],
-            "pre_mlp_layernorm.weight": hf[f"{at}.post_attention_layernorm.weight"],
-        }
-        if layer < model.config.first_k_dense_replace:
-            expected["mlp.linear_fc1.weight"] = torch.cat(
-                [hf[f"{at}.mlp.gate_proj.weight"], hf[f"{at}.mlp.up_proj.weight"]])
-            expected["mlp.linear_fc2.weight"] = hf[f"{at}.mlp.down_proj.weight"]
-        else:
-            shared = f"{at}.mlp.shared_experts"
-            expected["mlp.router.weight"] = hf[f"{at}.mlp.gate.weight"]
-            expected["mlp.router.expert_bias"] = hf[f"{at}.mlp.gate.e_score_correction_bias"]
-            expected["mlp.shared_experts.linear_fc1.weight"] = torch.cat(
-                [hf[f"{shared}.gate_proj.weight"], hf[f"{shared}.up_proj.weight"]])
-            expected["mlp.shared_experts.linear_fc2.weight"] = hf[f"{shared}.down_proj.weight"]
-            for e in range(model.config.n_routed_experts):
-                expert, ours = f"{at}.mlp.experts.{e}", f"mlp.experts.local_experts.{e}"
-                expected[f"{ours}.linear_fc1.weight"] = torch.cat(
-                    [hf[f"{expert}.gate_proj.weight"], hf[f"{expert}.up_proj.weight"]])
-                expected[f"{ours}.linear_fc2.weight"] = hf[f"{expert}.down_proj.weight"]
-        for name, tensor in expected.items():
-            mine = state[f"decoder.layers.{layer}.{name}"]
-            assert mine.dtype == tensor.dtype and torch.equal(mine, tensor), (layer, name)
+        _assert_holds(state, f"decoder.layers.{layer}.", _held(hf, layer, model.config))
     assert torch.any(state["decoder.layers.1.mlp.router.expert_bias"] != 0)
+
+
+def test_each_mtp_tensor_is_the_deepseek_tensor_it_holds(models, loaded):
+    """megatron-core's MTP layer 0 holds HF layer ``num_hidden_layers`` bit for bit: its
+    decoder layer under ``transformer_layer.`` (MoE, every expert) and ``MTP_OWN``; the
+    main embedding and output layer are the ones the MTP layer's copies equal."""
+    model, hf_folder, _ = models["deepseek_mtp"]
+    hf, state = load_all(hf_folder), loaded["deepseek_mtp"]["state"]
+    layer = model.config.num_hidden_layers
+    _assert_holds(state, "mtp.layers.0.transformer_layer.", _held(hf, layer, model.config))
+    _assert_holds(state, "mtp.layers.0.",
+                  {ours: hf[f"model.layers.{layer}.{theirs}"] for theirs, ours in MTP_OWN.items()})
+    _assert_holds(state, "", {
+        "embedding.word_embeddings.weight": hf[f"model.layers.{layer}.embed_tokens.weight"],
+        "output_layer.weight": hf[f"model.layers.{layer}.shared_head.head.weight"]})
+
+
+@pytest.fixture(scope="module")
+def mtp_logits(models) -> torch.Tensor:
+    """DeepSeek-V3's MTP layer (as vLLM 0.33's DeepSeekMultiTokenPredictorLayer computes
+    it): at position i, eh_proj of cat(enorm(embedding of token i + 1), hnorm(the main
+    model's last hidden state at i)), the decoder layer (transformers' own, loaded by
+    ``from_pretrained`` from the HF files as layer ``num_hidden_layers`` of a model one
+    layer deeper), shared_head.norm and shared_head.head. The last position, which has no
+    next token, is left to megatron-core's convention (it embeds token 0 there)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
+
+    model, hf_folder, _ = models["deepseek_mtp"]
+    config, hf = model.config, load_all(hf_folder)
+    layer = config.num_hidden_layers
+    deeper = AutoModelForCausalLM.from_pretrained(hf_folder, num_hidden_layers=layer + 1,
+                                                  dtype=torch.float32,
+                                                  attn_implementation="sdpa").eval()
+
+    def norm(name: str, x: torch.Tensor) -> torch.Tensor:
+        module = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        module.weight.data = hf[f"model.layers.{layer}.{name}"]
+        return module(x)
+
+    ids = _ids()
+    with torch.no_grad():
+        hidden = model.model(ids).last_hidden_state
+        embedded = hf[f"model.layers.{layer}.embed_tokens.weight"][ids.roll(-1, dims=1)]
+        x = torch.cat([norm("enorm.weight", embedded), norm("hnorm.weight", hidden)], dim=-1)
+        x = x @ hf[f"model.layers.{layer}.eh_proj.weight"].T
+        # Without a mask, sdpa attends causally, as in the model's own forward.
+        positions = torch.arange(ids.shape[1])[None]
+        x = deeper.model.layers[layer](x, position_embeddings=deeper.model.rotary_emb(x, positions))
+        x = norm("shared_head.norm.weight", x)
+        return x @ hf[f"model.layers.{layer}.shared_head.head.weight"].T
+
+
+def test_megatron_cores_mtp_layer_gives_deepseeks_mtp_logits(mtp_logits, loaded):
+    """At every position but the last (``mtp_logits``); fp32, the logits' tolerance."""
+    (mine,) = loaded["deepseek_mtp"]["mtp_logits"]
+    assert mine.shape == mtp_logits.shape
+    assert (mine[:, :-1] - mtp_logits[:, :-1]).abs().max() < LOGITS_TOLERANCE
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -170,18 +281,21 @@ def test_the_common_state_is_what_megatron_lm_reads(deepseek, loaded):
 
 
 def test_megatron_core_at_expert_parallel_size_2_loads_it_strictly_with_transformers_logits(
-        deepseek, tmp_path):
-    """Three experts a rank, under their global indices."""
-    model, _, folder = deepseek
+        models, mtp_logits, tmp_path):
+    """Three experts a rank, under their global indices, in the decoder's MoE layers and
+    the MTP layer (3) alike; the MTP logits are DeepSeek-V3's."""
+    model, _, folder = models["deepseek_mtp"]
     result = megatron_workers.spawn(megatron_mla_workers.load_expert_parallel, 2,
                                     tmp_path / "run", str(folder), _ids())
     ranks = [torch.load(f"{result}.{rank}") for rank in range(2)]
-    assert [rank["experts"] for rank in ranks] == [{1: [0, 1, 2], 2: [0, 1, 2]},
-                                                   {1: [3, 4, 5], 2: [3, 4, 5]}]
+    assert [rank["experts"] for rank in ranks] == [{1: [0, 1, 2], 2: [0, 1, 2], 3: [0, 1, 2]},
+                                                   {1: [3, 4, 5], 2: [3, 4, 5], 3: [3, 4, 5]}]
     with torch.no_grad():
         theirs = model(_ids()).logits
     for rank in ranks:
         assert (rank["logits"] - theirs).abs().max() < LOGITS_TOLERANCE
+        (mine,) = rank["mtp_logits"]
+        assert (mine[:, :-1] - mtp_logits[:, :-1]).abs().max() < LOGITS_TOLERANCE
 
 
 def test_a_deepseek_megatron_core_saved_at_expert_parallel_size_2_reads_back_whole(
@@ -198,13 +312,45 @@ def test_a_deepseek_without_interleaved_rope_is_refused_naming_why(tmp_path, cap
     _refused(hf, tmp_path / "out", capsys, "rope_interleave is False")
 
 
-def test_a_deepseek_with_a_multi_token_prediction_layer_is_refused(deepseek, tmp_path, capsys):
-    """Not dropped: megatron-core's multi-token-prediction block has no place for the
-    layer's own output head (``shared_head.head``)."""
-    hf = tmp_path / "hf"
-    shutil.copytree(deepseek[1], hf)
-    layer = _with_mtp_layer(hf)
-    _refused(hf, tmp_path / "out", capsys, f"multi-token-prediction layers (layer {layer}")
+@pytest.mark.parametrize("copy,main", [("embed_tokens.weight", "model.embed_tokens.weight"),
+                                       ("shared_head.head.weight", "lm_head.weight")])
+def test_an_mtp_layer_whose_copy_differs_from_the_main_tensor_is_refused(
+        models, tmp_path, capsys, copy, main):
+    """One element of the MTP layer's copy changed: the bytes differ, which only the write
+    finds (the plan reads headers alone); both tensors are named and nothing is left."""
+    from safetensors.torch import load_file, save_file
+
+    model, hf, _ = models["deepseek_mtp"]
+    changed = tmp_path / "hf"
+    shutil.copytree(hf, changed)
+    tensors = load_file(changed / "mtp.safetensors")
+    name = f"model.layers.{model.config.num_hidden_layers}.{copy}"
+    tensors[name][1, 2] += 1.0
+    save_file(tensors, changed / "mtp.safetensors", metadata={"format": "pt"})
+    _refused(changed, tmp_path / "out", capsys, f"{name} differs from {main}")
+
+
+def test_an_mtp_layer_whose_copy_has_another_dtype_is_refused_before_writing(
+        models, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    model, hf, _ = models["deepseek_mtp"]
+    changed = tmp_path / "hf"
+    shutil.copytree(hf, changed)
+    tensors = load_file(changed / "mtp.safetensors")
+    name = f"model.layers.{model.config.num_hidden_layers}.shared_head.head.weight"
+    tensors[name] = tensors[name].to(torch.bfloat16)
+    save_file(tensors, changed / "mtp.safetensors", metadata={"format": "pt"})
+    _refused(changed, tmp_path / "out", capsys, f"{name} is [96, 32] BF16, lm_head.weight "
+                                                "[96, 32] F32")
+
+
+def test_inspect_lists_the_mtp_layer_of_the_megatron_folder(models, capsys):
+    model, _, folder = models["deepseek_mtp"]
+    assert main(["inspect", str(folder), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    layer = model.config.num_hidden_layers
+    assert shown["mtp_layers"] == [layer] and layer in shown["moe_layers"]
 
 
 def _refused(hf, out, capsys, named: str) -> None:
