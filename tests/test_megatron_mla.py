@@ -57,7 +57,9 @@ MODELS = {
 }
 """DeepSeek-V3 with and without a q LoRA rank (``linear_q_down_proj``/``linear_q_up_proj``
 or ``linear_q_proj``), one whose files hold a multi-token-prediction layer
-(``_add_mtp_layer``), and a Qwen3-MoE whose layer 1 is dense (``mlp_only_layers``)."""
+(``_add_mtp_layer``), and a Qwen3-MoE whose layer 1 is dense (``mlp_only_layers``).
+transformers' DeepSeek-V3 config declares ``num_nextn_predict_layers`` 1 whatever the
+files hold, so the other two are written (and loaded by megatron-core) without one."""
 WITH_MTP = ("deepseek_mtp",)
 
 MTP_OWN = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
@@ -317,7 +319,8 @@ def test_a_deepseek_without_interleaved_rope_is_refused_naming_why(tmp_path, cap
 def test_an_mtp_layer_whose_copy_differs_from_the_main_tensor_is_refused(
         models, tmp_path, capsys, copy, main):
     """One element of the MTP layer's copy changed: the bytes differ, which only the write
-    finds (the plan reads headers alone); both tensors are named and nothing is left."""
+    finds (the plan reads headers alone); both tensors are named and nothing is left, not
+    even the folder the write was under way in."""
     from safetensors.torch import load_file, save_file
 
     model, hf, _ = models["deepseek_mtp"]
@@ -328,6 +331,7 @@ def test_an_mtp_layer_whose_copy_differs_from_the_main_tensor_is_refused(
     tensors[name][1, 2] += 1.0
     save_file(tensors, changed / "mtp.safetensors", metadata={"format": "pt"})
     _refused(changed, tmp_path / "out", capsys, f"{name} differs from {main}")
+    assert [path.name for path in tmp_path.iterdir()] == ["hf"]
 
 
 def test_an_mtp_layer_whose_copy_has_another_dtype_is_refused_before_writing(
