@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 from .checkpoint import CONFIG_NAME, DCP_METADATA_NAME, TensorInfo, member_file, read_config
 from .errors import MoekitError, printable
 from .layouts.families import GENERIC_FAMILIES, family_of_model_type
-from .layouts.megatron import (MEGATRON, MTP_COPIES, Dimensions, Entry, chunk_name, entry_of,
-                               is_per_layer, mtp_depth)
+from .layouts.megatron import (LAYERS, MEGATRON, SPECS, Dimensions, Entry, chunk_name,
+                               entry_of, is_per_layer)
 from .plan import Concat, Expr, Plan, Read
 from .sources import TensorSource
 
@@ -203,16 +203,17 @@ def _check_backend(iteration: Path) -> None:
 
 def hf_tensors(stored: Mapping[str, "StoredTensor"], config: Mapping | None, source: str
                ) -> dict[str, Expr]:
-    """Every HF tensor of a Megatron-Core checkpoint's model, each the recipe reading it
-    from the stored chunks; a stored tensor that no entry names is refused. A
-    multi-token-prediction layer's own embedding and output head (``MTP_COPIES``) are
-    the main model's, read from the same chunks."""
+    """Every HF tensor of a Megatron-Core checkpoint's model (of either layer spec), each
+    the recipe reading it from the stored chunks; a stored tensor that no entry names is
+    refused. ``stored`` holds the tensors only: the ``_extra_state`` objects (``[None]``
+    from a local-spec layer, Transformer Engine's FP8 metadata from a TE one) hold no
+    weight and are not read."""
     dims = Dimensions.of(config, _experts(stored), source)
     family = family_of_model_type(config.get("model_type")) or GENERIC_FAMILIES[0]
-    held = {mtp_depth(key) for key in stored}
-    depths = [depth for depth in range(dims.mtp) if depth in held]
-    entries = [*dims.entries(per_layer=any(map(is_per_layer, stored))),
-               *(entry for depth in depths for entry in dims.mtp_entries(depth))]
+    per_layer = any(map(is_per_layer, stored))
+    moe_layers = _moe_layers(stored, dims)
+    entries = dims.entries(per_layer, _spec(stored, dims, per_layer, moe_layers, source),
+                           moe_layers)
     named = {entry.key for entry in entries}
     unknown = [key for key in stored if key not in named and not key.startswith(OPTIMIZER_PREFIX)]
     if unknown:
@@ -235,11 +236,36 @@ def hf_tensors(stored: Mapping[str, "StoredTensor"], config: Mapping | None, sou
                 pieces = [_region(tensor, entry.stored_index(index), start, start + rows,
                                   source) for start in parts]
                 made[key] = pieces[0] if len(pieces) == 1 else Concat(tuple(pieces), dim=0)
-    for depth in depths:
-        for copy, mains in MTP_COPIES:
-            main = next(key for key in mains if key in made)
-            made[f"model.layers.{dims.mtp_layer(depth)}.{copy}"] = made[main]
     return made
+
+
+def _moe_layers(stored: Mapping[str, "StoredTensor"], dims: Dimensions) -> set[int]:
+    """The decoder layers holding routed experts: those of each layer's own expert keys,
+    every layer where the experts are stacked over the layers."""
+    found: set[int] = set()
+    for key in stored:
+        entry = entry_of(key) if key.startswith(LAYERS) else None
+        if entry is not None and entry.stacked == 2:
+            found.update(range(dims.layers) if entry.layer is None else (entry.layer,))
+    return found
+
+
+def _spec(stored: Mapping[str, "StoredTensor"], dims: Dimensions, per_layer: bool,
+          moe_layers: set[int], source: str) -> str:
+    """The layer spec (``SPECS``) whose keys the stored tensors have: the Transformer
+    Engine one where some tensor has a key only it gives, the local one otherwise;
+    refused naming a key of each where both are found."""
+    keys = {spec: {entry.key for entry in dims.entries(per_layer, spec, moe_layers)}
+            for spec in SPECS}
+    only = {spec: sorted(key for key in stored if key in keys[spec]
+                         and not any(key in keys[other] for other in SPECS if other != spec))
+            for spec in SPECS}
+    if only["te"] and only["local"]:
+        raise MoekitError(f"{source} holds {printable(only['te'][0])}, as megatron-core's "
+                          f"Transformer Engine layer spec names it, and "
+                          f"{printable(only['local'][0])}, as its local layer spec does; "
+                          "moekit refuses a checkpoint mixing the two namings")
+    return "te" if only["te"] else "local"
 
 
 def _experts(stored: Mapping[str, "StoredTensor"]) -> int:

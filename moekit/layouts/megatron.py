@@ -2,16 +2,20 @@
 ``GPTModel.sharded_state_dict()``, stored as a ``torch_dist`` checkpoint
 (``moekit.megatron_io`` writes and reads the folder).
 
-What megatron-core 0.16.1 saves (``dist_checkpointing.save``, checked on a saved model;
-for Llama-style attention the local and Transformer Engine layer specs alike, for MLA the
-local spec):
+What megatron-core 0.16.1 saves (``dist_checkpointing.save``, checked on a saved model
+of the local layer spec; the Transformer Engine layer spec's keys differ only where
+``Entry.te_key`` says):
 
 - The decoder's layers are stacked: ``decoder.layers.X`` has shape ``[L, ...]`` and one
   chunk a layer (``TransformerLayer`` prepends the layer axis to each module's sharded
   offsets). An expert's tensors are stacked over layers then experts,
   ``decoder.layers.mlp.experts.experts.linear_fc{1,2}.weight`` ``[L, E, ...]`` with
   global expert indices, one chunk an expert (``SequentialMLP``; an expert-parallel rank
-  saves its own experts' chunks, so the stored tensor is the same at any EP size).
+  saves its own experts' chunks, so the stored tensor is the same at any EP size). The
+  Transformer Engine spec's grouped experts (``moe_grouped_gemm``: ``TEGroupedMLP``) save
+  the same keys and chunks: ``TEGroupedLinear._sharded_state_dict_grouped`` gives each
+  GEMM's ``weight{i}`` the key ``linear_fc{1,2}.weight`` and its global expert's offset,
+  and ``TEGroupedMLP.sharded_state_dict`` SequentialMLP's prefix.
   Where some layers are dense and others MoE (``moe_layer_freq`` a list: DeepSeek-V3's
   ``first_k_dense_replace``, Qwen3-MoE's ``mlp_only_layers``), each layer is saved under
   its own key ``decoder.layers.{layer}.X`` without the layer axis (``Entry.at_layer``).
@@ -20,9 +24,10 @@ local spec):
 - ``linear_qkv`` holds, for each of the ``num_query_groups`` groups in turn, that
   group's query heads, then its key head, then its value head (``[G*(Q/G+2)*D, H]``);
   its bias, where the model has one, likewise.
-- The norms are stored under the layer-spec-independent keys
-  ``self_attention.linear_qkv.layer_norm_weight`` (input norm) and
-  ``mlp.linear_fc1.layer_norm_weight`` (pre-MLP norm); Qwen3's per-head norms are
+- The norms are stored under the keys of the Transformer Engine spec's fused layer-norm
+  linears, ``self_attention.linear_qkv.layer_norm_weight`` (input norm) and
+  ``mlp.linear_fc1.layer_norm_weight`` (pre-MLP norm; the TE spec's MoE layers keep it
+  apart, ``pre_mlp_layernorm.weight``); Qwen3's per-head norms are
   ``self_attention.{q,k}_layernorm.weight``. DeepSeek-V3's multi-latent attention keeps
   HF's tensors as they are under the local MLA spec's module names (see ``ENTRIES``).
 - Every linear layer (``linear_qkv``, MLA's projections, ``linear_proj``, ``linear_fc1``,
@@ -31,16 +36,6 @@ local spec):
   shard_{offsets}_{shape}`` over the stacked axes (``shard_0_1`` where there are none),
   ``torch.save([None])`` for a local-spec layer, whose ``get_extra_state`` returns None.
   A strict load requires each.
-- DeepSeek-V3's multi-token-prediction layers (HF layers ``num_hidden_layers + d`` for
-  ``d`` below ``num_nextn_predict_layers``) are ``mtp.layers.{d}.…``
-  (``MultiTokenPredictionBlock``, built with ``mtp_num_layers``): ``enorm``, ``hnorm``,
-  ``eh_proj`` (a linear layer), the decoder layer under ``transformer_layer.`` with the
-  decoder's keys but no layer axis (experts ``[E, ...]``), and ``final_layernorm`` (HF's
-  ``shared_head.norm``). The block embeds with the main model's embedding and scores with
-  its output layer, so the layer's own ``embed_tokens`` and ``shared_head.head`` are
-  written only as those (``MTP_COPIES``): refused at planning where their shapes or
-  dtypes differ, and while writing where their bytes do (``RequireEqual``); reading
-  gives them back as copies of the main ones.
 - ``common.pt`` holds what Megatron-LM's training loop reads (``megatron_io.COMMON_STATE``),
   ``metadata.json`` names the ``torch_dist`` backend.
 
@@ -49,17 +44,18 @@ layout); ``whole_model`` then places every tensor in Megatron's stored tensors a
 chunks (``TensorPlan.chunk``), joining the QKV projections with plan nodes; reading
 inverts each entry of ``ENTRIES``. An attention output bias (Qwen3's ``attention_bias``:
 megatron-core's ``add_bias_linear`` gives every linear layer a bias, its ``add_qkv_bias``
-only QKV one) and families not named in ``FAMILIES`` are refused.
+only QKV one), multi-token-prediction layers, and families not named in ``FAMILIES`` are
+refused.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, replace
 
 from ..errors import MoekitError
-from ..plan import Chunk, Concat, Expr, Plan, RequireEqual, Reshape, TensorPlan
+from ..plan import Chunk, Concat, Expr, Plan, Reshape, TensorPlan
 from .families import PROJECTIONS, Family
 from .hf import PerExpertLayout
 
@@ -70,6 +66,11 @@ attention (grouped query heads, optional QKV biases and Qwen3's per-head norms) 
 DeepSeek-V3's multi-latent attention (``MLA_FAMILIES``), RMSNorm, a gated MLP or routed
 experts (with DeepSeek-V3's shared experts and score-correction bias, or Qwen2-MoE's
 gated shared expert) in each layer."""
+
+SPECS = ("local", "te")
+"""The layer specs whose checkpoints moekit reads: megatron-core's local one
+(``get_gpt_layer_local_spec``), which it writes, and its Transformer Engine one
+(``get_gpt_layer_with_transformer_engine_spec``; ``Entry.te_key``)."""
 
 MLA_FAMILIES = ("deepseek_v3",)
 """The model types whose attention is megatron-core's ``MLASelfAttention``."""
@@ -107,15 +108,20 @@ class Entry:
     checkpoint of another one holding it is refused, as its model would drop it."""
     layer: int | None = None
     """The one layer whose copy this entry stores under its own key (``at_layer``)."""
-    depth: int | None = None
-    """The multi-token-prediction layer (0 for the first) whose copy this entry stores
-    under its own key (``in_mtp``)."""
+    te_key: str = ""
+    """Where not empty, the key under which a model built with megatron-core 0.16.1's
+    Transformer Engine layer spec saves the tensor (``named``): a norm that spec fuses
+    into the linear layer after it (``TELayerNormColumnParallelLinear``'s
+    ``layer_norm_weight``) where the local spec keeps it apart, or the reverse."""
+    te_layers: str = ""
+    """``moe`` or ``dense``: the only layers where ``te_key`` applies; every layer where
+    empty."""
 
     @property
     def axes(self) -> int:
         """Leading axes of the stored tensor stacking its copies: layers, then experts;
         no layer axis for an entry of one layer."""
-        return self.stacked - (self.layer is not None or self.depth is not None)
+        return self.stacked - (self.layer is not None)
 
     def at_layer(self, layer: int) -> "Entry":
         """This layer-stacked entry as megatron-core 0.16.1 saves the copy of ``layer``
@@ -124,16 +130,14 @@ class Entry:
         ``decoder.layers.{layer}.…`` without a layer axis (``non_homogeneous_layers``)."""
         return replace(self, key=self.key.replace(LAYERS, f"{LAYERS}{layer}.", 1), layer=layer)
 
-    def in_mtp(self, depth: int) -> "Entry":
-        """This layer-stacked entry (or one of ``MTP_ENTRIES``) as megatron-core 0.16.1
-        saves the copy of multi-token-prediction layer ``depth``:
-        ``MultiTokenPredictionBlock.sharded_state_dict`` names each MTP layer's tensors
-        ``mtp.layers.{depth}.…``, its decoder layer's under ``transformer_layer.``, without
-        a layer axis."""
-        prefix = f"{MTP_LAYERS}{depth}."
-        key = (self.key.replace(LAYERS, f"{prefix}{MTP_DECODER}", 1)
-               if self.key.startswith(LAYERS) else self.key.replace(MTP_LAYERS, prefix, 1))
-        return replace(self, key=key, depth=depth)
+    def named(self, spec: str, moe: bool) -> "Entry":
+        """This entry as a model of layer spec ``spec`` (one of ``SPECS``) saves it in an
+        MoE layer (``moe``) or a dense one."""
+        if spec != "te" or not self.te_key or \
+                self.te_layers not in ("", "moe" if moe else "dense"):
+            return self
+        at = "" if self.layer is None else f"{self.layer}."
+        return replace(self, key=self.te_key.replace(LAYERS, f"{LAYERS}{at}", 1))
 
     def hf_keys(self, family: Family, index: tuple[int, ...]) -> list[str]:
         """The HF keys of the parts at ``index`` (layer, expert)."""
@@ -166,7 +170,9 @@ _WITH_SHARED = ("deepseek_v3", "qwen2_moe")
 ENTRIES: tuple[Entry, ...] = (
     Entry("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), stacked=0),
     # Llama-style attention: the local spec's keys map (sharded_state_dict_keys_map) names
-    # its norms as the Transformer Engine spec's fused layer-norm linears do.
+    # its norms as the Transformer Engine spec's fused layer-norm linears do, but for the
+    # pre-MLP norm of an MoE layer, which the TE spec keeps apart (a TENorm,
+    # pre_mlp_layernorm.weight: get_gpt_layer_with_transformer_engine_spec with num_experts).
     Entry("decoder.layers.self_attention.linear_qkv.layer_norm_weight",
           (f"{_LAYER}.input_layernorm.weight",), attention="gqa"),
     Entry("decoder.layers.self_attention.linear_qkv.weight",
@@ -186,9 +192,11 @@ ENTRIES: tuple[Entry, ...] = (
     # [nope, rope], kv_down [kv_lora_rank, rope], kv_up per head [nope, v];
     # MLASelfAttention applies RoPE to the rope dims de-interleaved (even then odd, rope_utils
     # _apply_rotary_pos_emb_bshd with multi_latent_attention), as transformers' DeepSeek-V3
-    # does with rope_interleave. (The Transformer Engine spec names the three norms
-    # linear_q_up_proj.layer_norm_weight, linear_kv_up_proj.layer_norm_weight and, in a
-    # dense layer, mlp.linear_fc1.layer_norm_weight instead: not written here.)
+    # does with rope_interleave. The Transformer Engine spec (multi_latent_attention=True,
+    # qk_layernorm=True) fuses q_layernorm into linear_q_up_proj and kv_layernorm into
+    # linear_kv_up_proj (TELayerNormColumnParallelLinear, their q_layernorm and kv_layernorm
+    # IdentityOp) and, in a dense layer, the pre-MLP norm into mlp.linear_fc1 (its
+    # pre_mlp_layernorm IdentityOp without num_experts).
     Entry("decoder.layers.input_layernorm.weight", (f"{_LAYER}.input_layernorm.weight",),
           attention="mla"),
     Entry("decoder.layers.self_attention.linear_q_proj.weight", (f"{_ATTENTION}.q_proj.weight",),
@@ -202,15 +210,19 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("decoder.layers.self_attention.linear_kv_up_proj.weight",
           (f"{_ATTENTION}.kv_b_proj.weight",), linear=True, attention="mla"),
     Entry("decoder.layers.self_attention.q_layernorm.weight",
-          (f"{_ATTENTION}.q_a_layernorm.weight",), optional=True, attention="mla"),
+          (f"{_ATTENTION}.q_a_layernorm.weight",), optional=True, attention="mla",
+          te_key="decoder.layers.self_attention.linear_q_up_proj.layer_norm_weight"),
     Entry("decoder.layers.self_attention.kv_layernorm.weight",
-          (f"{_ATTENTION}.kv_a_layernorm.weight",), attention="mla"),
+          (f"{_ATTENTION}.kv_a_layernorm.weight",), attention="mla",
+          te_key="decoder.layers.self_attention.linear_kv_up_proj.layer_norm_weight"),
     Entry("decoder.layers.self_attention.linear_proj.weight", (f"{_ATTENTION}.o_proj.weight",),
           linear=True),
     Entry("decoder.layers.mlp.linear_fc1.layer_norm_weight",
-          (f"{_LAYER}.post_attention_layernorm.weight",), attention="gqa"),
+          (f"{_LAYER}.post_attention_layernorm.weight",), attention="gqa",
+          te_key="decoder.layers.pre_mlp_layernorm.weight", te_layers="moe"),
     Entry("decoder.layers.pre_mlp_layernorm.weight",
-          (f"{_LAYER}.post_attention_layernorm.weight",), attention="mla"),
+          (f"{_LAYER}.post_attention_layernorm.weight",), attention="mla",
+          te_key="decoder.layers.mlp.linear_fc1.layer_norm_weight", te_layers="dense"),
     Entry("decoder.layers.mlp.linear_fc1.weight",
           (f"{_LAYER}.mlp.gate_proj.weight", f"{_LAYER}.mlp.up_proj.weight"), linear=True,
           optional=True),
@@ -245,64 +257,19 @@ ENTRIES: tuple[Entry, ...] = (
 )
 """Every tensor of a Megatron-Core GPT model that moekit writes, in megatron-core's order."""
 
-MTP_LAYERS = "mtp.layers."
-"""The prefix of the multi-token-prediction layers' keys (``Entry.in_mtp``)."""
-MTP_DECODER = "transformer_layer."
-"""Where an MTP layer's keys hold its decoder layer's, which are those of ``ENTRIES``."""
-MTP_ENTRIES: tuple[Entry, ...] = (
-    # DeepSeek-V3's MTP layer (deepseek-ai/DeepSeek-V3, layer 61) normalises the next
-    # token's embedding (enorm) and the main model's hidden state (hnorm) and joins them
-    # with eh_proj over cat(embedding, hidden state), as megatron-core 0.16.1's
-    # MultiTokenPredictionLayer._concat_embeddings does; shared_head.norm is the norm
-    # before the output layer, megatron-core's final_layernorm.
-    Entry(f"{MTP_LAYERS}enorm.weight", (f"{_LAYER}.enorm.weight",)),
-    Entry(f"{MTP_LAYERS}hnorm.weight", (f"{_LAYER}.hnorm.weight",)),
-    Entry(f"{MTP_LAYERS}eh_proj.weight", (f"{_LAYER}.eh_proj.weight",), linear=True),
-    Entry(f"{MTP_LAYERS}final_layernorm.weight", (f"{_LAYER}.shared_head.norm.weight",)),
-)
-"""The modules of a multi-token-prediction layer besides its decoder layer, one copy per
-MTP layer (``in_mtp``)."""
-MTP_COPIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("embed_tokens.weight", ("model.embed_tokens.weight",)),
-    ("shared_head.head.weight", ("lm_head.weight", "model.embed_tokens.weight")),
-)
-"""The tensors of DeepSeek-V3's MTP layer (under ``model.layers.{layer}.``) that
-megatron-core 0.16.1's MTP block has no place for: it embeds with the main model's
-embedding and scores with its output layer (``GPTModel._postprocess`` passes
-``self.embedding`` to the block and applies ``self.output_layer`` to its hidden states),
-and each is that tensor (the first of the names the source holds: the embedding where
-the output layer is tied to it). DeepSeek's files hold copies of the main ones."""
-MTP_NOTE = ("multi-token-prediction block (megatron-core 0.16.1) uses the main model's "
-            "embedding and output layer")
-"""Why an MTP layer's own embedding and output head are written only as the main ones."""
-
-_BY_KEY: dict[str, Entry] = {entry.key: entry for entry in (*ENTRIES, *MTP_ENTRIES)}
+_BY_KEY: dict[str, Entry] = {entry.key: entry for entry in ENTRIES}
 """The entries by key (the two attentions' ``q_layernorm`` entries share one, and agree on
 all but their HF parts)."""
 _LAYER_KEY = re.compile(rf"{re.escape(LAYERS)}(\d+)\.(.*)", re.DOTALL)
-_MTP_KEY = re.compile(rf"{re.escape(MTP_LAYERS)}(\d+)\.(.*)", re.DOTALL)
 
 
 def entry_of(key: str) -> Entry | None:
-    """The entry of a stored key (``decoder.layers.{layer}.…`` that of one layer,
-    ``mtp.layers.{depth}.…`` that of an MTP layer), or None."""
+    """The entry of a stored key (``decoder.layers.{layer}.…`` that of one layer), or None."""
     found = _LAYER_KEY.fullmatch(key)
-    if found is not None:
-        entry = _BY_KEY.get(LAYERS + found.group(2))
-        return entry.at_layer(int(found.group(1))) if entry is not None and entry.stacked else None
-    found = _MTP_KEY.fullmatch(key)
     if found is None:
         return _BY_KEY.get(key)
-    rest = found.group(2)
-    entry = _BY_KEY.get(LAYERS + rest[len(MTP_DECODER):] if rest.startswith(MTP_DECODER)
-                        else MTP_LAYERS + rest)
-    return entry.in_mtp(int(found.group(1))) if entry is not None and entry.stacked else None
-
-
-def mtp_depth(key: str) -> int | None:
-    """The MTP layer a stored key belongs to (``mtp.layers.{depth}.…``), or None."""
-    found = _MTP_KEY.fullmatch(key)
-    return None if found is None else int(found.group(1))
+    entry = _BY_KEY.get(LAYERS + found.group(2))
+    return entry.at_layer(int(found.group(1))) if entry is not None and entry.stacked else None
 
 
 def is_per_layer(key: str) -> bool:
@@ -314,8 +281,7 @@ def is_per_layer(key: str) -> bool:
 class Dimensions:
     """The sizes that place tensors in Megatron-Core's: layers, routed experts (0 for a
     dense model), the attention heads (``linear_qkv``'s groups), whether the attention
-    is multi-latent, the model type (``Entry.model_types``) and the multi-token-prediction
-    layers the config declares after the decoder layers (``num_nextn_predict_layers``)."""
+    is multi-latent, and the model type (``Entry.model_types``)."""
 
     layers: int
     experts: int
@@ -324,7 +290,6 @@ class Dimensions:
     head_dim: int
     model_type: str
     mla: bool = False
-    mtp: int = 0
 
     @classmethod
     def of(cls, config: Mapping | None, experts: int, source: str) -> "Dimensions":
@@ -351,47 +316,32 @@ class Dimensions:
         if heads % groups:
             raise MoekitError(f"{source}: num_attention_heads {heads} is not a multiple of "
                               f"num_key_value_heads {groups}")
-        mtp = config.get("num_nextn_predict_layers") or 0
-        if isinstance(mtp, bool) or not isinstance(mtp, int) or mtp < 0:
-            raise MoekitError(f"{source}: config.json's num_nextn_predict_layers is {mtp!r}, "
-                              "where Megatron-Core's layout needs a count of layers")
         return cls(_positive(config, "num_hidden_layers", source), experts, heads, groups,
-                   head_dim, model_type, mla, mtp)
+                   head_dim, model_type, mla)
 
-    def entries(self, per_layer: bool) -> list[Entry]:
+    def entries(self, per_layer: bool, spec: str = "local",
+                moe_layers: Collection[int] = ()) -> list[Entry]:
         """The entries of this model's attention and model type, each layer's under its own
-        key where ``per_layer`` (``Entry.at_layer``)."""
+        key where ``per_layer`` (``Entry.at_layer``), as layer spec ``spec`` names them
+        (``Entry.named``): the MoE layers are then ``moe_layers``, and where the layers are
+        stacked, all of them if the model has routed experts."""
         kind = "mla" if self.mla else "gqa"
         found = []
         for entry in ENTRIES:
             if entry.attention in ("", kind) and self.model_type in (entry.model_types
                                                                      or (self.model_type,)):
-                found += ([entry.at_layer(layer) for layer in range(self.layers)]
+                copies = ([entry.at_layer(layer) for layer in range(self.layers)]
                           if per_layer and entry.stacked else [entry])
+                found += [copy.named(spec, self.experts > 0 if copy.layer is None
+                                     else copy.layer in moe_layers) for copy in copies]
         return found
-
-    def mtp_entries(self, depth: int) -> list[Entry]:
-        """The entries of multi-token-prediction layer ``depth``: its own modules
-        (``MTP_ENTRIES``) and its decoder layer's, those of this model's attention and
-        model type (``in_mtp``)."""
-        return [entry.in_mtp(depth) for entry in (*MTP_ENTRIES, *self.entries(per_layer=False))
-                if entry.stacked]
-
-    def mtp_layer(self, depth: int) -> int:
-        """The HF layer index of multi-token-prediction layer ``depth``: the layers after
-        the decoder's ``num_hidden_layers``."""
-        return self.layers + depth
 
     def indices(self, entry: Entry) -> Iterator[tuple[int, ...]]:
         """(layer, expert) of every copy of ``entry``'s tensor, in stored order."""
         if entry.stacked == 0:
             yield ()
             return
-        if entry.depth is not None:
-            layers: Iterable[int] = (self.mtp_layer(entry.depth),)
-        else:
-            layers = range(self.layers) if entry.layer is None else (entry.layer,)
-        for layer in layers:
+        for layer in range(self.layers) if entry.layer is None else (entry.layer,):
             if entry.stacked == 1:
                 yield (layer,)
             for expert in range(self.experts if entry.stacked == 2 else 0):
@@ -429,10 +379,14 @@ class MegatronLayout(PerExpertLayout):
         "layers stacked, experts decoder.layers.mlp.experts.experts.linear_fc1 [L,E,2I,H] "
         "(gate then up) and linear_fc2 [L,E,H,I], QKV interleaved by query group "
         "(DeepSeek-V3: multi-latent attention; dense and MoE layers each under its own "
-        "decoder.layers.N key; multi-token-prediction layers under mtp.layers.N); "
+        "decoder.layers.N key); "
         f"model types: {', '.join(FAMILIES)}")
     default_format = "megatron"
     found_by_keys = False
+    mtp_note = ("megatron-core 0.16.1's multi-token-prediction block (mtp.layers.N) uses the "
+                "main model's embedding and output layer, where DeepSeek-V3's files give each "
+                "such layer its own embed_tokens and shared_head.head; moekit does not drop "
+                "them on the unchecked promise that they are equal")
     quantized_note = "moekit writes Megatron-Core checkpoints of bf16, fp16 or fp32 weights"
 
     def holds(self, piece: str, family: Family) -> bool:
@@ -446,15 +400,9 @@ class MegatronLayout(PerExpertLayout):
         lacks."""
         dims = Dimensions.of(config, max(plan.moe_layers.values(), default=0), source)
         made = {t.name: t.recipe for t in plan.tensors}
-        depths = [depth for depth in range(dims.mtp)
-                  if any(key.startswith(f"model.layers.{dims.mtp_layer(depth)}.") for key in made)]
-        for depth in depths:
-            _fold_copies(made, dims.mtp_layer(depth), source)
-        moe = [layer for layer in plan.moe_layers if layer < dims.layers]
         tensors: list[TensorPlan] = []
         experts: set[str] = set()
-        for entry in [*dims.entries(per_layer=0 < len(moe) < dims.layers),
-                      *(entry for depth in depths for entry in dims.mtp_entries(depth))]:
+        for entry in dims.entries(per_layer=0 < len(plan.moe_layers) < dims.layers):
             chunks = _chunks(entry, dims, made, family, source)
             tensors += chunks
             if entry.stacked == 2:
@@ -466,25 +414,6 @@ class MegatronLayout(PerExpertLayout):
                               + " have no place in Megatron-Core's GPT model; moekit refuses "
                                 "to drop them")
         return Plan(plan.family, plan.src_layout, self.name, tensors, plan.moe_layers, experts)
-
-
-def _fold_copies(made: dict[str, Expr], layer: int, source: str) -> None:
-    """Take the copies of MTP layer ``layer`` (``MTP_COPIES``) out of ``made``, each then
-    checked to equal its main tensor as that one is written (``RequireEqual``); refused at
-    once naming both where their shapes or dtypes differ."""
-    for copy, mains in MTP_COPIES:
-        name = f"model.layers.{layer}.{copy}"
-        main = next((key for key in mains if key in made), None)
-        if name not in made or main is None:
-            continue
-        kept, dropped = made[main], made.pop(name)
-        if (kept.shape, kept.dtype) != (dropped.shape, dropped.dtype):
-            raise MoekitError(f"{source}: {name} is {list(dropped.shape)} {dropped.dtype}, "
-                              f"{main} {list(kept.shape)} {kept.dtype}; Megatron-Core's "
-                              f"{MTP_NOTE}, so moekit writes {name} only where it is a copy "
-                              f"of {main}")
-        if kept != dropped:
-            made[main] = RequireEqual(kept, dropped, (main, name), f"Megatron-Core's {MTP_NOTE}")
 
 
 def chunk_name(key: str, offsets: tuple[int, ...], whole: tuple[int, ...]) -> str:
