@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 from .checkpoint import CONFIG_NAME, DCP_METADATA_NAME, TensorInfo, member_file, read_config
 from .errors import MoekitError, printable
 from .layouts.families import GENERIC_FAMILIES, family_of_model_type
-from .layouts.megatron import (LAYERS, MEGATRON, SPECS, Dimensions, Entry, chunk_name,
-                               entry_of, is_per_layer)
+from .layouts.megatron import (LAYERS, MEGATRON, MTP_COPIES, SPECS, Dimensions, Entry,
+                               chunk_name, entry_of, is_per_layer, mtp_depth)
 from .plan import Concat, Expr, Plan, Read
 from .sources import TensorSource
 
@@ -207,13 +207,17 @@ def hf_tensors(stored: Mapping[str, "StoredTensor"], config: Mapping | None, sou
     the recipe reading it from the stored chunks; a stored tensor that no entry names is
     refused. ``stored`` holds the tensors only: the ``_extra_state`` objects (``[None]``
     from a local-spec layer, Transformer Engine's FP8 metadata from a TE one) hold no
-    weight and are not read."""
+    weight and are not read. A multi-token-prediction layer's own embedding and output
+    head (``MTP_COPIES``) are the main model's, read from the same chunks."""
     dims = Dimensions.of(config, _experts(stored), source)
     family = family_of_model_type(config.get("model_type")) or GENERIC_FAMILIES[0]
+    held = {mtp_depth(key) for key in stored}
+    depths = [depth for depth in range(dims.mtp) if depth in held]
     per_layer = any(map(is_per_layer, stored))
     moe_layers = _moe_layers(stored, dims)
-    entries = dims.entries(per_layer, _spec(stored, dims, per_layer, moe_layers, source),
-                           moe_layers)
+    entries = [*dims.entries(per_layer, _spec(stored, dims, per_layer, moe_layers, source),
+                             moe_layers),
+               *(entry for depth in depths for entry in dims.mtp_entries(depth))]
     named = {entry.key for entry in entries}
     unknown = [key for key in stored if key not in named and not key.startswith(OPTIMIZER_PREFIX)]
     if unknown:
@@ -236,6 +240,10 @@ def hf_tensors(stored: Mapping[str, "StoredTensor"], config: Mapping | None, sou
                 pieces = [_region(tensor, entry.stored_index(index), start, start + rows,
                                   source) for start in parts]
                 made[key] = pieces[0] if len(pieces) == 1 else Concat(tuple(pieces), dim=0)
+    for depth in depths:
+        for copy, mains in MTP_COPIES:
+            main = next(key for key in mains if key in made)
+            made[f"model.layers.{dims.mtp_layer(depth)}.{copy}"] = made[main]
     return made
 
 

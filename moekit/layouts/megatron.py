@@ -36,6 +36,16 @@ of the local layer spec; the Transformer Engine layer spec's keys differ only wh
   shard_{offsets}_{shape}`` over the stacked axes (``shard_0_1`` where there are none),
   ``torch.save([None])`` for a local-spec layer, whose ``get_extra_state`` returns None.
   A strict load requires each.
+- DeepSeek-V3's multi-token-prediction layers (HF layers ``num_hidden_layers + d`` for
+  ``d`` below ``num_nextn_predict_layers``) are ``mtp.layers.{d}.…``
+  (``MultiTokenPredictionBlock``, built with ``mtp_num_layers``): ``enorm``, ``hnorm``,
+  ``eh_proj`` (a linear layer), the decoder layer under ``transformer_layer.`` with the
+  decoder's keys but no layer axis (experts ``[E, ...]``), and ``final_layernorm`` (HF's
+  ``shared_head.norm``). The block embeds with the main model's embedding and scores with
+  its output layer, so the layer's own ``embed_tokens`` and ``shared_head.head`` are
+  written only as those (``MTP_COPIES``): refused at planning where their shapes or
+  dtypes differ, and while writing where their bytes do (``RequireEqual``); reading
+  gives them back as copies of the main ones.
 - ``common.pt`` holds what Megatron-LM's training loop reads (``megatron_io.COMMON_STATE``),
   ``metadata.json`` names the ``torch_dist`` backend.
 
@@ -44,18 +54,17 @@ layout); ``whole_model`` then places every tensor in Megatron's stored tensors a
 chunks (``TensorPlan.chunk``), joining the QKV projections with plan nodes; reading
 inverts each entry of ``ENTRIES``. An attention output bias (Qwen3's ``attention_bias``:
 megatron-core's ``add_bias_linear`` gives every linear layer a bias, its ``add_qkv_bias``
-only QKV one), multi-token-prediction layers, and families not named in ``FAMILIES`` are
-refused.
+only QKV one) and families not named in ``FAMILIES`` are refused.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
 from ..errors import MoekitError
-from ..plan import Chunk, Concat, Expr, Plan, Reshape, TensorPlan
+from ..plan import Chunk, Concat, Expr, Plan, RequireEqual, Reshape, TensorPlan
 from .families import PROJECTIONS, Family
 from .hf import PerExpertLayout
 
@@ -116,12 +125,15 @@ class Entry:
     te_layers: str = ""
     """``moe`` or ``dense``: the only layers where ``te_key`` applies; every layer where
     empty."""
+    depth: int | None = None
+    """The multi-token-prediction layer (0 for the first) whose copy this entry stores
+    under its own key (``in_mtp``)."""
 
     @property
     def axes(self) -> int:
         """Leading axes of the stored tensor stacking its copies: layers, then experts;
         no layer axis for an entry of one layer."""
-        return self.stacked - (self.layer is not None)
+        return self.stacked - (self.layer is not None or self.depth is not None)
 
     def at_layer(self, layer: int) -> "Entry":
         """This layer-stacked entry as megatron-core 0.16.1 saves the copy of ``layer``
@@ -129,6 +141,17 @@ class Entry:
         ``TransformerBlock.sharded_state_dict`` then names each layer's tensors
         ``decoder.layers.{layer}.…`` without a layer axis (``non_homogeneous_layers``)."""
         return replace(self, key=self.key.replace(LAYERS, f"{LAYERS}{layer}.", 1), layer=layer)
+
+    def in_mtp(self, depth: int) -> "Entry":
+        """This layer-stacked entry (or one of ``MTP_ENTRIES``) as megatron-core 0.16.1
+        saves the copy of multi-token-prediction layer ``depth``:
+        ``MultiTokenPredictionBlock.sharded_state_dict`` names each MTP layer's tensors
+        ``mtp.layers.{depth}.…``, its decoder layer's under ``transformer_layer.``, without
+        a layer axis."""
+        prefix = f"{MTP_LAYERS}{depth}."
+        key = (self.key.replace(LAYERS, f"{prefix}{MTP_DECODER}", 1)
+               if self.key.startswith(LAYERS) else self.key.replace(MTP_LAYERS, prefix, 1))
+        return replace(self, key=key, depth=depth)
 
     def named(self, spec: str, moe: bool) -> "Entry":
         """This entry as a model of layer spec ``spec`` (one of ``SPECS``) saves it in an
@@ -257,19 +280,64 @@ ENTRIES: tuple[Entry, ...] = (
 )
 """Every tensor of a Megatron-Core GPT model that moekit writes, in megatron-core's order."""
 
-_BY_KEY: dict[str, Entry] = {entry.key: entry for entry in ENTRIES}
+MTP_LAYERS = "mtp.layers."
+"""The prefix of the multi-token-prediction layers' keys (``Entry.in_mtp``)."""
+MTP_DECODER = "transformer_layer."
+"""Where an MTP layer's keys hold its decoder layer's, which are those of ``ENTRIES``."""
+MTP_ENTRIES: tuple[Entry, ...] = (
+    # DeepSeek-V3's MTP layer (deepseek-ai/DeepSeek-V3, layer 61) normalises the next
+    # token's embedding (enorm) and the main model's hidden state (hnorm) and joins them
+    # with eh_proj over cat(embedding, hidden state), as megatron-core 0.16.1's
+    # MultiTokenPredictionLayer._concat_embeddings does; shared_head.norm is the norm
+    # before the output layer, megatron-core's final_layernorm.
+    Entry(f"{MTP_LAYERS}enorm.weight", (f"{_LAYER}.enorm.weight",)),
+    Entry(f"{MTP_LAYERS}hnorm.weight", (f"{_LAYER}.hnorm.weight",)),
+    Entry(f"{MTP_LAYERS}eh_proj.weight", (f"{_LAYER}.eh_proj.weight",), linear=True),
+    Entry(f"{MTP_LAYERS}final_layernorm.weight", (f"{_LAYER}.shared_head.norm.weight",)),
+)
+"""The modules of a multi-token-prediction layer besides its decoder layer, one copy per
+MTP layer (``in_mtp``)."""
+MTP_COPIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("embed_tokens.weight", ("model.embed_tokens.weight",)),
+    ("shared_head.head.weight", ("lm_head.weight", "model.embed_tokens.weight")),
+)
+"""The tensors of DeepSeek-V3's MTP layer (under ``model.layers.{layer}.``) that
+megatron-core 0.16.1's MTP block has no place for: it embeds with the main model's
+embedding and scores with its output layer (``GPTModel._postprocess`` passes
+``self.embedding`` to the block and applies ``self.output_layer`` to its hidden states),
+and each is that tensor (the first of the names the source holds: the embedding where
+the output layer is tied to it). DeepSeek's files hold copies of the main ones."""
+MTP_NOTE = ("multi-token-prediction block (megatron-core 0.16.1) uses the main model's "
+            "embedding and output layer")
+"""Why an MTP layer's own embedding and output head are written only as the main ones."""
+
+_BY_KEY: dict[str, Entry] = {entry.key: entry for entry in (*ENTRIES, *MTP_ENTRIES)}
 """The entries by key (the two attentions' ``q_layernorm`` entries share one, and agree on
 all but their HF parts)."""
 _LAYER_KEY = re.compile(rf"{re.escape(LAYERS)}(\d+)\.(.*)", re.DOTALL)
+_MTP_KEY = re.compile(rf"{re.escape(MTP_LAYERS)}(\d+)\.(.*)", re.DOTALL)
 
 
 def entry_of(key: str) -> Entry | None:
-    """The entry of a stored key (``decoder.layers.{layer}.…`` that of one layer), or None."""
+    """The entry of a stored key (``decoder.layers.{layer}.…`` that of one layer,
+    ``mtp.layers.{depth}.…`` that of an MTP layer), or None."""
     found = _LAYER_KEY.fullmatch(key)
+    if found is not None:
+        entry = _BY_KEY.get(LAYERS + found.group(2))
+        return entry.at_layer(int(found.group(1))) if entry is not None and entry.stacked else None
+    found = _MTP_KEY.fullmatch(key)
     if found is None:
         return _BY_KEY.get(key)
-    entry = _BY_KEY.get(LAYERS + found.group(2))
-    return entry.at_layer(int(found.group(1))) if entry is not None and entry.stacked else None
+    rest = found.group(2)
+    entry = _BY_KEY.get(LAYERS + rest[len(MTP_DECODER):] if rest.startswith(MTP_DECODER)
+                        else MTP_LAYERS + rest)
+    return entry.in_mtp(int(found.group(1))) if entry is not None and entry.stacked else None
+
+
+def mtp_depth(key: str) -> int | None:
+    """The MTP layer a stored key belongs to (``mtp.layers.{depth}.…``), or None."""
+    found = _MTP_KEY.fullmatch(key)
+    return None if found is None else int(found.group(1))
 
 
 def is_per_layer(key: str) -> bool:
@@ -281,7 +349,8 @@ def is_per_layer(key: str) -> bool:
 class Dimensions:
     """The sizes that place tensors in Megatron-Core's: layers, routed experts (0 for a
     dense model), the attention heads (``linear_qkv``'s groups), whether the attention
-    is multi-latent, and the model type (``Entry.model_types``)."""
+    is multi-latent, the model type (``Entry.model_types``) and the multi-token-prediction
+    layers the config declares after the decoder layers (``num_nextn_predict_layers``)."""
 
     layers: int
     experts: int
@@ -290,6 +359,7 @@ class Dimensions:
     head_dim: int
     model_type: str
     mla: bool = False
+    mtp: int = 0
 
     @classmethod
     def of(cls, config: Mapping | None, experts: int, source: str) -> "Dimensions":
@@ -316,8 +386,12 @@ class Dimensions:
         if heads % groups:
             raise MoekitError(f"{source}: num_attention_heads {heads} is not a multiple of "
                               f"num_key_value_heads {groups}")
+        mtp = config.get("num_nextn_predict_layers") or 0
+        if isinstance(mtp, bool) or not isinstance(mtp, int) or mtp < 0:
+            raise MoekitError(f"{source}: config.json's num_nextn_predict_layers is {mtp!r}, "
+                              "where Megatron-Core's layout needs a count of layers")
         return cls(_positive(config, "num_hidden_layers", source), experts, heads, groups,
-                   head_dim, model_type, mla)
+                   head_dim, model_type, mla, mtp)
 
     def entries(self, per_layer: bool, spec: str = "local",
                 moe_layers: Collection[int] = ()) -> list[Entry]:
@@ -336,12 +410,28 @@ class Dimensions:
                                      else copy.layer in moe_layers) for copy in copies]
         return found
 
+    def mtp_entries(self, depth: int) -> list[Entry]:
+        """The entries of multi-token-prediction layer ``depth``: its own modules
+        (``MTP_ENTRIES``) and its decoder layer's, those of this model's attention and
+        model type (``in_mtp``)."""
+        return [entry.in_mtp(depth) for entry in (*MTP_ENTRIES, *self.entries(per_layer=False))
+                if entry.stacked]
+
+    def mtp_layer(self, depth: int) -> int:
+        """The HF layer index of multi-token-prediction layer ``depth``: the layers after
+        the decoder's ``num_hidden_layers``."""
+        return self.layers + depth
+
     def indices(self, entry: Entry) -> Iterator[tuple[int, ...]]:
         """(layer, expert) of every copy of ``entry``'s tensor, in stored order."""
         if entry.stacked == 0:
             yield ()
             return
-        for layer in range(self.layers) if entry.layer is None else (entry.layer,):
+        if entry.depth is not None:
+            layers: Iterable[int] = (self.mtp_layer(entry.depth),)
+        else:
+            layers = range(self.layers) if entry.layer is None else (entry.layer,)
+        for layer in layers:
             if entry.stacked == 1:
                 yield (layer,)
             for expert in range(self.experts if entry.stacked == 2 else 0):
@@ -379,14 +469,10 @@ class MegatronLayout(PerExpertLayout):
         "layers stacked, experts decoder.layers.mlp.experts.experts.linear_fc1 [L,E,2I,H] "
         "(gate then up) and linear_fc2 [L,E,H,I], QKV interleaved by query group "
         "(DeepSeek-V3: multi-latent attention; dense and MoE layers each under its own "
-        "decoder.layers.N key); "
+        "decoder.layers.N key; multi-token-prediction layers under mtp.layers.N); "
         f"model types: {', '.join(FAMILIES)}")
     default_format = "megatron"
     found_by_keys = False
-    mtp_note = ("megatron-core 0.16.1's multi-token-prediction block (mtp.layers.N) uses the "
-                "main model's embedding and output layer, where DeepSeek-V3's files give each "
-                "such layer its own embed_tokens and shared_head.head; moekit does not drop "
-                "them on the unchecked promise that they are equal")
     quantized_note = "moekit writes Megatron-Core checkpoints of bf16, fp16 or fp32 weights"
 
     def holds(self, piece: str, family: Family) -> bool:
@@ -400,9 +486,15 @@ class MegatronLayout(PerExpertLayout):
         lacks."""
         dims = Dimensions.of(config, max(plan.moe_layers.values(), default=0), source)
         made = {t.name: t.recipe for t in plan.tensors}
+        depths = [depth for depth in range(dims.mtp)
+                  if any(key.startswith(f"model.layers.{dims.mtp_layer(depth)}.") for key in made)]
+        for depth in depths:
+            _fold_copies(made, dims.mtp_layer(depth), source)
+        moe = [layer for layer in plan.moe_layers if layer < dims.layers]
         tensors: list[TensorPlan] = []
         experts: set[str] = set()
-        for entry in dims.entries(per_layer=0 < len(plan.moe_layers) < dims.layers):
+        for entry in [*dims.entries(per_layer=0 < len(moe) < dims.layers),
+                      *(entry for depth in depths for entry in dims.mtp_entries(depth))]:
             chunks = _chunks(entry, dims, made, family, source)
             tensors += chunks
             if entry.stacked == 2:
@@ -414,6 +506,25 @@ class MegatronLayout(PerExpertLayout):
                               + " have no place in Megatron-Core's GPT model; moekit refuses "
                                 "to drop them")
         return Plan(plan.family, plan.src_layout, self.name, tensors, plan.moe_layers, experts)
+
+
+def _fold_copies(made: dict[str, Expr], layer: int, source: str) -> None:
+    """Take the copies of MTP layer ``layer`` (``MTP_COPIES``) out of ``made``, each then
+    checked to equal its main tensor as that one is written (``RequireEqual``); refused at
+    once naming both where their shapes or dtypes differ."""
+    for copy, mains in MTP_COPIES:
+        name = f"model.layers.{layer}.{copy}"
+        main = next((key for key in mains if key in made), None)
+        if name not in made or main is None:
+            continue
+        kept, dropped = made[main], made.pop(name)
+        if (kept.shape, kept.dtype) != (dropped.shape, dropped.dtype):
+            raise MoekitError(f"{source}: {name} is {list(dropped.shape)} {dropped.dtype}, "
+                              f"{main} {list(kept.shape)} {kept.dtype}; Megatron-Core's "
+                              f"{MTP_NOTE}, so moekit writes {name} only where it is a copy "
+                              f"of {main}")
+        if kept != dropped:
+            made[main] = RequireEqual(kept, dropped, (main, name), f"Megatron-Core's {MTP_NOTE}")
 
 
 def chunk_name(key: str, offsets: tuple[int, ...], whole: tuple[int, ...]) -> str:
