@@ -215,9 +215,10 @@ def hf_tensors(stored: Mapping[str, "StoredTensor"], config: Mapping | None, sou
     depths = [depth for depth in range(dims.mtp) if depth in held]
     per_layer = any(map(is_per_layer, stored))
     moe_layers = _moe_layers(stored, dims)
-    entries = [*dims.entries(per_layer, _spec(stored, dims, per_layer, moe_layers, source),
-                             moe_layers),
-               *(entry for depth in depths for entry in dims.mtp_entries(depth))]
+    entries = _of_spec(stored, {spec: [*dims.entries(per_layer, spec, moe_layers),
+                                       *(entry for depth in depths
+                                         for entry in dims.mtp_entries(depth, spec))]
+                                for spec in SPECS}, source)
     named = {entry.key for entry in entries}
     unknown = [key for key in stored if key not in named and not key.startswith(OPTIMIZER_PREFIX)]
     if unknown:
@@ -258,13 +259,12 @@ def _moe_layers(stored: Mapping[str, "StoredTensor"], dims: Dimensions) -> set[i
     return found
 
 
-def _spec(stored: Mapping[str, "StoredTensor"], dims: Dimensions, per_layer: bool,
-          moe_layers: set[int], source: str) -> str:
-    """The layer spec (``SPECS``) whose keys the stored tensors have: the Transformer
-    Engine one where some tensor has a key only it gives, the local one otherwise;
-    refused naming a key of each where both are found."""
-    keys = {spec: {entry.key for entry in dims.entries(per_layer, spec, moe_layers)}
-            for spec in SPECS}
+def _of_spec(stored: Mapping[str, "StoredTensor"], entries: Mapping[str, list[Entry]],
+             source: str) -> list[Entry]:
+    """The entries (by layer spec, ``SPECS``) of the spec whose keys the stored tensors
+    have: the Transformer Engine one where some tensor has a key only it gives, the local
+    one otherwise; refused naming a key of each where both are found."""
+    keys = {spec: {entry.key for entry in found} for spec, found in entries.items()}
     only = {spec: sorted(key for key in stored if key in keys[spec]
                          and not any(key in keys[other] for other in SPECS if other != spec))
             for spec in SPECS}
@@ -273,7 +273,7 @@ def _spec(stored: Mapping[str, "StoredTensor"], dims: Dimensions, per_layer: boo
                           f"Transformer Engine layer spec names it, and "
                           f"{printable(only['local'][0])}, as its local layer spec does; "
                           "moekit refuses a checkpoint mixing the two namings")
-    return "te" if only["te"] else "local"
+    return entries["te" if only["te"] else "local"]
 
 
 def _experts(stored: Mapping[str, "StoredTensor"]) -> int:

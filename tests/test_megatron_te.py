@@ -41,6 +41,7 @@ pytest.importorskip("megatron.core")
 
 from . import megatron_mla_workers, megatron_workers  # noqa: E402
 from .test_megatron_checkpoint import assert_back_to_hf  # noqa: E402
+from .test_megatron_mla import _add_mtp_layer  # noqa: E402
 
 TRACKER, ITERATION = "latest_checkpointed_iteration.txt", "iter_0000000"
 
@@ -146,12 +147,19 @@ MODELS: dict[str, Callable[[], torch.nn.Module]] = {
     "mixtral": lambda: samples.build_model("mixtral"),
     "deepseek_v3": lambda: samples.build_model("deepseek_v3"),
     "deepseek_v3_without_q_lora": lambda: samples.build_model("deepseek_v3", q_lora_rank=None),
+    "deepseek_v3_mtp": lambda: samples.build_model("deepseek_v3"),
     **{t: (lambda t=t: samples.build_model(t)) for t in ("llama", "mistral", "qwen2", "qwen3")},
 }
 """Every model type moekit reads in Megatron-Core's layout: MoE layers alike (layers
 stacked) or with dense ones between them (each layer under its own key: Qwen2-MoE's layer
-1, DeepSeek-V3's first layer), MLA with and without a q LoRA rank, and the dense
-families, whose TE spec stores every tensor where the local one does."""
+1, DeepSeek-V3's first layer), MLA with and without a q LoRA rank and with a
+multi-token-prediction layer (``WITH_MTP``), and the dense families, whose TE spec stores
+every tensor where the local one does."""
+
+WITH_MTP = ("deepseek_v3_mtp",)
+"""The models given a multi-token-prediction layer (``test_megatron_mla._add_mtp_layer``):
+megatron-core's MTP block builds its decoder layer with the last decoder layer's spec, here
+the TE spec's MoE layer (``get_gpt_mtp_block_spec``)."""
 
 
 def _ids() -> torch.Tensor:
@@ -168,6 +176,8 @@ def saved(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path, Path]]:
         model = build()
         root = tmp_path_factory.mktemp(name)
         hf = samples.save_model(model, root / "hf")
+        if name in WITH_MTP:
+            _add_mtp_layer(hf, model, root / "deeper")
         assert main(["convert", str(hf), str(root / "megatron"), "--to", "megatron"]) == 0
         made[name] = model, hf
         folders.append(str(root / "megatron"))
@@ -189,23 +199,23 @@ def te_extra_state() -> bytes:
     return data.getvalue()
 
 
-_LAYER_KEY = re.compile(r"(decoder\.layers\.(?:(\d+)\.)?)(.*)")
+_LAYER_KEY = re.compile(
+    r"(decoder\.layers\.(?:\d+\.)?|mtp\.layers\.\d+\.transformer_layer\.)(.*)")
+"""A decoder layer's key (of the stacked layers, or of one layer), or that of an MTP
+layer's decoder layer: its prefix and the rest."""
 
 
 def te_keys(keys, renames: dict[tuple[bool, bool], dict[str, str]], mla: bool
             ) -> dict[str, str]:
-    """The TE spec's key of each local-spec key that differs: a layer is an MoE layer
-    where it holds a router (every layer where the layers are stacked)."""
-    routers = {found[2] for key in keys if (found := _LAYER_KEY.fullmatch(key))
-               and found[3] == "mlp.router.weight"}
+    """The TE spec's key of each local-spec key that differs: a layer (the stacked ones
+    together) is an MoE layer where it holds a router."""
+    found = [(key, match[1], match[2]) for key in keys if (match := _LAYER_KEY.fullmatch(key))]
+    routers = {prefix for _, prefix, rest in found if rest == "mlp.router.weight"}
     moved = {}
-    for key in keys:
-        found = _LAYER_KEY.fullmatch(key)
-        if found is not None:
-            prefix, layer, rest = found.groups()
-            new = renames[mla, layer in routers].get(rest)
-            if new is not None:
-                moved[key] = prefix + new
+    for key, prefix, rest in found:
+        new = renames[mla, prefix in routers].get(rest)
+        if new is not None:
+            moved[key] = prefix + new
     return moved
 
 
@@ -257,12 +267,12 @@ def te_folder(saved: Path, hf: Path, out: Path, renames, model_type: str,
 
 
 RENAMED = {"qwen3_moe": 1, "qwen3_moe_dense_layer": 2, "qwen2_moe": 2, "mixtral": 1,
-           "deepseek_v3": 7, "deepseek_v3_without_q_lora": 4, "llama": 0, "mistral": 0,
-           "qwen2": 0, "qwen3": 0}
+           "deepseek_v3": 7, "deepseek_v3_without_q_lora": 4, "deepseek_v3_mtp": 9,
+           "llama": 0, "mistral": 0, "qwen2": 0, "qwen3": 0}
 """Keys the TE spec gives otherwise, by name of ``MODELS`` (3 layers, stacked where alike):
 the pre-MLP norm of the MoE layers (one stacked key, or two where layer 1 is dense);
 DeepSeek-V3's q and kv norms in each of its 3 layers (kv only without a q LoRA rank) and
-its dense first layer's pre-MLP norm."""
+its dense first layer's pre-MLP norm, and those of its MTP layer's MoE layer."""
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -410,11 +410,13 @@ class Dimensions:
                                      else copy.layer in moe_layers) for copy in copies]
         return found
 
-    def mtp_entries(self, depth: int) -> list[Entry]:
+    def mtp_entries(self, depth: int, spec: str = "local") -> list[Entry]:
         """The entries of multi-token-prediction layer ``depth``: its own modules
-        (``MTP_ENTRIES``) and its decoder layer's, those of this model's attention and
-        model type (``in_mtp``)."""
-        return [entry.in_mtp(depth) for entry in (*MTP_ENTRIES, *self.entries(per_layer=False))
+        (``MTP_ENTRIES``, alike in both layer specs: TENorm and TEColumnParallelLinear in
+        the TE one) and its decoder layer's, those of this model's attention and model type
+        as layer spec ``spec`` names them (``in_mtp``)."""
+        return [entry.in_mtp(depth)
+                for entry in (*MTP_ENTRIES, *self.entries(per_layer=False, spec=spec))
                 if entry.stacked]
 
     def mtp_layer(self, depth: int) -> int:
