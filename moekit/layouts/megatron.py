@@ -471,7 +471,8 @@ class MegatronLayout(PerExpertLayout):
         "layers stacked, experts decoder.layers.mlp.experts.experts.linear_fc1 [L,E,2I,H] "
         "(gate then up) and linear_fc2 [L,E,H,I], QKV interleaved by query group "
         "(DeepSeek-V3: multi-latent attention; dense and MoE layers each under its own "
-        "decoder.layers.N key; multi-token-prediction layers under mtp.layers.N); "
+        "decoder.layers.N key; multi-token-prediction layers under mtp.layers.N), as the "
+        "local layer spec names it (the Transformer Engine spec's names are read too); "
         f"model types: {', '.join(FAMILIES)}")
     default_format = "megatron"
     found_by_keys = False
