@@ -41,6 +41,13 @@ def detect_layout(tensors: Mapping[str, TensorMeta], family: Family,
     best = max(scores, key=lambda name: scores[name])
     if max(scores[best]) > 0:
         return BY_KEYS[best]
+    packed = next((key for key in in_experts if key.endswith(PACKED_KEY)), None)
+    if packed:
+        raise MoekitError(
+            f"{label} holds its experts packed by compressed-tensors ({printable(packed)}, "
+            "with its weight_scale and weight_shape: 4- or 8-bit integers in int32 words), "
+            "which moekit neither reads nor writes; convert a copy of the checkpoint whose "
+            "experts are dequantized (bf16)")
     if in_experts:
         raise MoekitError(
             f"cannot detect the expert layout of {label}: tensors such as "
@@ -71,6 +78,9 @@ def _refuse_unnamed_whole_model(tensors: Mapping[str, TensorMeta], family: Famil
                     f"{families}); it has none that does: copy the model's config.json there")
 
 
+PACKED_KEY = ".weight_packed"
+"""What the key of a weight that compressed-tensors packs (``pack-quantized``: Kimi-K2.5's
+INT4 experts on the Hub) ends with, in place of ``.weight``."""
 SAMPLE = 1024
 """Expert keys a layout is judged on: a checkpoint is in one layout, and the chosen
 layout's full parse then validates every key (and reports any that do not fit)."""

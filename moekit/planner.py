@@ -24,11 +24,11 @@ from .layouts import BY_KEYS, FAMILIES, LAYOUTS, ExpertBlock, Family, Layout, fa
 from .layouts.base import ParsedExperts, TensorMeta
 from .layouts.grouped import MXFP4_DTYPE, MXFP4_PAIRS, GroupedLayout
 from .layouts.families import (FP8_SCALE_KEY, GENERIC_FAMILIES, MAX_EXPERTS, MX_BLOCKS,
-                               MX_SCALES, SCALE, GroupPart, family_of_model_type,
+                               MX_SCALES, SCALE, GroupPart, family_of_model_type, rename,
                                renamed_shape)
 from .model_config import DEFAULT_FP8_BLOCK, ConfigValues, MoeLayers, expert_count, fp8_block
 from .plan import (Concat, Dequantize, DequantizeMXFP4, Expr, Plan, Read, Reshape, Stack,
-                   TensorPlan, Transpose, composed_plan)
+                   TensorPlan, Transpose, composed, composed_plan, reads)
 
 SAMPLE = 1024
 """Keys a naming disagreement is judged on (a checkpoint is named one way throughout)."""
@@ -77,8 +77,9 @@ class Analysis:
     """The config.json (or config given), which a whole-model layout places tensors by."""
     made: Mapping[str, Expr] = field(default_factory=dict)
     """Source tensors that the checkpoint's files hold in another form, each the recipe
-    that makes it from them (a Megatron-Core checkpoint's tensors under HF names): a
-    plan's reads of them become these recipes."""
+    that makes it from them (a Megatron-Core checkpoint's tensors under HF names; files
+    named as save_pretrained names them, under the Hub's names): a plan's reads of them
+    become these recipes."""
 
     @property
     def blocks(self) -> dict[int, ExpertBlock]:
@@ -107,6 +108,7 @@ def understand(tensors: Mapping[str, TensorMeta], config: dict | None,
     source = config_file or "the config given"
     _check_object(config, source)
     fam, family_source = _choose_family(tensors, config, metadata, family)
+    tensors, made = _named_as_on_the_hub(tensors, fam)
     settings = config_settings(config, fam, source)
     if from_:
         layout, layout_source = layout_named(from_), "given as the source layout"
@@ -117,7 +119,30 @@ def understand(tensors: Mapping[str, TensorMeta], config: dict | None,
     parsed = layout.parse(dict(tensors), fam)
     count, count_source = _expert_count(parsed, settings, n_experts)
     return Analysis(label, fam, layout, parsed, count, tensors, count_source, settings,
-                    config_file is not None, family_source, layout_source, config)
+                    config_file is not None, family_source, layout_source, config, made)
+
+
+def _named_as_on_the_hub(tensors: Mapping[str, TensorMeta], family: Family
+                         ) -> tuple[Mapping[str, TensorMeta], dict[str, Expr]]:
+    """``tensors`` under the family's Hub names where they carry those transformers'
+    save_pretrained writes instead (``Family.saved_as``), each the read of the tensor it
+    renames (``Analysis.made``); ``tensors`` and no reads where none does. Files holding
+    one tensor under both names are refused."""
+    if not family.saved_as:
+        return tensors, {}
+    renamed = {key: rename(key, family.saved_as, reverse=True) for key in tensors}
+    if all(key == hub for key, hub in renamed.items()):
+        return tensors, {}
+    first: dict[str, str] = {}
+    for key, hub in renamed.items():
+        other = first.setdefault(hub, key)
+        if other != key:
+            raise MoekitError(
+                f"the source holds {printable(other)} and {printable(key)}, the {family.name} "
+                f"Hub files' and transformers' save_pretrained's names of one tensor "
+                f"({printable(hub)}): keep one of them")
+    made: dict[str, Expr] = {hub: Read.whole(key, tensors[key]) for key, hub in renamed.items()}
+    return made, made
 
 
 def validate(analysis: Analysis, required: range | None = None,
@@ -135,7 +160,12 @@ def validate(analysis: Analysis, required: range | None = None,
     if disagreement:
         raise MoekitError(disagreement)
     n = analysis.n_experts
-    problems = _problems(analysis, where, range(n) if required is None else required,
+    stored = analysis.made
+
+    def stored_in(key: str) -> str | None:
+        return where(reads(stored[key])[0].key if key in stored else key)
+
+    problems = _problems(analysis, stored_in, range(n) if required is None else required,
                          n if total_experts is None else total_experts)
     if problems:
         raise PlanError(f"{analysis.label} ({analysis.family.name}, layout "
@@ -161,8 +191,17 @@ def understand_checkpoint(checkpoint: Checkpoint, from_: str | None = None) -> A
     analysis = understand(checkpoint.made or checkpoint.tensors, checkpoint.config,
                           checkpoint.metadata, str(checkpoint.path), from_=from_,
                           config_file=_config_file(checkpoint))
-    analysis.made = checkpoint.made
+    analysis.made = _chained(analysis.made, checkpoint.made)
     return analysis
+
+
+def _chained(first: Mapping[str, Expr], then: Mapping[str, Expr]) -> dict[str, Expr]:
+    """The recipes ``first`` gives its tensors, reading the tensors ``then`` makes (each
+    alone where the other has none): a Megatron-Core checkpoint's tensors under HF names
+    (``Checkpoint.made``), renamed as a family's Hub files name them."""
+    if not first or not then:
+        return dict(first or then)
+    return {key: composed(recipe, then) for key, recipe in first.items()}
 
 
 def _config_file(checkpoint: Checkpoint) -> str:
@@ -176,7 +215,7 @@ def analyse_checkpoint(path: str | Path, from_: str | None = None) -> tuple[Chec
     analysis = analyse(checkpoint.made or checkpoint.tensors, checkpoint.config,
                        checkpoint.metadata, str(checkpoint.path), from_=from_,
                        where=checkpoint.file_of, config_file=_config_file(checkpoint))
-    analysis.made = checkpoint.made
+    analysis.made = _chained(analysis.made, checkpoint.made)
     return checkpoint, analysis
 
 

@@ -189,12 +189,19 @@ def test_experts_are_transformers_bytes_where_its_layout_is_refused(model_type, 
     assert [k for k in theirs if not same_bytes(ours[k], theirs[k])] == []
 
 
-def test_step3p7_experts_are_transformers_bytes_where_its_layout_is_refused(tmp_path):
-    """Step-3.7's files hold gate, up and down as three grouped tensors, which transformers
-    5.24 joins on load (gate rows before up rows); its vision tower keeps ``--to
-    transformers`` refused, yet each MoE layer's vLLM w13_weight and w2_weight are the
-    model's gate_up_proj and down_proj, byte for byte."""
-    model = build_multimodal("step3p7")
+MULTIMODAL_REFUSED = [t for t in MULTIMODAL
+                      if "transformers" in family_of_model_type(t).unconverted]
+"""Multimodal model types whose transformers layout moekit refuses."""
+
+
+@pytest.mark.parametrize("model_type", MULTIMODAL_REFUSED)
+def test_multimodal_experts_are_transformers_bytes_where_its_layout_is_refused(model_type,
+                                                                              tmp_path):
+    """Where the towers (Step-3.7's, Kimi-K2.5's and Mistral-Large-4's permuted vision
+    attention, ...) keep ``--to transformers`` refused, each MoE layer's vLLM w13_weight and
+    w2_weight are still the model's gate_up_proj and down_proj, byte for byte (Step-3.7's
+    three grouped tensors on disk joined, gate rows before up rows)."""
+    model = build_multimodal(model_type)
     model.save_pretrained(tmp_path / "src")
     convert(tmp_path / "src", tmp_path / "vllm", to="vllm")
     ours, theirs = {}, {}
@@ -394,6 +401,16 @@ transformers 5.24's save_pretrained writes: Qwen3-VL-MoE's release files hold ga
 [E, H, 2I] and down_proj [E, I, H] (transformers transposes them on load)."""
 
 
+HUB_NAMES = {"kimi_k25": ((r"^language_model\.model\.blocks\.", "language_model.model.layers."),
+                          (r"^vision_tower\.encoder\.patch_embed\.", "vision_tower.patch_embed."),
+                          (r"^model\.mm_projector\.", "mm_projector."))}
+"""Keys that a model type's Hub files name otherwise than transformers 5.24's save_pretrained
+(pattern, Hub name): Kimi-K2.5's text layers are ``language_model.model.layers`` on the Hub
+(the names NeMo AutoModel 0.7's KimiK25VLStateDictAdapter and its tests read), its patch
+embedding ``vision_tower.patch_embed`` and its projector's norm ``mm_projector.pre_norm``
+(the MoonViT module names of NeMo's KimiK25VL model, under its ``model.``)."""
+
+
 HUB_GROUPED = ("qwen3_5_moe",)
 """Model types whose Hub files hold the experts grouped as transformers 5.24's model does
 (gate_up_proj [E, 2I, H], gate rows first, and down_proj [E, H, I]) where its
@@ -406,9 +423,17 @@ def on_the_hub(model_type: str, saved: dict[str, torch.Tensor]) -> dict[str, tor
     """save_pretrained's tensors as the model type's Hub files hold them."""
     if model_type in HUB_GROUPED:
         return _grouped(saved)
+    if model_type in HUB_NAMES:
+        return {_hub_name(model_type, k): v for k, v in saved.items()}
     turned = HUB_TRANSPOSED.get(model_type, ())
     return {k: v.transpose(1, 2).contiguous() if k.endswith(turned) and turned else v
             for k, v in saved.items()}
+
+
+def _hub_name(model_type: str, key: str) -> str:
+    for pattern, hub in HUB_NAMES[model_type]:
+        key = re.sub(pattern, hub, key)
+    return key
 
 
 def _grouped(saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -443,7 +468,9 @@ def test_multimodal_text_experts_convert_and_the_rest_passes_through(model_type,
     without Qwen3-Omni's ``thinker.``, as test_nemo_adapters checks), ``--to transformers``
     is the model's state dict, and transformers loads the round trip into that state dict.
     A layout whose consumer converts tensors that moekit does not is refused (transformers
-    for MiniMax-M3-VL, Mistral-Large-4 and Step-3.7, nemo for Gemma 4)."""
+    for MiniMax-M3-VL, Mistral-Large-4, Kimi-K2.5 and Step-3.7; nemo for Gemma 4 and for
+    Mistral-Large-4, which NeMo AutoModel builds through transformers). moekit's hf layout
+    is the Hub's names where they differ from save_pretrained's (Kimi-K2.5)."""
     try:
         model = build_multimodal(model_type)
         model.save_pretrained(tmp_path / "src", max_shard_size="200KB")
@@ -453,12 +480,14 @@ def test_multimodal_text_experts_convert_and_the_rest_passes_through(model_type,
     info = inspect(src)
     assert info.moe_layers and info.family != "qwen_style"
     original = load_all(src)
-    towers = {k for k in original if "visual" in k or "vision" in k or k.startswith("vit.")}
+    towers = {k for k in original if k.startswith(("vit.", "perception.", "model.sam_model."))
+              or "visual" in k or "vision" in k}
     assert towers
     unconverted = family_named(info.family).unconverted
     refused = "transformers" in unconverted
     # moekit's hf layout is the Hub's form where the Hub groups experts transposed
-    # (Qwen3-VL-MoE) and save_pretrained's where the Hub groups them as the model does.
+    # (Qwen3-VL-MoE) or names tensors otherwise (Kimi-K2.5), and save_pretrained's where
+    # the Hub groups them as the model does.
     written_as = original if model_type in HUB_GROUPED else on_the_hub(model_type, original)
     for layout in LAYOUTS:
         if layout in unconverted:
@@ -470,10 +499,11 @@ def test_multimodal_text_experts_convert_and_the_rest_passes_through(model_type,
         if layout != "transformers":
             named = layout_named(layout).from_hf_key
             family = family_named(info.family)
-            others = {k: named(k, family) for k in original
+            others = {k: named(k, family) for k in written_as
                       if ".experts." not in HF.to_hf_key(k, family)}
             assert set(others.values()) <= converted.keys()
-            assert [k for k, v in others.items() if not same_bytes(original[k], converted[v])] == []
+            assert [k for k, v in others.items()
+                    if not same_bytes(written_as[k], converted[v])] == []
         convert(tmp_path / layout, tmp_path / f"{layout}-back", to=info.layout)
         back = load_all(tmp_path / f"{layout}-back")
         assert back.keys() == written_as.keys()
@@ -483,7 +513,7 @@ def test_multimodal_text_experts_convert_and_the_rest_passes_through(model_type,
         fused = load_all(tmp_path / "transformers")
         assert fused.keys() == expected.keys()
         assert [k for k in expected if not same_bytes(fused[k], expected[k])] == []
-    via = "nemo" if refused else "transformers"
+    via = next(layout for layout in ("transformers", "nemo", "vllm") if layout not in unconverted)
     reloaded = _multimodal_state_dict(type(model), tmp_path / f"{via}-back")
     assert reloaded.keys() == expected.keys()
     assert [k for k in expected if not same_bytes(reloaded[k], expected[k])] == []
@@ -583,6 +613,28 @@ def test_qwen3_5_moe_hub_files_with_grouped_experts_are_read(tmp_path):
     assert [k for k in from_saved if not same_bytes(from_hub[k], from_saved[k])] == []
     reloaded = _multimodal_state_dict(type(model), tmp_path / "hub")
     assert [k for k in expected if not same_bytes(reloaded[k], expected[k])] == []
+
+
+def test_kimi_k25_files_holding_a_tensor_under_both_names_are_refused(tmp_path, capsys):
+    """Kimi-K2.5 files holding tensors under both the Hub's names and save_pretrained's
+    (``HUB_NAMES``: Hub files copied beside saved ones) are refused, naming a tensor held
+    twice, rather than read one copy of it."""
+    from safetensors.torch import save_file
+
+    from moekit.cli import main
+
+    build_multimodal("kimi_k25").save_pretrained(tmp_path / "saved")
+    saved = load_all(tmp_path / "saved")
+    (tmp_path / "both").mkdir()
+    hub = {k: v.clone() for k, v in on_the_hub("kimi_k25", saved).items()}
+    save_file({**saved, **hub}, tmp_path / "both" / "model.safetensors",
+              metadata={"format": "pt"})
+    (tmp_path / "both" / "config.json").write_text((tmp_path / "saved" / "config.json").read_text())
+    assert main(["convert", str(tmp_path / "both"), str(tmp_path / "out"), "--to", "nemo"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"holds (\S+) and (\S+), the kimi_k25 Hub files' and transformers' "
+                     r"save_pretrained's names of one tensor \((\S+)\): keep one", err), err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
 def test_gemma4_nemo_layout_is_refused_as_nemo_scales_the_experts(tmp_path, capsys):

@@ -13,6 +13,7 @@ models it builds through transformers.)
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +94,16 @@ MULTIMODAL_ADAPTERS = {"qwen3_vl_moe": "qwen3_vl_moe.Qwen3VLMoeStateDictAdapter"
                        "qwen3_omni_moe": "qwen3_omni_moe.Qwen3OmniMoeStateDictAdapter",
                        "qwen3_5_moe": "qwen3_5_moe.Qwen3_5MoeStateDictAdapter",
                        "minimax_m3_vl": "minimax_m3_vl.MiniMaxM3VLStateDictAdapter",
-                       "step3p7": "step3p7.Step3p7StateDictAdapter"}
+                       "step3p7": "step3p7.Step3p7StateDictAdapter",
+                       "kimi_k25": "kimi_k25_vl.KimiK25VLStateDictAdapter"}
 """The multimodal model types NeMo AutoModel 0.7 has an adapter for and transformers 5.24
 builds tiny (given their whole config), whose Hub form moekit reads as the adapter does
-(Qwen3.5-MoE's adapter reads only its Hub files' grouped experts). Not here: Kimi-K2.5
-and Mistral-Large-4, whose adapters read names other than save_pretrained's."""
+(Qwen3.5-MoE's adapter reads only its Hub files' grouped experts, Kimi-K2.5's only its Hub
+files' names). Not here: Mistral-Large-4, which NeMo AutoModel 0.7 has no model of (its
+Mistral 4 adapter is Mistral-Small-4's), so that moekit refuses nemo for it (below)."""
+IN_BF16 = ("kimi_k25",)
+"""Model types whose adapter's ``from_hf`` casts every floating tensor to bf16 (Kimi-K2.5's,
+the dtype of its Hub files), checked on a model saved in bf16."""
 
 
 def _adapter(family: str, model) -> Any:
@@ -156,10 +162,13 @@ def test_nemo_layout_is_what_nemo_automodels_adapter_gives(family, family_checkp
 @pytest.mark.parametrize("family", MULTIMODAL_ADAPTERS)
 def test_multimodal_nemo_layout_is_what_the_adapter_gives_for_the_hub_files(family, tmp_path):
     """A multimodal checkpoint in its Hub form (Qwen3-VL-MoE's grouped experts transposed
-    from save_pretrained's: the form NeMo's adapter renames without moving a byte): moekit's
-    nemo, of the Hub files and of save_pretrained's alike, is the adapter's ``from_hf`` of
-    the Hub files, and its ``to_hf`` gives them back."""
+    from save_pretrained's: the form NeMo's adapter renames without moving a byte;
+    Kimi-K2.5's text layers named ``layers`` where save_pretrained writes ``blocks``):
+    moekit's nemo, of the Hub files and of save_pretrained's alike, is the adapter's
+    ``from_hf`` of the Hub files, and its ``to_hf`` gives them back."""
     model = build_multimodal(family)
+    if family in IN_BF16:
+        model = model.to(torch.bfloat16)
     model.save_pretrained(tmp_path / "saved")
     hub = on_the_hub(family, load_all(tmp_path / "saved"))
     (tmp_path / "hub").mkdir()
@@ -175,6 +184,60 @@ def test_multimodal_nemo_layout_is_what_the_adapter_gives_for_the_hub_files(fami
     back = adapter.to_hf(dict(load_all(tmp_path / "hub-nemo")))
     assert sorted(back) == sorted(hub)
     assert [k for k in hub if not same_bytes(hub[k], back[k])] == []
+
+
+def test_mistral_large4_nemo_layout_is_refused_as_nemo_automodel_has_no_model_of_it(
+        tmp_path, capsys):
+    """NeMo AutoModel 0.7's only Mistral MoE model, Mistral 4 (with
+    Mistral4MultimodalStateDictAdapter), declines a Mistral-Large-4 config
+    (``supports_config``: Mistral-Small-4's mistral4 text model only), and its registry
+    names no model for Mistral-Large-4's architecture (not imported here: importing it
+    registers NeMo's configs with transformers for the rest of the process): NeMo builds it
+    through transformers, which permutes the vision tower's attention on load. So ``--to
+    nemo`` is refused, saying so, and nothing is written."""
+    from nemo_automodel.components.models.mistral4.model import (
+        Mistral3ForConditionalGeneration)
+
+    model = build_multimodal("mistral_large4")
+    model.save_pretrained(tmp_path / "src")
+    assert not Mistral3ForConditionalGeneration.supports_config(model.config)
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--to", "nemo"]) == 2
+    err = capsys.readouterr().err
+    assert "nemo layout of mistral_large4 is refused as a destination" in err
+    assert "no model of Mistral-Large-4" in err and "use hf, vllm" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_kimi_k25_hub_files_with_int4_experts_are_refused(tmp_path, capsys):
+    """Kimi-K2.5's Hub files hold the routed experts packed by compressed-tensors: INT4 in
+    int32 words, ``weight_packed`` with ``weight_scale`` and ``weight_shape`` in place of
+    each ``weight`` (made here by NeMo AutoModel's own ``quantize_to_int4``, the form its
+    adapter dequantizes on load). moekit reads no packed experts: inspect and convert
+    refuse them, naming a packed tensor, and nothing is written."""
+    from nemo_automodel.components.models.kimi_k25_vl.state_dict_adapter import (
+        quantize_to_int4)
+
+    model = build_multimodal("kimi_k25").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "saved")
+    packed = {}
+    for key, tensor in on_the_hub("kimi_k25", load_all(tmp_path / "saved")).items():
+        if re.search(r"\.experts\.\d+\.\w+\.weight$", key):
+            base = key.removesuffix(".weight")
+            packed.update(zip((f"{base}.weight_packed", f"{base}.weight_scale",
+                               f"{base}.weight_shape"), quantize_to_int4(tensor)))
+        else:
+            packed[key] = tensor
+    (tmp_path / "int4").mkdir()
+    save_file(packed, tmp_path / "int4" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "int4" / "config.json").write_text((tmp_path / "saved" / "config.json").read_text())
+    for command in (["inspect", str(tmp_path / "int4")],
+                    ["convert", str(tmp_path / "int4"), str(tmp_path / "out"), "--to", "nemo"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert re.search(r"holds its experts packed by compressed-tensors \(language_model\."
+                         r"model\.layers\.\d+\.mlp\.experts\.\d+\.\w+\.weight_packed,", err), err
+        assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_score_correction_bias_nemo_squeezes_must_have_one_row(tmp_path, capsys):

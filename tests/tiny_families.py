@@ -106,7 +106,7 @@ def build(model_type: str, seed: int = 0, **overrides: Any):
 
 MULTIMODAL = ("llama4", "qwen3_vl_moe", "glm4v_moe", "ernie4_5_vl_moe", "qwen3_omni_moe",
               "aria", "qwen3_5_moe", "qwen4_exp", "minimax_m3_vl", "mistral_large4", "gemma4",
-              "inkling2", "inkling2_loop", "hy_v4_vl", "step3p7")
+              "inkling2", "inkling2_loop", "hy_v4_vl", "step3p7", "kimi_k25")
 """Multimodal model types whose text model has routed experts that moekit has a family for."""
 
 
@@ -156,13 +156,15 @@ checked against the text model's hidden size)."""
 
 MULTIMODAL_OVERRIDES: dict[str, dict[str, Any]] = {
     "muse_spark": dict(out_hidden_size=32, projector_hidden_size=32),
+    "kimi_k25": dict(projection_hidden_size=32, tie_word_embeddings=False),
     "gemma4": dict(tie_word_embeddings=False,
                    vision_config=dict(model_type="gemma4_vision", num_key_value_heads=2,
                                       head_dim=16, position_embedding_size=64))}
 """What a multimodal model type's config takes beyond its towers' tiny sizes: Muse Spark's
-projector at the tiny hidden size; Gemma 4's default has no vision tower (given here with
-the sizes ``SMALL_VISION`` does not set) and ties its head to the embeddings, a head
-save_pretrained leaves out of the files."""
+projector at the tiny hidden size; Kimi-K2.5's projector norm at the tiny vision tower's
+width, its head untied as the Hub's (``language_model.lm_head``); Gemma 4's default has no
+vision tower (given here with the sizes ``SMALL_VISION`` does not set) and ties its head to
+the embeddings, a head save_pretrained leaves out of the files."""
 
 
 SMALL_AUDIO: dict[str, Any] = dict(

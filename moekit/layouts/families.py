@@ -127,6 +127,12 @@ class Family:
     (the two never fit both) and written in the layout's own: Qwen3-VL-MoE, whose Hub
     files are ``[E, in, out]`` and whose save_pretrained files (transformers 5.24) are
     ``[E, out, in]``, transformers loading both."""
+    saved_as: tuple[Rename, ...] = ()
+    """The rules that turn this family's HF keys (its Hub files' names) into those
+    transformers' ``save_pretrained`` writes where the two differ: moekit reads files
+    named either way as the Hub's names, and writes the Hub's, which transformers, NeMo
+    AutoModel and vLLM all read (Kimi-K2.5's text layers are ``layers`` on the Hub,
+    ``blocks`` in transformers 5.24's saves)."""
     biases: bool = False
     """True when every expert projection has a bias (GPT-OSS)."""
     count_aliases: tuple[str, ...] = ()
@@ -378,6 +384,29 @@ _MINIMAX_M3_VL_NEMO = (
 (the score-correction bias on the router) and its shared experts beside it."""
 
 
+_KIMI_K25_SAVED = (
+    Rename("language_model.model.layers.", "language_model.model.blocks.", at_start=True),
+    Rename("vision_tower.patch_embed.proj.", "vision_tower.encoder.patch_embed.proj.",
+           at_start=True),
+    Rename("mm_projector.pre_norm.", "model.mm_projector.pre_norm.", at_start=True))
+"""Kimi-K2.5's Hub names (those NeMo AutoModel 0.7's KimiK25VLStateDictAdapter and its tests
+read) as transformers 5.24's save_pretrained writes them: its conversion_mapping.py
+"kimi_k25" renames every ``blocks`` to ``layers`` on load, so saving turns the text layers
+into ``blocks`` too; the patch embedding goes back under ``vision_tower.encoder`` (the
+reverse of its ``vision_tower.encoder`` -> ``model.vision_tower`` rule) and the projector's
+norm, which no rule renames, keeps the model's ``model.`` prefix. transformers loads both."""
+_KIMI_K25_NEMO = (Rename("language_model.", "model.language_model.", at_start=True),
+                  Rename("vision_tower.", "model.vision_tower.", at_start=True),
+                  Rename("mm_projector.", "model.multi_modal_projector.", at_start=True),
+                  *(Rename(f"model.multi_modal_projector.proj.{index}.",
+                           f"model.multi_modal_projector.linear_{number}.", at_start=True)
+                    for index, number in (("0", 1), ("2", 2))))
+"""NeMo AutoModel 0.7 (KimiK25VLStateDictAdapter) holds Kimi-K2.5 under ``model.``: the text
+model as ``model.language_model.model``, the head ``model.language_model.lm_head``, the
+projector as ``multi_modal_projector`` with ``proj.0`` and ``proj.2`` named ``linear_1``
+and ``linear_2``."""
+
+
 _TORCHTITAN_GQA = (
     *(Rename(f".self_attn.{hf}_proj.", f".self_attn.qkv_linear.w{hf}.") for hf in "qkv"),
     Rename(".self_attn.o_proj.", ".self_attn.wo."),
@@ -619,12 +648,33 @@ FAMILIES: tuple[Family, ...] = (
                "renames the text model, the MoE block and the vision tower)")),
     # Mistral-Large-4: Mistral's own format, which save_pretrained writes too: the text
     # experts per expert as layers.L.experts.e.w1/w3/w2, the router layers.L.gate.
+    # NeMo AutoModel 0.7 has no model of it: its Mistral 4 model and adapter
+    # (Mistral4MultimodalStateDictAdapter, language_model.model.layers.L.mlp.experts.
+    # gate_up_proj) are Mistral-Small-4's, whose supports_config takes only a mistral4 text
+    # model, so it builds Mistral-Large-4 through transformers.
     Family("mistral_large4", ("mistral_large4",), "layers.{layer}", _MIXTRAL_PROJECTIONS,
            "n_routed_experts", shared_expert="shared_experts",
-           count_aliases=("num_local_experts",),
-           text_config=("text_config",), unconverted=_transformers_converts(
+           count_aliases=("num_local_experts",), text_config=("text_config",),
+           unconverted={**_transformers_converts(
                "permutes the vision tower's wq and wk for its rotary embedding (and renames "
-               "Mistral's names: tok_embeddings, attention.*, feed_forward.*, output, ...)")),
+               "Mistral's names: tok_embeddings, attention.*, feed_forward.*, output, ...)"),
+               "nemo": "NeMo AutoModel 0.7, which has no model of Mistral-Large-4 (its "
+                       "Mistral 4 model takes only Mistral-Small-4's mistral4 text model), "
+                       "builds it through transformers 5.24, which permutes the vision "
+                       "tower's wq and wk for its rotary embedding"}),
+    # Kimi-K2.5: a DeepSeek-V3 text model under language_model.model. (a dense first
+    # layer, then routed experts per expert and shared experts), a MoonViT vision tower
+    # and a projector. Its Hub files hold the routed experts as compressed-tensors INT4
+    # (weight_packed, weight_scale, weight_shape), which moekit does not read; bf16 files
+    # (a dequantized copy, or save_pretrained's) convert.
+    Family("kimi_k25", ("kimi_k25",), "language_model.model.layers.{layer}.mlp",
+           _QWEN_PROJECTIONS, "n_routed_experts", shared_expert="shared_experts",
+           count_aliases=("num_local_experts",), text_config=("text_config",),
+           moe_layers=after_dense_prefix, saved_as=_KIMI_K25_SAVED,
+           renames={"nemo": _KIMI_K25_NEMO}, unconverted=_transformers_converts(
+               "splits the vision tower's wqkv into q_proj, k_proj and v_proj and permutes "
+               "q_proj and k_proj for its rotary embedding (and renames the text model, the "
+               "vision tower's norms and MLPs and the projector)")),
     Family("jamba", ("jamba",), "model.layers.{layer}.feed_forward", _QWEN_PROJECTIONS,
            "num_experts", router="router.weight", count_aliases=("num_local_experts",),
            moe_layers=expert_period),
