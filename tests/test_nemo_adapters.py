@@ -103,7 +103,9 @@ files' names). Not here: Mistral-Large-4, which NeMo AutoModel 0.7 has no model 
 Mistral 4 adapter is Mistral-Small-4's), so that moekit refuses nemo for it (below)."""
 IN_BF16 = ("kimi_k25",)
 """Model types whose adapter's ``from_hf`` casts every floating tensor to bf16 (Kimi-K2.5's,
-the dtype of its Hub files), checked on a model saved in bf16."""
+the dtype of its Hub files), checked on a model saved in bf16. A file's float32 tensor (a
+score-correction bias) that adapter rounds to bf16, where moekit, which rounds nothing,
+keeps it float32."""
 
 
 def _adapter(family: str, model) -> Any:
