@@ -142,12 +142,12 @@ def test_a_checkpoint_missing_a_moe_layer_is_refused_naming_it(form, saved, tmp_
 def test_the_hub_form_with_its_mtp_layer_converts_byte_for_byte(saved, tmp_path):
     """The tiny files with a dense MTP layer and the Hub's form of the config (which
     transformers reads as the saved one) convert into vllm and back byte for byte."""
-    from transformers import AutoConfig
+    from transformers import Step3p7Config
 
     config = _hub_like(json.loads((saved / "config.json").read_text()), "1,2")
     original = _with_dense_mtp_layer(load_all(saved))
     src = _written(tmp_path / "src", original, config)
-    text = AutoConfig.from_pretrained(src).text_config
+    text = Step3p7Config.from_pretrained(src).text_config
     assert text.mlp_layer_types == ["dense", "sparse", "sparse"]
     assert text.mtp_mlp_layer_types == ["dense"]
     convert(src, tmp_path / "vllm", to="vllm")
