@@ -160,8 +160,9 @@ def test_transformers_layout_is_refused_where_transformers_converts_more(model_t
                            config=model.model.config.to_dict())
 
 
-_LAYER_EXPERTS = re.compile(r".*layers\.(\d+)\..*experts\.(?:routed_experts\.)?"
-                            r"(gate_up_proj|down_proj|w13_weight|w2_weight)")
+_LAYER_EXPERTS = re.compile(r".*layers\.(\d+)\.(?:.*\.)?experts\.(?:routed_experts\.)?"
+                            r"(gate_up_proj|up_proj|down_proj|w13_weight|w2_weight)")
+"""A layer's routed experts (not its ``shared_experts``) in transformers' and vLLM's names."""
 _VLLM_AS_TRANSFORMERS = {"w13_weight": "gate_up_proj", "w2_weight": "down_proj"}
 
 
@@ -199,13 +200,16 @@ def test_multimodal_experts_are_transformers_bytes_where_its_layout_is_refused(m
                                                                               tmp_path):
     """Where the towers (Step-3.7's, Kimi-K2.5's and Mistral-Large-4's permuted vision
     attention, ...) keep ``--to transformers`` refused, each MoE layer's vLLM w13_weight and
-    w2_weight are still the model's gate_up_proj and down_proj, byte for byte (Step-3.7's
-    three grouped tensors on disk joined, gate rows before up rows)."""
+    w2_weight are still the model's gate_up_proj (a non-gated model's up_proj) and
+    down_proj, byte for byte (Step-3.7's three grouped tensors on disk joined, gate rows
+    before up rows)."""
     model = build_multimodal(model_type)
     model.save_pretrained(tmp_path / "src")
     convert(tmp_path / "src", tmp_path / "vllm", to="vllm")
+    gated = "gate" in family_of_model_type(model_type).projections
+    vllm_names = {**_VLLM_AS_TRANSFORMERS, **({} if gated else {"w13_weight": "up_proj"})}
     ours, theirs = {}, {}
-    for found, tensors, names in ((ours, load_all(tmp_path / "vllm"), _VLLM_AS_TRANSFORMERS),
+    for found, tensors, names in ((ours, load_all(tmp_path / "vllm"), vllm_names),
                                   (theirs, model.state_dict(), {})):
         for key, tensor in tensors.items():
             match = _LAYER_EXPERTS.fullmatch(key)

@@ -79,9 +79,8 @@ def tiny_config(model_type: str, **overrides: Any):
     """``model_type``'s config with the ``SMALL`` sizes it has. A config with per-layer
     overrides (Gemma 4's head_dim, dots.3's attention sizes) is built without them, so
     that the tiny sizes hold for every layer (and its global values can be read)."""
-    from transformers import AutoConfig
-
-    default = AutoConfig.for_model(model_type)
+    config_class = transformers_config_class(model_type)
+    default = config_class()
     uniform = _uniform(default)
     settings = {**uniform, **{k: v for k, v in SMALL.items()
                 if hasattr(default, k) and not isinstance(getattr(default, k), list)}}
@@ -94,8 +93,16 @@ def tiny_config(model_type: str, **overrides: Any):
     if isinstance(getattr(default, "mlp_layer_types", None), list):
         settings["mlp_layer_types"] = _mlp_layer_types(default.mlp_layer_types,
                                                        SMALL["num_hidden_layers"])
-    return AutoConfig.for_model(model_type, **{**settings, **OVERRIDES.get(model_type, {}),
-                                               **overrides})
+    return config_class(**{**settings, **OVERRIDES.get(model_type, {}), **overrides})
+
+
+def transformers_config_class(model_type: str) -> type:
+    """transformers' own config class of ``model_type``: not one that NeMo AutoModel, once
+    imported, registers for the model type in its place (Step-3.7's, Kimi-K2.5's)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return getattr(transformers, CONFIG_MAPPING_NAMES[model_type])
 
 
 def build(model_type: str, seed: int = 0, **overrides: Any):
@@ -106,7 +113,8 @@ def build(model_type: str, seed: int = 0, **overrides: Any):
 
 MULTIMODAL = ("llama4", "qwen3_vl_moe", "glm4v_moe", "ernie4_5_vl_moe", "qwen3_omni_moe",
               "aria", "qwen3_5_moe", "qwen4_exp", "minimax_m3_vl", "mistral_large4", "gemma4",
-              "inkling2", "inkling2_loop", "hy_v4_vl", "step3p7", "kimi_k25")
+              "inkling2", "inkling2_loop", "hy_v4_vl", "step3p7", "kimi_k25", "deepseek_ocr2",
+              "unlimited_ocr", "inkling_mm_model", "nemotron_h_omni", "nemo_speechlm")
 """Multimodal model types whose text model has routed experts that moekit has a family for."""
 
 
@@ -135,13 +143,15 @@ TEXT_OVERRIDES: dict[str, dict[str, Any]] = {
     "hy_v4_vl": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0,
                                           mrope_section=[0, 1, 1])),
     "glm5_next": dict(qk_rope_head_dim=0),
-    "muse_spark": dict(moe_hidden_size=32)}
+    "muse_spark": dict(moe_hidden_size=32),
+    "deepseek_ocr2": dict(mlp_layer_types=["dense", "sparse", "sparse"])}
 """What a multimodal model type's text model takes beyond ``build``'s: Qwen3-VL-MoE's
 gate+up not square (2I != H), so that the Hub's orientation of it differs in shape from
 save_pretrained's (transformers reads a square one as its own); ERNIE-4.5-VL's text and
 vision expert sizes, and rotary sections that fit its four rotary frequencies; HY-V4-VL's
 rotary sections that fit its two; GLM-5-Next's DSA layers without rotary dimensions; Muse
-Spark's experts at the tiny hidden size."""
+Spark's experts at the tiny hidden size; DeepSeek-OCR-2's list of dense and sparse layers,
+which its config has no default for."""
 MAX_PARAMETERS = 5_000_000
 """The most parameters a tiny multimodal model is built with: one whose towers keep sizes
 the tiny settings do not reach (hundreds of millions of parameters) is not built."""
@@ -149,19 +159,27 @@ SMALL_VISION: dict[str, Any] = dict(
     hidden_size=32, num_hidden_layers=1, depth=1, num_attention_heads=2, num_heads=2,
     intermediate_size=64, out_hidden_size=32, projector_input_dim=32, projector_output_dim=32,
     vision_output_dim=32, patch_size=4, image_size=16, deepstack_visual_indexes=[],
-    text_hidden_size=32, adapter_in_dim=32, adapter_out_dim=32, max_image_size=16)
+    text_hidden_size=32, adapter_in_dim=32, adapter_out_dim=32, max_image_size=16,
+    mlp_dim=64, output_channels=16, downsample_channels=[16, 32], max_img_size=16)
 """Sizes of a tiny vision tower, where its config has the attribute (Inkling 2's and dots.3's
-checked against the text model's hidden size)."""
+checked against the text model's hidden size; DeepSeek-OCR-2's SAM encoder's MLP, neck and
+downsampling channels, which its config does not derive from its hidden size; RADIO's
+largest image, which sizes its position embeddings)."""
 
 
 MULTIMODAL_OVERRIDES: dict[str, dict[str, Any]] = {
     "muse_spark": dict(out_hidden_size=32, projector_hidden_size=32),
+    "nemotron_h_omni": dict(projector_hidden_size=32, vision_hidden_size=32),
+    "nemo_speechlm": dict(word_timestamp_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, vocab_size=16, blank_token_id=15)),
     "kimi_k25": dict(projection_hidden_size=32, tie_word_embeddings=False),
     "gemma4": dict(tie_word_embeddings=False,
                    vision_config=dict(model_type="gemma4_vision", num_key_value_heads=2,
                                       head_dim=16, position_embedding_size=64))}
 """What a multimodal model type's config takes beyond its towers' tiny sizes: Muse Spark's
-projector at the tiny hidden size; Kimi-K2.5's projector norm at the tiny vision tower's
+projector at the tiny hidden size; Nemotron-H-Omni's projector, and its record of the
+vision tower's width, at the tiny sizes; Kimi-K2.5's projector norm at the tiny vision tower's
 width, its head untied as the Hub's (``language_model.lm_head``); Gemma 4's default has no
 vision tower (given here with the sizes ``SMALL_VISION`` does not set) and ties its head to
 the embeddings, a head save_pretrained leaves out of the files."""
@@ -171,9 +189,12 @@ SMALL_AUDIO: dict[str, Any] = dict(
     d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, output_dim=32,
     num_hidden_layers=1, downsample_hidden_size=8, adapter_out_dim=32, out_hidden_size=32,
     hidden_size=32, intermediate_size=64, num_attention_heads=2, adapter_input_size=32,
-    conv_output_size=32)
+    conv_output_size=32, audio_hidden_size=32, num_key_value_heads=2)
 """Sizes of a tiny audio tower (Qwen3-Omni's thinker), where its config has the attribute
-(dots.3's and Muse Spark's output width checked against the text model's hidden size)."""
+(dots.3's and Muse Spark's output width checked against the text model's hidden size;
+Nemotron-3.5-Transcribe's diarization head checked against its audio encoder's width, and
+its encoders' attention with as many key-value heads as query heads, as the files' joined
+w_qkv, which transformers splits in three equal parts, requires)."""
 
 
 def build_multimodal(model_type: str, seed: int = 0, **text: Any):
@@ -181,23 +202,28 @@ def build_multimodal(model_type: str, seed: int = 0, **text: Any):
     ``TEXT_OVERRIDES`` and ``text``), its vision (and audio) towers one small layer, and
     ``MULTIMODAL_OVERRIDES``; every parameter drawn from N(0, 0.2).
     Qwen3-Omni's towers and text model sit in its ``thinker_config``; it is built without
-    its talker (``enable_audio_output`` false)."""
+    its talker (``enable_audio_output`` false). The model is transformers' image-text-to-text
+    class, else its multimodal LM class (Nemotron-3.5-Transcribe, audio only)."""
     import torch
     import transformers
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES)
 
     overrides = MULTIMODAL_OVERRIDES.get(model_type, {})
-    default = AutoConfig.for_model(model_type, **overrides)
+    config_class = transformers_config_class(model_type)
+    default = config_class(**overrides)
     omni = hasattr(default, "thinker_config")
     inner = _tiny_towers(default.thinker_config if omni else default,
                          {**TEXT_OVERRIDES.get(model_type, {}), **text})
     if omni:
-        config = AutoConfig.for_model(model_type, enable_audio_output=False,
-                                      thinker_config={**default.thinker_config.to_dict(), **inner})
+        config = config_class(enable_audio_output=False,
+                              thinker_config={**default.thinker_config.to_dict(), **inner})
         make = transformers.Qwen3OmniMoeForConditionalGeneration._from_config
     else:
-        config = AutoConfig.for_model(model_type, **{**overrides, **inner})
-        make = AutoModelForImageTextToText.from_config
+        config = config_class(**{**overrides, **inner})
+        name = (MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
+                or MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES[model_type])
+        make = getattr(transformers, name)._from_config
     with torch.device("meta"):
         count = sum(p.numel() for p in make(config).parameters())
     if count > MAX_PARAMETERS:
@@ -213,11 +239,25 @@ def _tiny_towers(config, text: dict[str, Any]) -> dict[str, dict]:
     for name, small in (("vision_config", SMALL_VISION), ("audio_config", SMALL_AUDIO)):
         tower = getattr(config, name, None)
         if tower is not None:
-            uniform = _uniform(tower)
-            sized = {k: v for k, v in small.items() if hasattr(tower, k)}
-            towers[name] = {**tower.to_dict(), **uniform, **sized,
-                            **_first_layers(tower, sized.get("num_hidden_layers"))}
+            towers[name] = _tiny_tower(tower, small)
     return towers
+
+
+def _tiny_tower(tower, small: dict[str, Any]) -> dict[str, Any]:
+    """A tower's config with the ``small`` sizes it has, each set through the attribute
+    its config stores it in (Inkling's ``n_layers`` for ``num_hidden_layers``), and so its
+    own sub-configs (DeepSeek-OCR-2's SAM and encoder configs inside its vision config).
+    A size the config derives from a sub-config's (Nemotron-3.5-Transcribe's audio
+    ``hidden_size``, its ASR encoder's) is set there."""
+    aliases = getattr(type(tower), "attribute_map", {})
+    held = {k: v for k, v in small.items() if hasattr(tower, k)
+            and not isinstance(getattr(type(tower), k, None), property)}
+    parts = {part: _tiny_tower(getattr(tower, part), small)
+             for part in getattr(type(tower), "sub_configs", {})
+             if getattr(tower, part, None) is not None}
+    sized = {aliases.get(k, k): v for k, v in held.items()}
+    return {**tower.to_dict(), **_uniform(tower), **sized, **parts,
+            **_first_layers(tower, held.get("num_hidden_layers"))}
 
 
 PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "patch_sizes", "hidden_sizes", "depths")

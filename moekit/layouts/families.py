@@ -739,6 +739,74 @@ FAMILIES: tuple[Family, ...] = (
           ("inkling2_text", ("inkling2_text", "inkling2_loop_text"), "model.", ()),
           ("inkling2", ("inkling2", "inkling2_loop"), "model.language_model.",
            ("text_config",)))),
+    # Inkling (multimodal, model_type inkling_mm_model): its files hold the text experts as
+    # Inkling 2's do (model.llm., w13_weight interleaved), the router scoring
+    # n_routed_experts + n_shared_experts rows (conversion_mapping.py "inkling_mm_model").
+    Family("inkling_mm_model", ("inkling_mm_model",), "model.llm.layers.{layer}.mlp",
+           _QWEN_PROJECTIONS, "n_routed_experts", grouped_on_disk=True,
+           interleaved={"hf": True}, text_config=("text_config",),
+           router_extra_rows="n_shared_experts",
+           renames={"hf": (Rename(".mlp.experts.gate_up_proj", ".mlp.experts.w13_weight"),
+                           Rename(".mlp.experts.down_proj", ".mlp.experts.w2_weight"))},
+           count_aliases=tuple(k for k in EXPERT_COUNT_KEYS if k != "n_routed_experts"),
+           unconverted={**_transformers_converts(
+               "joins each shared expert's interleaved shared_w13_weight into gate_proj and "
+               "up_proj (and renames Inkling's namespace: model.llm. to "
+               "model.language_model., attn.wq_du to self_attn.q_proj, ...)"),
+               "nemo": "NeMo AutoModel 0.7 (InklingStateDictAdapter) transposes and "
+                       "de-interleaves the shared experts' shared_w13_weight (and renames "
+                       "Inkling's namespace: model.llm. to model.language_model., attn.wq_du "
+                       "to self_attn.q_proj, ...)"}),
+    # DeepSeek-OCR-2 and Unlimited-OCR: a DeepSeek-V2-style text model (routed experts per
+    # expert, shared experts) under model.layers. in their files, beside SAM and Qwen2-style
+    # vision encoders. NeMo AutoModel 0.7 has no model of either, so it loads them through
+    # transformers, whose conversion renames and splits tower tensors.
+    *(Family(model_type, (model_type,), _QWEN_BLOCK, _QWEN_PROJECTIONS, "n_routed_experts",
+             shared_expert="shared_experts", text_config=("text_config",),
+             count_aliases=tuple(k for k in EXPERT_COUNT_KEYS if k != "n_routed_experts"),
+             moe_layers=mlp_layer_types,
+             unconverted={layout: f"{consumer}transformers 5.24 {converts}"
+                          for layout, consumer in (
+                              ("transformers", ""),
+                              ("nemo", f"NeMo AutoModel 0.7 has no model of {name}, so it "
+                                       "holds what "))})
+      for model_type, name, converts in (
+          ("deepseek_ocr2", "DeepSeek-OCR-2",
+           "loads: it renames the SAM and Qwen2 vision encoders (sam_model.blocks.N.norm1 to "
+           "vision_tower.sam_encoder.layers.N.layer_norm1, qwen2_model. to "
+           "vision_tower.vision_encoder., ...), the projector and view_seperator, and moves "
+           "the text model under model.language_model"),
+          ("unlimited_ocr", "Unlimited-OCR",
+           "loads: it splits the vision encoder's qkv_proj into q_proj, k_proj and v_proj "
+           "(and renames the SAM encoder, the projector and view_seperator, and moves the "
+           "text model under model.language_model)"))),
+    # Nemotron-H-Omni and Nemotron-3.5-Transcribe: a Nemotron-H text model (non-gated
+    # experts per expert) under language_model.backbone. and llm.model. in their files,
+    # beside RADIO vision and NeMo audio towers, which transformers 5.24 (conversion_mapping.py
+    # "radio", "nemo_speechlm") and NeMo AutoModel 0.7 convert on load.
+    Family("nemotron_h_omni", ("nemotron_h_omni",), "language_model.backbone.layers.{layer}.mixer",
+           {"up": "up_proj", "down": "down_proj"}, "n_routed_experts",
+           shared_expert="shared_experts", text_config=("text_config",),
+           count_aliases=("num_local_experts",), moe_layers=block_types,
+           unconverted={**_transformers_converts(
+               "splits the RADIO vision tower's attn.qkv into q_proj, k_proj and v_proj (and "
+               "renames the tower, the projector and the text model's backbone)"),
+               "nemo": "NeMo AutoModel 0.7 (NemotronOmniStateDictAdapter) splits the RADIO "
+                       "vision tower's attn.qkv into query, key and value (and renames the "
+                       "tower and the text model's backbone)"}),
+    Family("nemo_speechlm", ("nemo_speechlm",), "llm.model.layers.{layer}.mixer",
+           {"up": "up_proj", "down": "down_proj"}, "n_routed_experts",
+           shared_expert="shared_experts", text_config=("text_config",),
+           count_aliases=("num_local_experts",), moe_layers=block_types,
+           unconverted={layout: f"{consumer}transformers 5.24 loads: it renames NVIDIA's "
+                                "NeMo export (perception.encoder. to model.audio_tower., "
+                                "llm.model.layers. to model.language_model.layers., its "
+                                "encoders' norms and attention, ...) and splits each "
+                                "attention's w_qkv into q_proj, k_proj and v_proj"
+                        for layout, consumer in (
+                            ("transformers", ""),
+                            ("nemo", "NeMo AutoModel 0.7 has no model of "
+                                     "Nemotron-3.5-Transcribe, so it holds what "))}),
     _qwen_style("glm4_moe", "n_routed_experts", shared_expert="shared_experts",
                 moe_layers=dense_prefix_of(1)),
     # Qwen-style experts whose router biases, shared experts, norms or attention sinks
