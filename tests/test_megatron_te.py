@@ -151,8 +151,8 @@ MODELS: dict[str, Callable[[], torch.nn.Module]] = {
     **{t: (lambda t=t: samples.build_model(t)) for t in ("llama", "mistral", "qwen2", "qwen3")},
 }
 """Every model type moekit reads in Megatron-Core's layout: MoE layers alike (layers
-stacked) or with dense ones between them (each layer under its own key: Qwen2-MoE's layer
-1, DeepSeek-V3's first layer), MLA with and without a q LoRA rank and with a
+stacked) or with dense ones between them (each layer under its own key: Qwen3-MoE's
+``mlp_only_layers``, Qwen2-MoE's layer 1, DeepSeek-V3's first layer), MLA with and without a q LoRA rank and with a
 multi-token-prediction layer (``WITH_MTP``), and the dense families, whose TE spec stores
 every tensor where the local one does."""
 
@@ -240,6 +240,7 @@ def edit_folder(iteration: Path, renamed: dict[str, str], added: dict[str, str],
     if extra_state is not None:
         objects = [k for k, v in entries.items()
                    if isinstance(v, BytesStorageMetadata) and "._extra_state/" in k]
+        assert objects, iteration
         (iteration / "__te_extra_state.distcp").write_bytes(extra_state * len(objects))
         at = {key: n * len(extra_state) for n, key in enumerate(objects)}
         storage = {index: (dataclasses.replace(info, relative_path="__te_extra_state.distcp",
