@@ -101,9 +101,11 @@ def _page_locked(size: int) -> torch.Tensor:
     memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
                        | getattr(mmap, "MAP_POPULATE", 0))
     buffer = torch.frombuffer(memory, dtype=torch.uint8)
-    if int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), size, _PORTABLE)):
-        return torch.empty(size, dtype=torch.uint8, pin_memory=True)
-    return buffer
+    try:
+        failed = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), size, _PORTABLE))
+    except (AttributeError, RuntimeError):  # a runtime whose bindings lack it
+        failed = True
+    return torch.empty(size, dtype=torch.uint8, pin_memory=True) if failed else buffer
 
 
 _PORTABLE = 1
