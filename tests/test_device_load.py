@@ -195,6 +195,23 @@ def test_page_locked_buffers_given_back_are_taken_again_by_size(monkeypatch):
     assert pool.take(64) is not first and len(made) == 3
 
 
+@pytest.mark.parametrize("runtime", ["refuses", "lacks the call"])
+def test_memory_cuda_cannot_register_is_pinned_by_pytorch_instead(runtime, monkeypatch):
+    class Runtime:
+        @staticmethod
+        def cudaHostRegister(pointer, size, flags):  # noqa: N802 (CUDA's name)
+            if runtime == "lacks the call":
+                raise AttributeError("cudaHostRegister")
+            return 1  # cudaErrorInvalidValue
+
+    pinned = []
+    empty = torch.empty
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Runtime)
+    monkeypatch.setattr(torch, "empty", lambda size, dtype, pin_memory: pinned.append(
+        size) or empty(size, dtype=dtype))
+    assert device._page_locked(4096).numel() == 4096 and pinned == [4096]
+
+
 @cuda
 def test_cuda_later_loads_pin_nothing_and_their_buffers_are_page_locked(family_checkpoints,
                                                                        monkeypatch):
