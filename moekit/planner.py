@@ -10,6 +10,7 @@ bounded by the tensors present.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -479,12 +480,23 @@ def _check_mtp_layers(analysis: Analysis, dst: Layout) -> None:
     rule = analysis.settings.moe_layers if analysis.settings else None
     if not note or rule is None:
         return
-    present = [layer for layer in analysis.blocks if layer in rule.extra]
+    present = _layers_after(analysis, rule.count)
     if present:
         raise MoekitError(
             f"the source holds multi-token-prediction layers (layer "
-            f"{', '.join(map(str, sorted(present)))}, after num_hidden_layers {rule.count}): "
+            f"{', '.join(map(str, present))}, after num_hidden_layers {rule.count}): "
             f"{note}; use another layout, or a checkpoint without them")
+
+
+def _layers_after(analysis: Analysis, count: int) -> list[int]:
+    """The layers from ``count`` on that the source holds tensors of, experts or not
+    (Step-3.7's multi-token-prediction layers have dense MLPs), read off the layer number
+    in the family's HF names."""
+    family, layout = analysis.family, analysis.layout
+    number = re.compile(re.escape(family.block.split("{layer}")[0]) + r"(\d+)\.")
+    found = {int(match[1]) for match in (number.match(layout.to_hf_key(key, family))
+                                         for key in analysis.tensors) if match}
+    return sorted(layer for layer in found | set(analysis.blocks) if layer >= count)
 
 
 def _check_scale_grids(analysis: Analysis, blocks: Mapping[int, ExpertBlock], dst: Layout,

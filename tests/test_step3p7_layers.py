@@ -139,9 +139,10 @@ def test_a_checkpoint_missing_a_moe_layer_is_refused_naming_it(form, saved, tmp_
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
-def test_the_hub_form_with_its_mtp_layer_converts_byte_for_byte(saved, tmp_path):
+def test_the_hub_form_with_its_mtp_layer_converts_byte_for_byte(saved, tmp_path, capsys):
     """The tiny files with a dense MTP layer and the Hub's form of the config (which
-    transformers reads as the saved one) convert into vllm and back byte for byte."""
+    transformers reads as the saved one) convert into vllm and back byte for byte; nemo,
+    where NeMo AutoModel renumbers the MTP layers, is refused naming the dense one too."""
     from transformers import Step3p7Config
 
     config = _hub_like(json.loads((saved / "config.json").read_text()), "1,2")
@@ -155,3 +156,7 @@ def test_the_hub_form_with_its_mtp_layer_converts_byte_for_byte(saved, tmp_path)
     back = load_all(tmp_path / "back")
     assert back.keys() == original.keys()
     assert [k for k in original if not same_bytes(original[k], back[k])] == []
+    assert main(["convert", str(src), str(tmp_path / "nemo"), "--to", "nemo"]) == 2
+    err = capsys.readouterr().err
+    assert "multi-token-prediction layers (layer 3, after num_hidden_layers 3)" in err, err
+    assert "mtp.layers.N" in err and not (tmp_path / "nemo").exists()
