@@ -183,7 +183,8 @@ def analyse(tensors: Mapping[str, TensorMeta], config: dict | None,
     analysis = understand(tensors, config, metadata, label, from_, family, n_experts,
                           config_file)
     validate(analysis, where=where)
-    _check_converted(analysis.family, analysis.layout, "source")
+    if analysis.layout.name != analysis.family.hub_layout:
+        _check_converted(analysis.family, analysis.layout, "source")
     return analysis
 
 

@@ -3,9 +3,12 @@ renames do not hold: DeepSeek-OCR-2, Unlimited-OCR, Inkling, Nemotron-H-Omni and
 Nemotron-3.5-Transcribe. Their text experts convert between hf and vllm
 (test_families.py); ``--to transformers`` and ``--to nemo`` are refused, and each reason is
 checked here against the consumer's own code: transformers' state dict, NeMo AutoModel's
-registry and adapters."""
+registry and adapters. Nemotron-3.5-Transcribe's Hub files, whose experts are named as the
+refused nemo layout names them, are still read."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -133,3 +136,49 @@ def test_nemotron_h_omni_nemo_is_refused_as_nemos_adapter_splits_the_vision_qkv(
     assert not any("attn.qkv" in k for k in held)
     assert any("attention.attention.query" in k for k in held)
     assert "splits the RADIO vision tower's attn.qkv" in _refused(src, "nemo", tmp_path, capsys)
+
+
+def _as_nemo_export(saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Nemotron-3.5-Transcribe's save_pretrained tensors as its Hub files (NVIDIA's NeMo
+    export) hold them: each layer's routed experts grouped, transposed, as
+    ``mixer.experts.gate_and_up_projs`` [E,H,I] (up alone: non-gated) and ``down_projs``
+    [E,I,H], which transformers 5.24 transposes on load (conversion_mapping.py
+    "nemo_speechlm")."""
+    per_expert = re.compile(r"(.+\.mixer\.experts)\.(\d+)\.(up|down)_proj\.weight")
+    hub, experts = {}, {}
+    for key, tensor in saved.items():
+        match = per_expert.fullmatch(key)
+        if match:
+            experts.setdefault(match[1], {})[(int(match[2]), match[3])] = tensor
+        else:
+            hub[key] = tensor
+    for module, pieces in experts.items():
+        count = len(pieces) // 2
+        for name, piece in (("gate_and_up_projs", "up"), ("down_projs", "down")):
+            hub[f"{module}.{name}"] = torch.stack(
+                [pieces[(e, piece)].T for e in range(count)]).contiguous()
+    return hub
+
+
+def test_nemotron_3_5_transcribe_hub_files_are_read(saved, tmp_path, capsys):
+    """The Hub's NeMo export (experts grouped as nemo's gate_and_up_projs and down_projs,
+    which transformers loads into the model's state dict, as it loads save_pretrained's
+    per-expert files) is read: into save_pretrained's files with ``--to hf``, byte for
+    byte; nemo stays refused as a destination."""
+    from safetensors.torch import save_file
+
+    model, src = saved("nemo_speechlm")
+    original = load_all(src)
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    save_file(_as_nemo_export(original), hub / "model.safetensors", metadata={"format": "pt"})
+    (hub / "config.json").write_text((src / "config.json").read_text())
+    loaded, info = type(model).from_pretrained(hub, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    expected = model.state_dict()
+    assert [k for k, v in loaded.state_dict().items() if not same_bytes(v, expected[k])] == []
+    assert main(["convert", str(hub), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    written = load_all(tmp_path / "hf")
+    assert written.keys() == original.keys()
+    assert [k for k in original if not same_bytes(original[k], written[k])] == []
+    assert "refused as a destination" in _refused(hub, "nemo", tmp_path, capsys)

@@ -178,6 +178,12 @@ class Family:
     groups_unheld: dict[str, str] = field(default_factory=dict)
     """Per grouped layout without a module for each expert group (``ExpertGroup.modules``):
     why; that layout is refused for the family."""
+    hub_layout: str | None = None
+    """The grouped layout whose names the family's Hub files give their experts where
+    ``save_pretrained`` writes them per expert (Nemotron-3.5-Transcribe's NeMo export:
+    nemo's ``gate_and_up_projs`` [E,H,I] and ``down_projs`` [E,I,H], which transformers
+    5.24 transposes on load): files so named are read, even where ``unconverted`` refuses
+    that layout as a destination."""
 
     @property
     def n_groups(self) -> int:
@@ -783,7 +789,9 @@ FAMILIES: tuple[Family, ...] = (
     # Nemotron-H-Omni and Nemotron-3.5-Transcribe: a Nemotron-H text model (non-gated
     # experts per expert) under language_model.backbone. and llm.model. in their files,
     # beside RADIO vision and NeMo audio towers, which transformers 5.24 (conversion_mapping.py
-    # "radio", "nemo_speechlm") and NeMo AutoModel 0.7 convert on load.
+    # "radio", "nemo_speechlm") and NeMo AutoModel 0.7 convert on load. save_pretrained
+    # writes the experts per expert; Nemotron-3.5-Transcribe's Hub files (NVIDIA's NeMo
+    # export) group them under nemo's names, read as that layout.
     Family("nemotron_h_omni", ("nemotron_h_omni",), "language_model.backbone.layers.{layer}.mixer",
            {"up": "up_proj", "down": "down_proj"}, "n_routed_experts",
            shared_expert="shared_experts", text_config=("text_config",),
@@ -797,7 +805,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("nemo_speechlm", ("nemo_speechlm",), "llm.model.layers.{layer}.mixer",
            {"up": "up_proj", "down": "down_proj"}, "n_routed_experts",
            shared_expert="shared_experts", text_config=("text_config",),
-           count_aliases=("num_local_experts",), moe_layers=block_types,
+           count_aliases=("num_local_experts",), moe_layers=block_types, hub_layout="nemo",
            unconverted={layout: f"{consumer}transformers 5.24 loads: it renames NVIDIA's "
                                 "NeMo export (perception.encoder. to model.audio_tower., "
                                 "llm.model.layers. to model.language_model.layers., its "
