@@ -216,7 +216,7 @@ def test_each_mtp_tensor_is_the_deepseek_tensor_it_holds(models, loaded):
 
 @pytest.fixture(scope="module")
 def mtp_logits(models) -> torch.Tensor:
-    """DeepSeek-V3's MTP layer (as vLLM 0.33's DeepSeekMultiTokenPredictorLayer computes
+    """DeepSeek-V3's MTP layer (as vLLM's DeepSeekMultiTokenPredictorLayer computes
     it): at position i, eh_proj of cat(enorm(embedding of token i + 1), hnorm(the main
     model's last hidden state at i)), the decoder layer (transformers' own, loaded by
     ``from_pretrained`` from the HF files as layer ``num_hidden_layers`` of a model one
