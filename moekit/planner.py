@@ -368,12 +368,12 @@ def _join_part(analysis: Analysis, dst: Layout, hf_key: str,
         missing = next(key for key in keys if key not in analysis.tensors)
         raise MoekitError(f"the source has {present[0]} but not {missing}, which the "
                           f"{dst.name} layout joins with it into {hf_key}")
-    reads = [Read.whole(key, analysis.tensors[key]) for key in keys]
+    parts = [Read.whole(key, analysis.tensors[key]) for key in keys]
     part = members[0][1]
     if part.row:
-        recipe: Expr = Concat(tuple(reads), dim=0)
+        recipe: Expr = Concat(tuple(parts), dim=0)
     else:
-        recipe = Transpose(reads[0]) if part.transposed else reads[0]
+        recipe = Transpose(parts[0]) if part.transposed else parts[0]
     out[present[0]] = [TensorPlan(dst.from_hf_key(hf_key, family), recipe)]
     out.update({key: [] for key in present[1:]})
 
