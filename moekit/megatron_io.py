@@ -211,8 +211,7 @@ def hf_tensors(stored: Mapping[str, "StoredTensor"], config: Mapping | None, sou
     head (``MTP_COPIES``) are the main model's, read from the same chunks."""
     dims = Dimensions.of(config, _experts(stored), source)
     family = family_of_model_type(config.get("model_type")) or GENERIC_FAMILIES[0]
-    held = {mtp_depth(key) for key in stored}
-    depths = [depth for depth in range(dims.mtp) if depth in held]
+    depths = _mtp_depths(stored, dims, source)
     per_layer = any(map(is_per_layer, stored))
     moe_layers = _moe_layers(stored, dims)
     entries = _of_spec(stored, {spec: [*dims.entries(per_layer, spec, moe_layers),
@@ -246,6 +245,21 @@ def hf_tensors(stored: Mapping[str, "StoredTensor"], config: Mapping | None, sou
             main = next(key for key in mains if key in made)
             made[f"model.layers.{dims.mtp_layer(depth)}.{copy}"] = made[main]
     return made
+
+
+def _mtp_depths(stored: Mapping[str, "StoredTensor"], dims: Dimensions, source: str
+                ) -> list[int]:
+    """The multi-token-prediction layers the stored tensors hold; refused naming a tensor
+    of one that config.json does not declare (``num_nextn_predict_layers``), whose HF
+    layer would follow the layers the config gives."""
+    held = {depth: key for key in sorted(stored, reverse=True)
+            if (depth := mtp_depth(key)) is not None}
+    undeclared = sorted(depth for depth in held if depth >= dims.mtp)
+    if undeclared:
+        raise MoekitError(f"{source} holds {printable(held[undeclared[0]])}, of multi-token-"
+                          f"prediction layer {undeclared[0]}, but config.json's "
+                          f"num_nextn_predict_layers declares {dims.mtp} such layers")
+    return sorted(held)
 
 
 def _moe_layers(stored: Mapping[str, "StoredTensor"], dims: Dimensions) -> set[int]:

@@ -99,6 +99,19 @@ def _add_mtp_layer(hf: Path, model: torch.nn.Module, tmp: Path) -> None:
     (hf / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
 
 
+def saved_and_converted(model: torch.nn.Module, root: Path, with_mtp: bool
+                        ) -> tuple[Path, Path]:
+    """``model`` saved under ``root`` (given a multi-token-prediction layer where
+    ``with_mtp``: ``_add_mtp_layer``) and moekit's Megatron-Core folder of it: the two
+    folders."""
+    hf = samples.save_model(model, root / "hf")
+    if with_mtp:
+        _add_mtp_layer(hf, model, root / "deeper")
+    folder = root / "megatron"
+    assert main(["convert", str(hf), str(folder), "--to", "megatron"]) == 0
+    return hf, folder
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path, Path]]:
     """By name of ``MODELS``: the transformers model, its HF folder and moekit's
@@ -106,13 +119,8 @@ def models(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path, Path]]:
     made = {}
     for name, build in MODELS.items():
         model = build()
-        root = tmp_path_factory.mktemp(name)
-        hf = samples.save_model(model, root / "hf")
-        if name in WITH_MTP:
-            _add_mtp_layer(hf, model, root / "deeper")
-        folder = root / "megatron"
-        assert main(["convert", str(hf), str(folder), "--to", "megatron"]) == 0
-        made[name] = model, hf, folder
+        made[name] = model, *saved_and_converted(model, tmp_path_factory.mktemp(name),
+                                                 name in WITH_MTP)
     return made
 
 
@@ -355,6 +363,27 @@ def test_inspect_lists_the_mtp_layer_of_the_megatron_folder(models, capsys):
     shown = json.loads(capsys.readouterr().out)
     layer = model.config.num_hidden_layers
     assert shown["mtp_layers"] == [layer] and layer in shown["moe_layers"]
+
+
+@pytest.mark.parametrize("declared", [0, None])
+def test_an_mtp_layer_that_config_json_does_not_declare_is_refused_naming_it(
+        models, tmp_path, capsys, declared):
+    """A folder holding ``mtp.layers.0`` whose config.json declares no multi-token-
+    prediction layer (``num_nextn_predict_layers`` 0, or absent): its HF layer would follow
+    the layers the config gives, so the config, not the tensors, is named."""
+    folder = tmp_path / "megatron"
+    shutil.copytree(models["deepseek_mtp"][2], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("num_nextn_predict_layers")
+    if declared is not None:
+        config["num_nextn_predict_layers"] = declared
+    (folder / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert main(["convert", str(folder), str(out), "--to", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert ("holds mtp.layers.0.eh_proj.weight, of multi-token-prediction layer 0, but "
+            "config.json's num_nextn_predict_layers declares 0 such layers") in err, err
+    assert "Traceback" not in err and not out.exists()
 
 
 def _refused(hf, out, capsys, named: str) -> None:

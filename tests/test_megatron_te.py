@@ -41,7 +41,7 @@ pytest.importorskip("megatron.core")
 
 from . import megatron_mla_workers, megatron_workers  # noqa: E402
 from .test_megatron_checkpoint import assert_back_to_hf  # noqa: E402
-from .test_megatron_mla import _add_mtp_layer  # noqa: E402
+from .test_megatron_mla import saved_and_converted  # noqa: E402
 
 TRACKER, ITERATION = "latest_checkpointed_iteration.txt", "iter_0000000"
 
@@ -152,8 +152,8 @@ MODELS: dict[str, Callable[[], torch.nn.Module]] = {
 }
 """Every model type moekit reads in Megatron-Core's layout: MoE layers alike (layers
 stacked) or with dense ones between them (each layer under its own key: Qwen3-MoE's
-``mlp_only_layers``, Qwen2-MoE's layer 1, DeepSeek-V3's first layer), MLA with and without a q LoRA rank and with a
-multi-token-prediction layer (``WITH_MTP``), and the dense families, whose TE spec stores
+``mlp_only_layers``, Qwen2-MoE's layer 1, DeepSeek-V3's first layer), MLA with and
+without a q LoRA rank and with a multi-token-prediction layer (``WITH_MTP``), and the dense families, whose TE spec stores
 every tensor where the local one does."""
 
 WITH_MTP = ("deepseek_v3_mtp",)
@@ -174,13 +174,9 @@ def saved(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path, Path]]:
     made, folders = {}, []
     for name, build in MODELS.items():
         model = build()
-        root = tmp_path_factory.mktemp(name)
-        hf = samples.save_model(model, root / "hf")
-        if name in WITH_MTP:
-            _add_mtp_layer(hf, model, root / "deeper")
-        assert main(["convert", str(hf), str(root / "megatron"), "--to", "megatron"]) == 0
+        hf, folder = saved_and_converted(model, tmp_path_factory.mktemp(name), name in WITH_MTP)
         made[name] = model, hf
-        folders.append(str(root / "megatron"))
+        folders.append(str(folder))
     result = megatron_workers.spawn(megatron_mla_workers.load_and_run, 1,
                                     tmp_path_factory.mktemp("load"), folders, _ids())
     return {name: (*made[name], Path(f"{result}.{n}.saved")) for n, name in enumerate(MODELS)}
