@@ -491,13 +491,24 @@ def _check_mtp_layers(analysis: Analysis, dst: Layout) -> None:
 
 def _layers_after(analysis: Analysis, count: int) -> list[int]:
     """The layers from ``count`` on that the source holds tensors of, experts or not
-    (Step-3.7's multi-token-prediction layers have dense MLPs), read off the layer number
-    in the family's HF names."""
+    (Step-3.7's multi-token-prediction layers have dense MLPs)."""
+    layer_of = layer_numbers(analysis)
+    found = {layer_of(key) for key in analysis.tensors}
+    return sorted(layer for layer in (found - {None}) | set(analysis.blocks) if layer >= count)
+
+
+def layer_numbers(analysis: Analysis) -> Callable[[str], int | None]:
+    """The decoder layer a source tensor (a key of ``analysis.tensors``) belongs to, read
+    off the number after the family's layer prefix in its HF name; None for a tensor
+    outside the decoder layers, such as a vision tower's ``encoder.layers.N``."""
     family, layout = analysis.family, analysis.layout
-    number = re.compile(re.escape(family.block.split("{layer}")[0]) + r"(\d+)\.")
-    found = {int(match[1]) for match in (number.match(layout.to_hf_key(key, family))
-                                         for key in analysis.tensors) if match}
-    return sorted(layer for layer in found | set(analysis.blocks) if layer >= count)
+    number = re.compile(re.escape(family.block.split("{layer}")[0]) + r"(\d+)\.", re.ASCII)
+
+    def layer_of(key: str) -> int | None:
+        match = number.match(layout.to_hf_key(key, family))
+        return int(match[1]) if match else None
+
+    return layer_of
 
 
 def _check_scale_grids(analysis: Analysis, blocks: Mapping[int, ExpertBlock], dst: Layout,
