@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -14,11 +13,8 @@ from .gc_pauses import without_gc_pauses
 from .layouts.base import ExpertBlock
 from .layouts.families import FP8_SCALE_KEY, MXFP4_BLOCKS_KEY, MXFP4_SCALES_KEY
 from .plan import nbytes
-from .planner import Analysis, analyse_checkpoint, unread_experts
+from .planner import Analysis, analyse_checkpoint, layer_numbers, unread_experts
 from .sizes import format_size
-
-_LAYER = re.compile(r"(?:^|\.)layers\.(0|[1-9][0-9]{0,8})\.", re.ASCII)
-"""A key's layer number, read only where written canonically (as the layouts read it)."""
 
 
 @dataclass
@@ -103,14 +99,10 @@ def inspect(path: str | Path, from_: str | None = None) -> CheckpointInfo:
     if not analysis.blocks and analysis.settings and analysis.settings.declared:
         raise MoekitError(f"cannot describe {printable(str(checkpoint.path))}: "
                           + unread_experts(analysis.settings))
-    layer_bytes: dict[int, int] = defaultdict(int)
     dtypes: dict[str, int] = defaultdict(int)
-    for key, info in checkpoint.tensors.items():
-        size = nbytes(info.shape, info.dtype)
-        dtypes[info.dtype] += size
-        match = _LAYER.search(key)
-        if match:
-            layer_bytes[int(match[1])] += size
+    for info in checkpoint.tensors.values():
+        dtypes[info.dtype] += nbytes(info.shape, info.dtype)
+    layer_bytes = _layer_bytes(analysis)
     moe = sorted(analysis.blocks)
     first = analysis.blocks[moe[0]] if moe else None
     gate = first.pieces.get(("gate", 0), first.pieces.get(("up", 0))) if first else None
@@ -124,12 +116,12 @@ def inspect(path: str | Path, from_: str | None = None) -> CheckpointInfo:
         hidden_size=gate.shape[1] if gate else None,
         expert_intermediate_size=(gate.shape[0] if gate and not analysis.family.expert_groups
                                   else None),
-        shared_expert_intermediate_size=_shared_size(checkpoint.tensors, analysis),
+        shared_expert_intermediate_size=_shared_size(analysis),
         expert_pieces=[p for p in analysis.family.all_pieces
                        if first and any(q == p for q, _ in first.pieces)],
         quantization=_quantization(checkpoint.tensors),
         expert_groups=_expert_groups(first, analysis),
-        dtypes=dict(dtypes), total_bytes=sum(dtypes.values()), layer_bytes=dict(layer_bytes),
+        dtypes=dict(dtypes), total_bytes=sum(dtypes.values()), layer_bytes=layer_bytes,
         n_tensors=len(checkpoint.tensors))
 
 
@@ -173,12 +165,27 @@ def _quantization(tensors: Mapping[str, TensorInfo]) -> str | None:
     return None
 
 
-def _shared_size(tensors: Mapping[str, TensorInfo], analysis: Analysis) -> int | None:
+def _layer_bytes(analysis: Analysis) -> dict[int, int]:
+    """Bytes of each decoder layer, its tensors found under the names the family's HF
+    files give them (``Analysis.tensors``: save_pretrained's Kimi-K2.5 names and a
+    Megatron-Core folder's chunks read as those), a tower's layers counted in none."""
+    layer_of = layer_numbers(analysis)
+    found: dict[int, int] = defaultdict(int)
+    for key, info in analysis.tensors.items():
+        layer = layer_of(key)
+        if layer is not None:
+            found[layer] += nbytes(info.shape, info.dtype)
+    return dict(found)
+
+
+def _shared_size(analysis: Analysis) -> int | None:
     """Intermediate size of the shared expert of the first MoE layer, if the family has one."""
     name = analysis.family.shared_expert
     if not name or not analysis.blocks:
         return None
+    family = analysis.family
     block = analysis.blocks[min(analysis.blocks)].block
-    info = tensors.get(f"{block}.{name}.{analysis.family.projections['up']}.weight")
+    hf_key = f"{block}.{name}.{family.projections['up']}.weight"
+    info = analysis.tensors.get(analysis.layout.from_hf_key(hf_key, family))
     return info.shape[0] if info and info.shape else None
 
