@@ -641,6 +641,37 @@ def test_kimi_k25_files_holding_a_tensor_under_both_names_are_refused(tmp_path, 
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
+def test_kimi_k25_inspect_describes_save_pretrained_names_as_the_hub_files(tmp_path):
+    """inspect describes Kimi-K2.5 files named as save_pretrained names them (text layers
+    as ``blocks``), the Hub's and moekit's nemo of them alike: the dense and MoE layers and
+    the shared expert the model's config gives, and bytes for each decoder layer of the
+    text model, none for a tower's (a vision tower tensor under ``encoder.layers.N``, N
+    past the text model's layers, added to each)."""
+    from safetensors.torch import save_file
+
+    model = build_multimodal("kimi_k25")
+    model.save_pretrained(tmp_path / "saved")
+    saved = load_all(tmp_path / "saved")
+    text = model.config.text_config
+    tower = {f"vision_tower.encoder.layers.{text.num_hidden_layers + 2}.norm.weight":
+             torch.ones(4)}
+    for name, tensors in (("as-saved", saved), ("hub", on_the_hub("kimi_k25", saved))):
+        (tmp_path / name).mkdir()
+        save_file({**tensors, **tower}, tmp_path / name / "model.safetensors",
+                  metadata={"format": "pt"})
+        (tmp_path / name / "config.json").write_text(
+            (tmp_path / "saved" / "config.json").read_text())
+    convert(tmp_path / "as-saved", tmp_path / "nemo", to="nemo")
+    shown = {name: inspect(tmp_path / name) for name in ("as-saved", "hub", "nemo")}
+    dense = list(range(text.first_k_dense_replace))
+    for info in shown.values():
+        assert info.dense_layers == dense
+        assert info.moe_layers == list(range(len(dense), text.num_hidden_layers))
+        assert info.shared_expert_intermediate_size == (text.moe_intermediate_size
+                                                        * text.n_shared_experts)
+        assert sorted(info.layer_bytes) == list(range(text.num_hidden_layers))
+        assert info.layer_bytes == shown["hub"].layer_bytes
+
 def test_gemma4_nemo_layout_is_refused_as_nemo_scales_the_experts(tmp_path, capsys):
     """NeMo AutoModel 0.7's Gemma 4 adapter multiplies each layer's router.per_expert_scale
     into its experts' down_projs: what NeMo holds is not the files' bytes moved, so
