@@ -159,19 +159,23 @@ def load_and_run(rank: int, world: int, store: str, folders: list[str], ids: tor
 
 
 def save_expert_parallel(rank: int, world: int, store: str, config_folder: str,
-                         ids: torch.Tensor, out: str, result: str) -> None:
-    """Build ``mla_model`` at EP = ``world``, every weight and the routers' expert bias
-    drawn from N(0, 0.2) (each expert from a seed of its layer and global index), run it
-    on ``ids`` and save it with megatron-core's ``dist_checkpointing.save`` into ``out``;
-    each rank saves its experts' weights and the logits into ``result``.RANK."""
+                         ids: torch.Tensor, out: str, mtp: int, result: str) -> None:
+    """Build ``mla_model`` with ``mtp`` multi-token-prediction layers at EP = ``world``,
+    every weight and the routers' expert bias drawn from N(0, 0.2) (each expert from a seed
+    of its HF layer, an MTP layer's after the decoder's, and global index), run it on
+    ``ids`` and save it with megatron-core's ``dist_checkpointing.save`` into ``out``; each
+    rank saves its experts' weights (by HF layer and global index) and the logits into
+    ``result``.RANK."""
     from megatron.core import dist_checkpointing
 
     megatron_checkpoint_workers._init(rank, world, store, ep=world)
-    model = mla_model(json.loads((Path(config_folder) / "config.json").read_text()), ep=world)
+    model = mla_model(json.loads((Path(config_folder) / "config.json").read_text()), ep=world,
+                      mtp=mtp)
     torch.manual_seed(0)
     experts = {}
-    moe = {layer: block.mlp for layer, block in enumerate(model.decoder.layers)
-           if hasattr(block.mlp, "router")}
+    blocks = [*model.decoder.layers,
+              *(layer.transformer_layer for layer in (model.mtp.layers if mtp else ()))]
+    moe = {layer: block.mlp for layer, block in enumerate(blocks) if hasattr(block.mlp, "router")}
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.2)
@@ -183,7 +187,7 @@ def save_expert_parallel(rank: int, world: int, store: str, config_folder: str,
                 for p in local.parameters():
                     p.normal_(0.0, 0.2)
                 experts[(layer, e)] = {n: p.clone() for n, p in local.named_parameters()}
-    logits = megatron_workers.forward([model], ids)
+    logits, _ = forward(model, ids)
     dist_checkpointing.save(model.sharded_state_dict(), out)
     torch.save({"experts": experts, "logits": logits}, f"{result}.{rank}")
     megatron_workers.finish()

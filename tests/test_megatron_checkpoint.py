@@ -260,15 +260,17 @@ def test_a_checkpoint_megatron_core_saved_at_expert_parallel_size_2_reads_back_w
                                            hf, layers, tmp_path)
 
 
-def assert_expert_parallel_save_reads_back(worker, hf: Path, layers, tmp_path: Path) -> None:
+def assert_expert_parallel_save_reads_back(worker, hf: Path, layers, tmp_path: Path,
+                                           *settings) -> None:
     """megatron-core saves the model of ``hf`` (6 experts in each of ``layers``) over two
-    expert-parallel ranks with ``worker``; ``convert --to hf`` of the folder holds each
-    rank's experts where megatron-core numbers them, and transformers' logits of it are
-    each rank's."""
+    expert-parallel ranks with ``worker`` (given ``settings`` after the folder it saves
+    into); ``convert --to hf`` of the folder holds each rank's experts where megatron-core
+    numbers them, and transformers' logits of it are each rank's."""
     saved = tmp_path / "megatron" / "iter_0000000"
     saved.mkdir(parents=True)
     shutil.copy(hf / "config.json", saved.parent / "config.json")
-    result = megatron_workers.spawn(worker, 2, tmp_path / "run", str(hf), _ids(), str(saved))
+    result = megatron_workers.spawn(worker, 2, tmp_path / "run", str(hf), _ids(), str(saved),
+                                    *settings)
     ranks = [torch.load(f"{result}.{rank}") for rank in range(2)]
     back = tmp_path / "back"
     assert main(["convert", str(saved), str(back), "--to", "hf"]) == 0

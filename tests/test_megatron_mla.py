@@ -313,7 +313,14 @@ def test_a_deepseek_megatron_core_saved_at_expert_parallel_size_2_reads_back_who
     """Each rank saved its own experts under per-layer keys; moekit reads every expert,
     each where megatron-core numbers it, and transformers gives megatron-core's logits."""
     assert_expert_parallel_save_reads_back(megatron_mla_workers.save_expert_parallel,
-                                           deepseek[1], (1, 2), tmp_path)
+                                           deepseek[1], (1, 2), tmp_path, 0)
+
+
+def test_a_deepseek_with_mtp_megatron_core_saved_at_expert_parallel_size_2_reads_back_whole(
+        models, tmp_path):
+    """The MTP layer's experts too (HF layer 3), each where megatron-core numbers it."""
+    assert_expert_parallel_save_reads_back(megatron_mla_workers.save_expert_parallel,
+                                           models["deepseek_mtp"][1], (1, 2, 3), tmp_path, 1)
 
 
 def test_a_deepseek_without_interleaved_rope_is_refused_naming_why(tmp_path, capsys):
