@@ -865,7 +865,8 @@ def _other_family(label: str, ours: Family, family_source: str,
         for layout in BY_KEYS.values():
             alike = (family.expert_naming, layout.name)
             if alike not in read:
-                read[alike] = len(_read_keys(layout.parse(dict(sample), family)))
+                read[alike] = len(_read_keys(layout.parse(_as_on_the_hub(sample, family),
+                                                          family)))
             scores[(family.name, layout.name)] = read[alike]
     best = max(scores.values(), default=0)
     if best * 2 <= len(sample):
@@ -878,6 +879,12 @@ def _other_family(label: str, ours: Family, family_source: str,
             f"but the expert tensors are named as in {families} ({layouts} layout), e.g. "
             f"{keys[0]}: the family and the weights disagree; name the family the weights are "
             "(family=), or fix config.json's model_type")
+
+
+def _as_on_the_hub(tensors: Mapping[str, TensorMeta], family: Family) -> dict[str, TensorMeta]:
+    """``tensors`` under ``family``'s Hub names where they carry save_pretrained's
+    (``Family.saved_as``), so that files so named are told to be that family's."""
+    return {rename(key, family.saved_as, reverse=True): meta for key, meta in tensors.items()}
 
 
 def _expert_keys(tensors: Mapping[str, TensorMeta]) -> list[str]:

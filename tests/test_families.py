@@ -641,6 +641,23 @@ def test_kimi_k25_files_holding_a_tensor_under_both_names_are_refused(tmp_path, 
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
+def test_kimi_k25_save_pretrained_names_without_a_family_are_told_to_be_kimi_k25(tmp_path):
+    """A state dict named as Kimi-K2.5's save_pretrained names it, given without its family
+    or config, is refused as Kimi-K2.5's experts, naming the family to give, rather than
+    taken for a dense model; given the family, it converts."""
+    model = build_multimodal("kimi_k25")
+    model.save_pretrained(tmp_path / "saved")
+    saved = load_all(tmp_path / "saved")
+    with pytest.raises(MoekitError) as refused:
+        convert_state_dict(saved, None, "nemo")
+    assert re.search(r"named as in kimi_k25 \(hf layout\), e\.g\. "
+                     r"language_model\.model\.blocks\.\d+\.mlp\.experts\.", str(refused.value))
+    assert "name the family the weights are (family=)" in str(refused.value)
+    assert convert_state_dict(saved, None, "nemo", family="kimi_k25").keys() == \
+        convert_state_dict(on_the_hub("kimi_k25", saved), None, "nemo",
+                           family="kimi_k25").keys()
+
+
 def test_kimi_k25_inspect_describes_save_pretrained_names_as_the_hub_files(tmp_path):
     """inspect describes Kimi-K2.5 files named as save_pretrained names them (text layers
     as ``blocks``), the Hub's and moekit's nemo of them alike: the dense and MoE layers and

@@ -235,7 +235,7 @@ class Family:
         return (self.block, tuple(sorted(self.projections.items())), self.biases,
                 self.grouped_on_disk, self.in_experts, tuple(sorted(self.transposed.items())),
                 tuple(sorted(self.interleaved.items())), self.either_orientation, renamed,
-                groups)
+                groups, self.saved_as)
 
     def piece_key(self, piece: str) -> str:
         """A piece's name in HF per-expert keys: ``gate_proj.weight``, ``gate_proj.bias``,
