@@ -55,11 +55,21 @@ def build_model(model_type: str, seed: int = 0, **overrides: Any):
     Every parameter is drawn from N(0, 0.2) so that routers, norms and biases are all
     non-trivial and a misplaced tensor changes the logits.
     """
-    from transformers import AutoConfig
-
     settings = {**_COMMON, **MOE_FAMILIES.get(model_type, DENSE_FAMILIES.get(model_type, {})),
                 **overrides}
-    return from_config(AutoConfig.for_model(model_type, **settings), seed)
+    return from_config(config_class(model_type)(**settings), seed)
+
+
+def config_class(model_type: str) -> type:
+    """transformers' own config class of ``model_type``, whatever another library has
+    registered with AutoConfig in its place (NeMo AutoModel 0.7's model registry, once
+    imported, replaces Step-3.7's, Kimi-K2.5's, Kimi-Linear's and others')."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise ValueError(f"transformers has no model type {model_type!r}")
+    return getattr(transformers, CONFIG_MAPPING_NAMES[model_type])
 
 
 def from_config(config, seed: int = 0, make: Callable[..., Any] | None = None):

@@ -79,7 +79,7 @@ def tiny_config(model_type: str, **overrides: Any):
     """``model_type``'s config with the ``SMALL`` sizes it has. A config with per-layer
     overrides (Gemma 4's head_dim, dots.3's attention sizes) is built without them, so
     that the tiny sizes hold for every layer (and its global values can be read)."""
-    config_class = transformers_config_class(model_type)
+    config_class = samples.config_class(model_type)
     default = config_class()
     uniform = _uniform(default)
     settings = {**uniform, **{k: v for k, v in SMALL.items()
@@ -94,15 +94,6 @@ def tiny_config(model_type: str, **overrides: Any):
         settings["mlp_layer_types"] = _mlp_layer_types(default.mlp_layer_types,
                                                        SMALL["num_hidden_layers"])
     return config_class(**{**settings, **OVERRIDES.get(model_type, {}), **overrides})
-
-
-def transformers_config_class(model_type: str) -> type:
-    """transformers' own config class of ``model_type``: not one that NeMo AutoModel, once
-    imported, registers for the model type in its place (Step-3.7's, Kimi-K2.5's)."""
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-    return getattr(transformers, CONFIG_MAPPING_NAMES[model_type])
 
 
 def build(model_type: str, seed: int = 0, **overrides: Any):
@@ -210,7 +201,7 @@ def build_multimodal(model_type: str, seed: int = 0, **text: Any):
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES)
 
     overrides = MULTIMODAL_OVERRIDES.get(model_type, {})
-    config_class = transformers_config_class(model_type)
+    config_class = samples.config_class(model_type)
     default = config_class(**overrides)
     omni = hasattr(default, "thinker_config")
     inner = _tiny_towers(default.thinker_config if omni else default,
