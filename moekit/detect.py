@@ -41,13 +41,6 @@ def detect_layout(tensors: Mapping[str, TensorMeta], family: Family,
     best = max(scores, key=lambda name: scores[name])
     if max(scores[best]) > 0:
         return BY_KEYS[best]
-    packed = next((key for key in in_experts if key.endswith(PACKED_KEY)), None)
-    if packed:
-        raise MoekitError(
-            f"{label} holds its experts packed by compressed-tensors ({printable(packed)}, "
-            "with its weight_scale and weight_shape: 4- or 8-bit integers in int32 words), "
-            "which moekit neither reads nor writes; convert a copy of the checkpoint whose "
-            "experts are dequantized (bf16)")
     if in_experts:
         raise MoekitError(
             f"cannot detect the expert layout of {label}: tensors such as "
@@ -55,6 +48,20 @@ def detect_layout(tensors: Mapping[str, TensorMeta], family: Family,
             f"to no known layout ({', '.join(LAYOUTS)}); name it with --from")
     _refuse_unnamed_whole_model(tensors, family, label)
     return HF
+
+
+def refuse_packed(tensors: Mapping[str, TensorMeta], family: Family, label: str) -> None:
+    """Refuse experts packed by compressed-tensors (``PACKED_KEY``) in any layout's naming,
+    whatever the layout given or the other experts (a copy dequantized in part)."""
+    regions = [layout.expert_region(family) for layout in BY_KEYS.values()]
+    packed = next((key for key in tensors if key.endswith(PACKED_KEY)
+                   and any(region.match(key) for region in regions)), None)
+    if packed:
+        raise MoekitError(
+            f"{label} holds its experts packed by compressed-tensors ({printable(packed)}, "
+            "with its weight_scale and weight_shape: 4- or 8-bit integers in int32 words), "
+            "which moekit neither reads nor writes; convert a copy of the checkpoint whose "
+            "experts are dequantized (bf16)")
 
 
 def _refuse_unnamed_whole_model(tensors: Mapping[str, TensorMeta], family: Family,

@@ -18,7 +18,7 @@ from itertools import islice
 from pathlib import Path
 
 from .checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint
-from .detect import detect_family, detect_layout
+from .detect import detect_family, detect_layout, refuse_packed
 from .errors import MoekitError, PlanError, compress_ranges, compress_runs, plural, printable
 from .gc_pauses import without_gc_pauses
 from .layouts import BY_KEYS, FAMILIES, LAYOUTS, ExpertBlock, Family, Layout, family_named, layout_named
@@ -110,6 +110,7 @@ def understand(tensors: Mapping[str, TensorMeta], config: dict | None,
     _check_object(config, source)
     fam, family_source = _choose_family(tensors, config, metadata, family)
     tensors, made = _named_as_on_the_hub(tensors, fam)
+    refuse_packed(tensors, fam, label)
     settings = config_settings(config, fam, source)
     if from_:
         layout, layout_source = layout_named(from_), "given as the source layout"

@@ -212,12 +212,14 @@ def test_mistral_large4_nemo_layout_is_refused_as_nemo_automodel_has_no_model_of
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
-def test_kimi_k25_hub_files_with_int4_experts_are_refused(tmp_path, capsys):
+@pytest.mark.parametrize("packed_layers", [r"\d+", "2"], ids=["every-layer", "layer-2"])
+def test_kimi_k25_hub_files_with_int4_experts_are_refused(packed_layers, tmp_path, capsys):
     """Kimi-K2.5's Hub files hold the routed experts packed by compressed-tensors: INT4 in
     int32 words, ``weight_packed`` with ``weight_scale`` and ``weight_shape`` in place of
     each ``weight`` (made here by NeMo AutoModel's own ``quantize_to_int4``, the form its
     adapter dequantizes on load). moekit reads no packed experts: inspect and convert
-    refuse them, naming a packed tensor, and nothing is written."""
+    refuse them, naming a packed tensor, and nothing is written; so too where the source
+    layout is given, and in a copy whose other layers' experts are dequantized."""
     from nemo_automodel.components.models.kimi_k25_vl.state_dict_adapter import (
         quantize_to_int4)
 
@@ -225,7 +227,7 @@ def test_kimi_k25_hub_files_with_int4_experts_are_refused(tmp_path, capsys):
     model.save_pretrained(tmp_path / "saved")
     packed = {}
     for key, tensor in on_the_hub("kimi_k25", load_all(tmp_path / "saved")).items():
-        if re.search(r"\.experts\.\d+\.\w+\.weight$", key):
+        if re.search(rf"\.layers\.{packed_layers}\.mlp\.experts\.\d+\.\w+\.weight$", key):
             base = key.removesuffix(".weight")
             packed.update(zip((f"{base}.weight_packed", f"{base}.weight_scale",
                                f"{base}.weight_shape"), quantize_to_int4(tensor)))
@@ -234,12 +236,13 @@ def test_kimi_k25_hub_files_with_int4_experts_are_refused(tmp_path, capsys):
     (tmp_path / "int4").mkdir()
     save_file(packed, tmp_path / "int4" / "model.safetensors", metadata={"format": "pt"})
     (tmp_path / "int4" / "config.json").write_text((tmp_path / "saved" / "config.json").read_text())
-    for command in (["inspect", str(tmp_path / "int4")],
-                    ["convert", str(tmp_path / "int4"), str(tmp_path / "out"), "--to", "nemo"]):
+    convert_to = ["convert", str(tmp_path / "int4"), str(tmp_path / "out"), "--to", "nemo"]
+    for command in (["inspect", str(tmp_path / "int4")], convert_to, [*convert_to, "--from", "hf"]):
         assert main(command) == 2
         err = capsys.readouterr().err
         assert re.search(r"holds its experts packed by compressed-tensors \(language_model\."
-                         r"model\.layers\.\d+\.mlp\.experts\.\d+\.\w+\.weight_packed,", err), err
+                         rf"model\.layers\.{packed_layers}\.mlp\.experts\.\d+\.\w+\."
+                         r"weight_packed,", err), err
         assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
