@@ -22,7 +22,7 @@ from .checkpoint import CONFIG_NAME, DCP_METADATA_NAME, TensorInfo, member_file,
 from .errors import MoekitError, printable
 from .layouts.families import GENERIC_FAMILIES, family_of_model_type
 from .layouts.megatron import (LAYERS, MEGATRON, MTP_COPIES, SPECS, Dimensions, Entry,
-                               chunk_name, entry_of, is_per_layer, mtp_depth)
+                               check_mtp_layer, chunk_name, entry_of, is_per_layer, mtp_depth)
 from .plan import Concat, Expr, Plan, Read
 from .sources import TensorSource
 
@@ -241,6 +241,7 @@ def hf_tensors(stored: Mapping[str, "StoredTensor"], config: Mapping | None, sou
                                   source) for start in parts]
                 made[key] = pieces[0] if len(pieces) == 1 else Concat(tuple(pieces), dim=0)
     for depth in depths:
+        check_mtp_layer(made, dims, depth, source)
         for copy, mains in MTP_COPIES:
             main = next(key for key in mains if key in made)
             made[f"model.layers.{dims.mtp_layer(depth)}.{copy}"] = made[main]

@@ -393,6 +393,56 @@ def test_an_mtp_layer_that_config_json_does_not_declare_is_refused_naming_it(
     assert "Traceback" not in err and not out.exists()
 
 
+MTP_WITHOUT_EXPERTS = ("model.layers.2 (the last decoder layer) holds "
+                       "mlp.experts.0.down_proj.weight and 17 more, which model.layers.3 "
+                       "(multi-token-prediction layer 0) lacks")
+"""The refusal of an MTP layer without its routed experts (6 experts' 3 projections),
+which megatron-core's MTP layer, built with the last decoder layer's spec, holds."""
+
+
+def test_an_mtp_layer_without_the_last_layers_experts_is_refused_before_writing(
+        models, tmp_path, capsys):
+    """Its router and shared experts kept: megatron-core could not load the folder."""
+    from safetensors.torch import load_file, save_file
+
+    hf = tmp_path / "hf"
+    shutil.copytree(models["deepseek_mtp"][1], hf)
+    tensors = load_file(hf / "mtp.safetensors")
+    dropped = [key for key in tensors if ".mlp.experts." in key]
+    save_file({k: v for k, v in tensors.items() if k not in dropped}, hf / "mtp.safetensors",
+              metadata={"format": "pt"})
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in dropped}
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    _refused(hf, tmp_path / "out", capsys, MTP_WITHOUT_EXPERTS)
+
+
+def test_a_folder_whose_mtp_layer_lacks_the_last_layers_experts_is_refused(
+        models, tmp_path, capsys):
+    """moekit's folder with the MTP layer's expert tensors taken out of its ``.metadata``."""
+    import pickle
+
+    folder = tmp_path / "megatron"
+    shutil.copytree(models["deepseek_mtp"][2], folder)
+    iteration = folder / "iter_0000000"
+    metadata = FileSystemReader(str(iteration)).read_metadata()
+
+    def kept(key: str) -> bool:
+        return not key.startswith("mtp.layers.0.transformer_layer.mlp.experts.")
+
+    metadata.state_dict_metadata = {k: v for k, v in metadata.state_dict_metadata.items()
+                                    if kept(k)}
+    metadata.storage_data = {index: info for index, info in metadata.storage_data.items()
+                             if kept(index.fqn)}
+    metadata.planner_data = {k: v for k, v in (metadata.planner_data or {}).items() if kept(k)}
+    (iteration / ".metadata").write_bytes(pickle.dumps(metadata))
+    out = tmp_path / "out"
+    assert main(["convert", str(folder), str(out), "--to", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert MTP_WITHOUT_EXPERTS in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
 def _refused(hf, out, capsys, named: str) -> None:
     assert main(["convert", str(hf), str(out), "--to", "megatron"]) == 2
     err = capsys.readouterr().err

@@ -492,6 +492,7 @@ class MegatronLayout(PerExpertLayout):
         depths = [depth for depth in range(dims.mtp)
                   if any(key.startswith(f"model.layers.{dims.mtp_layer(depth)}.") for key in made)]
         for depth in depths:
+            check_mtp_layer(made, dims, depth, source)
             _fold_copies(made, dims.mtp_layer(depth), source)
         moe = [layer for layer in plan.moe_layers if layer < dims.layers]
         tensors: list[TensorPlan] = []
@@ -509,6 +510,28 @@ class MegatronLayout(PerExpertLayout):
                               + " have no place in Megatron-Core's GPT model; moekit refuses "
                                 "to drop them")
         return Plan(plan.family, plan.src_layout, self.name, tensors, plan.moe_layers, experts)
+
+
+def check_mtp_layer(names: Collection[str], dims: Dimensions, depth: int, source: str) -> None:
+    """Refuse multi-token-prediction layer ``depth`` unless its decoder layer holds the
+    tensors the last decoder layer holds (HF names within a layer, the MTP layer's own
+    modules and ``MTP_COPIES`` aside): megatron-core 0.16.1 builds it with the last decoder
+    layer's spec (``get_gpt_mtp_block_spec``), so its model has no place for a module only
+    one of them holds, nor a value for one only the other holds."""
+    last = (f"model.layers.{dims.layers - 1}", "the last decoder layer")
+    mtp = (f"model.layers.{dims.mtp_layer(depth)}", f"multi-token-prediction layer {depth}")
+    own = {part.removeprefix(f"{_LAYER}.") for entry in MTP_ENTRIES for part in entry.parts}
+    own.update(copy for copy, _ in MTP_COPIES)
+    held = {name[len(last[0]) + 1:] for name in names if name.startswith(f"{last[0]}.")}
+    ours = {name[len(mtp[0]) + 1:] for name in names if name.startswith(f"{mtp[0]}.")} - own
+    for (having, what), (lacking, other), missing in ((last, mtp, held - ours),
+                                                      (mtp, last, ours - held)):
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise MoekitError(f"{source}: {having} ({what}) holds {min(missing)}{more}, which "
+                              f"{lacking} ({other}) lacks; megatron-core 0.16.1 builds the "
+                              "multi-token-prediction layer with the last decoder layer's "
+                              "modules")
 
 
 def _fold_copies(made: dict[str, Expr], layer: int, source: str) -> None:
