@@ -393,6 +393,37 @@ def test_an_mtp_layer_that_config_json_does_not_declare_is_refused_naming_it(
     assert "Traceback" not in err and not out.exists()
 
 
+def test_an_mtp_layer_without_its_copies_reads_back_with_them_and_verify_says_so(
+        models, tmp_path, capsys):
+    """Files whose MTP layer lacks ``embed_tokens`` and ``shared_head.head`` are written;
+    reading back gives them as the main embedding and output layer (DeepSeek's files'
+    form), and ``verify`` of the files against the folder names the two, not equal."""
+    from safetensors.torch import load_file, save_file
+
+    model, source, _ = models["deepseek_mtp"]
+    layer = f"model.layers.{model.config.num_hidden_layers}"
+    copies = [f"{layer}.embed_tokens.weight", f"{layer}.shared_head.head.weight"]
+    hf = tmp_path / "hf"
+    shutil.copytree(source, hf)
+    tensors = load_file(hf / "mtp.safetensors")
+    save_file({k: v for k, v in tensors.items() if k not in copies}, hf / "mtp.safetensors",
+              metadata={"format": "pt"})
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in copies}
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    folder, back = tmp_path / "megatron", tmp_path / "back"
+    assert main(["convert", str(hf), str(folder), "--to", "megatron"]) == 0
+    assert main(["convert", str(folder), str(back), "--to", "hf"]) == 0
+    returned = load_all(back)
+    assert torch.equal(returned[copies[0]], returned["model.embed_tokens.weight"])
+    assert torch.equal(returned[copies[1]], returned["lm_head.weight"])
+    capsys.readouterr()
+    assert main(["verify", str(hf), str(folder)]) == 1
+    shown = capsys.readouterr().out
+    assert "2 differ" in shown and all(f"{name}: only in {folder}" in shown
+                                       for name in copies), shown
+
+
 MTP_WITHOUT_EXPERTS = ("model.layers.2 (the last decoder layer) holds "
                        "mlp.experts.0.down_proj.weight and 17 more, which model.layers.3 "
                        "(multi-token-prediction layer 0) lacks")

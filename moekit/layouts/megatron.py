@@ -41,11 +41,13 @@ of the local layer spec; the Transformer Engine layer spec's keys differ only wh
   (``MultiTokenPredictionBlock``, built with ``mtp_num_layers``): ``enorm``, ``hnorm``,
   ``eh_proj`` (a linear layer), the decoder layer under ``transformer_layer.`` with the
   decoder's keys but no layer axis (experts ``[E, ...]``), and ``final_layernorm`` (HF's
-  ``shared_head.norm``). The block embeds with the main model's embedding and scores with
-  its output layer, so the layer's own ``embed_tokens`` and ``shared_head.head`` are
-  written only as those (``MTP_COPIES``): refused at planning where their shapes or
-  dtypes differ, and while writing where their bytes do (``RequireEqual``); reading
-  gives them back as copies of the main ones.
+  ``shared_head.norm``). The decoder layer is built with the last decoder layer's spec
+  (``get_gpt_mtp_block_spec``), so it holds that layer's tensors (``check_mtp_layer``).
+  The block embeds with the main model's embedding and scores with its output layer, so
+  the layer's own ``embed_tokens`` and ``shared_head.head`` are written only as those
+  (``MTP_COPIES``): refused at planning where their shapes or dtypes differ, and while
+  writing where their bytes do (``RequireEqual``); reading gives them back as copies of
+  the main ones.
 - ``common.pt`` holds what Megatron-LM's training loop reads (``megatron_io.COMMON_STATE``),
   ``metadata.json`` names the ``torch_dist`` backend.
 
