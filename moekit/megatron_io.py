@@ -22,7 +22,8 @@ from .checkpoint import CONFIG_NAME, DCP_METADATA_NAME, TensorInfo, member_file,
 from .errors import MoekitError, printable
 from .layouts.families import GENERIC_FAMILIES, family_of_model_type
 from .layouts.megatron import (LAYERS, MEGATRON, MTP_COPIES, SPECS, Dimensions, Entry,
-                               check_mtp_layer, chunk_name, entry_of, is_per_layer, mtp_depth)
+                               check_mtp_depths, check_mtp_layer, chunk_name, entry_of,
+                               is_per_layer, mtp_depth)
 from .plan import Concat, Expr, Plan, Read
 from .sources import TensorSource
 
@@ -260,6 +261,7 @@ def _mtp_depths(stored: Mapping[str, "StoredTensor"], dims: Dimensions, source: 
         raise MoekitError(f"{source} holds {printable(held[undeclared[0]])}, of multi-token-"
                           f"prediction layer {undeclared[0]}, but config.json's "
                           f"num_nextn_predict_layers declares {dims.mtp} such layers")
+    check_mtp_depths(held, dims, source)
     return sorted(held)
 
 

@@ -385,12 +385,9 @@ def test_an_mtp_layer_that_config_json_does_not_declare_is_refused_naming_it(
     if declared is not None:
         config["num_nextn_predict_layers"] = declared
     (folder / "config.json").write_text(json.dumps(config))
-    out = tmp_path / "out"
-    assert main(["convert", str(folder), str(out), "--to", "hf"]) == 2
-    err = capsys.readouterr().err
-    assert ("holds mtp.layers.0.eh_proj.weight, of multi-token-prediction layer 0, but "
-            "config.json's num_nextn_predict_layers declares 0 such layers") in err, err
-    assert "Traceback" not in err and not out.exists()
+    _refused_reading(folder, tmp_path / "out", capsys,
+                     "holds mtp.layers.0.eh_proj.weight, of multi-token-prediction layer 0, "
+                     "but config.json's num_nextn_predict_layers declares 0 such layers")
 
 
 def test_an_mtp_layer_without_its_copies_reads_back_with_them_and_verify_says_so(
@@ -424,6 +421,65 @@ def test_an_mtp_layer_without_its_copies_reads_back_with_them_and_verify_says_so
                                        for name in copies), shown
 
 
+MTP_GAP = ("holds multi-token-prediction layer 1 (HF layer 4) but not layer 0 (HF layer 3); "
+           "megatron-core's multi-token-prediction block chains its layers from the first")
+"""The refusal of MTP layer 1 without layer 0, where config.json declares two."""
+
+
+def _declaring_two_mtp_layers(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 2}))
+
+
+def test_a_second_mtp_layer_without_the_first_is_refused_before_writing(
+        models, tmp_path, capsys):
+    """The files' MTP layer renumbered HF layer 4 (config.json declaring two)."""
+    from safetensors.torch import load_file, save_file
+
+    hf = tmp_path / "hf"
+    shutil.copytree(models["deepseek_mtp"][1], hf)
+    _declaring_two_mtp_layers(hf)
+
+    def moved(key: str) -> str:
+        return key.replace("model.layers.3.", "model.layers.4.", 1)
+
+    tensors = load_file(hf / "mtp.safetensors")
+    save_file({moved(k): v for k, v in tensors.items()}, hf / "mtp.safetensors",
+              metadata={"format": "pt"})
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {moved(k): v for k, v in index["weight_map"].items()}
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    _refused(hf, tmp_path / "out", capsys, MTP_GAP)
+
+
+def _rewritten(folder: Path, rename) -> None:
+    """Rewrite the DCP ``.metadata`` of ``folder``'s iteration with each key as ``rename``
+    gives it (None: the tensor taken out)."""
+    import dataclasses
+    import pickle
+
+    iteration = folder / "iter_0000000"
+    metadata = FileSystemReader(str(iteration)).read_metadata()
+    metadata.state_dict_metadata = {rename(k): v for k, v in metadata.state_dict_metadata.items()
+                                    if rename(k) is not None}
+    metadata.storage_data = {dataclasses.replace(index, fqn=rename(index.fqn)): info
+                             for index, info in metadata.storage_data.items()
+                             if rename(index.fqn) is not None}
+    metadata.planner_data = {rename(k): v for k, v in (metadata.planner_data or {}).items()
+                             if rename(k) is not None}
+    (iteration / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+def test_a_folder_of_a_second_mtp_layer_without_the_first_is_refused(models, tmp_path, capsys):
+    """moekit's folder with ``mtp.layers.0`` renamed ``mtp.layers.1`` (config.json
+    declaring two)."""
+    folder = tmp_path / "megatron"
+    shutil.copytree(models["deepseek_mtp"][2], folder)
+    _declaring_two_mtp_layers(folder)
+    _rewritten(folder, lambda key: key.replace("mtp.layers.0.", "mtp.layers.1.", 1))
+    _refused_reading(folder, tmp_path / "out", capsys, MTP_GAP)
+
+
 MTP_WITHOUT_EXPERTS = ("model.layers.2 (the last decoder layer) holds "
                        "mlp.experts.0.down_proj.weight and 17 more, which model.layers.3 "
                        "(multi-token-prediction layer 0) lacks")
@@ -451,26 +507,17 @@ def test_an_mtp_layer_without_the_last_layers_experts_is_refused_before_writing(
 def test_a_folder_whose_mtp_layer_lacks_the_last_layers_experts_is_refused(
         models, tmp_path, capsys):
     """moekit's folder with the MTP layer's expert tensors taken out of its ``.metadata``."""
-    import pickle
-
     folder = tmp_path / "megatron"
     shutil.copytree(models["deepseek_mtp"][2], folder)
-    iteration = folder / "iter_0000000"
-    metadata = FileSystemReader(str(iteration)).read_metadata()
+    experts = "mtp.layers.0.transformer_layer.mlp.experts."
+    _rewritten(folder, lambda key: None if key.startswith(experts) else key)
+    _refused_reading(folder, tmp_path / "out", capsys, MTP_WITHOUT_EXPERTS)
 
-    def kept(key: str) -> bool:
-        return not key.startswith("mtp.layers.0.transformer_layer.mlp.experts.")
 
-    metadata.state_dict_metadata = {k: v for k, v in metadata.state_dict_metadata.items()
-                                    if kept(k)}
-    metadata.storage_data = {index: info for index, info in metadata.storage_data.items()
-                             if kept(index.fqn)}
-    metadata.planner_data = {k: v for k, v in (metadata.planner_data or {}).items() if kept(k)}
-    (iteration / ".metadata").write_bytes(pickle.dumps(metadata))
-    out = tmp_path / "out"
+def _refused_reading(folder: Path, out: Path, capsys, named: str) -> None:
     assert main(["convert", str(folder), str(out), "--to", "hf"]) == 2
     err = capsys.readouterr().err
-    assert MTP_WITHOUT_EXPERTS in err and "Traceback" not in err, err
+    assert named in err and "Traceback" not in err, err
     assert not out.exists()
 
 

@@ -493,6 +493,7 @@ class MegatronLayout(PerExpertLayout):
         made = {t.name: t.recipe for t in plan.tensors}
         depths = [depth for depth in range(dims.mtp)
                   if any(key.startswith(f"model.layers.{dims.mtp_layer(depth)}.") for key in made)]
+        check_mtp_depths(depths, dims, source)
         for depth in depths:
             check_mtp_layer(made, dims, depth, source)
             _fold_copies(made, dims.mtp_layer(depth), source)
@@ -512,6 +513,20 @@ class MegatronLayout(PerExpertLayout):
                               + " have no place in Megatron-Core's GPT model; moekit refuses "
                                 "to drop them")
         return Plan(plan.family, plan.src_layout, self.name, tensors, plan.moe_layers, experts)
+
+
+def check_mtp_depths(depths: Collection[int], dims: Dimensions, source: str) -> None:
+    """Refuse multi-token-prediction layers that are not the first ones: megatron-core
+    0.16.1's ``MultiTokenPredictionBlock`` numbers its layers from 0 and feeds each the
+    hidden states of the one before, so no model of its loads layer ``d`` without the
+    layers before it."""
+    missing = [depth for depth in range(max(depths, default=-1)) if depth not in depths]
+    if missing:
+        last = max(depths)
+        raise MoekitError(f"{source} holds multi-token-prediction layer {last} (HF layer "
+                          f"{dims.mtp_layer(last)}) but not layer {missing[0]} (HF layer "
+                          f"{dims.mtp_layer(missing[0])}); megatron-core's multi-token-"
+                          "prediction block chains its layers from the first")
 
 
 def check_mtp_layer(names: Collection[str], dims: Dimensions, depth: int, source: str) -> None:
