@@ -216,3 +216,25 @@ def load_expert_parallel(rank: int, world: int, store: str, folder: str, ids: to
     logits, mtp_logits = forward(model, ids)
     torch.save({"logits": logits, "mtp_logits": mtp_logits, "experts": held}, f"{result}.{rank}")
     megatron_workers.finish()
+
+
+def load_with_moekit(rank: int, world: int, store: str, folder: str, result: str) -> None:
+    """Load ``folder`` (moekit's Megatron-Core folder of a DeepSeek-V3) in the transformers
+    layout with moekit's ``load_experts`` on a 1-D ep mesh of ``world`` ranks and its
+    ``load_sharded`` on a (1, ``world``) (dp, ep) mesh; each rank saves the local tensors
+    of each ("experts", "sharded") into ``result``.RANK."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    import moekit
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    ep = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    dp_ep = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "ep"))
+    found = {how: {key: value.to_local() if isinstance(value, DTensor) else value
+                   for key, value in load(folder, mesh, layout="transformers").items()}
+             for how, load, mesh in (("experts", moekit.load_experts, ep),
+                                     ("sharded", moekit.load_sharded, dp_ep))}
+    torch.save(found, f"{result}.{rank}")
+    megatron_workers.finish()

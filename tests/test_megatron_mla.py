@@ -323,6 +323,33 @@ def test_a_deepseek_with_mtp_megatron_core_saved_at_expert_parallel_size_2_reads
                                            models["deepseek_mtp"][1], (1, 2, 3), tmp_path, 1)
 
 
+def test_expert_parallel_loads_of_the_mtp_folder_hold_transformers_tensors(models, tmp_path):
+    """moekit's ``load_experts`` and ``load_sharded`` of the Megatron-Core folder of the
+    DeepSeek-V3 with an MTP layer, at EP = 2 (transformers' layout): every tensor is
+    transformers' own of a DeepSeek-V3 one layer deeper loaded from the HF files (its
+    layer 3 the MTP layer's decoder layer), a rank's experts its 3 rows; the MTP layer's
+    own modules and copies are the HF files' tensors."""
+    from transformers import AutoModelForCausalLM
+
+    model, hf, folder = models["deepseek_mtp"]
+    layer = model.config.num_hidden_layers
+    theirs = AutoModelForCausalLM.from_pretrained(hf, num_hidden_layers=layer + 1,
+                                                  dtype=torch.float32).state_dict()
+    files = load_all(hf)
+    own = {f"model.layers.{layer}.{name}" for name in (*MTP_OWN, "embed_tokens.weight",
+                                                       "shared_head.head.weight")}
+    result = megatron_workers.spawn(megatron_mla_workers.load_with_moekit, 2,
+                                    tmp_path / "run", str(folder))
+    for rank in range(2):
+        for how, mine in torch.load(f"{result}.{rank}").items():
+            assert mine.keys() == theirs.keys() | own, (rank, how)
+            for key, tensor in mine.items():
+                expected = files[key] if key in own else theirs[key]
+                if ".mlp.experts." in key:
+                    expected = expected[3 * rank:3 * rank + 3]
+                assert torch.equal(tensor, expected), (rank, how, key)
+
+
 def test_a_deepseek_without_interleaved_rope_is_refused_naming_why(tmp_path, capsys):
     hf = samples.save_model(samples.build_model("deepseek_v3", rope_interleave=False),
                             tmp_path / "hf")
