@@ -363,32 +363,43 @@ def test_an_mtp_layer_whose_copy_differs_from_the_main_tensor_is_refused(
     """One element of the MTP layer's copy changed: the bytes differ, which only the write
     finds (the plan reads headers alone); both tensors are named and nothing is left, not
     even the folder the write was under way in."""
-    from safetensors.torch import load_file, save_file
-
     model, hf, _ = models["deepseek_mtp"]
-    changed = tmp_path / "hf"
-    shutil.copytree(hf, changed)
-    tensors = load_file(changed / "mtp.safetensors")
     name = f"model.layers.{model.config.num_hidden_layers}.{copy}"
-    tensors[name][1, 2] += 1.0
-    save_file(tensors, changed / "mtp.safetensors", metadata={"format": "pt"})
-    _refused(changed, tmp_path / "out", capsys, f"{name} differs from {main}")
+
+    def changed(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tensors[name][1, 2] += 1.0
+        return tensors
+
+    _refused(_edited_mtp_files(hf, tmp_path / "hf", changed), tmp_path / "out", capsys,
+             f"{name} differs from {main}")
     assert [path.name for path in tmp_path.iterdir()] == ["hf"]
 
 
 def test_an_mtp_layer_whose_copy_has_another_dtype_is_refused_before_writing(
         models, tmp_path, capsys):
-    from safetensors.torch import load_file, save_file
-
     model, hf, _ = models["deepseek_mtp"]
-    changed = tmp_path / "hf"
-    shutil.copytree(hf, changed)
-    tensors = load_file(changed / "mtp.safetensors")
     name = f"model.layers.{model.config.num_hidden_layers}.shared_head.head.weight"
-    tensors[name] = tensors[name].to(torch.bfloat16)
-    save_file(tensors, changed / "mtp.safetensors", metadata={"format": "pt"})
+    changed = _edited_mtp_files(hf, tmp_path / "hf", lambda tensors: {
+        **tensors, name: tensors[name].to(torch.bfloat16)})
     _refused(changed, tmp_path / "out", capsys, f"{name} is [96, 32] BF16, lm_head.weight "
                                                 "[96, 32] F32")
+
+
+def _edited_mtp_files(source: Path, hf: Path, edit) -> Path:
+    """A copy at ``hf`` of the HF folder ``source`` whose MTP layer's file
+    (``mtp.safetensors``: ``_add_mtp_layer``) holds what ``edit`` makes of its tensors,
+    the index naming them."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, hf)
+    tensors = edit(load_file(hf / "mtp.safetensors"))
+    save_file(tensors, hf / "mtp.safetensors", metadata={"format": "pt"})
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {**{k: v for k, v in index["weight_map"].items()
+                              if v != "mtp.safetensors"},
+                           **dict.fromkeys(tensors, "mtp.safetensors")}
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    return hf
 
 
 def test_inspect_lists_the_mtp_layer_of_the_megatron_folder(models, capsys):
@@ -422,19 +433,11 @@ def test_an_mtp_layer_without_its_copies_reads_back_with_them_and_verify_says_so
     """Files whose MTP layer lacks ``embed_tokens`` and ``shared_head.head`` are written;
     reading back gives them as the main embedding and output layer (DeepSeek's files'
     form), and ``verify`` of the files against the folder names the two, not equal."""
-    from safetensors.torch import load_file, save_file
-
     model, source, _ = models["deepseek_mtp"]
     layer = f"model.layers.{model.config.num_hidden_layers}"
     copies = [f"{layer}.embed_tokens.weight", f"{layer}.shared_head.head.weight"]
-    hf = tmp_path / "hf"
-    shutil.copytree(source, hf)
-    tensors = load_file(hf / "mtp.safetensors")
-    save_file({k: v for k, v in tensors.items() if k not in copies}, hf / "mtp.safetensors",
-              metadata={"format": "pt"})
-    index = json.loads((hf / "model.safetensors.index.json").read_text())
-    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in copies}
-    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    hf = _edited_mtp_files(source, tmp_path / "hf", lambda tensors: {
+        k: v for k, v in tensors.items() if k not in copies})
     folder, back = tmp_path / "megatron", tmp_path / "back"
     assert main(["convert", str(hf), str(folder), "--to", "megatron"]) == 0
     assert main(["convert", str(folder), str(back), "--to", "hf"]) == 0
@@ -461,21 +464,9 @@ def _declaring_two_mtp_layers(folder: Path) -> None:
 def test_a_second_mtp_layer_without_the_first_is_refused_before_writing(
         models, tmp_path, capsys):
     """The files' MTP layer renumbered HF layer 4 (config.json declaring two)."""
-    from safetensors.torch import load_file, save_file
-
-    hf = tmp_path / "hf"
-    shutil.copytree(models["deepseek_mtp"][1], hf)
+    hf = _edited_mtp_files(models["deepseek_mtp"][1], tmp_path / "hf", lambda tensors: {
+        k.replace("model.layers.3.", "model.layers.4.", 1): v for k, v in tensors.items()})
     _declaring_two_mtp_layers(hf)
-
-    def moved(key: str) -> str:
-        return key.replace("model.layers.3.", "model.layers.4.", 1)
-
-    tensors = load_file(hf / "mtp.safetensors")
-    save_file({moved(k): v for k, v in tensors.items()}, hf / "mtp.safetensors",
-              metadata={"format": "pt"})
-    index = json.loads((hf / "model.safetensors.index.json").read_text())
-    index["weight_map"] = {moved(k): v for k, v in index["weight_map"].items()}
-    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
     _refused(hf, tmp_path / "out", capsys, MTP_GAP)
 
 
@@ -517,17 +508,8 @@ which megatron-core's MTP layer, built with the last decoder layer's spec, holds
 def test_an_mtp_layer_without_the_last_layers_experts_is_refused_before_writing(
         models, tmp_path, capsys):
     """Its router and shared experts kept: megatron-core could not load the folder."""
-    from safetensors.torch import load_file, save_file
-
-    hf = tmp_path / "hf"
-    shutil.copytree(models["deepseek_mtp"][1], hf)
-    tensors = load_file(hf / "mtp.safetensors")
-    dropped = [key for key in tensors if ".mlp.experts." in key]
-    save_file({k: v for k, v in tensors.items() if k not in dropped}, hf / "mtp.safetensors",
-              metadata={"format": "pt"})
-    index = json.loads((hf / "model.safetensors.index.json").read_text())
-    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in dropped}
-    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    hf = _edited_mtp_files(models["deepseek_mtp"][1], tmp_path / "hf", lambda tensors: {
+        k: v for k, v in tensors.items() if ".mlp.experts." not in k})
     _refused(hf, tmp_path / "out", capsys, MTP_WITHOUT_EXPERTS)
 
 
