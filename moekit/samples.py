@@ -99,10 +99,13 @@ def sample_input(vocab_size: int, seed: int = 0, length: int = 12) -> torch.Tens
 
 
 def logits(path: str | Path, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits of the model ``from_pretrained`` loads from ``path``."""
-    from transformers import AutoModelForCausalLM
+    """Logits of the model ``from_pretrained`` loads from ``path``, read with
+    transformers' own config class of its model type (``config_class``)."""
+    from transformers import AutoModelForCausalLM, PretrainedConfig
 
     _quiet_transformers()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    settings, _ = PretrainedConfig.get_config_dict(path)
+    config = config_class(settings.get("model_type")).from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(input_ids).logits

@@ -247,22 +247,27 @@ def test_kimi_k25_hub_files_with_int4_experts_are_refused(packed_layers, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_sample_models_are_transformers_own_once_nemo_automodels_registry_is_imported():
+def test_sample_models_are_transformers_own_once_nemo_automodels_registry_is_imported(tmp_path):
     """Importing NeMo AutoModel 0.7's model registry registers its config classes with
     AutoConfig in place of transformers' (HY-V3's among them, which lacks attributes
     transformers' model reads): ``samples.build_model`` still builds transformers' own
-    config and model. In a process of its own, as the import holds for the whole process."""
-    code = ("import transformers; "
+    config and model, and ``samples.logits`` loads it back, giving its logits. In a process
+    of its own, as the import holds for the whole process."""
+    code = ("import sys, torch, transformers; "
             "from transformers.models.auto.configuration_auto import CONFIG_MAPPING; "
             "from nemo_automodel._transformers.registry import ModelRegistry; "
             "from moekit import samples; "
-            "model = samples.build_model('hy_v3', num_experts=4, moe_intermediate_size=16); "
+            "model = samples.build_model('hy_v3', num_experts=4, num_experts_per_tok=2, "
+            "moe_intermediate_size=16); "
+            "ids = samples.sample_input(model.config.vocab_size); "
+            "path = samples.save_model(model, sys.argv[1]); "
             "print(CONFIG_MAPPING['hy_v3'] is transformers.HYV3Config, "
             "type(model.config) is transformers.HYV3Config, "
-            "type(model) is transformers.HYV3ForCausalLM)")
-    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           cwd=Path(__file__).parent.parent)
-    assert shown.stdout.split() == ["False", "True", "True"], shown.stderr[-2000:]
+            "type(model) is transformers.HYV3ForCausalLM, "
+            "torch.equal(samples.logits(path, ids), model(ids).logits))")
+    shown = subprocess.run([sys.executable, "-c", code, str(tmp_path / "hy_v3")],
+                           capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert shown.stdout.split() == ["False", "True", "True", "True"], shown.stderr[-2000:]
 
 
 def test_a_score_correction_bias_nemo_squeezes_must_have_one_row(tmp_path, capsys):
