@@ -52,7 +52,8 @@ def detect_layout(tensors: Mapping[str, TensorMeta], family: Family,
 
 def refuse_packed(tensors: Mapping[str, TensorMeta], family: Family, label: str) -> None:
     """Refuse experts packed by compressed-tensors (``PACKED_KEY``) in any layout's naming,
-    whatever the layout given or the other experts (a copy dequantized in part)."""
+    whether the source layout is given or detected, and where other experts are not packed
+    (a copy dequantized in part)."""
     regions = [layout.expert_region(family) for layout in BY_KEYS.values()]
     packed = next((key for key in tensors if key.endswith(PACKED_KEY)
                    and any(region.match(key) for region in regions)), None)
