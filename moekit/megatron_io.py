@@ -253,9 +253,13 @@ def _mtp_depths(stored: Mapping[str, "StoredTensor"], dims: Dimensions, source: 
                 ) -> list[int]:
     """The multi-token-prediction layers the stored tensors hold; refused naming a tensor
     of one that config.json does not declare (``num_nextn_predict_layers``), whose HF
-    layer would follow the layers the config gives."""
-    held = {depth: key for key in sorted(stored, reverse=True)
-            if (depth := mtp_depth(key)) is not None}
+    layer would follow the layers the config gives, or of one without the layers before
+    it (``check_mtp_depths``)."""
+    held: dict[int, str] = {}
+    for key in sorted(stored):
+        depth = mtp_depth(key)
+        if depth is not None:
+            held.setdefault(depth, key)
     undeclared = sorted(depth for depth in held if depth >= dims.mtp)
     if undeclared:
         raise MoekitError(f"{source} holds {printable(held[undeclared[0]])}, of multi-token-"

@@ -518,7 +518,7 @@ class MegatronLayout(PerExpertLayout):
 def check_mtp_depths(depths: Collection[int], dims: Dimensions, source: str) -> None:
     """Refuse multi-token-prediction layers that are not the first ones: megatron-core
     0.16.1's ``MultiTokenPredictionBlock`` numbers its layers from 0 and feeds each the
-    hidden states of the one before, so no model of its loads layer ``d`` without the
+    hidden states of the one before, so none of its models loads layer ``d`` without the
     layers before it."""
     missing = [depth for depth in range(max(depths, default=-1)) if depth not in depths]
     if missing:
