@@ -184,16 +184,26 @@ def analyse(tensors: Mapping[str, TensorMeta], config: dict | None,
     analysis = understand(tensors, config, metadata, label, from_, family, n_experts,
                           config_file)
     validate(analysis, where=where)
-    if analysis.layout.name != analysis.family.hub_layout:
-        _check_converted(analysis.family, analysis.layout, "source")
+    _check_source(analysis)
     return analysis
 
 
+def _check_source(analysis: Analysis) -> None:
+    """Refuse a source in a layout whose consumer converts tensors outside the experts that
+    moekit cannot convert back (``Family.unconverted``), but for the layout the family's
+    Hub files name their experts in (``Family.hub_layout``)."""
+    if analysis.layout.name != analysis.family.hub_layout:
+        _check_converted(analysis.family, analysis.layout, "source")
+
+
 def understand_checkpoint(checkpoint: Checkpoint, from_: str | None = None) -> Analysis:
-    """``understand`` a checkpoint's headers, as a whole model with its config.json."""
+    """``understand`` a checkpoint's headers, as a whole model with its config.json; a
+    checkpoint in a layout refused as a source (``_check_source``) is refused, as
+    ``analyse`` refuses it, so that expert-parallel loads read no more than ``convert``."""
     analysis = understand(checkpoint.made or checkpoint.tensors, checkpoint.config,
                           checkpoint.metadata, str(checkpoint.path), from_=from_,
                           config_file=_config_file(checkpoint))
+    _check_source(analysis)
     analysis.made = _chained(analysis.made, checkpoint.made)
     return analysis
 

@@ -160,6 +160,30 @@ def test_transformers_layout_is_refused_where_transformers_converts_more(model_t
                            config=model.model.config.to_dict())
 
 
+def test_a_source_refused_by_convert_is_refused_by_expert_parallel_plans_and_loads(
+        tiny, tmp_path, capsys):
+    """transformers' own state dict of Sarvam-MoE (its attention split, which moekit does
+    not undo), saved as a checkpoint: ``convert`` refuses it as a source, and so do ``plan
+    --ep`` and the expert-parallel loads, which read the checkpoint as ``plan`` does."""
+    from safetensors.torch import save_file
+
+    from moekit.cli import main
+
+    model = tiny("sarvam_moe").model
+    folder = tmp_path / "state-dict"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              folder / "model.safetensors", metadata={"format": "pt"})
+    model.config.save_pretrained(folder)
+    for command in (["convert", str(folder), str(tmp_path / "out"), "--to", "vllm"],
+                    ["plan", str(folder), "--ep", "2", "--layout", "vllm"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "the transformers layout of sarvam_moe is refused as a source" in err, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 _LAYER_EXPERTS = re.compile(r".*layers\.(\d+)\.(?:.*\.)?experts\.(?:routed_experts\.)?"
                             r"(gate_up_proj|up_proj|down_proj|w13_weight|w2_weight)")
 """A layer's routed experts (not its ``shared_experts``) in transformers' and vLLM's names."""
