@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import platform
+import re
 import secrets
 import shutil
 import signal
@@ -57,12 +58,19 @@ from .errors import MoekitError
 
 log = logging.getLogger("moekit")
 
+DCP_FILES = ("*.distcp", ".metadata")
+"""Names of the files of a ``torch.distributed.checkpoint`` folder (``--format dcp``)."""
 CHECKPOINT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
                     "pytorch_model.bin.index.json", "adapter_config.json", ".gitattributes",
-                    *SIDECARS)
-"""Names of the files a checkpoint folder holds (weights, indexes, the sidecar files moekit
-copies, and what else the Hugging Face Hub keeps beside them): ``overwrite`` replaces a
-folder holding nothing else."""
+                    *DCP_FILES, "latest_checkpointed_iteration.txt", *SIDECARS)
+"""Names of the files a checkpoint folder holds (weights, indexes, DCP files, Megatron-Core's
+tracker, the sidecar files moekit copies, and what else the Hugging Face Hub keeps beside
+them): ``overwrite`` replaces a folder holding nothing else (but ``ITERATION`` folders)."""
+ITERATION = re.compile(r"iter_\d{7}\Z")
+"""A Megatron-Core checkpoint's iteration folder, which ``overwrite`` replaces when it holds
+only ``ITERATION_FILES``."""
+ITERATION_FILES = (*DCP_FILES, "common.pt", "metadata.json")
+"""Names of the files of a Megatron-Core ``torch_dist`` iteration folder."""
 
 TEMP_INFIX = ".moekit-"
 """Temporary folders are named ``.{destination name}.moekit-{random}`` (a destination name
@@ -219,14 +227,26 @@ def _check_source(target: Path, src: Path, files: list[Path]) -> None:
         with suppress(OSError):
             stat = real.stat()
             identities[(stat.st_dev, stat.st_ino)] = file
-    with os.scandir(target) as entries:
-        for entry in entries:
-            with suppress(OSError):
-                stat = os.stat(entry.path)
-                same = identities.get((stat.st_dev, stat.st_ino))
-                if same is not None:
-                    raise MoekitError(f"destination {target} holds {entry.name}, the same file "
-                                      f"as the source's {same} (a link); choose another folder")
+    for path in _held_files(target):
+        with suppress(OSError):
+            stat = os.stat(path)
+            same = identities.get((stat.st_dev, stat.st_ino))
+            if same is not None:
+                raise MoekitError(f"destination {target} holds {path.relative_to(target)}, the "
+                                  f"same file as the source's {same} (a link); choose another "
+                                  "folder")
+
+
+def _held_files(folder: Path) -> Iterator[Path]:
+    """The entries of ``folder`` and of its Megatron-Core iteration folders (``ITERATION``),
+    which ``overwrite`` would replace with it."""
+    with os.scandir(folder) as entries:
+        found = list(entries)
+    for entry in found:
+        yield Path(entry.path)
+        if ITERATION.match(entry.name) and entry.is_dir(follow_symlinks=False):
+            with suppress(OSError), os.scandir(entry.path) as inner:
+                yield from (Path(e.path) for e in list(inner))
 
 
 def _files_at_top(src: Path) -> list[Path]:
@@ -250,20 +270,25 @@ def _check_replaceable(target: Path, dst: Path) -> None:
         more = f" and {len(foreign) - 8} more" if len(foreign) > 8 else ""
         shown = ", ".join(foreign[:8]) + more
         raise MoekitError(
-            f"--overwrite replaces only a folder holding a checkpoint (safetensors, their index "
-            f"and sidecar files such as config.json and tokenizer files); {dst} also holds "
+            f"--overwrite replaces only a folder holding a checkpoint (safetensors and their "
+            f"index, DCP files, Megatron-Core's iteration folders and tracker, and sidecar "
+            f"files such as config.json and tokenizer files); {dst} also holds "
             f"{shown}: move those away or choose another destination")
 
 
-def _foreign_entries(folder: Path) -> list[str]:
-    """Entries of ``folder`` that are not checkpoint files (folders shown with a ``/``)."""
+def _foreign_entries(folder: Path, names: tuple[str, ...] = CHECKPOINT_FILES,
+                     prefix: str = "") -> list[str]:
+    """Entries of ``folder`` that are not checkpoint files ``names`` (folders shown with a
+    ``/``; a Megatron-Core iteration folder only for what it holds beside its files)."""
     foreign = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if entry.is_dir(follow_symlinks=False):
-            foreign.append(entry.name + "/")
+            foreign += (_foreign_entries(Path(entry.path), ITERATION_FILES, f"{entry.name}/")
+                        if not prefix and ITERATION.match(entry.name)
+                        else [f"{prefix}{entry.name}/"])
         elif not (entry.is_file(follow_symlinks=False) or entry.is_symlink()) or not any(
-                fnmatchcase(entry.name, pattern) for pattern in CHECKPOINT_FILES):
-            foreign.append(entry.name)
+                fnmatchcase(entry.name, pattern) for pattern in names):
+            foreign.append(prefix + entry.name)
     return foreign
 
 

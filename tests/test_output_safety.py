@@ -171,6 +171,48 @@ def test_overwrite_replaces_a_checkpoint_and_its_sidecar_files(qwen3, tmp_path, 
     assert not (out / "tokenizer.json").exists() and names(tmp_path) == ["out", "qwen3"]
 
 
+@pytest.mark.parametrize("written_as", [("--to", "megatron"),
+                                        ("--to", "nemo", "--format", "dcp")])
+def test_overwrite_replaces_a_megatron_or_dcp_checkpoint(qwen3, tmp_path, capsys, written_as):
+    out = tmp_path / "out"
+    assert run_cli(capsys, "convert", qwen3, out, *written_as)[0] == 0
+    (out / "config.json").write_text("{}")
+    code, _ = run_cli(capsys, "convert", qwen3, out, *written_as, "--overwrite")
+    assert code == 0 and verify(qwen3, out).equal and names(tmp_path) == ["out", "qwen3"]
+    assert (out / "config.json").read_bytes() == (qwen3 / "config.json").read_bytes()
+
+
+@pytest.mark.parametrize("extra", ["iter_0000000/notes.txt", "iter_0000000/optimizer/",
+                                   "iter_12/"])
+def test_overwrite_refuses_a_megatron_folder_holding_more_than_its_iterations(
+        qwen3, tmp_path, capsys, extra):
+    out = tmp_path / "out"
+    assert run_cli(capsys, "convert", qwen3, out, "--to", "megatron")[0] == 0
+    if extra.endswith("/"):
+        (out / extra).mkdir()
+        (out / extra / "state.pt").write_text("precious")
+    else:
+        (out / extra).write_text("precious")
+    before = tree_digest(out)
+    code, err = run_cli(capsys, "convert", qwen3, out, "--to", "megatron", "--overwrite")
+    assert code == 2 and extra in err and "only a folder holding a checkpoint" in err
+    assert tree_digest(out) == before and names(tmp_path) == ["out", "qwen3"]
+
+
+def test_overwrite_never_replaces_an_iteration_folder_holding_a_hard_link_of_the_source(
+        qwen3, tmp_path, capsys):
+    source, out = tmp_path / "megatron", tmp_path / "out"
+    assert run_cli(capsys, "convert", qwen3, source, "--to", "megatron")[0] == 0
+    assert run_cli(capsys, "convert", source, out, "--to", "megatron")[0] == 0
+    for file in (out / "iter_0000000").glob("*.distcp"):
+        file.unlink()
+        os.link(source / "iter_0000000" / file.name, file)
+    before = tree_digest(out)
+    code, err = run_cli(capsys, "convert", source, out, "--to", "megatron", "--overwrite")
+    assert code == 2 and "iter_0000000/" in err and "same file as the source's" in err
+    assert tree_digest(out) == before
+
+
 def test_an_overwrite_that_fails_at_the_move_keeps_the_old_checkpoint(qwen3, tmp_path, capsys,
                                                                      monkeypatch):
     out = Path(shutil.copytree(qwen3, tmp_path / "out"))
