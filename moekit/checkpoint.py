@@ -480,14 +480,20 @@ def _read_header(folder: Path, name: str, tensors: dict[str, TensorInfo]
         raise MoekitError(f"{_shown(file)}: its header gives {printable(twice)} twice, with "
                           "different entries (readers disagree on which one counts); the file "
                           "is corrupt: re-download or re-save it")
-    for key, entry in sorted(entries.items(), key=lambda item: item[1]["data_offsets"][0]):
+    for key, entry in sorted(entries.items(), key=_data_start):
         if key in tensors:
             raise MoekitError(f"tensor {printable(key)} is stored twice: in "
                               f"{printable(tensors[key].file)} and in {printable(name)}")
         shape, dtype = tuple(entry["shape"]), entry["dtype"]
-        _check_entry(file, key, shape, dtype)
+        if dtype not in ITEMSIZES or 0 in shape:
+            _check_entry(file, key, shape, dtype)
         tensors[key] = TensorInfo(key, name, shape, dtype, start + entry["data_offsets"][0])
     return metadata, identity
+
+
+def _data_start(item: tuple[str, dict]) -> int:
+    """Where the bytes of a header entry (name, entry) start in the data section."""
+    return item[1]["data_offsets"][0]
 
 
 def _header_entries(file: Path) -> tuple[int, dict[str, dict], str | None]:
@@ -495,23 +501,48 @@ def _header_entries(file: Path) -> tuple[int, dict[str, dict], str | None]:
     safetensors) starts, its tensor entries by name, and a name its header gives twice
     with different entries (else None).
 
-    JSON objects are parsed into tuples of pairs (the hook is a C type, so the parse runs
-    at the decoder's speed): a name given twice is then still there to be seen."""
+    A name given twice is lost once the JSON is parsed into dicts, so the parse is
+    trusted only when the header has as many colons as the dicts have pairs: each pair
+    has one colon, and a colon inside a string only adds to the count. Any other header
+    (a name given twice, a colon in a name or a metadata value) is parsed again into
+    tuples of pairs, where a name given twice is still there to be seen."""
     with open(file, "rb") as handle:
         length = int.from_bytes(handle.read(8), "little")
         raw = handle.read(length)
     try:
+        objects = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise _changed_while_read(file) from None
+    if not isinstance(objects, dict) or raw.count(b":") != _pairs(objects):
+        return 8 + length, *_pairwise_entries(file, raw)
+    objects.pop("__metadata__", None)
+    return 8 + length, objects, None
+
+
+def _pairs(objects: dict) -> int:
+    """The pairs of a parsed header: its own and those of the objects it holds."""
+    return len(objects) + sum(len(value) for value in objects.values() if type(value) is dict)
+
+
+def _pairwise_entries(file: Path, raw: bytes) -> tuple[dict[str, dict], str | None]:
+    """The tensor entries of the JSON header ``raw`` of ``file`` by name, and a name it
+    gives twice with different entries (else None): parsed into tuples of pairs (the hook
+    is a C type, so the parse runs at the decoder's speed)."""
+    try:
         pairs = json.loads(raw, object_pairs_hook=tuple)
     except (ValueError, RecursionError):
-        raise MoekitError(f"{_shown(file)} changed while its header was read; was it being "
-                          "written or downloaded? Run again once the checkpoint is "
-                          "complete") from None
+        raise _changed_while_read(file) from None
     names = dict(pairs)
     objects = {key: dict(value) for key, value in names.items()}
     repeated = len(names) != len(pairs) or any(
         len(objects[key]) != len(value) for key, value in names.items())
     objects.pop("__metadata__", None)
-    return 8 + length, objects, _given_twice(raw) if repeated else None
+    return objects, _given_twice(raw) if repeated else None
+
+
+def _changed_while_read(file: Path) -> MoekitError:
+    return MoekitError(f"{_shown(file)} changed while its header was read; was it being "
+                       "written or downloaded? Run again once the checkpoint is complete")
 
 
 def _given_twice(header: bytes) -> str | None:
@@ -549,6 +580,8 @@ def _check_entry(file: Path, key: str, shape: tuple[int, ...], dtype: str) -> No
 def _check_index(index: Path, weight_map: dict[str, str], tensors: dict[str, TensorInfo]
                  ) -> None:
     """Raise when the index and the files' headers disagree on where a tensor is."""
+    if {key: info.file for key, info in tensors.items()} == weight_map:
+        return
     wrong = [k for k, f in weight_map.items() if k not in tensors or tensors[k].file != f]
     if wrong:
         shown = ", ".join(f"{printable(k)} (index says {printable(weight_map[k])})"

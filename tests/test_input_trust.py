@@ -438,6 +438,25 @@ def test_a_key_given_twice_with_the_same_entry_is_read(tmp_path, capsys):
     assert main(["inspect", str(src)]) == 0
 
 
+@pytest.mark.parametrize("metadata", [{"format": "pt"}, {"saved": "12:00:00"}])
+def test_headers_with_colons_in_names_or_metadata_are_read_as_safetensors_reads_them(
+        tmp_path, metadata):
+    """A colon inside a string sends the header to the pairwise parse (moekit's JSON parse
+    into dicts is trusted only when it finds as many pairs as the header has colons): both
+    parses give safetensors' names, shapes and dtypes, in the order of the bytes."""
+    from safetensors import safe_open
+
+    tensors = {**moe_tensors(), "model.x:y": ("F32", (3,)), "model.a": ("BF16", (2, 0))}
+    src = checkpoint(tmp_path / "model", tensors, metadata=metadata)
+    with safe_open(str(src / "model.safetensors"), framework="numpy") as handle:
+        expected = {key: (tuple(handle.get_slice(key).get_shape()),
+                          handle.get_slice(key).get_dtype()) for key in handle.offset_keys()}
+    read = Checkpoint.open(src)
+    assert [(key, (info.shape, info.dtype)) for key, info in read.tensors.items()] == \
+        list(expected.items())
+    assert read.metadata == metadata
+
+
 def set_length(length: int) -> Callable[[Path], None]:
     def edit(file: Path) -> None:
         data = bytearray(file.read_bytes())
