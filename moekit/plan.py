@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Protocol, TypeVar, Union
+from typing import Any, Protocol, TypeVar, Union
 
 from .dtypes import itemsize
 from .sizes import format_size
@@ -374,23 +374,48 @@ _COMPOSE: dict[type, Callable[..., Expr]] = {
 
 def reads(expr: Expr) -> list[Read]:
     """Every source read a recipe makes, in evaluation order."""
-    return handler(_READS, expr, "listing the reads of a recipe")(expr)
+    found: list[Read] = []
+    try:
+        _READS[type(expr)](expr, found)
+    except KeyError as missing:  # the walk looks nothing up but node types in _READS
+        raise TypeError(f"{missing.args[0].__name__} is not a recipe node listing the reads "
+                        "of a recipe evaluates") from None
+    return found
 
 
-_READS: dict[type, Callable[..., list[Read]]] = {
-    Read: lambda expr: [expr],
-    Constant: lambda expr: [],
-    Random: lambda expr: [],
-    Redraw: lambda expr: [*reads(expr.part), expr.stats],
-    RequireZeros: lambda expr: [*reads(expr.part), expr.checked],
-    RequireEqual: lambda expr: [*reads(expr.part), *reads(expr.copy)],
-    Dequantize: lambda expr: [*reads(expr.weight), *reads(expr.scale)],
-    DequantizeMXFP4: lambda expr: [*reads(expr.blocks), *reads(expr.scales)],
-    **dict.fromkeys((Transpose, Reshape, Scale, Cast), lambda expr: reads(expr.part)),
-    **dict.fromkeys((Stack, Concat),
-                    lambda expr: [read for part in expr.parts for read in reads(part)]),
+def _part_reads(expr: Transpose | Reshape | Scale | Cast, found: list[Read]) -> None:
+    _READS[type(expr.part)](expr.part, found)
+
+
+def _parts_reads(expr: Stack | Concat, found: list[Read]) -> None:
+    for part in expr.parts:
+        _READS[type(part)](part, found)
+
+
+def _fields_reads(*names: str) -> Callable[[Expr, list[Read]], None]:
+    """Add the reads of a node's expressions ``names``, in that order."""
+    def add(expr: Expr, found: list[Read]) -> None:
+        for name in names:
+            part = getattr(expr, name)
+            _READS[type(part)](part, found)
+    return add
+
+
+_READS: dict[type, Callable[[Any, list[Read]], None]] = {
+    Read: lambda expr, found: found.append(expr),
+    Constant: lambda expr, found: None,
+    Random: lambda expr, found: None,
+    Redraw: _fields_reads("part", "stats"),
+    RequireZeros: _fields_reads("part", "checked"),
+    RequireEqual: _fields_reads("part", "copy"),
+    Dequantize: _fields_reads("weight", "scale"),
+    DequantizeMXFP4: _fields_reads("blocks", "scales"),
+    **dict.fromkeys((Transpose, Reshape, Scale, Cast), _part_reads),
+    **dict.fromkeys((Stack, Concat), _parts_reads),
 }
-"""Every recipe node, by the reads it makes."""
+"""Every recipe node, by how it adds the reads it makes to a list, in order: one list for
+a whole recipe, since the device executor lists the reads of every recipe of a plan (tens
+of thousands of nodes) before it reads a byte."""
 
 
 def nbytes(shape: tuple[int, ...], dtype: str) -> int:
