@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 from . import __version__
 from .errors import MoekitError, printable
-from .expert_parallel.ranges import PLACEMENTS
+from .expert_parallel.ranges import EP_LAYOUTS, PLACEMENTS
 from .layouts import LAYOUTS
 
 EXIT_ERROR = 2
@@ -262,10 +262,11 @@ def _add_plan(commands) -> None:
     sub.add_argument("path", help="checkpoint folder, a config.json (no weights needed), "
                      f"{HUB_ID}")
     sub.add_argument("--ep", type=int, required=True, help="expert-parallel group size")
-    sub.add_argument("--layout", choices=[name for name, layout in LAYOUTS.items()
-                                          if layout.grouped],
-                     help="grouped layout the ranks load (default nemo; transformers for "
-                     "experts with FP8 scales or in MXFP4, which NeMo dequantises)")
+    sub.add_argument("--layout", choices=EP_LAYOUTS,
+                     help="grouped layout the ranks load (default: the first of "
+                     f"{', '.join(EP_LAYOUTS)} that holds the checkpoint: transformers for "
+                     "experts with FP8 scales or in MXFP4, which NeMo dequantises; the "
+                     "output names it)")
     sub.add_argument("--dp", type=int, default=1,
                      help="data-parallel (FSDP) size of a (dp, ep) mesh of dp x ep ranks: "
                      "experts Shard(0) over ep, every other tensor Shard(0) over dp as FSDP2 "
@@ -287,7 +288,8 @@ def _run_plan(args: argparse.Namespace) -> int:
         raise MoekitError(f"--ep {args.ep}: the expert-parallel group size is a number of "
                           "ranks, at least 1")
     loads = ep_report(args.path, args.ep, args.layout, args.placement, args.dp)
-    print(json.dumps(to_json(loads), indent=2) if args.json else render(loads))
+    print(json.dumps(to_json(loads), indent=2) if args.json
+          else render(loads, chosen=args.layout is not None))
     return 0
 
 

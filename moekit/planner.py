@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -431,15 +431,29 @@ def _check_converted(family: Family, layout: Layout, role: str = "destination") 
     converts tensors outside the experts that moekit does not (``Family.unconverted``):
     written, the result would not be what the layout promises; read, those tensors would
     pass through under names and shapes that no other layout has."""
+    refusal = converted_refusal(family, layout, role)
+    if refusal:
+        raise MoekitError(f"{refusal}; use {', '.join(converted_layouts(family, LAYOUTS))} "
+                          "instead (the hf layout is what from_pretrained reads)")
+
+
+def converted_refusal(family: Family, layout: Layout, role: str = "destination") -> str:
+    """Why ``layout`` is refused as the ``role`` of ``family`` (``Family.unconverted``),
+    without the layouts to use instead; empty where it is not refused."""
     reason = family.unconverted.get(layout.name)
-    if reason:
-        others = [name for name, other in LAYOUTS.items()
-                  if name not in family.unconverted and other.names_family(family)]
-        raise MoekitError(f"the {layout.name} layout of {family.name} is refused as a "
-                          f"{role}: {reason} on load, which moekit does not (nor undoes), so "
-                          f"the result would not be what the layout promises; use "
-                          f"{', '.join(others)} instead (the hf layout is what "
-                          "from_pretrained reads)")
+    if not reason:
+        return ""
+    return (f"the {layout.name} layout of {family.name} is refused as a {role}: {reason} on "
+            "load, which moekit does not (nor undoes), so the result would not be what the "
+            "layout promises")
+
+
+def converted_layouts(family: Family, names: Iterable[str]) -> list[str]:
+    """Those of the layouts ``names`` (in their order) that have names for ``family``
+    and whose consumer holds its tensors as moekit writes them (``Family.unconverted``):
+    what a refusal offers instead, of the layouts its command takes."""
+    return [name for name in names
+            if name not in family.unconverted and LAYOUTS[name].names_family(family)]
 
 
 def _check_placed(analysis: Analysis, dst: Layout) -> None:

@@ -181,7 +181,8 @@ def test_plan_is_what_load_sharded_reads_and_holds_rank_by_rank(shapes, ds3_fp8,
 
 def test_the_mesh_is_shown_and_checked(capsys):
     assert main(["plan", str(DEEPSEEK_V3), "--ep", "8", "--dp", "2"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    layout, *lines = capsys.readouterr().out.splitlines()
+    assert layout.startswith("layout transformers: the first of nemo, transformers")
     assert lines[0].split()[:4] == ["rank", "dp", "ep", "experts"] and len(lines) == 17
     assert lines[-1].split()[:3] == ["15", "1", "7"]
     assert main(["plan", str(DEEPSEEK_V3), "--ep", "8", "--dp", "0"]) == 2

@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable
 
 from ..errors import MoekitError, PlanError
-from ..layouts import LAYOUTS, Layout, layout_named
+from ..layouts import LAYOUTS, NEMO, Layout, layout_named
 from ..plan import Plan
 from ..planner import Analysis, build_plan, validate
 
@@ -47,6 +47,13 @@ def _vllm(n_experts: int, ep_size: int, ep_rank: int) -> range:
 PLACEMENTS: dict[str, Callable[[int, int, int], range]] = {"chunk": _chunk, "vllm": _vllm}
 """How experts are placed on expert-parallel ranks (see the module docstring): name ->
 the experts of (E, n, rank)."""
+
+
+EP_LAYOUTS: tuple[str, ...] = (NEMO.name, *(name for name, layout in LAYOUTS.items()
+                                            if layout.grouped and layout is not NEMO))
+"""The layouts expert parallelism loads (grouped: it shares their rows out among the
+ranks), in the order ``moekit plan`` tries them for its default: NeMo AutoModel's, whose
+training loads them sharded, then the others."""
 
 
 def expert_range(n_experts: int, ep_size: int, ep_rank: int, placement: str = "chunk") -> range:
@@ -88,9 +95,9 @@ def grouped_layout(name: str) -> Layout:
     grouped tensors out among the ranks, and a per-expert layout has none."""
     layout = layout_named(name)
     if not layout.grouped:
-        grouped = ", ".join(known for known, found in LAYOUTS.items() if found.grouped)
         raise MoekitError(f"expert parallelism shards grouped expert tensors by rows; the "
-                          f"{layout.name} layout keeps one tensor per expert: choose {grouped}")
+                          f"{layout.name} layout keeps one tensor per expert: choose "
+                          f"{', '.join(EP_LAYOUTS)}")
     return layout
 
 

@@ -12,13 +12,14 @@ from ..config_headers import DECODERS, config_headers
 from ..errors import MoekitError, printable
 from ..gc_pauses import without_gc_pauses
 from ..hub import local_path
-from ..layouts import LAYOUTS, Layout, family_of_model_type
+from ..layouts import LAYOUTS, TRANSFORMERS, Layout, family_of_model_type
 from ..layouts.families import MX_BLOCKS, MX_SCALES, SCALE
 from ..model_config import MAX_BUILT_LAYERS, ConfigValues
-from ..plan import TensorPlan, nbytes, reads
-from ..planner import (Analysis, build_plan, config_settings, split_groups_refusal, understand,
+from ..plan import Plan, TensorPlan, nbytes, reads
+from ..planner import (Analysis, build_plan, config_settings, converted_layouts,
+                       converted_refusal, split_groups_refusal, understand,
                        understand_checkpoint, validate)
-from .ranges import chunk, expert_range, grouped_layout
+from .ranges import EP_LAYOUTS, chunk, expert_range, grouped_layout
 
 MAX_RANKS = 1 << 16
 """The most ranks (dp x ep) ``ep_report`` tabulates: more than any training cluster
@@ -34,6 +35,8 @@ class RankLoad:
 
     rank: int
     """``dp_rank * ep_size + ep_rank`` on a (dp, ep) mesh; the EP rank when dp is 1."""
+    layout: str
+    """The grouped layout the rank loads the experts in."""
     experts: list[int]
     """First and last expert owned (empty when the rank owns none)."""
     expert_bytes: int
@@ -70,7 +73,8 @@ def ep_report(path: str | Path, ep_size: int, layout: str | None = None,
     config.json (or a folder holding only one): then the tensors are those its Hub
     checkpoint holds (``config_headers``: FP8 scales and multi-token-prediction layers
     included), or for a model type that does not describe, those of the model
-    transformers builds on the meta device. ``layout`` defaults to ``default_layout``'s choice.
+    transformers builds on the meta device. ``layout`` defaults to the first of
+    ``EP_LAYOUTS`` (nemo, then the others) that holds the checkpoint (``_planned``).
 
     The ranks form a (dp, ep) mesh of ``dp_size * ep_size`` ranks, as ``load_sharded``
     lays a checkpoint out on it: experts ``Shard(0)`` over ep (replicated over dp), every
@@ -91,7 +95,7 @@ def ep_report(path: str | Path, ep_size: int, layout: str | None = None,
         raise MoekitError(f"a mesh of {dp_size} x {ep_size} = {dp_size * ep_size:,} ranks; "
                           f"moekit plans for at most {MAX_RANKS:,} ranks")
     analysis = _analysis(local_path(path, weights=False))
-    plan = build_plan(analysis, _destination(analysis, layout), experts=range(1))
+    dst, plan = _planned(analysis, layout)
     n_experts = analysis.n_experts
     per_expert = [t.nbytes for t in plan.tensors if t.name in plan.expert_tensors]
     others = Counter(_Other.of(t) for t in plan.tensors if t.name not in plan.expert_tensors)
@@ -108,8 +112,8 @@ def ep_report(path: str | Path, ep_size: int, layout: str | None = None,
                           len(mine) * max(per_expert, default=0))
             expert = len(mine) * sum(per_expert)
             owned = [mine.start, mine.stop - 1] if mine else []
-            out.append(RankLoad(dp_rank * ep_size + rank, owned, expert, held_bytes,
-                                experts_read * sum(per_expert), other_read,
+            out.append(RankLoad(dp_rank * ep_size + rank, dst.name, owned, expert,
+                                held_bytes, experts_read * sum(per_expert), other_read,
                                 expert + held_bytes + largest, rank, dp_rank))
     return out
 
@@ -155,41 +159,58 @@ def _chunk_length(length: int, parts: int, index: int) -> int:
     return part.stop - part.start
 
 
-def default_layout(analysis: Analysis) -> str:
-    """The layout ranks load by default: nemo, or for experts stored with FP8 scales or as
-    MXFP4 transformers, which holds them (NeMo AutoModel dequantises such checkpoints and
-    holds no scale tensors)."""
-    first = next(iter(analysis.blocks.values()), None)
-    pieces = first.projections if first is not None else []
-    return "transformers" if any(p.endswith((SCALE, MX_BLOCKS)) for p in pieces) else "nemo"
+def _planned(analysis: Analysis, layout: str | None) -> tuple[Layout, Plan]:
+    """The layout the ranks load and its plan of one expert a layer: ``layout``, else the
+    first of ``EP_LAYOUTS`` in which the checkpoint plans (transformers for experts with
+    FP8 scales or in MXFP4, which NeMo AutoModel dequantises and holds no scales of; vllm
+    for a family whose nemo and transformers layouts are refused), refused as nemo is
+    where none is."""
+    if layout is not None:
+        dst = grouped_layout(layout)
+        return dst, _one_expert_plan(analysis, dst)
+    refusals = []
+    for name in EP_LAYOUTS:
+        try:
+            return LAYOUTS[name], _one_expert_plan(analysis, LAYOUTS[name])
+        except MoekitError as err:
+            refusals.append(err)
+    raise refusals[0]
 
 
-def _destination(analysis: Analysis, layout: str | None) -> Layout:
-    """The grouped layout the ranks load (``layout``, else ``default_layout``'s), refused
-    when it has no place for some of the experts' pieces (FP8 scales in nemo) with the
-    layouts plan takes that do: plan has no ``--dequantize`` to offer, as convert has."""
-    dst = grouped_layout(layout or default_layout(analysis))
+def _one_expert_plan(analysis: Analysis, dst: Layout) -> Plan:
+    """The plan of one expert a layer in ``dst``, refused where ``dst`` has no place for
+    some of the experts' pieces (FP8 scales in nemo) or is refused for the family
+    (``Family.unconverted``), naming the layouts plan takes that hold them: plan has no
+    ``--dequantize`` to offer, as convert has, nor per-expert layouts."""
     family = analysis.family
     present = {piece for block in analysis.blocks.values() for piece, _ in block.pieces}
-    lost = sorted(p for p in present if not dst.holds(p, family))
-    if not lost:
-        return dst
-    can = [name for name, found in LAYOUTS.items()
-           if found.grouped and all(found.holds(p, family) for p in lost)]
-    quantized = any(p.endswith((SCALE, MX_BLOCKS, MX_SCALES)) for p in lost)
-    why = f" ({dst.quantized_note})" if quantized and dst.quantized_note else ""
+    can = [name for name in converted_layouts(family, EP_LAYOUTS)
+           if all(LAYOUTS[name].holds(p, family) for p in present)]
     then = (f"plan {' or '.join(f'--layout {name}' for name in can)}" if can
-            else "no grouped layout holds them")
-    raise MoekitError(f"the {dst.name} layout cannot hold the {family.name} experts' "
-                      f"{', '.join(lost)}{why}: {then}")
+            else f"plan takes no other layout that holds the {family.name} experts")
+    lost = sorted(p for p in present if not dst.holds(p, family))
+    if lost:
+        quantized = any(p.endswith((SCALE, MX_BLOCKS, MX_SCALES)) for p in lost)
+        why = f" ({dst.quantized_note})" if quantized and dst.quantized_note else ""
+        raise MoekitError(f"the {dst.name} layout cannot hold the {family.name} experts' "
+                          f"{', '.join(lost)}{why}: {then}")
+    refusal = converted_refusal(family, dst)
+    if refusal:
+        raise MoekitError(f"{refusal}: {then}")
+    return build_plan(analysis, dst, experts=range(1))
 
 
-def render(loads: list[RankLoad]) -> str:
-    """A table, one row per rank (with its dp and ep coordinates on a 2-D mesh): bytes
-    held, by kind and in all, and bytes ``load_sharded`` reads."""
+def render(loads: list[RankLoad], *, chosen: bool) -> str:
+    """The layout the ranks load (``chosen``: as given; else said to be the default), then
+    a table, one row per rank (with its dp and ep coordinates on a 2-D mesh): bytes held,
+    by kind and in all, and bytes ``load_sharded`` reads."""
     mesh = any(r.dp_rank for r in loads)
-    rows = [f"{'rank':>5}{'   dp   ep' if mesh else ''} {'experts':>10} {'expert GiB':>11} "
-            f"{'other GiB':>10} {'held GiB':>9} {'read GiB':>9} {'peak GiB':>9}"]
+    layout = f"layout {loads[0].layout}" + ("" if chosen else (
+        f": the first of {', '.join(EP_LAYOUTS)} that holds the checkpoint "
+        "(--layout chooses one)"))
+    rows = [layout, f"{'rank':>5}{'   dp   ep' if mesh else ''} {'experts':>10} "
+            f"{'expert GiB':>11} {'other GiB':>10} {'held GiB':>9} {'read GiB':>9} "
+            f"{'peak GiB':>9}"]
     for r in loads:
         owned = f"{r.experts[0]}-{r.experts[1]}" if r.experts else "none"
         where = f" {r.dp_rank:>4} {r.ep_rank:>4}" if mesh else ""
@@ -232,6 +253,7 @@ def _analysis(path: Path) -> Analysis:
                           f"{', '.join(DECODERS)} checkpoints from a config.json alone, not "
                           f"those of model_type {printable(repr(config.get('model_type')))}: "
                           "plan from the checkpoint's files instead")
+    _check_built_as_files(config, source)
     analysis = understand(_meta_headers(config, source), config, {}, source,
                           from_="transformers", config_file=source)
     validate(analysis)
@@ -257,12 +279,25 @@ def _check_buildable(config: dict, source: str) -> None:
                           "builds each layer): plan from the checkpoint's files instead")
 
 
+def _check_built_as_files(config: dict, source: str) -> None:
+    """Refuse a config of a family whose tensors transformers converts on load
+    (``Family.unconverted``): the model it builds holds them under other names or shapes
+    than the checkpoint's files."""
+    family = family_of_model_type(config.get("model_type"))
+    reason = family.unconverted.get(TRANSFORMERS.name) if family is not None else None
+    if reason:
+        raise MoekitError(f"{source}: {reason} on load, so the model it builds does not hold "
+                          f"the tensors of {family.name}'s files: plan from the checkpoint's "
+                          "files instead")
+
+
 def _meta_headers(config: dict, source: str) -> dict:
     """Shapes and dtypes of the state dict transformers builds for ``config``, on the meta
-    device (no memory). Only this path imports torch and transformers."""
+    device (no memory), with the class ``_model_class`` picks. Only this path imports torch
+    and transformers."""
     try:
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+        from transformers import AutoConfig, PretrainedConfig
 
         from ..conversion import state_dict_meta
     except ImportError as err:
@@ -275,10 +310,43 @@ def _meta_headers(config: dict, source: str) -> dict:
         settings = decode(settings)
     try:
         model_config = AutoConfig.for_model(**settings)
+        model_class = _model_class(model_config, source)
         dtype = model_config.dtype or torch.bfloat16
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+            model = model_class._from_config(model_config, dtype=dtype)
+    except MoekitError:
+        raise
     except Exception as err:  # transformers' own errors on a config it cannot build
         raise MoekitError(f"transformers cannot build the model {source} describes: "
                           f"{type(err).__name__}: {err}") from None
     return state_dict_meta(model.state_dict(), allow_meta=True)
+
+
+MODEL_MAPPINGS = ("MODEL_FOR_CAUSAL_LM_MAPPING", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING",
+                  "MODEL_FOR_MULTIMODAL_LM_MAPPING")
+"""The mappings of transformers' ``AutoModelForCausalLM``, ``AutoModelForImageTextToText``
+and ``AutoModelForMultimodalLM`` (transformers.models.auto.modeling_auto, 5.24), in the
+order a config's model class is looked up in them: the language models whose files a
+checkpoint holds, multimodal ones (Qwen3-VL-MoE, Qwen3-Omni) included."""
+
+
+def _model_class(model_config, source: str) -> type:
+    """The class transformers builds the model of ``model_config`` with: the first one its
+    ``architectures`` names that transformers has for this config class (the class that
+    saved the checkpoint), else the one the first of ``MODEL_MAPPINGS`` holding the config
+    class maps it to; refused where there is none."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    config_type = type(model_config)
+    for name in model_config.architectures or ():
+        named = getattr(transformers, name, None) if isinstance(name, str) else None
+        if isinstance(named, type) and getattr(named, "config_class", None) is config_type:
+            return named
+    for mapping in MODEL_MAPPINGS:
+        classes = getattr(modeling_auto, mapping)
+        if config_type in classes:
+            return classes[config_type]
+    raise MoekitError(f"{source}: transformers has no language model of model_type "
+                      f"{printable(repr(model_config.model_type))} to describe its tensors "
+                      "by: plan from the checkpoint's files instead")
