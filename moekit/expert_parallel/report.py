@@ -12,7 +12,7 @@ from ..config_headers import DECODERS, config_headers
 from ..errors import MoekitError, printable
 from ..gc_pauses import without_gc_pauses
 from ..hub import local_path
-from ..layouts import LAYOUTS, TRANSFORMERS, Layout, family_of_model_type
+from ..layouts import LAYOUTS, TRANSFORMERS, Family, Layout, family_of_model_type
 from ..layouts.families import MX_BLOCKS, MX_SCALES, SCALE
 from ..model_config import MAX_BUILT_LAYERS, ConfigValues
 from ..plan import Plan, TensorPlan, nbytes, reads
@@ -180,24 +180,29 @@ def _planned(analysis: Analysis, layout: str | None) -> tuple[Layout, Plan]:
 def _one_expert_plan(analysis: Analysis, dst: Layout) -> Plan:
     """The plan of one expert a layer in ``dst``, refused where ``dst`` has no place for
     some of the experts' pieces (FP8 scales in nemo) or is refused for the family
-    (``Family.unconverted``), naming the layouts plan takes that hold them: plan has no
-    ``--dequantize`` to offer, as convert has, nor per-expert layouts."""
+    (``Family.unconverted``), naming the layouts plan takes that hold them (``_instead``)."""
     family = analysis.family
     present = {piece for block in analysis.blocks.values() for piece, _ in block.pieces}
-    can = [name for name in converted_layouts(family, EP_LAYOUTS)
-           if all(LAYOUTS[name].holds(p, family) for p in present)]
-    then = (f"plan {' or '.join(f'--layout {name}' for name in can)}" if can
-            else f"plan takes no other layout that holds the {family.name} experts")
     lost = sorted(p for p in present if not dst.holds(p, family))
     if lost:
         quantized = any(p.endswith((SCALE, MX_BLOCKS, MX_SCALES)) for p in lost)
         why = f" ({dst.quantized_note})" if quantized and dst.quantized_note else ""
         raise MoekitError(f"the {dst.name} layout cannot hold the {family.name} experts' "
-                          f"{', '.join(lost)}{why}: {then}")
+                          f"{', '.join(lost)}{why}: {_instead(family, present)}")
     refusal = converted_refusal(family, dst)
     if refusal:
-        raise MoekitError(f"{refusal}: {then}")
+        raise MoekitError(f"{refusal}: {_instead(family, present)}")
     return build_plan(analysis, dst, experts=range(1))
+
+
+def _instead(family: Family, pieces: set[str]) -> str:
+    """The ``--layout`` options of plan that hold ``family``'s experts of ``pieces``: the
+    layouts of ``EP_LAYOUTS`` with a place for each piece and not refused for the family.
+    Plan has no ``--dequantize`` to offer, as convert has, nor per-expert layouts."""
+    can = [name for name in converted_layouts(family, EP_LAYOUTS)
+           if all(LAYOUTS[name].holds(p, family) for p in pieces)]
+    return (f"plan {' or '.join(f'--layout {name}' for name in can)}" if can
+            else f"plan takes no other layout that holds the {family.name} experts")
 
 
 def render(loads: list[RankLoad], *, chosen: bool) -> str:
