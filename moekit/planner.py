@@ -14,6 +14,7 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from itertools import islice
 from pathlib import Path
 
@@ -692,6 +693,11 @@ def _source_keys(block: ExpertBlock) -> set[str]:
     return set(block.names.values())
 
 
+def _piece_names(block: ExpertBlock) -> set[str]:
+    """The pieces (``gate``, ``up_scale``, ...) that some expert of ``block`` holds."""
+    return {piece for piece, _ in block.pieces}
+
+
 def _reshaped(recipe: Expr, key: str, hf_key: str, src: Layout, dst: Layout,
               family: Family) -> Expr:
     """``recipe`` in the shape the family's renames give the tensor in ``dst`` (a squeezing
@@ -856,9 +862,9 @@ def _naming_disagreement(analysis: Analysis) -> str | None:
         return _other_family(analysis.label, analysis.family, analysis.family_source,
                              analysis.tensors, _expert_keys(analysis.tensors))
     read = _read_keys(parsed)
-    unread = [key for key in analysis.tensors if key in parsed.claimed and key not in read]
-    if len(unread) * 2 <= len(parsed.claimed):
+    if len(parsed.claimed - read) * 2 <= len(parsed.claimed):
         return None
+    unread = [key for key in analysis.tensors if key in parsed.claimed and key not in read]
     sample = {key: analysis.tensors[key] for key in islice(unread, SAMPLE)}
     scores = {name: len(_read_keys(layout.parse(dict(sample), analysis.family)))
               for name, layout in BY_KEYS.items() if layout is not analysis.layout}
@@ -919,7 +925,7 @@ def _expert_keys(tensors: Mapping[str, TensorMeta]) -> list[str]:
 
 def _read_keys(parsed: ParsedExperts) -> set[str]:
     """The source keys a parse read expert pieces from."""
-    return {key for block in parsed.blocks.values() for key in _source_keys(block)}
+    return set().union(*(block.names.values() for block in parsed.blocks.values()))
 
 
 # -- validation ----------------------------------------------------------------------------
@@ -1058,17 +1064,13 @@ def _missing_pieces(block: ExpertBlock, family: Family, name: Callable[[str], st
     ``unreadable`` pieces, whose malformed tensors are reported already). Experts wholly
     absent are found as the gaps between present ones, so a count of a billion costs
     nothing."""
-    held: dict[int, set[str]] = defaultdict(set)
-    for piece, e in block.pieces:
-        held[e].add(piece)
-    needed = tuple(p for p in family.required_pieces({p for p, _ in block.pieces})
-                   if p not in unreadable)
-    present = sorted(e for e in held if e in required)
+    names = _piece_names(block)
+    experts = {e for _, e in block.pieces}
+    needed = tuple(p for p in family.required_pieces(names) if p not in unreadable)
+    present = sorted(e for e in experts if e in required)
     lacking: dict[tuple[str, ...], list[tuple[int, int]]] = defaultdict(list)
-    for e in present:
-        absent = tuple(name(p) for p in needed if p not in held[e])
-        if absent:
-            lacking[absent].append((e, e))
+    if len(block.pieces) < len(names) * len(experts) or not names.issuperset(needed):
+        _add_lacking(block, needed, present, name, lacking)
     gaps = _gaps(required, present)
     if gaps:
         lacking[tuple(name(p) for p in needed)].extend(gaps)
@@ -1082,6 +1084,22 @@ def _missing_pieces(block: ExpertBlock, family: Family, name: Callable[[str], st
                                  f"{'lacks' if count == 1 else 'lack'} {', '.join(projs)}",
                                  block.layer, files, stored=True))
     return problems
+
+
+def _add_lacking(block: ExpertBlock, needed: tuple[str, ...], present: list[int],
+                 name: Callable[[str], str],
+                 lacking: dict[tuple[str, ...], list[tuple[int, int]]]) -> None:
+    """Add each of the ``present`` experts that lacks some ``needed`` pieces to
+    ``lacking``, under the names of what it lacks. Only called where some expert may:
+    when every expert holds every piece that one holds, and those include all
+    ``needed``, none does."""
+    held: dict[int, set[str]] = defaultdict(set)
+    for piece, e in block.pieces:
+        held[e].add(piece)
+    for e in present:
+        absent = tuple(name(p) for p in needed if p not in held[e])
+        if absent:
+            lacking[absent].append((e, e))
 
 
 def _gaps(required: range, present: list[int]) -> list[tuple[int, int]]:
@@ -1107,22 +1125,25 @@ def _shape_problems(block: ExpertBlock, family: Family, name: Callable[[str], st
     pieces that hold no elements, and gate, up and down that do not fit together."""
     problems = []
     expected: dict[str, tuple] = {}
-    by_piece: dict[str, dict[int, tuple]] = defaultdict(dict)
-    for (piece, e), x in block.pieces.items():
-        by_piece[piece][e] = (tuple(x.shape), x.dtype)
+    kinds: dict[str, dict[tuple, int]] = defaultdict(dict)
+    for (piece, shape, dtype), count in Counter(
+            (piece, tuple(x.shape), x.dtype) for (piece, _), x in block.pieces.items()).items():
+        kinds[piece][(shape, dtype)] = count
     for proj in family.all_pieces:
-        found = by_piece.get(proj)
+        found = kinds.get(proj)
         if not found:
             continue
-        common, _ = Counter(found.values()).most_common(1)[0]
+        common = max(found, key=found.__getitem__)
         expected[proj] = common
         if 0 in common[0]:
             problems.append(_Problem(f"{name(proj)} is {list(common[0])} {common[1]}: the "
                                      "experts' weights hold no elements", block.layer))
         odd = defaultdict(list)
-        for e, got in found.items():
-            if got != common and e in required:
-                odd[got].append(e)
+        if len(found) > 1:
+            for (piece, e), x in block.pieces.items():
+                got = (tuple(x.shape), x.dtype)
+                if piece == proj and got != common and e in required:
+                    odd[got].append(e)
         for (shape, dtype), experts in odd.items():
             key = block.names[(proj, experts[0])]
             file = where(key)
@@ -1157,13 +1178,16 @@ def _scale_problems(block: ExpertBlock, name: Callable[[str], str], block_size: 
     not [ceil(out/rows), ceil(in/columns)] or whose dtype is not a float of 16 bits or more
     (a scale that does not cover its weight dequantises to wrong values), and MXFP4 blocks
     and scales that are not bytes shaped [out, G, 16] and [out, G]."""
+    if not any(piece.endswith((SCALE, MX_BLOCKS)) for piece in _piece_names(block)):
+        return []
     wrong: dict[str, list[int]] = defaultdict(list)
     for (piece, e), part in block.pieces.items():
         if e not in required:
             continue
         if piece.endswith(SCALE):
             weight = block.pieces.get((piece[:-len(SCALE)], e))
-            text = _fp8_scale_problem(tuple(part.shape), part.dtype, weight, block_size)
+            text = _fp8_scale_problem(tuple(part.shape), part.dtype,
+                                      None if weight is None else tuple(weight.shape), block_size)
         elif piece.endswith(MX_BLOCKS):
             scales = block.pieces.get((piece[:-len(MX_BLOCKS)] + MX_SCALES, e))
             text = _mxfp4_problem(part, scales, name(piece[:-len(MX_BLOCKS)] + MX_SCALES))
@@ -1176,17 +1200,20 @@ def _scale_problems(block: ExpertBlock, name: Callable[[str], str], block_size: 
             for text, experts in wrong.items()]
 
 
-def _fp8_scale_problem(shape: tuple[int, ...], dtype: str, weight: Expr | None,
+@lru_cache(maxsize=1024)
+def _fp8_scale_problem(shape: tuple[int, ...], dtype: str, weight: tuple[int, ...] | None,
                        block_size: tuple[int, int]) -> str | None:
-    """What is wrong with an FP8 block scale of this shape and dtype beside ``weight``."""
+    """What is wrong with an FP8 block scale of this shape and dtype beside a weight of
+    shape ``weight`` (None: no weight). Cached: every expert of a checkpoint asks the
+    same few questions."""
     if dtype not in FP8_SCALE_DTYPES:
         return (f"{dtype}; FP8 block scales are floats of 16 bits or more "
                 f"({', '.join(FP8_SCALE_DTYPES)})")
-    if weight is None or len(weight.shape) != 2:
+    if weight is None or len(weight) != 2:
         return None
-    expected = _fp8_scale_shape(tuple(weight.shape), block_size)
+    expected = _fp8_scale_shape(weight, block_size)
     if shape != expected:
-        return (f"{list(shape)}; the block scales of a {list(weight.shape)} weight are "
+        return (f"{list(shape)}; the block scales of a {list(weight)} weight are "
                 f"{list(expected)} ({_block_rule(block_size)})")
     return None
 
@@ -1220,7 +1247,8 @@ def _loose_scale_problems(analysis: Analysis, where: Callable[[str], str | None]
         weight = analysis.tensors.get(key[:-len(FP8_SCALE_KEY)])
         if weight is None or not weight.dtype.startswith("F8"):
             continue
-        text = _fp8_scale_problem(tuple(scale.shape), scale.dtype, weight, analysis.fp8_block)
+        text = _fp8_scale_problem(tuple(scale.shape), scale.dtype, tuple(weight.shape),
+                                  analysis.fp8_block)
         if text:
             file = where(key)
             problems.append(_Problem(f"{key} is {text}", files=(file,) if file else ()))

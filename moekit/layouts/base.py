@@ -87,12 +87,14 @@ class ParsedExperts:
         """
         self.claimed.add(key)
         found = match.groupdict()
+        layer, expert = _number(found["layer"]), found.get("expert")
+        if expert is None:
+            if layer is not None:
+                return {"layer": layer}
+        elif layer is not None and (number := _number(expert)) is not None:
+            return {"layer": layer, "expert": number}
         fields = {name: found[name] for name in _NUMBERED if found.get(name) is not None}
-        values = [_number(text) for text in fields.values()]
-        if None not in values:
-            return dict(zip(fields, values))
-        bad = [(name, text) for (name, text), value in zip(fields.items(), values)
-               if value is None]
+        bad = [(name, text) for name, text in fields.items() if _number(text) is None]
         shown = ", ".join(f"{name} number {ascii(text)}" for name, text in bad)
         self._add_odd(_listed_layer(fields["layer"]), f"{printable(key)} ({shown})")
         return None

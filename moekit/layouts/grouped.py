@@ -269,6 +269,8 @@ class GroupedLayout(Layout):
     @staticmethod
     def _entry(candidates: list[GroupedTensor], dtype: str) -> GroupedTensor | None:
         """The entry a tensor of this name and dtype is read as."""
+        if not candidates:
+            return None
         return next((c for c in candidates if c.dtype == dtype), None) or next(
             (c for c in candidates if c.dtype is None), None)
 
@@ -354,7 +356,7 @@ class GroupedLayout(Layout):
 
     @staticmethod
     def _combine(spec: GroupedTensor, pieces: list[Expr]) -> Expr:
-        oriented = [Transpose(p) if spec.turned else p for p in pieces]
+        oriented = [Transpose(p) for p in pieces] if spec.turned else pieces
         if len(oriented) == 1:
             return oriented[0]
         return Concat(tuple(oriented), dim=spec.out_dim - 1, interleave=spec.interleaved)
