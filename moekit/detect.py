@@ -36,11 +36,9 @@ def detect_layout(tensors: Mapping[str, TensorMeta], family: Family,
     if recorded:
         return layout_named(recorded)
     in_experts = _in_experts(tensors, family)
-    sample = {key: tensors[key] for key in in_experts}
-    scores = {name: _recognised(layout, sample, family) for name, layout in BY_KEYS.items()}
-    best = max(scores, key=lambda name: scores[name])
-    if max(scores[best]) > 0:
-        return BY_KEYS[best]
+    best, score = _best_layout({key: tensors[key] for key in in_experts}, family)
+    if max(score) > 0:
+        return best
     if in_experts:
         raise MoekitError(
             f"cannot detect the expert layout of {label}: tensors such as "
@@ -105,6 +103,22 @@ def _in_experts(tensors: Mapping[str, TensorMeta], family: Family, limit: int = 
             if len(found) == limit:
                 break
     return found
+
+
+def _best_layout(sample: Mapping[str, TensorMeta], family: Family
+                 ) -> tuple[Layout, tuple[int, int]]:
+    """The layout that recognises the most of ``sample`` (``_recognised``; the first of
+    ``BY_KEYS`` where several do) and its score. A layout that reads every key of the
+    sample cleanly scores (len(sample), 0), which no later layout can beat (a layout
+    claims only keys of the sample, and finds a tensor misshapen only with a problem
+    reported), so the layouts after it are not tried."""
+    scores: dict[str, tuple[int, int]] = {}
+    for name, layout in BY_KEYS.items():
+        scores[name] = _recognised(layout, sample, family)
+        if scores[name] == (len(sample), 0):
+            break
+    best = max(scores, key=lambda name: scores[name])
+    return BY_KEYS[best], scores[best]
 
 
 def _recognised(layout: Layout, tensors: Mapping[str, TensorMeta], family: Family

@@ -25,7 +25,11 @@ non-ASCII digits) or not a number at all is found and reported
 (``ParsedExperts.numbers``) rather than read as another key's number or passed through
 as if it were no expert tensor."""
 MAX_DIGITS = 9
-_CANONICAL = re.compile(r"0|[1-9][0-9]{0,%d}" % (MAX_DIGITS - 1), re.ASCII)
+CANONICAL_NUMBER = r"(?:0|[1-9][0-9]{0,%d})" % (MAX_DIGITS - 1)
+"""A layer or expert number written canonically (``is_canonical``), as a pattern: key
+patterns built with it in place of ``NUMBER`` read the keys of a well-named checkpoint
+without a check of each number, leaving the others to the patterns that report them."""
+_CANONICAL = re.compile(CANONICAL_NUMBER, re.ASCII)
 
 
 def is_canonical(number: str) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 from ..plan import Read, TensorPlan
-from .base import NUMBER, ExpertBlock, Layout, ParsedExperts, TensorMeta
+from .base import CANONICAL_NUMBER, NUMBER, ExpertBlock, Layout, ParsedExperts, TensorMeta
 from .families import Family
 from .grouped import TRANSFORMERS, GroupedLayout, GroupedTensor, with_scales
 
@@ -47,13 +47,25 @@ class PerExpertLayout(Layout):
         return self.on_disk.emit_none(block, family) if family.grouped_on_disk else []
 
     def parse(self, tensors: dict[str, TensorMeta], family: Family) -> ParsedExperts:
+        """The per-expert weights (``_key_pattern``), each a whole read. A key whose numbers
+        are canonical is read at once (``CANONICAL_NUMBER``); any other inside the experts
+        module is claimed and reported, or passed over where it names no expert's weight
+        (``Family.in_experts``)."""
         if family.grouped_on_disk:
             return self.on_disk.parse(tensors, family)
         parsed = ParsedExperts()
+        canonical = self._key_pattern(family, CANONICAL_NUMBER)
         pattern = self._key_pattern(family)
         by_name = {family.piece_key(piece): piece for piece in family.all_pieces}
         region = self.expert_region(family)
         for key, meta in tensors.items():
+            match = canonical.match(key)
+            if match:
+                layer, expert, name = match.group("layer", "expert", "piece")
+                parsed.claimed.add(key)
+                _add_piece(parsed.block(int(layer), family), (by_name[name], int(expert)),
+                           key, meta)
+                continue
             match = pattern.match(key) or region.match(key)
             if not match or key[match.end():] in family.in_experts:
                 continue
@@ -65,10 +77,8 @@ class PerExpertLayout(Layout):
                     f"{key} is not an expert weight of the {family.name} HF layout (is "
                     "the source layout right?)")))
                 continue
-            block = parsed.block(numbers["layer"], family)
-            piece = (by_name[match["piece"]], numbers["expert"])
-            block.pieces[piece] = Read.whole(key, meta)
-            block.names[piece] = key
+            _add_piece(parsed.block(numbers["layer"], family),
+                       (by_name[match["piece"]], numbers["expert"]), key, meta)
         return parsed
 
     def emit(self, block: ExpertBlock, n_experts: int, family: Family) -> list[TensorPlan]:
@@ -79,7 +89,14 @@ class PerExpertLayout(Layout):
                 if (piece, e) in block.pieces]
 
     @staticmethod
-    def _key_pattern(family: Family) -> re.Pattern[str]:
-        block = re.escape(family.block).replace(r"\{layer\}", f"(?P<layer>{NUMBER})")
+    def _key_pattern(family: Family, number: str = NUMBER) -> re.Pattern[str]:
+        """Per-expert weight keys of ``family``, their layer and expert numbers ``number``."""
+        block = re.escape(family.block).replace(r"\{layer\}", f"(?P<layer>{number})")
         names = "|".join(re.escape(family.piece_key(piece)) for piece in family.all_pieces)
-        return re.compile(f"^{block}\\.experts\\.(?P<expert>{NUMBER})\\.(?P<piece>{names})\\Z")
+        return re.compile(f"^{block}\\.experts\\.(?P<expert>{number})\\.(?P<piece>{names})\\Z")
+
+
+def _add_piece(block: ExpertBlock, piece: tuple[str, int], key: str, meta: TensorMeta) -> None:
+    """Read the whole tensor ``key`` as ``piece`` (projection, expert) of ``block``."""
+    block.pieces[piece] = Read.whole(key, meta)
+    block.names[piece] = key
