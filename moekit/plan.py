@@ -46,9 +46,10 @@ class Read:
         return not self.region
 
     @property
-    def ident(self) -> tuple[str, str]:
-        """A hashable identity (slices are not hashable before Python 3.12)."""
-        return self.key, repr(self.region) if self.region else ""
+    def ident(self) -> str | tuple[str, str]:
+        """A hashable identity: the key of a whole tensor, else the key and the region
+        (slices are not hashable before Python 3.12)."""
+        return (self.key, repr(self.region)) if self.region else self.key
 
 
 class TensorMeta(Protocol):

@@ -75,10 +75,8 @@ class FileSource:
         no one location: it is refused naming it."""
         info = self.checkpoint.tensors[key]
         if info.chunks:
-            raise MoekitError(f"{printable(key)} is saved in {len(info.chunks)} row chunks (an "
-                              "expert-parallel DCP save), which moekit reads on the CPU only: "
-                              "load it on the CPU, or convert the folder first")
-        return self._fd(info.file), info.offset
+            raise chunked_error(info)
+        return self.descriptor(info.file), info.offset
 
     def byte_range(self, region: Read) -> tuple[int, int, int] | None:
         """``(fd, offset, size)`` of the bytes a region covers, when they are contiguous in
@@ -100,13 +98,14 @@ class FileSource:
             n = math.prod(run.shape)
             low, high = max(first, at), min(first + count, at + n)
             if low < high:
-                out.append((self._fd(run.file), run.offset + (low - at) * item,
+                out.append((self.descriptor(run.file), run.offset + (low - at) * item,
                             (high - low) * item, run.file))
             at += n
         return out
 
-    def _fd(self, file: str) -> int:
-        """The open descriptor of ``file``, opened on first use."""
+    def descriptor(self, file: str) -> int:
+        """The open descriptor of the checkpoint's ``file``, opened on first use and refused
+        when it is no longer the file whose header was read."""
         fd = self._fds.get(file)
         if fd is None:
             fd = self._fds[file] = self._open(file)
@@ -134,6 +133,14 @@ class FileSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def chunked_error(info: TensorInfo) -> MoekitError:
+    """The refusal of a tensor saved in row chunks where one location is needed (a reader
+    of byte ranges, or a kernel copy)."""
+    return MoekitError(f"{printable(info.key)} is saved in {len(info.chunks)} row chunks (an "
+                       "expert-parallel DCP save), which moekit reads on the CPU only: load it "
+                       "on the CPU, or convert the folder first")
 
 
 def _read_exactly(fd: int, view: memoryview, offset: int, path: Path, key: str) -> None:

@@ -119,7 +119,7 @@ def test_a_load_that_cannot_fit_on_the_gpu_is_refused_before_reading(family_chec
                                           r".* is free there.*load_experts"):
         load_to_device(plan, checkpoint, "cuda")
     room["free"] = 2 * plan.total_bytes + 1000  # the sample is one batch: staged once
-    batches = device._batches(plan.tensors, device.BATCH_BYTES)
+    batches = [device._lay_out(0, plan.tensors, checkpoint, device.CHUNK_BYTES)]
     device._check_room(plan, torch.device("cuda"), batches, device.SLOTS)
     room["free"] -= 2000
     with pytest.raises(MoekitError):

@@ -18,6 +18,7 @@ CI, without a GPU, tests it.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import queue
@@ -32,13 +33,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..checkpoint import Checkpoint
-from ..dtypes import itemsize, to_torch
+from ..checkpoint import Checkpoint, TensorInfo
+from ..dtypes import ITEMSIZES, itemsize, to_torch
 from ..errors import MoekitError
 from ..gc_pauses import ScopedSetting
 from ..plan import Plan, Read, TensorPlan, nbytes, reads
 from ..sizes import format_size
-from ..sources import FileSource
+from ..sources import FileSource, chunked_error
 from .evaluate import fill
 from .memory import run_plan
 
@@ -171,20 +172,13 @@ def pin_ahead(device: torch.device | str | None) -> PinnedBuffers | None:
     return PinnedBuffers()
 
 
-@dataclass
-class _Leaf:
-    """One source region of a recipe: the rows of its source tensor that cover it (the
-    bytes ``[start, start + size)`` of ``file``), staged at ``offset``, and the index that
-    remains to apply to those rows."""
-
-    file: str
-    fd: int
-    start: int
-    size: int
-    offset: int
-    shape: tuple[int, ...]
-    dtype: str
-    rest: tuple
+_Leaf = list
+"""One source region of a batch, as the rows of its source tensor that cover it: [file,
+first byte, bytes, its rank among the batch's regions, the rows' shape, dtype, the index
+that remains to apply to those rows, where the rows are staged (a byte offset, set when
+the batch is laid out)]. A list, not a class: a load lays out thousands, and lists in
+this order sort by file and byte (then rank: no two are equal), the order in which they
+are staged."""
 
 
 def read_plan(plan: Plan, checkpoint: Checkpoint, device: torch.device | str | None = None,
@@ -210,8 +204,11 @@ def read_plan(plan: Plan, checkpoint: Checkpoint, device: torch.device | str | N
 
 
 def _reads_chunks(plan: Plan, checkpoint: Checkpoint) -> bool:
-    """True when a recipe of ``plan`` reads a tensor saved in row chunks."""
-    return any(checkpoint.tensors[r.key].chunks for t in plan.tensors for r in reads(t.recipe))
+    """True when a recipe of ``plan`` reads a tensor saved in row chunks (the recipes are
+    walked only for a checkpoint that holds one)."""
+    infos = checkpoint.tensors
+    return any(info.chunks for info in infos.values()) and any(
+        infos[r.key].chunks for t in plan.tensors for r in reads(t.recipe))
 
 
 def _to(value: torch.Tensor, device: torch.device | str,
@@ -229,27 +226,31 @@ def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | st
     """Every tensor of ``plan`` on ``device``, read from ``checkpoint``'s files.
     ``wrap_experts`` is applied to the routed-expert tensors (e.g. to make DTensors);
     ``pinned`` hands the readers their buffers (``pin_ahead``), else each pins its own; the
-    other arguments tune the readers and staging (see READERS, CHUNK_BYTES, ...)."""
+    other arguments tune the readers and staging (see READERS, CHUNK_BYTES, ...).
+
+    Every batch is laid out (from the headers: the reads of each recipe listed once, in a
+    few Python operations per source region) before the first byte is read, which is how
+    the staging a load needs is known before it starts."""
     device = torch.device(device)
-    batches = _batches(plan.tensors, batch_bytes)
+    batches = [_lay_out(index, tensors, checkpoint, chunk_bytes)
+               for index, tensors in enumerate(_batches(plan.tensors, batch_bytes))]
     if device.type == "cuda":
         _check_room(plan, device, batches, slots)
     if pinned is not None and (pinned.pairs, pinned.buffer_bytes) != (readers, buffer_bytes):
         pinned = None  # pinned for other readers: each reader pins its own
-    with PROMPT_HANDOFFS.scope(), _Reader(checkpoint, device, readers, chunk_bytes,
-                                     slots, buffer_bytes, pinned) as reader:
+    with PROMPT_HANDOFFS.scope(), _Reader(checkpoint, device, readers, slots, buffer_bytes,
+                                     pinned) as reader:
         out = reader.run(batches)
     if wrap_experts is not None:
         out = {k: wrap_experts(v) if k in plan.expert_tensors else v for k, v in out.items()}
     return out
 
 
-def _check_room(plan: Plan, device: torch.device, batches: list[list[TensorPlan]],
-                slots: int) -> None:
+def _check_room(plan: Plan, device: torch.device, batches: list[_Batch], slots: int) -> None:
     """Refuse, before reading anything, a load that cannot fit on the device: its tensors
-    plus the ``slots`` largest of its staging ``batches`` (the bytes of their source
-    regions) against the memory free there, counting what PyTorch holds cached but unused."""
-    sizes = sorted((_source_bytes(batch) for batch in batches), reverse=True)
+    plus the ``slots`` largest staging buffers of its ``batches`` against the memory free
+    there, counting what PyTorch holds cached but unused."""
+    sizes = sorted((batch.size for batch in batches), reverse=True)
     staging = sum(sizes[:slots])
     free = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
             - torch.cuda.memory_allocated(device))
@@ -261,12 +262,6 @@ def _check_room(plan: Plan, device: torch.device, batches: list[list[TensorPlan]
             "share of the experts per GPU (moekit.load_experts with expert parallelism)")
 
 
-def _source_bytes(tensors: list[TensorPlan]) -> int:
-    """Bytes of the distinct source regions the tensors' recipes read."""
-    regions = {read.ident: read for tensor in tensors for read in reads(tensor.recipe)}
-    return sum(nbytes(read.shape, read.dtype) for read in regions.values())
-
-
 PROMPT_HANDOFFS = ScopedSetting(sys.getswitchinterval, sys.setswitchinterval,
                                 lambda saved: min(saved, SWITCH_INTERVAL))
 """The GIL switch interval, at most SWITCH_INTERVAL while loads run."""
@@ -274,15 +269,15 @@ PROMPT_HANDOFFS = ScopedSetting(sys.getswitchinterval, sys.setswitchinterval,
 
 @dataclass
 class _Batch:
-    """Tensors staged together: their source regions (by read identity), where each lies
-    in the staging buffer, and the reads that fill it (leaf, file offset, buffer offset,
-    size). Once submitted: the staging buffer, on CUDA the event after which it may be
-    written, and the reads' futures."""
+    """Tensors staged together: their source regions (by read identity), laid out in the
+    staging buffer, the reads that fill it (file, file offset, buffer offset, size) and its
+    size. Once submitted: the staging buffer, on CUDA the event after which it may
+    be written, and the reads' futures."""
 
     index: int
     tensors: list[TensorPlan]
-    leaves: dict[tuple, _Leaf]
-    jobs: list[tuple[_Leaf, int, int, int]]
+    leaves: dict[str | tuple, _Leaf]
+    jobs: list[tuple[str, int, int, int]]
     size: int
     staging: torch.Tensor | None = None
     writable: torch.cuda.Event | None = None
@@ -293,23 +288,21 @@ class _Reader:
     """Reader threads, their buffers and streams, and the batches in flight. Files are
     located (opened, header offsets read) by the main thread; readers only ``pread``.
 
-    The main thread lays out a batch, gives it a staging buffer and queues its reads, up
-    to ``slots`` batches ahead of the one it evaluates; a batch's buffer is released once
+    The main thread gives a batch (laid out, ``_lay_out``) a staging buffer and queues its
+    reads, up to ``slots`` batches ahead of the one it evaluates; a batch's buffer is released once
     its evaluation is queued, and the next batch's buffer is allocated after it, on the
     same stream, so that device memory stays at ``slots`` batches. Readers never wait for
     the main thread: their copies into a new buffer are ordered on the GPU after the event
     recorded at its allocation."""
 
     def __init__(self, checkpoint: Checkpoint, device: torch.device, readers: int,
-                 chunk_bytes: int, slots: int = SLOTS, buffer_bytes: int = BUFFER_BYTES,
+                 slots: int = SLOTS, buffer_bytes: int = BUFFER_BYTES,
                  pinned: PinnedBuffers | None = None) -> None:
-        self.checkpoint = checkpoint
         self.pinned = pinned
         self.files = FileSource(checkpoint)
         self.slots = slots
         self.device = device
         self.cuda = device.type == "cuda"
-        self.chunk_bytes = chunk_bytes
         self.buffer_bytes = buffer_bytes
         self.pool = ThreadPoolExecutor(readers, thread_name_prefix="moekit-read")
         self.local = threading.local()
@@ -328,8 +321,8 @@ class _Reader:
             PAGE_LOCKED.give_back(self.handed)
         self.files.close()
 
-    def run(self, batches: list[list[TensorPlan]]) -> dict[str, torch.Tensor]:
-        """The tensors of ``batches`` (consecutive groups of a plan's tensors)."""
+    def run(self, batches: list[_Batch]) -> dict[str, torch.Tensor]:
+        """The tensors of ``batches`` (consecutive groups of a plan's tensors, laid out)."""
         if self.compute is not None:
             # The tensors are allocated on the caller's stream, as any torch op's are: once
             # the caller frees them, the caching allocator reuses their memory in order
@@ -340,34 +333,16 @@ class _Reader:
             self.compute.wait_stream(torch.cuda.current_stream(self.device))
         out: dict[str, torch.Tensor] = {}
         in_flight: deque[_Batch] = deque()
-        for index, tensors in enumerate(batches):
+        for batch in batches:
             if len(in_flight) == self.slots:
                 out.update(self._finish(in_flight.popleft()))
-            in_flight.append(self._submit(self._stage(index, tensors)))
+            in_flight.append(self._submit(batch))
         while in_flight:
             out.update(self._finish(in_flight.popleft()))
         if self.compute is not None:
             self.compute.synchronize()
         self.files.check_unchanged()
         return out
-
-    def _stage(self, index: int, tensors: list[TensorPlan]) -> _Batch:
-        """Lay out the batch's source regions in a staging buffer (regions adjacent in a
-        file stay adjacent, so that they are read as one range) and list the reads."""
-        leaves: dict[tuple, _Leaf] = {}
-        for tensor in tensors:
-            for read in reads(tensor.recipe):
-                ident = read.ident
-                if ident not in leaves:
-                    leaves[ident] = self._leaf(read)
-        offset, jobs = 0, []
-        for run in _runs(list(leaves.values())):
-            for leaf in run.leaves:
-                leaf.offset = offset + leaf.start - run.start
-            jobs += [(run.leaves[0], start, offset + start - run.start, end - start)
-                     for start, end in _chunks(run.start, run.end, self.chunk_bytes)]
-            offset += -(-(run.end - run.start) // ALIGN) * ALIGN
-        return _Batch(index, tensors, leaves, jobs, offset)
 
     def _submit(self, batch: _Batch) -> _Batch:
         """Allocate the batch's staging buffer (on the compute stream, after the
@@ -378,7 +353,9 @@ class _Reader:
             if self.compute is not None:
                 batch.writable = torch.cuda.Event()
                 batch.writable.record(self.compute)
-        batch.futures = [self.pool.submit(self._copy, batch, *job) for job in batch.jobs]
+        batch.futures = [self.pool.submit(self._copy, batch, self.files.descriptor(file), file,
+                                          start, offset, size)
+                         for file, start, offset, size in batch.jobs]
         return batch
 
     def _finish(self, batch: _Batch) -> dict[str, torch.Tensor]:
@@ -389,18 +366,9 @@ class _Reader:
         batch.futures.clear()
         return out
 
-    def _leaf(self, read: Read) -> _Leaf:
-        info = self.checkpoint.tensors[read.key]
-        fd, begin = self.files.location(read.key)
-        row_bytes = nbytes(info.shape[1:], info.dtype) if info.shape else itemsize(info.dtype)
-        first, rows, rest = _rows(read.region, info.shape[0] if info.shape else 1)
-        shape = (rows, *info.shape[1:]) if info.shape else ()
-        return _Leaf(info.file, fd, begin + first * row_bytes, rows * row_bytes, 0, shape,
-                     info.dtype, rest)
-
-    def _copy(self, batch: _Batch, leaf: _Leaf, start: int, offset: int, size: int):
-        """Copy ``size`` bytes at ``start`` of the leaf's file into the batch's staging
-        buffer at ``offset``. On CUDA, the bytes go through this thread's two pinned
+    def _copy(self, batch: _Batch, fd: int, file: str, start: int, offset: int, size: int):
+        """Copy ``size`` bytes at ``start`` of ``file`` (open as ``fd``) into the batch's
+        staging buffer at ``offset``. On CUDA, the bytes go through this thread's two pinned
         buffers in turn: read into one (once its previous copy is done) while the other
         is copied to the device, asynchronously on this thread's stream, after the staging
         buffer is writable; return (this thread's stream, the last copy's event).
@@ -415,7 +383,7 @@ class _Reader:
             return None
         staging = batch.staging[offset:offset + size]
         if not self.cuda:
-            _read_into(leaf.fd, start, memoryview(staging.numpy()), leaf.file)
+            _read_into(fd, start, memoryview(staging.numpy()), file)
             return None
         local = self._local()
         if local.batch < batch.index:
@@ -426,7 +394,7 @@ class _Reader:
             turn = local.turn = 1 - local.turn
             event = local.events[turn]
             event.synchronize()
-            _read_into(leaf.fd, start + done, local.views[turn][:n], leaf.file)
+            _read_into(fd, start + done, local.views[turn][:n], file)
             staging[done:done + n].copy_(local.buffers[turn][:n], non_blocking=True)
             event.record(local.stream)
         return local.stream, event
@@ -467,33 +435,66 @@ class _Reader:
         return torch.cuda.stream(self.compute) if self.compute is not None else nullcontext()
 
 
-@dataclass
-class _Run:
-    """Source regions that lie next to each other in one file: read as one byte range."""
-
-    file: str
-    start: int
-    end: int
-    leaves: list[_Leaf]
-
-
 def _chunks(start: int, end: int, size: int) -> list[tuple[int, int]]:
     """``[start, end)`` cut at the file offsets that are multiples of ``size``."""
     cuts = [start, *range((start // size + 1) * size, end, size), end]
     return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
-def _runs(leaves: list[_Leaf]) -> list[_Run]:
-    """Group leaves into maximal runs of touching or overlapping byte ranges."""
-    runs: list[_Run] = []
-    for leaf in sorted(leaves, key=lambda x: (x.file, x.start)):
-        last = runs[-1] if runs else None
-        if last is not None and last.file == leaf.file and leaf.start <= last.end:
-            last.end = max(last.end, leaf.start + leaf.size)
-            last.leaves.append(leaf)
-        else:
-            runs.append(_Run(leaf.file, leaf.start, leaf.start + leaf.size, [leaf]))
-    return runs
+def _lay_out(index: int, tensors: list[TensorPlan], checkpoint: Checkpoint,
+             chunk_bytes: int) -> _Batch:
+    """The batch of ``tensors``: their distinct source regions laid out in a staging buffer
+    in file order, regions that touch or overlap in a file kept together as one run (read
+    as one byte range, in jobs cut at ``chunk_bytes``), each run aligned to ALIGN bytes."""
+    leaves = _leaves(tensors, checkpoint)
+    jobs: list[tuple[str, int, int, int]] = []
+    size, run_file, run_start, run_end = 0, "", 0, 0
+    for leaf in sorted(leaves.values()):
+        file, start, end = leaf[0], leaf[1], leaf[1] + leaf[2]
+        if file != run_file or start > run_end:
+            size = _queue_run(jobs, run_file, run_start, run_end, size, chunk_bytes)
+            run_file, run_start, run_end = file, start, end
+        elif end > run_end:
+            run_end = end
+        leaf[7] = size + start - run_start
+    size = _queue_run(jobs, run_file, run_start, run_end, size, chunk_bytes)
+    return _Batch(index, tensors, leaves, jobs, size)
+
+
+def _queue_run(jobs: list[tuple[str, int, int, int]], file: str, start: int, end: int,
+               offset: int, chunk_bytes: int) -> int:
+    """Add the reads of bytes ``[start, end)`` of ``file``, staged from ``offset``, to
+    ``jobs``; the staging offset of the next run."""
+    jobs += [(file, a, offset + a - start, b - a) for a, b in _chunks(start, end, chunk_bytes)]
+    return offset + -(-(end - start) // ALIGN) * ALIGN
+
+
+def _leaves(tensors: list[TensorPlan], checkpoint: Checkpoint) -> dict[str | tuple, _Leaf]:
+    """The distinct source regions the tensors' recipes read, by read identity (each
+    recipe walked once); a whole tensor, which most are, is its header's entry."""
+    infos = checkpoint.tensors
+    found: dict[str | tuple, _Leaf] = {}
+    for tensor in tensors:
+        for read in reads(tensor.recipe):
+            ident = read.ident
+            if ident in found:
+                continue
+            info = infos[read.key]
+            if info.chunks:
+                raise chunked_error(info)
+            found[ident] = _rows_leaf(read, len(found), info) if read.region else [
+                info.file, info.offset, math.prod(info.shape) * ITEMSIZES[info.dtype],
+                len(found), info.shape, info.dtype, (), 0]
+    return found
+
+
+def _rows_leaf(read: Read, rank: int, info: TensorInfo) -> _Leaf:
+    """The rows of ``info``'s tensor that cover ``read`` (a region of it, the batch's
+    region number ``rank``)."""
+    row_bytes = nbytes(info.shape[1:], info.dtype)
+    first, rows, rest = _rows(read.region, info.shape[0])
+    return [info.file, info.offset + first * row_bytes, rows * row_bytes, rank,
+            (rows, *info.shape[1:]), info.dtype, rest, 0]
 
 
 def _batches(tensors: list[TensorPlan], batch_bytes: int) -> list[list[TensorPlan]]:
@@ -520,29 +521,38 @@ _LAYER = re.compile(r"(^|\.)layers\.\d+\.")
 class _StagedSource:
     """Serves a recipe's reads as views of the staging buffer."""
 
-    def __init__(self, staging: torch.Tensor, leaves: dict[tuple, _Leaf]) -> None:
+    def __init__(self, staging: torch.Tensor, leaves: dict[str | tuple, _Leaf]) -> None:
         self.staging = staging
         self.leaves = leaves
         self.typed: dict[str, torch.Tensor] = {}
 
-    def locate(self, region: Read) -> tuple[torch.Tensor, int, tuple[int, ...]] | None:
-        """Where a whole-rows region lies: (the staging buffer as its dtype, element
-        offset, shape), so that a stack of them is gathered without a view per part."""
-        leaf = self.leaves[region.ident]
-        size = itemsize(leaf.dtype)
-        if leaf.rest or leaf.offset % size:
-            return None
-        if leaf.dtype not in self.typed:
-            self.typed[leaf.dtype] = self.staging.view(to_torch(leaf.dtype))
-        return self.typed[leaf.dtype], leaf.offset // size, leaf.shape
+    def locate(self, regions: list[Read]
+               ) -> tuple[torch.Tensor, list[int], tuple[int, ...]] | None:
+        """Where equally shaped regions of whole rows of one dtype lie: (the staging buffer
+        as their dtype, each one's element offset, their shape), so that a stack of them is
+        gathered without a view per part; None for other regions."""
+        leaves = self.leaves
+        first = leaves[regions[0].ident]
+        shape, dtype = first[4], first[5]
+        size = itemsize(dtype)
+        starts = []
+        for region in regions:
+            _, _, _, _, other, kind, rest, offset = leaves[region.ident]
+            if rest or offset % size or other != shape or kind != dtype:
+                return None
+            starts.append(offset // size)
+        typed = self.typed.get(dtype)
+        if typed is None:
+            typed = self.typed[dtype] = self.staging.view(to_torch(dtype))
+        return typed, starts, shape
 
     def read(self, region: Read) -> torch.Tensor:
-        leaf = self.leaves[region.ident]
-        raw = self.staging[leaf.offset:leaf.offset + leaf.size]
-        if leaf.offset % itemsize(leaf.dtype):
+        _, _, size, _, shape, dtype, rest, offset = self.leaves[region.ident]
+        raw = self.staging[offset:offset + size]
+        if offset % itemsize(dtype):
             raw = raw.clone()
-        tensor = raw.view(to_torch(leaf.dtype)).view(leaf.shape)
-        return tensor[leaf.rest] if leaf.rest else tensor
+        tensor = raw.view(to_torch(dtype)).view(shape)
+        return tensor[rest] if rest else tensor
 
 
 def _rows(region: tuple, length: int) -> tuple[int, int, tuple]:

@@ -139,34 +139,65 @@ def _fill_reshape(expr: Reshape, out: torch.Tensor, source: TensorSource) -> Non
 
 
 def _fill_stack(expr: Stack, out: torch.Tensor, source: TensorSource) -> None:
-    """Stack the parts into ``out``. A stack of equally built concatenations is filled one
-    concatenated piece at a time (``out[:, ..., piece k]``), and a stack of (transposed)
-    regions of one staging buffer is gathered in one kernel rather than one copy per
-    expert."""
+    """Stack the parts into ``out``. A stack of (transposed) regions of one staging buffer
+    is gathered in one kernel rather than one copy per expert, and a stack of equally built
+    concatenations one concatenated piece at a time (``out[:, ..., piece k]``): gathered
+    likewise, or else filled piece by piece."""
     parts = expr.parts
     first = parts[0]
-    if isinstance(first, Concat) and all(_same_concat(first, p) for p in parts):
-        dim = first.dim % len(first.shape)
-        offset = 0
-        for k, piece in enumerate(first.parts):
-            size = piece.shape[dim]
-            index = slice(k, None, len(first.parts)) if first.interleave else \
-                slice(offset, offset + size)
-            fill(Stack(tuple(p.parts[k] for p in parts)), out[(slice(None),) * (dim + 1) + (index,)],
-                 source)
-            offset += size
-        return
-    gathered = _gather(parts, source)
-    if gathered is not None:
-        out.copy_(gathered)
-        return
-    for i, part in enumerate(parts):
-        fill(part, out[i], source)
+    if isinstance(first, Concat) and _alike_concats(first, parts):
+        columns = list(zip(*(part.parts for part in parts)))  # piece k of every part
+        views = _piece_views(first, out)
+        if _gather_into(columns, views, source):
+            return
+        if _equal_concats(first, parts):
+            for column, view in zip(columns, views):
+                fill(Stack(column), view, source)
+            return
+    if not _gather_into([parts], [out], source):
+        for i, part in enumerate(parts):
+            fill(part, out[i], source)
 
 
-def _same_concat(a: Concat, b: Expr) -> bool:
-    return (isinstance(b, Concat) and b.dim == a.dim and b.interleave == a.interleave
-            and [p.shape for p in b.parts] == [p.shape for p in a.parts])
+def _alike_concats(first: Concat, parts: tuple[Expr, ...]) -> bool:
+    """True when every part is a concatenation of as many pieces as ``first``, along the
+    same dimension, interleaved or not alike."""
+    dim, interleave, count = first.dim, first.interleave, len(first.parts)
+    return all(isinstance(part, Concat) and part.dim == dim and part.interleave == interleave
+               and len(part.parts) == count for part in parts)
+
+
+def _equal_concats(first: Concat, parts: tuple[Expr, ...]) -> bool:
+    """True when the pieces of every part (concatenations alike, ``_alike_concats``) have
+    the shapes of ``first``'s."""
+    shapes = [piece.shape for piece in first.parts]
+    return all([piece.shape for piece in part.parts] == shapes for part in parts)
+
+
+def _piece_views(first: Concat, out: torch.Tensor) -> list[torch.Tensor]:
+    """The views ``out[:, ..., piece k]`` of a stack of concatenations built as ``first``."""
+    dim = first.dim % len(first.shape)
+    views, offset, count = [], 0, len(first.parts)
+    for k, piece in enumerate(first.parts):
+        size = piece.shape[dim]
+        index = slice(k, None, count) if first.interleave else slice(offset, offset + size)
+        views.append(out[(slice(None),) * (dim + 1) + (index,)])
+        offset += size
+    return views
+
+
+def _gather_into(stacks: list[tuple[Expr, ...]], outs: list[torch.Tensor],
+                 source: TensorSource) -> bool:
+    """Fill each of ``outs`` with its stack of parts gathered from the source's buffer
+    (``_gather``) when every stack can be; else fill nothing and return False."""
+    if not isinstance(source, LocatingSource):
+        return False
+    gathered = [_gather(parts, source) for parts in stacks]
+    if any(found is None for found in gathered):
+        return False
+    for (stacked, read), out in zip(gathered, outs):
+        out.copy_(_checked(stacked, read, out))
+    return True
 
 
 @runtime_checkable
@@ -177,30 +208,34 @@ class LocatingSource(Protocol):
     def read(self, region: Read) -> torch.Tensor:
         """The region, as a view of the buffer."""
 
-    def locate(self, region: Read) -> tuple[torch.Tensor, int, tuple[int, ...]] | None:
-        """(the buffer as the region's dtype, element offset, shape) of a region of whole
-        rows; None for another region."""
+    def locate(self, regions: list[Read]
+               ) -> tuple[torch.Tensor, list[int], tuple[int, ...]] | None:
+        """(the buffer as the regions' dtype, each one's element offset, their shape) of
+        equally shaped regions of whole rows of one dtype; None for other regions."""
 
 
-def _gather(parts: tuple[Expr, ...], source: TensorSource) -> torch.Tensor | None:
+def _gather(parts: tuple[Expr, ...], source: LocatingSource
+            ) -> tuple[torch.Tensor, Read] | None:
     """Stacked parts that are all reads (or all transposed reads) of equally shaped
-    regions of one buffer, as one view of it when they lie at a constant stride (a layer's
-    experts usually do) or else gathered by one ``index_select`` over a sliding-window
-    view, when the source can say where they lie (a ``LocatingSource``); else None."""
-    transposed = isinstance(parts[0], Transpose)
-    leaves = [p.part if isinstance(p, Transpose) else p for p in parts]
-    if not isinstance(source, LocatingSource) or not all(
-            isinstance(p, Transpose) == transposed and isinstance(leaf, Read)
-            for p, leaf in zip(parts, leaves)):
+    regions of the source's buffer, as one view of it when they lie at a constant stride
+    (a layer's experts usually do) or else gathered by one ``index_select`` over a
+    sliding-window view, with the first read (to name it); None for other parts."""
+    kinds = {type(part) for part in parts}
+    if kinds == {Transpose}:
+        regions = [part.part for part in parts]
+        if {type(region) for region in regions} != {Read}:
+            return None
+    elif kinds == {Read}:
+        regions = list(parts)
+    else:
         return None
-    spots = [source.locate(leaf) for leaf in leaves]
-    if any(spot is None for spot in spots):
+    spots = source.locate(regions)
+    if spots is None:
         return None
-    base, _, shape = spots[0]
-    if any(spot[0] is not base or spot[2] != shape for spot in spots):
-        return None
-    stacked = stacked_regions(base, [spot[1] for spot in spots], shape)
-    return stacked.transpose(-2, -1) if transposed else stacked
+    stacked = stacked_regions(*spots)
+    if kinds == {Transpose}:
+        stacked = stacked.transpose(-2, -1)
+    return stacked, regions[0]
 
 
 def stacked_regions(base: torch.Tensor, starts: list[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -300,7 +335,7 @@ class KeepingStatistics:
 
     def __init__(self, source: TensorSource) -> None:
         self.source = source
-        self._known: dict[tuple[str, str], tuple[float, float]] = {}
+        self._known: dict[str | tuple[str, str], tuple[float, float]] = {}
 
     def read(self, region: Read) -> torch.Tensor:
         return self.source.read(region)
