@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from .checkpoint import TensorInfo
@@ -101,7 +102,7 @@ def inspect(path: str | Path, from_: str | None = None) -> CheckpointInfo:
                           + unread_experts(analysis.settings))
     dtypes: dict[str, int] = defaultdict(int)
     for info in checkpoint.tensors.values():
-        dtypes[info.dtype] += nbytes(info.shape, info.dtype)
+        dtypes[info.dtype] += _nbytes(tuple(info.shape), info.dtype)
     layer_bytes = _layer_bytes(analysis)
     moe = sorted(analysis.blocks)
     first = analysis.blocks[moe[0]] if moe else None
@@ -174,8 +175,13 @@ def _layer_bytes(analysis: Analysis) -> dict[int, int]:
     for key, info in analysis.tensors.items():
         layer = layer_of(key)
         if layer is not None:
-            found[layer] += nbytes(info.shape, info.dtype)
+            found[layer] += _nbytes(tuple(info.shape), info.dtype)
     return dict(found)
+
+
+_nbytes = lru_cache(maxsize=1 << 12)(nbytes)
+"""``nbytes``, cached: the tens of thousands of tensors of a checkpoint have a few hundred
+shapes."""
 
 
 def _shared_size(analysis: Analysis) -> int | None:
