@@ -26,6 +26,7 @@ from moekit.planner import build_plan
 from moekit.sources import FileSource
 
 from .conftest import digest, load_all
+from .test_input_trust import checkpoint, moe_tensors
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -65,6 +66,19 @@ def test_staged_loading_reads_grouped_sources_and_expert_ranges(family_checkpoin
         staged = load_to_device(plan, checkpoint, "cpu", readers=2, chunk_bytes=777,
                                 batch_bytes=3000)
         _assert_same(staged, _reference(checkpoint, plan))
+
+
+@pytest.mark.parametrize("layout", ["nemo", "transformers", "vllm"])
+def test_experts_misaligned_in_their_shard_are_staged_one_by_one(layout, tmp_path):
+    """An odd-sized byte tensor between two experts leaves the second expert's floats at
+    byte offsets no float is aligned to, so its stacks (and their concatenated pieces)
+    cannot be views of the staging buffer: they are copied part by part."""
+    tensors = list(moe_tensors().items())  # embedding, router, expert 0, expert 1
+    src = checkpoint(tmp_path / "model", dict(tensors[:5] + [("model.odd", ("U8", (3,)))]
+                                              + tensors[5:]))
+    checkpoint_, plan = _plan(src, layout)
+    staged = load_to_device(plan, checkpoint_, "cpu", readers=2)
+    _assert_same(staged, _reference(checkpoint_, plan))
 
 
 @pytest.mark.parametrize("starts", [[3, 15, 27, 39], [3, 15, 40, 27], [5]],

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager as ContextManager, nullcontext
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 import torch
 
@@ -174,11 +175,12 @@ def pin_ahead(device: torch.device | str | None) -> PinnedBuffers | None:
 
 _Leaf = list
 """One source region of a batch, as the rows of its source tensor that cover it: [file,
-first byte, bytes, its rank among the batch's regions, the rows' shape, dtype, the index
-that remains to apply to those rows, where the rows are staged (a byte offset, set when
-the batch is laid out)]. A list, not a class: a load lays out thousands, and lists in
-this order sort by file and byte (then rank: no two are equal), the order in which they
-are staged."""
+first byte, bytes, the rows' shape, dtype, the index that remains to apply to those rows,
+where the rows are staged (a byte offset, set when the batch is laid out)]. A list, not a
+class: a load lays out thousands of them."""
+
+_FILE_ORDER = itemgetter(0, 1)
+"""A leaf's file and first byte: the order in which leaves are staged."""
 
 
 def read_plan(plan: Plan, checkpoint: Checkpoint, device: torch.device | str | None = None,
@@ -448,15 +450,15 @@ def _lay_out(index: int, tensors: list[TensorPlan], checkpoint: Checkpoint,
     as one byte range, in jobs cut at ``chunk_bytes``), each run aligned to ALIGN bytes."""
     leaves = _leaves(tensors, checkpoint)
     jobs: list[tuple[str, int, int, int]] = []
-    size, run_file, run_start, run_end = 0, "", 0, 0
-    for leaf in sorted(leaves.values()):
+    size, run_file, run_start, run_end = 0, "", 0, 0  # an empty run, which queues nothing
+    for leaf in sorted(leaves.values(), key=_FILE_ORDER):
         file, start, end = leaf[0], leaf[1], leaf[1] + leaf[2]
         if file != run_file or start > run_end:
             size = _queue_run(jobs, run_file, run_start, run_end, size, chunk_bytes)
             run_file, run_start, run_end = file, start, end
         elif end > run_end:
             run_end = end
-        leaf[7] = size + start - run_start
+        leaf[6] = size + start - run_start
     size = _queue_run(jobs, run_file, run_start, run_end, size, chunk_bytes)
     return _Batch(index, tensors, leaves, jobs, size)
 
@@ -476,25 +478,25 @@ def _leaves(tensors: list[TensorPlan], checkpoint: Checkpoint) -> dict[str | tup
     found: dict[str | tuple, _Leaf] = {}
     for tensor in tensors:
         for read in reads(tensor.recipe):
-            ident = read.ident
+            region = read.region
+            ident = read.ident if region else read.key  # a whole tensor's identity: its key
             if ident in found:
                 continue
             info = infos[read.key]
             if info.chunks:
                 raise chunked_error(info)
-            found[ident] = _rows_leaf(read, len(found), info) if read.region else [
+            found[ident] = _rows_leaf(region, info) if region else [
                 info.file, info.offset, math.prod(info.shape) * ITEMSIZES[info.dtype],
-                len(found), info.shape, info.dtype, (), 0]
+                info.shape, info.dtype, (), 0]
     return found
 
 
-def _rows_leaf(read: Read, rank: int, info: TensorInfo) -> _Leaf:
-    """The rows of ``info``'s tensor that cover ``read`` (a region of it, the batch's
-    region number ``rank``)."""
+def _rows_leaf(region: tuple, info: TensorInfo) -> _Leaf:
+    """The rows of ``info``'s tensor that cover ``region`` of it."""
     row_bytes = nbytes(info.shape[1:], info.dtype)
-    first, rows, rest = _rows(read.region, info.shape[0])
-    return [info.file, info.offset + first * row_bytes, rows * row_bytes, rank,
-            (rows, *info.shape[1:]), info.dtype, rest, 0]
+    first, rows, rest = _rows(region, info.shape[0] if info.shape else 1)
+    return [info.file, info.offset + first * row_bytes, rows * row_bytes,
+            (rows, *info.shape[1:]) if info.shape else (), info.dtype, rest, 0]
 
 
 def _batches(tensors: list[TensorPlan], batch_bytes: int) -> list[list[TensorPlan]]:
@@ -533,11 +535,11 @@ class _StagedSource:
         gathered without a view per part; None for other regions."""
         leaves = self.leaves
         first = leaves[regions[0].ident]
-        shape, dtype = first[4], first[5]
+        shape, dtype = first[3], first[4]
         size = itemsize(dtype)
         starts = []
         for region in regions:
-            _, _, _, _, other, kind, rest, offset = leaves[region.ident]
+            _, _, _, other, kind, rest, offset = leaves[region.ident]
             if rest or offset % size or other != shape or kind != dtype:
                 return None
             starts.append(offset // size)
@@ -547,7 +549,7 @@ class _StagedSource:
         return typed, starts, shape
 
     def read(self, region: Read) -> torch.Tensor:
-        _, _, size, _, shape, dtype, rest, offset = self.leaves[region.ident]
+        _, _, size, shape, dtype, rest, offset = self.leaves[region.ident]
         raw = self.staging[offset:offset + size]
         if offset % itemsize(dtype):
             raw = raw.clone()
