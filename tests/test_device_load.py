@@ -81,6 +81,13 @@ def test_experts_misaligned_in_their_shard_are_staged_one_by_one(layout, tmp_pat
     _assert_same(staged, _reference(checkpoint_, plan))
 
 
+def test_a_batch_of_empty_tensors_is_staged(tmp_path):
+    tensors = {**moe_tensors(), "model.empty": ("F32", (0, 3))}  # read last, on its own
+    checkpoint_, plan = _plan(checkpoint(tmp_path / "model", tensors), "nemo")
+    staged = load_to_device(plan, checkpoint_, "cpu", readers=2, batch_bytes=1)
+    _assert_same(staged, _reference(checkpoint_, plan))
+
+
 @pytest.mark.parametrize("starts", [[3, 15, 27, 39], [3, 15, 40, 27], [5]],
                          ids=["even steps: a view", "uneven: gathered", "one region"])
 def test_regions_of_a_staging_buffer_stack_as_the_regions_do(starts):

@@ -350,7 +350,8 @@ class _Reader:
         """Allocate the batch's staging buffer (on the compute stream, after the
         evaluations queued so far) and queue its reads."""
         with self._on_compute():
-            batch.staging = torch.empty(max(batch.size, 1), dtype=torch.uint8,
+            # Whole ALIGN blocks (even for a batch of empty tensors): viewable as any dtype.
+            batch.staging = torch.empty(max(batch.size, ALIGN), dtype=torch.uint8,
                                         device=self.device)
             if self.compute is not None:
                 batch.writable = torch.cuda.Event()
@@ -479,7 +480,7 @@ def _leaves(tensors: list[TensorPlan], checkpoint: Checkpoint) -> dict[str | tup
     for tensor in tensors:
         for read in reads(tensor.recipe):
             region = read.region
-            ident = read.ident if region else read.key  # a whole tensor's identity: its key
+            ident = read.ident if region else read.key  # (Read.ident, without its call)
             if ident in found:
                 continue
             info = infos[read.key]
@@ -538,23 +539,30 @@ class _StagedSource:
         shape, dtype = first[3], first[4]
         size = itemsize(dtype)
         starts = []
-        for region in regions:
-            _, _, _, other, kind, rest, offset = leaves[region.ident]
+        for region in regions:  # Read.ident, without its call for a whole tensor
+            _, _, _, other, kind, rest, offset = leaves[
+                region.ident if region.region else region.key]
             if rest or offset % size or other != shape or kind != dtype:
                 return None
             starts.append(offset // size)
-        typed = self.typed.get(dtype)
-        if typed is None:
-            typed = self.typed[dtype] = self.staging.view(to_torch(dtype))
-        return typed, starts, shape
+        return self._typed(dtype), starts, shape
 
     def read(self, region: Read) -> torch.Tensor:
         _, _, size, shape, dtype, rest, offset = self.leaves[region.ident]
-        raw = self.staging[offset:offset + size]
-        if offset % itemsize(dtype):
-            raw = raw.clone()
-        tensor = raw.view(to_torch(dtype)).view(shape)
+        item = itemsize(dtype)
+        if offset % item:  # copied to memory aligned for its dtype
+            raw = self.staging[offset:offset + size].clone().view(to_torch(dtype))
+        else:
+            raw = self._typed(dtype)[offset // item:(offset + size) // item]
+        tensor = raw.view(shape)
         return tensor[rest] if rest else tensor
+
+    def _typed(self, dtype: str) -> torch.Tensor:
+        """The staging buffer viewed as ``dtype`` (made once per dtype)."""
+        typed = self.typed.get(dtype)
+        if typed is None:
+            typed = self.typed[dtype] = self.staging.view(to_torch(dtype))
+        return typed
 
 
 def _rows(region: tuple, length: int) -> tuple[int, int, tuple]:
