@@ -1007,9 +1007,12 @@ def _block_problems(block: ExpertBlock, analysis: Analysis, where: Callable[[str
         problems.append(_Problem(f"{plural(len(extra), 'expert')} {compress_ranges(extra)} "
                                  f"beyond the {limit}{_weightless(analysis, extra)}",
                                  block.layer))
-    for group in _expert_groups(block, analysis.family, n_experts):
-        problems += _shape_problems(group, analysis.family, name, where, required)
-    problems += _scale_problems(block, name, analysis.fp8_block, required)
+    groups = _expert_groups(block, analysis.family, n_experts)
+    kinds = [_piece_kinds(group) for group in groups]
+    for group, found in zip(groups, kinds):
+        problems += _shape_problems(group, found, analysis.family, name, where, required)
+    problems += _scale_problems(block, kinds[0] if len(groups) == 1 else _piece_kinds(block),
+                                name, analysis.fp8_block, required)
     if analysis.family.expert_groups:
         problems += _group_part_problems(block, analysis, router_rows)
     else:
@@ -1119,16 +1122,25 @@ def _stored_in(block: ExpertBlock, where: Callable[[str], str | None]) -> tuple[
     return tuple(sorted({f for f in map(where, _source_keys(block)) if f}))
 
 
-def _shape_problems(block: ExpertBlock, family: Family, name: Callable[[str], str],
-                    where: Callable[[str], str | None], required: range) -> list[_Problem]:
-    """Required experts whose shape or dtype differs from the other experts' (the majority),
-    pieces that hold no elements, and gate, up and down that do not fit together."""
-    problems = []
-    expected: dict[str, tuple] = {}
+def _piece_kinds(block: ExpertBlock) -> dict[str, dict[tuple, int]]:
+    """Piece -> each (shape, dtype) the experts of ``block`` hold it in -> how many do, in
+    the order the experts' pieces come: what the shape and scale checks look at each
+    expert for only where a piece comes in several kinds."""
     kinds: dict[str, dict[tuple, int]] = defaultdict(dict)
     for (piece, shape, dtype), count in Counter(
             (piece, tuple(x.shape), x.dtype) for (piece, _), x in block.pieces.items()).items():
         kinds[piece][(shape, dtype)] = count
+    return kinds
+
+
+def _shape_problems(block: ExpertBlock, kinds: Mapping[str, dict[tuple, int]], family: Family,
+                    name: Callable[[str], str], where: Callable[[str], str | None],
+                    required: range) -> list[_Problem]:
+    """Required experts whose shape or dtype differs from the other experts' (the majority),
+    pieces that hold no elements, and gate, up and down that do not fit together
+    (``kinds``: ``_piece_kinds(block)``)."""
+    problems = []
+    expected: dict[str, tuple] = {}
     for proj in family.all_pieces:
         found = kinds.get(proj)
         if not found:
@@ -1172,13 +1184,17 @@ FP8_SCALE_DTYPES = ("F32", "BF16", "F16", "F64")
 in a float8 or integer dtype is a damaged or mislabelled tensor, not a format."""
 
 
-def _scale_problems(block: ExpertBlock, name: Callable[[str], str], block_size: tuple[int, int],
+def _scale_problems(block: ExpertBlock, kinds: Mapping[str, dict[tuple, int]],
+                    name: Callable[[str], str], block_size: tuple[int, int],
                     required: range) -> list[_Problem]:
     """Expert quantisation pieces that do not fit their weight: FP8 scales whose shape is
     not [ceil(out/rows), ceil(in/columns)] or whose dtype is not a float of 16 bits or more
     (a scale that does not cover its weight dequantises to wrong values), and MXFP4 blocks
-    and scales that are not bytes shaped [out, G, 16] and [out, G]."""
-    if not any(piece.endswith((SCALE, MX_BLOCKS)) for piece in _piece_names(block)):
+    and scales that are not bytes shaped [out, G, 16] and [out, G] (``kinds``:
+    ``_piece_kinds(block)``)."""
+    if not any(piece.endswith((SCALE, MX_BLOCKS)) for piece in kinds):
+        return []
+    if _scales_fit(block, kinds, block_size):
         return []
     wrong: dict[str, list[int]] = defaultdict(list)
     for (piece, e), part in block.pieces.items():
@@ -1198,6 +1214,28 @@ def _scale_problems(block: ExpertBlock, name: Callable[[str], str], block_size: 
     return [_Problem(f"{plural(len(experts), 'expert')} {compress_ranges(experts)} "
                      + text.format(verb="is" if len(experts) == 1 else "are"), block.layer)
             for text, experts in wrong.items()]
+
+
+def _scales_fit(block: ExpertBlock, kinds: Mapping[str, dict[tuple, int]],
+                block_size: tuple[int, int]) -> bool:
+    """True when every FP8 scale of ``block`` fits its weight, told without looking at
+    each expert: no MXFP4 pieces, every expert holds every piece, and each scale and its
+    weight come in one shape and dtype (``kinds``), which fit. False where any of that is
+    not so: each expert is then looked at."""
+    if any(piece.endswith(MX_BLOCKS) for piece in kinds):
+        return False
+    if len(block.pieces) != len(kinds) * len({e for _, e in block.pieces}):
+        return False
+    for piece, found in kinds.items():
+        if not piece.endswith(SCALE):
+            continue
+        weight = kinds.get(piece[:-len(SCALE)], {})
+        if len(found) != 1 or len(weight) != 1:
+            return False
+        [(shape, dtype)], [(weight_shape, _)] = found, weight
+        if _fp8_scale_problem(shape, dtype, weight_shape, block_size):
+            return False
+    return True
 
 
 @lru_cache(maxsize=1024)

@@ -322,6 +322,18 @@ def test_fp8_scales_must_cover_their_weights():
     assert "model.layers.0.self_attn.o_proj.weight_scale_inv is [2, 2]" in message
 
 
+def test_fp8_scales_alike_in_every_expert_and_fitting_none_are_listed():
+    """Scales of one shape in every expert (for blocks of 2, checked against blocks of
+    128): a block whose scales are alike is judged once, and this one is refused for every
+    expert, each projection on its line."""
+    message = quickly(convert_state_dict, fp8_experts(block=2), "hf", "nemo",
+                      config=qwen3_config(layers=1))
+    for projection, scale, weight in (("gate", [1, 2], [2, 4]), ("up", [1, 2], [2, 4]),
+                                      ("down", [2, 1], [4, 2])):
+        assert (f"layer 0: experts 0-3 {projection}_proj.weight_scale_inv are {scale}; the "
+                f"block scales of a {weight} weight are [1, 1]") in message
+
+
 def test_fp8_block_size_comes_from_the_quantization_config(tmp_path):
     tensors = fp8_experts(block=2)
     tensors["model.layers.0.self_attn.o_proj.weight_scale_inv"] = torch.rand(2, 2) + 0.5

@@ -13,7 +13,7 @@ after the other or interleaved element by element along the output dimension.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from itertools import product
 
@@ -309,8 +309,9 @@ class GroupedLayout(Layout):
                 projections = [p for p in spec.projections if (p, experts.start) in block.pieces]
                 if not projections:
                     continue
-                per_expert = [self._flattened(spec, self._combine(
-                    spec, [block.pieces[(p, e)] for p in projections])) for e in experts]
+                combine = self._combiner(spec)
+                per_expert = [combine([block.pieces[(p, e)] for p in projections])
+                              for e in experts]
                 name = self.from_hf_key(f"{block.block}.{place}{spec.name}", family)
                 out.append(TensorPlan(name, Stack(tuple(per_expert))))
         return out
@@ -354,12 +355,20 @@ class GroupedLayout(Layout):
         out, groups, pairs = piece.shape
         return Reshape(piece, (out, groups * pairs))
 
-    @staticmethod
-    def _combine(spec: GroupedTensor, pieces: list[Expr]) -> Expr:
-        oriented = [Transpose(p) for p in pieces] if spec.turned else pieces
-        if len(oriented) == 1:
-            return oriented[0]
-        return Concat(tuple(oriented), dim=spec.out_dim - 1, interleave=spec.interleaved)
+    @classmethod
+    def _combiner(cls, spec: GroupedTensor) -> Callable[[list[Expr]], Expr]:
+        """What makes one expert's part of the grouped tensor ``spec`` from its pieces (in
+        the order of ``spec.projections``): each oriented, joined, flattened as ``spec``
+        stores it. Asked once a tensor, not once an expert."""
+        turned, dim, interleave = spec.turned, spec.out_dim - 1, spec.interleaved
+
+        def combine(pieces: list[Expr]) -> Expr:
+            oriented = [Transpose(p) for p in pieces] if turned else pieces
+            joined = (oriented[0] if len(oriented) == 1 else
+                      Concat(tuple(oriented), dim=dim, interleave=interleave))
+            return cls._flattened(spec, joined)
+
+        return combine
 
     @staticmethod
     def _add_pieces(block: ExpertBlock, key: str, meta: TensorMeta,
