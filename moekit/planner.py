@@ -675,7 +675,7 @@ def _passed_through(key: str, tensors: Mapping[str, TensorMeta], dequantize: boo
 def select_experts(block: ExpertBlock, experts: range, offset: int = 0) -> ExpertBlock:
     """The block with only ``experts``, renumbered so that ``experts[0]`` becomes ``offset``
     (the block itself when that changes nothing, as in a whole-checkpoint conversion)."""
-    if experts.start == offset and all(e in experts for _, e in block.pieces):
+    if experts.start == offset and all(e in experts for e in {e for _, e in block.pieces}):
         return block
 
     def keep(item: tuple[tuple[str, int], object]) -> bool:
