@@ -533,9 +533,10 @@ def _pairwise_entries(file: Path, raw: bytes) -> tuple[dict[str, dict], str | No
     except (ValueError, RecursionError):
         raise _changed_while_read(file) from None
     names = dict(pairs)
-    objects = {key: dict(value) for key, value in names.items()}
+    objects = {key: dict(value) if type(value) is tuple else value
+               for key, value in names.items()}
     repeated = len(names) != len(pairs) or any(
-        len(objects[key]) != len(value) for key, value in names.items())
+        len(objects[key]) != len(value) for key, value in names.items() if type(value) is tuple)
     objects.pop("__metadata__", None)
     return objects, _given_twice(raw) if repeated else None
 

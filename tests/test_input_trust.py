@@ -457,6 +457,18 @@ def test_headers_with_colons_in_names_or_metadata_are_read_as_safetensors_reads_
     assert read.metadata == metadata
 
 
+@pytest.mark.parametrize("name", ["model.x", "model.x:y"])
+def test_a_null_metadata_is_no_metadata(tmp_path, name):
+    """safetensors reads ``"__metadata__": null`` as no metadata; so does moekit, whether
+    it parses the header once or pairwise (a colon in a name)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    entry = f'"{name}":{{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}'.encode()
+    write_raw_header(folder / "model.safetensors", b'{"__metadata__":null,' + entry + b"}", 16)
+    read = Checkpoint.open(folder)
+    assert list(read.tensors) == [name] and read.metadata == {}
+
+
 def set_length(length: int) -> Callable[[Path], None]:
     def edit(file: Path) -> None:
         data = bytearray(file.read_bytes())
