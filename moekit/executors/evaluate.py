@@ -177,11 +177,14 @@ def _equal_concats(first: Concat, parts: tuple[Expr, ...]) -> bool:
 def _piece_views(first: Concat, out: torch.Tensor) -> list[torch.Tensor]:
     """The views ``out[:, ..., piece k]`` of a stack of concatenations built as ``first``."""
     dim = first.dim % len(first.shape)
-    views, offset, count = [], 0, len(first.parts)
-    for k, piece in enumerate(first.parts):
+    if first.interleave:
+        count = len(first.parts)
+        return [out[(slice(None),) * (dim + 1) + (slice(k, None, count),)]
+                for k in range(count)]
+    views, offset = [], 0
+    for piece in first.parts:
         size = piece.shape[dim]
-        index = slice(k, None, count) if first.interleave else slice(offset, offset + size)
-        views.append(out[(slice(None),) * (dim + 1) + (index,)])
+        views.append(out.narrow(dim + 1, offset, size))
         offset += size
     return views
 
@@ -240,13 +243,14 @@ def _gather(parts: tuple[Expr, ...], source: LocatingSource
 
 def stacked_regions(base: torch.Tensor, starts: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     """The regions of ``shape`` at element offsets ``starts`` of the flat ``base``,
-    stacked: a view when the offsets step evenly, else one ``index_select``."""
+    stacked: a view when the offsets step evenly (by a region or more), else one
+    ``index_select``."""
     numel = math.prod(shape)
-    steps = {b - a for a, b in zip(starts, starts[1:])}
-    strides = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-    if len(steps) <= 1 and min(steps, default=numel) >= numel:
-        return base.as_strided((len(starts), *shape), (steps.pop() if steps else numel, *strides),
-                               starts[0])
+    step = starts[1] - starts[0] if len(starts) > 1 else numel
+    if step >= max(numel, 1) and starts == list(
+            range(starts[0], starts[0] + step * len(starts), step)):
+        strides = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+        return base.as_strided((len(starts), *shape), (step, *strides), starts[0])
     windows = base.as_strided((base.numel() - numel + 1, numel), (1, 1), 0)
     index = torch.tensor(starts, device=base.device)
     return windows.index_select(0, index).view(len(starts), *shape)
