@@ -291,9 +291,9 @@ class _Reader:
     located (opened, header offsets read) by the main thread; readers only ``pread``.
 
     The main thread gives a batch (laid out, ``_lay_out``) a staging buffer and queues its
-    reads, up to ``slots`` batches ahead of the one it evaluates; a batch's buffer is released once
-    its evaluation is queued, and the next batch's buffer is allocated after it, on the
-    same stream, so that device memory stays at ``slots`` batches. Readers never wait for
+    reads, up to ``slots`` batches ahead of the one it evaluates; a batch's buffer is
+    released once its evaluation is queued, and the next batch's buffer is allocated after
+    it, on the same stream, so that device memory stays at ``slots`` batches. Readers never wait for
     the main thread: their copies into a new buffer are ordered on the GPU after the event
     recorded at its allocation."""
 
