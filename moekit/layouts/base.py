@@ -26,9 +26,9 @@ non-ASCII digits) or not a number at all is found and reported
 as if it were no expert tensor."""
 MAX_DIGITS = 9
 CANONICAL_NUMBER = r"(?:0|[1-9][0-9]{0,%d})" % (MAX_DIGITS - 1)
-"""A layer or expert number written canonically (``is_canonical``), as a pattern: key
-patterns built with it in place of ``NUMBER`` read the keys of a well-named checkpoint
-without a check of each number, leaving the others to the patterns that report them."""
+"""A layer or expert number written canonically (``is_canonical``), as a pattern: a key
+pattern built with it in place of ``NUMBER`` matches only keys whose numbers ``int()``
+reads as they are written, leaving the others to the pattern that reports them."""
 _CANONICAL = re.compile(CANONICAL_NUMBER, re.ASCII)
 
 
