@@ -7,6 +7,8 @@ its files with. The figures are held to the tensors of transformers' own models 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +17,8 @@ from moekit.expert_parallel.ranges import EP_LAYOUTS
 from moekit.layouts import TRANSFORMERS, family_of_model_type
 
 from .conftest import load_all
-from .tiny_families import MULTIMODAL, build_multimodal
+from .test_ep_plan import DEEPSEEK_V3
+from .tiny_families import MULTIMODAL, build_multimodal, tiny_config
 
 NEMO_REFUSED = ("mistral_large4", "deepseek_ocr2", "unlimited_ocr", "inkling_mm_model",
                 "nemotron_h_omni", "nemo_speechlm")
@@ -148,3 +151,96 @@ def test_a_config_transformers_builds_no_language_model_of_is_refused(tmp_path, 
     assert err == (f"moekit: error: {tmp_path / 'config.json'}: transformers has no language "
                    "model of model_type 'switch_transformers' to describe its tensors by: "
                    "plan from the checkpoint's files instead\n")
+
+
+def _offered(err: str) -> set[str]:
+    """The layouts a refusal offers (``plan --layout A or --layout B``)."""
+    return set(re.findall(r"--layout (\w+)", err))
+
+
+def _fp8_qwen3_config(folder) -> Path:
+    """config.json of a tiny FP8 Qwen3-MoE whose experts (16 rows) are not a whole number
+    of 128-row scale blocks: transformers' fused FP8 experts scale gate and up as one grid
+    over their joined rows, which moekit cannot fill exactly from these scales."""
+    tiny_config("qwen3_moe").save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
+                                     "weight_block_size": [128, 128]}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder / "config.json"
+
+
+def _deepseek_v3_bf16(folder) -> Path:
+    """DeepSeek-V3's config.json without its quantization_config: bf16 experts and its
+    multi-token-prediction layer, which the torchtitan layout cannot hold."""
+    config = json.loads(DEEPSEEK_V3.read_text())
+    del config["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder / "config.json"
+
+
+@pytest.mark.parametrize("make", [_fp8_qwen3_config, _deepseek_v3_bf16])
+def test_a_refusal_offers_exactly_the_layouts_that_plan(make, tmp_path, capsys):
+    """A layout may hold the experts' pieces and still be refused by the planner (the FP8
+    scale grid of transformers' fused experts, the MTP layer in torchtitan): a refusal of
+    any --layout offers the layouts that then plan, and no other; the default is the
+    first of them."""
+    config = make(tmp_path)
+    planned, offers = [], {}
+    for name in EP_LAYOUTS:
+        if main(["plan", str(config), "--ep", "2", "--layout", name]) == 0:
+            planned.append(name)
+            capsys.readouterr()
+        else:
+            err = capsys.readouterr().err
+            assert err.startswith("moekit: error: ") and "Traceback" not in err
+            offers[name] = _offered(err)
+    assert planned and offers
+    assert offers == {name: set(planned) for name in offers}
+    assert {r["layout"] for r in _plan(capsys, config)} == {planned[0]}
+
+
+def test_transformers_refused_for_fp8_scales_defaults_to_vllm(tmp_path, capsys):
+    """nemo holds no scales and transformers cannot place these: the ranks load vllm by
+    default, and the planner's refusal of --layout transformers (whose remedies are
+    convert's: --dequantize, the hf layout) ends with what plan takes instead."""
+    config = _fp8_qwen3_config(tmp_path)
+    assert {r["layout"] for r in _plan(capsys, config)} == {"vllm"}
+    assert main(["plan", str(config), "--ep", "2", "--layout", "transformers"]) == 2
+    err = capsys.readouterr().err
+    assert "one grid over their joined 32 rows" in err
+    assert err.endswith("\nfor expert parallelism: plan --layout vllm\n"), err
+
+
+@pytest.mark.parametrize("model_type", BUILT_AS_SAVED)
+@pytest.mark.parametrize("architectures", [None, ["NoSuchModelClass"]])
+def test_a_multimodal_config_naming_no_class_plans_as_its_files(model_type, architectures,
+                                                                 saved, tmp_path, capsys):
+    """Without a class its architectures names that transformers has, a multimodal config
+    is built with the first Auto class that builds a model of its own config class: not
+    AutoModelForCausalLM's text model of Llama 4 or Qwen3.5-MoE, which transformers builds
+    from their text_config and which holds other tensors than the files."""
+    _, src = saved(model_type)
+    config = json.loads((src / "config.json").read_text())
+    config["architectures"] = architectures
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert _plan(capsys, tmp_path / "config.json") == _plan(capsys, src)
+
+
+@pytest.mark.parametrize("architectures", ["Qwen3VLMoeForConditionalGeneration", 5, True,
+                                           {"a": 1}, [3], [["Qwen3VLMoeModel"]]])
+def test_architectures_not_a_list_of_names_is_refused_in_one_message(architectures, saved,
+                                                                     tmp_path, capsys):
+    """transformers declares ``architectures: list[str] | None``; any other value is
+    refused naming the config and the value, without a traceback."""
+    import transformers
+
+    assert transformers.PretrainedConfig.__annotations__["architectures"] == "list[str] | None"
+    _, src = saved("qwen3_vl_moe")
+    config = json.loads((src / "config.json").read_text())
+    config["architectures"] = architectures
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["plan", str(tmp_path / "config.json"), "--ep", "2"]) == 2
+    assert capsys.readouterr().err == (
+        f"moekit: error: {tmp_path / 'config.json'}: architectures is "
+        f"{json.dumps(architectures)}; expected a list of model class names\n")

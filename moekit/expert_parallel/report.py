@@ -14,11 +14,10 @@ from ..gc_pauses import without_gc_pauses
 from ..hub import local_path
 from ..layouts import LAYOUTS, TRANSFORMERS, Family, Layout, family_of_model_type
 from ..layouts.families import MX_BLOCKS, MX_SCALES, SCALE
-from ..model_config import MAX_BUILT_LAYERS, ConfigValues
+from ..model_config import MAX_BUILT_LAYERS, ConfigValues, shown
 from ..plan import Plan, TensorPlan, nbytes, reads
-from ..planner import (Analysis, build_plan, config_settings, converted_layouts,
-                       converted_refusal, split_groups_refusal, understand,
-                       understand_checkpoint, validate)
+from ..planner import (Analysis, build_plan, config_settings, converted_refusal,
+                       split_groups_refusal, understand, understand_checkpoint, validate)
 from .ranges import EP_LAYOUTS, chunk, expert_range, grouped_layout
 
 MAX_RANKS = 1 << 16
@@ -168,39 +167,69 @@ def _planned(analysis: Analysis, layout: str | None) -> tuple[Layout, Plan]:
     if layout is not None:
         dst = grouped_layout(layout)
         return dst, _one_expert_plan(analysis, dst)
-    refusals = []
     for name in EP_LAYOUTS:
-        try:
-            return LAYOUTS[name], _one_expert_plan(analysis, LAYOUTS[name])
-        except MoekitError as err:
-            refusals.append(err)
-    raise refusals[0]
+        plan = _plan_if_held(analysis, LAYOUTS[name])
+        if plan is not None:
+            return LAYOUTS[name], plan
+    first = LAYOUTS[EP_LAYOUTS[0]]
+    return first, _one_expert_plan(analysis, first)  # refused, with nemo's reason
 
 
 def _one_expert_plan(analysis: Analysis, dst: Layout) -> Plan:
     """The plan of one expert a layer in ``dst``, refused where ``dst`` has no place for
-    some of the experts' pieces (FP8 scales in nemo) or is refused for the family
-    (``Family.unconverted``), naming the layouts plan takes that hold them (``_instead``)."""
+    some of the experts' pieces (FP8 scales in nemo), is refused for the family
+    (``Family.unconverted``) or the planner refuses it (transformers' joined FP8 scale
+    grid over experts whose size is not a whole number of blocks), naming the layouts of
+    plan in which the checkpoint plans (``_planning``)."""
+    refusal = _refusal(analysis, dst)
+    if refusal:
+        raise MoekitError(f"{refusal}: {_instead(_planning(analysis, dst), analysis.family)}")
+    try:
+        return build_plan(analysis, dst, experts=range(1))
+    except MoekitError as err:
+        # The planner's remedies are convert's (--dequantize, the hf layout): add plan's.
+        can = _planning(analysis, dst)
+        if not can:
+            raise
+        raise MoekitError(f"{err}\nfor expert parallelism: {_instead(can, analysis.family)}"
+                          ) from None
+
+
+def _refusal(analysis: Analysis, dst: Layout) -> str:
+    """Why ``dst`` cannot hold the checkpoint's experts as they are: pieces it has no place
+    for, or a family it is refused for; empty where neither. Plan has no ``--dequantize``
+    to offer, as convert has, nor per-expert layouts."""
     family = analysis.family
     present = {piece for block in analysis.blocks.values() for piece, _ in block.pieces}
     lost = sorted(p for p in present if not dst.holds(p, family))
     if lost:
         quantized = any(p.endswith((SCALE, MX_BLOCKS, MX_SCALES)) for p in lost)
         why = f" ({dst.quantized_note})" if quantized and dst.quantized_note else ""
-        raise MoekitError(f"the {dst.name} layout cannot hold the {family.name} experts' "
-                          f"{', '.join(lost)}{why}: {_instead(family, present)}")
-    refusal = converted_refusal(family, dst)
-    if refusal:
-        raise MoekitError(f"{refusal}: {_instead(family, present)}")
-    return build_plan(analysis, dst, experts=range(1))
+        return (f"the {dst.name} layout cannot hold the {family.name} experts' "
+                f"{', '.join(lost)}{why}")
+    return converted_refusal(family, dst)
 
 
-def _instead(family: Family, pieces: set[str]) -> str:
-    """The ``--layout`` options of plan that hold ``family``'s experts of ``pieces``: the
-    layouts of ``EP_LAYOUTS`` with a place for each piece and not refused for the family.
-    Plan has no ``--dequantize`` to offer, as convert has, nor per-expert layouts."""
-    can = [name for name in converted_layouts(family, EP_LAYOUTS)
-           if all(LAYOUTS[name].holds(p, family) for p in pieces)]
+def _plan_if_held(analysis: Analysis, dst: Layout) -> Plan | None:
+    """The plan of one expert a layer in ``dst``; None where ``dst`` is refused
+    (``_refusal``) or the planner refuses it."""
+    if _refusal(analysis, dst):
+        return None
+    try:
+        return build_plan(analysis, dst, experts=range(1))
+    except MoekitError:
+        return None
+
+
+def _planning(analysis: Analysis, dst: Layout) -> list[str]:
+    """The layouts of ``EP_LAYOUTS`` but ``dst`` in which the checkpoint plans, each tried:
+    one that holds the experts' pieces may still be refused by the planner."""
+    return [name for name in EP_LAYOUTS
+            if name != dst.name and _plan_if_held(analysis, LAYOUTS[name]) is not None]
+
+
+def _instead(can: list[str], family: Family) -> str:
+    """What to plan instead: the ``--layout`` options ``can``."""
     return (f"plan {' or '.join(f'--layout {name}' for name in can)}" if can
             else f"plan takes no other layout that holds the {family.name} experts")
 
@@ -338,20 +367,27 @@ checkpoint holds, multimodal ones (Qwen3-VL-MoE, Qwen3-Omni) included."""
 def _model_class(model_config, source: str) -> type:
     """The class transformers builds the model of ``model_config`` with: the first one its
     ``architectures`` names that transformers has for this config class (the class that
-    saved the checkpoint), else the one the first of ``MODEL_MAPPINGS`` holding the config
-    class maps it to; refused where there is none."""
+    saved the checkpoint), else the first class of ``MODEL_MAPPINGS`` built from this
+    config class; refused where there is none. A mapped class of another config class is
+    passed over: ``AutoModelForCausalLM`` maps Llama 4's and Qwen3.5-MoE's multimodal
+    configs to a text model it builds from their ``text_config`` (auto_factory.from_config,
+    transformers 5.24), whose tensors are not those of the files their multimodal model
+    saves."""
     import transformers
     from transformers.models.auto import modeling_auto
 
+    names = model_config.architectures
+    if names is not None and not (isinstance(names, list)
+                                  and all(isinstance(name, str) for name in names)):
+        raise MoekitError(f"{source}: architectures is {shown(names)}; expected a list of "
+                          "model class names")
     config_type = type(model_config)
-    for name in model_config.architectures or ():
-        named = getattr(transformers, name, None) if isinstance(name, str) else None
-        if isinstance(named, type) and getattr(named, "config_class", None) is config_type:
-            return named
-    for mapping in MODEL_MAPPINGS:
-        classes = getattr(modeling_auto, mapping)
-        if config_type in classes:
-            return classes[config_type]
+    named = [getattr(transformers, name, None) for name in names or ()]
+    mapped = [getattr(modeling_auto, mapping).get(config_type, None)
+              for mapping in MODEL_MAPPINGS]
+    for model_class in named + mapped:
+        if getattr(model_class, "config_class", None) is config_type:
+            return model_class
     raise MoekitError(f"{source}: transformers has no language model of model_type "
                       f"{printable(repr(model_config.model_type))} to describe its tensors "
                       "by: plan from the checkpoint's files instead")
