@@ -162,8 +162,9 @@ def _planned(analysis: Analysis, layout: str | None) -> tuple[Layout, Plan]:
     """The layout the ranks load and its plan of one expert a layer: ``layout``, else the
     first of ``EP_LAYOUTS`` in which the checkpoint plans (transformers for experts with
     FP8 scales or in MXFP4, which NeMo AutoModel dequantises and holds no scales of; vllm
-    for a family whose nemo and transformers layouts are refused), refused as nemo is
-    where none is."""
+    for FP8 experts whose size is not a whole number of scale blocks, which transformers'
+    joined gate+up scale grid cannot hold, or for a family whose nemo and transformers
+    layouts are refused), refused as nemo is where none is."""
     if layout is not None:
         dst = grouped_layout(layout)
         return dst, _one_expert_plan(analysis, dst)
