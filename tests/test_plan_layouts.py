@@ -18,7 +18,8 @@ from moekit.layouts import TRANSFORMERS, family_of_model_type
 
 from .conftest import load_all
 from .test_ep_plan import DEEPSEEK_V3
-from .tiny_families import MULTIMODAL, build_multimodal, tiny_config
+from .tiny_families import (MULTIMODAL, build, build_multimodal, moe_causal_lm_types,
+                            tiny_config)
 
 NEMO_REFUSED = ("mistral_large4", "deepseek_ocr2", "unlimited_ocr", "inkling_mm_model",
                 "nemotron_h_omni", "nemo_speechlm")
@@ -225,6 +226,35 @@ def test_a_multimodal_config_naming_no_class_plans_as_its_files(model_type, arch
     config["architectures"] = architectures
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert _plan(capsys, tmp_path / "config.json") == _plan(capsys, src)
+
+
+def _built_with_another_models_class() -> list[str]:
+    """MoE model types whose config transformers' AutoModelForCausalLM maps to the class
+    of another model type (Sarvam-MLA's to DeepseekV3ForCausalLM), built from the config
+    itself, whose tensors transformers does not convert."""
+    from transformers.models.auto import modeling_auto
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    found = []
+    for model_type in moe_causal_lm_types():
+        config_class = CONFIG_MAPPING[model_type]
+        model_class = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING[config_class]
+        family = family_of_model_type(model_type)
+        if (model_class.config_class is not config_class
+                and "text_config" not in config_class.sub_configs
+                and TRANSFORMERS.name not in getattr(family, "unconverted", {})):
+            found.append(model_type)
+    return found
+
+
+@pytest.mark.parametrize("model_type", _built_with_another_models_class())
+def test_a_config_transformers_builds_with_another_models_class_plans_as_its_files(
+        model_type, tmp_path, capsys):
+    """transformers builds such a config with the other model type's class (its
+    architectures, too, names that class): the plan from config.json alone is the plan
+    from the files that model saves."""
+    build(model_type).save_pretrained(tmp_path)
+    assert _plan(capsys, tmp_path / "config.json") == _plan(capsys, tmp_path)
 
 
 @pytest.mark.parametrize("architectures", ["Qwen3VLMoeForConditionalGeneration", 5, True,

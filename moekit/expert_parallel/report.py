@@ -368,12 +368,12 @@ checkpoint holds, multimodal ones (Qwen3-VL-MoE, Qwen3-Omni) included."""
 def _model_class(model_config, source: str) -> type:
     """The class transformers builds the model of ``model_config`` with: the first one its
     ``architectures`` names that transformers has for this config class (the class that
-    saved the checkpoint), else the first class of ``MODEL_MAPPINGS`` built from this
-    config class; refused where there is none. A mapped class of another config class is
-    passed over: ``AutoModelForCausalLM`` maps Llama 4's and Qwen3.5-MoE's multimodal
-    configs to a text model it builds from their ``text_config`` (auto_factory.from_config,
-    transformers 5.24), whose tensors are not those of the files their multimodal model
-    saves."""
+    saved the checkpoint), else the first class of ``MODEL_MAPPINGS`` that transformers
+    builds from the config itself; refused where there is none. A mapped class of the
+    config's ``text_config`` is passed over: transformers builds it from that sub-config
+    alone (auto_factory's ``from_config``, 5.24: ``AutoModelForCausalLM`` of Llama 4's or
+    Qwen3.5-MoE's multimodal config), a text model whose tensors are not those of the
+    files the multimodal model saves."""
     import transformers
     from transformers.models.auto import modeling_auto
 
@@ -383,12 +383,16 @@ def _model_class(model_config, source: str) -> type:
         raise MoekitError(f"{source}: architectures is {shown(names)}; expected a list of "
                           "model class names")
     config_type = type(model_config)
-    named = [getattr(transformers, name, None) for name in names or ()]
-    mapped = [getattr(modeling_auto, mapping).get(config_type, None)
-              for mapping in MODEL_MAPPINGS]
-    for model_class in named + mapped:
-        if getattr(model_class, "config_class", None) is config_type:
-            return model_class
+    for name in names or ():
+        named = getattr(transformers, name, None)
+        if getattr(named, "config_class", None) is config_type:
+            return named
+    text_config = model_config.sub_configs.get("text_config")
+    for mapping in MODEL_MAPPINGS:
+        mapped = getattr(modeling_auto, mapping).get(config_type, None)
+        if mapped is not None and (text_config is None
+                                   or getattr(mapped, "config_class", None) is not text_config):
+            return mapped
     raise MoekitError(f"{source}: transformers has no language model of model_type "
                       f"{printable(repr(model_config.model_type))} to describe its tensors "
                       "by: plan from the checkpoint's files instead")
