@@ -257,6 +257,25 @@ def test_a_config_transformers_builds_with_another_models_class_plans_as_its_fil
     assert _plan(capsys, tmp_path / "config.json") == _plan(capsys, tmp_path)
 
 
+def test_a_config_is_built_with_the_class_its_architectures_names(tmp_path, capsys):
+    """Files saved by Qwen3-Next's sequence-classification model (a score head, no
+    lm_head): its config.json names that class, with which the plan from the config alone
+    is the plan from the files, not that of the causal LM the Auto classes map it to."""
+    import transformers
+
+    from moekit import samples
+
+    model = samples.from_config(tiny_config("qwen3_next"), 0,
+                                transformers.Qwen3NextForSequenceClassification._from_config)
+    model.save_pretrained(tmp_path / "files")
+    config = json.loads((tmp_path / "files" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3NextForSequenceClassification"]
+    planned = _plan(capsys, tmp_path / "files" / "config.json")
+    assert planned == _plan(capsys, tmp_path / "files")
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": None}))
+    assert planned != _plan(capsys, tmp_path / "config.json")
+
+
 @pytest.mark.parametrize("architectures", ["Qwen3VLMoeForConditionalGeneration", 5, True,
                                            {"a": 1}, [3], [["Qwen3VLMoeModel"]]])
 def test_architectures_not_a_list_of_names_is_refused_in_one_message(architectures, saved,
