@@ -161,7 +161,7 @@ def _fill_stack(expr: Stack, out: torch.Tensor, source: TensorSource) -> None:
 
 def _alike_concats(first: Concat, parts: tuple[Expr, ...]) -> bool:
     """True when every part is a concatenation of as many pieces as ``first``, along the
-    same dimension, interleaved or not alike."""
+    same dimension, interleaved as ``first`` is or not."""
     dim, interleave, count = first.dim, first.interleave, len(first.parts)
     return all(isinstance(part, Concat) and part.dim == dim and part.interleave == interleave
                and len(part.parts) == count for part in parts)
