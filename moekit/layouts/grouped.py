@@ -394,14 +394,15 @@ class GroupedLayout(Layout):
             return (f"{key} has shape {list(shape)}; MXFP4 blocks held [E, out, in/2] have "
                     f"a multiple of {MXFP4_PAIRS} bytes per row")
         size, first = out_size // n, group * shape[0]
+        turned, every = spec.turned, slice(None)
+        read_shape = (shape[1], size) if turned else (size, *shape[2:])
         for k, proj in enumerate(spec.projections):
             part = slice(k, None, n) if spec.interleaved else slice(k * size, (k + 1) * size)
             for e in range(shape[0]):
-                if not spec.turned:
-                    read: Expr = Read(key, (e, part), (size, *shape[2:]), meta.dtype)
+                if not turned:
+                    read: Expr = Read(key, (e, part), read_shape, meta.dtype)
                 else:
-                    read = Transpose(Read(key, (e, slice(None), part), (shape[1], size),
-                                          meta.dtype))
+                    read = Transpose(Read(key, (e, every, part), read_shape, meta.dtype))
                 if spec.flat_blocks:
                     read = Reshape(read, (size, shape[2] // MXFP4_PAIRS, MXFP4_PAIRS))
                 block.pieces[(proj, first + e)] = read
