@@ -677,16 +677,10 @@ def select_experts(block: ExpertBlock, experts: range, offset: int = 0) -> Exper
     (the block itself when that changes nothing, as in a whole-checkpoint conversion)."""
     if experts.start == offset and all(e in experts for e in {e for _, e in block.pieces}):
         return block
-
-    def keep(item: tuple[tuple[str, int], object]) -> bool:
-        return item[0][1] in experts
-
-    def moved(key: tuple[str, int]) -> tuple[str, int]:
-        return key[0], key[1] - experts.start + offset
-
+    shift = offset - experts.start
     return ExpertBlock(block.layer, block.block,
-                       {moved(k): v for k, v in filter(keep, block.pieces.items())},
-                       {moved(k): v for k, v in filter(keep, block.names.items())})
+                       {(p, e + shift): v for (p, e), v in block.pieces.items() if e in experts},
+                       {(p, e + shift): v for (p, e), v in block.names.items() if e in experts})
 
 
 def _source_keys(block: ExpertBlock) -> set[str]:
