@@ -483,6 +483,19 @@ class MegatronLayout(PerExpertLayout):
     def holds(self, piece: str, family: Family) -> bool:
         return piece in PROJECTIONS
 
+    def names_family(self, family: Family) -> bool:
+        """True when ``family``'s model type is one of ``FAMILIES``, or the family is a
+        generic one (dense Llama, Mistral, Qwen2 and Qwen3 checkpoints have no family of
+        their own): a family's checkpoints are those whose config.json names one of its
+        model types (``detect``), and ``Dimensions.of`` refuses the model type of a
+        generic family's config unless it is one of ``FAMILIES``."""
+        return not family.model_types or any(t in FAMILIES for t in family.model_types)
+
+    def unnamed(self, family: Family) -> str:
+        return (f"the {self.name} layout has no names for the {family.name} family: moekit "
+                f"writes and reads Megatron-Core checkpoints of {', '.join(FAMILIES)}, not "
+                f"model_type {' or '.join(map(repr, family.model_types))}")
+
     def whole_model(self, plan: Plan, config: Mapping | None, family: Family,
                     source: str) -> Plan:
         """``plan`` (HF names) as Megatron-Core stores it: each tensor a chunk of one of
