@@ -7,6 +7,7 @@ and check that the GPU path gives bit-identical tensors.
 
 from __future__ import annotations
 
+import errno
 import gc
 import sys
 import threading
@@ -152,6 +153,19 @@ def test_a_truncated_shard_is_named(qwen3):
     checkpoint, plan = _plan(qwen3, "nemo")
     shard.write_bytes(shard.read_bytes()[:-64])
     with pytest.raises(MoekitError, match=shard.name):
+        load_to_device(plan, checkpoint, "cpu", readers=2, chunk_bytes=4096)
+
+
+def test_a_shard_the_disk_cannot_read_is_named(qwen3, monkeypatch):
+    """An I/O error in a reader thread (a failing disk, a network file system gone away)
+    is refused naming the file, not raised as a bare OSError."""
+    checkpoint, plan = _plan(qwen3, "nemo")
+
+    def failing(fd, buffers, offset):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(device.os, "preadv", failing)
+    with pytest.raises(MoekitError, match=r"cannot read .*model-.*\.safetensors.*Input/output"):
         load_to_device(plan, checkpoint, "cpu", readers=2, chunk_bytes=4096)
 
 

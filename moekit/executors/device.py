@@ -36,7 +36,7 @@ import torch
 
 from ..checkpoint import Checkpoint, TensorInfo
 from ..dtypes import ITEMSIZES, itemsize, to_torch
-from ..errors import MoekitError
+from ..errors import MoekitError, printable
 from ..gc_pauses import ScopedSetting
 from ..plan import Plan, Read, TensorPlan, nbytes, reads
 from ..sizes import format_size
@@ -580,11 +580,16 @@ def _rows(region: tuple, length: int) -> tuple[int, int, tuple]:
 
 
 def _read_into(fd: int, start: int, view: memoryview, file: str) -> None:
-    """Fill ``view`` (bytes of host memory) with the file's bytes from ``start``."""
+    """Fill ``view`` (bytes of host memory) with the file's bytes from ``start``; a
+    MoekitError naming the file when it ends first or cannot be read (an I/O error in a
+    reader thread reaches the caller as this refusal, not as a bare OSError)."""
     done = 0
     while done < len(view):
-        n = os.preadv(fd, [view[done:]], start + done)
+        try:
+            n = os.preadv(fd, [view[done:]], start + done)
+        except OSError as err:
+            raise MoekitError(f"cannot read {printable(file)}: {err.strerror or err}") from err
         if n <= 0:
-            raise MoekitError(f"{file} ends before byte {start + len(view)}: the file is "
-                              "truncated")
+            raise MoekitError(f"{printable(file)} ends before byte {start + len(view)}: the "
+                              "file is truncated")
         done += n
