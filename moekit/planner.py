@@ -13,6 +13,7 @@ import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import islice
@@ -22,7 +23,8 @@ from .checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint
 from .detect import detect_family, detect_layout, refuse_packed
 from .errors import MoekitError, PlanError, compress_ranges, compress_runs, plural, printable
 from .gc_pauses import without_gc_pauses
-from .layouts import BY_KEYS, FAMILIES, LAYOUTS, ExpertBlock, Family, Layout, family_named, layout_named
+from .layouts import (BY_KEYS, FAMILIES, HF, LAYOUTS, ExpertBlock, Family, Layout, family_named,
+                      layout_named)
 from .layouts.base import ParsedExperts, TensorMeta
 from .layouts.grouped import MXFP4_DTYPE, MXFP4_PAIRS, GroupedLayout
 from .layouts.families import (FP8_SCALE_KEY, GENERIC_FAMILIES, MAX_EXPERTS, MX_BLOCKS,
@@ -194,7 +196,7 @@ def _check_source(analysis: Analysis) -> None:
     moekit cannot convert back (``Family.unconverted``), but for the layout the family's
     Hub files name their experts in (``Family.hub_layout``)."""
     if analysis.layout.name != analysis.family.hub_layout:
-        _check_converted(analysis.family, analysis.layout, "source")
+        _check_converted(analysis, analysis.layout, "source")
 
 
 def understand_checkpoint(checkpoint: Checkpoint, from_: str | None = None) -> Analysis:
@@ -265,12 +267,12 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
         _check_dequantizable(analysis)
     blocks = {layer: _dequantized(block, block_size) if dequantize else block
               for layer, block in analysis.blocks.items()}
-    _check_held(blocks, analysis.family, dst)
-    _check_converted(analysis.family, dst)
+    _check_held(blocks, analysis, dst, dequantize, experts)
+    _check_converted(analysis, dst, dequantize=dequantize, experts=experts)
     _check_placed(analysis, dst)
     _check_needed(analysis, dst)
     _check_mtp_layers(analysis, dst)
-    _check_scale_grids(analysis, blocks, dst, block_size)
+    _check_scale_grids(analysis, blocks, dst, block_size, experts)
     src = analysis.layout
     chosen = range(analysis.n_experts) if experts is None else experts
     by_layer: dict[int, list[TensorPlan]] = {
@@ -410,32 +412,79 @@ def _emitted(dst: Layout, block: ExpertBlock, chosen: range, offset: int, family
     return dst.emit(select_experts(block, chosen, offset), offset + len(chosen), family)
 
 
-def _check_held(blocks: Mapping[int, ExpertBlock], family: Family, dst: Layout) -> None:
+def _check_held(blocks: Mapping[int, ExpertBlock], analysis: Analysis, dst: Layout,
+                dequantize: bool, experts: range | None) -> None:
     """Refuse a destination layout with no place for some of the experts' pieces (expert
-    biases in nemo), rather than drop them."""
+    biases in nemo), rather than drop them, offering the layouts that hold them to which
+    the checkpoint's ``experts`` convert, and ``--dequantize`` where ``dst`` then takes
+    them."""
+    family = analysis.family
     present = {piece for block in blocks.values() for piece, _ in block.pieces}
     lost = sorted(p for p in present if not dst.holds(p, family))
     if lost:
-        can = [name for name, layout in LAYOUTS.items()
-               if all(layout.holds(p, family) for p in lost)]
+        can = _converting(analysis, [name for name, layout in LAYOUTS.items()
+                                     if all(layout.holds(p, family) for p in lost)],
+                          dequantize, experts)
         quantized = any(p.endswith((SCALE, MX_BLOCKS, MX_SCALES)) for p in lost)
         note = dst.quantized_note if quantized else ""
+        dequantized = quantized and not dequantize and _converting(analysis, [dst.name], True,
+                                                                   experts)
         raise MoekitError(f"the {dst.name} layout cannot hold the {family.name} experts' "
                           f"{', '.join(lost)}" + (f" ({note})" if note else "")
-                          + f"; moekit refuses to drop them. Layouts that hold them: "
-                          f"{', '.join(can)}"
-                          + ("; or pass --dequantize to write bf16 weights" if quantized else ""))
+                          + "; moekit refuses to drop them"
+                          + (f". Layouts that hold them: {', '.join(can)}" if can else "")
+                          + ("; or pass --dequantize to write bf16 weights" if dequantized
+                             else ""))
 
 
-def _check_converted(family: Family, layout: Layout, role: str = "destination") -> None:
-    """Refuse ``layout`` as the source or destination of ``family`` where its consumer
-    converts tensors outside the experts that moekit does not (``Family.unconverted``):
-    written, the result would not be what the layout promises; read, those tensors would
-    pass through under names and shapes that no other layout has."""
+def _check_converted(analysis: Analysis, layout: Layout, role: str = "destination",
+                     dequantize: bool = False, experts: range | None = None) -> None:
+    """Refuse ``layout`` as the source or destination of the checkpoint's family where its
+    consumer converts tensors outside the experts that moekit does not
+    (``Family.unconverted``): written, the result would not be what the layout promises;
+    read, those tensors would pass through under names and shapes that no other layout
+    has. A destination refused offers the layouts to which the checkpoint's ``experts``
+    convert."""
+    family = analysis.family
     refusal = converted_refusal(family, layout, role)
     if refusal:
-        raise MoekitError(f"{refusal}; use {', '.join(converted_layouts(family, LAYOUTS))} "
-                          "instead (the hf layout is what from_pretrained reads)")
+        can = converted_layouts(family, LAYOUTS)
+        if role == "destination":
+            can = _converting(analysis, can, dequantize, experts)
+        raise MoekitError(refusal + (f"; use {', '.join(can)} instead" if can else "")
+                          + (" (the hf layout is what from_pretrained reads)"
+                             if HF.name in can else ""))
+
+
+_TRYING: ContextVar[bool] = ContextVar("moekit_planner_trying", default=False)
+"""True while ``_converting`` plans the checkpoint in the layouts a refusal would offer:
+their refusals are caught, so they offer none of their own (which would try again)."""
+
+
+def _converting(analysis: Analysis, names: Iterable[str], dequantize: bool,
+                experts: range | None) -> list[str]:
+    """Those of the layouts ``names`` in which ``analysis``'s checkpoint plans (its
+    ``experts``, with ``dequantize``), each planned: a layout that holds the experts'
+    pieces and is not refused for the family may still be refused for the checkpoint
+    (transformers' joined FP8 scale grid, Megatron-Core's config entries,
+    multi-token-prediction layers), and a refusal offers only layouts that then convert.
+    Empty while trying (``_TRYING``)."""
+    if _TRYING.get():
+        return []
+    trying = _TRYING.set(True)
+    try:
+        return [name for name in names
+                if _plans(analysis, LAYOUTS[name], dequantize, experts)]
+    finally:
+        _TRYING.reset(trying)
+
+
+def _plans(analysis: Analysis, dst: Layout, dequantize: bool, experts: range | None) -> bool:
+    try:
+        build_plan(analysis, dst, experts, dequantize=dequantize)
+    except MoekitError:
+        return False
+    return True
 
 
 def converted_refusal(family: Family, layout: Layout, role: str = "destination") -> str:
@@ -538,7 +587,7 @@ def layer_numbers(analysis: Analysis) -> Callable[[str], int | None]:
 
 
 def _check_scale_grids(analysis: Analysis, blocks: Mapping[int, ExpertBlock], dst: Layout,
-                       block_size: tuple[int, int]) -> None:
+                       block_size: tuple[int, int], experts: range | None) -> None:
     """Refuse FP8 gate and up scales read from, or written to, one grid over the joined
     gate+up rows (transformers' fused FP8 experts: max(ceil(2I/rows), 2) rows) when I is
     not a whole number of blocks: a block of that grid then spans gate and up rows that
@@ -560,9 +609,20 @@ def _check_scale_grids(analysis: Analysis, blocks: Mapping[int, ExpertBlock], ds
                 f"in blocks of {block_size[0]} rows; with an expert intermediate size of "
                 f"{odd[0]}, not a multiple of {block_size[0]}, a block spans gate and up rows "
                 "that their own scales cover separately, so moekit cannot move the scales "
-                "exactly: " + ("pass --dequantize to write bf16 weights, or write the hf or "
-                               "vllm layout" if verb == "writes" else
+                "exactly: " + (_unjoined(analysis, dst, experts) if verb == "writes" else
                                "no moekit conversion reads these scales exactly"))
+
+
+def _unjoined(analysis: Analysis, dst: Layout, experts: range | None) -> str:
+    """What to write instead of FP8 scales ``dst`` would join over gate+up (the source's
+    scales are not dequantized, or they would not be written): bf16 weights where ``dst``
+    then takes them, or the hf or vllm layout (per-projection grids) where the checkpoint
+    converts to it."""
+    remedies = ["pass --dequantize to write bf16 weights"] if _converting(
+        analysis, [dst.name], True, experts) else []
+    can = _converting(analysis, ("hf", "vllm"), False, experts)
+    remedies += [f"write the {' or '.join(can)} layout"] if can else []
+    return ", or ".join(remedies) or "no moekit conversion writes these scales exactly"
 
 
 def _check_joined_dtypes(analysis: Analysis, blocks: Mapping[int, ExpertBlock],
