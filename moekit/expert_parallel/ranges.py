@@ -20,9 +20,10 @@ import math
 from collections.abc import Callable
 
 from ..errors import MoekitError, PlanError
-from ..layouts import LAYOUTS, NEMO, Layout, layout_named
+from ..layouts import LAYOUTS, NEMO, Family, Layout, layout_named
+from ..layouts.families import MX_BLOCKS, MX_SCALES, SCALE
 from ..plan import Plan
-from ..planner import Analysis, build_plan, validate
+from ..planner import Analysis, build_plan, converted_refusal, validate
 
 
 def chunk(length: int, parts: int, index: int) -> slice:
@@ -79,7 +80,8 @@ def rank_plan(analysis: Analysis, size: int, rank: int, layout: str,
               where: Callable[[str], str | None] = lambda key: None,
               placement: str = "chunk") -> Plan:
     """Validate the experts EP rank ``rank`` of ``size`` needs in ``placement`` and plan
-    its local tensors."""
+    its local tensors; a layout refused names the ``layout=`` values that plan
+    (``planned``)."""
     dst = grouped_layout(layout)
     mine = expert_range(analysis.n_experts, size, rank, placement)
     try:
@@ -87,7 +89,71 @@ def rank_plan(analysis: Analysis, size: int, rank: int, layout: str,
     except PlanError as err:
         raise PlanError(f"EP rank {rank} of {size} (experts {_span(mine)}): {err.headline}",
                         err.problems) from None
-    return build_plan(analysis, dst, experts=mine)
+    return planned(analysis, dst, lambda can: _arguments(can, analysis.family), mine)
+
+
+def planned(analysis: Analysis, dst: Layout, instead: Callable[[list[str]], str],
+            experts: range = range(1)) -> Plan:
+    """The plan of ``experts`` of every MoE block in ``dst``, refused where ``dst`` has no
+    place for some of the experts' pieces (FP8 scales in nemo), is refused for the family
+    (``Family.unconverted``) or the planner refuses it (transformers' joined FP8 scale
+    grid over experts whose size is not a whole number of blocks), naming what to do
+    instead: ``instead`` of the layouts of ``EP_LAYOUTS`` in which the checkpoint plans
+    (``planning``). The planner's own remedies are convert's (``--dequantize``, the hf
+    layout), which expert parallelism has not: its refusals of pieces and families
+    (``held_refusal``) are said without them, the others followed by what to do."""
+    try:
+        return build_plan(analysis, dst, experts=experts)
+    except PlanError:
+        raise
+    except MoekitError as err:
+        refusal, can = held_refusal(analysis, dst), planning(analysis, dst)
+        if refusal:
+            raise MoekitError(f"{refusal}: {instead(can)}") from None
+        if not can:
+            raise
+        raise MoekitError(f"{err}\nfor expert parallelism: {instead(can)}") from None
+
+
+def held_refusal(analysis: Analysis, dst: Layout) -> str:
+    """Why ``dst`` cannot hold the checkpoint's experts as they are: pieces it has no place
+    for, or a family it is refused for; empty where neither. Expert parallelism has no
+    ``--dequantize`` to offer, as convert has, nor per-expert layouts."""
+    family = analysis.family
+    present = {piece for block in analysis.blocks.values() for piece, _ in block.pieces}
+    lost = sorted(p for p in present if not dst.holds(p, family))
+    if lost:
+        quantized = any(p.endswith((SCALE, MX_BLOCKS, MX_SCALES)) for p in lost)
+        why = f" ({dst.quantized_note})" if quantized and dst.quantized_note else ""
+        return (f"the {dst.name} layout cannot hold the {family.name} experts' "
+                f"{', '.join(lost)}{why}")
+    return converted_refusal(family, dst)
+
+
+def plan_if_held(analysis: Analysis, dst: Layout) -> Plan | None:
+    """The plan of one expert a layer in ``dst``; None where ``dst`` is refused
+    (``held_refusal``) or the planner refuses it."""
+    if held_refusal(analysis, dst):
+        return None
+    try:
+        return build_plan(analysis, dst, experts=range(1))
+    except MoekitError:
+        return None
+
+
+def planning(analysis: Analysis, dst: Layout) -> list[str]:
+    """The layouts of ``EP_LAYOUTS`` but ``dst`` in which the checkpoint plans, each tried:
+    one that holds the experts' pieces may still be refused by the planner."""
+    return [name for name in EP_LAYOUTS
+            if name != dst.name and plan_if_held(analysis, LAYOUTS[name]) is not None]
+
+
+def _arguments(can: list[str], family: Family) -> str:
+    """What to load instead: the ``layout=`` values ``can`` of ``load_experts``,
+    ``load_sharded`` and ``rank_plan``."""
+    return (f"pass {' or '.join(f'layout={name!r}' for name in can)}" if can
+            else f"expert parallelism loads no other layout that holds the {family.name} "
+                 "experts")
 
 
 def grouped_layout(name: str) -> Layout:

@@ -13,12 +13,11 @@ from ..errors import MoekitError, printable
 from ..gc_pauses import without_gc_pauses
 from ..hub import local_path
 from ..layouts import LAYOUTS, TRANSFORMERS, Family, Layout, family_of_model_type
-from ..layouts.families import MX_BLOCKS, MX_SCALES, SCALE
 from ..model_config import MAX_BUILT_LAYERS, ConfigValues, shown
 from ..plan import Plan, TensorPlan, nbytes, reads
-from ..planner import (Analysis, build_plan, config_settings, converted_refusal,
-                       split_groups_refusal, understand, understand_checkpoint, validate)
-from .ranges import EP_LAYOUTS, chunk, expert_range, grouped_layout
+from ..planner import (Analysis, config_settings, split_groups_refusal, understand,
+                       understand_checkpoint, validate)
+from .ranges import EP_LAYOUTS, chunk, expert_range, grouped_layout, plan_if_held, planned
 
 MAX_RANKS = 1 << 16
 """The most ranks (dp x ep) ``ep_report`` tabulates: more than any training cluster
@@ -169,7 +168,7 @@ def _planned(analysis: Analysis, layout: str | None) -> tuple[Layout, Plan]:
         dst = grouped_layout(layout)
         return dst, _one_expert_plan(analysis, dst)
     for name in EP_LAYOUTS:
-        plan = _plan_if_held(analysis, LAYOUTS[name])
+        plan = plan_if_held(analysis, LAYOUTS[name])
         if plan is not None:
             return LAYOUTS[name], plan
     first = LAYOUTS[EP_LAYOUTS[0]]
@@ -177,56 +176,9 @@ def _planned(analysis: Analysis, layout: str | None) -> tuple[Layout, Plan]:
 
 
 def _one_expert_plan(analysis: Analysis, dst: Layout) -> Plan:
-    """The plan of one expert a layer in ``dst``, refused where ``dst`` has no place for
-    some of the experts' pieces (FP8 scales in nemo), is refused for the family
-    (``Family.unconverted``) or the planner refuses it (transformers' joined FP8 scale
-    grid over experts whose size is not a whole number of blocks), naming the layouts of
-    plan in which the checkpoint plans (``_planning``)."""
-    refusal = _refusal(analysis, dst)
-    if refusal:
-        raise MoekitError(f"{refusal}: {_instead(_planning(analysis, dst), analysis.family)}")
-    try:
-        return build_plan(analysis, dst, experts=range(1))
-    except MoekitError as err:
-        # The planner's remedies are convert's (--dequantize, the hf layout): add plan's.
-        can = _planning(analysis, dst)
-        if not can:
-            raise
-        raise MoekitError(f"{err}\nfor expert parallelism: {_instead(can, analysis.family)}"
-                          ) from None
-
-
-def _refusal(analysis: Analysis, dst: Layout) -> str:
-    """Why ``dst`` cannot hold the checkpoint's experts as they are: pieces it has no place
-    for, or a family it is refused for; empty where neither. Plan has no ``--dequantize``
-    to offer, as convert has, nor per-expert layouts."""
-    family = analysis.family
-    present = {piece for block in analysis.blocks.values() for piece, _ in block.pieces}
-    lost = sorted(p for p in present if not dst.holds(p, family))
-    if lost:
-        quantized = any(p.endswith((SCALE, MX_BLOCKS, MX_SCALES)) for p in lost)
-        why = f" ({dst.quantized_note})" if quantized and dst.quantized_note else ""
-        return (f"the {dst.name} layout cannot hold the {family.name} experts' "
-                f"{', '.join(lost)}{why}")
-    return converted_refusal(family, dst)
-
-
-def _plan_if_held(analysis: Analysis, dst: Layout) -> Plan | None:
-    """The plan of one expert a layer in ``dst``; None where ``dst`` is refused
-    (``_refusal``) or the planner refuses it."""
-    if _refusal(analysis, dst):
-        return None
-    try:
-        return build_plan(analysis, dst, experts=range(1))
-    except MoekitError:
-        return None
-
-
-def _planning(analysis: Analysis, dst: Layout) -> list[str]:
-    """The layouts of ``EP_LAYOUTS`` but ``dst`` in which the checkpoint plans, each tried:
-    one that holds the experts' pieces may still be refused by the planner."""
-    return [name for name in EP_LAYOUTS
-            if name != dst.name and _plan_if_held(analysis, LAYOUTS[name]) is not None]
+    """The plan of one expert a layer in ``dst``, a refusal naming the ``--layout``
+    options in which the checkpoint plans (``planned``)."""
+    return planned(analysis, dst, lambda can: _instead(can, analysis.family))
 
 
 def _instead(can: list[str], family: Family) -> str:
