@@ -142,7 +142,7 @@ def _ep_refusal(src: Path, layout: str) -> str:
 def test_rank_plan_refused_for_the_family_names_the_layout_values_that_plan(mistral_large4):
     """nemo and transformers refused for Mistral-Large-4: the refusal names
     ``layout='vllm'``, the one value of the others that plans, and none of convert's
-    remedies."""
+    remedies; hf, which keeps one tensor per expert, names vllm alone too."""
     assert [name for name in EP_LAYOUTS if _plans(mistral_large4, name)] == ["vllm"]
     family = family_of_model_type("mistral_large4")
     for refused in ("nemo", "transformers"):
@@ -150,6 +150,7 @@ def test_rank_plan_refused_for_the_family_names_the_layout_values_that_plan(mist
         assert family.unconverted[refused] in err
         assert err.endswith("what the layout promises: pass layout='vllm'"), err
         assert "use hf" not in err and "--" not in err
+    assert _ep_refusal(mistral_large4, "hf").endswith("keeps one tensor per expert: choose vllm")
 
 
 def test_rank_plan_refused_for_fp8_scales_names_the_layout_values_that_plan(tmp_path):

@@ -82,7 +82,7 @@ def rank_plan(analysis: Analysis, size: int, rank: int, layout: str,
     """Validate the experts EP rank ``rank`` of ``size`` needs in ``placement`` and plan
     its local tensors; a layout refused names the ``layout=`` values that plan
     (``planned``)."""
-    dst = grouped_layout(layout)
+    dst = grouped_layout(layout, analysis)
     mine = expert_range(analysis.n_experts, size, rank, placement)
     try:
         validate(analysis, required=mine, where=where)
@@ -156,14 +156,18 @@ def _arguments(can: list[str], family: Family) -> str:
                  "experts")
 
 
-def grouped_layout(name: str) -> Layout:
+def grouped_layout(name: str, analysis: Analysis | None = None) -> Layout:
     """The layout called ``name``, once it is grouped: expert parallelism shares the rows of
-    grouped tensors out among the ranks, and a per-expert layout has none."""
+    grouped tensors out among the ranks, and a per-expert layout has none. A per-expert
+    one is refused naming ``EP_LAYOUTS``, or with ``analysis``, those in which its
+    checkpoint plans (``planning``)."""
     layout = layout_named(name)
     if not layout.grouped:
+        can = EP_LAYOUTS if analysis is None else planning(analysis, layout)
         raise MoekitError(f"expert parallelism shards grouped expert tensors by rows; the "
-                          f"{layout.name} layout keeps one tensor per expert: choose "
-                          f"{', '.join(EP_LAYOUTS)}")
+                          f"{layout.name} layout keeps one tensor per expert: "
+                          + (f"choose {', '.join(can)}" if can else
+                             "no grouped layout holds the checkpoint's experts"))
     return layout
 
 
