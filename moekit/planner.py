@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -457,8 +458,19 @@ def _check_converted(analysis: Analysis, layout: Layout, role: str = "destinatio
 
 
 _TRYING: ContextVar[bool] = ContextVar("moekit_planner_trying", default=False)
-"""True while ``_converting`` plans the checkpoint in the layouts a refusal would offer:
-their refusals are caught, so they offer none of their own (which would try again)."""
+"""True while a caller tries layouts and drops their refusals (``trying_layouts``)."""
+
+
+@contextmanager
+def trying_layouts() -> Iterator[None]:
+    """Within, refusals offer no layouts to use instead (``_converting`` gives none): a
+    caller that tries a layout drops its refusal, and finding what it would offer plans
+    the checkpoint again in each candidate (whose own refusals would try again)."""
+    trying = _TRYING.set(True)
+    try:
+        yield
+    finally:
+        _TRYING.reset(trying)
 
 
 def _converting(analysis: Analysis, names: Iterable[str], dequantize: bool,
@@ -468,15 +480,12 @@ def _converting(analysis: Analysis, names: Iterable[str], dequantize: bool,
     pieces and is not refused for the family may still be refused for the checkpoint
     (transformers' joined FP8 scale grid, Megatron-Core's config entries,
     multi-token-prediction layers), and a refusal offers only layouts that then convert.
-    Empty while trying (``_TRYING``)."""
+    Empty while trying (``trying_layouts``)."""
     if _TRYING.get():
         return []
-    trying = _TRYING.set(True)
-    try:
+    with trying_layouts():
         return [name for name in names
                 if _plans(analysis, LAYOUTS[name], dequantize, experts)]
-    finally:
-        _TRYING.reset(trying)
 
 
 def _plans(analysis: Analysis, dst: Layout, dequantize: bool, experts: range | None) -> bool:

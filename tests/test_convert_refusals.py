@@ -195,3 +195,25 @@ def test_load_experts_and_load_sharded_name_the_layout_values_that_plan(mistral_
             err = (tmp_path / f"{call}-{rank}.txt").read_text()
             assert err.startswith("the nemo layout of mistral_large4 is refused"), err
             assert err.endswith(": pass layout='vllm'") and "use hf" not in err, err
+
+
+def test_plan_tries_each_layout_once_for_its_default(tmp_path, capsys, monkeypatch):
+    """plan --ep tries the layouts in turn and drops their refusals: a refusal met while
+    trying offers nothing, so no layout is planned twice (transformers' refusal of these
+    FP8 scales would otherwise plan transformers with --dequantize, hf and vllm to say what
+    converts)."""
+    from moekit import planner
+    from moekit.expert_parallel import ranges
+
+    build_plan, planned = planner.build_plan, []
+
+    def counted(analysis, dst, *args, **kwargs):
+        planned.append(dst.name)
+        return build_plan(analysis, dst, *args, **kwargs)
+
+    monkeypatch.setattr(planner, "build_plan", counted)
+    monkeypatch.setattr(ranges, "build_plan", counted)
+    src = fp8_checkpoint(tmp_path / "fp8", intermediate=200)
+    assert main(["plan", str(src), "--ep", "2"]) == 0
+    assert capsys.readouterr().out.startswith("layout vllm: ")
+    assert planned == ["transformers", "vllm"]

@@ -23,7 +23,7 @@ from ..errors import MoekitError, PlanError
 from ..layouts import LAYOUTS, NEMO, Family, Layout, layout_named
 from ..layouts.families import MX_BLOCKS, MX_SCALES, SCALE
 from ..plan import Plan
-from ..planner import Analysis, build_plan, converted_refusal, validate
+from ..planner import Analysis, build_plan, converted_refusal, trying_layouts, validate
 
 
 def chunk(length: int, parts: int, index: int) -> slice:
@@ -132,11 +132,12 @@ def held_refusal(analysis: Analysis, dst: Layout) -> str:
 
 def plan_if_held(analysis: Analysis, dst: Layout) -> Plan | None:
     """The plan of one expert a layer in ``dst``; None where ``dst`` is refused
-    (``held_refusal``) or the planner refuses it."""
+    (``held_refusal``) or the planner refuses it (offering nothing: ``trying_layouts``)."""
     if held_refusal(analysis, dst):
         return None
     try:
-        return build_plan(analysis, dst, experts=range(1))
+        with trying_layouts():
+            return build_plan(analysis, dst, experts=range(1))
     except MoekitError:
         return None
 
