@@ -99,15 +99,15 @@ def planned(analysis: Analysis, dst: Layout, instead: Callable[[list[str]], str]
     (``Family.unconverted``) or the planner refuses it (transformers' joined FP8 scale
     grid over experts whose size is not a whole number of blocks), naming what to do
     instead: ``instead`` of the layouts of ``EP_LAYOUTS`` in which the checkpoint plans
-    (``planning``). The planner's own remedies are convert's (``--dequantize``, the hf
+    (``_planning``). The planner's own remedies are convert's (``--dequantize``, the hf
     layout), which expert parallelism has not: its refusals of pieces and families
-    (``held_refusal``) are said without them, the others followed by what to do."""
+    (``_held_refusal``) are said without them, the others followed by what to do."""
     try:
         return build_plan(analysis, dst, experts=experts)
     except PlanError:
         raise
     except MoekitError as err:
-        refusal, can = held_refusal(analysis, dst), planning(analysis, dst)
+        refusal, can = _held_refusal(analysis, dst), _planning(analysis, dst)
         if refusal:
             raise MoekitError(f"{refusal}: {instead(can)}") from None
         if not can:
@@ -115,7 +115,7 @@ def planned(analysis: Analysis, dst: Layout, instead: Callable[[list[str]], str]
         raise MoekitError(f"{err}\nfor expert parallelism: {instead(can)}") from None
 
 
-def held_refusal(analysis: Analysis, dst: Layout) -> str:
+def _held_refusal(analysis: Analysis, dst: Layout) -> str:
     """Why ``dst`` cannot hold the checkpoint's experts as they are: pieces it has no place
     for, or a family it is refused for; empty where neither. Expert parallelism has no
     ``--dequantize`` to offer, as convert has, nor per-expert layouts."""
@@ -132,8 +132,8 @@ def held_refusal(analysis: Analysis, dst: Layout) -> str:
 
 def plan_if_held(analysis: Analysis, dst: Layout) -> Plan | None:
     """The plan of one expert a layer in ``dst``; None where ``dst`` is refused
-    (``held_refusal``) or the planner refuses it (offering nothing: ``trying_layouts``)."""
-    if held_refusal(analysis, dst):
+    (``_held_refusal``) or the planner refuses it (offering nothing: ``trying_layouts``)."""
+    if _held_refusal(analysis, dst):
         return None
     try:
         with trying_layouts():
@@ -142,7 +142,7 @@ def plan_if_held(analysis: Analysis, dst: Layout) -> Plan | None:
         return None
 
 
-def planning(analysis: Analysis, dst: Layout) -> list[str]:
+def _planning(analysis: Analysis, dst: Layout) -> list[str]:
     """The layouts of ``EP_LAYOUTS`` but ``dst`` in which the checkpoint plans, each tried:
     one that holds the experts' pieces may still be refused by the planner."""
     return [name for name in EP_LAYOUTS
@@ -161,10 +161,10 @@ def grouped_layout(name: str, analysis: Analysis | None = None) -> Layout:
     """The layout called ``name``, once it is grouped: expert parallelism shares the rows of
     grouped tensors out among the ranks, and a per-expert layout has none. A per-expert
     one is refused naming ``EP_LAYOUTS``, or with ``analysis``, those in which its
-    checkpoint plans (``planning``)."""
+    checkpoint plans (``_planning``)."""
     layout = layout_named(name)
     if not layout.grouped:
-        can = EP_LAYOUTS if analysis is None else planning(analysis, layout)
+        can = EP_LAYOUTS if analysis is None else _planning(analysis, layout)
         raise MoekitError(f"expert parallelism shards grouped expert tensors by rows; the "
                           f"{layout.name} layout keeps one tensor per expert: "
                           + (f"choose {', '.join(can)}" if can else
