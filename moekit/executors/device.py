@@ -48,7 +48,7 @@ CHUNK_BYTES = 64 * 2**20
 """Bytes of one read job: large, so that queueing jobs costs little Python."""
 BUFFER_BYTES = 8 * 2**20
 """Bytes of each of a reader's two pinned buffers, through which it moves its jobs: pinned
-host memory is 2 x BUFFER_BYTES per reader. Small, because pinning is slow (about 0.05 s for
+host memory is 2 x BUFFER_BYTES per reader. Small, because pinning is slow (0.05 to 0.2 s for
 256 MiB, see ``PageLockedPool``) and the first load in a process pays for it; not smaller,
 because each buffer's copy costs the reader the GIL (with 16 readers, 4 MiB buffers load a
 quarter slower than 8 MiB ones; 8 to 32 MiB load within 6 % of each other once pinned)."""
@@ -74,7 +74,7 @@ class PageLockedPool:
 
     A buffer is anonymous memory mapped with its pages populated (zero-filled by the
     kernel) and registered with ``cudaHostRegister``, as ``torch.distributed.checkpoint``'s
-    stager pins its buffers: on an H200 host that pins 256 MiB in about 0.05 s where
+    stager pins its buffers: on an H200 host that pins 256 MiB in 0.05 to 0.2 s, where
     ``cudaHostAlloc`` (PyTorch's pinned allocator) takes 0.1 to 0.3 s, and the copies from
     either run at the same speed. Where registering fails, the buffer comes from PyTorch's
     pinned allocator instead."""
@@ -119,7 +119,7 @@ PAGE_LOCKED = PageLockedPool()
 class PinnedBuffers:
     """The pairs of pinned host buffers a load's readers move their bytes through, taken
     from ``PAGE_LOCKED`` one pair at a time by a background thread, each handed to a reader
-    as soon as it is ready: the first load in a process pins them (about 0.05 s for 16
+    as soon as it is ready: the first load in a process pins them (0.05 to 0.2 s for 16
     readers) while its plan is built and its first bytes are read, not before. Later loads
     find them in the pool.
 
