@@ -232,18 +232,23 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class FileIdentity:
-    """What a file was when moekit read it: which file (device, inode) and its size and
-    modification time. Tensor offsets come from the header read then, so a file that
-    differs later (rewritten, truncated, replaced by a re-download) must not be read."""
+    """What a file was when moekit read it: which file (device, inode), its size, and its
+    modification and status-change times. Tensor offsets come from the header read then,
+    so a file that differs later (rewritten, truncated, replaced by a re-download) must not
+    be read. The status-change time (ctime) catches a rewrite whose writer put the
+    modification time back (``touch -d``, ``os.utime``, an rsync of the same size), which
+    no process can set; it also moves on chmod, chown and a new hard link, which are then
+    refused alike."""
 
     device: int
     inode: int
     size: int
     mtime_ns: int
+    ctime_ns: int
 
     @classmethod
     def of(cls, info: os.stat_result) -> "FileIdentity":
-        return cls(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        return cls(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
     def differences(self, now: "FileIdentity") -> list[str]:
         """How ``now`` differs from this identity, in words (empty when it does not)."""
@@ -254,6 +259,9 @@ class FileIdentity:
             found.append(f"its size went from {self.size:,} to {now.size:,} bytes")
         if now.mtime_ns != self.mtime_ns:
             found.append("it was modified")
+        elif now.ctime_ns != self.ctime_ns:
+            found.append("its status changed (ctime): it may have been rewritten with its "
+                         "modification time put back, or its permissions or links changed")
         return found
 
 

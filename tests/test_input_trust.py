@@ -572,6 +572,18 @@ def rewrite_in_place(file: Path) -> None:
     os.utime(file, ns=(0, file.stat().st_mtime_ns + 1_000_000))
 
 
+def rewrite_keeping_mtime(file: Path) -> None:
+    """Change bytes of ``file`` without changing its size, then put its modification time
+    back (as ``touch -d`` or a copy that keeps times would)."""
+    before = file.stat()
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0xFF
+    with open(file, "r+b") as handle:
+        handle.write(data)
+    os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert file.stat().st_mtime_ns == before.st_mtime_ns
+
+
 def replace_by_a_copy(file: Path) -> None:
     """Put a new file (another inode) with the same bytes in ``file``'s place."""
     copy = file.with_suffix(".new")
@@ -586,10 +598,12 @@ def swap_for_a_pipe(file: Path) -> None:
 
 SOURCE_CHANGES = [
     ("after planning", rewrite_in_place, "it was modified"),
+    ("after planning", rewrite_keeping_mtime, "status changed"),
     ("after planning", replace_by_a_copy, "replaced by another file"),
     ("after planning", swap_for_a_pipe, "no longer a plain file"),
     ("after planning", lambda file: os.truncate(file, 100), "size went from"),
     ("while writing", rewrite_in_place, "it was modified"),
+    ("while writing", rewrite_keeping_mtime, "status changed"),
     ("while writing", lambda file: os.truncate(file, 100), "size went from"),
 ]
 """A file replaced (or swapped for a pipe) once open is still read whole from the file that
