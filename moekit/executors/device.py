@@ -250,18 +250,21 @@ def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | st
 
 def _check_room(plan: Plan, device: torch.device, batches: list[_Batch], slots: int) -> None:
     """Refuse, before reading anything, a load that cannot fit on the device: its tensors
-    plus the ``slots`` largest staging buffers of its ``batches`` against the memory free
-    there, counting what PyTorch holds cached but unused."""
+    plus the ``slots`` largest staging buffers of its ``batches`` and the largest tensor
+    once more (a stack gathered from scattered regions is built whole before it is copied
+    into place) against the memory free there, counting what PyTorch holds cached but
+    unused."""
     sizes = sorted((batch.size for batch in batches), reverse=True)
-    staging = sum(sizes[:slots])
+    staging = sum(sizes[:slots]) + max((tensor.nbytes for tensor in plan.tensors), default=0)
     free = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
             - torch.cuda.memory_allocated(device))
     if plan.total_bytes + staging > free:
         raise MoekitError(
             f"loading onto {device} needs about {format_size(plan.total_bytes + staging)} "
             f"({format_size(plan.total_bytes)} of tensors and {format_size(staging)} of "
-            f"staging) but {format_size(free)} is free there: free memory first, or load a "
-            "share of the experts per GPU (moekit.load_experts with expert parallelism)")
+            f"staging and building) but {format_size(free)} is free there: free memory "
+            "first, or load a share of the experts per GPU (moekit.load_experts with expert "
+            "parallelism)")
 
 
 PROMPT_HANDOFFS = ScopedSetting(sys.getswitchinterval, sys.setswitchinterval,
