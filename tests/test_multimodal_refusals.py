@@ -19,7 +19,7 @@ from moekit.cli import main
 from moekit.layouts import TRANSFORMERS, family_of_model_type
 
 from .conftest import load_all, same_bytes
-from .tiny_families import build_multimodal
+from .tiny_families import saved_multimodal
 
 TYPES = ("deepseek_ocr2", "unlimited_ocr", "inkling_mm_model", "nemotron_h_omni",
          "nemo_speechlm")
@@ -30,16 +30,7 @@ NO_NEMO_MODEL = ("deepseek_ocr2", "unlimited_ocr", "nemo_speechlm")
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """model type -> (its tiny model, its save_pretrained folder), built on first use."""
-    root, built = tmp_path_factory.mktemp("refused"), {}
-
-    def get(model_type: str):
-        if model_type not in built:
-            model = build_multimodal(model_type)
-            model.save_pretrained(root / model_type)
-            built[model_type] = model, root / model_type
-        return built[model_type]
-
-    return get
+    return saved_multimodal(tmp_path_factory.mktemp("refused"))
 
 
 def _refused(src, layout: str, tmp_path, capsys) -> str:

@@ -18,7 +18,7 @@ from moekit.layouts import TRANSFORMERS, family_of_model_type
 
 from .conftest import load_all
 from .test_ep_plan import DEEPSEEK_V3
-from .tiny_families import (MULTIMODAL, build, build_multimodal, moe_causal_lm_types,
+from .tiny_families import (MULTIMODAL, build, moe_causal_lm_types, saved_multimodal,
                             tiny_config)
 
 NEMO_REFUSED = ("mistral_large4", "deepseek_ocr2", "unlimited_ocr", "inkling_mm_model",
@@ -41,16 +41,7 @@ CONVERTED = tuple(t for t in MULTIMODAL if TRANSFORMERS.name in
 def saved(tmp_path_factory):
     """model type -> (its tiny multimodal model, its save_pretrained folder), built on first
     use."""
-    root, built = tmp_path_factory.mktemp("plan-layouts"), {}
-
-    def get(model_type: str):
-        if model_type not in built:
-            model = build_multimodal(model_type)
-            model.save_pretrained(root / model_type)
-            built[model_type] = model, root / model_type
-        return built[model_type]
-
-    return get
+    return saved_multimodal(tmp_path_factory.mktemp("plan-layouts"))
 
 
 def _plan(capsys, path, *options: str) -> list[dict]:

@@ -4,6 +4,8 @@ walking its auto mappings (not a hand list), for the per-family tests."""
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from moekit import samples
@@ -262,3 +264,18 @@ def _first_layers(tower, count: int | None) -> dict[str, list]:
         return {}
     return {name: list(getattr(tower, name)[:count]) for name in PER_LAYER_LISTS
             if isinstance(getattr(tower, name, None), (list, tuple))}
+
+
+def saved_multimodal(root: Path) -> Callable[[str], tuple[Any, Path]]:
+    """model type -> (its tiny multimodal model, its save_pretrained folder under ``root``),
+    each built on first use (for a module-scoped fixture)."""
+    built: dict[str, tuple[Any, Path]] = {}
+
+    def get(model_type: str) -> tuple[Any, Path]:
+        if model_type not in built:
+            model = build_multimodal(model_type)
+            model.save_pretrained(root / model_type)
+            built[model_type] = model, root / model_type
+        return built[model_type]
+
+    return get
