@@ -488,6 +488,19 @@ def _read_header(folder: Path, name: str, tensors: dict[str, TensorInfo]
         raise MoekitError(f"{_shown(file)}: its header gives {printable(twice)} twice, with "
                           "different entries (readers disagree on which one counts); the file "
                           "is corrupt: re-download or re-save it")
+    try:
+        _add_entries(file, name, start, entries, tensors)
+    except (TypeError, KeyError, IndexError):
+        raise _changed_while_read(file) from None
+    return metadata, identity
+
+
+def _add_entries(file: Path, name: str, start: int, entries: dict[str, dict],
+                 tensors: dict[str, TensorInfo]) -> None:
+    """Add the header ``entries`` of ``file`` (``name``), whose data section starts at
+    byte ``start``, to ``tensors`` in the order of their bytes. Each entry is taken to be
+    as safetensors checked it; a TypeError, KeyError or IndexError here means the file
+    was rewritten after that check."""
     for key, entry in sorted(entries.items(), key=_data_start):
         if key in tensors:
             raise MoekitError(f"tensor {printable(key)} is stored twice: in "
@@ -496,7 +509,6 @@ def _read_header(folder: Path, name: str, tensors: dict[str, TensorInfo]
         if dtype not in ITEMSIZES or 0 in shape:
             _check_entry(file, key, shape, dtype)
         tensors[key] = TensorInfo(key, name, shape, dtype, start + entry["data_offsets"][0])
-    return metadata, identity
 
 
 def _data_start(item: tuple[str, dict]) -> int:

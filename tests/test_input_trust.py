@@ -469,6 +469,29 @@ def test_a_null_metadata_is_no_metadata(tmp_path, name):
     assert list(read.tensors) == [name] and read.metadata == {}
 
 
+@pytest.mark.parametrize("entry", [
+    b"1", b'{"dtype":"F32","shape":[4]}', b'{"dtype":"F32","shape":[4],"data_offsets":[]}',
+    b'{"dtype":["F32"],"shape":[0],"data_offsets":[0,0]}',
+    b'{"dtype":"F32","shape":4,"data_offsets":[0,16]}'])
+def test_a_header_rewritten_after_safetensors_checked_it_is_refused(tmp_path, monkeypatch,
+                                                                    entry):
+    """The header is parsed once more after safetensors checked it: a file rewritten in
+    between with a header safetensors would refuse gives one error naming the file."""
+    from moekit import checkpoint as module
+
+    src = checkpoint(tmp_path / "model")
+    checked = module.safe_open
+
+    def checked_then_rewritten(path, **kwargs):
+        handle = checked(path, **kwargs)
+        write_raw_header(Path(path), b'{"model.x":' + entry + b"}", 16)
+        return handle
+
+    monkeypatch.setattr(module, "safe_open", checked_then_rewritten)
+    with pytest.raises(MoekitError, match="model.safetensors changed while its header was read"):
+        Checkpoint.open(src)
+
+
 def set_length(length: int) -> Callable[[Path], None]:
     def edit(file: Path) -> None:
         data = bytearray(file.read_bytes())
