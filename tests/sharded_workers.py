@@ -323,7 +323,8 @@ def _outcome(step) -> str:
 def failing_loads(rank: int, world: int, store: str, src: str, out: str) -> None:
     """On a (1, world) mesh: load_sharded where every shard file changes (a later
     modification time) once rank 0 has read its part and before rank 1 reads its own, so
-    that rank 1 alone fails reading; then a load of the same folder; then one asked to
+    that rank 1 alone fails reading; then one whose planning raises an error other than
+    a MoekitError on rank 1 alone; then a load of the same folder; then one asked to
     replicate tensors by a pattern that matches expert tensors. A collective left waiting
     times out (a minute) rather than hanging the test. Writes ``out/rank.json``: case ->
     "ok" or the error message."""
@@ -351,6 +352,19 @@ def failing_loads(rank: int, world: int, store: str, src: str, out: str) -> None
     sharded.read_plan = read_after_a_change
     outcomes = {"changed": _outcome(lambda: load_sharded(src, mesh))}
     sharded.read_plan = read_plan
+    build_plan = sharded.build_plan
+
+    def a_bug_on_rank_1(*args, **kwargs):
+        if rank == 1:
+            raise RuntimeError("a planner bug")
+        return build_plan(*args, **kwargs)
+
+    sharded.build_plan = a_bug_on_rank_1
+    try:
+        outcomes["bug"] = _outcome(lambda: load_sharded(src, mesh))
+    except RuntimeError as err:
+        outcomes["bug"] = f"RuntimeError: {err}"
+    sharded.build_plan = build_plan
     outcomes["again"] = _outcome(lambda: load_sharded(src, mesh))
     outcomes["replicate"] = _outcome(lambda: load_sharded(
         src, mesh, replicate=("lm_head.weight", "*.mlp.*")))

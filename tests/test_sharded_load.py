@@ -225,8 +225,9 @@ def test_ranks_that_would_hold_different_state_dicts_are_refused(qwen3_10, tmp_p
 
 def test_a_shard_changed_while_one_rank_reads_or_experts_to_replicate_fail_every_rank(
         qwen3_10, tmp_path):
-    """A rank that fails reading its part leaves no other waiting to gather pieces from
-    it: every rank raises naming the file and the rank, and the next load works. A
+    """A rank that fails reading its part, or planning it with any error, leaves no other
+    waiting to gather pieces from it: every rank raises naming the file (or the error)
+    and the rank, and the next load works. A
     ``replicate`` pattern that matches expert tensors (which are sharded over ep whatever
     it says) is refused, naming the pattern and a tensor it matches."""
     import shutil
@@ -238,6 +239,8 @@ def test_a_shard_changed_while_one_rank_reads_or_experts_to_replicate_fail_every
     assert "changed since moekit read its header" in outcomes[1]["changed"]
     assert outcomes[0]["changed"] == "load_sharded failed on another rank: rank 1: " + \
         outcomes[1]["changed"]
+    assert outcomes[1]["bug"] == "RuntimeError: a planner bug"
+    assert outcomes[0]["bug"] == "load_sharded failed on another rank: rank 1: a planner bug"
     assert [o["again"] for o in outcomes] == ["ok", "ok"]
     for outcome in outcomes:
         assert outcome["replicate"] == (

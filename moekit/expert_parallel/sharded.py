@@ -73,8 +73,8 @@ def load_sharded(path: str | Path, device_mesh: DeviceMesh, layout: str = "trans
         plan = build_plan(analysis, grouped_layout(layout), experts=mesh.experts_to_read(
             analysis.n_experts))
         patterns = _patterns(replicate, plan)
-    except MoekitError as err:
-        agree(str(err), "load_sharded")
+    except Exception as err:  # told to every rank: the others would wait in the next collective
+        agree(str(err) or type(err).__name__, "load_sharded")
         raise
     agree(None, "load_sharded")
     shares = {t.name: _Share.of(t, plan, mesh, patterns) for t in plan.tensors}
