@@ -229,16 +229,31 @@ def _assert_same_state(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Te
 
 
 def save_expecting_errors(rank: int, world: int, store: str, src: str, out: str) -> None:
-    """save_sharded on a (1, world) mesh where rank 1's write fails, then where rank 1's
+    """save_sharded on a (1, world) mesh where rank 1's planning raises an error other than
+    a MoekitError (``out/rank.bug.txt``), then where rank 1's write fails, then where rank 1's
     state dict holds fewer rows of an expert tensor than its placement gives it, then
     where rank 1 plans one write fewer, then where every rank's holds an expert tensor
     on the dp submesh; the outcomes go to ``out/rank.write.txt``,
     ``out/rank.placement.txt``, ``out/rank.gap.txt`` and ``out/rank.dp.txt``."""
+    import datetime
+
     import moekit.expert_parallel.sharded_save as sharded_save
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=NAMES)
     state = load_sharded(src, mesh)
+    plan = sharded_save._plan
+    if rank == 1:
+        def a_planner_bug(*args):
+            raise RuntimeError("a planner bug")
+
+        sharded_save._plan = a_planner_bug
+    try:
+        _save_outcome(state, Path(out, "bug"), mesh, Path(out, f"{rank}.bug.txt"))
+    except RuntimeError as err:
+        Path(out, f"{rank}.bug.txt").write_text(f"RuntimeError: {err}")
+    sharded_save._plan = plan
     pwrite = sharded_save._pwrite_all
     if rank == 1:
         def broken(*args):
@@ -255,7 +270,6 @@ def save_expecting_errors(rank: int, world: int, store: str, src: str, out: str)
                                         stride=sharded.stride())
     _save_outcome(state, Path(out, "placed"), mesh, Path(out, f"{rank}.placement.txt"))
     state[key] = sharded
-    plan = sharded_save._plan
     if rank == 1:
         def losing_a_write(*args):
             job = plan(*args)

@@ -171,9 +171,13 @@ def test_saved_back_from_the_mesh_each_byte_by_one_rank(family, shapes, qwen3_10
 
 def test_a_rank_that_cannot_write_or_holds_a_misplaced_tensor_fails_every_rank(qwen3_10,
                                                                               tmp_path):
-    """Nothing is written, and every rank raises naming the rank and the cause."""
+    """Nothing is written, and every rank raises naming the rank and the cause (any error
+    of a rank's planning included)."""
     spawn(sharded_workers.save_expecting_errors, 2, tmp_path / "store", str(qwen3_10),
           str(tmp_path))
+    assert (tmp_path / "1.bug.txt").read_text() == "RuntimeError: a planner bug"
+    assert (tmp_path / "0.bug.txt").read_text() == (
+        "save_sharded failed on another rank: rank 1: a planner bug")
     for rank in range(2):
         write = (tmp_path / f"{rank}.write.txt").read_text()
         assert write == "save_sharded failed, nothing was written: rank 1: disk full"
@@ -188,7 +192,7 @@ def test_a_rank_that_cannot_write_or_holds_a_misplaced_tensor_fails_every_rank(q
         assert (tmp_path / f"{rank}.dp.txt").read_text().startswith(
             "model.layers.1.mlp.experts.gate_up_proj holds experts but is sharded over dp")
     assert not [p for p in tmp_path.iterdir()
-                if p.name.startswith((".", "written", "placed", "gap", "over-dp"))]
+                if p.name.startswith((".", "bug", "written", "placed", "gap", "over-dp"))]
 
 
 def test_ranks_that_would_hold_different_state_dicts_are_refused(qwen3_10, tmp_path):
