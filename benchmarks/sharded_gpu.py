@@ -48,8 +48,8 @@ for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTIC
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from common import (expert_bytes_per_layer, qwen3_moe_tensors, warm_page_cache,  # noqa: E402
-                    write_figures, write_synthetic)
+from common import (expert_bytes_per_layer, leave_process_group,  # noqa: E402
+                    qwen3_moe_tensors, warm_page_cache, write_figures, write_synthetic)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
@@ -444,8 +444,7 @@ def main() -> None:
                       baseline="a copy into the device's memory (pinned host to GPU; host "
                       "to host on the CPU)", family=args.family, torch=torch.__version__,
                       checkpoint_bytes=sum(f.stat().st_size for f in src.iterdir()))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":
