@@ -74,7 +74,7 @@ def load_sharded(path: str | Path, device_mesh: DeviceMesh, layout: str = "trans
             analysis.n_experts))
         patterns = _patterns(replicate, plan)
     except Exception as err:  # told to every rank: the others would wait in the next collective
-        agree(str(err) or type(err).__name__, "load_sharded")
+        agree(err, "load_sharded")
         raise
     agree(None, "load_sharded")
     shares = {t.name: _Share.of(t, plan, mesh, patterns) for t in plan.tensors}
@@ -88,7 +88,7 @@ def load_sharded(path: str | Path, device_mesh: DeviceMesh, layout: str = "trans
     try:
         read = read_plan(pieces, checkpoint, None if mesh.device.type == "cpu" else mesh.device)
     except Exception as err:  # told to every rank: the others would wait to gather from this one
-        agree(str(err) or type(err).__name__, "load_sharded")
+        agree(err, "load_sharded")
         raise
     agree(None, "load_sharded")
     return {name: share.place(read.pop(name), mesh, analysis.n_experts)
@@ -264,12 +264,13 @@ def _difference(theirs: dict[str, str], ours: dict[str, str], rank: int) -> str:
     return f"rank {rank} holds {key} as {theirs[key]}, rank 0 as {ours[key]}"
 
 
-def agree(error: str | None, caller: str) -> None:
+def agree(error: BaseException | None, caller: str) -> None:
     """Tell every rank whether each did a step (planned or read its part); raise on every
-    rank when one did not (with that rank's message), so that no rank waits in a
-    collective for one that gave up."""
+    rank when one did not (with that rank's ``error``: its message, else its type's name),
+    so that no rank waits in a collective for one that gave up."""
     outcomes: list = [None] * dist.get_world_size()
-    dist.all_gather_object(outcomes, error)
+    dist.all_gather_object(outcomes, None if error is None else str(error) or
+                           type(error).__name__)
     failed = [f"rank {r}: {message}" for r, message in enumerate(outcomes) if message]
     if failed and error is None:
         raise MoekitError(f"{caller} failed on another rank: " + "; ".join(failed))

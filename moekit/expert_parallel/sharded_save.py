@@ -89,7 +89,7 @@ def save_sharded(state_dict: Mapping[str, torch.Tensor], path: str | Path,
         job = _plan(state_dict, mesh, layout, family, config, parse_size(max_shard_size))
     except Exception as err:  # told to every rank: the others would wait in the next collective
         with answered("save_sharded"):
-            agree(str(err) or type(err).__name__, "save_sharded")
+            agree(err, "save_sharded")
         raise
     with answered("save_sharded"):
         agree(None, "save_sharded")
