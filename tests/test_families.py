@@ -22,7 +22,7 @@ from moekit.layouts import HF, TRANSFORMERS, family_named, family_of_model_type,
 
 from .conftest import load_all, same_bytes
 from .tiny_families import (MULTIMODAL, build, build_multimodal, moe_causal_lm_types,
-                            multimodal_moe_types)
+                            multimodal_moe_types, per_expert_pieces)
 
 LAYOUTS = ("hf", "nemo", "transformers", "vllm")
 TYPES = moe_causal_lm_types()
@@ -466,14 +466,7 @@ def _hub_name(model_type: str, key: str) -> str:
 
 def _grouped(saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-expert weights joined into each experts module's gate_up_proj and down_proj."""
-    grouped: dict[str, torch.Tensor] = {}
-    experts: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
-    for key, tensor in saved.items():
-        match = _PER_EXPERT.fullmatch(key)
-        if match:
-            experts.setdefault(match[1], {})[(int(match[2]), match[3])] = tensor
-        else:
-            grouped[key] = tensor
+    grouped, experts = per_expert_pieces(saved, _PER_EXPERT)
     for module, pieces in experts.items():
         count = len(pieces) // 3
         grouped[f"{module}.gate_up_proj"] = torch.stack(

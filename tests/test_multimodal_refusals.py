@@ -19,7 +19,7 @@ from moekit.cli import main
 from moekit.layouts import TRANSFORMERS, family_of_model_type
 
 from .conftest import load_all, same_bytes
-from .tiny_families import saved_multimodal
+from .tiny_families import per_expert_pieces, saved_multimodal
 
 TYPES = ("deepseek_ocr2", "unlimited_ocr", "inkling_mm_model", "nemotron_h_omni",
          "nemo_speechlm")
@@ -148,14 +148,8 @@ def _as_nemo_export(saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     ``mixer.experts.gate_and_up_projs`` [E,H,I] (up alone: non-gated) and ``down_projs``
     [E,I,H], which transformers 5.24 transposes on load (conversion_mapping.py
     "nemo_speechlm")."""
-    per_expert = re.compile(r"(.+\.mixer\.experts)\.(\d+)\.(up|down)_proj\.weight")
-    hub, experts = {}, {}
-    for key, tensor in saved.items():
-        match = per_expert.fullmatch(key)
-        if match:
-            experts.setdefault(match[1], {})[(int(match[2]), match[3])] = tensor
-        else:
-            hub[key] = tensor
+    hub, experts = per_expert_pieces(
+        saved, re.compile(r"(.+\.mixer\.experts)\.(\d+)\.(up|down)_proj\.weight"))
     for module, pieces in experts.items():
         count = len(pieces) // 2
         for name, piece in (("gate_and_up_projs", "up"), ("down_projs", "down")):

@@ -4,6 +4,7 @@ walking its auto mappings (not a hand list), for the per-family tests."""
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -279,3 +280,19 @@ def saved_multimodal(root: Path) -> Callable[[str], tuple[Any, Path]]:
         return built[model_type]
 
     return get
+
+
+def per_expert_pieces(saved: dict[str, Any], pattern: re.Pattern[str]
+                      ) -> tuple[dict[str, Any], dict[str, dict[tuple[int, str], Any]]]:
+    """``saved``'s tensors split by ``pattern`` (groups: experts module, expert number,
+    projection): those it does not match, and each experts module's (expert, projection)
+    -> tensor, for test oracles that group per-expert weights as a layout's files do."""
+    others: dict[str, Any] = {}
+    experts: dict[str, dict[tuple[int, str], Any]] = {}
+    for key, tensor in saved.items():
+        match = pattern.fullmatch(key)
+        if match:
+            experts.setdefault(match[1], {})[(int(match[2]), match[3])] = tensor
+        else:
+            others[key] = tensor
+    return others, experts
