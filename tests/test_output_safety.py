@@ -148,16 +148,31 @@ def test_without_renameat2_the_claimed_destination_is_kept_if_filled_meanwhile(
 
 # -- --overwrite ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra", ["notes.txt", "thesis.pdf", "other-model/"])
+OVERWRITTEN_WITH_MORE = [(("--to", "nemo"), extra) for extra in
+                         ("notes.txt", "thesis.pdf", "other-model/")] + [
+    (("--to", "megatron"), extra)
+    for extra in ("iter_0000000/notes.txt", "iter_0000000/optimizer/", "iter_12/")]
+"""(how the folder at DST is written, a file or folder more in it): an HF checkpoint
+folder, then a Megatron-Core folder holding more than its iterations."""
+
+
+@pytest.mark.parametrize("written_as,extra", OVERWRITTEN_WITH_MORE)
 def test_overwrite_refuses_a_folder_holding_more_than_a_checkpoint(qwen3, tmp_path, capsys,
-                                                                  extra):
-    out = Path(shutil.copytree(qwen3, tmp_path / "out"))
-    if extra.endswith("/"):
+                                                                  written_as, extra):
+    out = tmp_path / "out"
+    if written_as == ("--to", "megatron"):
+        assert run_cli(capsys, "convert", qwen3, out, *written_as)[0] == 0
+    else:
+        shutil.copytree(qwen3, out)
+    if extra == "other-model/":
         shutil.copytree(qwen3, out / extra)
+    elif extra.endswith("/"):
+        (out / extra).mkdir()
+        (out / extra / "state.pt").write_text("precious")
     else:
         (out / extra).write_text("precious")
     before = tree_digest(out)
-    code, err = run_cli(capsys, "convert", qwen3, out, "--to", "nemo", "--overwrite")
+    code, err = run_cli(capsys, "convert", qwen3, out, *written_as, "--overwrite")
     assert code == 2 and extra in err and "only a folder holding a checkpoint" in err
     assert tree_digest(out) == before and names(tmp_path) == ["out", "qwen3"]
 
@@ -181,22 +196,6 @@ def test_overwrite_replaces_a_megatron_or_dcp_checkpoint(qwen3, tmp_path, capsys
     assert code == 0 and verify(qwen3, out).equal and names(tmp_path) == ["out", "qwen3"]
     assert (out / "config.json").read_bytes() == (qwen3 / "config.json").read_bytes()
 
-
-@pytest.mark.parametrize("extra", ["iter_0000000/notes.txt", "iter_0000000/optimizer/",
-                                   "iter_12/"])
-def test_overwrite_refuses_a_megatron_folder_holding_more_than_its_iterations(
-        qwen3, tmp_path, capsys, extra):
-    out = tmp_path / "out"
-    assert run_cli(capsys, "convert", qwen3, out, "--to", "megatron")[0] == 0
-    if extra.endswith("/"):
-        (out / extra).mkdir()
-        (out / extra / "state.pt").write_text("precious")
-    else:
-        (out / extra).write_text("precious")
-    before = tree_digest(out)
-    code, err = run_cli(capsys, "convert", qwen3, out, "--to", "megatron", "--overwrite")
-    assert code == 2 and extra in err and "only a folder holding a checkpoint" in err
-    assert tree_digest(out) == before and names(tmp_path) == ["out", "qwen3"]
 
 
 def test_overwrite_never_replaces_an_iteration_folder_holding_a_hard_link_of_the_source(
