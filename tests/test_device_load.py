@@ -82,6 +82,36 @@ def test_experts_misaligned_in_their_shard_are_staged_one_by_one(layout, tmp_pat
     _assert_same(staged, _reference(checkpoint_, plan))
 
 
+def _joined(jobs: list[tuple[str, int, int, int]]) -> list[tuple[str, int, int, int]]:
+    """Jobs that follow on in both the file and the staging buffer, joined."""
+    out: list[tuple[str, int, int, int]] = []
+    for file, start, offset, size in jobs:
+        if out and out[-1][0] == file and out[-1][1] + out[-1][3] == start and \
+                out[-1][2] + out[-1][3] == offset:
+            out[-1] = (file, out[-1][1], out[-1][2], out[-1][3] + size)
+        else:
+            out.append((file, start, offset, size))
+    return out
+
+
+def test_the_last_reads_of_a_load_are_cut_so_that_the_readers_end_together():
+    mib, readers, floor = 2**20, 4, 8 * 2**20
+    runs = [[("a", 100, 0, 200 * mib), ("b", 0, 200 * mib + 256, 3 * mib)],
+            [("b", 5 * mib, 0, 64 * mib)], [("c", 7, 0, 90 * mib + 3)]]
+    batches = [device._Batch(i, [], {}, list(jobs), 0) for i, jobs in enumerate(runs)]
+    for batch in batches:  # as _lay_out queues them: cut at CHUNK_BYTES
+        batch.jobs = [(f, s + a, o + a, min(64 * mib, n - a)) for f, s, o, n in batch.jobs
+                      for a in range(0, n, 64 * mib)]
+    device._taper(batches, readers, floor)
+    # The same bytes, to the same staging offsets, in the same order.
+    assert [_joined(batch.jobs) for batch in batches] == runs
+    pieces = [size for batch in batches for *_, size in batch.jobs]
+    after = [sum(pieces[i + 1:]) for i in range(len(pieces))]
+    assert all(size <= max(floor, rest // readers) for size, rest in zip(pieces, after))
+    assert pieces[-readers:] == [2 * mib + 3, floor, floor, floor]
+    assert max(pieces) == 64 * mib
+
+
 def test_a_batch_of_empty_tensors_is_staged(tmp_path):
     tensors = {**moe_tensors(), "model.empty": ("F32", (0, 3))}  # read last, on its own
     checkpoint_, plan = _plan(checkpoint(tmp_path / "model", tensors), "nemo")

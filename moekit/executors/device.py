@@ -236,6 +236,7 @@ def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | st
     device = torch.device(device)
     batches = [_lay_out(index, tensors, checkpoint, chunk_bytes)
                for index, tensors in enumerate(_batches(plan.tensors, batch_bytes))]
+    _taper(batches, readers, min(buffer_bytes, chunk_bytes))
     if device.type == "cuda":
         _check_room(plan, device, batches, slots)
     if pinned is not None and (pinned.pairs, pinned.buffer_bytes) != (readers, buffer_bytes):
@@ -473,6 +474,24 @@ def _queue_run(jobs: list[tuple[str, int, int, int]], file: str, start: int, end
     ``jobs``; the staging offset of the next run."""
     jobs += [(file, a, offset + a - start, b - a) for a, b in _chunks(start, end, chunk_bytes)]
     return offset + -(-(end - start) // ALIGN) * ALIGN
+
+
+def _taper(batches: list[_Batch], readers: int, floor: int) -> None:
+    """Cut the last reads of a load smaller, so that its readers run dry together: no job
+    is larger than the bytes queued after it shared among the readers (guided
+    self-scheduling), in whole multiples of ``floor`` (a reader's buffer). With jobs of
+    CHUNK_BYTES to the end, the readers that run dry first would wait, at the end of
+    every load, while each of the others reads up to a CHUNK_BYTES job on its own."""
+    after = 0
+    for batch in reversed(batches):
+        jobs = []
+        for file, start, offset, size in reversed(batch.jobs):
+            while size > 0:
+                piece = min(size, max(floor, after // readers // floor * floor))
+                size -= piece
+                jobs.append((file, start + size, offset + size, piece))
+                after += piece
+        batch.jobs = jobs[::-1]
 
 
 def _leaves(tensors: list[TensorPlan], checkpoint: Checkpoint) -> dict[str | tuple, _Leaf]:
