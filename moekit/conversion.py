@@ -19,11 +19,11 @@ from .checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint, as
 from .dtypes import ITEMSIZES, to_safetensors
 from .errors import MoekitError
 from .executors.streaming import write_plan
-from .gc_pauses import COLLECTOR_OFF, without_gc_pauses
+from .gc_pauses import without_gc_pauses
 from .layouts import layout_named
 from .output import atomic_output, check_destination
 from .plan import Plan
-from .planner import analyse, analyse_checkpoint, analyse_opened, build_plan
+from .planner import analyse, analyse_checkpoint, build_plan
 from .sizes import parse_size
 from .sources import FileSource, TensorSource
 
@@ -160,22 +160,18 @@ def load(path: str | Path, layout: str = "nemo", device: "torch.device | str | N
          from_: str | None = None) -> "dict[str, torch.Tensor]":
     """The whole checkpoint at ``path`` as a state dict in ``layout``, on ``device``.
 
-    Validated from headers, like ``convert``, before it returns. On an accelerator the
-    bytes go through a small pool of pinned host buffers and the grouped tensors are
-    built on the device; on a GPU, the first layers' bytes are read while the checkpoint
-    is checked and planned.
+    Validated from headers first, like ``convert``. On an accelerator the bytes go through
+    a small pool of pinned host buffers and the grouped tensors are built on the device.
     """
-    from .executors.device import pin_ahead, read_plan, reading_ahead
+    from .executors.device import pin_ahead, read_plan
     from .executors.memory import checked_device
 
     checked_device(device)
     pinned = pin_ahead(device)
     try:
-        with COLLECTOR_OFF.scope():
-            checkpoint = Checkpoint.open(path)
-            with reading_ahead(checkpoint, device, pinned) as reader:
-                plan = build_plan(analyse_opened(checkpoint, from_), layout_named(layout))
-                return read_plan(plan, checkpoint, device, pinned=pinned, reader=reader)
+        checkpoint, analysis = analyse_checkpoint(path, from_)
+        return read_plan(build_plan(analysis, layout_named(layout)), checkpoint, device,
+                         pinned=pinned)
     finally:
         if pinned is not None:
             pinned.join()

@@ -10,8 +10,7 @@ that touch, overlap or are read twice by different recipes, stacks in file order
 order and with repeats (views of the staging buffer or gathered), stacks of
 concatenations and interleavings of transposed reads, 0-d and empty tensors, experts at
 byte offsets their dtype is not aligned to (after odd-sized byte tensors), and tensors
-spread over two files; read by three readers in tiny chunks and batches, some of the
-files' tensors read ahead.
+spread over two files; read by three readers in tiny chunks and batches.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from safetensors.torch import load_file
 
 from moekit.checkpoint import Checkpoint
 from moekit.dtypes import ITEMSIZES, to_torch
-from moekit.executors import device
 from moekit.executors.device import load_to_device
 from moekit.plan import Concat, Expr, Plan, Read, Stack, TensorPlan, Transpose
 
@@ -136,17 +134,9 @@ def test_staged_recipes_equal_torch_over_the_safetensors_librarys_tensors(seed, 
                                  for i, recipe in enumerate(recipes)])
     tensors = {k: v for file in sorted(tmp_path.glob("*.safetensors"))
                for k, v in load_file(file).items()}
-    checkpoint = Checkpoint.open(tmp_path)
-    readers = dict(readers=3, slots=rng.randint(1, 3), buffer_bytes=300)
-    with device.reading(checkpoint, "cpu", **readers) as reader:
-        # Some of the files' tensors read ahead: the batches copy those bytes from there.
-        reader.read_ahead({key: device._whole_leaf(info) for key, info in
-                           checkpoint.tensors.items() if rng.random() < 0.5})
-        if reader.ahead is not None:
-            for future in reader.ahead.futures:
-                future.result()
-        loaded = load_to_device(plan, checkpoint, "cpu", chunk_bytes=rng.choice([7, 64, 1000]),
-                                batch_bytes=rng.choice([1, 300]), reader=reader, **readers)
+    loaded = load_to_device(plan, Checkpoint.open(tmp_path), "cpu", readers=3,
+                            chunk_bytes=rng.choice([7, 64, 1000]), batch_bytes=rng.choice([1, 300]),
+                            slots=rng.randint(1, 3), buffer_bytes=300)
     for tensor in plan.tensors:
         found = loaded[tensor.name]
         assert found.dtype == to_torch(dtype), tensor.name

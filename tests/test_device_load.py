@@ -17,14 +17,12 @@ import torch
 
 import moekit
 from moekit import MoekitError
-from moekit.checkpoint import Checkpoint
 from moekit.planner import analyse_checkpoint
 from moekit.executors import device
 from moekit.executors.device import load_to_device
 from moekit.executors.evaluate import stacked_regions
 from moekit.executors.memory import run_plan
 from moekit.layouts import layout_named
-from moekit.plan import nbytes
 from moekit.planner import build_plan
 from moekit.sources import FileSource
 
@@ -139,7 +137,7 @@ def test_load_gives_the_grouped_state_dict(family_checkpoints):
 def test_staging_memory_is_bounded_by_the_slots(slots, family_checkpoints, monkeypatch):
     checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
     live, most = [], []
-    submit, finish = device.Reader._submit, device.Reader._finish
+    submit, finish = device._Reader._submit, device._Reader._finish
 
     def counted_submit(self, batch):
         live.append(batch.index)
@@ -152,8 +150,8 @@ def test_staging_memory_is_bounded_by_the_slots(slots, family_checkpoints, monke
         live.remove(batch.index)
         return out
 
-    monkeypatch.setattr(device.Reader, "_submit", counted_submit)
-    monkeypatch.setattr(device.Reader, "_finish", counted_finish)
+    monkeypatch.setattr(device._Reader, "_submit", counted_submit)
+    monkeypatch.setattr(device._Reader, "_finish", counted_finish)
     staged = load_to_device(plan, checkpoint, "cpu", readers=2, chunk_bytes=2000,
                             batch_bytes=1, slots=slots)
     assert len(most) > slots and max(most) == slots and not live
@@ -168,7 +166,7 @@ def test_a_load_that_cannot_fit_on_the_gpu_is_refused_before_reading(family_chec
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (room["free"] - 1000, 0))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3000)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2000)
-    monkeypatch.setattr(device, "Reader", None)  # nothing may be read
+    monkeypatch.setattr(device, "_Reader", None)  # nothing may be read
     with pytest.raises(MoekitError, match=r"loading onto cuda needs about .* of staging and "
                                           r"building\) but .* is free there.*load_experts"):
         load_to_device(plan, checkpoint, "cuda")
@@ -205,75 +203,6 @@ def test_a_shard_the_disk_cannot_read_is_named(qwen3, monkeypatch):
 def checksums(state: dict) -> dict[str, str]:
     """sha256 of every tensor's bytes (computed on the host)."""
     return {k: digest(v) for k, v in state.items()}
-
-
-def _bytes_read(monkeypatch) -> list[int]:
-    """The sizes of the reads the readers make from here on."""
-    sizes: list[int] = []
-    read_into = device._read_into
-    monkeypatch.setattr(device, "_read_into", lambda fd, start, view, file: (
-        sizes.append(len(view)), read_into(fd, start, view, file)))
-    return sizes
-
-
-@pytest.mark.parametrize("ahead", [0, 1, 2, 10**12])
-def test_bytes_read_ahead_are_copied_and_not_read_again(ahead, family_checkpoints,
-                                                         monkeypatch):
-    checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
-    leaves = device._first_layers(checkpoint, ahead * plan.total_bytes // 5)
-    sizes = _bytes_read(monkeypatch)
-    with device.reading(checkpoint, "cpu", readers=2, buffer_bytes=700) as reader:
-        reader.read_ahead(leaves)
-        if leaves:
-            for future in reader.ahead.futures:  # every byte read ahead before the load
-                future.result()
-        staged = load_to_device(plan, checkpoint, "cpu", readers=2, chunk_bytes=1000,
-                                batch_bytes=5000, buffer_bytes=700, reader=reader)
-    _assert_same(staged, _reference(checkpoint, plan))
-    # Every byte of the files' tensors is read once, whether ahead or by its batch.
-    assert sum(sizes) == checkpoint.total_bytes()
-    assert bool(leaves) == (ahead > 0)
-
-
-def test_reading_ahead_stops_when_the_load_starts(family_checkpoints, monkeypatch):
-    checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
-    sizes = _bytes_read(monkeypatch)
-    with device.reading(checkpoint, "cpu", readers=2, buffer_bytes=300) as reader:
-        copy, calls = reader._copy, []
-
-        def copy_then_start_the_load(*args):
-            calls.append(args)
-            if len(calls) == 3:  # the lane ends with this read
-                reader.ahead_stop = True
-            return copy(*args)
-
-        reader._copy = copy_then_start_the_load
-        reader.read_ahead(device._first_layers(checkpoint, plan.total_bytes), lanes=1)
-        reader.ahead.futures[0].result()
-        del reader._copy
-        assert len(reader.ahead_read) == 3
-        staged = load_to_device(plan, checkpoint, "cpu", readers=2, buffer_bytes=300,
-                                reader=reader)
-    _assert_same(staged, _reference(checkpoint, plan))
-    assert sum(sizes) == checkpoint.total_bytes()
-
-
-def test_the_first_layers_are_read_ahead_whole_and_in_layer_order(family_checkpoints):
-    checkpoint = Checkpoint.open(family_checkpoints["qwen3_moe"])
-    layer = {key: info for key, info in checkpoint.tensors.items()
-             if key.startswith("model.layers.0.")}
-    size = sum(nbytes(info.shape, info.dtype) for info in layer.values())
-    for limit in (size, size + 1):
-        assert device._first_layers(checkpoint, limit).keys() == layer.keys()
-    assert len(device._first_layers(checkpoint, size - 1)) < len(layer)
-    assert device._first_layers(checkpoint, 0) == {}
-
-
-def test_nothing_is_read_ahead_off_a_gpu(family_checkpoints):
-    checkpoint = Checkpoint.open(family_checkpoints["qwen3_moe"])
-    for where in (None, "cpu"):
-        with device.reading_ahead(checkpoint, where) as reader:
-            assert reader is None
 
 
 @cuda

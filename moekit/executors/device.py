@@ -25,11 +25,10 @@ import queue
 import re
 import sys
 import threading
-from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager as ContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager as ContextManager, nullcontext
 from dataclasses import dataclass, field
 from operator import itemgetter
 
@@ -65,13 +64,6 @@ BATCH_BYTES = 256 * 2**20
 device staging memory is about SLOTS x max(BATCH_BYTES, one layer's source bytes)."""
 SLOTS = 3
 """Batches staged on the device at once: the reads of two overlap the evaluation of one."""
-AHEAD_READERS = 4
-"""Readers that read ahead while a load is checked and planned (``reading_ahead``):
-detecting, validating and planning take 0.01 to 0.1 s of the main thread's Python, which
-more readers slow down (each takes the GIL between its reads, and the cores)."""
-AHEAD_BYTES = 2**30
-"""At most this many bytes are read ahead (4 readers move about that much in 0.1 s), staged
-apart until the load ends: the device holds this much more meanwhile, where it has room."""
 ALIGN = 256
 
 
@@ -193,18 +185,15 @@ _FILE_ORDER = itemgetter(0, 1)
 
 def read_plan(plan: Plan, checkpoint: Checkpoint, device: torch.device | str | None = None,
               wrap_experts: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              pinned: PinnedBuffers | None = None, reader: Reader | None = None
-              ) -> dict[str, torch.Tensor]:
+              pinned: PinnedBuffers | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of ``plan`` from ``checkpoint``'s files: through pinned buffers
-    (``pinned``'s, when given; ``reader``'s, when it is given, from ``reading_ahead``) onto
-    an accelerator ``device``, or straight from the files on the CPU. A plan reading a
-    tensor saved in row chunks (a DCP folder that ranks saved their rows into), which the
-    pinned readers do not take, is read on the CPU and copied to the accelerator tensor by
-    tensor."""
+    (``pinned``'s, when given) onto an accelerator ``device``, or straight from the files
+    on the CPU. A plan reading a tensor saved in row chunks (a DCP folder that ranks saved
+    their rows into), which the pinned readers do not take, is read on the CPU and copied
+    to the accelerator tensor by tensor."""
     accelerator = device is not None and torch.device(device).type != "cpu"
     if accelerator and not _reads_chunks(plan, checkpoint):
-        return load_to_device(plan, checkpoint, device, wrap_experts, pinned=pinned,
-                              reader=reader)
+        return load_to_device(plan, checkpoint, device, wrap_experts, pinned=pinned)
     with FileSource(checkpoint) as source:
         if accelerator:
             out = run_plan(plan, source, None)
@@ -234,108 +223,42 @@ def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | st
                    wrap_experts: Callable[[torch.Tensor], torch.Tensor] | None = None,
                    readers: int = READERS, chunk_bytes: int = CHUNK_BYTES,
                    batch_bytes: int = BATCH_BYTES, slots: int = SLOTS,
-                   buffer_bytes: int = BUFFER_BYTES, pinned: PinnedBuffers | None = None,
-                   reader: Reader | None = None) -> dict[str, torch.Tensor]:
+                   buffer_bytes: int = BUFFER_BYTES, pinned: PinnedBuffers | None = None
+                   ) -> dict[str, torch.Tensor]:
     """Every tensor of ``plan`` on ``device``, read from ``checkpoint``'s files.
     ``wrap_experts`` is applied to the routed-expert tensors (e.g. to make DTensors);
     ``pinned`` hands the readers their buffers (``pin_ahead``), else each pins its own; the
-    other arguments tune the readers and staging (see READERS, CHUNK_BYTES, ...). A
-    ``reader`` given (``reading``, ``reading_ahead``, made with the same readers, slots
-    and buffers) reads instead of new readers.
+    other arguments tune the readers and staging (see READERS, CHUNK_BYTES, ...).
 
     Every batch is laid out (from the headers: the reads of each recipe listed once, in a
-    few Python operations per source region) before the first byte of the plan is read,
-    which is how the staging a load needs is known before it starts."""
+    few Python operations per source region) before the first byte is read, which is how
+    the staging a load needs is known before it starts."""
     device = torch.device(device)
     batches = [_lay_out(index, tensors, checkpoint, chunk_bytes)
                for index, tensors in enumerate(_batches(plan.tensors, batch_bytes))]
     _taper(batches, readers, min(buffer_bytes, chunk_bytes))
     if device.type == "cuda":
         _check_room(plan, device, batches, slots)
-    if reader is not None:
-        return reader.load(plan, batches, wrap_experts)
-    with reading(checkpoint, device, readers, slots, buffer_bytes, pinned) as reader:
-        return reader.load(plan, batches, wrap_experts)
-
-
-@contextmanager
-def reading(checkpoint: Checkpoint, device: torch.device | str, readers: int = READERS,
-            slots: int = SLOTS, buffer_bytes: int = BUFFER_BYTES,
-            pinned: PinnedBuffers | None = None) -> Iterator[Reader]:
-    """Reader threads that load ``checkpoint``'s tensors onto ``device`` (``Reader.load``),
-    with the GIL switch interval short while they run; ``pinned`` hands them their buffers
-    where it pinned them for as many readers, of ``buffer_bytes``."""
     if pinned is not None and (pinned.pairs, pinned.buffer_bytes) != (readers, buffer_bytes):
         pinned = None  # pinned for other readers: each reader pins its own
-    with PROMPT_HANDOFFS.scope(), Reader(checkpoint, torch.device(device), readers, slots,
-                                         buffer_bytes, pinned) as reader:
-        yield reader
-
-
-@contextmanager
-def reading_ahead(checkpoint: Checkpoint, device: torch.device | str | None,
-                  pinned: PinnedBuffers | None = None) -> Iterator[Reader | None]:
-    """Readers for a load of ``checkpoint`` onto a GPU ``device``, already reading its first
-    layers' tensors there (``Reader.read_ahead``, up to AHEAD_BYTES, where the device has
-    room for them besides the checkpoint twice over) while the caller checks and plans the
-    load; for ``read_plan``. None for another device and for a checkpoint saved in row
-    chunks, whose loads do not go through these readers.
-
-    The bytes are read before the checkpoint is validated: a load writes nothing, and
-    what it refuses it refuses before returning."""
-    device = torch.device(device) if device is not None else None
-    if (device is None or device.type != "cuda"
-            or any(info.chunks for info in checkpoint.tensors.values())):
-        yield None
-        return
-    with reading(checkpoint, device, pinned=pinned) as reader:
-        reader.read_ahead(_first_layers(checkpoint, _ahead_room(checkpoint, device)))
-        yield reader
-
-
-def _free_memory(device: torch.device) -> int:
-    """Bytes free on a CUDA device, counting what PyTorch holds cached but unused."""
-    return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
-            - torch.cuda.memory_allocated(device))
-
-
-def _ahead_room(checkpoint: Checkpoint, device: torch.device) -> int:
-    """Bytes a load may read ahead onto ``device``: AHEAD_BYTES, less where the memory free
-    there is short of twice the checkpoint's files (its tensors, and staging as large as
-    they are), so that reading ahead never makes a load refused for room."""
-    files = sum(identity.size for identity in checkpoint.identities.values())
-    return max(0, min(AHEAD_BYTES, _free_memory(device) - 2 * files))
-
-
-def _first_layers(checkpoint: Checkpoint, limit: int) -> dict[str | tuple, _Leaf]:
-    """Whole tensors of the checkpoint's lowest-numbered layers, layer by layer, up to
-    ``limit`` bytes: what a load's first batches read, since a plan goes layer by layer."""
-    by_layer: dict[int, list[TensorInfo]] = {}
-    if limit > 0:
-        for key, info in checkpoint.tensors.items():
-            match = _LAYER_NUMBER.search(key)
-            if match:
-                by_layer.setdefault(int(match[1]), []).append(info)
-    leaves: dict[str | tuple, _Leaf] = {}
-    for layer in sorted(by_layer):
-        for info in by_layer[layer]:
-            leaf = _whole_leaf(info)
-            limit -= leaf[2]
-            if limit < 0:
-                return leaves
-            leaves[info.key] = leaf
-    return leaves
+    with PROMPT_HANDOFFS.scope(), _Reader(checkpoint, device, readers, slots, buffer_bytes,
+                                     pinned) as reader:
+        out = reader.run(batches)
+    if wrap_experts is not None:
+        out = {k: wrap_experts(v) if k in plan.expert_tensors else v for k, v in out.items()}
+    return out
 
 
 def _check_room(plan: Plan, device: torch.device, batches: list[_Batch], slots: int) -> None:
-    """Refuse, before reading the plan's bytes, a load that cannot fit on the device: its
-    tensors plus the ``slots`` largest staging buffers of its ``batches`` and the largest
-    tensor once more (a stack gathered from scattered regions is built whole before it is
-    copied into place) against the memory free there, counting what PyTorch holds cached
-    but unused."""
+    """Refuse, before reading anything, a load that cannot fit on the device: its tensors
+    plus the ``slots`` largest staging buffers of its ``batches`` and the largest tensor
+    once more (a stack gathered from scattered regions is built whole before it is copied
+    into place) against the memory free there, counting what PyTorch holds cached but
+    unused."""
     sizes = sorted((batch.size for batch in batches), reverse=True)
     staging = sum(sizes[:slots]) + max((tensor.nbytes for tensor in plan.tensors), default=0)
-    free = _free_memory(device)
+    free = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+            - torch.cuda.memory_allocated(device))
     if plan.total_bytes + staging > free:
         raise MoekitError(
             f"loading onto {device} needs about {format_size(plan.total_bytes + staging)} "
@@ -362,15 +285,12 @@ class _Batch:
     leaves: dict[str | tuple, _Leaf]
     jobs: list[tuple[str, int, int, int]]
     size: int
-    moves: list[tuple[int, int, int]] = field(default_factory=list)
-    """Bytes read ahead that the batch copies on the device instead of reading them: (the
-    read-ahead's staging offset, this batch's, size)."""
     staging: torch.Tensor | None = None
     writable: torch.cuda.Event | None = None
     futures: list[Future] = field(default_factory=list)
 
 
-class Reader:
+class _Reader:
     """Reader threads, their buffers and streams, and the batches in flight. Files are
     located (opened, header offsets read) by the main thread; readers only ``pread``.
 
@@ -379,10 +299,7 @@ class Reader:
     released once its evaluation is queued, and the next batch's buffer is allocated after
     it, on the same stream, so that device memory stays at ``slots`` batches. Readers never wait for
     the main thread: their copies into a new buffer are ordered on the GPU after the event
-    recorded at its allocation.
-
-    Bytes read ahead (``read_ahead``), before the plan exists, are staged in a buffer of
-    their own; a batch that reads any of them copies them from there on the device."""
+    recorded at its allocation."""
 
     def __init__(self, checkpoint: Checkpoint, device: torch.device, readers: int,
                  slots: int = SLOTS, buffer_bytes: int = BUFFER_BYTES,
@@ -398,12 +315,8 @@ class Reader:
         self.aborted = False
         self.compute = torch.cuda.Stream(device) if self.cuda else None
         self.handed: list[torch.Tensor] = []  # the readers' pinned buffers, for the pool
-        self.ahead: _Batch | None = None
-        self.ahead_runs: dict[str, tuple[list[int], list[tuple[int, int, int]]]] = {}
-        self.ahead_read: list[tuple[str, int, int, int]] = []
-        self.ahead_stop = False
 
-    def __enter__(self) -> "Reader":
+    def __enter__(self) -> "_Reader":
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -413,57 +326,6 @@ class Reader:
             torch.cuda.synchronize(self.device)  # no copy may outlive its staging buffer
             PAGE_LOCKED.give_back(self.handed)
         self.files.close()
-
-    def read_ahead(self, leaves: dict[str | tuple, _Leaf], lanes: int = AHEAD_READERS) -> None:
-        """Start reading ``leaves`` (whole tensors' bytes, by key), in file order, into a
-        staging buffer of their own, with ``lanes`` readers, until the next ``load`` starts;
-        its batches copy the bytes read by then from there (``_split``) instead of reading
-        them. Bytes no batch reads were read for nothing."""
-        if not leaves:
-            return
-        batch = _lay_out_leaves(-1, [], leaves, self.buffer_bytes)
-        jobs, batch.jobs = batch.jobs, []
-        self.ahead = self._submit(batch)  # its staging buffer, and no reads
-        batch.futures = [self.pool.submit(self._read_ahead_lane, batch, jobs[lane::lanes])
-                         for lane in range(min(lanes, len(jobs)))]
-
-    def _read_ahead_lane(self, batch: _Batch, jobs: list[tuple[str, int, int, int]]) -> object:
-        """``_copy`` each of ``jobs`` in turn, until the load starts (or is abandoned),
-        noting each one done; the last one's result."""
-        done = None
-        for file, start, offset, size in jobs:
-            if self.ahead_stop or self.aborted:
-                break
-            done = self._copy(batch, self.files.descriptor(file), file, start, offset, size)
-            self.ahead_read.append((file, start, offset, size))
-        return done
-
-    def _stop_reading_ahead(self) -> None:
-        """Stop the readers reading ahead (each ends the read it is in) and make the bytes
-        they read available to the batches: on CUDA, the compute stream waits for their
-        copies."""
-        if self.ahead is None:
-            return
-        self.ahead_stop = True
-        copies = [future.result() for future in self.ahead.futures]
-        if self.compute is not None:
-            for event in {copy[0]: copy[1] for copy in copies if copy is not None}.values():
-                self.compute.wait_event(event)
-        self.ahead_runs = _runs_by_file(sorted(self.ahead_read))
-
-    def load(self, plan: Plan, batches: list[_Batch],
-             wrap_experts: Callable[[torch.Tensor], torch.Tensor] | None = None
-             ) -> dict[str, torch.Tensor]:
-        """Every tensor of ``plan``, laid out in ``batches``, on the device; the bytes read
-        ahead are released after (see ``load_to_device``)."""
-        self._stop_reading_ahead()
-        try:
-            out = self.run(batches)
-        finally:
-            self.ahead, self.ahead_runs, self.ahead_read = None, {}, []
-        if wrap_experts is not None:
-            out = {k: wrap_experts(v) if k in plan.expert_tensors else v for k, v in out.items()}
-        return out
 
     def run(self, batches: list[_Batch]) -> dict[str, torch.Tensor]:
         """The tensors of ``batches`` (consecutive groups of a plan's tensors, laid out)."""
@@ -498,8 +360,6 @@ class Reader:
             if self.compute is not None:
                 batch.writable = torch.cuda.Event()
                 batch.writable.record(self.compute)
-        if self.ahead is not None:
-            batch.jobs, batch.moves = _split(batch.jobs, self.ahead_runs)
         batch.futures = [self.pool.submit(self._copy, batch, self.files.descriptor(file), file,
                                           start, offset, size)
                          for file, start, offset, size in batch.jobs]
@@ -557,7 +417,7 @@ class Reader:
             local.views = [memoryview(buffer.numpy()) for buffer in local.buffers]
             local.events = [torch.cuda.Event(), torch.cuda.Event()]
             local.turn = 0
-            local.batch = -2  # before every batch (the read-ahead is batch -1)
+            local.batch = -1
             local.stream = torch.cuda.Stream(self.device)
             torch.cuda.set_stream(local.stream)
         return local
@@ -573,8 +433,6 @@ class Reader:
             for event in {stream: event for stream, event in copies}.values():
                 self.compute.wait_event(event)
         with self._on_compute():
-            for ahead, here, size in batch.moves:
-                batch.staging[here:here + size].copy_(self.ahead.staging[ahead:ahead + size])
             for tensor in batch.tensors:
                 fill(tensor.recipe, out[tensor.name], source)
         return out
@@ -592,15 +450,10 @@ def _chunks(start: int, end: int, size: int) -> list[tuple[int, int]]:
 
 def _lay_out(index: int, tensors: list[TensorPlan], checkpoint: Checkpoint,
              chunk_bytes: int) -> _Batch:
-    """The batch of ``tensors``: their distinct source regions (``_leaves``), laid out."""
-    return _lay_out_leaves(index, tensors, _leaves(tensors, checkpoint), chunk_bytes)
-
-
-def _lay_out_leaves(index: int, tensors: list[TensorPlan], leaves: dict[str | tuple, _Leaf],
-                    chunk_bytes: int) -> _Batch:
-    """The batch of ``tensors`` that read ``leaves``: those laid out in a staging buffer
+    """The batch of ``tensors``: their distinct source regions laid out in a staging buffer
     in file order, regions that touch or overlap in a file kept together as one run (read
     as one byte range, in jobs cut at ``chunk_bytes``), each run aligned to ALIGN bytes."""
+    leaves = _leaves(tensors, checkpoint)
     jobs: list[tuple[str, int, int, int]] = []
     size, run_file, run_start, run_end = 0, "", 0, 0  # an empty run, which queues nothing
     for leaf in sorted(leaves.values(), key=_FILE_ORDER):
@@ -641,55 +494,6 @@ def _taper(batches: list[_Batch], readers: int, floor: int) -> None:
         batch.jobs = jobs[::-1]
 
 
-def _runs_by_file(jobs: list[tuple[str, int, int, int]]
-                  ) -> dict[str, tuple[list[int], list[tuple[int, int, int]]]]:
-    """The byte ranges that ``jobs`` (of one batch: disjoint, sorted) stage, by file: their
-    first bytes, and (first byte, end, staging offset) of each."""
-    runs: dict[str, tuple[list[int], list[tuple[int, int, int]]]] = {}
-    for file, start, offset, size in jobs:
-        starts, ranges = runs.setdefault(file, ([], []))
-        starts.append(start)
-        ranges.append((start, start + size, offset))
-    return runs
-
-
-def _split(jobs: list[tuple[str, int, int, int]],
-           ahead: dict[str, tuple[list[int], list[tuple[int, int, int]]]]
-           ) -> tuple[list[tuple[str, int, int, int]], list[tuple[int, int, int]]]:
-    """``jobs`` less the bytes staged ahead (``_runs_by_file``): the reads left, and the
-    moves (staged-ahead offset, staging offset, size) that bring the rest, adjacent moves
-    joined."""
-    left: list[tuple[str, int, int, int]] = []
-    moves: list[tuple[int, int, int]] = []
-    for file, start, offset, size in jobs:
-        starts, ranges = ahead.get(file, ([], []))
-        at, end = start, start + size
-        for first, last, staged in ranges[max(bisect_right(starts, start) - 1, 0):]:
-            if first >= end:
-                break
-            if last <= at:
-                continue
-            if first > at:
-                left.append((file, at, offset + at - start, first - at))
-                at = first
-            upto = min(last, end)
-            _add_move(moves, staged + at - first, offset + at - start, upto - at)
-            at = upto
-        if at < end:
-            left.append((file, at, offset + at - start, end - at))
-    return left, moves
-
-
-def _add_move(moves: list[tuple[int, int, int]], ahead: int, here: int, size: int) -> None:
-    """Add a move of ``size`` bytes, joined to the last one where both ends follow on."""
-    if moves:
-        last_ahead, last_here, last_size = moves[-1]
-        if last_ahead + last_size == ahead and last_here + last_size == here:
-            moves[-1] = (last_ahead, last_here, last_size + size)
-            return
-    moves.append((ahead, here, size))
-
-
 def _leaves(tensors: list[TensorPlan], checkpoint: Checkpoint) -> dict[str | tuple, _Leaf]:
     """The distinct source regions the tensors' recipes read, by read identity (each
     recipe walked once); a whole tensor, which most are, is its header's entry."""
@@ -704,14 +508,10 @@ def _leaves(tensors: list[TensorPlan], checkpoint: Checkpoint) -> dict[str | tup
             info = infos[read.key]
             if info.chunks:
                 raise chunked_error(info)
-            found[ident] = _rows_leaf(region, info) if region else _whole_leaf(info)
+            found[ident] = _rows_leaf(region, info) if region else [
+                info.file, info.offset, math.prod(info.shape) * ITEMSIZES[info.dtype],
+                info.shape, info.dtype, (), 0]
     return found
-
-
-def _whole_leaf(info: TensorInfo) -> _Leaf:
-    """The whole of ``info``'s tensor."""
-    return [info.file, info.offset, math.prod(info.shape) * ITEMSIZES[info.dtype], info.shape,
-            info.dtype, (), 0]
 
 
 def _rows_leaf(region: tuple, info: TensorInfo) -> _Leaf:
@@ -741,7 +541,6 @@ def _batches(tensors: list[TensorPlan], batch_bytes: int) -> list[list[TensorPla
 
 
 _LAYER = re.compile(r"(^|\.)layers\.\d+\.")
-_LAYER_NUMBER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 class _StagedSource:
