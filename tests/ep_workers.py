@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import itertools
 import json
 import os
@@ -149,6 +150,34 @@ def save_with_a_state_dict_broken_on_rank_1(rank: int, world: int, store: str, s
         outcome = "ok"
     except MoekitError as err:
         outcome = str(err)
+    Path(log_dir, f"{rank}.txt").write_text(outcome)
+    finish()
+
+
+def save_with_a_planner_bug_on_rank_1(rank: int, world: int, store: str, src: str,
+                                      log_dir: str) -> None:
+    """save_experts where rank 1's planning raises an error other than a MoekitError: it
+    reaches rank 1's caller, and every other rank raises naming it instead of waiting for
+    rank 1 in the next collective (the group times out after 60 s otherwise); each rank
+    writes its outcome to ``log_dir/rank.txt``."""
+    import moekit.expert_parallel.save as save_module
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    state = load_experts(src, mesh)
+    if rank == 1:
+        def a_planner_bug(*args):
+            raise RuntimeError("a planner bug")
+
+        save_module.local_hf_plan = a_planner_bug
+    try:
+        save_experts(state, Path(log_dir, "saved"), mesh, config_from=src)
+        outcome = "ok"
+    except MoekitError as err:
+        outcome = str(err)
+    except RuntimeError as err:
+        outcome = f"RuntimeError: {err}"
     Path(log_dir, f"{rank}.txt").write_text(outcome)
     finish()
 

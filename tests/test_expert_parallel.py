@@ -116,6 +116,16 @@ def test_a_rank_that_cannot_plan_its_save_fails_every_rank(qwen3_10, tmp_path):
     assert not out.exists()
 
 
+def test_a_planner_bug_on_one_rank_fails_every_rank_of_save_experts(qwen3_10, tmp_path):
+    spawn(ep_workers.save_with_a_planner_bug_on_rank_1, 3, tmp_path, str(qwen3_10),
+          str(tmp_path))
+    outcomes = [(tmp_path / f"{r}.txt").read_text() for r in range(3)]
+    assert outcomes[1] == "RuntimeError: a planner bug"
+    assert outcomes[0] == outcomes[2] == (
+        "save_experts failed, nothing was written: rank 1: a planner bug")
+    assert not (tmp_path / "saved").exists()
+
+
 def test_converting_a_ranks_dtensors_as_whole_tensors_is_refused(qwen3_10, tmp_path):
     spawn(ep_workers.convert_dtensors_expecting_error, 2, tmp_path, str(qwen3_10),
           str(tmp_path))

@@ -68,7 +68,7 @@ def save_experts(state_dict: Mapping[str, torch.Tensor], path: str | Path,
     try:
         config = read_config(Path(config_from)) if config_from else None
         local, n_experts, plan = local_hf_plan(state_dict, device_mesh, layout, family, config)
-    except MoekitError as err:
+    except Exception as err:  # any error: the other ranks must not wait for this one
         _agree_on_planning(err)
         raise
     _agree_on_planning(None)
@@ -96,13 +96,14 @@ def _dcp_write(state_dict: Mapping[str, torch.Tensor], path: Path, overwrite: bo
         session.agree(failures, lambda: _copy_sidecars(session.output, config_from))
 
 
-def _agree_on_planning(error: MoekitError | None) -> None:
+def _agree_on_planning(error: Exception | None) -> None:
     """Tell every rank whether each planned its part; raise on every rank when one did not
-    (with that rank's message), so that no rank waits in a later collective for one that
-    has already given up."""
+    (with that rank's ``error``: its message, else its type's name), so that no rank waits
+    in a later collective for one that has already given up."""
     outcomes: list = [None] * dist.get_world_size()
     with answered("save_experts"):
-        dist.all_gather_object(outcomes, None if error is None else str(error))
+        dist.all_gather_object(outcomes, None if error is None else str(error) or
+                               type(error).__name__)
     failed = {r: message for r, message in enumerate(outcomes) if message}
     if failed and error is None:
         raise MoekitError("save_experts failed, nothing was written: " + by_rank(failed))
