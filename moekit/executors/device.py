@@ -166,6 +166,11 @@ class PinnedBuffers:
             self._pinned.put([PAGE_LOCKED.take(self.buffer_bytes) for _ in range(2)])
 
 
+def reader_threads() -> int:
+    """How many reader threads a load onto an accelerator reads with (READERS)."""
+    return READERS
+
+
 def pin_ahead(device: torch.device | str | None) -> PinnedBuffers | None:
     """Start pinning the readers' buffers of a load onto ``device`` (None for a CPU load)."""
     if device is None or torch.device(device).type != "cuda":
