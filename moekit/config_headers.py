@@ -160,6 +160,10 @@ def _deepseek_mtp(c: _Sizes) -> list[Entry]:
 class Decoder:
     """The non-expert tensors of one family's decoder layers."""
 
+    architecture: str
+    """The family's causal language model class, whose files these are (transformers
+    5.24's ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``); a config whose ``architectures`` names
+    another class (a classification head instead of ``lm_head``) is left to transformers."""
     attention: Callable[[_Sizes], list[Entry]]
     shared: Callable[[_Sizes, str], list[Entry]] = _no_shared
     """The shared experts, given the module name the family table states for them."""
@@ -176,11 +180,15 @@ class Decoder:
 
 
 DECODERS: dict[str, Decoder] = {
-    "qwen2_moe": Decoder(_attention("qkv_bias", True, o_bias=False), _qwen2_shared),
-    "qwen3_moe": Decoder(_attention(qk_norm="head")),
-    "olmoe": Decoder(_attention(qk_norm="all"), expert_size="intermediate_size"),
-    "mixtral": Decoder(_attention(bias_key=""), expert_size="intermediate_size"),
-    "deepseek_v3": Decoder(_mla, _deepseek_shared, score_bias=True, mtp=_deepseek_mtp),
+    "qwen2_moe": Decoder("Qwen2MoeForCausalLM", _attention("qkv_bias", True, o_bias=False),
+                         _qwen2_shared),
+    "qwen3_moe": Decoder("Qwen3MoeForCausalLM", _attention(qk_norm="head")),
+    "olmoe": Decoder("OlmoeForCausalLM", _attention(qk_norm="all"),
+                     expert_size="intermediate_size"),
+    "mixtral": Decoder("MixtralForCausalLM", _attention(bias_key=""),
+                       expert_size="intermediate_size"),
+    "deepseek_v3": Decoder("DeepseekV3ForCausalLM", _mla, _deepseek_shared, score_bias=True,
+                           mtp=_deepseek_mtp),
 }
 """model_type -> its decoder layers (transformers 5.24's modules)."""
 
@@ -196,16 +204,18 @@ FP8_FORMATS = {"e4m3": "F8_E4M3", "e5m2": "F8_E5M2"}
 def config_headers(config: dict, source: str, routed: int | None = None
                    ) -> dict[str, Header] | None:
     """Every tensor a Hugging Face checkpoint of ``config`` holds (names as on the Hub),
-    or None when ``DECODERS`` does not describe its model type or the config leaves a size
-    to transformers' defaults (MoekitError naming it for an FP8 config, which transformers'
-    defaults cannot describe). ``routed`` lists only the first ``routed`` routed experts
+    or None when ``DECODERS`` does not describe its model type, its ``architectures``
+    names another class than the family's causal language model, or the config leaves a
+    size to transformers' defaults (MoekitError naming it for an FP8 config, which
+    transformers' defaults cannot describe). ``routed`` lists only the first ``routed`` routed experts
     of each layer (all their siblings have their shapes): what planning needs to size
     every expert, without describing tens of thousands of them."""
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or model_type not in DECODERS:
         return None
     family, decoder = family_of_model_type(model_type), DECODERS[model_type]
-    if (family is None or family.moe_layers is None
+    if (config.get("architectures") not in (None, [decoder.architecture])
+            or family is None or family.moe_layers is None
             or not family.block.startswith(LAYER_PREFIX)
             or (decoder.shared is not _no_shared and family.shared_expert is None)):
         return None

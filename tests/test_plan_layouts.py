@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from moekit.cli import main
+from moekit.config_headers import DECODERS
 from moekit.expert_parallel.ranges import EP_LAYOUTS
 from moekit.layouts import TRANSFORMERS, family_of_model_type
 
@@ -261,6 +262,45 @@ def test_a_config_is_built_with_the_class_its_architectures_names(tmp_path, caps
     model.save_pretrained(tmp_path / "files")
     config = json.loads((tmp_path / "files" / "config.json").read_text())
     assert config["architectures"] == ["Qwen3NextForSequenceClassification"]
+    planned = _plan(capsys, tmp_path / "files" / "config.json")
+    assert planned == _plan(capsys, tmp_path / "files")
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": None}))
+    assert planned != _plan(capsys, tmp_path / "config.json")
+
+
+def test_the_described_families_causal_classes_are_transformers_own():
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    assert {t: d.architecture for t, d in DECODERS.items()} == {
+        t: MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[t] for t in DECODERS}
+
+
+def _classification_classes() -> list[tuple[str, str]]:
+    """(model type, class) of every head transformers has for the families moekit
+    describes from a config alone, other than their causal language models."""
+    from transformers.models.auto import modeling_auto
+
+    return [(t, names[t]) for t in DECODERS
+            for names in (modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+                          modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES)
+            if t in names]
+
+
+@pytest.mark.parametrize("model_type,name", _classification_classes())
+def test_a_described_familys_config_naming_another_class_plans_as_its_files(
+        model_type, name, tmp_path, capsys):
+    """A config.json of a family moekit describes itself, saved by a classification model
+    (a score head, no lm_head), plans as the files that model saves; without its
+    architectures, as the causal language model's files."""
+    import transformers
+
+    from moekit import samples
+
+    model = samples.from_config(tiny_config(model_type), 0,
+                                getattr(transformers, name)._from_config)
+    model.save_pretrained(tmp_path / "files")
+    config = json.loads((tmp_path / "files" / "config.json").read_text())
+    assert config["architectures"] == [name]
     planned = _plan(capsys, tmp_path / "files" / "config.json")
     assert planned == _plan(capsys, tmp_path / "files")
     (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": None}))

@@ -233,6 +233,18 @@ def test_fp8_a_config_alone_cannot_describe_is_refused(tmp_path, capsys):
 
 
 
+def test_an_fp8_config_of_another_class_than_the_causal_lm_is_refused(tmp_path, capsys):
+    """moekit describes FP8 tensors from a config alone for the causal language models of
+    ``DECODERS`` only; transformers' model of another class does not hold them."""
+    config = json.loads(DEEPSEEK_V3.read_text())
+    config["architectures"] = ["DeepseekV3ForSequenceClassification"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["plan", str(tmp_path / "config.json"), "--ep", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "only for Qwen2MoeForCausalLM" in err
+    assert 'architectures ["DeepseekV3ForSequenceClassification"]' in err
+
+
 def test_an_fp8_config_leaving_a_size_unstated_names_it(tmp_path, capsys):
     """transformers' defaults cannot stand in for an FP8 checkpoint's sizes (it does not
     describe the quantised tensors): the missing key is named, not the model type."""

@@ -236,10 +236,12 @@ def _analysis(path: Path) -> Analysis:
     if headers is not None:
         return understand(headers, config, {}, source, from_="hf", config_file=source)
     if config.get("quantization_config") is not None:
-        raise MoekitError(f"{source}: moekit describes the quantised tensors of "
-                          f"{', '.join(DECODERS)} checkpoints from a config.json alone, not "
-                          f"those of model_type {printable(repr(config.get('model_type')))}: "
-                          "plan from the checkpoint's files instead")
+        described = ", ".join(decoder.architecture for decoder in DECODERS.values())
+        raise MoekitError(f"{source}: moekit describes quantised tensors from a config.json "
+                          f"alone only for {described} (this config: model_type "
+                          f"{printable(repr(config.get('model_type')))}, architectures "
+                          f"{shown(config.get('architectures'))}): plan from the "
+                          "checkpoint's files instead")
     _check_built_as_files(config, source)
     analysis = understand(_meta_headers(config, source), config, {}, source,
                           from_="transformers", config_file=source)
