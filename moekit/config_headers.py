@@ -207,9 +207,9 @@ def config_headers(config: dict, source: str, routed: int | None = None
     or None when ``DECODERS`` does not describe its model type, its ``architectures``
     names another class than the family's causal language model, or the config leaves a
     size to transformers' defaults (MoekitError naming it for an FP8 config, which
-    transformers' defaults cannot describe). ``routed`` lists only the first ``routed`` routed experts
-    of each layer (all their siblings have their shapes): what planning needs to size
-    every expert, without describing tens of thousands of them."""
+    transformers' defaults cannot describe). ``routed`` lists only the first ``routed``
+    routed experts of each layer (all their siblings have their shapes): what planning
+    needs to size every expert, without describing tens of thousands of them."""
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or model_type not in DECODERS:
         return None
