@@ -173,7 +173,7 @@ def bounding_block(region: tuple, shape: tuple[int, ...]
     first = 0
     for dim, item in enumerate(region):
         if isinstance(item, int):
-            first += item * strides[dim]
+            first += checked_index(item, shape[dim]) * strides[dim]
             continue
         picked = range(*item.indices(shape[dim]))
         if not picked:
@@ -186,6 +186,16 @@ def bounding_block(region: tuple, shape: tuple[int, ...]
     return first, math.prod(rest), rest, ()
 
 
+def checked_index(item: int, size: int) -> int:
+    """The integer index ``item`` into a dimension of ``size``, counted from the end when
+    negative (as torch and Python count); refused beyond the dimension, where reading on
+    would return another tensor's bytes."""
+    if not -size <= item < size:
+        raise MoekitError(f"a plan reads index {item} of a dimension of {size}: no such row "
+                          "(a moekit bug: please report it)")
+    return item % size
+
+
 def contiguous_span(region: tuple, shape: tuple[int, ...]) -> tuple[int, int] | None:
     """(first element, element count) of a region of a row-major tensor when the region is
     one contiguous run: integer indices, then at most one step-1 slice followed only by
@@ -194,7 +204,7 @@ def contiguous_span(region: tuple, shape: tuple[int, ...]) -> tuple[int, int] | 
     strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
     for dim, item in enumerate(region):
         if isinstance(item, int):
-            first += item * strides[dim]
+            first += checked_index(item, shape[dim]) * strides[dim]
             index = dim + 1
             continue
         start, stop, step = item.indices(shape[dim])

@@ -25,10 +25,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from moekit import MoekitError
 from moekit.checkpoint import Checkpoint
 from moekit.dtypes import ITEMSIZES, to_torch
 from moekit.executors.device import load_to_device
+from moekit.executors.memory import run_plan
 from moekit.plan import Concat, Expr, Plan, Read, Stack, TensorPlan, Transpose
+from moekit.sources import FileSource
 
 DTYPES = ("BF16", "F32", "F8_E4M3", "BOOL", "U8", "I64")
 BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -93,6 +96,7 @@ def _recipes(shapes: dict[str, tuple[int, ...]], dtype: str, experts: int,
         Stack(tuple(Concat((whole(f"g{e}"), whole(f"u{e}")), 0, interleave) for e in order)),
         grouped((slice(first, last),), (last - first, rows, cols2)),
         Stack(tuple(Transpose(grouped((e,), (rows, cols2))) for e in range(first, last))),
+        Stack(tuple(grouped((e - experts,), (rows, cols2)) for e in order)),  # from the end
         Stack(tuple(grouped((e, slice(None), slice(cols2 // 2, None)), (rows, cols2 // 2))
                     for e in order)),
         grouped((slice(first, experts, 2),), (len(range(first, experts, 2)), rows, cols2)),
@@ -134,10 +138,31 @@ def test_staged_recipes_equal_torch_over_the_safetensors_librarys_tensors(seed, 
                                  for i, recipe in enumerate(recipes)])
     tensors = {k: v for file in sorted(tmp_path.glob("*.safetensors"))
                for k, v in load_file(file).items()}
-    loaded = load_to_device(plan, Checkpoint.open(tmp_path), "cpu", readers=3,
+    checkpoint = Checkpoint.open(tmp_path)
+    loaded = load_to_device(plan, checkpoint, "cpu", readers=3,
                             chunk_bytes=rng.choice([7, 64, 1000]), batch_bytes=rng.choice([1, 300]),
                             slots=rng.randint(1, 3), buffer_bytes=300)
+    with FileSource(checkpoint) as source:  # the file executor, for the CPU and streaming
+        read = run_plan(plan, source)
     for tensor in plan.tensors:
-        found = loaded[tensor.name]
-        assert found.dtype == to_torch(dtype), tensor.name
-        assert torch.equal(_bits(found), _oracle(tensor.recipe, tensors)), tensor.recipe
+        expected = _oracle(tensor.recipe, tensors)
+        for found in (loaded[tensor.name], read[tensor.name]):
+            assert found.dtype == to_torch(dtype), tensor.name
+            assert torch.equal(_bits(found), expected), tensor.recipe
+
+
+@pytest.mark.parametrize("region,shape", [((5,), (3,)), ((-6,), (3,)), ((0, 3), ()),
+                                          ((slice(None), -4), (5,))])
+def test_a_region_beyond_its_tensor_is_refused_by_every_executor(region, shape, tmp_path):
+    """No layout reads past a dimension; were one to, each executor refuses (torch's
+    IndexError for a later dimension) rather than return the bytes stored next."""
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"t": "model-0.safetensors", "u": "model-0.safetensors"}}))
+    _write(tmp_path / "model-0.safetensors", [("t", "F32", (5, 3)), ("u", "F32", (5, 3))],
+           random.Random(0))
+    plan = Plan("test", "", "", [TensorPlan("x", Read("t", region, shape, "F32"))])
+    checkpoint = Checkpoint.open(tmp_path)
+    with pytest.raises((MoekitError, IndexError)):
+        load_to_device(plan, checkpoint, "cpu", readers=1)
+    with FileSource(checkpoint) as source, pytest.raises((MoekitError, IndexError)):
+        run_plan(plan, source)

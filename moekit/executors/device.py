@@ -40,7 +40,7 @@ from ..errors import MoekitError, printable
 from ..gc_pauses import ScopedSetting
 from ..plan import Plan, Read, TensorPlan, nbytes, reads
 from ..sizes import format_size
-from ..sources import FileSource, chunked_error
+from ..sources import FileSource, checked_index, chunked_error
 from .evaluate import fill
 from .memory import run_plan
 
@@ -599,7 +599,7 @@ def _rows(region: tuple, length: int) -> tuple[int, int, tuple]:
         return 0, length, ()
     head, rest = region[0], tuple(region[1:])
     if isinstance(head, int):
-        return head, 1, (0, *rest)
+        return checked_index(head, length), 1, (0, *rest)
     start, stop, step = head.indices(length)
     if step != 1:
         return 0, length, region
