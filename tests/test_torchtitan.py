@@ -77,15 +77,17 @@ def test_format_overrides_the_layouts_default(qwen3_moe, titan_folder, tmp_path)
     assert written.keys() == metadata.keys()
 
 
-def test_a_trained_expert_bias_is_refused_not_dropped(qwen3_moe, titan_folder, tmp_path,
+@pytest.mark.parametrize("value", [0.25, -0.0])
+def test_a_trained_expert_bias_is_refused_not_dropped(value, qwen3_moe, titan_folder, tmp_path,
                                                       capsys):
-    """torchtitan updates ``expert_bias_E`` while training; HF Qwen3 has no place for it."""
+    """torchtitan updates ``expert_bias_E`` while training; HF Qwen3 has no place for it.
+    Converting back writes zeros, which would not give a -0.0 back bit for bit."""
     metadata = dcp.FileSystemReader(titan_folder).read_metadata().state_dict_metadata
     state = {key: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
              for key, entry in metadata.items()}
     dcp.load(state, storage_reader=dcp.FileSystemReader(titan_folder), no_dist=True)
     key = "layers.1.moe.expert_bias_E"
-    state[key][2] = 0.25
+    state[key][2] = value
     trained = tmp_path / "trained"
     dcp.save(state, storage_writer=dcp.FileSystemWriter(trained), no_dist=True)
     shutil.copy(titan_folder / "config.json", trained)

@@ -83,10 +83,11 @@ def _fill_constant(expr: Constant, out: torch.Tensor, source: TensorSource) -> N
 
 
 def _fill_require_zeros(expr: RequireZeros, out: torch.Tensor, source: TensorSource) -> None:
-    checked = source.read(expr.checked)
-    if torch.count_nonzero(checked).item():
-        raise MoekitError(f"{expr.checked.key} holds non-zero values: {expr.reason}, so "
-                          "moekit refuses to drop it")
+    """Fill ``out`` with the part once the checked tensor is all zero bits: a -0.0 is
+    refused too, since the zeros written back in its place would not give it back."""
+    if torch.count_nonzero(_as_bits(source.read(expr.checked))).item():
+        raise MoekitError(f"{expr.checked.key} holds non-zero values (bit for bit: -0.0 "
+                          f"counts): {expr.reason}, so moekit refuses to drop it")
     fill(expr.part, out, source)
 
 
