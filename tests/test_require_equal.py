@@ -46,3 +46,32 @@ def test_the_node_reads_both_tensors_and_shows_the_check():
     node = _node(torch.zeros(2, 2), torch.zeros(2, 2))
     assert [read.key for read in reads(node)] == [KEPT, COPY]
     assert describe(node) == f"{KEPT} if == {COPY}"
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_bool_copies_are_compared_by_their_bytes_on_every_executor(stacked, tmp_path):
+    """bool elements move as uint8 (a byte 2 stays 2): the copy built as bool and the kept
+    tensor moved as uint8 are one dtype of the plan, compared byte for byte, whether read
+    whole or built (stacked) by the torch, file and streaming executors."""
+    from safetensors.torch import load_file, save_file
+
+    from moekit.checkpoint import Checkpoint
+    from moekit.executors.device import load_to_device
+    from moekit.executors.memory import run_plan
+    from moekit.executors.streaming import write_shard
+    from moekit.plan import Plan, Stack, TensorPlan
+    from moekit.sources import FileSource
+
+    kept = torch.tensor([True, False, True])
+    save_file({KEPT: kept, COPY: kept.clone()}, tmp_path / "model.safetensors")
+    parts = [Read(key, (), (3,), "BOOL") for key in (KEPT, COPY)]
+    if stacked:
+        parts = [Stack((part,)) for part in parts]
+    plan = Plan("test", "", "", [TensorPlan("x", RequireEqual(*parts, (KEPT, COPY), "why"))])
+    checkpoint = Checkpoint.open(tmp_path)
+    expected = kept.view(1, 3) if stacked else kept
+    with FileSource(checkpoint) as source:
+        assert torch.equal(run_plan(plan, source)["x"], expected)
+        write_shard(tmp_path / "out.safetensors", plan.tensors, source, {"format": "pt"})
+    assert torch.equal(load_file(tmp_path / "out.safetensors")["x"], expected)
+    assert torch.equal(load_to_device(plan, checkpoint, "cpu", readers=1)["x"], expected)

@@ -96,7 +96,8 @@ def _fill_require_equal(expr: RequireEqual, out: torch.Tensor, source: TensorSou
     integers of their width: NaN payloads and the sign of zero count)."""
     fill(expr.part, out, source)
     copy = materialize(expr.copy, source, out.device)
-    if copy.shape != out.shape or copy.dtype != out.dtype or not torch.equal(
+    # The plan's dtypes, not the tensors': bool elements are moved as uint8 (MOVED_AS).
+    if expr.copy.dtype != expr.part.dtype or copy.shape != out.shape or not torch.equal(
             _as_bits(copy), _as_bits(out)):
         kept, dropped = expr.names
         raise MoekitError(f"{dropped} differs from {kept}: {expr.reason}, so moekit refuses "
