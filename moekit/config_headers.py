@@ -162,8 +162,9 @@ class Decoder:
 
     architecture: str
     """The family's causal language model class, whose files these are (transformers
-    5.24's ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``); a config whose ``architectures`` names
-    another class (a classification head instead of ``lm_head``) is left to transformers."""
+    5.24's ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``); the model of a config whose
+    ``architectures`` names another class (a classification head instead of ``lm_head``)
+    is described by transformers."""
     attention: Callable[[_Sizes], list[Entry]]
     shared: Callable[[_Sizes, str], list[Entry]] = _no_shared
     """The shared experts, given the module name the family table states for them."""
@@ -204,18 +205,17 @@ FP8_FORMATS = {"e4m3": "F8_E4M3", "e5m2": "F8_E5M2"}
 def config_headers(config: dict, source: str, routed: int | None = None
                    ) -> dict[str, Header] | None:
     """Every tensor a Hugging Face checkpoint of ``config`` holds (names as on the Hub),
-    or None when ``DECODERS`` does not describe its model type, its ``architectures``
-    names another class than the family's causal language model, or the config leaves a
+    or None when ``DECODERS`` does not describe its model type or the config leaves a
     size to transformers' defaults (MoekitError naming it for an FP8 config, which
-    transformers' defaults cannot describe). ``routed`` lists only the first ``routed``
+    transformers' defaults cannot describe). The files are those of the family's causal
+    language model (``Decoder.architecture``). ``routed`` lists only the first ``routed``
     routed experts of each layer (all their siblings have their shapes): what planning
     needs to size every expert, without describing tens of thousands of them."""
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or model_type not in DECODERS:
         return None
     family, decoder = family_of_model_type(model_type), DECODERS[model_type]
-    if (config.get("architectures") not in (None, [decoder.architecture])
-            or family is None or family.moe_layers is None
+    if (family is None or family.moe_layers is None
             or not family.block.startswith(LAYER_PREFIX)
             or (decoder.shared is not _no_shared and family.shared_expert is None)):
         return None

@@ -307,6 +307,32 @@ def test_a_described_familys_config_naming_another_class_plans_as_its_files(
     assert planned != _plan(capsys, tmp_path / "config.json")
 
 
+@pytest.mark.parametrize("architectures", [[], ["DeepseekV3ForCausalLM"] * 2,
+                                           ["DeepseekV3ForCausalLM", "Foo"],
+                                           ["Foo", "DeepseekV3ForCausalLM"], ["Foo"]])
+def test_architectures_that_build_the_causal_lm_plan_as_its_files(architectures, tmp_path,
+                                                                   capsys):
+    """Where transformers builds the causal language model all the same (no class it
+    knows is named first), the config is described as that model's files, MTP layer
+    included, as for a config without architectures."""
+    config = {**tiny_config("deepseek_v3").to_dict(), "architectures": None}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    expected = _plan(capsys, tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps({**config,
+                                                      "architectures": architectures}))
+    assert _plan(capsys, tmp_path / "config.json") == expected
+
+
+def test_an_fp8_config_with_architectures_not_a_list_is_told_so(tmp_path, capsys):
+    config = json.loads(DEEPSEEK_V3.read_text())
+    (tmp_path / "config.json").write_text(json.dumps(
+        {**config, "architectures": "DeepseekV3ForCausalLM"}))
+    assert main(["plan", str(tmp_path / "config.json"), "--ep", "8"]) == 2
+    assert capsys.readouterr().err == (
+        f"moekit: error: {tmp_path / 'config.json'}: architectures is "
+        '"DeepseekV3ForCausalLM"; expected a list of model class names\n')
+
+
 @pytest.mark.parametrize("architectures", ["Qwen3VLMoeForConditionalGeneration", 5, True,
                                            {"a": 1}, [3], [["Qwen3VLMoeModel"]]])
 def test_architectures_not_a_list_of_names_is_refused_in_one_message(architectures, saved,

@@ -232,7 +232,8 @@ def _analysis(path: Path) -> Analysis:
         raise MoekitError(f"{source} has no model_type: moekit plans from a model's "
                           "config.json or from its checkpoint")
     _check_buildable(config, source)
-    headers = config_headers(config, source, routed=1)
+    headers = config_headers(config, source, routed=1) if _built_as_described(config, source) \
+        else None
     if headers is not None:
         return understand(headers, config, {}, source, from_="hf", config_file=source)
     if config.get("quantization_config") is not None:
@@ -319,6 +320,43 @@ order a config's model class is looked up in them: the language models whose fil
 checkpoint holds, multimodal ones (Qwen3-VL-MoE, Qwen3-Omni) included."""
 
 
+def _built_as_described(config: dict, source: str) -> bool:
+    """Whether transformers builds ``config``'s model with the causal language model class
+    that ``DECODERS`` describes the files of (as ``_model_class`` picks it: the first class
+    ``architectures`` names that transformers has for the config, else the causal LM);
+    transformers is imported only for an ``architectures`` other than none or that class."""
+    names = _checked_architectures(config.get("architectures"), source)
+    decoder = DECODERS.get(config.get("model_type"))
+    if decoder is None or not names or names == [decoder.architecture]:
+        return True
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    named = _named_class(names, CONFIG_MAPPING[config["model_type"]])
+    return named is None or named.__name__ == decoder.architecture
+
+
+def _checked_architectures(names: object, source: str) -> list[str] | None:
+    """A config's ``architectures``: a list of model class names or None (as transformers
+    declares it); refused naming the value otherwise."""
+    if names is not None and not (isinstance(names, list)
+                                  and all(isinstance(name, str) for name in names)):
+        raise MoekitError(f"{source}: architectures is {shown(names)}; expected a list of "
+                          "model class names")
+    return names
+
+
+def _named_class(names: list[str] | None, config_type: type) -> type | None:
+    """The first class of ``names`` that transformers has for configs of ``config_type``
+    (the class that saved the files), else None."""
+    import transformers
+
+    for name in names or ():
+        named = getattr(transformers, name, None)
+        if getattr(named, "config_class", None) is config_type:
+            return named
+    return None
+
+
 def _model_class(model_config, source: str) -> type:
     """The class transformers builds the model of ``model_config`` with: the first one its
     ``architectures`` names that transformers has for this config class (the class that
@@ -331,16 +369,11 @@ def _model_class(model_config, source: str) -> type:
     import transformers
     from transformers.models.auto import modeling_auto
 
-    names = model_config.architectures
-    if names is not None and not (isinstance(names, list)
-                                  and all(isinstance(name, str) for name in names)):
-        raise MoekitError(f"{source}: architectures is {shown(names)}; expected a list of "
-                          "model class names")
     config_type = type(model_config)
-    for name in names or ():
-        named = getattr(transformers, name, None)
-        if getattr(named, "config_class", None) is config_type:
-            return named
+    named = _named_class(_checked_architectures(model_config.architectures, source),
+                         config_type)
+    if named is not None:
+        return named
     text_config = model_config.sub_configs.get("text_config")
     for mapping in MODEL_MAPPINGS:
         mapped = getattr(modeling_auto, mapping).get(config_type, None)
