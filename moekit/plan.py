@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar, Union
 
 from .dtypes import itemsize
+from .errors import MoekitError
 from .sizes import format_size
 
 Index = Union[int, slice]
@@ -306,6 +307,16 @@ def _read(expr: Read, made: Mapping[str, Expr]) -> Expr:
     return Read(recipe.key, _within(recipe, expr.region), expr.shape, recipe.dtype)
 
 
+def checked_index(item: int, size: int) -> int:
+    """The integer index ``item`` into a dimension of ``size``, counted from the end when
+    negative (as torch and Python count); refused beyond the dimension, where reading on
+    would return another tensor's bytes."""
+    if not -size <= item < size:
+        raise MoekitError(f"a plan reads index {item} of a dimension of {size}: no such row "
+                          "(a moekit bug: please report it)")
+    return item % size
+
+
 def _within(outer: Read, region: tuple[Index, ...]) -> tuple[Index, ...]:
     """The region of ``outer``'s source tensor that ``region`` of the tensor ``outer``
     reads covers: ``source[result][region] == source[outer.region][region]``."""
@@ -320,8 +331,7 @@ def _within(outer: Read, region: tuple[Index, ...]) -> tuple[Index, ...]:
     kept += [(first_whole + k, 0, 1) for k in range(len(outer.shape) - len(kept))]
     for (dim, start, step), item, size in zip(kept, region, outer.shape):
         if isinstance(item, int):
-            index = item % size if item < 0 else item
-            value: Index = start + index * step
+            value: Index = start + checked_index(item, size) * step
         else:
             low, high, by = item.indices(size)
             value = slice(start + low * step, start + high * step, by * step)

@@ -12,7 +12,7 @@ from .checkpoint import (Checkpoint, TensorInfo, check_unchanged, open_regular,
                          open_unchanged)
 from .dtypes import itemsize, to_torch
 from .errors import MoekitError, printable
-from .plan import Read
+from .plan import Read, checked_index
 
 if TYPE_CHECKING:
     import torch
@@ -184,16 +184,6 @@ def bounding_block(region: tuple, shape: tuple[int, ...]
                 (high - low, *shape[dim + 1:]), (within, *region[dim + 1:]))
     rest = shape[len(region):]
     return first, math.prod(rest), rest, ()
-
-
-def checked_index(item: int, size: int) -> int:
-    """The integer index ``item`` into a dimension of ``size``, counted from the end when
-    negative (as torch and Python count); refused beyond the dimension, where reading on
-    would return another tensor's bytes."""
-    if not -size <= item < size:
-        raise MoekitError(f"a plan reads index {item} of a dimension of {size}: no such row "
-                          "(a moekit bug: please report it)")
-    return item % size
 
 
 def contiguous_span(region: tuple, shape: tuple[int, ...]) -> tuple[int, int] | None:

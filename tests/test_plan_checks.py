@@ -673,3 +673,18 @@ def test_grouped_tensors_of_no_experts_are_refused(tmp_path, capsys):
     err = fails(capsys, ["convert", str(src), str(tmp_path / "out"), "--to", "hf"])
     assert "layer 0: the expert tensors hold no experts (0 rows)" in err
     assert "hold no experts (0 rows)" in quickly(convert_state_dict, tensors, "nemo", "vllm")
+
+
+def test_an_index_into_a_region_counts_as_torch_counts_and_is_refused_beyond_it():
+    """A region read of a tensor that is itself a region (a Megatron-Core chunk's slice):
+    a negative index counts from the end of the outer region, and one beyond it is
+    refused rather than read from the rows next to it."""
+    from moekit.plan import Read, _within
+
+    outer = Read("k", (slice(2, 7),), (5, 3), "F32")
+    source = torch.arange(30).view(10, 3)
+    for index in (-1, -5, 0, 4):
+        assert torch.equal(source[_within(outer, (index,))], source[2:7][index])
+    for index in (-6, 5):
+        with pytest.raises(MoekitError, match=f"index {index} of a dimension of 5"):
+            _within(outer, (index,))

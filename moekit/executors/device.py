@@ -38,9 +38,9 @@ from ..checkpoint import Checkpoint, TensorInfo
 from ..dtypes import ITEMSIZES, itemsize, to_torch
 from ..errors import MoekitError, printable
 from ..gc_pauses import ScopedSetting
-from ..plan import Plan, Read, TensorPlan, nbytes, reads
+from ..plan import Plan, Read, TensorPlan, checked_index, nbytes, reads
 from ..sizes import format_size
-from ..sources import FileSource, checked_index, chunked_error
+from ..sources import FileSource, chunked_error
 from .evaluate import fill
 from .memory import run_plan
 
