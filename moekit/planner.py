@@ -420,22 +420,38 @@ def _check_held(blocks: Mapping[int, ExpertBlock], analysis: Analysis, dst: Layo
     the checkpoint's ``experts`` convert, and ``--dequantize`` where ``dst`` then takes
     them."""
     family = analysis.family
-    present = {piece for block in blocks.values() for piece, _ in block.pieces}
-    lost = sorted(p for p in present if not dst.holds(p, family))
+    lost = lost_pieces(blocks, family, dst)
     if lost:
         can = _converting(analysis, [name for name, layout in LAYOUTS.items()
                                      if all(layout.holds(p, family) for p in lost)],
                           dequantize, experts)
-        quantized = any(p.endswith((SCALE, MX_BLOCKS, MX_SCALES)) for p in lost)
-        note = dst.quantized_note if quantized else ""
-        dequantized = quantized and not dequantize and _converting(analysis, [dst.name], True,
-                                                                   experts)
-        raise MoekitError(f"the {dst.name} layout cannot hold the {family.name} experts' "
-                          f"{', '.join(lost)}" + (f" ({note})" if note else "")
-                          + "; moekit refuses to drop them"
+        dequantized = _quantized(lost) and not dequantize and _converting(
+            analysis, [dst.name], True, experts)
+        raise MoekitError(held_refusal(lost, family, dst) + "; moekit refuses to drop them"
                           + (f". Layouts that hold them: {', '.join(can)}" if can else "")
                           + ("; or pass --dequantize to write bf16 weights" if dequantized
                              else ""))
+
+
+def lost_pieces(blocks: Mapping[int, ExpertBlock], family: Family, dst: Layout) -> list[str]:
+    """The pieces of the experts in ``blocks`` that ``dst`` has no place for, sorted."""
+    present = {piece for block in blocks.values() for piece, _ in block.pieces}
+    return sorted(p for p in present if not dst.holds(p, family))
+
+
+def held_refusal(lost: list[str], family: Family, dst: Layout) -> str:
+    """Why ``dst`` cannot hold the ``family`` experts' pieces ``lost`` (``lost_pieces``),
+    with the layout's note on quantised pieces; empty where none is lost."""
+    if not lost:
+        return ""
+    note = dst.quantized_note if _quantized(lost) else ""
+    return (f"the {dst.name} layout cannot hold the {family.name} experts' {', '.join(lost)}"
+            + (f" ({note})" if note else ""))
+
+
+def _quantized(pieces: Iterable[str]) -> bool:
+    """True when some of ``pieces`` are FP8 scales or MXFP4 blocks or scales."""
+    return any(p.endswith((SCALE, MX_BLOCKS, MX_SCALES)) for p in pieces)
 
 
 def _check_converted(analysis: Analysis, layout: Layout, role: str = "destination",

@@ -21,9 +21,9 @@ from collections.abc import Callable
 
 from ..errors import MoekitError, PlanError
 from ..layouts import LAYOUTS, NEMO, Family, Layout, layout_named
-from ..layouts.families import MX_BLOCKS, MX_SCALES, SCALE
 from ..plan import Plan
-from ..planner import Analysis, build_plan, converted_refusal, trying_layouts, validate
+from ..planner import (Analysis, build_plan, converted_refusal, held_refusal, lost_pieces,
+                       trying_layouts, validate)
 
 
 def chunk(length: int, parts: int, index: int) -> slice:
@@ -120,14 +120,8 @@ def _held_refusal(analysis: Analysis, dst: Layout) -> str:
     for, or a family it is refused for; empty where neither. Expert parallelism has no
     ``--dequantize`` to offer, as convert has, nor per-expert layouts."""
     family = analysis.family
-    present = {piece for block in analysis.blocks.values() for piece, _ in block.pieces}
-    lost = sorted(p for p in present if not dst.holds(p, family))
-    if lost:
-        quantized = any(p.endswith((SCALE, MX_BLOCKS, MX_SCALES)) for p in lost)
-        why = f" ({dst.quantized_note})" if quantized and dst.quantized_note else ""
-        return (f"the {dst.name} layout cannot hold the {family.name} experts' "
-                f"{', '.join(lost)}{why}")
-    return converted_refusal(family, dst)
+    return (held_refusal(lost_pieces(analysis.blocks, family, dst), family, dst)
+            or converted_refusal(family, dst))
 
 
 def plan_if_held(analysis: Analysis, dst: Layout) -> Plan | None:

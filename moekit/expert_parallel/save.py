@@ -41,6 +41,7 @@ from ..sources import DictSource
 from .local import local_hf_plan
 from .dtensors import ep_coordinates, ep_dim
 from .ranges import expert_range
+from .sharded import failed_ranks
 
 FORMATS = ("safetensors", "dcp")
 """What ``save_experts`` writes: an HF per-expert safetensors checkpoint, or the ranks'
@@ -98,13 +99,10 @@ def _dcp_write(state_dict: Mapping[str, torch.Tensor], path: Path, overwrite: bo
 
 def _agree_on_planning(error: Exception | None) -> None:
     """Tell every rank whether each planned its part; raise on every rank when one did not
-    (with that rank's ``error``: its message, else its type's name), so that no rank waits
-    in a later collective for one that has already given up."""
-    outcomes: list = [None] * dist.get_world_size()
+    (``failed_ranks``), so that no rank waits in a later collective for one that has
+    already given up."""
     with answered("save_experts"):
-        dist.all_gather_object(outcomes, None if error is None else str(error) or
-                               type(error).__name__)
-    failed = {r: message for r, message in enumerate(outcomes) if message}
+        failed = failed_ranks(error)
     if failed and error is None:
         raise MoekitError("save_experts failed, nothing was written: " + by_rank(failed))
 

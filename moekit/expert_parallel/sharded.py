@@ -266,11 +266,18 @@ def _difference(theirs: dict[str, str], ours: dict[str, str], rank: int) -> str:
 
 def agree(error: BaseException | None, caller: str) -> None:
     """Tell every rank whether each did a step (planned or read its part); raise on every
-    rank when one did not (with that rank's ``error``: its message, else its type's name),
-    so that no rank waits in a collective for one that gave up."""
+    rank when one did not (``failed_ranks``), so that no rank waits in a collective for
+    one that gave up."""
+    failed = failed_ranks(error)
+    if failed and error is None:
+        raise MoekitError(f"{caller} failed on another rank: " + "; ".join(
+            f"rank {r}: {message}" for r, message in failed.items()))
+
+
+def failed_ranks(error: BaseException | None) -> dict[int, str]:
+    """Every rank's ``error`` in a step each rank takes, gathered on every rank: rank ->
+    the error's message (else its type's name), for the ranks that failed."""
     outcomes: list = [None] * dist.get_world_size()
     dist.all_gather_object(outcomes, None if error is None else str(error) or
                            type(error).__name__)
-    failed = [f"rank {r}: {message}" for r, message in enumerate(outcomes) if message]
-    if failed and error is None:
-        raise MoekitError(f"{caller} failed on another rank: " + "; ".join(failed))
+    return {r: message for r, message in enumerate(outcomes) if message}
