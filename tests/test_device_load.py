@@ -238,16 +238,45 @@ def test_cuda_readers_given_buffers_pinned_ahead_load_the_same_bytes(family_chec
     assert checksums(staged) == checksums(_reference(checkpoint, plan))
 
 
-def test_a_pinning_error_reaches_every_reader_that_waits_for_a_buffer(monkeypatch):
-    def refuse(size):
-        raise RuntimeError("cannot pin memory")
+@pytest.mark.parametrize("fails_at", [0, 1, 3])
+def test_a_pinning_error_reaches_every_reader_that_takes_a_buffer_after_it(fails_at,
+                                                                          monkeypatch):
+    made = []
 
-    monkeypatch.setattr(device, "_page_locked", refuse)
+    def pin(size):
+        if len(made) == fails_at:  # a first buffer (0, 1) or a second one (3)
+            raise RuntimeError("cannot pin memory")
+        made.append(torch.empty(size, dtype=torch.uint8))
+        return made[-1]
+
+    monkeypatch.setattr(device, "PAGE_LOCKED", device.PageLockedPool())
+    monkeypatch.setattr(device, "_page_locked", pin)
     pinned = device.PinnedBuffers(pairs=2, buffer_bytes=64)
     pinned.join()
-    for _ in range(2):
+    for take in (pinned.take, pinned.take_second) * 2:
         with pytest.raises(RuntimeError, match="cannot pin memory"):
-            pinned.take()
+            take()
+
+
+def test_every_readers_first_buffer_is_pinned_before_any_second(monkeypatch):
+    made, second_pinned = [], threading.Event()
+
+    def pin(size):
+        if len(made) == 3:
+            assert second_pinned.wait(10)
+        made.append(torch.empty(size, dtype=torch.uint8))
+        return made[-1]
+
+    pool = device.PageLockedPool()
+    monkeypatch.setattr(device, "PAGE_LOCKED", pool)
+    monkeypatch.setattr(device, "_page_locked", pin)
+    pinned = device.PinnedBuffers(pairs=3, buffer_bytes=64)
+    assert [pinned.take() for _ in range(3)] == made[:3]
+    assert pinned.take_second() is None and len(made) == 3
+    second_pinned.set()
+    pinned.join()  # gives the seconds no reader took to the pool
+    assert {id(pool.take(64)) for _ in range(3)} == {id(buffer) for buffer in made[3:]}
+    assert len(made) == 6
 
 
 def test_page_locked_buffers_given_back_are_taken_again_by_size(monkeypatch):
@@ -259,6 +288,52 @@ def test_page_locked_buffers_given_back_are_taken_again_by_size(monkeypatch):
     pool.give_back([first, other])
     assert pool.take(64) is first and pool.take(128) is other
     assert pool.take(64) is not first and len(made) == 3
+
+
+class Registers:
+    """A CUDA runtime that registers any memory."""
+
+    @staticmethod
+    def cudaHostRegister(pointer, size, flags):  # noqa: N802 (CUDA's name)
+        return 0
+
+
+def vma_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds ``address``."""
+    lines = iter(open("/proc/self/smaps").read().splitlines())
+    for line in lines:
+        span = line.split()[0]
+        if "-" in span and all(c in "0123456789abcdef-" for c in span):
+            first, end = (int(x, 16) for x in span.split("-"))
+            inside = first <= address < end
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    return []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's /proc and madvise")
+@pytest.mark.parametrize("spare", [0, 3, 4])
+def test_buffers_are_of_huge_pages_only_where_the_kernel_has_them_to_spare(spare, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Registers)
+    monkeypatch.setattr(device, "_spare_huge_pages", lambda: spare)
+    size = 4 * device.HUGE_PAGE
+    buffer = device._page_locked(size)
+    buffer.fill_(7)
+    assert buffer.numel() == size and int(buffer.sum()) == 7 * size
+    huge = spare >= 4
+    assert ("hg" in vma_flags(buffer.data_ptr())) == huge
+    if huge:
+        assert buffer.data_ptr() % device.HUGE_PAGE == 0
+
+
+def test_spare_huge_pages_are_the_free_blocks_of_two_mib_and_more_beyond_a_reserve(tmp_path):
+    buddyinfo = tmp_path / "buddyinfo"
+    buddyinfo.write_text(
+        "Node 0, zone      DMA      0      0      0      0      0      0      0      0      1      1      3\n"
+        "Node 0, zone   Normal  21327  24125  26885  26913  19594  13022   7555   3596   2024   1157   1915\n")
+    free = 1 + 3 * 2 + 1157 + 1915 * 2  # order 9 blocks are 2 MiB, order 10 blocks 4 MiB
+    assert device._spare_huge_pages(str(buddyinfo)) == free - device.SPARE_HUGE_PAGES
+    assert device._spare_huge_pages(str(tmp_path / "absent")) == 0
 
 
 @pytest.mark.parametrize("runtime", ["refuses", "lacks the call"])

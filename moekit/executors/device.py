@@ -72,12 +72,16 @@ class PageLockedPool:
     loads: a load takes its readers' buffers from the pool and gives them back when its
     copies are done, so only the first load in a process pays for pinning.
 
-    A buffer is anonymous memory mapped with its pages populated (zero-filled by the
-    kernel) and registered with ``cudaHostRegister``, as ``torch.distributed.checkpoint``'s
-    stager pins its buffers: on an H200 host that pins 256 MiB in 0.05 to 0.2 s, where
-    ``cudaHostAlloc`` (PyTorch's pinned allocator) takes 0.1 to 0.3 s, and the copies from
-    either run at the same speed. Where registering fails, the buffer comes from PyTorch's
-    pinned allocator instead."""
+    A buffer is anonymous memory registered with ``cudaHostRegister``, as
+    ``torch.distributed.checkpoint``'s stager pins its buffers: on an H200 host that pins
+    256 MiB in 0.05 to 0.1 s, where ``cudaHostAlloc`` (PyTorch's pinned allocator) takes
+    0.1 to 0.3 s, and the copies from either run at the same speed. Its pages are not
+    populated beforehand: registering faults them in, with the GIL released, in one pass
+    over the memory instead of two, which holds the process's memory-map lock for less of
+    the time that the main thread, reading headers and planning, needs it too. Where the
+    kernel has free huge pages to spare (``_spare_huge_pages``), the buffer is made of
+    them: fewer pages to fault in and pin, and reads into it are faster (fewer TLB misses).
+    Where registering fails, the buffer comes from PyTorch's pinned allocator instead."""
 
     def __init__(self) -> None:
         self._free: dict[int, list[torch.Tensor]] = {}
@@ -98,16 +102,48 @@ class PageLockedPool:
                 self._free.setdefault(buffer.numel(), []).append(buffer)
 
 
+HUGE_PAGE = 2 * 2**20
+"""Bytes of a transparent huge page (x86-64's and, with 4 KiB pages, AArch64's)."""
+SPARE_HUGE_PAGES = 512
+"""Free huge pages the kernel keeps for others before a buffer is made of huge pages."""
+
+
 def _page_locked(size: int) -> torch.Tensor:
-    """``size`` bytes of host memory, registered with CUDA (see ``PageLockedPool``)."""
-    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-                       | getattr(mmap, "MAP_POPULATE", 0))
-    buffer = torch.frombuffer(memory, dtype=torch.uint8)
+    """``size`` bytes of host memory, registered with CUDA (see ``PageLockedPool``): of huge
+    pages, aligned to them, where the kernel has them to spare."""
+    huge = size >= HUGE_PAGE and _spare_huge_pages() >= size // HUGE_PAGE
+    memory = mmap.mmap(-1, size + HUGE_PAGE if huge else size,
+                       flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if huge:
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    whole = torch.frombuffer(memory, dtype=torch.uint8)
+    start = -whole.data_ptr() % HUGE_PAGE if huge else 0
+    buffer = whole[start:start + size]
     try:
         failed = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), size, _PORTABLE))
     except (AttributeError, RuntimeError):  # a runtime whose bindings lack it
         failed = True
     return torch.empty(size, dtype=torch.uint8, pin_memory=True) if failed else buffer
+
+
+def _spare_huge_pages(buddyinfo: str = "/proc/buddyinfo") -> int:
+    """Free huge pages the kernel can hand out at once, beyond SPARE_HUGE_PAGES: its free
+    blocks of HUGE_PAGE bytes and more (``buddyinfo``, the free blocks of each order). Huge
+    pages are asked for only from these: where there are none, the kernel would compact
+    or reclaim memory to make them (on a fragmented host 0.5 s and more, and page cache
+    evicted), so buffers are of small pages there. 0 without transparent huge pages (no
+    ``madvise``), with pages of another size, or without the file."""
+    if not hasattr(mmap, "MADV_HUGEPAGE") or mmap.PAGESIZE != 4096:
+        return 0
+    try:
+        with open(buddyinfo) as handle:
+            text = handle.read()
+    except OSError:
+        return 0
+    order = (HUGE_PAGE // mmap.PAGESIZE).bit_length() - 1
+    free = sum(int(count) << (at - order) for line in text.splitlines()
+               for at, count in enumerate(line.split()[4:]) if at >= order)
+    return free - SPARE_HUGE_PAGES
 
 
 _PORTABLE = 1
@@ -117,11 +153,15 @@ PAGE_LOCKED = PageLockedPool()
 
 
 class PinnedBuffers:
-    """The pairs of pinned host buffers a load's readers move their bytes through, taken
-    from ``PAGE_LOCKED`` one pair at a time by a background thread, each handed to a reader
-    as soon as it is ready: the first load in a process pins them (0.05 to 0.2 s for 16
-    readers) while its plan is built and its first bytes are read, not before. Later loads
-    find them in the pool.
+    """The pinned host buffers a load's readers move their bytes through, two a reader,
+    taken from ``PAGE_LOCKED`` one at a time by a background thread: the first load in a
+    process pins them (0.05 to 0.2 s for 16 readers) while its plan is built and its first
+    bytes are read, not before. Later loads find them in the pool.
+
+    Every reader's first buffer is pinned before any reader's second, and each is handed
+    over as soon as it is ready (``take``; ``take_second`` once the firsts are pinned): a
+    reader with one buffer cannot read while its last copy runs, but every reader starts
+    reading half as late as it would if it waited for both.
 
     While it pins, the GIL switch interval is short (``PROMPT_HANDOFFS``): the thread needs
     the GIL around each buffer, and with Python's default interval the main thread, busy
@@ -131,39 +171,55 @@ class PinnedBuffers:
     def __init__(self, pairs: int = READERS, buffer_bytes: int = BUFFER_BYTES) -> None:
         self.pairs = pairs
         self.buffer_bytes = buffer_bytes
-        self._pinned: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._pin, args=(pairs,), name="moekit-pin")
+        self._firsts: queue.SimpleQueue = queue.SimpleQueue()
+        self._seconds: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._pin, name="moekit-pin")
         self._thread.start()
 
-    def take(self) -> list[torch.Tensor]:
-        """The next pinned pair (waiting for it to be pinned); the pinning's error, if any."""
-        pair = self._pinned.get()
-        if isinstance(pair, BaseException):
-            self._pinned.put(pair)
-            raise pair
-        return pair
+    def take(self) -> torch.Tensor:
+        """A reader's first buffer (waiting for it to be pinned); the pinning's error, if
+        any."""
+        return self._checked(self._firsts, self._firsts.get())
+
+    def take_second(self) -> torch.Tensor | None:
+        """A reader's second buffer if one is pinned, else None; the pinning's error, if
+        any."""
+        try:
+            return self._checked(self._seconds, self._seconds.get_nowait())
+        except queue.Empty:
+            return None
 
     def join(self) -> None:
-        """Wait until every pair is pinned (so that no thread outlives the load), and give
-        the pairs no reader took back to the pool."""
+        """Wait until every buffer is pinned (so that no thread outlives the load), and
+        give the buffers no reader took back to the pool."""
         self._thread.join()
-        left: list = []
-        while not self._pinned.empty():
-            left.append(self._pinned.get())
-        PAGE_LOCKED.give_back(buffer for pair in left if isinstance(pair, list) for buffer in pair)
-        for error in (pair for pair in left if isinstance(pair, BaseException)):
-            self._pinned.put(error)
+        for pinned in (self._firsts, self._seconds):
+            left: list = []
+            while not pinned.empty():
+                left.append(pinned.get())
+            PAGE_LOCKED.give_back(item for item in left if isinstance(item, torch.Tensor))
+            for error in (item for item in left if isinstance(item, BaseException)):
+                pinned.put(error)
 
-    def _pin(self, pairs: int) -> None:
+    @staticmethod
+    def _checked(pinned: queue.SimpleQueue, item: torch.Tensor | BaseException
+                 ) -> torch.Tensor:
+        """``item``, taken from ``pinned``, unless it is the pinning's error: then the
+        error, left there for the next reader."""
+        if isinstance(item, BaseException):
+            pinned.put(item)
+            raise item
+        return item
+
+    def _pin(self) -> None:
         try:
             with PROMPT_HANDOFFS.scope():
-                self._pin_pairs(pairs)
-        except BaseException as err:  # handed to the readers that wait for a pair
-            self._pinned.put(err)
-
-    def _pin_pairs(self, pairs: int) -> None:
-        for _ in range(pairs):
-            self._pinned.put([PAGE_LOCKED.take(self.buffer_bytes) for _ in range(2)])
+                for pinned in (self._firsts, self._seconds):
+                    for _ in range(self.pairs):
+                        pinned.put(PAGE_LOCKED.take(self.buffer_bytes))
+        except BaseException as err:  # handed to every reader that takes a buffer after it
+            self._firsts.put(err)
+            self._seconds.put(err)
 
 
 def reader_threads() -> int:
@@ -381,9 +437,10 @@ class _Reader:
     def _copy(self, batch: _Batch, fd: int, file: str, start: int, offset: int, size: int):
         """Copy ``size`` bytes at ``start`` of ``file`` (open as ``fd``) into the batch's
         staging buffer at ``offset``. On CUDA, the bytes go through this thread's two pinned
-        buffers in turn: read into one (once its previous copy is done) while the other
-        is copied to the device, asynchronously on this thread's stream, after the staging
-        buffer is writable; return (this thread's stream, the last copy's event).
+        buffers in turn (through its first alone until its second is pinned): read into
+        one (once its previous copy is done) while the other is copied to the device,
+        asynchronously on this thread's stream, after the staging buffer is writable;
+        return (this thread's stream, the last copy's event).
 
         A reader holds the GIL only between its reads, but 16 of them contend for it
         with the main thread, so this does as few Python-level torch calls as it can: the
@@ -403,7 +460,9 @@ class _Reader:
             local.batch = batch.index
         for done in range(0, size, self.buffer_bytes):
             n = min(self.buffer_bytes, size - done)
-            turn = local.turn = 1 - local.turn
+            if len(local.buffers) == 1:
+                self._take_second(local)
+            turn = local.turn = (local.turn + 1) % len(local.buffers)
             event = local.events[turn]
             event.synchronize()
             _read_into(fd, start + done, local.views[turn][:n], file)
@@ -412,11 +471,12 @@ class _Reader:
         return local.stream, event
 
     def _local(self) -> threading.local:
-        """This reader thread's two pinned buffers (and memoryviews of them), their copies'
-        events and its stream, which is made the thread's current stream."""
+        """This reader thread's pinned buffers (its first only, where ``self.pinned`` has
+        yet to pin its second) and memoryviews of them, their copies' events and its
+        stream, which is made the thread's current stream."""
         local = self.local
         if not hasattr(local, "buffers"):
-            local.buffers = self.pinned.take() if self.pinned is not None else [
+            local.buffers = [self.pinned.take()] if self.pinned is not None else [
                 PAGE_LOCKED.take(self.buffer_bytes) for _ in range(2)]
             self.handed.extend(local.buffers)
             local.views = [memoryview(buffer.numpy()) for buffer in local.buffers]
@@ -426,6 +486,14 @@ class _Reader:
             local.stream = torch.cuda.Stream(self.device)
             torch.cuda.set_stream(local.stream)
         return local
+
+    def _take_second(self, local: threading.local) -> None:
+        """Give this reader its second pinned buffer, if one is pinned yet."""
+        second = self.pinned.take_second()
+        if second is not None:
+            self.handed.append(second)
+            local.buffers.append(second)
+            local.views.append(memoryview(second.numpy()))
 
     def _evaluate(self, batch: _Batch, copies: list) -> dict[str, torch.Tensor]:
         """Build the batch's tensors from its staging buffer: allocated on the caller's
