@@ -12,6 +12,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -288,3 +289,25 @@ def write_figures(path: str | None, machine: str, rows: dict[str, dict[str, floa
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                **details, "rows": rows}
     Path(path).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+def copy_limit_gbps(device: torch.device) -> float:
+    """GB/s of a copy into the device's memory, best of 5: from a pinned host buffer to a
+    GPU (the limit of a load through host memory), or host to host on the CPU."""
+    size = 2**31 if device.type == "cuda" else 2**26
+    host = torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    target = torch.empty(size, dtype=torch.uint8, device=device)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        target.copy_(host, non_blocking=True)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return size / best / 1e9
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a GPU's; nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()

@@ -10,7 +10,9 @@ split them unevenly: 13, 13, ..., 9), and every rank then loads its experts onto
 with ``load_experts(..., device="cuda")`` from the page cache (timed after one warm-up
 load, as a training job's first load also pays CUDA and thread start-up). Rank 0 checks the sha256 of
 every grouped tensor's ``full_tensor()`` against moekit's CPU path, all ranks save back
-with ``save_experts``, and rank 0 verifies the saved checkpoint equals the source.
+with ``save_experts``, and rank 0 verifies the saved checkpoint equals the source. Each
+rank's GB/s is also given as a share of its GPU's pinned host-to-device copy, measured in
+the same run (the limit of a load through host memory).
 NVLink multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
 NVSHMEM_DISABLE_NVLS=1): using it can take a shared host's GPUs out of service.
 """
@@ -28,7 +30,8 @@ for name, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAS
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from common import add_shape_arguments, build_checkpoint, digest, warm_page_cache  # noqa: E402
+from common import (add_shape_arguments, build_checkpoint, copy_limit_gbps,  # noqa: E402
+                    digest, leave_process_group, warm_page_cache, write_figures)
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
@@ -55,6 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shape_arguments(parser, size_gib=16.0, experts=100)
     parser.add_argument("--workdir", default="/tmp")
+    parser.add_argument("--json", help="also write the figures to this JSON file (rank 0)")
     args = parser.parse_args()
 
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -74,6 +78,7 @@ def main() -> None:
     plan = rank_plan(analysis, world, rank, "nemo")
     read = sum(nbytes(r.shape, r.dtype) for t in plan.tensors for r in reads(t.recipe))
     load_experts(src, mesh, layout="nemo", device="cuda")  # warm-up: threads, pinned pool
+    limit = copy_limit_gbps(device)
     torch.cuda.synchronize()
     dist.barrier()
     start = time.perf_counter()
@@ -82,27 +87,36 @@ def main() -> None:
     seconds = time.perf_counter() - start
     mine = next(v for v in state.values() if isinstance(v, DTensor)).to_local().shape[0]
     rows = [None] * world
-    dist.all_gather_object(rows, (rank, mine, read, seconds))
+    dist.all_gather_object(rows, (rank, mine, read, seconds, limit))
 
     full = {k: digest(v.full_tensor()) for k, v in state.items() if isinstance(v, DTensor)}
     if rank == 0:
-        print(f"{'rank':>4}{'experts':>9}{'GiB read':>10}{'seconds':>9}{'GB/s':>8}")
-        for r, experts, nbytes_read, s in rows:
-            print(f"{r:>4}{experts:>9}{nbytes_read / 2**30:>10.2f}{s:>9.2f}"
-                  f"{nbytes_read / s / 1e9:>8.1f}")
+        print(f"{'rank':>4}{'experts':>9}{'GiB read':>10}{'seconds':>9}{'GB/s':>8}"
+              f"{'copy GB/s':>11}{'of copy':>9}")
+        for r, experts, nbytes_read, s, copy in rows:
+            rate = nbytes_read / s / 1e9
+            print(f"{r:>4}{experts:>9}{nbytes_read / 2**30:>10.2f}{s:>9.2f}{rate:>8.1f}"
+                  f"{copy:>11.1f}{rate / copy:>9.0%}")
         total = sum(row[2] for row in rows) / max(row[3] for row in rows)
         print(f"all ranks together: {total / 1e9:.1f} GB/s")
         same = full == cpu_digests(src)
         print(f"{len(full)} grouped tensors: full_tensor() sha256 "
               f"{'identical to' if same else 'DIFFERENT from'} moekit's CPU path", flush=True)
+        write_figures(args.json, f"{world} x {torch.cuda.get_device_name()}",
+                      {f"rank {r}": {"experts": experts, "bytes_read": nbytes_read,
+                                     "seconds": s, "gbps": nbytes_read / s / 1e9,
+                                     "copy_limit_gbps": copy,
+                                     "ratio": nbytes_read / s / 1e9 / copy}
+                       for r, experts, nbytes_read, s, copy in rows},
+                      baseline="each rank's pinned host-to-device copy", torch=torch.__version__,
+                      all_ranks_gbps=total / 1e9, identical_to_cpu=same)
     dist.barrier()
     start = time.perf_counter()
     save_experts(state, out, mesh, layout="nemo", config_from=src, overwrite=True)
     if rank == 0:
         print(f"save_experts: {time.perf_counter() - start:.2f} s; saved checkpoint equals the "
               f"source: {verify(src, out).equal}", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -48,8 +48,9 @@ for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTIC
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from common import (expert_bytes_per_layer, leave_process_group,  # noqa: E402
-                    qwen3_moe_tensors, warm_page_cache, write_figures, write_synthetic)
+from common import (copy_limit_gbps, expert_bytes_per_layer,  # noqa: E402
+                    leave_process_group, qwen3_moe_tensors, sync, warm_page_cache,
+                    write_figures, write_synthetic)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
@@ -138,22 +139,6 @@ def _bytes_as(pool: torch.Tensor, shape: tuple[int, ...], dtype: str, seed: int
     return data.view(to_torch(dtype)).view(shape)
 
 
-def copy_limit_gbps(device: torch.device) -> float:
-    """GB/s of a copy into the device's memory, best of 5: from a pinned host buffer to a
-    GPU (the limit of a load through host memory), or host to host on the CPU."""
-    size = 2**31 if device.type == "cuda" else 2**26
-    host = torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
-    target = torch.empty(size, dtype=torch.uint8, device=device)
-    best = float("inf")
-    for _ in range(5):
-        _sync(device)
-        start = time.perf_counter()
-        target.copy_(host, non_blocking=True)
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return size / best / 1e9
-
-
 def counting_reads() -> list[int]:
     """Counts the bytes this process reads from checkpoint files (a running total): on the
     CPU through ``FileSource``, onto a GPU through the device reader's threads."""
@@ -186,12 +171,12 @@ def timed_load(src: Path, mesh: DeviceMesh, counted: list[int], device: torch.de
                ) -> tuple[dict[str, torch.Tensor], float, int]:
     """load_sharded after a warm-up load: the state, its seconds and the bytes read."""
     moekit.load_sharded(src, mesh, layout=LAYOUT)
-    _sync(device)
+    sync(device)
     dist.barrier()
     before = counted[0]
     start = time.perf_counter()
     state = moekit.load_sharded(src, mesh, layout=LAYOUT)
-    _sync(device)
+    sync(device)
     return state, time.perf_counter() - start, counted[0] - before
 
 
@@ -229,11 +214,6 @@ def _full_bytes(value: torch.Tensor) -> torch.Tensor:
     return DTensor.from_local(local, value.device_mesh, value.placements, run_check=False,
                               shape=shape, stride=torch.empty(shape, device="meta").stride()
                               ).full_tensor().flatten(-2)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def meshes(world: int) -> list[tuple[int, int]]:
