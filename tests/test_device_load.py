@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import mmap
 import sys
 import threading
 
@@ -324,6 +325,19 @@ def test_buffers_are_of_huge_pages_only_where_the_kernel_has_them_to_spare(spare
     assert ("hg" in vma_flags(buffer.data_ptr())) == huge
     if huge:
         assert buffer.data_ptr() % device.HUGE_PAGE == 0
+
+
+def test_a_kernel_that_refuses_huge_pages_gives_a_buffer_of_small_pages(monkeypatch):
+    class Refusing(mmap.mmap):
+        def madvise(self, *args):
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Registers)
+    monkeypatch.setattr(device, "_spare_huge_pages", lambda: 10**6)
+    monkeypatch.setattr(mmap, "mmap", Refusing)
+    size = 2 * device.HUGE_PAGE
+    buffer = device._page_locked(size)
+    assert buffer.numel() == size and "hg" not in vma_flags(buffer.data_ptr())
 
 
 def test_spare_huge_pages_are_the_free_blocks_of_two_mib_and_more_beyond_a_reserve(tmp_path):

@@ -115,7 +115,10 @@ def _page_locked(size: int) -> torch.Tensor:
     memory = mmap.mmap(-1, size + HUGE_PAGE if huge else size,
                        flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if huge:
-        memory.madvise(mmap.MADV_HUGEPAGE)
+        try:
+            memory.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # a kernel without transparent huge pages: small pages, aligned
+            pass
     whole = torch.frombuffer(memory, dtype=torch.uint8)
     start = -whole.data_ptr() % HUGE_PAGE if huge else 0
     buffer = whole[start:start + size]
