@@ -12,6 +12,7 @@ import gc
 import mmap
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -299,10 +300,13 @@ class Registers:
         return 0
 
 
+LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                           reason="Linux's /proc and transparent huge pages")
+
+
 def vma_flags(address: int) -> list[str]:
     """The VmFlags of this process's mapping that holds ``address``."""
-    lines = iter(open("/proc/self/smaps").read().splitlines())
-    for line in lines:
+    for line in Path("/proc/self/smaps").read_text().splitlines():
         span = line.split()[0]
         if "-" in span and all(c in "0123456789abcdef-" for c in span):
             first, end = (int(x, 16) for x in span.split("-"))
@@ -312,7 +316,7 @@ def vma_flags(address: int) -> list[str]:
     return []
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's /proc and madvise")
+@LINUX
 @pytest.mark.parametrize("spare", [0, 3, 4])
 def test_buffers_are_of_huge_pages_only_where_the_kernel_has_them_to_spare(spare, monkeypatch):
     monkeypatch.setattr(torch.cuda, "cudart", lambda: Registers)
@@ -327,6 +331,7 @@ def test_buffers_are_of_huge_pages_only_where_the_kernel_has_them_to_spare(spare
         assert buffer.data_ptr() % device.HUGE_PAGE == 0
 
 
+@LINUX
 def test_a_kernel_that_refuses_huge_pages_gives_a_buffer_of_small_pages(monkeypatch):
     class Refusing(mmap.mmap):
         def madvise(self, *args):
@@ -340,6 +345,7 @@ def test_a_kernel_that_refuses_huge_pages_gives_a_buffer_of_small_pages(monkeypa
     assert buffer.numel() == size and "hg" not in vma_flags(buffer.data_ptr())
 
 
+@LINUX
 def test_spare_huge_pages_are_the_free_blocks_of_two_mib_and_more_beyond_a_reserve(tmp_path):
     buddyinfo = tmp_path / "buddyinfo"
     buddyinfo.write_text(
