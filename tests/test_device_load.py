@@ -273,7 +273,7 @@ def test_every_readers_first_buffer_is_pinned_before_any_second(monkeypatch):
     monkeypatch.setattr(device, "PAGE_LOCKED", pool)
     monkeypatch.setattr(device, "_page_locked", pin)
     pinned = device.PinnedBuffers(pairs=3, buffer_bytes=64)
-    assert [pinned.take() for _ in range(3)] == made[:3]
+    assert [id(pinned.take()) for _ in range(3)] == [id(buffer) for buffer in made[:3]]
     assert pinned.take_second() is None and len(made) == 3
     second_pinned.set()
     pinned.join()  # gives the seconds no reader took to the pool
@@ -300,8 +300,9 @@ class Registers:
         return 0
 
 
-LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"),
-                           reason="Linux's /proc and transparent huge pages")
+LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's /proc")
+THP = pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").is_dir(),
+                         reason="a kernel with transparent huge pages")
 
 
 def vma_flags(address: int) -> list[str]:
@@ -317,6 +318,7 @@ def vma_flags(address: int) -> list[str]:
 
 
 @LINUX
+@THP
 @pytest.mark.parametrize("spare", [0, 3, 4])
 def test_buffers_are_of_huge_pages_only_where_the_kernel_has_them_to_spare(spare, monkeypatch):
     monkeypatch.setattr(torch.cuda, "cudart", lambda: Registers)
@@ -346,14 +348,25 @@ def test_a_kernel_that_refuses_huge_pages_gives_a_buffer_of_small_pages(monkeypa
 
 
 @LINUX
-def test_spare_huge_pages_are_the_free_blocks_of_two_mib_and_more_beyond_a_reserve(tmp_path):
+def test_spare_huge_pages_are_the_free_blocks_of_two_mib_and_more_of_the_poorest_node(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(mmap, "PAGESIZE", 4096)  # as on x86-64 (AArch64 may have 64 KiB)
     buddyinfo = tmp_path / "buddyinfo"
     buddyinfo.write_text(
         "Node 0, zone      DMA      0      0      0      0      0      0      0      0      1      1      3\n"
-        "Node 0, zone   Normal  21327  24125  26885  26913  19594  13022   7555   3596   2024   1157   1915\n")
-    free = 1 + 3 * 2 + 1157 + 1915 * 2  # order 9 blocks are 2 MiB, order 10 blocks 4 MiB
-    assert device._spare_huge_pages(str(buddyinfo)) == free - device.SPARE_HUGE_PAGES
+        "Node 0, zone    DMA32    357    403    408    364    298    201    109     66     39     35    695\n"
+        "Node 0, zone   Normal  21327  24125  26885  26913  19594  13022   7555   3596   2024   1157   1915\n"
+        "Node 1, zone   Normal      5      1      0      0      0      0      0      0      0    900    300\n"
+        "Node 1, zone  Movable      5      1      0      0      0      0      0      0      0      4      1\n")
+    # Order 9 blocks are 2 MiB, order 10 blocks 4 MiB; DMA and DMA32 are not counted.
+    poorest = min(1157 + 1915 * 2, 900 + 300 * 2 + 4 + 1 * 2)
+    assert device._spare_huge_pages(str(buddyinfo)) == poorest - device.SPARE_HUGE_PAGES
     assert device._spare_huge_pages(str(tmp_path / "absent")) == 0
+    for malformed in ("Node 0, zone Normal 0 0 0 0 0 0 0 0 0 x 1\n", "Node 0,\n"):
+        buddyinfo.write_text(malformed)
+        assert device._spare_huge_pages(str(buddyinfo)) == 0
+    monkeypatch.setattr(mmap, "PAGESIZE", 65536)
+    assert device._spare_huge_pages("/proc/buddyinfo") == 0
 
 
 @pytest.mark.parametrize("runtime", ["refuses", "lacks the call"])

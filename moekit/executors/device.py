@@ -3,7 +3,8 @@
 For each destination tensor, the byte ranges of its source regions are copied by a pool of
 reader threads into a device staging buffer, and the recipe (stack, concatenate,
 transpose, ...) is evaluated there. A reader moves each chunk it is given through its two
-small pinned buffers in turn, reading into one while the other is copied to the device.
+small pinned buffers in turn, reading into one while the other is copied to the device
+(through its first alone while the first load in a process pins its second).
 (Registering the page cache's mapped pages with CUDA instead, to skip the host copy, is
 slower: registration does not scale across threads.) Tensors are staged in batches
 of about BATCH_BYTES, whose regions adjacent in a file are read as one range (a layer's
@@ -48,7 +49,7 @@ CHUNK_BYTES = 64 * 2**20
 """Bytes of one read job: large, so that queueing jobs costs little Python."""
 BUFFER_BYTES = 8 * 2**20
 """Bytes of each of a reader's two pinned buffers, through which it moves its jobs: pinned
-host memory is 2 x BUFFER_BYTES per reader. Small, because pinning is slow (0.05 to 0.2 s for
+host memory is 2 x BUFFER_BYTES per reader. Small, because pinning is slow (0.05 to 0.1 s for
 256 MiB, see ``PageLockedPool``) and the first load in a process pays for it; not smaller,
 because each buffer's copy costs the reader the GIL (with 16 readers, 4 MiB buffers load a
 quarter slower than 8 MiB ones; 8 to 32 MiB load within 6 % of each other once pinned)."""
@@ -105,7 +106,8 @@ class PageLockedPool:
 HUGE_PAGE = 2 * 2**20
 """Bytes of a transparent huge page (x86-64's and, with 4 KiB pages, AArch64's)."""
 SPARE_HUGE_PAGES = 512
-"""Free huge pages the kernel keeps for others before a buffer is made of huge pages."""
+"""Free huge pages (1 GiB) moekit leaves to others on each NUMA node: a buffer is made of
+huge pages only where more are free."""
 
 
 def _page_locked(size: int) -> torch.Tensor:
@@ -130,23 +132,27 @@ def _page_locked(size: int) -> torch.Tensor:
 
 
 def _spare_huge_pages(buddyinfo: str = "/proc/buddyinfo") -> int:
-    """Free huge pages the kernel can hand out at once, beyond SPARE_HUGE_PAGES: its free
-    blocks of HUGE_PAGE bytes and more (``buddyinfo``, the free blocks of each order). Huge
-    pages are asked for only from these: where there are none, the kernel would compact
-    or reclaim memory to make them (on a fragmented host 0.5 s and more, and page cache
-    evicted), so buffers are of small pages there. 0 without transparent huge pages (no
-    ``madvise``), with pages of another size, or without the file."""
+    """Huge pages free beyond SPARE_HUGE_PAGES (negative where fewer are free) on the NUMA
+    node that has the fewest: the blocks of HUGE_PAGE bytes and more that ``buddyinfo``
+    lists free in each node's zones (but DMA and DMA32, kept for devices). Huge pages are
+    asked for only from these: where there are none, the kernel would compact or reclaim
+    memory to make them (on a fragmented host 0.5 s and more, and page cache evicted), so
+    buffers are of small pages there. The fewest of any node, because a page is taken
+    from the node of the CPU that touches it first, which may be any. 0 where Python has
+    no ``MADV_HUGEPAGE``, pages are of another size, or the file is missing or unreadable."""
     if not hasattr(mmap, "MADV_HUGEPAGE") or mmap.PAGESIZE != 4096:
         return 0
+    order = (HUGE_PAGE // mmap.PAGESIZE).bit_length() - 1
+    nodes: dict[str, int] = {}
     try:
         with open(buddyinfo) as handle:
-            text = handle.read()
-    except OSError:
+            for line in handle:
+                _, node, _, zone, *counts = line.replace(",", " ").split()
+                free = sum(int(n) << (at - order) for at, n in enumerate(counts) if at >= order)
+                nodes[node] = nodes.get(node, 0) + (0 if zone in ("DMA", "DMA32") else free)
+    except (OSError, ValueError):
         return 0
-    order = (HUGE_PAGE // mmap.PAGESIZE).bit_length() - 1
-    free = sum(int(count) << (at - order) for line in text.splitlines()
-               for at, count in enumerate(line.split()[4:]) if at >= order)
-    return free - SPARE_HUGE_PAGES
+    return min(nodes.values(), default=0) - SPARE_HUGE_PAGES
 
 
 _PORTABLE = 1
@@ -158,7 +164,7 @@ PAGE_LOCKED = PageLockedPool()
 class PinnedBuffers:
     """The pinned host buffers a load's readers move their bytes through, two a reader,
     taken from ``PAGE_LOCKED`` one at a time by a background thread: the first load in a
-    process pins them (0.05 to 0.2 s for 16 readers) while its plan is built and its first
+    process pins them (0.05 to 0.1 s for 16 readers) while its plan is built and its first
     bytes are read, not before. Later loads find them in the pool.
 
     Every reader's first buffer is pinned before any reader's second, and each is handed
@@ -185,8 +191,8 @@ class PinnedBuffers:
         return self._checked(self._firsts, self._firsts.get())
 
     def take_second(self) -> torch.Tensor | None:
-        """A reader's second buffer if one is pinned, else None; the pinning's error, if
-        any."""
+        """A reader's second buffer if one is pinned, else None (the reader asks again
+        before its next read); the pinning's error, if any."""
         try:
             return self._checked(self._seconds, self._seconds.get_nowait())
         except queue.Empty:
