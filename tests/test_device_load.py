@@ -240,6 +240,48 @@ def test_cuda_readers_given_buffers_pinned_ahead_load_the_same_bytes(family_chec
     assert checksums(staged) == checksums(_reference(checkpoint, plan))
 
 
+@cuda
+def test_cuda_readers_read_on_their_first_buffer_until_their_second_is_pinned(
+        family_checkpoints, monkeypatch):
+    # The seconds are pinned only once the readers have read through their firsts alone;
+    # then each reader takes its second mid-load and alternates between the two.
+    checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
+    reads, alone = [0], threading.Event()
+    read_into, page_locked = device._read_into, device._page_locked
+
+    def counted(*args):
+        read_into(*args)
+        reads[0] += 1
+        if reads[0] == 12:
+            alone.set()
+
+    def pin(size):
+        if len(made) == 3:
+            assert alone.wait(30)
+        made.append(page_locked(size))
+        return made[-1]
+
+    made, seconds = [], []
+    monkeypatch.setattr(device, "PAGE_LOCKED", device.PageLockedPool())
+    monkeypatch.setattr(device, "_page_locked", pin)
+    monkeypatch.setattr(device, "_read_into", counted)
+    pinned = device.PinnedBuffers(pairs=3, buffer_bytes=300)
+    take_second = pinned.take_second
+
+    def taken_second():
+        second = take_second()
+        if second is not None:
+            seconds.append(second)
+        return second
+
+    monkeypatch.setattr(pinned, "take_second", taken_second)
+    staged = load_to_device(plan, checkpoint, "cuda", readers=3, chunk_bytes=1000,
+                            buffer_bytes=300, pinned=pinned)
+    pinned.join()
+    assert checksums(staged) == checksums(_reference(checkpoint, plan))
+    assert seconds  # taken mid-load, after 12 reads through the firsts alone
+
+
 @pytest.mark.parametrize("fails_at", [0, 1, 3])
 def test_a_pinning_error_reaches_every_reader_that_takes_a_buffer_after_it(fails_at,
                                                                           monkeypatch):
