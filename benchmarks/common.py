@@ -311,3 +311,11 @@ def sync(device: torch.device) -> None:
     """Wait for the work queued on ``device`` (a GPU's; nothing to wait for on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def print_table(columns: list[tuple[str, int, str]], rows: list[tuple]) -> None:
+    """Print ``rows`` under a header line, each value right-aligned in its column (title,
+    width, format spec)."""
+    print("".join(f"{title:>{width}}" for title, width, _ in columns))
+    for row in rows:
+        print("".join(f"{value:>{width}{spec}}" for value, (_, width, spec) in zip(row, columns)))

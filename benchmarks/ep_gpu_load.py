@@ -31,7 +31,8 @@ for name, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAS
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from common import (add_shape_arguments, build_checkpoint, copy_limit_gbps,  # noqa: E402
-                    digest, leave_process_group, warm_page_cache, write_figures)
+                    digest, leave_process_group, print_table, warm_page_cache,
+                    write_figures)
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
@@ -91,12 +92,12 @@ def main() -> None:
 
     full = {k: digest(v.full_tensor()) for k, v in state.items() if isinstance(v, DTensor)}
     if rank == 0:
-        print(f"{'rank':>4}{'experts':>9}{'GiB read':>10}{'seconds':>9}{'GB/s':>8}"
-              f"{'copy GB/s':>11}{'of copy':>9}")
-        for r, experts, nbytes_read, s, copy in rows:
-            rate = nbytes_read / s / 1e9
-            print(f"{r:>4}{experts:>9}{nbytes_read / 2**30:>10.2f}{s:>9.2f}{rate:>8.1f}"
-                  f"{copy:>11.1f}{rate / copy:>9.0%}")
+        print_table([("rank", 4, ""), ("experts", 9, ""), ("GiB read", 10, ".2f"),
+                     ("seconds", 9, ".2f"), ("GB/s", 8, ".1f"), ("copy GB/s", 11, ".1f"),
+                     ("of copy", 9, ".0%")],
+                    [(r, experts, nbytes_read / 2**30, s, nbytes_read / s / 1e9, copy,
+                      nbytes_read / s / 1e9 / copy)
+                     for r, experts, nbytes_read, s, copy in rows])
         total = sum(row[2] for row in rows) / max(row[3] for row in rows)
         print(f"all ranks together: {total / 1e9:.1f} GB/s")
         same = full == cpu_digests(src)

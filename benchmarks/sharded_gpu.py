@@ -49,8 +49,8 @@ for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTIC
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from common import (copy_limit_gbps, expert_bytes_per_layer,  # noqa: E402
-                    leave_process_group, qwen3_moe_tensors, sync, warm_page_cache,
-                    write_figures, write_synthetic)
+                    leave_process_group, print_table, qwen3_moe_tensors, sync,
+                    warm_page_cache, write_figures, write_synthetic)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
@@ -259,16 +259,17 @@ def _report(label: str, rows: list, compared: int, differing: list[str], tensor_
     print(f"load_sharded on {label}: {compared} tensors, full_tensor() "
           f"{'equal to' if not differing else 'DIFFERENT from'} moekit's CPU path"
           f"{': ' + ', '.join(differing[:5]) if differing else ''}")
-    print(f"{'rank':>4}{'GiB read':>10}{'GiB held':>10}{'seconds':>9}{'held GB/s':>11}"
-          f"{'copy GB/s':>11}{'of copy':>9}")
+    table = []
     for rank, read, held, seconds, limit in rows:
         rate = held / seconds / 1e9
-        print(f"{rank:>4}{read / 2**30:>10.2f}{held / 2**30:>10.2f}{seconds:>9.2f}"
-              f"{rate:>11.1f}{limit:>11.1f}{rate / limit:>9.0%}")
+        table.append((rank, read / 2**30, held / 2**30, seconds, rate, limit, rate / limit))
         figures[f"{label} rank {rank}"] = {
             "bytes_read": read, "bytes_held": held, "seconds": seconds,
             "held_gbps": rate, "copy_limit_gbps": limit, "ratio": rate / limit,
             "equal_to_cpu_path": not differing}
+    print_table([("rank", 4, ""), ("GiB read", 10, ".2f"), ("GiB held", 10, ".2f"),
+                 ("seconds", 9, ".2f"), ("held GB/s", 11, ".1f"), ("copy GB/s", 11, ".1f"),
+                 ("of copy", 9, ".0%")], table)
     total_read = sum(r[1] for r in rows)
     slowest = max(r[3] for r in rows)
     print(f"all ranks: {total_read / 2**30:.2f} GiB read in {slowest:.2f} s = "
