@@ -231,6 +231,20 @@ def test_cuda_staging_in_many_small_batches_is_bit_identical(slots, family_check
 
 
 @cuda
+def test_cuda_gathers_are_queued_without_waiting_for_the_stream():
+    # Hub files order experts by name, so most stacks are gathered: a gather that waited
+    # for the stream would hold up the thread queueing the next batch behind every read.
+    base = torch.arange(64, dtype=torch.int32, device="cuda")
+    starts = [3, 15, 40, 27]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stacked = stacked_regions(base, starts, (3, 4))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(stacked, torch.stack([base[s:s + 12].view(3, 4) for s in starts]))
+
+
+@cuda
 def test_cuda_readers_given_buffers_pinned_ahead_load_the_same_bytes(family_checkpoints):
     checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
     pinned = device.PinnedBuffers(pairs=3, buffer_bytes=300)

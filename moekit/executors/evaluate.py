@@ -254,8 +254,19 @@ def stacked_regions(base: torch.Tensor, starts: list[int], shape: tuple[int, ...
         strides = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
         return base.as_strided((len(starts), *shape), (step, *strides), starts[0])
     windows = base.as_strided((base.numel() - numel + 1, numel), (1, 1), 0)
-    index = torch.tensor(starts, device=base.device)
-    return windows.index_select(0, index).view(len(starts), *shape)
+    return windows.index_select(0, _on_device(starts, base.device)).view(len(starts), *shape)
+
+
+def _on_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """``values`` as an int64 tensor on ``device``, queued on CUDA as a copy from
+    page-locked memory: a copy from pageable memory returns only once the stream has run
+    all its queued work (in the device executor, the batch's reads and the gathers before
+    it), which would leave the thread that queues the next batch's work waiting behind
+    every gather. Gathers are the usual case: safetensors files order tensors by name
+    (``experts.10`` before ``experts.2``), so a layer's experts seldom lie at one stride."""
+    if device.type != "cuda":
+        return torch.tensor(values, device=device)
+    return torch.tensor(values, pin_memory=True).to(device, non_blocking=True)
 
 
 def _fill_concat(expr: Concat, out: torch.Tensor, source: TensorSource) -> None:
