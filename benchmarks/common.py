@@ -86,7 +86,9 @@ def build_checkpoint(path: Path, args: argparse.Namespace, full_config: bool = F
 def write_synthetic(path: Path, tensors: list[tuple[str, tuple[int, ...]]], config: dict,
                     shard_bytes: int = 500 * 2**20, dtype: torch.dtype = torch.bfloat16) -> int:
     """Write random tensors as an HF-sharded checkpoint, one tensor in memory at a time;
-    return its size in bytes."""
+    return its size in bytes. Each shard holds its tensors in the order safetensors'
+    own writer gives them (``save_pretrained``'s, so every Hub checkpoint's): by name
+    within a dtype, ``experts.10`` before ``experts.2``."""
     path.mkdir(parents=True)
     size = torch.tensor([], dtype=dtype).element_size()
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
@@ -103,6 +105,7 @@ def write_synthetic(path: Path, tensors: list[tuple[str, tuple[int, ...]]], conf
     generator = torch.Generator().manual_seed(0)
     pool = torch.randn(2**24 + 4099, generator=generator).to(dtype)
     for i, (file, shard) in enumerate(zip(names, shards)):
+        shard.sort()
         entries = [(n, to_safetensors(dtype), s) for n, s in shard]
         with ShardWriter(path / file, entries, {"format": "pt"}) as writer:
             for j, (name, shape) in enumerate(shard):
