@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, TypeVar, Union
+from typing import Any, NamedTuple, Protocol, TypeVar, Union
 
 from .dtypes import itemsize
 from .errors import MoekitError
@@ -23,12 +23,14 @@ from .sizes import format_size
 Index = Union[int, slice]
 
 
-@dataclass(frozen=True)
-class Read:
+class Read(NamedTuple):
     """A region of one source tensor: ``source[key][region]``.
 
     ``region`` indexes the leading dimensions (ints drop a dimension, slices keep it);
     dimensions it does not mention are read whole.
+
+    A named tuple, immutable like the other nodes and made in a third of their time: a
+    plan has a read for every tensor of the source (over ninety thousand for DeepSeek-V3).
     """
 
     key: str

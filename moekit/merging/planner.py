@@ -55,7 +55,7 @@ class Origins:
         """``source`` (a read of a tensor of checkpoint ``tag``) under its plan name."""
         name = f"{tag}/{source.key}"
         self.table[name] = (tag, source.key)
-        return replace(source, key=name)
+        return source._replace(key=name)
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -131,7 +130,7 @@ class TaggedSource:
 
     def _route(self, region: Read) -> tuple[FileSource, Read]:
         tag, key = self.origins.table[region.key]
-        return self.sources[tag], replace(region, key=key)
+        return self.sources[tag], region._replace(key=key)
 
     def read(self, region: Read) -> "torch.Tensor":
         source, inner = self._route(region)
