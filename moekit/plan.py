@@ -29,7 +29,7 @@ class Read(NamedTuple):
     ``region`` indexes the leading dimensions (ints drop a dimension, slices keep it);
     dimensions it does not mention are read whole.
 
-    A named tuple, immutable like the other nodes and made in a third of their time: a
+    A named tuple, immutable like the other nodes and made in less than half their time: a
     plan has a read for every tensor of the source (over ninety thousand for DeepSeek-V3).
     """
 
