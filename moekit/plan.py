@@ -402,7 +402,13 @@ def _part_reads(expr: Transpose | Reshape | Scale | Cast, found: list[Read]) -> 
 
 def _parts_reads(expr: Stack | Concat, found: list[Read]) -> None:
     for part in expr.parts:
-        _READS[type(part)](part, found)
+        kind = type(part)
+        if kind is Read:  # the usual parts, taken without a call: plans hold tens of thousands
+            found.append(part)
+        elif kind is Transpose and type(part.part) is Read:
+            found.append(part.part)
+        else:
+            _READS[kind](part, found)
 
 
 def _fields_reads(*names: str) -> Callable[[Expr, list[Read]], None]:

@@ -588,11 +588,11 @@ def _leaves(tensors: list[TensorPlan], checkpoint: Checkpoint) -> dict[str | tup
             if ident in found:
                 continue
             info = infos[read.key]
-            if info.chunks:
+            _, file, shape, dtype, offset, chunks = info
+            if chunks:
                 raise chunked_error(info)
             found[ident] = _rows_leaf(region, info) if region else [
-                info.file, info.offset, math.prod(info.shape) * ITEMSIZES[info.dtype],
-                info.shape, info.dtype, (), 0]
+                file, offset, math.prod(shape) * ITEMSIZES[dtype], shape, dtype, (), 0]
     return found
 
 

@@ -348,10 +348,8 @@ class GroupedLayout(Layout):
                 for t in self.emit(one, 1, family)]
 
     @staticmethod
-    def _flattened(spec: GroupedTensor, piece: Expr) -> Expr:
-        """An expert's MXFP4 blocks [out, in/32, 16] as ``spec`` stores them."""
-        if not spec.flat_blocks:
-            return piece
+    def _flattened(piece: Expr) -> Expr:
+        """An expert's MXFP4 blocks [out, in/32, 16] as a ``flat_blocks`` tensor stores them."""
         out, groups, pairs = piece.shape
         return Reshape(piece, (out, groups * pairs))
 
@@ -364,11 +362,11 @@ class GroupedLayout(Layout):
 
         def combine(pieces: list[Expr]) -> Expr:
             oriented = [Transpose(p) for p in pieces] if turned else pieces
-            joined = (oriented[0] if len(oriented) == 1 else
-                      Concat(tuple(oriented), dim=dim, interleave=interleave))
-            return cls._flattened(spec, joined)
+            return oriented[0] if len(oriented) == 1 else Concat(tuple(oriented), dim, interleave)
 
-        return combine
+        if not spec.flat_blocks:
+            return combine
+        return lambda pieces: cls._flattened(combine(pieces))
 
     @staticmethod
     def _add_pieces(block: ExpertBlock, key: str, meta: TensorMeta,

@@ -58,13 +58,20 @@ class PerExpertLayout(Layout):
         pattern = self._key_pattern(family)
         by_name = {family.piece_key(piece): piece for piece in family.all_pieces}
         region = self.expert_region(family)
+        blocks: dict[str, tuple[dict, dict]] = {}  # layer number as written -> its block's maps
+        claim = parsed.claimed.add
         for key, meta in tensors.items():
             match = canonical.match(key)
             if match:
                 layer, expert, name = match.group("layer", "expert", "piece")
-                parsed.claimed.add(key)
-                _add_piece(parsed.block(int(layer), family), (by_name[name], int(expert)),
-                           key, meta)
+                claim(key)
+                maps = blocks.get(layer)
+                if maps is None:
+                    block = parsed.block(int(layer), family)
+                    maps = blocks[layer] = block.pieces, block.names
+                piece = by_name[name], int(expert)
+                maps[0][piece] = Read(key, (), tuple(meta.shape), meta.dtype)  # Read.whole
+                maps[1][piece] = key
                 continue
             match = pattern.match(key) or region.match(key)
             if not match or key[match.end():] in family.in_experts:
