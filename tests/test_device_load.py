@@ -22,9 +22,10 @@ from moekit import MoekitError
 from moekit.planner import analyse_checkpoint
 from moekit.executors import device
 from moekit.executors.device import load_to_device
-from moekit.executors.evaluate import stacked_regions
+from moekit.executors.evaluate import fill, stacked_regions
 from moekit.executors.memory import run_plan
 from moekit.layouts import layout_named
+from moekit.plan import DequantizeMXFP4, Read
 from moekit.planner import build_plan
 from moekit.sources import FileSource
 
@@ -242,6 +243,46 @@ def test_cuda_gathers_are_queued_without_waiting_for_the_stream():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(stacked, torch.stack([base[s:s + 12].view(3, 4) for s in starts]))
+
+
+@cuda
+def test_cuda_mxfp4_dequantization_is_queued_without_waiting_and_equals_the_cpu():
+    # GPT-OSS experts dequantized on the way to the GPU: its FP4 table, like a gather's
+    # index, must not hold the queueing thread until the stream has caught up.
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"blocks": torch.randint(0, 256, (6, 2, 16), dtype=torch.uint8, generator=generator),
+               "scales": torch.randint(120, 134, (6, 2), dtype=torch.uint8, generator=generator)}
+    recipe = DequantizeMXFP4(Read.whole("blocks", _Meta(tensors["blocks"])),
+                             Read.whole("scales", _Meta(tensors["scales"])))
+    on_gpu = {key: value.cuda() for key, value in tensors.items()}
+    out = torch.empty(recipe.shape, dtype=torch.bfloat16, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fill(recipe, out, _Tensors(on_gpu))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    expected = torch.empty(recipe.shape, dtype=torch.bfloat16)
+    fill(recipe, expected, _Tensors(tensors))
+    assert torch.equal(out.cpu().view(torch.int16), expected.view(torch.int16))
+
+
+class _Meta:
+    """A tensor's shape and dtype as a plan reads them (``TensorMeta``)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.shape = tuple(tensor.shape)
+        self.dtype = {torch.uint8: "U8"}[tensor.dtype]
+
+
+class _Tensors:
+    """A source serving whole reads from a dict of tensors."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def read(self, region: Read) -> torch.Tensor:
+        return self.tensors[region.key]
 
 
 @cuda

@@ -12,6 +12,7 @@ the same tensors on every run, device and expert-parallel rank.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -257,16 +258,17 @@ def stacked_regions(base: torch.Tensor, starts: list[int], shape: tuple[int, ...
     return windows.index_select(0, _on_device(starts, base.device)).view(len(starts), *shape)
 
 
-def _on_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """``values`` as an int64 tensor on ``device``, queued on CUDA as a copy from
-    page-locked memory: a copy from pageable memory returns only once the stream has run
-    all its queued work (in the device executor, the batch's reads and the gathers before
-    it), which would leave the thread that queues the next batch's work waiting behind
-    every gather. Gathers are the usual case: safetensors files order tensors by name
+def _on_device(values: Sequence[float], device: torch.device,
+               dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """``values`` (a gather's index, the FP4 table) as a ``dtype`` tensor on ``device``,
+    queued on CUDA as a copy from page-locked memory: a copy from pageable memory returns
+    only once the stream has run all its queued work (in the device executor, the batch's
+    reads and the gathers before it), which would leave the thread that queues the next
+    batch's work waiting behind every gather or dequantisation. Gathers are the usual case: safetensors files order tensors by name
     (``experts.10`` before ``experts.2``), so a layer's experts seldom lie at one stride."""
     if device.type != "cuda":
-        return torch.tensor(values, device=device)
-    return torch.tensor(values, pin_memory=True).to(device, non_blocking=True)
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def _fill_concat(expr: Concat, out: torch.Tensor, source: TensorSource) -> None:
@@ -303,7 +305,7 @@ def _fill_mxfp4(expr: DequantizeMXFP4, out: torch.Tensor, source: TensorSource) 
     (exact for powers of two), as transformers' reference does."""
     blocks = materialize(expr.blocks, source, out.device)
     exponents = materialize(expr.scales, source, out.device).to(torch.int32) - 127
-    table = torch.tensor(FP4_VALUES, dtype=out.dtype, device=out.device)
+    table = _on_device(FP4_VALUES, out.device, out.dtype)
     values = torch.empty((*blocks.shape, 2), dtype=out.dtype, device=out.device)
     values[..., 0] = table[(blocks & 0x0F).int()]
     values[..., 1] = table[(blocks >> 4).int()]
