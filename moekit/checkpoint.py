@@ -451,7 +451,7 @@ def index_files(folder: Path) -> list[str]:
 
 def _index_files(index: Path, weight_map: dict) -> list[str]:
     """The files the index names, in order; every one a relative path inside the folder."""
-    if not set(map(type, weight_map.values())) <= {str}:  # one pass in C; JSON gives no str subclass
+    if not set(map(type, weight_map.values())) <= {str}:  # in C; JSON makes no str subclass
         key, value = next((k, v) for k, v in weight_map.items() if type(v) is not str)
         raise MoekitError(f"{_shown(index)}: the weight_map entry of {printable(key)} is "
                           f"{_json_type(value)}, not a file name")

@@ -264,8 +264,9 @@ def _on_device(values: Sequence[float], device: torch.device,
     queued on CUDA as a copy from page-locked memory: a copy from pageable memory returns
     only once the stream has run all its queued work (in the device executor, the batch's
     reads and the gathers before it), which would leave the thread that queues the next
-    batch's work waiting behind every gather or dequantisation. Gathers are the usual case: safetensors files order tensors by name
-    (``experts.10`` before ``experts.2``), so a layer's experts seldom lie at one stride."""
+    batch's work waiting behind every gather or dequantisation. Gathers are the usual case:
+    safetensors files order tensors by name (``experts.10`` before ``experts.2``), so a
+    layer's experts seldom lie at one stride."""
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

@@ -70,7 +70,7 @@ class PerExpertLayout(Layout):
                     block = parsed.block(int(layer), family)
                     maps = blocks[layer] = block.pieces, block.names
                 piece = by_name[name], int(expert)
-                maps[0][piece] = Read(key, (), tuple(meta.shape), meta.dtype)  # Read.whole
+                maps[0][piece] = Read(key, (), tuple(meta.shape), meta.dtype)  # Read.whole's
                 maps[1][piece] = key
                 continue
             match = pattern.match(key) or region.match(key)
