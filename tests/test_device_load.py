@@ -10,8 +10,11 @@ from __future__ import annotations
 import errno
 import gc
 import mmap
+import os
 import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -201,6 +204,102 @@ def test_a_shard_the_disk_cannot_read_is_named(qwen3, monkeypatch):
     monkeypatch.setattr(device.os, "preadv", failing)
     with pytest.raises(MoekitError, match=r"cannot read .*model-.*\.safetensors.*Input/output"):
         load_to_device(plan, checkpoint, "cpu", readers=2, chunk_bytes=4096)
+
+
+def _reading_threads(monkeypatch, fail_first: bool = False) -> tuple[set, list]:
+    """Record the threads that read and how many reads are running; with ``fail_first``
+    the first read fails at once and every other one takes 0.2 s."""
+    threads, running, calls, lock = set(), [0], [0], threading.Lock()
+    read_into = device._read_into
+
+    def recorded(*args):
+        with lock:
+            threads.add(threading.get_ident())
+            calls[0] += 1
+            failing = fail_first and calls[0] == 1
+            running[0] += 1
+        try:
+            if failing:
+                raise MoekitError("the first read fails")
+            if fail_first:
+                time.sleep(0.2)
+            read_into(*args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(device, "_read_into", recorded)
+    return threads, running
+
+
+def test_later_loads_read_with_the_first_loads_threads(family_checkpoints, monkeypatch):
+    checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
+    load_to_device(plan, checkpoint, "cpu", readers=5, chunk_bytes=1000)
+    started = {t for t in threading.enumerate() if t.name.startswith("moekit-read")}
+    threads, _ = _reading_threads(monkeypatch)
+    _assert_same(load_to_device(plan, checkpoint, "cpu", readers=5, chunk_bytes=1000),
+                 _reference(checkpoint, plan))
+    assert {t for t in threading.enumerate() if t.name.startswith("moekit-read")} == started
+    assert threads and threads <= {t.ident for t in started}
+
+
+def test_a_failed_load_returns_once_no_read_runs_and_its_threads_serve_the_next(
+        family_checkpoints, monkeypatch):
+    # A read still running after the load has given up would write into a staging buffer
+    # already freed, and the reader threads would be handed to the next load while busy.
+    checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
+    _, running = _reading_threads(monkeypatch, fail_first=True)
+    with pytest.raises(MoekitError, match="the first read fails"):
+        load_to_device(plan, checkpoint, "cpu", readers=4, chunk_bytes=1000)
+    assert running[0] == 0
+    monkeypatch.undo()
+    _assert_same(load_to_device(plan, checkpoint, "cpu", readers=4, chunk_bytes=1000),
+                 _reference(checkpoint, plan))
+
+
+def test_loads_at_once_take_a_pool_of_readers_each(family_checkpoints):
+    checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
+    taken = [device.READER_POOLS.take(2), device.READER_POOLS.take(2)]
+    assert taken[0] is not taken[1]
+    for pool in taken:
+        device.READER_POOLS.give_back(2, pool)
+    assert device.READER_POOLS.take(2) in taken
+    with ThreadPoolExecutor(2) as callers:
+        loads = [callers.submit(load_to_device, plan, checkpoint, "cpu", readers=2,
+                                chunk_bytes=1000) for _ in range(2)]
+        expected = _reference(checkpoint, plan)
+        for load in loads:
+            _assert_same(load.result(), expected)
+
+
+def test_a_reader_thread_that_cannot_start_leaves_none_of_its_pool_waiting(monkeypatch):
+    submit, calls = ThreadPoolExecutor.submit, []
+
+    def failing(self, *args, **kwargs):
+        calls.append(None)
+        if len(calls) == 3:
+            raise RuntimeError("can't start new thread")
+        return submit(self, *args, **kwargs)
+
+    before = set(threading.enumerate())
+    monkeypatch.setattr(ThreadPoolExecutor, "submit", failing)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        device._started_pool(4)
+    monkeypatch.undo()
+    started = [thread for thread in threading.enumerate() if thread not in before]
+    for thread in started:
+        thread.join(timeout=10)
+    assert len(started) == 2 and not any(thread.is_alive() for thread in started)
+
+
+def test_a_forked_child_keeps_none_of_its_parents_reader_threads(family_checkpoints):
+    checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
+    load_to_device(plan, checkpoint, "cpu", readers=3, chunk_bytes=1000)
+    assert device.READER_POOLS._free.get(3)
+    child = os.fork()
+    if child == 0:  # the pools' threads were not copied: taking one would wait forever
+        os._exit(0 if not device.READER_POOLS._free else 1)
+    assert os.waitpid(child, 0)[1] == 0
 
 
 def checksums(state: dict) -> dict[str, str]:

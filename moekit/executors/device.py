@@ -1,8 +1,8 @@
 """The device executor: plan -> tensors on an accelerator, straight from the files.
 
 For each destination tensor, the byte ranges of its source regions are copied by a pool of
-reader threads into a device staging buffer, and the recipe (stack, concatenate,
-transpose, ...) is evaluated there. A reader moves each chunk it is given through its two
+reader threads (kept for the process's later loads) into a device staging buffer, and the
+recipe (stack, concatenate, transpose, ...) is evaluated there. A reader moves each chunk it is given through its two
 small pinned buffers in turn, reading into one while the other is copied to the device
 (through its first alone while the first load in a process pins its second).
 (Registering the page cache's mapped pages with CUDA instead, to skip the host copy, is
@@ -28,7 +28,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager as ContextManager, nullcontext
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -159,6 +159,59 @@ _PORTABLE = 1
 """``cudaHostRegisterPortable``: the buffer is page-locked for every device's copies."""
 PAGE_LOCKED = PageLockedPool()
 """The process's page-locked buffers, shared by its loads."""
+
+
+class ReaderPool:
+    """Reader threads kept for the process's later loads, as pinned buffers are
+    (``PageLockedPool``): a load takes a pool of them and gives it back when its reads are
+    done, so only the first load in a process starts threads. Each pool's threads are all
+    started before the load queues its first read: a thread started while others already
+    read waits for the GIL behind them (on an H200 host, starting 16 readers as a load
+    queued its first reads held its reading back by about 10 ms). A load has its pool to
+    itself, since a reader makes its load's stream its current one; loads at once take a
+    pool each. A process forked from one that loaded starts with none (its threads are not
+    copied)."""
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[ThreadPoolExecutor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, threads: int) -> ThreadPoolExecutor:
+        """A pool of ``threads`` started reader threads: a free one, else a new one."""
+        with self._lock:
+            free = self._free.get(threads)
+            if free:
+                return free.pop()
+        return _started_pool(threads)
+
+    def give_back(self, threads: int, pool: ThreadPoolExecutor) -> None:
+        """Keep ``pool`` of ``threads`` threads (none may still run a job) for later loads."""
+        with self._lock:
+            self._free.setdefault(threads, []).append(pool)
+
+    def forget(self) -> None:
+        """Drop every kept pool (in a forked child, whose pools have no threads)."""
+        self._free = {}
+        self._lock = threading.Lock()
+
+
+def _started_pool(threads: int) -> ThreadPoolExecutor:
+    """A thread pool whose ``threads`` threads are all running and idle: each of its
+    first jobs waits for the others, so the pool starts a thread for every one."""
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="moekit-read")
+    everyone = threading.Barrier(threads)
+    try:
+        wait([pool.submit(everyone.wait) for _ in range(threads)])
+    except BaseException:  # a thread that could not start: free the others, which wait
+        everyone.abort()
+        pool.shutdown(wait=False)
+        raise
+    return pool
+
+
+READER_POOLS = ReaderPool()
+"""The process's reader threads, shared by its loads."""
+os.register_at_fork(after_in_child=READER_POOLS.forget)
 
 
 class PinnedBuffers:
@@ -380,18 +433,24 @@ class _Reader:
         self.device = device
         self.cuda = device.type == "cuda"
         self.buffer_bytes = buffer_bytes
-        self.pool = ThreadPoolExecutor(readers, thread_name_prefix="moekit-read")
+        self.in_flight: deque[_Batch] = deque()
         self.local = threading.local()
         self.aborted = False
         self.compute = torch.cuda.Stream(device) if self.cuda else None
         self.handed: list[torch.Tensor] = []  # the readers' pinned buffers, for the pool
+        self.readers = readers
+        self.pool = READER_POOLS.take(readers)
 
     def __enter__(self) -> "_Reader":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.aborted = True
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        queued = [future for batch in self.in_flight for future in batch.futures]
+        for future in queued:
+            future.cancel()
+        wait(queued)
+        READER_POOLS.give_back(self.readers, self.pool)
         if self.cuda:
             torch.cuda.synchronize(self.device)  # no copy may outlive its staging buffer
             PAGE_LOCKED.give_back(self.handed)
@@ -408,21 +467,24 @@ class _Reader:
             # stream, where memory it freed may still be in use.
             self.compute.wait_stream(torch.cuda.current_stream(self.device))
         out: dict[str, torch.Tensor] = {}
-        in_flight: deque[_Batch] = deque()
+        in_flight = self.in_flight
         for batch in batches:
             if len(in_flight) == self.slots:
-                out.update(self._finish(in_flight.popleft()))
-            in_flight.append(self._submit(batch))
+                out.update(self._finish(in_flight[0]))
+                in_flight.popleft()
+            self._submit(batch)
         while in_flight:
-            out.update(self._finish(in_flight.popleft()))
+            out.update(self._finish(in_flight[0]))
+            in_flight.popleft()
         if self.compute is not None:
             self.compute.synchronize()
         self.files.check_unchanged()
         return out
 
-    def _submit(self, batch: _Batch) -> _Batch:
+    def _submit(self, batch: _Batch) -> None:
         """Allocate the batch's staging buffer (on the compute stream, after the
-        evaluations queued so far) and queue its reads."""
+        evaluations queued so far) and queue its reads; the batch is in flight (waited
+        for, should the load end early) from its first read on."""
         with self._on_compute():
             # Whole ALIGN blocks (even for a batch of empty tensors): viewable as any dtype.
             batch.staging = torch.empty(max(batch.size, ALIGN), dtype=torch.uint8,
@@ -430,10 +492,10 @@ class _Reader:
             if self.compute is not None:
                 batch.writable = torch.cuda.Event()
                 batch.writable.record(self.compute)
-        batch.futures = [self.pool.submit(self._copy, batch, self.files.descriptor(file), file,
-                                          start, offset, size)
-                         for file, start, offset, size in batch.jobs]
-        return batch
+        self.in_flight.append(batch)
+        for file, start, offset, size in batch.jobs:
+            batch.futures.append(self.pool.submit(self._copy, batch, self.files.descriptor(file),
+                                                  file, start, offset, size))
 
     def _finish(self, batch: _Batch) -> dict[str, torch.Tensor]:
         """The batch's tensors, once its reads are done; its staging buffer is released."""
