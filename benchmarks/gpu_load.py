@@ -6,9 +6,10 @@ run starts from the page cache, then times, in one run:
 
   (a) pinned host -> device copies of the same number of bytes (the limit),
   (b) ``moekit.load(..., "nemo", device="cuda")``: grouped nemo tensors on the GPU, and
-      (b1) its first call in the process, which also pins its host buffers and grows
-      PyTorch's device memory pool (what a training job that loads once sees; the modules
-      ``from moekit import load`` imports at the program's start are imported first),
+      (b1) its first call in the process, which also pins its host buffers, starts its
+      reader threads and grows PyTorch's device memory pool (what a training job that
+      loads once sees; the modules ``from moekit import load`` imports at the program's
+      start are imported first),
   (c) transformers ``from_pretrained(..., device_map="cuda")``,
   (d) safetensors ``load_file(device="cuda")`` of every shard + a naive stack into nemo,
   (r) for reference, moekit's number of reader threads reading the files into pinned
