@@ -292,6 +292,28 @@ def test_a_reader_thread_that_cannot_start_leaves_none_of_its_pool_waiting(monke
     assert len(started) == 2 and not any(thread.is_alive() for thread in started)
 
 
+def test_keep_one_starts_a_pool_only_where_none_is_free(family_checkpoints, monkeypatch):
+    monkeypatch.setattr(device, "READER_POOLS", device.ReaderPool())
+    device.READER_POOLS.keep_one(7)
+    started = {t for t in threading.enumerate() if t.name.startswith("moekit-read")}
+    device.READER_POOLS.keep_one(7)
+    checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
+    load_to_device(plan, checkpoint, "cpu", readers=7, chunk_bytes=1000)
+    assert {t for t in threading.enumerate() if t.name.startswith("moekit-read")} == started
+
+
+def test_a_gpu_load_starts_its_reader_threads_before_it_pins(monkeypatch):
+    # Pinning holds the process's memory map, which starting a thread waits for.
+    order = []
+    started = device._started_pool
+    monkeypatch.setattr(device, "READER_POOLS", device.ReaderPool())
+    monkeypatch.setattr(device, "_started_pool", lambda n: order.append("threads") or started(n))
+    monkeypatch.setattr(device, "PinnedBuffers", lambda: order.append("pinning"))
+    device.pin_ahead("cuda")
+    device.pin_ahead("cuda")
+    assert order == ["threads", "pinning", "pinning"]
+
+
 def test_a_forked_child_keeps_none_of_its_parents_reader_threads(family_checkpoints):
     checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
     load_to_device(plan, checkpoint, "cpu", readers=3, chunk_bytes=1000)
