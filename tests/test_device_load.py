@@ -206,9 +206,10 @@ def test_a_shard_the_disk_cannot_read_is_named(qwen3, monkeypatch):
         load_to_device(plan, checkpoint, "cpu", readers=2, chunk_bytes=4096)
 
 
-def _reading_threads(monkeypatch, fail_first: bool = False) -> tuple[set, list]:
+def _reading_threads(monkeypatch, fail_first: bool = False, seconds: float = 0.0
+                     ) -> tuple[set, list]:
     """Record the threads that read and how many reads are running; with ``fail_first``
-    the first read fails at once and every other one takes 0.2 s."""
+    the first read fails at once and every other one takes 0.2 s (else ``seconds``)."""
     threads, running, calls, lock = set(), [0], [0], threading.Lock()
     read_into = device._read_into
 
@@ -221,8 +222,7 @@ def _reading_threads(monkeypatch, fail_first: bool = False) -> tuple[set, list]:
         try:
             if failing:
                 raise MoekitError("the first read fails")
-            if fail_first:
-                time.sleep(0.2)
+            time.sleep(0.2 if fail_first else seconds)
             read_into(*args)
         finally:
             with lock:
@@ -232,38 +232,88 @@ def _reading_threads(monkeypatch, fail_first: bool = False) -> tuple[set, list]:
     return threads, running
 
 
+def _reader_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("moekit-read")}
+
+
 def test_later_loads_read_with_the_first_loads_threads(family_checkpoints, monkeypatch):
     checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
     load_to_device(plan, checkpoint, "cpu", readers=5, chunk_bytes=1000)
-    started = {t for t in threading.enumerate() if t.name.startswith("moekit-read")}
+    started = _reader_threads()
     threads, _ = _reading_threads(monkeypatch)
     _assert_same(load_to_device(plan, checkpoint, "cpu", readers=5, chunk_bytes=1000),
                  _reference(checkpoint, plan))
-    assert {t for t in threading.enumerate() if t.name.startswith("moekit-read")} == started
+    assert not _reader_threads() - started  # no thread started
     assert threads and threads <= {t.ident for t in started}
 
 
+@pytest.mark.parametrize("batch_bytes", [device.BATCH_BYTES, 5000])
 def test_a_failed_load_returns_once_no_read_runs_and_its_threads_serve_the_next(
-        family_checkpoints, monkeypatch):
+        batch_bytes, family_checkpoints, monkeypatch):
     # A read still running after the load has given up would write into a staging buffer
     # already freed, and the reader threads would be handed to the next load while busy.
     checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
+    load_to_device(plan, checkpoint, "cpu", readers=4, chunk_bytes=1000)
+    started = _reader_threads()
     _, running = _reading_threads(monkeypatch, fail_first=True)
     with pytest.raises(MoekitError, match="the first read fails"):
-        load_to_device(plan, checkpoint, "cpu", readers=4, chunk_bytes=1000)
+        load_to_device(plan, checkpoint, "cpu", readers=4, chunk_bytes=1000,
+                       batch_bytes=batch_bytes)
     assert running[0] == 0
     monkeypatch.undo()
+    threads, _ = _reading_threads(monkeypatch)
     _assert_same(load_to_device(plan, checkpoint, "cpu", readers=4, chunk_bytes=1000),
                  _reference(checkpoint, plan))
+    assert threads <= {t.ident for t in started} and not _reader_threads() - started
 
 
-def test_loads_at_once_take_a_pool_of_readers_each(family_checkpoints):
+def test_a_load_cut_short_while_queueing_reads_returns_once_no_read_runs(family_checkpoints,
+                                                                         monkeypatch):
+    # A file that cannot be opened part-way through a batch's reads, and an interrupt in
+    # the middle of queueing one read (after the pool took it, before the load noted it).
     checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
-    taken = [device.READER_POOLS.take(2), device.READER_POOLS.take(2)]
-    assert taken[0] is not taken[1]
-    for pool in taken:
-        device.READER_POOLS.give_back(2, pool)
-    assert device.READER_POOLS.take(2) in taken
+    descriptor, calls = FileSource.descriptor, []
+
+    def failing(self, file):
+        calls.append(file)
+        if len(calls) == 5:
+            raise MoekitError("cannot open the fifth")
+        return descriptor(self, file)
+
+    _, running = _reading_threads(monkeypatch, fail_first=False, seconds=0.2)
+    monkeypatch.setattr(FileSource, "descriptor", failing)
+    with pytest.raises(MoekitError, match="cannot open the fifth"):
+        load_to_device(plan, checkpoint, "cpu", readers=4, chunk_bytes=1000, batch_bytes=5000)
+    assert running[0] == 0
+    monkeypatch.setattr(FileSource, "descriptor", descriptor)
+
+    adjust = ThreadPoolExecutor._adjust_thread_count
+
+    def interrupted(self):
+        time.sleep(0.01)  # an idle reader takes the read just queued
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ThreadPoolExecutor, "_adjust_thread_count", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_to_device(plan, checkpoint, "cpu", readers=4, chunk_bytes=1000)
+    monkeypatch.setattr(ThreadPoolExecutor, "_adjust_thread_count", adjust)
+    assert running[0] == 0
+
+
+def test_loads_at_once_take_a_pool_of_readers_each(family_checkpoints, monkeypatch):
+    pools = device.ReaderPool()
+    monkeypatch.setattr(device, "READER_POOLS", pools)
+    first = pools.take(2)
+    pools.give_back(2, first)
+    again, other = pools.take(2), pools.take(2)
+    assert again is first and other is not first
+    pools.give_back(2, other)
+    pools.give_back(2, again)  # one idle pool a reader count is kept; the other ends
+    new = [pools.take(2), pools.take(2)]
+    assert new[0] is other and new[1] not in (first, other)
+    for pool in (first, *new):
+        pool.shutdown(wait=True)
+    checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
     with ThreadPoolExecutor(2) as callers:
         loads = [callers.submit(load_to_device, plan, checkpoint, "cpu", readers=2,
                                 chunk_bytes=1000) for _ in range(2)]
@@ -273,33 +323,43 @@ def test_loads_at_once_take_a_pool_of_readers_each(family_checkpoints):
 
 
 def test_a_reader_thread_that_cannot_start_leaves_none_of_its_pool_waiting(monkeypatch):
-    submit, calls = ThreadPoolExecutor.submit, []
+    start, starts, barriers = threading.Thread.start, [], []
 
-    def failing(self, *args, **kwargs):
-        calls.append(None)
-        if len(calls) == 3:
+    def failing(self):
+        starts.append(self)
+        if len(starts) == 3:
             raise RuntimeError("can't start new thread")
-        return submit(self, *args, **kwargs)
+        start(self)
+
+    class Recorded(threading.Barrier):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            barriers.append(self)
 
     before = set(threading.enumerate())
-    monkeypatch.setattr(ThreadPoolExecutor, "submit", failing)
-    with pytest.raises(RuntimeError, match="can't start new thread"):
-        device._started_pool(4)
-    monkeypatch.undo()
-    started = [thread for thread in threading.enumerate() if thread not in before]
-    for thread in started:
-        thread.join(timeout=10)
-    assert len(started) == 2 and not any(thread.is_alive() for thread in started)
+    monkeypatch.setattr(threading.Thread, "start", failing)
+    monkeypatch.setattr(threading, "Barrier", Recorded)
+    try:
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            device._started_pool(4)
+    finally:
+        monkeypatch.undo()
+        started = [thread for thread in threading.enumerate() if thread not in before]
+        for thread in started:
+            thread.join(timeout=10)
+        for barrier in barriers:  # free the threads should the pool have left them waiting
+            barrier.abort()
+    assert not any(thread.is_alive() for thread in started)
 
 
 def test_keep_one_starts_a_pool_only_where_none_is_free(family_checkpoints, monkeypatch):
     monkeypatch.setattr(device, "READER_POOLS", device.ReaderPool())
     device.READER_POOLS.keep_one(7)
-    started = {t for t in threading.enumerate() if t.name.startswith("moekit-read")}
+    started = _reader_threads()
     device.READER_POOLS.keep_one(7)
     checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
     load_to_device(plan, checkpoint, "cpu", readers=7, chunk_bytes=1000)
-    assert {t for t in threading.enumerate() if t.name.startswith("moekit-read")} == started
+    assert not _reader_threads() - started
 
 
 def test_a_gpu_load_starts_its_reader_threads_before_it_pins(monkeypatch):

@@ -196,9 +196,15 @@ class ReaderPool:
         self.give_back(threads, _started_pool(threads))
 
     def give_back(self, threads: int, pool: ThreadPoolExecutor) -> None:
-        """Keep ``pool`` of ``threads`` threads (none may still run a job) for later loads."""
+        """Keep ``pool`` of ``threads`` threads (none may still run a job) for later loads,
+        unless one of as many threads is kept already: then its threads end (so a process
+        keeps at most one idle pool per reader count, however many loads ran at once)."""
         with self._lock:
-            self._free.setdefault(threads, []).append(pool)
+            free = self._free.setdefault(threads, [])
+            if not free:
+                free.append(pool)
+                return
+        pool.shutdown(wait=False)
 
     def forget(self) -> None:
         """Drop every kept pool (in a forked child, whose pools have no threads)."""
@@ -449,6 +455,8 @@ class _Reader:
         self.in_flight: deque[_Batch] = deque()
         self.local = threading.local()
         self.aborted = False
+        self.running = 0  # copies under way (``_copy``)
+        self.busy = threading.Condition()
         self.compute = torch.cuda.Stream(device) if self.cuda else None
         self.handed: list[torch.Tensor] = []  # the readers' pinned buffers, for the pool
         self.readers = readers
@@ -458,11 +466,15 @@ class _Reader:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.aborted = True
-        queued = [future for batch in self.in_flight for future in batch.futures]
-        for future in queued:
-            future.cancel()
-        wait(queued)
+        with self.busy:
+            self.aborted = True  # from here on, a copy queued for this load does nothing
+        for batch in self.in_flight:
+            for future in batch.futures:
+                future.cancel()
+        with self.busy:  # whatever queued them, even a submit cut short by an interrupt
+            self.busy.wait_for(lambda: not self.running)
+        for batch in self.in_flight:
+            batch.staging = None
         READER_POOLS.give_back(self.readers, self.pool)
         if self.cuda:
             torch.cuda.synchronize(self.device)  # no copy may outlive its staging buffer
@@ -519,6 +531,22 @@ class _Reader:
         return out
 
     def _copy(self, batch: _Batch, fd: int, file: str, start: int, offset: int, size: int):
+        """``_copy_bytes``, counted in ``running``, unless the load has ended: it waits for
+        every copy under way before it returns, and none starts after that."""
+        with self.busy:
+            if self.aborted:
+                return None
+            self.running += 1
+        try:
+            return self._copy_bytes(batch, fd, file, start, offset, size)
+        finally:
+            with self.busy:
+                self.running -= 1
+                if not self.running:
+                    self.busy.notify_all()
+
+    def _copy_bytes(self, batch: _Batch, fd: int, file: str, start: int, offset: int,
+                    size: int):
         """Copy ``size`` bytes at ``start`` of ``file`` (open as ``fd``) into the batch's
         staging buffer at ``offset``. On CUDA, the bytes go through this thread's two pinned
         buffers in turn (through its first alone until its second is pinned): read into
@@ -532,8 +560,6 @@ class _Reader:
         otherwise look the current stream up in Python), and its two events are recorded
         again and again (a wait on an event waits for its latest record, which is at or
         after the copy that returned it)."""
-        if self.aborted:
-            return None
         staging = batch.staging[offset:offset + size]
         if not self.cuda:
             _read_into(fd, start, memoryview(staging.numpy()), file)
