@@ -508,8 +508,8 @@ class _Reader:
 
     def _submit(self, batch: _Batch) -> None:
         """Allocate the batch's staging buffer (on the compute stream, after the
-        evaluations queued so far) and queue its reads; the batch is in flight (waited
-        for, should the load end early) from its first read on."""
+        evaluations queued so far) and queue its reads; the batch is in flight (its reads
+        not yet started are cancelled, should the load end early) from its first read on."""
         with self._on_compute():
             # Whole ALIGN blocks (even for a batch of empty tensors): viewable as any dtype.
             batch.staging = torch.empty(max(batch.size, ALIGN), dtype=torch.uint8,
