@@ -2,9 +2,10 @@
 
 For each destination tensor, the byte ranges of its source regions are copied by a pool of
 reader threads (kept for the process's later loads) into a device staging buffer, and the
-recipe (stack, concatenate, transpose, ...) is evaluated there. A reader moves each chunk it is given through its two
-small pinned buffers in turn, reading into one while the other is copied to the device
-(through its first alone while the first load in a process pins its second).
+recipe (stack, concatenate, transpose, ...) is evaluated there. A reader moves each chunk
+it is given through its two small pinned buffers in turn, reading into one while the other
+is copied to the device (through its first alone while the first load in a process pins
+its second).
 (Registering the page cache's mapped pages with CUDA instead, to skip the host copy, is
 slower: registration does not scale across threads.) Tensors are staged in batches
 of about BATCH_BYTES, whose regions adjacent in a file are read as one range (a layer's
@@ -452,7 +453,6 @@ class _Reader:
         self.device = device
         self.cuda = device.type == "cuda"
         self.buffer_bytes = buffer_bytes
-        self.in_flight: deque[_Batch] = deque()
         self.local = threading.local()
         self.aborted = False
         self.running = 0  # copies under way (``_copy``)
@@ -466,15 +466,9 @@ class _Reader:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        with self.busy:
+        with self.busy:  # whatever queued the copies, even a submit cut short by an interrupt
             self.aborted = True  # from here on, a copy queued for this load does nothing
-        for batch in self.in_flight:
-            for future in batch.futures:
-                future.cancel()
-        with self.busy:  # whatever queued them, even a submit cut short by an interrupt
             self.busy.wait_for(lambda: not self.running)
-        for batch in self.in_flight:
-            batch.staging = None
         READER_POOLS.give_back(self.readers, self.pool)
         if self.cuda:
             torch.cuda.synchronize(self.device)  # no copy may outlive its staging buffer
@@ -492,24 +486,21 @@ class _Reader:
             # stream, where memory it freed may still be in use.
             self.compute.wait_stream(torch.cuda.current_stream(self.device))
         out: dict[str, torch.Tensor] = {}
-        in_flight = self.in_flight
+        in_flight: deque[_Batch] = deque()
         for batch in batches:
             if len(in_flight) == self.slots:
-                out.update(self._finish(in_flight[0]))
-                in_flight.popleft()
-            self._submit(batch)
+                out.update(self._finish(in_flight.popleft()))
+            in_flight.append(self._submit(batch))
         while in_flight:
-            out.update(self._finish(in_flight[0]))
-            in_flight.popleft()
+            out.update(self._finish(in_flight.popleft()))
         if self.compute is not None:
             self.compute.synchronize()
         self.files.check_unchanged()
         return out
 
-    def _submit(self, batch: _Batch) -> None:
+    def _submit(self, batch: _Batch) -> _Batch:
         """Allocate the batch's staging buffer (on the compute stream, after the
-        evaluations queued so far) and queue its reads; the batch is in flight (its reads
-        not yet started are cancelled, should the load end early) from its first read on."""
+        evaluations queued so far) and queue its reads."""
         with self._on_compute():
             # Whole ALIGN blocks (even for a batch of empty tensors): viewable as any dtype.
             batch.staging = torch.empty(max(batch.size, ALIGN), dtype=torch.uint8,
@@ -517,10 +508,10 @@ class _Reader:
             if self.compute is not None:
                 batch.writable = torch.cuda.Event()
                 batch.writable.record(self.compute)
-        self.in_flight.append(batch)
-        for file, start, offset, size in batch.jobs:
-            batch.futures.append(self.pool.submit(self._copy, batch, self.files.descriptor(file),
-                                                  file, start, offset, size))
+        batch.futures = [self.pool.submit(self._copy, batch, self.files.descriptor(file), file,
+                                          start, offset, size)
+                         for file, start, offset, size in batch.jobs]
+        return batch
 
     def _finish(self, batch: _Batch) -> dict[str, torch.Tensor]:
         """The batch's tensors, once its reads are done; its staging buffer is released."""
