@@ -11,6 +11,7 @@ import errno
 import gc
 import mmap
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -382,6 +383,34 @@ def test_a_forked_child_keeps_none_of_its_parents_reader_threads(family_checkpoi
     if child == 0:  # the pools' threads were not copied: taking one would wait forever
         os._exit(0 if not device.READER_POOLS._free else 1)
     assert os.waitpid(child, 0)[1] == 0
+
+
+@pytest.mark.parametrize("cpus, processes, readers", [
+    (1, 1, 1), (2, 1, 1), (16, 1, 8), (20, 1, 10), (32, 1, 16), (128, 1, 16),
+    (32, 2, 8), (128, 8, 8), (16, 8, 1), (16, 3, 2)])
+def test_readers_are_half_a_process_share_of_the_cores_at_most_16(cpus, processes, readers):
+    assert device.reader_count(cpus, processes) == readers
+
+
+@pytest.mark.parametrize("environ, processes", [
+    ({}, 1), ({"LOCAL_WORLD_SIZE": "4"}, 4), ({"OMPI_COMM_WORLD_LOCAL_SIZE": " 2 "}, 2),
+    ({"LOCAL_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, 8),
+    ({"LOCAL_WORLD_SIZE": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "3"}, 3),
+    ({"LOCAL_WORLD_SIZE": "-2"}, 1), ({"LOCAL_WORLD_SIZE": "two"}, 1),
+    ({"LOCAL_WORLD_SIZE": ""}, 1)])
+def test_the_processes_sharing_the_machine_are_read_from_the_launchers_variables(
+        environ, processes):
+    assert device.local_processes(environ) == processes
+
+
+def test_each_process_torchrun_starts_on_a_machine_reads_with_its_share_of_the_cores():
+    # As on a 32-core machine, where a process alone would read with 16.
+    script = ("import os; os.sched_getaffinity = lambda pid: set(range(32)); "
+              "from moekit.executors import device; print(device.READERS)")
+    env = {**os.environ, "LOCAL_WORLD_SIZE": "2"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.split() == ["8"]
 
 
 def checksums(state: dict) -> dict[str, str]:
