@@ -37,6 +37,7 @@ from operator import itemgetter
 import torch
 
 from ..checkpoint import Checkpoint, TensorInfo
+from ..cores import usable_cpus
 from ..dtypes import ITEMSIZES, itemsize, to_torch
 from ..errors import MoekitError, printable
 from ..gc_pauses import ScopedSetting
@@ -70,7 +71,7 @@ def local_processes(environ: Mapping[str, str] = os.environ) -> int:
 
 
 def reader_count(cpus: int, processes: int = 1) -> int:
-    """Reader threads for a process that may run on ``cpus`` cores, one of ``processes``
+    """Reader threads for a process that can keep ``cpus`` cores busy, one of ``processes``
     on the machine: half its share of the cores, at most 16, at least 1.
 
     ``pread`` from the page cache is a memory copy, so several readers read faster than
@@ -83,7 +84,7 @@ def reader_count(cpus: int, processes: int = 1) -> int:
     return max(1, min(16, cpus // (2 * processes)))
 
 
-READERS = reader_count(len(os.sched_getaffinity(0)), local_processes())
+READERS = reader_count(usable_cpus(), local_processes())
 """Reader threads of a load onto an accelerator (``reader_count``)."""
 SWITCH_INTERVAL = 2e-4
 """Seconds a Python thread may hold the GIL while others wait for it, during a load. A

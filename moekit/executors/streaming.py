@@ -27,6 +27,7 @@ from typing import Protocol, Union, runtime_checkable
 import numpy as np
 
 from ..checkpoint import INDEX_NAME, SINGLE_NAME
+from ..cores import usable_cpus
 from ..direct_io import BLOCK, StagedFile
 from ..errors import MoekitError, printable
 from ..plan import Concat, Expr, Plan, Read, Stack, TensorPlan, nbytes
@@ -37,8 +38,8 @@ from .host import BlockSource, element_dtype, fill, movable
 
 BATCH_BYTES = 8 * 2**20
 """Output bytes one builder fills at a time (a piece larger than this is a batch alone)."""
-BUILDERS = len(os.sched_getaffinity(0))
-"""Builder threads: one per core this process may run on."""
+BUILDERS = usable_cpus()
+"""Builder threads: one per core this process can keep busy (``usable_cpus``)."""
 BUFFERS = BUILDERS + 2
 """Batches in flight: one being written, one finished waiting, one per builder."""
 

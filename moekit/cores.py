@@ -1,0 +1,79 @@
+"""How many cores this process can keep busy, which sizes moekit's thread pools: the cores
+it may run on (its CPU affinity: what ``taskset``, Slurm and ``numactl`` restrict), fewer
+where a cgroup CPU quota gives it less time than that, as a container's CPU limit does
+(Kubernetes' ``limits.cpu``, ``docker run --cpus``). A process that starts a thread per
+affinity core under a quota of a few cores is throttled and holds memory for threads that
+wait (Linux only; elsewhere the quota is not looked for)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path, PurePosixPath
+
+PROC_CGROUP = Path("/proc/self/cgroup")
+"""The cgroups this process belongs to."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+"""Where the cgroup file systems are mounted."""
+_V1_QUOTA = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+"""A cgroup v1 cpu controller's quota and period files (a quota of -1: none)."""
+
+
+def usable_cpus(proc_cgroup: Path | None = None, root: Path | None = None) -> int:
+    """The cores this process may run on, at most its cgroups' CPU quota (rounded up): the
+    tightest quota of its cgroup and every cgroup above it, v2 (``cpu.max``) or v1 (the
+    cpu controller's ``cpu.cfs_quota_us``), as ``proc_cgroup`` (PROC_CGROUP) lists them
+    under ``root`` (CGROUP_ROOT). Where a file cannot be read or parsed, that cgroup sets
+    no limit."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    quota = min(_quotas(proc_cgroup or PROC_CGROUP, root or CGROUP_ROOT), default=math.inf)
+    return max(1, min(cpus, math.ceil(quota))) if quota < math.inf else cpus
+
+
+def _quotas(proc_cgroup: Path, root: Path) -> list[float]:
+    """The CPU quota, in cores, of each cgroup of this process and above it that has one."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return []
+    quotas = []
+    for line in lines:  # "hierarchy-id:controllers:path", controllers empty for v2
+        fields = line.split(":", 2)
+        if len(fields) != 3 or not fields[2].startswith("/"):
+            continue
+        _, controllers, path = fields
+        if controllers == "":
+            quotas += [_v2_quota(folder) for folder in _up(root, path)]
+        elif "cpu" in controllers.split(","):
+            quotas += [_v1_quota(folder) for folder in _up(root / controllers, path)]
+    return [quota for quota in quotas if quota is not None]
+
+
+def _up(mount: Path, path: str) -> list[Path]:
+    """The folders of cgroup ``path`` and of every cgroup above it, under ``mount``."""
+    cgroup = PurePosixPath(path)
+    return [mount / folder.relative_to("/") for folder in (cgroup, *cgroup.parents)]
+
+
+def _v2_quota(folder: Path) -> float | None:
+    """Cores that ``cpu.max`` (``"$MAX $PERIOD"``) allows in ``folder``; None where none."""
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()
+        return None if quota == "max" else _cores(int(quota), int(period))
+    except (OSError, ValueError):
+        return None
+
+
+def _v1_quota(folder: Path) -> float | None:
+    """Cores that a cgroup v1 cpu controller's quota allows in ``folder``; None where none."""
+    try:
+        quota, period = (int((folder / name).read_text()) for name in _V1_QUOTA)
+        return None if quota < 0 else _cores(quota, period)
+    except (OSError, ValueError):
+        return None
+
+
+def _cores(quota: int, period: int) -> float | None:
+    """``quota`` microseconds of CPU time every ``period``, in cores; None if meaningless."""
+    return quota / period if quota > 0 and period > 0 else None
