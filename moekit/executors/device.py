@@ -79,8 +79,8 @@ def reader_count(cpus: int, processes: int = 1) -> int:
     before its cores do, and the main thread, which queues the reads and builds the
     tensors, needs a core of its own: on a 16-core H200 host, 8 to 10 readers moved 3 MiB
     expert tensors at 46 GB/s where 16 moved them at 36 GB/s, the main thread then taking
-    4 times as long to build the same tensors. At most 16: the pinned host memory is two
-    buffers a reader."""
+    4 to 5 times as long to build the same tensors. At most 16: the pinned host memory is
+    two buffers a reader."""
     return max(1, min(16, cpus // (2 * processes)))
 
 
