@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from moekit.cores import usable_cpus
+from moekit import cores
+from moekit.cores import bound_to_cores, usable_cpus
 
 
 @pytest.fixture
@@ -52,9 +53,15 @@ def test_a_cgroup_v2_quota_of_the_process_or_above_it_caps_the_cores(files, cpus
     ({"cpu,cpuacct/docker/c1/cpu.cfs_quota_us": "-1\n",
       "cpu,cpuacct/docker/c1/cpu.cfs_period_us": "100000\n"}, 64),
     ({"cpu,cpuacct/docker/c1/cpu.cfs_quota_us": "300000\n"}, 64)])  # no period: no quota
-def test_a_cgroup_v1_cpu_quota_caps_the_cores(files, cpus, cores_64, tmp_path):
-    proc = "12:memory:/docker/c1\n4:cpu,cpuacct:/docker/c1\n0::/\n"
+@pytest.mark.parametrize("listed", ["cpu,cpuacct", "cpuacct,cpu"])  # as CentOS 7 lists it
+def test_a_cgroup_v1_cpu_quota_caps_the_cores(files, cpus, listed, cores_64, tmp_path):
+    proc = f"12:memory:/docker/c1\n4:{listed}:/docker/c1\n0::/\n"
     assert usable_cpus(*cgroups(tmp_path, proc, files)) == cpus
+
+
+def test_a_cgroup_v1_cpu_controller_mounted_alone_caps_the_cores(cores_64, tmp_path):
+    files = {"cpu/cpu.cfs_quota_us": "500000\n", "cpu/cpu.cfs_period_us": "100000\n"}
+    assert usable_cpus(*cgroups(tmp_path, "3:cpu:/\n", files)) == 5
 
 
 def test_a_quota_above_the_affinity_leaves_the_affinity(monkeypatch, tmp_path):
@@ -66,6 +73,32 @@ def test_without_cgroup_files_the_cores_are_the_affinity(cores_64, tmp_path):
     assert usable_cpus(tmp_path / "missing", tmp_path) == 64
     proc, root = cgroups(tmp_path, "not a cgroup line\n2:cpu:relative\n", {})
     assert usable_cpus(proc, root) == 64
+
+
+@pytest.mark.parametrize("proc, files", [
+    (b"0::/caf\xe9\n", {"cpu.max": "100000 100000\n"}),  # a cgroup name not in UTF-8
+    (b"0::/\n", {"cpu.max": "9" * 400 + " 1\n"}),  # more cores than a float holds
+    (b"0::/../outside\n", {"../outside/cpu.max": "100000 100000\n"})])  # not in the mount
+def test_cgroup_files_that_make_no_sense_set_no_limit(proc, files, cores_64, tmp_path):
+    path, root = cgroups(tmp_path, "", files)
+    path.write_bytes(proc)
+    assert usable_cpus(path, root) == 64
+
+
+def test_the_affinity_is_the_machines_cores_where_the_platform_has_none(monkeypatch,
+                                                                          tmp_path):
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 12)
+    assert usable_cpus(tmp_path / "missing", tmp_path) == 12
+    assert not bound_to_cores()
+
+
+@pytest.mark.parametrize("affinity, bound", [(64, False), (16, True)])
+def test_a_process_allowed_fewer_cores_than_the_machine_has_is_bound(affinity, bound,
+                                                                     monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)))
+    assert cores.bound_to_cores() is bound
 
 
 def test_the_thread_pools_of_a_process_under_a_quota_are_sized_by_it(tmp_path):

@@ -397,20 +397,25 @@ def test_readers_are_half_a_process_share_of_the_cores_at_most_16(cpus, processe
     ({"LOCAL_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, 8),
     ({"LOCAL_WORLD_SIZE": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "3"}, 3),
     ({"LOCAL_WORLD_SIZE": "-2"}, 1), ({"LOCAL_WORLD_SIZE": "two"}, 1),
-    ({"LOCAL_WORLD_SIZE": ""}, 1)])
+    ({"LOCAL_WORLD_SIZE": "\u00b2"}, 1), ({"LOCAL_WORLD_SIZE": ""}, 1)])
 def test_the_processes_sharing_the_machine_are_read_from_the_launchers_variables(
         environ, processes):
     assert device.local_processes(environ) == processes
 
 
-def test_each_process_torchrun_starts_on_a_machine_reads_with_its_share_of_the_cores():
-    # As on a 32-core machine, where a process alone would read with 16.
-    script = ("import os; os.sched_getaffinity = lambda pid: set(range(32)); "
+@pytest.mark.parametrize("affinity, readers", [(64, 4), (16, 8)])
+def test_each_process_torchrun_starts_reads_with_its_share_of_the_cores(affinity, readers,
+                                                                         tmp_path):
+    # 8 processes on a 64-core machine: each may run on every core (they share them), or is
+    # bound to 16 of its own (its share already).
+    script = ("import os; os.cpu_count = lambda: 64; "
+              f"os.sched_getaffinity = lambda pid: set(range({affinity})); "
+              f"import moekit.cores as c; c.PROC_CGROUP = c.Path({str(tmp_path / 'none')!r}); "
               "from moekit.executors import device; print(device.READERS)")
-    env = {**os.environ, "LOCAL_WORLD_SIZE": "2"}
+    env = {**os.environ, "LOCAL_WORLD_SIZE": "8"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                             text=True, check=True)
-    assert result.stdout.split() == ["8"]
+    assert result.stdout.split() == [str(readers)]
 
 
 def checksums(state: dict) -> dict[str, str]:

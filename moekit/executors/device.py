@@ -37,7 +37,7 @@ from operator import itemgetter
 import torch
 
 from ..checkpoint import Checkpoint, TensorInfo
-from ..cores import usable_cpus
+from ..cores import bound_to_cores, usable_cpus
 from ..dtypes import ITEMSIZES, itemsize, to_torch
 from ..errors import MoekitError, printable
 from ..gc_pauses import ScopedSetting
@@ -64,10 +64,22 @@ def local_processes(environ: Mapping[str, str] = os.environ) -> int:
     """How many processes of this job run on this machine (``LOCAL_PROCESS_COUNTS``, the
     first that holds a positive number), 1 when none says."""
     for name in LOCAL_PROCESS_COUNTS:
-        value = environ.get(name, "").strip()
-        if value.isdigit() and int(value) > 0:
-            return int(value)
+        try:
+            count = int(environ.get(name, ""))
+        except ValueError:
+            continue
+        if count > 0:
+            return count
     return 1
+
+
+def sharing_processes() -> int:
+    """How many processes share the cores this one may run on: the job's processes on this
+    machine (``local_processes``), unless this one is bound to some of its cores
+    (``bound_to_cores``), as a launcher that binds each process to cores of its own
+    (``srun --cpu-bind=cores``) does: its cores are then its share. (Processes bound to
+    cores they share, such as a socket each, read with more threads than their share.)"""
+    return 1 if bound_to_cores() else local_processes()
 
 
 def reader_count(cpus: int, processes: int = 1) -> int:
@@ -84,7 +96,7 @@ def reader_count(cpus: int, processes: int = 1) -> int:
     return max(1, min(16, cpus // (2 * processes)))
 
 
-READERS = reader_count(usable_cpus(), local_processes())
+READERS = reader_count(usable_cpus(), sharing_processes())
 """Reader threads of a load onto an accelerator (``reader_count``)."""
 SWITCH_INTERVAL = 2e-4
 """Seconds a Python thread may hold the GIL while others wait for it, during a load. A
