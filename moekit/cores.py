@@ -3,12 +3,14 @@ it may run on (its CPU affinity: what ``taskset``, Slurm and ``numactl`` restric
 where a cgroup CPU quota gives it less time than that, as a container's CPU limit does
 (Kubernetes' ``limits.cpu``, ``docker run --cpus``). A process that starts a thread per
 affinity core under a quota of a few cores is throttled and holds memory for threads that
-wait. Where there is no ``/proc/self/cgroup`` (not Linux), no quota is found."""
+wait. Where there is no ``/proc/self/cgroup`` (not Linux), no quota is found. And how many
+processes of a job share those cores (``sharing_processes``)."""
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
 PROC_CGROUP = Path("/proc/self/cgroup")
@@ -21,6 +23,31 @@ as ``/proc/self/cgroup`` lists its controllers (which may read ``cpuacct,cpu`` w
 folder is ``cpu,cpuacct``; systemd and Docker link ``cpu`` to it)."""
 _V1_QUOTA = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
 """A cgroup v1 cpu controller's quota and period files (a quota of -1: none)."""
+LOCAL_PROCESS_COUNTS = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
+"""Environment variables that give how many processes of a job run on this machine
+(torchrun's, Open MPI's), which share its cores when they load at once."""
+
+
+def local_processes(environ: Mapping[str, str] = os.environ) -> int:
+    """How many processes of this job run on this machine (``LOCAL_PROCESS_COUNTS``, the
+    first that holds a positive number), 1 when none says."""
+    for name in LOCAL_PROCESS_COUNTS:
+        try:
+            count = int(environ.get(name, ""))
+        except ValueError:
+            continue
+        if count > 0:
+            return count
+    return 1
+
+
+def sharing_processes() -> int:
+    """How many processes share the cores this one may run on: the job's processes on this
+    machine (``local_processes``), unless this one is bound to some of its cores
+    (``bound_to_cores``), as a launcher that binds each process to cores of its own
+    (``srun --cpu-bind=cores``) does: its cores are then its share. (Processes bound to
+    cores they share, such as a socket each, start more threads than their share.)"""
+    return 1 if bound_to_cores() else local_processes()
 
 
 def affinity() -> int:

@@ -101,6 +101,17 @@ def test_a_process_allowed_fewer_cores_than_the_machine_has_is_bound(affinity, b
     assert cores.bound_to_cores() is bound
 
 
+@pytest.mark.parametrize("environ, processes", [
+    ({}, 1), ({"LOCAL_WORLD_SIZE": "4"}, 4), ({"OMPI_COMM_WORLD_LOCAL_SIZE": " 2 "}, 2),
+    ({"LOCAL_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, 8),
+    ({"LOCAL_WORLD_SIZE": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "3"}, 3),
+    ({"LOCAL_WORLD_SIZE": "-2"}, 1), ({"LOCAL_WORLD_SIZE": "two"}, 1),
+    ({"LOCAL_WORLD_SIZE": "\u00b2"}, 1), ({"LOCAL_WORLD_SIZE": ""}, 1)])
+def test_the_processes_sharing_the_machine_are_read_from_the_launchers_variables(
+        environ, processes):
+    assert cores.local_processes(environ) == processes
+
+
 def test_the_thread_pools_of_a_process_under_a_quota_are_sized_by_it(tmp_path):
     # As in a container limited to 3 cores on a 64-core machine.
     proc, root = cgroups(tmp_path, "0::/\n", {"cpu.max": "300000 100000\n"})

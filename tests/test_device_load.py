@@ -392,17 +392,6 @@ def test_readers_are_half_a_process_share_of_the_cores_at_most_16(cpus, processe
     assert device.reader_count(cpus, processes) == readers
 
 
-@pytest.mark.parametrize("environ, processes", [
-    ({}, 1), ({"LOCAL_WORLD_SIZE": "4"}, 4), ({"OMPI_COMM_WORLD_LOCAL_SIZE": " 2 "}, 2),
-    ({"LOCAL_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, 8),
-    ({"LOCAL_WORLD_SIZE": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "3"}, 3),
-    ({"LOCAL_WORLD_SIZE": "-2"}, 1), ({"LOCAL_WORLD_SIZE": "two"}, 1),
-    ({"LOCAL_WORLD_SIZE": "\u00b2"}, 1), ({"LOCAL_WORLD_SIZE": ""}, 1)])
-def test_the_processes_sharing_the_machine_are_read_from_the_launchers_variables(
-        environ, processes):
-    assert device.local_processes(environ) == processes
-
-
 @pytest.mark.parametrize("affinity, readers", [(64, 4), (16, 8)])
 def test_each_process_torchrun_starts_reads_with_its_share_of_the_cores(affinity, readers,
                                                                          tmp_path):

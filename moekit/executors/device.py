@@ -28,7 +28,7 @@ import re
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager as ContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -37,7 +37,7 @@ from operator import itemgetter
 import torch
 
 from ..checkpoint import Checkpoint, TensorInfo
-from ..cores import bound_to_cores, usable_cpus
+from ..cores import sharing_processes, usable_cpus
 from ..dtypes import ITEMSIZES, itemsize, to_torch
 from ..errors import MoekitError, printable
 from ..gc_pauses import ScopedSetting
@@ -55,33 +55,6 @@ host memory is 2 x BUFFER_BYTES per reader. Small, because pinning is slow (0.05
 256 MiB, see ``PageLockedPool``) and the first load in a process pays for it; not smaller,
 because each buffer's copy costs the reader the GIL (with 16 readers, 4 MiB buffers load a
 quarter slower than 8 MiB ones; 8 to 32 MiB load within 6 % of each other once pinned)."""
-LOCAL_PROCESS_COUNTS = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")
-"""Environment variables that give how many processes of a job run on this machine
-(torchrun's, Open MPI's), which share its cores when they load at once."""
-
-
-def local_processes(environ: Mapping[str, str] = os.environ) -> int:
-    """How many processes of this job run on this machine (``LOCAL_PROCESS_COUNTS``, the
-    first that holds a positive number), 1 when none says."""
-    for name in LOCAL_PROCESS_COUNTS:
-        try:
-            count = int(environ.get(name, ""))
-        except ValueError:
-            continue
-        if count > 0:
-            return count
-    return 1
-
-
-def sharing_processes() -> int:
-    """How many processes share the cores this one may run on: the job's processes on this
-    machine (``local_processes``), unless this one is bound to some of its cores
-    (``bound_to_cores``), as a launcher that binds each process to cores of its own
-    (``srun --cpu-bind=cores``) does: its cores are then its share. (Processes bound to
-    cores they share, such as a socket each, read with more threads than their share.)"""
-    return 1 if bound_to_cores() else local_processes()
-
-
 def reader_count(cpus: int, processes: int = 1) -> int:
     """Reader threads for a process that can keep ``cpus`` cores busy, one of ``processes``
     on the machine: half its share of the cores, at most 16, at least 1.
