@@ -98,7 +98,7 @@ def test_a_process_allowed_fewer_cores_than_the_machine_has_is_bound(affinity, b
                                                                      monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)))
-    assert cores.bound_to_cores() is bound
+    assert bound_to_cores() is bound
 
 
 @pytest.mark.parametrize("environ, processes", [
