@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import signal
@@ -63,10 +64,26 @@ def finish() -> None:
 
 def leave() -> None:
     """End this rank at once, with exit code 0, without waiting for the others (some are
-    gone): see ``finish``."""
+    gone): see ``finish``. The processes the rank started end first: ``os._exit`` runs no
+    finalizer, so a server process a ``multiprocessing`` manager started (megatron-core's
+    asynchronous checkpoint writer starts one at its first save) would run on, orphaned."""
     sys.stdout.flush()
     sys.stderr.flush()
+    for child in multiprocessing.active_children():
+        child.terminate()
+        child.join()
     os._exit(0)
+
+
+def start_a_manager(rank: int, world: int, store: str, pids: str) -> None:
+    """Start a ``multiprocessing`` manager (as megatron-core's asynchronous checkpoint
+    writer does), note its server's pid in ``pids``.RANK, and leave as every worker does."""
+    _init(rank, world, store)
+    manager = multiprocessing.get_context("spawn").Manager()
+    queue = manager.Queue()
+    Path(f"{pids}.{rank}").write_text(str(manager._process.pid))
+    queue.put(rank)
+    finish()
 
 
 def load_check_save(rank: int, world: int, store: str, src: str, out: str,

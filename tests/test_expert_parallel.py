@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -165,3 +166,11 @@ def test_a_failure_after_the_final_move_does_not_say_nothing_was_written(tmp_pat
     message = _put_in_place(folder, [], lambda: _complete(folder, [], None))
     assert dst.is_dir() and "nothing was written" not in message
     assert f"wrote {dst}" in message
+
+
+def test_a_rank_that_leaves_leaves_no_process_it_started_running(tmp_path):
+    ep_workers.spawn(ep_workers.start_a_manager, 2, tmp_path, str(tmp_path / "pid"))
+    for rank in range(2):
+        pid = int((tmp_path / f"pid.{rank}").read_text())
+        with pytest.raises(ProcessLookupError):  # ended, and reaped by its rank
+            os.kill(pid, 0)
