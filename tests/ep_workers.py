@@ -6,7 +6,7 @@ import contextlib
 import datetime
 import itertools
 import json
-import multiprocessing
+import multiprocessing.util
 import os
 import re
 import signal
@@ -64,24 +64,25 @@ def finish() -> None:
 
 def leave() -> None:
     """End this rank at once, with exit code 0, without waiting for the others (some are
-    gone): see ``finish``. The processes the rank started end first: ``os._exit`` runs no
-    finalizer, so a server process a ``multiprocessing`` manager started (megatron-core's
-    asynchronous checkpoint writer starts one at its first save) would run on, orphaned."""
+    gone): see ``finish``. ``os._exit`` skips what Python's exit runs for
+    ``multiprocessing`` (its ``atexit`` function), so that runs first: without it, the
+    server of a manager, which megatron-core's asynchronous checkpoint writer starts at its
+    first save, would run on, orphaned, and its ``pymp-*`` folder would stay in /tmp."""
     sys.stdout.flush()
     sys.stderr.flush()
-    for child in multiprocessing.active_children():
-        child.terminate()
-        child.join()
+    multiprocessing.util._exit_function()
     os._exit(0)
 
 
 def start_a_manager(rank: int, world: int, store: str, pids: str) -> None:
     """Start a ``multiprocessing`` manager (as megatron-core's asynchronous checkpoint
-    writer does), note its server's pid in ``pids``.RANK, and leave as every worker does."""
+    writer does), note its server's pid and socket in ``pids``.RANK, and leave as every
+    worker does."""
     _init(rank, world, store)
     manager = multiprocessing.get_context("spawn").Manager()
     queue = manager.Queue()
-    Path(f"{pids}.{rank}").write_text(str(manager._process.pid))
+    Path(f"{pids}.{rank}").write_text(
+        json.dumps({"pid": manager._process.pid, "address": manager.address}))
     queue.put(rank)
     finish()
 

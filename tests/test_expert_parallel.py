@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,9 +169,10 @@ def test_a_failure_after_the_final_move_does_not_say_nothing_was_written(tmp_pat
     assert f"wrote {dst}" in message
 
 
-def test_a_rank_that_leaves_leaves_no_process_it_started_running(tmp_path):
-    ep_workers.spawn(ep_workers.start_a_manager, 2, tmp_path, str(tmp_path / "pid"))
+def test_a_rank_that_leaves_leaves_no_process_it_started_and_no_temporary_file(tmp_path):
+    ep_workers.spawn(ep_workers.start_a_manager, 2, tmp_path, str(tmp_path / "manager"))
     for rank in range(2):
-        pid = int((tmp_path / f"pid.{rank}").read_text())
+        manager = json.loads((tmp_path / f"manager.{rank}").read_text())
         with pytest.raises(ProcessLookupError):  # ended, and reaped by its rank
-            os.kill(pid, 0)
+            os.kill(manager["pid"], 0)
+        assert not Path(manager["address"]).parent.exists()  # the rank's pymp-* folder
