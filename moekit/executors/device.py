@@ -55,6 +55,8 @@ host memory is 2 x BUFFER_BYTES per reader. Small, because pinning is slow (0.05
 256 MiB, see ``PageLockedPool``) and the first load in a process pays for it; not smaller,
 because each buffer's copy costs the reader the GIL (with 16 readers, 4 MiB buffers load a
 quarter slower than 8 MiB ones; 8 to 32 MiB load within 6 % of each other once pinned)."""
+
+
 def reader_count(cpus: int, processes: int = 1) -> int:
     """Reader threads for a process that can keep ``cpus`` cores busy, one of ``processes``
     on the machine: half its share of the cores, at most 16, at least 1.
