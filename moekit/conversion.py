@@ -23,7 +23,7 @@ from .gc_pauses import without_gc_pauses
 from .layouts import layout_named
 from .output import atomic_output, check_destination
 from .plan import Plan
-from .planner import analyse, analyse_checkpoint, build_plan
+from .planner import analyse, analyse_checkpoint, analyse_opened, build_plan
 from .sizes import parse_size
 from .sources import FileSource, TensorSource
 
@@ -163,15 +163,16 @@ def load(path: str | Path, layout: str = "nemo", device: "torch.device | str | N
     Validated from headers first, like ``convert``. On an accelerator the bytes go through
     a small pool of pinned host buffers and the grouped tensors are built on the device.
     """
-    from .executors.device import pin_ahead, read_plan
+    from .executors.device import pin_ahead, read_plan, start_readers
     from .executors.memory import checked_device
 
     checked_device(device)
+    start_readers(device)
+    checkpoint = Checkpoint.open(path)
     pinned = pin_ahead(device)
     try:
-        checkpoint, analysis = analyse_checkpoint(path, from_)
-        return read_plan(build_plan(analysis, layout_named(layout)), checkpoint, device,
-                         pinned=pinned)
+        plan = build_plan(analyse_opened(checkpoint, from_), layout_named(layout))
+        return read_plan(plan, checkpoint, device, pinned=pinned)
     finally:
         if pinned is not None:
             pinned.join()

@@ -229,11 +229,18 @@ def _config_file(checkpoint: Checkpoint) -> str:
 def analyse_checkpoint(path: str | Path, from_: str | None = None) -> tuple[Checkpoint, Analysis]:
     """Read a checkpoint's headers, detect its family and layout and validate its experts."""
     checkpoint = Checkpoint.open(path)
+    return checkpoint, analyse_opened(checkpoint, from_)
+
+
+@without_gc_pauses
+def analyse_opened(checkpoint: Checkpoint, from_: str | None = None) -> Analysis:
+    """Detect the family and layout of a checkpoint whose headers are read, and validate
+    its experts."""
     analysis = analyse(checkpoint.made or checkpoint.tensors, checkpoint.config,
                        checkpoint.metadata, str(checkpoint.path), from_=from_,
                        where=checkpoint.file_of, config_file=_config_file(checkpoint))
     analysis.made = _chained(analysis.made, checkpoint.made)
-    return checkpoint, analysis
+    return analysis
 
 
 @without_gc_pauses

@@ -375,6 +375,25 @@ def test_a_gpu_load_starts_its_reader_threads_before_it_pins(monkeypatch):
     assert order == ["threads", "pinning", "pinning"]
 
 
+def test_a_gpu_load_pins_once_the_headers_are_read_and_its_readers_are_started(
+        family_checkpoints, monkeypatch):
+    # Validating a header maps its file, which waits while pinning holds the memory map.
+    import moekit.executors.memory as memory
+    from moekit.checkpoint import Checkpoint
+
+    order = []
+    opened, started = Checkpoint.open.__func__, device._started_pool
+    monkeypatch.setattr(device, "READER_POOLS", device.ReaderPool())
+    monkeypatch.setattr(device, "_started_pool", lambda n: order.append("threads") or started(n))
+    monkeypatch.setattr(Checkpoint, "open", classmethod(
+        lambda cls, path: order.append("headers") or opened(cls, path)))
+    monkeypatch.setattr(device, "PinnedBuffers", lambda: order.append("pinning"))
+    monkeypatch.setattr(memory, "checked_device", torch.device)  # a machine without a GPU
+    monkeypatch.setattr(device, "read_plan", lambda *args, **kwargs: order.append("reading"))
+    moekit.load(family_checkpoints["qwen3_moe"], device="cuda")
+    assert order == ["threads", "headers", "pinning", "reading"]
+
+
 def test_a_forked_child_keeps_none_of_its_parents_reader_threads(family_checkpoints):
     checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
     load_to_device(plan, checkpoint, "cpu", readers=3, chunk_bytes=1000)
