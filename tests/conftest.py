@@ -12,6 +12,12 @@ from safetensors.torch import load_file
 
 from moekit import samples
 
+AT_ONCE = 5.0
+"""Seconds within which an absurd input (10^8 experts, 10^6 layers, a mesh of 10^9 ranks)
+must be refused. Iterating over what such an input declares takes minutes, while the
+refusal itself takes well under a second; the margin between is kept wide so that a
+busy two-core machine, which stalls a process for a second at times, cannot fail it."""
+
 
 @pytest.fixture(scope="session")
 def family_checkpoints(tmp_path_factory) -> dict[str, Path]:

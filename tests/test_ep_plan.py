@@ -7,6 +7,8 @@ from pathlib import Path
 
 from moekit.cli import main
 
+from .conftest import AT_ONCE
+
 DEEPSEEK_V3 = Path(__file__).parent / "data" / "deepseek_v3_671b_config.json"
 
 
@@ -34,7 +36,7 @@ def test_a_config_alone_declaring_a_million_layers_is_refused_at_once(tmp_path, 
         (tmp_path / "config.json").write_text(json.dumps(config))
         start = time.perf_counter()
         assert main(["plan", str(tmp_path / "config.json"), "--ep", "8"]) == 2
-        assert time.perf_counter() - start < 1.0
+        assert time.perf_counter() - start < AT_ONCE
         err = capsys.readouterr().err
         assert "decoder layers" in err and f"at most {MAX_BUILT_LAYERS}" in err
 
@@ -49,7 +51,7 @@ def test_a_mesh_of_more_ranks_than_moekit_reports_is_refused_at_once(capsys):
     for ep, dp in ((4, 10**8), (256, MAX_RANKS // 128)):
         start = time.perf_counter()
         assert main(["plan", str(DEEPSEEK_V3), "--ep", str(ep), "--dp", str(dp)]) == 2
-        assert time.perf_counter() - start < 1.0
+        assert time.perf_counter() - start < AT_ONCE
         err = capsys.readouterr().err
         assert f"{dp} x {ep} = {dp * ep:,} ranks" in err and f"at most {MAX_RANKS:,}" in err
 
@@ -62,7 +64,7 @@ def test_the_largest_mesh_reported_is_tabulated_in_seconds(capsys):
     start = time.perf_counter()
     assert main(["plan", str(DEEPSEEK_V3), "--ep", "256", "--dp", str(MAX_RANKS // 256),
                  "--json"]) == 0
-    assert time.perf_counter() - start < 15
+    assert time.perf_counter() - start < 30
     ranks = json.loads(capsys.readouterr().out)
     assert len(ranks) == MAX_RANKS and ranks[-1]["rank"] == MAX_RANKS - 1
 

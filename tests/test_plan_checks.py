@@ -27,11 +27,9 @@ from moekit.expert_parallel.report import ep_report
 from moekit.model_config import (ConfigValues, after_dense_prefix, block_types,
                                  listed_or_interleaved, sparse_step)
 
-from .conftest import load_all, same_bytes
+from .conftest import AT_ONCE, load_all, same_bytes
 
 H, I = 4, 2
-QUICK = 1.0
-"""Seconds within which any of these inputs must be answered."""
 
 
 def experts(layers: int = 2, n: int = 4, dtypes: dict[str, torch.dtype] | None = None,
@@ -68,23 +66,23 @@ def write(folder: Path, tensors: dict[str, torch.Tensor], config: dict | None = 
 
 
 def fails(capsys, args: list[str]) -> str:
-    """Run the CLI expecting exit 2 within ``QUICK`` seconds; return its one message."""
+    """Run the CLI expecting exit 2 within ``AT_ONCE`` seconds; return its one message."""
     start = time.perf_counter()
     code = main(args)
     elapsed = time.perf_counter() - start
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith("moekit: error: ") and "Traceback" not in err
-    assert elapsed < QUICK, f"took {elapsed:.2f} s"
+    assert elapsed < AT_ONCE, f"took {elapsed:.2f} s"
     return err
 
 
 def quickly(call, *args, **kwargs) -> str:
-    """The MoekitError message ``call`` raises, within ``QUICK`` seconds."""
+    """The MoekitError message ``call`` raises, within ``AT_ONCE`` seconds."""
     start = time.perf_counter()
     with pytest.raises(MoekitError) as raised:
         call(*args, **kwargs)
-    assert time.perf_counter() - start < QUICK
+    assert time.perf_counter() - start < AT_ONCE
     return str(raised.value)
 
 
