@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import itertools
 import json
+import multiprocessing.managers
 import multiprocessing.util
 import os
 import re
@@ -79,7 +80,12 @@ def start_a_manager(rank: int, world: int, store: str, pids: str) -> None:
     writer does), note its server's pid and socket in ``pids``.RANK, and leave as every
     worker does."""
     _init(rank, world, store)
-    manager = multiprocessing.get_context("spawn").Manager()
+    # A server that takes over a second to stop (a busy machine) is otherwise killed, and
+    # a killed server leaves its folder behind, whatever the rank did.
+    patient = {"shutdown_timeout": 60} if sys.version_info >= (3, 11) else {}
+    manager = multiprocessing.managers.SyncManager(ctx=multiprocessing.get_context("spawn"),
+                                                   **patient)
+    manager.start()
     queue = manager.Queue()
     Path(f"{pids}.{rank}").write_text(
         json.dumps({"pid": manager._process.pid, "address": manager.address}))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from moekit.cli import main
 
-from .conftest import AT_ONCE
+from .conftest import answered_at_once
 
 DEEPSEEK_V3 = Path(__file__).parent / "data" / "deepseek_v3_671b_config.json"
 
@@ -26,17 +26,14 @@ def test_plan_of_a_checkpoint_counts_the_experts_each_rank_reads(family_checkpoi
 def test_a_config_alone_declaring_a_million_layers_is_refused_at_once(tmp_path, capsys):
     """Building the model to learn its shapes takes time per layer, even on the meta
     device: a config.json alone may declare at most MAX_BUILT_LAYERS, of any model type."""
-    import time
-
     from moekit.model_config import MAX_BUILT_LAYERS
 
     for config in ({**json.loads(DEEPSEEK_V3.read_text()), "num_hidden_layers": 10**6},
                    {"model_type": "llama", "num_hidden_layers": 10**6},
                    {"model_type": "nemotron_h", "hybrid_override_pattern": "E" * 5000}):
         (tmp_path / "config.json").write_text(json.dumps(config))
-        start = time.perf_counter()
-        assert main(["plan", str(tmp_path / "config.json"), "--ep", "8"]) == 2
-        assert time.perf_counter() - start < AT_ONCE
+        with answered_at_once():
+            assert main(["plan", str(tmp_path / "config.json"), "--ep", "8"]) == 2
         err = capsys.readouterr().err
         assert "decoder layers" in err and f"at most {MAX_BUILT_LAYERS}" in err
 
@@ -44,14 +41,11 @@ def test_a_config_alone_declaring_a_million_layers_is_refused_at_once(tmp_path, 
 def test_a_mesh_of_more_ranks_than_moekit_reports_is_refused_at_once(capsys):
     """A mistyped --dp (or --ep on a model with very many experts) is refused before any
     rank is tabulated, instead of building a row per rank for minutes."""
-    import time
-
     from moekit.expert_parallel.report import MAX_RANKS
 
     for ep, dp in ((4, 10**8), (256, MAX_RANKS // 128)):
-        start = time.perf_counter()
-        assert main(["plan", str(DEEPSEEK_V3), "--ep", str(ep), "--dp", str(dp)]) == 2
-        assert time.perf_counter() - start < AT_ONCE
+        with answered_at_once():
+            assert main(["plan", str(DEEPSEEK_V3), "--ep", str(ep), "--dp", str(dp)]) == 2
         err = capsys.readouterr().err
         assert f"{dp} x {ep} = {dp * ep:,} ranks" in err and f"at most {MAX_RANKS:,}" in err
 
@@ -61,10 +55,10 @@ def test_the_largest_mesh_reported_is_tabulated_in_seconds(capsys):
 
     from moekit.expert_parallel.report import MAX_RANKS
 
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: a busy machine's stalls add none
     assert main(["plan", str(DEEPSEEK_V3), "--ep", "256", "--dp", str(MAX_RANKS // 256),
                  "--json"]) == 0
-    assert time.perf_counter() - start < 30
+    assert time.process_time() - start < 30
     ranks = json.loads(capsys.readouterr().out)
     assert len(ranks) == MAX_RANKS and ranks[-1]["rank"] == MAX_RANKS - 1
 

@@ -112,7 +112,9 @@ def test_a_local_path_wins_over_a_repo_id(cache, family_checkpoints, tmp_path, m
     assert moekit.inspect(Path("tiny-org") / "tiny-moe").family == "olmoe"
 
 
-def test_a_repo_id_not_cached_is_one_message_saying_how_to_download_it(cache, capsys):
+def test_a_repo_id_not_cached_is_one_message_saying_how_to_download_it(cache, capsys, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the relative "out" would be written
     for command in (["inspect", REPO], ["verify", REPO, REPO], ["plan", REPO, "--ep", "2"],
                     ["convert", f"{REPO}@v1", "out", "--to", "nemo", "--dry-run"],
                     ["upcycle", REPO, "out", "--experts", "4", "--top-k", "2", "--dry-run"]):

@@ -447,7 +447,7 @@ def test_a_finished_shard_is_synced_while_the_next_is_written(qwen3, tmp_path, m
 
     def wait_for_it(path, *args, **kwargs):
         if path.name.startswith("model-00004-"):
-            overlapped.append(first_syncing.wait(timeout=5))
+            overlapped.append(first_syncing.wait(timeout=60))
         write_shard(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "fsync", note_the_first)
@@ -495,7 +495,7 @@ def test_an_interrupt_during_a_background_fsync_cleans_up(qwen3, tmp_path, monke
 
     def interrupt_the_second(path, *args, **kwargs):
         if path.name.startswith("model-00002-"):
-            syncing.wait(timeout=5)
+            assert syncing.wait(timeout=60)
             raise KeyboardInterrupt
         write_shard(path, *args, **kwargs)
 
