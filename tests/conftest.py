@@ -4,6 +4,7 @@ several shards, built once per test session."""
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import signal
 import time
 from collections.abc import Iterator
@@ -15,6 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 from moekit import samples
+
+multiprocessing.set_forkserver_preload(
+    ["torch", "torch.distributed.tensor", "torch.distributed.checkpoint",
+     "torch.distributed.fsdp", "safetensors.torch", "transformers", "megatron.core.models.gpt"])
+"""What the ranks of the multi-process tests import, imported once by the server they are
+forked from (``ep_workers.spawn``) instead of by each: a rank then starts in a fraction of
+a second, where importing these takes a CPU core five seconds."""
 
 AT_ONCE = 5.0
 """CPU seconds within which an absurd input (10^8 experts, 10^6 layers, a mesh of 10^9

@@ -30,9 +30,12 @@ from .conftest import digest, load_all
 def spawn(fn, world: int, folder: Path, *args, join: bool = True) -> list[int | None]:
     """Run ``fn(rank, world, store, *args)`` on ``world`` gloo ranks, rendezvousing through
     a store file of its own in ``folder``; with ``join=False`` a rank that fails does not
-    stop the others, and each rank's exit code is returned."""
+    stop the others, and each rank's exit code is returned. The ranks are forked from
+    multiprocessing's fork server, which has imported torch and the rest once (conftest's
+    ``set_forkserver_preload``): a fresh process for each, without the imports' cost."""
     store = folder / f"store-{next(_stores)}"
-    context = mp.spawn(fn, args=(world, str(store), *args), nprocs=world, join=join)
+    context = mp.start_processes(fn, args=(world, str(store), *args), nprocs=world, join=join,
+                                 start_method="forkserver")
     codes = []
     if context is not None:
         for process in context.processes:
@@ -68,7 +71,7 @@ def leave() -> None:
     gone): see ``finish``. ``os._exit`` skips what Python's exit runs for
     ``multiprocessing`` (its ``atexit`` function), so that runs first: without it, the
     server of a manager, which megatron-core's asynchronous checkpoint writer starts at its
-    first save, would run on, orphaned, and its ``pymp-*`` folder would stay in /tmp."""
+    first save, would run on, orphaned, and its socket would stay in /tmp."""
     sys.stdout.flush()
     sys.stderr.flush()
     multiprocessing.util._exit_function()
