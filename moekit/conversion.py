@@ -96,7 +96,7 @@ class JobSource(TensorSource, Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
-def run_job(plan: Plan, source_name: Path | None, source_files: Sequence[Path],
+def run_job(plan: Plan, sources: Sequence[Path], source_files: Sequence[Path],
             open_source: Callable[[], JobSource], dst: str | Path,
             max_shard_size: int | str, overwrite: bool, dry_run: bool,
             show_progress: bool | None = None, extra_files: Iterable[Path] = (),
@@ -106,14 +106,15 @@ def run_job(plan: Plan, source_name: Path | None, source_files: Sequence[Path],
     tensors, read from ``open_source()``, through the sink of ``format`` into a temporary
     folder that is put in place at ``dst`` when complete (``moekit.output``), with
     ``extra_files`` (sidecars: tokenizer, generation config); ``config`` replaces their
-    config.json. ``source_name`` is the source messages name, and ``source_files`` the
+    config.json. ``sources`` are the checkpoints (folders, or files) the user named,
+    which the destination may neither be, lie inside nor hold, and ``source_files`` the
     files the destination must never replace."""
     sink = sink_for(format, max_shard_size)
     dst = as_path(dst, "destination")
-    check_destination(dst, source_name, overwrite, source_files)
+    check_destination(dst, sources, overwrite, source_files)
     if dry_run:
         return
-    with atomic_output(dst, source_name, overwrite, source_files) as output:
+    with atomic_output(dst, sources, overwrite, source_files) as output:
         with open_source() as source:
             sink.write(plan, source, output.folder, show_progress, output.sync_soon)
             source.check_unchanged()
@@ -129,8 +130,8 @@ def run_checkpoint_job(plan: Plan, checkpoint: Checkpoint, dst: str | Path,
                        show_progress: bool | None = None, config: dict | None = None,
                        format: str = "safetensors") -> None:
     """``run_job`` of a plan that reads one checkpoint's files, copying its sidecars."""
-    run_job(plan, checkpoint.named, checkpoint.source_files(), lambda: FileSource(checkpoint),
-            dst, max_shard_size, overwrite, dry_run, show_progress,
+    run_job(plan, [checkpoint.named], checkpoint.source_files(),
+            lambda: FileSource(checkpoint), dst, max_shard_size, overwrite, dry_run, show_progress,
             extra_files=checkpoint.extra_files(), config=config, format=format)
 
 

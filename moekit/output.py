@@ -47,11 +47,12 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from fnmatch import fnmatchcase
 from pathlib import Path
+from stat import S_ISDIR
 
 from .checkpoint import SIDECARS, as_path, open_regular
 from .errors import MoekitError
@@ -124,14 +125,15 @@ def require_linux() -> None:
                           f"{sys.platform}")
 
 
-def check_destination(dst: Path, src: Path | None, overwrite: bool,
+def check_destination(dst: Path, sources: Sequence[Path], overwrite: bool,
                       source_files: Iterable[Path] = ()) -> Path:
     """Refuse a destination that would lose data or that cannot be written; return the
     folder the output will take.
 
-    Refused: the source ``src`` (the checkpoint folder, or the one file the user named)
-    itself, inside it or holding it; a folder holding any byte of a file of the source
-    (``source_files`` and the files at the top of ``src``, their symlinks resolved, hard
+    Refused: each of the ``sources`` (a checkpoint folder, or the one file the user named)
+    itself, inside it or holding it, by path or by identity (the same folder reached
+    through a bind mount); a folder holding any byte of a file of the sources
+    (``source_files`` and the files at the top of each source, their symlinks resolved, hard
     links compared by inode: a Hugging Face snapshot links into ``../../blobs/``); an
     existing destination unless ``overwrite``; and with ``overwrite`` anything but a folder
     holding only a checkpoint, and a mount point. A symlink to a folder is replaced at its
@@ -142,8 +144,9 @@ def check_destination(dst: Path, src: Path | None, overwrite: bool,
     try:
         _check_path(dst)
         target = _target(dst, overwrite)
-        if src is not None:
-            _check_source(target, Path(src), [*_files_at_top(Path(src)), *source_files])
+        files = [*source_files, *(f for src in sources for f in _files_at_top(Path(src)))]
+        for src in sources:
+            _check_source(target, Path(src), files)
         if os.path.lexists(dst):
             if not overwrite:
                 raise MoekitError(f"destination {dst} already exists; pass --overwrite "
@@ -205,7 +208,8 @@ def _target(dst: Path, overwrite: bool) -> Path:
 
 
 def _check_source(target: Path, src: Path, files: list[Path]) -> None:
-    """Refuse a target inside the source, holding it, or holding any of its files' bytes."""
+    """Refuse a target inside the source, holding it, or holding any of the files'
+    bytes."""
     src = src.resolve()
     if target == src:
         raise MoekitError(f"destination {target} is the source itself; choose another "
@@ -216,6 +220,7 @@ def _check_source(target: Path, src: Path, files: list[Path]) -> None:
     if target in src.parents:
         raise MoekitError(f"destination {target} contains the source {src}; "
                           "choose another folder")
+    _check_source_identity(target, src)
     if not target.is_dir():
         return
     identities = {}
@@ -235,6 +240,28 @@ def _check_source(target: Path, src: Path, files: list[Path]) -> None:
                 raise MoekitError(f"destination {target} holds {path.relative_to(target)}, the "
                                   f"same file as the source's {same} (a link); choose another "
                                   "folder")
+
+
+def _check_source_identity(target: Path, src: Path) -> None:
+    """What ``_check_source`` checks by path, by identity (device and inode): a bind
+    mount shows one folder under two paths that resolve apart."""
+    inside = _nearest_existing(target)
+    if src.is_dir():
+        source = os.stat(src)
+        for folder in (inside, *inside.parents):
+            if os.path.samestat(os.stat(folder), source):
+                where = "the source" if folder == target else f"inside the source {src}"
+                raise MoekitError(f"destination {target} is {where} ({folder} is the same "
+                                  f"folder as {src}, reached by another path such as a bind "
+                                  "mount); choose a folder outside it (moekit never writes "
+                                  "into its input)")
+    if target.is_dir():
+        destination = os.stat(target)
+        for folder in src.parents:
+            if os.path.samestat(os.stat(folder), destination):
+                raise MoekitError(f"destination {target} contains the source {src} ({target} "
+                                  f"is the same folder as {folder}, reached by another path "
+                                  "such as a bind mount); choose another folder")
 
 
 def _held_files(folder: Path) -> Iterator[Path]:
@@ -296,19 +323,20 @@ class OutputFolder:
     """A checkpoint being written: ``folder``, beside the destination, takes its place on
     ``commit``; ``discard`` removes it."""
 
-    def __init__(self, dst: Path, src: Path | None = None, overwrite: bool = False,
+    def __init__(self, dst: Path, sources: Sequence[Path] = (), overwrite: bool = False,
                  source_files: Iterable[Path] = ()) -> None:
         """Check the destination (see ``check_destination``), report leftovers of earlier
         runs, make the folder."""
         require_linux()
         self.dst = as_path(dst, "destination")
-        self.src = src
+        self.sources = list(sources)
         self.overwrite = overwrite
         self.source_files = list(source_files)
         self.in_place = False
         """True once the new folder has taken the destination's place (from then on a
         failure or an interrupt leaves it there: it is complete)."""
-        self.target = check_destination(self.dst, src, overwrite, self.source_files)
+        self.target = check_destination(self.dst, self.sources, overwrite,
+                                        self.source_files)
         self._syncer = _BackgroundSync()
         self._parents = []
         try:
@@ -345,10 +373,11 @@ class OutputFolder:
             (self.folder / MARKER).unlink()
             _sync_folder(self.folder, synced)
             if self.overwrite and os.path.lexists(self.target):
-                if check_destination(self.dst, self.src, True, self.source_files) != self.target:
+                if check_destination(self.dst, self.sources, True,
+                                     self.source_files) != self.target:
                     raise MoekitError(f"destination {self.dst} now points elsewhere than when "
                                       "moekit started writing; nothing was replaced: run again")
-                self._swap()
+                self._swap(_checked_files(self.target))
             else:
                 self._move_in()
             try:
@@ -385,8 +414,9 @@ class OutputFolder:
                            "run, or a folder made meanwhile); it was kept and this run's output "
                            "removed: choose another destination, or pass --overwrite to replace it")
 
-    def _swap(self) -> None:
-        """Exchange the folder with the old one at the target, then delete the old one."""
+    def _swap(self, checked: dict[Path, tuple[int, int]]) -> None:
+        """Exchange the folder with the old one at the target, then delete the old one's
+        ``checked`` files and folders (``_remove_replaced``)."""
         try:
             _renameat2(self.folder, self.target, _RENAME_EXCHANGE)
         except OSError as err:
@@ -395,15 +425,15 @@ class OutputFolder:
                 return
             if err.errno not in _UNSUPPORTED:
                 raise
-            self._swap_aside()
+            self._swap_aside(checked)
             return
         self.in_place = True
         _fsync_dir(self.target.parent)
-        _remove_replaced(self.folder)
+        _remove_replaced(self.folder, checked, self.dst)
 
-    def _swap_aside(self) -> None:
+    def _swap_aside(self, checked: dict[Path, tuple[int, int]]) -> None:
         """Without RENAME_EXCHANGE: the old folder renamed aside, the new one moved in (the
-        old one put back if that fails), then the old one deleted."""
+        old one put back if that fails), then the old one's ``checked`` files deleted."""
         old = _unused_name(self.target, "old-")
         os.rename(self.target, old)
         try:
@@ -412,11 +442,11 @@ class OutputFolder:
             _put_back(old, self.target)
             raise
         _fsync_dir(self.target.parent)
-        _remove_replaced(old)
+        _remove_replaced(old, checked, self.dst)
 
 
 @contextmanager
-def atomic_output(dst: Path, src: Path | None = None, overwrite: bool = False,
+def atomic_output(dst: Path, sources: Sequence[Path] = (), overwrite: bool = False,
                   source_files: Iterable[Path] = ()) -> Iterator[OutputFolder]:
     """Yield an ``OutputFolder`` beside ``dst`` to write into (its ``folder``); on success
     it takes ``dst``'s place (see the module's docstring), on any failure or interrupt it
@@ -426,7 +456,7 @@ def atomic_output(dst: Path, src: Path | None = None, overwrite: bool = False,
     dst = as_path(dst, "destination")
     output = None
     try:
-        output = OutputFolder(dst, src, overwrite, source_files)
+        output = OutputFolder(dst, sources, overwrite, source_files)
         yield output
         output.commit()
     except BaseException as err:
@@ -753,13 +783,42 @@ def _put_back(old: Path, target: Path) -> None:
                     err.strerror)
 
 
-def _remove_replaced(old: Path) -> None:
-    """Delete the replaced checkpoint; the new one is in place, so a failure is reported."""
+def _checked_files(folder: Path) -> dict[Path, tuple[int, int]]:
+    """The files (and links) of ``folder`` that ``overwrite`` replaces, by their path
+    inside it, with their identities (device, inode): what its last check saw."""
+    found = {}
+    for path in _held_files(folder):
+        stat = os.lstat(path)
+        if not S_ISDIR(stat.st_mode):
+            found[path.relative_to(folder)] = (stat.st_dev, stat.st_ino)
+    return found
+
+
+def _remove_replaced(old: Path, checked: dict[Path, tuple[int, int]], dst: Path) -> None:
+    """Delete the replaced checkpoint, now at ``old``: the ``checked`` files that are
+    still the ones checked, then its folders. Whatever else it holds came after the last
+    check (a file written into the destination at the moment of the swap), and is not
+    the user's to lose: the folder is kept, and where said. The new checkpoint is in
+    place, so a failure is reported, not raised."""
     try:
-        shutil.rmtree(old)
+        for path, identity in checked.items():
+            with suppress(FileNotFoundError):
+                stat = os.lstat(old / path)
+                if (stat.st_dev, stat.st_ino) == identity:
+                    os.unlink(old / path)
+        for folder in {old / path.parent for path in checked} - {old}:
+            with suppress(OSError):  # not empty: os.rmdir(old) says so
+                os.rmdir(folder)
+        os.rmdir(old)
     except OSError as err:
-        log.warning("moekit: could not remove the replaced checkpoint, now at %s (%s); "
-                    "remove it by hand", old, err.strerror)
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            log.warning("moekit: could not remove the checkpoint %s replaced, now at %s (%s); "
+                        "remove it by hand", dst, old, err.strerror)
+            return
+        log.warning("moekit: kept %s, where the checkpoint %s replaced was put: it holds %s, "
+                    "which came into %s while moekit replaced it", old, dst,
+                    ", ".join(sorted(str(p.relative_to(old)) for p in _held_files(old))[:8]),
+                    dst)
 
 
 class _BackgroundSync:

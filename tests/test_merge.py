@@ -518,6 +518,15 @@ def test_an_unknown_device_is_refused_before_anything_is_written(llama, tmp_path
     assert list(tmp_path.iterdir()) == [config]
 
 
+def test_a_destination_inside_any_source_model_is_refused(llama, tmp_path, capsys):
+    base, finetunes = llama
+    config = write_yaml(tmp_path / "moe.yml", base, finetunes, gate_mode="random")
+    for source in (base, finetunes[-1]):
+        assert main(["merge", str(config), str(source / "merged"), "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert f"is inside the source {source.resolve()}" in err and "Traceback" not in err
+
+
 def test_download_fetches_the_hub_ids_the_yaml_names(llama, tmp_path, monkeypatch, capsys):
     import huggingface_hub
 

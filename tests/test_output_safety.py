@@ -186,6 +186,62 @@ def test_overwrite_replaces_a_checkpoint_and_its_sidecar_files(qwen3, tmp_path, 
     assert not (out / "tokenizer.json").exists() and names(tmp_path) == ["out", "qwen3"]
 
 
+def test_a_file_written_into_the_destination_as_it_is_replaced_is_kept(
+        qwen3, tmp_path, capsys, monkeypatch, caplog, move):
+    """What comes into the destination between the last check and the swap is not
+    deleted with the checkpoint it held: that folder is kept beside, holding it alone."""
+    out = Path(shutil.copytree(qwen3, tmp_path / "out"))
+    checked_files = output._checked_files
+
+    def then_someone_writes_there(folder):
+        checked = checked_files(folder)
+        (out / "notes.txt").write_text("mine")
+        return checked
+
+    monkeypatch.setattr(output, "_checked_files", then_someone_writes_there)
+    with caplog.at_level(logging.WARNING, logger="moekit"):
+        code, _ = run_cli(capsys, "convert", qwen3, out, "--to", "nemo", "--overwrite")
+    assert code == 0 and verify(qwen3, out).equal and "notes.txt" not in names(out)
+    [kept] = [p for p in tmp_path.iterdir() if p.name.startswith(".out.moekit-")]
+    assert names(kept) == ["notes.txt"] and (kept / "notes.txt").read_text() == "mine"
+    assert f"kept {kept}" in caplog.text and "notes.txt" in caplog.text
+
+
+@pytest.fixture
+def bind(tmp_path):
+    """``bind(folder, name)``: ``folder`` bind-mounted at ``tmp_path / name`` for the test."""
+    mounted: list[Path] = []
+
+    def mount(folder: Path, name: str) -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        done = subprocess.run(["mount", "--bind", str(folder), str(point)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot bind-mount here: {done.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", str(point)], check=True)
+
+
+@pytest.mark.parametrize("where,said", [("view/src/out", "is inside the source"),
+                                        ("view/src", "is the source"),
+                                        ("view", "contains the source")])
+def test_the_source_reached_through_a_bind_mount_is_never_written(qwen3, tmp_path, capsys,
+                                                                   bind, where, said):
+    source = Path(shutil.copytree(qwen3, tmp_path / "outer" / "src"))
+    bind(tmp_path / "outer", "view")
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    for overwrite in ((), ("--overwrite",)):
+        code, err = run_cli(capsys, "convert", source, tmp_path / where, "--to", "nemo",
+                            *overwrite)
+        assert code == 2 and said in one_error(err) and "bind mount" in err
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+
+
 @pytest.mark.parametrize("written_as", [("--to", "megatron"),
                                         ("--to", "nemo", "--format", "dcp")])
 def test_overwrite_replaces_a_megatron_or_dcp_checkpoint(qwen3, tmp_path, capsys, written_as):

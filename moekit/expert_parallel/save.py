@@ -228,7 +228,7 @@ def _agree_on_folder(path: Path, overwrite: bool, config_from: str | Path | None
     output = None
     if dist.get_rank() == 0:
         try:
-            output = OutputFolder(path, Path(config_from) if config_from else None, overwrite)
+            output = OutputFolder(path, [Path(config_from)] if config_from else [], overwrite)
             message = str(output.folder)
         except MoekitError as err:
             message = err
