@@ -475,6 +475,11 @@ def _data_offset(path: Path, start: int, length: int, shape: tuple[int, ...], dt
             storages = [name for name in members if name.startswith("data/")]
             if storages != ["data/0"] or "data.pkl" not in members:
                 raise MoekitError(f"{shown} is not one tensor saved by torch.save")
+            if any(members[name].file_size > limit for name, limit in _SMALL_MEMBERS.items()
+                   if name in members):
+                raise MoekitError(f"{shown} is not one tensor saved by torch.save: its "
+                                  f"{', '.join(_SMALL_MEMBERS)} unpack to more than "
+                                  f"{max(_SMALL_MEMBERS.values()):,} bytes")
             if "byteorder" in members and archive.read(members["byteorder"]) != b"little":
                 raise MoekitError(f"{shown} is saved big-endian")
             rebuilt = _Rebuild(io.BytesIO(archive.read(members["data.pkl"]))).load()
@@ -487,7 +492,12 @@ def _data_offset(path: Path, start: int, length: int, shape: tuple[int, ...], dt
             IndexError, KeyError, struct.error) as err:
         raise MoekitError(f"{shown} is not a tensor saved by torch.save: "
                           f"{printable(str(err))}") from err
-    storage_dtype, storage_offset, size, stride = rebuilt
+    storage_dtype, storage_offset, size, stride, flags = rebuilt
+    lazy = [flag for flag in ("neg", "conj") if isinstance(flags, dict) and flags.get(flag)]
+    if lazy:
+        raise MoekitError(f"{shown} is saved with torch's {' and '.join(lazy)} bit set: its "
+                          f"values are not its bytes but their {_LAZY[lazy[0]]}, which moekit "
+                          "does not compute; save it after .resolve_neg() and .resolve_conj()")
     row_major = tuple(math.prod(shape[d + 1:]) for d in range(len(shape)))
     if (storage_dtype, storage_offset, tuple(size)) != (dtype, 0, shape) or \
             any(n > 1 and s != r for n, s, r in zip(shape, stride, row_major)):
@@ -530,19 +540,30 @@ class _Rebuild(pickle.Unpickler):
         return pid[1]
 
 
-def _rebuilt(storage: str, storage_offset: int, size: tuple, stride: tuple, *rest: object
-             ) -> tuple[str, int, tuple, tuple]:
+def _rebuilt(storage: str, storage_offset: int, size: tuple, stride: tuple,
+             requires_grad: bool = False, hooks: object = None, metadata: object = None
+             ) -> tuple[str, int, tuple, tuple, object]:
     """What ``torch._utils._rebuild_tensor_v2`` would build, in words: the dtype of its
-    typed storage, storage offset, size and stride."""
-    return storage, storage_offset, tuple(size), tuple(stride)
+    typed storage, storage offset, size, stride and the flags ``torch.save`` records
+    (``torch._utils.get_tensor_metadata``: ``neg`` and ``conj`` when a lazy negation or
+    conjugation is set)."""
+    return storage, storage_offset, tuple(size), tuple(stride), metadata
 
 
 def _rebuilt_v3(storage: None, storage_offset: int, size: tuple, stride: tuple,
-                requires_grad: bool, hooks: object, dtype: str, *rest: object
-                ) -> tuple[str, int, tuple, tuple]:
+                requires_grad: bool, hooks: object, dtype: str, metadata: object = None
+                ) -> tuple[str, int, tuple, tuple, object]:
     """What ``torch._utils._rebuild_tensor_v3`` would build (an untyped storage and its
     dtype), in words."""
-    return dtype, storage_offset, tuple(size), tuple(stride)
+    return dtype, storage_offset, tuple(size), tuple(stride), metadata
+
+
+_LAZY = {"neg": "negation", "conj": "conjugate"}
+"""What a tensor's bytes become under each lazy flag ``torch.save`` records."""
+_SMALL_MEMBERS = {"data.pkl": 2**20, "byteorder": 16}
+"""Members of a one-tensor ``torch.save`` archive that are read whole, and their largest
+unpacked size: a few hundred bytes as torch writes them, while a compressed member could
+unpack to any size."""
 
 
 class _Slice(io.RawIOBase):

@@ -118,12 +118,45 @@ def test_a_dcp_folder_saved_by_torch_is_read_as_saved(tmp_path):
 @pytest.mark.parametrize("saved,refusal", [
     ({"w": torch.randn(4, 6).t()}, "strides"),
     ({"w": torch.randn(4, 6), "step": 3}, "step is not a tensor"),
+    ({"w": (-torch.randn(4, 6))._neg_view()}, "neg bit set: its values are not its bytes"),
 ])
 def test_what_moekit_cannot_read_as_saved_is_refused(tmp_path, capsys, saved, refusal):
     dcp.save(saved, checkpoint_id=tmp_path / "ckpt", no_dist=True)
     code = main(["inspect", str(tmp_path / "ckpt")])
     err = capsys.readouterr().err
     assert code == 2 and refusal in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("member", ["data.pkl", "byteorder"])
+def test_a_member_that_unpacks_large_is_refused_unread(tmp_path, capsys, member):
+    """A tensor's archive whose pickle or byte order is compressed (torch.save stores
+    them) and unpacks to megabytes is refused from its size, not unpacked."""
+    import io
+    import zipfile
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    folder = tmp_path / "ckpt"
+    dcp.save({"w": torch.randn(2, 2)}, checkpoint_id=folder, no_dist=True)
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    [(index, info)] = metadata.storage_data.items()
+    raw = (folder / info.relative_path).read_bytes()[info.offset:info.offset + info.length]
+    packed = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(raw)) as archive, zipfile.ZipFile(packed, "w") as bomb:
+        for entry in archive.infolist():
+            data = archive.read(entry)
+            if entry.filename.endswith("/" + member):
+                data += b"\0" * (8 * 2**20)
+                bomb.writestr(entry.filename, data, compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                bomb.writestr(entry, data)
+    (folder / "bomb.distcp").write_bytes(packed.getvalue())
+    metadata.storage_data[index] = _StorageInfo("bomb.distcp", 0, len(packed.getvalue()))
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    code = main(["inspect", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and "unpack to more than" in err and "Traceback" not in err
 
 
 def test_a_metadata_pickle_is_never_run(tmp_path, capsys):
