@@ -192,8 +192,10 @@ class Checkpoint:
 
         found = read_headers(path)
         used = list(dict.fromkeys(info.file for info in found.chunks.values()))
-        identities = {name: FileIdentity.of(member_file(found.iteration, name).stat())
-                      for name in used}
+        if not set(used) <= found.identities.keys():
+            raise _changed_while_read(found.iteration / next(
+                name for name in used if name not in found.identities))
+        identities = {name: found.identities[name] for name in used}
         read = [found.iteration / DCP_METADATA_NAME, *(found.iteration / name for name in used)]
         sidecars = _sidecars(found.top, {TRACKER, DCP_METADATA_NAME, *used})
         if found.config_file is not None:

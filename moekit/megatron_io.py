@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import CONFIG_NAME, DCP_METADATA_NAME, TensorInfo, member_file, read_config
+from .checkpoint import (CONFIG_NAME, DCP_METADATA_NAME, FileIdentity, TensorInfo, member_file,
+                         read_config)
 from .errors import MoekitError, printable
 from .layouts.families import GENERIC_FAMILIES, family_of_model_type
 from .layouts.megatron import (LAYERS, MEGATRON, MTP_COPIES, SPECS, Dimensions, Entry,
@@ -119,7 +120,9 @@ def is_megatron(path: Path) -> bool:
 class Headers:
     """What a Megatron-Core folder holds: its iteration folder, the folder of its sidecar
     files, its config.json, its stored chunks (each a run of a ``.distcp`` file, named
-    ``chunk_name``) and the model's tensors under HF names made from them."""
+    ``chunk_name``), the model's tensors under HF names made from them, and what each
+    ``.distcp`` file was before its archives were read (a file changed from then on
+    differs from it when its bytes are read)."""
 
     iteration: Path
     top: Path
@@ -127,6 +130,7 @@ class Headers:
     config: dict | None
     chunks: dict[str, TensorInfo]
     made: dict[str, Expr]
+    identities: dict[str, FileIdentity]
 
 
 def read_headers(path: Path) -> Headers:
@@ -138,14 +142,14 @@ def read_headers(path: Path) -> Headers:
     iteration = _iteration(path)
     top = iteration.parent if (iteration.parent / TRACKER).exists() else iteration
     _check_backend(iteration)
-    for data in sorted(iteration.glob(f"*{DISTCP_SUFFIX}")):
-        member_file(iteration, data.name)  # before the chunks' archives are opened
+    identities = {data.name: FileIdentity.of(member_file(iteration, data.name).stat())
+                  for data in sorted(iteration.glob(f"*{DISTCP_SUFFIX}"))}
     config_folder = iteration if (iteration / CONFIG_NAME).exists() else iteration.parent
     config = read_config(config_folder)
     stored, _ = read_stored(iteration, chunk_name)
     chunks = {info.key: info for tensor in stored.values() for _, info in tensor.chunks}
     return Headers(iteration, top, None if config is None else config_folder / CONFIG_NAME,
-                   config, chunks, hf_tensors(stored, config, str(iteration)))
+                   config, chunks, hf_tensors(stored, config, str(iteration)), identities)
 
 
 def _iteration(path: Path) -> Path:

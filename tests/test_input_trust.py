@@ -661,6 +661,27 @@ def test_a_source_that_changes_during_a_conversion_is_refused(tmp_path, monkeypa
     assert output_names(tmp_path) == {"model"}
 
 
+def test_a_megatron_file_rewritten_once_its_archives_are_read_is_refused(tmp_path,
+                                                                         monkeypatch):
+    """A Megatron-Core folder's ``.distcp`` files are known as they were before their
+    archives were read: one rewritten in place from then on is an error, as for DCP."""
+    from moekit import conversion, megatron_io, samples
+
+    src = samples.save_model(samples.build_model("qwen3_moe"), tmp_path / "model")
+    conversion.convert(src, tmp_path / "megatron", to="megatron")
+    read_headers = megatron_io.read_headers
+
+    def read_then_rewritten(path):
+        found = read_headers(path)
+        rewrite_in_place(next(found.iteration.glob("*.distcp")))
+        return found
+
+    monkeypatch.setattr(megatron_io, "read_headers", read_then_rewritten)
+    with pytest.raises(MoekitError, match="it was modified"):
+        conversion.convert(tmp_path / "megatron", tmp_path / "out", to="hf")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_sidecar_swapped_for_a_pipe_is_refused_not_waited_on(tmp_path, monkeypatch):
     from moekit import conversion
 
