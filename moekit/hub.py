@@ -131,6 +131,8 @@ def _snapshot(repo: RepoId, local_files_only: bool, patterns: list[str]) -> Path
 
     if not local_files_only and constants.HF_HUB_OFFLINE:
         local_files_only = True
+    if local_files_only:
+        _check_ref(repo)
     try:
         return Path(snapshot_download(repo.repo, revision=repo.revision,
                                       local_files_only=local_files_only,
@@ -143,6 +145,40 @@ def _snapshot(repo: RepoId, local_files_only: bool, patterns: list[str]) -> Path
     except OSError as err:  # the Hub's HTTP errors (repository or revision not found, ...)
         raise MoekitError(f"cannot fetch the Hugging Face repository {printable(str(repo))}: "
                           f"{printable(str(err).splitlines()[0])}") from err
+
+
+def _check_ref(repo: RepoId) -> None:
+    """Refuse the cache's ``refs`` file of ``repo``'s revision unless it is a plain file
+    holding a commit hash. huggingface_hub reads it to find the revision's snapshot
+    folder: it would wait forever on a pipe, fail on bytes that are not text, and follow
+    a path such as ``../../..`` out of the cache."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    ref = (Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo.repo, repo_type="model")
+           / "refs" / (repo.revision or "main"))
+    try:
+        if not os.path.lexists(ref) or _COMMIT.fullmatch(repo.revision or ""):
+            return
+        if not ref.is_file():
+            raise MoekitError(f"the Hugging Face cache's {printable(str(ref))}, which names "
+                              f"the snapshot of {printable(str(repo))}, is not a plain file")
+        with open(ref, "rb") as file:
+            text = file.read(_REF_BYTES + 1)
+    except OSError as err:
+        raise MoekitError(f"cannot read the Hugging Face cache's {printable(str(ref))}: "
+                          f"{err.strerror or err}") from err
+    if not _COMMIT.fullmatch(text.decode("latin-1")):
+        raise MoekitError(f"the Hugging Face cache's {printable(str(ref))} holds no commit "
+                          f"hash, where huggingface_hub wrote the snapshot of "
+                          f"{printable(str(repo))}: run `hf download` again, or remove it")
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}\s?")
+"""A commit hash, as the Hub cache's ``refs`` files hold them (huggingface_hub writes it
+with no newline; one is allowed)."""
+_REF_BYTES = 64
+"""Bytes of a ``refs`` file read: a commit hash and room to spare."""
 
 
 def _not_cached(repo: RepoId, local_files_only: bool, lacking: str | None = None) -> str:

@@ -59,6 +59,22 @@ def test_the_hand_built_cache_is_what_huggingface_hub_reads(cache, family_checkp
     assert found == str(snapshot / "config.json")
 
 
+@pytest.mark.parametrize("tamper,said", [
+    (lambda ref: ref.write_bytes(b"\xff\xfe"), "holds no commit hash"),
+    (lambda ref: ref.write_text("../../../../outside"), "holds no commit hash"),
+    (lambda ref: (ref.unlink(), os.mkfifo(ref)), "is not a plain file"),
+])
+def test_a_refs_file_that_names_no_commit_is_one_message(cache, family_checkpoints, capsys,
+                                                         tamper, said):
+    """huggingface_hub reads refs/main to find the snapshot: bytes that are not text, a
+    path out of the cache or a pipe (which it would wait on forever) are refused first."""
+    hub_cache(cache, family_checkpoints["qwen3_moe"])
+    tamper(cache / f"models--{REPO.replace('/', '--')}" / "refs" / "main")
+    assert main(["inspect", REPO]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and said in err and "refs/main" in err and "Traceback" not in err
+
+
 def test_every_command_reads_a_cached_repo_id(cache, family_checkpoints, tmp_path, capsys):
     local = family_checkpoints["qwen3_moe"]
     hub_cache(cache, local)
