@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 from . import __version__
 from .errors import MoekitError, printable
@@ -40,8 +41,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signum
     except OSError as err:
         where = f": {os.fsdecode(err.filename)}" if err.filename is not None else ""
-        print(printable(f"moekit: error: {err.strerror or err}{where}"), file=sys.stderr)
+        print(printable(f"moekit: error: {_after_writing(err)}{err.strerror or err}{where}"),
+              file=sys.stderr)
         return EXIT_ERROR
+
+
+def _after_writing(err: OSError) -> str:
+    """How an error message starts: with the output it came after, if one was in place."""
+    from .output import in_place
+
+    written = in_place(err)
+    return "" if written is None else f"wrote {written} in full and put it in place, then: "
 
 
 def _interrupted(err: KeyboardInterrupt, signum: int) -> str:
@@ -228,14 +238,19 @@ def _report_plan(plan, summary: str, args: argparse.Namespace, **extra: object) 
                               {"name": t.name, "shape": list(t.shape), "dtype": t.dtype,
                                "recipe": describe(t.recipe)} for t in plan.tensors]}, indent=2))
         return
-    print(summary)
     if args.dry_run:
+        print(summary)
         for t in plan.tensors:
             if not t.is_copy:
                 print(printable(f"  {t.name} {list(t.shape)} {t.dtype} = {describe(t.recipe)}"))
         print("dry run: nothing written")
-    else:
+        return
+    try:
+        print(summary)
         print(printable(f"wrote {args.dst}"))
+    except (KeyboardInterrupt, OSError) as err:  # a paused terminal, a full or closed stdout
+        err.moekit_in_place = Path(args.dst)
+        raise
 
 
 def _add_verify(commands) -> None:

@@ -622,6 +622,37 @@ def test_sigterm_and_sighup_clean_up_as_ctrl_c_does(qwen3, tmp_path):
     assert names(tmp_path) == ["qwen3"]
 
 
+def test_an_interrupt_while_the_result_is_printed_says_the_output_is_in_place(
+        qwen3, tmp_path, capsys, monkeypatch):
+    """A paused terminal or a slow pipe can hold the last lines, and a signal then: the
+    output was complete and in place before them, and the message says so."""
+    from moekit import cli
+
+    printable = cli.printable
+
+    def interrupted_at_the_last_line(text: str) -> str:
+        if text.startswith("wrote "):
+            raise KeyboardInterrupt
+        return printable(text)
+
+    monkeypatch.setattr(cli, "printable", interrupted_at_the_last_line)
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "convert", qwen3, out, "--to", "nemo")
+    assert code == 130 and f"after {out} was written in full and put in place" in err
+    assert verify(qwen3, out).equal
+
+
+def test_a_full_standard_output_after_the_output_is_in_place_says_so(qwen3, tmp_path):
+    out = tmp_path / "out"
+    with open("/dev/full", "w") as full:
+        child = subprocess.run([sys.executable, "-m", "moekit.cli", "convert", str(qwen3),
+                                str(out), "--to", "nemo"], stdout=full, stderr=subprocess.PIPE,
+                               text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert child.returncode == 2 and "Traceback" not in child.stderr
+    assert f"wrote {out} in full and put it in place, then: No space left" in child.stderr
+    assert verify(qwen3, out).equal
+
+
 SIGNAL_AT_THE_MOVE = """
 import os, signal, sys
 from moekit import output
