@@ -243,8 +243,9 @@ def _headers(c: _Sizes, family: Family, decoder: Decoder, layers: MoeLayers,
         raise _Unstated(family.expert_count_key)
     experts = counted[0]
     mtp = range(layers.count, layers.extra.stop) if decoder.mtp else range(0)
-    if (layers.count + len(mtp)) * experts > MAX_EXPERT_SLOTS:
-        raise MoekitError(f"{c.values.source} declares {layers.count + len(mtp)} layers of "
+    declared = mtp.stop if mtp else layers.count  # len(mtp) overflows past 2**63
+    if declared * experts > MAX_EXPERT_SLOTS:
+        raise MoekitError(f"{c.values.source} declares {declared} layers of "
                           f"{experts} experts; moekit plans from a config.json alone for at "
                           f"most {MAX_EXPERT_SLOTS:,} layers x experts: plan from the "
                           "checkpoint's files instead")

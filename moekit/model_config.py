@@ -21,6 +21,11 @@ DEFAULT_FP8_BLOCK = (128, 128)
 ``quantization_config.weight_block_size`` does not say (DeepSeek-V3's format)."""
 
 
+MAX_LAYERS = 4096
+"""The most decoder layers, and the most multi-token-prediction layers, that Megatron-Core's
+layout lays out entry by entry (about thirty times the deepest released model's)."""
+TOO_MANY_LAYERS = (f"moekit reads models of at most {MAX_LAYERS} layers (and as many "
+                   "multi-token-prediction layers)")
 MAX_BUILT_LAYERS = 1024
 """The most decoder layers ``moekit plan`` builds a model for from a config.json alone
 (several times the deepest released model's): transformers makes every layer's modules,

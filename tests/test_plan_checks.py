@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,24 @@ def test_a_config_declaring_100_million_experts(tmp_path, capsys):
     src = write(tmp_path / "src", experts(), qwen3_config(num_experts=100_000_000))
     err = fails(capsys, ["convert", str(src), str(tmp_path / "out"), "--to", "nemo", "--dry-run"])
     assert "config.json: num_experts is 100000000" in err and "65536" in err
+
+
+@pytest.mark.parametrize("key,value", [("num_nextn_predict_layers", 10**7),
+                                       ("num_nextn_predict_layers", 2**64),
+                                       ("num_hidden_layers", 10**8)])
+def test_a_config_declaring_millions_of_layers(family_checkpoints, tmp_path, capsys, key,
+                                                 value):
+    """Work done per declared layer (Megatron-Core's entries and MTP depths, the headers
+    planned from a config alone) is bounded: each command refuses such a config at once."""
+    src = Path(shutil.copytree(family_checkpoints["deepseek_v3"], tmp_path / "src"))
+    megatron = convert(src, tmp_path / "megatron", to="megatron") and tmp_path / "megatron"
+    for folder in (src, megatron):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, key: value}))
+    assert f"{key} is {value}; moekit reads models of at most" in fails(
+        capsys, ["inspect", str(megatron)])
+    fails(capsys, ["convert", str(src), str(tmp_path / "out"), "--to", "megatron", "--dry-run"])
+    fails(capsys, ["plan", str(src / "config.json"), "--ep", "2"])
 
 
 def test_grouped_tensors_of_100_million_empty_experts(tmp_path, capsys):

@@ -66,6 +66,7 @@ from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
 from ..errors import MoekitError
+from ..model_config import MAX_LAYERS, TOO_MANY_LAYERS
 from ..plan import Chunk, Concat, Expr, Plan, RequireEqual, Reshape, TensorPlan
 from .families import PROJECTIONS, Family
 from .hf import PerExpertLayout
@@ -392,8 +393,12 @@ class Dimensions:
         if isinstance(mtp, bool) or not isinstance(mtp, int) or mtp < 0:
             raise MoekitError(f"{source}: config.json's num_nextn_predict_layers is {mtp!r}, "
                               "where Megatron-Core's layout needs a count of layers")
-        return cls(_positive(config, "num_hidden_layers", source), experts, heads, groups,
-                   head_dim, model_type, mla, mtp)
+        layers = _positive(config, "num_hidden_layers", source)
+        for key, count in (("num_hidden_layers", layers), ("num_nextn_predict_layers", mtp)):
+            if count > MAX_LAYERS:
+                raise MoekitError(f"{source}: config.json's {key} is {count}; "
+                                  f"{TOO_MANY_LAYERS}")
+        return cls(layers, experts, heads, groups, head_dim, model_type, mla, mtp)
 
     def entries(self, per_layer: bool, spec: str = "local",
                 moe_layers: Collection[int] = ()) -> list[Entry]:
