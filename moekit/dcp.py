@@ -325,9 +325,23 @@ def read_tensors(folder: Path) -> dict[str, TensorInfo]:
     """
     metadata = _read_metadata(folder / DCP_METADATA_NAME)
     tensors = {}
-    for key, entry in metadata.state_dict_metadata.items():
-        tensors[key] = _tensor(folder, key, entry, metadata.storage_data)
+    with _as_written(folder / DCP_METADATA_NAME):
+        for key, entry in metadata.state_dict_metadata.items():
+            tensors[key] = _tensor(folder, key, entry, metadata.storage_data)
     return tensors
+
+
+@contextmanager
+def _as_written(path: Path) -> Iterator[None]:
+    """Refuse, naming ``path``, a ``.metadata`` whose classes are DCP's but whose fields
+    hold what DCP never writes (None for a size, an int for a key, a list for the whole),
+    which reading it met as a TypeError, AttributeError, ... instead of a value."""
+    try:
+        yield
+    except (TypeError, AttributeError, ValueError, KeyError, IndexError) as err:
+        raise MoekitError(f"{printable(str(path))} is not a torch.distributed.checkpoint "
+                          f".metadata as DCP writes it: {type(err).__name__}: "
+                          f"{printable(str(err))}") from err
 
 
 @dataclass(frozen=True)
@@ -349,19 +363,20 @@ def read_stored(folder: Path, name: Callable[[str, tuple[int, ...], tuple[int, .
     in chunks that split more than rows); and the keys of its non-tensor entries."""
     metadata = _read_metadata(folder / DCP_METADATA_NAME)
     tensors, objects = {}, []
-    for key, entry in metadata.state_dict_metadata.items():
-        if not isinstance(entry, TensorStorageMetadata):
-            objects.append(key)
-            continue
-        where = f"{printable(str(folder / DCP_METADATA_NAME))}: {printable(key)}"
-        shape = tuple(entry.size)
-        dtype = _dtype(entry, where)
-        chunks = []
-        for chunk in entry.chunks:
-            offsets = tuple(chunk.offsets)
-            run = _run(folder, key, chunk, dtype, metadata.storage_data, where)
-            chunks.append((offsets, TensorInfo(name(key, offsets, shape), *run)))
-        tensors[key] = StoredTensor(key, shape, dtype, tuple(chunks))
+    with _as_written(folder / DCP_METADATA_NAME):
+        for key, entry in metadata.state_dict_metadata.items():
+            if not isinstance(entry, TensorStorageMetadata):
+                objects.append(key)
+                continue
+            where = f"{printable(str(folder / DCP_METADATA_NAME))}: {printable(key)}"
+            shape = tuple(entry.size)
+            dtype = _dtype(entry, where)
+            chunks = []
+            for chunk in entry.chunks:
+                offsets = tuple(chunk.offsets)
+                run = _run(folder, key, chunk, dtype, metadata.storage_data, where)
+                chunks.append((offsets, TensorInfo(name(key, offsets, shape), *run)))
+            tensors[key] = StoredTensor(key, shape, dtype, tuple(chunks))
     return tensors, objects
 
 

@@ -159,6 +159,47 @@ def test_a_member_that_unpacks_large_is_refused_unread(tmp_path, capsys, member)
     assert code == 2 and "unpack to more than" in err and "Traceback" not in err
 
 
+def _key(metadata) -> str:
+    """The key of the first tensor of ``metadata``."""
+    return next(k for k, v in metadata.state_dict_metadata.items() if hasattr(v, "chunks"))
+
+
+def _entry(metadata):
+    return metadata.state_dict_metadata[_key(metadata)]
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: setattr(_entry(m), "size", None),
+    lambda m: setattr(_entry(m), "properties", None),
+    lambda m: setattr(_entry(m), "chunks", [None]),
+    lambda m: setattr(m, "storage_data", []),
+    lambda m: m.state_dict_metadata.__setitem__(7, m.state_dict_metadata.pop(_key(m))),
+    lambda m: [m],
+])
+@pytest.mark.parametrize("saved_by", ["dcp", "megatron"])
+def test_metadata_of_dcps_classes_holding_what_dcp_never_writes_is_one_message(
+        tmp_path, capsys, edit, saved_by):
+    """DCP's own classes with a None size, an int key, a list for a mapping, ...: one
+    message naming the .metadata, in a DCP folder and in a Megatron-Core one."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if saved_by == "megatron":
+        qwen3 = samples.save_model(samples.build_model("qwen3_moe"), tmp_path / "qwen3")
+        moekit.convert(qwen3, tmp_path / "ckpt", to="megatron")
+        folder = tmp_path / "ckpt" / "iter_0000000"
+    else:
+        folder = tmp_path / "ckpt"
+        dcp.save({"w": torch.randn(2, 2)}, checkpoint_id=folder, no_dist=True)
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    changed = edit(metadata)
+    (folder / ".metadata").write_bytes(pickle.dumps(changed if isinstance(changed, list)
+                                                    else metadata))
+    code = main(["inspect", str(tmp_path / "ckpt")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert ".metadata" in err
+
+
 def test_a_metadata_pickle_is_never_run(tmp_path, capsys):
     """``.metadata`` is a pickle: one that refers to anything but DCP's own classes is
     refused before it can run code."""
