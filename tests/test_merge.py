@@ -277,6 +277,50 @@ def test_a_key_written_twice_is_refused_where_mergekit_keeps_the_last(llama, tmp
 
 
 @pytest.mark.parametrize("mode", ["hidden", "cheap_embed"])
+@pytest.mark.parametrize("removed", [("tokenizer.json",),
+                                     ("tokenizer.json", "tokenizer_config.json",
+                                      "special_tokens_map.json")])
+def test_a_base_model_without_tokenizer_files_is_refused_not_given_zero_routers(
+        llama, tmp_path, capsys, mode, removed):
+    import shutil
+
+    base, finetunes = llama
+    shutil.copytree(base, tmp_path / "base")
+    for name in removed:
+        (tmp_path / "base" / name).unlink(missing_ok=True)
+    config = write_yaml(tmp_path / "moe.yml", tmp_path / "base", finetunes, gate_mode=mode)
+    assert main(["merge", str(config), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer" in err and str(tmp_path / "base") in err and "Traceback" not in err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode", ["hidden", "cheap_embed"])
+def test_a_prompt_that_gives_no_token_is_refused_not_given_a_zero_router_row(llama, tmp_path,
+                                                                             capsys, mode):
+    """Without a BOS token to start each prompt, an empty prompt is no token at all: its
+    expert's router row would be zeros (cheap_embed) or fail in the model (hidden)."""
+    import shutil
+
+    import yaml
+
+    base, finetunes = llama
+    shutil.copytree(base, tmp_path / "base")
+    settings = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+    settings.pop("bos_token", None)
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(settings))
+    (tmp_path / "base" / "special_tokens_map.json").unlink(missing_ok=True)
+    config = write_yaml(tmp_path / "moe.yml", tmp_path / "base", finetunes, gate_mode=mode)
+    fields = yaml.safe_load(config.read_text())
+    fields["experts"][1]["positive_prompts"] = [""]
+    config.write_text(yaml.safe_dump(fields))
+    assert main(["merge", str(config), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "gives no token for the prompt ''" in err and "Traceback" not in err
+    assert err.count("moekit: error") == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode", ["hidden", "cheap_embed"])
 def test_a_base_tokenizer_without_bos_or_eos_is_refused_where_mergekit_fails(llama, tmp_path,
                                                                               capsys, mode):
     # mergekit-moe pads prompts with BOS, else EOS; with neither, transformers refuses to pad.

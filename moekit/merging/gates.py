@@ -90,7 +90,8 @@ def _tokenizer(base: Path):
         tokenizer = AutoTokenizer.from_pretrained(str(base))
     except (OSError, ValueError) as err:
         raise MoekitError(f"cannot load the tokenizer of the base model "
-                          f"{printable(str(base))}, which prompt gate modes need: {err}") from None
+                          f"{printable(str(base))}, which prompt gate modes need: "
+                          f"{printable(' '.join(str(err).split()))}") from None
     tokenizer.padding_side = "left"
     tokenizer.pad_token_id = tokenizer.bos_token_id
     if tokenizer.pad_token_id is None:
@@ -103,8 +104,18 @@ def _tokenizer(base: Path):
 
 
 def _tokenize(prompts: Sequence[str], tokenizer):
-    return tokenizer([(tokenizer.bos_token or "") + p for p in prompts], return_tensors="pt",
-                     padding=True, add_special_tokens=False)
+    """The prompts as one padded batch; refused where a prompt gives no token (a base
+    model without its tokenizer files, which transformers then makes empty), whose
+    router row would be zeros."""
+    batch = tokenizer([(tokenizer.bos_token or "") + p for p in prompts], return_tensors="pt",
+                      padding=True, add_special_tokens=False)
+    empty = [p for p, mask in zip(prompts, batch["attention_mask"]) if not mask.any()]
+    if empty or batch["input_ids"].shape[-1] == 0:
+        raise MoekitError(f"the tokenizer of the base model "
+                          f"{printable(str(tokenizer.name_or_path))} gives no token for the "
+                          f"prompt {printable(repr((empty or prompts)[0]))}: does that folder "
+                          "hold its tokenizer files (tokenizer.json, tokenizer_config.json)?")
+    return batch
 
 
 def _cheap_embedding(embed: torch.Tensor, batch, layers: int) -> torch.Tensor:
