@@ -54,8 +54,10 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from stat import S_ISDIR
 
+from safetensors import SafetensorError, safe_open
+
 from .checkpoint import SIDECARS, as_path, open_regular
-from .errors import MoekitError
+from .errors import MoekitError, printable
 
 log = logging.getLogger("moekit")
 
@@ -67,6 +69,9 @@ CHECKPOINT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*
 """Names of the files a checkpoint folder holds (weights, indexes, DCP files, Megatron-Core's
 tracker, the sidecar files moekit copies, and what else the Hugging Face Hub keeps beside
 them): ``overwrite`` replaces a folder holding nothing else (but ``ITERATION`` folders)."""
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", *DCP_FILES)
+"""Names of the files that hold weights: a folder ``overwrite`` replaces holds one at least
+(or an ``ITERATION`` folder), unless it is empty."""
 ITERATION = re.compile(r"iter_\d{7}\Z")
 """A Megatron-Core checkpoint's iteration folder, which ``overwrite`` replaces when it holds
 only ``ITERATION_FILES``."""
@@ -301,6 +306,33 @@ def _check_replaceable(target: Path, dst: Path) -> None:
             f"index, DCP files, Megatron-Core's iteration folders and tracker, and sidecar "
             f"files such as config.json and tokenizer files); {dst} also holds "
             f"{shown}: move those away or choose another destination")
+    _check_holds_weights(target, dst)
+
+
+def _check_holds_weights(target: Path, dst: Path) -> None:
+    """Refuse a folder holding files but no weights, and a ``.safetensors`` file that
+    safetensors cannot open: names alone (README.md, LICENSE, modeling_*.py) may be a
+    user's project, not a checkpoint."""
+    with os.scandir(target) as scan:
+        entries = sorted(scan, key=lambda e: e.name)
+    if not entries:
+        return
+    if not any(ITERATION.match(e.name) and e.is_dir(follow_symlinks=False)
+               or any(fnmatchcase(e.name, pattern) for pattern in WEIGHT_FILES)
+               for e in entries):
+        raise MoekitError(f"--overwrite replaces only a folder holding a checkpoint; {dst} "
+                          "holds no weights (safetensors, pytorch_model*.bin, DCP or Megatron-"
+                          "Core files): move its files away or choose another destination")
+    for entry in entries:
+        if entry.name.endswith(".safetensors") and entry.is_file(follow_symlinks=False):
+            try:
+                with safe_open(entry.path, framework="numpy"):
+                    pass
+            except (SafetensorError, OSError) as err:
+                raise MoekitError(f"--overwrite replaces only a folder holding a checkpoint; "
+                                  f"{dst} holds {entry.name}, which is not a safetensors file "
+                                  f"({printable(str(err))}): move it away or choose another "
+                                  "destination") from None
 
 
 def _foreign_entries(folder: Path, names: tuple[str, ...] = CHECKPOINT_FILES,

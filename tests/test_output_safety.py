@@ -177,6 +177,32 @@ def test_overwrite_refuses_a_folder_holding_more_than_a_checkpoint(qwen3, tmp_pa
     assert tree_digest(out) == before and names(tmp_path) == ["out", "qwen3"]
 
 
+@pytest.mark.parametrize("files,said", [
+    ({"README.md": "notes", "LICENSE.txt": "x", "modeling_mine.py": "print(1)",
+      "config.json": "{}"}, "holds no weights"),
+    ({"thesis.safetensors": "not a tensor file", "config.json": "{}"},
+     "thesis.safetensors, which is not a safetensors file"),
+])
+def test_overwrite_refuses_a_folder_of_checkpoint_names_without_weights(qwen3, tmp_path, capsys,
+                                                                       files, said):
+    """Names alone do not make a checkpoint: a project folder of a README, a licence and
+    modeling code, or a file named .safetensors that is none, is not replaced."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, text in files.items():
+        (out / name).write_text(text)
+    before = tree_digest(out)
+    code, err = run_cli(capsys, "convert", qwen3, out, "--to", "nemo", "--overwrite")
+    assert code == 2 and said in one_error(err)
+    assert tree_digest(out) == before and names(tmp_path) == ["out", "qwen3"]
+
+
+def test_overwrite_replaces_an_empty_folder(qwen3, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    code, _ = run_cli(capsys, "convert", qwen3, tmp_path / "out", "--to", "nemo", "--overwrite")
+    assert code == 0 and verify(qwen3, tmp_path / "out").equal
+
+
 def test_overwrite_replaces_a_checkpoint_and_its_sidecar_files(qwen3, tmp_path, capsys, move):
     out = Path(shutil.copytree(qwen3, tmp_path / "out"))
     for sidecar in ("tokenizer.json", "README.md", "chat_template.jinja", "merges.txt"):
