@@ -113,6 +113,9 @@ _ADVICE = {
     errno.EBUSY: "the path is busy (a mount point, or in use): unmount it or choose another "
                  "destination",
     errno.EIO: "the disk reported an I/O error: check it, then run again",
+    errno.EXDEV: "moekit puts the new folder in place by renaming it, which this file system "
+                 "refuses for that folder (an overlayfs folder from a lower layer): write to a "
+                 "new destination",
     errno.ENAMETOOLONG: "a name in the path is longer than this file system allows: choose "
                         "a shorter destination",
     errno.ENOTDIR: "a part of the path is a file, not a folder: choose another destination",
@@ -665,8 +668,23 @@ def remove_if_abandoned(folder: Path) -> str | None:
     return None; else keep it and return why."""
     reason = _kept_because(folder)
     if reason is None:
-        shutil.rmtree(folder, ignore_errors=True)
+        with deferred_signals():  # the marker last: what an interrupt leaves is still known
+            for entry in os.scandir(folder):
+                if entry.name != MARKER:
+                    _remove_entry(entry)
+            with suppress(OSError):
+                os.unlink(folder / MARKER)
+                os.rmdir(folder)
     return reason
+
+
+def _remove_entry(entry: os.DirEntry) -> None:
+    """Remove a file, link or folder (with what it holds), ignoring failures."""
+    if entry.is_dir(follow_symlinks=False):
+        shutil.rmtree(entry.path, ignore_errors=True)
+    else:
+        with suppress(OSError):
+            os.unlink(entry.path)
 
 
 def _kept_because(folder: Path) -> str | None:

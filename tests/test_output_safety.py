@@ -797,6 +797,29 @@ def test_a_folder_left_by_a_killed_run_is_removed_by_the_next_run(qwen3, tmp_pat
     assert names(tmp_path) == ["out", "qwen3"]
 
 
+def test_an_interrupt_while_a_leftover_is_removed_leaves_it_marked(qwen3, tmp_path,
+                                                                    monkeypatch):
+    """The marker naming the dead run is removed last, with interrupts held: a leftover
+    whose removal is cut short is still known as that run's, and removed by the next."""
+    [child] = start_slow_converts(qwen3, [tmp_path / "out"])
+    child.kill()
+    child.communicate(timeout=60)
+    [left] = [p for p in tmp_path.iterdir() if p.name.startswith(".out.moekit-")]
+    unlink, removed = os.unlink, []
+
+    def noting(path, *args, **kwargs):
+        removed.append(Path(path).name)
+        if len(removed) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # held until the removal is done
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", noting)
+    with pytest.raises(KeyboardInterrupt):
+        output.remove_if_abandoned(left)
+    monkeypatch.undo()
+    assert removed[-1] == output.MARKER and not left.exists()
+
+
 def test_a_leftover_not_provably_abandoned_is_kept_and_reported(qwen3, tmp_path, caplog):
     unmarked = tmp_path / ".out.moekit-old-0123abcd"
     shutil.copytree(qwen3, unmarked)
