@@ -45,25 +45,38 @@ def run_cli(capsys, *args: object) -> tuple[int, str]:
 
 
 @pytest.fixture
-def tmpfs(tmp_path):
-    """``tmpfs(name, options)``: a fresh tmpfs mounted at ``tmp_path / name`` for the test."""
+def mount(tmp_path):
+    """``mount(name, *arguments)``: ``mount ARGUMENTS`` at ``tmp_path / name`` for the test
+    (skipped where this machine does not allow it)."""
     mounted: list[Path] = []
 
-    def mount(name: str = "tmpfs", options: str = "size=64m") -> Path:
+    def run(name: str, *arguments: str) -> Path:
         if shutil.which("mount") is None:
             pytest.skip("no mount command here")
         point = tmp_path / name
         point.mkdir(exist_ok=True)
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
-                              capture_output=True, text=True)
+        done = subprocess.run(["mount", *arguments, str(point)], capture_output=True, text=True)
         if done.returncode:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+            pytest.skip(f"cannot mount here: {done.stderr.strip()}")
         mounted.append(point)
         return point
 
-    yield mount
+    yield run
     for point in reversed(mounted):
         subprocess.run(["umount", str(point)], check=True)
+
+
+@pytest.fixture
+def tmpfs(mount):
+    """``tmpfs(name, options)``: a fresh tmpfs mounted at ``tmp_path / name`` for the test."""
+    return lambda name="tmpfs", options="size=64m": mount(name, "-t", "tmpfs", "-o", options,
+                                                           "tmpfs")
+
+
+@pytest.fixture
+def bind(mount):
+    """``bind(folder, name)``: ``folder`` bind-mounted at ``tmp_path / name`` for the test."""
+    return lambda folder, name: mount(name, "--bind", str(folder))
 
 
 @pytest.fixture(params=["renameat2", "without renameat2 flags"])
@@ -231,26 +244,6 @@ def test_a_file_written_into_the_destination_as_it_is_replaced_is_kept(
     [kept] = [p for p in tmp_path.iterdir() if p.name.startswith(".out.moekit-")]
     assert names(kept) == ["notes.txt"] and (kept / "notes.txt").read_text() == "mine"
     assert f"kept {kept}" in caplog.text and "notes.txt" in caplog.text
-
-
-@pytest.fixture
-def bind(tmp_path):
-    """``bind(folder, name)``: ``folder`` bind-mounted at ``tmp_path / name`` for the test."""
-    mounted: list[Path] = []
-
-    def mount(folder: Path, name: str) -> Path:
-        point = tmp_path / name
-        point.mkdir()
-        done = subprocess.run(["mount", "--bind", str(folder), str(point)],
-                              capture_output=True, text=True)
-        if done.returncode:
-            pytest.skip(f"cannot bind-mount here: {done.stderr.strip()}")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in reversed(mounted):
-        subprocess.run(["umount", str(point)], check=True)
 
 
 @pytest.mark.parametrize("where,said", [("view/src/out", "is inside the source"),
