@@ -126,7 +126,11 @@ def test_existing_destination_is_refused_unless_overwrite(qwen3, tmp_path, capsy
     (out / "tokenizer.json").write_text("precious")
     err = run_failing(capsys, ["convert", str(qwen3), str(out), "--to", "nemo"], tmp_path, qwen3)
     assert "already exists" in err and "--overwrite" in err
+    err = run_failing(capsys, ["convert", str(qwen3), str(out), "--to", "nemo", "--overwrite"],
+                      tmp_path, qwen3)
+    assert "holds no weights" in err  # a tokenizer alone is no checkpoint
     assert (out / "tokenizer.json").read_text() == "precious"
+    save_file({"w": torch.zeros(2)}, out / "model.safetensors")
     assert main(["convert", str(qwen3), str(out), "--to", "nemo", "--overwrite"]) == 0
     assert not (out / "tokenizer.json").exists() and (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "qwen3"]
