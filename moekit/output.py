@@ -152,9 +152,10 @@ def check_destination(dst: Path, sources: Sequence[Path], overwrite: bool,
     try:
         _check_path(dst)
         target = _target(dst, overwrite)
-        files = [*source_files, *(f for src in sources for f in _files_at_top(Path(src)))]
         for src in sources:
-            _check_source(target, Path(src), files)
+            _check_source(target, Path(src))
+        _check_held_files(target, [*source_files,
+                                   *(f for src in sources for f in _files_at_top(Path(src)))])
         if os.path.lexists(dst):
             if not overwrite:
                 raise MoekitError(f"destination {dst} already exists; pass --overwrite "
@@ -215,9 +216,8 @@ def _target(dst: Path, overwrite: bool) -> Path:
     return dst.resolve()
 
 
-def _check_source(target: Path, src: Path, files: list[Path]) -> None:
-    """Refuse a target inside the source, holding it, or holding any of the files'
-    bytes."""
+def _check_source(target: Path, src: Path) -> None:
+    """Refuse a target that is the source, lies inside it or holds it."""
     src = src.resolve()
     if target == src:
         raise MoekitError(f"destination {target} is the source itself; choose another "
@@ -229,6 +229,11 @@ def _check_source(target: Path, src: Path, files: list[Path]) -> None:
         raise MoekitError(f"destination {target} contains the source {src}; "
                           "choose another folder")
     _check_source_identity(target, src)
+
+
+def _check_held_files(target: Path, files: list[Path]) -> None:
+    """Refuse a target holding any byte of ``files`` (the sources' files): one of them, or
+    a link to one, symlinks resolved and hard links compared by inode."""
     if not target.is_dir():
         return
     identities = {}

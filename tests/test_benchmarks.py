@@ -62,7 +62,8 @@ def test_the_multi_gpu_benchmark_runs_on_cpu_ranks(tmp_path):
         done = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone",
              "--nproc-per-node", "2", "sharded_gpu.py", "--device", "cpu", "--family", family,
-             "--size-gib", "0.002", *shape, "--workdir", str(tmp_path), "--json", str(figures_file)],
+             "--size-gib", "0.002", *shape, "--workdir", str(tmp_path),
+             "--json", str(figures_file)],
             cwd=BENCHMARKS, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         rows = json.loads(figures_file.read_text())["rows"]

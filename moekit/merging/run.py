@@ -64,15 +64,16 @@ def merge(config: MergeConfig | str | Path, dst_path: str | Path, seed: int = 0,
     checkpoints, plan = plan_merge(config, seed)
     base = checkpoints[BASE_TAG]
     files = [f for c in checkpoints.values() for f in c.source_files()]
+    named = [c.named for c in checkpoints.values()]  # the models the YAML names
 
     def open_sources() -> TaggedSource:
         return TaggedSource({tag: FileSource(c) for tag, c in checkpoints.items()},
                             plan.origins)
 
     def job(dry_run: bool) -> None:
-        run_job(plan.plan, [c.named for c in checkpoints.values()], files, open_sources,
-                dst_path, max_shard_size, overwrite, dry_run, show_progress,
-                extra_files=base.extra_files(), config=plan.config, format=format)
+        run_job(plan.plan, named, files, open_sources, dst_path, max_shard_size, overwrite,
+                dry_run, show_progress, extra_files=base.extra_files(), config=plan.config,
+                format=format)
 
     job(dry_run=True)  # the sink's options and the destination, before routers are computed
     if dry_run:
