@@ -5,11 +5,13 @@ Qwen3-30B-A3B's shape: hidden 2048, expert intermediate 768), reads it once so t
 run starts from the page cache, then times, in one run:
 
   (a) pinned host -> device copies of the same number of bytes (the limit),
-  (b) ``moekit.load(..., "nemo", device="cuda")``: grouped nemo tensors on the GPU, and
-      (b1) its first call in the process, which also pins its host buffers, starts its
-      reader threads and grows PyTorch's device memory pool (what a training job that
-      loads once sees; the modules ``from moekit import load`` imports at the program's
-      start are imported first),
+  (b) ``moekit.load(..., "nemo", device="cuda")``: grouped nemo tensors on the GPU, read
+      by kvikio's threads where kvikio is installed, and (b1) its first call in the
+      process, which also pins its host buffers, starts its reader threads and grows
+      PyTorch's device memory pool (what a training job that loads once sees; the modules
+      ``from moekit import load`` imports at the program's start are imported first),
+      and, where kvikio reads (b), (bm) the same read by moekit's own reader threads
+      (``MOEKIT_KVIKIO=0``),
   (c) transformers ``from_pretrained(..., device_map="cuda")``,
   (d) safetensors ``load_file(device="cuda")`` of every shard + a naive stack into nemo,
   (r) for reference, moekit's number of reader threads reading the files into pinned
@@ -48,6 +50,7 @@ from common import (add_shape_arguments, build_checkpoint, digest, warm_page_cac
 
 from moekit import load
 from moekit.executors.device import reader_threads
+from moekit.executors.native import SWITCH, native_reads
 
 CHUNK_BYTES = 64 * 2**20
 """Bytes each thread of the (r) rows reads at a time."""
@@ -121,6 +124,16 @@ def parallel_read(path: Path, to_device: bool, threads: int = reader_threads(),
     for fd in fds.values():
         os.close(fd)
     return seconds
+
+
+def moekit_readers(path: Path, repeat: int) -> float:
+    """Seconds of the best of ``repeat`` loads read by moekit's reader threads."""
+    os.environ[SWITCH] = "0"
+    try:
+        load(path, "nemo", device="cuda")  # their threads started and buffers pinned
+        return timed(lambda: load(path, "nemo", device="cuda"), repeat)[0]
+    finally:
+        del os.environ[SWITCH]
 
 
 def naive_nemo(path: Path, layers: int, experts: int) -> dict[str, torch.Tensor]:
@@ -199,7 +212,11 @@ def main() -> None:
                 (f"(r+) ... -> GPU, {reader_threads()} thr",
                  min(parallel_read(path, True) for _ in range(args.repeat)))]
         seconds, ours = timed(lambda: load(path, "nemo", device="cuda"), args.repeat)
-        rows += [("(b) moekit.load nemo cuda", seconds), ("(b1) ... first call", first)]
+        native = native_reads("cuda")
+        rows += [(f"(b) moekit.load nemo cuda{', kvikio' if native else ''}", seconds),
+                 ("(b1) ... first call", first)]
+        if native:
+            rows.append(("(bm) ... moekit's readers", moekit_readers(path, args.repeat)))
         if not args.skip_transformers:
             rows.append(("(c) transformers cuda", timed(lambda: transformers_load(path))[0]))
         seconds, naive = timed(lambda: naive_nemo(path, layers, args.experts), args.repeat)
@@ -225,6 +242,7 @@ def main() -> None:
                        for name, s in rows},
                       checkpoint_bytes=size, expert_tensor_bytes=2 * args.hidden * args.inter,
                       baseline="(a) pinned host->device copy", repeat=args.repeat,
+                      kvikio_reads=native,
                       equal_to_naive=True, same_as_cpu=same)
 
 

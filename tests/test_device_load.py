@@ -28,6 +28,7 @@ from moekit.executors import device
 from moekit.executors.device import load_to_device
 from moekit.executors.evaluate import fill, stacked_regions
 from moekit.executors.memory import run_plan
+from moekit.executors.native import native_reads
 from moekit.layouts import layout_named
 from moekit.plan import DequantizeMXFP4, Read
 from moekit.planner import build_plan
@@ -37,6 +38,19 @@ from .conftest import digest, load_all
 from .test_input_trust import checkpoint, moe_tensors
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def moekit_readers(monkeypatch):
+    """GPU loads read with moekit's readers, also where kvikio is installed."""
+    monkeypatch.setenv("MOEKIT_KVIKIO", "0")
+
+
+def _reads(native: bool) -> bool:
+    """``native``, skipping the test where kvikio cannot read."""
+    if native and not native_reads("cuda"):
+        pytest.skip("needs kvikio")
+    return native
 
 
 def _plan(path, layout, experts=None):
@@ -363,7 +377,7 @@ def test_keep_one_starts_a_pool_only_where_none_is_free(family_checkpoints, monk
     assert not _reader_threads() - started
 
 
-def test_a_gpu_load_starts_its_reader_threads_before_it_pins(monkeypatch):
+def test_a_gpu_load_starts_its_reader_threads_before_it_pins(monkeypatch, moekit_readers):
     # Pinning holds the process's memory map, which starting a thread waits for.
     order = []
     started = device._started_pool
@@ -376,7 +390,7 @@ def test_a_gpu_load_starts_its_reader_threads_before_it_pins(monkeypatch):
 
 
 def test_a_gpu_load_pins_once_the_headers_are_read_and_its_readers_are_started(
-        family_checkpoints, monkeypatch):
+        family_checkpoints, monkeypatch, moekit_readers):
     # Validating a header maps its file, which waits while pinning holds the memory map.
     import moekit.executors.memory as memory
     from moekit.checkpoint import Checkpoint
@@ -432,8 +446,11 @@ def checksums(state: dict) -> dict[str, str]:
 
 
 @cuda
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("layout", ["nemo", "transformers", "vllm"])
-def test_cuda_loading_is_bit_identical_to_the_cpu(layout, family_checkpoints):
+def test_cuda_loading_is_bit_identical_to_the_cpu(layout, native, family_checkpoints,
+                                                  monkeypatch):
+    monkeypatch.setenv("MOEKIT_KVIKIO", str(int(_reads(native))))
     for family in ("qwen3_moe", "deepseek_v3", "mixtral"):
         path = family_checkpoints[family]
         on_gpu = moekit.load(path, layout, device="cuda")
@@ -442,15 +459,19 @@ def test_cuda_loading_is_bit_identical_to_the_cpu(layout, family_checkpoints):
 
 
 @cuda
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("slots", [1, 2, 3])
-def test_cuda_staging_in_many_small_batches_is_bit_identical(slots, family_checkpoints):
+def test_cuda_staging_in_many_small_batches_is_bit_identical(slots, native,
+                                                             family_checkpoints):
     # Tiny chunks, pinned buffers and batches: each chunk goes through both pinned buffers,
     # each reader stream copies into several staging buffers in turn and re-records its
-    # events many times, and staging memory is reused on the GPU.
+    # events many times, and staging memory is reused on the GPU (kvikio's reads into it
+    # wait for the evaluations that used it before).
     for family in ("qwen3_moe", "mixtral"):
         checkpoint, plan = _plan(family_checkpoints[family], "nemo")
         staged = load_to_device(plan, checkpoint, "cuda", readers=3, chunk_bytes=1000,
-                                batch_bytes=5000, slots=slots, buffer_bytes=300)
+                                batch_bytes=5000, slots=slots, buffer_bytes=300,
+                                native=_reads(native))
         assert checksums(staged) == checksums(_reference(checkpoint, plan))
 
 
@@ -513,7 +534,7 @@ def test_cuda_readers_given_buffers_pinned_ahead_load_the_same_bytes(family_chec
     checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
     pinned = device.PinnedBuffers(pairs=3, buffer_bytes=300)
     staged = load_to_device(plan, checkpoint, "cuda", readers=3, chunk_bytes=1000,
-                            buffer_bytes=300, pinned=pinned)
+                            buffer_bytes=300, pinned=pinned, native=False)
     pinned.join()
     assert checksums(staged) == checksums(_reference(checkpoint, plan))
 
@@ -554,7 +575,7 @@ def test_cuda_readers_read_on_their_first_buffer_until_their_second_is_pinned(
 
     monkeypatch.setattr(pinned, "take_second", taken_second)
     staged = load_to_device(plan, checkpoint, "cuda", readers=3, chunk_bytes=1000,
-                            buffer_bytes=300, pinned=pinned)
+                            buffer_bytes=300, pinned=pinned, native=False)
     pinned.join()
     assert checksums(staged) == checksums(_reference(checkpoint, plan))
     assert seconds  # taken mid-load, after 12 reads through the firsts alone
@@ -707,8 +728,8 @@ def test_memory_cuda_cannot_register_is_pinned_by_pytorch_instead(runtime, monke
 
 
 @cuda
-def test_cuda_later_loads_pin_nothing_and_their_buffers_are_page_locked(family_checkpoints,
-                                                                       monkeypatch):
+def test_cuda_later_loads_pin_nothing_and_their_buffers_are_page_locked(
+        family_checkpoints, monkeypatch, moekit_readers):
     path = family_checkpoints["qwen3_moe"]
     first = moekit.load(path, "nemo", device="cuda")
     pinned = []

@@ -5,14 +5,15 @@ reader threads (kept for the process's later loads) into a device staging buffer
 recipe (stack, concatenate, transpose, ...) is evaluated there. A reader moves each chunk
 it is given through its two small pinned buffers in turn, reading into one while the other
 is copied to the device (through its first alone while the first load in a process pins
-its second).
-(Registering the page cache's mapped pages with CUDA instead, to skip the host copy, is
-slower: registration does not scale across threads.) Tensors are staged in batches
-of about BATCH_BYTES, whose regions adjacent in a file are read as one range (a layer's
-experts usually are); the reads of SLOTS batches are queued at a time, so that the reads
-of the next batches overlap the copies and the evaluation of one.
-Pinned host memory is two BUFFER_BYTES buffers per reader, whatever the model size; no
-tensor is ever assembled on the host.
+its second). (Registering the page cache's mapped pages with CUDA instead, to skip the
+host copy, is slower: registration does not scale across threads.) Where kvikio is
+installed, its native threads read instead, into the staging buffer through bounce
+buffers of their own (``native``): they need no GIL, which moekit's Python readers share
+with the main thread. Tensors are staged in batches of about BATCH_BYTES, whose regions
+adjacent in a file are read as one range (a layer's experts usually are); the reads of
+SLOTS batches are queued at a time, so that the reads of the next batches overlap the
+copies and the evaluation of one. Pinned host memory is two BUFFER_BYTES buffers per
+reader, whatever the model size; no tensor is ever assembled on the host.
 
 With a CPU device the same path runs with plain host buffers (and no copies), which is how
 CI, without a GPU, tests it.
@@ -41,11 +42,13 @@ from ..cores import sharing_processes, usable_cpus
 from ..dtypes import ITEMSIZES, itemsize, to_torch
 from ..errors import MoekitError, printable
 from ..gc_pauses import ScopedSetting
+from ..output import deferred_signals
 from ..plan import Plan, Read, TensorPlan, checked_index, nbytes, reads
 from ..sizes import format_size
 from ..sources import FileSource, chunked_error
 from .evaluate import fill
 from .memory import run_plan
+from .native import NativeFiles, native_reads
 
 CHUNK_BYTES = 64 * 2**20
 """Bytes of one read job: large, so that queueing jobs costs little Python."""
@@ -326,20 +329,21 @@ def reader_threads() -> int:
 
 def start_readers(device: torch.device | str | None) -> None:
     """Start the reader threads of a load onto ``device`` (none for a CPU load), unless
-    they are started already (``ReaderPool.keep_one``)."""
-    if device is not None and torch.device(device).type == "cuda":
+    they are started already: kvikio's (``native_reads``), else moekit's
+    (``ReaderPool.keep_one``)."""
+    if device is not None and torch.device(device).type == "cuda" and not native_reads(device):
         READER_POOLS.keep_one(READERS)
 
 
 def pin_ahead(device: torch.device | str | None) -> PinnedBuffers | None:
-    """Start pinning the readers' buffers of a load onto ``device`` (None for a CPU load),
-    once the readers' threads are started (``start_readers``).
+    """Start pinning the readers' buffers of a load onto ``device`` (None for a CPU load
+    or one that kvikio reads), once the readers' threads are started (``start_readers``).
 
     A load calls this once the checkpoint's headers are read: safetensors maps each file
     to validate its header, and mapping waits for the process's memory map, which
     registering a buffer with CUDA holds (pinning alongside made the headers of a first
     load take 2 to 3 times as long on an H200 host); the plan, made next, maps little."""
-    if device is None or torch.device(device).type != "cuda":
+    if device is None or torch.device(device).type != "cuda" or native_reads(device):
         return None
     start_readers(device)
     return PinnedBuffers()
@@ -359,7 +363,7 @@ def read_plan(plan: Plan, checkpoint: Checkpoint, device: torch.device | str | N
               wrap_experts: Callable[[torch.Tensor], torch.Tensor] | None = None,
               pinned: PinnedBuffers | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of ``plan`` from ``checkpoint``'s files: through pinned buffers
-    (``pinned``'s, when given) onto an accelerator ``device``, or straight from the files
+    (``pin_ahead``'s, when given) onto an accelerator ``device``, or straight from the files
     on the CPU. A plan reading a tensor saved in row chunks (a DCP folder that ranks saved
     their rows into), which the pinned readers do not take, is read on the CPU and copied
     to the accelerator tensor by tensor."""
@@ -395,12 +399,15 @@ def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | st
                    wrap_experts: Callable[[torch.Tensor], torch.Tensor] | None = None,
                    readers: int = READERS, chunk_bytes: int = CHUNK_BYTES,
                    batch_bytes: int = BATCH_BYTES, slots: int = SLOTS,
-                   buffer_bytes: int = BUFFER_BYTES, pinned: PinnedBuffers | None = None
-                   ) -> dict[str, torch.Tensor]:
+                   buffer_bytes: int = BUFFER_BYTES, pinned: PinnedBuffers | None = None,
+                   native: bool | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of ``plan`` on ``device``, read from ``checkpoint``'s files.
     ``wrap_experts`` is applied to the routed-expert tensors (e.g. to make DTensors);
-    ``pinned`` hands the readers their buffers (``pin_ahead``), else each pins its own; the
-    other arguments tune the readers and staging (see READERS, CHUNK_BYTES, ...).
+    ``native`` reads through kvikio (by default where ``native_reads``, unless moekit's
+    readers were given ``pinned`` buffers; moekit's readers read where kvikio cannot open a
+    file); ``pinned`` hands moekit's readers their buffers (``pin_ahead``), else each pins
+    its own; the other arguments tune moekit's readers and the staging (see READERS,
+    CHUNK_BYTES, ...).
 
     Every batch is laid out (from the headers: the reads of each recipe listed once, in a
     few Python operations per source region) before the first byte is read, which is how
@@ -411,10 +418,12 @@ def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | st
     _taper(batches, readers, min(buffer_bytes, chunk_bytes))
     if device.type == "cuda":
         _check_room(plan, device, batches, slots)
+    if native is None:
+        native = pinned is None and native_reads(device)
     if pinned is not None and (pinned.pairs, pinned.buffer_bytes) != (readers, buffer_bytes):
         pinned = None  # pinned for other readers: each reader pins its own
     with PROMPT_HANDOFFS.scope(), _Reader(checkpoint, device, readers, slots, buffer_bytes,
-                                     pinned) as reader:
+                                     pinned, native and device.type == "cuda") as reader:
         out = reader.run(batches)
     if wrap_experts is not None:
         out = {k: wrap_experts(v) if k in plan.expert_tensors else v for k, v in out.items()}
@@ -464,7 +473,10 @@ class _Batch:
 
 class _Reader:
     """Reader threads, their buffers and streams, and the batches in flight. Files are
-    located (opened, header offsets read) by the main thread; readers only ``pread``.
+    located (opened, header offsets read) by the main thread; readers only ``pread``. With
+    ``native``, kvikio's threads read instead (``NativeFiles``), straight into the staging
+    buffer, once the compute stream is done with its memory; moekit's readers read where
+    kvikio cannot open a file.
 
     The main thread gives a batch (laid out, ``_lay_out``) a staging buffer and queues its
     reads, up to ``slots`` batches ahead of the one it evaluates; a batch's buffer is
@@ -475,8 +487,11 @@ class _Reader:
 
     def __init__(self, checkpoint: Checkpoint, device: torch.device, readers: int,
                  slots: int = SLOTS, buffer_bytes: int = BUFFER_BYTES,
-                 pinned: PinnedBuffers | None = None) -> None:
+                 pinned: PinnedBuffers | None = None, native: bool = False) -> None:
         self.pinned = pinned
+        self.native_wanted = native
+        self.native: NativeFiles | None = None
+        self.pool: ThreadPoolExecutor | None = None
         self.files = FileSource(checkpoint)
         self.slots = slots
         self.device = device
@@ -489,7 +504,6 @@ class _Reader:
         self.compute = torch.cuda.Stream(device) if self.cuda else None
         self.handed: list[torch.Tensor] = []  # the readers' pinned buffers, for the pool
         self.readers = readers
-        self.pool = READER_POOLS.take(readers)
 
     def __enter__(self) -> "_Reader":
         return self
@@ -498,7 +512,11 @@ class _Reader:
         with self.busy:  # whatever queued the copies, even a submit cut short by an interrupt
             self.aborted = True  # from here on, a copy queued for this load does nothing
             self.busy.wait_for(lambda: not self.running)
-        READER_POOLS.give_back(self.readers, self.pool)
+        if self.native is not None:
+            self.native.drain()
+            self.native.close()
+        if self.pool is not None:
+            READER_POOLS.give_back(self.readers, self.pool)
         if self.cuda:
             torch.cuda.synchronize(self.device)  # no copy may outlive its staging buffer
             PAGE_LOCKED.give_back(self.handed)
@@ -506,6 +524,7 @@ class _Reader:
 
     def run(self, batches: list[_Batch]) -> dict[str, torch.Tensor]:
         """The tensors of ``batches`` (consecutive groups of a plan's tensors, laid out)."""
+        self._start(batches)
         if self.compute is not None:
             # The tensors are allocated on the caller's stream, as any torch op's are: once
             # the caller frees them, the caching allocator reuses their memory in order
@@ -527,6 +546,18 @@ class _Reader:
         self.files.check_unchanged()
         return out
 
+    def _start(self, batches: list[_Batch]) -> None:
+        """Open the files ``batches`` read with kvikio, where the load reads natively and
+        kvikio can open them all; else take a pool of moekit's readers."""
+        if self.native_wanted:
+            names = {job[0] for batch in batches for job in batch.jobs}
+            try:
+                self.native = NativeFiles(self.files, names)
+            except (OSError, RuntimeError):  # e.g. no /proc, or kvikio refuses the file
+                self.native = None
+        if self.native is None:
+            self.pool = READER_POOLS.take(self.readers)
+
     def _submit(self, batch: _Batch) -> _Batch:
         """Allocate the batch's staging buffer (on the compute stream, after the
         evaluations queued so far) and queue its reads."""
@@ -537,6 +568,14 @@ class _Reader:
             if self.compute is not None:
                 batch.writable = torch.cuda.Event()
                 batch.writable.record(self.compute)
+        if self.native is not None:
+            # kvikio copies on streams of its own: its writes wait for nothing on the GPU.
+            batch.writable.synchronize()
+            staging = batch.staging
+            with deferred_signals():  # every read kvikio queues is recorded, to be waited for
+                batch.futures = [self.native.read(file, staging[offset:offset + size], start)
+                                 for file, start, offset, size in batch.jobs]
+            return batch
         batch.futures = [self.pool.submit(self._copy, batch, self.files.descriptor(file), file,
                                           start, offset, size)
                          for file, start, offset, size in batch.jobs]
@@ -632,8 +671,8 @@ class _Reader:
         source = _StagedSource(batch.staging, batch.leaves)
         out = {t.name: torch.empty(t.recipe.shape, dtype=to_torch(t.recipe.dtype),
                                    device=self.device) for t in batch.tensors}
-        if self.compute is not None:
-            for event in {stream: event for stream, event in copies}.values():
+        if self.compute is not None:  # (kvikio's reads, done, leave nothing to wait for)
+            for event in {copy[0]: copy[1] for copy in copies if copy is not None}.values():
                 self.compute.wait_event(event)
         with self._on_compute():
             for tensor in batch.tensors:

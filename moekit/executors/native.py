@@ -1,0 +1,251 @@
+"""Reads from a checkpoint's files straight into GPU memory by kvikio's native threads,
+where kvikio (RAPIDS' file-to-GPU reader: ``pip install kvikio-cu12`` or ``kvikio-cu13``)
+is installed.
+
+kvikio cuts each ``pread`` into tasks of ``task_size`` bytes (4 MiB) and runs them on its
+own pool of C++ threads, each reading its task through the page cache into a page-locked
+bounce buffer and copying that to the device, none of them holding Python's GIL. moekit's
+own readers (``device._Reader``'s Python threads) need the GIL around each buffer they move,
+and contend for it with the main thread, which queues the reads and builds the tensors.
+
+moekit reads in kvikio's POSIX mode (``KVIKIO_COMPAT_MODE=ON``) unless that variable is set:
+GPUDirect Storage reads around the page cache, so a warm load would lose what the cache
+gives it. The files are opened through the descriptors moekit holds and has checked
+(``/proc/self/fd``), and the handles are checked to be those files.
+
+kvikio is loaded, and its threads started, by a background thread that a process's first
+GPU load starts; that load, and any other that starts before kvikio is ready, reads with
+moekit's readers, which a first load reads faster with (on an H200 host, 49-53 % of the
+pinned copy limit against 40-45 % for kvikio's first load, which loads its libraries and
+pins its buffers). kvikio's thread count (``KVIKIO_NTHREADS``) and bounce buffer size
+(``KVIKIO_BOUNCE_BUFFER_SIZE``) are process-wide: moekit sets them once kvikio is loaded,
+each unless its variable is set. ``MOEKIT_KVIKIO=0`` turns the native reads off; a process
+forked from one that loaded kvikio reads with moekit's readers, since kvikio's threads are
+not copied into it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import warnings
+from types import ModuleType
+
+import torch
+
+from ..cores import sharing_processes, usable_cpus
+from ..errors import MoekitError, printable
+from ..sources import FileSource
+
+TASK_BYTES = 4 * 2**20
+"""Bytes of one of kvikio's read tasks, and of each of its bounce buffers (kvikio's default
+task size; a bounce buffer larger than a task is never filled, and the first load in a
+process pins one for each of kvikio's threads)."""
+SWITCH = "MOEKIT_KVIKIO"
+"""The environment variable that, set to 0, makes GPU loads read with moekit's readers."""
+
+
+def native_reader_count(cpus: int, processes: int = 1) -> int:
+    """kvikio threads for a process that can keep ``cpus`` cores busy, one of ``processes``
+    on the machine: its share of the cores, at most 16. Native threads take no core from
+    the main thread while they wait for the GIL, as Python readers do (``reader_count``
+    gives those half the share); on a 16-core H200 host 16 threads read a checkpoint's
+    files to the GPU at 86 % of the pinned copy limit, 12 at 79 % and 24 at 81 %."""
+    return max(1, min(16, cpus // processes))
+
+
+NATIVE_READERS = native_reader_count(usable_cpus(), sharing_processes())
+"""kvikio's threads, where moekit sets their count (``native_reader_count``)."""
+
+
+class _Native:
+    """The process's kvikio: loaded and set up (``_configure``) by a background thread,
+    started once; its module, or None where it is missing, cannot load, or a fork has left
+    its threads behind."""
+
+    def __init__(self) -> None:
+        self.module: ModuleType | None = None
+        self.loaded = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.forked = False
+        self.lock = threading.Lock()
+
+    def ready(self) -> ModuleType | None:
+        """kvikio if it is loaded, else None (starting to load it, the first time)."""
+        if self.forked:
+            return None
+        self._start()
+        return self.module if self.loaded.is_set() else None
+
+    def get(self) -> ModuleType | None:
+        """kvikio, once it is loaded (waiting for it), or None."""
+        if self.forked:
+            return None
+        self._start()
+        self.loaded.wait()
+        return self.module
+
+    def _start(self) -> None:
+        with self.lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._load, name="moekit-kvikio",
+                                               daemon=True)
+                self.thread.start()
+
+    def _load(self) -> None:
+        try:
+            module = _imported()
+            if module is not None:
+                _configure(module)
+                self.module = module
+        finally:
+            self.loaded.set()
+
+    def after_fork(self) -> None:
+        self.forked = True
+        self.lock = threading.Lock()
+
+
+def _imported() -> ModuleType | None:
+    """kvikio, or None where it is not installed; a warning where it is but cannot load
+    (its libraries missing) or be set up: the loads then read with moekit's readers."""
+    try:
+        import kvikio
+        import kvikio.defaults  # noqa: F401 (the settings ``_configure`` makes)
+    except ModuleNotFoundError as err:
+        if err.name is not None and err.name.split(".")[0] == "kvikio":
+            return None
+        warnings.warn(f"kvikio cannot be loaded ({err}): loading with moekit's readers",
+                      stacklevel=2)
+        return None
+    except Exception as err:  # a library it loads is missing or broken: any error type
+        warnings.warn(f"kvikio cannot be loaded ({type(err).__name__}: {err}): loading with "
+                      "moekit's readers", stacklevel=2)
+        return None
+    return kvikio
+
+
+def _configure(kvikio: ModuleType) -> None:
+    """Give kvikio NATIVE_READERS threads and TASK_BYTES bounce buffers, each unless its
+    environment variable says otherwise (or it is so already: setting the thread count
+    restarts kvikio's threads)."""
+    wanted = {"num_threads": ("KVIKIO_NTHREADS", NATIVE_READERS),
+              "bounce_buffer_size": ("KVIKIO_BOUNCE_BUFFER_SIZE", TASK_BYTES)}
+    for name, (variable, value) in wanted.items():
+        if variable not in os.environ and kvikio.defaults.get(name) != value:
+            kvikio.defaults.set(name, value)
+
+
+NATIVE = _Native()
+"""The process's kvikio."""
+os.register_at_fork(after_in_child=NATIVE.after_fork)
+
+
+def native_reads(device: torch.device | str | None) -> bool:
+    """Whether a load onto ``device`` reads through kvikio: a CUDA device, ``MOEKIT_KVIKIO``
+    is not 0, and kvikio is loaded (``_Native.ready``: not waiting for it)."""
+    return (device is not None and torch.device(device).type == "cuda"
+            and os.environ.get(SWITCH, "1").strip() != "0" and NATIVE.ready() is not None)
+
+
+_OPENING = threading.Lock()
+"""Held while a handle is opened: kvikio's compatibility mode is process-wide, and a handle
+takes the mode set when it is opened."""
+
+
+def _handle(kvikio: ModuleType, path: str) -> object:
+    """A kvikio handle reading ``path``, in POSIX mode unless ``KVIKIO_COMPAT_MODE`` says."""
+    if "KVIKIO_COMPAT_MODE" in os.environ:
+        return kvikio.CuFile(path, "r")
+    with _OPENING, kvikio.defaults.set("compat_mode", kvikio.CompatMode.ON):
+        return kvikio.CuFile(path, "r")
+
+
+class NativeFiles:
+    """kvikio handles of a load's files and the reads queued on them. Each handle is opened
+    through the descriptor ``files`` holds for its file (so it reads the file whose header
+    moekit read, whatever has been renamed since) and checked to be that file."""
+
+    def __init__(self, files: FileSource, names: set[str]) -> None:
+        self.kvikio = NATIVE.get()
+        self.pending: list[NativeRead] = []
+        self.handles: dict[str, object] = {}
+        try:
+            for name in sorted(names):
+                self.handles[name] = self._opened(files.descriptor(name))
+        except BaseException:
+            self.close()
+            raise
+
+    def _opened(self, fd: int) -> object:
+        """A kvikio handle (``_handle``) of the file open as ``fd``; OSError where it is
+        not the same file."""
+        path = f"/proc/self/fd/{fd}"
+        handle = _handle(self.kvikio, path)
+        ours, theirs = os.fstat(fd), os.fstat(handle.fileno())
+        if (ours.st_dev, ours.st_ino) != (theirs.st_dev, theirs.st_ino):
+            handle.close()
+            raise OSError(f"{path} opened another file")
+        return handle
+
+    def read(self, name: str, target: torch.Tensor, start: int) -> "NativeRead":
+        """Queue the read of ``target.numel()`` bytes at ``start`` of file ``name`` into the
+        device tensor ``target`` (contiguous bytes)."""
+        size = target.numel()
+        pending = NativeRead(name, start, size)
+        self.pending.append(pending)
+        try:
+            pending.future = self.handles[name].pread(target, size, start)
+        except Exception as err:  # a read of one task runs at once, and fails here
+            pending.error = err
+        return pending
+
+    def drain(self) -> None:
+        """Wait for every read queued (none may write into memory freed after the load)."""
+        for pending in self.pending:
+            pending.wait()
+        self.pending.clear()
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+        self.handles.clear()
+
+
+class NativeRead:
+    """One queued kvikio read: ``result`` waits for it (once) and refuses a short or failed
+    read, naming the file."""
+
+    __slots__ = ("name", "start", "size", "future", "done", "error")
+
+    def __init__(self, name: str, start: int, size: int) -> None:
+        self.name, self.start, self.size = name, start, size
+        self.future = None
+        self.done: int | None = None
+        self.error: BaseException | None = None
+
+    def wait(self) -> None:
+        """Wait for the read, keeping its byte count or its error."""
+        if self.future is None or self.done is not None or self.error is not None:
+            return
+        try:
+            self.done = self.future.get()
+        except Exception as err:  # kvikio reports I/O errors as RuntimeError
+            self.error = err
+
+    def result(self) -> None:
+        """None once the bytes are on the device; MoekitError naming the file otherwise."""
+        self.wait()
+        failed = _POSIX_ERROR.search(str(self.error)) if self.error is not None else None
+        if self.done != self.size and (self.error is None or failed and failed[1] == "EOF"):
+            raise MoekitError(f"{printable(self.name)} ends before byte "
+                              f"{self.start + self.size}: the file is truncated")
+        if self.error is not None:
+            reason = failed[1] if failed else self.error
+            raise MoekitError(f"cannot read {printable(self.name)}: {reason}") from None
+
+
+_POSIX_ERROR = re.compile(r"POSIX error on \w+: (.*)$")
+"""What kvikio's message for a failed read says of its cause (errno's name, or EOF where
+the file ended first), after where in its sources it failed."""

@@ -1,0 +1,222 @@
+"""GPU loads through kvikio's native reader threads (``moekit.executors.native``).
+
+Which loads read natively, and with what settings, is tested everywhere; the reads
+themselves need a CUDA GPU and kvikio (``pip install kvikio-cu12`` or ``kvikio-cu13``).
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import moekit
+from moekit import MoekitError
+from moekit.executors import device, native
+from moekit.executors.device import load_to_device
+from moekit.planner import analyse_checkpoint, build_plan
+from moekit.layouts import layout_named
+from moekit.sources import FileSource
+
+from .test_device_load import _reference, checksums
+
+kvikio_reads = pytest.mark.skipif(
+    not torch.cuda.is_available() or native.NATIVE.get() is None,
+    reason="needs a CUDA GPU and kvikio")
+
+
+@pytest.mark.parametrize("cpus, processes, threads", [
+    (1, 1, 1), (2, 1, 2), (16, 1, 16), (32, 1, 16), (128, 1, 16), (32, 2, 16), (64, 8, 8),
+    (16, 8, 2), (16, 3, 5), (4, 8, 1)])
+def test_kvikio_reads_with_a_process_share_of_the_cores_at_most_16(cpus, processes, threads):
+    assert native.native_reader_count(cpus, processes) == threads
+
+
+@pytest.fixture
+def kvikio_loads(monkeypatch) -> None:
+    """kvikio counts as loaded (whether or not it is installed here)."""
+    monkeypatch.setattr(native.NATIVE, "ready", lambda: object())
+    monkeypatch.delenv(native.SWITCH, raising=False)
+
+
+@pytest.mark.parametrize("switch, expected", [(None, True), ("1", True), ("0", False),
+                                               (" 0 ", False)])
+def test_gpu_loads_read_natively_unless_switched_off(switch, expected, kvikio_loads,
+                                                     monkeypatch):
+    if switch is not None:
+        monkeypatch.setenv(native.SWITCH, switch)
+    assert native.native_reads("cuda") is expected
+    assert native.native_reads(torch.device("cuda", 0)) is expected
+    assert not native.native_reads("cpu") and not native.native_reads(None)
+
+
+def test_a_gpu_load_that_reads_natively_starts_none_of_moekits_readers(kvikio_loads,
+                                                                       monkeypatch):
+    monkeypatch.setattr(device, "READER_POOLS", device.ReaderPool())
+    monkeypatch.setattr(device, "PinnedBuffers", lambda: pytest.fail("pinned moekit's buffers"))
+    device.start_readers("cuda")
+    assert device.pin_ahead("cuda") is None
+    assert not device.READER_POOLS._free
+
+
+def test_no_load_waits_for_kvikio_to_load(monkeypatch):
+    # Loading kvikio takes a first load longer than moekit's readers need to start.
+    monkeypatch.delenv(native.SWITCH, raising=False)
+    monkeypatch.setattr(native, "NATIVE", native._Native())
+    loading, loaded = threading.Event(), threading.Event()
+    monkeypatch.setattr(native, "_imported", lambda: loading.set() or loaded.wait(30) and sys)
+    monkeypatch.setattr(native, "_configure", lambda module: None)
+    assert not native.native_reads("cuda")  # starts loading kvikio, and does not wait
+    assert loading.wait(30) and not native.native_reads("cuda")
+    loaded.set()
+    assert native.NATIVE.get() is sys and native.native_reads("cuda")
+
+
+class _Refused(importlib.abc.MetaPathFinder):
+    """Makes ``import kvikio`` raise ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "kvikio":
+            raise self.error
+        return None
+
+
+@pytest.fixture
+def refused_import(monkeypatch):
+    """Make ``import kvikio`` raise the error given to the returned function."""
+    for name in [m for m in sys.modules if m.split(".")[0] == "kvikio"]:
+        monkeypatch.delitem(sys.modules, name)
+
+    def refuse(error: Exception) -> None:
+        monkeypatch.setattr(sys, "meta_path", [_Refused(error), *sys.meta_path])
+
+    return refuse
+
+
+def test_kvikio_not_installed_reads_with_moekits_readers_quietly(refused_import, recwarn):
+    refused_import(ModuleNotFoundError("No module named 'kvikio'", name="kvikio"))
+    assert native._imported() is None
+    assert not recwarn.list
+
+
+@pytest.mark.parametrize("error", [OSError("libcufile.so.0: cannot open shared object file"),
+                                   ModuleNotFoundError("No module named 'cuda'", name="cuda"),
+                                   RuntimeError("libkvikio.so: undefined symbol")])
+def test_kvikio_that_cannot_load_is_a_warning_and_moekits_readers_read(error, refused_import):
+    refused_import(error)
+    with pytest.warns(UserWarning, match=r"kvikio cannot be loaded .*: loading with moekit's "
+                                         r"readers"):
+        assert native._imported() is None
+
+
+def test_a_forked_child_reads_with_moekits_readers(monkeypatch):
+    # kvikio's threads are not copied into a child: a read queued there would never run.
+    monkeypatch.setattr(native.NATIVE, "thread", threading.current_thread())
+    monkeypatch.setattr(native.NATIVE, "loaded", threading.Event())
+    monkeypatch.setattr(native.NATIVE, "module", sys)  # a loaded module
+    native.NATIVE.loaded.set()
+    child = os.fork()
+    if child == 0:
+        os._exit(0 if native.NATIVE.get() is None else 1)
+    assert os.waitpid(child, 0)[1] == 0
+    assert native.NATIVE.get() is sys
+
+
+def _plan(path):
+    checkpoint, analysis = analyse_checkpoint(path)
+    return checkpoint, build_plan(analysis, layout_named("nemo"))
+
+
+@kvikio_reads
+def test_cuda_load_reads_through_kvikio(family_checkpoints, monkeypatch):
+    read, used = native.NativeFiles.read, []
+    monkeypatch.setattr(native.NativeFiles, "read", lambda self, *args: used.append(
+        args[0]) or read(self, *args))
+    monkeypatch.setattr(device, "READER_POOLS", device.ReaderPool())
+    path = family_checkpoints["qwen3_moe"]
+    assert checksums(moekit.load(path, "nemo", device="cuda")) == checksums(
+        moekit.load(path, "nemo"))
+    assert used and not device.READER_POOLS._free  # none of moekit's readers ran
+
+
+@kvikio_reads
+def test_cuda_load_reads_with_moekits_readers_where_kvikio_cannot_open_a_file(
+        family_checkpoints, monkeypatch):
+    def cannot(self, fd):
+        raise RuntimeError("KvikIO failure: cannot open")
+
+    monkeypatch.setattr(native.NativeFiles, "_opened", cannot)
+    monkeypatch.setattr(device, "READER_POOLS", device.ReaderPool())
+    checkpoint, plan = _plan(family_checkpoints["qwen3_moe"])
+    staged = load_to_device(plan, checkpoint, "cuda", readers=3, native=True)
+    assert checksums(staged) == checksums(_reference(checkpoint, plan))
+    assert device.READER_POOLS._free.get(3)  # moekit's readers read
+
+
+@kvikio_reads
+def test_cuda_native_read_past_a_file_truncated_once_opened_names_it(family_checkpoints,
+                                                                     tmp_path):
+    import shutil
+
+    path = shutil.copytree(family_checkpoints["qwen3_moe"], tmp_path / "copy")
+    checkpoint, _ = _plan(path)
+    name = checkpoint.files[0]
+    size = checkpoint.identities[name].size
+    target = torch.empty(4096, dtype=torch.uint8, device="cuda")
+    with FileSource(checkpoint) as files:
+        handles = native.NativeFiles(files, {name})
+        try:
+            os.truncate(path / name, size - 100)
+            pending = handles.read(name, target, size - 4096)
+            with pytest.raises(MoekitError, match=rf"{name} ends before byte {size}: the file "
+                                                  "is truncated"):
+                pending.result()
+        finally:
+            handles.drain()
+            handles.close()
+
+
+@kvikio_reads
+def test_cuda_native_handles_read_the_file_moekit_opened(family_checkpoints, tmp_path):
+    import shutil
+
+    path = shutil.copytree(family_checkpoints["qwen3_moe"], tmp_path / "copy")
+    checkpoint, _ = _plan(path)
+    name = checkpoint.files[0]
+    expected = (path / name).read_bytes()[:4096]
+    target = torch.empty(4096, dtype=torch.uint8, device="cuda")
+    with FileSource(checkpoint) as files:
+        handles = native.NativeFiles(files, {name})
+        os.rename(path / name, tmp_path / "moved")
+        (path / name).write_bytes(b"\0" * len(expected))  # another file under the old name
+        try:
+            handles.read(name, target, 0).result()
+        finally:
+            handles.close()
+    assert bytes(target.cpu().numpy()) == expected
+
+
+@kvikio_reads
+@pytest.mark.parametrize("variables, threads, bounce", [
+    ({}, native.NATIVE_READERS, native.TASK_BYTES),
+    ({"KVIKIO_NTHREADS": "3"}, 3, native.TASK_BYTES),
+    ({"KVIKIO_BOUNCE_BUFFER_SIZE": str(2**20)}, native.NATIVE_READERS, 2**20)])
+def test_kvikio_settings_are_moekits_unless_its_variables_say(variables, threads, bounce,
+                                                              family_checkpoints):
+    script = ("import moekit, kvikio.defaults as d, sys; "
+              "from moekit.executors.native import NATIVE; "
+              "moekit.load(sys.argv[1], device='cuda'); NATIVE.get(); "
+              "print(d.get('num_threads'), d.get('bounce_buffer_size'))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVIKIO_")}
+    result = subprocess.run([sys.executable, "-c", script, str(family_checkpoints["qwen3_moe"])],
+                            env={**env, **variables}, capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.split() == [str(threads), str(bounce)]
