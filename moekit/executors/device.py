@@ -48,7 +48,7 @@ from ..sizes import format_size
 from ..sources import FileSource, chunked_error
 from .evaluate import fill
 from .memory import run_plan
-from .native import NativeFiles, native_reads
+from .native import NativeFiles, load_for_later, native_reads
 
 CHUNK_BYTES = 64 * 2**20
 """Bytes of one read job: large, so that queueing jobs costs little Python."""
@@ -425,6 +425,8 @@ def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | st
     with PROMPT_HANDOFFS.scope(), _Reader(checkpoint, device, readers, slots, buffer_bytes,
                                      pinned, native and device.type == "cuda") as reader:
         out = reader.run(batches)
+    if reader.native is None:
+        load_for_later(device)
     if wrap_experts is not None:
         out = {k: wrap_experts(v) if k in plan.expert_tensors else v for k, v in out.items()}
     return out

@@ -13,11 +13,12 @@ GPUDirect Storage reads around the page cache, so a warm load would lose what th
 gives it. The files are opened through the descriptors moekit holds and has checked
 (``/proc/self/fd``), and the handles are checked to be those files.
 
-kvikio is loaded, and its threads started, by a background thread that a process's first
-GPU load starts; that load, and any other that starts before kvikio is ready, reads with
-moekit's readers, which a first load reads faster with (on an H200 host, 49-53 % of the
-pinned copy limit against 40-45 % for kvikio's first load, which loads its libraries and
-pins its buffers). kvikio's thread count (``KVIKIO_NTHREADS``) and bounce buffer size
+kvikio is loaded, and its threads started, by a background thread that starts once a
+process's first GPU load is done; that load, and any other that starts before kvikio is
+ready, reads with moekit's readers, which a first load reads faster with: on an H200 host,
+43-51 % of the pinned copy limit against 40-45 % for kvikio's first load, which loads its
+libraries and pins its buffers, and 23-25 % where kvikio was loaded beside it. kvikio's
+thread count (``KVIKIO_NTHREADS``) and bounce buffer size
 (``KVIKIO_BOUNCE_BUFFER_SIZE``) are process-wide: moekit sets them once kvikio is loaded,
 each unless its variable is set. ``MOEKIT_KVIKIO=0`` turns the native reads off; a process
 forked from one that loaded kvikio reads with moekit's readers, since kvikio's threads are
@@ -72,21 +73,19 @@ class _Native:
         self.lock = threading.Lock()
 
     def ready(self) -> ModuleType | None:
-        """kvikio if it is loaded, else None (starting to load it, the first time)."""
-        if self.forked:
-            return None
-        self._start()
-        return self.module if self.loaded.is_set() else None
+        """kvikio if it is loaded, else None."""
+        return None if self.forked or not self.loaded.is_set() else self.module
 
     def get(self) -> ModuleType | None:
-        """kvikio, once it is loaded (waiting for it), or None."""
+        """kvikio, once it is loaded (loading it, or waiting for it), or None."""
         if self.forked:
             return None
-        self._start()
+        self.start()
         self.loaded.wait()
         return self.module
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Start loading kvikio in the background, unless that is started already."""
         with self.lock:
             if self.thread is None:
                 self.thread = threading.Thread(target=self._load, name="moekit-kvikio",
@@ -145,8 +144,20 @@ os.register_at_fork(after_in_child=NATIVE.after_fork)
 def native_reads(device: torch.device | str | None) -> bool:
     """Whether a load onto ``device`` reads through kvikio: a CUDA device, ``MOEKIT_KVIKIO``
     is not 0, and kvikio is loaded (``_Native.ready``: not waiting for it)."""
+    return _wanted(device) and NATIVE.ready() is not None
+
+
+def load_for_later(device: torch.device | str | None) -> None:
+    """Once a load onto ``device`` is done with moekit's readers: start loading kvikio in
+    the background, for the later loads (where they would read through it)."""
+    if _wanted(device) and not NATIVE.forked:
+        NATIVE.start()
+
+
+def _wanted(device: torch.device | str | None) -> bool:
+    """Whether loads onto ``device`` would read through kvikio, if it is loaded."""
     return (device is not None and torch.device(device).type == "cuda"
-            and os.environ.get(SWITCH, "1").strip() != "0" and NATIVE.ready() is not None)
+            and os.environ.get(SWITCH, "1").strip() != "0")
 
 
 _OPENING = threading.Lock()
