@@ -146,7 +146,8 @@ def check_destination(dst: Path, sources: Sequence[Path], overwrite: bool,
     existing destination unless ``overwrite``; and with ``overwrite`` anything but a folder
     holding only a checkpoint, and a mount point. A symlink to a folder is replaced at its
     target (the link is kept); a dangling one is refused. A path that cannot be made (a
-    file where a folder should be, a name too long, a loop of links) is refused too, all as
+    file where a folder should be, a name too long, a loop of links) is refused too, and so
+    is one below a dangling link (``mkdir -p`` would make folders where it leads), all as
     MoekitError."""
     dst = as_path(dst, "destination")
     try:
@@ -169,7 +170,8 @@ def check_destination(dst: Path, sources: Sequence[Path], overwrite: bool,
 
 
 def _check_path(dst: Path) -> None:
-    """Refuse a destination name too long for the file system, and one below a file."""
+    """Refuse a destination name too long for the file system, one below a file, and one
+    below a symbolic link that leads nowhere."""
     length = len(os.fsencode(dst.name))
     if length > NAME_MAX:
         raise MoekitError(f"destination name {dst.name[:40]}... is {length} "
@@ -178,6 +180,7 @@ def _check_path(dst: Path) -> None:
     try:
         os.stat(dst)
     except FileNotFoundError:
+        _check_no_dangling_link(dst)
         ancestor = _nearest_existing(dst.parent)
         if not ancestor.is_dir():
             raise MoekitError(f"cannot make {dst}: {ancestor} is a file, not "
@@ -190,6 +193,20 @@ def _check_path(dst: Path) -> None:
             raise
         raise MoekitError(f"destination {dst} goes through a loop of symbolic links; "
                           "fix the links or choose another destination") from None
+
+
+def _check_no_dangling_link(dst: Path) -> None:
+    """Refuse a destination below a symbolic link whose target does not exist: ``mkdir -p``
+    would make the folders it names, wherever they lie, which the user never named."""
+    for parent in Path(os.path.abspath(dst)).parents:
+        if parent.exists():
+            return
+        if parent.is_symlink():
+            link, real = os.readlink(parent), _resolved(parent)
+            leading = "" if Path(link) == real else f" (leading to {real})"
+            raise MoekitError(f"cannot make {dst}: {parent} is a symbolic link to {link}"
+                              f"{leading}, which does not exist; moekit makes no folder where a "
+                              "link leads: make that folder first, or choose another destination")
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -405,9 +405,17 @@ def make_below_a_file(tmp_path: Path) -> Path:
     return tmp_path / "file" / "sub" / "out"
 
 
+def make_below_a_dangling_link(tmp_path: Path) -> Path:
+    """``out -> elsewhere/dir``, neither of which exists: ``mkdir -p out/x/model`` would
+    make ``elsewhere/dir/x``, folders the user never named."""
+    (tmp_path / "out").symlink_to(tmp_path / "elsewhere" / "dir")
+    return tmp_path / "out" / "x" / "model"
+
+
 @pytest.mark.parametrize("make,expected", [
     (make_loop, "loop of symbolic links"), (make_loop_above, "loop of symbolic links"),
     (make_dangling, "which does not exist"), (make_below_a_file, "file is a file, not a folder"),
+    (make_below_a_dangling_link, "out is a symbolic link to "),
     (lambda tmp_path: tmp_path / ("n" * 256), "at most 255 bytes")])
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
 def test_a_destination_that_cannot_be_made_is_one_message(qwen3, tmp_path, capsys, make,
@@ -419,6 +427,16 @@ def test_a_destination_that_cannot_be_made_is_one_message(qwen3, tmp_path, capsy
     with pytest.raises(MoekitError, match=expected):
         convert(qwen3, dst, to="nemo", overwrite=bool(overwrite))
     assert names(tmp_path) == before
+
+
+def test_a_destination_below_a_symlinked_folder_is_written_there(qwen3, tmp_path, capsys):
+    """A link to a folder that exists is followed, as ``mkdir -p`` follows it: the folders
+    missing below it are made in the folder it leads to."""
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "out").symlink_to(tmp_path / "disk")
+    code, _ = run_cli(capsys, "convert", qwen3, tmp_path / "out" / "x" / "model", "--to", "nemo")
+    assert code == 0 and verify(qwen3, tmp_path / "disk" / "x" / "model").equal
+    assert names(tmp_path) == ["disk", "out", "qwen3"] and (tmp_path / "out").is_symlink()
 
 
 @pytest.mark.parametrize("name", ["x" * 255, "é" * 127, "model \u202e\x1b[2J"])
