@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import resource
@@ -841,6 +842,80 @@ def test_a_leftover_not_provably_abandoned_is_kept_and_reported(qwen3, tmp_path,
     assert f"found {running.folder}" in caplog.text and "still running" in caplog.text
     assert unmarked.is_dir() and running.folder.is_dir()
     running.discard()
+
+
+HERE = "0123456789abcdef0123456789abcdef"
+"""The machine id the leftover tests give this machine."""
+OTHER = "fedcba9876543210fedcba9876543210"
+
+
+@pytest.fixture
+def machine_id(tmp_path, monkeypatch) -> Path:
+    """This machine's id read from a file of the test (``HERE``, until a test rewrites it),
+    never from the real /etc/machine-id; the second place moekit looks is missing."""
+    file = tmp_path / "machine-id"
+    file.write_text(HERE + "\n")
+    monkeypatch.setattr(output, "MACHINE_ID_FILES", (str(file), str(tmp_path / "no-dbus-id")))
+    return file
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (and been waited for)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def marked_leftover(tmp_path: Path, **marker: object) -> Path:
+    """A temporary folder of ``tmp_path / "out"`` holding a file and a marker naming an
+    ended process of this host, boot and PID namespace, with the entries of ``marker``
+    changed (None: left out, as a marker of an older moekit leaves out ``machine``)."""
+    folder = tmp_path / ".out.moekit-0123abcd"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"part of a checkpoint")
+    owner = {**output._owner(), "pid": dead_pid(), "machine": HERE, **marker}
+    (folder / output.MARKER).write_text(json.dumps({k: v for k, v in owner.items()
+                                                    if v is not None}))
+    return folder
+
+
+def test_a_leftover_of_another_machine_of_the_same_host_name_is_kept(qwen3, tmp_path, caplog,
+                                                                     machine_id):
+    """Two machines (pods, clones of one image) named alike that share the file system: a
+    boot id unlike this one's proves nothing about the other machine's run, which may
+    still be writing. The report names the folder, to remove by hand."""
+    left = marked_leftover(tmp_path, machine=OTHER, boot="another boot")
+    with caplog.at_level(logging.WARNING, logger="moekit"):
+        convert(qwen3, tmp_path / "out", to="nemo")
+    assert f"found {left}" in caplog.text and f"machine id {OTHER}" in caplog.text
+    assert f"remove it by hand (rm -r {left})" in caplog.text
+    assert names(left) == [output.MARKER, "model.safetensors"]
+
+
+@pytest.mark.parametrize("marker,this_machine,kept", [
+    ({"boot": "an earlier boot"}, HERE, None),
+    ({}, HERE, None),
+    ({"machine": OTHER}, HERE, "another machine"),
+    ({"boot": "an earlier boot"}, "", "this machine has no machine id"),
+    ({"boot": "an earlier boot"}, "uninitialized", "this machine has no machine id"),
+    ({"boot": "an earlier boot", "machine": None}, HERE, "names no machine id"),
+    ({"machine": None}, HERE, None),
+    ({"machine": None}, "", None),
+    ({"machine": None, "host": "elsewhere"}, HERE, "made on elsewhere"),
+], ids=["this machine, rebooted since", "this boot, process ended", "another machine",
+        "no machine id here", "machine id not made yet", "older marker, another boot",
+        "older marker, this boot", "no machine ids, this boot", "another host name"])
+def test_a_leftover_is_removed_only_when_its_writer_is_provably_gone(tmp_path, machine_id,
+                                                                     marker, this_machine, kept):
+    """Its writer is gone when its marker names this machine (by machine id; by this boot
+    where a machine id is missing) and an earlier boot, or an ended process of this boot."""
+    left = marked_leftover(tmp_path, **marker)
+    machine_id.write_text(this_machine)
+    reason = output.remove_if_abandoned(left)
+    if kept is None:
+        assert reason is None and not left.exists()
+    else:
+        assert kept in reason and names(left) == [output.MARKER, "model.safetensors"]
 
 
 # -- file systems ---------------------------------------------------------------------------
