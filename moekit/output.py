@@ -58,7 +58,8 @@ from stat import S_ISDIR
 
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint import SIDECARS, as_path, open_regular
+from .checkpoint import (SIDECARS, Sidecar, as_path, changed_since, check_unchanged,
+                         open_unchanged)
 from .errors import MoekitError, printable
 
 log = logging.getLogger("moekit")
@@ -415,8 +416,9 @@ class OutputFolder:
                     "choose another destination") from err
             raise
 
-    def copy_in(self, files: Iterable[Path]) -> None:
-        """Copy files of the source (sidecar files) into the folder, under their names."""
+    def copy_in(self, files: Iterable[Sidecar]) -> None:
+        """Copy files of the source (sidecar files) into the folder, under their names;
+        one that changed since the source was opened is refused (``copy_file``)."""
         for file in files:
             copy_file(file, self.folder / file.name)
             self.sync_soon(self.folder / file.name)
@@ -604,23 +606,34 @@ def interruptible(caught: list[int]) -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def copy_file(src: Path, dst: Path) -> None:
+def copy_file(src: Sidecar, dst: Path) -> None:
     """Copy the plain file ``src`` (links followed) to a new file ``dst``, which gets the
-    mode the umask allows (as ``cp`` without ``-p``). A source that cannot be read, or is
-    no longer a plain file, is a MoekitError naming it; errors writing ``dst`` are raised."""
-    fd = open_regular(src)
+    mode the umask allows (as ``cp`` without ``-p``). A source that cannot be read, is no
+    longer a plain file, or is not the file it was when the checkpoint was opened (before
+    the copy, or by its end; for a file moekit parsed, by its bytes too) is a MoekitError
+    naming it; errors writing ``dst`` are raised."""
+    fd = open_unchanged(src.path, src.identity, Sidecar.SINCE)
+    digest = hashlib.sha256() if src.digest is not None else None
     try:
         with open(dst, "wb") as out:
-            while True:
-                try:
-                    chunk = os.read(fd, COPY_CHUNK)
-                except OSError as err:
-                    raise MoekitError(f"cannot read {src}: {err.strerror or err}") from err
-                if not chunk:
-                    break
+            while chunk := _read_chunk(fd, src.path):
                 out.write(chunk)
+                if digest is not None:
+                    digest.update(chunk)
+        check_unchanged(fd, src.path, src.identity, Sidecar.SINCE)
     finally:
         os.close(fd)
+    if digest is not None and digest.hexdigest() != src.digest:
+        raise changed_since(src.path, Sidecar.SINCE, ["its bytes differ from those read then"])
+
+
+def _read_chunk(fd: int, path: Path) -> bytes:
+    """The next ``COPY_CHUNK`` bytes at most of the open file ``fd`` (``path``); empty at
+    its end."""
+    try:
+        return os.read(fd, COPY_CHUNK)
+    except OSError as err:
+        raise MoekitError(f"cannot read {printable(str(path))}: {err.strerror or err}") from err
 
 
 def output_error(err: OSError, dst: Path, left: bool = False) -> MoekitError | None:
