@@ -1163,6 +1163,41 @@ def test_save_experts_has_the_same_guarantees(qwen3, tmp_path, tmpfs, monkeypatc
 
 
 @pytest.mark.parametrize("save", ["experts", "sharded"])
+@pytest.mark.parametrize("format", ["safetensors", "dcp"])
+def test_an_expert_parallel_save_refuses_a_config_changed_since_it_was_planned(
+        qwen3, tmp_path, monkeypatch, save, format):
+    """The save is planned from ``config_from``'s config.json (the family, the experts): one
+    rewritten before it is copied beside the weights is refused, naming it, and nothing is
+    put in place (on a group of one rank)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from moekit import load_experts, load_sharded, save_experts, save_sharded
+
+    config, make_folder = qwen3 / "config.json", output.OutputFolder.__init__
+
+    def rewritten_once_writing_begins(self, *args, **kwargs):
+        make_folder(self, *args, **kwargs)
+        config.write_text(config.read_text() + "\n")
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        if save == "experts":
+            mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("ep",))
+            state, run = load_experts(qwen3, mesh), save_experts
+        else:
+            mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "ep"))
+            state, run = load_sharded(qwen3, mesh), save_sharded
+        monkeypatch.setattr(output.OutputFolder, "__init__", rewritten_once_writing_begins)
+        with pytest.raises(MoekitError, match=f"{config} changed since .*size went from"):
+            run(state, tmp_path / "out", mesh, config_from=qwen3, format=format)
+    finally:
+        dist.destroy_process_group()
+    assert names(tmp_path) == ["qwen3", "store"]
+
+
+@pytest.mark.parametrize("save", ["experts", "sharded"])
 def test_a_full_disk_under_an_expert_parallel_dcp_save(qwen3, tmp_path, tmpfs, save):
     small = tmpfs("small", "size=64k")
     out = small / "out"
