@@ -13,6 +13,7 @@ of (``models--org--name/snapshots/REV/x -> ../../blobs/HASH``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -99,8 +100,9 @@ class Checkpoint:
     config: dict | None
     metadata: dict[str, str] = field(default_factory=dict)
     """The safetensors ``__metadata__`` of the first shard (moekit records its layout there)."""
-    sidecars: list[Path] = field(default_factory=list)
-    """The folder's files listed in ``SIDECARS`` (none for a single named file)."""
+    sidecars: list["Sidecar"] = field(default_factory=list)
+    """The folder's files listed in ``SIDECARS`` (none for a single named file), as they
+    were when the checkpoint was opened."""
     read: list[Path] = field(default_factory=list)
     """Every file the headers were read from: weights, index, config.json."""
     named: Path | None = None
@@ -147,13 +149,14 @@ class Checkpoint:
                 metadata = file_meta
         if source.weight_map is not None:
             _check_index(source.folder / INDEX_NAME, source.weight_map, tensors)
-        config = read_config(source.folder)
+        config, config_file = read_config_file(source.folder) or (None, None)
         read = [source.folder / f for f in source.files]
         if source.weight_map is not None:
             read.append(source.folder / INDEX_NAME)
-        if config is not None:
-            read.append(source.folder / CONFIG_NAME)
-        sidecars = [] if source.named_file else _sidecars(source.folder, set(source.files))
+        if config_file is not None:
+            read.append(config_file.path)
+        sidecars = [] if source.named_file else _sidecars(source.folder, set(source.files),
+                                                          config_file)
         return cls(path=source.folder, tensors=tensors, config=config, metadata=metadata,
                    sidecars=sidecars, read=read,
                    named=Path(path) if source.named_file else source.folder,
@@ -174,13 +177,13 @@ class Checkpoint:
         if missing:
             raise MoekitError(f"{_shown(folder / DCP_METADATA_NAME)} names "
                               f"{printable(missing[0])}, which the folder lacks")
-        config = read_config(folder)
+        config, config_file = read_config_file(folder) or (None, None)
         read = [folder / DCP_METADATA_NAME, *(folder / name for name in used)]
-        if config is not None:
-            read.append(folder / CONFIG_NAME)
+        if config_file is not None:
+            read.append(config_file.path)
         return cls(path=folder, tensors=tensors, config=config,
-                   sidecars=_sidecars(folder, {DCP_METADATA_NAME, *data_files}), read=read,
-                   identities={name: data_files[name] for name in used})
+                   sidecars=_sidecars(folder, {DCP_METADATA_NAME, *data_files}, config_file),
+                   read=read, identities={name: data_files[name] for name in used})
 
     @classmethod
     def _open_megatron(cls, path: Path) -> "Checkpoint":
@@ -197,10 +200,10 @@ class Checkpoint:
                 name for name in used if name not in found.identities))
         identities = {name: found.identities[name] for name in used}
         read = [found.iteration / DCP_METADATA_NAME, *(found.iteration / name for name in used)]
-        sidecars = _sidecars(found.top, {TRACKER, DCP_METADATA_NAME, *used})
+        sidecars = _sidecars(found.top, {TRACKER, DCP_METADATA_NAME, *used}, found.config_file)
         if found.config_file is not None:
-            read.append(found.config_file)
-            if found.config_file.parent != found.top:
+            read.append(found.config_file.path)
+            if found.config_file.path.parent != found.top:
                 sidecars.append(found.config_file)
         return cls(path=found.iteration, tensors=found.chunks, config=found.config,
                    metadata={LAYOUT_METADATA_KEY: MEGATRON.name}, sidecars=sidecars, read=read,
@@ -224,15 +227,16 @@ class Checkpoint:
     def total_bytes(self) -> int:
         return sum(nbytes(t.shape, t.dtype) for t in self.tensors.values())
 
-    def extra_files(self) -> list[Path]:
+    def extra_files(self) -> list["Sidecar"]:
         """The files to copy beside converted weights: the sidecars (config, tokenizer,
-        generation config, ...), each checked when the checkpoint was opened."""
+        generation config, ...), each checked when the checkpoint was opened and refused
+        at the copy if it changed since."""
         return list(self.sidecars)
 
     def source_files(self) -> list[Path]:
         """The real path (symbolic links resolved) of every file of the checkpoint: what
         a destination must never replace."""
-        return [p.resolve() for p in (*self.read, *self.sidecars)]
+        return [p.resolve() for p in (*self.read, *(s.path for s in self.sidecars))]
 
 
 @dataclass(frozen=True)
@@ -270,6 +274,36 @@ class FileIdentity:
         return found
 
 
+@dataclass(frozen=True)
+class Sidecar:
+    """A file copied beside converted weights (``SIDECARS``) and what it was when the
+    checkpoint was opened. The output is planned from the checkpoint as it was then, so a
+    sidecar that is not the same file at the copy (rewritten, replaced by a re-download)
+    is refused, as a weight file is (``check_unchanged``)."""
+
+    path: Path
+    identity: FileIdentity
+    digest: str | None = None
+    """sha256 of the bytes moekit parsed (config.json, which the plan was built from), to
+    compare with the bytes copied: a rewrite at the same size that a coarse clock leaves
+    with the same times still shows. None for a file moekit did not read."""
+
+    SINCE = "moekit opened the checkpoint"
+    """When its identity was taken, as ``check_unchanged`` says it."""
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @classmethod
+    def of(cls, path: Path) -> "Sidecar":
+        """The file at ``path`` (links followed) as it is now."""
+        try:
+            return cls(path, FileIdentity.of(path.stat()))
+        except OSError as err:
+            raise MoekitError(f"cannot read {_shown(path)}: {err.strerror or err}") from err
+
+
 def as_path(value: object, role: str) -> Path:
     """``value`` as a Path when it is a str or an ``os.PathLike``; MoekitError naming the
     ``role`` of the argument (and the type given) otherwise."""
@@ -300,25 +334,34 @@ def open_regular(path: Path) -> int:
     return fd
 
 
-def open_unchanged(path: Path, identity: FileIdentity) -> int:
+def open_unchanged(path: Path, identity: FileIdentity,
+                   since: str = "moekit read its header") -> int:
     """``open_regular(path)``, refused when the file is not the one ``identity``
     describes (its header, and so every offset moekit planned with, may be stale)."""
     fd = open_regular(path)
     try:
-        check_unchanged(fd, path, identity)
+        check_unchanged(fd, path, identity, since)
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-def check_unchanged(fd: int, path: Path, identity: FileIdentity) -> None:
-    """Raise MoekitError when the open file ``fd`` no longer is what ``identity`` says."""
+def check_unchanged(fd: int, path: Path, identity: FileIdentity,
+                    since: str = "moekit read its header") -> None:
+    """Raise MoekitError when the open file ``fd`` no longer is what ``identity`` says
+    (taken when ``since`` says, in the message)."""
     differences = identity.differences(FileIdentity.of(os.fstat(fd)))
     if differences:
-        raise MoekitError(f"{_shown(path)} changed since moekit read its header "
-                          f"({'; '.join(differences)}); was it being written or downloaded "
-                          "while moekit ran? Run again once the checkpoint is complete")
+        raise changed_since(path, since, differences)
+
+
+def changed_since(path: Path, since: str, differences: list[str]) -> MoekitError:
+    """The refusal of a checkpoint file that changed since ``since``, in the ways
+    ``differences`` says."""
+    return MoekitError(f"{_shown(path)} changed since {since} ({'; '.join(differences)}); "
+                       "was it being written or downloaded while moekit ran? Run again once "
+                       "the checkpoint is complete")
 
 
 @dataclass(frozen=True)
@@ -628,14 +671,16 @@ def _check_index(index: Path, weight_map: dict[str, str], tensors: dict[str, Ten
                           f"{printable(tensors[unlisted[0]].file)}")
 
 
-def _sidecars(folder: Path, weights: set[str]) -> list[Path]:
+def _sidecars(folder: Path, weights: set[str], read: Sidecar | None) -> list[Sidecar]:
     """The folder's files named in ``SIDECARS``, each checked to be a plain file of the
-    checkpoint (a link leaving it is refused, not followed)."""
+    checkpoint (a link leaving it is refused, not followed), as they are now; ``read``
+    (config.json) as it was when read."""
     try:
         names = sorted(entry.name for entry in os.scandir(folder))
     except OSError as err:
         raise MoekitError(f"cannot list {_shown(folder)}: {err.strerror or err}") from err
-    return [member_file(folder, name) for name in names
+    return [read if read is not None and folder / name == read.path
+            else Sidecar.of(member_file(folder, name)) for name in names
             if name not in weights and any(fnmatchcase(name, p) for p in SIDECARS)]
 
 
@@ -644,27 +689,46 @@ def read_config(folder: Path, name: str = CONFIG_NAME) -> dict | None:
 
     It must be a JSON object, a plain file inside the checkpoint, and its ``model_type``
     (when present) a string."""
+    found = read_config_file(folder, name)
+    return None if found is None else found[0]
+
+
+def read_config_file(folder: Path, name: str = CONFIG_NAME) -> tuple[dict, Sidecar] | None:
+    """``read_config``, with the file as it was when read (the sidecar copied)."""
     if not os.path.lexists(folder / name):
         return None
     config = member_file(folder, name)
-    data = _read_json(config)
+    info, raw = _read_json_bytes(config)
+    data = _parse_json(config, raw)
     model_type = data.get("model_type")
     if model_type is not None and not isinstance(model_type, str):
         raise MoekitError(f"{_shown(config)}: model_type is {_json_type(model_type)}, not a "
                           "string")
-    return data
+    return data, Sidecar(config, FileIdentity.of(info), hashlib.sha256(raw).hexdigest())
 
 
 def _read_json(file: Path) -> dict:
     """The JSON object in ``file``; a MoekitError naming the file for anything else."""
+    return _parse_json(file, _read_json_bytes(file)[1])
+
+
+def _read_json_bytes(file: Path) -> tuple[os.stat_result, bytes]:
+    """What the JSON file ``file`` was just before it was read (a change while it is read
+    then differs from it), and its bytes."""
     try:
-        size = file.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise MoekitError(f"{_shown(file)} is {size:,} bytes; moekit reads JSON files of "
-                              f"at most {MAX_JSON_BYTES:,} bytes")
+        info = file.stat()
+        if info.st_size > MAX_JSON_BYTES:
+            raise MoekitError(f"{_shown(file)} is {info.st_size:,} bytes; moekit reads JSON "
+                              f"files of at most {MAX_JSON_BYTES:,} bytes")
         raw = file.read_bytes()
     except OSError as err:
         raise MoekitError(f"cannot read {_shown(file)}: {err.strerror or err}") from err
+    return info, raw
+
+
+def _parse_json(file: Path, raw: bytes) -> dict:
+    """The JSON object ``raw`` holds, read from ``file``; a MoekitError naming the file
+    for anything else."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:

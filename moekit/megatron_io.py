@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import (CONFIG_NAME, DCP_METADATA_NAME, FileIdentity, TensorInfo, member_file,
-                         read_config)
+from .checkpoint import (CONFIG_NAME, DCP_METADATA_NAME, FileIdentity, Sidecar, TensorInfo,
+                         member_file, read_config, read_config_file)
 from .errors import MoekitError, printable
 from .layouts.families import GENERIC_FAMILIES, family_of_model_type
 from .layouts.megatron import (LAYERS, MEGATRON, MTP_COPIES, SPECS, Dimensions, Entry,
@@ -126,7 +126,7 @@ class Headers:
 
     iteration: Path
     top: Path
-    config_file: Path | None
+    config_file: Sidecar | None
     config: dict | None
     chunks: dict[str, TensorInfo]
     made: dict[str, Expr]
@@ -145,11 +145,11 @@ def read_headers(path: Path) -> Headers:
     identities = {data.name: FileIdentity.of(member_file(iteration, data.name).stat())
                   for data in sorted(iteration.glob(f"*{DISTCP_SUFFIX}"))}
     config_folder = iteration if (iteration / CONFIG_NAME).exists() else iteration.parent
-    config = read_config(config_folder)
+    config, config_file = read_config_file(config_folder) or (None, None)
     stored, _ = read_stored(iteration, chunk_name)
     chunks = {info.key: info for tensor in stored.values() for _, info in tensor.chunks}
-    return Headers(iteration, top, None if config is None else config_folder / CONFIG_NAME,
-                   config, chunks, hf_tensors(stored, config, str(iteration)), identities)
+    return Headers(iteration, top, config_file, config, chunks,
+                   hf_tensors(stored, config, str(iteration)), identities)
 
 
 def _iteration(path: Path) -> Path:

@@ -22,8 +22,9 @@ complete:
   failed one is removed, then delivered: neither is cut short, and an interrupt that comes
   once the output is in place says so (``in_place``).
 - The temporary folder holds a marker naming its process until the move, so that a folder
-  left by a killed run is removed by a later run once that process is provably gone, and
-  reported otherwise.
+  left by a killed run is removed by a later run once that process is provably gone (this
+  machine, by its machine id or this boot, and the process ended or the machine rebooted
+  since), and reported otherwise.
 - Errors of the destination's file system (full, read-only, quota, ...) become one
   ``MoekitError`` naming the destination and what to do.
 
@@ -42,6 +43,7 @@ import os
 import platform
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -56,7 +58,8 @@ from stat import S_ISDIR
 
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint import SIDECARS, as_path, open_regular
+from .checkpoint import (SIDECARS, Sidecar, as_path, changed_since, check_unchanged,
+                         open_unchanged)
 from .errors import MoekitError, printable
 
 log = logging.getLogger("moekit")
@@ -90,6 +93,10 @@ once that is done, so that neither is cut short."""
 MARKER = ".moekit-partial"
 """The file in a temporary folder naming the process that writes it; removed just before
 the folder is moved into place, so that it never reaches an output."""
+MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
+"""Where this machine's id is read, the first that holds one (32 hex digits): what tells
+two machines apart that share a host name and a file system (NFS), where a boot id that
+differs says only that the kernel is not the one running here."""
 
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
@@ -146,7 +153,8 @@ def check_destination(dst: Path, sources: Sequence[Path], overwrite: bool,
     existing destination unless ``overwrite``; and with ``overwrite`` anything but a folder
     holding only a checkpoint, and a mount point. A symlink to a folder is replaced at its
     target (the link is kept); a dangling one is refused. A path that cannot be made (a
-    file where a folder should be, a name too long, a loop of links) is refused too, all as
+    file where a folder should be, a name too long, a loop of links) is refused too, and so
+    is one below a dangling link (``mkdir -p`` would make folders where it leads), all as
     MoekitError."""
     dst = as_path(dst, "destination")
     try:
@@ -169,7 +177,8 @@ def check_destination(dst: Path, sources: Sequence[Path], overwrite: bool,
 
 
 def _check_path(dst: Path) -> None:
-    """Refuse a destination name too long for the file system, and one below a file."""
+    """Refuse a destination name too long for the file system, one below a file, and one
+    below a symbolic link that leads nowhere."""
     length = len(os.fsencode(dst.name))
     if length > NAME_MAX:
         raise MoekitError(f"destination name {dst.name[:40]}... is {length} "
@@ -178,6 +187,7 @@ def _check_path(dst: Path) -> None:
     try:
         os.stat(dst)
     except FileNotFoundError:
+        _check_no_dangling_link(dst)
         ancestor = _nearest_existing(dst.parent)
         if not ancestor.is_dir():
             raise MoekitError(f"cannot make {dst}: {ancestor} is a file, not "
@@ -190,6 +200,20 @@ def _check_path(dst: Path) -> None:
             raise
         raise MoekitError(f"destination {dst} goes through a loop of symbolic links; "
                           "fix the links or choose another destination") from None
+
+
+def _check_no_dangling_link(dst: Path) -> None:
+    """Refuse a destination below a symbolic link whose target does not exist: ``mkdir -p``
+    would make the folders it names, wherever they lie, which the user never named."""
+    for parent in Path(os.path.abspath(dst)).parents:
+        if parent.exists():
+            return
+        if parent.is_symlink():
+            link, real = os.readlink(parent), _resolved(parent)
+            leading = "" if Path(link) == real else f" (leading to {real})"
+            raise MoekitError(f"cannot make {dst}: {parent} is a symbolic link to {link}"
+                              f"{leading}, which does not exist; moekit makes no folder where a "
+                              "link leads: make that folder first, or choose another destination")
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -392,8 +416,9 @@ class OutputFolder:
                     "choose another destination") from err
             raise
 
-    def copy_in(self, files: Iterable[Path]) -> None:
-        """Copy files of the source (sidecar files) into the folder, under their names."""
+    def copy_in(self, files: Iterable[Sidecar]) -> None:
+        """Copy files of the source (sidecar files) into the folder, under their names;
+        one that changed since the source was opened is refused (``copy_file``)."""
         for file in files:
             copy_file(file, self.folder / file.name)
             self.sync_soon(self.folder / file.name)
@@ -581,23 +606,34 @@ def interruptible(caught: list[int]) -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def copy_file(src: Path, dst: Path) -> None:
+def copy_file(src: Sidecar, dst: Path) -> None:
     """Copy the plain file ``src`` (links followed) to a new file ``dst``, which gets the
-    mode the umask allows (as ``cp`` without ``-p``). A source that cannot be read, or is
-    no longer a plain file, is a MoekitError naming it; errors writing ``dst`` are raised."""
-    fd = open_regular(src)
+    mode the umask allows (as ``cp`` without ``-p``). A source that cannot be read, is no
+    longer a plain file, or is not the file it was when the checkpoint was opened (before
+    the copy, or by its end; for a file moekit parsed, by its bytes too) is a MoekitError
+    naming it; errors writing ``dst`` are raised."""
+    fd = open_unchanged(src.path, src.identity, Sidecar.SINCE)
+    digest = hashlib.sha256() if src.digest is not None else None
     try:
         with open(dst, "wb") as out:
-            while True:
-                try:
-                    chunk = os.read(fd, COPY_CHUNK)
-                except OSError as err:
-                    raise MoekitError(f"cannot read {src}: {err.strerror or err}") from err
-                if not chunk:
-                    break
+            while chunk := _read_chunk(fd, src.path):
                 out.write(chunk)
+                if digest is not None:
+                    digest.update(chunk)
+        check_unchanged(fd, src.path, src.identity, Sidecar.SINCE)
     finally:
         os.close(fd)
+    if digest is not None and digest.hexdigest() != src.digest:
+        raise changed_since(src.path, Sidecar.SINCE, ["its bytes differ from those read then"])
+
+
+def _read_chunk(fd: int, path: Path) -> bytes:
+    """The next ``COPY_CHUNK`` bytes at most of the open file ``fd`` (``path``); empty at
+    its end."""
+    try:
+        return os.read(fd, COPY_CHUNK)
+    except OSError as err:
+        raise MoekitError(f"cannot read {printable(str(path))}: {err.strerror or err}") from err
 
 
 def output_error(err: OSError, dst: Path, left: bool = False) -> MoekitError | None:
@@ -663,13 +699,14 @@ def clean_leftovers(target: Path) -> None:
                         "interrupted", entry.path)
         else:
             log.warning("moekit: found %s, a temporary folder of another moekit run; kept, "
-                        "since %s. Remove it once no moekit run writes to %s.",
-                        entry.path, reason, target)
+                        "since %s. Once no moekit run on any machine writes to %s, remove "
+                        "it by hand (rm -r %s).", entry.path, reason, target,
+                        shlex.quote(entry.path))
 
 
 def remove_if_abandoned(folder: Path) -> str | None:
-    """Remove the temporary folder ``folder`` when its marker names a process of this
-    machine that is no longer running (so that it can never be moved into place), and
+    """Remove the temporary folder ``folder`` when its marker names a process that provably
+    no longer runs (``_kept_because``), so that it can never be moved into place, and
     return None; else keep it and return why."""
     reason = _kept_because(folder)
     if reason is None:
@@ -694,30 +731,61 @@ def _remove_entry(entry: os.DirEntry) -> None:
 
 def _kept_because(folder: Path) -> str | None:
     """Why a leftover folder may not be removed, or None when it provably is moekit's own
-    and its writer is gone."""
+    and its writer is gone: made on this machine (the same machine id, or this boot where
+    the marker or this machine has none: a marker of an older moekit) and either in an
+    earlier boot, or by a process of this PID namespace that no longer runs. A host name
+    alone proves nothing: machines of one image or container spec share it, and may share
+    the file system too."""
     try:
         owner = json.loads((folder / MARKER).read_text())
         pid, host = owner["pid"], owner["host"]
         boot, pid_namespace = owner["boot"], owner["pid_namespace"]
-        if not isinstance(pid, int) or pid <= 0:
+        machine = owner.get("machine", "")
+        if not isinstance(pid, int) or pid <= 0 or not isinstance(machine, str):
             raise ValueError(pid)
     except (OSError, ValueError, KeyError, TypeError):
         return ("it holds no moekit marker (it may hold a checkpoint that an interrupted "
                 "--overwrite replaced)")
     here = _owner()
     if host != here["host"]:
-        return f"it was made on {host}"
+        return f"it was made on {printable(str(host))}"
+    if machine and here["machine"] and machine != here["machine"]:
+        return (f"it was made on another machine named {host} too (machine id "
+                f"{printable(machine)}), whose run may still write it")
+    if boot != here["boot"]:
+        return None if machine and machine == here["machine"] else _unknown_machine(machine)
     if pid_namespace != here["pid_namespace"]:
         return "it was made in another container (PID namespace) of this machine"
-    if boot == here["boot"] and process_alive(pid):
+    if process_alive(pid):
         return f"the process that made it (pid {pid}) is still running"
     return None
 
 
+def _unknown_machine(machine: str) -> str:
+    """Why a leftover of another boot may be another machine's: its marker or this machine
+    has no machine id."""
+    if not machine:
+        return ("its marker (of an older moekit) names no machine id, so moekit cannot tell "
+                "whether it was made on this machine before a reboot or on another one")
+    return (f"this machine has no machine id ({' or '.join(MACHINE_ID_FILES)}), so moekit "
+            "cannot tell whether it was made here before a reboot or on another machine")
+
+
 def _owner() -> dict[str, object]:
-    """What identifies this process across runs: pid, host, boot and PID namespace."""
-    return {"pid": os.getpid(), "host": socket.gethostname(),
+    """What identifies this process across runs: pid, host, machine id ("" where there is
+    none), boot and PID namespace."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "machine": _machine_id(),
             "boot": _read("/proc/sys/kernel/random/boot_id"), "pid_namespace": _pid_namespace()}
+
+
+def _machine_id() -> str:
+    """This machine's id, from the first of ``MACHINE_ID_FILES`` that holds one (32 hex
+    digits; an empty file or systemd's ``uninitialized`` is none), else ""."""
+    for path in MACHINE_ID_FILES:
+        found = _read(path)
+        if re.fullmatch(r"[0-9a-f]{32}", found):
+            return found
+    return ""
 
 
 def _read(path: str) -> str:

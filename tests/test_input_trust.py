@@ -699,6 +699,79 @@ def test_a_sidecar_swapped_for_a_pipe_is_refused_not_waited_on(tmp_path, monkeyp
     assert output_names(tmp_path) == {"model"}
 
 
+SIDECAR_CHANGES = [
+    ("after planning", rewrite_in_place, "it was modified"),
+    ("after planning", rewrite_keeping_mtime, "status changed"),
+    ("after planning", replace_by_a_copy, "replaced by another file"),
+    ("after planning", lambda file: os.truncate(file, 10), "size went from"),
+    ("while copied", rewrite_in_place, "it was modified"),
+    ("while copied", rewrite_keeping_mtime, "status changed"),
+    ("while copied", lambda file: os.truncate(file, 10), "size went from"),
+]
+"""A sidecar replaced once open is copied whole from the file that was open: the copy is
+then the file as planned, and correct."""
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json"])
+@pytest.mark.parametrize("when,change,expected", SIDECAR_CHANGES)
+def test_a_sidecar_that_changes_during_a_conversion_is_refused(tmp_path, monkeypatch, capsys,
+                                                               name, when, change, expected):
+    """The output was planned from the checkpoint as it was opened (its config.json): a
+    sidecar that is not the same file at the copy is one message naming it, not copied
+    as it is then beside weights planned from what it was."""
+    from moekit import conversion, output
+
+    src = checkpoint(tmp_path / "model")
+    (src / "tokenizer.json").write_text('{"version": "1.0"}')
+    write_plan, read_chunk = conversion.write_plan, output._read_chunk
+
+    def changed_then_written(*args, **kwargs):
+        if when == "after planning":
+            change(src / name)
+        write_plan(*args, **kwargs)
+
+    def changed_while_read(fd, path):
+        chunk = read_chunk(fd, path)
+        if when == "while copied" and path == src / name and chunk:
+            change(path)
+        return chunk
+
+    monkeypatch.setattr(conversion, "write_plan", changed_then_written)
+    monkeypatch.setattr(output, "_read_chunk", changed_while_read)
+    code = main(["convert", str(src), str(tmp_path / "out"), "--to", "nemo"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("moekit: error:") == 1 and "Traceback" not in err
+    assert f"{src / name} changed since moekit opened the checkpoint" in err and expected in err
+    assert output_names(tmp_path) == {"model"}
+
+
+def test_a_config_rewritten_within_one_clock_tick_is_refused(tmp_path, monkeypatch, capsys):
+    """On a file system whose clock ticks coarsely (seconds), a config.json rewritten in
+    place at its size keeps its times: what was parsed is compared with what is copied."""
+    from moekit import conversion
+    from moekit.checkpoint import FileIdentity
+
+    def without_times(cls, info: os.stat_result) -> FileIdentity:
+        return cls(info.st_dev, info.st_ino, info.st_size, 0, 0)
+
+    monkeypatch.setattr(FileIdentity, "of", classmethod(without_times))
+    src = checkpoint(tmp_path / "model")
+    config = src / "config.json"
+    write_plan = conversion.write_plan
+
+    def changed_then_written(*args, **kwargs):
+        text = config.read_text()
+        with open(config, "r+") as handle:
+            handle.write(text.replace('"num_experts": 2', '"num_experts": 3'))
+        write_plan(*args, **kwargs)
+
+    monkeypatch.setattr(conversion, "write_plan", changed_then_written)
+    code = main(["convert", str(src), str(tmp_path / "out"), "--to", "nemo"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("moekit: error:") == 1 and f"{config} changed" in err
+    assert output_names(tmp_path) == {"model"}
+
+
 def test_copied_sidecar_files_get_the_mode_the_umask_allows(tmp_path):
     """As ``cp`` without ``-p``: a read-only or private sidecar is not copied as such."""
     from moekit import convert

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import resource
@@ -405,9 +406,17 @@ def make_below_a_file(tmp_path: Path) -> Path:
     return tmp_path / "file" / "sub" / "out"
 
 
+def make_below_a_dangling_link(tmp_path: Path) -> Path:
+    """``out -> elsewhere/dir``, neither of which exists: ``mkdir -p out/x/model`` would
+    make ``elsewhere/dir/x``, folders the user never named."""
+    (tmp_path / "out").symlink_to(tmp_path / "elsewhere" / "dir")
+    return tmp_path / "out" / "x" / "model"
+
+
 @pytest.mark.parametrize("make,expected", [
     (make_loop, "loop of symbolic links"), (make_loop_above, "loop of symbolic links"),
     (make_dangling, "which does not exist"), (make_below_a_file, "file is a file, not a folder"),
+    (make_below_a_dangling_link, "out is a symbolic link to "),
     (lambda tmp_path: tmp_path / ("n" * 256), "at most 255 bytes")])
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
 def test_a_destination_that_cannot_be_made_is_one_message(qwen3, tmp_path, capsys, make,
@@ -419,6 +428,16 @@ def test_a_destination_that_cannot_be_made_is_one_message(qwen3, tmp_path, capsy
     with pytest.raises(MoekitError, match=expected):
         convert(qwen3, dst, to="nemo", overwrite=bool(overwrite))
     assert names(tmp_path) == before
+
+
+def test_a_destination_below_a_symlinked_folder_is_written_there(qwen3, tmp_path, capsys):
+    """A link to a folder that exists is followed, as ``mkdir -p`` follows it: the folders
+    missing below it are made in the folder it leads to."""
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "out").symlink_to(tmp_path / "disk")
+    code, _ = run_cli(capsys, "convert", qwen3, tmp_path / "out" / "x" / "model", "--to", "nemo")
+    assert code == 0 and verify(qwen3, tmp_path / "disk" / "x" / "model").equal
+    assert names(tmp_path) == ["disk", "out", "qwen3"] and (tmp_path / "out").is_symlink()
 
 
 @pytest.mark.parametrize("name", ["x" * 255, "é" * 127, "model \u202e\x1b[2J"])
@@ -825,6 +844,80 @@ def test_a_leftover_not_provably_abandoned_is_kept_and_reported(qwen3, tmp_path,
     running.discard()
 
 
+HERE = "0123456789abcdef0123456789abcdef"
+"""The machine id the leftover tests give this machine."""
+OTHER = "fedcba9876543210fedcba9876543210"
+
+
+@pytest.fixture
+def machine_id(tmp_path, monkeypatch) -> Path:
+    """This machine's id read from a file of the test (``HERE``, until a test rewrites it),
+    never from the real /etc/machine-id; the second place moekit looks is missing."""
+    file = tmp_path / "machine-id"
+    file.write_text(HERE + "\n")
+    monkeypatch.setattr(output, "MACHINE_ID_FILES", (str(file), str(tmp_path / "no-dbus-id")))
+    return file
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (and been waited for)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def marked_leftover(tmp_path: Path, **marker: object) -> Path:
+    """A temporary folder of ``tmp_path / "out"`` holding a file and a marker naming an
+    ended process of this host, boot and PID namespace, with the entries of ``marker``
+    changed (None: left out, as a marker of an older moekit leaves out ``machine``)."""
+    folder = tmp_path / ".out.moekit-0123abcd"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"part of a checkpoint")
+    owner = {**output._owner(), "pid": dead_pid(), "machine": HERE, **marker}
+    (folder / output.MARKER).write_text(json.dumps({k: v for k, v in owner.items()
+                                                    if v is not None}))
+    return folder
+
+
+def test_a_leftover_of_another_machine_of_the_same_host_name_is_kept(qwen3, tmp_path, caplog,
+                                                                     machine_id):
+    """Two machines (pods, clones of one image) named alike that share the file system: a
+    boot id unlike this one's proves nothing about the other machine's run, which may
+    still be writing. The report names the folder, to remove by hand."""
+    left = marked_leftover(tmp_path, machine=OTHER, boot="another boot")
+    with caplog.at_level(logging.WARNING, logger="moekit"):
+        convert(qwen3, tmp_path / "out", to="nemo")
+    assert f"found {left}" in caplog.text and f"machine id {OTHER}" in caplog.text
+    assert f"remove it by hand (rm -r {left})" in caplog.text
+    assert names(left) == [output.MARKER, "model.safetensors"]
+
+
+@pytest.mark.parametrize("marker,this_machine,kept", [
+    ({"boot": "an earlier boot"}, HERE, None),
+    ({}, HERE, None),
+    ({"machine": OTHER}, HERE, "another machine"),
+    ({"boot": "an earlier boot"}, "", "this machine has no machine id"),
+    ({"boot": "an earlier boot"}, "uninitialized", "this machine has no machine id"),
+    ({"boot": "an earlier boot", "machine": None}, HERE, "names no machine id"),
+    ({"machine": None}, HERE, None),
+    ({"machine": None}, "", None),
+    ({"machine": None, "host": "elsewhere"}, HERE, "made on elsewhere"),
+], ids=["this machine, rebooted since", "this boot, process ended", "another machine",
+        "no machine id here", "machine id not made yet", "older marker, another boot",
+        "older marker, this boot", "no machine ids, this boot", "another host name"])
+def test_a_leftover_is_removed_only_when_its_writer_is_provably_gone(tmp_path, machine_id,
+                                                                     marker, this_machine, kept):
+    """Its writer is gone when its marker names this machine (by machine id; by this boot
+    where a machine id is missing) and an earlier boot, or an ended process of this boot."""
+    left = marked_leftover(tmp_path, **marker)
+    machine_id.write_text(this_machine)
+    reason = output.remove_if_abandoned(left)
+    if kept is None:
+        assert reason is None and not left.exists()
+    else:
+        assert kept in reason and names(left) == [output.MARKER, "model.safetensors"]
+
+
 # -- file systems ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", ["nemo", "hf"])
@@ -1067,6 +1160,41 @@ def test_save_experts_has_the_same_guarantees(qwen3, tmp_path, tmpfs, monkeypatc
     assert verify(qwen3, other / "saved").equal
     assert names(other) == ["appearing", "saved"] and names(other / "appearing") == []
     assert names(notes) == ["notes.txt"] and tree_digest(qwen3) == before
+
+
+@pytest.mark.parametrize("save", ["experts", "sharded"])
+@pytest.mark.parametrize("format", ["safetensors", "dcp"])
+def test_an_expert_parallel_save_refuses_a_config_changed_since_it_was_planned(
+        qwen3, tmp_path, monkeypatch, save, format):
+    """The save is planned from ``config_from``'s config.json (the family, the experts): one
+    rewritten before it is copied beside the weights is refused, naming it, and nothing is
+    put in place (on a group of one rank)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from moekit import load_experts, load_sharded, save_experts, save_sharded
+
+    config, make_folder = qwen3 / "config.json", output.OutputFolder.__init__
+
+    def rewritten_once_writing_begins(self, *args, **kwargs):
+        make_folder(self, *args, **kwargs)
+        config.write_text(config.read_text() + "\n")
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        if save == "experts":
+            mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("ep",))
+            state, run = load_experts(qwen3, mesh), save_experts
+        else:
+            mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "ep"))
+            state, run = load_sharded(qwen3, mesh), save_sharded
+        monkeypatch.setattr(output.OutputFolder, "__init__", rewritten_once_writing_begins)
+        with pytest.raises(MoekitError, match=f"{config} changed since .*size went from"):
+            run(state, tmp_path / "out", mesh, config_from=qwen3, format=format)
+    finally:
+        dist.destroy_process_group()
+    assert names(tmp_path) == ["qwen3", "store"]
 
 
 @pytest.mark.parametrize("save", ["experts", "sharded"])

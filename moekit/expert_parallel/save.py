@@ -25,13 +25,15 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint, read_config
+from ..checkpoint import (CONFIG_NAME, FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint,
+                          Sidecar, read_config_file)
 from ..errors import MoekitError
 from ..executors.streaming import write_index, write_shard
 from ..output import (OutputFolder, Stopped, deferred_signals, interruptible, output_error,
@@ -46,6 +48,31 @@ from .sharded import failed_ranks
 FORMATS = ("safetensors", "dcp")
 """What ``save_experts`` writes: an HF per-expert safetensors checkpoint, or the ranks'
 state dict as one DCP folder."""
+
+
+@dataclass(frozen=True)
+class SidecarSource:
+    """The checkpoint ``config_from`` names, whose sidecar files (config.json, tokenizer,
+    ...) a save copies beside its weights, and its config.json as it was read when the
+    save was planned from it (``config_file``): one that changed since is refused at the
+    copy, as ``convert`` refuses it."""
+
+    named: str | Path
+    config_file: Sidecar | None
+
+    @classmethod
+    def read(cls, config_from: str | Path) -> tuple[dict | None, "SidecarSource"]:
+        """The config of the checkpoint ``config_from`` (None where it has none), and its
+        sidecar files to copy."""
+        config, config_file = read_config_file(Path(config_from)) or (None, None)
+        return config, cls(config_from, config_file)
+
+    def sidecars(self) -> list[Sidecar]:
+        """The sidecar files as they are now, but config.json as it was read."""
+        found = Checkpoint.open(self.named).extra_files()
+        if self.config_file is None:
+            return found
+        return [s for s in found if s.name != CONFIG_NAME] + [self.config_file]
 
 
 def save_experts(state_dict: Mapping[str, torch.Tensor], path: str | Path,
@@ -67,14 +94,14 @@ def save_experts(state_dict: Mapping[str, torch.Tensor], path: str | Path,
                           f"{', '.join(FORMATS)}")
     size, rank = ep_coordinates(device_mesh)
     try:
-        config = read_config(Path(config_from)) if config_from else None
+        config, sidecars = SidecarSource.read(config_from) if config_from else (None, None)
         local, n_experts, plan = local_hf_plan(state_dict, device_mesh, layout, family, config)
     except Exception as err:  # any error: the other ranks must not wait for this one
         _agree_on_planning(err)
         raise
     _agree_on_planning(None)
     if format == "dcp":
-        _dcp_write(state_dict, Path(path), overwrite, config_from)
+        _dcp_write(state_dict, Path(path), overwrite, sidecars)
         return
     writes = [t for t in plan.tensors if rank == 0 or t.name in plan.expert_tensors]
     writer = all(device_mesh.get_local_rank(d) == 0 for d in range(device_mesh.ndim)
@@ -82,19 +109,19 @@ def save_experts(state_dict: Mapping[str, torch.Tensor], path: str | Path,
     files = sum(1 for r in range(size) if r == 0 or expert_range(n_experts, size, r))
     metadata = {"format": "pt", LAYOUT_METADATA_KEY: "hf", FAMILY_METADATA_KEY: plan.family}
     _coordinated_write(Path(path), overwrite, writer and bool(writes), rank, files,
-                       writes, DictSource(local), metadata, config_from)
+                       writes, DictSource(local), metadata, sidecars)
 
 
 def _dcp_write(state_dict: Mapping[str, torch.Tensor], path: Path, overwrite: bool,
-               config_from: str | Path | None, caller: str = "save_experts") -> None:
+               sidecars: SidecarSource | None, caller: str = "save_experts") -> None:
     """Every rank saves its state dict with DCP into the folder rank 0 made; rank 0 then
     copies the sidecar files, puts the folder in place and tells every rank how it went
     (``caller`` names the function saving, in errors)."""
     from ..dcp import save_distributed  # imports torch.distributed.checkpoint
 
-    with coordinated(path, overwrite, config_from, caller) as session:
+    with coordinated(path, overwrite, sidecars, caller) as session:
         failures = save_distributed(dict(state_dict), session.folder, path, session.caught)
-        session.agree(failures, lambda: _copy_sidecars(session.output, config_from))
+        session.agree(failures, lambda: _copy_sidecars(session.output, sidecars))
 
 
 def _agree_on_planning(error: Exception | None) -> None:
@@ -127,11 +154,11 @@ def _first_line(err: BaseException) -> str:
 
 def _coordinated_write(path: Path, overwrite: bool, writes_file: bool, rank: int, files: int,
                        tensors: list[TensorPlan], source: DictSource,
-                       metadata: dict[str, str], config_from: str | Path | None) -> None:
+                       metadata: dict[str, str], sidecars: SidecarSource | None) -> None:
     """Rank 0 makes the temporary folder; writers fill it; rank 0 puts it in place (with
     the guarantees of ``moekit.output``) and tells every rank how it went."""
     name = f"model-{rank + 1:05d}-of-{files:05d}.safetensors"
-    with coordinated(path, overwrite, config_from, "save_experts") as session:
+    with coordinated(path, overwrite, sidecars, "save_experts") as session:
         error = None
         if writes_file:
             error = session.attempt(
@@ -140,11 +167,11 @@ def _coordinated_write(path: Path, overwrite: bool, writes_file: bool, rank: int
         mapping = {t.name: name for t in tensors} if writes_file else {}
         dist.all_gather_object(outcomes, (error, mapping, tensors if writes_file else []))
         session.agree({r: e for r, (e, _, _) in enumerate(outcomes) if e},
-                      lambda: _complete(session.output, outcomes, config_from))
+                      lambda: _complete(session.output, outcomes, sidecars))
 
 
 @contextmanager
-def coordinated(path: Path, overwrite: bool, config_from: str | Path | None,
+def coordinated(path: Path, overwrite: bool, sidecars: SidecarSource | None,
                 caller: str) -> Iterator["Session"]:
     """A save of every rank into one output: rank 0 checks the destination and makes the
     temporary folder (``_agree_on_folder``), the block writes and ends with
@@ -163,7 +190,7 @@ def coordinated(path: Path, overwrite: bool, config_from: str | Path | None,
     try:
         with deferred_signals() as caught:
             try:
-                output, folder, processes = _agree_on_folder(path, overwrite, config_from)
+                output, folder, processes = _agree_on_folder(path, overwrite, sidecars)
                 session = Session(path, output, folder, processes, caught, caller)
                 yield session
             except BaseException as err:
@@ -219,16 +246,16 @@ class Session:
         self.in_place = verdict[0] is None
 
 
-def _agree_on_folder(path: Path, overwrite: bool, config_from: str | Path | None
+def _agree_on_folder(path: Path, overwrite: bool, sidecars: SidecarSource | None
                      ) -> tuple[OutputFolder | None, Path, list[tuple[str, int]]]:
-    """Rank 0 checks the destination (against ``config_from``, whose files it copies) and
+    """Rank 0 checks the destination (against the checkpoint whose files it copies) and
     makes the temporary folder; all ranks learn it, and each rank's host and pid. Rank
     0 also gets the OutputFolder."""
     message = None
     output = None
     if dist.get_rank() == 0:
         try:
-            output = OutputFolder(path, [Path(config_from)] if config_from else [], overwrite)
+            output = OutputFolder(path, [Path(sidecars.named)] if sidecars else [], overwrite)
             message = str(output.folder)
         except MoekitError as err:
             message = err
@@ -313,7 +340,7 @@ def by_rank(failures: Mapping[int, str]) -> str:
                      for message, r in ranks.items())
 
 
-def _complete(output: OutputFolder, outcomes: list, config_from: str | Path | None) -> None:
+def _complete(output: OutputFolder, outcomes: list, sidecars: SidecarSource | None) -> None:
     """Write the index of every rank's tensors and copy the sidecar files."""
     weight_map: dict[str, str] = {}
     tensors: dict[str, TensorPlan] = {}
@@ -321,13 +348,14 @@ def _complete(output: OutputFolder, outcomes: list, config_from: str | Path | No
         weight_map.update(mapping)
         tensors.update({t.name: t for t in planned})
     write_index(output.folder, list(tensors.values()), weight_map)
-    _copy_sidecars(output, config_from)
+    _copy_sidecars(output, sidecars)
 
 
-def _copy_sidecars(output: OutputFolder, config_from: str | Path | None) -> None:
-    """Copy the non-weight files of ``config_from`` (config.json, tokenizer, ...)."""
-    if config_from:
-        output.copy_in(Checkpoint.open(config_from).extra_files())
+def _copy_sidecars(output: OutputFolder, sidecars: SidecarSource | None) -> None:
+    """Copy the non-weight files (config.json, tokenizer, ...) of the checkpoint
+    ``sidecars`` names (``SidecarSource.sidecars``)."""
+    if sidecars is not None:
+        output.copy_in(sidecars.sidecars())
 
 
 def _describe(err: BaseException, path: Path, left: bool = False) -> str:

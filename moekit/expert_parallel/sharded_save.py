@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from ..checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, read_config
+from ..checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY
 from ..conversion import state_dict_meta
 from ..errors import MoekitError
 from ..executors.evaluate import materialize
@@ -49,7 +49,7 @@ from ..planner import build_plan, understand, validate
 from ..safetensors_writer import header_bytes
 from ..sizes import parse_size
 from .ranges import chunk, grouped_layout
-from .save import _copy_sidecars, _dcp_write, answered, coordinated
+from .save import SidecarSource, _copy_sidecars, _dcp_write, answered, coordinated
 from .sharded import ShardedMesh, agree, agree_on_holdings
 
 FORMATS = ("safetensors", "dcp")
@@ -85,7 +85,7 @@ def save_sharded(state_dict: Mapping[str, torch.Tensor], path: str | Path,
     with answered("save_sharded"):
         _agree_on_state(state_dict)
     try:
-        config = read_config(Path(config_from)) if config_from else None
+        config, sidecars = SidecarSource.read(config_from) if config_from else (None, None)
         job = _plan(state_dict, mesh, layout, family, config, parse_size(max_shard_size))
     except Exception as err:  # told to every rank: the others would wait in the next collective
         with answered("save_sharded"):
@@ -94,11 +94,11 @@ def save_sharded(state_dict: Mapping[str, torch.Tensor], path: str | Path,
     with answered("save_sharded"):
         agree(None, "save_sharded")
     if format == "dcp":
-        _dcp_write(state_dict, Path(path), overwrite, config_from, "save_sharded")
+        _dcp_write(state_dict, Path(path), overwrite, sidecars, "save_sharded")
         return
     with answered("save_sharded"):
         _check_coverage(job)
-    _write(job, Path(path), overwrite, config_from)
+    _write(job, Path(path), overwrite, sidecars)
 
 
 def _agree_on_state(state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -298,10 +298,10 @@ class _RankSource:
         return tensor[(first, *rest)]
 
 
-def _write(job: _Job, path: Path, overwrite: bool, config_from: str | Path | None) -> None:
+def _write(job: _Job, path: Path, overwrite: bool, sidecars: SidecarSource | None) -> None:
     """Rank 0 makes the folder and sizes the files; every rank writes its bytes; rank 0
     completes the folder and puts it in place, and tells every rank how it went."""
-    with coordinated(path, overwrite, config_from, "save_sharded") as session:
+    with coordinated(path, overwrite, sidecars, "save_sharded") as session:
         created: list = [None]
         if session.output is not None:
             created[0] = session.attempt(lambda: _create(session.folder, job.files))
@@ -313,7 +313,7 @@ def _write(job: _Job, path: Path, overwrite: bool, config_from: str | Path | Non
         outcomes: list = [None] * dist.get_world_size()
         dist.all_gather_object(outcomes, error)
         session.agree({r: e for r, e in enumerate(outcomes) if e},
-                      lambda: _complete(session.output, job, config_from))
+                      lambda: _complete(session.output, job, sidecars))
 
 
 def _create(folder: Path, files: dict[str, tuple[bytes, list[TensorPlan]]]) -> None:
@@ -349,8 +349,8 @@ def _pwrite_all(fd: int, tensor: torch.Tensor, offset: int) -> None:
         view, offset = view[done:], offset + done
 
 
-def _complete(output: OutputFolder, job: _Job, config_from: str | Path | None) -> None:
+def _complete(output: OutputFolder, job: _Job, sidecars: SidecarSource | None) -> None:
     """Write the index of every file's tensors and copy the sidecar files."""
     weight_map = {t.name: name for name, (_, tensors) in job.files.items() for t in tensors}
     write_index(output.folder, job.plan.tensors, weight_map)
-    _copy_sidecars(output, config_from)
+    _copy_sidecars(output, sidecars)
