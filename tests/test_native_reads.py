@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 
 import pytest
 import torch
@@ -71,8 +72,7 @@ def test_kvikio_is_loaded_in_the_background_once_a_load_is_done(monkeypatch):
     monkeypatch.delenv(native.SWITCH, raising=False)
     monkeypatch.setattr(native, "NATIVE", native._Native())
     loading, loaded = threading.Event(), threading.Event()
-    monkeypatch.setattr(native, "_imported", lambda: loading.set() or loaded.wait(30) and sys)
-    monkeypatch.setattr(native, "_configure", lambda module: None)
+    monkeypatch.setattr(native, "_loaded", lambda: loading.set() or loaded.wait(30) and sys)
     assert not native.native_reads("cuda") and native.NATIVE.thread is None
     native.load_for_later("cpu")
     monkeypatch.setenv(native.SWITCH, "0")
@@ -111,7 +111,7 @@ def refused_import(monkeypatch):
 
 def test_kvikio_not_installed_reads_with_moekits_readers_quietly(refused_import, recwarn):
     refused_import(ModuleNotFoundError("No module named 'kvikio'", name="kvikio"))
-    assert native._imported() is None
+    assert native._loaded() is None
     assert not recwarn.list
 
 
@@ -120,9 +120,16 @@ def test_kvikio_not_installed_reads_with_moekits_readers_quietly(refused_import,
                                    RuntimeError("libkvikio.so: undefined symbol")])
 def test_kvikio_that_cannot_load_is_a_warning_and_moekits_readers_read(error, refused_import):
     refused_import(error)
-    with pytest.warns(UserWarning, match=r"kvikio cannot be loaded .*: loading with moekit's "
+    with pytest.warns(UserWarning, match=r"kvikio cannot be used .*: loading with moekit's "
                                          r"readers"):
-        assert native._imported() is None
+        assert native._loaded() is None
+
+
+def test_a_warning_made_an_error_does_not_escape_the_loading_thread(refused_import):
+    refused_import(OSError("libcufile.so.0: cannot open shared object file"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native._loaded() is None
 
 
 def test_a_forked_child_reads_with_moekits_readers(monkeypatch):
@@ -137,6 +144,32 @@ def test_a_forked_child_reads_with_moekits_readers(monkeypatch):
     assert os.waitpid(child, 0)[1] == 0
     assert native.NATIVE.get() is sys
 
+
+def test_a_child_of_a_process_that_never_loaded_kvikio_may_load_it(monkeypatch):
+    monkeypatch.setattr(native, "NATIVE", native._Native())
+    monkeypatch.setattr(native, "_loaded", lambda: sys)
+    child = os.fork()
+    if child == 0:
+        native.NATIVE.after_fork()  # (the hook registered at import runs for the real one)
+        os._exit(0 if native.NATIVE.get() is sys else 1)
+    assert os.waitpid(child, 0)[1] == 0
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("KvikIO failure at: /a/posix_io.hpp:173: POSIX error on pread: EOF", "truncated"),
+    ("KvikIO failure at: /a/posix_io.hpp:90: pread(O_DIRECT): unexpected EOF within the "
+     "requested range", "truncated"),
+    ("KvikIO failure at: /a/posix_io.hpp:173: POSIX error on pread: EIO", "cannot read f: EIO"),
+    ("KvikIO failure at: /a/posix_io.hpp:12: POSIX error: Bad file descriptor",
+     "cannot read f: Bad file descriptor"),
+    ("CUDA error at: /a/b.cpp:7: CUDA_ERROR_ILLEGAL_ADDRESS", "cannot read f: CUDA_ERROR_")])
+def test_a_failed_native_read_is_one_message_naming_the_file(message, expected):
+    pending = native.NativeRead("f", 0, 10)
+    pending.error = RuntimeError(message)
+    with pytest.raises(MoekitError) as raised:
+        pending.result()
+    assert expected in str(raised.value) and "KvikIO" not in str(raised.value)
+    assert "posix_io" not in str(raised.value)
 
 def _plan(path):
     checkpoint, analysis = analyse_checkpoint(path)
@@ -213,19 +246,42 @@ def test_cuda_native_handles_read_the_file_moekit_opened(family_checkpoints, tmp
 
 
 @kvikio_reads
-@pytest.mark.parametrize("variables, threads, bounce", [
-    ({}, native.NATIVE_READERS, native.TASK_BYTES),
-    ({"KVIKIO_NTHREADS": "3"}, 3, native.TASK_BYTES),
-    ({"KVIKIO_BOUNCE_BUFFER_SIZE": str(2**20)}, native.NATIVE_READERS, 2**20)])
-def test_kvikio_settings_are_moekits_unless_its_variables_say(variables, threads, bounce,
-                                                              family_checkpoints):
-    script = ("import moekit, kvikio.defaults as d, sys; "
-              "from moekit.executors.native import NATIVE; "
+@pytest.mark.parametrize("variables, imported, threads, bounce", [
+    ({}, False, native.NATIVE_READERS, native.TASK_BYTES),
+    ({"KVIKIO_NTHREADS": "3"}, False, 3, native.TASK_BYTES),
+    ({"KVIKIO_NUM_THREADS": "3"}, False, 3, native.TASK_BYTES),
+    ({"KVIKIO_BOUNCE_BUFFER_SIZE": str(2**20)}, False, native.NATIVE_READERS, 2**20),
+    ({}, True, 1, 16 * 2**20),  # the program's own kvikio keeps its settings: one thread,
+    ({"KVIKIO_NTHREADS": "3"}, True, 3, 16 * 2**20)])  # which moekit does not read with
+def test_kvikio_settings_are_moekits_unless_its_variables_or_the_program_say(
+        variables, imported, threads, bounce, family_checkpoints):
+    script = (f"{'import kvikio; ' if imported else ''}"
+              "import moekit, sys, kvikio.defaults as d; "
+              "from moekit.executors.native import NATIVE, native_reads; "
               "assert NATIVE.thread is None; moekit.load(sys.argv[1], device='cuda'); "
               "assert NATIVE.thread is not None; NATIVE.get(); "
-              "print(d.get('num_threads'), d.get('bounce_buffer_size'))")
+              "print(d.get('num_threads'), d.get('bounce_buffer_size'), native_reads('cuda'))")
+    assert _run(script, family_checkpoints, variables).stdout.split() == [
+        str(threads), str(bounce), str(threads > 1)]
+
+
+@kvikio_reads
+def test_kvikio_refusing_its_variables_is_a_warning_and_moekits_readers_read(
+        family_checkpoints):
+    script = ("import moekit, sys; from moekit.executors.native import NATIVE; "
+              "first = moekit.load(sys.argv[1], device='cuda'); "
+              "assert NATIVE.get() is None; again = moekit.load(sys.argv[1], device='cuda'); "
+              "assert all(first[k].equal(again[k]) for k in first); print('read')")
+    result = _run(script, family_checkpoints, {"KVIKIO_TASK_SIZE": "0"})
+    assert result.stdout.split() == ["read"]
+    assert "kvikio cannot be used" in result.stderr and "Traceback" not in result.stderr
+
+
+def _run(script: str, family_checkpoints, variables: dict[str, str]
+         ) -> subprocess.CompletedProcess:
+    """``script`` run by a fresh Python with a checkpoint's path as its argument, with
+    ``variables`` as the only ``KVIKIO_`` ones set."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVIKIO_")}
-    result = subprocess.run([sys.executable, "-c", script, str(family_checkpoints["qwen3_moe"])],
-                            env={**env, **variables}, capture_output=True, text=True,
-                            check=True)
-    assert result.stdout.split() == [str(threads), str(bounce)]
+    return subprocess.run([sys.executable, "-c", script, str(family_checkpoints["qwen3_moe"])],
+                          env={**env, **variables}, capture_output=True, text=True,
+                          check=True)

@@ -511,6 +511,11 @@ class _Reader:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        with deferred_signals():  # no copy may outlive its staging buffer, even interrupted
+            self._settle()
+
+    def _settle(self) -> None:
+        """Wait until no read or copy of this load runs, and give back what it took."""
         with self.busy:  # whatever queued the copies, even a submit cut short by an interrupt
             self.aborted = True  # from here on, a copy queued for this load does nothing
             self.busy.wait_for(lambda: not self.running)
@@ -520,7 +525,7 @@ class _Reader:
         if self.pool is not None:
             READER_POOLS.give_back(self.readers, self.pool)
         if self.cuda:
-            torch.cuda.synchronize(self.device)  # no copy may outlive its staging buffer
+            torch.cuda.synchronize(self.device)
             PAGE_LOCKED.give_back(self.handed)
         self.files.close()
 

@@ -16,19 +16,23 @@ gives it. The files are opened through the descriptors moekit holds and has chec
 kvikio is loaded, and its threads started, by a background thread that starts once a
 process's first GPU load is done; that load, and any other that starts before kvikio is
 ready, reads with moekit's readers, which a first load reads faster with: on an H200 host,
-43-51 % of the pinned copy limit against 40-45 % for kvikio's first load, which loads its
-libraries and pins its buffers, and 23-25 % where kvikio was loaded beside it. kvikio's
-thread count (``KVIKIO_NTHREADS``) and bounce buffer size
-(``KVIKIO_BOUNCE_BUFFER_SIZE``) are process-wide: moekit sets them once kvikio is loaded,
-each unless its variable is set. ``MOEKIT_KVIKIO=0`` turns the native reads off; a process
-forked from one that loaded kvikio reads with moekit's readers, since kvikio's threads are
-not copied into it.
+43-51 % of the pinned copy limit for 3 MiB experts against 40-45 % for kvikio's first load,
+which loads its libraries and pins its buffers, and for 0.5 MiB experts 29-32 % against
+23-25 % where kvikio was loaded beside it.
+
+kvikio's thread count (``KVIKIO_NTHREADS``) and bounce buffer size
+(``KVIKIO_BOUNCE_BUFFER_SIZE``) are process-wide: moekit sets them once it has loaded
+kvikio, each unless its variable is set, and leaves them as they are where the program
+imported kvikio itself (reading through it there only if it has more than one thread).
+``MOEKIT_KVIKIO=0`` turns the native reads off; a process forked from one that started
+loading kvikio reads with moekit's readers, since kvikio's threads are not copied into it.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
-import re
+import sys
 import threading
 import warnings
 from types import ModuleType
@@ -94,51 +98,76 @@ class _Native:
 
     def _load(self) -> None:
         try:
-            module = _imported()
-            if module is not None:
-                _configure(module)
-                self.module = module
+            self.module = _loaded()
         finally:
             self.loaded.set()
 
+    def settle(self, seconds: float = 60) -> None:
+        """Wait (up to ``seconds``) for a loading that has started: at the interpreter's
+        exit, so that kvikio's libraries are not torn down while its threads start."""
+        thread = self.thread
+        if thread is not None and not self.forked:
+            thread.join(seconds)
+
     def after_fork(self) -> None:
-        self.forked = True
+        if self.thread is not None:  # a child of one that never loaded kvikio may load it
+            self.forked = True
         self.lock = threading.Lock()
 
 
-def _imported() -> ModuleType | None:
-    """kvikio, or None where it is not installed; a warning where it is but cannot load
-    (its libraries missing) or be set up: the loads then read with moekit's readers."""
+def _loaded() -> ModuleType | None:
+    """kvikio, imported and set up (``_configure``), or as the program set it up where it
+    imported kvikio itself; None where it is not installed or the program's kvikio reads
+    with one thread (kvikio's default), and, with a warning, where it cannot load (its
+    libraries missing) or refuses its settings (a ``KVIKIO_`` variable it cannot read):
+    the loads then read with moekit's readers."""
+    ours = "kvikio" not in sys.modules
     try:
         import kvikio
         import kvikio.defaults  # noqa: F401 (the settings ``_configure`` makes)
-    except ModuleNotFoundError as err:
-        if err.name is not None and err.name.split(".")[0] == "kvikio":
+
+        if ours:
+            _configure(kvikio)
+        elif kvikio.defaults.get("num_threads") < 2:
             return None
-        warnings.warn(f"kvikio cannot be loaded ({err}): loading with moekit's readers",
-                      stacklevel=2)
+    except ModuleNotFoundError as err:
+        if err.name is None or err.name.split(".")[0] != "kvikio":
+            _warn(err)
         return None
     except Exception as err:  # a library it loads is missing or broken: any error type
-        warnings.warn(f"kvikio cannot be loaded ({type(err).__name__}: {err}): loading with "
-                      "moekit's readers", stacklevel=2)
+        _warn(err)
         return None
     return kvikio
+
+
+def _warn(err: Exception) -> None:
+    """Warn that kvikio cannot be used, and why."""
+    try:
+        warnings.warn(f"kvikio cannot be used ({type(err).__name__}: {err}): loading with "
+                      "moekit's readers", stacklevel=3)
+    except Exception:  # warnings made errors (-W error): no caller in this thread to tell
+        pass
+
+
+_THREAD_VARIABLES = ("KVIKIO_NTHREADS", "KVIKIO_NUM_THREADS")
+"""The environment variables that set kvikio's thread count (the second is its alias)."""
 
 
 def _configure(kvikio: ModuleType) -> None:
     """Give kvikio NATIVE_READERS threads and TASK_BYTES bounce buffers, each unless its
     environment variable says otherwise (or it is so already: setting the thread count
     restarts kvikio's threads)."""
-    wanted = {"num_threads": ("KVIKIO_NTHREADS", NATIVE_READERS),
-              "bounce_buffer_size": ("KVIKIO_BOUNCE_BUFFER_SIZE", TASK_BYTES)}
-    for name, (variable, value) in wanted.items():
-        if variable not in os.environ and kvikio.defaults.get(name) != value:
+    wanted = {"num_threads": (_THREAD_VARIABLES, NATIVE_READERS),
+              "bounce_buffer_size": (("KVIKIO_BOUNCE_BUFFER_SIZE",), TASK_BYTES)}
+    for name, (variables, value) in wanted.items():
+        if not any(v in os.environ for v in variables) and kvikio.defaults.get(name) != value:
             kvikio.defaults.set(name, value)
 
 
 NATIVE = _Native()
 """The process's kvikio."""
 os.register_at_fork(after_in_child=NATIVE.after_fork)
+atexit.register(NATIVE.settle)
 
 
 def native_reads(device: torch.device | str | None) -> bool:
@@ -182,9 +211,12 @@ class NativeFiles:
         self.kvikio = NATIVE.get()
         self.pending: list[NativeRead] = []
         self.handles: dict[str, object] = {}
+        # moekit's own descriptors first: where too few are left for kvikio's (two a file),
+        # its open fails, and moekit's readers read with these
+        descriptors = {name: files.descriptor(name) for name in sorted(names)}
         try:
-            for name in sorted(names):
-                self.handles[name] = self._opened(files.descriptor(name))
+            for name, fd in descriptors.items():
+                self.handles[name] = self._opened(fd)
         except BaseException:
             self.close()
             raise
@@ -208,7 +240,7 @@ class NativeFiles:
         self.pending.append(pending)
         try:
             pending.future = self.handles[name].pread(target, size, start)
-        except Exception as err:  # a read of one task runs at once, and fails here
+        except Exception as err:  # a read below kvikio's threshold runs here, and fails here
             pending.error = err
         return pending
 
@@ -248,15 +280,16 @@ class NativeRead:
     def result(self) -> None:
         """None once the bytes are on the device; MoekitError naming the file otherwise."""
         self.wait()
-        failed = _POSIX_ERROR.search(str(self.error)) if self.error is not None else None
-        if self.done != self.size and (self.error is None or failed and failed[1] == "EOF"):
+        reason = None if self.error is None else _reason(self.error)
+        if self.done != self.size and (reason is None or "EOF" in reason.split()):
             raise MoekitError(f"{printable(self.name)} ends before byte "
                               f"{self.start + self.size}: the file is truncated")
-        if self.error is not None:
-            reason = failed[1] if failed else self.error
+        if reason is not None:
             raise MoekitError(f"cannot read {printable(self.name)}: {reason}") from None
 
 
-_POSIX_ERROR = re.compile(r"POSIX error on \w+: (.*)$")
-"""What kvikio's message for a failed read says of its cause (errno's name, or EOF where
-the file ended first), after where in its sources it failed."""
+def _reason(error: Exception) -> str:
+    """The cause kvikio's message for a failed read gives, without where in its sources
+    it failed (``KvikIO failure at: FILE:LINE: POSIX error on pread: EOF`` says EOF)."""
+    text = str(error).strip().split("\n")[0]
+    return text.rsplit(": ", 1)[-1] or type(error).__name__
