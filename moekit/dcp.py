@@ -48,6 +48,7 @@ from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadat
 from torch.distributed.checkpoint.planner import (SavePlan, SavePlanner, TensorWriteData,
                                                   WriteItem, WriteItemType)
 from torch.distributed.checkpoint.storage import WriteResult
+from torch.distributed.tensor import DTensor
 
 from . import pickle_bounds
 from .checkpoint import DCP_METADATA_NAME, TensorInfo, member_file
@@ -152,12 +153,37 @@ def save_distributed(state_dict: dict[str, torch.Tensor], folder: Path, dst: Pat
     rank's writes (``moekit.output.interruptible`` over ``caught``), a failure like any
     other. Files are left for the caller to sync."""
     try:
-        dcp.save(state_dict, storage_writer=_RankWriter(folder, caught))
+        dcp.save({key: _as_stored(value) for key, value in state_dict.items()},
+                 storage_writer=_RankWriter(folder, caught))
     except CheckpointException as err:
         if not err.failures:
             return {torch.distributed.get_rank(): f"torch.distributed.checkpoint failed: {err}"}
         return {rank: _message(failure, dst) for rank, (failure, _) in err.failures.items()}
     return {}
+
+
+def _as_stored(value: object) -> object:
+    """``value`` as ``dcp.save`` must be handed it for its chunk to be read as saved: a
+    tensor (or a DTensor's local shard) whose negation or conjugation torch keeps lazy
+    (``x._neg_view()``, ``z.conj().imag``) or whose elements are not in row-major order (a
+    transposed or expanded view) as a row-major copy of its values, since ``torch.save``
+    stores the storage, strides and flags as they are (DCP copies only a tensor smaller
+    than its storage); anything else as it is."""
+    if isinstance(value, DTensor):
+        local = value.to_local()
+        stored = _row_major(local)
+        if stored is local:
+            return value
+        return DTensor.from_local(stored, value.device_mesh, value.placements, run_check=False,
+                                  shape=value.shape, stride=value.stride())
+    return _row_major(value) if isinstance(value, torch.Tensor) else value
+
+
+def _row_major(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a row-major copy of its values when its bytes are not them."""
+    if tensor.is_neg() or tensor.is_conj() or not tensor.is_contiguous():
+        return tensor.detach().resolve_conj().resolve_neg().contiguous()
+    return tensor
 
 
 def _message(err: BaseException, dst: Path) -> str:
