@@ -68,9 +68,16 @@ SIDECARS: dict[str, str] = {
 weights and travel with them to a converted checkpoint; what each is. Other files in the
 folder (notes, other models, archives) are not the checkpoint's and are never copied."""
 
-MAX_JSON_BYTES = 256 * 2**20
-"""Largest index or config.json read (the index of a 1,000,000-tensor checkpoint is
-about 100 MB)."""
+MAX_INDEX_BYTES = 128 * 2**20
+"""Largest safetensors index read: DeepSeek-V3's (91,000 tensors) is 8.4 MB, a
+1,000,000-tensor checkpoint's about 100 MB."""
+MAX_CONFIG_BYTES = 16 * 2**20
+"""Largest config.json (or other JSON file of settings) read: real ones are kilobytes,
+and parsing JSON builds up to 24 times its size in objects."""
+MAX_JSON_CONTAINERS = 2**20
+"""Most ``{`` and ``[`` characters read in one JSON file, a bound on the objects and arrays
+it holds (an index holds three, a config.json tens), each of which parses to 56 bytes or
+more from two."""
 
 
 class TensorInfo(NamedTuple):
@@ -476,7 +483,7 @@ def _roots(folder: Path) -> list[Path]:
 
 
 def _read_index(index: Path) -> dict[str, str]:
-    data = _read_json(index)
+    data = _read_json(index, MAX_INDEX_BYTES)
     if "weight_map" not in data:
         raise MoekitError(f"{_shown(index)} is not a safetensors index: it has no 'weight_map'")
     weight_map = data["weight_map"]
@@ -698,7 +705,7 @@ def read_config_file(folder: Path, name: str = CONFIG_NAME) -> tuple[dict, Sidec
     if not os.path.lexists(folder / name):
         return None
     config = member_file(folder, name)
-    info, raw = _read_json_bytes(config)
+    info, raw = _read_json_bytes(config, MAX_CONFIG_BYTES)
     data = _parse_json(config, raw)
     model_type = data.get("model_type")
     if model_type is not None and not isinstance(model_type, str):
@@ -707,22 +714,30 @@ def read_config_file(folder: Path, name: str = CONFIG_NAME) -> tuple[dict, Sidec
     return data, Sidecar(config, FileIdentity.of(info), hashlib.sha256(raw).hexdigest())
 
 
-def _read_json(file: Path) -> dict:
-    """The JSON object in ``file``; a MoekitError naming the file for anything else."""
-    return _parse_json(file, _read_json_bytes(file)[1])
+def _read_json(file: Path, limit: int) -> dict:
+    """The JSON object in ``file``, of at most ``limit`` bytes (``_read_json_bytes``); a
+    MoekitError naming the file for anything else."""
+    return _parse_json(file, _read_json_bytes(file, limit)[1])
 
 
-def _read_json_bytes(file: Path) -> tuple[os.stat_result, bytes]:
-    """What the JSON file ``file`` was just before it was read (a change while it is read
-    then differs from it), and its bytes."""
+def _read_json_bytes(file: Path, limit: int) -> tuple[os.stat_result, bytes]:
+    """What the JSON file ``file`` was when it was opened (a change while it is read then
+    differs from it), and its bytes: at most ``limit`` of them and ``MAX_JSON_CONTAINERS``
+    objects and arrays, so that parsing them takes bounded memory."""
     try:
-        info = file.stat()
-        if info.st_size > MAX_JSON_BYTES:
-            raise MoekitError(f"{_shown(file)} is {info.st_size:,} bytes; moekit reads JSON "
-                              f"files of at most {MAX_JSON_BYTES:,} bytes")
-        raw = file.read_bytes()
+        with open(file, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if info.st_size > limit:
+                raise MoekitError(f"{_shown(file)} is {info.st_size:,} bytes; moekit reads a "
+                                  f"{printable(file.name)} of at most {limit:,} bytes")
+            raw = handle.read(info.st_size + 1)
     except OSError as err:
         raise MoekitError(f"cannot read {_shown(file)}: {err.strerror or err}") from err
+    brackets = raw.count(b"{") + raw.count(b"[")
+    if brackets > MAX_JSON_CONTAINERS:
+        raise MoekitError(f"{_shown(file)} holds {brackets:,} '{{' and '[' characters, more "
+                          f"than the {MAX_JSON_CONTAINERS:,} objects and arrays moekit reads "
+                          "in one JSON file")
     return info, raw
 
 

@@ -23,6 +23,7 @@ saved in row chunks.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -47,12 +48,15 @@ from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadat
 from torch.distributed.checkpoint.planner import (SavePlan, SavePlanner, TensorWriteData,
                                                   WriteItem, WriteItemType)
 from torch.distributed.checkpoint.storage import WriteResult
+from torch.distributed.tensor import DTensor
 
+from . import pickle_bounds
 from .checkpoint import DCP_METADATA_NAME, TensorInfo, member_file
 from .dtypes import to_safetensors, to_torch
 from .errors import MoekitError, printable
 from .executors.evaluate import KeepingStatistics, materialize
 from .executors.streaming import shard_tensors
+from .gc_pauses import COLLECTOR_OFF
 from .output import interruptible, output_error
 from .plan import Plan, TensorPlan, nbytes
 from .progress import progress
@@ -149,12 +153,37 @@ def save_distributed(state_dict: dict[str, torch.Tensor], folder: Path, dst: Pat
     rank's writes (``moekit.output.interruptible`` over ``caught``), a failure like any
     other. Files are left for the caller to sync."""
     try:
-        dcp.save(state_dict, storage_writer=_RankWriter(folder, caught))
+        dcp.save({key: _as_stored(value) for key, value in state_dict.items()},
+                 storage_writer=_RankWriter(folder, caught))
     except CheckpointException as err:
         if not err.failures:
             return {torch.distributed.get_rank(): f"torch.distributed.checkpoint failed: {err}"}
         return {rank: _message(failure, dst) for rank, (failure, _) in err.failures.items()}
     return {}
+
+
+def _as_stored(value: object) -> object:
+    """``value`` as ``dcp.save`` must be handed it for its chunk to be read as saved: a
+    tensor (or a DTensor's local shard) whose negation or conjugation torch keeps lazy
+    (``x._neg_view()``, ``z.conj().imag``) or whose elements are not in row-major order (a
+    transposed or expanded view) as a row-major copy of its values, since ``torch.save``
+    stores the storage, strides and flags as they are (DCP copies only a tensor smaller
+    than its storage); anything else as it is."""
+    if isinstance(value, DTensor):
+        local = value.to_local()
+        stored = _row_major(local)
+        if stored is local:
+            return value
+        return DTensor.from_local(stored, value.device_mesh, value.placements, run_check=False,
+                                  shape=value.shape, stride=value.stride())
+    return _row_major(value) if isinstance(value, torch.Tensor) else value
+
+
+def _row_major(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a row-major copy of its values when its bytes are not them."""
+    if tensor.is_neg() or tensor.is_conj() or not tensor.is_contiguous():
+        return tensor.detach().resolve_conj().resolve_neg().contiguous()
+    return tensor
 
 
 def _message(err: BaseException, dst: Path) -> str:
@@ -286,11 +315,14 @@ _METADATA_CLASSES = {
 } | {("torch.distributed.checkpoint.planner", name) for name in (
     "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData")
 } | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
-"""What torch 2.13's ``.metadata`` pickle refers to, beside dtypes: its own dataclasses,
-and the save plans megatron-core 0.16.1 keeps there after a save over several ranks
-(``all_local_plans``). Nothing else is unpickled (``FileSystemReader.read_metadata``
+     ("torch.serialization", "_get_layout")}
+"""What torch 2.13's ``.metadata`` pickle refers to, beside dtypes and paths: its own
+dataclasses, and the save plans megatron-core 0.16.1 keeps there after a save over several
+ranks (``all_local_plans``). Nothing else is unpickled (``FileSystemReader.read_metadata``
 would run any pickle)."""
+_MAX_PATHS = 16
+_MAX_PATH_LENGTH = 4096
+"""Paths a ``.metadata`` may hold (DCP writes one), and their length (Linux's PATH_MAX)."""
 
 _STORAGE_DTYPES = {
     "FloatStorage": "F32", "DoubleStorage": "F64", "HalfStorage": "F16",
@@ -382,32 +414,53 @@ def read_stored(folder: Path, name: Callable[[str, tuple[int, ...], tuple[int, .
 
 def _read_metadata(path: Path):
     """The checkpoint's ``Metadata``, unpickled allowing only DCP's own classes, once it
-    is known to be a plain file inside its folder."""
+    is known to be a plain file inside its folder and a pickle whose unpickling is
+    bounded (``moekit.pickle_bounds``); without the garbage collector's pauses, which
+    unpickling a million objects would set off many times."""
     shown = printable(str(member_file(path.parent, path.name)))
     try:
-        size = path.stat().st_size
-        if size > MAX_METADATA_BYTES:
-            raise MoekitError(f"{shown} is {size:,} bytes, more than a DCP .metadata moekit "
-                              f"reads ({MAX_METADATA_BYTES:,})")
         with open(path, "rb") as file:
-            return _Unpickler(file).load()
+            size = os.fstat(file.fileno()).st_size
+            if size > MAX_METADATA_BYTES:
+                raise MoekitError(f"{shown} is {size:,} bytes, more than a DCP .metadata "
+                                  f"moekit reads ({MAX_METADATA_BYTES:,})")
+            data = file.read(size + 1)
+        pickle_bounds.check(data)
+        with COLLECTOR_OFF.scope():
+            return _Unpickler(io.BytesIO(data)).load()
     except OSError as err:
         raise MoekitError(f"cannot read {shown}: {err.strerror or err}") from err
     except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError,
-            IndexError, KeyError) as err:
+            IndexError, KeyError, RuntimeError) as err:
         raise MoekitError(f"{shown} is not a torch.distributed.checkpoint .metadata moekit "
                           f"reads: {printable(str(err))}") from err
 
 
 class _Unpickler(pickle.Unpickler):
-    """Unpickles DCP metadata: its dataclasses and torch dtypes, nothing else."""
+    """Unpickles DCP metadata: its dataclasses and torch dtypes, nothing else; paths (a
+    ``StorageMeta.checkpoint_id``) only a few and of a path's length, as building one
+    joins strings that the pickle may repeat."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file)
+        self._paths = _MAX_PATHS
 
     def find_class(self, module: str, name: str):
+        if (module, name) == ("pathlib", "PosixPath"):
+            return self._path
         if (module, name) in _METADATA_CLASSES or (
                 module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"it refers to {module}.{name}, which is not part of a "
                                      "DCP checkpoint's metadata")
+
+    def _path(self, *parts: str) -> Path:
+        """``pathlib.PosixPath(*parts)``, as a pickled path is rebuilt, within the limits."""
+        self._paths -= 1
+        if self._paths < 0 or sum(len(os.fspath(part)) for part in parts) > _MAX_PATH_LENGTH:
+            raise pickle.UnpicklingError(f"it holds more than {_MAX_PATHS} paths or one longer "
+                                         f"than {_MAX_PATH_LENGTH} characters")
+        return Path(*parts)
 
     def persistent_load(self, pid: object):
         raise pickle.UnpicklingError("it refers to external storage")
@@ -468,8 +521,9 @@ def _run(folder: Path, key: str, chunk, dtype: str, storage_data, where: str
     if info is None:
         raise MoekitError(f"{where} has no storage entry saying which file holds it")
     if info.transform_descriptors:
-        raise MoekitError(f"{where} is stored transformed ({', '.join(info.transform_descriptors)}); "
-                          "moekit reads tensors stored as saved")
+        raise MoekitError(f"{where} is stored transformed "
+                          f"({', '.join(info.transform_descriptors)}); moekit reads tensors "
+                          "stored as saved")
     file = PurePosixPath(info.relative_path)
     if file.is_absolute() or len(file.parts) != 1 or not file.name.endswith(DISTCP_SUFFIX):
         raise MoekitError(f"{where} is stored in {printable(info.relative_path)}, not a "
@@ -497,7 +551,7 @@ def _data_offset(path: Path, start: int, length: int, shape: tuple[int, ...], dt
                                   f"{max(_SMALL_MEMBERS.values()):,} bytes")
             if "byteorder" in members and archive.read(members["byteorder"]) != b"little":
                 raise MoekitError(f"{shown} is saved big-endian")
-            rebuilt = _Rebuild(io.BytesIO(archive.read(members["data.pkl"]))).load()
+            rebuilt = _rebuilt_tensor(archive.read(members["data.pkl"]))
             data = members["data/0"]
             file.seek(start + data.header_offset)
             local = file.read(30)
@@ -527,6 +581,15 @@ def _data_offset(path: Path, start: int, length: int, shape: tuple[int, ...], dt
     if signature != 0x04034B50:
         raise MoekitError(f"{shown} is not a tensor saved by torch.save: no local header")
     return start + data.header_offset + 30 + name_length + extra_length
+
+
+@functools.lru_cache(maxsize=256)
+def _rebuilt_tensor(pickled: bytes) -> tuple[str, int, tuple, tuple, object]:
+    """What the ``data.pkl`` ``pickled`` describes (``_Rebuild``), once its unpickling is
+    known to be bounded; kept for the next tensor of the same dtype and shape, whose
+    ``data.pkl`` is the same bytes."""
+    pickle_bounds.check(pickled)
+    return _Rebuild(io.BytesIO(pickled)).load()
 
 
 class _Rebuild(pickle.Unpickler):
@@ -575,10 +638,10 @@ def _rebuilt_v3(storage: None, storage_offset: int, size: tuple, stride: tuple,
 
 _LAZY = {"neg": "negation", "conj": "conjugate"}
 """What a tensor's bytes become under each lazy flag ``torch.save`` records."""
-_SMALL_MEMBERS = {"data.pkl": 2**20, "byteorder": 16}
+_SMALL_MEMBERS = {"data.pkl": 2**12, "byteorder": 16}
 """Members of a one-tensor ``torch.save`` archive that are read whole, and their largest
 unpacked size: a few hundred bytes as torch writes them, while a compressed member could
-unpack to any size."""
+unpack to any size (and checking a pickle takes time in proportion to its size)."""
 
 
 class _Slice(io.RawIOBase):

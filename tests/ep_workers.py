@@ -304,6 +304,63 @@ def save_dcp_and_load(rank: int, world: int, store: str, src: str, out: str, lay
     finish()
 
 
+def save_lazy_views(rank: int, world: int, store: str, src: str, out: str, format: str,
+                    log_dir: str) -> None:
+    """``save_experts`` of a state dict whose tensors, experts' shards and others, are
+    views whose bytes are not their values (``LAZY_VIEWS``); rank 0 saves the values
+    (whole tensors) to ``log_dir/expected.pt``."""
+    _init(rank, world, store)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    state = load_experts(src, mesh)
+    for key, view in LAZY_VIEWS.items():
+        value = state[key]
+        if isinstance(value, DTensor):
+            state[key] = DTensor.from_local(view(value.to_local()), mesh, value.placements,
+                                            shape=value.shape, stride=value.stride())
+        else:
+            state[key] = view(value)
+    expected = {key: (value.full_tensor() if isinstance(value, DTensor) else value)
+                .resolve_conj().resolve_neg().contiguous() for key, value in state.items()}
+    if rank == 0:
+        torch.save(expected, Path(log_dir, "expected.pt"))
+    save_experts(state, out, mesh, config_from=src, format=format)
+    finish()
+
+
+def _neg(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s values, held negated in storage with torch's neg bit set."""
+    return (-tensor)._neg_view()
+
+
+def _conj_imag(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s values as the imaginary part of a conjugate (neg bit set)."""
+    return torch.complex(torch.zeros_like(tensor), -tensor).conj().imag
+
+
+def _expanded(tensor: torch.Tensor) -> torch.Tensor:
+    """Its first row, repeated by a stride of 0."""
+    return tensor[:1].expand(tensor.shape)
+
+
+def _transposed(tensor: torch.Tensor) -> torch.Tensor:
+    """Its values, stored column-major."""
+    return tensor.mT.contiguous().mT
+
+
+LAZY_VIEWS = {
+    "model.norm.weight": _neg,
+    "model.layers.0.input_layernorm.weight": _conj_imag,
+    "model.layers.0.post_attention_layernorm.weight": _expanded,
+    "model.embed_tokens.weight": _transposed,
+    "model.layers.0.mlp.experts.gate_and_up_projs": _neg,
+    "model.layers.0.mlp.experts.down_projs": _conj_imag,
+    "model.layers.1.mlp.experts.gate_and_up_projs": _expanded,
+    "model.layers.1.mlp.experts.down_projs": _transposed,
+}
+"""Tensors of a Qwen3-MoE in the nemo layout, each made a view whose bytes differ from its
+values (experts' grouped tensors on every rank's shard)."""
+
+
 def save_dcp_failing_on_rank_1(rank: int, world: int, store: str, src: str, out: str,
                                log_dir: str) -> None:
     """``save_experts(format="dcp")`` where DCP's write fails on rank 1; each rank writes

@@ -4,6 +4,8 @@ reader (``FileSystemReader``, ``dcp.load``) into the state dict transformers' mo
 from __future__ import annotations
 
 import pickle
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from moekit.plan import Read
 from moekit.sources import FileSource
 from moekit.upcycling import UpcycleSpec, upcycle
 
-from .conftest import load_all, same_bytes
+from .conftest import answered_at_once, load_all, same_bytes
 
 SHARD = 60 * 1024
 """The --max-shard-size of these tests: several .distcp files for the tiny models."""
@@ -131,32 +133,160 @@ def test_what_moekit_cannot_read_as_saved_is_refused(tmp_path, capsys, saved, re
 def test_a_member_that_unpacks_large_is_refused_unread(tmp_path, capsys, member):
     """A tensor's archive whose pickle or byte order is compressed (torch.save stores
     them) and unpacks to megabytes is refused from its size, not unpacked."""
+    folder = _saved(tmp_path)
+    _replace_member(folder, member, lambda data: data + b"\0" * (8 * 2**20))
+    code = main(["inspect", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and "unpack to more than" in err and "Traceback" not in err
+
+
+def _saved(tmp_path: Path) -> Path:
+    """A DCP folder of one tensor, as ``dcp.save`` writes it."""
+    folder = tmp_path / "ckpt"
+    dcp.save({"w": torch.randn(2, 2)}, checkpoint_id=folder, no_dist=True)
+    return folder
+
+
+def _replace_member(folder: Path, member: str, new: Callable[[bytes], bytes]) -> None:
+    """Store the tensor of the one-tensor DCP ``folder`` again, in a new data file whose
+    archive holds ``new(data)`` (deflated) for ``member``'s ``data``."""
     import io
     import zipfile
 
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
-    folder = tmp_path / "ckpt"
-    dcp.save({"w": torch.randn(2, 2)}, checkpoint_id=folder, no_dist=True)
     metadata = FileSystemReader(str(folder)).read_metadata()
     [(index, info)] = metadata.storage_data.items()
     raw = (folder / info.relative_path).read_bytes()[info.offset:info.offset + info.length]
     packed = io.BytesIO()
     with zipfile.ZipFile(io.BytesIO(raw)) as archive, zipfile.ZipFile(packed, "w") as bomb:
         for entry in archive.infolist():
-            data = archive.read(entry)
             if entry.filename.endswith("/" + member):
-                data += b"\0" * (8 * 2**20)
-                bomb.writestr(entry.filename, data, compress_type=zipfile.ZIP_DEFLATED)
+                bomb.writestr(entry.filename, new(archive.read(entry)),
+                              compress_type=zipfile.ZIP_DEFLATED)
             else:
-                bomb.writestr(entry, data)
+                bomb.writestr(entry, archive.read(entry))
     (folder / "bomb.distcp").write_bytes(packed.getvalue())
     metadata.storage_data[index] = _StorageInfo("bomb.distcp", 0, len(packed.getvalue()))
     (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_a_metadata_pickled_at_any_protocol_reads_as_saved(tmp_path, protocol):
+    """DCP pickles its ``.metadata`` at pickle's default protocol (4; 5 from Python 3.14)
+    and ``torch.save`` a tensor's ``data.pkl`` at 2: what moekit checks before unpickling
+    admits each."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    folder = tmp_path / "ckpt"
+    saved = {"a": torch.randn(3, 2).to(torch.bfloat16), "b": torch.arange(4),
+             "c.mask": torch.tensor([True]), "d": torch.zeros(2, 2, dtype=torch.float8_e5m2)}
+    dcp.save(saved, checkpoint_id=folder, no_dist=True)
+    tensors = moekit_dcp.read_tensors(folder)
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata, protocol=protocol))
+    assert moekit_dcp.read_tensors(folder) == tensors and list(tensors) == list(saved)
+
+
+def _hashed_tuples(depth: int) -> bytes:
+    """A pickle of six bytes a level: a tuple of two references to the tuple a level down,
+    ``depth`` levels, the last a dict's key, so that unpickling it hashes 2**depth
+    tuples."""
+    levels = b"".join(b"h%ch%c\x86\x94" % (level, level) for level in range(depth))
+    return b"\x80\x04K\x01\x85\x94" + levels + b"}h%cNs." % depth
+
+
+def _hashed_instances(depth: int) -> bytes:
+    """DCP's own ``MetadataIndex``, ``depth`` times, each holding the one below as its fqn
+    and offset, the last a dict's key: unpickling it hashes 2**depth instances."""
+    module = b"torch.distributed.checkpoint.metadata"
+    pickled = b"\x80\x04\x8c%c%s\x94\x8c\x0dMetadataIndex\x94\x93\x94\x8c\x01a\x94" % (
+        len(module), module)
+    below = 3
+    for level in range(depth):
+        pickled += b"h\x02)\x81\x94}\x94(\x8c\x03fqnh%c\x8c\x06offseth%cub" % (below, below)
+        below = 4 + 2 * level
+    return pickled + b"}h%cNs." % below
+
+
+@pytest.mark.parametrize("pickled,refusal", [
+    (b"\x80\x04" + b"\x8f" * 2**20 + b".", "pickle opcode EMPTY_SET"),
+    (b"\x80\x04" + b"}" * 2**20 + b".", "more than 32 times its size in memory"),
+    (b"\x80\x02Nr\xff\xff\xff\xff.", "memo slot 4294967295 where pickle writes 0"),
+    (_hashed_tuples(30), "refers again to a tuple, list or dict"),
+    (_hashed_instances(24), "reaches more than"),
+], ids=["sets", "dicts", "memo", "tuples", "instances"])
+def test_a_metadata_that_unpickles_to_gigabytes_or_for_hours_is_refused_at_once(
+        tmp_path, capsys, pickled, refusal):
+    """A megabyte of empty sets or dicts (hundreds of megabytes unpickled), a memo slot of
+    2**32 (a memo of 64 GiB), tuples or instances each holding the one below twice (hashing
+    the last walks 2**30 or 2**24 of them): refused from the opcodes, before anything is
+    built, naming the file."""
+    folder = _saved(tmp_path)
+    (folder / ".metadata").write_bytes(pickled)
+    with answered_at_once():
+        code = main(["inspect", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and refusal in err and err.count("\n") == 1
+    assert f"{folder / '.metadata'} is not a torch.distributed.checkpoint .metadata" in err
+    tracemalloc.start()
+    try:
+        with pytest.raises(MoekitError, match=refusal):
+            moekit_dcp.read_tensors(folder)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20
+
+
+def test_a_tensors_pickle_that_hashes_for_hours_is_refused_at_once(tmp_path, capsys):
+    """A tensor's ``data.pkl`` of 200 bytes whose unpickling hashes 2**30 tuples: refused
+    from its opcodes, naming the tensor."""
+    folder = _saved(tmp_path)
+    _replace_member(folder, "data.pkl", lambda data: _hashed_tuples(30))
+    with answered_at_once():
+        code = main(["inspect", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and "w (bomb.distcp) is not a tensor saved by torch.save" in err
+    assert "refers again to a tuple" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("paths,refusal", [
+    ([Path(f"/checkpoints/{n}") for n in range(17)], "more than 16 paths"),
+    ([Path("/" + "x" * 5000)], "longer than 4096 characters"),
+])
+def test_a_metadata_holding_many_or_long_paths_is_refused(tmp_path, capsys, paths, refusal):
+    """Building a path joins its parts, which a pickle can repeat: DCP keeps one path (the
+    checkpoint id); more, or a longer one than a path can be, is refused."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    folder = _saved(tmp_path)
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    metadata.planner_data = paths
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
     code = main(["inspect", str(folder)])
     err = capsys.readouterr().err
-    assert code == 2 and "unpack to more than" in err and "Traceback" not in err
+    assert code == 2 and refusal in err and ".metadata" in err and "Traceback" not in err
+
+
+def test_tensor_properties_of_an_unknown_memory_format_are_one_message(tmp_path, capsys,
+                                                                        monkeypatch):
+    """DCP's ``TensorProperties`` raises a RuntimeError for a memory format it does not
+    know: one message naming the .metadata."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorProperties
+
+    folder = _saved(tmp_path)
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    monkeypatch.setattr(TensorProperties, "__getstate__",
+                        lambda self: (self.dtype, self.layout, False, 7, False))
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    monkeypatch.undo()
+    code = main(["inspect", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Invalid torch.memory_format encoding: 7" in err
+    assert ".metadata" in err and "Traceback" not in err
 
 
 def _key(metadata) -> str:

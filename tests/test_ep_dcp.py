@@ -13,7 +13,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
-from moekit import MoekitError, convert, expert_range, samples
+from moekit import MoekitError, convert, expert_range, load, samples
 from moekit.cli import main
 from moekit.executors.device import load_to_device, read_plan
 from moekit.layouts import layout_named
@@ -101,6 +101,26 @@ def test_a_dcp_save_failing_on_one_rank_fails_every_rank_and_leaves_nothing(qwen
     assert all(text.startswith("save_experts failed, nothing was written: ")
                and "rank 1: disk full" in text for text in outcomes), outcomes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0.txt", "1.txt", "2.txt"]
+
+
+@pytest.mark.parametrize("format", ["dcp", "safetensors"])
+def test_views_whose_bytes_are_not_their_values_are_saved_as_their_values(qwen3_10, tmp_path,
+                                                                         format):
+    """Tensors with torch's neg bit set (``x._neg_view()``, ``z.conj().imag``), expanded
+    (stride 0) or transposed, experts' shards on two ranks and others: saved as their
+    values, so that the folder reads back (in moekit, and in DCP's own reader) equal bit
+    for bit."""
+    out = tmp_path / "out"
+    spawn(ep_workers.save_lazy_views, 2, tmp_path, str(qwen3_10), str(out), format,
+          str(tmp_path))
+    expected = torch.load(tmp_path / "expected.pt")
+    back = load(out, layout="nemo")
+    assert back.keys() == expected.keys()
+    assert all(same_bytes(back[key], expected[key]) for key in expected)
+    if format == "dcp":
+        theirs = {key: torch.empty_like(value) for key, value in expected.items()}
+        dcp.load(theirs, storage_reader=dcp.FileSystemReader(out), no_dist=True)
+        assert all(same_bytes(theirs[key], expected[key]) for key in expected)
 
 
 def test_an_unknown_save_format_is_refused(tmp_path):

@@ -362,9 +362,42 @@ def test_json_files_beyond_the_size_limit_are_refused_unread(tmp_path, capsys, g
     from moekit import checkpoint as reading
 
     src = checkpoint(tmp_path / "model", index=True)
-    monkeypatch.setattr(reading, "MAX_JSON_BYTES", 64)
-    refused_everywhere(capsys, tmp_path, src, good, INDEX_NAME, "moekit reads JSON files of "
-                       "at most 64 bytes")
+    monkeypatch.setattr(reading, "MAX_INDEX_BYTES", 64)
+    refused_everywhere(capsys, tmp_path, src, good, INDEX_NAME,
+                       f"moekit reads a {INDEX_NAME} of at most 64 bytes")
+
+
+def test_a_config_json_larger_than_a_config_is_refused_unparsed(tmp_path, capsys, good):
+    """18 MiB of empty objects in config.json, which JSON would parse to 24 times that:
+    refused from its size (16 MiB for a config.json), naming the file."""
+    src = checkpoint(tmp_path / "model", index=True)
+    (src / "config.json").write_text(json.dumps({**CONFIG, "pad": [{}] * (6 * 2**20)},
+                                                separators=(",", ":")))
+    refused_everywhere(capsys, tmp_path, src, good, "config.json",
+                       "moekit reads a config.json of at most 16,777,216 bytes")
+
+
+def test_json_of_a_million_objects_is_refused_unparsed(tmp_path, capsys, good):
+    """An index of 3 MiB holding 2**20 empty objects (each 64 bytes parsed, from two) beside
+    its own four: refused from its count of '{' and '[', naming the file."""
+    src = checkpoint(tmp_path / "model", index=True)
+    index = json.loads((src / INDEX_NAME).read_text())
+    (src / INDEX_NAME).write_text(json.dumps({**index, "metadata": {"pad": [{}] * 2**20}}))
+    refused_everywhere(capsys, tmp_path, src, good, INDEX_NAME,
+                       "holds 1,048,580 '{' and '[' characters, more than the 1,048,576 "
+                       "objects and arrays moekit reads in one JSON file")
+
+
+def test_an_index_the_size_of_deepseek_v3s_is_read(tmp_path):
+    """DeepSeek-V3's index names 91,000 tensors in 8.4 MB: read whole."""
+    from moekit.checkpoint import index_files
+
+    names = {f"model.layers.{n // 2048}.mlp.experts.{n % 256}.gate_proj.weight_scale_inv.{n}":
+             f"model-{n % 163 + 1:05d}-of-000163.safetensors" for n in range(91_000)}
+    (tmp_path / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": names},
+                                                  indent=2))
+    assert (tmp_path / INDEX_NAME).stat().st_size > 8_000_000
+    assert len(index_files(tmp_path)) == 163
 
 
 # ---------------------------------------------------------------- section 5: canonical keys

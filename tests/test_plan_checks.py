@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from moekit import ExpertAdapter, MoekitError, PlanError, convert, convert_state_dict, load
 from moekit.cli import main
+from moekit.upcycling import UpcycleSpec, upcycle_state_dict
 from moekit.expert_parallel import expert_range, load_experts
 from moekit.expert_parallel.report import ep_report
 from moekit.model_config import (ConfigValues, after_dense_prefix, block_types,
@@ -434,15 +435,33 @@ def test_ep_sizes_in_the_library(family_checkpoints):
      "handle"),
     (torch.zeros(2, 4, device="meta"), "is on the meta device"),
     (torch.zeros(2, 4).to_sparse(), "is a torch.sparse_coo tensor"),
-], ids=["None", "numpy", "int", "complex", "meta", "sparse"])
+    pytest.param(lambda: torch.nested.nested_tensor([torch.zeros(2, 4), torch.zeros(3, 4)]),
+                 "is a nested tensor (torch.nested)", marks=pytest.mark.filterwarnings(
+                     "ignore:The PyTorch API of nested tensors is in prototype stage")),
+    (lambda: torch.nested.nested_tensor([torch.zeros(2, 4), torch.zeros(3, 4)],
+                                        layout=torch.jagged), "is a nested tensor"),
+    (lambda: _fake(torch.zeros(2, 4)), "is a FakeTensor (torch's FakeTensorMode)"),
+], ids=["None", "numpy", "int", "complex", "meta", "sparse", "nested", "jagged", "fake"])
 def test_state_dict_values_that_are_not_tensors_of_data(value, found):
-    key = "model.layers.1.mlp.experts.2.up_proj.weight"
-    tensors = {**experts(), key: value}
-    for call in (lambda: convert_state_dict(tensors, "hf", "nemo"),
-                 lambda: ExpertAdapter("nemo", family="qwen3_moe").from_hf(tensors),
-                 lambda: ExpertAdapter("nemo").validate(tensors)):
-        message = quickly(call)
-        assert key in message and found in message
+    """Each refused naming the key by every entry point that takes a state dict, the
+    tensor an expert's or not."""
+    value = value() if callable(value) else value
+    for key in ("model.layers.1.mlp.experts.2.up_proj.weight", "model.norm.weight"):
+        tensors = {**experts(), key: value}
+        for call in (lambda: convert_state_dict(tensors, "hf", "nemo"),
+                     lambda: ExpertAdapter("nemo", family="qwen3_moe").from_hf(tensors),
+                     lambda: ExpertAdapter("nemo", family="qwen3_moe").to_hf(tensors),
+                     lambda: ExpertAdapter("nemo").validate(tensors),
+                     lambda: upcycle_state_dict(tensors, UpcycleSpec(experts=2, top_k=1))):
+            message = quickly(call)
+            assert key in message and found in message
+
+
+def _fake(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as a FakeTensor: its shape, dtype and device, no data."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode().from_tensor(tensor)
 
 
 def test_strided_views_convert_bit_exactly_both_ways():

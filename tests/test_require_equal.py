@@ -33,6 +33,16 @@ def test_a_copy_with_the_same_bytes_gives_the_kept_tensor_nan_included():
     assert torch.equal(built.view(torch.int32), kept.view(torch.int32))
 
 
+def test_copies_whose_negation_torch_keeps_lazy_are_compared_by_their_values():
+    """A kept tensor or copy held negated with torch's neg bit set (``x._neg_view()``):
+    compared as the values it holds, which torch refuses to view as integers."""
+    kept = torch.arange(12, dtype=torch.float32).view(3, 4)
+    built = _built((-kept)._neg_view(), (-kept)._neg_view())
+    assert torch.equal(built.view(torch.int32), kept.view(torch.int32))
+    with pytest.raises(MoekitError, match=f"{COPY} differs from {KEPT}"):
+        _built(kept, kept._neg_view())
+
+
 @pytest.mark.parametrize("changed", [1.0, -0.0], ids=["value", "sign_of_zero"])
 def test_a_copy_whose_bytes_differ_is_refused_naming_both(changed):
     kept = torch.arange(12, dtype=torch.float32).view(3, 4)

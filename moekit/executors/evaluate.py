@@ -110,7 +110,20 @@ def _as_bits(tensor: torch.Tensor) -> torch.Tensor:
     none of that width)."""
     bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(
         tensor.element_size(), torch.uint8)
-    return tensor.contiguous().view(bits)
+    return _values(tensor).contiguous().view(bits)
+
+
+def element_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``tensor``'s elements in row-major order, as a flat uint8 tensor on the
+    CPU (what a safetensors file holds of it)."""
+    return _values(tensor.detach().cpu()).contiguous().reshape(-1).view(torch.uint8)
+
+
+def _values(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with the negation or conjugation that torch keeps lazy (``x._neg_view()``,
+    ``z.conj().imag``) applied, so that its bytes are its values' (torch refuses to view
+    such a tensor as another dtype)."""
+    return tensor.resolve_conj().resolve_neg()
 
 
 def _fill_random(expr: Random, out: torch.Tensor, source: TensorSource) -> None:

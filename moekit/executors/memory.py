@@ -92,8 +92,9 @@ def checked_device(device: torch.device | str | None) -> torch.device | None:
 
 def checked_state_dict(state_dict: object, label: str = "state dict",
                        allow_meta: bool = False) -> Mapping[str, torch.Tensor]:
-    """``state_dict`` once every key is a string and every value a tensor of data (not on
-    the ``meta`` device, unless ``allow_meta``); a MoekitError names the first that is not."""
+    """``state_dict`` once every key is a string and every value a dense tensor of data (not
+    on the ``meta`` device, unless ``allow_meta``, nor a FakeTensor, nor nested); a
+    MoekitError names the first that is not."""
     if not isinstance(state_dict, Mapping):
         hint = " (pass model.state_dict())" if isinstance(state_dict, torch.nn.Module) else ""
         raise MoekitError(f"the {label} is a {type(state_dict).__name__}; expected a mapping "
@@ -109,10 +110,30 @@ def checked_state_dict(state_dict: object, label: str = "state dict",
         if value.is_meta and not allow_meta:
             raise MoekitError(f"{label} tensor {key} is on the meta device: it holds no data to "
                               "convert (load or materialise the weights first)")
+        if _is_fake(value):
+            raise MoekitError(f"{label} tensor {key} is a FakeTensor (torch's "
+                              "FakeTensorMode): it holds no data to convert (make the state "
+                              "dict outside the mode, from the loaded weights)")
+        if value.is_nested:
+            raise MoekitError(f"{label} tensor {key} is a nested tensor (torch.nested), whose "
+                              "entries have shapes of their own; moekit moves the bytes of "
+                              "dense tensors (torch.nested.to_padded_tensor, or torch.stack "
+                              "of entries of one shape)")
         if value.layout is not torch.strided:
             raise MoekitError(f"{label} tensor {key} is a {value.layout} tensor; moekit moves "
                               "the bytes of dense tensors (call .to_dense() first)")
     return state_dict
+
+
+def _is_fake(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a FakeTensor, or a tensor subclass (a DTensor) wrapping one:
+    shapes and devices without data. A plain tensor or parameter never is (a parameter
+    made of a FakeTensor is one), and until ``torch._subclasses.fake_tensor`` is imported
+    no FakeTensor exists."""
+    if type(tensor) is torch.Tensor or type(tensor) is torch.nn.Parameter:
+        return False
+    fake = sys.modules.get("torch._subclasses.fake_tensor")
+    return fake is not None and bool(fake.is_fake(tensor))
 
 
 def build_device(plan: Plan, state_dict: Mapping[str, torch.Tensor],

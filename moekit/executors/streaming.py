@@ -208,16 +208,14 @@ _Piece = Union[_Header, _Span, _Built]
 
 def _built_with_torch(recipe: Expr, source: TensorSource) -> np.ndarray:
     """The bytes of a recipe evaluated by torch (arithmetic, or a source of tensors)."""
-    import torch
-
     from ..dtypes import to_torch
-    from .evaluate import materialize
+    from .evaluate import element_bytes, materialize
 
     tensor = materialize(recipe, source)
     if tuple(tensor.shape) != tuple(recipe.shape) or tensor.dtype != to_torch(recipe.dtype):
         raise RuntimeError(f"a recipe gave {list(tensor.shape)} {tensor.dtype} where the plan "
                            f"expects {list(recipe.shape)} {recipe.dtype}")
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return element_bytes(tensor).numpy()
 
 
 def _pieces(tensor: TensorPlan, ranges: list[Span] | None, file_source: bool

@@ -40,7 +40,7 @@ from torch.distributed.tensor import DTensor, Shard
 from ..checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY
 from ..conversion import state_dict_meta
 from ..errors import MoekitError
-from ..executors.evaluate import materialize
+from ..executors.evaluate import element_bytes, materialize
 from ..executors.streaming import shard_file_names, shard_tensors, write_index
 from ..layouts import HF
 from ..output import OutputFolder
@@ -342,7 +342,7 @@ def _write_mine(folder: Path, writes: list[_Write]) -> None:
 
 def _pwrite_all(fd: int, tensor: torch.Tensor, offset: int) -> None:
     """Write the bytes of ``tensor`` (copied to the CPU if it is elsewhere) at ``offset``."""
-    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    data = element_bytes(tensor).numpy()
     view = memoryview(data)
     while view:
         done = os.pwrite(fd, view, offset)
