@@ -256,10 +256,9 @@ def test_cuda_native_handles_read_the_file_moekit_opened(family_checkpoints, tmp
 def test_kvikio_settings_are_moekits_unless_its_variables_or_the_program_say(
         variables, imported, threads, bounce, family_checkpoints):
     script = (f"{'import kvikio; ' if imported else ''}"
-              "import moekit, sys, kvikio.defaults as d; "
-              "from moekit.executors.native import NATIVE, native_reads; "
+              "import moekit, sys; from moekit.executors.native import NATIVE, native_reads; "
               "assert NATIVE.thread is None; moekit.load(sys.argv[1], device='cuda'); "
-              "assert NATIVE.thread is not None; NATIVE.get(); "
+              "assert NATIVE.thread is not None; NATIVE.get(); import kvikio.defaults as d; "
               "print(d.get('num_threads'), d.get('bounce_buffer_size'), native_reads('cuda'))")
     assert _run(script, family_checkpoints, variables).stdout.split() == [
         str(threads), str(bounce), str(threads > 1)]
