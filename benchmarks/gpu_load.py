@@ -206,7 +206,8 @@ def main() -> None:
         first = timed(lambda: load(path, "nemo", device="cuda"))[0]
         print(f"checkpoint: {size / 2**30:.2f} GiB, {layers} layers x {args.experts} experts "
               f"(H={args.hidden}, I={args.inter}), bf16; GPU {torch.cuda.get_device_name()}")
-        rows = [("(a) pinned host->device copy", min(pinned_copy(size) for _ in range(args.repeat))),
+        rows = [("(a) pinned host->device copy",
+                 min(pinned_copy(size) for _ in range(args.repeat))),
                 (f"(r) page cache -> pinned, {reader_threads()} thr",
                  min(parallel_read(path, False) for _ in range(args.repeat))),
                 (f"(r+) ... -> GPU, {reader_threads()} thr",
