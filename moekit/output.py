@@ -54,7 +54,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from fnmatch import fnmatchcase
 from pathlib import Path
-from stat import S_ISDIR
+from stat import S_ISDIR, S_ISREG
 
 from safetensors import SafetensorError, safe_open
 
@@ -737,7 +737,7 @@ def _kept_because(folder: Path) -> str | None:
     alone proves nothing: machines of one image or container spec share it, and may share
     the file system too."""
     try:
-        owner = json.loads((folder / MARKER).read_text())
+        owner = json.loads(_marker_text(folder / MARKER))
         pid, host = owner["pid"], owner["host"]
         boot, pid_namespace = owner["boot"], owner["pid_namespace"]
         machine = owner.get("machine", "")
@@ -759,6 +759,26 @@ def _kept_because(folder: Path) -> str | None:
     if process_alive(pid):
         return f"the process that made it (pid {pid}) is still running"
     return None
+
+
+MAX_MARKER_BYTES = 4096
+"""Largest marker read: moekit writes a few hundred bytes."""
+
+
+def _marker_text(path: Path) -> str:
+    """The text of the marker ``path``: ValueError unless it is a plain file (a pipe put
+    there would hang the read) of at most MAX_MARKER_BYTES bytes; OSError where it cannot
+    be read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a plain file")
+        raw = os.read(fd, MAX_MARKER_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_MARKER_BYTES:
+        raise ValueError(f"{path} is larger than a marker")
+    return raw.decode("utf-8")
 
 
 def _unknown_machine(machine: str) -> str:

@@ -253,6 +253,19 @@ def test_settings_moekit_cannot_honour_are_refused_by_name(llama, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
+def test_a_merge_configuration_too_large_to_be_one_is_refused_unread(tmp_path, capsys,
+                                                                    monkeypatch):
+    from moekit.merging import config as merge_config
+
+    monkeypatch.setattr(merge_config, "MAX_CONFIG_BYTES", 1000)
+    huge = tmp_path / "moe.yml"
+    huge.write_text("experts:\n" + "  - source_model: a\n" * 100)
+    assert main(["merge", str(huge), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"the merge configuration {huge} is larger than 1,000 bytes" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("edit, key", [
     (lambda text: text + "gate_mode: hidden\n", "gate_mode"),
     (lambda text: text + "moekit: {granularity: 2, granularity: 4}\n", "granularity"),

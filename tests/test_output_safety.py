@@ -918,6 +918,29 @@ def test_a_leftover_is_removed_only_when_its_writer_is_provably_gone(tmp_path, m
         assert kept in reason and names(left) == [output.MARKER, "model.safetensors"]
 
 
+@pytest.mark.parametrize("marker", ["pipe", "large", "link"])
+def test_a_marker_that_is_no_marker_keeps_its_folder_at_once(tmp_path, marker):
+    """A pipe would hang the read, a large file fill memory, a link lead anywhere: the
+    folder is kept (reported as holding no marker) without waiting or reading much."""
+    left = marked_leftover(tmp_path)  # of an ended process of this machine: removable
+    text = (left / output.MARKER).read_text()
+    (left / output.MARKER).unlink()
+    if marker == "pipe":
+        os.mkfifo(left / output.MARKER)
+    elif marker == "large":
+        (left / output.MARKER).write_text(text + " " * output.MAX_MARKER_BYTES)
+    else:
+        (tmp_path / "elsewhere").write_text(text)
+        (left / output.MARKER).symlink_to(tmp_path / "elsewhere")
+    found = []
+    judge = threading.Thread(target=lambda: found.append(output.remove_if_abandoned(left)),
+                             daemon=True)
+    judge.start()
+    judge.join(30)
+    assert found and "holds no moekit marker" in found[0]
+    assert output.MARKER in names(left)
+
+
 # -- file systems ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", ["nemo", "hf"])

@@ -22,6 +22,7 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import MAX_CONFIG_BYTES
 from ..errors import MoekitError, printable
 from ..layouts.families import MAX_EXPERTS
 
@@ -215,7 +216,12 @@ def load_merge_config(path: str | Path) -> MergeConfig:
         raise MoekitError("moekit merge reads YAML with PyYAML: pip install 'moekit[merge]'"
                           ) from None
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise MoekitError(f"the merge configuration {printable(str(path))} is larger than "
+                              f"{MAX_CONFIG_BYTES:,} bytes, which moekit reads at most")
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise MoekitError(f"cannot read the merge configuration {printable(str(path))}: "
                           f"{err}") from None
