@@ -436,6 +436,11 @@ def _read_metadata(path: Path):
                           f"reads: {printable(str(err))}") from err
 
 
+_PATH_CLASSES = {("pathlib", "PosixPath"), ("pathlib._local", "PosixPath")}
+"""Where a pickled ``pathlib.PosixPath`` names its class (Python 3.13 pickles it as
+``pathlib._local``'s): DCP's file-system writer stores the folder as a Path."""
+
+
 class _Unpickler(pickle.Unpickler):
     """Unpickles DCP metadata: its dataclasses and torch dtypes, nothing else; paths (a
     ``StorageMeta.checkpoint_id``) only a few and of a path's length, as building one
@@ -446,7 +451,7 @@ class _Unpickler(pickle.Unpickler):
         self._paths = _MAX_PATHS
 
     def find_class(self, module: str, name: str):
-        if (module, name) == ("pathlib", "PosixPath"):
+        if (module, name) in _PATH_CLASSES:
             return self._path
         if (module, name) in _METADATA_CLASSES or (
                 module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):

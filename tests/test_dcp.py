@@ -140,6 +140,32 @@ def test_a_member_that_unpacks_large_is_refused_unread(tmp_path, capsys, member)
     assert code == 2 and "unpack to more than" in err and "Traceback" not in err
 
 
+def test_a_folder_saved_under_python_3_13_is_read(tmp_path, monkeypatch):
+    # Python 3.13 pickles pathlib.PosixPath (DCP's StorageMeta.checkpoint_id) as
+    # pathlib._local.PosixPath; 3.12 and 3.14 as pathlib.PosixPath.
+    import pathlib
+    import pickle
+    import sys
+    import types
+
+    class PosixPath(pathlib.PosixPath):
+        __module__ = "pathlib._local"
+        __qualname__ = "PosixPath"
+
+        def __reduce__(self):
+            return type(self), self.parts
+
+    local = types.ModuleType("pathlib._local")
+    local.PosixPath = PosixPath
+    monkeypatch.setitem(sys.modules, "pathlib._local", local)
+    folder = _saved(tmp_path)
+    metadata = pickle.loads((folder / ".metadata").read_bytes())
+    metadata.storage_meta.checkpoint_id = PosixPath(folder)
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    assert b"pathlib._local" in (folder / ".metadata").read_bytes()
+    assert main(["inspect", str(folder)]) == 0
+
+
 def _saved(tmp_path: Path) -> Path:
     """A DCP folder of one tensor, as ``dcp.save`` writes it."""
     folder = tmp_path / "ckpt"
