@@ -731,11 +731,10 @@ def _remove_entry(entry: os.DirEntry) -> None:
 
 def _kept_because(folder: Path) -> str | None:
     """Why a leftover folder may not be removed, or None when it provably is moekit's own
-    and its writer is gone: made on this machine (the same machine id, or this boot where
-    the marker or this machine has none: a marker of an older moekit) and either in an
-    earlier boot, or by a process of this PID namespace that no longer runs. A host name
-    alone proves nothing: machines of one image or container spec share it, and may share
-    the file system too."""
+    and its writer is gone: made in this boot (the same kernel) by a process of this PID
+    namespace that no longer runs, or made on this machine (the same machine id) before
+    it booted. A host name alone proves nothing: machines of one image or container spec
+    share it, and may share the file system too."""
     try:
         owner = json.loads(_marker_text(folder / MARKER))
         pid, host = owner["pid"], owner["host"]
@@ -749,11 +748,8 @@ def _kept_because(folder: Path) -> str | None:
     here = _owner()
     if host != here["host"]:
         return f"it was made on {printable(str(host))}"
-    if machine and here["machine"] and machine != here["machine"]:
-        return (f"it was made on another machine named {host} too (machine id "
-                f"{printable(machine)}), whose run may still write it")
     if boot != here["boot"]:
-        return None if machine and machine == here["machine"] else _unknown_machine(machine)
+        return _another_boot(folder / MARKER, host, machine, str(here["machine"]))
     if pid_namespace != here["pid_namespace"]:
         return "it was made in another container (PID namespace) of this machine"
     if process_alive(pid):
@@ -781,14 +777,44 @@ def _marker_text(path: Path) -> str:
     return raw.decode("utf-8")
 
 
-def _unknown_machine(machine: str) -> str:
-    """Why a leftover of another boot may be another machine's: its marker or this machine
-    has no machine id."""
+def _another_boot(marker: Path, host: str, machine: str, here: str) -> str | None:
+    """Why a leftover whose ``marker`` names another boot (and ``machine``) may be another
+    machine's, whose run may still write it; None where it is this machine's (``here``)
+    from before it booted. Machines cloned from one image may share a machine id: a marker
+    written since this machine booted is another's."""
+    if not here:
+        return (f"this machine has no machine id ({' or '.join(MACHINE_ID_FILES)}), so moekit "
+                "cannot tell whether it was made here before a reboot or on another machine")
     if not machine:
         return ("its marker (of an older moekit) names no machine id, so moekit cannot tell "
                 "whether it was made on this machine before a reboot or on another one")
-    return (f"this machine has no machine id ({' or '.join(MACHINE_ID_FILES)}), so moekit "
-            "cannot tell whether it was made here before a reboot or on another machine")
+    if machine != here:
+        return (f"it was made on another machine named {printable(host)} too (machine id "
+                f"{printable(machine)}), whose run may still write it")
+    booted = boot_time()
+    try:
+        written = marker.lstat().st_mtime
+    except OSError as err:
+        return f"its marker cannot be read ({err.strerror or err})"
+    if booted is None or written >= booted:
+        return ("it was made in another boot of a machine with this machine's id and host name "
+                "(a copy of this machine's image?), since this machine booted")
+    return None
+
+
+PROC_STAT = "/proc/stat"
+"""Where the kernel gives the time it booted (``btime``, seconds since the epoch)."""
+
+
+def boot_time() -> float | None:
+    """When this machine booted (seconds since the epoch), None where that cannot be read."""
+    for line in _read(PROC_STAT).splitlines():
+        if line.startswith("btime "):
+            try:
+                return float(line.split()[1])
+            except (IndexError, ValueError):
+                return None
+    return None
 
 
 def _owner() -> dict[str, object]:

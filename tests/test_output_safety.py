@@ -892,24 +892,36 @@ def test_a_leftover_of_another_machine_of_the_same_host_name_is_kept(qwen3, tmp_
     assert names(left) == [output.MARKER, "model.safetensors"]
 
 
-@pytest.mark.parametrize("marker,this_machine,kept", [
-    ({"boot": "an earlier boot"}, HERE, None),
-    ({}, HERE, None),
-    ({"machine": OTHER}, HERE, "another machine"),
-    ({"boot": "an earlier boot"}, "", "this machine has no machine id"),
-    ({"boot": "an earlier boot"}, "uninitialized", "this machine has no machine id"),
-    ({"boot": "an earlier boot", "machine": None}, HERE, "names no machine id"),
-    ({"machine": None}, HERE, None),
-    ({"machine": None}, "", None),
-    ({"machine": None, "host": "elsewhere"}, HERE, "made on elsewhere"),
-], ids=["this machine, rebooted since", "this boot, process ended", "another machine",
-        "no machine id here", "machine id not made yet", "older marker, another boot",
-        "older marker, this boot", "no machine ids, this boot", "another host name"])
-def test_a_leftover_is_removed_only_when_its_writer_is_provably_gone(tmp_path, machine_id,
-                                                                     marker, this_machine, kept):
-    """Its writer is gone when its marker names this machine (by machine id; by this boot
-    where a machine id is missing) and an earlier boot, or an ended process of this boot."""
+BEFORE_BOOT = 1.0
+"""A marker's modification time before any boot: written before this machine booted."""
+
+
+@pytest.mark.parametrize("marker,this_machine,written,kept", [
+    ({"boot": "an earlier boot"}, HERE, BEFORE_BOOT, None),
+    ({"boot": "an earlier boot"}, HERE, None, "a copy of this machine's image"),
+    ({}, HERE, None, None),
+    ({"machine": OTHER}, HERE, None, None),
+    ({"machine": OTHER, "boot": "an earlier boot"}, HERE, BEFORE_BOOT, "another machine"),
+    ({"boot": "an earlier boot"}, "", BEFORE_BOOT, "this machine has no machine id"),
+    ({"boot": "an earlier boot"}, "uninitialized", BEFORE_BOOT,
+     "this machine has no machine id"),
+    ({"boot": "an earlier boot", "machine": None}, HERE, BEFORE_BOOT, "names no machine id"),
+    ({"machine": None}, HERE, None, None),
+    ({"machine": None}, "", None, None),
+    ({"machine": None, "host": "elsewhere"}, HERE, None, "made on elsewhere"),
+], ids=["this machine, rebooted since", "this machine's id, written since this boot",
+        "this boot, process ended", "this boot, another machine id (the same kernel)",
+        "another machine", "no machine id here", "machine id not made yet",
+        "older marker, another boot", "older marker, this boot", "no machine ids, this boot",
+        "another host name"])
+def test_a_leftover_is_removed_only_when_its_writer_is_provably_gone(
+        tmp_path, machine_id, marker, this_machine, written, kept):
+    """Its writer is gone when its marker names this boot (the same kernel, whatever the
+    machine ids say) and an ended process, or this machine (by machine id) and a time
+    before this machine booted: a machine cloned from one image may share the id."""
     left = marked_leftover(tmp_path, **marker)
+    if written is not None:
+        os.utime(left / output.MARKER, (written, written))
     machine_id.write_text(this_machine)
     reason = output.remove_if_abandoned(left)
     if kept is None:
