@@ -43,13 +43,15 @@ def answered_at_once() -> Iterator[None]:
 
 @pytest.fixture(scope="session", autouse=True)
 def signals_at_their_defaults() -> None:
-    """SIGHUP and SIGTERM at their default actions in the test process, and so in every
-    process it starts. A runner that starts the suite with them ignored (``nohup``, some CI
-    agents) would pass that on, and moekit rightly leaves an ignored signal ignored: the
-    tests that send them would see nothing happen."""
-    for signum in (signal.SIGHUP, signal.SIGTERM):
+    """SIGHUP and SIGTERM at their default actions and SIGINT raising KeyboardInterrupt, as
+    at a terminal, in the test process and so in every process it starts. A runner that
+    starts the suite with them ignored (``nohup``, some CI agents, a shell without job
+    control starting it in the background) would pass that on, and moekit rightly leaves
+    an ignored signal ignored: the tests that send them would see nothing happen."""
+    for signum, handler in ((signal.SIGHUP, signal.SIG_DFL), (signal.SIGTERM, signal.SIG_DFL),
+                            (signal.SIGINT, signal.default_int_handler)):
         if signal.getsignal(signum) is signal.SIG_IGN:
-            signal.signal(signum, signal.SIG_DFL)
+            signal.signal(signum, handler)
 
 
 @pytest.fixture(scope="session")

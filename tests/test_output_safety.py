@@ -696,7 +696,7 @@ import os, signal, sys
 from moekit import output
 from moekit.cli import main
 
-signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal gives it (see sigint)
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal gives it
 
 rename = output._renameat2
 
@@ -722,18 +722,7 @@ def test_a_signal_at_the_final_move_waits_for_it_and_says_so(qwen3, tmp_path, si
     assert verify(qwen3, out).equal and names(tmp_path) == ["out", "qwen3"]
 
 
-@pytest.fixture
-def sigint() -> Iterator[None]:
-    """SIGINT raising KeyboardInterrupt, as at a terminal: a test run started in the
-    background by a shell without job control inherits SIGINT ignored, and Python then
-    leaves it ignored."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
-def test_ctrl_c_during_an_overwrite_keeps_one_whole_checkpoint(qwen3, tmp_path, monkeypatch,
-                                                                sigint):
+def test_ctrl_c_during_an_overwrite_keeps_one_whole_checkpoint(qwen3, tmp_path, monkeypatch):
     """Interrupted at the exchange: the new checkpoint is in place, the old one removed, and
     the caller learns of the interrupt (``in_place`` names the output)."""
     out = Path(shutil.copytree(qwen3, tmp_path / "out"))
@@ -752,7 +741,7 @@ def test_ctrl_c_during_an_overwrite_keeps_one_whole_checkpoint(qwen3, tmp_path, 
     assert names(tmp_path) == ["out", "qwen3", "reference"]
 
 
-def test_ctrl_c_during_the_clean_up_does_not_cut_it_short(qwen3, tmp_path, monkeypatch, sigint):
+def test_ctrl_c_during_the_clean_up_does_not_cut_it_short(qwen3, tmp_path, monkeypatch):
     rmtree = shutil.rmtree
 
     def fail(*args, **kwargs):
