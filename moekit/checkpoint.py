@@ -320,12 +320,14 @@ def as_path(value: object, role: str) -> Path:
                       f"{type(value).__name__} ({printable(repr(value))})")
 
 
-def open_regular(path: Path) -> int:
-    """A read-only descriptor of the plain file at ``path`` (links followed), opened
-    without blocking, so that a named pipe or device put in a file's place is refused
-    rather than waited on; MoekitError naming the file otherwise."""
+def open_regular(path: Path, follow_links: bool = True) -> int:
+    """A read-only descriptor of the plain file at ``path`` (links followed, unless not
+    ``follow_links``: then a link is refused), opened without blocking, so that a named
+    pipe or device put in a file's place is refused rather than waited on; MoekitError
+    naming the file otherwise."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, flags)
     except OSError as err:
         raise MoekitError(f"cannot open {_shown(path)}: {err.strerror or err}") from err
     try:

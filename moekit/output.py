@@ -54,12 +54,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from fnmatch import fnmatchcase
 from pathlib import Path
-from stat import S_ISDIR, S_ISREG
+from stat import S_ISDIR
 
 from safetensors import SafetensorError, safe_open
 
 from .checkpoint import (SIDECARS, Sidecar, as_path, changed_since, check_unchanged,
-                         open_unchanged)
+                         open_regular, open_unchanged)
 from .errors import MoekitError, printable
 
 log = logging.getLogger("moekit")
@@ -742,7 +742,7 @@ def _kept_because(folder: Path) -> str | None:
         machine = owner.get("machine", "")
         if not isinstance(pid, int) or pid <= 0 or not isinstance(machine, str):
             raise ValueError(pid)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (MoekitError, OSError, ValueError, KeyError, TypeError):
         return ("it holds no moekit marker (it may hold a checkpoint that an interrupted "
                 "--overwrite replaced)")
     here = _owner()
@@ -762,13 +762,11 @@ MAX_MARKER_BYTES = 4096
 
 
 def _marker_text(path: Path) -> str:
-    """The text of the marker ``path``: ValueError unless it is a plain file (a pipe put
-    there would hang the read) of at most MAX_MARKER_BYTES bytes; OSError where it cannot
-    be read."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    """The text of the marker ``path``: MoekitError unless it is a plain file, not a link
+    (``open_regular``: a pipe put there would hang the read), ValueError unless of at most
+    MAX_MARKER_BYTES bytes."""
+    fd = open_regular(path, follow_links=False)
     try:
-        if not S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError(f"{path} is not a plain file")
         raw = os.read(fd, MAX_MARKER_BYTES + 1)
     finally:
         os.close(fd)

@@ -143,6 +143,16 @@ def chunked_error(info: TensorInfo) -> MoekitError:
                        "on the CPU, or convert the folder first")
 
 
+def unreadable(file: str, reason: object) -> MoekitError:
+    """The refusal of a checkpoint file that a reader of byte ranges cannot read."""
+    return MoekitError(f"cannot read {printable(file)}: {reason}")
+
+
+def truncated(file: str, end: int) -> MoekitError:
+    """The refusal of a checkpoint file that ends before byte ``end`` of a read."""
+    return MoekitError(f"{printable(file)} ends before byte {end}: the file is truncated")
+
+
 def _read_exactly(fd: int, view: memoryview, offset: int, path: Path, key: str) -> None:
     """Fill ``view`` with the file's bytes from ``offset``; MoekitError when the file ends
     first or cannot be read."""

@@ -40,12 +40,12 @@ import torch
 from ..checkpoint import Checkpoint, TensorInfo
 from ..cores import sharing_processes, usable_cpus
 from ..dtypes import ITEMSIZES, itemsize, to_torch
-from ..errors import MoekitError, printable
+from ..errors import MoekitError
 from ..gc_pauses import ScopedSetting
 from ..output import deferred_signals
 from ..plan import Plan, Read, TensorPlan, checked_index, nbytes, reads
 from ..sizes import format_size
-from ..sources import FileSource, chunked_error
+from ..sources import FileSource, chunked_error, truncated, unreadable
 from .evaluate import fill
 from .memory import run_plan
 from .native import NativeFiles, load_for_later, native_reads
@@ -859,8 +859,7 @@ def _read_into(fd: int, start: int, view: memoryview, file: str) -> None:
         try:
             n = os.preadv(fd, [view[done:]], start + done)
         except OSError as err:
-            raise MoekitError(f"cannot read {printable(file)}: {err.strerror or err}") from err
+            raise unreadable(file, err.strerror or err) from err
         if n <= 0:
-            raise MoekitError(f"{printable(file)} ends before byte {start + len(view)}: the "
-                              "file is truncated")
+            raise truncated(file, start + len(view))
         done += n

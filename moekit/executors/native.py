@@ -40,8 +40,7 @@ from types import ModuleType
 import torch
 
 from ..cores import sharing_processes, usable_cpus
-from ..errors import MoekitError, printable
-from ..sources import FileSource
+from ..sources import FileSource, truncated, unreadable
 
 TASK_BYTES = 4 * 2**20
 """Bytes of one of kvikio's read tasks, and of each of its bounce buffers (kvikio's default
@@ -282,10 +281,9 @@ class NativeRead:
         self.wait()
         reason = None if self.error is None else _reason(self.error)
         if self.done != self.size and (reason is None or "EOF" in reason.split()):
-            raise MoekitError(f"{printable(self.name)} ends before byte "
-                              f"{self.start + self.size}: the file is truncated")
+            raise truncated(self.name, self.start + self.size)
         if reason is not None:
-            raise MoekitError(f"cannot read {printable(self.name)}: {reason}") from None
+            raise unreadable(self.name, reason) from None
 
 
 def _reason(error: Exception) -> str:
