@@ -20,7 +20,9 @@ import os
 import stat
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from operator import itemgetter
+from functools import partial
+from itertools import repeat
+from operator import add, contains, itemgetter
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
@@ -557,20 +559,37 @@ def _add_entries(file: Path, name: str, start: int, entries: dict[str, dict],
     """Add the header ``entries`` of ``file`` (``name``), whose data section starts at
     byte ``start``, to ``tensors`` in the order of their bytes. Each entry is taken to be
     as safetensors checked it; a TypeError, KeyError or IndexError here means the file
-    was rewritten after that check."""
-    infos = [TensorInfo(key, name, tuple(entry["shape"]), entry["dtype"],
-                        start + entry["data_offsets"][0]) for key, entry in entries.items()]
+    was rewritten after that check.
+
+    The entries are read by ``map`` over C functions, with no Python code run per entry:
+    a checkpoint can have over a hundred thousand of them, and this is part of every
+    load's time before its first read."""
+    values = entries.values()
+    shapes = list(map(tuple, map(_SHAPE, values)))
+    dtypes = list(map(_DTYPE, values))
+    offsets = map(add, repeat(start), map(_FIRST, map(_DATA_OFFSETS, values)))
+    infos = list(map(_NEW_INFO, zip(entries, repeat(name), shapes, dtypes, offsets,
+                                    repeat(()))))
     infos.sort(key=_OFFSET)
-    for info in infos:
-        key, _, shape, dtype, _, _ = info
-        if key in tensors:
-            raise MoekitError(f"tensor {printable(key)} is stored twice: in "
-                              f"{printable(tensors[key].file)} and in {printable(name)}")
-        if dtype not in ITEMSIZES or 0 in shape:
-            _check_entry(file, key, shape, dtype)
-        tensors[key] = info
+    stored_twice = tensors.keys() & entries.keys()
+    if stored_twice:
+        key = next(info.key for info in infos if info.key in stored_twice)
+        raise MoekitError(f"tensor {printable(key)} is stored twice: in "
+                          f"{printable(tensors[key].file)} and in {printable(name)}")
+    if not set(dtypes) <= ITEMSIZES.keys() or any(map(contains, shapes, repeat(0))):
+        for key, _, shape, dtype, _, _ in infos:
+            if dtype not in ITEMSIZES or 0 in shape:
+                _check_entry(file, key, shape, dtype)
+    tensors.update(zip(map(_KEY, infos), infos))
 
 
+_SHAPE, _DTYPE = itemgetter("shape"), itemgetter("dtype")
+_DATA_OFFSETS = itemgetter("data_offsets")
+"""Fields of a safetensors header entry."""
+_FIRST = _KEY = itemgetter(0)
+"""The first item: of an entry's ``data_offsets``, and a TensorInfo's ``key``."""
+_NEW_INFO = partial(tuple.__new__, TensorInfo)
+"""A TensorInfo of a tuple of its six fields, made in C (``TensorInfo._make`` is Python)."""
 _OFFSET = itemgetter(4)
 """A TensorInfo's ``offset``, as a sort key that runs in C."""
 _FILE = itemgetter(1)

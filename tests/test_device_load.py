@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import errno
 import gc
+import itertools
+import math
 import mmap
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -26,6 +29,7 @@ from moekit import MoekitError
 from moekit.planner import analyse_checkpoint
 from moekit.executors import device
 from moekit.executors.device import load_to_device
+from moekit.executors import evaluate
 from moekit.executors.evaluate import fill, stacked_regions
 from moekit.executors.memory import run_plan
 from moekit.executors.native import NATIVE
@@ -140,12 +144,42 @@ def test_a_batch_of_empty_tensors_is_staged(tmp_path):
     _assert_same(staged, _reference(checkpoint_, plan))
 
 
-@pytest.mark.parametrize("starts", [[3, 15, 27, 39], [3, 15, 40, 27], [5]],
-                         ids=["even steps: a view", "uneven: gathered", "one region"])
-def test_regions_of_a_staging_buffer_stack_as_the_regions_do(starts):
-    base = torch.arange(64, dtype=torch.int32)
+def _stacked(base: torch.Tensor, starts: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """``stacked_regions``' pieces put together, each checked to sit where it says."""
+    pieces = stacked_regions(base, starts, shape)
+    assert [first for first, _ in pieces] == list(
+        itertools.accumulate([len(piece) for _, piece in pieces[:-1]], initial=0))
+    return torch.cat([piece for _, piece in pieces])
+
+
+@pytest.mark.parametrize("starts, pieces", [
+    ([3, 15, 27, 39], 1), ([3, 15, 40, 27], 3), ([5], 1), ([40, 3, 15, 27, 39], 2),
+    (list(range(200, 0, -20)), 1)],
+    ids=["even steps: a view", "uneven: a view a run", "one region", "runs after one",
+         "falling: gathered"])
+def test_regions_of_a_staging_buffer_stack_as_the_regions_do(starts, pieces):
+    base = torch.arange(256, dtype=torch.int32)
     expected = torch.stack([base[s:s + 12].view(3, 4) for s in starts])
-    assert torch.equal(stacked_regions(base, starts, (3, 4)), expected)
+    assert torch.equal(_stacked(base, starts, (3, 4)), expected)
+    assert len(stacked_regions(base, starts, (3, 4))) == pieces
+
+
+def test_experts_in_name_order_are_copied_in_runs_and_a_shuffle_is_gathered():
+    # safetensors files order a layer's experts by name: 0, 1, 10, 100, ..., 109, 11, ...
+    region = 6
+    for experts, runs in ((128, 15), (256, 29), (64, 9), (32, 6), (8, 1)):
+        by_name = sorted(range(experts), key=str)
+        starts = [by_name.index(e) * 3 * region for e in range(experts)]
+        base = torch.arange(3 * region * experts, dtype=torch.int16)
+        assert len(stacked_regions(base, starts, (2, 3))) == runs
+        assert torch.equal(_stacked(base, starts, (2, 3)),
+                           torch.stack([base[s:s + region].view(2, 3) for s in starts]))
+    shuffled = random.Random(0).sample(range(128), 128)
+    starts = [e * region for e in shuffled]
+    base = torch.arange(region * 128, dtype=torch.int16)
+    assert len(stacked_regions(base, starts, (2, 3))) == 1
+    assert torch.equal(_stacked(base, starts, (2, 3)),
+                       torch.stack([base[s:s + region].view(2, 3) for s in starts]))
 
 
 def test_load_gives_the_grouped_state_dict(family_checkpoints):
@@ -483,7 +517,7 @@ def test_cuda_gathers_are_queued_without_waiting_for_the_stream():
     starts = [3, 15, 40, 27]
     torch.cuda.set_sync_debug_mode("error")
     try:
-        stacked = stacked_regions(base, starts, (3, 4))
+        stacked = _stacked(base, starts, (3, 4))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(stacked, torch.stack([base[s:s + 12].view(3, 4) for s in starts]))
@@ -819,3 +853,31 @@ def test_overlapping_loads_restore_the_switch_interval_and_collector_when_the_la
         thread.join()
     assert seen == [(False, pytest.approx(min(before, device.SWITCH_INTERVAL)))]
     assert gc.isenabled() and sys.getswitchinterval() == before
+
+
+class _Buffer:
+    """A LocatingSource whose read keys are element offsets into one flat buffer."""
+
+    def __init__(self, base: torch.Tensor) -> None:
+        self.base = base
+
+    def read(self, region: Read) -> torch.Tensor:
+        start = int(region.key)
+        return self.base[start:start + math.prod(region.shape)].view(region.shape)
+
+    def locate(self, regions: list[Read]) -> tuple[torch.Tensor, list[int], tuple[int, ...]]:
+        return self.base, [int(region.key) for region in regions], regions[0].shape
+
+
+@pytest.mark.parametrize("starts", [[0, 6, 12], [12, 0, 6, 18, 30, 24, 42, 36, 48]],
+                         ids=["one run", "runs"])
+def test_a_stack_that_does_not_fit_its_place_is_refused_naming_its_tensor(starts):
+    base = torch.arange(64, dtype=torch.int16)
+    parts = tuple(Read(str(start), (), (2, 3), "I16") for start in starts)
+    fits = torch.empty((len(starts), 2, 3), dtype=torch.int16)
+    assert evaluate._gather_into([parts], [fits], _Buffer(base))
+    assert torch.equal(fits, torch.stack([base[s:s + 6].view(2, 3) for s in starts]))
+    for place in (torch.empty((len(starts) + 1, 2, 3), dtype=torch.int16),
+                  torch.empty((len(starts), 2, 3), dtype=torch.int32)):
+        with pytest.raises(MoekitError, match=f"^{starts[0]} gave .* where the plan expects"):
+            evaluate._gather_into([parts], [place], _Buffer(base))

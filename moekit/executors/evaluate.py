@@ -135,10 +135,15 @@ def _checked(value: torch.Tensor, read: Read, out: torch.Tensor) -> torch.Tensor
     smaller tensor or round another dtype without a word (a source changed after its plan
     was made)."""
     if value.shape != out.shape or value.dtype != out.dtype:
-        raise MoekitError(f"{read.key} gave {list(value.shape)} {value.dtype} where the plan "
-                          f"expects {list(out.shape)} {out.dtype}; was the tensor changed after "
-                          "the plan was made?")
+        raise _misfit(read, tuple(value.shape), value.dtype, out)
     return value
+
+
+def _misfit(read: Read, shape: tuple[int, ...], dtype: torch.dtype, out: torch.Tensor
+            ) -> MoekitError:
+    return MoekitError(f"{read.key} gave {list(shape)} {dtype} where the plan expects "
+                       f"{list(out.shape)} {out.dtype}; was the tensor changed after the plan "
+                       "was made?")
 
 
 def _fill_reshape(expr: Reshape, out: torch.Tensor, source: TensorSource) -> None:
@@ -214,9 +219,21 @@ def _gather_into(stacks: list[tuple[Expr, ...]], outs: list[torch.Tensor],
     gathered = [_gather(parts, source) for parts in stacks]
     if any(found is None for found in gathered):
         return False
-    for (stacked, read), out in zip(gathered, outs):
-        out.copy_(_checked(stacked, read, out))
+    for (pieces, read), out in zip(gathered, outs):
+        _checked_pieces(pieces, read, out)
+        for first, stacked in pieces:
+            out.narrow(0, first, stacked.shape[0]).copy_(stacked)
     return True
+
+
+def _checked_pieces(pieces: list[tuple[int, torch.Tensor]], read: Read, out: torch.Tensor
+                    ) -> None:
+    """``_checked`` for a stack in pieces (``stacked_regions``), whose pieces follow each
+    other and hold regions of one shape and dtype."""
+    last, stacked = pieces[-1]
+    shape = (last + len(stacked), *stacked.shape[1:])
+    if shape != out.shape or stacked.dtype != out.dtype:
+        raise _misfit(read, shape, stacked.dtype, out)
 
 
 @runtime_checkable
@@ -234,11 +251,11 @@ class LocatingSource(Protocol):
 
 
 def _gather(parts: tuple[Expr, ...], source: LocatingSource
-            ) -> tuple[torch.Tensor, Read] | None:
+            ) -> tuple[list[tuple[int, torch.Tensor]], Read] | None:
     """Stacked parts that are all reads (or all transposed reads) of equally shaped
-    regions of the source's buffer, as one view of it when they lie at a constant stride
-    (a layer's experts usually do) or else gathered by one ``index_select`` over a
-    sliding-window view, with the first read (to name it); None for other parts."""
+    regions of the source's buffer, as ``stacked_regions`` gives them (each run of the
+    stack a view, or one gather), with the first read (to name it); None for other
+    parts."""
     kinds = {type(part) for part in parts}
     if kinds == {Transpose}:
         regions = [part.part for part in parts]
@@ -251,24 +268,60 @@ def _gather(parts: tuple[Expr, ...], source: LocatingSource
     spots = source.locate(regions)
     if spots is None:
         return None
-    stacked = stacked_regions(*spots)
-    if kinds == {Transpose}:
-        stacked = stacked.transpose(-2, -1)
-    return stacked, regions[0]
+    return stacked_regions(*spots, transposed=kinds == {Transpose}), regions[0]
 
 
-def stacked_regions(base: torch.Tensor, starts: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+def stacked_regions(base: torch.Tensor, starts: list[int], shape: tuple[int, ...],
+                    transposed: bool = False) -> list[tuple[int, torch.Tensor]]:
     """The regions of ``shape`` at element offsets ``starts`` of the flat ``base``,
-    stacked: a view when the offsets step evenly (by a region or more), else one
-    ``index_select``."""
+    stacked (each with its last two dimensions swapped, if ``transposed``), in pieces:
+    (position in the stack of the piece's first region, the piece).
+    A run of regions whose offsets step evenly (by a region or more) is a view, one piece;
+    where there are more than ``_most_runs(len(starts))`` runs, the stack is one piece
+    gathered by an ``index_select``.
+
+    Files order a layer's experts by name (``experts.10`` before ``experts.2``), so they
+    seldom lie at one stride, but mostly in a few runs that do (``20`` to ``29``; 15 runs
+    for 128 experts, 29 for 256). A copy per run writes each byte once, where a gather
+    writes it twice (into a gathered copy, then into place), and its kernel is loaded
+    into a process that needs a copy anyway: on an H200 host, the first ``index_select``
+    in a process took 45 to 90 ms to load its kernels."""
     numel = math.prod(shape)
-    step = starts[1] - starts[0] if len(starts) > 1 else numel
-    if step >= max(numel, 1) and starts == list(
-            range(starts[0], starts[0] + step * len(starts), step)):
-        strides = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-        return base.as_strided((len(starts), *shape), (step, *strides), starts[0])
-    windows = base.as_strided((base.numel() - numel + 1, numel), (1, 1), 0)
-    return windows.index_select(0, _on_device(starts, base.device)).view(len(starts), *shape)
+    runs = _runs(starts, max(numel, 1))
+    if len(runs) > _most_runs(len(starts)):
+        windows = base.as_strided((base.numel() - numel + 1, numel), (1, 1), 0)
+        gathered = windows.index_select(0, _on_device(starts, base.device))
+        stacked = gathered.view(len(starts), *shape)
+        return [(0, stacked.transpose(-2, -1) if transposed else stacked)]
+    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    if transposed:
+        shape = (*shape[:-2], shape[-1], shape[-2])
+        strides[-2:] = strides[-1], strides[-2]
+    as_strided = base.as_strided
+    return [(first, as_strided((count, *shape), (step, *strides), starts[first]))
+            for first, count, step in runs]
+
+
+def _most_runs(regions: int) -> int:
+    """The most runs a stack of ``regions`` regions is copied in, run by run, rather than
+    gathered: a quarter of them, and at least 8."""
+    return max(8, regions // 4)
+
+
+def _runs(starts: list[int], least: int) -> list[tuple[int, int, int]]:
+    """(first position, count, step) of each run of ``starts`` that steps evenly by
+    ``least`` or more (a region alone is a run of one)."""
+    runs: list[tuple[int, int, int]] = []
+    first, count = 0, len(starts)
+    while first < count:
+        end, step = first + 1, least
+        if end < count and starts[end] - starts[first] >= least:
+            step = starts[end] - starts[first]
+            while end < count and starts[end] - starts[end - 1] == step:
+                end += 1
+        runs.append((first, end - first, step))
+        first = end
+    return runs
 
 
 def _on_device(values: Sequence[float], device: torch.device,
