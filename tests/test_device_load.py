@@ -881,3 +881,18 @@ def test_a_stack_that_does_not_fit_its_place_is_refused_naming_its_tensor(starts
                   torch.empty((len(starts), 2, 3), dtype=torch.int32)):
         with pytest.raises(MoekitError, match=f"^{starts[0]} gave .* where the plan expects"):
             evaluate._gather_into([parts], [place], _Buffer(base))
+
+
+@cuda
+def test_cuda_copy_kernels_are_loaded_once_a_device_and_dtype(monkeypatch):
+    monkeypatch.setattr(evaluate, "_COPIES_LOADED", set())
+    made, empty = [], torch.empty
+
+    def counted(*args, **kwargs):
+        made.append(kwargs["dtype"])
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", counted)
+    evaluate.load_copy_kernels(torch.device("cuda"), ["BF16", "BOOL", "BF16"])
+    evaluate.load_copy_kernels(torch.device("cuda", torch.cuda.current_device()), ["BF16"])
+    assert sorted(made, key=str) == [torch.bfloat16] * 2 + [torch.uint8] * 2

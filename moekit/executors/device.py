@@ -46,7 +46,7 @@ from ..output import deferred_signals
 from ..plan import Plan, Read, TensorPlan, checked_index, nbytes, reads
 from ..sizes import format_size
 from ..sources import FileSource, chunked_error, truncated, unreadable
-from .evaluate import fill
+from .evaluate import fill, load_copy_kernels
 from .memory import run_plan
 from .native import NativeFiles, load_for_later, native_reads
 
@@ -546,6 +546,10 @@ class _Reader:
             if len(in_flight) == self.slots:
                 out.update(self._finish(in_flight.popleft()))
             in_flight.append(self._submit(batch))
+            if batch is batches[0] and self.compute is not None:
+                with self._on_compute():  # while the first reads run
+                    load_copy_kernels(self.device, {t.recipe.dtype for b in batches
+                                                    for t in b.tensors})
         while in_flight:
             out.update(self._finish(in_flight.popleft()))
         if self.compute is not None:
