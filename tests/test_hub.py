@@ -118,6 +118,40 @@ def test_a_cached_config_alone_is_planned(cache, family_checkpoints, tmp_path, c
     assert planned[0] == planned[1]
 
 
+def test_an_expert_parallel_save_plans_from_a_cached_repo_ids_config(
+        cache, family_checkpoints, tmp_path, monkeypatch):
+    """``save_experts(config_from=ORG/NAME)`` plans from the cached snapshot's config.json,
+    copies its files, and keeps the snapshot as a source no save may replace."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import moekit.expert_parallel.save as save_module
+
+    source = family_checkpoints["qwen3_moe"]
+    snapshot = hub_cache(cache, source)
+    planned, plan = [], save_module.local_hf_plan
+
+    def recorded(state_dict, mesh, layout, family=None, config=None):
+        planned.append(config)
+        return plan(state_dict, mesh, layout, family, config)
+
+    monkeypatch.setattr(save_module, "local_hf_plan", recorded)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("ep",))
+        state = moekit.load_experts(source, mesh)
+        moekit.save_experts(state, tmp_path / "saved", mesh, config_from=REPO)
+        with pytest.raises(moekit.MoekitError, match="is the source itself"):
+            moekit.save_experts(state, snapshot, mesh, config_from=REPO, overwrite=True)
+    finally:
+        dist.destroy_process_group()
+    assert planned[0] == json.loads((source / "config.json").read_text())
+    assert (tmp_path / "saved" / "config.json").read_bytes() == (
+        source / "config.json").read_bytes()
+    assert moekit.verify(source, tmp_path / "saved").equal
+
+
 def test_a_local_path_wins_over_a_repo_id(cache, family_checkpoints, tmp_path, monkeypatch,
                                           capsys):
     hub_cache(cache, family_checkpoints["qwen3_moe"])

@@ -36,6 +36,7 @@ from ..checkpoint import (CONFIG_NAME, FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY,
                           Sidecar, read_config_file)
 from ..errors import MoekitError
 from ..executors.streaming import write_index, write_shard
+from ..hub import local_path
 from ..output import (OutputFolder, Stopped, deferred_signals, interruptible, output_error,
                       process_alive, remove_if_abandoned)
 from ..plan import TensorPlan
@@ -57,15 +58,17 @@ class SidecarSource:
     save was planned from it (``config_file``): one that changed since is refused at the
     copy, as ``convert`` refuses it."""
 
-    named: str | Path
+    named: Path
     config_file: Sidecar | None
 
     @classmethod
     def read(cls, config_from: str | Path) -> tuple[dict | None, "SidecarSource"]:
-        """The config of the checkpoint ``config_from`` (None where it has none), and its
-        sidecar files to copy."""
-        config, config_file = read_config_file(Path(config_from)) or (None, None)
-        return config, cls(config_from, config_file)
+        """The config of the checkpoint ``config_from`` (a path, or a Hub repo id read from
+        the local Hub cache, as ``Checkpoint.open`` reads one), None where it has none, and
+        its sidecar files to copy."""
+        named = local_path(config_from, "config_from")
+        config, config_file = read_config_file(named) or (None, None)
+        return config, cls(named, config_file)
 
     def sidecars(self) -> list[Sidecar]:
         """The sidecar files as they are now, but config.json as it was read."""
@@ -86,8 +89,9 @@ def save_experts(state_dict: Mapping[str, torch.Tensor], path: str | Path,
     the state dict as it is, in ``layout``, as one ``torch.distributed.checkpoint`` folder
     that each rank writes its own expert rows into (``moekit convert PATH OUT --to hf``
     reads it back; ``load_experts`` and DCP's own ``load`` read it). ``config_from`` is a
-    checkpoint folder whose non-weight files (config.json, tokenizer, ...) are copied
-    beside the weights; its config also names the model family.
+    checkpoint (a folder, or a Hub repo id in the local Hub cache) whose non-weight files
+    (config.json, tokenizer, ...) are copied beside the weights; its config also names the
+    model family.
     """
     if format not in FORMATS:
         raise MoekitError(f"unknown save_experts format {format!r}: it writes "
@@ -255,7 +259,7 @@ def _agree_on_folder(path: Path, overwrite: bool, sidecars: SidecarSource | None
     output = None
     if dist.get_rank() == 0:
         try:
-            output = OutputFolder(path, [Path(sidecars.named)] if sidecars else [], overwrite)
+            output = OutputFolder(path, [sidecars.named] if sidecars else [], overwrite)
             message = str(output.folder)
         except MoekitError as err:
             message = err

@@ -72,11 +72,12 @@ def save_sharded(state_dict: Mapping[str, torch.Tensor], path: str | Path,
     in ``layout``, as one ``torch.distributed.checkpoint`` folder, which ``load_sharded``
     and DCP's own ``load`` read back. ``layout`` names the grouped layout of the expert
     tensors; ``family`` or ``config_from`` name the model family where the keys leave it
-    open. ``config_from`` is a checkpoint folder whose non-weight files (config.json,
-    tokenizer, ...) are copied beside the weights. Every rank checks its part first; when
-    one cannot, every rank raises a MoekitError naming it and nothing is written. CUDA
-    tensors are staged through the CPU. Ranks whose state dicts differ in a key, or in a
-    tensor's dtype, global shape or placement, are refused first, on every rank.
+    open. ``config_from`` is a checkpoint (a folder, or a Hub repo id in the local Hub
+    cache) whose non-weight files (config.json, tokenizer, ...) are copied beside the
+    weights. Every rank checks its part first; when one cannot, every rank raises a
+    MoekitError naming it and nothing is written. CUDA tensors are staged through the CPU.
+    Ranks whose state dicts differ in a key, or in a tensor's dtype, global shape or
+    placement, are refused first, on every rank.
     """
     if format not in FORMATS:
         raise MoekitError(f"unknown save_sharded format {format!r}: it writes "
