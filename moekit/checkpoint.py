@@ -571,15 +571,16 @@ def _add_entries(file: Path, name: str, start: int, entries: dict[str, dict],
     infos = list(map(_NEW_INFO, zip(entries, repeat(name), shapes, dtypes, offsets,
                                     repeat(()))))
     infos.sort(key=_OFFSET)
-    stored_twice = tensors.keys() & entries.keys()
-    if stored_twice:
-        key = next(info.key for info in infos if info.key in stored_twice)
-        raise MoekitError(f"tensor {printable(key)} is stored twice: in "
-                          f"{printable(tensors[key].file)} and in {printable(name)}")
+    twice = tensors.keys() & entries.keys()  # stored in an earlier file too
+    end = next(i for i, info in enumerate(infos) if info.key in twice) if twice else len(infos)
     if not set(dtypes) <= ITEMSIZES.keys() or any(map(contains, shapes, repeat(0))):
-        for key, _, shape, dtype, _, _ in infos:
+        for key, _, shape, dtype, _, _ in infos[:end]:  # refused in the order of their bytes
             if dtype not in ITEMSIZES or 0 in shape:
                 _check_entry(file, key, shape, dtype)
+    if twice:
+        key = infos[end].key
+        raise MoekitError(f"tensor {printable(key)} is stored twice: in "
+                          f"{printable(tensors[key].file)} and in {printable(name)}")
     tensors.update(zip(map(_KEY, infos), infos))
 
 

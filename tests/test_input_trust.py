@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -470,6 +471,26 @@ def test_a_key_given_twice_with_the_same_entry_is_read(tmp_path, capsys):
     entry = b'"model.x":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}'
     write_raw_header(src / "model.safetensors", b"{" + entry + b"," + entry + b"}", 16)
     assert main(["inspect", str(src)]) == 0
+
+
+@pytest.mark.parametrize("first, refused", [
+    ("a", "tensor a has dtype C64, which moekit does not handle"),
+    ("q", "tensor q is stored twice: in first.safetensors and in second.safetensors")])
+def test_a_shards_entries_are_refused_in_the_order_of_their_bytes(tmp_path, first, refused):
+    """A shard whose entries hold a dtype moekit does not handle and a tensor an earlier
+    shard holds too: the entry whose bytes come first is the one refused."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    write_safetensors(folder / "first.safetensors", {"q": ("F32", (2,))})
+    entries = {"a": '{"dtype":"C64","shape":[1]', "q": '{"dtype":"F32","shape":[2]'}
+    order = [first, *(name for name in entries if name != first)]
+    header = ",".join(f'"{name}":{entries[name]},"data_offsets":[{8 * i},{8 * i + 8}]}}'
+                      for i, name in enumerate(order))
+    write_raw_header(folder / "second.safetensors", ("{" + header + "}").encode(), 16)
+    (folder / INDEX_NAME).write_text(json.dumps({"weight_map": {
+        "q": "first.safetensors", "a": "second.safetensors"}}))
+    with pytest.raises(MoekitError, match=re.escape(refused)):
+        Checkpoint.open(folder)
 
 
 @pytest.mark.parametrize("metadata", [{"format": "pt"}, {"saved": "12:00:00"}])

@@ -1187,6 +1187,43 @@ def test_save_experts_has_the_same_guarantees(qwen3, tmp_path, tmpfs, monkeypatc
 
 
 @pytest.mark.parametrize("save", ["experts", "sharded"])
+def test_an_expert_parallel_save_refuses_a_config_from_that_is_no_checkpoint_up_front(
+        qwen3, tmp_path, monkeypatch, save):
+    """``config_from`` is opened as a checkpoint before anything is written: a folder
+    holding a config.json but no weights is refused, naming it, before the destination's
+    folder is made."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from moekit import load_experts, load_sharded, save_experts, save_sharded
+
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    (config_only / "config.json").write_bytes((qwen3 / "config.json").read_bytes())
+    written, make_folder = [], output.OutputFolder.__init__
+
+    def recorded(self, *args, **kwargs):
+        written.append(args[0])
+        make_folder(self, *args, **kwargs)
+
+    monkeypatch.setattr(output.OutputFolder, "__init__", recorded)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        if save == "experts":
+            mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("ep",))
+            state, run = load_experts(qwen3, mesh), save_experts
+        else:
+            mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "ep"))
+            state, run = load_sharded(qwen3, mesh), save_sharded
+        with pytest.raises(MoekitError, match=str(config_only)):
+            run(state, tmp_path / "out", mesh, config_from=config_only)
+    finally:
+        dist.destroy_process_group()
+    assert written == [] and names(tmp_path) == ["config-only", "qwen3", "store"]
+
+
+@pytest.mark.parametrize("save", ["experts", "sharded"])
 @pytest.mark.parametrize("format", ["safetensors", "dcp"])
 def test_an_expert_parallel_save_refuses_a_config_changed_since_it_was_planned(
         qwen3, tmp_path, monkeypatch, save, format):

@@ -32,11 +32,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..checkpoint import (CONFIG_NAME, FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint,
-                          Sidecar, read_config_file)
+from ..checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint, Sidecar
 from ..errors import MoekitError
 from ..executors.streaming import write_index, write_shard
-from ..hub import local_path
 from ..output import (OutputFolder, Stopped, deferred_signals, interruptible, output_error,
                       process_alive, remove_if_abandoned)
 from ..plan import TensorPlan
@@ -53,29 +51,24 @@ state dict as one DCP folder."""
 
 @dataclass(frozen=True)
 class SidecarSource:
-    """The checkpoint ``config_from`` names, whose sidecar files (config.json, tokenizer,
-    ...) a save copies beside its weights, and its config.json as it was read when the
-    save was planned from it (``config_file``): one that changed since is refused at the
-    copy, as ``convert`` refuses it."""
+    """The checkpoint ``config_from`` names (a path, or a Hub repo id read from the local
+    Hub cache), opened as ``convert`` opens a source: what the user named and its files,
+    which a save may not write into, and its sidecar files (config.json, tokenizer, ...)
+    as they were when it was opened, which the save copies beside its weights (one changed
+    since is refused at the copy, as ``convert`` refuses it). Opened before anything is
+    written, so that a ``config_from`` that is not a checkpoint is refused up front."""
 
     named: Path
-    config_file: Sidecar | None
+    files: tuple[Path, ...]
+    sidecars: tuple[Sidecar, ...]
 
     @classmethod
     def read(cls, config_from: str | Path) -> tuple[dict | None, "SidecarSource"]:
-        """The config of the checkpoint ``config_from`` (a path, or a Hub repo id read from
-        the local Hub cache, as ``Checkpoint.open`` reads one), None where it has none, and
-        its sidecar files to copy."""
-        named = local_path(config_from, "config_from")
-        config, config_file = read_config_file(named) or (None, None)
-        return config, cls(named, config_file)
-
-    def sidecars(self) -> list[Sidecar]:
-        """The sidecar files as they are now, but config.json as it was read."""
-        found = Checkpoint.open(self.named).extra_files()
-        if self.config_file is None:
-            return found
-        return [s for s in found if s.name != CONFIG_NAME] + [self.config_file]
+        """The config of the checkpoint ``config_from`` (None where it has none), and its
+        files and sidecar files."""
+        checkpoint = Checkpoint.open(config_from)
+        return checkpoint.config, cls(checkpoint.named, tuple(checkpoint.source_files()),
+                                      tuple(checkpoint.extra_files()))
 
 
 def save_experts(state_dict: Mapping[str, torch.Tensor], path: str | Path,
@@ -259,7 +252,8 @@ def _agree_on_folder(path: Path, overwrite: bool, sidecars: SidecarSource | None
     output = None
     if dist.get_rank() == 0:
         try:
-            output = OutputFolder(path, [sidecars.named] if sidecars else [], overwrite)
+            output = (OutputFolder(path, [sidecars.named], overwrite, sidecars.files)
+                      if sidecars else OutputFolder(path, [], overwrite))
             message = str(output.folder)
         except MoekitError as err:
             message = err
@@ -359,7 +353,7 @@ def _copy_sidecars(output: OutputFolder, sidecars: SidecarSource | None) -> None
     """Copy the non-weight files (config.json, tokenizer, ...) of the checkpoint
     ``sidecars`` names (``SidecarSource.sidecars``)."""
     if sidecars is not None:
-        output.copy_in(sidecars.sidecars())
+        output.copy_in(list(sidecars.sidecars))
 
 
 def _describe(err: BaseException, path: Path, left: bool = False) -> str:
