@@ -1186,6 +1186,21 @@ def test_save_experts_has_the_same_guarantees(qwen3, tmp_path, tmpfs, monkeypatc
     assert names(notes) == ["notes.txt"] and tree_digest(qwen3) == before
 
 
+def _one_rank_save(qwen3: Path, save: str) -> tuple:
+    """(mesh, state dict, save function) of an expert-parallel save on a group of one rank:
+    ``save_experts`` of ``load_experts`` on an ep mesh, or ``save_sharded`` of
+    ``load_sharded`` on a (dp, ep) mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from moekit import load_experts, load_sharded, save_experts, save_sharded
+
+    if save == "experts":
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("ep",))
+        return mesh, load_experts(qwen3, mesh), save_experts
+    mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "ep"))
+    return mesh, load_sharded(qwen3, mesh), save_sharded
+
+
 @pytest.mark.parametrize("save", ["experts", "sharded"])
 def test_an_expert_parallel_save_refuses_a_config_from_that_is_no_checkpoint_up_front(
         qwen3, tmp_path, monkeypatch, save):
@@ -1193,9 +1208,6 @@ def test_an_expert_parallel_save_refuses_a_config_from_that_is_no_checkpoint_up_
     holding a config.json but no weights is refused, naming it, before the destination's
     folder is made."""
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from moekit import load_experts, load_sharded, save_experts, save_sharded
 
     config_only = tmp_path / "config-only"
     config_only.mkdir()
@@ -1210,12 +1222,7 @@ def test_an_expert_parallel_save_refuses_a_config_from_that_is_no_checkpoint_up_
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
                             world_size=1)
     try:
-        if save == "experts":
-            mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("ep",))
-            state, run = load_experts(qwen3, mesh), save_experts
-        else:
-            mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "ep"))
-            state, run = load_sharded(qwen3, mesh), save_sharded
+        mesh, state, run = _one_rank_save(qwen3, save)
         with pytest.raises(MoekitError, match=str(config_only)):
             run(state, tmp_path / "out", mesh, config_from=config_only)
     finally:
@@ -1231,9 +1238,6 @@ def test_an_expert_parallel_save_refuses_a_config_changed_since_it_was_planned(
     rewritten before it is copied beside the weights is refused, naming it, and nothing is
     put in place (on a group of one rank)."""
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from moekit import load_experts, load_sharded, save_experts, save_sharded
 
     config, make_folder = qwen3 / "config.json", output.OutputFolder.__init__
 
@@ -1244,12 +1248,7 @@ def test_an_expert_parallel_save_refuses_a_config_changed_since_it_was_planned(
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
                             world_size=1)
     try:
-        if save == "experts":
-            mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("ep",))
-            state, run = load_experts(qwen3, mesh), save_experts
-        else:
-            mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "ep"))
-            state, run = load_sharded(qwen3, mesh), save_sharded
+        mesh, state, run = _one_rank_save(qwen3, save)
         monkeypatch.setattr(output.OutputFolder, "__init__", rewritten_once_writing_begins)
         with pytest.raises(MoekitError, match=f"{config} changed since .*size went from"):
             run(state, tmp_path / "out", mesh, config_from=qwen3, format=format)
