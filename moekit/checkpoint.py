@@ -179,7 +179,7 @@ class Checkpoint:
 
         data_files = {name: FileIdentity.of(member_file(folder, name).stat())
                       for name in sorted(p.name for p in folder.glob("*.distcp"))}
-        tensors = read_tensors(folder)
+        tensors, made = read_tensors(folder)
         used = list(dict.fromkeys(run.file for t in tensors.values()
                                   for run in t.chunks or (t,)))
         missing = [name for name in used if name not in data_files]
@@ -192,7 +192,7 @@ class Checkpoint:
             read.append(config_file.path)
         return cls(path=folder, tensors=tensors, config=config,
                    sidecars=_sidecars(folder, {DCP_METADATA_NAME, *data_files}, config_file),
-                   read=read, identities={name: data_files[name] for name in used})
+                   read=read, identities={name: data_files[name] for name in used}, made=made)
 
     @classmethod
     def _open_megatron(cls, path: Path) -> "Checkpoint":

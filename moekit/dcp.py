@@ -58,7 +58,7 @@ from .executors.evaluate import KeepingStatistics, materialize
 from .executors.streaming import shard_tensors
 from .gc_pauses import COLLECTOR_OFF
 from .output import interruptible, output_error
-from .plan import Plan, TensorPlan, nbytes
+from .plan import Concat, Expr, Plan, Read, TensorPlan, nbytes
 from .progress import progress
 from .sources import TensorSource
 
@@ -343,24 +343,113 @@ _TORCH_DTYPES = {
 (``_rebuild_tensor_v3``: float8 and the unsigned types)."""
 
 
-def read_tensors(folder: Path) -> dict[str, TensorInfo]:
-    """Every tensor of the DCP checkpoint in ``folder``, in saved order.
+def read_tensors(folder: Path) -> tuple[dict[str, TensorInfo], dict[str, Expr]]:
+    """Every tensor of the DCP checkpoint in ``folder``, in saved order, and what makes
+    the tensors stored in blocks (``Checkpoint.made``; empty where there are none).
 
     DCP's ``FileSystemWriter`` stores each tensor as a ``torch.save`` archive inside a
     ``.distcp`` file; the archive keeps the tensor's one storage uncompressed, so a
     tensor saved whole, row-major, is a run of raw bytes in that file, read and copied as
     a safetensors tensor is. A tensor that ranks saved in row chunks (``Shard(0)``
     DTensors: expert rows split over expert-parallel ranks) is its chunks in row order,
-    each such a run (``TensorInfo.chunks``). A tensor saved in chunks split along other
-    dimensions, strided, with an offset into a larger storage, or compressed, and any
-    entry that is not a tensor, is refused naming it.
+    each such a run (``TensorInfo.chunks``).
+
+    A tensor saved in chunks that split other dimensions (``Shard(1)`` DTensors of tensor
+    parallelism, or blocks of a 2-D mesh) is read as its chunks, each a tensor of its own
+    named ``KEY/chunk_OFFSETS``, and made by concatenating them (``_tiled``); the other
+    tensors are then each made by reading itself. A tensor saved strided, with an offset
+    into a larger storage, or compressed, chunks that leave a gap or overlap, and any entry
+    that is not a tensor, are refused naming it.
     """
     metadata = _read_metadata(folder / DCP_METADATA_NAME)
-    tensors = {}
+    tensors: dict[str, TensorInfo] = {}
+    tiled: dict[str, Expr] = {}
     with _as_written(folder / DCP_METADATA_NAME):
-        for key, entry in metadata.state_dict_metadata.items():
-            tensors[key] = _tensor(folder, key, entry, metadata.storage_data)
-    return tensors
+        entries = metadata.state_dict_metadata
+        for key, entry in entries.items():
+            where = f"{printable(str(folder / DCP_METADATA_NAME))}: {printable(key)}"
+            if not isinstance(entry, TensorStorageMetadata):
+                raise MoekitError(f"{where} is not a tensor ({type(entry).__name__}): moekit "
+                                  "reads checkpoints of model weights only")
+            shape, dtype = tuple(entry.size), _dtype(entry, where)
+            if _in_rows(entry.chunks, shape):
+                tensors[key] = _tensor(folder, key, entry, metadata.storage_data, where)
+                continue
+            chunks, tiled[key] = _tiled(folder, key, entry, metadata.storage_data, where)
+            named = next((name for name in chunks if name in entries), None)
+            if named is not None:
+                raise MoekitError(f"{where} is saved in blocks, which moekit names as "
+                                  f"{printable(named)}, a tensor of the checkpoint too")
+            tensors.update(chunks)
+        if not tiled:
+            return tensors, {}
+        return tensors, {key: tiled[key] if key in tiled else Read.whole(key, tensors[key])
+                         for key in entries}
+
+
+def _in_rows(chunks: list, shape: tuple[int, ...]) -> bool:
+    """True when ``chunks`` are the whole tensor, or each holds whole rows (every
+    dimension but the first whole): what ``_row_chunks`` reads (or refuses, for rows
+    missing), and a tensor with no elements."""
+    if math.prod(shape) == 0 or len(chunks) == 1 and not any(chunks[0].offsets):
+        return True
+    return all(len(chunk.sizes) == len(shape) and tuple(chunk.sizes)[1:] == shape[1:]
+               and not any(tuple(chunk.offsets)[1:]) for chunk in chunks)
+
+
+def _tiled(folder: Path, key: str, entry: TensorStorageMetadata, storage_data,
+           where: str) -> tuple[dict[str, TensorInfo], Expr]:
+    """The chunks of a tensor saved in blocks, each a tensor named ``KEY/chunk_OFFSETS``
+    (chunks with no elements left out), and the recipe that concatenates them into it;
+    the blocks are checked to tile the tensor before their bytes are looked for."""
+    shape, dtype = tuple(entry.size), _dtype(entry, where)
+    blocks, chunks = [], {}
+    for chunk in entry.chunks:
+        offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+        if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
+                start < 0 or size < 0 or start + size > n
+                for start, size, n in zip(offsets, sizes, shape)):
+            raise MoekitError(f"{where}: a chunk at {list(offsets)} of {list(sizes)} lies "
+                              f"outside its shape {list(shape)}")
+        if math.prod(sizes):
+            name = f"{key}/chunk_{'.'.join(map(str, offsets))}"
+            blocks.append((offsets, sizes, Read(name, (), sizes, dtype)))
+            chunks[name] = chunk
+    recipe = _assembled(blocks, (0,) * len(shape), shape, where)
+    return {name: TensorInfo(name, *_run(folder, key, chunk, dtype, storage_data, where))
+            for name, chunk in chunks.items()}, recipe
+
+
+def _assembled(blocks: list[tuple[tuple[int, ...], tuple[int, ...], Read]],
+               low: tuple[int, ...], high: tuple[int, ...], where: str, dim: int = 0) -> Expr:
+    """The recipe of the box ``[low, high)`` of a tensor from the ``blocks`` inside it: a
+    block that is the box is read whole; else the box is cut along its first dimension
+    from ``dim`` on whose block starts cut it into slabs that no block crosses, and the
+    slabs, each assembled so from the next dimension on, are concatenated. A grid of
+    blocks (DTensor shards on a mesh of any shape, even or not) is cut so, one dimension
+    a level."""
+    if len(blocks) == 1:
+        offsets, sizes, read = blocks[0]
+        if offsets == low and tuple(map(sum, zip(offsets, sizes))) == high:
+            return read
+    for dim in range(dim, len(low)):
+        slabs: dict[int, list] = {}
+        for block in blocks:
+            slabs.setdefault(block[0][dim], []).append(block)
+        starts = sorted(slabs)
+        if starts[:1] != [low[dim]]:
+            break
+        if len(starts) == 1:
+            continue
+        ends = dict(zip(starts, [*starts[1:], high[dim]]))
+        if all(offsets[dim] + sizes[dim] == ends[offsets[dim]] for offsets, sizes, _ in blocks):
+            return Concat(tuple(
+                _assembled(slabs[start], (*low[:dim], start, *low[dim + 1:]),
+                           (*high[:dim], ends[start], *high[dim + 1:]), where, dim + 1)
+                for start in starts), dim)
+    raise MoekitError(f"{where}: its chunks do not tile it (they leave a gap or overlap); "
+                      "moekit reads tensors saved whole or in blocks that tile them, as "
+                      "DTensor shards do")
 
 
 @contextmanager
@@ -471,13 +560,10 @@ class _Unpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("it refers to external storage")
 
 
-def _tensor(folder: Path, key: str, entry, storage_data) -> TensorInfo:
+def _tensor(folder: Path, key: str, entry: TensorStorageMetadata, storage_data,
+            where: str) -> TensorInfo:
     """Where the bytes of one tensor entry of ``.metadata`` lie: one run, or one run per
     row chunk."""
-    where = f"{printable(str(folder / DCP_METADATA_NAME))}: {printable(key)}"
-    if not isinstance(entry, TensorStorageMetadata):
-        raise MoekitError(f"{where} is not a tensor ({type(entry).__name__}): moekit reads "
-                          "checkpoints of model weights only")
     shape = tuple(entry.size)
     dtype = _dtype(entry, where)
     chunks = _row_chunks(entry.chunks, shape, where)
@@ -509,9 +595,8 @@ def _row_chunks(chunks: list, shape: tuple[int, ...], where: str) -> list:
     for chunk in ordered:
         if not shape or (tuple(chunk.offsets), tuple(chunk.sizes)[1:]) != (
                 (row, *[0] * (len(shape) - 1)), shape[1:]):
-            raise MoekitError(f"{where} is saved in {len(chunks)} chunks that do not split it "
-                              "by rows (dimension 0) alone; moekit reads tensors saved whole "
-                              "or as Shard(0) row chunks")
+            raise MoekitError(f"{where} is saved in {len(chunks)} row chunks that leave a gap "
+                              "or overlap")
         row += chunk.sizes[0]
     if row != shape[0]:
         raise MoekitError(f"{where}: its chunks hold {row} of its {shape[0]} rows")

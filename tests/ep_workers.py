@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
@@ -301,6 +302,29 @@ def save_dcp_and_load(rank: int, world: int, store: str, src: str, out: str, lay
     save_experts(state, out, mesh, layout=layout, config_from=src, format="dcp")
     asked = _load_dcp_like_safetensors(mesh, out, src, layout)
     Path(log_dir, f"{rank}.json").write_text(json.dumps([asked]))
+    finish()
+
+
+def save_tensor_parallel(rank: int, world: int, store: str, src: str, out: str) -> None:
+    """Save the HF checkpoint ``src`` with DCP's own ``save`` as tensor-parallel ranks hold
+    it: every tensor of two or more dimensions a DTensor split along its columns
+    (``Shard(1)``) over all ranks, the others replicated; or on four ranks a (dp, tp) mesh
+    of 2 x 2 splitting the matrices' rows over dp too, and the other tensors' rows over dp
+    (as FSDP does). Rank 0 copies ``config.json`` beside the folder's data."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    _init(rank, world, store)
+    shape = (2, world // 2) if world == 4 else (world,)
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "tp")[-len(shape):])
+    split = {2: [Shard(0), Shard(1)] if world == 4 else [Shard(1)],
+             1: [Shard(0), Replicate()] if world == 4 else [Replicate()]}
+    state = {key: distribute_tensor(value, mesh, split[min(value.dim(), 2)])
+             if value.dim() and value.numel() > 1 else distribute_tensor(
+                 value, mesh, [Replicate()] * len(shape))
+             for key, value in load_all(Path(src)).items()}
+    torch.distributed.checkpoint.save(state, checkpoint_id=out)
+    if rank == 0:
+        Path(out, "config.json").write_bytes(Path(src, "config.json").read_bytes())
     finish()
 
 

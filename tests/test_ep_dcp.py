@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import random
 
 import pytest
 import torch
@@ -131,14 +132,66 @@ def test_an_unknown_save_format_is_refused(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("world", [3, 4], ids=["tp=3", "dp=2 x tp=2"])
+def test_a_tensor_parallel_dcp_folder_reads_as_the_model_it_holds(qwen3_10, tmp_path, world):
+    """A DCP folder saved by tensor-parallel ranks, its matrices split into columns (on 3
+    ranks unevenly), and on a 2 x 2 mesh into rows and columns: what moekit reads,
+    converts to HF files and loads in nemo layout (through the device executor's staging
+    too, on the CPU) equals the source tensors and what DCP's own reader assembles, bit
+    for bit."""
+    out = tmp_path / "tp"
+    spawn(ep_workers.save_tensor_parallel, world, tmp_path, str(qwen3_10), str(out))
+    source = load_all(qwen3_10)
+    theirs = {key: torch.empty_like(value) for key, value in source.items()}
+    dcp.load(theirs, storage_reader=dcp.FileSystemReader(out), no_dist=True)
+    assert all(same_bytes(theirs[key], source[key]) for key in source)
+    assert main(["convert", str(out), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert same_checkpoint(qwen3_10, tmp_path / "hf")
+    expected = load(qwen3_10, "nemo")
+    loads = [load(out, "nemo")]
+    if world == 3:  # no tensor in row chunks: the device executor's staging reads it
+        checkpoint, analysis = analyse_checkpoint(out)
+        loads.append(load_to_device(build_plan(analysis, layout_named("nemo")), checkpoint,
+                                    "cpu", readers=2))
+    for nemo in loads:
+        assert nemo.keys() == expected.keys()
+        assert all(same_bytes(nemo[key], expected[key]) for key in expected)
+
+
+@pytest.mark.parametrize("rows, columns", [((0, 3, 5, 9), (0, 2, 7, 8)), ((0,), (0, 4)),
+                                            ((0, 1), (0,))], ids=["uneven grid", "columns", "rows"])
+def test_blocks_of_any_grid_assemble_into_their_tensor(rows, columns):
+    """Blocks cut by any grid, in any order, assemble into the tensor they cut."""
+    from moekit.dcp import _assembled
+    from moekit.executors.evaluate import materialize
+    from moekit.plan import Read
+    from moekit.sources import DictSource
+
+    whole = torch.randn(10, 11)
+    blocks, stored = [], {}
+    for top, bottom in zip(rows, [*rows[1:], 10]):
+        for left, right in zip(columns, [*columns[1:], 11]):
+            name = f"w/chunk_{top}.{left}"
+            stored[name] = whole[top:bottom, left:right].contiguous()
+            blocks.append(((top, left), (bottom - top, right - left),
+                           Read(name, (), tuple(stored[name].shape), "F32")))
+    random.Random(0).shuffle(blocks)
+    assert same_bytes(materialize(_assembled(blocks, (0, 0), (10, 11), "w"),
+                                  DictSource(stored)), whole)
+
+
 @pytest.mark.parametrize("chunks,refusal", [
-    ([((0, 0), (4, 3)), ((0, 3), (4, 3))], "do not split it by rows"),
-    ([((0, 0), (1, 6)), ((2, 0), (2, 6))], "do not split it by rows"),
+    ([((0, 0), (1, 6)), ((2, 0), (2, 6))], "row chunks that leave a gap or overlap"),
     ([((0, 0), (1, 6)), ((1, 0), (2, 6))], "its chunks hold 3 of its 4 rows"),
+    ([((0, 0), (4, 3)), ((0, 2), (4, 3))], "its chunks do not tile it"),
+    ([((0, 0), (4, 3)), ((1, 3), (3, 3))], "its chunks do not tile it"),
+    ([((0, 0), (4, 3)), ((0, 3), (4, 3)), ((2, 0), (2, 3))], "its chunks do not tile it"),
+    ([((0, 0), (4, 3)), ((0, 3), (4, 4))], "a chunk at [0, 3] of [4, 4] lies outside"),
 ])
-def test_chunks_that_are_not_row_shards_are_refused(tmp_path, capsys, chunks, refusal):
-    """A .metadata whose chunks of a tensor are not its rows one after another (split
-    along another dimension, a gap, rows missing) is refused naming the tensor."""
+def test_chunks_that_do_not_tile_the_tensor_are_refused(tmp_path, capsys, chunks, refusal):
+    """A .metadata whose chunks of a tensor do not tile it (rows with a gap or missing,
+    blocks that overlap, leave a gap or reach outside it) is refused naming the
+    tensor."""
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 
     folder = tmp_path / "ckpt"
