@@ -8,12 +8,11 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from .checkpoint import TensorInfo
 from .errors import MoekitError, compress_ranges, printable, shortened
 from .gc_pauses import without_gc_pauses
 from .layouts.base import ExpertBlock
 from .layouts.families import FP8_SCALE_KEY, MXFP4_BLOCKS_KEY, MXFP4_SCALES_KEY
-from .plan import nbytes
+from .plan import TensorMeta, nbytes
 from .planner import Analysis, analyse_checkpoint, layer_numbers, unread_experts
 from .sizes import format_size
 
@@ -103,6 +102,7 @@ def inspect(path: str | Path, from_: str | None = None) -> CheckpointInfo:
     dtypes: dict[str, int] = defaultdict(int)
     for info in checkpoint.tensors.values():
         dtypes[info.dtype] += _nbytes(tuple(info.shape), info.dtype)
+    model = checkpoint.made or checkpoint.tensors  # the model's tensors, however stored
     layer_bytes = _layer_bytes(analysis)
     moe = sorted(analysis.blocks)
     first = analysis.blocks[moe[0]] if moe else None
@@ -120,10 +120,10 @@ def inspect(path: str | Path, from_: str | None = None) -> CheckpointInfo:
         shared_expert_intermediate_size=_shared_size(analysis),
         expert_pieces=[p for p in analysis.family.all_pieces
                        if first and any(q == p for q, _ in first.pieces)],
-        quantization=_quantization(checkpoint.tensors),
+        quantization=_quantization(model),
         expert_groups=_expert_groups(first, analysis),
         dtypes=dict(dtypes), total_bytes=sum(dtypes.values()), layer_bytes=layer_bytes,
-        n_tensors=len(checkpoint.tensors))
+        n_tensors=len(model))
 
 
 def _expert_groups(first: ExpertBlock | None, analysis: Analysis) -> list[dict[str, object]]:
@@ -147,7 +147,7 @@ def _mtp_layers(moe: list[int], analysis: Analysis) -> list[int]:
     return [layer for layer in moe if rule is not None and layer in rule.extra]
 
 
-def _quantization(tensors: Mapping[str, TensorInfo]) -> str | None:
+def _quantization(tensors: Mapping[str, TensorMeta]) -> str | None:
     """FP8 weights with ``weight_scale_inv`` block scales (the block size is what makes
     the scale shape ``ceil(out/block)`` x ``ceil(in/block)``), or MXFP4 ``*_blocks`` with
     ``*_scales``."""

@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from moekit import MoekitError, convert, expert_range, load, samples
 from moekit.cli import main
 from moekit.executors.device import load_to_device, read_plan
+from moekit.inspection import inspect
 from moekit.layouts import layout_named
 from moekit.planner import analyse_checkpoint, build_plan
 
@@ -145,6 +146,7 @@ def test_a_tensor_parallel_dcp_folder_reads_as_the_model_it_holds(qwen3_10, tmp_
     theirs = {key: torch.empty_like(value) for key, value in source.items()}
     dcp.load(theirs, storage_reader=dcp.FileSystemReader(out), no_dist=True)
     assert all(same_bytes(theirs[key], source[key]) for key in source)
+    assert inspect(out).n_tensors == len(source)  # the model's tensors, not its blocks
     assert main(["convert", str(out), str(tmp_path / "hf"), "--to", "hf"]) == 0
     assert same_checkpoint(qwen3_10, tmp_path / "hf")
     expected = load(qwen3_10, "nemo")
