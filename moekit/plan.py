@@ -11,6 +11,8 @@ tensor byte is read. Executors (``moekit.executors``) turn recipes into tensors.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -299,14 +301,53 @@ def _read(expr: Read, made: Mapping[str, Expr]) -> Expr:
     """The recipe of the tensor read. A conversion from per-expert HF tensors (what every
     upcycling target and Megatron-Core checkpoint holds) reads each of them whole;
     upcycling reads slices of a dense MLP's projections, which a Megatron-Core checkpoint
-    holds as one read of a stored chunk each, so that the slice is a read of that chunk."""
+    holds as one read of a stored chunk each, so that the slice is a read of that chunk;
+    a grouped tensor that a DCP folder stores in blocks (``Concat`` of reads) is read in
+    part by reading the blocks the part reaches (``_region_of``)."""
     recipe = made[expr.key]
     if expr.is_whole:
         return recipe
-    if not isinstance(recipe, Read):
+    return _region_of(recipe, expr.region, expr)
+
+
+def _region_of(recipe: Expr, region: tuple[Index, ...], expr: Read) -> Expr:
+    """``recipe[region]`` as a recipe, for a read or a concatenation (not interleaved) of
+    such recipes: the parts ``region`` reaches along the concatenated dimension, each read
+    in part, concatenated again (a single part alone)."""
+    if isinstance(recipe, Read):
+        return Read(recipe.key, _within(recipe, region), _region_shape(recipe.shape, region),
+                    recipe.dtype)
+    if not isinstance(recipe, Concat) or recipe.interleave:
         raise TypeError(f"a plan reads {expr.key} in part; no recipe node reads part of a "
                         f"recipe ({describe(recipe)})")
-    return Read(recipe.key, _within(recipe, expr.region), expr.shape, recipe.dtype)
+    dim = recipe.dim
+    region = (*region, *[slice(None)] * (dim + 1 - len(region)))
+    before, item, after = region[:dim], region[dim], region[dim + 1:]
+    lows = list(itertools.accumulate((part.shape[dim] for part in recipe.parts), initial=0))
+    if isinstance(item, int):
+        at = checked_index(item, recipe.shape[dim])
+        part = bisect.bisect_right(lows, at) - 1
+        return _region_of(recipe.parts[part], (*before, at - lows[part], *after), expr)
+    start, stop, step = item.indices(recipe.shape[dim])
+    if step < 0:
+        raise TypeError(f"a plan reads {expr.key} backwards ({item}), which no plan does")
+    picked = []
+    for part, low, high in zip(recipe.parts, lows, lows[1:]):
+        first = start if start >= low else start + -(-(low - start) // step) * step
+        if first < min(high, stop):
+            picked.append(_region_of(part, (*before, slice(first - low, min(high, stop) - low,
+                                                           step), *after), expr))
+    if not picked:  # the region holds nothing along ``dim``
+        picked = [_region_of(recipe.parts[0], (*before, slice(0, 0), *after), expr)]
+    kept = dim - sum(isinstance(index, int) for index in before)
+    return picked[0] if len(picked) == 1 else Concat(tuple(picked), kept)
+
+
+def _region_shape(shape: tuple[int, ...], region: tuple[Index, ...]) -> tuple[int, ...]:
+    """The shape of ``region`` of a tensor of ``shape``."""
+    region = (*region, *[slice(None)] * (len(shape) - len(region)))
+    return tuple(len(range(*index.indices(size))) for index, size in zip(region, shape)
+                 if isinstance(index, slice))
 
 
 def checked_index(item: int, size: int) -> int:
@@ -355,10 +396,12 @@ def _part(expr: Transpose | Reshape | Scale | Cast, made: Mapping[str, Expr]) ->
 def _checked(expr: RequireZeros | Redraw, made: Mapping[str, Expr]) -> Expr:
     """A node with a part and a tensor read beside it (the zeros checked, the statistics
     drawn from), which stays a read: of a stored tensor, or a part of one."""
-    other = composed(expr.stats if isinstance(expr, Redraw) else expr.checked, made)
-    if not isinstance(other, Read):
-        raise TypeError(f"{describe(expr)} reads a tensor made by {describe(other)}, not "
-                        "read from one")
+    read = expr.stats if isinstance(expr, Redraw) else expr.checked
+    other = composed(read, made)
+    if not isinstance(other, Read):  # a tensor stored in blocks (a tensor-parallel save)
+        raise MoekitError(f"{describe(expr)} reads {read.key}, which the checkpoint stores in "
+                          f"pieces ({describe(other)}); convert the checkpoint to HF files "
+                          "first (moekit convert SRC DST --to hf) and use those")
     field_name = "stats" if isinstance(expr, Redraw) else "checked"
     return replace(expr, part=composed(expr.part, made), **{field_name: other})
 

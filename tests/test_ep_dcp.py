@@ -6,6 +6,7 @@ what loading from the safetensors checkpoint gives."""
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import random
 
@@ -160,6 +161,51 @@ def test_a_tensor_parallel_dcp_folder_reads_as_the_model_it_holds(qwen3_10, tmp_
         assert all(same_bytes(nemo[key], expected[key]) for key in expected)
 
 
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory):
+    """A tiny GPT-OSS, whose HF files hold each layer's experts grouped."""
+    return samples.save_model(samples.build_model("gpt_oss"),
+                              tmp_path_factory.mktemp("ep-dcp") / "gpt-oss")
+
+
+def test_grouped_experts_stored_in_blocks_are_read_in_part(gpt_oss, tmp_path):
+    """GPT-OSS's grouped experts saved by tensor-parallel ranks (each [E, ...] tensor split
+    along its dimension 1): a conversion reads each expert's part of the blocks, and gives
+    the source's tensors bit for bit."""
+    out = tmp_path / "tp"
+    spawn(ep_workers.save_tensor_parallel, 2, tmp_path, str(gpt_oss), str(out))
+    assert main(["convert", str(out), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert same_checkpoint(gpt_oss, tmp_path / "hf")
+    for layout in ("nemo", "vllm"):
+        expected, got = load(gpt_oss, layout), load(out, layout)
+        assert got.keys() == expected.keys()
+        assert all(same_bytes(got[key], expected[key]) for key in expected)
+
+
+def test_what_cannot_read_tensors_stored_in_blocks_is_refused_up_front(tmp_path, capsys):
+    """A dense model saved by tensor-parallel ranks: upcycled by splitting its MLP
+    (granular) into the same bytes as from its HF files; Drop-Upcycling, whose redrawn
+    rows take statistics of a whole stored tensor, and merge, which reads tensors by their
+    stored names, refuse it naming it."""
+    dense = samples.save_model(samples.build_model("qwen3"), tmp_path / "dense")
+    out = tmp_path / "tp"
+    spawn(ep_workers.save_tensor_parallel, 2, tmp_path, str(dense), str(out))
+    for source, folder in ((dense, "from-hf"), (out, "from-tp")):
+        assert main(["upcycle", str(source), str(tmp_path / folder), "--experts", "4",
+                     "--method", "granular", "--granularity", "2", "--top-k", "2"]) == 0
+    assert same_checkpoint(tmp_path / "from-hf", tmp_path / "from-tp")
+    capsys.readouterr()
+    assert main(["upcycle", str(out), str(tmp_path / "drop"), "--experts", "4",
+                 "--method", "drop", "--top-k", "2"]) == 2
+    assert "stores in pieces" in capsys.readouterr().err
+    merge = tmp_path / "merge.yaml"
+    merge.write_text(f"base_model: {out}\ngate_mode: random\ndtype: float32\nexperts:\n"
+                     f"  - source_model: {dense}\n  - source_model: {dense}\n")
+    assert main(["merge", str(merge), str(tmp_path / "merged")]) == 2
+    assert "stores the model's tensors in pieces" in capsys.readouterr().err
+    assert not (tmp_path / "drop").exists() and not (tmp_path / "merged").exists()
+
+
 @pytest.mark.parametrize("rows, columns", [((0, 3, 5, 9), (0, 2, 7, 8)), ((0,), (0, 4)),
                                             ((0, 1), (0,))], ids=["uneven grid", "columns", "rows"])
 def test_blocks_of_any_grid_assemble_into_their_tensor(rows, columns):
@@ -180,6 +226,35 @@ def test_blocks_of_any_grid_assemble_into_their_tensor(rows, columns):
     random.Random(0).shuffle(blocks)
     assert same_bytes(materialize(_assembled(blocks, (0, 0), (10, 11), "w"),
                                   DictSource(stored)), whole)
+
+
+def test_any_part_of_a_tensor_stored_in_blocks_reads_the_blocks_it_reaches():
+    """A region (ints, slices with steps, empty slices) of a tensor assembled from a grid
+    of blocks is a recipe over the blocks giving exactly that region."""
+    from moekit.dcp import _assembled
+    from moekit.executors.evaluate import materialize
+    from moekit.plan import Read, composed
+    from moekit.sources import DictSource
+
+    rng = random.Random(0)
+    for _ in range(300):
+        shape = (rng.randint(1, 6), rng.randint(1, 6), rng.randint(1, 3))
+        whole = torch.arange(math.prod(shape), dtype=torch.int32).view(shape)
+        cuts = [[0, *sorted(rng.sample(range(1, n), min(2, n - 1)))] for n in shape[:2]]
+        blocks, stored = [], {}
+        for top, bottom in zip(cuts[0], [*cuts[0][1:], shape[0]]):
+            for left, right in zip(cuts[1], [*cuts[1][1:], shape[1]]):
+                stored[f"{top}.{left}"] = whole[top:bottom, left:right].contiguous()
+                blocks.append(((top, left, 0), (bottom - top, right - left, shape[2]),
+                               Read(f"{top}.{left}", (), tuple(stored[f"{top}.{left}"].shape),
+                                    "I32")))
+        region = tuple(rng.randrange(n) if rng.random() < 0.3 else slice(
+            (a := rng.randint(0, n)), rng.randint(a, n), rng.randint(1, 3))
+            for n in shape[:rng.randint(0, 3)])
+        expected = whole[region]
+        read = Read("w", region, tuple(expected.shape), "I32")
+        recipe = composed(read, {"w": _assembled(blocks, (0, 0, 0), shape, "w")})
+        assert torch.equal(materialize(recipe, DictSource(stored)), expected), (shape, region)
 
 
 @pytest.mark.parametrize("chunks,refusal", [

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from ..checkpoint import Checkpoint
 from ..conversion import run_job
-from ..errors import MoekitError
+from ..errors import MoekitError, printable
 from ..plan import Read
 from ..sources import FileSource
 from .config import MergeConfig, load_merge_config
@@ -33,6 +33,12 @@ def plan_merge(config: MergeConfig | str | Path, seed: int = 0
                 by_name[name] = Checkpoint.open(name)
             except MoekitError as err:
                 raise MoekitError(f"{role}: {err}") from None
+            if by_name[name].made:  # merge reads tensors by their stored names
+                raise MoekitError(
+                    f"{role}: {printable(name)} stores the model's tensors in pieces (a "
+                    "Megatron-Core folder, or a DCP folder saved with tensor parallelism), "
+                    "which merge does not read: convert it to HF files first (moekit convert "
+                    "SRC DST --to hf) and merge those")
         return by_name[name]
 
     opened = {BASE_TAG: checkpoint(merge.base_model, "base_model")}
