@@ -421,18 +421,19 @@ def _tiled(folder: Path, key: str, entry: TensorStorageMetadata, storage_data,
 
 
 def _assembled(blocks: list[tuple[tuple[int, ...], tuple[int, ...], Read]],
-               low: tuple[int, ...], high: tuple[int, ...], where: str, dim: int = 0) -> Expr:
+               low: tuple[int, ...], high: tuple[int, ...], where: str) -> Expr:
     """The recipe of the box ``[low, high)`` of a tensor from the ``blocks`` inside it: a
     block that is the box is read whole; else the box is cut along its first dimension
-    from ``dim`` on whose block starts cut it into slabs that no block crosses, and the
-    slabs, each assembled so from the next dimension on, are concatenated. A grid of
-    blocks (DTensor shards on a mesh of any shape, even or not) is cut so, one dimension
-    a level."""
+    whose block starts cut it into slabs that no block crosses, and the slabs, each
+    assembled so, are concatenated. A grid of blocks (DTensor shards on a mesh of any
+    shape, even or not) is cut so. The blocks of a slab share their start on each
+    dimension cut above it, so no dimension is cut twice on the way down: at most one
+    level a dimension."""
     if len(blocks) == 1:
         offsets, sizes, read = blocks[0]
         if offsets == low and tuple(map(sum, zip(offsets, sizes))) == high:
             return read
-    for dim in range(dim, len(low)):
+    for dim in range(len(low)):
         slabs: dict[int, list] = {}
         for block in blocks:
             slabs.setdefault(block[0][dim], []).append(block)
@@ -445,7 +446,7 @@ def _assembled(blocks: list[tuple[tuple[int, ...], tuple[int, ...], Read]],
         if all(offsets[dim] + sizes[dim] == ends[offsets[dim]] for offsets, sizes, _ in blocks):
             return Concat(tuple(
                 _assembled(slabs[start], (*low[:dim], start, *low[dim + 1:]),
-                           (*high[:dim], ends[start], *high[dim + 1:]), where, dim + 1)
+                           (*high[:dim], ends[start], *high[dim + 1:]), where)
                 for start in starts), dim)
     raise MoekitError(f"{where}: its chunks do not tile it (they leave a gap or overlap); "
                       "moekit reads tensors saved whole or in blocks that tile them, as "

@@ -138,8 +138,8 @@ class FileSource:
 def chunked_error(info: TensorInfo) -> MoekitError:
     """The refusal of a tensor saved in row chunks where one location is needed (a reader
     of byte ranges, or a kernel copy)."""
-    return MoekitError(f"{printable(info.key)} is saved in {len(info.chunks)} row chunks (an "
-                       "expert-parallel DCP save), which moekit reads on the CPU only: load it "
+    return MoekitError(f"{printable(info.key)} is saved in {len(info.chunks)} row chunks (a "
+                       "DCP save by several ranks), which moekit reads on the CPU only: load it "
                        "on the CPU, or convert the folder first")
 
 

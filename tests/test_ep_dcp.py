@@ -228,6 +228,23 @@ def test_blocks_of_any_grid_assemble_into_their_tensor(rows, columns):
                                   DictSource(stored)), whole)
 
 
+def test_blocks_cut_into_columns_then_rows_assemble_into_their_tensor():
+    """Blocks that tile a tensor only when cut into columns first (each column then cut
+    into rows where the other is not) assemble into it."""
+    from moekit.dcp import _assembled
+    from moekit.executors.evaluate import materialize
+    from moekit.plan import Read
+    from moekit.sources import DictSource
+
+    whole = torch.randn(4, 6)
+    boxes = [((0, 0), (1, 3)), ((1, 0), (3, 3)), ((0, 3), (3, 3)), ((3, 3), (1, 3))]
+    stored = {f"{r}.{c}": whole[r:r + h, c:c + w].contiguous() for (r, c), (h, w) in boxes}
+    blocks = [(start, size, Read(f"{start[0]}.{start[1]}", (), size, "F32"))
+              for start, size in boxes]
+    assert same_bytes(materialize(_assembled(blocks, (0, 0), (4, 6), "w"),
+                                  DictSource(stored)), whole)
+
+
 def test_any_part_of_a_tensor_stored_in_blocks_reads_the_blocks_it_reaches():
     """A region (ints, slices with steps, empty slices) of a tensor assembled from a grid
     of blocks is a recipe over the blocks giving exactly that region."""
