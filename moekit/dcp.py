@@ -372,6 +372,10 @@ def read_tensors(folder: Path) -> tuple[dict[str, TensorInfo], dict[str, Expr]]:
                 raise MoekitError(f"{where} is not a tensor ({type(entry).__name__}): moekit "
                                   "reads checkpoints of model weights only")
             shape, dtype = tuple(entry.size), _dtype(entry, where)
+            if math.prod(shape) == 0 and entry.chunks:  # no byte to read, however split
+                first = _run(folder, key, entry.chunks[0], dtype, metadata.storage_data, where)
+                tensors[key] = TensorInfo(key, first[0], shape, dtype, first[3])
+                continue
             if _in_rows(entry.chunks, shape):
                 tensors[key] = _tensor(folder, key, entry, metadata.storage_data, where)
                 continue
@@ -390,8 +394,8 @@ def read_tensors(folder: Path) -> tuple[dict[str, TensorInfo], dict[str, Expr]]:
 def _in_rows(chunks: list, shape: tuple[int, ...]) -> bool:
     """True when ``chunks`` are the whole tensor, or each holds whole rows (every
     dimension but the first whole): what ``_row_chunks`` reads (or refuses, for rows
-    missing), and a tensor with no elements."""
-    if math.prod(shape) == 0 or len(chunks) == 1 and not any(chunks[0].offsets):
+    missing)."""
+    if len(chunks) == 1 and not any(chunks[0].offsets):
         return True
     return all(len(chunk.sizes) == len(shape) and tuple(chunk.sizes)[1:] == shape[1:]
                and not any(tuple(chunk.offsets)[1:]) for chunk in chunks)

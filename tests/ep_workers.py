@@ -328,6 +328,25 @@ def save_tensor_parallel(rank: int, world: int, store: str, src: str, out: str) 
     finish()
 
 
+def save_split_by_columns(rank: int, world: int, store: str, out: str) -> None:
+    """DCP's own save of tensors split along their columns over all ranks (``Shard(1)``):
+    one with no elements, one with fewer columns than ranks (some ranks hold none), one
+    split unevenly; rank 0 also saves them whole to ``out/../whole.pt``."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    _init(rank, world, store)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    whole = {"empty": torch.empty(0, 4), "narrow": torch.randn(3, world - 1,
+                                                                generator=torch.Generator()
+                                                                .manual_seed(0)),
+             "uneven": torch.randn(5, 2 * world + 1, generator=torch.Generator().manual_seed(1))}
+    state = {key: distribute_tensor(value, mesh, [Shard(1)]) for key, value in whole.items()}
+    torch.distributed.checkpoint.save(state, checkpoint_id=out)
+    if rank == 0:
+        torch.save(whole, Path(out).parent / "whole.pt")
+    finish()
+
+
 def save_lazy_views(rank: int, world: int, store: str, src: str, out: str, format: str,
                     log_dir: str) -> None:
     """``save_experts`` of a state dict whose tensors, experts' shards and others, are

@@ -228,6 +228,28 @@ def test_blocks_of_any_grid_assemble_into_their_tensor(rows, columns):
                                   DictSource(stored)), whole)
 
 
+def test_tensors_split_by_columns_with_empty_or_uneven_blocks_read_as_saved(tmp_path):
+    """Tensors that three ranks saved split along their columns, one with no elements, one
+    with fewer columns than ranks, one split unevenly: each reads as DCP's own reader
+    assembles it and as it was saved."""
+    from moekit.checkpoint import Checkpoint
+    from moekit.executors.evaluate import materialize
+    from moekit.plan import Read, composed
+    from moekit.sources import FileSource
+
+    out = tmp_path / "cols"
+    spawn(ep_workers.save_split_by_columns, 3, tmp_path, str(out))
+    whole = torch.load(tmp_path / "whole.pt")
+    theirs = {key: torch.empty_like(value) for key, value in whole.items()}
+    dcp.load(theirs, storage_reader=dcp.FileSystemReader(out), no_dist=True)
+    checkpoint = Checkpoint.open(out)
+    with FileSource(checkpoint) as source:
+        for key, value in whole.items():
+            recipe = composed(Read.whole(key, checkpoint.made[key]), checkpoint.made)
+            got = materialize(recipe, source)
+            assert same_bytes(got, value) and same_bytes(theirs[key], value), key
+
+
 def test_blocks_cut_into_columns_then_rows_assemble_into_their_tensor():
     """Blocks that tile a tensor only when cut into columns first (each column then cut
     into rows where the other is not) assemble into it."""
