@@ -336,10 +336,9 @@ def save_split_by_columns(rank: int, world: int, store: str, out: str) -> None:
 
     _init(rank, world, store)
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
-    whole = {"empty": torch.empty(0, 4), "narrow": torch.randn(3, world - 1,
-                                                                generator=torch.Generator()
-                                                                .manual_seed(0)),
-             "uneven": torch.randn(5, 2 * world + 1, generator=torch.Generator().manual_seed(1))}
+    seeded = torch.Generator().manual_seed(0)
+    whole = {"empty": torch.empty(0, 4), "narrow": torch.randn(3, world - 1, generator=seeded),
+             "uneven": torch.randn(5, 2 * world + 1, generator=seeded)}
     state = {key: distribute_tensor(value, mesh, [Shard(1)]) for key, value in whole.items()}
     torch.distributed.checkpoint.save(state, checkpoint_id=out)
     if rank == 0:
