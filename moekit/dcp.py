@@ -419,12 +419,12 @@ def _tiled(folder: Path, key: str, entry: TensorStorageMetadata, storage_data,
             name = f"{key}/chunk_{'.'.join(map(str, offsets))}"
             blocks.append((offsets, sizes, Read(name, (), sizes, dtype)))
             chunks[name] = chunk
-    recipe = _assembled(blocks, (0,) * len(shape), shape, where)
+    recipe = assembled(blocks, (0,) * len(shape), shape, where)
     return {name: TensorInfo(name, *_run(folder, key, chunk, dtype, storage_data, where))
             for name, chunk in chunks.items()}, recipe
 
 
-def _assembled(blocks: list[tuple[tuple[int, ...], tuple[int, ...], Read]],
+def assembled(blocks: list[tuple[tuple[int, ...], tuple[int, ...], Read]],
                low: tuple[int, ...], high: tuple[int, ...], where: str) -> Expr:
     """The recipe of the box ``[low, high)`` of a tensor from the ``blocks`` inside it: a
     block that is the box is read whole; else the box is cut along its first dimension
@@ -449,7 +449,7 @@ def _assembled(blocks: list[tuple[tuple[int, ...], tuple[int, ...], Read]],
         ends = dict(zip(starts, [*starts[1:], high[dim]]))
         if all(offsets[dim] + sizes[dim] == ends[offsets[dim]] for offsets, sizes, _ in blocks):
             return Concat(tuple(
-                _assembled(slabs[start], (*low[:dim], start, *low[dim + 1:]),
+                assembled(slabs[start], (*low[:dim], start, *low[dim + 1:]),
                            (*high[:dim], ends[start], *high[dim + 1:]), where)
                 for start in starts), dim)
     raise MoekitError(f"{where}: its chunks do not tile it (they leave a gap or overlap); "

@@ -12,6 +12,7 @@ beside the tracker file.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from .layouts.families import GENERIC_FAMILIES, family_of_model_type
 from .layouts.megatron import (LAYERS, MEGATRON, MTP_COPIES, SPECS, Dimensions, Entry,
                                check_mtp_depths, check_mtp_layer, chunk_name, entry_of,
                                is_per_layer, mtp_depth)
-from .plan import Concat, Expr, Plan, Read
+from .plan import Concat, Expr, Plan, Read, region_of
 from .sources import TensorSource
 
 if TYPE_CHECKING:
@@ -239,11 +240,14 @@ def hf_tensors(stored: Mapping[str, "StoredTensor"], config: Mapping | None, sou
             continue
         tensor = stored[entry.key]
         _check_stacked(tensor, entry, dims, source)
+        blocks = _blocks(tensor, entry.axes, source)
         for index in dims.indices(entry):
+            at = entry.stored_index(index)
             for key, (rows, parts) in zip(entry.hf_keys(family, index),
                                           _row_ranges(entry, tensor, dims, source)):
-                pieces = [_region(tensor, entry.stored_index(index), start, start + rows,
-                                  source) for start in parts]
+                pieces = [_region(tensor, at, start, start + rows, source) if blocks is None
+                          else region_of(blocks, (*at, slice(start, start + rows)), tensor.key)
+                          for start in parts]
                 made[key] = pieces[0] if len(pieces) == 1 else Concat(tuple(pieces), dim=0)
     for depth in depths:
         check_mtp_layer(made, dims, depth, source)
@@ -344,6 +348,23 @@ def _row_ranges(entry: Entry, tensor: "StoredTensor", dims: Dimensions, source: 
             for j, rows in enumerate(per_group)]
 
 
+def _blocks(tensor: "StoredTensor", axis: int, source: str) -> Expr | None:
+    """The recipe assembling ``tensor`` from its chunks (``dcp.assembled``) where they split
+    a dimension after ``axis``, the rows of each stacked copy: a tensor-parallel save splits
+    row-parallel layers (the attention output, the MLP's down projection) along their
+    columns. None where every chunk holds whole rows, which ``_region`` reads range by
+    range."""
+    from .dcp import assembled
+
+    rest = tensor.shape[axis + 1:]
+    if all(tuple(offsets[axis + 1:]) == (0,) * len(rest) and info.shape[axis + 1:] == rest
+           for offsets, info in tensor.chunks):
+        return None
+    return assembled([(tuple(offsets), tuple(info.shape), Read.whole(info.key, info))
+                      for offsets, info in tensor.chunks if math.prod(info.shape)],
+                     (0,) * len(tensor.shape), tensor.shape, f"{source}: {tensor.key}")
+
+
 def _region(tensor: "StoredTensor", index: tuple[int, ...], start: int, stop: int,
             source: str) -> Expr:
     """Rows ``start:stop`` (along the axis after the stacked ones) of copy ``index`` of a
@@ -358,11 +379,6 @@ def _region(tensor: "StoredTensor", index: tuple[int, ...], start: int, stop: in
         low, high = max(start, first), min(stop, first + count)
         if low >= high:
             continue
-        if tuple(offsets[axis + 1:]) != (0,) * len(rest) or info.shape[axis + 1:] != rest:
-            raise MoekitError(f"{source}: {tensor.key} is saved in chunks split along its "
-                              "columns (tensor parallelism); moekit reads Megatron-Core "
-                              "checkpoints saved at any expert-parallel size with a tensor-"
-                              "parallel size of 1")
         if low < covered:
             raise MoekitError(f"{source}: {tensor.key} is saved in chunks that overlap at rows "
                               f"{low}:{min(high, covered)} of {list(index)}; moekit refuses to "

@@ -303,22 +303,23 @@ def _read(expr: Read, made: Mapping[str, Expr]) -> Expr:
     upcycling reads slices of a dense MLP's projections, which a Megatron-Core checkpoint
     holds as one read of a stored chunk each, so that the slice is a read of that chunk;
     a grouped tensor that a DCP folder stores in blocks (``Concat`` of reads) is read in
-    part by reading the blocks the part reaches (``_region_of``)."""
+    part by reading the blocks the part reaches (``region_of``)."""
     recipe = made[expr.key]
     if expr.is_whole:
         return recipe
-    return _region_of(recipe, expr.region, expr)
+    return region_of(recipe, expr.region, expr.key)
 
 
-def _region_of(recipe: Expr, region: tuple[Index, ...], expr: Read) -> Expr:
+def region_of(recipe: Expr, region: tuple[Index, ...], key: str) -> Expr:
     """``recipe[region]`` as a recipe, for a read or a concatenation (not interleaved) of
-    such recipes: the parts ``region`` reaches along the concatenated dimension, each read
-    in part, concatenated again (a single part alone)."""
+    such recipes (the tensor ``key``, named in errors): the parts ``region`` reaches along
+    the concatenated dimension, each read in part, concatenated again (a single part
+    alone)."""
     if isinstance(recipe, Read):
         return Read(recipe.key, _within(recipe, region), _region_shape(recipe.shape, region),
                     recipe.dtype)
     if not isinstance(recipe, Concat) or recipe.interleave:
-        raise TypeError(f"a plan reads {expr.key} in part; no recipe node reads part of a "
+        raise TypeError(f"a plan reads {key} in part; no recipe node reads part of a "
                         f"recipe ({describe(recipe)})")
     dim = recipe.dim
     region = (*region, *[slice(None)] * (dim + 1 - len(region)))
@@ -327,18 +328,18 @@ def _region_of(recipe: Expr, region: tuple[Index, ...], expr: Read) -> Expr:
     if isinstance(item, int):
         at = checked_index(item, recipe.shape[dim])
         part = bisect.bisect_right(lows, at) - 1
-        return _region_of(recipe.parts[part], (*before, at - lows[part], *after), expr)
+        return region_of(recipe.parts[part], (*before, at - lows[part], *after), key)
     start, stop, step = item.indices(recipe.shape[dim])
     if step < 0:
-        raise TypeError(f"a plan reads {expr.key} backwards ({item}), which no plan does")
+        raise TypeError(f"a plan reads {key} backwards ({item}), which no plan does")
     picked = []
     for part, low, high in zip(recipe.parts, lows, lows[1:]):
         first = start if start >= low else start + -(-(low - start) // step) * step
         if first < min(high, stop):
-            picked.append(_region_of(part, (*before, slice(first - low, min(high, stop) - low,
-                                                           step), *after), expr))
+            picked.append(region_of(part, (*before, slice(first - low, min(high, stop) - low,
+                                                          step), *after), key))
     if not picked:  # the region holds nothing along ``dim``
-        picked = [_region_of(recipe.parts[0], (*before, slice(0, 0), *after), expr)]
+        picked = [region_of(recipe.parts[0], (*before, slice(0, 0), *after), key)]
     kept = dim - sum(isinstance(index, int) for index in before)
     return picked[0] if len(picked) == 1 else Concat(tuple(picked), kept)
 

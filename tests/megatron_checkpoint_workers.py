@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from . import megatron_workers
 
 
-def _init(rank: int, world: int, store: str, ep: int = 1) -> None:
-    megatron_workers.init(rank, world, store, ep)
+def _init(rank: int, world: int, store: str, ep: int = 1, tp: int = 1) -> None:
+    megatron_workers.init(rank, world, store, ep, tp)
     # megatron-core's checkpoint writer waits for CUDA before writing (no GPU here).
     torch.cuda.synchronize = lambda *args, **kwargs: None
 
 
-def gpt_model(config: dict, ep: int = 1):
+def gpt_model(config: dict, ep: int = 1, tp: int = 1):
     """megatron-core's GPTModel (local layer spec) holding the transformers model that
     ``config`` (a config.json) describes: Llama-style attention, RMSNorm, RoPE, and, when it
     has routed experts, their softmax router (``_routing``), Qwen2-MoE's gated shared expert
@@ -52,7 +52,7 @@ def gpt_model(config: dict, ep: int = 1):
         or config["model_type"] == "qwen2",
         bias_activation_fusion=False, normalization="RMSNorm",
         layernorm_epsilon=config["rms_norm_eps"], qk_layernorm=qk_norm, hidden_dropout=0.0,
-        attention_dropout=0.0, apply_rope_fusion=False, **moe)
+        attention_dropout=0.0, apply_rope_fusion=False, tensor_model_parallel_size=tp, **moe)
     spec = (get_gpt_decoder_block_spec(transformer, use_transformer_engine=False) if dense else
             get_gpt_layer_local_spec(num_experts=experts or None, moe_grouped_gemm=False,
                                      qk_layernorm=qk_norm))
@@ -131,6 +131,20 @@ def save_expert_parallel(rank: int, world: int, store: str, config_folder: str, 
     logits = megatron_workers.forward([model], ids)
     dist_checkpointing.save(model.sharded_state_dict(), out)
     torch.save({"experts": _expert_weights(model), "logits": logits}, f"{result}.{rank}")
+    megatron_workers.finish()
+
+
+def resave_tensor_parallel(rank: int, world: int, store: str, folder: str, out: str,
+                           result: str) -> None:
+    """Load the torch_dist checkpoint ``folder`` strictly into megatron-core's model at
+    tensor-parallel size ``world`` (megatron-core reshards it on load) and save it with
+    megatron-core's ``dist_checkpointing.save`` into ``out``: each rank its shards."""
+    from megatron.core import dist_checkpointing
+
+    _init(rank, world, store, tp=world)
+    model = gpt_model(_config(Path(folder)), tp=world)
+    _load(Path(folder), model)
+    dist_checkpointing.save(model.sharded_state_dict(), out)
     megatron_workers.finish()
 
 

@@ -51,12 +51,13 @@ def _cpu_shims() -> None:
     moe_utils.te_general_gemm = None
 
 
-def init(rank: int, world: int, store: str, ep: int = 1) -> None:
+def init(rank: int, world: int, store: str, ep: int = 1, tp: int = 1) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     _cpu_shims()
     from megatron.core import parallel_state
 
-    parallel_state.initialize_model_parallel(expert_model_parallel_size=ep)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                             expert_model_parallel_size=ep)
 
 
 def _config(bias: bool, ep: int, activation=F.silu, **moe):

@@ -210,7 +210,7 @@ def test_what_cannot_read_tensors_stored_in_blocks_is_refused_up_front(tmp_path,
                                             ((0, 1), (0,))], ids=["uneven grid", "columns", "rows"])
 def test_blocks_of_any_grid_assemble_into_their_tensor(rows, columns):
     """Blocks cut by any grid, in any order, assemble into the tensor they cut."""
-    from moekit.dcp import _assembled
+    from moekit.dcp import assembled
     from moekit.executors.evaluate import materialize
     from moekit.plan import Read
     from moekit.sources import DictSource
@@ -224,7 +224,7 @@ def test_blocks_of_any_grid_assemble_into_their_tensor(rows, columns):
             blocks.append(((top, left), (bottom - top, right - left),
                            Read(name, (), tuple(stored[name].shape), "F32")))
     random.Random(0).shuffle(blocks)
-    assert same_bytes(materialize(_assembled(blocks, (0, 0), (10, 11), "w"),
+    assert same_bytes(materialize(assembled(blocks, (0, 0), (10, 11), "w"),
                                   DictSource(stored)), whole)
 
 
@@ -253,7 +253,7 @@ def test_tensors_split_by_columns_with_empty_or_uneven_blocks_read_as_saved(tmp_
 def test_blocks_cut_into_columns_then_rows_assemble_into_their_tensor():
     """Blocks that tile a tensor only when cut into columns first (each column then cut
     into rows where the other is not) assemble into it."""
-    from moekit.dcp import _assembled
+    from moekit.dcp import assembled
     from moekit.executors.evaluate import materialize
     from moekit.plan import Read
     from moekit.sources import DictSource
@@ -263,14 +263,14 @@ def test_blocks_cut_into_columns_then_rows_assemble_into_their_tensor():
     stored = {f"{r}.{c}": whole[r:r + h, c:c + w].contiguous() for (r, c), (h, w) in boxes}
     blocks = [(start, size, Read(f"{start[0]}.{start[1]}", (), size, "F32"))
               for start, size in boxes]
-    assert same_bytes(materialize(_assembled(blocks, (0, 0), (4, 6), "w"),
+    assert same_bytes(materialize(assembled(blocks, (0, 0), (4, 6), "w"),
                                   DictSource(stored)), whole)
 
 
 def test_any_part_of_a_tensor_stored_in_blocks_reads_the_blocks_it_reaches():
     """A region (ints, slices with steps, empty slices) of a tensor assembled from a grid
     of blocks is a recipe over the blocks giving exactly that region."""
-    from moekit.dcp import _assembled
+    from moekit.dcp import assembled
     from moekit.executors.evaluate import materialize
     from moekit.plan import Read, composed
     from moekit.sources import DictSource
@@ -292,7 +292,7 @@ def test_any_part_of_a_tensor_stored_in_blocks_reads_the_blocks_it_reaches():
             for n in shape[:rng.randint(0, 3)])
         expected = whole[region]
         read = Read("w", region, tuple(expected.shape), "I32")
-        recipe = composed(read, {"w": _assembled(blocks, (0, 0, 0), shape, "w")})
+        recipe = composed(read, {"w": assembled(blocks, (0, 0, 0), shape, "w")})
         assert torch.equal(materialize(recipe, DictSource(stored)), expected), (shape, region)
 
 

@@ -548,3 +548,19 @@ def test_a_megatron_folder_loads_in_memory_in_any_layout(qwen3_moe):
     ours, theirs = load(folder, layout="nemo"), load(hf, layout="nemo")
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe"])
+def test_a_checkpoint_megatron_core_saved_at_tensor_parallel_size_2_reads_back_whole(
+        models, tmp_path, model_type):
+    """megatron-core loads moekit's folder at tensor-parallel size 2 and saves it again,
+    each rank its shards (the attention output and MLP down projections split along their
+    columns): the folder converts back to the HF files byte for byte, and transformers'
+    logits of them are the model's."""
+    model, hf, folder = models[model_type]
+    saved = tmp_path / "megatron" / "iter_0000000"
+    saved.mkdir(parents=True)
+    shutil.copy(hf / "config.json", saved.parent / "config.json")
+    megatron_workers.spawn(megatron_checkpoint_workers.resave_tensor_parallel, 2,
+                           tmp_path / "run", str(folder), str(saved))
+    assert_back_to_hf(model, hf, saved, tmp_path / "back")
