@@ -16,6 +16,7 @@ import itertools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, NamedTuple, Protocol, TypeVar, Union
 
 from .dtypes import itemsize
@@ -118,11 +119,18 @@ class Concat:
     dim: int
     interleave: bool = False
 
-    @property
+    @cached_property
     def shape(self) -> tuple[int, ...]:
+        """Kept once computed: a tensor stored in blocks is a concatenation of thousands of
+        nested ones, whose shape every part read of it asks for."""
         first = list(self.parts[0].shape)
         first[self.dim] = sum(p.shape[self.dim] for p in self.parts)
         return tuple(first)
+
+    @cached_property
+    def starts(self) -> tuple[int, ...]:
+        """Where each part starts along ``dim``, and where the last ends (not interleaved)."""
+        return tuple(itertools.accumulate((p.shape[self.dim] for p in self.parts), initial=0))
 
     @property
     def dtype(self) -> str:
@@ -324,7 +332,7 @@ def region_of(recipe: Expr, region: tuple[Index, ...], key: str) -> Expr:
     dim = recipe.dim
     region = (*region, *[slice(None)] * (dim + 1 - len(region)))
     before, item, after = region[:dim], region[dim], region[dim + 1:]
-    lows = list(itertools.accumulate((part.shape[dim] for part in recipe.parts), initial=0))
+    lows = recipe.starts
     if isinstance(item, int):
         at = checked_index(item, recipe.shape[dim])
         part = bisect.bisect_right(lows, at) - 1
