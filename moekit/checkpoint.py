@@ -20,9 +20,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from functools import partial
-from itertools import repeat
-from operator import add, contains, itemgetter
+from operator import itemgetter
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
@@ -559,38 +557,20 @@ def _add_entries(file: Path, name: str, start: int, entries: dict[str, dict],
     """Add the header ``entries`` of ``file`` (``name``), whose data section starts at
     byte ``start``, to ``tensors`` in the order of their bytes. Each entry is taken to be
     as safetensors checked it; a TypeError, KeyError or IndexError here means the file
-    was rewritten after that check.
-
-    The entries are read by ``map`` over C functions, with no Python code run per entry:
-    a checkpoint can have over a hundred thousand of them, and this is part of every
-    load's time before its first read."""
-    values = entries.values()
-    shapes = list(map(tuple, map(_SHAPE, values)))
-    dtypes = list(map(_DTYPE, values))
-    offsets = map(add, repeat(start), map(_FIRST, map(_DATA_OFFSETS, values)))
-    infos = list(map(_NEW_INFO, zip(entries, repeat(name), shapes, dtypes, offsets,
-                                    repeat(()))))
+    was rewritten after that check."""
+    infos = [TensorInfo(key, name, tuple(entry["shape"]), entry["dtype"],
+                        start + entry["data_offsets"][0]) for key, entry in entries.items()]
     infos.sort(key=_OFFSET)
-    twice = tensors.keys() & entries.keys()  # stored in an earlier file too
-    end = next(i for i, info in enumerate(infos) if info.key in twice) if twice else len(infos)
-    if not set(dtypes) <= ITEMSIZES.keys() or any(map(contains, shapes, repeat(0))):
-        for key, _, shape, dtype, _, _ in infos[:end]:  # refused in the order of their bytes
-            if dtype not in ITEMSIZES or 0 in shape:
-                _check_entry(file, key, shape, dtype)
-    if twice:
-        key = infos[end].key
-        raise MoekitError(f"tensor {printable(key)} is stored twice: in "
-                          f"{printable(tensors[key].file)} and in {printable(name)}")
-    tensors.update(zip(map(_KEY, infos), infos))
+    for info in infos:
+        key, _, shape, dtype, _, _ = info
+        if key in tensors:
+            raise MoekitError(f"tensor {printable(key)} is stored twice: in "
+                              f"{printable(tensors[key].file)} and in {printable(name)}")
+        if dtype not in ITEMSIZES or 0 in shape:
+            _check_entry(file, key, shape, dtype)
+        tensors[key] = info
 
 
-_SHAPE, _DTYPE = itemgetter("shape"), itemgetter("dtype")
-_DATA_OFFSETS = itemgetter("data_offsets")
-"""Fields of a safetensors header entry."""
-_FIRST = _KEY = itemgetter(0)
-"""The first item: of an entry's ``data_offsets``, and a TensorInfo's ``key``."""
-_NEW_INFO = partial(tuple.__new__, TensorInfo)
-"""A TensorInfo of a tuple of its six fields, made in C (``TensorInfo._make`` is Python)."""
 _OFFSET = itemgetter(4)
 """A TensorInfo's ``offset``, as a sort key that runs in C."""
 _FILE = itemgetter(1)

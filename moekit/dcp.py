@@ -377,9 +377,11 @@ def read_tensors(folder: Path) -> tuple[dict[str, TensorInfo], dict[str, Expr]]:
                 tensors[key] = TensorInfo(key, first[0], shape, dtype, first[3])
                 continue
             if _in_rows(entry.chunks, shape):
-                tensors[key] = _tensor(folder, key, entry, metadata.storage_data, where)
+                tensors[key] = _tensor(folder, key, entry.chunks, shape, dtype,
+                                       metadata.storage_data, where)
                 continue
-            chunks, tiled[key] = _tiled(folder, key, entry, metadata.storage_data, where)
+            chunks, tiled[key] = _tiled(folder, key, entry.chunks, shape, dtype,
+                                        metadata.storage_data, where)
             named = next((name for name in chunks if name in entries), None)
             if named is not None:
                 raise MoekitError(f"{where} is saved in blocks, which moekit names as "
@@ -401,14 +403,14 @@ def _in_rows(chunks: list, shape: tuple[int, ...]) -> bool:
                and not any(tuple(chunk.offsets)[1:]) for chunk in chunks)
 
 
-def _tiled(folder: Path, key: str, entry: TensorStorageMetadata, storage_data,
-           where: str) -> tuple[dict[str, TensorInfo], Expr]:
-    """The chunks of a tensor saved in blocks, each a tensor named ``KEY/chunk_OFFSETS``
-    (chunks with no elements left out), and the recipe that concatenates them into it;
-    the blocks are checked to tile the tensor before their bytes are looked for."""
-    shape, dtype = tuple(entry.size), _dtype(entry, where)
+def _tiled(folder: Path, key: str, stored: list, shape: tuple[int, ...], dtype: str,
+           storage_data, where: str) -> tuple[dict[str, TensorInfo], Expr]:
+    """The chunks (``stored``) of a tensor saved in blocks, each a tensor named
+    ``KEY/chunk_OFFSETS`` (chunks with no elements left out), and the recipe that
+    concatenates them into it; the blocks are checked to tile the tensor before their bytes
+    are looked for."""
     blocks, chunks = [], {}
-    for chunk in entry.chunks:
+    for chunk in stored:
         offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
         if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
                 start < 0 or size < 0 or start + size > n
@@ -565,13 +567,11 @@ class _Unpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("it refers to external storage")
 
 
-def _tensor(folder: Path, key: str, entry: TensorStorageMetadata, storage_data,
-            where: str) -> TensorInfo:
-    """Where the bytes of one tensor entry of ``.metadata`` lie: one run, or one run per
-    row chunk."""
-    shape = tuple(entry.size)
-    dtype = _dtype(entry, where)
-    chunks = _row_chunks(entry.chunks, shape, where)
+def _tensor(folder: Path, key: str, stored: list, shape: tuple[int, ...], dtype: str,
+            storage_data, where: str) -> TensorInfo:
+    """Where the bytes of one tensor entry of ``.metadata``, saved whole or in row chunks
+    (``stored``), lie: one run, or one run per row chunk."""
+    chunks = _row_chunks(stored, shape, where)
     runs = tuple(TensorInfo(key, *_run(folder, key, chunk, dtype, storage_data, where))
                  for chunk in chunks)
     if len(runs) == 1:
