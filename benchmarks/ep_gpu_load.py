@@ -12,7 +12,8 @@ load, as a training job's first load also pays CUDA and thread start-up). Rank 0
 every grouped tensor's ``full_tensor()`` against moekit's CPU path, all ranks save back
 with ``save_experts``, and rank 0 verifies the saved checkpoint equals the source. Each
 rank's GB/s is also given as a share of its GPU's pinned host-to-device copy, measured in
-the same run (the limit of a load through host memory).
+the same run (the limit of a load through host memory), with what read its files: kvikio
+(where installed; it is loaded once a process's first load is done) or moekit's readers.
 NVLink multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
 NVSHMEM_DISABLE_NVLS=1): using it can take a shared host's GPUs out of service.
 """
@@ -39,6 +40,7 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 from moekit import load_experts, save_experts, verify  # noqa: E402
 from moekit.planner import analyse_checkpoint  # noqa: E402
 from moekit.executors.evaluate import materialize  # noqa: E402
+from moekit.executors.native import native_reads  # noqa: E402
 from moekit.expert_parallel.ranges import rank_plan  # noqa: E402
 from moekit.layouts import layout_named  # noqa: E402
 from moekit.plan import nbytes, reads  # noqa: E402
@@ -81,6 +83,7 @@ def main() -> None:
     load_experts(src, mesh, layout="nemo", device="cuda")  # warm-up: threads, pinned pool
     limit = copy_limit_gbps(device)
     torch.cuda.synchronize()
+    native = native_reads(device)  # kvikio is loaded once a first load is done
     dist.barrier()
     start = time.perf_counter()
     state = load_experts(src, mesh, layout="nemo", device="cuda")
@@ -88,16 +91,16 @@ def main() -> None:
     seconds = time.perf_counter() - start
     mine = next(v for v in state.values() if isinstance(v, DTensor)).to_local().shape[0]
     rows = [None] * world
-    dist.all_gather_object(rows, (rank, mine, read, seconds, limit))
+    dist.all_gather_object(rows, (rank, mine, read, seconds, limit, native))
 
     full = {k: digest(v.full_tensor()) for k, v in state.items() if isinstance(v, DTensor)}
     if rank == 0:
         print_table([("rank", 4, ""), ("experts", 9, ""), ("GiB read", 10, ".2f"),
                      ("seconds", 9, ".2f"), ("GB/s", 8, ".1f"), ("copy GB/s", 11, ".1f"),
-                     ("of copy", 9, ".0%")],
+                     ("of copy", 9, ".0%"), ("read by", 9, "")],
                     [(r, experts, nbytes_read / 2**30, s, nbytes_read / s / 1e9, copy,
-                      nbytes_read / s / 1e9 / copy)
-                     for r, experts, nbytes_read, s, copy in rows])
+                      nbytes_read / s / 1e9 / copy, "kvikio" if kvikio else "moekit")
+                     for r, experts, nbytes_read, s, copy, kvikio in rows])
         total = sum(row[2] for row in rows) / max(row[3] for row in rows)
         print(f"all ranks together: {total / 1e9:.1f} GB/s")
         same = full == cpu_digests(src)
@@ -107,8 +110,9 @@ def main() -> None:
                       {f"rank {r}": {"experts": experts, "bytes_read": nbytes_read,
                                      "seconds": s, "gbps": nbytes_read / s / 1e9,
                                      "copy_limit_gbps": copy,
-                                     "ratio": nbytes_read / s / 1e9 / copy}
-                       for r, experts, nbytes_read, s, copy in rows},
+                                     "ratio": nbytes_read / s / 1e9 / copy,
+                                     "kvikio_reads": kvikio}
+                       for r, experts, nbytes_read, s, copy, kvikio in rows},
                       baseline="each rank's pinned host-to-device copy", torch=torch.__version__,
                       all_ranks_gbps=total / 1e9, identical_to_cpu=same)
     dist.barrier()
