@@ -121,6 +121,9 @@ class Checkpoint:
     """The model's tensors where the files store them in another form, each the recipe
     reading it from ``tensors`` (a Megatron-Core checkpoint's, under HF names): what the
     checkpoint is planned from. Empty where ``tensors`` are the model's."""
+    training_state: dict[str, int] = field(default_factory=dict)
+    """Entries of a training checkpoint's state beside the model (optimizer, learning-rate
+    schedule, ...), not read, by what they are (``moekit.dcp.TRAINING_STATE``)."""
 
     def __post_init__(self) -> None:
         if self.named is None:
@@ -172,12 +175,14 @@ class Checkpoint:
     @classmethod
     def _open_dcp(cls, folder: Path) -> "Checkpoint":
         """The headers of a torch.distributed.checkpoint folder (``moekit.dcp``): each
-        tensor is a run of bytes of a ``.distcp`` file, read like a safetensors tensor."""
+        tensor is a run of bytes of a ``.distcp`` file, read like a safetensors tensor; a
+        training checkpoint's optimizer state and the like are passed over."""
         from .dcp import read_tensors  # imports torch, which DCP's metadata refers to
 
         data_files = {name: FileIdentity.of(member_file(folder, name).stat())
                       for name in sorted(p.name for p in folder.glob("*.distcp"))}
-        tensors, made = read_tensors(folder)
+        headers = read_tensors(folder)
+        tensors = headers.tensors
         used = list(dict.fromkeys(run.file for t in tensors.values()
                                   for run in t.chunks or (t,)))
         missing = [name for name in used if name not in data_files]
@@ -190,7 +195,8 @@ class Checkpoint:
             read.append(config_file.path)
         return cls(path=folder, tensors=tensors, config=config,
                    sidecars=_sidecars(folder, {DCP_METADATA_NAME, *data_files}, config_file),
-                   read=read, identities={name: data_files[name] for name in used}, made=made)
+                   read=read, identities={name: data_files[name] for name in used},
+                   made=headers.made, training_state=headers.training_state)
 
     @classmethod
     def _open_megatron(cls, path: Path) -> "Checkpoint":

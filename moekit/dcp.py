@@ -343,9 +343,33 @@ _TORCH_DTYPES = {
 (``_rebuild_tensor_v3``: float8 and the unsigned types)."""
 
 
-def read_tensors(folder: Path) -> tuple[dict[str, TensorInfo], dict[str, Expr]]:
-    """Every tensor of the DCP checkpoint in ``folder``, in saved order, and what makes
-    the tensors stored in blocks (``Checkpoint.made``; empty where there are none).
+TRAINING_STATE = ("optimizer", "lr_scheduler", "dataloader", "train_state")
+"""What a training checkpoint holds beside the model, by the first part of its keys.
+torchtitan 0.3's ``CheckpointManager`` saves the model's keys at the top level beside its
+OPTIMIZER, LR_SCHEDULER and DATALOADER states and the trainer's ``train_state``
+(``components/checkpointer/base.py``), each flattened by DCP into ``ROOT.…`` keys
+(``optimizer.state.layers.0.….exp_avg``, ``lr_scheduler.last_epoch``); every checkpoint
+but a run's last (``last_save_model_only``) is such a full one."""
+
+
+@dataclass(frozen=True)
+class DcpHeaders:
+    """A DCP folder's tensors, as ``read_tensors`` reads them."""
+
+    tensors: dict[str, TensorInfo]
+    """Every tensor of the model, in saved order (a tensor stored in blocks: its blocks)."""
+    made: dict[str, Expr]
+    """What makes the tensors stored in blocks (``Checkpoint.made``; empty where there
+    are none)."""
+    training_state: dict[str, int]
+    """Entries of training state not read, by their root in ``TRAINING_STATE``."""
+
+
+def read_tensors(folder: Path) -> DcpHeaders:
+    """Every tensor of the DCP checkpoint in ``folder``, in saved order, what makes the
+    tensors stored in blocks, and the count of training-state entries passed over
+    (``TRAINING_STATE``: a training checkpoint's optimizer state and the like, which are
+    not the model's and are not read).
 
     DCP's ``FileSystemWriter`` stores each tensor as a ``torch.save`` archive inside a
     ``.distcp`` file; the archive keeps the tensor's one storage uncompressed, so a
@@ -359,13 +383,13 @@ def read_tensors(folder: Path) -> tuple[dict[str, TensorInfo], dict[str, Expr]]:
     named ``KEY/chunk_OFFSETS``, and made by concatenating them (``_tiled``); the other
     tensors are then each made by reading itself. A tensor saved strided, with an offset
     into a larger storage, or compressed, chunks that leave a gap or overlap, and any entry
-    that is not a tensor, are refused naming it.
+    of the model that is not a tensor, are refused naming it.
     """
     metadata = _read_metadata(folder / DCP_METADATA_NAME)
     tensors: dict[str, TensorInfo] = {}
     tiled: dict[str, Expr] = {}
     with _as_written(folder / DCP_METADATA_NAME):
-        entries = metadata.state_dict_metadata
+        entries, skipped = _model_entries(metadata.state_dict_metadata)
         for key, entry in entries.items():
             where = f"{printable(str(folder / DCP_METADATA_NAME))}: {printable(key)}"
             if not isinstance(entry, TensorStorageMetadata):
@@ -388,9 +412,22 @@ def read_tensors(folder: Path) -> tuple[dict[str, TensorInfo], dict[str, Expr]]:
                                   f"{printable(named)}, a tensor of the checkpoint too")
             tensors.update(chunks)
         if not tiled:
-            return tensors, {}
-        return tensors, {key: tiled[key] if key in tiled else Read.whole(key, tensors[key])
-                         for key in entries}
+            return DcpHeaders(tensors, {}, skipped)
+        return DcpHeaders(tensors, {key: tiled[key] if key in tiled else
+                                    Read.whole(key, tensors[key]) for key in entries}, skipped)
+
+
+def _model_entries(entries: dict[str, object]) -> tuple[dict[str, object], dict[str, int]]:
+    """``entries`` but those of training state (``TRAINING_STATE``), and how many of those
+    each root has."""
+    model, skipped = {}, {}
+    for key, entry in entries.items():
+        root = key.partition(".")[0]
+        if root in TRAINING_STATE:
+            skipped[root] = skipped.get(root, 0) + 1
+        else:
+            model[key] = entry
+    return model, skipped
 
 
 def _in_rows(chunks: list, shape: tuple[int, ...]) -> bool:

@@ -48,6 +48,9 @@ class CheckpointInfo:
     total_bytes: int = 0
     layer_bytes: dict[int, int] = field(default_factory=dict)
     n_tensors: int = 0
+    training_state: dict[str, int] = field(default_factory=dict)
+    """A training checkpoint's entries beside the model (optimizer state, ...), which
+    moekit does not read: how many under each root."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -87,6 +90,9 @@ class CheckpointInfo:
             shown = (format_size(per_layer[0]) if len(per_layer) == 1 else
                      f"{format_size(per_layer[0])} to {format_size(per_layer[-1])}")
             lines.append(f"  bytes per layer   {shown}")
+        if self.training_state:
+            lines.append("  not read          training state (entries): " + ", ".join(
+                f"{root} {count}" for root, count in self.training_state.items()))
         return "\n".join(shortened(printable(line), MoekitError.LINE_LIMIT) for line in lines)
 
 
@@ -123,7 +129,7 @@ def inspect(path: str | Path, from_: str | None = None) -> CheckpointInfo:
         quantization=_quantization(model),
         expert_groups=_expert_groups(first, analysis),
         dtypes=dict(dtypes), total_bytes=sum(dtypes.values()), layer_bytes=layer_bytes,
-        n_tensors=len(model))
+        n_tensors=len(model), training_state=dict(checkpoint.training_state))
 
 
 def _expert_groups(first: ExpertBlock | None, analysis: Analysis) -> list[dict[str, object]]:

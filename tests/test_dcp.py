@@ -117,9 +117,25 @@ def test_a_dcp_folder_saved_by_torch_is_read_as_saved(tmp_path):
             assert same_bytes(source.read(Read.whole(key, checkpoint.tensors[key])), tensor)
 
 
+def test_training_state_beside_the_model_is_passed_over(tmp_path):
+    """What a training checkpoint saves beside the model (torchtitan's optimizer,
+    lr_scheduler, dataloader and train_state, flattened by DCP: tensors and other values)
+    is not read, and is counted by root; a model key that merely starts alike is read."""
+    saved = {"w": torch.randn(4, 6), "optimizers.w": torch.randn(2),
+             "optimizer": {"state": {"w": {"exp_avg": torch.randn(4, 6), "step": torch.ones(())}},
+                           "param_groups": {"w": {"lr": 0.1}}},
+             "lr_scheduler": {"last_epoch": 3}, "dataloader": b"\0", "train_state": {"step": 3}}
+    dcp.save(saved, checkpoint_id=tmp_path / "ckpt", no_dist=True)
+    checkpoint = Checkpoint.open(tmp_path / "ckpt")
+    assert list(checkpoint.tensors) == ["w", "optimizers.w"]
+    assert checkpoint.training_state == {"optimizer": 3, "lr_scheduler": 1, "dataloader": 1,
+                                         "train_state": 1}
+
+
 @pytest.mark.parametrize("saved,refusal", [
     ({"w": torch.randn(4, 6).t()}, "strides"),
     ({"w": torch.randn(4, 6), "step": 3}, "step is not a tensor"),
+    ({"w": torch.randn(4, 6), "model": {"step": 3}}, "model.step is not a tensor"),
     ({"w": (-torch.randn(4, 6))._neg_view()}, "neg bit set: its values are not its bytes"),
 ])
 def test_what_moekit_cannot_read_as_saved_is_refused(tmp_path, capsys, saved, refusal):
@@ -209,10 +225,11 @@ def test_a_metadata_pickled_at_any_protocol_reads_as_saved(tmp_path, protocol):
     saved = {"a": torch.randn(3, 2).to(torch.bfloat16), "b": torch.arange(4),
              "c.mask": torch.tensor([True]), "d": torch.zeros(2, 2, dtype=torch.float8_e5m2)}
     dcp.save(saved, checkpoint_id=folder, no_dist=True)
-    tensors, made = moekit_dcp.read_tensors(folder)
+    headers = moekit_dcp.read_tensors(folder)
+    tensors = headers.tensors
     metadata = FileSystemReader(str(folder)).read_metadata()
     (folder / ".metadata").write_bytes(pickle.dumps(metadata, protocol=protocol))
-    assert moekit_dcp.read_tensors(folder) == (tensors, made) and made == {}
+    assert moekit_dcp.read_tensors(folder) == headers and headers.made == {}
     assert list(tensors) == list(saved)
 
 

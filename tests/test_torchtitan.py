@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torchtitan.components.checkpointer.dcp import CheckpointManager
+from torchtitan.components.optimizer.lr_scheduler import LRSchedulersContainer
+from torchtitan.components.optimizer.optimizer import default_adamw
 from torchtitan.models import qwen3 as tt
 from torchtitan.models.common import CosSinRoPE, Embedding, Linear
 
@@ -225,3 +228,64 @@ def test_a_qwen3_with_attention_biases_is_refused_naming_them(tmp_path, capsys):
         assert "no place for model.layers.0.self_attn.k_proj.bias (and 11 more" in err
         assert "attention has no biases" in err and "Traceback" not in err
         assert not out.exists()
+
+
+class _TrainState:
+    """The trainer's own state, as torchtitan 0.3's ``Trainer`` hands it to its
+    checkpointer (``states={"train_state": self}``)."""
+
+    def state_dict(self) -> dict:
+        return {"step": 1, "ntokens_seen": 64}
+
+    def load_state_dict(self, state: dict) -> None:
+        raise AssertionError("not loaded here")
+
+
+def trained_one_step(model: torch.nn.Module, folder: Path) -> Path:
+    """Take one step of torchtitan's AdamW on ``model`` (with seeded made-up gradients:
+    torchtitan's flex attention has no backward on the CPU) and save the step's
+    checkpoint with torchtitan's own ``CheckpointManager`` under ``folder``: the model's
+    keys beside its optimizer, lr_scheduler, dataloader and train_state, as every save
+    but a run's last holds them. Returns the step's folder."""
+    optimizers = default_adamw(implementation="for-loop").build(model_parts=[model])
+    schedulers = LRSchedulersContainer.Config(warmup_steps=2).build(optimizers=optimizers,
+                                                                    training_steps=10)
+    generator = torch.Generator().manual_seed(0)
+    for parameter in model.parameters():
+        parameter.grad = torch.randn(parameter.shape, generator=generator).to(parameter.dtype)
+    optimizers.step()
+    schedulers.step()
+    manager = CheckpointManager(
+        CheckpointManager.Config(enable=True, folder="checkpoint", interval=1,
+                                 keep_latest_k=0),
+        dataloader=None, model_parts=[model], optimizers=optimizers, lr_schedulers=schedulers,
+        states={"train_state": _TrainState()}, sd_adapter=None, base_folder=str(folder))
+    assert manager.save(curr_step=1)
+    manager.close()
+    return folder / "checkpoint" / "step-1"
+
+
+def test_a_training_checkpoint_converts_its_model_weights(qwen3_moe, titan_folder, tmp_path,
+                                                          capsys):
+    """A checkpoint that torchtitan's ``CheckpointManager`` saves while training, with the
+    model's config.json copied beside it, converts to HF files equal byte for byte to
+    what torchtitan's own ``Qwen3StateDictAdapter.to_hf`` makes of the trained model's
+    state dict. Its training state is not read, and ``inspect`` counts it."""
+    hf, src = qwen3_moe
+    model = titan_model(hf.config)
+    state = model.state_dict()
+    dcp.load(state, storage_reader=dcp.FileSystemReader(titan_folder), no_dist=True)
+    model.load_state_dict(state, strict=True)
+    step = trained_one_step(model, tmp_path)
+    shutil.copy(src / "config.json", step)
+    assert main(["inspect", str(step)]) == 0
+    shown = capsys.readouterr().out
+    assert "not read          training state (entries): " in shown
+    assert all(root in shown for root in ("optimizer", "lr_scheduler", "dataloader 1",
+                                          "train_state 2"))
+    assert main(["convert", str(step), str(tmp_path / "back"), "--to", "hf"]) == 0
+    trained = tt.Qwen3StateDictAdapter(titan_config(hf.config), None).to_hf(model.state_dict())
+    returned, original = load_all(tmp_path / "back"), load_all(src)
+    assert returned.keys() == trained.keys() == original.keys()
+    assert all(same_bytes(returned[key], trained[key]) for key in trained)
+    assert not all(same_bytes(returned[key], original[key]) for key in original)
