@@ -220,7 +220,8 @@ class Checkpoint:
                 sidecars.append(found.config_file)
         return cls(path=found.iteration, tensors=found.chunks, config=found.config,
                    metadata={LAYOUT_METADATA_KEY: MEGATRON.name}, sidecars=sidecars, read=read,
-                   named=path, identities=identities, made=found.made)
+                   named=path, identities=identities, made=found.made,
+                   training_state=found.training_state)
 
     @property
     def files(self) -> list[str]:

@@ -132,6 +132,10 @@ class Headers:
     chunks: dict[str, TensorInfo]
     made: dict[str, Expr]
     identities: dict[str, FileIdentity]
+    training_state: dict[str, int]
+    """Entries of a training checkpoint's state, not read, by the first part of their key:
+    the optimizer's tensors (``OPTIMIZER_PREFIX``) and objects other than ``_extra_state``
+    (Megatron-LM's ``rng_state``)."""
 
 
 def read_headers(path: Path) -> Headers:
@@ -147,10 +151,25 @@ def read_headers(path: Path) -> Headers:
                   for data in sorted(iteration.glob(f"*{DISTCP_SUFFIX}"))}
     config_folder = iteration if (iteration / CONFIG_NAME).exists() else iteration.parent
     config, config_file = read_config_file(config_folder) or (None, None)
-    stored, _ = read_stored(iteration, chunk_name)
+    stored, objects = read_stored(iteration, chunk_name)
     chunks = {info.key: info for tensor in stored.values() for _, info in tensor.chunks}
     return Headers(iteration, top, config_file, config, chunks,
-                   hf_tensors(stored, config, str(iteration)), identities)
+                   hf_tensors(stored, config, str(iteration)), identities,
+                   _training_state(stored, objects))
+
+
+def _training_state(stored: dict[str, "StoredTensor"], objects: list[str]) -> dict[str, int]:
+    """How many optimizer tensors and objects that are not a layer's ``_extra_state`` the
+    folder holds, by the first part of their key (an object's key is its name, then
+    ``/shard_OFFSETS_SHAPE``)."""
+    names = [*(k for k in stored if k.startswith(OPTIMIZER_PREFIX)),
+             *(k.partition("/")[0] for k in objects)]
+    counts: dict[str, int] = {}
+    for name in names:
+        if not name.endswith("._extra_state"):
+            root = name.partition(".")[0]
+            counts[root] = counts.get(root, 0) + 1
+    return counts
 
 
 def _iteration(path: Path) -> Path:

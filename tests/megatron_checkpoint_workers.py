@@ -148,6 +148,39 @@ def resave_tensor_parallel(rank: int, world: int, store: str, folder: str, out: 
     megatron_workers.finish()
 
 
+def resave_with_training_state(rank: int, world: int, store: str, folder: str, out: str,
+                               result: str) -> None:
+    """Load the torch_dist checkpoint ``folder`` strictly into megatron-core's model, take
+    one step of torch's Adam at learning rate 0 (the weights stay as loaded; the moments
+    are made, from seeded gradients) and save the model with its optimizer state (under
+    megatron-core's ``optimizer.state.KEY.`` names, made by its own
+    ``optim_state_to_sharding_state``) and an ``rng_state`` object beside it, as a
+    Megatron-LM training checkpoint holds them, into ``out``."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                             optim_state_to_sharding_state)
+
+    _init(rank, world, store)
+    model = gpt_model(_config(Path(folder)))
+    _load(Path(folder), model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.0)
+    generator = torch.Generator().manual_seed(0)
+    for parameter in model.parameters():
+        parameter.grad = torch.randn(parameter.shape, generator=generator).to(parameter.dtype)
+    optimizer.step()
+    state = model.sharded_state_dict()
+    optimizer_state = optimizer.state_dict()
+    optim_state_to_sharding_state(
+        optimizer_state, get_param_id_to_sharded_param_map(state, model.parameters()),
+        exclude_keys=("step",))
+    rng = ShardedObject("rng_state", {"torch": torch.get_rng_state()}, (world,), (rank,),
+                        replica_id=0)
+    dist_checkpointing.save({"model": state, "optimizer": optimizer_state, "rng_state": rng},
+                            out)
+    megatron_workers.finish()
+
+
 def load_expert_parallel(rank: int, world: int, store: str, folders: list[str],
                          ids: torch.Tensor, result: str) -> None:
     """Load each of ``folders`` (torch_dist checkpoints with their config.json) strictly

@@ -564,3 +564,24 @@ def test_a_checkpoint_megatron_core_saved_at_tensor_parallel_size_2_reads_back_w
     megatron_workers.spawn(megatron_checkpoint_workers.resave_tensor_parallel, 2,
                            tmp_path / "run", str(folder), str(saved))
     assert_back_to_hf(model, hf, saved, tmp_path / "back")
+
+
+def test_a_training_checkpoint_converts_its_model_weights(models, tmp_path, capsys):
+    """megatron-core saves moekit's folder again beside an optimizer's state and an RNG
+    state, as Megatron-LM's training checkpoints hold them: the optimizer's tensors and the
+    RNG object are passed over (``inspect`` counts them), and the folder converts back to the HF files byte for
+    byte, transformers' logits of them the model's."""
+    model, hf, folder = models["qwen3_moe"]
+    saved = tmp_path / "megatron" / "iter_0000000"
+    saved.mkdir(parents=True)
+    shutil.copy(hf / "config.json", saved.parent / "config.json")
+    megatron_workers.spawn(megatron_checkpoint_workers.resave_with_training_state, 1,
+                           tmp_path / "run", str(folder), str(saved))
+    stored = FileSystemReader(saved).read_metadata().state_dict_metadata
+    assert any(key.startswith("optimizer.state.exp_avg.decoder.") for key in stored)
+    assert any(key.startswith("rng_state") for key in stored)
+    moments = sum(key.startswith("optimizer.state.") for key in stored)
+    assert main(["inspect", str(saved)]) == 0
+    assert (f"not read          training state (entries): optimizer {moments}, rng_state 1\n"
+            in capsys.readouterr().out)
+    assert_back_to_hf(model, hf, saved, tmp_path / "back")
