@@ -376,45 +376,74 @@ def read_tensors(folder: Path) -> DcpHeaders:
     tensor saved whole, row-major, is a run of raw bytes in that file, read and copied as
     a safetensors tensor is. A tensor that ranks saved in row chunks (``Shard(0)``
     DTensors: expert rows split over expert-parallel ranks) is its chunks in row order,
-    each such a run (``TensorInfo.chunks``).
-
-    A tensor saved in chunks that split other dimensions (``Shard(1)`` DTensors of tensor
-    parallelism, or blocks of a 2-D mesh) is read as its chunks, each a tensor of its own
-    named ``KEY/chunk_OFFSETS``, and made by concatenating them (``_tiled``); the other
-    tensors are then each made by reading itself. A tensor saved strided, with an offset
-    into a larger storage, or compressed, chunks that leave a gap or overlap, and any entry
-    of the model that is not a tensor, are refused naming it.
+    each such a run (``TensorInfo.chunks``); one saved in blocks is made from them
+    (``chunked_tensors``). A tensor saved strided, with an offset into a larger storage,
+    or compressed, chunks that leave a gap or overlap, and any entry of the model that is
+    not a tensor, are refused naming it.
     """
     metadata = _read_metadata(folder / DCP_METADATA_NAME)
-    tensors: dict[str, TensorInfo] = {}
-    tiled: dict[str, Expr] = {}
     with _as_written(folder / DCP_METADATA_NAME):
         entries, skipped = _model_entries(metadata.state_dict_metadata)
+        stored = []
         for key, entry in entries.items():
             where = f"{printable(str(folder / DCP_METADATA_NAME))}: {printable(key)}"
             if not isinstance(entry, TensorStorageMetadata):
                 raise MoekitError(f"{where} is not a tensor ({type(entry).__name__}): moekit "
                                   "reads checkpoints of model weights only")
-            shape, dtype = tuple(entry.size), _dtype(entry, where)
-            if math.prod(shape) == 0 and entry.chunks:  # no byte to read, however split
-                first = _run(folder, key, entry.chunks[0], dtype, metadata.storage_data, where)
-                tensors[key] = TensorInfo(key, first[0], shape, dtype, first[3])
-                continue
-            if _in_rows(entry.chunks, shape):
-                tensors[key] = _tensor(folder, key, entry.chunks, shape, dtype,
-                                       metadata.storage_data, where)
-                continue
-            chunks, tiled[key] = _tiled(folder, key, entry.chunks, shape, dtype,
-                                        metadata.storage_data, where)
-            named = next((name for name in chunks if name in entries), None)
+            stored.append(Chunked(key, tuple(entry.size), _dtype(entry, where), entry.chunks,
+                                  functools.partial(_run, folder, key,
+                                                    storage_data=metadata.storage_data,
+                                                    where=where), where))
+        tensors, made = chunked_tensors(stored)
+    return DcpHeaders(tensors, made, skipped)
+
+
+@dataclass(frozen=True)
+class Chunked:
+    """A tensor as ranks saved it: its key, shape and dtype, its chunks (each with
+    ``offsets`` and ``sizes``, as DCP's ``ChunkStorageMetadata``), where each chunk's
+    bytes lie (``run(chunk, dtype)``: file, shape, dtype, byte offset, looked up only for
+    chunks known to tile the tensor) and how a message names it."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: list
+    run: Callable[..., tuple[str, tuple[int, ...], str, int]]
+    where: str
+
+
+def chunked_tensors(stored: list[Chunked]) -> tuple[dict[str, TensorInfo], dict[str, Expr]]:
+    """The tensors of a checkpoint that ranks saved in chunks (``stored``), as
+    ``Checkpoint.tensors`` and ``Checkpoint.made`` hold them. A tensor saved whole or in
+    chunks of whole rows is one ``TensorInfo`` (its row chunks its ``chunks``); one saved
+    in chunks that split other dimensions (``Shard(1)`` DTensors of tensor parallelism, or
+    blocks of a 2-D mesh) is its blocks, each a tensor named ``KEY/chunk_OFFSETS``, and is
+    made by concatenating them (``_tiled``), the others then each made by reading itself
+    (``made`` is empty where no tensor is in blocks). A tensor with no elements is read
+    however it was split. Chunks that leave a gap or overlap are refused naming the tensor."""
+    keys = {tensor.key for tensor in stored}
+    tensors: dict[str, TensorInfo] = {}
+    tiled: dict[str, Expr] = {}
+    for tensor in stored:
+        key, shape, dtype, where = tensor.key, tensor.shape, tensor.dtype, tensor.where
+        if math.prod(shape) == 0 and tensor.chunks:  # no byte to read, however split
+            first = tensor.run(tensor.chunks[0], dtype)
+            tensors[key] = TensorInfo(key, first[0], shape, dtype, first[3])
+        elif _in_rows(tensor.chunks, shape):
+            tensors[key] = _tensor(tensor)
+        else:
+            chunks, tiled[key] = _tiled(tensor)
+            named = next((name for name in chunks if name in keys), None)
             if named is not None:
                 raise MoekitError(f"{where} is saved in blocks, which moekit names as "
                                   f"{printable(named)}, a tensor of the checkpoint too")
             tensors.update(chunks)
-        if not tiled:
-            return DcpHeaders(tensors, {}, skipped)
-        return DcpHeaders(tensors, {key: tiled[key] if key in tiled else
-                                    Read.whole(key, tensors[key]) for key in entries}, skipped)
+    if not tiled:
+        return tensors, {}
+    return tensors, {tensor.key: tiled.get(tensor.key) or Read.whole(tensor.key,
+                                                                     tensors[tensor.key])
+                     for tensor in stored}
 
 
 def _model_entries(entries: dict[str, object]) -> tuple[dict[str, object], dict[str, int]]:
@@ -440,14 +469,13 @@ def _in_rows(chunks: list, shape: tuple[int, ...]) -> bool:
                and not any(tuple(chunk.offsets)[1:]) for chunk in chunks)
 
 
-def _tiled(folder: Path, key: str, stored: list, shape: tuple[int, ...], dtype: str,
-           storage_data, where: str) -> tuple[dict[str, TensorInfo], Expr]:
-    """The chunks (``stored``) of a tensor saved in blocks, each a tensor named
-    ``KEY/chunk_OFFSETS`` (chunks with no elements left out), and the recipe that
-    concatenates them into it; the blocks are checked to tile the tensor before their bytes
-    are looked for."""
+def _tiled(tensor: Chunked) -> tuple[dict[str, TensorInfo], Expr]:
+    """The chunks of a tensor saved in blocks, each a tensor named ``KEY/chunk_OFFSETS``
+    (chunks with no elements left out), and the recipe that concatenates them into it; the
+    blocks are checked to tile the tensor before their bytes are looked for."""
+    key, shape, dtype, where = tensor.key, tensor.shape, tensor.dtype, tensor.where
     blocks, chunks = [], {}
-    for chunk in stored:
+    for chunk in tensor.chunks:
         offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
         if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
                 start < 0 or size < 0 or start + size > n
@@ -459,7 +487,7 @@ def _tiled(folder: Path, key: str, stored: list, shape: tuple[int, ...], dtype: 
             blocks.append((offsets, sizes, Read(name, (), sizes, dtype)))
             chunks[name] = chunk
     recipe = assembled(blocks, (0,) * len(shape), shape, where)
-    return {name: TensorInfo(name, *_run(folder, key, chunk, dtype, storage_data, where))
+    return {name: TensorInfo(name, *tensor.run(chunk, dtype))
             for name, chunk in chunks.items()}, recipe
 
 
@@ -539,7 +567,8 @@ def read_stored(folder: Path, name: Callable[[str, tuple[int, ...], tuple[int, .
             chunks = []
             for chunk in entry.chunks:
                 offsets = tuple(chunk.offsets)
-                run = _run(folder, key, chunk, dtype, metadata.storage_data, where)
+                run = _run(folder, key, chunk, dtype, storage_data=metadata.storage_data,
+                           where=where)
                 chunks.append((offsets, TensorInfo(name(key, offsets, shape), *run)))
             tensors[key] = StoredTensor(key, shape, dtype, tuple(chunks))
     return tensors, objects
@@ -604,13 +633,12 @@ class _Unpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("it refers to external storage")
 
 
-def _tensor(folder: Path, key: str, stored: list, shape: tuple[int, ...], dtype: str,
-            storage_data, where: str) -> TensorInfo:
-    """Where the bytes of one tensor entry of ``.metadata``, saved whole or in row chunks
-    (``stored``), lie: one run, or one run per row chunk."""
-    chunks = _row_chunks(stored, shape, where)
-    runs = tuple(TensorInfo(key, *_run(folder, key, chunk, dtype, storage_data, where))
-                 for chunk in chunks)
+def _tensor(tensor: Chunked) -> TensorInfo:
+    """Where the bytes of a tensor saved whole or in row chunks lie: one run, or one run
+    per row chunk."""
+    key, shape, dtype = tensor.key, tensor.shape, tensor.dtype
+    chunks = _row_chunks(tensor.chunks, shape, tensor.where)
+    runs = tuple(TensorInfo(key, *tensor.run(chunk, dtype)) for chunk in chunks)
     if len(runs) == 1:
         return runs[0]
     first = next((run for run in runs if run.shape[0]), runs[0])
@@ -645,7 +673,7 @@ def _row_chunks(chunks: list, shape: tuple[int, ...], where: str) -> list:
     return ordered
 
 
-def _run(folder: Path, key: str, chunk, dtype: str, storage_data, where: str
+def _run(folder: Path, key: str, chunk, dtype: str, *, storage_data, where: str
          ) -> tuple[str, tuple[int, ...], str, int]:
     """(data file, shape, dtype, byte offset) of one chunk of tensor ``key``."""
     info = storage_data.get(MetadataIndex(key, chunk.offsets))
