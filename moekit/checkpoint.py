@@ -35,6 +35,10 @@ SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 DCP_METADATA_NAME = ".metadata"
 """The file describing a torch.distributed.checkpoint folder (``moekit.dcp`` reads it)."""
+SHARDING_INFO = "DCP_SHARDING_INFO"
+"""The safetensors ``__metadata__`` key under which DCP's ``HuggingFaceStorageWriter``
+(torch 2.13, ``save_distributed=True``) records, as JSON, where each tensor's chunk in
+the file lies in the whole tensor (``_hf_utils.CUSTOM_METADATA_KEY``)."""
 LAYOUT_METADATA_KEY = "moekit.layout"
 FAMILY_METADATA_KEY = "moekit.family"
 
@@ -150,6 +154,8 @@ class Checkpoint:
         if _is_dcp(local):
             return cls._open_dcp(local)
         source = _locate(local)
+        if source.unindexed:
+            return cls._open_sharded(source)
         tensors: dict[str, TensorInfo] = {}
         metadata: dict[str, str] = {}
         identities: dict[str, FileIdentity] = {}
@@ -171,6 +177,32 @@ class Checkpoint:
                    sidecars=sidecars, read=read,
                    named=Path(path) if source.named_file else source.folder,
                    identities=identities)
+
+    @classmethod
+    def _open_sharded(cls, source: "_Source") -> "Checkpoint":
+        """A folder of several safetensors files and no index: the files that ranks saved
+        with DCP's ``HuggingFaceStorageWriter`` (``moekit.dcp.sharded_safetensors``), each
+        holding its rank's chunk of each tensor; any other such folder is refused."""
+        folder = source.folder
+        files: dict[str, tuple[dict[str, str], dict[str, TensorInfo]]] = {}
+        identities: dict[str, FileIdentity] = {}
+        for name in source.files:
+            tensors: dict[str, TensorInfo] = {}
+            metadata, identities[name] = _read_header(folder, name, tensors)
+            files[name] = metadata, tensors
+        if not all(SHARDING_INFO in metadata for metadata, _ in files.values()):
+            raise MoekitError(f"{_shown(folder)} holds {len(files)} .safetensors files but no "
+                              f"{INDEX_NAME} saying which tensors each holds")
+        from .dcp import sharded_safetensors  # imports torch, as DCP folders do
+
+        tensors, made = sharded_safetensors(folder, files)
+        config, config_file = read_config_file(folder) or (None, None)
+        read = [folder / name for name in files]
+        if config_file is not None:
+            read.append(config_file.path)
+        return cls(path=folder, tensors=tensors, config=config,
+                   sidecars=_sidecars(folder, set(files), config_file), read=read,
+                   identities=identities, made=made)
 
     @classmethod
     def _open_dcp(cls, folder: Path) -> "Checkpoint":
@@ -388,6 +420,8 @@ class _Source:
     """The index's tensor -> file map; None when the checkpoint has no index."""
     named_file: bool
     """True when the user named one ``.safetensors`` file rather than a folder."""
+    unindexed: bool = False
+    """True for a folder of several safetensors files and no index (``_open_sharded``)."""
 
 
 def _is_dcp(path: Path) -> bool:
@@ -422,10 +456,8 @@ def _locate(path: Path) -> _Source:
     if not found:
         raise MoekitError(f"{_shown(path)} holds no .safetensors files (looked for {INDEX_NAME} "
                           f"and {SINGLE_NAME})")
-    if len(found) > 1:
-        raise MoekitError(f"{_shown(path)} holds {len(found)} .safetensors files but no "
-                          f"{INDEX_NAME} saying which tensors each holds")
-    return _Source(path, [member_file(path, found[0]).name], None, named_file=False)
+    return _Source(path, [member_file(path, name).name for name in found], None,
+                   named_file=False, unindexed=len(found) > 1)
 
 
 def _kind(path: Path) -> str:

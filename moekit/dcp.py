@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import math
 import os
 import pickle
@@ -51,7 +52,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.distributed.tensor import DTensor
 
 from . import pickle_bounds
-from .checkpoint import DCP_METADATA_NAME, TensorInfo, member_file
+from .checkpoint import DCP_METADATA_NAME, SHARDING_INFO, TensorInfo, member_file
 from .dtypes import to_safetensors, to_torch
 from .errors import MoekitError, printable
 from .executors.evaluate import KeepingStatistics, materialize
@@ -444,6 +445,73 @@ def chunked_tensors(stored: list[Chunked]) -> tuple[dict[str, TensorInfo], dict[
     return tensors, {tensor.key: tiled.get(tensor.key) or Read.whole(tensor.key,
                                                                      tensors[tensor.key])
                      for tensor in stored}
+
+
+SAVED_OFFSETS = "saved_offsets"
+"""A tensor's entry under ``SHARDING_INFO``: its chunk's offsets in the whole tensor."""
+
+
+def sharded_safetensors(folder: Path, files: dict[str, tuple[dict[str, str], dict]]
+                        ) -> tuple[dict[str, TensorInfo], dict[str, Expr]]:
+    """The tensors of the safetensors ``files`` of ``folder`` (each file's metadata and
+    header entries) that ranks saved with DCP's ``HuggingFaceStorageWriter`` and
+    ``save_distributed=True``, as ``Checkpoint.tensors`` and ``Checkpoint.made`` hold them
+    (``chunked_tensors``). Each file holds its rank's chunk of each tensor under the
+    tensor's name and, in ``SHARDING_INFO``, the chunk's offsets; the tensor's shape is
+    where its chunks end, as DCP's ``HuggingFaceStorageReader.read_metadata`` takes it
+    (torch 2.13). NeMo AutoModel 0.7 saves its checkpoints' ``model/`` so unless told to
+    consolidate them."""
+    chunks: dict[str, dict[tuple[int, ...], TensorInfo]] = {}
+    for name, (metadata, tensors) in files.items():
+        offsets = _saved_offsets(folder / name, metadata, tensors)
+        for key, info in tensors.items():
+            found = chunks.setdefault(key, {})
+            if offsets[key] in found:
+                raise MoekitError(f"{printable(str(folder / name))}: tensor {printable(key)} at "
+                                  f"{list(offsets[key])} is saved in "
+                                  f"{printable(found[offsets[key]].file)} too")
+            found[offsets[key]] = info
+    return chunked_tensors([_sharded(folder, key, found) for key, found in chunks.items()])
+
+
+def _sharded(folder: Path, key: str, chunks: dict[tuple[int, ...], TensorInfo]) -> Chunked:
+    """The tensor ``key`` of sharded safetensors files, from its ``chunks`` by offsets."""
+    where = f"{printable(str(folder))}: {printable(key)}"
+    first = next(iter(chunks.values()))
+    if any(info.dtype != first.dtype or len(info.shape) != len(first.shape)
+           for info in chunks.values()):
+        raise MoekitError(f"{where} is saved in chunks of different dtypes or dimensions")
+    shape = tuple(max(offsets[dim] + info.shape[dim] for offsets, info in chunks.items())
+                  for dim in range(len(first.shape)))
+    stored = [ChunkStorageMetadata(torch.Size(offsets), torch.Size(info.shape))
+              for offsets, info in chunks.items()]
+
+    def run(chunk, dtype: str) -> tuple[str, tuple[int, ...], str, int]:
+        info = chunks[tuple(chunk.offsets)]
+        return info.file, info.shape, dtype, info.offset
+
+    return Chunked(key, shape, first.dtype, stored, run, where)
+
+
+def _saved_offsets(file: Path, metadata: dict[str, str], tensors: dict[str, TensorInfo]
+                   ) -> dict[str, tuple[int, ...]]:
+    """Each tensor's offsets in its whole tensor, from ``file``'s ``SHARDING_INFO``."""
+    shown = f"{printable(str(file))}: its {SHARDING_INFO} metadata"
+    try:
+        info = json.loads(metadata[SHARDING_INFO])
+    except ValueError as err:
+        raise MoekitError(f"{shown} is not JSON: {printable(str(err))}") from None
+    found = {}
+    for key, tensor in tensors.items():
+        entry = info.get(key) if isinstance(info, dict) else None
+        offsets = entry.get(SAVED_OFFSETS) if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == len(tensor.shape)
+                and all(type(n) is int and 0 <= n < 2**62 for n in offsets)):
+            raise MoekitError(f"{shown} gives no {SAVED_OFFSETS} for {printable(key)} of "
+                              f"shape {list(tensor.shape)} (one whole number from 0 a "
+                              "dimension)")
+        found[key] = tuple(offsets)
+    return found
 
 
 def _model_entries(entries: dict[str, object]) -> tuple[dict[str, object], dict[str, int]]:

@@ -305,24 +305,34 @@ def save_dcp_and_load(rank: int, world: int, store: str, src: str, out: str, lay
     finish()
 
 
-def save_tensor_parallel(rank: int, world: int, store: str, src: str, out: str) -> None:
+def save_tensor_parallel(rank: int, world: int, store: str, src: str, out: str,
+                         writer: str = "dcp", fsdp: bool = False) -> None:
     """Save the HF checkpoint ``src`` with DCP's own ``save`` as tensor-parallel ranks hold
     it: every tensor of two or more dimensions a DTensor split along its columns
     (``Shard(1)``) over all ranks, the others replicated; or on four ranks a (dp, tp) mesh
     of 2 x 2 splitting the matrices' rows over dp too, and the other tensors' rows over dp
-    (as FSDP does). Rank 0 copies ``config.json`` beside the folder's data."""
+    (as FSDP does); with ``fsdp``, every tensor's rows over all ranks (FSDP2's
+    ``Shard(0)``). ``writer`` "dcp" writes a DCP folder, "hf" safetensors files, one a rank
+    (DCP's ``HuggingFaceStorageWriter`` with ``save_distributed``). Rank 0 copies
+    ``config.json`` beside the folder's data."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     _init(rank, world, store)
-    shape = (2, world // 2) if world == 4 else (world,)
+    shape = (2, world // 2) if world == 4 and not fsdp else (world,)
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "tp")[-len(shape):])
-    split = {2: [Shard(0), Shard(1)] if world == 4 else [Shard(1)],
-             1: [Shard(0), Replicate()] if world == 4 else [Replicate()]}
+    split = {2: [Shard(0), Shard(1)] if len(shape) == 2 else [Shard(0 if fsdp else 1)],
+             1: [Shard(0), Replicate()] if len(shape) == 2 else
+             [Shard(0) if fsdp else Replicate()]}
     state = {key: distribute_tensor(value, mesh, split[min(value.dim(), 2)])
              if value.dim() and value.numel() > 1 else distribute_tensor(
                  value, mesh, [Replicate()] * len(shape))
              for key, value in load_all(Path(src)).items()}
-    torch.distributed.checkpoint.save(state, checkpoint_id=out)
+    checkpoint = torch.distributed.checkpoint
+    if writer == "hf":
+        checkpoint.save(state, storage_writer=checkpoint.HuggingFaceStorageWriter(
+            out, save_distributed=True))
+    else:
+        checkpoint.save(state, checkpoint_id=out)
     if rank == 0:
         Path(out, "config.json").write_bytes(Path(src, "config.json").read_bytes())
     finish()

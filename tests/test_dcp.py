@@ -3,6 +3,7 @@ reader (``FileSystemReader``, ``dcp.load``) into the state dict transformers' mo
 
 from __future__ import annotations
 
+import json
 import pickle
 import tracemalloc
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
 
 import moekit
 from moekit import dcp as moekit_dcp
@@ -18,6 +20,7 @@ from moekit import samples
 from moekit.checkpoint import Checkpoint
 from moekit.cli import main
 from moekit.errors import MoekitError
+from moekit.executors.evaluate import materialize
 from moekit.plan import Read
 from moekit.sources import FileSource
 from moekit.upcycling import UpcycleSpec, upcycle
@@ -447,3 +450,75 @@ def test_a_torch_without_the_writer_moekit_extends_is_refused_before_writing(
     with pytest.raises(MoekitError, match="torch 2.13's DCP file-system writer"):
         moekit.convert(qwen3, tmp_path / "out", to="nemo", format="dcp", dry_run=True)
     assert not (tmp_path / "out").exists()
+
+
+def write_sharded(folder: Path, files: list[dict[str, tuple[torch.Tensor, object]]],
+                  info: Callable[[dict], str] = json.dumps) -> Path:
+    """Safetensors files as DCP's HuggingFaceStorageWriter saves them one a rank: each of
+    ``files`` maps a tensor's name to its chunk and the chunk's offsets (``info`` writes
+    them to the file's metadata)."""
+    folder.mkdir()
+    for rank, chunks in enumerate(files, 1):
+        sharding = {key: {"saved_offsets": offsets} for key, (_, offsets) in chunks.items()}
+        save_file({key: chunk.contiguous() for key, (chunk, _) in chunks.items()},
+                  folder / f"shard-{rank:05d}-model-00001-of-00001.safetensors",
+                  metadata={"DCP_SHARDING_INFO": info(sharding), "format": "pt"})
+    return folder
+
+
+def test_safetensors_files_of_ranks_are_read_as_the_tensors_they_hold(tmp_path):
+    """Rows of one tensor over two files, columns of another (uneven), and a tensor of
+    one file: each is read as the whole tensor, as DCP's HuggingFaceStorageReader does."""
+    rows, columns, one = torch.randn(5, 3), torch.randn(2, 7), torch.randn(4)
+    folder = write_sharded(tmp_path / "ranks", [
+        {"rows": (rows[:3], [0, 0]), "columns": (columns[:, :4], [0, 0]), "one": (one, [0])},
+        {"rows": (rows[3:], [3, 0]), "columns": (columns[:, 4:], [0, 4])}])
+    checkpoint = Checkpoint.open(folder)
+    whole = {"rows": rows, "columns": columns, "one": one}
+    theirs = {key: torch.empty_like(value) for key, value in whole.items()}
+    dcp.load(theirs, storage_reader=dcp.HuggingFaceStorageReader(str(folder)), no_dist=True)
+    with FileSource(checkpoint) as source:
+        for key, value in whole.items():
+            read = materialize(checkpoint.made[key] if key in checkpoint.made else
+                               Read.whole(key, checkpoint.tensors[key]), source)
+            assert same_bytes(read, value) and same_bytes(theirs[key], value), key
+
+
+def test_safetensors_files_without_an_index_or_sharding_metadata_are_refused(tmp_path, capsys):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for part in range(2):
+        save_file({f"w{part}": torch.ones(2)}, folder / f"part-{part}.safetensors")
+    assert main(["inspect", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"{folder} holds 2 .safetensors files but no model.safetensors.index.json" in err
+
+
+@pytest.mark.parametrize("files,refusal", [
+    ([{"w": (torch.ones(2), [0])}, {"w": (torch.ones(2), [0])}], "w at [0] is saved in"),
+    ([{"w": (torch.ones(2), [0])}, {"w": (torch.ones(2), [3])}], "w is saved in 2 row chunks "
+                                                                   "that leave a gap"),
+    ([{"w": (torch.ones(2, 2), [0, 0])}, {"w": (torch.ones(2, 2), [0, 3])}],
+     "its chunks do not tile it"),
+    ([{"w": (torch.ones(2), [0])}, {"w": (torch.ones(2).half(), [2])}],
+     "w is saved in chunks of different dtypes"),
+    ([{"w": (torch.ones(2), [0])}, {"w": (torch.ones(2), [-2])}], "gives no saved_offsets for w"),
+    ([{"w": (torch.ones(2), [0])}, {"w": (torch.ones(2), [2, 0])}], "gives no saved_offsets for w"),
+    ([{"w": (torch.ones(2), [0])}, {"w": (torch.ones(2), [2.0])}], "gives no saved_offsets for w"),
+])
+def test_safetensors_files_of_ranks_that_do_not_make_a_model_are_refused(tmp_path, capsys,
+                                                                          files, refusal):
+    folder = write_sharded(tmp_path / "ranks", files)
+    assert main(["inspect", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert refusal in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_sharding_metadata_that_is_not_json_is_refused_naming_the_file(tmp_path, capsys):
+    folder = write_sharded(tmp_path / "ranks", [{"w": (torch.ones(2), [0])},
+                                                {"w": (torch.ones(2), [2])}],
+                           info=lambda sharding: "{not json")
+    assert main(["inspect", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "shard-00001-model-00001-of-00001.safetensors: its DCP_SHARDING_INFO metadata is " \
+           "not JSON" in err and "Traceback" not in err
