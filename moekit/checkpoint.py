@@ -182,7 +182,8 @@ class Checkpoint:
     def _open_sharded(cls, source: "_Source") -> "Checkpoint":
         """A folder of several safetensors files and no index: the files that ranks saved
         with DCP's ``HuggingFaceStorageWriter`` (``moekit.dcp.sharded_safetensors``), each
-        holding its rank's chunk of each tensor; any other such folder is refused."""
+        holding its rank's chunk of each tensor, with the sidecar files beside them or in
+        NeMo AutoModel's ``HF_METADATA`` folder; any other such folder is refused."""
         folder = source.folder
         files: dict[str, tuple[dict[str, str], dict[str, TensorInfo]]] = {}
         identities: dict[str, FileIdentity] = {}
@@ -196,12 +197,13 @@ class Checkpoint:
         from .dcp import sharded_safetensors  # imports torch, as DCP folders do
 
         tensors, made = sharded_safetensors(folder, files)
-        config, config_file = read_config_file(folder) or (None, None)
+        beside = _metadata_folder(folder)
+        config, config_file = read_config_file(beside) or (None, None)
         read = [folder / name for name in files]
         if config_file is not None:
             read.append(config_file.path)
         return cls(path=folder, tensors=tensors, config=config,
-                   sidecars=_sidecars(folder, set(files), config_file), read=read,
+                   sidecars=_sidecars(beside, set(files), config_file), read=read,
                    identities=identities, made=made)
 
     @classmethod
@@ -422,6 +424,22 @@ class _Source:
     """True when the user named one ``.safetensors`` file rather than a folder."""
     unindexed: bool = False
     """True for a folder of several safetensors files and no index (``_open_sharded``)."""
+
+
+HF_METADATA = ".hf_metadata"
+"""Where NeMo AutoModel 0.7 puts the config.json, generation config and tokenizer files
+of a checkpoint's ``model/`` folder of sharded safetensors files (``Checkpointer.save_model``)."""
+
+
+def _metadata_folder(folder: Path) -> Path:
+    """The folder of the sidecar files of sharded safetensors files in ``folder``: its
+    ``HF_METADATA`` folder where it has no config.json and that is a folder of its own
+    (not a link), else ``folder``."""
+    inner = folder / HF_METADATA
+    if (os.path.lexists(folder / CONFIG_NAME) or inner.is_symlink()
+            or _kind(inner) != "folder"):
+        return folder
+    return inner
 
 
 def _is_dcp(path: Path) -> bool:

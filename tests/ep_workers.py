@@ -338,6 +338,31 @@ def save_tensor_parallel(rank: int, world: int, store: str, src: str, out: str,
     finish()
 
 
+def save_with_automodel(rank: int, world: int, store: str, src: str, out: str) -> None:
+    """Load the HF checkpoint ``src`` into transformers' model, shard it with FSDP2 over
+    all ranks (each decoder layer, then the whole model, as NeMo AutoModel's recipes do) and
+    save it with NeMo AutoModel 0.7's own ``Checkpointer.save_model`` as it saves while
+    training (``save_consolidated=False``): ``out/model`` holds one safetensors file a
+    rank, and the config beside them in ``.hf_metadata``."""
+    from nemo_automodel.components.checkpoint.checkpointing import Checkpointer
+    from nemo_automodel.components.checkpoint.config import CheckpointingConfig
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    _init(rank, world, store)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    config = CheckpointingConfig(
+        enabled=True, checkpoint_dir=str(Path(out).parent), model_save_format="safetensors",
+        model_cache_dir=None, model_repo_id=src, save_consolidated=False, is_peft=False,
+        model_state_dict_keys=list(model.state_dict()))
+    Checkpointer(config, dp_rank=rank, tp_rank=0, pp_rank=0).save_model(model, out)
+    finish()
+
+
 def save_split_by_columns(rank: int, world: int, store: str, out: str) -> None:
     """DCP's own save of tensors split along their columns over all ranks (``Shard(1)``):
     one with no elements, one with fewer columns than ranks (some ranks hold none), one

@@ -522,3 +522,22 @@ def test_sharding_metadata_that_is_not_json_is_refused_naming_the_file(tmp_path,
     err = capsys.readouterr().err
     assert "shard-00001-model-00001-of-00001.safetensors: its DCP_SHARDING_INFO metadata is " \
            "not JSON" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("linked", [False, True])
+def test_the_config_of_sharded_files_is_read_from_hf_metadata_unless_linked(tmp_path, linked):
+    """NeMo AutoModel keeps the config.json of its sharded files in ``.hf_metadata``; one
+    that is a link (which may lead anywhere) is not followed."""
+    folder = write_sharded(tmp_path / "model", [{"w": (torch.ones(2), [0])},
+                                                {"w": (torch.ones(2), [2])}])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "config.json").write_text('{"model_type": "llama"}')
+    if linked:
+        (folder / ".hf_metadata").symlink_to(elsewhere)
+    else:
+        elsewhere.rename(folder / ".hf_metadata")
+    checkpoint = Checkpoint.open(folder)
+    assert checkpoint.model_type == (None if linked else "llama")
+    assert [sidecar.path.name for sidecar in checkpoint.sidecars] == ([] if linked else
+                                                                      ["config.json"])

@@ -184,6 +184,32 @@ def test_safetensors_files_saved_one_a_rank_read_as_the_model_they_hold(qwen3_10
     assert all(same_bytes(nemo[key], expected[key]) for key in expected)
 
 
+def test_a_nemo_automodel_checkpoint_saved_while_training_converts(qwen3_10, tmp_path):
+    """NeMo AutoModel's own Checkpointer saves an FSDP2-sharded model unconsolidated, each
+    rank its file of row chunks and the config in ``.hf_metadata``: moekit reads the
+    ``model`` folder with that config, converts it to the same bytes as AutoModel's own
+    consolidation (``consolidate_safetensors_files_on_every_rank``) and to the HF files it
+    came from, and copies the generation config."""
+    from nemo_automodel.components.checkpoint._backports.consolidate_hf_safetensors import (
+        consolidate_safetensors_files_on_every_rank)
+
+    step = tmp_path / "step-1"
+    spawn(ep_workers.save_with_automodel, 2, tmp_path, str(qwen3_10), str(step))
+    model = step / "model"
+    consolidated = tmp_path / "consolidated"
+    consolidated.mkdir()
+    mapping = json.loads((model / ".hf_metadata" / "fqn_to_file_index_mapping.json").read_text())
+    consolidate_safetensors_files_on_every_rank(str(model), str(consolidated), mapping)
+    assert inspect(model).family == "qwen3_moe"
+    assert main(["convert", str(model), str(tmp_path / "transformers"), "--to",
+                 "transformers"]) == 0
+    assert same_checkpoint(consolidated, tmp_path / "transformers")
+    assert main(["convert", str(model), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert same_checkpoint(qwen3_10, tmp_path / "hf")
+    assert (tmp_path / "hf" / "generation_config.json").read_bytes() == (
+        model / ".hf_metadata" / "generation_config.json").read_bytes()
+
+
 @pytest.fixture(scope="module")
 def gpt_oss(tmp_path_factory):
     """A tiny GPT-OSS, whose HF files hold each layer's experts grouped."""
