@@ -472,8 +472,12 @@ def _locate(path: Path) -> _Source:
         return _Source(path, [member_file(path, SINGLE_NAME).name], None, named_file=False)
     found = sorted(p.name for p in path.glob("*.safetensors"))
     if not found:
+        inner = path / "model"
+        hint = (f"; its weights are in {_shown(inner)} (as NeMo AutoModel saves them): name "
+                "that folder" if _kind(inner) == "folder" and any(inner.glob("*.safetensors"))
+                else "")
         raise MoekitError(f"{_shown(path)} holds no .safetensors files (looked for {INDEX_NAME} "
-                          f"and {SINGLE_NAME})")
+                          f"and {SINGLE_NAME}){hint}")
     return _Source(path, [member_file(path, name).name for name in found], None,
                    named_file=False, unindexed=len(found) > 1)
 

@@ -201,6 +201,8 @@ def test_a_nemo_automodel_checkpoint_saved_while_training_converts(qwen3_10, tmp
     mapping = json.loads((model / ".hf_metadata" / "fqn_to_file_index_mapping.json").read_text())
     consolidate_safetensors_files_on_every_rank(str(model), str(consolidated), mapping)
     assert inspect(model).family == "qwen3_moe"
+    with pytest.raises(MoekitError, match=f"its weights are in {model} .as NeMo AutoModel"):
+        inspect(step)
     assert main(["convert", str(model), str(tmp_path / "transformers"), "--to",
                  "transformers"]) == 0
     assert same_checkpoint(consolidated, tmp_path / "transformers")
