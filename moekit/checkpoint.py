@@ -39,6 +39,8 @@ SHARDING_INFO = "DCP_SHARDING_INFO"
 """The safetensors ``__metadata__`` key under which DCP's ``HuggingFaceStorageWriter``
 (torch 2.13, ``save_distributed=True``) records, as JSON, where each tensor's chunk in
 the file lies in the whole tensor (``_hf_utils.CUSTOM_METADATA_KEY``)."""
+SAVED_OFFSETS = "saved_offsets"
+"""A tensor's entry under ``SHARDING_INFO``: its chunk's offsets in the whole tensor."""
 LAYOUT_METADATA_KEY = "moekit.layout"
 FAMILY_METADATA_KEY = "moekit.family"
 
@@ -163,6 +165,8 @@ class Checkpoint:
             file_meta, identities[name] = _read_header(source.folder, name, tensors)
             if i == 0:
                 metadata = file_meta
+        if source.weight_map is None and SHARDING_INFO in metadata:
+            _check_whole(source.folder / source.files[0], metadata, tensors)
         if source.weight_map is not None:
             _check_index(source.folder / INDEX_NAME, source.weight_map, tensors)
         config, config_file = read_config_file(source.folder) or (None, None)
@@ -191,9 +195,12 @@ class Checkpoint:
             tensors: dict[str, TensorInfo] = {}
             metadata, identities[name] = _read_header(folder, name, tensors)
             files[name] = metadata, tensors
-        if not all(SHARDING_INFO in metadata for metadata, _ in files.values()):
+        lacking = [name for name, (metadata, _) in files.items() if SHARDING_INFO not in metadata]
+        if lacking:
+            mixed = (f" ({printable(lacking[0])} has no {SHARDING_INFO} metadata, which the "
+                     "others have: files of two checkpoints?)" if len(lacking) < len(files) else "")
             raise MoekitError(f"{_shown(folder)} holds {len(files)} .safetensors files but no "
-                              f"{INDEX_NAME} saying which tensors each holds")
+                              f"{INDEX_NAME} saying which tensors each holds{mixed}")
         from .dcp import sharded_safetensors  # imports torch, as DCP folders do
 
         tensors, made = sharded_safetensors(folder, files)
@@ -709,6 +716,41 @@ def _given_twice(header: bytes) -> str | None:
 
 
 MAX_INT64 = 2**63 - 1
+
+
+def _check_whole(file: Path, metadata: dict[str, str], tensors: dict[str, TensorInfo]) -> None:
+    """Refuse the one safetensors file of a checkpoint that DCP's ``HuggingFaceStorageWriter``
+    saved when its ``SHARDING_INFO`` places a tensor anywhere but at the start of the whole
+    tensor: it holds one rank's chunks, not whole tensors (a file saved by one rank starts
+    every tensor at 0)."""
+    placed = saved_offsets(file, metadata, tensors)
+    key = next((key for key, offsets in placed.items() if any(offsets)), None)
+    if key is not None:
+        raise MoekitError(f"{_shown(file)} holds one rank's chunks of its tensors, not whole "
+                          f"tensors ({printable(key)} starts at {list(placed[key])} of its "
+                          f"whole, by its {SHARDING_INFO} metadata): name the folder that "
+                          "holds every rank's file")
+
+
+def saved_offsets(file: Path, metadata: dict[str, str], tensors: dict[str, TensorInfo]
+                   ) -> dict[str, tuple[int, ...]]:
+    """Each tensor's offsets in its whole tensor, from ``file``'s ``SHARDING_INFO``."""
+    shown = f"{_shown(file)}: its {SHARDING_INFO} metadata"
+    try:
+        info = json.loads(metadata[SHARDING_INFO])
+    except (ValueError, RecursionError) as err:
+        raise MoekitError(f"{shown} is not JSON moekit reads: {printable(str(err))}") from None
+    found = {}
+    for key, tensor in tensors.items():
+        entry = info.get(key) if isinstance(info, dict) else None
+        offsets = entry.get(SAVED_OFFSETS) if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == len(tensor.shape)
+                and all(type(n) is int and 0 <= n < 2**62 for n in offsets)):
+            raise MoekitError(f"{shown} gives no {SAVED_OFFSETS} for {printable(key)} of "
+                              f"shape {list(tensor.shape)} (one whole number from 0 a "
+                              "dimension)")
+        found[key] = tuple(offsets)
+    return found
 
 
 def _check_entry(file: Path, key: str, shape: tuple[int, ...], dtype: str) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import math
 import os
 import pickle
@@ -52,7 +51,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.distributed.tensor import DTensor
 
 from . import pickle_bounds
-from .checkpoint import DCP_METADATA_NAME, SHARDING_INFO, TensorInfo, member_file
+from .checkpoint import DCP_METADATA_NAME, TensorInfo, member_file, saved_offsets
 from .dtypes import to_safetensors, to_torch
 from .errors import MoekitError, printable
 from .executors.evaluate import KeepingStatistics, materialize
@@ -447,10 +446,6 @@ def chunked_tensors(stored: list[Chunked]) -> tuple[dict[str, TensorInfo], dict[
                      for tensor in stored}
 
 
-SAVED_OFFSETS = "saved_offsets"
-"""A tensor's entry under ``SHARDING_INFO``: its chunk's offsets in the whole tensor."""
-
-
 def sharded_safetensors(folder: Path, files: dict[str, tuple[dict[str, str], dict]]
                         ) -> tuple[dict[str, TensorInfo], dict[str, Expr]]:
     """The tensors of the safetensors ``files`` of ``folder`` (each file's metadata and
@@ -463,7 +458,7 @@ def sharded_safetensors(folder: Path, files: dict[str, tuple[dict[str, str], dic
     consolidate them."""
     chunks: dict[str, dict[tuple[int, ...], TensorInfo]] = {}
     for name, (metadata, tensors) in files.items():
-        offsets = _saved_offsets(folder / name, metadata, tensors)
+        offsets = saved_offsets(folder / name, metadata, tensors)
         for key, info in tensors.items():
             found = chunks.setdefault(key, {})
             if offsets[key] in found:
@@ -491,27 +486,6 @@ def _sharded(folder: Path, key: str, chunks: dict[tuple[int, ...], TensorInfo]) 
         return info.file, info.shape, dtype, info.offset
 
     return Chunked(key, shape, first.dtype, stored, run, where)
-
-
-def _saved_offsets(file: Path, metadata: dict[str, str], tensors: dict[str, TensorInfo]
-                   ) -> dict[str, tuple[int, ...]]:
-    """Each tensor's offsets in its whole tensor, from ``file``'s ``SHARDING_INFO``."""
-    shown = f"{printable(str(file))}: its {SHARDING_INFO} metadata"
-    try:
-        info = json.loads(metadata[SHARDING_INFO])
-    except ValueError as err:
-        raise MoekitError(f"{shown} is not JSON: {printable(str(err))}") from None
-    found = {}
-    for key, tensor in tensors.items():
-        entry = info.get(key) if isinstance(info, dict) else None
-        offsets = entry.get(SAVED_OFFSETS) if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == len(tensor.shape)
-                and all(type(n) is int and 0 <= n < 2**62 for n in offsets)):
-            raise MoekitError(f"{shown} gives no {SAVED_OFFSETS} for {printable(key)} of "
-                              f"shape {list(tensor.shape)} (one whole number from 0 a "
-                              "dimension)")
-        found[key] = tuple(offsets)
-    return found
 
 
 def _model_entries(entries: dict[str, object]) -> tuple[dict[str, object], dict[str, int]]:

@@ -163,7 +163,7 @@ def _training_state(stored: dict[str, "StoredTensor"], objects: list[str]) -> di
     folder holds, by the first part of their key (an object's key is its name, then
     ``/shard_OFFSETS_SHAPE``)."""
     names = [*(k for k in stored if k.startswith(OPTIMIZER_PREFIX)),
-             *(k.partition("/")[0] for k in objects)]
+             *dict.fromkeys(k.partition("/")[0] for k in objects)]  # an object once, not a shard
     counts: dict[str, int] = {}
     for name in names:
         if not name.endswith("._extra_state"):

@@ -521,7 +521,7 @@ def test_sharding_metadata_that_is_not_json_is_refused_naming_the_file(tmp_path,
     assert main(["inspect", str(folder)]) == 2
     err = capsys.readouterr().err
     assert "shard-00001-model-00001-of-00001.safetensors: its DCP_SHARDING_INFO metadata is " \
-           "not JSON" in err and "Traceback" not in err
+           "not JSON moekit reads" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("linked", [False, True])
@@ -541,3 +541,38 @@ def test_the_config_of_sharded_files_is_read_from_hf_metadata_unless_linked(tmp_
     assert checkpoint.model_type == (None if linked else "llama")
     assert [sidecar.path.name for sidecar in checkpoint.sidecars] == ([] if linked else
                                                                       ["config.json"])
+
+
+def test_one_rank_s_file_alone_is_refused_not_read_as_whole_tensors(tmp_path, capsys):
+    """A file of one rank's chunks, named alone or alone in its folder, is not a checkpoint
+    of whole tensors; a file that one rank saved (every tensor at 0) is."""
+    folder = write_sharded(tmp_path / "ranks", [{"w": (torch.ones(2), [0])},
+                                                {"w": (torch.ones(2), [2])}])
+    first, second = sorted(folder.iterdir())
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    second.rename(alone / second.name)
+    for named in (alone, alone / second.name):
+        assert main(["inspect", str(named)]) == 2
+        err = capsys.readouterr().err
+        assert "holds one rank's chunks of its tensors, not whole tensors (w starts at [2]" in err
+    assert list(Checkpoint.open(first).tensors) == ["w"]
+
+
+def test_a_deeply_nested_sharding_metadata_is_refused(tmp_path, capsys):
+    folder = write_sharded(tmp_path / "ranks", [{"w": (torch.ones(2), [0])},
+                                                {"w": (torch.ones(2), [2])}],
+                           info=lambda sharding: "[" * 100_000 + "]" * 100_000)
+    assert main(["inspect", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "its DCP_SHARDING_INFO metadata is not JSON moekit reads" in err
+    assert err.count("\n") == 1
+
+
+def test_files_of_two_kinds_without_an_index_are_refused_naming_one(tmp_path, capsys):
+    folder = write_sharded(tmp_path / "ranks", [{"w": (torch.ones(2), [0])}])
+    save_file({"v": torch.ones(2)}, folder / "stray.safetensors")
+    assert main(["inspect", str(folder)]) == 2
+    assert ("holds 2 .safetensors files but no model.safetensors.index.json saying which "
+            "tensors each holds (stray.safetensors has no DCP_SHARDING_INFO metadata, which "
+            "the others have" in capsys.readouterr().err)
