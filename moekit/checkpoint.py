@@ -185,7 +185,7 @@ class Checkpoint:
     @classmethod
     def _open_sharded(cls, source: "_Source") -> "Checkpoint":
         """A folder of several safetensors files and no index: the files that ranks saved
-        with DCP's ``HuggingFaceStorageWriter`` (``moekit.dcp.sharded_safetensors``), each
+        with DCP's ``HuggingFaceStorageWriter`` (``moekit.chunks.sharded_safetensors``), each
         holding its rank's chunk of each tensor, with the sidecar files beside them or in
         NeMo AutoModel's ``HF_METADATA`` folder; any other such folder is refused."""
         folder = source.folder
@@ -201,7 +201,7 @@ class Checkpoint:
                      "others have: files of two checkpoints?)" if len(lacking) < len(files) else "")
             raise MoekitError(f"{_shown(folder)} holds {len(files)} .safetensors files but no "
                               f"{INDEX_NAME} saying which tensors each holds{mixed}")
-        from .dcp import sharded_safetensors  # imports torch, as DCP folders do
+        from .chunks import sharded_safetensors  # imports this module
 
         tensors, made = sharded_safetensors(folder, files)
         beside = _metadata_folder(folder)
@@ -651,10 +651,11 @@ def _header_entries(file: Path) -> tuple[int, dict[str, dict], str | None]:
     with different entries (else None).
 
     A name given twice is lost once the JSON is parsed into dicts, so the parse is
-    trusted only when the header has as many colons as the dicts have pairs: each pair
-    has one colon, and a colon inside a string only adds to the count. Any other header
-    (a name given twice, a colon in a name or a metadata value) is parsed again into
-    tuples of pairs, where a name given twice is still there to be seen."""
+    trusted only when the header has as many colons as the dicts have pairs, and as the
+    metadata's strings hold (``_quoted_colons``): each pair has one colon, and any other
+    colon inside a string only adds to the count. Any other header (a name given twice, a
+    colon in a name) is parsed again into tuples of pairs, where a name given twice is
+    still there to be seen."""
     with open(file, "rb") as handle:
         length = int.from_bytes(handle.read(8), "little")
         raw = handle.read(length)
@@ -662,7 +663,8 @@ def _header_entries(file: Path) -> tuple[int, dict[str, dict], str | None]:
         objects = json.loads(raw)
     except (ValueError, RecursionError):
         raise _changed_while_read(file) from None
-    if not isinstance(objects, dict) or raw.count(b":") != _pairs(objects):
+    if not isinstance(objects, dict) or raw.count(b":") != _pairs(objects) + _quoted_colons(
+            objects, raw):
         return 8 + length, *_pairwise_entries(file, raw)
     objects.pop("__metadata__", None)
     return 8 + length, objects, None
@@ -674,6 +676,22 @@ def _pairs(objects: dict) -> int:
     if set(map(type, values)) == {dict}:  # every value an object, as in a valid header
         return len(objects) + sum(map(len, values))
     return len(objects) + sum(len(value) for value in values if type(value) is dict)
+
+
+def _quoted_colons(objects: dict, raw: bytes) -> int:
+    """The colons inside the strings of a parsed header's ``__metadata__`` (a value may
+    hold JSON, as DCP's sharding info does), each one of ``raw``'s colons that is no
+    pair's; -1, which no count matches, where ``raw`` may write a colon escaped (then the
+    parsed strings hold colons that ``raw`` does not) or the metadata holds other than
+    strings."""
+    metadata = objects.get("__metadata__")
+    if type(metadata) is not dict:
+        return 0
+    if b"\\u003a" in raw or b"\\u003A" in raw:
+        return -1
+    if set(map(type, metadata.values())) - {str}:
+        return -1
+    return sum(key.count(":") + value.count(":") for key, value in metadata.items())
 
 
 def _pairwise_entries(file: Path, raw: bytes) -> tuple[dict[str, dict], str | None]:

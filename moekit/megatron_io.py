@@ -368,12 +368,12 @@ def _row_ranges(entry: Entry, tensor: "StoredTensor", dims: Dimensions, source: 
 
 
 def _blocks(tensor: "StoredTensor", axis: int, source: str) -> Expr | None:
-    """The recipe assembling ``tensor`` from its chunks (``dcp.assembled``) where they split
+    """The recipe assembling ``tensor`` from its chunks (``chunks.assembled``) where they split
     a dimension after ``axis``, the rows of each stacked copy: a tensor-parallel save splits
     row-parallel layers (the attention output, the MLP's down projection) along their
     columns. None where every chunk holds whole rows, which ``_region`` reads range by
     range."""
-    from .dcp import assembled
+    from .chunks import assembled
 
     rest = tensor.shape[axis + 1:]
     if all(tuple(offsets[axis + 1:]) == (0,) * len(rest) and info.shape[axis + 1:] == rest

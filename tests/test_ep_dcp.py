@@ -261,7 +261,7 @@ def test_what_cannot_read_tensors_stored_in_blocks_is_refused_up_front(tmp_path,
                                             ((0, 1), (0,))], ids=["uneven grid", "columns", "rows"])
 def test_blocks_of_any_grid_assemble_into_their_tensor(rows, columns):
     """Blocks cut by any grid, in any order, assemble into the tensor they cut."""
-    from moekit.dcp import assembled
+    from moekit.chunks import assembled
     from moekit.executors.evaluate import materialize
     from moekit.plan import Read
     from moekit.sources import DictSource
@@ -304,7 +304,7 @@ def test_tensors_split_by_columns_with_empty_or_uneven_blocks_read_as_saved(tmp_
 def test_blocks_cut_into_columns_then_rows_assemble_into_their_tensor():
     """Blocks that tile a tensor only when cut into columns first (each column then cut
     into rows where the other is not) assemble into it."""
-    from moekit.dcp import assembled
+    from moekit.chunks import assembled
     from moekit.executors.evaluate import materialize
     from moekit.plan import Read
     from moekit.sources import DictSource
@@ -321,7 +321,7 @@ def test_blocks_cut_into_columns_then_rows_assemble_into_their_tensor():
 def test_any_part_of_a_tensor_stored_in_blocks_reads_the_blocks_it_reaches():
     """A region (ints, slices with steps, empty slices) of a tensor assembled from a grid
     of blocks is a recipe over the blocks giving exactly that region."""
-    from moekit.dcp import assembled
+    from moekit.chunks import assembled
     from moekit.executors.evaluate import materialize
     from moekit.plan import Read, composed
     from moekit.sources import DictSource

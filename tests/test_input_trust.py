@@ -512,6 +512,16 @@ def test_headers_with_colons_in_names_or_metadata_are_read_as_safetensors_reads_
     assert read.metadata == metadata
 
 
+def test_colons_in_metadata_alone_keep_the_single_parse(tmp_path, monkeypatch):
+    """Metadata strings holding colons (DCP's sharding info is JSON) do not send a header
+    to the slower pairwise parse: their colons are counted."""
+    from moekit import checkpoint as module
+
+    src = checkpoint(tmp_path / "model", metadata={"info": '{"a": {"b": [0, 0]}}', "t": "1:2"})
+    monkeypatch.setattr(module, "_pairwise_entries", None)
+    assert Checkpoint.open(src).metadata["t"] == "1:2"
+
+
 @pytest.mark.parametrize("name", ["model.x", "model.x:y"])
 def test_a_null_metadata_is_no_metadata(tmp_path, name):
     """safetensors reads ``"__metadata__": null`` as no metadata; so does moekit, whether
@@ -578,6 +588,17 @@ BAD_HEADERS = {
                                                      b':"F32","shape":[2,2],"data_offsets":'
                                                      b'[0,16]}}', 16),
                           "gives model.x twice, with different entries"),
+    "a key given twice beside metadata with colons": (
+        lambda f: write_raw_header(f, b'{"__metadata__":{"a:b":"{\\"c\\":1}"},"model.x":{"dtype"'
+                                      b':"F32","shape":[4],"data_offsets":[0,16]},"model.x":{'
+                                      b'"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}', 16),
+        "gives model.x twice, with different entries"),
+    "a key given twice beside an escaped colon": (
+        lambda f: write_raw_header(f, b'{"__metadata__":{"a":"' + b"\\u003a" * 4  # 4 hidden
+                                   + b'"},"model.x":{"dtype":"F32","shape":[4],"data_offsets":'
+                                   b'[0,16]},"model.x":{"dtype":"F32","shape":[2,2],'
+                                   b'"data_offsets":[0,16]}}', 16),
+        "gives model.x twice, with different entries"),
 }
 
 
