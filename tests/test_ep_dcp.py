@@ -20,6 +20,7 @@ from moekit.cli import main
 from moekit.executors.device import load_to_device, read_plan
 from moekit.inspection import inspect
 from moekit.layouts import layout_named
+from moekit.expert_parallel.ranges import rank_plan
 from moekit.planner import analyse_checkpoint, build_plan
 
 from . import ep_workers
@@ -65,20 +66,20 @@ def test_each_rank_saves_its_rows_to_dcp_and_the_folder_reads_back(world, qwen3_
         asked = json.loads((tmp_path / f"{rank}.json").read_text())
         assert asked == [list(expert_range(10, world, rank))]
     if len(owners) > 1:
-        read_on_the_cpu_for_an_accelerator(out)
+        staged_as_read(out)
 
 
-def read_on_the_cpu_for_an_accelerator(folder) -> None:
-    """The pinned readers of an accelerator load refuse a tensor saved in row chunks, so a
-    plan reading one is read on the CPU and copied to the device ("meta" stands in for an
-    accelerator here: any device but the CPU takes that path)."""
+def staged_as_read(folder) -> None:
+    """The device executor's staging (on the CPU here) loads a folder whose tensors ranks
+    saved in row chunks, each chunk staged as a tensor of its own and the rows joined by
+    the recipe (``_rows_as_blocks``), into the bytes the CPU path reads: whole, and one
+    expert-parallel rank's experts (a part of each chunked tensor)."""
     checkpoint, analysis = analyse_checkpoint(folder)
-    plan = build_plan(analysis, layout_named("nemo"))
-    with pytest.raises(MoekitError, match="row chunks"):
-        load_to_device(plan, checkpoint, "meta")
-    loaded = read_plan(plan, checkpoint, "meta")
-    assert {k: (tuple(v.shape), v.device.type) for k, v in loaded.items()} == {
-        t.name: (t.shape, "meta") for t in plan.tensors}
+    for plan in (build_plan(analysis, layout_named("nemo")), rank_plan(analysis, 3, 1, "nemo")):
+        staged = load_to_device(plan, checkpoint, "cpu", readers=2, chunk_bytes=1000)
+        read = read_plan(plan, checkpoint)
+        assert staged.keys() == read.keys()
+        assert all(same_bytes(staged[key], read[key]) for key in read)
 
 
 def test_load_experts_of_converted_dcp_folders(qwen3_10, tmp_path):
@@ -182,6 +183,7 @@ def test_safetensors_files_saved_one_a_rank_read_as_the_model_they_hold(qwen3_10
     expected, nemo = load(qwen3_10, "nemo"), load(out, "nemo")
     assert nemo.keys() == expected.keys()
     assert all(same_bytes(nemo[key], expected[key]) for key in expected)
+    staged_as_read(out)
 
 
 def test_a_nemo_automodel_checkpoint_saved_while_training_converts(qwen3_10, tmp_path):

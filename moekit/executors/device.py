@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager as ContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from operator import itemgetter
 
 import torch
@@ -43,9 +43,10 @@ from ..dtypes import ITEMSIZES, itemsize, to_torch
 from ..errors import MoekitError
 from ..gc_pauses import ScopedSetting
 from ..output import deferred_signals
-from ..plan import Plan, Read, TensorPlan, checked_index, nbytes, reads
+from ..plan import (Concat, Plan, Read, TensorPlan, checked_index, composed_plan, nbytes,
+                    reads)
 from ..sizes import format_size
-from ..sources import FileSource, chunked_error, truncated, unreadable
+from ..sources import FileSource, truncated, unreadable
 from .evaluate import fill, load_copy_kernels
 from .memory import run_plan
 from .native import NativeFiles, load_for_later, native_reads
@@ -364,35 +365,45 @@ def read_plan(plan: Plan, checkpoint: Checkpoint, device: torch.device | str | N
               pinned: PinnedBuffers | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of ``plan`` from ``checkpoint``'s files: through pinned buffers
     (``pin_ahead``'s, when given) onto an accelerator ``device``, or straight from the files
-    on the CPU. A plan reading a tensor saved in row chunks (a DCP folder that ranks saved
-    their rows into), which the pinned readers do not take, is read on the CPU and copied
-    to the accelerator tensor by tensor."""
-    accelerator = device is not None and torch.device(device).type != "cpu"
-    if accelerator and not _reads_chunks(plan, checkpoint):
+    on the CPU."""
+    if device is not None and torch.device(device).type != "cpu":
         return load_to_device(plan, checkpoint, device, wrap_experts, pinned=pinned)
     with FileSource(checkpoint) as source:
-        if accelerator:
-            out = run_plan(plan, source, None)
-            out = {k: _to(v, device, wrap_experts if k in plan.expert_tensors else None)
-                   for k, v in out.items()}
-        else:
-            out = run_plan(plan, source, device, wrap_experts)
+        out = run_plan(plan, source, device, wrap_experts)
         source.check_unchanged()
     return out
 
 
-def _reads_chunks(plan: Plan, checkpoint: Checkpoint) -> bool:
-    """True when a recipe of ``plan`` reads a tensor saved in row chunks (the recipes are
-    walked only for a checkpoint that holds one)."""
+def _rows_as_blocks(plan: Plan, checkpoint: Checkpoint) -> tuple[Plan, Checkpoint]:
+    """``plan`` reading each tensor saved in row chunks (``TensorInfo.chunks``: ranks'
+    ``Shard(0)`` DTensors) as the concatenation of its chunks, each a tensor named
+    ``KEY/rows_FIRST`` that the returned checkpoint holds too: a batch stages the chunks as
+    it stages any tensor, and the recipe joins them on the device, as it joins a tensor
+    stored in blocks. Both as they are where no tensor read is in chunks."""
     infos = checkpoint.tensors
-    return any(info.chunks for info in infos.values()) and any(
-        infos[r.key].chunks for t in plan.tensors for r in reads(t.recipe))
+    if not any(map(_CHUNKS, infos.values())):  # in C: every GPU load asks
+        return plan, checkpoint
+    keys = {read.key for tensor in plan.tensors for read in reads(tensor.recipe)}
+    made, rows = {}, {}
+    for key in keys:
+        info = infos[key]
+        parts, first = [], 0
+        for run in info.chunks:
+            name = f"{key}/rows_{first}"
+            if name in infos:
+                raise MoekitError(f"{key} is saved in row chunks, which moekit names as "
+                                  f"{name}, a tensor of the checkpoint too")
+            rows[name] = run._replace(key=name)
+            parts.append(Read.whole(name, run))
+            first += run.shape[0]
+        made[key] = Concat(tuple(parts), 0) if parts else Read.whole(key, info)
+    if not rows:
+        return plan, checkpoint
+    return composed_plan(plan, made), replace(checkpoint, tensors={**infos, **rows})
 
 
-def _to(value: torch.Tensor, device: torch.device | str,
-        wrap: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
-    moved = value.to(device)
-    return wrap(moved) if wrap is not None else moved
+_CHUNKS = itemgetter(5)
+"""A TensorInfo's ``chunks``."""
 
 
 def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | str,
@@ -413,6 +424,7 @@ def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | st
     few Python operations per source region) before the first byte is read, which is how
     the staging a load needs is known before it starts."""
     device = torch.device(device)
+    plan, checkpoint = _rows_as_blocks(plan, checkpoint)
     batches = [_lay_out(index, tensors, checkpoint, chunk_bytes)
                for index, tensors in enumerate(_batches(plan.tensors, batch_bytes))]
     _taper(batches, readers, min(buffer_bytes, chunk_bytes))
@@ -759,9 +771,7 @@ def _leaves(tensors: list[TensorPlan], checkpoint: Checkpoint) -> dict[str | tup
             if ident in found:
                 continue
             info = infos[read.key]
-            _, file, shape, dtype, offset, chunks = info
-            if chunks:
-                raise chunked_error(info)
+            _, file, shape, dtype, offset, _ = info
             found[ident] = _rows_leaf(region, info) if region else [
                 file, offset, math.prod(shape) * ITEMSIZES[dtype], shape, dtype, (), 0]
     return found
