@@ -8,6 +8,7 @@ and check that the GPU path gives bit-identical tensors.
 from __future__ import annotations
 
 import errno
+import json
 import gc
 import itertools
 import math
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import moekit
 from moekit import MoekitError
@@ -490,6 +492,45 @@ def test_cuda_loading_is_bit_identical_to_the_cpu(layout, native, family_checkpo
         on_gpu = moekit.load(path, layout, device="cuda")
         assert all(t.device.type == "cuda" for t in on_gpu.values())
         assert checksums(on_gpu) == checksums(moekit.load(path, layout))
+
+
+def saved_by_two_ranks(src: Path, out: Path, dim: int) -> Path:
+    """``src``'s tensors as two ranks save them with DCP's HuggingFaceStorageWriter (one
+    safetensors file each, the chunks placed by DCP_SHARDING_INFO): each tensor of two or
+    more dimensions split in halves along ``dim`` (rows as FSDP2 splits them, columns as
+    tensor parallelism does), the others whole in the first file."""
+    out.mkdir()
+    files: list[dict] = [{}, {}]
+    for key, value in load_all(src).items():
+        if value.dim() < 2:
+            files[0][key] = (value, [0] * value.dim())
+            continue
+        half = value.shape[dim] // 2
+        for rank, part in enumerate((value.narrow(dim, 0, half),
+                                     value.narrow(dim, half, value.shape[dim] - half))):
+            files[rank][key] = (part.contiguous(), [half * rank if d == dim else 0
+                                                    for d in range(value.dim())])
+    for rank, chunks in enumerate(files, 1):
+        info = {key: {"saved_offsets": offsets} for key, (_, offsets) in chunks.items()}
+        save_file({key: chunk for key, (chunk, _) in chunks.items()},
+                  out / f"shard-{rank:05d}-model-00001-of-00001.safetensors",
+                  metadata={"DCP_SHARDING_INFO": json.dumps(info)})
+    (out / "config.json").write_bytes((src / "config.json").read_bytes())
+    return out
+
+
+@cuda
+@pytest.mark.parametrize("dim", [0, 1], ids=["rows", "columns"])
+def test_cuda_loading_of_tensors_saved_in_chunks_is_bit_identical(dim, family_checkpoints,
+                                                                  tmp_path):
+    """Tensors saved by ranks in row chunks (each chunk staged as a tensor of its own) or
+    in column blocks (concatenated on the device) load onto the GPU as the source does."""
+    src = family_checkpoints["qwen3_moe"]
+    folder = saved_by_two_ranks(src, tmp_path / "ranks", dim)
+    for layout in ("nemo", "transformers"):
+        expected = checksums(moekit.load(src, layout))
+        assert checksums(moekit.load(folder, layout)) == expected
+        assert checksums(moekit.load(folder, layout, device="cuda")) == expected
 
 
 @cuda
