@@ -68,16 +68,6 @@ class FileSource:
         self.bytes_read += done
         return shape, within
 
-    def location(self, key: str) -> tuple[int, int]:
-        """(file descriptor, byte offset) of tensor ``key``'s data, for reading it with
-        ``pread`` or copying it in the kernel; each file is opened once, and refused when
-        it is no longer the file whose header was read. A tensor saved in row chunks has
-        no one location: it is refused naming it."""
-        info = self.checkpoint.tensors[key]
-        if info.chunks:
-            raise chunked_error(info)
-        return self.descriptor(info.file), info.offset
-
     def byte_range(self, region: Read) -> tuple[int, int, int] | None:
         """``(fd, offset, size)`` of the bytes a region covers, when they are contiguous in
         its file (a whole tensor, or leading indices then one slice), else None."""
@@ -133,14 +123,6 @@ class FileSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def chunked_error(info: TensorInfo) -> MoekitError:
-    """The refusal of a tensor saved in row chunks where one location is needed (a reader
-    of byte ranges, or a kernel copy)."""
-    return MoekitError(f"{printable(info.key)} is saved in {len(info.chunks)} row chunks (a "
-                       "DCP save by several ranks), which moekit reads on the CPU only: load it "
-                       "on the CPU, or convert the folder first")
 
 
 def unreadable(file: str, reason: object) -> MoekitError:

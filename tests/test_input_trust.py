@@ -622,7 +622,8 @@ def test_a_shard_gone_after_planning_is_a_moekit_error(tmp_path):
     ckpt = Checkpoint.open(src)
     (src / "model.safetensors").unlink()
     with FileSource(ckpt) as source, pytest.raises(MoekitError, match="model.safetensors"):
-        source.location("model.embed_tokens.weight")
+        source.read(Read.whole("model.embed_tokens.weight",
+                               ckpt.tensors["model.embed_tokens.weight"]))
 
 
 # ---------------------------------------------------------------- sources that change
