@@ -26,6 +26,7 @@ import moekit
 from moekit.checkpoint import INDEX_NAME, Checkpoint
 from moekit.cli import main
 from moekit.errors import MoekitError, printable
+from moekit.plan import Read
 from moekit.sources import FileSource
 
 ITEMSIZE = {"F32": 4, "BF16": 2, "U8": 1, "F8_E8M0": 1}
