@@ -219,7 +219,9 @@ class RequireZeros(_ShapedLikePart):
     raises a MoekitError naming ``checked`` otherwise."""
 
     part: "Expr"
-    checked: Read
+    checked: "Expr"
+    """A read of the tensor, or where the checkpoint stores it in pieces, the concatenation
+    of reads of them."""
     reason: str
     """Why the destination has no place for ``checked`` (for the error)."""
 
@@ -404,10 +406,11 @@ def _part(expr: Transpose | Reshape | Scale | Cast, made: Mapping[str, Expr]) ->
 
 def _checked(expr: RequireZeros | Redraw, made: Mapping[str, Expr]) -> Expr:
     """A node with a part and a tensor read beside it (the zeros checked, the statistics
-    drawn from), which stays a read: of a stored tensor, or a part of one."""
+    drawn from). The statistics stay a read, of a stored tensor or a part of one; the
+    zeros may be checked over the pieces a tensor is stored in."""
     read = expr.stats if isinstance(expr, Redraw) else expr.checked
     other = composed(read, made)
-    if not isinstance(other, Read):  # a tensor stored in blocks (a tensor-parallel save)
+    if isinstance(expr, Redraw) and not isinstance(other, Read):  # stored in blocks
         raise MoekitError(f"{describe(expr)} reads {read.key}, which the checkpoint stores in "
                           f"pieces ({describe(other)}); convert the checkpoint to HF files "
                           "first (moekit convert SRC DST --to hf) and use those")
@@ -511,7 +514,7 @@ _DESCRIBE: dict[type, Callable[..., str]] = {
     Dequantize: lambda expr: (f"dequant({describe(expr.weight)}, {describe(expr.scale)}) "
                               f"-> {expr.dtype}"),
     Cast: lambda expr: f"{describe(expr.part)} -> {expr.dtype}",
-    RequireZeros: lambda expr: f"{describe(expr.part)} if {expr.checked.key} == 0",
+    RequireZeros: lambda expr: f"{describe(expr.part)} if {describe(expr.checked)} == 0",
     RequireEqual: lambda expr: f"{describe(expr.part)} if == {describe(expr.copy)}",
     Redraw: lambda expr: (f"redraw({describe(expr.part)}, {expr.ratio:.0%} of dim {expr.dim}, "
                           f"seed={expr.select_seed})"),

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import moekit
-from moekit import MoekitError
+from moekit import MoekitError, convert
 from moekit.planner import analyse_checkpoint
 from moekit.executors import device
 from moekit.executors.device import load_to_device
@@ -494,15 +495,15 @@ def test_cuda_loading_is_bit_identical_to_the_cpu(layout, native, family_checkpo
         assert checksums(on_gpu) == checksums(moekit.load(path, layout))
 
 
-def saved_by_two_ranks(src: Path, out: Path, dim: int) -> Path:
+def saved_by_two_ranks(src: Path, out: Path, dim: int, least: int = 2) -> Path:
     """``src``'s tensors as two ranks save them with DCP's HuggingFaceStorageWriter (one
-    safetensors file each, the chunks placed by DCP_SHARDING_INFO): each tensor of two or
-    more dimensions split in halves along ``dim`` (rows as FSDP2 splits them, columns as
-    tensor parallelism does), the others whole in the first file."""
+    safetensors file each, the chunks placed by DCP_SHARDING_INFO): each tensor of at
+    least ``least`` dimensions split in halves along ``dim`` (rows as FSDP2 splits them,
+    columns as tensor parallelism does), the others whole in the first file."""
     out.mkdir()
     files: list[dict] = [{}, {}]
     for key, value in load_all(src).items():
-        if value.dim() < 2:
+        if value.dim() < max(least, dim + 1):
             files[0][key] = (value, [0] * value.dim())
             continue
         half = value.shape[dim] // 2
@@ -517,6 +518,34 @@ def saved_by_two_ranks(src: Path, out: Path, dim: int) -> Path:
                   metadata={"DCP_SHARDING_INFO": json.dumps(info)})
     (out / "config.json").write_bytes((src / "config.json").read_bytes())
     return out
+
+
+@pytest.mark.parametrize("bias", [0.0, -0.0, 0.5])
+def test_a_zeros_check_over_row_chunks_is_staged(bias, family_checkpoints, tmp_path):
+    """torchtitan's expert_bias_E, which HF files have no place for and which is dropped
+    only when all zero bits, saved by two ranks in row chunks like every other tensor: the
+    device executor's staging checks it over its chunks and loads what the CPU path reads,
+    or refuses a non-zero one naming it, as the CPU path does."""
+    titan = tmp_path / "titan"
+    convert(family_checkpoints["qwen3_moe"], titan, "torchtitan", format="safetensors")
+    folder = saved_by_two_ranks(titan, tmp_path / "ranks", 0, least=1)
+    key = "layers.1.moe.expert_bias_E"
+    shard = next(folder.glob("shard-00002-*"))
+    with safe_open(shard, framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        metadata = handle.metadata()
+    tensors[key][0] = bias
+    save_file(tensors, shard, metadata=metadata)
+    checkpoint, analysis = analyse_checkpoint(folder, "torchtitan")
+    plan = build_plan(analysis, layout_named("hf"))
+    if bias == 0.0 and math.copysign(1, bias) > 0:
+        staged = load_to_device(plan, checkpoint, "cpu", readers=2, chunk_bytes=1000)
+        assert checksums(staged) == checksums(_reference(checkpoint, plan))
+        return
+    for load in (lambda: _reference(checkpoint, plan),
+                 lambda: load_to_device(plan, checkpoint, "cpu", readers=2)):
+        with pytest.raises(MoekitError, match=f"{key}.* holds non-zero values"):
+            load()
 
 
 @cuda
