@@ -771,7 +771,10 @@ def _leaves(tensors: list[TensorPlan], checkpoint: Checkpoint) -> dict[str | tup
             if ident in found:
                 continue
             info = infos[read.key]
-            _, file, shape, dtype, offset, _ = info
+            _, file, shape, dtype, offset, chunks = info
+            if chunks:  # _rows_as_blocks makes every chunk a tensor of its own
+                raise MoekitError(f"internal error: {read.key} is read whole from its first "
+                                  "row chunk's place; load it on the CPU")
             found[ident] = _rows_leaf(region, info) if region else [
                 file, offset, math.prod(shape) * ITEMSIZES[dtype], shape, dtype, (), 0]
     return found
