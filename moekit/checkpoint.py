@@ -129,7 +129,8 @@ class Checkpoint:
     checkpoint is planned from. Empty where ``tensors`` are the model's."""
     training_state: dict[str, int] = field(default_factory=dict)
     """Entries of a training checkpoint's state beside the model (optimizer, learning-rate
-    schedule, ...), not read, by what they are (``moekit.dcp.TRAINING_STATE``)."""
+    schedule, ...), not read, counted by the first part of their keys (a DCP folder's:
+    ``moekit.dcp.TRAINING_STATE``; a Megatron-Core folder's: ``megatron_io``'s)."""
 
     def __post_init__(self) -> None:
         if self.named is None:
@@ -433,6 +434,9 @@ class _Source:
     """True for a folder of several safetensors files and no index (``_open_sharded``)."""
 
 
+AUTOMODEL_WEIGHTS = "model"
+"""The folder of a NeMo AutoModel 0.7 checkpoint (``step-N``) that holds its weights
+(``Checkpointer.save_model``), the optimizer's state beside it in ``optim``."""
 HF_METADATA = ".hf_metadata"
 """Where NeMo AutoModel 0.7 puts the config.json, generation config and tokenizer files
 of a checkpoint's ``model/`` folder of sharded safetensors files (``Checkpointer.save_model``)."""
@@ -479,7 +483,7 @@ def _locate(path: Path) -> _Source:
         return _Source(path, [member_file(path, SINGLE_NAME).name], None, named_file=False)
     found = sorted(p.name for p in path.glob("*.safetensors"))
     if not found:
-        inner = path / "model"
+        inner = path / AUTOMODEL_WEIGHTS
         hint = (f"; its weights are in {_shown(inner)} (as NeMo AutoModel saves them): name "
                 "that folder" if _kind(inner) == "folder" and any(inner.glob("*.safetensors"))
                 else "")
@@ -654,8 +658,8 @@ def _header_entries(file: Path) -> tuple[int, dict[str, dict], str | None]:
     trusted only when the header has as many colons as the dicts have pairs, and as the
     metadata's strings hold (``_quoted_colons``): each pair has one colon, and any other
     colon inside a string only adds to the count. Any other header (a name given twice, a
-    colon in a name) is parsed again into tuples of pairs, where a name given twice is
-    still there to be seen."""
+    colon in a name, a colon written escaped, metadata that is not strings) is parsed
+    again into tuples of pairs, where a name given twice is still there to be seen."""
     with open(file, "rb") as handle:
         length = int.from_bytes(handle.read(8), "little")
         raw = handle.read(length)

@@ -6,14 +6,25 @@ that safetensors files saved by ranks are read without it."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from .checkpoint import TensorInfo, saved_offsets
 from .errors import MoekitError, printable
 from .plan import Concat, Expr, Read
+
+
+class ChunkLike(Protocol):
+    """Where a chunk lies in its whole tensor: DCP's ``ChunkStorageMetadata``, or a
+    ``Chunk``."""
+
+    @property
+    def offsets(self) -> Sequence[int]: ...
+
+    @property
+    def sizes(self) -> Sequence[int]: ...
 
 
 class Chunk(NamedTuple):
@@ -23,18 +34,21 @@ class Chunk(NamedTuple):
     sizes: tuple[int, ...]
 
 
+Run = tuple[str, tuple[int, ...], str, int]
+"""Where a chunk's bytes lie: its file, shape, dtype and byte offset in the file."""
+
+
 @dataclass(frozen=True)
 class Chunked:
-    """A tensor as ranks saved it: its key, shape and dtype, its chunks (each with
-    ``offsets`` and ``sizes``: DCP's ``ChunkStorageMetadata``, or a ``Chunk``), where each
-    chunk's bytes lie (``run(chunk, dtype)``: file, shape, dtype, byte offset, looked up only for
-    chunks known to tile the tensor) and how a message names it."""
+    """A tensor as ranks saved it: its key, shape and dtype, its chunks, where each
+    chunk's bytes lie (``run(chunk, dtype)``, looked up only for chunks known to tile the
+    tensor) and how a message names it."""
 
     key: str
     shape: tuple[int, ...]
     dtype: str
-    chunks: list
-    run: Callable[..., tuple[str, tuple[int, ...], str, int]]
+    chunks: Sequence[ChunkLike]
+    run: Callable[[ChunkLike, str], Run]
     where: str
 
 
@@ -79,8 +93,8 @@ def sharded_safetensors(folder: Path, files: dict[str, tuple[dict[str, str], dic
     (``chunked_tensors``). Each file holds its rank's chunk of each tensor under the
     tensor's name and, in ``SHARDING_INFO``, the chunk's offsets; the tensor's shape is
     where its chunks end, as DCP's ``HuggingFaceStorageReader.read_metadata`` takes it
-    (torch 2.13). NeMo AutoModel 0.7 saves its checkpoints' ``model/`` so unless told to
-    consolidate them."""
+    (torch 2.13). NeMo AutoModel 0.7 saves its checkpoints' ``model/`` folder so unless
+    told to consolidate it."""
     chunks: dict[str, dict[tuple[int, ...], TensorInfo]] = {}
     for name, (metadata, tensors) in files.items():
         offsets = saved_offsets(folder / name, metadata, tensors)
@@ -98,22 +112,24 @@ def _sharded(folder: Path, key: str, chunks: dict[tuple[int, ...], TensorInfo]) 
     """The tensor ``key`` of sharded safetensors files, from its ``chunks`` by offsets."""
     where = f"{printable(str(folder))}: {printable(key)}"
     first = next(iter(chunks.values()))
-    if any(info.dtype != first.dtype or len(info.shape) != len(first.shape)
-           for info in chunks.values()):
-        raise MoekitError(f"{where} is saved in chunks of different dtypes or dimensions")
+    other = next((info for info in chunks.values() if info.dtype != first.dtype
+                  or len(info.shape) != len(first.shape)), None)
+    if other is not None:
+        raise MoekitError(f"{where} is saved in chunks of different dtypes or dimensions: "
+                          f"{first.dtype} {list(first.shape)} in {printable(first.file)}, "
+                          f"{other.dtype} {list(other.shape)} in {printable(other.file)}")
     shape = tuple(max(offsets[dim] + info.shape[dim] for offsets, info in chunks.items())
                   for dim in range(len(first.shape)))
-    stored = [Chunk(offsets, info.shape)
-              for offsets, info in chunks.items()]
+    stored = [Chunk(offsets, info.shape) for offsets, info in chunks.items()]
 
-    def run(chunk, dtype: str) -> tuple[str, tuple[int, ...], str, int]:
+    def run(chunk: ChunkLike, dtype: str) -> Run:
         info = chunks[tuple(chunk.offsets)]
         return info.file, info.shape, dtype, info.offset
 
     return Chunked(key, shape, first.dtype, stored, run, where)
 
 
-def _in_rows(chunks: list, shape: tuple[int, ...]) -> bool:
+def _in_rows(chunks: Sequence[ChunkLike], shape: tuple[int, ...]) -> bool:
     """True when ``chunks`` are the whole tensor, or each holds whole rows (every
     dimension but the first whole): what ``_row_chunks`` reads (or refuses, for rows
     missing)."""
@@ -190,7 +206,8 @@ def _tensor(tensor: Chunked) -> TensorInfo:
     return TensorInfo(key, first.file, shape, dtype, first.offset, chunks=runs)
 
 
-def _row_chunks(chunks: list, shape: tuple[int, ...], where: str) -> list:
+def _row_chunks(chunks: Sequence[ChunkLike], shape: tuple[int, ...], where: str
+                ) -> list[ChunkLike]:
     """The chunks of a tensor in row order, once they are known to tile it by rows: each
     whole in every dimension but the first, one after another from row 0 to the last."""
     if len(chunks) == 1 and not any(chunks[0].offsets) and tuple(chunks[0].sizes) == shape:

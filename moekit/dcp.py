@@ -32,6 +32,7 @@ import queue
 import struct
 import warnings
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -402,14 +403,10 @@ def read_tensors(folder: Path) -> DcpHeaders:
 def _model_entries(entries: dict[str, object]) -> tuple[dict[str, object], dict[str, int]]:
     """``entries`` but those of training state (``TRAINING_STATE``), and how many of those
     each root has."""
-    model, skipped = {}, {}
-    for key, entry in entries.items():
-        root = key.partition(".")[0]
-        if root in TRAINING_STATE:
-            skipped[root] = skipped.get(root, 0) + 1
-        else:
-            model[key] = entry
-    return model, skipped
+    model = {key: entry for key, entry in entries.items()
+             if key.partition(".")[0] not in TRAINING_STATE}
+    skipped = Counter(key.partition(".")[0] for key in entries if key not in model)
+    return model, dict(skipped)
 
 
 @contextmanager

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,12 +165,8 @@ def _training_state(stored: dict[str, "StoredTensor"], objects: list[str]) -> di
     ``/shard_OFFSETS_SHAPE``)."""
     names = [*(k for k in stored if k.startswith(OPTIMIZER_PREFIX)),
              *dict.fromkeys(k.partition("/")[0] for k in objects)]  # an object once, not a shard
-    counts: dict[str, int] = {}
-    for name in names:
-        if not name.endswith("._extra_state"):
-            root = name.partition(".")[0]
-            counts[root] = counts.get(root, 0) + 1
-    return counts
+    return dict(Counter(name.partition(".")[0] for name in names
+                        if not name.endswith("._extra_state")))
 
 
 def _iteration(path: Path) -> Path:

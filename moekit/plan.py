@@ -224,6 +224,13 @@ class RequireZeros(_ShapedLikePart):
     of reads of them."""
     reason: str
     """Why the destination has no place for ``checked`` (for the error)."""
+    name: str = ""
+    """The checked tensor's key, as errors name it (by default the key ``checked`` reads);
+    kept when ``checked`` becomes the concatenation of its pieces."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", self.checked.key)
 
 
 @dataclass(frozen=True)
@@ -514,7 +521,7 @@ _DESCRIBE: dict[type, Callable[..., str]] = {
     Dequantize: lambda expr: (f"dequant({describe(expr.weight)}, {describe(expr.scale)}) "
                               f"-> {expr.dtype}"),
     Cast: lambda expr: f"{describe(expr.part)} -> {expr.dtype}",
-    RequireZeros: lambda expr: f"{describe(expr.part)} if {describe(expr.checked)} == 0",
+    RequireZeros: lambda expr: f"{describe(expr.part)} if {expr.name} == 0",
     RequireEqual: lambda expr: f"{describe(expr.part)} if == {describe(expr.copy)}",
     Redraw: lambda expr: (f"redraw({describe(expr.part)}, {expr.ratio:.0%} of dim {expr.dim}, "
                           f"seed={expr.select_seed})"),

@@ -569,8 +569,8 @@ def test_a_checkpoint_megatron_core_saved_at_tensor_parallel_size_2_reads_back_w
 def test_a_training_checkpoint_converts_its_model_weights(models, tmp_path, capsys):
     """megatron-core saves moekit's folder again beside an optimizer's state and an RNG
     state, as Megatron-LM's training checkpoints hold them: the optimizer's tensors and the
-    RNG object are passed over (``inspect`` counts them), and the folder converts back to the HF files byte for
-    byte, transformers' logits of them the model's."""
+    RNG object are passed over (``inspect`` counts them), and the folder converts back to
+    the HF files byte for byte, transformers' logits of them the model's."""
     model, hf, folder = models["qwen3_moe"]
     saved = tmp_path / "megatron" / "iter_0000000"
     saved.mkdir(parents=True)

@@ -40,7 +40,7 @@ import torch
 from ..checkpoint import Checkpoint, TensorInfo
 from ..cores import sharing_processes, usable_cpus
 from ..dtypes import ITEMSIZES, itemsize, to_torch
-from ..errors import MoekitError
+from ..errors import MoekitError, printable
 from ..gc_pauses import ScopedSetting
 from ..output import deferred_signals
 from ..plan import (Concat, Plan, Read, TensorPlan, checked_index, composed_plan, nbytes,
@@ -374,14 +374,20 @@ def read_plan(plan: Plan, checkpoint: Checkpoint, device: torch.device | str | N
     return out
 
 
+_CHUNKS = itemgetter(5)
+"""A TensorInfo's ``chunks``, as a getter that runs in C (every GPU load asks it of every
+tensor of the checkpoint)."""
+
+
 def _rows_as_blocks(plan: Plan, checkpoint: Checkpoint) -> tuple[Plan, Checkpoint]:
     """``plan`` reading each tensor saved in row chunks (``TensorInfo.chunks``: ranks'
     ``Shard(0)`` DTensors) as the concatenation of its chunks, each a tensor named
     ``KEY/rows_FIRST`` that the returned checkpoint holds too: a batch stages the chunks as
     it stages any tensor, and the recipe joins them on the device, as it joins a tensor
-    stored in blocks. Both as they are where no tensor read is in chunks."""
+    stored in blocks. ``plan`` and ``checkpoint`` are returned unchanged when the plan
+    reads no tensor stored in row chunks."""
     infos = checkpoint.tensors
-    if not any(map(_CHUNKS, infos.values())):  # in C: every GPU load asks
+    if not any(map(_CHUNKS, infos.values())):
         return plan, checkpoint
     keys = {read.key for tensor in plan.tensors for read in reads(tensor.recipe)}
     made, rows = {}, {}
@@ -391,8 +397,8 @@ def _rows_as_blocks(plan: Plan, checkpoint: Checkpoint) -> tuple[Plan, Checkpoin
         for run in info.chunks:
             name = f"{key}/rows_{first}"
             if name in infos:
-                raise MoekitError(f"{key} is saved in row chunks, which moekit names as "
-                                  f"{name}, a tensor of the checkpoint too")
+                raise MoekitError(f"{printable(key)} is saved in row chunks, which moekit "
+                                  f"names as {printable(name)}, a tensor of the checkpoint too")
             rows[name] = run._replace(key=name)
             parts.append(Read.whole(name, run))
             first += run.shape[0]
@@ -400,10 +406,6 @@ def _rows_as_blocks(plan: Plan, checkpoint: Checkpoint) -> tuple[Plan, Checkpoin
     if not rows:
         return plan, checkpoint
     return composed_plan(plan, made), replace(checkpoint, tensors={**infos, **rows})
-
-
-_CHUNKS = itemgetter(5)
-"""A TensorInfo's ``chunks``."""
 
 
 def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | str,

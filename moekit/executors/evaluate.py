@@ -21,7 +21,7 @@ from ..dtypes import to_torch
 from ..errors import MoekitError
 from ..plan import (FP4_VALUES, Cast, Concat, Constant, Dequantize, DequantizeMXFP4, Expr,
                     Random, Read, Redraw, RequireEqual, RequireZeros, Reshape, Scale, Stack,
-                    Transpose, describe, handler)
+                    Transpose, handler)
 from ..sources import TensorSource
 
 
@@ -87,7 +87,7 @@ def _fill_require_zeros(expr: RequireZeros, out: torch.Tensor, source: TensorSou
     """Fill ``out`` with the part once the checked tensor is all zero bits: a -0.0 is
     refused too, since the zeros written back in its place would not give it back."""
     if torch.count_nonzero(_as_bits(materialize(expr.checked, source, out.device))).item():
-        raise MoekitError(f"{describe(expr.checked)} holds non-zero values (bit for bit: -0.0 "
+        raise MoekitError(f"{expr.name} holds non-zero values (bit for bit: -0.0 "
                           f"counts): {expr.reason}, so moekit refuses to drop it")
     fill(expr.part, out, source)
 
