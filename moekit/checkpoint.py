@@ -691,11 +691,12 @@ def _quoted_colons(objects: dict, raw: bytes) -> int:
     metadata = objects.get("__metadata__")
     if type(metadata) is not dict:
         return 0
-    if b"\\u003a" in raw or b"\\u003A" in raw:
-        return -1
     if set(map(type, metadata.values())) - {str}:
         return -1
-    return sum(key.count(":") + value.count(":") for key, value in metadata.items())
+    colons = sum(key.count(":") + value.count(":") for key, value in metadata.items())
+    if colons and (b"\\u003a" in raw or b"\\u003A" in raw):  # scanned only when it matters
+        return -1
+    return colons
 
 
 def _pairwise_entries(file: Path, raw: bytes) -> tuple[dict[str, dict], str | None]:
