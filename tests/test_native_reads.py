@@ -6,12 +6,14 @@ themselves need a CUDA GPU and kvikio (``pip install kvikio-cu12`` or ``kvikio-c
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import os
 import subprocess
 import sys
 import threading
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -83,6 +85,78 @@ def test_kvikio_is_loaded_in_the_background_once_a_load_is_done(monkeypatch):
     assert loading.wait(30) and not native.native_reads("cuda")  # loading, not waited for
     loaded.set()
     assert native.NATIVE.get() is sys and native.native_reads("cuda")
+
+
+def test_kvikio_is_warmed_up_on_the_loads_device_before_loads_read_through_it(monkeypatch):
+    # kvikio sets each of its threads up at its first read: a read of zeros in the
+    # background, before loads may read through kvikio, spares the first of them that.
+    monkeypatch.delenv(native.SWITCH, raising=False)
+    monkeypatch.setattr(native, "NATIVE", native._Native())
+    monkeypatch.setattr(native, "_loaded", lambda: sys)
+    warmed = []
+    monkeypatch.setattr(native, "_warm_up", lambda module, device: warmed.append(
+        (module, device, native.native_reads(device))))
+    native.load_for_later(torch.device("cuda", 1))
+    assert native.NATIVE.get() is sys
+    assert warmed == [(sys, torch.device("cuda", 1), False)]
+
+
+class _FakeKvikio:
+    """What ``native._warm_up`` uses of kvikio: its settings, and handles whose reads fill
+    the target with 7s and record (path, compatibility mode, target, size, offset)."""
+
+    class CompatMode:
+        ON = "ON"
+
+    def __init__(self, threads: int, task_size: int) -> None:
+        self.settings = {"num_threads": threads, "task_size": task_size, "compat_mode": None}
+        self.reads: list[tuple] = []
+        self.closed = 0
+        self.defaults = SimpleNamespace(get=self.settings.__getitem__, set=self._set)
+
+    @contextlib.contextmanager
+    def _set(self, name: str, value: object):
+        saved, self.settings[name] = self.settings[name], value
+        try:
+            yield
+        finally:
+            self.settings[name] = saved
+
+    def CuFile(self, path: str, mode: str) -> SimpleNamespace:
+        mode_then = self.settings["compat_mode"]
+
+        def pread(target: torch.Tensor, size: int, offset: int) -> SimpleNamespace:
+            self.reads.append((path, mode_then, target, size, offset))
+            target[:size].fill_(7)
+            return SimpleNamespace(get=lambda: size)
+
+        return SimpleNamespace(pread=pread, close=self._close)
+
+    def _close(self) -> None:
+        self.closed += 1
+
+
+def test_the_warm_up_reads_a_task_on_every_thread_from_dev_zero_in_posix_mode(monkeypatch):
+    monkeypatch.delenv("KVIKIO_COMPAT_MODE", raising=False)
+    fake = _FakeKvikio(threads=3, task_size=4096)
+    assert native._warm_up(fake, torch.device("cpu")) == 3 * 4096
+    [(path, mode, target, size, offset)] = fake.reads
+    assert (path, mode, size, offset) == ("/dev/zero", "ON", 3 * 4096, 0)
+    assert target.device.type == "cpu" and target.numel() == size and bool((target == 7).all())
+    assert fake.closed == 1
+
+
+def test_a_warm_up_that_fails_reads_nothing_and_leaves_kvikio_to_the_loads(monkeypatch):
+    fake = _FakeKvikio(threads=2, task_size=4096)
+    monkeypatch.setattr(native, "WARM_UP_SOURCE", "/nonexistent/zero")
+    monkeypatch.setattr(fake, "CuFile", lambda path, mode: (_ for _ in ()).throw(
+        RuntimeError(f"cannot open {path}")))
+    assert native._warm_up(fake, torch.device("cpu")) == 0
+    monkeypatch.setattr(native, "NATIVE", native._Native())
+    monkeypatch.setattr(native, "_loaded", lambda: fake)
+    monkeypatch.delenv(native.SWITCH, raising=False)
+    native.load_for_later("cuda")
+    assert native.NATIVE.get() is fake
 
 
 class _Refused(importlib.abc.MetaPathFinder):
@@ -171,9 +245,17 @@ def test_a_failed_native_read_is_one_message_naming_the_file(message, expected):
     assert expected in str(raised.value) and "KvikIO" not in str(raised.value)
     assert "posix_io" not in str(raised.value)
 
+
 def _plan(path):
     checkpoint, analysis = analyse_checkpoint(path)
     return checkpoint, build_plan(analysis, layout_named("nemo"))
+
+
+@kvikio_reads
+def test_cuda_warm_up_reads_zeros_through_every_kvikio_thread():
+    kvikio = native.NATIVE.get()
+    threads, task = kvikio.defaults.get("num_threads"), kvikio.defaults.get("task_size")
+    assert native._warm_up(kvikio, torch.device("cuda")) == threads * task > 0
 
 
 @kvikio_reads
