@@ -580,6 +580,23 @@ def test_cuda_staging_in_many_small_batches_is_bit_identical(slots, native,
 
 
 @cuda
+@pytest.mark.parametrize("slots", [1, 3])
+def test_cuda_copy_kernels_are_loaded_once_the_first_batches_are_all_queued(
+        slots, family_checkpoints, monkeypatch):
+    # Loading a kernel takes tens of milliseconds: loaded after the first batch's reads
+    # were queued, it held back the next batches' (their readers idle meanwhile).
+    events, submit = [], device._Reader._submit
+    monkeypatch.setattr(device._Reader, "_submit",
+                        lambda self, batch: events.append("submit") or submit(self, batch))
+    monkeypatch.setattr(device, "load_copy_kernels",
+                        lambda where, dtypes: events.append("kernels"))
+    checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
+    staged = load_to_device(plan, checkpoint, "cuda", batch_bytes=1, slots=slots)
+    assert events.index("kernels") == slots < events.count("submit")
+    assert checksums(staged) == checksums(_reference(checkpoint, plan))
+
+
+@cuda
 def test_cuda_gathers_are_queued_without_waiting_for_the_stream():
     # Hub files order experts by name, so most stacks are gathered: a gather that waited
     # for the stream would hold up the thread queueing the next batch behind every read.

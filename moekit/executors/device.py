@@ -556,12 +556,15 @@ class _Reader:
             self.compute.wait_stream(torch.cuda.current_stream(self.device))
         out: dict[str, torch.Tensor] = {}
         in_flight: deque[_Batch] = deque()
-        for batch in batches:
+        ahead = min(self.slots, len(batches))
+        for at, batch in enumerate(batches):
             if len(in_flight) == self.slots:
                 out.update(self._finish(in_flight.popleft()))
             in_flight.append(self._submit(batch))
-            if batch is batches[0] and self.compute is not None:
-                with self._on_compute():  # while the first reads run
+            if at == ahead - 1 and self.compute is not None:
+                # while the first batches' reads run: loading a kernel takes 20 to 30 ms
+                # on an H200 host, which would hold back the reads of batches queued after
+                with self._on_compute():
                     load_copy_kernels(self.device, {t.recipe.dtype for b in batches
                                                     for t in b.tensors})
         while in_flight:

@@ -335,8 +335,9 @@ def load_copy_kernels(device: torch.device, dtypes: Iterable[str]) -> None:
 
     CUDA loads a kernel into the process at its first launch, and this copy builds most
     grouped tensors (the experts' stacks, transposed): on an H200 host, loading it took
-    10 to 20 ms. The device executor calls this once a process's first reads are queued,
-    so that the kernel is loaded while they run, not after them."""
+    10 to 30 ms. The device executor calls this once the reads of its first batches are
+    all queued, so that the kernel is loaded while they run, neither after them nor
+    before the later ones are queued."""
     if device.index is None:
         device = torch.device(device.type, torch.cuda.current_device())
     for name in dtypes:
