@@ -647,7 +647,8 @@ def _add_entries(file: Path, name: str, start: int, entries: dict[str, dict],
 _NEW_INFO = partial(tuple.__new__, TensorInfo)
 """A TensorInfo of a tuple of its six fields, made in C: its class's ``__new__``, which
 gives ``chunks`` its default, is Python, and a checkpoint's headers can hold over a
-hundred thousand entries (with 32,700 of them, the header read took 5 to 8 % longer)."""
+hundred thousand entries (with 32,700 of them, the header read would take 5 to 8 % longer
+through it)."""
 _OFFSET = itemgetter(4)
 """A TensorInfo's ``offset``, as a sort key that runs in C."""
 _FILE = itemgetter(1)

@@ -583,8 +583,8 @@ def test_cuda_staging_in_many_small_batches_is_bit_identical(slots, native,
 @pytest.mark.parametrize("slots", [1, 3])
 def test_cuda_copy_kernels_are_loaded_once_the_first_batches_are_all_queued(
         slots, family_checkpoints, monkeypatch):
-    # Loading a kernel takes tens of milliseconds: loaded after the first batch's reads
-    # were queued, it held back the next batches' (their readers idle meanwhile).
+    # Loading a kernel takes tens of milliseconds: loaded between the first batch's reads
+    # and the next batches', it would hold those back (their readers idle meanwhile).
     events, submit = [], device._Reader._submit
     monkeypatch.setattr(device._Reader, "_submit",
                         lambda self, batch: events.append("submit") or submit(self, batch))

@@ -75,6 +75,7 @@ def test_kvikio_is_loaded_in_the_background_once_a_load_is_done(monkeypatch):
     monkeypatch.setattr(native, "NATIVE", native._Native())
     loading, loaded = threading.Event(), threading.Event()
     monkeypatch.setattr(native, "_loaded", lambda: loading.set() or loaded.wait(30) and sys)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert not native.native_reads("cuda") and native.NATIVE.thread is None
     native.load_for_later("cpu")
     monkeypatch.setenv(native.SWITCH, "0")
@@ -87,31 +88,56 @@ def test_kvikio_is_loaded_in_the_background_once_a_load_is_done(monkeypatch):
     assert native.NATIVE.get() is sys and native.native_reads("cuda")
 
 
-def test_kvikio_is_warmed_up_on_the_loads_device_before_loads_read_through_it(monkeypatch):
-    # kvikio sets each of its threads up at its first read: a read of zeros in the
-    # background, before loads may read through kvikio, spares the first of them that.
+@pytest.fixture
+def warm_ups(monkeypatch) -> list[tuple]:
+    """kvikio loads (as ``sys``) in a fresh ``NATIVE``; each warm-up is recorded as (module,
+    device, whether loads read natively meanwhile)."""
     monkeypatch.delenv(native.SWITCH, raising=False)
     monkeypatch.setattr(native, "NATIVE", native._Native())
     monkeypatch.setattr(native, "_loaded", lambda: sys)
-    warmed = []
+    warmed: list[tuple] = []
     monkeypatch.setattr(native, "_warm_up", lambda module, device: warmed.append(
         (module, device, native.native_reads(device))))
-    native.load_for_later(torch.device("cuda", 1))
+    return warmed
+
+
+@pytest.mark.parametrize("device, current, warmed_on", [
+    (torch.device("cuda", 1), 0, torch.device("cuda", 1)),
+    ("cuda", 2, torch.device("cuda", 2))])
+def test_kvikio_is_warmed_up_on_the_loads_device_before_loads_read_through_it(
+        device, current, warmed_on, warm_ups, monkeypatch):
+    # kvikio sets its threads up for a device at their first reads: a read of zeros in the
+    # background, before loads may read through kvikio, spares the first of them that. On
+    # the device the load read to: the loading thread's current device is the first GPU.
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    native.load_for_later(device)
     assert native.NATIVE.get() is sys
-    assert warmed == [(sys, torch.device("cuda", 1), False)]
+    assert warm_ups == [(sys, warmed_on, False)]
+
+
+def test_a_programs_own_kvikio_is_not_warmed_up(warm_ups, monkeypatch):
+    # Its settings (the compatibility mode the warm-up's handle is opened in) are the
+    # program's to change at any time.
+    monkeypatch.setitem(sys.modules, "kvikio", sys)
+    native.load_for_later(torch.device("cuda", 0))
+    assert native.NATIVE.get() is sys and not warm_ups
 
 
 class _FakeKvikio:
-    """What ``native._warm_up`` uses of kvikio: its settings, and handles whose reads fill
-    the target with 7s and record (path, compatibility mode, target, size, offset)."""
+    """What ``native`` uses of kvikio: its settings, and handles whose reads fill the target
+    with 7s (or whose futures raise ``fails``) and record (path, compatibility mode, target,
+    size, offset, task size)."""
 
     class CompatMode:
         ON = "ON"
 
-    def __init__(self, threads: int, task_size: int) -> None:
-        self.settings = {"num_threads": threads, "task_size": task_size, "compat_mode": None}
+    def __init__(self, threads: int, task_size: int, bounce_buffer_size: int,
+                 fails: Exception | None = None) -> None:
+        self.settings = {"num_threads": threads, "task_size": task_size,
+                         "bounce_buffer_size": bounce_buffer_size, "compat_mode": None}
         self.reads: list[tuple] = []
-        self.closed = 0
+        self.closed: list[str] = []
+        self.fails = fails
         self.defaults = SimpleNamespace(get=self.settings.__getitem__, set=self._set)
 
     @contextlib.contextmanager
@@ -124,39 +150,79 @@ class _FakeKvikio:
 
     def CuFile(self, path: str, mode: str) -> SimpleNamespace:
         mode_then = self.settings["compat_mode"]
+        fd = os.open(path, os.O_RDONLY) if path.startswith("/proc/") else -1
 
-        def pread(target: torch.Tensor, size: int, offset: int) -> SimpleNamespace:
-            self.reads.append((path, mode_then, target, size, offset))
+        def pread(target: torch.Tensor, size: int, offset: int, task_size=None):
+            self.reads.append((path, mode_then, target, size, offset, task_size))
+            if self.fails is not None:
+                return SimpleNamespace(get=lambda: (_ for _ in ()).throw(self.fails))
             target[:size].fill_(7)
             return SimpleNamespace(get=lambda: size)
 
-        return SimpleNamespace(pread=pread, close=self._close)
+        def close() -> None:
+            self.closed.append(path)
+            if fd >= 0:
+                os.close(fd)
 
-    def _close(self) -> None:
-        self.closed += 1
+        return SimpleNamespace(pread=pread, close=close, fileno=lambda: fd)
 
 
-def test_the_warm_up_reads_a_task_on_every_thread_from_dev_zero_in_posix_mode(monkeypatch):
+@pytest.fixture
+def stranded(monkeypatch) -> list:
+    """``native.STRANDED``, empty for the test."""
+    monkeypatch.setattr(native, "STRANDED", [])
+    return native.STRANDED
+
+
+def test_the_warm_up_reads_a_task_a_thread_from_dev_zero_in_posix_mode(monkeypatch,
+                                                                       stranded):
     monkeypatch.delenv("KVIKIO_COMPAT_MODE", raising=False)
-    fake = _FakeKvikio(threads=3, task_size=4096)
+    fake = _FakeKvikio(threads=3, task_size=8192, bounce_buffer_size=4096)
     assert native._warm_up(fake, torch.device("cpu")) == 3 * 4096
-    [(path, mode, target, size, offset)] = fake.reads
-    assert (path, mode, size, offset) == ("/dev/zero", "ON", 3 * 4096, 0)
+    [(path, mode, target, size, offset, task)] = fake.reads
+    assert (path, mode, size, offset, task) == ("/dev/zero", "ON", 3 * 4096, 0, 4096)
     assert target.device.type == "cpu" and target.numel() == size and bool((target == 7).all())
-    assert fake.closed == 1
+    assert fake.closed == ["/dev/zero"] and not stranded
 
 
-def test_a_warm_up_that_fails_reads_nothing_and_leaves_kvikio_to_the_loads(monkeypatch):
-    fake = _FakeKvikio(threads=2, task_size=4096)
-    monkeypatch.setattr(native, "WARM_UP_SOURCE", "/nonexistent/zero")
+def test_a_warm_up_that_cannot_open_reads_nothing(monkeypatch, stranded):
+    fake = _FakeKvikio(threads=2, task_size=4096, bounce_buffer_size=4096)
     monkeypatch.setattr(fake, "CuFile", lambda path, mode: (_ for _ in ()).throw(
         RuntimeError(f"cannot open {path}")))
+    assert native._warm_up(fake, torch.device("cpu")) == 0 and not stranded
+
+
+def test_a_warm_up_read_that_fails_keeps_its_memory_and_handle(stranded):
+    # kvikio reports a read's first failed task while its other tasks may still write.
+    fake = _FakeKvikio(threads=2, task_size=4096, bounce_buffer_size=4096,
+                       fails=RuntimeError("KvikIO failure at: x.hpp:1: POSIX error: EIO"))
     assert native._warm_up(fake, torch.device("cpu")) == 0
-    monkeypatch.setattr(native, "NATIVE", native._Native())
-    monkeypatch.setattr(native, "_loaded", lambda: fake)
-    monkeypatch.delenv(native.SWITCH, raising=False)
-    native.load_for_later("cuda")
-    assert native.NATIVE.get() is fake
+    [(target, handle)] = stranded
+    assert target is fake.reads[0][2] and not fake.closed
+
+
+@pytest.mark.parametrize("fails", [None, RuntimeError("KvikIO failure at: a.hpp:9: EIO")])
+def test_a_failed_native_read_keeps_its_memory_and_its_files_handle(fails, qwen3, stranded,
+                                                                    monkeypatch):
+    fake = _FakeKvikio(threads=2, task_size=4096, bounce_buffer_size=4096, fails=fails)
+    monkeypatch.setattr(native.NATIVE, "get", lambda: fake)
+    checkpoint, _ = _plan(qwen3)
+    names = sorted({info.file for info in checkpoint.tensors.values()})
+    with FileSource(checkpoint) as source:
+        files = native.NativeFiles(source, set(names))
+        target = torch.empty(64, dtype=torch.uint8)
+        pending = files.read(names[0], target, 0)
+        files.drain()
+        files.close()
+    if fails is None:
+        assert pending.result() is None and pending.target is None and not stranded
+        assert len(fake.closed) == len(names)
+    else:
+        with pytest.raises(MoekitError, match="EIO"):
+            pending.result()
+        [(kept, handle)] = stranded
+        assert kept is target and len(fake.closed) == len(names) - 1
+        handle.close()  # (the fake's descriptor)
 
 
 class _Refused(importlib.abc.MetaPathFinder):
@@ -238,7 +304,7 @@ def test_a_child_of_a_process_that_never_loaded_kvikio_may_load_it(monkeypatch):
      "cannot read f: Bad file descriptor"),
     ("CUDA error at: /a/b.cpp:7: CUDA_ERROR_ILLEGAL_ADDRESS", "cannot read f: CUDA_ERROR_")])
 def test_a_failed_native_read_is_one_message_naming_the_file(message, expected):
-    pending = native.NativeRead("f", 0, 10)
+    pending = native.NativeRead("f", 0, 10, torch.empty(10, dtype=torch.uint8))
     pending.error = RuntimeError(message)
     with pytest.raises(MoekitError) as raised:
         pending.result()

@@ -562,7 +562,7 @@ class _Reader:
                 out.update(self._finish(in_flight.popleft()))
             in_flight.append(self._submit(batch))
             if at == ahead - 1 and self.compute is not None:
-                # while the first batches' reads run: loading a kernel takes 20 to 30 ms
+                # while the first batches' reads run: loading a kernel takes 10 to 30 ms
                 # on an H200 host, which would hold back the reads of batches queued after
                 with self._on_compute():
                     load_copy_kernels(self.device, {t.recipe.dtype for b in batches

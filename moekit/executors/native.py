@@ -13,13 +13,13 @@ GPUDirect Storage reads around the page cache, so a warm load would lose what th
 gives it. The files are opened through the descriptors moekit holds and has checked
 (``/proc/self/fd``), and the handles are checked to be those files.
 
-kvikio is loaded, its threads started and warmed up (``_warm_up``: a read of zeros on
-each thread, which pins its bounce buffer), by a background thread that starts once a
-process's first GPU load is done; that load, and any other that starts before kvikio is
-ready, reads with moekit's readers, which a first load reads faster with: on an H200 host,
-43-51 % of the pinned copy limit for 3 MiB experts against 40-45 % for kvikio's first load,
-which loads its libraries and pins its buffers, and for 0.5 MiB experts 29-32 % against
-23-25 % where kvikio was loaded beside it.
+kvikio is loaded, its threads started and warmed up (``_warm_up``: a read of zeros, a
+task for each thread), by a background thread that starts once a process's first GPU load
+is done; that load, and any other that starts before kvikio is ready, reads with moekit's
+readers, which a first load reads faster with: on an H200 host, 43-51 % of the pinned copy
+limit for 3 MiB experts against 40-45 % for kvikio's first load, which loads its libraries
+and pins its buffers, and for 0.5 MiB experts 29-32 % against 23-25 % where kvikio was
+loaded beside it.
 
 kvikio's thread count (``KVIKIO_NTHREADS``) and bounce buffer size
 (``KVIKIO_BOUNCE_BUFFER_SIZE``) are process-wide: moekit sets them once it has loaded
@@ -101,8 +101,9 @@ class _Native:
 
     def _load(self) -> None:
         try:
+            ours = "kvikio" not in sys.modules  # (a program's own kvikio is left as it is)
             self.module = _loaded()
-            if self.module is not None and self.device is not None:
+            if self.module is not None and ours and self.device is not None:
                 _warm_up(self.module, self.device)
         finally:
             self.loaded.set()
@@ -150,22 +151,40 @@ WARM_UP_SOURCE = "/dev/zero"
 
 
 def _warm_up(kvikio: ModuleType, device: torch.device) -> int:
-    """Read a task's worth of zeros on each of kvikio's threads into ``device``'s memory;
+    """Read zeros into ``device``'s memory through kvikio, a task for each of its threads;
     the bytes read (0 where the warm-up failed: the first load then pays for it). kvikio
-    pins a thread's bounce buffer and sets the thread up for the device at its first read,
-    which would otherwise be a load's: on an H200 host the first load that kvikio read
-    took 25 to 40 ms longer before its first batch was read than the loads after it (60 to
-    63 % of the pinned copy limit for 3 MiB experts, against 66 to 69 % once warmed up)."""
+    pins the bounce buffers of its pool and makes each thread's stream for the device as
+    its reads first need them, which would otherwise be the first load's wait (on an H200
+    host, 25 to 40 ms more before its first batch was read than the loads after it). A
+    task is at most a bounce buffer, so the warm-up reads at most one buffer a thread."""
     try:
-        size = kvikio.defaults.get("num_threads") * kvikio.defaults.get("task_size")
+        get = kvikio.defaults.get
+        task = min(get("task_size"), get("bounce_buffer_size"))
+        size = get("num_threads") * task
         target = torch.empty(size, dtype=torch.uint8, device=device)
         handle = _handle(kvikio, WARM_UP_SOURCE)
-        try:
-            return handle.pread(target, size, 0).get()
-        finally:
-            handle.close()
     except Exception:  # e.g. no /dev/zero, or a device that is gone
         return 0
+    try:
+        future = handle.pread(target, size, 0, task)
+    except Exception:
+        handle.close()
+        return 0
+    try:
+        done = future.get()
+    except Exception:
+        STRANDED.append((target, handle))
+        return 0
+    handle.close()
+    return done
+
+
+STRANDED: list[tuple[torch.Tensor, object]] = []
+"""The memory and handles of kvikio reads that failed, kept for the process's life: kvikio
+reports the first failed task of a read while the read's other tasks may still be writing
+into that memory through that handle (kvikio 26.10's ``parallel_io`` gathers a read's
+tasks one after another and stops at the first error), so freeing either could let them write into memory reused
+since, or read another file opened under the same descriptor."""
 
 
 def _warn(err: Exception) -> None:
@@ -208,7 +227,10 @@ def load_for_later(device: torch.device | str | None) -> None:
     """Once a load onto ``device`` is done with moekit's readers: start loading kvikio in
     the background, for the later loads (where they would read through it)."""
     if _wanted(device) and not NATIVE.forked:
-        NATIVE.start(torch.device(device))
+        device = torch.device(device)
+        if device.index is None:  # the caller's current device, not the loading thread's
+            device = torch.device(device.type, torch.cuda.current_device())
+        NATIVE.start(device)
 
 
 def _wanted(device: torch.device | str | None) -> bool:
@@ -264,18 +286,23 @@ class NativeFiles:
         """Queue the read of ``target.numel()`` bytes at ``start`` of file ``name`` into the
         device tensor ``target`` (contiguous bytes)."""
         size = target.numel()
-        pending = NativeRead(name, start, size)
+        pending = NativeRead(name, start, size, target)
         self.pending.append(pending)
         try:
             pending.future = self.handles[name].pread(target, size, start)
         except Exception as err:  # a read below kvikio's threshold runs here, and fails here
             pending.error = err
+            pending.target = None
         return pending
 
     def drain(self) -> None:
-        """Wait for every read queued (none may write into memory freed after the load)."""
+        """Wait for every read queued (none may write into memory freed after the load);
+        a read kvikio queued that failed keeps its memory and its file's handle
+        (``STRANDED``)."""
         for pending in self.pending:
             pending.wait()
+            if pending.error is not None and pending.future is not None:
+                STRANDED.append((pending.target, self.handles.pop(pending.name, None)))
         self.pending.clear()
 
     def close(self) -> None:
@@ -286,12 +313,13 @@ class NativeFiles:
 
 class NativeRead:
     """One queued kvikio read: ``result`` waits for it (once) and refuses a short or failed
-    read, naming the file."""
+    read, naming the file. It holds its target memory until the read is done, and, where
+    the read failed, for ``NativeFiles.drain`` to keep (``STRANDED``)."""
 
-    __slots__ = ("name", "start", "size", "future", "done", "error")
+    __slots__ = ("name", "start", "size", "target", "future", "done", "error")
 
-    def __init__(self, name: str, start: int, size: int) -> None:
-        self.name, self.start, self.size = name, start, size
+    def __init__(self, name: str, start: int, size: int, target: torch.Tensor) -> None:
+        self.name, self.start, self.size, self.target = name, start, size, target
         self.future = None
         self.done: int | None = None
         self.error: BaseException | None = None
@@ -304,6 +332,8 @@ class NativeRead:
             self.done = self.future.get()
         except Exception as err:  # kvikio reports I/O errors as RuntimeError
             self.error = err
+        else:
+            self.target = None  # every task of the read is done with it
 
     def result(self) -> None:
         """None once the bytes are on the device; MoekitError naming the file otherwise."""
