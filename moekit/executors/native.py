@@ -183,8 +183,8 @@ STRANDED: list[tuple[torch.Tensor, object]] = []
 """The memory and handles of kvikio reads that failed, kept for the process's life: kvikio
 reports the first failed task of a read while the read's other tasks may still be writing
 into that memory through that handle (kvikio 26.10's ``parallel_io`` gathers a read's
-tasks one after another and stops at the first error), so freeing either could let them write into memory reused
-since, or read another file opened under the same descriptor."""
+tasks one after another and stops at the first error), so freeing either could let them
+write into memory reused since, or read another file opened under the same descriptor."""
 
 
 def _warn(err: Exception) -> None:
