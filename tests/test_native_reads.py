@@ -95,6 +95,7 @@ def warm_ups(monkeypatch) -> list[tuple]:
     monkeypatch.delenv(native.SWITCH, raising=False)
     monkeypatch.setattr(native, "NATIVE", native._Native())
     monkeypatch.setattr(native, "_loaded", lambda: sys)
+    monkeypatch.delitem(sys.modules, "kvikio", raising=False)  # (not the program's own)
     warmed: list[tuple] = []
     monkeypatch.setattr(native, "_warm_up", lambda module, device: warmed.append(
         (module, device, native.native_reads(device))))
