@@ -13,8 +13,8 @@ GPUDirect Storage reads around the page cache, so a warm load would lose what th
 gives it. The files are opened through the descriptors moekit holds and has checked
 (``/proc/self/fd``), and the handles are checked to be those files.
 
-kvikio is loaded, its threads started and warmed up (``_warm_up``: a read of zeros, a
-task for each thread), by a background thread that starts once a process's first GPU load
+kvikio is loaded, its threads started and warmed up (``_warm_up``: a read of zeros in as
+many tasks as it has threads), by a background thread that starts once a process's first GPU load
 is done; that load, and any other that starts before kvikio is ready, reads with moekit's
 readers, which a first load reads faster with: on an H200 host, 43-51 % of the pinned copy
 limit for 3 MiB experts against 40-45 % for kvikio's first load, which loads its libraries
@@ -32,6 +32,7 @@ loading kvikio reads with moekit's readers, since kvikio's threads are not copie
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 import threading
@@ -151,12 +152,12 @@ WARM_UP_SOURCE = "/dev/zero"
 
 
 def _warm_up(kvikio: ModuleType, device: torch.device) -> int:
-    """Read zeros into ``device``'s memory through kvikio, a task for each of its threads;
-    the bytes read (0 where the warm-up failed: the first load then pays for it). kvikio
-    pins the bounce buffers of its pool and makes each thread's stream for the device as
-    its reads first need them, which would otherwise be the first load's wait (on an H200
-    host, 25 to 40 ms more before its first batch was read than the loads after it). A
-    task is at most a bounce buffer, so the warm-up reads at most one buffer a thread."""
+    """Read zeros into ``device``'s memory through kvikio, in as many tasks as it has
+    threads, each of at most one bounce buffer; the bytes read (0 where the warm-up failed:
+    the first load then pays for it). kvikio pins the bounce buffers of its pool and makes
+    each thread's stream for the device as its reads first need them, which would
+    otherwise be the first load's wait (on an H200 host, 25 to 40 ms more before its first
+    batch was read than the loads after it)."""
     try:
         get = kvikio.defaults.get
         task = min(get("task_size"), get("bounce_buffer_size"))
@@ -166,25 +167,22 @@ def _warm_up(kvikio: ModuleType, device: torch.device) -> int:
     except Exception:  # e.g. no /dev/zero, or a device that is gone
         return 0
     try:
-        future = handle.pread(target, size, 0, task)
-    except Exception:
-        handle.close()
-        return 0
-    try:
-        done = future.get()
-    except Exception:
+        done = handle.pread(target, size, 0, task).get()
+    except Exception:  # some of its tasks may still write: memory and handle are kept
         STRANDED.append((target, handle))
         return 0
-    handle.close()
+    with contextlib.suppress(Exception):  # (the bytes are read)
+        handle.close()
     return done
 
 
 STRANDED: list[tuple[torch.Tensor, object]] = []
-"""The memory and handles of kvikio reads that failed, kept for the process's life: kvikio
-reports the first failed task of a read while the read's other tasks may still be writing
-into that memory through that handle (kvikio 26.10's ``parallel_io`` gathers a read's
-tasks one after another and stops at the first error), so freeing either could let them
-write into memory reused since, or read another file opened under the same descriptor."""
+"""The target memory (a view, which keeps the whole staging buffer it is part of) and the
+handles of kvikio reads that failed, kept for the process's life: kvikio reports the first
+failed task of a read while the read's other tasks may still be writing into that memory
+through that handle (kvikio 26.10's ``parallel_io`` gathers a read's tasks one after
+another and stops at the first error), so freeing either could let them write into memory
+reused since, or read another file opened under the same descriptor."""
 
 
 def _warn(err: Exception) -> None:
