@@ -331,10 +331,11 @@ def _plan(path):
 
 
 @kvikio_reads
-def test_cuda_warm_up_reads_zeros_through_every_kvikio_thread():
+def test_cuda_warm_up_reads_a_bounce_buffer_of_zeros_for_each_kvikio_thread():
     kvikio = native.NATIVE.get()
-    threads, task = kvikio.defaults.get("num_threads"), kvikio.defaults.get("task_size")
-    assert native._warm_up(kvikio, torch.device("cuda")) == threads * task > 0
+    get = kvikio.defaults.get
+    task = min(get("task_size"), get("bounce_buffer_size"))
+    assert native._warm_up(kvikio, torch.device("cuda")) == get("num_threads") * task > 0
 
 
 @kvikio_reads
