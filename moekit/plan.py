@@ -43,8 +43,10 @@ class Read(NamedTuple):
 
     @classmethod
     def whole(cls, key: str, meta: "TensorMeta") -> "Read":
-        """The whole tensor ``key``, whose header (or tensor) is ``meta``."""
-        return cls(key, (), tuple(meta.shape), meta.dtype)
+        """The whole tensor ``key``, whose header (or tensor) is ``meta``: made as a tuple in
+        C (a named tuple's own ``__new__`` is Python), since a parse makes one for every
+        expert weight of a checkpoint."""
+        return tuple.__new__(cls, (key, (), tuple(meta.shape), meta.dtype))
 
     @property
     def is_whole(self) -> bool:

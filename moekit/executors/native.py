@@ -14,8 +14,8 @@ gives it. The files are opened through the descriptors moekit holds and has chec
 (``/proc/self/fd``), and the handles are checked to be those files.
 
 kvikio is loaded, its threads started and warmed up (``_warm_up``: a read of zeros in as
-many tasks as it has threads), by a background thread that starts once a process's first GPU load
-is done; that load, and any other that starts before kvikio is ready, reads with moekit's
+many tasks as it has threads), by a background thread that starts once a process's first
+GPU load is done; that load, and any other that starts before kvikio is ready, reads with moekit's
 readers, which a first load reads faster with: on an H200 host, 43-51 % of the pinned copy
 limit for 3 MiB experts against 40-45 % for kvikio's first load, which loads its libraries
 and pins its buffers, and for 0.5 MiB experts 29-32 % against 23-25 % where kvikio was

@@ -6,17 +6,12 @@ Qwen3-VL-MoE, ...), those grouped tensors."""
 from __future__ import annotations
 
 import re
-from functools import partial
 
 from ..plan import Read, TensorPlan
 from .base import CANONICAL_NUMBER, NUMBER, ExpertBlock, Layout, ParsedExperts, TensorMeta
 from .families import Family
 from .grouped import TRANSFORMERS, GroupedLayout, GroupedTensor, with_scales
 
-
-_NEW_READ = partial(tuple.__new__, Read)
-"""A Read of a tuple of its four fields, made in C (a named tuple's ``__new__`` is Python):
-the parse makes one for every expert weight of a checkpoint."""
 
 _STEP3P7 = with_scales(tuple(GroupedTensor(f"{projection}_proj", (projection,), False)
                              for projection in ("gate", "up", "down")))
@@ -75,7 +70,7 @@ class PerExpertLayout(Layout):
                     block = parsed.block(int(layer), family)
                     maps = blocks[layer] = block.pieces, block.names
                 piece = by_name[name], int(expert)
-                maps[0][piece] = _NEW_READ((key, (), tuple(meta.shape), meta.dtype))  # whole
+                maps[0][piece] = Read.whole(key, meta)
                 maps[1][piece] = key
                 continue
             match = pattern.match(key) or region.match(key)
