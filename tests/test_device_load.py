@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -420,7 +421,8 @@ def test_a_gpu_load_starts_its_reader_threads_before_it_pins(monkeypatch, moekit
     started = device._started_pool
     monkeypatch.setattr(device, "READER_POOLS", device.ReaderPool())
     monkeypatch.setattr(device, "_started_pool", lambda n: order.append("threads") or started(n))
-    monkeypatch.setattr(device, "PinnedBuffers", lambda: order.append("pinning"))
+    monkeypatch.setattr(device, "PinnedBuffers", lambda device: order.append("pinning"))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     device.pin_ahead("cuda")
     device.pin_ahead("cuda")
     assert order == ["threads", "pinning", "pinning"]
@@ -438,8 +440,9 @@ def test_a_gpu_load_pins_once_the_headers_are_read_and_its_readers_are_started(
     monkeypatch.setattr(device, "_started_pool", lambda n: order.append("threads") or started(n))
     monkeypatch.setattr(Checkpoint, "open", classmethod(
         lambda cls, path: order.append("headers") or opened(cls, path)))
-    monkeypatch.setattr(device, "PinnedBuffers", lambda: order.append("pinning"))
+    monkeypatch.setattr(device, "PinnedBuffers", lambda device: order.append("pinning"))
     monkeypatch.setattr(memory, "checked_device", torch.device)  # a machine without a GPU
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(device, "read_plan", lambda *args, **kwargs: order.append("reading"))
     moekit.load(family_checkpoints["qwen3_moe"], device="cuda")
     assert order == ["threads", "headers", "pinning", "reading"]
@@ -741,6 +744,39 @@ def test_every_readers_first_buffer_is_pinned_before_any_second(monkeypatch):
     pinned.join()  # gives the seconds no reader took to the pool
     assert {id(pool.take(64)) for _ in range(3)} == {id(buffer) for buffer in made[3:]}
     assert len(made) == 6
+
+
+@pytest.mark.parametrize("named, current, expected", [
+    ("cuda", 2, torch.device("cuda", 2)), (torch.device("cuda", 1), 0, torch.device("cuda", 1))])
+def test_buffers_pinned_ahead_are_pinned_with_the_loads_device_current(
+        named, current, expected, monkeypatch, moekit_readers):
+    # Registering memory makes a context on the thread's current device where it has none:
+    # a new thread's is the first GPU, where a load onto another would leave a context.
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(
+        (torch.device(d), threading.current_thread().name)))
+    monkeypatch.setattr(device, "READER_POOLS", device.ReaderPool())
+    monkeypatch.setattr(device, "PAGE_LOCKED", device.PageLockedPool())
+    monkeypatch.setattr(device, "_page_locked", lambda size: calls.append(
+        threading.current_thread().name) or torch.empty(1, dtype=torch.uint8))
+    device.pin_ahead(named).join()
+    assert calls == [(expected, "moekit-pin")] + ["moekit-pin"] * (2 * device.READERS)
+
+
+def test_a_reader_makes_its_stream_and_so_its_device_current_before_it_pins(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "Stream", lambda d: calls.append(("stream", d)) or "s")
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: calls.append(("current", s)))
+    monkeypatch.setattr(torch.cuda, "Event", lambda: None)
+    monkeypatch.setattr(device, "PAGE_LOCKED", device.PageLockedPool())
+    monkeypatch.setattr(device, "_page_locked", lambda size: calls.append(("pin", size)) or
+                        torch.empty(size, dtype=torch.uint8))
+    on = torch.device("cuda", 1)
+    reader = types.SimpleNamespace(local=threading.local(), pinned=None, buffer_bytes=64,
+                                   handed=[], device=on)
+    device._Reader._local(reader)
+    assert calls == [("stream", on), ("current", "s"), ("pin", 64), ("pin", 64)]
 
 
 def test_page_locked_buffers_given_back_are_taken_again_by_size(monkeypatch):

@@ -49,7 +49,7 @@ from ..sizes import format_size
 from ..sources import FileSource, truncated, unreadable
 from .evaluate import fill, load_copy_kernels
 from .memory import run_plan
-from .native import NativeFiles, load_for_later, native_reads
+from .native import NativeFiles, load_for_later, native_reads, with_index
 
 CHUNK_BYTES = 64 * 2**20
 """Bytes of one read job: large, so that queueing jobs costs little Python."""
@@ -267,11 +267,18 @@ class PinnedBuffers:
     While it pins, the GIL switch interval is short (``PROMPT_HANDOFFS``): the thread needs
     the GIL around each buffer, and with Python's default interval the main thread, busy
     reading headers and planning, would hand it over only every 5 ms, which stretches the
-    pinning of 32 buffers over the whole plan instead of overlapping it."""
+    pinning of 32 buffers over the whole plan instead of overlapping it.
 
-    def __init__(self, pairs: int = READERS, buffer_bytes: int = BUFFER_BYTES) -> None:
+    The thread pins with ``device`` (the load's, with its index) as its current device:
+    registering memory with CUDA on a thread's first call makes a context on its current
+    device, which for a new thread is the first GPU, where a process loading onto another
+    one would otherwise hold a context (hundreds of MiB) it never uses."""
+
+    def __init__(self, pairs: int = READERS, buffer_bytes: int = BUFFER_BYTES,
+                 device: torch.device | None = None) -> None:
         self.pairs = pairs
         self.buffer_bytes = buffer_bytes
+        self.device = device
         self._firsts: queue.SimpleQueue = queue.SimpleQueue()
         self._seconds: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._pin, name="moekit-pin")
@@ -314,6 +321,8 @@ class PinnedBuffers:
 
     def _pin(self) -> None:
         try:
+            if self.device is not None:
+                torch.cuda.set_device(self.device)
             with PROMPT_HANDOFFS.scope():
                 for pinned in (self._firsts, self._seconds):
                     for _ in range(self.pairs):
@@ -347,7 +356,7 @@ def pin_ahead(device: torch.device | str | None) -> PinnedBuffers | None:
     if device is None or torch.device(device).type != "cuda" or native_reads(device):
         return None
     start_readers(device)
-    return PinnedBuffers()
+    return PinnedBuffers(device=with_index(device))
 
 
 _Leaf = list
@@ -670,9 +679,12 @@ class _Reader:
     def _local(self) -> threading.local:
         """This reader thread's pinned buffers (its first only, where ``self.pinned`` has
         yet to pin its second) and memoryviews of them, their copies' events and its
-        stream, which is made the thread's current stream."""
+        stream, which is made the thread's current stream, and so its device the thread's
+        current device before the thread pins anything (``PinnedBuffers`` says why)."""
         local = self.local
         if not hasattr(local, "buffers"):
+            local.stream = torch.cuda.Stream(self.device)
+            torch.cuda.set_stream(local.stream)
             local.buffers = [self.pinned.take()] if self.pinned is not None else [
                 PAGE_LOCKED.take(self.buffer_bytes) for _ in range(2)]
             self.handed.extend(local.buffers)
@@ -680,8 +692,6 @@ class _Reader:
             local.events = [torch.cuda.Event(), torch.cuda.Event()]
             local.turn = 0
             local.batch = -1
-            local.stream = torch.cuda.Stream(self.device)
-            torch.cuda.set_stream(local.stream)
         return local
 
     def _take_second(self, local: threading.local) -> None:

@@ -225,10 +225,17 @@ def load_for_later(device: torch.device | str | None) -> None:
     """Once a load onto ``device`` is done with moekit's readers: start loading kvikio in
     the background, for the later loads (where they would read through it)."""
     if _wanted(device) and not NATIVE.forked:
-        device = torch.device(device)
-        if device.index is None:  # the caller's current device, not the loading thread's
-            device = torch.device(device.type, torch.cuda.current_device())
-        NATIVE.start(device)
+        NATIVE.start(with_index(device))
+
+
+def with_index(device: torch.device | str) -> torch.device:
+    """``device`` with its index: a CUDA device named without one is the calling thread's
+    current device, which another thread (whose current device is the first GPU) could
+    not tell."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _wanted(device: torch.device | str | None) -> bool:
