@@ -9,7 +9,10 @@ run starts from the page cache, then times, in one run:
       by kvikio's threads where kvikio is installed, and (b1) its first call in the
       process, which also pins its host buffers, starts its reader threads and grows
       PyTorch's device memory pool (what a training job that loads once sees; the modules
-      ``from moekit import load`` imports at the program's start are imported first),
+      ``from moekit import load`` imports at the program's start are imported first);
+      (b1p) the first call of a new process that called ``moekit.prepare_loads("cuda")``
+      as it started and then spent --setup-seconds on its own set-up (a training job
+      sets up its process group and builds its model before it loads),
       and, where kvikio reads (b), (bm) the same read by moekit's own reader threads
       (``MOEKIT_KVIKIO=0``),
   (c) transformers ``from_pretrained(..., device_map="cuda")``,
@@ -27,7 +30,7 @@ as a ratio to (a); ``--json FILE`` writes them as JSON too. Then checks that eve
 tensor of (b) equals (d)'s on the GPU and has the same checksum as moekit's CPU path.
 
     python benchmarks/gpu_load.py [--size-gib 8] [--experts 128] [--hidden 2048] [--inter 768]
-                                  [--skip-transformers] [--json FILE]
+                                  [--setup-seconds 1] [--skip-transformers] [--json FILE]
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import argparse
 import gc
 import os
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -48,7 +52,7 @@ import torch
 from common import (add_shape_arguments, build_checkpoint, digest, warm_page_cache,
                     write_figures)
 
-from moekit import load
+from moekit import load, prepare_loads
 from moekit.executors.device import reader_threads
 from moekit.executors.native import SWITCH, native_reads
 
@@ -136,6 +140,24 @@ def moekit_readers(path: Path, repeat: int) -> float:
         del os.environ[SWITCH]
 
 
+def first_after_prepare(path: Path, setup: float) -> float:
+    """Seconds of the first load of a new process that called ``prepare_loads`` as it
+    started and then spent ``setup`` seconds on its own set-up (``prepared_child``)."""
+    done = subprocess.run([sys.executable, __file__, "--prepared-child", str(path),
+                           "--setup-seconds", str(setup)],
+                          check=True, capture_output=True, text=True)
+    return float(done.stdout.split()[-1])
+
+
+def prepared_child(path: Path, setup: float) -> None:
+    """Print the seconds of this process's first load, made ``setup`` seconds after it
+    called ``prepare_loads``."""
+    prepare_loads("cuda")
+    torch.empty(1, device="cuda")
+    time.sleep(setup)
+    print(timed(lambda: load(path, "nemo", device="cuda"))[0])
+
+
 def naive_nemo(path: Path, layers: int, experts: int) -> dict[str, torch.Tensor]:
     """What a user writes without moekit: load every shard to the GPU, stack the experts."""
     from safetensors.torch import load_file
@@ -196,7 +218,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workdir", help="where to build the checkpoint (default: a temp dir)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--setup-seconds", type=float, default=1.0,
+                        help="(b1p): seconds between prepare_loads and the first load")
+    parser.add_argument("--prepared-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.prepared_child is not None:
+        prepared_child(args.prepared_child, args.setup_seconds)
+        return
 
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="moekit-gpu-") as tmp:
         path = Path(tmp) / "ckpt"
@@ -215,7 +243,8 @@ def main() -> None:
         seconds, ours = timed(lambda: load(path, "nemo", device="cuda"), args.repeat)
         native = native_reads("cuda")
         rows += [(f"(b) moekit.load nemo cuda{', kvikio' if native else ''}", seconds),
-                 ("(b1) ... first call", first)]
+                 ("(b1) ... first call", first),
+                 ("(b1p) ... first, prepared", first_after_prepare(path, args.setup_seconds))]
         if native:
             rows.append(("(bm) ... moekit's readers", moekit_readers(path, args.repeat)))
         if not args.skip_transformers:
@@ -243,6 +272,7 @@ def main() -> None:
                        for name, s in rows},
                       checkpoint_bytes=size, expert_tensor_bytes=2 * args.hidden * args.inter,
                       baseline="(a) pinned host->device copy", repeat=args.repeat,
+                      setup_seconds=args.setup_seconds,
                       kvikio_reads=native,
                       equal_to_naive=True, same_as_cpu=same)
 

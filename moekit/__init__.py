@@ -15,6 +15,7 @@ _EXPORTS = {
     "CheckpointInfo": "inspection", "inspect": "inspection",
     "ExpertAdapter": "adapter",
     "convert": "conversion", "convert_state_dict": "conversion", "load": "conversion",
+    "prepare_loads": "conversion",
     "MoekitError": "errors", "PlanError": "errors",
     "expert_range": "expert_parallel", "load_experts": "expert_parallel",
     "load_sharded": "expert_parallel", "save_sharded": "expert_parallel",

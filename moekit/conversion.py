@@ -179,6 +179,25 @@ def load(path: str | Path, layout: str = "nemo", device: "torch.device | str | N
             pinned.join()
 
 
+def prepare_loads(device: "torch.device | str" = "cuda") -> None:
+    """Start setting up, in the background, what the process's first load onto ``device``
+    would otherwise set up while it runs, and return: kvikio loaded and warmed up on the
+    device where loads read through it (it is installed and ``MOEKIT_KVIKIO`` is not 0),
+    else moekit's reader threads started and their host buffers pinned.
+
+    A training job that calls this as it starts (before it sets up its process group and
+    builds its model) has its first load (``load``, ``load_experts``, ``load_sharded``)
+    read as fast as later ones; a load that starts before the set-up is done reads with
+    what is ready then. Nothing for a CPU device; ``"cuda"`` is the current device, which
+    this asks CUDA for. MoekitError for a device this machine does not have."""
+    from .executors.device import prepare_loads as prepare
+    from .executors.memory import checked_device
+
+    found = checked_device(device)
+    if found is not None:
+        prepare(found)
+
+
 @dataclass(frozen=True)
 class _Meta:
     shape: tuple[int, ...]

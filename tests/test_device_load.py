@@ -885,6 +885,18 @@ def test_memory_cuda_cannot_register_is_pinned_by_pytorch_instead(runtime, monke
 
 
 @cuda
+def test_cuda_a_load_after_prepare_loads_reads_through_the_buffers_it_pinned(
+        family_checkpoints, monkeypatch, moekit_readers):
+    path = family_checkpoints["qwen3_moe"]
+    monkeypatch.setattr(device, "_PREPARED", [])
+    moekit.prepare_loads("cuda")
+    assert device._PREPARED
+    loaded = moekit.load(path, "nemo", device="cuda")
+    assert not device._PREPARED
+    assert checksums(loaded) == checksums(moekit.load(path, "nemo"))
+
+
+@cuda
 def test_cuda_later_loads_pin_nothing_and_their_buffers_are_page_locked(
         family_checkpoints, monkeypatch, moekit_readers):
     path = family_checkpoints["qwen3_moe"]

@@ -124,6 +124,67 @@ def test_a_programs_own_kvikio_is_not_warmed_up(warm_ups, monkeypatch):
     assert native.NATIVE.get() is sys and not warm_ups
 
 
+@pytest.fixture
+def prepared(monkeypatch) -> list[torch.device]:
+    """Fresh reader pools and prepared buffers; pinning makes tiny buffers, and the devices
+    the pinning threads make current are recorded."""
+    monkeypatch.setattr(device, "READER_POOLS", device.ReaderPool())
+    monkeypatch.setattr(device, "PAGE_LOCKED", device.PageLockedPool())
+    monkeypatch.setattr(device, "_PREPARED", [])
+    monkeypatch.setattr(device, "_page_locked", lambda size: torch.empty(1, dtype=torch.uint8))
+    current: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
+    return current
+
+
+def test_prepared_loads_have_kvikio_loaded_and_warmed_up_on_their_device(
+        warm_ups, prepared, monkeypatch):
+    # A training job sets up for seconds before its first load: kvikio's loading, done
+    # meanwhile, is not the first load's to wait for, and that load reads through it.
+    monkeypatch.setattr(native, "_installed", lambda: True)
+    monkeypatch.setattr(device, "PinnedBuffers", lambda **kw: pytest.fail("pinned buffers"))
+    device.prepare_loads(torch.device("cuda", 1))
+    assert native.NATIVE.get() is sys and native.native_reads("cuda")
+    assert warm_ups == [(sys, torch.device("cuda", 1), False)]
+    assert not device.READER_POOLS._free and not device._PREPARED
+
+
+@pytest.mark.parametrize("kvikio", ["missing", "failed to load", "switched off"])
+def test_prepared_loads_without_kvikio_have_moekits_readers_started_and_pinned(
+        kvikio, prepared, monkeypatch):
+    monkeypatch.setattr(native, "NATIVE", native._Native())
+    monkeypatch.setattr(native, "_installed", lambda: kvikio != "missing")
+    monkeypatch.delenv(native.SWITCH, raising=False)
+    if kvikio == "failed to load":
+        monkeypatch.setattr(native, "_loaded", lambda: None)
+        native.NATIVE.start()
+        assert native.NATIVE.get() is None
+    elif kvikio == "switched off":
+        monkeypatch.setenv(native.SWITCH, "0")
+    device.prepare_loads(torch.device("cuda", 1))
+    assert device.READER_POOLS._free.get(device.READERS)
+    ahead = device._PREPARED[0]
+    device.prepare_loads(torch.device("cuda", 1))  # pins nothing more
+    assert device._PREPARED == [ahead]
+    assert device.pin_ahead("cuda:1") is ahead and not device._PREPARED  # the next load's
+    later = device.pin_ahead("cuda:1")
+    assert later is not ahead
+    assert ahead.take() is not None
+    ahead.join(), later.join()
+    assert prepared == [torch.device("cuda", 1)] * 2
+    assert native.NATIVE.thread is None or kvikio == "failed to load"
+
+
+def test_prepare_loads_checks_its_device_and_prepares_nothing_for_the_cpu(prepared,
+                                                                          monkeypatch):
+    monkeypatch.setattr(native, "NATIVE", native._Native())
+    moekit.prepare_loads("cpu")
+    assert native.NATIVE.thread is None and not device.READER_POOLS._free
+    if not torch.cuda.is_available():
+        with pytest.raises(MoekitError, match="'cuda:7' is not on this machine"):
+            moekit.prepare_loads("cuda:7")
+
+
 class _FakeKvikio:
     """What ``native`` uses of kvikio: its settings, and handles whose reads fill the target
     with 7s (or whose futures raise ``fails``) and record (path, compatibility mode, target,

@@ -50,6 +50,7 @@ from ..sources import FileSource, truncated, unreadable
 from .evaluate import fill, load_copy_kernels
 from .memory import run_plan
 from .native import NativeFiles, load_for_later, native_reads, with_index
+from .native import prepare as prepare_native
 
 CHUNK_BYTES = 64 * 2**20
 """Bytes of one read job: large, so that queueing jobs costs little Python."""
@@ -356,7 +357,29 @@ def pin_ahead(device: torch.device | str | None) -> PinnedBuffers | None:
     if device is None or torch.device(device).type != "cuda" or native_reads(device):
         return None
     start_readers(device)
+    with _PREPARED_LOCK:
+        if _PREPARED:
+            return _PREPARED.pop()
     return PinnedBuffers(device=with_index(device))
+
+
+def prepare_loads(device: torch.device) -> None:
+    """Start setting up, in the background, what the first load onto ``device`` would set
+    up while it runs: kvikio loaded and warmed up on the device where loads would read
+    through it (``native.prepare``), else moekit's reader threads started and their
+    buffers pinned, for ``pin_ahead`` to hand to the next load. Nothing for a CPU
+    device."""
+    if device.type != "cuda" or prepare_native(device):
+        return
+    start_readers(device)
+    with _PREPARED_LOCK:
+        if not _PREPARED:
+            _PREPARED.append(PinnedBuffers(device=with_index(device)))
+
+
+_PREPARED: list[PinnedBuffers] = []
+"""The buffers ``prepare_loads`` pins ahead of a load, until one takes them."""
+_PREPARED_LOCK = threading.Lock()
 
 
 _Leaf = list

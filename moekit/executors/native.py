@@ -15,11 +15,11 @@ gives it. The files are opened through the descriptors moekit holds and has chec
 
 kvikio is loaded, its threads started and warmed up (``_warm_up``: a read of zeros in as
 many tasks as it has threads), by a background thread that starts once a process's first
-GPU load is done; that load, and any other that starts before kvikio is ready, reads with moekit's
-readers, which a first load reads faster with: on an H200 host, 43-51 % of the pinned copy
-limit for 3 MiB experts against 40-45 % for kvikio's first load, which loads its libraries
-and pins its buffers, and for 0.5 MiB experts 29-32 % against 23-25 % where kvikio was
-loaded beside it.
+GPU load is done, or when the program calls ``moekit.prepare_loads`` (``prepare``); a load
+that starts before kvikio is ready reads with moekit's readers, which a first load reads
+faster with: on an H200 host, 43-51 % of the pinned copy limit for 3 MiB experts against
+40-45 % for kvikio's first load, which loads its libraries and pins its buffers, and for
+0.5 MiB experts 29-32 % against 23-25 % where kvikio was loaded beside it.
 
 kvikio's thread count (``KVIKIO_NTHREADS``) and bounce buffer size
 (``KVIKIO_BOUNCE_BUFFER_SIZE``) are process-wide: moekit sets them once it has loaded
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib.util
 import os
 import sys
 import threading
@@ -236,6 +237,24 @@ def with_index(device: torch.device | str) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def prepare(device: torch.device) -> bool:
+    """Start loading kvikio for the loads onto ``device`` (``load_for_later``) where they
+    would read through it: it is installed, not switched off, and has not failed to load;
+    whether that is so."""
+    if not _wanted(device) or NATIVE.forked or not _installed():
+        return False
+    load_for_later(device)
+    return not NATIVE.loaded.is_set() or NATIVE.module is not None
+
+
+def _installed() -> bool:
+    """Whether kvikio is imported or can be found (without importing it)."""
+    try:
+        return "kvikio" in sys.modules or importlib.util.find_spec("kvikio") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _wanted(device: torch.device | str | None) -> bool:
