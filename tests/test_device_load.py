@@ -889,14 +889,8 @@ def test_cuda_a_load_after_prepare_loads_reads_through_the_buffers_it_pinned(
         family_checkpoints, monkeypatch, moekit_readers):
     path = family_checkpoints["qwen3_moe"]
     monkeypatch.setattr(device, "_PREPARED", [])
-    monkeypatch.setattr(evaluate, "_COPIES_LOADED", set())
     moekit.prepare_loads("cuda")
     assert device._PREPARED
-    for thread in threading.enumerate():
-        if thread.name == "moekit-kernels":
-            thread.join(30)
-    assert (torch.device("cuda", torch.cuda.current_device()), torch.bfloat16) in (
-        evaluate._COPIES_LOADED)
     loaded = moekit.load(path, "nemo", device="cuda")
     assert not device._PREPARED
     assert checksums(loaded) == checksums(moekit.load(path, "nemo"))

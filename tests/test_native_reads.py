@@ -134,15 +134,7 @@ def prepared(monkeypatch) -> list[torch.device]:
     monkeypatch.setattr(device, "_page_locked", lambda size: torch.empty(1, dtype=torch.uint8))
     current: list[torch.device] = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
-    monkeypatch.setattr(device, "_load_kernels", lambda on: current.append(("kernels", on)))
     return current
-
-
-def _kernels_loaded() -> None:
-    """Wait for the threads ``prepare_loads`` started to load copy kernels."""
-    for thread in threading.enumerate():
-        if thread.name == "moekit-kernels":
-            thread.join(30)
 
 
 def test_prepared_loads_have_kvikio_loaded_and_warmed_up_on_their_device(
@@ -153,10 +145,8 @@ def test_prepared_loads_have_kvikio_loaded_and_warmed_up_on_their_device(
     monkeypatch.setattr(device, "PinnedBuffers", lambda **kw: pytest.fail("pinned buffers"))
     device.prepare_loads(torch.device("cuda", 1))
     assert native.NATIVE.get() is sys and native.native_reads("cuda")
-    _kernels_loaded()
     assert warm_ups == [(sys, torch.device("cuda", 1), False)]
     assert not device.READER_POOLS._free and not device._PREPARED
-    assert prepared == [("kernels", torch.device("cuda", 1))]
 
 
 @pytest.mark.parametrize("kvikio", ["missing", "failed to load", "switched off"])
@@ -181,9 +171,7 @@ def test_prepared_loads_without_kvikio_have_moekits_readers_started_and_pinned(
     assert later is not ahead
     assert ahead.take() is not None
     ahead.join(), later.join()
-    _kernels_loaded()
-    on = torch.device("cuda", 1)
-    assert sorted(prepared, key=str) == [("kernels", on)] * 2 + [on] * 2
+    assert prepared == [torch.device("cuda", 1)] * 2
     assert native.NATIVE.thread is None or kvikio == "failed to load"
 
 
@@ -191,7 +179,7 @@ def test_prepare_loads_checks_its_device_and_prepares_nothing_for_the_cpu(prepar
                                                                           monkeypatch):
     monkeypatch.setattr(native, "NATIVE", native._Native())
     moekit.prepare_loads("cpu")
-    assert native.NATIVE.thread is None and not device.READER_POOLS._free and not prepared
+    assert native.NATIVE.thread is None and not device.READER_POOLS._free
     if not torch.cuda.is_available():
         with pytest.raises(MoekitError, match="'cuda:7' is not on this machine"):
             moekit.prepare_loads("cuda:7")

@@ -365,34 +365,16 @@ def pin_ahead(device: torch.device | str | None) -> PinnedBuffers | None:
 
 def prepare_loads(device: torch.device) -> None:
     """Start setting up, in the background, what the first load onto ``device`` would set
-    up while it runs: the copy kernels of the usual dtypes loaded (``load_copy_kernels``),
-    and kvikio loaded and warmed up on the device where loads would read through it
-    (``native.prepare``), else moekit's reader threads started and their buffers pinned,
-    for ``pin_ahead`` to hand to the next load. Nothing for a CPU device."""
-    if device.type != "cuda":
-        return
-    device = with_index(device)
-    threading.Thread(target=_load_kernels, args=(device,), name="moekit-kernels",
-                     daemon=True).start()
-    if prepare_native(device):
+    up while it runs: kvikio loaded and warmed up on the device where loads would read
+    through it (``native.prepare``), else moekit's reader threads started and their
+    buffers pinned, for ``pin_ahead`` to hand to the next load. Nothing for a CPU
+    device."""
+    if device.type != "cuda" or prepare_native(device):
         return
     start_readers(device)
     with _PREPARED_LOCK:
         if not _PREPARED:
-            _PREPARED.append(PinnedBuffers(device=device))
-
-
-PREPARED_DTYPES = ("BF16", "F32", "F16", "F8_E4M3")
-"""The dtypes whose copy kernels ``prepare_loads`` loads: those checkpoints store weights in."""
-
-
-def _load_kernels(device: torch.device) -> None:
-    """``load_copy_kernels`` for PREPARED_DTYPES; a failure is left for the load that
-    needs the kernel, which loads it itself."""
-    try:
-        load_copy_kernels(device, PREPARED_DTYPES)
-    except Exception:  # e.g. the device's memory full
-        pass
+            _PREPARED.append(PinnedBuffers(device=with_index(device)))
 
 
 _PREPARED: list[PinnedBuffers] = []
