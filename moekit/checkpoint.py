@@ -18,7 +18,7 @@ import json
 import math
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from functools import partial
 from operator import itemgetter
@@ -138,8 +138,11 @@ class Checkpoint:
             self.named = self.path
 
     @classmethod
-    def open(cls, path: str | Path) -> "Checkpoint":
+    def open(cls, path: str | Path, config: str | Path | None = None) -> "Checkpoint":
         """Read every header of the checkpoint at ``path``; raise MoekitError on bad input.
+
+        ``config`` names the model's config.json where the checkpoint has none (training
+        checkpoints seldom do), or to read it by instead of its own (``GivenConfig``).
 
         A folder is read with its index, config.json and sidecar files. A single
         ``.safetensors`` file named directly is that file alone (followed wherever it
@@ -152,14 +155,21 @@ class Checkpoint:
         from .hub import local_path  # not at the top: moekit.hub imports this module
         from .megatron_io import is_megatron  # likewise
 
+        given = None if config is None else GivenConfig.read(config)
         local = local_path(path)
         if is_megatron(local):
-            return cls._open_megatron(local)
+            return cls._open_megatron(local, given)._with(given)
         if _is_dcp(local):
-            return cls._open_dcp(local)
+            return cls._open_dcp(local, given)._with(given)
         source = _locate(local)
         if source.unindexed:
-            return cls._open_sharded(source)
+            return cls._open_sharded(source, given)._with(given)
+        return cls._open_safetensors(path, source, given)._with(given)
+
+    @classmethod
+    def _open_safetensors(cls, path: str | Path, source: "_Source",
+                          given: "GivenConfig | None") -> "Checkpoint":
+        """A folder of safetensors files with their index, or one safetensors file."""
         tensors: dict[str, TensorInfo] = {}
         metadata: dict[str, str] = {}
         identities: dict[str, FileIdentity] = {}
@@ -171,7 +181,7 @@ class Checkpoint:
             _check_whole(source.folder / source.files[0], metadata, tensors)
         if source.weight_map is not None:
             _check_index(source.folder / INDEX_NAME, source.weight_map, tensors)
-        config, config_file = read_config_file(source.folder) or (None, None)
+        config, config_file = config_in(source.folder, given)
         read = [source.folder / f for f in source.files]
         if source.weight_map is not None:
             read.append(source.folder / INDEX_NAME)
@@ -185,7 +195,7 @@ class Checkpoint:
                    identities=identities)
 
     @classmethod
-    def _open_sharded(cls, source: "_Source") -> "Checkpoint":
+    def _open_sharded(cls, source: "_Source", given: "GivenConfig | None") -> "Checkpoint":
         """A folder of several safetensors files and no index: the files that ranks saved
         with DCP's ``HuggingFaceStorageWriter`` (``moekit.chunks.sharded_safetensors``), each
         holding its rank's chunk of each tensor, with the sidecar files beside them or in
@@ -207,7 +217,7 @@ class Checkpoint:
 
         tensors, made = sharded_safetensors(folder, files)
         beside = _metadata_folder(folder)
-        config, config_file = read_config_file(beside) or (None, None)
+        config, config_file = config_in(beside, given)
         read = [folder / name for name in files]
         if config_file is not None:
             read.append(config_file.path)
@@ -216,7 +226,7 @@ class Checkpoint:
                    identities=identities, made=made)
 
     @classmethod
-    def _open_dcp(cls, folder: Path) -> "Checkpoint":
+    def _open_dcp(cls, folder: Path, given: "GivenConfig | None") -> "Checkpoint":
         """The headers of a torch.distributed.checkpoint folder (``moekit.dcp``): each
         tensor is a run of bytes of a ``.distcp`` file, read like a safetensors tensor; a
         training checkpoint's optimizer state and the like are passed over."""
@@ -232,7 +242,7 @@ class Checkpoint:
         if missing:
             raise MoekitError(f"{_shown(folder / DCP_METADATA_NAME)} names "
                               f"{printable(missing[0])}, which the folder lacks")
-        config, config_file = read_config_file(folder) or (None, None)
+        config, config_file = config_in(folder, given)
         read = [folder / DCP_METADATA_NAME, *(folder / name for name in used)]
         if config_file is not None:
             read.append(config_file.path)
@@ -242,14 +252,14 @@ class Checkpoint:
                    made=headers.made, training_state=headers.training_state)
 
     @classmethod
-    def _open_megatron(cls, path: Path) -> "Checkpoint":
+    def _open_megatron(cls, path: Path, given: "GivenConfig | None") -> "Checkpoint":
         """A Megatron-Core ``torch_dist`` folder (``moekit.megatron_io``): its stored
         chunks, each a run of a ``.distcp`` file as in a DCP folder, and the model's tensors
         under HF names made from them (``made``)."""
         from .layouts.megatron import MEGATRON
         from .megatron_io import TRACKER, read_headers  # imports torch, like _open_dcp
 
-        found = read_headers(path)
+        found = read_headers(path, given)
         used = list(dict.fromkeys(info.file for info in found.chunks.values()))
         if not set(used) <= found.identities.keys():
             raise _changed_while_read(found.iteration / next(
@@ -265,6 +275,23 @@ class Checkpoint:
                    metadata={LAYOUT_METADATA_KEY: MEGATRON.name}, sidecars=sidecars, read=read,
                    named=path, identities=identities, made=found.made,
                    training_state=found.training_state)
+
+    def _with(self, given: "GivenConfig | None") -> "Checkpoint":
+        """This checkpoint read by ``given`` (when not None): its config.json the one
+        copied beside converted weights, and the other sidecar files of ``given``'s folder
+        copied too where the checkpoint has none of that name."""
+        if given is None:
+            return self
+        own = [sidecar for sidecar in self.sidecars if sidecar.name != CONFIG_NAME]
+        names = {sidecar.name for sidecar in own}
+        return replace(self, sidecars=[*own, given.file,
+                                       *(s for s in given.others if s.name not in names)])
+
+    @property
+    def config_file(self) -> Path:
+        """Where the config.json that the checkpoint is read by is (or would be)."""
+        return next((sidecar.path for sidecar in self.sidecars if sidecar.name == CONFIG_NAME),
+                    self.path / CONFIG_NAME)
 
     @property
     def files(self) -> list[str]:
@@ -345,12 +372,15 @@ class Sidecar:
     compare with the bytes copied: a rewrite at the same size that a coarse clock leaves
     with the same times still shows. None for a file moekit did not read."""
 
+    copied_as: str | None = None
+    """The name it is copied under, where not its own (a config.json named ``--config``)."""
+
     SINCE = "moekit opened the checkpoint"
     """When its identity was taken, as ``check_unchanged`` says it."""
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return self.copied_as or self.path.name
 
     @classmethod
     def of(cls, path: Path) -> "Sidecar":
@@ -832,6 +862,47 @@ def read_config(folder: Path, name: str = CONFIG_NAME) -> dict | None:
     (when present) a string."""
     found = read_config_file(folder, name)
     return None if found is None else found[0]
+
+
+@dataclass(frozen=True)
+class GivenConfig:
+    """A config.json the user names for a checkpoint (``--config``; ``config=``): a JSON
+    file of any name, or a folder (or Hugging Face repo id, from the local Hub cache)
+    holding one, whose other sidecar files (tokenizer, generation config, ...) are copied
+    beside converted weights where the checkpoint has none of their names. Nothing is
+    written into the checkpoint's own folder."""
+
+    config: dict
+    file: Sidecar
+    """The config file, copied as config.json."""
+    others: tuple[Sidecar, ...] = ()
+
+    @classmethod
+    def read(cls, value: str | Path) -> "GivenConfig":
+        from .hub import local_path  # not at the top: moekit.hub imports this module
+
+        path = local_path(value, "config", weights=False)
+        if path.is_dir():
+            found = read_config_file(path)
+            if found is None:
+                raise MoekitError(f"the config folder {_shown(path)} holds no {CONFIG_NAME}")
+            config, file = found
+            return cls(config, file, tuple(s for s in _sidecars(path, set(), file)
+                                           if s.name != CONFIG_NAME))
+        if not path.is_file():
+            raise MoekitError(f"the config {_shown(path)} "
+                              + ("is not a file or folder" if os.path.lexists(path)
+                                 else "does not exist"))
+        real = path.resolve()  # a file named by the user is read wherever it links
+        config, file = read_config_file(real.parent, real.name)
+        return cls(config, replace(file, copied_as=CONFIG_NAME))
+
+
+def config_in(folder: Path, given: GivenConfig | None) -> tuple[dict | None, Sidecar | None]:
+    """The config a checkpoint is read by: ``given``'s, else its folder's, else none."""
+    if given is not None:
+        return given.config, given.file
+    return read_config_file(folder) or (None, None)
 
 
 def read_config_file(folder: Path, name: str = CONFIG_NAME) -> tuple[dict, Sidecar] | None:

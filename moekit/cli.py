@@ -189,13 +189,22 @@ def _add_inspect(commands) -> None:
     sub.add_argument("path", help=f"checkpoint folder or .safetensors file, {HUB_ID}")
     sub.add_argument("--from", dest="from_", choices=list(LAYOUTS), help="override layout detection")
     sub.add_argument("--json", action="store_true", help="print JSON")
+    _add_config_option(sub)
     _add_download_option(sub, "path")
+
+
+def _add_config_option(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--config", help="the model's config.json, for a checkpoint that has "
+                     "none (training checkpoints: torchtitan, Megatron-LM) or to read it by "
+                     "instead of its own: a JSON file, or a model folder or Hub id holding "
+                     "one, whose tokenizer and generation files are copied too where the "
+                     "checkpoint has none of theirs; nothing is written into the checkpoint")
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
     from .inspection import inspect
 
-    info = inspect(args.path, args.from_)
+    info = inspect(args.path, args.from_, config=args.config)
     print(json.dumps(info.to_json(), indent=2) if args.json else info.render())
     return 0
 
@@ -213,6 +222,7 @@ def _add_convert(commands) -> None:
     sub.add_argument("--dequantize", action="store_true",
                      help="write FP8 block-scaled and MXFP4 weights as bf16 (their scales "
                      "dropped); needed for --to nemo, which holds no scales")
+    _add_config_option(sub)
     _add_output_options(sub)
     _add_format_option(sub, by_layout=True)
     _add_download_option(sub, "src")
@@ -223,7 +233,8 @@ def _run_convert(args: argparse.Namespace) -> int:
 
     plan = convert(args.src, args.dst, args.to, from_=args.from_,
                    max_shard_size=args.max_shard_size, dry_run=args.dry_run,
-                   overwrite=args.overwrite, dequantize=args.dequantize, format=args.format)
+                   overwrite=args.overwrite, dequantize=args.dequantize, format=args.format,
+                   config=args.config)
     _report_plan(plan, plan.summary(), args)
     return 0
 

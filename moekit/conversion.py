@@ -138,9 +138,11 @@ def run_checkpoint_job(plan: Plan, checkpoint: Checkpoint, dst: str | Path,
 def convert(src: str | Path, dst: str | Path, to: str, from_: str | None = None,
             max_shard_size: int | str = "5GB", dry_run: bool = False, overwrite: bool = False,
             show_progress: bool | None = None, dequantize: bool = False,
-            format: str | None = None) -> Plan:
+            format: str | None = None, config: str | Path | None = None) -> Plan:
     """Convert the checkpoint at ``src`` into layout ``to`` at ``dst``, written in
     ``format`` (one of ``FORMATS``; None: the layout's ``default_format``); return the plan.
+    ``config`` names the model's config.json where the checkpoint has none, or to read it
+    by instead of its own (``Checkpoint.open``): it is the one written beside the output.
 
     The whole plan is built and validated from headers before anything is written; the
     output is written to a temporary folder beside ``dst`` and renamed into place when
@@ -148,7 +150,7 @@ def convert(src: str | Path, dst: str | Path, to: str, from_: str | None = None,
     writes FP8 block-scaled weights as bf16 (their scales dropped). Imports no torch
     unless a recipe computes, so that a dry run answers at once.
     """
-    checkpoint, analysis = analyse_checkpoint(src, from_)
+    checkpoint, analysis = analyse_checkpoint(src, from_, config)
     layout = layout_named(to)
     plan = build_plan(analysis, layout, dequantize=dequantize)
     run_checkpoint_job(plan, checkpoint, dst, max_shard_size, overwrite, dry_run,
@@ -158,8 +160,10 @@ def convert(src: str | Path, dst: str | Path, to: str, from_: str | None = None,
 
 @without_gc_pauses
 def load(path: str | Path, layout: str = "nemo", device: "torch.device | str | None" = None,
-         from_: str | None = None) -> "dict[str, torch.Tensor]":
-    """The whole checkpoint at ``path`` as a state dict in ``layout``, on ``device``.
+         from_: str | None = None, config: str | Path | None = None
+         ) -> "dict[str, torch.Tensor]":
+    """The whole checkpoint at ``path`` as a state dict in ``layout``, on ``device``;
+    ``config`` names its model's config.json where it has none (``Checkpoint.open``).
 
     Validated from headers first, like ``convert``. On an accelerator the bytes go through
     a small pool of pinned host buffers and the grouped tensors are built on the device.
@@ -169,7 +173,7 @@ def load(path: str | Path, layout: str = "nemo", device: "torch.device | str | N
 
     checked_device(device)
     start_readers(device)
-    checkpoint = Checkpoint.open(path)
+    checkpoint = Checkpoint.open(path, config)
     pinned = pin_ahead(device)
     try:
         plan = build_plan(analyse_opened(checkpoint, from_), layout_named(layout))

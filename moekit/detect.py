@@ -81,7 +81,8 @@ def _refuse_unnamed_whole_model(tensors: Mapping[str, TensorMeta], family: Famil
                 raise MoekitError(
                     f"{label} holds {layout.name}'s names ({printable(key)}), which moekit "
                     f"reads once a config.json beside them names the model's family (one of "
-                    f"{families}); it has none that does: copy the model's config.json there")
+                    f"{families}); it has none that does: name the model's with --config "
+                    "(config= in Python)")
 
 
 PACKED_KEY = ".weight_packed"

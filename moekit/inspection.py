@@ -97,11 +97,13 @@ class CheckpointInfo:
 
 
 @without_gc_pauses
-def inspect(path: str | Path, from_: str | None = None) -> CheckpointInfo:
-    """Describe the checkpoint at ``path`` from its headers and config.json. A checkpoint
-    whose config declares routed experts that no tensor reads as (a family moekit does not
-    know) is refused, saying so, rather than described as a dense model."""
-    checkpoint, analysis = analyse_checkpoint(path, from_)
+def inspect(path: str | Path, from_: str | None = None,
+            config: str | Path | None = None) -> CheckpointInfo:
+    """Describe the checkpoint at ``path`` from its headers and config.json (``config``'s
+    where given: ``Checkpoint.open``). A checkpoint whose config declares routed experts
+    that no tensor reads as (a family moekit does not know) is refused, saying so, rather
+    than described as a dense model."""
+    checkpoint, analysis = analyse_checkpoint(path, from_, config)
     if not analysis.blocks and analysis.settings and analysis.settings.declared:
         raise MoekitError(f"cannot describe {printable(str(checkpoint.path))}: "
                           + unread_experts(analysis.settings))

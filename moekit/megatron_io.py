@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import (CONFIG_NAME, DCP_METADATA_NAME, FileIdentity, Sidecar, TensorInfo,
-                         member_file, read_config, read_config_file)
+from .checkpoint import (CONFIG_NAME, DCP_METADATA_NAME, FileIdentity, GivenConfig, Sidecar,
+                         TensorInfo, config_in, member_file, read_config)
 from .errors import MoekitError, printable
 from .layouts.families import GENERIC_FAMILIES, family_of_model_type
 from .layouts.megatron import (LAYERS, MEGATRON, MTP_COPIES, SPECS, Dimensions, Entry,
@@ -139,10 +139,10 @@ class Headers:
     (Megatron-LM's ``rng_state``)."""
 
 
-def read_headers(path: Path) -> Headers:
+def read_headers(path: Path, given: GivenConfig | None = None) -> Headers:
     """The headers of the checkpoint at ``path`` (the folder or one iteration's), read by
-    the config.json of the iteration folder or the folder above; every file read is
-    first known to be a plain file inside the folder."""
+    ``given``'s config, else the config.json of the iteration folder or the folder above;
+    every file read is first known to be a plain file inside the folder."""
     from .dcp import DISTCP_SUFFIX, read_stored  # imports torch, which .metadata refers to
 
     iteration = _iteration(path)
@@ -151,7 +151,7 @@ def read_headers(path: Path) -> Headers:
     identities = {data.name: FileIdentity.of(member_file(iteration, data.name).stat())
                   for data in sorted(iteration.glob(f"*{DISTCP_SUFFIX}"))}
     config_folder = iteration if (iteration / CONFIG_NAME).exists() else iteration.parent
-    config, config_file = read_config_file(config_folder) or (None, None)
+    config, config_file = config_in(config_folder, given)
     stored, objects = read_stored(iteration, chunk_name)
     chunks = {info.key: info for tensor in stored.values() for _, info in tensor.chunks}
     return Headers(iteration, top, config_file, config, chunks,

@@ -222,13 +222,15 @@ def _chained(first: Mapping[str, Expr], then: Mapping[str, Expr]) -> dict[str, E
 
 
 def _config_file(checkpoint: Checkpoint) -> str:
-    return str(Path(checkpoint.path, "config.json"))
+    return str(checkpoint.config_file)
 
 
 @without_gc_pauses
-def analyse_checkpoint(path: str | Path, from_: str | None = None) -> tuple[Checkpoint, Analysis]:
-    """Read a checkpoint's headers, detect its family and layout and validate its experts."""
-    checkpoint = Checkpoint.open(path)
+def analyse_checkpoint(path: str | Path, from_: str | None = None,
+                       config: str | Path | None = None) -> tuple[Checkpoint, Analysis]:
+    """Read a checkpoint's headers (by ``config`` where given: ``Checkpoint.open``), detect
+    its family and layout and validate its experts."""
+    checkpoint = Checkpoint.open(path, config)
     return checkpoint, analyse_opened(checkpoint, from_)
 
 
@@ -265,7 +267,8 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
         raise MoekitError(dst.unnamed(analysis.family))
     if not analysis.layout.names_family(analysis.family):
         missing = ("" if (analysis.config or {}).get("model_type") else
-                   " (no config.json beside it names its model type: copy the model's there)")
+                   " (no config.json beside it names its model type: name the model's with "
+                   "--config, or config= in Python)")
         raise MoekitError(f"cannot read {analysis.label}{missing}: "
                           f"{analysis.layout.unnamed(analysis.family)}")
     if analysis.family.expert_groups and (experts is not None or offset):

@@ -748,8 +748,8 @@ def test_a_megatron_file_rewritten_once_its_archives_are_read_is_refused(tmp_pat
     conversion.convert(src, tmp_path / "megatron", to="megatron")
     read_headers = megatron_io.read_headers
 
-    def read_then_rewritten(path):
-        found = read_headers(path)
+    def read_then_rewritten(path, given):
+        found = read_headers(path, given)
         rewrite_in_place(next(found.iteration.glob("*.distcp")))
         return found
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from moekit import UpcycleSpec, load, samples
+from moekit import UpcycleSpec, load, samples, verify
 from moekit.cli import main
 
 pytest.importorskip("megatron.core")
@@ -463,9 +463,16 @@ def test_a_folder_without_config_or_with_a_bad_tracker_is_refused(qwen3_moe, tmp
                                                                    capsys):
     folder = tmp_path / "megatron"
     shutil.copytree(qwen3_moe[2], folder)
-    (folder / "config.json").unlink()
+    config = tmp_path / "qwen3.json"
+    (folder / "config.json").rename(config)
     assert main(["inspect", str(folder)]) == 2
     assert "needs the model's config.json" in capsys.readouterr().err
+    files = sorted(p.name for p in folder.rglob("*"))
+    assert main(["convert", str(folder), str(tmp_path / "back"), "--to", "hf",
+                 "--config", str(config)]) == 0  # read by the config named, not changed
+    assert sorted(p.name for p in folder.rglob("*")) == files
+    assert (tmp_path / "back" / "config.json").read_bytes() == config.read_bytes()
+    assert verify(qwen3_moe[1], tmp_path / "back").equal
     (folder / "latest_checkpointed_iteration.txt").write_text("latest")
     assert main(["inspect", str(folder)]) == 2
     assert "neither an iteration number nor 'release'" in capsys.readouterr().err

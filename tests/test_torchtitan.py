@@ -267,23 +267,31 @@ def trained_one_step(model: torch.nn.Module, folder: Path) -> Path:
 
 def test_a_training_checkpoint_converts_its_model_weights(qwen3_moe, titan_folder, tmp_path,
                                                           capsys):
-    """A checkpoint that torchtitan's ``CheckpointManager`` saves while training, with the
-    model's config.json copied beside it, converts to HF files equal byte for byte to
-    what torchtitan's own ``Qwen3StateDictAdapter.to_hf`` makes of the trained model's
-    state dict. Its training state is not read, and ``inspect`` counts it."""
+    """A checkpoint that torchtitan's ``CheckpointManager`` saves while training, read by
+    the model's config.json named with --config (torchtitan writes none), converts to HF
+    files equal byte for byte to what torchtitan's own ``Qwen3StateDictAdapter.to_hf``
+    makes of the trained model's state dict, with that config.json beside them; the
+    checkpoint is left as it was. Its training state is not read, and ``inspect`` counts
+    it."""
     hf, src = qwen3_moe
     model = titan_model(hf.config)
     state = model.state_dict()
     dcp.load(state, storage_reader=dcp.FileSystemReader(titan_folder), no_dist=True)
     model.load_state_dict(state, strict=True)
     step = trained_one_step(model, tmp_path)
-    shutil.copy(src / "config.json", step)
-    assert main(["inspect", str(step)]) == 0
+    files = {p: p.read_bytes() for p in step.rglob("*") if p.is_file()}
+    assert main(["inspect", str(step)]) == 2
+    assert "--config" in capsys.readouterr().err
+    assert main(["inspect", str(step), "--config", str(src)]) == 0
     shown = capsys.readouterr().out
     assert "not read          training state (entries): " in shown
     assert all(root in shown for root in ("optimizer", "lr_scheduler", "dataloader 1",
                                           "train_state 2"))
-    assert main(["convert", str(step), str(tmp_path / "back"), "--to", "hf"]) == 0
+    assert main(["convert", str(step), str(tmp_path / "back"), "--to", "hf",
+                 "--config", str(src / "config.json")]) == 0
+    assert {p: p.read_bytes() for p in step.rglob("*") if p.is_file()} == files
+    assert (tmp_path / "back" / "config.json").read_bytes() == (
+        src / "config.json").read_bytes()
     trained = tt.Qwen3StateDictAdapter(titan_config(hf.config), None).to_hf(model.state_dict())
     returned, original = load_all(tmp_path / "back"), load_all(src)
     assert returned.keys() == trained.keys() == original.keys()

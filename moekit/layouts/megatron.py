@@ -371,7 +371,8 @@ class Dimensions:
         if not isinstance(config, Mapping):
             raise MoekitError("Megatron-Core's layout needs the model's config.json (it "
                               "stacks the layers and joins the attention heads by query "
-                              f"group): {source} has none")
+                              f"group): {source} has none (name it with --config, or "
+                              "config= in Python)")
         model_type = config.get("model_type")
         if model_type not in FAMILIES:
             raise MoekitError(f"{source}: moekit writes and reads Megatron-Core checkpoints of "

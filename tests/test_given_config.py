@@ -1,0 +1,116 @@
+"""``--config`` (``config=``): the model's config.json named for a checkpoint that has none,
+or read instead of its own, without writing anything into the checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import moekit
+from moekit.cli import main
+
+from .conftest import load_all, same_bytes
+
+
+def _files(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def without_config(family_checkpoints, tmp_path) -> tuple[Path, Path]:
+    """A copy of the Qwen3-MoE checkpoint without its config.json, and that config.json
+    under another name, elsewhere."""
+    folder = tmp_path / "step-1000"
+    shutil.copytree(family_checkpoints["qwen3_moe"], folder)
+    config = tmp_path / "qwen3-moe.json"
+    (folder / "config.json").rename(config)
+    return folder, config
+
+
+def test_a_checkpoint_without_config_is_read_by_the_config_named(without_config, tmp_path):
+    folder, config = without_config
+    before = _files(folder)
+    assert main(["convert", str(folder), str(tmp_path / "bare"), "--to", "nemo"]) == 0
+    assert not (tmp_path / "bare" / "config.json").exists()  # (its keys name its family)
+    out = tmp_path / "out"
+    assert main(["convert", str(folder), str(out), "--to", "nemo", "--config", str(config)]) == 0
+    back = tmp_path / "back"
+    assert main(["convert", str(out), str(back), "--to", "hf"]) == 0
+    assert (out / "config.json").read_bytes() == config.read_bytes()
+    original, returned = load_all(folder), load_all(back)
+    assert original.keys() == returned.keys()
+    assert all(same_bytes(original[k], returned[k]) for k in original)
+    assert _files(folder) == before
+
+
+def test_a_config_named_replaces_the_checkpoints_own_in_the_output(family_checkpoints,
+                                                                   tmp_path):
+    src = family_checkpoints["qwen3_moe"]
+    own = json.loads((src / "config.json").read_text())
+    given = tmp_path / "config.json"
+    given.write_text(json.dumps({**own, "rope_theta": 12345.0}))
+    moekit.convert(src, tmp_path / "out", to="nemo", config=given)
+    assert (tmp_path / "out" / "config.json").read_bytes() == given.read_bytes()
+    assert moekit.inspect(src, config=given).family == moekit.inspect(src).family
+
+
+def test_a_config_folder_gives_its_tokenizer_where_the_checkpoint_has_none(without_config,
+                                                                           tmp_path):
+    folder, config = without_config
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(config, model / "config.json")
+    (model / "tokenizer.json").write_text('{"model": "tokenizer"}')
+    (model / "generation_config.json").write_text('{"model": "defaults"}')
+    (folder / "generation_config.json").write_text('{"checkpoint": "defaults"}')
+    moekit.convert(folder, tmp_path / "out", to="nemo", config=model)
+    out = tmp_path / "out"
+    assert (out / "config.json").read_bytes() == config.read_bytes()
+    assert (out / "tokenizer.json").read_text() == '{"model": "tokenizer"}'
+    assert (out / "generation_config.json").read_text() == '{"checkpoint": "defaults"}'
+    assert not (folder / "tokenizer.json").exists()
+
+
+def test_load_reads_by_the_config_named(without_config, family_checkpoints):
+    folder, config = without_config
+    loaded = moekit.load(folder, "nemo", config=config)
+    expected = moekit.load(family_checkpoints["qwen3_moe"], "nemo")
+    assert loaded.keys() == expected.keys()
+    assert all(same_bytes(loaded[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("given, message", [
+    ("absent.json", "absent.json does not exist"),
+    ("empty-folder", "holds no config.json"),
+    ("broken.json", "broken.json"),
+    ("list.json", "list.json"),
+])
+def test_a_bad_config_is_refused_naming_it(given, message, without_config, tmp_path, capsys):
+    folder, _ = without_config
+    (tmp_path / "empty-folder").mkdir()
+    (tmp_path / "broken.json").write_text('{"model_type": ')
+    (tmp_path / "list.json").write_text("[1, 2]")
+    out = tmp_path / "out"
+    assert main(["convert", str(folder), str(out), "--to", "nemo",
+                 "--config", str(tmp_path / given)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_a_destination_holding_the_config_named_is_not_replaced(without_config, tmp_path,
+                                                                capsys):
+    # The config named is a source file like the weights: --overwrite never deletes it.
+    folder, config = without_config
+    dst = tmp_path / "old-export"
+    shutil.copytree(folder, dst)
+    kept = dst / "config.json"
+    shutil.copy(config, kept)
+    assert main(["convert", str(folder), str(dst), "--to", "nemo", "--overwrite",
+                 "--config", str(kept)]) == 2
+    assert "the data of the source's config.json" in capsys.readouterr().err
+    assert kept.read_bytes() == config.read_bytes() and (dst / "model.safetensors.index.json"
+                                                         ).exists()
