@@ -439,7 +439,7 @@ def test_a_gpu_load_pins_once_the_headers_are_read_and_its_readers_are_started(
     monkeypatch.setattr(device, "READER_POOLS", device.ReaderPool())
     monkeypatch.setattr(device, "_started_pool", lambda n: order.append("threads") or started(n))
     monkeypatch.setattr(Checkpoint, "open", classmethod(
-        lambda cls, path: order.append("headers") or opened(cls, path)))
+        lambda cls, path, config: order.append("headers") or opened(cls, path, config)))
     monkeypatch.setattr(device, "PinnedBuffers", lambda device: order.append("pinning"))
     monkeypatch.setattr(memory, "checked_device", torch.device)  # a machine without a GPU
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -882,6 +882,24 @@ def test_memory_cuda_cannot_register_is_pinned_by_pytorch_instead(runtime, monke
     monkeypatch.setattr(torch, "empty", lambda size, dtype, pin_memory: pinned.append(
         size) or empty(size, dtype=dtype))
     assert device._page_locked(4096).numel() == 4096 and pinned == [4096]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("prepared", [False, True])
+def test_cuda_loads_onto_the_second_gpu_make_no_context_on_the_first(prepared,
+                                                                     family_checkpoints):
+    # A context costs its GPU hundreds of MiB: each rank of an expert-parallel job loading
+    # onto its own GPU would otherwise leave one on GPU 0 (registering pinned memory makes
+    # one on the registering thread's current device, GPU 0 for a new thread).
+    path = family_checkpoints["qwen3_moe"]
+    script = ("import sys, torch, moekit\n"
+              f"if {prepared}: moekit.prepare_loads('cuda:1')\n"
+              f"for _ in range(3): moekit.load({str(path)!r}, 'nemo', device='cuda:1')\n"
+              "torch.cuda.synchronize(1)\n"
+              "print(torch._C._cuda_hasPrimaryContext(0), torch._C._cuda_hasPrimaryContext(1))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.split() == ["False", "True"]
 
 
 @cuda
