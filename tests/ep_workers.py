@@ -22,7 +22,8 @@ import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from moekit import ExpertAdapter, MoekitError, convert_state_dict, expert_range, load_experts, save_experts
+from moekit import (ExpertAdapter, MoekitError, convert_state_dict, expert_range, load_experts,
+                    load_sharded, save_experts)
 from moekit.sources import FileSource
 
 from .conftest import digest, load_all
@@ -119,6 +120,24 @@ def load_check_save(rank: int, world: int, store: str, src: str, out: str,
             assert torch.equal(value, reference[key])
     _check_adapter(state, Path(src), mesh, layout, mine, n_experts)
     save_experts(state, out, mesh, layout=layout, config_from=src)
+    finish()
+
+
+def load_by_config(rank: int, world: int, store: str, src: str, config: str,
+                   reference: str) -> None:
+    """Load this rank's share of ``src`` (which has no config.json) by ``config``, with
+    load_experts on a 1-D mesh and load_sharded on a (dp, ep) one, each whole tensor equal
+    to the one ``reference`` (the same model, with its config) gives."""
+    _init(rank, world, store)
+    ep = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    dp_ep = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "ep"))
+    for loaded, layout in ((load_experts(src, ep, layout="nemo", config=config), "nemo"),
+                           (load_sharded(src, dp_ep, config=config), "transformers")):
+        expected = convert_state_dict(load_all(Path(reference)), "hf", layout)
+        assert loaded.keys() == expected.keys()
+        for key, value in loaded.items():
+            whole = value.full_tensor() if isinstance(value, DTensor) else value
+            assert torch.equal(whole, expected[key]), key
     finish()
 
 

@@ -65,6 +65,19 @@ def test_load_and_save_on_an_ep_group(world, qwen3_10, tmp_path):
     assert left_in(tmp_path) == ["saved"]
 
 
+def test_ranks_load_a_checkpoint_without_config_by_the_config_named(qwen3_10, tmp_path):
+    # A torchtitan folder holds no config.json, and its names need one to be read.
+    from moekit import convert
+
+    titan = tmp_path / "titan"
+    convert(qwen3_10, titan, to="torchtitan")
+    (titan / "config.json").unlink()
+    codes = spawn(ep_workers.load_by_config, 2, tmp_path, str(titan),
+                  str(qwen3_10 / "config.json"), str(qwen3_10), join=False)
+    assert codes == [0, 0]
+    assert not (titan / "config.json").exists()
+
+
 def test_dp_by_ep_mesh(qwen3_10, tmp_path):
     out = tmp_path / "saved"
     spawn(ep_workers.load_check_save, 4, tmp_path, str(qwen3_10), str(out), (2, 2),

@@ -18,8 +18,8 @@ from .ranges import rank_plan
 
 @without_gc_pauses
 def load_experts(path: str | Path, device_mesh: DeviceMesh, layout: str = "nemo",
-                 device: torch.device | str | None = None, from_: str | None = None
-                 ) -> dict[str, torch.Tensor]:
+                 device: torch.device | str | None = None, from_: str | None = None,
+                 config: str | Path | None = None) -> dict[str, torch.Tensor]:
     """This rank's state dict: grouped expert tensors of ``layout`` as DTensors
     (``Shard(0)`` on the mesh's "ep" dimension, replicated on the others, global shape
     exact also for uneven splits), every other tensor as a plain tensor. ``path`` is a
@@ -34,11 +34,12 @@ def load_experts(path: str | Path, device_mesh: DeviceMesh, layout: str = "nemo"
     reads only its own experts' bytes plus the non-expert tensors. No collective is
     called, so a rank that fails does not leave the others waiting. With an accelerator
     ``device`` (e.g. "cuda"), bytes go through a small pool of pinned buffers straight to
-    the device, where the grouped tensors are built.
+    the device, where the grouped tensors are built. ``config`` names the model's
+    config.json where the checkpoint has none (``Checkpoint.open``).
     """
     checked_device(device)
     size, rank = ep_coordinates(device_mesh)
-    checkpoint = Checkpoint.open(path)
+    checkpoint = Checkpoint.open(path, config)
     analysis = understand_checkpoint(checkpoint, from_)
     plan = rank_plan(analysis, size, rank, layout, checkpoint.file_of)
     return read_plan(plan, checkpoint, device,

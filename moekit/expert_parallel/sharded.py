@@ -51,7 +51,8 @@ from .ranges import chunk, expert_range, grouped_layout, rank_plan
 @without_gc_pauses
 def load_sharded(path: str | Path, device_mesh: DeviceMesh, layout: str = "transformers", *,
                  ep_dim: str = "ep", fsdp_dim: str = "dp", replicate: Collection[str] = (),
-                 from_: str | None = None) -> dict[str, torch.Tensor]:
+                 from_: str | None = None, config: str | Path | None = None
+                 ) -> dict[str, torch.Tensor]:
     """This rank's share of the whole checkpoint at ``path`` on a 2-D ``device_mesh``
     whose dimensions are named ``fsdp_dim`` and ``ep_dim`` (see the module docstring for
     what each tensor becomes). Call it on every rank of the mesh.
@@ -63,11 +64,12 @@ def load_sharded(path: str | Path, device_mesh: DeviceMesh, layout: str = "trans
     its part before reading, and tells the others whether it read it; if one cannot,
     every rank raises, the others a MoekitError naming it (none waits for another). The
     mesh spans every rank of the process group. Tensors lie on the CPU, or on the current
-    CUDA device for a CUDA mesh.
+    CUDA device for a CUDA mesh. ``config`` names the model's config.json where the
+    checkpoint has none (``Checkpoint.open``).
     """
     mesh = ShardedMesh(device_mesh, ep_dim, fsdp_dim, "load_sharded")
     try:
-        checkpoint = Checkpoint.open(path)
+        checkpoint = Checkpoint.open(path, config)
         analysis = understand_checkpoint(checkpoint, from_)
         rank_plan(analysis, mesh.ep_size, mesh.ep_rank, layout, checkpoint.file_of)
         plan = build_plan(analysis, grouped_layout(layout), experts=mesh.experts_to_read(
