@@ -271,9 +271,8 @@ class PinnedBuffers:
     pinning of 32 buffers over the whole plan instead of overlapping it.
 
     The thread pins with ``device`` (the load's, with its index) as its current device:
-    registering memory with CUDA on a thread's first call makes a context on its current
-    device, which for a new thread is the first GPU, where a process loading onto another
-    one would otherwise hold a context (hundreds of MiB) it never uses."""
+    registering memory with CUDA from a thread makes a context on the thread's current
+    device where it has none, which for a new thread is the first GPU, not the load's."""
 
     def __init__(self, pairs: int = READERS, buffer_bytes: int = BUFFER_BYTES,
                  device: torch.device | None = None) -> None:
