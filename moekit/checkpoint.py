@@ -845,11 +845,14 @@ def _check_index(index: Path, weight_map: dict[str, str], tensors: dict[str, Ten
 def _sidecars(folder: Path, weights: set[str], read: Sidecar | None) -> list[Sidecar]:
     """The folder's files named in ``SIDECARS``, each checked to be a plain file of the
     checkpoint (a link leaving it is refused, not followed), as they are now; ``read``
-    (config.json) as it was when read."""
+    (config.json) as it was when read, and the folder's own config.json left out where
+    ``read`` is another file (one the user named, which replaces it)."""
     try:
         names = sorted(entry.name for entry in os.scandir(folder))
     except OSError as err:
         raise MoekitError(f"cannot list {_shown(folder)}: {err.strerror or err}") from err
+    if read is not None and read.path != folder / CONFIG_NAME:
+        weights = {*weights, CONFIG_NAME}
     return [read if read is not None and folder / name == read.path
             else Sidecar.of(member_file(folder, name)) for name in names
             if name not in weights and any(fnmatchcase(name, p) for p in SIDECARS)]
@@ -868,34 +871,53 @@ def read_config(folder: Path, name: str = CONFIG_NAME) -> dict | None:
 class GivenConfig:
     """A config.json the user names for a checkpoint (``--config``; ``config=``): a JSON
     file of any name, or a folder (or Hugging Face repo id, from the local Hub cache)
-    holding one, whose other sidecar files (tokenizer, generation config, ...) are copied
-    beside converted weights where the checkpoint has none of their names. Nothing is
-    written into the checkpoint's own folder."""
+    holding one. Nothing is written into the checkpoint's own folder."""
 
     config: dict
     file: Sidecar
     """The config file, copied as config.json."""
     others: tuple[Sidecar, ...] = ()
+    """A folder's other sidecar files (tokenizer, generation config, chat template, remote
+    code that the config's ``auto_map`` names, licence), copied beside converted weights
+    where the checkpoint has none of their names; not its model card (README.md), which
+    describes that model, not the checkpoint's."""
 
     @classmethod
     def read(cls, value: str | Path) -> "GivenConfig":
+        """The config ``value`` names: a path (one ending in ``.json`` is always a path,
+        never a repo id), or a repo id of the local Hub cache."""
         from .hub import local_path  # not at the top: moekit.hub imports this module
 
+        if isinstance(value, str) and (not value or value.endswith(".json")):
+            if not value:
+                raise MoekitError("the config named is an empty path")
+            value = Path(value)
         path = local_path(value, "config", weights=False)
         if path.is_dir():
-            found = read_config_file(path)
-            if found is None:
-                raise MoekitError(f"the config folder {_shown(path)} holds no {CONFIG_NAME}")
-            config, file = found
-            return cls(config, file, tuple(s for s in _sidecars(path, set(), file)
-                                           if s.name != CONFIG_NAME))
+            return cls._of_folder(path)
         if not path.is_file():
             raise MoekitError(f"the config {_shown(path)} "
                               + ("is not a file or folder" if os.path.lexists(path)
                                  else "does not exist"))
         real = path.resolve()  # a file named by the user is read wherever it links
-        config, file = read_config_file(real.parent, real.name)
+        config, file = _found_config(real.parent, real.name)
         return cls(config, replace(file, copied_as=CONFIG_NAME))
+
+    @classmethod
+    def _of_folder(cls, folder: Path) -> "GivenConfig":
+        config, file = _found_config(folder, CONFIG_NAME)
+        return cls(config, file, tuple(s for s in _sidecars(folder, set(), file)
+                                       if s.name not in (CONFIG_NAME, "README.md")))
+
+
+def _found_config(folder: Path, name: str) -> tuple[dict, Sidecar]:
+    """``read_config_file`` of a config the user named, which must exist."""
+    found = read_config_file(folder, name)
+    if found is None:
+        raise MoekitError(f"the config folder {_shown(folder)} holds no {name}"
+                          if name == CONFIG_NAME else
+                          f"the config {_shown(folder / name)} does not exist")
+    return found
 
 
 def config_in(folder: Path, given: GivenConfig | None) -> tuple[dict | None, Sidecar | None]:

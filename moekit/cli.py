@@ -174,6 +174,8 @@ def _download(args: argparse.Namespace) -> None:
 
         for value in args.hub_ids(args):
             download(value, args.download_weights)
+        if getattr(args, "config", None):  # (a local path is left as it is)
+            download(args.config, weights=False)
 
 
 def _command(commands, name: str, help: str, run: Callable[[argparse.Namespace], int]
@@ -197,8 +199,10 @@ def _add_config_option(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--config", help="the model's config.json, for a checkpoint that has "
                      "none (training checkpoints: torchtitan, Megatron-LM) or to read it by "
                      "instead of its own: a JSON file, or a model folder or Hub id holding "
-                     "one, whose tokenizer and generation files are copied too where the "
-                     "checkpoint has none of theirs; nothing is written into the checkpoint")
+                     "one, whose tokenizer, generation, chat-template, remote-code and "
+                     "licence files are copied too where the checkpoint has none of theirs "
+                     "(--download fetches a Hub id's config.json); nothing is written into "
+                     "the checkpoint")
 
 
 def _run_inspect(args: argparse.Namespace) -> int:

@@ -163,7 +163,8 @@ def load(path: str | Path, layout: str = "nemo", device: "torch.device | str | N
          from_: str | None = None, config: str | Path | None = None
          ) -> "dict[str, torch.Tensor]":
     """The whole checkpoint at ``path`` as a state dict in ``layout``, on ``device``;
-    ``config`` names its model's config.json where it has none (``Checkpoint.open``).
+    ``config`` names its model's config.json where it has none, or to read it by instead
+    of its own (``Checkpoint.open``).
 
     Validated from headers first, like ``convert``. On an accelerator the bytes go through
     a small pool of pinned host buffers and the grouped tensors are built on the device.
@@ -189,11 +190,13 @@ def prepare_loads(device: "torch.device | str" = "cuda") -> None:
     device where loads read through it (it is installed and ``MOEKIT_KVIKIO`` is not 0),
     else moekit's reader threads started and their host buffers pinned.
 
-    A training job that calls this as it starts (before it sets up its process group and
-    builds its model) has its first load (``load``, ``load_experts``, ``load_sharded``)
-    read as fast as later ones; a load that starts before the set-up is done reads with
-    what is ready then. Nothing for a CPU device; ``"cuda"`` is the current device, which
-    this asks CUDA for. MoekitError for a device this machine does not have."""
+    A training job that calls this as it starts (once it has chosen its GPU, before it
+    sets up its process group and builds its model) has its first load (``load``,
+    ``load_experts``, ``load_sharded``) onto that device read through what is set up; a
+    load that starts before the set-up is done reads with what is ready then. ``"cuda"``
+    is the calling thread's current device: each rank names its own GPU, or calls this
+    after ``torch.cuda.set_device``. Nothing for a CPU device; MoekitError for a device
+    this machine does not have."""
     from .executors.device import prepare_loads as prepare
     from .executors.memory import checked_device
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY
-from .errors import MoekitError, printable
+from .errors import NAME_A_CONFIG, MoekitError, printable
 from .layouts import BY_KEYS, HF, LAYOUTS, Family, Layout, family_named, family_of_model_type, layout_named
 from .layouts.base import TensorMeta
 from .layouts.families import FAMILIES, GENERIC_FAMILIES
@@ -81,8 +81,7 @@ def _refuse_unnamed_whole_model(tensors: Mapping[str, TensorMeta], family: Famil
                 raise MoekitError(
                     f"{label} holds {layout.name}'s names ({printable(key)}), which moekit "
                     f"reads once a config.json beside them names the model's family (one of "
-                    f"{families}); it has none that does: name the model's with --config "
-                    "(config= in Python)")
+                    f"{families}); it has none that does ({NAME_A_CONFIG})")
 
 
 PACKED_KEY = ".weight_packed"

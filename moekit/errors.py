@@ -89,3 +89,8 @@ def compress_runs(runs: Iterable[tuple[int, int]]) -> str:
 def plural(n: int, word: str) -> str:
     """``plural(1, "expert") -> "expert"``, ``plural(3, "expert") -> "experts"``."""
     return word if n == 1 else word + "s"
+
+
+NAME_A_CONFIG = ("name the model's config.json with --config of convert or inspect, or "
+                 "config= in Python")
+"""How a refusal of a checkpoint that lacks its config.json says to give one."""

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from .checkpoint import FAMILY_METADATA_KEY, LAYOUT_METADATA_KEY, Checkpoint
 from .detect import detect_family, detect_layout, refuse_packed
-from .errors import MoekitError, PlanError, compress_ranges, compress_runs, plural, printable
+from .errors import (NAME_A_CONFIG, MoekitError, PlanError, compress_ranges, compress_runs,
+                     plural, printable)
 from .gc_pauses import without_gc_pauses
 from .layouts import (BY_KEYS, FAMILIES, HF, LAYOUTS, ExpertBlock, Family, Layout, family_named,
                       layout_named)
@@ -267,8 +268,7 @@ def build_plan(analysis: Analysis, dst: Layout, experts: range | None = None,
         raise MoekitError(dst.unnamed(analysis.family))
     if not analysis.layout.names_family(analysis.family):
         missing = ("" if (analysis.config or {}).get("model_type") else
-                   " (no config.json beside it names its model type: name the model's with "
-                   "--config, or config= in Python)")
+                   f" (no config.json beside it names its model type: {NAME_A_CONFIG})")
         raise MoekitError(f"cannot read {analysis.label}{missing}: "
                           f"{analysis.layout.unnamed(analysis.family)}")
     if analysis.family.expert_groups and (experts is not None or offset):

@@ -226,7 +226,8 @@ def test_a_load_that_cannot_fit_on_the_gpu_is_refused_before_reading(family_chec
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3000)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2000)
     monkeypatch.setattr(device, "_Reader", None)  # nothing may be read
-    with pytest.raises(MoekitError, match=r"loading onto cuda needs about .* of staging and "
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with pytest.raises(MoekitError, match=r"loading onto cuda:0 needs about .* of staging and "
                                           r"building\) but .* is free there.*load_experts"):
         load_to_device(plan, checkpoint, "cuda")
     # The sample is one batch, staged once, and its largest tensor may be gathered whole.
@@ -758,10 +759,52 @@ def test_buffers_pinned_ahead_are_pinned_with_the_loads_device_current(
         (torch.device(d), threading.current_thread().name)))
     monkeypatch.setattr(device, "READER_POOLS", device.ReaderPool())
     monkeypatch.setattr(device, "PAGE_LOCKED", device.PageLockedPool())
+    monkeypatch.setattr(device, "_PREPARED", {})
     monkeypatch.setattr(device, "_page_locked", lambda size: calls.append(
         threading.current_thread().name) or torch.empty(1, dtype=torch.uint8))
     device.pin_ahead(named).join()
     assert calls == [(expected, "moekit-pin")] + ["moekit-pin"] * (2 * device.READERS)
+
+
+class _Stop(Exception):
+    """Raised by a stand-in for ``_Reader`` once it has seen what a load gives it."""
+
+
+class _Prepared:
+    """A stand-in for the buffers ``prepare_loads`` pins, recording its join."""
+
+    pairs, buffer_bytes = device.READERS, device.BUFFER_BYTES
+
+    def __init__(self) -> None:
+        self.joined = False
+
+    def join(self) -> None:
+        self.joined = True
+
+
+def test_a_cuda_load_takes_the_callers_current_device_and_the_buffers_prepared_for_it(
+        family_checkpoints, monkeypatch):
+    # Named "cuda", the load is onto the caller's current device (GPU 1 here): the reader
+    # threads, whose current device is another, make their streams on the one resolved,
+    # and a load that was given no buffers (load_experts, load_sharded) takes those
+    # prepare_loads pinned for that device, and joins them.
+    seen = []
+
+    def reader(checkpoint, on, readers, slots, buffer_bytes, pinned, native):
+        seen.append((on, pinned))
+        raise _Stop
+
+    ours, other = _Prepared(), _Prepared()
+    monkeypatch.setattr(device, "_PREPARED", {torch.device("cuda", 1): ours,
+                                              torch.device("cuda", 0): other})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(device, "_check_room", lambda *args: None)
+    monkeypatch.setattr(device, "_Reader", reader)
+    checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
+    with pytest.raises(_Stop):
+        load_to_device(plan, checkpoint, "cuda", native=False)
+    assert seen == [(torch.device("cuda", 1), ours)] and ours.joined
+    assert device._PREPARED == {torch.device("cuda", 0): other} and not other.joined
 
 
 def test_a_reader_makes_its_stream_and_so_its_device_current_before_it_pins(monkeypatch):
@@ -888,7 +931,7 @@ def test_memory_cuda_cannot_register_is_pinned_by_pytorch_instead(runtime, monke
 def test_cuda_a_load_after_prepare_loads_reads_through_the_buffers_it_pinned(
         family_checkpoints, monkeypatch, moekit_readers):
     path = family_checkpoints["qwen3_moe"]
-    monkeypatch.setattr(device, "_PREPARED", [])
+    monkeypatch.setattr(device, "_PREPARED", {})
     moekit.prepare_loads("cuda")
     assert device._PREPARED
     loaded = moekit.load(path, "nemo", device="cuda")

@@ -54,7 +54,22 @@ def test_a_config_named_replaces_the_checkpoints_own_in_the_output(family_checkp
     given.write_text(json.dumps({**own, "rope_theta": 12345.0}))
     moekit.convert(src, tmp_path / "out", to="nemo", config=given)
     assert (tmp_path / "out" / "config.json").read_bytes() == given.read_bytes()
-    assert moekit.inspect(src, config=given).family == moekit.inspect(src).family
+    untyped = tmp_path / "untyped.json"
+    untyped.write_text(json.dumps({k: v for k, v in own.items() if k != "model_type"}))
+    assert moekit.inspect(src).model_type == "qwen3_moe"
+    assert moekit.inspect(src, config=untyped).model_type is None  # (its keys name it)
+
+
+@pytest.mark.parametrize("own", ["a link to nothing", "a link out of the folder"])
+def test_a_config_named_replaces_a_broken_own_config(own, without_config, tmp_path):
+    # The checkpoint's own config.json is not read, so it cannot stand in the way.
+    folder, config = without_config
+    target = tmp_path / ("gone.json" if own == "a link to nothing" else "elsewhere.json")
+    if own != "a link to nothing":
+        target.write_text("{}")
+    (folder / "config.json").symlink_to(target)
+    moekit.convert(folder, tmp_path / "out", to="nemo", config=config)
+    assert (tmp_path / "out" / "config.json").read_bytes() == config.read_bytes()
 
 
 def test_a_config_folder_gives_its_tokenizer_where_the_checkpoint_has_none(without_config,
@@ -65,12 +80,16 @@ def test_a_config_folder_gives_its_tokenizer_where_the_checkpoint_has_none(witho
     shutil.copy(config, model / "config.json")
     (model / "tokenizer.json").write_text('{"model": "tokenizer"}')
     (model / "generation_config.json").write_text('{"model": "defaults"}')
+    (model / "LICENSE").write_text("the model's licence")
+    (model / "README.md").write_text("the model's card")
     (folder / "generation_config.json").write_text('{"checkpoint": "defaults"}')
     moekit.convert(folder, tmp_path / "out", to="nemo", config=model)
     out = tmp_path / "out"
     assert (out / "config.json").read_bytes() == config.read_bytes()
     assert (out / "tokenizer.json").read_text() == '{"model": "tokenizer"}'
+    assert (out / "LICENSE").read_text() == "the model's licence"
     assert (out / "generation_config.json").read_text() == '{"checkpoint": "defaults"}'
+    assert not (out / "README.md").exists()  # (it describes the model, not this checkpoint)
     assert not (folder / "tokenizer.json").exists()
 
 
@@ -84,6 +103,8 @@ def test_load_reads_by_the_config_named(without_config, family_checkpoints):
 
 @pytest.mark.parametrize("given, message", [
     ("absent.json", "absent.json does not exist"),
+    ("qwen3.jsn", "qwen3.jsn does not exist"),  # (a repo id has one slash)
+    ("", "the config named is an empty path"),
     ("empty-folder", "holds no config.json"),
     ("broken.json", "broken.json"),
     ("list.json", "list.json"),
@@ -95,7 +116,7 @@ def test_a_bad_config_is_refused_naming_it(given, message, without_config, tmp_p
     (tmp_path / "list.json").write_text("[1, 2]")
     out = tmp_path / "out"
     assert main(["convert", str(folder), str(out), "--to", "nemo",
-                 "--config", str(tmp_path / given)]) == 2
+                 "--config", str(tmp_path / given) if given else ""]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
     assert not out.exists()

@@ -356,29 +356,49 @@ def pin_ahead(device: torch.device | str | None) -> PinnedBuffers | None:
     if device is None or torch.device(device).type != "cuda" or native_reads(device):
         return None
     start_readers(device)
-    with _PREPARED_LOCK:
-        if _PREPARED:
-            return _PREPARED.pop()
-    return PinnedBuffers(device=with_index(device))
+    device = with_index(device)
+    return _take_prepared(device) or PinnedBuffers(device=device)
 
 
 def prepare_loads(device: torch.device) -> None:
     """Start setting up, in the background, what the first load onto ``device`` would set
     up while it runs: kvikio loaded and warmed up on the device where loads would read
     through it (``native.prepare``), else moekit's reader threads started and their
-    buffers pinned, for ``pin_ahead`` to hand to the next load. Nothing for a CPU
-    device."""
-    if device.type != "cuda" or prepare_native(device):
+    buffers pinned, for the next load onto that device to take (``_take_prepared``).
+    Nothing for a CPU device."""
+    if device.type != "cuda":
+        return
+    device = with_index(device)
+    if prepare_native(device):
         return
     start_readers(device)
     with _PREPARED_LOCK:
-        if not _PREPARED:
-            _PREPARED.append(PinnedBuffers(device=with_index(device)))
+        if device not in _PREPARED:
+            _PREPARED[device] = PinnedBuffers(device=device)
 
 
-_PREPARED: list[PinnedBuffers] = []
-"""The buffers ``prepare_loads`` pins ahead of a load, until one takes them."""
+def _take_prepared(device: torch.device) -> PinnedBuffers | None:
+    """The buffers ``prepare_loads`` pinned for loads onto ``device``, once: the load
+    that takes them joins them when it is done."""
+    with _PREPARED_LOCK:
+        return _PREPARED.pop(device, None)
+
+
+_PREPARED: dict[torch.device, PinnedBuffers] = {}
+"""The buffers ``prepare_loads`` pins ahead, by the device of the loads they are for,
+until a load takes them."""
 _PREPARED_LOCK = threading.Lock()
+
+
+def _forget_prepared() -> None:
+    """In a forked child: the pinning threads were not copied, so their buffers never
+    come."""
+    global _PREPARED_LOCK
+    _PREPARED.clear()
+    _PREPARED_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_prepared)
 
 
 _Leaf = list
@@ -455,8 +475,12 @@ def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | st
 
     Every batch is laid out (from the headers: the reads of each recipe listed once, in a
     few Python operations per source region) before the first byte is read, which is how
-    the staging a load needs is known before it starts."""
-    device = torch.device(device)
+    the staging a load needs is known before it starts.
+
+    A CUDA ``device`` named without an index is the calling thread's current device,
+    resolved here: the reader threads, whose current device is another, make their streams
+    on it, and a stream on another GPU than the copies' would not order them."""
+    device = with_index(device)
     plan, checkpoint = _rows_as_blocks(plan, checkpoint)
     batches = [_lay_out(index, tensors, checkpoint, chunk_bytes)
                for index, tensors in enumerate(_batches(plan.tensors, batch_bytes))]
@@ -465,11 +489,18 @@ def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | st
         _check_room(plan, device, batches, slots)
     if native is None:
         native = pinned is None and native_reads(device)
+    prepared = None
+    if pinned is None and not native and device.type == "cuda":
+        pinned = prepared = _take_prepared(device)
     if pinned is not None and (pinned.pairs, pinned.buffer_bytes) != (readers, buffer_bytes):
         pinned = None  # pinned for other readers: each reader pins its own
-    with PROMPT_HANDOFFS.scope(), _Reader(checkpoint, device, readers, slots, buffer_bytes,
-                                     pinned, native and device.type == "cuda") as reader:
-        out = reader.run(batches)
+    try:
+        with PROMPT_HANDOFFS.scope(), _Reader(checkpoint, device, readers, slots, buffer_bytes,
+                                         pinned, native and device.type == "cuda") as reader:
+            out = reader.run(batches)
+    finally:
+        if prepared is not None:
+            prepared.join()
     if reader.native is None:
         load_for_later(device)
     if wrap_experts is not None:

@@ -65,7 +65,7 @@ import re
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
-from ..errors import MoekitError
+from ..errors import NAME_A_CONFIG, MoekitError
 from ..model_config import MAX_LAYERS, TOO_MANY_LAYERS
 from ..plan import Chunk, Concat, Expr, Plan, RequireEqual, Reshape, TensorPlan
 from .families import PROJECTIONS, Family
@@ -371,8 +371,7 @@ class Dimensions:
         if not isinstance(config, Mapping):
             raise MoekitError("Megatron-Core's layout needs the model's config.json (it "
                               "stacks the layers and joins the attention heads by query "
-                              f"group): {source} has none (name it with --config, or "
-                              "config= in Python)")
+                              f"group): {source} has none ({NAME_A_CONFIG})")
         model_type = config.get("model_type")
         if model_type not in FAMILIES:
             raise MoekitError(f"{source}: moekit writes and reads Megatron-Core checkpoints of "
