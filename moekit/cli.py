@@ -275,13 +275,16 @@ def _add_verify(commands) -> None:
     sub.add_argument("a", help=f"checkpoint folder, {HUB_ID}")
     sub.add_argument("b", help="the other checkpoint, likewise")
     sub.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_argument("--config", help="the model's config.json that both are read by (a "
+                     "training checkpoint has none): a JSON file, or a model folder or Hub "
+                     "id holding one")
     _add_download_option(sub, "a", "b")
 
 
 def _run_verify(args: argparse.Namespace) -> int:
     from .verification import verify
 
-    report = verify(args.a, args.b)
+    report = verify(args.a, args.b, config=args.config)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.render())
     return 0 if report.equal else 1
 

@@ -55,10 +55,13 @@ class Report:
                          [head + f"{len(self.differences)} differ:", *lines])
 
 
-def verify(a: str | Path, b: str | Path, show_progress: bool | None = None) -> Report:
-    """Compare the weights of checkpoints ``a`` and ``b`` in their HF per-expert form."""
-    ckpt_a, analysis_a = analyse_checkpoint(a)
-    ckpt_b, analysis_b = analyse_checkpoint(b)
+def verify(a: str | Path, b: str | Path, show_progress: bool | None = None,
+           config: str | Path | None = None) -> Report:
+    """Compare the weights of checkpoints ``a`` and ``b`` in their HF per-expert form;
+    ``config`` names the model's config.json that both are read by (``Checkpoint.open``):
+    a training checkpoint without one against its conversion, say."""
+    ckpt_a, analysis_a = analyse_checkpoint(a, config=config)
+    ckpt_b, analysis_b = analyse_checkpoint(b, config=config)
     plan_a = {t.name: t for t in build_plan(analysis_a, HF).tensors}
     plan_b = {t.name: t for t in build_plan(analysis_b, HF).tensors}
     report = Report(str(a), str(b), (analysis_a.layout.name, analysis_b.layout.name))

@@ -289,6 +289,7 @@ def test_a_training_checkpoint_converts_its_model_weights(qwen3_moe, titan_folde
                                           "train_state 2"))
     assert main(["convert", str(step), str(tmp_path / "back"), "--to", "hf",
                  "--config", str(src / "config.json")]) == 0
+    assert main(["verify", str(step), str(tmp_path / "back"), "--config", str(src)]) == 0
     assert {p: p.read_bytes() for p in step.rglob("*") if p.is_file()} == files
     assert (tmp_path / "back" / "config.json").read_bytes() == (
         src / "config.json").read_bytes()
