@@ -484,6 +484,14 @@ def _metadata_folder(folder: Path) -> Path:
     return inner
 
 
+def is_checkpoint_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder of weights without safetensors files: a
+    torch.distributed.checkpoint or Megatron-Core one."""
+    from .megatron_io import is_megatron  # imports this module
+
+    return _is_dcp(path) or is_megatron(path)
+
+
 def _is_dcp(path: Path) -> bool:
     """Whether ``path`` is a torch.distributed.checkpoint folder: a ``.metadata`` and no
     safetensors files."""

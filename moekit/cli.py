@@ -195,14 +195,16 @@ def _add_inspect(commands) -> None:
     _add_download_option(sub, "path")
 
 
-def _add_config_option(sub: argparse.ArgumentParser) -> None:
+def _add_config_option(sub: argparse.ArgumentParser, writes: bool = False) -> None:
+    """``--config``; for a command that ``writes`` a checkpoint, what travels with it."""
+    copied = (" (written beside the output with a model folder's tokenizer, generation, "
+              "chat-template, remote-code and licence files, where the checkpoint has none "
+              "of theirs)" if writes else "")
     sub.add_argument("--config", help="the model's config.json, for a checkpoint that has "
                      "none (training checkpoints: torchtitan, Megatron-LM) or to read it by "
                      "instead of its own: a JSON file, or a model folder or Hub id holding "
-                     "one, whose tokenizer, generation, chat-template, remote-code and "
-                     "licence files are copied too where the checkpoint has none of theirs "
-                     "(--download fetches a Hub id's config.json); nothing is written into "
-                     "the checkpoint")
+                     f"one{copied}; --download fetches a Hub id's config.json, and nothing "
+                     "is written into the checkpoint")
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
@@ -226,7 +228,7 @@ def _add_convert(commands) -> None:
     sub.add_argument("--dequantize", action="store_true",
                      help="write FP8 block-scaled and MXFP4 weights as bf16 (their scales "
                      "dropped); needed for --to nemo, which holds no scales")
-    _add_config_option(sub)
+    _add_config_option(sub, writes=True)
     _add_output_options(sub)
     _add_format_option(sub, by_layout=True)
     _add_download_option(sub, "src")
@@ -311,6 +313,7 @@ def _add_plan(commands) -> None:
                      "DTensor Shard(0), ceil(E/n) a rank, what load_experts loads) or vllm "
                      "(vLLM's default expert placement: the first E mod n ranks get one more)")
     sub.add_argument("--json", action="store_true", help="print JSON")
+    _add_config_option(sub)
     _add_download_option(sub, "path", weights=False)
 
 
@@ -320,7 +323,8 @@ def _run_plan(args: argparse.Namespace) -> int:
     if args.ep < 1:
         raise MoekitError(f"--ep {args.ep}: the expert-parallel group size is a number of "
                           "ranks, at least 1")
-    loads = ep_report(args.path, args.ep, args.layout, args.placement, args.dp)
+    loads = ep_report(args.path, args.ep, args.layout, args.placement, args.dp,
+                      config=args.config)
     print(json.dumps(to_json(loads), indent=2) if args.json
           else render(loads, chosen=args.layout is not None))
     return 0

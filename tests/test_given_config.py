@@ -135,3 +135,19 @@ def test_a_destination_holding_the_config_named_is_not_replaced(without_config, 
     assert "the data of the source's config.json" in capsys.readouterr().err
     assert kept.read_bytes() == config.read_bytes() and (dst / "model.safetensors.index.json"
                                                          ).exists()
+
+
+def test_plan_reads_a_training_checkpoint_by_the_config_named(family_checkpoints, tmp_path,
+                                                              capsys):
+    # A torchtitan folder is planned from its headers, which its names need a config for.
+    src = family_checkpoints["qwen3_moe"]
+    titan = tmp_path / "titan"
+    moekit.convert(src, titan, to="torchtitan")
+    (titan / "config.json").unlink()
+    assert main(["plan", str(titan), "--ep", "2"]) == 2
+    assert "--config" in capsys.readouterr().err
+    assert main(["plan", str(src), "--ep", "2", "--json"]) == 0
+    expected = [rank["experts"] for rank in json.loads(capsys.readouterr().out)]
+    assert main(["plan", str(titan), "--ep", "2", "--json",
+                 "--config", str(src / "config.json")]) == 0
+    assert [rank["experts"] for rank in json.loads(capsys.readouterr().out)] == expected

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from ..checkpoint import Checkpoint, read_config
+from ..checkpoint import Checkpoint, is_checkpoint_folder, read_config
 from ..config_headers import DECODERS, config_headers
 from ..errors import MoekitError, printable
 from ..gc_pauses import without_gc_pauses
@@ -64,7 +64,8 @@ class RankLoad:
 
 @without_gc_pauses
 def ep_report(path: str | Path, ep_size: int, layout: str | None = None,
-              placement: str = "chunk", dp_size: int = 1) -> list[RankLoad]:
+              placement: str = "chunk", dp_size: int = 1,
+              config: str | Path | None = None) -> list[RankLoad]:
     """Per-rank experts, bytes held and read, and peak memory for loading ``path`` on
     ``ep_size`` ranks with the experts placed as ``placement`` says (``chunk`` or
     ``vllm``, see ``expert_range``). ``path`` is a checkpoint (or a Hub repo id), or a
@@ -73,6 +74,7 @@ def ep_report(path: str | Path, ep_size: int, layout: str | None = None,
     included), or for a model type that does not describe, those of the model
     transformers builds on the meta device. ``layout`` defaults to the first of
     ``EP_LAYOUTS`` (nemo, then the others) that holds the checkpoint (``_planned``).
+    ``config`` names the model's config.json a checkpoint is read by (``Checkpoint.open``).
 
     The ranks form a (dp, ep) mesh of ``dp_size * ep_size`` ranks, as ``load_sharded``
     lays a checkpoint out on it: experts ``Shard(0)`` over ep (replicated over dp), every
@@ -92,7 +94,7 @@ def ep_report(path: str | Path, ep_size: int, layout: str | None = None,
     if dp_size * ep_size > MAX_RANKS:
         raise MoekitError(f"a mesh of {dp_size} x {ep_size} = {dp_size * ep_size:,} ranks; "
                           f"moekit plans for at most {MAX_RANKS:,} ranks")
-    analysis = _analysis(local_path(path, weights=False))
+    analysis = _analysis(local_path(path, weights=False), config)
     dst, plan = _planned(analysis, layout)
     n_experts = analysis.n_experts
     per_expert = [t.nbytes for t in plan.tensors if t.name in plan.expert_tensors]
@@ -212,13 +214,15 @@ def to_json(loads: list[RankLoad]) -> list[dict]:
             for r in loads]
 
 
-def _analysis(path: Path) -> Analysis:
-    """A checkpoint's headers, validated; or for a bare config.json the tensors its Hub
-    checkpoint holds (``config_headers``: valid by construction), else those of the model
-    transformers builds on the meta device (validated)."""
-    config_only = path.suffix == ".json" or (path.is_dir() and not any(path.glob("*.safetensors")))
-    if not config_only:
-        analysis = understand_checkpoint(Checkpoint.open(path))
+def _analysis(path: Path, config: str | Path | None = None) -> Analysis:
+    """A checkpoint's headers (read by ``config`` where given), validated; or for a bare
+    config.json (or a folder holding only one) the tensors its Hub checkpoint holds
+    (``config_headers``: valid by construction), else those of the model transformers
+    builds on the meta device (validated)."""
+    config_only = path.suffix == ".json" or (path.is_dir() and not any(
+        path.glob("*.safetensors")) and not is_checkpoint_folder(path))
+    if not config_only or config is not None:
+        analysis = understand_checkpoint(Checkpoint.open(path, config))
         validate(analysis)
         return analysis
     folder, name = (path.parent, path.name) if path.suffix == ".json" else (path, "config.json")
