@@ -75,6 +75,10 @@ SIDECARS: dict[str, str] = {
 weights and travel with them to a converted checkpoint; what each is. Other files in the
 folder (notes, other models, archives) are not the checkpoint's and are never copied."""
 
+MODEL_CARD = "README.md"
+"""The sidecar that describes a model (``SIDECARS``): it travels with the model's weights,
+not with its config.json named for another checkpoint (``GivenConfig``)."""
+
 MAX_INDEX_BYTES = 128 * 2**20
 """Largest safetensors index read: DeepSeek-V3's (91,000 tensors) is 8.4 MB, a
 1,000,000-tensor checkpoint's about 100 MB."""
@@ -885,22 +889,27 @@ class GivenConfig:
     file: Sidecar
     """The config file, copied as config.json."""
     others: tuple[Sidecar, ...] = ()
-    """A folder's other sidecar files (tokenizer, generation config, chat template, remote
-    code that the config's ``auto_map`` names, licence), copied beside converted weights
-    where the checkpoint has none of their names; not its model card (README.md), which
-    describes that model, not the checkpoint's."""
+    """A folder's other sidecar files (``SIDECARS``: tokenizer, generation config, chat
+    template, processor, remote code, licence and use policy), copied beside converted
+    weights where the checkpoint has none of their names; not its model card
+    (``MODEL_CARD``), which describes that model, not the checkpoint."""
 
-    @classmethod
-    def read(cls, value: str | Path) -> "GivenConfig":
-        """The config ``value`` names: a path (one ending in ``.json`` is always a path,
-        never a repo id), or a repo id of the local Hub cache."""
-        from .hub import local_path  # not at the top: moekit.hub imports this module
-
+    @staticmethod
+    def named(value: str | Path) -> str | Path:
+        """What ``value`` names: a path where it ends in ``.json`` (never a repo id),
+        else a path or a repo id as a checkpoint argument is."""
         if isinstance(value, str) and (not value or value.endswith(".json")):
             if not value:
                 raise MoekitError("the config named is an empty path")
-            value = Path(value)
-        path = local_path(value, "config", weights=False)
+            return Path(value)
+        return value
+
+    @classmethod
+    def read(cls, value: str | Path) -> "GivenConfig":
+        """The config ``value`` names (``named``), a repo id from the local Hub cache."""
+        from .hub import local_path  # not at the top: moekit.hub imports this module
+
+        path = local_path(cls.named(value), "config", weights=False)
         if path.is_dir():
             return cls._of_folder(path)
         if not path.is_file():
@@ -913,9 +922,10 @@ class GivenConfig:
 
     @classmethod
     def _of_folder(cls, folder: Path) -> "GivenConfig":
+        """The config.json of ``folder`` and the files that travel with it (``others``)."""
         config, file = _found_config(folder, CONFIG_NAME)
         return cls(config, file, tuple(s for s in _sidecars(folder, set(), file)
-                                       if s.name not in (CONFIG_NAME, "README.md")))
+                                       if s.name not in (CONFIG_NAME, MODEL_CARD)))
 
 
 def _found_config(folder: Path, name: str) -> tuple[dict, Sidecar]:

@@ -175,7 +175,10 @@ def _download(args: argparse.Namespace) -> None:
         for value in args.hub_ids(args):
             download(value, args.download_weights)
         if getattr(args, "config", None):  # (a local path is left as it is)
-            download(args.config, weights=False)
+            from .checkpoint import GivenConfig
+            from .hub import download_config
+
+            download_config(GivenConfig.named(args.config))
 
 
 def _command(commands, name: str, help: str, run: Callable[[argparse.Namespace], int]
@@ -198,13 +201,14 @@ def _add_inspect(commands) -> None:
 def _add_config_option(sub: argparse.ArgumentParser, writes: bool = False) -> None:
     """``--config``; for a command that ``writes`` a checkpoint, what travels with it."""
     copied = (" (written beside the output with a model folder's tokenizer, generation, "
-              "chat-template, remote-code and licence files, where the checkpoint has none "
-              "of theirs)" if writes else "")
+              "chat-template, processor, remote-code, licence and use-policy files, where "
+              "the checkpoint has none of theirs)" if writes else "")
     sub.add_argument("--config", help="the model's config.json, for a checkpoint that has "
                      "none (training checkpoints: torchtitan, Megatron-LM) or to read it by "
-                     "instead of its own: a JSON file, or a model folder or Hub id holding "
-                     f"one{copied}; --download fetches a Hub id's config.json, and nothing "
-                     "is written into the checkpoint")
+                     "instead of its own: a JSON file (a name ending in .json is a path), or "
+                     f"a model folder or Hub id holding one{copied}; --download fetches a "
+                     "Hub id's config.json and those files. Nothing is written into the "
+                     "checkpoint")
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
@@ -277,9 +281,7 @@ def _add_verify(commands) -> None:
     sub.add_argument("a", help=f"checkpoint folder, {HUB_ID}")
     sub.add_argument("b", help="the other checkpoint, likewise")
     sub.add_argument("--json", action="store_true", help="print JSON")
-    sub.add_argument("--config", help="the model's config.json that both are read by (a "
-                     "training checkpoint has none): a JSON file, or a model folder or Hub "
-                     "id holding one")
+    _add_config_option(sub)
     _add_download_option(sub, "a", "b")
 
 
@@ -307,7 +309,8 @@ def _add_plan(commands) -> None:
                      "experts Shard(0) over ep, every other tensor Shard(0) over dp as FSDP2 "
                      "lays out its parameters (ceil(rows/dp) rows a rank), as load_sharded "
                      "loads it; each rank's held bytes, and the bytes load_sharded reads on "
-                     "it (each byte once over the mesh) (default 1)")
+                     "it (each byte once over the mesh, but those of a tensor built from "
+                     "several, which each rank reads whole) (default 1)")
     sub.add_argument("--placement", default="chunk", choices=list(PLACEMENTS),
                      help="which experts each rank owns: chunk (default; torch.chunk and "
                      "DTensor Shard(0), ceil(E/n) a rank, what load_experts loads) or vllm "

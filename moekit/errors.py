@@ -91,5 +91,6 @@ def plural(n: int, word: str) -> str:
     return word if n == 1 else word + "s"
 
 
-NAME_A_CONFIG = ("name the model's config.json with --config, or config= in Python")
+NAME_A_CONFIG = ("name the model's config.json with --config (convert, inspect, verify, "
+                 "plan) or config= in Python")
 """How a refusal of a checkpoint that lacks its config.json says to give one."""

@@ -19,7 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import CONFIG_NAME, INDEX_NAME, SIDECARS, SINGLE_NAME, as_path, index_files
+from .checkpoint import (CONFIG_NAME, INDEX_NAME, MODEL_CARD, SIDECARS, SINGLE_NAME, as_path,
+                         index_files)
 from .errors import MoekitError, printable
 
 _REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}", re.ASCII)
@@ -120,6 +121,17 @@ def download(value: str, weights: bool = True) -> Path:
     folder = _snapshot(repo, local_files_only=False, patterns=listed)
     files = index_files(folder) if (folder / INDEX_NAME).exists() else [SINGLE_NAME]
     return _snapshot(repo, local_files_only=False, patterns=[*listed, *files])
+
+
+def download_config(value: str | Path) -> Path:
+    """The local folder of the Hub repo id ``value`` after fetching its config.json and the
+    files that travel with it (``GivenConfig``: the sidecars but the model card); a local
+    path is returned as it is."""
+    repo = repo_id(value)
+    if repo is None:
+        return as_path(value, "config")
+    return _snapshot(repo, local_files_only=False,
+                     patterns=[name for name in SIDECARS if name != MODEL_CARD])
 
 
 def _snapshot(repo: RepoId, local_files_only: bool, patterns: list[str]) -> Path:

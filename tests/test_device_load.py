@@ -449,6 +449,16 @@ def test_a_gpu_load_pins_once_the_headers_are_read_and_its_readers_are_started(
     assert order == ["threads", "headers", "pinning", "reading"]
 
 
+def test_a_forked_child_takes_none_of_the_buffers_its_parent_prepared(monkeypatch):
+    # Their pinning thread was not copied: a load waiting for them would wait forever.
+    monkeypatch.setattr(device, "_PREPARED", [_Prepared()])
+    child = os.fork()
+    if child == 0:
+        os._exit(0 if device._take_prepared(device.READERS, device.BUFFER_BYTES) is None
+                 else 1)
+    assert os.waitpid(child, 0)[1] == 0 and device._PREPARED
+
+
 def test_a_forked_child_keeps_none_of_its_parents_reader_threads(family_checkpoints):
     checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
     load_to_device(plan, checkpoint, "cpu", readers=3, chunk_bytes=1000)
@@ -759,7 +769,7 @@ def test_buffers_pinned_ahead_are_pinned_with_the_loads_device_current(
         (torch.device(d), threading.current_thread().name)))
     monkeypatch.setattr(device, "READER_POOLS", device.ReaderPool())
     monkeypatch.setattr(device, "PAGE_LOCKED", device.PageLockedPool())
-    monkeypatch.setattr(device, "_PREPARED", {})
+    monkeypatch.setattr(device, "_PREPARED", [])
     monkeypatch.setattr(device, "_page_locked", lambda size: calls.append(
         threading.current_thread().name) or torch.empty(1, dtype=torch.uint8))
     device.pin_ahead(named).join()
@@ -794,17 +804,19 @@ def test_a_cuda_load_takes_the_callers_current_device_and_the_buffers_prepared_f
         seen.append((on, pinned))
         raise _Stop
 
-    ours, other = _Prepared(), _Prepared()
-    monkeypatch.setattr(device, "_PREPARED", {torch.device("cuda", 1): ours,
-                                              torch.device("cuda", 0): other})
+    ours = _Prepared()
+    monkeypatch.setattr(device, "_PREPARED", [ours])
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     monkeypatch.setattr(device, "_check_room", lambda *args: None)
     monkeypatch.setattr(device, "_Reader", reader)
     checkpoint, plan = _plan(family_checkpoints["qwen3_moe"], "nemo")
+    with pytest.raises(_Stop):  # readers of other buffers leave them to another load
+        load_to_device(plan, checkpoint, "cuda", native=False, buffer_bytes=2**20)
+    assert seen == [(torch.device("cuda", 1), None)] and device._PREPARED == [ours]
     with pytest.raises(_Stop):
         load_to_device(plan, checkpoint, "cuda", native=False)
-    assert seen == [(torch.device("cuda", 1), ours)] and ours.joined
-    assert device._PREPARED == {torch.device("cuda", 0): other} and not other.joined
+    assert seen[1] == (torch.device("cuda", 1), ours) and ours.joined
+    assert not device._PREPARED
 
 
 def test_a_reader_makes_its_stream_and_so_its_device_current_before_it_pins(monkeypatch):
@@ -931,7 +943,7 @@ def test_memory_cuda_cannot_register_is_pinned_by_pytorch_instead(runtime, monke
 def test_cuda_a_load_after_prepare_loads_reads_through_the_buffers_it_pinned(
         family_checkpoints, monkeypatch, moekit_readers):
     path = family_checkpoints["qwen3_moe"]
-    monkeypatch.setattr(device, "_PREPARED", {})
+    monkeypatch.setattr(device, "_PREPARED", [])
     moekit.prepare_loads("cuda")
     assert device._PREPARED
     loaded = moekit.load(path, "nemo", device="cuda")

@@ -103,7 +103,7 @@ def test_load_reads_by_the_config_named(without_config, family_checkpoints):
 
 @pytest.mark.parametrize("given, message", [
     ("absent.json", "absent.json does not exist"),
-    ("qwen3.jsn", "qwen3.jsn does not exist"),  # (a repo id has one slash)
+    ("qwen3.jsn", "qwen3.jsn does not exist"),
     ("", "the config named is an empty path"),
     ("empty-folder", "holds no config.json"),
     ("broken.json", "broken.json"),
@@ -120,6 +120,20 @@ def test_a_bad_config_is_refused_naming_it(given, message, without_config, tmp_p
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_a_json_name_is_a_path_never_a_hub_repo(download, without_config, tmp_path,
+                                                monkeypatch, capsys):
+    # "configs/qwen3.json" reads as ORG/NAME: a typo in it must not go to the Hub.
+    import moekit.hub
+
+    folder, _ = without_config
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(moekit.hub, "_snapshot", lambda *args: pytest.fail("asked the Hub"))
+    assert main(["convert", str(folder), "out", "--to", "nemo", "--config",
+                 "configs/qwen3.json", *(["--download"] if download else [])]) == 2
+    assert "configs/qwen3.json does not exist" in capsys.readouterr().err
 
 
 def test_a_destination_holding_the_config_named_is_not_replaced(without_config, tmp_path,
@@ -143,11 +157,13 @@ def test_plan_reads_a_training_checkpoint_by_the_config_named(family_checkpoints
     src = family_checkpoints["qwen3_moe"]
     titan = tmp_path / "titan"
     moekit.convert(src, titan, to="torchtitan")
+    assert main(["plan", str(titan), "--ep", "2", "--dp", "2", "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)
     (titan / "config.json").unlink()
     assert main(["plan", str(titan), "--ep", "2"]) == 2
     assert "--config" in capsys.readouterr().err
-    assert main(["plan", str(src), "--ep", "2", "--json"]) == 0
-    expected = [rank["experts"] for rank in json.loads(capsys.readouterr().out)]
-    assert main(["plan", str(titan), "--ep", "2", "--json",
+    assert main(["plan", str(titan), "--ep", "2", "--dp", "2", "--json",
                  "--config", str(src / "config.json")]) == 0
-    assert [rank["experts"] for rank in json.loads(capsys.readouterr().out)] == expected
+    assert json.loads(capsys.readouterr().out) == expected
+    assert main(["plan", str(src), "--ep", "2", "--dp", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == expected  # (the same tensors)

@@ -130,7 +130,7 @@ def prepared(monkeypatch) -> list[torch.device]:
     the pinning threads make current are recorded."""
     monkeypatch.setattr(device, "READER_POOLS", device.ReaderPool())
     monkeypatch.setattr(device, "PAGE_LOCKED", device.PageLockedPool())
-    monkeypatch.setattr(device, "_PREPARED", {})
+    monkeypatch.setattr(device, "_PREPARED", [])
     monkeypatch.setattr(device, "_page_locked", lambda size: torch.empty(1, dtype=torch.uint8))
     current: list[torch.device] = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
@@ -164,18 +164,16 @@ def test_prepared_loads_without_kvikio_have_moekits_readers_started_and_pinned(
     on = torch.device("cuda", 1)
     device.prepare_loads(on)
     assert device.READER_POOLS._free.get(device.READERS)
-    ahead = device._PREPARED[on]
+    [ahead] = device._PREPARED
     device.prepare_loads(on)  # pins nothing more
-    assert device._PREPARED == {on: ahead}
-    elsewhere = device.pin_ahead("cuda:0")  # for a load onto another device
-    assert elsewhere is not ahead
-    elsewhere.join()
-    assert device.pin_ahead("cuda:1") is ahead and not device._PREPARED  # the next load's
-    later = device.pin_ahead("cuda:1")
+    assert device._PREPARED == [ahead]
+    # The next load's, whatever its GPU: the buffers are page-locked for every device.
+    assert device.pin_ahead("cuda:0") is ahead and not device._PREPARED
+    later = device.pin_ahead("cuda:0")
     assert later is not ahead
     assert ahead.take() is not None
     ahead.join(), later.join()
-    assert sorted(prepared, key=str) == [torch.device("cuda", 0)] + [on] * 2
+    assert prepared == [on, torch.device("cuda", 0)]
     assert native.NATIVE.thread is None or kvikio == "failed to load"
 
 

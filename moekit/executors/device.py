@@ -356,16 +356,16 @@ def pin_ahead(device: torch.device | str | None) -> PinnedBuffers | None:
     if device is None or torch.device(device).type != "cuda" or native_reads(device):
         return None
     start_readers(device)
-    device = with_index(device)
-    return _take_prepared(device) or PinnedBuffers(device=device)
+    return _take_prepared(READERS, BUFFER_BYTES) or PinnedBuffers(device=with_index(device))
 
 
 def prepare_loads(device: torch.device) -> None:
     """Start setting up, in the background, what the first load onto ``device`` would set
     up while it runs: kvikio loaded and warmed up on the device where loads would read
     through it (``native.prepare``), else moekit's reader threads started and their
-    buffers pinned, for the next load onto that device to take (``_take_prepared``).
-    Nothing for a CPU device."""
+    buffers pinned (with ``device`` current, where they make CUDA's context), for the
+    next load to take (``_take_prepared``): page-locked for every device's copies, they
+    serve a load onto any GPU. Nothing for a CPU device."""
     if device.type != "cuda":
         return
     device = with_index(device)
@@ -373,20 +373,23 @@ def prepare_loads(device: torch.device) -> None:
         return
     start_readers(device)
     with _PREPARED_LOCK:
-        if device not in _PREPARED:
-            _PREPARED[device] = PinnedBuffers(device=device)
+        if not _PREPARED:
+            _PREPARED.append(PinnedBuffers(device=device))
 
 
-def _take_prepared(device: torch.device) -> PinnedBuffers | None:
-    """The buffers ``prepare_loads`` pinned for loads onto ``device``, once: the load
-    that takes them joins them when it is done."""
+def _take_prepared(readers: int, buffer_bytes: int) -> PinnedBuffers | None:
+    """The buffers ``prepare_loads`` pinned, once, where they are as many and as large as
+    a load with ``readers`` readers of ``buffer_bytes`` buffers uses: the load that takes
+    them joins them when it is done."""
     with _PREPARED_LOCK:
-        return _PREPARED.pop(device, None)
+        if _PREPARED and (_PREPARED[0].pairs, _PREPARED[0].buffer_bytes) == (readers,
+                                                                             buffer_bytes):
+            return _PREPARED.pop()
+    return None
 
 
-_PREPARED: dict[torch.device, PinnedBuffers] = {}
-"""The buffers ``prepare_loads`` pins ahead, by the device of the loads they are for,
-until a load takes them."""
+_PREPARED: list[PinnedBuffers] = []
+"""The buffers ``prepare_loads`` pins ahead, until a load takes them."""
 _PREPARED_LOCK = threading.Lock()
 
 
@@ -491,7 +494,7 @@ def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | st
         native = pinned is None and native_reads(device)
     prepared = None
     if pinned is None and not native and device.type == "cuda":
-        pinned = prepared = _take_prepared(device)
+        pinned = prepared = _take_prepared(readers, buffer_bytes)
     if pinned is not None and (pinned.pairs, pinned.buffer_bytes) != (readers, buffer_bytes):
         pinned = None  # pinned for other readers: each reader pins its own
     try:

@@ -226,29 +226,29 @@ def _analysis(path: Path, config: str | Path | None = None) -> Analysis:
         validate(analysis)
         return analysis
     folder, name = (path.parent, path.name) if path.suffix == ".json" else (path, "config.json")
-    config = read_config(folder, name)
-    if config is None:
+    values = read_config(folder, name)
+    if values is None:
         raise MoekitError(f"{path} is neither a checkpoint nor a config.json")
     source = str(folder / name)
-    if not isinstance(config, dict):
-        raise MoekitError(f"{source} holds a JSON {type(config).__name__}, not an object")
-    if not isinstance(config.get("model_type"), str):
+    if not isinstance(values, dict):
+        raise MoekitError(f"{source} holds a JSON {type(values).__name__}, not an object")
+    if not isinstance(values.get("model_type"), str):
         raise MoekitError(f"{source} has no model_type: moekit plans from a model's "
                           "config.json or from its checkpoint")
-    _check_buildable(config, source)
-    headers = config_headers(config, source, routed=1) if _built_as_described(config, source) \
+    _check_buildable(values, source)
+    headers = config_headers(values, source, routed=1) if _built_as_described(values, source) \
         else None
     if headers is not None:
-        return understand(headers, config, {}, source, from_="hf", config_file=source)
-    if config.get("quantization_config") is not None:
+        return understand(headers, values, {}, source, from_="hf", config_file=source)
+    if values.get("quantization_config") is not None:
         described = ", ".join(decoder.architecture for decoder in DECODERS.values())
         raise MoekitError(f"{source}: moekit describes quantised tensors from a config.json "
                           f"alone only for {described} (this config: model_type "
-                          f"{printable(repr(config.get('model_type')))}, architectures "
-                          f"{shown(config.get('architectures'))}): plan from the "
+                          f"{printable(repr(values.get('model_type')))}, architectures "
+                          f"{shown(values.get('architectures'))}): plan from the "
                           "checkpoint's files instead")
-    _check_built_as_files(config, source)
-    analysis = understand(_meta_headers(config, source), config, {}, source,
+    _check_built_as_files(values, source)
+    analysis = understand(_meta_headers(values, source), values, {}, source,
                           from_="transformers", config_file=source)
     validate(analysis)
     return analysis
