@@ -155,7 +155,8 @@ def read_headers(path: Path, given: GivenConfig | None = None) -> Headers:
     stored, objects = read_stored(iteration, chunk_name)
     chunks = {info.key: info for tensor in stored.values() for _, info in tensor.chunks}
     return Headers(iteration, top, config_file, config, chunks,
-                   hf_tensors(stored, config, str(iteration)), identities,
+                   hf_tensors(stored, config, str(iteration),
+                              None if given is None else str(given.file.path)), identities,
                    _training_state(stored, objects))
 
 
@@ -223,15 +224,17 @@ def _check_backend(iteration: Path) -> None:
                           "reads Megatron-Core's torch_dist checkpoints")
 
 
-def hf_tensors(stored: Mapping[str, "StoredTensor"], config: Mapping | None, source: str
-               ) -> dict[str, Expr]:
+def hf_tensors(stored: Mapping[str, "StoredTensor"], config: Mapping | None, source: str,
+               config_source: str | None = None) -> dict[str, Expr]:
     """Every HF tensor of a Megatron-Core checkpoint's model (of either layer spec), each
     the recipe reading it from the stored chunks; a stored tensor that no entry names is
     refused. ``stored`` holds the tensors only: the ``_extra_state`` objects (``[None]``
     from a local-spec layer, Transformer Engine's FP8 metadata from a TE one) hold no
     weight and are not read. A multi-token-prediction layer's own embedding and output
-    head (``MTP_COPIES``) are the main model's, read from the same chunks."""
-    dims = Dimensions.of(config, _experts(stored), source)
+    head (``MTP_COPIES``) are the main model's, read from the same chunks. Refusals of
+    the config name ``config_source`` where given (a config the user named), else
+    ``source``, the checkpoint."""
+    dims = Dimensions.of(config, _experts(stored), config_source or source)
     family = family_of_model_type(config.get("model_type")) or GENERIC_FAMILIES[0]
     depths = _mtp_depths(stored, dims, source)
     per_layer = any(map(is_per_layer, stored))

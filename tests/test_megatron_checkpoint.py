@@ -473,6 +473,11 @@ def test_a_folder_without_config_or_with_a_bad_tracker_is_refused(qwen3_moe, tmp
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == files
     assert (tmp_path / "back" / "config.json").read_bytes() == config.read_bytes()
     assert verify(qwen3_moe[1], tmp_path / "back").equal
+    headless = tmp_path / "headless.json"
+    headless.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items()
+                                    if k != "num_attention_heads"}))
+    assert main(["inspect", str(folder), "--config", str(headless)]) == 2
+    assert f"{headless}: config.json's num_attention_heads" in capsys.readouterr().err
     (folder / "latest_checkpointed_iteration.txt").write_text("latest")
     assert main(["inspect", str(folder)]) == 2
     assert "neither an iteration number nor 'release'" in capsys.readouterr().err
