@@ -13,6 +13,7 @@ import moekit
 from moekit.cli import main
 
 from .conftest import load_all, same_bytes
+from .test_input_trust import replace_by_a_copy, rewrite_in_place
 
 
 def _files(folder: Path) -> dict[Path, bytes]:
@@ -167,3 +168,31 @@ def test_plan_reads_a_training_checkpoint_by_the_config_named(family_checkpoints
     assert json.loads(capsys.readouterr().out) == expected
     assert main(["plan", str(src), "--ep", "2", "--dp", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == expected  # (the same tensors)
+
+
+@pytest.mark.parametrize("name", ["qwen3-moe.json", "model/tokenizer.json"])
+@pytest.mark.parametrize("change, expected", [
+    (rewrite_in_place, "it was modified"), (replace_by_a_copy, "replaced by another file")])
+def test_a_config_named_that_changes_during_a_conversion_is_refused(
+        name, change, expected, without_config, tmp_path, monkeypatch, capsys):
+    # The output is planned from the config as it was read: one changed by the copy is
+    # refused as a checkpoint's own sidecar is, not copied beside weights planned without it.
+    from moekit import conversion
+
+    folder, config = without_config
+    (tmp_path / "model").mkdir()
+    shutil.copy(config, tmp_path / "model" / "config.json")
+    (tmp_path / "model" / "tokenizer.json").write_text('{"version": "1.0"}')
+    given = config if name == "qwen3-moe.json" else tmp_path / "model"
+    write_plan = conversion.write_plan
+
+    def changed_then_written(*args, **kwargs):
+        change(tmp_path / name)
+        write_plan(*args, **kwargs)
+
+    monkeypatch.setattr(conversion, "write_plan", changed_then_written)
+    assert main(["convert", str(folder), str(tmp_path / "out"), "--to", "nemo",
+                 "--config", str(given)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / name} changed since moekit opened the checkpoint" in err, err
+    assert expected in err and not (tmp_path / "out").exists()
