@@ -410,8 +410,15 @@ first byte, bytes, the rows' shape, dtype, the index that remains to apply to th
 where the rows are staged (a byte offset, set when the batch is laid out)]. A list, not a
 class: a load lays out thousands of them."""
 
-_FILE_ORDER = itemgetter(0, 1)
-"""A leaf's file and first byte: the order in which leaves are staged."""
+_LEAF_FILE, _LEAF_START = itemgetter(0), itemgetter(1)
+"""A leaf's file and first byte."""
+
+
+def _in_file_order(leaves: Iterable[_Leaf]) -> list[_Leaf]:
+    """``leaves`` by file, then first byte: sorted by the byte, then (stably) by the file,
+    as comparing ints is several times faster than comparing (file, byte) tuples whose
+    files are mostly equal, and a load sorts every leaf of the checkpoint."""
+    return sorted(sorted(leaves, key=_LEAF_START), key=_LEAF_FILE)
 
 
 def read_plan(plan: Plan, checkpoint: Checkpoint, device: torch.device | str | None = None,
@@ -792,7 +799,7 @@ def _lay_out(index: int, tensors: list[TensorPlan], checkpoint: Checkpoint,
     leaves = _leaves(tensors, checkpoint)
     jobs: list[tuple[str, int, int, int]] = []
     size, run_file, run_start, run_end = 0, "", 0, 0  # an empty run, which queues nothing
-    for leaf in sorted(leaves.values(), key=_FILE_ORDER):
+    for leaf in _in_file_order(leaves.values()):
         file, start, end = leaf[0], leaf[1], leaf[1] + leaf[2]
         if file != run_file or start > run_end:
             size = _queue_run(jobs, run_file, run_start, run_end, size, chunk_bytes)

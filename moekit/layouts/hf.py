@@ -60,17 +60,19 @@ class PerExpertLayout(Layout):
         region = self.expert_region(family)
         blocks: dict[str, tuple[dict, dict]] = {}  # layer number as written -> its block's maps
         claim = parsed.claimed.add
+        whole = Read.whole
+        match_canonical = canonical.match
         for key, meta in tensors.items():
-            match = canonical.match(key)
+            match = match_canonical(key)
             if match:
-                layer, expert, name = match.group("layer", "expert", "piece")
+                layer, expert, name = match.groups()
                 claim(key)
                 maps = blocks.get(layer)
                 if maps is None:
                     block = parsed.block(int(layer), family)
                     maps = blocks[layer] = block.pieces, block.names
                 piece = by_name[name], int(expert)
-                maps[0][piece] = Read.whole(key, meta)
+                maps[0][piece] = whole(key, meta)
                 maps[1][piece] = key
                 continue
             match = pattern.match(key) or region.match(key)
