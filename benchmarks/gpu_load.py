@@ -6,15 +6,14 @@ run starts from the page cache, then times, in one run:
 
   (a) pinned host -> device copies of the same number of bytes (the limit),
   (b) ``moekit.load(..., "nemo", device="cuda")``: grouped nemo tensors on the GPU, read
-      by kvikio's threads where kvikio is installed, and (b1) its first call in the
+      by kvikio's threads where kvikio is installed, and (b1) the first call of a new
       process, which also pins its host buffers, starts its reader threads and grows
-      PyTorch's device memory pool (what a training job that loads once sees; the modules
-      ``from moekit import load`` imports at the program's start are imported first);
-      (b1p) the first call of a new process that called ``moekit.prepare_loads("cuda")``
-      as it started and then spent --setup-seconds on its own set-up (a training job
-      sets up its process group and builds its model before it loads),
-      and, where kvikio reads (b), (bm) the same read by moekit's own reader threads
-      (``MOEKIT_KVIKIO=0``),
+      PyTorch's device memory pool (what a training job that loads once sees: the
+      process imports ``moekit``, makes its CUDA context and spends --setup-seconds on
+      its own set-up, as a job sets up its process group and builds its model, then
+      loads); (b1p) the same, the process having called ``moekit.prepare_loads("cuda")``
+      as it started; and, where kvikio reads (b), (bm) the same read by moekit's own
+      reader threads (``MOEKIT_KVIKIO=0``),
   (c) transformers ``from_pretrained(..., device_map="cuda")``,
   (d) safetensors ``load_file(device="cuda")`` of every shard + a naive stack into nemo,
   (r) for reference, moekit's number of reader threads reading the files into pinned
@@ -25,9 +24,11 @@ run starts from the page cache, then times, in one run:
       (``posix_fadvise(DONTNEED)``), against (e0) ``cat`` of the files, dropped likewise:
       what the disk gives,
 
-and prints each (the best of --repeat runs; transformers and cold reads once) as GB/s and
-as a ratio to (a); ``--json FILE`` writes them as JSON too. Then checks that every grouped
-tensor of (b) equals (d)'s on the GPU and has the same checksum as moekit's CPU path.
+and prints each (the best of --repeat runs; the first calls the median of --repeat new
+processes of each kind, started in turns; transformers and cold reads once) as GB/s and as
+a ratio to (a); ``--json FILE`` writes them as JSON too, with every first call. Then checks
+that every grouped tensor of (b) equals (d)'s on the GPU and has the same checksum as
+moekit's CPU path.
 
     python benchmarks/gpu_load.py [--size-gib 8] [--experts 128] [--hidden 2048] [--inter 768]
                                   [--setup-seconds 1] [--skip-transformers] [--json FILE]
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -140,19 +142,25 @@ def moekit_readers(path: Path, repeat: int) -> float:
         del os.environ[SWITCH]
 
 
-def first_after_prepare(path: Path, setup: float) -> float:
-    """Seconds of the first load of a new process that called ``prepare_loads`` as it
-    started and then spent ``setup`` seconds on its own set-up (``prepared_child``)."""
-    done = subprocess.run([sys.executable, __file__, "--prepared-child", str(path),
-                           "--setup-seconds", str(setup)],
-                          check=True, capture_output=True, text=True)
-    return float(done.stdout.split()[-1])
+def first_loads(path: Path, setup: float, runs: int) -> dict[bool, list[float]]:
+    """Seconds of the first load of ``runs`` new processes (``first_load_child``) that do
+    not call ``prepare_loads`` (False) and of ``runs`` that do (True), started in turns."""
+    found: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(runs):
+        for prepare in found:
+            command = [sys.executable, __file__, "--first-child", str(path),
+                       "--setup-seconds", str(setup), *(["--prepare"] if prepare else [])]
+            done = subprocess.run(command, check=True, capture_output=True, text=True)
+            found[prepare].append(float(done.stdout.split()[-1]))
+    return found
 
 
-def prepared_child(path: Path, setup: float) -> None:
-    """Print the seconds of this process's first load, made ``setup`` seconds after it
-    called ``prepare_loads``."""
-    prepare_loads("cuda")
+def first_load_child(path: Path, prepare: bool, setup: float) -> None:
+    """Print the seconds of this process's first load, made once it has its CUDA context
+    and has spent ``setup`` seconds on its own set-up (after calling ``prepare_loads``
+    where ``prepare``)."""
+    if prepare:
+        prepare_loads("cuda")
     torch.empty(1, device="cuda")
     time.sleep(setup)
     print(timed(lambda: load(path, "nemo", device="cuda"))[0])
@@ -219,19 +227,20 @@ def main() -> None:
     parser.add_argument("--workdir", help="where to build the checkpoint (default: a temp dir)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--setup-seconds", type=float, default=1.0,
-                        help="(b1p): seconds between prepare_loads and the first load")
-    parser.add_argument("--prepared-child", type=Path, help=argparse.SUPPRESS)
+                        help="(b1), (b1p): a new process's own set-up before its first load")
+    parser.add_argument("--first-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.prepared_child is not None:
-        prepared_child(args.prepared_child, args.setup_seconds)
+    if args.first_child is not None:
+        first_load_child(args.first_child, args.prepare, args.setup_seconds)
         return
 
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="moekit-gpu-") as tmp:
         path = Path(tmp) / "ckpt"
         size, layers = build_checkpoint(path, args, full_config=True)
         warm_page_cache(path)
-        torch.empty(1, device="cuda")  # a training job has its CUDA context before it loads
-        first = timed(lambda: load(path, "nemo", device="cuda"))[0]
+        firsts = first_loads(path, args.setup_seconds, args.repeat)
+        load(path, "nemo", device="cuda")  # the first call of this process
         print(f"checkpoint: {size / 2**30:.2f} GiB, {layers} layers x {args.experts} experts "
               f"(H={args.hidden}, I={args.inter}), bf16; GPU {torch.cuda.get_device_name()}")
         rows = [("(a) pinned host->device copy",
@@ -243,8 +252,8 @@ def main() -> None:
         seconds, ours = timed(lambda: load(path, "nemo", device="cuda"), args.repeat)
         native = native_reads("cuda")
         rows += [(f"(b) moekit.load nemo cuda{', kvikio' if native else ''}", seconds),
-                 ("(b1) ... first call", first),
-                 ("(b1p) ... first, prepared", first_after_prepare(path, args.setup_seconds))]
+                 ("(b1) ... first call", statistics.median(firsts[False])),
+                 ("(b1p) ... first, prepared", statistics.median(firsts[True]))]
         if native:
             rows.append(("(bm) ... moekit's readers", moekit_readers(path, args.repeat)))
         if not args.skip_transformers:
@@ -273,6 +282,7 @@ def main() -> None:
                       checkpoint_bytes=size, expert_tensor_bytes=2 * args.hidden * args.inter,
                       baseline="(a) pinned host->device copy", repeat=args.repeat,
                       setup_seconds=args.setup_seconds,
+                      first_calls={"(b1)": firsts[False], "(b1p)": firsts[True]},
                       kvikio_reads=native,
                       equal_to_naive=True, same_as_cpu=same)
 
