@@ -471,22 +471,26 @@ def test_cuda_native_handles_read_the_file_moekit_opened(family_checkpoints, tmp
 
 
 @kvikio_reads
-@pytest.mark.parametrize("variables, imported, threads, bounce", [
-    ({}, False, native.NATIVE_READERS, native.TASK_BYTES),
-    ({"KVIKIO_NTHREADS": "3"}, False, 3, native.TASK_BYTES),
-    ({"KVIKIO_NUM_THREADS": "3"}, False, 3, native.TASK_BYTES),
-    ({"KVIKIO_BOUNCE_BUFFER_SIZE": str(2**20)}, False, native.NATIVE_READERS, 2**20),
-    ({}, True, 1, 16 * 2**20),  # the program's own kvikio keeps its settings: one thread,
-    ({"KVIKIO_NTHREADS": "3"}, True, 3, 16 * 2**20)])  # which moekit does not read with
+@pytest.mark.parametrize("variables, imported, threads, task, bounce", [
+    ({}, False, native.NATIVE_READERS, native.TASK_BYTES, native.TASK_BYTES),
+    ({"KVIKIO_NTHREADS": "3"}, False, 3, native.TASK_BYTES, native.TASK_BYTES),
+    ({"KVIKIO_NUM_THREADS": "3"}, False, 3, native.TASK_BYTES, native.TASK_BYTES),
+    ({"KVIKIO_TASK_SIZE": str(2**20)}, False, native.NATIVE_READERS, 2**20, native.TASK_BYTES),
+    ({"KVIKIO_BOUNCE_BUFFER_SIZE": str(2**20)}, False, native.NATIVE_READERS,
+     native.TASK_BYTES, 2**20),
+    # the program's own kvikio keeps its settings (kvikio 26.10's defaults): one thread,
+    ({}, True, 1, 4 * 2**20, 16 * 2**20),
+    ({"KVIKIO_NTHREADS": "3"}, True, 3, 4 * 2**20, 16 * 2**20)])  # which moekit does not read with
 def test_kvikio_settings_are_moekits_unless_its_variables_or_the_program_say(
-        variables, imported, threads, bounce, family_checkpoints):
+        variables, imported, threads, task, bounce, family_checkpoints):
     script = (f"{'import kvikio; ' if imported else ''}"
               "import moekit, sys; from moekit.executors.native import NATIVE, native_reads; "
               "assert NATIVE.thread is None; moekit.load(sys.argv[1], device='cuda'); "
               "assert NATIVE.thread is not None; NATIVE.get(); import kvikio.defaults as d; "
-              "print(d.get('num_threads'), d.get('bounce_buffer_size'), native_reads('cuda'))")
+              "print(d.get('num_threads'), d.get('task_size'), d.get('bounce_buffer_size'), "
+              "native_reads('cuda'))")
     assert _run(script, family_checkpoints, variables).stdout.split() == [
-        str(threads), str(bounce), str(threads > 1)]
+        str(threads), str(task), str(bounce), str(threads > 1)]
 
 
 @kvikio_reads
