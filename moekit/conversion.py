@@ -167,19 +167,23 @@ def load(path: str | Path, layout: str = "nemo", device: "torch.device | str | N
     of its own (``Checkpoint.open``).
 
     Validated from headers first, like ``convert``. On an accelerator the bytes go through
-    a small pool of pinned host buffers and the grouped tensors are built on the device.
+    a small pool of pinned host buffers, or kvikio's, which reads the first of them while
+    the plan is made (``read_ahead``), and the grouped tensors are built on the device.
     """
-    from .executors.device import pin_ahead, read_plan, start_readers
+    from .executors.device import pin_ahead, read_ahead, read_plan, start_readers
     from .executors.memory import checked_device
 
     checked_device(device)
     start_readers(device)
     checkpoint = Checkpoint.open(path, config)
     pinned = pin_ahead(device)
+    ahead = read_ahead(checkpoint, device)
     try:
         plan = build_plan(analyse_opened(checkpoint, from_), layout_named(layout))
-        return read_plan(plan, checkpoint, device, pinned=pinned)
+        return read_plan(plan, checkpoint, device, pinned=pinned, ahead=ahead)
     finally:
+        if ahead is not None:
+            ahead.close()
         if pinned is not None:
             pinned.join()
 

@@ -800,7 +800,7 @@ def test_a_cuda_load_takes_the_callers_current_device_and_the_buffers_prepared_f
     # prepare_loads pinned for that device, and joins them.
     seen = []
 
-    def reader(checkpoint, on, readers, slots, buffer_bytes, pinned, native):
+    def reader(checkpoint, on, readers, slots, buffer_bytes, pinned, native, ahead):
         seen.append((on, pinned))
         raise _Stop
 

@@ -47,9 +47,10 @@ from ..plan import (Concat, Plan, Read, TensorPlan, checked_index, composed_plan
                     reads)
 from ..sizes import format_size
 from ..sources import FileSource, truncated, unreadable
+from .ahead import ReadAhead, pieces, spanned, spans_of
 from .evaluate import fill, load_copy_kernels
 from .memory import run_plan
-from .native import NativeFiles, load_for_later, native_reads, with_index
+from .native import NativeFiles, NativeRead, load_for_later, native_reads, with_index
 from .native import prepare as prepare_native
 
 CHUNK_BYTES = 64 * 2**20
@@ -359,6 +360,22 @@ def pin_ahead(device: torch.device | str | None) -> PinnedBuffers | None:
     return _take_prepared(READERS, BUFFER_BYTES) or PinnedBuffers(device=with_index(device))
 
 
+def read_ahead(checkpoint: Checkpoint, device: torch.device | str | None
+               ) -> ReadAhead | None:
+    """Start reading the first bytes of a load of ``checkpoint`` onto ``device`` into a
+    buffer there (``ReadAhead``), once its headers are read and while its plan is made:
+    where kvikio reads that load (``native_reads``) and the device has room for the
+    checkpoint's files, what is read ahead and the staging; else None."""
+    if device is None or torch.device(device).type != "cuda" or not native_reads(device):
+        return None
+    device = with_index(device)
+    spans = spans_of(checkpoint)
+    files = sum(identity.size for identity in checkpoint.identities.values())
+    if not spans or files + spanned(spans) + SLOTS * BATCH_BYTES > _free_bytes(device):
+        return None
+    return ReadAhead.start(checkpoint, device, spans)
+
+
 def prepare_loads(device: torch.device) -> None:
     """Start setting up, in the background, what the first load onto ``device`` would set
     up while it runs: kvikio loaded and warmed up on the device where loads would read
@@ -423,12 +440,14 @@ def _in_file_order(leaves: Iterable[_Leaf]) -> list[_Leaf]:
 
 def read_plan(plan: Plan, checkpoint: Checkpoint, device: torch.device | str | None = None,
               wrap_experts: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              pinned: PinnedBuffers | None = None) -> dict[str, torch.Tensor]:
+              pinned: PinnedBuffers | None = None, ahead: ReadAhead | None = None
+              ) -> dict[str, torch.Tensor]:
     """Every tensor of ``plan`` from ``checkpoint``'s files: through pinned buffers
-    (``pin_ahead``'s, when given) onto an accelerator ``device``, or straight from the files
-    on the CPU."""
+    (``pin_ahead``'s, when given) or kvikio (with what ``read_ahead`` read, when given)
+    onto an accelerator ``device``, or straight from the files on the CPU."""
     if device is not None and torch.device(device).type != "cpu":
-        return load_to_device(plan, checkpoint, device, wrap_experts, pinned=pinned)
+        return load_to_device(plan, checkpoint, device, wrap_experts, pinned=pinned,
+                              ahead=ahead)
     with FileSource(checkpoint) as source:
         out = run_plan(plan, source, device, wrap_experts)
         source.check_unchanged()
@@ -474,14 +493,17 @@ def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | st
                    readers: int = READERS, chunk_bytes: int = CHUNK_BYTES,
                    batch_bytes: int = BATCH_BYTES, slots: int = SLOTS,
                    buffer_bytes: int = BUFFER_BYTES, pinned: PinnedBuffers | None = None,
-                   native: bool | None = None) -> dict[str, torch.Tensor]:
+                   native: bool | None = None, ahead: ReadAhead | None = None
+                   ) -> dict[str, torch.Tensor]:
     """Every tensor of ``plan`` on ``device``, read from ``checkpoint``'s files.
     ``wrap_experts`` is applied to the routed-expert tensors (e.g. to make DTensors);
     ``native`` reads through kvikio (by default where ``native_reads``, unless moekit's
     readers were given ``pinned`` buffers; moekit's readers read where kvikio cannot open a
     file); ``pinned`` hands moekit's readers their buffers (``pin_ahead``), else each pins
-    its own; the other arguments tune moekit's readers and the staging (see READERS,
-    CHUNK_BYTES, ...).
+    its own; ``ahead`` (``read_ahead``) hands over kvikio's handles of the files and the
+    bytes read ahead with them, which the batches copy on the device (it is closed where
+    the load would not fit beside it); the other arguments tune moekit's readers and the
+    staging (see READERS, CHUNK_BYTES, ...).
 
     Every batch is laid out (from the headers: the reads of each recipe listed once, in a
     few Python operations per source region) before the first byte is read, which is how
@@ -496,8 +518,17 @@ def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | st
                for index, tensors in enumerate(_batches(plan.tensors, batch_bytes))]
     _taper(batches, readers, min(buffer_bytes, chunk_bytes))
     if device.type == "cuda":
-        _check_room(plan, device, batches, slots)
-    if native is None:
+        try:
+            _check_room(plan, device, batches, slots)
+        except MoekitError:
+            if ahead is None:
+                raise
+            ahead.close()  # what was read ahead takes room the load needs
+            ahead = None
+            _check_room(plan, device, batches, slots)
+    if ahead is not None:
+        native = True
+    elif native is None:
         native = pinned is None and native_reads(device)
     prepared = None
     if pinned is None and not native and device.type == "cuda":
@@ -506,7 +537,8 @@ def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | st
         pinned = None  # pinned for other readers: each reader pins its own
     try:
         with PROMPT_HANDOFFS.scope(), _Reader(checkpoint, device, readers, slots, buffer_bytes,
-                                         pinned, native and device.type == "cuda") as reader:
+                                         pinned, native and device.type == "cuda",
+                                         ahead) as reader:
             out = reader.run(batches)
     finally:
         if prepared is not None:
@@ -519,15 +551,14 @@ def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | st
 
 
 def _check_room(plan: Plan, device: torch.device, batches: list[_Batch], slots: int) -> None:
-    """Refuse, before reading anything, a load that cannot fit on the device: its tensors
+    """Refuse, before building anything, a load that cannot fit on the device: its tensors
     plus the ``slots`` largest staging buffers of its ``batches`` and the largest tensor
     once more (a stack gathered from scattered regions is built whole before it is copied
     into place) against the memory free there, counting what PyTorch holds cached but
     unused."""
     sizes = sorted((batch.size for batch in batches), reverse=True)
     staging = sum(sizes[:slots]) + max((tensor.nbytes for tensor in plan.tensors), default=0)
-    free = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
-            - torch.cuda.memory_allocated(device))
+    free = _free_bytes(device)
     if plan.total_bytes + staging > free:
         raise MoekitError(
             f"loading onto {device} needs about {format_size(plan.total_bytes + staging)} "
@@ -535,6 +566,12 @@ def _check_room(plan: Plan, device: torch.device, batches: list[_Batch], slots: 
             f"staging and building) but {format_size(free)} is free there: free memory "
             "first, or load a share of the experts per GPU (moekit.load_experts with expert "
             "parallelism)")
+
+
+def _free_bytes(device: torch.device) -> int:
+    """The memory free on a CUDA ``device``, counting what PyTorch holds cached but unused."""
+    return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+            - torch.cuda.memory_allocated(device))
 
 
 PROMPT_HANDOFFS = ScopedSetting(sys.getswitchinterval, sys.setswitchinterval,
@@ -571,16 +608,24 @@ class _Reader:
     released once its evaluation is queued, and the next batch's buffer is allocated after
     it, on the same stream, so that device memory stays at ``slots`` batches. Readers never wait for
     the main thread: their copies into a new buffer are ordered on the GPU after the event
-    recorded at its allocation."""
+    recorded at its allocation. With ``ahead``, its files and kvikio handles are read
+    with, and the bytes it read are copied from its buffer on the compute stream; the
+    buffer is dropped once the last batch that copies from it is submitted."""
 
     def __init__(self, checkpoint: Checkpoint, device: torch.device, readers: int,
                  slots: int = SLOTS, buffer_bytes: int = BUFFER_BYTES,
-                 pinned: PinnedBuffers | None = None, native: bool = False) -> None:
+                 pinned: PinnedBuffers | None = None, native: bool = False,
+                 ahead: ReadAhead | None = None) -> None:
         self.pinned = pinned
         self.native_wanted = native
         self.native: NativeFiles | None = None
         self.pool: ThreadPoolExecutor | None = None
-        self.files = FileSource(checkpoint)
+        self.ahead = ahead
+        self.last_ahead = -1  # the last batch that copies from ``ahead``
+        if ahead is not None:
+            self.files, self.native = ahead.take()
+        else:
+            self.files = FileSource(checkpoint)
         self.slots = slots
         self.device = device
         self.cuda = device.type == "cuda"
@@ -608,6 +653,8 @@ class _Reader:
         if self.native is not None:
             self.native.drain()
             self.native.close()
+        if self.ahead is not None:
+            self.ahead.release()
         if self.pool is not None:
             READER_POOLS.give_back(self.readers, self.pool)
         if self.cuda:
@@ -648,8 +695,17 @@ class _Reader:
 
     def _start(self, batches: list[_Batch]) -> None:
         """Open the files ``batches`` read with kvikio, where the load reads natively and
-        kvikio can open them all; else take a pool of moekit's readers."""
-        if self.native_wanted:
+        kvikio can open them all (unless ``ahead`` opened them); else take a pool of
+        moekit's readers."""
+        if self.ahead is not None:
+            self.last_ahead = max((batch.index for batch in batches if any(
+                self.ahead.holds(file, start, size) for file, start, _, size in batch.jobs)),
+                default=-1)
+            if self.last_ahead < 0:
+                self.ahead.release()
+            elif self.compute is not None:  # freed only once the copies from it are done
+                self.ahead.buffer.record_stream(self.compute)
+        elif self.native_wanted:
             names = {job[0] for batch in batches for job in batch.jobs}
             try:
                 self.native = NativeFiles(self.files, names)
@@ -670,16 +726,38 @@ class _Reader:
                 batch.writable.record(self.compute)
         if self.native is not None:
             # kvikio copies on streams of its own: its writes wait for nothing on the GPU.
-            batch.writable.synchronize()
-            staging = batch.staging
+            if batch.writable is not None:
+                batch.writable.synchronize()
+            if batch.index <= self.last_ahead:  # the bytes it copies from ``ahead`` are read
+                for file, start, _, size in batch.jobs:
+                    self.ahead.wait(file, start, start + size)
             with deferred_signals():  # every read kvikio queues is recorded, to be waited for
-                batch.futures = [self.native.read(file, staging[offset:offset + size], start)
-                                 for file, start, offset, size in batch.jobs]
+                batch.futures = [read for job in batch.jobs
+                                 for read in self._native_job(batch, *job)]
+            if batch.index == self.last_ahead:
+                self.ahead.release()
             return batch
         batch.futures = [self.pool.submit(self._copy, batch, self.files.descriptor(file), file,
                                           start, offset, size)
                          for file, start, offset, size in batch.jobs]
         return batch
+
+    def _native_job(self, batch: _Batch, file: str, start: int, offset: int, size: int
+                    ) -> list[NativeRead]:
+        """Queue the kvikio reads of a job of ``batch``; the bytes ``ahead`` holds (read by
+        now) are copied from its buffer instead, on the compute stream."""
+        staging = batch.staging[offset:offset + size]
+        if batch.index > self.last_ahead:
+            return [self.native.read(file, staging, start)]
+        reads = []
+        for first, count, at in self.ahead.segments(file, start, size):
+            target = staging[first - start:first - start + count]
+            if at is None:
+                reads.append(self.native.read(file, target, first))
+                continue
+            with self._on_compute():
+                target.copy_(self.ahead.buffer[at:at + count], non_blocking=True)
+        return reads
 
     def _finish(self, batch: _Batch) -> dict[str, torch.Tensor]:
         """The batch's tensors, once its reads are done; its staging buffer is released."""
@@ -785,12 +863,6 @@ class _Reader:
         return torch.cuda.stream(self.compute) if self.compute is not None else nullcontext()
 
 
-def _chunks(start: int, end: int, size: int) -> list[tuple[int, int]]:
-    """``[start, end)`` cut at the file offsets that are multiples of ``size``."""
-    cuts = [start, *range((start // size + 1) * size, end, size), end]
-    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
-
-
 def _lay_out(index: int, tensors: list[TensorPlan], checkpoint: Checkpoint,
              chunk_bytes: int) -> _Batch:
     """The batch of ``tensors``: their distinct source regions laid out in a staging buffer
@@ -815,7 +887,7 @@ def _queue_run(jobs: list[tuple[str, int, int, int]], file: str, start: int, end
                offset: int, chunk_bytes: int) -> int:
     """Add the reads of bytes ``[start, end)`` of ``file``, staged from ``offset``, to
     ``jobs``; the staging offset of the next run."""
-    jobs += [(file, a, offset + a - start, b - a) for a, b in _chunks(start, end, chunk_bytes)]
+    jobs += [(file, a, offset + a - start, b - a) for a, b in pieces(start, end, chunk_bytes)]
     return offset + -(-(end - start) // ALIGN) * ALIGN
 
 
