@@ -177,8 +177,9 @@ def load(path: str | Path, layout: str = "nemo", device: "torch.device | str | N
     start_readers(device)
     checkpoint = Checkpoint.open(path, config)
     pinned = pin_ahead(device)
-    ahead = read_ahead(checkpoint, device)
+    ahead = None
     try:
+        ahead = read_ahead(checkpoint, device)
         plan = build_plan(analyse_opened(checkpoint, from_), layout_named(layout))
         return read_plan(plan, checkpoint, device, pinned=pinned, ahead=ahead)
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,8 +19,9 @@ from safetensors.torch import save_file
 
 from moekit import MoekitError
 from moekit.checkpoint import INDEX_NAME, TensorInfo
+from moekit.executors import ahead as ahead_module
 from moekit.executors import device, native
-from moekit.executors.ahead import ReadAhead, Span, spans_of
+from moekit.executors.ahead import ReadAhead, Span, spanned, spans_of
 from moekit.executors.device import load_to_device
 from moekit.layouts import layout_named
 from moekit.plan import nbytes
@@ -31,14 +33,14 @@ from .test_native_reads import kvikio_reads
 
 
 def _checkpoint(entries: list[tuple[str, str, int, int]], sizes: dict[str, int],
-                chunks: tuple = ()) -> SimpleNamespace:
+                chunks: tuple = (), made: dict | None = None) -> SimpleNamespace:
     """What ``spans_of`` reads of a checkpoint: its header entries (name, file, offset,
-    bytes), the last one with ``chunks``, and its files' sizes."""
+    bytes), the last one with ``chunks``, its files' sizes and the tensors it ``made``."""
     tensors = {key: TensorInfo(key, file, (size,), "U8", offset, ())
                for key, file, offset, size in entries}
     last = entries[-1][0]
     tensors[last] = tensors[last]._replace(chunks=chunks)
-    return SimpleNamespace(tensors=tensors, identities={
+    return SimpleNamespace(tensors=tensors, made=made or {}, identities={
         name: SimpleNamespace(size=size) for name, size in sizes.items()})
 
 
@@ -57,12 +59,14 @@ def test_what_is_read_ahead_is_each_files_data_section_in_the_order_of_the_tenso
     assert spans_of(checkpoint, budget) == expected
 
 
-def test_nothing_is_read_ahead_of_dcp_files_nor_of_tensors_in_row_chunks():
+def test_nothing_is_read_ahead_of_dcp_files_nor_of_tensors_made_or_in_row_chunks():
     dcp = _checkpoint([("a", "__0_0.distcp", 0, 10)], {"__0_0.distcp": 40})
     assert spans_of(dcp, 1000) == []
     chunk = TensorInfo("c/rows_0", A, (5,), "U8", 50, ())
     chunked = _checkpoint([("a", B, 100, 10), ("c", A, 50, 5)], {A: 55, B: 110}, (chunk,))
     assert spans_of(chunked, 1000) == []
+    made = _checkpoint([("a", B, 100, 10)], {B: 110}, made={"w": "a recipe"})
+    assert spans_of(made, 1000) == []
     assert spans_of(_checkpoint([("a", B, 100, 10)], {}), 1000) == []
 
 
@@ -86,9 +90,10 @@ def test_segments_split_a_read_into_what_the_buffer_holds_and_what_it_does_not(
 
 
 class _ReadingKvikio:
-    """What ``native`` uses of kvikio, reading the files' bytes into host memory at once;
-    its reads of ``failing`` offsets fail when waited for. Records (path, offset, size)
-    of every read and the paths of the handles closed."""
+    """What ``native`` uses of kvikio, reading the files' bytes into the target when a read
+    is waited for (kvikio's reads run on its threads: the bytes are there only then), or
+    failing then for reads of ``failing`` offsets. Records (path, offset, size) of every
+    read, of every read waited for, and the paths of the handles closed."""
 
     class CompatMode:
         ON = "ON"
@@ -106,13 +111,13 @@ class _ReadingKvikio:
         def pread(target: torch.Tensor, size: int, offset: int) -> SimpleNamespace:
             read = (os.readlink(path), offset, size)
             self.reads.append(read)
-            target[:size].copy_(torch.frombuffer(bytearray(os.pread(fd, size, offset)),
-                                                 dtype=torch.uint8))
 
             def get() -> int:
                 self.waited.append(read)
                 if offset in self.failing:
                     raise RuntimeError("KvikIO failure at: posix.hpp:9: POSIX error: EIO")
+                target[:size].copy_(torch.frombuffer(bytearray(os.pread(fd, size, offset)),
+                                                     dtype=torch.uint8))
                 return size
 
             return SimpleNamespace(get=get)
@@ -176,7 +181,7 @@ def test_a_load_copies_what_was_read_ahead_and_reads_only_the_rest(share, sharde
     for path, offset, size in reading_kvikio.reads[len(read_ahead):]:
         assert not ahead.holds(os.path.basename(path), offset, size), (path, offset, size)
     assert sum(size for _, _, size in held) == min(budget, stored)
-    assert ahead.buffer is None and ahead.taken and not ahead.files._fds
+    assert ahead.buffer is None and not ahead.files._fds
     assert len(reading_kvikio.closed) == 3 and set(reading_kvikio.waited) == set(
         reading_kvikio.reads)
 
@@ -206,6 +211,70 @@ def test_reads_ahead_that_no_load_takes_are_waited_for_and_their_files_closed(
     assert len(reading_kvikio.closed) == 3
 
 
+def _descriptors() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_a_file_changed_before_it_is_read_ahead_is_refused_and_nothing_stays_open(
+        sharded, reading_kvikio):
+    checkpoint, _ = _plan(sharded)
+    changed = sorted(checkpoint.identities)[-1]
+    os.utime(sharded / changed, ns=(1, 1))
+    before = _descriptors()
+    with pytest.raises(MoekitError, match=changed):
+        ReadAhead.start(checkpoint, torch.device("cpu"), spans_of(checkpoint))
+    assert _descriptors() <= before and not reading_kvikio.reads
+
+
+def test_no_memory_for_what_would_be_read_ahead_reads_nothing_ahead(sharded, reading_kvikio,
+                                                                     monkeypatch):
+    checkpoint, _ = _plan(sharded)
+
+    def no_memory(size, on):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(ahead_module, "kvikio_writable", no_memory)
+    before = _descriptors()
+    assert ReadAhead.start(checkpoint, torch.device("cpu"), spans_of(checkpoint)) is None
+    assert _descriptors() <= before and len(reading_kvikio.closed) == 3
+    assert not reading_kvikio.reads
+
+
+def test_an_interrupt_while_reads_are_queued_waits_for_them_and_closes_the_files(
+        sharded, reading_kvikio, monkeypatch):
+    checkpoint, _ = _plan(sharded)
+    opened = reading_kvikio.CuFile
+
+    def interrupting(path, mode):
+        handle = opened(path, mode)
+        read = handle.pread
+        handle.pread = lambda *args: os.kill(os.getpid(), signal.SIGINT) or read(*args)
+        return handle
+
+    monkeypatch.setattr(reading_kvikio, "CuFile", interrupting)
+    before = _descriptors()
+    with pytest.raises(KeyboardInterrupt):
+        ReadAhead.start(checkpoint, torch.device("cpu"), spans_of(checkpoint))
+    assert reading_kvikio.reads and set(reading_kvikio.waited) == set(reading_kvikio.reads)
+    assert _descriptors() <= before and len(reading_kvikio.closed) == 3
+
+
+def test_closing_what_a_failed_load_took_waits_for_its_reads_and_closes_its_files(
+        sharded, reading_kvikio, monkeypatch):
+    checkpoint, plan = _plan(sharded)
+    ahead = ReadAhead.start(checkpoint, torch.device("cpu"), spans_of(checkpoint))
+
+    def broken(*args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(device, "_Reader", lambda *args: ahead.take() and broken())
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        load_to_device(plan, checkpoint, torch.device("cpu"), ahead=ahead)
+    ahead.close()  # as moekit.load does, whatever happened
+    assert set(reading_kvikio.waited) == set(reading_kvikio.reads)
+    assert not ahead.files._fds and len(reading_kvikio.closed) == 3
+
+
 def test_nothing_is_read_ahead_where_kvikio_cannot_open_a_file(sharded, reading_kvikio,
                                                                monkeypatch):
     checkpoint, _ = _plan(sharded)
@@ -226,7 +295,7 @@ def test_cuda_loads_read_ahead_through_kvikio_and_equal_the_cpu_path(sharded):
     ahead = device.read_ahead(checkpoint, "cuda")
     assert ahead is not None and ahead.buffer.device.type == "cuda"
     found = device.load_to_device(plan, checkpoint, "cuda", ahead=ahead)
-    assert ahead.taken and ahead.buffer is None and not ahead.files._fds
+    assert ahead.buffer is None and not ahead.files._fds
     _assert_same(found, _reference(checkpoint, plan))
 
 
@@ -239,12 +308,48 @@ def test_a_cuda_load_without_room_for_what_was_read_ahead_drops_it_and_loads(
     check = device._check_room
 
     def first_refused(*args):
-        checked.append(ahead.taken)
+        checked.append(ahead.buffer is None)
         if len(checked) == 1:
             raise MoekitError("no room")
         check(*args)
 
     monkeypatch.setattr(device, "_check_room", first_refused)
     found = device.load_to_device(plan, checkpoint, "cuda", ahead=ahead)
-    assert checked == [False, True] and ahead.buffer is None and not ahead.files._fds
+    assert checked == [False, True] and not ahead.files._fds
+    _assert_same(found, _reference(checkpoint, plan))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_memory_read_ahead_is_written_only_once_the_callers_queued_work_is_done(
+        sharded, reading_kvikio, monkeypatch):
+    # kvikio writes on streams of its own; a block the caller freed while its work on it
+    # was still queued goes straight back to the caller's stream, where the buffer is
+    # allocated: written at once, it would be overwritten by that work (or spoil it).
+    side, opened = torch.cuda.Stream(), reading_kvikio.CuFile
+
+    def on_a_stream_of_its_own(path, mode):
+        handle = opened(path, mode)
+        fd = handle.fileno()
+
+        def pread(target, size, offset):
+            host = torch.frombuffer(bytearray(os.pread(fd, size, offset)), dtype=torch.uint8)
+            with torch.cuda.stream(side):
+                target[:size].copy_(host.pin_memory(), non_blocking=True)
+            side.synchronize()
+            return SimpleNamespace(get=lambda: size)
+
+        handle.pread = pread
+        return handle
+
+    monkeypatch.setattr(reading_kvikio, "CuFile", on_a_stream_of_its_own)
+    checkpoint, plan = _plan(sharded)
+    spans = spans_of(checkpoint)
+    freed = torch.empty(spanned(spans), dtype=torch.uint8, device="cuda")
+    freed.fill_(1)  # its kernel loaded now (loading one waits for the whole GPU)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # the caller's queued work ...
+    freed.fill_(0xAB)  # ... that writes the memory, freed next
+    del freed
+    found = load_to_device(plan, checkpoint, "cuda", ahead=ReadAhead.start(
+        checkpoint, torch.device("cuda", torch.cuda.current_device()), spans))
     _assert_same(found, _reference(checkpoint, plan))

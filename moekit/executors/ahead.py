@@ -19,7 +19,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..output import deferred_signals
 from ..sources import FileSource
-from .native import NativeFiles, NativeRead
+from .native import NativeFiles, NativeRead, kvikio_writable
 
 AHEAD_BYTES = 2 * 2**30
 """The most bytes read ahead. On a 16-core H200 host, the plan of 8,256 header entries
@@ -55,12 +55,15 @@ def spans_of(checkpoint: Checkpoint, budget: int = AHEAD_BYTES) -> list[Span]:
     safetensors files (from its first tensor's byte to the end of the file, which the
     tensors fill, as safetensors checks), files in the order the checkpoint lists their
     tensors, up to ``budget`` bytes in all. Nothing for other files, whose bytes need not
-    all be tensors the load reads (a DCP file's optimizer state), nor where a tensor is
-    saved in row chunks, which may lie in files that no entry names."""
+    all be tensors the load reads (a DCP file's optimizer state), nor for tensors made of
+    others (``Checkpoint.made``) or saved in row chunks, whose parts may lie in files that
+    no entry names."""
     infos, identities = checkpoint.tensors.values(), checkpoint.identities
-    if any(map(_CHUNKS, infos)) or not all(name.endswith(".safetensors") for name in identities):
+    if checkpoint.made or any(map(_CHUNKS, infos)) or not all(
+            name.endswith(".safetensors") for name in identities):
         return []
-    # each file's first tensor (the lowest offset: a file's entries are in byte order)
+    # each file's first tensor: its lowest offset, as a file's header entries are listed in
+    # the order of their bytes (``checkpoint._add_entries``)
     starts = dict(zip(map(_FILE, reversed(infos)), map(_OFFSET, reversed(infos))))
     spans: list[Span] = []
     at = 0
@@ -85,8 +88,9 @@ def spanned(spans: list[Span]) -> int:
 class ReadAhead:
     """Reads of a checkpoint's first bytes (``spans``) into ``buffer``, queued on kvikio
     handles (``native``) of the files that ``files`` opened and checked. A load's executor
-    takes ``files`` and ``native`` over (``take``), and with them the duty to wait for
-    every read before the memory is freed; ``close`` does that where none took them."""
+    reads with ``files`` and ``native`` (``take``) and waits for every read before the
+    memory is freed; ``close`` waits for them and closes the files in any case (again:
+    waiting and closing twice do nothing)."""
 
     def __init__(self, files: FileSource, native: NativeFiles, buffer: torch.Tensor,
                  spans: list[Span]) -> None:
@@ -95,27 +99,40 @@ class ReadAhead:
         for span in sorted(spans, key=lambda span: (span.file, span.start)):
             self.by_file.setdefault(span.file, []).append(span)
         self.reads: list[tuple[str, int, int, NativeRead]] = []
-        self.taken = False
 
     @classmethod
     def start(cls, checkpoint: Checkpoint, device: torch.device, spans: list[Span]
               ) -> "ReadAhead | None":
         """Open the checkpoint's files with kvikio and queue the reads of ``spans``; None
-        where kvikio cannot open one of them (the load then reads as it would)."""
+        where kvikio cannot open one of them or the buffer cannot be had (the load then
+        reads as it would). What is opened is closed again on any error."""
         files = FileSource(checkpoint)
         try:
             native = NativeFiles(files, set(map(_FILE, checkpoint.tensors.values())))
-        except (OSError, RuntimeError):
+        except BaseException as err:
             files.close()
-            return None
-        buffer = torch.empty(spanned(spans), dtype=torch.uint8, device=device)
+            if isinstance(err, (OSError, RuntimeError)):  # e.g. kvikio refuses the file
+                return None
+            raise
+        try:
+            buffer = kvikio_writable(spanned(spans), device)
+        except BaseException as err:
+            native.close()
+            files.close()
+            if isinstance(err, torch.OutOfMemoryError):
+                return None
+            raise
         ahead = cls(files, native, buffer, spans)
-        with deferred_signals():  # every read queued is recorded, to be waited for
-            for span in spans:
-                for a, b in pieces(span.start, span.end, PIECE_BYTES):
-                    at = span.at + a - span.start
-                    ahead.reads.append((span.file, a, b, native.read(
-                        span.file, ahead.buffer[at:at + b - a], a)))
+        try:
+            with deferred_signals():  # every read queued is recorded, to be waited for
+                for span in spans:
+                    for a, b in pieces(span.start, span.end, PIECE_BYTES):
+                        at = span.at + a - span.start
+                        ahead.reads.append((span.file, a, b, native.read(
+                            span.file, buffer[at:at + b - a], a)))
+        except BaseException:  # (an interrupt, raised once every read is queued)
+            ahead.close()
+            raise
         return ahead
 
     def segments(self, file: str, start: int, size: int
@@ -148,7 +165,6 @@ class ReadAhead:
 
     def take(self) -> tuple[FileSource, NativeFiles]:
         """The files and their kvikio handles, for a load's executor to read with."""
-        self.taken = True
         return self.files, self.native
 
     def release(self) -> None:
@@ -157,14 +173,13 @@ class ReadAhead:
         self.buffer = None
 
     def close(self) -> None:
-        """Where no executor took the files: wait for every read (kvikio writes into the
-        buffer until then) and close the files. The buffer is dropped in any case."""
-        if not self.taken:
-            self.taken = True
-            with deferred_signals():
-                try:
-                    self.native.drain()
-                finally:
-                    self.native.close()
-                    self.files.close()
-        self.release()
+        """Wait for every read (kvikio writes into the buffer until then), close the
+        files and drop the buffer."""
+        with deferred_signals():
+            try:
+                self.native.drain()
+            finally:
+                self.native.close()
+                self.files.close()
+                self.release()
+

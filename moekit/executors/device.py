@@ -500,10 +500,11 @@ def load_to_device(plan: Plan, checkpoint: Checkpoint, device: torch.device | st
     ``native`` reads through kvikio (by default where ``native_reads``, unless moekit's
     readers were given ``pinned`` buffers; moekit's readers read where kvikio cannot open a
     file); ``pinned`` hands moekit's readers their buffers (``pin_ahead``), else each pins
-    its own; ``ahead`` (``read_ahead``) hands over kvikio's handles of the files and the
-    bytes read ahead with them, which the batches copy on the device (it is closed where
-    the load would not fit beside it); the other arguments tune moekit's readers and the
-    staging (see READERS, CHUNK_BYTES, ...).
+    its own; ``ahead`` (``read_ahead``) hands over kvikio's handles of the files, which
+    then read the load whatever ``native`` says, and the bytes read ahead with them, which
+    the batches copy on the device (it is closed where the load would not fit beside it);
+    the other arguments tune moekit's readers and the staging (see READERS, CHUNK_BYTES,
+    ...).
 
     Every batch is laid out (from the headers: the reads of each recipe listed once, in a
     few Python operations per source region) before the first byte is read, which is how

@@ -154,6 +154,17 @@ WARM_UP_SOURCE = "/dev/zero"
 """What ``_warm_up`` reads: zeros, from no file of the user's."""
 
 
+def kvikio_writable(size: int, device: torch.device) -> torch.Tensor:
+    """``size`` bytes of ``device``'s memory that kvikio may write at once: kvikio writes on
+    streams of its own, which wait for nothing, and PyTorch hands a block freed on the
+    calling thread's stream straight back to it, though work queued there earlier may
+    still use it; so that work is waited for."""
+    buffer = torch.empty(size, dtype=torch.uint8, device=device)
+    if buffer.is_cuda:
+        torch.cuda.current_stream(device).synchronize()
+    return buffer
+
+
 def _warm_up(kvikio: ModuleType, device: torch.device) -> int:
     """Read zeros into ``device``'s memory through kvikio, in as many tasks as it has
     threads, each of at most one bounce buffer; the bytes read (0 where the warm-up failed:
@@ -165,7 +176,7 @@ def _warm_up(kvikio: ModuleType, device: torch.device) -> int:
         get = kvikio.defaults.get
         task = min(get("task_size"), get("bounce_buffer_size"))
         size = get("num_threads") * task
-        target = torch.empty(size, dtype=torch.uint8, device=device)
+        target = kvikio_writable(size, device)
         handle = _handle(kvikio, WARM_UP_SOURCE)
     except Exception:  # e.g. no /dev/zero, or a device that is gone
         return 0
