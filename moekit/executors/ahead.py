@@ -105,7 +105,8 @@ class ReadAhead:
               ) -> "ReadAhead | None":
         """Open the checkpoint's files with kvikio and queue the reads of ``spans``; None
         where kvikio cannot open one of them or the buffer cannot be had (the load then
-        reads as it would). What is opened is closed again on any error."""
+        reads as it would), MoekitError where a file changed since its header was read.
+        What is opened is closed again on any error."""
         files = FileSource(checkpoint)
         try:
             native = NativeFiles(files, set(map(_FILE, checkpoint.tensors.values())))
