@@ -183,10 +183,12 @@ def load(path: str | Path, layout: str = "nemo", device: "torch.device | str | N
         plan = build_plan(analyse_opened(checkpoint, from_), layout_named(layout))
         return read_plan(plan, checkpoint, device, pinned=pinned, ahead=ahead)
     finally:
-        if ahead is not None:
-            ahead.close()
-        if pinned is not None:
-            pinned.join()
+        try:
+            if ahead is not None:
+                ahead.close()
+        finally:
+            if pinned is not None:
+                pinned.join()
 
 
 def prepare_loads(device: "torch.device | str" = "cuda") -> None:

@@ -120,7 +120,7 @@ class ReadAhead:
         except BaseException as err:
             native.close()
             files.close()
-            if isinstance(err, torch.OutOfMemoryError):
+            if isinstance(err, torch.cuda.OutOfMemoryError):
                 return None
             raise
         ahead = cls(files, native, buffer, spans)
@@ -180,7 +180,9 @@ class ReadAhead:
             try:
                 self.native.drain()
             finally:
-                self.native.close()
-                self.files.close()
-                self.release()
+                try:
+                    self.native.close()
+                finally:
+                    self.files.close()
+                    self.release()
 

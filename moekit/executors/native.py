@@ -155,13 +155,17 @@ WARM_UP_SOURCE = "/dev/zero"
 
 
 def kvikio_writable(size: int, device: torch.device) -> torch.Tensor:
-    """``size`` bytes of ``device``'s memory that kvikio may write at once: kvikio writes on
-    streams of its own, which wait for nothing, and PyTorch hands a block freed on the
-    calling thread's stream straight back to it, though work queued there earlier may
-    still use it; so that work is waited for."""
-    buffer = torch.empty(size, dtype=torch.uint8, device=device)
-    if buffer.is_cuda:
-        torch.cuda.current_stream(device).synchronize()
+    """``size`` bytes of ``device``'s memory that kvikio may write at once. kvikio writes on
+    streams of its own, which wait for nothing, and PyTorch hands a block freed on a stream
+    straight back to the next allocation on that stream, though work queued there earlier
+    may still use it. So the memory is allocated on a side stream (not on the caller's,
+    whose queued work could be long: a model being built) and that stream is waited for."""
+    if torch.device(device).type != "cuda":
+        return torch.empty(size, dtype=torch.uint8, device=device)
+    side = torch.cuda.Stream(device)
+    with torch.cuda.stream(side):
+        buffer = torch.empty(size, dtype=torch.uint8, device=device)
+    side.synchronize()
     return buffer
 
 
@@ -344,9 +348,17 @@ class NativeFiles:
         self.pending.clear()
 
     def close(self) -> None:
-        for handle in self.handles.values():
-            handle.close()
-        self.handles.clear()
+        """Close every handle, each even where closing another failed (the first failure
+        is raised once all are closed); closing again does nothing."""
+        handles, self.handles = list(self.handles.values()), {}
+        failed = None
+        for handle in handles:
+            try:
+                handle.close()
+            except Exception as err:  # kvikio reports a failed close as RuntimeError
+                failed = failed or err
+        if failed is not None:
+            raise failed
 
 
 class NativeRead:
