@@ -22,7 +22,8 @@ from moekit import MoekitError
 from moekit.checkpoint import INDEX_NAME, TensorInfo
 from moekit.executors import ahead as ahead_module
 from moekit.executors import device, native
-from moekit.executors.ahead import ReadAhead, Span, spanned, spans_of
+from moekit.executors.ahead import (PIECE_BYTES, ReadAhead, Span, cached_prefix, spanned,
+                                   spans_of)
 from moekit.executors.device import load_to_device
 from moekit.layouts import layout_named
 from moekit.plan import nbytes
@@ -405,3 +406,35 @@ def test_a_load_whose_read_ahead_fails_to_close_still_joins_its_pinning(sharded,
     with pytest.raises(KeyboardInterrupt):
         moekit.load(sharded, "nemo", device="cpu")
     assert joined == ["cpu"]
+
+
+@pytest.mark.parametrize("uncached, expected", [
+    (None, [Span(B, 100, 100 + 3 * PIECE_BYTES, 0), Span(A, 0, 50, 3 * PIECE_BYTES)]),
+    ((A, 0), [Span(B, 100, 100 + 3 * PIECE_BYTES, 0)]),
+    ((B, 2 * PIECE_BYTES - 1), [Span(B, 100, PIECE_BYTES, 0)]),  # a piece's last byte
+    ((B, 100), [])])
+def test_only_what_the_page_cache_holds_is_read_ahead_up_to_the_first_piece_it_lacks(
+        uncached, expected, monkeypatch):
+    spans = [Span(B, 100, 100 + 3 * PIECE_BYTES, 0), Span(A, 0, 50, 3 * PIECE_BYTES)]
+    monkeypatch.setattr(ahead_module, "_cached", lambda fd, offset: (fd, offset) != uncached)
+    assert cached_prefix(spans, SimpleNamespace(descriptor=lambda name: name)) == expected
+
+
+def test_a_file_out_of_the_page_cache_is_not_read_ahead(sharded, reading_kvikio):
+    checkpoint, _ = _plan(sharded)
+    spans = spans_of(checkpoint)
+    second = sharded / spans[1].file
+    fd = os.open(second, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if ahead_module._cached(fd, spans[1].start):
+            pytest.skip("this file system keeps the file in memory")
+    finally:
+        os.close(fd)
+    ahead = ReadAhead.start(checkpoint, torch.device("cpu"), spans)
+    try:
+        assert list(ahead.by_file) == [spans[0].file] and ahead.buffer.numel() == spanned(
+            spans[:1])
+    finally:
+        ahead.close()
