@@ -131,6 +131,18 @@ class _ReadingKvikio:
         return SimpleNamespace(pread=pread, close=close, fileno=lambda: fd)
 
 
+def _wrap_handles(kvikio: _ReadingKvikio, monkeypatch, method: str, wrap) -> None:
+    """Give every handle ``kvikio`` opens ``wrap(its method)`` as its ``method``."""
+    opened = kvikio.CuFile
+
+    def wrapped(path: str, mode: str) -> SimpleNamespace:
+        handle = opened(path, mode)
+        setattr(handle, method, wrap(getattr(handle, method)))
+        return handle
+
+    monkeypatch.setattr(kvikio, "CuFile", wrapped)
+
+
 @pytest.fixture
 def reading_kvikio(monkeypatch) -> _ReadingKvikio:
     monkeypatch.delenv("KVIKIO_COMPAT_MODE", raising=False)
@@ -246,15 +258,8 @@ def test_no_memory_for_what_would_be_read_ahead_reads_nothing_ahead(sharded, rea
 def test_an_interrupt_while_reads_are_queued_waits_for_them_and_closes_the_files(
         sharded, reading_kvikio, monkeypatch):
     checkpoint, _ = _plan(sharded)
-    opened = reading_kvikio.CuFile
-
-    def interrupting(path, mode):
-        handle = opened(path, mode)
-        read = handle.pread
-        handle.pread = lambda *args: os.kill(os.getpid(), signal.SIGINT) or read(*args)
-        return handle
-
-    monkeypatch.setattr(reading_kvikio, "CuFile", interrupting)
+    _wrap_handles(reading_kvikio, monkeypatch, "pread", lambda read: lambda *args: os.kill(
+        os.getpid(), signal.SIGINT) or read(*args))
     before = _descriptors()
     with pytest.raises(KeyboardInterrupt):
         ReadAhead.start(checkpoint, torch.device("cpu"), spans_of(checkpoint))
@@ -376,15 +381,8 @@ def test_cuda_memory_read_ahead_is_written_only_once_the_callers_queued_work_is_
 def test_a_handle_that_fails_to_close_leaves_the_files_closed_and_the_buffer_dropped(
         sharded, reading_kvikio, monkeypatch):
     checkpoint, _ = _plan(sharded)
-    opened = reading_kvikio.CuFile
-
-    def failing_to_close(path, mode):
-        handle = opened(path, mode)
-        close = handle.close
-        handle.close = lambda: close() or (_ for _ in ()).throw(RuntimeError("deregister"))
-        return handle
-
-    monkeypatch.setattr(reading_kvikio, "CuFile", failing_to_close)
+    _wrap_handles(reading_kvikio, monkeypatch, "close", lambda close: lambda: close() or (
+        _ for _ in ()).throw(RuntimeError("deregister")))
     before = _descriptors()
     ahead = ReadAhead.start(checkpoint, torch.device("cpu"), spans_of(checkpoint))
     with pytest.raises(RuntimeError, match="deregister"):
