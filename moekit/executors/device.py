@@ -362,10 +362,10 @@ def pin_ahead(device: torch.device | str | None) -> PinnedBuffers | None:
 
 def read_ahead(checkpoint: Checkpoint, device: torch.device | str | None
                ) -> ReadAhead | None:
-    """Start reading the first bytes of a load of ``checkpoint`` onto ``device`` into a
-    buffer there (``ReadAhead``), once its headers are read and while its plan is made:
-    where kvikio reads that load (``native_reads``) and the device has room for the
-    checkpoint's files, what is read ahead and the staging; else None."""
+    """Start reading the first bytes of a load of ``checkpoint`` onto ``device`` (those the
+    page cache holds) into a buffer there (``ReadAhead``), once its headers are read and
+    while its plan is made: where kvikio reads that load (``native_reads``) and the device
+    has room for the checkpoint's files, what is read ahead and the staging; else None."""
     if device is None or torch.device(device).type != "cuda" or not native_reads(device):
         return None
     device = with_index(device)
