@@ -120,9 +120,9 @@ def spanned(spans: list[Span]) -> int:
 class ReadAhead:
     """Reads of a checkpoint's first bytes (``spans``) into ``buffer``, queued on kvikio
     handles (``native``) of the files that ``files`` opened and checked. A load's executor
-    reads with ``files`` and ``native`` (``take``) and waits for every read before the
-    memory is freed; ``close`` waits for them and closes the files in any case (again:
-    waiting and closing twice do nothing)."""
+    reads with ``files`` and ``native`` and waits for every read before the memory is
+    freed; ``close`` waits for them and closes the files in any case (again: waiting and
+    closing twice do nothing)."""
 
     def __init__(self, files: FileSource, native: NativeFiles, buffer: torch.Tensor,
                  spans: list[Span]) -> None:
@@ -201,10 +201,6 @@ class ReadAhead:
         for name, a, b, read in self.reads:
             if name == file and a < end and b > start:
                 read.result()
-
-    def take(self) -> tuple[FileSource, NativeFiles]:
-        """The files and their kvikio handles, for a load's executor to read with."""
-        return self.files, self.native
 
     def release(self) -> None:
         """Drop the buffer: every copy from it is queued (a read still under way holds

@@ -624,7 +624,7 @@ class _Reader:
         self.ahead = ahead
         self.last_ahead = -1  # the last batch that copies from ``ahead``
         if ahead is not None:
-            self.files, self.native = ahead.take()
+            self.files, self.native = ahead.files, ahead.native
         else:
             self.files = FileSource(checkpoint)
         self.slots = slots
