@@ -150,7 +150,9 @@ def first_loads(path: Path, setup: float, runs: int) -> dict[bool, list[float]]:
         for prepare in found:
             command = [sys.executable, __file__, "--first-child", str(path),
                        "--setup-seconds", str(setup), *(["--prepare"] if prepare else [])]
-            done = subprocess.run(command, check=True, capture_output=True, text=True)
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"a first-load process failed:\n{done.stderr}")
             found[prepare].append(float(done.stdout.split()[-1]))
     return found
 
