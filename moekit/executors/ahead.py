@@ -124,9 +124,10 @@ class ReadAhead:
     freed; ``close`` waits for them and closes the files in any case (again: waiting and
     closing twice do nothing)."""
 
-    def __init__(self, files: FileSource, native: NativeFiles, buffer: torch.Tensor,
-                 spans: list[Span]) -> None:
-        self.files, self.native, self.buffer = files, native, buffer
+    def __init__(self, files: FileSource, native: NativeFiles,
+                 buffer: torch.Tensor | None = None, spans: tuple[Span, ...] | list[Span] = ()
+                 ) -> None:
+        self.files, self.native, self.buffer, self.spans = files, native, buffer, spans
         self.by_file: dict[str, list[Span]] = {}
         for span in sorted(spans, key=lambda span: (span.file, span.start)):
             self.by_file.setdefault(span.file, []).append(span)
@@ -148,31 +149,30 @@ class ReadAhead:
             if isinstance(err, (OSError, RuntimeError)):  # e.g. kvikio refuses the file
                 return None
             raise
+        opened = cls(files, native)
         try:
             spans = cached_prefix(spans, files)
-            buffer = kvikio_writable(spanned(spans), device) if spans else None
-        except BaseException as err:
-            native.close()
-            files.close()
-            if isinstance(err, torch.cuda.OutOfMemoryError):
-                return None
+            if spans:
+                ahead = cls(files, native, kvikio_writable(spanned(spans), device), spans)
+                ahead._queue()
+                return ahead
+        except torch.cuda.OutOfMemoryError:
+            pass
+        except BaseException:
+            opened.close()  # (an interrupt is raised once every read is queued)
             raise
-        if buffer is None:  # the page cache holds none of it
-            native.close()
-            files.close()
-            return None
-        ahead = cls(files, native, buffer, spans)
-        try:
-            with deferred_signals():  # every read queued is recorded, to be waited for
-                for span in spans:
-                    for a, b in pieces(span.start, span.end, PIECE_BYTES):
-                        at = span.at + a - span.start
-                        ahead.reads.append((span.file, a, b, native.read(
-                            span.file, buffer[at:at + b - a], a)))
-        except BaseException:  # (an interrupt, raised once every read is queued)
-            ahead.close()
-            raise
-        return ahead
+        opened.close()
+        return None
+
+    def _queue(self) -> None:
+        """Queue the kvikio reads of the spans, in their order (the load's), each recorded
+        to be waited for."""
+        with deferred_signals():
+            for span in self.spans:
+                for a, b in pieces(span.start, span.end, PIECE_BYTES):
+                    at = span.at + a - span.start
+                    self.reads.append((span.file, a, b, self.native.read(
+                        span.file, self.buffer[at:at + b - a], a)))
 
     def segments(self, file: str, start: int, size: int
                  ) -> list[tuple[int, int, int | None]]:
