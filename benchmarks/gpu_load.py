@@ -9,9 +9,9 @@ run starts from the page cache, then times, in one run:
       by kvikio's threads where kvikio is installed, and (b1) the first call of a new
       process, which also pins its host buffers, starts its reader threads and grows
       PyTorch's device memory pool (what a training job that loads once sees: the
-      process imports ``moekit``, makes its CUDA context and spends --setup-seconds on
-      its own set-up, as a job sets up its process group and builds its model, then
-      loads); (b1p) the same, the process having called ``moekit.prepare_loads("cuda")``
+      process imports ``moekit``, byte-compiled as pip installs it, makes its CUDA
+      context and spends --setup-seconds on its own set-up, as a job sets up its process
+      group and builds its model, then loads); (b1p) the same, the process having called ``moekit.prepare_loads("cuda")``
       as it started; and, where kvikio reads (b), (bm) the same read by moekit's own
       reader threads (``MOEKIT_KVIKIO=0``),
   (c) transformers ``from_pretrained(..., device_map="cuda")``,
@@ -37,6 +37,7 @@ JSON too, with every first call and cold read. Then checks that every grouped te
 from __future__ import annotations
 
 import argparse
+import compileall
 import gc
 import os
 import statistics
@@ -54,6 +55,7 @@ import torch
 from common import (add_shape_arguments, build_checkpoint, digest, warm_page_cache,
                     write_figures)
 
+import moekit
 from moekit import load, prepare_loads
 from moekit.executors.device import reader_threads
 from moekit.executors.native import SWITCH, native_reads
@@ -144,7 +146,12 @@ def moekit_readers(path: Path, repeat: int) -> float:
 
 def first_loads(path: Path, setup: float, runs: int) -> dict[bool, list[float]]:
     """Seconds of the first load of ``runs`` new processes (``first_load_child``) that do
-    not call ``prepare_loads`` (False) and of ``runs`` that do (True), started in turns."""
+    not call ``prepare_loads`` (False) and of ``runs`` that do (True), started in turns.
+
+    moekit is byte-compiled first, as pip installs it: otherwise, where bytecode is not
+    written (``PYTHONDONTWRITEBYTECODE``), each process would compile the modules its
+    first load imports while the load is timed."""
+    compileall.compile_dir(Path(moekit.__file__).parent, quiet=1)
     found: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(runs):
         for prepare in found:
