@@ -397,7 +397,10 @@ class Sidecar:
 
 def as_path(value: object, role: str) -> Path:
     """``value`` as a Path when it is a str or an ``os.PathLike``; MoekitError naming the
-    ``role`` of the argument (and the type given) otherwise."""
+    ``role`` of the argument (and the type given) otherwise, and for an empty string,
+    which ``Path`` would read as the current directory (an unset variable in a script)."""
+    if value == "":
+        raise MoekitError(f"the {role} path is empty")
     if isinstance(value, (str, os.PathLike)) and not isinstance(value, bytes):
         return Path(value)
     raise MoekitError(f"the {role} path must be a str or a pathlib.Path, not "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import as_path
 from .conversion import convert
 from .errors import MoekitError
 from .inspection import inspect
@@ -25,8 +26,8 @@ def run_demo(out: str | None = None) -> int:
     _require_transformers()
     from . import samples
 
-    if out:
-        return _demo(Path(out), samples)
+    if out is not None:
+        return _demo(as_path(out, "--out"), samples)
     with tempfile.TemporaryDirectory(prefix="moekit-demo-") as tmp:
         return _demo(Path(tmp), samples)
 

@@ -211,6 +211,27 @@ def test_overwrite_refuses_a_folder_of_checkpoint_names_without_weights(qwen3, t
     assert tree_digest(out) == before and names(tmp_path) == ["out", "qwen3"]
 
 
+@pytest.mark.parametrize("command,role", [
+    (("convert", "{src}", "", "--to", "nemo", "--overwrite"), "destination"),
+    (("convert", "", "out", "--to", "nemo"), "checkpoint"),
+    (("upcycle", "{dense}", "", "--experts", "4", "--top-k", "2", "--overwrite"),
+     "destination"),
+    (("verify", "{src}", ""), "checkpoint"),
+    (("demo", "--out", ""), "--out"),
+])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(qwen3, tmp_path, capsys,
+                                                                  monkeypatch, command, role):
+    """An empty argument (an unset variable in a script) is never the current folder,
+    which ``--overwrite`` would replace."""
+    work = Path(shutil.copytree(qwen3, tmp_path / "work"))
+    before = tree_digest(work)
+    monkeypatch.chdir(work)
+    dense = samples.save_model(samples.build_model("llama"), tmp_path / "llama")
+    code, err = run_cli(capsys, *(part.format(src=qwen3, dense=dense) for part in command))
+    assert code == 2 and f"error: the {role} path is empty" in one_error(err)
+    assert tree_digest(work) == before
+
+
 def test_overwrite_replaces_an_empty_folder(qwen3, tmp_path, capsys):
     (tmp_path / "out").mkdir()
     code, _ = run_cli(capsys, "convert", qwen3, tmp_path / "out", "--to", "nemo", "--overwrite")
