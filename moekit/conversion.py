@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 class Sink(Protocol):
     """Writes a plan's tensors as files of one checkpoint format into a folder."""
 
+    def check(self, plan: Plan) -> None:
+        """Refuse, naming the format, a plan this sink cannot write: called before anything
+        is read or written, dry runs included."""
+
     def write(self, plan: Plan, source: TensorSource, folder: Path,
               show_progress: bool | None, finished: Callable[[Path], object]) -> None:
         """Write every tensor of ``plan``, read from ``source``, into ``folder``; call
@@ -48,13 +52,11 @@ class SafetensorsShards:
 
     max_shard_bytes: int
 
+    def check(self, plan: Plan) -> None:
+        plan.refuse_chunks("safetensors")
+
     def write(self, plan: Plan, source: TensorSource, folder: Path,
               show_progress: bool | None, finished: Callable[[Path], object]) -> None:
-        chunked = next((t for t in plan.tensors if t.chunk is not None), None)
-        if chunked is not None:
-            raise MoekitError(f"the {plan.dst_layout} layout stores {chunked.chunk.key} in "
-                              "chunks, which safetensors files cannot hold: write it with "
-                              "--format megatron")
         metadata = {"format": "pt", LAYOUT_METADATA_KEY: plan.dst_layout,
                     FAMILY_METADATA_KEY: plan.family}
         write_plan(plan, source, folder, self.max_shard_bytes, metadata, show_progress,
@@ -102,7 +104,7 @@ def run_job(plan: Plan, sources: Sequence[Path], source_files: Sequence[Path],
             show_progress: bool | None = None, extra_files: Iterable[Path] = (),
             config: dict | None = None, format: str = "safetensors") -> None:
     """The pipeline of every job that writes a checkpoint, after planning: validate the
-    sink's options and the destination, then (unless ``dry_run``) write ``plan``'s
+    sink's options, that it can write the plan, and the destination, then (unless ``dry_run``) write ``plan``'s
     tensors, read from ``open_source()``, through the sink of ``format`` into a temporary
     folder that is put in place at ``dst`` when complete (``moekit.output``), with
     ``extra_files`` (sidecars: tokenizer, generation config); ``config`` replaces their
@@ -110,6 +112,7 @@ def run_job(plan: Plan, sources: Sequence[Path], source_files: Sequence[Path],
     which the destination may neither be, lie inside nor hold, and ``source_files`` the
     files the destination must never replace."""
     sink = sink_for(format, max_shard_size)
+    sink.check(plan)
     dst = as_path(dst, "destination")
     check_destination(dst, sources, overwrite, source_files)
     if dry_run:

@@ -78,6 +78,9 @@ class DcpFolder:
                               f"writer, which torch {torch.__version__} does not have")
         self.max_shard_bytes = max_shard_bytes
 
+    def check(self, plan: Plan) -> None:
+        plan.refuse_chunks("dcp")
+
     def write(self, plan: Plan, source: TensorSource, folder: Path,
               show_progress: bool | None, finished: Callable[[Path], object],
               objects: Mapping[str, object] = {}) -> None:

@@ -81,11 +81,13 @@ class MegatronFolder:
 
         self.dcp = DcpFolder(max_shard_bytes)
 
-    def write(self, plan: Plan, source: TensorSource, folder: Path,
-              show_progress: bool | None, finished: Callable[[Path], object]) -> None:
+    def check(self, plan: Plan) -> None:
         if plan.dst_layout != MEGATRON.name:
             raise MoekitError(f"--format megatron writes the megatron layout, not "
                               f"{plan.dst_layout}")
+
+    def write(self, plan: Plan, source: TensorSource, folder: Path,
+              show_progress: bool | None, finished: Callable[[Path], object]) -> None:
         iteration = folder / iteration_dir(ITERATION)
         iteration.mkdir()
         self.dcp.write(plan, source, iteration, show_progress, finished, extra_states(plan))

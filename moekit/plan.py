@@ -617,6 +617,15 @@ class Plan:
     def largest_tensor_bytes(self) -> int:
         return max((t.nbytes for t in self.tensors), default=0)
 
+    def refuse_chunks(self, format: str) -> None:
+        """Refuse, for an output ``format`` that stores whole tensors, a plan whose layout
+        stores a tensor in chunks (``megatron``'s, which only its own format holds)."""
+        chunked = next((t for t in self.tensors if t.chunk is not None), None)
+        if chunked is not None:
+            raise MoekitError(f"the {self.dst_layout} layout stores {chunked.chunk.key} in "
+                              f"chunks, which --format {format} cannot hold: write it with "
+                              "--format megatron")
+
     def summary(self) -> str:
         """A short human summary of the plan (what ``--dry-run`` prints first)."""
         built = [t for t in self.tensors if not t.is_copy]

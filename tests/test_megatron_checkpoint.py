@@ -249,6 +249,30 @@ def test_inspect_verify_and_dry_run_recognise_the_folder(qwen3_moe, tmp_path, ca
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("command,said", [
+    (("convert", "--to", "megatron", "--format", "dcp"),
+     "the megatron layout stores decoder.layers.self_attention.linear_qkv.layer_norm_weight in "
+     "chunks, which --format dcp cannot hold: write it with --format megatron"),
+    (("convert", "--to", "megatron", "--format", "safetensors"), "which --format safetensors "
+     "cannot hold: write it with --format megatron"),
+    (("convert", "--to", "nemo", "--format", "megatron"),
+     "--format megatron writes the megatron layout, not nemo"),
+    (("upcycle", "--experts", "4", "--top-k", "2", "--to", "megatron", "--format", "dcp"),
+     "which --format dcp cannot hold"),
+])
+@pytest.mark.parametrize("dry_run", [(), ("--dry-run",)])
+def test_a_format_that_cannot_hold_the_layout_is_refused_before_anything_is_written(
+        qwen3_moe, tmp_path, capsys, command, said, dry_run):
+    """A dry run refuses what the run would: the check is the sink's, made before the
+    destination is touched."""
+    src = qwen3_moe[1] if command[0] == "convert" else samples.save_model(
+        samples.build_model("qwen3"), tmp_path / "dense")
+    code = main([command[0], str(src), str(tmp_path / "out"), *command[1:], *dry_run])
+    err = capsys.readouterr().err
+    assert code == 2 and said in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("model_type,layers", [("qwen3_moe", (0, 1, 2)), ("qwen2_moe", (0, 2))])
 def test_a_checkpoint_megatron_core_saved_at_expert_parallel_size_2_reads_back_whole(
         models, tmp_path, model_type, layers):
