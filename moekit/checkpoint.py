@@ -622,7 +622,9 @@ def index_files(folder: Path) -> list[str]:
 
 
 def _index_files(index: Path, weight_map: dict) -> list[str]:
-    """The files the index names, in order; every one a relative path inside the folder."""
+    """The files the index names, in order; every one a relative path inside the folder,
+    written in ``weight_map`` as one name a file (``./a.safetensors`` as ``a.safetensors``,
+    as the file system reads them)."""
     if not set(map(type, weight_map.values())) <= {str}:  # in C; JSON makes no str subclass
         key, value = next((k, v) for k, v in weight_map.items() if type(v) is not str)
         raise MoekitError(f"{_shown(index)}: the weight_map entry of {printable(key)} is "
@@ -635,6 +637,10 @@ def _index_files(index: Path, weight_map: dict) -> list[str]:
                 f"{_shown(index)} names the file {printable(repr(name))}, which is not a file "
                 "inside the checkpoint folder (an index names its shards by relative paths "
                 "without '..'); moekit reads nothing outside the checkpoint")
+    normal = {name: PurePosixPath(name).as_posix() for name in files}
+    if any(name != written for written, name in normal.items()):
+        weight_map.update({key: normal[name] for key, name in weight_map.items()})
+        files = list(dict.fromkeys(normal.values()))
     return files
 
 

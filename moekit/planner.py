@@ -1400,8 +1400,13 @@ def _weightless(analysis: Analysis, extra: list[int]) -> str:
 def _router_problems(block: ExpertBlock, analysis: Analysis, rows: int) -> list[_Problem]:
     """The router must have a row per expert (and a column per hidden feature), and more
     where the family's router scores weightless experts too (``Settings.router_extra``);
-    its bias and score-correction bias an entry per expert."""
+    its bias and score-correction bias an entry per expert. A whole checkpoint of a known
+    family must hold the router: a model loaded without it would route by random weights
+    (transformers only warns of a weight missing)."""
     family, layout = analysis.family, analysis.layout
+    if family.router is None:
+        return []
+    required = analysis.whole_model and bool(family.model_types)
     router = f"{block.block}.{family.router}"
     base = router.removesuffix("weight")
     hidden = next((part.shape[1] for (piece, _), part in block.pieces.items()
@@ -1415,6 +1420,8 @@ def _router_problems(block: ExpertBlock, analysis: Analysis, rows: int) -> list[
         key = layout.from_hf_key(hf_key, family)
         meta = analysis.tensors.get(key)
         if meta is None:
+            if hf_key == router and required:
+                problems.append(_Problem(f"the router {key} is missing", block.layer))
             continue
         shape = tuple(meta.shape)
         if expected is None:

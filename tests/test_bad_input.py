@@ -74,6 +74,27 @@ def test_wrong_shaped_expert_is_named_with_its_file(qwen3, tmp_path, capsys):
     assert file in err
 
 
+def test_a_missing_router_is_named(qwen3, tmp_path, capsys):
+    """A model loaded without its router would route by random weights."""
+    edit_checkpoint(qwen3, lambda tensors: {k: v for k, v in tensors.items()
+                                            if k != "model.layers.1.mlp.gate.weight"})
+    err = run_failing(capsys, ["convert", str(qwen3), str(tmp_path / "out"), "--to", "nemo"],
+                      tmp_path, qwen3)
+    assert "layer 1: the router model.layers.1.mlp.gate.weight is missing" in err
+
+
+def test_an_index_naming_a_shard_as_dot_slash_name_reads_it_as_that_file(qwen3, tmp_path,
+                                                                         capsys):
+    """``./model-00001-of-00002.safetensors`` and ``model-00001-of-00002.safetensors`` are
+    one file, as transformers reads them."""
+    index = json.loads((qwen3 / INDEX_NAME).read_text())
+    key = next(iter(index["weight_map"]))
+    index["weight_map"][key] = "./" + index["weight_map"][key]
+    (qwen3 / INDEX_NAME).write_text(json.dumps(index))
+    assert main(["convert", str(qwen3), str(tmp_path / "out"), "--to", "nemo"]) == 0
+    assert main(["verify", str(qwen3), str(tmp_path / "out")]) == 0
+
+
 def test_truncated_shard(qwen3, tmp_path, capsys):
     shard = sorted(qwen3.glob("*.safetensors"))[1]
     shard.write_bytes(shard.read_bytes()[:-100])

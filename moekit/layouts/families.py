@@ -108,8 +108,9 @@ class Family:
     expert_count_key: str
     """The ``config.json`` entry holding the number of routed experts (what transformers'
     config class declares)."""
-    router: str = "gate.weight"
-    """The router weight, relative to the block."""
+    router: str | None = "gate.weight"
+    """The router weight, relative to the block; None for a router that is not one linear
+    layer with a row per expert, which moekit passes through unchecked (Zaya's)."""
     shared_expert: str | None = None
     """Module name of the shared expert(s) inside the block, if the family has one."""
     renames: dict[str, tuple[Rename, ...]] = field(default_factory=dict)
@@ -838,9 +839,11 @@ FAMILIES: tuple[Family, ...] = (
                     "(and renames attention.* to self_attn.*)")),
     # MiniMax-M3-VL's text model and Zaya hold their experts grouped in their files, as
     # their models do (transformers 5.24 has no conversion_mapping.py entry for them).
+    # Zaya's router is an MLP (transformers 5.24's ZayaRouter: mlp.gate.down_proj, then
+    # router_mlp.fc1, fc2 and out_proj, of num_experts + 1 rows).
     _qwen_style("minimax_m3_vl_text", "num_local_experts", shared_expert="shared_experts",
                 grouped_on_disk=True),
-    _qwen_style("zaya", "num_experts", grouped_on_disk=True),
+    _qwen_style("zaya", "num_experts", grouped_on_disk=True, router=None),
     # Gemma 4 (enable_moe_block): each layer holds its experts beside its dense MLP, as
     # experts.gate_up_proj [E,2I,H] and experts.down_proj [E,H,I] directly under the layer
     # (router router.proj.weight), in its files as in its model; the multimodal model
