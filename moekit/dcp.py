@@ -234,10 +234,11 @@ class _RecipePlanner(DefaultSavePlanner):
 
 
 class _DestinationFiles(FileSystem):
-    """DCP's local file system, whose failure writing a file is raised as the OSError
-    that failed it, naming the file. torch 2.13's ``torch.save`` into an open file (how
-    DCP writes each tensor) raises its own RuntimeError ("unexpected pos") when a write
-    fails, with the file's OSError (a full disk's ENOSPC) only as its context."""
+    """DCP's local file system, whose failure writing a file is raised as what failed it:
+    an interrupt as itself, an OSError naming the file. torch 2.13's ``torch.save`` into
+    an open file (how DCP writes each tensor) raises its own RuntimeError ("unexpected
+    pos") when a write fails, with what failed it (a signal's KeyboardInterrupt raised
+    while the file was written, a full disk's ENOSPC) only as its context."""
 
     @contextmanager
     def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[io.IOBase]:
@@ -245,7 +246,10 @@ class _DestinationFiles(FileSystem):
             with super().create_stream(path, mode) as stream:
                 yield stream
         except Exception as err:
-            cause = _os_error(err)
+            stop = _in_chain(err, lambda e: not isinstance(e, Exception))
+            if stop is not None:
+                raise stop from None
+            cause = _in_chain(err, lambda e: isinstance(e, OSError) and e.errno is not None)
             if cause is None or (cause is err and err.filename is not None):
                 raise
             raise OSError(cause.errno, cause.strerror, os.fspath(path)) from err
@@ -259,12 +263,13 @@ def save_object(obj: object, path: Path) -> None:
         torch.save(obj, stream)
 
 
-def _os_error(err: BaseException | None) -> OSError | None:
-    """The first OSError with an error number in the chain of ``err`` (itself, then what
-    it was raised from or while handling), else None."""
+def _in_chain(err: BaseException | None, wanted: Callable[[BaseException], bool]
+              ) -> BaseException | None:
+    """The first exception in the chain of ``err`` (itself, then what it was raised from
+    or while handling) that is ``wanted``, else None."""
     seen = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, OSError) and err.errno is not None:
+        if wanted(err):
             return err
         seen.add(id(err))
         err = err.__cause__ or err.__context__

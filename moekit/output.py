@@ -454,12 +454,13 @@ class OutputFolder:
 
     def discard(self) -> None:
         """Remove the temporary folder (after a failure or an interrupt), and the parent
-        folders made for it if they are empty; once the output is in place, only what it
-        replaced. Interrupts are held until this is done."""
+        folders made for it if they are empty; nothing once the output is in place (the
+        move removed what it replaced, keeping what came in meanwhile: ``_swap``).
+        Interrupts are held until this is done."""
         with deferred_signals():
             self._syncer.stop()
-            shutil.rmtree(self.folder, ignore_errors=True)
             if not self.in_place:
+                shutil.rmtree(self.folder, ignore_errors=True)
                 _remove_empty(self._parents)
 
     def _move_in(self) -> None:
@@ -493,8 +494,10 @@ class OutputFolder:
             self._swap_aside(checked)
             return
         self.in_place = True
-        _fsync_dir(self.target.parent)
-        _remove_replaced(self.folder, checked, self.dst)
+        try:
+            _fsync_dir(self.target.parent)
+        finally:
+            _remove_replaced(self.folder, checked, self.dst)
 
     def _swap_aside(self, checked: dict[Path, tuple[int, int]]) -> None:
         """Without RENAME_EXCHANGE: the old folder renamed aside, the new one moved in (the
@@ -506,8 +509,10 @@ class OutputFolder:
         except BaseException:
             _put_back(old, self.target)
             raise
-        _fsync_dir(self.target.parent)
-        _remove_replaced(old, checked, self.dst)
+        try:
+            _fsync_dir(self.target.parent)
+        finally:
+            _remove_replaced(old, checked, self.dst)
 
 
 @contextmanager

@@ -268,6 +268,32 @@ def test_a_file_written_into_the_destination_as_it_is_replaced_is_kept(
     assert f"kept {kept}" in caplog.text and "notes.txt" in caplog.text
 
 
+def test_a_parent_that_cannot_be_synced_after_the_swap_still_keeps_what_came_in(
+        qwen3, tmp_path, capsys, monkeypatch, move):
+    """A failed fsync of the destination's parent once the new checkpoint is in place is
+    reported, and the replaced checkpoint is still removed file by checked file: what
+    came into the destination meanwhile is kept."""
+    out = Path(shutil.copytree(qwen3, tmp_path / "out"))
+    checked_files, fsync_dir = output._checked_files, output._fsync_dir
+
+    def then_someone_writes_there(folder):
+        checked = checked_files(folder)
+        (out / "notes.txt").write_text("mine")
+        return checked
+
+    def failing_for_the_parent(folder):
+        if Path(folder) == tmp_path:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        fsync_dir(folder)
+
+    monkeypatch.setattr(output, "_checked_files", then_someone_writes_there)
+    monkeypatch.setattr(output, "_fsync_dir", failing_for_the_parent)
+    code, err = run_cli(capsys, "convert", qwen3, out, "--to", "nemo", "--overwrite")
+    assert code == 2 and "I/O error" in err and verify(qwen3, out).equal
+    [kept] = [p for p in tmp_path.iterdir() if p.name not in ("out", "qwen3")]
+    assert names(kept) == ["notes.txt"] and (kept / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("where,said", [("view/src/out", "is inside the source"),
                                         ("view/src", "is the source"),
                                         ("view", "contains the source")])
@@ -621,6 +647,43 @@ def test_an_interrupt_during_a_background_fsync_cleans_up(qwen3, tmp_path, monke
         convert(qwen3, tmp_path / "out", to="vllm", max_shard_size="60KB")
     assert synced.is_set() and names(tmp_path) == ["qwen3"]
     assert open_fds() == fds and not fsync_threads()
+
+
+class _InterruptedStream:
+    """A file stream whose ``at``-th write raises KeyboardInterrupt, as a signal's handler
+    does while the file is written."""
+
+    def __init__(self, stream, at: int) -> None:
+        self._stream, self._left = stream, at
+
+    def write(self, data) -> int:
+        self._left -= 1
+        if self._left == 0:
+            raise KeyboardInterrupt
+        return self._stream.write(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def test_an_interrupt_while_torch_save_writes_a_dcp_file_is_raised_as_itself(qwen3, tmp_path,
+                                                                             monkeypatch):
+    """torch.save turns what a write raised into its own RuntimeError ("unexpected pos"):
+    the interrupt is raised as itself, for the CLI to report the signal, and nothing is
+    left behind."""
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    create_stream = FileSystem.create_stream
+
+    @contextmanager
+    def interrupting(self, path, mode):
+        with create_stream(self, path, mode) as stream:
+            yield _InterruptedStream(stream, at=3)
+
+    monkeypatch.setattr(FileSystem, "create_stream", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        convert(qwen3, tmp_path / "out", to="nemo", format="dcp")
+    assert names(tmp_path) == ["qwen3"]
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
