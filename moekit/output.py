@@ -446,11 +446,18 @@ class OutputFolder:
             else:
                 self._move_in()
             try:
-                _fsync_dir(self.target.parent)
+                for folder in self._holding_folders():
+                    _fsync_dir(folder)
             except OSError as err:
                 raise MoekitError(f"wrote {self.dst}, but its parent folder could not be "
                                   f"synced ({err.strerror}): the checkpoint may not survive a "
                                   "power loss; check the disk") from err
+
+    def _holding_folders(self) -> list[Path]:
+        """The folders whose entries lead to the output, which must be synced for it to
+        survive a power loss: its parent, and the folders made for it (``mkdir -p``) with
+        the one each was made in, innermost first."""
+        return [self.target.parent, *(made.parent for made in reversed(self._parents))]
 
     def discard(self) -> None:
         """Remove the temporary folder (after a failure or an interrupt), and the parent

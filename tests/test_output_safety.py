@@ -1184,6 +1184,21 @@ def test_a_full_disk_in_each_phase_is_one_message(qwen3, tmp_path, capsys, monke
     assert "nothing was left behind" in err and names(tmp_path) == ["qwen3"]
 
 
+def test_the_folders_made_for_the_destination_are_synced_with_it(qwen3, tmp_path, monkeypatch):
+    """A folder ``mkdir -p`` made is an entry of the folder it was made in: each must be
+    synced, or a power loss can take the whole output with it."""
+    synced = []
+    fsync_dir = output._fsync_dir
+
+    def recording(folder):
+        synced.append(Path(folder))
+        fsync_dir(folder)
+
+    monkeypatch.setattr(output, "_fsync_dir", recording)
+    convert(qwen3, tmp_path / "a" / "b" / "out", to="nemo")
+    assert {tmp_path / "a" / "b", tmp_path / "a", tmp_path} <= set(synced)
+
+
 def test_a_folder_that_cannot_be_made_is_a_moekit_error_and_parents_are_removed(
         qwen3, tmp_path, monkeypatch):
     """Any error making the destination's parents or its temporary folder (here EMLINK, a
