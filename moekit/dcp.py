@@ -44,8 +44,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemWriter
-from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex,
-                                                   TensorProperties, TensorStorageMetadata)
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata,
+                                                   MetadataIndex, TensorProperties,
+                                                   TensorStorageMetadata)
 from torch.distributed.checkpoint.planner import (SavePlan, SavePlanner, TensorWriteData,
                                                   WriteItem, WriteItemType)
 from torch.distributed.checkpoint.storage import WriteResult
@@ -391,7 +392,7 @@ def read_tensors(folder: Path) -> DcpHeaders:
     or compressed, chunks that leave a gap or overlap, and any entry of the model that is
     not a tensor, are refused naming it.
     """
-    metadata = _read_metadata(folder / DCP_METADATA_NAME)
+    metadata = read_metadata(folder / DCP_METADATA_NAME)
     with _as_written(folder / DCP_METADATA_NAME):
         entries, skipped = _model_entries(metadata.state_dict_metadata)
         stored = []
@@ -447,7 +448,7 @@ def read_stored(folder: Path, name: Callable[[str, tuple[int, ...], tuple[int, .
     """Every tensor of the DCP checkpoint in ``folder`` chunk by chunk, each chunk named
     ``name(key, offsets, shape)`` (a Megatron-Core checkpoint stacks layers and experts
     in chunks that split more than rows); and the keys of its non-tensor entries."""
-    metadata = _read_metadata(folder / DCP_METADATA_NAME)
+    metadata = read_metadata(folder / DCP_METADATA_NAME)
     tensors, objects = {}, []
     with _as_written(folder / DCP_METADATA_NAME):
         for key, entry in metadata.state_dict_metadata.items():
@@ -467,7 +468,7 @@ def read_stored(folder: Path, name: Callable[[str, tuple[int, ...], tuple[int, .
     return tensors, objects
 
 
-def _read_metadata(path: Path):
+def read_metadata(path: Path) -> Metadata:
     """The checkpoint's ``Metadata``, unpickled allowing only DCP's own classes, once it
     is known to be a plain file inside its folder and a pickle whose unpickling is
     bounded (``moekit.pickle_bounds``); without the garbage collector's pauses, which
@@ -482,13 +483,17 @@ def _read_metadata(path: Path):
             data = file.read(size + 1)
         pickle_bounds.check(data)
         with COLLECTOR_OFF.scope():
-            return _Unpickler(io.BytesIO(data)).load()
+            metadata = _Unpickler(io.BytesIO(data)).load()
     except OSError as err:
         raise MoekitError(f"cannot read {shown}: {err.strerror or err}") from err
     except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError,
             IndexError, KeyError, RuntimeError) as err:
         raise MoekitError(f"{shown} is not a torch.distributed.checkpoint .metadata moekit "
                           f"reads: {printable(str(err))}") from err
+    if not isinstance(metadata, Metadata):
+        raise MoekitError(f"{shown} is not a torch.distributed.checkpoint .metadata: it holds "
+                          f"a {type(metadata).__name__}, not a Metadata")
+    return metadata
 
 
 _PATH_CLASSES = {("pathlib", "PosixPath"), ("pathlib._local", "PosixPath")}

@@ -72,9 +72,13 @@ CHECKPOINT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*
 """Names of the files a checkpoint folder holds (weights, indexes, DCP files, Megatron-Core's
 tracker, the sidecar files moekit copies, and what else the Hugging Face Hub keeps beside
 them): ``overwrite`` replaces a folder holding nothing else (but ``ITERATION`` folders)."""
-WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", *DCP_FILES)
-"""Names of the files that hold weights: a folder ``overwrite`` replaces holds one at least
-(or an ``ITERATION`` folder), unless it is empty."""
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", ".metadata")
+"""Names of the files that hold weights (a DCP folder's ``.distcp`` files only with its
+``.metadata``): a folder ``overwrite`` replaces holds one at least (or an ``ITERATION``
+folder), unless it is empty, and each is what its name says (``_not_weights``)."""
+TORCH_SAVE_STARTS = (b"PK\x03\x04", b"\x80")
+"""How a ``torch.save`` file starts: a zip archive, or (the legacy format) a pickle of
+protocol 2 or later."""
 ITERATION = re.compile(r"iter_\d{7}\Z")
 """A Megatron-Core checkpoint's iteration folder, which ``overwrite`` replaces when it holds
 only ``ITERATION_FILES``."""
@@ -342,9 +346,9 @@ def _check_replaceable(target: Path, dst: Path) -> None:
 
 
 def _check_holds_weights(target: Path, dst: Path) -> None:
-    """Refuse a folder holding files but no weights, and a ``.safetensors`` file that
-    safetensors cannot open: names alone (README.md, LICENSE, modeling_*.py) may be a
-    user's project, not a checkpoint."""
+    """Refuse a folder holding files but no weights, and a weight file that is not what
+    its name says: names alone (README.md, LICENSE, modeling_*.py, a note called
+    .metadata) may be a user's project, not a checkpoint."""
     with os.scandir(target) as scan:
         entries = sorted(scan, key=lambda e: e.name)
     if not entries:
@@ -356,15 +360,49 @@ def _check_holds_weights(target: Path, dst: Path) -> None:
                           "holds no weights (safetensors, pytorch_model*.bin, DCP or Megatron-"
                           "Core files): move its files away or choose another destination")
     for entry in entries:
-        if entry.name.endswith(".safetensors") and entry.is_file(follow_symlinks=False):
-            try:
-                with safe_open(entry.path, framework="numpy"):
-                    pass
-            except (SafetensorError, OSError) as err:
+        if entry.is_file(follow_symlinks=False):
+            problem = _not_weights(Path(entry.path))
+            if problem is not None:
                 raise MoekitError(f"--overwrite replaces only a folder holding a checkpoint; "
-                                  f"{dst} holds {entry.name}, which is not a safetensors file "
-                                  f"({printable(str(err))}): move it away or choose another "
-                                  "destination") from None
+                                  f"{dst} holds {entry.name}, which is not {problem}: move it "
+                                  "away or choose another destination")
+
+
+def _not_weights(path: Path) -> str | None:
+    """What the weight file ``path`` is not, by its name, and why; None where it is."""
+    for pattern, what, check in _WEIGHT_CHECKS:
+        if fnmatchcase(path.name, pattern):
+            try:
+                check(path)
+            except (SafetensorError, OSError, MoekitError) as err:
+                return f"{what} ({printable(str(err))})"
+            return None
+    return None
+
+
+def _opens_as_safetensors(path: Path) -> None:
+    with safe_open(path, framework="numpy"):
+        pass
+
+
+def _starts_as_torch_save(path: Path) -> None:
+    with open(path, "rb") as file:
+        start = file.read(4)
+    if not start.startswith(TORCH_SAVE_STARTS):
+        raise MoekitError(f"it starts with {start!r}")
+
+
+def _reads_as_dcp_metadata(path: Path) -> None:
+    from .dcp import read_metadata  # imports torch
+
+    read_metadata(path)
+
+
+_WEIGHT_CHECKS = (("*.safetensors", "a safetensors file", _opens_as_safetensors),
+                  ("pytorch_model*.bin", "a torch.save file", _starts_as_torch_save),
+                  (".metadata", "a torch.distributed.checkpoint .metadata",
+                   _reads_as_dcp_metadata))
+"""Each kind of ``WEIGHT_FILES``: its name, what it must be, and the check that it is."""
 
 
 def _foreign_entries(folder: Path, names: tuple[str, ...] = CHECKPOINT_FILES,

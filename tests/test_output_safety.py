@@ -196,6 +196,11 @@ def test_overwrite_refuses_a_folder_holding_more_than_a_checkpoint(qwen3, tmp_pa
       "config.json": "{}"}, "holds no weights"),
     ({"thesis.safetensors": "not a tensor file", "config.json": "{}"},
      "thesis.safetensors, which is not a safetensors file"),
+    ({".metadata": "my notes", "README.md": "notes"},
+     ".metadata, which is not a torch.distributed.checkpoint .metadata"),
+    ({"pytorch_model.bin": "not pickled", "config.json": "{}"},
+     "pytorch_model.bin, which is not a torch.save file"),
+    ({"notes.distcp": "text", "config.json": "{}"}, "holds no weights"),
 ])
 def test_overwrite_refuses_a_folder_of_checkpoint_names_without_weights(qwen3, tmp_path, capsys,
                                                                        files, said):
@@ -230,6 +235,19 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(qwen3, tmp_path
     code, err = run_cli(capsys, *(part.format(src=qwen3, dense=dense) for part in command))
     assert code == 2 and f"error: the {role} path is empty" in one_error(err)
     assert tree_digest(work) == before
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_overwrite_replaces_a_pytorch_model_bin_checkpoint(qwen3, tmp_path, capsys, legacy):
+    import torch
+
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save({"w": torch.ones(2)}, out / "pytorch_model.bin",
+               _use_new_zipfile_serialization=not legacy)
+    (out / "config.json").write_text("{}")
+    code, _ = run_cli(capsys, "convert", qwen3, out, "--to", "nemo", "--overwrite")
+    assert code == 0 and verify(qwen3, out).equal
 
 
 def test_overwrite_replaces_an_empty_folder(qwen3, tmp_path, capsys):
