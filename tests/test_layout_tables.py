@@ -62,7 +62,9 @@ def hf_headers(family: Family) -> dict[str, Read]:
     routers = {f"{block.block}.{part.hf}": (family.n_groups, EXPERTS) if part.row else
                (HIDDEN, EXPERTS) if part.transposed else (EXPERTS, HIDDEN)
                for group in family.expert_groups for part in group.parts}
-    others = routers or {f"{block.block}.{family.router}": (EXPERTS, HIDDEN)}
+    if not routers and family.router is not None:  # (Zaya's router, an MLP, is left out)
+        routers = {f"{block.block}.{family.router}": (EXPERTS, HIDDEN)}
+    others = dict(routers)
     others |= {f"{prefix}{embeddings}.weight": (16, HIDDEN), f"{prefix}{norm}.weight": (HIDDEN,),
                HEADS.get(prefix, "lm_head.weight"): (16, HIDDEN)}
     layer = f"{prefix}layers.1."
