@@ -271,7 +271,7 @@ def _moe_block(c: _Sizes, family: Family, decoder: Decoder, experts: int,
                routed: int | None) -> list[Entry]:
     """The MoE block of a layer, relative to the layer: router, routed experts (keys from
     the family; the first ``routed`` of them when given), shared experts."""
-    h, inter = c("hidden_size"), c(decoder.expert_size)
+    h, inter = c("hidden_size", minimum=1), c(decoder.expert_size, minimum=1)
     block = family.block[len(LAYER_PREFIX):]  # "mlp", "block_sparse_moe"
     out: list[Entry] = [(f"{block}.{family.router}", (experts, h), PLAIN)]
     if decoder.score_bias:

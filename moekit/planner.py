@@ -119,6 +119,10 @@ def understand(tensors: Mapping[str, TensorMeta], config: dict | None,
     settings = config_settings(config, fam, source)
     if from_:
         layout, layout_source = layout_named(from_), "given as the source layout"
+        if not layout.found_by_keys and metadata.get(LAYOUT_METADATA_KEY) != layout.name:
+            raise MoekitError(f"{label} is not a {layout.name} checkpoint, which --from "
+                              f"{layout.name} names (its files tell it apart, not its keys): "
+                              "leave --from out, or name the layout its tensors are in")
     else:
         layout = _detected_layout(tensors, fam, family_source, metadata, label)
         layout_source = ("recorded in the safetensors metadata"
@@ -206,7 +210,7 @@ def understand_checkpoint(checkpoint: Checkpoint, from_: str | None = None) -> A
     checkpoint in a layout refused as a source (``_check_source``) is refused, as
     ``analyse`` refuses it, so that expert-parallel loads read no more than ``convert``."""
     analysis = understand(checkpoint.made or checkpoint.tensors, checkpoint.config,
-                          checkpoint.metadata, str(checkpoint.path), from_=from_,
+                          checkpoint.metadata, str(checkpoint.named), from_=from_,
                           config_file=_config_file(checkpoint))
     _check_source(analysis)
     analysis.made = _chained(analysis.made, checkpoint.made)
@@ -240,7 +244,7 @@ def analyse_opened(checkpoint: Checkpoint, from_: str | None = None) -> Analysis
     """Detect the family and layout of a checkpoint whose headers are read, and validate
     its experts."""
     analysis = analyse(checkpoint.made or checkpoint.tensors, checkpoint.config,
-                       checkpoint.metadata, str(checkpoint.path), from_=from_,
+                       checkpoint.metadata, str(checkpoint.named), from_=from_,
                        where=checkpoint.file_of, config_file=_config_file(checkpoint))
     analysis.made = _chained(analysis.made, checkpoint.made)
     return analysis

@@ -95,6 +95,21 @@ def test_an_index_naming_a_shard_as_dot_slash_name_reads_it_as_that_file(qwen3, 
     assert main(["verify", str(qwen3), str(tmp_path / "out")]) == 0
 
 
+def test_a_refusal_of_one_shard_named_names_that_shard_not_its_folder(qwen3, tmp_path,
+                                                                      capsys):
+    shard = sorted(qwen3.glob("*.safetensors"))[0]
+    err = run_failing(capsys, ["inspect", str(shard)], tmp_path, qwen3)
+    assert f"{shard} (qwen3_moe, layout hf) is not a valid checkpoint" in err
+
+
+def test_from_megatron_is_refused_for_files_that_are_not_a_megatron_checkpoint(qwen3, tmp_path,
+                                                                               capsys):
+    """Megatron-Core's layout is told apart by its folder, not by its keys: HF files named
+    --from megatron would be read as theirs and reported as megatron."""
+    err = run_failing(capsys, ["inspect", str(qwen3), "--from", "megatron"], tmp_path, qwen3)
+    assert f"{qwen3} is not a megatron checkpoint, which --from megatron names" in err
+
+
 def test_truncated_shard(qwen3, tmp_path, capsys):
     shard = sorted(qwen3.glob("*.safetensors"))[1]
     shard.write_bytes(shard.read_bytes()[:-100])

@@ -267,15 +267,19 @@ def test_experts_are_never_sized_by_the_dense_intermediate_size(family, family_c
 
 
 
+@pytest.mark.parametrize("key", ["num_attention_heads", "hidden_size", "moe_intermediate_size"])
 @pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
-def test_a_config_with_no_attention_heads_is_refused(family, family_checkpoints, tmp_path,
-                                                    capsys):
+def test_a_config_with_a_size_of_zero_is_refused(family, key, family_checkpoints, tmp_path,
+                                                  capsys):
+    """A model with no attention heads, no hidden features or experts of no size is
+    refused, as the same sizes in a checkpoint's tensors are, not planned as zero bytes."""
     config = json.loads((family_checkpoints[family] / "config.json").read_text())
-    config["num_attention_heads"] = 0
+    key = "intermediate_size" if key == "moe_intermediate_size" and family == "olmoe" else key
+    config[key] = 0
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert main(["plan", str(tmp_path / "config.json"), "--ep", "2"]) == 2
     err = capsys.readouterr().err
-    assert "num_attention_heads is 0; expected a whole number of at least 1" in err
+    assert f"{key} is 0; expected a whole number of at least 1" in err
 
 
 def test_planning_from_a_config_imports_no_torch():
