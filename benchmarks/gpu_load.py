@@ -11,9 +11,9 @@ run starts from the page cache, then times, in one run:
       PyTorch's device memory pool (what a training job that loads once sees: the
       process imports ``moekit``, byte-compiled as pip installs it, makes its CUDA
       context and spends --setup-seconds on its own set-up, as a job sets up its process
-      group and builds its model, then loads); (b1p) the same, the process having called ``moekit.prepare_loads("cuda")``
-      as it started; and, where kvikio reads (b), (bm) the same read by moekit's own
-      reader threads (``MOEKIT_KVIKIO=0``),
+      group and builds its model, then loads); (b1p) the same, the process having called
+      ``moekit.prepare_loads("cuda")`` as it started; and, where kvikio reads (b), (bm)
+      the same read by moekit's own reader threads (``MOEKIT_KVIKIO=0``),
   (c) transformers ``from_pretrained(..., device_map="cuda")``,
   (d) safetensors ``load_file(device="cuda")`` of every shard + a naive stack into nemo,
   (r) for reference, moekit's number of reader threads reading the files into pinned
@@ -151,7 +151,8 @@ def first_loads(path: Path, setup: float, runs: int) -> dict[bool, list[float]]:
     moekit is byte-compiled first, as pip installs it: otherwise, where bytecode is not
     written (``PYTHONDONTWRITEBYTECODE``), each process would compile the modules its
     first load imports while the load is timed."""
-    compileall.compile_dir(Path(moekit.__file__).parent, quiet=1)
+    if not compileall.compile_dir(Path(moekit.__file__).parent, quiet=1):
+        raise SystemExit("cannot byte-compile moekit for the first-load processes")
     found: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(runs):
         for prepare in found:

@@ -397,11 +397,12 @@ class Sidecar:
 
 def as_path(value: object, role: str) -> Path:
     """``value`` as a Path when it is a str or an ``os.PathLike``; MoekitError naming the
-    ``role`` of the argument (and the type given) otherwise, and for an empty string,
-    which ``Path`` would read as the current directory (an unset variable in a script)."""
-    if value == "":
-        raise MoekitError(f"the {role} path is empty")
+    ``role`` of the argument (and the type given) otherwise, and for an empty path, which
+    ``Path`` would read as the current directory (an unset variable in a script). A
+    ``Path("")`` is ``Path(".")`` already, and taken as that."""
     if isinstance(value, (str, os.PathLike)) and not isinstance(value, bytes):
+        if os.fspath(value) == "":
+            raise MoekitError(f"the {role} path is empty")
         return Path(value)
     raise MoekitError(f"the {role} path must be a str or a pathlib.Path, not "
                       f"{type(value).__name__} ({printable(repr(value))})")

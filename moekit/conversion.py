@@ -104,13 +104,13 @@ def run_job(plan: Plan, sources: Sequence[Path], source_files: Sequence[Path],
             show_progress: bool | None = None, extra_files: Iterable[Path] = (),
             config: dict | None = None, format: str = "safetensors") -> None:
     """The pipeline of every job that writes a checkpoint, after planning: validate the
-    sink's options, that it can write the plan, and the destination, then (unless ``dry_run``) write ``plan``'s
-    tensors, read from ``open_source()``, through the sink of ``format`` into a temporary
-    folder that is put in place at ``dst`` when complete (``moekit.output``), with
-    ``extra_files`` (sidecars: tokenizer, generation config); ``config`` replaces their
-    config.json. ``sources`` are the checkpoints (folders, or files) the user named,
-    which the destination may neither be, lie inside nor hold, and ``source_files`` the
-    files the destination must never replace."""
+    sink's options, that it can write the plan, and the destination, then (unless
+    ``dry_run``) write ``plan``'s tensors, read from ``open_source()``, through the sink of
+    ``format`` into a temporary folder that is put in place at ``dst`` when complete
+    (``moekit.output``), with ``extra_files`` (sidecars: tokenizer, generation config);
+    ``config`` replaces their config.json. ``sources`` are the checkpoints (folders, or
+    files) the user named, which the destination may neither be, lie inside nor hold, and
+    ``source_files`` the files the destination must never replace."""
     sink = sink_for(format, max_shard_size)
     sink.check(plan)
     dst = as_path(dst, "destination")

@@ -60,7 +60,7 @@ from .errors import MoekitError, printable
 from .executors.evaluate import KeepingStatistics, materialize
 from .executors.streaming import shard_tensors
 from .gc_pauses import COLLECTOR_OFF
-from .output import interruptible, output_error
+from .output import Stopped, interruptible, output_error
 from .plan import Expr, Plan, TensorPlan, nbytes
 from .progress import progress
 from .sources import TensorSource
@@ -247,7 +247,7 @@ class _DestinationFiles(FileSystem):
             with super().create_stream(path, mode) as stream:
                 yield stream
         except Exception as err:
-            stop = _in_chain(err, lambda e: not isinstance(e, Exception))
+            stop = _in_chain(err, lambda e: isinstance(e, (KeyboardInterrupt, Stopped)))
             if stop is not None:
                 raise stop from None
             cause = _in_chain(err, lambda e: isinstance(e, OSError) and e.errno is not None)

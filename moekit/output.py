@@ -37,9 +37,11 @@ import ctypes
 import errno
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
+import pickletools
 import platform
 import re
 import secrets
@@ -79,6 +81,10 @@ folder), unless it is empty, and each is what its name says (``_not_weights``)."
 TORCH_SAVE_STARTS = (b"PK\x03\x04", b"\x80")
 """How a ``torch.save`` file starts: a zip archive, or (the legacy format) a pickle of
 protocol 2 or later."""
+DCP_METADATA_CLASS = ("torch.distributed.checkpoint.metadata", "Metadata")
+"""The class whose instance a DCP ``.metadata`` pickles, the first class its pickle names."""
+PICKLE_HEAD_BYTES = 4096
+"""Bytes of a ``.metadata`` read to find the first class it names."""
 ITERATION = re.compile(r"iter_\d{7}\Z")
 """A Megatron-Core checkpoint's iteration folder, which ``overwrite`` replaces when it holds
 only ``ITERATION_FILES``."""
@@ -356,6 +362,11 @@ def _check_holds_weights(target: Path, dst: Path) -> None:
     if not any(ITERATION.match(e.name) and e.is_dir(follow_symlinks=False)
                or any(fnmatchcase(e.name, pattern) for pattern in WEIGHT_FILES)
                for e in entries):
+        if any(e.name.endswith(".distcp") for e in entries):
+            raise MoekitError(f"--overwrite replaces only a folder holding a checkpoint; {dst} "
+                              "holds .distcp files without their .metadata (an unfinished "
+                              "torch.distributed.checkpoint save): remove the folder yourself "
+                              "if it is to go, or choose another destination")
         raise MoekitError(f"--overwrite replaces only a folder holding a checkpoint; {dst} "
                           "holds no weights (safetensors, pytorch_model*.bin, DCP or Megatron-"
                           "Core files): move its files away or choose another destination")
@@ -392,16 +403,38 @@ def _starts_as_torch_save(path: Path) -> None:
         raise MoekitError(f"it starts with {start!r}")
 
 
-def _reads_as_dcp_metadata(path: Path) -> None:
-    from .dcp import read_metadata  # imports torch
+def _pickles_dcp_metadata(path: Path) -> None:
+    """Refuse a ``.metadata`` whose pickle does not start by naming DCP's ``Metadata``,
+    as every ``dcp.save`` writes it: read without torch, which a dry run never imports,
+    and in a few bytes, since the destination is checked again at the final move."""
+    with open(path, "rb") as file:
+        head = file.read(PICKLE_HEAD_BYTES)
+    try:
+        named = _first_class(head)
+    except ValueError as err:  # pickletools: an unknown opcode, or the bytes end
+        raise MoekitError(f"it is not a pickle ({err})") from None
+    if named != DCP_METADATA_CLASS:
+        raise MoekitError("its pickle does not hold DCP's Metadata" + (
+            f" but {'.'.join(named)}" if named else ""))
 
-    read_metadata(path)
+
+def _first_class(pickled: bytes) -> tuple[str, ...] | None:
+    """(module, name) of the first class or function ``pickled`` names, or None."""
+    strings: list[str] = []
+    for opcode, arg, _ in pickletools.genops(io.BytesIO(pickled)):
+        if opcode.name == "GLOBAL":
+            return tuple(arg.split(" ", 1))
+        if opcode.name == "STACK_GLOBAL":
+            return tuple(strings[-2:])
+        if isinstance(arg, str):
+            strings.append(arg)
+    return None
 
 
 _WEIGHT_CHECKS = (("*.safetensors", "a safetensors file", _opens_as_safetensors),
                   ("pytorch_model*.bin", "a torch.save file", _starts_as_torch_save),
                   (".metadata", "a torch.distributed.checkpoint .metadata",
-                   _reads_as_dcp_metadata))
+                   _pickles_dcp_metadata))
 """Each kind of ``WEIGHT_FILES``: its name, what it must be, and the check that it is."""
 
 
@@ -483,13 +516,18 @@ class OutputFolder:
                 self._swap(_checked_files(self.target))
             else:
                 self._move_in()
-            try:
-                for folder in self._holding_folders():
-                    _fsync_dir(folder)
-            except OSError as err:
-                raise MoekitError(f"wrote {self.dst}, but its parent folder could not be "
-                                  f"synced ({err.strerror}): the checkpoint may not survive a "
-                                  "power loss; check the disk") from err
+            for folder in self._holding_folders():
+                self._sync_holding(folder)
+
+    def _sync_holding(self, folder: Path) -> None:
+        """fsync ``folder``, which holds an entry leading to the output in place; its
+        failure is a MoekitError saying the output is written but may not be durable."""
+        try:
+            _fsync_dir(folder)
+        except OSError as err:
+            raise MoekitError(f"wrote {self.dst}, but {folder} could not be synced "
+                              f"({err.strerror}): the checkpoint may not survive a power "
+                              "loss; check the disk") from err
 
     def _holding_folders(self) -> list[Path]:
         """The folders whose entries lead to the output, which must be synced for it to
@@ -540,7 +578,7 @@ class OutputFolder:
             return
         self.in_place = True
         try:
-            _fsync_dir(self.target.parent)
+            self._sync_holding(self.target.parent)
         finally:
             _remove_replaced(self.folder, checked, self.dst)
 
@@ -555,7 +593,7 @@ class OutputFolder:
             _put_back(old, self.target)
             raise
         try:
-            _fsync_dir(self.target.parent)
+            self._sync_holding(self.target.parent)
         finally:
             _remove_replaced(old, checked, self.dst)
 

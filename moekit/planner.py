@@ -120,9 +120,10 @@ def understand(tensors: Mapping[str, TensorMeta], config: dict | None,
     if from_:
         layout, layout_source = layout_named(from_), "given as the source layout"
         if not layout.found_by_keys and metadata.get(LAYOUT_METADATA_KEY) != layout.name:
-            raise MoekitError(f"{label} is not a {layout.name} checkpoint, which --from "
-                              f"{layout.name} names (its files tell it apart, not its keys): "
-                              "leave --from out, or name the layout its tensors are in")
+            raise MoekitError(f"the {layout.name} source layout is a Megatron-Core checkpoint "
+                              f"folder's, which {label} is not (the folder tells it apart, "
+                              "not the keys): leave the source layout out, or name the one "
+                              "its tensors are in")
     else:
         layout = _detected_layout(tensors, fam, family_source, metadata, label)
         layout_source = ("recorded in the safetensors metadata"
@@ -569,8 +570,11 @@ def _check_needed(analysis: Analysis, dst: Layout) -> None:
     """Refuse a source whose MoE block holds its router but lacks a tensor that ``dst``'s
     consumer holds beside it (``Layout.needs``), naming the first missing one and why,
     rather than write a checkpoint its strict load refuses. A block whose router is not in
-    the source (a state dict of the experts alone) is not checked."""
+    the source (a state dict of the experts alone), or not one tensor (``Family.router``),
+    is not checked."""
     family, src = analysis.family, analysis.layout
+    if family.router is None:
+        return
     missing = []
     for block in analysis.blocks.values():
         if src.from_hf_key(f"{block.block}.{family.router}", family) not in analysis.tensors:

@@ -107,7 +107,8 @@ def test_from_megatron_is_refused_for_files_that_are_not_a_megatron_checkpoint(q
     """Megatron-Core's layout is told apart by its folder, not by its keys: HF files named
     --from megatron would be read as theirs and reported as megatron."""
     err = run_failing(capsys, ["inspect", str(qwen3), "--from", "megatron"], tmp_path, qwen3)
-    assert f"{qwen3} is not a megatron checkpoint, which --from megatron names" in err
+    assert f"the megatron source layout is a Megatron-Core checkpoint folder's, which {qwen3} " \
+           "is not" in err
 
 
 def test_truncated_shard(qwen3, tmp_path, capsys):

@@ -200,7 +200,8 @@ def test_overwrite_refuses_a_folder_holding_more_than_a_checkpoint(qwen3, tmp_pa
      ".metadata, which is not a torch.distributed.checkpoint .metadata"),
     ({"pytorch_model.bin": "not pickled", "config.json": "{}"},
      "pytorch_model.bin, which is not a torch.save file"),
-    ({"notes.distcp": "text", "config.json": "{}"}, "holds no weights"),
+    ({"__0_0.distcp": "data", "config.json": "{}"}, "holds .distcp files without their "
+     ".metadata (an unfinished torch.distributed.checkpoint save)"),
 ])
 def test_overwrite_refuses_a_folder_of_checkpoint_names_without_weights(qwen3, tmp_path, capsys,
                                                                        files, said):
@@ -307,7 +308,8 @@ def test_a_parent_that_cannot_be_synced_after_the_swap_still_keeps_what_came_in(
     monkeypatch.setattr(output, "_checked_files", then_someone_writes_there)
     monkeypatch.setattr(output, "_fsync_dir", failing_for_the_parent)
     code, err = run_cli(capsys, "convert", qwen3, out, "--to", "nemo", "--overwrite")
-    assert code == 2 and "I/O error" in err and verify(qwen3, out).equal
+    assert code == 2 and f"wrote {out}, but {tmp_path} could not be synced (Input/output error)" \
+        in err and verify(qwen3, out).equal
     [kept] = [p for p in tmp_path.iterdir() if p.name not in ("out", "qwen3")]
     assert names(kept) == ["notes.txt"] and (kept / "notes.txt").read_text() == "mine"
 

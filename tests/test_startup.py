@@ -47,3 +47,14 @@ def test_converting_files_that_only_move_bytes_imports_no_torch(family_checkpoin
     original, restored = load_all(src), load_all(back)
     assert original.keys() == restored.keys()
     assert all(same_bytes(original[k], restored[k]) for k in original)
+
+
+def test_a_dry_run_over_a_dcp_checkpoint_imports_no_torch(family_checkpoints, tmp_path):
+    """--overwrite checks that the folder it would replace holds a DCP checkpoint (its
+    .metadata names DCP's Metadata) without torch."""
+    from moekit import convert
+
+    src = family_checkpoints["qwen3_moe"]
+    convert(src, tmp_path / "dcp", to="nemo", format="dcp")
+    assert run_cli("convert", src, tmp_path / "dcp", "--to", "transformers", "--overwrite",
+                   "--dry-run") == "no torch 0"

@@ -110,7 +110,8 @@ class Family:
     config class declares)."""
     router: str | None = "gate.weight"
     """The router weight, relative to the block; None for a router that is not one linear
-    layer with a row per expert, which moekit passes through unchecked (Zaya's)."""
+    layer with a row per expert, which moekit passes through unchecked (Zaya's; no such
+    family is an upcycling, merging, Megatron-Core or config-planning one)."""
     shared_expert: str | None = None
     """Module name of the shared expert(s) inside the block, if the family has one."""
     renames: dict[str, tuple[Rename, ...]] = field(default_factory=dict)
