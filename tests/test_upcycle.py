@@ -64,6 +64,47 @@ def test_upcycled_model_computes_the_dense_function(family, name, dense_checkpoi
     torch.testing.assert_close(logits, dense_logits[family], rtol=0, atol=1e-5)
 
 
+WINDOWED = {
+    "mistral-every-layer": ("mistral", dict(sliding_window=4), ("mixtral", "qwen2_moe")),
+    "mistral-without-a-window-entry": ("mistral", {}, ("mixtral", "qwen2_moe")),
+    "qwen2-from-layer-1": ("qwen2", dict(use_sliding_window=True, sliding_window=4,
+                                         max_window_layers=1), ("qwen2_moe",)),
+    "qwen3-every-layer": ("qwen3", dict(use_sliding_window=True, sliding_window=4,
+                                        max_window_layers=0), ("qwen3_moe",)),
+}
+"""Dense models attending through sliding windows, and the targets that hold them."""
+
+
+@pytest.mark.parametrize("case,target", [(case, target) for case, (_, _, targets)
+                                         in WINDOWED.items() for target in targets])
+def test_an_upcycled_model_attends_through_the_dense_models_windows(case, target, tmp_path):
+    """Each family reads sliding-window entries its own way (Qwen2-MoE's default layers
+    are not Qwen2's, Mixtral's default window is not Mistral's): on a sequence longer than
+    the window, the upcycled model's logits are the dense model's."""
+    family, settings, _ = WINDOWED[case]
+    dense = samples.save_model(samples.build_model(family, seed=3, **settings), tmp_path / "d")
+    dropped = {"qwen2-from-layer-1": "layer_types",  # as transformers 4.x wrote it
+               "mistral-without-a-window-entry": "sliding_window"}.get(case)  # Mistral's 4096
+    if dropped:
+        config = json.loads((dense / "config.json").read_text())
+        del config[dropped]
+        (dense / "config.json").write_text(json.dumps(config))
+    upcycle(dense, tmp_path / "moe", UpcycleSpec(experts=4, top_k=2, target=target))
+    ids = samples.sample_input(96, length=4100 if dropped == "sliding_window" else 24)[:1]
+    torch.testing.assert_close(samples.logits(tmp_path / "moe", ids), samples.logits(dense, ids),
+                               rtol=0, atol=1e-5)
+
+
+def test_a_window_in_some_layers_only_is_refused_for_a_target_that_slides_in_all(tmp_path):
+    dense = samples.save_model(samples.build_model("qwen3", seed=3, use_sliding_window=True,
+                                                   sliding_window=4, max_window_layers=2),
+                               tmp_path / "d")
+    with pytest.raises(MoekitError, match="sliding window in layers 2 only; qwen3_moe would "
+                                          "slide it in every layer"):
+        upcycle(dense, tmp_path / "moe", UpcycleSpec(experts=4, top_k=2))
+    assert not (tmp_path / "moe").exists()
+
+
 @pytest.mark.parametrize("family", list(samples.DENSE_FAMILIES))
 def test_keys_and_config_are_what_transformers_saves(family, dense_checkpoints, tmp_path):
     """The checkpoint has exactly the keys (in the Hub convention) that ``save_pretrained``

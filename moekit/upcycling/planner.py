@@ -20,6 +20,7 @@ from . import recipes
 from .recipes import DenseMLP, check_drop_ratio
 from .spec import UpcycleSpec
 from .targets import DENSE_PROJECTIONS, Target, moe_config, resolve_target
+from .windows import dense_windows
 
 _MLP_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.(.+)\Z", re.DOTALL)
 _ATTENTION_BIAS = re.compile(r"\.self_attn\.(\w+)\.bias$")
@@ -106,8 +107,9 @@ def build_upcycle_plan(tensors: Mapping[str, TensorMeta], config: dict | None,
             experts.update(t.name for t in block if ".experts." in t.name)
     plan = Plan(family=target.family, src_layout="dense", dst_layout="hf", tensors=planned,
                 moe_layers={layer: spec.experts for layer in mlps}, expert_tensors=experts)
-    return UpcyclePlan(plan, moe_config(config, spec, target, first.intermediate, attention_bias),
-                       spec, target, std, first.dtype)
+    windows = dense_windows(model_type, config, max(mlps) + 1)
+    return UpcyclePlan(plan, moe_config(config, spec, target, first.intermediate, attention_bias,
+                                        windows), spec, target, std, first.dtype)
 
 
 DEFAULT_ROUTER_STD = 0.02

@@ -12,6 +12,7 @@ from typing import Any
 from ..errors import MoekitError
 from ..layouts.families import Family, family_named
 from .spec import UpcycleSpec
+from .windows import WINDOW_KEYS, Windows, target_settings
 
 DENSE_PROJECTIONS = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 """Module names of a dense MLP's projections (``model.layers.N.mlp.*`` in Llama, Mistral,
@@ -110,14 +111,16 @@ def resolve_target(spec: UpcycleSpec, model_type: str | None) -> tuple[UpcycleSp
 
 
 def moe_config(dense: dict[str, Any], spec: UpcycleSpec, target: Target, intermediate: int,
-               attention_bias: bool) -> dict[str, Any]:
+               attention_bias: bool, windows: Windows) -> dict[str, Any]:
     """The target's config.json: every dense setting carried over, MoE entries added. The
     target's expert-count names are all dropped before its own is set, so that a dense
     config carrying one (``num_experts`` beside Mixtral's ``num_local_experts``) cannot
-    contradict it."""
+    contradict it; the sliding-window entries are the target's own for the dense layers'
+    ``windows`` (``target_settings``), since families read the same entries differently."""
     family = target.moe_family
-    dropped = {*_DENSE_ONLY_KEYS, *family.expert_count_keys}
+    dropped = {*_DENSE_ONLY_KEYS, *family.expert_count_keys, *WINDOW_KEYS}
     config = {k: v for k, v in dense.items() if k not in dropped}
+    config.update(target_settings(target.family, windows))
     config.update(target.extra)
     config.update({
         "model_type": target.family,
