@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from moekit import (ExpertAdapter, MoekitError, convert_state_dict, expert_range, load_experts,
                     load_sharded, save_experts)
+from moekit.expert_parallel.dtensors import shard_experts
 from moekit.sources import FileSource
 
 from .conftest import digest, load_all
@@ -194,6 +195,29 @@ def save_with_a_state_dict_broken_on_rank_1(rank: int, world: int, store: str, s
         del state["model.layers.0.mlp.experts.down_projs"]
     try:
         save_experts(state, out, mesh, config_from=src)
+        outcome = "ok"
+    except MoekitError as err:
+        outcome = str(err)
+    Path(log_dir, f"{rank}.txt").write_text(outcome)
+    finish()
+
+
+def save_differently_on_rank_1(rank: int, world: int, store: str, src: str, out: str,
+                               log_dir: str, case: str) -> None:
+    """save_experts where rank 1 differs from the others by ``case``: "experts" (its state
+    dict lacks the last expert of every grouped tensor), "format" (dcp, not safetensors)
+    or "path" (``out`` + "-1"); each writes its message to ``log_dir/rank.txt``."""
+    _init(rank, world, store)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    state = load_experts(src, mesh)
+    other = rank == 1
+    if other and case == "experts":
+        n_experts = state["model.layers.0.mlp.experts.down_projs"].shape[0]
+        state = {key: shard_experts(value.to_local()[:-1], mesh, n_experts - 1)
+                 if ".experts." in key else value for key, value in state.items()}
+    try:
+        save_experts(state, f"{out}-1" if other and case == "path" else out, mesh,
+                     format="dcp" if other and case == "format" else "safetensors")
         outcome = "ok"
     except MoekitError as err:
         outcome = str(err)

@@ -300,8 +300,10 @@ def disagreeing_ranks(rank: int, world: int, store: str, src: str, out: str,
                       other_src: str) -> None:
     """On a (1, world) mesh, each case where rank 1 differs from the others: save_sharded
     of a state dict that lacks lm_head.weight on rank 1, then of one holding it whole on
-    rank 1 and sharded elsewhere; load_sharded told to replicate lm_head.weight on rank 1
-    only, then reading ``other_src`` on rank 1 (another node's copy of another model). A
+    rank 1 and sharded elsewhere, then with another max_shard_size on rank 1; load_sharded
+    told to replicate lm_head.weight on rank 1 only, then reading ``other_src`` on rank 1
+    (another node's copy of another model), then with the mesh's dimensions named the
+    other way round on rank 1. A
     collective left waiting times out (a minute) rather than hanging the test. Writes
     ``out/rank.json``: case -> "ok" or the error message."""
     import datetime
@@ -318,9 +320,13 @@ def disagreeing_ranks(rank: int, world: int, store: str, src: str, out: str,
     outcomes = {}
     for case, held in cases.items():
         outcomes[case] = _outcome(lambda: save_sharded(held, Path(out, case), mesh))
+    outcomes["shard-size"] = _outcome(lambda: save_sharded(
+        state, Path(out, "shard-size"), mesh, max_shard_size="20KB" if rank == 1 else "5GB"))
     replicated = "lm_head.weight" if rank == 1 else ()
     outcomes["load-replicate"] = _outcome(lambda: load_sharded(src, mesh, replicate=replicated))
     outcomes["load-copy"] = _outcome(lambda: load_sharded(other_src if rank == 1 else src, mesh))
+    dims = dict(ep_dim="dp", fsdp_dim="ep") if rank == 1 else {}
+    outcomes["load-dims"] = _outcome(lambda: load_sharded(src, mesh, **dims))
     Path(out, f"{rank}.json").write_text(json.dumps(outcomes))
     finish()
 

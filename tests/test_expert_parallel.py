@@ -116,15 +116,41 @@ def test_a_missing_expert_fails_its_rank_clearly_and_no_other(qwen3_10, tmp_path
 
 
 def test_a_rank_that_cannot_plan_its_save_fails_every_rank(qwen3_10, tmp_path):
-    """A bad state dict on one rank is found before any collective of the write: every
-    rank raises (naming that rank), none waits forever, nothing is written."""
+    """A state dict that differs on one rank is found before any collective of the write:
+    every rank raises naming the difference, none waits forever, nothing is written."""
     out = tmp_path / "saved"
     spawn(ep_workers.save_with_a_state_dict_broken_on_rank_1, 3, tmp_path, str(qwen3_10),
           str(out), str(tmp_path))
-    outcomes = [(tmp_path / f"{r}.txt").read_text() for r in range(3)]
-    assert all("rank 1: " in text for text in outcomes[::2]), outcomes
-    assert "down_projs is missing" in outcomes[1]
+    outcomes = {(tmp_path / f"{r}.txt").read_text() for r in range(3)}
+    assert outcomes == {
+        "save_experts: the ranks hold different state dicts (every rank must hold the keys "
+        "load_experts gives, each with the same dtype, global shape and placement): rank 1 "
+        "lacks model.layers.0.mlp.experts.down_projs, which rank 0 holds"}
     assert not out.exists()
+
+
+@pytest.mark.parametrize("case,said", [
+    ("experts", "save_experts: the ranks hold different state dicts (every rank must hold "
+                "the keys load_experts gives, each with the same dtype, global shape and "
+                "placement): rank 1 holds model.layers.0.mlp.experts.down_projs as float32 "
+                "[9, 16, 32] [Shard(dim=0)] on ('ep',), rank 0 as float32 [10, 16, 32] "
+                "[Shard(dim=0)] on ('ep',)"),
+    ("format", "save_experts: the ranks were called with different arguments: rank 1 passed "
+               "format as 'dcp', rank 0 as 'safetensors'"),
+    ("path", "save_experts: the ranks were called with different arguments: rank 1 passed "
+             "path as "),
+])
+def test_ranks_that_save_different_things_or_in_different_ways_are_refused(
+        qwen3_10, tmp_path, case, said):
+    """Each rank plans the whole output by its own state dict and arguments: rank 1 holding
+    one expert less, or asked for another format or folder, would write experts twice or
+    not at all, or wait for collectives the others never make."""
+    out = tmp_path / "saved"
+    spawn(ep_workers.save_differently_on_rank_1, 2, tmp_path, str(qwen3_10), str(out),
+          str(tmp_path), case)
+    outcomes = {(tmp_path / f"{r}.txt").read_text() for r in range(2)}
+    assert len(outcomes) == 1 and outcomes.pop().startswith(said)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".saved", "saved"))]
 
 
 def test_a_planner_bug_on_one_rank_fails_every_rank_of_save_experts(qwen3_10, tmp_path):

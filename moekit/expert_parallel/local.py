@@ -45,6 +45,10 @@ def _local_tensors(state_dict: Mapping[str, torch.Tensor], mesh: DeviceMesh
     local: dict[str, torch.Tensor] = {}
     counts = set()
     for key, value in state_dict.items():
+        if isinstance(value, DTensor) and value.device_mesh != mesh:
+            raise MoekitError(f"{key} is a DTensor on the mesh {value.device_mesh}, not on the "
+                              f"mesh given ({mesh}): save_experts saves what load_experts "
+                              "gives (save what load_sharded gives with save_sharded)")
         local[key] = value.to_local() if isinstance(value, DTensor) else value
         if is_expert_shard(value, mesh):
             counts.add((value.shape[0], local[key].shape[0]))

@@ -42,7 +42,7 @@ from ..sources import DictSource
 from .local import local_hf_plan
 from .dtensors import ep_coordinates, ep_dim
 from .ranges import expert_range
-from .sharded import failed_ranks
+from .sharded import absolute, agree_on_arguments, agree_on_state, failed_ranks
 
 FORMATS = ("safetensors", "dcp")
 """What ``save_experts`` writes: an HF per-expert safetensors checkpoint, or the ranks'
@@ -84,12 +84,21 @@ def save_experts(state_dict: Mapping[str, torch.Tensor], path: str | Path,
     reads it back; ``load_experts`` and DCP's own ``load`` read it). ``config_from`` is a
     checkpoint (a folder, or a Hub repo id in the local Hub cache) whose non-weight files
     (config.json, tokenizer, ...) are copied beside the weights; its config also names the
-    model family.
+    model family. Ranks called with different arguments, or whose state dicts differ in a
+    key or in a tensor's dtype, global shape or placement, are refused first, on every
+    rank.
     """
     if format not in FORMATS:
         raise MoekitError(f"unknown save_experts format {format!r}: it writes "
                           f"{', '.join(FORMATS)}")
     size, rank = ep_coordinates(device_mesh)
+    with answered("save_experts"):
+        agree_on_arguments("save_experts", dict(
+            path=absolute(path), layout=layout, family=family, config_from=absolute(config_from),
+            overwrite=overwrite, format=format))
+        agree_on_state(state_dict, "save_experts: the ranks hold different state dicts (every "
+                       "rank must hold the keys load_experts gives, each with the same dtype, "
+                       "global shape and placement)")
     try:
         config, sidecars = SidecarSource.read(config_from) if config_from else (None, None)
         local, n_experts, plan = local_hf_plan(state_dict, device_mesh, layout, family, config)

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Collection
+import os
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -65,9 +66,11 @@ def load_sharded(path: str | Path, device_mesh: DeviceMesh, layout: str = "trans
     every rank raises, the others a MoekitError naming it (none waits for another). The
     mesh spans every rank of the process group. Tensors lie on the CPU, or on the current
     CUDA device for a CUDA mesh. ``config`` names the model's config.json where the
-    checkpoint has none (``Checkpoint.open``).
+    checkpoint has none (``Checkpoint.open``). Ranks that name the mesh's dimensions
+    differently are refused, on every rank.
     """
     mesh = ShardedMesh(device_mesh, ep_dim, fsdp_dim, "load_sharded")
+    agree_on_arguments("load_sharded", dict(ep_dim=ep_dim, fsdp_dim=fsdp_dim))
     try:
         checkpoint = Checkpoint.open(path, config)
         analysis = understand_checkpoint(checkpoint, from_)
@@ -239,7 +242,7 @@ def _gather(piece: torch.Tensor, rows: int, size: int, group: dist.ProcessGroup
     return joined.view(piece.dtype).reshape(rows, *piece.shape[1:])
 
 
-def agree_on_holdings(held: dict[str, str], problem: str) -> None:
+def agree_on_holdings(held: dict[str, str], problem: str, verb: str = "holds") -> None:
     """Raise on every rank ``problem`` and the first difference when the ranks' ``held``
     (tensor name -> how the rank holds it) differ, since each rank's collectives and
     writes follow its own. The ranks compare digests, and their descriptions only when
@@ -252,18 +255,53 @@ def agree_on_holdings(held: dict[str, str], problem: str) -> None:
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, held)
     other = next(r for r, theirs in enumerate(digests) if theirs != digests[0])
-    raise MoekitError(f"{problem}: {_difference(everyone[other], everyone[0], other)}")
+    raise MoekitError(f"{problem}: {_difference(everyone[other], everyone[0], other, verb)}")
 
 
-def _difference(theirs: dict[str, str], ours: dict[str, str], rank: int) -> str:
-    """The first difference between rank ``rank``'s holdings and rank 0's."""
+def agree_on_arguments(caller: str, arguments: dict[str, object]) -> None:
+    """Raise on every rank, naming the first difference, when the ranks called ``caller``
+    with different ``arguments``: each rank plans, reads and writes by its own, so ranks
+    given two paths, formats or mesh dimensions would wait on each other or write apart."""
+    agree_on_holdings({name: repr(value) for name, value in arguments.items()},
+                      f"{caller}: the ranks were called with different arguments", "passed")
+
+
+def absolute(path: object) -> object:
+    """``path`` as an absolute path where it is one (a str and a Path may name one
+    folder), else as given, for ``agree_on_arguments``."""
+    return os.path.abspath(path) if isinstance(path, (str, os.PathLike)) else path
+
+
+def agree_on_state(state_dict: Mapping[str, object], problem: str) -> None:
+    """Raise on every rank ``problem`` and the first difference when the ranks' state
+    dicts differ in a key or in a tensor's dtype, global shape or placement: each rank
+    plans the whole output from its own, and would write its bytes where the others did
+    not plan them."""
+    held = ({key: _held_as(value) for key, value in state_dict.items()}
+            if isinstance(state_dict, Mapping) else {"": _held_as(state_dict)})
+    agree_on_holdings(held, problem)
+
+
+def _held_as(value: object) -> str:
+    """How a rank holds a value: dtype, global shape and placement of a tensor."""
+    if not isinstance(value, torch.Tensor):
+        return f"a {type(value).__name__}"
+    where = (f"{list(value.placements)} on {value.device_mesh.mesh_dim_names}"
+             if isinstance(value, DTensor) else "whole")
+    return f"{str(value.dtype).removeprefix('torch.')} {list(value.shape)} {where}"
+
+
+def _difference(theirs: dict[str, str], ours: dict[str, str], rank: int,
+                verb: str = "holds") -> str:
+    """The first difference between rank ``rank``'s holdings (what it ``verb``) and rank
+    0's."""
     lacks, adds = sorted(ours.keys() - theirs.keys()), sorted(theirs.keys() - ours.keys())
     if lacks:
         return f"rank {rank} lacks {lacks[0]}, which rank 0 holds"
     if adds:
         return f"rank {rank} holds {adds[0]}, which rank 0 lacks"
     key = next(k for k in sorted(ours) if ours[k] != theirs[k])
-    return f"rank {rank} holds {key} as {theirs[key]}, rank 0 as {ours[key]}"
+    return f"rank {rank} {verb} {key} as {theirs[key]}, rank 0 as {ours[key]}"
 
 
 def agree(error: BaseException | None, caller: str) -> None:

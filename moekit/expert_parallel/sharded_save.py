@@ -50,7 +50,7 @@ from ..safetensors_writer import header_bytes
 from ..sizes import parse_size
 from .ranges import chunk, grouped_layout
 from .save import SidecarSource, _copy_sidecars, _dcp_write, answered, coordinated
-from .sharded import ShardedMesh, agree, agree_on_holdings
+from .sharded import ShardedMesh, absolute, agree, agree_on_arguments, agree_on_state
 
 FORMATS = ("safetensors", "dcp")
 """What ``save_sharded`` writes: an HF per-expert safetensors checkpoint, or the state
@@ -76,15 +76,21 @@ def save_sharded(state_dict: Mapping[str, torch.Tensor], path: str | Path,
     cache) whose non-weight files (config.json, tokenizer, ...) are copied beside the
     weights. Every rank checks its part first; when one cannot, every rank raises a
     MoekitError naming it and nothing is written. CUDA tensors are staged through the CPU.
-    Ranks whose state dicts differ in a key, or in a tensor's dtype, global shape or
-    placement, are refused first, on every rank.
+    Ranks called with different arguments, or whose state dicts differ in a key or in a
+    tensor's dtype, global shape or placement, are refused first, on every rank.
     """
     if format not in FORMATS:
         raise MoekitError(f"unknown save_sharded format {format!r}: it writes "
                           f"{', '.join(FORMATS)}")
     mesh = ShardedMesh(device_mesh, ep_dim, fsdp_dim, "save_sharded")
     with answered("save_sharded"):
-        _agree_on_state(state_dict)
+        agree_on_arguments("save_sharded", dict(
+            path=absolute(path), layout=layout, ep_dim=ep_dim, fsdp_dim=fsdp_dim,
+            format=format, family=family, config_from=absolute(config_from), overwrite=overwrite,
+            max_shard_size=max_shard_size))
+        agree_on_state(state_dict, "save_sharded: the ranks hold different state dicts "
+                       "(every rank must hold the keys load_sharded gives, each with the same "
+                       "dtype, global shape and placement)")
     try:
         config, sidecars = SidecarSource.read(config_from) if config_from else (None, None)
         job = _plan(state_dict, mesh, layout, family, config, parse_size(max_shard_size))
@@ -100,26 +106,6 @@ def save_sharded(state_dict: Mapping[str, torch.Tensor], path: str | Path,
     with answered("save_sharded"):
         _check_coverage(job)
     _write(job, Path(path), overwrite, sidecars)
-
-
-def _agree_on_state(state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Raise on every rank, naming the first difference, when the ranks' state dicts
-    differ in a key or in a tensor's dtype, global shape or placement: each rank plans
-    the whole output from its own, and would write its bytes where the others did not
-    plan them."""
-    agree_on_holdings({key: _held_as(value) for key, value in state_dict.items()},
-                      "save_sharded: the ranks hold different state dicts (every rank must "
-                      "hold the keys load_sharded gives, each with the same dtype, global "
-                      "shape and placement)")
-
-
-def _held_as(value: object) -> str:
-    """How a rank holds a value: dtype, global shape and placement of a tensor."""
-    if not isinstance(value, torch.Tensor):
-        return f"a {type(value).__name__}"
-    where = (f"{list(value.placements)} on {value.device_mesh.mesh_dim_names}"
-             if isinstance(value, DTensor) else "whole")
-    return f"{str(value.dtype).removeprefix('torch.')} {list(value.shape)} {where}"
 
 
 @dataclass
