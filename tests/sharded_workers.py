@@ -300,7 +300,8 @@ def disagreeing_ranks(rank: int, world: int, store: str, src: str, out: str,
                       other_src: str) -> None:
     """On a (1, world) mesh, each case where rank 1 differs from the others: save_sharded
     of a state dict that lacks lm_head.weight on rank 1, then of one holding it whole on
-    rank 1 and sharded elsewhere, then with another max_shard_size on rank 1; load_sharded
+    rank 1 and sharded elsewhere, then with another max_shard_size on rank 1 (and, alike on
+    every rank, save_experts of what load_sharded gave); load_sharded
     told to replicate lm_head.weight on rank 1 only, then reading ``other_src`` on rank 1
     (another node's copy of another model), then with the mesh's dimensions named the
     other way round on rank 1. A
@@ -308,7 +309,7 @@ def disagreeing_ranks(rank: int, world: int, store: str, src: str, out: str,
     ``out/rank.json``: case -> "ok" or the error message."""
     import datetime
 
-    from moekit import save_sharded
+    from moekit import save_experts, save_sharded
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
@@ -320,6 +321,7 @@ def disagreeing_ranks(rank: int, world: int, store: str, src: str, out: str,
     outcomes = {}
     for case, held in cases.items():
         outcomes[case] = _outcome(lambda: save_sharded(held, Path(out, case), mesh))
+    outcomes["save-experts"] = _outcome(lambda: save_experts(state, Path(out, "experts"), mesh))
     outcomes["shard-size"] = _outcome(lambda: save_sharded(
         state, Path(out, "shard-size"), mesh, max_shard_size="20KB" if rank == 1 else "5GB"))
     replicated = "lm_head.weight" if rank == 1 else ()

@@ -224,6 +224,8 @@ def test_ranks_that_would_hold_different_state_dicts_are_refused(qwen3_10, tmp_p
         assert outcomes["load-copy"] == loading + (
             "rank 1 holds lm_head.weight as float32 [80, 32] Shard(0) over dp, rank 0 as "
             "float32 [96, 32] Shard(0) over dp")
+        assert outcomes["save-experts"].startswith(
+            "lm_head.weight is a DTensor on the mesh DeviceMesh((dp=1)")
         assert outcomes["shard-size"] == ("save_sharded: the ranks were called with different "
                                           "arguments: rank 1 passed max_shard_size as '20KB', "
                                           "rank 0 as '5GB'")
@@ -231,7 +233,7 @@ def test_ranks_that_would_hold_different_state_dicts_are_refused(qwen3_10, tmp_p
                                          "arguments: rank 1 passed ep_dim as 'dp', rank 0 as "
                                          "'ep'")
     assert not [p for p in tmp_path.iterdir()
-                if p.name.startswith((".", "missing", "placement", "shard-size"))]
+                if p.name.startswith((".", "missing", "placement", "shard-size", "experts"))]
 
 
 def test_a_shard_changed_while_one_rank_reads_or_experts_to_replicate_fail_every_rank(
