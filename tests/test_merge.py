@@ -15,6 +15,7 @@ from moekit import MoekitError, PlanError
 from moekit.cli import main
 from moekit.merging import ExpertSource, MergeConfig, merge
 
+from .conftest import answered_at_once
 from .merge_fixtures import run_mergekit, save_models, write_yaml
 
 
@@ -235,9 +236,15 @@ def test_each_source_is_checked_for_model_type_dtypes_and_names_before_writing(l
      "shared_experts[0].drop_ratio: Drop-Upcycling re-initialises routed experts only"),
     ({"gate_mode": None}, "gate_mode must be a non-empty string, not None"),
     ({"experts": [{"source_model": "BASE", "residual_scale": float("nan")}],
-      "experts_per_token": 1}, "experts[0].residual_scale must be a finite number, not nan"),
+      "experts_per_token": 1}, "experts[0].residual_scale must be a finite number in float32, "
+                               "not nan"),
     ({"experts": [{"source_model": "BASE", "residual_scale": float("-inf")}],
-      "experts_per_token": 1}, "experts[0].residual_scale must be a finite number, not -inf"),
+      "experts_per_token": 1}, "experts[0].residual_scale must be a finite number in float32, "
+                               "not -inf"),
+    ({"experts": [{"source_model": "BASE", "residual_scale": 1e300}], "experts_per_token": 1},
+     "experts[0].residual_scale must be a finite number in float32, not 1e+300"),
+    ({"experts": [{"source_model": "BASE", "residual_scale": True}], "experts_per_token": 1},
+     "experts[0].residual_scale must be a number, not True"),
     ({"experts": [{"source_model": "/nonexistent/x"}], "experts_per_token": 1},
      "expert0 (source_model): no checkpoint at /nonexistent/x"),
 ])
@@ -506,6 +513,38 @@ def test_the_yaml_fields_are_mergekits():
     assert {*EXPERT_FIELDS, *REFUSED_EXPERT_FIELDS} == set(Expert.model_fields)
 
 
+@pytest.mark.parametrize("expert,top", [({"residual_scale": "1e-1"}, 1.0), ({}, "2"),
+                                        ({"residual_scale": 3}, "1.0")])
+def test_numbers_are_read_as_mergekits_pydantic_reads_them(expert, top):
+    """PyYAML reads ``1e-1`` (no dot) as a string, which mergekit-moe's pydantic models
+    take as 0.1, as they take ``1.0`` or ``"2"`` for an integer."""
+    from mergekit.moe.config import MoEMergeConfig
+
+    from moekit.merging.config import merge_config_from
+
+    data = {"base_model": "b", "gate_mode": "random", "experts_per_token": top,
+            "experts": [{"source_model": "x", **expert}, {"source_model": "y"}]}
+    ours, theirs = merge_config_from(data), MoEMergeConfig.model_validate(data)
+    assert ours.experts_per_token == theirs.experts_per_token
+    assert type(ours.experts_per_token) is int
+    assert ours.experts[0].residual_scale == theirs.experts[0].residual_scale
+
+
+def test_a_yaml_whose_aliases_nest_deep_is_refused_at_once(tmp_path, capsys):
+    """Aliases make a 500-byte file a structure of millions of references: its message
+    shows a bounded part of it."""
+    levels = ["&l0 [x, x, x, x, x, x, x, x, x]"] + [
+        f"&l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 10)]
+    config = tmp_path / "bomb.yml"
+    config.write_text("base_model: b\nexperts:\n  - source_model: x\n"
+                      f"    positive_prompts: [{', '.join(levels)}]\n")
+    with answered_at_once():
+        assert main(["merge", str(config), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "experts[0].positive_prompts must be a list of strings, not [['x', " in err
+    assert len(err) < 1000
+
+
 def test_mergekit_reads_moekits_own_settings_as_nothing(llama, tmp_path):
     # What the README tells mergekit-moe users: its models ignore the moekit: mapping (and
     # declare no field of that name), so the same YAML runs through mergekit without it.
@@ -527,9 +566,9 @@ def test_mergekit_reads_moekits_own_settings_as_nothing(llama, tmp_path):
 @pytest.mark.parametrize("build, message", [
     (lambda: ExpertSource("x", "code"), "positive_prompts must be a list of strings"),
     (lambda: ExpertSource("x", negative_prompts=[1]), "negative_prompts must be a list of"),
-    (lambda: ExpertSource("x", residual_scale="2"), "residual_scale must be a number"),
+    (lambda: ExpertSource("x", residual_scale="two"), "residual_scale must be a number"),
     (lambda: ExpertSource("x", residual_scale=float("inf")),
-     "residual_scale must be a finite number, not inf"),
+     "residual_scale must be a finite number in float32, not inf"),
     (lambda: ExpertSource(""), "source_model must be a non-empty string"),
     (lambda: MergeConfig(Path("b"), (ExpertSource("x"),)), "base_model must be a non-empty"),
     (lambda: MergeConfig("b", ("x",)), "experts must be a list of ExpertSource"),
@@ -545,11 +584,13 @@ def test_mergekit_reads_moekits_own_settings_as_nothing(llama, tmp_path):
                          shared_experts=(ExpertSource("y"), ExpertSource("z"))),
      "2 shared_experts: the targets hold at most 1"),
     (lambda: MergeConfig("b", (ExpertSource("x"),), gate_mode="random",
-                         experts_per_token="1"), "experts_per_token must be an integer"),
-    (lambda: ExpertSource("x", drop_ratio="0.5"), "drop_ratio must be a number"),
+                         experts_per_token="1.5"), "experts_per_token must be an integer"),
+    (lambda: MergeConfig("b", (ExpertSource("x"),), gate_mode="random",
+                         experts_per_token=True), "experts_per_token must be an integer"),
+    (lambda: ExpertSource("x", drop_ratio="half"), "drop_ratio must be a number"),
     (lambda: ExpertSource("x", drop_ratio=1.5), r"drop_ratio must lie in \(0, 1\], not 1.5"),
     (lambda: MergeConfig("b", (ExpertSource("x"),), gate_mode="random", experts_per_token=1,
-                         granularity=2.0), "granularity must be an integer"),
+                         granularity=2.5), "granularity must be an integer"),
     (lambda: MergeConfig("b", (ExpertSource("x"),) * 3, gate_mode="random",
                          granularity=1 << 15), "3 experts split into 32768 make more than 65536"),
 ])

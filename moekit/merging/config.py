@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import reprlib
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
@@ -102,11 +103,12 @@ class ExpertSource:
         for name in ("residual_scale", "drop_ratio"):
             value = getattr(self, name)
             if value is not None:
-                if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                    raise MoekitError(f"{name} must be a number, not {value!r}")
-                object.__setattr__(self, name, float(value))
-        if self.residual_scale is not None and not math.isfinite(self.residual_scale):
-            raise MoekitError(f"residual_scale must be a finite number, not "
+                number = _number(value)
+                if number is None:
+                    raise MoekitError(f"{name} must be a number, not {_shown(value)}")
+                object.__setattr__(self, name, number)
+        if self.residual_scale is not None and not abs(self.residual_scale) <= FLOAT32_MAX:
+            raise MoekitError(f"residual_scale must be a finite number in float32, not "
                               f"{self.residual_scale:g}: every down_proj it scales would be "
                               "NaN or infinite")
         if self.drop_ratio is not None and not 0.0 < self.drop_ratio <= 1.0:
@@ -133,6 +135,10 @@ class MergeConfig:
         _text(self.base_model, "base_model")
         for name in ("experts", "shared_experts"):
             object.__setattr__(self, name, _sources(getattr(self, name), name))
+        for name in ("experts_per_token", "granularity"):
+            whole = _whole(getattr(self, name))
+            if whole is not None:
+                object.__setattr__(self, name, whole)
         if not self.experts:
             raise MoekitError("experts lists no expert")
         _text(self.gate_mode, "gate_mode")
@@ -156,7 +162,7 @@ class MergeConfig:
                              self.architecture.lower()) else f"names none of {names}"))
         if not _is_integer(self.experts_per_token) or self.experts_per_token < 1:
             found.append(f"experts_per_token must be an integer of at least 1, not "
-                         f"{self.experts_per_token!r}")
+                         f"{_shown(self.experts_per_token)}")
         elif len(self.experts) < self.experts_per_token:
             found.append(f"experts_per_token {self.experts_per_token} is more than the "
                          f"{len(self.experts)} experts")
@@ -173,7 +179,7 @@ class MergeConfig:
         """What is wrong with moekit's own settings, alone or beside the others."""
         g = self.granularity
         if not _is_integer(g) or g < 1:
-            return [f"granularity must be an integer of at least 1, not {g!r}"]
+            return [f"granularity must be an integer of at least 1, not {_shown(g)}"]
         found = []
         if len(self.experts) * g > MAX_EXPERTS:
             found.append(f"{len(self.experts)} experts split into {g} make more than "
@@ -352,20 +358,54 @@ def _given(cls: type, data: Mapping) -> dict[str, Any]:
 def _sources(items: Any, where: str) -> tuple[ExpertSource, ...]:
     if not isinstance(items, (list, tuple)) or not all(isinstance(e, ExpertSource)
                                                        for e in items):
-        raise MoekitError(f"{where} must be a list of ExpertSource, not {items!r}")
+        raise MoekitError(f"{where} must be a list of ExpertSource, not {_shown(items)}")
     return tuple(items)
 
 
 def _prompts(value: Any, where: str) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
-        raise MoekitError(f"{where} must be a list of strings, not {value!r}")
+        raise MoekitError(f"{where} must be a list of strings, not {_shown(value)}")
     return tuple(value)
 
 
 def _text(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
-        raise MoekitError(f"{where} must be a non-empty string, not {value!r}")
+        raise MoekitError(f"{where} must be a non-empty string, not {_shown(value)}")
     return value
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest finite float32: a larger residual_scale makes every down_proj infinite."""
+def _shown(value: Any) -> str:
+    """``value`` as a message shows it, within bounds: YAML aliases can make a 500-byte
+    file a structure whose full repr takes gigabytes."""
+    shown = reprlib.Repr()
+    shown.maxlevel, shown.maxlist, shown.maxdict = 2, 4, 4
+    shown.maxstring = shown.maxother = 60
+    return printable(shown.repr(value))
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float where pydantic's lax mode reads one (mergekit-moe validates
+    its YAML so): a number, or a string holding one (PyYAML reads ``1e-1`` as a string,
+    wanting a dot); None otherwise, and for a boolean, which pydantic reads as 0 or 1."""
+    if isinstance(value, str):
+        try:
+            return float(value) if value == value.strip() else None
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def _whole(value: Any) -> int | None:
+    """``value`` as an int where pydantic's lax mode reads one: an integer, or a float or
+    string holding a whole number (``1.0``, ``"2"``); None otherwise (and for a boolean)."""
+    if _is_integer(value):
+        return int(value)
+    number = _number(value)
+    return int(number) if number is not None and number.is_integer() else None
 
 
 def _is_integer(value: Any) -> bool:
