@@ -52,7 +52,10 @@ _stores = itertools.count()
 
 
 def _init(rank: int, world: int, store: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    """Join the gloo group; a collective left waiting times out in a minute rather than
+    hanging the test."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
 
 
 def finish() -> None:
@@ -205,8 +208,9 @@ def save_with_a_state_dict_broken_on_rank_1(rank: int, world: int, store: str, s
 def save_differently_on_rank_1(rank: int, world: int, store: str, src: str, out: str,
                                log_dir: str, case: str) -> None:
     """save_experts where rank 1 differs from the others by ``case``: "experts" (its state
-    dict lacks the last expert of every grouped tensor), "format" (dcp, not safetensors)
-    or "path" (``out`` + "-1"); each writes its message to ``log_dir/rank.txt``."""
+    dict lacks the last expert of every grouped tensor), "format" (dcp, not safetensors),
+    "unknown-format" (DCP) or "path" (``out`` + "-1"); each writes its message to
+    ``log_dir/rank.txt``."""
     _init(rank, world, store)
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     state = load_experts(src, mesh)
@@ -216,8 +220,9 @@ def save_differently_on_rank_1(rank: int, world: int, store: str, src: str, out:
         state = {key: shard_experts(value.to_local()[:-1], mesh, n_experts - 1)
                  if ".experts." in key else value for key, value in state.items()}
     try:
+        formats = {"format": "dcp", "unknown-format": "DCP"}
         save_experts(state, f"{out}-1" if other and case == "path" else out, mesh,
-                     format="dcp" if other and case == "format" else "safetensors")
+                     format=formats.get(case, "safetensors") if other else "safetensors")
         outcome = "ok"
     except MoekitError as err:
         outcome = str(err)

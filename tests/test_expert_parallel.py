@@ -139,12 +139,15 @@ def test_a_rank_that_cannot_plan_its_save_fails_every_rank(qwen3_10, tmp_path):
                "format as 'dcp', rank 0 as 'safetensors'"),
     ("path", "save_experts: the ranks were called with different arguments: rank 1 passed "
              "path as "),
+    ("unknown-format", "save_experts: the ranks were called with different arguments: rank 1 "
+                       "passed format as 'DCP', rank 0 as 'safetensors'"),
 ])
 def test_ranks_that_save_different_things_or_in_different_ways_are_refused(
         qwen3_10, tmp_path, case, said):
     """Each rank plans the whole output by its own state dict and arguments: rank 1 holding
     one expert less, or asked for another format or folder, would write experts twice or
-    not at all, or wait for collectives the others never make."""
+    not at all, or wait for collectives the others never make; one that refuses its own
+    format would leave the others waiting."""
     out = tmp_path / "saved"
     spawn(ep_workers.save_differently_on_rank_1, 2, tmp_path, str(qwen3_10), str(out),
           str(tmp_path), case)

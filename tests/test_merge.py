@@ -514,7 +514,8 @@ def test_the_yaml_fields_are_mergekits():
 
 
 @pytest.mark.parametrize("expert,top", [({"residual_scale": "1e-1"}, 1.0), ({}, "2"),
-                                        ({"residual_scale": 3}, "1.0")])
+                                        ({"residual_scale": 3}, "1.0"),
+                                        ({"residual_scale": " 1.5\n"}, " 2 ")])
 def test_numbers_are_read_as_mergekits_pydantic_reads_them(expert, top):
     """PyYAML reads ``1e-1`` (no dot) as a string, which mergekit-moe's pydantic models
     take as 0.1, as they take ``1.0`` or ``"2"`` for an integer."""
@@ -567,6 +568,8 @@ def test_mergekit_reads_moekits_own_settings_as_nothing(llama, tmp_path):
     (lambda: ExpertSource("x", "code"), "positive_prompts must be a list of strings"),
     (lambda: ExpertSource("x", negative_prompts=[1]), "negative_prompts must be a list of"),
     (lambda: ExpertSource("x", residual_scale="two"), "residual_scale must be a number"),
+    (lambda: ExpertSource("x", residual_scale=10**400),
+     "residual_scale must be a finite number in float32, not inf"),
     (lambda: ExpertSource("x", residual_scale=float("inf")),
      "residual_scale must be a finite number in float32, not inf"),
     (lambda: ExpertSource(""), "source_model must be a non-empty string"),

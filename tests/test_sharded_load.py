@@ -227,8 +227,8 @@ def test_ranks_that_would_hold_different_state_dicts_are_refused(qwen3_10, tmp_p
         assert outcomes["save-experts"].startswith(
             "lm_head.weight is a DTensor on the mesh DeviceMesh((dp=1)")
         assert outcomes["shard-size"] == ("save_sharded: the ranks were called with different "
-                                          "arguments: rank 1 passed max_shard_size as '20KB', "
-                                          "rank 0 as '5GB'")
+                                          "arguments: rank 1 passed max_shard_size as 20000, "
+                                          "rank 0 as 5000000000")
         assert outcomes["load-dims"] == ("load_sharded: the ranks were called with different "
                                          "arguments: rank 1 passed ep_dim as 'dp', rank 0 as "
                                          "'ep'")

@@ -88,14 +88,15 @@ def save_experts(state_dict: Mapping[str, torch.Tensor], path: str | Path,
     key or in a tensor's dtype, global shape or placement, are refused first, on every
     rank.
     """
+    with answered("save_experts"):
+        agree_on_arguments("save_experts", dict(
+            path=absolute(path), layout=layout, family=family, config_from=absolute(config_from),
+            overwrite=overwrite, format=format))
     if format not in FORMATS:
         raise MoekitError(f"unknown save_experts format {format!r}: it writes "
                           f"{', '.join(FORMATS)}")
     size, rank = ep_coordinates(device_mesh)
     with answered("save_experts"):
-        agree_on_arguments("save_experts", dict(
-            path=absolute(path), layout=layout, family=family, config_from=absolute(config_from),
-            overwrite=overwrite, format=format))
         agree_on_state(state_dict, "save_experts: the ranks hold different state dicts (every "
                        "rank must hold the keys load_experts gives, each with the same dtype, "
                        "global shape and placement)")

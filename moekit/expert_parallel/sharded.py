@@ -69,8 +69,8 @@ def load_sharded(path: str | Path, device_mesh: DeviceMesh, layout: str = "trans
     checkpoint has none (``Checkpoint.open``). Ranks that name the mesh's dimensions
     differently are refused, on every rank.
     """
-    mesh = ShardedMesh(device_mesh, ep_dim, fsdp_dim, "load_sharded")
     agree_on_arguments("load_sharded", dict(ep_dim=ep_dim, fsdp_dim=fsdp_dim))
+    mesh = ShardedMesh(device_mesh, ep_dim, fsdp_dim, "load_sharded")
     try:
         checkpoint = Checkpoint.open(path, config)
         analysis = understand_checkpoint(checkpoint, from_)
@@ -261,7 +261,12 @@ def agree_on_holdings(held: dict[str, str], problem: str, verb: str = "holds") -
 def agree_on_arguments(caller: str, arguments: dict[str, object]) -> None:
     """Raise on every rank, naming the first difference, when the ranks called ``caller``
     with different ``arguments``: each rank plans, reads and writes by its own, so ranks
-    given two paths, formats or mesh dimensions would wait on each other or write apart."""
+    given two paths, formats or mesh dimensions would wait on each other or write apart.
+    Called before a rank checks its arguments, so that one refusing them refuses them on
+    every rank; nothing to agree on where no process group is set up (the caller's own
+    checks refuse that)."""
+    if not dist.is_initialized():
+        return
     agree_on_holdings({name: repr(value) for name, value in arguments.items()},
                       f"{caller}: the ranks were called with different arguments", "passed")
 

@@ -79,15 +79,16 @@ def save_sharded(state_dict: Mapping[str, torch.Tensor], path: str | Path,
     Ranks called with different arguments, or whose state dicts differ in a key or in a
     tensor's dtype, global shape or placement, are refused first, on every rank.
     """
+    with answered("save_sharded"):
+        agree_on_arguments("save_sharded", dict(
+            path=absolute(path), layout=layout, ep_dim=ep_dim, fsdp_dim=fsdp_dim,
+            format=format, family=family, config_from=absolute(config_from), overwrite=overwrite,
+            max_shard_size=_bytes(max_shard_size)))
     if format not in FORMATS:
         raise MoekitError(f"unknown save_sharded format {format!r}: it writes "
                           f"{', '.join(FORMATS)}")
     mesh = ShardedMesh(device_mesh, ep_dim, fsdp_dim, "save_sharded")
     with answered("save_sharded"):
-        agree_on_arguments("save_sharded", dict(
-            path=absolute(path), layout=layout, ep_dim=ep_dim, fsdp_dim=fsdp_dim,
-            format=format, family=family, config_from=absolute(config_from), overwrite=overwrite,
-            max_shard_size=max_shard_size))
         agree_on_state(state_dict, "save_sharded: the ranks hold different state dicts "
                        "(every rank must hold the keys load_sharded gives, each with the same "
                        "dtype, global shape and placement)")
@@ -106,6 +107,15 @@ def save_sharded(state_dict: Mapping[str, torch.Tensor], path: str | Path,
     with answered("save_sharded"):
         _check_coverage(job)
     _write(job, Path(path), overwrite, sidecars)
+
+
+def _bytes(size: object) -> object:
+    """A shard size as bytes where it is one (``"5GB"`` and 5_000_000_000 are one size),
+    else as given, for the ranks to compare before any refuses it."""
+    try:
+        return parse_size(size)
+    except MoekitError:
+        return size
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import reprlib
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
@@ -234,7 +235,7 @@ def load_merge_config(path: str | Path) -> MergeConfig:
     try:
         composed = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer of 4,301 digits
         raise MoekitError(f"{printable(str(path))} is not valid YAML: {err}") from None
     try:
         _refuse_repeated_keys(composed, yaml)
@@ -387,25 +388,37 @@ def _shown(value: Any) -> str:
 
 def _number(value: Any) -> float | None:
     """``value`` as a float where pydantic's lax mode reads one (mergekit-moe validates
-    its YAML so): a number, or a string holding one (PyYAML reads ``1e-1`` as a string,
-    wanting a dot); None otherwise, and for a boolean, which pydantic reads as 0 or 1."""
+    its YAML so): a number, or a string of ASCII holding one, spaces around it (PyYAML
+    reads ``1e-1`` as a string, wanting a dot); an integer beyond floats as infinite; None
+    otherwise, and for a boolean, which pydantic reads as 0 or 1."""
     if isinstance(value, str):
         try:
-            return float(value) if value == value.strip() else None
+            return float(value) if value.isascii() else None
         except ValueError:
             return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+WHOLE = re.compile(r"\s*[+-]?\d+(\.0+)?\s*", re.ASCII)
+"""A string pydantic's lax mode reads as an integer: digits, maybe a point and zeros."""
 
 
 def _whole(value: Any) -> int | None:
-    """``value`` as an int where pydantic's lax mode reads one: an integer, or a float or
-    string holding a whole number (``1.0``, ``"2"``); None otherwise (and for a boolean)."""
+    """``value`` as an int where pydantic's lax mode reads one: an integer, a float that is
+    a whole number, a string of one (``1.0``, ``"2"``); None otherwise (and for a
+    boolean)."""
     if _is_integer(value):
         return int(value)
-    number = _number(value)
-    return int(number) if number is not None and number.is_integer() else None
+    if isinstance(value, str):
+        return int(float(value)) if WHOLE.fullmatch(value) else None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
 
 
 def _is_integer(value: Any) -> bool:

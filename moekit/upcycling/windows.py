@@ -89,9 +89,7 @@ def target_settings(family: str, windows: Windows) -> dict[str, Any]:
         raise MoekitError(
             f"the dense model attends through a sliding window in layers "
             f"{compress_ranges(sliding)} only; {family} would "
-            f"{'attend to every token' if rule is None else 'slide it in every layer'}: "
-            "choose a target that names each layer's attention (--target qwen2_moe, where "
-            "the dense family allows it)")
+            f"{'attend to every token' if rule is None else 'slide it in every layer'}")
     settings: dict[str, Any] = {"sliding_window": window}
     if rule.switch is not None:
         settings[rule.switch] = window is not None
