@@ -415,7 +415,7 @@ def _whole(value: Any) -> int | None:
     if _is_integer(value):
         return int(value)
     if isinstance(value, str):
-        return int(float(value)) if WHOLE.fullmatch(value) else None
+        return int(value.strip().split(".")[0]) if WHOLE.fullmatch(value) else None
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return None
